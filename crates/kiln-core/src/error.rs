@@ -1,0 +1,155 @@
+//! FC's error vocabulary.
+//!
+//! Every error that leaves Kiln through the public API carries one of these
+//! codes, its HTTP status, a message for the caller and the request id. The
+//! internal APIs carry the same codes so that an error raised on an agent
+//! (say `FunctionNotStarted`) reaches the caller unchanged.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// An FC error code. The string form is exactly FC's `Code` field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum FcErrorCode {
+    InvalidArgument,
+    MissingRequiredHeader,
+    PayloadTooLarge,
+    FunctionNotFound,
+    FunctionAlreadyExists,
+    PathNotSupported,
+    MethodNotAllowed,
+    SignatureNotMatch,
+    InvalidAccessKeyId,
+    RequestTimeTooSkewed,
+    SignatureNonceUsed,
+    AccessDenied,
+    ResourceThrottled,
+    FunctionNotStarted,
+    FunctionTimeout,
+    InternalServerError,
+    ServiceUnavailable,
+}
+
+impl FcErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InvalidArgument => "InvalidArgument",
+            Self::MissingRequiredHeader => "MissingRequiredHeader",
+            Self::PayloadTooLarge => "PayloadTooLarge",
+            Self::FunctionNotFound => "FunctionNotFound",
+            Self::FunctionAlreadyExists => "FunctionAlreadyExists",
+            Self::PathNotSupported => "PathNotSupported",
+            Self::MethodNotAllowed => "MethodNotAllowed",
+            Self::SignatureNotMatch => "SignatureNotMatch",
+            Self::InvalidAccessKeyId => "InvalidAccessKeyId",
+            Self::RequestTimeTooSkewed => "RequestTimeTooSkewed",
+            Self::SignatureNonceUsed => "SignatureNonceUsed",
+            Self::AccessDenied => "AccessDenied",
+            Self::ResourceThrottled => "ResourceThrottled",
+            Self::FunctionNotStarted => "FunctionNotStarted",
+            Self::FunctionTimeout => "FunctionTimeout",
+            Self::InternalServerError => "InternalServerError",
+            Self::ServiceUnavailable => "ServiceUnavailable",
+        }
+    }
+
+    /// The HTTP status FC answers with for this code.
+    pub fn http_status(self) -> u16 {
+        match self {
+            Self::InvalidArgument | Self::MissingRequiredHeader => 400,
+            Self::SignatureNotMatch
+            | Self::InvalidAccessKeyId
+            | Self::RequestTimeTooSkewed
+            | Self::SignatureNonceUsed
+            | Self::AccessDenied => 403,
+            Self::FunctionNotFound | Self::PathNotSupported => 404,
+            Self::MethodNotAllowed => 405,
+            Self::FunctionAlreadyExists => 409,
+            Self::PayloadTooLarge => 413,
+            Self::ResourceThrottled => 429,
+            Self::InternalServerError => 500,
+            Self::FunctionNotStarted => 502,
+            Self::ServiceUnavailable => 503,
+            Self::FunctionTimeout => 504,
+        }
+    }
+
+    /// Whether a caller (or the async dispatcher) may retry the same call.
+    pub fn is_retryable(self) -> bool {
+        matches!(
+            self,
+            Self::ResourceThrottled | Self::ServiceUnavailable | Self::InternalServerError
+        )
+    }
+}
+
+impl fmt::Display for FcErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An error with FC's code and a message meant for the caller.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct FcError {
+    pub code: FcErrorCode,
+    pub message: String,
+}
+
+impl FcError {
+    pub fn new(code: FcErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn invalid_argument(message: impl Into<String>) -> Self {
+        Self::new(FcErrorCode::InvalidArgument, message)
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(FcErrorCode::InternalServerError, message)
+    }
+
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(FcErrorCode::ServiceUnavailable, message)
+    }
+
+    pub fn throttled(message: impl Into<String>) -> Self {
+        Self::new(FcErrorCode::ResourceThrottled, message)
+    }
+
+    /// FC's JSON body: `{"Code","Message","RequestId"}`.
+    pub fn to_body(&self, request_id: &str) -> String {
+        serde_json::json!({
+            "Code": self.code.as_str(),
+            "Message": self.message,
+            "RequestId": request_id,
+        })
+        .to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_has_fc_shape() {
+        let e = FcError::new(FcErrorCode::FunctionNotFound, "function 'x' does not exist");
+        let v: serde_json::Value = serde_json::from_str(&e.to_body("r-1")).unwrap();
+        assert_eq!(v["Code"], "FunctionNotFound");
+        assert_eq!(v["Message"], "function 'x' does not exist");
+        assert_eq!(v["RequestId"], "r-1");
+        assert_eq!(e.code.http_status(), 404);
+    }
+
+    #[test]
+    fn code_serialises_as_fc_string() {
+        let s = serde_json::to_string(&FcErrorCode::ResourceThrottled).unwrap();
+        assert_eq!(s, "\"ResourceThrottled\"");
+    }
+}

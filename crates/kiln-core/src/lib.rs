@@ -1,0 +1,16 @@
+//! Domain types shared by every Kiln service.
+//!
+//! Nothing here performs I/O: the types are what the gateway, the scheduler
+//! and the agent agree on, so they live in one place and are checked once.
+#![forbid(unsafe_code)]
+
+pub mod clock;
+pub mod error;
+pub mod ids;
+pub mod limits;
+pub mod spec;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use error::{FcError, FcErrorCode};
+pub use ids::{AccountId, FunctionName, IdError, InstanceId, LeaseId, NodeId, RequestId};
+pub use spec::{InstanceSpec, RuntimeName, SandboxKind};

@@ -1,0 +1,149 @@
+//! What an agent needs to know to start one instance of a function.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::ids::{AccountId, FunctionName};
+
+/// The runtimes a node offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum RuntimeName {
+    /// An empty root filesystem: for static binaries.
+    #[serde(rename = "custom")]
+    Custom,
+    /// A Debian 12 root filesystem with python3.
+    #[serde(rename = "custom.debian12")]
+    CustomDebian12,
+}
+
+impl RuntimeName {
+    pub const ALL: [RuntimeName; 2] = [RuntimeName::Custom, RuntimeName::CustomDebian12];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Custom => "custom",
+            Self::CustomDebian12 => "custom.debian12",
+        }
+    }
+}
+
+impl fmt::Display for RuntimeName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for RuntimeName {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| {
+                format!("runtime {s:?} is not supported; supported runtimes: custom, custom.debian12")
+            })
+    }
+}
+
+/// The two sandbox backends of the brief.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SandboxKind {
+    /// OCI container run by runc/crun: dedicated nodes and development.
+    Container,
+    /// cloud-hypervisor microVM: multi-tenant nodes.
+    Microvm,
+}
+
+/// Everything that shapes an instance. Two calls whose specs have the same
+/// `revision` may share an instance; a changed spec means new instances.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceSpec {
+    pub account_id: AccountId,
+    pub function_name: FunctionName,
+    /// Hex sha256 of the rest of this spec; see [`InstanceSpec::seal`].
+    pub revision: String,
+    pub runtime: RuntimeName,
+    pub handler: String,
+    pub command: Vec<String>,
+    pub args: Vec<String>,
+    pub port: u16,
+    pub environment: BTreeMap<String, String>,
+    pub memory_mb: u32,
+    pub cpu_milli: u32,
+    pub disk_mb: u32,
+    pub timeout_s: u32,
+    pub concurrency: u32,
+    /// Hex sha256 of the code zip.
+    pub code_digest: String,
+    pub code_size: u64,
+}
+
+impl InstanceSpec {
+    /// Compute and store the revision from every other field.
+    pub fn seal(mut self) -> Self {
+        self.revision = String::new();
+        let bytes = serde_json::to_vec(&self).expect("spec serialises");
+        self.revision = hex::encode(Sha256::digest(&bytes));
+        self
+    }
+
+    /// Whether `revision` matches the content (specs from the network are
+    /// checked before use).
+    pub fn is_sealed(&self) -> bool {
+        self.clone().seal().revision == self.revision
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub fn sample() -> InstanceSpec {
+        InstanceSpec {
+            account_id: "1".parse().unwrap(),
+            function_name: "hello".parse().unwrap(),
+            revision: String::new(),
+            runtime: RuntimeName::Custom,
+            handler: "index.handler".into(),
+            command: vec!["/code/server".into()],
+            args: vec![],
+            port: 9000,
+            environment: BTreeMap::new(),
+            memory_mb: 512,
+            cpu_milli: 350,
+            disk_mb: 512,
+            timeout_s: 3,
+            concurrency: 1,
+            code_digest: "00".repeat(32),
+            code_size: 10,
+        }
+        .seal()
+    }
+
+    #[test]
+    fn revision_changes_with_content() {
+        let a = sample();
+        assert!(a.is_sealed());
+        let mut b = a.clone();
+        b.memory_mb = 1024;
+        assert!(!b.is_sealed());
+        let b = b.seal();
+        assert_ne!(a.revision, b.revision);
+    }
+
+    #[test]
+    fn runtime_names_round_trip() {
+        for r in RuntimeName::ALL {
+            assert_eq!(r.as_str().parse::<RuntimeName>().unwrap(), r);
+            let json = serde_json::to_string(&r).unwrap();
+            assert_eq!(json, format!("\"{}\"", r.as_str()));
+        }
+        assert!("python3.10".parse::<RuntimeName>().is_err());
+    }
+}

@@ -1,0 +1,220 @@
+//! The mTLS HTTP/2 client every service uses to call the others.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use kiln_core::{FcError, FcErrorCode};
+use kiln_pki::{PkiError, TlsFiles};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::server::{empty, full, Body};
+
+/// Why an internal call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum InternalClientError {
+    /// The peer could not be reached or the connection broke.
+    #[error("Cannot reach {url}: {message}")]
+    Transport { url: String, message: String },
+    /// The peer did not answer in time.
+    #[error("{url} did not answer within {timeout:?}")]
+    Timeout { url: String, timeout: Duration },
+    /// The peer answered with an error of its own.
+    #[error("{url} refused the call: {error}")]
+    Remote { url: String, error: FcError },
+    /// The peer answered something that is not the expected JSON.
+    #[error("{url} answered an unreadable body: {message}")]
+    Decode { url: String, message: String },
+}
+
+impl InternalClientError {
+    /// The FC error a public caller should see.
+    pub fn to_fc(&self) -> FcError {
+        match self {
+            Self::Remote { error, .. } => error.clone(),
+            Self::Timeout { .. } | Self::Transport { .. } => FcError::unavailable(
+                "an internal service is unreachable; retry the request",
+            ),
+            Self::Decode { .. } => FcError::internal("an internal service answered badly"),
+        }
+    }
+
+    /// The peer itself is gone (as opposed to refusing the call).
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, Self::Transport { .. } | Self::Timeout { .. })
+    }
+}
+
+/// A pooled HTTP/2 client presenting this service's certificate.
+#[derive(Clone)]
+pub struct InternalClient {
+    http: Client<HttpsConnector<HttpConnector>, Body>,
+    timeout: Duration,
+}
+
+impl InternalClient {
+    pub fn new(files: &TlsFiles) -> Result<Self, PkiError> {
+        let tls = kiln_pki::internal_client_config(files)?;
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(Duration::from_secs(3)));
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config((*tls).clone())
+            .https_only()
+            .enable_http2()
+            .wrap_connector(http);
+        let http = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .http2_initial_stream_window_size(1 << 20)
+            .http2_initial_connection_window_size(4 << 20)
+            .http2_keep_alive_interval(Some(Duration::from_secs(10)))
+            .http2_keep_alive_timeout(Duration::from_secs(5))
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(connector);
+        Ok(Self {
+            http,
+            timeout: Duration::from_secs(30),
+        })
+    }
+
+    /// The same client with another per-call timeout for JSON calls.
+    pub fn with_timeout(&self, timeout: Duration) -> Self {
+        Self {
+            http: self.http.clone(),
+            timeout,
+        }
+    }
+
+    /// Send a request as is; the caller reads the streamed answer. No
+    /// timeout is applied beyond the connect timeout.
+    pub async fn send(&self, req: Request<Body>) -> Result<Response<Incoming>, InternalClientError> {
+        let url = req.uri().to_string();
+        self.http
+            .request(req)
+            .await
+            .map_err(|e| InternalClientError::Transport {
+                url,
+                message: error_chain(&e),
+            })
+    }
+
+    /// A JSON call: `body` serialised in, the answer parsed out. A non-2xx
+    /// answer becomes [`InternalClientError::Remote`].
+    pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        method: Method,
+        base: &str,
+        path: &str,
+        body: Option<&Req>,
+    ) -> Result<Resp, InternalClientError> {
+        let url = format!("{}{}", base.trim_end_matches('/'), path);
+        let body = match body {
+            Some(b) => full(serde_json::to_vec(b).expect("request serialises")),
+            None => empty(),
+        };
+        let req = Request::builder()
+            .method(method)
+            .uri(&url)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(body)
+            .map_err(|e| InternalClientError::Transport {
+                url: url.clone(),
+                message: e.to_string(),
+            })?;
+        let fut = async {
+            let resp = self.send(req).await?;
+            let status = resp.status();
+            let bytes = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| InternalClientError::Transport {
+                    url: url.clone(),
+                    message: error_chain(&e),
+                })?
+                .to_bytes();
+            decode(&url, status, bytes)
+        };
+        match tokio::time::timeout(self.timeout, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(InternalClientError::Timeout {
+                url,
+                timeout: self.timeout,
+            }),
+        }
+    }
+
+    pub async fn post<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        base: &str,
+        path: &str,
+        body: &Req,
+    ) -> Result<Resp, InternalClientError> {
+        self.call(Method::POST, base, path, Some(body)).await
+    }
+
+    pub async fn get<Resp: DeserializeOwned>(
+        &self,
+        base: &str,
+        path: &str,
+    ) -> Result<Resp, InternalClientError> {
+        self.call::<(), Resp>(Method::GET, base, path, None).await
+    }
+
+    pub async fn delete(&self, base: &str, path: &str) -> Result<(), InternalClientError> {
+        self.call::<(), ()>(Method::DELETE, base, path, None).await
+    }
+}
+
+fn decode<Resp: DeserializeOwned>(
+    url: &str,
+    status: StatusCode,
+    bytes: Bytes,
+) -> Result<Resp, InternalClientError> {
+    if !status.is_success() {
+        return Err(InternalClientError::Remote {
+            url: url.to_owned(),
+            error: remote_error(status, &bytes),
+        });
+    }
+    let bytes: &[u8] = if bytes.is_empty() { b"null" } else { &bytes };
+    serde_json::from_slice(bytes).map_err(|e| InternalClientError::Decode {
+        url: url.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+/// Parse an FC-shaped error body; anything else becomes an internal error
+/// quoting the status.
+pub fn remote_error(status: StatusCode, bytes: &[u8]) -> FcError {
+    #[derive(serde::Deserialize)]
+    struct Shape {
+        #[serde(rename = "Code")]
+        code: FcErrorCode,
+        #[serde(rename = "Message")]
+        message: String,
+    }
+    match serde_json::from_slice::<Shape>(bytes) {
+        Ok(s) => FcError::new(s.code, s.message),
+        Err(_) => FcError::internal(format!("internal call failed with status {status}")),
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -1,0 +1,14 @@
+//! Kiln's internal APIs: HTTP/2 over mutual TLS, versioned paths, JSON
+//! control messages and raw streamed invocation bodies.
+//!
+//! Every internal endpoint answers errors as an [`kiln_core::FcError`] in
+//! JSON with the FC status code, so an error raised deep inside (an agent's
+//! `FunctionNotStarted`) reaches the public caller unchanged.
+#![forbid(unsafe_code)]
+
+pub mod client;
+pub mod messages;
+pub mod server;
+
+pub use client::{InternalClient, InternalClientError};
+pub use messages::*;

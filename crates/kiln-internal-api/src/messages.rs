@@ -1,0 +1,209 @@
+//! Control messages of the internal APIs, with their paths.
+
+use kiln_core::{AccountId, FunctionName, InstanceId, InstanceSpec, LeaseId, NodeId, SandboxKind};
+use serde::{Deserialize, Serialize};
+
+/// Paths, versioned. `{}` parts are filled by the helpers below.
+pub mod paths {
+    use kiln_core::{InstanceId, LeaseId, NodeId};
+
+    // Scheduler.
+    pub const NODES_REGISTER: &str = "/v1/nodes/register";
+    pub fn node_heartbeat(node: &NodeId) -> String {
+        format!("/v1/nodes/{node}/heartbeat")
+    }
+    pub const LEASES: &str = "/v1/leases";
+    pub fn lease(lease: &LeaseId) -> String {
+        format!("/v1/leases/{lease}")
+    }
+    pub const FUNCTIONS_RETIRE: &str = "/v1/functions/retire";
+    pub const SCHEDULER_NODES: &str = "/v1/nodes";
+    pub const SCHEDULER_INSTANCES: &str = "/v1/instances";
+
+    // Agent.
+    pub const AGENT_INSTANCES: &str = "/v1/instances";
+    pub fn agent_instance(id: &InstanceId) -> String {
+        format!("/v1/instances/{id}")
+    }
+    pub fn agent_invoke(id: &InstanceId) -> String {
+        format!("/v1/instances/{id}/invoke")
+    }
+
+    // Gateway (internal listener).
+    pub fn code(digest: &str) -> String {
+        format!("/v1/code/{digest}")
+    }
+
+    // Every service.
+    pub const HEALTH: &str = "/v1/health";
+}
+
+/// Headers on the internal invoke path (gateway -> agent and back).
+pub mod headers {
+    /// Set by the agent on its answer: how the invocation ended.
+    pub const INVOKE_OUTCOME: &str = "x-kiln-invoke-outcome";
+}
+
+/// What a node offers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeCapacity {
+    pub memory_mb: u64,
+    pub cpu_milli: u64,
+    pub max_instances: u32,
+}
+
+/// Who may run on a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Tenancy {
+    /// Any account, microVM sandboxes only.
+    MultiTenant,
+    /// One account, container sandboxes.
+    Dedicated,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeLabels {
+    pub zone: String,
+    pub tenancy: Tenancy,
+    pub sandbox_kinds: Vec<SandboxKind>,
+    /// For a dedicated node: the one account it serves. `None` means the
+    /// node is handed to the first account placed on it.
+    #[serde(default)]
+    pub dedicated_account: Option<AccountId>,
+}
+
+/// Agent -> scheduler, at start and whenever the scheduler has forgotten
+/// the node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterNode {
+    /// The id the node had before (a restart keeps it); `None` on first boot.
+    pub node_id: Option<NodeId>,
+    /// Where the scheduler and the gateway reach the agent, `https://host:port`.
+    pub agent_url: String,
+    pub capacity: NodeCapacity,
+    pub labels: NodeLabels,
+    /// The instances the agent runs right now.
+    pub instances: Vec<InstanceId>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterNodeResponse {
+    pub node_id: NodeId,
+    pub heartbeat_interval_ms: u64,
+    /// Instances the agent runs that the scheduler does not know: destroy.
+    pub destroy: Vec<InstanceId>,
+}
+
+/// Agent -> scheduler, every `heartbeat_interval_ms`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Heartbeat {
+    pub instances: Vec<InstanceId>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeartbeatResponse {
+    /// Instances the agent runs that the scheduler does not know: destroy.
+    pub destroy: Vec<InstanceId>,
+    /// The scheduler does not know this node (it was written off): register
+    /// again.
+    pub reregister: bool,
+}
+
+/// Gateway -> scheduler: a slot for one invocation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcquireLease {
+    pub request_id: String,
+    pub spec: InstanceSpec,
+}
+
+/// A slot on an instance, held until released.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Lease {
+    pub lease_id: LeaseId,
+    pub instance_id: InstanceId,
+    pub node_id: NodeId,
+    pub agent_url: String,
+    /// The instance was created for this lease.
+    pub cold_start: bool,
+}
+
+/// How the invocation on a lease ended; decides the instance's fate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LeaseOutcome {
+    /// The instance answered (success or function error): keep it.
+    Ok,
+    /// The instance is broken (crashed, timed out, unreachable): replace it.
+    InstanceFailed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseLease {
+    pub outcome: LeaseOutcome,
+}
+
+/// Gateway -> scheduler: a function changed or was deleted; its instances
+/// of other revisions take no new calls and go once idle.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetireFunction {
+    pub account_id: AccountId,
+    pub function_name: FunctionName,
+    /// The revision that stays; `None` when the function was deleted.
+    pub keep_revision: Option<String>,
+}
+
+/// Scheduler -> agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateInstance {
+    pub instance_id: InstanceId,
+    pub spec: InstanceSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceCreated {
+    pub instance_id: InstanceId,
+    /// From the create request to the runtime's port answering.
+    pub startup_ms: u64,
+}
+
+/// One instance as the agent or the scheduler reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceInfo {
+    pub instance_id: InstanceId,
+    pub account_id: AccountId,
+    pub function_name: FunctionName,
+    pub revision: String,
+    pub node_id: Option<NodeId>,
+    pub in_flight: u32,
+    pub concurrency: u32,
+    pub created_at_ms: u64,
+    pub last_used_ms: u64,
+}
+
+/// A node as the scheduler reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeInfo {
+    pub node_id: NodeId,
+    pub agent_url: String,
+    pub capacity: NodeCapacity,
+    pub labels: NodeLabels,
+    pub state: String,
+    pub instances: u32,
+    pub memory_used_mb: u64,
+    pub last_heartbeat_ms: u64,
+}

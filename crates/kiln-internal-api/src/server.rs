@@ -1,0 +1,175 @@
+//! The HTTPS accept loop and response helpers every Kiln service uses.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full, Limited};
+use hyper::body::Incoming;
+use hyper::Request;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use kiln_core::{FcError, FcErrorCode};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The body type of every response Kiln builds.
+pub type Body = BoxBody<Bytes, BoxError>;
+
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).map_err(|e| match e {}).boxed()
+}
+
+pub fn empty() -> Body {
+    Empty::new().map_err(|e| match e {}).boxed()
+}
+
+/// Adapt a streamed hyper body (an upstream response) to [`Body`].
+pub fn stream(body: Incoming) -> Body {
+    body.map_err(|e| Box::new(e) as BoxError).boxed()
+}
+
+pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
+    let bytes = serde_json::to_vec(value).expect("response serialises");
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(full(bytes))
+        .expect("valid response")
+}
+
+/// An error in FC's shape, `{"Code","Message","RequestId"}`, with FC's status.
+pub fn error(err: &FcError, request_id: &str) -> Response<Body> {
+    Response::builder()
+        .status(StatusCode::from_u16(err.code.http_status()).unwrap_or(StatusCode::BAD_GATEWAY))
+        .header(header::CONTENT_TYPE, "application/json")
+        .header("x-fc-request-id", request_id)
+        .body(full(err.to_body(request_id)))
+        .expect("valid response")
+}
+
+/// Read a whole body of at most `limit` bytes.
+pub async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, FcError> {
+    match Limited::new(body, limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(FcError::new(
+            FcErrorCode::PayloadTooLarge,
+            format!("request body exceeds the limit of {limit} bytes"),
+        )),
+        Err(e) => Err(FcError::invalid_argument(format!(
+            "cannot read request body: {e}"
+        ))),
+    }
+}
+
+/// Read and parse a JSON body of at most `limit` bytes.
+pub async fn read_json<T: DeserializeOwned>(body: Incoming, limit: usize) -> Result<T, FcError> {
+    let bytes = read_body(body, limit).await?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| FcError::invalid_argument(format!("malformed JSON body: {e}")))
+}
+
+/// Who is on the other end of a connection.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+}
+
+/// Accept TLS connections on `listener` and serve HTTP/1.1 and HTTP/2 on
+/// them with `handler`, until `shutdown` resolves.
+pub async fn serve_tls<H, F>(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    handler: H,
+    shutdown: impl Future<Output = ()>,
+) where
+    H: Fn(Request<Incoming>, ConnInfo) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    let acceptor = TlsAcceptor::from(tls);
+    let local = listener.local_addr().expect("bound listener");
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                acceptor.accept(tcp),
+            )
+            .await
+            {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let info = ConnInfo { peer, local };
+            let service = hyper::service::service_fn(move |req| {
+                let handler = handler.clone();
+                async move { Ok::<_, Infallible>(handler(req, info).await) }
+            });
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            builder
+                .http2()
+                .max_concurrent_streams(1024)
+                .initial_stream_window_size(1 << 20)
+                .initial_connection_window_size(4 << 20);
+            if let Err(e) = builder
+                .serve_connection_with_upgrades(TokioIo::new(tls), service)
+                .await
+            {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+}
+
+/// A status line for `HEALTH`.
+pub fn health() -> Response<Body> {
+    json(StatusCode::OK, &serde_json::json!({"status": "ok"}))
+}
+
+/// A response for an unknown path.
+pub fn not_found(path: &str, request_id: &str) -> Response<Body> {
+    error(
+        &FcError::new(
+            FcErrorCode::PathNotSupported,
+            format!("path {path:?} is not supported"),
+        ),
+        request_id,
+    )
+}
+
+/// Status 204.
+pub fn no_content() -> Response<Body> {
+    Response::builder()
+        .status(StatusCode::NO_CONTENT)
+        .body(empty())
+        .expect("valid response")
+}

@@ -1,0 +1,68 @@
+//! The contract between the agent and a sandbox backend.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use kiln_core::{InstanceId, InstanceSpec, SandboxKind};
+
+/// Why a sandbox operation failed. Messages say what failed and what an
+/// operator can do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("Runtime root filesystem {runtime} is not available: {reason}")]
+    RuntimeUnavailable { runtime: String, reason: String },
+    #[error("Cannot prepare the instance's network: {0}")]
+    Network(String),
+    #[error("Cannot prepare the instance's files: {0}")]
+    Filesystem(String),
+    #[error("The OCI runtime failed: {0}")]
+    OciRuntime(String),
+    #[error("Node is out of {0}")]
+    Exhausted(String),
+    #[error("Instance {0} is not known to this sandbox driver")]
+    NotFound(InstanceId),
+}
+
+/// What the agent asks a driver to start.
+#[derive(Debug, Clone)]
+pub struct SandboxRequest {
+    pub instance_id: InstanceId,
+    pub spec: InstanceSpec,
+    /// The function's code, extracted once per node, immutable; the driver
+    /// presents it at `/code` through a per-instance writable layer.
+    pub code_dir: PathBuf,
+}
+
+/// A started sandbox.
+#[derive(Debug, Clone)]
+pub struct Sandbox {
+    pub instance_id: InstanceId,
+    /// Where the agent reaches the function's runtime port.
+    pub endpoint: SocketAddr,
+    /// The sandbox's main process on the host, when the backend has one.
+    pub pid: Option<u32>,
+    /// Where the sandbox's stdout and stderr go.
+    pub log_path: PathBuf,
+}
+
+/// One sandbox backend (container or microVM).
+#[async_trait::async_trait]
+pub trait SandboxDriver: Send + Sync + 'static {
+    fn kind(&self) -> SandboxKind;
+
+    /// Create and start a sandbox running `spec.command`. Returns once the
+    /// process has been started; the caller waits for its port.
+    async fn create(&self, req: &SandboxRequest) -> Result<Sandbox, SandboxError>;
+
+    /// Whether the sandbox's main process still runs.
+    async fn is_running(&self, id: &InstanceId) -> Result<bool, SandboxError>;
+
+    /// Stop the sandbox and remove everything it had: processes, network,
+    /// mounts, cgroup, writable files. Idempotent: destroying an unknown or
+    /// half-created instance succeeds.
+    async fn destroy(&self, id: &InstanceId) -> Result<(), SandboxError>;
+
+    /// The instances this driver has on the node (after an agent restart,
+    /// for reconciliation with the scheduler).
+    async fn list(&self) -> Result<Vec<InstanceId>, SandboxError>;
+}
