@@ -15,6 +15,8 @@ pub enum FcErrorCode {
     InvalidArgument,
     MissingRequiredHeader,
     PayloadTooLarge,
+    /// FC's code for a request body or payload over its limit (HTTP 400).
+    EntityTooLarge,
     FunctionNotFound,
     FunctionAlreadyExists,
     PathNotSupported,
@@ -37,6 +39,7 @@ impl FcErrorCode {
             Self::InvalidArgument => "InvalidArgument",
             Self::MissingRequiredHeader => "MissingRequiredHeader",
             Self::PayloadTooLarge => "PayloadTooLarge",
+            Self::EntityTooLarge => "EntityTooLarge",
             Self::FunctionNotFound => "FunctionNotFound",
             Self::FunctionAlreadyExists => "FunctionAlreadyExists",
             Self::PathNotSupported => "PathNotSupported",
@@ -57,7 +60,7 @@ impl FcErrorCode {
     /// The HTTP status FC answers with for this code.
     pub fn http_status(self) -> u16 {
         match self {
-            Self::InvalidArgument | Self::MissingRequiredHeader => 400,
+            Self::InvalidArgument | Self::MissingRequiredHeader | Self::EntityTooLarge => 400,
             Self::SignatureNotMatch
             | Self::InvalidAccessKeyId
             | Self::RequestTimeTooSkewed
