@@ -1,1 +1,5 @@
+//! Kiln's scheduling service.
+#![forbid(unsafe_code)]
 
+pub mod config;
+pub mod placement;

@@ -1,0 +1,226 @@
+//! The scheduler's configuration file (TOML), parsed then validated.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kiln_pki::TlsFiles;
+use serde::{Deserialize, Serialize};
+
+/// Why the configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("Cannot read configuration file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Cannot parse configuration file {path}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("Invalid setting {field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+/// `kiln-scheduler --config FILE`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchedulerConfig {
+    /// Holds `scheduler.db`.
+    pub state_dir: PathBuf,
+    /// The mTLS listener agents and gateways call.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Plain-HTTP Prometheus endpoint (`GET /metrics`); off when absent.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// An instance with no lease for this long is destroyed.
+    #[serde(default = "default_idle_timeout_s")]
+    pub idle_timeout_s: u64,
+    /// How often agents report (sent to them at registration).
+    #[serde(default = "default_heartbeat_interval_ms")]
+    pub heartbeat_interval_ms: u64,
+    /// A node silent this long is written off with its instances.
+    #[serde(default = "default_node_failure_after_ms")]
+    pub node_failure_after_ms: u64,
+    /// How long an agent may take to start an instance.
+    #[serde(default = "default_instance_start_timeout_ms")]
+    pub instance_start_timeout_ms: u64,
+    /// Instances one account may hold at once, across all nodes.
+    #[serde(default = "default_max_instances_per_account")]
+    pub max_instances_per_account: u32,
+    /// Server and client identity on the internal mTLS network.
+    pub tls: TlsFiles,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 9443))
+}
+fn default_idle_timeout_s() -> u64 {
+    300
+}
+fn default_heartbeat_interval_ms() -> u64 {
+    2_000
+}
+fn default_node_failure_after_ms() -> u64 {
+    10_000
+}
+fn default_instance_start_timeout_ms() -> u64 {
+    30_000
+}
+fn default_max_instances_per_account() -> u32 {
+    300
+}
+
+impl SchedulerConfig {
+    /// A configuration with every default, for `kiln dev` and tests.
+    pub fn new(state_dir: PathBuf, listen: SocketAddr, tls: TlsFiles) -> Self {
+        Self {
+            state_dir,
+            listen,
+            metrics_listen: None,
+            idle_timeout_s: default_idle_timeout_s(),
+            heartbeat_interval_ms: default_heartbeat_interval_ms(),
+            node_failure_after_ms: default_node_failure_after_ms(),
+            instance_start_timeout_ms: default_instance_start_timeout_ms(),
+            max_instances_per_account: default_max_instances_per_account(),
+            tls,
+        }
+    }
+
+    /// Read, parse and validate `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let config: Self = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field, reason: &str| {
+            Err(ConfigError::Invalid {
+                field,
+                reason: reason.to_owned(),
+            })
+        };
+        if self.state_dir.as_os_str().is_empty() {
+            return invalid("state_dir", "must not be empty");
+        }
+        if !(1..=7 * 24 * 3600).contains(&self.idle_timeout_s) {
+            return invalid("idle_timeout_s", "must be between 1 and 604800 (a week)");
+        }
+        if !(100..=60_000).contains(&self.heartbeat_interval_ms) {
+            return invalid("heartbeat_interval_ms", "must be between 100 and 60000");
+        }
+        if self.node_failure_after_ms < 2 * self.heartbeat_interval_ms {
+            return invalid(
+                "node_failure_after_ms",
+                "must be at least twice heartbeat_interval_ms, or one late heartbeat fails a node",
+            );
+        }
+        if !(100..=600_000).contains(&self.instance_start_timeout_ms) {
+            return invalid(
+                "instance_start_timeout_ms",
+                "must be between 100 and 600000",
+            );
+        }
+        if self.max_instances_per_account == 0 {
+            return invalid("max_instances_per_account", "must be at least 1");
+        }
+        for (field, path) in [
+            ("tls.ca", &self.tls.ca),
+            ("tls.cert", &self.tls.cert),
+            ("tls.key", &self.tls.key),
+        ] {
+            if path.as_os_str().is_empty() {
+                return invalid(field, "must not be empty");
+            }
+        }
+        Ok(())
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.state_dir.join("scheduler.db")
+    }
+
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout_s)
+    }
+
+    pub fn instance_start_timeout(&self) -> Duration {
+        Duration::from_millis(self.instance_start_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn example_path() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml")
+    }
+
+    #[test]
+    fn example_loads_and_validates() {
+        let c = SchedulerConfig::load(&example_path()).unwrap();
+        assert_eq!(c.idle_timeout_s, 300);
+        assert_eq!(c.heartbeat_interval_ms, 2_000);
+        assert_eq!(c.node_failure_after_ms, 10_000);
+        assert_eq!(c.instance_start_timeout_ms, 30_000);
+        assert_eq!(c.max_instances_per_account, 300);
+        assert_eq!(c.listen.port(), 9443);
+        assert!(c.metrics_listen.unwrap().ip().is_loopback());
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let text = std::fs::read_to_string(example_path()).unwrap();
+        let text = format!("idle_timout_s = 3\n{text}");
+        let err = toml::from_str::<SchedulerConfig>(&text).unwrap_err();
+        assert!(err.to_string().contains("idle_timout_s"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_the_field_name() {
+        let base = SchedulerConfig::load(&example_path()).unwrap();
+        let cases: Vec<(&str, Box<dyn Fn(&mut SchedulerConfig)>)> = vec![
+            ("idle_timeout_s", Box::new(|c| c.idle_timeout_s = 0)),
+            (
+                "heartbeat_interval_ms",
+                Box::new(|c| c.heartbeat_interval_ms = 5),
+            ),
+            (
+                "node_failure_after_ms",
+                Box::new(|c| c.node_failure_after_ms = 3_000),
+            ),
+            (
+                "instance_start_timeout_ms",
+                Box::new(|c| c.instance_start_timeout_ms = 0),
+            ),
+            (
+                "max_instances_per_account",
+                Box::new(|c| c.max_instances_per_account = 0),
+            ),
+            ("state_dir", Box::new(|c| c.state_dir = PathBuf::new())),
+            ("tls.key", Box::new(|c| c.tls.key = PathBuf::new())),
+        ];
+        for (field, mutate) in cases {
+            let mut c = base.clone();
+            mutate(&mut c);
+            match c.validate() {
+                Err(ConfigError::Invalid { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{field}: expected Invalid, got {other:?}"),
+            }
+        }
+    }
+}

@@ -1,0 +1,963 @@
+//! The placement core: nodes, instances and leases in memory, every
+//! decision pure (no I/O, time passed in) and O(log n).
+//!
+//! Indexes kept beside the records make each decision cheap at the scale
+//! the later simulator targets (100 nodes, 50,000 instances):
+//! - per function revision, the instances with a free slot ordered by
+//!   in-flight count, so "the busiest instance that still has room" is the
+//!   last element;
+//! - Ready nodes ordered by free memory, so "the node with the least free
+//!   memory that still fits" is the first one at or above the request;
+//! - idle instances ordered by last use and leases by expiry, so reaping
+//!   touches only what is due.
+//!
+//! Every change that must survive a restart is appended to a journal the
+//! caller drains ([`Placement::take_changes`]) and persists write-behind.
+
+mod types;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+
+use kiln_core::limits::{CONCURRENCY_MAX, CONCURRENCY_MIN};
+use kiln_core::{AccountId, FcError, FunctionName, InstanceId, InstanceSpec, LeaseId, NodeId};
+use kiln_internal_api::{InstanceInfo, Lease, LeaseOutcome, NodeInfo, RegisterNode, Tenancy};
+
+pub use types::*;
+
+/// Knobs of the core.
+#[derive(Debug, Clone)]
+pub struct PlacementConfig {
+    pub max_instances_per_account: u32,
+    pub idle_timeout_ms: u64,
+    pub node_failure_after_ms: u64,
+    /// A lease not released within the function's timeout plus this is
+    /// taken back (its holder is gone).
+    pub lease_grace_ms: u64,
+    /// An instance that became ready this recently is not removed for
+    /// missing from an agent's report (the report may predate it).
+    pub reconcile_grace_ms: u64,
+}
+
+impl Default for PlacementConfig {
+    fn default() -> Self {
+        Self {
+            max_instances_per_account: 300,
+            idle_timeout_ms: 300_000,
+            node_failure_after_ms: 10_000,
+            lease_grace_ms: 90_000,
+            reconcile_grace_ms: 5_000,
+        }
+    }
+}
+
+/// The answer to an acquire.
+#[derive(Debug)]
+pub enum Acquired {
+    /// A slot on a Ready instance: call it now.
+    Ready(Lease),
+    /// A slot on a Starting instance: wait for it to start. `create` is set
+    /// when this call placed a new instance, which the caller must start.
+    Starting {
+        lease: Lease,
+        create: Option<CreateJob>,
+    },
+}
+
+impl Acquired {
+    pub fn lease(&self) -> &Lease {
+        match self {
+            Self::Ready(l) | Self::Starting { lease: l, .. } => l,
+        }
+    }
+}
+
+/// The answer to a register.
+#[derive(Debug)]
+pub struct Registered {
+    pub node_id: NodeId,
+    /// Instances the agent runs that the scheduler does not know.
+    pub destroy: Vec<InstanceId>,
+    pub effects: Effects,
+}
+
+/// The answer to a heartbeat.
+#[derive(Debug)]
+pub struct HeartbeatOutcome {
+    pub destroy: Vec<InstanceId>,
+    pub reregister: bool,
+    pub effects: Effects,
+}
+
+struct LeaseRec {
+    instance_id: InstanceId,
+    expires_at_ms: u64,
+    /// Its instance was lost (node failure, reconciliation): releasing it
+    /// tells the caller so.
+    written_off: bool,
+}
+
+type FnKey = (AccountId, FunctionName);
+
+/// All runtime state of the scheduler.
+pub struct Placement {
+    config: PlacementConfig,
+    nodes: HashMap<NodeId, Node>,
+    instances: HashMap<InstanceId, Instance>,
+    leases: HashMap<LeaseId, LeaseRec>,
+    /// Instances with a free slot, per function and revision, by in-flight.
+    room: HashMap<FnKey, HashMap<String, BTreeSet<(u32, InstanceId)>>>,
+    /// Every instance of a function.
+    by_function: HashMap<FnKey, HashSet<InstanceId>>,
+    /// Ready nodes by free memory.
+    free_memory: BTreeMap<u64, BTreeSet<NodeId>>,
+    idle: BTreeSet<(u64, InstanceId)>,
+    lease_expiry: BTreeSet<(u64, LeaseId)>,
+    per_account: HashMap<AccountId, u32>,
+    changes: Vec<Change>,
+}
+
+impl Placement {
+    pub fn new(config: PlacementConfig) -> Self {
+        Self {
+            config,
+            nodes: HashMap::new(),
+            instances: HashMap::new(),
+            leases: HashMap::new(),
+            room: HashMap::new(),
+            by_function: HashMap::new(),
+            free_memory: BTreeMap::new(),
+            idle: BTreeSet::new(),
+            lease_expiry: BTreeSet::new(),
+            per_account: HashMap::new(),
+            changes: Vec::new(),
+        }
+    }
+
+    /// Rebuild from persisted records.
+    ///
+    /// Leases are not persisted: after a restart every in-flight count
+    /// starts at 0 and calls running across the restart release leases the
+    /// new process does not know, which is harmless (release is
+    /// idempotent). Instances may then take a few more calls than their
+    /// concurrency until those calls end. Idle clocks restart at `now`, and
+    /// nodes get a full failure window to heartbeat again. Instances that
+    /// were still starting are dropped: their start call died with the old
+    /// process, and the agent's next report gets them destroyed if they
+    /// exist.
+    pub fn restore(
+        config: PlacementConfig,
+        nodes: Vec<NodeRecord>,
+        instances: Vec<InstanceRecord>,
+        now: u64,
+    ) -> (Self, Effects) {
+        let mut p = Self::new(config);
+        for r in nodes {
+            let node = Node {
+                id: r.node_id.clone(),
+                agent_url: r.agent_url,
+                capacity: r.capacity,
+                labels: r.labels,
+                bound_account: r.bound_account,
+                state: r.state,
+                last_heartbeat_ms: now,
+                used_memory_mb: 0,
+                used_cpu_milli: 0,
+                instances: HashSet::new(),
+            };
+            p.nodes.insert(r.node_id.clone(), node);
+            p.index_node(&r.node_id);
+        }
+        let mut effects = Effects::default();
+        for r in instances {
+            let node_ok = p.nodes.get(&r.node_id).is_some_and(|n| n.state.can_place());
+            if !node_ok || r.state == InstanceState::Starting {
+                p.changes.push(Change::DeleteInstance(r.instance_id));
+                continue;
+            }
+            let spec = Arc::new(r.spec);
+            p.insert_instance(Instance {
+                id: r.instance_id.clone(),
+                node_id: r.node_id,
+                spec,
+                state: r.state,
+                in_flight: 0,
+                created_at_ms: r.created_at_ms,
+                last_used_ms: now,
+                ready_at_ms: Some(r.created_at_ms.min(now)),
+                leases: HashSet::new(),
+            });
+            if r.state.is_winding_down() {
+                effects.extend(p.remove_instance(&r.instance_id, None));
+            }
+        }
+        (p, effects)
+    }
+
+    /// Changes since the last call, oldest first.
+    pub fn take_changes(&mut self) -> Vec<Change> {
+        std::mem::take(&mut self.changes)
+    }
+
+    pub fn instance(&self, id: &InstanceId) -> Option<&Instance> {
+        self.instances.get(id)
+    }
+
+    pub fn node(&self, id: &NodeId) -> Option<&Node> {
+        self.nodes.get(id)
+    }
+
+    pub fn instance_count(&self) -> usize {
+        self.instances.len()
+    }
+
+    pub fn ready_node_count(&self) -> usize {
+        self.nodes.values().filter(|n| n.state.can_place()).count()
+    }
+
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn lease_count(&self) -> usize {
+        self.leases.len()
+    }
+
+    // ---- leases ---------------------------------------------------------
+
+    /// A slot for one call of `spec`: on the busiest instance of the same
+    /// revision that has room (Starting included, so a burst shares the
+    /// instances it is already starting), else on a new instance on the
+    /// node where it packs best.
+    pub fn acquire(&mut self, spec: &InstanceSpec, now: u64) -> Result<Acquired, FcError> {
+        check_spec(spec)?;
+        let key = (spec.account_id.clone(), spec.function_name.clone());
+        let warm = self
+            .room
+            .get(&key)
+            .and_then(|revs| revs.get(&spec.revision))
+            .and_then(|set| set.last())
+            .map(|(_, id)| id.clone());
+        if let Some(id) = warm {
+            let lease = self.take_slot(&id, false, now);
+            let starting = self.instances[&id].state == InstanceState::Starting;
+            return Ok(if starting {
+                Acquired::Starting {
+                    lease,
+                    create: None,
+                }
+            } else {
+                Acquired::Ready(lease)
+            });
+        }
+        self.place(spec, now)
+    }
+
+    fn place(&mut self, spec: &InstanceSpec, now: u64) -> Result<Acquired, FcError> {
+        if self.nodes.is_empty() {
+            return Err(FcError::unavailable(
+                "no compute node is registered; retry once an agent has joined",
+            ));
+        }
+        if self.ready_node_count() == 0 {
+            return Err(FcError::unavailable(
+                "no compute node is healthy; retry later",
+            ));
+        }
+        let used = self.per_account.get(&spec.account_id).copied().unwrap_or(0);
+        if used >= self.config.max_instances_per_account {
+            return Err(FcError::throttled(format!(
+                "account {} reached its limit of {} instances",
+                spec.account_id, self.config.max_instances_per_account
+            )));
+        }
+        let node_id = self.best_node(spec)?;
+        let id = InstanceId::generate();
+        let spec = Arc::new(spec.clone());
+        self.insert_instance(Instance {
+            id: id.clone(),
+            node_id: node_id.clone(),
+            spec: spec.clone(),
+            state: InstanceState::Starting,
+            in_flight: 0,
+            created_at_ms: now,
+            last_used_ms: now,
+            ready_at_ms: None,
+            leases: HashSet::new(),
+        });
+        let node = self.nodes.get_mut(&node_id).expect("chosen node exists");
+        if node.labels.tenancy == Tenancy::Dedicated && node.bound_account.is_none() {
+            node.bound_account = Some(spec.account_id.clone());
+            tracing::info!(node_id = %node_id, account_id = %spec.account_id, "dedicated node bound to its first account");
+            let record = node.record();
+            self.changes.push(Change::UpsertNode(record));
+        }
+        let lease = self.take_slot(&id, true, now);
+        let agent_url = self.nodes[&node_id].agent_url.clone();
+        Ok(Acquired::Starting {
+            lease,
+            create: Some(CreateJob {
+                instance_id: id,
+                node_id,
+                agent_url,
+                spec,
+            }),
+        })
+    }
+
+    /// The Ready node with the least free memory that still fits the
+    /// instance's memory, cpu and instance count and accepts its account.
+    fn best_node(&self, spec: &InstanceSpec) -> Result<NodeId, FcError> {
+        let memory = u64::from(spec.memory_mb);
+        let cpu = u64::from(spec.cpu_milli);
+        for (_, ids) in self.free_memory.range(memory..) {
+            for id in ids {
+                let n = &self.nodes[id];
+                if n.free_cpu_milli() >= cpu && n.has_instance_slot() && n.accepts(&spec.account_id)
+                {
+                    return Ok(id.clone());
+                }
+            }
+        }
+        // No room: say what ran out, over the nodes this account may use.
+        let eligible: Vec<&Node> = self
+            .nodes
+            .values()
+            .filter(|n| n.state.can_place() && n.accepts(&spec.account_id))
+            .collect();
+        if eligible.is_empty() {
+            return Err(FcError::throttled(format!(
+                "no compute node accepts instances of account {}: every healthy node is \
+                 dedicated to another account or lacks the sandbox kind its tenancy needs",
+                spec.account_id
+            )));
+        }
+        let mut short = Vec::new();
+        if eligible.iter().all(|n| n.free_memory_mb() < memory) {
+            short.push("memory");
+        }
+        if eligible.iter().all(|n| n.free_cpu_milli() < cpu) {
+            short.push("cpu");
+        }
+        if eligible.iter().all(|n| !n.has_instance_slot()) {
+            short.push("instance slots");
+        }
+        if short.is_empty() {
+            short.push("memory and cpu together");
+        }
+        Err(FcError::throttled(format!(
+            "no compute node has room for an instance of {} MB memory and {} millicores: \
+             out of {} on {} eligible node(s)",
+            spec.memory_mb,
+            spec.cpu_milli,
+            short.join(", "),
+            eligible.len()
+        )))
+    }
+
+    fn take_slot(&mut self, id: &InstanceId, cold_start: bool, now: u64) -> Lease {
+        let lease_id = LeaseId::generate();
+        let timeout_ms = u64::from(self.instances[id].spec.timeout_s) * 1000;
+        let expires_at_ms = now + timeout_ms + self.config.lease_grace_ms;
+        self.update_instance(id, |i| {
+            i.in_flight += 1;
+            i.last_used_ms = now;
+            i.leases.insert(lease_id.clone());
+        });
+        self.leases.insert(
+            lease_id.clone(),
+            LeaseRec {
+                instance_id: id.clone(),
+                expires_at_ms,
+                written_off: false,
+            },
+        );
+        self.lease_expiry.insert((expires_at_ms, lease_id.clone()));
+        let inst = &self.instances[id];
+        Lease {
+            lease_id,
+            instance_id: id.clone(),
+            node_id: inst.node_id.clone(),
+            agent_url: self.nodes[&inst.node_id].agent_url.clone(),
+            cold_start,
+        }
+    }
+
+    /// Give a slot back. An unknown lease is not an error (release is
+    /// idempotent, and leases do not survive a restart); a lease whose
+    /// instance was lost answers a retryable `ServiceUnavailable`.
+    pub fn release(
+        &mut self,
+        lease_id: &LeaseId,
+        outcome: LeaseOutcome,
+        now: u64,
+    ) -> Result<Effects, FcError> {
+        let Some(rec) = self.leases.remove(lease_id) else {
+            return Ok(Effects::default());
+        };
+        self.lease_expiry
+            .remove(&(rec.expires_at_ms, lease_id.clone()));
+        if rec.written_off {
+            return Err(FcError::unavailable(
+                "the instance serving this call was lost with its node; retry the call",
+            ));
+        }
+        let id = rec.instance_id;
+        self.update_instance(&id, |i| {
+            i.in_flight = i.in_flight.saturating_sub(1);
+            i.last_used_ms = now;
+            i.leases.remove(lease_id);
+            if outcome == LeaseOutcome::InstanceFailed && i.state != InstanceState::Failed {
+                tracing::info!(instance_id = %i.id, "instance failed; it takes no new calls");
+                i.state = InstanceState::Failed;
+            }
+        });
+        if outcome == LeaseOutcome::InstanceFailed {
+            let record = self.instances[&id].record();
+            self.changes.push(Change::UpsertInstance(record));
+        }
+        Ok(self.destroy_if_done(&id))
+    }
+
+    /// Remove a winding-down instance once nothing runs on it and its start
+    /// has finished.
+    fn destroy_if_done(&mut self, id: &InstanceId) -> Effects {
+        match self.instances.get(id) {
+            Some(i) if i.state.is_winding_down() && i.in_flight == 0 && i.ready_at_ms.is_some() => {
+                self.remove_instance(id, None)
+            }
+            _ => Effects::default(),
+        }
+    }
+
+    // ---- instance lifecycle ---------------------------------------------
+
+    /// The agent started the instance. `false` when the core no longer
+    /// knows it (its node failed meanwhile): the caller destroys it.
+    pub fn instance_started(&mut self, id: &InstanceId, now: u64) -> (bool, Effects) {
+        if !self.instances.contains_key(id) {
+            return (false, Effects::default());
+        }
+        self.update_instance(id, |i| {
+            i.ready_at_ms = Some(now);
+            if i.state == InstanceState::Starting {
+                i.state = InstanceState::Ready;
+            }
+        });
+        let record = self.instances[id].record();
+        self.changes.push(Change::UpsertInstance(record));
+        (true, self.destroy_if_done(id))
+    }
+
+    /// The agent could not start the instance: forget it and the leases
+    /// waiting on it (their callers get the agent's error). The returned
+    /// destroy asks the agent to clean up whatever it half made.
+    pub fn instance_start_failed(&mut self, id: &InstanceId) -> Option<Destroy> {
+        let leases: Vec<LeaseId> = self.instances.get(id)?.leases.iter().cloned().collect();
+        for l in leases {
+            if let Some(rec) = self.leases.remove(&l) {
+                self.lease_expiry.remove(&(rec.expires_at_ms, l));
+            }
+        }
+        self.update_instance(id, |i| {
+            i.leases.clear();
+            i.in_flight = 0;
+            i.state = InstanceState::Failed;
+        });
+        let node = self.instances[id].node_id.clone();
+        let url = self.nodes.get(&node).map(|n| n.agent_url.clone());
+        self.remove_instance(id, None);
+        url.map(|agent_url| Destroy {
+            instance_id: id.clone(),
+            node_id: node,
+            agent_url,
+        })
+    }
+
+    /// A function changed (`keep` is its new revision) or was deleted
+    /// (`keep` is `None`): its other instances take no new calls and go
+    /// once idle.
+    pub fn retire(
+        &mut self,
+        account: &AccountId,
+        function: &FunctionName,
+        keep: Option<&str>,
+    ) -> Effects {
+        let key = (account.clone(), function.clone());
+        let ids: Vec<InstanceId> = self
+            .by_function
+            .get(&key)
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default();
+        let mut effects = Effects::default();
+        for id in ids {
+            let inst = &self.instances[&id];
+            if keep == Some(inst.spec.revision.as_str()) || !inst.state.takes_calls() {
+                continue;
+            }
+            self.update_instance(&id, |i| i.state = InstanceState::Draining);
+            let record = self.instances[&id].record();
+            self.changes.push(Change::UpsertInstance(record));
+            effects.extend(self.destroy_if_done(&id));
+        }
+        effects
+    }
+
+    /// Periodic work: destroy instances idle past the timeout, take back
+    /// leases whose holder vanished, write off silent nodes.
+    pub fn tick(&mut self, now: u64) -> Effects {
+        let mut effects = Effects::default();
+        let idle_before = now.saturating_sub(self.config.idle_timeout_ms);
+        while let Some((last_used, id)) = self.idle.first().cloned() {
+            if last_used > idle_before {
+                break;
+            }
+            tracing::info!(instance_id = %id, idle_ms = now - last_used, "instance idle; releasing it");
+            effects.extend(self.remove_instance(&id, None));
+        }
+        while let Some((expires, lease_id)) = self.lease_expiry.first().cloned() {
+            if expires > now {
+                break;
+            }
+            tracing::warn!(lease_id = %lease_id, "lease was never released; taking it back");
+            // A written-off lease answers Err: nothing is left to free.
+            if let Ok(e) = self.release(&lease_id, LeaseOutcome::Ok, now) {
+                effects.extend(e);
+            }
+        }
+        effects.extend(self.check_nodes(now));
+        effects
+    }
+
+    fn check_nodes(&mut self, now: u64) -> Effects {
+        let silent: Vec<NodeId> = self
+            .nodes
+            .values()
+            .filter(|n| {
+                n.state == NodeState::Ready
+                    && n.last_heartbeat_ms + self.config.node_failure_after_ms <= now
+            })
+            .map(|n| n.id.clone())
+            .collect();
+        let mut effects = Effects::default();
+        for id in silent {
+            tracing::warn!(node_id = %id, "node stopped heartbeating; writing off its instances");
+            self.unindex_node(&id);
+            let node = self.nodes.get_mut(&id).expect("silent node exists");
+            node.state = NodeState::Failed;
+            let instances: Vec<InstanceId> = node.instances.iter().cloned().collect();
+            let record = node.record();
+            self.changes.push(Change::UpsertNode(record));
+            let err = FcError::unavailable(format!(
+                "compute node {id} stopped answering; retry the call"
+            ));
+            for i in instances {
+                effects.extend(self.remove_instance(&i, Some(err.clone())));
+            }
+        }
+        effects
+    }
+
+    // ---- nodes ----------------------------------------------------------
+
+    /// An agent (re)joins. It keeps the id it sends back; the instances it
+    /// reports are reconciled with the scheduler's view.
+    pub fn register(&mut self, req: &RegisterNode, now: u64) -> Result<Registered, FcError> {
+        check_registration(req)?;
+        let id = match &req.node_id {
+            Some(id) => id.clone(),
+            None => loop {
+                let id = NodeId::generate();
+                if !self.nodes.contains_key(&id) {
+                    break id;
+                }
+            },
+        };
+        if self.nodes.contains_key(&id) {
+            self.unindex_node(&id);
+            let node = self.nodes.get_mut(&id).expect("known node");
+            node.agent_url = req.agent_url.clone();
+            node.capacity = req.capacity.clone();
+            node.labels = req.labels.clone();
+            if req.labels.tenancy == Tenancy::MultiTenant {
+                node.bound_account = None;
+            } else if req.labels.dedicated_account.is_some() {
+                node.bound_account = req.labels.dedicated_account.clone();
+            }
+            node.state = NodeState::Ready;
+            node.last_heartbeat_ms = now;
+        } else {
+            self.nodes.insert(
+                id.clone(),
+                Node {
+                    id: id.clone(),
+                    agent_url: req.agent_url.clone(),
+                    capacity: req.capacity.clone(),
+                    labels: req.labels.clone(),
+                    bound_account: req.labels.dedicated_account.clone(),
+                    state: NodeState::Ready,
+                    last_heartbeat_ms: now,
+                    used_memory_mb: 0,
+                    used_cpu_milli: 0,
+                    instances: HashSet::new(),
+                },
+            );
+        }
+        self.index_node(&id);
+        let record = self.nodes[&id].record();
+        self.changes.push(Change::UpsertNode(record));
+        tracing::info!(node_id = %id, agent_url = %req.agent_url, "node registered");
+        let (destroy, effects) = self.reconcile(&id, &req.instances, now);
+        Ok(Registered {
+            node_id: id,
+            destroy,
+            effects,
+        })
+    }
+
+    pub fn heartbeat(
+        &mut self,
+        id: &NodeId,
+        reported: &[InstanceId],
+        now: u64,
+    ) -> HeartbeatOutcome {
+        match self.nodes.get_mut(id) {
+            Some(n) if n.state == NodeState::Ready => n.last_heartbeat_ms = now,
+            _ => {
+                return HeartbeatOutcome {
+                    destroy: Vec::new(),
+                    reregister: true,
+                    effects: Effects::default(),
+                }
+            }
+        }
+        let (destroy, effects) = self.reconcile(id, reported, now);
+        HeartbeatOutcome {
+            destroy,
+            reregister: false,
+            effects,
+        }
+    }
+
+    /// Compare an agent's report with the scheduler's view: what the agent
+    /// runs and the scheduler does not know is to be destroyed; what the
+    /// scheduler placed there and the agent no longer runs is forgotten.
+    fn reconcile(
+        &mut self,
+        node_id: &NodeId,
+        reported: &[InstanceId],
+        now: u64,
+    ) -> (Vec<InstanceId>, Effects) {
+        let destroy: Vec<InstanceId> = reported
+            .iter()
+            .filter(|id| self.instances.get(id).is_none_or(|i| &i.node_id != node_id))
+            .cloned()
+            .collect();
+        let reported: HashSet<&InstanceId> = reported.iter().collect();
+        let grace = self.config.reconcile_grace_ms;
+        let lost: Vec<InstanceId> = self.nodes[node_id]
+            .instances
+            .iter()
+            .filter(|id| !reported.contains(id))
+            .filter(|id| {
+                self.instances[*id]
+                    .ready_at_ms
+                    .is_some_and(|at| at + grace <= now)
+            })
+            .cloned()
+            .collect();
+        let mut effects = Effects::default();
+        for id in lost {
+            tracing::warn!(node_id = %node_id, instance_id = %id, "agent no longer runs instance; forgetting it");
+            let err =
+                FcError::unavailable("the instance serving this call was lost; retry the call");
+            effects.extend(self.remove_instance(&id, Some(err)));
+        }
+        if !destroy.is_empty() {
+            tracing::info!(node_id = %node_id, count = destroy.len(), "agent runs unknown instances; asking it to destroy them");
+        }
+        (destroy, effects)
+    }
+
+    // ---- views ----------------------------------------------------------
+
+    pub fn nodes_info(&self) -> Vec<NodeInfo> {
+        let mut v: Vec<NodeInfo> = self
+            .nodes
+            .values()
+            .map(|n| {
+                let mut labels = n.labels.clone();
+                if labels.tenancy == Tenancy::Dedicated {
+                    labels.dedicated_account = n.bound_account.clone();
+                }
+                NodeInfo {
+                    node_id: n.id.clone(),
+                    agent_url: n.agent_url.clone(),
+                    capacity: n.capacity.clone(),
+                    labels,
+                    state: n.state.as_str().to_owned(),
+                    instances: n.instances.len() as u32,
+                    memory_used_mb: n.used_memory_mb,
+                    last_heartbeat_ms: n.last_heartbeat_ms,
+                }
+            })
+            .collect();
+        v.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+        v
+    }
+
+    pub fn instances_info(&self) -> Vec<InstanceInfo> {
+        let mut v: Vec<InstanceInfo> = self
+            .instances
+            .values()
+            .map(|i| InstanceInfo {
+                instance_id: i.id.clone(),
+                account_id: i.spec.account_id.clone(),
+                function_name: i.spec.function_name.clone(),
+                revision: i.spec.revision.clone(),
+                node_id: Some(i.node_id.clone()),
+                in_flight: i.in_flight,
+                concurrency: i.spec.concurrency,
+                created_at_ms: i.created_at_ms,
+                last_used_ms: i.last_used_ms,
+            })
+            .collect();
+        v.sort_by(|a, b| {
+            (
+                &a.account_id,
+                &a.function_name,
+                a.created_at_ms,
+                &a.instance_id,
+            )
+                .cmp(&(
+                    &b.account_id,
+                    &b.function_name,
+                    b.created_at_ms,
+                    &b.instance_id,
+                ))
+        });
+        v
+    }
+
+    // ---- index upkeep ---------------------------------------------------
+
+    fn insert_instance(&mut self, inst: Instance) {
+        let id = inst.id.clone();
+        let key = (
+            inst.spec.account_id.clone(),
+            inst.spec.function_name.clone(),
+        );
+        *self.per_account.entry(key.0.clone()).or_default() += 1;
+        self.by_function.entry(key).or_default().insert(id.clone());
+        self.unindex_node(&inst.node_id);
+        let node = self
+            .nodes
+            .get_mut(&inst.node_id)
+            .expect("instance's node exists");
+        node.used_memory_mb += u64::from(inst.spec.memory_mb);
+        node.used_cpu_milli += u64::from(inst.spec.cpu_milli);
+        node.instances.insert(id.clone());
+        let node_id = inst.node_id.clone();
+        self.instances.insert(id.clone(), inst);
+        self.index_node(&node_id);
+        self.index_instance(&id);
+        let record = self.instances[&id].record();
+        self.changes.push(Change::UpsertInstance(record));
+    }
+
+    /// Forget an instance and give its node's room back. Its remaining
+    /// leases are written off; if it was starting, its waiters fail with
+    /// `abort_error`. Asks the agent to destroy it when `abort_error` is
+    /// `None` (the agent is presumed alive) and its node is Ready.
+    fn remove_instance(&mut self, id: &InstanceId, abort_error: Option<FcError>) -> Effects {
+        let mut effects = Effects::default();
+        self.unindex_instance(id);
+        let Some(inst) = self.instances.remove(id) else {
+            return effects;
+        };
+        for l in &inst.leases {
+            if let Some(rec) = self.leases.get_mut(l) {
+                rec.written_off = true;
+            }
+        }
+        let key = (
+            inst.spec.account_id.clone(),
+            inst.spec.function_name.clone(),
+        );
+        if let Some(n) = self.per_account.get_mut(&key.0) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_account.remove(&key.0);
+            }
+        }
+        if let Some(set) = self.by_function.get_mut(&key) {
+            set.remove(id);
+            if set.is_empty() {
+                self.by_function.remove(&key);
+            }
+        }
+        let was_indexed = self
+            .nodes
+            .get(&inst.node_id)
+            .is_some_and(|n| n.state.can_place());
+        self.unindex_node(&inst.node_id);
+        if let Some(node) = self.nodes.get_mut(&inst.node_id) {
+            node.used_memory_mb = node
+                .used_memory_mb
+                .saturating_sub(u64::from(inst.spec.memory_mb));
+            node.used_cpu_milli = node
+                .used_cpu_milli
+                .saturating_sub(u64::from(inst.spec.cpu_milli));
+            node.instances.remove(id);
+            if abort_error.is_none() && node.state.can_place() {
+                effects.destroy.push(Destroy {
+                    instance_id: id.clone(),
+                    node_id: node.id.clone(),
+                    agent_url: node.agent_url.clone(),
+                });
+            }
+        }
+        if was_indexed {
+            self.index_node(&inst.node_id);
+        }
+        if inst.ready_at_ms.is_none() {
+            let err = abort_error.unwrap_or_else(|| {
+                FcError::unavailable("the instance was removed before it started; retry the call")
+            });
+            effects.aborted_starts.push((id.clone(), err));
+        }
+        self.changes.push(Change::DeleteInstance(id.clone()));
+        effects
+    }
+
+    /// Apply `f` to an instance, keeping the room and idle indexes right.
+    fn update_instance(&mut self, id: &InstanceId, f: impl FnOnce(&mut Instance)) {
+        self.unindex_instance(id);
+        if let Some(i) = self.instances.get_mut(id) {
+            f(i);
+        }
+        self.index_instance(id);
+    }
+
+    fn index_instance(&mut self, id: &InstanceId) {
+        let Some(i) = self.instances.get(id) else {
+            return;
+        };
+        if i.has_room() {
+            self.room
+                .entry((i.spec.account_id.clone(), i.spec.function_name.clone()))
+                .or_default()
+                .entry(i.spec.revision.clone())
+                .or_default()
+                .insert((i.in_flight, id.clone()));
+        }
+        if i.is_idle() {
+            self.idle.insert((i.last_used_ms, id.clone()));
+        }
+    }
+
+    fn unindex_instance(&mut self, id: &InstanceId) {
+        let Some(i) = self.instances.get(id) else {
+            return;
+        };
+        if i.has_room() {
+            let key = (i.spec.account_id.clone(), i.spec.function_name.clone());
+            if let Some(revs) = self.room.get_mut(&key) {
+                if let Some(set) = revs.get_mut(&i.spec.revision) {
+                    set.remove(&(i.in_flight, id.clone()));
+                    if set.is_empty() {
+                        revs.remove(&i.spec.revision);
+                    }
+                }
+                if revs.is_empty() {
+                    self.room.remove(&key);
+                }
+            }
+        }
+        if i.is_idle() {
+            self.idle.remove(&(i.last_used_ms, id.clone()));
+        }
+    }
+
+    fn index_node(&mut self, id: &NodeId) {
+        let Some(n) = self.nodes.get(id) else { return };
+        if n.state.can_place() {
+            self.free_memory
+                .entry(n.free_memory_mb())
+                .or_default()
+                .insert(id.clone());
+        }
+    }
+
+    fn unindex_node(&mut self, id: &NodeId) {
+        let Some(n) = self.nodes.get(id) else { return };
+        let free = n.free_memory_mb();
+        if let Some(set) = self.free_memory.get_mut(&free) {
+            set.remove(id);
+            if set.is_empty() {
+                self.free_memory.remove(&free);
+            }
+        }
+    }
+}
+
+/// A spec from the network is checked before it shapes any decision.
+fn check_spec(spec: &InstanceSpec) -> Result<(), FcError> {
+    if !spec.is_sealed() {
+        return Err(FcError::invalid_argument(
+            "spec.revision does not match the spec's content",
+        ));
+    }
+    if !(CONCURRENCY_MIN..=CONCURRENCY_MAX).contains(&spec.concurrency) {
+        return Err(FcError::invalid_argument(format!(
+            "spec.concurrency must be between {CONCURRENCY_MIN} and {CONCURRENCY_MAX}"
+        )));
+    }
+    if spec.memory_mb == 0 || spec.cpu_milli == 0 {
+        return Err(FcError::invalid_argument(
+            "spec.memory_mb and spec.cpu_milli must be positive",
+        ));
+    }
+    Ok(())
+}
+
+fn check_registration(req: &RegisterNode) -> Result<(), FcError> {
+    let url_ok = req
+        .agent_url
+        .parse::<http::Uri>()
+        .ok()
+        .is_some_and(|u| u.scheme_str() == Some("https") && u.host().is_some());
+    if !url_ok {
+        return Err(FcError::invalid_argument(format!(
+            "agent_url {:?} is not an https://host:port URL",
+            req.agent_url.chars().take(200).collect::<String>()
+        )));
+    }
+    let c = &req.capacity;
+    if c.memory_mb == 0 || c.cpu_milli == 0 || c.max_instances == 0 {
+        return Err(FcError::invalid_argument(
+            "capacity.memory_mb, capacity.cpu_milli and capacity.max_instances must be positive",
+        ));
+    }
+    let kind = sandbox_kind_for(req.labels.tenancy);
+    if !req.labels.sandbox_kinds.contains(&kind) {
+        return Err(FcError::invalid_argument(format!(
+            "a {:?} node must offer {:?} sandboxes",
+            req.labels.tenancy, kind
+        )));
+    }
+    if req.labels.tenancy == Tenancy::MultiTenant && req.labels.dedicated_account.is_some() {
+        return Err(FcError::invalid_argument(
+            "a multi-tenant node cannot have a dedicated_account",
+        ));
+    }
+    if req.labels.zone.is_empty() || req.labels.zone.len() > 64 {
+        return Err(FcError::invalid_argument(
+            "labels.zone must be 1 to 64 characters",
+        ));
+    }
+    Ok(())
+}

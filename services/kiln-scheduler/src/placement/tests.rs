@@ -1,0 +1,633 @@
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use kiln_core::{Clock, FcErrorCode, ManualClock, RuntimeName, SandboxKind};
+use kiln_internal_api::{NodeCapacity, NodeLabels};
+
+use super::*;
+
+pub(crate) fn spec(
+    account: &str,
+    function: &str,
+    concurrency: u32,
+    memory_mb: u32,
+) -> InstanceSpec {
+    InstanceSpec {
+        account_id: account.parse().unwrap(),
+        function_name: function.parse().unwrap(),
+        revision: String::new(),
+        runtime: RuntimeName::Custom,
+        handler: "index.handler".into(),
+        command: vec!["/code/server".into()],
+        args: vec![],
+        port: 9000,
+        environment: BTreeMap::new(),
+        memory_mb,
+        cpu_milli: memory_mb / 2,
+        disk_mb: 512,
+        timeout_s: 3,
+        concurrency,
+        code_digest: "00".repeat(32),
+        code_size: 10,
+    }
+    .seal()
+}
+
+pub(crate) fn registration(
+    id: Option<&str>,
+    memory_mb: u64,
+    tenancy: Tenancy,
+    dedicated: Option<&str>,
+) -> RegisterNode {
+    RegisterNode {
+        node_id: id.map(|s| s.parse().unwrap()),
+        agent_url: "https://127.0.0.1:7443".into(),
+        capacity: NodeCapacity {
+            memory_mb,
+            cpu_milli: memory_mb,
+            max_instances: 100,
+        },
+        labels: NodeLabels {
+            zone: "zone-a".into(),
+            tenancy,
+            sandbox_kinds: vec![match tenancy {
+                Tenancy::Dedicated => SandboxKind::Container,
+                Tenancy::MultiTenant => SandboxKind::Microvm,
+            }],
+            dedicated_account: dedicated.map(|a| a.parse().unwrap()),
+        },
+        instances: vec![],
+    }
+}
+
+struct Fixture {
+    p: Placement,
+    clock: ManualClock,
+}
+
+impl Fixture {
+    /// Nodes never fail here unless a test asks for it.
+    fn new() -> Self {
+        Self::with(PlacementConfig {
+            node_failure_after_ms: u64::MAX / 4,
+            ..PlacementConfig::default()
+        })
+    }
+
+    fn with(config: PlacementConfig) -> Self {
+        Self {
+            p: Placement::new(config),
+            clock: ManualClock::new(1_000_000),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
+    fn node(&mut self, id: &str, memory_mb: u64) -> NodeId {
+        let now = self.now();
+        self.p
+            .register(
+                &registration(Some(id), memory_mb, Tenancy::Dedicated, None),
+                now,
+            )
+            .unwrap()
+            .node_id
+    }
+
+    /// Acquire and, for a new instance, report it started.
+    fn acquire_started(&mut self, s: &InstanceSpec) -> Lease {
+        let now = self.now();
+        match self.p.acquire(s, now).unwrap() {
+            Acquired::Ready(l) => l,
+            Acquired::Starting { lease, create } => {
+                if let Some(job) = create {
+                    assert!(self.p.instance_started(&job.instance_id, now).0);
+                }
+                lease
+            }
+        }
+    }
+}
+
+#[test]
+fn a_burst_shares_starting_instances() {
+    let mut f = Fixture::new();
+    f.node("n1", 64 * 1024);
+    let s = spec("1", "burst", 10, 128);
+    let mut created = 0;
+    let mut waiting = 0;
+    for _ in 0..200 {
+        match f.p.acquire(&s, f.now()).unwrap() {
+            Acquired::Starting {
+                create: Some(_), ..
+            } => created += 1,
+            Acquired::Starting { create: None, .. } => waiting += 1,
+            Acquired::Ready(_) => panic!("nothing has started yet"),
+        }
+    }
+    assert_eq!(created, 20);
+    assert_eq!(waiting, 180);
+    assert_eq!(f.p.instance_count(), 20);
+    assert!(f.p.instances_info().iter().all(|i| i.in_flight == 10));
+}
+
+#[test]
+fn warm_calls_go_to_the_busiest_instance_with_room() {
+    let mut f = Fixture::new();
+    f.node("n1", 8192);
+    let s = spec("1", "pack", 3, 128);
+    let a: Vec<Lease> = (0..4).map(|_| f.acquire_started(&s)).collect();
+    // 3 on the first instance, 1 on a second.
+    let first = a[0].instance_id.clone();
+    let second = a[3].instance_id.clone();
+    assert_ne!(first, second);
+    assert!(!a[1].cold_start && a[3].cold_start);
+    // Free one slot on the first: both have room, the first (2 in flight)
+    // is busier than the second (1 in flight).
+    f.p.release(&a[0].lease_id, LeaseOutcome::Ok, f.now())
+        .unwrap();
+    let next = f.acquire_started(&s);
+    assert_eq!(next.instance_id, first);
+    let next = f.acquire_started(&s);
+    assert_eq!(next.instance_id, second, "the first is full again");
+    assert_eq!(f.p.instance_count(), 2);
+}
+
+#[test]
+fn other_revisions_do_not_share_instances() {
+    let mut f = Fixture::new();
+    f.node("n1", 8192);
+    let a = f.acquire_started(&spec("1", "f", 10, 128));
+    let b = f.acquire_started(&spec("1", "f", 10, 256));
+    assert_ne!(a.instance_id, b.instance_id);
+    assert!(b.cold_start);
+}
+
+#[test]
+fn new_instances_go_to_the_fullest_node_that_fits() {
+    let mut f = Fixture::new();
+    f.node("big", 8192);
+    f.node("small", 1024);
+    // Fits both: the small one has the least free memory.
+    let l = f.acquire_started(&spec("1", "a", 1, 512));
+    assert_eq!(l.node_id.as_str(), "small");
+    // 512 MB left on small: a 1024 MB instance only fits on big.
+    let l = f.acquire_started(&spec("1", "b", 1, 1024));
+    assert_eq!(l.node_id.as_str(), "big");
+    // 512 fits small exactly.
+    let l = f.acquire_started(&spec("1", "c", 1, 512));
+    assert_eq!(l.node_id.as_str(), "small");
+    assert_eq!(
+        f.p.node(&"small".parse().unwrap())
+            .unwrap()
+            .free_memory_mb(),
+        0
+    );
+}
+
+#[test]
+fn cpu_and_instance_slots_are_respected() {
+    let mut f = Fixture::new();
+    let now = f.now();
+    let mut r = registration(Some("n1"), 4096, Tenancy::Dedicated, None);
+    r.capacity.cpu_milli = 300;
+    r.capacity.max_instances = 5;
+    f.p.register(&r, now).unwrap();
+    let mut s = spec("1", "cpu", 1, 128);
+    s.cpu_milli = 200;
+    let s = s.seal();
+    f.acquire_started(&s);
+    let err = f.p.acquire(&s, now).unwrap_err();
+    assert_eq!(err.code, FcErrorCode::ResourceThrottled);
+    assert!(err.message.contains("cpu"), "{}", err.message);
+    assert!(!err.message.contains("memory,"), "{}", err.message);
+}
+
+#[test]
+fn no_room_is_throttled_naming_what_ran_out() {
+    let mut f = Fixture::new();
+    f.node("n1", 1024);
+    f.acquire_started(&spec("1", "a", 1, 1024));
+    let err = f.p.acquire(&spec("1", "b", 1, 128), f.now()).unwrap_err();
+    assert_eq!(err.code, FcErrorCode::ResourceThrottled);
+    assert!(err.message.contains("memory"), "{}", err.message);
+    assert_eq!(f.p.instance_count(), 1, "a refused acquire changes nothing");
+    assert_eq!(f.p.lease_count(), 1);
+}
+
+#[test]
+fn no_node_is_unavailable() {
+    let mut f = Fixture::new();
+    let err = f.p.acquire(&spec("1", "a", 1, 128), f.now()).unwrap_err();
+    assert_eq!(err.code, FcErrorCode::ServiceUnavailable);
+    assert!(err.message.contains("no compute node"));
+}
+
+#[test]
+fn an_unsealed_spec_is_refused() {
+    let mut f = Fixture::new();
+    f.node("n1", 1024);
+    let mut s = spec("1", "a", 1, 128);
+    s.memory_mb = 256;
+    let err = f.p.acquire(&s, f.now()).unwrap_err();
+    assert_eq!(err.code, FcErrorCode::InvalidArgument);
+    let mut s = spec("1", "a", 1, 128);
+    s.concurrency = 500;
+    let err = f.p.acquire(&s.seal(), f.now()).unwrap_err();
+    assert_eq!(err.code, FcErrorCode::InvalidArgument);
+    assert_eq!(f.p.instance_count(), 0);
+}
+
+#[test]
+fn account_cap_throttles() {
+    let mut f = Fixture::with(PlacementConfig {
+        max_instances_per_account: 2,
+        ..PlacementConfig::default()
+    });
+    let now = f.now();
+    f.p.register(
+        &registration(Some("mt"), 8192, Tenancy::MultiTenant, None),
+        now,
+    )
+    .unwrap();
+    f.acquire_started(&spec("1", "a", 1, 128));
+    f.acquire_started(&spec("1", "a", 1, 128));
+    let err = f.p.acquire(&spec("1", "a", 1, 128), f.now()).unwrap_err();
+    assert_eq!(err.code, FcErrorCode::ResourceThrottled);
+    assert!(
+        err.message.contains("limit of 2 instances"),
+        "{}",
+        err.message
+    );
+    // Another account is not affected.
+    f.acquire_started(&spec("2", "a", 1, 128));
+}
+
+#[test]
+fn dedicated_nodes_bind_to_their_first_account() {
+    let mut f = Fixture::new();
+    f.node("n1", 8192);
+    let l = f.acquire_started(&spec("1", "a", 1, 128));
+    assert_eq!(l.node_id.as_str(), "n1");
+    let err = f.p.acquire(&spec("2", "a", 1, 128), f.now()).unwrap_err();
+    assert_eq!(err.code, FcErrorCode::ResourceThrottled);
+    assert!(err.message.contains("account 2"), "{}", err.message);
+    // The binding shows and is journaled.
+    let info = f.p.nodes_info();
+    assert_eq!(
+        info[0].labels.dedicated_account.as_ref().unwrap().as_str(),
+        "1"
+    );
+    assert!(f.p.take_changes().iter().any(|c| matches!(c,
+        Change::UpsertNode(r) if r.bound_account.as_ref().map(|a| a.as_str()) == Some("1"))));
+    // A multi-tenant node takes the other account.
+    let now = f.now();
+    f.p.register(
+        &registration(Some("mt"), 8192, Tenancy::MultiTenant, None),
+        now,
+    )
+    .unwrap();
+    let l = f.acquire_started(&spec("2", "a", 1, 128));
+    assert_eq!(l.node_id.as_str(), "mt");
+}
+
+#[test]
+fn a_preset_dedicated_account_is_honoured() {
+    let mut f = Fixture::new();
+    let now = f.now();
+    f.p.register(
+        &registration(Some("n1"), 8192, Tenancy::Dedicated, Some("7")),
+        now,
+    )
+    .unwrap();
+    assert!(f.p.acquire(&spec("1", "a", 1, 128), now).is_err());
+    f.acquire_started(&spec("7", "a", 1, 128));
+}
+
+#[test]
+fn inconsistent_registrations_are_refused() {
+    let mut f = Fixture::new();
+    let now = f.now();
+    let mut r = registration(None, 1024, Tenancy::MultiTenant, None);
+    r.labels.sandbox_kinds = vec![SandboxKind::Container];
+    assert_eq!(
+        f.p.register(&r, now).unwrap_err().code,
+        FcErrorCode::InvalidArgument
+    );
+    let r = registration(None, 1024, Tenancy::MultiTenant, Some("1"));
+    assert!(f.p.register(&r, now).is_err());
+    let mut r = registration(None, 1024, Tenancy::Dedicated, None);
+    r.agent_url = "http://plain:80".into();
+    assert!(f.p.register(&r, now).is_err());
+    let r = registration(None, 0, Tenancy::Dedicated, None);
+    assert!(f.p.register(&r, now).is_err());
+    assert_eq!(f.p.node_count(), 0);
+    assert!(f.p.take_changes().is_empty());
+}
+
+#[test]
+fn idle_instances_are_released_after_the_timeout() {
+    let mut f = Fixture::new();
+    f.node("n1", 8192);
+    let s = spec("1", "idle", 1, 128);
+    let l = f.acquire_started(&s);
+    f.clock.advance(Duration::from_secs(600));
+    // Busy: not idle, however long.
+    assert!(f.p.tick(f.now()).destroy.is_empty());
+    f.p.release(&l.lease_id, LeaseOutcome::Ok, f.now()).unwrap();
+    f.clock.advance(Duration::from_secs(299));
+    assert!(f.p.tick(f.now()).destroy.is_empty());
+    f.clock.advance(Duration::from_secs(1));
+    let e = f.p.tick(f.now());
+    assert_eq!(e.destroy.len(), 1);
+    assert_eq!(e.destroy[0].instance_id, l.instance_id);
+    assert_eq!(f.p.instance_count(), 0);
+    assert_eq!(f.p.node(&"n1".parse().unwrap()).unwrap().used_memory_mb, 0);
+    // A new call after that cold-starts again.
+    assert!(f.acquire_started(&s).cold_start);
+}
+
+#[test]
+fn use_resets_the_idle_clock() {
+    let mut f = Fixture::new();
+    f.node("n1", 8192);
+    let s = spec("1", "idle", 1, 128);
+    let l = f.acquire_started(&s);
+    f.p.release(&l.lease_id, LeaseOutcome::Ok, f.now()).unwrap();
+    f.clock.advance(Duration::from_secs(200));
+    let l2 = f.acquire_started(&s);
+    assert_eq!(l2.instance_id, l.instance_id);
+    f.p.release(&l2.lease_id, LeaseOutcome::Ok, f.now())
+        .unwrap();
+    f.clock.advance(Duration::from_secs(200));
+    assert!(f.p.tick(f.now()).destroy.is_empty());
+}
+
+#[test]
+fn a_failed_instance_takes_no_calls_and_goes_when_its_calls_end() {
+    let mut f = Fixture::new();
+    f.node("n1", 8192);
+    let s = spec("1", "f", 2, 128);
+    let a = f.acquire_started(&s);
+    let b = f.acquire_started(&s);
+    assert_eq!(a.instance_id, b.instance_id);
+    let e =
+        f.p.release(&a.lease_id, LeaseOutcome::InstanceFailed, f.now())
+            .unwrap();
+    assert!(e.destroy.is_empty(), "a call still runs on it");
+    let c = f.acquire_started(&s);
+    assert_ne!(
+        c.instance_id, a.instance_id,
+        "a failed instance takes no new calls"
+    );
+    let e = f.p.release(&b.lease_id, LeaseOutcome::Ok, f.now()).unwrap();
+    assert_eq!(e.destroy.len(), 1);
+    assert_eq!(e.destroy[0].instance_id, a.instance_id);
+    assert!(f.p.instance(&a.instance_id).is_none());
+}
+
+#[test]
+fn release_is_idempotent() {
+    let mut f = Fixture::new();
+    f.node("n1", 8192);
+    let l = f.acquire_started(&spec("1", "f", 2, 128));
+    f.p.release(&l.lease_id, LeaseOutcome::Ok, f.now()).unwrap();
+    f.p.release(&l.lease_id, LeaseOutcome::Ok, f.now()).unwrap();
+    assert_eq!(f.p.instance(&l.instance_id).unwrap().in_flight, 0);
+}
+
+#[test]
+fn retire_drains_other_revisions() {
+    let mut f = Fixture::new();
+    f.node("n1", 8192);
+    let old = spec("1", "f", 5, 128);
+    let new = spec("1", "f", 5, 256);
+    let busy = f.acquire_started(&old);
+    let other = f.acquire_started(&spec("1", "g", 5, 128));
+    let kept = f.acquire_started(&new);
+    let e =
+        f.p.retire(&old.account_id, &old.function_name, Some(&new.revision));
+    assert!(e.destroy.is_empty(), "the old instance still runs a call");
+    assert_eq!(
+        f.p.instance(&busy.instance_id).unwrap().state,
+        InstanceState::Draining
+    );
+    // No new calls for the old revision on the draining instance.
+    let again = f.acquire_started(&old);
+    assert_ne!(again.instance_id, busy.instance_id);
+    let e =
+        f.p.release(&busy.lease_id, LeaseOutcome::Ok, f.now())
+            .unwrap();
+    assert_eq!(e.destroy.len(), 1);
+    assert_eq!(
+        f.p.instance(&kept.instance_id).unwrap().state,
+        InstanceState::Ready
+    );
+    assert_eq!(
+        f.p.instance(&other.instance_id).unwrap().state,
+        InstanceState::Ready
+    );
+    // Delete: everything of the function drains; idle ones go at once.
+    f.p.release(&kept.lease_id, LeaseOutcome::Ok, f.now())
+        .unwrap();
+    let e = f.p.retire(&old.account_id, &old.function_name, None);
+    assert_eq!(e.destroy.len(), 1, "the idle new-revision instance goes");
+    assert!(f.p.instance(&again.instance_id).is_some(), "busy one waits");
+}
+
+#[test]
+fn retiring_a_starting_instance_destroys_it_once_started_and_idle() {
+    let mut f = Fixture::new();
+    f.node("n1", 8192);
+    let s = spec("1", "f", 5, 128);
+    let Acquired::Starting {
+        lease,
+        create: Some(job),
+    } = f.p.acquire(&s, f.now()).unwrap()
+    else {
+        panic!("expected a new instance");
+    };
+    f.p.retire(&s.account_id, &s.function_name, None);
+    let (known, e) = f.p.instance_started(&job.instance_id, f.now());
+    assert!(known && e.destroy.is_empty(), "its waiter still runs on it");
+    let e =
+        f.p.release(&lease.lease_id, LeaseOutcome::Ok, f.now())
+            .unwrap();
+    assert_eq!(e.destroy.len(), 1);
+}
+
+#[test]
+fn a_start_failure_forgets_the_instance_and_its_waiters() {
+    let mut f = Fixture::new();
+    f.node("n1", 8192);
+    let s = spec("1", "f", 5, 128);
+    let Acquired::Starting {
+        create: Some(job), ..
+    } = f.p.acquire(&s, f.now()).unwrap()
+    else {
+        panic!("expected a new instance");
+    };
+    f.p.acquire(&s, f.now()).unwrap();
+    assert_eq!(f.p.lease_count(), 2);
+    let d = f.p.instance_start_failed(&job.instance_id).unwrap();
+    assert_eq!(d.instance_id, job.instance_id);
+    assert_eq!(f.p.instance_count(), 0);
+    assert_eq!(f.p.lease_count(), 0);
+    assert_eq!(f.p.node(&job.node_id).unwrap().used_memory_mb, 0);
+    // The next call starts afresh.
+    assert!(matches!(
+        f.p.acquire(&s, f.now()).unwrap(),
+        Acquired::Starting {
+            create: Some(_),
+            ..
+        }
+    ));
+}
+
+#[test]
+fn a_silent_node_is_written_off() {
+    let mut f = Fixture::with(PlacementConfig::default());
+    let n1 = f.node("n1", 8192);
+    let s = spec("1", "f", 5, 128);
+    let ready = f.acquire_started(&s);
+    let other = spec("1", "g", 5, 128);
+    let Acquired::Starting {
+        create: Some(job), ..
+    } = f.p.acquire(&other, f.now()).unwrap()
+    else {
+        panic!("expected a new instance");
+    };
+    f.clock.advance(Duration::from_millis(9_999));
+    assert!(f.p.tick(f.now()).is_empty());
+    f.clock.advance(Duration::from_millis(1));
+    let e = f.p.tick(f.now());
+    assert!(e.destroy.is_empty(), "a dead node is not called");
+    assert_eq!(e.aborted_starts.len(), 1);
+    assert_eq!(e.aborted_starts[0].0, job.instance_id);
+    assert_eq!(e.aborted_starts[0].1.code, FcErrorCode::ServiceUnavailable);
+    assert_eq!(f.p.node(&n1).unwrap().state, NodeState::Failed);
+    assert_eq!(f.p.instance_count(), 0);
+    // The call in flight learns on release, with a retryable error.
+    let err =
+        f.p.release(&ready.lease_id, LeaseOutcome::Ok, f.now())
+            .unwrap_err();
+    assert_eq!(err.code, FcErrorCode::ServiceUnavailable);
+    assert!(err.code.is_retryable());
+    // New calls: no healthy node.
+    let err = f.p.acquire(&s, f.now()).unwrap_err();
+    assert_eq!(err.code, FcErrorCode::ServiceUnavailable);
+    // Its heartbeat asks it to register again; it keeps its id and the
+    // instances it still runs are to be destroyed.
+    let hb = f.p.heartbeat(&n1, &[ready.instance_id.clone()], f.now());
+    assert!(hb.reregister);
+    let mut r = registration(Some("n1"), 8192, Tenancy::Dedicated, None);
+    r.instances = vec![ready.instance_id.clone()];
+    let reg = f.p.register(&r, f.now()).unwrap();
+    assert_eq!(reg.node_id, n1);
+    assert_eq!(reg.destroy, vec![ready.instance_id.clone()]);
+    assert!(f.acquire_started(&s).cold_start);
+}
+
+#[test]
+fn heartbeats_keep_a_node_alive() {
+    let mut f = Fixture::with(PlacementConfig::default());
+    let n1 = f.node("n1", 8192);
+    for _ in 0..5 {
+        f.clock.advance(Duration::from_secs(5));
+        let hb = f.p.heartbeat(&n1, &[], f.now());
+        assert!(!hb.reregister);
+        assert!(f.p.tick(f.now()).is_empty());
+    }
+    assert_eq!(f.p.node(&n1).unwrap().state, NodeState::Ready);
+    let unknown: NodeId = "nope".parse().unwrap();
+    assert!(f.p.heartbeat(&unknown, &[], f.now()).reregister);
+}
+
+#[test]
+fn reconciliation_both_ways() {
+    let mut f = Fixture::new();
+    let n1 = f.node("n1", 8192);
+    let s = spec("1", "f", 1, 128);
+    let a = f.acquire_started(&s);
+    let b = f.acquire_started(&s);
+    let Acquired::Starting {
+        create: Some(starting),
+        ..
+    } = f.p.acquire(&s, f.now()).unwrap()
+    else {
+        panic!("expected a new instance");
+    };
+    let stray = InstanceId::generate();
+    // Just started: within the grace, a report without them removes nothing.
+    let hb = f.p.heartbeat(&n1, &[stray.clone()], f.now());
+    assert_eq!(hb.destroy, vec![stray.clone()]);
+    assert_eq!(f.p.instance_count(), 3);
+    f.clock.advance(Duration::from_secs(6));
+    // The agent reports `a` and a stray; `b` is gone, `starting` is still
+    // being created and stays.
+    let hb =
+        f.p.heartbeat(&n1, &[a.instance_id.clone(), stray.clone()], f.now());
+    assert_eq!(hb.destroy, vec![stray]);
+    assert!(
+        hb.effects.destroy.is_empty(),
+        "the agent has no b to destroy"
+    );
+    assert!(f.p.instance(&a.instance_id).is_some());
+    assert!(f.p.instance(&b.instance_id).is_none());
+    assert!(f.p.instance(&starting.instance_id).is_some());
+    let err =
+        f.p.release(&b.lease_id, LeaseOutcome::Ok, f.now())
+            .unwrap_err();
+    assert_eq!(err.code, FcErrorCode::ServiceUnavailable);
+}
+
+#[test]
+fn leases_never_released_are_taken_back() {
+    let mut f = Fixture::new();
+    f.node("n1", 8192);
+    let s = spec("1", "f", 1, 128);
+    let l = f.acquire_started(&s);
+    // timeout 3 s + 90 s grace.
+    f.clock.advance(Duration::from_secs(92));
+    f.p.tick(f.now());
+    assert_eq!(f.p.instance(&l.instance_id).unwrap().in_flight, 1);
+    f.clock.advance(Duration::from_secs(1));
+    f.p.tick(f.now());
+    assert_eq!(f.p.instance(&l.instance_id).unwrap().in_flight, 0);
+    assert_eq!(f.p.lease_count(), 0);
+}
+
+#[test]
+fn restore_rebuilds_state_without_leases() {
+    let mut f = Fixture::new();
+    f.node("n1", 8192);
+    let s = spec("1", "f", 4, 512);
+    let a = f.acquire_started(&s);
+    let Acquired::Starting {
+        create: Some(starting),
+        ..
+    } = f.p.acquire(&spec("1", "g", 1, 128), f.now()).unwrap()
+    else {
+        panic!("expected a new instance");
+    };
+    let nodes: Vec<NodeRecord> = f.p.nodes.values().map(Node::record).collect();
+    let instances: Vec<InstanceRecord> = f.p.instances.values().map(Instance::record).collect();
+    let (mut p, effects) =
+        Placement::restore(PlacementConfig::default(), nodes, instances, f.now());
+    assert!(effects.is_empty());
+    assert_eq!(p.instance_count(), 1, "the starting instance is dropped");
+    assert!(p.instance(&starting.instance_id).is_none());
+    assert!(p
+        .take_changes()
+        .contains(&Change::DeleteInstance(starting.instance_id)));
+    let i = p.instance(&a.instance_id).unwrap();
+    assert_eq!(i.in_flight, 0);
+    assert_eq!(p.node(&a.node_id).unwrap().used_memory_mb, 512);
+    // The restored instance is warm.
+    match p.acquire(&s, f.now()).unwrap() {
+        Acquired::Ready(l) => assert_eq!(l.instance_id, a.instance_id),
+        other => panic!("expected a warm instance, got {other:?}"),
+    }
+}
