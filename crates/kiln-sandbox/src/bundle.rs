@@ -1,0 +1,366 @@
+//! The OCI runtime spec (`config.json`) of one instance.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use kiln_core::{InstanceId, InstanceSpec};
+use serde_json::{json, Value};
+
+/// Processes (threads included) one instance may have.
+pub const PIDS_LIMIT: i64 = 1024;
+/// The CFS period the cpu quota is expressed in (100 ms).
+pub const CPU_PERIOD_US: u64 = 100_000;
+/// Where the function's code appears inside the sandbox.
+pub const CODE_MOUNT: &str = "/code";
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// The capability set runc's own default spec grants; seccomp and a tighter
+/// set follow in the hardening issue.
+const CAPABILITIES: [&str; 3] = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"];
+
+/// Why a spec cannot become a process definition.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BundleError {
+    #[error("The function has no command to run")]
+    NoCommand,
+    #[error("Command and arguments must not contain NUL bytes")]
+    NulInArgs,
+    #[error("Invalid environment variable name {0:?}")]
+    EnvName(String),
+    #[error("Environment variable {0} has a NUL byte in its value")]
+    EnvValue(String),
+    #[error("The function's port must not be 0")]
+    Port,
+}
+
+/// Check what a spec asks the process to be before anything is created.
+pub fn check_spec(spec: &InstanceSpec) -> Result<(), BundleError> {
+    if spec.command.is_empty() || spec.command[0].is_empty() {
+        return Err(BundleError::NoCommand);
+    }
+    if spec
+        .command
+        .iter()
+        .chain(&spec.args)
+        .any(|a| a.contains('\0'))
+    {
+        return Err(BundleError::NulInArgs);
+    }
+    if spec.port == 0 {
+        return Err(BundleError::Port);
+    }
+    Ok(())
+}
+
+/// Everything `config.json` is made from.
+#[derive(Debug, Clone)]
+pub struct BundleParams<'a> {
+    pub instance_id: &'a InstanceId,
+    pub spec: &'a InstanceSpec,
+    pub region: Option<&'a str>,
+    pub hostname: &'a str,
+    pub uid_base: u32,
+    /// `/run/netns/<name>` of the instance's network namespace.
+    pub netns_path: PathBuf,
+    /// Cgroup path relative to the hierarchy root (`/kiln/kiln-i-...`).
+    pub cgroups_path: String,
+    /// Host side of the per-instance `/code` overlay.
+    pub code_source: &'a Path,
+    pub tmp_size_mb: u32,
+}
+
+/// The process environment: the function's variables, then FC's own (which
+/// the function cannot override), then a default PATH if none was given.
+pub fn process_env(
+    instance_id: &InstanceId,
+    spec: &InstanceSpec,
+    region: Option<&str>,
+) -> Result<Vec<String>, BundleError> {
+    let mut env: BTreeMap<String, String> = BTreeMap::new();
+    for (k, v) in &spec.environment {
+        let name_ok = !k.is_empty()
+            && !k.as_bytes()[0].is_ascii_digit()
+            && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !name_ok {
+            return Err(BundleError::EnvName(k.clone()));
+        }
+        if v.contains('\0') {
+            return Err(BundleError::EnvValue(k.clone()));
+        }
+        env.insert(k.clone(), v.clone());
+    }
+    let fc = [
+        ("FC_FUNCTION_NAME", spec.function_name.to_string()),
+        ("FC_FUNCTION_HANDLER", spec.handler.clone()),
+        ("FC_FUNCTION_MEMORY_SIZE", spec.memory_mb.to_string()),
+        ("FC_FUNC_CODE_PATH", CODE_MOUNT.to_owned()),
+        ("FC_INSTANCE_ID", instance_id.to_string()),
+        ("FC_ACCOUNT_ID", spec.account_id.to_string()),
+        ("FC_CUSTOM_LISTEN_PORT", spec.port.to_string()),
+    ];
+    for (k, v) in fc {
+        env.insert(k.to_owned(), v);
+    }
+    if let Some(region) = region {
+        env.insert("FC_REGION".into(), region.to_owned());
+    }
+    env.entry("PATH".into())
+        .or_insert_with(|| DEFAULT_PATH.to_owned());
+    Ok(env.into_iter().map(|(k, v)| format!("{k}={v}")).collect())
+}
+
+/// `cpu.shares` proportional to the instance's share of a CPU (1024 = one).
+pub fn cpu_shares(cpu_milli: u32) -> u64 {
+    (u64::from(cpu_milli) * 1024 / 1000).max(2)
+}
+
+/// CFS quota per [`CPU_PERIOD_US`] for `cpu_milli` thousandths of a CPU.
+pub fn cpu_quota(cpu_milli: u32) -> i64 {
+    (i64::from(cpu_milli) * CPU_PERIOD_US as i64 / 1000).max(1000)
+}
+
+fn mount(destination: &str, kind: &str, source: &str, options: &[&str]) -> Value {
+    json!({
+        "destination": destination,
+        "type": kind,
+        "source": source,
+        "options": options,
+    })
+}
+
+/// Build `config.json`. The root filesystem is `rootfs` next to it.
+pub fn build_config(p: &BundleParams<'_>) -> Result<Value, BundleError> {
+    let spec = p.spec;
+    check_spec(spec)?;
+    let args: Vec<&String> = spec.command.iter().chain(spec.args.iter()).collect();
+    let env = process_env(p.instance_id, spec, p.region)?;
+    let tmp_size = format!("size={}m", p.tmp_size_mb);
+    let code_source = p.code_source.display().to_string();
+    let mapping = json!([{ "containerID": 0, "hostID": p.uid_base, "size": 65536 }]);
+    let memory = i64::from(spec.memory_mb) * 1024 * 1024;
+
+    Ok(json!({
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": false,
+            "user": { "uid": 0, "gid": 0 },
+            "args": args,
+            "env": env,
+            "cwd": CODE_MOUNT,
+            "capabilities": {
+                "bounding": CAPABILITIES,
+                "effective": CAPABILITIES,
+                "permitted": CAPABILITIES,
+            },
+            "rlimits": [{ "type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024 }],
+            "noNewPrivileges": true,
+        },
+        "root": { "path": "rootfs", "readonly": true },
+        "hostname": p.hostname,
+        "mounts": [
+            mount("/proc", "proc", "proc", &["nosuid", "noexec", "nodev"]),
+            mount("/dev", "tmpfs", "tmpfs", &["nosuid", "strictatime", "mode=755", "size=65536k"]),
+            mount("/dev/pts", "devpts", "devpts",
+                  &["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]),
+            mount("/dev/shm", "tmpfs", "shm", &["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]),
+            mount("/dev/mqueue", "mqueue", "mqueue", &["nosuid", "noexec", "nodev"]),
+            // sysfs cannot be mounted from a user namespace that does not
+            // own the network namespace, so the host's is bound read-only.
+            mount("/sys", "none", "/sys", &["rbind", "nosuid", "noexec", "nodev", "ro"]),
+            mount("/tmp", "tmpfs", "tmpfs", &["nosuid", "nodev", "mode=1777", &tmp_size]),
+            mount(CODE_MOUNT, "none", &code_source, &["rbind", "nosuid", "nodev", "rw"]),
+        ],
+        "annotations": { "io.kiln.instance-id": p.instance_id.as_str() },
+        "linux": {
+            "uidMappings": mapping,
+            "gidMappings": mapping,
+            "namespaces": [
+                { "type": "user" },
+                { "type": "pid" },
+                { "type": "mount" },
+                { "type": "ipc" },
+                { "type": "uts" },
+                { "type": "cgroup" },
+                { "type": "network", "path": p.netns_path.display().to_string() },
+            ],
+            "cgroupsPath": p.cgroups_path,
+            "resources": {
+                "devices": [{ "allow": false, "access": "rwm" }],
+                "memory": { "limit": memory },
+                "cpu": {
+                    "shares": cpu_shares(spec.cpu_milli),
+                    "quota": cpu_quota(spec.cpu_milli),
+                    "period": CPU_PERIOD_US,
+                },
+                "pids": { "limit": PIDS_LIMIT },
+            },
+            "maskedPaths": [
+                "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys",
+                "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats",
+                "/proc/sched_debug", "/sys/firmware", "/proc/scsi",
+            ],
+            "readonlyPaths": [
+                "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger",
+            ],
+        },
+    }))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub fn sample_spec() -> InstanceSpec {
+        InstanceSpec {
+            account_id: "1234".parse().unwrap(),
+            function_name: "hello".parse().unwrap(),
+            revision: String::new(),
+            runtime: kiln_core::RuntimeName::CustomDebian12,
+            handler: "index.handler".into(),
+            command: vec!["python3".into()],
+            args: vec!["-m".into(), "http.server".into(), "9000".into()],
+            port: 9000,
+            environment: [("GREETING".to_owned(), "hi".to_owned())].into(),
+            memory_mb: 512,
+            cpu_milli: 350,
+            disk_mb: 512,
+            timeout_s: 3,
+            concurrency: 1,
+            code_digest: "00".repeat(32),
+            code_size: 10,
+        }
+        .seal()
+    }
+
+    fn params<'a>(id: &'a InstanceId, spec: &'a InstanceSpec, code: &'a Path) -> BundleParams<'a> {
+        BundleParams {
+            instance_id: id,
+            spec,
+            region: Some("cn-hangzhou"),
+            hostname: "kiln-1",
+            uid_base: 100_000,
+            netns_path: "/run/netns/kiln-1".into(),
+            cgroups_path: "/kiln/kiln-i-1".into(),
+            code_source: code,
+            tmp_size_mb: 64,
+        }
+    }
+
+    #[test]
+    fn config_has_isolation_mounts_and_limits() {
+        let id = InstanceId::generate();
+        let spec = sample_spec();
+        let code = Path::new("/state/instances/x/code");
+        let c = build_config(&params(&id, &spec, code)).unwrap();
+        assert_eq!(c["root"], json!({"path": "rootfs", "readonly": true}));
+        let ns: Vec<&str> = c["linux"]["namespaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["type"].as_str().unwrap())
+            .collect();
+        for kind in ["user", "pid", "mount", "ipc", "uts", "network", "cgroup"] {
+            assert!(ns.contains(&kind), "missing {kind} namespace");
+        }
+        let net = c["linux"]["namespaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["type"] == "network")
+            .unwrap();
+        assert_eq!(net["path"], "/run/netns/kiln-1");
+        let map = json!([{"containerID": 0, "hostID": 100000, "size": 65536}]);
+        assert_eq!(c["linux"]["uidMappings"], map);
+        assert_eq!(c["linux"]["gidMappings"], map);
+        assert_eq!(c["linux"]["cgroupsPath"], "/kiln/kiln-i-1");
+        let r = &c["linux"]["resources"];
+        assert_eq!(r["memory"]["limit"], 512 * 1024 * 1024);
+        assert_eq!(r["cpu"]["shares"], 358);
+        assert_eq!(r["cpu"]["quota"], 35_000);
+        assert_eq!(r["pids"]["limit"], PIDS_LIMIT);
+        let mounts = c["mounts"].as_array().unwrap();
+        let find = |d: &str| mounts.iter().find(|m| m["destination"] == d).unwrap();
+        assert_eq!(find("/code")["source"], "/state/instances/x/code");
+        assert!(find("/code")["options"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("rbind")));
+        assert_eq!(find("/tmp")["type"], "tmpfs");
+        assert!(find("/tmp")["options"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("size=64m")));
+        assert!(find("/sys")["options"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("ro")));
+        assert_eq!(c["process"]["noNewPrivileges"], true);
+        assert_eq!(c["process"]["cwd"], "/code");
+        assert_eq!(
+            c["process"]["args"],
+            json!(["python3", "-m", "http.server", "9000"])
+        );
+    }
+
+    #[test]
+    fn environment_has_fc_variables_that_functions_cannot_override() {
+        let id = InstanceId::generate();
+        let mut spec = sample_spec();
+        spec.environment
+            .insert("FC_FUNCTION_NAME".into(), "spoofed".into());
+        let env = process_env(&id, &spec, Some("cn-hangzhou")).unwrap();
+        assert!(env.contains(&"GREETING=hi".to_owned()));
+        assert!(env.contains(&"FC_FUNCTION_NAME=hello".to_owned()));
+        assert!(env.contains(&"FC_FUNCTION_MEMORY_SIZE=512".to_owned()));
+        assert!(env.contains(&"FC_FUNC_CODE_PATH=/code".to_owned()));
+        assert!(env.contains(&format!("FC_INSTANCE_ID={id}")));
+        assert!(env.contains(&"FC_REGION=cn-hangzhou".to_owned()));
+        assert!(env.iter().any(|e| e.starts_with("PATH=/usr/local/sbin")));
+        assert!(!env.iter().any(|e| e.contains("spoofed")));
+
+        spec.environment.insert("PATH".into(), "/code/bin".into());
+        let env = process_env(&id, &spec, None).unwrap();
+        assert!(env.contains(&"PATH=/code/bin".to_owned()));
+        assert!(!env.iter().any(|e| e.starts_with("FC_REGION=")));
+    }
+
+    #[test]
+    fn bad_specs_are_refused() {
+        let id = InstanceId::generate();
+        let code = Path::new("/c");
+        let mut spec = sample_spec();
+        spec.command.clear();
+        assert_eq!(
+            build_config(&params(&id, &spec, code)).unwrap_err(),
+            BundleError::NoCommand
+        );
+        let mut spec = sample_spec();
+        spec.args.push("a\0b".into());
+        assert_eq!(
+            build_config(&params(&id, &spec, code)).unwrap_err(),
+            BundleError::NulInArgs
+        );
+        let mut spec = sample_spec();
+        spec.port = 0;
+        assert_eq!(check_spec(&spec).unwrap_err(), BundleError::Port);
+        let mut spec = sample_spec();
+        spec.environment.insert("A=B".into(), "x".into());
+        assert!(matches!(
+            build_config(&params(&id, &spec, code)).unwrap_err(),
+            BundleError::EnvName(_)
+        ));
+        let mut spec = sample_spec();
+        spec.environment.insert("A".into(), "x\0".into());
+        assert!(matches!(
+            build_config(&params(&id, &spec, code)).unwrap_err(),
+            BundleError::EnvValue(_)
+        ));
+    }
+
+    #[test]
+    fn cpu_share_and_quota_scale_with_cpu() {
+        assert_eq!(cpu_shares(1000), 1024);
+        assert_eq!(cpu_shares(0), 2);
+        assert_eq!(cpu_quota(2000), 200_000);
+        assert_eq!(cpu_quota(1), 1000);
+    }
+}

@@ -1,0 +1,834 @@
+//! The container backend: one OCI bundle per instance, run by runc/crun in
+//! its own user, PID, mount, IPC, UTS, cgroup and network namespaces.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use kiln_core::{InstanceId, RuntimeName, SandboxKind};
+use tokio::task::JoinHandle;
+use tracing::Instrument;
+
+use crate::bundle::{self, BundleParams};
+use crate::config::ContainerConfig;
+use crate::driver::{Sandbox, SandboxDriver, SandboxError, SandboxRequest};
+use crate::instance::{InstancePaths, InstanceRecord};
+use crate::mounts::{unmount_all_under, HostMounter, Mounter};
+use crate::netpool::NetPool;
+use crate::network::{IpCommand, NetSlot, NetworkError, NetworkOps};
+use crate::oci_runtime::{ContainerStatus, OciRuntime, RuncCli};
+use crate::rootfs::{rootfs_path, RootfsBuilder};
+
+fn fs_err(what: impl std::fmt::Display, e: impl std::fmt::Display) -> SandboxError {
+    SandboxError::Filesystem(format!("{what}: {e}"))
+}
+
+fn net_err(e: NetworkError) -> SandboxError {
+    match e {
+        NetworkError::Exhausted(_) => SandboxError::Exhausted(e.to_string()),
+        other => SandboxError::Network(other.to_string()),
+    }
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// Find `name` on PATH (an explicit path is taken as is).
+fn find_binary(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// Runs instances as OCI containers. See the crate docs for the layout.
+pub struct ContainerDriver {
+    config: ContainerConfig,
+    instances_dir: PathBuf,
+    rootfs_dir: PathBuf,
+    region: Option<String>,
+    oci: Arc<dyn OciRuntime>,
+    net: Arc<dyn NetworkOps>,
+    mounter: Arc<dyn Mounter>,
+    pool: Arc<NetPool>,
+    refill: Mutex<Option<JoinHandle<()>>>,
+    instances: Mutex<HashMap<InstanceId, InstanceRecord>>,
+}
+
+impl std::fmt::Debug for ContainerDriver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ContainerDriver")
+            .field("name_prefix", &self.config.name_prefix)
+            .field("instances_dir", &self.instances_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ContainerDriver {
+    /// The real driver: runc/crun, `ip`, mount(2). Cleans up whatever a
+    /// previous run with the same `name_prefix` left behind, then starts
+    /// filling the network namespace pool in the background.
+    pub async fn new(config: ContainerConfig, state_dir: &Path) -> Result<Self, SandboxError> {
+        config
+            .validate()
+            .map_err(|e| SandboxError::OciRuntime(e.to_string()))?;
+        let name = config.oci_runtime.binary_name();
+        let binary = match &config.oci_runtime_path {
+            Some(p) if p.is_file() => p.clone(),
+            Some(p) => {
+                return Err(SandboxError::OciRuntime(format!(
+                    "{} does not exist",
+                    p.display()
+                )))
+            }
+            None => find_binary(name).ok_or_else(|| {
+                SandboxError::OciRuntime(format!("{name} is not installed (not found on PATH)"))
+            })?,
+        };
+        let oci = Arc::new(RuncCli::new(binary, state_dir.join("runc")));
+        Self::with_backends(
+            config,
+            state_dir,
+            oci,
+            Arc::new(IpCommand::default()),
+            Arc::new(HostMounter),
+        )
+        .await
+    }
+
+    /// The driver over any backends (the fakes in unit tests).
+    pub async fn with_backends(
+        config: ContainerConfig,
+        state_dir: &Path,
+        oci: Arc<dyn OciRuntime>,
+        net: Arc<dyn NetworkOps>,
+        mounter: Arc<dyn Mounter>,
+    ) -> Result<Self, SandboxError> {
+        config
+            .validate()
+            .map_err(|e| SandboxError::OciRuntime(e.to_string()))?;
+        let instances_dir = state_dir.join("instances");
+        prepare_state_dirs(state_dir, &instances_dir)?;
+        let rootfs_dir = config
+            .rootfs_dir
+            .clone()
+            .unwrap_or_else(|| state_dir.join("rootfs"));
+        let pool = Arc::new(NetPool::new(
+            net.clone(),
+            &config.name_prefix,
+            config.instance_subnet,
+            config.netns_pool,
+        ));
+        let driver = Self {
+            config,
+            instances_dir,
+            rootfs_dir,
+            region: None,
+            oci,
+            net,
+            mounter,
+            pool,
+            refill: Mutex::new(None),
+            instances: Mutex::new(HashMap::new()),
+        };
+        driver.clean_leftovers().await?;
+        if driver.config.netns_pool > 0 {
+            *driver.refill.lock().expect("lock") = Some(driver.pool.spawn_refill());
+        }
+        Ok(driver)
+    }
+
+    /// The region the functions see in `FC_REGION`.
+    pub fn with_region(mut self, region: impl Into<String>) -> Self {
+        self.region = Some(region.into());
+        self
+    }
+
+    pub fn config(&self) -> &ContainerConfig {
+        &self.config
+    }
+
+    pub fn rootfs_dir(&self) -> &Path {
+        &self.rootfs_dir
+    }
+
+    /// How many ready network namespaces the pool holds.
+    pub fn pooled_namespaces(&self) -> usize {
+        self.pool.ready_len()
+    }
+
+    /// Build the runtime's root filesystem unless it is cached. Building
+    /// `custom.debian12` runs debootstrap and takes minutes: call this when
+    /// the agent starts, not on a request path.
+    pub async fn ensure_runtime(&self, runtime: RuntimeName) -> Result<(), SandboxError> {
+        let builder = RootfsBuilder {
+            dir: &self.rootfs_dir,
+            mirror: self.config.debootstrap_mirror.as_deref(),
+            mounter: self.mounter.as_ref(),
+        };
+        builder
+            .ensure(runtime)
+            .await
+            .map(|_| ())
+            .map_err(|e| SandboxError::RuntimeUnavailable {
+                runtime: runtime.to_string(),
+                reason: chain(&e),
+            })
+    }
+
+    /// Stop refilling the pool and delete the pooled namespaces. Instances
+    /// are left to the caller (`destroy` each first).
+    pub async fn shutdown(&self) -> Result<(), SandboxError> {
+        if let Some(task) = self.refill.lock().expect("lock").take() {
+            task.abort();
+        }
+        self.pool.drain().await.map_err(net_err)
+    }
+
+    fn container_id(&self, id: &InstanceId) -> String {
+        format!("{}-{}", self.config.name_prefix, id)
+    }
+
+    fn cgroups_path(&self, id: &InstanceId) -> String {
+        format!("/{}/{}", self.config.cgroup_parent, self.container_id(id))
+    }
+
+    /// Remove what a previous run with this prefix left: containers under
+    /// our runc root, instance dirs (after unmounting), netns and veths.
+    async fn clean_leftovers(&self) -> Result<(), SandboxError> {
+        let prefix = format!("{}-", self.config.name_prefix);
+        let containers = self
+            .oci
+            .list()
+            .await
+            .map_err(|e| SandboxError::OciRuntime(chain(&e)))?;
+        for c in containers.iter().filter(|c| c.id.starts_with(&prefix)) {
+            tracing::info!(container = %c.id, "removing leftover container");
+            let _ = self.oci.kill(&c.id, "KILL").await;
+            self.oci
+                .delete_force(&c.id)
+                .await
+                .map_err(|e| SandboxError::OciRuntime(chain(&e)))?;
+        }
+        let entries = std::fs::read_dir(&self.instances_dir)
+            .map_err(|e| fs_err(self.instances_dir.display(), e))?;
+        for entry in entries.flatten() {
+            let dir = entry.path();
+            tracing::info!(dir = %dir.display(), "removing leftover instance directory");
+            unmount_all_under(self.mounter.as_ref(), &dir)
+                .map_err(|e| fs_err(dir.display(), chain(&e)))?;
+            std::fs::remove_dir_all(&dir).map_err(|e| fs_err(dir.display(), e))?;
+        }
+        let names = self
+            .net
+            .list(&self.config.name_prefix)
+            .await
+            .map_err(net_err)?;
+        for name in names {
+            tracing::info!(netns = %name, "removing leftover network namespace");
+            self.net.delete(&name).await.map_err(net_err)?;
+        }
+        Ok(())
+    }
+
+    async fn create_inner(
+        &self,
+        req: &SandboxRequest,
+        paths: &InstancePaths,
+        record: &mut Option<InstanceRecord>,
+    ) -> Result<Sandbox, SandboxError> {
+        let spec = &req.spec;
+        let rootfs = rootfs_path(&self.rootfs_dir, spec.runtime);
+        let slot: NetSlot = self.pool.take().await.map_err(net_err)?;
+        let endpoint = SocketAddr::new(slot.instance_addr.into(), spec.port);
+        let rec = record.insert(InstanceRecord {
+            slot_index: slot.index,
+            netns: slot.name.clone(),
+            endpoint,
+            pid: None,
+        });
+        paths
+            .write_record(rec)
+            .map_err(|e| fs_err(paths.record().display(), e))?;
+
+        let uid = self.config.uid_base;
+        for (dir, mode, owned) in [
+            (paths.bundle(), 0o711, false),
+            (paths.rootfs(), 0o755, false),
+            (paths.code(), 0o755, false),
+            (paths.upper(), 0o755, true),
+            (paths.work(), 0o700, true),
+        ] {
+            std::fs::create_dir(&dir).map_err(|e| fs_err(dir.display(), e))?;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode))
+                .map_err(|e| fs_err(dir.display(), e))?;
+            if owned {
+                std::os::unix::fs::chown(&dir, Some(uid), Some(uid))
+                    .map_err(|e| fs_err(dir.display(), e))?;
+            }
+        }
+        self.mounter
+            .bind_readonly(&rootfs, &paths.rootfs())
+            .map_err(|e| fs_err("runtime root filesystem", chain(&e)))?;
+        self.mounter
+            .overlay(&req.code_dir, &paths.upper(), &paths.work(), &paths.code())
+            .map_err(|e| fs_err("/code overlay", chain(&e)))?;
+
+        let code = paths.code();
+        let config = bundle::build_config(&BundleParams {
+            instance_id: &req.instance_id,
+            spec,
+            region: self.region.as_deref(),
+            hostname: &slot.name,
+            uid_base: uid,
+            netns_path: slot.netns_path(),
+            cgroups_path: self.cgroups_path(&req.instance_id),
+            code_source: &code,
+            tmp_size_mb: self.config.tmp_size_mb,
+        })
+        .map_err(|e| SandboxError::OciRuntime(format!("Invalid instance spec: {e}")))?;
+        let bytes = serde_json::to_vec_pretty(&config).expect("config serialises");
+        std::fs::write(paths.config(), bytes).map_err(|e| fs_err(paths.config().display(), e))?;
+
+        let log_path = paths.console_log();
+        let pid = self
+            .oci
+            .run_detached(
+                &self.container_id(&req.instance_id),
+                &paths.bundle(),
+                &log_path,
+            )
+            .await
+            .map_err(|e| SandboxError::OciRuntime(chain(&e)))?;
+        rec.pid = Some(pid);
+        paths
+            .write_record(rec)
+            .map_err(|e| fs_err(paths.record().display(), e))?;
+        Ok(Sandbox {
+            instance_id: req.instance_id.clone(),
+            endpoint,
+            pid: Some(pid),
+            log_path,
+        })
+    }
+
+    /// Remove everything of one instance; the first failure is returned
+    /// after every step has been tried, except that the directory is kept
+    /// while anything below it is still mounted.
+    async fn teardown(
+        &self,
+        id: &InstanceId,
+        paths: &InstancePaths,
+        record: Option<&InstanceRecord>,
+    ) -> Result<(), SandboxError> {
+        let cid = self.container_id(id);
+        let mut first: Option<SandboxError> = None;
+        if let Err(e) = self.oci.kill(&cid, "KILL").await {
+            tracing::debug!(error = %e, "kill before delete failed");
+        }
+        if let Err(e) = self.oci.delete_force(&cid).await {
+            first.get_or_insert(SandboxError::OciRuntime(chain(&e)));
+        }
+        if paths.dir.exists() {
+            match unmount_all_under(self.mounter.as_ref(), &paths.dir) {
+                Ok(()) => {
+                    if let Err(e) = std::fs::remove_dir_all(&paths.dir) {
+                        first.get_or_insert(fs_err(paths.dir.display(), e));
+                    }
+                }
+                Err(e) => {
+                    first.get_or_insert(fs_err(paths.dir.display(), chain(&e)));
+                }
+            }
+        }
+        if let Some(rec) = record {
+            if let Err(e) = self.pool.release_name(rec.slot_index, &rec.netns).await {
+                first.get_or_insert(net_err(e));
+            }
+        }
+        match first {
+            None => Ok(()),
+            Some(e) => Err(e),
+        }
+    }
+}
+
+fn prepare_state_dirs(state_dir: &Path, instances_dir: &Path) -> Result<(), SandboxError> {
+    for dir in [state_dir, instances_dir] {
+        std::fs::create_dir_all(dir).map_err(|e| fs_err(dir.display(), e))?;
+    }
+    // runc sets up mounts as the instance's mapped root, which must be able
+    // to walk down to the bundle: traversal (not listing) for others.
+    let meta = std::fs::metadata(state_dir).map_err(|e| fs_err(state_dir.display(), e))?;
+    let mode = meta.permissions().mode();
+    if mode & 0o001 == 0 {
+        std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(mode | 0o011))
+            .map_err(|e| fs_err(state_dir.display(), e))?;
+    }
+    std::fs::set_permissions(instances_dir, std::fs::Permissions::from_mode(0o711))
+        .map_err(|e| fs_err(instances_dir.display(), e))?;
+    for ancestor in state_dir.ancestors().skip(1) {
+        if let Ok(m) = std::fs::metadata(ancestor) {
+            if m.permissions().mode() & 0o001 == 0 {
+                tracing::warn!(
+                    dir = %ancestor.display(),
+                    "directory above the sandbox state is not traversable by others; \
+                     containers in user namespaces will fail to start"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+#[async_trait::async_trait]
+impl SandboxDriver for ContainerDriver {
+    fn kind(&self) -> SandboxKind {
+        SandboxKind::Container
+    }
+
+    async fn create(&self, req: &SandboxRequest) -> Result<Sandbox, SandboxError> {
+        let span = tracing::info_span!("sandbox_create", instance_id = %req.instance_id,
+            function = %req.spec.function_name, runtime = %req.spec.runtime);
+        async move {
+            let spec = &req.spec;
+            bundle::check_spec(spec)
+                .map_err(|e| SandboxError::OciRuntime(format!("Invalid instance spec: {e}")))?;
+            bundle::process_env(&req.instance_id, spec, None)
+                .map_err(|e| SandboxError::OciRuntime(format!("Invalid instance spec: {e}")))?;
+            if !req.code_dir.is_dir() {
+                return Err(fs_err(
+                    "code directory",
+                    format!("{} is not a directory", req.code_dir.display()),
+                ));
+            }
+            if spec.runtime == RuntimeName::Custom {
+                self.ensure_runtime(RuntimeName::Custom).await?;
+            }
+            let rootfs = rootfs_path(&self.rootfs_dir, spec.runtime);
+            if !rootfs.join("code").is_dir() {
+                return Err(SandboxError::RuntimeUnavailable {
+                    runtime: spec.runtime.to_string(),
+                    reason: "it has not been built on this node yet (ensure_runtime)".into(),
+                });
+            }
+            let paths = InstancePaths::new(&self.instances_dir, &req.instance_id);
+            if self
+                .instances
+                .lock()
+                .expect("lock")
+                .contains_key(&req.instance_id)
+                || paths.dir.exists()
+            {
+                return Err(fs_err(
+                    "instance directory",
+                    format!("instance {} already exists", req.instance_id),
+                ));
+            }
+            std::fs::create_dir(&paths.dir).map_err(|e| fs_err(paths.dir.display(), e))?;
+            std::fs::set_permissions(&paths.dir, std::fs::Permissions::from_mode(0o711))
+                .map_err(|e| fs_err(paths.dir.display(), e))?;
+
+            let mut record = None;
+            match self.create_inner(req, &paths, &mut record).await {
+                Ok(sandbox) => {
+                    let rec = record.expect("record set on success");
+                    tracing::info!(endpoint = %sandbox.endpoint, pid = ?sandbox.pid, "instance started");
+                    self.instances
+                        .lock()
+                        .expect("lock")
+                        .insert(req.instance_id.clone(), rec);
+                    Ok(sandbox)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "instance did not start; cleaning up");
+                    if let Err(cleanup) =
+                        self.teardown(&req.instance_id, &paths, record.as_ref()).await
+                    {
+                        tracing::error!(error = %cleanup, "cleanup after a failed start failed");
+                    }
+                    Err(e)
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn is_running(&self, id: &InstanceId) -> Result<bool, SandboxError> {
+        let paths = InstancePaths::new(&self.instances_dir, id);
+        let known = self.instances.lock().expect("lock").contains_key(id);
+        if !known && !paths.dir.exists() {
+            return Err(SandboxError::NotFound(id.clone()));
+        }
+        let state = self
+            .oci
+            .state(&self.container_id(id))
+            .await
+            .map_err(|e| SandboxError::OciRuntime(chain(&e)))?;
+        Ok(state.is_some_and(|s| s.status == ContainerStatus::Running))
+    }
+
+    async fn destroy(&self, id: &InstanceId) -> Result<(), SandboxError> {
+        let span = tracing::info_span!("sandbox_destroy", instance_id = %id);
+        async move {
+            let paths = InstancePaths::new(&self.instances_dir, id);
+            let record = self
+                .instances
+                .lock()
+                .expect("lock")
+                .remove(id)
+                .or_else(|| paths.read_record());
+            let result = self.teardown(id, &paths, record.as_ref()).await;
+            match &result {
+                Ok(()) => tracing::info!("instance destroyed"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "instance not fully destroyed");
+                    if let Some(rec) = record {
+                        self.instances.lock().expect("lock").insert(id.clone(), rec);
+                    }
+                }
+            }
+            result
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn list(&self) -> Result<Vec<InstanceId>, SandboxError> {
+        let entries = std::fs::read_dir(&self.instances_dir)
+            .map_err(|e| fs_err(self.instances_dir.display(), e))?;
+        let mut ids: Vec<InstanceId> = entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .collect();
+        ids.sort();
+        Ok(ids)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt;
+
+    use super::*;
+    use crate::bundle::tests::sample_spec;
+    use crate::mounts::{MountCall, RecordingMounter};
+    use crate::network::{NetCall, RecordingNetwork};
+    use crate::oci_runtime::{OciCall, RecordingOciRuntime};
+
+    struct Harness {
+        _tmp: tempfile::TempDir,
+        state: PathBuf,
+        code: PathBuf,
+        oci: Arc<RecordingOciRuntime>,
+        net: Arc<RecordingNetwork>,
+        mounter: Arc<RecordingMounter>,
+        driver: ContainerDriver,
+    }
+
+    fn test_config(rootfs_dir: &Path) -> ContainerConfig {
+        let euid = nix::unistd::geteuid().as_raw();
+        ContainerConfig {
+            name_prefix: "kt".into(),
+            instance_subnet: "10.77.0.0/24".parse().unwrap(),
+            cgroup_parent: "kt".into(),
+            // Without root, chown only works to one's own uid.
+            uid_base: if euid == 0 { 100_000 } else { euid },
+            rootfs_dir: Some(rootfs_dir.to_owned()),
+            tmp_size_mb: 64,
+            netns_pool: 0,
+            ..ContainerConfig::default()
+        }
+    }
+
+    async fn harness_with(
+        prepare: impl FnOnce(&RecordingOciRuntime, &RecordingNetwork, &Path),
+    ) -> Harness {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = tmp.path().join("state");
+        let code = tmp.path().join("code");
+        std::fs::create_dir_all(&code).unwrap();
+        std::fs::write(code.join("server.py"), "print('hi')").unwrap();
+        let oci = Arc::new(RecordingOciRuntime::new());
+        let net = Arc::new(RecordingNetwork::new());
+        let mounter = Arc::new(RecordingMounter::new());
+        prepare(&oci, &net, &state);
+        let driver = ContainerDriver::with_backends(
+            test_config(&tmp.path().join("rootfs")),
+            &state,
+            oci.clone(),
+            net.clone(),
+            mounter.clone(),
+        )
+        .await
+        .unwrap()
+        .with_region("cn-hangzhou");
+        Harness {
+            _tmp: tmp,
+            state,
+            code,
+            oci,
+            net,
+            mounter,
+            driver,
+        }
+    }
+
+    async fn harness() -> Harness {
+        harness_with(|_, _, _| {}).await
+    }
+
+    fn request(h: &Harness, runtime: RuntimeName) -> SandboxRequest {
+        let mut spec = sample_spec();
+        spec.runtime = runtime;
+        SandboxRequest {
+            instance_id: InstanceId::generate(),
+            spec: spec.seal(),
+            code_dir: h.code.clone(),
+        }
+    }
+
+    #[tokio::test]
+    async fn create_builds_the_bundle_and_starts_it() {
+        let h = harness().await;
+        let req = request(&h, RuntimeName::Custom);
+        let sb = h.driver.create(&req).await.unwrap();
+        assert_eq!(sb.endpoint, "10.77.0.2:9000".parse().unwrap());
+        let dir = h.state.join("instances").join(req.instance_id.as_str());
+        assert_eq!(sb.log_path, dir.join("console.log"));
+        assert_eq!(h.net.existing(), ["kt-0".to_owned()].into());
+
+        let cid = format!("kt-{}", req.instance_id);
+        assert!(h.oci.calls().contains(&OciCall::Run {
+            id: cid.clone(),
+            bundle: dir.join("bundle"),
+        }));
+        let config = h.oci.config_of(&cid).unwrap();
+        assert_eq!(config["root"]["readonly"], true);
+        assert_eq!(config["linux"]["cgroupsPath"], format!("/kt/{cid}"));
+        let ns = config["linux"]["namespaces"].as_array().unwrap();
+        assert!(ns
+            .iter()
+            .any(|n| n["type"] == "network" && n["path"] == "/run/netns/kt-0"));
+        assert_eq!(ns.len(), 7);
+        assert_eq!(
+            config["linux"]["uidMappings"][0]["hostID"],
+            h.driver.config().uid_base
+        );
+        let env: Vec<&str> = config["process"]["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e.as_str().unwrap())
+            .collect();
+        assert!(env.contains(&"FC_REGION=cn-hangzhou"));
+        assert!(env.contains(&format!("FC_INSTANCE_ID={}", req.instance_id).as_str()));
+        let code_mount = config["mounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["destination"] == "/code")
+            .unwrap();
+        assert_eq!(code_mount["source"], dir.join("code").display().to_string());
+
+        let calls = h.mounter.calls();
+        assert!(calls.contains(&MountCall::BindReadonly {
+            source: h.driver.rootfs_dir().join("custom"),
+            target: dir.join("bundle/rootfs"),
+        }));
+        assert!(calls.contains(&MountCall::Overlay {
+            lower: h.code.clone(),
+            upper: dir.join("upper"),
+            work: dir.join("work"),
+            target: dir.join("code"),
+        }));
+        let uid = h.driver.config().uid_base;
+        assert_eq!(std::fs::metadata(dir.join("upper")).unwrap().uid(), uid);
+        assert_eq!(std::fs::metadata(dir.join("work")).unwrap().gid(), uid);
+
+        assert_eq!(
+            h.driver.list().await.unwrap(),
+            vec![req.instance_id.clone()]
+        );
+        assert!(h.driver.is_running(&req.instance_id).await.unwrap());
+        h.oci.stop(&cid);
+        assert!(!h.driver.is_running(&req.instance_id).await.unwrap());
+
+        // A second create with the same id changes nothing.
+        let err = h.driver.create(&req).await.unwrap_err();
+        assert!(matches!(err, SandboxError::Filesystem(_)), "{err}");
+        assert!(dir.join("instance.json").exists());
+        assert_eq!(h.net.existing().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn destroy_removes_everything_and_is_idempotent() {
+        let h = harness().await;
+        let req = request(&h, RuntimeName::Custom);
+        h.driver.create(&req).await.unwrap();
+        let cid = format!("kt-{}", req.instance_id);
+        let dir = h.state.join("instances").join(req.instance_id.as_str());
+
+        h.driver.destroy(&req.instance_id).await.unwrap();
+        let calls = h.oci.calls();
+        assert!(calls.contains(&OciCall::Kill {
+            id: cid.clone(),
+            signal: "KILL".into()
+        }));
+        assert!(calls.contains(&OciCall::Delete(cid.clone())));
+        assert!(h.mounter.mounted().is_empty());
+        assert!(!dir.exists());
+        assert!(h.net.existing().is_empty());
+        assert!(h.net.calls().contains(&NetCall::Delete("kt-0".into())));
+        assert!(h.driver.list().await.unwrap().is_empty());
+        assert!(matches!(
+            h.driver.is_running(&req.instance_id).await,
+            Err(SandboxError::NotFound(_))
+        ));
+
+        h.driver.destroy(&req.instance_id).await.unwrap();
+        h.driver.destroy(&InstanceId::generate()).await.unwrap();
+
+        // The namespace is never reused: the next instance gets a new one.
+        let next = h
+            .driver
+            .create(&request(&h, RuntimeName::Custom))
+            .await
+            .unwrap();
+        assert_eq!(next.endpoint, "10.77.0.6:9000".parse().unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_failed_start_leaves_nothing_behind() {
+        let h = harness().await;
+        h.oci
+            .fail_next_run("exec: \"python3\": executable file not found");
+        let req = request(&h, RuntimeName::Custom);
+        let err = h.driver.create(&req).await.unwrap_err();
+        assert!(
+            matches!(&err, SandboxError::OciRuntime(m) if m.contains("python3")),
+            "{err}"
+        );
+        assert!(h.mounter.mounted().is_empty());
+        assert!(h.net.existing().is_empty());
+        assert!(h.driver.list().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn bad_requests_change_nothing() {
+        let h = harness().await;
+        let mut req = request(&h, RuntimeName::Custom);
+        req.spec.command.clear();
+        let err = h.driver.create(&req).await.unwrap_err();
+        assert!(err.to_string().contains("no command"), "{err}");
+
+        let mut req = request(&h, RuntimeName::Custom);
+        req.spec.environment.insert("BAD NAME".into(), "x".into());
+        assert!(h.driver.create(&req).await.is_err());
+
+        let mut req = request(&h, RuntimeName::Custom);
+        req.code_dir = h.state.join("missing");
+        assert!(matches!(
+            h.driver.create(&req).await,
+            Err(SandboxError::Filesystem(_))
+        ));
+
+        // custom.debian12 has not been built in this rootfs dir.
+        let req = request(&h, RuntimeName::CustomDebian12);
+        assert!(matches!(
+            h.driver.create(&req).await,
+            Err(SandboxError::RuntimeUnavailable { .. })
+        ));
+
+        assert!(h.net.calls().is_empty() || h.net.calls() == [NetCall::List]);
+        assert!(h.mounter.calls().is_empty());
+        assert!(h.driver.list().await.unwrap().is_empty());
+        assert!(!h
+            .oci
+            .calls()
+            .iter()
+            .any(|c| matches!(c, OciCall::Run { .. })));
+    }
+
+    #[tokio::test]
+    async fn subnet_exhaustion_is_reported_as_such() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut config = test_config(&tmp.path().join("rootfs"));
+        config.instance_subnet = "10.77.0.0/28".parse().unwrap();
+        let h = harness().await;
+        let driver = ContainerDriver::with_backends(
+            config,
+            &tmp.path().join("state"),
+            Arc::new(RecordingOciRuntime::new()),
+            Arc::new(RecordingNetwork::new()),
+            Arc::new(RecordingMounter::new()),
+        )
+        .await
+        .unwrap();
+        for _ in 0..4 {
+            driver
+                .create(&request(&h, RuntimeName::Custom))
+                .await
+                .unwrap();
+        }
+        let err = driver
+            .create(&request(&h, RuntimeName::Custom))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, SandboxError::Exhausted(_)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn start_removes_leftovers_with_its_prefix_only() {
+        let h = harness_with(|oci, net, state| {
+            oci.insert_leftover("kt-i-0123");
+            oci.insert_leftover("other-i-0123");
+            net.insert_leftover("kt-1f");
+            net.insert_leftover("ktx-1");
+            std::fs::create_dir_all(state.join("instances/i-old/upper")).unwrap();
+        })
+        .await;
+        let calls = h.oci.calls();
+        assert!(calls.contains(&OciCall::Delete("kt-i-0123".into())));
+        assert!(!calls.contains(&OciCall::Delete("other-i-0123".into())));
+        assert_eq!(h.net.existing(), ["ktx-1".to_owned()].into());
+        assert!(!h.state.join("instances/i-old").exists());
+    }
+
+    #[tokio::test]
+    async fn the_pool_is_filled_in_the_background_and_drained_on_shutdown() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut config = test_config(&tmp.path().join("rootfs"));
+        config.netns_pool = 3;
+        let net = Arc::new(RecordingNetwork::new());
+        let driver = ContainerDriver::with_backends(
+            config,
+            &tmp.path().join("state"),
+            Arc::new(RecordingOciRuntime::new()),
+            net.clone(),
+            Arc::new(RecordingMounter::new()),
+        )
+        .await
+        .unwrap();
+        for _ in 0..200 {
+            if driver.pooled_namespaces() == 3 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert_eq!(driver.pooled_namespaces(), 3);
+        driver.shutdown().await.unwrap();
+        assert!(net.existing().is_empty());
+    }
+}

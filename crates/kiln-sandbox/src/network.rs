@@ -1,0 +1,333 @@
+//! Per-instance network namespaces: a named netns with a veth pair whose
+//! host side stays in the agent's namespace, behind a trait with a real
+//! implementation over iproute2's `ip` and a recording fake.
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::process::Command;
+
+use crate::config::Ipv4Cidr;
+
+const IP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Name of the instance's interface inside its namespace.
+pub const INSTANCE_IFNAME: &str = "eth0";
+
+/// Why a network operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    #[error("Cannot execute ip")]
+    Spawn(#[source] std::io::Error),
+    #[error("`ip {args}` failed: {message}")]
+    Command { args: String, message: String },
+    #[error("`ip {0}` did not finish in time")]
+    TimedOut(String),
+    #[error("All {0} instance addresses of the subnet are in use")]
+    Exhausted(u32),
+}
+
+/// One /30 of the instance subnet with the names derived from its index:
+/// the netns and the host-side veth are both `<prefix>-<index hex>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetSlot {
+    pub index: u32,
+    pub name: String,
+    pub host_addr: Ipv4Addr,
+    pub instance_addr: Ipv4Addr,
+}
+
+impl NetSlot {
+    pub fn new(prefix: &str, subnet: &Ipv4Cidr, index: u32) -> Self {
+        let base = u32::from(subnet.slot_base(index));
+        Self {
+            index,
+            name: format!("{prefix}-{index:x}"),
+            host_addr: Ipv4Addr::from(base + 1),
+            instance_addr: Ipv4Addr::from(base + 2),
+        }
+    }
+
+    /// Where `ip netns add` binds the namespace.
+    pub fn netns_path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+}
+
+/// Whether `name` is one of the names a driver with `prefix` creates.
+pub fn is_own_name(prefix: &str, name: &str) -> bool {
+    name.strip_prefix(prefix)
+        .and_then(|rest| rest.strip_prefix('-'))
+        .is_some_and(|hex| !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// Network side effects of the container backend.
+#[async_trait::async_trait]
+pub trait NetworkOps: Send + Sync + 'static {
+    /// Create the slot's netns and veth pair, address both ends, bring up
+    /// `lo` and `eth0` and route everything via the host side.
+    async fn create(&self, slot: &NetSlot) -> Result<(), NetworkError>;
+    /// Remove the host veth (which takes its peer along) and the netns.
+    /// Succeeds when neither exists.
+    async fn delete(&self, name: &str) -> Result<(), NetworkError>;
+    /// Names of the namespaces and links that carry `prefix`.
+    async fn list(&self, prefix: &str) -> Result<BTreeSet<String>, NetworkError>;
+}
+
+/// The real thing: iproute2's `ip`.
+#[derive(Debug, Clone)]
+pub struct IpCommand {
+    binary: PathBuf,
+}
+
+impl Default for IpCommand {
+    fn default() -> Self {
+        Self {
+            binary: PathBuf::from("ip"),
+        }
+    }
+}
+
+impl IpCommand {
+    pub fn new(binary: PathBuf) -> Self {
+        Self { binary }
+    }
+
+    /// Run `ip args...`; returns stdout, or stderr as the error message.
+    async fn ip(&self, args: &[&str]) -> Result<Result<String, String>, NetworkError> {
+        let child = Command::new(&self.binary)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(NetworkError::Spawn)?;
+        let out = tokio::time::timeout(IP_TIMEOUT, child.wait_with_output())
+            .await
+            .map_err(|_| NetworkError::TimedOut(args.join(" ")))?
+            .map_err(NetworkError::Spawn)?;
+        if out.status.success() {
+            Ok(Ok(String::from_utf8_lossy(&out.stdout).into_owned()))
+        } else {
+            Ok(Err(String::from_utf8_lossy(&out.stderr).trim().to_owned()))
+        }
+    }
+
+    async fn must(&self, args: &[&str]) -> Result<String, NetworkError> {
+        self.ip(args)
+            .await?
+            .map_err(|message| NetworkError::Command {
+                args: args.join(" "),
+                message,
+            })
+    }
+
+    async fn create_inner(&self, slot: &NetSlot) -> Result<(), NetworkError> {
+        let ns = slot.name.as_str();
+        let host = format!("{}/30", slot.host_addr);
+        let inst = format!("{}/30", slot.instance_addr);
+        let gw = slot.host_addr.to_string();
+        self.must(&["netns", "add", ns]).await?;
+        self.must(&[
+            "link",
+            "add",
+            ns,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            INSTANCE_IFNAME,
+            "netns",
+            ns,
+        ])
+        .await?;
+        self.must(&["addr", "add", &host, "dev", ns]).await?;
+        self.must(&["link", "set", ns, "up"]).await?;
+        self.must(&["-n", ns, "link", "set", "lo", "up"]).await?;
+        self.must(&["-n", ns, "addr", "add", &inst, "dev", INSTANCE_IFNAME])
+            .await?;
+        self.must(&["-n", ns, "link", "set", INSTANCE_IFNAME, "up"])
+            .await?;
+        self.must(&["-n", ns, "route", "add", "default", "via", &gw])
+            .await?;
+        Ok(())
+    }
+}
+
+fn is_absent(message: &str) -> bool {
+    message.contains("Cannot find device")
+        || message.contains("No such file or directory")
+        || message.contains("does not exist")
+}
+
+#[async_trait::async_trait]
+impl NetworkOps for IpCommand {
+    async fn create(&self, slot: &NetSlot) -> Result<(), NetworkError> {
+        let result = self.create_inner(slot).await;
+        if result.is_err() {
+            if let Err(e) = self.delete(&slot.name).await {
+                tracing::warn!(netns = %slot.name, error = %e, "cannot undo a half-made network namespace");
+            }
+        }
+        result
+    }
+
+    async fn delete(&self, name: &str) -> Result<(), NetworkError> {
+        for args in [["link", "delete", name], ["netns", "delete", name]] {
+            if let Err(message) = self.ip(&args).await? {
+                if !is_absent(&message) {
+                    return Err(NetworkError::Command {
+                        args: args.join(" "),
+                        message,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn list(&self, prefix: &str) -> Result<BTreeSet<String>, NetworkError> {
+        let mut names = BTreeSet::new();
+        let netns = self.must(&["netns", "list"]).await?;
+        names.extend(parse_netns_list(&netns));
+        let links = self.must(&["-o", "link", "show"]).await?;
+        names.extend(parse_link_list(&links));
+        names.retain(|n| is_own_name(prefix, n));
+        Ok(names)
+    }
+}
+
+/// `ip netns list` prints `name (id: 3)` or `name` per line.
+fn parse_netns_list(out: &str) -> impl Iterator<Item = String> + '_ {
+    out.lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_owned)
+}
+
+/// `ip -o link show` prints `12: name@if2: <...> ...` per line.
+fn parse_link_list(out: &str) -> impl Iterator<Item = String> + '_ {
+    out.lines().filter_map(|l| {
+        let name = l.split(": ").nth(1)?;
+        Some(name.split('@').next()?.to_owned())
+    })
+}
+
+/// One call the fake received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetCall {
+    Create(String),
+    Delete(String),
+    List,
+}
+
+/// Fake network for unit tests: records calls and the names that exist.
+#[derive(Debug, Default)]
+pub struct RecordingNetwork {
+    calls: Mutex<Vec<NetCall>>,
+    existing: Mutex<BTreeSet<String>>,
+    fail_create: Mutex<bool>,
+}
+
+impl RecordingNetwork {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn calls(&self) -> Vec<NetCall> {
+        self.calls.lock().expect("lock").clone()
+    }
+
+    pub fn existing(&self) -> BTreeSet<String> {
+        self.existing.lock().expect("lock").clone()
+    }
+
+    pub fn insert_leftover(&self, name: &str) {
+        self.existing.lock().expect("lock").insert(name.to_owned());
+    }
+
+    pub fn fail_creates(&self, fail: bool) {
+        *self.fail_create.lock().expect("lock") = fail;
+    }
+}
+
+#[async_trait::async_trait]
+impl NetworkOps for RecordingNetwork {
+    async fn create(&self, slot: &NetSlot) -> Result<(), NetworkError> {
+        self.calls
+            .lock()
+            .expect("lock")
+            .push(NetCall::Create(slot.name.clone()));
+        if *self.fail_create.lock().expect("lock") {
+            return Err(NetworkError::Command {
+                args: format!("netns add {}", slot.name),
+                message: "injected failure".into(),
+            });
+        }
+        let mut existing = self.existing.lock().expect("lock");
+        if !existing.insert(slot.name.clone()) {
+            return Err(NetworkError::Command {
+                args: format!("netns add {}", slot.name),
+                message: "File exists".into(),
+            });
+        }
+        Ok(())
+    }
+
+    async fn delete(&self, name: &str) -> Result<(), NetworkError> {
+        self.calls
+            .lock()
+            .expect("lock")
+            .push(NetCall::Delete(name.to_owned()));
+        self.existing.lock().expect("lock").remove(name);
+        Ok(())
+    }
+
+    async fn list(&self, prefix: &str) -> Result<BTreeSet<String>, NetworkError> {
+        self.calls.lock().expect("lock").push(NetCall::List);
+        let mut names = self.existing();
+        names.retain(|n| is_own_name(prefix, n));
+        Ok(names)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_carve_the_subnet_into_30s() {
+        let subnet: Ipv4Cidr = "10.213.0.0/16".parse().unwrap();
+        let s = NetSlot::new("kiln", &subnet, 0);
+        assert_eq!(s.name, "kiln-0");
+        assert_eq!(s.host_addr, Ipv4Addr::new(10, 213, 0, 1));
+        assert_eq!(s.instance_addr, Ipv4Addr::new(10, 213, 0, 2));
+        let s = NetSlot::new("kiln", &subnet, 0x3fff);
+        assert_eq!(s.name, "kiln-3fff");
+        assert_eq!(s.instance_addr, Ipv4Addr::new(10, 213, 255, 254));
+        assert_eq!(s.netns_path(), PathBuf::from("/run/netns/kiln-3fff"));
+    }
+
+    #[test]
+    fn own_names_are_exactly_prefix_dash_hex() {
+        assert!(is_own_name("kt", "kt-1f"));
+        assert!(!is_own_name("kt", "kt-"));
+        assert!(!is_own_name("kt", "ktab-1"));
+        assert!(!is_own_name("kt", "kt-1g"));
+        assert!(!is_own_name("kt", "eth0"));
+    }
+
+    #[test]
+    fn ip_listings_parse() {
+        let netns: Vec<String> = parse_netns_list("kt-1 (id: 3)\nother\n").collect();
+        assert_eq!(netns, ["kt-1", "other"]);
+        let links: Vec<String> = parse_link_list(
+            "1: lo: <LOOPBACK,UP> mtu 65536 qdisc noqueue\n7: kt-1@if2: <BROADCAST> mtu 1500\n",
+        )
+        .collect();
+        assert_eq!(links, ["lo", "kt-1"]);
+    }
+}

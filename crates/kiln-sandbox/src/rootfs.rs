@@ -1,0 +1,289 @@
+//! Runtime root filesystems, built once per node into `rootfs_dir/<runtime>`.
+//!
+//! A build goes to `<runtime>.tmp` and is renamed into place when complete,
+//! under an exclusive `flock` on `<runtime>.lock`, so concurrent agents or
+//! tests never build the same runtime twice and never see half a tree.
+//! Tests share one cache through `KILN_ROOTFS_CACHE` (see the crate docs).
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use kiln_core::RuntimeName;
+use nix::fcntl::{Flock, FlockArg};
+use tokio::process::Command;
+
+use crate::mounts::{unmount_all_under, Mounter};
+
+const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
+const SUITE: &str = "bookworm";
+
+/// Why a runtime root filesystem cannot be provided.
+#[derive(Debug, thiserror::Error)]
+pub enum RootfsError {
+    #[error("Cannot prepare {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Cannot lock {path}")]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("debootstrap failed ({status}); see {log}")]
+    Debootstrap { status: String, log: PathBuf },
+    #[error("Cannot run debootstrap (install the debootstrap package)")]
+    DebootstrapMissing(#[source] std::io::Error),
+    #[error("A stale build at {path} still has mounts below it")]
+    StaleMounts {
+        path: PathBuf,
+        #[source]
+        source: crate::mounts::MountError,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RootfsError + '_ {
+    move |source| RootfsError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Where `runtime`'s tree lives (complete once it exists).
+pub fn rootfs_path(rootfs_dir: &Path, runtime: RuntimeName) -> PathBuf {
+    rootfs_dir.join(runtime.as_str())
+}
+
+/// The Debian mirror of the host's apt sources (deb822 `debian.sources`
+/// first, then the one-line `sources.list`), skipping security mirrors.
+pub fn mirror_from_sources(deb822: Option<&str>, list: Option<&str>) -> Option<String> {
+    if let Some(text) = deb822 {
+        for stanza in text.split("\n\n") {
+            let field = |name: &str| {
+                stanza.lines().find_map(|l| {
+                    l.strip_prefix(name)
+                        .and_then(|r| r.strip_prefix(':'))
+                        .map(str::trim)
+                })
+            };
+            let (Some(uris), Some(suites)) = (field("URIs"), field("Suites")) else {
+                continue;
+            };
+            if suites.split_whitespace().any(|s| s == SUITE) {
+                if let Some(uri) = uris.split_whitespace().next() {
+                    return Some(uri.to_owned());
+                }
+            }
+        }
+    }
+    if let Some(text) = list {
+        for line in text.lines() {
+            let mut words = line.split_whitespace().filter(|w| !w.starts_with('['));
+            if words.next() != Some("deb") {
+                continue;
+            }
+            if let (Some(uri), Some(suite)) = (words.next(), words.next()) {
+                if suite == SUITE {
+                    return Some(uri.to_owned());
+                }
+            }
+        }
+    }
+    None
+}
+
+fn host_mirror() -> String {
+    let deb822 = std::fs::read_to_string("/etc/apt/sources.list.d/debian.sources").ok();
+    let list = std::fs::read_to_string("/etc/apt/sources.list").ok();
+    mirror_from_sources(deb822.as_deref(), list.as_deref())
+        .unwrap_or_else(|| DEFAULT_MIRROR.to_owned())
+}
+
+/// Builds and caches runtime root filesystems.
+pub struct RootfsBuilder<'a> {
+    pub dir: &'a Path,
+    pub mirror: Option<&'a str>,
+    pub mounter: &'a dyn Mounter,
+}
+
+impl RootfsBuilder<'_> {
+    /// The runtime's tree, building it first if it is not there yet.
+    pub async fn ensure(&self, runtime: RuntimeName) -> Result<PathBuf, RootfsError> {
+        let target = rootfs_path(self.dir, runtime);
+        if target.is_dir() && target.join("code").is_dir() {
+            return Ok(target);
+        }
+        std::fs::create_dir_all(self.dir).map_err(io(self.dir))?;
+        let lock_path = self.dir.join(format!("{runtime}.lock"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io(&lock_path))?;
+        let lp = lock_path.clone();
+        let lock = tokio::task::spawn_blocking(move || {
+            Flock::lock(file, FlockArg::LockExclusive)
+                .map_err(|(_, source)| RootfsError::Lock { path: lp, source })
+        })
+        .await
+        .map_err(|e| RootfsError::Io {
+            path: lock_path.clone(),
+            source: std::io::Error::other(e),
+        })??;
+        let result = self.build_locked(runtime, &target).await;
+        drop(lock);
+        result.map(|()| target)
+    }
+
+    async fn build_locked(&self, runtime: RuntimeName, target: &Path) -> Result<(), RootfsError> {
+        if target.is_dir() {
+            // Built by someone else meanwhile, or by an older version that
+            // did not add the /code mount point.
+            return ensure_dir(&target.join("code"), 0o755);
+        }
+        let tmp = self.dir.join(format!("{runtime}.tmp"));
+        if tmp.exists() {
+            // An interrupted build; debootstrap may have left /proc mounted.
+            unmount_all_under(self.mounter, &tmp).map_err(|source| RootfsError::StaleMounts {
+                path: tmp.clone(),
+                source,
+            })?;
+            std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+        }
+        tracing::info!(%runtime, path = %target.display(), "building runtime root filesystem");
+        match runtime {
+            RuntimeName::Custom => build_minimal(&tmp)?,
+            RuntimeName::CustomDebian12 => self.debootstrap(runtime, &tmp).await?,
+        }
+        std::fs::rename(&tmp, target).map_err(io(target))?;
+        tracing::info!(%runtime, "runtime root filesystem ready");
+        Ok(())
+    }
+
+    async fn debootstrap(&self, runtime: RuntimeName, tmp: &Path) -> Result<(), RootfsError> {
+        let mirror = self.mirror.map(str::to_owned).unwrap_or_else(host_mirror);
+        let log = self.dir.join(format!("{runtime}.log"));
+        let log_file = std::fs::File::create(&log).map_err(io(&log))?;
+        let log_err = log_file.try_clone().map_err(io(&log))?;
+        let status = Command::new("debootstrap")
+            .arg("--variant=minbase")
+            .arg("--include=python3")
+            .arg(SUITE)
+            .arg(tmp)
+            .arg(&mirror)
+            .stdin(Stdio::null())
+            .stdout(log_file)
+            .stderr(log_err)
+            .status()
+            .await
+            .map_err(RootfsError::DebootstrapMissing)?;
+        if !status.success() {
+            return Err(RootfsError::Debootstrap {
+                status: status.to_string(),
+                log,
+            });
+        }
+        // Downloaded packages are not part of the runtime.
+        let archives = tmp.join("var/cache/apt/archives");
+        if let Ok(entries) = std::fs::read_dir(&archives) {
+            for e in entries.flatten() {
+                if e.path().extension().is_some_and(|x| x == "deb") {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        ensure_dir(&tmp.join("code"), 0o755)
+    }
+}
+
+fn ensure_dir(path: &Path, mode: u32) -> Result<(), RootfsError> {
+    std::fs::create_dir_all(path).map_err(io(path))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io(path))
+}
+
+/// The `custom` runtime: mount points and the few files libc looks for.
+fn build_minimal(dir: &Path) -> Result<(), RootfsError> {
+    ensure_dir(dir, 0o755)?;
+    for d in ["code", "proc", "dev", "sys", "etc"] {
+        ensure_dir(&dir.join(d), 0o755)?;
+    }
+    ensure_dir(&dir.join("tmp"), 0o1777)?;
+    let files = [
+        (
+            "etc/passwd",
+            "root:x:0:0:root:/:/bin/sh\nnobody:x:65534:65534:nobody:/:/sbin/nologin\n",
+        ),
+        ("etc/group", "root:x:0:\nnogroup:x:65534:\n"),
+        ("etc/hosts", "127.0.0.1\tlocalhost\n::1\tlocalhost\n"),
+        (
+            "etc/resolv.conf",
+            "# no resolver is configured for this runtime\n",
+        ),
+    ];
+    for (name, content) in files {
+        let p = dir.join(name);
+        std::fs::write(&p, content).map_err(io(&p))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mounts::RecordingMounter;
+
+    #[test]
+    fn mirror_comes_from_the_bookworm_source() {
+        let deb822 = "Types: deb\nURIs: http://mirror.example/debian\nSuites: bookworm bookworm-updates\nComponents: main\n\nTypes: deb\nURIs: http://security.example/debian-security\nSuites: bookworm-security\n";
+        assert_eq!(
+            mirror_from_sources(Some(deb822), None).as_deref(),
+            Some("http://mirror.example/debian")
+        );
+        let sec_first = "URIs: http://s.example/debian-security\nSuites: bookworm-security\n\nURIs: http://m.example/debian\nSuites: bookworm\n";
+        assert_eq!(
+            mirror_from_sources(Some(sec_first), None).as_deref(),
+            Some("http://m.example/debian")
+        );
+        let list = "# comment\ndeb http://s.example/debian-security bookworm-security main\ndeb [arch=amd64] http://l.example/debian bookworm main\n";
+        assert_eq!(
+            mirror_from_sources(None, Some(list)).as_deref(),
+            Some("http://l.example/debian")
+        );
+        assert_eq!(mirror_from_sources(Some(""), Some("")), None);
+    }
+
+    #[tokio::test]
+    async fn custom_is_built_once_and_complete() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = RecordingMounter::new();
+        let b = RootfsBuilder {
+            dir: dir.path(),
+            mirror: None,
+            mounter: &m,
+        };
+        // A stale half build is replaced.
+        std::fs::create_dir_all(dir.path().join("custom.tmp/junk")).unwrap();
+        let path = b.ensure(RuntimeName::Custom).await.unwrap();
+        assert_eq!(path, dir.path().join("custom"));
+        for d in ["code", "tmp", "proc", "dev", "sys", "etc"] {
+            assert!(path.join(d).is_dir(), "{d}");
+        }
+        let passwd = std::fs::read_to_string(path.join("etc/passwd")).unwrap();
+        assert!(passwd.starts_with("root:x:0:0:"));
+        assert!(path.join("etc/resolv.conf").is_file());
+        assert!(!dir.path().join("custom.tmp").exists());
+        let mode = std::fs::metadata(path.join("tmp"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o7777, 0o1777);
+        // Present: a second call changes nothing.
+        std::fs::write(path.join("etc/marker"), "x").unwrap();
+        b.ensure(RuntimeName::Custom).await.unwrap();
+        assert!(path.join("etc/marker").exists());
+    }
+}
