@@ -193,7 +193,8 @@ mod tests {
     #[test]
     fn bad_values_are_refused_with_the_field_name() {
         let base = SchedulerConfig::load(&example_path()).unwrap();
-        let cases: Vec<(&str, Box<dyn Fn(&mut SchedulerConfig)>)> = vec![
+        type Mutation = Box<dyn Fn(&mut SchedulerConfig)>;
+        let cases: Vec<(&str, Mutation)> = vec![
             ("idle_timeout_s", Box::new(|c| c.idle_timeout_s = 0)),
             (
                 "heartbeat_interval_ms",

@@ -520,7 +520,8 @@ fn a_silent_node_is_written_off() {
     assert_eq!(err.code, FcErrorCode::ServiceUnavailable);
     // Its heartbeat asks it to register again; it keeps its id and the
     // instances it still runs are to be destroyed.
-    let hb = f.p.heartbeat(&n1, &[ready.instance_id.clone()], f.now());
+    let hb =
+        f.p.heartbeat(&n1, std::slice::from_ref(&ready.instance_id), f.now());
     assert!(hb.reregister);
     let mut r = registration(Some("n1"), 8192, Tenancy::Dedicated, None);
     r.instances = vec![ready.instance_id.clone()];
@@ -561,7 +562,7 @@ fn reconciliation_both_ways() {
     };
     let stray = InstanceId::generate();
     // Just started: within the grace, a report without them removes nothing.
-    let hb = f.p.heartbeat(&n1, &[stray.clone()], f.now());
+    let hb = f.p.heartbeat(&n1, std::slice::from_ref(&stray), f.now());
     assert_eq!(hb.destroy, vec![stray.clone()]);
     assert_eq!(f.p.instance_count(), 3);
     f.clock.advance(Duration::from_secs(6));

@@ -1,0 +1,30 @@
+//! `/v1/nodes`: registration, heartbeats, the node list.
+
+use http::{Response, StatusCode};
+use hyper::body::Incoming;
+use kiln_core::{FcError, NodeId};
+use kiln_internal_api::server::{json, read_json, Body};
+use kiln_internal_api::{Heartbeat, RegisterNode};
+
+use super::{path_id, BODY_LIMIT};
+use crate::service::Scheduler;
+
+pub async fn register(sched: &Scheduler, body: Incoming) -> Result<Response<Body>, FcError> {
+    let req: RegisterNode = read_json(body, BODY_LIMIT).await?;
+    let resp = sched.register(&req)?;
+    Ok(json(StatusCode::OK, &resp))
+}
+
+pub async fn heartbeat(
+    sched: &Scheduler,
+    node: &str,
+    body: Incoming,
+) -> Result<Response<Body>, FcError> {
+    let node: NodeId = path_id(node)?;
+    let hb: Heartbeat = read_json(body, BODY_LIMIT).await?;
+    Ok(json(StatusCode::OK, &sched.heartbeat(&node, &hb)))
+}
+
+pub fn list(sched: &Scheduler) -> Response<Body> {
+    json(StatusCode::OK, &sched.nodes())
+}

@@ -1,0 +1,170 @@
+//! Prometheus metrics, served in text format on the plain-HTTP
+//! `metrics_listen` address.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::{header, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use kiln_internal_api::server::{full, Body};
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+/// The scheduler's metrics.
+pub struct Metrics {
+    registry: Registry,
+    pub acquires: Counter,
+    pub cold_starts: Counter,
+    pub throttles: Counter,
+    pub start_failures: Counter,
+    pub instances: Gauge,
+    pub nodes_ready: Gauge,
+    pub nodes: Gauge,
+    /// Seconds from an acquire request to its lease (cold starts included).
+    pub acquire_latency: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("kiln_scheduler");
+        let acquires = Counter::default();
+        let cold_starts = Counter::default();
+        let throttles = Counter::default();
+        let start_failures = Counter::default();
+        let instances = Gauge::default();
+        let nodes_ready = Gauge::default();
+        let nodes = Gauge::default();
+        // 50 µs .. ~100 s.
+        let acquire_latency = Histogram::new(exponential_buckets(0.000_05, 2.0, 22));
+        registry.register("acquires", "Leases granted", acquires.clone());
+        registry.register(
+            "cold_starts",
+            "Instances created for a call",
+            cold_starts.clone(),
+        );
+        registry.register(
+            "throttles",
+            "Acquires refused with ResourceThrottled",
+            throttles.clone(),
+        );
+        registry.register(
+            "instance_start_failures",
+            "Instances the agent could not start",
+            start_failures.clone(),
+        );
+        registry.register(
+            "instances",
+            "Instances known to the scheduler",
+            instances.clone(),
+        );
+        registry.register("nodes_ready", "Nodes taking instances", nodes_ready.clone());
+        registry.register("nodes", "Nodes known to the scheduler", nodes.clone());
+        registry.register(
+            "acquire_latency_seconds",
+            "Time from an acquire request to its lease",
+            acquire_latency.clone(),
+        );
+        Self {
+            registry,
+            acquires,
+            cold_starts,
+            throttles,
+            start_failures,
+            instances,
+            nodes_ready,
+            nodes,
+            acquire_latency,
+        }
+    }
+}
+
+impl Metrics {
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        encode(&mut s, &self.registry).expect("writing to a String cannot fail");
+        s
+    }
+}
+
+/// Serve `GET /metrics` on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, _) = tokio::select! {
+            _ = &mut shutdown => break,
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let svc =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let metrics = metrics.clone();
+                    async move { Ok::<_, Infallible>(respond(&req, &metrics)) }
+                });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}
+
+fn respond(req: &hyper::Request<hyper::body::Incoming>, metrics: &Metrics) -> Response<Body> {
+    if req.method() == http::Method::GET && req.uri().path() == "/metrics" {
+        Response::builder()
+            .header(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )
+            .body(full(metrics.render()))
+            .expect("valid response")
+    } else {
+        Response::builder()
+            .status(StatusCode::NOT_FOUND)
+            .body(full("only GET /metrics is served here\n"))
+            .expect("valid response")
+    }
+}
+
+/// Bind the metrics listener.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_metric() {
+        let m = Metrics::default();
+        m.acquires.inc();
+        m.acquire_latency.observe(0.002);
+        let text = m.render();
+        for name in [
+            "kiln_scheduler_acquires_total 1",
+            "kiln_scheduler_cold_starts_total",
+            "kiln_scheduler_throttles_total",
+            "kiln_scheduler_instances",
+            "kiln_scheduler_nodes",
+            "kiln_scheduler_acquire_latency_seconds_bucket",
+        ] {
+            assert!(text.contains(name), "{name} missing from\n{text}");
+        }
+    }
+}

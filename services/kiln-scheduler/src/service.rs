@@ -1,0 +1,389 @@
+//! The scheduler service: the placement core behind a mutex, plus what the
+//! core leaves to its caller: starting instances on agents, waking the calls
+//! that wait for them, destroying instances, persisting the journal.
+//!
+//! The mutex is never held across an await; every decision under it is
+//! O(log n), so it is not a bottleneck at the scales Kiln targets.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use kiln_core::{Clock, FcError, FcErrorCode, InstanceId, LeaseId, NodeId};
+use kiln_internal_api::{
+    AcquireLease, CreateInstance, Heartbeat, HeartbeatResponse, InstanceInfo, Lease, LeaseOutcome,
+    NodeInfo, RegisterNode, RegisterNodeResponse, RetireFunction,
+};
+use tokio::sync::watch;
+use tracing::Instrument;
+
+use crate::agent::{start_timed_out, AgentClient};
+use crate::config::SchedulerConfig;
+use crate::metrics::Metrics;
+use crate::placement::{Acquired, CreateJob, Destroy, Effects, Placement, PlacementConfig};
+use crate::store::{SchedulerStore, SchedulerStoreError, Writer};
+
+/// How a start ended, as seen by the calls waiting for it.
+type StartResult = Option<Result<(), FcError>>;
+
+/// What the service needs from the outside world.
+pub struct SchedulerDeps {
+    pub clock: Arc<dyn Clock>,
+    pub agent: Arc<dyn AgentClient>,
+    pub store: Arc<dyn SchedulerStore>,
+}
+
+/// A handle on the running scheduler; cheap to clone.
+#[derive(Clone)]
+pub struct Scheduler {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    state: Mutex<State>,
+    clock: Arc<dyn Clock>,
+    agent: Arc<dyn AgentClient>,
+    writer: Writer,
+    metrics: Arc<Metrics>,
+    start_timeout: Duration,
+    heartbeat_interval_ms: u64,
+}
+
+struct State {
+    core: Placement,
+    /// One channel per starting instance; its waiters subscribe.
+    starting: HashMap<InstanceId, watch::Sender<StartResult>>,
+}
+
+impl Scheduler {
+    /// Load the persisted state and start the write-behind task. Must be
+    /// called inside a tokio runtime.
+    pub fn new(
+        config: &SchedulerConfig,
+        deps: SchedulerDeps,
+    ) -> Result<(Self, tokio::task::JoinHandle<()>), SchedulerStoreError> {
+        let placement = PlacementConfig {
+            max_instances_per_account: config.max_instances_per_account,
+            idle_timeout_ms: config.idle_timeout_s * 1000,
+            node_failure_after_ms: config.node_failure_after_ms,
+            lease_grace_ms: config.instance_start_timeout_ms + 60_000,
+            reconcile_grace_ms: config.heartbeat_interval_ms * 2,
+        };
+        let (nodes, instances) = deps.store.load()?;
+        let now = deps.clock.now_ms();
+        let (core, effects) = Placement::restore(placement, nodes, instances, now);
+        tracing::info!(
+            nodes = core.node_count(),
+            instances = core.instance_count(),
+            "scheduler state loaded"
+        );
+        let (writer, writer_task) = Writer::spawn(deps.store);
+        let sched = Self {
+            inner: Arc::new(Inner {
+                state: Mutex::new(State {
+                    core,
+                    starting: HashMap::new(),
+                }),
+                clock: deps.clock,
+                agent: deps.agent,
+                writer,
+                metrics: Arc::new(Metrics::default()),
+                start_timeout: config.instance_start_timeout(),
+                heartbeat_interval_ms: config.heartbeat_interval_ms,
+            }),
+        };
+        {
+            let mut st = sched.lock();
+            sched.finish(&mut st, effects);
+            sched.update_node_gauges(&st);
+        }
+        Ok((sched, writer_task))
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn now(&self) -> u64 {
+        self.inner.clock.now_ms()
+    }
+
+    /// Carry out what a core operation asked for. Called with the lock
+    /// held, so the journal reaches the writer in decision order.
+    fn finish(&self, st: &mut State, effects: Effects) {
+        self.inner.writer.send(st.core.take_changes());
+        for (id, err) in effects.aborted_starts {
+            if let Some(tx) = st.starting.remove(&id) {
+                tx.send_replace(Some(Err(err)));
+            }
+        }
+        for d in effects.destroy {
+            self.spawn_destroy(d);
+        }
+        self.inner
+            .metrics
+            .instances
+            .set(st.core.instance_count() as i64);
+    }
+
+    fn update_node_gauges(&self, st: &State) {
+        let m = &self.inner.metrics;
+        m.nodes.set(st.core.node_count() as i64);
+        m.nodes_ready.set(st.core.ready_node_count() as i64);
+    }
+
+    fn spawn_destroy(&self, d: Destroy) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let agent = self.inner.agent.clone();
+        let span = tracing::info_span!("instance.destroy", instance_id = %d.instance_id, node_id = %d.node_id);
+        rt.spawn(
+            async move {
+                match agent.destroy_instance(&d.agent_url, &d.instance_id).await {
+                    Ok(()) => tracing::info!("instance destroyed"),
+                    // The agent's next report names it; reconciliation
+                    // asks again.
+                    Err(e) => tracing::warn!(error = %e, "agent could not destroy instance"),
+                }
+            }
+            .instrument(span),
+        );
+    }
+
+    // ---- leases ---------------------------------------------------------
+
+    /// A slot for one call. Waits while the instance it lands on starts.
+    pub async fn acquire(&self, req: AcquireLease) -> Result<Lease, FcError> {
+        let span = tracing::info_span!(
+            "acquire",
+            request_id = %req.request_id,
+            account_id = %req.spec.account_id,
+            function = %req.spec.function_name,
+        );
+        self.acquire_inner(req).instrument(span).await
+    }
+
+    async fn acquire_inner(&self, req: AcquireLease) -> Result<Lease, FcError> {
+        let t0 = Instant::now();
+        let m = &self.inner.metrics;
+        let (lease, wait) = {
+            let mut st = self.lock();
+            let now = self.now();
+            let result = st.core.acquire(&req.spec, now);
+            let out = match result {
+                Err(e) => {
+                    if e.code == FcErrorCode::ResourceThrottled {
+                        m.throttles.inc();
+                        tracing::info!(error = %e, "acquire throttled");
+                    }
+                    return Err(e);
+                }
+                Ok(Acquired::Ready(lease)) => (lease, None),
+                Ok(Acquired::Starting { lease, create }) => {
+                    if let Some(job) = create {
+                        let (tx, _) = watch::channel(None);
+                        st.starting.insert(job.instance_id.clone(), tx);
+                        m.cold_starts.inc();
+                        tokio::spawn(self.clone().start_instance(job));
+                    }
+                    let rx = st.starting.get(&lease.instance_id).map(|tx| tx.subscribe());
+                    (lease, Some(rx))
+                }
+            };
+            self.finish(&mut st, Effects::default());
+            out
+        };
+        if let Some(rx) = wait {
+            // Dropped before the start resolves (the caller went away):
+            // give the slot back.
+            let guard = LeaseGuard {
+                sched: self.clone(),
+                lease_id: Some(lease.lease_id.clone()),
+            };
+            let Some(mut rx) = rx else {
+                return Err(FcError::internal("the instance's start is not tracked"));
+            };
+            let result = match rx.wait_for(Option::is_some).await {
+                Ok(v) => v.clone().unwrap_or(Ok(())),
+                Err(_) => Err(FcError::unavailable(
+                    "the instance's start was abandoned; retry the call",
+                )),
+            };
+            result?;
+            guard.disarm();
+        }
+        m.acquires.inc();
+        m.acquire_latency.observe(t0.elapsed().as_secs_f64());
+        tracing::debug!(lease_id = %lease.lease_id, instance_id = %lease.instance_id, cold_start = lease.cold_start, "lease granted");
+        Ok(lease)
+    }
+
+    async fn start_instance(self, job: CreateJob) {
+        let span = tracing::info_span!(
+            "instance.create",
+            instance_id = %job.instance_id,
+            node_id = %job.node_id,
+            account_id = %job.spec.account_id,
+            function = %job.spec.function_name,
+        );
+        async move {
+            let req = CreateInstance {
+                instance_id: job.instance_id.clone(),
+                spec: (*job.spec).clone(),
+            };
+            let timeout = self.inner.start_timeout;
+            let create = self.inner.agent.create_instance(&job.agent_url, &req);
+            let result = match tokio::time::timeout(timeout, create).await {
+                Ok(r) => r,
+                Err(_) => Err(start_timed_out(timeout)),
+            };
+            let mut st = self.lock();
+            let now = self.now();
+            let mut effects = Effects::default();
+            let outcome = match result {
+                Ok(created) => {
+                    tracing::info!(startup_ms = created.startup_ms, "instance started");
+                    let (known, e) = st.core.instance_started(&job.instance_id, now);
+                    effects = e;
+                    if !known {
+                        // Written off meanwhile (its node went silent):
+                        // clean up in case the agent is alive after all.
+                        effects.destroy.push(destroy_of(&job));
+                    }
+                    Ok(())
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "instance did not start");
+                    self.inner.metrics.start_failures.inc();
+                    st.core.instance_start_failed(&job.instance_id);
+                    // The agent may hold half of it; destroy is idempotent.
+                    effects.destroy.push(destroy_of(&job));
+                    Err(e)
+                }
+            };
+            if let Some(tx) = st.starting.remove(&job.instance_id) {
+                tx.send_replace(Some(outcome));
+            }
+            self.finish(&mut st, effects);
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Give a slot back. See [`Placement::release`] for the answers.
+    pub fn release(&self, lease_id: &LeaseId, outcome: LeaseOutcome) -> Result<(), FcError> {
+        let mut st = self.lock();
+        let now = self.now();
+        let result = st.core.release(lease_id, outcome, now);
+        let effects = match result {
+            Ok(e) => e,
+            Err(e) => {
+                self.finish(&mut st, Effects::default());
+                return Err(e);
+            }
+        };
+        self.finish(&mut st, effects);
+        Ok(())
+    }
+
+    pub fn retire(&self, req: &RetireFunction) {
+        let mut st = self.lock();
+        let effects = st.core.retire(
+            &req.account_id,
+            &req.function_name,
+            req.keep_revision.as_deref(),
+        );
+        tracing::info!(
+            account_id = %req.account_id,
+            function = %req.function_name,
+            keep_revision = req.keep_revision.as_deref().unwrap_or("-"),
+            destroyed_now = effects.destroy.len(),
+            "function retired"
+        );
+        self.finish(&mut st, effects);
+    }
+
+    // ---- nodes ----------------------------------------------------------
+
+    pub fn register(&self, req: &RegisterNode) -> Result<RegisterNodeResponse, FcError> {
+        let mut st = self.lock();
+        let now = self.now();
+        let r = st.core.register(req, now)?;
+        self.finish(&mut st, r.effects);
+        self.update_node_gauges(&st);
+        Ok(RegisterNodeResponse {
+            node_id: r.node_id,
+            heartbeat_interval_ms: self.inner.heartbeat_interval_ms,
+            destroy: r.destroy,
+        })
+    }
+
+    pub fn heartbeat(&self, node: &NodeId, hb: &Heartbeat) -> HeartbeatResponse {
+        let mut st = self.lock();
+        let now = self.now();
+        let out = st.core.heartbeat(node, &hb.instances, now);
+        self.finish(&mut st, out.effects);
+        HeartbeatResponse {
+            destroy: out.destroy,
+            reregister: out.reregister,
+        }
+    }
+
+    /// Periodic work: idle instances, lost leases, silent nodes.
+    pub fn tick(&self) {
+        let mut st = self.lock();
+        let now = self.now();
+        let effects = st.core.tick(now);
+        self.finish(&mut st, effects);
+        self.update_node_gauges(&st);
+    }
+
+    pub fn nodes(&self) -> Vec<NodeInfo> {
+        self.lock().core.nodes_info()
+    }
+
+    pub fn instances(&self) -> Vec<InstanceInfo> {
+        self.lock().core.instances_info()
+    }
+
+    /// Resolves once every change so far is on disk.
+    pub async fn flush(&self) -> Result<(), FcError> {
+        self.inner.writer.flush().await
+    }
+}
+
+fn destroy_of(job: &CreateJob) -> Destroy {
+    Destroy {
+        instance_id: job.instance_id.clone(),
+        node_id: job.node_id.clone(),
+        agent_url: job.agent_url.clone(),
+    }
+}
+
+/// Releases a lease when the acquire that took it is abandoned.
+struct LeaseGuard {
+    sched: Scheduler,
+    lease_id: Option<LeaseId>,
+}
+
+impl LeaseGuard {
+    fn disarm(mut self) {
+        self.lease_id = None;
+    }
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        if let Some(id) = self.lease_id.take() {
+            let _ = self.sched.release(&id, LeaseOutcome::Ok);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

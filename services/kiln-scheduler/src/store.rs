@@ -1,0 +1,403 @@
+//! The scheduler's own database (`state_dir/scheduler.db`): nodes and
+//! instances, written behind the in-memory core in batches.
+
+use std::path::Path;
+
+use kiln_core::{FcError, InstanceId};
+use kiln_store::{Database, Migration, StoreError};
+use rusqlite::{params, OptionalExtension};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::placement::{Change, InstanceRecord, NodeRecord};
+
+const MIGRATIONS: &[Migration] = &[Migration {
+    name: "nodes and instances",
+    sql: "
+        CREATE TABLE nodes (
+            node_id TEXT PRIMARY KEY,
+            agent_url TEXT NOT NULL,
+            capacity TEXT NOT NULL,        -- JSON NodeCapacity
+            labels TEXT NOT NULL,          -- JSON NodeLabels
+            bound_account TEXT,
+            state TEXT NOT NULL,
+            last_heartbeat_ms INTEGER NOT NULL
+        );
+        CREATE TABLE instances (
+            instance_id TEXT PRIMARY KEY,
+            node_id TEXT NOT NULL REFERENCES nodes(node_id),
+            spec TEXT NOT NULL,            -- JSON InstanceSpec
+            state TEXT NOT NULL,
+            created_at_ms INTEGER NOT NULL
+        );
+        CREATE INDEX instances_node ON instances(node_id);
+    ",
+}];
+
+/// Why the scheduler's state could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum SchedulerStoreError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("Stored {what} {id} is unreadable: {reason}")]
+    Corrupt {
+        what: &'static str,
+        id: String,
+        reason: String,
+    },
+}
+
+impl From<rusqlite::Error> for SchedulerStoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        Self::Store(StoreError::Sqlite(e))
+    }
+}
+
+/// Where nodes and instances are kept across restarts.
+pub trait SchedulerStore: Send + Sync + 'static {
+    fn load(&self) -> Result<(Vec<NodeRecord>, Vec<InstanceRecord>), SchedulerStoreError>;
+    /// Apply changes in order, all or none.
+    fn apply(&self, changes: &[Change]) -> Result<(), SchedulerStoreError>;
+}
+
+/// The SQLite store.
+#[derive(Clone)]
+pub struct SqliteSchedulerStore {
+    db: Database,
+}
+
+impl SqliteSchedulerStore {
+    pub fn open(path: &Path) -> Result<Self, SchedulerStoreError> {
+        Ok(Self {
+            db: Database::open(path, MIGRATIONS)?,
+        })
+    }
+
+    pub fn open_in_memory() -> Result<Self, SchedulerStoreError> {
+        Ok(Self {
+            db: Database::open_in_memory(MIGRATIONS)?,
+        })
+    }
+}
+
+fn corrupt(what: &'static str, id: &str, reason: impl ToString) -> SchedulerStoreError {
+    SchedulerStoreError::Corrupt {
+        what,
+        id: id.to_owned(),
+        reason: reason.to_string(),
+    }
+}
+
+impl SchedulerStore for SqliteSchedulerStore {
+    fn load(&self) -> Result<(Vec<NodeRecord>, Vec<InstanceRecord>), SchedulerStoreError> {
+        self.db
+            .with_conn(|c| {
+                let nodes = c
+                    .prepare(
+                        "SELECT node_id, agent_url, capacity, labels, bound_account, state, \
+                         last_heartbeat_ms FROM nodes ORDER BY node_id",
+                    )?
+                    .query_map([], |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, String>(2)?,
+                            r.get::<_, String>(3)?,
+                            r.get::<_, Option<String>>(4)?,
+                            r.get::<_, String>(5)?,
+                            r.get::<_, i64>(6)?,
+                        ))
+                    })?
+                    .collect::<Result<Vec<_>, _>>()?;
+                let instances = c
+                    .prepare(
+                        "SELECT instance_id, node_id, spec, state, created_at_ms FROM instances \
+                         ORDER BY instance_id",
+                    )?
+                    .query_map([], |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, String>(2)?,
+                            r.get::<_, String>(3)?,
+                            r.get::<_, i64>(4)?,
+                        ))
+                    })?
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok((nodes, instances))
+            })
+            .map_err(SchedulerStoreError::from)
+            .and_then(|(nodes, instances)| {
+                let nodes = nodes
+                    .into_iter()
+                    .map(|(id, url, cap, labels, bound, state, hb)| {
+                        let e = |r: String| corrupt("node", &id, r);
+                        Ok(NodeRecord {
+                            node_id: id.parse().map_err(|x| e(format!("{x}")))?,
+                            agent_url: url,
+                            capacity: serde_json::from_str(&cap).map_err(|x| e(x.to_string()))?,
+                            labels: serde_json::from_str(&labels).map_err(|x| e(x.to_string()))?,
+                            bound_account: bound
+                                .map(|a| a.parse())
+                                .transpose()
+                                .map_err(|x| e(format!("{x}")))?,
+                            state: state.parse().map_err(e)?,
+                            last_heartbeat_ms: hb.max(0) as u64,
+                        })
+                    })
+                    .collect::<Result<Vec<_>, SchedulerStoreError>>()?;
+                let instances = instances
+                    .into_iter()
+                    .map(|(id, node, spec, state, created)| {
+                        let e = |r: String| corrupt("instance", &id, r);
+                        Ok(InstanceRecord {
+                            instance_id: id.parse().map_err(|x| e(format!("{x}")))?,
+                            node_id: node.parse().map_err(|x| e(format!("{x}")))?,
+                            spec: serde_json::from_str(&spec).map_err(|x| e(x.to_string()))?,
+                            state: state.parse().map_err(e)?,
+                            created_at_ms: created.max(0) as u64,
+                        })
+                    })
+                    .collect::<Result<Vec<_>, SchedulerStoreError>>()?;
+                Ok((nodes, instances))
+            })
+    }
+
+    fn apply(&self, changes: &[Change]) -> Result<(), SchedulerStoreError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        self.db.with_conn(|c| {
+            let tx = c.transaction()?;
+            for change in changes {
+                match change {
+                    Change::UpsertNode(n) => {
+                        tx.execute(
+                            "INSERT INTO nodes (node_id, agent_url, capacity, labels, bound_account, \
+                             state, last_heartbeat_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
+                             ON CONFLICT(node_id) DO UPDATE SET agent_url = excluded.agent_url, \
+                             capacity = excluded.capacity, labels = excluded.labels, \
+                             bound_account = excluded.bound_account, state = excluded.state, \
+                             last_heartbeat_ms = excluded.last_heartbeat_ms",
+                            params![
+                                n.node_id.as_str(),
+                                n.agent_url,
+                                serde_json::to_string(&n.capacity).expect("serialises"),
+                                serde_json::to_string(&n.labels).expect("serialises"),
+                                n.bound_account.as_ref().map(|a| a.as_str()),
+                                n.state.as_str(),
+                                n.last_heartbeat_ms as i64,
+                            ],
+                        )?;
+                    }
+                    Change::UpsertInstance(i) => {
+                        tx.execute(
+                            "INSERT INTO instances (instance_id, node_id, spec, state, created_at_ms) \
+                             VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT(instance_id) DO UPDATE SET \
+                             node_id = excluded.node_id, spec = excluded.spec, \
+                             state = excluded.state",
+                            params![
+                                i.instance_id.as_str(),
+                                i.node_id.as_str(),
+                                serde_json::to_string(&i.spec).expect("serialises"),
+                                i.state.as_str(),
+                                i.created_at_ms as i64,
+                            ],
+                        )?;
+                    }
+                    Change::DeleteInstance(id) => {
+                        tx.execute(
+                            "DELETE FROM instances WHERE instance_id = ?1",
+                            params![id.as_str()],
+                        )?;
+                    }
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })?;
+        Ok(())
+    }
+}
+
+impl SqliteSchedulerStore {
+    /// Whether an instance is stored (for tests and diagnostics).
+    pub fn has_instance(&self, id: &InstanceId) -> Result<bool, SchedulerStoreError> {
+        let found = self.db.with_conn(|c| {
+            Ok(c.query_row(
+                "SELECT 1 FROM instances WHERE instance_id = ?1",
+                params![id.as_str()],
+                |_| Ok(()),
+            )
+            .optional()?)
+        })?;
+        Ok(found.is_some())
+    }
+}
+
+enum WriterMsg {
+    Changes(Vec<Change>),
+    Flush(oneshot::Sender<()>),
+}
+
+/// Write-behind: the core's journal goes to a channel, and one task applies
+/// whatever accumulated in a single transaction. A lost write costs nothing
+/// lasting: the agents' reports reconcile the difference.
+#[derive(Clone)]
+pub struct Writer {
+    tx: mpsc::UnboundedSender<WriterMsg>,
+}
+
+impl Writer {
+    pub fn spawn(store: std::sync::Arc<dyn SchedulerStore>) -> (Self, tokio::task::JoinHandle<()>) {
+        let (tx, mut rx) = mpsc::unbounded_channel::<WriterMsg>();
+        let task = tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut batch = Vec::new();
+                let mut flushes = Vec::new();
+                let mut next = Some(first);
+                while let Some(m) = next.take() {
+                    match m {
+                        WriterMsg::Changes(c) => batch.extend(c),
+                        WriterMsg::Flush(f) => flushes.push(f),
+                    }
+                    if batch.len() < 10_000 {
+                        next = rx.try_recv().ok();
+                    }
+                }
+                if !batch.is_empty() {
+                    let store = store.clone();
+                    let n = batch.len();
+                    let r = tokio::task::spawn_blocking(move || store.apply(&batch)).await;
+                    match r {
+                        Ok(Ok(())) => tracing::trace!(changes = n, "scheduler state persisted"),
+                        Ok(Err(e)) => {
+                            tracing::error!(error = %error_chain(&e), changes = n, "cannot persist scheduler state")
+                        }
+                        Err(e) => tracing::error!(error = %e, "persistence task failed"),
+                    }
+                }
+                for f in flushes {
+                    let _ = f.send(());
+                }
+            }
+        });
+        (Self { tx }, task)
+    }
+
+    pub fn send(&self, changes: Vec<Change>) {
+        if !changes.is_empty() {
+            let _ = self.tx.send(WriterMsg::Changes(changes));
+        }
+    }
+
+    /// Resolves once everything sent before is written.
+    pub async fn flush(&self) -> Result<(), FcError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(WriterMsg::Flush(tx))
+            .map_err(|_| FcError::internal("the state writer has stopped"))?;
+        rx.await
+            .map_err(|_| FcError::internal("the state writer has stopped"))
+    }
+}
+
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::placement::tests::{registration, spec};
+    use crate::placement::{Acquired, Placement, PlacementConfig};
+    use kiln_internal_api::Tenancy;
+
+    #[test]
+    fn state_survives_reopening_the_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("scheduler.db");
+        let store = SqliteSchedulerStore::open(&path).unwrap();
+        let mut p = Placement::new(PlacementConfig::default());
+        p.register(
+            &registration(Some("n1"), 4096, Tenancy::Dedicated, None),
+            10,
+        )
+        .unwrap();
+        let s = spec("1", "f", 2, 512);
+        let Acquired::Starting {
+            create: Some(job), ..
+        } = p.acquire(&s, 10).unwrap()
+        else {
+            panic!("expected a new instance");
+        };
+        p.instance_started(&job.instance_id, 11);
+        let Acquired::Starting {
+            create: Some(gone), ..
+        } = p.acquire(&spec("1", "g", 1, 128), 12).unwrap()
+        else {
+            panic!("expected a new instance");
+        };
+        p.instance_start_failed(&gone.instance_id);
+        store.apply(&p.take_changes()).unwrap();
+        drop(store);
+
+        let store = SqliteSchedulerStore::open(&path).unwrap();
+        let (nodes, instances) = store.load().unwrap();
+        assert_eq!(nodes.len(), 1);
+        assert_eq!(nodes[0].bound_account.as_ref().unwrap().as_str(), "1");
+        assert_eq!(instances.len(), 1);
+        assert_eq!(instances[0].instance_id, job.instance_id);
+        assert_eq!(instances[0].spec, s);
+        assert!(!store.has_instance(&gone.instance_id).unwrap());
+        let (p2, _) = Placement::restore(PlacementConfig::default(), nodes, instances, 1_000);
+        assert_eq!(p2.instance_count(), 1);
+        assert_eq!(p2.node(&job.node_id).unwrap().used_memory_mb, 512);
+    }
+
+    #[test]
+    fn corrupt_rows_are_reported() {
+        let store = SqliteSchedulerStore::open_in_memory().unwrap();
+        store
+            .db
+            .with_conn(|c| {
+                c.execute(
+                    "INSERT INTO nodes VALUES ('BAD/ID', 'https://x:1', '{}', '{}', NULL, 'ready', 0)",
+                    [],
+                )?;
+                Ok(())
+            })
+            .unwrap();
+        let err = store.load().unwrap_err();
+        assert!(
+            matches!(err, SchedulerStoreError::Corrupt { what: "node", .. }),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_writer_batches_and_flushes() {
+        let store = std::sync::Arc::new(SqliteSchedulerStore::open_in_memory().unwrap());
+        let (writer, _task) = Writer::spawn(store.clone());
+        let mut p = Placement::new(PlacementConfig::default());
+        p.register(
+            &registration(Some("n1"), 4096, Tenancy::Dedicated, None),
+            10,
+        )
+        .unwrap();
+        writer.send(p.take_changes());
+        for i in 0..50 {
+            p.acquire(&spec("1", &format!("f{i}"), 1, 64), 10).unwrap();
+            writer.send(p.take_changes());
+        }
+        writer.flush().await.unwrap();
+        let (_, instances) = store.load().unwrap();
+        assert_eq!(instances.len(), 50);
+    }
+}
