@@ -39,9 +39,9 @@ impl InternalClientError {
     pub fn to_fc(&self) -> FcError {
         match self {
             Self::Remote { error, .. } => error.clone(),
-            Self::Timeout { .. } | Self::Transport { .. } => FcError::unavailable(
-                "an internal service is unreachable; retry the request",
-            ),
+            Self::Timeout { .. } | Self::Transport { .. } => {
+                FcError::unavailable("an internal service is unreachable; retry the request")
+            }
             Self::Decode { .. } => FcError::internal("an internal service answered badly"),
         }
     }
@@ -66,12 +66,19 @@ impl InternalClient {
         http.set_nodelay(true);
         http.enforce_http(false);
         http.set_connect_timeout(Some(Duration::from_secs(3)));
+        // hyper-rustls sets ALPN itself (h2 only here) and refuses a config
+        // that already has it.
+        let mut tls = (*tls).clone();
+        tls.alpn_protocols.clear();
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config((*tls).clone())
+            .with_tls_config(tls)
             .https_only()
             .enable_http2()
             .wrap_connector(http);
         let http = Client::builder(TokioExecutor::new())
+            // HTTP/2 keep-alive needs a timer.
+            .timer(hyper_util::rt::TokioTimer::new())
+            .pool_timer(hyper_util::rt::TokioTimer::new())
             .http2_only(true)
             .http2_initial_stream_window_size(1 << 20)
             .http2_initial_connection_window_size(4 << 20)
@@ -95,7 +102,10 @@ impl InternalClient {
 
     /// Send a request as is; the caller reads the streamed answer. No
     /// timeout is applied beyond the connect timeout.
-    pub async fn send(&self, req: Request<Body>) -> Result<Response<Incoming>, InternalClientError> {
+    pub async fn send(
+        &self,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, InternalClientError> {
         let url = req.uri().to_string();
         self.http
             .request(req)
