@@ -1,0 +1,485 @@
+//! The real scheduler over real mTLS, with a fake agent that is itself an
+//! mTLS HTTP/2 server.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::{Method, Request, StatusCode};
+use http_body_util::BodyExt;
+use kiln_core::{FcErrorCode, InstanceId, InstanceSpec, RuntimeName, SandboxKind};
+use kiln_internal_api::server::{self, full, json, no_content, read_json, serve_tls};
+use kiln_internal_api::{
+    paths, AcquireLease, CreateInstance, Heartbeat, HeartbeatResponse, InstanceCreated,
+    InstanceInfo, InternalClient, InternalClientError, Lease, LeaseOutcome, NodeCapacity, NodeInfo,
+    NodeLabels, RegisterNode, RegisterNodeResponse, ReleaseLease, Tenancy,
+};
+use kiln_pki::{DevPki, TlsFiles};
+use kiln_scheduler::{SchedulerConfig, SchedulerHandle};
+use tokio::net::TcpListener;
+
+#[derive(Default)]
+struct AgentLog {
+    created: Vec<InstanceId>,
+    destroyed: Vec<InstanceId>,
+}
+
+/// An agent that takes 200 ms to start an instance, refuses functions
+/// named "broken", and records what it was asked.
+struct FakeAgentServer {
+    url: String,
+    log: Arc<Mutex<AgentLog>>,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+async fn fake_agent(files: &TlsFiles) -> FakeAgentServer {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let tls = kiln_pki::internal_server_config(files).unwrap();
+    let log = Arc::new(Mutex::new(AgentLog::default()));
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let l = log.clone();
+    tokio::spawn(serve_tls(
+        listener,
+        tls,
+        move |req: Request<hyper::body::Incoming>, _conn| {
+            let log = l.clone();
+            async move {
+                let path = req.uri().path().to_owned();
+                match (req.method().clone(), path.as_str()) {
+                    (Method::POST, paths::AGENT_INSTANCES) => {
+                        let c: CreateInstance = read_json(req.into_body(), 1 << 20).await.unwrap();
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        if c.spec.function_name.as_str() == "broken" {
+                            return server::error(
+                                &kiln_core::FcError::new(
+                                    FcErrorCode::FunctionNotStarted,
+                                    "the runtime exited before listening on port 9000",
+                                ),
+                                "agent",
+                            );
+                        }
+                        log.lock().unwrap().created.push(c.instance_id.clone());
+                        json(
+                            StatusCode::OK,
+                            &InstanceCreated {
+                                instance_id: c.instance_id,
+                                startup_ms: 200,
+                            },
+                        )
+                    }
+                    (Method::DELETE, p) if p.starts_with("/v1/instances/") => {
+                        let id: InstanceId = p["/v1/instances/".len()..].parse().unwrap();
+                        log.lock().unwrap().destroyed.push(id);
+                        no_content()
+                    }
+                    _ => server::not_found(&path, "agent"),
+                }
+            }
+        },
+        async move {
+            let mut rx = rx;
+            let _ = rx.wait_for(|v| *v).await;
+        },
+    ));
+    FakeAgentServer {
+        url: format!("https://127.0.0.1:{}", addr.port()),
+        log,
+        stop,
+    }
+}
+
+fn spec(function: &str, concurrency: u32) -> InstanceSpec {
+    InstanceSpec {
+        account_id: "100".parse().unwrap(),
+        function_name: function.parse().unwrap(),
+        revision: String::new(),
+        runtime: RuntimeName::Custom,
+        handler: "index.handler".into(),
+        command: vec!["/code/server".into()],
+        args: vec![],
+        port: 9000,
+        environment: Default::default(),
+        memory_mb: 128,
+        cpu_milli: 100,
+        disk_mb: 512,
+        timeout_s: 5,
+        concurrency,
+        code_digest: "ab".repeat(32),
+        code_size: 1,
+    }
+    .seal()
+}
+
+fn registration(node_id: Option<kiln_core::NodeId>, agent_url: &str) -> RegisterNode {
+    RegisterNode {
+        node_id,
+        agent_url: agent_url.to_owned(),
+        capacity: NodeCapacity {
+            memory_mb: 16 * 1024,
+            cpu_milli: 16_000,
+            max_instances: 500,
+        },
+        labels: NodeLabels {
+            zone: "zone-a".into(),
+            tenancy: Tenancy::Dedicated,
+            sandbox_kinds: vec![SandboxKind::Container],
+            dedicated_account: None,
+        },
+        instances: vec![],
+    }
+}
+
+async fn start_scheduler(dir: &Path, pki: &DevPki) -> SchedulerHandle {
+    let mut config = SchedulerConfig::new(
+        dir.join("scheduler"),
+        "127.0.0.1:0".parse().unwrap(),
+        pki.files("scheduler"),
+    );
+    config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    kiln_scheduler::start(config).await.unwrap()
+}
+
+fn base(addr: SocketAddr) -> String {
+    format!("https://127.0.0.1:{}", addr.port())
+}
+
+async fn release(client: &InternalClient, base: &str, lease: &Lease) {
+    client
+        .call::<_, ()>(
+            Method::DELETE,
+            base,
+            &paths::lease(&lease.lease_id),
+            Some(&ReleaseLease {
+                outcome: LeaseOutcome::Ok,
+            }),
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_acquire_release_over_mtls() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = DevPki::ensure(&dir.path().join("pki"), &[]).unwrap();
+    let agent = fake_agent(&pki.files("agent")).await;
+    let handle = start_scheduler(dir.path(), &pki).await;
+    let base = base(handle.addr());
+    let client = InternalClient::new(&pki.files("gateway-internal")).unwrap();
+
+    // Before any node: a retryable ServiceUnavailable.
+    let err = client
+        .post::<_, Lease>(
+            &base,
+            paths::LEASES,
+            &AcquireLease {
+                request_id: "r-0".into(),
+                spec: spec("burst", 10),
+            },
+        )
+        .await
+        .unwrap_err();
+    match err {
+        InternalClientError::Remote { error, .. } => {
+            assert_eq!(error.code, FcErrorCode::ServiceUnavailable)
+        }
+        other => panic!("expected a remote error, got {other}"),
+    }
+
+    let agent_client = InternalClient::new(&pki.files("agent")).unwrap();
+    let reg: RegisterNodeResponse = agent_client
+        .post(
+            &base,
+            paths::NODES_REGISTER,
+            &registration(None, &agent.url),
+        )
+        .await
+        .unwrap();
+    assert_eq!(reg.heartbeat_interval_ms, 2_000);
+
+    // 200 simultaneous calls, concurrency 10, 200 ms starts: ~20 instances.
+    let s = spec("burst", 10);
+    let calls = (0..200).map(|i| {
+        let client = client.clone();
+        let base = base.clone();
+        let req = AcquireLease {
+            request_id: format!("r-{i}"),
+            spec: s.clone(),
+        };
+        tokio::spawn(async move { client.post::<_, Lease>(&base, paths::LEASES, &req).await })
+    });
+    let leases: Vec<Lease> = futures_util::future::join_all(calls)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().unwrap())
+        .collect();
+    let instances: HashSet<&InstanceId> = leases.iter().map(|l| &l.instance_id).collect();
+    assert!(
+        (20..=22).contains(&instances.len()),
+        "{} instances for 200 calls at concurrency 10",
+        instances.len()
+    );
+    assert_eq!(agent.log.lock().unwrap().created.len(), instances.len());
+    assert!(leases
+        .iter()
+        .all(|l| l.agent_url == agent.url && l.node_id == reg.node_id));
+
+    let listed: Vec<InstanceInfo> = client.get(&base, paths::SCHEDULER_INSTANCES).await.unwrap();
+    assert_eq!(listed.len(), instances.len());
+    assert_eq!(listed.iter().map(|i| i.in_flight).sum::<u32>(), 200);
+    for l in &leases {
+        release(&client, &base, l).await;
+    }
+    let listed: Vec<InstanceInfo> = client.get(&base, paths::SCHEDULER_INSTANCES).await.unwrap();
+    assert!(listed.iter().all(|i| i.in_flight == 0));
+
+    // Warm now: no cold start.
+    let warm: Lease = client
+        .post(
+            &base,
+            paths::LEASES,
+            &AcquireLease {
+                request_id: "r-warm".into(),
+                spec: s.clone(),
+            },
+        )
+        .await
+        .unwrap();
+    assert!(!warm.cold_start);
+    release(&client, &base, &warm).await;
+
+    // The agent's start error reaches the caller unchanged.
+    let err = client
+        .post::<_, Lease>(
+            &base,
+            paths::LEASES,
+            &AcquireLease {
+                request_id: "r-broken".into(),
+                spec: spec("broken", 1),
+            },
+        )
+        .await
+        .unwrap_err();
+    match err {
+        InternalClientError::Remote { error, .. } => {
+            assert_eq!(error.code, FcErrorCode::FunctionNotStarted);
+            assert!(error.message.contains("port 9000"), "{}", error.message);
+        }
+        other => panic!("expected a remote error, got {other}"),
+    }
+
+    // Heartbeat reconciliation: a stray instance is to be destroyed.
+    let stray = InstanceId::generate();
+    let mut reported: Vec<InstanceId> = instances.iter().map(|i| (*i).clone()).collect();
+    reported.push(stray.clone());
+    let hb: HeartbeatResponse = agent_client
+        .post(
+            &base,
+            &paths::node_heartbeat(&reg.node_id),
+            &Heartbeat {
+                instances: reported,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(hb.destroy, vec![stray]);
+    assert!(!hb.reregister);
+
+    let nodes: Vec<NodeInfo> = client.get(&base, paths::SCHEDULER_NODES).await.unwrap();
+    assert_eq!(nodes.len(), 1);
+    assert_eq!(nodes[0].state, "ready");
+    assert_eq!(nodes[0].instances as usize, instances.len());
+    assert_eq!(
+        nodes[0].labels.dedicated_account.as_ref().unwrap().as_str(),
+        "100"
+    );
+
+    // Metrics.
+    let text = scrape(handle.metrics_addr().unwrap()).await;
+    assert!(text.contains("kiln_scheduler_acquires_total 201"), "{text}");
+    assert!(text.contains(&format!(
+        "kiln_scheduler_cold_starts_total {}",
+        instances.len() + 1
+    )));
+    assert!(text.contains("kiln_scheduler_acquire_latency_seconds_count 201"));
+
+    // A restart forgets nothing.
+    handle.shutdown().await;
+    let handle = start_scheduler(dir.path(), &pki).await;
+    let base2 = base_of(&handle);
+    let listed: Vec<InstanceInfo> = client
+        .get(&base2, paths::SCHEDULER_INSTANCES)
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), instances.len());
+    let reg2: RegisterNodeResponse = agent_client
+        .post(
+            &base2,
+            paths::NODES_REGISTER,
+            &RegisterNode {
+                instances: instances.iter().map(|i| (*i).clone()).collect(),
+                ..registration(Some(reg.node_id.clone()), &agent.url)
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(reg2.node_id, reg.node_id);
+    assert!(reg2.destroy.is_empty());
+    handle.shutdown().await;
+    let _ = agent.stop.send(true);
+}
+
+fn base_of(h: &SchedulerHandle) -> String {
+    base(h.addr())
+}
+
+async fn scrape(addr: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out
+}
+
+#[tokio::test]
+async fn bad_requests_get_fc_errors_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = DevPki::ensure(&dir.path().join("pki"), &[]).unwrap();
+    let handle = start_scheduler(dir.path(), &pki).await;
+    let base = base(handle.addr());
+    let client = InternalClient::new(&pki.files("gateway-internal")).unwrap();
+
+    let raw = |method: Method, path: &str, body: &'static str| {
+        Request::builder()
+            .method(method)
+            .uri(format!("{base}{path}"))
+            .header("x-fc-request-id", "req-42")
+            .body(full(body))
+            .unwrap()
+    };
+    let cases = [
+        (
+            raw(Method::POST, "/v1/leases", "{not json"),
+            400,
+            "InvalidArgument",
+        ),
+        (
+            raw(Method::POST, "/v1/nodes/register", r#"{"node_id":null}"#),
+            400,
+            "InvalidArgument",
+        ),
+        (
+            raw(
+                Method::POST,
+                "/v1/nodes/BAD!/heartbeat",
+                r#"{"instances":[]}"#,
+            ),
+            400,
+            "InvalidArgument",
+        ),
+        (
+            raw(Method::DELETE, "/v1/leases/l-1", r#"{"outcome":"maybe"}"#),
+            400,
+            "InvalidArgument",
+        ),
+        (raw(Method::GET, "/v1/leases", ""), 405, "MethodNotAllowed"),
+        (raw(Method::GET, "/v1/nothing", ""), 404, "PathNotSupported"),
+        (
+            raw(
+                Method::POST,
+                "/v1/functions/retire",
+                r#"{"account_id":"1","function_name":"f","keep_revision":"zz"}"#,
+            ),
+            400,
+            "InvalidArgument",
+        ),
+    ];
+    for (req, status, code) in cases {
+        let what = format!("{} {}", req.method(), req.uri());
+        let resp = client.send(req).await.unwrap();
+        assert_eq!(resp.status().as_u16(), status, "{what}");
+        assert_eq!(resp.headers()["x-fc-request-id"], "req-42");
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["Code"], code, "{what}: {v}");
+        assert_eq!(v["RequestId"], "req-42");
+        assert!(!v["Message"].as_str().unwrap().is_empty());
+    }
+    // A registration with an inconsistent tenancy is refused.
+    let mut r = registration(None, "https://127.0.0.1:1");
+    r.labels.tenancy = Tenancy::MultiTenant;
+    let err = client
+        .post::<_, RegisterNodeResponse>(&base, paths::NODES_REGISTER, &r)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, InternalClientError::Remote { ref error, .. } if error.code == FcErrorCode::InvalidArgument)
+    );
+    // Nothing changed.
+    let nodes: Vec<NodeInfo> = client.get(&base, paths::SCHEDULER_NODES).await.unwrap();
+    assert!(nodes.is_empty());
+    let health: serde_json::Value = client.get(&base, paths::HEALTH).await.unwrap();
+    assert_eq!(health["status"], "ok");
+    handle.shutdown().await;
+}
+
+#[tokio::test]
+async fn clients_without_a_cluster_certificate_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = DevPki::ensure(&dir.path().join("pki"), &[]).unwrap();
+    let handle = start_scheduler(dir.path(), &pki).await;
+    let base = base(handle.addr());
+
+    // A certificate from another CA.
+    let rogue = kiln_pki::Ca::generate("rogue").unwrap();
+    let issued = rogue
+        .issue("intruder", &["127.0.0.1".into()], kiln_pki::Usage::Client)
+        .unwrap();
+    let cert = dir.path().join("rogue.pem");
+    let key = dir.path().join("rogue-key.pem");
+    issued.write(&cert, &key).unwrap();
+    let intruder = InternalClient::new(&TlsFiles {
+        ca: pki.ca_cert(),
+        cert,
+        key,
+    })
+    .unwrap();
+    let err = intruder
+        .get::<serde_json::Value>(&base, paths::HEALTH)
+        .await
+        .unwrap_err();
+    assert!(err.is_unreachable(), "{err}");
+    assert!(err.to_string().contains("UnknownCA"), "{err}");
+
+    // No certificate at all.
+    let mut tls = (*kiln_pki::public_client_config(&pki.ca_cert()).unwrap()).clone();
+    tls.alpn_protocols.clear();
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only()
+        .enable_http2()
+        .wrap_connector({
+            let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+            http.enforce_http(false);
+            http
+        });
+    let anon = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build::<_, http_body_util::Empty<bytes::Bytes>>(connector);
+    let r = anon.get(format!("{base}/v1/health").parse().unwrap()).await;
+    let err = r.expect_err("a client without a certificate was served");
+    let chain = format!("{err:?}");
+    assert!(chain.contains("CertificateRequired"), "{chain}");
+
+    // The cluster's own certificate works.
+    let ok = InternalClient::new(&pki.files("gateway-internal")).unwrap();
+    let v: serde_json::Value = ok.get(&base, paths::HEALTH).await.unwrap();
+    assert_eq!(v["status"], "ok");
+    handle.shutdown().await;
+}
