@@ -65,6 +65,8 @@ pub struct BundleParams<'a> {
     pub cgroups_path: String,
     /// Host side of the per-instance `/code` overlay.
     pub code_source: &'a Path,
+    /// The instance's `/etc/hosts` (names its own address).
+    pub hosts_file: &'a Path,
     pub tmp_size_mb: u32,
 }
 
@@ -127,6 +129,11 @@ fn mount(destination: &str, kind: &str, source: &str, options: &[&str]) -> Value
     })
 }
 
+/// The instance's `/etc/hosts`.
+pub fn hosts_file(hostname: &str, addr: std::net::Ipv4Addr) -> String {
+    format!("127.0.0.1\tlocalhost\n::1\tlocalhost\n{addr}\t{hostname}\n")
+}
+
 /// Build `config.json`. The root filesystem is `rootfs` next to it.
 pub fn build_config(p: &BundleParams<'_>) -> Result<Value, BundleError> {
     let spec = p.spec;
@@ -135,6 +142,7 @@ pub fn build_config(p: &BundleParams<'_>) -> Result<Value, BundleError> {
     let env = process_env(p.instance_id, spec, p.region)?;
     let tmp_size = format!("size={}m", p.tmp_size_mb);
     let code_source = p.code_source.display().to_string();
+    let hosts_file = p.hosts_file.display().to_string();
     let mapping = json!([{ "containerID": 0, "hostID": p.uid_base, "size": 65536 }]);
     let memory = i64::from(spec.memory_mb) * 1024 * 1024;
 
@@ -168,6 +176,9 @@ pub fn build_config(p: &BundleParams<'_>) -> Result<Value, BundleError> {
             mount("/sys", "none", "/sys", &["rbind", "nosuid", "noexec", "nodev", "ro"]),
             mount("/tmp", "tmpfs", "tmpfs", &["nosuid", "nodev", "mode=1777", &tmp_size]),
             mount(CODE_MOUNT, "none", &code_source, &["rbind", "nosuid", "nodev", "rw"]),
+            // Resolvers look the hostname up (Python's http.server does);
+            // without an entry that waits for DNS.
+            mount("/etc/hosts", "none", &hosts_file, &["bind", "nosuid", "nodev", "noexec", "ro"]),
         ],
         "annotations": { "io.kiln.instance-id": p.instance_id.as_str() },
         "linux": {
@@ -241,6 +252,7 @@ pub(crate) mod tests {
             netns_path: "/run/netns/kiln-1".into(),
             cgroups_path: "/kiln/kiln-i-1".into(),
             code_source: code,
+            hosts_file: Path::new("/state/instances/x/hosts"),
             tmp_size_mb: 64,
         }
     }
@@ -284,6 +296,11 @@ pub(crate) mod tests {
             .as_array()
             .unwrap()
             .contains(&json!("rbind")));
+        assert_eq!(find("/etc/hosts")["source"], "/state/instances/x/hosts");
+        assert!(find("/etc/hosts")["options"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("ro")));
         assert_eq!(find("/tmp")["type"], "tmpfs");
         assert!(find("/tmp")["options"]
             .as_array()

@@ -154,7 +154,8 @@ impl Default for ContainerConfig {
 }
 
 /// Hex digits needed to write every slot index of `subnet`.
-pub(crate) fn slot_digits(subnet: &Ipv4Cidr) -> usize {
+#[cfg(test)]
+fn slot_digits(subnet: &Ipv4Cidr) -> usize {
     format!("{:x}", subnet.slots() - 1).len()
 }
 
@@ -288,9 +289,12 @@ mod tests {
             bad(|c| c.debootstrap_mirror = Some("ftp://x".into())),
             ContainerConfigError::Mirror(_)
         ));
-        let mut ok = ContainerConfig::default();
-        ok.name_prefix = "abcdefgh".into();
-        ok.instance_subnet = "10.0.0.0/8".parse().unwrap();
+        let ok = ContainerConfig {
+            name_prefix: "abcdefgh".into(),
+            instance_subnet: "10.0.0.0/8".parse().unwrap(),
+            cgroup_parent: "kiln/dev.slice".into(),
+            ..ContainerConfig::default()
+        };
         let longest = crate::network::NetSlot::new(
             &ok.name_prefix,
             &ok.instance_subnet,
@@ -298,7 +302,6 @@ mod tests {
         );
         assert_eq!(longest.name.len(), IFNAME_MAX);
         assert_eq!(slot_digits(&ok.instance_subnet), 6);
-        ok.cgroup_parent = "kiln/dev.slice".into();
         ok.validate().unwrap();
     }
 }

@@ -285,6 +285,9 @@ impl ContainerDriver {
             .map_err(|e| fs_err("/code overlay", chain(&e)))?;
 
         let code = paths.code();
+        let hosts = paths.hosts();
+        std::fs::write(&hosts, bundle::hosts_file(&slot.name, slot.instance_addr))
+            .map_err(|e| fs_err(hosts.display(), e))?;
         let config = bundle::build_config(&BundleParams {
             instance_id: &req.instance_id,
             spec,
@@ -294,6 +297,7 @@ impl ContainerDriver {
             netns_path: slot.netns_path(),
             cgroups_path: self.cgroups_path(&req.instance_id),
             code_source: &code,
+            hosts_file: &hosts,
             tmp_size_mb: self.config.tmp_size_mb,
         })
         .map_err(|e| SandboxError::OciRuntime(format!("Invalid instance spec: {e}")))?;
@@ -416,7 +420,7 @@ impl SandboxDriver for ContainerDriver {
                 self.ensure_runtime(RuntimeName::Custom).await?;
             }
             let rootfs = rootfs_path(&self.rootfs_dir, spec.runtime);
-            if !rootfs.join("code").is_dir() {
+            if !crate::rootfs::is_complete(&rootfs) {
                 return Err(SandboxError::RuntimeUnavailable {
                     runtime: spec.runtime.to_string(),
                     reason: "it has not been built on this node yet (ensure_runtime)".into(),

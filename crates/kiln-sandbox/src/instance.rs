@@ -52,6 +52,9 @@ impl InstancePaths {
     pub fn work(&self) -> PathBuf {
         self.dir.join("work")
     }
+    pub fn hosts(&self) -> PathBuf {
+        self.dir.join("hosts")
+    }
     pub fn console_log(&self) -> PathBuf {
         self.dir.join("console.log")
     }

@@ -57,6 +57,25 @@ pub fn rootfs_path(rootfs_dir: &Path, runtime: RuntimeName) -> PathBuf {
     rootfs_dir.join(runtime.as_str())
 }
 
+/// Whether a tree has the mount points the driver binds over: `/code`
+/// and `/etc/hosts` (the root is read-only, runc cannot create them).
+pub fn is_complete(tree: &Path) -> bool {
+    tree.join("code").is_dir() && tree.join("etc/hosts").is_file()
+}
+
+const DEFAULT_HOSTS: &str = "127.0.0.1\tlocalhost\n::1\tlocalhost\n";
+
+/// Add the mount points of [`is_complete`] to a tree that lacks them.
+fn add_mount_points(tree: &Path) -> Result<(), RootfsError> {
+    ensure_dir(&tree.join("code"), 0o755)?;
+    let hosts = tree.join("etc/hosts");
+    if !hosts.is_file() {
+        ensure_dir(&tree.join("etc"), 0o755)?;
+        std::fs::write(&hosts, DEFAULT_HOSTS).map_err(io(&hosts))?;
+    }
+    Ok(())
+}
+
 /// The Debian mirror of the host's apt sources (deb822 `debian.sources`
 /// first, then the one-line `sources.list`), skipping security mirrors.
 pub fn mirror_from_sources(deb822: Option<&str>, list: Option<&str>) -> Option<String> {
@@ -113,7 +132,7 @@ impl RootfsBuilder<'_> {
     /// The runtime's tree, building it first if it is not there yet.
     pub async fn ensure(&self, runtime: RuntimeName) -> Result<PathBuf, RootfsError> {
         let target = rootfs_path(self.dir, runtime);
-        if target.is_dir() && target.join("code").is_dir() {
+        if is_complete(&target) {
             return Ok(target);
         }
         std::fs::create_dir_all(self.dir).map_err(io(self.dir))?;
@@ -142,8 +161,8 @@ impl RootfsBuilder<'_> {
     async fn build_locked(&self, runtime: RuntimeName, target: &Path) -> Result<(), RootfsError> {
         if target.is_dir() {
             // Built by someone else meanwhile, or by an older version that
-            // did not add the /code mount point.
-            return ensure_dir(&target.join("code"), 0o755);
+            // did not add every mount point.
+            return add_mount_points(target);
         }
         let tmp = self.dir.join(format!("{runtime}.tmp"));
         if tmp.exists() {
@@ -196,7 +215,7 @@ impl RootfsBuilder<'_> {
                 }
             }
         }
-        ensure_dir(&tmp.join("code"), 0o755)
+        add_mount_points(tmp)
     }
 }
 
@@ -218,7 +237,7 @@ fn build_minimal(dir: &Path) -> Result<(), RootfsError> {
             "root:x:0:0:root:/:/bin/sh\nnobody:x:65534:65534:nobody:/:/sbin/nologin\n",
         ),
         ("etc/group", "root:x:0:\nnogroup:x:65534:\n"),
-        ("etc/hosts", "127.0.0.1\tlocalhost\n::1\tlocalhost\n"),
+        ("etc/hosts", DEFAULT_HOSTS),
         (
             "etc/resolv.conf",
             "# no resolver is configured for this runtime\n",
@@ -281,9 +300,17 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o7777, 0o1777);
+        assert!(is_complete(&path));
         // Present: a second call changes nothing.
         std::fs::write(path.join("etc/marker"), "x").unwrap();
         b.ensure(RuntimeName::Custom).await.unwrap();
+        assert!(path.join("etc/marker").exists());
+        // A tree from an older build gains the missing mount points.
+        std::fs::remove_file(path.join("etc/hosts")).unwrap();
+        std::fs::remove_dir(path.join("code")).unwrap();
+        assert!(!is_complete(&path));
+        b.ensure(RuntimeName::Custom).await.unwrap();
+        assert!(is_complete(&path));
         assert!(path.join("etc/marker").exists());
     }
 }

@@ -1,0 +1,514 @@
+//! The container backend against real runc, `ip` and mounts.
+//!
+//! Needs root, runc, iproute2 and util-linux's `unshare`; skips with a
+//! printed reason otherwise. Each test re-executes itself inside a private
+//! mount namespace (the agent runs in one too), so every mount it makes
+//! disappears with it. Everything it names carries a per-run prefix and a
+//! guard removes it even when the test fails.
+//!
+//! `custom.debian12` comes from `$KILN_ROOTFS_CACHE` (default
+//! `/var/cache/kiln-test/rootfs`), built there with debootstrap on first use.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use kiln_core::{InstanceId, InstanceSpec, RuntimeName};
+use kiln_sandbox::mounts::{mount_points_under, HostMounter, Mounter};
+use kiln_sandbox::network::{IpCommand, NetworkOps};
+use kiln_sandbox::oci_runtime::{OciRuntime, RuncCli};
+use kiln_sandbox::{ContainerConfig, ContainerDriver, SandboxDriver, SandboxRequest};
+
+const INNER: &str = "KILN_SANDBOX_TEST_IN_PRIVATE_MOUNT_NS";
+const UID_BASE: u32 = 100_000;
+
+fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+fn skip_reason() -> Option<String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Some("not running as root".into());
+    }
+    for tool in ["runc", "ip", "unshare"] {
+        if which(tool).is_none() {
+            return Some(format!("{tool} is not installed"));
+        }
+    }
+    None
+}
+
+/// In the outer process: re-run `test` alone inside a private mount
+/// namespace and report whether the body should run here (inner process).
+fn enter_private_mount_ns(test: &str) -> bool {
+    if std::env::var_os(INNER).is_some() {
+        return true;
+    }
+    if let Some(reason) = skip_reason() {
+        eprintln!("SKIPPED {test}: {reason}");
+        return false;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let status = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "--"])
+        .arg(exe)
+        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .env(INNER, "1")
+        .status()
+        .expect("run the test in a private mount namespace");
+    assert!(status.success(), "{test} failed in its mount namespace");
+    false
+}
+
+fn random_suffix() -> (String, u32) {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let mut x = u64::from(nanos) ^ (u64::from(std::process::id()) << 20);
+    let alphabet = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut s = String::new();
+    for _ in 0..4 {
+        s.push(alphabet[(x % 36) as usize] as char);
+        x /= 36;
+    }
+    (s, (x % 2500) as u32)
+}
+
+/// Owns the per-run names and the temp dir; removes everything on drop.
+struct Guard {
+    prefix: String,
+    tmp: Option<tempfile::TempDir>,
+}
+
+impl Guard {
+    fn new() -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        // runc mounts as the instance's mapped root, which must traverse.
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+        let (suffix, _) = random_suffix();
+        Self {
+            prefix: format!("kt{suffix}"),
+            tmp: Some(tmp),
+        }
+    }
+
+    fn dir(&self) -> &Path {
+        self.tmp.as_ref().unwrap().path()
+    }
+
+    fn state(&self) -> PathBuf {
+        self.dir().join("state")
+    }
+
+    fn config(&self, subnet_seed: u32) -> ContainerConfig {
+        let rootfs = std::env::var_os("KILN_ROOTFS_CACHE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/var/cache/kiln-test/rootfs"));
+        ContainerConfig {
+            name_prefix: self.prefix.clone(),
+            cgroup_parent: self.prefix.clone(),
+            instance_subnet: format!("10.{}.{}.0/24", 240 + subnet_seed % 10, subnet_seed % 250)
+                .parse()
+                .unwrap(),
+            uid_base: UID_BASE,
+            rootfs_dir: Some(rootfs),
+            tmp_size_mb: 16,
+            netns_pool: 1,
+            ..ContainerConfig::default()
+        }
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let runc_root = self.state().join("runc");
+        if let Ok(out) = Command::new("runc")
+            .arg("--root")
+            .arg(&runc_root)
+            .args(["list", "-q"])
+            .output()
+        {
+            for id in String::from_utf8_lossy(&out.stdout).lines() {
+                let _ = Command::new("runc")
+                    .arg("--root")
+                    .arg(&runc_root)
+                    .args(["delete", "--force", id])
+                    .status();
+            }
+        }
+        let names = format!("{}-", self.prefix);
+        for (list, del) in [
+            (vec!["-o", "link", "show"], vec!["link", "delete"]),
+            (vec!["netns", "list"], vec!["netns", "delete"]),
+        ] {
+            let out = Command::new("ip").args(&list).output().unwrap();
+            for line in String::from_utf8_lossy(&out.stdout).lines() {
+                let name = line
+                    .split(": ")
+                    .nth(1)
+                    .unwrap_or(line)
+                    .split(['@', ' '])
+                    .next()
+                    .unwrap_or("");
+                if name.starts_with(&names) {
+                    let _ = Command::new("ip").args(&del).arg(name).status();
+                }
+            }
+        }
+        // Empty cgroup directories only: rmdir refuses anything else.
+        if let Ok(entries) = std::fs::read_dir("/sys/fs/cgroup") {
+            for e in entries.flatten() {
+                let _ = std::fs::remove_dir(e.path().join(&self.prefix));
+            }
+        }
+        let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(&self.prefix));
+        let m = HostMounter;
+        for target in m.mounts_under(self.dir()).unwrap_or_default() {
+            let _ = m.unmount(&target);
+        }
+        if m.mounts_under(self.dir()).unwrap_or_default().is_empty() {
+            drop(self.tmp.take());
+        } else {
+            let kept = self.tmp.take().unwrap().keep();
+            eprintln!("kept {} because mounts remain below it", kept.display());
+        }
+    }
+}
+
+fn spec(runtime: RuntimeName, command: &[&str], env_marker: &str) -> InstanceSpec {
+    InstanceSpec {
+        account_id: "1234".parse().unwrap(),
+        function_name: "probe".parse().unwrap(),
+        revision: String::new(),
+        runtime,
+        handler: "index.handler".into(),
+        command: command.iter().map(|s| s.to_string()).collect(),
+        args: vec![],
+        port: 9000,
+        environment: [("MARKER".to_owned(), env_marker.to_owned())].into(),
+        memory_mb: 128,
+        cpu_milli: 500,
+        disk_mb: 512,
+        timeout_s: 3,
+        concurrency: 1,
+        code_digest: "00".repeat(32),
+        code_size: 1,
+    }
+    .seal()
+}
+
+/// Code dir as the agent extracts it: owned by the mapped root.
+fn code_dir(guard: &Guard, files: &[(&str, &[u8], u32)]) -> PathBuf {
+    let dir = guard.dir().join("code");
+    std::fs::create_dir(&dir).unwrap();
+    for (name, content, mode) in files {
+        let p = dir.join(name);
+        std::fs::write(&p, content).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(*mode)).unwrap();
+        std::os::unix::fs::chown(&p, Some(UID_BASE), Some(UID_BASE)).unwrap();
+    }
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::chown(&dir, Some(UID_BASE), Some(UID_BASE)).unwrap();
+    dir
+}
+
+/// GET / over HTTP/1.0, retried until the server answers.
+fn http_get(addr: SocketAddr, deadline: Duration) -> String {
+    let start = Instant::now();
+    loop {
+        let attempt = (|| -> std::io::Result<String> {
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            s.write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        })();
+        match attempt {
+            Ok(body) if body.starts_with("HTTP/1.") => return body,
+            other if start.elapsed() > deadline => panic!("no answer from {addr}: {other:?}"),
+            _ => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// Everything the driver made for `id` is gone after destroy.
+async fn assert_gone(guard: &Guard, driver: &ContainerDriver, id: &InstanceId, netns: &str) {
+    let state = guard.state();
+    let instance_dir = state.join("instances").join(id.as_str());
+    assert!(!instance_dir.exists(), "instance dir left behind");
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert_eq!(
+        mount_points_under(&mountinfo, &state),
+        Vec::<PathBuf>::new()
+    );
+    let names = IpCommand::default().list(&guard.prefix).await.unwrap();
+    assert!(!names.contains(netns), "netns/veth {netns} left behind");
+    let runc = RuncCli::new(which("runc").unwrap(), state.join("runc"));
+    assert!(runc.list().await.unwrap().is_empty(), "runc container left");
+    let cid = format!("{}-{}", guard.prefix, id);
+    for ctrl in ["memory", "pids", "cpu"] {
+        let cg = Path::new("/sys/fs/cgroup")
+            .join(ctrl)
+            .join(&guard.prefix)
+            .join(&cid);
+        assert!(!cg.exists(), "cgroup {} left behind", cg.display());
+    }
+    assert!(driver.list().await.unwrap().is_empty());
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+const PROBE_PY: &str = r#"
+import http.server, json, os, socket
+
+def attempt(path):
+    try:
+        with open(path, "w") as f:
+            f.write("x")
+        return "ok"
+    except OSError as e:
+        return e.strerror
+
+results = {
+    "code": attempt("/code/written.txt"),
+    "tmp": attempt("/tmp/MARKER-written.txt".replace("MARKER", os.environ["MARKER"])),
+    "etc": attempt("/etc/kiln-probe"),
+    "usr": attempt("/usr/kiln-probe"),
+    "pid": os.getpid(),
+    "uid": os.getuid(),
+    "cwd": os.getcwd(),
+    "fc_name": os.environ.get("FC_FUNCTION_NAME"),
+    "code_path": os.environ.get("FC_FUNC_CODE_PATH"),
+}
+with open("/code/server.py", "a") as f:
+    f.write("\n# changed by the instance\n")
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps(results).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+http.server.ThreadingHTTPServer(("0.0.0.0", 9000), Handler).serve_forever()
+"#;
+
+fn json_body(response: &str) -> serde_json::Value {
+    let body = response.split("\r\n\r\n").nth(1).unwrap();
+    serde_json::from_str(body).unwrap()
+}
+
+#[test]
+fn debian12_instance_is_isolated_and_leaves_nothing() {
+    if !enter_private_mount_ns("debian12_instance_is_isolated_and_leaves_nothing") {
+        return;
+    }
+    let guard = Guard::new();
+    let (_, seed) = random_suffix();
+    runtime().block_on(async {
+        let t = Instant::now();
+        let driver = ContainerDriver::new(guard.config(seed), &guard.state())
+            .await
+            .unwrap()
+            .with_region("cn-test");
+        eprintln!("driver started in {:?}", t.elapsed());
+        driver
+            .ensure_runtime(RuntimeName::CustomDebian12)
+            .await
+            .expect("custom.debian12 root filesystem (debootstrap)");
+        let code = code_dir(&guard, &[("server.py", PROBE_PY.as_bytes(), 0o644)]);
+        let original = std::fs::read(code.join("server.py")).unwrap();
+        let marker = guard.prefix.clone();
+        let req = SandboxRequest {
+            instance_id: InstanceId::generate(),
+            spec: spec(
+                RuntimeName::CustomDebian12,
+                &["python3", "/code/server.py"],
+                &marker,
+            ),
+            code_dir: code.clone(),
+        };
+        let t = Instant::now();
+        let sb = driver.create(&req).await.unwrap();
+        eprintln!("created in {:?}", t.elapsed());
+        let log = sb.log_path.clone();
+        let resp =
+            tokio::task::spawn_blocking(move || http_get(sb.endpoint, Duration::from_secs(20)))
+                .await
+                .unwrap();
+        eprintln!("answered after {:?}", t.elapsed());
+        let r = json_body(&resp);
+        eprintln!("probe: {r}");
+        assert_eq!(r["code"], "ok", "log: {:?}", std::fs::read_to_string(&log));
+        assert_eq!(r["tmp"], "ok");
+        assert_eq!(r["etc"], "Read-only file system");
+        assert_eq!(r["usr"], "Read-only file system");
+        assert_eq!(r["pid"], 1);
+        assert_eq!(r["uid"], 0);
+        assert_eq!(r["cwd"], "/code");
+        assert_eq!(r["fc_name"], "probe");
+        assert_eq!(r["code_path"], "/code");
+        assert!(driver.is_running(&req.instance_id).await.unwrap());
+
+        // The instance's changes stay in its own layer.
+        assert!(!code.join("written.txt").exists());
+        assert_eq!(std::fs::read(code.join("server.py")).unwrap(), original);
+        let instance_dir = guard
+            .state()
+            .join("instances")
+            .join(req.instance_id.as_str());
+        assert!(instance_dir.join("upper/written.txt").exists());
+        assert!(!Path::new(&format!("/tmp/{marker}-written.txt")).exists());
+        let rootfs = driver.rootfs_dir().join("custom.debian12");
+        assert!(!rootfs.join("etc/kiln-probe").exists());
+
+        let record: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(instance_dir.join("instance.json")).unwrap())
+                .unwrap();
+        let netns = record["netns"].as_str().unwrap().to_owned();
+        let t = Instant::now();
+        driver.destroy(&req.instance_id).await.unwrap();
+        eprintln!("destroyed in {:?}", t.elapsed());
+        driver.destroy(&req.instance_id).await.unwrap();
+        assert_gone(&guard, &driver, &req.instance_id, &netns).await;
+        assert!(std::fs::read(code.join("server.py")).unwrap() == original);
+
+        driver.shutdown().await.unwrap();
+        let left = IpCommand::default().list(&guard.prefix).await.unwrap();
+        assert!(left.is_empty(), "pooled namespaces left: {left:?}");
+    });
+}
+
+const STATIC_C: &str = r#"
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+static int attempt(const char *path) {
+    int fd = open(path, O_CREAT | O_WRONLY | O_TRUNC, 0644);
+    if (fd < 0) return errno;
+    close(fd);
+    return 0;
+}
+
+int main(void) {
+    char body[256];
+    int n = snprintf(body, sizeof body, "pid=%d code=%d tmp=%d root=%d\n", (int)getpid(),
+                     attempt("/code/w"), attempt("/tmp/w"), attempt("/w"));
+    int s = socket(AF_INET, SOCK_STREAM, 0);
+    int one = 1;
+    setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    struct sockaddr_in a;
+    memset(&a, 0, sizeof a);
+    a.sin_family = AF_INET;
+    a.sin_port = htons(9000);
+    if (bind(s, (struct sockaddr *)&a, sizeof a) || listen(s, 16)) return 1;
+    for (;;) {
+        int c = accept(s, 0, 0);
+        if (c < 0) continue;
+        char buf[1024];
+        (void)read(c, buf, sizeof buf);
+        char head[128];
+        int h = snprintf(head, sizeof head, "HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n", n);
+        (void)write(c, head, h);
+        (void)write(c, body, n);
+        close(c);
+    }
+}
+"#;
+
+#[test]
+fn custom_runtime_runs_a_static_binary() {
+    if !enter_private_mount_ns("custom_runtime_runs_a_static_binary") {
+        return;
+    }
+    let guard = Guard::new();
+    let src = guard.dir().join("server.c");
+    std::fs::write(&src, STATIC_C).unwrap();
+    let bin = guard.dir().join("server");
+    let built = Command::new("gcc")
+        .args(["-static", "-O2", "-o"])
+        .arg(&bin)
+        .arg(&src)
+        .output();
+    match built {
+        Ok(out) if out.status.success() => {}
+        Ok(out) => {
+            eprintln!(
+                "SKIPPED custom_runtime_runs_a_static_binary: gcc -static failed (install libc6-dev): {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            return;
+        }
+        Err(e) => {
+            eprintln!("SKIPPED custom_runtime_runs_a_static_binary: gcc is not available: {e}");
+            return;
+        }
+    }
+    let (_, seed) = random_suffix();
+    runtime().block_on(async {
+        let driver = ContainerDriver::new(guard.config(seed + 1), &guard.state())
+            .await
+            .unwrap();
+        driver.ensure_runtime(RuntimeName::Custom).await.unwrap();
+        let binary = std::fs::read(&bin).unwrap();
+        let code = code_dir(&guard, &[("server", &binary, 0o755)]);
+        let req = SandboxRequest {
+            instance_id: InstanceId::generate(),
+            spec: spec(RuntimeName::Custom, &["/code/server"], "static"),
+            code_dir: code.clone(),
+        };
+        let sb = driver.create(&req).await.unwrap();
+        let log = sb.log_path.clone();
+        let resp =
+            tokio::task::spawn_blocking(move || http_get(sb.endpoint, Duration::from_secs(10)))
+                .await
+                .unwrap();
+        // 30 = EROFS
+        assert!(
+            resp.ends_with("pid=1 code=0 tmp=0 root=30\n"),
+            "{resp:?} log: {:?}",
+            std::fs::read_to_string(&log)
+        );
+        assert!(!code.join("w").exists());
+        let netns = serde_json::from_slice::<serde_json::Value>(
+            &std::fs::read(
+                guard
+                    .state()
+                    .join("instances")
+                    .join(req.instance_id.as_str())
+                    .join("instance.json"),
+            )
+            .unwrap(),
+        )
+        .unwrap()["netns"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        driver.destroy(&req.instance_id).await.unwrap();
+        assert_gone(&guard, &driver, &req.instance_id, &netns).await;
+        driver.shutdown().await.unwrap();
+    });
+}
