@@ -179,7 +179,8 @@ impl Scheduler {
                 Err(e) => {
                     if e.code == FcErrorCode::ResourceThrottled {
                         m.throttles.inc();
-                        tracing::info!(error = %e, "acquire throttled");
+                        // Tenant-triggered: debug only; the counter tells operators.
+                        tracing::debug!(error = %e, "acquire throttled");
                     }
                     return Err(e);
                 }

@@ -232,8 +232,11 @@ impl Placement {
     /// revision that has room (Starting included, so a burst shares the
     /// instances it is already starting), else on a new instance on the
     /// node where it packs best.
+    ///
+    /// The spec is checked (sealed, in FC's limits) only when it would
+    /// shape a new instance: a warm call runs on an instance built from a
+    /// spec checked before, so the hot path skips hashing the spec.
     pub fn acquire(&mut self, spec: &InstanceSpec, now: u64) -> Result<Acquired, FcError> {
-        check_spec(spec)?;
         let key = (spec.account_id.clone(), spec.function_name.clone());
         let warm = self
             .room
@@ -257,6 +260,7 @@ impl Placement {
     }
 
     fn place(&mut self, spec: &InstanceSpec, now: u64) -> Result<Acquired, FcError> {
+        check_spec(spec)?;
         if self.nodes.is_empty() {
             return Err(FcError::unavailable(
                 "no compute node is registered; retry once an agent has joined",

@@ -1,0 +1,85 @@
+//! The `kiln-scheduler` binary: starts from a config file, serves, stops
+//! cleanly on SIGTERM; a bad config exits 1 with the reason.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use kiln_internal_api::{paths, InternalClient};
+use kiln_pki::DevPki;
+
+const BIN: &str = env!("CARGO_BIN_EXE_kiln-scheduler");
+
+#[tokio::test]
+async fn serves_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = DevPki::ensure(&dir.path().join("pki"), &[]).unwrap();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let files = pki.files("scheduler");
+    let config = dir.path().join("scheduler.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = {:?}\nlisten = \"127.0.0.1:{port}\"\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+            dir.path().join("state"),
+            files.ca,
+            files.cert,
+            files.key
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let client = InternalClient::new(&pki.files("gateway-internal"))
+        .unwrap()
+        .with_timeout(Duration::from_secs(2));
+    let base = format!("https://127.0.0.1:{port}");
+    let mut up = false;
+    for _ in 0..100 {
+        if client
+            .get::<serde_json::Value>(&base, paths::HEALTH)
+            .await
+            .is_ok()
+        {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let status = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = child.wait().unwrap();
+    assert!(up, "the scheduler never answered /v1/health");
+    assert_eq!(exit.code(), Some(0));
+    assert!(dir.path().join("state/scheduler.db").exists());
+}
+
+#[test]
+fn a_bad_config_exits_1_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bad.toml");
+    std::fs::write(
+        &config,
+        "state_dir = \"/tmp/x\"\nidle_timeout_s = 0\n[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("idle_timeout_s"), "{err}");
+}
