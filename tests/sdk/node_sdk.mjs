@@ -1,0 +1,271 @@
+#!/usr/bin/env node
+// Drives Kiln with the official Node SDK for FC 3.0 (@alicloud/fc20230330).
+//
+// Run (Kiln's integration test does this):
+//
+//   cd tests/sdk && npm ci
+//   node tests/sdk/node_sdk.mjs CREDENTIALS.json CODE.zip \
+//       [--name NAME] [--runtime custom.debian12] [--command python3 server.py] \
+//       [--payload '{"hello":"kiln"}'] [--expect SUBSTRING]
+//
+// CREDENTIALS.json is what `kiln dev` writes: {"endpoint": "https://127.0.0.1:PORT",
+// "accountId", "accessKeyId", "accessKeySecret", "caCert": "/path/ca.pem"}. Options fall back
+// to the environment: KILN_SDK_NAME, KILN_SDK_RUNTIME, KILN_SDK_COMMAND (a JSON list),
+// KILN_SDK_PAYLOAD, KILN_SDK_EXPECT.
+//
+// Nothing in the SDK is changed. The client is configured only with:
+//   - endpoint: the host:port of the credentials' endpoint (an explicit endpoint is used as the
+//     Host verbatim; the SDK prepends no account id or region) and protocol "https";
+//   - the access key id and secret;
+//   - ca: the CA PEM's *contents* (Config.ca becomes the `ca` option of Node's https request;
+//     NODE_EXTRA_CA_CERTS=/path/ca.pem set before node starts works as well);
+//   - read/connect timeouts long enough for a cold start (httpx's default read timeout is 3 s).
+//
+// Steps (one line each, "ok"/"FAIL"; exit status 1 on the first failure): CreateFunction (two
+// functions sharing a prefix), GetFunction, ListFunctions (prefix, limit 1, following
+// nextToken), UpdateFunction (memorySize and environment), InvokeFunction (body checked),
+// DeleteFunction, and GetFunction again expecting FC's FunctionNotFound error
+// (404, {"Code","Message","RequestId"}). Functions created are deleted even on failure.
+// With examples/hello-python the invoke check is exact; otherwise pass --expect.
+
+import { randomBytes } from 'node:crypto';
+import { readFileSync } from 'node:fs';
+import { parseArgs } from 'node:util';
+
+import fcModule from '@alicloud/fc20230330';
+import openapiModule from '@alicloud/openapi-core';
+import dara from '@darabonba/typescript';
+
+const FcClient = fcModule.default;
+const fc = fcModule;
+const { Config } = openapiModule.$OpenApiUtil;
+
+class StepFailed extends Error {}
+
+async function step(name, fn) {
+  let detail;
+  try {
+    detail = await fn();
+  } catch (e) {
+    const code = e && e.code ? ` [${e.code}]` : '';
+    console.log(`FAIL ${name}: ${e && e.name}${code}: ${e && e.message}`);
+    throw new StepFailed(name);
+  }
+  console.log(`ok   ${name}: ${detail}`);
+  return detail;
+}
+
+function check(cond, message) {
+  if (!cond) throw new Error(message);
+}
+
+function options() {
+  const { values, positionals } = parseArgs({
+    allowPositionals: true,
+    options: {
+      name: { type: 'string' },
+      runtime: { type: 'string' },
+      command: { type: 'string', multiple: true },
+      port: { type: 'string' },
+      payload: { type: 'string' },
+      expect: { type: 'string' },
+    },
+  });
+  // --command takes the rest of the words up to the next option: `--command python3 server.py`.
+  let command = values.command;
+  if (command) {
+    const at = process.argv.indexOf('--command');
+    command = [];
+    for (let i = at + 1; i < process.argv.length && !process.argv[i].startsWith('--'); i++) {
+      command.push(process.argv[i]);
+    }
+  }
+  const extra = new Set(command || []);
+  const files = positionals.filter((p) => !extra.has(p));
+  if (files.length !== 2) {
+    console.error('usage: node_sdk.mjs CREDENTIALS.json CODE.zip [--name N] [--runtime R] [--command ...] [--payload P] [--expect S]');
+    process.exit(2);
+  }
+  const env = process.env;
+  return {
+    credentials: files[0],
+    zip: files[1],
+    name: values.name || env.KILN_SDK_NAME || `sdknode-${randomBytes(4).toString('hex')}`,
+    runtime: values.runtime || env.KILN_SDK_RUNTIME || 'custom.debian12',
+    command: command || JSON.parse(env.KILN_SDK_COMMAND || '["python3", "server.py"]'),
+    port: Number(values.port || 9000),
+    payload: values.payload ?? env.KILN_SDK_PAYLOAD ?? '{"hello": "kiln"}',
+    expect: values.expect ?? env.KILN_SDK_EXPECT,
+  };
+}
+
+function makeClient(cred) {
+  let [scheme, hostport] = cred.endpoint.includes('://') ? cred.endpoint.split('://') : ['https', cred.endpoint];
+  return new FcClient(new Config({
+    accessKeyId: cred.accessKeyId,
+    accessKeySecret: cred.accessKeySecret,
+    endpoint: hostport.replace(/\/+$/, ''),
+    protocol: scheme,
+    ca: cred.caCert ? readFileSync(cred.caCert, 'utf8') : undefined,
+    connectTimeout: 10000,
+    readTimeout: 180000,
+  }));
+}
+
+async function main() {
+  const args = options();
+  const cred = JSON.parse(readFileSync(args.credentials, 'utf8'));
+  const code = readFileSync(args.zip);
+  const client = makeClient(cred);
+  console.log(`ok   client: endpoint=${cred.endpoint} account=${cred.accountId} function=${args.name}`);
+
+  const names = [args.name, `${args.name}-b`];
+  const created = new Set();
+  const greeting = 'hello from the node sdk';
+  const updated = 'updated by the node sdk';
+
+  const create = async (name, env) => {
+    const res = await client.createFunction(new fc.CreateFunctionRequest({
+      body: new fc.CreateFunctionInput({
+        functionName: name,
+        runtime: args.runtime,
+        handler: 'index.handler',
+        memorySize: 512,
+        timeout: 60,
+        instanceConcurrency: 2,
+        environmentVariables: { GREETING: env },
+        customRuntimeConfig: new fc.CustomRuntimeConfig({ command: args.command, port: args.port }),
+        code: new fc.InputCodeLocation({ zipFile: code.toString('base64') }),
+      }),
+    }));
+    created.add(name);
+    const b = res.body;
+    check(res.statusCode === 200 || res.statusCode === 201, `status ${res.statusCode}`);
+    check(b.functionName === name, `functionName ${b.functionName}`);
+    check(b.runtime === args.runtime, `runtime ${b.runtime}`);
+    check(b.memorySize === 512, `memorySize ${b.memorySize}`);
+    check(b.codeSize === code.length, `codeSize ${b.codeSize} != ${code.length}`);
+    check(!!b.codeChecksum, 'codeChecksum missing');
+    return `${name} codeSize=${b.codeSize} codeChecksum=${b.codeChecksum}`;
+  };
+
+  const get = async () => {
+    const b = (await client.getFunction(args.name, new fc.GetFunctionRequest({}))).body;
+    check(b.functionName === args.name, `functionName ${b.functionName}`);
+    check(JSON.stringify(b.customRuntimeConfig.command) === JSON.stringify(args.command),
+      `command ${JSON.stringify(b.customRuntimeConfig.command)}`);
+    check(b.environmentVariables && b.environmentVariables.GREETING === greeting,
+      `environmentVariables ${JSON.stringify(b.environmentVariables)}`);
+    return `${b.functionName} runtime=${b.runtime} memorySize=${b.memorySize} timeout=${b.timeout}`;
+  };
+
+  const listAll = async () => {
+    const seen = [];
+    let token;
+    let pages = 0;
+    for (;;) {
+      pages += 1;
+      check(pages <= 10, 'nextToken never ran out');
+      const body = (await client.listFunctions(new fc.ListFunctionsRequest({
+        prefix: args.name, limit: 1, nextToken: token,
+      }))).body;
+      const got = (body.functions || []).map((f) => f.functionName);
+      check(got.length <= 1, `limit 1 returned ${got}`);
+      seen.push(...got);
+      token = body.nextToken;
+      if (!token) break;
+    }
+    check(JSON.stringify([...seen].sort()) === JSON.stringify([...names].sort()),
+      `listed ${seen}, expected ${names}`);
+    return `${JSON.stringify(seen)} in ${pages} pages`;
+  };
+
+  const update = async () => {
+    const b = (await client.updateFunction(args.name, new fc.UpdateFunctionRequest({
+      body: new fc.UpdateFunctionInput({ memorySize: 1024, environmentVariables: { GREETING: updated } }),
+    }))).body;
+    check(b.memorySize === 1024, `memorySize ${b.memorySize}`);
+    check(b.environmentVariables && b.environmentVariables.GREETING === updated,
+      `environmentVariables ${JSON.stringify(b.environmentVariables)}`);
+    const again = (await client.getFunction(args.name, new fc.GetFunctionRequest({}))).body;
+    check(again.memorySize === 1024, `GetFunction after update: memorySize ${again.memorySize}`);
+    return `memorySize=${b.memorySize} lastModifiedTime=${b.lastModifiedTime}`;
+  };
+
+  const invoke = async () => {
+    const res = await client.invokeFunctionWithOptions(
+      args.name,
+      new fc.InvokeFunctionRequest({ body: new dara.BytesReadable(Buffer.from(args.payload)) }),
+      new fc.InvokeFunctionHeaders({ xFcInvocationType: 'Sync' }),
+      new dara.RuntimeOptions({}),
+    );
+    const text = (await dara.Stream.readAsBytes(res.body)).toString('utf8');
+    check(res.statusCode === 200, `status ${res.statusCode}: ${text.slice(0, 300)}`);
+    const headers = Object.fromEntries(Object.entries(res.headers || {}).map(([k, v]) => [k.toLowerCase(), v]));
+    check(!headers['x-fc-error-type'], `function error ${headers['x-fc-error-type']}: ${text.slice(0, 300)}`);
+    check(!!headers['x-fc-request-id'], 'x-fc-request-id missing');
+    if (args.expect !== undefined) {
+      check(text.includes(args.expect), `${JSON.stringify(args.expect)} not in ${JSON.stringify(text.slice(0, 300))}`);
+    } else {
+      const result = JSON.parse(text);
+      if ('echo' in result) { // examples/hello-python
+        check(result.echo === args.payload, `echo ${JSON.stringify(result.echo)}`);
+        check(result.functionName === args.name, `functionName ${result.functionName}`);
+        check(result.memory === '1024', `memory ${result.memory} (update not applied?)`);
+        check(result.env === updated, `env ${result.env}`);
+      }
+    }
+    return `${res.statusCode} request-id=${headers['x-fc-request-id']} body=${text.slice(0, 120)}`;
+  };
+
+  const del = async (name) => {
+    const res = await client.deleteFunction(name);
+    created.delete(name);
+    check(res.statusCode === 200 || res.statusCode === 204, `status ${res.statusCode}`);
+    return `${name} status=${res.statusCode}`;
+  };
+
+  const getDeleted = async () => {
+    try {
+      await client.getFunction(args.name, new fc.GetFunctionRequest({}));
+    } catch (e) {
+      if (!(e instanceof openapiModule.ClientError)) throw e;
+      check(e.statusCode === 404, `status ${e.statusCode}`);
+      check(e.code === 'FunctionNotFound', `code ${e.code}`);
+      const data = e.data || {};
+      check(['Code', 'Message', 'RequestId'].every((k) => data[k]), `error body ${JSON.stringify(data)}`);
+      return `${e.statusCode} ${e.code}: ${data.Message} (RequestId ${data.RequestId})`;
+    }
+    throw new Error('GetFunction of a deleted function succeeded');
+  };
+
+  try {
+    await step('CreateFunction', () => create(names[0], greeting));
+    await step('CreateFunction (second, same prefix)', () => create(names[1], 'second'));
+    await step('GetFunction', get);
+    await step('ListFunctions', listAll);
+    await step('UpdateFunction', update);
+    await step('InvokeFunction', invoke);
+    for (const name of names) {
+      await step('DeleteFunction', () => del(name));
+    }
+    await step('GetFunction after delete', getDeleted);
+  } catch (e) {
+    if (!(e instanceof StepFailed)) throw e;
+    for (const name of created) {
+      try {
+        await client.deleteFunction(name);
+      } catch (cleanup) {
+        console.log(`     cleanup of ${name} failed: ${cleanup.message}`);
+      }
+    }
+    return 1;
+  }
+  console.log('ok   all steps passed');
+  return 0;
+}
+
+main().then((code) => process.exit(code), (e) => {
+  console.log(`FAIL ${e && e.stack}`);
+  process.exit(1);
+});
