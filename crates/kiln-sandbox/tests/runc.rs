@@ -44,6 +44,11 @@ fn skip_reason() -> Option<String> {
     None
 }
 
+/// Say why a test did not run, past the test harness's output capture.
+fn skipped(test: &str, reason: &str) {
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {reason}");
+}
+
 /// In the outer process: re-run `test` alone inside a private mount
 /// namespace and report whether the body should run here (inner process).
 fn enter_private_mount_ns(test: &str) -> bool {
@@ -51,18 +56,26 @@ fn enter_private_mount_ns(test: &str) -> bool {
         return true;
     }
     if let Some(reason) = skip_reason() {
-        eprintln!("SKIPPED {test}: {reason}");
+        skipped(test, &reason);
         return false;
     }
     let exe = std::env::current_exe().unwrap();
-    let status = Command::new("unshare")
+    let out = Command::new("unshare")
         .args(["--mount", "--propagation", "private", "--"])
         .arg(exe)
         .args([test, "--exact", "--nocapture", "--test-threads=1"])
         .env(INNER, "1")
-        .status()
+        .output()
         .expect("run the test in a private mount namespace");
-    assert!(status.success(), "{test} failed in its mount namespace");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    print!("{stdout}");
+    assert!(out.status.success(), "{test} failed in its mount namespace");
+    // A name that matched nothing would "pass" with zero tests.
+    assert!(
+        stdout.contains("test result: ok. 1 passed"),
+        "{test} did not run"
+    );
     false
 }
 
@@ -264,6 +277,20 @@ async fn assert_gone(guard: &Guard, driver: &ContainerDriver, id: &InstanceId, n
     assert!(driver.list().await.unwrap().is_empty());
 }
 
+/// A limit of a running container, from cgroup v1 or, on a pure v2 host, v2.
+fn cgroup_value(parent: &str, cid: &str, controller: &str, v1: &str, v2: &str) -> String {
+    let root = Path::new("/sys/fs/cgroup");
+    let path = if root.join(controller).is_dir() {
+        root.join(controller).join(parent).join(cid).join(v1)
+    } else {
+        root.join(parent).join(cid).join(v2)
+    };
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .trim()
+        .to_owned()
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -367,6 +394,21 @@ fn debian12_instance_is_isolated_and_leaves_nothing() {
         assert_eq!(r["fc_name"], "probe");
         assert_eq!(r["code_path"], "/code");
         assert!(driver.is_running(&req.instance_id).await.unwrap());
+        let cid = format!("{}-{}", guard.prefix, req.instance_id);
+        assert_eq!(
+            cgroup_value(
+                &guard.prefix,
+                &cid,
+                "memory",
+                "memory.limit_in_bytes",
+                "memory.max"
+            ),
+            (128 * 1024 * 1024).to_string()
+        );
+        assert_eq!(
+            cgroup_value(&guard.prefix, &cid, "pids", "pids.max", "pids.max"),
+            "1024"
+        );
 
         // The instance's changes stay in its own layer.
         assert!(!code.join("written.txt").exists());
@@ -456,14 +498,16 @@ fn custom_runtime_runs_a_static_binary() {
     match built {
         Ok(out) if out.status.success() => {}
         Ok(out) => {
-            eprintln!(
-                "SKIPPED custom_runtime_runs_a_static_binary: gcc -static failed (install libc6-dev): {}",
+            let why = format!(
+                "gcc -static failed (install libc6-dev): {}",
                 String::from_utf8_lossy(&out.stderr)
             );
+            skipped("custom_runtime_runs_a_static_binary", &why);
             return;
         }
         Err(e) => {
-            eprintln!("SKIPPED custom_runtime_runs_a_static_binary: gcc is not available: {e}");
+            let why = format!("gcc is not available: {e}");
+            skipped("custom_runtime_runs_a_static_binary", &why);
             return;
         }
     }
@@ -509,6 +553,80 @@ fn custom_runtime_runs_a_static_binary() {
             .to_owned();
         driver.destroy(&req.instance_id).await.unwrap();
         assert_gone(&guard, &driver, &req.instance_id, &netns).await;
+        driver.shutdown().await.unwrap();
+    });
+}
+
+#[test]
+fn failures_exits_and_leftovers_are_cleaned_up() {
+    if !enter_private_mount_ns("failures_exits_and_leftovers_are_cleaned_up") {
+        return;
+    }
+    let guard = Guard::new();
+    let (_, seed) = random_suffix();
+    runtime().block_on(async {
+        let mut config = guard.config(seed + 2);
+        config.netns_pool = 0;
+        let driver = ContainerDriver::new(config.clone(), &guard.state())
+            .await
+            .unwrap();
+        driver
+            .ensure_runtime(RuntimeName::CustomDebian12)
+            .await
+            .expect("custom.debian12 root filesystem (debootstrap)");
+        let code = code_dir(&guard, &[("x", b"x", 0o644)]);
+        let request = |command: &[&str]| SandboxRequest {
+            instance_id: InstanceId::generate(),
+            spec: spec(RuntimeName::CustomDebian12, command, "m"),
+            code_dir: code.clone(),
+        };
+
+        // A command that does not exist: a clear error and nothing left.
+        let bad = request(&["/code/does-not-exist"]);
+        let err = driver.create(&bad).await.unwrap_err();
+        assert!(err.to_string().contains("does-not-exist"), "{err}");
+        assert!(driver.list().await.unwrap().is_empty());
+        assert!(IpCommand::default()
+            .list(&guard.prefix)
+            .await
+            .unwrap()
+            .is_empty());
+
+        // A process that exits is seen as not running.
+        let quits = request(&["python3", "-c", "pass"]);
+        driver.create(&quits).await.unwrap();
+        let start = Instant::now();
+        while driver.is_running(&quits.instance_id).await.unwrap() {
+            assert!(start.elapsed() < Duration::from_secs(10), "still running");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+
+        // The agent dies with a running instance; the next driver with the
+        // same prefix removes everything it left.
+        let stays = request(&["python3", "-c", "import time; time.sleep(600)"]);
+        driver.create(&stays).await.unwrap();
+        assert!(driver.is_running(&stays.instance_id).await.unwrap());
+        assert_eq!(driver.list().await.unwrap().len(), 2);
+        drop(driver);
+
+        let driver = ContainerDriver::new(config, &guard.state()).await.unwrap();
+        assert!(driver.list().await.unwrap().is_empty());
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        assert_eq!(
+            mount_points_under(&mountinfo, &guard.state()),
+            Vec::<PathBuf>::new()
+        );
+        assert!(IpCommand::default()
+            .list(&guard.prefix)
+            .await
+            .unwrap()
+            .is_empty());
+        let runc = RuncCli::new(which("runc").unwrap(), guard.state().join("runc"));
+        assert!(runc.list().await.unwrap().is_empty());
+        assert!(matches!(
+            driver.is_running(&stays.instance_id).await,
+            Err(kiln_sandbox::SandboxError::NotFound(_))
+        ));
         driver.shutdown().await.unwrap();
     });
 }
