@@ -11,7 +11,8 @@
 //! [`ContainerDriver`] keeps, per instance, `state_dir/instances/<id>/`:
 //! `bundle/config.json` and `bundle/rootfs` (the runtime's root filesystem
 //! bound read-only), `code` (an overlay of the shared, immutable code dir
-//! with the instance's own `upper`/`work`, bound at `/code`), `console.log`
+//! with the instance's own `upper`/`work`, bound at `/code`), `hosts`
+//! (bound read-only at `/etc/hosts`, naming the instance), `console.log`
 //! (the process's stdout and stderr) and `instance.json` (what teardown
 //! needs). Containers run under `runc --root state_dir/runc` with ids
 //! `<name_prefix>-<instance id>`; each gets a netns and host veth named
@@ -19,7 +20,10 @@
 //! instance .2), taken from a pool of ready namespaces.
 //!
 //! The driver mounts on the host side: the agent must run it inside its own
-//! private mount namespace.
+//! private mount namespace. [`ContainerDriver::new`] removes everything a
+//! previous run with the same `name_prefix` left (containers under its runc
+//! root, instance dirs, netns and veths): instances do not outlive the
+//! driver that started them.
 //!
 //! # Tests and the root filesystem cache
 //!
