@@ -632,3 +632,60 @@ fn restore_rebuilds_state_without_leases() {
         other => panic!("expected a warm instance, got {other:?}"),
     }
 }
+
+#[test]
+fn fifty_thousand_instances_on_a_hundred_nodes() {
+    let mut f = Fixture::with(PlacementConfig {
+        max_instances_per_account: 1_000,
+        node_failure_after_ms: u64::MAX / 4,
+        ..PlacementConfig::default()
+    });
+    for n in 0..100 {
+        let now = f.now();
+        let mut r = registration(
+            Some(&format!("n{n:03}")),
+            64 * 1024,
+            Tenancy::MultiTenant,
+            None,
+        );
+        r.capacity.max_instances = 600;
+        f.p.register(&r, now).unwrap();
+    }
+    let specs: Vec<InstanceSpec> = (0..500)
+        .flat_map(|a| (0..4).map(move |g| spec(&format!("{}", a + 1), &format!("f{g}"), 1, 128)))
+        .collect();
+    let mut leases = Vec::with_capacity(50_000);
+    for i in 0..50_000 {
+        leases.push(f.acquire_started(&specs[i % specs.len()]));
+    }
+    assert_eq!(f.p.instance_count(), 50_000);
+    let nodes = f.p.nodes_info();
+    // 64 GiB / 128 MiB = 512 per node; bin-packing fills nodes one by one,
+    // so 97 nodes are full and the rest hold the remainder.
+    let full = nodes
+        .iter()
+        .filter(|n| n.memory_used_mb == 64 * 1024)
+        .count();
+    assert_eq!(full, 97);
+    assert!(nodes
+        .iter()
+        .all(|n| n.memory_used_mb <= n.capacity.memory_mb));
+    // A bigger instance goes to the fullest node that still fits it, not
+    // to an empty one.
+    let big = f.acquire_started(&spec("9999", "x", 1, 4096));
+    assert_eq!(big.node_id.as_str(), "n097");
+    leases.push(big);
+    for l in &leases {
+        f.p.release(&l.lease_id, LeaseOutcome::Ok, f.now()).unwrap();
+    }
+    f.clock.advance(Duration::from_secs(301));
+    assert_eq!(f.p.tick(f.now()).destroy.len(), 50_001);
+    assert_eq!(f.p.instance_count(), 0);
+    assert!(f
+        .p
+        .nodes_info()
+        .iter()
+        .all(|n| n.memory_used_mb == 0 && n.instances == 0));
+    assert!(f.p.room.is_empty() && f.p.idle.is_empty() && f.p.by_function.is_empty());
+    assert!(f.p.per_account.is_empty() && f.p.lease_expiry.is_empty());
+}
