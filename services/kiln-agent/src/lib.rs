@@ -1,1 +1,248 @@
+//! The Kiln agent: runs on every compute node, creates and destroys
+//! sandboxes, keeps the node's code cache, forwards invocations into the
+//! sandboxes, and keeps the scheduler informed.
+//!
+//! `start` wires the real backends (the container driver, the gateway as
+//! code source, the scheduler over mTLS); `start_with` takes any
+//! [`Backends`], which is how tests run the real API over a fake driver.
+#![forbid(unsafe_code)]
 
+pub mod api;
+pub mod code;
+pub mod config;
+pub mod error;
+pub mod forward;
+pub mod instances;
+pub mod metrics;
+pub mod namespace;
+pub mod registration;
+pub mod testing;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use kiln_core::{RuntimeName, SystemClock};
+use kiln_internal_api::{InternalClient, NodeCapacity, NodeLabels};
+use kiln_sandbox::{ContainerDriver, SandboxDriver};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub use code::{CodeCache, CodeSource, GatewayCodeSource, Unpacker, ZipUnpacker};
+pub use config::{AgentConfig, ConfigError, NodeConfig};
+pub use error::AgentError;
+pub use forward::Outcome;
+pub use instances::{InstanceManager, ManagerSettings};
+pub use namespace::enter_private_mount_namespace;
+pub use registration::{HttpScheduler, SchedulerApi};
+
+/// The side effects the agent drives.
+pub struct Backends {
+    pub driver: Arc<dyn SandboxDriver>,
+    pub code_source: Arc<dyn CodeSource>,
+    pub unpacker: Arc<dyn Unpacker>,
+    pub scheduler: Arc<dyn SchedulerApi>,
+}
+
+/// A running agent.
+pub struct AgentHandle {
+    addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
+    agent_url: String,
+    manager: Arc<InstanceManager>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    drain: bool,
+    container: Option<Arc<ContainerDriver>>,
+}
+
+impl AgentHandle {
+    /// The mTLS API's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// What the agent told the scheduler to use.
+    pub fn agent_url(&self) -> &str {
+        &self.agent_url
+    }
+
+    pub fn instances(&self) -> &Arc<InstanceManager> {
+        &self.manager
+    }
+
+    /// Stop serving and stop the background tasks. Instances stay (an
+    /// agent restart adopts them) unless `drain_on_shutdown` is set.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        if self.drain {
+            tracing::info!(
+                instances = self.manager.ids().len(),
+                "draining: destroying every instance"
+            );
+            self.manager.destroy_all().await;
+        }
+        if let Some(driver) = self.container {
+            if let Err(e) = driver.shutdown().await {
+                tracing::warn!(error = %e, "sandbox backend did not shut down cleanly");
+            }
+        }
+        tracing::info!("agent stopped");
+    }
+}
+
+/// Start the agent with its real backends. Prepares every configured
+/// runtime's root filesystem first (the first `custom.debian12` build runs
+/// debootstrap and takes a few minutes; later starts reuse it).
+pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
+    config.validate()?;
+    let mut driver = ContainerDriver::new(config.sandbox.clone(), &config.state_dir).await?;
+    if let Some(region) = &config.region {
+        driver = driver.with_region(region.clone());
+    }
+    let driver = Arc::new(driver);
+    for runtime in &config.runtimes {
+        if *runtime == RuntimeName::CustomDebian12 {
+            tracing::info!(
+                runtime = %runtime,
+                "preparing the runtime root filesystem; the first build runs debootstrap and takes a few minutes"
+            );
+        }
+        driver.ensure_runtime(*runtime).await?;
+        tracing::info!(runtime = %runtime, "runtime ready");
+    }
+    let client = InternalClient::new(&config.tls)?;
+    let backends = Backends {
+        driver: driver.clone(),
+        code_source: Arc::new(GatewayCodeSource::new(
+            client.clone(),
+            &config.gateway_internal_url,
+        )),
+        unpacker: Arc::new(ZipUnpacker),
+        scheduler: Arc::new(HttpScheduler::new(client, &config.scheduler_url)),
+    };
+    let mut handle = start_with(config, backends).await?;
+    handle.container = Some(driver);
+    Ok(handle)
+}
+
+/// Start the agent over the given backends.
+pub async fn start_with(
+    config: AgentConfig,
+    backends: Backends,
+) -> Result<AgentHandle, AgentError> {
+    config.validate()?;
+    let state_err = |path: &std::path::Path| {
+        let path = path.to_owned();
+        move |source| AgentError::State { path, source }
+    };
+    std::fs::create_dir_all(&config.state_dir).map_err(state_err(&config.state_dir))?;
+    let tls = kiln_pki::internal_server_config(&config.tls)?;
+
+    let metrics = Arc::new(metrics::Metrics::new());
+    let uid_base = config.sandbox.uid_base;
+    let code = CodeCache::new(
+        config.code_dir(),
+        Some((uid_base, uid_base)),
+        backends.code_source,
+        backends.unpacker,
+    );
+    let manager = Arc::new(InstanceManager::new(
+        backends.driver.clone(),
+        code,
+        ManagerSettings {
+            memory_mb: config.node.memory_mb,
+            max_instances: config.node.max_instances,
+            runtimes: config.runtimes.clone(),
+            start_timeout: config.instance_start_timeout(),
+            region: config.region.clone(),
+            records_dir: config.state_dir.join("instance-records"),
+        },
+        metrics.clone(),
+        Arc::new(SystemClock),
+    ));
+    manager.reconcile().await?;
+
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| AgentError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| AgentError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    let agent_url = config
+        .advertise_url
+        .clone()
+        .unwrap_or_else(|| format!("https://{addr}"));
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+
+    let metrics_addr = match config.metrics_listen {
+        Some(at) => {
+            let l = metrics::bind(at).await?;
+            let bound = l
+                .local_addr()
+                .map_err(|source| AgentError::Bind { addr: at, source })?;
+            tasks.push(tokio::spawn(metrics::serve(
+                l,
+                metrics.clone(),
+                shutdown_rx.clone(),
+            )));
+            Some(bound)
+        }
+        None => None,
+    };
+
+    let handler_manager = manager.clone();
+    let handler = move |req, _conn| api::handle(handler_manager.clone(), req);
+    let mut server_shutdown = shutdown_rx.clone();
+    tasks.push(tokio::spawn(async move {
+        kiln_internal_api::server::serve_tls(listener, tls, handler, async move {
+            registration::stopped(&mut server_shutdown).await;
+        })
+        .await;
+    }));
+
+    let node = registration::NodeDescription {
+        agent_url: agent_url.clone(),
+        capacity: NodeCapacity {
+            memory_mb: config.node.memory_mb,
+            cpu_milli: config.node.cpu_milli,
+            max_instances: config.node.max_instances,
+        },
+        labels: NodeLabels {
+            zone: config.node.zone.clone(),
+            tenancy: config.node.tenancy,
+            sandbox_kinds: vec![backends.driver.kind()],
+            dedicated_account: config.node.dedicated_account.clone(),
+        },
+    };
+    tasks.push(tokio::spawn(registration::run(
+        backends.scheduler,
+        manager.clone(),
+        node,
+        registration::NodeIdFile::new(&config.state_dir),
+        shutdown_rx,
+    )));
+    tracing::info!(%addr, %agent_url, metrics = ?metrics_addr, "agent serving");
+    Ok(AgentHandle {
+        addr,
+        metrics_addr,
+        agent_url,
+        manager,
+        shutdown: shutdown_tx,
+        tasks,
+        drain: config.drain_on_shutdown,
+        container: None,
+    })
+}

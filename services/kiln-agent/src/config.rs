@@ -1,0 +1,274 @@
+//! The agent's configuration file (TOML).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kiln_core::{AccountId, RuntimeName};
+use kiln_internal_api::Tenancy;
+use kiln_pki::TlsFiles;
+use kiln_sandbox::ContainerConfig;
+use serde::{Deserialize, Serialize};
+
+/// Why a configuration file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("Cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Cannot parse {path}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("Invalid [sandbox] section")]
+    Sandbox(#[from] kiln_sandbox::config::ContainerConfigError),
+}
+
+/// `kiln-agent --config FILE`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Node id, code cache, instance records, runtime root filesystems.
+    pub state_dir: PathBuf,
+    /// The agent's mTLS API (port 0 picks a free port).
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Where the scheduler and the gateway reach this agent; default
+    /// `https://<bound address>` (required when `listen` is a wildcard).
+    #[serde(default)]
+    pub advertise_url: Option<String>,
+    pub scheduler_url: String,
+    /// The gateway's internal (mTLS) listener, which serves code packages.
+    pub gateway_internal_url: String,
+    /// Plain-HTTP Prometheus endpoint (`GET /metrics`).
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Passed to functions in `x-fc-region` unless the gateway sends one.
+    #[serde(default)]
+    pub region: Option<String>,
+    /// How long a new instance's process has to open its port.
+    #[serde(default = "default_start_timeout_ms")]
+    pub instance_start_timeout_ms: u64,
+    /// Destroy every instance when the agent stops (`kiln dev`). Off by
+    /// default: instances outlive an agent restart and are adopted again.
+    #[serde(default)]
+    pub drain_on_shutdown: bool,
+    /// Runtime root filesystems prepared at start and offered to functions.
+    #[serde(default = "default_runtimes")]
+    pub runtimes: Vec<RuntimeName>,
+    pub tls: TlsFiles,
+    pub node: NodeConfig,
+    #[serde(default)]
+    pub sandbox: ContainerConfig,
+}
+
+/// What the node offers the scheduler.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    #[serde(default = "default_zone")]
+    pub zone: String,
+    #[serde(default = "default_tenancy")]
+    pub tenancy: Tenancy,
+    #[serde(default)]
+    pub dedicated_account: Option<AccountId>,
+    pub memory_mb: u64,
+    pub cpu_milli: u64,
+    pub max_instances: u32,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 7443))
+}
+fn default_start_timeout_ms() -> u64 {
+    30_000
+}
+fn default_runtimes() -> Vec<RuntimeName> {
+    RuntimeName::ALL.to_vec()
+}
+fn default_zone() -> String {
+    "zone-a".into()
+}
+fn default_tenancy() -> Tenancy {
+    Tenancy::Dedicated
+}
+
+impl AgentConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let config: Self = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if !self.state_dir.is_absolute() {
+            return invalid(format!(
+                "state_dir must be an absolute path, got {:?}",
+                self.state_dir
+            ));
+        }
+        for (name, url) in [
+            ("scheduler_url", &self.scheduler_url),
+            ("gateway_internal_url", &self.gateway_internal_url),
+        ] {
+            check_https_url(name, url)?;
+        }
+        match &self.advertise_url {
+            Some(url) => check_https_url("advertise_url", url)?,
+            None if self.listen.ip().is_unspecified() => {
+                return invalid(format!(
+                    "advertise_url is required when listen is a wildcard address ({})",
+                    self.listen
+                ))
+            }
+            None => {}
+        }
+        if let Some(region) = &self.region {
+            let ok = !region.is_empty()
+                && region.len() <= 64
+                && region
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+            if !ok {
+                return invalid(format!(
+                    "region {region:?} must be 1 to 64 lower-case letters, digits or '-'"
+                ));
+            }
+        }
+        if !(100..=600_000).contains(&self.instance_start_timeout_ms) {
+            return invalid(format!(
+                "instance_start_timeout_ms must be between 100 and 600000, got {}",
+                self.instance_start_timeout_ms
+            ));
+        }
+        if self.runtimes.is_empty() {
+            return invalid("runtimes must name at least one runtime".into());
+        }
+        let n = &self.node;
+        if n.zone.is_empty() || n.zone.len() > 64 {
+            return invalid(format!(
+                "node.zone must be 1 to 64 characters, got {:?}",
+                n.zone
+            ));
+        }
+        if n.tenancy == Tenancy::MultiTenant {
+            return invalid(
+                "node.tenancy = \"multi-tenant\" needs the microVM backend; this agent runs container sandboxes, which serve dedicated nodes only".into(),
+            );
+        }
+        if n.memory_mb < u64::from(kiln_core::limits::MEMORY_MIN_MB) {
+            return invalid(format!(
+                "node.memory_mb must be at least {}, got {}",
+                kiln_core::limits::MEMORY_MIN_MB,
+                n.memory_mb
+            ));
+        }
+        if n.cpu_milli < u64::from(kiln_core::limits::CPU_MIN_MILLI) {
+            return invalid(format!(
+                "node.cpu_milli must be at least {}, got {}",
+                kiln_core::limits::CPU_MIN_MILLI,
+                n.cpu_milli
+            ));
+        }
+        if !(1..=65_536).contains(&n.max_instances) {
+            return invalid(format!(
+                "node.max_instances must be between 1 and 65536, got {}",
+                n.max_instances
+            ));
+        }
+        self.sandbox.validate()?;
+        Ok(())
+    }
+
+    pub fn instance_start_timeout(&self) -> Duration {
+        Duration::from_millis(self.instance_start_timeout_ms)
+    }
+
+    pub fn code_dir(&self) -> PathBuf {
+        self.state_dir.join("code")
+    }
+}
+
+fn check_https_url(name: &str, url: &str) -> Result<(), ConfigError> {
+    let rest = url.strip_prefix("https://").unwrap_or("");
+    let host = rest.trim_end_matches('/');
+    if host.is_empty() || host.contains('/') || host.bytes().any(|b| b.is_ascii_whitespace()) {
+        return Err(ConfigError::Invalid(format!(
+            "{name} must be an https://host:port URL without a path, got {url:?}"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml");
+
+    fn example() -> AgentConfig {
+        AgentConfig::load(Path::new(EXAMPLE)).unwrap()
+    }
+
+    #[test]
+    fn example_loads_and_validates() {
+        let c = example();
+        assert_eq!(c.node.tenancy, Tenancy::Dedicated);
+        assert_eq!(c.runtimes, RuntimeName::ALL.to_vec());
+        assert!(!c.drain_on_shutdown);
+        assert!(c.metrics_listen.unwrap().ip().is_loopback());
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let text = std::fs::read_to_string(EXAMPLE).unwrap();
+        let bad = text.replace("[node]", "[node]\nmemroy_mb = 5");
+        assert!(toml::from_str::<AgentConfig>(&bad).is_err());
+        let bad = format!("listne = \"127.0.0.1:1\"\n{text}");
+        assert!(toml::from_str::<AgentConfig>(&bad).is_err());
+    }
+
+    #[test]
+    fn validate_names_what_is_wrong() {
+        let bad = |f: fn(&mut AgentConfig)| {
+            let mut c = example();
+            f(&mut c);
+            c.validate().unwrap_err().to_string()
+        };
+        assert!(bad(|c| c.state_dir = "rel".into()).contains("state_dir"));
+        assert!(bad(|c| c.scheduler_url = "http://x:1".into()).contains("scheduler_url"));
+        assert!(bad(|c| c.gateway_internal_url = "https://x/v1".into())
+            .contains("gateway_internal_url"));
+        assert!(bad(|c| {
+            c.advertise_url = None;
+            c.listen = "0.0.0.0:7443".parse().unwrap();
+        })
+        .contains("advertise_url"));
+        assert!(bad(|c| c.node.tenancy = Tenancy::MultiTenant).contains("microVM"));
+        assert!(bad(|c| c.node.memory_mb = 1).contains("memory_mb"));
+        assert!(bad(|c| c.node.max_instances = 0).contains("max_instances"));
+        assert!(bad(|c| c.runtimes.clear()).contains("runtimes"));
+        assert!(bad(|c| c.instance_start_timeout_ms = 1).contains("instance_start_timeout_ms"));
+        assert!(bad(|c| c.region = Some("CN HZ".into())).contains("region"));
+        assert!(bad(|c| c.sandbox.uid_base = 0).contains("sandbox"));
+        let mut ok = example();
+        ok.advertise_url = None;
+        ok.listen = "127.0.0.1:0".parse().unwrap();
+        ok.validate().unwrap();
+    }
+}

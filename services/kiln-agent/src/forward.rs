@@ -1,0 +1,819 @@
+//! Invocation forwarding: the gateway's `POST /v1/instances/{id}/invoke`
+//! streamed to the runtime's `POST /invoke` with FC's custom-runtime
+//! headers, and the runtime's answer streamed back with
+//! `x-kiln-invoke-outcome`.
+//!
+//! This is the warm path. Per call it allocates the outgoing header
+//! entries and one boxed body; the instance lookup holds a read lock only
+//! for the map access, counters are atomics, and each instance keeps its
+//! own pool of keep-alive HTTP/1.1 connections to its runtime.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use kiln_core::{FcError, InstanceSpec};
+use kiln_internal_api::headers::INVOKE_OUTCOME;
+use kiln_internal_api::server::{error, full, Body, BoxError};
+use tokio::time::Sleep;
+
+use crate::instances::{Instance, InstanceManager};
+
+/// How an invocation ended, as the gateway and the scheduler need to know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The function answered with success.
+    Ok = 0,
+    /// The function answered with an error (non-2xx, or `x-fc-status` not
+    /// 2xx); the instance stays.
+    FunctionError = 1,
+    /// The instance crashed or could not be reached; it is being replaced.
+    InstanceFailed = 2,
+    /// The call ran past the function's timeout; the instance is destroyed.
+    Timeout = 3,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 4] = [
+        Outcome::Ok,
+        Outcome::FunctionError,
+        Outcome::InstanceFailed,
+        Outcome::Timeout,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::FunctionError => "function-error",
+            Self::InstanceFailed => "instance-failed",
+            Self::Timeout => "timeout",
+        }
+    }
+
+    fn header(self) -> HeaderValue {
+        HeaderValue::from_static(self.as_str())
+    }
+}
+
+const X_FC_REQUEST_ID: HeaderName = HeaderName::from_static("x-fc-request-id");
+const X_FC_STATUS: HeaderName = HeaderName::from_static("x-fc-status");
+const X_FC_REGION: HeaderName = HeaderName::from_static("x-fc-region");
+const X_FC_ERROR_TYPE: HeaderName = HeaderName::from_static("x-fc-error-type");
+const X_KILN_OUTCOME: HeaderName = HeaderName::from_static(INVOKE_OUTCOME);
+
+/// Headers that describe one connection, not the message (RFC 9110 7.6.1).
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Headers named in `Connection` are hop-by-hop too.
+    if let Some(conn) = headers.get(header::CONNECTION).cloned() {
+        if let Ok(list) = conn.to_str() {
+            for name in list.split(',') {
+                if let Ok(name) = HeaderName::from_bytes(name.trim().as_bytes()) {
+                    headers.remove(name);
+                }
+            }
+        }
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    headers.remove(header::UPGRADE);
+}
+
+/// One instance's way to its runtime: a keep-alive HTTP/1.1 pool and the
+/// FC headers of its spec, built once at create time.
+pub(crate) struct Upstream {
+    client: Client<HttpConnector, Incoming>,
+    uri: Uri,
+    fc_headers: Vec<(HeaderName, HeaderValue)>,
+    region: Option<HeaderValue>,
+    timeout: Duration,
+    timeout_s: u32,
+}
+
+impl Upstream {
+    pub(crate) fn new(
+        endpoint: SocketAddr,
+        spec: &InstanceSpec,
+        region: Option<&HeaderValue>,
+    ) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(2)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(connector);
+        let uri: Uri = format!("http://{endpoint}/invoke")
+            .parse()
+            .expect("socket address forms a valid URI");
+        let value =
+            |s: &str| HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static(""));
+        let fc_headers = vec![
+            (
+                HeaderName::from_static("x-fc-function-name"),
+                value(spec.function_name.as_str()),
+            ),
+            (
+                HeaderName::from_static("x-fc-function-handler"),
+                value(&spec.handler),
+            ),
+            (
+                HeaderName::from_static("x-fc-function-memory"),
+                HeaderValue::from(spec.memory_mb),
+            ),
+            (
+                HeaderName::from_static("x-fc-function-timeout"),
+                HeaderValue::from(spec.timeout_s),
+            ),
+            (
+                HeaderName::from_static("x-fc-account-id"),
+                value(spec.account_id.as_str()),
+            ),
+            (
+                HeaderName::from_static("x-fc-qualifier"),
+                HeaderValue::from_static("LATEST"),
+            ),
+            (
+                HeaderName::from_static("x-fc-control-path"),
+                HeaderValue::from_static("/invoke"),
+            ),
+        ];
+        Self {
+            client,
+            uri,
+            fc_headers,
+            region: region.cloned(),
+            timeout: Duration::from_secs(u64::from(spec.timeout_s)),
+            timeout_s: spec.timeout_s,
+        }
+    }
+
+    /// The runtime's request: the caller's headers minus hop-by-hop ones,
+    /// plus FC's, and the caller's body as is.
+    fn prepare(&self, req: Request<Incoming>) -> Request<Incoming> {
+        let (mut parts, body) = req.into_parts();
+        let headers = &mut parts.headers;
+        strip_hop_by_hop(headers);
+        headers.remove(header::HOST);
+        headers.remove(&X_KILN_OUTCOME);
+        for (name, value) in &self.fc_headers {
+            headers.insert(name.clone(), value.clone());
+        }
+        if let Some(region) = &self.region {
+            if !headers.contains_key(&X_FC_REGION) {
+                headers.insert(X_FC_REGION, region.clone());
+            }
+        }
+        if !headers.contains_key(header::CONTENT_TYPE) {
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
+        }
+        parts.method = Method::POST;
+        parts.uri = self.uri.clone();
+        parts.version = Version::HTTP_11;
+        parts.extensions = http::Extensions::new();
+        Request::from_parts(parts, body)
+    }
+}
+
+/// Is the runtime's answer a function error? FC's contract: a non-2xx
+/// status, or `x-fc-status` other than 2xx (a missing one is success).
+fn classify(status: StatusCode, headers: &HeaderMap) -> Outcome {
+    if !status.is_success() {
+        return Outcome::FunctionError;
+    }
+    match headers.get(&X_FC_STATUS) {
+        None => Outcome::Ok,
+        Some(v) => match v.to_str().ok().and_then(|s| s.trim().parse::<u16>().ok()) {
+            Some(code) if (200..300).contains(&code) => Outcome::Ok,
+            _ => Outcome::FunctionError,
+        },
+    }
+}
+
+/// FC's answer when the function itself failed without answering: a
+/// function error body with `x-fc-error-type: UnhandledInvocationError`.
+fn unhandled(outcome: Outcome, request_id: &HeaderValue, message: String) -> Response<Body> {
+    let body = serde_json::json!({ "errorMessage": message }).to_string();
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(X_FC_REQUEST_ID, request_id.clone())
+        .header(X_FC_ERROR_TYPE, "UnhandledInvocationError")
+        .header(X_KILN_OUTCOME, outcome.header())
+        .body(full(body))
+        .expect("valid response")
+}
+
+/// The agent refused the call before the function saw it.
+fn refused(outcome: Outcome, err: &FcError, request_id: &HeaderValue) -> Response<Body> {
+    let mut resp = error(err, request_id.to_str().unwrap_or(""));
+    resp.headers_mut().insert(X_KILN_OUTCOME, outcome.header());
+    resp
+}
+
+/// Walk an error's sources for hyper's own error.
+fn hyper_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a hyper::Error> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(h) = err.downcast_ref::<hyper::Error>() {
+            return Some(h);
+        }
+        cur = err.source();
+    }
+    None
+}
+
+/// Counts the call as in flight until the response body is done, and
+/// reports a runtime failure discovered while streaming.
+struct InFlight {
+    manager: Arc<InstanceManager>,
+    instance: Arc<Instance>,
+}
+
+impl InFlight {
+    fn enter(manager: &Arc<InstanceManager>, instance: Arc<Instance>) -> Self {
+        instance.enter(manager.clock.now_ms());
+        Self {
+            manager: manager.clone(),
+            instance,
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.instance.leave(self.manager.clock.now_ms());
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The runtime's response body, cut off at the function's deadline.
+    struct InvokeBody {
+        #[pin]
+        inner: Incoming,
+        #[pin]
+        deadline: Sleep,
+        guard: InFlight,
+    }
+}
+
+impl HttpBody for InvokeBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => return Poll::Ready(Some(Ok(frame))),
+            Poll::Ready(Some(Err(e))) => {
+                this.guard
+                    .manager
+                    .metrics
+                    .invocation(Outcome::InstanceFailed);
+                this.guard.manager.fail(
+                    &this.guard.instance,
+                    "connection lost while streaming the response",
+                );
+                return Poll::Ready(Some(Err(Box::new(e))));
+            }
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Pending => {}
+        }
+        if this.deadline.poll(cx).is_ready() {
+            this.guard.manager.metrics.invocation(Outcome::Timeout);
+            this.guard.manager.fail(
+                &this.guard.instance,
+                "timed out while streaming the response",
+            );
+            return Poll::Ready(Some(Err(format!(
+                "Function timed out after {} seconds",
+                this.guard.instance.upstream.timeout_s
+            )
+            .into())));
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl InstanceManager {
+    /// Forward one invocation to `target` (the instance, or the id that
+    /// was not found).
+    pub(crate) async fn invoke(
+        self: &Arc<Self>,
+        target: Result<Arc<Instance>, String>,
+        req: Request<Incoming>,
+    ) -> Response<Body> {
+        let request_id = req
+            .headers()
+            .get(&X_FC_REQUEST_ID)
+            .cloned()
+            .unwrap_or_else(|| HeaderValue::from_static(""));
+        let instance = match target {
+            Ok(instance) => instance,
+            Err(id) => {
+                self.metrics.invocation(Outcome::InstanceFailed);
+                let err =
+                    FcError::unavailable(format!("instance {id} does not exist on this node"));
+                return refused(Outcome::InstanceFailed, &err, &request_id);
+            }
+        };
+        if !instance.state().can_invoke() {
+            self.metrics.invocation(Outcome::InstanceFailed);
+            let err = FcError::unavailable(format!(
+                "instance {} has failed and is going away",
+                instance.id
+            ));
+            return refused(Outcome::InstanceFailed, &err, &request_id);
+        }
+        let started = Instant::now();
+        let upstream = &instance.upstream;
+        let deadline = tokio::time::Instant::from_std(started + upstream.timeout);
+        let guard = InFlight::enter(self, instance.clone());
+        let outgoing = upstream.prepare(req);
+        let answer = tokio::time::timeout_at(deadline, upstream.client.request(outgoing)).await;
+        let resp = match answer {
+            Ok(Ok(resp)) => resp,
+            Err(_elapsed) => {
+                self.metrics.invocation(Outcome::Timeout);
+                self.fail(&instance, "invocation timed out");
+                return unhandled(
+                    Outcome::Timeout,
+                    &request_id,
+                    format!("Function timed out after {} seconds", upstream.timeout_s),
+                );
+            }
+            Ok(Err(e)) => {
+                if hyper_error(&e).is_some_and(|h| h.is_user()) {
+                    // The caller's body broke off; the runtime is fine.
+                    tracing::debug!(instance_id = %instance.id, error = %e, "caller's request body failed");
+                    let err =
+                        FcError::invalid_argument("the request body could not be read to its end");
+                    return refused(Outcome::Ok, &err, &request_id);
+                }
+                self.metrics.invocation(Outcome::InstanceFailed);
+                self.fail(&instance, "runtime connection failed");
+                tracing::warn!(instance_id = %instance.id, error = %e, "runtime did not answer");
+                return unhandled(
+                    Outcome::InstanceFailed,
+                    &request_id,
+                    format!(
+                        "Process exited unexpectedly before completing request (duration: {}ms)",
+                        started.elapsed().as_millis()
+                    ),
+                );
+            }
+        };
+        self.metrics
+            .invoke_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let (mut parts, body) = resp.into_parts();
+        let outcome = classify(parts.status, &parts.headers);
+        self.metrics.invocation(outcome);
+        strip_hop_by_hop(&mut parts.headers);
+        parts.headers.insert(X_KILN_OUTCOME, outcome.header());
+        if !parts.headers.contains_key(&X_FC_REQUEST_ID) {
+            parts.headers.insert(X_FC_REQUEST_ID, request_id);
+        }
+        parts.version = Version::default();
+        let body = InvokeBody {
+            inner: body,
+            deadline: tokio::time::sleep_until(deadline),
+            guard,
+        };
+        Response::from_parts(parts, body.boxed())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn function_errors_follow_the_custom_runtime_contract() {
+        let mut h = HeaderMap::new();
+        assert_eq!(classify(StatusCode::OK, &h), Outcome::Ok);
+        assert_eq!(classify(StatusCode::NOT_FOUND, &h), Outcome::FunctionError);
+        assert_eq!(
+            classify(StatusCode::INTERNAL_SERVER_ERROR, &h),
+            Outcome::FunctionError
+        );
+        h.insert(X_FC_STATUS, HeaderValue::from_static("404"));
+        assert_eq!(classify(StatusCode::OK, &h), Outcome::FunctionError);
+        h.insert(X_FC_STATUS, HeaderValue::from_static("200"));
+        assert_eq!(classify(StatusCode::OK, &h), Outcome::Ok);
+        h.insert(X_FC_STATUS, HeaderValue::from_static("garbage"));
+        assert_eq!(classify(StatusCode::OK, &h), Outcome::FunctionError);
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-private"),
+        );
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert("x-user", HeaderValue::from_static("kept"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert_eq!(h["x-user"], "kept");
+    }
+}
+
+#[cfg(test)]
+mod invoke_tests {
+    use std::sync::atomic::Ordering;
+
+    use super::*;
+    use crate::instances::InstanceManager;
+    use crate::testing::{manager, sample_spec, serve_http1, FakeCodeSource, FakeDriver};
+    use http_body_util::channel::Channel;
+    use http_body_util::{Empty, Full};
+    use kiln_core::InstanceId;
+    use kiln_internal_api::server::{empty, stream};
+    use kiln_internal_api::CreateInstance;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+    use tokio::sync::mpsc;
+
+    struct Setup {
+        _dir: tempfile::TempDir,
+        driver: Arc<FakeDriver>,
+        manager: Arc<InstanceManager>,
+        agent: SocketAddr,
+        id: InstanceId,
+        client: Client<HttpConnector, Body>,
+    }
+
+    /// The agent's API on plain HTTP (the TLS layer is the integration
+    /// test's business) with one instance whose runtime is at `runtime`.
+    async fn setup(runtime: SocketAddr) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let driver = Arc::new(FakeDriver::at(runtime));
+        let code = Arc::new(FakeCodeSource::new(Duration::ZERO));
+        let digest = code.add(b"zip".to_vec());
+        let manager = manager(dir.path(), driver.clone(), code);
+        let id = InstanceId::generate();
+        manager
+            .create(CreateInstance {
+                instance_id: id.clone(),
+                spec: sample_spec(&digest, 9000),
+            })
+            .await
+            .unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let agent = listener.local_addr().unwrap();
+        let m = manager.clone();
+        serve_http1(listener, move |req| crate::api::handle(m.clone(), req));
+        let client = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+        Setup {
+            _dir: dir,
+            driver,
+            manager,
+            agent,
+            id,
+            client,
+        }
+    }
+
+    impl Setup {
+        fn request(&self, body: Body) -> Request<Body> {
+            Request::post(format!(
+                "http://{}/v1/instances/{}/invoke",
+                self.agent, self.id
+            ))
+            .header("x-fc-request-id", "req-1")
+            .header("x-user-header", "passed")
+            .header("x-fc-function-name", "spoofed")
+            .header("keep-alive", "timeout=5")
+            .body(body)
+            .unwrap()
+        }
+
+        async fn invoke(&self, body: &'static str) -> (Response<()>, Bytes) {
+            let resp = self.client.request(self.request(full(body))).await.unwrap();
+            let (parts, body) = resp.into_parts();
+            let bytes = body
+                .collect()
+                .await
+                .map(|c| c.to_bytes())
+                .unwrap_or_default();
+            (Response::from_parts(parts, ()), bytes)
+        }
+
+        async fn wait_destroyed(&self) {
+            for _ in 0..200 {
+                if self.driver.destroyed().contains(&self.id)
+                    && self.manager.get(self.id.as_str()).is_none()
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            panic!("instance {} was not destroyed", self.id);
+        }
+    }
+
+    fn outcome<B>(resp: &Response<B>) -> &str {
+        resp.headers()[INVOKE_OUTCOME].to_str().unwrap()
+    }
+
+    async fn runtime<F, Fut>(handler: F) -> (SocketAddr, crate::testing::HttpServer)
+    where
+        F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Response<Body>> + Send + 'static,
+    {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        (addr, serve_http1(l, handler))
+    }
+
+    #[tokio::test]
+    async fn fc_headers_are_added_and_bodies_stream_both_ways() {
+        let (seen_tx, mut seen_rx) = mpsc::unbounded_channel();
+        let (addr, server) = runtime(move |req: Request<Incoming>| {
+            let seen_tx = seen_tx.clone();
+            async move {
+                let _ = seen_tx.send((
+                    req.method().clone(),
+                    req.uri().clone(),
+                    req.headers().clone(),
+                ));
+                // Echo the body as it arrives.
+                Response::builder()
+                    .header("x-echo", "1")
+                    .header("connection", "keep-alive")
+                    .body(stream(req.into_body()))
+                    .unwrap()
+            }
+        })
+        .await;
+        let s = setup(addr).await;
+
+        let (mut tx, body) = Channel::<Bytes, BoxError>::new(1);
+        let resp = s.client.request(s.request(body.boxed())).await;
+        let send_first = tx.send_data(Bytes::from_static(b"first ")).await;
+        send_first.unwrap();
+        let resp = resp.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(outcome(&resp), "ok");
+        assert_eq!(resp.headers()["x-echo"], "1");
+        assert!(resp.headers().get("connection").is_none());
+        let mut body = resp.into_body();
+        // The first chunk comes back before the second is sent.
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&first[..], b"first ");
+        assert_eq!(s.manager.get(s.id.as_str()).unwrap().in_flight(), 1);
+        tx.send_data(Bytes::from_static(b"second")).await.unwrap();
+        drop(tx);
+        let rest = body.collect().await.unwrap().to_bytes();
+        assert_eq!(&rest[..], b"second");
+
+        let (method, uri, h) = seen_rx.recv().await.unwrap();
+        assert_eq!(method, Method::POST);
+        assert_eq!(uri.path(), "/invoke");
+        for (name, value) in [
+            ("x-fc-request-id", "req-1"),
+            ("x-fc-function-name", "hello"),
+            ("x-fc-function-handler", "index.handler"),
+            ("x-fc-function-memory", "128"),
+            ("x-fc-function-timeout", "1"),
+            ("x-fc-account-id", "1234"),
+            ("x-fc-region", "cn-test"),
+            ("x-fc-qualifier", "LATEST"),
+            ("x-fc-control-path", "/invoke"),
+            ("content-type", "application/octet-stream"),
+            ("x-user-header", "passed"),
+        ] {
+            assert_eq!(
+                h.get(name).map(|v| v.to_str().unwrap()),
+                Some(value),
+                "{name}"
+            );
+        }
+        assert!(h.get("keep-alive").is_none());
+        assert_eq!(h.get_all("x-fc-function-name").iter().count(), 1);
+
+        // Keep-alive: the next call reuses the pooled connection (the
+        // first accepted connection was the port probe).
+        let before = server.connections.load(Ordering::SeqCst);
+        let (resp, body) = s.invoke("again").await;
+        assert_eq!(outcome(&resp), "ok");
+        assert_eq!(&body[..], b"again");
+        assert_eq!(server.connections.load(Ordering::SeqCst), before);
+        let instance = s.manager.get(s.id.as_str()).unwrap();
+        assert_eq!(instance.in_flight(), 0);
+        assert_eq!(s.manager.metrics.invocations(Outcome::Ok), 2);
+    }
+
+    #[tokio::test]
+    async fn function_errors_keep_the_body_and_the_instance() {
+        let (addr, _server) = runtime(|req: Request<Incoming>| async move {
+            let kind = req.headers()["x-user-header"].clone();
+            let _ = req.into_body().collect().await;
+            let b = Response::builder();
+            match kind.to_str().unwrap() {
+                "fc-status" => b.header("x-fc-status", "404").body(full("boom")),
+                _ => b.status(500).body(full("crashed handler")),
+            }
+            .unwrap()
+        })
+        .await;
+        let s = setup(addr).await;
+        let mut req = s.request(full("x"));
+        req.headers_mut()
+            .insert("x-user-header", HeaderValue::from_static("fc-status"));
+        let resp = s.client.request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(outcome(&resp), "function-error");
+        assert_eq!(
+            &resp.into_body().collect().await.unwrap().to_bytes()[..],
+            b"boom"
+        );
+
+        let (resp, body) = s.invoke("x").await;
+        assert_eq!(resp.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(outcome(&resp), "function-error");
+        assert_eq!(&body[..], b"crashed handler");
+        assert!(s.manager.get(s.id.as_str()).unwrap().state().can_invoke());
+        assert_eq!(s.manager.metrics.invocations(Outcome::FunctionError), 2);
+    }
+
+    #[tokio::test]
+    async fn a_crash_fails_the_instance() {
+        // A "runtime" that reads the request and dies without answering.
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    let _ = tcp.read(&mut buf).await;
+                });
+            }
+        });
+        let s = setup(addr).await;
+        let (resp, body) = s.invoke("x").await;
+        assert_eq!(outcome(&resp), "instance-failed");
+        assert_eq!(
+            resp.headers()["x-fc-error-type"],
+            "UnhandledInvocationError"
+        );
+        assert_eq!(resp.headers()["x-fc-request-id"], "req-1");
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert!(
+            v["errorMessage"]
+                .as_str()
+                .unwrap()
+                .starts_with("Process exited unexpectedly"),
+            "{v}"
+        );
+        s.wait_destroyed().await;
+
+        // The instance is gone: an FC error, still marked instance-failed.
+        let (resp, body) = s.invoke("x").await;
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(outcome(&resp), "instance-failed");
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["Code"], "ServiceUnavailable");
+        assert_eq!(v["RequestId"], "req-1");
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_fails_the_instance() {
+        let (addr, server) = runtime(|_req| async { Response::new(empty()) }).await;
+        let s = setup(addr).await;
+        // The process dies: its port closes.
+        server.task.abort();
+        let _ = server.task.await;
+        s.driver.kill(&s.id);
+        let (resp, _) = s.invoke("x").await;
+        assert_eq!(outcome(&resp), "instance-failed");
+        s.wait_destroyed().await;
+        assert_eq!(s.manager.metrics.invocations(Outcome::InstanceFailed), 1);
+    }
+
+    #[tokio::test]
+    async fn the_timeout_is_enforced() {
+        let (addr, _server) = runtime(|_req| async {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            Response::new(empty())
+        })
+        .await;
+        let s = setup(addr).await;
+        let started = Instant::now();
+        let (resp, body) = s.invoke("x").await;
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_secs(1) && took < Duration::from_secs(3),
+            "{took:?}"
+        );
+        assert_eq!(outcome(&resp), "timeout");
+        assert_eq!(
+            resp.headers()["x-fc-error-type"],
+            "UnhandledInvocationError"
+        );
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["errorMessage"], "Function timed out after 1 seconds");
+        s.wait_destroyed().await;
+        assert_eq!(s.manager.metrics.invocations(Outcome::Timeout), 1);
+    }
+
+    #[tokio::test]
+    async fn a_response_still_streaming_at_the_deadline_is_cut_off() {
+        let (addr, _server) = runtime(|_req| async {
+            let (mut tx, body) = Channel::<Bytes, BoxError>::new(1);
+            tokio::spawn(async move {
+                let _ = tx.send_data(Bytes::from_static(b"partial")).await;
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                drop(tx);
+            });
+            Response::new(body.boxed())
+        })
+        .await;
+        let s = setup(addr).await;
+        let resp = s.client.request(s.request(full("x"))).await.unwrap();
+        assert_eq!(outcome(&resp), "ok");
+        let started = Instant::now();
+        assert!(resp.into_body().collect().await.is_err());
+        assert!(started.elapsed() < Duration::from_secs(3));
+        s.wait_destroyed().await;
+    }
+
+    #[tokio::test]
+    async fn unknown_instances_and_wrong_methods_get_fc_errors() {
+        let (addr, _server) = runtime(|_req| async { Response::new(empty()) }).await;
+        let s = setup(addr).await;
+        let other = InstanceId::generate();
+        let req = Request::post(format!("http://{}/v1/instances/{other}/invoke", s.agent))
+            .body(Empty::<Bytes>::new().map_err(|e| match e {}).boxed())
+            .unwrap();
+        let resp = s.client.request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(outcome(&resp), "instance-failed");
+
+        let req = Request::get(format!("http://{}/v1/instances/{}/invoke", s.agent, s.id))
+            .body(empty())
+            .unwrap();
+        let resp = s.client.request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["Code"], "MethodNotAllowed");
+
+        let req = Request::post(format!("http://{}/v1/instances", s.agent))
+            .body(
+                Full::new(Bytes::from_static(b"{not json"))
+                    .map_err(|e| match e {})
+                    .boxed(),
+            )
+            .unwrap();
+        let resp = s.client.request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["Code"], "InvalidArgument");
+        assert_eq!(s.manager.ids(), vec![s.id.clone()]);
+    }
+}

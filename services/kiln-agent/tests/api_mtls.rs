@@ -1,0 +1,312 @@
+//! The real agent API over mutual TLS (DevPki in a temporary directory),
+//! with a fake sandbox driver whose "sandbox" is a local HTTP server.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::BodyExt;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use kiln_agent::testing::{sample_spec, serve_http1, FakeDriver, FakeScheduler};
+use kiln_agent::{AgentConfig, Backends, GatewayCodeSource, NodeConfig, ZipUnpacker};
+use kiln_core::InstanceId;
+use kiln_internal_api::server::{full, stream, Body};
+use kiln_internal_api::{
+    paths, CreateInstance, InstanceCreated, InstanceInfo, InternalClient, Tenancy,
+};
+use kiln_pki::DevPki;
+use tokio::net::TcpListener;
+
+/// A package with one file.
+fn zip_package() -> Vec<u8> {
+    use std::io::Write;
+    let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    w.start_file(
+        "server.sh",
+        zip::write::SimpleFileOptions::default().unix_permissions(0o755),
+    )
+    .unwrap();
+    w.write_all(b"#!/bin/sh\n").unwrap();
+    w.finish().unwrap().into_inner()
+}
+
+/// The gateway's internal listener: serves one package by digest, over
+/// mTLS with the gateway's identity.
+async fn fake_gateway(
+    pki: &DevPki,
+    zip: Vec<u8>,
+) -> (String, String, Arc<std::sync::atomic::AtomicUsize>) {
+    use sha2::Digest;
+    let digest = hex::encode(sha2::Sha256::digest(&zip));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://{}", listener.local_addr().unwrap());
+    let tls = kiln_pki::internal_server_config(&pki.files("gateway-internal")).unwrap();
+    let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (zip, want, count) = (Bytes::from(zip), digest.clone(), served.clone());
+    tokio::spawn(kiln_internal_api::server::serve_tls(
+        listener,
+        tls,
+        move |req: Request<hyper::body::Incoming>, _conn| {
+            let (zip, want, count) = (zip.clone(), want.clone(), count.clone());
+            async move {
+                if req.uri().path() == paths::code(&want) {
+                    count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    http::Response::new(full(zip))
+                } else {
+                    kiln_internal_api::server::error(
+                        &kiln_core::FcError::new(
+                            kiln_core::FcErrorCode::FunctionNotFound,
+                            "no such code",
+                        ),
+                        "r",
+                    )
+                }
+            }
+        },
+        std::future::pending(),
+    ));
+    (url, digest, served)
+}
+
+fn config(state: &std::path::Path, pki: &DevPki, drain: bool) -> AgentConfig {
+    AgentConfig {
+        state_dir: state.join("agent"),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        advertise_url: None,
+        scheduler_url: "https://127.0.0.1:1".into(),
+        gateway_internal_url: "https://127.0.0.1:1".into(),
+        metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
+        region: Some("cn-hangzhou".into()),
+        instance_start_timeout_ms: 2_000,
+        drain_on_shutdown: drain,
+        runtimes: kiln_core::RuntimeName::ALL.to_vec(),
+        tls: pki.files("agent"),
+        node: NodeConfig {
+            zone: "zone-a".into(),
+            tenancy: Tenancy::Dedicated,
+            dedicated_account: None,
+            memory_mb: 4096,
+            cpu_milli: 2000,
+            max_instances: 8,
+        },
+        sandbox: Default::default(),
+    }
+}
+
+struct Fakes {
+    driver: Arc<FakeDriver>,
+    gateway_url: String,
+    pki_agent: kiln_pki::TlsFiles,
+    scheduler: Arc<FakeScheduler>,
+}
+
+impl Fakes {
+    /// Real code source (the gateway over mTLS) and unpacker; fake driver
+    /// and scheduler.
+    fn backends(&self) -> Backends {
+        let client = InternalClient::new(&self.pki_agent).unwrap();
+        Backends {
+            driver: self.driver.clone(),
+            code_source: Arc::new(GatewayCodeSource::new(client, &self.gateway_url)),
+            unpacker: Arc::new(ZipUnpacker),
+            scheduler: self.scheduler.clone(),
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_agent_api_over_mtls() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = DevPki::ensure(&tmp.path().join("pki"), &[]).unwrap();
+
+    // The function's runtime: answers with what it was sent.
+    let runtime = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let runtime_addr = runtime.local_addr().unwrap();
+    serve_http1(runtime, |req: Request<hyper::body::Incoming>| async move {
+        let name = req.headers()["x-fc-function-name"].clone();
+        http::Response::builder()
+            .header("x-function", name)
+            .body(stream(req.into_body()))
+            .unwrap()
+    });
+    let (gateway_url, digest, served) = fake_gateway(&pki, zip_package()).await;
+    let fakes = Fakes {
+        driver: Arc::new(FakeDriver::at(runtime_addr)),
+        gateway_url,
+        pki_agent: pki.files("agent"),
+        scheduler: Arc::new(FakeScheduler::new(50)),
+    };
+
+    let agent = kiln_agent::start_with(config(tmp.path(), &pki, false), fakes.backends())
+        .await
+        .unwrap();
+    let base = format!("https://{}", agent.addr());
+    assert_eq!(agent.agent_url(), base);
+    // The gateway's identity is a client of the cluster CA.
+    let client = InternalClient::new(&pki.files("gateway-internal")).unwrap();
+
+    let health: serde_json::Value = client.get(&base, paths::HEALTH).await.unwrap();
+    assert_eq!(health["status"], "ok");
+
+    let id = InstanceId::generate();
+    let created: InstanceCreated = client
+        .post(
+            &base,
+            paths::AGENT_INSTANCES,
+            &CreateInstance {
+                instance_id: id.clone(),
+                spec: sample_spec(&digest, 9000),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(created.instance_id, id);
+    // The code came from the gateway, verified and extracted once.
+    let code_dir = &fakes.driver.requests()[0].code_dir;
+    assert_eq!(
+        std::fs::read(code_dir.join("server.sh")).unwrap(),
+        b"#!/bin/sh\n"
+    );
+    assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+    // Code the gateway does not have: its error reaches the scheduler.
+    let mut missing = sample_spec(&"ab".repeat(32), 9000);
+    missing.code_digest = "ab".repeat(32);
+    let err = client
+        .post::<_, InstanceCreated>(
+            &base,
+            paths::AGENT_INSTANCES,
+            &CreateInstance {
+                instance_id: InstanceId::generate(),
+                spec: missing.seal(),
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.to_fc().code, kiln_core::FcErrorCode::FunctionNotFound);
+
+    // Invoke over HTTP/2 + mTLS, the body streamed through.
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri(format!("{base}{}", paths::agent_invoke(&id)))
+        .header("x-fc-request-id", "r-1")
+        .body(full(Bytes::from_static(b"payload")))
+        .unwrap();
+    let resp = client.send(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["x-kiln-invoke-outcome"], "ok");
+    assert_eq!(resp.headers()["x-function"], "hello");
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"payload");
+
+    let list: Vec<InstanceInfo> = client.get(&base, paths::AGENT_INSTANCES).await.unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].instance_id, id);
+
+    // Registered with the scheduler, reporting the instance.
+    for _ in 0..200 {
+        if !fakes.scheduler.state.lock().unwrap().heartbeats.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    {
+        let s = fakes.scheduler.state.lock().unwrap();
+        assert_eq!(s.registrations[0].agent_url, base);
+        assert_eq!(s.heartbeats.last().unwrap().1.instances, vec![id.clone()]);
+    }
+    assert_eq!(
+        list[0].node_id,
+        Some(
+            fakes.scheduler.state.lock().unwrap().heartbeats[0]
+                .0
+                .clone()
+        )
+    );
+
+    // Bad input: an FC error, nothing changed.
+    let err = client
+        .call::<serde_json::Value, serde_json::Value>(
+            Method::POST,
+            &base,
+            paths::AGENT_INSTANCES,
+            Some(&serde_json::json!({"instance_id": "x"})),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.to_fc().code, kiln_core::FcErrorCode::InvalidArgument);
+    let err = client
+        .delete(&base, "/v1/instances/..%2Fetc")
+        .await
+        .unwrap_err();
+    assert_eq!(err.to_fc().code, kiln_core::FcErrorCode::InvalidArgument);
+    let err = client
+        .get::<serde_json::Value>(&base, "/v1/nothing")
+        .await
+        .unwrap_err();
+    assert_eq!(err.to_fc().code, kiln_core::FcErrorCode::PathNotSupported);
+    assert_eq!(agent.instances().ids(), vec![id.clone()]);
+
+    // Metrics on the plain-HTTP listener.
+    let metrics_url = format!("http://{}/metrics", agent.metrics_addr().unwrap());
+    let plain: Client<_, Body> = Client::builder(TokioExecutor::new()).build_http();
+    let resp = plain.get(metrics_url.parse().unwrap()).await.unwrap();
+    let text = String::from_utf8(
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(
+        text.contains("kiln_agent_invocations_total{outcome=\"ok\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains("kiln_agent_instances 1"), "{text}");
+
+    // No client certificate, no service.
+    let mut tls = (*kiln_pki::public_client_config(&pki.ca_cert()).unwrap()).clone();
+    tls.alpn_protocols.clear();
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only()
+        .enable_http2()
+        .build();
+    let anonymous: Client<_, Body> = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build(https);
+    let refused = anonymous
+        .get(format!("{base}{}", paths::HEALTH).parse().unwrap())
+        .await;
+    assert!(
+        refused.is_err(),
+        "a client without a certificate was served"
+    );
+
+    // Shutdown keeps instances; a restarted agent adopts them.
+    agent.shutdown().await;
+    assert!(fakes.driver.exists(&id));
+    let agent = kiln_agent::start_with(config(tmp.path(), &pki, true), fakes.backends())
+        .await
+        .unwrap();
+    let base = format!("https://{}", agent.addr());
+    let list: Vec<InstanceInfo> = client.get(&base, paths::AGENT_INSTANCES).await.unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].instance_id, id);
+
+    // DELETE is idempotent.
+    let other = InstanceId::generate();
+    client
+        .delete(&base, &paths::agent_instance(&other))
+        .await
+        .unwrap();
+
+    // Draining destroys everything.
+    agent.shutdown().await;
+    assert!(!fakes.driver.exists(&id));
+    assert!(fakes.driver.destroyed().contains(&id));
+}
