@@ -122,8 +122,11 @@ impl Upstream {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(2)));
+        // Idle connections go before common runtimes close them (Node's
+        // default keep-alive timeout is 5 s): a request written onto a
+        // connection the runtime is closing would fail the instance.
         let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_idle_timeout(Duration::from_secs(4))
             .build(connector);
         let uri: Uri = format!("http://{endpoint}/invoke")
             .parse()

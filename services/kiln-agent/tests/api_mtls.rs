@@ -201,9 +201,27 @@ async fn the_agent_api_over_mtls() {
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(&body[..], b"payload");
 
+    // A large payload crosses HTTP/2 flow control and back intact.
+    let big: Vec<u8> = (0..8 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri(format!("{base}{}", paths::agent_invoke(&id)))
+        .body(full(Bytes::from(big.clone())))
+        .unwrap();
+    let resp = client.send(req).await.unwrap();
+    assert_eq!(resp.headers()["x-kiln-invoke-outcome"], "ok");
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(
+        body[..] == big[..],
+        "echoed {} of {} bytes",
+        body.len(),
+        big.len()
+    );
+
     let list: Vec<InstanceInfo> = client.get(&base, paths::AGENT_INSTANCES).await.unwrap();
     assert_eq!(list.len(), 1);
     assert_eq!(list[0].instance_id, id);
+    assert_eq!(list[0].in_flight, 0);
 
     // Registered with the scheduler, reporting the instance.
     for _ in 0..200 {
@@ -263,7 +281,7 @@ async fn the_agent_api_over_mtls() {
     )
     .unwrap();
     assert!(
-        text.contains("kiln_agent_invocations_total{outcome=\"ok\"} 1"),
+        text.contains("kiln_agent_invocations_total{outcome=\"ok\"} 2"),
         "{text}"
     );
     assert!(text.contains("kiln_agent_instances 1"), "{text}");
