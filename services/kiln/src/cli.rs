@@ -1,0 +1,225 @@
+//! Command-line definitions and dispatch.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use clap::{Args, Parser, Subcommand};
+
+use crate::client::FcClient;
+use crate::commands::{bench, dev, functions};
+use crate::credentials::{self, Credentials};
+
+#[derive(Debug, Parser)]
+#[command(name = "kiln", version, about = "Kiln: a self-hosted Function Compute data plane")]
+pub struct Cli {
+    /// Credentials file (else $KILN_CREDENTIALS, else ~/.kiln/credentials.json).
+    #[arg(long, global = true)]
+    pub credentials: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run gateway, scheduler and agent on this machine (needs root).
+    Dev(DevArgs),
+    /// Zip a folder and create or update a function from it.
+    Deploy(DeployArgs),
+    /// Invoke a function synchronously and print its answer.
+    Invoke(InvokeArgs),
+    /// List, show or delete functions.
+    #[command(subcommand)]
+    Functions(FunctionsCommand),
+    /// Measure Kiln against baselines on this machine and print the ratios.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// State directory (certificates, databases, instances); default ~/.kiln.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Public HTTPS address of the gateway.
+    #[arg(long, default_value = "127.0.0.1:8443")]
+    pub listen: SocketAddr,
+    /// Prefix of every network namespace, veth, container and cgroup.
+    #[arg(long, default_value = "kiln")]
+    pub sandbox_prefix: String,
+    /// Addresses for instances (one /30 each).
+    #[arg(long, default_value = "10.213.0.0/16")]
+    pub instance_subnet: String,
+    /// Where runtime root filesystems are built and cached
+    /// (default $KILN_ROOTFS_CACHE, else STATE_DIR/agent/rootfs).
+    #[arg(long)]
+    pub rootfs_dir: Option<PathBuf>,
+    /// Seconds an idle on-demand instance is kept.
+    #[arg(long, default_value_t = 300)]
+    pub idle_timeout: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct DeployArgs {
+    /// Folder holding the function's code.
+    pub path: PathBuf,
+    #[arg(long)]
+    pub name: String,
+    /// custom (static binaries) or custom.debian12 (default on create).
+    #[arg(long)]
+    pub runtime: Option<String>,
+    /// Command that starts the runtime, split on whitespace
+    /// (default: `python3 server.py` if there is a server.py).
+    #[arg(long)]
+    pub command: Option<String>,
+    /// An argument for the command (repeatable).
+    #[arg(long = "arg")]
+    pub args: Vec<String>,
+    /// Memory in MB (128 to 32768, steps of 64).
+    #[arg(long)]
+    pub memory: Option<u32>,
+    /// Concurrent calls per instance (1 to 200).
+    #[arg(long)]
+    pub concurrency: Option<u32>,
+    /// Per-call timeout in seconds.
+    #[arg(long)]
+    pub timeout: Option<u32>,
+    /// Port the runtime listens on (default 9000).
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Environment variable NAME=VALUE (repeatable).
+    #[arg(long)]
+    pub env: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct InvokeArgs {
+    pub name: String,
+    /// Payload as a string.
+    #[arg(long, conflicts_with = "file")]
+    pub data: Option<String>,
+    /// Payload from a file (`-` for stdin).
+    #[arg(long)]
+    pub file: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FunctionsCommand {
+    List {
+        #[arg(long)]
+        prefix: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    Get {
+        name: String,
+    },
+    Delete {
+        name: String,
+    },
+}
+
+impl Cli {
+    /// Whether this command runs the sandboxes itself (and so must enter a
+    /// private mount namespace before any thread starts).
+    pub fn runs_agent(&self) -> bool {
+        matches!(self.command, Command::Dev(_) | Command::Bench(_))
+    }
+}
+
+fn client(cli: &Cli) -> Result<FcClient> {
+    let path = credentials::resolve_path(cli.credentials.as_deref())?;
+    let creds = Credentials::load(&path)?;
+    Ok(FcClient::new(creds)?)
+}
+
+pub async fn run(cli: Cli) -> Result<()> {
+    match &cli.command {
+        Command::Dev(args) => {
+            let state_dir = match &args.state_dir {
+                Some(d) => d.clone(),
+                None => credentials::default_dir()?,
+            };
+            let rootfs_dir = args
+                .rootfs_dir
+                .clone()
+                .or_else(|| std::env::var_os("KILN_ROOTFS_CACHE").map(PathBuf::from));
+            dev::run(dev::DevOptions {
+                state_dir,
+                listen: args.listen,
+                sandbox_prefix: args.sandbox_prefix.clone(),
+                instance_subnet: args.instance_subnet.clone(),
+                rootfs_dir,
+                idle_timeout_s: args.idle_timeout,
+            })
+            .await
+        }
+        Command::Deploy(a) => {
+            let client = client(&cli)?;
+            let f = functions::deploy(
+                &client,
+                &functions::DeployOptions {
+                    path: a.path.clone(),
+                    name: a.name.clone(),
+                    runtime: a.runtime.clone(),
+                    command: a.command.clone(),
+                    args: a.args.clone(),
+                    memory_mb: a.memory,
+                    concurrency: a.concurrency,
+                    timeout_s: a.timeout,
+                    port: a.port,
+                    env: a.env.clone(),
+                },
+            )
+            .await?;
+            println!(
+                "deployed {} (codeChecksum {}, codeSize {})",
+                a.name,
+                f.get("codeChecksum").and_then(|v| v.as_str()).unwrap_or("?"),
+                f.get("codeSize").map(|v| v.to_string()).unwrap_or_default()
+            );
+            Ok(())
+        }
+        Command::Invoke(a) => {
+            let client = client(&cli)?;
+            let payload = match (&a.data, &a.file) {
+                (Some(d), _) => Bytes::from(d.clone()),
+                (None, Some(f)) if f.as_os_str() == "-" => {
+                    use std::io::Read;
+                    let mut buf = Vec::new();
+                    std::io::stdin().read_to_end(&mut buf)?;
+                    Bytes::from(buf)
+                }
+                (None, Some(f)) => Bytes::from(
+                    std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?,
+                ),
+                (None, None) => Bytes::new(),
+            };
+            functions::invoke(&client, &a.name, payload).await
+        }
+        Command::Functions(cmd) => {
+            let client = client(&cli)?;
+            match cmd {
+                FunctionsCommand::List { prefix, json } => {
+                    let fs = client.list_functions(prefix.as_deref()).await?;
+                    if *json {
+                        println!("{}", serde_json::to_string_pretty(&fs)?);
+                    } else {
+                        functions::print_table(&fs);
+                    }
+                }
+                FunctionsCommand::Get { name } => {
+                    let f = client.get_function(name).await?;
+                    println!("{}", serde_json::to_string_pretty(&f)?);
+                }
+                FunctionsCommand::Delete { name } => {
+                    client.delete_function(name).await?;
+                    println!("deleted {name}");
+                }
+            }
+            Ok(())
+        }
+        Command::Bench(args) => bench::run(args).await,
+    }
+}

@@ -1,0 +1,466 @@
+//! `kiln bench`: Kiln against baselines measured in the same run, printed
+//! as ratios (this machine is shared and noisy; absolute figures are not
+//! comparable between runs, ratios are).
+//!
+//! - warm invoke latency (p50/p99, one connection) and throughput
+//!   (`--connections` keep-alive connections) through the gateway, against
+//!   the same function binary called directly on loopback;
+//! - cold start (no instance -> first response) against a bare `runc run`
+//!   of a bundle holding the same binary, into a ready-made network
+//!   namespace, until its port answers.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use base64::Engine;
+use bytes::Bytes;
+use clap::Args;
+use http::{Method, Request};
+use http_body_util::Full;
+use serde_json::json;
+
+use crate::commands::dev::{DevCluster, DevOptions};
+use crate::loadgen::{self, median, RunResult, Target};
+
+/// The function every measurement uses: a std-only static HTTP server.
+const STATIC_ECHO_SRC: &str = include_str!("../../../../examples/static-echo/main.rs");
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Rounds of each measurement; medians are reported.
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
+    /// Connections of the throughput runs.
+    #[arg(long, default_value_t = 16)]
+    pub connections: usize,
+    /// Requests per throughput run.
+    #[arg(long, default_value_t = 20_000)]
+    pub requests: usize,
+    /// Requests per latency run (one connection).
+    #[arg(long, default_value_t = 2_000)]
+    pub latency_requests: usize,
+    /// Cold starts measured (each side).
+    #[arg(long, default_value_t = 7)]
+    pub cold_starts: usize,
+    /// Where runtime root filesystems are cached.
+    #[arg(long)]
+    pub rootfs_dir: Option<PathBuf>,
+    /// Skip the cold-start part.
+    #[arg(long)]
+    pub no_cold: bool,
+}
+
+fn require_root() -> Result<()> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let root = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .is_some_and(|l| l.split_whitespace().nth(1) == Some("0"));
+    if !root {
+        bail!("kiln bench runs sandboxes and network namespaces: run it as root");
+    }
+    Ok(())
+}
+
+fn build_static_echo(dir: &Path) -> Result<PathBuf> {
+    let src = dir.join("static-echo.rs");
+    std::fs::write(&src, STATIC_ECHO_SRC)?;
+    let out = dir.join("code").join("server");
+    std::fs::create_dir_all(out.parent().unwrap())?;
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let status = Command::new(&rustc)
+        .args(["-O", "-C", "target-feature=+crt-static", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .status()
+        .with_context(|| format!("cannot run {rustc} to build the benchmark function"))?;
+    if !status.success() {
+        bail!("building the static benchmark function failed");
+    }
+    Ok(out)
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn tag() -> String {
+    format!("kb{:04x}", rand::random::<u16>())
+}
+
+struct Summary {
+    p50_us: f64,
+    p99_us: f64,
+    rps: f64,
+}
+
+fn summarise(latency: &[RunResult], throughput: &[RunResult]) -> Summary {
+    Summary {
+        p50_us: median(&latency.iter().map(|r| r.quantile_us(0.5) as f64).collect::<Vec<_>>()),
+        p99_us: median(&latency.iter().map(|r| r.quantile_us(0.99) as f64).collect::<Vec<_>>()),
+        rps: median(&throughput.iter().map(|r| r.throughput()).collect::<Vec<_>>()),
+    }
+}
+
+pub async fn run(args: &BenchArgs) -> Result<()> {
+    require_root()?;
+    let work = tempfile::Builder::new().prefix("kiln-bench-").tempdir()?;
+    let binary = build_static_echo(work.path())?;
+    let code_zip = crate::zipdir::zip_dir(binary.parent().unwrap())?;
+    let prefix = tag();
+    let n: u32 = rand::random();
+    let opts = DevOptions {
+        state_dir: work.path().join("state"),
+        listen: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+        sandbox_prefix: prefix.clone(),
+        instance_subnet: format!("10.{}.{}.0/22", 200 + n % 50, ((n >> 8) % 64) * 4),
+        rootfs_dir: args
+            .rootfs_dir
+            .clone()
+            .or_else(|| std::env::var_os("KILN_ROOTFS_CACHE").map(PathBuf::from)),
+        idle_timeout_s: 300,
+    };
+    eprintln!("starting a dev cluster in {}", work.path().display());
+    let cluster = DevCluster::start(&opts).await?;
+    let result = measure(args, &cluster, &binary, &code_zip, &prefix, work.path()).await;
+    cluster.shutdown().await;
+    result
+}
+
+async fn measure(
+    args: &BenchArgs,
+    cluster: &DevCluster,
+    binary: &Path,
+    code_zip: &[u8],
+    prefix: &str,
+    work: &Path,
+) -> Result<()> {
+    let client = crate::client::FcClient::new(cluster.credentials.clone())?;
+    let zip_b64 = base64::engine::general_purpose::STANDARD.encode(code_zip);
+    client
+        .create_function(&json!({
+            "functionName": "bench-echo",
+            "runtime": "custom",
+            "handler": "main",
+            "memorySize": 1024,
+            "instanceConcurrency": 200,
+            "customRuntimeConfig": {"command": ["/code/server"]},
+            "code": {"zipFile": zip_b64},
+        }))
+        .await?;
+    // Warm up: the first call starts the instance.
+    for _ in 0..50 {
+        client
+            .invoke("bench-echo", Bytes::from_static(b"ping"), &[])
+            .await?
+            .error_for_status()?;
+    }
+
+    // The baseline: the same binary, on loopback, no sandbox.
+    let direct_port = free_port()?;
+    let mut direct = Command::new(binary)
+        .env("FC_CUSTOM_LISTEN_PORT", direct_port.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("cannot start the baseline function")?;
+    let direct_addr = SocketAddr::from(([127, 0, 0, 1], direct_port));
+    wait_port(direct_addr, Duration::from_secs(5)).await?;
+
+    let gw_uri: http::Uri = cluster.credentials.endpoint.parse()?;
+    let gw_addr: SocketAddr = format!(
+        "{}:{}",
+        gw_uri.host().unwrap_or("127.0.0.1"),
+        gw_uri.port_u16().unwrap_or(443)
+    )
+    .parse()?;
+    let tls = kiln_pki::public_client_config(&cluster.credentials.ca_cert)?;
+    let kiln_target = Target {
+        addr: gw_addr,
+        tls: Some((
+            tls,
+            rustls::pki_types::ServerName::try_from(gw_uri.host().unwrap_or("127.0.0.1").to_owned())?,
+        )),
+    };
+    let direct_target = Target {
+        addr: direct_addr,
+        tls: None,
+    };
+    let direct_reqs = |n: usize| -> Vec<Request<Full<Bytes>>> {
+        (0..n)
+            .map(|_| {
+                Request::builder()
+                    .method(Method::POST)
+                    .uri("/invoke")
+                    .header("host", direct_addr.to_string())
+                    .header("x-fc-request-id", "bench")
+                    .body(Full::new(Bytes::from_static(b"ping")))
+                    .expect("request")
+            })
+            .collect()
+    };
+    let creds = cluster.credentials.clone();
+    let kiln_reqs = |n: usize| -> Result<Vec<Request<Full<Bytes>>>> {
+        (0..n)
+            .map(|_| {
+                crate::signing::signed_request(
+                    &creds,
+                    Method::POST,
+                    "/2023-03-30/functions/bench-echo/invocations",
+                    &[("content-type".into(), "application/octet-stream".into())],
+                    Bytes::from_static(b"ping"),
+                    Some("InvokeFunction"),
+                )
+                .map_err(Into::into)
+            })
+            .collect()
+    };
+
+    let (mut d_lat, mut d_thr, mut k_lat, mut k_thr) = (vec![], vec![], vec![], vec![]);
+    let mut errors = 0;
+    for round in 0..args.runs {
+        eprintln!("warm round {}/{}", round + 1, args.runs);
+        let r = loadgen::run(&direct_target, 1, direct_reqs(args.latency_requests)).await?;
+        errors += r.errors;
+        d_lat.push(r);
+        let r = loadgen::run(&kiln_target, 1, kiln_reqs(args.latency_requests)?).await?;
+        errors += r.errors;
+        k_lat.push(r);
+        let r = loadgen::run(&direct_target, args.connections, direct_reqs(args.requests)).await?;
+        errors += r.errors;
+        d_thr.push(r);
+        let r = loadgen::run(&kiln_target, args.connections, kiln_reqs(args.requests)?).await?;
+        errors += r.errors;
+        k_thr.push(r);
+    }
+    let _ = direct.kill();
+    let _ = direct.wait();
+    let d = summarise(&d_lat, &d_thr);
+    let k = summarise(&k_lat, &k_thr);
+
+    println!();
+    println!("kiln bench: medians of {} rounds; {} failed requests", args.runs, errors);
+    println!(
+        "{:<34} {:>12} {:>12} {:>12}",
+        "warm invoke", "direct", "via kiln", "kiln/direct"
+    );
+    println!(
+        "{:<34} {:>10.0}us {:>10.0}us {:>11.2}x   (added {:.0} us; target < 1000 us)",
+        "latency p50 (1 connection)",
+        d.p50_us,
+        k.p50_us,
+        k.p50_us / d.p50_us,
+        k.p50_us - d.p50_us
+    );
+    println!(
+        "{:<34} {:>10.0}us {:>10.0}us {:>11.2}x",
+        "latency p99 (1 connection)",
+        d.p99_us,
+        k.p99_us,
+        k.p99_us / d.p99_us
+    );
+    println!(
+        "{:<34} {:>10.0}/s {:>10.0}/s {:>11.2}    (target >= 0.50)",
+        format!("throughput ({} connections)", args.connections),
+        d.rps,
+        k.rps,
+        k.rps / d.rps
+    );
+
+    if !args.no_cold {
+        let kiln_cold = kiln_cold_starts(&client, &zip_b64_of(code_zip), args.cold_starts).await?;
+        let runc_cold = runc_cold_starts(binary, prefix, work, args.cold_starts).await?;
+        let (kc, rc) = (median(&kiln_cold), median(&runc_cold));
+        println!(
+            "{:<34} {:>10.1}ms {:>10.1}ms {:>11.2}x   (target <= 2.00)",
+            "cold start (median)", rc, kc, kc / rc
+        );
+        println!("  bare runc run runs (ms): {runc_cold:.1?}");
+        println!("  kiln cold starts (ms):   {kiln_cold:.1?}");
+    }
+    Ok(())
+}
+
+fn zip_b64_of(zip: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(zip)
+}
+
+async fn wait_port(addr: SocketAddr, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{addr} did not open within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// New functions (no instance yet) invoked once each: client-side time to
+/// the first response. The first one also pays the node's code download
+/// and is not counted.
+async fn kiln_cold_starts(
+    client: &crate::client::FcClient,
+    zip_b64: &str,
+    n: usize,
+) -> Result<Vec<f64>> {
+    let mut out = Vec::new();
+    for i in 0..=n {
+        let name = format!("bench-cold-{i}");
+        client
+            .create_function(&json!({
+                "functionName": name,
+                "runtime": "custom",
+                "handler": "main",
+                "memorySize": 512,
+                "customRuntimeConfig": {"command": ["/code/server"]},
+                "code": {"zipFile": zip_b64},
+            }))
+            .await?;
+        let t = Instant::now();
+        client
+            .invoke(&name, Bytes::from_static(b"ping"), &[])
+            .await?
+            .error_for_status()?;
+        let ms = t.elapsed().as_secs_f64() * 1000.0;
+        if i > 0 {
+            out.push(ms);
+        }
+        client.delete_function(&name).await?;
+        // Let the node settle between starts.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(out)
+}
+
+/// Removes the baseline's network namespace and veth when dropped.
+struct BaselineNet {
+    netns: String,
+}
+
+impl Drop for BaselineNet {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "delete", &self.netns]).status();
+    }
+}
+
+fn sh(cmd: &[&str]) -> Result<()> {
+    let status = Command::new(cmd[0])
+        .args(&cmd[1..])
+        .stdout(Stdio::null())
+        .status()
+        .with_context(|| format!("cannot run {}", cmd.join(" ")))?;
+    if !status.success() {
+        bail!("`{}` failed", cmd.join(" "));
+    }
+    Ok(())
+}
+
+/// `runc run` of a bundle holding the same binary, into a ready-made
+/// network namespace, timed until its port answers an invocation.
+async fn runc_cold_starts(binary: &Path, prefix: &str, work: &Path, n: usize) -> Result<Vec<f64>> {
+    let netns = format!("{prefix}-base");
+    let (host_if, peer_if) = (format!("{prefix}b0"), format!("{prefix}b1"));
+    let net = BaselineNet {
+        netns: netns.clone(),
+    };
+    let v: u32 = rand::random();
+    let base = Ipv4Addr::new(10, 250, (v % 250) as u8, ((v >> 8) % 60 * 4) as u8);
+    let o = base.octets();
+    let host_ip = format!("{}.{}.{}.{}", o[0], o[1], o[2], o[3] + 1);
+    let inst_ip = format!("{}.{}.{}.{}", o[0], o[1], o[2], o[3] + 2);
+    sh(&["ip", "netns", "add", &netns])?;
+    sh(&["ip", "link", "add", &host_if, "type", "veth", "peer", "name", &peer_if])?;
+    sh(&["ip", "link", "set", &peer_if, "netns", &netns])?;
+    sh(&["ip", "addr", "add", &format!("{host_ip}/30"), "dev", &host_if])?;
+    sh(&["ip", "link", "set", &host_if, "up"])?;
+    sh(&["ip", "-n", &netns, "addr", "add", &format!("{inst_ip}/30"), "dev", &peer_if])?;
+    sh(&["ip", "-n", &netns, "link", "set", &peer_if, "up"])?;
+    sh(&["ip", "-n", &netns, "link", "set", "lo", "up"])?;
+
+    let bundle = work.join("baseline-bundle");
+    let rootfs = bundle.join("rootfs");
+    for d in ["code", "proc", "dev", "sys", "tmp"] {
+        std::fs::create_dir_all(rootfs.join(d))?;
+    }
+    std::fs::copy(binary, rootfs.join("code/server"))?;
+    sh(&["runc", "spec", "--bundle", bundle.to_str().unwrap()])?;
+    let path = bundle.join("config.json");
+    let mut spec: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+    spec["process"]["terminal"] = json!(false);
+    spec["process"]["args"] = json!(["/code/server"]);
+    spec["process"]["env"]
+        .as_array_mut()
+        .context("runc spec has no env")?
+        .push(json!("FC_CUSTOM_LISTEN_PORT=9000"));
+    spec["root"]["readonly"] = json!(true);
+    for ns in spec["linux"]["namespaces"]
+        .as_array_mut()
+        .context("runc spec has no namespaces")?
+    {
+        if ns["type"] == "network" {
+            ns["path"] = json!(format!("/var/run/netns/{netns}"));
+        }
+    }
+    std::fs::write(&path, serde_json::to_vec_pretty(&spec)?)?;
+    let runc_root = work.join("baseline-runc");
+    let addr: SocketAddr = format!("{inst_ip}:9000").parse()?;
+    let mut out = Vec::new();
+    for i in 0..=n {
+        let id = format!("{prefix}-base-{i}");
+        let t = Instant::now();
+        let status = Command::new("runc")
+            .arg("--root")
+            .arg(&runc_root)
+            .args(["run", "--detach", "--bundle"])
+            .arg(&bundle)
+            .arg(&id)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()?;
+        if !status.success() {
+            bail!("bare `runc run` of the baseline bundle failed");
+        }
+        let answered = invoke_raw(addr, Duration::from_secs(10)).await;
+        let ms = t.elapsed().as_secs_f64() * 1000.0;
+        let _ = Command::new("runc")
+            .arg("--root")
+            .arg(&runc_root)
+            .args(["delete", "--force", &id])
+            .status();
+        answered?;
+        if i > 0 {
+            out.push(ms);
+        }
+    }
+    drop(net);
+    Ok(out)
+}
+
+/// Poll `addr` until `POST /invoke` answers 200.
+async fn invoke_raw(addr: SocketAddr, timeout: Duration) -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(mut s) = tokio::net::TcpStream::connect(addr).await {
+            let req = b"POST /invoke HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\nconnection: close\r\n\r\nping";
+            if s.write_all(req).await.is_ok() {
+                let mut buf = Vec::new();
+                if s.read_to_end(&mut buf).await.is_ok() && buf.starts_with(b"HTTP/1.1 200") {
+                    return Ok(());
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("{addr} did not answer within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+

@@ -1,0 +1,186 @@
+//! `kiln dev`: gateway, scheduler and agent in one process on one machine,
+//! talking over their real mTLS APIs on loopback, with a cluster CA, a dev
+//! account and an access key made on first start.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::credentials::Credentials;
+
+#[derive(Debug, Clone)]
+pub struct DevOptions {
+    pub state_dir: PathBuf,
+    pub listen: SocketAddr,
+    /// Prefix of every netns, veth, container and cgroup the agent makes.
+    pub sandbox_prefix: String,
+    pub instance_subnet: String,
+    /// Where runtime root filesystems are built and cached.
+    pub rootfs_dir: Option<PathBuf>,
+    pub idle_timeout_s: u64,
+}
+
+/// The dev account and key, kept across restarts so clients stay valid.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DevAccount {
+    account_id: String,
+    access_key_id: String,
+    access_key_secret: String,
+}
+
+impl DevAccount {
+    fn load_or_create(path: &Path) -> Result<Self> {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            return serde_json::from_str(&text)
+                .with_context(|| format!("{} is corrupt; remove it to mint a new dev key", path.display()));
+        }
+        let mut rng = rand::thread_rng();
+        let alnum = |n: usize, rng: &mut rand::rngs::ThreadRng| -> String {
+            (0..n)
+                .map(|_| rng.sample(rand::distributions::Alphanumeric) as char)
+                .collect()
+        };
+        let account = Self {
+            account_id: format!("{}", rng.gen_range(1_000_000_000_000_000u64..9_999_999_999_999_999)),
+            access_key_id: format!("LTAI{}", alnum(20, &mut rng)),
+            access_key_secret: alnum(30, &mut rng),
+        };
+        let creds_like = serde_json::to_string_pretty(&account)?;
+        std::fs::write(path, creds_like).with_context(|| format!("cannot write {}", path.display()))?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        Ok(account)
+    }
+}
+
+fn host_memory_mb() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map(|kb| kb / 1024)
+        .unwrap_or(4096)
+}
+
+/// A running one-machine cluster.
+pub struct DevCluster {
+    pub credentials: Credentials,
+    pub credentials_path: PathBuf,
+    pub pki: kiln_pki::DevPki,
+    pub scheduler_url: String,
+    scheduler: kiln_scheduler::SchedulerHandle,
+    gateway: kiln_gateway::GatewayHandle,
+    agent: kiln_agent::AgentHandle,
+}
+
+impl DevCluster {
+    /// Start scheduler, gateway and agent, and write credentials.json.
+    pub async fn start(opts: &DevOptions) -> Result<Self> {
+        let state = &opts.state_dir;
+        std::fs::create_dir_all(state)
+            .with_context(|| format!("cannot create state directory {}", state.display()))?;
+        let public_host = if opts.listen.ip().is_unspecified() {
+            "127.0.0.1".to_owned()
+        } else {
+            opts.listen.ip().to_string()
+        };
+        let pki = kiln_pki::DevPki::ensure(&state.join("pki"), &[public_host.clone()])
+            .context("cannot create the dev cluster's certificates")?;
+        let account = DevAccount::load_or_create(&state.join("dev-account.json"))?;
+
+        let scheduler = kiln_scheduler::start(crate::dev_config::scheduler(opts, &pki)?)
+            .await
+            .context("scheduler failed to start")?;
+        let scheduler_url = format!("https://127.0.0.1:{}", scheduler.addr().port());
+
+        let gateway = kiln_gateway::start(crate::dev_config::gateway(
+            opts,
+            &pki,
+            &scheduler_url,
+            (&account.account_id, &account.access_key_id, &account.access_key_secret),
+        )?)
+        .await
+        .context("gateway failed to start")?;
+        let gateway_internal = format!("https://127.0.0.1:{}", gateway.internal_addr().port());
+
+        let agent = kiln_agent::start(crate::dev_config::agent(
+            opts,
+            &pki,
+            &scheduler_url,
+            &gateway_internal,
+            host_memory_mb(),
+        )?)
+        .await
+        .context("agent failed to start")?;
+
+        let endpoint = format!("https://{}:{}", public_host, gateway.public_addr().port());
+        let credentials = Credentials {
+            endpoint,
+            account_id: account.account_id.clone(),
+            access_key_id: account.access_key_id.clone(),
+            access_key_secret: account.access_key_secret.clone(),
+            ca_cert: pki.ca_cert(),
+        };
+        // Where the internal APIs listen, for operators and tests (they
+        // need a certificate from pki/ to call them).
+        let cluster = serde_json::json!({
+            "schedulerUrl": scheduler_url,
+            "gatewayInternalUrl": gateway_internal,
+            "agentUrl": format!("https://127.0.0.1:{}", agent.addr().port()),
+        });
+        std::fs::write(state.join("cluster.json"), cluster.to_string())
+            .with_context(|| format!("cannot write {}", state.join("cluster.json").display()))?;
+        let credentials_path = state.join("credentials.json");
+        credentials.write(&credentials_path)?;
+        Ok(Self {
+            credentials,
+            credentials_path,
+            pki,
+            scheduler_url,
+            scheduler,
+            gateway,
+            agent,
+        })
+    }
+
+    /// Stop the agent first (it removes its sandboxes), then the others.
+    pub async fn shutdown(self) {
+        self.agent.shutdown().await;
+        self.gateway.shutdown().await;
+        self.scheduler.shutdown().await;
+    }
+}
+
+/// Start everything, serve until SIGINT/SIGTERM.
+pub async fn run(opts: DevOptions) -> Result<()> {
+    let cluster = DevCluster::start(&opts).await?;
+    tracing::info!(
+        endpoint = %cluster.credentials.endpoint,
+        credentials = %cluster.credentials_path.display(),
+        account_id = %cluster.credentials.account_id,
+        "kiln dev is ready"
+    );
+    println!("kiln dev is ready: {}", cluster.credentials.endpoint);
+    println!("credentials: {}", cluster.credentials_path.display());
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    cluster.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

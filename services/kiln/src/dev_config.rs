@@ -1,0 +1,96 @@
+//! The configurations `kiln dev` gives its three services: rendered as the
+//! same TOML an operator writes, then parsed and validated through each
+//! service's own schema, so dev runs exercise the production config path.
+
+use anyhow::{Context, Result};
+use kiln_pki::{DevPki, TlsFiles};
+
+use crate::commands::dev::DevOptions;
+
+fn tls_table(files: &TlsFiles) -> String {
+    format!(
+        "[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+        files.ca, files.cert, files.key
+    )
+}
+
+fn parse<T: serde::de::DeserializeOwned>(what: &str, text: &str) -> Result<T> {
+    toml::from_str(text).with_context(|| format!("kiln dev built an invalid {what} config:\n{text}"))
+}
+
+pub fn scheduler(opts: &DevOptions, pki: &DevPki) -> Result<kiln_scheduler::SchedulerConfig> {
+    let text = format!(
+        "state_dir = {:?}\nlisten = \"127.0.0.1:0\"\nidle_timeout_s = {}\n{}",
+        opts.state_dir.join("scheduler"),
+        opts.idle_timeout_s,
+        tls_table(&pki.files("scheduler")),
+    );
+    let config: kiln_scheduler::SchedulerConfig = parse("scheduler", &text)?;
+    config.validate()?;
+    Ok(config)
+}
+
+pub fn gateway(
+    opts: &DevOptions,
+    pki: &DevPki,
+    scheduler_url: &str,
+    (account_id, access_key_id, access_key_secret): (&str, &str, &str),
+) -> Result<kiln_gateway::GatewayConfig> {
+    let public = pki.files("gateway");
+    let text = format!(
+        "state_dir = {:?}\nregion = \"cn-hangzhou\"\nscheduler_url = {:?}\n\
+         [public]\nlisten = {:?}\ncert = {:?}\nkey = {:?}\n\
+         [internal]\nlisten = \"127.0.0.1:0\"\n\
+         {}\
+         [[bootstrap_keys]]\naccount_id = {:?}\naccess_key_id = {:?}\naccess_key_secret = {:?}\n",
+        opts.state_dir.join("gateway"),
+        scheduler_url,
+        opts.listen.to_string(),
+        public.cert,
+        public.key,
+        tls_table(&pki.files("gateway-internal")),
+        account_id,
+        access_key_id,
+        access_key_secret,
+    );
+    let config: kiln_gateway::GatewayConfig = parse("gateway", &text)?;
+    config.validate()?;
+    Ok(config)
+}
+
+pub fn agent(
+    opts: &DevOptions,
+    pki: &DevPki,
+    scheduler_url: &str,
+    gateway_internal_url: &str,
+    memory_mb: u64,
+) -> Result<kiln_agent::AgentConfig> {
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as u64;
+    let rootfs = opts
+        .rootfs_dir
+        .as_ref()
+        .map(|d| format!("rootfs_dir = {d:?}\n"))
+        .unwrap_or_default();
+    // A development node overcommits CPU (functions mostly wait) but not
+    // memory.
+    let text = format!(
+        "state_dir = {:?}\nlisten = \"127.0.0.1:0\"\nscheduler_url = {:?}\n\
+         gateway_internal_url = {:?}\nregion = \"cn-hangzhou\"\ndrain_on_shutdown = true\n\
+         {}\
+         [node]\nzone = \"dev\"\ntenancy = \"dedicated\"\nmemory_mb = {}\ncpu_milli = {}\nmax_instances = 512\n\
+         [sandbox]\nname_prefix = {:?}\ninstance_subnet = {:?}\ncgroup_parent = {:?}\n{}",
+        opts.state_dir.join("agent"),
+        scheduler_url,
+        gateway_internal_url,
+        tls_table(&pki.files("agent")),
+        memory_mb * 3 / 4,
+        cpus * 1000 * 16,
+        opts.sandbox_prefix,
+        opts.instance_subnet,
+        opts.sandbox_prefix,
+        rootfs,
+    );
+    let config: kiln_agent::AgentConfig = parse("agent", &text)?;
+    config.validate()?;
+    Ok(config)
+}

@@ -1,0 +1,250 @@
+//! Shared harness of the end-to-end tests: a `kiln dev` process (or the
+//! three service binaries) with a per-run state directory, sandbox prefix
+//! and instance subnet, torn down even when a test fails.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kiln::client::FcClient;
+use kiln::credentials::Credentials;
+
+/// Why this machine cannot run the end-to-end tests, if it cannot.
+pub fn skip_reason() -> Option<String> {
+    if !nix_is_root() {
+        return Some("needs root (runc, network namespaces, mounts)".into());
+    }
+    for tool in ["runc", "ip", "debootstrap"] {
+        if !on_path(tool) {
+            return Some(format!("`{tool}` is not installed (run scripts/install-deps.sh)"));
+        }
+    }
+    None
+}
+
+/// Print why a test skips and return true when it must.
+pub fn skip(test: &str) -> bool {
+    match skip_reason() {
+        Some(why) => {
+            eprintln!("SKIPPED {test}: {why}");
+            true
+        }
+        None => false,
+    }
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+pub fn on_path(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false)
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A short random tag for names (interface names are at most 15 bytes).
+pub fn run_tag() -> String {
+    let n: u32 = rand::random();
+    format!("k{:05x}", n & 0xfffff)
+}
+
+/// A /22 of its own for each run, so concurrent tests never share
+/// addresses.
+pub fn run_subnet() -> String {
+    let n: u32 = rand::random();
+    format!("10.{}.{}.0/22", 200 + (n % 50), ((n >> 8) % 64) * 4)
+}
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+pub fn rootfs_cache() -> PathBuf {
+    std::env::var_os("KILN_ROOTFS_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/kiln/rootfs"))
+}
+
+/// A running `kiln dev`.
+pub struct Dev {
+    pub child: Child,
+    pub state: tempfile::TempDir,
+    pub prefix: String,
+    pub creds: Credentials,
+    pub creds_path: PathBuf,
+}
+
+impl Dev {
+    pub fn start() -> Dev {
+        Self::start_with(&[])
+    }
+
+    pub fn start_with(extra: &[&str]) -> Dev {
+        let state = tempfile::Builder::new().prefix("kiln-e2e-").tempdir().unwrap();
+        let prefix = run_tag();
+        let port = free_port();
+        let log = std::fs::File::create(state.path().join("dev.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .arg("dev")
+            .arg("--state-dir")
+            .arg(state.path())
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--sandbox-prefix")
+            .arg(&prefix)
+            .arg("--instance-subnet")
+            .arg(run_subnet())
+            .arg("--rootfs-dir")
+            .arg(rootfs_cache())
+            .args(extra)
+            .env("RUST_LOG", "info,kiln=debug")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn kiln dev");
+        let creds_path = state.path().join("credentials.json");
+        let mut dev = Dev {
+            child,
+            state,
+            prefix,
+            creds: placeholder_creds(),
+            creds_path: creds_path.clone(),
+        };
+        // The first start builds the custom.debian12 root filesystem.
+        let deadline = Instant::now() + Duration::from_secs(900);
+        loop {
+            if let Ok(c) = Credentials::load(&creds_path) {
+                dev.creds = c;
+                break;
+            }
+            if let Ok(Some(status)) = dev.child.try_wait() {
+                panic!("kiln dev exited with {status}:\n{}", dev.log_tail());
+            }
+            if Instant::now() > deadline {
+                panic!("kiln dev did not become ready:\n{}", dev.log_tail());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        dev
+    }
+
+    pub fn client(&self) -> FcClient {
+        FcClient::new(self.creds.clone()).unwrap()
+    }
+
+    pub fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.state.path().join("dev.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(60)..].join("\n")
+    }
+
+    /// Run the `kiln` CLI against this cluster.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .arg("--credentials")
+            .arg(&self.creds_path)
+            .args(args)
+            .output()
+            .expect("run kiln")
+    }
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        terminate(&mut self.child, Duration::from_secs(30));
+        leftovers_cleanup(&self.prefix);
+    }
+}
+
+/// SIGTERM, wait, then SIGKILL a child we started.
+pub fn terminate(child: &mut Child, grace: Duration) {
+    let pid = child.id() as i32;
+    // SAFETY-free: `kill` via the command line keeps this harness free of
+    // unsafe code; the pid is our own child's.
+    let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Network namespaces whose names start with `prefix`.
+pub fn netns_with_prefix(prefix: &str) -> Vec<String> {
+    let out = Command::new("ip").args(["netns", "list"]).output();
+    out.map(|o| {
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|n| n.starts_with(prefix))
+            .map(str::to_owned)
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
+/// Remove what a crashed run may have left: namespaces (their veths go with
+/// them) named with this run's prefix.
+pub fn leftovers_cleanup(prefix: &str) {
+    for ns in netns_with_prefix(prefix) {
+        eprintln!("cleaning up leftover netns {ns}");
+        let _ = Command::new("ip").args(["netns", "delete", &ns]).status();
+    }
+}
+
+fn placeholder_creds() -> Credentials {
+    Credentials {
+        endpoint: String::new(),
+        account_id: String::new(),
+        access_key_id: String::new(),
+        access_key_secret: String::new(),
+        ca_cert: PathBuf::new(),
+    }
+}
+
+/// The zip of an example function folder.
+pub fn example_zip(name: &str) -> Vec<u8> {
+    kiln::zipdir::zip_dir(&repo_root().join("examples").join(name)).unwrap()
+}
+
+/// Build examples/static-echo as a static binary into `dir/server`.
+pub fn build_static_echo(dir: &Path) -> PathBuf {
+    let out = dir.join("server");
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let status = Command::new(rustc)
+        .args(["-O", "-C", "target-feature=+crt-static", "-o"])
+        .arg(&out)
+        .arg(repo_root().join("examples/static-echo/main.rs"))
+        .status()
+        .expect("run rustc");
+    assert!(status.success(), "building static-echo failed");
+    out
+}
