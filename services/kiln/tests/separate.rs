@@ -47,6 +47,15 @@ impl Drop for Services {
 }
 
 impl Services {
+    fn check_alive(&mut self) {
+        for c in self.children.iter_mut() {
+            if let Ok(Some(status)) = c.try_wait() {
+                let logs = self.logs();
+                panic!("a service exited with {status}\n{logs}");
+            }
+        }
+    }
+
     fn logs(&self) -> String {
         ["scheduler", "gateway", "agent"]
             .iter()
@@ -117,7 +126,7 @@ async fn services_run_as_separate_processes_from_config_files() {
             "state_dir = {:?}\nregion = \"cn-hangzhou\"\nscheduler_url = \"https://127.0.0.1:{sp}\"\n\
              [public]\nlisten = \"127.0.0.1:{gp}\"\ncert = {:?}\nkey = {:?}\n\
              [internal]\nlisten = \"127.0.0.1:{gi}\"\n{}\
-             [[bootstrap_keys]]\naccount_id = \"1200000000000001\"\naccess_key_id = \"LTAIseparate\"\naccess_key_secret = \"separate-secret\"\n",
+             [[bootstrap_keys]]\naccount_id = \"1200000000000001\"\naccess_key_id = \"LTAIseparate\"\naccess_key_secret = \"separate-secret-0123456789\"\n",
             dir.join("gateway"),
             gw.cert,
             gw.key,
@@ -149,20 +158,23 @@ async fn services_run_as_separate_processes_from_config_files() {
         if nodes.is_ok_and(|n| !n.is_empty()) {
             break;
         }
-        for c in services.children.iter_mut() {
-            if let Ok(Some(status)) = c.try_wait() {
-                panic!("a service exited with {status}\n{}", services.logs());
-            }
-        }
+        services.check_alive();
         assert!(Instant::now() < deadline, "agent never registered\n{}", services.logs());
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // And for the gateway's public listener.
+    while std::net::TcpStream::connect(("127.0.0.1", gp)).is_err() {
+        services.check_alive();
+        assert!(Instant::now() < deadline, "gateway never listened\n{}", services.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
     let creds = Credentials {
         endpoint: format!("https://127.0.0.1:{gp}"),
         account_id: "1200000000000001".into(),
         access_key_id: "LTAIseparate".into(),
-        access_key_secret: "separate-secret".into(),
+        access_key_secret: "separate-secret-0123456789".into(),
         ca_cert: pki.ca_cert(),
     };
     let c = kiln::client::FcClient::new(creds.clone()).unwrap();
