@@ -57,7 +57,10 @@ pub struct AgentConfig {
     #[serde(default = "default_start_timeout_ms")]
     pub instance_start_timeout_ms: u64,
     /// Destroy every instance when the agent stops (`kiln dev`). Off by
-    /// default: instances outlive an agent restart and are adopted again.
+    /// default, so a stopping agent leaves its calls in flight to finish;
+    /// the container driver removes what is left when the agent starts
+    /// again, and the scheduler learns from the next registration that
+    /// those instances are gone.
     #[serde(default)]
     pub drain_on_shutdown: bool,
     /// Runtime root filesystems prepared at start and offered to functions.
