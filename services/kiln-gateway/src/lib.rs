@@ -1,1 +1,209 @@
+//! kiln-gateway: Kiln's access service.
+//!
+//! The public HTTPS listener serves FC's 2023-03-30 API (function CRUD and
+//! sync invocation) to signed requests; the internal mTLS listener serves
+//! code packages to agents. Metadata lives in SQLite with an in-memory view
+//! for the request path (see [`catalog`]).
+#![forbid(unsafe_code)]
 
+pub mod api;
+pub mod auth;
+pub mod catalog;
+pub mod checksum;
+pub mod code;
+pub mod config;
+pub mod metrics;
+pub mod model;
+pub mod store;
+pub mod validate;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use kiln_core::{Clock, SystemClock};
+use kiln_internal_api::InternalClient;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub use config::{ConfigError, GatewayConfig};
+
+use crate::api::Gateway;
+use crate::catalog::{Catalog, CatalogError};
+use crate::metrics::Metrics;
+use crate::store::{AccessKey, CodeFiles, SqliteStore};
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("Cannot create state directory {path}")]
+    StateDir {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Cannot open the metadata store")]
+    Store(#[from] kiln_store::StoreError),
+    #[error("Cannot load the metadata store")]
+    Catalog(#[from] CatalogError),
+    #[error("Cannot load TLS material")]
+    Tls(#[from] kiln_pki::PkiError),
+    #[error("Cannot bind the {listener} listener on {addr}")]
+    Bind {
+        listener: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A running gateway.
+pub struct GatewayHandle {
+    public_addr: SocketAddr,
+    internal_addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl GatewayHandle {
+    /// The public (FC API) listener.
+    pub fn addr(&self) -> SocketAddr {
+        self.public_addr
+    }
+
+    pub fn public_addr(&self) -> SocketAddr {
+        self.public_addr
+    }
+
+    /// The internal (mTLS) listener agents fetch code from.
+    pub fn internal_addr(&self) -> SocketAddr {
+        self.internal_addr
+    }
+
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// Stop accepting connections and stop background tasks.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+async fn bind(listener: &'static str, addr: SocketAddr) -> Result<TcpListener, GatewayError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| GatewayError::Bind {
+            listener,
+            addr,
+            source,
+        })
+}
+
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    while !*rx.borrow_and_update() {
+        if rx.changed().await.is_err() {
+            break;
+        }
+    }
+}
+
+/// Start the gateway with the system clock.
+pub async fn start(config: GatewayConfig) -> Result<GatewayHandle, GatewayError> {
+    start_with_clock(config, Arc::new(SystemClock)).await
+}
+
+/// Start the gateway: open the store, ensure bootstrap keys, bind every
+/// listener, return once serving.
+pub async fn start_with_clock(
+    config: GatewayConfig,
+    clock: Arc<dyn Clock>,
+) -> Result<GatewayHandle, GatewayError> {
+    config.validate()?;
+    std::fs::create_dir_all(&config.state_dir).map_err(|source| GatewayError::StateDir {
+        path: config.state_dir.clone(),
+        source,
+    })?;
+    let code = CodeFiles::new(config.code_dir()).map_err(|source| GatewayError::StateDir {
+        path: config.code_dir(),
+        source,
+    })?;
+    let store = Arc::new(SqliteStore::open(&config.db_path())?);
+    let catalog = Arc::new(Catalog::open(store, code).await?);
+    for k in &config.bootstrap_keys {
+        catalog
+            .ensure_key(
+                AccessKey {
+                    access_key_id: k.access_key_id.clone(),
+                    account_id: k.account_id.clone(),
+                    secret: k.access_key_secret.clone(),
+                },
+                clock.now_ms(),
+            )
+            .await?;
+    }
+
+    let public_tls = kiln_pki::public_server_config(&config.public.cert, &config.public.key)?;
+    let internal_tls = kiln_pki::internal_server_config(&config.tls)?;
+    let internal = InternalClient::new(&config.tls)?;
+    let metrics = Metrics::new();
+
+    let gw = Arc::new(Gateway {
+        catalog: catalog.clone(),
+        auth: auth::signature_authenticator(catalog.clone(), clock.clone()),
+        internal,
+        scheduler_url: config.scheduler_url.clone(),
+        region: config.region.clone(),
+        metrics: metrics.clone(),
+        clock,
+    });
+
+    let public = bind("public", config.public.listen).await?;
+    let internal_l = bind("internal", config.internal.listen).await?;
+    let public_addr = public.local_addr().expect("bound");
+    let internal_addr = internal_l.local_addr().expect("bound");
+    let metrics_l = match config.metrics_listen {
+        Some(a) => Some(bind("metrics", a).await?),
+        None => None,
+    };
+    let metrics_addr = metrics_l.as_ref().map(|l| l.local_addr().expect("bound"));
+
+    let (tx, rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    {
+        let gw = gw.clone();
+        tasks.push(tokio::spawn(kiln_internal_api::server::serve_tls(
+            public,
+            public_tls,
+            move |req, conn| api::handle(gw.clone(), req, conn),
+            stopped(rx.clone()),
+        )));
+    }
+    tasks.push(tokio::spawn(kiln_internal_api::server::serve_tls(
+        internal_l,
+        internal_tls,
+        move |req, conn| api::internal::handle(catalog.clone(), req, conn),
+        stopped(rx.clone()),
+    )));
+    if let Some(l) = metrics_l {
+        tasks.push(tokio::spawn(metrics::serve(
+            l,
+            metrics,
+            stopped(rx.clone()),
+        )));
+    }
+    tracing::info!(%public_addr, %internal_addr, ?metrics_addr, region = %config.region, "gateway serving");
+    Ok(GatewayHandle {
+        public_addr,
+        internal_addr,
+        metrics_addr,
+        shutdown: tx,
+        tasks,
+    })
+}

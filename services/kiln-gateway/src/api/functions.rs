@@ -1,0 +1,253 @@
+//! CreateFunction, GetFunction, UpdateFunction, DeleteFunction,
+//! ListFunctions.
+
+use std::sync::Arc;
+
+use base64::Engine;
+use bytes::Bytes;
+use http::{Response, StatusCode};
+use kiln_core::{limits, FcError, FunctionName};
+use kiln_internal_api::server::{json, no_content, Body};
+use kiln_internal_api::{paths, RetireFunction};
+
+use super::{query_param, ApiError, Gateway};
+use crate::auth::Caller;
+use crate::catalog::NewCode;
+use crate::model::{CodeRef, Function, FunctionRecord, ListFunctionsOutput};
+use crate::validate::{self, ParsedInput};
+
+/// A JSON body with a base64 zip of the largest allowed size, plus room
+/// for the rest of the document.
+pub const FUNCTION_BODY_MAX: usize = limits::CODE_ZIP_MAX.div_ceil(3) * 4 + 1024 * 1024;
+pub const LIST_LIMIT_DEFAULT: usize = 20;
+pub const LIST_LIMIT_MAX: usize = 100;
+
+fn reply(gw: &Gateway, record: &FunctionRecord) -> Response<Body> {
+    json(StatusCode::OK, &Function::from_record(record, &gw.region))
+}
+
+/// Inspect a new package off the async threads: safe to unpack, digest,
+/// FC checksum; a `code.checksum` given by the caller must match.
+async fn new_code(parsed: &mut ParsedInput) -> Result<Option<NewCode>, FcError> {
+    let Some(zip) = parsed.zip.take() else {
+        return Ok(None);
+    };
+    let expected = parsed.checksum.clone();
+    let code = tokio::task::spawn_blocking(move || crate::code::inspect(zip))
+        .await
+        .map_err(|_| FcError::internal("code inspection failed"))??;
+    if let Some(expected) = expected {
+        if expected.trim() != code.blob.checksum {
+            return Err(FcError::invalid_argument(format!(
+                "code.checksum {expected} does not match the package's CRC-64 {}",
+                code.blob.checksum
+            )));
+        }
+    }
+    Ok(Some(code))
+}
+
+fn code_ref(c: &NewCode) -> CodeRef {
+    CodeRef {
+        sha256: c.blob.sha256.clone(),
+        size: c.blob.size,
+        checksum: c.blob.checksum.clone(),
+    }
+}
+
+pub async fn create(
+    gw: &Arc<Gateway>,
+    caller: &Caller,
+    body: Bytes,
+) -> Result<Response<Body>, ApiError> {
+    let mut parsed = validate::parse_input(&body)?;
+    drop(body);
+    let name = validate::function_name(&parsed.input)?;
+    validate::require_code(&parsed)?;
+    // Validate the configuration before the (costly) package inspection.
+    let placeholder = CodeRef {
+        sha256: String::new(),
+        size: 0,
+        checksum: String::new(),
+    };
+    validate::build_config(None, &parsed, placeholder)?;
+    let code = new_code(&mut parsed).await?.expect("zip present");
+    let config = validate::build_config(None, &parsed, code_ref(&code))?;
+    let now = gw.clock.now_ms();
+    let record = FunctionRecord {
+        account_id: caller.account_id.clone(),
+        name,
+        function_id: uuid::Uuid::new_v4().to_string(),
+        created_ms: now,
+        modified_ms: now,
+        config,
+    };
+    let entry = gw.catalog.create(record, Some(code)).await?;
+    tracing::info!(function = %entry.record.name, revision = %entry.spec.revision, "function created");
+    Ok(reply(gw, &entry.record))
+}
+
+pub fn get(
+    gw: &Arc<Gateway>,
+    caller: &Caller,
+    name: &FunctionName,
+    parts: &http::request::Parts,
+) -> Result<Response<Body>, ApiError> {
+    check_qualifier(parts)?;
+    let entry = gw
+        .catalog
+        .function(&caller.account_id, name)
+        .ok_or_else(|| super::not_found(name))?;
+    Ok(reply(gw, &entry.record))
+}
+
+/// Versions and aliases do not exist yet: only LATEST (or none) resolves.
+pub fn check_qualifier(parts: &http::request::Parts) -> Result<(), FcError> {
+    match query_param(parts, "qualifier") {
+        None => Ok(()),
+        Some(q) if q.is_empty() || q == "LATEST" => Ok(()),
+        Some(q) => Err(FcError::invalid_argument(format!(
+            "qualifier {q:?} is not supported: this endpoint has no versions or aliases, use LATEST"
+        ))),
+    }
+}
+
+pub async fn update(
+    gw: &Arc<Gateway>,
+    caller: &Caller,
+    name: &FunctionName,
+    body: Bytes,
+) -> Result<Response<Body>, ApiError> {
+    let mut parsed = validate::parse_input(&body)?;
+    drop(body);
+    if gw.catalog.function(&caller.account_id, name).is_none() {
+        return Err(super::not_found(name).into());
+    }
+    let code = new_code(&mut parsed).await?;
+    let new_ref = code.as_ref().map(code_ref);
+    let before = gw.catalog.function(&caller.account_id, name);
+    let entry = gw
+        .catalog
+        .update(
+            &caller.account_id,
+            name,
+            gw.clock.now_ms(),
+            code,
+            |current| {
+                let code = new_ref.unwrap_or_else(|| current.code.clone());
+                validate::build_config(Some(current), &parsed, code)
+            },
+        )
+        .await?;
+    let changed = before.is_none_or(|b| b.spec.revision != entry.spec.revision);
+    if changed {
+        retire(gw, caller, name, Some(entry.spec.revision.clone()));
+    }
+    tracing::info!(function = %name, revision = %entry.spec.revision, "function updated");
+    Ok(reply(gw, &entry.record))
+}
+
+pub async fn delete(
+    gw: &Arc<Gateway>,
+    caller: &Caller,
+    name: &FunctionName,
+) -> Result<Response<Body>, ApiError> {
+    gw.catalog.delete(&caller.account_id, name).await?;
+    retire(gw, caller, name, None);
+    tracing::info!(function = %name, "function deleted");
+    Ok(no_content())
+}
+
+/// Tell the scheduler that instances of other revisions take no new calls.
+/// Best effort: if it is unreachable its idle release catches up.
+fn retire(gw: &Arc<Gateway>, caller: &Caller, name: &FunctionName, keep_revision: Option<String>) {
+    let msg = RetireFunction {
+        account_id: caller.account_id.clone(),
+        function_name: name.clone(),
+        keep_revision,
+    };
+    let client = gw.internal.clone();
+    let url = gw.scheduler_url.clone();
+    tokio::spawn(async move {
+        if let Err(e) = client
+            .post::<_, serde_json::Value>(&url, paths::FUNCTIONS_RETIRE, &msg)
+            .await
+        {
+            tracing::warn!(function = %msg.function_name, error = %e, "cannot retire old instances; the scheduler's idle release will");
+        }
+    });
+}
+
+pub fn list(
+    gw: &Arc<Gateway>,
+    caller: &Caller,
+    parts: &http::request::Parts,
+) -> Result<Response<Body>, ApiError> {
+    let prefix = query_param(parts, "prefix").unwrap_or_default();
+    let limit = match query_param(parts, "limit") {
+        None => LIST_LIMIT_DEFAULT,
+        Some(l) => l
+            .parse::<usize>()
+            .ok()
+            .filter(|l| (1..=LIST_LIMIT_MAX).contains(l))
+            .ok_or_else(|| {
+                FcError::invalid_argument(format!(
+                    "limit must be between 1 and {LIST_LIMIT_MAX}, got {l:?}"
+                ))
+            })?,
+    };
+    let after = match query_param(parts, "nextToken").filter(|t| !t.is_empty()) {
+        None => None,
+        Some(t) => Some(decode_token(&t)?),
+    };
+    let (entries, more) = gw
+        .catalog
+        .list(&caller.account_id, &prefix, after.as_deref(), limit);
+    let next_token = if more {
+        entries.last().map(|e| encode_token(e.record.name.as_str()))
+    } else {
+        None
+    };
+    let out = ListFunctionsOutput {
+        functions: entries
+            .iter()
+            .map(|e| Function::from_record(&e.record, &gw.region))
+            .collect(),
+        next_token,
+    };
+    Ok(json(StatusCode::OK, &out))
+}
+
+/// `nextToken` is opaque to callers: the last name of the page, encoded.
+pub fn encode_token(last: &str) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("v1:{last}"))
+}
+
+pub fn decode_token(token: &str) -> Result<String, FcError> {
+    let invalid = || FcError::invalid_argument("nextToken is invalid");
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .map_err(|_| invalid())?;
+    let s = String::from_utf8(raw).map_err(|_| invalid())?;
+    let name = s.strip_prefix("v1:").ok_or_else(invalid)?;
+    name.parse::<FunctionName>().map_err(|_| invalid())?;
+    Ok(name.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_round_trip_and_refuse_garbage() {
+        assert_eq!(decode_token(&encode_token("abc")).unwrap(), "abc");
+        assert!(decode_token("!!").is_err());
+        assert!(
+            decode_token(&base64::engine::general_purpose::URL_SAFE_NO_PAD.encode("v2:x")).is_err()
+        );
+        assert!(
+            decode_token(&base64::engine::general_purpose::URL_SAFE_NO_PAD.encode("v1:../x"))
+                .is_err()
+        );
+    }
+}

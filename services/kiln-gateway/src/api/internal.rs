@@ -1,0 +1,86 @@
+//! The internal (mTLS) listener: code packages for agents, health.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::stream;
+use http::{header, Method, Response, StatusCode};
+use http_body::Frame;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Incoming;
+use kiln_core::{FcError, FcErrorCode, RequestId};
+use kiln_internal_api::server::{self, Body, BoxError, ConnInfo};
+use tokio::io::AsyncReadExt;
+
+use crate::catalog::Catalog;
+
+const CHUNK: usize = 256 * 1024;
+
+pub async fn handle(
+    catalog: Arc<Catalog>,
+    req: http::Request<Incoming>,
+    conn: ConnInfo,
+) -> Response<Body> {
+    let request_id = RequestId::generate();
+    let path = req.uri().path().to_owned();
+    let mut resp = match (req.method(), path.as_str()) {
+        (&Method::GET, kiln_internal_api::paths::HEALTH) => server::health(),
+        (&Method::GET, p) if p.starts_with("/v1/code/") => {
+            let digest = &p["/v1/code/".len()..];
+            tracing::debug!(peer = %conn.peer, digest, "code package requested");
+            code(&catalog, digest, &request_id).await
+        }
+        _ => server::not_found(&path, request_id.as_str()),
+    };
+    if let Ok(v) = http::HeaderValue::from_str(request_id.as_str()) {
+        resp.headers_mut().insert(super::REQUEST_ID, v);
+    }
+    resp
+}
+
+async fn code(catalog: &Catalog, digest: &str, request_id: &RequestId) -> Response<Body> {
+    let missing = || {
+        server::error(
+            &FcError::new(
+                FcErrorCode::PathNotSupported,
+                format!("code package {digest:?} does not exist"),
+            ),
+            request_id.as_str(),
+        )
+    };
+    let Some(path) = catalog.code_files().path(digest) else {
+        return missing();
+    };
+    let file = match tokio::fs::File::open(&path).await {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return missing(),
+        Err(e) => {
+            tracing::error!(path = %path.display(), error = %e, "cannot open code package");
+            return server::error(
+                &FcError::internal("cannot read the code package"),
+                request_id.as_str(),
+            );
+        }
+    };
+    let len = file.metadata().await.map(|m| m.len()).ok();
+    let chunks = stream::unfold(Some(file), |file| async move {
+        let mut file = file?;
+        let mut buf = vec![0u8; CHUNK];
+        match file.read(&mut buf).await {
+            Ok(0) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok(Frame::data(Bytes::from(buf))), Some(file)))
+            }
+            Err(e) => Some((Err(Box::new(e) as BoxError), None)),
+        }
+    });
+    let mut b = Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/zip");
+    if let Some(len) = len {
+        b = b.header(header::CONTENT_LENGTH, len);
+    }
+    b.body(StreamBody::new(chunks).boxed())
+        .expect("valid response")
+}

@@ -1,0 +1,354 @@
+//! InvokeFunction (sync): a lease from the scheduler, the payload to the
+//! agent, the answer streamed back with FC's headers, the lease released
+//! once the answer has been streamed (or the caller went away).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use kiln_core::{FcError, FunctionName, RequestId};
+use kiln_internal_api::client::remote_error;
+use kiln_internal_api::server::{full, Body, BoxError};
+use kiln_internal_api::{headers as ih, paths, InternalClient, Lease, LeaseOutcome, ReleaseLease};
+
+use super::{ApiError, Gateway, REQUEST_ID};
+use crate::auth::Caller;
+use crate::metrics::Metrics;
+
+/// FC's header naming a function error on a 2xx answer.
+pub const ERROR_TYPE: &str = "x-fc-error-type";
+/// FC's value for an error the function did not handle (non-2xx answer,
+/// crash, timeout).
+pub const UNHANDLED: &str = "UnhandledInvocationError";
+
+/// Caller headers never passed to the function: signing, FC's own and
+/// connection-level ones.
+fn forwardable(name: &HeaderName) -> bool {
+    let n = name.as_str();
+    !(n.starts_with("x-fc-")
+        || n.starts_with("x-acs-")
+        || n.starts_with("x-kiln-")
+        || matches!(
+            n,
+            "authorization"
+                | "host"
+                | "content-length"
+                | "connection"
+                | "keep-alive"
+                | "proxy-connection"
+                | "transfer-encoding"
+                | "te"
+                | "trailer"
+                | "upgrade"
+        ))
+}
+
+/// Runtime answer headers never passed to the caller.
+fn returnable(name: &HeaderName) -> bool {
+    let n = name.as_str();
+    !(n.starts_with("x-fc-")
+        || n.starts_with("x-kiln-")
+        || matches!(
+            n,
+            "connection" | "keep-alive" | "transfer-encoding" | "te" | "trailer" | "upgrade"
+        ))
+}
+
+pub async fn invoke(
+    gw: &Arc<Gateway>,
+    caller: &Caller,
+    name: &FunctionName,
+    parts: http::request::Parts,
+    payload: Bytes,
+    request_id: &RequestId,
+) -> Result<Response<Body>, ApiError> {
+    if let Some(t) = parts.headers.get("x-fc-invocation-type") {
+        if !t.as_bytes().eq_ignore_ascii_case(b"sync") {
+            return Err(FcError::invalid_argument(format!(
+                "x-fc-invocation-type {:?} is not available on this endpoint yet; invoke with Sync",
+                String::from_utf8_lossy(t.as_bytes())
+            ))
+            .into());
+        }
+    }
+    super::functions::check_qualifier(&parts)?;
+    let entry = gw
+        .catalog
+        .function(&caller.account_id, name)
+        .ok_or_else(|| super::not_found(name))?;
+    // The payload arrives whole (see api::handle): its hash is part of the
+    // signature, and an oversized one is refused before any instance is
+    // touched.
+
+    let started = Instant::now();
+    let mut guard = LeaseGuard {
+        client: gw.internal.clone(),
+        scheduler_url: gw.scheduler_url.clone(),
+        metrics: gw.metrics.clone(),
+        lease: None,
+        outcome: LeaseOutcome::Ok,
+        started,
+    };
+    gw.metrics.invocations_in_flight.inc();
+
+    let lease = acquire(gw, entry.acquire_body(request_id.as_str())).await?;
+    tracing::debug!(lease = %lease.lease_id, instance = %lease.instance_id, cold = lease.cold_start, "lease acquired");
+    let agent_url = lease.agent_url.clone();
+    let instance = lease.instance_id.clone();
+    guard.lease = Some(lease);
+
+    let mut req = Request::builder()
+        .method(Method::POST)
+        .uri(format!(
+            "{}{}",
+            agent_url.trim_end_matches('/'),
+            paths::agent_invoke(&instance)
+        ))
+        .body(full(payload))
+        .map_err(|e| FcError::internal(format!("cannot build the agent request: {e}")))?;
+    let h = req.headers_mut();
+    for (k, v) in parts.headers.iter() {
+        if forwardable(k) {
+            h.append(k.clone(), v.clone());
+        }
+    }
+    if let Ok(v) = HeaderValue::from_str(request_id.as_str()) {
+        h.insert(REQUEST_ID, v);
+    }
+    if !h.contains_key(header::CONTENT_TYPE) {
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
+    }
+
+    let resp = match gw.internal.send(req).await {
+        Ok(r) => r,
+        Err(e) => {
+            guard.outcome = LeaseOutcome::InstanceFailed;
+            return Err(e.into());
+        }
+    };
+    let outcome = resp
+        .headers()
+        .get(ih::INVOKE_OUTCOME)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let (head, body) = resp.into_parts();
+    match outcome.as_deref() {
+        Some("ok") => Ok(answer(head.status, &head.headers, None, guard, body)),
+        Some("function-error") => Ok(answer(
+            StatusCode::OK,
+            &head.headers,
+            Some(UNHANDLED),
+            guard,
+            body,
+        )),
+        Some(kind @ ("instance-failed" | "timeout")) => {
+            guard.outcome = LeaseOutcome::InstanceFailed;
+            let bytes = read_small(body).await;
+            let detail = remote_error(head.status, &bytes).message;
+            let message = if kind == "timeout" {
+                format!("Function timed out after {} seconds", entry.spec.timeout_s)
+            } else if detail.is_empty() || detail.starts_with("internal call failed") {
+                "Process exited unexpectedly before completing request".to_owned()
+            } else {
+                detail
+            };
+            let body = serde_json::json!({ "errorMessage": message }).to_string();
+            drop(guard);
+            Ok(Response::builder()
+                .status(StatusCode::OK)
+                .header(header::CONTENT_TYPE, "application/json")
+                .header(ERROR_TYPE, UNHANDLED)
+                .body(full(body))
+                .expect("valid response"))
+        }
+        _ => {
+            // The agent refused the call itself (instance unknown, ...).
+            guard.outcome = LeaseOutcome::InstanceFailed;
+            let bytes = read_small(body).await;
+            Err(remote_error(head.status, &bytes).into())
+        }
+    }
+}
+
+async fn read_small(body: Incoming) -> Bytes {
+    http_body_util::Limited::new(body, 64 * 1024)
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default()
+}
+
+async fn acquire(gw: &Gateway, body: Bytes) -> Result<Lease, ApiError> {
+    let url = format!(
+        "{}{}",
+        gw.scheduler_url.trim_end_matches('/'),
+        paths::LEASES
+    );
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri(&url)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(full(body))
+        .map_err(|e| FcError::internal(format!("cannot build the lease request: {e}")))?;
+    let resp = gw.internal.send(req).await?;
+    let status = resp.status();
+    let bytes = http_body_util::Limited::new(resp.into_body(), 1024 * 1024)
+        .collect()
+        .await
+        .map_err(|e| {
+            tracing::warn!(error = %e, "scheduler answer unreadable");
+            FcError::unavailable("the scheduler is unreachable; retry the request")
+        })?
+        .to_bytes();
+    if !status.is_success() {
+        return Err(remote_error(status, &bytes).into());
+    }
+    serde_json::from_slice(&bytes).map_err(|e| {
+        tracing::error!(error = %e, "scheduler answered an unreadable lease");
+        FcError::internal("the scheduler answered badly").into()
+    })
+}
+
+fn answer(
+    status: StatusCode,
+    upstream: &HeaderMap,
+    error_type: Option<&'static str>,
+    guard: LeaseGuard,
+    body: Incoming,
+) -> Response<Body> {
+    let mut builder = Response::builder().status(status);
+    if let Some(h) = builder.headers_mut() {
+        for (k, v) in upstream {
+            if returnable(k) {
+                h.append(k.clone(), v.clone());
+            }
+        }
+        if let Some(t) = error_type {
+            h.insert(ERROR_TYPE, HeaderValue::from_static(t));
+        }
+    }
+    let body = GuardedBody {
+        inner: body,
+        guard: Some(guard),
+    };
+    builder.body(body.boxed()).expect("valid response")
+}
+
+/// Releases the lease when dropped: after the answer has been streamed,
+/// when the caller goes away, or when the call fails on the way.
+pub struct LeaseGuard {
+    client: InternalClient,
+    scheduler_url: String,
+    metrics: Arc<Metrics>,
+    lease: Option<Lease>,
+    outcome: LeaseOutcome,
+    started: Instant,
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        self.metrics.invocations_in_flight.dec();
+        self.metrics
+            .invoke_seconds
+            .observe(self.started.elapsed().as_secs_f64());
+        let Some(lease) = self.lease.take() else {
+            return;
+        };
+        let client = self.client.clone();
+        let url = self.scheduler_url.clone();
+        let msg = ReleaseLease {
+            outcome: self.outcome,
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        rt.spawn(async move {
+            let r = client
+                .call::<_, serde_json::Value>(
+                    Method::DELETE,
+                    &url,
+                    &paths::lease(&lease.lease_id),
+                    Some(&msg),
+                )
+                .await;
+            if let Err(e) = r {
+                tracing::warn!(lease = %lease.lease_id, error = %e, "cannot release lease");
+            }
+        });
+    }
+}
+
+/// The agent's answer body, holding the lease until it ends.
+struct GuardedBody {
+    inner: Incoming,
+    guard: Option<LeaseGuard>,
+}
+
+impl HttpBody for GuardedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Err(e))) => {
+                if let Some(g) = this.guard.as_mut() {
+                    g.outcome = LeaseOutcome::InstanceFailed;
+                }
+                this.guard.take();
+                Poll::Ready(Some(Err(Box::new(e))))
+            }
+            Poll::Ready(None) => {
+                this.guard.take();
+                Poll::Ready(None)
+            }
+            other => other.map(|o| o.map(|r| r.map_err(|e| Box::new(e) as BoxError))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_filters() {
+        for h in [
+            "x-fc-invocation-type",
+            "authorization",
+            "x-acs-date",
+            "host",
+            "connection",
+        ] {
+            assert!(!forwardable(&HeaderName::from_static(h)), "{h}");
+        }
+        for h in ["content-type", "x-custom", "accept"] {
+            assert!(forwardable(&HeaderName::from_static(h)), "{h}");
+        }
+        assert!(!returnable(&HeaderName::from_static("x-fc-status")));
+        assert!(!returnable(&HeaderName::from_static(
+            "x-kiln-invoke-outcome"
+        )));
+        assert!(returnable(&HeaderName::from_static("content-type")));
+    }
+}

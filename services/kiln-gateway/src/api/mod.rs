@@ -1,0 +1,358 @@
+//! The public FC 2023-03-30 API: one route table, one file per resource,
+//! and one function turning errors into FC-shaped responses.
+
+pub mod functions;
+pub mod internal;
+pub mod invoke;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Response};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use kiln_core::{Clock, FcError, FcErrorCode, FunctionName, RequestId};
+use kiln_internal_api::server::{self, Body, ConnInfo};
+use kiln_internal_api::{InternalClient, InternalClientError};
+use tracing::Instrument;
+
+use crate::auth::{Caller, SharedAuthenticator};
+use crate::catalog::{Catalog, CatalogError};
+use crate::metrics::Metrics;
+
+pub const API_VERSION: &str = "2023-03-30";
+pub const REQUEST_ID: &str = "x-fc-request-id";
+
+/// What every request handler shares.
+pub struct Gateway {
+    pub catalog: Arc<Catalog>,
+    pub auth: SharedAuthenticator,
+    pub internal: InternalClient,
+    pub scheduler_url: String,
+    pub region: String,
+    pub metrics: Arc<Metrics>,
+    pub clock: Arc<dyn Clock>,
+}
+
+/// The operations of the public API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    CreateFunction,
+    ListFunctions,
+    GetFunction,
+    UpdateFunction,
+    DeleteFunction,
+    InvokeFunction,
+}
+
+impl Operation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::CreateFunction => "CreateFunction",
+            Self::ListFunctions => "ListFunctions",
+            Self::GetFunction => "GetFunction",
+            Self::UpdateFunction => "UpdateFunction",
+            Self::DeleteFunction => "DeleteFunction",
+            Self::InvokeFunction => "InvokeFunction",
+        }
+    }
+}
+
+/// The route table: method, path pattern (`{name}` is a function name).
+const ROUTES: &[(Method, &str, Operation)] = &[
+    (
+        Method::POST,
+        "/2023-03-30/functions",
+        Operation::CreateFunction,
+    ),
+    (
+        Method::GET,
+        "/2023-03-30/functions",
+        Operation::ListFunctions,
+    ),
+    (
+        Method::GET,
+        "/2023-03-30/functions/{name}",
+        Operation::GetFunction,
+    ),
+    (
+        Method::PUT,
+        "/2023-03-30/functions/{name}",
+        Operation::UpdateFunction,
+    ),
+    (
+        Method::DELETE,
+        "/2023-03-30/functions/{name}",
+        Operation::DeleteFunction,
+    ),
+    (
+        Method::POST,
+        "/2023-03-30/functions/{name}/invocations",
+        Operation::InvokeFunction,
+    ),
+];
+
+/// A matched route.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Route {
+    pub operation: Operation,
+    pub name: Option<FunctionName>,
+}
+
+/// Match a request against [`ROUTES`].
+pub fn route(method: &Method, path: &str) -> Result<Route, FcError> {
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let mut path_matched = false;
+    for (m, pattern, op) in ROUTES {
+        let pat: Vec<&str> = pattern.trim_start_matches('/').split('/').collect();
+        if pat.len() != segments.len() {
+            continue;
+        }
+        let mut name = None;
+        let matched = pat.iter().zip(&segments).all(|(p, s)| {
+            if *p == "{name}" {
+                name = Some(*s);
+                !s.is_empty()
+            } else {
+                p == s
+            }
+        });
+        if !matched {
+            continue;
+        }
+        path_matched = true;
+        if m != method {
+            continue;
+        }
+        let name = match name {
+            None => None,
+            Some(raw) => {
+                let decoded = percent_encoding::percent_decode_str(raw)
+                    .decode_utf8()
+                    .map_err(|_| FcError::invalid_argument("function name is not UTF-8"))?;
+                Some(decoded.parse::<FunctionName>().map_err(|e| {
+                    FcError::invalid_argument(format!("functionName: {}", e.reason))
+                })?)
+            }
+        };
+        return Ok(Route {
+            operation: *op,
+            name,
+        });
+    }
+    if path_matched {
+        Err(FcError::new(
+            FcErrorCode::MethodNotAllowed,
+            format!("method {method} is not allowed on {path}"),
+        ))
+    } else {
+        Err(FcError::new(
+            FcErrorCode::PathNotSupported,
+            format!("'{method}' against '{path}' is not supported"),
+        ))
+    }
+}
+
+/// Everything a public request can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error(transparent)]
+    Fc(#[from] FcError),
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error(transparent)]
+    Internal(#[from] InternalClientError),
+}
+
+/// The one place an error becomes FC's code and message. Internal detail
+/// is logged, not shown.
+pub fn to_fc(err: &ApiError) -> FcError {
+    match err {
+        ApiError::Fc(e) => e.clone(),
+        ApiError::Catalog(CatalogError::Exists(n)) => FcError::new(
+            FcErrorCode::FunctionAlreadyExists,
+            format!("function '{n}' already exists"),
+        ),
+        ApiError::Catalog(CatalogError::NotFound(n)) => not_found(n),
+        ApiError::Catalog(CatalogError::Invalid(e)) => e.clone(),
+        ApiError::Catalog(e) => {
+            tracing::error!(error = %error_chain(e), "store failure");
+            FcError::internal("the function store failed; retry the request")
+        }
+        ApiError::Internal(e) => {
+            tracing::warn!(error = %e, "internal call failed");
+            e.to_fc()
+        }
+    }
+}
+
+pub fn not_found(name: &FunctionName) -> FcError {
+    FcError::new(
+        FcErrorCode::FunctionNotFound,
+        format!("function '{name}' does not exist"),
+    )
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// Read a whole request body of at most `limit` bytes; over it is FC's
+/// EntityTooLarge.
+pub async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, FcError> {
+    let too_large = || {
+        FcError::new(
+            FcErrorCode::EntityTooLarge,
+            format!("payload size exceeds maximum allowed size ({limit} bytes)"),
+        )
+    };
+    use http_body::Body as _;
+    if body.size_hint().lower() > limit as u64 {
+        return Err(too_large());
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(e) => Err(FcError::invalid_argument(format!(
+            "cannot read request body: {e}"
+        ))),
+    }
+}
+
+/// Serve one public request.
+pub async fn handle(
+    gw: Arc<Gateway>,
+    req: http::Request<Incoming>,
+    conn: ConnInfo,
+) -> Response<Body> {
+    let request_id = RequestId::generate();
+    let started = Instant::now();
+    let span = tracing::info_span!(
+        "request",
+        request_id = %request_id,
+        method = %req.method(),
+        path = %req.uri().path(),
+        peer = %conn.peer,
+        account = tracing::field::Empty,
+    );
+    let (op, result) = async {
+        let route = match route(req.method(), req.uri().path()) {
+            Ok(r) => r,
+            Err(e) => return (None, Err(ApiError::Fc(e))),
+        };
+        let op = route.operation;
+        let (parts, body) = req.into_parts();
+        let r = async {
+            gw.auth.precheck(&parts)?;
+            let body = read_body(body, body_limit(op)).await?;
+            let caller = gw.auth.verify(&parts, &body)?;
+            tracing::Span::current().record("account", caller.account_id.as_str());
+            dispatch(&gw, route, caller, parts, body, &request_id).await
+        }
+        .await;
+        (Some(op), r)
+    }
+    .instrument(span.clone())
+    .await;
+    let mut resp = match result {
+        Ok(r) => r,
+        Err(e) => {
+            let fc = to_fc(&e);
+            span.in_scope(|| {
+                tracing::info!(code = fc.code.as_str(), message = %fc.message, "request refused")
+            });
+            server::error(&fc, request_id.as_str())
+        }
+    };
+    if let Ok(v) = HeaderValue::from_str(request_id.as_str()) {
+        resp.headers_mut().insert(REQUEST_ID, v);
+    }
+    let op_name = op.map_or("Unknown", Operation::as_str);
+    gw.metrics.request(op_name, resp.status().as_str());
+    span.in_scope(|| {
+        tracing::debug!(
+            status = resp.status().as_u16(),
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "answered"
+        )
+    });
+    resp
+}
+
+/// The largest body each operation takes.
+fn body_limit(op: Operation) -> usize {
+    match op {
+        Operation::CreateFunction | Operation::UpdateFunction => functions::FUNCTION_BODY_MAX,
+        Operation::InvokeFunction => kiln_core::limits::SYNC_PAYLOAD_MAX,
+        _ => 64 * 1024,
+    }
+}
+
+async fn dispatch(
+    gw: &Arc<Gateway>,
+    route: Route,
+    caller: Caller,
+    parts: http::request::Parts,
+    body: Bytes,
+    request_id: &RequestId,
+) -> Result<Response<Body>, ApiError> {
+    let name = route.name;
+    let named = || name.clone().expect("route has a name");
+    match route.operation {
+        Operation::CreateFunction => functions::create(gw, &caller, body).await,
+        Operation::ListFunctions => functions::list(gw, &caller, &parts),
+        Operation::GetFunction => functions::get(gw, &caller, &named(), &parts),
+        Operation::UpdateFunction => functions::update(gw, &caller, &named(), body).await,
+        Operation::DeleteFunction => functions::delete(gw, &caller, &named()).await,
+        Operation::InvokeFunction => {
+            invoke::invoke(gw, &caller, &named(), parts, body, request_id).await
+        }
+    }
+}
+
+/// The value of query parameter `key`, percent-decoded.
+pub fn query_param(parts: &http::request::Parts, key: &str) -> Option<String> {
+    let q = parts.uri.query()?;
+    q.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        (k == key).then(|| {
+            percent_encoding::percent_decode_str(&v.replace('+', " "))
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_match_the_table() {
+        let r = route(&Method::POST, "/2023-03-30/functions").unwrap();
+        assert_eq!(r.operation, Operation::CreateFunction);
+        let r = route(&Method::GET, "/2023-03-30/functions/my-fn").unwrap();
+        assert_eq!(
+            (r.operation, r.name.unwrap().as_str()),
+            (Operation::GetFunction, "my-fn")
+        );
+        let r = route(&Method::POST, "/2023-03-30/functions/f_1/invocations").unwrap();
+        assert_eq!(r.operation, Operation::InvokeFunction);
+        let e = route(&Method::PATCH, "/2023-03-30/functions/f").unwrap_err();
+        assert_eq!(e.code, FcErrorCode::MethodNotAllowed);
+        let e = route(&Method::GET, "/2023-03-30/nope").unwrap_err();
+        assert_eq!(e.code, FcErrorCode::PathNotSupported);
+        let e = route(&Method::GET, "/2023-03-30/functions/..%2Fetc").unwrap_err();
+        assert_eq!(e.code, FcErrorCode::InvalidArgument);
+        let e = route(&Method::GET, "/2023-03-30/functions/").unwrap_err();
+        assert_eq!(e.code, FcErrorCode::PathNotSupported);
+    }
+}

@@ -1,0 +1,504 @@
+//! The in-memory view of the store that requests read, kept in step with
+//! every write. The invoke path reads functions and keys from here only;
+//! SQLite is touched by writes (serialised by one lock) and at start.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
+use std::sync::{Arc, RwLock};
+
+use bytes::Bytes;
+use kiln_core::{AccountId, FcError, FunctionName, InstanceSpec};
+
+use crate::model::{FunctionConfig, FunctionRecord};
+use crate::store::{AccessKey, CodeBlob, CodeFiles, MetaStore, MetaStoreError};
+
+/// Why a catalog write failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("Function {0} already exists")]
+    Exists(FunctionName),
+    #[error("Function {0} does not exist")]
+    NotFound(FunctionName),
+    /// The new configuration was refused (validation).
+    #[error(transparent)]
+    Invalid(FcError),
+    #[error("Cannot write code package")]
+    CodeWrite(#[source] std::io::Error),
+    #[error(transparent)]
+    Store(#[from] MetaStoreError),
+    #[error("Store task failed")]
+    Join,
+}
+
+/// A code package arriving with a create or update.
+pub struct NewCode {
+    pub blob: CodeBlob,
+    pub zip: Vec<u8>,
+}
+
+/// A function as the hot path needs it: its record, its sealed instance
+/// spec and that spec already serialised for the scheduler.
+#[derive(Debug)]
+pub struct FunctionEntry {
+    pub record: FunctionRecord,
+    pub spec: InstanceSpec,
+    pub spec_json: Bytes,
+}
+
+impl FunctionEntry {
+    fn new(record: FunctionRecord) -> Self {
+        let spec = instance_spec(&record);
+        let spec_json = Bytes::from(serde_json::to_vec(&spec).expect("spec serialises"));
+        Self {
+            record,
+            spec,
+            spec_json,
+        }
+    }
+
+    /// The body of `AcquireLease { request_id, spec }` without serialising
+    /// the spec again.
+    pub fn acquire_body(&self, request_id: &str) -> Bytes {
+        let mut b = Vec::with_capacity(self.spec_json.len() + request_id.len() + 32);
+        b.extend_from_slice(b"{\"request_id\":");
+        b.extend_from_slice(
+            serde_json::to_string(request_id)
+                .expect("string serialises")
+                .as_bytes(),
+        );
+        b.extend_from_slice(b",\"spec\":");
+        b.extend_from_slice(&self.spec_json);
+        b.push(b'}');
+        Bytes::from(b)
+    }
+}
+
+/// FC runs `/code/bootstrap` when a custom runtime names no command.
+pub const DEFAULT_COMMAND: &str = "/code/bootstrap";
+
+/// The sealed spec of a function revision.
+pub fn instance_spec(r: &FunctionRecord) -> InstanceSpec {
+    let c = &r.config;
+    InstanceSpec {
+        account_id: r.account_id.clone(),
+        function_name: r.name.clone(),
+        revision: String::new(),
+        runtime: c.runtime,
+        handler: c.handler.clone(),
+        command: if c.command.is_empty() {
+            vec![DEFAULT_COMMAND.to_owned()]
+        } else {
+            c.command.clone()
+        },
+        args: c.args.clone(),
+        port: c.port,
+        environment: c.environment.clone(),
+        memory_mb: c.memory_mb,
+        cpu_milli: c.cpu_milli,
+        disk_mb: c.disk_mb,
+        timeout_s: c.timeout_s,
+        concurrency: c.concurrency,
+        code_digest: c.code.sha256.clone(),
+        code_size: c.code.size,
+    }
+    .seal()
+}
+
+fn auth_key(k: AccessKey) -> kiln_auth::AccessKey {
+    kiln_auth::AccessKey {
+        account_id: k.account_id,
+        access_key_id: k.access_key_id,
+        secret: k.secret,
+    }
+}
+
+/// Per account, by name (a `String` key so pages can start after a name).
+type Functions = HashMap<AccountId, BTreeMap<String, Arc<FunctionEntry>>>;
+
+pub struct Catalog {
+    store: Arc<dyn MetaStore>,
+    code: CodeFiles,
+    functions: RwLock<Functions>,
+    keys: RwLock<HashMap<String, Arc<kiln_auth::AccessKey>>>,
+    write: tokio::sync::Mutex<()>,
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, CatalogError> + Send + 'static,
+) -> Result<T, CatalogError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| CatalogError::Join)?
+}
+
+impl Catalog {
+    /// Load every function and key, and sweep code files nothing references.
+    pub async fn open(store: Arc<dyn MetaStore>, code: CodeFiles) -> Result<Self, CatalogError> {
+        let (records, keys) = {
+            let store = store.clone();
+            let code = code.clone();
+            blocking(move || {
+                let digests = store.code_digests()?;
+                match code.sweep(&digests) {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(removed = n, "swept unreferenced code files"),
+                    Err(e) => tracing::warn!(error = %e, "cannot sweep code files"),
+                }
+                Ok((store.functions()?, store.access_keys()?))
+            })
+            .await?
+        };
+        let mut functions: Functions = HashMap::new();
+        for r in records {
+            functions
+                .entry(r.account_id.clone())
+                .or_default()
+                .insert(r.name.to_string(), Arc::new(FunctionEntry::new(r)));
+        }
+        let keys = keys
+            .into_iter()
+            .map(|k| (k.access_key_id.clone(), Arc::new(auth_key(k))))
+            .collect();
+        Ok(Self {
+            store,
+            code,
+            functions: RwLock::new(functions),
+            keys: RwLock::new(keys),
+            write: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    pub fn code_files(&self) -> &CodeFiles {
+        &self.code
+    }
+
+    /// An access key with its account and secret.
+    pub fn key(&self, access_key_id: &str) -> Option<Arc<kiln_auth::AccessKey>> {
+        self.keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(access_key_id)
+            .cloned()
+    }
+
+    pub fn function(&self, account: &AccountId, name: &FunctionName) -> Option<Arc<FunctionEntry>> {
+        self.functions
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(account)
+            .and_then(|m| m.get(name.as_str()))
+            .cloned()
+    }
+
+    /// Functions of `account` whose names start with `prefix` and sort after
+    /// `after`, at most `limit`; and whether more follow.
+    pub fn list(
+        &self,
+        account: &AccountId,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> (Vec<Arc<FunctionEntry>>, bool) {
+        let guard = self.functions.read().unwrap_or_else(|p| p.into_inner());
+        let Some(m) = guard.get(account) else {
+            return (Vec::new(), false);
+        };
+        let mut out = Vec::new();
+        let mut more = false;
+        let start: Bound<&str> = match after {
+            Some(a) => Bound::Excluded(a),
+            None => Bound::Unbounded,
+        };
+        let iter = m
+            .range::<str, _>((start, Bound::Unbounded))
+            .skip_while(|(k, _)| k.as_str() < prefix)
+            .take_while(|(k, _)| k.as_str().starts_with(prefix));
+        for (_, e) in iter {
+            if out.len() == limit {
+                more = true;
+                break;
+            }
+            out.push(e.clone());
+        }
+        (out, more)
+    }
+
+    /// Ensure an account and one of its keys exist (bootstrap keys).
+    pub async fn ensure_key(&self, key: AccessKey, now_ms: u64) -> Result<(), CatalogError> {
+        let _w = self.write.lock().await;
+        let store = self.store.clone();
+        let k = key.clone();
+        blocking(move || {
+            store.ensure_account(&k.account_id, now_ms)?;
+            store.put_access_key(&k, now_ms)?;
+            Ok(())
+        })
+        .await?;
+        self.keys
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.access_key_id.clone(), Arc::new(auth_key(key)));
+        Ok(())
+    }
+
+    fn write_code(&self, code: &Option<NewCode>) -> Result<(), CatalogError> {
+        if let Some(c) = code {
+            self.code
+                .write(&c.blob.sha256, &c.zip)
+                .map_err(CatalogError::CodeWrite)?;
+        }
+        Ok(())
+    }
+
+    /// Release packages that lost their last reference.
+    async fn release(&self, digests: Vec<String>) {
+        let store = self.store.clone();
+        let files = self.code.clone();
+        let r = blocking(move || {
+            for d in digests {
+                if store.release_code(&d)? {
+                    files.remove(&d);
+                }
+            }
+            Ok(())
+        })
+        .await;
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "cannot release code packages");
+        }
+    }
+
+    /// After a failed write: the package may have no row (never
+    /// referenced) or an unreferenced one; either way it goes.
+    async fn drop_if_unreferenced(&self, digest: String) {
+        let store = self.store.clone();
+        let files = self.code.clone();
+        let r = blocking(move || {
+            let released = store.release_code(&digest)?;
+            if released || store.code_blob(&digest)?.is_none() {
+                files.remove(&digest);
+            }
+            Ok(())
+        })
+        .await;
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "cannot drop an unreferenced code package");
+        }
+    }
+
+    fn publish(&self, record: FunctionRecord) -> Arc<FunctionEntry> {
+        let entry = Arc::new(FunctionEntry::new(record));
+        self.functions
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(entry.record.account_id.clone())
+            .or_default()
+            .insert(entry.record.name.to_string(), entry.clone());
+        entry
+    }
+
+    pub async fn create(
+        &self,
+        record: FunctionRecord,
+        code: Option<NewCode>,
+    ) -> Result<Arc<FunctionEntry>, CatalogError> {
+        let _w = self.write.lock().await;
+        if self.function(&record.account_id, &record.name).is_some() {
+            return Err(CatalogError::Exists(record.name));
+        }
+        self.write_code(&code)?;
+        let store = self.store.clone();
+        let r = record.clone();
+        let result = blocking(move || {
+            store.ensure_account(&r.account_id, r.created_ms)?;
+            store.insert_function(&r)?;
+            Ok(())
+        })
+        .await;
+        if let Err(e) = result {
+            if let Some(c) = code {
+                self.drop_if_unreferenced(c.blob.sha256).await;
+            }
+            return Err(match e {
+                CatalogError::Store(MetaStoreError::FunctionExists(n)) => CatalogError::Exists(n),
+                e => e,
+            });
+        }
+        Ok(self.publish(record))
+    }
+
+    /// Replace a function's configuration with `change(current)`; nothing
+    /// changes if `change` refuses.
+    pub async fn update(
+        &self,
+        account: &AccountId,
+        name: &FunctionName,
+        now_ms: u64,
+        code: Option<NewCode>,
+        change: impl FnOnce(&FunctionConfig) -> Result<FunctionConfig, FcError>,
+    ) -> Result<Arc<FunctionEntry>, CatalogError> {
+        let _w = self.write.lock().await;
+        let current = self
+            .function(account, name)
+            .ok_or_else(|| CatalogError::NotFound(name.clone()))?;
+        let config = change(&current.record.config).map_err(CatalogError::Invalid)?;
+        let mut record = current.record.clone();
+        record.config = config;
+        record.modified_ms = now_ms.max(record.modified_ms);
+        self.write_code(&code)?;
+        let store = self.store.clone();
+        let r = record.clone();
+        let result = blocking(move || Ok(store.update_function(&r)?)).await;
+        let old = current.record.config.code.sha256.clone();
+        let new = record.config.code.sha256.clone();
+        if let Err(e) = result {
+            if new != old {
+                self.drop_if_unreferenced(new).await;
+            }
+            return Err(e);
+        }
+        let entry = self.publish(record);
+        if new != old {
+            self.release(vec![old]).await;
+        }
+        Ok(entry)
+    }
+
+    pub async fn delete(
+        &self,
+        account: &AccountId,
+        name: &FunctionName,
+    ) -> Result<Arc<FunctionEntry>, CatalogError> {
+        let _w = self.write.lock().await;
+        let current = self
+            .function(account, name)
+            .ok_or_else(|| CatalogError::NotFound(name.clone()))?;
+        let store = self.store.clone();
+        let (a, n) = (account.clone(), name.clone());
+        blocking(move || Ok(store.delete_function(&a, &n)?)).await?;
+        if let Some(m) = self
+            .functions
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(account)
+        {
+            m.remove(name.as_str());
+        }
+        self.release(vec![current.record.config.code.sha256.clone()])
+            .await;
+        Ok(current)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::SqliteStore;
+
+    fn rec(name: &str, digest: &str) -> FunctionRecord {
+        crate::store::tests::record("1", name, digest)
+    }
+
+    fn code(digest: &str) -> Option<NewCode> {
+        Some(NewCode {
+            blob: CodeBlob {
+                sha256: digest.into(),
+                size: 3,
+                checksum: "7".into(),
+            },
+            zip: b"zip".to_vec(),
+        })
+    }
+
+    async fn catalog(dir: &std::path::Path) -> Catalog {
+        let store = Arc::new(SqliteStore::open(&dir.join("gateway.db")).unwrap());
+        Catalog::open(store, CodeFiles::new(dir.join("code")).unwrap())
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn code_is_stored_once_and_removed_with_its_last_function() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = catalog(dir.path()).await;
+        let d = "a".repeat(64);
+        c.create(rec("f", &d), code(&d)).await.unwrap();
+        c.create(rec("g", &d), code(&d)).await.unwrap();
+        let path = c.code_files().path(&d).unwrap();
+        assert!(path.exists());
+        let a: AccountId = "1".parse().unwrap();
+        c.delete(&a, &"f".parse().unwrap()).await.unwrap();
+        assert!(path.exists());
+        let e = "e".repeat(64);
+        c.update(&a, &"g".parse().unwrap(), 5000, code(&e), |cfg| {
+            let mut cfg = cfg.clone();
+            cfg.code.sha256 = e.clone();
+            Ok(cfg)
+        })
+        .await
+        .unwrap();
+        assert!(!path.exists());
+        assert!(c.code_files().path(&e).unwrap().exists());
+        // Reopen: the view is rebuilt from SQLite.
+        drop(c);
+        let c = catalog(dir.path()).await;
+        let g = c.function(&a, &"g".parse().unwrap()).unwrap();
+        assert_eq!(g.record.config.code.sha256, e);
+        assert_eq!(g.record.modified_ms, 5000);
+        assert!(c.function(&a, &"f".parse().unwrap()).is_none());
+    }
+
+    #[tokio::test]
+    async fn refused_update_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = catalog(dir.path()).await;
+        let d = "a".repeat(64);
+        let before = c.create(rec("f", &d), code(&d)).await.unwrap();
+        let a: AccountId = "1".parse().unwrap();
+        let r = c
+            .update(&a, &"f".parse().unwrap(), 9000, None, |_| {
+                Err(FcError::invalid_argument("no"))
+            })
+            .await;
+        assert!(matches!(r, Err(CatalogError::Invalid(_))));
+        let after = c.function(&a, &"f".parse().unwrap()).unwrap();
+        assert_eq!(after.record, before.record);
+        assert!(matches!(
+            c.create(rec("f", &d), code(&d)).await,
+            Err(CatalogError::Exists(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn listing_pages_by_name_with_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = catalog(dir.path()).await;
+        let d = "a".repeat(64);
+        for n in ["a1", "b1", "b2", "b3", "c1"] {
+            c.create(rec(n, &d), code(&d)).await.unwrap();
+        }
+        let a: AccountId = "1".parse().unwrap();
+        let names = |v: Vec<Arc<FunctionEntry>>| -> Vec<String> {
+            v.iter().map(|e| e.record.name.to_string()).collect()
+        };
+        let (p, more) = c.list(&a, "b", None, 2);
+        assert_eq!((names(p), more), (vec!["b1".into(), "b2".into()], true));
+        let (p, more) = c.list(&a, "b", Some("b2"), 2);
+        assert_eq!((names(p), more), (vec!["b3".into()], false));
+        let (p, more) = c.list(&a, "", None, 10);
+        assert_eq!((p.len(), more), (5, false));
+        let (p, _) = c.list(&"2".parse().unwrap(), "", None, 10);
+        assert!(p.is_empty());
+    }
+
+    #[test]
+    fn acquire_body_is_an_acquire_lease() {
+        let e = FunctionEntry::new(rec("f", &"a".repeat(64)));
+        let m: kiln_internal_api::AcquireLease =
+            serde_json::from_slice(&e.acquire_body("r-1")).unwrap();
+        assert_eq!(m.request_id, "r-1");
+        assert_eq!(m.spec, e.spec);
+        assert!(m.spec.is_sealed());
+        assert_eq!(m.spec.command, vec![DEFAULT_COMMAND.to_owned()]);
+    }
+}

@@ -1,0 +1,192 @@
+//! The gateway's configuration file (TOML), parsed then validated.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use kiln_core::AccountId;
+use kiln_pki::TlsFiles;
+use serde::{Deserialize, Serialize};
+
+/// Why a configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("Cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Cannot parse config file {path}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("Invalid config: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Holds gateway.db and the code packages (code/<sha256>.zip).
+    pub state_dir: PathBuf,
+    /// Appears in function ARNs and `x-fc-region`.
+    pub region: String,
+    /// The scheduler's internal (mTLS) base URL.
+    pub scheduler_url: String,
+    /// Plain-HTTP Prometheus endpoint; none when absent.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
+    pub public: PublicListener,
+    pub internal: InternalListener,
+    /// This gateway's internal mTLS identity (server and client).
+    pub tls: TlsFiles,
+    /// Accounts and keys ensured at start (development clusters).
+    #[serde(default)]
+    pub bootstrap_keys: Vec<BootstrapKey>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublicListener {
+    pub listen: SocketAddr,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InternalListener {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootstrapKey {
+    pub account_id: AccountId,
+    pub access_key_id: String,
+    pub access_key_secret: String,
+}
+
+impl GatewayConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let config: Self = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.state_dir.as_os_str().is_empty() {
+            return invalid("state_dir must not be empty".into());
+        }
+        if self.region.is_empty()
+            || !self
+                .region
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            return invalid(format!(
+                "region {:?} must be lower-case letters, digits and '-'",
+                self.region
+            ));
+        }
+        if !self.scheduler_url.starts_with("https://") {
+            return invalid(format!(
+                "scheduler_url {:?} must be an https:// URL",
+                self.scheduler_url
+            ));
+        }
+        if self.public.listen == self.internal.listen && self.public.listen.port() != 0 {
+            return invalid("public and internal listeners must use different addresses".into());
+        }
+        let mut seen = std::collections::HashSet::new();
+        for k in &self.bootstrap_keys {
+            if !valid_access_key_id(&k.access_key_id) {
+                return invalid(format!(
+                    "bootstrap access_key_id {:?} must be 1 to 128 letters or digits",
+                    k.access_key_id
+                ));
+            }
+            if k.access_key_secret.len() < 16 {
+                return invalid(format!(
+                    "bootstrap key {}: access_key_secret must be at least 16 characters",
+                    k.access_key_id
+                ));
+            }
+            if !seen.insert(k.access_key_id.as_str()) {
+                return invalid(format!(
+                    "bootstrap access_key_id {} appears twice",
+                    k.access_key_id
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.state_dir.join("gateway.db")
+    }
+
+    pub fn code_dir(&self) -> PathBuf {
+        self.state_dir.join("code")
+    }
+}
+
+/// Access key ids: the alphabet FC's keys use.
+pub fn valid_access_key_id(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn example() -> GatewayConfig {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
+        GatewayConfig::load(&path).unwrap()
+    }
+
+    #[test]
+    fn example_loads_and_validates() {
+        let c = example();
+        assert_eq!(c.region, "cn-hangzhou");
+        assert_eq!(c.bootstrap_keys.len(), 1);
+        assert!(c.metrics_listen.is_some());
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
+        let text = std::fs::read_to_string(path).unwrap() + "\nbogus = 1\n";
+        assert!(toml::from_str::<GatewayConfig>(&text).is_err());
+    }
+
+    #[test]
+    fn validation_catches_bad_values() {
+        let mut c = example();
+        c.scheduler_url = "http://x".into();
+        assert!(c.validate().is_err());
+        let mut c = example();
+        c.region = "CN Hangzhou".into();
+        assert!(c.validate().is_err());
+        let mut c = example();
+        c.bootstrap_keys[0].access_key_secret = "short".into();
+        assert!(c.validate().is_err());
+        let mut c = example();
+        let k = c.bootstrap_keys[0].clone();
+        c.bootstrap_keys.push(k);
+        assert!(c.validate().is_err());
+        let mut c = example();
+        c.bootstrap_keys[0].access_key_id = "a/b".into();
+        assert!(c.validate().is_err());
+    }
+}

@@ -1,0 +1,141 @@
+//! Prometheus metrics: requests by operation and code, invoke latency,
+//! invocations in flight. Served as text on `metrics_listen`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::{header, Response, StatusCode};
+use kiln_internal_api::server::{full, Body};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub operation: &'static str,
+    pub code: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub invoke_seconds: Histogram,
+    pub invocations_in_flight: Gauge,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::with_prefix("kiln_gateway");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Public API requests by operation and answer code",
+            requests.clone(),
+        );
+        let invoke_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 18));
+        registry.register(
+            "invoke_seconds",
+            "Sync invocation latency until the answer's headers",
+            invoke_seconds.clone(),
+        );
+        let invocations_in_flight = Gauge::default();
+        registry.register(
+            "invocations_in_flight",
+            "Sync invocations being served",
+            invocations_in_flight.clone(),
+        );
+        Arc::new(Self {
+            registry,
+            requests,
+            invoke_seconds,
+            invocations_in_flight,
+        })
+    }
+
+    pub fn request(&self, operation: &'static str, code: &str) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                operation,
+                code: code.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn encode(&self) -> String {
+        let mut s = String::new();
+        prometheus_client::encoding::text::encode(&mut s, &self.registry)
+            .expect("writing to a String cannot fail");
+        s
+    }
+}
+
+/// Serve `GET /metrics` over plain HTTP/1.1 until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, _peer): (tokio::net::TcpStream, SocketAddr) = tokio::select! {
+            _ = &mut shutdown => break,
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let svc =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let metrics = metrics.clone();
+                    async move {
+                        let resp: Response<Body> = if req.uri().path() == "/metrics" {
+                            Response::builder()
+                                .header(
+                                    header::CONTENT_TYPE,
+                                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                                )
+                                .body(full(metrics.encode()))
+                                .expect("valid response")
+                        } else {
+                            Response::builder()
+                                .status(StatusCode::NOT_FOUND)
+                                .body(full("not found\n"))
+                                .expect("valid response")
+                        };
+                        Ok::<_, std::convert::Infallible>(resp)
+                    }
+                });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_every_family() {
+        let m = Metrics::new();
+        m.request("InvokeFunction", "200");
+        m.invoke_seconds.observe(0.001);
+        m.invocations_in_flight.inc();
+        let text = m.encode();
+        assert!(text
+            .contains("kiln_gateway_requests_total{operation=\"InvokeFunction\",code=\"200\"} 1"));
+        assert!(text.contains("kiln_gateway_invoke_seconds_bucket"));
+        assert!(text.contains("kiln_gateway_invocations_in_flight 1"));
+    }
+}

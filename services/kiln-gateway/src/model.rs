@@ -1,0 +1,189 @@
+//! FC 2023-03-30 JSON models, named exactly as the official SDK names them
+//! (`CreateFunctionInput`, `UpdateFunctionInput`, `Function`,
+//! `CustomRuntimeConfig`, `InputCodeLocation`, `ListFunctionsOutput`), and
+//! the normalised function document the gateway stores.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// `CreateFunctionInput` / `UpdateFunctionInput`: every field optional here;
+/// which ones are required is decided by [`crate::validate`]. Fields Kiln
+/// does not implement are inspected on the raw JSON before this is parsed.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FunctionInput {
+    pub function_name: Option<String>,
+    pub runtime: Option<String>,
+    pub handler: Option<String>,
+    pub memory_size: Option<i64>,
+    pub cpu: Option<f64>,
+    pub disk_size: Option<i64>,
+    pub timeout: Option<i64>,
+    pub instance_concurrency: Option<i64>,
+    pub environment_variables: Option<BTreeMap<String, String>>,
+    pub custom_runtime_config: Option<CustomRuntimeConfig>,
+    pub code: Option<InputCodeLocation>,
+    pub description: Option<String>,
+}
+
+/// `CustomRuntimeConfig`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CustomRuntimeConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub args: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<i64>,
+    /// Accepted by the SDK's model; Kiln's readiness check is the port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check_config: Option<Value>,
+}
+
+/// `InputCodeLocation`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InputCodeLocation {
+    pub zip_file: Option<String>,
+    pub checksum: Option<String>,
+    pub oss_bucket_name: Option<String>,
+    pub oss_object_name: Option<String>,
+}
+
+/// The stored, complete and validated configuration of one function.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionConfig {
+    pub runtime: kiln_core::RuntimeName,
+    pub handler: String,
+    pub memory_mb: u32,
+    pub cpu_milli: u32,
+    /// The caller chose the vCPU; otherwise it follows memory on update.
+    pub cpu_explicit: bool,
+    pub disk_mb: u32,
+    pub timeout_s: u32,
+    pub concurrency: u32,
+    pub environment: BTreeMap<String, String>,
+    pub command: Vec<String>,
+    pub args: Vec<String>,
+    pub port: u16,
+    pub description: String,
+    pub code: CodeRef,
+    /// FC fields Kiln accepts without acting on them, echoed back as given.
+    pub extras: BTreeMap<String, Value>,
+}
+
+/// A code package as a function references it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CodeRef {
+    /// Hex sha256 of the zip: the key it is stored under.
+    pub sha256: String,
+    pub size: u64,
+    /// FC's `codeChecksum`: the CRC-64 (ECMA-182, as OSS computes it) of
+    /// the zip, in decimal.
+    pub checksum: String,
+}
+
+/// One function as stored: identity, times and configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FunctionRecord {
+    pub account_id: kiln_core::AccountId,
+    pub name: kiln_core::FunctionName,
+    pub function_id: String,
+    pub created_ms: u64,
+    pub modified_ms: u64,
+    pub config: FunctionConfig,
+}
+
+/// `Function`, the SDK's output model.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Function {
+    pub function_name: String,
+    pub function_id: String,
+    pub function_arn: String,
+    pub runtime: String,
+    pub handler: String,
+    pub memory_size: u32,
+    pub cpu: f64,
+    pub disk_size: u32,
+    pub timeout: u32,
+    pub instance_concurrency: u32,
+    pub environment_variables: BTreeMap<String, String>,
+    pub custom_runtime_config: CustomRuntimeConfig,
+    pub description: String,
+    pub code_checksum: String,
+    pub code_size: u64,
+    pub created_time: String,
+    pub last_modified_time: String,
+    pub state: &'static str,
+    pub last_update_status: &'static str,
+    #[serde(flatten)]
+    pub extras: BTreeMap<String, Value>,
+}
+
+/// `ListFunctionsOutput`.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ListFunctionsOutput {
+    pub functions: Vec<Function>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_token: Option<String>,
+}
+
+impl Function {
+    pub fn from_record(r: &FunctionRecord, region: &str) -> Self {
+        let c = &r.config;
+        Self {
+            function_name: r.name.to_string(),
+            function_id: r.function_id.clone(),
+            function_arn: format!("acs:fc:{region}:{}:functions/{}", r.account_id, r.name),
+            runtime: c.runtime.as_str().to_owned(),
+            handler: c.handler.clone(),
+            memory_size: c.memory_mb,
+            cpu: f64::from(c.cpu_milli) / 1000.0,
+            disk_size: c.disk_mb,
+            timeout: c.timeout_s,
+            instance_concurrency: c.concurrency,
+            environment_variables: c.environment.clone(),
+            custom_runtime_config: CustomRuntimeConfig {
+                command: (!c.command.is_empty()).then(|| c.command.clone()),
+                args: (!c.args.is_empty()).then(|| c.args.clone()),
+                port: Some(i64::from(c.port)),
+                health_check_config: None,
+            },
+            description: c.description.clone(),
+            code_checksum: c.code.checksum.clone(),
+            code_size: c.code.size,
+            created_time: fc_time(r.created_ms),
+            last_modified_time: fc_time(r.modified_ms),
+            state: "Active",
+            last_update_status: "Successful",
+            extras: c.extras.clone(),
+        }
+    }
+}
+
+/// FC's timestamp format: ISO 8601 in UTC to the second, `2023-03-30T06:38:39Z`.
+pub fn fc_time(ms: u64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp((ms / 1000) as i64)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    t.format(time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second]Z"
+    ))
+    .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fc_time_format() {
+        assert_eq!(fc_time(1_680_158_319_123), "2023-03-30T06:38:39Z");
+    }
+}

@@ -1,0 +1,566 @@
+//! The gateway's metadata store: accounts, access keys, functions and code
+//! packages. [`MetaStore`] is the persistence trait (SQLite in
+//! [`SqliteStore`]); code zips live beside the database as files named by
+//! their sha256, written once and removed when no function references them.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use kiln_core::{AccountId, FunctionName};
+use kiln_store::{Database, Migration, StoreError};
+use rusqlite::{params, OptionalExtension};
+
+use crate::model::{FunctionConfig, FunctionRecord};
+
+/// Why a metadata operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MetaStoreError {
+    #[error("Function {0} already exists")]
+    FunctionExists(FunctionName),
+    #[error("Function {0} does not exist")]
+    FunctionMissing(FunctionName),
+    #[error("Access key {0} belongs to another account")]
+    KeyOwnedElsewhere(String),
+    #[error("Stored function document of {name} is unreadable")]
+    Corrupt {
+        name: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error(transparent)]
+    Db(#[from] StoreError),
+}
+
+impl From<rusqlite::Error> for MetaStoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        Self::Db(StoreError::Sqlite(e))
+    }
+}
+
+/// An access key: the id a request names, the account it acts for and the
+/// secret it is signed with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessKey {
+    pub access_key_id: String,
+    pub account_id: AccountId,
+    pub secret: String,
+}
+
+/// A stored code package's facts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CodeBlob {
+    pub sha256: String,
+    pub size: u64,
+    pub checksum: String,
+}
+
+/// Persistence of the gateway's metadata. Blocking: callers run it on the
+/// blocking pool. Every write is one transaction.
+pub trait MetaStore: Send + Sync + 'static {
+    fn ensure_account(&self, account: &AccountId, now_ms: u64) -> Result<(), MetaStoreError>;
+    /// Create or update a key; refuses to move a key to another account.
+    fn put_access_key(&self, key: &AccessKey, now_ms: u64) -> Result<(), MetaStoreError>;
+    fn access_keys(&self) -> Result<Vec<AccessKey>, MetaStoreError>;
+    fn functions(&self) -> Result<Vec<FunctionRecord>, MetaStoreError>;
+    /// Insert the function and, if new, its code package's row.
+    fn insert_function(&self, f: &FunctionRecord) -> Result<(), MetaStoreError>;
+    /// Replace the function's document and times.
+    fn update_function(&self, f: &FunctionRecord) -> Result<(), MetaStoreError>;
+    fn delete_function(
+        &self,
+        account: &AccountId,
+        name: &FunctionName,
+    ) -> Result<(), MetaStoreError>;
+    fn code_blob(&self, sha256: &str) -> Result<Option<CodeBlob>, MetaStoreError>;
+    /// Drop the package's row if no function references it; true if dropped.
+    fn release_code(&self, sha256: &str) -> Result<bool, MetaStoreError>;
+    /// Every package's digest (for sweeping files left by a crash).
+    fn code_digests(&self) -> Result<Vec<String>, MetaStoreError>;
+}
+
+const MIGRATIONS: &[Migration] = &[Migration {
+    name: "accounts, access keys, functions, code packages",
+    sql: "
+        CREATE TABLE accounts (
+            account_id TEXT PRIMARY KEY,
+            created_ms INTEGER NOT NULL
+        );
+        CREATE TABLE access_keys (
+            access_key_id TEXT PRIMARY KEY,
+            account_id TEXT NOT NULL REFERENCES accounts(account_id),
+            secret TEXT NOT NULL,
+            created_ms INTEGER NOT NULL
+        );
+        CREATE TABLE code_blobs (
+            sha256 TEXT PRIMARY KEY,
+            size INTEGER NOT NULL,
+            checksum TEXT NOT NULL
+        );
+        CREATE TABLE functions (
+            account_id TEXT NOT NULL REFERENCES accounts(account_id),
+            name TEXT NOT NULL,
+            function_id TEXT NOT NULL UNIQUE,
+            code_sha256 TEXT NOT NULL REFERENCES code_blobs(sha256),
+            doc TEXT NOT NULL,
+            created_ms INTEGER NOT NULL,
+            modified_ms INTEGER NOT NULL,
+            PRIMARY KEY (account_id, name)
+        );
+        CREATE INDEX functions_by_code ON functions(code_sha256);
+    ",
+}];
+
+/// [`MetaStore`] on SQLite (`state_dir/gateway.db`).
+pub struct SqliteStore {
+    db: Database,
+}
+
+impl SqliteStore {
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Ok(Self {
+            db: Database::open(path, MIGRATIONS)?,
+        })
+    }
+
+    pub fn open_in_memory() -> Result<Self, StoreError> {
+        Ok(Self {
+            db: Database::open_in_memory(MIGRATIONS)?,
+        })
+    }
+
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut rusqlite::Connection) -> Result<T, MetaStoreError>,
+    ) -> Result<T, MetaStoreError> {
+        let mut out = None;
+        self.db.with_conn(|c| {
+            out = Some(f(c));
+            Ok(())
+        })?;
+        out.expect("closure ran")
+    }
+}
+
+fn insert_code(tx: &rusqlite::Transaction<'_>, c: &FunctionConfig) -> rusqlite::Result<()> {
+    tx.execute(
+        "INSERT OR IGNORE INTO code_blobs (sha256, size, checksum) VALUES (?1, ?2, ?3)",
+        params![c.code.sha256, c.code.size as i64, c.code.checksum],
+    )?;
+    Ok(())
+}
+
+fn doc(f: &FunctionRecord) -> String {
+    serde_json::to_string(&f.config).expect("config serialises")
+}
+
+impl MetaStore for SqliteStore {
+    fn ensure_account(&self, account: &AccountId, now_ms: u64) -> Result<(), MetaStoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT OR IGNORE INTO accounts (account_id, created_ms) VALUES (?1, ?2)",
+                params![account.as_str(), now_ms as i64],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn put_access_key(&self, key: &AccessKey, now_ms: u64) -> Result<(), MetaStoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let owner: Option<String> = tx
+                .query_row(
+                    "SELECT account_id FROM access_keys WHERE access_key_id = ?1",
+                    [&key.access_key_id],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            match owner {
+                Some(o) if o != key.account_id.as_str() => {
+                    return Err(MetaStoreError::KeyOwnedElsewhere(key.access_key_id.clone()))
+                }
+                Some(_) => {
+                    tx.execute(
+                        "UPDATE access_keys SET secret = ?2 WHERE access_key_id = ?1",
+                        params![key.access_key_id, key.secret],
+                    )?;
+                }
+                None => {
+                    tx.execute(
+                        "INSERT INTO access_keys (access_key_id, account_id, secret, created_ms)
+                         VALUES (?1, ?2, ?3, ?4)",
+                        params![
+                            key.access_key_id,
+                            key.account_id.as_str(),
+                            key.secret,
+                            now_ms as i64
+                        ],
+                    )?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn access_keys(&self) -> Result<Vec<AccessKey>, MetaStoreError> {
+        self.with(|c| {
+            let mut st = c.prepare("SELECT access_key_id, account_id, secret FROM access_keys")?;
+            let rows = st.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (id, account, secret) = row?;
+                let Ok(account_id) = account.parse() else {
+                    tracing::warn!(access_key_id = %id, "skipping key with an invalid account id");
+                    continue;
+                };
+                out.push(AccessKey {
+                    access_key_id: id,
+                    account_id,
+                    secret,
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    fn functions(&self) -> Result<Vec<FunctionRecord>, MetaStoreError> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT account_id, name, function_id, doc, created_ms, modified_ms FROM functions",
+            )?;
+            let rows = st.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, i64>(4)?,
+                    r.get::<_, i64>(5)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (account, name, function_id, doc, created, modified) = row?;
+                let (Ok(account_id), Ok(fname)) = (account.parse(), name.parse()) else {
+                    tracing::warn!(%account, %name, "skipping function with an invalid id");
+                    continue;
+                };
+                let config =
+                    serde_json::from_str(&doc).map_err(|source| MetaStoreError::Corrupt {
+                        name: name.clone(),
+                        source,
+                    })?;
+                out.push(FunctionRecord {
+                    account_id,
+                    name: fname,
+                    function_id,
+                    created_ms: created as u64,
+                    modified_ms: modified as u64,
+                    config,
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    fn insert_function(&self, f: &FunctionRecord) -> Result<(), MetaStoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let exists: bool = tx.query_row(
+                "SELECT EXISTS(SELECT 1 FROM functions WHERE account_id = ?1 AND name = ?2)",
+                params![f.account_id.as_str(), f.name.as_str()],
+                |r| r.get(0),
+            )?;
+            if exists {
+                return Err(MetaStoreError::FunctionExists(f.name.clone()));
+            }
+            insert_code(&tx, &f.config)?;
+            tx.execute(
+                "INSERT INTO functions (account_id, name, function_id, code_sha256, doc, created_ms, modified_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    f.account_id.as_str(),
+                    f.name.as_str(),
+                    f.function_id,
+                    f.config.code.sha256,
+                    doc(f),
+                    f.created_ms as i64,
+                    f.modified_ms as i64
+                ],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn update_function(&self, f: &FunctionRecord) -> Result<(), MetaStoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            insert_code(&tx, &f.config)?;
+            let n = tx.execute(
+                "UPDATE functions SET code_sha256 = ?3, doc = ?4, modified_ms = ?5
+                 WHERE account_id = ?1 AND name = ?2",
+                params![
+                    f.account_id.as_str(),
+                    f.name.as_str(),
+                    f.config.code.sha256,
+                    doc(f),
+                    f.modified_ms as i64
+                ],
+            )?;
+            if n == 0 {
+                return Err(MetaStoreError::FunctionMissing(f.name.clone()));
+            }
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn delete_function(
+        &self,
+        account: &AccountId,
+        name: &FunctionName,
+    ) -> Result<(), MetaStoreError> {
+        self.with(|c| {
+            let n = c.execute(
+                "DELETE FROM functions WHERE account_id = ?1 AND name = ?2",
+                params![account.as_str(), name.as_str()],
+            )?;
+            if n == 0 {
+                return Err(MetaStoreError::FunctionMissing(name.clone()));
+            }
+            Ok(())
+        })
+    }
+
+    fn code_blob(&self, sha256: &str) -> Result<Option<CodeBlob>, MetaStoreError> {
+        self.with(|c| {
+            Ok(c.query_row(
+                "SELECT sha256, size, checksum FROM code_blobs WHERE sha256 = ?1",
+                [sha256],
+                |r| {
+                    Ok(CodeBlob {
+                        sha256: r.get(0)?,
+                        size: r.get::<_, i64>(1)? as u64,
+                        checksum: r.get(2)?,
+                    })
+                },
+            )
+            .optional()?)
+        })
+    }
+
+    fn release_code(&self, sha256: &str) -> Result<bool, MetaStoreError> {
+        self.with(|c| {
+            let n = c.execute(
+                "DELETE FROM code_blobs WHERE sha256 = ?1
+                 AND NOT EXISTS (SELECT 1 FROM functions WHERE code_sha256 = ?1)",
+                [sha256],
+            )?;
+            Ok(n > 0)
+        })
+    }
+
+    fn code_digests(&self) -> Result<Vec<String>, MetaStoreError> {
+        self.with(|c| {
+            let mut st = c.prepare("SELECT sha256 FROM code_blobs")?;
+            let rows = st.query_map([], |r| r.get::<_, String>(0))?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+}
+
+/// Code packages as files: `<dir>/<sha256>.zip`, written once atomically.
+#[derive(Debug, Clone)]
+pub struct CodeFiles {
+    dir: PathBuf,
+}
+
+/// Whether `s` is a hex sha256 (the only names code files have).
+pub fn is_digest(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+impl CodeFiles {
+    pub fn new(dir: PathBuf) -> std::io::Result<Self> {
+        fs::create_dir_all(&dir)?;
+        Ok(Self { dir })
+    }
+
+    /// The file of a digest; `None` for anything that is not a digest.
+    pub fn path(&self, sha256: &str) -> Option<PathBuf> {
+        is_digest(sha256).then(|| self.dir.join(format!("{sha256}.zip")))
+    }
+
+    /// Write the zip unless a file for its digest exists: a temp file,
+    /// fsync, rename, fsync of the directory.
+    pub fn write(&self, sha256: &str, zip: &[u8]) -> std::io::Result<()> {
+        let path = self
+            .path(sha256)
+            .ok_or_else(|| std::io::Error::other("not a sha256 digest"))?;
+        if path.exists() {
+            return Ok(());
+        }
+        let tmp = self
+            .dir
+            .join(format!(".{sha256}.{}.tmp", uuid::Uuid::new_v4().simple()));
+        let result = (|| {
+            let mut f = fs::File::create(&tmp)?;
+            f.write_all(zip)?;
+            f.sync_all()?;
+            fs::rename(&tmp, &path)?;
+            fs::File::open(&self.dir)?.sync_all()
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    pub fn remove(&self, sha256: &str) {
+        if let Some(p) = self.path(sha256) {
+            if let Err(e) = fs::remove_file(&p) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(path = %p.display(), error = %e, "cannot remove code package");
+                }
+            }
+        }
+    }
+
+    /// Remove files no stored package names, and temp files a crash left.
+    pub fn sweep(&self, keep: &[String]) -> std::io::Result<usize> {
+        let keep: std::collections::HashSet<&str> = keep.iter().map(String::as_str).collect();
+        let mut removed = 0;
+        for entry in fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            let stale = match name.strip_suffix(".zip") {
+                Some(d) => !keep.contains(d),
+                None => name.ends_with(".tmp"),
+            };
+            if stale {
+                fs::remove_file(entry.path())?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::model::CodeRef;
+
+    pub(crate) fn record(account: &str, name: &str, digest: &str) -> FunctionRecord {
+        FunctionRecord {
+            account_id: account.parse().unwrap(),
+            name: name.parse().unwrap(),
+            function_id: uuid::Uuid::new_v4().to_string(),
+            created_ms: 1000,
+            modified_ms: 1000,
+            config: FunctionConfig {
+                runtime: kiln_core::RuntimeName::Custom,
+                handler: "h".into(),
+                memory_mb: 512,
+                cpu_milli: 250,
+                cpu_explicit: false,
+                disk_mb: 512,
+                timeout_s: 3,
+                concurrency: 1,
+                environment: Default::default(),
+                command: vec![],
+                args: vec![],
+                port: 9000,
+                description: String::new(),
+                code: CodeRef {
+                    sha256: digest.into(),
+                    size: 3,
+                    checksum: "7".into(),
+                },
+                extras: Default::default(),
+            },
+        }
+    }
+
+    #[test]
+    fn functions_persist_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gateway.db");
+        let s = SqliteStore::open(&path).unwrap();
+        let a: AccountId = "1".parse().unwrap();
+        s.ensure_account(&a, 1).unwrap();
+        let key = AccessKey {
+            access_key_id: "AK1".into(),
+            account_id: a.clone(),
+            secret: "s".repeat(20),
+        };
+        s.put_access_key(&key, 1).unwrap();
+        let f = record("1", "f", &"a".repeat(64));
+        s.insert_function(&f).unwrap();
+        assert!(matches!(
+            s.insert_function(&f),
+            Err(MetaStoreError::FunctionExists(_))
+        ));
+        drop(s);
+        let s = SqliteStore::open(&path).unwrap();
+        assert_eq!(s.functions().unwrap(), vec![f]);
+        assert_eq!(s.access_keys().unwrap(), vec![key.clone()]);
+        s.ensure_account(&"2".parse().unwrap(), 1).unwrap();
+        let stolen = AccessKey {
+            account_id: "2".parse().unwrap(),
+            ..key
+        };
+        assert!(matches!(
+            s.put_access_key(&stolen, 1),
+            Err(MetaStoreError::KeyOwnedElsewhere(_))
+        ));
+    }
+
+    #[test]
+    fn code_rows_are_shared_and_released_when_unreferenced() {
+        let s = SqliteStore::open_in_memory().unwrap();
+        s.ensure_account(&"1".parse().unwrap(), 1).unwrap();
+        let d = "b".repeat(64);
+        s.insert_function(&record("1", "f", &d)).unwrap();
+        s.insert_function(&record("1", "g", &d)).unwrap();
+        assert_eq!(s.code_digests().unwrap(), vec![d.clone()]);
+        s.delete_function(&"1".parse().unwrap(), &"f".parse().unwrap())
+            .unwrap();
+        assert!(!s.release_code(&d).unwrap());
+        let mut g = record("1", "g", &"c".repeat(64));
+        g.modified_ms = 2000;
+        s.update_function(&g).unwrap();
+        assert!(s.release_code(&d).unwrap());
+        assert_eq!(s.code_digests().unwrap(), vec!["c".repeat(64)]);
+        assert!(matches!(
+            s.delete_function(&"1".parse().unwrap(), &"f".parse().unwrap()),
+            Err(MetaStoreError::FunctionMissing(_))
+        ));
+    }
+
+    #[test]
+    fn code_files_are_written_once_and_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = CodeFiles::new(dir.path().join("code")).unwrap();
+        let d = "d".repeat(64);
+        files.write(&d, b"zip").unwrap();
+        files.write(&d, b"other").unwrap();
+        assert_eq!(fs::read(files.path(&d).unwrap()).unwrap(), b"zip");
+        assert!(files.path("../etc/passwd").is_none());
+        let e = "e".repeat(64);
+        files.write(&e, b"zip2").unwrap();
+        fs::write(dir.path().join("code/.x.tmp"), b"").unwrap();
+        assert_eq!(files.sweep(std::slice::from_ref(&d)).unwrap(), 2);
+        assert!(files.path(&d).unwrap().exists());
+        assert!(!files.path(&e).unwrap().exists());
+    }
+}

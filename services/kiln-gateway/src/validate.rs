@@ -1,0 +1,539 @@
+//! Checks of CreateFunction/UpdateFunction bodies against FC's rules and
+//! limits. Nothing here has side effects: a body is turned into a complete
+//! [`FunctionConfig`] (plus the decoded zip) or refused with InvalidArgument.
+
+use std::collections::BTreeMap;
+
+use base64::Engine;
+use kiln_core::limits::{self, cpu_fits_memory, default_cpu_milli};
+use kiln_core::{FcError, FcErrorCode, FunctionName, RuntimeName};
+use serde_json::Value;
+
+use crate::model::{CodeRef, FunctionConfig, FunctionInput};
+
+/// FC fields Kiln does not implement and that would change how a function
+/// behaves: refused so nobody believes they took effect.
+const REFUSED_FIELDS: &[&str] = &[
+    "vpcConfig",
+    "nasConfig",
+    "ossMountConfig",
+    "gpuConfig",
+    "customContainerConfig",
+    "layers",
+    "customDNS",
+    "juiceFsConfig",
+    "polarFsConfig",
+    "instanceLifecycleConfig",
+    "microSandboxConfig",
+    "sessionAffinity",
+    "sessionAffinityConfig",
+];
+
+/// FC fields Kiln accepts and echoes without acting on them (they do not
+/// change what a call computes).
+const ECHOED_FIELDS: &[&str] = &[
+    "role",
+    "logConfig",
+    "tracingConfig",
+    "internetAccess",
+    "tags",
+    "resourceGroupId",
+    "disableInjectCredentials",
+    "instanceIsolationMode",
+    "idleTimeout",
+    "enableLongLiving",
+    "disableOndemand",
+];
+
+pub const DEFAULT_MEMORY_MB: u32 = 512;
+pub const DEFAULT_TIMEOUT_S: u32 = 3;
+pub const DEFAULT_DISK_MB: u32 = 512;
+pub const HANDLER_MAX: usize = 128;
+pub const DESCRIPTION_MAX: usize = 256;
+
+/// A parsed create or update body.
+#[derive(Debug)]
+pub struct ParsedInput {
+    pub input: FunctionInput,
+    pub extras: BTreeMap<String, Value>,
+    /// The decoded zip, when the body carries code.
+    pub zip: Option<Vec<u8>>,
+    /// `code.checksum` as given, to compare with the package's CRC-64.
+    pub checksum: Option<String>,
+}
+
+fn bad(msg: impl Into<String>) -> FcError {
+    FcError::invalid_argument(msg)
+}
+
+/// Parse and screen a JSON body: malformed JSON, a non-object, wrong field
+/// types, refused fields and unsupported code locations are refused here.
+pub fn parse_input(body: &[u8]) -> Result<ParsedInput, FcError> {
+    let mut value: Value =
+        serde_json::from_slice(body).map_err(|e| bad(format!("malformed JSON body: {e}")))?;
+    let obj = value
+        .as_object_mut()
+        .ok_or_else(|| bad("request body must be a JSON object"))?;
+    // `null` means "not given", as the SDKs never send nulls on purpose.
+    obj.retain(|_, v| !v.is_null());
+    for field in REFUSED_FIELDS {
+        if obj.contains_key(*field) {
+            return Err(bad(format!(
+                "{field} is not supported by this Function Compute endpoint"
+            )));
+        }
+    }
+    if obj.get("disableOndemand") == Some(&Value::Bool(true)) {
+        return Err(bad(
+            "disableOndemand is not supported by this Function Compute endpoint",
+        ));
+    }
+    let extras = ECHOED_FIELDS
+        .iter()
+        .filter_map(|f| obj.get(*f).map(|v| ((*f).to_owned(), v.clone())))
+        .collect();
+    let input: FunctionInput =
+        serde_json::from_value(value).map_err(|e| bad(format!("invalid request body: {e}")))?;
+    let (zip, checksum) = match &input.code {
+        None => (None, None),
+        Some(code) => {
+            if code.oss_bucket_name.is_some() || code.oss_object_name.is_some() {
+                return Err(bad(
+                    "code.ossBucketName/ossObjectName are not supported: upload the package as code.zipFile",
+                ));
+            }
+            let b64 = code
+                .zip_file
+                .as_deref()
+                .ok_or_else(|| bad("code.zipFile is required when code is given"))?;
+            if b64.len() > limits::CODE_ZIP_MAX.div_ceil(3) * 4 + 4 {
+                return Err(FcError::new(
+                    FcErrorCode::EntityTooLarge,
+                    format!(
+                        "code package exceeds maximum allowed size ({} bytes)",
+                        limits::CODE_ZIP_MAX
+                    ),
+                ));
+            }
+            let zip = base64::engine::general_purpose::STANDARD
+                .decode(b64.trim())
+                .map_err(|e| bad(format!("code.zipFile is not valid base64: {e}")))?;
+            if zip.len() > limits::CODE_ZIP_MAX {
+                return Err(FcError::new(
+                    FcErrorCode::EntityTooLarge,
+                    format!(
+                        "code package exceeds maximum allowed size ({} bytes)",
+                        limits::CODE_ZIP_MAX
+                    ),
+                ));
+            }
+            (Some(zip), code.checksum.clone())
+        }
+    };
+    Ok(ParsedInput {
+        input,
+        extras,
+        zip,
+        checksum,
+    })
+}
+
+/// The function name of a create body.
+pub fn function_name(input: &FunctionInput) -> Result<FunctionName, FcError> {
+    let name = input
+        .function_name
+        .as_deref()
+        .ok_or_else(|| bad("functionName is required"))?;
+    name.parse()
+        .map_err(|e: kiln_core::IdError| bad(format!("functionName: {}", e.reason)))
+}
+
+/// A create must carry a package.
+pub fn require_code(parsed: &ParsedInput) -> Result<(), FcError> {
+    match parsed.zip {
+        Some(_) => Ok(()),
+        None => Err(bad("code is required: give code.zipFile")),
+    }
+}
+
+/// Apply `parsed` on top of `base` (an update) or on defaults (a create,
+/// `base` None) and check every rule. `code` is the package the result
+/// references (new one, or the old one on an update without code).
+pub fn build_config(
+    base: Option<&FunctionConfig>,
+    parsed: &ParsedInput,
+    code: CodeRef,
+) -> Result<FunctionConfig, FcError> {
+    let i = &parsed.input;
+
+    let runtime = match (&i.runtime, base) {
+        (Some(r), _) => r.parse::<RuntimeName>().map_err(|_| {
+            bad(format!(
+                "runtime {r:?} is not supported; supported runtimes: custom, custom.debian12"
+            ))
+        })?,
+        (None, Some(b)) => b.runtime,
+        (None, None) => return Err(bad("runtime is required")),
+    };
+    let handler = match (&i.handler, base) {
+        (Some(h), _) => h.clone(),
+        (None, Some(b)) => b.handler.clone(),
+        (None, None) => return Err(bad("handler is required")),
+    };
+    if handler.is_empty() || handler.len() > HANDLER_MAX {
+        return Err(bad(format!(
+            "handler must be 1 to {HANDLER_MAX} characters"
+        )));
+    }
+    if handler.chars().any(char::is_control) {
+        return Err(bad("handler must not contain control characters"));
+    }
+
+    let memory_mb = match i.memory_size {
+        Some(m) => check_memory(m)?,
+        None => base.map_or(DEFAULT_MEMORY_MB, |b| b.memory_mb),
+    };
+    let (cpu_milli, cpu_explicit) = match i.cpu {
+        Some(c) => (check_cpu(c)?, true),
+        None => match base {
+            Some(b) if b.cpu_explicit => (b.cpu_milli, true),
+            _ => (default_cpu_milli(memory_mb), false),
+        },
+    };
+    if !cpu_fits_memory(cpu_milli, memory_mb) {
+        return Err(bad(format!(
+            "cpu {} and memorySize {memory_mb} do not fit: vCPU to memory (GB) must be between 1:1 and 1:4",
+            f64::from(cpu_milli) / 1000.0
+        )));
+    }
+    let disk_mb = match i.disk_size {
+        Some(d) => {
+            let d = u32::try_from(d)
+                .ok()
+                .filter(|d| limits::DISK_SIZES_MB.contains(d));
+            d.ok_or_else(|| bad("diskSize must be 512 or 10240"))?
+        }
+        None => base.map_or(DEFAULT_DISK_MB, |b| b.disk_mb),
+    };
+    let timeout_s = match i.timeout {
+        Some(t) => in_range("timeout", t, limits::TIMEOUT_MIN_S, limits::TIMEOUT_MAX_S)?,
+        None => base.map_or(DEFAULT_TIMEOUT_S, |b| b.timeout_s),
+    };
+    let concurrency = match i.instance_concurrency {
+        Some(c) => in_range(
+            "instanceConcurrency",
+            c,
+            limits::CONCURRENCY_MIN,
+            limits::CONCURRENCY_MAX,
+        )?,
+        None => base.map_or(1, |b| b.concurrency),
+    };
+    let environment = match &i.environment_variables {
+        Some(env) => check_environment(env)?,
+        None => base.map(|b| b.environment.clone()).unwrap_or_default(),
+    };
+    let (command, args, port) = match &i.custom_runtime_config {
+        Some(c) => {
+            let port = match c.port {
+                Some(p) => u16::try_from(p)
+                    .ok()
+                    .filter(|p| *p > 0)
+                    .ok_or_else(|| bad("customRuntimeConfig.port must be 1 to 65535"))?,
+                None => limits::DEFAULT_PORT,
+            };
+            let command = c.command.clone().unwrap_or_default();
+            let args = c.args.clone().unwrap_or_default();
+            check_argv("customRuntimeConfig.command", &command)?;
+            check_argv("customRuntimeConfig.args", &args)?;
+            (command, args, port)
+        }
+        None => match base {
+            Some(b) => (b.command.clone(), b.args.clone(), b.port),
+            None => (Vec::new(), Vec::new(), limits::DEFAULT_PORT),
+        },
+    };
+    let description = match &i.description {
+        Some(d) if d.len() > DESCRIPTION_MAX => {
+            return Err(bad(format!(
+                "description must be at most {DESCRIPTION_MAX} bytes"
+            )))
+        }
+        Some(d) => d.clone(),
+        None => base.map(|b| b.description.clone()).unwrap_or_default(),
+    };
+    let mut extras = base.map(|b| b.extras.clone()).unwrap_or_default();
+    extras.extend(parsed.extras.clone());
+
+    Ok(FunctionConfig {
+        runtime,
+        handler,
+        memory_mb,
+        cpu_milli,
+        cpu_explicit,
+        disk_mb,
+        timeout_s,
+        concurrency,
+        environment,
+        command,
+        args,
+        port,
+        description,
+        code,
+        extras,
+    })
+}
+
+fn in_range(field: &str, v: i64, min: u32, max: u32) -> Result<u32, FcError> {
+    u32::try_from(v)
+        .ok()
+        .filter(|v| (min..=max).contains(v))
+        .ok_or_else(|| bad(format!("{field} must be between {min} and {max}, got {v}")))
+}
+
+fn check_memory(m: i64) -> Result<u32, FcError> {
+    let m = in_range(
+        "memorySize",
+        m,
+        limits::MEMORY_MIN_MB,
+        limits::MEMORY_MAX_MB,
+    )?;
+    if m % limits::MEMORY_STEP_MB != 0 {
+        return Err(bad(format!(
+            "memorySize must be a multiple of {} MB, got {m}",
+            limits::MEMORY_STEP_MB
+        )));
+    }
+    Ok(m)
+}
+
+fn check_cpu(c: f64) -> Result<u32, FcError> {
+    let milli = (c * 1000.0).round();
+    let ok = c.is_finite()
+        && (milli - c * 1000.0).abs() < 1e-6
+        && milli >= f64::from(limits::CPU_MIN_MILLI)
+        && milli <= f64::from(limits::CPU_MAX_MILLI)
+        && (milli as u32) / limits::CPU_STEP_MILLI * limits::CPU_STEP_MILLI == milli as u32;
+    if !ok {
+        return Err(bad(format!(
+            "cpu must be between 0.05 and 16 in steps of 0.05, got {c}"
+        )));
+    }
+    Ok(milli as u32)
+}
+
+fn check_environment(env: &BTreeMap<String, String>) -> Result<BTreeMap<String, String>, FcError> {
+    let mut total = 0usize;
+    for (k, v) in env {
+        let mut bytes = k.bytes();
+        let first_ok = bytes
+            .next()
+            .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_');
+        if !first_ok || !bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            return Err(bad(format!(
+                "environment variable name {k:?} must be letters, digits and '_', not starting with a digit"
+            )));
+        }
+        if v.contains('\0') {
+            return Err(bad(format!("environment variable {k} contains a NUL byte")));
+        }
+        total += k.len() + v.len();
+    }
+    if total > limits::ENV_TOTAL_MAX {
+        return Err(bad(format!(
+            "environmentVariables total {total} bytes, more than the limit of {} bytes",
+            limits::ENV_TOTAL_MAX
+        )));
+    }
+    Ok(env.clone())
+}
+
+fn check_argv(field: &str, argv: &[String]) -> Result<(), FcError> {
+    if argv.len() > 64 || argv.iter().map(String::len).sum::<usize>() > 16 * 1024 {
+        return Err(bad(format!("{field} is too long")));
+    }
+    if argv.iter().any(|a| a.contains('\0')) {
+        return Err(bad(format!("{field} contains a NUL byte")));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn code() -> CodeRef {
+        CodeRef {
+            sha256: "00".repeat(32),
+            size: 1,
+            checksum: "1".into(),
+        }
+    }
+
+    fn create(v: Value) -> Result<FunctionConfig, FcError> {
+        let p = parse_input(v.to_string().as_bytes())?;
+        function_name(&p.input)?;
+        require_code(&p)?;
+        build_config(None, &p, code())
+    }
+
+    fn base() -> Value {
+        json!({"functionName": "f", "runtime": "custom", "handler": "h",
+               "code": {"zipFile": "UEsFBgAAAAAAAAAAAAAAAAAAAAAAAA=="}})
+    }
+
+    fn with(k: &str, v: Value) -> Value {
+        let mut b = base();
+        b[k] = v;
+        b
+    }
+
+    fn err_of(v: Value) -> String {
+        let e = create(v).unwrap_err();
+        assert_eq!(e.code, FcErrorCode::InvalidArgument, "{e}");
+        e.message
+    }
+
+    #[test]
+    fn defaults_follow_fc() {
+        let c = create(base()).unwrap();
+        assert_eq!(c.memory_mb, 512);
+        assert_eq!(c.cpu_milli, default_cpu_milli(512));
+        assert!(!c.cpu_explicit);
+        assert_eq!(c.timeout_s, 3);
+        assert_eq!(c.disk_mb, 512);
+        assert_eq!(c.concurrency, 1);
+        assert_eq!(c.port, 9000);
+    }
+
+    #[test]
+    fn memory_limits() {
+        assert!(create(with("memorySize", json!(128))).is_ok());
+        assert!(create(with("memorySize", json!(32768))).is_ok());
+        assert!(err_of(with("memorySize", json!(64))).contains("memorySize"));
+        assert!(err_of(with("memorySize", json!(32832))).contains("memorySize"));
+        assert!(err_of(with("memorySize", json!(200))).contains("multiple of 64"));
+        assert!(err_of(with("memorySize", json!(-128))).contains("memorySize"));
+        assert!(err_of(with("memorySize", json!("512"))).contains("invalid type"));
+        assert!(err_of(with("memorySize", json!(512.5))).contains("invalid type"));
+    }
+
+    #[test]
+    fn cpu_limits_and_ratio() {
+        let mut v = with("memorySize", json!(2048));
+        v["cpu"] = json!(1.05);
+        assert_eq!(create(v).unwrap().cpu_milli, 1050);
+        let mut v = with("memorySize", json!(2048));
+        v["cpu"] = json!(1.03);
+        assert!(err_of(v).contains("steps of 0.05"));
+        let mut v = with("memorySize", json!(1024));
+        v["cpu"] = json!(2);
+        assert!(err_of(v).contains("1:1 and 1:4"));
+        let mut v = with("memorySize", json!(4096));
+        v["cpu"] = json!(0.5);
+        assert!(err_of(v).contains("1:1 and 1:4"));
+        assert!(err_of(with("cpu", json!(0.0))).contains("cpu"));
+        assert!(err_of(with("cpu", json!(16.05))).contains("cpu"));
+        assert!(err_of(with("cpu", json!("1"))).contains("invalid type"));
+    }
+
+    #[test]
+    fn other_limits() {
+        assert!(create(with("diskSize", json!(10240))).is_ok());
+        assert!(err_of(with("diskSize", json!(1024))).contains("diskSize"));
+        assert!(create(with("timeout", json!(86400))).is_ok());
+        assert!(err_of(with("timeout", json!(0))).contains("timeout"));
+        assert!(err_of(with("timeout", json!(86401))).contains("timeout"));
+        assert!(create(with("instanceConcurrency", json!(200))).is_ok());
+        assert!(err_of(with("instanceConcurrency", json!(0))).contains("instanceConcurrency"));
+        assert!(err_of(with("instanceConcurrency", json!(201))).contains("instanceConcurrency"));
+        assert!(err_of(with("handler", json!(""))).contains("handler"));
+        assert!(err_of(with("handler", json!("h".repeat(129)))).contains("handler"));
+        assert!(err_of(with("description", json!("d".repeat(257)))).contains("description"));
+        let crc = json!({"port": 0});
+        assert!(err_of(with("customRuntimeConfig", crc)).contains("port"));
+        let crc = json!({"port": 70000});
+        assert!(err_of(with("customRuntimeConfig", crc)).contains("port"));
+        let crc = json!({"command": ["/code/app"], "args": ["-x"], "port": 8080});
+        let c = create(with("customRuntimeConfig", crc)).unwrap();
+        assert_eq!(
+            (c.command, c.args, c.port),
+            (vec!["/code/app".to_owned()], vec!["-x".to_owned()], 8080)
+        );
+        let crc = json!({"command": "/code/app"});
+        assert!(err_of(with("customRuntimeConfig", crc)).contains("invalid type"));
+    }
+
+    #[test]
+    fn environment_limits() {
+        assert!(create(with("environmentVariables", json!({"A_1": "x"}))).is_ok());
+        assert!(err_of(with("environmentVariables", json!({"1A": "x"}))).contains("name"));
+        assert!(err_of(with("environmentVariables", json!({"A-B": "x"}))).contains("name"));
+        let big = json!({"A": "x".repeat(4096)});
+        assert!(err_of(with("environmentVariables", big)).contains("limit"));
+        let ok = json!({"A": "x".repeat(4095)});
+        assert!(create(with("environmentVariables", ok)).is_ok());
+        assert!(err_of(with("environmentVariables", json!({"A": 1}))).contains("invalid type"));
+    }
+
+    #[test]
+    fn names_and_runtimes() {
+        assert!(err_of(with("functionName", json!("9abc"))).contains("functionName"));
+        assert!(err_of(with("functionName", json!("a/b"))).contains("functionName"));
+        assert!(err_of(with("functionName", json!("a".repeat(65)))).contains("functionName"));
+        assert!(err_of(with("functionName", json!(12))).contains("invalid type"));
+        let mut v = base();
+        v.as_object_mut().unwrap().remove("functionName");
+        assert!(err_of(v).contains("functionName is required"));
+        assert!(err_of(with("runtime", json!("python3.10"))).contains("not supported"));
+        assert!(create(with("runtime", json!("custom.debian12"))).is_ok());
+        let mut v = base();
+        v.as_object_mut().unwrap().remove("code");
+        assert!(err_of(v).contains("code is required"));
+    }
+
+    #[test]
+    fn refused_and_echoed_fields() {
+        for f in [
+            "vpcConfig",
+            "nasConfig",
+            "ossMountConfig",
+            "gpuConfig",
+            "customContainerConfig",
+            "layers",
+        ] {
+            assert!(err_of(with(f, json!({}))).contains(f), "{f}");
+        }
+        let c = create(with("role", json!("acs:ram::1:role/x"))).unwrap();
+        assert_eq!(c.extras["role"], json!("acs:ram::1:role/x"));
+        assert!(create(with("vpcConfig", Value::Null)).is_ok());
+        let oss = json!({"ossBucketName": "b", "ossObjectName": "o"});
+        assert!(err_of(with("code", oss)).contains("ossBucketName"));
+        assert!(err_of(with("code", json!({"zipFile": "%%%"}))).contains("base64"));
+    }
+
+    #[test]
+    fn malformed_bodies() {
+        let e = parse_input(b"{not json").unwrap_err();
+        assert_eq!(e.code, FcErrorCode::InvalidArgument);
+        assert!(e.message.contains("malformed JSON"));
+        assert!(parse_input(b"[1,2]")
+            .unwrap_err()
+            .message
+            .contains("JSON object"));
+    }
+
+    #[test]
+    fn update_merges_and_cpu_follows_memory_unless_explicit() {
+        let c = create(base()).unwrap();
+        let p = parse_input(json!({"memorySize": 4096}).to_string().as_bytes()).unwrap();
+        let u = build_config(Some(&c), &p, c.code.clone()).unwrap();
+        assert_eq!(u.cpu_milli, default_cpu_milli(4096));
+        assert_eq!(u.handler, "h");
+        let mut v = with("cpu", json!(0.5));
+        v["memorySize"] = json!(1024);
+        let c = create(v).unwrap();
+        let p = parse_input(json!({"memorySize": 4096}).to_string().as_bytes()).unwrap();
+        assert!(build_config(Some(&c), &p, c.code.clone()).is_err());
+    }
+}

@@ -1,0 +1,1051 @@
+//! The real gateway on loopback (DevPki in a tempdir, port 0) with a fake
+//! scheduler and a fake agent (real mTLS), driven with signed requests.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine;
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use kiln_core::{FcError, FcErrorCode, InstanceId, LeaseId, NodeId};
+use kiln_gateway::config::{BootstrapKey, InternalListener, PublicListener};
+use kiln_gateway::{GatewayConfig, GatewayHandle};
+use kiln_internal_api::server::{self, full, Body};
+use kiln_internal_api::{AcquireLease, Lease, ReleaseLease, RetireFunction};
+use kiln_pki::DevPki;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+
+const ACCOUNT_A: &str = "1000000000000001";
+const ACCOUNT_B: &str = "1000000000000002";
+const AK_A: &str = "AKA0000000000001";
+const SK_A: &str = "secret-of-account-a-0001";
+const AK_B: &str = "AKB0000000000002";
+const SK_B: &str = "secret-of-account-b-0002";
+
+/// What the fakes saw.
+#[derive(Default)]
+struct Seen {
+    acquired: Vec<AcquireLease>,
+    released: Vec<(String, ReleaseLease)>,
+    retired: Vec<RetireFunction>,
+    invoked: Vec<(HeaderMap, Bytes)>,
+    /// When set, the scheduler refuses leases with this error.
+    refuse: Option<FcError>,
+}
+
+type Shared = Arc<Mutex<Seen>>;
+
+struct Env {
+    _dir: tempfile::TempDir,
+    state_dir: std::path::PathBuf,
+    pki: DevPki,
+    gateway: Option<GatewayHandle>,
+    seen: Shared,
+    scheduler_url: String,
+    _stop: tokio::sync::watch::Sender<bool>,
+}
+
+async fn stopped(mut rx: tokio::sync::watch::Receiver<bool>) {
+    while !*rx.borrow_and_update() {
+        if rx.changed().await.is_err() {
+            break;
+        }
+    }
+}
+
+async fn read_all(body: hyper::body::Incoming) -> Bytes {
+    body.collect().await.unwrap().to_bytes()
+}
+
+async fn fake_scheduler(
+    req: Request<hyper::body::Incoming>,
+    seen: Shared,
+    agent_url: String,
+) -> Response<Body> {
+    let (parts, body) = req.into_parts();
+    let bytes = read_all(body).await;
+    let path = parts.uri.path().to_owned();
+    match (parts.method.clone(), path.as_str()) {
+        (Method::POST, "/v1/leases") => {
+            let msg: AcquireLease = serde_json::from_slice(&bytes).unwrap();
+            assert!(msg.spec.is_sealed());
+            let mut s = seen.lock().unwrap();
+            s.acquired.push(msg);
+            if let Some(e) = &s.refuse {
+                return server::error(e, "sched");
+            }
+            let lease = Lease {
+                lease_id: LeaseId::generate(),
+                instance_id: InstanceId::generate(),
+                node_id: NodeId::generate(),
+                agent_url,
+                cold_start: false,
+            };
+            server::json(StatusCode::OK, &lease)
+        }
+        (Method::DELETE, p) if p.starts_with("/v1/leases/") => {
+            let msg: ReleaseLease = serde_json::from_slice(&bytes).unwrap();
+            seen.lock().unwrap().released.push((p.to_owned(), msg));
+            server::no_content()
+        }
+        (Method::POST, "/v1/functions/retire") => {
+            let msg: RetireFunction = serde_json::from_slice(&bytes).unwrap();
+            seen.lock().unwrap().retired.push(msg);
+            server::no_content()
+        }
+        _ => server::not_found(&path, "sched"),
+    }
+}
+
+/// The fake agent answers by the payload's first word.
+async fn fake_agent(req: Request<hyper::body::Incoming>, seen: Shared) -> Response<Body> {
+    let (parts, body) = req.into_parts();
+    let bytes = read_all(body).await;
+    assert!(parts.uri.path().ends_with("/invoke"), "{}", parts.uri);
+    seen.lock()
+        .unwrap()
+        .invoked
+        .push((parts.headers.clone(), bytes.clone()));
+    let text = String::from_utf8_lossy(&bytes).to_string();
+    let outcome = |o: &str| ("x-kiln-invoke-outcome", o.to_owned());
+    let (status, headers, body): (u16, Vec<(&str, String)>, Vec<u8>) = if text.starts_with("fail") {
+        (
+            404,
+            vec![outcome("function-error"), ("x-fc-status", "404".into())],
+            b"{\"error\":\"bad\"}".to_vec(),
+        )
+    } else if text.starts_with("crash") {
+        let e = FcError::new(
+            FcErrorCode::FunctionNotStarted,
+            "Process exited unexpectedly: exit status 3",
+        );
+        (
+            502,
+            vec![outcome("instance-failed")],
+            e.to_body("agent").into_bytes(),
+        )
+    } else if text.starts_with("timeout") {
+        (504, vec![outcome("timeout")], b"{}".to_vec())
+    } else if text.starts_with("gone") {
+        let e = FcError::new(FcErrorCode::FunctionNotStarted, "instance is gone");
+        (502, vec![], e.to_body("agent").into_bytes())
+    } else {
+        (
+            200,
+            vec![
+                outcome("ok"),
+                ("x-answer", "yes".into()),
+                ("x-fc-status", "200".into()),
+            ],
+            bytes.to_vec(),
+        )
+    };
+    let mut b = Response::builder().status(status);
+    for (k, v) in headers {
+        b = b.header(k, v);
+    }
+    b.body(full(body)).unwrap()
+}
+
+async fn serve_fake<F, Fut>(
+    tls: Arc<rustls::ServerConfig>,
+    rx: tokio::sync::watch::Receiver<bool>,
+    f: F,
+) -> SocketAddr
+where
+    F: Fn(Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<Body>> + Send + 'static,
+{
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(server::serve_tls(l, tls, move |req, _| f(req), stopped(rx)));
+    addr
+}
+
+fn config(state_dir: &std::path::Path, pki: &DevPki, scheduler_url: &str) -> GatewayConfig {
+    let public = pki.files("gateway");
+    GatewayConfig {
+        state_dir: state_dir.to_owned(),
+        region: "cn-test".into(),
+        scheduler_url: scheduler_url.to_owned(),
+        metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
+        public: PublicListener {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            cert: public.cert,
+            key: public.key,
+        },
+        internal: InternalListener {
+            listen: "127.0.0.1:0".parse().unwrap(),
+        },
+        tls: pki.files("gateway-internal"),
+        bootstrap_keys: vec![
+            BootstrapKey {
+                account_id: ACCOUNT_A.parse().unwrap(),
+                access_key_id: AK_A.into(),
+                access_key_secret: SK_A.into(),
+            },
+            BootstrapKey {
+                account_id: ACCOUNT_B.parse().unwrap(),
+                access_key_id: AK_B.into(),
+                access_key_secret: SK_B.into(),
+            },
+        ],
+    }
+}
+
+impl Env {
+    async fn new() -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = DevPki::ensure(&dir.path().join("pki"), &[]).unwrap();
+        let seen: Shared = Arc::default();
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let agent_tls = kiln_pki::internal_server_config(&pki.files("agent")).unwrap();
+        let s = seen.clone();
+        let agent = serve_fake(agent_tls, rx.clone(), move |r| fake_agent(r, s.clone())).await;
+        let agent_url = format!("https://127.0.0.1:{}", agent.port());
+        let sched_tls = kiln_pki::internal_server_config(&pki.files("scheduler")).unwrap();
+        let s = seen.clone();
+        let sched = serve_fake(sched_tls, rx, move |r| {
+            fake_scheduler(r, s.clone(), agent_url.clone())
+        })
+        .await;
+        let scheduler_url = format!("https://127.0.0.1:{}", sched.port());
+        let state_dir = dir.path().join("gateway");
+        let gateway = kiln_gateway::start(config(&state_dir, &pki, &scheduler_url))
+            .await
+            .unwrap();
+        Env {
+            _dir: dir,
+            state_dir,
+            pki,
+            gateway: Some(gateway),
+            seen,
+            scheduler_url,
+            _stop: tx,
+        }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.gateway.as_ref().unwrap().public_addr()
+    }
+
+    fn client(&self, ak: &'static str, sk: &'static str) -> Api {
+        Api::new(&self.pki, self.addr(), ak, sk, false)
+    }
+
+    async fn restart(&mut self) {
+        self.gateway.take().unwrap().shutdown().await;
+        let g = kiln_gateway::start(config(&self.state_dir, &self.pki, &self.scheduler_url))
+            .await
+            .unwrap();
+        self.gateway = Some(g);
+    }
+}
+
+struct Api {
+    http: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
+    base: String,
+    ak: &'static str,
+    sk: &'static str,
+}
+
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+    version: http::Version,
+}
+
+impl Answer {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
+    }
+
+    /// An FC error: status, Code, RequestId equal to the header.
+    fn fc_error(&self, status: u16, code: &str) -> String {
+        assert_eq!(
+            self.status.as_u16(),
+            status,
+            "{:?}",
+            String::from_utf8_lossy(&self.body)
+        );
+        let v = self.json();
+        assert_eq!(v["Code"], code, "{v}");
+        assert_eq!(v["RequestId"].as_str(), Some(self.request_id()), "{v}");
+        v["Message"].as_str().unwrap().to_owned()
+    }
+
+    fn request_id(&self) -> &str {
+        self.headers
+            .get("x-fc-request-id")
+            .expect("x-fc-request-id on every answer")
+            .to_str()
+            .unwrap()
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+impl Api {
+    fn new(
+        pki: &DevPki,
+        addr: SocketAddr,
+        ak: &'static str,
+        sk: &'static str,
+        h2_only: bool,
+    ) -> Api {
+        let mut tls = (*kiln_pki::public_client_config(&pki.ca_cert()).unwrap()).clone();
+        // hyper-rustls sets ALPN itself from the enabled protocols.
+        tls.alpn_protocols.clear();
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        let b = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_only();
+        let connector = if h2_only {
+            b.enable_http2().wrap_connector(http)
+        } else {
+            b.enable_http1().wrap_connector(http)
+        };
+        let http = Client::builder(TokioExecutor::new())
+            .http2_only(h2_only)
+            .build(connector);
+        Api {
+            http,
+            base: format!("https://localhost:{}", addr.port()),
+            ak,
+            sk,
+        }
+    }
+
+    fn signed(
+        &self,
+        method: Method,
+        path: &str,
+        body: Vec<u8>,
+        headers: &[(&str, &str)],
+        date_ms: u64,
+    ) -> Request<Full<Bytes>> {
+        let uri: Uri = format!("{}{}", self.base, path).parse().unwrap();
+        let mut h = HeaderMap::new();
+        for (k, v) in headers {
+            h.insert(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        if !body.is_empty() && !h.contains_key("content-type") {
+            h.insert("content-type", "application/json".parse().unwrap());
+        }
+        let nonce = kiln_auth::new_nonce();
+        let params = kiln_auth::SigningParams::new(self.ak, self.sk, date_ms, &nonce);
+        kiln_auth::sign(&method, &uri, &mut h, &body, &params).unwrap();
+        let mut req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        *req.headers_mut() = h;
+        req
+    }
+
+    async fn send(&self, req: Request<Full<Bytes>>) -> Answer {
+        let resp = self.http.request(req).await.unwrap();
+        let (parts, body) = resp.into_parts();
+        Answer {
+            status: parts.status,
+            version: parts.version,
+            headers: parts.headers,
+            body: body.collect().await.unwrap().to_bytes(),
+        }
+    }
+
+    async fn call(&self, method: Method, path: &str, body: Vec<u8>) -> Answer {
+        self.send(self.signed(method, path, body, &[], now_ms()))
+            .await
+    }
+
+    async fn create(&self, doc: &Value) -> Answer {
+        self.call(
+            Method::POST,
+            "/2023-03-30/functions",
+            doc.to_string().into_bytes(),
+        )
+        .await
+    }
+
+    async fn get(&self, name: &str) -> Answer {
+        self.call(
+            Method::GET,
+            &format!("/2023-03-30/functions/{name}"),
+            vec![],
+        )
+        .await
+    }
+
+    async fn invoke(&self, name: &str, payload: &[u8], headers: &[(&str, &str)]) -> Answer {
+        let path = format!("/2023-03-30/functions/{name}/invocations");
+        self.send(self.signed(Method::POST, &path, payload.to_vec(), headers, now_ms()))
+            .await
+    }
+}
+
+fn zip_of(files: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let opts = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Deflated)
+        .unix_permissions(0o755);
+    for (name, data) in files {
+        w.start_file(*name, opts).unwrap();
+        w.write_all(data).unwrap();
+    }
+    w.finish().unwrap().into_inner()
+}
+
+fn b64(b: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(b)
+}
+
+fn function_doc(name: &str, zip: &[u8]) -> Value {
+    json!({
+        "functionName": name,
+        "runtime": "custom.debian12",
+        "handler": "index.handler",
+        "memorySize": 1024,
+        "timeout": 10,
+        "instanceConcurrency": 4,
+        "environmentVariables": {"GREETING": "hi"},
+        "customRuntimeConfig": {"command": ["python3", "/code/app.py"], "port": 9000},
+        "code": {"zipFile": b64(zip)},
+        "description": "test function",
+        "role": "acs:ram::1:role/echoed",
+    })
+}
+
+fn app_zip() -> Vec<u8> {
+    zip_of(&[("app.py", b"print('hello')\n")])
+}
+
+#[tokio::test]
+async fn crud_listing_isolation_and_persistence() {
+    let mut env = Env::new().await;
+    let a = env.client(AK_A, SK_A);
+    let b = env.client(AK_B, SK_B);
+    let zip = app_zip();
+
+    let r = a.create(&function_doc("hello", &zip)).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    r.request_id();
+    let f = r.json();
+    assert_eq!(f["functionName"], "hello");
+    assert_eq!(
+        f["functionArn"],
+        format!("acs:fc:cn-test:{ACCOUNT_A}:functions/hello")
+    );
+    assert_eq!(f["runtime"], "custom.debian12");
+    assert_eq!(f["memorySize"], 1024);
+    assert_eq!(f["cpu"], json!(0.5));
+    assert_eq!(f["diskSize"], 512);
+    assert_eq!(f["timeout"], 10);
+    assert_eq!(f["instanceConcurrency"], 4);
+    assert_eq!(f["environmentVariables"]["GREETING"], "hi");
+    assert_eq!(f["customRuntimeConfig"]["port"], 9000);
+    assert_eq!(f["codeSize"], zip.len());
+    assert_eq!(
+        f["codeChecksum"],
+        kiln_gateway::checksum::code_checksum(&zip)
+    );
+    assert_eq!(f["state"], "Active");
+    assert_eq!(f["lastUpdateStatus"], "Successful");
+    assert_eq!(f["role"], "acs:ram::1:role/echoed");
+    assert!(f["createdTime"].as_str().unwrap().ends_with('Z'));
+    let id = f["functionId"].as_str().unwrap().to_owned();
+
+    a.create(&function_doc("hello", &zip))
+        .await
+        .fc_error(409, "FunctionAlreadyExists");
+
+    let g = a.get("hello").await;
+    assert_eq!(g.status, StatusCode::OK);
+    assert_eq!(g.json()["functionId"], id.as_str());
+
+    // Another account sees nothing of it.
+    b.get("hello").await.fc_error(404, "FunctionNotFound");
+    b.call(
+        Method::PUT,
+        "/2023-03-30/functions/hello",
+        json!({"timeout": 5}).to_string().into_bytes(),
+    )
+    .await
+    .fc_error(404, "FunctionNotFound");
+    b.call(Method::DELETE, "/2023-03-30/functions/hello", vec![])
+        .await
+        .fc_error(404, "FunctionNotFound");
+    b.invoke("hello", b"x", &[])
+        .await
+        .fc_error(404, "FunctionNotFound");
+    let l = b.call(Method::GET, "/2023-03-30/functions", vec![]).await;
+    assert_eq!(l.json()["functions"], json!([]));
+
+    // Same name in another account is another function.
+    assert_eq!(
+        b.create(&function_doc("hello", &zip)).await.status,
+        StatusCode::OK
+    );
+
+    // Paging.
+    for n in ["p-1", "p-2", "p-3", "p-4", "p-5"] {
+        assert_eq!(
+            a.create(&function_doc(n, &zip)).await.status,
+            StatusCode::OK
+        );
+    }
+    let mut names = Vec::new();
+    let mut token: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let mut path = "/2023-03-30/functions?prefix=p-&limit=2".to_owned();
+        if let Some(t) = &token {
+            path.push_str(&format!("&nextToken={t}"));
+        }
+        let l = a.call(Method::GET, &path, vec![]).await;
+        assert_eq!(l.status, StatusCode::OK);
+        let v = l.json();
+        pages += 1;
+        for f in v["functions"].as_array().unwrap() {
+            names.push(f["functionName"].as_str().unwrap().to_owned());
+        }
+        match v["nextToken"].as_str() {
+            Some(t) => token = Some(t.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(names, ["p-1", "p-2", "p-3", "p-4", "p-5"]);
+    assert_eq!(pages, 3);
+    let all = a
+        .call(Method::GET, "/2023-03-30/functions", vec![])
+        .await
+        .json();
+    assert_eq!(all["functions"].as_array().unwrap().len(), 6);
+    assert!(all.get("nextToken").is_none());
+    a.call(Method::GET, "/2023-03-30/functions?limit=0", vec![])
+        .await
+        .fc_error(400, "InvalidArgument");
+    a.call(Method::GET, "/2023-03-30/functions?limit=101", vec![])
+        .await
+        .fc_error(400, "InvalidArgument");
+    a.call(
+        Method::GET,
+        "/2023-03-30/functions?nextToken=garbage!",
+        vec![],
+    )
+    .await
+    .fc_error(400, "InvalidArgument");
+
+    // Update: memory changes, cpu follows, revision retired.
+    let before = a.get("hello").await.json();
+    let u = a
+        .call(
+            Method::PUT,
+            "/2023-03-30/functions/hello",
+            json!({"memorySize": 2048}).to_string().into_bytes(),
+        )
+        .await;
+    assert_eq!(u.status, StatusCode::OK, "{:?}", u.body);
+    let u = u.json();
+    assert_eq!(u["memorySize"], 2048);
+    assert_eq!(u["cpu"], json!(1.0));
+    assert_eq!(u["functionId"], before["functionId"]);
+    assert_eq!(u["createdTime"], before["createdTime"]);
+    assert_eq!(u["handler"], "index.handler");
+
+    // A refused update leaves the function as it was.
+    let before = a.get("hello").await.json();
+    for bad in [
+        json!({"memorySize": 100}),
+        json!({"timeout": "ten"}),
+        json!({"cpu": 8}),
+        json!({"vpcConfig": {"vpcId": "v"}}),
+        json!({"code": {"zipFile": b64(b"not a zip")}}),
+    ] {
+        a.call(
+            Method::PUT,
+            "/2023-03-30/functions/hello",
+            bad.to_string().into_bytes(),
+        )
+        .await
+        .fc_error(400, "InvalidArgument");
+    }
+    a.call(
+        Method::PUT,
+        "/2023-03-30/functions/hello",
+        b"{oops".to_vec(),
+    )
+    .await
+    .fc_error(400, "InvalidArgument");
+    assert_eq!(a.get("hello").await.json(), before);
+
+    // Delete.
+    let d = a
+        .call(Method::DELETE, "/2023-03-30/functions/p-5", vec![])
+        .await;
+    assert_eq!(d.status, StatusCode::NO_CONTENT);
+    d.request_id();
+    a.get("p-5").await.fc_error(404, "FunctionNotFound");
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    {
+        let s = env.seen.lock().unwrap();
+        let retired: Vec<_> = s
+            .retired
+            .iter()
+            .map(|r| (r.function_name.to_string(), r.keep_revision.is_some()))
+            .collect();
+        assert!(retired.contains(&("hello".to_owned(), true)), "{retired:?}");
+        assert!(retired.contains(&("p-5".to_owned(), false)), "{retired:?}");
+    }
+
+    // Everything survives a restart.
+    env.restart().await;
+    let a = env.client(AK_A, SK_A);
+    assert_eq!(a.get("hello").await.json(), before);
+    a.get("p-5").await.fc_error(404, "FunctionNotFound");
+
+    // Code is stored once: hello, p-1..p-4 and B's hello share one file.
+    let files: Vec<_> = std::fs::read_dir(env.state_dir.join("code"))
+        .unwrap()
+        .collect();
+    assert_eq!(files.len(), 1);
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_and_changes_nothing() {
+    let env = Env::new().await;
+    let a = env.client(AK_A, SK_A);
+    let zip = app_zip();
+    let post = |body: Vec<u8>| a.call(Method::POST, "/2023-03-30/functions", body);
+
+    let m = post(b"{\"functionName\": ".to_vec())
+        .await
+        .fc_error(400, "InvalidArgument");
+    assert!(m.contains("JSON"), "{m}");
+    let mut doc = function_doc("f", &zip);
+    doc["memorySize"] = json!("1024");
+    post(doc.to_string().into_bytes())
+        .await
+        .fc_error(400, "InvalidArgument");
+    let mut doc = function_doc("f", &zip);
+    doc["memorySize"] = json!(1000);
+    assert!(post(doc.to_string().into_bytes())
+        .await
+        .fc_error(400, "InvalidArgument")
+        .contains("memorySize"));
+    let doc = function_doc("9-bad-name", &zip);
+    assert!(post(doc.to_string().into_bytes())
+        .await
+        .fc_error(400, "InvalidArgument")
+        .contains("functionName"));
+    let mut doc = function_doc("f", &zip);
+    doc["runtime"] = json!("python3.10");
+    assert!(post(doc.to_string().into_bytes())
+        .await
+        .fc_error(400, "InvalidArgument")
+        .contains("runtime"));
+    let mut doc = function_doc("f", &zip);
+    doc["nasConfig"] = json!({"mountPoints": []});
+    assert!(post(doc.to_string().into_bytes())
+        .await
+        .fc_error(400, "InvalidArgument")
+        .contains("nasConfig"));
+
+    // Corrupt, escaping, bomb.
+    let doc = function_doc("f", b"PK\x03\x04 this is not a zip");
+    post(doc.to_string().into_bytes())
+        .await
+        .fc_error(400, "InvalidArgument");
+    let doc = function_doc("f", &zip_of(&[("../escape.sh", b"#!/bin/sh\n")]));
+    post(doc.to_string().into_bytes())
+        .await
+        .fc_error(400, "InvalidArgument");
+    let doc = function_doc("f", &zip_of(&[("/etc/passwd", b"x")]));
+    post(doc.to_string().into_bytes())
+        .await
+        .fc_error(400, "InvalidArgument");
+    let zeros = vec![0u8; 600 * 1024 * 1024];
+    let bomb = zip_of(&[("zeros", &zeros)]);
+    drop(zeros);
+    let doc = function_doc("f", &bomb);
+    post(doc.to_string().into_bytes())
+        .await
+        .fc_error(400, "InvalidArgument");
+    let mut doc = function_doc("f", &zip);
+    doc["code"]["checksum"] = json!("12345");
+    assert!(post(doc.to_string().into_bytes())
+        .await
+        .fc_error(400, "InvalidArgument")
+        .contains("checksum"));
+
+    // None of it created anything or stored any code.
+    a.get("f").await.fc_error(404, "FunctionNotFound");
+    let listed = a
+        .call(Method::GET, "/2023-03-30/functions", vec![])
+        .await
+        .json();
+    assert_eq!(listed["functions"], json!([]));
+    assert_eq!(
+        std::fs::read_dir(env.state_dir.join("code"))
+            .unwrap()
+            .count(),
+        0
+    );
+
+    // Unknown paths and methods still answer in FC's shape.
+    a.call(Method::GET, "/2023-03-30/nothing", vec![])
+        .await
+        .fc_error(404, "PathNotSupported");
+    a.call(Method::PATCH, "/2023-03-30/functions/f", vec![])
+        .await
+        .fc_error(405, "MethodNotAllowed");
+}
+
+#[tokio::test]
+async fn signatures_are_checked() {
+    let env = Env::new().await;
+    let a = env.client(AK_A, SK_A);
+    let path = "/2023-03-30/functions";
+
+    // No signature at all.
+    let req = Request::get(format!("{}{path}", a.base))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let r = a.send(req).await;
+    assert_eq!(r.status.as_u16(), 400, "{:?}", r.body);
+    r.fc_error(400, "MissingRequiredHeader");
+
+    // Wrong secret.
+    let wrong = env.client(AK_A, "not-the-secret-at-all");
+    wrong
+        .call(Method::GET, path, vec![])
+        .await
+        .fc_error(403, "SignatureNotMatch");
+    // Unknown key.
+    let unknown = env.client("AKUNKNOWN000", "whatever-secret-000");
+    unknown
+        .call(Method::GET, path, vec![])
+        .await
+        .fc_error(403, "InvalidAccessKeyId");
+    // Stale.
+    let stale = a.signed(Method::GET, path, vec![], &[], now_ms() - 16 * 60 * 1000);
+    a.send(stale).await.fc_error(403, "RequestTimeTooSkewed");
+    // Replayed.
+    let req = a.signed(Method::GET, path, vec![], &[], now_ms());
+    let copy = {
+        let mut c = Request::builder()
+            .method(Method::GET)
+            .uri(req.uri().clone())
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        *c.headers_mut() = req.headers().clone();
+        c
+    };
+    assert_eq!(a.send(req).await.status, StatusCode::OK);
+    let code = a.send(copy).await.json()["Code"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(code, "SignatureNonceUsed");
+    // Body swapped after signing.
+    let mut req = a.signed(
+        Method::POST,
+        path,
+        function_doc("f", &app_zip()).to_string().into_bytes(),
+        &[],
+        now_ms(),
+    );
+    *req.body_mut() = Full::new(Bytes::from(function_doc("g", &app_zip()).to_string()));
+    a.send(req).await.fc_error(403, "SignatureNotMatch");
+    a.get("g").await.fc_error(404, "FunctionNotFound");
+}
+
+#[tokio::test]
+async fn invoke_streams_through_scheduler_and_agent() {
+    let env = Env::new().await;
+    let a = env.client(AK_A, SK_A);
+    assert_eq!(
+        a.create(&function_doc("echo", &app_zip())).await.status,
+        StatusCode::OK
+    );
+
+    let r = a
+        .invoke(
+            "echo",
+            b"hello world",
+            &[
+                ("x-custom", "1"),
+                ("x-fc-log-type", "None"),
+                ("content-type", "text/plain"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(&r.body[..], b"hello world");
+    assert_eq!(r.headers["x-answer"], "yes");
+    assert!(r.headers.get("x-fc-error-type").is_none());
+    assert!(r.headers.get("x-fc-status").is_none());
+    assert!(r.headers.get("x-kiln-invoke-outcome").is_none());
+    let rid = r.request_id().to_owned();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    {
+        let s = env.seen.lock().unwrap();
+        let acq = s.acquired.last().unwrap();
+        assert_eq!(acq.request_id, rid);
+        assert_eq!(acq.spec.function_name.as_str(), "echo");
+        assert_eq!(acq.spec.memory_mb, 1024);
+        assert_eq!(acq.spec.concurrency, 4);
+        assert_eq!(acq.spec.command, ["python3", "/code/app.py"]);
+        let (h, body) = s.invoked.last().unwrap();
+        assert_eq!(&body[..], b"hello world");
+        assert_eq!(h["x-fc-request-id"], rid.as_str());
+        assert_eq!(h["x-custom"], "1");
+        assert_eq!(h["content-type"], "text/plain");
+        assert!(h.get("authorization").is_none());
+        assert!(h.get("x-acs-signature-nonce").is_none());
+        assert!(h.get("x-fc-log-type").is_none());
+        assert_eq!(s.released.len(), 1);
+        assert_eq!(s.released[0].1.outcome, kiln_internal_api::LeaseOutcome::Ok);
+    }
+
+    // Function error: 200 with FC's error type, the function's body.
+    let r = a.invoke("echo", b"fail please", &[]).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.headers["x-fc-error-type"], "UnhandledInvocationError");
+    assert_eq!(&r.body[..], b"{\"error\":\"bad\"}");
+    r.request_id();
+
+    // Crash and timeout: the instance is reported failed.
+    let r = a.invoke("echo", b"crash", &[]).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.headers["x-fc-error-type"], "UnhandledInvocationError");
+    assert!(
+        r.json()["errorMessage"]
+            .as_str()
+            .unwrap()
+            .contains("exited"),
+        "{:?}",
+        r.body
+    );
+    let r = a.invoke("echo", b"timeout", &[]).await;
+    assert_eq!(r.headers["x-fc-error-type"], "UnhandledInvocationError");
+    assert_eq!(
+        r.json()["errorMessage"],
+        "Function timed out after 10 seconds"
+    );
+    // The agent refusing the call itself: its FC error reaches the caller.
+    a.invoke("echo", b"gone", &[])
+        .await
+        .fc_error(502, "FunctionNotStarted");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    {
+        let s = env.seen.lock().unwrap();
+        let outcomes: Vec<_> = s.released.iter().map(|r| r.1.outcome).collect();
+        use kiln_internal_api::LeaseOutcome::*;
+        assert_eq!(
+            outcomes,
+            [Ok, Ok, InstanceFailed, InstanceFailed, InstanceFailed]
+        );
+    }
+
+    // Not sync, other qualifiers, throttling: FC errors, no retries.
+    a.invoke("echo", b"x", &[("x-fc-invocation-type", "Async")])
+        .await
+        .fc_error(400, "InvalidArgument");
+    let path = "/2023-03-30/functions/echo/invocations?qualifier=prod";
+    a.call(Method::POST, path, b"x".to_vec())
+        .await
+        .fc_error(400, "InvalidArgument");
+    let path = "/2023-03-30/functions/echo/invocations?qualifier=LATEST";
+    assert_eq!(
+        a.call(Method::POST, path, b"x".to_vec()).await.status,
+        StatusCode::OK
+    );
+    let acquired = env.seen.lock().unwrap().acquired.len();
+    env.seen.lock().unwrap().refuse = Some(FcError::throttled("too many instances"));
+    a.invoke("echo", b"x", &[])
+        .await
+        .fc_error(429, "ResourceThrottled");
+    assert_eq!(env.seen.lock().unwrap().acquired.len(), acquired + 1);
+    env.seen.lock().unwrap().refuse = None;
+
+    // Over 32 MB: refused before any lease is taken.
+    let big = vec![b'a'; 32 * 1024 * 1024 + 1];
+    let acquired = env.seen.lock().unwrap().acquired.len();
+    let m = a
+        .invoke("echo", &big, &[])
+        .await
+        .fc_error(400, "EntityTooLarge");
+    assert!(m.contains("33554432"), "{m}");
+    assert_eq!(env.seen.lock().unwrap().acquired.len(), acquired);
+    // Exactly 32 MB goes through.
+    let ok = vec![b'b'; 32 * 1024 * 1024];
+    let r = a.invoke("echo", &ok, &[]).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.body.len(), ok.len());
+
+    // Metrics count the calls.
+    let m = env.gateway.as_ref().unwrap().metrics_addr().unwrap();
+    let text = plain_get(m, "/metrics").await;
+    assert!(
+        text.contains("kiln_gateway_requests_total{operation=\"InvokeFunction\",code=\"200\"}"),
+        "{text}"
+    );
+    assert!(
+        text.contains("kiln_gateway_invocations_in_flight 0"),
+        "{text}"
+    );
+}
+
+async fn plain_get(addr: SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[tokio::test]
+async fn internal_listener_serves_code_to_cluster_peers_only() {
+    let env = Env::new().await;
+    let a = env.client(AK_A, SK_A);
+    let zip = app_zip();
+    let f = a.create(&function_doc("f", &zip)).await.json();
+    assert_eq!(f["codeSize"], zip.len());
+    let digest = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&zip))
+    };
+    let agent = kiln_internal_api::InternalClient::new(&env.pki.files("agent")).unwrap();
+    let base = format!(
+        "https://127.0.0.1:{}",
+        env.gateway.as_ref().unwrap().internal_addr().port()
+    );
+    let get = |path: String| {
+        let req = Request::get(format!("{base}{path}"))
+            .body(kiln_internal_api::server::empty())
+            .unwrap();
+        agent.send(req)
+    };
+    let r = get(format!("/v1/code/{digest}")).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(&read_all(r.into_body()).await[..], &zip[..]);
+    let r = get(format!("/v1/code/{}", "0".repeat(64))).await.unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    assert!(r.headers().contains_key("x-fc-request-id"));
+    let v: Value = serde_json::from_slice(&read_all(r.into_body()).await).unwrap();
+    assert!(v["Code"].is_string() && v["RequestId"].is_string(), "{v}");
+    let r = get("/v1/code/..%2F..%2Fgateway.db".into()).await.unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+
+    // The public TLS client (no client certificate) is refused.
+    let public = Api::new(
+        &env.pki,
+        env.gateway.as_ref().unwrap().internal_addr(),
+        AK_A,
+        SK_A,
+        true,
+    );
+    let req = Request::get(format!("{}/v1/code/{digest}", public.base))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert!(public.http.request(req).await.is_err());
+}
+
+#[tokio::test]
+async fn http2_works_and_old_tls_is_refused() {
+    let env = Env::new().await;
+    let h2 = Api::new(&env.pki, env.addr(), AK_A, SK_A, true);
+    let r = h2.call(Method::GET, "/2023-03-30/functions", vec![]).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(r.version, http::Version::HTTP_2);
+    let r = h2.create(&function_doc("h2fn", &app_zip())).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    let r = h2.invoke("h2fn", b"over h2", &[]).await;
+    assert_eq!(&r.body[..], b"over h2");
+    let h1 = env.client(AK_A, SK_A);
+    let r = h1.get("h2fn").await;
+    assert_eq!(r.version, http::Version::HTTP_11);
+
+    let port = env.addr().port();
+    // tokio's process API: the gateway runs on this test's runtime.
+    let handshake = |flag: &'static str| {
+        tokio::process::Command::new("openssl")
+            .args(["s_client", flag, "-connect", &format!("127.0.0.1:{port}")])
+            // Let OpenSSL 3 offer the old versions at all.
+            .args(["-cipher", "DEFAULT@SECLEVEL=0"])
+            .arg("-brief")
+            .stdin(std::process::Stdio::null())
+            .output()
+    };
+    let Ok(out) = handshake("-tls1_2").await else {
+        eprintln!("SKIPPED the TLS version checks: no openssl binary");
+        return;
+    };
+    assert!(
+        out.status.success(),
+        "TLS 1.2 refused: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for old in ["-tls1", "-tls1_1"] {
+        let out = handshake(old).await.unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(!out.status.success(), "{old} handshake succeeded: {err}");
+        // The server's refusal (a handshake_failure alert), not the client's.
+        assert!(err.contains("alert"), "{old}: {err}");
+    }
+    let raw = old_client_hello(port).await;
+    assert!(raw, "a raw TLS 1.1 ClientHello was not refused");
+}
+
+/// Send a minimal TLS 1.1-only ClientHello and expect an alert or a closed
+/// connection, never a ServerHello.
+async fn old_client_hello(port: u16) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut hello = Vec::new();
+    // ClientHello body.
+    let mut body = vec![0x03, 0x02]; // client_version TLS 1.1
+    body.extend_from_slice(&[0x11; 32]); // random
+    body.push(0); // session id
+    body.extend_from_slice(&[0x00, 0x04, 0xc0, 0x13, 0x00, 0x2f]); // ciphers
+    body.extend_from_slice(&[0x01, 0x00]); // compression: null
+    let mut hs = vec![0x01];
+    hs.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
+    hs.extend_from_slice(&body);
+    hello.extend_from_slice(&[0x16, 0x03, 0x02]);
+    hello.extend_from_slice(&(hs.len() as u16).to_be_bytes());
+    hello.extend_from_slice(&hs);
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(&hello).await.unwrap();
+    let mut buf = [0u8; 5];
+    match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => true,
+        Ok(Ok(_)) => buf[0] == 0x15, // alert, not a handshake record
+        Err(_) => false,
+    }
+}
