@@ -42,6 +42,10 @@ pub struct GatewayConfig {
     pub internal: InternalListener,
     /// This gateway's internal mTLS identity (server and client).
     pub tls: TlsFiles,
+    /// How long a lease stays with the gateway after a healthy call, for
+    /// the next call of the same function revision; 0 disables.
+    #[serde(default = "default_lease_hold_ms")]
+    pub lease_hold_ms: u64,
     /// Accounts and keys ensured at start (development clusters).
     #[serde(default)]
     pub bootstrap_keys: Vec<BootstrapKey>,
@@ -67,6 +71,12 @@ pub struct BootstrapKey {
     pub account_id: AccountId,
     pub access_key_id: String,
     pub access_key_secret: String,
+}
+
+pub const LEASE_HOLD_MAX_MS: u64 = 5_000;
+
+fn default_lease_hold_ms() -> u64 {
+    250
 }
 
 impl GatewayConfig {
@@ -107,6 +117,12 @@ impl GatewayConfig {
         }
         if self.public.listen == self.internal.listen && self.public.listen.port() != 0 {
             return invalid("public and internal listeners must use different addresses".into());
+        }
+        if self.lease_hold_ms > LEASE_HOLD_MAX_MS {
+            return invalid(format!(
+                "lease_hold_ms must be at most {LEASE_HOLD_MAX_MS}, got {}",
+                self.lease_hold_ms
+            ));
         }
         let mut seen = std::collections::HashSet::new();
         for k in &self.bootstrap_keys {
@@ -161,6 +177,7 @@ mod tests {
         assert_eq!(c.region, "cn-hangzhou");
         assert_eq!(c.bootstrap_keys.len(), 1);
         assert!(c.metrics_listen.is_some());
+        assert_eq!(c.lease_hold_ms, 250);
     }
 
     #[test]
@@ -187,6 +204,9 @@ mod tests {
         assert!(c.validate().is_err());
         let mut c = example();
         c.bootstrap_keys[0].access_key_id = "a/b".into();
+        assert!(c.validate().is_err());
+        let mut c = example();
+        c.lease_hold_ms = 60_000;
         assert!(c.validate().is_err());
     }
 }

@@ -153,12 +153,18 @@ pub async fn start_with_clock(
     let internal_tls = kiln_pki::internal_server_config(&config.tls)?;
     let internal = InternalClient::new(&config.tls)?;
     let metrics = Metrics::new();
+    let leases = api::leases::LeasePool::new(
+        std::time::Duration::from_millis(config.lease_hold_ms),
+        internal.clone(),
+        config.scheduler_url.clone(),
+    );
 
     let gw = Arc::new(Gateway {
         catalog: catalog.clone(),
         auth: auth::signature_authenticator(catalog.clone(), clock.clone()),
         internal,
         scheduler_url: config.scheduler_url.clone(),
+        leases: leases.clone(),
         region: config.region.clone(),
         metrics: metrics.clone(),
         clock,
@@ -191,6 +197,7 @@ pub async fn start_with_clock(
         move |req, conn| api::internal::handle(catalog.clone(), req, conn),
         stopped(rx.clone()),
     )));
+    tasks.push(tokio::spawn(leases.run_sweeper(stopped(rx.clone()))));
     if let Some(l) = metrics_l {
         tasks.push(tokio::spawn(metrics::serve(
             l,

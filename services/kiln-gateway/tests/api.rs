@@ -169,7 +169,12 @@ where
     addr
 }
 
-fn config(state_dir: &std::path::Path, pki: &DevPki, scheduler_url: &str) -> GatewayConfig {
+fn config(
+    state_dir: &std::path::Path,
+    pki: &DevPki,
+    scheduler_url: &str,
+    hold_ms: u64,
+) -> GatewayConfig {
     let public = pki.files("gateway");
     GatewayConfig {
         state_dir: state_dir.to_owned(),
@@ -185,6 +190,7 @@ fn config(state_dir: &std::path::Path, pki: &DevPki, scheduler_url: &str) -> Gat
             listen: "127.0.0.1:0".parse().unwrap(),
         },
         tls: pki.files("gateway-internal"),
+        lease_hold_ms: hold_ms,
         bootstrap_keys: vec![
             BootstrapKey {
                 account_id: ACCOUNT_A.parse().unwrap(),
@@ -202,6 +208,10 @@ fn config(state_dir: &std::path::Path, pki: &DevPki, scheduler_url: &str) -> Gat
 
 impl Env {
     async fn new() -> Env {
+        Self::with_hold(0).await
+    }
+
+    async fn with_hold(hold_ms: u64) -> Env {
         let dir = tempfile::tempdir().unwrap();
         let pki = DevPki::ensure(&dir.path().join("pki"), &[]).unwrap();
         let seen: Shared = Arc::default();
@@ -218,7 +228,7 @@ impl Env {
         .await;
         let scheduler_url = format!("https://127.0.0.1:{}", sched.port());
         let state_dir = dir.path().join("gateway");
-        let gateway = kiln_gateway::start(config(&state_dir, &pki, &scheduler_url))
+        let gateway = kiln_gateway::start(config(&state_dir, &pki, &scheduler_url, hold_ms))
             .await
             .unwrap();
         Env {
@@ -242,7 +252,7 @@ impl Env {
 
     async fn restart(&mut self) {
         self.gateway.take().unwrap().shutdown().await;
-        let g = kiln_gateway::start(config(&self.state_dir, &self.pki, &self.scheduler_url))
+        let g = kiln_gateway::start(config(&self.state_dir, &self.pki, &self.scheduler_url, 0))
             .await
             .unwrap();
         self.gateway = Some(g);
@@ -914,6 +924,39 @@ async fn invoke_streams_through_scheduler_and_agent() {
     assert!(
         text.contains("kiln_gateway_invocations_in_flight 0"),
         "{text}"
+    );
+}
+
+#[tokio::test]
+async fn warm_calls_reuse_a_parked_lease() {
+    let env = Env::with_hold(300).await;
+    let a = env.client(AK_A, SK_A);
+    assert_eq!(
+        a.create(&function_doc("warm", &app_zip())).await.status,
+        StatusCode::OK
+    );
+    for i in 0..5 {
+        let r = a.invoke("warm", format!("call {i}").as_bytes(), &[]).await;
+        assert_eq!(&r.body[..], format!("call {i}").as_bytes());
+    }
+    {
+        let s = env.seen.lock().unwrap();
+        assert_eq!(s.acquired.len(), 1, "one lease served every warm call");
+        assert!(s.released.is_empty());
+    }
+    // A crash gives the lease back as failed at once; the next call
+    // acquires a new one.
+    a.invoke("warm", b"crash", &[]).await;
+    a.invoke("warm", b"again", &[]).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let s = env.seen.lock().unwrap();
+    assert_eq!(s.acquired.len(), 2);
+    let outcomes: Vec<_> = s.released.iter().map(|r| r.1.outcome).collect();
+    use kiln_internal_api::LeaseOutcome::*;
+    assert_eq!(
+        outcomes,
+        [InstanceFailed, Ok],
+        "the parked lease is released after the hold"
     );
 }
 

@@ -15,8 +15,9 @@ use hyper::body::Incoming;
 use kiln_core::{FcError, FunctionName, RequestId};
 use kiln_internal_api::client::remote_error;
 use kiln_internal_api::server::{full, Body, BoxError};
-use kiln_internal_api::{headers as ih, paths, InternalClient, Lease, LeaseOutcome, ReleaseLease};
+use kiln_internal_api::{headers as ih, paths, Lease, LeaseOutcome};
 
+use super::leases::LeasePool;
 use super::{ApiError, Gateway, REQUEST_ID};
 use crate::auth::Caller;
 use crate::metrics::Metrics;
@@ -88,8 +89,8 @@ pub async fn invoke(
 
     let started = Instant::now();
     let mut guard = LeaseGuard {
-        client: gw.internal.clone(),
-        scheduler_url: gw.scheduler_url.clone(),
+        pool: gw.leases.clone(),
+        revision: entry.spec.revision.clone(),
         metrics: gw.metrics.clone(),
         lease: None,
         outcome: LeaseOutcome::Ok,
@@ -97,8 +98,11 @@ pub async fn invoke(
     };
     gw.metrics.invocations_in_flight.inc();
 
-    let lease = acquire(gw, entry.acquire_body(request_id.as_str())).await?;
-    tracing::debug!(lease = %lease.lease_id, instance = %lease.instance_id, cold = lease.cold_start, "lease acquired");
+    let lease = match gw.leases.take(&entry.spec.revision) {
+        Some(l) => l,
+        None => acquire(gw, entry.acquire_body(request_id.as_str())).await?,
+    };
+    tracing::debug!(lease = %lease.lease_id, instance = %lease.instance_id, cold = lease.cold_start, "lease held");
     let agent_url = lease.agent_url.clone();
     let instance = lease.instance_id.clone();
     guard.lease = Some(lease);
@@ -243,11 +247,11 @@ fn answer(
     builder.body(body.boxed()).expect("valid response")
 }
 
-/// Releases the lease when dropped: after the answer has been streamed,
+/// Gives the lease back when dropped: after the answer has been streamed,
 /// when the caller goes away, or when the call fails on the way.
 pub struct LeaseGuard {
-    client: InternalClient,
-    scheduler_url: String,
+    pool: Arc<LeasePool>,
+    revision: String,
     metrics: Arc<Metrics>,
     lease: Option<Lease>,
     outcome: LeaseOutcome,
@@ -260,30 +264,9 @@ impl Drop for LeaseGuard {
         self.metrics
             .invoke_seconds
             .observe(self.started.elapsed().as_secs_f64());
-        let Some(lease) = self.lease.take() else {
-            return;
-        };
-        let client = self.client.clone();
-        let url = self.scheduler_url.clone();
-        let msg = ReleaseLease {
-            outcome: self.outcome,
-        };
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        rt.spawn(async move {
-            let r = client
-                .call::<_, serde_json::Value>(
-                    Method::DELETE,
-                    &url,
-                    &paths::lease(&lease.lease_id),
-                    Some(&msg),
-                )
-                .await;
-            if let Err(e) = r {
-                tracing::warn!(lease = %lease.lease_id, error = %e, "cannot release lease");
-            }
-        });
+        if let Some(lease) = self.lease.take() {
+            self.pool.give_back(&self.revision, lease, self.outcome);
+        }
     }
 }
 

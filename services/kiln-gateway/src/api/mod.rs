@@ -4,6 +4,7 @@
 pub mod functions;
 pub mod internal;
 pub mod invoke;
+pub mod leases;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -30,6 +31,7 @@ pub struct Gateway {
     pub auth: SharedAuthenticator,
     pub internal: InternalClient,
     pub scheduler_url: String,
+    pub leases: Arc<leases::LeasePool>,
     pub region: String,
     pub metrics: Arc<Metrics>,
     pub clock: Arc<dyn Clock>,

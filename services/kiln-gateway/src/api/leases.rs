@@ -1,0 +1,212 @@
+//! A short-lived pool of leases per function revision, so a warm call does
+//! not pay two scheduler round trips. After a call that left its instance
+//! healthy, the lease is parked for `hold` before it is released; a call of
+//! the same revision in that window takes it over. The scheduler keeps
+//! seeing the slot as busy, so bin-packing and idle release stay correct
+//! (an instance is at most `hold` late to go idle).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use http::Method;
+use kiln_internal_api::{paths, InternalClient, Lease, LeaseOutcome, ReleaseLease};
+
+struct Parked {
+    lease: Lease,
+    until: Instant,
+}
+
+pub struct LeasePool {
+    hold: Duration,
+    client: InternalClient,
+    scheduler_url: String,
+    parked: Mutex<HashMap<String, Vec<Parked>>>,
+}
+
+impl LeasePool {
+    pub fn new(hold: Duration, client: InternalClient, scheduler_url: String) -> Arc<Self> {
+        Arc::new(Self {
+            hold,
+            client,
+            scheduler_url,
+            parked: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// A parked lease of `revision` still inside its window.
+    pub fn take(&self, revision: &str) -> Option<Lease> {
+        if self.hold.is_zero() {
+            return None;
+        }
+        let now = Instant::now();
+        let mut parked = self.parked.lock().unwrap_or_else(|p| p.into_inner());
+        let list = parked.get_mut(revision)?;
+        // Most recently parked first: its instance is the warmest.
+        while let Some(p) = list.pop() {
+            if p.until > now {
+                return Some(p.lease);
+            }
+            // Expired: the sweeper would release it; do it here instead.
+            self.release(p.lease, LeaseOutcome::Ok);
+        }
+        None
+    }
+
+    /// The call on `lease` ended: park a healthy lease, release the rest.
+    pub fn give_back(&self, revision: &str, lease: Lease, outcome: LeaseOutcome) {
+        if self.hold.is_zero() || outcome != LeaseOutcome::Ok {
+            self.release(lease, outcome);
+            return;
+        }
+        let mut parked = self.parked.lock().unwrap_or_else(|p| p.into_inner());
+        parked.entry(revision.to_owned()).or_default().push(Parked {
+            lease,
+            until: Instant::now() + self.hold,
+        });
+    }
+
+    /// Release every lease whose window has passed (all of them if `all`).
+    pub fn sweep(&self, all: bool) -> usize {
+        let expired = self.drain(all);
+        let n = expired.len();
+        for lease in expired {
+            self.release(lease, LeaseOutcome::Ok);
+        }
+        n
+    }
+
+    fn drain(&self, all: bool) -> Vec<Lease> {
+        let now = Instant::now();
+        let mut expired = Vec::new();
+        {
+            let mut parked = self.parked.lock().unwrap_or_else(|p| p.into_inner());
+            parked.retain(|_, list| {
+                let (gone, keep): (Vec<_>, Vec<_>) =
+                    list.drain(..).partition(|p| all || p.until <= now);
+                expired.extend(gone.into_iter().map(|p| p.lease));
+                *list = keep;
+                !list.is_empty()
+            });
+        }
+        expired
+    }
+
+    pub fn parked(&self) -> usize {
+        self.parked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(Vec::len)
+            .sum()
+    }
+
+    /// DELETE the lease at the scheduler, in the background.
+    pub fn release(&self, lease: Lease, outcome: LeaseOutcome) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        rt.spawn(release(
+            self.client.clone(),
+            self.scheduler_url.clone(),
+            lease,
+            outcome,
+        ));
+    }
+
+    /// Release expired leases every `hold / 2` until `stop` resolves, then
+    /// release all.
+    pub async fn run_sweeper(self: Arc<Self>, stop: impl std::future::Future<Output = ()>) {
+        if self.hold.is_zero() {
+            stop.await;
+            return;
+        }
+        tokio::pin!(stop);
+        let mut tick = tokio::time::interval((self.hold / 2).max(Duration::from_millis(10)));
+        loop {
+            tokio::select! {
+                _ = &mut stop => break,
+                _ = tick.tick() => { self.sweep(false); }
+            }
+        }
+        for lease in self.drain(true) {
+            release(
+                self.client.clone(),
+                self.scheduler_url.clone(),
+                lease,
+                LeaseOutcome::Ok,
+            )
+            .await;
+        }
+    }
+}
+
+async fn release(client: InternalClient, url: String, lease: Lease, outcome: LeaseOutcome) {
+    let r = client
+        .call::<_, serde_json::Value>(
+            Method::DELETE,
+            &url,
+            &paths::lease(&lease.lease_id),
+            Some(&ReleaseLease { outcome }),
+        )
+        .await;
+    if let Err(e) = r {
+        tracing::warn!(lease = %lease.lease_id, error = %e, "cannot release lease");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_core::{InstanceId, LeaseId, NodeId};
+
+    fn lease() -> Lease {
+        Lease {
+            lease_id: LeaseId::generate(),
+            instance_id: InstanceId::generate(),
+            node_id: NodeId::generate(),
+            agent_url: "https://127.0.0.1:1".into(),
+            cold_start: false,
+        }
+    }
+
+    fn pool(hold_ms: u64) -> Arc<LeasePool> {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = kiln_pki::DevPki::ensure(dir.path(), &[]).unwrap();
+        let client = InternalClient::new(&pki.files("gateway-internal")).unwrap();
+        // An unreachable scheduler: releases fail quietly in the background.
+        LeasePool::new(
+            Duration::from_millis(hold_ms),
+            client,
+            "https://127.0.0.1:1".into(),
+        )
+    }
+
+    #[tokio::test]
+    async fn healthy_leases_are_reused_within_the_window_only() {
+        let p = pool(100);
+        let l = lease();
+        p.give_back("r1", l.clone(), LeaseOutcome::Ok);
+        assert!(p.take("r2").is_none(), "another revision never gets it");
+        assert_eq!(p.take("r1").unwrap().lease_id, l.lease_id);
+        assert!(p.take("r1").is_none());
+        p.give_back("r1", lease(), LeaseOutcome::InstanceFailed);
+        assert_eq!(p.parked(), 0, "a failed instance's lease is released");
+        p.give_back("r1", lease(), LeaseOutcome::Ok);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert!(p.take("r1").is_none(), "expired leases are not handed out");
+        p.give_back("r1", lease(), LeaseOutcome::Ok);
+        assert_eq!(p.sweep(false), 0);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(p.sweep(false), 1);
+        assert_eq!(p.parked(), 0);
+    }
+
+    #[tokio::test]
+    async fn zero_hold_disables_parking() {
+        let p = pool(0);
+        p.give_back("r1", lease(), LeaseOutcome::Ok);
+        assert_eq!(p.parked(), 0);
+        assert!(p.take("r1").is_none());
+    }
+}
