@@ -241,13 +241,20 @@ impl Catalog {
         Ok(())
     }
 
-    fn write_code(&self, code: &Option<NewCode>) -> Result<(), CatalogError> {
-        if let Some(c) = code {
-            self.code
+    /// Write a new package's file (off the async threads: up to 100 MB
+    /// with fsync); the zip bytes are dropped once on disk.
+    async fn write_code(&self, code: Option<NewCode>) -> Result<Option<String>, CatalogError> {
+        let Some(c) = code else {
+            return Ok(None);
+        };
+        let files = self.code.clone();
+        blocking(move || {
+            files
                 .write(&c.blob.sha256, &c.zip)
                 .map_err(CatalogError::CodeWrite)?;
-        }
-        Ok(())
+            Ok(Some(c.blob.sha256))
+        })
+        .await
     }
 
     /// Release packages that lost their last reference.
@@ -306,7 +313,7 @@ impl Catalog {
         if self.function(&record.account_id, &record.name).is_some() {
             return Err(CatalogError::Exists(record.name));
         }
-        self.write_code(&code)?;
+        let written = self.write_code(code).await?;
         let store = self.store.clone();
         let r = record.clone();
         let result = blocking(move || {
@@ -316,8 +323,8 @@ impl Catalog {
         })
         .await;
         if let Err(e) = result {
-            if let Some(c) = code {
-                self.drop_if_unreferenced(c.blob.sha256).await;
+            if let Some(digest) = written {
+                self.drop_if_unreferenced(digest).await;
             }
             return Err(match e {
                 CatalogError::Store(MetaStoreError::FunctionExists(n)) => CatalogError::Exists(n),
@@ -345,7 +352,7 @@ impl Catalog {
         let mut record = current.record.clone();
         record.config = config;
         record.modified_ms = now_ms.max(record.modified_ms);
-        self.write_code(&code)?;
+        self.write_code(code).await?;
         let store = self.store.clone();
         let r = record.clone();
         let result = blocking(move || Ok(store.update_function(&r)?)).await;
