@@ -1092,3 +1092,38 @@ async fn old_client_hello(port: u16) -> bool {
         Err(_) => false,
     }
 }
+
+/// The official Python SDK against this gateway. Needs a Python with
+/// `alibabacloud-fc20230330` installed, named by `KILN_FC_SDK_PYTHON`
+/// (the cross-service tests build that virtualenv); skipped, saying so,
+/// without it.
+#[tokio::test]
+async fn official_python_sdk_round_trip() {
+    let Ok(python) = std::env::var("KILN_FC_SDK_PYTHON") else {
+        eprintln!("SKIPPED official_python_sdk_round_trip: set KILN_FC_SDK_PYTHON to a python with alibabacloud-fc20230330");
+        return;
+    };
+    let env = Env::new().await;
+    let zip_path = env.state_dir.join("sdk.zip");
+    std::fs::write(&zip_path, app_zip()).unwrap();
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/sdk/fc_sdk_round_trip.py"
+    );
+    let out = tokio::process::Command::new(python)
+        .arg(script)
+        .arg(format!("localhost:{}", env.addr().port()))
+        .args([AK_A, SK_A])
+        .arg(env.pki.ca_cert())
+        .arg(&zip_path)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "SDK script failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("SDK round trip ok"), "{stdout}");
+}
