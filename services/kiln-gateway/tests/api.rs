@@ -958,6 +958,19 @@ async fn warm_calls_reuse_a_parked_lease() {
         [InstanceFailed, Ok],
         "the parked lease is released after the hold"
     );
+    drop(s);
+
+    // The agent refusing a parked lease outright (the function never saw
+    // the payload): one fresh lease is tried, and its answer stands.
+    a.invoke("warm", b"park", &[]).await;
+    a.invoke("warm", b"gone", &[])
+        .await
+        .fc_error(502, "FunctionNotStarted");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let s = env.seen.lock().unwrap();
+    assert_eq!(s.acquired.len(), 4);
+    let outcomes: Vec<_> = s.released.iter().map(|r| r.1.outcome).collect();
+    assert_eq!(outcomes, [InstanceFailed, Ok, InstanceFailed, InstanceFailed]);
 }
 
 async fn plain_get(addr: SocketAddr, path: &str) -> String {

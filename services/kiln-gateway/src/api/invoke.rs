@@ -5,7 +5,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
@@ -98,46 +98,50 @@ pub async fn invoke(
     };
     gw.metrics.invocations_in_flight.inc();
 
-    let lease = match gw.leases.take(&entry.spec.revision) {
-        Some(l) => l,
-        None => acquire(gw, entry.acquire_body(request_id.as_str())).await?,
-    };
-    tracing::debug!(lease = %lease.lease_id, instance = %lease.instance_id, cold = lease.cold_start, "lease held");
-    let agent_url = lease.agent_url.clone();
-    let instance = lease.instance_id.clone();
-    guard.lease = Some(lease);
-
-    let mut req = Request::builder()
-        .method(Method::POST)
-        .uri(format!(
-            "{}{}",
-            agent_url.trim_end_matches('/'),
-            paths::agent_invoke(&instance)
-        ))
-        .body(full(payload))
-        .map_err(|e| FcError::internal(format!("cannot build the agent request: {e}")))?;
-    let h = req.headers_mut();
-    for (k, v) in parts.headers.iter() {
-        if forwardable(k) {
-            h.append(k.clone(), v.clone());
-        }
-    }
-    if let Ok(v) = HeaderValue::from_str(request_id.as_str()) {
-        h.insert(REQUEST_ID, v);
-    }
-    if !h.contains_key(header::CONTENT_TYPE) {
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/octet-stream"),
-        );
-    }
-
-    let resp = match gw.internal.send(req).await {
-        Ok(r) => r,
-        Err(e) => {
+    // A lease parked by an earlier call may point at an instance the
+    // scheduler has since given up; if the agent refuses it outright (the
+    // function never saw the payload), one fresh lease is tried.
+    let mut reused = gw.leases.take(&entry.spec.revision);
+    let resp = loop {
+        let from_pool = reused.is_some();
+        let lease = match reused.take() {
+            Some(l) => l,
+            None => acquire(gw, entry.acquire_body(request_id.as_str())).await?,
+        };
+        tracing::debug!(lease = %lease.lease_id, instance = %lease.instance_id, cold = lease.cold_start, from_pool, "lease held");
+        let req = agent_request(&lease, &parts.headers, payload.clone(), request_id)?;
+        guard.lease = Some(lease);
+        guard.outcome = LeaseOutcome::Ok;
+        // The agent enforces the function's timeout; this bounds a wedged agent.
+        let deadline = Duration::from_secs(u64::from(entry.spec.timeout_s)) + AGENT_GRACE;
+        let resp = match tokio::time::timeout(deadline, gw.internal.send(req)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                guard.outcome = LeaseOutcome::InstanceFailed;
+                return Err(e.into());
+            }
+            Err(_) => {
+                guard.outcome = LeaseOutcome::InstanceFailed;
+                tracing::warn!(
+                    deadline_s = deadline.as_secs(),
+                    "agent did not answer in time"
+                );
+                return Ok(unhandled(format!(
+                    "Function timed out after {} seconds",
+                    entry.spec.timeout_s
+                )));
+            }
+        };
+        if from_pool && !resp.headers().contains_key(ih::INVOKE_OUTCOME) {
+            tracing::debug!(status = %resp.status(), "agent refused a parked lease; acquiring a fresh one");
             guard.outcome = LeaseOutcome::InstanceFailed;
-            return Err(e.into());
+            if let Some(stale) = guard.lease.take() {
+                gw.leases
+                    .give_back(&entry.spec.revision, stale, LeaseOutcome::InstanceFailed);
+            }
+            continue;
         }
+        break resp;
     };
     let outcome = resp
         .headers()
@@ -165,14 +169,8 @@ pub async fn invoke(
             } else {
                 detail
             };
-            let body = serde_json::json!({ "errorMessage": message }).to_string();
             drop(guard);
-            Ok(Response::builder()
-                .status(StatusCode::OK)
-                .header(header::CONTENT_TYPE, "application/json")
-                .header(ERROR_TYPE, UNHANDLED)
-                .body(full(body))
-                .expect("valid response"))
+            Ok(unhandled(message))
         }
         _ => {
             // The agent refused the call itself (instance unknown, ...).
@@ -181,6 +179,56 @@ pub async fn invoke(
             Err(remote_error(head.status, &bytes).into())
         }
     }
+}
+
+/// How much longer than the function's timeout the gateway waits for the
+/// agent's answer.
+const AGENT_GRACE: Duration = Duration::from_secs(10);
+
+/// FC's answer for a function that failed without answering itself.
+fn unhandled(message: String) -> Response<Body> {
+    let body = serde_json::json!({ "errorMessage": message }).to_string();
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(ERROR_TYPE, UNHANDLED)
+        .body(full(body))
+        .expect("valid response")
+}
+
+/// The agent's invoke request: the payload, the request id and the
+/// caller's own headers.
+fn agent_request(
+    lease: &Lease,
+    caller_headers: &HeaderMap,
+    payload: Bytes,
+    request_id: &RequestId,
+) -> Result<Request<Body>, FcError> {
+    let mut req = Request::builder()
+        .method(Method::POST)
+        .uri(format!(
+            "{}{}",
+            lease.agent_url.trim_end_matches('/'),
+            paths::agent_invoke(&lease.instance_id)
+        ))
+        .body(full(payload))
+        .map_err(|e| FcError::internal(format!("cannot build the agent request: {e}")))?;
+    let h = req.headers_mut();
+    for (k, v) in caller_headers.iter() {
+        if forwardable(k) {
+            h.append(k.clone(), v.clone());
+        }
+    }
+    if let Ok(v) = HeaderValue::from_str(request_id.as_str()) {
+        h.insert(REQUEST_ID, v);
+    }
+    if !h.contains_key(header::CONTENT_TYPE) {
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
+    }
+    Ok(req)
 }
 
 async fn read_small(body: Incoming) -> Bytes {
