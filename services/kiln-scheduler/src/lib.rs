@@ -13,6 +13,7 @@ pub mod config;
 pub mod metrics;
 pub mod placement;
 pub mod service;
+pub mod simulate;
 pub mod store;
 
 use std::net::SocketAddr;

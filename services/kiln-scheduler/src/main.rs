@@ -1,27 +1,87 @@
-//! `kiln-scheduler --config FILE`.
+//! `kiln-scheduler --config FILE`, or `kiln-scheduler simulate ...`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
+use kiln_scheduler::placement::PlacementConfig;
+use kiln_scheduler::simulate::{self, BenchConfig, SimConfig, Workload};
 
 #[derive(Parser)]
 #[command(version, about = "Kiln's scheduling service")]
 struct Args {
-    /// The TOML configuration file.
+    /// The TOML configuration file (to serve).
     #[arg(long)]
-    config: PathBuf,
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+#[derive(Subcommand)]
+enum Command {
+    /// Run the placement core against in-process fake agents: a decision
+    /// benchmark, then trace-driven simulations on a simulated clock.
+    Simulate(SimulateArgs),
+}
+
+#[derive(clap::Args)]
+struct SimulateArgs {
+    /// Only the decision benchmark.
+    #[arg(long, conflicts_with = "no_bench")]
+    bench_only: bool,
+    /// Skip the decision benchmark.
+    #[arg(long)]
+    no_bench: bool,
+    #[arg(long, default_value_t = 100)]
+    nodes: usize,
+    #[arg(long, default_value_t = 10_000)]
+    functions: usize,
+    #[arg(long, default_value_t = 50_000)]
+    instances: usize,
+    /// Acquire-and-release pairs to time.
+    #[arg(long, default_value_t = 2_000_000)]
+    decisions: usize,
+    /// Workloads to simulate (steady, diurnal, bursty); all by default.
+    #[arg(long, value_delimiter = ',')]
+    workload: Vec<Workload>,
+    /// Simulated hours per workload.
+    #[arg(long, default_value_t = 24.0)]
+    hours: f64,
+    /// Mean calls per second over the cluster.
+    #[arg(long, default_value_t = 200.0)]
+    rate: f64,
+    /// Instances one account may hold (the burst pool).
+    #[arg(long, default_value_t = 300)]
+    burst: u32,
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    // The simulator's instances come and go by the thousand: only warnings.
+    let default_filter = if args.command.is_some() {
+        "warn"
+    } else {
+        "info"
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .init();
-    match run(Args::parse()).await {
+    let result = match (args.command, args.config) {
+        (Some(Command::Simulate(s)), _) => {
+            run_simulate(&s);
+            Ok(())
+        }
+        (None, Some(config)) => serve(config),
+        (None, None) => Err(anyhow::anyhow!(
+            "say --config FILE to serve, or `simulate` to run the simulator"
+        )),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("kiln-scheduler: {e:#}");
@@ -30,15 +90,58 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
+fn run_simulate(a: &SimulateArgs) {
+    if !a.no_bench {
+        let r = simulate::bench(&BenchConfig {
+            nodes: a.nodes,
+            functions: a.functions,
+            instances: a.instances,
+            decisions: a.decisions,
+            // A tenth of the instances busy at any time.
+            in_flight: (a.instances / 10).max(1),
+            seed: a.seed,
+            ..BenchConfig::default()
+        });
+        println!("{r}");
+    }
+    if a.bench_only {
+        return;
+    }
+    let workloads = if a.workload.is_empty() {
+        Workload::ALL.to_vec()
+    } else {
+        a.workload.clone()
+    };
+    for w in workloads {
+        let r = simulate::simulate(
+            &SimConfig {
+                workload: w,
+                hours: a.hours,
+                mean_rate: a.rate,
+                seed: a.seed,
+                ..SimConfig::default()
+            },
+            PlacementConfig {
+                max_instances_per_account: a.burst,
+                ..PlacementConfig::default()
+            },
+        );
+        println!("{r}");
+    }
+}
+
+fn serve(config: PathBuf) -> anyhow::Result<()> {
     use anyhow::Context;
-    let config = kiln_scheduler::SchedulerConfig::load(&args.config)?;
-    let handle = kiln_scheduler::start(config)
-        .await
-        .context("Cannot start the scheduler")?;
-    wait_for_signal().await?;
-    handle.shutdown().await;
-    Ok(())
+    let rt = tokio::runtime::Runtime::new().context("Cannot start the async runtime")?;
+    rt.block_on(async {
+        let config = kiln_scheduler::SchedulerConfig::load(&config)?;
+        let handle = kiln_scheduler::start(config)
+            .await
+            .context("Cannot start the scheduler")?;
+        wait_for_signal().await?;
+        handle.shutdown().await;
+        Ok(())
+    })
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

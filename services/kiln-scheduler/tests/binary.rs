@@ -83,3 +83,42 @@ fn a_bad_config_exits_1_with_the_reason() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("idle_timeout_s"), "{err}");
 }
+
+#[test]
+fn simulate_prints_the_bench_and_every_workload() {
+    let out = Command::new(BIN)
+        .args([
+            "simulate",
+            "--nodes",
+            "5",
+            "--functions",
+            "50",
+            "--instances",
+            "250",
+            "--decisions",
+            "5000",
+            "--hours",
+            "0.05",
+            "--rate",
+            "20",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("acquire-and-release decisions"), "{text}");
+    for w in ["steady", "diurnal", "bursty"] {
+        assert!(text.contains(&format!("simulate {w}")), "{text}");
+    }
+    assert!(
+        text.contains("cold starts") && text.contains("instance-seconds"),
+        "{text}"
+    );
+}
+
+#[test]
+fn neither_config_nor_simulate_exits_1() {
+    let out = Command::new(BIN).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--config"));
+}

@@ -54,6 +54,15 @@ impl Default for PlacementConfig {
     }
 }
 
+/// Capacity and use over the nodes that take instances.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Utilisation {
+    pub memory_mb: u64,
+    pub memory_used_mb: u64,
+    pub cpu_milli: u64,
+    pub cpu_used_milli: u64,
+}
+
 /// The answer to an acquire.
 #[derive(Debug)]
 pub enum Acquired {
@@ -224,6 +233,18 @@ impl Placement {
 
     pub fn lease_count(&self) -> usize {
         self.leases.len()
+    }
+
+    /// Capacity and use summed over the nodes that take instances.
+    pub fn utilisation(&self) -> Utilisation {
+        let mut u = Utilisation::default();
+        for n in self.nodes.values().filter(|n| n.state.can_place()) {
+            u.memory_mb += n.capacity.memory_mb;
+            u.memory_used_mb += n.used_memory_mb;
+            u.cpu_milli += n.capacity.cpu_milli;
+            u.cpu_used_milli += n.used_cpu_milli;
+        }
+        u
     }
 
     // ---- leases ---------------------------------------------------------
