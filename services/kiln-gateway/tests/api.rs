@@ -949,16 +949,17 @@ async fn warm_calls_reuse_a_parked_lease() {
     a.invoke("warm", b"crash", &[]).await;
     a.invoke("warm", b"again", &[]).await;
     tokio::time::sleep(Duration::from_millis(700)).await;
-    let s = env.seen.lock().unwrap();
-    assert_eq!(s.acquired.len(), 2);
-    let outcomes: Vec<_> = s.released.iter().map(|r| r.1.outcome).collect();
     use kiln_internal_api::LeaseOutcome::*;
-    assert_eq!(
-        outcomes,
-        [InstanceFailed, Ok],
-        "the parked lease is released after the hold"
-    );
-    drop(s);
+    {
+        let s = env.seen.lock().unwrap();
+        assert_eq!(s.acquired.len(), 2);
+        let outcomes: Vec<_> = s.released.iter().map(|r| r.1.outcome).collect();
+        assert_eq!(
+            outcomes,
+            [InstanceFailed, Ok],
+            "the parked lease is released after the hold"
+        );
+    }
 
     // The agent refusing a parked lease outright (the function never saw
     // the payload): one fresh lease is tried, and its answer stands.
@@ -970,7 +971,10 @@ async fn warm_calls_reuse_a_parked_lease() {
     let s = env.seen.lock().unwrap();
     assert_eq!(s.acquired.len(), 4);
     let outcomes: Vec<_> = s.released.iter().map(|r| r.1.outcome).collect();
-    assert_eq!(outcomes, [InstanceFailed, Ok, InstanceFailed, InstanceFailed]);
+    assert_eq!(
+        outcomes,
+        [InstanceFailed, Ok, InstanceFailed, InstanceFailed]
+    );
 }
 
 async fn plain_get(addr: SocketAddr, path: &str) -> String {
