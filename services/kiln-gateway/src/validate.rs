@@ -513,6 +513,15 @@ mod tests {
     }
 
     #[test]
+    fn oversized_packages_are_entity_too_large() {
+        let b64 = "A".repeat(limits::CODE_ZIP_MAX.div_ceil(3) * 4 + 8);
+        let body = with("code", json!({ "zipFile": b64 })).to_string();
+        let e = parse_input(body.as_bytes()).unwrap_err();
+        assert_eq!(e.code, FcErrorCode::EntityTooLarge);
+        assert_eq!(e.code.http_status(), 400);
+    }
+
+    #[test]
     fn malformed_bodies() {
         let e = parse_input(b"{not json").unwrap_err();
         assert_eq!(e.code, FcErrorCode::InvalidArgument);
