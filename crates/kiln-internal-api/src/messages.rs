@@ -1,5 +1,7 @@
 //! Control messages of the internal APIs, with their paths.
 
+use std::collections::BTreeMap;
+
 use kiln_core::{AccountId, FunctionName, InstanceId, InstanceSpec, LeaseId, NodeId, SandboxKind};
 use serde::{Deserialize, Serialize};
 
@@ -19,6 +21,10 @@ pub mod paths {
     pub const FUNCTIONS_RETIRE: &str = "/v1/functions/retire";
     pub const SCHEDULER_NODES: &str = "/v1/nodes";
     pub const SCHEDULER_INSTANCES: &str = "/v1/instances";
+    /// Admin: GET, PUT (an `AccountLimits`) and DELETE (back to defaults).
+    pub fn account_limits(account: &kiln_core::AccountId) -> String {
+        format!("/v1/accounts/{account}/limits")
+    }
 
     // Agent.
     pub const AGENT_INSTANCES: &str = "/v1/instances";
@@ -206,4 +212,38 @@ pub struct NodeInfo {
     pub instances: u32,
     pub memory_used_mb: u64,
     pub last_heartbeat_ms: u64,
+}
+
+/// An account's quotas and throttles, as the scheduler enforces them
+/// (admin API `/v1/accounts/{id}/limits`). A new instance of the account
+/// must fit every one of them; a call over any gets `ResourceThrottled`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountLimits {
+    /// Instances the account may hold at once (FC's burst pool).
+    pub burst_instances: u32,
+    /// Memory of all the account's instances together.
+    pub memory_quota_mb: u64,
+    /// vCPUs of all the account's instances together, in thousandths.
+    pub vcpu_quota_milli: u64,
+    /// New instances per minute (a token bucket of this size refilling
+    /// over a minute).
+    pub scale_out_instances_per_minute: u32,
+    /// vCPUs of new instances per minute (likewise).
+    pub scale_out_vcpus_per_minute: u32,
+    /// Per-function limits, by function name.
+    #[serde(default)]
+    pub functions: BTreeMap<FunctionName, FunctionLimits>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionLimits {
+    /// Instances set aside for this function out of the account's burst
+    /// pool; also the most it may hold.
+    #[serde(default)]
+    pub reserved_concurrency: Option<u32>,
+    /// Concurrent calls of the function, across its instances.
+    #[serde(default)]
+    pub max_concurrency: Option<u32>,
 }

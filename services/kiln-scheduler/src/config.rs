@@ -4,7 +4,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use kiln_internal_api::AccountLimits;
 use kiln_pki::TlsFiles;
+
+use crate::placement::default_account_limits;
 use serde::{Deserialize, Serialize};
 
 /// Why the configuration cannot be used.
@@ -53,8 +56,51 @@ pub struct SchedulerConfig {
     /// Instances one account may hold at once, across all nodes.
     #[serde(default = "default_max_instances_per_account")]
     pub max_instances_per_account: u32,
+    /// The other limits of every account without limits of its own (set
+    /// per account with `PUT /v1/accounts/{id}/limits`).
+    #[serde(default)]
+    pub account_defaults: AccountDefaults,
     /// Server and client identity on the internal mTLS network.
     pub tls: TlsFiles,
+}
+
+/// `[account_defaults]`: quotas and scale-out rates of every account
+/// without limits of its own. The burst pool is `max_instances_per_account`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountDefaults {
+    #[serde(default = "default_memory_quota_mb")]
+    pub memory_quota_mb: u64,
+    #[serde(default = "default_vcpu_quota_milli")]
+    pub vcpu_quota_milli: u64,
+    #[serde(default = "default_scale_out_instances")]
+    pub scale_out_instances_per_minute: u32,
+    #[serde(default = "default_scale_out_vcpus")]
+    pub scale_out_vcpus_per_minute: u32,
+}
+
+impl Default for AccountDefaults {
+    fn default() -> Self {
+        Self {
+            memory_quota_mb: default_memory_quota_mb(),
+            vcpu_quota_milli: default_vcpu_quota_milli(),
+            scale_out_instances_per_minute: default_scale_out_instances(),
+            scale_out_vcpus_per_minute: default_scale_out_vcpus(),
+        }
+    }
+}
+
+fn default_memory_quota_mb() -> u64 {
+    default_account_limits().memory_quota_mb
+}
+fn default_vcpu_quota_milli() -> u64 {
+    default_account_limits().vcpu_quota_milli
+}
+fn default_scale_out_instances() -> u32 {
+    default_account_limits().scale_out_instances_per_minute
+}
+fn default_scale_out_vcpus() -> u32 {
+    default_account_limits().scale_out_vcpus_per_minute
 }
 
 fn default_listen() -> SocketAddr {
@@ -88,6 +134,7 @@ impl SchedulerConfig {
             node_failure_after_ms: default_node_failure_after_ms(),
             instance_start_timeout_ms: default_instance_start_timeout_ms(),
             max_instances_per_account: default_max_instances_per_account(),
+            account_defaults: AccountDefaults::default(),
             tls,
         }
     }
@@ -137,6 +184,25 @@ impl SchedulerConfig {
         if self.max_instances_per_account == 0 {
             return invalid("max_instances_per_account", "must be at least 1");
         }
+        let d = &self.account_defaults;
+        if d.memory_quota_mb < 128 {
+            return invalid("account_defaults.memory_quota_mb", "must be at least 128");
+        }
+        if d.vcpu_quota_milli < 50 {
+            return invalid("account_defaults.vcpu_quota_milli", "must be at least 50");
+        }
+        if d.scale_out_instances_per_minute == 0 {
+            return invalid(
+                "account_defaults.scale_out_instances_per_minute",
+                "must be at least 1",
+            );
+        }
+        if d.scale_out_vcpus_per_minute == 0 {
+            return invalid(
+                "account_defaults.scale_out_vcpus_per_minute",
+                "must be at least 1",
+            );
+        }
         for (field, path) in [
             ("tls.ca", &self.tls.ca),
             ("tls.cert", &self.tls.cert),
@@ -147,6 +213,19 @@ impl SchedulerConfig {
             }
         }
         Ok(())
+    }
+
+    /// The limits of an account without limits of its own.
+    pub fn default_account_limits(&self) -> AccountLimits {
+        let d = &self.account_defaults;
+        AccountLimits {
+            burst_instances: self.max_instances_per_account,
+            memory_quota_mb: d.memory_quota_mb,
+            vcpu_quota_milli: d.vcpu_quota_milli,
+            scale_out_instances_per_minute: d.scale_out_instances_per_minute,
+            scale_out_vcpus_per_minute: d.scale_out_vcpus_per_minute,
+            functions: Default::default(),
+        }
     }
 
     pub fn db_path(&self) -> PathBuf {
@@ -178,6 +257,11 @@ mod tests {
         assert_eq!(c.node_failure_after_ms, 10_000);
         assert_eq!(c.instance_start_timeout_ms, 30_000);
         assert_eq!(c.max_instances_per_account, 300);
+        let d = c.default_account_limits();
+        assert_eq!(d.burst_instances, 300);
+        assert_eq!(d.scale_out_instances_per_minute, 300);
+        assert_eq!(d.scale_out_vcpus_per_minute, 360);
+        crate::placement::validate_limits(&d).unwrap();
         assert_eq!(c.listen.port(), 9443);
         assert!(c.metrics_listen.unwrap().ip().is_loopback());
     }
@@ -213,6 +297,10 @@ mod tests {
                 Box::new(|c| c.max_instances_per_account = 0),
             ),
             ("state_dir", Box::new(|c| c.state_dir = PathBuf::new())),
+            (
+                "account_defaults.scale_out_vcpus_per_minute",
+                Box::new(|c| c.account_defaults.scale_out_vcpus_per_minute = 0),
+            ),
             ("tls.key", Box::new(|c| c.tls.key = PathBuf::new())),
         ];
         for (field, mutate) in cases {

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use kiln_scheduler::placement::PlacementConfig;
+use kiln_scheduler::placement::{default_account_limits, PlacementConfig};
 use kiln_scheduler::simulate::{self, BenchConfig, SimConfig, Workload};
 
 #[derive(Parser)]
@@ -122,7 +122,10 @@ fn run_simulate(a: &SimulateArgs) {
                 ..SimConfig::default()
             },
             PlacementConfig {
-                max_instances_per_account: a.burst,
+                default_limits: kiln_internal_api::AccountLimits {
+                    burst_instances: a.burst,
+                    ..default_account_limits()
+                },
                 ..PlacementConfig::default()
             },
         );

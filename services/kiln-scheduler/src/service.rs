@@ -9,10 +9,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use kiln_core::{Clock, FcError, FcErrorCode, InstanceId, LeaseId, NodeId};
+use kiln_core::{AccountId, Clock, FcError, FcErrorCode, InstanceId, LeaseId, NodeId};
 use kiln_internal_api::{
-    AcquireLease, CreateInstance, Heartbeat, HeartbeatResponse, InstanceInfo, Lease, LeaseOutcome,
-    NodeInfo, RegisterNode, RegisterNodeResponse, RetireFunction,
+    AccountLimits, AcquireLease, CreateInstance, Heartbeat, HeartbeatResponse, InstanceInfo, Lease,
+    LeaseOutcome, NodeInfo, RegisterNode, RegisterNodeResponse, RetireFunction,
 };
 use tokio::sync::watch;
 use tracing::Instrument;
@@ -63,7 +63,7 @@ impl Scheduler {
         deps: SchedulerDeps,
     ) -> Result<(Self, tokio::task::JoinHandle<()>), SchedulerStoreError> {
         let placement = PlacementConfig {
-            max_instances_per_account: config.max_instances_per_account,
+            default_limits: config.default_account_limits(),
             idle_timeout_ms: config.idle_timeout_s * 1000,
             node_failure_after_ms: config.node_failure_after_ms,
             lease_grace_ms: config.instance_start_timeout_ms + 60_000,
@@ -71,7 +71,9 @@ impl Scheduler {
         };
         let (nodes, instances) = deps.store.load()?;
         let now = deps.clock.now_ms();
-        let (core, effects) = Placement::restore(placement, nodes, instances, now);
+        let limits = deps.store.load_account_limits()?;
+        let (mut core, effects) = Placement::restore(placement, nodes, instances, now);
+        core.load_account_limits(limits);
         tracing::info!(
             nodes = core.node_count(),
             instances = core.instance_count(),
@@ -342,6 +344,30 @@ impl Scheduler {
         let effects = st.core.tick(now);
         self.finish(&mut st, effects);
         self.update_node_gauges(&st);
+    }
+
+    // ---- accounts -------------------------------------------------------
+
+    /// The limits in force for `account` (its own or the defaults).
+    pub fn account_limits(&self, account: &AccountId) -> AccountLimits {
+        (*self.lock().core.account_limits(account)).clone()
+    }
+
+    /// Set (or with `None` reset to the defaults) an account's limits;
+    /// resolves once they are on disk.
+    pub async fn set_account_limits(
+        &self,
+        account: &AccountId,
+        limits: Option<AccountLimits>,
+    ) -> Result<AccountLimits, FcError> {
+        let now = {
+            let mut st = self.lock();
+            st.core.set_account_limits(account, limits)?;
+            self.finish(&mut st, Effects::default());
+            (*st.core.account_limits(account)).clone()
+        };
+        self.flush().await?;
+        Ok(now)
     }
 
     pub fn nodes(&self) -> Vec<NodeInfo> {

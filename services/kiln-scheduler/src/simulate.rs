@@ -25,7 +25,9 @@ use std::str::FromStr;
 use std::time::Instant;
 
 use kiln_core::{FcErrorCode, InstanceId, InstanceSpec, LeaseId, RuntimeName};
-use kiln_internal_api::{LeaseOutcome, NodeCapacity, NodeLabels, RegisterNode, Tenancy};
+use kiln_internal_api::{
+    AccountLimits, LeaseOutcome, NodeCapacity, NodeLabels, RegisterNode, Tenancy,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -113,7 +115,14 @@ fn register_nodes(p: &mut Placement, count: usize, memory_mb: u64, max_instances
 /// Limits that never bind: the bench measures decisions, not quotas.
 fn unbounded_config() -> PlacementConfig {
     PlacementConfig {
-        max_instances_per_account: u32::MAX,
+        default_limits: AccountLimits {
+            burst_instances: 1_000_000,
+            memory_quota_mb: u64::MAX / 4,
+            vcpu_quota_milli: u64::MAX / 4,
+            scale_out_instances_per_minute: 1_000_000_000,
+            scale_out_vcpus_per_minute: 1_000_000_000,
+            functions: Default::default(),
+        },
         node_failure_after_ms: u64::MAX / 4,
         ..PlacementConfig::default()
     }
@@ -650,6 +659,7 @@ pub fn simulate(c: &SimConfig, placement: PlacementConfig) -> SimReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::placement::default_account_limits;
 
     #[test]
     fn percentiles_pick_the_right_ranks() {
@@ -747,7 +757,10 @@ mod tests {
         let r = simulate(
             &c,
             PlacementConfig {
-                max_instances_per_account: 10,
+                default_limits: AccountLimits {
+                    burst_instances: 10,
+                    ..default_account_limits()
+                },
                 ..PlacementConfig::default()
             },
         );

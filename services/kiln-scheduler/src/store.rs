@@ -3,16 +3,18 @@
 
 use std::path::Path;
 
-use kiln_core::{FcError, InstanceId};
+use kiln_core::{AccountId, FcError, InstanceId};
+use kiln_internal_api::AccountLimits;
 use kiln_store::{Database, Migration, StoreError};
 use rusqlite::{params, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::placement::{Change, InstanceRecord, NodeRecord};
 
-const MIGRATIONS: &[Migration] = &[Migration {
-    name: "nodes and instances",
-    sql: "
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        name: "nodes and instances",
+        sql: "
         CREATE TABLE nodes (
             node_id TEXT PRIMARY KEY,
             agent_url TEXT NOT NULL,
@@ -31,7 +33,17 @@ const MIGRATIONS: &[Migration] = &[Migration {
         );
         CREATE INDEX instances_node ON instances(node_id);
     ",
-}];
+    },
+    Migration {
+        name: "per-account limits",
+        sql: "
+        CREATE TABLE account_limits (
+            account_id TEXT PRIMARY KEY,
+            limits TEXT NOT NULL           -- JSON AccountLimits
+        );
+    ",
+    },
+];
 
 /// Why the scheduler's state could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +67,8 @@ impl From<rusqlite::Error> for SchedulerStoreError {
 /// Where nodes and instances are kept across restarts.
 pub trait SchedulerStore: Send + Sync + 'static {
     fn load(&self) -> Result<(Vec<NodeRecord>, Vec<InstanceRecord>), SchedulerStoreError>;
+    /// Accounts with limits of their own.
+    fn load_account_limits(&self) -> Result<Vec<(AccountId, AccountLimits)>, SchedulerStoreError>;
     /// Apply changes in order, all or none.
     fn apply(&self, changes: &[Change]) -> Result<(), SchedulerStoreError>;
 }
@@ -162,6 +176,25 @@ impl SchedulerStore for SqliteSchedulerStore {
             })
     }
 
+    fn load_account_limits(&self) -> Result<Vec<(AccountId, AccountLimits)>, SchedulerStoreError> {
+        let rows = self.db.with_conn(|c| {
+            Ok(
+                c.prepare("SELECT account_id, limits FROM account_limits ORDER BY account_id")?
+                    .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
+                    .collect::<Result<Vec<_>, _>>()?,
+            )
+        })?;
+        rows.into_iter()
+            .map(|(id, limits)| {
+                let e = |r: String| corrupt("account limits", &id, r);
+                Ok((
+                    id.parse().map_err(|x| e(format!("{x}")))?,
+                    serde_json::from_str(&limits).map_err(|x| e(x.to_string()))?,
+                ))
+            })
+            .collect()
+    }
+
     fn apply(&self, changes: &[Change]) -> Result<(), SchedulerStoreError> {
         if changes.is_empty() {
             return Ok(());
@@ -202,6 +235,22 @@ impl SchedulerStore for SqliteSchedulerStore {
                                 i.state.as_str(),
                                 i.created_at_ms as i64,
                             ],
+                        )?;
+                    }
+                    Change::UpsertAccountLimits(account, limits) => {
+                        tx.execute(
+                            "INSERT INTO account_limits (account_id, limits) VALUES (?1, ?2) \
+                             ON CONFLICT(account_id) DO UPDATE SET limits = excluded.limits",
+                            params![
+                                account.as_str(),
+                                serde_json::to_string(limits).expect("serialises"),
+                            ],
+                        )?;
+                    }
+                    Change::DeleteAccountLimits(account) => {
+                        tx.execute(
+                            "DELETE FROM account_limits WHERE account_id = ?1",
+                            params![account.as_str()],
                         )?;
                     }
                     Change::DeleteInstance(id) => {

@@ -12,9 +12,9 @@ use http_body_util::BodyExt;
 use kiln_core::{FcErrorCode, InstanceId, InstanceSpec, RuntimeName, SandboxKind};
 use kiln_internal_api::server::{self, full, json, no_content, read_json, serve_tls};
 use kiln_internal_api::{
-    paths, AcquireLease, CreateInstance, Heartbeat, HeartbeatResponse, InstanceCreated,
-    InstanceInfo, InternalClient, InternalClientError, Lease, LeaseOutcome, NodeCapacity, NodeInfo,
-    NodeLabels, RegisterNode, RegisterNodeResponse, ReleaseLease, Tenancy,
+    paths, AccountLimits, AcquireLease, CreateInstance, Heartbeat, HeartbeatResponse,
+    InstanceCreated, InstanceInfo, InternalClient, InternalClientError, Lease, LeaseOutcome,
+    NodeCapacity, NodeInfo, NodeLabels, RegisterNode, RegisterNodeResponse, ReleaseLease, Tenancy,
 };
 use kiln_pki::{DevPki, TlsFiles};
 use kiln_scheduler::{SchedulerConfig, SchedulerHandle};
@@ -481,5 +481,108 @@ async fn clients_without_a_cluster_certificate_are_refused() {
     let ok = InternalClient::new(&pki.files("gateway-internal")).unwrap();
     let v: serde_json::Value = ok.get(&base, paths::HEALTH).await.unwrap();
     assert_eq!(v["status"], "ok");
+    handle.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn account_limits_admin_api_persists_and_throttles() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = DevPki::ensure(&dir.path().join("pki"), &[]).unwrap();
+    let agent = fake_agent(&pki.files("agent")).await;
+    let handle = start_scheduler(dir.path(), &pki).await;
+    let base = base(handle.addr());
+    let client = InternalClient::new(&pki.files("gateway-internal")).unwrap();
+    let account: kiln_core::AccountId = "100".parse().unwrap();
+    let path = paths::account_limits(&account);
+
+    let defaults: AccountLimits = client.get(&base, &path).await.unwrap();
+    assert_eq!(defaults.burst_instances, 300);
+    assert_eq!(defaults.scale_out_vcpus_per_minute, 360);
+
+    // Nonsense is refused and changes nothing.
+    let mut bad = defaults.clone();
+    bad.burst_instances = 0;
+    let err = client
+        .call::<_, AccountLimits>(Method::PUT, &base, &path, Some(&bad))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, InternalClientError::Remote { ref error, .. } if error.code == FcErrorCode::InvalidArgument && error.message.contains("burst_instances")),
+        "{err}"
+    );
+    let unknown = client
+        .send(
+            Request::builder()
+                .method(Method::PUT)
+                .uri(format!("{base}{path}"))
+                .body(full(r#"{"burst_instancez":3}"#))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), StatusCode::BAD_REQUEST);
+    let still: AccountLimits = client.get(&base, &path).await.unwrap();
+    assert_eq!(still, defaults);
+
+    let mut one = defaults.clone();
+    one.burst_instances = 1;
+    let stored: AccountLimits = client
+        .call(Method::PUT, &base, &path, Some(&one))
+        .await
+        .unwrap();
+    assert_eq!(stored, one);
+
+    // The limits survive a restart.
+    handle.shutdown().await;
+    let handle = start_scheduler(dir.path(), &pki).await;
+    let base = base_of(&handle);
+    let got: AccountLimits = client.get(&base, &path).await.unwrap();
+    assert_eq!(got.burst_instances, 1);
+
+    let agent_client = InternalClient::new(&pki.files("agent")).unwrap();
+    let _: RegisterNodeResponse = agent_client
+        .post(
+            &base,
+            paths::NODES_REGISTER,
+            &registration(None, &agent.url),
+        )
+        .await
+        .unwrap();
+    let acquire = |function: &'static str| {
+        let client = client.clone();
+        let base = base.clone();
+        async move {
+            client
+                .post::<_, Lease>(
+                    &base,
+                    paths::LEASES,
+                    &AcquireLease {
+                        request_id: format!("r-{function}"),
+                        spec: spec(function, 1),
+                    },
+                )
+                .await
+        }
+    };
+    let lease = acquire("first").await.unwrap();
+    match acquire("second").await.unwrap_err() {
+        InternalClientError::Remote { error, .. } => {
+            assert_eq!(error.code.http_status(), 429);
+            assert_eq!(error.code, FcErrorCode::ResourceThrottled);
+            assert!(
+                error.message.contains("burst pool of 1"),
+                "{}",
+                error.message
+            );
+        }
+        other => panic!("expected a throttle, got {other}"),
+    }
+    release(&client, &base, &lease).await;
+
+    // Back to the defaults.
+    client.delete(&base, &path).await.unwrap();
+    let got: AccountLimits = client.get(&base, &path).await.unwrap();
+    assert_eq!(got, defaults);
+    acquire("second").await.unwrap();
     handle.shutdown().await;
 }

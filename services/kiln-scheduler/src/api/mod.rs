@@ -1,6 +1,7 @@
 //! The scheduler's internal API (mTLS HTTP/2): every route in one table,
 //! one file per resource, every request in a span, errors in FC's shape.
 
+mod accounts;
 mod functions;
 mod instances;
 mod leases;
@@ -28,6 +29,9 @@ enum Endpoint {
     ReleaseLease,
     RetireFunction,
     ListInstances,
+    GetAccountLimits,
+    PutAccountLimits,
+    DeleteAccountLimits,
 }
 
 struct Route {
@@ -77,6 +81,21 @@ const ROUTES: &[Route] = &[
         method: Method::GET,
         path: "/v1/instances",
         endpoint: Endpoint::ListInstances,
+    },
+    Route {
+        method: Method::GET,
+        path: "/v1/accounts/{account}/limits",
+        endpoint: Endpoint::GetAccountLimits,
+    },
+    Route {
+        method: Method::PUT,
+        path: "/v1/accounts/{account}/limits",
+        endpoint: Endpoint::PutAccountLimits,
+    },
+    Route {
+        method: Method::DELETE,
+        path: "/v1/accounts/{account}/limits",
+        endpoint: Endpoint::DeleteAccountLimits,
     },
 ];
 
@@ -182,6 +201,9 @@ async fn dispatch(
         Endpoint::ReleaseLease => leases::release(sched, params[0], body).await,
         Endpoint::RetireFunction => functions::retire(sched, body).await,
         Endpoint::ListInstances => Ok(instances::list(sched)),
+        Endpoint::GetAccountLimits => accounts::get_limits(sched, params[0]),
+        Endpoint::PutAccountLimits => accounts::put_limits(sched, params[0], body).await,
+        Endpoint::DeleteAccountLimits => accounts::delete_limits(sched, params[0]).await,
     }
 }
 
@@ -216,6 +238,14 @@ mod tests {
             Matched::WrongMethod
         ));
         assert!(matches!(route(&Method::GET, "/v1/nope"), Matched::NotFound));
+        assert_eq!(
+            m(Method::PUT, "/v1/accounts/123/limits").unwrap(),
+            (Endpoint::PutAccountLimits, vec!["123".to_string()])
+        );
+        assert!(matches!(
+            route(&Method::POST, "/v1/accounts/123/limits"),
+            Matched::WrongMethod
+        ));
         assert!(matches!(
             route(&Method::POST, "/v1/nodes//heartbeat"),
             Matched::NotFound

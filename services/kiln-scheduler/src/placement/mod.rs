@@ -14,6 +14,7 @@
 //! Every change that must survive a restart is appended to a journal the
 //! caller drains ([`Placement::take_changes`]) and persists write-behind.
 
+mod quota;
 mod types;
 
 #[cfg(test)]
@@ -24,14 +25,19 @@ use std::sync::Arc;
 
 use kiln_core::limits::{CONCURRENCY_MAX, CONCURRENCY_MIN};
 use kiln_core::{AccountId, FcError, FunctionName, InstanceId, InstanceSpec, LeaseId, NodeId};
-use kiln_internal_api::{InstanceInfo, Lease, LeaseOutcome, NodeInfo, RegisterNode, Tenancy};
+use kiln_internal_api::{
+    AccountLimits, InstanceInfo, Lease, LeaseOutcome, NodeInfo, RegisterNode, Tenancy,
+};
 
+pub use quota::{default_account_limits, validate_limits, AccountUsage, MAX_FUNCTION_LIMITS};
+use quota::{max_concurrency_error, ScaleOut};
 pub use types::*;
 
 /// Knobs of the core.
 #[derive(Debug, Clone)]
 pub struct PlacementConfig {
-    pub max_instances_per_account: u32,
+    /// The limits of every account without its own (admin API).
+    pub default_limits: AccountLimits,
     pub idle_timeout_ms: u64,
     pub node_failure_after_ms: u64,
     /// A lease not released within the function's timeout plus this is
@@ -45,7 +51,7 @@ pub struct PlacementConfig {
 impl Default for PlacementConfig {
     fn default() -> Self {
         Self {
-            max_instances_per_account: 300,
+            default_limits: default_account_limits(),
             idle_timeout_ms: 300_000,
             node_failure_after_ms: 10_000,
             lease_grace_ms: 90_000,
@@ -125,13 +131,21 @@ pub struct Placement {
     free_memory: BTreeMap<u64, BTreeSet<NodeId>>,
     idle: BTreeSet<(u64, InstanceId)>,
     lease_expiry: BTreeSet<(u64, LeaseId)>,
-    per_account: HashMap<AccountId, u32>,
+    per_account: HashMap<AccountId, AccountUsage>,
+    /// Calls in flight per function (for its maximum concurrency).
+    fn_in_flight: HashMap<FnKey, u32>,
+    /// Accounts with limits of their own.
+    limits: HashMap<AccountId, Arc<AccountLimits>>,
+    default_limits: Arc<AccountLimits>,
+    /// Accounts whose scale-out buckets are not full.
+    scale_out: HashMap<AccountId, ScaleOut>,
     changes: Vec<Change>,
 }
 
 impl Placement {
     pub fn new(config: PlacementConfig) -> Self {
         Self {
+            default_limits: Arc::new(config.default_limits.clone()),
             config,
             nodes: HashMap::new(),
             instances: HashMap::new(),
@@ -142,6 +156,9 @@ impl Placement {
             idle: BTreeSet::new(),
             lease_expiry: BTreeSet::new(),
             per_account: HashMap::new(),
+            fn_in_flight: HashMap::new(),
+            limits: HashMap::new(),
+            scale_out: HashMap::new(),
             changes: Vec::new(),
         }
     }
@@ -259,6 +276,15 @@ impl Placement {
     /// spec checked before, so the hot path skips hashing the spec.
     pub fn acquire(&mut self, spec: &InstanceSpec, now: u64) -> Result<Acquired, FcError> {
         let key = (spec.account_id.clone(), spec.function_name.clone());
+        if let Some(max) = self.max_concurrency(&spec.account_id, &spec.function_name) {
+            if self.fn_in_flight.get(&key).copied().unwrap_or(0) >= max {
+                return Err(max_concurrency_error(
+                    &spec.account_id,
+                    &spec.function_name,
+                    max,
+                ));
+            }
+        }
         let warm = self
             .room
             .get(&key)
@@ -292,14 +318,12 @@ impl Placement {
                 "no compute node is healthy; retry later",
             ));
         }
-        let used = self.per_account.get(&spec.account_id).copied().unwrap_or(0);
-        if used >= self.config.max_instances_per_account {
-            return Err(FcError::throttled(format!(
-                "account {} reached its limit of {} instances",
-                spec.account_id, self.config.max_instances_per_account
-            )));
-        }
+        self.check_quotas(spec, now)?;
         let node_id = self.best_node(spec)?;
+        self.scale_out
+            .entry(spec.account_id.clone())
+            .or_insert_with(|| ScaleOut::new(&self.default_limits, now))
+            .take(u64::from(spec.cpu_milli));
         let id = InstanceId::generate();
         let spec = Arc::new(spec.clone());
         self.insert_instance(Instance {
@@ -331,6 +355,136 @@ impl Placement {
                 spec,
             }),
         })
+    }
+
+    /// The limits in force for `account`.
+    pub fn account_limits(&self, account: &AccountId) -> Arc<AccountLimits> {
+        self.limits
+            .get(account)
+            .unwrap_or(&self.default_limits)
+            .clone()
+    }
+
+    /// What `account` holds now.
+    pub fn account_usage(&self, account: &AccountId) -> AccountUsage {
+        self.per_account.get(account).copied().unwrap_or_default()
+    }
+
+    /// Give `account` limits of its own, or (`None`) back the defaults.
+    /// Instances already over a lowered limit stay; new ones must fit.
+    pub fn set_account_limits(
+        &mut self,
+        account: &AccountId,
+        limits: Option<AccountLimits>,
+    ) -> Result<(), FcError> {
+        match limits {
+            Some(l) => {
+                validate_limits(&l)?;
+                self.limits.insert(account.clone(), Arc::new(l.clone()));
+                self.changes
+                    .push(Change::UpsertAccountLimits(account.clone(), l));
+            }
+            None => {
+                self.limits.remove(account);
+                self.changes
+                    .push(Change::DeleteAccountLimits(account.clone()));
+            }
+        }
+        tracing::info!(account_id = %account, "account limits changed");
+        Ok(())
+    }
+
+    /// Install persisted per-account limits (at start, not journaled).
+    pub fn load_account_limits(&mut self, all: Vec<(AccountId, AccountLimits)>) {
+        for (a, l) in all {
+            self.limits.insert(a, Arc::new(l));
+        }
+    }
+
+    fn max_concurrency(&self, account: &AccountId, function: &FunctionName) -> Option<u32> {
+        if self.limits.is_empty() && self.default_limits.functions.is_empty() {
+            return None;
+        }
+        self.limits
+            .get(account)
+            .unwrap_or(&self.default_limits)
+            .functions
+            .get(function)
+            .and_then(|f| f.max_concurrency)
+    }
+
+    fn fn_instances(&self, account: &AccountId, function: &FunctionName) -> u32 {
+        self.by_function
+            .get(&(account.clone(), function.clone()))
+            .map_or(0, |s| s.len() as u32)
+    }
+
+    /// Whether the account may add an instance of `spec` now: reserved
+    /// concurrency or burst pool, memory and vCPU quotas, scale-out rate.
+    /// The error names the limit.
+    fn check_quotas(&mut self, spec: &InstanceSpec, now: u64) -> Result<(), FcError> {
+        let account = &spec.account_id;
+        let function = &spec.function_name;
+        let l = self.account_limits(account);
+        let usage = self.account_usage(account);
+        match l
+            .functions
+            .get(function)
+            .and_then(|f| f.reserved_concurrency)
+        {
+            Some(reserved) => {
+                if self.fn_instances(account, function) >= reserved {
+                    return Err(FcError::throttled(format!(
+                        "function {function} of account {account} reached its reserved \
+                         concurrency of {reserved} instances"
+                    )));
+                }
+            }
+            None => {
+                let mut reserved_total = 0u32;
+                let mut reserved_used = 0u32;
+                for (name, f) in &l.functions {
+                    if let Some(r) = f.reserved_concurrency {
+                        reserved_total += r;
+                        reserved_used += self.fn_instances(account, name);
+                    }
+                }
+                let pool = l.burst_instances.saturating_sub(reserved_total);
+                if usage.instances.saturating_sub(reserved_used) >= pool {
+                    return Err(FcError::throttled(format!(
+                        "account {account} reached its burst pool of {} instances \
+                         ({reserved_total} of them reserved for functions)",
+                        l.burst_instances
+                    )));
+                }
+            }
+        }
+        if usage.instances >= l.burst_instances {
+            return Err(FcError::throttled(format!(
+                "account {account} reached its burst pool of {} instances",
+                l.burst_instances
+            )));
+        }
+        if usage.memory_mb + u64::from(spec.memory_mb) > l.memory_quota_mb {
+            return Err(FcError::throttled(format!(
+                "account {account} would exceed its memory quota of {} MB ({} MB in use, the \
+                 instance needs {} MB)",
+                l.memory_quota_mb, usage.memory_mb, spec.memory_mb
+            )));
+        }
+        if usage.cpu_milli + u64::from(spec.cpu_milli) > l.vcpu_quota_milli {
+            return Err(FcError::throttled(format!(
+                "account {account} would exceed its vCPU quota of {} vCPUs ({} in use, the \
+                 instance needs {})",
+                l.vcpu_quota_milli as f64 / 1000.0,
+                usage.cpu_milli as f64 / 1000.0,
+                f64::from(spec.cpu_milli) / 1000.0
+            )));
+        }
+        self.scale_out
+            .entry(account.clone())
+            .or_insert_with(|| ScaleOut::new(&l, now))
+            .check(&l, account, u64::from(spec.cpu_milli), now)
     }
 
     /// The Ready node with the least free memory that still fits the
@@ -554,6 +708,10 @@ impl Placement {
             }
         }
         effects.extend(self.check_nodes(now));
+        let limits = &self.limits;
+        let defaults = &self.default_limits;
+        self.scale_out
+            .retain(|a, b| !b.is_full(limits.get(a).unwrap_or(defaults), now));
         effects
     }
 
@@ -775,7 +933,13 @@ impl Placement {
             inst.spec.account_id.clone(),
             inst.spec.function_name.clone(),
         );
-        *self.per_account.entry(key.0.clone()).or_default() += 1;
+        let usage = self.per_account.entry(key.0.clone()).or_default();
+        usage.instances += 1;
+        usage.memory_mb += u64::from(inst.spec.memory_mb);
+        usage.cpu_milli += u64::from(inst.spec.cpu_milli);
+        if inst.in_flight > 0 {
+            *self.fn_in_flight.entry(key.clone()).or_default() += inst.in_flight;
+        }
         self.by_function.entry(key).or_default().insert(id.clone());
         self.unindex_node(&inst.node_id);
         let node = self
@@ -812,12 +976,15 @@ impl Placement {
             inst.spec.account_id.clone(),
             inst.spec.function_name.clone(),
         );
-        if let Some(n) = self.per_account.get_mut(&key.0) {
-            *n -= 1;
-            if *n == 0 {
+        if let Some(u) = self.per_account.get_mut(&key.0) {
+            u.instances -= 1;
+            u.memory_mb -= u64::from(inst.spec.memory_mb);
+            u.cpu_milli -= u64::from(inst.spec.cpu_milli);
+            if u.instances == 0 {
                 self.per_account.remove(&key.0);
             }
         }
+        self.add_in_flight(&key, -i64::from(inst.in_flight));
         if let Some(set) = self.by_function.get_mut(&key) {
             set.remove(id);
             if set.is_empty() {
@@ -861,10 +1028,33 @@ impl Placement {
     /// Apply `f` to an instance, keeping the room and idle indexes right.
     fn update_instance(&mut self, id: &InstanceId, f: impl FnOnce(&mut Instance)) {
         self.unindex_instance(id);
+        let mut moved = None;
         if let Some(i) = self.instances.get_mut(id) {
+            let before = i.in_flight;
             f(i);
+            if i.in_flight != before {
+                let key = (i.spec.account_id.clone(), i.spec.function_name.clone());
+                moved = Some((key, i64::from(i.in_flight) - i64::from(before)));
+            }
+        }
+        if let Some((key, delta)) = moved {
+            self.add_in_flight(&key, delta);
         }
         self.index_instance(id);
+    }
+
+    fn add_in_flight(&mut self, key: &FnKey, delta: i64) {
+        if delta == 0 {
+            return;
+        }
+        if delta > 0 {
+            *self.fn_in_flight.entry(key.clone()).or_default() += delta as u32;
+        } else if let Some(n) = self.fn_in_flight.get_mut(key) {
+            *n = n.saturating_sub(delta.unsigned_abs() as u32);
+            if *n == 0 {
+                self.fn_in_flight.remove(key);
+            }
+        }
     }
 
     fn index_instance(&mut self, id: &InstanceId) {

@@ -2,7 +2,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use kiln_core::{Clock, FcErrorCode, ManualClock, RuntimeName, SandboxKind};
-use kiln_internal_api::{NodeCapacity, NodeLabels};
+use kiln_internal_api::{AccountLimits, NodeCapacity, NodeLabels};
 
 use super::*;
 
@@ -243,7 +243,10 @@ fn an_unsealed_spec_is_refused() {
 #[test]
 fn account_cap_throttles() {
     let mut f = Fixture::with(PlacementConfig {
-        max_instances_per_account: 2,
+        default_limits: AccountLimits {
+            burst_instances: 2,
+            ..default_account_limits()
+        },
         ..PlacementConfig::default()
     });
     let now = f.now();
@@ -257,7 +260,7 @@ fn account_cap_throttles() {
     let err = f.p.acquire(&spec("1", "a", 1, 128), f.now()).unwrap_err();
     assert_eq!(err.code, FcErrorCode::ResourceThrottled);
     assert!(
-        err.message.contains("limit of 2 instances"),
+        err.message.contains("burst pool of 2 instances"),
         "{}",
         err.message
     );
@@ -636,7 +639,14 @@ fn restore_rebuilds_state_without_leases() {
 #[test]
 fn fifty_thousand_instances_on_a_hundred_nodes() {
     let mut f = Fixture::with(PlacementConfig {
-        max_instances_per_account: 1_000,
+        default_limits: AccountLimits {
+            burst_instances: 1_000,
+            memory_quota_mb: u64::MAX / 4,
+            vcpu_quota_milli: u64::MAX / 4,
+            scale_out_instances_per_minute: 1_000_000,
+            scale_out_vcpus_per_minute: 1_000_000,
+            ..default_account_limits()
+        },
         node_failure_after_ms: u64::MAX / 4,
         ..PlacementConfig::default()
     });
@@ -688,4 +698,236 @@ fn fifty_thousand_instances_on_a_hundred_nodes() {
         .all(|n| n.memory_used_mb == 0 && n.instances == 0));
     assert!(f.p.room.is_empty() && f.p.idle.is_empty() && f.p.by_function.is_empty());
     assert!(f.p.per_account.is_empty() && f.p.lease_expiry.is_empty());
+}
+
+// ---- quotas and throttles -----------------------------------------------
+
+fn limits(f: impl FnOnce(&mut AccountLimits)) -> AccountLimits {
+    let mut l = default_account_limits();
+    f(&mut l);
+    l
+}
+
+fn fn_limits(reserved: Option<u32>, max: Option<u32>) -> kiln_internal_api::FunctionLimits {
+    kiln_internal_api::FunctionLimits {
+        reserved_concurrency: reserved,
+        max_concurrency: max,
+    }
+}
+
+/// A multi-tenant node: any account may use it.
+fn shared_node(f: &mut Fixture, id: &str, memory_mb: u64) {
+    let now = f.now();
+    f.p.register(
+        &registration(Some(id), memory_mb, Tenancy::MultiTenant, None),
+        now,
+    )
+    .unwrap();
+}
+
+fn throttled(f: &mut Fixture, s: &InstanceSpec, names: &str) {
+    let now = f.now();
+    let err = f.p.acquire(s, now).unwrap_err();
+    assert_eq!(err.code, FcErrorCode::ResourceThrottled, "{err:?}");
+    assert_eq!(err.code.http_status(), 429);
+    assert!(
+        err.message.contains(names),
+        "{names:?} not in {:?}",
+        err.message
+    );
+}
+
+fn account(s: &str) -> AccountId {
+    s.parse().unwrap()
+}
+
+#[test]
+fn the_burst_pool_throttles_new_instances_not_warm_calls() {
+    let mut f = Fixture::new();
+    shared_node(&mut f, "n1", 64 * 1024);
+    f.p.set_account_limits(&account("1"), Some(limits(|l| l.burst_instances = 3)))
+        .unwrap();
+    for i in 0..3 {
+        f.acquire_started(&spec("1", &format!("f{i}"), 2, 128));
+    }
+    throttled(
+        &mut f,
+        &spec("1", "f3", 2, 128),
+        "burst pool of 3 instances",
+    );
+    // A warm slot on an existing instance is still granted.
+    f.acquire_started(&spec("1", "f0", 2, 128));
+    // Other accounts have their own pools.
+    f.acquire_started(&spec("2", "f3", 2, 128));
+}
+
+#[test]
+fn reserved_concurrency_sets_instances_aside_and_caps_the_function() {
+    let mut f = Fixture::new();
+    shared_node(&mut f, "n1", 64 * 1024);
+    let mut l = limits(|l| l.burst_instances = 4);
+    l.functions
+        .insert("vip".parse().unwrap(), fn_limits(Some(2), None));
+    f.p.set_account_limits(&account("1"), Some(l)).unwrap();
+    // The others share 4 - 2 = 2 instances.
+    f.acquire_started(&spec("1", "a", 1, 128));
+    f.acquire_started(&spec("1", "b", 1, 128));
+    throttled(&mut f, &spec("1", "c", 1, 128), "2 of them reserved");
+    // The reserved function still gets its two, and no more.
+    f.acquire_started(&spec("1", "vip", 1, 128));
+    f.acquire_started(&spec("1", "vip", 1, 128));
+    throttled(
+        &mut f,
+        &spec("1", "vip", 1, 128),
+        "reserved concurrency of 2",
+    );
+}
+
+#[test]
+fn max_concurrency_caps_calls_in_flight_even_with_room() {
+    let mut f = Fixture::new();
+    shared_node(&mut f, "n1", 64 * 1024);
+    let mut l = default_account_limits();
+    l.functions
+        .insert("f".parse().unwrap(), fn_limits(None, Some(2)));
+    f.p.set_account_limits(&account("1"), Some(l)).unwrap();
+    let s = spec("1", "f", 10, 128);
+    let a = f.acquire_started(&s);
+    f.acquire_started(&s);
+    throttled(&mut f, &s, "maximum concurrency of 2");
+    f.p.release(&a.lease_id, LeaseOutcome::Ok, f.now()).unwrap();
+    f.acquire_started(&s);
+    assert_eq!(f.p.instance_count(), 1);
+    // A lost instance gives its calls back to the function's count.
+    let inst = f.p.instances_info()[0].instance_id.clone();
+    f.p.instance_start_failed(&inst);
+    assert!(f.p.fn_in_flight.is_empty());
+}
+
+#[test]
+fn memory_and_vcpu_quotas_throttle() {
+    let mut f = Fixture::new();
+    shared_node(&mut f, "n1", 64 * 1024);
+    f.p.set_account_limits(
+        &account("1"),
+        Some(limits(|l| {
+            l.memory_quota_mb = 1024;
+            l.vcpu_quota_milli = 100_000;
+        })),
+    )
+    .unwrap();
+    f.acquire_started(&spec("1", "a", 1, 512));
+    f.acquire_started(&spec("1", "b", 1, 512));
+    throttled(&mut f, &spec("1", "c", 1, 128), "memory quota of 1024 MB");
+    assert_eq!(f.p.account_usage(&account("1")).memory_mb, 1024);
+
+    f.p.set_account_limits(&account("2"), Some(limits(|l| l.vcpu_quota_milli = 600)))
+        .unwrap();
+    // spec() gives memory/2 millicores: 512 MB -> 256 m.
+    f.acquire_started(&spec("2", "a", 1, 512));
+    f.acquire_started(&spec("2", "b", 1, 512));
+    throttled(&mut f, &spec("2", "c", 1, 512), "vCPU quota of 0.6 vCPUs");
+}
+
+#[test]
+fn scale_out_instances_per_minute_refill_on_the_clock() {
+    let mut f = Fixture::new();
+    shared_node(&mut f, "n1", 64 * 1024);
+    f.p.set_account_limits(
+        &account("1"),
+        Some(limits(|l| l.scale_out_instances_per_minute = 6)),
+    )
+    .unwrap();
+    for i in 0..6 {
+        f.acquire_started(&spec("1", &format!("f{i}"), 1, 128));
+    }
+    throttled(
+        &mut f,
+        &spec("1", "x", 1, 128),
+        "6 new instances per minute",
+    );
+    // One token every 10 s.
+    f.clock.advance(Duration::from_millis(9_999));
+    throttled(&mut f, &spec("1", "x", 1, 128), "per minute");
+    f.clock.advance(Duration::from_millis(1));
+    f.acquire_started(&spec("1", "x", 1, 128));
+    throttled(&mut f, &spec("1", "y", 1, 128), "per minute");
+    // A full minute refills the bucket, and no further.
+    f.clock.advance(Duration::from_secs(600));
+    for i in 0..6 {
+        f.acquire_started(&spec("1", &format!("g{i}"), 1, 128));
+    }
+    throttled(&mut f, &spec("1", "z", 1, 128), "per minute");
+}
+
+#[test]
+fn scale_out_vcpus_per_minute_refill_on_the_clock() {
+    let mut f = Fixture::new();
+    shared_node(&mut f, "n1", 64 * 1024);
+    f.p.set_account_limits(
+        &account("1"),
+        Some(limits(|l| l.scale_out_vcpus_per_minute = 2)),
+    )
+    .unwrap();
+    // 1000 MB -> 500 m: four fit in 2 vCPUs.
+    for i in 0..4 {
+        f.acquire_started(&spec("1", &format!("f{i}"), 1, 1000));
+    }
+    throttled(
+        &mut f,
+        &spec("1", "x", 1, 1000),
+        "2 vCPUs of new instances per minute",
+    );
+    // 500 m refill in 15 s.
+    f.clock.advance(Duration::from_millis(14_999));
+    throttled(&mut f, &spec("1", "x", 1, 1000), "vCPUs of new instances");
+    f.clock.advance(Duration::from_millis(1));
+    f.acquire_started(&spec("1", "x", 1, 1000));
+}
+
+#[test]
+fn a_refused_placement_costs_no_tokens() {
+    let mut f = Fixture::new();
+    shared_node(&mut f, "n1", 1024);
+    f.p.set_account_limits(
+        &account("1"),
+        Some(limits(|l| l.scale_out_instances_per_minute = 2)),
+    )
+    .unwrap();
+    // No node has room for 4 GB: the throttle names the room, not the rate.
+    for _ in 0..5 {
+        throttled(
+            &mut f,
+            &spec("1", "big", 1, 4096),
+            "no compute node has room",
+        );
+    }
+    f.acquire_started(&spec("1", "a", 1, 128));
+    f.acquire_started(&spec("1", "b", 1, 128));
+    throttled(&mut f, &spec("1", "c", 1, 128), "per minute");
+}
+
+#[test]
+fn limits_reset_to_the_defaults_and_are_journaled() {
+    let mut f = Fixture::new();
+    let a = account("1");
+    f.p.take_changes();
+    let l = limits(|l| l.burst_instances = 7);
+    f.p.set_account_limits(&a, Some(l.clone())).unwrap();
+    assert_eq!(f.p.account_limits(&a).burst_instances, 7);
+    let bad = limits(|l| l.burst_instances = 0);
+    assert_eq!(
+        f.p.set_account_limits(&a, Some(bad)).unwrap_err().code,
+        FcErrorCode::InvalidArgument
+    );
+    assert_eq!(f.p.account_limits(&a).burst_instances, 7);
+    f.p.set_account_limits(&a, None).unwrap();
+    assert_eq!(*f.p.account_limits(&a), default_account_limits());
+    assert_eq!(
+        f.p.take_changes(),
+        vec![
+            Change::UpsertAccountLimits(a.clone(), l),
+            Change::DeleteAccountLimits(a)
+        ]
+    );
 }

@@ -6,7 +6,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use kiln_core::{AccountId, FcError, InstanceId, InstanceSpec, LeaseId, NodeId, SandboxKind};
-use kiln_internal_api::{NodeCapacity, NodeLabels, Tenancy};
+use kiln_internal_api::{AccountLimits, NodeCapacity, NodeLabels, Tenancy};
 use serde::{Deserialize, Serialize};
 
 /// A node's lifecycle. Later issues add cordoned and draining nodes.
@@ -224,6 +224,8 @@ pub enum Change {
     UpsertNode(NodeRecord),
     UpsertInstance(InstanceRecord),
     DeleteInstance(InstanceId),
+    UpsertAccountLimits(AccountId, AccountLimits),
+    DeleteAccountLimits(AccountId),
 }
 
 /// An instance the agent must destroy.

@@ -1,0 +1,35 @@
+//! `/v1/accounts/{id}/limits` (admin): an account's quotas and throttles.
+
+use http::{Response, StatusCode};
+use hyper::body::Incoming;
+use kiln_core::{AccountId, FcError};
+use kiln_internal_api::server::{json, no_content, read_json, Body};
+use kiln_internal_api::AccountLimits;
+
+use super::{path_id, BODY_LIMIT};
+use crate::service::Scheduler;
+
+/// The limits in force: the account's own, or the defaults.
+pub fn get_limits(sched: &Scheduler, account: &str) -> Result<Response<Body>, FcError> {
+    let account: AccountId = path_id(account)?;
+    Ok(json(StatusCode::OK, &sched.account_limits(&account)))
+}
+
+/// Replace the account's limits with the body's (validated whole).
+pub async fn put_limits(
+    sched: &Scheduler,
+    account: &str,
+    body: Incoming,
+) -> Result<Response<Body>, FcError> {
+    let account: AccountId = path_id(account)?;
+    let limits: AccountLimits = read_json(body, BODY_LIMIT).await?;
+    let stored = sched.set_account_limits(&account, Some(limits)).await?;
+    Ok(json(StatusCode::OK, &stored))
+}
+
+/// Back to the defaults.
+pub async fn delete_limits(sched: &Scheduler, account: &str) -> Result<Response<Body>, FcError> {
+    let account: AccountId = path_id(account)?;
+    sched.set_account_limits(&account, None).await?;
+    Ok(no_content())
+}
