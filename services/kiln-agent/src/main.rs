@@ -6,6 +6,11 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 
+// glibc's malloc showed up at ~5% of the invoke path's CPU; mimalloc keeps
+// the many small per-request allocations of hyper/h2/rustls cheaper.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "kiln-agent", version, about = "Kiln's compute-node agent")]
 struct Args {

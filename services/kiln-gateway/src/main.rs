@@ -4,6 +4,11 @@ use std::process::ExitCode;
 use clap::Parser;
 use kiln_gateway::GatewayConfig;
 
+// glibc's malloc showed up at ~5% of the invoke path's CPU; mimalloc keeps
+// the many small per-request allocations of hyper/h2/rustls cheaper.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Kiln's access service: the FC 2023-03-30 API.
 #[derive(Parser)]
 #[command(name = "kiln-gateway", version)]

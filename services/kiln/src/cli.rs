@@ -12,7 +12,11 @@ use crate::commands::{bench, dev, functions};
 use crate::credentials::{self, Credentials};
 
 #[derive(Debug, Parser)]
-#[command(name = "kiln", version, about = "Kiln: a self-hosted Function Compute data plane")]
+#[command(
+    name = "kiln",
+    version,
+    about = "Kiln: a self-hosted Function Compute data plane"
+)]
 pub struct Cli {
     /// Credentials file (else $KILN_CREDENTIALS, else ~/.kiln/credentials.json).
     #[arg(long, global = true)]
@@ -176,7 +180,9 @@ pub async fn run(cli: Cli) -> Result<()> {
             println!(
                 "deployed {} (codeChecksum {}, codeSize {})",
                 a.name,
-                f.get("codeChecksum").and_then(|v| v.as_str()).unwrap_or("?"),
+                f.get("codeChecksum")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("?"),
                 f.get("codeSize").map(|v| v.to_string()).unwrap_or_default()
             );
             Ok(())

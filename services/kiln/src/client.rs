@@ -85,7 +85,8 @@ impl FcClient {
             endpoint: creds.endpoint.clone(),
             message,
         };
-        let tls = kiln_pki::public_client_config(&creds.ca_cert).map_err(|e| tls_err(e.to_string()))?;
+        let tls =
+            kiln_pki::public_client_config(&creds.ca_cert).map_err(|e| tls_err(e.to_string()))?;
         let uri: http::Uri = creds
             .endpoint
             .parse()
@@ -135,15 +136,26 @@ impl FcClient {
             path_and_query.push('?');
             path_and_query.push_str(&crate::signing::encode_query(query));
         }
-        let req = crate::signing::signed_request(&self.creds, method, &path_and_query, &headers, body, None)
-            .map_err(|e| ClientError::Tls {
-                endpoint: self.creds.endpoint.clone(),
-                message: e.to_string(),
-            })?;
-        let resp = self.http.request(req).await.map_err(|e| ClientError::Transport {
+        let req = crate::signing::signed_request(
+            &self.creds,
+            method,
+            &path_and_query,
+            &headers,
+            body,
+            None,
+        )
+        .map_err(|e| ClientError::Tls {
             endpoint: self.creds.endpoint.clone(),
-            message: chain(&e),
+            message: e.to_string(),
         })?;
+        let resp = self
+            .http
+            .request(req)
+            .await
+            .map_err(|e| ClientError::Transport {
+                endpoint: self.creds.endpoint.clone(),
+                message: chain(&e),
+            })?;
         let (parts, body) = resp.into_parts();
         let body = body
             .collect()
@@ -177,23 +189,41 @@ impl FcClient {
 
     pub async fn update_function(&self, name: &str, input: &Value) -> Result<Value, ClientError> {
         let body = Bytes::from(serde_json::to_vec(input).expect("json"));
-        self.request(Method::PUT, &Self::functions_path(Some(name)), &[], &[], body)
-            .await?
-            .error_for_status()?
-            .json()
+        self.request(
+            Method::PUT,
+            &Self::functions_path(Some(name)),
+            &[],
+            &[],
+            body,
+        )
+        .await?
+        .error_for_status()?
+        .json()
     }
 
     pub async fn get_function(&self, name: &str) -> Result<Value, ClientError> {
-        self.request(Method::GET, &Self::functions_path(Some(name)), &[], &[], Bytes::new())
-            .await?
-            .error_for_status()?
-            .json()
+        self.request(
+            Method::GET,
+            &Self::functions_path(Some(name)),
+            &[],
+            &[],
+            Bytes::new(),
+        )
+        .await?
+        .error_for_status()?
+        .json()
     }
 
     pub async fn delete_function(&self, name: &str) -> Result<(), ClientError> {
-        self.request(Method::DELETE, &Self::functions_path(Some(name)), &[], &[], Bytes::new())
-            .await?
-            .error_for_status()?;
+        self.request(
+            Method::DELETE,
+            &Self::functions_path(Some(name)),
+            &[],
+            &[],
+            Bytes::new(),
+        )
+        .await?
+        .error_for_status()?;
         Ok(())
     }
 
@@ -210,7 +240,13 @@ impl FcClient {
                 query.push(("nextToken", t));
             }
             let page = self
-                .request(Method::GET, &Self::functions_path(None), &query, &[], Bytes::new())
+                .request(
+                    Method::GET,
+                    &Self::functions_path(None),
+                    &query,
+                    &[],
+                    Bytes::new(),
+                )
                 .await?
                 .error_for_status()?
                 .json()?;

@@ -141,7 +141,13 @@ mod tests {
         assert_eq!(mode, 0o600);
         let v: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-        for k in ["endpoint", "accountId", "accessKeyId", "accessKeySecret", "caCert"] {
+        for k in [
+            "endpoint",
+            "accountId",
+            "accessKeyId",
+            "accessKeySecret",
+            "caCert",
+        ] {
             assert!(v.get(k).is_some(), "{k} missing");
         }
     }
@@ -160,7 +166,10 @@ mod tests {
         let mut c = sample(dir.path());
         c.endpoint = "http://x".into();
         std::fs::write(&path, serde_json::to_string(&c).unwrap()).unwrap();
-        assert!(Credentials::load(&path).unwrap_err().to_string().contains("https://"));
+        assert!(Credentials::load(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("https://"));
     }
 
     #[test]

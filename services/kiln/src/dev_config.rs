@@ -15,7 +15,8 @@ fn tls_table(files: &TlsFiles) -> String {
 }
 
 fn parse<T: serde::de::DeserializeOwned>(what: &str, text: &str) -> Result<T> {
-    toml::from_str(text).with_context(|| format!("kiln dev built an invalid {what} config:\n{text}"))
+    toml::from_str(text)
+        .with_context(|| format!("kiln dev built an invalid {what} config:\n{text}"))
 }
 
 pub fn scheduler(opts: &DevOptions, pki: &DevPki) -> Result<kiln_scheduler::SchedulerConfig> {
@@ -65,7 +66,9 @@ pub fn agent(
     gateway_internal_url: &str,
     memory_mb: u64,
 ) -> Result<kiln_agent::AgentConfig> {
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as u64;
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1) as u64;
     let rootfs = opts
         .rootfs_dir
         .as_ref()

@@ -28,7 +28,13 @@ pub fn encode_query(query: &[(&str, &str)]) -> String {
         .remove(b'~');
     query
         .iter()
-        .map(|(k, v)| format!("{}={}", utf8_percent_encode(k, SET), utf8_percent_encode(v, SET)))
+        .map(|(k, v)| {
+            format!(
+                "{}={}",
+                utf8_percent_encode(k, SET),
+                utf8_percent_encode(v, SET)
+            )
+        })
         .collect::<Vec<_>>()
         .join("&")
 }
@@ -43,13 +49,16 @@ pub fn signed_request(
     action: Option<&str>,
 ) -> Result<Request<Full<Bytes>>, RequestError> {
     let uri_text = format!("{}{}", creds.endpoint.trim_end_matches('/'), path_and_query);
-    let uri: Uri = uri_text.parse().map_err(|e: http::uri::InvalidUri| RequestError::Uri {
-        uri: uri_text.clone(),
-        message: e.to_string(),
-    })?;
+    let uri: Uri = uri_text
+        .parse()
+        .map_err(|e: http::uri::InvalidUri| RequestError::Uri {
+            uri: uri_text.clone(),
+            message: e.to_string(),
+        })?;
     let mut map = HeaderMap::new();
     for (k, v) in headers {
-        let name = HeaderName::from_bytes(k.as_bytes()).map_err(|_| RequestError::Header(k.clone()))?;
+        let name =
+            HeaderName::from_bytes(k.as_bytes()).map_err(|_| RequestError::Header(k.clone()))?;
         let value = HeaderValue::from_str(v).map_err(|_| RequestError::Header(k.clone()))?;
         map.insert(name, value);
     }
@@ -58,7 +67,8 @@ pub fn signed_request(
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
-    let mut params = SigningParams::new(&creds.access_key_id, &creds.access_key_secret, now, &nonce);
+    let mut params =
+        SigningParams::new(&creds.access_key_id, &creds.access_key_secret, now, &nonce);
     if let Some(a) = action {
         params = params.with_action(a);
     }
@@ -102,9 +112,18 @@ mod tests {
         )
         .unwrap();
         let h = req.headers();
-        for k in ["authorization", "x-acs-date", "x-acs-signature-nonce", "x-acs-content-sha256", "host"] {
+        for k in [
+            "authorization",
+            "x-acs-date",
+            "x-acs-signature-nonce",
+            "x-acs-content-sha256",
+            "host",
+        ] {
             assert!(h.contains_key(k), "{k} missing");
         }
-        assert!(h["authorization"].to_str().unwrap().starts_with("ACS3-HMAC-SHA256 Credential=ak,"));
+        assert!(h["authorization"]
+            .to_str()
+            .unwrap()
+            .starts_with("ACS3-HMAC-SHA256 Credential=ak,"));
     }
 }

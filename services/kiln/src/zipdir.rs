@@ -50,7 +50,8 @@ pub fn zip_dir(dir: &Path) -> Result<Vec<u8>, ZipDirError> {
             path: path.clone(),
             source,
         })?;
-        out.write_all(&data).map_err(|source| ZipDirError::Read { path, source })?;
+        out.write_all(&data)
+            .map_err(|source| ZipDirError::Read { path, source })?;
     }
     Ok(out.finish()?.into_inner())
 }
@@ -103,7 +104,10 @@ mod tests {
         let mut s = String::new();
         z.by_name("a.txt").unwrap().read_to_string(&mut s).unwrap();
         assert_eq!(s, "A");
-        assert_eq!(z.by_name("sub/run").unwrap().unix_mode().unwrap() & 0o777, 0o755);
+        assert_eq!(
+            z.by_name("sub/run").unwrap().unix_mode().unwrap() & 0o777,
+            0o755
+        );
     }
 
     #[test]

@@ -51,15 +51,19 @@ async fn two_hundred_slow_calls_pack_onto_about_twenty_instances() {
     assert_eq!(ok, 200, "failures: {failures:?}\n{}", dev.log_tail());
 
     // Ask the scheduler how many instances served them.
-    let cluster: Value =
-        serde_json::from_str(&std::fs::read_to_string(dev.state.path().join("cluster.json")).unwrap())
-            .unwrap();
+    let cluster: Value = serde_json::from_str(
+        &std::fs::read_to_string(dev.state.path().join("cluster.json")).unwrap(),
+    )
+    .unwrap();
     let pki = kiln_pki::DevPki {
         dir: dev.state.path().join("pki"),
     };
     let client = InternalClient::new(&pki.files("agent")).unwrap();
     let instances: Vec<InstanceInfo> = client
-        .get(cluster["schedulerUrl"].as_str().unwrap(), kiln_internal_api::paths::SCHEDULER_INSTANCES)
+        .get(
+            cluster["schedulerUrl"].as_str().unwrap(),
+            kiln_internal_api::paths::SCHEDULER_INSTANCES,
+        )
         .await
         .unwrap();
     let n = instances

@@ -36,15 +36,26 @@ async fn dev_cluster_runs_a_python_function_end_to_end() {
         .unwrap_or_else(|e| panic!("create failed: {e}\n{}", dev.log_tail()));
     assert_eq!(created["functionName"], "hello");
     assert_eq!(created["codeSize"], json!(zip.len()));
-    assert!(created["codeChecksum"].as_str().is_some_and(|s| !s.is_empty()));
+    assert!(created["codeChecksum"]
+        .as_str()
+        .is_some_and(|s| !s.is_empty()));
 
     // A successful call: FC's headers reach the function, its answer comes back.
     let r = c
         .invoke("hello", Bytes::from_static(br#"{"x": 1}"#), &[])
         .await
         .unwrap();
-    assert_eq!(r.status, 200, "{}\n{}", String::from_utf8_lossy(&r.body), dev.log_tail());
-    let rid = r.header("x-fc-request-id").expect("x-fc-request-id").to_owned();
+    assert_eq!(
+        r.status,
+        200,
+        "{}\n{}",
+        String::from_utf8_lossy(&r.body),
+        dev.log_tail()
+    );
+    let rid = r
+        .header("x-fc-request-id")
+        .expect("x-fc-request-id")
+        .to_owned();
     assert!(r.header("x-fc-error-type").is_none());
     let body: Value = serde_json::from_slice(&r.body).unwrap();
     assert_eq!(body["requestId"], json!(rid));
@@ -58,7 +69,10 @@ async fn dev_cluster_runs_a_python_function_end_to_end() {
         .invoke("hello", Bytes::from_static(br#"{"fail": true}"#), &[])
         .await
         .unwrap();
-    assert!(r.header("x-fc-error-type").is_some(), "no x-fc-error-type: {r:?}");
+    assert!(
+        r.header("x-fc-error-type").is_some(),
+        "no x-fc-error-type: {r:?}"
+    );
     assert!(r.header("x-fc-request-id").is_some());
     assert!(String::from_utf8_lossy(&r.body).contains("failed on demand"));
 
@@ -67,14 +81,21 @@ async fn dev_cluster_runs_a_python_function_end_to_end() {
         .invoke("hello", Bytes::from_static(br#"{"crash": true}"#), &[])
         .await
         .unwrap();
-    assert!(r.header("x-fc-error-type").is_some(), "crash not reported: {r:?}");
+    assert!(
+        r.header("x-fc-error-type").is_some(),
+        "crash not reported: {r:?}"
+    );
     let r = c.invoke("hello", Bytes::new(), &[]).await.unwrap();
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
 
     // The code is read-only below the overlay: a write to /code stays in
     // the instance, a write to the runtime root filesystem fails.
     let r = c
-        .invoke("hello", Bytes::from_static(br#"{"write": "/code/scratch"}"#), &[])
+        .invoke(
+            "hello",
+            Bytes::from_static(br#"{"write": "/code/scratch"}"#),
+            &[],
+        )
         .await
         .unwrap();
     let body: Value = serde_json::from_slice(&r.body).unwrap();
@@ -88,7 +109,10 @@ async fn dev_cluster_runs_a_python_function_end_to_end() {
 
     // Update: new calls see the new configuration.
     let updated = c
-        .update_function("hello", &json!({"environmentVariables": {"GREETING": "bonjour"}}))
+        .update_function(
+            "hello",
+            &json!({"environmentVariables": {"GREETING": "bonjour"}}),
+        )
         .await
         .unwrap();
     assert_eq!(updated["environmentVariables"]["GREETING"], "bonjour");
@@ -134,7 +158,13 @@ async fn static_binary_runs_on_the_empty_custom_runtime() {
         .invoke("echo", Bytes::from_static(b"ping"), &[])
         .await
         .unwrap();
-    assert_eq!(r.status, 200, "{}\n{}", String::from_utf8_lossy(&r.body), dev.log_tail());
+    assert_eq!(
+        r.status,
+        200,
+        "{}\n{}",
+        String::from_utf8_lossy(&r.body),
+        dev.log_tail()
+    );
     assert_eq!(&r.body[..], b"ping");
     assert_eq!(
         r.header("x-echo-request-id"),
@@ -160,15 +190,35 @@ async fn cli_deploys_invokes_lists_and_deletes() {
         "--env",
         "GREETING=from-cli",
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = dev.cli(&["invoke", "clihello", "--data", "abc"]);
-    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), dev.log_tail());
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        dev.log_tail()
+    );
     let body: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(body["env"], "from-cli");
     assert_eq!(body["echo"], "abc");
     // Deploying again updates in place.
-    let out = dev.cli(&["deploy", example.to_str().unwrap(), "--name", "clihello", "--concurrency", "5"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = dev.cli(&[
+        "deploy",
+        example.to_str().unwrap(),
+        "--name",
+        "clihello",
+        "--concurrency",
+        "5",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = dev.cli(&["functions", "get", "clihello"]);
     let f: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(f["instanceConcurrency"], 5);

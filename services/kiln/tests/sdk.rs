@@ -9,7 +9,9 @@ use std::path::Path;
 use std::process::Command;
 
 fn run(cmd: &mut Command, what: &str) -> bool {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
     println!("{}", String::from_utf8_lossy(&out.stdout));
     eprintln!("{}", String::from_utf8_lossy(&out.stderr));
     out.status.success()

@@ -60,9 +60,13 @@ impl Services {
         ["scheduler", "gateway", "agent"]
             .iter()
             .map(|s| {
-                let log = std::fs::read_to_string(self.dir.join(format!("{s}.log"))).unwrap_or_default();
+                let log =
+                    std::fs::read_to_string(self.dir.join(format!("{s}.log"))).unwrap_or_default();
                 let lines: Vec<&str> = log.lines().collect();
-                format!("--- {s}\n{}", lines[lines.len().saturating_sub(30)..].join("\n"))
+                format!(
+                    "--- {s}\n{}",
+                    lines[lines.len().saturating_sub(30)..].join("\n")
+                )
             })
             .collect::<Vec<_>>()
             .join("\n")
@@ -86,7 +90,10 @@ fn spawn(dir: &Path, name: &str, config: &str) -> Child {
 
 fn tls(pki: &kiln_pki::DevPki, role: &str) -> String {
     let f = pki.files(role);
-    format!("[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n", f.ca, f.cert, f.key)
+    format!(
+        "[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+        f.ca, f.cert, f.key
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -94,7 +101,10 @@ async fn services_run_as_separate_processes_from_config_files() {
     if common::skip("services_run_as_separate_processes_from_config_files") {
         return;
     }
-    let state = tempfile::Builder::new().prefix("kiln-sep-").tempdir().unwrap();
+    let state = tempfile::Builder::new()
+        .prefix("kiln-sep-")
+        .tempdir()
+        .unwrap();
     let dir = state.path();
     let pki = kiln_pki::DevPki::ensure(&dir.join("pki"), &[]).unwrap();
     let (sp, gp, gi, ap) = (
@@ -153,20 +163,31 @@ async fn services_run_as_separate_processes_from_config_files() {
     let deadline = Instant::now() + Duration::from_secs(900);
     loop {
         let nodes: Result<Vec<NodeInfo>, _> = internal
-            .get(&format!("https://127.0.0.1:{sp}"), kiln_internal_api::paths::SCHEDULER_NODES)
+            .get(
+                &format!("https://127.0.0.1:{sp}"),
+                kiln_internal_api::paths::SCHEDULER_NODES,
+            )
             .await;
         if nodes.is_ok_and(|n| !n.is_empty()) {
             break;
         }
         services.check_alive();
-        assert!(Instant::now() < deadline, "agent never registered\n{}", services.logs());
+        assert!(
+            Instant::now() < deadline,
+            "agent never registered\n{}",
+            services.logs()
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
     // And for the gateway's public listener.
     while std::net::TcpStream::connect(("127.0.0.1", gp)).is_err() {
         services.check_alive();
-        assert!(Instant::now() < deadline, "gateway never listened\n{}", services.logs());
+        assert!(
+            Instant::now() < deadline,
+            "gateway never listened\n{}",
+            services.logs()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
@@ -188,8 +209,17 @@ async fn services_run_as_separate_processes_from_config_files() {
     }))
     .await
     .unwrap();
-    let r = c.invoke("sep", Bytes::from_static(b"over the wire"), &[]).await.unwrap();
-    assert_eq!(r.status, 200, "{}\n{}", String::from_utf8_lossy(&r.body), services.logs());
+    let r = c
+        .invoke("sep", Bytes::from_static(b"over the wire"), &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status,
+        200,
+        "{}\n{}",
+        String::from_utf8_lossy(&r.body),
+        services.logs()
+    );
     let body: Value = serde_json::from_slice(&r.body).unwrap();
     assert_eq!(body["echo"], "over the wire");
 
@@ -200,7 +230,13 @@ async fn services_run_as_separate_processes_from_config_files() {
     })
     .unwrap();
     let r = bad
-        .request(http::Method::DELETE, "/2023-03-30/functions/sep", &[], &[], Bytes::new())
+        .request(
+            http::Method::DELETE,
+            "/2023-03-30/functions/sep",
+            &[],
+            &[],
+            Bytes::new(),
+        )
         .await
         .unwrap();
     assert_eq!(r.status, 403);

@@ -84,7 +84,9 @@ fn build_static_echo(dir: &Path) -> Result<PathBuf> {
 }
 
 fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 fn tag() -> String {
@@ -99,9 +101,24 @@ struct Summary {
 
 fn summarise(latency: &[RunResult], throughput: &[RunResult]) -> Summary {
     Summary {
-        p50_us: median(&latency.iter().map(|r| r.quantile_us(0.5) as f64).collect::<Vec<_>>()),
-        p99_us: median(&latency.iter().map(|r| r.quantile_us(0.99) as f64).collect::<Vec<_>>()),
-        rps: median(&throughput.iter().map(|r| r.throughput()).collect::<Vec<_>>()),
+        p50_us: median(
+            &latency
+                .iter()
+                .map(|r| r.quantile_us(0.5) as f64)
+                .collect::<Vec<_>>(),
+        ),
+        p99_us: median(
+            &latency
+                .iter()
+                .map(|r| r.quantile_us(0.99) as f64)
+                .collect::<Vec<_>>(),
+        ),
+        rps: median(
+            &throughput
+                .iter()
+                .map(|r| r.throughput())
+                .collect::<Vec<_>>(),
+        ),
     }
 }
 
@@ -170,6 +187,16 @@ async fn measure(
     let direct_addr = SocketAddr::from(([127, 0, 0, 1], direct_port));
     wait_port(direct_addr, Duration::from_secs(5)).await?;
 
+    // The strongest peer on this machine: nginx as one TLS reverse-proxy hop
+    // in front of the same baseline function.
+    let nginx = match Nginx::start(work, direct_addr, &cluster.pki) {
+        Ok(n) => Some(n),
+        Err(e) => {
+            eprintln!("nginx peer not measured: {e:#}");
+            None
+        }
+    };
+
     let gw_uri: http::Uri = cluster.credentials.endpoint.parse()?;
     let gw_addr: SocketAddr = format!(
         "{}:{}",
@@ -182,13 +209,19 @@ async fn measure(
         addr: gw_addr,
         tls: Some((
             tls,
-            rustls::pki_types::ServerName::try_from(gw_uri.host().unwrap_or("127.0.0.1").to_owned())?,
+            rustls::pki_types::ServerName::try_from(
+                gw_uri.host().unwrap_or("127.0.0.1").to_owned(),
+            )?,
         )),
     };
     let direct_target = Target {
         addr: direct_addr,
         tls: None,
     };
+    let nginx_target = nginx.as_ref().map(|n| Target {
+        addr: n.addr,
+        tls: kiln_target.tls.clone(),
+    });
     let direct_reqs = |n: usize| -> Vec<Request<Full<Bytes>>> {
         (0..n)
             .map(|_| {
@@ -220,6 +253,7 @@ async fn measure(
     };
 
     let (mut d_lat, mut d_thr, mut k_lat, mut k_thr) = (vec![], vec![], vec![], vec![]);
+    let (mut n_lat, mut n_thr) = (vec![], vec![]);
     let mut errors = 0;
     for round in 0..args.runs {
         eprintln!("warm round {}/{}", round + 1, args.runs);
@@ -235,14 +269,27 @@ async fn measure(
         let r = loadgen::run(&kiln_target, args.connections, kiln_reqs(args.requests)?).await?;
         errors += r.errors;
         k_thr.push(r);
+        if let Some(t) = &nginx_target {
+            let r = loadgen::run(t, 1, direct_reqs(args.latency_requests)).await?;
+            errors += r.errors;
+            n_lat.push(r);
+            let r = loadgen::run(t, args.connections, direct_reqs(args.requests)).await?;
+            errors += r.errors;
+            n_thr.push(r);
+        }
     }
+    drop(nginx);
     let _ = direct.kill();
     let _ = direct.wait();
     let d = summarise(&d_lat, &d_thr);
     let k = summarise(&k_lat, &k_thr);
+    let peer = (!n_thr.is_empty()).then(|| summarise(&n_lat, &n_thr));
 
     println!();
-    println!("kiln bench: medians of {} rounds; {} failed requests", args.runs, errors);
+    println!(
+        "kiln bench: medians of {} rounds; {} failed requests",
+        args.runs, errors
+    );
     println!(
         "{:<34} {:>12} {:>12} {:>12}",
         "warm invoke", "direct", "via kiln", "kiln/direct"
@@ -269,6 +316,23 @@ async fn measure(
         k.rps,
         k.rps / d.rps
     );
+    if let Some(n) = peer {
+        println!(
+            "{:<34} {:>10.0}us {:>10.0}us {:>11.2}x   (nginx: one TLS proxy hop, p50 vs direct)",
+            "peer: nginx latency p50",
+            d.p50_us,
+            n.p50_us,
+            n.p50_us / d.p50_us
+        );
+        println!(
+            "{:<34} {:>10.0}/s {:>10.0}/s {:>11.2}    (kiln/nginx throughput: {:.2})",
+            "peer: nginx throughput",
+            d.rps,
+            n.rps,
+            n.rps / d.rps,
+            k.rps / n.rps
+        );
+    }
 
     if !args.no_cold {
         let kiln_cold = kiln_cold_starts(&client, &zip_b64_of(code_zip), args.cold_starts).await?;
@@ -276,12 +340,76 @@ async fn measure(
         let (kc, rc) = (median(&kiln_cold), median(&runc_cold));
         println!(
             "{:<34} {:>10.1}ms {:>10.1}ms {:>11.2}x   (target <= 2.00)",
-            "cold start (median)", rc, kc, kc / rc
+            "cold start (median)",
+            rc,
+            kc,
+            kc / rc
         );
         println!("  bare runc run runs (ms): {runc_cold:.1?}");
         println!("  kiln cold starts (ms):   {kiln_cold:.1?}");
     }
     Ok(())
+}
+
+/// nginx as a TLS reverse proxy (keep-alive upstream) in front of the
+/// baseline function, stopped when dropped.
+struct Nginx {
+    child: std::process::Child,
+    addr: SocketAddr,
+}
+
+impl Nginx {
+    fn start(work: &Path, upstream: SocketAddr, pki: &kiln_pki::DevPki) -> Result<Self> {
+        let bin = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+            .into_iter()
+            .find(|p| Path::new(p).is_file())
+            .context("nginx is not installed (apt-get install nginx-light)")?;
+        let dir = work.join("nginx");
+        std::fs::create_dir_all(dir.join("tmp"))?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let tls = pki.files("gateway");
+        let conf = format!(
+            "worker_processes auto;\ndaemon off;\npid {dir}/nginx.pid;\nerror_log {dir}/error.log;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{\n access_log off;\n client_body_temp_path {dir}/tmp;\n proxy_temp_path {dir}/tmp;\n\
+              upstream fn {{ server {upstream}; keepalive 64; }}\n\
+              server {{\n  listen {addr} ssl;\n  ssl_certificate {cert};\n  ssl_certificate_key {key};\n\
+               ssl_protocols TLSv1.2 TLSv1.3;\n  keepalive_requests 1000000;\n\
+               location / {{ proxy_pass http://fn; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}\n }}\n}}\n",
+            dir = dir.display(),
+            cert = tls.cert.display(),
+            key = tls.key.display(),
+        );
+        std::fs::write(dir.join("nginx.conf"), conf)?;
+        let child = Command::new(bin)
+            .arg("-c")
+            .arg(dir.join("nginx.conf"))
+            .arg("-p")
+            .arg(&dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("cannot start nginx")?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::net::TcpStream::connect(addr).is_err() {
+            if Instant::now() > deadline {
+                bail!(
+                    "nginx did not listen on {addr}; see {}",
+                    dir.join("error.log").display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Self { child, addr })
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 fn zip_b64_of(zip: &[u8]) -> String {
@@ -345,7 +473,9 @@ struct BaselineNet {
 
 impl Drop for BaselineNet {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "delete", &self.netns]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.netns])
+            .status();
     }
 }
 
@@ -375,11 +505,29 @@ async fn runc_cold_starts(binary: &Path, prefix: &str, work: &Path, n: usize) ->
     let host_ip = format!("{}.{}.{}.{}", o[0], o[1], o[2], o[3] + 1);
     let inst_ip = format!("{}.{}.{}.{}", o[0], o[1], o[2], o[3] + 2);
     sh(&["ip", "netns", "add", &netns])?;
-    sh(&["ip", "link", "add", &host_if, "type", "veth", "peer", "name", &peer_if])?;
+    sh(&[
+        "ip", "link", "add", &host_if, "type", "veth", "peer", "name", &peer_if,
+    ])?;
     sh(&["ip", "link", "set", &peer_if, "netns", &netns])?;
-    sh(&["ip", "addr", "add", &format!("{host_ip}/30"), "dev", &host_if])?;
+    sh(&[
+        "ip",
+        "addr",
+        "add",
+        &format!("{host_ip}/30"),
+        "dev",
+        &host_if,
+    ])?;
     sh(&["ip", "link", "set", &host_if, "up"])?;
-    sh(&["ip", "-n", &netns, "addr", "add", &format!("{inst_ip}/30"), "dev", &peer_if])?;
+    sh(&[
+        "ip",
+        "-n",
+        &netns,
+        "addr",
+        "add",
+        &format!("{inst_ip}/30"),
+        "dev",
+        &peer_if,
+    ])?;
     sh(&["ip", "-n", &netns, "link", "set", &peer_if, "up"])?;
     sh(&["ip", "-n", &netns, "link", "set", "lo", "up"])?;
 
@@ -463,4 +611,3 @@ async fn invoke_raw(addr: SocketAddr, timeout: Duration) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
-

@@ -35,8 +35,12 @@ struct DevAccount {
 impl DevAccount {
     fn load_or_create(path: &Path) -> Result<Self> {
         if let Ok(text) = std::fs::read_to_string(path) {
-            return serde_json::from_str(&text)
-                .with_context(|| format!("{} is corrupt; remove it to mint a new dev key", path.display()));
+            return serde_json::from_str(&text).with_context(|| {
+                format!(
+                    "{} is corrupt; remove it to mint a new dev key",
+                    path.display()
+                )
+            });
         }
         let mut rng = rand::thread_rng();
         let alnum = |n: usize, rng: &mut rand::rngs::ThreadRng| -> String {
@@ -45,12 +49,16 @@ impl DevAccount {
                 .collect()
         };
         let account = Self {
-            account_id: format!("{}", rng.gen_range(1_000_000_000_000_000u64..9_999_999_999_999_999)),
+            account_id: format!(
+                "{}",
+                rng.gen_range(1_000_000_000_000_000u64..9_999_999_999_999_999)
+            ),
             access_key_id: format!("LTAI{}", alnum(20, &mut rng)),
             access_key_secret: alnum(30, &mut rng),
         };
         let creds_like = serde_json::to_string_pretty(&account)?;
-        std::fs::write(path, creds_like).with_context(|| format!("cannot write {}", path.display()))?;
+        std::fs::write(path, creds_like)
+            .with_context(|| format!("cannot write {}", path.display()))?;
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
         Ok(account)
@@ -105,7 +113,11 @@ impl DevCluster {
             opts,
             &pki,
             &scheduler_url,
-            (&account.account_id, &account.access_key_id, &account.access_key_secret),
+            (
+                &account.account_id,
+                &account.access_key_id,
+                &account.access_key_secret,
+            ),
         )?)
         .await
         .context("gateway failed to start")?;

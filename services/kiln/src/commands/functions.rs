@@ -144,7 +144,15 @@ pub fn print_table(functions: &[Value]) {
         "NAME", "RUNTIME", "MEMORY", "CONC", "LAST MODIFIED"
     );
     for f in functions {
-        let s = |k: &str| f.get(k).map(|v| v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string())).unwrap_or_default();
+        let s = |k: &str| {
+            f.get(k)
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_owned)
+                        .unwrap_or_else(|| v.to_string())
+                })
+                .unwrap_or_default()
+        };
         println!(
             "{:<32} {:<16} {:>8} {:>6} {:<20}",
             s("functionName"),
@@ -175,7 +183,10 @@ mod tests {
         let v = function_input(&opts, b"zip", true).unwrap();
         assert_eq!(v["functionName"], "hello");
         assert_eq!(v["runtime"], "custom.debian12");
-        assert_eq!(v["customRuntimeConfig"]["command"], json!(["python3", "server.py"]));
+        assert_eq!(
+            v["customRuntimeConfig"]["command"],
+            json!(["python3", "server.py"])
+        );
         assert_eq!(v["customRuntimeConfig"]["port"], 9000);
         assert_eq!(v["memorySize"], 256);
         assert_eq!(v["instanceConcurrency"], 10);

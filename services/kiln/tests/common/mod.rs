@@ -18,7 +18,9 @@ pub fn skip_reason() -> Option<String> {
     }
     for tool in ["runc", "ip", "debootstrap"] {
         if !on_path(tool) {
-            return Some(format!("`{tool}` is not installed (run scripts/install-deps.sh)"));
+            return Some(format!(
+                "`{tool}` is not installed (run scripts/install-deps.sh)"
+            ));
         }
     }
     None
@@ -103,7 +105,10 @@ impl Dev {
     }
 
     pub fn start_with(extra: &[&str]) -> Dev {
-        let state = tempfile::Builder::new().prefix("kiln-e2e-").tempdir().unwrap();
+        let state = tempfile::Builder::new()
+            .prefix("kiln-e2e-")
+            .tempdir()
+            .unwrap();
         let prefix = run_tag();
         let port = free_port();
         let log = std::fs::File::create(state.path().join("dev.log")).unwrap();
@@ -185,7 +190,10 @@ pub fn terminate(child: &mut Child, grace: Duration) {
     let pid = child.id() as i32;
     // SAFETY-free: `kill` via the command line keeps this harness free of
     // unsafe code; the pid is our own child's.
-    let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status();
     let deadline = Instant::now() + grace;
     while Instant::now() < deadline {
         if let Ok(Some(_)) = child.try_wait() {
