@@ -21,6 +21,11 @@ pub mod paths {
     pub const FUNCTIONS_RETIRE: &str = "/v1/functions/retire";
     pub const SCHEDULER_NODES: &str = "/v1/nodes";
     pub const SCHEDULER_INSTANCES: &str = "/v1/instances";
+    /// Admin: POST, answers the node's `NodeInfo`. `action` is `cordon`,
+    /// `drain` or `uncordon`.
+    pub fn node_action(node: &NodeId, action: &str) -> String {
+        format!("/v1/nodes/{node}/{action}")
+    }
     /// Admin: GET, PUT (an `AccountLimits`) and DELETE (back to defaults).
     pub fn account_limits(account: &kiln_core::AccountId) -> String {
         format!("/v1/accounts/{account}/limits")
@@ -120,6 +125,11 @@ pub struct HeartbeatResponse {
     /// The scheduler does not know this node (it was written off): register
     /// again.
     pub reregister: bool,
+    /// The node reached its maximum validity and was retired: destroy every
+    /// instance, forget the node id and register as a new node. Sent only
+    /// when true, so agents that predate it keep parsing the answer.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reprovision: bool,
 }
 
 /// Gateway -> scheduler: a slot for one invocation.

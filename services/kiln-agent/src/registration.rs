@@ -96,6 +96,14 @@ impl NodeIdFile {
         }
     }
 
+    /// Forget the id: the next registration makes a new node.
+    pub fn clear(&self) -> std::io::Result<()> {
+        match std::fs::remove_file(&self.0) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
     pub fn store(&self, id: &NodeId) -> std::io::Result<()> {
         let tmp = self.0.with_extension("tmp");
         std::fs::write(&tmp, format!("{id}\n"))?;
@@ -170,6 +178,17 @@ pub async fn run(
                         failures = 0;
                     }
                     destroy_all(&manager, resp.destroy).await;
+                    if resp.reprovision {
+                        // The node reached its maximum validity: start over
+                        // as a new node, with nothing running.
+                        tracing::warn!(node_id = %id, "the scheduler retired this node; re-provisioning it as a new node");
+                        destroy_all(&manager, manager.ids()).await;
+                        if let Err(e) = id_file.clear() {
+                            tracing::error!(error = %e, "cannot forget the node id");
+                        }
+                        node_id = None;
+                        continue 'register;
+                    }
                     if resp.reregister {
                         tracing::warn!(node_id = %id, "the scheduler asked this node to register again");
                         continue 'register;
@@ -301,13 +320,39 @@ mod tests {
         until("destroy", || manager.ids().is_empty()).await;
         assert!(driver.destroyed().contains(&id));
 
-        // Written off: register again, same node id.
-        scheduler.state.lock().unwrap().reregister_next = true;
-        until("re-registration", || {
+        // Retired: everything goes, and the node comes back as a new one.
+        manager
+            .create(CreateInstance {
+                instance_id: InstanceId::generate(),
+                spec: sample_spec(&digest, 9000),
+            })
+            .await
+            .unwrap();
+        assert_eq!(manager.ids().len(), 1);
+        scheduler.state.lock().unwrap().reprovision_next = true;
+        until("registration as a new node", || {
             scheduler.state.lock().unwrap().registrations.len() == 2
         })
         .await;
-        let second = scheduler.state.lock().unwrap().registrations[1].clone();
+        let renewed = scheduler.state.lock().unwrap().registrations[1].clone();
+        assert_eq!(renewed.node_id, None);
+        assert!(renewed.instances.is_empty());
+        assert!(manager.ids().is_empty());
+        until("the new id on disk", || {
+            NodeIdFile::new(dir.path())
+                .load()
+                .is_some_and(|n| n != node_id)
+        })
+        .await;
+        let node_id = NodeIdFile::new(dir.path()).load().unwrap();
+
+        // Written off: register again, same node id.
+        scheduler.state.lock().unwrap().reregister_next = true;
+        until("re-registration", || {
+            scheduler.state.lock().unwrap().registrations.len() == 3
+        })
+        .await;
+        let second = scheduler.state.lock().unwrap().registrations[2].clone();
         assert_eq!(second.node_id, Some(node_id.clone()));
 
         tx.send(true).unwrap();

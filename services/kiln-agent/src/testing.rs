@@ -209,6 +209,7 @@ pub struct FakeSchedulerState {
     /// Returned by the next register / heartbeat.
     pub destroy_next: Vec<InstanceId>,
     pub reregister_next: bool,
+    pub reprovision_next: bool,
     pub heartbeat_interval_ms: u64,
 }
 
@@ -263,6 +264,7 @@ impl SchedulerApi for FakeScheduler {
         Ok(HeartbeatResponse {
             destroy: std::mem::take(&mut s.destroy_next),
             reregister: std::mem::take(&mut s.reregister_next),
+            reprovision: std::mem::take(&mut s.reprovision_next),
         })
     }
 }

@@ -56,6 +56,18 @@ pub struct SchedulerConfig {
     /// Instances one account may hold at once, across all nodes.
     #[serde(default = "default_max_instances_per_account")]
     pub max_instances_per_account: u32,
+    /// A node is drained this long before its maximum validity, then
+    /// retired and re-provisioned by its agent as a new node.
+    #[serde(default = "default_node_max_validity_h")]
+    pub node_max_validity_h: u64,
+    #[serde(default = "default_node_drain_lead_s")]
+    pub node_drain_lead_s: u64,
+    /// An instance stops taking calls `instance_drain_lead_s` plus its
+    /// function's timeout before its maximum validity, and goes once idle.
+    #[serde(default = "default_instance_max_validity_h")]
+    pub instance_max_validity_h: u64,
+    #[serde(default = "default_instance_drain_lead_s")]
+    pub instance_drain_lead_s: u64,
     /// The other limits of every account without limits of its own (set
     /// per account with `PUT /v1/accounts/{id}/limits`).
     #[serde(default)]
@@ -103,6 +115,19 @@ fn default_scale_out_vcpus() -> u32 {
     default_account_limits().scale_out_vcpus_per_minute
 }
 
+fn default_node_max_validity_h() -> u64 {
+    120
+}
+fn default_node_drain_lead_s() -> u64 {
+    3_600
+}
+fn default_instance_max_validity_h() -> u64 {
+    36
+}
+fn default_instance_drain_lead_s() -> u64 {
+    600
+}
+
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 9443))
 }
@@ -135,6 +160,10 @@ impl SchedulerConfig {
             instance_start_timeout_ms: default_instance_start_timeout_ms(),
             max_instances_per_account: default_max_instances_per_account(),
             account_defaults: AccountDefaults::default(),
+            node_max_validity_h: default_node_max_validity_h(),
+            node_drain_lead_s: default_node_drain_lead_s(),
+            instance_max_validity_h: default_instance_max_validity_h(),
+            instance_drain_lead_s: default_instance_drain_lead_s(),
             tls,
         }
     }
@@ -183,6 +212,27 @@ impl SchedulerConfig {
         }
         if self.max_instances_per_account == 0 {
             return invalid("max_instances_per_account", "must be at least 1");
+        }
+        if !(1..=24 * 365).contains(&self.node_max_validity_h) {
+            return invalid("node_max_validity_h", "must be between 1 and 8760 (a year)");
+        }
+        if self.node_drain_lead_s >= self.node_max_validity_h * 3600 {
+            return invalid(
+                "node_drain_lead_s",
+                "must be shorter than node_max_validity_h",
+            );
+        }
+        if !(1..=24 * 365).contains(&self.instance_max_validity_h) {
+            return invalid(
+                "instance_max_validity_h",
+                "must be between 1 and 8760 (a year)",
+            );
+        }
+        if self.instance_drain_lead_s >= self.instance_max_validity_h * 3600 {
+            return invalid(
+                "instance_drain_lead_s",
+                "must be shorter than instance_max_validity_h",
+            );
         }
         let d = &self.account_defaults;
         if d.memory_quota_mb < 128 {
@@ -257,6 +307,8 @@ mod tests {
         assert_eq!(c.node_failure_after_ms, 10_000);
         assert_eq!(c.instance_start_timeout_ms, 30_000);
         assert_eq!(c.max_instances_per_account, 300);
+        assert_eq!(c.node_max_validity_h, 120);
+        assert_eq!(c.instance_max_validity_h, 36);
         let d = c.default_account_limits();
         assert_eq!(d.burst_instances, 300);
         assert_eq!(d.scale_out_instances_per_minute, 300);
@@ -297,6 +349,14 @@ mod tests {
                 Box::new(|c| c.max_instances_per_account = 0),
             ),
             ("state_dir", Box::new(|c| c.state_dir = PathBuf::new())),
+            (
+                "node_max_validity_h",
+                Box::new(|c| c.node_max_validity_h = 0),
+            ),
+            (
+                "instance_drain_lead_s",
+                Box::new(|c| c.instance_drain_lead_s = 36 * 3600),
+            ),
             (
                 "account_defaults.scale_out_vcpus_per_minute",
                 Box::new(|c| c.account_defaults.scale_out_vcpus_per_minute = 0),

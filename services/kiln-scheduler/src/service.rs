@@ -68,6 +68,10 @@ impl Scheduler {
             node_failure_after_ms: config.node_failure_after_ms,
             lease_grace_ms: config.instance_start_timeout_ms + 60_000,
             reconcile_grace_ms: config.heartbeat_interval_ms * 2,
+            node_max_validity_ms: config.node_max_validity_h * 3_600_000,
+            node_drain_lead_ms: config.node_drain_lead_s * 1000,
+            instance_max_validity_ms: config.instance_max_validity_h * 3_600_000,
+            instance_drain_lead_ms: config.instance_drain_lead_s * 1000,
         };
         let (nodes, instances) = deps.store.load()?;
         let now = deps.clock.now_ms();
@@ -334,7 +338,37 @@ impl Scheduler {
         HeartbeatResponse {
             destroy: out.destroy,
             reregister: out.reregister,
+            reprovision: out.reprovision,
         }
+    }
+
+    /// Operator actions on a node; each answers the node as it is now.
+    pub fn cordon(&self, node: &NodeId) -> Result<NodeInfo, FcError> {
+        self.node_action(node, |core| core.cordon(node).map(|()| Effects::default()))
+    }
+
+    pub fn drain(&self, node: &NodeId) -> Result<NodeInfo, FcError> {
+        self.node_action(node, |core| core.drain(node))
+    }
+
+    pub fn uncordon(&self, node: &NodeId) -> Result<NodeInfo, FcError> {
+        self.node_action(node, |core| {
+            core.uncordon(node).map(|()| Effects::default())
+        })
+    }
+
+    fn node_action(
+        &self,
+        node: &NodeId,
+        f: impl FnOnce(&mut Placement) -> Result<Effects, FcError>,
+    ) -> Result<NodeInfo, FcError> {
+        let mut st = self.lock();
+        let effects = f(&mut st.core)?;
+        self.finish(&mut st, effects);
+        self.update_node_gauges(&st);
+        st.core
+            .node_info(node)
+            .ok_or_else(|| FcError::internal("the node vanished"))
     }
 
     /// Periodic work: idle instances, lost leases, silent nodes.

@@ -43,6 +43,13 @@ const MIGRATIONS: &[Migration] = &[
         );
     ",
     },
+    Migration {
+        name: "node validity",
+        sql: "
+        ALTER TABLE nodes ADD COLUMN registered_at_ms INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE nodes ADD COLUMN reprovision INTEGER NOT NULL DEFAULT 0;
+    ",
+    },
 ];
 
 /// Why the scheduler's state could not be read or written.
@@ -108,7 +115,8 @@ impl SchedulerStore for SqliteSchedulerStore {
                 let nodes = c
                     .prepare(
                         "SELECT node_id, agent_url, capacity, labels, bound_account, state, \
-                         last_heartbeat_ms FROM nodes ORDER BY node_id",
+                         last_heartbeat_ms, registered_at_ms, reprovision FROM nodes \
+                         ORDER BY node_id",
                     )?
                     .query_map([], |r| {
                         Ok((
@@ -119,6 +127,8 @@ impl SchedulerStore for SqliteSchedulerStore {
                             r.get::<_, Option<String>>(4)?,
                             r.get::<_, String>(5)?,
                             r.get::<_, i64>(6)?,
+                            r.get::<_, i64>(7)?,
+                            r.get::<_, bool>(8)?,
                         ))
                     })?
                     .collect::<Result<Vec<_>, _>>()?;
@@ -143,21 +153,27 @@ impl SchedulerStore for SqliteSchedulerStore {
             .and_then(|(nodes, instances)| {
                 let nodes = nodes
                     .into_iter()
-                    .map(|(id, url, cap, labels, bound, state, hb)| {
-                        let e = |r: String| corrupt("node", &id, r);
-                        Ok(NodeRecord {
-                            node_id: id.parse().map_err(|x| e(format!("{x}")))?,
-                            agent_url: url,
-                            capacity: serde_json::from_str(&cap).map_err(|x| e(x.to_string()))?,
-                            labels: serde_json::from_str(&labels).map_err(|x| e(x.to_string()))?,
-                            bound_account: bound
-                                .map(|a| a.parse())
-                                .transpose()
-                                .map_err(|x| e(format!("{x}")))?,
-                            state: state.parse().map_err(e)?,
-                            last_heartbeat_ms: hb.max(0) as u64,
-                        })
-                    })
+                    .map(
+                        |(id, url, cap, labels, bound, state, hb, since, reprovision)| {
+                            let e = |r: String| corrupt("node", &id, r);
+                            Ok(NodeRecord {
+                                node_id: id.parse().map_err(|x| e(format!("{x}")))?,
+                                agent_url: url,
+                                capacity: serde_json::from_str(&cap)
+                                    .map_err(|x| e(x.to_string()))?,
+                                labels: serde_json::from_str(&labels)
+                                    .map_err(|x| e(x.to_string()))?,
+                                bound_account: bound
+                                    .map(|a| a.parse())
+                                    .transpose()
+                                    .map_err(|x| e(format!("{x}")))?,
+                                state: state.parse().map_err(e)?,
+                                last_heartbeat_ms: hb.max(0) as u64,
+                                registered_at_ms: since.max(0) as u64,
+                                reprovision,
+                            })
+                        },
+                    )
                     .collect::<Result<Vec<_>, SchedulerStoreError>>()?;
                 let instances = instances
                     .into_iter()
@@ -206,11 +222,14 @@ impl SchedulerStore for SqliteSchedulerStore {
                     Change::UpsertNode(n) => {
                         tx.execute(
                             "INSERT INTO nodes (node_id, agent_url, capacity, labels, bound_account, \
-                             state, last_heartbeat_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
+                             state, last_heartbeat_ms, registered_at_ms, reprovision) \
+                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
                              ON CONFLICT(node_id) DO UPDATE SET agent_url = excluded.agent_url, \
                              capacity = excluded.capacity, labels = excluded.labels, \
                              bound_account = excluded.bound_account, state = excluded.state, \
-                             last_heartbeat_ms = excluded.last_heartbeat_ms",
+                             last_heartbeat_ms = excluded.last_heartbeat_ms, \
+                             registered_at_ms = excluded.registered_at_ms, \
+                             reprovision = excluded.reprovision",
                             params![
                                 n.node_id.as_str(),
                                 n.agent_url,
@@ -219,6 +238,8 @@ impl SchedulerStore for SqliteSchedulerStore {
                                 n.bound_account.as_ref().map(|a| a.as_str()),
                                 n.state.as_str(),
                                 n.last_heartbeat_ms as i64,
+                                n.registered_at_ms as i64,
+                                n.reprovision,
                             ],
                         )?;
                     }
@@ -417,7 +438,8 @@ mod tests {
             .db
             .with_conn(|c| {
                 c.execute(
-                    "INSERT INTO nodes VALUES ('BAD/ID', 'https://x:1', '{}', '{}', NULL, 'ready', 0)",
+                    "INSERT INTO nodes (node_id, agent_url, capacity, labels, bound_account, state, \
+                     last_heartbeat_ms) VALUES ('BAD/ID', 'https://x:1', '{}', '{}', NULL, 'ready', 0)",
                     [],
                 )?;
                 Ok(())

@@ -586,3 +586,95 @@ async fn account_limits_admin_api_persists_and_throttles() {
     acquire("second").await.unwrap();
     handle.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_cordon_drain_and_uncordon_nodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = DevPki::ensure(&dir.path().join("pki"), &[]).unwrap();
+    let agent = fake_agent(&pki.files("agent")).await;
+    let handle = start_scheduler(dir.path(), &pki).await;
+    let base = base(handle.addr());
+    let client = InternalClient::new(&pki.files("gateway-internal")).unwrap();
+    let agent_client = InternalClient::new(&pki.files("agent")).unwrap();
+    let reg: RegisterNodeResponse = agent_client
+        .post(
+            &base,
+            paths::NODES_REGISTER,
+            &registration(None, &agent.url),
+        )
+        .await
+        .unwrap();
+    let node = reg.node_id;
+    let act = |action: &'static str| {
+        let client = client.clone();
+        let base = base.clone();
+        let node = node.clone();
+        async move {
+            client
+                .post::<_, NodeInfo>(&base, &paths::node_action(&node, action), &())
+                .await
+        }
+    };
+    let lease: Lease = client
+        .post(
+            &base,
+            paths::LEASES,
+            &AcquireLease {
+                request_id: "r-1".into(),
+                spec: spec("f", 1),
+            },
+        )
+        .await
+        .unwrap();
+
+    assert_eq!(act("cordon").await.unwrap().state, "cordoned");
+    let err = client
+        .post::<_, Lease>(
+            &base,
+            paths::LEASES,
+            &AcquireLease {
+                request_id: "r-2".into(),
+                spec: spec("g", 1),
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, InternalClientError::Remote { ref error, .. } if error.code == FcErrorCode::ServiceUnavailable),
+        "{err}"
+    );
+    let drained = act("drain").await.unwrap();
+    assert_eq!(drained.state, "draining");
+    assert_eq!(drained.instances, 1, "its call is still running");
+    release(&client, &base, &lease).await;
+    let nodes: Vec<NodeInfo> = client.get(&base, paths::SCHEDULER_NODES).await.unwrap();
+    assert_eq!(nodes[0].instances, 0);
+    assert_eq!(act("uncordon").await.unwrap().state, "ready");
+    // The heartbeat answer omits `reprovision` unless it is true.
+    let raw = client
+        .send(
+            Request::builder()
+                .method(Method::POST)
+                .uri(format!("{base}{}", paths::node_heartbeat(&node)))
+                .body(full(r#"{"instances":[]}"#))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let body = raw.into_body().collect().await.unwrap().to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert!(v.get("reprovision").is_none(), "{v}");
+    let hb: HeartbeatResponse = serde_json::from_value(v).unwrap();
+    assert!(!hb.reprovision);
+
+    // Unknown nodes and bad ids are refused.
+    let err = client
+        .post::<_, NodeInfo>(&base, "/v1/nodes/n-nope/drain", &())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, InternalClientError::Remote { ref error, .. } if error.code == FcErrorCode::InvalidArgument && error.message.contains("not registered")),
+        "{err}"
+    );
+    handle.shutdown().await;
+}

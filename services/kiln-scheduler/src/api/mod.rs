@@ -29,6 +29,9 @@ enum Endpoint {
     ReleaseLease,
     RetireFunction,
     ListInstances,
+    CordonNode,
+    DrainNode,
+    UncordonNode,
     GetAccountLimits,
     PutAccountLimits,
     DeleteAccountLimits,
@@ -81,6 +84,21 @@ const ROUTES: &[Route] = &[
         method: Method::GET,
         path: "/v1/instances",
         endpoint: Endpoint::ListInstances,
+    },
+    Route {
+        method: Method::POST,
+        path: "/v1/nodes/{node}/cordon",
+        endpoint: Endpoint::CordonNode,
+    },
+    Route {
+        method: Method::POST,
+        path: "/v1/nodes/{node}/drain",
+        endpoint: Endpoint::DrainNode,
+    },
+    Route {
+        method: Method::POST,
+        path: "/v1/nodes/{node}/uncordon",
+        endpoint: Endpoint::UncordonNode,
     },
     Route {
         method: Method::GET,
@@ -201,6 +219,9 @@ async fn dispatch(
         Endpoint::ReleaseLease => leases::release(sched, params[0], body).await,
         Endpoint::RetireFunction => functions::retire(sched, body).await,
         Endpoint::ListInstances => Ok(instances::list(sched)),
+        Endpoint::CordonNode => nodes::action(params[0], |n| sched.cordon(n)),
+        Endpoint::DrainNode => nodes::action(params[0], |n| sched.drain(n)),
+        Endpoint::UncordonNode => nodes::action(params[0], |n| sched.uncordon(n)),
         Endpoint::GetAccountLimits => accounts::get_limits(sched, params[0]),
         Endpoint::PutAccountLimits => accounts::put_limits(sched, params[0], body).await,
         Endpoint::DeleteAccountLimits => accounts::delete_limits(sched, params[0]).await,
@@ -241,6 +262,10 @@ mod tests {
         assert_eq!(
             m(Method::PUT, "/v1/accounts/123/limits").unwrap(),
             (Endpoint::PutAccountLimits, vec!["123".to_string()])
+        );
+        assert_eq!(
+            m(Method::POST, "/v1/nodes/n-1/drain").unwrap(),
+            (Endpoint::DrainNode, vec!["n-1".to_string()])
         );
         assert!(matches!(
             route(&Method::POST, "/v1/accounts/123/limits"),

@@ -25,6 +25,15 @@ pub async fn heartbeat(
     Ok(json(StatusCode::OK, &sched.heartbeat(&node, &hb)))
 }
 
+/// Cordon, drain or uncordon: answers the node as it is now.
+pub fn action(
+    node: &str,
+    f: impl FnOnce(&NodeId) -> Result<kiln_internal_api::NodeInfo, FcError>,
+) -> Result<Response<Body>, FcError> {
+    let node: NodeId = path_id(node)?;
+    Ok(json(StatusCode::OK, &f(&node)?))
+}
+
 pub fn list(sched: &Scheduler) -> Response<Body> {
     json(StatusCode::OK, &sched.nodes())
 }

@@ -46,6 +46,15 @@ pub struct PlacementConfig {
     /// An instance that became ready this recently is not removed for
     /// missing from an agent's report (the report may predate it).
     pub reconcile_grace_ms: u64,
+    /// A node is retired (its agent re-provisions it) this long after it
+    /// registered; it is drained `node_drain_lead_ms` before.
+    pub node_max_validity_ms: u64,
+    pub node_drain_lead_ms: u64,
+    /// An instance is destroyed this long after it was created; it stops
+    /// taking calls `instance_drain_lead_ms` plus its function's timeout
+    /// before, so every call it accepted can finish.
+    pub instance_max_validity_ms: u64,
+    pub instance_drain_lead_ms: u64,
 }
 
 impl Default for PlacementConfig {
@@ -56,6 +65,10 @@ impl Default for PlacementConfig {
             node_failure_after_ms: 10_000,
             lease_grace_ms: 90_000,
             reconcile_grace_ms: 5_000,
+            node_max_validity_ms: 120 * 3_600_000,
+            node_drain_lead_ms: 3_600_000,
+            instance_max_validity_ms: 36 * 3_600_000,
+            instance_drain_lead_ms: 600_000,
         }
     }
 }
@@ -104,6 +117,9 @@ pub struct Registered {
 pub struct HeartbeatOutcome {
     pub destroy: Vec<InstanceId>,
     pub reregister: bool,
+    /// The node was retired: the agent must drop its id, destroy what it
+    /// runs and register as a new node.
+    pub reprovision: bool,
     pub effects: Effects,
 }
 
@@ -137,6 +153,10 @@ pub struct Placement {
     /// Accounts with limits of their own.
     limits: HashMap<AccountId, Arc<AccountLimits>>,
     default_limits: Arc<AccountLimits>,
+    /// Instances still taking calls, by when age makes them drain.
+    drain_by_age: BTreeSet<(u64, InstanceId)>,
+    /// Instances drained for age, by when they are removed regardless.
+    expire_by_age: BTreeSet<(u64, InstanceId)>,
     /// Accounts whose scale-out buckets are not full.
     scale_out: HashMap<AccountId, ScaleOut>,
     changes: Vec<Change>,
@@ -159,6 +179,8 @@ impl Placement {
             fn_in_flight: HashMap::new(),
             limits: HashMap::new(),
             scale_out: HashMap::new(),
+            drain_by_age: BTreeSet::new(),
+            expire_by_age: BTreeSet::new(),
             changes: Vec::new(),
         }
     }
@@ -190,6 +212,12 @@ impl Placement {
                 bound_account: r.bound_account,
                 state: r.state,
                 last_heartbeat_ms: now,
+                registered_at_ms: if r.registered_at_ms == 0 {
+                    now
+                } else {
+                    r.registered_at_ms
+                },
+                reprovision: r.reprovision,
                 used_memory_mb: 0,
                 used_cpu_milli: 0,
                 instances: HashSet::new(),
@@ -199,7 +227,7 @@ impl Placement {
         }
         let mut effects = Effects::default();
         for r in instances {
-            let node_ok = p.nodes.get(&r.node_id).is_some_and(|n| n.state.can_place());
+            let node_ok = p.nodes.get(&r.node_id).is_some_and(|n| n.state.is_alive());
             if !node_ok || r.state == InstanceState::Starting {
                 p.changes.push(Change::DeleteInstance(r.instance_id));
                 continue;
@@ -708,6 +736,8 @@ impl Placement {
             }
         }
         effects.extend(self.check_nodes(now));
+        effects.extend(self.age_instances(now));
+        effects.extend(self.age_nodes(now));
         let limits = &self.limits;
         let defaults = &self.default_limits;
         self.scale_out
@@ -720,8 +750,7 @@ impl Placement {
             .nodes
             .values()
             .filter(|n| {
-                n.state == NodeState::Ready
-                    && n.last_heartbeat_ms + self.config.node_failure_after_ms <= now
+                n.state.is_alive() && n.last_heartbeat_ms + self.config.node_failure_after_ms <= now
             })
             .map(|n| n.id.clone())
             .collect();
@@ -744,24 +773,198 @@ impl Placement {
         effects
     }
 
+    /// Instances near their maximum validity stop taking calls (the next
+    /// call starts a replacement) and go once idle; one still busy at the
+    /// end of its validity is removed, its calls answered retryably.
+    fn age_instances(&mut self, now: u64) -> Effects {
+        let mut effects = Effects::default();
+        while let Some((at, id)) = self.drain_by_age.first().cloned() {
+            if at > now {
+                break;
+            }
+            self.drain_by_age.remove(&(at, id.clone()));
+            let Some(inst) = self.instances.get(&id) else {
+                continue;
+            };
+            if inst.state.takes_calls() {
+                tracing::info!(instance_id = %id, "instance near its maximum validity; draining it");
+                self.update_instance(&id, |i| i.state = InstanceState::Draining);
+                let record = self.instances[&id].record();
+                self.changes.push(Change::UpsertInstance(record));
+            }
+            let expire = self.expire_at(&self.instances[&id]);
+            self.expire_by_age.insert((expire, id.clone()));
+            effects.extend(self.destroy_if_done(&id));
+        }
+        while let Some((at, id)) = self.expire_by_age.first().cloned() {
+            if at > now {
+                break;
+            }
+            self.expire_by_age.remove(&(at, id.clone()));
+            tracing::warn!(instance_id = %id, "instance reached its maximum validity while busy; removing it");
+            // Its node's agent is alive: the instance is destroyed there
+            // too, and the calls still on it are answered retryably.
+            effects.extend(self.remove_instance(&id, None));
+        }
+        effects
+    }
+
+    /// Nodes near their maximum validity are drained; a drained one (or
+    /// one out of validity) is retired and its agent told to re-provision.
+    fn age_nodes(&mut self, now: u64) -> Effects {
+        let validity = self.config.node_max_validity_ms;
+        let lead = self.config.node_drain_lead_ms;
+        let mut to_drain = Vec::new();
+        let mut to_retire = Vec::new();
+        for n in self.nodes.values() {
+            if !n.state.is_alive() {
+                continue;
+            }
+            let end = n.registered_at_ms + validity;
+            if n.reprovision && (n.instances.is_empty() || now >= end) {
+                to_retire.push(n.id.clone());
+            } else if !n.reprovision && now + lead >= end {
+                to_drain.push(n.id.clone());
+            }
+        }
+        let mut effects = Effects::default();
+        for id in to_drain {
+            tracing::info!(node_id = %id, "node near its maximum validity; draining it");
+            self.nodes.get_mut(&id).expect("listed node").reprovision = true;
+            effects.extend(self.set_draining(&id));
+        }
+        for id in to_retire {
+            tracing::info!(node_id = %id, "node drained for re-provisioning; retiring it");
+            self.unindex_node(&id);
+            let node = self.nodes.get_mut(&id).expect("listed node");
+            node.state = NodeState::Retired;
+            let left: Vec<InstanceId> = node.instances.iter().cloned().collect();
+            let record = node.record();
+            self.changes.push(Change::UpsertNode(record));
+            let err = FcError::unavailable(format!(
+                "compute node {id} reached its maximum validity; retry the call"
+            ));
+            // The agent destroys everything when it re-provisions.
+            for i in left {
+                effects.extend(self.remove_instance(&i, Some(err.clone())));
+            }
+        }
+        effects
+    }
+
     // ---- nodes ----------------------------------------------------------
+
+    fn alive_node(&self, id: &NodeId) -> Result<&Node, FcError> {
+        match self.nodes.get(id) {
+            Some(n) if n.state.is_alive() => Ok(n),
+            Some(n) => Err(FcError::invalid_argument(format!(
+                "node {id} is {}; only a ready, cordoned or draining node can change state",
+                n.state.as_str()
+            ))),
+            None => Err(FcError::invalid_argument(format!(
+                "node {id} is not registered"
+            ))),
+        }
+    }
+
+    fn set_state(&mut self, id: &NodeId, state: NodeState) {
+        self.unindex_node(id);
+        let node = self.nodes.get_mut(id).expect("checked node");
+        node.state = state;
+        let record = node.record();
+        self.index_node(id);
+        self.changes.push(Change::UpsertNode(record));
+    }
+
+    /// No new instances on the node; its instances keep serving.
+    pub fn cordon(&mut self, id: &NodeId) -> Result<(), FcError> {
+        if self.alive_node(id)?.state == NodeState::Ready {
+            self.set_state(id, NodeState::Cordoned);
+            tracing::info!(node_id = %id, "node cordoned");
+        }
+        Ok(())
+    }
+
+    /// No new instances, and no new calls on its instances: each goes once
+    /// its calls end.
+    pub fn drain(&mut self, id: &NodeId) -> Result<Effects, FcError> {
+        self.alive_node(id)?;
+        tracing::info!(node_id = %id, "node draining");
+        Ok(self.set_draining(id))
+    }
+
+    fn set_draining(&mut self, id: &NodeId) -> Effects {
+        self.set_state(id, NodeState::Draining);
+        let ids: Vec<InstanceId> = self.nodes[id].instances.iter().cloned().collect();
+        let mut effects = Effects::default();
+        for i in ids {
+            if !self.instances[&i].state.takes_calls() {
+                continue;
+            }
+            self.update_instance(&i, |inst| inst.state = InstanceState::Draining);
+            let record = self.instances[&i].record();
+            self.changes.push(Change::UpsertInstance(record));
+            effects.extend(self.destroy_if_done(&i));
+        }
+        effects
+    }
+
+    /// Take new instances again (instances already draining still go). A
+    /// node drained for its validity is drained again at the next tick.
+    pub fn uncordon(&mut self, id: &NodeId) -> Result<(), FcError> {
+        self.alive_node(id)?;
+        self.nodes.get_mut(id).expect("checked node").reprovision = false;
+        self.set_state(id, NodeState::Ready);
+        tracing::info!(node_id = %id, "node uncordoned");
+        Ok(())
+    }
 
     /// An agent (re)joins. It keeps the id it sends back; the instances it
     /// reports are reconciled with the scheduler's view.
     pub fn register(&mut self, req: &RegisterNode, now: u64) -> Result<Registered, FcError> {
         check_registration(req)?;
+        let retired = |id: &NodeId| {
+            self.nodes
+                .get(id)
+                .is_some_and(|n| n.state == NodeState::Retired)
+        };
         let id = match &req.node_id {
-            Some(id) => id.clone(),
-            None => loop {
+            // A retired id is never reused: the agent comes back as a new
+            // node (an agent too old to re-provision on its own included).
+            Some(id) if !retired(id) => id.clone(),
+            _ => loop {
                 let id = NodeId::generate();
                 if !self.nodes.contains_key(&id) {
                     break id;
                 }
             },
         };
+        let mut effects = Effects::default();
         if self.nodes.contains_key(&id) {
             self.unindex_node(&id);
+            // A node that comes back with another tenancy or dedicated
+            // account cannot keep what it ran: the instances are written
+            // off, and the report below gets them destroyed.
+            let node = &self.nodes[&id];
+            let changed = node.labels.tenancy != req.labels.tenancy
+                || (req.labels.dedicated_account.is_some()
+                    && node.bound_account.is_some()
+                    && node.bound_account != req.labels.dedicated_account);
+            if changed && !node.instances.is_empty() {
+                tracing::warn!(node_id = %id, "node registered with new tenancy; writing off its instances");
+                let lost: Vec<InstanceId> = node.instances.iter().cloned().collect();
+                let err = FcError::unavailable(format!(
+                    "compute node {id} changed its tenancy; retry the call"
+                ));
+                for i in lost {
+                    effects.extend(self.remove_instance(&i, Some(err.clone())));
+                }
+                self.unindex_node(&id);
+            }
             let node = self.nodes.get_mut(&id).expect("known node");
+            if changed {
+                node.bound_account = None;
+            }
             node.agent_url = req.agent_url.clone();
             node.capacity = req.capacity.clone();
             node.labels = req.labels.clone();
@@ -770,7 +973,10 @@ impl Placement {
             } else if req.labels.dedicated_account.is_some() {
                 node.bound_account = req.labels.dedicated_account.clone();
             }
-            node.state = NodeState::Ready;
+            // Cordoned and draining nodes stay so across an agent restart.
+            if !node.state.is_alive() {
+                node.state = NodeState::Ready;
+            }
             node.last_heartbeat_ms = now;
         } else {
             self.nodes.insert(
@@ -783,6 +989,8 @@ impl Placement {
                     bound_account: req.labels.dedicated_account.clone(),
                     state: NodeState::Ready,
                     last_heartbeat_ms: now,
+                    registered_at_ms: now,
+                    reprovision: false,
                     used_memory_mb: 0,
                     used_cpu_milli: 0,
                     instances: HashSet::new(),
@@ -793,7 +1001,8 @@ impl Placement {
         let record = self.nodes[&id].record();
         self.changes.push(Change::UpsertNode(record));
         tracing::info!(node_id = %id, agent_url = %req.agent_url, "node registered");
-        let (destroy, effects) = self.reconcile(&id, &req.instances, now);
+        let (destroy, e) = self.reconcile(&id, &req.instances, now);
+        effects.extend(e);
         Ok(Registered {
             node_id: id,
             destroy,
@@ -808,11 +1017,20 @@ impl Placement {
         now: u64,
     ) -> HeartbeatOutcome {
         match self.nodes.get_mut(id) {
-            Some(n) if n.state == NodeState::Ready => n.last_heartbeat_ms = now,
+            Some(n) if n.state.is_alive() => n.last_heartbeat_ms = now,
+            Some(n) if n.state == NodeState::Retired => {
+                return HeartbeatOutcome {
+                    destroy: Vec::new(),
+                    reregister: false,
+                    reprovision: true,
+                    effects: Effects::default(),
+                }
+            }
             _ => {
                 return HeartbeatOutcome {
                     destroy: Vec::new(),
                     reregister: true,
+                    reprovision: false,
                     effects: Effects::default(),
                 }
             }
@@ -821,6 +1039,7 @@ impl Placement {
         HeartbeatOutcome {
             destroy,
             reregister: false,
+            reprovision: false,
             effects,
         }
     }
@@ -867,27 +1086,12 @@ impl Placement {
 
     // ---- views ----------------------------------------------------------
 
+    pub fn node_info(&self, id: &NodeId) -> Option<NodeInfo> {
+        self.nodes.get(id).map(node_info)
+    }
+
     pub fn nodes_info(&self) -> Vec<NodeInfo> {
-        let mut v: Vec<NodeInfo> = self
-            .nodes
-            .values()
-            .map(|n| {
-                let mut labels = n.labels.clone();
-                if labels.tenancy == Tenancy::Dedicated {
-                    labels.dedicated_account = n.bound_account.clone();
-                }
-                NodeInfo {
-                    node_id: n.id.clone(),
-                    agent_url: n.agent_url.clone(),
-                    capacity: n.capacity.clone(),
-                    labels,
-                    state: n.state.as_str().to_owned(),
-                    instances: n.instances.len() as u32,
-                    memory_used_mb: n.used_memory_mb,
-                    last_heartbeat_ms: n.last_heartbeat_ms,
-                }
-            })
-            .collect();
+        let mut v: Vec<NodeInfo> = self.nodes.values().map(node_info).collect();
         v.sort_by(|a, b| a.node_id.cmp(&b.node_id));
         v
     }
@@ -953,8 +1157,24 @@ impl Placement {
         self.instances.insert(id.clone(), inst);
         self.index_node(&node_id);
         self.index_instance(&id);
+        let inst = &self.instances[&id];
+        let drain_at = self.drain_at(inst);
+        if inst.state.takes_calls() {
+            self.drain_by_age.insert((drain_at, id.clone()));
+        }
         let record = self.instances[&id].record();
         self.changes.push(Change::UpsertInstance(record));
+    }
+
+    /// When age makes an instance stop taking calls: early enough for a
+    /// call accepted just before to finish within its timeout.
+    fn drain_at(&self, i: &Instance) -> u64 {
+        (i.created_at_ms + self.config.instance_max_validity_ms)
+            .saturating_sub(self.config.instance_drain_lead_ms + u64::from(i.spec.timeout_s) * 1000)
+    }
+
+    fn expire_at(&self, i: &Instance) -> u64 {
+        i.created_at_ms + self.config.instance_max_validity_ms
     }
 
     /// Forget an instance and give its node's room back. Its remaining
@@ -967,6 +1187,10 @@ impl Placement {
         let Some(inst) = self.instances.remove(id) else {
             return effects;
         };
+        self.drain_by_age
+            .remove(&(self.drain_at(&inst), id.clone()));
+        self.expire_by_age
+            .remove(&(self.expire_at(&inst), id.clone()));
         for l in &inst.leases {
             if let Some(rec) = self.leases.get_mut(l) {
                 rec.written_off = true;
@@ -1004,7 +1228,7 @@ impl Placement {
                 .used_cpu_milli
                 .saturating_sub(u64::from(inst.spec.cpu_milli));
             node.instances.remove(id);
-            if abort_error.is_none() && node.state.can_place() {
+            if abort_error.is_none() && node.state.is_alive() {
                 effects.destroy.push(Destroy {
                     instance_id: id.clone(),
                     node_id: node.id.clone(),
@@ -1116,6 +1340,23 @@ impl Placement {
                 self.free_memory.remove(&free);
             }
         }
+    }
+}
+
+fn node_info(n: &Node) -> NodeInfo {
+    let mut labels = n.labels.clone();
+    if labels.tenancy == Tenancy::Dedicated {
+        labels.dedicated_account = n.bound_account.clone();
+    }
+    NodeInfo {
+        node_id: n.id.clone(),
+        agent_url: n.agent_url.clone(),
+        capacity: n.capacity.clone(),
+        labels,
+        state: n.state.as_str().to_owned(),
+        instances: n.instances.len() as u32,
+        memory_used_mb: n.used_memory_mb,
+        last_heartbeat_ms: n.last_heartbeat_ms,
     }
 }
 

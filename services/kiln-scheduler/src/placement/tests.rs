@@ -931,3 +931,248 @@ fn limits_reset_to_the_defaults_and_are_journaled() {
         ]
     );
 }
+
+// ---- node and instance lifecycles ---------------------------------------
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+/// Instances never go idle here unless a test asks for it.
+fn long_lived() -> Fixture {
+    Fixture::with(PlacementConfig {
+        node_failure_after_ms: u64::MAX / 4,
+        idle_timeout_ms: u64::MAX / 4,
+        ..PlacementConfig::default()
+    })
+}
+
+/// A function whose calls may run FC's longest timeout, 24 h.
+fn long_call(function: &str) -> InstanceSpec {
+    let mut s = spec("1", function, 1, 128);
+    s.timeout_s = 86_400;
+    s.seal()
+}
+
+fn node_state(f: &Fixture, id: &str) -> NodeState {
+    f.p.node(&id.parse().unwrap()).unwrap().state
+}
+
+#[test]
+fn a_cordoned_node_takes_no_new_instances_but_keeps_serving() {
+    let mut f = Fixture::new();
+    let n1 = f.node("n1", 4096);
+    let s = spec("1", "f", 2, 128);
+    let a = f.acquire_started(&s);
+    assert_eq!(a.node_id, n1);
+    f.p.cordon(&n1).unwrap();
+    assert_eq!(node_state(&f, "n1"), NodeState::Cordoned);
+    // The existing instance still takes calls.
+    let b = f.acquire_started(&s);
+    assert_eq!(b.instance_id, a.instance_id);
+    // A new instance has nowhere to go.
+    let err = f.p.acquire(&s, f.now()).unwrap_err();
+    assert_eq!(err.code, FcErrorCode::ServiceUnavailable);
+    // Another node takes it; uncordoning brings n1 back.
+    f.node("n2", 4096);
+    assert_eq!(f.acquire_started(&s).node_id.as_str(), "n2");
+    f.p.uncordon(&n1).unwrap();
+    assert_eq!(node_state(&f, "n1"), NodeState::Ready);
+    assert_eq!(f.acquire_started(&spec("1", "g", 1, 128)).node_id, n1);
+    // Operator actions on unknown or dead nodes say why.
+    let e = f.p.cordon(&"n9".parse().unwrap()).unwrap_err();
+    assert!(e.message.contains("not registered"), "{}", e.message);
+}
+
+#[test]
+fn a_drained_node_lets_calls_finish_then_loses_its_instances() {
+    let mut f = Fixture::new();
+    let n1 = f.node("n1", 4096);
+    let busy = f.acquire_started(&spec("1", "busy", 1, 128));
+    let idle = f.acquire_started(&spec("1", "idle", 1, 128));
+    f.p.release(&idle.lease_id, LeaseOutcome::Ok, f.now())
+        .unwrap();
+    f.node("n2", 4096);
+    let effects = f.p.drain(&n1).unwrap();
+    // The idle instance goes at once, the busy one once its call ends.
+    assert_eq!(effects.destroy.len(), 1);
+    assert_eq!(effects.destroy[0].instance_id, idle.instance_id);
+    assert_eq!(node_state(&f, "n1"), NodeState::Draining);
+    // New calls of the busy function start elsewhere.
+    let next = f.acquire_started(&spec("1", "busy", 1, 128));
+    assert_eq!(next.node_id.as_str(), "n2");
+    let effects =
+        f.p.release(&busy.lease_id, LeaseOutcome::Ok, f.now())
+            .unwrap();
+    assert_eq!(effects.destroy.len(), 1);
+    assert!(f.p.node(&n1).unwrap().instances.is_empty());
+    // Draining survives the agent registering again (a restart).
+    let now = f.now();
+    f.p.register(
+        &registration(Some("n1"), 4096, Tenancy::Dedicated, None),
+        now,
+    )
+    .unwrap();
+    assert_eq!(node_state(&f, "n1"), NodeState::Draining);
+}
+
+#[test]
+fn a_node_is_drained_before_its_validity_and_re_provisioned_as_a_new_node() {
+    let mut f = long_lived();
+    let n1 = f.node("n1", 4096);
+    f.clock.advance(119 * HOUR - Duration::from_secs(30));
+    let held = f.acquire_started(&spec("1", "f", 1, 128));
+    assert!(f.p.tick(f.now()).is_empty());
+    assert_eq!(node_state(&f, "n1"), NodeState::Ready);
+    // An hour before the 120 h: drained, but the call in flight goes on.
+    f.clock.advance(Duration::from_secs(30));
+    f.p.tick(f.now());
+    assert_eq!(node_state(&f, "n1"), NodeState::Draining);
+    let hb =
+        f.p.heartbeat(&n1, std::slice::from_ref(&held.instance_id), f.now());
+    assert!(!hb.reprovision && !hb.reregister);
+    let effects =
+        f.p.release(&held.lease_id, LeaseOutcome::Ok, f.now())
+            .unwrap();
+    assert_eq!(effects.destroy.len(), 1);
+    // Empty: retired at the next tick, and the agent is told.
+    f.p.tick(f.now());
+    assert_eq!(node_state(&f, "n1"), NodeState::Retired);
+    let hb = f.p.heartbeat(&n1, &[], f.now());
+    assert!(hb.reprovision && !hb.reregister);
+    // Its id is never reused: the agent comes back as a new node, and
+    // that node's validity starts now.
+    let now = f.now();
+    let again =
+        f.p.register(
+            &registration(Some("n1"), 4096, Tenancy::Dedicated, None),
+            now,
+        )
+        .unwrap();
+    assert_ne!(again.node_id, n1);
+    assert_eq!(f.p.node(&again.node_id).unwrap().state, NodeState::Ready);
+    f.clock.advance(100 * HOUR);
+    f.p.tick(f.now());
+    assert_eq!(f.p.node(&again.node_id).unwrap().state, NodeState::Ready);
+}
+
+#[test]
+fn a_node_still_busy_at_the_end_of_its_validity_is_retired_anyway() {
+    let mut f = long_lived();
+    let n1 = f.node("n1", 4096);
+    f.clock.advance(118 * HOUR);
+    let held = f.acquire_started(&long_call("f"));
+    f.clock.advance(HOUR);
+    f.p.tick(f.now());
+    assert_eq!(node_state(&f, "n1"), NodeState::Draining);
+    f.clock.advance(HOUR);
+    f.p.tick(f.now());
+    assert_eq!(node_state(&f, "n1"), NodeState::Retired);
+    assert_eq!(f.p.instance_count(), 0);
+    // The call that outlived the node gets a retryable error.
+    let err =
+        f.p.release(&held.lease_id, LeaseOutcome::Ok, f.now())
+            .unwrap_err();
+    assert_eq!(err.code, FcErrorCode::ServiceUnavailable);
+    assert!(f.p.heartbeat(&n1, &[], f.now()).reprovision);
+}
+
+#[test]
+fn an_uncordoned_node_past_its_drain_point_is_drained_again() {
+    let mut f = long_lived();
+    let n1 = f.node("n1", 4096);
+    f.clock.advance(119 * HOUR + Duration::from_secs(60));
+    f.p.tick(f.now());
+    assert_eq!(node_state(&f, "n1"), NodeState::Draining);
+    f.p.uncordon(&n1).unwrap();
+    assert_eq!(node_state(&f, "n1"), NodeState::Ready);
+    f.p.tick(f.now());
+    assert_eq!(node_state(&f, "n1"), NodeState::Draining);
+    // Empty: retired at the next tick.
+    f.p.tick(f.now());
+    assert_eq!(node_state(&f, "n1"), NodeState::Retired);
+}
+
+#[test]
+fn an_instance_is_replaced_before_its_validity_without_dropping_calls() {
+    let mut f = long_lived();
+    f.node("n1", 4096);
+    let s = spec("1", "f", 1, 128);
+    let first = f.acquire_started(&s);
+    f.p.release(&first.lease_id, LeaseOutcome::Ok, f.now())
+        .unwrap();
+    // 36 h minus the 10 min lead minus the 3 s timeout, less a second.
+    f.clock
+        .advance(36 * HOUR - Duration::from_secs(600 + 3 + 1));
+    assert!(f.p.tick(f.now()).is_empty());
+    // A call that starts now may run its full timeout...
+    let late = f.acquire_started(&s);
+    assert_eq!(late.instance_id, first.instance_id);
+    f.clock.advance(Duration::from_secs(1));
+    f.p.tick(f.now());
+    // ...the instance takes no new calls: the next one starts a replacement.
+    let next = f.acquire_started(&s);
+    assert!(next.cold_start);
+    assert_ne!(next.instance_id, first.instance_id);
+    f.clock.advance(Duration::from_secs(2));
+    // The late call ends normally, and its instance goes.
+    let effects =
+        f.p.release(&late.lease_id, LeaseOutcome::Ok, f.now())
+            .unwrap();
+    assert_eq!(effects.destroy.len(), 1);
+    assert_eq!(effects.destroy[0].instance_id, first.instance_id);
+    assert_eq!(f.p.instance_count(), 1);
+    assert!(f.p.drain_by_age.len() == 1 && f.p.expire_by_age.is_empty());
+}
+
+#[test]
+fn an_instance_still_busy_at_its_validity_is_removed_retryably() {
+    // Only a call that outlives its timeout by more than the drain lead
+    // can still run at the end: leases are taken back sooner by default,
+    // so this test stretches the grace and drops the lead.
+    let mut f = Fixture::with(PlacementConfig {
+        node_failure_after_ms: u64::MAX / 4,
+        idle_timeout_ms: u64::MAX / 4,
+        lease_grace_ms: 48 * 3_600_000,
+        instance_drain_lead_ms: 0,
+        ..PlacementConfig::default()
+    });
+    f.node("n1", 4096);
+    let held = f.acquire_started(&spec("1", "f", 1, 128));
+    f.clock.advance(36 * HOUR - Duration::from_secs(3));
+    f.p.tick(f.now());
+    assert_eq!(
+        f.p.instance(&held.instance_id).unwrap().state,
+        InstanceState::Draining
+    );
+    f.clock.advance(Duration::from_secs(3));
+    let effects = f.p.tick(f.now());
+    assert_eq!(effects.destroy.len(), 1);
+    assert_eq!(f.p.instance_count(), 0);
+    let err =
+        f.p.release(&held.lease_id, LeaseOutcome::Ok, f.now())
+            .unwrap_err();
+    assert_eq!(err.code, FcErrorCode::ServiceUnavailable);
+    assert!(f.p.drain_by_age.is_empty() && f.p.expire_by_age.is_empty());
+}
+
+#[test]
+fn a_node_that_changes_tenancy_loses_its_instances() {
+    let mut f = Fixture::new();
+    let n1 = f.node("n1", 4096);
+    let held = f.acquire_started(&spec("1", "f", 1, 128));
+    let now = f.now();
+    let r =
+        f.p.register(
+            &registration(Some("n1"), 4096, Tenancy::MultiTenant, None),
+            now,
+        )
+        .unwrap();
+    // It still reports nothing here, so nothing to destroy; the
+    // instance is gone and its call retries.
+    assert!(r.destroy.is_empty());
+    assert!(f.p.node(&n1).unwrap().instances.is_empty());
+    assert!(f.p.node(&n1).unwrap().bound_account.is_none());
+    let err =
+        f.p.release(&held.lease_id, LeaseOutcome::Ok, f.now())
+            .unwrap_err();
+    assert_eq!(err.code, FcErrorCode::ServiceUnavailable);
+}

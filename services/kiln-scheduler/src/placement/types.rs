@@ -9,27 +9,57 @@ use kiln_core::{AccountId, FcError, InstanceId, InstanceSpec, LeaseId, NodeId, S
 use kiln_internal_api::{AccountLimits, NodeCapacity, NodeLabels, Tenancy};
 use serde::{Deserialize, Serialize};
 
-/// A node's lifecycle. Later issues add cordoned and draining nodes.
+/// A node's lifecycle.
+///
+/// ```text
+/// Ready <-> Cordoned -> Draining -> (empty, or out of validity) Retired
+///   ^----------uncordon--------'
+/// any alive state -- silent --> Failed -- registers again --> Ready
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum NodeState {
     /// Heartbeating; takes new instances.
     Ready,
+    /// Takes no new instances; its instances keep serving.
+    Cordoned,
+    /// Takes no new instances and its instances take no new calls: each
+    /// goes once its calls end.
+    Draining,
     /// Silent for too long: its instances were written off; it must register
     /// again.
     Failed,
+    /// Reached its maximum validity: the agent is told to re-provision and
+    /// come back as a new node. Its id is never used again.
+    Retired,
 }
 
 impl NodeState {
+    pub const ALL: [Self; 5] = [
+        Self::Ready,
+        Self::Cordoned,
+        Self::Draining,
+        Self::Failed,
+        Self::Retired,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Ready => "ready",
+            Self::Cordoned => "cordoned",
+            Self::Draining => "draining",
             Self::Failed => "failed",
+            Self::Retired => "retired",
         }
     }
 
     pub fn can_place(self) -> bool {
         self == Self::Ready
+    }
+
+    /// Heartbeating, whether or not it takes new instances.
+    pub fn is_alive(self) -> bool {
+        matches!(self, Self::Ready | Self::Cordoned | Self::Draining)
     }
 }
 
@@ -88,7 +118,7 @@ impl FromStr for InstanceState {
 impl FromStr for NodeState {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        [Self::Ready, Self::Failed]
+        Self::ALL
             .into_iter()
             .find(|st| st.as_str() == s)
             .ok_or_else(|| format!("unknown node state {s:?}"))
@@ -116,6 +146,11 @@ pub struct Node {
     pub bound_account: Option<AccountId>,
     pub state: NodeState,
     pub last_heartbeat_ms: u64,
+    /// When the node first registered under its id: its validity runs
+    /// from here.
+    pub registered_at_ms: u64,
+    /// Draining because its validity runs out: retired once empty.
+    pub reprovision: bool,
     pub used_memory_mb: u64,
     pub used_cpu_milli: u64,
     pub instances: HashSet<InstanceId>,
@@ -156,6 +191,8 @@ impl Node {
             bound_account: self.bound_account.clone(),
             state: self.state,
             last_heartbeat_ms: self.last_heartbeat_ms,
+            registered_at_ms: self.registered_at_ms,
+            reprovision: self.reprovision,
         }
     }
 }
@@ -205,6 +242,8 @@ pub struct NodeRecord {
     pub bound_account: Option<AccountId>,
     pub state: NodeState,
     pub last_heartbeat_ms: u64,
+    pub registered_at_ms: u64,
+    pub reprovision: bool,
 }
 
 /// An instance as persisted. In-flight counts and leases are not: see
