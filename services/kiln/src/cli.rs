@@ -8,7 +8,7 @@ use bytes::Bytes;
 use clap::{Args, Parser, Subcommand};
 
 use crate::client::FcClient;
-use crate::commands::{bench, dev, functions};
+use crate::commands::{bench, dev, functions, nodes};
 use crate::credentials::{self, Credentials};
 
 #[derive(Debug, Parser)]
@@ -38,6 +38,33 @@ pub enum Command {
     Functions(FunctionsCommand),
     /// Measure Kiln against baselines on this machine and print the ratios.
     Bench(bench::BenchArgs),
+    /// List compute nodes, or cordon, drain or uncordon one (needs the
+    /// cluster's certificates: `kiln dev`'s state directory).
+    Nodes(NodesArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct NodesArgs {
+    /// State directory of `kiln dev` (cluster.json, pki/); default ~/.kiln.
+    #[arg(long, global = true)]
+    pub state_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: NodesCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodesCommand {
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// No new instances on the node; its instances keep serving.
+    Cordon { node: String },
+    /// No new instances and no new calls; instances go once idle.
+    Drain { node: String },
+    /// Take new instances again.
+    Uncordon { node: String },
 }
 
 #[derive(Debug, Args)]
@@ -227,5 +254,29 @@ pub async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Bench(args) => bench::run(args).await,
+        Command::Nodes(args) => {
+            let state_dir = match &args.state_dir {
+                Some(d) => d.clone(),
+                None => credentials::default_dir()?,
+            };
+            let s = nodes::Scheduler::from_state_dir(&state_dir)?;
+            let (node, action) = match &args.command {
+                NodesCommand::List { json } => {
+                    let all = s.list().await?;
+                    if *json {
+                        println!("{}", serde_json::to_string_pretty(&all)?);
+                    } else {
+                        nodes::print_table(&all);
+                    }
+                    return Ok(());
+                }
+                NodesCommand::Cordon { node } => (node, "cordon"),
+                NodesCommand::Drain { node } => (node, "drain"),
+                NodesCommand::Uncordon { node } => (node, "uncordon"),
+            };
+            let n = s.act(node, action).await?;
+            println!("node {} is {}", n.node_id, n.state);
+            Ok(())
+        }
     }
 }

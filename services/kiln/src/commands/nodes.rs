@@ -1,0 +1,161 @@
+//! `kiln nodes list|cordon|drain|uncordon`: the scheduler's admin API,
+//! reached with the dev cluster's certificate (`<state>/pki`) at the
+//! address `kiln dev` wrote to `<state>/cluster.json`.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use kiln_core::NodeId;
+use kiln_internal_api::{paths, InternalClient, NodeInfo};
+
+/// The scheduler, and a client with a cluster certificate.
+pub struct Scheduler {
+    pub url: String,
+    client: InternalClient,
+}
+
+impl Scheduler {
+    /// Read `<state_dir>/cluster.json` and the dev PKI under `<state_dir>/pki`.
+    pub fn from_state_dir(state_dir: &Path) -> Result<Self> {
+        let path = state_dir.join("cluster.json");
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "cannot read {} (is `kiln dev` running with this state directory?)",
+                path.display()
+            )
+        })?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not JSON", path.display()))?;
+        let Some(url) = v.get("schedulerUrl").and_then(|u| u.as_str()) else {
+            bail!("{} has no schedulerUrl", path.display());
+        };
+        let pki = kiln_pki::DevPki {
+            dir: state_dir.join("pki"),
+        };
+        let client = InternalClient::new(&pki.files("gateway-internal"))
+            .with_context(|| {
+                format!(
+                    "cannot load the cluster certificate from {}",
+                    pki.dir.display()
+                )
+            })?
+            .with_timeout(std::time::Duration::from_secs(10));
+        Ok(Self {
+            url: url.trim_end_matches('/').to_owned(),
+            client,
+        })
+    }
+
+    pub async fn list(&self) -> Result<Vec<NodeInfo>> {
+        self.client
+            .get(&self.url, paths::SCHEDULER_NODES)
+            .await
+            .context("cannot list nodes")
+    }
+
+    /// `action` is `cordon`, `drain` or `uncordon`; answers the node.
+    pub async fn act(&self, node: &str, action: &str) -> Result<NodeInfo> {
+        let id: NodeId = node
+            .parse()
+            .with_context(|| format!("{node:?} is not a node id"))?;
+        self.client
+            .post(&self.url, &paths::node_action(&id, action), &())
+            .await
+            .with_context(|| format!("cannot {action} node {node}"))
+    }
+}
+
+pub fn print_table(nodes: &[NodeInfo]) {
+    println!(
+        "{:<36} {:<9} {:<8} {:<13} {:>9} {:>15}  AGENT",
+        "NODE", "STATE", "ZONE", "TENANCY", "INSTANCES", "MEMORY MB"
+    );
+    for n in nodes {
+        let tenancy = match n.labels.tenancy {
+            kiln_internal_api::Tenancy::MultiTenant => "multi-tenant",
+            kiln_internal_api::Tenancy::Dedicated => "dedicated",
+        };
+        println!(
+            "{:<36} {:<9} {:<8} {:<13} {:>9} {:>15}  {}",
+            n.node_id,
+            n.state,
+            n.labels.zone,
+            tenancy,
+            n.instances,
+            format!("{}/{}", n.memory_used_mb, n.capacity.memory_mb),
+            n.agent_url
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_core::SandboxKind;
+    use kiln_internal_api::{
+        NodeCapacity, NodeLabels, RegisterNode, RegisterNodeResponse, Tenancy,
+    };
+
+    #[tokio::test]
+    async fn list_cordon_drain_uncordon_against_a_real_scheduler() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path();
+        let pki = kiln_pki::DevPki::ensure(&state.join("pki"), &[]).unwrap();
+        let handle = kiln_scheduler::start(kiln_scheduler::SchedulerConfig::new(
+            state.join("scheduler"),
+            "127.0.0.1:0".parse().unwrap(),
+            pki.files("scheduler"),
+        ))
+        .await
+        .unwrap();
+        let url = format!("https://127.0.0.1:{}", handle.addr().port());
+
+        // Without cluster.json: a clear error.
+        let err = Scheduler::from_state_dir(state).err().unwrap();
+        assert!(format!("{err:#}").contains("cluster.json"), "{err:#}");
+        std::fs::write(
+            state.join("cluster.json"),
+            serde_json::json!({ "schedulerUrl": url }).to_string(),
+        )
+        .unwrap();
+        let s = Scheduler::from_state_dir(state).unwrap();
+
+        let agent = InternalClient::new(&pki.files("agent")).unwrap();
+        let reg: RegisterNodeResponse = agent
+            .post(
+                &url,
+                paths::NODES_REGISTER,
+                &RegisterNode {
+                    node_id: None,
+                    agent_url: "https://127.0.0.1:1".into(),
+                    capacity: NodeCapacity {
+                        memory_mb: 1024,
+                        cpu_milli: 1000,
+                        max_instances: 10,
+                    },
+                    labels: NodeLabels {
+                        zone: "zone-a".into(),
+                        tenancy: Tenancy::Dedicated,
+                        sandbox_kinds: vec![SandboxKind::Container],
+                        dedicated_account: None,
+                    },
+                    instances: vec![],
+                },
+            )
+            .await
+            .unwrap();
+        let id = reg.node_id.to_string();
+        let nodes = s.list().await.unwrap();
+        assert_eq!(nodes.len(), 1);
+        assert_eq!(nodes[0].state, "ready");
+        print_table(&nodes);
+        assert_eq!(s.act(&id, "cordon").await.unwrap().state, "cordoned");
+        assert_eq!(s.act(&id, "drain").await.unwrap().state, "draining");
+        assert_eq!(s.act(&id, "uncordon").await.unwrap().state, "ready");
+        let err = s.act("no/such", "drain").await.unwrap_err();
+        assert!(format!("{err:#}").contains("not a node id"), "{err:#}");
+        let err = s.act("n-unknown", "drain").await.unwrap_err();
+        assert!(format!("{err:#}").contains("not registered"), "{err:#}");
+        handle.shutdown().await;
+    }
+}
