@@ -14,6 +14,7 @@ pub mod code;
 pub mod config;
 pub mod metrics;
 pub mod model;
+pub mod queue;
 pub mod store;
 pub mod validate;
 

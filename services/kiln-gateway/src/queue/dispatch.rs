@@ -1,0 +1,555 @@
+//! The dispatcher: leases messages from the queue, fairly across queues,
+//! invokes them through an [`Invoker`] and records the outcome (retry with
+//! backoff, finish, destinations).
+//!
+//! Fairness: each round walks every queue with work (round robin, starting
+//! one further each round) and asks for at most a fair share of the free
+//! invocation slots per queue, never more than `per_queue` in flight for
+//! one queue. An account with a deep backlog therefore holds at most
+//! `per_queue` slots, and a newly busy account is served in the next round.
+
+use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use kiln_core::{AccountId, Clock};
+use tokio::sync::Notify;
+use tokio::task::AbortHandle;
+use tracing::Instrument;
+
+use super::config::{AsyncConfig, Target};
+use super::{backoff, Claimed, Completion, NewMessage, Queue, QueueError, TaskStatus};
+
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// How one delivery went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InvokeOutcome {
+    Success {
+        status: u16,
+        body: Vec<u8>,
+    },
+    /// The function ran and failed (unhandled error, crash, timeout).
+    FunctionError {
+        status: u16,
+        body: Vec<u8>,
+    },
+    /// Throttled by the scheduler: back off and retry until the TTL.
+    Throttled(String),
+    /// A system error: back off and retry until the TTL.
+    SystemError(String),
+    /// The function no longer exists: the task is Invalid.
+    FunctionGone(String),
+}
+
+/// Invokes a message's function; the real one goes through the sync
+/// invoke path, tests use a fake.
+pub trait Invoker: Send + Sync + 'static {
+    fn invoke(&self, m: &Claimed) -> BoxFuture<InvokeOutcome>;
+    /// POST a destination record to an https webhook.
+    fn webhook(&self, url: &str, record: &serde_json::Value) -> BoxFuture<Result<(), String>>;
+}
+
+/// The async invoke configs in memory (the queue database holds them).
+#[derive(Default)]
+pub struct Configs {
+    map: RwLock<HashMap<(String, String), AsyncConfig>>,
+}
+
+impl Configs {
+    pub async fn load(queue: &Queue) -> Result<Self, QueueError> {
+        let map = queue
+            .configs()
+            .await?
+            .into_iter()
+            .map(|(a, f, c)| ((a, f), c))
+            .collect();
+        Ok(Self {
+            map: RwLock::new(map),
+        })
+    }
+
+    pub fn get(&self, account: &str, function: &str) -> Option<AsyncConfig> {
+        let m = self.map.read().unwrap_or_else(|p| p.into_inner());
+        m.get(&(account.to_owned(), function.to_owned())).cloned()
+    }
+
+    pub fn set(&self, account: &str, function: &str, cfg: Option<AsyncConfig>) {
+        let mut m = self.map.write().unwrap_or_else(|p| p.into_inner());
+        let k = (account.to_owned(), function.to_owned());
+        match cfg {
+            Some(c) => m.insert(k, c),
+            None => m.remove(&k),
+        };
+    }
+
+    /// Every config of `account`, ordered by function name.
+    pub fn of_account(&self, account: &str) -> Vec<(String, AsyncConfig)> {
+        let m = self.map.read().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<_> = m
+            .iter()
+            .filter(|((a, _), _)| a == account)
+            .map(|((_, f), c)| (f.clone(), c.clone()))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// The queue a function's messages wait in.
+    pub fn queue_of(&self, account: &str, function: &str) -> String {
+        match self.get(account, function) {
+            Some(c) if c.dedicated_queue == Some(true) => format!("{account}/{function}"),
+            _ => account.to_owned(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DispatchSettings {
+    /// Invocations in flight across all queues.
+    pub max_in_flight: usize,
+    /// Invocations in flight for one queue.
+    pub per_queue: usize,
+    /// How long a delivery's lease lasts before the message is redelivered.
+    pub lease_ms: u64,
+    /// The longest backoff after throttling or a system error.
+    pub backoff_cap: Duration,
+    /// How often an idle dispatcher looks for messages whose backoff ended.
+    pub idle_poll: Duration,
+    /// Attempts to deliver a destination record.
+    pub destination_attempts: u32,
+}
+
+impl Default for DispatchSettings {
+    fn default() -> Self {
+        Self {
+            max_in_flight: 64,
+            per_queue: 16,
+            lease_ms: 15 * 60 * 1000,
+            backoff_cap: Duration::from_secs(60),
+            idle_poll: Duration::from_millis(100),
+            destination_attempts: 5,
+        }
+    }
+}
+
+/// The running dispatcher's shared state.
+pub struct Dispatcher {
+    queue: Queue,
+    invoker: Arc<dyn Invoker>,
+    configs: Arc<Configs>,
+    clock: Arc<dyn Clock>,
+    settings: DispatchSettings,
+    region: String,
+    wake: Notify,
+    state: Mutex<State>,
+    me: std::sync::Weak<Self>,
+}
+
+#[derive(Default)]
+struct State {
+    queues: BTreeSet<String>,
+    in_flight: HashMap<String, usize>,
+    total: usize,
+    cursor: usize,
+    running: HashMap<i64, AbortHandle>,
+}
+
+impl Dispatcher {
+    pub fn new(
+        queue: Queue,
+        invoker: Arc<dyn Invoker>,
+        configs: Arc<Configs>,
+        clock: Arc<dyn Clock>,
+        settings: DispatchSettings,
+        region: String,
+    ) -> Arc<Self> {
+        Arc::new_cyclic(|me| Self {
+            me: me.clone(),
+            queue,
+            invoker,
+            configs,
+            clock,
+            settings,
+            region,
+            wake: Notify::new(),
+            state: Mutex::new(State::default()),
+        })
+    }
+
+    pub fn queue(&self) -> &Queue {
+        &self.queue
+    }
+
+    pub fn configs(&self) -> &Arc<Configs> {
+        &self.configs
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A message was enqueued into `queue`.
+    pub fn enqueued(&self, queue: &str) {
+        let mut s = self.state();
+        if !s.queues.contains(queue) {
+            s.queues.insert(queue.to_owned());
+        }
+        drop(s);
+        self.wake.notify_one();
+    }
+
+    /// Abort the running delivery of message `seq` (StopAsyncTask).
+    pub fn abort(&self, seq: i64) {
+        if let Some(h) = self.state().running.remove(&seq) {
+            h.abort();
+        }
+    }
+
+    /// Run until `stop` resolves; in-flight deliveries are left to their
+    /// leases (redelivered after a restart).
+    pub async fn run(self: Arc<Self>, stop: impl Future<Output = ()>) {
+        match self.queue.active_queues().await {
+            Ok(qs) => self.state().queues.extend(qs),
+            Err(e) => tracing::error!(error = %e, "cannot list queues; starting empty"),
+        }
+        tokio::pin!(stop);
+        loop {
+            let wants = self.wants();
+            let claimed = if wants.is_empty() {
+                Vec::new()
+            } else {
+                match self
+                    .queue
+                    .claim(self.clock.now_ms(), self.settings.lease_ms, wants)
+                    .await
+                {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::error!(error = %e, "claim failed");
+                        Vec::new()
+                    }
+                }
+            };
+            if claimed.is_empty() {
+                self.prune().await;
+                tokio::select! {
+                    _ = &mut stop => break,
+                    _ = self.wake.notified() => {}
+                    _ = tokio::time::sleep(self.settings.idle_poll) => {}
+                }
+                continue;
+            }
+            for c in claimed {
+                {
+                    let mut s = self.state();
+                    *s.in_flight.entry(c.queue.clone()).or_default() += 1;
+                    s.total += 1;
+                }
+                let span = tracing::info_span!(
+                    "async_invoke",
+                    request_id = %c.request_id,
+                    task_id = %c.task_id,
+                    account = %c.account,
+                    function = %c.function,
+                    delivery = c.delivery,
+                );
+                let me = self.clone();
+                tokio::spawn(async move { me.process(c).await }.instrument(span));
+            }
+            if let Some(()) = futures_util::FutureExt::now_or_never(&mut stop) {
+                break;
+            }
+        }
+    }
+
+    /// This round's requests: a fair share of the free slots per queue.
+    fn wants(&self) -> Vec<(String, usize)> {
+        let mut s = self.state();
+        let free = self.settings.max_in_flight.saturating_sub(s.total);
+        if free == 0 || s.queues.is_empty() {
+            return Vec::new();
+        }
+        let queues: Vec<String> = s.queues.iter().cloned().collect();
+        let start = s.cursor % queues.len();
+        s.cursor = s.cursor.wrapping_add(1);
+        let share = free.div_ceil(queues.len()).max(1);
+        let mut left = free;
+        let mut wants = Vec::new();
+        for i in 0..queues.len() {
+            if left == 0 {
+                break;
+            }
+            let q = &queues[(start + i) % queues.len()];
+            let busy = s.in_flight.get(q).copied().unwrap_or(0);
+            let n = self
+                .settings
+                .per_queue
+                .saturating_sub(busy)
+                .min(share)
+                .min(left);
+            if n > 0 {
+                wants.push((q.clone(), n));
+                left -= n;
+            }
+        }
+        wants
+    }
+
+    /// Forget queues with nothing left and nothing in flight.
+    async fn prune(&self) {
+        let idle: Vec<String> = {
+            let s = self.state();
+            s.queues
+                .iter()
+                .filter(|q| s.in_flight.get(*q).copied().unwrap_or(0) == 0)
+                .cloned()
+                .collect()
+        };
+        for q in idle {
+            if let Ok(false) = self.queue.has_pending(&q).await {
+                let mut s = self.state();
+                if s.in_flight.get(&q).copied().unwrap_or(0) == 0 {
+                    s.queues.remove(&q);
+                }
+            }
+        }
+    }
+
+    async fn process(self: Arc<Self>, c: Claimed) {
+        let cfg = self
+            .configs
+            .get(&c.account, &c.function)
+            .unwrap_or_default();
+        let now = self.clock.now_ms();
+        let (completion, outcome) = if now.saturating_sub(c.created_ms) >= cfg.max_age_ms() {
+            (
+                Completion::Final {
+                    status: TaskStatus::Expired,
+                    error: Some("the message is older than maxAsyncEventAgeInSeconds".into()),
+                    return_payload: None,
+                },
+                None,
+            )
+        } else {
+            let fut = self.invoker.invoke(&c);
+            let handle = tokio::spawn(fut);
+            self.state().running.insert(c.seq, handle.abort_handle());
+            let joined = handle.await;
+            self.state().running.remove(&c.seq);
+            match joined {
+                Ok(o) => (self.decide(&c, &cfg, &o), Some(o)),
+                Err(_) => (
+                    Completion::Final {
+                        status: TaskStatus::Stopped,
+                        error: Some("stopped by StopAsyncTask".into()),
+                        return_payload: None,
+                    },
+                    None,
+                ),
+            }
+        };
+        let now = self.clock.now_ms();
+        let applied = self
+            .queue
+            .complete(c.seq, c.delivery, now, completion.clone())
+            .await;
+        match applied {
+            Ok(Some(status)) if status.is_final() => {
+                tracing::debug!(status = status.as_str(), "async task finished");
+                self.destination(&c, &cfg, status, outcome.as_ref(), now);
+            }
+            Ok(Some(status)) => tracing::debug!(status = status.as_str(), "async task retrying"),
+            Ok(None) => tracing::info!("delivery's lease was lost; outcome dropped"),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot record async outcome; the lease will expire and redeliver")
+            }
+        }
+        {
+            let mut s = self.state();
+            if let Some(n) = s.in_flight.get_mut(&c.queue) {
+                *n = n.saturating_sub(1);
+            }
+            s.total = s.total.saturating_sub(1);
+        }
+        self.wake.notify_one();
+    }
+
+    fn decide(&self, c: &Claimed, cfg: &AsyncConfig, o: &InvokeOutcome) -> Completion {
+        let now = self.clock.now_ms();
+        match o {
+            InvokeOutcome::Success { body, .. } => Completion::Final {
+                status: TaskStatus::Succeeded,
+                error: None,
+                return_payload: Some(body.clone()),
+            },
+            InvokeOutcome::FunctionError { body, .. } => {
+                if c.retries < cfg.retries() {
+                    Completion::Retry {
+                        visible_ms: now,
+                        retries: c.retries + 1,
+                        throttles: c.throttles,
+                        detail: format!(
+                            "function error, retry {} of {}",
+                            c.retries + 1,
+                            cfg.retries()
+                        ),
+                    }
+                } else {
+                    Completion::Final {
+                        status: TaskStatus::Failed,
+                        error: Some(
+                            String::from_utf8_lossy(&body[..body.len().min(4096)]).into_owned(),
+                        ),
+                        return_payload: Some(body.clone()),
+                    }
+                }
+            }
+            InvokeOutcome::Throttled(m) | InvokeOutcome::SystemError(m) => {
+                let throttles = c.throttles + 1;
+                let wait = backoff(throttles, self.settings.backoff_cap).as_millis() as u64;
+                if (now + wait).saturating_sub(c.created_ms) >= cfg.max_age_ms() {
+                    Completion::Final {
+                        status: TaskStatus::Expired,
+                        error: Some(format!(
+                            "maxAsyncEventAgeInSeconds reached; last error: {m}"
+                        )),
+                        return_payload: None,
+                    }
+                } else {
+                    Completion::Retry {
+                        visible_ms: now + wait,
+                        retries: c.retries,
+                        throttles,
+                        detail: m.clone(),
+                    }
+                }
+            }
+            InvokeOutcome::FunctionGone(m) => Completion::Final {
+                status: TaskStatus::Invalid,
+                error: Some(m.clone()),
+                return_payload: None,
+            },
+        }
+    }
+
+    /// Send the record to onSuccess / onFailure, off the queue's path.
+    fn destination(
+        &self,
+        c: &Claimed,
+        cfg: &AsyncConfig,
+        status: TaskStatus,
+        outcome: Option<&InvokeOutcome>,
+        now_ms: u64,
+    ) {
+        let target = match status {
+            TaskStatus::Succeeded => cfg.on_success(&self.region, &c.account),
+            TaskStatus::Failed | TaskStatus::Expired => cfg.on_failure(&self.region, &c.account),
+            _ => None,
+        };
+        let Some(target) = target else { return };
+        let record = record(&self.region, c, status, outcome, now_ms);
+        let queue = self.queue.clone();
+        let invoker = self.invoker.clone();
+        let attempts = self.settings.destination_attempts.max(1);
+        let cap = self.settings.backoff_cap;
+        let configs = self.configs.clone();
+        let me_wake = self.me.clone();
+        let account = c.account.clone();
+        let request_id = c.request_id.clone();
+        tokio::spawn(async move {
+            for attempt in 1..=attempts {
+                let r = match &target {
+                    Target::Webhook(url) => invoker.webhook(url, &record).await,
+                    Target::Function(f) => {
+                        let Ok(acc) = account.parse::<AccountId>() else {
+                            return;
+                        };
+                        let q = configs.queue_of(&account, f.as_str());
+                        let m = NewMessage {
+                            account: acc,
+                            function: f.clone(),
+                            queue: q.clone(),
+                            task_id: format!("dest-{request_id}"),
+                            request_id: kiln_core::RequestId::generate().as_str().to_owned(),
+                            payload: record.to_string().into_bytes(),
+                            headers: vec![("content-type".into(), "application/json".into())],
+                            now_ms,
+                        };
+                        let r = queue
+                            .enqueue(m)
+                            .await
+                            .map(|_| ())
+                            .map_err(|e| e.to_string());
+                        if r.is_ok() {
+                            if let Some(d) = me_wake.upgrade() {
+                                d.enqueued(&q);
+                            }
+                        }
+                        r
+                    }
+                };
+                match r {
+                    Ok(()) => return,
+                    Err(e) => {
+                        tracing::warn!(attempt, error = %e, request_id = %request_id, "destination delivery failed");
+                        tokio::time::sleep(backoff(attempt, cap)).await;
+                    }
+                }
+            }
+            tracing::error!(request_id = %request_id, "destination delivery abandoned");
+        });
+    }
+}
+
+/// The destination record, shaped like FC's / Lambda's.
+pub fn record(
+    region: &str,
+    c: &Claimed,
+    status: TaskStatus,
+    outcome: Option<&InvokeOutcome>,
+    now_ms: u64,
+) -> serde_json::Value {
+    let as_json = |b: &[u8]| {
+        serde_json::from_slice::<serde_json::Value>(b)
+            .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(b).into_owned()))
+    };
+    let condition = match (status, outcome) {
+        (TaskStatus::Succeeded, _) => "Success",
+        (TaskStatus::Expired, _) => "EventAgeExceeded",
+        _ => "RetriesExhausted",
+    };
+    let (status_code, function_error, response) = match outcome {
+        Some(InvokeOutcome::Success { status, body }) => (*status, None, Some(as_json(body))),
+        Some(InvokeOutcome::FunctionError { status, body }) => (
+            *status,
+            Some("UnhandledInvocationError"),
+            Some(as_json(body)),
+        ),
+        Some(InvokeOutcome::Throttled(m))
+        | Some(InvokeOutcome::SystemError(m))
+        | Some(InvokeOutcome::FunctionGone(m)) => {
+            (0, None, Some(serde_json::json!({ "errorMessage": m })))
+        }
+        None => (0, None, None),
+    };
+    let mut response_context = serde_json::json!({ "statusCode": status_code });
+    if let Some(fe) = function_error {
+        response_context["functionError"] = fe.into();
+    }
+    serde_json::json!({
+        "version": "1.0",
+        "timestamp": crate::model::fc_time(now_ms),
+        "requestContext": {
+            "requestId": c.request_id,
+            "functionArn": format!("acs:fc:{region}:{}:functions/{}", c.account, c.function),
+            "condition": condition,
+            "approximateInvokeCount": c.delivery,
+        },
+        "requestPayload": as_json(&c.payload),
+        "responseContext": response_context,
+        "responsePayload": response,
+    })
+}

@@ -1,0 +1,810 @@
+//! The durable async-invocation queue (`state_dir/queue.db`, SQLite WAL with
+//! synchronous=FULL).
+//!
+//! Every write goes through one writer thread ([`Queue`]) that takes all
+//! operations waiting in its channel, applies them in one transaction and
+//! answers each caller after that transaction commits: concurrent enqueues
+//! share one fsync (group commit), and a 202 is only sent once its row is on
+//! disk.
+//!
+//! A message is also the async task FC reports: its row holds the status,
+//! the attempt counters and, while it is being invoked, the lease (the
+//! `visible_ms` column is the lease's expiry). A dispatcher that dies
+//! mid-flight loses nothing: once `visible_ms` passes, the message is
+//! claimed again. Completions carry the delivery number they were claimed
+//! with, so a late answer from an expired delivery changes nothing.
+
+pub mod config;
+pub mod dispatch;
+pub mod tasks;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kiln_core::{AccountId, FunctionName};
+use kiln_store::{Database, Migration, StoreError};
+use rusqlite::{params, OptionalExtension, Transaction};
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+
+pub use config::AsyncConfig;
+
+/// Why a queue operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error(transparent)]
+    Db(#[from] StoreError),
+    #[error("The queue writer has stopped")]
+    Closed,
+    #[error("Stored async config of {0} is unreadable")]
+    Corrupt(String, #[source] serde_json::Error),
+}
+
+impl From<rusqlite::Error> for QueueError {
+    fn from(e: rusqlite::Error) -> Self {
+        Self::Db(StoreError::Sqlite(e))
+    }
+}
+
+const MIGRATIONS: &[Migration] = &[Migration {
+    name: "async messages, task events, async invoke configs",
+    sql: "
+        CREATE TABLE messages (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            account_id TEXT NOT NULL,
+            function_name TEXT NOT NULL,
+            queue TEXT NOT NULL,
+            task_id TEXT NOT NULL,
+            request_id TEXT NOT NULL,
+            payload BLOB NOT NULL,
+            headers TEXT NOT NULL,
+            status TEXT NOT NULL,
+            done INTEGER NOT NULL DEFAULT 0,
+            retries INTEGER NOT NULL DEFAULT 0,
+            throttles INTEGER NOT NULL DEFAULT 0,
+            deliveries INTEGER NOT NULL DEFAULT 0,
+            visible_ms INTEGER NOT NULL,
+            created_ms INTEGER NOT NULL,
+            end_ms INTEGER,
+            error TEXT,
+            return_payload BLOB,
+            UNIQUE (account_id, function_name, task_id)
+        );
+        CREATE INDEX messages_pending ON messages(queue, visible_ms) WHERE done = 0;
+        CREATE INDEX messages_by_function ON messages(account_id, function_name, seq);
+        CREATE TABLE task_events (
+            event_id INTEGER PRIMARY KEY AUTOINCREMENT,
+            seq INTEGER NOT NULL,
+            status TEXT NOT NULL,
+            ts_ms INTEGER NOT NULL,
+            detail TEXT NOT NULL
+        );
+        CREATE INDEX task_events_by_task ON task_events(seq);
+        CREATE TABLE async_configs (
+            account_id TEXT NOT NULL,
+            function_name TEXT NOT NULL,
+            doc TEXT NOT NULL,
+            PRIMARY KEY (account_id, function_name)
+        );
+    ",
+}];
+
+/// FC's async task statuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub enum TaskStatus {
+    Enqueued,
+    Running,
+    Retrying,
+    Succeeded,
+    Failed,
+    Stopping,
+    Stopped,
+    Expired,
+    Invalid,
+}
+
+impl TaskStatus {
+    pub const ALL: [TaskStatus; 9] = [
+        Self::Enqueued,
+        Self::Running,
+        Self::Retrying,
+        Self::Succeeded,
+        Self::Failed,
+        Self::Stopping,
+        Self::Stopped,
+        Self::Expired,
+        Self::Invalid,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Enqueued => "Enqueued",
+            Self::Running => "Running",
+            Self::Retrying => "Retrying",
+            Self::Succeeded => "Succeeded",
+            Self::Failed => "Failed",
+            Self::Stopping => "Stopping",
+            Self::Stopped => "Stopped",
+            Self::Expired => "Expired",
+            Self::Invalid => "Invalid",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.as_str() == s)
+    }
+
+    /// A finished task never changes again.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            Self::Succeeded | Self::Failed | Self::Stopped | Self::Expired | Self::Invalid
+        )
+    }
+}
+
+/// A message to enqueue.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub account: AccountId,
+    pub function: FunctionName,
+    /// The queue it waits in: the account's, or the function's own.
+    pub queue: String,
+    pub task_id: String,
+    pub request_id: String,
+    pub payload: Vec<u8>,
+    /// Caller headers passed to the function.
+    pub headers: Vec<(String, String)>,
+    pub now_ms: u64,
+}
+
+/// What an enqueue did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Enqueued {
+    New,
+    /// The task id was already taken by this function: one task.
+    Duplicate {
+        request_id: String,
+    },
+}
+
+/// A message leased to a dispatcher.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub seq: i64,
+    /// The delivery number this lease holds; completions must name it.
+    pub delivery: i64,
+    pub queue: String,
+    pub account: String,
+    pub function: String,
+    pub task_id: String,
+    pub request_id: String,
+    pub payload: Vec<u8>,
+    pub headers: Vec<(String, String)>,
+    pub created_ms: u64,
+    /// Retries already spent on function errors.
+    pub retries: u32,
+    /// Throttled or system-failed deliveries so far (drives the backoff).
+    pub throttles: u32,
+}
+
+/// The new state of a claimed message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Completion {
+    /// Back in the queue, visible again at `visible_ms`.
+    Retry {
+        visible_ms: u64,
+        retries: u32,
+        throttles: u32,
+        detail: String,
+    },
+    /// Finished with this status.
+    Final {
+        status: TaskStatus,
+        error: Option<String>,
+        return_payload: Option<Vec<u8>>,
+    },
+}
+
+/// What stopping a task did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopOutcome {
+    /// It was waiting: it is Stopped and will not run.
+    Stopped,
+    /// It is being invoked: Stopping until the dispatcher aborts it.
+    Stopping {
+        seq: i64,
+    },
+    NotFound,
+    AlreadyFinished(TaskStatus),
+}
+
+enum Op {
+    Enqueue(NewMessage, oneshot::Sender<Result<Enqueued, QueueError>>),
+    Claim {
+        now_ms: u64,
+        lease_ms: u64,
+        wants: Vec<(String, usize)>,
+        reply: oneshot::Sender<Result<Vec<Claimed>, QueueError>>,
+    },
+    Complete {
+        seq: i64,
+        delivery: i64,
+        now_ms: u64,
+        completion: Completion,
+        reply: oneshot::Sender<Result<Option<TaskStatus>, QueueError>>,
+    },
+    Stop {
+        account: String,
+        function: String,
+        task_id: String,
+        now_ms: u64,
+        reply: oneshot::Sender<Result<StopOutcome, QueueError>>,
+    },
+}
+
+/// The most operations one transaction applies.
+const BATCH_MAX: usize = 2048;
+
+/// The queue: the database and its writer thread.
+#[derive(Clone)]
+pub struct Queue {
+    db: Database,
+    tx: mpsc::UnboundedSender<Op>,
+    batches: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Queue {
+    /// Open (creating) the queue database and start its writer thread. The
+    /// thread ends when every [`Queue`] clone is dropped.
+    pub fn open(path: &Path) -> Result<Self, QueueError> {
+        Ok(Self::with_db(Database::open(path, MIGRATIONS)?))
+    }
+
+    pub fn open_in_memory() -> Result<Self, QueueError> {
+        Ok(Self::with_db(Database::open_in_memory(MIGRATIONS)?))
+    }
+
+    fn with_db(db: Database) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let batches = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let writer_db = db.clone();
+        let counter = batches.clone();
+        std::thread::Builder::new()
+            .name("kiln-queue-writer".into())
+            .spawn(move || writer(writer_db, rx, counter))
+            .expect("spawn queue writer");
+        Self { db, tx, batches }
+    }
+
+    /// Transactions committed by the writer so far.
+    pub fn batches(&self) -> u64 {
+        self.batches.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    async fn call<T>(
+        &self,
+        op: impl FnOnce(oneshot::Sender<Result<T, QueueError>>) -> Op,
+    ) -> Result<T, QueueError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(op(reply)).map_err(|_| QueueError::Closed)?;
+        rx.await.map_err(|_| QueueError::Closed)?
+    }
+
+    /// Durably enqueue; returns once the row is committed.
+    pub async fn enqueue(&self, m: NewMessage) -> Result<Enqueued, QueueError> {
+        self.call(|r| Op::Enqueue(m, r)).await
+    }
+
+    /// Lease up to `n` visible messages from each named queue, oldest first,
+    /// until `now_ms + lease_ms`.
+    pub async fn claim(
+        &self,
+        now_ms: u64,
+        lease_ms: u64,
+        wants: Vec<(String, usize)>,
+    ) -> Result<Vec<Claimed>, QueueError> {
+        self.call(|reply| Op::Claim {
+            now_ms,
+            lease_ms,
+            wants,
+            reply,
+        })
+        .await
+    }
+
+    /// Record the outcome of a delivery; `None` if that delivery's lease
+    /// was lost (expired and claimed again, or the task finished).
+    pub async fn complete(
+        &self,
+        seq: i64,
+        delivery: i64,
+        now_ms: u64,
+        completion: Completion,
+    ) -> Result<Option<TaskStatus>, QueueError> {
+        self.call(|reply| Op::Complete {
+            seq,
+            delivery,
+            now_ms,
+            completion,
+            reply,
+        })
+        .await
+    }
+
+    pub async fn stop(
+        &self,
+        account: &AccountId,
+        function: &FunctionName,
+        task_id: &str,
+        now_ms: u64,
+    ) -> Result<StopOutcome, QueueError> {
+        let (account, function, task_id) = (
+            account.as_str().to_owned(),
+            function.as_str().to_owned(),
+            task_id.to_owned(),
+        );
+        self.call(|reply| Op::Stop {
+            account,
+            function,
+            task_id,
+            now_ms,
+            reply,
+        })
+        .await
+    }
+
+    /// Every queue with unfinished messages (for the dispatcher's start).
+    pub async fn active_queues(&self) -> Result<Vec<String>, QueueError> {
+        Ok(self
+            .db
+            .run(|c| {
+                let mut st = c.prepare("SELECT DISTINCT queue FROM messages WHERE done = 0")?;
+                let rows = st.query_map([], |r| r.get(0))?;
+                Ok(rows.collect::<Result<Vec<String>, _>>()?)
+            })
+            .await?)
+    }
+
+    /// Whether `queue` still holds unfinished messages.
+    pub async fn has_pending(&self, queue: &str) -> Result<bool, QueueError> {
+        let q = queue.to_owned();
+        Ok(self
+            .db
+            .run(move |c| {
+                Ok(c.query_row(
+                    "SELECT 1 FROM messages WHERE queue = ?1 AND done = 0 LIMIT 1",
+                    [q],
+                    |_| Ok(()),
+                )
+                .optional()?
+                .is_some())
+            })
+            .await?)
+    }
+
+    /// The earliest time a pending message of `queue` becomes visible.
+    pub async fn next_visible(&self, queue: &str) -> Result<Option<u64>, QueueError> {
+        let q = queue.to_owned();
+        Ok(self
+            .db
+            .run(move |c| {
+                Ok(c.query_row(
+                    "SELECT min(visible_ms) FROM messages WHERE queue = ?1 AND done = 0",
+                    [q],
+                    |r| r.get::<_, Option<i64>>(0),
+                )?
+                .map(|v| v.max(0) as u64))
+            })
+            .await?)
+    }
+
+    /// Read-only access for task queries.
+    pub(crate) fn db(&self) -> &Database {
+        &self.db
+    }
+
+    /// Store (or replace) a function's async invoke config.
+    pub async fn put_config(
+        &self,
+        account: &AccountId,
+        function: &FunctionName,
+        cfg: &AsyncConfig,
+    ) -> Result<(), QueueError> {
+        let (a, f) = (account.as_str().to_owned(), function.as_str().to_owned());
+        let doc = serde_json::to_string(cfg).expect("config serialises");
+        Ok(self
+            .db
+            .run(move |c| {
+                c.execute(
+                    "INSERT INTO async_configs (account_id, function_name, doc) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (account_id, function_name) DO UPDATE SET doc = excluded.doc",
+                    params![a, f, doc],
+                )?;
+                Ok(())
+            })
+            .await?)
+    }
+
+    /// Remove a config; true if there was one.
+    pub async fn delete_config(
+        &self,
+        account: &AccountId,
+        function: &FunctionName,
+    ) -> Result<bool, QueueError> {
+        let (a, f) = (account.as_str().to_owned(), function.as_str().to_owned());
+        Ok(self
+            .db
+            .run(move |c| {
+                Ok(c.execute(
+                    "DELETE FROM async_configs WHERE account_id = ?1 AND function_name = ?2",
+                    params![a, f],
+                )? > 0)
+            })
+            .await?)
+    }
+
+    /// Every stored config: (account, function, config).
+    pub async fn configs(&self) -> Result<Vec<(String, String, AsyncConfig)>, QueueError> {
+        let rows = self
+            .db
+            .run(|c| {
+                let mut st =
+                    c.prepare("SELECT account_id, function_name, doc FROM async_configs")?;
+                let rows = st.query_map([], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                    ))
+                })?;
+                Ok(rows.collect::<Result<Vec<_>, _>>()?)
+            })
+            .await?;
+        rows.into_iter()
+            .map(|(a, f, doc)| {
+                let cfg = serde_json::from_str(&doc)
+                    .map_err(|e| QueueError::Corrupt(format!("{a}/{f}"), e))?;
+                Ok((a, f, cfg))
+            })
+            .collect()
+    }
+}
+
+fn writer(
+    db: Database,
+    mut rx: mpsc::UnboundedReceiver<Op>,
+    batches: Arc<std::sync::atomic::AtomicU64>,
+) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut ops = vec![first];
+        while ops.len() < BATCH_MAX {
+            match rx.try_recv() {
+                Ok(op) => ops.push(op),
+                Err(_) => break,
+            }
+        }
+        let mut results: Vec<Reply> = Vec::with_capacity(ops.len());
+        let committed = db.with_conn(|c| {
+            let tx = c.transaction()?;
+            for op in &ops {
+                results.push(apply(&tx, op));
+            }
+            tx.commit()?;
+            Ok(())
+        });
+        batches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Err(e) = committed {
+            tracing::error!(error = %e, ops = ops.len(), "queue batch failed to commit");
+            for op in ops {
+                op.fail();
+            }
+            continue;
+        }
+        for (op, r) in ops.into_iter().zip(results) {
+            op.answer(r);
+        }
+    }
+}
+
+enum Reply {
+    Enqueued(Result<Enqueued, QueueError>),
+    Claimed(Result<Vec<Claimed>, QueueError>),
+    Completed(Result<Option<TaskStatus>, QueueError>),
+    Stopped(Result<StopOutcome, QueueError>),
+}
+
+impl Op {
+    fn fail(self) {
+        match self {
+            Op::Enqueue(_, r) => drop(r.send(Err(QueueError::Closed))),
+            Op::Claim { reply, .. } => drop(reply.send(Err(QueueError::Closed))),
+            Op::Complete { reply, .. } => drop(reply.send(Err(QueueError::Closed))),
+            Op::Stop { reply, .. } => drop(reply.send(Err(QueueError::Closed))),
+        }
+    }
+
+    fn answer(self, r: Reply) {
+        match (self, r) {
+            (Op::Enqueue(_, tx), Reply::Enqueued(r)) => drop(tx.send(r)),
+            (Op::Claim { reply, .. }, Reply::Claimed(r)) => drop(reply.send(r)),
+            (Op::Complete { reply, .. }, Reply::Completed(r)) => drop(reply.send(r)),
+            (Op::Stop { reply, .. }, Reply::Stopped(r)) => drop(reply.send(r)),
+            (op, _) => op.fail(),
+        }
+    }
+}
+
+fn apply(tx: &Transaction<'_>, op: &Op) -> Reply {
+    match op {
+        Op::Enqueue(m, _) => Reply::Enqueued(enqueue(tx, m).map_err(Into::into)),
+        Op::Claim {
+            now_ms,
+            lease_ms,
+            wants,
+            ..
+        } => Reply::Claimed(claim(tx, *now_ms, *lease_ms, wants)),
+        Op::Complete {
+            seq,
+            delivery,
+            now_ms,
+            completion,
+            ..
+        } => {
+            Reply::Completed(complete(tx, *seq, *delivery, *now_ms, completion).map_err(Into::into))
+        }
+        Op::Stop {
+            account,
+            function,
+            task_id,
+            now_ms,
+            ..
+        } => Reply::Stopped(stop(tx, account, function, task_id, *now_ms).map_err(Into::into)),
+    }
+}
+
+fn event(
+    tx: &Transaction<'_>,
+    seq: i64,
+    status: TaskStatus,
+    now_ms: u64,
+    detail: &str,
+) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO task_events (seq, status, ts_ms, detail) VALUES (?1, ?2, ?3, ?4)",
+    )?
+    .execute(params![seq, status.as_str(), now_ms as i64, detail])?;
+    Ok(())
+}
+
+fn enqueue(tx: &Transaction<'_>, m: &NewMessage) -> rusqlite::Result<Enqueued> {
+    let headers = serde_json::to_string(&m.headers).expect("headers serialise");
+    let inserted = tx
+        .prepare_cached(
+            "INSERT INTO messages (account_id, function_name, queue, task_id, request_id, payload,
+                                   headers, status, visible_ms, created_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'Enqueued', ?8, ?8)
+             ON CONFLICT (account_id, function_name, task_id) DO NOTHING",
+        )?
+        .execute(params![
+            m.account.as_str(),
+            m.function.as_str(),
+            m.queue,
+            m.task_id,
+            m.request_id,
+            m.payload,
+            headers,
+            m.now_ms as i64
+        ])?;
+    if inserted == 0 {
+        let request_id: String = tx
+            .prepare_cached(
+                "SELECT request_id FROM messages
+                 WHERE account_id = ?1 AND function_name = ?2 AND task_id = ?3",
+            )?
+            .query_row(
+                params![m.account.as_str(), m.function.as_str(), m.task_id],
+                |r| r.get(0),
+            )?;
+        return Ok(Enqueued::Duplicate { request_id });
+    }
+    event(
+        tx,
+        tx.last_insert_rowid(),
+        TaskStatus::Enqueued,
+        m.now_ms,
+        "",
+    )?;
+    Ok(Enqueued::New)
+}
+
+fn claim(
+    tx: &Transaction<'_>,
+    now_ms: u64,
+    lease_ms: u64,
+    wants: &[(String, usize)],
+) -> Result<Vec<Claimed>, QueueError> {
+    let mut out = Vec::new();
+    for (queue, n) in wants {
+        let rows: Vec<(Claimed, String)> = {
+            let mut st = tx.prepare_cached(
+                "SELECT seq, deliveries, account_id, function_name, task_id, request_id, payload,
+                        headers, created_ms, retries, throttles, status
+                 FROM messages WHERE queue = ?1 AND done = 0 AND visible_ms <= ?2
+                 ORDER BY visible_ms, seq LIMIT ?3",
+            )?;
+            let rows = st.query_map(params![queue, now_ms as i64, *n as i64], |r| {
+                let headers: String = r.get(7)?;
+                Ok((
+                    Claimed {
+                        seq: r.get(0)?,
+                        delivery: r.get::<_, i64>(1)? + 1,
+                        queue: queue.clone(),
+                        account: r.get(2)?,
+                        function: r.get(3)?,
+                        task_id: r.get(4)?,
+                        request_id: r.get(5)?,
+                        payload: r.get(6)?,
+                        headers: serde_json::from_str(&headers).unwrap_or_default(),
+                        created_ms: r.get::<_, i64>(8)? as u64,
+                        retries: r.get::<_, i64>(9)? as u32,
+                        throttles: r.get::<_, i64>(10)? as u32,
+                    },
+                    r.get(11)?,
+                ))
+            })?;
+            rows.collect::<Result<_, _>>()?
+        };
+        for (c, status) in rows {
+            if status == TaskStatus::Stopping.as_str() {
+                // Its dispatcher died while stopping it: it is stopped.
+                finish(tx, c.seq, now_ms, TaskStatus::Stopped, None, None)?;
+                continue;
+            }
+            tx.prepare_cached(
+                "UPDATE messages SET status = 'Running', deliveries = ?2, visible_ms = ?3 WHERE seq = ?1",
+            )?
+            .execute(params![c.seq, c.delivery, (now_ms + lease_ms) as i64])?;
+            event(tx, c.seq, TaskStatus::Running, now_ms, "")?;
+            out.push(c);
+        }
+    }
+    Ok(out)
+}
+
+fn finish(
+    tx: &Transaction<'_>,
+    seq: i64,
+    now_ms: u64,
+    status: TaskStatus,
+    error: Option<&str>,
+    ret: Option<&[u8]>,
+) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "UPDATE messages SET status = ?2, done = 1, end_ms = ?3, error = ?4, return_payload = ?5
+         WHERE seq = ?1",
+    )?
+    .execute(params![seq, status.as_str(), now_ms as i64, error, ret])?;
+    event(tx, seq, status, now_ms, error.unwrap_or(""))
+}
+
+fn complete(
+    tx: &Transaction<'_>,
+    seq: i64,
+    delivery: i64,
+    now_ms: u64,
+    c: &Completion,
+) -> rusqlite::Result<Option<TaskStatus>> {
+    let row: Option<(String, i64, i64)> = tx
+        .prepare_cached("SELECT status, deliveries, done FROM messages WHERE seq = ?1")?
+        .query_row([seq], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()?;
+    let Some((status, deliveries, done)) = row else {
+        return Ok(None);
+    };
+    if done != 0 || deliveries != delivery {
+        return Ok(None);
+    }
+    if status == TaskStatus::Stopping.as_str() {
+        finish(
+            tx,
+            seq,
+            now_ms,
+            TaskStatus::Stopped,
+            Some("stopped by StopAsyncTask"),
+            None,
+        )?;
+        return Ok(Some(TaskStatus::Stopped));
+    }
+    match c {
+        Completion::Retry {
+            visible_ms,
+            retries,
+            throttles,
+            detail,
+        } => {
+            tx.prepare_cached(
+                "UPDATE messages SET status = 'Retrying', visible_ms = ?2, retries = ?3,
+                        throttles = ?4, error = ?5 WHERE seq = ?1",
+            )?
+            .execute(params![seq, *visible_ms as i64, retries, throttles, detail])?;
+            event(tx, seq, TaskStatus::Retrying, now_ms, detail)?;
+            Ok(Some(TaskStatus::Retrying))
+        }
+        Completion::Final {
+            status,
+            error,
+            return_payload,
+        } => {
+            finish(
+                tx,
+                seq,
+                now_ms,
+                *status,
+                error.as_deref(),
+                return_payload.as_deref(),
+            )?;
+            Ok(Some(*status))
+        }
+    }
+}
+
+fn stop(
+    tx: &Transaction<'_>,
+    account: &str,
+    function: &str,
+    task_id: &str,
+    now_ms: u64,
+) -> rusqlite::Result<StopOutcome> {
+    let row: Option<(i64, String, i64)> = tx
+        .prepare_cached(
+            "SELECT seq, status, visible_ms FROM messages
+             WHERE account_id = ?1 AND function_name = ?2 AND task_id = ?3",
+        )?
+        .query_row(params![account, function, task_id], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .optional()?;
+    let Some((seq, status, _visible)) = row else {
+        return Ok(StopOutcome::NotFound);
+    };
+    let status = TaskStatus::parse(&status).unwrap_or(TaskStatus::Invalid);
+    match status {
+        s if s.is_final() => Ok(StopOutcome::AlreadyFinished(s)),
+        TaskStatus::Stopping => Ok(StopOutcome::Stopping { seq }),
+        TaskStatus::Running => {
+            tx.prepare_cached("UPDATE messages SET status = 'Stopping' WHERE seq = ?1")?
+                .execute([seq])?;
+            event(
+                tx,
+                seq,
+                TaskStatus::Stopping,
+                now_ms,
+                "stopped by StopAsyncTask",
+            )?;
+            Ok(StopOutcome::Stopping { seq })
+        }
+        _ => {
+            finish(
+                tx,
+                seq,
+                now_ms,
+                TaskStatus::Stopped,
+                Some("stopped by StopAsyncTask"),
+                None,
+            )?;
+            Ok(StopOutcome::Stopped)
+        }
+    }
+}
+
+/// The backoff before the next delivery after `throttles` throttled or
+/// system-failed deliveries: 0.5 s doubling, capped.
+pub fn backoff(throttles: u32, cap: Duration) -> Duration {
+    let ms = 500u64.saturating_mul(1u64 << throttles.saturating_sub(1).min(20));
+    Duration::from_millis(ms).min(cap)
+}
+
+#[cfg(test)]
+mod tests;

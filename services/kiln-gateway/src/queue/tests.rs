@@ -1,0 +1,466 @@
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kiln_core::{Clock, ManualClock};
+
+use super::dispatch::{BoxFuture, Configs, DispatchSettings, Dispatcher, InvokeOutcome, Invoker};
+use super::*;
+
+fn msg(account: &str, function: &str, task: &str, now_ms: u64) -> NewMessage {
+    NewMessage {
+        account: account.parse().unwrap(),
+        function: function.parse().unwrap(),
+        queue: account.to_owned(),
+        task_id: task.to_owned(),
+        request_id: format!("req-{task}"),
+        payload: format!("{{\"task\":\"{task}\"}}").into_bytes(),
+        headers: vec![("content-type".into(), "application/json".into())],
+        now_ms,
+    }
+}
+
+fn count(q: &Queue, sql: &'static str) -> i64 {
+    q.db()
+        .with_conn(|c| Ok(c.query_row(sql, [], |r| r.get(0))?))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn concurrent_enqueues_share_transactions() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(&dir.path().join("queue.db")).unwrap();
+    let before = q.batches();
+    let mut tasks = Vec::new();
+    for i in 0..2000 {
+        let q = q.clone();
+        tasks.push(tokio::spawn(async move {
+            q.enqueue(msg("1", "f", &format!("t{i}"), 1)).await.unwrap()
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), Enqueued::New);
+    }
+    let batches = q.batches() - before;
+    assert!(batches < 1000, "2000 enqueues took {batches} transactions");
+    assert_eq!(count(&q, "SELECT count(*) FROM messages"), 2000);
+    // Durable: a fresh open sees every row.
+    drop(q);
+    let q = Queue::open(&dir.path().join("queue.db")).unwrap();
+    assert_eq!(count(&q, "SELECT count(*) FROM messages"), 2000);
+}
+
+#[tokio::test]
+async fn the_same_task_id_is_one_task() {
+    let q = Queue::open_in_memory().unwrap();
+    assert_eq!(
+        q.enqueue(msg("1", "f", "t", 1)).await.unwrap(),
+        Enqueued::New
+    );
+    let mut again = msg("1", "f", "t", 2);
+    again.request_id = "other".into();
+    assert_eq!(
+        q.enqueue(again).await.unwrap(),
+        Enqueued::Duplicate {
+            request_id: "req-t".into()
+        }
+    );
+    // Another function or account may use the same id.
+    assert_eq!(
+        q.enqueue(msg("1", "g", "t", 1)).await.unwrap(),
+        Enqueued::New
+    );
+    assert_eq!(
+        q.enqueue(msg("2", "f", "t", 1)).await.unwrap(),
+        Enqueued::New
+    );
+    assert_eq!(count(&q, "SELECT count(*) FROM messages"), 3);
+}
+
+#[tokio::test]
+async fn an_expired_lease_is_redelivered_and_a_late_answer_ignored() {
+    let q = Queue::open_in_memory().unwrap();
+    q.enqueue(msg("1", "f", "t", 1_000)).await.unwrap();
+    let first = q.claim(1_000, 5_000, vec![("1".into(), 10)]).await.unwrap();
+    assert_eq!(first.len(), 1);
+    // Leased: invisible until the lease expires.
+    assert!(q
+        .claim(5_999, 5_000, vec![("1".into(), 10)])
+        .await
+        .unwrap()
+        .is_empty());
+    let again = q.claim(6_000, 5_000, vec![("1".into(), 10)]).await.unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].delivery, first[0].delivery + 1);
+    let done = Completion::Final {
+        status: TaskStatus::Succeeded,
+        error: None,
+        return_payload: Some(b"ok".to_vec()),
+    };
+    // The first (dead) delivery's answer changes nothing.
+    assert_eq!(
+        q.complete(first[0].seq, first[0].delivery, 6_100, done.clone())
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        q.complete(again[0].seq, again[0].delivery, 6_200, done)
+            .await
+            .unwrap(),
+        Some(TaskStatus::Succeeded)
+    );
+    assert!(q
+        .claim(99_999, 5_000, vec![("1".into(), 10)])
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+#[tokio::test]
+async fn stop_removes_a_waiting_task_and_refuses_a_finished_one() {
+    let q = Queue::open_in_memory().unwrap();
+    q.enqueue(msg("1", "f", "a", 1)).await.unwrap();
+    q.enqueue(msg("1", "f", "b", 1)).await.unwrap();
+    let (acc, f) = ("1".parse().unwrap(), "f".parse().unwrap());
+    assert_eq!(
+        q.stop(&acc, &f, "a", 2).await.unwrap(),
+        StopOutcome::Stopped
+    );
+    assert_eq!(
+        q.stop(&acc, &f, "a", 3).await.unwrap(),
+        StopOutcome::AlreadyFinished(TaskStatus::Stopped)
+    );
+    assert_eq!(
+        q.stop(&acc, &f, "nope", 3).await.unwrap(),
+        StopOutcome::NotFound
+    );
+    let c = q.claim(4, 1000, vec![("1".into(), 10)]).await.unwrap();
+    assert_eq!(
+        c.iter().map(|c| c.task_id.as_str()).collect::<Vec<_>>(),
+        ["b"]
+    );
+    let StopOutcome::Stopping { seq } = q.stop(&acc, &f, "b", 5).await.unwrap() else {
+        panic!("a running task is Stopping")
+    };
+    let ok = Completion::Final {
+        status: TaskStatus::Succeeded,
+        error: None,
+        return_payload: None,
+    };
+    assert_eq!(
+        q.complete(seq, c[0].delivery, 6, ok).await.unwrap(),
+        Some(TaskStatus::Stopped)
+    );
+}
+
+/// A fake invoker: per-function scripted outcomes, a delay, a log.
+struct Fake {
+    delay: Duration,
+    script: Mutex<HashMap<String, Vec<InvokeOutcome>>>,
+    log: Mutex<Vec<(String, String, Instant)>>,
+    hooks: Mutex<Vec<(String, serde_json::Value)>>,
+    calls: AtomicUsize,
+}
+
+impl Fake {
+    fn new(delay: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            delay,
+            script: Mutex::default(),
+            log: Mutex::default(),
+            hooks: Mutex::default(),
+            calls: AtomicUsize::new(0),
+        })
+    }
+    fn script(&self, function: &str, outcomes: Vec<InvokeOutcome>) {
+        self.script
+            .lock()
+            .unwrap()
+            .insert(function.into(), outcomes);
+    }
+}
+
+impl Invoker for Fake {
+    fn invoke(&self, m: &Claimed) -> BoxFuture<InvokeOutcome> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let outcome = {
+            let mut s = self.script.lock().unwrap();
+            match s.get_mut(&m.function) {
+                Some(v) if !v.is_empty() => v.remove(0),
+                _ => InvokeOutcome::Success {
+                    status: 200,
+                    body: b"done".to_vec(),
+                },
+            }
+        };
+        let delay = self.delay;
+        let entry = (m.account.clone(), m.task_id.clone());
+        self.log
+            .lock()
+            .unwrap()
+            .push((entry.0, entry.1, Instant::now()));
+        Box::pin(async move {
+            tokio::time::sleep(delay).await;
+            outcome
+        })
+    }
+
+    fn webhook(&self, url: &str, record: &serde_json::Value) -> BoxFuture<Result<(), String>> {
+        self.hooks
+            .lock()
+            .unwrap()
+            .push((url.into(), record.clone()));
+        Box::pin(async { Ok(()) })
+    }
+}
+
+fn settings() -> DispatchSettings {
+    DispatchSettings {
+        max_in_flight: 8,
+        per_queue: 4,
+        lease_ms: 60_000,
+        backoff_cap: Duration::from_secs(4),
+        idle_poll: Duration::from_millis(5),
+        destination_attempts: 2,
+    }
+}
+
+async fn status_of(q: &Queue, task: &str) -> (String, i64, i64) {
+    let t = task.to_owned();
+    q.db()
+        .run(move |c| {
+            Ok(c.query_row(
+                "SELECT status, retries, throttles FROM messages WHERE task_id = ?1",
+                [t],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )?)
+        })
+        .await
+        .unwrap()
+}
+
+async fn wait_for(q: &Queue, task: &str, want: &str) -> (String, i64, i64) {
+    for _ in 0..2000 {
+        let s = status_of(q, task).await;
+        if s.0 == want {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!(
+        "{task} never reached {want}: {:?}",
+        status_of(q, task).await
+    )
+}
+
+#[tokio::test]
+async fn one_accounts_backlog_does_not_delay_another() {
+    let q = Queue::open_in_memory().unwrap();
+    let fake = Fake::new(Duration::from_millis(20));
+    let clock = Arc::new(ManualClock::new(1_000));
+    let d = Dispatcher::new(
+        q.clone(),
+        fake.clone(),
+        Arc::new(Configs::default()),
+        clock.clone(),
+        settings(),
+        "cn-hangzhou".into(),
+    );
+    let mut batch = Vec::new();
+    for i in 0..10_000 {
+        batch.push(q.enqueue(msg("100", "slow", &format!("a{i}"), 1_000)));
+    }
+    futures_util::future::join_all(batch).await;
+    d.enqueued("100");
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(d.clone().run(async {
+        let _ = rx.await;
+    }));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for i in 0..10 {
+        q.enqueue(msg("200", "quick", &format!("b{i}"), 1_000))
+            .await
+            .unwrap();
+    }
+    d.enqueued("200");
+    for i in 0..10 {
+        wait_for(&q, &format!("b{i}"), "Succeeded").await;
+    }
+    let a_done = count(
+        &q,
+        "SELECT count(*) FROM messages WHERE account_id = '100' AND done = 1",
+    );
+    println!("B's 10 finished while A had finished {a_done} of 10000");
+    assert!(a_done < 1_000, "B waited for {a_done} of A's messages");
+    let _ = tx.send(());
+    run.await.unwrap();
+}
+
+#[tokio::test]
+async fn function_errors_retry_then_fail_to_the_failure_destination() {
+    let q = Queue::open_in_memory().unwrap();
+    let fake = Fake::new(Duration::ZERO);
+    let err = InvokeOutcome::FunctionError {
+        status: 500,
+        body: br#"{"errorMessage":"boom"}"#.to_vec(),
+    };
+    fake.script("f", vec![err.clone(), err.clone(), err.clone()]);
+    let configs = Arc::new(Configs::default());
+    configs.set(
+        "1",
+        "f",
+        Some(
+            AsyncConfig::parse(
+                br#"{"maxAsyncRetryAttempts":2,"destinationConfig":{"onFailure":{"destination":"https://hook.test/fail"}}}"#,
+                "cn-hangzhou",
+                "1",
+            )
+            .unwrap(),
+        ),
+    );
+    let clock = Arc::new(ManualClock::new(1_000));
+    let d = Dispatcher::new(
+        q.clone(),
+        fake.clone(),
+        configs,
+        clock,
+        settings(),
+        "cn-hangzhou".into(),
+    );
+    q.enqueue(msg("1", "f", "t", 1_000)).await.unwrap();
+    d.enqueued("1");
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(d.clone().run(async {
+        let _ = rx.await;
+    }));
+    let s = wait_for(&q, "t", "Failed").await;
+    assert_eq!(s.1, 2, "two retries after the first attempt");
+    assert_eq!(fake.calls.load(Ordering::SeqCst), 3);
+    for _ in 0..200 {
+        if !fake.hooks.lock().unwrap().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let hooks = fake.hooks.lock().unwrap().clone();
+    assert_eq!(hooks.len(), 1);
+    let (url, rec) = &hooks[0];
+    assert_eq!(url, "https://hook.test/fail");
+    assert_eq!(rec["requestContext"]["condition"], "RetriesExhausted");
+    assert_eq!(rec["requestContext"]["requestId"], "req-t");
+    assert_eq!(rec["requestPayload"]["task"], "t");
+    assert_eq!(
+        rec["responseContext"]["functionError"],
+        "UnhandledInvocationError"
+    );
+    assert_eq!(rec["responsePayload"]["errorMessage"], "boom");
+    let _ = tx.send(());
+    run.await.unwrap();
+}
+
+#[tokio::test]
+async fn throttling_backs_off_until_the_ttl_expires() {
+    let q = Queue::open_in_memory().unwrap();
+    let fake = Fake::new(Duration::ZERO);
+    fake.script(
+        "f",
+        (0..100)
+            .map(|_| InvokeOutcome::Throttled("ResourceThrottled".into()))
+            .collect(),
+    );
+    let configs = Arc::new(Configs::default());
+    configs.set(
+        "1",
+        "f",
+        Some(AsyncConfig::parse(br#"{"maxAsyncEventAgeInSeconds":10}"#, "r", "1").unwrap()),
+    );
+    let clock = Arc::new(ManualClock::new(1_000));
+    let d = Dispatcher::new(
+        q.clone(),
+        fake.clone(),
+        configs,
+        clock.clone(),
+        settings(),
+        "r".into(),
+    );
+    q.enqueue(msg("1", "f", "t", 1_000)).await.unwrap();
+    d.enqueued("1");
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(d.clone().run(async {
+        let _ = rx.await;
+    }));
+    let visible = |q: Queue| async move {
+        q.db()
+            .run(|c| {
+                Ok(c.query_row("SELECT visible_ms FROM messages", [], |r| {
+                    r.get::<_, i64>(0)
+                })?)
+            })
+            .await
+            .unwrap() as u64
+    };
+    // Each throttled delivery waits 0.5 s, 1 s, 2 s, 4 s, 4 s (cap) ... on the injected clock.
+    let mut waits = Vec::new();
+    for n in 1..=4 {
+        let s = wait_for_throttles(&q, n).await;
+        assert_eq!(s.0, "Retrying");
+        let v = visible(q.clone()).await;
+        waits.push(v - clock.now_ms());
+        // Not redelivered before the backoff ends.
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert_eq!(status_of(&q, "t").await.2, n);
+        clock.advance(Duration::from_millis(v - clock.now_ms()));
+    }
+    assert_eq!(waits, vec![500, 1000, 2000, 4000]);
+    // 1 + 0.5 + 1 + 2 + 4 = 8.5 s; the next 4 s wait would pass the 10 s TTL.
+    let s = wait_for(&q, "t", "Expired").await;
+    assert_eq!(s.2, 4);
+    assert_eq!(fake.calls.load(Ordering::SeqCst), 5);
+    let _ = tx.send(());
+    run.await.unwrap();
+}
+
+async fn wait_for_throttles(q: &Queue, n: i64) -> (String, i64, i64) {
+    for _ in 0..2000 {
+        let s = status_of(q, "t").await;
+        if s.2 >= n {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    panic!("never throttled {n} times")
+}
+
+#[tokio::test]
+async fn a_message_older_than_its_ttl_is_expired_without_invoking() {
+    let q = Queue::open_in_memory().unwrap();
+    let fake = Fake::new(Duration::ZERO);
+    let clock = Arc::new(ManualClock::new(1_000));
+    let configs = Arc::new(Configs::default());
+    configs.set(
+        "1",
+        "f",
+        Some(AsyncConfig::parse(br#"{"maxAsyncEventAgeInSeconds":5}"#, "r", "1").unwrap()),
+    );
+    q.enqueue(msg("1", "f", "t", 1_000)).await.unwrap();
+    clock.advance(Duration::from_secs(6));
+    let d = Dispatcher::new(
+        q.clone(),
+        fake.clone(),
+        configs,
+        clock.clone(),
+        settings(),
+        "r".into(),
+    );
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(d.clone().run(async {
+        let _ = rx.await;
+    }));
+    wait_for(&q, "t", "Expired").await;
+    assert_eq!(fake.calls.load(Ordering::SeqCst), 0);
+    assert!(clock.now_ms() > 0);
+    let _ = tx.send(());
+    run.await.unwrap();
+}
