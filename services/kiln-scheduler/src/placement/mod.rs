@@ -18,6 +18,8 @@ mod quota;
 mod types;
 
 #[cfg(test)]
+mod property_tests;
+#[cfg(test)]
 pub(crate) mod tests;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -233,7 +235,9 @@ impl Placement {
                 continue;
             }
             let spec = Arc::new(r.spec);
+            let sandbox = sandbox_kind_for(p.nodes[&r.node_id].labels.tenancy);
             p.insert_instance(Instance {
+                sandbox,
                 id: r.instance_id.clone(),
                 node_id: r.node_id,
                 spec,
@@ -355,6 +359,7 @@ impl Placement {
         let id = InstanceId::generate();
         let spec = Arc::new(spec.clone());
         self.insert_instance(Instance {
+            sandbox: sandbox_kind_for(self.nodes[&node_id].labels.tenancy),
             id: id.clone(),
             node_id: node_id.clone(),
             spec: spec.clone(),

@@ -210,6 +210,8 @@ pub struct Instance {
     /// When the agent reported it started; `None` while starting.
     pub ready_at_ms: Option<u64>,
     pub leases: HashSet<LeaseId>,
+    /// The sandbox kind its node's tenancy gave it when it was placed.
+    pub sandbox: SandboxKind,
 }
 
 impl Instance {
