@@ -31,6 +31,10 @@ pub enum FcErrorCode {
     FunctionTimeout,
     InternalServerError,
     ServiceUnavailable,
+    /// The function has no async invoke config (HTTP 404).
+    AsyncConfigNotExists,
+    /// No async task with that id (HTTP 404).
+    AsyncTaskNotFound,
 }
 
 impl FcErrorCode {
@@ -54,6 +58,8 @@ impl FcErrorCode {
             Self::FunctionTimeout => "FunctionTimeout",
             Self::InternalServerError => "InternalServerError",
             Self::ServiceUnavailable => "ServiceUnavailable",
+            Self::AsyncConfigNotExists => "AsyncConfigNotExists",
+            Self::AsyncTaskNotFound => "AsyncTaskNotFound",
         }
     }
 
@@ -66,7 +72,10 @@ impl FcErrorCode {
             | Self::RequestTimeTooSkewed
             | Self::SignatureNonceUsed
             | Self::AccessDenied => 403,
-            Self::FunctionNotFound | Self::PathNotSupported => 404,
+            Self::FunctionNotFound
+            | Self::PathNotSupported
+            | Self::AsyncConfigNotExists
+            | Self::AsyncTaskNotFound => 404,
             Self::MethodNotAllowed => 405,
             Self::FunctionAlreadyExists => 409,
             Self::PayloadTooLarge => 413,

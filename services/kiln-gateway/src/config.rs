@@ -49,6 +49,41 @@ pub struct GatewayConfig {
     /// Accounts and keys ensured at start (development clusters).
     #[serde(default)]
     pub bootstrap_keys: Vec<BootstrapKey>,
+    /// The async invocation queue's dispatcher.
+    #[serde(default)]
+    pub async_queue: AsyncQueueConfig,
+}
+
+/// The async dispatcher (`[async_queue]`); the queue itself is
+/// `state_dir/queue.db`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AsyncQueueConfig {
+    /// Async invocations in flight across all queues.
+    pub max_in_flight: usize,
+    /// Async invocations in flight for one queue (an account's, or a
+    /// function's own): the bound that keeps one backlog from taking every slot.
+    pub per_queue: usize,
+    /// How long a delivery holds its message before it is redelivered
+    /// (a dispatcher that died mid-flight); longer than any function timeout.
+    pub lease_ms: u64,
+    /// The longest backoff after throttling or a system error.
+    pub backoff_cap_ms: u64,
+    /// Extra CA (PEM) trusted for https webhook destinations, besides the
+    /// system's roots.
+    pub webhook_ca: Option<PathBuf>,
+}
+
+impl Default for AsyncQueueConfig {
+    fn default() -> Self {
+        Self {
+            max_in_flight: 256,
+            per_queue: 32,
+            lease_ms: 15 * 60 * 1000,
+            backoff_cap_ms: 60_000,
+            webhook_ca: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -124,6 +159,19 @@ impl GatewayConfig {
                 self.lease_hold_ms
             ));
         }
+        let q = &self.async_queue;
+        if q.max_in_flight == 0 || q.per_queue == 0 || q.per_queue > q.max_in_flight {
+            return invalid(format!(
+                "async_queue: need 0 < per_queue ({}) <= max_in_flight ({})",
+                q.per_queue, q.max_in_flight
+            ));
+        }
+        if q.lease_ms < 1_000 || q.backoff_cap_ms < 500 {
+            return invalid(
+                "async_queue: lease_ms must be at least 1000 and backoff_cap_ms at least 500"
+                    .into(),
+            );
+        }
         let mut seen = std::collections::HashSet::new();
         for k in &self.bootstrap_keys {
             if !valid_access_key_id(&k.access_key_id) {
@@ -152,6 +200,10 @@ impl GatewayConfig {
         self.state_dir.join("gateway.db")
     }
 
+    pub fn queue_path(&self) -> PathBuf {
+        self.state_dir.join("queue.db")
+    }
+
     pub fn code_dir(&self) -> PathBuf {
         self.state_dir.join("code")
     }
@@ -178,6 +230,7 @@ mod tests {
         assert_eq!(c.bootstrap_keys.len(), 1);
         assert!(c.metrics_listen.is_some());
         assert_eq!(c.lease_hold_ms, 250);
+        assert_eq!(c.async_queue.per_queue, 32);
     }
 
     #[test]
@@ -207,6 +260,12 @@ mod tests {
         assert!(c.validate().is_err());
         let mut c = example();
         c.lease_hold_ms = 60_000;
+        assert!(c.validate().is_err());
+        let mut c = example();
+        c.async_queue.per_queue = c.async_queue.max_in_flight + 1;
+        assert!(c.validate().is_err());
+        let mut c = example();
+        c.async_queue.lease_ms = 10;
         assert!(c.validate().is_err());
     }
 }

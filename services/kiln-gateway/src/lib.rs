@@ -49,6 +49,10 @@ pub enum GatewayError {
     Store(#[from] kiln_store::StoreError),
     #[error("Cannot load the metadata store")]
     Catalog(#[from] CatalogError),
+    #[error("Cannot open the async queue")]
+    Queue(#[from] queue::QueueError),
+    #[error("Cannot build the webhook client")]
+    Webhooks(#[from] api::async_api::WebhookClientError),
     #[error("Cannot load TLS material")]
     Tls(#[from] kiln_pki::PkiError),
     #[error("Cannot bind the {listener} listener on {addr}")]
@@ -160,7 +164,18 @@ pub async fn start_with_clock(
         config.scheduler_url.clone(),
     );
 
-    let gw = Arc::new(Gateway {
+    let queue = queue::Queue::open(&config.queue_path())?;
+    let configs = Arc::new(queue::dispatch::Configs::load(&queue).await?);
+    let webhooks = api::async_api::webhook_client(config.async_queue.webhook_ca.as_deref())?;
+    let aq = &config.async_queue;
+    let settings = queue::dispatch::DispatchSettings {
+        max_in_flight: aq.max_in_flight,
+        per_queue: aq.per_queue,
+        lease_ms: aq.lease_ms,
+        backoff_cap: std::time::Duration::from_millis(aq.backoff_cap_ms),
+        ..Default::default()
+    };
+    let gw = Arc::new_cyclic(|me| Gateway {
         catalog: catalog.clone(),
         auth: auth::signature_authenticator(catalog.clone(), clock.clone()),
         internal,
@@ -168,6 +183,17 @@ pub async fn start_with_clock(
         leases: leases.clone(),
         region: config.region.clone(),
         metrics: metrics.clone(),
+        dispatcher: queue::dispatch::Dispatcher::new(
+            queue,
+            Arc::new(api::async_api::GatewayInvoker {
+                gw: me.clone(),
+                webhooks,
+            }),
+            configs,
+            clock.clone(),
+            settings,
+            config.region.clone(),
+        ),
         clock,
     });
 
@@ -199,6 +225,7 @@ pub async fn start_with_clock(
         stopped(rx.clone()),
     )));
     tasks.push(tokio::spawn(leases.run_sweeper(stopped(rx.clone()))));
+    tasks.push(tokio::spawn(gw.dispatcher.clone().run(stopped(rx.clone()))));
     if let Some(l) = metrics_l {
         tasks.push(tokio::spawn(metrics::serve(
             l,

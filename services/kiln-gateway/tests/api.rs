@@ -191,6 +191,7 @@ fn config(
         },
         tls: pki.files("gateway-internal"),
         lease_hold_ms: hold_ms,
+        async_queue: Default::default(),
         bootstrap_keys: vec![
             BootstrapKey {
                 account_id: ACCOUNT_A.parse().unwrap(),
@@ -878,8 +879,8 @@ async fn invoke_streams_through_scheduler_and_agent() {
         );
     }
 
-    // Not sync, other qualifiers, throttling: FC errors, no retries.
-    a.invoke("echo", b"x", &[("x-fc-invocation-type", "Async")])
+    // Neither Sync nor Async, other qualifiers, throttling: FC errors, no retries.
+    a.invoke("echo", b"x", &[("x-fc-invocation-type", "Later")])
         .await
         .fc_error(400, "InvalidArgument");
     let path = "/2023-03-30/functions/echo/invocations?qualifier=prod";

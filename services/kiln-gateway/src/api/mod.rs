@@ -1,6 +1,7 @@
 //! The public FC 2023-03-30 API: one route table, one file per resource,
 //! and one function turning errors into FC-shaped responses.
 
+pub mod async_api;
 pub mod functions;
 pub mod internal;
 pub mod invoke;
@@ -35,6 +36,8 @@ pub struct Gateway {
     pub region: String,
     pub metrics: Arc<Metrics>,
     pub clock: Arc<dyn Clock>,
+    /// The async queue, its configs and dispatcher.
+    pub dispatcher: Arc<crate::queue::dispatch::Dispatcher>,
 }
 
 /// The operations of the public API.
@@ -46,6 +49,13 @@ pub enum Operation {
     UpdateFunction,
     DeleteFunction,
     InvokeFunction,
+    PutAsyncInvokeConfig,
+    GetAsyncInvokeConfig,
+    DeleteAsyncInvokeConfig,
+    ListAsyncInvokeConfigs,
+    GetAsyncTask,
+    ListAsyncTasks,
+    StopAsyncTask,
 }
 
 impl Operation {
@@ -57,11 +67,19 @@ impl Operation {
             Self::UpdateFunction => "UpdateFunction",
             Self::DeleteFunction => "DeleteFunction",
             Self::InvokeFunction => "InvokeFunction",
+            Self::PutAsyncInvokeConfig => "PutAsyncInvokeConfig",
+            Self::GetAsyncInvokeConfig => "GetAsyncInvokeConfig",
+            Self::DeleteAsyncInvokeConfig => "DeleteAsyncInvokeConfig",
+            Self::ListAsyncInvokeConfigs => "ListAsyncInvokeConfigs",
+            Self::GetAsyncTask => "GetAsyncTask",
+            Self::ListAsyncTasks => "ListAsyncTasks",
+            Self::StopAsyncTask => "StopAsyncTask",
         }
     }
 }
 
-/// The route table: method, path pattern (`{name}` is a function name).
+/// The route table: method, path pattern (`{name}` is a function name,
+/// `{task}` an async task id).
 const ROUTES: &[(Method, &str, Operation)] = &[
     (
         Method::POST,
@@ -93,6 +111,41 @@ const ROUTES: &[(Method, &str, Operation)] = &[
         "/2023-03-30/functions/{name}/invocations",
         Operation::InvokeFunction,
     ),
+    (
+        Method::PUT,
+        "/2023-03-30/functions/{name}/async-invoke-config",
+        Operation::PutAsyncInvokeConfig,
+    ),
+    (
+        Method::GET,
+        "/2023-03-30/functions/{name}/async-invoke-config",
+        Operation::GetAsyncInvokeConfig,
+    ),
+    (
+        Method::DELETE,
+        "/2023-03-30/functions/{name}/async-invoke-config",
+        Operation::DeleteAsyncInvokeConfig,
+    ),
+    (
+        Method::GET,
+        "/2023-03-30/async-invoke-configs",
+        Operation::ListAsyncInvokeConfigs,
+    ),
+    (
+        Method::GET,
+        "/2023-03-30/functions/{name}/async-tasks",
+        Operation::ListAsyncTasks,
+    ),
+    (
+        Method::GET,
+        "/2023-03-30/functions/{name}/async-tasks/{task}",
+        Operation::GetAsyncTask,
+    ),
+    (
+        Method::PUT,
+        "/2023-03-30/functions/{name}/async-tasks/{task}/stop",
+        Operation::StopAsyncTask,
+    ),
 ];
 
 /// A matched route.
@@ -100,6 +153,7 @@ const ROUTES: &[(Method, &str, Operation)] = &[
 pub struct Route {
     pub operation: Operation,
     pub name: Option<FunctionName>,
+    pub task: Option<String>,
 }
 
 /// Match a request against [`ROUTES`].
@@ -112,9 +166,13 @@ pub fn route(method: &Method, path: &str) -> Result<Route, FcError> {
             continue;
         }
         let mut name = None;
+        let mut task = None;
         let matched = pat.iter().zip(&segments).all(|(p, s)| {
             if *p == "{name}" {
                 name = Some(*s);
+                !s.is_empty()
+            } else if *p == "{task}" {
+                task = Some(*s);
                 !s.is_empty()
             } else {
                 p == s
@@ -138,9 +196,19 @@ pub fn route(method: &Method, path: &str) -> Result<Route, FcError> {
                 })?)
             }
         };
+        let task = match task {
+            None => None,
+            Some(raw) => Some(
+                percent_encoding::percent_decode_str(raw)
+                    .decode_utf8()
+                    .map_err(|_| FcError::invalid_argument("task id is not UTF-8"))?
+                    .into_owned(),
+            ),
+        };
         return Ok(Route {
             operation: *op,
             name,
+            task,
         });
     }
     if path_matched {
@@ -309,14 +377,33 @@ async fn dispatch(
 ) -> Result<Response<Body>, ApiError> {
     let name = route.name;
     let named = || name.clone().expect("route has a name");
+    let task = || route.task.clone().expect("route has a task id");
     match route.operation {
         Operation::CreateFunction => functions::create(gw, &caller, body).await,
         Operation::ListFunctions => functions::list(gw, &caller, &parts),
         Operation::GetFunction => functions::get(gw, &caller, &named(), &parts),
         Operation::UpdateFunction => functions::update(gw, &caller, &named(), body).await,
         Operation::DeleteFunction => functions::delete(gw, &caller, &named()).await,
+        Operation::InvokeFunction if async_api::is_async(&parts)? => {
+            async_api::enqueue(gw, &caller, &named(), &parts, body, request_id).await
+        }
         Operation::InvokeFunction => {
             invoke::invoke(gw, &caller, &named(), parts, body, request_id).await
+        }
+        Operation::PutAsyncInvokeConfig => {
+            async_api::put_config(gw, &caller, &named(), &parts, body).await
+        }
+        Operation::GetAsyncInvokeConfig => async_api::get_config(gw, &caller, &named(), &parts),
+        Operation::DeleteAsyncInvokeConfig => {
+            async_api::delete_config(gw, &caller, &named(), &parts).await
+        }
+        Operation::ListAsyncInvokeConfigs => async_api::list_configs(gw, &caller, &parts),
+        Operation::ListAsyncTasks => async_api::list_tasks(gw, &caller, &named(), &parts).await,
+        Operation::GetAsyncTask => {
+            async_api::get_task(gw, &caller, &named(), &task(), &parts).await
+        }
+        Operation::StopAsyncTask => {
+            async_api::stop_task(gw, &caller, &named(), &task(), &parts).await
         }
     }
 }
@@ -357,5 +444,18 @@ mod tests {
         assert_eq!(e.code, FcErrorCode::InvalidArgument);
         let e = route(&Method::GET, "/2023-03-30/functions/").unwrap_err();
         assert_eq!(e.code, FcErrorCode::PathNotSupported);
+        let r = route(
+            &Method::PUT,
+            "/2023-03-30/functions/f/async-tasks/job%2D1/stop",
+        )
+        .unwrap();
+        assert_eq!(
+            (r.operation, r.task.as_deref()),
+            (Operation::StopAsyncTask, Some("job-1"))
+        );
+        let r = route(&Method::GET, "/2023-03-30/async-invoke-configs").unwrap();
+        assert_eq!(r.operation, Operation::ListAsyncInvokeConfigs);
+        let e = route(&Method::POST, "/2023-03-30/functions/f/async-invoke-config").unwrap_err();
+        assert_eq!(e.code, FcErrorCode::MethodNotAllowed);
     }
 }

@@ -9,7 +9,7 @@ pub const DEFAULT_RETRIES: u32 = 3;
 pub const RETRIES_MAX: i64 = 8;
 /// Message TTL when the config does not say (FC: 24 h).
 pub const DEFAULT_AGE_S: u64 = 86_400;
-pub const AGE_MAX_S: i64 = 86_400;
+pub const AGE_MAX_S: i64 = 604_800;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -186,7 +186,7 @@ mod tests {
             &br#"{"maxAsyncRetryAttempts":9}"#[..],
             br#"{"maxAsyncRetryAttempts":-1}"#,
             br#"{"maxAsyncEventAgeInSeconds":0}"#,
-            br#"{"maxAsyncEventAgeInSeconds":86401}"#,
+            br#"{"maxAsyncEventAgeInSeconds":604801}"#,
             br#"{"destinationConfig":{"onSuccess":{"destination":"acs:mns:cn-hangzhou:1:/queues/q"}}}"#,
             br#"{"destinationConfig":{"onSuccess":{"destination":"acs:fc:cn-beijing:1:functions/x"}}}"#,
             br#"{"destinationConfig":{"onFailure":{"destination":"http://plain.example"}}}"#,

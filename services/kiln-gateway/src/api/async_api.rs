@@ -1,0 +1,622 @@
+//! Async invocation (InvokeFunction with `x-fc-invocation-type: Async`),
+//! the async invoke config calls and the async task calls; and the real
+//! [`Invoker`] the dispatcher uses, which goes through the sync invoke path.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use kiln_core::{FcError, FcErrorCode, FunctionName, RequestId};
+use kiln_internal_api::server::{full, Body};
+
+use super::{query_param, ApiError, Gateway};
+use crate::auth::Caller;
+use crate::queue::dispatch::{BoxFuture, InvokeOutcome, Invoker};
+use crate::queue::tasks::TaskQuery;
+use crate::queue::{
+    AsyncConfig, Claimed, Enqueued, NewMessage, QueueError, StopOutcome, TaskStatus,
+};
+
+pub const INVOCATION_TYPE: &str = "x-fc-invocation-type";
+pub const TASK_ID: &str = "x-fc-async-task-id";
+/// The most bytes of a function's answer kept as a task's returnPayload.
+const RETURN_PAYLOAD_MAX: usize = 1024 * 1024;
+
+/// Whether the request asks for an async invocation; any value other
+/// than Sync or Async is refused.
+pub fn is_async(parts: &http::request::Parts) -> Result<bool, FcError> {
+    match parts.headers.get(INVOCATION_TYPE) {
+        None => Ok(false),
+        Some(v) if v.as_bytes().eq_ignore_ascii_case(b"sync") => Ok(false),
+        Some(v) if v.as_bytes().eq_ignore_ascii_case(b"async") => Ok(true),
+        Some(v) => Err(FcError::invalid_argument(format!(
+            "x-fc-invocation-type {:?} must be Sync or Async",
+            String::from_utf8_lossy(v.as_bytes())
+        ))),
+    }
+}
+
+fn queue_err(e: QueueError) -> ApiError {
+    tracing::error!(error = %e, "async queue failure");
+    FcError::internal("the async queue failed; retry the request").into()
+}
+
+/// FC's task id rule: a letter or `_` first, then letters, digits, `_`
+/// and `-`, at most 128.
+pub fn valid_task_id(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 128
+        && (b[0].is_ascii_alphabetic() || b[0] == b'_')
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || *c == b'_' || *c == b'-')
+}
+
+/// Caller headers kept with the message for the function (the same that
+/// sync invoke forwards; signing and FC headers are dropped).
+fn kept_headers(h: &http::HeaderMap) -> Vec<(String, String)> {
+    h.iter()
+        .filter(|(k, _)| {
+            let n = k.as_str();
+            !(n.starts_with("x-fc-")
+                || n.starts_with("x-acs-")
+                || n.starts_with("x-kiln-")
+                || matches!(
+                    n,
+                    "authorization" | "host" | "content-length" | "connection"
+                ))
+        })
+        .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+        .collect()
+}
+
+/// InvokeFunction, async: 202 once the message is durable.
+pub async fn enqueue(
+    gw: &Arc<Gateway>,
+    caller: &Caller,
+    name: &FunctionName,
+    parts: &http::request::Parts,
+    payload: Bytes,
+    request_id: &RequestId,
+) -> Result<Response<Body>, ApiError> {
+    super::functions::check_qualifier(parts)?;
+    gw.catalog
+        .function(&caller.account_id, name)
+        .ok_or_else(|| super::not_found(name))?;
+    let limit = kiln_core::limits::ASYNC_PAYLOAD_MAX;
+    if payload.len() > limit {
+        return Err(FcError::new(
+            FcErrorCode::EntityTooLarge,
+            format!(
+                "payload size {} exceeds maximum allowed size for async invocation ({limit} bytes)",
+                payload.len()
+            ),
+        )
+        .into());
+    }
+    let task_id = match parts.headers.get(TASK_ID) {
+        None => request_id.as_str().to_owned(),
+        Some(v) => {
+            let s = v.to_str().unwrap_or("");
+            if !valid_task_id(s) {
+                return Err(FcError::invalid_argument(format!(
+                    "{TASK_ID} {:?} must start with a letter or '_' and hold at most 128 letters, digits, '_' or '-'",
+                    String::from_utf8_lossy(v.as_bytes())
+                ))
+                .into());
+            }
+            s.to_owned()
+        }
+    };
+    let d = &gw.dispatcher;
+    let queue = d
+        .configs()
+        .queue_of(caller.account_id.as_str(), name.as_str());
+    let m = NewMessage {
+        account: caller.account_id.clone(),
+        function: name.clone(),
+        queue: queue.clone(),
+        task_id: task_id.clone(),
+        request_id: request_id.as_str().to_owned(),
+        payload: payload.to_vec(),
+        headers: kept_headers(&parts.headers),
+        now_ms: gw.clock.now_ms(),
+    };
+    let outcome = d.queue().enqueue(m).await.map_err(queue_err)?;
+    match &outcome {
+        Enqueued::New => d.enqueued(&queue),
+        Enqueued::Duplicate { request_id } => {
+            tracing::debug!(task_id = %task_id, first_request = %request_id, "async task id already enqueued")
+        }
+    }
+    let mut resp = Response::builder()
+        .status(StatusCode::ACCEPTED)
+        .body(full(Bytes::new()))
+        .expect("valid response");
+    if let Ok(v) = HeaderValue::from_str(&task_id) {
+        resp.headers_mut().insert(TASK_ID, v);
+    }
+    Ok(resp)
+}
+
+fn json(status: StatusCode, v: &serde_json::Value) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(full(v.to_string()))
+        .expect("valid response")
+}
+
+fn arn(gw: &Gateway, caller: &Caller, name: &str) -> String {
+    format!(
+        "acs:fc:{}:{}:functions/{name}",
+        gw.region, caller.account_id
+    )
+}
+
+fn exists(gw: &Gateway, caller: &Caller, name: &FunctionName) -> Result<(), ApiError> {
+    gw.catalog
+        .function(&caller.account_id, name)
+        .map(|_| ())
+        .ok_or_else(|| super::not_found(name).into())
+}
+
+fn no_config(name: &FunctionName) -> ApiError {
+    FcError::new(
+        FcErrorCode::AsyncConfigNotExists,
+        format!("function '{name}' has no async invoke config"),
+    )
+    .into()
+}
+
+pub async fn put_config(
+    gw: &Arc<Gateway>,
+    caller: &Caller,
+    name: &FunctionName,
+    parts: &http::request::Parts,
+    body: Bytes,
+) -> Result<Response<Body>, ApiError> {
+    super::functions::check_qualifier(parts)?;
+    exists(gw, caller, name)?;
+    let mut cfg = AsyncConfig::parse(&body, &gw.region, caller.account_id.as_str())?;
+    let configs = gw.dispatcher.configs();
+    let now = gw.clock.now_ms();
+    let old = configs.get(caller.account_id.as_str(), name.as_str());
+    cfg.created_ms = Some(old.and_then(|o| o.created_ms).unwrap_or(now));
+    cfg.modified_ms = Some(now);
+    gw.dispatcher
+        .queue()
+        .put_config(&caller.account_id, name, &cfg)
+        .await
+        .map_err(queue_err)?;
+    configs.set(caller.account_id.as_str(), name.as_str(), Some(cfg.clone()));
+    Ok(json(
+        StatusCode::OK,
+        &cfg.to_fc(&arn(gw, caller, name.as_str())),
+    ))
+}
+
+pub fn get_config(
+    gw: &Arc<Gateway>,
+    caller: &Caller,
+    name: &FunctionName,
+    parts: &http::request::Parts,
+) -> Result<Response<Body>, ApiError> {
+    super::functions::check_qualifier(parts)?;
+    exists(gw, caller, name)?;
+    let cfg = gw
+        .dispatcher
+        .configs()
+        .get(caller.account_id.as_str(), name.as_str())
+        .ok_or_else(|| no_config(name))?;
+    Ok(json(
+        StatusCode::OK,
+        &cfg.to_fc(&arn(gw, caller, name.as_str())),
+    ))
+}
+
+pub async fn delete_config(
+    gw: &Arc<Gateway>,
+    caller: &Caller,
+    name: &FunctionName,
+    parts: &http::request::Parts,
+) -> Result<Response<Body>, ApiError> {
+    super::functions::check_qualifier(parts)?;
+    exists(gw, caller, name)?;
+    let configs = gw.dispatcher.configs();
+    if configs
+        .get(caller.account_id.as_str(), name.as_str())
+        .is_none()
+    {
+        return Err(no_config(name));
+    }
+    gw.dispatcher
+        .queue()
+        .delete_config(&caller.account_id, name)
+        .await
+        .map_err(queue_err)?;
+    configs.set(caller.account_id.as_str(), name.as_str(), None);
+    Ok(Response::builder()
+        .status(StatusCode::NO_CONTENT)
+        .body(full(Bytes::new()))
+        .expect("valid response"))
+}
+
+fn limit_param(parts: &http::request::Parts) -> Result<usize, FcError> {
+    match query_param(parts, "limit") {
+        None => Ok(20),
+        Some(l) => match l.parse::<usize>() {
+            Ok(n) if (1..=100).contains(&n) => Ok(n),
+            _ => Err(FcError::invalid_argument(format!(
+                "limit {l:?} must be an integer from 1 to 100"
+            ))),
+        },
+    }
+}
+
+/// ListAsyncInvokeConfigs: every config of the account (or one
+/// function's), by function name; nextToken is the last name returned.
+pub fn list_configs(
+    gw: &Arc<Gateway>,
+    caller: &Caller,
+    parts: &http::request::Parts,
+) -> Result<Response<Body>, ApiError> {
+    let limit = limit_param(parts)?;
+    let only = query_param(parts, "functionName").filter(|s| !s.is_empty());
+    let after = query_param(parts, "nextToken").filter(|s| !s.is_empty());
+    let all = gw
+        .dispatcher
+        .configs()
+        .of_account(caller.account_id.as_str());
+    let mut page: Vec<_> = all
+        .into_iter()
+        .filter(|(f, _)| only.as_deref().is_none_or(|o| o == f))
+        .filter(|(f, _)| after.as_deref().is_none_or(|a| f.as_str() > a))
+        .take(limit + 1)
+        .collect();
+    let more = page.len() > limit;
+    page.truncate(limit);
+    let mut out = serde_json::json!({
+        "configs": page.iter().map(|(f, c)| c.to_fc(&arn(gw, caller, f))).collect::<Vec<_>>(),
+    });
+    if more {
+        if let Some((f, _)) = page.last() {
+            out["nextToken"] = f.clone().into();
+        }
+    }
+    Ok(json(StatusCode::OK, &out))
+}
+
+fn no_task(task_id: &str) -> ApiError {
+    FcError::new(
+        FcErrorCode::AsyncTaskNotFound,
+        format!("async task '{task_id}' does not exist"),
+    )
+    .into()
+}
+
+pub async fn get_task(
+    gw: &Arc<Gateway>,
+    caller: &Caller,
+    name: &FunctionName,
+    task_id: &str,
+    parts: &http::request::Parts,
+) -> Result<Response<Body>, ApiError> {
+    super::functions::check_qualifier(parts)?;
+    exists(gw, caller, name)?;
+    let t = gw
+        .dispatcher
+        .queue()
+        .task(
+            &gw.region,
+            caller.account_id.as_str(),
+            name.as_str(),
+            task_id,
+        )
+        .await
+        .map_err(queue_err)?
+        .ok_or_else(|| no_task(task_id))?;
+    Ok(json(StatusCode::OK, &t.json))
+}
+
+fn int_param(parts: &http::request::Parts, key: &str) -> Result<Option<i64>, FcError> {
+    match query_param(parts, key) {
+        None => Ok(None),
+        Some(v) if v.is_empty() => Ok(None),
+        Some(v) => v
+            .parse::<i64>()
+            .ok()
+            .filter(|n| *n >= 0)
+            .map(Some)
+            .ok_or_else(|| {
+                FcError::invalid_argument(format!("{key} {v:?} must be a non-negative integer"))
+            }),
+    }
+}
+
+pub async fn list_tasks(
+    gw: &Arc<Gateway>,
+    caller: &Caller,
+    name: &FunctionName,
+    parts: &http::request::Parts,
+) -> Result<Response<Body>, ApiError> {
+    super::functions::check_qualifier(parts)?;
+    exists(gw, caller, name)?;
+    let status = match query_param(parts, "status").filter(|s| !s.is_empty()) {
+        None => None,
+        Some(s) => Some(TaskStatus::parse(&s).ok_or_else(|| {
+            FcError::invalid_argument(format!(
+                "status {s:?} must be one of {}",
+                TaskStatus::ALL.map(TaskStatus::as_str).join(", ")
+            ))
+        })?),
+    };
+    let descending = match query_param(parts, "sortOrderByTime").as_deref() {
+        None | Some("") | Some("asc") => false,
+        Some("desc") => true,
+        Some(o) => {
+            return Err(FcError::invalid_argument(format!(
+                "sortOrderByTime {o:?} must be asc or desc"
+            ))
+            .into())
+        }
+    };
+    let include_payload = match query_param(parts, "includePayload").as_deref() {
+        None | Some("") | Some("false") => false,
+        Some("true") => true,
+        Some(o) => {
+            return Err(FcError::invalid_argument(format!(
+                "includePayload {o:?} must be true or false"
+            ))
+            .into())
+        }
+    };
+    let q = TaskQuery {
+        status,
+        prefix: query_param(parts, "prefix").filter(|s| !s.is_empty()),
+        begin_ms: int_param(parts, "startedTimeBegin")?.map(|v| v as u64),
+        end_ms: int_param(parts, "startedTimeEnd")?.map(|v| v as u64),
+        limit: limit_param(parts)?,
+        after: int_param(parts, "nextToken")?,
+        descending,
+        include_payload,
+    };
+    let (tasks, next) = gw
+        .dispatcher
+        .queue()
+        .tasks(&gw.region, caller.account_id.as_str(), name.as_str(), q)
+        .await
+        .map_err(queue_err)?;
+    let mut out = serde_json::json!({
+        "tasks": tasks.into_iter().map(|t| t.json).collect::<Vec<_>>(),
+    });
+    if let Some(n) = next {
+        out["nextToken"] = n.into();
+    }
+    Ok(json(StatusCode::OK, &out))
+}
+
+pub async fn stop_task(
+    gw: &Arc<Gateway>,
+    caller: &Caller,
+    name: &FunctionName,
+    task_id: &str,
+    parts: &http::request::Parts,
+) -> Result<Response<Body>, ApiError> {
+    super::functions::check_qualifier(parts)?;
+    exists(gw, caller, name)?;
+    let d = &gw.dispatcher;
+    match d
+        .queue()
+        .stop(&caller.account_id, name, task_id, gw.clock.now_ms())
+        .await
+        .map_err(queue_err)?
+    {
+        StopOutcome::NotFound => return Err(no_task(task_id)),
+        StopOutcome::AlreadyFinished(s) => {
+            return Err(FcError::invalid_argument(format!(
+                "async task '{task_id}' is already {} and cannot be stopped",
+                s.as_str()
+            ))
+            .into())
+        }
+        StopOutcome::Stopped => {}
+        StopOutcome::Stopping { seq } => d.abort(seq),
+    }
+    Ok(Response::builder()
+        .status(StatusCode::OK)
+        .body(full(Bytes::new()))
+        .expect("valid response"))
+}
+
+/// Why the webhook client could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum WebhookClientError {
+    #[error("Cannot load the webhook CA {0}")]
+    Ca(std::path::PathBuf, #[source] kiln_pki::PkiError),
+    #[error("Cannot build the webhook TLS client")]
+    Tls(#[from] rustls::Error),
+}
+
+type WebhookClient = Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    Full<Bytes>,
+>;
+
+/// An https-only client trusting the system's roots and `extra_ca`.
+pub fn webhook_client(
+    extra_ca: Option<&std::path::Path>,
+) -> Result<WebhookClient, WebhookClientError> {
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for c in native.certs {
+        let _ = roots.add(c);
+    }
+    if let Some(p) = extra_ca {
+        for c in kiln_pki::load_certs(p).map_err(|e| WebhookClientError::Ca(p.to_owned(), e))? {
+            roots.add(c)?;
+        }
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only()
+        .enable_http1()
+        .build();
+    Ok(Client::builder(TokioExecutor::new()).build(connector))
+}
+
+/// The function's answer, at most [`RETURN_PAYLOAD_MAX`] bytes kept (the
+/// rest is read and dropped so the lease is released normally).
+async fn read_capped(mut body: Body) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| format!("the function's answer was cut off: {e}"))?;
+        if let Ok(data) = frame.into_data() {
+            let room = RETURN_PAYLOAD_MAX.saturating_sub(out.len());
+            out.extend_from_slice(&data[..data.len().min(room)]);
+        }
+    }
+    Ok(out)
+}
+
+/// The dispatcher's invoker: the sync invoke path of this gateway, and an
+/// https client for webhooks.
+pub struct GatewayInvoker {
+    pub gw: Weak<Gateway>,
+    pub webhooks: WebhookClient,
+}
+
+const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Invoker for GatewayInvoker {
+    fn invoke(&self, m: &Claimed) -> BoxFuture<InvokeOutcome> {
+        let gw = self.gw.upgrade();
+        let m = m.clone();
+        Box::pin(async move {
+            let Some(gw) = gw else {
+                return InvokeOutcome::SystemError("the gateway is stopping".into());
+            };
+            let (Ok(account), Ok(name)) = (m.account.parse(), m.function.parse::<FunctionName>())
+            else {
+                return InvokeOutcome::FunctionGone("stored names are unreadable".into());
+            };
+            let request_id = m
+                .request_id
+                .parse::<RequestId>()
+                .unwrap_or_else(|_| RequestId::generate());
+            let caller = Caller {
+                account_id: account,
+                access_key_id: String::new(),
+            };
+            let mut b = http::Request::builder()
+                .method(Method::POST)
+                .uri(format!("/2023-03-30/functions/{name}/invocations"));
+            for (k, v) in &m.headers {
+                b = b.header(k.as_str(), v.as_str());
+            }
+            let parts = match b.body(()) {
+                Ok(r) => r.into_parts().0,
+                Err(_) => http::Request::new(()).into_parts().0,
+            };
+            let resp = super::invoke::invoke(
+                &gw,
+                &caller,
+                &name,
+                parts,
+                Bytes::from(m.payload),
+                &request_id,
+            )
+            .await;
+            match resp {
+                Ok(r) => {
+                    let status = r.status().as_u16();
+                    let failed = r.headers().contains_key(super::invoke::ERROR_TYPE);
+                    let body = match read_capped(r.into_body()).await {
+                        Ok(b) => b,
+                        Err(e) => return InvokeOutcome::SystemError(e),
+                    };
+                    if failed || status >= 300 {
+                        InvokeOutcome::FunctionError { status, body }
+                    } else {
+                        InvokeOutcome::Success { status, body }
+                    }
+                }
+                Err(e) => {
+                    let fc = super::to_fc(&e);
+                    match fc.code {
+                        FcErrorCode::ResourceThrottled => InvokeOutcome::Throttled(fc.to_string()),
+                        FcErrorCode::FunctionNotFound => {
+                            InvokeOutcome::FunctionGone(fc.to_string())
+                        }
+                        _ => InvokeOutcome::SystemError(fc.to_string()),
+                    }
+                }
+            }
+        })
+    }
+
+    fn webhook(&self, url: &str, record: &serde_json::Value) -> BoxFuture<Result<(), String>> {
+        let client = self.webhooks.clone();
+        let req = http::Request::builder()
+            .method(Method::POST)
+            .uri(url)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(record.to_string())));
+        Box::pin(async move {
+            let req = req.map_err(|e| format!("bad webhook request: {e}"))?;
+            let resp = tokio::time::timeout(WEBHOOK_TIMEOUT, client.request(req))
+                .await
+                .map_err(|_| "webhook timed out".to_owned())?
+                .map_err(|e| format!("webhook unreachable: {e}"))?;
+            if resp.status().is_success() {
+                Ok(())
+            } else {
+                Err(format!("webhook answered {}", resp.status()))
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_ids_follow_fcs_rule() {
+        for ok in ["a", "_x", "job-1_B", &"a".repeat(128)] {
+            assert!(valid_task_id(ok), "{ok}");
+        }
+        for bad in ["", "1abc", "-a", "a b", "a/b", &"a".repeat(129), "é"] {
+            assert!(!valid_task_id(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn invocation_type_is_sync_or_async() {
+        let parts = |v: &str| {
+            http::Request::builder()
+                .header(INVOCATION_TYPE, v)
+                .body(())
+                .unwrap()
+                .into_parts()
+                .0
+        };
+        assert!(!is_async(&parts("Sync")).unwrap());
+        assert!(is_async(&parts("Async")).unwrap());
+        assert!(is_async(&parts("async")).unwrap());
+        assert_eq!(
+            is_async(&parts("Later")).unwrap_err().code,
+            FcErrorCode::InvalidArgument
+        );
+    }
+}
