@@ -678,3 +678,250 @@ async fn operators_cordon_drain_and_uncordon_nodes() {
     );
     handle.shutdown().await;
 }
+
+/// A fake agent in a runtime of its own, heartbeating like a real one:
+/// shutting the runtime down kills it like a process (its sockets close,
+/// its heartbeats stop).
+struct AgentProcess {
+    rt: Option<tokio::runtime::Runtime>,
+    url: String,
+    log: Arc<Mutex<AgentLog>>,
+}
+
+impl AgentProcess {
+    async fn start(files: TlsFiles) -> Self {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        rt.spawn(async move {
+            let agent = fake_agent(&files).await;
+            let _ = tx.send((agent.url.clone(), agent.log.clone()));
+            // Keep serving until the runtime dies.
+            let _keep = agent;
+            std::future::pending::<()>().await;
+        });
+        let (url, log) = rx.await.unwrap();
+        Self {
+            url,
+            log,
+            rt: Some(rt),
+        }
+    }
+
+    fn heartbeat(&self, client: InternalClient, base: String, node: kiln_core::NodeId) {
+        let log = self.log.clone();
+        self.rt.as_ref().unwrap().spawn(async move {
+            loop {
+                let instances: Vec<InstanceId> = {
+                    let log = log.lock().unwrap();
+                    log.created
+                        .iter()
+                        .filter(|i| !log.destroyed.contains(i))
+                        .cloned()
+                        .collect()
+                };
+                let _ = client
+                    .post::<_, HeartbeatResponse>(
+                        &base,
+                        &paths::node_heartbeat(&node),
+                        &Heartbeat { instances },
+                    )
+                    .await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+    }
+
+    fn kill(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_killed_under_load_fails_its_calls_retryably_and_nothing_hangs() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = DevPki::ensure(&dir.path().join("pki"), &[]).unwrap();
+    let mut config = SchedulerConfig::new(
+        dir.path().join("scheduler"),
+        "127.0.0.1:0".parse().unwrap(),
+        pki.files("scheduler"),
+    );
+    config.heartbeat_interval_ms = 100;
+    config.node_failure_after_ms = 400;
+    config.instance_start_timeout_ms = 2_000;
+    let handle = kiln_scheduler::start(config).await.unwrap();
+    let base = base(handle.addr());
+    let client = InternalClient::new(&pki.files("gateway-internal"))
+        .unwrap()
+        .with_timeout(Duration::from_secs(5));
+    let agent_client = InternalClient::new(&pki.files("agent")).unwrap();
+    let register = |url: String| {
+        let agent_client = agent_client.clone();
+        let base = base.clone();
+        async move {
+            agent_client
+                .post::<_, RegisterNodeResponse>(
+                    &base,
+                    paths::NODES_REGISTER,
+                    &registration(None, &url),
+                )
+                .await
+                .unwrap()
+                .node_id
+        }
+    };
+    let mut a = AgentProcess::start(pki.files("agent")).await;
+    let a_id = register(a.url.clone()).await;
+    a.heartbeat(agent_client.clone(), base.clone(), a_id.clone());
+    let acquire = |function: &'static str, i: usize| {
+        let client = client.clone();
+        let base = base.clone();
+        async move {
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                client.post::<_, Lease>(
+                    &base,
+                    paths::LEASES,
+                    &AcquireLease {
+                        request_id: format!("r-{function}-{i}"),
+                        spec: spec(function, 4),
+                    },
+                ),
+            )
+            .await
+            .expect("an acquire hung")
+        }
+    };
+    // Calls in flight on A when it dies.
+    let mut on_a = Vec::new();
+    for i in 0..8 {
+        let l = acquire("held", i).await.unwrap();
+        assert_eq!(l.node_id, a_id);
+        on_a.push(l);
+    }
+    let b = AgentProcess::start(pki.files("agent")).await;
+    let b_id = register(b.url.clone()).await;
+    b.heartbeat(agent_client.clone(), base.clone(), b_id.clone());
+
+    // Load: workers acquire, "run" 20 ms, release, and note every outcome.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for w in 0..6 {
+        let stop = stop.clone();
+        let client = client.clone();
+        let base = base.clone();
+        workers.push(tokio::spawn(async move {
+            let mut outcomes: Vec<(std::time::Instant, Result<kiln_core::NodeId, FcErrorCode>)> =
+                Vec::new();
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                i += 1;
+                let started = std::time::Instant::now();
+                let req = AcquireLease {
+                    request_id: format!("w{w}-{i}"),
+                    spec: spec("load", 4),
+                };
+                let r = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    client.post::<_, Lease>(&base, paths::LEASES, &req),
+                )
+                .await
+                .expect("an acquire hung");
+                let outcome = match r {
+                    Ok(l) => {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        let rel = tokio::time::timeout(
+                            Duration::from_secs(10),
+                            client.call::<_, ()>(
+                                Method::DELETE,
+                                &base,
+                                &paths::lease(&l.lease_id),
+                                Some(&ReleaseLease {
+                                    outcome: LeaseOutcome::Ok,
+                                }),
+                            ),
+                        )
+                        .await
+                        .expect("a release hung");
+                        rel.map(|()| l.node_id).map_err(|e| e.to_fc().code)
+                    }
+                    Err(e) => Err(e.to_fc().code),
+                };
+                outcomes.push((started, outcome));
+            }
+            outcomes
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    a.kill();
+    let killed = std::time::Instant::now();
+    // The scheduler notices within its failure window and a tick.
+    let mut noticed = None;
+    for _ in 0..100 {
+        let nodes: Vec<NodeInfo> = client.get(&base, paths::SCHEDULER_NODES).await.unwrap();
+        if nodes
+            .iter()
+            .any(|n| n.node_id == a_id && n.state == "failed")
+        {
+            noticed = Some(std::time::Instant::now());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let noticed = noticed.expect("the dead agent's node was never marked failed");
+    assert!(noticed - killed < Duration::from_secs(3));
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut ok_after = 0;
+    for w in workers {
+        for (started, outcome) in w.await.unwrap() {
+            match outcome {
+                Ok(node) => {
+                    if started > noticed {
+                        assert_eq!(node, b_id, "a new call went to the dead node");
+                        ok_after += 1;
+                    }
+                }
+                Err(code) => {
+                    assert_eq!(code, FcErrorCode::ServiceUnavailable, "not retryable");
+                    assert!(
+                        started < noticed,
+                        "a call failed after the failure was known"
+                    );
+                }
+            }
+        }
+    }
+    assert!(
+        ok_after > 20,
+        "only {ok_after} calls succeeded on the live node"
+    );
+    // The calls that were running on A end with a retryable error.
+    for l in on_a {
+        let err = client
+            .call::<_, ()>(
+                Method::DELETE,
+                &base,
+                &paths::lease(&l.lease_id),
+                Some(&ReleaseLease {
+                    outcome: LeaseOutcome::Ok,
+                }),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(err.to_fc().code, FcErrorCode::ServiceUnavailable);
+        assert!(err.to_fc().message.contains("retry"), "{err}");
+    }
+    handle.shutdown().await;
+}
