@@ -41,6 +41,28 @@ pub enum Command {
     /// List compute nodes, or cordon, drain or uncordon one (needs the
     /// cluster's certificates: `kiln dev`'s state directory).
     Nodes(NodesArgs),
+    /// Show or change an account's quotas and throttles (needs the
+    /// cluster's certificates: `kiln dev`'s state directory).
+    Limits(LimitsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LimitsArgs {
+    /// State directory of `kiln dev` (cluster.json, pki/); default ~/.kiln.
+    #[arg(long, global = true)]
+    pub state_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: LimitsCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LimitsCommand {
+    /// Print the limits in force (JSON, the shape `set` takes).
+    Get { account: String },
+    /// Replace the account's limits with a JSON file's (`-` for stdin).
+    Set { account: String, file: PathBuf },
+    /// Back to the scheduler's defaults.
+    Reset { account: String },
 }
 
 #[derive(Debug, Args)]
@@ -254,6 +276,28 @@ pub async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Bench(args) => bench::run(args).await,
+        Command::Limits(args) => {
+            let state_dir = match &args.state_dir {
+                Some(d) => d.clone(),
+                None => credentials::default_dir()?,
+            };
+            let s = nodes::Scheduler::from_state_dir(&state_dir)?;
+            match &args.command {
+                LimitsCommand::Get { account } => {
+                    let l = s.limits(account).await?;
+                    println!("{}", serde_json::to_string_pretty(&l)?);
+                }
+                LimitsCommand::Set { account, file } => {
+                    let l = s.set_limits(account, &nodes::read_limits(file)?).await?;
+                    println!("{}", serde_json::to_string_pretty(&l)?);
+                }
+                LimitsCommand::Reset { account } => {
+                    s.reset_limits(account).await?;
+                    println!("account {account} is back to the default limits");
+                }
+            }
+            Ok(())
+        }
         Command::Nodes(args) => {
             let state_dir = match &args.state_dir {
                 Some(d) => d.clone(),

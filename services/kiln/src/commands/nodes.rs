@@ -1,12 +1,13 @@
-//! `kiln nodes list|cordon|drain|uncordon`: the scheduler's admin API,
+//! `kiln nodes list|cordon|drain|uncordon` and `kiln limits
+//! get|set|reset`: the scheduler's admin API,
 //! reached with the dev cluster's certificate (`<state>/pki`) at the
 //! address `kiln dev` wrote to `<state>/cluster.json`.
 
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use kiln_core::NodeId;
-use kiln_internal_api::{paths, InternalClient, NodeInfo};
+use kiln_core::{AccountId, NodeId};
+use kiln_internal_api::{paths, AccountLimits, InternalClient, NodeInfo};
 
 /// The scheduler, and a client with a cluster certificate.
 pub struct Scheduler {
@@ -63,6 +64,62 @@ impl Scheduler {
             .await
             .with_context(|| format!("cannot {action} node {node}"))
     }
+}
+
+fn account(id: &str) -> Result<AccountId> {
+    id.parse()
+        .with_context(|| format!("{id:?} is not an account id"))
+}
+
+impl Scheduler {
+    /// The limits in force for the account (its own or the defaults).
+    pub async fn limits(&self, account_id: &str) -> Result<AccountLimits> {
+        let a = account(account_id)?;
+        self.client
+            .get(&self.url, &paths::account_limits(&a))
+            .await
+            .with_context(|| format!("cannot read the limits of account {account_id}"))
+    }
+
+    /// Replace the account's limits (validated whole by the scheduler).
+    pub async fn set_limits(
+        &self,
+        account_id: &str,
+        limits: &AccountLimits,
+    ) -> Result<AccountLimits> {
+        let a = account(account_id)?;
+        self.client
+            .call(
+                http::Method::PUT,
+                &self.url,
+                &paths::account_limits(&a),
+                Some(limits),
+            )
+            .await
+            .with_context(|| format!("cannot set the limits of account {account_id}"))
+    }
+
+    /// Back to the defaults.
+    pub async fn reset_limits(&self, account_id: &str) -> Result<()> {
+        let a = account(account_id)?;
+        self.client
+            .delete(&self.url, &paths::account_limits(&a))
+            .await
+            .with_context(|| format!("cannot reset the limits of account {account_id}"))
+    }
+}
+
+/// Read limits from a JSON file (`-` for stdin).
+pub fn read_limits(path: &Path) -> Result<AccountLimits> {
+    let text = if path.as_os_str() == "-" {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)?;
+        s
+    } else {
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?
+    };
+    serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid limits JSON", path.display()))
 }
 
 pub fn print_table(nodes: &[NodeInfo]) {
@@ -156,6 +213,27 @@ mod tests {
         assert!(format!("{err:#}").contains("not a node id"), "{err:#}");
         let err = s.act("n-unknown", "drain").await.unwrap_err();
         assert!(format!("{err:#}").contains("not registered"), "{err:#}");
+
+        // Limits: read, replace from a file, refuse nonsense, reset.
+        let defaults = s.limits("42").await.unwrap();
+        assert_eq!(defaults.burst_instances, 300);
+        let file = state.join("limits.json");
+        let mut mine = defaults.clone();
+        mine.burst_instances = 5;
+        std::fs::write(&file, serde_json::to_string(&mine).unwrap()).unwrap();
+        let stored = s
+            .set_limits("42", &read_limits(&file).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(stored.burst_instances, 5);
+        mine.burst_instances = 0;
+        let err = s.set_limits("42", &mine).await.unwrap_err();
+        assert!(format!("{err:#}").contains("burst_instances"), "{err:#}");
+        std::fs::write(&file, r#"{"burst":1}"#).unwrap();
+        assert!(read_limits(&file).is_err());
+        s.reset_limits("42").await.unwrap();
+        assert_eq!(s.limits("42").await.unwrap(), defaults);
+        assert!(s.limits("not-an-account!").await.is_err());
         handle.shutdown().await;
     }
 }
