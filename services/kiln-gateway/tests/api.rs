@@ -191,7 +191,11 @@ fn config(
         },
         tls: pki.files("gateway-internal"),
         lease_hold_ms: hold_ms,
-        async_queue: Default::default(),
+        async_queue: kiln_gateway::config::AsyncQueueConfig {
+            webhook_ca: Some(pki.ca_cert()),
+            backoff_cap_ms: 1_000,
+            ..Default::default()
+        },
         bootstrap_keys: vec![
             BootstrapKey {
                 account_id: ACCOUNT_A.parse().unwrap(),
@@ -1144,4 +1148,378 @@ async fn official_python_sdk_round_trip() {
         "SDK script failed:\n{stdout}\n{stderr}"
     );
     assert!(stdout.contains("SDK round trip ok"), "{stdout}");
+}
+
+/// An https webhook receiver (the gateway's public certificate, trusted
+/// through the config's webhook_ca): records every POSTed JSON body.
+async fn webhook_receiver(
+    pki: &DevPki,
+    rx: tokio::sync::watch::Receiver<bool>,
+) -> (String, Arc<Mutex<Vec<Value>>>) {
+    let files = pki.files("gateway");
+    let tls = kiln_pki::public_server_config(&files.cert, &files.key).unwrap();
+    let got: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let g = got.clone();
+    let addr = serve_fake(tls, rx, move |req: Request<hyper::body::Incoming>| {
+        let g = g.clone();
+        async move {
+            let body = read_all(req.into_body()).await;
+            g.lock()
+                .unwrap()
+                .push(serde_json::from_slice(&body).unwrap());
+            server::no_content()
+        }
+    })
+    .await;
+    (format!("https://localhost:{}/hook", addr.port()), got)
+}
+
+impl Api {
+    async fn task(&self, function: &str, task: &str) -> Answer {
+        let path = format!("/2023-03-30/functions/{function}/async-tasks/{task}");
+        self.call(Method::GET, &path, vec![]).await
+    }
+
+    /// Poll GetAsyncTask until the task reaches `status`.
+    async fn wait_task(&self, function: &str, task: &str, status: &str) -> Value {
+        let mut last = Value::Null;
+        for _ in 0..300 {
+            let r = self.task(function, task).await;
+            if r.status == StatusCode::OK {
+                last = r.json();
+                if last["status"] == status {
+                    return last;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("task {task} never reached {status}: {last}")
+    }
+
+    async fn put_async_config(&self, function: &str, doc: &Value) -> Answer {
+        let path = format!("/2023-03-30/functions/{function}/async-invoke-config");
+        self.call(Method::PUT, &path, doc.to_string().into_bytes())
+            .await
+    }
+}
+
+async fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    for _ in 0..300 {
+        if let Some(v) = f() {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for {what}")
+}
+
+#[tokio::test]
+async fn async_invocations_tasks_retries_and_destinations() {
+    let env = Env::new().await;
+    let a = env.client(AK_A, SK_A);
+    let (_hook_stop, hook_rx) = tokio::sync::watch::channel(false);
+    let (hook_url, hooks) = webhook_receiver(&env.pki, hook_rx).await;
+    for f in ["worker", "sink"] {
+        assert_eq!(
+            a.create(&function_doc(f, &app_zip())).await.status,
+            StatusCode::OK
+        );
+    }
+    let async_h = ("x-fc-invocation-type", "Async");
+
+    // Bad config values: InvalidArgument, nothing stored.
+    for bad in [
+        json!({"maxAsyncRetryAttempts": 99}),
+        json!({"maxAsyncEventAgeInSeconds": 0}),
+        json!({"destinationConfig": {"onFailure": {"destination": "acs:mns:cn-test:1:/queues/q"}}}),
+        json!({"destinationConfig": {"onSuccess": {"destination": "http://plain.example/x"}}}),
+        json!({"surprise": true}),
+    ] {
+        a.put_async_config("worker", &bad)
+            .await
+            .fc_error(400, "InvalidArgument");
+    }
+    a.call(
+        Method::GET,
+        "/2023-03-30/functions/worker/async-invoke-config",
+        vec![],
+    )
+    .await
+    .fc_error(404, "AsyncConfigNotExists");
+    a.put_async_config("nope", &json!({}))
+        .await
+        .fc_error(404, "FunctionNotFound");
+
+    let sink_arn = format!("acs:fc:cn-test:{ACCOUNT_A}:functions/sink");
+    let r = a
+        .put_async_config(
+            "worker",
+            &json!({
+                "asyncTask": true,
+                "maxAsyncRetryAttempts": 1,
+                "maxAsyncEventAgeInSeconds": 3,
+                "destinationConfig": {
+                    "onSuccess": {"destination": sink_arn},
+                    "onFailure": {"destination": hook_url},
+                },
+            }),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    let cfg = r.json();
+    assert_eq!(cfg["maxAsyncRetryAttempts"], 1);
+    assert_eq!(cfg["asyncTask"], true);
+    assert!(cfg["functionArn"]
+        .as_str()
+        .unwrap()
+        .ends_with(":functions/worker"));
+    let listed = a
+        .call(Method::GET, "/2023-03-30/async-invoke-configs", vec![])
+        .await
+        .json();
+    assert_eq!(listed["configs"].as_array().unwrap().len(), 1);
+    // Another account sees none of it.
+    let b = env.client(AK_B, SK_B);
+    let listed = b
+        .call(Method::GET, "/2023-03-30/async-invoke-configs", vec![])
+        .await
+        .json();
+    assert_eq!(listed["configs"].as_array().unwrap().len(), 0);
+
+    // Oversized payload and a bad task id: refused, nothing queued.
+    a.invoke("worker", &vec![b'x'; 128 * 1024 + 1], &[async_h])
+        .await
+        .fc_error(400, "EntityTooLarge");
+    a.invoke(
+        "worker",
+        b"x",
+        &[async_h, ("x-fc-async-task-id", "9bad id")],
+    )
+    .await
+    .fc_error(400, "InvalidArgument");
+    a.invoke("nope", b"x", &[async_h])
+        .await
+        .fc_error(404, "FunctionNotFound");
+
+    // Success: 202, then the function runs once, the task succeeds, and
+    // the onSuccess record reaches the sink function.
+    let r = a
+        .invoke(
+            "worker",
+            b"hello async",
+            &[async_h, ("x-fc-async-task-id", "job-1")],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED);
+    assert!(!r.request_id().is_empty());
+    assert_eq!(r.headers["x-fc-async-task-id"], "job-1");
+    let again = a
+        .invoke(
+            "worker",
+            b"hello async",
+            &[async_h, ("x-fc-async-task-id", "job-1")],
+        )
+        .await;
+    assert_eq!(again.status, StatusCode::ACCEPTED);
+    let t = a.wait_task("worker", "job-1", "Succeeded").await;
+    assert_eq!(t["requestId"], r.request_id());
+    assert_eq!(t["returnPayload"], "hello async");
+    let events: Vec<&str> = t["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(events, ["Enqueued", "Running", "Succeeded"]);
+    let record: Value = wait_for("the onSuccess record at the sink", || {
+        let seen = env.seen.lock().unwrap();
+        seen.invoked
+            .iter()
+            .find_map(|(_, body)| serde_json::from_slice::<Value>(body).ok())
+    })
+    .await;
+    assert_eq!(record["requestContext"]["condition"], "Success");
+    assert_eq!(record["requestContext"]["requestId"], r.request_id());
+    assert_eq!(record["requestPayload"], "hello async");
+    assert_eq!(record["responsePayload"], "hello async");
+    let worker_calls = env
+        .seen
+        .lock()
+        .unwrap()
+        .invoked
+        .iter()
+        .filter(|(_, b)| &b[..] == b"hello async")
+        .count();
+    assert_eq!(worker_calls, 1, "the same task id twice is one task");
+
+    // A function error: one retry (maxAsyncRetryAttempts 1), then Failed,
+    // and the onFailure record reaches the webhook.
+    let r = a
+        .invoke(
+            "worker",
+            b"fail on demand",
+            &[async_h, ("x-fc-async-task-id", "job-2")],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED);
+    let t = a.wait_task("worker", "job-2", "Failed").await;
+    assert_eq!(t["alreadyRetriedTimes"], 1);
+    let calls = env
+        .seen
+        .lock()
+        .unwrap()
+        .invoked
+        .iter()
+        .filter(|(_, b)| &b[..] == b"fail on demand")
+        .count();
+    assert_eq!(calls, 2);
+    let hook = wait_for("the onFailure webhook", || {
+        hooks.lock().unwrap().first().cloned()
+    })
+    .await;
+    assert_eq!(hook["requestContext"]["condition"], "RetriesExhausted");
+    assert_eq!(hook["requestContext"]["requestId"], r.request_id());
+    assert_eq!(
+        hook["responseContext"]["functionError"],
+        "UnhandledInvocationError"
+    );
+    assert_eq!(hook["responsePayload"]["error"], "bad");
+
+    // Throttling: backoff and retry until the scheduler lets it through...
+    env.seen.lock().unwrap().refuse = Some(FcError::throttled("too many"));
+    let r = a
+        .invoke(
+            "worker",
+            b"patient",
+            &[async_h, ("x-fc-async-task-id", "job-3")],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED);
+    a.wait_task("worker", "job-3", "Retrying").await;
+    env.seen.lock().unwrap().refuse = None;
+    let t = a.wait_task("worker", "job-3", "Succeeded").await;
+    assert_eq!(t["alreadyRetriedTimes"], 0, "throttling spends no retries");
+    // ... or until the message's age passes maxAsyncEventAgeInSeconds (3 s).
+    env.seen.lock().unwrap().refuse = Some(FcError::throttled("too many"));
+    a.invoke(
+        "worker",
+        b"doomed",
+        &[async_h, ("x-fc-async-task-id", "job-4")],
+    )
+    .await;
+    let t = a.wait_task("worker", "job-4", "Expired").await;
+    assert!(t["endTime"].as_u64().unwrap() - t["startedTime"].as_u64().unwrap() < 3_000);
+    env.seen.lock().unwrap().refuse = None;
+    let hook = wait_for("the expiry webhook", || {
+        hooks
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|h| h["requestContext"]["condition"] == "EventAgeExceeded")
+            .cloned()
+    })
+    .await;
+    assert_eq!(hook["requestPayload"], "doomed");
+
+    // Tasks: list with filters, unknown ids, stopping a finished task.
+    let listed = a
+        .call(
+            Method::GET,
+            "/2023-03-30/functions/worker/async-tasks?prefix=job-&limit=2&sortOrderByTime=desc",
+            vec![],
+        )
+        .await
+        .json();
+    let ids: Vec<&str> = listed["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["taskId"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["job-4", "job-3"]);
+    let next = listed["nextToken"].as_str().unwrap();
+    let listed = a
+        .call(
+            Method::GET,
+            &format!("/2023-03-30/functions/worker/async-tasks?prefix=job-&status=Succeeded&sortOrderByTime=desc&nextToken={next}"),
+            vec![],
+        )
+        .await
+        .json();
+    let ids: Vec<&str> = listed["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["taskId"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["job-1"]);
+    a.call(
+        Method::GET,
+        "/2023-03-30/functions/worker/async-tasks?status=Sleeping",
+        vec![],
+    )
+    .await
+    .fc_error(400, "InvalidArgument");
+    a.task("worker", "nope")
+        .await
+        .fc_error(404, "AsyncTaskNotFound");
+    b.task("worker", "job-1")
+        .await
+        .fc_error(404, "FunctionNotFound");
+    let stop = "/2023-03-30/functions/worker/async-tasks/job-1/stop";
+    a.call(Method::PUT, stop, vec![])
+        .await
+        .fc_error(400, "InvalidArgument");
+    a.call(
+        Method::PUT,
+        "/2023-03-30/functions/worker/async-tasks/nope/stop",
+        vec![],
+    )
+    .await
+    .fc_error(404, "AsyncTaskNotFound");
+    assert_eq!(
+        a.task("worker", "job-1").await.json()["status"],
+        "Succeeded"
+    );
+
+    // Delete the config: gone, and a second delete is AsyncConfigNotExists.
+    let path = "/2023-03-30/functions/worker/async-invoke-config";
+    assert_eq!(
+        a.call(Method::DELETE, path, vec![]).await.status,
+        StatusCode::NO_CONTENT
+    );
+    a.call(Method::DELETE, path, vec![])
+        .await
+        .fc_error(404, "AsyncConfigNotExists");
+}
+
+#[tokio::test]
+async fn async_messages_survive_a_restart() {
+    let mut env = Env::new().await;
+    let a = env.client(AK_A, SK_A);
+    assert_eq!(
+        a.create(&function_doc("worker", &app_zip())).await.status,
+        StatusCode::OK
+    );
+    // The scheduler refuses everything: the messages wait in the queue.
+    env.seen.lock().unwrap().refuse = Some(FcError::unavailable("down"));
+    for i in 0..5 {
+        let r = a
+            .invoke(
+                "worker",
+                format!("m{i}").as_bytes(),
+                &[
+                    ("x-fc-invocation-type", "Async"),
+                    ("x-fc-async-task-id", &format!("t{i}")),
+                ],
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::ACCEPTED);
+    }
+    env.restart().await;
+    env.seen.lock().unwrap().refuse = None;
+    let a = env.client(AK_A, SK_A);
+    for i in 0..5 {
+        a.wait_task("worker", &format!("t{i}"), "Succeeded").await;
+    }
 }
