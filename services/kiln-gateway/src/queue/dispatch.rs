@@ -211,6 +211,16 @@ impl Dispatcher {
     /// Run until `stop` resolves; in-flight deliveries are left to their
     /// leases (redelivered after a restart).
     pub async fn run(self: Arc<Self>, stop: impl Future<Output = ()>) {
+        match self.queue.recover(self.clock.now_ms()).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                messages = n,
+                "redelivering messages leased by the previous process"
+            ),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot recover leased messages; they wait for their leases")
+            }
+        }
         match self.queue.active_queues().await {
             Ok(qs) => self.state().queues.extend(qs),
             Err(e) => tracing::error!(error = %e, "cannot list queues; starting empty"),

@@ -355,6 +355,23 @@ impl Queue {
         .await
     }
 
+    /// Make every leased message visible now. The queue database has one
+    /// owner (this gateway); at its start, every lease still held belongs
+    /// to a dispatcher that died with the previous process, so its
+    /// messages need not wait for their leases to run out.
+    pub async fn recover(&self, now_ms: u64) -> Result<usize, QueueError> {
+        Ok(self
+            .db
+            .run(move |c| {
+                Ok(c.execute(
+                    "UPDATE messages SET visible_ms = ?1
+                     WHERE done = 0 AND status IN ('Running', 'Stopping') AND visible_ms > ?1",
+                    [now_ms as i64],
+                )?)
+            })
+            .await?)
+    }
+
     /// Every queue with unfinished messages (for the dispatcher's start).
     pub async fn active_queues(&self) -> Result<Vec<String>, QueueError> {
         Ok(self

@@ -119,6 +119,25 @@ async fn an_expired_lease_is_redelivered_and_a_late_answer_ignored() {
 }
 
 #[tokio::test]
+async fn a_restart_releases_the_dead_processs_leases() {
+    let q = Queue::open_in_memory().unwrap();
+    q.enqueue(msg("1", "f", "a", 1_000)).await.unwrap();
+    q.enqueue(msg("1", "f", "b", 1_000)).await.unwrap();
+    let leased = q
+        .claim(1_000, 600_000, vec![("1".into(), 1)])
+        .await
+        .unwrap();
+    assert_eq!(leased.len(), 1);
+    assert_eq!(q.recover(2_000).await.unwrap(), 1);
+    let again = q
+        .claim(2_000, 600_000, vec![("1".into(), 10)])
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 2);
+    assert_eq!(q.recover(3_000).await.unwrap(), 2);
+}
+
+#[tokio::test]
 async fn stop_removes_a_waiting_task_and_refuses_a_finished_one() {
     let q = Queue::open_in_memory().unwrap();
     q.enqueue(msg("1", "f", "a", 1)).await.unwrap();
