@@ -64,7 +64,15 @@ fn row_json(r: &rusqlite::Row<'_>, region: &str, payload: bool) -> rusqlite::Res
     Ok((seq, v))
 }
 
-fn events(c: &rusqlite::Connection, seq: i64) -> rusqlite::Result<Vec<Value>> {
+/// A task's history: Enqueued (event 0, from the row's created_ms), then
+/// every recorded transition.
+fn events(c: &rusqlite::Connection, seq: i64, created_ms: i64) -> rusqlite::Result<Vec<Value>> {
+    let enqueued = json!({
+        "eventId": 0,
+        "status": TaskStatus::Enqueued.as_str(),
+        "timestamp": created_ms,
+        "eventDetail": "",
+    });
     let mut st = c.prepare_cached(
         "SELECT event_id, status, ts_ms, detail FROM task_events WHERE seq = ?1 ORDER BY event_id",
     )?;
@@ -76,7 +84,7 @@ fn events(c: &rusqlite::Connection, seq: i64) -> rusqlite::Result<Vec<Value>> {
             "eventDetail": r.get::<_, String>(3)?,
         }))
     })?;
-    rows.collect()
+    std::iter::once(Ok(enqueued)).chain(rows).collect()
 }
 
 impl Queue {
@@ -110,7 +118,8 @@ impl Queue {
                 let Some((seq, mut json)) = row else {
                     return Ok(None);
                 };
-                json["events"] = Value::Array(events(c, seq)?);
+                let created = json["startedTime"].as_i64().unwrap_or(0);
+                json["events"] = Value::Array(events(c, seq, created)?);
                 Ok(Some(TaskView { seq, json }))
             })
             .await?)
@@ -164,7 +173,8 @@ impl Queue {
                 };
                 let mut out = Vec::with_capacity(page.len());
                 for (seq, mut json) in page {
-                    json["events"] = Value::Array(events(c, seq)?);
+                    let created = json["startedTime"].as_i64().unwrap_or(0);
+                    json["events"] = Value::Array(events(c, seq, created)?);
                     out.push(TaskView { seq, json });
                 }
                 Ok((out, next))
