@@ -19,6 +19,9 @@ pub mod paths {
         format!("/v1/leases/{lease}")
     }
     pub const FUNCTIONS_RETIRE: &str = "/v1/functions/retire";
+    /// PUT a `PutProvision`, DELETE a `FunctionRef`, GET the list of
+    /// `ProvisionStatus`.
+    pub const FUNCTIONS_PROVISION: &str = "/v1/functions/provision";
     pub const SCHEDULER_NODES: &str = "/v1/nodes";
     pub const SCHEDULER_INSTANCES: &str = "/v1/instances";
     /// Admin: POST, answers the node's `NodeInfo`. `action` is `cordon`,
@@ -256,4 +259,77 @@ pub struct FunctionLimits {
     /// Concurrent calls of the function, across its instances.
     #[serde(default)]
     pub max_concurrency: Option<u32>,
+}
+
+/// A function, by account and name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionRef {
+    pub account_id: AccountId,
+    pub function_name: FunctionName,
+}
+
+/// Gateway -> scheduler: FC's PutProvisionConfig, with the spec of the
+/// function's current revision (provisioned instances start without a call).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PutProvision {
+    pub spec: InstanceSpec,
+    pub config: ProvisionConfig,
+}
+
+/// FC's provision configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProvisionConfig {
+    /// Instances kept started, never released for idleness.
+    pub target: u32,
+    #[serde(default)]
+    pub always_allocate_cpu: bool,
+    /// The latest action to fire sets the target.
+    #[serde(default)]
+    pub scheduled_actions: Vec<ScheduledAction>,
+    /// When present, the target follows the function's concurrency.
+    #[serde(default)]
+    pub target_tracking_policies: Vec<TargetTrackingPolicy>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduledAction {
+    pub name: String,
+    /// `cron(S M H DoM Mon DoW)`.
+    pub schedule_expression: String,
+    pub target: u32,
+    /// IANA name; UTC when absent.
+    #[serde(default)]
+    pub time_zone: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetTrackingPolicy {
+    pub name: String,
+    /// `ProvisionedConcurrencyUtilization`.
+    pub metric_type: String,
+    /// Wanted utilisation of the provisioned instances' slots, (0, 1].
+    pub metric_target: f64,
+    pub min_capacity: u32,
+    pub max_capacity: u32,
+}
+
+/// A provision configuration as the scheduler applies it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProvisionStatus {
+    pub account_id: AccountId,
+    pub function_name: FunctionName,
+    /// The configured target.
+    pub target: u32,
+    /// What schedules and tracking ask for now.
+    pub desired: u32,
+    /// Provisioned instances of the current revision taking calls.
+    pub current: u32,
+    /// Instances per zone.
+    pub zones: BTreeMap<String, u32>,
 }

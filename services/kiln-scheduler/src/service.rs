@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 
 use kiln_core::{AccountId, Clock, FcError, FcErrorCode, InstanceId, LeaseId, NodeId};
 use kiln_internal_api::{
-    AccountLimits, AcquireLease, CreateInstance, Heartbeat, HeartbeatResponse, InstanceInfo, Lease,
-    LeaseOutcome, NodeInfo, RegisterNode, RegisterNodeResponse, RetireFunction,
+    AccountLimits, AcquireLease, CreateInstance, FunctionRef, Heartbeat, HeartbeatResponse,
+    InstanceInfo, Lease, LeaseOutcome, NodeInfo, ProvisionStatus, PutProvision, RegisterNode,
+    RegisterNodeResponse, RetireFunction,
 };
 use tokio::sync::watch;
 use tracing::Instrument;
@@ -76,8 +77,10 @@ impl Scheduler {
         let (nodes, instances) = deps.store.load()?;
         let now = deps.clock.now_ms();
         let limits = deps.store.load_account_limits()?;
+        let provisions = deps.store.load_provisions()?;
         let (mut core, effects) = Placement::restore(placement, nodes, instances, now);
         core.load_account_limits(limits);
+        core.load_provisions(provisions, now);
         tracing::info!(
             nodes = core.node_count(),
             instances = core.instance_count(),
@@ -129,6 +132,14 @@ impl Scheduler {
         }
         for d in effects.destroy {
             self.spawn_destroy(d);
+        }
+        // Provisioned instances: started in the background, no call waits.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            for job in effects.create {
+                let (tx, _) = watch::channel(None);
+                st.starting.insert(job.instance_id.clone(), tx);
+                rt.spawn(self.clone().start_instance(job));
+            }
         }
         self.inner
             .metrics
@@ -402,6 +413,49 @@ impl Scheduler {
         };
         self.flush().await?;
         Ok(now)
+    }
+
+    // ---- provisioned instances ------------------------------------------
+
+    /// FC's PutProvisionConfig; resolves once stored. Instances start in
+    /// the background (and on every tick until the target is met).
+    pub async fn put_provision(&self, req: PutProvision) -> Result<ProvisionStatus, FcError> {
+        let key = (req.spec.account_id.clone(), req.spec.function_name.clone());
+        {
+            let mut st = self.lock();
+            let now = self.now();
+            let effects = st.core.put_provision(&req.spec, req.config, now)?;
+            self.finish(&mut st, effects);
+        }
+        self.flush().await?;
+        self.provisions()
+            .into_iter()
+            .find(|p| p.account_id == key.0 && p.function_name == key.1)
+            .ok_or_else(|| FcError::internal("the provision configuration vanished"))
+    }
+
+    /// Remove a provision configuration; its instances become on-demand.
+    pub async fn delete_provision(&self, f: &FunctionRef) -> Result<(), FcError> {
+        let found = {
+            let mut st = self.lock();
+            let found = st.core.delete_provision(&f.account_id, &f.function_name);
+            self.finish(&mut st, Effects::default());
+            found
+        };
+        if !found {
+            return Err(FcError::new(
+                FcErrorCode::FunctionNotFound,
+                format!(
+                    "function {} of account {} has no provision configuration",
+                    f.function_name, f.account_id
+                ),
+            ));
+        }
+        self.flush().await
+    }
+
+    pub fn provisions(&self) -> Vec<ProvisionStatus> {
+        self.lock().core.provisions_info()
     }
 
     pub fn nodes(&self) -> Vec<NodeInfo> {

@@ -9,7 +9,7 @@ use kiln_store::{Database, Migration, StoreError};
 use rusqlite::{params, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::placement::{Change, InstanceRecord, NodeRecord};
+use crate::placement::{Change, InstanceRecord, NodeRecord, ProvisionRecord};
 
 const MIGRATIONS: &[Migration] = &[
     Migration {
@@ -50,6 +50,19 @@ const MIGRATIONS: &[Migration] = &[
         ALTER TABLE nodes ADD COLUMN reprovision INTEGER NOT NULL DEFAULT 0;
     ",
     },
+    Migration {
+        name: "provisioned instances",
+        sql: "
+        CREATE TABLE provisions (
+            account_id TEXT NOT NULL,
+            function_name TEXT NOT NULL,
+            spec TEXT,                     -- JSON InstanceSpec; NULL while paused
+            config TEXT NOT NULL,          -- JSON ProvisionConfig
+            PRIMARY KEY (account_id, function_name)
+        );
+        ALTER TABLE instances ADD COLUMN provisioned INTEGER NOT NULL DEFAULT 0;
+    ",
+    },
 ];
 
 /// Why the scheduler's state could not be read or written.
@@ -76,6 +89,8 @@ pub trait SchedulerStore: Send + Sync + 'static {
     fn load(&self) -> Result<(Vec<NodeRecord>, Vec<InstanceRecord>), SchedulerStoreError>;
     /// Accounts with limits of their own.
     fn load_account_limits(&self) -> Result<Vec<(AccountId, AccountLimits)>, SchedulerStoreError>;
+    /// Provision configurations.
+    fn load_provisions(&self) -> Result<Vec<ProvisionRecord>, SchedulerStoreError>;
     /// Apply changes in order, all or none.
     fn apply(&self, changes: &[Change]) -> Result<(), SchedulerStoreError>;
 }
@@ -134,7 +149,7 @@ impl SchedulerStore for SqliteSchedulerStore {
                     .collect::<Result<Vec<_>, _>>()?;
                 let instances = c
                     .prepare(
-                        "SELECT instance_id, node_id, spec, state, created_at_ms FROM instances \
+                        "SELECT instance_id, node_id, spec, state, created_at_ms, provisioned FROM instances \
                          ORDER BY instance_id",
                     )?
                     .query_map([], |r| {
@@ -144,6 +159,7 @@ impl SchedulerStore for SqliteSchedulerStore {
                             r.get::<_, String>(2)?,
                             r.get::<_, String>(3)?,
                             r.get::<_, i64>(4)?,
+                            r.get::<_, bool>(5)?,
                         ))
                     })?
                     .collect::<Result<Vec<_>, _>>()?;
@@ -177,7 +193,7 @@ impl SchedulerStore for SqliteSchedulerStore {
                     .collect::<Result<Vec<_>, SchedulerStoreError>>()?;
                 let instances = instances
                     .into_iter()
-                    .map(|(id, node, spec, state, created)| {
+                    .map(|(id, node, spec, state, created, provisioned)| {
                         let e = |r: String| corrupt("instance", &id, r);
                         Ok(InstanceRecord {
                             instance_id: id.parse().map_err(|x| e(format!("{x}")))?,
@@ -185,6 +201,7 @@ impl SchedulerStore for SqliteSchedulerStore {
                             spec: serde_json::from_str(&spec).map_err(|x| e(x.to_string()))?,
                             state: state.parse().map_err(e)?,
                             created_at_ms: created.max(0) as u64,
+                            provisioned,
                         })
                     })
                     .collect::<Result<Vec<_>, SchedulerStoreError>>()?;
@@ -207,6 +224,32 @@ impl SchedulerStore for SqliteSchedulerStore {
                     id.parse().map_err(|x| e(format!("{x}")))?,
                     serde_json::from_str(&limits).map_err(|x| e(x.to_string()))?,
                 ))
+            })
+            .collect()
+    }
+
+    fn load_provisions(&self) -> Result<Vec<ProvisionRecord>, SchedulerStoreError> {
+        type Row = (String, String, Option<String>, String);
+        let rows: Vec<Row> = self.db.with_conn(|c| {
+            Ok(c.prepare(
+                "SELECT account_id, function_name, spec, config FROM provisions \
+                 ORDER BY account_id, function_name",
+            )?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+            .collect::<Result<Vec<_>, _>>()?)
+        })?;
+        rows.into_iter()
+            .map(|(a, f, spec, config)| {
+                let e = |r: String| corrupt("provision", &format!("{a}/{f}"), r);
+                Ok(ProvisionRecord {
+                    account_id: a.parse().map_err(|x| e(format!("{x}")))?,
+                    function_name: f.parse().map_err(|x| e(format!("{x}")))?,
+                    spec: spec
+                        .map(|s| serde_json::from_str(&s))
+                        .transpose()
+                        .map_err(|x| e(x.to_string()))?,
+                    config: serde_json::from_str(&config).map_err(|x| e(x.to_string()))?,
+                })
             })
             .collect()
     }
@@ -245,17 +288,39 @@ impl SchedulerStore for SqliteSchedulerStore {
                     }
                     Change::UpsertInstance(i) => {
                         tx.execute(
-                            "INSERT INTO instances (instance_id, node_id, spec, state, created_at_ms) \
-                             VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT(instance_id) DO UPDATE SET \
-                             node_id = excluded.node_id, spec = excluded.spec, \
-                             state = excluded.state",
+                            "INSERT INTO instances (instance_id, node_id, spec, state, created_at_ms, \
+                             provisioned) VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT(instance_id) \
+                             DO UPDATE SET node_id = excluded.node_id, spec = excluded.spec, \
+                             state = excluded.state, provisioned = excluded.provisioned",
                             params![
                                 i.instance_id.as_str(),
                                 i.node_id.as_str(),
                                 serde_json::to_string(&i.spec).expect("serialises"),
                                 i.state.as_str(),
                                 i.created_at_ms as i64,
+                                i.provisioned,
                             ],
+                        )?;
+                    }
+                    Change::UpsertProvision(p) => {
+                        tx.execute(
+                            "INSERT INTO provisions (account_id, function_name, spec, config) \
+                             VALUES (?1, ?2, ?3, ?4) ON CONFLICT(account_id, function_name) \
+                             DO UPDATE SET spec = excluded.spec, config = excluded.config",
+                            params![
+                                p.account_id.as_str(),
+                                p.function_name.as_str(),
+                                p.spec
+                                    .as_ref()
+                                    .map(|s| serde_json::to_string(s).expect("serialises")),
+                                serde_json::to_string(&p.config).expect("serialises"),
+                            ],
+                        )?;
+                    }
+                    Change::DeleteProvision(account, function) => {
+                        tx.execute(
+                            "DELETE FROM provisions WHERE account_id = ?1 AND function_name = ?2",
+                            params![account.as_str(), function.as_str()],
                         )?;
                     }
                     Change::UpsertAccountLimits(account, limits) => {

@@ -12,9 +12,10 @@ use http_body_util::BodyExt;
 use kiln_core::{FcErrorCode, InstanceId, InstanceSpec, RuntimeName, SandboxKind};
 use kiln_internal_api::server::{self, full, json, no_content, read_json, serve_tls};
 use kiln_internal_api::{
-    paths, AccountLimits, AcquireLease, CreateInstance, Heartbeat, HeartbeatResponse,
+    paths, AccountLimits, AcquireLease, CreateInstance, FunctionRef, Heartbeat, HeartbeatResponse,
     InstanceCreated, InstanceInfo, InternalClient, InternalClientError, Lease, LeaseOutcome,
-    NodeCapacity, NodeInfo, NodeLabels, RegisterNode, RegisterNodeResponse, ReleaseLease, Tenancy,
+    NodeCapacity, NodeInfo, NodeLabels, ProvisionConfig, ProvisionStatus, PutProvision,
+    RegisterNode, RegisterNodeResponse, ReleaseLease, ScheduledAction, Tenancy,
 };
 use kiln_pki::{DevPki, TlsFiles};
 use kiln_scheduler::{SchedulerConfig, SchedulerHandle};
@@ -923,5 +924,119 @@ async fn an_agent_killed_under_load_fails_its_calls_retryably_and_nothing_hangs(
         assert_eq!(err.to_fc().code, FcErrorCode::ServiceUnavailable);
         assert!(err.to_fc().message.contains("retry"), "{err}");
     }
+    handle.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provision_configs_start_instances_in_the_background_and_persist() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = DevPki::ensure(&dir.path().join("pki"), &[]).unwrap();
+    let agent = fake_agent(&pki.files("agent")).await;
+    let handle = start_scheduler(dir.path(), &pki).await;
+    let base = base(handle.addr());
+    let client = InternalClient::new(&pki.files("gateway-internal")).unwrap();
+    let agent_client = InternalClient::new(&pki.files("agent")).unwrap();
+    let _: RegisterNodeResponse = agent_client
+        .post(
+            &base,
+            paths::NODES_REGISTER,
+            &registration(None, &agent.url),
+        )
+        .await
+        .unwrap();
+    let put = |target: u32, expr: &str| PutProvision {
+        spec: spec("prov", 1),
+        config: ProvisionConfig {
+            target,
+            always_allocate_cpu: true,
+            scheduled_actions: if expr.is_empty() {
+                vec![]
+            } else {
+                vec![ScheduledAction {
+                    name: "a".into(),
+                    schedule_expression: expr.into(),
+                    target: 1,
+                    time_zone: None,
+                }]
+            },
+            target_tracking_policies: vec![],
+        },
+    };
+    // A bad schedule is refused and changes nothing.
+    let err = client
+        .call::<_, ProvisionStatus>(
+            Method::PUT,
+            &base,
+            paths::FUNCTIONS_PROVISION,
+            Some(&put(2, "cron(0 0 99 * * *)")),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, InternalClientError::Remote { ref error, .. } if error.code == FcErrorCode::InvalidArgument && error.message.contains("hours")),
+        "{err}"
+    );
+    let list: Vec<ProvisionStatus> = client.get(&base, paths::FUNCTIONS_PROVISION).await.unwrap();
+    assert!(list.is_empty());
+
+    let status: ProvisionStatus = client
+        .call(
+            Method::PUT,
+            &base,
+            paths::FUNCTIONS_PROVISION,
+            Some(&put(2, "")),
+        )
+        .await
+        .unwrap();
+    assert_eq!((status.target, status.desired), (2, 2));
+    // The agent starts them without any call.
+    let mut started = false;
+    for _ in 0..100 {
+        if agent.log.lock().unwrap().created.len() == 2 {
+            started = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(started, "provisioned instances were never started");
+    let lease: Lease = client
+        .post(
+            &base,
+            paths::LEASES,
+            &AcquireLease {
+                request_id: "r-p".into(),
+                spec: spec("prov", 1),
+            },
+        )
+        .await
+        .unwrap();
+    assert!(!lease.cold_start);
+    release(&client, &base, &lease).await;
+
+    // The configuration and its instances survive a restart.
+    handle.shutdown().await;
+    let handle = start_scheduler(dir.path(), &pki).await;
+    let base = base_of(&handle);
+    let list: Vec<ProvisionStatus> = client.get(&base, paths::FUNCTIONS_PROVISION).await.unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!((list[0].target, list[0].current), (2, 2));
+    let f = FunctionRef {
+        account_id: "100".parse().unwrap(),
+        function_name: "prov".parse().unwrap(),
+    };
+    client
+        .call::<_, ()>(Method::DELETE, &base, paths::FUNCTIONS_PROVISION, Some(&f))
+        .await
+        .unwrap();
+    let err = client
+        .call::<_, ()>(Method::DELETE, &base, paths::FUNCTIONS_PROVISION, Some(&f))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, InternalClientError::Remote { ref error, .. } if error.code == FcErrorCode::FunctionNotFound),
+        "{err}"
+    );
+    let list: Vec<ProvisionStatus> = client.get(&base, paths::FUNCTIONS_PROVISION).await.unwrap();
+    assert!(list.is_empty());
     handle.shutdown().await;
 }

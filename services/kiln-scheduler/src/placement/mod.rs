@@ -14,6 +14,8 @@
 //! Every change that must survive a restart is appended to a journal the
 //! caller drains ([`Placement::take_changes`]) and persists write-behind.
 
+mod cron;
+mod provision;
 mod quota;
 mod types;
 
@@ -28,8 +30,10 @@ use std::sync::Arc;
 use kiln_core::limits::{CONCURRENCY_MAX, CONCURRENCY_MIN};
 use kiln_core::{AccountId, FcError, FunctionName, InstanceId, InstanceSpec, LeaseId, NodeId};
 use kiln_internal_api::{
-    AccountLimits, InstanceInfo, Lease, LeaseOutcome, NodeInfo, RegisterNode, Tenancy,
+    AccountLimits, InstanceInfo, Lease, LeaseOutcome, NodeInfo, ProvisionConfig, ProvisionStatus,
+    RegisterNode, Tenancy,
 };
+use provision::{Provision, RETRY_AFTER_MS};
 
 pub use quota::{default_account_limits, validate_limits, AccountUsage, MAX_FUNCTION_LIMITS};
 use quota::{max_concurrency_error, ScaleOut};
@@ -155,6 +159,8 @@ pub struct Placement {
     /// Accounts with limits of their own.
     limits: HashMap<AccountId, Arc<AccountLimits>>,
     default_limits: Arc<AccountLimits>,
+    /// Provision configurations by function.
+    provisions: HashMap<FnKey, Provision>,
     /// Instances still taking calls, by when age makes them drain.
     drain_by_age: BTreeSet<(u64, InstanceId)>,
     /// Instances drained for age, by when they are removed regardless.
@@ -183,6 +189,7 @@ impl Placement {
             scale_out: HashMap::new(),
             drain_by_age: BTreeSet::new(),
             expire_by_age: BTreeSet::new(),
+            provisions: HashMap::new(),
             changes: Vec::new(),
         }
     }
@@ -238,6 +245,7 @@ impl Placement {
             let sandbox = sandbox_kind_for(p.nodes[&r.node_id].labels.tenancy);
             p.insert_instance(Instance {
                 sandbox,
+                provisioned: r.provisioned,
                 id: r.instance_id.clone(),
                 node_id: r.node_id,
                 spec,
@@ -352,14 +360,31 @@ impl Placement {
         }
         self.check_quotas(spec, now)?;
         let node_id = self.best_node(spec)?;
+        let job = self.create_instance(Arc::new(spec.clone()), node_id, false, now);
+        let lease = self.take_slot(&job.instance_id, true, now);
+        Ok(Acquired::Starting {
+            lease,
+            create: Some(job),
+        })
+    }
+
+    /// Put a new Starting instance on `node_id` (already checked against
+    /// the quotas and the node's room) and spend the scale-out tokens.
+    fn create_instance(
+        &mut self,
+        spec: Arc<InstanceSpec>,
+        node_id: NodeId,
+        provisioned: bool,
+        now: u64,
+    ) -> CreateJob {
         self.scale_out
             .entry(spec.account_id.clone())
             .or_insert_with(|| ScaleOut::new(&self.default_limits, now))
             .take(u64::from(spec.cpu_milli));
         let id = InstanceId::generate();
-        let spec = Arc::new(spec.clone());
         self.insert_instance(Instance {
             sandbox: sandbox_kind_for(self.nodes[&node_id].labels.tenancy),
+            provisioned,
             id: id.clone(),
             node_id: node_id.clone(),
             spec: spec.clone(),
@@ -377,17 +402,224 @@ impl Placement {
             let record = node.record();
             self.changes.push(Change::UpsertNode(record));
         }
-        let lease = self.take_slot(&id, true, now);
         let agent_url = self.nodes[&node_id].agent_url.clone();
-        Ok(Acquired::Starting {
-            lease,
-            create: Some(CreateJob {
-                instance_id: id,
-                node_id,
-                agent_url,
-                spec,
-            }),
-        })
+        CreateJob {
+            instance_id: id,
+            node_id,
+            agent_url,
+            spec,
+        }
+    }
+
+    // ---- provisioned instances ------------------------------------------
+
+    /// FC's PutProvisionConfig: keep instances of `spec` started as the
+    /// configuration says. Answers the new instances to start.
+    pub fn put_provision(
+        &mut self,
+        spec: &InstanceSpec,
+        config: ProvisionConfig,
+        now: u64,
+    ) -> Result<Effects, FcError> {
+        check_spec(spec)?;
+        let provision = Provision::new(Some(Arc::new(spec.clone())), config.clone(), now)?;
+        let key = (spec.account_id.clone(), spec.function_name.clone());
+        self.provisions.insert(key.clone(), provision);
+        self.changes.push(Change::UpsertProvision(ProvisionRecord {
+            account_id: key.0.clone(),
+            function_name: key.1.clone(),
+            spec: Some(spec.clone()),
+            config,
+        }));
+        tracing::info!(account_id = %key.0, function = %key.1, "provision configuration set");
+        Ok(self.reconcile_provision(&key, now))
+    }
+
+    /// Remove a provision configuration: its instances become on-demand
+    /// (released once idle).
+    pub fn delete_provision(&mut self, account: &AccountId, function: &FunctionName) -> bool {
+        let key = (account.clone(), function.clone());
+        if self.provisions.remove(&key).is_none() {
+            return false;
+        }
+        self.changes
+            .push(Change::DeleteProvision(account.clone(), function.clone()));
+        self.unprovision_all(&key);
+        true
+    }
+
+    fn unprovision_all(&mut self, key: &FnKey) {
+        let ids: Vec<InstanceId> = self
+            .by_function
+            .get(key)
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default();
+        for id in ids {
+            if self.instances[&id].provisioned {
+                self.update_instance(&id, |i| i.provisioned = false);
+                let record = self.instances[&id].record();
+                self.changes.push(Change::UpsertInstance(record));
+            }
+        }
+    }
+
+    /// Install persisted provision configurations (at start, not journaled).
+    pub fn load_provisions(&mut self, all: Vec<ProvisionRecord>, now: u64) {
+        for r in all {
+            match Provision::new(r.spec.map(Arc::new), r.config, now) {
+                Ok(p) => {
+                    self.provisions.insert((r.account_id, r.function_name), p);
+                }
+                Err(e) => {
+                    tracing::error!(account_id = %r.account_id, function = %r.function_name, error = %e, "ignoring a stored provision configuration")
+                }
+            }
+        }
+    }
+
+    pub fn provisions_info(&self) -> Vec<ProvisionStatus> {
+        let mut v: Vec<ProvisionStatus> = self
+            .provisions
+            .iter()
+            .map(|(key, p)| {
+                let ids = self.current_provisioned(key, p);
+                let mut zones = std::collections::BTreeMap::new();
+                for id in &ids {
+                    let zone = self.nodes[&self.instances[id].node_id].labels.zone.clone();
+                    *zones.entry(zone).or_insert(0) += 1;
+                }
+                ProvisionStatus {
+                    account_id: key.0.clone(),
+                    function_name: key.1.clone(),
+                    target: p.config.target,
+                    desired: p.desired(self.fn_in_flight.get(key).copied().unwrap_or(0)),
+                    current: ids.len() as u32,
+                    zones,
+                }
+            })
+            .collect();
+        v.sort_by(|a, b| (&a.account_id, &a.function_name).cmp(&(&b.account_id, &b.function_name)));
+        v
+    }
+
+    /// Provisioned instances of the configuration's revision taking calls.
+    fn current_provisioned(&self, key: &FnKey, p: &Provision) -> Vec<InstanceId> {
+        let Some(spec) = &p.spec else {
+            return Vec::new();
+        };
+        self.by_function
+            .get(key)
+            .map(|s| {
+                s.iter()
+                    .filter(|id| {
+                        let i = &self.instances[*id];
+                        i.provisioned && i.state.takes_calls() && i.spec.revision == spec.revision
+                    })
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn reconcile_provisions(&mut self, now: u64) -> Effects {
+        let keys: Vec<FnKey> = self.provisions.keys().cloned().collect();
+        let mut effects = Effects::default();
+        for key in keys {
+            effects.extend(self.reconcile_provision(&key, now));
+        }
+        effects
+    }
+
+    /// Start or drain provisioned instances until the function has what its
+    /// configuration asks for now.
+    fn reconcile_provision(&mut self, key: &FnKey, now: u64) -> Effects {
+        let mut effects = Effects::default();
+        let in_flight = self.fn_in_flight.get(key).copied().unwrap_or(0);
+        let Some(p) = self.provisions.get_mut(key) else {
+            return effects;
+        };
+        p.advance(now);
+        if p.start_failed {
+            p.start_failed = false;
+            p.next_attempt_ms = now + RETRY_AFTER_MS;
+        }
+        let desired = p.desired(in_flight) as usize;
+        let Some(spec) = p.spec.clone() else {
+            return effects;
+        };
+        let next_attempt = p.next_attempt_ms;
+        let p = self.provisions[key].clone();
+        let mut current = self.current_provisioned(key, &p);
+        if current.len() < desired && now >= next_attempt {
+            for _ in current.len()..desired {
+                let placed = self
+                    .check_quotas(&spec, now)
+                    .and_then(|()| self.spread_node(&spec, key));
+                match placed {
+                    Ok(node) => {
+                        effects
+                            .create
+                            .push(self.create_instance(spec.clone(), node, true, now));
+                    }
+                    Err(e) => {
+                        tracing::debug!(account_id = %key.0, function = %key.1, error = %e, "cannot place a provisioned instance now");
+                        break;
+                    }
+                }
+            }
+        } else if current.len() > desired {
+            // Idle ones first, then the least busy, newest first.
+            let extra = current.len() - desired;
+            current.sort_by_key(|id| {
+                let i = &self.instances[id];
+                (i.in_flight, std::cmp::Reverse(i.created_at_ms))
+            });
+            for id in current.into_iter().take(extra) {
+                self.update_instance(&id, |i| {
+                    i.provisioned = false;
+                    i.state = InstanceState::Draining;
+                });
+                let record = self.instances[&id].record();
+                self.changes.push(Change::UpsertInstance(record));
+                effects.extend(self.destroy_if_done(&id));
+            }
+        }
+        effects
+    }
+
+    /// For a provisioned instance: a node that fits, in the zone holding
+    /// the fewest of the function's provisioned instances.
+    fn spread_node(&self, spec: &InstanceSpec, key: &FnKey) -> Result<NodeId, FcError> {
+        let mut per_zone: HashMap<&str, usize> = HashMap::new();
+        if let Some(ids) = self.by_function.get(key) {
+            for id in ids {
+                let i = &self.instances[id];
+                if i.provisioned && i.state.takes_calls() {
+                    *per_zone
+                        .entry(self.nodes[&i.node_id].labels.zone.as_str())
+                        .or_default() += 1;
+                }
+            }
+        }
+        let memory = u64::from(spec.memory_mb);
+        let cpu = u64::from(spec.cpu_milli);
+        let mut best: Option<(usize, &NodeId)> = None;
+        for (_, ids) in self.free_memory.range(memory..) {
+            for id in ids {
+                let n = &self.nodes[id];
+                if n.free_cpu_milli() >= cpu && n.has_instance_slot() && n.accepts(&spec.account_id)
+                {
+                    let load = per_zone.get(n.labels.zone.as_str()).copied().unwrap_or(0);
+                    if best.is_none_or(|(b, _)| load < b) {
+                        best = Some((load, id));
+                    }
+                }
+            }
+        }
+        match best {
+            Some((_, id)) => Ok(id.clone()),
+            None => self.best_node(spec),
+        }
     }
 
     /// The limits in force for `account`.
@@ -679,6 +911,16 @@ impl Placement {
             i.in_flight = 0;
             i.state = InstanceState::Failed;
         });
+        let inst = &self.instances[id];
+        if inst.provisioned {
+            let key = (
+                inst.spec.account_id.clone(),
+                inst.spec.function_name.clone(),
+            );
+            if let Some(p) = self.provisions.get_mut(&key) {
+                p.start_failed = true;
+            }
+        }
         let node = self.instances[id].node_id.clone();
         let url = self.nodes.get(&node).map(|n| n.agent_url.clone());
         self.remove_instance(id, None);
@@ -699,6 +941,27 @@ impl Placement {
         keep: Option<&str>,
     ) -> Effects {
         let key = (account.clone(), function.clone());
+        // A deleted function loses its provisioning; a changed one pauses
+        // it until the next PutProvision brings the new spec.
+        match keep {
+            None => {
+                self.delete_provision(account, function);
+            }
+            Some(rev) => {
+                if let Some(p) = self.provisions.get_mut(&key) {
+                    if p.spec.as_ref().is_some_and(|s| s.revision != rev) {
+                        p.spec = None;
+                        let record = ProvisionRecord {
+                            account_id: account.clone(),
+                            function_name: function.clone(),
+                            spec: None,
+                            config: p.config.clone(),
+                        };
+                        self.changes.push(Change::UpsertProvision(record));
+                    }
+                }
+            }
+        }
         let ids: Vec<InstanceId> = self
             .by_function
             .get(&key)
@@ -743,6 +1006,7 @@ impl Placement {
         effects.extend(self.check_nodes(now));
         effects.extend(self.age_instances(now));
         effects.extend(self.age_nodes(now));
+        effects.extend(self.reconcile_provisions(now));
         let limits = &self.limits;
         let defaults = &self.default_limits;
         self.scale_out

@@ -1,4 +1,4 @@
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use kiln_core::{Clock, FcErrorCode, ManualClock, RuntimeName, SandboxKind};
@@ -1175,4 +1175,183 @@ fn a_node_that_changes_tenancy_loses_its_instances() {
         f.p.release(&held.lease_id, LeaseOutcome::Ok, f.now())
             .unwrap_err();
     assert_eq!(err.code, FcErrorCode::ServiceUnavailable);
+}
+
+// ---- provisioned instances ----------------------------------------------
+
+fn zoned_nodes(f: &mut Fixture) {
+    for (n, zone) in [("za", "zone-a"), ("zb", "zone-b"), ("zc", "zone-c")] {
+        let mut r = registration(Some(n), 16 * 1024, Tenancy::MultiTenant, None);
+        r.labels.zone = zone.into();
+        let now = f.now();
+        f.p.register(&r, now).unwrap();
+    }
+}
+
+fn provision(target: u32) -> ProvisionConfig {
+    ProvisionConfig {
+        target,
+        always_allocate_cpu: false,
+        scheduled_actions: vec![],
+        target_tracking_policies: vec![],
+    }
+}
+
+fn start_all(f: &mut Fixture, effects: &Effects) {
+    let now = f.now();
+    for job in &effects.create {
+        assert!(f.p.instance_started(&job.instance_id, now).0);
+    }
+}
+
+#[test]
+fn provisioned_instances_spread_across_zones_and_never_idle_out() {
+    let mut f = Fixture::new();
+    zoned_nodes(&mut f);
+    let s = spec("1", "p", 1, 128);
+    let now = f.now();
+    let e = f.p.put_provision(&s, provision(3), now).unwrap();
+    assert_eq!(e.create.len(), 3);
+    let zones: HashSet<String> = e
+        .create
+        .iter()
+        .map(|j| f.p.node(&j.node_id).unwrap().labels.zone.clone())
+        .collect();
+    assert_eq!(zones.len(), 3, "one per zone");
+    start_all(&mut f, &e);
+    // Warm from the first call.
+    let l = f.acquire_started(&s);
+    assert!(!l.cold_start);
+    f.p.release(&l.lease_id, LeaseOutcome::Ok, f.now()).unwrap();
+    // Hours past the idle timeout: still there; nothing more to start.
+    f.clock.advance(3 * HOUR);
+    let e = f.p.tick(f.now());
+    assert!(e.destroy.is_empty() && e.create.is_empty(), "{e:?}");
+    assert_eq!(f.p.instance_count(), 3);
+    let status = &f.p.provisions_info()[0];
+    assert_eq!((status.target, status.desired, status.current), (3, 3, 3));
+    assert_eq!(
+        status.zones.values().copied().collect::<Vec<_>>(),
+        vec![1, 1, 1]
+    );
+
+    // A lower target drains the extras; removing the configuration makes
+    // the rest on-demand: they go after the idle timeout.
+    let e = f.p.put_provision(&s, provision(1), f.now()).unwrap();
+    assert_eq!(e.destroy.len(), 2);
+    assert_eq!(f.p.instance_count(), 1);
+    assert!(f
+        .p
+        .delete_provision(&"1".parse().unwrap(), &"p".parse().unwrap()));
+    assert!(!f
+        .p
+        .delete_provision(&"1".parse().unwrap(), &"p".parse().unwrap()));
+    f.clock.advance(Duration::from_secs(301));
+    assert_eq!(f.p.tick(f.now()).destroy.len(), 1);
+    assert_eq!(f.p.instance_count(), 0);
+}
+
+#[test]
+fn a_scheduled_action_raises_the_target_at_its_time_in_its_zone() {
+    let mut f = Fixture::new();
+    // 2026-11-23T03:00:00Z.
+    f.clock.set(1_795_402_800_000);
+    zoned_nodes(&mut f);
+    let s = spec("1", "p", 1, 128);
+    let mut c = provision(1);
+    c.scheduled_actions = vec![kiln_internal_api::ScheduledAction {
+        name: "noon".into(),
+        // Noon in Shanghai on 23 November is 04:00 UTC.
+        schedule_expression: "cron(0 0 12 23 11 ?)".into(),
+        target: 4,
+        time_zone: Some("Asia/Shanghai".into()),
+    }];
+    let now = f.now();
+    let e = f.p.put_provision(&s, c, now).unwrap();
+    assert_eq!(e.create.len(), 1);
+    start_all(&mut f, &e);
+    f.clock.advance(Duration::from_secs(59 * 60));
+    assert!(f.p.tick(f.now()).create.is_empty());
+    f.clock.advance(Duration::from_secs(60));
+    let e = f.p.tick(f.now());
+    assert_eq!(e.create.len(), 3);
+    assert_eq!(f.p.provisions_info()[0].desired, 4);
+}
+
+#[test]
+fn target_tracking_follows_calls_in_flight_between_min_and_max() {
+    let mut f = Fixture::new();
+    zoned_nodes(&mut f);
+    let s = spec("1", "p", 2, 128);
+    let mut c = provision(0);
+    c.target_tracking_policies = vec![kiln_internal_api::TargetTrackingPolicy {
+        name: "t".into(),
+        metric_type: "ProvisionedConcurrencyUtilization".into(),
+        metric_target: 0.5,
+        min_capacity: 1,
+        max_capacity: 4,
+    }];
+    let now = f.now();
+    let e = f.p.put_provision(&s, c, now).unwrap();
+    assert_eq!(e.create.len(), 1, "the minimum");
+    start_all(&mut f, &e);
+    // Two slots per instance at 50 %: one instance per call in flight.
+    let held: Vec<Lease> = (0..3).map(|_| f.acquire_started(&s)).collect();
+    let e = f.p.tick(f.now());
+    start_all(&mut f, &e);
+    assert_eq!(f.p.provisions_info()[0].current, 3);
+    for l in &held {
+        f.p.release(&l.lease_id, LeaseOutcome::Ok, f.now()).unwrap();
+    }
+    let e = f.p.tick(f.now());
+    assert_eq!(e.destroy.len(), 2, "back to the minimum once calls end");
+}
+
+#[test]
+fn a_failed_provisioned_start_is_retried_after_a_pause() {
+    let mut f = Fixture::new();
+    zoned_nodes(&mut f);
+    let s = spec("1", "p", 1, 128);
+    let now = f.now();
+    let e = f.p.put_provision(&s, provision(1), now).unwrap();
+    f.p.instance_start_failed(&e.create[0].instance_id);
+    assert!(f.p.tick(f.now()).create.is_empty());
+    f.clock.advance(Duration::from_secs(9));
+    assert!(f.p.tick(f.now()).create.is_empty());
+    f.clock.advance(Duration::from_secs(1));
+    assert_eq!(f.p.tick(f.now()).create.len(), 1);
+}
+
+#[test]
+fn a_changed_function_pauses_its_provisioning_and_a_deleted_one_loses_it() {
+    let mut f = Fixture::new();
+    zoned_nodes(&mut f);
+    let s = spec("1", "p", 1, 128);
+    let now = f.now();
+    let e = f.p.put_provision(&s, provision(2), now).unwrap();
+    start_all(&mut f, &e);
+    let account: AccountId = "1".parse().unwrap();
+    let function: FunctionName = "p".parse().unwrap();
+    let e = f.p.retire(&account, &function, Some(&"ab".repeat(32)));
+    assert_eq!(e.destroy.len(), 2, "old revision drained");
+    assert!(
+        f.p.tick(f.now()).create.is_empty(),
+        "paused until a new spec"
+    );
+    assert_eq!(f.p.provisions_info()[0].current, 0);
+    let e = f.p.put_provision(&s, provision(2), f.now()).unwrap();
+    assert_eq!(e.create.len(), 2);
+    f.p.retire(&account, &function, None);
+    assert!(f.p.provisions_info().is_empty());
+    // Bad configurations change nothing.
+    let mut bad = provision(1);
+    bad.scheduled_actions = vec![kiln_internal_api::ScheduledAction {
+        name: "x".into(),
+        schedule_expression: "every day".into(),
+        target: 1,
+        time_zone: None,
+    }];
+    let err = f.p.put_provision(&s, bad, f.now()).unwrap_err();
+    assert_eq!(err.code, FcErrorCode::InvalidArgument);
+    assert!(f.p.provisions_info().is_empty());
 }

@@ -5,8 +5,10 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 
-use kiln_core::{AccountId, FcError, InstanceId, InstanceSpec, LeaseId, NodeId, SandboxKind};
-use kiln_internal_api::{AccountLimits, NodeCapacity, NodeLabels, Tenancy};
+use kiln_core::{
+    AccountId, FcError, FunctionName, InstanceId, InstanceSpec, LeaseId, NodeId, SandboxKind,
+};
+use kiln_internal_api::{AccountLimits, NodeCapacity, NodeLabels, ProvisionConfig, Tenancy};
 use serde::{Deserialize, Serialize};
 
 /// A node's lifecycle.
@@ -212,6 +214,8 @@ pub struct Instance {
     pub leases: HashSet<LeaseId>,
     /// The sandbox kind its node's tenancy gave it when it was placed.
     pub sandbox: SandboxKind,
+    /// Kept by a provision configuration, not released for idleness.
+    pub provisioned: bool,
 }
 
 impl Instance {
@@ -219,8 +223,10 @@ impl Instance {
         self.state.takes_calls() && self.in_flight < self.spec.concurrency
     }
 
+    /// Idle and subject to the idle timeout (provisioned instances never
+    /// are).
     pub fn is_idle(&self) -> bool {
-        self.state == InstanceState::Ready && self.in_flight == 0
+        self.state == InstanceState::Ready && self.in_flight == 0 && !self.provisioned
     }
 
     pub fn record(&self) -> InstanceRecord {
@@ -230,6 +236,7 @@ impl Instance {
             spec: (*self.spec).clone(),
             state: self.state,
             created_at_ms: self.created_at_ms,
+            provisioned: self.provisioned,
         }
     }
 }
@@ -257,16 +264,29 @@ pub struct InstanceRecord {
     pub spec: InstanceSpec,
     pub state: InstanceState,
     pub created_at_ms: u64,
+    pub provisioned: bool,
 }
 
 /// A state change to persist, in the order it happened.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Change {
     UpsertNode(NodeRecord),
     UpsertInstance(InstanceRecord),
     DeleteInstance(InstanceId),
     UpsertAccountLimits(AccountId, AccountLimits),
     DeleteAccountLimits(AccountId),
+    UpsertProvision(ProvisionRecord),
+    DeleteProvision(AccountId, FunctionName),
+}
+
+/// A provision configuration as persisted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProvisionRecord {
+    pub account_id: AccountId,
+    pub function_name: FunctionName,
+    /// `None` while paused (the function changed since).
+    pub spec: Option<InstanceSpec>,
+    pub config: ProvisionConfig,
 }
 
 /// An instance the agent must destroy.
@@ -285,16 +305,19 @@ pub struct Effects {
     /// Starting instances that were removed: every call waiting for one of
     /// them fails with the error.
     pub aborted_starts: Vec<(InstanceId, FcError)>,
+    /// Agent calls: start these (provisioned) instances; no call waits.
+    pub create: Vec<CreateJob>,
 }
 
 impl Effects {
     pub fn extend(&mut self, other: Effects) {
         self.destroy.extend(other.destroy);
         self.aborted_starts.extend(other.aborted_starts);
+        self.create.extend(other.create);
     }
 
     pub fn is_empty(&self) -> bool {
-        self.destroy.is_empty() && self.aborted_starts.is_empty()
+        self.destroy.is_empty() && self.aborted_starts.is_empty() && self.create.is_empty()
     }
 }
 

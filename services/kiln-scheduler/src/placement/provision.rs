@@ -1,0 +1,236 @@
+//! Provisioned instances (FC's PutProvisionConfig): a target kept started
+//! and never released for idleness, scheduled actions (cron in a time
+//! zone) that change the target, and target tracking on the provisioned
+//! slots' utilisation between a minimum and a maximum.
+
+use std::sync::Arc;
+
+use jiff::tz::TimeZone;
+use kiln_core::{FcError, InstanceSpec};
+use kiln_internal_api::ProvisionConfig;
+
+use super::cron::{time_zone, Cron};
+
+const MAX_TARGET: u32 = 10_000;
+const MAX_ACTIONS: usize = 100;
+const MAX_POLICIES: usize = 10;
+/// How far back a new configuration looks for the scheduled action in force.
+pub(crate) const LOOKBACK_MS: u64 = 8 * 24 * 3_600_000;
+/// After a provisioned instance failed to start, wait this long.
+pub(crate) const RETRY_AFTER_MS: u64 = 10_000;
+const MINUTE: u64 = 60_000;
+
+/// One function's provisioning.
+#[derive(Debug, Clone)]
+pub(crate) struct Provision {
+    /// The current revision's spec; `None` once the function changed,
+    /// until the next PutProvision.
+    pub spec: Option<Arc<InstanceSpec>>,
+    pub config: ProvisionConfig,
+    crons: Vec<(Cron, TimeZone, u32)>,
+    /// The latest scheduled action that fired: when, and its target.
+    scheduled: Option<(u64, u32)>,
+    /// Minutes up to here (exclusive) are evaluated.
+    evaluated_to_ms: u64,
+    pub start_failed: bool,
+    pub next_attempt_ms: u64,
+}
+
+/// Check a configuration, naming what is wrong; parse its schedules.
+pub(crate) fn parse_config(c: &ProvisionConfig) -> Result<Vec<(Cron, TimeZone, u32)>, FcError> {
+    let bad = |m: String| Err(FcError::invalid_argument(m));
+    if c.target > MAX_TARGET {
+        return bad(format!("target must be at most {MAX_TARGET}"));
+    }
+    if c.scheduled_actions.len() > MAX_ACTIONS {
+        return bad(format!("at most {MAX_ACTIONS} scheduledActions"));
+    }
+    if c.target_tracking_policies.len() > MAX_POLICIES {
+        return bad(format!("at most {MAX_POLICIES} targetTrackingPolicies"));
+    }
+    let mut crons = Vec::new();
+    for a in &c.scheduled_actions {
+        if a.target > MAX_TARGET {
+            return bad(format!(
+                "scheduled action {:?}: target must be at most {MAX_TARGET}",
+                a.name
+            ));
+        }
+        let cron = Cron::parse(&a.schedule_expression).map_err(|e| {
+            FcError::invalid_argument(format!("scheduled action {:?}: {e}", a.name))
+        })?;
+        let tz = time_zone(a.time_zone.as_deref()).map_err(|e| {
+            FcError::invalid_argument(format!("scheduled action {:?}: {e}", a.name))
+        })?;
+        crons.push((cron, tz, a.target));
+    }
+    for p in &c.target_tracking_policies {
+        if p.metric_type != "ProvisionedConcurrencyUtilization" {
+            return bad(format!(
+                "target tracking policy {:?}: metric_type must be ProvisionedConcurrencyUtilization",
+                p.name
+            ));
+        }
+        if !(p.metric_target > 0.0 && p.metric_target <= 1.0) {
+            return bad(format!(
+                "target tracking policy {:?}: metric_target must be in (0, 1]",
+                p.name
+            ));
+        }
+        if p.min_capacity > p.max_capacity || p.max_capacity > MAX_TARGET {
+            return bad(format!(
+                "target tracking policy {:?}: need min_capacity <= max_capacity <= {MAX_TARGET}",
+                p.name
+            ));
+        }
+    }
+    Ok(crons)
+}
+
+impl Provision {
+    pub fn new(
+        spec: Option<Arc<InstanceSpec>>,
+        config: ProvisionConfig,
+        now: u64,
+    ) -> Result<Self, FcError> {
+        let crons = parse_config(&config)?;
+        let mut p = Self {
+            spec,
+            config,
+            crons,
+            scheduled: None,
+            evaluated_to_ms: now.saturating_sub(LOOKBACK_MS) / MINUTE * MINUTE,
+            start_failed: false,
+            next_attempt_ms: 0,
+        };
+        p.advance(now);
+        Ok(p)
+    }
+
+    /// Evaluate the schedules up to `now`, minute by minute.
+    pub fn advance(&mut self, now: u64) {
+        if self.crons.is_empty() {
+            return;
+        }
+        let from = self
+            .evaluated_to_ms
+            .max(now.saturating_sub(LOOKBACK_MS) / MINUTE * MINUTE);
+        let mut m = from;
+        while m <= now {
+            for (cron, tz, target) in &self.crons {
+                if cron.fires_in_minute(m, tz) {
+                    self.scheduled = Some((m, *target));
+                }
+            }
+            m += MINUTE;
+        }
+        self.evaluated_to_ms = m;
+    }
+
+    /// The instances wanted now, given the function's calls in flight.
+    pub fn desired(&self, in_flight: u32) -> u32 {
+        let base = self.scheduled.map_or(self.config.target, |(_, t)| t);
+        let (Some(p), Some(spec)) = (self.config.target_tracking_policies.first(), &self.spec)
+        else {
+            return base;
+        };
+        let slots = f64::from(spec.concurrency) * p.metric_target;
+        let need = (f64::from(in_flight) / slots).ceil() as u32;
+        need.clamp(p.min_capacity, p.max_capacity)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_internal_api::{ScheduledAction, TargetTrackingPolicy};
+
+    fn config(target: u32) -> ProvisionConfig {
+        ProvisionConfig {
+            target,
+            always_allocate_cpu: false,
+            scheduled_actions: vec![],
+            target_tracking_policies: vec![],
+        }
+    }
+
+    fn at(s: &str) -> u64 {
+        s.parse::<jiff::Timestamp>().unwrap().as_millisecond() as u64
+    }
+
+    #[test]
+    fn scheduled_actions_set_the_target_from_when_they_fire() {
+        let mut c = config(2);
+        c.scheduled_actions = vec![
+            ScheduledAction {
+                name: "day".into(),
+                schedule_expression: "cron(0 0 8 * * *)".into(),
+                target: 10,
+                time_zone: Some("Asia/Shanghai".into()),
+            },
+            ScheduledAction {
+                name: "night".into(),
+                schedule_expression: "cron(0 0 20 * * *)".into(),
+                target: 1,
+                time_zone: Some("Asia/Shanghai".into()),
+            },
+        ];
+        // 2026-11-23 03:00 UTC is 11:00 in Shanghai: "day" fired at 00:00 UTC.
+        let mut p = Provision::new(None, c, at("2026-11-23T03:00:00Z")).unwrap();
+        assert_eq!(p.desired(0), 10);
+        // 20:00 Shanghai is 12:00 UTC.
+        p.advance(at("2026-11-23T11:59:00Z"));
+        assert_eq!(p.desired(0), 10);
+        p.advance(at("2026-11-23T12:00:30Z"));
+        assert_eq!(p.desired(0), 1);
+        // With no schedule yet in force, the plain target applies.
+        let p = Provision::new(None, config(3), at("2026-11-23T03:00:00Z")).unwrap();
+        assert_eq!(p.desired(50), 3);
+    }
+
+    #[test]
+    fn target_tracking_follows_concurrency_between_min_and_max() {
+        let mut c = config(0);
+        c.target_tracking_policies = vec![TargetTrackingPolicy {
+            name: "t".into(),
+            metric_type: "ProvisionedConcurrencyUtilization".into(),
+            metric_target: 0.5,
+            min_capacity: 2,
+            max_capacity: 8,
+        }];
+        let spec = crate::placement::tests::spec("1", "f", 10, 128);
+        let p = Provision::new(Some(Arc::new(spec)), c, 0).unwrap();
+        // 10 slots per instance at 50 %: 5 calls per instance.
+        assert_eq!(p.desired(0), 2);
+        assert_eq!(p.desired(26), 6);
+        assert_eq!(p.desired(1_000), 8);
+    }
+
+    #[test]
+    fn bad_configurations_are_refused_naming_the_field() {
+        let mut c = config(1);
+        c.scheduled_actions = vec![ScheduledAction {
+            name: "x".into(),
+            schedule_expression: "cron(0 0 25 * * *)".into(),
+            target: 1,
+            time_zone: None,
+        }];
+        assert!(parse_config(&c).unwrap_err().message.contains("hours"));
+        c.scheduled_actions[0].schedule_expression = "cron(0 0 1 * * *)".into();
+        c.scheduled_actions[0].time_zone = Some("Nowhere/Land".into());
+        assert!(parse_config(&c).unwrap_err().message.contains("time zone"));
+        let mut c = config(1);
+        c.target_tracking_policies = vec![TargetTrackingPolicy {
+            name: "t".into(),
+            metric_type: "ProvisionedConcurrencyUtilization".into(),
+            metric_target: 1.5,
+            min_capacity: 1,
+            max_capacity: 2,
+        }];
+        assert!(parse_config(&c)
+            .unwrap_err()
+            .message
+            .contains("metric_target"));
+        assert!(parse_config(&config(MAX_TARGET + 1)).is_err());
+    }
+}
