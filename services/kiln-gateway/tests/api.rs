@@ -1523,3 +1523,33 @@ async fn async_messages_survive_a_restart() {
         a.wait_task("worker", &format!("t{i}"), "Succeeded").await;
     }
 }
+
+/// The official Python SDK drives async invoke, the async invoke config
+/// calls and the async task calls (same KILN_FC_SDK_PYTHON as above).
+#[tokio::test]
+async fn official_python_sdk_async() {
+    let Ok(python) = std::env::var("KILN_FC_SDK_PYTHON") else {
+        eprintln!("SKIPPED official_python_sdk_async: set KILN_FC_SDK_PYTHON to a python with alibabacloud-fc20230330");
+        return;
+    };
+    let env = Env::new().await;
+    let zip_path = env.state_dir.join("sdk.zip");
+    std::fs::write(&zip_path, app_zip()).unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/fc_sdk_async.py");
+    let out = tokio::process::Command::new(python)
+        .arg(script)
+        .arg(format!("localhost:{}", env.addr().port()))
+        .args([AK_A, SK_A])
+        .arg(env.pki.ca_cert())
+        .arg(&zip_path)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "SDK script failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("SDK async ok"), "{stdout}");
+}

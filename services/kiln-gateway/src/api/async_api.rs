@@ -365,7 +365,11 @@ pub async fn list_tasks(
             .into())
         }
     };
-    let include_payload = match query_param(parts, "includePayload").as_deref() {
+    // The Python SDK sends Python's `True`/`False`.
+    let include_payload = match query_param(parts, "includePayload")
+        .map(|v| v.to_ascii_lowercase())
+        .as_deref()
+    {
         None | Some("") | Some("false") => false,
         Some("true") => true,
         Some(o) => {
