@@ -8,7 +8,7 @@ use bytes::Bytes;
 use clap::{Args, Parser, Subcommand};
 
 use crate::client::FcClient;
-use crate::commands::{bench, dev, functions, nodes};
+use crate::commands::{bench, dev, functions, nodes, tasks};
 use crate::credentials::{self, Credentials};
 
 #[derive(Debug, Parser)]
@@ -31,8 +31,12 @@ pub enum Command {
     Dev(DevArgs),
     /// Zip a folder and create or update a function from it.
     Deploy(DeployArgs),
-    /// Invoke a function synchronously and print its answer.
+    /// Invoke a function synchronously and print its answer (or, with
+    /// --async, enqueue the call and print its request and task ids).
     Invoke(InvokeArgs),
+    /// List, show or stop a function's async tasks.
+    #[command(subcommand)]
+    Tasks(TasksCommand),
     /// List, show or delete functions.
     #[command(subcommand)]
     Functions(FunctionsCommand),
@@ -154,6 +158,45 @@ pub struct InvokeArgs {
     /// Payload from a file (`-` for stdin).
     #[arg(long)]
     pub file: Option<PathBuf>,
+    /// Enqueue the call (202 once durable) instead of waiting for it.
+    #[arg(long = "async")]
+    pub asynchronous: bool,
+    /// Name the async task (the same id twice is one task).
+    #[arg(long, requires = "asynchronous")]
+    pub task_id: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TasksCommand {
+    List {
+        function: String,
+        /// Enqueued, Running, Retrying, Succeeded, Failed, Stopping,
+        /// Stopped, Expired or Invalid.
+        #[arg(long)]
+        status: Option<String>,
+        /// Task ids starting with this.
+        #[arg(long)]
+        prefix: Option<String>,
+        /// Enqueued at or after this time (ms since the epoch).
+        #[arg(long)]
+        since_ms: Option<u64>,
+        /// Enqueued at or before this time (ms since the epoch).
+        #[arg(long)]
+        until_ms: Option<u64>,
+        /// At most this many tasks.
+        #[arg(long)]
+        limit: Option<u32>,
+        /// Newest first.
+        #[arg(long)]
+        desc: bool,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print one task with its event history (JSON).
+    Get { function: String, task: String },
+    /// Stop a queued task (it will not run) or a running one (its call is aborted).
+    Stop { function: String, task: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -251,7 +294,50 @@ pub async fn run(cli: Cli) -> Result<()> {
                 ),
                 (None, None) => Bytes::new(),
             };
-            functions::invoke(&client, &a.name, payload).await
+            if a.asynchronous {
+                tasks::invoke_async(&client, &a.name, payload, a.task_id.as_deref()).await
+            } else {
+                functions::invoke(&client, &a.name, payload).await
+            }
+        }
+        Command::Tasks(cmd) => {
+            let client = client(&cli)?;
+            match cmd {
+                TasksCommand::List {
+                    function,
+                    status,
+                    prefix,
+                    since_ms,
+                    until_ms,
+                    limit,
+                    desc,
+                    json,
+                } => {
+                    let opts = tasks::ListOptions {
+                        status: status.clone(),
+                        prefix: prefix.clone(),
+                        since_ms: *since_ms,
+                        until_ms: *until_ms,
+                        limit: *limit,
+                        descending: *desc,
+                    };
+                    let all = tasks::list(&client, function, &opts).await?;
+                    if *json {
+                        println!("{}", serde_json::to_string_pretty(&all)?);
+                    } else {
+                        print!("{}", tasks::table(&all));
+                    }
+                }
+                TasksCommand::Get { function, task } => {
+                    let t = tasks::get(&client, function, task).await?;
+                    println!("{}", serde_json::to_string_pretty(&t)?);
+                }
+                TasksCommand::Stop { function, task } => {
+                    tasks::stop(&client, function, task).await?;
+                    println!("stopped {task}");
+                }
+            }
+            Ok(())
         }
         Command::Functions(cmd) => {
             let client = client(&cli)?;

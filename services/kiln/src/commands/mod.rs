@@ -2,3 +2,4 @@ pub mod bench;
 pub mod dev;
 pub mod functions;
 pub mod nodes;
+pub mod tasks;
