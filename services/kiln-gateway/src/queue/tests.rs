@@ -483,3 +483,42 @@ async fn a_message_older_than_its_ttl_is_expired_without_invoking() {
     let _ = tx.send(());
     run.await.unwrap();
 }
+
+#[tokio::test]
+async fn stopping_a_running_task_aborts_its_invocation() {
+    let q = Queue::open_in_memory().unwrap();
+    let fake = Fake::new(Duration::from_secs(30));
+    let clock = Arc::new(ManualClock::new(1_000));
+    let d = Dispatcher::new(
+        q.clone(),
+        fake.clone(),
+        Arc::new(Configs::default()),
+        clock,
+        settings(),
+        "r".into(),
+    );
+    q.enqueue(msg("1", "f", "t", 1_000)).await.unwrap();
+    d.enqueued("1");
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(d.clone().run(async {
+        let _ = rx.await;
+    }));
+    wait_for(&q, "t", "Running").await;
+    let started = Instant::now();
+    let StopOutcome::Stopping { seq } = q
+        .stop(&"1".parse().unwrap(), &"f".parse().unwrap(), "t", 2_000)
+        .await
+        .unwrap()
+    else {
+        panic!("a running task is Stopping first")
+    };
+    d.abort(seq);
+    wait_for(&q, "t", "Stopped").await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the 30 s call was aborted"
+    );
+    assert_eq!(fake.calls.load(Ordering::SeqCst), 1);
+    let _ = tx.send(());
+    run.await.unwrap();
+}
