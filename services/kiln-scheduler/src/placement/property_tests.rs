@@ -7,7 +7,9 @@ use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use kiln_core::{AccountId, Clock, FunctionName, InstanceSpec, ManualClock, SandboxKind};
-use kiln_internal_api::{AccountLimits, FunctionLimits, Lease, LeaseOutcome, Tenancy};
+use kiln_internal_api::{
+    AccountLimits, FunctionLimits, Lease, LeaseOutcome, ProvisionConfig, Tenancy,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -215,7 +217,25 @@ impl World {
                         self.p.heartbeat(&id, &reported, now);
                     }
                 }
-                self.p.tick(now);
+                let e = self.p.tick(now);
+                self.created(&e);
+            }
+            94..=96 => {
+                // Provisioned instances: placed by the scheduler itself.
+                let s = self.random_spec();
+                if self.rng.gen_bool(0.25) {
+                    self.p.delete_provision(&s.account_id, &s.function_name);
+                } else {
+                    let target = self.rng.gen_range(0..=4);
+                    let config = ProvisionConfig {
+                        target,
+                        always_allocate_cpu: false,
+                        scheduled_actions: vec![],
+                        target_tracking_policies: vec![],
+                    };
+                    let e = self.p.put_provision(&s, config, now).unwrap();
+                    self.created(&e);
+                }
             }
             80..=87 => self.register(),
             88..=93 => {
@@ -243,6 +263,20 @@ impl World {
         }
         self.p.take_changes();
         self.check_invariants();
+    }
+
+    /// Instances the scheduler placed on its own (provisioned).
+    fn created(&mut self, e: &Effects) {
+        let now = self.now();
+        for job in &e.create {
+            self.pending.push(job.instance_id.clone());
+            self.placements += 1;
+            self.placed_at
+                .entry(job.spec.account_id.clone())
+                .or_default()
+                .push_back((now, u64::from(job.spec.cpu_milli)));
+            self.check_new_instance(&job.instance_id);
+        }
     }
 
     /// A new instance fits every limit of its account.
