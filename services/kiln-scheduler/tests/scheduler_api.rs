@@ -1040,3 +1040,86 @@ async fn provision_configs_start_instances_in_the_background_and_persist() {
     assert!(list.is_empty());
     handle.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_past_its_validity_is_told_to_reprovision_over_the_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = DevPki::ensure(&dir.path().join("pki"), &[]).unwrap();
+    let agent = fake_agent(&pki.files("agent")).await;
+    let clock = kiln_core::ManualClock::new(1_000_000);
+    let mut config = SchedulerConfig::new(
+        dir.path().join("scheduler"),
+        "127.0.0.1:0".parse().unwrap(),
+        pki.files("scheduler"),
+    );
+    // Silence is never fatal here: the clock jumps days.
+    config.node_failure_after_ms = u64::MAX / 4;
+    let handle = kiln_scheduler::start_with(
+        config,
+        kiln_scheduler::Overrides {
+            clock: Some(Arc::new(clock.clone())),
+            agent: None,
+        },
+    )
+    .await
+    .unwrap();
+    let base = base(handle.addr());
+    let agent_client = InternalClient::new(&pki.files("agent")).unwrap();
+    let reg: RegisterNodeResponse = agent_client
+        .post(
+            &base,
+            paths::NODES_REGISTER,
+            &registration(None, &agent.url),
+        )
+        .await
+        .unwrap();
+    let beat = || {
+        let agent_client = agent_client.clone();
+        let base = base.clone();
+        let node = reg.node_id.clone();
+        async move {
+            agent_client
+                .post::<_, HeartbeatResponse>(
+                    &base,
+                    &paths::node_heartbeat(&node),
+                    &Heartbeat { instances: vec![] },
+                )
+                .await
+                .unwrap()
+        }
+    };
+    assert!(!beat().await.reprovision);
+    // 120 h pass in an instant; the scheduler's ticks drain, then retire.
+    clock.advance(Duration::from_secs(120 * 3600));
+    let mut told = false;
+    for _ in 0..100 {
+        if beat().await.reprovision {
+            told = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(told, "the agent was never told to re-provision");
+    // It comes back as a new node, even if it sends its old id.
+    let again: RegisterNodeResponse = agent_client
+        .post(
+            &base,
+            paths::NODES_REGISTER,
+            &registration(Some(reg.node_id.clone()), &agent.url),
+        )
+        .await
+        .unwrap();
+    assert_ne!(again.node_id, reg.node_id);
+    let client = InternalClient::new(&pki.files("gateway-internal")).unwrap();
+    let nodes: Vec<NodeInfo> = client.get(&base, paths::SCHEDULER_NODES).await.unwrap();
+    let state = |id: &kiln_core::NodeId| {
+        nodes
+            .iter()
+            .find(|n| &n.node_id == id)
+            .map(|n| n.state.clone())
+            .unwrap()
+    };
+    assert_eq!(state(&reg.node_id), "retired");
+    assert_eq!(state(&again.node_id), "ready");
+    handle.shutdown().await;
+}
