@@ -133,6 +133,9 @@ async fn fake_agent(req: Request<hyper::body::Incoming>, seen: Shared) -> Respon
         )
     } else if text.starts_with("timeout") {
         (504, vec![outcome("timeout")], b"{}".to_vec())
+    } else if text.starts_with("slow") {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        (200, vec![outcome("ok")], bytes.to_vec())
     } else if text.starts_with("gone") {
         let e = FcError::new(FcErrorCode::FunctionNotStarted, "instance is gone");
         (502, vec![], e.to_body("agent").into_bytes())
@@ -1552,4 +1555,62 @@ async fn official_python_sdk_async() {
         "SDK script failed:\n{stdout}\n{stderr}"
     );
     assert!(stdout.contains("SDK async ok"), "{stdout}");
+}
+
+#[tokio::test]
+async fn stopping_a_running_async_task_reclaims_its_instance() {
+    let env = Env::new().await;
+    let a = env.client(AK_A, SK_A);
+    assert_eq!(
+        a.create(&function_doc("worker", &app_zip())).await.status,
+        StatusCode::OK
+    );
+    let r = a
+        .invoke(
+            "worker",
+            b"slow call",
+            &[
+                ("x-fc-invocation-type", "Async"),
+                ("x-fc-async-task-id", "long-1"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED);
+    a.wait_task("worker", "long-1", "Running").await;
+    wait_for("the call to reach the agent", || {
+        (!env.seen.lock().unwrap().invoked.is_empty()).then_some(())
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let stop = "/2023-03-30/functions/worker/async-tasks/long-1/stop";
+    assert_eq!(
+        a.call(Method::PUT, stop, vec![]).await.status,
+        StatusCode::OK
+    );
+    let t = a.wait_task("worker", "long-1", "Stopped").await;
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "the 5 s call was aborted"
+    );
+    let statuses: Vec<&str> = t["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses, ["Enqueued", "Running", "Stopping", "Stopped"]);
+    let released = wait_for("the lease's release", || {
+        env.seen
+            .lock()
+            .unwrap()
+            .released
+            .first()
+            .map(|r| r.1.outcome)
+    })
+    .await;
+    assert_eq!(released, kiln_internal_api::LeaseOutcome::InstanceFailed);
+    // Stopping it again: it is finished.
+    a.call(Method::PUT, stop, vec![])
+        .await
+        .fc_error(400, "InvalidArgument");
 }

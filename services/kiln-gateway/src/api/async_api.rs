@@ -532,15 +532,17 @@ impl Invoker for GatewayInvoker {
                 Ok(r) => r.into_parts().0,
                 Err(_) => http::Request::new(()).into_parts().0,
             };
-            let resp = super::invoke::invoke(
+            let call = super::invoke::invoke(
                 &gw,
                 &caller,
                 &name,
                 parts,
                 Bytes::from(m.payload),
                 &request_id,
-            )
-            .await;
+            );
+            // Stopped mid-call (the dispatcher aborts this future): the
+            // instance is reported failed and reclaimed.
+            let resp = super::invoke::RECLAIM_IF_ABANDONED.scope((), call).await;
             match resp {
                 Ok(r) => {
                     let status = r.status().as_u16();

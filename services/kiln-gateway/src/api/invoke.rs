@@ -111,11 +111,20 @@ pub async fn invoke(
         tracing::debug!(lease = %lease.lease_id, instance = %lease.instance_id, cold = lease.cold_start, from_pool, "lease held");
         let req = agent_request(&lease, &parts.headers, payload.clone(), request_id)?;
         guard.lease = Some(lease);
-        guard.outcome = LeaseOutcome::Ok;
+        // A call abandoned on purpose before the agent answers (the async
+        // dispatcher aborting a stopped task) reports the instance failed,
+        // so the scheduler reclaims it.
+        guard.outcome = match RECLAIM_IF_ABANDONED.try_with(|_| ()) {
+            Ok(()) => LeaseOutcome::InstanceFailed,
+            Err(_) => LeaseOutcome::Ok,
+        };
         // The agent enforces the function's timeout; this bounds a wedged agent.
         let deadline = Duration::from_secs(u64::from(entry.spec.timeout_s)) + AGENT_GRACE;
         let resp = match tokio::time::timeout(deadline, gw.internal.send(req)).await {
-            Ok(Ok(r)) => r,
+            Ok(Ok(r)) => {
+                guard.outcome = LeaseOutcome::Ok;
+                r
+            }
             Ok(Err(e)) => {
                 guard.outcome = LeaseOutcome::InstanceFailed;
                 return Err(e.into());
@@ -179,6 +188,11 @@ pub async fn invoke(
             Err(remote_error(head.status, &bytes).into())
         }
     }
+}
+
+tokio::task_local! {
+    /// Set around calls that may be abandoned on purpose (StopAsyncTask).
+    pub static RECLAIM_IF_ABANDONED: ();
 }
 
 /// How much longer than the function's timeout the gateway waits for the
