@@ -522,3 +522,43 @@ async fn stopping_a_running_task_aborts_its_invocation() {
     let _ = tx.send(());
     run.await.unwrap();
 }
+
+#[tokio::test]
+async fn a_deleted_function_makes_the_task_invalid_and_a_dedicated_queue_is_its_own() {
+    let configs = Arc::new(Configs::default());
+    assert_eq!(configs.queue_of("1", "f"), "1");
+    configs.set(
+        "1",
+        "f",
+        Some(AsyncConfig::parse(br#"{"dedicatedQueue":true}"#, "r", "1").unwrap()),
+    );
+    assert_eq!(configs.queue_of("1", "f"), "1/f");
+    assert_eq!(configs.queue_of("1", "g"), "1");
+
+    let q = Queue::open_in_memory().unwrap();
+    let fake = Fake::new(Duration::ZERO);
+    fake.script(
+        "f",
+        vec![InvokeOutcome::FunctionGone("FunctionNotFound".into())],
+    );
+    let d = Dispatcher::new(
+        q.clone(),
+        fake.clone(),
+        configs.clone(),
+        Arc::new(ManualClock::new(1_000)),
+        settings(),
+        "r".into(),
+    );
+    let mut m = msg("1", "f", "t", 1_000);
+    m.queue = configs.queue_of("1", "f");
+    q.enqueue(m).await.unwrap();
+    d.enqueued("1/f");
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(d.clone().run(async {
+        let _ = rx.await;
+    }));
+    wait_for(&q, "t", "Invalid").await;
+    assert_eq!(fake.calls.load(Ordering::SeqCst), 1);
+    let _ = tx.send(());
+    run.await.unwrap();
+}
