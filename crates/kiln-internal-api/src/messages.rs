@@ -304,6 +304,12 @@ pub struct ScheduledAction {
     /// IANA name; UTC when absent.
     #[serde(default)]
     pub time_zone: Option<String>,
+    /// The action fires only between these (RFC 3339, or a local date-time
+    /// in `time_zone`), when given.
+    #[serde(default)]
+    pub start_time: Option<String>,
+    #[serde(default)]
+    pub end_time: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -316,6 +322,14 @@ pub struct TargetTrackingPolicy {
     pub metric_target: f64,
     pub min_capacity: u32,
     pub max_capacity: u32,
+    /// The policy applies only between these (RFC 3339, or a local
+    /// date-time in `time_zone`), when given.
+    #[serde(default)]
+    pub start_time: Option<String>,
+    #[serde(default)]
+    pub end_time: Option<String>,
+    #[serde(default)]
+    pub time_zone: Option<String>,
 }
 
 /// A provision configuration as the scheduler applies it.

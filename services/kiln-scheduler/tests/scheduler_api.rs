@@ -957,6 +957,8 @@ async fn provision_configs_start_instances_in_the_background_and_persist() {
                     schedule_expression: expr.into(),
                     target: 1,
                     time_zone: None,
+                    start_time: None,
+                    end_time: None,
                 }]
             },
             target_tracking_policies: vec![],

@@ -1265,6 +1265,8 @@ fn a_scheduled_action_raises_the_target_at_its_time_in_its_zone() {
         schedule_expression: "cron(0 0 12 23 11 ?)".into(),
         target: 4,
         time_zone: Some("Asia/Shanghai".into()),
+        start_time: None,
+        end_time: None,
     }];
     let now = f.now();
     let e = f.p.put_provision(&s, c, now).unwrap();
@@ -1290,6 +1292,9 @@ fn target_tracking_follows_calls_in_flight_between_min_and_max() {
         metric_target: 0.5,
         min_capacity: 1,
         max_capacity: 4,
+        start_time: None,
+        end_time: None,
+        time_zone: None,
     }];
     let now = f.now();
     let e = f.p.put_provision(&s, c, now).unwrap();
@@ -1350,6 +1355,8 @@ fn a_changed_function_pauses_its_provisioning_and_a_deleted_one_loses_it() {
         schedule_expression: "every day".into(),
         target: 1,
         time_zone: None,
+        start_time: None,
+        end_time: None,
     }];
     let err = f.p.put_provision(&s, bad, f.now()).unwrap_err();
     assert_eq!(err.code, FcErrorCode::InvalidArgument);
