@@ -571,6 +571,14 @@ impl Invoker for GatewayInvoker {
         })
     }
 
+    fn call_budget_ms(&self, m: &Claimed) -> Option<u64> {
+        let gw = self.gw.upgrade()?;
+        let entry = gw
+            .catalog
+            .function(&m.account.parse().ok()?, &m.function.parse().ok()?)?;
+        Some(u64::from(entry.spec.timeout_s) * 1000 + 10_000)
+    }
+
     fn webhook(&self, url: &str, record: &serde_json::Value) -> BoxFuture<Result<(), String>> {
         let client = self.webhooks.clone();
         let req = http::Request::builder()

@@ -48,6 +48,11 @@ pub enum InvokeOutcome {
 /// invoke path, tests use a fake.
 pub trait Invoker: Send + Sync + 'static {
     fn invoke(&self, m: &Claimed) -> BoxFuture<InvokeOutcome>;
+    /// How long one call of this function may take, when that is known
+    /// (the function's timeout plus the gateway's grace).
+    fn call_budget_ms(&self, _m: &Claimed) -> Option<u64> {
+        None
+    }
     /// POST a destination record to an https webhook.
     fn webhook(&self, url: &str, record: &serde_json::Value) -> BoxFuture<Result<(), String>>;
 }
@@ -344,6 +349,16 @@ impl Dispatcher {
                 None,
             )
         } else {
+            // A call that may outlast the default lease keeps its message
+            // for as long as it may run, so it is not redelivered meanwhile.
+            if let Some(budget) = self.invoker.call_budget_ms(&c) {
+                if budget > self.settings.lease_ms {
+                    let until = now + budget + 60_000;
+                    if let Err(e) = self.queue.extend(c.seq, c.delivery, until).await {
+                        tracing::warn!(error = %e, "cannot extend the lease");
+                    }
+                }
+            }
             let fut = self.invoker.invoke(&c);
             let handle = tokio::spawn(fut);
             self.state().running.insert(c.seq, handle.abort_handle());

@@ -242,6 +242,12 @@ enum Op {
         now_ms: u64,
         reply: oneshot::Sender<Result<StopOutcome, QueueError>>,
     },
+    Extend {
+        seq: i64,
+        delivery: i64,
+        until_ms: u64,
+        reply: oneshot::Sender<Result<bool, QueueError>>,
+    },
 }
 
 /// The most operations one transaction applies.
@@ -370,6 +376,18 @@ impl Queue {
                 )?)
             })
             .await?)
+    }
+
+    /// Keep a delivery's lease until `until_ms` (a call that may run longer
+    /// than the default lease); false if that delivery no longer holds it.
+    pub async fn extend(&self, seq: i64, delivery: i64, until_ms: u64) -> Result<bool, QueueError> {
+        self.call(|reply| Op::Extend {
+            seq,
+            delivery,
+            until_ms,
+            reply,
+        })
+        .await
     }
 
     /// Every queue with unfinished messages (for the dispatcher's start).
@@ -530,6 +548,7 @@ enum Reply {
     Claimed(Result<Vec<Claimed>, QueueError>),
     Completed(Result<Option<TaskStatus>, QueueError>),
     Stopped(Result<StopOutcome, QueueError>),
+    Extended(Result<bool, QueueError>),
 }
 
 impl Op {
@@ -539,6 +558,7 @@ impl Op {
             Op::Claim { reply, .. } => drop(reply.send(Err(QueueError::Closed))),
             Op::Complete { reply, .. } => drop(reply.send(Err(QueueError::Closed))),
             Op::Stop { reply, .. } => drop(reply.send(Err(QueueError::Closed))),
+            Op::Extend { reply, .. } => drop(reply.send(Err(QueueError::Closed))),
         }
     }
 
@@ -548,6 +568,7 @@ impl Op {
             (Op::Claim { reply, .. }, Reply::Claimed(r)) => drop(reply.send(r)),
             (Op::Complete { reply, .. }, Reply::Completed(r)) => drop(reply.send(r)),
             (Op::Stop { reply, .. }, Reply::Stopped(r)) => drop(reply.send(r)),
+            (Op::Extend { reply, .. }, Reply::Extended(r)) => drop(reply.send(r)),
             (op, _) => op.fail(),
         }
     }
@@ -578,6 +599,19 @@ fn apply(tx: &Transaction<'_>, op: &Op) -> Reply {
             now_ms,
             ..
         } => Reply::Stopped(stop(tx, account, function, task_id, *now_ms).map_err(Into::into)),
+        Op::Extend {
+            seq,
+            delivery,
+            until_ms,
+            ..
+        } => Reply::Extended(
+            tx.prepare_cached(
+                "UPDATE messages SET visible_ms = ?3 WHERE seq = ?1 AND deliveries = ?2 AND done = 0",
+            )
+            .and_then(|mut st| st.execute(params![seq, delivery, *until_ms as i64]))
+            .map(|n| n > 0)
+            .map_err(Into::into),
+        ),
     }
 }
 

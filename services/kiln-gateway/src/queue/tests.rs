@@ -181,6 +181,7 @@ struct Fake {
     log: Mutex<Vec<(String, String, Instant)>>,
     hooks: Mutex<Vec<(String, serde_json::Value)>>,
     calls: AtomicUsize,
+    budget: Mutex<Option<u64>>,
 }
 
 impl Fake {
@@ -191,6 +192,7 @@ impl Fake {
             log: Mutex::default(),
             hooks: Mutex::default(),
             calls: AtomicUsize::new(0),
+            budget: Mutex::new(None),
         })
     }
     fn script(&self, function: &str, outcomes: Vec<InvokeOutcome>) {
@@ -224,6 +226,10 @@ impl Invoker for Fake {
             tokio::time::sleep(delay).await;
             outcome
         })
+    }
+
+    fn call_budget_ms(&self, _m: &Claimed) -> Option<u64> {
+        *self.budget.lock().unwrap()
     }
 
     fn webhook(&self, url: &str, record: &serde_json::Value) -> BoxFuture<Result<(), String>> {
@@ -559,6 +565,54 @@ async fn a_deleted_function_makes_the_task_invalid_and_a_dedicated_queue_is_its_
     }));
     wait_for(&q, "t", "Invalid").await;
     assert_eq!(fake.calls.load(Ordering::SeqCst), 1);
+    let _ = tx.send(());
+    run.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_call_longer_than_the_lease_keeps_its_message() {
+    let q = Queue::open_in_memory().unwrap();
+    let fake = Fake::new(Duration::from_millis(300));
+    *fake.budget.lock().unwrap() = Some(600_000);
+    let clock = Arc::new(ManualClock::new(1_000));
+    let d = Dispatcher::new(
+        q.clone(),
+        fake.clone(),
+        Arc::new(Configs::default()),
+        clock,
+        settings(),
+        "r".into(),
+    );
+    q.enqueue(msg("1", "f", "t", 1_000)).await.unwrap();
+    d.enqueued("1");
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(d.clone().run(async {
+        let _ = rx.await;
+    }));
+    wait_for(&q, "t", "Running").await;
+    let mut visible = 0;
+    for _ in 0..100 {
+        visible = q
+            .db()
+            .run(|c| {
+                Ok(c.query_row("SELECT visible_ms FROM messages", [], |r| {
+                    r.get::<_, i64>(0)
+                })?)
+            })
+            .await
+            .unwrap();
+        if visible > 61_000 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert!(
+        visible >= 1_000 + 600_000,
+        "lease extended past the call's budget: {visible}"
+    );
+    wait_for(&q, "t", "Succeeded").await;
+    // A stale delivery cannot extend.
+    assert!(!q.extend(1, 99, 5).await.unwrap());
     let _ = tx.send(());
     run.await.unwrap();
 }
