@@ -162,8 +162,14 @@ typed_id!(
     RequestId, "request id", request_id
 );
 
+/// A random (version 4) UUID from the thread-local CSPRNG: ids are minted
+/// per request, and `Uuid::new_v4` would cost a `getrandom` syscall each.
+fn random_uuid() -> uuid::Uuid {
+    uuid::Builder::from_random_bytes(rand::random()).into_uuid()
+}
+
 fn random_hex() -> String {
-    uuid::Uuid::new_v4().simple().to_string()
+    random_uuid().simple().to_string()
 }
 
 impl InstanceId {
@@ -187,7 +193,7 @@ impl NodeId {
 impl RequestId {
     /// FC's request ids are UUIDs with dashes.
     pub fn generate() -> Self {
-        Self(uuid::Uuid::new_v4().hyphenated().to_string())
+        Self(random_uuid().hyphenated().to_string())
     }
 }
 
@@ -215,6 +221,9 @@ mod tests {
         assert_eq!(lease.as_str().parse::<LeaseId>().unwrap(), lease);
         let req = RequestId::generate();
         assert_eq!(req.as_str().parse::<RequestId>().unwrap(), req);
+        let uuid = uuid::Uuid::parse_str(req.as_str()).unwrap();
+        assert_eq!(uuid.get_version(), Some(uuid::Version::Random));
+        assert_ne!(RequestId::generate(), req);
     }
 
     #[test]
