@@ -6,12 +6,14 @@
 //! This is the warm path. Per call it allocates the outgoing header
 //! entries and one boxed body; the instance lookup holds a read lock only
 //! for the map access, counters are atomics, and each instance keeps its
-//! own pool of keep-alive HTTP/1.1 connections to its runtime.
+//! own stack of keep-alive HTTP/1.1 connections to its runtime
+//! ([`RuntimeConns`]): a call takes one and owns it until the answer's body
+//! has ended, so there is no pool task and no task spawned per call.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -21,9 +23,8 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
 use kiln_core::{FcError, InstanceSpec};
 use kiln_internal_api::headers::INVOKE_OUTCOME;
 use kiln_internal_api::server::{error, full, Body, BoxError};
@@ -102,11 +103,134 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::UPGRADE);
 }
 
-/// One instance's way to its runtime: a keep-alive HTTP/1.1 pool and the
-/// FC headers of its spec, built once at create time.
+/// How long a runtime connection may sit idle before it is closed instead
+/// of reused. Idle connections go before common runtimes close them
+/// (Node's default keep-alive timeout is 5 s): a request written onto a
+/// connection the runtime is closing would fail the instance.
+const RUNTIME_IDLE: Duration = Duration::from_secs(4);
+const RUNTIME_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Why no request could be sent to the runtime.
+#[derive(Debug, thiserror::Error)]
+enum RuntimeError {
+    #[error("cannot connect to the runtime: {0}")]
+    Connect(#[source] std::io::Error),
+    #[error("connecting to the runtime timed out")]
+    ConnectTimeout,
+    #[error(transparent)]
+    Http(#[from] hyper::Error),
+}
+
+/// A connection's sending half, idle since `since`.
+struct IdleConn {
+    send: http1::SendRequest<Incoming>,
+    since: Instant,
+}
+
+/// Keep-alive HTTP/1.1 connections to one runtime, most recently used on
+/// top. Each connection's I/O runs in its own task (spawned once, when it
+/// is dialled); dropping the sending half closes the connection.
+pub(crate) struct RuntimeConns {
+    endpoint: SocketAddr,
+    idle: Mutex<Vec<IdleConn>>,
+}
+
+impl RuntimeConns {
+    fn new(endpoint: SocketAddr) -> Self {
+        Self {
+            endpoint,
+            idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// A connection ready for a request, and whether it was used before.
+    async fn checkout(&self) -> Result<(http1::SendRequest<Incoming>, bool), RuntimeError> {
+        loop {
+            let popped = {
+                let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+                match idle.pop() {
+                    // Everything below the top is older still.
+                    Some(c) if c.since.elapsed() >= RUNTIME_IDLE => {
+                        idle.clear();
+                        None
+                    }
+                    other => other,
+                }
+            };
+            let Some(mut conn) = popped else {
+                return Ok((self.dial().await?, false));
+            };
+            if conn.send.is_ready() {
+                return Ok((conn.send, true));
+            }
+            // The connection may still be finishing the previous answer;
+            // one that has closed errors here and is dropped.
+            if !conn.send.is_closed() && conn.send.ready().await.is_ok() {
+                return Ok((conn.send, true));
+            }
+        }
+    }
+
+    /// Give a connection back after its answer ended.
+    fn put_back(&self, send: http1::SendRequest<Incoming>) {
+        if send.is_closed() {
+            return;
+        }
+        self.idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(IdleConn {
+                send,
+                since: Instant::now(),
+            });
+    }
+
+    async fn dial(&self) -> Result<http1::SendRequest<Incoming>, RuntimeError> {
+        let tcp = tokio::time::timeout(
+            RUNTIME_CONNECT_TIMEOUT,
+            tokio::net::TcpStream::connect(self.endpoint),
+        )
+        .await
+        .map_err(|_| RuntimeError::ConnectTimeout)?
+        .map_err(RuntimeError::Connect)?;
+        tcp.set_nodelay(true).map_err(RuntimeError::Connect)?;
+        let (send, conn) = http1::handshake(TokioIo::new(tcp)).await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "runtime connection ended with an error");
+            }
+        });
+        Ok(send)
+    }
+
+    /// Send `req` on a pooled connection; a request the runtime never saw
+    /// because a reused connection had just closed is sent once more on a
+    /// fresh one.
+    async fn send(
+        &self,
+        req: Request<Incoming>,
+    ) -> Result<(Response<Incoming>, http1::SendRequest<Incoming>), RuntimeError> {
+        let (mut send, reused) = self.checkout().await?;
+        match send.try_send_request(req).await {
+            Ok(resp) => Ok((resp, send)),
+            Err(mut e) => match e.take_message() {
+                Some(req) if reused => {
+                    let mut send = self.dial().await?;
+                    let resp = send.send_request(req).await?;
+                    Ok((resp, send))
+                }
+                _ => Err(e.into_error().into()),
+            },
+        }
+    }
+}
+
+/// One instance's way to its runtime: keep-alive HTTP/1.1 connections and
+/// the FC headers of its spec, built once at create time.
 pub(crate) struct Upstream {
-    client: Client<HttpConnector, Incoming>,
+    conns: RuntimeConns,
     uri: Uri,
+    host: HeaderValue,
     fc_headers: Vec<(HeaderName, HeaderValue)>,
     region: Option<HeaderValue>,
     timeout: Duration,
@@ -119,18 +243,9 @@ impl Upstream {
         spec: &InstanceSpec,
         region: Option<&HeaderValue>,
     ) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(2)));
-        // Idle connections go before common runtimes close them (Node's
-        // default keep-alive timeout is 5 s): a request written onto a
-        // connection the runtime is closing would fail the instance.
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(4))
-            .build(connector);
-        let uri: Uri = format!("http://{endpoint}/invoke")
-            .parse()
-            .expect("socket address forms a valid URI");
+        let uri = Uri::from_static("/invoke");
+        let host = HeaderValue::from_str(&endpoint.to_string())
+            .expect("a socket address is a valid header value");
         let value =
             |s: &str| HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static(""));
         let fc_headers = vec![
@@ -164,8 +279,9 @@ impl Upstream {
             ),
         ];
         Self {
-            client,
+            conns: RuntimeConns::new(endpoint),
             uri,
+            host,
             fc_headers,
             region: region.cloned(),
             timeout: Duration::from_secs(u64::from(spec.timeout_s)),
@@ -179,7 +295,7 @@ impl Upstream {
         let (mut parts, body) = req.into_parts();
         let headers = &mut parts.headers;
         strip_hop_by_hop(headers);
-        headers.remove(header::HOST);
+        headers.insert(header::HOST, self.host.clone());
         headers.remove(&X_KILN_OUTCOME);
         for (name, value) in &self.fc_headers {
             headers.insert(name.clone(), value.clone());
@@ -239,18 +355,6 @@ fn refused(outcome: Outcome, err: &FcError, request_id: &HeaderValue) -> Respons
     resp
 }
 
-/// Walk an error's sources for hyper's own error.
-fn hyper_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a hyper::Error> {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if let Some(h) = err.downcast_ref::<hyper::Error>() {
-            return Some(h);
-        }
-        cur = err.source();
-    }
-    None
-}
-
 /// Counts the call as in flight until the response body is done, and
 /// reports a runtime failure discovered while streaming.
 struct InFlight {
@@ -275,13 +379,16 @@ impl Drop for InFlight {
 }
 
 pin_project_lite::pin_project! {
-    /// The runtime's response body, cut off at the function's deadline.
+    /// The runtime's response body, cut off at the function's deadline;
+    /// its connection goes back to the instance's pool when it has ended
+    /// (and is closed when the body is dropped before that).
     struct InvokeBody {
         #[pin]
         inner: Incoming,
         #[pin]
         deadline: Sleep,
         guard: InFlight,
+        conn: Option<http1::SendRequest<Incoming>>,
     }
 }
 
@@ -293,9 +400,17 @@ impl HttpBody for InvokeBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.project();
-        match this.inner.poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => return Poll::Ready(Some(Ok(frame))),
+        let mut this = self.project();
+        match this.inner.as_mut().poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                // Servers stop polling a body that says it is over.
+                if this.inner.is_end_stream() {
+                    if let Some(conn) = this.conn.take() {
+                        this.guard.instance.upstream.conns.put_back(conn);
+                    }
+                }
+                return Poll::Ready(Some(Ok(frame)));
+            }
             Poll::Ready(Some(Err(e))) => {
                 this.guard
                     .manager
@@ -307,7 +422,12 @@ impl HttpBody for InvokeBody {
                 );
                 return Poll::Ready(Some(Err(Box::new(e))));
             }
-            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Ready(None) => {
+                if let Some(conn) = this.conn.take() {
+                    this.guard.instance.upstream.conns.put_back(conn);
+                }
+                return Poll::Ready(None);
+            }
             Poll::Pending => {}
         }
         if this.deadline.poll(cx).is_ready() {
@@ -369,9 +489,9 @@ impl InstanceManager {
         let deadline = tokio::time::Instant::from_std(started + upstream.timeout);
         let guard = InFlight::enter(self, instance.clone());
         let outgoing = upstream.prepare(req);
-        let answer = tokio::time::timeout_at(deadline, upstream.client.request(outgoing)).await;
-        let resp = match answer {
-            Ok(Ok(resp)) => resp,
+        let answer = tokio::time::timeout_at(deadline, upstream.conns.send(outgoing)).await;
+        let (resp, conn) = match answer {
+            Ok(Ok(sent)) => sent,
             Err(_elapsed) => {
                 self.metrics.invocation(Outcome::Timeout);
                 self.fail(&instance, "invocation timed out");
@@ -382,7 +502,7 @@ impl InstanceManager {
                 );
             }
             Ok(Err(e)) => {
-                if hyper_error(&e).is_some_and(|h| h.is_user()) {
+                if matches!(&e, RuntimeError::Http(h) if h.is_user()) {
                     // The caller's body broke off; the runtime is fine.
                     tracing::debug!(instance_id = %instance.id, error = %e, "caller's request body failed");
                     let err =
@@ -414,10 +534,18 @@ impl InstanceManager {
             parts.headers.insert(X_FC_REQUEST_ID, request_id);
         }
         parts.version = Version::default();
+        // A body that is already over is never polled to its end.
+        let conn = if body.is_end_stream() {
+            upstream.conns.put_back(conn);
+            None
+        } else {
+            Some(conn)
+        };
         let body = InvokeBody {
             inner: body,
             deadline: tokio::time::sleep_until(deadline),
             guard,
+            conn,
         };
         Response::from_parts(parts, body.boxed())
     }
@@ -473,6 +601,9 @@ mod invoke_tests {
     use crate::testing::{manager, sample_spec, serve_http1, FakeCodeSource, FakeDriver};
     use http_body_util::channel::Channel;
     use http_body_util::{Empty, Full};
+    use hyper_util::client::legacy::connect::HttpConnector;
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
     use kiln_core::InstanceId;
     use kiln_internal_api::server::{empty, stream};
     use kiln_internal_api::CreateInstance;
@@ -648,6 +779,43 @@ mod invoke_tests {
         let instance = s.manager.get(s.id.as_str()).unwrap();
         assert_eq!(instance.in_flight(), 0);
         assert_eq!(s.manager.metrics.invocations(Outcome::Ok), 2);
+    }
+
+    #[tokio::test]
+    async fn runtime_connections_are_reused_and_replaced_when_closed() {
+        let (addr, server) = runtime(|req: Request<Incoming>| async move {
+            let mut resp = Response::builder();
+            if req.headers().contains_key("x-close") {
+                resp = resp.header("connection", "close");
+            }
+            resp.body(full("ok")).unwrap()
+        })
+        .await;
+        let s = setup(addr).await;
+        // Creating the instance probed the port; count from the first call.
+        let (resp, _) = s.invoke("x").await;
+        assert_eq!(outcome(&resp), "ok");
+        let first = server.connections.load(Ordering::SeqCst);
+        for _ in 0..3 {
+            let (resp, body) = s.invoke("x").await;
+            assert_eq!((outcome(&resp), &body[..]), ("ok", &b"ok"[..]));
+        }
+        assert_eq!(server.connections.load(Ordering::SeqCst), first);
+
+        // The runtime closes the connection after this answer; the next
+        // call dials a new one and the instance stays healthy.
+        let mut req = s.request(full("x"));
+        req.headers_mut()
+            .insert("x-close", HeaderValue::from_static("1"));
+        let resp = s.client.request(req).await.unwrap();
+        assert_eq!(outcome(&resp), "ok");
+        resp.into_body().collect().await.unwrap();
+        for _ in 0..2 {
+            let (resp, body) = s.invoke("x").await;
+            assert_eq!((outcome(&resp), &body[..]), ("ok", &b"ok"[..]));
+        }
+        assert_eq!(server.connections.load(Ordering::SeqCst), first + 1);
+        assert!(s.manager.get(s.id.as_str()).unwrap().state().can_invoke());
     }
 
     #[tokio::test]
