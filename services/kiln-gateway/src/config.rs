@@ -72,6 +72,8 @@ pub struct AsyncQueueConfig {
     /// Extra CA (PEM) trusted for https webhook destinations, besides the
     /// system's roots.
     pub webhook_ca: Option<PathBuf>,
+    /// How long a finished async task stays readable before it is purged.
+    pub task_retention_s: u64,
 }
 
 impl Default for AsyncQueueConfig {
@@ -82,6 +84,7 @@ impl Default for AsyncQueueConfig {
             lease_ms: 15 * 60 * 1000,
             backoff_cap_ms: 60_000,
             webhook_ca: None,
+            task_retention_s: 7 * 24 * 3600,
         }
     }
 }

@@ -173,6 +173,7 @@ pub async fn start_with_clock(
         per_queue: aq.per_queue,
         lease_ms: aq.lease_ms,
         backoff_cap: std::time::Duration::from_millis(aq.backoff_cap_ms),
+        retention_ms: aq.task_retention_s.saturating_mul(1000),
         ..Default::default()
     };
     let gw = Arc::new_cyclic(|me| Gateway {

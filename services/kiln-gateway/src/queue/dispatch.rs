@@ -125,6 +125,9 @@ pub struct DispatchSettings {
     pub idle_poll: Duration,
     /// Attempts to deliver a destination record.
     pub destination_attempts: u32,
+    /// How long a finished task stays readable (GetAsyncTask) before its
+    /// row is purged.
+    pub retention_ms: u64,
 }
 
 impl Default for DispatchSettings {
@@ -136,9 +139,13 @@ impl Default for DispatchSettings {
             backoff_cap: Duration::from_secs(60),
             idle_poll: Duration::from_millis(100),
             destination_attempts: 5,
+            retention_ms: 7 * 24 * 3600 * 1000,
         }
     }
 }
+
+/// How often finished tasks past their retention are purged.
+const PURGE_EVERY: Duration = Duration::from_secs(60);
 
 /// The running dispatcher's shared state.
 pub struct Dispatcher {
@@ -231,7 +238,22 @@ impl Dispatcher {
             Err(e) => tracing::error!(error = %e, "cannot list queues; starting empty"),
         }
         tokio::pin!(stop);
+        let mut next_purge = std::time::Instant::now();
         loop {
+            if std::time::Instant::now() >= next_purge {
+                next_purge = std::time::Instant::now() + PURGE_EVERY;
+                let cutoff = self
+                    .clock
+                    .now_ms()
+                    .saturating_sub(self.settings.retention_ms);
+                match self.queue.purge(cutoff, 10_000).await {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        tracing::info!(tasks = n, "purged finished async tasks past retention")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot purge finished async tasks"),
+                }
+            }
             let wants = self.wants();
             let claimed = if wants.is_empty() {
                 Vec::new()

@@ -390,6 +390,37 @@ impl Queue {
         .await
     }
 
+    /// Forget finished tasks that ended before `before_ms` (their rows,
+    /// payloads and events), at most `max` at a time; returns how many.
+    pub async fn purge(&self, before_ms: u64, max: usize) -> Result<usize, QueueError> {
+        Ok(self
+            .db
+            .run(move |c| {
+                let tx = c.transaction()?;
+                tx.execute(
+                    "CREATE TEMP TABLE IF NOT EXISTS purge_seqs (seq INTEGER PRIMARY KEY)",
+                    [],
+                )?;
+                tx.execute("DELETE FROM purge_seqs", [])?;
+                tx.execute(
+                    "INSERT INTO purge_seqs SELECT seq FROM messages
+                     WHERE done = 1 AND end_ms < ?1 LIMIT ?2",
+                    params![before_ms as i64, max as i64],
+                )?;
+                tx.execute(
+                    "DELETE FROM task_events WHERE seq IN (SELECT seq FROM purge_seqs)",
+                    [],
+                )?;
+                let n = tx.execute(
+                    "DELETE FROM messages WHERE seq IN (SELECT seq FROM purge_seqs)",
+                    [],
+                )?;
+                tx.commit()?;
+                Ok(n)
+            })
+            .await?)
+    }
+
     /// Every queue with unfinished messages (for the dispatcher's start).
     pub async fn active_queues(&self) -> Result<Vec<String>, QueueError> {
         Ok(self

@@ -249,6 +249,7 @@ fn settings() -> DispatchSettings {
         backoff_cap: Duration::from_secs(4),
         idle_poll: Duration::from_millis(5),
         destination_attempts: 2,
+        retention_ms: 3_600_000,
     }
 }
 
@@ -615,4 +616,36 @@ async fn a_call_longer_than_the_lease_keeps_its_message() {
     assert!(!q.extend(1, 99, 5).await.unwrap());
     let _ = tx.send(());
     run.await.unwrap();
+}
+
+#[tokio::test]
+async fn finished_tasks_are_purged_after_retention_and_waiting_ones_never() {
+    let q = Queue::open_in_memory().unwrap();
+    for t in ["a", "b", "c"] {
+        q.enqueue(msg("1", "f", t, 1_000)).await.unwrap();
+    }
+    let c = q.claim(1_000, 60_000, vec![("1".into(), 2)]).await.unwrap();
+    let done = Completion::Final {
+        status: TaskStatus::Succeeded,
+        error: None,
+        return_payload: None,
+    };
+    q.complete(c[0].seq, c[0].delivery, 2_000, done.clone())
+        .await
+        .unwrap();
+    q.complete(c[1].seq, c[1].delivery, 9_000, done)
+        .await
+        .unwrap();
+    assert_eq!(q.purge(5_000, 100).await.unwrap(), 1);
+    assert_eq!(count(&q, "SELECT count(*) FROM messages"), 2);
+    assert_eq!(
+        count(
+            &q,
+            "SELECT count(*) FROM task_events WHERE seq NOT IN (SELECT seq FROM messages)"
+        ),
+        0
+    );
+    assert_eq!(q.purge(u64::MAX / 2, 100).await.unwrap(), 1);
+    // The waiting one stays whatever its age.
+    assert_eq!(count(&q, "SELECT count(*) FROM messages WHERE done = 0"), 1);
 }
