@@ -33,6 +33,19 @@ pub mod paths {
     pub fn account_limits(account: &kiln_core::AccountId) -> String {
         format!("/v1/accounts/{account}/limits")
     }
+    /// Admin: PUT (a `FunctionLimits`) and DELETE one function's entry of
+    /// the account's limits, atomically (the other functions' and the
+    /// account's own limits stay as they are).
+    pub fn function_limits(
+        account: &kiln_core::AccountId,
+        function: &kiln_core::FunctionName,
+    ) -> String {
+        format!("/v1/accounts/{account}/functions/{function}/limits")
+    }
+    /// GET the account's `ProvisionDetail`s (status and configuration).
+    pub fn account_provisions(account: &kiln_core::AccountId) -> String {
+        format!("/v1/accounts/{account}/provisions")
+    }
 
     // Agent.
     pub const AGENT_INSTANCES: &str = "/v1/instances";
@@ -346,4 +359,12 @@ pub struct ProvisionStatus {
     pub current: u32,
     /// Instances per zone.
     pub zones: BTreeMap<String, u32>,
+}
+
+/// A provision configuration with what the scheduler makes of it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProvisionDetail {
+    pub status: ProvisionStatus,
+    pub config: ProvisionConfig,
 }

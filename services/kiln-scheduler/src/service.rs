@@ -9,7 +9,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use kiln_core::{AccountId, Clock, FcError, FcErrorCode, InstanceId, LeaseId, NodeId};
+use kiln_core::{
+    AccountId, Clock, FcError, FcErrorCode, FunctionName, InstanceId, LeaseId, NodeId,
+};
 use kiln_internal_api::{
     AccountLimits, AcquireLease, CreateInstance, FunctionRef, Heartbeat, HeartbeatResponse,
     InstanceInfo, Lease, LeaseOutcome, NodeInfo, ProvisionStatus, PutProvision, RegisterNode,
@@ -413,6 +415,32 @@ impl Scheduler {
         };
         self.flush().await?;
         Ok(now)
+    }
+
+    /// Set (or with `None` remove) one function's limits of an account,
+    /// atomically; resolves once on disk with the limits now in force.
+    pub async fn set_function_limits(
+        &self,
+        account: &AccountId,
+        function: &FunctionName,
+        limits: Option<kiln_internal_api::FunctionLimits>,
+    ) -> Result<AccountLimits, FcError> {
+        let now = {
+            let mut st = self.lock();
+            let l = st.core.set_function_limits(account, function, limits)?;
+            self.finish(&mut st, Effects::default());
+            (*l).clone()
+        };
+        self.flush().await?;
+        Ok(now)
+    }
+
+    /// One account's provision configurations with their status.
+    pub fn provision_details(
+        &self,
+        account: &AccountId,
+    ) -> Vec<kiln_internal_api::ProvisionDetail> {
+        self.lock().core.provision_details(account)
     }
 
     // ---- provisioned instances ------------------------------------------

@@ -2,9 +2,9 @@
 
 use http::{Response, StatusCode};
 use hyper::body::Incoming;
-use kiln_core::{AccountId, FcError};
+use kiln_core::{AccountId, FcError, FunctionName};
 use kiln_internal_api::server::{json, no_content, read_json, Body};
-use kiln_internal_api::AccountLimits;
+use kiln_internal_api::{AccountLimits, FunctionLimits};
 
 use super::{path_id, BODY_LIMIT};
 use crate::service::Scheduler;
@@ -32,4 +32,30 @@ pub async fn delete_limits(sched: &Scheduler, account: &str) -> Result<Response<
     let account: AccountId = path_id(account)?;
     sched.set_account_limits(&account, None).await?;
     Ok(no_content())
+}
+
+/// Set (`Some(body)`, a `FunctionLimits`) or remove (`None`) one
+/// function's limits; answers the account's limits now in force.
+pub async fn put_function_limits(
+    sched: &Scheduler,
+    account: &str,
+    function: &str,
+    body: Option<Incoming>,
+) -> Result<Response<Body>, FcError> {
+    let account: AccountId = path_id(account)?;
+    let function: FunctionName = path_id(function)?;
+    let limits = match body {
+        Some(b) => Some(read_json::<FunctionLimits>(b, BODY_LIMIT).await?),
+        None => None,
+    };
+    let now = sched
+        .set_function_limits(&account, &function, limits)
+        .await?;
+    Ok(json(StatusCode::OK, &now))
+}
+
+/// The account's provision configurations with their status.
+pub fn provisions(sched: &Scheduler, account: &str) -> Result<Response<Body>, FcError> {
+    let account: AccountId = path_id(account)?;
+    Ok(json(StatusCode::OK, &sched.provision_details(&account)))
 }

@@ -38,6 +38,9 @@ enum Endpoint {
     GetAccountLimits,
     PutAccountLimits,
     DeleteAccountLimits,
+    PutFunctionLimits,
+    DeleteFunctionLimits,
+    ListAccountProvisions,
 }
 
 struct Route {
@@ -132,6 +135,21 @@ const ROUTES: &[Route] = &[
         method: Method::DELETE,
         path: "/v1/accounts/{account}/limits",
         endpoint: Endpoint::DeleteAccountLimits,
+    },
+    Route {
+        method: Method::PUT,
+        path: "/v1/accounts/{account}/functions/{function}/limits",
+        endpoint: Endpoint::PutFunctionLimits,
+    },
+    Route {
+        method: Method::DELETE,
+        path: "/v1/accounts/{account}/functions/{function}/limits",
+        endpoint: Endpoint::DeleteFunctionLimits,
+    },
+    Route {
+        method: Method::GET,
+        path: "/v1/accounts/{account}/provisions",
+        endpoint: Endpoint::ListAccountProvisions,
     },
 ];
 
@@ -246,6 +264,13 @@ async fn dispatch(
         Endpoint::GetAccountLimits => accounts::get_limits(sched, params[0]),
         Endpoint::PutAccountLimits => accounts::put_limits(sched, params[0], body).await,
         Endpoint::DeleteAccountLimits => accounts::delete_limits(sched, params[0]).await,
+        Endpoint::PutFunctionLimits => {
+            accounts::put_function_limits(sched, params[0], params[1], Some(body)).await
+        }
+        Endpoint::DeleteFunctionLimits => {
+            accounts::put_function_limits(sched, params[0], params[1], None).await
+        }
+        Endpoint::ListAccountProvisions => accounts::provisions(sched, params[0]),
     }
 }
 
@@ -292,6 +317,17 @@ mod tests {
             route(&Method::POST, "/v1/accounts/123/limits"),
             Matched::WrongMethod
         ));
+        assert_eq!(
+            m(Method::PUT, "/v1/accounts/123/functions/f-1/limits").unwrap(),
+            (
+                Endpoint::PutFunctionLimits,
+                vec!["123".to_string(), "f-1".to_string()]
+            )
+        );
+        assert_eq!(
+            m(Method::GET, "/v1/accounts/123/provisions").unwrap().0,
+            Endpoint::ListAccountProvisions
+        );
         assert!(matches!(
             route(&Method::POST, "/v1/nodes//heartbeat"),
             Matched::NotFound

@@ -30,8 +30,8 @@ use std::sync::Arc;
 use kiln_core::limits::{CONCURRENCY_MAX, CONCURRENCY_MIN};
 use kiln_core::{AccountId, FcError, FunctionName, InstanceId, InstanceSpec, LeaseId, NodeId};
 use kiln_internal_api::{
-    AccountLimits, InstanceInfo, Lease, LeaseOutcome, NodeInfo, ProvisionConfig, ProvisionStatus,
-    RegisterNode, Tenancy,
+    AccountLimits, FunctionLimits, InstanceInfo, Lease, LeaseOutcome, NodeInfo, ProvisionConfig,
+    ProvisionDetail, ProvisionStatus, RegisterNode, Tenancy,
 };
 use provision::{Provision, RETRY_AFTER_MS};
 
@@ -502,6 +502,20 @@ impl Placement {
         v
     }
 
+    /// The account's provision configurations with their status, by
+    /// function name.
+    pub fn provision_details(&self, account: &AccountId) -> Vec<ProvisionDetail> {
+        self.provisions_info()
+            .into_iter()
+            .filter(|s| &s.account_id == account)
+            .filter_map(|status| {
+                let key = (status.account_id.clone(), status.function_name.clone());
+                let config = self.provisions.get(&key)?.config.clone();
+                Some(ProvisionDetail { status, config })
+            })
+            .collect()
+    }
+
     /// Provisioned instances of the configuration's revision taking calls.
     fn current_provisioned(&self, key: &FnKey, p: &Provision) -> Vec<InstanceId> {
         let Some(spec) = &p.spec else {
@@ -657,6 +671,29 @@ impl Placement {
         }
         tracing::info!(account_id = %account, "account limits changed");
         Ok(())
+    }
+
+    /// Set (or with `None` remove) one function's entry of the account's
+    /// limits, keeping everything else in force (the defaults become the
+    /// account's own limits if it had none). Validated whole: on error
+    /// nothing changes. Answers the limits now in force.
+    pub fn set_function_limits(
+        &mut self,
+        account: &AccountId,
+        function: &FunctionName,
+        limits: Option<FunctionLimits>,
+    ) -> Result<Arc<AccountLimits>, FcError> {
+        let mut l = (*self.account_limits(account)).clone();
+        match limits {
+            Some(f) if f.reserved_concurrency.is_some() || f.max_concurrency.is_some() => {
+                l.functions.insert(function.clone(), f);
+            }
+            _ => {
+                l.functions.remove(function);
+            }
+        }
+        self.set_account_limits(account, Some(l))?;
+        Ok(self.account_limits(account))
     }
 
     /// Install persisted per-account limits (at start, not journaled).

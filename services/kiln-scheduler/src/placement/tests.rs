@@ -1362,3 +1362,74 @@ fn a_changed_function_pauses_its_provisioning_and_a_deleted_one_loses_it() {
     assert_eq!(err.code, FcErrorCode::InvalidArgument);
     assert!(f.p.provisions_info().is_empty());
 }
+
+#[test]
+fn one_functions_limits_change_alone_and_bad_ones_change_nothing() {
+    let mut f = Fixture::new();
+    shared_node(&mut f, "n1", 64 * 1024);
+    let a = account("1");
+    let mut l = limits(|l| l.burst_instances = 10);
+    l.functions
+        .insert("other".parse().unwrap(), fn_limits(None, Some(7)));
+    f.p.set_account_limits(&a, Some(l)).unwrap();
+    let vip: FunctionName = "vip".parse().unwrap();
+    let now =
+        f.p.set_function_limits(&a, &vip, Some(fn_limits(Some(3), None)))
+            .unwrap();
+    assert_eq!(now.burst_instances, 10);
+    assert_eq!(now.functions[&vip], fn_limits(Some(3), None));
+    assert_eq!(
+        now.functions[&"other".parse::<FunctionName>().unwrap()],
+        fn_limits(None, Some(7))
+    );
+    // More reserved than the burst pool: refused, nothing changed.
+    let err =
+        f.p.set_function_limits(&a, &vip, Some(fn_limits(Some(11), None)))
+            .unwrap_err();
+    assert_eq!(err.code, FcErrorCode::InvalidArgument);
+    assert_eq!(
+        f.p.account_limits(&a).functions[&vip],
+        fn_limits(Some(3), None)
+    );
+    // The limit is enforced.
+    for _ in 0..3 {
+        f.acquire_started(&spec("1", "vip", 1, 128));
+    }
+    throttled(
+        &mut f,
+        &spec("1", "vip", 1, 128),
+        "reserved concurrency of 3",
+    );
+    // Removing the entry keeps the rest.
+    let now = f.p.set_function_limits(&a, &vip, None).unwrap();
+    assert!(!now.functions.contains_key(&vip));
+    assert_eq!(now.functions.len(), 1);
+    f.acquire_started(&spec("1", "vip", 1, 128));
+    // An account with no limits of its own starts from the defaults.
+    let b = account("2");
+    let now =
+        f.p.set_function_limits(&b, &vip, Some(fn_limits(None, Some(5))))
+            .unwrap();
+    assert_eq!(
+        now.burst_instances,
+        default_account_limits().burst_instances
+    );
+    assert_eq!(now.functions.len(), 1);
+}
+
+#[test]
+fn provision_details_are_per_account_with_their_config() {
+    let mut f = Fixture::new();
+    shared_node(&mut f, "n1", 64 * 1024);
+    let now = f.now();
+    f.p.put_provision(&spec("1", "a", 1, 128), provision(2), now)
+        .unwrap();
+    f.p.put_provision(&spec("2", "b", 1, 128), provision(1), now)
+        .unwrap();
+    let d = f.p.provision_details(&account("1"));
+    assert_eq!(d.len(), 1);
+    assert_eq!(d[0].status.function_name.as_str(), "a");
+    assert_eq!(d[0].config, provision(2));
+    assert_eq!(d[0].status.target, 2);
+    assert!(f.p.provision_details(&account("3")).is_empty());
+}
