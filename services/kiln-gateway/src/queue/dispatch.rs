@@ -19,8 +19,10 @@ use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 use tracing::Instrument;
 
-use super::config::{AsyncConfig, Target};
-use super::{backoff, Claimed, Completion, NewMessage, Queue, QueueError, TaskStatus};
+use super::config::{parse_target, AsyncConfig, Target};
+use super::{
+    backoff, Claimed, Completion, NewMessage, Outbound, OutboxEntry, Queue, QueueError, TaskStatus,
+};
 
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
@@ -167,6 +169,7 @@ struct State {
     total: usize,
     cursor: usize,
     running: HashMap<i64, AbortHandle>,
+    outbox_busy: std::collections::HashSet<i64>,
 }
 
 impl Dispatcher {
@@ -239,7 +242,12 @@ impl Dispatcher {
         }
         tokio::pin!(stop);
         let mut next_purge = std::time::Instant::now();
+        let mut next_pump = std::time::Instant::now();
         loop {
+            if std::time::Instant::now() >= next_pump {
+                next_pump = std::time::Instant::now() + self.settings.idle_poll;
+                self.pump_outbox().await;
+            }
             if std::time::Instant::now() >= next_purge {
                 next_purge = std::time::Instant::now() + PURGE_EVERY;
                 let cutoff = self
@@ -399,16 +407,25 @@ impl Dispatcher {
             }
         };
         let now = self.clock.now_ms();
+        let outbound = match &completion {
+            Completion::Final { status, .. } => {
+                self.outbound(&c, &cfg, *status, outcome.as_ref(), now)
+            }
+            Completion::Retry { .. } => None,
+        };
+        let has_outbound = outbound.is_some();
         let applied = self
             .queue
-            .complete(c.seq, c.delivery, now, completion.clone())
+            .complete_with(c.seq, c.delivery, now, completion, outbound)
             .await;
         match applied {
-            Ok(Some(status)) if status.is_final() => {
-                tracing::debug!(status = status.as_str(), "async task finished");
-                self.destination(&c, &cfg, status, outcome.as_ref(), now);
+            Ok(Some(status)) => {
+                tracing::debug!(
+                    status = status.as_str(),
+                    destination = has_outbound && status.is_final(),
+                    "async delivery recorded"
+                )
             }
-            Ok(Some(status)) => tracing::debug!(status = status.as_str(), "async task retrying"),
             Ok(None) => tracing::info!("delivery's lease was lost; outcome dropped"),
             Err(e) => {
                 tracing::error!(error = %e, "cannot record async outcome; the lease will expire and redeliver")
@@ -482,72 +499,109 @@ impl Dispatcher {
         }
     }
 
-    /// Send the record to onSuccess / onFailure, off the queue's path.
-    fn destination(
+    /// The record for onSuccess / onFailure, if the config names one for
+    /// this final status.
+    fn outbound(
         &self,
         c: &Claimed,
         cfg: &AsyncConfig,
         status: TaskStatus,
         outcome: Option<&InvokeOutcome>,
         now_ms: u64,
-    ) {
+    ) -> Option<Outbound> {
+        let dest = cfg.destination_config.as_ref()?;
         let target = match status {
-            TaskStatus::Succeeded => cfg.on_success(&self.region, &c.account),
-            TaskStatus::Failed | TaskStatus::Expired => cfg.on_failure(&self.region, &c.account),
-            _ => None,
+            TaskStatus::Succeeded => dest.on_success.as_ref()?,
+            TaskStatus::Failed | TaskStatus::Expired => dest.on_failure.as_ref()?,
+            _ => return None,
         };
-        let Some(target) = target else { return };
-        let record = record(&self.region, c, status, outcome, now_ms);
-        let queue = self.queue.clone();
-        let invoker = self.invoker.clone();
-        let attempts = self.settings.destination_attempts.max(1);
-        let cap = self.settings.backoff_cap;
-        let configs = self.configs.clone();
-        let me_wake = self.me.clone();
-        let account = c.account.clone();
-        let request_id = c.request_id.clone();
-        tokio::spawn(async move {
-            for attempt in 1..=attempts {
-                let r = match &target {
-                    Target::Webhook(url) => invoker.webhook(url, &record).await,
-                    Target::Function(f) => {
-                        let Ok(acc) = account.parse::<AccountId>() else {
-                            return;
-                        };
-                        let q = configs.queue_of(&account, f.as_str());
-                        let m = NewMessage {
-                            account: acc,
-                            function: f.clone(),
-                            queue: q.clone(),
-                            task_id: format!("dest-{request_id}"),
-                            request_id: kiln_core::RequestId::generate().as_str().to_owned(),
-                            payload: record.to_string().into_bytes(),
-                            headers: vec![("content-type".into(), "application/json".into())],
-                            now_ms,
-                        };
-                        let r = queue
-                            .enqueue(m)
-                            .await
-                            .map(|_| ())
-                            .map_err(|e| e.to_string());
-                        if r.is_ok() {
-                            if let Some(d) = me_wake.upgrade() {
-                                d.enqueued(&q);
-                            }
-                        }
-                        r
-                    }
-                };
-                match r {
-                    Ok(()) => return,
-                    Err(e) => {
-                        tracing::warn!(attempt, error = %e, request_id = %request_id, "destination delivery failed");
-                        tokio::time::sleep(backoff(attempt, cap)).await;
-                    }
-                }
+        Some(Outbound {
+            account: c.account.clone(),
+            request_id: c.request_id.clone(),
+            target: target.destination.clone(),
+            record: record(&self.region, c, status, outcome, now_ms).to_string(),
+        })
+    }
+
+    /// Start deliveries of due outbox entries (each once at a time).
+    async fn pump_outbox(&self) {
+        let due = match self.queue.outbox_due(self.clock.now_ms(), 64).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the destination outbox");
+                return;
             }
-            tracing::error!(request_id = %request_id, "destination delivery abandoned");
-        });
+        };
+        for e in due {
+            if !self.state().outbox_busy.insert(e.id) {
+                continue;
+            }
+            let Some(me) = self.me.upgrade() else { return };
+            tokio::spawn(async move { me.deliver(e).await });
+        }
+    }
+
+    /// One delivery attempt; retried with backoff from the outbox, given up
+    /// after `destination_attempts`. Never holds a queue slot.
+    async fn deliver(self: Arc<Self>, e: OutboxEntry) {
+        let o = &e.outbound;
+        let result = match parse_target(&o.target, &self.region, &o.account) {
+            Err(m) => Err(m),
+            Ok(Target::Webhook(url)) => match serde_json::from_str(&o.record) {
+                Ok(v) => self.invoker.webhook(&url, &v).await,
+                Err(err) => Err(format!("unreadable record: {err}")),
+            },
+            Ok(Target::Function(f)) => match o.account.parse::<AccountId>() {
+                Err(err) => Err(err.to_string()),
+                Ok(account) => {
+                    let queue = self.configs.queue_of(&o.account, f.as_str());
+                    let m = NewMessage {
+                        account,
+                        function: f,
+                        queue: queue.clone(),
+                        // Idempotent: a retry after a crash is the same task.
+                        task_id: format!("dest-{}", o.request_id),
+                        request_id: kiln_core::RequestId::generate().as_str().to_owned(),
+                        payload: o.record.clone().into_bytes(),
+                        headers: vec![("content-type".into(), "application/json".into())],
+                        now_ms: self.clock.now_ms(),
+                    };
+                    let r = self
+                        .queue
+                        .enqueue(m)
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string());
+                    if r.is_ok() {
+                        self.enqueued(&queue);
+                    }
+                    r
+                }
+            },
+        };
+        let attempts = e.attempts + 1;
+        let done = match &result {
+            Ok(()) => true,
+            Err(err) if attempts >= self.settings.destination_attempts.max(1) => {
+                tracing::error!(request_id = %o.request_id, target = %o.target, error = %err, attempts, "destination delivery abandoned");
+                true
+            }
+            Err(err) => {
+                tracing::warn!(request_id = %o.request_id, target = %o.target, error = %err, attempts, "destination delivery failed; will retry");
+                false
+            }
+        };
+        let r = if done {
+            self.queue.outbox_remove(e.id).await
+        } else {
+            let next = self.clock.now_ms()
+                + backoff(attempts, self.settings.backoff_cap).as_millis() as u64;
+            self.queue.outbox_retry(e.id, attempts, next).await
+        };
+        if let Err(err) = r {
+            tracing::warn!(error = %err, "cannot update the destination outbox");
+        }
+        self.state().outbox_busy.remove(&e.id);
     }
 }
 

@@ -47,9 +47,10 @@ impl From<rusqlite::Error> for QueueError {
     }
 }
 
-const MIGRATIONS: &[Migration] = &[Migration {
-    name: "async messages, task events, async invoke configs",
-    sql: "
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        name: "async messages, task events, async invoke configs",
+        sql: "
         CREATE TABLE messages (
             seq INTEGER PRIMARY KEY AUTOINCREMENT,
             account_id TEXT NOT NULL,
@@ -88,7 +89,23 @@ const MIGRATIONS: &[Migration] = &[Migration {
             PRIMARY KEY (account_id, function_name)
         );
     ",
-}];
+    },
+    Migration {
+        name: "destination outbox",
+        sql: "
+        CREATE TABLE outbox (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            account_id TEXT NOT NULL,
+            request_id TEXT NOT NULL,
+            target TEXT NOT NULL,
+            record TEXT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_ms INTEGER NOT NULL
+        );
+        CREATE INDEX outbox_due ON outbox(next_ms);
+    ",
+    },
+];
 
 /// FC's async task statuses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -207,6 +224,25 @@ pub enum Completion {
     },
 }
 
+/// A destination record to deliver, written with the task's final state
+/// (same transaction), so a crash cannot lose it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outbound {
+    pub account: String,
+    pub request_id: String,
+    /// A function ARN or an https URL.
+    pub target: String,
+    pub record: String,
+}
+
+/// A pending destination delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxEntry {
+    pub id: i64,
+    pub attempts: u32,
+    pub outbound: Outbound,
+}
+
 /// What stopping a task did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StopOutcome {
@@ -233,6 +269,7 @@ enum Op {
         delivery: i64,
         now_ms: u64,
         completion: Completion,
+        outbound: Option<Outbound>,
         reply: oneshot::Sender<Result<Option<TaskStatus>, QueueError>>,
     },
     Stop {
@@ -329,14 +366,89 @@ impl Queue {
         now_ms: u64,
         completion: Completion,
     ) -> Result<Option<TaskStatus>, QueueError> {
+        self.complete_with(seq, delivery, now_ms, completion, None)
+            .await
+    }
+
+    /// [`Queue::complete`], and if the task finishes with that completion,
+    /// `outbound` goes into the outbox in the same transaction.
+    pub async fn complete_with(
+        &self,
+        seq: i64,
+        delivery: i64,
+        now_ms: u64,
+        completion: Completion,
+        outbound: Option<Outbound>,
+    ) -> Result<Option<TaskStatus>, QueueError> {
         self.call(|reply| Op::Complete {
             seq,
             delivery,
             now_ms,
             completion,
+            outbound,
             reply,
         })
         .await
+    }
+
+    /// Outbox entries due at `now_ms`, oldest first, skipping `busy` ids.
+    pub async fn outbox_due(
+        &self,
+        now_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<OutboxEntry>, QueueError> {
+        Ok(self
+            .db
+            .run(move |c| {
+                let mut st = c.prepare_cached(
+                    "SELECT id, attempts, account_id, request_id, target, record FROM outbox
+                     WHERE next_ms <= ?1 ORDER BY next_ms, id LIMIT ?2",
+                )?;
+                let rows = st.query_map(params![now_ms as i64, limit as i64], |r| {
+                    Ok(OutboxEntry {
+                        id: r.get(0)?,
+                        attempts: r.get::<_, i64>(1)? as u32,
+                        outbound: Outbound {
+                            account: r.get(2)?,
+                            request_id: r.get(3)?,
+                            target: r.get(4)?,
+                            record: r.get(5)?,
+                        },
+                    })
+                })?;
+                Ok(rows.collect::<Result<Vec<_>, _>>()?)
+            })
+            .await?)
+    }
+
+    /// A delivery is done (or abandoned): drop it from the outbox.
+    pub async fn outbox_remove(&self, id: i64) -> Result<(), QueueError> {
+        Ok(self
+            .db
+            .run(move |c| {
+                c.execute("DELETE FROM outbox WHERE id = ?1", [id])?;
+                Ok(())
+            })
+            .await?)
+    }
+
+    /// A delivery failed: try again at `next_ms`.
+    pub async fn outbox_retry(
+        &self,
+        id: i64,
+        attempts: u32,
+        next_ms: u64,
+    ) -> Result<(), QueueError> {
+        Ok(self
+            .db
+            .run(move |c| {
+                c.execute(
+                    "UPDATE outbox SET attempts = ?2, next_ms = ?3 WHERE id = ?1",
+                    params![id, attempts, next_ms as i64],
+                )?;
+                Ok(())
+            })
+            .await?)
     }
 
     pub async fn stop(
@@ -619,9 +731,13 @@ fn apply(tx: &Transaction<'_>, op: &Op) -> Reply {
             delivery,
             now_ms,
             completion,
+            outbound,
             ..
         } => {
-            Reply::Completed(complete(tx, *seq, *delivery, *now_ms, completion).map_err(Into::into))
+            Reply::Completed(
+                complete(tx, *seq, *delivery, *now_ms, completion, outbound.as_ref())
+                    .map_err(Into::into),
+            )
         }
         Op::Stop {
             account,
@@ -772,6 +888,7 @@ fn complete(
     delivery: i64,
     now_ms: u64,
     c: &Completion,
+    outbound: Option<&Outbound>,
 ) -> rusqlite::Result<Option<TaskStatus>> {
     let row: Option<(String, i64, i64)> = tx
         .prepare_cached("SELECT status, deliveries, done FROM messages WHERE seq = ?1")?
@@ -822,6 +939,19 @@ fn complete(
                 error.as_deref(),
                 return_payload.as_deref(),
             )?;
+            if let Some(o) = outbound {
+                tx.prepare_cached(
+                    "INSERT INTO outbox (account_id, request_id, target, record, next_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?
+                .execute(params![
+                    o.account,
+                    o.request_id,
+                    o.target,
+                    o.record,
+                    now_ms as i64
+                ])?;
+            }
             Ok(Some(*status))
         }
     }

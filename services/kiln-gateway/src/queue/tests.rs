@@ -182,6 +182,8 @@ struct Fake {
     hooks: Mutex<Vec<(String, serde_json::Value)>>,
     calls: AtomicUsize,
     budget: Mutex<Option<u64>>,
+    /// Webhook calls that fail before they start succeeding.
+    hook_failures: AtomicUsize,
 }
 
 impl Fake {
@@ -193,6 +195,7 @@ impl Fake {
             hooks: Mutex::default(),
             calls: AtomicUsize::new(0),
             budget: Mutex::new(None),
+            hook_failures: AtomicUsize::new(0),
         })
     }
     fn script(&self, function: &str, outcomes: Vec<InvokeOutcome>) {
@@ -237,7 +240,17 @@ impl Invoker for Fake {
             .lock()
             .unwrap()
             .push((url.into(), record.clone()));
-        Box::pin(async { Ok(()) })
+        let fail = self
+            .hook_failures
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        Box::pin(async move {
+            if fail {
+                Err("receiver down".to_owned())
+            } else {
+                Ok(())
+            }
+        })
     }
 }
 
@@ -648,4 +661,129 @@ async fn finished_tasks_are_purged_after_retention_and_waiting_ones_never() {
     assert_eq!(q.purge(u64::MAX / 2, 100).await.unwrap(), 1);
     // The waiting one stays whatever its age.
     assert_eq!(count(&q, "SELECT count(*) FROM messages WHERE done = 0"), 1);
+}
+
+async fn wait_hooks(fake: &Fake, n: usize) {
+    for _ in 0..1000 {
+        if fake.hooks.lock().unwrap().len() >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    panic!("never {n} webhook attempts")
+}
+
+async fn wait_outbox_empty(q: &Queue) {
+    for _ in 0..500 {
+        if count(q, "SELECT count(*) FROM outbox") == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    panic!("the outbox never emptied")
+}
+
+#[tokio::test]
+async fn destination_records_are_durable_and_retried_with_backoff() {
+    let q = Queue::open_in_memory().unwrap();
+    // Written with the final state while no dispatcher runs (as if the
+    // process died right after): delivered by the next dispatcher.
+    q.enqueue(msg("1", "f", "t", 1_000)).await.unwrap();
+    let c = q.claim(1_000, 60_000, vec![("1".into(), 1)]).await.unwrap();
+    let out = Outbound {
+        account: "1".into(),
+        request_id: "req-t".into(),
+        target: "https://hook.test/ok".into(),
+        record: r#"{"requestContext":{"condition":"Success"}}"#.into(),
+    };
+    let done = Completion::Final {
+        status: TaskStatus::Succeeded,
+        error: None,
+        return_payload: None,
+    };
+    q.complete_with(c[0].seq, c[0].delivery, 1_500, done, Some(out))
+        .await
+        .unwrap();
+    assert_eq!(count(&q, "SELECT count(*) FROM outbox"), 1);
+
+    let fake = Fake::new(Duration::ZERO);
+    fake.hook_failures.store(2, Ordering::SeqCst);
+    let clock = Arc::new(ManualClock::new(2_000));
+    let mut s = settings();
+    s.destination_attempts = 5;
+    let d = Dispatcher::new(
+        q.clone(),
+        fake.clone(),
+        Arc::new(Configs::default()),
+        clock.clone(),
+        s,
+        "r".into(),
+    );
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(d.clone().run(async {
+        let _ = rx.await;
+    }));
+    wait_hooks(&fake, 1).await;
+    // Failed: not retried before its backoff (0.5 s) has passed.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(fake.hooks.lock().unwrap().len(), 1);
+    clock.advance(Duration::from_millis(500));
+    wait_hooks(&fake, 2).await;
+    clock.advance(Duration::from_millis(1_000));
+    wait_hooks(&fake, 3).await;
+    wait_outbox_empty(&q).await;
+    let hooks = fake.hooks.lock().unwrap().clone();
+    assert_eq!(hooks.len(), 3, "delivered on the third attempt");
+    assert_eq!(hooks[2].1["requestContext"]["condition"], "Success");
+    let _ = tx.send(());
+    run.await.unwrap();
+}
+
+#[tokio::test]
+async fn an_unreachable_destination_is_given_up_after_its_attempts() {
+    let q = Queue::open_in_memory().unwrap();
+    let fake = Fake::new(Duration::ZERO);
+    fake.hook_failures.store(1_000, Ordering::SeqCst);
+    let configs = Arc::new(Configs::default());
+    configs.set(
+        "1",
+        "f",
+        Some(
+            AsyncConfig::parse(
+                br#"{"destinationConfig":{"onSuccess":{"destination":"https://down.test/"}}}"#,
+                "r",
+                "1",
+            )
+            .unwrap(),
+        ),
+    );
+    let clock = Arc::new(ManualClock::new(1_000));
+    let d = Dispatcher::new(
+        q.clone(),
+        fake.clone(),
+        configs,
+        clock.clone(),
+        settings(),
+        "r".into(),
+    );
+    q.enqueue(msg("1", "f", "t", 1_000)).await.unwrap();
+    d.enqueued("1");
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(d.clone().run(async {
+        let _ = rx.await;
+    }));
+    wait_for(&q, "t", "Succeeded").await;
+    wait_hooks(&fake, 1).await;
+    clock.advance(Duration::from_secs(1));
+    wait_hooks(&fake, 2).await;
+    wait_outbox_empty(&q).await;
+    clock.advance(Duration::from_secs(60));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        fake.hooks.lock().unwrap().len(),
+        2,
+        "settings() allow 2 attempts"
+    );
+    let _ = tx.send(());
+    run.await.unwrap();
 }
