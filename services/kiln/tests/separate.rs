@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -12,89 +10,6 @@ use bytes::Bytes;
 use kiln::credentials::Credentials;
 use kiln_internal_api::{InternalClient, NodeInfo};
 use serde_json::{json, Value};
-
-fn service_bin(name: &str) -> PathBuf {
-    let dir = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .to_owned();
-    let bin = dir.join(name);
-    assert!(
-        bin.is_file(),
-        "{} is missing: build the workspace first (cargo build --workspace)",
-        bin.display()
-    );
-    bin
-}
-
-struct Services {
-    children: Vec<Child>,
-    prefix: String,
-    dir: PathBuf,
-}
-
-impl Drop for Services {
-    fn drop(&mut self) {
-        // The agent first: it removes its sandboxes on shutdown.
-        for child in self.children.iter_mut().rev() {
-            common::terminate(child, Duration::from_secs(30));
-        }
-        common::leftovers_cleanup(&self.prefix);
-    }
-}
-
-impl Services {
-    fn check_alive(&mut self) {
-        for c in self.children.iter_mut() {
-            if let Ok(Some(status)) = c.try_wait() {
-                let logs = self.logs();
-                panic!("a service exited with {status}\n{logs}");
-            }
-        }
-    }
-
-    fn logs(&self) -> String {
-        ["scheduler", "gateway", "agent"]
-            .iter()
-            .map(|s| {
-                let log =
-                    std::fs::read_to_string(self.dir.join(format!("{s}.log"))).unwrap_or_default();
-                let lines: Vec<&str> = log.lines().collect();
-                format!(
-                    "--- {s}\n{}",
-                    lines[lines.len().saturating_sub(30)..].join("\n")
-                )
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-}
-
-fn spawn(dir: &Path, name: &str, config: &str) -> Child {
-    let path = dir.join(format!("{name}.toml"));
-    std::fs::write(&path, config).unwrap();
-    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
-    Command::new(service_bin(&format!("kiln-{name}")))
-        .arg("--config")
-        .arg(&path)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start kiln-{name}: {e}"))
-}
-
-fn tls(pki: &kiln_pki::DevPki, role: &str) -> String {
-    let f = pki.files(role);
-    format!(
-        "[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
-        f.ca, f.cert, f.key
-    )
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn services_run_as_separate_processes_from_config_files() {
@@ -114,23 +29,26 @@ async fn services_run_as_separate_processes_from_config_files() {
         common::free_port(),
     );
     let prefix = common::run_tag();
-    let mut services = Services {
+    let mut services = common::Services {
         children: vec![],
         prefix: prefix.clone(),
         dir: dir.to_owned(),
+        names: vec!["scheduler".into(), "gateway".into(), "agent".into()],
     };
-    services.children.push(spawn(
+    services.children.push(common::spawn_service(
         dir,
+        "scheduler",
         "scheduler",
         &format!(
             "state_dir = {:?}\nlisten = \"127.0.0.1:{sp}\"\n{}",
             dir.join("scheduler"),
-            tls(&pki, "scheduler")
+            common::tls_table(&pki, "scheduler")
         ),
     ));
     let gw = pki.files("gateway");
-    services.children.push(spawn(
+    services.children.push(common::spawn_service(
         dir,
+        "gateway",
         "gateway",
         &format!(
             "state_dir = {:?}\nregion = \"cn-hangzhou\"\nscheduler_url = \"https://127.0.0.1:{sp}\"\n\
@@ -140,11 +58,12 @@ async fn services_run_as_separate_processes_from_config_files() {
             dir.join("gateway"),
             gw.cert,
             gw.key,
-            tls(&pki, "gateway-internal")
+            common::tls_table(&pki, "gateway-internal")
         ),
     ));
-    services.children.push(spawn(
+    services.children.push(common::spawn_service(
         dir,
+        "agent",
         "agent",
         &format!(
             "state_dir = {:?}\nlisten = \"127.0.0.1:{ap}\"\nscheduler_url = \"https://127.0.0.1:{sp}\"\n\
@@ -152,7 +71,7 @@ async fn services_run_as_separate_processes_from_config_files() {
              [node]\nzone = \"z1\"\ntenancy = \"dedicated\"\nmemory_mb = 4096\ncpu_milli = 16000\nmax_instances = 64\n\
              [sandbox]\nname_prefix = {prefix:?}\ninstance_subnet = {:?}\ncgroup_parent = {prefix:?}\nrootfs_dir = {:?}\n",
             dir.join("agent"),
-            tls(&pki, "agent"),
+            common::tls_table(&pki, "agent"),
             common::run_subnet(),
             common::rootfs_cache()
         ),

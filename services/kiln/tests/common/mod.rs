@@ -256,3 +256,90 @@ pub fn build_static_echo(dir: &Path) -> PathBuf {
     assert!(status.success(), "building static-echo failed");
     out
 }
+
+pub fn service_bin(name: &str) -> PathBuf {
+    let dir = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_owned();
+    let bin = dir.join(name);
+    assert!(
+        bin.is_file(),
+        "{} is missing: build the workspace first (cargo build --workspace)",
+        bin.display()
+    );
+    bin
+}
+
+pub struct Services {
+    pub children: Vec<Child>,
+    pub prefix: String,
+    pub dir: PathBuf,
+    /// Log names, as given to [`spawn_service`].
+    pub names: Vec<String>,
+}
+
+impl Drop for Services {
+    fn drop(&mut self) {
+        // Agents first (started last): they remove their sandboxes.
+        for child in self.children.iter_mut().rev() {
+            terminate(child, Duration::from_secs(30));
+        }
+        leftovers_cleanup(&self.prefix);
+    }
+}
+
+impl Services {
+    pub fn check_alive(&mut self) {
+        for c in self.children.iter_mut() {
+            if let Ok(Some(status)) = c.try_wait() {
+                let logs = self.logs();
+                panic!("a service exited with {status}\n{logs}");
+            }
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        self.names
+            .iter()
+            .map(|s| {
+                let log =
+                    std::fs::read_to_string(self.dir.join(format!("{s}.log"))).unwrap_or_default();
+                let lines: Vec<&str> = log.lines().collect();
+                format!(
+                    "--- {s}\n{}",
+                    lines[lines.len().saturating_sub(30)..].join("\n")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+/// Start `kiln-<binary>` with `config` written to `dir/<name>.toml`, its log
+/// in `dir/<name>.log`.
+pub fn spawn_service(dir: &Path, name: &str, binary: &str, config: &str) -> Child {
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, config).unwrap();
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+    Command::new(service_bin(&format!("kiln-{binary}")))
+        .arg("--config")
+        .arg(&path)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start kiln-{binary}: {e}"))
+}
+
+pub fn tls_table(pki: &kiln_pki::DevPki, role: &str) -> String {
+    let f = pki.files(role);
+    format!(
+        "[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+        f.ca, f.cert, f.key
+    )
+}
