@@ -142,6 +142,7 @@ pub async fn update(
     let changed = before.is_none_or(|b| b.spec.revision != entry.spec.revision);
     if changed {
         retire(gw, caller, name, Some(entry.spec.revision.clone()));
+        super::provision::follow_update(gw, caller, entry.spec.clone());
     }
     tracing::info!(function = %name, revision = %entry.spec.revision, "function updated");
     Ok(reply(gw, &entry.record))

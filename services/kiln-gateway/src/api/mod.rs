@@ -2,10 +2,12 @@
 //! and one function turning errors into FC-shaped responses.
 
 pub mod async_api;
+pub mod concurrency;
 pub mod functions;
 pub mod internal;
 pub mod invoke;
 pub mod leases;
+pub mod provision;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -56,6 +58,14 @@ pub enum Operation {
     GetAsyncTask,
     ListAsyncTasks,
     StopAsyncTask,
+    PutProvisionConfig,
+    GetProvisionConfig,
+    DeleteProvisionConfig,
+    ListProvisionConfigs,
+    PutConcurrencyConfig,
+    GetConcurrencyConfig,
+    DeleteConcurrencyConfig,
+    ListConcurrencyConfigs,
 }
 
 impl Operation {
@@ -74,6 +84,14 @@ impl Operation {
             Self::GetAsyncTask => "GetAsyncTask",
             Self::ListAsyncTasks => "ListAsyncTasks",
             Self::StopAsyncTask => "StopAsyncTask",
+            Self::PutProvisionConfig => "PutProvisionConfig",
+            Self::GetProvisionConfig => "GetProvisionConfig",
+            Self::DeleteProvisionConfig => "DeleteProvisionConfig",
+            Self::ListProvisionConfigs => "ListProvisionConfigs",
+            Self::PutConcurrencyConfig => "PutConcurrencyConfig",
+            Self::GetConcurrencyConfig => "GetConcurrencyConfig",
+            Self::DeleteConcurrencyConfig => "DeleteConcurrencyConfig",
+            Self::ListConcurrencyConfigs => "ListConcurrencyConfigs",
         }
     }
 }
@@ -145,6 +163,46 @@ const ROUTES: &[(Method, &str, Operation)] = &[
         Method::PUT,
         "/2023-03-30/functions/{name}/async-tasks/{task}/stop",
         Operation::StopAsyncTask,
+    ),
+    (
+        Method::PUT,
+        "/2023-03-30/functions/{name}/provision-config",
+        Operation::PutProvisionConfig,
+    ),
+    (
+        Method::GET,
+        "/2023-03-30/functions/{name}/provision-config",
+        Operation::GetProvisionConfig,
+    ),
+    (
+        Method::DELETE,
+        "/2023-03-30/functions/{name}/provision-config",
+        Operation::DeleteProvisionConfig,
+    ),
+    (
+        Method::GET,
+        "/2023-03-30/provision-configs",
+        Operation::ListProvisionConfigs,
+    ),
+    (
+        Method::PUT,
+        "/2023-03-30/functions/{name}/concurrency",
+        Operation::PutConcurrencyConfig,
+    ),
+    (
+        Method::GET,
+        "/2023-03-30/functions/{name}/concurrency",
+        Operation::GetConcurrencyConfig,
+    ),
+    (
+        Method::DELETE,
+        "/2023-03-30/functions/{name}/concurrency",
+        Operation::DeleteConcurrencyConfig,
+    ),
+    (
+        Method::GET,
+        "/2023-03-30/concurrency-configs",
+        Operation::ListConcurrencyConfigs,
     ),
 ];
 
@@ -405,6 +463,14 @@ async fn dispatch(
         Operation::StopAsyncTask => {
             async_api::stop_task(gw, &caller, &named(), &task(), &parts).await
         }
+        Operation::PutProvisionConfig => provision::put(gw, &caller, &named(), &parts, body).await,
+        Operation::GetProvisionConfig => provision::get(gw, &caller, &named(), &parts).await,
+        Operation::DeleteProvisionConfig => provision::delete(gw, &caller, &named(), &parts).await,
+        Operation::ListProvisionConfigs => provision::list(gw, &caller, &parts).await,
+        Operation::PutConcurrencyConfig => concurrency::put(gw, &caller, &named(), body).await,
+        Operation::GetConcurrencyConfig => concurrency::get(gw, &caller, &named()).await,
+        Operation::DeleteConcurrencyConfig => concurrency::delete(gw, &caller, &named()).await,
+        Operation::ListConcurrencyConfigs => concurrency::list(gw, &caller, &parts).await,
     }
 }
 
@@ -456,6 +522,14 @@ mod tests {
         let r = route(&Method::GET, "/2023-03-30/async-invoke-configs").unwrap();
         assert_eq!(r.operation, Operation::ListAsyncInvokeConfigs);
         let e = route(&Method::POST, "/2023-03-30/functions/f/async-invoke-config").unwrap_err();
+        assert_eq!(e.code, FcErrorCode::MethodNotAllowed);
+        let r = route(&Method::PUT, "/2023-03-30/functions/f/provision-config").unwrap();
+        assert_eq!(r.operation, Operation::PutProvisionConfig);
+        let r = route(&Method::GET, "/2023-03-30/provision-configs").unwrap();
+        assert_eq!(r.operation, Operation::ListProvisionConfigs);
+        let r = route(&Method::DELETE, "/2023-03-30/functions/f/concurrency").unwrap();
+        assert_eq!(r.operation, Operation::DeleteConcurrencyConfig);
+        let e = route(&Method::POST, "/2023-03-30/functions/f/concurrency").unwrap_err();
         assert_eq!(e.code, FcErrorCode::MethodNotAllowed);
     }
 }

@@ -1,0 +1,592 @@
+//! FC's provisioned-instance configs (PutProvisionConfig,
+//! GetProvisionConfig, DeleteProvisionConfig, ListProvisionConfigs): checked
+//! here, scoped to the caller's account and existing functions, and kept by
+//! the scheduler (`/v1/functions/provision`, `/v1/accounts/{id}/provisions`),
+//! which also checks cron expressions, time zones and time windows.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, Method, Response, StatusCode};
+use kiln_core::{FcError, FcErrorCode, FunctionName};
+use kiln_internal_api::server::{full, Body};
+use kiln_internal_api::{
+    paths, FunctionRef, InternalClientError, ProvisionConfig, ProvisionDetail, ProvisionStatus,
+    PutProvision, ScheduledAction, TargetTrackingPolicy,
+};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::{query_param, ApiError, Gateway};
+use crate::auth::Caller;
+
+/// The most provisioned instances one function may ask for (the
+/// scheduler's bound too).
+pub const TARGET_MAX: i64 = 10_000;
+const ACTIONS_MAX: usize = 100;
+const POLICIES_MAX: usize = 10;
+const METRIC_TYPE: &str = "ProvisionedConcurrencyUtilization";
+
+/// FC's PutProvisionConfigInput.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct PutInput {
+    #[serde(default)]
+    target: Option<i64>,
+    #[serde(default)]
+    default_target: Option<i64>,
+    #[serde(default, rename = "alwaysAllocateCPU")]
+    always_allocate_cpu: Option<bool>,
+    #[serde(default, rename = "alwaysAllocateGPU")]
+    always_allocate_gpu: Option<bool>,
+    #[serde(default)]
+    scheduled_actions: Option<Vec<ActionInput>>,
+    #[serde(default)]
+    target_tracking_policies: Option<Vec<PolicyInput>>,
+}
+
+/// FC's ScheduledAction.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct ActionInput {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    schedule_expression: Option<String>,
+    #[serde(default)]
+    target: Option<i64>,
+    #[serde(default)]
+    time_zone: Option<String>,
+    #[serde(default)]
+    start_time: Option<String>,
+    #[serde(default)]
+    end_time: Option<String>,
+}
+
+/// FC's TargetTrackingPolicy.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct PolicyInput {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    metric_type: Option<String>,
+    #[serde(default)]
+    metric_target: Option<f64>,
+    #[serde(default)]
+    min_capacity: Option<i64>,
+    #[serde(default)]
+    max_capacity: Option<i64>,
+    #[serde(default)]
+    time_zone: Option<String>,
+    #[serde(default)]
+    start_time: Option<String>,
+    #[serde(default)]
+    end_time: Option<String>,
+}
+
+fn bad(m: String) -> FcError {
+    FcError::invalid_argument(m)
+}
+
+fn count(v: Option<i64>, what: &str) -> Result<u32, FcError> {
+    match v {
+        None => Err(bad(format!("{what} is required"))),
+        Some(n) if (0..=TARGET_MAX).contains(&n) => Ok(n as u32),
+        Some(n) => Err(bad(format!(
+            "{what} must be between 0 and {TARGET_MAX}, got {n}"
+        ))),
+    }
+}
+
+fn name_of(n: Option<String>, what: &str, seen: &mut Vec<String>) -> Result<String, FcError> {
+    let n = n.unwrap_or_default();
+    if n.is_empty() || n.len() > 128 {
+        return Err(bad(format!(
+            "{what}: name is required (at most 128 characters)"
+        )));
+    }
+    if seen.contains(&n) {
+        return Err(bad(format!("{what}: name {n:?} is used twice")));
+    }
+    seen.push(n.clone());
+    Ok(n)
+}
+
+fn text(v: Option<String>) -> Option<String> {
+    v.filter(|s| !s.is_empty())
+}
+
+/// Parse and check FC's PutProvisionConfigInput into the scheduler's
+/// configuration. Cron expressions, time zones and times are checked by the
+/// scheduler before it changes anything.
+pub fn parse_input(body: &[u8]) -> Result<ProvisionConfig, FcError> {
+    let input: PutInput = serde_json::from_slice(body)
+        .map_err(|e| bad(format!("the provision config is not valid: {e}")))?;
+    if input.always_allocate_gpu == Some(true) {
+        return Err(bad(
+            "alwaysAllocateGPU: this endpoint has no GPU instances".into()
+        ));
+    }
+    let target = match (input.default_target, input.target) {
+        (Some(d), _) => count(Some(d), "defaultTarget")?,
+        (None, t) => count(t, "target")?,
+    };
+    let actions = input.scheduled_actions.unwrap_or_default();
+    if actions.len() > ACTIONS_MAX {
+        return Err(bad(format!("at most {ACTIONS_MAX} scheduledActions")));
+    }
+    let policies = input.target_tracking_policies.unwrap_or_default();
+    if policies.len() > POLICIES_MAX {
+        return Err(bad(format!(
+            "at most {POLICIES_MAX} targetTrackingPolicies"
+        )));
+    }
+    let mut names = Vec::new();
+    let mut scheduled_actions = Vec::with_capacity(actions.len());
+    for (i, a) in actions.into_iter().enumerate() {
+        let what = format!("scheduledActions[{i}]");
+        let name = name_of(a.name, &what, &mut names)?;
+        let what = format!("scheduled action {name:?}");
+        let schedule_expression = text(a.schedule_expression)
+            .ok_or_else(|| bad(format!("{what}: scheduleExpression is required")))?;
+        scheduled_actions.push(ScheduledAction {
+            target: count(a.target, &format!("{what}: target"))?,
+            name,
+            schedule_expression,
+            time_zone: text(a.time_zone),
+            start_time: text(a.start_time),
+            end_time: text(a.end_time),
+        });
+    }
+    let mut names = Vec::new();
+    let mut target_tracking_policies = Vec::with_capacity(policies.len());
+    for (i, p) in policies.into_iter().enumerate() {
+        let what = format!("targetTrackingPolicies[{i}]");
+        let name = name_of(p.name, &what, &mut names)?;
+        let what = format!("target tracking policy {name:?}");
+        let metric_type = text(p.metric_type).unwrap_or_else(|| METRIC_TYPE.to_owned());
+        if metric_type != METRIC_TYPE {
+            return Err(bad(format!(
+                "{what}: metricType must be {METRIC_TYPE}, got {metric_type:?}"
+            )));
+        }
+        let metric_target = match p.metric_target {
+            Some(t) if t > 0.0 && t <= 1.0 => t,
+            Some(t) => {
+                return Err(bad(format!(
+                    "{what}: metricTarget must be greater than 0 and at most 1, got {t}"
+                )))
+            }
+            None => return Err(bad(format!("{what}: metricTarget is required"))),
+        };
+        let min_capacity = count(p.min_capacity, &format!("{what}: minCapacity"))?;
+        let max_capacity = count(p.max_capacity, &format!("{what}: maxCapacity"))?;
+        if min_capacity > max_capacity {
+            return Err(bad(format!(
+                "{what}: minCapacity {min_capacity} is greater than maxCapacity {max_capacity}"
+            )));
+        }
+        target_tracking_policies.push(TargetTrackingPolicy {
+            name,
+            metric_type,
+            metric_target,
+            min_capacity,
+            max_capacity,
+            time_zone: text(p.time_zone),
+            start_time: text(p.start_time),
+            end_time: text(p.end_time),
+        });
+    }
+    Ok(ProvisionConfig {
+        target,
+        always_allocate_cpu: input.always_allocate_cpu.unwrap_or(false),
+        scheduled_actions,
+        target_tracking_policies,
+    })
+}
+
+pub fn arn(gw: &Gateway, caller: &Caller, name: &str) -> String {
+    format!(
+        "acs:fc:{}:{}:functions/{name}",
+        gw.region, caller.account_id
+    )
+}
+
+/// FC's ProvisionConfig: `target` is what schedules and tracking ask for
+/// now, `defaultTarget` the configured one, `current` the instances up.
+pub fn to_fc(arn: &str, config: &ProvisionConfig, status: Option<&ProvisionStatus>) -> Value {
+    json!({
+        "functionArn": arn,
+        "target": status.map_or(config.target, |s| s.desired),
+        "defaultTarget": config.target,
+        "current": status.map_or(0, |s| s.current),
+        "alwaysAllocateCPU": config.always_allocate_cpu,
+        "alwaysAllocateGPU": false,
+        "scheduledActions": config.scheduled_actions.iter().map(|a| {
+            let mut v = json!({
+                "name": a.name,
+                "scheduleExpression": a.schedule_expression,
+                "target": a.target,
+            });
+            put_opt(&mut v, "timeZone", &a.time_zone);
+            put_opt(&mut v, "startTime", &a.start_time);
+            put_opt(&mut v, "endTime", &a.end_time);
+            v
+        }).collect::<Vec<_>>(),
+        "targetTrackingPolicies": config.target_tracking_policies.iter().map(|p| {
+            let mut v = json!({
+                "name": p.name,
+                "metricType": p.metric_type,
+                "metricTarget": p.metric_target,
+                "minCapacity": p.min_capacity,
+                "maxCapacity": p.max_capacity,
+            });
+            put_opt(&mut v, "timeZone", &p.time_zone);
+            put_opt(&mut v, "startTime", &p.start_time);
+            put_opt(&mut v, "endTime", &p.end_time);
+            v
+        }).collect::<Vec<_>>(),
+    })
+}
+
+fn put_opt(v: &mut Value, key: &str, val: &Option<String>) {
+    if let Some(s) = val {
+        v[key] = s.clone().into();
+    }
+}
+
+pub fn json_response(status: StatusCode, v: &Value) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(full(v.to_string()))
+        .expect("valid response")
+}
+
+pub fn no_content() -> Response<Body> {
+    Response::builder()
+        .status(StatusCode::NO_CONTENT)
+        .body(full(Bytes::new()))
+        .expect("valid response")
+}
+
+/// The function's entry, or FunctionNotFound.
+fn entry(
+    gw: &Gateway,
+    caller: &Caller,
+    name: &FunctionName,
+) -> Result<Arc<crate::catalog::FunctionEntry>, ApiError> {
+    gw.catalog
+        .function(&caller.account_id, name)
+        .ok_or_else(|| super::not_found(name).into())
+}
+
+/// The caller's provision configurations, by function name.
+async fn details(gw: &Gateway, caller: &Caller) -> Result<Vec<ProvisionDetail>, ApiError> {
+    Ok(gw
+        .internal
+        .get(
+            &gw.scheduler_url,
+            &paths::account_provisions(&caller.account_id),
+        )
+        .await?)
+}
+
+pub async fn put(
+    gw: &Arc<Gateway>,
+    caller: &Caller,
+    name: &FunctionName,
+    parts: &http::request::Parts,
+    body: Bytes,
+) -> Result<Response<Body>, ApiError> {
+    super::functions::check_qualifier(parts)?;
+    let config = parse_input(&body)?;
+    let entry = entry(gw, caller, name)?;
+    let req = PutProvision {
+        spec: entry.spec.clone(),
+        config: config.clone(),
+    };
+    let status: ProvisionStatus = gw
+        .internal
+        .call(
+            Method::PUT,
+            &gw.scheduler_url,
+            paths::FUNCTIONS_PROVISION,
+            Some(&req),
+        )
+        .await?;
+    tracing::info!(function = %name, target = config.target, "provision config set");
+    Ok(json_response(
+        StatusCode::OK,
+        &to_fc(&arn(gw, caller, name.as_str()), &config, Some(&status)),
+    ))
+}
+
+/// A function without a configuration has none provisioned: FC's shape
+/// with zero targets.
+pub async fn get(
+    gw: &Arc<Gateway>,
+    caller: &Caller,
+    name: &FunctionName,
+    parts: &http::request::Parts,
+) -> Result<Response<Body>, ApiError> {
+    super::functions::check_qualifier(parts)?;
+    entry(gw, caller, name)?;
+    let arn = arn(gw, caller, name.as_str());
+    let found = details(gw, caller)
+        .await?
+        .into_iter()
+        .find(|d| &d.status.function_name == name);
+    let v = match found {
+        Some(d) => to_fc(&arn, &d.config, Some(&d.status)),
+        None => to_fc(
+            &arn,
+            &ProvisionConfig {
+                target: 0,
+                always_allocate_cpu: false,
+                scheduled_actions: vec![],
+                target_tracking_policies: vec![],
+            },
+            None,
+        ),
+    };
+    Ok(json_response(StatusCode::OK, &v))
+}
+
+/// Idempotent: deleting a configuration that is not there succeeds.
+pub async fn delete(
+    gw: &Arc<Gateway>,
+    caller: &Caller,
+    name: &FunctionName,
+    parts: &http::request::Parts,
+) -> Result<Response<Body>, ApiError> {
+    super::functions::check_qualifier(parts)?;
+    entry(gw, caller, name)?;
+    let f = FunctionRef {
+        account_id: caller.account_id.clone(),
+        function_name: name.clone(),
+    };
+    match gw
+        .internal
+        .call::<_, ()>(
+            Method::DELETE,
+            &gw.scheduler_url,
+            paths::FUNCTIONS_PROVISION,
+            Some(&f),
+        )
+        .await
+    {
+        Ok(()) => {}
+        Err(InternalClientError::Remote { error, .. })
+            if error.code == FcErrorCode::FunctionNotFound => {}
+        Err(e) => return Err(e.into()),
+    }
+    tracing::info!(function = %name, "provision config deleted");
+    Ok(no_content())
+}
+
+/// After a function changed: a provision configuration follows it to the
+/// new revision (the scheduler pauses it until then). Best effort in the
+/// background; the retry is another PutProvisionConfig.
+pub fn follow_update(gw: &Arc<Gateway>, caller: &Caller, spec: kiln_core::InstanceSpec) {
+    let gw = gw.clone();
+    let caller = caller.clone();
+    tokio::spawn(async move {
+        let name = spec.function_name.clone();
+        let r: Result<(), ApiError> = async {
+            let found = details(&gw, &caller)
+                .await?
+                .into_iter()
+                .find(|d| d.status.function_name == name);
+            if let Some(d) = found {
+                let req = PutProvision {
+                    spec,
+                    config: d.config,
+                };
+                gw.internal
+                    .call::<_, ProvisionStatus>(
+                        Method::PUT,
+                        &gw.scheduler_url,
+                        paths::FUNCTIONS_PROVISION,
+                        Some(&req),
+                    )
+                    .await?;
+                tracing::info!(function = %name, "provision config follows the new revision");
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = r {
+            tracing::warn!(function = %name, error = %e, "provisioned instances stay paused until the next PutProvisionConfig");
+        }
+    });
+}
+
+fn limit_param(parts: &http::request::Parts) -> Result<usize, FcError> {
+    match query_param(parts, "limit").filter(|l| !l.is_empty()) {
+        None => Ok(20),
+        Some(l) => match l.parse::<usize>() {
+            Ok(n) if (1..=100).contains(&n) => Ok(n),
+            _ => Err(bad(format!("limit {l:?} must be an integer from 1 to 100"))),
+        },
+    }
+}
+
+/// ListProvisionConfigs: the account's configurations by function name
+/// (or one function's); `nextToken` is opaque.
+pub async fn list(
+    gw: &Arc<Gateway>,
+    caller: &Caller,
+    parts: &http::request::Parts,
+) -> Result<Response<Body>, ApiError> {
+    let limit = limit_param(parts)?;
+    let only = query_param(parts, "functionName").filter(|s| !s.is_empty());
+    let after = match query_param(parts, "nextToken").filter(|t| !t.is_empty()) {
+        None => None,
+        Some(t) => Some(super::functions::decode_token(&t)?),
+    };
+    let mut page: Vec<ProvisionDetail> = details(gw, caller)
+        .await?
+        .into_iter()
+        .filter(|d| {
+            only.as_deref()
+                .is_none_or(|o| o == d.status.function_name.as_str())
+        })
+        .filter(|d| {
+            after
+                .as_deref()
+                .is_none_or(|a| d.status.function_name.as_str() > a)
+        })
+        // A configuration outliving its function (deleted meanwhile) is
+        // not listed.
+        .filter(|d| {
+            gw.catalog
+                .function(&caller.account_id, &d.status.function_name)
+                .is_some()
+        })
+        .take(limit + 1)
+        .collect();
+    let more = page.len() > limit;
+    page.truncate(limit);
+    let mut out = json!({
+        "provisionConfigs": page
+            .iter()
+            .map(|d| to_fc(&arn(gw, caller, d.status.function_name.as_str()), &d.config, Some(&d.status)))
+            .collect::<Vec<_>>(),
+    });
+    if more {
+        if let Some(d) = page.last() {
+            out["nextToken"] =
+                super::functions::encode_token(d.status.function_name.as_str()).into();
+        }
+    }
+    Ok(json_response(StatusCode::OK, &out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(v: Value) -> Result<ProvisionConfig, FcError> {
+        parse_input(v.to_string().as_bytes())
+    }
+
+    fn refused(v: Value, says: &str) {
+        let e = parse(v).unwrap_err();
+        assert_eq!(e.code, FcErrorCode::InvalidArgument);
+        assert!(e.message.contains(says), "{says:?} not in {:?}", e.message);
+    }
+
+    #[test]
+    fn fc_input_becomes_the_scheduler_config() {
+        let c = parse(json!({
+            "target": 2,
+            "alwaysAllocateCPU": true,
+            "scheduledActions": [{
+                "name": "morning", "scheduleExpression": "cron(0 0 8 * * *)",
+                "target": 5, "timeZone": "Asia/Shanghai", "startTime": "", "endTime": "2030-01-01T00:00:00Z"
+            }],
+            "targetTrackingPolicies": [{
+                "name": "tt", "metricType": "ProvisionedConcurrencyUtilization",
+                "metricTarget": 0.6, "minCapacity": 1, "maxCapacity": 8
+            }]
+        }))
+        .unwrap();
+        assert_eq!(c.target, 2);
+        assert!(c.always_allocate_cpu);
+        let a = &c.scheduled_actions[0];
+        assert_eq!(
+            (a.target, a.time_zone.as_deref(), a.start_time.as_deref()),
+            (5, Some("Asia/Shanghai"), None)
+        );
+        assert_eq!(a.end_time.as_deref(), Some("2030-01-01T00:00:00Z"));
+        let p = &c.target_tracking_policies[0];
+        assert_eq!((p.min_capacity, p.max_capacity), (1, 8));
+        // defaultTarget wins over target; empty lists are fine.
+        let c = parse(json!({"target": 9, "defaultTarget": 3, "scheduledActions": []})).unwrap();
+        assert_eq!(c.target, 3);
+        let v = to_fc("arn", &c, None);
+        assert_eq!(v["defaultTarget"], 3);
+        assert_eq!(v["current"], 0);
+    }
+
+    #[test]
+    fn bad_input_is_refused_naming_what() {
+        refused(json!({}), "target is required");
+        refused(json!({"target": -1}), "target must be between 0");
+        refused(json!({"target": 10_001}), "target must be between 0");
+        refused(json!({"target": "x"}), "not valid");
+        refused(json!({"target": 1, "bogus": 1}), "unknown field");
+        refused(json!({"target": 1, "alwaysAllocateGPU": true}), "GPU");
+        refused(
+            json!({"target": 1, "scheduledActions": [{"scheduleExpression": "cron(* * * * * *)", "target": 1}]}),
+            "name is required",
+        );
+        refused(
+            json!({"target": 1, "scheduledActions": [{"name": "a", "target": 1}]}),
+            "scheduleExpression is required",
+        );
+        refused(
+            json!({"target": 1, "scheduledActions": [
+                {"name": "a", "scheduleExpression": "cron(0 0 8 * * *)", "target": 1},
+                {"name": "a", "scheduleExpression": "cron(0 0 9 * * *)", "target": 2}]}),
+            "used twice",
+        );
+        refused(
+            json!({"target": 1, "scheduledActions": [{"name": "a", "scheduleExpression": "cron(0 0 8 * * *)", "target": -3}]}),
+            "target must be between 0",
+        );
+        let tt = |p: Value| json!({"target": 1, "targetTrackingPolicies": [p]});
+        refused(
+            tt(json!({"name": "t", "metricTarget": 0.5, "minCapacity": 5, "maxCapacity": 2})),
+            "minCapacity 5 is greater than maxCapacity 2",
+        );
+        refused(
+            tt(json!({"name": "t", "metricTarget": 0.0, "minCapacity": 1, "maxCapacity": 2})),
+            "metricTarget must be greater than 0",
+        );
+        refused(
+            tt(json!({"name": "t", "metricTarget": -0.5, "minCapacity": 1, "maxCapacity": 2})),
+            "metricTarget",
+        );
+        refused(
+            tt(json!({"name": "t", "metricTarget": 1.5, "minCapacity": 1, "maxCapacity": 2})),
+            "metricTarget",
+        );
+        refused(
+            tt(
+                json!({"name": "t", "metricType": "CPU", "metricTarget": 0.5, "minCapacity": 1, "maxCapacity": 2}),
+            ),
+            "metricType",
+        );
+        refused(
+            tt(json!({"name": "t", "metricTarget": 0.5, "minCapacity": -1, "maxCapacity": 2})),
+            "minCapacity must be between 0",
+        );
+        refused(
+            tt(json!({"name": "t", "minCapacity": 1, "maxCapacity": 2})),
+            "metricTarget is required",
+        );
+    }
+}

@@ -1,0 +1,590 @@
+//! FC's provision and concurrency configs end to end: the real gateway and
+//! the real scheduler on loopback (DevPki in a tempdir, real mTLS), driven
+//! with signed requests. No agent: provisioned instances cannot start, so
+//! `current` stays 0, but every configuration is kept and checked.
+
+use std::net::SocketAddr;
+
+use base64::Engine;
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use kiln_gateway::config::{BootstrapKey, InternalListener, PublicListener};
+use kiln_gateway::{GatewayConfig, GatewayHandle};
+use kiln_pki::DevPki;
+use kiln_scheduler::{SchedulerConfig, SchedulerHandle};
+use serde_json::{json, Value};
+
+const ACCOUNT_A: &str = "1000000000000001";
+const ACCOUNT_B: &str = "1000000000000002";
+const AK_A: &str = "AKA0000000000001";
+const SK_A: &str = "secret-of-account-a-0001";
+const AK_B: &str = "AKB0000000000002";
+const SK_B: &str = "secret-of-account-b-0002";
+
+struct Env {
+    _dir: tempfile::TempDir,
+    pki: DevPki,
+    state_dir: std::path::PathBuf,
+    gateway: GatewayHandle,
+    scheduler: SchedulerHandle,
+}
+
+impl Env {
+    async fn new() -> Env {
+        Self::with_agent(None).await
+    }
+
+    /// With a fake agent behind the scheduler (instances start at once).
+    async fn with_agent(agent: Option<std::sync::Arc<kiln_scheduler::FakeAgent>>) -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = DevPki::ensure(&dir.path().join("pki"), &[]).unwrap();
+        let sched_dir = dir.path().join("scheduler");
+        std::fs::create_dir_all(&sched_dir).unwrap();
+        let scheduler = kiln_scheduler::start_with(
+            SchedulerConfig::new(
+                sched_dir,
+                "127.0.0.1:0".parse().unwrap(),
+                pki.files("scheduler"),
+            ),
+            kiln_scheduler::Overrides {
+                agent: agent.map(|a| a as std::sync::Arc<dyn kiln_scheduler::AgentClient>),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let public = pki.files("gateway");
+        let state_dir = dir.path().join("gateway");
+        let key = |account: &str, ak: &str, sk: &str| BootstrapKey {
+            account_id: account.parse().unwrap(),
+            access_key_id: ak.into(),
+            access_key_secret: sk.into(),
+        };
+        let gateway = kiln_gateway::start(GatewayConfig {
+            state_dir: state_dir.clone(),
+            region: "cn-test".into(),
+            scheduler_url: format!("https://127.0.0.1:{}", scheduler.addr().port()),
+            metrics_listen: None,
+            public: PublicListener {
+                listen: "127.0.0.1:0".parse().unwrap(),
+                cert: public.cert,
+                key: public.key,
+            },
+            internal: InternalListener {
+                listen: "127.0.0.1:0".parse().unwrap(),
+            },
+            tls: pki.files("gateway-internal"),
+            lease_hold_ms: 0,
+            async_queue: Default::default(),
+            bootstrap_keys: vec![key(ACCOUNT_A, AK_A, SK_A), key(ACCOUNT_B, AK_B, SK_B)],
+        })
+        .await
+        .unwrap();
+        Env {
+            _dir: dir,
+            pki,
+            state_dir,
+            gateway,
+            scheduler,
+        }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.gateway.public_addr()
+    }
+
+    fn client(&self, ak: &'static str, sk: &'static str) -> Api {
+        let mut tls = (*kiln_pki::public_client_config(&self.pki.ca_cert()).unwrap()).clone();
+        tls.alpn_protocols.clear();
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_only()
+            .enable_http1()
+            .wrap_connector(http);
+        Api {
+            http: Client::builder(TokioExecutor::new()).build(connector),
+            base: format!("https://localhost:{}", self.addr().port()),
+            ak,
+            sk,
+        }
+    }
+
+    async fn shutdown(self) {
+        self.gateway.shutdown().await;
+        self.scheduler.shutdown().await;
+    }
+}
+
+struct Api {
+    http: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
+    base: String,
+    ak: &'static str,
+    sk: &'static str,
+}
+
+struct Answer {
+    status: StatusCode,
+    body: Bytes,
+}
+
+impl Answer {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
+    }
+
+    fn ok(&self) -> Value {
+        assert_eq!(
+            self.status,
+            StatusCode::OK,
+            "{}",
+            String::from_utf8_lossy(&self.body)
+        );
+        self.json()
+    }
+
+    /// An FC error: status and Code; answers the message.
+    fn fc_error(&self, status: u16, code: &str) -> String {
+        assert_eq!(
+            self.status.as_u16(),
+            status,
+            "{}",
+            String::from_utf8_lossy(&self.body)
+        );
+        let v = self.json();
+        assert_eq!(v["Code"], code, "{v}");
+        v["Message"].as_str().unwrap().to_owned()
+    }
+}
+
+impl Api {
+    async fn call(&self, method: Method, path: &str, body: Vec<u8>) -> Answer {
+        let uri: Uri = format!("{}{}", self.base, path).parse().unwrap();
+        let mut h = HeaderMap::new();
+        if !body.is_empty() {
+            h.insert("content-type", "application/json".parse().unwrap());
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let nonce = kiln_auth::new_nonce();
+        let params = kiln_auth::SigningParams::new(self.ak, self.sk, now, &nonce);
+        kiln_auth::sign(&method, &uri, &mut h, &body, &params).unwrap();
+        let mut req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        *req.headers_mut() = h;
+        let resp = self.http.request(req).await.unwrap();
+        let (parts, body) = resp.into_parts();
+        Answer {
+            status: parts.status,
+            body: body.collect().await.unwrap().to_bytes(),
+        }
+    }
+
+    async fn put(&self, path: &str, doc: &Value) -> Answer {
+        self.call(Method::PUT, path, doc.to_string().into_bytes())
+            .await
+    }
+
+    async fn get(&self, path: &str) -> Answer {
+        self.call(Method::GET, path, vec![]).await
+    }
+
+    async fn create(&self, name: &str) {
+        let zip = {
+            use std::io::Write;
+            let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+            w.start_file("app.py", zip::write::SimpleFileOptions::default())
+                .unwrap();
+            w.write_all(b"print('hi')\n").unwrap();
+            w.finish().unwrap().into_inner()
+        };
+        let doc = json!({
+            "functionName": name,
+            "runtime": "custom.debian12",
+            "handler": "index.handler",
+            "memorySize": 512,
+            "timeout": 10,
+            "customRuntimeConfig": {"command": ["python3", "/code/app.py"], "port": 9000},
+            "code": {"zipFile": base64::engine::general_purpose::STANDARD.encode(zip)},
+        });
+        let a = self
+            .call(
+                Method::POST,
+                "/2023-03-30/functions",
+                doc.to_string().into_bytes(),
+            )
+            .await;
+        assert_eq!(
+            a.status,
+            StatusCode::OK,
+            "{}",
+            String::from_utf8_lossy(&a.body)
+        );
+    }
+}
+
+fn prov(name: &str) -> String {
+    format!("/2023-03-30/functions/{name}/provision-config")
+}
+
+fn conc(name: &str) -> String {
+    format!("/2023-03-30/functions/{name}/concurrency")
+}
+
+#[tokio::test]
+async fn provision_configs_round_trip_checked_and_scoped() {
+    let env = Env::new().await;
+    let a = env.client(AK_A, SK_A);
+    let b = env.client(AK_B, SK_B);
+    a.create("p1").await;
+    a.create("p2").await;
+    b.create("p1").await;
+
+    // Nothing configured yet: FC's shape with zero targets.
+    let v = a.get(&prov("p1")).await.ok();
+    assert_eq!(
+        (v["target"].clone(), v["current"].clone()),
+        (json!(0), json!(0))
+    );
+    assert_eq!(
+        v["functionArn"],
+        format!("acs:fc:cn-test:{ACCOUNT_A}:functions/p1")
+    );
+
+    let doc = json!({
+        "target": 2,
+        "alwaysAllocateCPU": true,
+        "scheduledActions": [{
+            "name": "night", "scheduleExpression": "cron(0 0 22 * * *)",
+            "target": 3, "timeZone": "Asia/Shanghai",
+            "startTime": "2020-01-01T00:00:00Z", "endTime": "2099-01-01T00:00:00Z"
+        }],
+        "targetTrackingPolicies": [],
+    });
+    let v = a.put(&prov("p1"), &doc).await.ok();
+    assert_eq!(v["defaultTarget"], 2);
+    assert_eq!(v["alwaysAllocateCPU"], true);
+    assert_eq!(v["current"], 0, "no node: nothing can start");
+    assert_eq!(v["scheduledActions"][0]["timeZone"], "Asia/Shanghai");
+    let got = a.get(&prov("p1")).await.ok();
+    assert_eq!(got["defaultTarget"], 2);
+    assert_eq!(got["scheduledActions"], v["scheduledActions"]);
+    assert_eq!(got["targetTrackingPolicies"], json!([]));
+
+    // Bad input of every kind: InvalidArgument, the stored config unchanged.
+    let bad = [
+        (json!({"target": -1}), "target must be between 0"),
+        (
+            json!({"target": 1, "scheduledActions": [{"name": "x", "scheduleExpression": "cron(nope)", "target": 1}]}),
+            "scheduled action \"x\"",
+        ),
+        (
+            json!({"target": 1, "scheduledActions": [{"name": "x", "scheduleExpression": "cron(0 0 8 * * *)", "target": 1, "timeZone": "Mars/Olympus"}]}),
+            "scheduled action \"x\"",
+        ),
+        (
+            json!({"target": 1, "scheduledActions": [{"name": "x", "scheduleExpression": "cron(0 0 8 * * *)", "target": 1, "startTime": "yesterday"}]}),
+            "scheduled action \"x\"",
+        ),
+        (
+            json!({"target": 1, "targetTrackingPolicies": [{"name": "t", "metricType": "ProvisionedConcurrencyUtilization", "metricTarget": 0.5, "minCapacity": 4, "maxCapacity": 1}]}),
+            "minCapacity 4 is greater than maxCapacity 1",
+        ),
+        (
+            json!({"target": 1, "targetTrackingPolicies": [{"name": "t", "metricType": "ProvisionedConcurrencyUtilization", "metricTarget": -0.2, "minCapacity": 1, "maxCapacity": 2}]}),
+            "metricTarget",
+        ),
+        (json!({"target": 1, "unknown": true}), "unknown field"),
+    ];
+    for (doc, says) in bad {
+        let m = a
+            .put(&prov("p1"), &doc)
+            .await
+            .fc_error(400, "InvalidArgument");
+        assert!(m.contains(says), "{says:?} not in {m:?}");
+    }
+    let m = a
+        .call(Method::PUT, &prov("p1"), b"{not json".to_vec())
+        .await
+        .fc_error(400, "InvalidArgument");
+    assert!(m.contains("not valid"), "{m}");
+    assert_eq!(a.get(&prov("p1")).await.ok(), got);
+    a.put(
+        &format!("{}?qualifier=prod", prov("p1")),
+        &json!({"target": 1}),
+    )
+    .await
+    .fc_error(400, "InvalidArgument");
+
+    // Functions that do not exist, or are another account's.
+    a.put(&prov("nope"), &json!({"target": 1}))
+        .await
+        .fc_error(404, "FunctionNotFound");
+    a.get(&prov("nope")).await.fc_error(404, "FunctionNotFound");
+    a.call(Method::DELETE, &prov("nope"), vec![])
+        .await
+        .fc_error(404, "FunctionNotFound");
+    // B's p1 is B's own: unconfigured, and B cannot see A's.
+    assert_eq!(b.get(&prov("p1")).await.ok()["target"], 0);
+    let l = b.get("/2023-03-30/provision-configs").await.ok();
+    assert_eq!(l["provisionConfigs"], json!([]));
+
+    // Target tracking on p2; list pages by function name.
+    let v = a
+        .put(
+            &prov("p2"),
+            &json!({"target": 0, "targetTrackingPolicies": [{
+                "name": "tt", "metricType": "ProvisionedConcurrencyUtilization",
+                "metricTarget": 0.5, "minCapacity": 1, "maxCapacity": 4}]}),
+        )
+        .await
+        .ok();
+    assert_eq!(v["targetTrackingPolicies"][0]["maxCapacity"], 4);
+    let l = a.get("/2023-03-30/provision-configs").await.ok();
+    let names: Vec<&str> = l["provisionConfigs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["functionArn"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            format!("acs:fc:cn-test:{ACCOUNT_A}:functions/p1"),
+            format!("acs:fc:cn-test:{ACCOUNT_A}:functions/p2")
+        ]
+    );
+    assert!(l.get("nextToken").is_none());
+    let page = a.get("/2023-03-30/provision-configs?limit=1").await.ok();
+    assert_eq!(page["provisionConfigs"].as_array().unwrap().len(), 1);
+    let token = page["nextToken"].as_str().unwrap().to_owned();
+    let page2 = a
+        .get(&format!(
+            "/2023-03-30/provision-configs?limit=1&nextToken={token}"
+        ))
+        .await
+        .ok();
+    assert!(page2["provisionConfigs"][0]["functionArn"]
+        .as_str()
+        .unwrap()
+        .ends_with("/p2"));
+    let one = a
+        .get("/2023-03-30/provision-configs?functionName=p2")
+        .await
+        .ok();
+    assert_eq!(one["provisionConfigs"].as_array().unwrap().len(), 1);
+    a.get("/2023-03-30/provision-configs?limit=0")
+        .await
+        .fc_error(400, "InvalidArgument");
+    a.get("/2023-03-30/provision-configs?nextToken=garbage!")
+        .await
+        .fc_error(400, "InvalidArgument");
+
+    // Delete, idempotently.
+    let d = a.call(Method::DELETE, &prov("p1"), vec![]).await;
+    assert_eq!(d.status, StatusCode::NO_CONTENT);
+    let d = a.call(Method::DELETE, &prov("p1"), vec![]).await;
+    assert_eq!(d.status, StatusCode::NO_CONTENT);
+    assert_eq!(a.get(&prov("p1")).await.ok()["defaultTarget"], 0);
+    let l = a.get("/2023-03-30/provision-configs").await.ok();
+    assert_eq!(l["provisionConfigs"].as_array().unwrap().len(), 1);
+    env.shutdown().await;
+}
+
+#[tokio::test]
+async fn concurrency_configs_round_trip_checked_and_scoped() {
+    let env = Env::new().await;
+    let a = env.client(AK_A, SK_A);
+    let b = env.client(AK_B, SK_B);
+    a.create("c1").await;
+    a.create("c2").await;
+    b.create("c1").await;
+
+    let v = a.get(&conc("c1")).await.ok();
+    assert_eq!(
+        v,
+        json!({"functionArn": format!("acs:fc:cn-test:{ACCOUNT_A}:functions/c1")})
+    );
+    let v = a
+        .put(&conc("c1"), &json!({"reservedConcurrency": 5}))
+        .await
+        .ok();
+    assert_eq!(v["reservedConcurrency"], 5);
+    assert_eq!(a.get(&conc("c1")).await.ok()["reservedConcurrency"], 5);
+    a.put(&conc("c2"), &json!({"reservedConcurrency": 0}))
+        .await
+        .ok();
+
+    // Bad input: InvalidArgument, nothing changed.
+    for doc in [
+        json!({"reservedConcurrency": -1}),
+        json!({}),
+        json!({"reservedConcurrency": "many"}),
+        // More than the account's burst pool (300 by default, 5 + 0 used).
+        json!({"reservedConcurrency": 400}),
+    ] {
+        a.put(&conc("c1"), &doc)
+            .await
+            .fc_error(400, "InvalidArgument");
+    }
+    assert_eq!(a.get(&conc("c1")).await.ok()["reservedConcurrency"], 5);
+
+    a.put(&conc("nope"), &json!({"reservedConcurrency": 1}))
+        .await
+        .fc_error(404, "FunctionNotFound");
+    a.get(&conc("nope")).await.fc_error(404, "FunctionNotFound");
+    // B's c1 is its own.
+    assert!(b
+        .get(&conc("c1"))
+        .await
+        .ok()
+        .get("reservedConcurrency")
+        .is_none());
+    assert_eq!(
+        b.get("/2023-03-30/concurrency-configs").await.ok()["configs"],
+        json!([])
+    );
+
+    let l = a.get("/2023-03-30/concurrency-configs").await.ok();
+    assert_eq!(
+        l["configs"],
+        json!([
+            {"functionArn": format!("acs:fc:cn-test:{ACCOUNT_A}:functions/c1"), "reservedConcurrency": 5},
+            {"functionArn": format!("acs:fc:cn-test:{ACCOUNT_A}:functions/c2"), "reservedConcurrency": 0},
+        ])
+    );
+    let d = a.call(Method::DELETE, &conc("c1"), vec![]).await;
+    assert_eq!(d.status, StatusCode::NO_CONTENT);
+    let d = a.call(Method::DELETE, &conc("c1"), vec![]).await;
+    assert_eq!(d.status, StatusCode::NO_CONTENT);
+    assert!(a
+        .get(&conc("c1"))
+        .await
+        .ok()
+        .get("reservedConcurrency")
+        .is_none());
+    let l = a.get("/2023-03-30/concurrency-configs").await.ok();
+    assert_eq!(l["configs"].as_array().unwrap().len(), 1);
+    env.shutdown().await;
+}
+
+#[tokio::test]
+async fn official_python_sdk_provision_configs() {
+    let Ok(python) = std::env::var("KILN_FC_SDK_PYTHON") else {
+        eprintln!("SKIPPED official_python_sdk_provision_configs: set KILN_FC_SDK_PYTHON to a python with alibabacloud-fc20230330");
+        return;
+    };
+    let env = Env::new().await;
+    env.client(AK_A, SK_A).create("sdk-prov").await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/fc_sdk_provision.py");
+    let out = tokio::process::Command::new(python)
+        .arg(script)
+        .arg(format!("localhost:{}", env.addr().port()))
+        .args([AK_A, SK_A])
+        .arg(env.pki.ca_cert())
+        .arg("sdk-prov")
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "SDK script failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("SDK provision ok"), "{stdout}");
+    let _ = &env.state_dir;
+    env.shutdown().await;
+}
+
+async fn wait_for<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+    for _ in 0..200 {
+        if let Some(v) = f().await {
+            return v;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[tokio::test]
+async fn provisioned_instances_start_and_follow_function_updates() {
+    let agent = kiln_scheduler::FakeAgent::new(std::time::Duration::ZERO);
+    let env = Env::with_agent(Some(agent.clone())).await;
+    let sched = env.scheduler.scheduler().clone();
+    sched
+        .register(&kiln_internal_api::RegisterNode {
+            node_id: None,
+            agent_url: "https://127.0.0.1:1".into(),
+            capacity: kiln_internal_api::NodeCapacity {
+                memory_mb: 16 * 1024,
+                cpu_milli: 16_000,
+                max_instances: 50,
+            },
+            labels: kiln_internal_api::NodeLabels {
+                zone: "zone-a".into(),
+                tenancy: kiln_internal_api::Tenancy::Dedicated,
+                sandbox_kinds: vec![kiln_core::SandboxKind::Container],
+                dedicated_account: Some(ACCOUNT_A.parse().unwrap()),
+            },
+            instances: vec![],
+        })
+        .unwrap();
+    let a = env.client(AK_A, SK_A);
+    a.create("warm").await;
+    a.put(&prov("warm"), &json!({"target": 2})).await.ok();
+    wait_for("two provisioned instances", async || {
+        sched.tick();
+        (a.get(&prov("warm")).await.ok()["current"] == 2).then_some(())
+    })
+    .await;
+    let before: Vec<String> = sched
+        .instances()
+        .iter()
+        .map(|i| i.revision.clone())
+        .collect();
+    assert_eq!(before.len(), 2);
+
+    // A new revision: the configuration follows it, two new instances.
+    let u = a
+        .call(
+            Method::PUT,
+            "/2023-03-30/functions/warm",
+            json!({"memorySize": 1024}).to_string().into_bytes(),
+        )
+        .await;
+    assert_eq!(u.status, StatusCode::OK);
+    wait_for(
+        "two provisioned instances of the new revision",
+        async || {
+            sched.tick();
+            let fresh = sched
+                .instances()
+                .iter()
+                .filter(|i| !before.contains(&i.revision))
+                .count();
+            (fresh == 2 && a.get(&prov("warm")).await.ok()["current"] == 2).then_some(())
+        },
+    )
+    .await;
+
+    // Deleting the function removes its configuration.
+    a.call(Method::DELETE, "/2023-03-30/functions/warm", vec![])
+        .await;
+    wait_for("the configuration to go", async || {
+        sched.provisions().is_empty().then_some(())
+    })
+    .await;
+    env.shutdown().await;
+}
