@@ -530,9 +530,13 @@ impl InstanceManager {
         self.metrics.invocation(outcome);
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.insert(X_KILN_OUTCOME, outcome.header());
-        if !parts.headers.contains_key(&X_FC_REQUEST_ID) {
-            parts.headers.insert(X_FC_REQUEST_ID, request_id);
-        }
+        // Unique per call: never indexed by HPACK on the way back (see the
+        // gateway's agent request).
+        parts
+            .headers
+            .entry(X_FC_REQUEST_ID)
+            .or_insert(request_id)
+            .set_sensitive(true);
         parts.version = Version::default();
         // A body that is already over is never polled to its end.
         let conn = if body.is_end_stream() {

@@ -111,13 +111,11 @@ pub async fn invoke(
         tracing::debug!(lease = %lease.lease_id, instance = %lease.instance_id, cold = lease.cold_start, from_pool, "lease held");
         let req = agent_request(&lease, &parts.headers, payload.clone(), request_id)?;
         guard.lease = Some(lease);
-        // A call abandoned on purpose before the agent answers (the async
-        // dispatcher aborting a stopped task) reports the instance failed,
-        // so the scheduler reclaims it.
-        guard.outcome = match RECLAIM_IF_ABANDONED.try_with(|_| ()) {
-            Ok(()) => LeaseOutcome::InstanceFailed,
-            Err(_) => LeaseOutcome::Ok,
-        };
+        // A call abandoned before the agent answers (the client went away,
+        // or the async dispatcher aborted a stopped task) may leave the
+        // function running: report the instance failed so the scheduler
+        // replaces it rather than hand its slot to another call.
+        guard.outcome = LeaseOutcome::InstanceFailed;
         // The agent enforces the function's timeout; this bounds a wedged agent.
         let deadline = Duration::from_secs(u64::from(entry.spec.timeout_s)) + AGENT_GRACE;
         let resp = match tokio::time::timeout(deadline, gw.internal.send(req)).await {
@@ -233,7 +231,10 @@ fn agent_request(
             h.append(k.clone(), v.clone());
         }
     }
-    if let Ok(v) = HeaderValue::from_str(request_id.as_str()) {
+    if let Ok(mut v) = HeaderValue::from_str(request_id.as_str()) {
+        // Unique per call: HPACK must not index it, or it churns the
+        // internal connection's dynamic table out of its stable entries.
+        v.set_sensitive(true);
         h.insert(REQUEST_ID, v);
     }
     if !h.contains_key(header::CONTENT_TYPE) {
@@ -302,9 +303,14 @@ fn answer(
             h.insert(ERROR_TYPE, HeaderValue::from_static(t));
         }
     }
+    // Until the whole answer has been read, a drop means the client went
+    // away mid-answer: the instance may still be writing it.
+    let mut guard = guard;
+    let done = std::mem::replace(&mut guard.outcome, LeaseOutcome::InstanceFailed);
     let body = GuardedBody {
         inner: body,
         guard: Some(guard),
+        done,
     };
     builder.body(body.boxed()).expect("valid response")
 }
@@ -336,6 +342,25 @@ impl Drop for LeaseGuard {
 struct GuardedBody {
     inner: Incoming,
     guard: Option<LeaseGuard>,
+    /// The lease's outcome once the answer is complete.
+    done: LeaseOutcome,
+}
+
+impl GuardedBody {
+    fn finish(&mut self) {
+        if let Some(mut g) = self.guard.take() {
+            g.outcome = self.done;
+        }
+    }
+}
+
+impl Drop for GuardedBody {
+    /// The server may drop a body it saw end without polling it again.
+    fn drop(&mut self) {
+        if self.inner.is_end_stream() {
+            self.finish();
+        }
+    }
 }
 
 impl HttpBody for GuardedBody {
@@ -356,7 +381,7 @@ impl HttpBody for GuardedBody {
                 Poll::Ready(Some(Err(Box::new(e))))
             }
             Poll::Ready(None) => {
-                this.guard.take();
+                this.finish();
                 Poll::Ready(None)
             }
             other => other.map(|o| o.map(|r| r.map_err(|e| Box::new(e) as BoxError))),
@@ -395,5 +420,34 @@ mod tests {
             "x-kiln-invoke-outcome"
         )));
         assert!(returnable(&HeaderName::from_static("content-type")));
+    }
+
+    #[test]
+    fn agent_request_forwards_caller_headers_and_an_unindexed_request_id() {
+        let lease = Lease {
+            lease_id: kiln_core::LeaseId::generate(),
+            instance_id: kiln_core::InstanceId::generate(),
+            node_id: kiln_core::NodeId::generate(),
+            agent_url: "https://127.0.0.1:9443/".into(),
+            cold_start: false,
+        };
+        let mut caller = HeaderMap::new();
+        caller.insert("x-custom", HeaderValue::from_static("1"));
+        caller.insert("authorization", HeaderValue::from_static("secret"));
+        let rid = RequestId::generate();
+        let req = agent_request(&lease, &caller, Bytes::from_static(b"x"), &rid).unwrap();
+        assert_eq!(
+            req.uri().to_string(),
+            format!(
+                "https://127.0.0.1:9443/v1/instances/{}/invoke",
+                lease.instance_id
+            )
+        );
+        let h = req.headers();
+        assert_eq!(h["x-custom"], "1");
+        assert!(!h.contains_key("authorization"));
+        assert_eq!(h[REQUEST_ID], rid.as_str());
+        assert!(h[REQUEST_ID].is_sensitive());
+        assert_eq!(h[header::CONTENT_TYPE], "application/octet-stream");
     }
 }
