@@ -136,6 +136,21 @@ async fn fake_agent(req: Request<hyper::body::Incoming>, seen: Shared) -> Respon
     } else if text.starts_with("slow") {
         tokio::time::sleep(Duration::from_secs(5)).await;
         (200, vec![outcome("ok")], bytes.to_vec())
+    } else if text.starts_with("drip") {
+        // A first chunk, then nothing for a long while.
+        let frames = futures_util::stream::unfold(0u8, |n| async move {
+            if n == 0 {
+                let f = hyper::body::Frame::data(Bytes::from_static(b"first"));
+                return Some((Ok::<_, kiln_internal_api::server::BoxError>(f), 1));
+            }
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            None
+        });
+        return Response::builder()
+            .status(200)
+            .header("x-kiln-invoke-outcome", "ok")
+            .body(http_body_util::StreamBody::new(frames).boxed())
+            .unwrap();
     } else if text.starts_with("gone") {
         let e = FcError::new(FcErrorCode::FunctionNotStarted, "instance is gone");
         (502, vec![], e.to_body("agent").into_bytes())
@@ -796,6 +811,64 @@ async fn signatures_are_checked() {
     *req.body_mut() = Full::new(Bytes::from(function_doc("g", &app_zip()).to_string()));
     a.send(req).await.fc_error(403, "SignatureNotMatch");
     a.get("g").await.fc_error(404, "FunctionNotFound");
+}
+
+/// A client that goes away before the answer is complete may leave the
+/// function running: the lease goes back with InstanceFailed so the
+/// scheduler replaces the instance; a complete answer gives it back Ok.
+#[tokio::test]
+async fn a_client_gone_mid_call_releases_the_instance_as_failed() {
+    use kiln_internal_api::LeaseOutcome;
+    let env = Env::new().await;
+    let a = env.client(AK_A, SK_A);
+    assert_eq!(
+        a.create(&function_doc("abort", &app_zip())).await.status,
+        StatusCode::OK
+    );
+    let path = "/2023-03-30/functions/abort/invocations";
+    let outcomes = |env: &Env| -> Vec<LeaseOutcome> {
+        let s = env.seen.lock().unwrap();
+        s.released.iter().map(|r| r.1.outcome).collect()
+    };
+
+    // Gone before the agent answers.
+    let call = a.invoke("abort", b"slow", &[]);
+    assert!(tokio::time::timeout(Duration::from_millis(500), call)
+        .await
+        .is_err());
+    let o = wait_for("the abandoned lease's release", || {
+        let o = outcomes(&env);
+        (!o.is_empty()).then_some(o)
+    })
+    .await;
+    assert_eq!(o, [LeaseOutcome::InstanceFailed]);
+
+    // Gone in the middle of the answer.
+    let req = a.signed(Method::POST, path, b"drip".to_vec(), &[], now_ms());
+    let resp = a.http.request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(&first[..], b"first");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(outcomes(&env).len(), 1, "held while the answer streams");
+    drop(body);
+    let o = wait_for("the half-read lease's release", || {
+        let o = outcomes(&env);
+        (o.len() == 2).then_some(o)
+    })
+    .await;
+    assert_eq!(o[1], LeaseOutcome::InstanceFailed);
+
+    // Read to the end: Ok.
+    let r = a.invoke("abort", b"whole", &[]).await;
+    assert_eq!(&r.body[..], b"whole");
+    let o = wait_for("the complete call's release", || {
+        let o = outcomes(&env);
+        (o.len() == 3).then_some(o)
+    })
+    .await;
+    assert_eq!(o[2], LeaseOutcome::Ok);
 }
 
 #[tokio::test]
