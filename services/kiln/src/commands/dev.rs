@@ -100,7 +100,7 @@ impl DevCluster {
         } else {
             opts.listen.ip().to_string()
         };
-        let pki = kiln_pki::DevPki::ensure(&state.join("pki"), &[public_host.clone()])
+        let pki = kiln_pki::DevPki::ensure(&state.join("pki"), std::slice::from_ref(&public_host))
             .context("cannot create the dev cluster's certificates")?;
         let account = DevAccount::load_or_create(&state.join("dev-account.json"))?;
 
