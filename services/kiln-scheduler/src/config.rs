@@ -72,8 +72,72 @@ pub struct SchedulerConfig {
     /// per account with `PUT /v1/accounts/{id}/limits`).
     #[serde(default)]
     pub account_defaults: AccountDefaults,
+    /// Moving load off hot nodes (off by default).
+    #[serde(default)]
+    pub rebalance: RebalanceSettings,
     /// Server and client identity on the internal mTLS network.
     pub tls: TlsFiles,
+}
+
+/// How often the scheduler's periodic work runs.
+pub const TICK_INTERVAL_MS: u64 = 250;
+
+/// `[rebalance]`: see [`crate::placement::RebalanceConfig`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RebalanceSettings {
+    #[serde(default)]
+    pub enabled: bool,
+    /// Seconds between rebalancing rounds.
+    #[serde(default = "default_rebalance_interval_s")]
+    pub interval_s: u64,
+    /// A node above this share of its memory is hot; new instances avoid
+    /// going over it while another node has room.
+    #[serde(default = "default_rebalance_high_pct")]
+    pub high_watermark_pct: u64,
+    /// Instances move only to nodes below this share.
+    #[serde(default = "default_rebalance_low_pct")]
+    pub low_watermark_pct: u64,
+    /// Instances drained per round at most.
+    #[serde(default = "default_rebalance_max_moves")]
+    pub max_moves: usize,
+}
+
+fn default_rebalance_interval_s() -> u64 {
+    30
+}
+fn default_rebalance_high_pct() -> u64 {
+    85
+}
+fn default_rebalance_low_pct() -> u64 {
+    50
+}
+fn default_rebalance_max_moves() -> usize {
+    10
+}
+
+impl Default for RebalanceSettings {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            interval_s: default_rebalance_interval_s(),
+            high_watermark_pct: default_rebalance_high_pct(),
+            low_watermark_pct: default_rebalance_low_pct(),
+            max_moves: default_rebalance_max_moves(),
+        }
+    }
+}
+
+impl RebalanceSettings {
+    /// The placement core's form; `None` when off.
+    pub fn placement(&self) -> Option<crate::placement::RebalanceConfig> {
+        self.enabled.then(|| crate::placement::RebalanceConfig {
+            every_ticks: (self.interval_s * 1000 / TICK_INTERVAL_MS).max(1),
+            high_pct: self.high_watermark_pct,
+            low_pct: self.low_watermark_pct,
+            max_moves: self.max_moves,
+        })
+    }
 }
 
 /// `[account_defaults]`: quotas and scale-out rates of every account
@@ -164,6 +228,7 @@ impl SchedulerConfig {
             node_drain_lead_s: default_node_drain_lead_s(),
             instance_max_validity_h: default_instance_max_validity_h(),
             instance_drain_lead_s: default_instance_drain_lead_s(),
+            rebalance: RebalanceSettings::default(),
             tls,
         }
     }
@@ -233,6 +298,22 @@ impl SchedulerConfig {
                 "instance_drain_lead_s",
                 "must be shorter than instance_max_validity_h",
             );
+        }
+        let r = &self.rebalance;
+        if !(1..=3600).contains(&r.interval_s) {
+            return invalid("rebalance.interval_s", "must be between 1 and 3600");
+        }
+        if !(1..=100).contains(&r.high_watermark_pct) {
+            return invalid("rebalance.high_watermark_pct", "must be between 1 and 100");
+        }
+        if r.low_watermark_pct >= r.high_watermark_pct {
+            return invalid(
+                "rebalance.low_watermark_pct",
+                "must be below rebalance.high_watermark_pct",
+            );
+        }
+        if !(1..=10_000).contains(&r.max_moves) {
+            return invalid("rebalance.max_moves", "must be between 1 and 10000");
         }
         let d = &self.account_defaults;
         if d.memory_quota_mb < 128 {
@@ -316,6 +397,12 @@ mod tests {
         crate::placement::validate_limits(&d).unwrap();
         assert_eq!(c.listen.port(), 9443);
         assert!(c.metrics_listen.unwrap().ip().is_loopback());
+        assert_eq!(c.rebalance, RebalanceSettings::default());
+        assert!(c.rebalance.placement().is_none(), "off unless enabled");
+        let mut r = c.rebalance.clone();
+        r.enabled = true;
+        let p = r.placement().unwrap();
+        assert_eq!((p.every_ticks, p.high_pct, p.low_pct), (120, 85, 50));
     }
 
     #[test]
@@ -362,6 +449,22 @@ mod tests {
                 Box::new(|c| c.account_defaults.scale_out_vcpus_per_minute = 0),
             ),
             ("tls.key", Box::new(|c| c.tls.key = PathBuf::new())),
+            (
+                "rebalance.low_watermark_pct",
+                Box::new(|c| c.rebalance.low_watermark_pct = 90),
+            ),
+            (
+                "rebalance.high_watermark_pct",
+                Box::new(|c| c.rebalance.high_watermark_pct = 101),
+            ),
+            (
+                "rebalance.interval_s",
+                Box::new(|c| c.rebalance.interval_s = 0),
+            ),
+            (
+                "rebalance.max_moves",
+                Box::new(|c| c.rebalance.max_moves = 0),
+            ),
         ];
         for (field, mutate) in cases {
             let mut c = base.clone();

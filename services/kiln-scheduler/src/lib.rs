@@ -176,7 +176,7 @@ pub async fn start_with(
     let s = scheduler.clone();
     let until = stopped();
     tasks.push(tokio::spawn(async move {
-        let mut every = tokio::time::interval(Duration::from_millis(250));
+        let mut every = tokio::time::interval(Duration::from_millis(config::TICK_INTERVAL_MS));
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(until);
         loop {

@@ -22,6 +22,8 @@ pub struct Metrics {
     pub cold_starts: Counter,
     pub throttles: Counter,
     pub start_failures: Counter,
+    /// Instances drained to move load off hot nodes.
+    pub rebalanced: Counter,
     pub instances: Gauge,
     pub nodes_ready: Gauge,
     pub nodes: Gauge,
@@ -36,6 +38,7 @@ impl Default for Metrics {
         let cold_starts = Counter::default();
         let throttles = Counter::default();
         let start_failures = Counter::default();
+        let rebalanced = Counter::default();
         let instances = Gauge::default();
         let nodes_ready = Gauge::default();
         let nodes = Gauge::default();
@@ -58,6 +61,11 @@ impl Default for Metrics {
             start_failures.clone(),
         );
         registry.register(
+            "rebalanced_instances",
+            "Instances drained to move load off nodes above the high watermark",
+            rebalanced.clone(),
+        );
+        registry.register(
             "instances",
             "Instances known to the scheduler",
             instances.clone(),
@@ -75,6 +83,7 @@ impl Default for Metrics {
             cold_starts,
             throttles,
             start_failures,
+            rebalanced,
             instances,
             nodes_ready,
             nodes,
@@ -160,6 +169,7 @@ mod tests {
             "kiln_scheduler_acquires_total 1",
             "kiln_scheduler_cold_starts_total",
             "kiln_scheduler_throttles_total",
+            "kiln_scheduler_rebalanced_instances_total",
             "kiln_scheduler_instances",
             "kiln_scheduler_nodes",
             "kiln_scheduler_acquire_latency_seconds_bucket",

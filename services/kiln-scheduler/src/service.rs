@@ -75,6 +75,7 @@ impl Scheduler {
             node_drain_lead_ms: config.node_drain_lead_s * 1000,
             instance_max_validity_ms: config.instance_max_validity_h * 3_600_000,
             instance_drain_lead_ms: config.instance_drain_lead_s * 1000,
+            rebalance: config.rebalance.placement(),
         };
         let (nodes, instances) = deps.store.load()?;
         let now = deps.clock.now_ms();
@@ -388,7 +389,12 @@ impl Scheduler {
     pub fn tick(&self) {
         let mut st = self.lock();
         let now = self.now();
+        let moved = st.core.rebalanced_count();
         let effects = st.core.tick(now);
+        self.inner
+            .metrics
+            .rebalanced
+            .inc_by(st.core.rebalanced_count() - moved);
         self.finish(&mut st, effects);
         self.update_node_gauges(&st);
     }

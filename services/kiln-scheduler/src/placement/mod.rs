@@ -61,6 +61,25 @@ pub struct PlacementConfig {
     /// before, so every call it accepted can finish.
     pub instance_max_validity_ms: u64,
     pub instance_drain_lead_ms: u64,
+    /// Moving load off hot nodes; off when `None`.
+    pub rebalance: Option<RebalanceConfig>,
+}
+
+/// Rebalancing: new instances avoid nodes they would take over
+/// `high_pct` of memory while another node has room (placement still
+/// falls back to them rather than refuse), and every `every_ticks` ticks
+/// the least-busy on-demand instances of a node above `high_pct` are
+/// drained while a node below `low_pct` that accepts them has room, so
+/// their replacements start elsewhere. Provisioned instances are never
+/// moved; tenancy and quotas hold because replacements are placed like
+/// any new instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RebalanceConfig {
+    pub every_ticks: u64,
+    pub high_pct: u64,
+    pub low_pct: u64,
+    /// Instances drained per rebalancing round at most.
+    pub max_moves: usize,
 }
 
 impl Default for PlacementConfig {
@@ -75,6 +94,7 @@ impl Default for PlacementConfig {
             node_drain_lead_ms: 3_600_000,
             instance_max_validity_ms: 36 * 3_600_000,
             instance_drain_lead_ms: 600_000,
+            rebalance: None,
         }
     }
 }
@@ -168,6 +188,10 @@ pub struct Placement {
     /// Accounts whose scale-out buckets are not full.
     scale_out: HashMap<AccountId, ScaleOut>,
     changes: Vec<Change>,
+    /// Ticks so far (rebalancing runs every `every_ticks`).
+    ticks: u64,
+    /// Instances drained by rebalancing so far.
+    rebalanced: u64,
 }
 
 impl Placement {
@@ -191,6 +215,8 @@ impl Placement {
             expire_by_age: BTreeSet::new(),
             provisions: HashMap::new(),
             changes: Vec::new(),
+            ticks: 0,
+            rebalanced: 0,
         }
     }
 
@@ -794,14 +820,26 @@ impl Placement {
     fn best_node(&self, spec: &InstanceSpec) -> Result<NodeId, FcError> {
         let memory = u64::from(spec.memory_mb);
         let cpu = u64::from(spec.cpu_milli);
+        // Rebalancing: a node the instance would push over the high
+        // watermark is only the fallback.
+        let high = self.config.rebalance.map(|r| r.high_pct);
+        let mut fallback = None;
         for (_, ids) in self.free_memory.range(memory..) {
             for id in ids {
                 let n = &self.nodes[id];
                 if n.free_cpu_milli() >= cpu && n.has_instance_slot() && n.accepts(&spec.account_id)
                 {
-                    return Ok(id.clone());
+                    match high {
+                        Some(h) if (n.used_memory_mb + memory) * 100 > h * n.capacity.memory_mb => {
+                            fallback.get_or_insert(id);
+                        }
+                        _ => return Ok(id.clone()),
+                    }
                 }
             }
+        }
+        if let Some(id) = fallback {
+            return Ok(id.clone());
         }
         // No room: say what ran out, over the nodes this account may use.
         let eligible: Vec<&Node> = self
@@ -1044,10 +1082,101 @@ impl Placement {
         effects.extend(self.age_instances(now));
         effects.extend(self.age_nodes(now));
         effects.extend(self.reconcile_provisions(now));
+        self.ticks += 1;
+        if let Some(r) = self.config.rebalance {
+            if self.ticks.is_multiple_of(r.every_ticks.max(1)) {
+                effects.extend(self.rebalance(&r));
+            }
+        }
         let limits = &self.limits;
         let defaults = &self.default_limits;
         self.scale_out
             .retain(|a, b| !b.is_full(limits.get(a).unwrap_or(defaults), now));
+        effects
+    }
+
+    /// Instances drained by rebalancing since start.
+    pub fn rebalanced_count(&self) -> u64 {
+        self.rebalanced
+    }
+
+    /// One rebalancing round (see [`RebalanceConfig`]).
+    fn rebalance(&mut self, r: &RebalanceConfig) -> Effects {
+        let over = |used: u64, cap: u64, pct: u64| used * 100 > pct * cap;
+        let mut hot: Vec<(u64, NodeId)> = Vec::new();
+        // Cool nodes with what this round already plans to put on them:
+        // (id, memory, cpu, instances).
+        let mut cool: Vec<(NodeId, u64, u64, usize)> = Vec::new();
+        for n in self.nodes.values() {
+            if !n.state.can_place() || n.capacity.memory_mb == 0 {
+                continue;
+            }
+            if over(n.used_memory_mb, n.capacity.memory_mb, r.high_pct) {
+                hot.push((n.used_memory_mb * 100 / n.capacity.memory_mb, n.id.clone()));
+            } else if n.used_memory_mb * 100 < r.low_pct * n.capacity.memory_mb {
+                cool.push((n.id.clone(), 0, 0, 0));
+            }
+        }
+        if hot.is_empty() || cool.is_empty() {
+            return Effects::default();
+        }
+        // The hottest first; ties by id, so rounds are reproducible.
+        hot.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+        let mut effects = Effects::default();
+        let mut moves = 0;
+        for (_, hot_id) in hot {
+            let node = &self.nodes[&hot_id];
+            let (cap, mut used) = (node.capacity.memory_mb, node.used_memory_mb);
+            // The least busy first, then the least recently used.
+            let mut candidates: Vec<(u32, u64, InstanceId)> = node
+                .instances
+                .iter()
+                .map(|id| &self.instances[id])
+                .filter(|i| i.state == InstanceState::Ready && !i.provisioned)
+                .map(|i| (i.in_flight, i.last_used_ms, i.id.clone()))
+                .collect();
+            candidates.sort();
+            for (_, _, id) in candidates {
+                if moves >= r.max_moves || !over(used, cap, r.high_pct) {
+                    break;
+                }
+                let inst = &self.instances[&id];
+                let (memory, cpu) = (
+                    u64::from(inst.spec.memory_mb),
+                    u64::from(inst.spec.cpu_milli),
+                );
+                let account = inst.spec.account_id.clone();
+                let nodes = &self.nodes;
+                let Some(target) = cool.iter_mut().find(|(c, m, p, k)| {
+                    let c = &nodes[c];
+                    c.accepts(&account)
+                        && c.free_memory_mb() >= m + memory
+                        && c.free_cpu_milli() >= p + cpu
+                        && c.instances.len() + k < c.capacity.max_instances as usize
+                        && !over(
+                            c.used_memory_mb + m + memory,
+                            c.capacity.memory_mb,
+                            r.high_pct,
+                        )
+                }) else {
+                    continue;
+                };
+                target.1 += memory;
+                target.2 += cpu;
+                target.3 += 1;
+                tracing::info!(instance_id = %id, from = %hot_id, room_on = %target.0, "rebalancing: draining an instance of a hot node");
+                self.update_instance(&id, |i| i.state = InstanceState::Draining);
+                let record = self.instances[&id].record();
+                self.changes.push(Change::UpsertInstance(record));
+                effects.extend(self.destroy_if_done(&id));
+                used = used.saturating_sub(memory);
+                moves += 1;
+                self.rebalanced += 1;
+            }
+            if moves >= r.max_moves {
+                break;
+            }
+        }
         effects
     }
 

@@ -78,6 +78,14 @@ impl World {
             node_drain_lead_ms: 600_000,
             instance_max_validity_ms: 1_800_000,
             instance_drain_lead_ms: 60_000,
+            // Odd seeds rebalance often, with tight watermarks, so its
+            // moves and its placement preference are exercised too.
+            rebalance: (seed % 2 == 1).then_some(super::RebalanceConfig {
+                every_ticks: 3,
+                high_pct: 60,
+                low_pct: 40,
+                max_moves: 5,
+            }),
             ..PlacementConfig::default()
         };
         Self {
@@ -413,6 +421,7 @@ impl World {
 fn tenancy_and_quotas_hold_over_thousands_of_random_placements() {
     let mut total_placements = 0;
     let mut total_throttled = 0;
+    let mut total_rebalanced = 0;
     for seed in 0..8 {
         let mut w = World::new(seed);
         for _ in 0..NODES {
@@ -423,8 +432,13 @@ fn tenancy_and_quotas_hold_over_thousands_of_random_placements() {
         }
         total_placements += w.placements;
         total_throttled += w.throttled;
+        total_rebalanced += w.p.rebalanced_count();
     }
     // The walk really exercised both sides.
     assert!(total_placements > 2_000, "{total_placements} placements");
     assert!(total_throttled > 500, "{total_throttled} refusals");
+    assert!(
+        total_rebalanced > 20,
+        "{total_rebalanced} rebalancing moves"
+    );
 }

@@ -1433,3 +1433,150 @@ fn provision_details_are_per_account_with_their_config() {
     assert_eq!(d[0].status.target, 2);
     assert!(f.p.provision_details(&account("3")).is_empty());
 }
+
+// ---- rebalancing --------------------------------------------------------
+
+fn rebalancing() -> Fixture {
+    Fixture::with(PlacementConfig {
+        node_failure_after_ms: u64::MAX / 4,
+        rebalance: Some(RebalanceConfig {
+            every_ticks: 2,
+            high_pct: 80,
+            low_pct: 30,
+            max_moves: 10,
+        }),
+        ..PlacementConfig::default()
+    })
+}
+
+/// Nine 100 MB instances of account 1 on a 1000 MB node (90 %), one
+/// function each; the first (f0) is the least recently used.
+fn hot_node(f: &mut Fixture) -> Vec<Lease> {
+    shared_node(f, "n1", 1000);
+    let mut leases = Vec::new();
+    for i in 0..9 {
+        f.clock.advance(Duration::from_millis(10));
+        let l = f.acquire_started(&spec("1", &format!("f{i}"), 1, 100));
+        assert_eq!(
+            l.node_id.as_str(),
+            "n1",
+            "placement falls back to a hot node"
+        );
+        leases.push(l);
+    }
+    leases
+}
+
+fn node_of(f: &Fixture, function: &str) -> Vec<String> {
+    f.p.instances_info()
+        .into_iter()
+        .filter(|i| i.function_name.as_str() == function)
+        .map(|i| i.node_id.unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn rebalancing_drains_the_least_busy_instances_of_a_hot_node() {
+    let mut f = rebalancing();
+    let leases = hot_node(&mut f);
+    // Every call but f0's ended, f1's first; f0 is still busy.
+    for l in &leases[1..] {
+        f.clock.advance(Duration::from_millis(10));
+        f.p.release(&l.lease_id, LeaseOutcome::Ok, f.now()).unwrap();
+    }
+    // Before a cool node joins, nothing can move.
+    f.p.tick(f.now());
+    f.p.tick(f.now());
+    assert_eq!(f.p.rebalanced_count(), 0);
+    shared_node(&mut f, "n2", 1000);
+    // Every second tick: this one does nothing.
+    f.p.tick(f.now());
+    assert_eq!(f.p.rebalanced_count(), 0);
+    let e = f.p.tick(f.now());
+    // 900 MB -> 800 MB (80 %, not above the watermark): one move, the
+    // least busy and least recently used: f1 (f0 is busy).
+    assert_eq!(f.p.rebalanced_count(), 1);
+    assert_eq!(e.destroy.len(), 1, "an idle instance goes at once");
+    assert!(node_of(&f, "f1").is_empty());
+    assert_eq!(node_of(&f, "f0"), ["n1"]);
+    // Its replacement lands on the cool node.
+    let l = f.acquire_started(&spec("1", "f1", 1, 100));
+    assert_eq!(l.node_id.as_str(), "n2");
+    assert!(l.cold_start);
+    // Balanced now: later rounds move nothing.
+    for _ in 0..4 {
+        f.p.tick(f.now());
+    }
+    assert_eq!(f.p.rebalanced_count(), 1);
+}
+
+#[test]
+fn a_busy_drained_instance_finishes_its_calls_and_new_ones_start_elsewhere() {
+    let mut f = rebalancing();
+    let leases = hot_node(&mut f);
+    // Every call still runs: the least recently used instance drains.
+    shared_node(&mut f, "n2", 1000);
+    f.p.tick(f.now());
+    f.p.tick(f.now());
+    assert_eq!(f.p.rebalanced_count(), 1);
+    // f0 drains: it takes no new calls and goes once its call ends.
+    let e =
+        f.p.release(&leases[0].lease_id, LeaseOutcome::Ok, f.now())
+            .unwrap();
+    assert_eq!(e.destroy.len(), 1, "gone once its call ended");
+    let l = f.acquire_started(&spec("1", "f0", 1, 100));
+    assert_eq!(l.node_id.as_str(), "n2");
+}
+
+#[test]
+fn rebalancing_never_moves_provisioned_instances_or_crosses_tenancy() {
+    let mut f = rebalancing();
+    shared_node(&mut f, "n1", 1000);
+    let now = f.now();
+    let e =
+        f.p.put_provision(&spec("1", "p", 1, 100), provision(9), now)
+            .unwrap();
+    start_all(&mut f, &e);
+    assert_eq!(node_of(&f, "p").len(), 9);
+    shared_node(&mut f, "n2", 1000);
+    for _ in 0..4 {
+        f.p.tick(f.now());
+    }
+    assert_eq!(f.p.rebalanced_count(), 0, "provisioned instances stay");
+
+    // On-demand instances of account 1 on a hot node, and a cool node
+    // dedicated to account 2 only: nothing moves.
+    let mut f = rebalancing();
+    let leases = hot_node(&mut f);
+    for l in &leases {
+        f.p.release(&l.lease_id, LeaseOutcome::Ok, f.now()).unwrap();
+    }
+    let now = f.now();
+    f.p.register(
+        &registration(Some("d2"), 1000, Tenancy::Dedicated, Some("2")),
+        now,
+    )
+    .unwrap();
+    for _ in 0..4 {
+        f.p.tick(f.now());
+    }
+    assert_eq!(f.p.rebalanced_count(), 0);
+    assert_eq!(f.p.instance_count(), 9);
+}
+
+#[test]
+fn without_rebalancing_nothing_moves_and_placement_bin_packs() {
+    let mut f = Fixture::new();
+    let leases = hot_node(&mut f);
+    for l in &leases {
+        f.p.release(&l.lease_id, LeaseOutcome::Ok, f.now()).unwrap();
+    }
+    shared_node(&mut f, "n2", 1000);
+    for _ in 0..4 {
+        f.p.tick(f.now());
+    }
+    assert_eq!(f.p.rebalanced_count(), 0);
+    // The fullest node that fits still gets the next instance.
+    let l = f.acquire_started(&spec("1", "new", 1, 100));
+    assert_eq!(l.node_id.as_str(), "n1");
+}

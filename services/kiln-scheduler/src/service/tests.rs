@@ -287,3 +287,60 @@ async fn retire_destroys_idle_old_revisions() {
     assert_eq!(f.agent.destroyed(), vec![l.instance_id]);
     assert!(f.sched.instances().is_empty());
 }
+
+#[tokio::test]
+async fn rebalancing_moves_load_to_a_cool_node_and_counts_it() {
+    let f = fixture_with(
+        |c| {
+            c.rebalance.enabled = true;
+            c.rebalance.interval_s = 1;
+            c.rebalance.high_watermark_pct = 80;
+            c.rebalance.low_watermark_pct = 30;
+        },
+        Duration::ZERO,
+    );
+    // Nine 7 GB instances on n1 (64 GB): 96 % used, all idle.
+    for i in 0..9 {
+        let l = f
+            .sched
+            .acquire(acquire_req(&spec("1", &format!("f{i}"), 1, 7 * 1024)))
+            .await
+            .unwrap();
+        f.sched.release(&l.lease_id, LeaseOutcome::Ok).unwrap();
+    }
+    f.sched
+        .register(&registration(
+            Some("n2"),
+            64 * 1024,
+            Tenancy::Dedicated,
+            Some("1"),
+        ))
+        .unwrap();
+    // A round every 4 ticks (250 ms each).
+    for _ in 0..4 {
+        f.clock.advance(Duration::from_millis(250));
+        f.sched.tick();
+    }
+    settle().await;
+    // 63 GB -> 49 GB (77 %): two moved, destroyed at once (idle).
+    assert_eq!(f.sched.metrics().rebalanced.get(), 2);
+    assert_eq!(f.agent.destroyed().len(), 2);
+    assert_eq!(f.sched.instances().len(), 7);
+    // The next call of a moved function starts on n2.
+    let moved: Vec<String> = (0..9)
+        .map(|i| format!("f{i}"))
+        .filter(|n| {
+            !f.sched
+                .instances()
+                .iter()
+                .any(|i| i.function_name.as_str() == n)
+        })
+        .collect();
+    assert_eq!(moved.len(), 2);
+    let l = f
+        .sched
+        .acquire(acquire_req(&spec("1", &moved[0], 1, 7 * 1024)))
+        .await
+        .unwrap();
+    assert_eq!(l.node_id.as_str(), "n2");
+}
