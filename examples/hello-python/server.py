@@ -10,6 +10,8 @@ Extra behaviour used by Kiln's tests, driven by the request body:
   {"fail": true}        answer a function error (status 404, x-fc-status: 404)
   {"crash": true}       exit the process mid-call
   {"write": "/tmp/x"}   write a file and report whether it worked
+  {"alloc": 400}        touch 400 MB of memory (beyond the limit: the
+                        instance is killed)
 """
 
 import json
@@ -53,6 +55,9 @@ class Handler(BaseHTTPRequestHandler):
             time.sleep(float(event["sleep"]))
         if event.get("crash"):
             os._exit(3)
+        if event.get("alloc"):
+            blob = b"x" * (int(event["alloc"]) * 1024 * 1024)
+            event["allocated"] = len(blob)
         if event.get("fail"):
             return self._answer(404, {"errorMessage": "failed on demand"}, {"x-fc-status": "404"})
         result = {

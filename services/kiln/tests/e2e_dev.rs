@@ -230,3 +230,46 @@ async fn cli_deploys_invokes_lists_and_deletes() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("FunctionNotFound"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_over_its_memory_is_killed_and_replaced() {
+    if common::skip("an_instance_over_its_memory_is_killed_and_replaced") {
+        return;
+    }
+    let dev = Dev::start();
+    let c = dev.client();
+    c.create_function(&json!({
+        "functionName": "hungry",
+        "runtime": "custom.debian12",
+        "handler": "index.handler",
+        "memorySize": 128,
+        "customRuntimeConfig": {"command": ["python3", "server.py"]},
+        "code": {"zipFile": b64(&example_zip("hello-python"))},
+    }))
+    .await
+    .unwrap();
+    // Within the limit: fine.
+    let r = c
+        .invoke("hungry", Bytes::from_static(br#"{"alloc": 16}"#), &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert!(r.header("x-fc-error-type").is_none());
+    // Three times the limit: the kernel kills the process, the call gets
+    // FC's unhandled error, and the instance is replaced.
+    let r = c
+        .invoke("hungry", Bytes::from_static(br#"{"alloc": 400}"#), &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        r.header("x-fc-error-type"),
+        Some("UnhandledInvocationError"),
+        "{} {}\n{}",
+        r.status,
+        String::from_utf8_lossy(&r.body),
+        dev.log_tail()
+    );
+    let r = c.invoke("hungry", Bytes::new(), &[]).await.unwrap();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert!(r.header("x-fc-error-type").is_none());
+}
