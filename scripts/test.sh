@@ -8,5 +8,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install-deps.sh
 export KILN_ROOTFS_CACHE="${KILN_ROOTFS_CACHE:-/var/cache/kiln/rootfs}"
+# The gateway's SDK tests drive the official Python SDK from this virtualenv
+# (the end-to-end SDK tests make their own).
+venv="${KILN_SDK_VENV:-/var/cache/kiln/sdk-venv}"
+if ! "$venv/bin/python" -c "import alibabacloud_fc20230330" 2>/dev/null; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet -r tests/sdk/requirements.txt
+fi
+export KILN_FC_SDK_PYTHON="$venv/bin/python"
 cargo build --workspace --all-targets --locked
 cargo nextest run --workspace --locked --no-fail-fast "$@"
