@@ -44,7 +44,9 @@ impl FromStr for RuntimeName {
             .into_iter()
             .find(|r| r.as_str() == s)
             .ok_or_else(|| {
-                format!("runtime {s:?} is not supported; supported runtimes: custom, custom.debian12")
+                format!(
+                    "runtime {s:?} is not supported; supported runtimes: custom, custom.debian12"
+                )
             })
     }
 }
@@ -82,6 +84,24 @@ pub struct InstanceSpec {
     /// Hex sha256 of the code zip.
     pub code_digest: String,
     pub code_size: u64,
+    /// FC's `instanceLifecycleConfig.initializer`: `POST /initialize` once
+    /// per instance before its first call. Absent from the JSON (and so from
+    /// the revision) when not configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initializer: Option<LifecycleHook>,
+    /// FC's `instanceLifecycleConfig.preStop`: `GET /pre-stop` before the
+    /// instance is destroyed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pre_stop: Option<LifecycleHook>,
+}
+
+/// One of FC's instance lifecycle hooks (`LifecycleHook`): its handler
+/// (passed to the runtime in a header) and its timeout.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LifecycleHook {
+    pub handler: String,
+    pub timeout_s: u32,
 }
 
 impl InstanceSpec {
@@ -122,6 +142,8 @@ pub(crate) mod tests {
             concurrency: 1,
             code_digest: "00".repeat(32),
             code_size: 10,
+            initializer: None,
+            pre_stop: None,
         }
         .seal()
     }
@@ -135,6 +157,23 @@ pub(crate) mod tests {
         assert!(!b.is_sealed());
         let b = b.seal();
         assert_ne!(a.revision, b.revision);
+        let mut c = a.clone();
+        c.pre_stop = Some(LifecycleHook {
+            handler: "index.preStop".into(),
+            timeout_s: 3,
+        });
+        let c = c.seal();
+        assert_ne!(a.revision, c.revision);
+    }
+
+    #[test]
+    fn specs_without_hooks_keep_their_revision_and_json() {
+        let a = sample();
+        let json = serde_json::to_value(&a).unwrap();
+        assert!(json.get("initializer").is_none() && json.get("pre_stop").is_none());
+        let back: InstanceSpec = serde_json::from_value(json).unwrap();
+        assert!(back.is_sealed());
+        assert_eq!(back, a);
     }
 
     #[test]

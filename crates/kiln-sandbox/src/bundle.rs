@@ -238,6 +238,8 @@ pub(crate) mod tests {
             concurrency: 1,
             code_digest: "00".repeat(32),
             code_size: 10,
+            initializer: None,
+            pre_stop: None,
         }
         .seal()
     }

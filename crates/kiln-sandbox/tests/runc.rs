@@ -213,6 +213,8 @@ fn spec(runtime: RuntimeName, command: &[&str], env_marker: &str) -> InstanceSpe
         concurrency: 1,
         code_digest: "00".repeat(32),
         code_size: 1,
+        initializer: None,
+        pre_stop: None,
     }
     .seal()
 }

@@ -288,6 +288,8 @@ pub fn sample_spec(code_digest: &str, port: u16) -> kiln_core::InstanceSpec {
         concurrency: 4,
         code_digest: code_digest.to_owned(),
         code_size: 0,
+        initializer: None,
+        pre_stop: None,
     }
     .seal()
 }

@@ -100,6 +100,8 @@ pub fn instance_spec(r: &FunctionRecord) -> InstanceSpec {
         concurrency: c.concurrency,
         code_digest: c.code.sha256.clone(),
         code_size: c.code.size,
+        initializer: c.initializer.clone(),
+        pre_stop: c.pre_stop.clone(),
     }
     .seal()
 }

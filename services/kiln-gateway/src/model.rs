@@ -26,6 +26,40 @@ pub struct FunctionInput {
     pub custom_runtime_config: Option<CustomRuntimeConfig>,
     pub code: Option<InputCodeLocation>,
     pub description: Option<String>,
+    pub instance_lifecycle_config: Option<InstanceLifecycleConfig>,
+}
+
+/// `InstanceLifecycleConfig`: FC's Initializer and PreStop hooks.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InstanceLifecycleConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initializer: Option<LifecycleHook>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pre_stop: Option<LifecycleHook>,
+}
+
+/// `LifecycleHook`: a hook's handler and timeout in seconds (`command` is
+/// in FC's model but refused by [`crate::validate`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LifecycleHook {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handler: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<i64>,
+}
+
+impl LifecycleHook {
+    fn from_core(h: &kiln_core::LifecycleHook) -> Self {
+        Self {
+            command: None,
+            handler: Some(h.handler.clone()),
+            timeout: Some(i64::from(h.timeout_s)),
+        }
+    }
 }
 
 /// `CustomRuntimeConfig`.
@@ -72,6 +106,12 @@ pub struct FunctionConfig {
     pub port: u16,
     pub description: String,
     pub code: CodeRef,
+    /// `instanceLifecycleConfig.initializer`, when configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initializer: Option<kiln_core::LifecycleHook>,
+    /// `instanceLifecycleConfig.preStop`, when configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pre_stop: Option<kiln_core::LifecycleHook>,
     /// FC fields Kiln accepts without acting on them, echoed back as given.
     pub extras: BTreeMap<String, Value>,
 }
@@ -122,6 +162,8 @@ pub struct Function {
     pub last_modified_time: String,
     pub state: &'static str,
     pub last_update_status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instance_lifecycle_config: Option<InstanceLifecycleConfig>,
     #[serde(flatten)]
     pub extras: BTreeMap<String, Value>,
 }
@@ -163,6 +205,12 @@ impl Function {
             last_modified_time: fc_time(r.modified_ms),
             state: "Active",
             last_update_status: "Successful",
+            instance_lifecycle_config: (c.initializer.is_some() || c.pre_stop.is_some()).then(
+                || InstanceLifecycleConfig {
+                    initializer: c.initializer.as_ref().map(LifecycleHook::from_core),
+                    pre_stop: c.pre_stop.as_ref().map(LifecycleHook::from_core),
+                },
+            ),
             extras: c.extras.clone(),
         }
     }

@@ -486,6 +486,8 @@ pub(crate) mod tests {
                     size: 3,
                     checksum: "7".into(),
                 },
+                initializer: None,
+                pre_stop: None,
                 extras: Default::default(),
             },
         }

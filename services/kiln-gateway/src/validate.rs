@@ -9,7 +9,7 @@ use kiln_core::limits::{self, cpu_fits_memory, default_cpu_milli};
 use kiln_core::{FcError, FcErrorCode, FunctionName, RuntimeName};
 use serde_json::Value;
 
-use crate::model::{CodeRef, FunctionConfig, FunctionInput};
+use crate::model::{CodeRef, FunctionConfig, FunctionInput, LifecycleHook};
 
 /// FC fields Kiln does not implement and that would change how a function
 /// behaves: refused so nobody believes they took effect.
@@ -23,7 +23,6 @@ const REFUSED_FIELDS: &[&str] = &[
     "customDNS",
     "juiceFsConfig",
     "polarFsConfig",
-    "instanceLifecycleConfig",
     "microSandboxConfig",
     "sessionAffinity",
     "sessionAffinityConfig",
@@ -50,6 +49,11 @@ pub const DEFAULT_TIMEOUT_S: u32 = 3;
 pub const DEFAULT_DISK_MB: u32 = 512;
 pub const HANDLER_MAX: usize = 128;
 pub const DESCRIPTION_MAX: usize = 256;
+/// FC's default timeout of a lifecycle hook when `timeout` is not given.
+pub const HOOK_TIMEOUT_DEFAULT_S: u32 = 3;
+/// FC's range of a lifecycle hook's timeout, in seconds.
+pub const HOOK_TIMEOUT_MIN_S: u32 = 1;
+pub const HOOK_TIMEOUT_MAX_S: u32 = 600;
 
 /// A parsed create or update body.
 #[derive(Debug)]
@@ -261,6 +265,18 @@ pub fn build_config(
         Some(d) => d.clone(),
         None => base.map(|b| b.description.clone()).unwrap_or_default(),
     };
+    let (mut initializer, mut pre_stop) = match base {
+        Some(b) => (b.initializer.clone(), b.pre_stop.clone()),
+        None => (None, None),
+    };
+    if let Some(l) = &i.instance_lifecycle_config {
+        if let Some(h) = &l.initializer {
+            initializer = check_hook("instanceLifecycleConfig.initializer", h)?;
+        }
+        if let Some(h) = &l.pre_stop {
+            pre_stop = check_hook("instanceLifecycleConfig.preStop", h)?;
+        }
+    }
     let mut extras = base.map(|b| b.extras.clone()).unwrap_or_default();
     extras.extend(parsed.extras.clone());
 
@@ -279,8 +295,48 @@ pub fn build_config(
         port,
         description,
         code,
+        initializer,
+        pre_stop,
         extras,
     })
+}
+
+/// One hook of `instanceLifecycleConfig`. An empty or missing handler turns
+/// the hook off (as FC's console does); otherwise the handler is checked like
+/// the function's and the timeout defaults to 3 s within FC's range.
+fn check_hook(field: &str, h: &LifecycleHook) -> Result<Option<kiln_core::LifecycleHook>, FcError> {
+    if h.command.as_ref().is_some_and(|c| !c.is_empty()) {
+        return Err(bad(format!(
+            "{field}.command is not supported by this Function Compute endpoint: give a handler"
+        )));
+    }
+    let handler = match h.handler.as_deref() {
+        None | Some("") => return Ok(None),
+        Some(handler) => handler,
+    };
+    if handler.len() > HANDLER_MAX {
+        return Err(bad(format!(
+            "{field}.handler must be 1 to {HANDLER_MAX} characters"
+        )));
+    }
+    if handler.chars().any(char::is_control) {
+        return Err(bad(format!(
+            "{field}.handler must not contain control characters"
+        )));
+    }
+    let timeout_s = match h.timeout {
+        Some(t) => in_range(
+            &format!("{field}.timeout"),
+            t,
+            HOOK_TIMEOUT_MIN_S,
+            HOOK_TIMEOUT_MAX_S,
+        )?,
+        None => HOOK_TIMEOUT_DEFAULT_S,
+    };
+    Ok(Some(kiln_core::LifecycleHook {
+        handler: handler.to_owned(),
+        timeout_s,
+    }))
 }
 
 fn in_range(field: &str, v: i64, min: u32, max: u32) -> Result<u32, FcError> {
@@ -519,6 +575,101 @@ mod tests {
         let e = parse_input(body.as_bytes()).unwrap_err();
         assert_eq!(e.code, FcErrorCode::EntityTooLarge);
         assert_eq!(e.code.http_status(), 400);
+    }
+
+    #[test]
+    fn lifecycle_hooks() {
+        let l = json!({"initializer": {"handler": "index.init", "timeout": 600},
+                       "preStop": {"handler": "index.stop"}});
+        let c = create(with("instanceLifecycleConfig", l)).unwrap();
+        let init = c.initializer.clone().unwrap();
+        assert_eq!((init.handler.as_str(), init.timeout_s), ("index.init", 600));
+        let stop = c.pre_stop.clone().unwrap();
+        assert_eq!((stop.handler.as_str(), stop.timeout_s), ("index.stop", 3));
+        // Echoed in FC's shape.
+        let r = crate::model::FunctionRecord {
+            account_id: "1".parse().unwrap(),
+            name: "f".parse().unwrap(),
+            function_id: "id".into(),
+            created_ms: 0,
+            modified_ms: 0,
+            config: c.clone(),
+        };
+        let out = serde_json::to_value(crate::model::Function::from_record(&r, "r")).unwrap();
+        assert_eq!(
+            out["instanceLifecycleConfig"],
+            json!({"initializer": {"handler": "index.init", "timeout": 600},
+                   "preStop": {"handler": "index.stop", "timeout": 3}})
+        );
+        // ... and carried into the instance spec, changing its revision.
+        let spec = crate::catalog::instance_spec(&r);
+        assert_eq!(spec.initializer, c.initializer);
+        assert_eq!(spec.pre_stop, c.pre_stop);
+        let mut plain = r.clone();
+        plain.config.initializer = None;
+        assert_ne!(
+            crate::catalog::instance_spec(&plain).revision,
+            spec.revision
+        );
+        assert!(
+            serde_json::to_value(crate::model::Function::from_record(&plain, "r")).unwrap()
+                ["instanceLifecycleConfig"]
+                .get("initializer")
+                .is_none()
+        );
+
+        // An update touching only preStop keeps the initializer; an empty
+        // handler turns a hook off.
+        let p = parse_input(
+            json!({"instanceLifecycleConfig": {"preStop": {"handler": ""}}})
+                .to_string()
+                .as_bytes(),
+        )
+        .unwrap();
+        let u = build_config(Some(&c), &p, c.code.clone()).unwrap();
+        assert_eq!(u.initializer, c.initializer);
+        assert_eq!(u.pre_stop, None);
+
+        for (bad_cfg, needle) in [
+            (
+                json!({"initializer": {"handler": "i", "timeout": 0}}),
+                "initializer.timeout",
+            ),
+            (
+                json!({"initializer": {"handler": "i", "timeout": 601}}),
+                "initializer.timeout",
+            ),
+            (
+                json!({"preStop": {"handler": "s", "timeout": -1}}),
+                "preStop.timeout",
+            ),
+            (
+                json!({"preStop": {"handler": "s", "timeout": "3"}}),
+                "invalid type",
+            ),
+            (
+                json!({"preStop": {"handler": "h".repeat(129)}}),
+                "preStop.handler",
+            ),
+            (
+                json!({"initializer": {"command": ["curl", "x"]}}),
+                "command",
+            ),
+            (json!({"preFreeze": {"handler": "x"}}), "unknown field"),
+            (
+                json!({"initializer": {"handler": "i", "timeot": 3}}),
+                "unknown field",
+            ),
+            (json!([1]), "invalid type"),
+        ] {
+            let msg = err_of(with("instanceLifecycleConfig", bad_cfg.clone()));
+            assert!(msg.contains(needle), "{bad_cfg}: {msg}");
+            // Refused on update too, leaving the base untouched.
+            let body = json!({ "instanceLifecycleConfig": bad_cfg }).to_string();
+            let refused = parse_input(body.as_bytes())
+                .and_then(|p| build_config(Some(&c), &p, c.code.clone()));
+            assert_eq!(refused.unwrap_err().code, FcErrorCode::InvalidArgument);
+        }
     }
 
     #[test]

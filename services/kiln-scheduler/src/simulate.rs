@@ -85,6 +85,8 @@ fn sim_spec(account: u32, function: u32, memory_mb: u32, concurrency: u32) -> In
         concurrency,
         code_digest: "ab".repeat(32),
         code_size: 1024,
+        initializer: None,
+        pre_stop: None,
     }
     .seal()
 }

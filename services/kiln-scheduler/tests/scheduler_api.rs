@@ -110,6 +110,8 @@ fn spec(function: &str, concurrency: u32) -> InstanceSpec {
         concurrency,
         code_digest: "ab".repeat(32),
         code_size: 1,
+        initializer: None,
+        pre_stop: None,
     }
     .seal()
 }

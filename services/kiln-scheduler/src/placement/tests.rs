@@ -29,6 +29,8 @@ pub(crate) fn spec(
         concurrency,
         code_digest: "00".repeat(32),
         code_size: 10,
+        initializer: None,
+        pre_stop: None,
     }
     .seal()
 }
