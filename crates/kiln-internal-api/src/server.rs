@@ -173,3 +173,52 @@ pub fn no_content() -> Response<Body> {
         .body(empty())
         .expect("valid response")
 }
+
+/// Serve Prometheus metrics, `GET /metrics` in the OpenMetrics text format
+/// that `render` produces, over plain HTTP on `listener` until `shutdown`
+/// resolves. Every service exposes its metrics this way, on a separate
+/// (usually loopback) address.
+pub async fn serve_metrics<R>(listener: TcpListener, render: R, shutdown: impl Future<Output = ()>)
+where
+    R: Fn() -> String + Clone + Send + Sync + 'static,
+{
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, _) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let render = render.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let render = render.clone();
+                async move {
+                    let resp =
+                        if req.method() == http::Method::GET && req.uri().path() == "/metrics" {
+                            Response::builder()
+                                .header(
+                                    header::CONTENT_TYPE,
+                                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                                )
+                                .body(full(render()))
+                        } else {
+                            Response::builder()
+                                .status(StatusCode::NOT_FOUND)
+                                .body(full("only GET /metrics is served here\n"))
+                        };
+                    Ok::<_, Infallible>(resp.expect("valid response"))
+                }
+            });
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tcp), service)
+                .await;
+        });
+    }
+}

@@ -1,15 +1,9 @@
 //! Prometheus metrics of the agent, served as text at `GET /metrics` on the
 //! plain-HTTP `metrics_listen` address.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use bytes::Bytes;
-use http::{header, Response, StatusCode};
-use http_body_util::Full;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -111,44 +105,8 @@ pub async fn serve(
     metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    loop {
-        let (tcp, _) = tokio::select! {
-            _ = crate::registration::stopped(&mut shutdown) => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let service =
-                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let metrics = metrics.clone();
-                    async move {
-                        let resp = if req.uri().path() == "/metrics" {
-                            Response::builder()
-                                .header(
-                                    header::CONTENT_TYPE,
-                                    "text/plain; version=0.0.4; charset=utf-8",
-                                )
-                                .body(Full::new(Bytes::from(metrics.render())))
-                        } else {
-                            Response::builder()
-                                .status(StatusCode::NOT_FOUND)
-                                .body(Full::new(Bytes::from_static(b"not found\n")))
-                        };
-                        Ok::<_, Infallible>(resp.expect("valid response"))
-                    }
-                });
-            let _ = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(tcp), service)
-                .await;
-        });
-    }
+    let stopped = async move { crate::registration::stopped(&mut shutdown).await };
+    kiln_internal_api::server::serve_metrics(listener, move || metrics.render(), stopped).await
 }
 
 /// Bind the metrics listener.

@@ -1,11 +1,8 @@
 //! Prometheus metrics: requests by operation and code, invoke latency,
 //! invocations in flight. Served as text on `metrics_listen`.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
-use http::{header, Response, StatusCode};
-use kiln_internal_api::server::{full, Body};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -73,53 +70,13 @@ impl Metrics {
     }
 }
 
-/// Serve `GET /metrics` over plain HTTP/1.1 until `shutdown` resolves.
+/// Serve `GET /metrics` over plain HTTP until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    tokio::pin!(shutdown);
-    loop {
-        let (tcp, _peer): (tokio::net::TcpStream, SocketAddr) = tokio::select! {
-            _ = &mut shutdown => break,
-            a = listener.accept() => match a {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let svc =
-                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let metrics = metrics.clone();
-                    async move {
-                        let resp: Response<Body> = if req.uri().path() == "/metrics" {
-                            Response::builder()
-                                .header(
-                                    header::CONTENT_TYPE,
-                                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                                )
-                                .body(full(metrics.encode()))
-                                .expect("valid response")
-                        } else {
-                            Response::builder()
-                                .status(StatusCode::NOT_FOUND)
-                                .body(full("not found\n"))
-                                .expect("valid response")
-                        };
-                        Ok::<_, std::convert::Infallible>(resp)
-                    }
-                });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
-                .await;
-        });
-    }
+    kiln_internal_api::server::serve_metrics(listener, move || metrics.encode(), shutdown).await
 }
 
 #[cfg(test)]

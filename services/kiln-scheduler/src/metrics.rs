@@ -1,13 +1,9 @@
 //! Prometheus metrics, served in text format on the plain-HTTP
 //! `metrics_listen` address.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use http::{header, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use kiln_internal_api::server::{full, Body};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -106,48 +102,7 @@ pub async fn serve(
     metrics: Arc<Metrics>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    tokio::pin!(shutdown);
-    loop {
-        let (tcp, _) = tokio::select! {
-            _ = &mut shutdown => break,
-            a = listener.accept() => match a {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let svc =
-                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let metrics = metrics.clone();
-                    async move { Ok::<_, Infallible>(respond(&req, &metrics)) }
-                });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(tcp), svc)
-                .await;
-        });
-    }
-}
-
-fn respond(req: &hyper::Request<hyper::body::Incoming>, metrics: &Metrics) -> Response<Body> {
-    if req.method() == http::Method::GET && req.uri().path() == "/metrics" {
-        Response::builder()
-            .header(
-                header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )
-            .body(full(metrics.render()))
-            .expect("valid response")
-    } else {
-        Response::builder()
-            .status(StatusCode::NOT_FOUND)
-            .body(full("only GET /metrics is served here\n"))
-            .expect("valid response")
-    }
+    kiln_internal_api::server::serve_metrics(listener, move || metrics.render(), shutdown).await
 }
 
 /// Bind the metrics listener.
