@@ -35,6 +35,10 @@ pub enum InstanceError {
     Sandbox(#[from] SandboxError),
     #[error("{0}")]
     NotStarted(String),
+    /// The function's initializer failed or timed out: FC's
+    /// `InitializationError`; the instance was destroyed.
+    #[error("InitializationError: {0}")]
+    Initialization(#[from] crate::hooks::HookError),
 }
 
 impl InstanceError {
@@ -49,6 +53,9 @@ impl InstanceError {
             Self::Code(e) => e.to_fc(),
             Self::Sandbox(_) => FcError::internal(self.to_string()),
             Self::NotStarted(m) => FcError::new(FcErrorCode::FunctionNotStarted, m.clone()),
+            Self::Initialization(_) => {
+                FcError::new(FcErrorCode::FunctionNotStarted, self.to_string())
+            }
         }
     }
 }
@@ -361,6 +368,23 @@ impl InstanceManager {
         self.check_spec(&spec)?;
         self.reserve(&id, &spec)?;
         let result = self.start_sandbox(&id, &spec).await;
+        // FC's Initializer runs once, after the port opened and before the
+        // instance can take its first call.
+        let result = match result {
+            Ok(endpoint) => {
+                let request_id = kiln_core::RequestId::generate();
+                match crate::hooks::initialize(endpoint, &spec, self.region.as_ref(), &request_id)
+                    .await
+                {
+                    Ok(()) => Ok(endpoint),
+                    Err(e) => {
+                        self.destroy_sandbox(&id).await;
+                        Err(InstanceError::from(e))
+                    }
+                }
+            }
+            Err(e) => Err(e),
+        };
         let endpoint = match result {
             Ok(endpoint) => endpoint,
             Err(e) => {
@@ -460,7 +484,16 @@ impl InstanceManager {
                     tracing::info!("instance destroyed while starting");
                     return Ok(());
                 }
-                Some(Slot::Ready(i)) => i.mark_destroying(),
+                Some(Slot::Ready(i)) => {
+                    // A crashed instance gets no PreStop; a failing or hanging
+                    // one delays the destroy by at most its timeout.
+                    let crashed = i.state() == InstanceState::Failed;
+                    i.mark_destroying();
+                    if !crashed {
+                        let _ =
+                            crate::hooks::pre_stop(i.endpoint, &i.spec, self.region.as_ref()).await;
+                    }
+                }
                 None => {}
             }
             self.driver.destroy(id).await?;

@@ -12,6 +12,7 @@ pub mod code;
 pub mod config;
 pub mod error;
 pub mod forward;
+pub mod hooks;
 pub mod instances;
 pub mod metrics;
 pub mod namespace;
