@@ -12,6 +12,13 @@ Extra behaviour used by Kiln's tests, driven by the request body:
   {"write": "/tmp/x"}   write a file and report whether it worked
   {"alloc": 400}        touch 400 MB of memory (beyond the limit: the
                         instance is killed)
+  {"hooks": true}       record this call in /tmp/hooks.log and answer the
+                        log's lines: what the lifecycle hooks (POST /initialize,
+                        GET /pre-stop) and such calls did, in order
+
+FC's lifecycle hooks: POST /initialize and GET /pre-stop append a line to
+/tmp/hooks.log (and print it); with FAIL_INITIALIZER=1 in the environment
+/initialize answers 500, a failed initializer.
 """
 
 import json
@@ -20,6 +27,23 @@ import socket
 import sys
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+HOOKS_LOG = "/tmp/hooks.log"
+
+
+def record(what, request_id):
+    line = f"{what} {request_id} {time.time():.3f}"
+    with open(HOOKS_LOG, "a") as f:
+        f.write(line + "\n")
+    print(line, flush=True)
+
+
+def recorded():
+    try:
+        with open(HOOKS_LOG) as f:
+            return [line.rstrip("\n") for line in f]
+    except FileNotFoundError:
+        return []
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -42,6 +66,9 @@ class Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
         if self.path == "/initialize":
+            record("initialize", self.headers.get("x-fc-request-id", ""))
+            if os.environ.get("FAIL_INITIALIZER") == "1":
+                return self._answer(500, {"errorMessage": "initializer failed on demand"})
             return self._answer(200, {"initialized": True})
         if self.path != "/invoke":
             return self._answer(404, {"error": "unknown path " + self.path})
@@ -51,6 +78,9 @@ class Handler(BaseHTTPRequestHandler):
             event = json.loads(raw) if raw.strip().startswith(b"{") else {}
         except ValueError:
             event = {}
+        if event.get("hooks"):
+            record("invoke", request_id)
+            return self._answer(200, {"hooks": recorded()})
         if event.get("sleep"):
             time.sleep(float(event["sleep"]))
         if event.get("crash"):
@@ -81,6 +111,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         if self.path == "/pre-stop":
+            record("pre-stop", self.headers.get("x-fc-request-id", ""))
             return self._answer(200, {"stopped": True})
         return self._answer(404, {"error": "unknown path " + self.path})
 
