@@ -518,6 +518,30 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_destroy_abandoned_during_pre_stop_still_destroys_the_sandbox() {
+        let rt = Runtime::start(Behaviour {
+            pre_stop_delay: Some(Duration::from_secs(30)),
+            ..Default::default()
+        })
+        .await;
+        let n = node(rt.addr);
+        let id = n.create(n.spec(None, hook("index.stop", 1))).await.unwrap();
+        // The caller (the scheduler's DELETE) gives up while PreStop runs.
+        let gave_up =
+            tokio::time::timeout(Duration::from_millis(200), n.manager.destroy(&id)).await;
+        assert!(gave_up.is_err());
+        assert!(n.driver.destroyed().is_empty());
+        for _ in 0..300 {
+            if n.driver.destroyed().contains(&id) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(n.driver.destroyed(), vec![id.clone()]);
+        assert!(n.manager.get(id.as_str()).is_none());
+    }
+
+    #[tokio::test]
     async fn no_pre_stop_after_a_crash() {
         let rt = Runtime::start(Behaviour::default()).await;
         let n = node(rt.addr);

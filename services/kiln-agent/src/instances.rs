@@ -486,17 +486,36 @@ impl InstanceManager {
                 }
                 Some(Slot::Ready(i)) => {
                     // A crashed instance gets no PreStop; a failing or hanging
-                    // one delays the destroy by at most its timeout.
+                    // one delays the destroy by at most its timeout. PreStop
+                    // and the destroy run in a task of their own, so a caller
+                    // that gives up meanwhile leaves no sandbox behind.
                     let crashed = i.state() == InstanceState::Failed;
                     i.mark_destroying();
-                    if !crashed {
-                        let _ =
-                            crate::hooks::pre_stop(i.endpoint, &i.spec, self.region.as_ref()).await;
+                    if !crashed && i.spec.pre_stop.is_some() {
+                        let driver = self.driver.clone();
+                        let region = self.region.clone();
+                        let task = tokio::spawn(
+                            async move {
+                                let _ =
+                                    crate::hooks::pre_stop(i.endpoint, &i.spec, region.as_ref())
+                                        .await;
+                                driver.destroy(&i.id).await
+                            }
+                            .in_current_span(),
+                        );
+                        match task.await {
+                            Ok(r) => r?,
+                            Err(e) => {
+                                tracing::error!(error = %e, "PreStop task failed");
+                                self.driver.destroy(id).await?;
+                            }
+                        }
+                    } else {
+                        self.driver.destroy(id).await?;
                     }
                 }
-                None => {}
+                None => self.driver.destroy(id).await?,
             }
-            self.driver.destroy(id).await?;
             self.remove_record(id).await;
             self.update_gauge();
             tracing::info!("instance destroyed");

@@ -31,6 +31,7 @@ pub trait AgentClient: Send + Sync + 'static {
 pub struct HttpAgentClient {
     create: InternalClient,
     destroy: InternalClient,
+    start_timeout: Duration,
 }
 
 impl HttpAgentClient {
@@ -41,6 +42,7 @@ impl HttpAgentClient {
             // its FunctionNotStarted) wins the race.
             create: client.with_timeout(start_timeout + Duration::from_secs(1)),
             destroy: client.with_timeout(Duration::from_secs(30)),
+            start_timeout,
         }
     }
 }
@@ -52,7 +54,11 @@ impl AgentClient for HttpAgentClient {
         req: &'a CreateInstance,
     ) -> BoxFuture<'a, Result<InstanceCreated, FcError>> {
         Box::pin(async move {
+            // The agent runs the function's initializer inside the create.
+            let timeout =
+                self.start_timeout + initializer_allowance(&req.spec) + Duration::from_secs(1);
             self.create
+                .with_timeout(timeout)
                 .post(agent_url, paths::AGENT_INSTANCES, req)
                 .await
                 .map_err(|e| {
@@ -166,6 +172,14 @@ impl AgentClient for FakeAgent {
 }
 
 /// The error a caller sees when the agent took too long.
+/// How much longer than the plain start timeout a create may take: the
+/// function's initializer timeout (FC's `instanceLifecycleConfig`), if any.
+pub fn initializer_allowance(spec: &kiln_core::InstanceSpec) -> Duration {
+    spec.initializer.as_ref().map_or(Duration::ZERO, |h| {
+        Duration::from_secs(u64::from(h.timeout_s))
+    })
+}
+
 pub fn start_timed_out(timeout: Duration) -> FcError {
     FcError::new(
         FcErrorCode::FunctionNotStarted,
@@ -174,4 +188,45 @@ pub fn start_timed_out(timeout: Duration) -> FcError {
             timeout.as_millis()
         ),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_create_may_take_the_initializer_timeout_longer() {
+        let spec = |initializer| {
+            kiln_core::InstanceSpec {
+                account_id: "1".parse().unwrap(),
+                function_name: "f".parse().unwrap(),
+                revision: String::new(),
+                runtime: kiln_core::RuntimeName::Custom,
+                handler: "h".into(),
+                command: vec!["/code/bootstrap".into()],
+                args: vec![],
+                port: 9000,
+                environment: Default::default(),
+                memory_mb: 128,
+                cpu_milli: 100,
+                disk_mb: 512,
+                timeout_s: 3,
+                concurrency: 1,
+                code_digest: "00".repeat(32),
+                code_size: 1,
+                initializer,
+                pre_stop: None,
+            }
+            .seal()
+        };
+        assert_eq!(initializer_allowance(&spec(None)), Duration::ZERO);
+        let hook = kiln_core::LifecycleHook {
+            handler: "i".into(),
+            timeout_s: 90,
+        };
+        assert_eq!(
+            initializer_allowance(&spec(Some(hook))),
+            Duration::from_secs(90)
+        );
+    }
 }

@@ -257,7 +257,7 @@ impl Scheduler {
                 instance_id: job.instance_id.clone(),
                 spec: (*job.spec).clone(),
             };
-            let timeout = self.inner.start_timeout;
+            let timeout = self.inner.start_timeout + crate::agent::initializer_allowance(&job.spec);
             let create = self.inner.agent.create_instance(&job.agent_url, &req);
             let result = match tokio::time::timeout(timeout, create).await {
                 Ok(r) => r,
