@@ -331,7 +331,11 @@ impl DevPki {
             if files.cert.exists() && files.key.exists() {
                 continue;
             }
-            let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()];
+            let mut names = vec![
+                "localhost".to_owned(),
+                "127.0.0.1".to_owned(),
+                "::1".to_owned(),
+            ];
             let usage = if role == "gateway" {
                 names.extend(public_names.iter().cloned());
                 Usage::Server

@@ -120,11 +120,7 @@ impl Database {
     }
 }
 
-fn migrate(
-    conn: &mut Connection,
-    path: &Path,
-    migrations: &[Migration],
-) -> Result<(), StoreError> {
+fn migrate(conn: &mut Connection, path: &Path, migrations: &[Migration]) -> Result<(), StoreError> {
     let current: usize = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     if current > migrations.len() {
         return Err(StoreError::TooNew {
@@ -142,7 +138,8 @@ fn migrate(
         };
         let tx = conn.transaction().map_err(err)?;
         tx.execute_batch(m.sql).map_err(err)?;
-        tx.pragma_update(None, "user_version", version).map_err(err)?;
+        tx.pragma_update(None, "user_version", version)
+            .map_err(err)?;
         tx.commit().map_err(err)?;
         tracing::info!(db = %path.display(), version, name = m.name, "applied migration");
     }
@@ -173,9 +170,11 @@ mod tests {
         let db = Database::open(&path, &[V1, V2]).unwrap();
         let (n, size): (i64, i64) = db
             .with_conn(|c| {
-                Ok(c.query_row("SELECT count(*), sum(size) FROM things", [], |r| {
-                    Ok((r.get(0)?, r.get(1)?))
-                })?)
+                Ok(
+                    c.query_row("SELECT count(*), sum(size) FROM things", [], |r| {
+                        Ok((r.get(0)?, r.get(1)?))
+                    })?,
+                )
             })
             .unwrap();
         assert_eq!((n, size), (1, 0));
@@ -191,7 +190,14 @@ mod tests {
         let path = dir.path().join("db.sqlite");
         Database::open(&path, &[V1, V2]).unwrap();
         let err = Database::open(&path, &[V1]).err().unwrap();
-        assert!(matches!(err, StoreError::TooNew { found: 2, known: 1, .. }));
+        assert!(matches!(
+            err,
+            StoreError::TooNew {
+                found: 2,
+                known: 1,
+                ..
+            }
+        ));
     }
 
     #[test]
