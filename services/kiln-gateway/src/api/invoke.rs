@@ -156,15 +156,30 @@ pub async fn invoke(
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     let (head, body) = resp.into_parts();
+    let answer_deadline = Duration::from_secs(u64::from(entry.spec.timeout_s)) + AGENT_GRACE;
     match outcome.as_deref() {
-        Some("ok") => Ok(answer(head.status, &head.headers, None, guard, body)),
-        Some("function-error") => Ok(answer(
-            StatusCode::OK,
-            &head.headers,
-            Some(UNHANDLED),
-            guard,
-            body,
-        )),
+        Some("ok") => {
+            answer(
+                head.status,
+                &head.headers,
+                None,
+                guard,
+                body,
+                answer_deadline,
+            )
+            .await
+        }
+        Some("function-error") => {
+            answer(
+                StatusCode::OK,
+                &head.headers,
+                Some(UNHANDLED),
+                guard,
+                body,
+                answer_deadline,
+            )
+            .await
+        }
         Some(kind @ ("instance-failed" | "timeout")) => {
             guard.outcome = LeaseOutcome::InstanceFailed;
             let bytes = read_small(body).await;
@@ -285,13 +300,19 @@ async fn acquire(gw: &Gateway, body: Bytes) -> Result<Lease, ApiError> {
     })
 }
 
-fn answer(
+/// Answers up to this size are read whole from the agent before the
+/// caller sees anything, so a node that dies mid-answer turns into a
+/// retryable error instead of a broken stream; larger ones are streamed.
+const BUFFERED_ANSWER_MAX: u64 = 64 * 1024;
+
+async fn answer(
     status: StatusCode,
     upstream: &HeaderMap,
     error_type: Option<&'static str>,
     guard: LeaseGuard,
     body: Incoming,
-) -> Response<Body> {
+    deadline: Duration,
+) -> Result<Response<Body>, ApiError> {
     let mut builder = Response::builder().status(status);
     if let Some(h) = builder.headers_mut() {
         for (k, v) in upstream {
@@ -303,16 +324,39 @@ fn answer(
             h.insert(ERROR_TYPE, HeaderValue::from_static(t));
         }
     }
+    let mut guard = guard;
+    let small = upstream
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .is_some_and(|n| n <= BUFFERED_ANSWER_MAX);
+    if small {
+        return match tokio::time::timeout(deadline, body.collect()).await {
+            Ok(Ok(collected)) => {
+                guard.outcome = LeaseOutcome::Ok;
+                drop(guard);
+                Ok(builder
+                    .body(full(collected.to_bytes()))
+                    .expect("valid response"))
+            }
+            _ => {
+                guard.outcome = LeaseOutcome::InstanceFailed;
+                Err(FcError::unavailable(
+                    "the instance's node failed while answering; retry the request",
+                )
+                .into())
+            }
+        };
+    }
     // Until the whole answer has been read, a drop means the client went
     // away mid-answer: the instance may still be writing it.
-    let mut guard = guard;
     let done = std::mem::replace(&mut guard.outcome, LeaseOutcome::InstanceFailed);
     let body = GuardedBody {
         inner: body,
         guard: Some(guard),
         done,
     };
-    builder.body(body.boxed()).expect("valid response")
+    Ok(builder.body(body.boxed()).expect("valid response"))
 }
 
 /// Gives the lease back when dropped: after the answer has been streamed,
