@@ -61,6 +61,7 @@ pub fn gateway(
 
 pub fn agent(
     opts: &DevOptions,
+    agent_state: &std::path::Path,
     pki: &DevPki,
     scheduler_url: &str,
     gateway_internal_url: &str,
@@ -82,7 +83,7 @@ pub fn agent(
          {}\
          [node]\nzone = \"dev\"\ntenancy = \"dedicated\"\nmemory_mb = {}\ncpu_milli = {}\nmax_instances = 512\n\
          [sandbox]\nname_prefix = {:?}\ninstance_subnet = {:?}\ncgroup_parent = {:?}\n{}",
-        opts.state_dir.join("agent"),
+        agent_state,
         scheduler_url,
         gateway_internal_url,
         tls_table(&pki.files("agent")),
@@ -96,4 +97,56 @@ pub fn agent(
     let config: kiln_agent::AgentConfig = parse("agent", &text)?;
     config.validate()?;
     Ok(config)
+}
+
+/// Where the agent keeps its instances. Sandboxes run as an unprivileged
+/// user (the user namespace's root), which must be able to reach their
+/// bundles: under a home directory like `/root` (mode 0700) it cannot, so
+/// then the agent's state goes below `/var/lib/kiln/dev/` instead.
+pub fn agent_state_dir(state_dir: &std::path::Path) -> std::path::PathBuf {
+    let preferred = state_dir.join("agent");
+    if reachable_by_others(state_dir) {
+        return preferred;
+    }
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(state_dir.as_os_str().as_encoded_bytes());
+    std::path::PathBuf::from("/var/lib/kiln/dev").join(&hex::encode(digest)[..16])
+}
+
+/// Whether every directory from `/` down to `path` lets others search it.
+fn reachable_by_others(path: &std::path::Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(path) = path.canonicalize() else {
+        return false;
+    };
+    path.ancestors().all(|dir| {
+        std::fs::metadata(dir)
+            .map(|m| m.permissions().mode() & 0o001 != 0)
+            .unwrap_or(false)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn agent_state_moves_out_of_private_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = dir.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(agent_state_dir(&open), open.join("agent"));
+        let private = dir.path().join("private");
+        std::fs::create_dir(&private).unwrap();
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let moved = agent_state_dir(&private);
+        assert!(
+            moved.starts_with("/var/lib/kiln/dev"),
+            "{}",
+            moved.display()
+        );
+        assert_eq!(moved, agent_state_dir(&private), "stable across starts");
+    }
 }

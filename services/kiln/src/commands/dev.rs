@@ -123,8 +123,17 @@ impl DevCluster {
         .context("gateway failed to start")?;
         let gateway_internal = format!("https://127.0.0.1:{}", gateway.internal_addr().port());
 
+        let agent_state = crate::dev_config::agent_state_dir(state);
+        if !agent_state.starts_with(state) {
+            tracing::info!(
+                agent_state = %agent_state.display(),
+                "the state directory is private to its owner, which sandboxes cannot reach; \
+                 the agent keeps its instances here instead"
+            );
+        }
         let agent = kiln_agent::start(crate::dev_config::agent(
             opts,
+            &agent_state,
             &pki,
             &scheduler_url,
             &gateway_internal,
