@@ -219,13 +219,50 @@ pub fn netns_with_prefix(prefix: &str) -> Vec<String> {
     .unwrap_or_default()
 }
 
-/// Remove what a crashed run may have left: namespaces (their veths go with
-/// them) named with this run's prefix.
+/// Remove what a run may have left: namespaces (their veths go with them)
+/// and the (empty) cgroups named with this run's prefix. runc removes each
+/// container's cgroup; the parent the agent was given stays until here.
 pub fn leftovers_cleanup(prefix: &str) {
     for ns in netns_with_prefix(prefix) {
         eprintln!("cleaning up leftover netns {ns}");
         let _ = Command::new("ip").args(["netns", "delete", &ns]).status();
     }
+    remove_cgroups(prefix);
+}
+
+/// `rmdir` every cgroup directory named with `prefix`, deepest first, in
+/// the v2 hierarchy and in every v1 controller. A cgroup with processes
+/// stays (rmdir refuses), which is what we want.
+fn remove_cgroups(prefix: &str) {
+    let root = Path::new("/sys/fs/cgroup");
+    let mut tops = Vec::new();
+    let hierarchies = std::iter::once(root.to_owned()).chain(
+        std::fs::read_dir(root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.is_dir()),
+    );
+    for h in hierarchies {
+        for entry in std::fs::read_dir(&h).into_iter().flatten().flatten() {
+            if entry.file_name().to_string_lossy().starts_with(prefix) && entry.path().is_dir() {
+                tops.push(entry.path());
+            }
+        }
+    }
+    for top in tops {
+        rmdir_tree(&top);
+    }
+}
+
+fn rmdir_tree(dir: &Path) {
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry.path().is_dir() {
+            rmdir_tree(&entry.path());
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
 }
 
 fn placeholder_creds() -> Credentials {
