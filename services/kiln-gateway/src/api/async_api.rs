@@ -84,9 +84,7 @@ pub async fn enqueue(
     request_id: &RequestId,
 ) -> Result<Response<Body>, ApiError> {
     super::functions::check_qualifier(parts)?;
-    gw.catalog
-        .function(&caller.account_id, name)
-        .ok_or_else(|| super::not_found(name))?;
+    super::caller_function(gw, caller, name)?;
     let limit = kiln_core::limits::ASYNC_PAYLOAD_MAX;
     if payload.len() > limit {
         return Err(FcError::new(
@@ -158,13 +156,6 @@ fn arn(gw: &Gateway, caller: &Caller, name: &str) -> String {
     )
 }
 
-fn exists(gw: &Gateway, caller: &Caller, name: &FunctionName) -> Result<(), ApiError> {
-    gw.catalog
-        .function(&caller.account_id, name)
-        .map(|_| ())
-        .ok_or_else(|| super::not_found(name).into())
-}
-
 fn no_config(name: &FunctionName) -> ApiError {
     FcError::new(
         FcErrorCode::AsyncConfigNotExists,
@@ -181,7 +172,7 @@ pub async fn put_config(
     body: Bytes,
 ) -> Result<Response<Body>, ApiError> {
     super::functions::check_qualifier(parts)?;
-    exists(gw, caller, name)?;
+    super::caller_function(gw, caller, name)?;
     let mut cfg = AsyncConfig::parse(&body, &gw.region, caller.account_id.as_str())?;
     let configs = gw.dispatcher.configs();
     let now = gw.clock.now_ms();
@@ -207,7 +198,7 @@ pub fn get_config(
     parts: &http::request::Parts,
 ) -> Result<Response<Body>, ApiError> {
     super::functions::check_qualifier(parts)?;
-    exists(gw, caller, name)?;
+    super::caller_function(gw, caller, name)?;
     let cfg = gw
         .dispatcher
         .configs()
@@ -226,7 +217,7 @@ pub async fn delete_config(
     parts: &http::request::Parts,
 ) -> Result<Response<Body>, ApiError> {
     super::functions::check_qualifier(parts)?;
-    exists(gw, caller, name)?;
+    super::caller_function(gw, caller, name)?;
     let configs = gw.dispatcher.configs();
     if configs
         .get(caller.account_id.as_str(), name.as_str())
@@ -307,7 +298,7 @@ pub async fn get_task(
     parts: &http::request::Parts,
 ) -> Result<Response<Body>, ApiError> {
     super::functions::check_qualifier(parts)?;
-    exists(gw, caller, name)?;
+    super::caller_function(gw, caller, name)?;
     let t = gw
         .dispatcher
         .queue()
@@ -345,7 +336,7 @@ pub async fn list_tasks(
     parts: &http::request::Parts,
 ) -> Result<Response<Body>, ApiError> {
     super::functions::check_qualifier(parts)?;
-    exists(gw, caller, name)?;
+    super::caller_function(gw, caller, name)?;
     let status = match query_param(parts, "status").filter(|s| !s.is_empty()) {
         None => None,
         Some(s) => Some(TaskStatus::parse(&s).ok_or_else(|| {
@@ -412,7 +403,7 @@ pub async fn stop_task(
     parts: &http::request::Parts,
 ) -> Result<Response<Body>, ApiError> {
     super::functions::check_qualifier(parts)?;
-    exists(gw, caller, name)?;
+    super::caller_function(gw, caller, name)?;
     let d = &gw.dispatcher;
     match d
         .queue()

@@ -52,13 +52,6 @@ fn to_fc(arn: &str, reserved: Option<u32>) -> Value {
     v
 }
 
-fn exists(gw: &Gateway, caller: &Caller, name: &FunctionName) -> Result<(), ApiError> {
-    gw.catalog
-        .function(&caller.account_id, name)
-        .map(|_| ())
-        .ok_or_else(|| super::not_found(name).into())
-}
-
 async fn limits(gw: &Gateway, caller: &Caller) -> Result<AccountLimits, ApiError> {
     Ok(gw
         .internal
@@ -105,7 +98,7 @@ pub async fn put(
     body: Bytes,
 ) -> Result<Response<Body>, ApiError> {
     let reserved = parse_input(&body)?;
-    exists(gw, caller, name)?;
+    super::caller_function(gw, caller, name)?;
     let now = set(gw, caller, name, Some(reserved)).await?;
     let stored = now.functions.get(name).and_then(|f| f.reserved_concurrency);
     tracing::info!(function = %name, reserved, "concurrency config set");
@@ -121,7 +114,7 @@ pub async fn get(
     caller: &Caller,
     name: &FunctionName,
 ) -> Result<Response<Body>, ApiError> {
-    exists(gw, caller, name)?;
+    super::caller_function(gw, caller, name)?;
     let reserved = limits(gw, caller)
         .await?
         .functions
@@ -139,7 +132,7 @@ pub async fn delete(
     caller: &Caller,
     name: &FunctionName,
 ) -> Result<Response<Body>, ApiError> {
-    exists(gw, caller, name)?;
+    super::caller_function(gw, caller, name)?;
     set(gw, caller, name, None).await?;
     tracing::info!(function = %name, "concurrency config deleted");
     Ok(no_content())

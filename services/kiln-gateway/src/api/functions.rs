@@ -94,10 +94,7 @@ pub fn get(
     parts: &http::request::Parts,
 ) -> Result<Response<Body>, ApiError> {
     check_qualifier(parts)?;
-    let entry = gw
-        .catalog
-        .function(&caller.account_id, name)
-        .ok_or_else(|| super::not_found(name))?;
+    let entry = super::caller_function(gw, caller, name)?;
     Ok(reply(gw, &entry.record))
 }
 

@@ -79,10 +79,7 @@ pub async fn invoke(
         }
     }
     super::functions::check_qualifier(&parts)?;
-    let entry = gw
-        .catalog
-        .function(&caller.account_id, name)
-        .ok_or_else(|| super::not_found(name))?;
+    let entry = super::caller_function(gw, caller, name)?;
     // The payload arrives whole (see api::handle): its hash is part of the
     // signature, and an oversized one is refused before any instance is
     // touched.

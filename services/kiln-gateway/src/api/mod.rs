@@ -315,6 +315,18 @@ pub fn to_fc(err: &ApiError) -> FcError {
     }
 }
 
+/// The caller's function `name`, or FunctionNotFound (another account's
+/// function is as absent as one that does not exist).
+pub fn caller_function(
+    gw: &Gateway,
+    caller: &crate::auth::Caller,
+    name: &FunctionName,
+) -> Result<std::sync::Arc<crate::catalog::FunctionEntry>, ApiError> {
+    gw.catalog
+        .function(&caller.account_id, name)
+        .ok_or_else(|| not_found(name).into())
+}
+
 pub fn not_found(name: &FunctionName) -> FcError {
     FcError::new(
         FcErrorCode::FunctionNotFound,

@@ -271,17 +271,6 @@ pub fn no_content() -> Response<Body> {
         .expect("valid response")
 }
 
-/// The function's entry, or FunctionNotFound.
-fn entry(
-    gw: &Gateway,
-    caller: &Caller,
-    name: &FunctionName,
-) -> Result<Arc<crate::catalog::FunctionEntry>, ApiError> {
-    gw.catalog
-        .function(&caller.account_id, name)
-        .ok_or_else(|| super::not_found(name).into())
-}
-
 /// The caller's provision configurations, by function name.
 async fn details(gw: &Gateway, caller: &Caller) -> Result<Vec<ProvisionDetail>, ApiError> {
     Ok(gw
@@ -302,7 +291,7 @@ pub async fn put(
 ) -> Result<Response<Body>, ApiError> {
     super::functions::check_qualifier(parts)?;
     let config = parse_input(&body)?;
-    let entry = entry(gw, caller, name)?;
+    let entry = super::caller_function(gw, caller, name)?;
     let req = PutProvision {
         spec: entry.spec.clone(),
         config: config.clone(),
@@ -332,7 +321,7 @@ pub async fn get(
     parts: &http::request::Parts,
 ) -> Result<Response<Body>, ApiError> {
     super::functions::check_qualifier(parts)?;
-    entry(gw, caller, name)?;
+    super::caller_function(gw, caller, name)?;
     let arn = arn(gw, caller, name.as_str());
     let found = details(gw, caller)
         .await?
@@ -362,7 +351,7 @@ pub async fn delete(
     parts: &http::request::Parts,
 ) -> Result<Response<Body>, ApiError> {
     super::functions::check_qualifier(parts)?;
-    entry(gw, caller, name)?;
+    super::caller_function(gw, caller, name)?;
     let f = FunctionRef {
         account_id: caller.account_id.clone(),
         function_name: name.clone(),
