@@ -93,6 +93,12 @@ pub struct InstanceSpec {
     /// instance is destroyed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pre_stop: Option<LifecycleHook>,
+    /// FC's `layers`: hex sha256 digests of the function's layer zips, in
+    /// the function's order (the first one wins where two hold the same
+    /// file), merged read-only under `/opt`. Absent from the JSON (and so
+    /// from the revision) when the function has none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<String>,
 }
 
 /// One of FC's instance lifecycle hooks (`LifecycleHook`): its handler
@@ -144,6 +150,7 @@ pub(crate) mod tests {
             code_size: 10,
             initializer: None,
             pre_stop: None,
+            layers: Vec::new(),
         }
         .seal()
     }

@@ -240,6 +240,7 @@ pub(crate) mod tests {
             code_size: 10,
             initializer: None,
             pre_stop: None,
+            layers: Vec::new(),
         }
         .seal()
     }

@@ -215,6 +215,7 @@ fn spec(runtime: RuntimeName, command: &[&str], env_marker: &str) -> InstanceSpe
         code_size: 1,
         initializer: None,
         pre_stop: None,
+        layers: Vec::new(),
     }
     .seal()
 }

@@ -290,6 +290,7 @@ pub fn sample_spec(code_digest: &str, port: u16) -> kiln_core::InstanceSpec {
         code_size: 0,
         initializer: None,
         pre_stop: None,
+        layers: Vec::new(),
     }
     .seal()
 }

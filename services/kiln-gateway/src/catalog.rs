@@ -102,6 +102,7 @@ pub fn instance_spec(r: &FunctionRecord) -> InstanceSpec {
         code_size: c.code.size,
         initializer: c.initializer.clone(),
         pre_stop: c.pre_stop.clone(),
+        layers: Vec::new(),
     }
     .seal()
 }

@@ -216,6 +216,7 @@ mod tests {
                 code_size: 1,
                 initializer,
                 pre_stop: None,
+                layers: Vec::new(),
             }
             .seal()
         };

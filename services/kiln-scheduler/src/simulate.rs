@@ -87,6 +87,7 @@ fn sim_spec(account: u32, function: u32, memory_mb: u32, concurrency: u32) -> In
         code_size: 1024,
         initializer: None,
         pre_stop: None,
+        layers: Vec::new(),
     }
     .seal()
 }

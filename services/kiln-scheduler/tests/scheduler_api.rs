@@ -112,6 +112,7 @@ fn spec(function: &str, concurrency: u32) -> InstanceSpec {
         code_size: 1,
         initializer: None,
         pre_stop: None,
+        layers: Vec::new(),
     }
     .seal()
 }

@@ -31,6 +31,7 @@ pub(crate) fn spec(
         code_size: 10,
         initializer: None,
         pre_stop: None,
+        layers: Vec::new(),
     }
     .seal()
 }
