@@ -35,6 +35,9 @@ pub enum FcErrorCode {
     AsyncConfigNotExists,
     /// No async task with that id (HTTP 404).
     AsyncTaskNotFound,
+    /// No layer or layer version by that name, version or ARN visible to
+    /// the caller (HTTP 404).
+    LayerNotFound,
 }
 
 impl FcErrorCode {
@@ -60,6 +63,7 @@ impl FcErrorCode {
             Self::ServiceUnavailable => "ServiceUnavailable",
             Self::AsyncConfigNotExists => "AsyncConfigNotExists",
             Self::AsyncTaskNotFound => "AsyncTaskNotFound",
+            Self::LayerNotFound => "LayerNotFound",
         }
     }
 
@@ -75,7 +79,8 @@ impl FcErrorCode {
             Self::FunctionNotFound
             | Self::PathNotSupported
             | Self::AsyncConfigNotExists
-            | Self::AsyncTaskNotFound => 404,
+            | Self::AsyncTaskNotFound
+            | Self::LayerNotFound => 404,
             Self::MethodNotAllowed => 405,
             Self::FunctionAlreadyExists => 409,
             Self::PayloadTooLarge => 413,
