@@ -12,6 +12,7 @@ use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 use crate::bundle::{self, BundleParams};
+use crate::cgroup::{CgroupError, CgroupOps};
 use crate::config::ContainerConfig;
 use crate::driver::{Sandbox, SandboxDriver, SandboxError, SandboxRequest};
 use crate::instance::{InstancePaths, InstanceRecord};
@@ -23,6 +24,10 @@ use crate::rootfs::{rootfs_path, RootfsBuilder};
 
 fn fs_err(what: impl std::fmt::Display, e: impl std::fmt::Display) -> SandboxError {
     SandboxError::Filesystem(format!("{what}: {e}"))
+}
+
+fn cg_err(e: CgroupError) -> SandboxError {
+    SandboxError::Cgroup(chain(&e))
 }
 
 fn net_err(e: NetworkError) -> SandboxError {
@@ -60,6 +65,7 @@ pub struct ContainerDriver {
     oci: Arc<dyn OciRuntime>,
     net: Arc<dyn NetworkOps>,
     mounter: Arc<dyn Mounter>,
+    cgroups: Arc<dyn CgroupOps>,
     pool: Arc<NetPool>,
     refill: Mutex<Option<JoinHandle<()>>>,
     instances: Mutex<HashMap<InstanceId, InstanceRecord>>,
@@ -137,6 +143,7 @@ impl ContainerDriver {
             oci,
             net,
             mounter,
+            cgroups: Arc::from(crate::cgroup::host()),
             pool,
             refill: Mutex::new(None),
             instances: Mutex::new(HashMap::new()),
@@ -152,6 +159,40 @@ impl ContainerDriver {
     pub fn with_region(mut self, region: impl Into<String>) -> Self {
         self.region = Some(region.into());
         self
+    }
+
+    /// Use these cgroup operations instead of the host's (the fake in
+    /// unit tests).
+    pub fn with_cgroups(mut self, cgroups: Arc<dyn CgroupOps>) -> Self {
+        self.cgroups = cgroups;
+        self
+    }
+
+    /// The cgroup operations the driver uses.
+    pub fn cgroups(&self) -> &Arc<dyn CgroupOps> {
+        &self.cgroups
+    }
+
+    /// The instance's cgroup path (`/<cgroup_parent>/<container id>`).
+    pub fn cgroup_of(&self, id: &InstanceId) -> String {
+        self.cgroups_path(id)
+    }
+
+    /// Run a (blocking, polling) cgroup operation on a known instance.
+    async fn on_cgroup(
+        &self,
+        id: &InstanceId,
+        op: fn(&dyn CgroupOps, &str) -> Result<(), CgroupError>,
+    ) -> Result<(), SandboxError> {
+        if !self.instances.lock().expect("lock").contains_key(id) {
+            return Err(SandboxError::NotFound(id.clone()));
+        }
+        let cgroups = self.cgroups.clone();
+        let path = self.cgroups_path(id);
+        tokio::task::spawn_blocking(move || op(cgroups.as_ref(), &path))
+            .await
+            .map_err(|e| SandboxError::Cgroup(e.to_string()))?
+            .map_err(cg_err)
     }
 
     pub fn config(&self) -> &ContainerConfig {
@@ -337,6 +378,13 @@ impl ContainerDriver {
     ) -> Result<(), SandboxError> {
         let cid = self.container_id(id);
         let mut first: Option<SandboxError> = None;
+        // A frozen process does not die of SIGKILL until it is thawed.
+        let path = self.cgroups_path(id);
+        if self.cgroups.exists(&path) {
+            if let Err(e) = self.cgroups.thaw(&path) {
+                tracing::debug!(error = %e, "thaw before kill failed");
+            }
+        }
         if let Err(e) = self.oci.kill(&cid, "KILL").await {
             tracing::debug!(error = %e, "kill before delete failed");
         }
@@ -480,7 +528,22 @@ impl SandboxDriver for ContainerDriver {
             .state(&self.container_id(id))
             .await
             .map_err(|e| SandboxError::OciRuntime(chain(&e)))?;
-        Ok(state.is_some_and(|s| s.status == ContainerStatus::Running))
+        // A frozen instance still runs (runc reports it paused).
+        Ok(state.is_some_and(|s| {
+            matches!(s.status, ContainerStatus::Running | ContainerStatus::Paused)
+        }))
+    }
+
+    async fn freeze(&self, id: &InstanceId) -> Result<(), SandboxError> {
+        let span = tracing::debug_span!("sandbox_freeze", instance_id = %id);
+        self.on_cgroup(id, |c, p| c.freeze(p))
+            .instrument(span)
+            .await
+    }
+
+    async fn thaw(&self, id: &InstanceId) -> Result<(), SandboxError> {
+        let span = tracing::debug_span!("sandbox_thaw", instance_id = %id);
+        self.on_cgroup(id, |c, p| c.thaw(p)).instrument(span).await
     }
 
     async fn destroy(&self, id: &InstanceId) -> Result<(), SandboxError> {

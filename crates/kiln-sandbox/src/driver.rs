@@ -21,6 +21,8 @@ pub enum SandboxError {
     Exhausted(String),
     #[error("Instance {0} is not known to this sandbox driver")]
     NotFound(InstanceId),
+    #[error("The instance's cgroup failed: {0}")]
+    Cgroup(String),
 }
 
 /// What the agent asks a driver to start.
@@ -56,6 +58,15 @@ pub trait SandboxDriver: Send + Sync + 'static {
 
     /// Whether the sandbox's main process still runs.
     async fn is_running(&self, id: &InstanceId) -> Result<bool, SandboxError>;
+
+    /// Stop every process of the sandbox in place (cgroup freezer for
+    /// containers, `vm.pause` for microVMs); returns once they are stopped.
+    /// Freezing a frozen sandbox succeeds.
+    async fn freeze(&self, id: &InstanceId) -> Result<(), SandboxError>;
+
+    /// Let a frozen sandbox run again; returns once it runs. Thawing a
+    /// sandbox that is not frozen succeeds.
+    async fn thaw(&self, id: &InstanceId) -> Result<(), SandboxError>;
 
     /// Stop the sandbox and remove everything it had: processes, network,
     /// mounts, cgroup, writable files. Idempotent: destroying an unknown or

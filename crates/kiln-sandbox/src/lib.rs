@@ -34,6 +34,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bundle;
+pub mod cgroup;
 pub mod config;
 pub mod container;
 pub mod driver;

@@ -34,6 +34,9 @@ pub struct FakeDriver {
 #[derive(Default)]
 struct FakeDriverState {
     running: HashMap<InstanceId, bool>,
+    frozen: HashMap<InstanceId, bool>,
+    freezes: usize,
+    thaws: usize,
     requests: Vec<SandboxRequest>,
     destroyed: Vec<InstanceId>,
 }
@@ -76,6 +79,23 @@ impl FakeDriver {
         self.state.lock().unwrap().destroyed.clone()
     }
 
+    /// Whether the sandbox is frozen now.
+    pub fn is_frozen(&self, id: &InstanceId) -> bool {
+        self.state
+            .lock()
+            .unwrap()
+            .frozen
+            .get(id)
+            .copied()
+            .unwrap_or(false)
+    }
+
+    /// How many freezes and thaws the driver was asked for.
+    pub fn freeze_counts(&self) -> (usize, usize) {
+        let s = self.state.lock().unwrap();
+        (s.freezes, s.thaws)
+    }
+
     pub fn exists(&self, id: &InstanceId) -> bool {
         self.state.lock().unwrap().running.contains_key(id)
     }
@@ -114,9 +134,30 @@ impl SandboxDriver for FakeDriver {
             .unwrap_or(false))
     }
 
+    async fn freeze(&self, id: &InstanceId) -> Result<(), SandboxError> {
+        let mut s = self.state.lock().unwrap();
+        if !s.running.contains_key(id) {
+            return Err(SandboxError::NotFound(id.clone()));
+        }
+        s.freezes += 1;
+        s.frozen.insert(id.clone(), true);
+        Ok(())
+    }
+
+    async fn thaw(&self, id: &InstanceId) -> Result<(), SandboxError> {
+        let mut s = self.state.lock().unwrap();
+        if !s.running.contains_key(id) {
+            return Err(SandboxError::NotFound(id.clone()));
+        }
+        s.thaws += 1;
+        s.frozen.insert(id.clone(), false);
+        Ok(())
+    }
+
     async fn destroy(&self, id: &InstanceId) -> Result<(), SandboxError> {
         let mut s = self.state.lock().unwrap();
         s.running.remove(id);
+        s.frozen.remove(id);
         s.destroyed.push(id.clone());
         Ok(())
     }
@@ -291,6 +332,8 @@ pub fn sample_spec(code_digest: &str, port: u16) -> kiln_core::InstanceSpec {
         initializer: None,
         pre_stop: None,
         layers: Vec::new(),
+        role: None,
+        network: None,
     }
     .seal()
 }
