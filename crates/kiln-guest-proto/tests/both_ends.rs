@@ -1,0 +1,529 @@
+//! Host client and guest server talking over an in-memory duplex pipe,
+//! with a fake handler standing in for kiln-guest.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use kiln_guest_proto::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+const T: Duration = Duration::from_secs(5);
+
+#[derive(Default)]
+struct FakeGuest {
+    configured: AtomicBool,
+    logs: Mutex<Option<LogSender>>,
+}
+
+impl GuestHandler for FakeGuest {
+    fn is_configured(&self) -> bool {
+        self.configured.load(Ordering::SeqCst)
+    }
+
+    fn connected(&self, logs: LogSender) {
+        *self.logs.lock().unwrap() = Some(logs);
+    }
+
+    async fn configure(&self, config: GuestConfig) -> Result<Configured, ErrorBody> {
+        if config.process.command[0] == "/fail" {
+            return Err(ErrorBody::new(ErrorCode::StartFailed, "no such command"));
+        }
+        self.configured.store(true, Ordering::SeqCst);
+        let logs = self.logs.lock().unwrap().clone().unwrap();
+        logs.send(LogLine {
+            stream: LogStream::Stdout,
+            line: format!("started {}", config.instance_id),
+        });
+        Ok(Configured { start_ms: 7 })
+    }
+
+    async fn call(&self, mut request: CallRequest, mut response: ResponseWriter) {
+        if !self.is_configured() {
+            response
+                .error(ErrorBody::new(ErrorCode::NotConfigured, "not configured"))
+                .await;
+            return;
+        }
+        let mut body = BytesMut::new();
+        while let Some(chunk) = request.body.recv().await {
+            body.extend_from_slice(&chunk);
+        }
+        let header = |n: &str| {
+            request
+                .head
+                .headers
+                .iter()
+                .find(|(k, _)| k == n)
+                .map(|(_, v)| v.clone())
+        };
+        if let Some(ms) = header("x-sleep-ms") {
+            tokio::time::sleep(Duration::from_millis(ms.parse().unwrap())).await;
+        }
+        if header("x-no-answer").is_some() {
+            return;
+        }
+        response
+            .head(ResponseHead {
+                status: 200,
+                headers: vec![
+                    ("x-path".into(), request.kind.path().into()),
+                    ("x-call".into(), request.call.to_string()),
+                ],
+            })
+            .await;
+        // Echo the body back in two pieces to exercise streaming.
+        let body = body.freeze();
+        let mid = body.len() / 2;
+        response.body(body.slice(..mid)).await;
+        response.body(body.slice(mid..)).await;
+        response.end().await;
+    }
+
+    async fn exec(
+        &self,
+        request: ExecRequest,
+        mut input: mpsc::Receiver<ExecInput>,
+        output: ExecWriter,
+    ) {
+        if request.command[0] != "cat" {
+            output
+                .error(ErrorBody::new(ErrorCode::ExecFailed, "not found"))
+                .await;
+            return;
+        }
+        while let Some(i) = input.recv().await {
+            match i {
+                ExecInput::Stdin(d) => {
+                    output.stdout(d).await;
+                }
+                ExecInput::Resize(s) => {
+                    output
+                        .stderr(Bytes::from(format!("{}x{}", s.rows, s.cols)))
+                        .await;
+                }
+                ExecInput::CloseStdin => break,
+            }
+        }
+        output
+            .exit(ExitStatus {
+                code: Some(3),
+                signal: None,
+            })
+            .await;
+    }
+}
+
+fn pair() -> (
+    GuestClient,
+    Arc<FakeGuest>,
+    tokio::task::JoinHandle<Result<(), ServeError>>,
+) {
+    let (host, guest) = tokio::io::duplex(1 << 16);
+    let handler = Arc::new(FakeGuest::default());
+    let server = tokio::spawn(serve(guest, handler.clone(), "test"));
+    (GuestClient::connect(host), handler, server)
+}
+
+fn config() -> GuestConfig {
+    GuestConfig {
+        instance_id: "i-1".into(),
+        hostname: None,
+        network: Some(NetworkConfig {
+            interface: "eth0".into(),
+            address: "10.0.2.15".parse().unwrap(),
+            prefix_len: 24,
+            gateway: Some("10.0.2.2".parse().unwrap()),
+            mtu: Some(1500),
+            dns: vec!["10.0.2.3".parse().unwrap()],
+        }),
+        process: ProcessConfig {
+            command: vec!["/code/server".into()],
+            args: vec![],
+            env: BTreeMap::from([("FC_CUSTOM_LISTEN_PORT".into(), "9000".into())]),
+            port: 9000,
+            working_dir: "/code".into(),
+            start_timeout_ms: 1000,
+        },
+        disks: DiskConfig {
+            runtime: Some(Disk {
+                device: "/dev/vda".into(),
+                fs: FsType::Erofs,
+            }),
+            code: Some(Disk {
+                device: "/dev/vdb".into(),
+                fs: FsType::Erofs,
+            }),
+            scratch: None,
+            layers: vec![],
+        },
+    }
+}
+
+async fn configured() -> (GuestClient, Arc<FakeGuest>) {
+    let (client, handler, _server) = pair();
+    let ready = client.wait_ready(T).await.unwrap();
+    assert_eq!(ready.protocol_version, PROTOCOL_VERSION);
+    assert!(!ready.configured);
+    assert_eq!(client.configure(&config(), T).await.unwrap().start_ms, 7);
+    (client, handler)
+}
+
+#[tokio::test]
+async fn ready_configure_invoke_logs() {
+    let (client, _h) = configured().await;
+    let mut logs = client.take_logs().unwrap();
+    assert!(client.take_logs().is_none());
+    let line = logs.recv().await.unwrap();
+    assert_eq!(line.line, "started i-1");
+    let head = CallHead {
+        headers: vec![("x-fc-request-id".into(), "r1".into())],
+        timeout_ms: Some(1000),
+    };
+    let resp = client
+        .invoke(head, Bytes::from_static(b"hello guest"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.header("X-Path"), Some("/invoke"));
+    assert_eq!(
+        resp.body.collect().await.unwrap(),
+        Bytes::from_static(b"hello guest")
+    );
+    let resp = client.initialize(CallHead::default()).await.unwrap();
+    assert_eq!(resp.header("x-path"), Some("/initialize"));
+    let resp = client.pre_stop(CallHead::default()).await.unwrap();
+    assert_eq!(resp.header("x-path"), Some("/pre-stop"));
+    assert!(resp.body.collect().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn large_streamed_bodies_round_trip() {
+    let (client, _h) = configured().await;
+    let big: Vec<u8> = (0..3 * MAX_PAYLOAD + 17).map(|i| (i % 251) as u8).collect();
+    let (mut body, pending) = client
+        .start_call(CallKind::Invoke, CallHead::default())
+        .await
+        .unwrap();
+    for chunk in big.chunks(100_000) {
+        body.send(Bytes::copy_from_slice(chunk)).await.unwrap();
+    }
+    body.finish().await.unwrap();
+    let resp = pending.response().await.unwrap();
+    assert_eq!(resp.body.collect().await.unwrap(), Bytes::from(big));
+}
+
+#[tokio::test]
+async fn interleaved_concurrent_calls() {
+    let (client, _h) = configured().await;
+    let mut tasks = Vec::new();
+    for i in 0..40u64 {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let head = CallHead {
+                // Later calls finish first, so responses interleave.
+                headers: vec![("x-sleep-ms".into(), ((40 - i) * 2).to_string())],
+                timeout_ms: None,
+            };
+            let payload = Bytes::from(format!("payload-{i}-").repeat(1000 + i as usize));
+            let resp = client.invoke(head, payload.clone()).await.unwrap();
+            assert_eq!(resp.body.collect().await.unwrap(), payload);
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn call_before_configure_is_refused() {
+    let (client, _h, _s) = pair();
+    client.wait_ready(T).await.unwrap();
+    match client.invoke(CallHead::default(), Bytes::new()).await {
+        Err(GuestClientError::Guest(e)) => assert_eq!(e.code, ErrorCode::NotConfigured),
+        other => panic!("{:?}", other.map(|r| r.status)),
+    }
+}
+
+#[tokio::test]
+async fn configure_failures() {
+    let (client, _h, _s) = pair();
+    client.wait_ready(T).await.unwrap();
+    let mut bad = config();
+    bad.process.port = 0;
+    assert!(matches!(
+        client.configure(&bad, T).await,
+        Err(GuestClientError::InvalidConfig(_))
+    ));
+    let mut fail = config();
+    fail.process.command = vec!["/fail".into()];
+    match client.configure(&fail, T).await {
+        Err(GuestClientError::Guest(e)) => assert_eq!(e.code, ErrorCode::StartFailed),
+        other => panic!("{other:?}"),
+    }
+    // Configure is accepted once per connection.
+    match client.configure(&config(), T).await {
+        Err(GuestClientError::Guest(e)) => assert_eq!(e.code, ErrorCode::AlreadyConfigured),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn handler_without_answer_is_an_error() {
+    let (client, _h) = configured().await;
+    let head = CallHead {
+        headers: vec![("x-no-answer".into(), "1".into())],
+        timeout_ms: None,
+    };
+    match client.invoke(head, Bytes::new()).await {
+        Err(GuestClientError::Guest(e)) => assert_eq!(e.code, ErrorCode::Internal),
+        other => panic!("{:?}", other.map(|r| r.status)),
+    }
+}
+
+#[tokio::test]
+async fn cancelled_call_does_not_disturb_others() {
+    let (client, _h) = configured().await;
+    let slow = CallHead {
+        headers: vec![("x-sleep-ms".into(), "10000".into())],
+        timeout_ms: None,
+    };
+    let c2 = client.clone();
+    let cancelled =
+        tokio::time::timeout(Duration::from_millis(50), c2.invoke(slow, Bytes::new())).await;
+    assert!(cancelled.is_err());
+    let resp = client
+        .invoke(CallHead::default(), Bytes::from_static(b"x"))
+        .await
+        .unwrap();
+    assert_eq!(resp.body.collect().await.unwrap(), Bytes::from_static(b"x"));
+}
+
+#[tokio::test]
+async fn exec_session() {
+    let (client, _h) = configured().await;
+    let ExecSession { input, mut output } = client
+        .exec(ExecRequest {
+            command: vec!["cat".into()],
+            env: BTreeMap::new(),
+            tty: true,
+            size: Some(TtySize { rows: 24, cols: 80 }),
+            working_dir: None,
+        })
+        .await
+        .unwrap();
+    input.stdin(Bytes::from_static(b"abc")).await.unwrap();
+    assert_eq!(
+        output.next().await,
+        Some(ExecEvent::Stdout(Bytes::from_static(b"abc")))
+    );
+    input
+        .resize(TtySize {
+            rows: 50,
+            cols: 132,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        output.next().await,
+        Some(ExecEvent::Stderr(Bytes::from_static(b"50x132")))
+    );
+    input.close_stdin().await.unwrap();
+    assert_eq!(
+        output.next().await,
+        Some(ExecEvent::Exit(ExitStatus {
+            code: Some(3),
+            signal: None
+        }))
+    );
+    assert_eq!(output.next().await, None);
+
+    let mut failing = client
+        .exec(ExecRequest {
+            command: vec!["nope".into()],
+            env: BTreeMap::new(),
+            tty: false,
+            size: None,
+            working_dir: None,
+        })
+        .await
+        .unwrap();
+    assert!(
+        matches!(failing.output.next().await, Some(ExecEvent::Error(e)) if e.code == ErrorCode::ExecFailed)
+    );
+}
+
+#[tokio::test]
+async fn guest_going_away_fails_pending_calls() {
+    let (host, mut guest) = tokio::io::duplex(1 << 16);
+    let client = GuestClient::connect(host);
+    let mut ready = Ready::current("raw");
+    ready.configured = true;
+    guest
+        .write_all(&Message::Ready(ready).encode().unwrap())
+        .await
+        .unwrap();
+    assert!(client.wait_ready(T).await.unwrap().configured);
+    let c2 = client.clone();
+    let pending = tokio::spawn(async move {
+        c2.invoke(CallHead::default(), Bytes::new())
+            .await
+            .map(|r| r.status)
+    });
+    // The guest sees the call start, then dies.
+    let frame = frame::read_frame(&mut guest).await.unwrap().unwrap();
+    assert_eq!(frame.kind, FrameType::Invoke);
+    drop(guest);
+    let result = tokio::time::timeout(T, pending).await.unwrap().unwrap();
+    assert!(
+        matches!(result, Err(GuestClientError::Closed(_))),
+        "{result:?}"
+    );
+    assert!(client.wait_closed().await.contains("closed"));
+    assert!(matches!(
+        client.invoke(CallHead::default(), Bytes::new()).await,
+        Err(GuestClientError::Closed(_))
+    ));
+}
+
+#[tokio::test]
+async fn wait_ready_times_out_and_sees_close() {
+    let (host, guest) = tokio::io::duplex(1024);
+    let client = GuestClient::connect(host);
+    assert!(matches!(
+        client.wait_ready(Duration::from_millis(30)).await,
+        Err(GuestClientError::Timeout(_))
+    ));
+    drop(guest);
+    assert!(matches!(
+        client.wait_ready(T).await,
+        Err(GuestClientError::Closed(_))
+    ));
+}
+
+/// Raw bytes from a misbehaving host: the server answers BadFrame and closes.
+async fn server_rejects(bytes: Vec<u8>, expect: fn(&ServeError) -> bool) {
+    let (mut host, guest) = tokio::io::duplex(1 << 16);
+    let handler = Arc::new(FakeGuest::default());
+    let server = tokio::spawn(serve(guest, handler, "test"));
+    host.write_all(&bytes).await.unwrap();
+    host.shutdown().await.unwrap();
+    let err = tokio::time::timeout(T, server)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_err();
+    assert!(expect(&err), "{err:?}");
+    let mut out = Vec::new();
+    host.read_to_end(&mut out).await.unwrap();
+    let (first, used) = Message::decode(&out).unwrap();
+    assert!(matches!(first, Message::Ready(_)));
+    let (last, _) = Message::decode(&out[used..]).unwrap();
+    match last {
+        Message::Error { stream: 0, error } => {
+            assert!(matches!(
+                error.code,
+                ErrorCode::BadFrame | ErrorCode::Protocol
+            ))
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+fn header(version: u8, kind: u8, stream: u32, len: u32) -> Vec<u8> {
+    let mut v = b"KG".to_vec();
+    v.push(version);
+    v.push(kind);
+    v.extend_from_slice(&stream.to_be_bytes());
+    v.extend_from_slice(&len.to_be_bytes());
+    v
+}
+
+#[tokio::test]
+async fn server_rejects_every_malformed_frame() {
+    use FrameError as F;
+    server_rejects(b"GET / HTTP/1.1\r\n\r\n".to_vec(), |e| {
+        matches!(e, ServeError::Frame(F::BadMagic(_)))
+    })
+    .await;
+    server_rejects(header(9, 0x02, 0, 0), |e| {
+        matches!(e, ServeError::Frame(F::UnsupportedVersion(9)))
+    })
+    .await;
+    server_rejects(header(1, 0x77, 0, 0), |e| {
+        matches!(e, ServeError::Frame(F::UnknownType(0x77)))
+    })
+    .await;
+    server_rejects(header(1, 0x13, 1, u32::MAX), |e| {
+        matches!(e, ServeError::Frame(F::Oversize { .. }))
+    })
+    .await;
+    let mut t = header(1, 0x13, 1, 10);
+    t.extend_from_slice(b"abc");
+    server_rejects(t, |e| matches!(e, ServeError::Frame(F::Truncated { .. }))).await;
+    server_rejects(header(1, 0x02, 0, 0)[..7].to_vec(), |e| {
+        matches!(e, ServeError::Frame(F::Truncated { .. }))
+    })
+    .await;
+    let mut u = header(1, 0x02, 0, 2);
+    u.extend_from_slice(&[0xff, 0xfe]);
+    server_rejects(u, |e| matches!(e, ServeError::Frame(F::BadUtf8 { .. }))).await;
+    let mut j = header(1, 0x02, 0, 5);
+    j.extend_from_slice(b"{nope");
+    server_rejects(j, |e| matches!(e, ServeError::Frame(F::BadJson { .. }))).await;
+    // Valid JSON, wrong shape (unknown field).
+    let body = br#"{"instanceId":"i","bogus":1}"#;
+    let mut j = header(1, 0x02, 0, body.len() as u32);
+    j.extend_from_slice(body);
+    server_rejects(j, |e| matches!(e, ServeError::Frame(F::BadJson { .. }))).await;
+    // Connection frame on a call stream, call frame on stream 0.
+    let mut s = header(1, 0x40, 5, 0);
+    s.extend_from_slice(&[]);
+    server_rejects(s, |e| matches!(e, ServeError::Frame(F::BadStream { .. }))).await;
+    server_rejects(header(1, 0x14, 0, 0), |e| {
+        matches!(e, ServeError::Frame(F::BadStream { .. }))
+    })
+    .await;
+    let mut p = header(1, 0x14, 3, 1);
+    p.push(0);
+    server_rejects(p, |e| {
+        matches!(e, ServeError::Frame(F::UnexpectedPayload { .. }))
+    })
+    .await;
+    // A guest-only message from the host.
+    let r = Message::Log(LogLine {
+        stream: LogStream::Stdout,
+        line: "x".into(),
+    })
+    .encode()
+    .unwrap();
+    server_rejects(r.to_vec(), |e| matches!(e, ServeError::Protocol(_))).await;
+}
+
+#[tokio::test]
+async fn client_closes_on_malformed_guest_frames() {
+    for bytes in [
+        b"garbage!garbage!".to_vec(),
+        header(2, 0x01, 0, 0),
+        header(1, 0xEE, 0, 0),
+        header(1, 0x01, 0, u32::MAX),
+        {
+            let mut v = header(1, 0x01, 0, 3);
+            v.extend_from_slice(b"{\"x");
+            v
+        },
+    ] {
+        let (host, mut guest) = tokio::io::duplex(1 << 16);
+        let client = GuestClient::connect(host);
+        guest.write_all(&bytes).await.unwrap();
+        let reason = tokio::time::timeout(T, client.wait_closed()).await.unwrap();
+        assert!(reason.starts_with("bad frame"), "{reason}");
+        assert!(matches!(
+            client.wait_ready(T).await,
+            Err(GuestClientError::Closed(_))
+        ));
+    }
+}
