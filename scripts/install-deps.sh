@@ -6,7 +6,7 @@
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 need=()
-for pkg in runc iproute2 debootstrap nftables python3-venv libc6-dev openssl zip ca-certificates curl nginx-light; do
+for pkg in runc iproute2 debootstrap nftables python3-venv libc6-dev openssl zip ca-certificates curl nginx-light nix-bin; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 command -v npm >/dev/null 2>&1 || need+=(nodejs npm)
@@ -16,3 +16,13 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get install -y -qq "${need[@]}"
 fi
 command -v cargo-nextest >/dev/null 2>&1 || cargo install --locked cargo-nextest
+# Static checks of the Nix files (scripts/check-nix.sh): nix-instantiate
+# comes with nix-bin above, deadnix from crates.io. statix, the Nix linter,
+# is not on crates.io (an unrelated crate has the name), so it is built from
+# a source checkout of its v0.5.8 tag when KILN_STATIX_SRC points at one
+# (about 40 s with Rust 1.95); check-nix.sh says so when it is missing.
+command -v deadnix >/dev/null 2>&1 || cargo install --locked deadnix --version 1.3.1
+if ! statix --version 2>/dev/null | grep -q '^statix 0\.' \
+  && [ -n "${KILN_STATIX_SRC:-}" ] && [ -f "$KILN_STATIX_SRC/bin/Cargo.toml" ]; then
+  cargo install --locked --path "$KILN_STATIX_SRC/bin"
+fi

@@ -1,0 +1,363 @@
+# services.kiln.agent: the compute-node agent. It creates, freezes and
+# destroys sandboxes (runc containers or cloud-hypervisor microVMs), so it
+# runs as root, but with only the capabilities and devices that takes:
+# CAP_NET_ADMIN for network namespaces, veths, taps and nftables,
+# CAP_SYS_ADMIN for mounts and namespaces, /dev/kvm, /dev/net/tun and vsock
+# for microVMs, and a delegated cgroup subtree.
+{
+  config,
+  lib,
+  pkgs,
+  ...
+}:
+let
+  cfg = config.services.kiln.agent;
+  kiln = import ./lib.nix { inherit lib pkgs; };
+  defaults = lib.importJSON ./defaults/agent.json;
+  inherit (lib) types;
+  sb = defaults.sandbox;
+
+  rendered = kiln.render {
+    name = "kiln-agent";
+    inherit (cfg) settings;
+    secretPaths = [
+      [
+        "tls"
+        "ca"
+      ]
+      [
+        "tls"
+        "cert"
+      ]
+      [
+        "tls"
+        "key"
+      ]
+    ];
+  };
+  stateDir = cfg.settings.state_dir;
+  rootfsDir =
+    if cfg.settings.sandbox.rootfs_dir != null then
+      cfg.settings.sandbox.rootfs_dir
+    else
+      "${stateDir}/rootfs";
+  port = kiln.portOf cfg.settings.listen;
+
+  # Render the final file at start: the Nix-built settings, then the
+  # node-local file over them.
+  mergeConfig = pkgs.writers.writePython3 "kiln-agent-config" {
+    libraries = [ pkgs.python3Packages.tomli-w ];
+  } ''
+    import os
+    import sys
+    import tomllib
+
+    import tomli_w
+
+
+    def merge(base, over):
+        for key, value in over.items():
+            if isinstance(value, dict) and isinstance(base.get(key), dict):
+                merge(base[key], value)
+            else:
+                base[key] = value
+        return base
+
+
+    base_path, local_path, out_path = sys.argv[1:4]
+    with open(base_path, "rb") as f:
+        config = tomllib.load(f)
+    if local_path and os.path.exists(local_path):
+        with open(local_path, "rb") as f:
+            merge(config, tomllib.load(f))
+    with open(out_path, "wb") as f:
+        tomli_w.dump(config, f)
+  '';
+  runtimeConfig = "/run/kiln-agent/config.toml";
+
+  # The capabilities runc needs to set up a container (and may pass on,
+  # reduced, to it), plus what the agent itself uses.
+  capabilities = [
+    "CAP_NET_ADMIN"
+    "CAP_SYS_ADMIN"
+    "CAP_NET_RAW"
+    "CAP_NET_BIND_SERVICE"
+    "CAP_SYS_CHROOT"
+    "CAP_SYS_PTRACE"
+    "CAP_SYS_RESOURCE"
+    "CAP_IPC_LOCK"
+    "CAP_SETUID"
+    "CAP_SETGID"
+    "CAP_SETPCAP"
+    "CAP_SETFCAP"
+    "CAP_CHOWN"
+    "CAP_DAC_OVERRIDE"
+    "CAP_DAC_READ_SEARCH"
+    "CAP_FOWNER"
+    "CAP_FSETID"
+    "CAP_KILL"
+    "CAP_MKNOD"
+    "CAP_AUDIT_WRITE"
+  ];
+in
+{
+  options.services.kiln.agent = {
+    enable = lib.mkEnableOption "the Kiln compute-node agent (sandboxes, instance networking, invoke forwarding)";
+
+    package = lib.mkPackageOption pkgs "kiln-agent" { };
+
+    openFirewall = lib.mkOption {
+      type = types.bool;
+      default = false;
+      description = "Open the agent's mTLS port (the scheduler and gateways call it).";
+    };
+
+    runtimeRootfs = lib.mkOption {
+      type = types.attrsOf types.package;
+      default = { };
+      example = lib.literalExpression ''{ "custom.debian12" = kiln.packages.x86_64-linux."rootfs-custom.debian12"; }'';
+      description = ''
+        Runtime root filesystems built by Nix, linked into the agent's
+        rootfs directory under their runtime name. A runtime listed in
+        `settings.runtimes` but not here is built by the agent at its first
+        start (`custom.debian12` with debootstrap from a Debian mirror).
+      '';
+    };
+
+    vpcBridges = lib.mkOption {
+      default = { };
+      example = {
+        br-vpc = {
+          interfaces = [ "eno2" ];
+        };
+      };
+      description = ''
+        Open vSwitch bridges for VPC attachment, created through NixOS's own
+        `networking.vswitches`, each with the uplink interfaces it bridges.
+      '';
+      type = types.attrsOf (
+        types.submodule {
+          options.interfaces = lib.mkOption {
+            type = types.listOf types.str;
+            default = [ ];
+            description = "Uplink interfaces added to the bridge.";
+          };
+        }
+      );
+    };
+
+    localSettingsFile = lib.mkOption {
+      type = types.nullOr types.str;
+      default = "/etc/kiln/agent.local.toml";
+      description = ''
+        A node-local TOML file merged over `settings` when the agent starts
+        (tables merge key by key, its values win), for what differs per
+        node of one image: `advertise_url`, `node.memory_mb`, labels. Ignored
+        when absent; null disables it.
+      '';
+    };
+
+    extraPackages = lib.mkOption {
+      type = types.listOf types.package;
+      default = [ ];
+      description = "More programs on the agent's PATH.";
+    };
+
+    settings = lib.mkOption {
+      default = { };
+      description = ''
+        The agent's configuration file (`kiln-agent --config`), as in
+        `services/kiln-agent/config.example.toml`. Typed options cover the
+        main settings; any other key (for example the sandbox backend's
+        section) is written to the file as it is.
+      '';
+      example = lib.literalExpression "lib.importJSON ./modules/examples/agent.json";
+      type = kiln.section {
+        state_dir = kiln.setting types.str defaults.state_dir "Node id, code cache, instances, runtime root filesystems; below /var/lib.";
+        listen = kiln.setting types.str defaults.listen "The agent's mTLS API.";
+        advertise_url = kiln.optional types.str "Where the scheduler and gateways reach this agent (`https://host:port`); required when `listen` is a wildcard.";
+        scheduler_url = kiln.required types.str "The scheduler's mTLS URL.";
+        gateway_internal_url = kiln.required types.str "The gateway's internal mTLS URL (code packages).";
+        metrics_listen = kiln.setting (types.nullOr types.str) defaults.metrics_listen "Plain-HTTP Prometheus endpoint; null disables it.";
+        region = kiln.optional types.str "Passed to functions in `x-fc-region` unless the gateway sends one.";
+        instance_start_timeout_ms = kiln.setting types.ints.positive defaults.instance_start_timeout_ms "How long a new instance has to open its port (100 to 600000).";
+        drain_on_shutdown = kiln.setting types.bool defaults.drain_on_shutdown "Destroy every instance when the agent stops.";
+        runtimes = kiln.setting (types.listOf types.str) defaults.runtimes "Runtimes prepared at start and offered to functions.";
+        tls = lib.mkOption {
+          description = "The agent's identity on the internal mTLS network.";
+          type = kiln.section {
+            ca = kiln.required types.str "The cluster CA certificate (PEM).";
+            cert = kiln.required types.str "Certificate issued by the cluster CA (server and client).";
+            key = kiln.required types.str "Its private key.";
+          };
+        };
+        node = lib.mkOption {
+          description = "What this node offers the scheduler, and its labels (zone, tenancy, dedicated account).";
+          type = kiln.section {
+            zone = kiln.setting types.str defaults.node.zone "Availability zone label.";
+            tenancy = kiln.setting (types.enum [
+              "dedicated"
+              "multi-tenant"
+            ]) defaults.node.tenancy "dedicated (container or microVM sandboxes) or multi-tenant (microVM sandboxes only).";
+            dedicated_account = kiln.optional types.str "The one account a dedicated node serves.";
+            memory_mb = kiln.required types.ints.positive "Memory offered to instances.";
+            cpu_milli = kiln.required types.ints.positive "CPU offered to instances, in thousandths of a vCPU.";
+            max_instances = kiln.required types.ints.positive "Instances at most (1 to 65536).";
+          };
+        };
+        sandbox = lib.mkOption {
+          default = { };
+          description = "The sandbox backend: names, addresses and confinement of instances.";
+          type = kiln.section {
+            oci_runtime = kiln.setting (types.enum [
+              "runc"
+              "crun"
+            ]) sb.oci_runtime "The runc-compatible CLI that runs container bundles.";
+            name_prefix = kiln.setting types.str sb.name_prefix "Prefix of every netns, veth, container and cgroup the agent creates.";
+            instance_subnet = kiln.setting types.str sb.instance_subnet "Instance addresses (IPv4 CIDR, one /30 per instance).";
+            cgroup_parent = kiln.setting types.str sb.cgroup_parent "Cgroup (from the hierarchy root) under which instances go.";
+            uid_base = kiln.setting types.ints.positive sb.uid_base "Host uid/gid that a sandbox's root maps to (65536 ids from here).";
+            tmp_size_mb = kiln.setting types.ints.positive sb.tmp_size_mb "Size of each instance's /tmp.";
+            netns_pool = kiln.setting types.ints.unsigned sb.netns_pool "Network namespaces kept ready for cold starts.";
+            rootfs_dir = kiln.optional types.str "Where runtime root filesystems live (default: state_dir/rootfs).";
+            debootstrap_mirror = kiln.optional types.str "Debian mirror for building custom.debian12 on the node.";
+          };
+        };
+      };
+    };
+  };
+
+  config = lib.mkIf cfg.enable {
+    assertions = [
+      {
+        assertion = lib.hasPrefix "/var/lib/" stateDir;
+        message = "services.kiln.agent.settings.state_dir must be below /var/lib/, got ${stateDir}";
+      }
+      {
+        assertion = cfg.settings.advertise_url != null || !(lib.hasPrefix "0.0.0.0:" cfg.settings.listen);
+        message = "services.kiln.agent.settings.advertise_url is required when listen is a wildcard address";
+      }
+    ];
+
+    networking = {
+      # The agent adds a table of its own (named after sandbox.name_prefix)
+      # at run time: NixOS must not flush the whole ruleset when the
+      # firewall reloads, only the tables it manages.
+      nftables = {
+        enable = true;
+        flushRuleset = false;
+      };
+      # VPC bridges through NixOS's own Open vSwitch options.
+      vswitches = lib.mapAttrs (_: bridge: {
+        interfaces = lib.genAttrs bridge.interfaces (_: { });
+      }) cfg.vpcBridges;
+      firewall.allowedTCPPorts = lib.mkIf cfg.openFirewall [ port ];
+    };
+
+    virtualisation.vswitch = {
+      enable = lib.mkDefault true;
+      resetOnStart = false;
+    };
+
+    boot = {
+      kernelModules = [
+        "tun"
+        "veth"
+        "overlay"
+        "vhost_net"
+        "vhost_vsock"
+      ];
+      # Instances reach the network through the host (NAT per egress mode).
+      kernel.sysctl."net.ipv4.ip_forward" = lib.mkDefault 1;
+    };
+    # Sandboxes need user namespaces (NixOS allows them by default).
+    security.allowUserNamespaces = true;
+
+    systemd = {
+      tmpfiles.rules = lib.mapAttrsToList (
+        runtime: tree: "L+ ${rootfsDir}/${runtime} - - - - ${tree}"
+      ) cfg.runtimeRootfs;
+
+      paths.kiln-agent = {
+        description = "Start the Kiln agent once its TLS key is installed";
+        wantedBy = [ "multi-user.target" ];
+        pathConfig.PathExists = cfg.settings.tls.key;
+      };
+
+      services.kiln-agent = {
+        description = "Kiln compute-node agent";
+        wantedBy = [ "multi-user.target" ];
+        wants = [ "network-online.target" ];
+        after = [
+          "network-online.target"
+          "nftables.service"
+        ]
+        ++ lib.optional config.virtualisation.vswitch.enable "ovs-vswitchd.service";
+        restartTriggers = [ rendered.file ];
+        environment.RUST_LOG = lib.mkDefault "info";
+        # A node joins once its certificate is installed (see docs/joining.md).
+        unitConfig.ConditionPathExists = cfg.settings.tls.key;
+        path = [
+          pkgs.runc
+          pkgs.crun
+          pkgs.iproute2
+          pkgs.nftables
+          pkgs.util-linux
+          pkgs.debootstrap
+          pkgs.cloud-hypervisor
+        ]
+        ++ lib.optional config.virtualisation.vswitch.enable config.virtualisation.vswitch.package
+        ++ cfg.extraPackages;
+        serviceConfig = {
+          ExecStartPre = "${mergeConfig} ${rendered.file} '${toString cfg.localSettingsFile}' ${runtimeConfig}";
+          ExecStart = "${lib.getExe' cfg.package "kiln-agent"} --config ${runtimeConfig}";
+          RuntimeDirectory = "kiln-agent";
+          RuntimeDirectoryMode = "0700";
+          StateDirectory = lib.removePrefix "/var/lib/" stateDir;
+          # Sandboxes run as unprivileged users that must reach their instances.
+          StateDirectoryMode = "0711";
+          LoadCredential = rendered.loadCredential;
+          # Instances' cgroups are the agent's to manage.
+          Delegate = "yes";
+          # Let calls in flight finish; the agent removes leftovers on start.
+          TimeoutStopSec = "90s";
+          Restart = "on-failure";
+          RestartSec = "2s";
+          CapabilityBoundingSet = capabilities;
+          AmbientCapabilities = [ "" ];
+          NoNewPrivileges = true;
+          DevicePolicy = "closed";
+          DeviceAllow = [
+            "/dev/kvm rw"
+            "/dev/net/tun rw"
+            "/dev/vhost-net rw"
+            "/dev/vhost-vsock rw"
+            "/dev/ptmx rw"
+            "/dev/tty rw"
+            "char-pts rw"
+          ];
+          ProtectSystem = "full";
+          ProtectHome = true;
+          PrivateTmp = true;
+          ProtectKernelModules = true;
+          ProtectKernelLogs = true;
+          ProtectClock = true;
+          RestrictAddressFamilies = [
+            "AF_INET"
+            "AF_INET6"
+            "AF_UNIX"
+            "AF_NETLINK"
+            "AF_VSOCK"
+            "AF_PACKET"
+          ];
+          RestrictRealtime = true;
+          LockPersonality = true;
+          SystemCallArchitectures = "native";
+          LimitNOFILE = 1048576;
+          LimitMEMLOCK = "infinity";
+          TasksMax = "infinity";
+        };
+      };
+    };
+  };
+}
