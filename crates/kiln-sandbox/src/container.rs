@@ -324,12 +324,13 @@ impl ContainerDriver {
         self.mounter
             .overlay(&req.code_dir, &paths.upper(), &paths.work(), &paths.code())
             .map_err(|e| fs_err("/code overlay", chain(&e)))?;
+        let opt = crate::layers::mount_opt(self.mounter.as_ref(), req, paths, &rootfs, uid)?;
 
         let code = paths.code();
         let hosts = paths.hosts();
         std::fs::write(&hosts, bundle::hosts_file(&slot.name, slot.instance_addr))
             .map_err(|e| fs_err(hosts.display(), e))?;
-        let config = bundle::build_config(&BundleParams {
+        let mut config = bundle::build_config(&BundleParams {
             instance_id: &req.instance_id,
             spec,
             region: self.region.as_deref(),
@@ -342,6 +343,9 @@ impl ContainerDriver {
             tmp_size_mb: self.config.tmp_size_mb,
         })
         .map_err(|e| SandboxError::OciRuntime(format!("Invalid instance spec: {e}")))?;
+        if let Some(opt) = &opt {
+            crate::layers::add_opt_mount(&mut config, opt);
+        }
         let bytes = serde_json::to_vec_pretty(&config).expect("config serialises");
         std::fs::write(paths.config(), bytes).map_err(|e| fs_err(paths.config().display(), e))?;
 
@@ -464,6 +468,7 @@ impl SandboxDriver for ContainerDriver {
                     format!("{} is not a directory", req.code_dir.display()),
                 ));
             }
+            crate::layers::check_layer_dirs(req)?;
             if spec.runtime == RuntimeName::Custom {
                 self.ensure_runtime(RuntimeName::Custom).await?;
             }

@@ -38,6 +38,7 @@ pub mod cgroup;
 pub mod config;
 pub mod container;
 pub mod driver;
+pub mod layers;
 pub mod instance;
 pub mod mounts;
 pub mod netpool;

@@ -42,6 +42,24 @@ pub trait Mounter: Send + Sync + 'static {
         work: &Path,
         target: &Path,
     ) -> Result<(), MountError>;
+    /// Mount an overlay of several read-only `lowers` (the first on top:
+    /// it wins where two hold the same path) and `upper` at `target`.
+    /// Backends that only stack one lower refuse more.
+    fn overlay_lowers(
+        &self,
+        lowers: &[PathBuf],
+        upper: &Path,
+        work: &Path,
+        target: &Path,
+    ) -> Result<(), MountError> {
+        match lowers {
+            [one] => self.overlay(one, upper, work, target),
+            _ => Err(MountError::Mount {
+                target: target.to_owned(),
+                source: nix::Error::EINVAL,
+            }),
+        }
+    }
     /// Unmount `target`; falls back to a lazy detach when it is busy.
     fn unmount(&self, target: &Path) -> Result<(), MountError>;
     /// Mount points at or below `dir`, deepest first.
@@ -132,6 +150,42 @@ impl Mounter for HostMounter {
         })
     }
 
+    fn overlay_lowers(
+        &self,
+        lowers: &[PathBuf],
+        upper: &Path,
+        work: &Path,
+        target: &Path,
+    ) -> Result<(), MountError> {
+        let lower = lowers
+            .iter()
+            .map(|l| overlay_safe(l))
+            .collect::<Result<Vec<_>, _>>()?
+            .join(":");
+        if lower.is_empty() {
+            return Err(MountError::Mount {
+                target: target.to_owned(),
+                source: nix::Error::EINVAL,
+            });
+        }
+        let data = format!(
+            "lowerdir={lower},upperdir={},workdir={}",
+            overlay_safe(upper)?,
+            overlay_safe(work)?
+        );
+        mount(
+            Some("overlay"),
+            target,
+            Some("overlay"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some(data.as_str()),
+        )
+        .map_err(|source| MountError::Mount {
+            target: target.to_owned(),
+            source,
+        })
+    }
+
     fn unmount(&self, target: &Path) -> Result<(), MountError> {
         match umount2(target, MntFlags::empty()) {
             Ok(()) | Err(nix::Error::EINVAL) | Err(nix::Error::ENOENT) => Ok(()),
@@ -205,6 +259,12 @@ pub enum MountCall {
         work: PathBuf,
         target: PathBuf,
     },
+    OverlayLowers {
+        lowers: Vec<PathBuf>,
+        upper: PathBuf,
+        work: PathBuf,
+        target: PathBuf,
+    },
     Unmount(PathBuf),
 }
 
@@ -256,6 +316,29 @@ impl Mounter for RecordingMounter {
             work: work.to_owned(),
             target: target.to_owned(),
         });
+        self.mounted.lock().expect("lock").insert(target.to_owned());
+        Ok(())
+    }
+
+    fn overlay_lowers(
+        &self,
+        lowers: &[PathBuf],
+        upper: &Path,
+        work: &Path,
+        target: &Path,
+    ) -> Result<(), MountError> {
+        for l in lowers {
+            overlay_safe(l)?;
+        }
+        self.calls
+            .lock()
+            .expect("lock")
+            .push(MountCall::OverlayLowers {
+                lowers: lowers.to_vec(),
+                upper: upper.to_owned(),
+                work: work.to_owned(),
+                target: target.to_owned(),
+            });
         self.mounted.lock().expect("lock").insert(target.to_owned());
         Ok(())
     }

@@ -57,10 +57,11 @@ pub fn rootfs_path(rootfs_dir: &Path, runtime: RuntimeName) -> PathBuf {
     rootfs_dir.join(runtime.as_str())
 }
 
-/// Whether a tree has the mount points the driver binds over: `/code`
-/// and `/etc/hosts` (the root is read-only, runc cannot create them).
+/// Whether a tree has the mount points the driver binds over: `/code`,
+/// `/opt` (layers) and `/etc/hosts` (the root is read-only, runc cannot
+/// create them).
 pub fn is_complete(tree: &Path) -> bool {
-    tree.join("code").is_dir() && tree.join("etc/hosts").is_file()
+    tree.join("code").is_dir() && tree.join("opt").is_dir() && tree.join("etc/hosts").is_file()
 }
 
 const DEFAULT_HOSTS: &str = "127.0.0.1\tlocalhost\n::1\tlocalhost\n";
@@ -68,6 +69,9 @@ const DEFAULT_HOSTS: &str = "127.0.0.1\tlocalhost\n::1\tlocalhost\n";
 /// Add the mount points of [`is_complete`] to a tree that lacks them.
 fn add_mount_points(tree: &Path) -> Result<(), RootfsError> {
     ensure_dir(&tree.join("code"), 0o755)?;
+    if !tree.join("opt").is_dir() {
+        ensure_dir(&tree.join("opt"), 0o755)?;
+    }
     let hosts = tree.join("etc/hosts");
     if !hosts.is_file() {
         ensure_dir(&tree.join("etc"), 0o755)?;
@@ -227,7 +231,7 @@ fn ensure_dir(path: &Path, mode: u32) -> Result<(), RootfsError> {
 /// The `custom` runtime: mount points and the few files libc looks for.
 fn build_minimal(dir: &Path) -> Result<(), RootfsError> {
     ensure_dir(dir, 0o755)?;
-    for d in ["code", "proc", "dev", "sys", "etc"] {
+    for d in ["code", "opt", "proc", "dev", "sys", "etc"] {
         ensure_dir(&dir.join(d), 0o755)?;
     }
     ensure_dir(&dir.join("tmp"), 0o1777)?;
