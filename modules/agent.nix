@@ -146,6 +146,17 @@ in
       );
     };
 
+    guestImage = lib.mkOption {
+      type = types.nullOr types.package;
+      default = null;
+      example = lib.literalExpression "kiln.packages.x86_64-linux.guest-image";
+      description = ''
+        The microVM guest (kernel and kiln-guest initramfs, the flake's
+        `guest-image`), written to `settings.sandbox.microvm.kernel` and
+        `.initramfs` for the microVM backend.
+      '';
+    };
+
     localSettingsFile = lib.mkOption {
       type = types.nullOr types.str;
       default = "/etc/kiln/agent.local.toml";
@@ -209,6 +220,10 @@ in
           default = { };
           description = "The sandbox backend: names, addresses and confinement of instances.";
           type = kiln.section {
+            backend = kiln.optional (types.enum [
+              "container"
+              "microvm"
+            ]) "The sandbox backend; default: microvm on a multi-tenant node, container otherwise. The microVM backend's settings go in `sandbox.microvm`.";
             oci_runtime = kiln.setting (types.enum [
               "runc"
               "crun"
@@ -270,6 +285,18 @@ in
       # Instances reach the network through the host (NAT per egress mode).
       kernel.sysctl."net.ipv4.ip_forward" = lib.mkDefault 1;
     };
+    services.kiln.agent.settings.sandbox = lib.mkIf (cfg.guestImage != null) {
+      microvm = {
+        kernel = lib.mkDefault (
+          if pkgs.stdenv.hostPlatform.isx86_64 then
+            "${cfg.guestImage}/vmlinux"
+          else
+            "${cfg.guestImage}/${pkgs.stdenv.hostPlatform.linux-kernel.target}"
+        );
+        initramfs = lib.mkDefault "${cfg.guestImage}/initrd";
+      };
+    };
+
     # Sandboxes need user namespaces (NixOS allows them by default).
     security.allowUserNamespaces = true;
 

@@ -65,6 +65,15 @@ in
     kiln-agent = binary "kiln-agent" "Kiln's compute-node agent";
     inherit kiln-guest;
     kiln-deps = cargoArtifacts;
+    # The cluster CA and service certificates (docs/joining.md).
+    kiln-pki = pkgs.writeShellApplication {
+      name = "kiln-pki";
+      runtimeInputs = [
+        pkgs.openssl
+        pkgs.coreutils
+      ];
+      text = builtins.readFile ./kiln-pki.sh;
+    };
     guest-image = pkgs.callPackage ../images/guest { inherit kiln-guest; };
     "rootfs-custom" = rootfs.custom;
     # A function for the `custom` runtime, used by the NixOS VM tests.
