@@ -17,6 +17,14 @@
     ];
   };
 
+  # The root file system is RAM: keep the node's certificate on the state
+  # disk with the rest of what must survive a reboot.
+  services.kiln.agent.settings.tls = lib.mkForce {
+    ca = "/var/lib/kiln/pki/ca.pem";
+    cert = "/var/lib/kiln/pki/agent.pem";
+    key = "/var/lib/kiln/pki/agent-key.pem";
+  };
+
   boot.kernelParams = [
     "console=tty0"
     "console=ttyS0,115200"

@@ -439,6 +439,11 @@ impl InstanceManager {
         spec: &InstanceSpec,
     ) -> Result<SocketAddr, InstanceError> {
         let code_dir = self.code.ensure(&spec.code_digest, spec.code_size).await?;
+        // Layer zips share the code cache (one extracted dir per digest);
+        // the driver finds them beside `code_dir` (SandboxRequest::layer_dirs).
+        for digest in &spec.layers {
+            self.code.ensure(digest, 0).await?;
+        }
         let request = SandboxRequest {
             instance_id: id.clone(),
             spec: spec.clone(),

@@ -245,6 +245,7 @@ async fn http_phase(dir: &std::path::Path, secs: u64, callers: usize, payload: &
         tls: pki.files("gateway-internal"),
         lease_hold_ms: 250,
         async_queue: Default::default(),
+        runtimes: Default::default(),
         bootstrap_keys: vec![BootstrapKey {
             account_id: "1000000000000001".parse().unwrap(),
             access_key_id: AK.into(),

@@ -102,7 +102,7 @@ pub fn instance_spec(r: &FunctionRecord) -> InstanceSpec {
         code_size: c.code.size,
         initializer: c.initializer.clone(),
         pre_stop: c.pre_stop.clone(),
-        layers: Vec::new(),
+        layers: c.layers.iter().map(|l| l.sha256.clone()).collect(),
     }
     .seal()
 }
@@ -119,11 +119,13 @@ fn auth_key(k: AccessKey) -> kiln_auth::AccessKey {
 type Functions = HashMap<AccountId, BTreeMap<String, Arc<FunctionEntry>>>;
 
 pub struct Catalog {
-    store: Arc<dyn MetaStore>,
+    pub(crate) store: Arc<dyn MetaStore>,
     code: CodeFiles,
-    functions: RwLock<Functions>,
+    pub(crate) functions: RwLock<Functions>,
     keys: RwLock<HashMap<String, Arc<kiln_auth::AccessKey>>>,
-    write: tokio::sync::Mutex<()>,
+    /// Layers and their versions ([`crate::layers`]).
+    pub(crate) layers: RwLock<crate::layers::LayerIndex>,
+    pub(crate) write: tokio::sync::Mutex<()>,
 }
 
 async fn blocking<T: Send + 'static>(
@@ -137,17 +139,30 @@ async fn blocking<T: Send + 'static>(
 impl Catalog {
     /// Load every function and key, and sweep code files nothing references.
     pub async fn open(store: Arc<dyn MetaStore>, code: CodeFiles) -> Result<Self, CatalogError> {
-        let (records, keys) = {
+        let (records, keys, layers) = {
             let store = store.clone();
             let code = code.clone();
             blocking(move || {
-                let digests = store.code_digests()?;
+                let records = store.functions()?;
+                let layers = crate::layers::LayerIndex::load(
+                    store.layers()?,
+                    store.layer_versions()?,
+                );
+                // Zips in use: code packages, layer versions, and layers
+                // functions still reference after their version was deleted.
+                let mut digests = store.code_digests()?;
+                digests.extend(layers.digests());
+                digests.extend(
+                    records
+                        .iter()
+                        .flat_map(|r| r.config.layers.iter().map(|l| l.sha256.clone())),
+                );
                 match code.sweep(&digests) {
                     Ok(0) => {}
                     Ok(n) => tracing::info!(removed = n, "swept unreferenced code files"),
                     Err(e) => tracing::warn!(error = %e, "cannot sweep code files"),
                 }
-                Ok((store.functions()?, store.access_keys()?))
+                Ok((records, store.access_keys()?, layers))
             })
             .await?
         };
@@ -167,6 +182,7 @@ impl Catalog {
             code,
             functions: RwLock::new(functions),
             keys: RwLock::new(keys),
+            layers: RwLock::new(layers),
             write: tokio::sync::Mutex::new(()),
         })
     }
@@ -264,9 +280,15 @@ impl Catalog {
     async fn release(&self, digests: Vec<String>) {
         let store = self.store.clone();
         let files = self.code.clone();
+        // A zip that is also a layer's stays on disk for the layer.
+        let layer_zips: std::collections::HashSet<String> = digests
+            .iter()
+            .filter(|d| self.layer_zip_in_use(d))
+            .cloned()
+            .collect();
         let r = blocking(move || {
             for d in digests {
-                if store.release_code(&d)? {
+                if store.release_code(&d)? && !layer_zips.contains(&d) {
                     files.remove(&d);
                 }
             }
@@ -283,9 +305,10 @@ impl Catalog {
     async fn drop_if_unreferenced(&self, digest: String) {
         let store = self.store.clone();
         let files = self.code.clone();
+        let layer_zip = self.layer_zip_in_use(&digest);
         let r = blocking(move || {
             let released = store.release_code(&digest)?;
-            if released || store.code_blob(&digest)?.is_none() {
+            if (released || store.code_blob(&digest)?.is_none()) && !layer_zip {
                 files.remove(&digest);
             }
             Ok(())
@@ -293,6 +316,16 @@ impl Catalog {
         .await;
         if let Err(e) = r {
             tracing::warn!(error = %e, "cannot drop an unreferenced code package");
+        }
+    }
+
+    /// After a function dropped `layers`: zips of deleted layer versions
+    /// that nothing uses any more go.
+    fn release_layer_zips(&self, layers: &[crate::model::LayerRef]) {
+        for l in layers {
+            if !self.zip_in_use(&l.sha256) && matches!(self.store.code_blob(&l.sha256), Ok(None)) {
+                self.code.remove(&l.sha256);
+            }
         }
     }
 
@@ -316,6 +349,7 @@ impl Catalog {
         if self.function(&record.account_id, &record.name).is_some() {
             return Err(CatalogError::Exists(record.name));
         }
+        self.check_new_layers(&[], &record.config.layers)?;
         let written = self.write_code(code).await?;
         let store = self.store.clone();
         let r = record.clone();
@@ -352,6 +386,7 @@ impl Catalog {
             .function(account, name)
             .ok_or_else(|| CatalogError::NotFound(name.clone()))?;
         let config = change(&current.record.config).map_err(CatalogError::Invalid)?;
+        self.check_new_layers(&current.record.config.layers, &config.layers)?;
         let mut record = current.record.clone();
         record.config = config;
         record.modified_ms = now_ms.max(record.modified_ms);
@@ -371,6 +406,7 @@ impl Catalog {
         if new != old {
             self.release(vec![old]).await;
         }
+        self.release_layer_zips(&current.record.config.layers);
         Ok(entry)
     }
 
@@ -396,6 +432,7 @@ impl Catalog {
         }
         self.release(vec![current.record.config.code.sha256.clone()])
             .await;
+        self.release_layer_zips(&current.record.config.layers);
         Ok(current)
     }
 }

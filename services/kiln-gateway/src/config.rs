@@ -52,6 +52,10 @@ pub struct GatewayConfig {
     /// The async invocation queue's dispatcher.
     #[serde(default)]
     pub async_queue: AsyncQueueConfig,
+    /// End-of-support dates of runtimes (`[[runtimes]]`); runtimes not
+    /// listed are active. See [`crate::runtimes`].
+    #[serde(default)]
+    pub runtimes: Vec<crate::runtimes::RuntimeLifecycleConfig>,
 }
 
 /// The async dispatcher (`[async_queue]`); the queue itself is
@@ -175,6 +179,8 @@ impl GatewayConfig {
                     .into(),
             );
         }
+        crate::runtimes::RuntimeCatalogue::from_config(&self.runtimes)
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         let mut seen = std::collections::HashSet::new();
         for k in &self.bootstrap_keys {
             if !valid_access_key_id(&k.access_key_id) {

@@ -12,9 +12,11 @@ pub mod catalog;
 pub mod checksum;
 pub mod code;
 pub mod config;
+pub mod layers;
 pub mod metrics;
 pub mod model;
 pub mod queue;
+pub mod runtimes;
 pub mod store;
 pub mod validate;
 
@@ -176,8 +178,13 @@ pub async fn start_with_clock(
         retention_ms: aq.task_retention_s.saturating_mul(1000),
         ..Default::default()
     };
+    let runtimes = Arc::new(
+        runtimes::RuntimeCatalogue::from_config(&config.runtimes)
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?,
+    );
     let gw = Arc::new_cyclic(|me| Gateway {
         catalog: catalog.clone(),
+        runtimes,
         auth: auth::signature_authenticator(catalog.clone(), clock.clone()),
         internal,
         scheduler_url: config.scheduler_url.clone(),

@@ -27,6 +27,8 @@ pub struct FunctionInput {
     pub code: Option<InputCodeLocation>,
     pub description: Option<String>,
     pub instance_lifecycle_config: Option<InstanceLifecycleConfig>,
+    /// Layer version ARNs, in order (see [`crate::layers`]).
+    pub layers: Option<Vec<String>>,
 }
 
 /// `InstanceLifecycleConfig`: FC's Initializer and PreStop hooks.
@@ -112,8 +114,28 @@ pub struct FunctionConfig {
     /// `instanceLifecycleConfig.preStop`, when configured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pre_stop: Option<kiln_core::LifecycleHook>,
+    /// FC's `layers`, resolved when the function was written, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<LayerRef>,
     /// FC fields Kiln accepts without acting on them, echoed back as given.
     pub extras: BTreeMap<String, Value>,
+}
+
+/// A layer version as a function references it: its ARN and its zip.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LayerRef {
+    pub arn: String,
+    pub sha256: String,
+    pub size: u64,
+}
+
+/// `FunctionLayer`, the SDK's model of a function's layer.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FunctionLayer {
+    pub arn: String,
+    pub size: u64,
 }
 
 /// A code package as a function references it.
@@ -164,6 +186,8 @@ pub struct Function {
     pub last_update_status: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub instance_lifecycle_config: Option<InstanceLifecycleConfig>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layers: Option<Vec<FunctionLayer>>,
     #[serde(flatten)]
     pub extras: BTreeMap<String, Value>,
 }
@@ -211,6 +235,15 @@ impl Function {
                     pre_stop: c.pre_stop.as_ref().map(LifecycleHook::from_core),
                 },
             ),
+            layers: (!c.layers.is_empty()).then(|| {
+                c.layers
+                    .iter()
+                    .map(|l| FunctionLayer {
+                        arn: l.arn.clone(),
+                        size: l.size,
+                    })
+                    .collect()
+            }),
             extras: c.extras.clone(),
         }
     }

@@ -77,6 +77,50 @@ pub trait MetaStore: Send + Sync + 'static {
     fn release_code(&self, sha256: &str) -> Result<bool, MetaStoreError>;
     /// Every package's digest (for sweeping files left by a crash).
     fn code_digests(&self) -> Result<Vec<String>, MetaStoreError>;
+    /// Every layer with its ACL and last version number.
+    fn layers(&self) -> Result<Vec<LayerRecord>, MetaStoreError>;
+    /// Every stored layer version.
+    fn layer_versions(&self) -> Result<Vec<LayerVersionRecord>, MetaStoreError>;
+    /// Insert a layer version, creating its layer (private) if new and
+    /// raising the layer's last version number to this one.
+    fn insert_layer_version(&self, v: &LayerVersionRecord) -> Result<(), MetaStoreError>;
+    /// Delete one layer version; false if it did not exist.
+    fn delete_layer_version(
+        &self,
+        account: &AccountId,
+        name: &str,
+        version: u32,
+    ) -> Result<bool, MetaStoreError>;
+    /// Make a layer public or private; false if the layer does not exist.
+    fn set_layer_public(
+        &self,
+        account: &AccountId,
+        name: &str,
+        public: bool,
+    ) -> Result<bool, MetaStoreError>;
+}
+
+/// A layer: its owner, name, ACL and the last version number handed out
+/// (numbers are never reused, even after a version is deleted).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerRecord {
+    pub account_id: AccountId,
+    pub name: String,
+    pub public: bool,
+    pub last_version: u32,
+}
+
+/// One immutable layer version and its zip (stored like code, by sha256).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LayerVersionRecord {
+    pub account_id: AccountId,
+    pub name: String,
+    pub version: u32,
+    pub code: crate::model::CodeRef,
+    pub description: String,
+    pub compatible_runtime: Vec<String>,
+    pub license: String,
+    pub created_ms: u64,
 }
 
 const MIGRATIONS: &[Migration] = &[Migration {
@@ -108,6 +152,26 @@ const MIGRATIONS: &[Migration] = &[Migration {
             PRIMARY KEY (account_id, name)
         );
         CREATE INDEX functions_by_code ON functions(code_sha256);
+    ",
+}, Migration {
+    name: "layers and layer versions",
+    sql: "
+        CREATE TABLE layers (
+            account_id TEXT NOT NULL REFERENCES accounts(account_id),
+            name TEXT NOT NULL,
+            public INTEGER NOT NULL,
+            last_version INTEGER NOT NULL,
+            PRIMARY KEY (account_id, name)
+        );
+        CREATE TABLE layer_versions (
+            account_id TEXT NOT NULL,
+            name TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            sha256 TEXT NOT NULL,
+            doc TEXT NOT NULL,
+            PRIMARY KEY (account_id, name, version),
+            FOREIGN KEY (account_id, name) REFERENCES layers(account_id, name)
+        );
     ",
 }];
 
@@ -375,6 +439,108 @@ impl MetaStore for SqliteStore {
             Ok(rows.collect::<Result<_, _>>()?)
         })
     }
+
+    fn layers(&self) -> Result<Vec<LayerRecord>, MetaStoreError> {
+        self.with(|c| {
+            let mut st = c.prepare("SELECT account_id, name, public, last_version FROM layers")?;
+            let rows = st.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, bool>(2)?,
+                    r.get::<_, i64>(3)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (account, name, public, last) = row?;
+                let Ok(account_id) = account.parse() else {
+                    tracing::warn!(%account, %name, "skipping layer with an invalid account id");
+                    continue;
+                };
+                out.push(LayerRecord {
+                    account_id,
+                    name,
+                    public,
+                    last_version: last as u32,
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    fn layer_versions(&self) -> Result<Vec<LayerVersionRecord>, MetaStoreError> {
+        self.with(|c| {
+            let mut st = c.prepare("SELECT name, doc FROM layer_versions")?;
+            let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (name, doc) = row?;
+                out.push(serde_json::from_str(&doc).map_err(|source| {
+                    MetaStoreError::Corrupt {
+                        name: format!("layer {name}"),
+                        source,
+                    }
+                })?);
+            }
+            Ok(out)
+        })
+    }
+
+    fn insert_layer_version(&self, v: &LayerVersionRecord) -> Result<(), MetaStoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            tx.execute(
+                "INSERT INTO layers (account_id, name, public, last_version) VALUES (?1, ?2, 0, ?3)
+                 ON CONFLICT (account_id, name) DO UPDATE
+                 SET last_version = MAX(last_version, excluded.last_version)",
+                params![v.account_id.as_str(), v.name, v.version as i64],
+            )?;
+            tx.execute(
+                "INSERT INTO layer_versions (account_id, name, version, sha256, doc)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    v.account_id.as_str(),
+                    v.name,
+                    v.version as i64,
+                    v.code.sha256,
+                    serde_json::to_string(v).expect("layer version serialises")
+                ],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn delete_layer_version(
+        &self,
+        account: &AccountId,
+        name: &str,
+        version: u32,
+    ) -> Result<bool, MetaStoreError> {
+        self.with(|c| {
+            let n = c.execute(
+                "DELETE FROM layer_versions WHERE account_id = ?1 AND name = ?2 AND version = ?3",
+                params![account.as_str(), name, version as i64],
+            )?;
+            Ok(n > 0)
+        })
+    }
+
+    fn set_layer_public(
+        &self,
+        account: &AccountId,
+        name: &str,
+        public: bool,
+    ) -> Result<bool, MetaStoreError> {
+        self.with(|c| {
+            let n = c.execute(
+                "UPDATE layers SET public = ?3 WHERE account_id = ?1 AND name = ?2",
+                params![account.as_str(), name, public],
+            )?;
+            Ok(n > 0)
+        })
+    }
 }
 
 /// Code packages as files: `<dir>/<sha256>.zip`, written once atomically.
@@ -488,6 +654,7 @@ pub(crate) mod tests {
                 },
                 initializer: None,
                 pre_stop: None,
+                layers: Vec::new(),
                 extras: Default::default(),
             },
         }

@@ -19,7 +19,6 @@ const REFUSED_FIELDS: &[&str] = &[
     "ossMountConfig",
     "gpuConfig",
     "customContainerConfig",
-    "layers",
     "customDNS",
     "juiceFsConfig",
     "polarFsConfig",
@@ -279,6 +278,9 @@ pub fn build_config(
     }
     let mut extras = base.map(|b| b.extras.clone()).unwrap_or_default();
     extras.extend(parsed.extras.clone());
+    // `layers` are resolved against the layer catalog by the caller
+    // (`Catalog::resolve_layers`); here an update keeps the current ones.
+    let layers = base.map(|b| b.layers.clone()).unwrap_or_default();
 
     Ok(FunctionConfig {
         runtime,
@@ -297,6 +299,7 @@ pub fn build_config(
         code,
         initializer,
         pre_stop,
+        layers,
         extras,
     })
 }
@@ -556,7 +559,6 @@ mod tests {
             "ossMountConfig",
             "gpuConfig",
             "customContainerConfig",
-            "layers",
         ] {
             assert!(err_of(with(f, json!({}))).contains(f), "{f}");
         }

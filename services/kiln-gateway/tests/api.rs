@@ -214,6 +214,7 @@ fn config(
             backoff_cap_ms: 1_000,
             ..Default::default()
         },
+        runtimes: Default::default(),
         bootstrap_keys: vec![
             BootstrapKey {
                 account_id: ACCOUNT_A.parse().unwrap(),

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use clap::{Args, Parser, Subcommand};
 
 use crate::client::FcClient;
-use crate::commands::{bench, dev, functions, nodes, tasks};
+use crate::commands::{bench, dev, functions, nodes, runtimes, tasks};
 use crate::credentials::{self, Credentials};
 
 #[derive(Debug, Parser)]
@@ -48,6 +48,12 @@ pub enum Command {
     /// Show or change an account's quotas and throttles (needs the
     /// cluster's certificates: `kiln dev`'s state directory).
     Limits(LimitsArgs),
+    /// List the runtimes and where each is in its end of support.
+    Runtimes {
+        /// Print the gateway's JSON answer.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -362,6 +368,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Bench(args) => bench::run(args).await,
+        Command::Runtimes { json } => runtimes::run(&client(&cli)?, *json).await,
         Command::Limits(args) => {
             let state_dir = match &args.state_dir {
                 Some(d) => d.clone(),

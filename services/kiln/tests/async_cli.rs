@@ -110,6 +110,7 @@ async fn cli_invokes_async_and_manages_tasks() {
         tls: pki.files("gateway-internal"),
         lease_hold_ms: 0,
         async_queue: Default::default(),
+        runtimes: Default::default(),
         bootstrap_keys: vec![BootstrapKey {
             account_id: ACCOUNT.parse().unwrap(),
             access_key_id: AK.into(),

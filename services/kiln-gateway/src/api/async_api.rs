@@ -84,7 +84,9 @@ pub async fn enqueue(
     request_id: &RequestId,
 ) -> Result<Response<Body>, ApiError> {
     super::functions::check_qualifier(parts)?;
-    super::caller_function(gw, caller, name)?;
+    let entry = super::caller_function(gw, caller, name)?;
+    gw.runtimes
+        .check_invoke(entry.record.config.runtime, gw.clock.now_ms())?;
     let limit = kiln_core::limits::ASYNC_PAYLOAD_MAX;
     if payload.len() > limit {
         return Err(FcError::new(

@@ -70,10 +70,19 @@ pub async fn create(
         size: 0,
         checksum: String::new(),
     };
-    validate::build_config(None, &parsed, placeholder)?;
-    let code = new_code(&mut parsed).await?.expect("zip present");
-    let config = validate::build_config(None, &parsed, code_ref(&code))?;
+    let checked = validate::build_config(None, &parsed, placeholder)?;
     let now = gw.clock.now_ms();
+    gw.runtimes.check_create(checked.runtime, now)?;
+    let layers = match &parsed.input.layers {
+        Some(arns) => {
+            gw.catalog
+                .resolve_layers(&caller.account_id, &gw.region, checked.runtime, arns)?
+        }
+        None => Vec::new(),
+    };
+    let code = new_code(&mut parsed).await?.expect("zip present");
+    let mut config = validate::build_config(None, &parsed, code_ref(&code))?;
+    config.layers = layers;
     let record = FunctionRecord {
         account_id: caller.account_id.clone(),
         name,
@@ -123,16 +132,28 @@ pub async fn update(
     let code = new_code(&mut parsed).await?;
     let new_ref = code.as_ref().map(code_ref);
     let before = gw.catalog.function(&caller.account_id, name);
+    let now = gw.clock.now_ms();
     let entry = gw
         .catalog
         .update(
             &caller.account_id,
             name,
-            gw.clock.now_ms(),
+            now,
             code,
             |current| {
                 let code = new_ref.unwrap_or_else(|| current.code.clone());
-                validate::build_config(Some(current), &parsed, code)
+                let mut config = validate::build_config(Some(current), &parsed, code)?;
+                gw.runtimes
+                    .check_update(current.runtime, config.runtime, now)?;
+                if let Some(arns) = &parsed.input.layers {
+                    config.layers = gw.catalog.resolve_layers(
+                        &caller.account_id,
+                        &gw.region,
+                        config.runtime,
+                        arns,
+                    )?;
+                }
+                Ok(config)
             },
         )
         .await?;

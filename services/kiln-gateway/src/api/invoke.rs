@@ -80,6 +80,8 @@ pub async fn invoke(
     }
     super::functions::check_qualifier(&parts)?;
     let entry = super::caller_function(gw, caller, name)?;
+    gw.runtimes
+        .check_invoke(entry.record.config.runtime, gw.clock.now_ms())?;
     // The payload arrives whole (see api::handle): its hash is part of the
     // signature, and an oversized one is refused before any instance is
     // touched.

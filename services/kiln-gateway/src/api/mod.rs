@@ -6,6 +6,7 @@ pub mod concurrency;
 pub mod functions;
 pub mod internal;
 pub mod invoke;
+pub mod layers;
 pub mod leases;
 pub mod provision;
 
@@ -31,6 +32,8 @@ pub const REQUEST_ID: &str = "x-fc-request-id";
 /// What every request handler shares.
 pub struct Gateway {
     pub catalog: Arc<Catalog>,
+    /// Runtimes and their end-of-support stages.
+    pub runtimes: Arc<crate::runtimes::RuntimeCatalogue>,
     pub auth: SharedAuthenticator,
     pub internal: InternalClient,
     pub scheduler_url: String,
@@ -66,6 +69,15 @@ pub enum Operation {
     GetConcurrencyConfig,
     DeleteConcurrencyConfig,
     ListConcurrencyConfigs,
+    CreateLayerVersion,
+    GetLayerVersion,
+    GetLayerVersionByArn,
+    ListLayers,
+    ListLayerVersions,
+    DeleteLayerVersion,
+    PutLayerACL,
+    /// Kiln extension: the runtime catalogue and each runtime's status.
+    ListRuntimes,
 }
 
 impl Operation {
@@ -92,6 +104,14 @@ impl Operation {
             Self::GetConcurrencyConfig => "GetConcurrencyConfig",
             Self::DeleteConcurrencyConfig => "DeleteConcurrencyConfig",
             Self::ListConcurrencyConfigs => "ListConcurrencyConfigs",
+            Self::CreateLayerVersion => "CreateLayerVersion",
+            Self::GetLayerVersion => "GetLayerVersion",
+            Self::GetLayerVersionByArn => "GetLayerVersionByArn",
+            Self::ListLayers => "ListLayers",
+            Self::ListLayerVersions => "ListLayerVersions",
+            Self::DeleteLayerVersion => "DeleteLayerVersion",
+            Self::PutLayerACL => "PutLayerACL",
+            Self::ListRuntimes => "ListRuntimes",
         }
     }
 }
@@ -204,6 +224,38 @@ const ROUTES: &[(Method, &str, Operation)] = &[
         "/2023-03-30/concurrency-configs",
         Operation::ListConcurrencyConfigs,
     ),
+    (
+        Method::POST,
+        "/2023-03-30/layers/{layer}/versions",
+        Operation::CreateLayerVersion,
+    ),
+    (
+        Method::GET,
+        "/2023-03-30/layers/{layer}/versions",
+        Operation::ListLayerVersions,
+    ),
+    (
+        Method::GET,
+        "/2023-03-30/layers/{layer}/versions/{version}",
+        Operation::GetLayerVersion,
+    ),
+    (
+        Method::DELETE,
+        "/2023-03-30/layers/{layer}/versions/{version}",
+        Operation::DeleteLayerVersion,
+    ),
+    (Method::GET, "/2023-03-30/layers", Operation::ListLayers),
+    (
+        Method::PUT,
+        "/2023-03-30/layers/{layer}/acl",
+        Operation::PutLayerACL,
+    ),
+    (
+        Method::GET,
+        "/2023-03-30/layerarn/{arn}",
+        Operation::GetLayerVersionByArn,
+    ),
+    (Method::GET, "/2023-03-30/runtimes", Operation::ListRuntimes),
 ];
 
 /// A matched route.
@@ -212,6 +264,11 @@ pub struct Route {
     pub operation: Operation,
     pub name: Option<FunctionName>,
     pub task: Option<String>,
+    /// `{layer}`, `{version}`, `{arn}`: percent-decoded, checked by the
+    /// layer handlers.
+    pub layer: Option<String>,
+    pub version: Option<String>,
+    pub arn: Option<String>,
 }
 
 /// Match a request against [`ROUTES`].
@@ -225,12 +282,19 @@ pub fn route(method: &Method, path: &str) -> Result<Route, FcError> {
         }
         let mut name = None;
         let mut task = None;
+        let mut layer_params: [Option<&str>; 3] = [None; 3];
         let matched = pat.iter().zip(&segments).all(|(p, s)| {
             if *p == "{name}" {
                 name = Some(*s);
                 !s.is_empty()
             } else if *p == "{task}" {
                 task = Some(*s);
+                !s.is_empty()
+            } else if let Some(i) = ["{layer}", "{version}", "{arn}"]
+                .iter()
+                .position(|x| x == p)
+            {
+                layer_params[i] = Some(*s);
                 !s.is_empty()
             } else {
                 p == s
@@ -263,10 +327,22 @@ pub fn route(method: &Method, path: &str) -> Result<Route, FcError> {
                     .into_owned(),
             ),
         };
+        let decode = |raw: Option<&str>| -> Result<Option<String>, FcError> {
+            raw.map(|r| {
+                percent_encoding::percent_decode_str(r)
+                    .decode_utf8()
+                    .map(|s| s.into_owned())
+                    .map_err(|_| FcError::invalid_argument("path parameter is not UTF-8"))
+            })
+            .transpose()
+        };
         return Ok(Route {
             operation: *op,
             name,
             task,
+            layer: decode(layer_params[0])?,
+            version: decode(layer_params[1])?,
+            arn: decode(layer_params[2])?,
         });
     }
     if path_matched {
@@ -433,6 +509,7 @@ fn body_limit(op: Operation) -> usize {
     match op {
         Operation::CreateFunction | Operation::UpdateFunction => functions::FUNCTION_BODY_MAX,
         Operation::InvokeFunction => kiln_core::limits::SYNC_PAYLOAD_MAX,
+        Operation::CreateLayerVersion => layers::LAYER_BODY_MAX,
         _ => 64 * 1024,
     }
 }
@@ -448,6 +525,8 @@ async fn dispatch(
     let name = route.name;
     let named = || name.clone().expect("route has a name");
     let task = || route.task.clone().expect("route has a task id");
+    let layer = || route.layer.clone().expect("route has a layer name");
+    let version = || route.version.clone().expect("route has a version");
     match route.operation {
         Operation::CreateFunction => functions::create(gw, &caller, body).await,
         Operation::ListFunctions => functions::list(gw, &caller, &parts),
@@ -483,6 +562,22 @@ async fn dispatch(
         Operation::GetConcurrencyConfig => concurrency::get(gw, &caller, &named()).await,
         Operation::DeleteConcurrencyConfig => concurrency::delete(gw, &caller, &named()).await,
         Operation::ListConcurrencyConfigs => concurrency::list(gw, &caller, &parts).await,
+        Operation::CreateLayerVersion => {
+            layers::create_version(gw, &caller, &layer(), body).await
+        }
+        Operation::GetLayerVersion => layers::get_version(gw, &caller, &layer(), &version()),
+        Operation::GetLayerVersionByArn => layers::get_by_arn(
+            gw,
+            &caller,
+            route.arn.as_deref().expect("route has an arn"),
+        ),
+        Operation::ListLayers => layers::list(gw, &caller, &parts),
+        Operation::ListLayerVersions => layers::list_versions(gw, &caller, &layer(), &parts),
+        Operation::DeleteLayerVersion => {
+            layers::delete_version(gw, &caller, &layer(), &version()).await
+        }
+        Operation::PutLayerACL => layers::put_acl(gw, &caller, &layer(), &parts).await,
+        Operation::ListRuntimes => crate::runtimes::list(gw),
     }
 }
 
@@ -543,5 +638,31 @@ mod tests {
         assert_eq!(r.operation, Operation::DeleteConcurrencyConfig);
         let e = route(&Method::POST, "/2023-03-30/functions/f/concurrency").unwrap_err();
         assert_eq!(e.code, FcErrorCode::MethodNotAllowed);
+        let r = route(&Method::POST, "/2023-03-30/layers/my-layer/versions").unwrap();
+        assert_eq!(
+            (r.operation, r.layer.as_deref()),
+            (Operation::CreateLayerVersion, Some("my-layer"))
+        );
+        let r = route(&Method::DELETE, "/2023-03-30/layers/l/versions/2").unwrap();
+        assert_eq!(
+            (r.operation, r.version.as_deref()),
+            (Operation::DeleteLayerVersion, Some("2"))
+        );
+        let r = route(
+            &Method::GET,
+            "/2023-03-30/layerarn/acs%3Afc%3Acn-test%3A1%3Alayers%2Fl%2Fversions%2F1",
+        )
+        .unwrap();
+        assert_eq!(
+            (r.operation, r.arn.as_deref()),
+            (
+                Operation::GetLayerVersionByArn,
+                Some("acs:fc:cn-test:1:layers/l/versions/1")
+            )
+        );
+        let r = route(&Method::PUT, "/2023-03-30/layers/l/acl").unwrap();
+        assert_eq!(r.operation, Operation::PutLayerACL);
+        let r = route(&Method::GET, "/2023-03-30/runtimes").unwrap();
+        assert_eq!(r.operation, Operation::ListRuntimes);
     }
 }

@@ -2,4 +2,5 @@ pub mod bench;
 pub mod dev;
 pub mod functions;
 pub mod nodes;
+pub mod runtimes;
 pub mod tasks;
