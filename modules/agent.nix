@@ -301,9 +301,13 @@ in
     security.allowUserNamespaces = true;
 
     systemd = {
-      tmpfiles.rules = lib.mapAttrsToList (
-        runtime: tree: "L+ ${rootfsDir}/${runtime} - - - - ${tree}"
-      ) cfg.runtimeRootfs;
+      tmpfiles.rules = lib.optionals (cfg.runtimeRootfs != { }) (
+        [
+          "d ${stateDir} 0711 root root -"
+          "d ${rootfsDir} 0755 root root -"
+        ]
+        ++ lib.mapAttrsToList (runtime: tree: "L+ ${rootfsDir}/${runtime} - - - - ${tree}") cfg.runtimeRootfs
+      );
 
       paths.kiln-agent = {
         description = "Start the Kiln agent once its TLS key is installed";
