@@ -577,6 +577,22 @@ impl SandboxDriver for ContainerDriver {
         .await
     }
 
+    async fn exec(
+        &self,
+        id: &InstanceId,
+        req: &crate::exec::ExecRequest,
+    ) -> Result<crate::exec::ExecProcess, SandboxError> {
+        req.validate()?;
+        if !self.instances.lock().expect("lock").contains_key(id) {
+            return Err(SandboxError::NotFound(id.clone()));
+        }
+        tracing::info!(instance_id = %id, tty = req.tty, "exec in instance");
+        self.oci
+            .exec(&self.container_id(id), req)
+            .await
+            .map_err(|e| SandboxError::Exec(chain(&e)))
+    }
+
     async fn list(&self) -> Result<Vec<InstanceId>, SandboxError> {
         let entries = std::fs::read_dir(&self.instances_dir)
             .map_err(|e| fs_err(self.instances_dir.display(), e))?;

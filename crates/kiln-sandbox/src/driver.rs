@@ -21,6 +21,9 @@ pub enum SandboxError {
     Exhausted(String),
     #[error("Instance {0} is not known to this sandbox driver")]
     NotFound(InstanceId),
+    /// Running a command in the instance failed (InstanceExec).
+    #[error("Cannot run the command in the instance: {0}")]
+    Exec(String),
     #[error("The instance's cgroup failed: {0}")]
     Cgroup(String),
 }
@@ -72,6 +75,22 @@ pub trait SandboxDriver: Send + Sync + 'static {
     /// mounts, cgroup, writable files. Idempotent: destroying an unknown or
     /// half-created instance succeeds.
     async fn destroy(&self, id: &InstanceId) -> Result<(), SandboxError>;
+
+    /// Run a command inside the live instance `id` with the function's own
+    /// user, namespaces, seccomp filter and cgroup (FC's InstanceExec). The
+    /// container backend runs `runc exec`; the microVM backend asks its
+    /// guest. Backends without it say so.
+    async fn exec(
+        &self,
+        id: &InstanceId,
+        req: &crate::exec::ExecRequest,
+    ) -> Result<crate::exec::ExecProcess, SandboxError> {
+        let _ = req;
+        Err(SandboxError::Exec(format!(
+            "the {:?} backend cannot run commands in instance {id}",
+            self.kind()
+        )))
+    }
 
     /// The instances this driver has on the node (after an agent restart,
     /// for reconciliation with the scheduler).

@@ -77,6 +77,21 @@ pub trait OciRuntime: Send + Sync + 'static {
     /// state and cgroup.
     async fn delete_force(&self, id: &str) -> Result<(), OciRuntimeError>;
     async fn list(&self) -> Result<Vec<ContainerState>, OciRuntimeError>;
+
+    /// `exec`: run a command in the container's namespaces, cgroup and
+    /// seccomp filter, as its process user, with the session's stdio.
+    async fn exec(
+        &self,
+        id: &str,
+        req: &crate::exec::ExecRequest,
+    ) -> Result<crate::exec::ExecProcess, OciRuntimeError> {
+        let _ = req;
+        Err(OciRuntimeError::Failed {
+            command: "exec",
+            id: id.to_owned(),
+            message: "this runtime cannot exec".into(),
+        })
+    }
 }
 
 /// runc (or crun, which takes the same flags) invoked as a child process,
@@ -284,6 +299,27 @@ impl OciRuntime for RuncCli {
                 message,
             }),
         }
+    }
+
+    async fn exec(
+        &self,
+        id: &str,
+        req: &crate::exec::ExecRequest,
+    ) -> Result<crate::exec::ExecProcess, OciRuntimeError> {
+        let mut cmd = Command::new(&self.binary);
+        // The process settings (user, capabilities, no_new_privileges,
+        // environment, cwd) come from the container's config.json.
+        cmd.arg("--root")
+            .arg(&self.root)
+            .arg("exec")
+            .arg(id)
+            .arg("--");
+        cmd.args(&req.command);
+        crate::exec::spawn(cmd, req).map_err(|e| OciRuntimeError::Failed {
+            command: "exec",
+            id: id.to_owned(),
+            message: e.to_string(),
+        })
     }
 
     async fn list(&self) -> Result<Vec<ContainerState>, OciRuntimeError> {
