@@ -38,6 +38,8 @@ pub enum FcErrorCode {
     /// No layer or layer version by that name, version or ARN visible to
     /// the caller (HTTP 404).
     LayerNotFound,
+    /// No live instance by that id among the function's (HTTP 404).
+    InstanceNotFound,
 }
 
 impl FcErrorCode {
@@ -64,6 +66,7 @@ impl FcErrorCode {
             Self::AsyncConfigNotExists => "AsyncConfigNotExists",
             Self::AsyncTaskNotFound => "AsyncTaskNotFound",
             Self::LayerNotFound => "LayerNotFound",
+            Self::InstanceNotFound => "InstanceNotFound",
         }
     }
 
@@ -80,7 +83,8 @@ impl FcErrorCode {
             | Self::PathNotSupported
             | Self::AsyncConfigNotExists
             | Self::AsyncTaskNotFound
-            | Self::LayerNotFound => 404,
+            | Self::LayerNotFound
+            | Self::InstanceNotFound => 404,
             Self::MethodNotAllowed => 405,
             Self::FunctionAlreadyExists => 409,
             Self::PayloadTooLarge => 413,

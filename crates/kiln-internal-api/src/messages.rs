@@ -55,6 +55,14 @@ pub mod paths {
     pub fn agent_invoke(id: &InstanceId) -> String {
         format!("/v1/instances/{id}/invoke")
     }
+    /// GET a function's `LogRecords` kept on the node (query: accountId,
+    /// functionName, requestId, since, limit).
+    pub const AGENT_LOGS: &str = "/v1/logs";
+    /// POST: run a command in the instance; the request body streams the
+    /// command's stdin and the answer its output, as `exec_frame`s.
+    pub fn agent_exec(id: &InstanceId) -> String {
+        format!("/v1/instances/{id}/exec")
+    }
 
     // Gateway (internal listener).
     pub fn code(digest: &str) -> String {
@@ -69,6 +77,11 @@ pub mod paths {
 pub mod headers {
     /// Set by the agent on its answer: how the invocation ended.
     pub const INVOKE_OUTCOME: &str = "x-kiln-invoke-outcome";
+    /// FC's `x-fc-log-type`, passed by the gateway to the agent explicitly
+    /// (the caller's `x-fc-*` headers are not forwarded).
+    pub const LOG_TYPE: &str = "x-fc-log-type";
+    /// FC's `x-fc-log-result`: the call's log tail, base64.
+    pub const LOG_RESULT: &str = "x-fc-log-result";
 }
 
 /// What a node offers.
@@ -367,4 +380,81 @@ pub struct ProvisionStatus {
 pub struct ProvisionDetail {
     pub status: ProvisionStatus,
     pub config: ProvisionConfig,
+}
+
+/// One line of a function's log, as the agent keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LogRecord {
+    /// Unique on the node (agent process nonce and sequence).
+    pub id: String,
+    pub timestamp_ms: u64,
+    pub instance_id: InstanceId,
+    /// The call the line belongs to; none for the instance's own lines.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    pub message: String,
+}
+
+/// The agent's answer to `GET /v1/logs`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LogRecords {
+    pub records: Vec<LogRecord>,
+}
+
+/// What the gateway asks an agent to run in an instance (`agent_exec`):
+/// sent as the `x-kiln-exec` header, JSON.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExecStart {
+    pub command: Vec<String>,
+    pub tty: bool,
+    pub stdin: bool,
+    /// Who asked (account and access key), for the audit line.
+    pub principal: String,
+}
+
+/// Framing of an exec session on the internal hop: one channel byte
+/// (FC's/Kubernetes' numbering: 0 stdin, 1 stdout, 2 stderr, 3 status), a
+/// big-endian u32 length, the payload. Status carries JSON
+/// `{"exitCode": n}` or `{"error": "..."}` and ends the session.
+pub mod exec_frame {
+    pub const STDIN: u8 = 0;
+    pub const STDOUT: u8 = 1;
+    pub const STDERR: u8 = 2;
+    pub const STATUS: u8 = 3;
+    pub const HEADER: &str = "x-kiln-exec";
+    /// The largest payload a frame may carry.
+    pub const MAX: usize = 1 << 20;
+
+    pub fn encode(channel: u8, payload: &[u8]) -> bytes::Bytes {
+        let mut v = Vec::with_capacity(5 + payload.len());
+        v.push(channel);
+        v.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        v.extend_from_slice(payload);
+        v.into()
+    }
+
+    /// Take whole frames off the front of `buf`; `Err` on a frame over
+    /// [`MAX`].
+    pub fn decode(buf: &mut Vec<u8>) -> Result<Vec<(u8, Vec<u8>)>, String> {
+        let mut out = Vec::new();
+        loop {
+            if buf.len() < 5 {
+                return Ok(out);
+            }
+            let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+            if len > MAX {
+                return Err(format!("exec frame of {len} bytes is over {MAX}"));
+            }
+            if buf.len() < 5 + len {
+                return Ok(out);
+            }
+            let payload = buf[5..5 + len].to_vec();
+            let channel = buf[0];
+            buf.drain(..5 + len);
+            out.push((channel, payload));
+        }
+    }
 }
