@@ -99,6 +99,31 @@ pub struct InstanceSpec {
     /// from the revision) when the function has none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub layers: Vec<String>,
+    /// FC's `internetAccess` and `vpcConfig`: the instance's egress. Absent
+    /// from the JSON (and so from the revision) for FC's default, internet
+    /// access without a VPC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkSpec>,
+}
+
+/// Where an instance may send traffic: FC's `internetAccess` (default true)
+/// and `vpcConfig`. Both false/absent means no egress at all.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkSpec {
+    pub internet_access: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vpc: Option<VpcAttachment>,
+}
+
+/// FC's `vpcConfig`: the VPC, the vSwitches an instance may get its
+/// address from, and the security group whose rules apply to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VpcAttachment {
+    pub vpc_id: String,
+    pub vswitch_ids: Vec<String>,
+    pub security_group_id: String,
 }
 
 /// One of FC's instance lifecycle hooks (`LifecycleHook`): its handler
@@ -151,6 +176,7 @@ pub(crate) mod tests {
             initializer: None,
             pre_stop: None,
             layers: Vec::new(),
+            network: None,
         }
         .seal()
     }

@@ -42,6 +42,7 @@ pub mod exec;
 pub mod layers;
 pub mod instance;
 pub mod mounts;
+pub mod net;
 pub mod netpool;
 pub mod network;
 pub mod oci_runtime;

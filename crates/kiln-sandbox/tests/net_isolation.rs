@@ -1,0 +1,677 @@
+//! Network isolation against the real kernel: nftables, tc, veths, Open
+//! vSwitch (userspace datapath). Everything runs in namespaces this test
+//! creates: the agent's side in an "agent" namespace, a fake internet host
+//! behind its uplink, a fake VPC host on the VPC's OVS bridge. Every name
+//! carries a per-run prefix and is removed by a drop guard, also when the
+//! test fails. No packet leaves the machine: the namespaces have no route
+//! to the host's own network.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kiln_core::{NetworkSpec, VpcAttachment};
+use kiln_sandbox::net::{
+    BandwidthClass, EgressMode, HostInterface, NetIsolation, NetworkConfig, SystemCommands,
+};
+use kiln_sandbox::netpool::NetPool;
+use kiln_sandbox::network::{IpCommand, NetSlot};
+use nix::sched::{setns, CloneFlags};
+
+const PORT: u16 = 7100;
+
+fn skip_reason() -> Option<String> {
+    if !nix::unistd::Uid::effective().is_root() {
+        return Some("needs root".into());
+    }
+    for tool in [
+        "ip",
+        "nft",
+        "tc",
+        "ovs-vsctl",
+        "ovs-ofctl",
+        "ethtool",
+        "iperf3",
+    ] {
+        let ok = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            return Some(format!(
+                "{tool} is not installed (scripts/install-deps.sh installs it)"
+            ));
+        }
+    }
+    None
+}
+
+fn sh(args: &[&str]) -> Result<String, String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "{}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+fn must(args: &[&str]) -> String {
+    sh(args).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Make sure ovsdb-server and ovs-vswitchd run; returns ovs-vswitchd's pid.
+fn ensure_ovs() -> String {
+    if sh(&["ovs-vsctl", "--timeout=5", "show"]).is_err() {
+        let _ = sh(&[
+            "/usr/share/openvswitch/scripts/ovs-ctl",
+            "start",
+            "--system-id=random",
+        ]);
+    }
+    must(&["ovs-vsctl", "--timeout=5", "show"]);
+    std::fs::read_to_string("/run/openvswitch/ovs-vswitchd.pid")
+        .expect("ovs-vswitchd pid file")
+        .trim()
+        .to_owned()
+}
+
+/// The per-run topology; dropping it removes every namespace, link and
+/// bridge of the run.
+struct Topology {
+    prefix: String,
+    agent: String,
+    inet: String,
+    vpch: String,
+    children: Mutex<Vec<Child>>,
+}
+
+impl Topology {
+    fn new(tag: char) -> Self {
+        let nonce = std::process::id()
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .subsec_nanos();
+        let prefix = format!("n{tag}{:04x}", nonce & 0xffff);
+        let t = Self {
+            agent: format!("{prefix}agent"),
+            inet: format!("{prefix}inet"),
+            vpch: format!("{prefix}vpch"),
+            prefix,
+            children: Mutex::new(Vec::new()),
+        };
+        for ns in [&t.agent, &t.inet, &t.vpch] {
+            must(&["ip", "netns", "add", ns]);
+            must(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+        }
+        // Uplink: agent `<p>up` 10.200.0.1 <-> internet host 10.200.0.2.
+        let up = format!("{}up", t.prefix);
+        must(&[
+            "ip", "-n", &t.agent, "link", "add", &up, "type", "veth", "peer", "name", "eth0",
+            "netns", &t.inet,
+        ]);
+        must(&[
+            "ip",
+            "-n",
+            &t.agent,
+            "addr",
+            "add",
+            "10.200.0.1/24",
+            "dev",
+            &up,
+        ]);
+        must(&["ip", "-n", &t.agent, "link", "set", &up, "up"]);
+        must(&[
+            "ip",
+            "-n",
+            &t.inet,
+            "addr",
+            "add",
+            "10.200.0.2/24",
+            "dev",
+            "eth0",
+        ]);
+        must(&["ip", "-n", &t.inet, "link", "set", "eth0", "up"]);
+        // VPC host: `<p>vh` (host side, later an OVS port) <-> 192.168.50.10.
+        let vh = format!("{}vh", t.prefix);
+        must(&[
+            "ip", "link", "add", &vh, "type", "veth", "peer", "name", "eth0", "netns", &t.vpch,
+        ]);
+        must(&[
+            "ip",
+            "-n",
+            &t.vpch,
+            "addr",
+            "add",
+            "192.168.50.10/24",
+            "dev",
+            "eth0",
+        ]);
+        must(&["ip", "-n", &t.vpch, "link", "set", "eth0", "up"]);
+        // A real VPC host's NIC finishes its checksums; a veth leaves them
+        // to offload, which the userspace datapath does not do.
+        must(&[
+            "ip", "netns", "exec", &t.vpch, "ethtool", "-K", "eth0", "tx", "off",
+        ]);
+        must(&["ip", "link", "set", &vh, "up"]);
+        t
+    }
+
+    fn config(&self, ovs_pid: &str, rate: u32) -> NetworkConfig {
+        serde_json::from_value(serde_json::json!({
+            "uplink_interface": format!("{}up", self.prefix),
+            "standard_bandwidth_mbit": rate,
+            "performance_bandwidth_mbit": rate * 5,
+            "ovs_netns": ovs_pid,
+            "vpcs": [{
+                "id": "vpc-test",
+                "cidr": "192.168.0.0/16",
+                "vswitches": [{"id": "vsw-test", "cidr": "192.168.50.0/24",
+                    "gateway": "192.168.50.1", "instance_pool": "192.168.50.128/25"}],
+                "security_groups": [{"id": "sg-test",
+                    "ingress": [{"protocol": "udp", "port_range": format!("{PORT}/{PORT}"), "cidr": "192.168.50.0/24"}]}]
+            }]
+        }))
+        .unwrap()
+    }
+
+    fn spawn(&self, args: &[&str]) {
+        let child = Command::new(args[0])
+            .args(&args[1..])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.children.lock().unwrap().push(child);
+    }
+
+    /// Names of everything of the run that exists: namespaces, links in
+    /// the agent's namespace and the host's, OVS bridges.
+    fn leftovers(&self, instance_prefix: &str) -> Vec<String> {
+        let mut found = Vec::new();
+        let netns = must(&["ip", "netns", "list"]);
+        found.extend(
+            netns
+                .lines()
+                .filter_map(|l| l.split_whitespace().next())
+                .filter(|n| n.starts_with(&format!("{instance_prefix}-")))
+                .map(str::to_owned),
+        );
+        for links in [
+            must(&["ip", "-n", &self.agent, "-o", "link", "show"]),
+            must(&["ip", "-o", "link", "show"]),
+        ] {
+            for l in links.lines() {
+                let name = l
+                    .split(": ")
+                    .nth(1)
+                    .unwrap_or("")
+                    .split('@')
+                    .next()
+                    .unwrap_or("");
+                if name.starts_with(instance_prefix)
+                    && name != format!("{}up", self.prefix)
+                    && name != format!("{}vh", self.prefix)
+                {
+                    found.push(name.to_owned());
+                }
+            }
+        }
+        found.extend(
+            must(&["ovs-vsctl", "list-br"])
+                .lines()
+                .filter(|b| b.starts_with(instance_prefix))
+                .map(str::to_owned),
+        );
+        found
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        for mut c in self.children.lock().unwrap().drain(..) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if let Ok(brs) = sh(&["ovs-vsctl", "list-br"]) {
+            for br in brs.lines().filter(|b| b.starts_with(&self.prefix)) {
+                let _ = sh(&["ovs-vsctl", "--if-exists", "del-br", br]);
+            }
+        }
+        let _ = sh(&["ip", "link", "delete", &format!("{}vh", self.prefix)]);
+        if let Ok(links) = sh(&["ip", "-o", "link", "show"]) {
+            for l in links.lines() {
+                let name = l
+                    .split(": ")
+                    .nth(1)
+                    .unwrap_or("")
+                    .split('@')
+                    .next()
+                    .unwrap_or("");
+                if name.starts_with(&self.prefix) {
+                    let _ = sh(&["ip", "link", "delete", name]);
+                }
+            }
+        }
+        if let Ok(list) = sh(&["ip", "netns", "list"]) {
+            for ns in list.lines().filter_map(|l| l.split_whitespace().next()) {
+                if ns.starts_with(&self.prefix) {
+                    let _ = sh(&["ip", "netns", "delete", ns]);
+                }
+            }
+        }
+    }
+}
+
+fn enter(ns: &str) {
+    let f = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
+    setns(f, CloneFlags::CLONE_NEWNET).unwrap();
+}
+
+/// Run `f` on a thread inside netns `ns`, with a current-thread runtime:
+/// every process it spawns (ip, nft, tc) is in that namespace too.
+fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let ns = ns.to_owned();
+    std::thread::spawn(move || {
+        enter(&ns);
+        f()
+    })
+    .join()
+    .unwrap()
+}
+
+/// A UDP echo server in `ns` on `PORT`, recording what it received.
+struct Echo {
+    seen: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Echo {
+    fn start(ns: &str) -> Self {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s2, st2, ns) = (seen.clone(), stop.clone(), ns.to_owned());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            enter(&ns);
+            let sock = UdpSocket::bind(("0.0.0.0", PORT)).unwrap();
+            sock.set_read_timeout(Some(Duration::from_millis(50)))
+                .unwrap();
+            tx.send(()).unwrap();
+            let mut buf = [0u8; 512];
+            while !st2.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                    s2.lock()
+                        .unwrap()
+                        .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+                    let _ = sock.send_to(&buf[..n], from);
+                }
+            }
+        });
+        rx.recv().unwrap();
+        Self { seen, stop }
+    }
+
+    fn saw(&self, token: &str) -> bool {
+        self.seen.lock().unwrap().iter().any(|t| t == token)
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// From netns `ns` (bound to `src` when given) send `token` to `to`;
+/// whether the echo came back.
+fn probe(ns: &str, src: Option<Ipv4Addr>, to: SocketAddr, token: &str) -> bool {
+    let token = token.to_owned();
+    in_ns(ns, move || {
+        let sock = UdpSocket::bind((src.unwrap_or(Ipv4Addr::UNSPECIFIED), 0)).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(400)))
+            .unwrap();
+        let _ = sock.send_to(token.as_bytes(), to);
+        let mut buf = [0u8; 512];
+        matches!(sock.recv_from(&mut buf), Ok((n, _)) if buf[..n] == *token.as_bytes())
+    })
+}
+
+fn vpc_attachment() -> VpcAttachment {
+    VpcAttachment {
+        vpc_id: "vpc-test".into(),
+        vswitch_ids: vec!["vsw-test".into()],
+        security_group_id: "sg-test".into(),
+    }
+}
+
+fn spec_for(mode: EgressMode) -> Option<NetworkSpec> {
+    match mode {
+        EgressMode::Internet => None,
+        EgressMode::Vpc => Some(NetworkSpec {
+            internet_access: false,
+            vpc: Some(vpc_attachment()),
+        }),
+        EgressMode::InternetAndVpc => Some(NetworkSpec {
+            internet_access: true,
+            vpc: Some(vpc_attachment()),
+        }),
+        EgressMode::None => Some(NetworkSpec {
+            internet_access: false,
+            vpc: None,
+        }),
+    }
+}
+
+type Row = BTreeMap<&'static str, bool>;
+
+#[test]
+fn egress_modes_reach_exactly_what_they_should_and_leave_nothing() {
+    if let Some(why) = skip_reason() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let ovs_pid = ensure_ovs();
+    let topo = Arc::new(Topology::new('e'));
+    let ip = topo.prefix.clone();
+    let config = topo.config(&ovs_pid, 1000);
+    let agent = topo.agent.clone();
+    let t2 = topo.clone();
+    // Agent side: a pool of instance namespaces and the isolation, all in
+    // the agent's namespace.
+    let (slots, nets) = in_ns(&agent, move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let pool = NetPool::new(
+                Arc::new(IpCommand::default()),
+                &ip,
+                "10.213.0.0/24".parse().unwrap(),
+                0,
+            );
+            let iso = NetIsolation::start(&ip, config, Arc::new(SystemCommands))
+                .await
+                .unwrap();
+            let modes = [
+                EgressMode::Internet,
+                EgressMode::Vpc,
+                EgressMode::InternetAndVpc,
+                EgressMode::None,
+                EgressMode::Internet,
+            ];
+            let mut slots = Vec::new();
+            let mut nets = Vec::new();
+            for mode in modes {
+                let slot = pool.take().await.unwrap();
+                let net = iso
+                    .attach(
+                        &HostInterface::from(&slot),
+                        spec_for(mode).as_ref(),
+                        BandwidthClass::Standard,
+                    )
+                    .await
+                    .unwrap();
+                assert_eq!(net.egress, mode);
+                slots.push(slot);
+                nets.push(net);
+            }
+            // Keep the agent objects alive across the probes by parking
+            // them in a global.
+            AGENT.lock().unwrap().replace((pool, iso));
+            let _ = &t2;
+            (slots, nets)
+        })
+    });
+    // The VPC host's port joins the bridge the first VPC instance made.
+    must(&[
+        "ovs-vsctl",
+        "add-port",
+        &format!("{}v0", topo.prefix),
+        &format!("{}vh", topo.prefix),
+    ]);
+
+    let internet = Echo::start(&topo.inet);
+    let vpc = Echo::start(&topo.vpch);
+    let node = Echo::start(&topo.agent);
+    let instances: Vec<Echo> = slots.iter().map(|s| Echo::start(&s.name)).collect();
+    let other = &slots[4];
+    let to = |a: Ipv4Addr| SocketAddr::new(a.into(), PORT);
+    let mut table: BTreeMap<String, Row> = BTreeMap::new();
+    let mut n = 0;
+    let mut token = || {
+        n += 1;
+        format!("t{n}")
+    };
+    for (i, slot) in slots.iter().take(4).enumerate() {
+        let mode = nets[i].egress;
+        let ns = &slot.name;
+        let mut row = Row::new();
+        row.insert(
+            "internet",
+            probe(ns, None, to("10.200.0.2".parse().unwrap()), &token()),
+        );
+        row.insert(
+            "vpc",
+            probe(ns, None, to("192.168.50.10".parse().unwrap()), &token()),
+        );
+        row.insert(
+            "other instance",
+            probe(ns, None, to(other.instance_addr), &token()),
+        );
+        let (a, b) = (token(), token());
+        row.insert(
+            "node services",
+            probe(ns, None, to(slot.host_addr), &a)
+                || probe(ns, None, to("10.200.0.1".parse().unwrap()), &b)
+                || node.saw(&a)
+                || node.saw(&b),
+        );
+        // A spoofed source: another instance's address, set on the
+        // instance's own interface.
+        let spoof = other.instance_addr;
+        must(&[
+            "ip",
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{spoof}/32"),
+            "dev",
+            "eth0",
+        ]);
+        let (a, b) = (token(), token());
+        probe(ns, Some(spoof), to("10.200.0.2".parse().unwrap()), &a);
+        probe(ns, Some(spoof), to("192.168.50.10".parse().unwrap()), &b);
+        std::thread::sleep(Duration::from_millis(100));
+        row.insert("spoofed source", internet.saw(&a) || vpc.saw(&b));
+        must(&[
+            "ip",
+            "-n",
+            ns,
+            "addr",
+            "del",
+            &format!("{spoof}/32"),
+            "dev",
+            "eth0",
+        ]);
+        // Inbound: the VPC host to the instance's VPC address (its security
+        // group allows UDP 7100), and the agent to the instance's port.
+        row.insert(
+            "from VPC",
+            nets[i]
+                .vpc_address
+                .as_ref()
+                .is_some_and(|(_, a)| probe(&topo.vpch, None, to(*a), &token())),
+        );
+        row.insert(
+            "agent to instance",
+            probe(&topo.agent, None, to(slot.instance_addr), &token()),
+        );
+        table.insert(format!("{mode:?}"), row);
+    }
+    drop(instances);
+    eprintln!("reachability (egress mode -> target -> got through):");
+    for (mode, row) in &table {
+        eprintln!("  {mode:<15} {row:?}");
+    }
+    let expect = |internet, vpc, from_vpc| -> Row {
+        [
+            ("internet", internet),
+            ("vpc", vpc),
+            ("other instance", false),
+            ("node services", false),
+            ("spoofed source", false),
+            ("from VPC", from_vpc),
+            ("agent to instance", true),
+        ]
+        .into_iter()
+        .collect()
+    };
+    let want: BTreeMap<String, Row> = [
+        ("Internet", expect(true, false, false)),
+        ("Vpc", expect(false, true, true)),
+        ("InternetAndVpc", expect(true, true, true)),
+        ("None", expect(false, false, false)),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    assert_eq!(table, want);
+    // The masquerade hid the instance's private address from the internet
+    // host, and the VPC host saw the instance's VPC address: both echoed, so
+    // replies found their way back through the NAT.
+
+    // Release everything: no namespace, veth, ifb, rule or bridge is left.
+    let ip = topo.prefix.clone();
+    let rules_left = in_ns(&agent, move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let (pool, iso) = AGENT.lock().unwrap().take().unwrap();
+            for slot in &slots {
+                iso.detach(&slot.name).await.unwrap();
+                pool.release(slot).await.unwrap();
+            }
+            let table = must(&["nft", "list", "table", "inet", &ip]);
+            iso.shutdown().await.unwrap();
+            let gone = sh(&["nft", "list", "table", "inet", &ip]).is_err();
+            (table, gone)
+        })
+    });
+    let (table_after_release, table_gone) = rules_left;
+    for chain in ["chain e-", "chain i-", ": jump", ": 10.213"] {
+        assert!(
+            !table_after_release.contains(chain),
+            "{chain} left in {table_after_release}"
+        );
+    }
+    assert!(table_gone, "the table is removed at shutdown");
+    assert_eq!(topo.leftovers(&topo.prefix), Vec::<String>::new());
+}
+
+static AGENT: Mutex<Option<(NetPool, NetIsolation)>> = Mutex::new(None);
+
+fn iperf_rate(agent: &str, to: Ipv4Addr, reverse: bool) -> f64 {
+    let addr = to.to_string();
+    let mut args = vec![
+        "ip", "netns", "exec", agent, "iperf3", "-c", &addr, "-p", "5201", "-t", "4", "-O", "1",
+        "-J",
+    ];
+    if reverse {
+        args.push("-R");
+    }
+    let out = must(&args);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap()
+        / 1e6
+}
+
+#[test]
+fn bandwidth_is_capped_at_the_configured_rate() {
+    if let Some(why) = skip_reason() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let topo = Topology::new('b');
+    let ip = topo.prefix.clone();
+    let config = topo.config("1", 100);
+    let (slot, pool_iso): (NetSlot, _) = in_ns(&topo.agent, move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let pool = NetPool::new(
+                Arc::new(IpCommand::default()),
+                &ip,
+                "10.213.0.0/24".parse().unwrap(),
+                0,
+            );
+            let iso = NetIsolation::start(&ip, config, Arc::new(SystemCommands))
+                .await
+                .unwrap();
+            let slot = pool.take().await.unwrap();
+            let net = iso
+                .attach(&HostInterface::from(&slot), None, BandwidthClass::Standard)
+                .await
+                .unwrap();
+            assert_eq!(net.bandwidth_mbit, 100);
+            (slot, (pool, iso))
+        })
+    });
+    let mut rates = Vec::new();
+    for reverse in [false, true] {
+        topo.spawn(&[
+            "ip", "netns", "exec", &slot.name, "iperf3", "-s", "-1", "-p", "5201",
+        ]);
+        std::thread::sleep(Duration::from_millis(300));
+        let r = iperf_rate(&topo.agent, slot.instance_addr, reverse);
+        eprintln!(
+            "{}: {r:.1} Mbit/s (configured 100)",
+            if reverse {
+                "from the instance"
+            } else {
+                "to the instance"
+            }
+        );
+        rates.push(r);
+    }
+    let (pool, iso) = pool_iso;
+    let name = slot.name.clone();
+    let agent = topo.agent.clone();
+    in_ns(&agent, move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            iso.detach(&name).await.unwrap();
+            pool.release(&slot).await.unwrap();
+            iso.shutdown().await.unwrap();
+        })
+    });
+    for r in rates {
+        assert!(
+            (90.0..=110.0).contains(&r),
+            "{r} Mbit/s is not within 10% of 100"
+        );
+    }
+    assert_eq!(topo.leftovers(&topo.prefix), Vec::<String>::new());
+}
