@@ -40,6 +40,18 @@ pub enum FcErrorCode {
     LayerNotFound,
     /// No live instance by that id among the function's (HTTP 404).
     InstanceNotFound,
+    /// A temporary (STS) credential's security token has expired (HTTP 403).
+    #[serde(rename = "InvalidSecurityToken.Expired")]
+    InvalidSecurityTokenExpired,
+    /// A security token that is not one this service issued (HTTP 403).
+    #[serde(rename = "InvalidSecurityToken.Malformed")]
+    InvalidSecurityTokenMalformed,
+    /// A security token issued for another access key (HTTP 403).
+    #[serde(rename = "InvalidSecurityToken.MismatchWithAccessKey")]
+    InvalidSecurityTokenMismatchWithAccessKey,
+    /// RAM's code for a role that does not exist (HTTP 404).
+    #[serde(rename = "EntityNotExist.Role")]
+    EntityNotExistRole,
 }
 
 impl FcErrorCode {
@@ -67,6 +79,12 @@ impl FcErrorCode {
             Self::AsyncTaskNotFound => "AsyncTaskNotFound",
             Self::LayerNotFound => "LayerNotFound",
             Self::InstanceNotFound => "InstanceNotFound",
+            Self::InvalidSecurityTokenExpired => "InvalidSecurityToken.Expired",
+            Self::InvalidSecurityTokenMalformed => "InvalidSecurityToken.Malformed",
+            Self::InvalidSecurityTokenMismatchWithAccessKey => {
+                "InvalidSecurityToken.MismatchWithAccessKey"
+            }
+            Self::EntityNotExistRole => "EntityNotExist.Role",
         }
     }
 
@@ -78,13 +96,17 @@ impl FcErrorCode {
             | Self::InvalidAccessKeyId
             | Self::RequestTimeTooSkewed
             | Self::SignatureNonceUsed
-            | Self::AccessDenied => 403,
+            | Self::AccessDenied
+            | Self::InvalidSecurityTokenExpired
+            | Self::InvalidSecurityTokenMalformed
+            | Self::InvalidSecurityTokenMismatchWithAccessKey => 403,
             Self::FunctionNotFound
             | Self::PathNotSupported
             | Self::AsyncConfigNotExists
             | Self::AsyncTaskNotFound
             | Self::LayerNotFound
-            | Self::InstanceNotFound => 404,
+            | Self::InstanceNotFound
+            | Self::EntityNotExistRole => 404,
             Self::MethodNotAllowed => 405,
             Self::FunctionAlreadyExists => 409,
             Self::PayloadTooLarge => 413,
@@ -166,6 +188,20 @@ mod tests {
         assert_eq!(v["Message"], "function 'x' does not exist");
         assert_eq!(v["RequestId"], "r-1");
         assert_eq!(e.code.http_status(), 404);
+    }
+
+    #[test]
+    fn dotted_codes_serialise_as_their_fc_string() {
+        for code in [
+            FcErrorCode::InvalidSecurityTokenExpired,
+            FcErrorCode::InvalidSecurityTokenMalformed,
+            FcErrorCode::InvalidSecurityTokenMismatchWithAccessKey,
+            FcErrorCode::EntityNotExistRole,
+        ] {
+            let s = serde_json::to_string(&code).unwrap();
+            assert_eq!(s, format!("\"{}\"", code.as_str()));
+            assert_eq!(serde_json::from_str::<FcErrorCode>(&s).unwrap(), code);
+        }
     }
 
     #[test]

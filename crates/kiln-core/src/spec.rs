@@ -99,6 +99,11 @@ pub struct InstanceSpec {
     /// from the revision) when the function has none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub layers: Vec<String>,
+    /// FC's `role` (`acs:ram::<account>:role/<name>`): the agent fetches
+    /// temporary credentials for it from the gateway (never carried here).
+    /// Absent from the JSON (and so from the revision) when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
     /// FC's `internetAccess` and `vpcConfig`: the instance's egress. Absent
     /// from the JSON (and so from the revision) for FC's default, internet
     /// access without a VPC.
@@ -176,6 +181,7 @@ pub(crate) mod tests {
             initializer: None,
             pre_stop: None,
             layers: Vec::new(),
+            role: None,
             network: None,
         }
         .seal()

@@ -241,6 +241,7 @@ pub(crate) mod tests {
             initializer: None,
             pre_stop: None,
             layers: Vec::new(),
+            role: None,
             network: None,
         }
         .seal()

@@ -216,6 +216,7 @@ fn spec(runtime: RuntimeName, command: &[&str], env_marker: &str) -> InstanceSpe
         initializer: None,
         pre_stop: None,
         layers: Vec::new(),
+        role: None,
         network: None,
     }
     .seal()

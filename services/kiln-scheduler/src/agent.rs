@@ -217,6 +217,7 @@ mod tests {
                 initializer,
                 pre_stop: None,
                 layers: Vec::new(),
+                role: None,
                 network: None,
             }
             .seal()

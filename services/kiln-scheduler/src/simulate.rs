@@ -88,6 +88,7 @@ fn sim_spec(account: u32, function: u32, memory_mb: u32, concurrency: u32) -> In
         initializer: None,
         pre_stop: None,
         layers: Vec::new(),
+        role: None,
         network: None,
     }
     .seal()

@@ -113,6 +113,7 @@ fn spec(function: &str, concurrency: u32) -> InstanceSpec {
         initializer: None,
         pre_stop: None,
         layers: Vec::new(),
+        role: None,
         network: None,
     }
     .seal()

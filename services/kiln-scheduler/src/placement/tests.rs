@@ -32,6 +32,7 @@ pub(crate) fn spec(
         initializer: None,
         pre_stop: None,
         layers: Vec::new(),
+        role: None,
         network: None,
     }
     .seal()
