@@ -19,6 +19,8 @@ pub enum SandboxError {
     OciRuntime(String),
     #[error("Node is out of {0}")]
     Exhausted(String),
+    #[error("The microVM failed: {0}")]
+    Vmm(String),
     #[error("Instance {0} is not known to this sandbox driver")]
     NotFound(InstanceId),
     /// Running a command in the instance failed (InstanceExec).

@@ -41,8 +41,8 @@ pub mod driver;
 pub mod exec;
 pub mod layers;
 pub mod instance;
+pub mod microvm;
 pub mod mounts;
-pub mod net;
 pub mod netpool;
 pub mod network;
 pub mod oci_runtime;
@@ -50,6 +50,7 @@ pub mod rootfs;
 
 pub use config::{ContainerConfig, ContainerConfigError, Ipv4Cidr, OciRuntimeKind};
 pub use container::ContainerDriver;
+pub use microvm::{MicroVmConfig, MicroVmDriver};
 pub use driver::{Sandbox, SandboxDriver, SandboxError, SandboxRequest};
 pub use exec::{ExecChild, ExecProcess, ExecRequest};
 pub use rootfs::rootfs_path;

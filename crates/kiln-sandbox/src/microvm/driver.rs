@@ -1,0 +1,1226 @@
+//! [`MicroVmDriver`]: one cloud-hypervisor process per instance.
+//!
+//! Per VM, `state_dir/microvm/vms/<prefix>-<slot>/` holds `api.sock` (the
+//! VMM's API), `vsock.sock` (hybrid vsock to kiln-guest), `console.log`
+//! (the guest's serial console), `vmm.log` (the VMM's own output),
+//! `scratch.img` (the instance's writable disk) and `vm.json` (what cleanup
+//! after a crash needs). The tap and the VMM's cgroup carry the same name.
+//! Read-only disk images live in `state_dir/microvm/images/`, built once per
+//! runtime and per code digest; snapshots in `state_dir/microvm/snapshots/`.
+//!
+//! A VM is booted (or restored) as a *base*: kernel, initramfs, runtime
+//! disk, tap, vsock, serial, and kiln-guest reporting Ready. A base that
+//! waits in the pool is paused. Giving a base to an instance adds the code
+//! and scratch disks (in `vm.create` on a cold boot, by `vm.add-disk` for a
+//! pooled one, so the guest sees the same devices either way), sends the
+//! guest its configuration, and starts the instance's relay (see
+//! [`super::relay`]) whose loopback address is the sandbox endpoint.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use kiln_core::{InstanceId, RuntimeName, SandboxKind};
+use kiln_guest_proto::vsock::{connect_hybrid_vsock_retry, GUEST_VSOCK_PORT};
+use kiln_guest_proto::{
+    Disk, DiskConfig as GuestDisks, FsType, GuestClient, GuestConfig, NetworkConfig, ProcessConfig,
+};
+use serde::{Deserialize, Serialize};
+use tokio::process::Child;
+use tracing::Instrument;
+
+use super::api::{
+    ConsoleConfig, ConsoleMode, CpusConfig, DiskConfig, MemoryConfig, NetConfig, PayloadConfig,
+    VmConfig, VsockConfig,
+};
+use super::client::{VmmApiError, VmmClient};
+use super::config::MicroVmConfig;
+use super::host::{
+    build_erofs, HostError, IpTaps, SysCgroups, TapOps, TapSpec, VmmCgroups, VmmCommand,
+};
+use super::relay::Relay;
+use crate::bundle;
+use crate::driver::{Sandbox, SandboxDriver, SandboxError, SandboxRequest};
+use crate::rootfs::rootfs_path;
+
+/// The guest's CID (any value >= 3; every VM has its own vsock device).
+const GUEST_CID: u64 = 3;
+/// How long a VMM has to exit after `vmm.shutdown` before it is killed.
+const EXIT_GRACE: Duration = Duration::from_secs(2);
+
+fn vmm_err(what: &str, e: impl std::fmt::Display) -> SandboxError {
+    SandboxError::Vmm(format!("{what}: {e}"))
+}
+
+fn fs_err(what: impl std::fmt::Display, e: impl std::fmt::Display) -> SandboxError {
+    SandboxError::Filesystem(format!("{what}: {e}"))
+}
+
+fn host_err(e: HostError) -> SandboxError {
+    match e {
+        HostError::Io { .. } => SandboxError::Filesystem(e.to_string()),
+        other => SandboxError::Network(other.to_string()),
+    }
+}
+
+/// Find `name` on PATH.
+fn find_binary(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// VMs in the pool are interchangeable when these match.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub runtime: RuntimeName,
+    pub memory_mb: u32,
+    pub vcpus: u32,
+}
+
+impl PoolKey {
+    pub fn new(runtime: RuntimeName, memory_mb: u32, cpu_milli: u32) -> Self {
+        Self {
+            runtime,
+            memory_mb,
+            vcpus: cpu_milli.div_ceil(1000).clamp(1, 16),
+        }
+    }
+
+    fn dir_name(&self) -> String {
+        format!("{}-{}m-{}c", self.runtime, self.memory_mb, self.vcpus)
+    }
+}
+
+/// `vm.json`: what cleanup after an agent crash needs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VmRecord {
+    pid: Option<u32>,
+    instance_id: Option<InstanceId>,
+}
+
+/// One VMM process and everything it holds on the host.
+struct Vm {
+    name: String,
+    slot: u32,
+    dir: PathBuf,
+    key: PoolKey,
+    host_addr: Ipv4Addr,
+    guest_addr: Ipv4Addr,
+    child: Mutex<Option<Child>>,
+    pid: Option<u32>,
+    client: VmmClient,
+    guest: Option<GuestClient>,
+    /// Disks attached so far (the guest sees them as vda, vdb, ...).
+    disks: usize,
+}
+
+impl Vm {
+    fn api_socket(&self) -> PathBuf {
+        self.dir.join("api.sock")
+    }
+    fn vsock_socket(&self) -> PathBuf {
+        self.dir.join("vsock.sock")
+    }
+    fn exited(&self) -> Option<String> {
+        let mut child = self.child.lock().expect("lock");
+        match child.as_mut().map(Child::try_wait) {
+            None => Some("the VMM was not started".into()),
+            Some(Ok(None)) => None,
+            Some(Ok(Some(status))) => Some(format!("the VMM exited ({status})")),
+            Some(Err(e)) => Some(format!("the VMM cannot be waited for: {e}")),
+        }
+    }
+    fn console_tail(&self) -> String {
+        let mut tail = String::new();
+        for file in ["vmm.log", "console.log"] {
+            if let Ok(text) = std::fs::read_to_string(self.dir.join(file)) {
+                let lines: Vec<&str> = text.lines().rev().take(5).collect();
+                if !lines.is_empty() {
+                    let joined: Vec<&str> = lines.into_iter().rev().collect();
+                    tail.push_str(&format!("; {file}: {}", joined.join(" | ")));
+                }
+            }
+        }
+        tail
+    }
+}
+
+struct Instance {
+    vm: Vm,
+    _relay: Relay,
+}
+
+/// Runs instances as cloud-hypervisor microVMs. See the module docs.
+pub struct MicroVmDriver {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: MicroVmConfig,
+    binary: PathBuf,
+    mkfs_erofs: PathBuf,
+    mkfs_ext4: PathBuf,
+    vms_dir: PathBuf,
+    images_dir: PathBuf,
+    snapshots_dir: PathBuf,
+    rootfs_dir: PathBuf,
+    region: Option<String>,
+    vmm_env: Vec<(String, String)>,
+    taps: Arc<dyn TapOps>,
+    cgroups: Arc<dyn VmmCgroups>,
+    slots: Mutex<BTreeSet<u32>>,
+    instances: Mutex<HashMap<InstanceId, Arc<Instance>>>,
+    pool: Mutex<HashMap<PoolKey, Vec<Vm>>>,
+    refilling: Mutex<HashSet<PoolKey>>,
+    images_lock: tokio::sync::Mutex<()>,
+    snapshot_lock: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for MicroVmDriver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MicroVmDriver")
+            .field("name_prefix", &self.inner.config.name_prefix)
+            .field("vms_dir", &self.inner.vms_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What [`MicroVmDriver::with_backends`] takes besides the configuration.
+pub struct MicroVmBackends {
+    pub taps: Arc<dyn TapOps>,
+    pub cgroups: Arc<dyn VmmCgroups>,
+    /// Extra environment for every VMM (the fake VMM's switches in tests).
+    pub vmm_env: Vec<(String, String)>,
+}
+
+impl MicroVmDriver {
+    /// The real driver: taps through `ip`, cgroups under /sys/fs/cgroup.
+    pub async fn new(config: MicroVmConfig, state_dir: &Path) -> Result<Self, SandboxError> {
+        let cgroups = Arc::new(SysCgroups {
+            root: PathBuf::from(crate::cgroup::CGROUP_ROOT),
+            parent: config.cgroup_parent.clone(),
+        });
+        Self::with_backends(
+            config,
+            state_dir,
+            MicroVmBackends {
+                taps: Arc::new(IpTaps::default()),
+                cgroups,
+                vmm_env: vec![],
+            },
+        )
+        .await
+    }
+
+    pub async fn with_backends(
+        config: MicroVmConfig,
+        state_dir: &Path,
+        backends: MicroVmBackends,
+    ) -> Result<Self, SandboxError> {
+        config.validate().map_err(|e| vmm_err("configuration", e))?;
+        let binary = match &config.cloud_hypervisor_path {
+            Some(p) if p.is_file() => p.clone(),
+            Some(p) => {
+                return Err(vmm_err(
+                    "cloud_hypervisor_path",
+                    format!("{} does not exist", p.display()),
+                ))
+            }
+            None => find_binary("cloud-hypervisor")
+                .ok_or_else(|| vmm_err("cloud-hypervisor", "not installed (not found on PATH)"))?,
+        };
+        for (what, p) in [("kernel", &config.kernel), ("initramfs", &config.initramfs)] {
+            if !p.is_file() {
+                return Err(SandboxError::RuntimeUnavailable {
+                    runtime: "guest image".into(),
+                    reason: format!(
+                        "the guest {what} {} does not exist; build it with images/guest/build.sh",
+                        p.display()
+                    ),
+                });
+            }
+        }
+        let tool = |name: &str| {
+            find_binary(name).ok_or_else(|| fs_err(name, "not installed (not found on PATH)"))
+        };
+        let mkfs_erofs = tool("mkfs.erofs")?;
+        let mkfs_ext4 = tool("mkfs.ext4")?;
+        let base = state_dir.join("microvm");
+        let vms_dir = base.join("vms");
+        let images_dir = base.join("images");
+        let snapshots_dir = base.join("snapshots");
+        for dir in [&base, &vms_dir, &images_dir, &snapshots_dir] {
+            std::fs::create_dir_all(dir).map_err(|e| fs_err(dir.display(), e))?;
+            // The VMM may run as another user: it must reach its own dir
+            // and read the images.
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
+                .map_err(|e| fs_err(dir.display(), e))?;
+        }
+        let rootfs_dir = config
+            .rootfs_dir
+            .clone()
+            .unwrap_or_else(|| state_dir.join("rootfs"));
+        let inner = Arc::new(Inner {
+            config,
+            binary,
+            mkfs_erofs,
+            mkfs_ext4,
+            vms_dir,
+            images_dir,
+            snapshots_dir,
+            rootfs_dir,
+            region: None,
+            vmm_env: backends.vmm_env,
+            taps: backends.taps,
+            cgroups: backends.cgroups,
+            slots: Mutex::new(BTreeSet::new()),
+            instances: Mutex::new(HashMap::new()),
+            pool: Mutex::new(HashMap::new()),
+            refilling: Mutex::new(HashSet::new()),
+            images_lock: tokio::sync::Mutex::new(()),
+            snapshot_lock: tokio::sync::Mutex::new(()),
+        });
+        inner.clean_leftovers().await?;
+        Ok(Self { inner })
+    }
+
+    /// The region the functions see in `FC_REGION`. Call before use.
+    pub fn with_region(mut self, region: impl Into<String>) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.region = Some(region.into());
+        }
+        self
+    }
+
+    pub fn config(&self) -> &MicroVmConfig {
+        &self.inner.config
+    }
+
+    /// Paused VMs waiting in the pool for `key`.
+    pub fn pooled(&self, key: PoolKey) -> usize {
+        self.inner
+            .pool
+            .lock()
+            .expect("lock")
+            .get(&key)
+            .map_or(0, Vec::len)
+    }
+
+    /// Fill the pool for `key` now (the agent calls it at start for the
+    /// sizes it expects); returns once the pool is full.
+    pub async fn prewarm(&self, key: PoolKey) -> Result<(), SandboxError> {
+        Inner::fill_pool(&self.inner, key).await
+    }
+
+    /// Build the runtime's root filesystem (as the container backend does:
+    /// debootstrap for `custom.debian12`, minutes the first time) unless it
+    /// is cached, then its read-only disk image. Call at agent start.
+    pub async fn ensure_runtime(&self, runtime: RuntimeName) -> Result<(), SandboxError> {
+        if runtime != RuntimeName::Custom {
+            let builder = crate::rootfs::RootfsBuilder {
+                dir: &self.inner.rootfs_dir,
+                mirror: None,
+                mounter: &crate::mounts::HostMounter,
+            };
+            builder
+                .ensure(runtime)
+                .await
+                .map_err(|e| SandboxError::RuntimeUnavailable {
+                    runtime: runtime.to_string(),
+                    reason: e.to_string(),
+                })?;
+        }
+        self.inner.runtime_image(runtime).await.map(|_| ())
+    }
+
+    /// Destroy the pooled VMs. Instances are left to the caller.
+    pub async fn shutdown(&self) -> Result<(), SandboxError> {
+        let vms: Vec<Vm> = self
+            .inner
+            .pool
+            .lock()
+            .expect("lock")
+            .drain()
+            .flat_map(|(_, v)| v)
+            .collect();
+        let mut first = None;
+        for vm in vms {
+            if let Err(e) = self.inner.dispose(vm).await {
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+}
+
+impl Inner {
+    fn uid_gid(&self) -> (Option<u32>, Option<u32>) {
+        (
+            self.config.vmm_uid,
+            self.config.vmm_gid.or(self.config.vmm_uid),
+        )
+    }
+
+    fn alloc_slot(&self) -> Result<u32, SandboxError> {
+        let mut slots = self.slots.lock().expect("lock");
+        let max = self.config.instance_subnet.slots();
+        let free = (0..max).find(|i| !slots.contains(i)).ok_or_else(|| {
+            SandboxError::Exhausted(format!("microVM addresses: all {max} are in use"))
+        })?;
+        slots.insert(free);
+        Ok(free)
+    }
+
+    fn chown(&self, path: &Path) -> Result<(), SandboxError> {
+        let (uid, gid) = self.uid_gid();
+        if uid.is_some() {
+            std::os::unix::fs::chown(path, uid, gid).map_err(|e| fs_err(path.display(), e))?;
+        }
+        Ok(())
+    }
+
+    /// Remove what a previous run with this prefix left: VMM processes
+    /// (only those whose command line names their own VM directory), VM
+    /// directories, taps and cgroups.
+    async fn clean_leftovers(&self) -> Result<(), SandboxError> {
+        let entries =
+            std::fs::read_dir(&self.vms_dir).map_err(|e| fs_err(self.vms_dir.display(), e))?;
+        for entry in entries.flatten() {
+            let dir = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            tracing::info!(vm = %name, "removing leftover microVM");
+            let record: Option<VmRecord> = std::fs::read(dir.join("vm.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
+            if let Some(pid) = record.and_then(|r| r.pid) {
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let ours = String::from_utf8_lossy(&cmdline)
+                    .contains(&dir.join("api.sock").to_string_lossy().into_owned());
+                if ours {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid as i32),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                    for _ in 0..50 {
+                        if !Path::new(&format!("/proc/{pid}")).exists() {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
+            self.cgroups.remove(&name).map_err(host_err)?;
+            std::fs::remove_dir_all(&dir).map_err(|e| fs_err(dir.display(), e))?;
+        }
+        for tap in self
+            .taps
+            .list(&self.config.name_prefix)
+            .await
+            .map_err(host_err)?
+        {
+            tracing::info!(tap = %tap, "removing leftover tap");
+            self.taps.delete(&tap).await.map_err(host_err)?;
+        }
+        Ok(())
+    }
+
+    /// The runtime's root filesystem as an erofs image (None for `custom`,
+    /// whose root is empty), built once.
+    async fn runtime_image(&self, runtime: RuntimeName) -> Result<Option<PathBuf>, SandboxError> {
+        if runtime == RuntimeName::Custom {
+            return Ok(None);
+        }
+        let source = rootfs_path(&self.rootfs_dir, runtime);
+        let dest = self.images_dir.join(format!("runtime-{runtime}.erofs"));
+        self.image(&source, &dest)
+            .await
+            .map_err(|e| SandboxError::RuntimeUnavailable {
+                runtime: runtime.to_string(),
+                reason: e.to_string(),
+            })?;
+        Ok(Some(dest))
+    }
+
+    /// The code package as an erofs image, built once per digest.
+    async fn code_image(&self, code_dir: &Path, digest: &str) -> Result<PathBuf, SandboxError> {
+        if digest.is_empty() || !digest.bytes().all(|b| b.is_ascii_hexdigit()) || digest.len() > 128
+        {
+            return Err(fs_err(
+                "code digest",
+                format!("{digest:?} is not a hex digest"),
+            ));
+        }
+        let dest = self.images_dir.join(format!("code-{digest}.erofs"));
+        self.image(code_dir, &dest).await?;
+        Ok(dest)
+    }
+
+    async fn image(&self, source: &Path, dest: &Path) -> Result<(), SandboxError> {
+        let _guard = self.images_lock.lock().await;
+        if dest.is_file() {
+            return Ok(());
+        }
+        if !source.is_dir() {
+            return Err(fs_err(
+                source.display(),
+                "does not exist or is not a directory",
+            ));
+        }
+        build_erofs(&self.mkfs_erofs, source, dest)
+            .await
+            .map_err(|e| fs_err(dest.display(), e))?;
+        std::fs::set_permissions(dest, std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| fs_err(dest.display(), e))?;
+        Ok(())
+    }
+
+    /// A sparse ext4 file of the instance's disk size.
+    async fn scratch_disk(&self, vm: &Vm, size_mb: u32) -> Result<PathBuf, SandboxError> {
+        let path = vm.dir.join("scratch.img");
+        let f = std::fs::File::create(&path).map_err(|e| fs_err(path.display(), e))?;
+        f.set_len(u64::from(size_mb.max(64)) << 20)
+            .map_err(|e| fs_err(path.display(), e))?;
+        drop(f);
+        let out = tokio::process::Command::new(&self.mkfs_ext4)
+            .args([
+                "-q",
+                "-F",
+                "-E",
+                "lazy_itable_init=1,lazy_journal_init=1",
+                "-L",
+                "scratch",
+            ])
+            .arg(&path)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .await
+            .map_err(|e| fs_err("mkfs.ext4", e))?;
+        if !out.status.success() {
+            return Err(fs_err(
+                "mkfs.ext4",
+                String::from_utf8_lossy(&out.stderr).trim(),
+            ));
+        }
+        self.chown(&path)?;
+        Ok(path)
+    }
+
+    fn write_record(&self, vm: &Vm, instance: Option<&InstanceId>) -> Result<(), SandboxError> {
+        let rec = VmRecord {
+            pid: vm.pid,
+            instance_id: instance.cloned(),
+        };
+        let path = vm.dir.join("vm.json");
+        let tmp = vm.dir.join("vm.json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec(&rec).expect("record serialises"))
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|e| fs_err(path.display(), e))
+    }
+
+    /// Slot, directory, tap, cgroup and a VMM answering its API. On error
+    /// the half-made VM is returned for disposal.
+    async fn start_vmm(&self, key: PoolKey) -> Result<Vm, (Option<Vm>, SandboxError)> {
+        let slot = self.alloc_slot().map_err(|e| (None, e))?;
+        let subnet = &self.config.instance_subnet;
+        let base = u32::from(subnet.slot_base(slot));
+        let name = format!("{}-{slot:x}", self.config.name_prefix);
+        let dir = self.vms_dir.join(&name);
+        let mut vm = Vm {
+            client: VmmClient::new(
+                dir.join("api.sock"),
+                Duration::from_millis(self.config.api_timeout_ms),
+            ),
+            name,
+            slot,
+            dir,
+            key,
+            host_addr: Ipv4Addr::from(base + 1),
+            guest_addr: Ipv4Addr::from(base + 2),
+            child: Mutex::new(None),
+            pid: None,
+            guest: None,
+            disks: 0,
+        };
+        let step = async {
+            std::fs::create_dir(&vm.dir).map_err(|e| fs_err(vm.dir.display(), e))?;
+            std::fs::set_permissions(&vm.dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| fs_err(vm.dir.display(), e))?;
+            self.chown(&vm.dir)?;
+            self.write_record(&vm, None)?;
+            self.taps
+                .create(&TapSpec {
+                    name: vm.name.clone(),
+                    host_cidr: format!("{}/30", vm.host_addr),
+                    owner: self.config.vmm_uid,
+                })
+                .await
+                .map_err(|e| SandboxError::Network(e.to_string()))?;
+            let memory = (u64::from(key.memory_mb) + u64::from(self.config.vmm_overhead_mb)) << 20;
+            self.cgroups
+                .create(&vm.name, memory, key.vcpus * 1000)
+                .map_err(|e| SandboxError::Cgroup(e.to_string()))?;
+            let (uid, gid) = self.uid_gid();
+            let cmd = VmmCommand {
+                binary: self.binary.clone(),
+                args: vec![
+                    "--api-socket".into(),
+                    format!("path={}", vm.api_socket().display()),
+                    "--seccomp".into(),
+                    "true".into(),
+                ],
+                uid,
+                gid,
+                log: vm.dir.join("vmm.log"),
+                env: self.vmm_env.clone(),
+            };
+            let child = cmd
+                .spawn()
+                .map_err(|e| vmm_err("starting cloud-hypervisor", e))?;
+            vm.pid = child.id();
+            *vm.child.lock().expect("lock") = Some(child);
+            self.write_record(&vm, None)?;
+            if let Some(pid) = vm.pid {
+                self.cgroups
+                    .add(&vm.name, pid)
+                    .map_err(|e| SandboxError::Cgroup(e.to_string()))?;
+            }
+            self.wait_api(&vm).await
+        }
+        .await;
+        match step {
+            Ok(()) => Ok(vm),
+            Err(e) => Err((Some(vm), e)),
+        }
+    }
+
+    /// Ping until the API answers, the VMM exits, or the API timeout.
+    async fn wait_api(&self, vm: &Vm) -> Result<(), SandboxError> {
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_millis(self.config.api_timeout_ms);
+        loop {
+            if let Some(why) = vm.exited() {
+                return Err(vmm_err(
+                    &format!("{} before its API answered", why),
+                    vm.console_tail(),
+                ));
+            }
+            match vm.client.ping().await {
+                Ok(_) => return Ok(()),
+                Err(e @ VmmApiError::TimedOut { .. }) => return Err(vmm_err("vmm.ping", e)),
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    return Err(vmm_err("the VMM's API did not come up in time", e))
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    }
+
+    /// A call that fails with what the VMM said, or that it died.
+    fn api_failed(vm: &Vm, op: &str, e: VmmApiError) -> SandboxError {
+        match vm.exited() {
+            Some(why) => vmm_err(op, format!("{why}{}", vm.console_tail())),
+            None => vmm_err(op, e),
+        }
+    }
+
+    fn vm_config(&self, vm: &Vm, runtime_disk: Option<&Path>) -> VmConfig {
+        let mut cmdline = "console=ttyS0 reboot=k panic=-1 quiet".to_owned();
+        if !self.config.extra_cmdline.is_empty() {
+            cmdline.push(' ');
+            cmdline.push_str(&self.config.extra_cmdline);
+        }
+        let s = vm.slot;
+        VmConfig {
+            payload: PayloadConfig {
+                kernel: Some(self.config.kernel.display().to_string()),
+                initramfs: Some(self.config.initramfs.display().to_string()),
+                cmdline: Some(cmdline),
+            },
+            cpus: Some(CpusConfig {
+                boot_vcpus: vm.key.vcpus,
+                max_vcpus: vm.key.vcpus,
+            }),
+            memory: Some(MemoryConfig {
+                size: u64::from(vm.key.memory_mb) << 20,
+                shared: None,
+            }),
+            disks: runtime_disk
+                .map(|p| readonly_disk(p, "runtime"))
+                .into_iter()
+                .collect(),
+            net: vec![NetConfig {
+                tap: vm.name.clone(),
+                mac: Some(format!(
+                    "02:6b:6e:{:02x}:{:02x}:{:02x}",
+                    (s >> 16) & 0xff,
+                    (s >> 8) & 0xff,
+                    s & 0xff
+                )),
+                id: Some("net0".into()),
+            }],
+            rng: None,
+            serial: Some(ConsoleConfig {
+                mode: ConsoleMode::File,
+                file: Some(vm.dir.join("console.log").display().to_string()),
+            }),
+            console: Some(ConsoleConfig {
+                mode: ConsoleMode::Off,
+                file: None,
+            }),
+            vsock: Some(VsockConfig {
+                cid: GUEST_CID,
+                socket: vm.vsock_socket().display().to_string(),
+                id: Some("vsock0".into()),
+            }),
+        }
+    }
+
+    /// Connect to kiln-guest and wait for Ready, within the boot timeout.
+    async fn connect_guest(&self, vm: &mut Vm) -> Result<(), SandboxError> {
+        let timeout = Duration::from_millis(self.config.boot_timeout_ms);
+        let started = tokio::time::Instant::now();
+        let socket = vm.vsock_socket();
+        let connect = connect_hybrid_vsock_retry(&socket, GUEST_VSOCK_PORT, timeout);
+        let stream = match tokio::time::timeout(timeout, connect).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(self.not_ready(vm, e.to_string())),
+            Err(_) => return Err(self.not_ready(vm, "no vsock connection".into())),
+        };
+        let guest = GuestClient::connect(stream);
+        let left = timeout.saturating_sub(started.elapsed());
+        guest
+            .wait_ready(left)
+            .await
+            .map_err(|e| self.not_ready(vm, e.to_string()))?;
+        vm.guest = Some(guest);
+        Ok(())
+    }
+
+    fn not_ready(&self, vm: &Vm, why: String) -> SandboxError {
+        let detail = match vm.exited() {
+            Some(exit) => format!("{exit}; {why}"),
+            None => why,
+        };
+        SandboxError::Vmm(format!(
+            "the guest did not report ready within {} ms: {detail}{}",
+            self.config.boot_timeout_ms,
+            vm.console_tail()
+        ))
+    }
+
+    /// Boot a VM from the kernel; with `code`, the code disk and a scratch
+    /// disk of the given size are part of its config. Returns it running,
+    /// with kiln-guest Ready.
+    async fn cold_boot(
+        &self,
+        key: PoolKey,
+        code: Option<(DiskConfig, u32)>,
+    ) -> Result<Vm, SandboxError> {
+        let runtime_disk = self.runtime_image(key.runtime).await?;
+        let mut vm = match self.start_vmm(key).await {
+            Ok(vm) => vm,
+            Err((vm, e)) => return Err(self.dispose_after(vm, e).await),
+        };
+        let result = async {
+            let mut config = self.vm_config(&vm, runtime_disk.as_deref());
+            if let Some((code, disk_mb)) = code {
+                let scratch = self.scratch_disk(&vm, disk_mb).await?;
+                config.disks.push(code);
+                config.disks.push(writable_disk(&scratch, "scratch"));
+            }
+            vm.client
+                .create(&config)
+                .await
+                .map_err(|e| Self::api_failed(&vm, "vm.create", e))?;
+            vm.disks = config.disks.len();
+            vm.client
+                .boot()
+                .await
+                .map_err(|e| Self::api_failed(&vm, "vm.boot", e))?;
+            self.connect_guest(&mut vm).await
+        }
+        .await;
+        match result {
+            Ok(()) => Ok(vm),
+            Err(e) => Err(self.dispose_after(Some(vm), e).await),
+        }
+    }
+
+    async fn dispose_after(&self, vm: Option<Vm>, e: SandboxError) -> SandboxError {
+        if let Some(vm) = vm {
+            if let Err(cleanup) = self.dispose(vm).await {
+                tracing::warn!(error = %cleanup, "cleanup after a failed start failed");
+            }
+        }
+        e
+    }
+
+    /// Stop the VMM (politely, then by force) and remove its cgroup, tap,
+    /// directory and slot. Every step is tried; the first failure returned.
+    async fn dispose(&self, mut vm: Vm) -> Result<(), SandboxError> {
+        vm.guest = None;
+        let alive = vm.exited().is_none();
+        if alive {
+            let quick = vm
+                .client
+                .with_timeout(Duration::from_millis(self.config.api_timeout_ms.min(1000)));
+            // A hung VMM answers none of these: stop asking at the first timeout.
+            let polite = async {
+                if let Err(e) = quick.shutdown().await {
+                    if matches!(e, VmmApiError::TimedOut { .. }) {
+                        return;
+                    }
+                }
+                if let Err(VmmApiError::TimedOut { .. }) = quick.delete().await {
+                    return;
+                }
+                let _ = quick.shutdown_vmm().await;
+            };
+            polite.await;
+        }
+        let child = vm.child.lock().expect("lock").take();
+        if let Some(mut child) = child {
+            if tokio::time::timeout(EXIT_GRACE, child.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!(vm = %vm.name, "the VMM did not exit; killing it");
+                let _ = child.kill().await;
+            }
+        }
+        let mut first: Option<SandboxError> = None;
+        if let Err(e) = self.cgroups.remove(&vm.name) {
+            first.get_or_insert(SandboxError::Cgroup(e.to_string()));
+        }
+        if let Err(e) = self.taps.delete(&vm.name).await {
+            first.get_or_insert(SandboxError::Network(e.to_string()));
+        }
+        // The VM directory never has mounts below it.
+        match std::fs::remove_dir_all(&vm.dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                first.get_or_insert(fs_err(vm.dir.display(), e));
+            }
+        }
+        self.slots.lock().expect("lock").remove(&vm.slot);
+        first.map_or(Ok(()), Err)
+    }
+
+    /// The snapshot of a booted, Ready, paused base VM for `key`; taken
+    /// once (by booting one).
+    async fn snapshot(&self, key: PoolKey) -> Result<PathBuf, SandboxError> {
+        let _guard = self.snapshot_lock.lock().await;
+        let dir = self.snapshots_dir.join(key.dir_name());
+        if dir.join("config.json").is_file() {
+            return Ok(dir);
+        }
+        let vm = self.cold_boot(key, None).await?;
+        let tmp = self.snapshots_dir.join(format!("{}.tmp", key.dir_name()));
+        let result = async {
+            let _ = std::fs::remove_dir_all(&tmp);
+            std::fs::create_dir(&tmp).map_err(|e| fs_err(tmp.display(), e))?;
+            self.chown(&tmp)?;
+            vm.client
+                .pause()
+                .await
+                .map_err(|e| Self::api_failed(&vm, "vm.pause", e))?;
+            vm.client
+                .with_timeout(Duration::from_millis(self.config.boot_timeout_ms))
+                .snapshot(&tmp)
+                .await
+                .map_err(|e| Self::api_failed(&vm, "vm.snapshot", e))?;
+            std::fs::rename(&tmp, &dir).map_err(|e| fs_err(dir.display(), e))
+        }
+        .await;
+        let disposed = self.dispose(vm).await;
+        if result.is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        result?;
+        disposed?;
+        Ok(dir)
+    }
+
+    /// A paused base VM restored from `key`'s snapshot. The clone gets its
+    /// own copy of the snapshot's `config.json` naming its own tap, vsock
+    /// socket and console; the memory and device state are hard links.
+    async fn restore(&self, key: PoolKey, snapshot: &Path) -> Result<Vm, SandboxError> {
+        let vm = match self.start_vmm(key).await {
+            Ok(vm) => vm,
+            Err((vm, e)) => return Err(self.dispose_after(vm, e).await),
+        };
+        let result = async {
+            let clone = vm.dir.join("snapshot");
+            std::fs::create_dir(&clone).map_err(|e| fs_err(clone.display(), e))?;
+            let text = std::fs::read(snapshot.join("config.json"))
+                .map_err(|e| fs_err("snapshot config", e))?;
+            let mut config: serde_json::Value =
+                serde_json::from_slice(&text).map_err(|e| fs_err("snapshot config", e))?;
+            let fresh = serde_json::to_value(self.vm_config(&vm, None)).expect("config serialises");
+            for key in ["net", "vsock", "serial"] {
+                config[key] = fresh[key].clone();
+            }
+            std::fs::write(
+                clone.join("config.json"),
+                serde_json::to_vec(&config).expect("json"),
+            )
+            .map_err(|e| fs_err(clone.display(), e))?;
+            for entry in std::fs::read_dir(snapshot)
+                .map_err(|e| fs_err(snapshot.display(), e))?
+                .flatten()
+            {
+                let name = entry.file_name();
+                if name == "config.json" {
+                    continue;
+                }
+                let to = clone.join(&name);
+                std::fs::hard_link(entry.path(), &to)
+                    .or_else(|_| std::fs::copy(entry.path(), &to).map(|_| ()))
+                    .map_err(|e| fs_err(to.display(), e))?;
+            }
+            self.chown(&clone)?;
+            vm.client
+                .with_timeout(Duration::from_millis(self.config.boot_timeout_ms))
+                .restore(&clone, false)
+                .await
+                .map_err(|e| Self::api_failed(&vm, "vm.restore", e))?;
+            Ok::<usize, SandboxError>(config["disks"].as_array().map_or(0, Vec::len))
+        }
+        .await;
+        match result {
+            Ok(disks) => {
+                let mut vm = vm;
+                vm.disks = disks;
+                Ok(vm)
+            }
+            Err(e) => Err(self.dispose_after(Some(vm), e).await),
+        }
+    }
+
+    /// One paused base VM for the pool: restored from the snapshot when
+    /// snapshots are on, else booted and paused.
+    async fn pool_vm(&self, key: PoolKey) -> Result<Vm, SandboxError> {
+        if self.config.snapshots {
+            let snap = self.snapshot(key).await?;
+            return self.restore(key, &snap).await;
+        }
+        let vm = self.cold_boot(key, None).await?;
+        if let Err(e) = vm.client.pause().await {
+            let err = Self::api_failed(&vm, "vm.pause", e);
+            return Err(self.dispose_after(Some(vm), err).await);
+        }
+        Ok(vm)
+    }
+
+    async fn fill_pool(self: &Arc<Self>, key: PoolKey) -> Result<(), SandboxError> {
+        let want = self.config.pool_size;
+        loop {
+            let have = self
+                .pool
+                .lock()
+                .expect("lock")
+                .get(&key)
+                .map_or(0, Vec::len);
+            if have >= want {
+                return Ok(());
+            }
+            let vm = self.pool_vm(key).await?;
+            tracing::debug!(vm = %vm.name, ?key, "pooled a paused microVM");
+            self.pool
+                .lock()
+                .expect("lock")
+                .entry(key)
+                .or_default()
+                .push(vm);
+        }
+    }
+
+    /// Refill `key`'s pool in the background (one refill per key at once).
+    fn spawn_refill(self: &Arc<Self>, key: PoolKey) {
+        if self.config.pool_size == 0 || !self.refilling.lock().expect("lock").insert(key) {
+            return;
+        }
+        let weak: Weak<Inner> = Arc::downgrade(self);
+        tokio::spawn(
+            async move {
+                let Some(inner) = weak.upgrade() else { return };
+                if let Err(e) = inner.fill_pool(key).await {
+                    tracing::warn!(error = %e, "cannot refill the microVM pool");
+                }
+                inner.refilling.lock().expect("lock").remove(&key);
+            }
+            .instrument(tracing::info_span!("microvm_pool_refill")),
+        );
+    }
+
+    /// Take a pooled VM, resumed and with its guest connected; a pooled VM
+    /// that fails is disposed of and the next one tried.
+    async fn take_pooled(&self, key: PoolKey) -> Option<Vm> {
+        loop {
+            let mut vm = self.pool.lock().expect("lock").get_mut(&key)?.pop()?;
+            let resumed = async {
+                vm.client
+                    .resume()
+                    .await
+                    .map_err(|e| Self::api_failed(&vm, "vm.resume", e))?;
+                if vm.guest.is_none() {
+                    self.connect_guest(&mut vm).await?;
+                }
+                Ok::<(), SandboxError>(())
+            }
+            .await;
+            match resumed {
+                Ok(()) => return Some(vm),
+                Err(e) => {
+                    tracing::warn!(vm = %vm.name, error = %e, "discarding a pooled microVM");
+                    let _ = self.dispose(vm).await;
+                }
+            }
+        }
+    }
+
+    async fn create(self: &Arc<Self>, req: &SandboxRequest) -> Result<Sandbox, SandboxError> {
+        let spec = &req.spec;
+        bundle::check_spec(spec)
+            .map_err(|e| SandboxError::OciRuntime(format!("Invalid instance spec: {e}")))?;
+        let env: BTreeMap<String, String> =
+            bundle::process_env(&req.instance_id, spec, self.region.as_deref())
+                .map_err(|e| SandboxError::OciRuntime(format!("Invalid instance spec: {e}")))?
+                .into_iter()
+                .filter_map(|kv| {
+                    kv.split_once('=')
+                        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                })
+                .collect();
+        if self
+            .instances
+            .lock()
+            .expect("lock")
+            .contains_key(&req.instance_id)
+        {
+            return Err(SandboxError::Vmm(format!(
+                "instance {} already has a microVM",
+                req.instance_id
+            )));
+        }
+        let key = PoolKey::new(spec.runtime, spec.memory_mb, cpu_milli(spec));
+        let code = self.code_image(&req.code_dir, &spec.code_digest).await?;
+        let code_disk = readonly_disk(&code, "code");
+
+        let (mut vm, pooled) = match self.take_pooled(key).await {
+            Some(vm) => (vm, true),
+            None => (
+                self.cold_boot(key, Some((code_disk.clone(), spec.disk_mb)))
+                    .await?,
+                false,
+            ),
+        };
+        self.spawn_refill(key);
+        let result = async {
+            if pooled {
+                let scratch = self.scratch_disk(&vm, spec.disk_mb).await?;
+                for disk in [code_disk.clone(), writable_disk(&scratch, "scratch")] {
+                    vm.client
+                        .add_disk(&disk)
+                        .await
+                        .map_err(|e| Self::api_failed(&vm, "vm.add-disk", e))?;
+                    vm.disks += 1;
+                }
+            }
+            self.write_record(&vm, Some(&req.instance_id))?;
+            let has_runtime = key.runtime != RuntimeName::Custom;
+            let dev = |i: usize| format!("/dev/vd{}", (b'a' + i as u8) as char);
+            let first = vm.disks - 2 - usize::from(has_runtime);
+            let disks = GuestDisks {
+                runtime: has_runtime.then(|| Disk {
+                    device: dev(first),
+                    fs: FsType::Erofs,
+                }),
+                code: Some(Disk {
+                    device: dev(vm.disks - 2),
+                    fs: FsType::Erofs,
+                }),
+                scratch: Some(Disk {
+                    device: dev(vm.disks - 1),
+                    fs: FsType::Ext4,
+                }),
+                layers: vec![],
+            };
+            let config = GuestConfig {
+                instance_id: req.instance_id.to_string(),
+                hostname: Some(vm.name.clone()),
+                network: Some(NetworkConfig {
+                    interface: "eth0".into(),
+                    address: vm.guest_addr,
+                    prefix_len: 30,
+                    gateway: Some(vm.host_addr),
+                    mtu: None,
+                    dns: vec![],
+                }),
+                process: ProcessConfig {
+                    command: spec.command.clone(),
+                    args: spec.args.clone(),
+                    env: env.clone(),
+                    port: spec.port,
+                    working_dir: "/code".into(),
+                    start_timeout_ms: self.config.boot_timeout_ms,
+                },
+                disks,
+            };
+            let guest = vm
+                .guest
+                .clone()
+                .ok_or_else(|| SandboxError::Vmm("no guest connection".into()))?;
+            guest
+                .configure(&config, Duration::from_millis(self.config.boot_timeout_ms))
+                .await
+                .map_err(|e| {
+                    SandboxError::Vmm(format!(
+                        "the guest cannot start the function: {e}{}",
+                        vm.console_tail()
+                    ))
+                })?;
+            let relay = Relay::start(guest)
+                .await
+                .map_err(|e| SandboxError::Network(format!("instance relay: {e}")))?;
+            Ok::<Relay, SandboxError>(relay)
+        }
+        .await;
+        let relay = match result {
+            Ok(r) => r,
+            Err(e) => return Err(self.dispose_after(Some(vm), e).await),
+        };
+        let endpoint: SocketAddr = relay.addr;
+        let sandbox = Sandbox {
+            instance_id: req.instance_id.clone(),
+            endpoint,
+            pid: vm.pid,
+            log_path: vm.dir.join("console.log"),
+        };
+        tracing::info!(vm = %vm.name, pooled, %endpoint, "microVM instance started");
+        self.instances.lock().expect("lock").insert(
+            req.instance_id.clone(),
+            Arc::new(Instance { vm, _relay: relay }),
+        );
+        Ok(sandbox)
+    }
+
+    fn instance(&self, id: &InstanceId) -> Result<Arc<Instance>, SandboxError> {
+        self.instances
+            .lock()
+            .expect("lock")
+            .get(id)
+            .cloned()
+            .ok_or_else(|| SandboxError::NotFound(id.clone()))
+    }
+}
+
+/// The instance's CPU: the spec's, or FC's default for its memory size.
+fn cpu_milli(spec: &kiln_core::InstanceSpec) -> u32 {
+    if spec.cpu_milli == 0 {
+        kiln_core::limits::default_cpu_milli(spec.memory_mb)
+    } else {
+        spec.cpu_milli
+    }
+}
+
+fn readonly_disk(path: &Path, id: &str) -> DiskConfig {
+    DiskConfig {
+        path: path.display().to_string(),
+        readonly: Some(true),
+        id: Some(id.into()),
+        serial: Some(format!("kiln-{id}")),
+        image_type: Some("Raw".into()),
+    }
+}
+
+fn writable_disk(path: &Path, id: &str) -> DiskConfig {
+    DiskConfig {
+        readonly: Some(false),
+        ..readonly_disk(path, id)
+    }
+}
+
+/// Whether a failed pause/resume only says the VM is already there.
+fn already(e: &VmmApiError) -> bool {
+    matches!(e, VmmApiError::Status { status, .. } if *status == http::StatusCode::METHOD_NOT_ALLOWED)
+}
+
+#[async_trait::async_trait]
+impl SandboxDriver for MicroVmDriver {
+    fn kind(&self) -> SandboxKind {
+        SandboxKind::Microvm
+    }
+
+    async fn create(&self, req: &SandboxRequest) -> Result<Sandbox, SandboxError> {
+        let span = tracing::info_span!("microvm_create", instance = %req.instance_id, function = %req.spec.function_name);
+        self.inner.create(req).instrument(span).await
+    }
+
+    async fn is_running(&self, id: &InstanceId) -> Result<bool, SandboxError> {
+        let inst = self.inner.instance(id)?;
+        Ok(inst.vm.exited().is_none()
+            && inst.vm.guest.as_ref().is_some_and(|g| g.closed().is_none()))
+    }
+
+    async fn freeze(&self, id: &InstanceId) -> Result<(), SandboxError> {
+        let inst = self.inner.instance(id)?;
+        match inst.vm.client.pause().await {
+            Ok(()) => Ok(()),
+            Err(e) if already(&e) => Ok(()),
+            Err(e) => Err(Inner::api_failed(&inst.vm, "vm.pause", e)),
+        }
+    }
+
+    async fn thaw(&self, id: &InstanceId) -> Result<(), SandboxError> {
+        let inst = self.inner.instance(id)?;
+        match inst.vm.client.resume().await {
+            Ok(()) => Ok(()),
+            Err(e) if already(&e) => Ok(()),
+            Err(e) => Err(Inner::api_failed(&inst.vm, "vm.resume", e)),
+        }
+    }
+
+    async fn destroy(&self, id: &InstanceId) -> Result<(), SandboxError> {
+        let span = tracing::info_span!("microvm_destroy", instance = %id);
+        let Some(inst) = self.inner.instances.lock().expect("lock").remove(id) else {
+            return Ok(());
+        };
+        async {
+            // Calls in flight hold the instance; wait for them to let go.
+            let mut inst = inst;
+            let inst = loop {
+                match Arc::try_unwrap(inst) {
+                    Ok(i) => break i,
+                    Err(again) => {
+                        inst = again;
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            };
+            let Instance { vm, _relay } = inst;
+            drop(_relay);
+            self.inner.dispose(vm).await
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn list(&self) -> Result<Vec<InstanceId>, SandboxError> {
+        Ok(self
+            .inner
+            .instances
+            .lock()
+            .expect("lock")
+            .keys()
+            .cloned()
+            .collect())
+    }
+}

@@ -1,0 +1,360 @@
+//! The host side effects of the microVM backend, each behind a trait with
+//! the real implementation and a fake for unit tests: tap devices, the
+//! VMM's cgroup, read-only disk images, and starting the VMM process.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+
+const TOOL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Why a host operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error("cannot execute {tool}: {source}")]
+    Spawn {
+        tool: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`{command}` failed: {message}")]
+    Command { command: String, message: String },
+    #[error("`{0}` did not finish in time")]
+    TimedOut(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> HostError + '_ {
+    move |source| HostError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+async fn run_tool(tool: &Path, args: &[&str]) -> Result<Result<String, String>, HostError> {
+    let child = Command::new(tool)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|source| HostError::Spawn {
+            tool: tool.display().to_string(),
+            source,
+        })?;
+    let command = format!("{} {}", tool.display(), args.join(" "));
+    let out = tokio::time::timeout(TOOL_TIMEOUT, child.wait_with_output())
+        .await
+        .map_err(|_| HostError::TimedOut(command.clone()))?
+        .map_err(|source| HostError::Spawn {
+            tool: tool.display().to_string(),
+            source,
+        })?;
+    if out.status.success() {
+        Ok(Ok(String::from_utf8_lossy(&out.stdout).into_owned()))
+    } else {
+        Ok(Err(String::from_utf8_lossy(&out.stderr).trim().to_owned()))
+    }
+}
+
+async fn must(tool: &Path, args: &[&str]) -> Result<String, HostError> {
+    run_tool(tool, args)
+        .await?
+        .map_err(|message| HostError::Command {
+            command: format!("{} {}", tool.display(), args.join(" ")),
+            message,
+        })
+}
+
+/// One VM's tap: its name and the host's address on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TapSpec {
+    pub name: String,
+    /// `ADDRESS/30` of the host end.
+    pub host_cidr: String,
+    /// Owner of the tap (the VMM's uid), so an unprivileged VMM can open it.
+    pub owner: Option<u32>,
+}
+
+/// Tap devices.
+#[async_trait::async_trait]
+pub trait TapOps: Send + Sync + 'static {
+    /// Create the tap, address the host end and bring it up.
+    async fn create(&self, tap: &TapSpec) -> Result<(), HostError>;
+    /// Remove the tap; succeeds when it does not exist.
+    async fn delete(&self, name: &str) -> Result<(), HostError>;
+    /// Links whose names start with `prefix-`.
+    async fn list(&self, prefix: &str) -> Result<BTreeSet<String>, HostError>;
+}
+
+/// Taps through iproute2's `ip`.
+#[derive(Debug, Clone)]
+pub struct IpTaps {
+    pub ip: PathBuf,
+}
+
+impl Default for IpTaps {
+    fn default() -> Self {
+        Self { ip: "ip".into() }
+    }
+}
+
+#[async_trait::async_trait]
+impl TapOps for IpTaps {
+    async fn create(&self, tap: &TapSpec) -> Result<(), HostError> {
+        let owner = tap.owner.map(|u| u.to_string());
+        let mut args = vec!["tuntap", "add", "dev", &tap.name, "mode", "tap"];
+        if let Some(uid) = &owner {
+            args.extend(["user", uid.as_str()]);
+        }
+        must(&self.ip, &args).await?;
+        let rest = async {
+            must(&self.ip, &["addr", "add", &tap.host_cidr, "dev", &tap.name]).await?;
+            must(&self.ip, &["link", "set", &tap.name, "up"]).await
+        }
+        .await;
+        if let Err(e) = rest {
+            let _ = self.delete(&tap.name).await;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    async fn delete(&self, name: &str) -> Result<(), HostError> {
+        match run_tool(&self.ip, &["link", "del", name]).await? {
+            Ok(_) => Ok(()),
+            Err(m) if m.contains("Cannot find device") || m.contains("does not exist") => Ok(()),
+            Err(message) => Err(HostError::Command {
+                command: format!("ip link del {name}"),
+                message,
+            }),
+        }
+    }
+
+    async fn list(&self, prefix: &str) -> Result<BTreeSet<String>, HostError> {
+        let out = must(&self.ip, &["-o", "link", "show"]).await?;
+        let want = format!("{prefix}-");
+        Ok(out
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|n| n.split('@').next().unwrap_or(n).to_owned())
+            .filter(|n| n.starts_with(&want))
+            .collect())
+    }
+}
+
+/// A fake that remembers which taps exist.
+#[derive(Debug, Default)]
+pub struct RecordingTaps {
+    pub taps: Mutex<BTreeSet<String>>,
+    pub fail_create: Mutex<bool>,
+}
+
+#[async_trait::async_trait]
+impl TapOps for RecordingTaps {
+    async fn create(&self, tap: &TapSpec) -> Result<(), HostError> {
+        if *self.fail_create.lock().expect("lock") {
+            return Err(HostError::Command {
+                command: format!("ip tuntap add dev {}", tap.name),
+                message: "Operation not permitted".into(),
+            });
+        }
+        self.taps.lock().expect("lock").insert(tap.name.clone());
+        Ok(())
+    }
+    async fn delete(&self, name: &str) -> Result<(), HostError> {
+        self.taps.lock().expect("lock").remove(name);
+        Ok(())
+    }
+    async fn list(&self, prefix: &str) -> Result<BTreeSet<String>, HostError> {
+        let want = format!("{prefix}-");
+        Ok(self
+            .taps
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|n| n.starts_with(&want))
+            .cloned()
+            .collect())
+    }
+}
+
+/// The VMM's cgroup: created before the VMM starts, the VMM's pid moved
+/// into it, removed after the VMM is gone.
+pub trait VmmCgroups: Send + Sync + 'static {
+    fn create(&self, name: &str, memory_bytes: u64, cpu_milli: u32) -> Result<(), HostError>;
+    fn add(&self, name: &str, pid: u32) -> Result<(), HostError>;
+    /// Remove it; succeeds when it does not exist.
+    fn remove(&self, name: &str) -> Result<(), HostError>;
+}
+
+/// Cgroups under `/sys/fs/cgroup`, v2 (unified) or v1 (memory, cpu, pids).
+#[derive(Debug, Clone)]
+pub struct SysCgroups {
+    pub root: PathBuf,
+    pub parent: String,
+}
+
+impl SysCgroups {
+    fn v2(&self) -> bool {
+        self.root.join("cgroup.controllers").exists()
+    }
+
+    /// Directories of `name` with the limit files each one gets.
+    fn dirs(&self, name: &str) -> Vec<PathBuf> {
+        if self.v2() {
+            vec![self.root.join(&self.parent).join(name)]
+        } else {
+            ["memory", "cpu", "pids"]
+                .iter()
+                .map(|c| self.root.join(c).join(&self.parent).join(name))
+                .filter(|d| d.parent().and_then(Path::parent).is_some_and(Path::exists))
+                .collect()
+        }
+    }
+}
+
+impl VmmCgroups for SysCgroups {
+    fn create(&self, name: &str, memory_bytes: u64, cpu_milli: u32) -> Result<(), HostError> {
+        let period = 100_000u64;
+        let quota = (u64::from(cpu_milli) * period / 1000).max(1000);
+        for dir in self.dirs(name) {
+            std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+            let writes: Vec<(&str, String)> = if self.v2() {
+                vec![
+                    ("memory.max", memory_bytes.to_string()),
+                    ("cpu.max", format!("{quota} {period}")),
+                ]
+            } else if dir.starts_with(self.root.join("memory")) {
+                vec![("memory.limit_in_bytes", memory_bytes.to_string())]
+            } else if dir.starts_with(self.root.join("cpu")) {
+                vec![
+                    ("cpu.cfs_period_us", period.to_string()),
+                    ("cpu.cfs_quota_us", quota.to_string()),
+                ]
+            } else {
+                vec![]
+            };
+            for (file, value) in writes {
+                let path = dir.join(file);
+                if path.exists() {
+                    std::fs::write(&path, value).map_err(io_err(&path))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn add(&self, name: &str, pid: u32) -> Result<(), HostError> {
+        for dir in self.dirs(name) {
+            let path = dir.join("cgroup.procs");
+            std::fs::write(&path, pid.to_string()).map_err(io_err(&path))?;
+        }
+        Ok(())
+    }
+
+    fn remove(&self, name: &str) -> Result<(), HostError> {
+        for dir in self.dirs(name) {
+            match std::fs::remove_dir(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => return Err(HostError::Io { path: dir, source }),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A fake that remembers cgroups and their pids.
+#[derive(Debug, Default)]
+pub struct RecordingCgroups {
+    pub groups: Mutex<std::collections::BTreeMap<String, Vec<u32>>>,
+}
+
+impl VmmCgroups for RecordingCgroups {
+    fn create(&self, name: &str, _memory: u64, _cpu: u32) -> Result<(), HostError> {
+        self.groups
+            .lock()
+            .expect("lock")
+            .insert(name.to_owned(), vec![]);
+        Ok(())
+    }
+    fn add(&self, name: &str, pid: u32) -> Result<(), HostError> {
+        if let Some(g) = self.groups.lock().expect("lock").get_mut(name) {
+            g.push(pid);
+        }
+        Ok(())
+    }
+    fn remove(&self, name: &str) -> Result<(), HostError> {
+        self.groups.lock().expect("lock").remove(name);
+        Ok(())
+    }
+}
+
+/// Builds a read-only erofs image of `source` at `dest` (written to a
+/// temporary name first, so a crash never leaves a half image in place).
+pub async fn build_erofs(mkfs: &Path, source: &Path, dest: &Path) -> Result<(), HostError> {
+    let tmp = dest.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let tmp_s = tmp.to_string_lossy().into_owned();
+    let src_s = source.to_string_lossy().into_owned();
+    if let Err(e) = must(mkfs, &["--all-root", &tmp_s, &src_s]).await {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, dest).map_err(io_err(dest))?;
+    Ok(())
+}
+
+/// How a VMM process is started.
+#[derive(Debug, Clone)]
+pub struct VmmCommand {
+    pub binary: PathBuf,
+    pub args: Vec<String>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    /// stdout and stderr of the VMM.
+    pub log: PathBuf,
+    /// Extra environment (the fake VMM's failure switches in tests).
+    pub env: Vec<(String, String)>,
+}
+
+impl VmmCommand {
+    pub fn spawn(&self) -> Result<Child, HostError> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .map_err(io_err(&self.log))?;
+        let log2 = log.try_clone().map_err(io_err(&self.log))?;
+        let mut cmd = Command::new(&self.binary);
+        cmd.args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .kill_on_drop(true);
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        if let Some(gid) = self.gid {
+            cmd.gid(gid);
+        }
+        if let Some(uid) = self.uid {
+            cmd.uid(uid);
+        }
+        cmd.spawn().map_err(|source| HostError::Spawn {
+            tool: self.binary.display().to_string(),
+            source,
+        })
+    }
+}

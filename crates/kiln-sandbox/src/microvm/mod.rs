@@ -1,0 +1,26 @@
+//! The `microvm` sandbox backend: one cloud-hypervisor microVM per
+//! instance, driven through cloud-hypervisor's REST API on a unix socket.
+//!
+//! - [`api`]: request/response types of the API (`cloud-hypervisor-openapi.yaml`).
+//! - [`client`]: [`VmmClient`], a thin typed client over the API socket.
+//! - [`schema`]: checks JSON bodies against the OpenAPI component schemas.
+//! - [`driver`]: [`MicroVmDriver`], the [`crate::SandboxDriver`] (pool,
+//!   snapshot/restore, freeze = `vm.pause`, thaw = `vm.resume`).
+//! - [`relay`]: the per-instance loopback HTTP listener that carries the
+//!   agent's calls to kiln-guest over vsock.
+//! - [`host`]: taps, the VMM's cgroup, erofs images, the VMM process.
+//! - [`fake`]: the fake cloud-hypervisor the tests run (`fake-cloud-hypervisor`).
+//! - [`config`]: the `sandbox.microvm` section of the agent's configuration.
+
+pub mod api;
+pub mod client;
+pub mod config;
+pub mod driver;
+pub mod fake;
+pub mod host;
+pub mod relay;
+pub mod schema;
+
+pub use client::{VmmApiError, VmmClient};
+pub use config::{MicroVmConfig, MicroVmConfigError};
+pub use driver::{MicroVmBackends, MicroVmDriver, PoolKey};

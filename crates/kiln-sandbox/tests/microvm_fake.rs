@@ -1,0 +1,476 @@
+//! The microVM driver against the fake cloud-hypervisor
+//! (`fake-cloud-hypervisor`, built from this crate): the real driver,
+//! process handling, API client, erofs/ext4 images, hybrid vsock and guest
+//! protocol; fake taps and cgroups. The fake checks every request body
+//! against the OpenAPI schemas and records the call order.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use kiln_core::{InstanceId, InstanceSpec, RuntimeName};
+use kiln_sandbox::microvm::host::{RecordingCgroups, RecordingTaps};
+use kiln_sandbox::microvm::{MicroVmBackends, MicroVmConfig, MicroVmDriver, PoolKey};
+use kiln_sandbox::{rootfs_path, SandboxDriver, SandboxError, SandboxRequest};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const FAKE: &str = env!("CARGO_BIN_EXE_fake-cloud-hypervisor");
+/// The VMMs run as nobody, as they would on a node.
+const VMM_UID: u32 = 65534;
+
+struct Harness {
+    dir: tempfile::TempDir,
+    taps: Arc<RecordingTaps>,
+    cgroups: Arc<RecordingCgroups>,
+    driver: MicroVmDriver,
+}
+
+impl Harness {
+    fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+    fn record(&self) -> PathBuf {
+        self.dir.path().join("calls.log")
+    }
+    fn code(&self) -> PathBuf {
+        self.dir.path().join("code")
+    }
+
+    /// Recorded calls per VM, pings left out (the driver pings until the
+    /// API socket is up).
+    fn calls(&self) -> Vec<(String, String)> {
+        std::fs::read_to_string(self.record())
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let mut p = l.split(' ');
+                let (vm, op, status) = (p.next()?, p.next()?, p.next()?);
+                (op != "vmm.ping").then(|| (vm.to_owned(), format!("{op} {status}")))
+            })
+            .collect()
+    }
+
+    fn calls_of(&self, vm: &str) -> Vec<String> {
+        self.calls()
+            .into_iter()
+            .filter(|(v, _)| v == vm)
+            .map(|(_, c)| c)
+            .collect()
+    }
+
+    fn vms(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.state().join("microvm/vms"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Nothing of any VM is left: no directory, tap, cgroup.
+    fn assert_nothing_left(&self) {
+        assert_eq!(self.vms(), Vec::<String>::new(), "VM directories left");
+        assert!(self.taps.taps.lock().unwrap().is_empty(), "taps left");
+        assert!(
+            self.cgroups.groups.lock().unwrap().is_empty(),
+            "cgroups left"
+        );
+    }
+
+    fn request(&self, runtime: RuntimeName) -> SandboxRequest {
+        let spec: InstanceSpec = serde_json::from_value(serde_json::json!({
+            "account_id": "1234",
+            "function_name": "hello",
+            "revision": "",
+            "runtime": runtime,
+            "handler": "index.handler",
+            "command": ["/code/server"],
+            "args": [],
+            "port": 9000,
+            "environment": {"GREETING": "hi"},
+            "memory_mb": 256,
+            "cpu_milli": 1500,
+            "disk_mb": 512,
+            "timeout_s": 3,
+            "concurrency": 1,
+            "code_digest": "ab".repeat(32),
+            "code_size": 10,
+        }))
+        .unwrap();
+        SandboxRequest {
+            instance_id: InstanceId::generate(),
+            spec: spec.seal(),
+            code_dir: self.code(),
+        }
+    }
+}
+
+fn config(dir: &Path) -> MicroVmConfig {
+    MicroVmConfig {
+        cloud_hypervisor_path: Some(FAKE.into()),
+        kernel: dir.join("guest/vmlinuz"),
+        initramfs: dir.join("guest/initramfs.img"),
+        rootfs_dir: Some(dir.join("rootfs")),
+        vmm_uid: Some(VMM_UID),
+        vmm_gid: Some(VMM_UID),
+        api_timeout_ms: 2_000,
+        boot_timeout_ms: 5_000,
+        ..MicroVmConfig::default()
+    }
+}
+
+async fn harness_with(fail: &str, tune: impl FnOnce(&mut MicroVmConfig)) -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::create_dir_all(root.join("guest")).unwrap();
+    std::fs::write(root.join("guest/vmlinuz"), b"kernel").unwrap();
+    std::fs::write(root.join("guest/initramfs.img"), b"initramfs").unwrap();
+    let tree = rootfs_path(&root.join("rootfs"), RuntimeName::CustomDebian12);
+    std::fs::create_dir_all(tree.join("usr/bin")).unwrap();
+    std::fs::write(tree.join("usr/bin/python3"), b"#!python").unwrap();
+    std::fs::create_dir_all(root.join("code")).unwrap();
+    std::fs::write(root.join("code/server"), b"#!/bin/sh\n").unwrap();
+    let record = root.join("calls.log");
+    std::fs::write(&record, b"").unwrap();
+    std::fs::set_permissions(&record, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let mut cfg = config(root);
+    tune(&mut cfg);
+    let taps = Arc::new(RecordingTaps::default());
+    let cgroups = Arc::new(RecordingCgroups::default());
+    let mut env = vec![(
+        "KILN_FAKE_VMM_RECORD".to_owned(),
+        record.display().to_string(),
+    )];
+    if !fail.is_empty() {
+        env.push(("KILN_FAKE_VMM_FAIL".into(), fail.into()));
+    }
+    let driver = MicroVmDriver::with_backends(
+        cfg,
+        &root.join("state"),
+        MicroVmBackends {
+            taps: taps.clone(),
+            cgroups: cgroups.clone(),
+            vmm_env: env,
+        },
+    )
+    .await
+    .unwrap();
+    Harness {
+        dir,
+        taps,
+        cgroups,
+        driver,
+    }
+}
+
+async fn harness() -> Harness {
+    harness_with("", |_| {}).await
+}
+
+/// `POST /invoke` to an endpoint; the status line and body.
+async fn invoke(addr: std::net::SocketAddr, body: &str) -> (String, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "POST /invoke HTTP/1.1\r\nHost: fc\r\nx-fc-request-id: req-1\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let status = out.lines().next().unwrap_or_default().to_owned();
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
+    (status, body)
+}
+
+fn process_exists(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .contains("State:\tZ")
+}
+
+fn uid_of(pid: u32) -> u32 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn create_invoke_freeze_thaw_destroy_in_the_documented_order() {
+    let h = harness().await;
+    let req = h.request(RuntimeName::CustomDebian12);
+    let sb = h.driver.create(&req).await.unwrap();
+    let pid = sb.pid.unwrap();
+    assert!(sb.endpoint.ip().is_loopback());
+    assert_eq!(uid_of(pid), VMM_UID, "the VMM runs unprivileged");
+    assert!(h.driver.is_running(&req.instance_id).await.unwrap());
+    assert_eq!(
+        h.driver.list().await.unwrap(),
+        vec![req.instance_id.clone()]
+    );
+    let vm = h.vms().pop().unwrap();
+    assert_eq!(
+        h.taps
+            .taps
+            .lock()
+            .unwrap()
+            .iter()
+            .cloned()
+            .collect::<Vec<_>>(),
+        vec![vm.clone()]
+    );
+    assert_eq!(h.cgroups.groups.lock().unwrap()[&vm], vec![pid]);
+
+    // The call goes through the relay, vsock and the guest protocol.
+    let (status, body) = invoke(sb.endpoint, "ping").await;
+    assert!(status.contains("200"), "{status}");
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["instance"], req.instance_id.to_string());
+    assert_eq!(answer["echo"], "ping");
+    assert_eq!(answer["requestId"], "req-1");
+
+    // Frozen, the guest answers nothing; thawed, it answers.
+    h.driver.freeze(&req.instance_id).await.unwrap();
+    h.driver.freeze(&req.instance_id).await.unwrap();
+    let endpoint = sb.endpoint;
+    let pending = tokio::spawn(async move { invoke(endpoint, "later").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!pending.is_finished(), "a paused VM answered");
+    h.driver.thaw(&req.instance_id).await.unwrap();
+    let (status, body) = tokio::time::timeout(Duration::from_secs(5), pending)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        status.contains("200") && body.contains("later"),
+        "{status} {body}"
+    );
+
+    h.driver.destroy(&req.instance_id).await.unwrap();
+    h.driver.destroy(&req.instance_id).await.unwrap();
+    assert!(!process_exists(pid), "the VMM is still running");
+    h.assert_nothing_left();
+    assert!(h.driver.list().await.unwrap().is_empty());
+    assert!(matches!(
+        h.driver.freeze(&req.instance_id).await,
+        Err(SandboxError::NotFound(_))
+    ));
+    assert_eq!(
+        h.calls_of(&vm),
+        [
+            "vm.create 204",
+            "vm.boot 204",
+            "vm.pause 204",
+            "vm.pause 405",
+            "vm.resume 204",
+            "vm.shutdown 204",
+            "vm.delete 204",
+            "vmm.shutdown 204",
+        ]
+    );
+    // Built once per digest and per runtime, readable by the VMM's user.
+    let images = h.state().join("microvm/images");
+    for name in [
+        "runtime-custom.debian12.erofs",
+        &format!("code-{}.erofs", "ab".repeat(32)),
+    ] {
+        let meta = std::fs::metadata(images.join(name)).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o644, "{name}");
+    }
+}
+
+#[tokio::test]
+async fn the_pool_hands_out_restored_snapshots() {
+    let h = harness_with("", |c| {
+        c.pool_size = 1;
+        c.snapshots = true;
+    })
+    .await;
+    let req = h.request(RuntimeName::Custom);
+    let key = PoolKey::new(RuntimeName::Custom, 256, 1500);
+    assert_eq!(key.vcpus, 2);
+    h.driver.prewarm(key).await.unwrap();
+    assert_eq!(h.driver.pooled(key), 1);
+    // The template VM booted, was snapshotted and went; its slot (and
+    // name) went to the first clone, restored from the snapshot.
+    let pooled = h.vms().pop().unwrap();
+    let mut expected = vec![
+        "vm.create 204",
+        "vm.boot 204",
+        "vm.pause 204",
+        "vm.snapshot 204",
+        "vm.shutdown 204",
+        "vm.delete 204",
+        "vmm.shutdown 204",
+        "vm.restore 204",
+    ];
+    assert_eq!(h.calls_of(&pooled), expected);
+
+    // The instance gets the pooled VM: resumed, its disks hot-plugged.
+    let sb = h.driver.create(&req).await.unwrap();
+    let (status, body) = invoke(sb.endpoint, "warm").await;
+    assert!(
+        status.contains("200") && body.contains("warm"),
+        "{status} {body}"
+    );
+    expected.extend(["vm.resume 204", "vm.add-disk 200", "vm.add-disk 200"]);
+    assert_eq!(h.calls_of(&pooled), expected);
+    // And the pool refills in the background, from the same snapshot.
+    for _ in 0..200 {
+        if h.driver.pooled(key) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(h.driver.pooled(key), 1);
+    let snapshots = h
+        .calls()
+        .iter()
+        .filter(|(_, c)| c.starts_with("vm.snapshot"))
+        .count();
+    assert_eq!(snapshots, 1, "the snapshot is taken once");
+    assert_eq!(h.vms().len(), 2);
+
+    h.driver.destroy(&req.instance_id).await.unwrap();
+    h.driver.shutdown().await.unwrap();
+    h.assert_nothing_left();
+}
+
+#[tokio::test]
+async fn a_pool_without_snapshots_keeps_booted_paused_vms() {
+    let h = harness_with("", |c| c.pool_size = 1).await;
+    let key = PoolKey::new(RuntimeName::CustomDebian12, 256, 1500);
+    h.driver.prewarm(key).await.unwrap();
+    let pooled = h.vms().pop().unwrap();
+    assert_eq!(
+        h.calls_of(&pooled),
+        ["vm.create 204", "vm.boot 204", "vm.pause 204"]
+    );
+    let req = h.request(RuntimeName::CustomDebian12);
+    let sb = h.driver.create(&req).await.unwrap();
+    let (status, _) = invoke(sb.endpoint, "x").await;
+    assert!(status.contains("200"), "{status}");
+    assert_eq!(
+        h.calls_of(&pooled)[3..],
+        ["vm.resume 204", "vm.add-disk 200", "vm.add-disk 200"]
+    );
+    h.driver.destroy(&req.instance_id).await.unwrap();
+    h.driver.shutdown().await.unwrap();
+    h.assert_nothing_left();
+}
+
+async fn assert_create_fails(fail: &str, tune: impl FnOnce(&mut MicroVmConfig), expect: &str) {
+    let h = harness_with(fail, tune).await;
+    let req = h.request(RuntimeName::Custom);
+    let started = std::time::Instant::now();
+    let err = h.driver.create(&req).await.unwrap_err();
+    assert!(matches!(err, SandboxError::Vmm(_)), "{err:?}");
+    assert!(err.to_string().contains(expect), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    h.assert_nothing_left();
+    assert!(h.driver.list().await.unwrap().is_empty());
+    // No VMM of this test is left running.
+    let record = h.record().display().to_string();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let environ = std::fs::read(entry.path().join("environ")).unwrap_or_default();
+        assert!(
+            !String::from_utf8_lossy(&environ).contains(&record),
+            "a fake VMM is still running: {:?}",
+            entry.path()
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_vmm_that_exits_is_reported_and_leaves_nothing() {
+    assert_create_fails("exit-on=vm.boot", |_| {}, "exited").await;
+}
+
+#[tokio::test]
+async fn a_hung_api_times_out_and_leaves_nothing() {
+    assert_create_fails(
+        "hang-on=vm.create",
+        |c| c.api_timeout_ms = 300,
+        "did not answer",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_guest_that_never_reports_ready_times_out_and_leaves_nothing() {
+    assert_create_fails(
+        "never-ready",
+        |c| c.boot_timeout_ms = 500,
+        "did not report ready",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn bad_requests_change_nothing() {
+    let h = harness().await;
+    let mut req = h.request(RuntimeName::Custom);
+    req.spec.port = 0;
+    assert!(h.driver.create(&req).await.is_err());
+    let mut req = h.request(RuntimeName::Custom);
+    req.spec.code_digest = "../x".into();
+    assert!(matches!(
+        h.driver.create(&req).await,
+        Err(SandboxError::Filesystem(_))
+    ));
+    let mut req = h.request(RuntimeName::Custom);
+    req.code_dir = h.dir.path().join("missing");
+    assert!(h.driver.create(&req).await.is_err());
+    std::fs::remove_dir_all(rootfs_path(
+        &h.dir.path().join("rootfs"),
+        RuntimeName::CustomDebian12,
+    ))
+    .unwrap();
+    let req = h.request(RuntimeName::CustomDebian12);
+    assert!(matches!(
+        h.driver.create(&req).await,
+        Err(SandboxError::RuntimeUnavailable { .. })
+    ));
+    h.assert_nothing_left();
+    assert!(h.calls().is_empty(), "{:?}", h.calls());
+}
+
+#[tokio::test]
+async fn a_new_driver_removes_what_a_crashed_one_left() {
+    let h = harness().await;
+    let req = h.request(RuntimeName::Custom);
+    let sb = h.driver.create(&req).await.unwrap();
+    let pid = sb.pid.unwrap();
+    // The agent dies without destroying anything.
+    let Harness {
+        dir,
+        taps,
+        cgroups,
+        driver,
+    } = h;
+    std::mem::forget(driver);
+    assert!(process_exists(pid));
+    let root = dir.path();
+    let again = MicroVmDriver::with_backends(
+        config(root),
+        &root.join("state"),
+        MicroVmBackends {
+            taps: taps.clone(),
+            cgroups: cgroups.clone(),
+            vmm_env: vec![],
+        },
+    )
+    .await
+    .unwrap();
+    assert!(!process_exists(pid), "the leftover VMM was not stopped");
+    let h = Harness {
+        dir,
+        taps,
+        cgroups,
+        driver: again,
+    };
+    h.assert_nothing_left();
+}
