@@ -13,9 +13,38 @@ pub const CPU_PERIOD_US: u64 = 100_000;
 /// Where the function's code appears inside the sandbox.
 pub const CODE_MOUNT: &str = "/code";
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-/// The capability set runc's own default spec grants; seccomp and a tighter
-/// set follow in the hardening issue.
-const CAPABILITIES: [&str; 3] = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"];
+/// The only capabilities a function keeps (inside its user namespace):
+/// signalling its own processes, binding ports below 1024 and writing audit
+/// records (login tools need it). No CAP_SYS_ADMIN, CAP_NET_RAW,
+/// CAP_SYS_PTRACE, CAP_SYS_MODULE, CAP_MKNOD, CAP_CHOWN, CAP_SETUID...
+pub const CAPABILITIES: [&str; 3] = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"];
+/// Kernel files hidden from the function (bound over by /dev/null or an
+/// empty read-only directory): runc's defaults and a few more that leak
+/// host details.
+pub const MASKED_PATHS: &[&str] = &[
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/proc/interrupts",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+    "/sys/kernel/debug",
+    "/sys/kernel/security",
+];
+/// Kernel files the function may read but never write.
+pub const READONLY_PATHS: &[&str] = &[
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+];
 
 /// Why a spec cannot become a process definition.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -68,6 +97,22 @@ pub struct BundleParams<'a> {
     /// The instance's `/etc/hosts` (names its own address).
     pub hosts_file: &'a Path,
     pub tmp_size_mb: u32,
+    /// Host directory bound at `/tmp` (on the instance's size-limited
+    /// writable filesystem); None: a tmpfs of `tmp_size_mb`.
+    pub tmp_source: Option<&'a Path>,
+    /// The CFS quota the instance starts with (its cold-start boost), in
+    /// thousandths of a CPU; None: its steady quota.
+    pub boost_cpu_milli: Option<u32>,
+}
+
+/// The instance's CPU in thousandths: the spec's, or FC's default for its
+/// memory size when the spec has none.
+pub fn instance_cpu_milli(spec: &InstanceSpec) -> u32 {
+    if spec.cpu_milli == 0 {
+        kiln_core::limits::default_cpu_milli(spec.memory_mb)
+    } else {
+        spec.cpu_milli
+    }
 }
 
 /// The process environment: the function's variables, then FC's own (which
@@ -141,6 +186,22 @@ pub fn build_config(p: &BundleParams<'_>) -> Result<Value, BundleError> {
     let args: Vec<&String> = spec.command.iter().chain(spec.args.iter()).collect();
     let env = process_env(p.instance_id, spec, p.region)?;
     let tmp_size = format!("size={}m", p.tmp_size_mb);
+    let tmp_mount = match p.tmp_source {
+        Some(dir) => mount(
+            "/tmp",
+            "none",
+            &dir.display().to_string(),
+            &["rbind", "nosuid", "nodev", "rw"],
+        ),
+        None => mount(
+            "/tmp",
+            "tmpfs",
+            "tmpfs",
+            &["nosuid", "nodev", "mode=1777", &tmp_size],
+        ),
+    };
+    let cpu = instance_cpu_milli(spec);
+    let start_cpu = p.boost_cpu_milli.map_or(cpu, |b| b.max(cpu));
     let code_source = p.code_source.display().to_string();
     let hosts_file = p.hosts_file.display().to_string();
     let mapping = json!([{ "containerID": 0, "hostID": p.uid_base, "size": 65536 }]);
@@ -158,8 +219,13 @@ pub fn build_config(p: &BundleParams<'_>) -> Result<Value, BundleError> {
                 "bounding": CAPABILITIES,
                 "effective": CAPABILITIES,
                 "permitted": CAPABILITIES,
+                "inheritable": [],
+                "ambient": [],
             },
-            "rlimits": [{ "type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024 }],
+            "rlimits": [
+                { "type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024 },
+                { "type": "RLIMIT_CORE", "hard": 0, "soft": 0 },
+            ],
             "noNewPrivileges": true,
         },
         "root": { "path": "rootfs", "readonly": true },
@@ -174,7 +240,7 @@ pub fn build_config(p: &BundleParams<'_>) -> Result<Value, BundleError> {
             // sysfs cannot be mounted from a user namespace that does not
             // own the network namespace, so the host's is bound read-only.
             mount("/sys", "none", "/sys", &["rbind", "nosuid", "noexec", "nodev", "ro"]),
-            mount("/tmp", "tmpfs", "tmpfs", &["nosuid", "nodev", "mode=1777", &tmp_size]),
+            tmp_mount,
             mount(CODE_MOUNT, "none", &code_source, &["rbind", "nosuid", "nodev", "rw"]),
             // Resolvers look the hostname up (Python's http.server does);
             // without an entry that waits for DNS.
@@ -198,20 +264,15 @@ pub fn build_config(p: &BundleParams<'_>) -> Result<Value, BundleError> {
                 "devices": [{ "allow": false, "access": "rwm" }],
                 "memory": { "limit": memory },
                 "cpu": {
-                    "shares": cpu_shares(spec.cpu_milli),
-                    "quota": cpu_quota(spec.cpu_milli),
+                    "shares": cpu_shares(cpu),
+                    "quota": cpu_quota(start_cpu),
                     "period": CPU_PERIOD_US,
                 },
                 "pids": { "limit": PIDS_LIMIT },
             },
-            "maskedPaths": [
-                "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys",
-                "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats",
-                "/proc/sched_debug", "/sys/firmware", "/proc/scsi",
-            ],
-            "readonlyPaths": [
-                "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger",
-            ],
+            "maskedPaths": MASKED_PATHS,
+            "readonlyPaths": READONLY_PATHS,
+            "seccomp": crate::seccomp::profile(),
         },
     }))
 }
@@ -259,6 +320,8 @@ pub(crate) mod tests {
             code_source: code,
             hosts_file: Path::new("/state/instances/x/hosts"),
             tmp_size_mb: 64,
+            tmp_source: None,
+            boost_cpu_milli: None,
         }
     }
 
@@ -376,6 +439,98 @@ pub(crate) mod tests {
             build_config(&params(&id, &spec, code)).unwrap_err(),
             BundleError::EnvValue(_)
         ));
+    }
+
+    #[test]
+    fn hardening_is_complete() {
+        let id = InstanceId::generate();
+        let spec = sample_spec();
+        let c = build_config(&params(&id, &spec, Path::new("/c"))).unwrap();
+        let caps = &c["process"]["capabilities"];
+        for set in ["bounding", "effective", "permitted"] {
+            assert_eq!(caps[set], json!(CAPABILITIES), "{set}");
+        }
+        assert_eq!(caps["inheritable"], json!([]));
+        assert_eq!(caps["ambient"], json!([]));
+        for dangerous in [
+            "CAP_SYS_ADMIN",
+            "CAP_NET_RAW",
+            "CAP_SYS_PTRACE",
+            "CAP_SYS_MODULE",
+        ] {
+            assert!(!CAPABILITIES.contains(&dangerous));
+        }
+        assert_eq!(c["process"]["noNewPrivileges"], true);
+        assert_eq!(c["linux"]["seccomp"]["defaultAction"], "SCMP_ACT_ERRNO");
+        let masked = c["linux"]["maskedPaths"].as_array().unwrap();
+        for p in [
+            "/proc/kcore",
+            "/proc/keys",
+            "/sys/firmware",
+            "/proc/sched_debug",
+        ] {
+            assert!(masked.contains(&json!(p)), "{p} not masked");
+        }
+        let ro = c["linux"]["readonlyPaths"].as_array().unwrap();
+        for p in ["/proc/sys", "/proc/sysrq-trigger", "/proc/irq"] {
+            assert!(ro.contains(&json!(p)), "{p} not read-only");
+        }
+        // No device but the runtime's defaults (null, zero, random, tty...).
+        assert_eq!(
+            c["linux"]["resources"]["devices"],
+            json!([{ "allow": false, "access": "rwm" }])
+        );
+    }
+
+    #[test]
+    fn cpu_follows_memory_and_starts_boosted() {
+        let id = InstanceId::generate();
+        let code = Path::new("/c");
+        let mut spec = sample_spec();
+        spec.cpu_milli = 0;
+        spec.memory_mb = 2048;
+        let c = build_config(&params(&id, &spec, code)).unwrap();
+        // FC's default for 2 GB is one CPU.
+        assert_eq!(c["linux"]["resources"]["cpu"]["shares"], 1024);
+        assert_eq!(c["linux"]["resources"]["cpu"]["quota"], 100_000);
+        spec.memory_mb = 4096;
+        let c = build_config(&params(&id, &spec, code)).unwrap();
+        assert_eq!(
+            c["linux"]["resources"]["cpu"]["shares"],
+            cpu_shares(kiln_core::limits::default_cpu_milli(4096))
+        );
+
+        let mut p = params(&id, &spec, code);
+        p.boost_cpu_milli = Some(4000);
+        let c = build_config(&p).unwrap();
+        let cpu = kiln_core::limits::default_cpu_milli(4096);
+        assert_eq!(c["linux"]["resources"]["cpu"]["shares"], cpu_shares(cpu));
+        assert_eq!(c["linux"]["resources"]["cpu"]["quota"], 400_000);
+        // A boost below the steady CPU never lowers it.
+        p.boost_cpu_milli = Some(50);
+        let c = build_config(&p).unwrap();
+        assert_eq!(c["linux"]["resources"]["cpu"]["quota"], cpu_quota(cpu));
+    }
+
+    #[test]
+    fn tmp_is_bound_from_the_writable_filesystem_when_given() {
+        let id = InstanceId::generate();
+        let spec = sample_spec();
+        let mut p = params(&id, &spec, Path::new("/c"));
+        let scratch = Path::new("/state/instances/x/disk/tmp");
+        p.tmp_source = Some(scratch);
+        let c = build_config(&p).unwrap();
+        let tmp = c["mounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["destination"] == "/tmp")
+            .unwrap();
+        assert_eq!(tmp["source"], "/state/instances/x/disk/tmp");
+        assert!(tmp["options"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("nosuid")));
     }
 
     #[test]

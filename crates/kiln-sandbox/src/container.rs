@@ -14,7 +14,8 @@ use tracing::Instrument;
 use crate::bundle::{self, BundleParams};
 use crate::cgroup::{CgroupError, CgroupOps};
 use crate::config::ContainerConfig;
-use crate::driver::{Sandbox, SandboxDriver, SandboxError, SandboxRequest};
+use crate::disk::{DiskOps, LoopExt4};
+use crate::driver::{Sandbox, SandboxDriver, SandboxError, SandboxRequest, SandboxStats};
 use crate::instance::{InstancePaths, InstanceRecord};
 use crate::mounts::{unmount_all_under, HostMounter, Mounter};
 use crate::netpool::NetPool;
@@ -66,6 +67,9 @@ pub struct ContainerDriver {
     net: Arc<dyn NetworkOps>,
     mounter: Arc<dyn Mounter>,
     cgroups: Arc<dyn CgroupOps>,
+    disk: Arc<dyn DiskOps>,
+    /// Per instance, the task that ends its cold-start CPU boost.
+    boosts: Mutex<HashMap<InstanceId, JoinHandle<()>>>,
     pool: Arc<NetPool>,
     refill: Mutex<Option<JoinHandle<()>>>,
     instances: Mutex<HashMap<InstanceId, InstanceRecord>>,
@@ -144,6 +148,8 @@ impl ContainerDriver {
             net,
             mounter,
             cgroups: Arc::from(crate::cgroup::host()),
+            disk: Arc::new(LoopExt4),
+            boosts: Mutex::new(HashMap::new()),
             pool,
             refill: Mutex::new(None),
             instances: Mutex::new(HashMap::new()),
@@ -168,6 +174,13 @@ impl ContainerDriver {
         self
     }
 
+    /// Use this writable-filesystem maker instead of loop-mounted ext4
+    /// (the fake in unit tests).
+    pub fn with_disk(mut self, disk: Arc<dyn DiskOps>) -> Self {
+        self.disk = disk;
+        self
+    }
+
     /// The cgroup operations the driver uses.
     pub fn cgroups(&self) -> &Arc<dyn CgroupOps> {
         &self.cgroups
@@ -176,6 +189,35 @@ impl ContainerDriver {
     /// The instance's cgroup path (`/<cgroup_parent>/<container id>`).
     pub fn cgroup_of(&self, id: &InstanceId) -> String {
         self.cgroups_path(id)
+    }
+
+    /// The CPU an instance starts with, when it is more than its own.
+    fn boost_cpu_milli(&self, spec: &kiln_core::InstanceSpec) -> Option<u32> {
+        let boost = self.config.cold_start_cpu_milli;
+        (self.config.cold_start_boost_ms > 0 && boost > bundle::instance_cpu_milli(spec))
+            .then_some(boost)
+    }
+
+    /// After the cold-start window, drop the instance to its steady quota.
+    fn end_boost_later(&self, id: &InstanceId, cpu_milli: u32) {
+        let cgroups = self.cgroups.clone();
+        let path = self.cgroups_path(id);
+        let window = std::time::Duration::from_millis(self.config.cold_start_boost_ms);
+        let span = tracing::debug_span!("cold_start_boost", instance_id = %id);
+        let task = tokio::spawn(
+            async move {
+                tokio::time::sleep(window).await;
+                let quota = bundle::cpu_quota(cpu_milli);
+                match cgroups.set_cpu_quota(&path, quota, bundle::CPU_PERIOD_US) {
+                    Ok(()) => tracing::debug!(quota, "cold-start boost over"),
+                    Err(e) => tracing::warn!(error = %e, "cannot end the cold-start boost"),
+                }
+            }
+            .instrument(span),
+        );
+        if let Some(old) = self.boosts.lock().expect("lock").insert(id.clone(), task) {
+            old.abort();
+        }
     }
 
     /// Run a (blocking, polling) cgroup operation on a known instance.
@@ -233,7 +275,29 @@ impl ContainerDriver {
         if let Some(task) = self.refill.lock().expect("lock").take() {
             task.abort();
         }
-        self.pool.drain().await.map_err(net_err)
+        self.pool.drain().await.map_err(net_err)?;
+        self.remove_cgroup_parent();
+        Ok(())
+    }
+
+    /// Remove the (empty) cgroup parent this driver's containers were
+    /// created under, deepest segment first. A parent that still holds
+    /// anything (another agent's instances) stays.
+    fn remove_cgroup_parent(&self) {
+        let parent = format!("/{}", self.config.cgroup_parent);
+        let mut path = parent.as_str();
+        loop {
+            if self.cgroups.exists(path) {
+                if let Err(e) = self.cgroups.remove(path) {
+                    tracing::debug!(cgroup = path, error = %e, "cgroup parent kept");
+                    return;
+                }
+            }
+            match path.rfind('/') {
+                Some(i) if i > 0 => path = &path[..i],
+                _ => return,
+            }
+        }
     }
 
     fn container_id(&self, id: &InstanceId) -> String {
@@ -307,8 +371,24 @@ impl ContainerDriver {
             (paths.bundle(), 0o711, false),
             (paths.rootfs(), 0o755, false),
             (paths.code(), 0o755, false),
+            (paths.disk(), 0o711, false),
+        ] {
+            std::fs::create_dir(&dir).map_err(|e| fs_err(dir.display(), e))?;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode))
+                .map_err(|e| fs_err(dir.display(), e))?;
+            if owned {
+                std::os::unix::fs::chown(&dir, Some(uid), Some(uid))
+                    .map_err(|e| fs_err(dir.display(), e))?;
+            }
+        }
+        let disk_mb = crate::disk::disk_mb(spec.disk_mb).map_err(|e| fs_err("disk", e))?;
+        self.disk
+            .create(&paths.disk_image(), disk_mb, &paths.disk(), uid)
+            .map_err(|e| fs_err("writable filesystem", chain(&e)))?;
+        for (dir, mode, owned) in [
             (paths.upper(), 0o755, true),
             (paths.work(), 0o700, true),
+            (paths.tmp(), 0o1777, true),
         ] {
             std::fs::create_dir(&dir).map_err(|e| fs_err(dir.display(), e))?;
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode))
@@ -341,6 +421,8 @@ impl ContainerDriver {
             code_source: &code,
             hosts_file: &hosts,
             tmp_size_mb: self.config.tmp_size_mb,
+            tmp_source: Some(&paths.tmp()),
+            boost_cpu_milli: self.boost_cpu_milli(spec),
         })
         .map_err(|e| SandboxError::OciRuntime(format!("Invalid instance spec: {e}")))?;
         if let Some(opt) = &opt {
@@ -363,6 +445,9 @@ impl ContainerDriver {
         paths
             .write_record(rec)
             .map_err(|e| fs_err(paths.record().display(), e))?;
+        if self.boost_cpu_milli(spec).is_some() {
+            self.end_boost_later(&req.instance_id, bundle::instance_cpu_milli(spec));
+        }
         Ok(Sandbox {
             instance_id: req.instance_id.clone(),
             endpoint,
@@ -392,8 +477,15 @@ impl ContainerDriver {
         if let Err(e) = self.oci.kill(&cid, "KILL").await {
             tracing::debug!(error = %e, "kill before delete failed");
         }
+        if let Some(task) = self.boosts.lock().expect("lock").remove(id) {
+            task.abort();
+        }
         if let Err(e) = self.oci.delete_force(&cid).await {
             first.get_or_insert(SandboxError::OciRuntime(chain(&e)));
+        }
+        // runc removes the cgroup; one a crashed runc left is removed here.
+        if let Err(e) = self.cgroups.remove(&path) {
+            first.get_or_insert(cg_err(e));
         }
         if paths.dir.exists() {
             match unmount_all_under(self.mounter.as_ref(), &paths.dir) {
@@ -417,6 +509,20 @@ impl ContainerDriver {
             Some(e) => Err(e),
         }
     }
+}
+
+/// Bytes received and sent by the host side of an instance's veth (named
+/// like its netns), when the interface exists in this network namespace.
+fn host_veth_bytes(name: &str) -> (Option<u64>, Option<u64>) {
+    let read = |what: &str| {
+        std::fs::read_to_string(format!("/sys/class/net/{name}/statistics/{what}"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+    };
+    if name.is_empty() || name.contains('/') || name.contains("..") {
+        return (None, None);
+    }
+    (read("rx_bytes"), read("tx_bytes"))
 }
 
 fn prepare_state_dirs(state_dir: &Path, instances_dir: &Path) -> Result<(), SandboxError> {
@@ -469,6 +575,8 @@ impl SandboxDriver for ContainerDriver {
                 ));
             }
             crate::layers::check_layer_dirs(req)?;
+            crate::disk::disk_mb(spec.disk_mb)
+                .map_err(|e| SandboxError::OciRuntime(format!("Invalid instance spec: {e}")))?;
             if spec.runtime == RuntimeName::Custom {
                 self.ensure_runtime(RuntimeName::Custom).await?;
             }
@@ -536,6 +644,32 @@ impl SandboxDriver for ContainerDriver {
         // A frozen instance still runs (runc reports it paused).
         Ok(state.is_some_and(|s| {
             matches!(s.status, ContainerStatus::Running | ContainerStatus::Paused)
+        }))
+    }
+
+    async fn stats(&self, id: &InstanceId) -> Result<Option<SandboxStats>, SandboxError> {
+        let netns = match self.instances.lock().expect("lock").get(id) {
+            Some(rec) => rec.netns.clone(),
+            None => return Err(SandboxError::NotFound(id.clone())),
+        };
+        let cgroups = self.cgroups.clone();
+        let path = self.cgroups_path(id);
+        let (cg, (rx, tx)) =
+            tokio::task::spawn_blocking(move || (cgroups.stats(&path), host_veth_bytes(&netns)))
+                .await
+                .map_err(|e| SandboxError::Cgroup(e.to_string()))?;
+        let cg = cg.map_err(cg_err)?;
+        Ok(Some(SandboxStats {
+            cpu_usage_us: cg.cpu_usage_us,
+            cpu_throttled_us: cg.cpu_throttled_us,
+            memory_bytes: cg.memory_bytes,
+            memory_limit_bytes: cg.memory_limit_bytes,
+            oom_kills: cg.oom_kills,
+            pids: cg.pids,
+            // The host side's receive is the instance's transmit.
+            net_rx_bytes: tx,
+            net_tx_bytes: rx,
+            frozen: cg.frozen,
         }))
     }
 
@@ -611,6 +745,8 @@ mod tests {
 
     use super::*;
     use crate::bundle::tests::sample_spec;
+    use crate::cgroup::{CgroupCall, RecordingCgroups};
+    use crate::disk::RecordingDisk;
     use crate::mounts::{MountCall, RecordingMounter};
     use crate::network::{NetCall, RecordingNetwork};
     use crate::oci_runtime::{OciCall, RecordingOciRuntime};
@@ -622,6 +758,8 @@ mod tests {
         oci: Arc<RecordingOciRuntime>,
         net: Arc<RecordingNetwork>,
         mounter: Arc<RecordingMounter>,
+        cgroups: Arc<RecordingCgroups>,
+        disk: Arc<RecordingDisk>,
         driver: ContainerDriver,
     }
 
@@ -651,6 +789,8 @@ mod tests {
         let oci = Arc::new(RecordingOciRuntime::new());
         let net = Arc::new(RecordingNetwork::new());
         let mounter = Arc::new(RecordingMounter::new());
+        let cgroups = Arc::new(RecordingCgroups::new());
+        let disk = Arc::new(RecordingDisk::new());
         prepare(&oci, &net, &state);
         let driver = ContainerDriver::with_backends(
             test_config(&tmp.path().join("rootfs")),
@@ -661,7 +801,9 @@ mod tests {
         )
         .await
         .unwrap()
-        .with_region("cn-hangzhou");
+        .with_region("cn-hangzhou")
+        .with_cgroups(cgroups.clone())
+        .with_disk(disk.clone());
         Harness {
             _tmp: tmp,
             state,
@@ -669,6 +811,8 @@ mod tests {
             oci,
             net,
             mounter,
+            cgroups,
+            disk,
             driver,
         }
     }
@@ -737,13 +881,40 @@ mod tests {
         }));
         assert!(calls.contains(&MountCall::Overlay {
             lower: h.code.clone(),
-            upper: dir.join("upper"),
-            work: dir.join("work"),
+            upper: dir.join("disk/upper"),
+            work: dir.join("disk/work"),
             target: dir.join("code"),
         }));
         let uid = h.driver.config().uid_base;
-        assert_eq!(std::fs::metadata(dir.join("upper")).unwrap().uid(), uid);
-        assert_eq!(std::fs::metadata(dir.join("work")).unwrap().gid(), uid);
+        assert_eq!(
+            std::fs::metadata(dir.join("disk/upper")).unwrap().uid(),
+            uid
+        );
+        assert_eq!(std::fs::metadata(dir.join("disk/work")).unwrap().gid(), uid);
+        assert_eq!(std::fs::metadata(dir.join("disk/tmp")).unwrap().uid(), uid);
+        assert_eq!(
+            h.disk.calls(),
+            [crate::disk::DiskCall {
+                image: dir.join("disk.img"),
+                size_mb: 512,
+                target: dir.join("disk"),
+                owner: uid,
+            }]
+        );
+        let tmp_mount = config["mounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["destination"] == "/tmp")
+            .unwrap();
+        assert_eq!(
+            tmp_mount["source"],
+            dir.join("disk/tmp").display().to_string()
+        );
+        assert_eq!(
+            config["linux"]["seccomp"]["defaultAction"],
+            "SCMP_ACT_ERRNO"
+        );
 
         assert_eq!(
             h.driver.list().await.unwrap(),
@@ -918,5 +1089,113 @@ mod tests {
         assert_eq!(driver.pooled_namespaces(), 3);
         driver.shutdown().await.unwrap();
         assert!(net.existing().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_cold_start_boost_ends_after_its_window() {
+        let h = harness().await;
+        let req = request(&h, RuntimeName::Custom);
+        h.driver.create(&req).await.unwrap();
+        let cid = format!("kt-{}", req.instance_id);
+        let path = format!("/kt/{cid}");
+        // sample_spec has 0.35 CPU; the boost is the configured 2 CPUs.
+        let config = h.oci.config_of(&cid).unwrap();
+        assert_eq!(config["linux"]["resources"]["cpu"]["quota"], 200_000);
+        assert_eq!(config["linux"]["resources"]["cpu"]["shares"], 358);
+        h.cgroups.create(&path, 358, Some(200_000));
+        tokio::time::sleep(std::time::Duration::from_millis(19_900)).await;
+        assert_eq!(h.cgroups.cpu_quota(&path).unwrap(), Some(200_000));
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert_eq!(h.cgroups.cpu_quota(&path).unwrap(), Some(35_000));
+        assert_eq!(
+            h.cgroups.calls(),
+            [CgroupCall::SetCpuQuota {
+                path: path.clone(),
+                quota_us: 35_000
+            }]
+        );
+    }
+
+    #[tokio::test]
+    async fn big_instances_need_no_boost_and_bad_disk_sizes_are_refused() {
+        let h = harness().await;
+        let mut req = request(&h, RuntimeName::Custom);
+        req.spec.cpu_milli = 4000;
+        req.spec.memory_mb = 8192;
+        h.driver.create(&req).await.unwrap();
+        let config = h.oci.config_of(&format!("kt-{}", req.instance_id)).unwrap();
+        assert_eq!(config["linux"]["resources"]["cpu"]["quota"], 400_000);
+        assert_eq!(config["linux"]["resources"]["cpu"]["shares"], 4096);
+
+        let mut req = request(&h, RuntimeName::Custom);
+        req.spec.disk_mb = 20_480;
+        let err = h.driver.create(&req).await.unwrap_err();
+        assert!(err.to_string().contains("10240"), "{err}");
+        assert_eq!(h.disk.calls().len(), 1);
+        assert_eq!(h.driver.list().await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn freeze_and_thaw_use_the_instance_cgroup_and_destroy_removes_it() {
+        let h = harness().await;
+        let req = request(&h, RuntimeName::Custom);
+        h.driver.create(&req).await.unwrap();
+        let path = h.driver.cgroup_of(&req.instance_id);
+        assert_eq!(path, format!("/kt/kt-{}", req.instance_id));
+        h.cgroups.create(&path, 358, Some(35_000));
+        h.cgroups.create("/kt", 1024, None);
+        h.cgroups.set_stats(
+            &path,
+            crate::cgroup::CgroupStats {
+                cpu_usage_us: 1_500_000,
+                memory_bytes: 42 << 20,
+                memory_limit_bytes: Some(512 << 20),
+                oom_kills: 1,
+                pids: 3,
+                ..Default::default()
+            },
+        );
+        let st = h.driver.stats(&req.instance_id).await.unwrap().unwrap();
+        assert_eq!(st.cpu_usage_us, 1_500_000);
+        assert_eq!(st.memory_bytes, 42 << 20);
+        assert_eq!(st.memory_limit_bytes, Some(512 << 20));
+        assert_eq!((st.oom_kills, st.pids, st.frozen), (1, 3, false));
+        h.driver.freeze(&req.instance_id).await.unwrap();
+        assert!(
+            h.driver
+                .stats(&req.instance_id)
+                .await
+                .unwrap()
+                .unwrap()
+                .frozen
+        );
+        assert!(h.cgroups.stats(&path).unwrap().frozen);
+        h.oci.pause(&format!("kt-{}", req.instance_id));
+        assert!(h.driver.is_running(&req.instance_id).await.unwrap());
+        h.driver.thaw(&req.instance_id).await.unwrap();
+        assert!(!h.cgroups.stats(&path).unwrap().frozen);
+
+        let unknown = InstanceId::generate();
+        assert!(matches!(
+            h.driver.freeze(&unknown).await,
+            Err(SandboxError::NotFound(_))
+        ));
+
+        h.driver.freeze(&req.instance_id).await.unwrap();
+        h.driver.destroy(&req.instance_id).await.unwrap();
+        let calls = h.cgroups.calls();
+        let thaw = calls
+            .iter()
+            .rposition(|c| *c == CgroupCall::Thaw(path.clone()))
+            .unwrap();
+        let remove = calls
+            .iter()
+            .position(|c| *c == CgroupCall::Remove(path.clone()))
+            .unwrap();
+        assert!(thaw < remove, "{calls:?}");
+        assert!(!h.cgroups.exists(&path));
+
+        h.driver.shutdown().await.unwrap();
+        assert!(!h.cgroups.exists("/kt"));
     }
 }

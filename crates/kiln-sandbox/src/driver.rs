@@ -52,6 +52,25 @@ pub struct Sandbox {
     pub log_path: PathBuf,
 }
 
+/// What a sandbox has used, as its backend measures it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SandboxStats {
+    /// CPU time consumed, in microseconds.
+    pub cpu_usage_us: u64,
+    /// Time its CPU quota held it back, in microseconds.
+    pub cpu_throttled_us: u64,
+    pub memory_bytes: u64,
+    pub memory_limit_bytes: Option<u64>,
+    /// Processes killed for exceeding the memory limit.
+    pub oom_kills: u64,
+    /// Processes and threads.
+    pub pids: u64,
+    /// Bytes received and sent on its network interface, when known.
+    pub net_rx_bytes: Option<u64>,
+    pub net_tx_bytes: Option<u64>,
+    pub frozen: bool,
+}
+
 /// One sandbox backend (container or microVM).
 #[async_trait::async_trait]
 pub trait SandboxDriver: Send + Sync + 'static {
@@ -72,6 +91,12 @@ pub trait SandboxDriver: Send + Sync + 'static {
     /// Let a frozen sandbox run again; returns once it runs. Thawing a
     /// sandbox that is not frozen succeeds.
     async fn thaw(&self, id: &InstanceId) -> Result<(), SandboxError>;
+
+    /// What the sandbox has used so far; None when the backend cannot say.
+    async fn stats(&self, id: &InstanceId) -> Result<Option<SandboxStats>, SandboxError> {
+        let _ = id;
+        Ok(None)
+    }
 
     /// Stop the sandbox and remove everything it had: processes, network,
     /// mounts, cgroup, writable files. Idempotent: destroying an unknown or

@@ -46,11 +46,24 @@ impl InstancePaths {
     pub fn code(&self) -> PathBuf {
         self.dir.join("code")
     }
+    /// Mount point of the instance's size-limited writable filesystem.
+    pub fn disk(&self) -> PathBuf {
+        self.dir.join("disk")
+    }
+    /// The (sparse) image file behind [`Self::disk`].
+    pub fn disk_image(&self) -> PathBuf {
+        self.dir.join("disk.img")
+    }
+    /// The `/code` overlay's upper dir, on the writable filesystem.
     pub fn upper(&self) -> PathBuf {
-        self.dir.join("upper")
+        self.dir.join("disk/upper")
     }
     pub fn work(&self) -> PathBuf {
-        self.dir.join("work")
+        self.dir.join("disk/work")
+    }
+    /// Host side of the instance's `/tmp`, on the writable filesystem.
+    pub fn tmp(&self) -> PathBuf {
+        self.dir.join("disk/tmp")
     }
     pub fn hosts(&self) -> PathBuf {
         self.dir.join("hosts")

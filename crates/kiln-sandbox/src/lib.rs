@@ -37,6 +37,7 @@ pub mod bundle;
 pub mod cgroup;
 pub mod config;
 pub mod container;
+pub mod disk;
 pub mod driver;
 pub mod exec;
 pub mod layers;
@@ -47,6 +48,7 @@ pub mod netpool;
 pub mod network;
 pub mod oci_runtime;
 pub mod rootfs;
+pub mod seccomp;
 
 pub use config::{ContainerConfig, ContainerConfigError, Ipv4Cidr, OciRuntimeKind};
 pub use container::ContainerDriver;

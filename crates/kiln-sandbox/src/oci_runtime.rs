@@ -394,6 +394,13 @@ impl RecordingOciRuntime {
         }
     }
 
+    /// The container's cgroup was frozen (runc reports it paused).
+    pub fn pause(&self, id: &str) {
+        if let Some(c) = self.containers.lock().expect("lock").get_mut(id) {
+            c.status = ContainerStatus::Paused;
+        }
+    }
+
     /// Pretend a container was left behind by an earlier run.
     pub fn insert_leftover(&self, id: &str) {
         self.containers.lock().expect("lock").insert(
