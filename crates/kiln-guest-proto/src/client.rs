@@ -198,6 +198,8 @@ impl GuestClient {
 
     /// Start a call whose request body is streamed: send chunks through the
     /// returned [`RequestBodySender`], then await [`PendingResponse::response`].
+    /// Put `content-length` in the head when the length is known (the body
+    /// is sent chunked to the runtime otherwise).
     pub async fn start_call(
         &self,
         kind: CallKind,
@@ -245,13 +247,22 @@ impl GuestClient {
         self.call(CallKind::PreStop, head, Bytes::new()).await
     }
 
-    /// Any call with a whole request body.
+    /// Any call with a whole request body. Adds `content-length` when the
+    /// head has none, so runtimes that do not read chunked bodies work.
     pub async fn call(
         &self,
         kind: CallKind,
-        head: CallHead,
+        mut head: CallHead,
         body: Bytes,
     ) -> Result<GuestResponse, GuestClientError> {
+        let has_length = head
+            .headers
+            .iter()
+            .any(|(n, _)| n.eq_ignore_ascii_case("content-length"));
+        if !has_length && (kind != CallKind::PreStop || !body.is_empty()) {
+            head.headers
+                .push(("content-length".into(), body.len().to_string()));
+        }
         let (mut sender, pending) = self.start_call(kind, head).await?;
         sender.send(body).await?;
         sender.finish().await?;
