@@ -44,6 +44,7 @@ pub mod layers;
 pub mod instance;
 pub mod microvm;
 pub mod mounts;
+pub mod net;
 pub mod netpool;
 pub mod network;
 pub mod oci_runtime;
