@@ -145,10 +145,8 @@ impl Catalog {
             let code = code.clone();
             blocking(move || {
                 let records = store.functions()?;
-                let layers = crate::layers::LayerIndex::load(
-                    store.layers()?,
-                    store.layer_versions()?,
-                );
+                let layers =
+                    crate::layers::LayerIndex::load(store.layers()?, store.layer_versions()?);
                 // Zips in use: code packages, layer versions, and layers
                 // functions still reference after their version was deleted.
                 let mut digests = store.code_digests()?;

@@ -123,9 +123,10 @@ pub struct LayerVersionRecord {
     pub created_ms: u64,
 }
 
-const MIGRATIONS: &[Migration] = &[Migration {
-    name: "accounts, access keys, functions, code packages",
-    sql: "
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        name: "accounts, access keys, functions, code packages",
+        sql: "
         CREATE TABLE accounts (
             account_id TEXT PRIMARY KEY,
             created_ms INTEGER NOT NULL
@@ -153,9 +154,10 @@ const MIGRATIONS: &[Migration] = &[Migration {
         );
         CREATE INDEX functions_by_code ON functions(code_sha256);
     ",
-}, Migration {
-    name: "layers and layer versions",
-    sql: "
+    },
+    Migration {
+        name: "layers and layer versions",
+        sql: "
         CREATE TABLE layers (
             account_id TEXT NOT NULL REFERENCES accounts(account_id),
             name TEXT NOT NULL,
@@ -173,7 +175,8 @@ const MIGRATIONS: &[Migration] = &[Migration {
             FOREIGN KEY (account_id, name) REFERENCES layers(account_id, name)
         );
     ",
-}];
+    },
+];
 
 /// [`MetaStore`] on SQLite (`state_dir/gateway.db`).
 pub struct SqliteStore {
@@ -472,16 +475,17 @@ impl MetaStore for SqliteStore {
     fn layer_versions(&self) -> Result<Vec<LayerVersionRecord>, MetaStoreError> {
         self.with(|c| {
             let mut st = c.prepare("SELECT name, doc FROM layer_versions")?;
-            let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+            let rows =
+                st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
             let mut out = Vec::new();
             for row in rows {
                 let (name, doc) = row?;
-                out.push(serde_json::from_str(&doc).map_err(|source| {
-                    MetaStoreError::Corrupt {
+                out.push(
+                    serde_json::from_str(&doc).map_err(|source| MetaStoreError::Corrupt {
                         name: format!("layer {name}"),
                         source,
-                    }
-                })?);
+                    })?,
+                );
             }
             Ok(out)
         })

@@ -321,9 +321,11 @@ async fn layer_versions_listing_acl_and_references() {
         .await
         .ok();
     assert_eq!(v2["version"], 2);
-    a.create_layer("other", &layer_doc(&[("o", b"o")]))
+    let other = a
+        .create_layer("other", &layer_doc(&[("o", b"o")]))
         .await
         .ok();
+    let other_arn = other["layerVersionArn"].as_str().unwrap().to_owned();
     let arn1 = v1["layerVersionArn"].as_str().unwrap().to_owned();
     let arn2 = v2["layerVersionArn"].as_str().unwrap().to_owned();
 
@@ -398,12 +400,17 @@ async fn layer_versions_listing_acl_and_references() {
         .ok();
     assert_eq!(got["acl"], "1");
     let f = b
-        .create_function(&function_doc("fb", "custom.debian12", &[&arn2, &arn1]))
+        .create_function(&function_doc("fb", "custom.debian12", &[&arn1]))
         .await
         .ok();
-    assert_eq!(f["layers"][0]["arn"], arn2.as_str());
-    assert_eq!(f["layers"][1]["arn"], arn1.as_str());
-    assert_eq!(f["layers"][0]["size"], v2["codeSize"]);
+    assert_eq!(f["layers"][0]["arn"], arn1.as_str());
+    assert_eq!(f["layers"][0]["size"], v1["codeSize"]);
+    // Two versions of one layer on a function are refused.
+    let msg = b
+        .create_function(&function_doc("fb2", "custom.debian12", &[&arn2, &arn1]))
+        .await
+        .fc_error(400, "InvalidArgument");
+    assert!(msg.contains("more than once"), "{msg}");
     let l = a.get("/2023-03-30/layers?public=true").await.ok();
     assert_eq!(l["layers"][0]["layerName"], "lib");
     // B still cannot change A's layer.
@@ -430,10 +437,11 @@ async fn layer_versions_listing_acl_and_references() {
     // Deleting a version in use (allowed, as in FC): the function keeps
     // its layer and the zip stays; the version is gone for new uses.
     let fa = a
-        .create_function(&function_doc("fa", "custom", &[&arn1]))
+        .create_function(&function_doc("fa", "custom", &[&other_arn, &arn1]))
         .await
         .ok();
-    assert_eq!(fa["layers"][0]["arn"], arn1.as_str());
+    assert_eq!(fa["layers"][0]["arn"], other_arn.as_str());
+    assert_eq!(fa["layers"][1]["arn"], arn1.as_str());
     let digest1 = {
         let zip = zip_of(&[("python/x.py", b"one")]);
         hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&zip))
@@ -461,16 +469,13 @@ async fn layer_versions_listing_acl_and_references() {
         .update_function("fa", &json!({"description": "still layered"}))
         .await
         .ok();
-    assert_eq!(u["layers"][0]["arn"], arn1.as_str());
+    assert_eq!(u["layers"][1]["arn"], arn1.as_str());
     a.call(Method::DELETE, "/2023-03-30/functions/fa", vec![], &[])
         .await
         .ok();
     assert!(env.zip_file(&digest1).exists(), "fb still uses it");
-    let u = b
-        .update_function("fb", &json!({"layers": [arn2]}))
-        .await
-        .ok();
-    assert_eq!(u["layers"].as_array().unwrap().len(), 1);
+    let u = b.update_function("fb", &json!({"layers": []})).await.ok();
+    assert!(u.get("layers").is_none(), "{u}");
     assert!(!env.zip_file(&digest1).exists(), "last user gone");
     // Version numbers are never reused.
     let v3 = a

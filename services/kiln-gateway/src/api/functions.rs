@@ -135,27 +135,21 @@ pub async fn update(
     let now = gw.clock.now_ms();
     let entry = gw
         .catalog
-        .update(
-            &caller.account_id,
-            name,
-            now,
-            code,
-            |current| {
-                let code = new_ref.unwrap_or_else(|| current.code.clone());
-                let mut config = validate::build_config(Some(current), &parsed, code)?;
-                gw.runtimes
-                    .check_update(current.runtime, config.runtime, now)?;
-                if let Some(arns) = &parsed.input.layers {
-                    config.layers = gw.catalog.resolve_layers(
-                        &caller.account_id,
-                        &gw.region,
-                        config.runtime,
-                        arns,
-                    )?;
-                }
-                Ok(config)
-            },
-        )
+        .update(&caller.account_id, name, now, code, |current| {
+            let code = new_ref.unwrap_or_else(|| current.code.clone());
+            let mut config = validate::build_config(Some(current), &parsed, code)?;
+            gw.runtimes
+                .check_update(current.runtime, config.runtime, now)?;
+            if let Some(arns) = &parsed.input.layers {
+                config.layers = gw.catalog.resolve_layers(
+                    &caller.account_id,
+                    &gw.region,
+                    config.runtime,
+                    arns,
+                )?;
+            }
+            Ok(config)
+        })
         .await?;
     let changed = before.is_none_or(|b| b.spec.revision != entry.spec.revision);
     if changed {

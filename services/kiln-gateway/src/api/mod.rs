@@ -562,15 +562,11 @@ async fn dispatch(
         Operation::GetConcurrencyConfig => concurrency::get(gw, &caller, &named()).await,
         Operation::DeleteConcurrencyConfig => concurrency::delete(gw, &caller, &named()).await,
         Operation::ListConcurrencyConfigs => concurrency::list(gw, &caller, &parts).await,
-        Operation::CreateLayerVersion => {
-            layers::create_version(gw, &caller, &layer(), body).await
-        }
+        Operation::CreateLayerVersion => layers::create_version(gw, &caller, &layer(), body).await,
         Operation::GetLayerVersion => layers::get_version(gw, &caller, &layer(), &version()),
-        Operation::GetLayerVersionByArn => layers::get_by_arn(
-            gw,
-            &caller,
-            route.arn.as_deref().expect("route has an arn"),
-        ),
+        Operation::GetLayerVersionByArn => {
+            layers::get_by_arn(gw, &caller, route.arn.as_deref().expect("route has an arn"))
+        }
         Operation::ListLayers => layers::list(gw, &caller, &parts),
         Operation::ListLayerVersions => layers::list_versions(gw, &caller, &layer(), &parts),
         Operation::DeleteLayerVersion => {
