@@ -7,6 +7,8 @@
 //! | DELETE | /v1/instances/{id}           | destroy (idempotent)          |
 //! | POST   | /v1/instances/{id}/invoke    | forward an invocation         |
 //! | GET    | /v1/health                   | liveness                      |
+//! | GET    | /v1/logs                     | a function's logs (logs.rs)   |
+//! | POST   | /v1/instances/{id}/exec      | run a command (exec.rs)       |
 
 use std::sync::Arc;
 
@@ -24,6 +26,8 @@ const CONTROL_BODY_MAX: usize = 1 << 20;
 
 enum Route<'a> {
     Health,
+    Logs,
+    Exec(&'a str),
     Instances,
     Instance(&'a str),
     Invoke(&'a str),
@@ -33,6 +37,9 @@ enum Route<'a> {
 fn route(path: &str) -> Route<'_> {
     if path == paths::HEALTH {
         return Route::Health;
+    }
+    if path == paths::AGENT_LOGS {
+        return Route::Logs;
     }
     let Some(rest) = path.strip_prefix(paths::AGENT_INSTANCES) else {
         return Route::Unknown;
@@ -46,6 +53,7 @@ fn route(path: &str) -> Route<'_> {
             match rest.split_once('/') {
                 None if !rest.is_empty() => Route::Instance(rest),
                 Some((id, "invoke")) if !id.is_empty() => Route::Invoke(id),
+                Some((id, "exec")) if !id.is_empty() => Route::Exec(id),
                 _ => Route::Unknown,
             }
         }
@@ -102,6 +110,19 @@ async fn control(manager: Arc<InstanceManager>, req: Request<Incoming>) -> Respo
     let path = req.uri().path().to_owned();
     let resp = match (route(&path), &method) {
         (Route::Health, &Method::GET) => server::health(),
+        (Route::Logs, &Method::GET) => match crate::logs::parse_query(req.uri().query()) {
+            Ok((account, function, q)) => json(
+                StatusCode::OK,
+                &kiln_internal_api::LogRecords {
+                    records: manager.logs().query(&account, &function, &q),
+                },
+            ),
+            Err(e) => error(&e, &rid),
+        },
+        (Route::Exec(id), &Method::POST) => {
+            let target = manager.get(id).ok_or_else(|| id.to_owned());
+            crate::exec::serve(manager.clone(), target, req, &rid).await
+        }
         (Route::Instances, &Method::GET) => json(StatusCode::OK, &manager.list()),
         (Route::Instances, &Method::POST) => {
             match read_json::<CreateInstance>(req.into_body(), CONTROL_BODY_MAX).await {
@@ -119,9 +140,15 @@ async fn control(manager: Arc<InstanceManager>, req: Request<Incoming>) -> Respo
                 Err(e) => error(&e.to_fc(), &rid),
             },
         },
-        (Route::Health | Route::Instances | Route::Instance(_) | Route::Invoke(_), _) => {
-            method_not_allowed(&method, &path, &rid)
-        }
+        (
+            Route::Health
+            | Route::Logs
+            | Route::Exec(_)
+            | Route::Instances
+            | Route::Instance(_)
+            | Route::Invoke(_),
+            _,
+        ) => method_not_allowed(&method, &path, &rid),
         (Route::Unknown, _) => server::not_found(&path, &rid),
     };
     if resp.status().is_server_error() {

@@ -356,25 +356,73 @@ fn refused(outcome: Outcome, err: &FcError, request_id: &HeaderValue) -> Respons
 }
 
 /// Counts the call as in flight until the response body is done, and
-/// reports a runtime failure discovered while streaming.
+/// reports a runtime failure discovered while streaming. Frames the call
+/// in the instance's log (FC's Start/End lines, with the failure's cause).
 struct InFlight {
     manager: Arc<InstanceManager>,
     instance: Arc<Instance>,
+    request_id: String,
+    /// Why the call failed, for its End.
+    error: Option<String>,
+    ended: bool,
 }
 
 impl InFlight {
-    fn enter(manager: &Arc<InstanceManager>, instance: Arc<Instance>) -> Self {
+    fn enter(
+        manager: &Arc<InstanceManager>,
+        instance: Arc<Instance>,
+        request_id: &HeaderValue,
+        want_tail: bool,
+    ) -> Self {
         instance.enter(manager.clock.now_ms());
+        let request_id = String::from_utf8_lossy(request_id.as_bytes()).into_owned();
+        instance.log.begin(&request_id, want_tail);
         Self {
             manager: manager.clone(),
             instance,
+            request_id,
+            error: None,
+            ended: false,
         }
+    }
+
+    /// The call's End line (once), with `error` as its cause; the call's
+    /// log tail when Tail was asked for.
+    fn end(&mut self, error: Option<String>) -> Option<Vec<u8>> {
+        if self.ended {
+            return None;
+        }
+        self.ended = true;
+        let error = error.or_else(|| self.error.take());
+        self.instance.log.end(&self.request_id, error.as_deref())
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
+        self.end(None);
         self.instance.leave(self.manager.clock.now_ms());
+    }
+}
+
+const X_FC_LOG_TYPE: HeaderName = HeaderName::from_static(kiln_internal_api::headers::LOG_TYPE);
+const X_FC_LOG_RESULT: HeaderName = HeaderName::from_static(kiln_internal_api::headers::LOG_RESULT);
+
+/// FC's `x-fc-log-type: Tail`.
+fn wants_tail(headers: &HeaderMap) -> bool {
+    headers
+        .get(&X_FC_LOG_TYPE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"tail"))
+}
+
+/// FC's `x-fc-log-result`: the call's tail, base64.
+fn put_tail(resp: &mut Response<Body>, tail: Option<Vec<u8>>) {
+    use base64::Engine as _;
+    if let Some(tail) = tail {
+        let encoded = base64::engine::general_purpose::STANDARD.encode(tail);
+        if let Ok(v) = HeaderValue::from_str(&encoded) {
+            resp.headers_mut().insert(X_FC_LOG_RESULT, v);
+        }
     }
 }
 
@@ -412,6 +460,9 @@ impl HttpBody for InvokeBody {
                 return Poll::Ready(Some(Ok(frame)));
             }
             Poll::Ready(Some(Err(e))) => {
+                this.guard.error = Some(format!(
+                    "Process exited unexpectedly while streaming the response: {e}"
+                ));
                 this.guard
                     .manager
                     .metrics
@@ -431,6 +482,10 @@ impl HttpBody for InvokeBody {
             Poll::Pending => {}
         }
         if this.deadline.poll(cx).is_ready() {
+            this.guard.error = Some(format!(
+                "Function timed out after {} seconds",
+                this.guard.instance.upstream.timeout_s
+            ));
             this.guard.manager.metrics.invocation(Outcome::Timeout);
             this.guard.manager.fail(
                 &this.guard.instance,
@@ -487,19 +542,20 @@ impl InstanceManager {
         let started = Instant::now();
         let upstream = &instance.upstream;
         let deadline = tokio::time::Instant::from_std(started + upstream.timeout);
-        let guard = InFlight::enter(self, instance.clone());
+        let want_tail = wants_tail(req.headers());
+        let mut guard = InFlight::enter(self, instance.clone(), &request_id, want_tail);
         let outgoing = upstream.prepare(req);
         let answer = tokio::time::timeout_at(deadline, upstream.conns.send(outgoing)).await;
         let (resp, conn) = match answer {
             Ok(Ok(sent)) => sent,
             Err(_elapsed) => {
                 self.metrics.invocation(Outcome::Timeout);
+                let message = format!("Function timed out after {} seconds", upstream.timeout_s);
+                let tail = guard.end(Some(message.clone()));
                 self.fail(&instance, "invocation timed out");
-                return unhandled(
-                    Outcome::Timeout,
-                    &request_id,
-                    format!("Function timed out after {} seconds", upstream.timeout_s),
-                );
+                let mut resp = unhandled(Outcome::Timeout, &request_id, message);
+                put_tail(&mut resp, tail);
+                return resp;
             }
             Ok(Err(e)) => {
                 if matches!(&e, RuntimeError::Http(h) if h.is_user()) {
@@ -507,19 +563,20 @@ impl InstanceManager {
                     tracing::debug!(instance_id = %instance.id, error = %e, "caller's request body failed");
                     let err =
                         FcError::invalid_argument("the request body could not be read to its end");
+                    guard.end(Some(err.message.clone()));
                     return refused(Outcome::Ok, &err, &request_id);
                 }
                 self.metrics.invocation(Outcome::InstanceFailed);
+                let message = format!(
+                    "Process exited unexpectedly before completing request (duration: {}ms)",
+                    started.elapsed().as_millis()
+                );
+                let tail = guard.end(Some(message.clone()));
                 self.fail(&instance, "runtime connection failed");
                 tracing::warn!(instance_id = %instance.id, error = %e, "runtime did not answer");
-                return unhandled(
-                    Outcome::InstanceFailed,
-                    &request_id,
-                    format!(
-                        "Process exited unexpectedly before completing request (duration: {}ms)",
-                        started.elapsed().as_millis()
-                    ),
-                );
+                let mut resp = unhandled(Outcome::InstanceFailed, &request_id, message);
+                put_tail(&mut resp, tail);
+                return resp;
             }
         };
         self.metrics
@@ -538,6 +595,47 @@ impl InstanceManager {
             .or_insert(request_id)
             .set_sensitive(true);
         parts.version = Version::default();
+        if want_tail {
+            // The tail goes in a header: read the whole answer first.
+            let read = tokio::time::timeout_at(deadline, body.collect()).await;
+            let (body, error, failed) = match read {
+                Ok(Ok(collected)) => {
+                    upstream.conns.put_back(conn);
+                    (collected.to_bytes(), None, None)
+                }
+                Ok(Err(e)) => (
+                    Bytes::new(),
+                    Some(format!(
+                        "Process exited unexpectedly while streaming the response: {e}"
+                    )),
+                    Some("connection lost while streaming the response"),
+                ),
+                Err(_) => (
+                    Bytes::new(),
+                    Some(format!(
+                        "Function timed out after {} seconds",
+                        upstream.timeout_s
+                    )),
+                    Some("timed out while streaming the response"),
+                ),
+            };
+            let tail = guard.end(error.clone());
+            if let (Some(reason), Some(message)) = (failed, error) {
+                let outcome = if reason.starts_with("timed out") {
+                    Outcome::Timeout
+                } else {
+                    Outcome::InstanceFailed
+                };
+                self.fail(&instance, reason);
+                let mut resp = unhandled(outcome, &parts.headers[&X_FC_REQUEST_ID], message);
+                put_tail(&mut resp, tail);
+                return resp;
+            }
+            parts.headers.remove(header::CONTENT_LENGTH);
+            let mut resp = Response::from_parts(parts, full(body));
+            put_tail(&mut resp, tail);
+            return resp;
+        }
         // A body that is already over is never polled to its end.
         let conn = if body.is_end_stream() {
             upstream.conns.put_back(conn);

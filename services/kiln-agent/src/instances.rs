@@ -96,6 +96,8 @@ pub struct Instance {
     in_flight: AtomicU32,
     state: AtomicU8,
     pub(crate) upstream: Upstream,
+    /// The instance's console, attributed to its calls.
+    pub(crate) log: Arc<crate::logs::InstanceLog>,
 }
 
 impl Instance {
@@ -105,9 +107,11 @@ impl Instance {
         endpoint: SocketAddr,
         now_ms: u64,
         region: Option<&HeaderValue>,
+        log: Arc<crate::logs::InstanceLog>,
     ) -> Self {
         let upstream = Upstream::new(endpoint, &spec, region);
         Self {
+            log,
             id,
             spec,
             endpoint,
@@ -195,6 +199,9 @@ struct InstanceRecord {
     spec: InstanceSpec,
     endpoint: SocketAddr,
     created_at_ms: u64,
+    /// The sandbox's console (absent in records of older agents).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    log_path: Option<PathBuf>,
 }
 
 /// Node-wide settings of the manager.
@@ -219,6 +226,8 @@ pub struct InstanceManager {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) clock: Arc<dyn Clock>,
     node_id: Mutex<Option<NodeId>>,
+    /// Every function's logs on this node.
+    pub(crate) logs: Arc<crate::logs::LogStore>,
 }
 
 impl InstanceManager {
@@ -233,6 +242,10 @@ impl InstanceManager {
             .region
             .as_deref()
             .and_then(|r| HeaderValue::from_str(r).ok());
+        let logs = Arc::new(crate::logs::LogStore::new(
+            crate::logs::Retention::default(),
+            clock.clone(),
+        ));
         Self {
             driver,
             code,
@@ -242,6 +255,53 @@ impl InstanceManager {
             metrics,
             clock,
             node_id: Mutex::new(None),
+            logs,
+        }
+    }
+
+    /// Keep each function's log within `retention` (before any instance
+    /// exists).
+    pub fn with_log_retention(mut self, retention: crate::logs::Retention) -> Self {
+        self.logs = Arc::new(crate::logs::LogStore::new(retention, self.clock.clone()));
+        self
+    }
+
+    /// The node's function logs.
+    pub fn logs(&self) -> &Arc<crate::logs::LogStore> {
+        &self.logs
+    }
+
+    fn instance_log(
+        &self,
+        id: &InstanceId,
+        spec: &InstanceSpec,
+        path: Option<PathBuf>,
+        adopted: bool,
+    ) -> Arc<crate::logs::InstanceLog> {
+        Arc::new(crate::logs::InstanceLog::new(
+            self.logs.clone(),
+            spec.account_id.clone(),
+            spec.function_name.clone(),
+            id.clone(),
+            path,
+            adopted,
+        ))
+    }
+
+    /// Read every instance's console (the background reader).
+    pub fn drain_logs(&self) {
+        let instances: Vec<Arc<Instance>> = self
+            .slots
+            .read()
+            .expect("slots lock")
+            .values()
+            .filter_map(|s| match s {
+                Slot::Ready(i) => Some(i.clone()),
+                Slot::Starting { .. } => None,
+            })
+            .collect();
+        for i in instances {
+            i.log.drain();
         }
     }
 
@@ -371,12 +431,12 @@ impl InstanceManager {
         // FC's Initializer runs once, after the port opened and before the
         // instance can take its first call.
         let result = match result {
-            Ok(endpoint) => {
+            Ok((endpoint, log_path)) => {
                 let request_id = kiln_core::RequestId::generate();
                 match crate::hooks::initialize(endpoint, &spec, self.region.as_ref(), &request_id)
                     .await
                 {
-                    Ok(()) => Ok(endpoint),
+                    Ok(()) => Ok((endpoint, log_path)),
                     Err(e) => {
                         self.destroy_sandbox(&id).await;
                         Err(InstanceError::from(e))
@@ -385,8 +445,8 @@ impl InstanceManager {
             }
             Err(e) => Err(e),
         };
-        let endpoint = match result {
-            Ok(endpoint) => endpoint,
+        let (endpoint, log_path) = match result {
+            Ok(started) => started,
             Err(e) => {
                 self.slots.write().expect("slots lock").remove(id.as_str());
                 self.metrics.creates_failed.inc();
@@ -395,12 +455,14 @@ impl InstanceManager {
             }
         };
         let now = self.clock.now_ms();
+        let log = self.instance_log(&id, &spec, log_path, false);
         let instance = Arc::new(Instance::new(
             id.clone(),
             spec,
             endpoint,
             now,
             self.region.as_ref(),
+            log,
         ));
         let placed = {
             let mut slots = self.slots.write().expect("slots lock");
@@ -437,7 +499,7 @@ impl InstanceManager {
         &self,
         id: &InstanceId,
         spec: &InstanceSpec,
-    ) -> Result<SocketAddr, InstanceError> {
+    ) -> Result<(SocketAddr, Option<PathBuf>), InstanceError> {
         let code_dir = self.code.ensure(&spec.code_digest, spec.code_size).await?;
         // Layer zips share the code cache (one extracted dir per digest);
         // the driver finds them beside `code_dir` (SandboxRequest::layer_dirs).
@@ -469,7 +531,7 @@ impl InstanceManager {
             self.destroy_sandbox(id).await;
             return Err(e);
         }
-        Ok(sandbox.endpoint)
+        Ok((sandbox.endpoint, Some(sandbox.log_path)))
     }
 
     async fn destroy_sandbox(&self, id: &InstanceId) {
@@ -490,6 +552,7 @@ impl InstanceManager {
                     return Ok(());
                 }
                 Some(Slot::Ready(i)) => {
+                    i.log.finish();
                     // A crashed instance gets no PreStop; a failing or hanging
                     // one delays the destroy by at most its timeout. PreStop
                     // and the destroy run in a task of their own, so a caller
@@ -537,6 +600,10 @@ impl InstanceManager {
             return;
         }
         tracing::warn!(instance_id = %instance.id, reason, "instance failed; destroying it");
+        instance.log.event(&format!(
+            "Instance {} failed ({reason}); it is being replaced",
+            instance.id
+        ));
         let this = self.clone();
         let id = instance.id.clone();
         tokio::spawn(async move {
@@ -570,6 +637,7 @@ impl InstanceManager {
             spec: instance.spec.clone(),
             endpoint: instance.endpoint,
             created_at_ms: instance.created_at_ms,
+            log_path: instance.log.path(),
         };
         let path = self.record_path(&instance.id);
         let tmp = path.with_extension("json.tmp");
@@ -630,12 +698,14 @@ impl InstanceManager {
             };
             match adopt {
                 Some(r) => {
+                    let log = self.instance_log(&r.instance_id, &r.spec, r.log_path, true);
                     let instance = Instance::new(
                         r.instance_id,
                         r.spec,
                         r.endpoint,
                         r.created_at_ms,
                         self.region.as_ref(),
+                        log,
                     );
                     tracing::info!(instance_id = %id, "adopted instance from before the restart");
                     self.slots

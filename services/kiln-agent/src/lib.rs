@@ -11,9 +11,11 @@ pub mod api;
 pub mod code;
 pub mod config;
 pub mod error;
+pub mod exec;
 pub mod forward;
 pub mod hooks;
 pub mod instances;
+pub mod logs;
 pub mod metrics;
 pub mod namespace;
 pub mod registration;
@@ -203,6 +205,19 @@ pub async fn start_with(
         }
         None => None,
     };
+
+    // The background reader of every instance's console.
+    let log_manager = manager.clone();
+    let mut log_shutdown = shutdown_rx.clone();
+    tasks.push(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(logs::POLL_EVERY);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => log_manager.drain_logs(),
+                _ = registration::stopped(&mut log_shutdown) => break,
+            }
+        }
+    }));
 
     let handler_manager = manager.clone();
     let handler = move |req, _conn| api::handle(handler_manager.clone(), req);

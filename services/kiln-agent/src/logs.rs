@@ -1,0 +1,647 @@
+//! Function logs: every instance's stdout and stderr, collected with the
+//! request id of the call each line belongs to, kept per function with a
+//! bounded retention, and served to the gateway (`GET /v1/logs`).
+//!
+//! Capture: the sandbox writes its console to `Sandbox::log_path` (a file
+//! for containers; whatever the backend relays for microVMs). The agent
+//! reads it from where it left off: before each call starts, before each
+//! call ends, every [`POLL_EVERY`] in the background and when the instance
+//! goes. Reading before a call ends means every line the function wrote
+//! before answering is read while the call is still in flight.
+//!
+//! Attribution ([`attribute`]): a line that contains the request id of a
+//! call in flight on the instance belongs to that call (FC's runtimes
+//! prefix their log lines with it); otherwise, with exactly one call in
+//! flight, to that call; otherwise the line is the instance's own.
+//!
+//! Where logs live: here, on the node that produced them, kept per
+//! function after the instance has gone; the gateway asks every node and
+//! merges. Lines never cross the network unless someone reads them, and
+//! there is no second copy to keep consistent; a node that is lost takes
+//! its functions' recent logs with it.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{Read, Seek, SeekFrom};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kiln_core::{AccountId, Clock, FunctionName, InstanceId};
+use kiln_internal_api::LogRecord;
+
+/// How often the background reader looks at every instance's console.
+pub const POLL_EVERY: Duration = Duration::from_millis(200);
+/// FC's Tail: the last 4 KB of the call's log.
+pub const TAIL_BYTES: usize = 4096;
+/// A line longer than this is cut (a function that never writes a newline
+/// must not hold memory without bound).
+const LINE_MAX: usize = 16 * 1024;
+
+/// How much each function keeps.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// Bytes of messages per function; the oldest lines go first.
+    pub max_bytes: usize,
+    /// Lines older than this go.
+    pub max_age: Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self {
+            max_bytes: 4 << 20,
+            max_age: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// What a reader asks for.
+#[derive(Debug, Clone, Default)]
+pub struct LogQuery {
+    pub request_id: Option<String>,
+    /// Only lines at or after this time (ms since the epoch).
+    pub since_ms: Option<u64>,
+    pub limit: Option<usize>,
+}
+
+#[derive(Default)]
+struct FunctionLog {
+    records: VecDeque<LogRecord>,
+    bytes: usize,
+}
+
+/// The node's logs, per function.
+pub struct LogStore {
+    retention: Retention,
+    clock: Arc<dyn Clock>,
+    /// Distinguishes this agent process's record ids from another's.
+    nonce: String,
+    inner: Mutex<StoreInner>,
+}
+
+#[derive(Default)]
+struct StoreInner {
+    next_seq: u64,
+    functions: HashMap<(AccountId, FunctionName), FunctionLog>,
+}
+
+impl LogStore {
+    pub fn new(retention: Retention, clock: Arc<dyn Clock>) -> Self {
+        let nonce = format!("{:08x}", clock.now_ms() as u32 ^ std::process::id());
+        Self {
+            retention,
+            clock,
+            nonce,
+            inner: Mutex::default(),
+        }
+    }
+
+    /// Keep one line.
+    pub fn append(
+        &self,
+        account: &AccountId,
+        function: &FunctionName,
+        instance: &InstanceId,
+        request_id: Option<&str>,
+        message: String,
+    ) {
+        let now = self.clock.now_ms();
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.next_seq += 1;
+        let id = format!("{}-{}", self.nonce, inner.next_seq);
+        let log = inner
+            .functions
+            .entry((account.clone(), function.clone()))
+            .or_default();
+        log.bytes += message.len();
+        log.records.push_back(LogRecord {
+            id,
+            timestamp_ms: now,
+            instance_id: instance.clone(),
+            request_id: request_id.map(str::to_owned),
+            message,
+        });
+        self.trim(log, now);
+    }
+
+    fn trim(&self, log: &mut FunctionLog, now: u64) {
+        let max_age = self.retention.max_age.as_millis() as u64;
+        while let Some(first) = log.records.front() {
+            let too_old = now.saturating_sub(first.timestamp_ms) > max_age;
+            if !too_old && log.bytes <= self.retention.max_bytes {
+                break;
+            }
+            log.bytes -= first.message.len();
+            log.records.pop_front();
+        }
+    }
+
+    /// The function's lines that match, oldest first; with a limit, the
+    /// first `limit` of them.
+    pub fn query(
+        &self,
+        account: &AccountId,
+        function: &FunctionName,
+        q: &LogQuery,
+    ) -> Vec<LogRecord> {
+        let now = self.clock.now_ms();
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(log) = inner
+            .functions
+            .get_mut(&(account.clone(), function.clone()))
+        else {
+            return Vec::new();
+        };
+        self.trim(log, now);
+        let limit = q.limit.unwrap_or(usize::MAX);
+        log.records
+            .iter()
+            .filter(|r| q.since_ms.is_none_or(|s| r.timestamp_ms >= s))
+            .filter(|r| {
+                q.request_id
+                    .as_deref()
+                    .is_none_or(|id| r.request_id.as_deref() == Some(id))
+            })
+            .take(limit)
+            .cloned()
+            .collect()
+    }
+}
+
+/// `GET /v1/logs`'s query: `accountId`, `functionName` (required),
+/// `requestId`, `since` (ms), `limit`.
+pub fn parse_query(
+    query: Option<&str>,
+) -> Result<(AccountId, FunctionName, LogQuery), kiln_core::FcError> {
+    use kiln_core::FcError;
+    let mut account = None;
+    let mut function = None;
+    let mut q = LogQuery::default();
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = percent_decode(v);
+        let number = |what: &str| {
+            v.parse::<u64>()
+                .map_err(|_| FcError::invalid_argument(format!("{what} must be a number")))
+        };
+        match k {
+            "accountId" => {
+                account = Some(
+                    v.parse::<AccountId>()
+                        .map_err(|e| FcError::invalid_argument(format!("accountId: {e}")))?,
+                )
+            }
+            "functionName" => {
+                function = Some(v.parse::<FunctionName>().map_err(|e| {
+                    FcError::invalid_argument(format!("functionName: {}", e.reason))
+                })?)
+            }
+            "requestId" if !v.is_empty() => q.request_id = Some(v.clone()),
+            "since" => q.since_ms = Some(number("since")?),
+            "limit" => q.limit = Some(number("limit")? as usize),
+            _ => {}
+        }
+    }
+    match (account, function) {
+        (Some(a), Some(f)) => Ok((a, f, q)),
+        _ => Err(FcError::invalid_argument(
+            "accountId and functionName are required",
+        )),
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    percent_encoding::percent_decode_str(&s.replace('+', " "))
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
+/// Which call a line belongs to: one whose request id it contains, else
+/// the only call in flight, else none (the instance's own line).
+pub fn attribute<'a>(line: &str, in_flight: &'a [String]) -> Option<&'a str> {
+    if let Some(id) = in_flight
+        .iter()
+        .find(|id| !id.is_empty() && line.contains(id.as_str()))
+    {
+        return Some(id);
+    }
+    match in_flight {
+        [only] => Some(only),
+        _ => None,
+    }
+}
+
+/// One call in flight: its request id and, when the caller asked for
+/// FC's Tail, its own last lines.
+struct Call {
+    request_id: String,
+    tail: Option<Tail>,
+}
+
+#[derive(Default)]
+struct Tail {
+    lines: VecDeque<String>,
+    bytes: usize,
+}
+
+impl Tail {
+    fn push(&mut self, line: &str) {
+        self.bytes += line.len() + 1;
+        self.lines.push_back(line.to_owned());
+        // Drop a first line only while the rest still fills the tail.
+        while let Some(first) = self.lines.front() {
+            if self.bytes - (first.len() + 1) < TAIL_BYTES {
+                break;
+            }
+            self.bytes -= first.len() + 1;
+            self.lines.pop_front();
+        }
+    }
+
+    /// The last [`TAIL_BYTES`] bytes, each line ending in a newline.
+    fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.bytes);
+        for l in &self.lines {
+            out.extend_from_slice(l.as_bytes());
+            out.push(b'\n');
+        }
+        if out.len() > TAIL_BYTES {
+            out.drain(..out.len() - TAIL_BYTES);
+        }
+        out
+    }
+}
+
+struct Capture {
+    path: Option<PathBuf>,
+    offset: u64,
+    partial: Vec<u8>,
+    calls: Vec<Call>,
+}
+
+/// One instance's console, read incrementally and attributed to calls.
+pub struct InstanceLog {
+    account: AccountId,
+    function: FunctionName,
+    instance: InstanceId,
+    store: Arc<LogStore>,
+    capture: Mutex<Capture>,
+}
+
+impl InstanceLog {
+    /// `path`: the sandbox's console; `None` when the backend has none.
+    /// An adopted instance (agent restart) starts at the file's end.
+    pub fn new(
+        store: Arc<LogStore>,
+        account: AccountId,
+        function: FunctionName,
+        instance: InstanceId,
+        path: Option<PathBuf>,
+        from_end: bool,
+    ) -> Self {
+        let offset = match (&path, from_end) {
+            (Some(p), true) => std::fs::metadata(p).map(|m| m.len()).unwrap_or(0),
+            _ => 0,
+        };
+        Self {
+            account,
+            function,
+            instance,
+            store,
+            capture: Mutex::new(Capture {
+                path,
+                offset,
+                partial: Vec::new(),
+                calls: Vec::new(),
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Capture> {
+        self.capture.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Read what the instance wrote since the last read.
+    pub fn drain(&self) {
+        let mut cap = self.lock();
+        self.drain_locked(&mut cap, false);
+    }
+
+    fn drain_locked(&self, cap: &mut Capture, flush_partial: bool) {
+        if let Some(path) = cap.path.clone() {
+            let mut buf = Vec::new();
+            if let Ok(mut f) = std::fs::File::open(&path) {
+                let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+                if len < cap.offset {
+                    // Truncated or replaced: start over.
+                    cap.offset = 0;
+                }
+                if len > cap.offset && f.seek(SeekFrom::Start(cap.offset)).is_ok() {
+                    let _ = f.take(len - cap.offset).read_to_end(&mut buf);
+                    cap.offset += buf.len() as u64;
+                }
+            }
+            cap.partial.extend_from_slice(&buf);
+        }
+        let mut start = 0;
+        let mut lines = Vec::new();
+        while let Some(pos) = cap.partial[start..].iter().position(|b| *b == b'\n') {
+            lines.push(cap.partial[start..start + pos].to_vec());
+            start += pos + 1;
+        }
+        cap.partial.drain(..start);
+        while cap.partial.len() > LINE_MAX {
+            let rest = cap.partial.split_off(LINE_MAX);
+            lines.push(std::mem::replace(&mut cap.partial, rest));
+        }
+        if flush_partial && !cap.partial.is_empty() {
+            lines.push(std::mem::take(&mut cap.partial));
+        }
+        for raw in lines {
+            let line = String::from_utf8_lossy(&raw);
+            let line = line.trim_end_matches('\r');
+            self.record_locked(cap, None, line);
+        }
+    }
+
+    /// Keep `line`, for `request_id` or attributed by [`attribute`].
+    fn record_locked(&self, cap: &mut Capture, request_id: Option<&str>, line: &str) {
+        let owner = match request_id {
+            Some(id) => Some(id.to_owned()),
+            None => {
+                let ids: Vec<String> = cap.calls.iter().map(|c| c.request_id.clone()).collect();
+                attribute(line, &ids).map(str::to_owned)
+            }
+        };
+        if let Some(owner) = &owner {
+            if let Some(tail) = cap
+                .calls
+                .iter_mut()
+                .find(|c| &c.request_id == owner)
+                .and_then(|c| c.tail.as_mut())
+            {
+                tail.push(line);
+            }
+        }
+        self.store.append(
+            &self.account,
+            &self.function,
+            &self.instance,
+            owner.as_deref(),
+            line.to_owned(),
+        );
+    }
+
+    /// A call starts: FC's `FC Invoke Start RequestId:` line.
+    pub fn begin(&self, request_id: &str, want_tail: bool) {
+        let mut cap = self.lock();
+        // What came before belongs to the calls before.
+        self.drain_locked(&mut cap, false);
+        cap.calls.push(Call {
+            request_id: request_id.to_owned(),
+            tail: want_tail.then(Tail::default),
+        });
+        self.record_locked(
+            &mut cap,
+            Some(request_id),
+            &format!("FC Invoke Start RequestId: {request_id}"),
+        );
+    }
+
+    /// A call ends, with the cause when the function failed without
+    /// answering: FC's `FC Invoke End RequestId:` line. Answers the call's
+    /// Tail when one was asked for.
+    pub fn end(&self, request_id: &str, error: Option<&str>) -> Option<Vec<u8>> {
+        let mut cap = self.lock();
+        self.drain_locked(&mut cap, false);
+        if let Some(cause) = error {
+            self.record_locked(&mut cap, Some(request_id), &format!("Error: {cause}"));
+        }
+        self.record_locked(
+            &mut cap,
+            Some(request_id),
+            &format!("FC Invoke End RequestId: {request_id}"),
+        );
+        let pos = cap.calls.iter().position(|c| c.request_id == request_id)?;
+        let call = cap.calls.remove(pos);
+        call.tail.map(|t| t.render())
+    }
+
+    /// A line of the instance's own (not a call's): failures, exec audit.
+    pub fn event(&self, message: &str) {
+        let mut cap = self.lock();
+        self.drain_locked(&mut cap, false);
+        self.store.append(
+            &self.account,
+            &self.function,
+            &self.instance,
+            None,
+            message.to_owned(),
+        );
+    }
+
+    /// The console being read, while the instance lives.
+    pub fn path(&self) -> Option<PathBuf> {
+        self.lock().path.clone()
+    }
+
+    /// The instance is going: read the rest, an unterminated last line too.
+    pub fn finish(&self) {
+        let mut cap = self.lock();
+        self.drain_locked(&mut cap, true);
+        cap.path = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use kiln_core::ManualClock;
+
+    use super::*;
+
+    fn store(max_bytes: usize, clock: Arc<ManualClock>) -> Arc<LogStore> {
+        Arc::new(LogStore::new(
+            Retention {
+                max_bytes,
+                max_age: Duration::from_secs(60),
+            },
+            clock,
+        ))
+    }
+
+    fn ids() -> (AccountId, FunctionName, InstanceId) {
+        (
+            "1234".parse().unwrap(),
+            "f".parse().unwrap(),
+            InstanceId::generate(),
+        )
+    }
+
+    fn messages(records: &[LogRecord]) -> Vec<(Option<String>, String)> {
+        records
+            .iter()
+            .map(|r| (r.request_id.clone(), r.message.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn attribution_prefers_the_id_in_the_line_then_the_only_call() {
+        let calls = vec!["r-1".to_owned(), "r-2".to_owned()];
+        assert_eq!(attribute("r-2 working", &calls), Some("r-2"));
+        assert_eq!(attribute("no id here", &calls), None);
+        assert_eq!(attribute("no id here", &calls[..1]), Some("r-1"));
+        assert_eq!(attribute("anything", &[]), None);
+    }
+
+    #[test]
+    fn concurrent_calls_get_their_own_lines_and_tails() {
+        let clock = Arc::new(ManualClock::new(1_000));
+        let store = store(1 << 20, clock.clone());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        let mut console = std::fs::File::create(&path).unwrap();
+        let (a, f, i) = ids();
+        let log = InstanceLog::new(store.clone(), a.clone(), f.clone(), i, Some(path), false);
+        writeln!(console, "listening on 9000").unwrap();
+        log.begin("req-a", true);
+        writeln!(console, "req-a: only call so far").unwrap();
+        log.drain();
+        log.begin("req-b", true);
+        writeln!(console, "req-b: step 1").unwrap();
+        writeln!(console, "req-a: step 1").unwrap();
+        writeln!(console, "whose line is this").unwrap();
+        write!(console, "req-b: half a ").unwrap();
+        log.drain();
+        writeln!(console, "line").unwrap();
+        let tail_a = log.end("req-a", None).unwrap();
+        writeln!(console, "after a ended").unwrap();
+        let tail_b = log
+            .end("req-b", Some("Function timed out after 3 seconds"))
+            .unwrap();
+
+        let all = store.query(&a, &f, &LogQuery::default());
+        let owner_of = |m: &str| {
+            all.iter()
+                .find(|r| r.message == m)
+                .unwrap_or_else(|| panic!("{m} missing"))
+                .request_id
+                .clone()
+        };
+        assert_eq!(owner_of("listening on 9000"), None);
+        assert_eq!(
+            owner_of("req-a: only call so far").as_deref(),
+            Some("req-a")
+        );
+        assert_eq!(owner_of("req-b: step 1").as_deref(), Some("req-b"));
+        assert_eq!(owner_of("req-a: step 1").as_deref(), Some("req-a"));
+        assert_eq!(owner_of("whose line is this"), None);
+        assert_eq!(owner_of("req-b: half a line").as_deref(), Some("req-b"));
+        assert_eq!(owner_of("after a ended").as_deref(), Some("req-b"));
+
+        assert_eq!(
+            String::from_utf8(tail_a).unwrap(),
+            "FC Invoke Start RequestId: req-a\nreq-a: only call so far\nreq-a: step 1\n\
+             FC Invoke End RequestId: req-a\n"
+        );
+        assert_eq!(
+            String::from_utf8(tail_b).unwrap(),
+            "FC Invoke Start RequestId: req-b\nreq-b: step 1\nreq-b: half a line\n\
+             after a ended\nError: Function timed out after 3 seconds\n\
+             FC Invoke End RequestId: req-b\n"
+        );
+        let only_b = store.query(
+            &a,
+            &f,
+            &LogQuery {
+                request_id: Some("req-b".into()),
+                ..Default::default()
+            },
+        );
+        assert_eq!(only_b.len(), 6, "{:?}", messages(&only_b));
+        assert!(only_b
+            .iter()
+            .all(|r| r.request_id.as_deref() == Some("req-b")));
+    }
+
+    #[test]
+    fn tail_is_the_last_4_kb_of_the_call() {
+        let clock = Arc::new(ManualClock::new(1_000));
+        let store = store(1 << 20, clock);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        let mut console = std::fs::File::create(&path).unwrap();
+        let (a, f, i) = ids();
+        let log = InstanceLog::new(store, a, f, i, Some(path), false);
+        log.begin("r", true);
+        for n in 0..500 {
+            writeln!(console, "line {n:04}").unwrap();
+        }
+        let tail = log.end("r", None).unwrap();
+        assert_eq!(tail.len(), TAIL_BYTES);
+        let text = String::from_utf8(tail).unwrap();
+        assert!(
+            text.ends_with("line 0499\nFC Invoke End RequestId: r\n"),
+            "{text}"
+        );
+        assert!(!text.contains("Invoke Start"));
+        // A call without Tail gets none.
+        log.begin("s", false);
+        assert_eq!(log.end("s", None), None);
+    }
+
+    #[test]
+    fn retention_drops_the_oldest_by_size_and_by_age() {
+        let clock = Arc::new(ManualClock::new(1_000));
+        let store = store(100, clock.clone());
+        let (a, f, i) = ids();
+        for n in 0..20 {
+            store.append(&a, &f, &i, None, format!("message {n:02}"));
+        }
+        let kept = store.query(&a, &f, &LogQuery::default());
+        let total: usize = kept.iter().map(|r| r.message.len()).sum();
+        assert!(total <= 100, "{total}");
+        assert_eq!(kept.last().unwrap().message, "message 19");
+        assert_eq!(
+            kept.first().unwrap().message,
+            format!("message {:02}", 20 - kept.len())
+        );
+        // Another function's lines are kept apart.
+        let other: FunctionName = "g".parse().unwrap();
+        store.append(&a, &other, &i, None, "g's".into());
+        assert_eq!(store.query(&a, &other, &LogQuery::default()).len(), 1);
+        // Older than a minute: gone.
+        clock.advance(Duration::from_secs(61));
+        store.append(&a, &f, &i, None, "fresh".into());
+        assert_eq!(
+            messages(&store.query(&a, &f, &LogQuery::default())),
+            vec![(None, "fresh".to_owned())]
+        );
+        assert!(store.query(&a, &other, &LogQuery::default()).is_empty());
+        // since and limit.
+        store.append(&a, &f, &i, None, "fresher".into());
+        let q = LogQuery {
+            since_ms: Some(clock.now_ms()),
+            limit: Some(1),
+            ..Default::default()
+        };
+        assert_eq!(store.query(&a, &f, &q).len(), 1);
+    }
+
+    #[test]
+    fn finish_keeps_an_unterminated_last_line() {
+        let clock = Arc::new(ManualClock::new(1_000));
+        let store = store(1 << 20, clock);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        std::fs::write(&path, "Traceback: boom").unwrap();
+        let (a, f, i) = ids();
+        let log = InstanceLog::new(store.clone(), a.clone(), f.clone(), i, Some(path), false);
+        log.drain();
+        assert!(store.query(&a, &f, &LogQuery::default()).is_empty());
+        log.finish();
+        let all = store.query(&a, &f, &LogQuery::default());
+        assert_eq!(all[0].message, "Traceback: boom");
+    }
+}
