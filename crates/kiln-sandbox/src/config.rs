@@ -36,6 +36,8 @@ pub enum ContainerConfigError {
     RootfsDir(PathBuf),
     #[error("debootstrap_mirror must be an http:// or https:// URL, got {0:?}")]
     Mirror(String),
+    #[error("Invalid [sandbox.network] section: {0}")]
+    Network(#[from] crate::net::NetworkConfigError),
 }
 
 /// Which runc-compatible CLI runs the bundles.
@@ -141,6 +143,10 @@ pub struct ContainerConfig {
     /// The CPU quota (thousandths of a CPU) during the boost; instances
     /// with more CPU of their own keep theirs.
     pub cold_start_cpu_milli: u32,
+    /// `[sandbox.network]`: per-instance egress isolation (FC's egress
+    /// modes in an nftables table, VPC bridges, tc shaping). Absent: no
+    /// isolation, instances reach only what the host routes for them.
+    pub network: Option<crate::net::NetworkConfig>,
 }
 
 impl Default for ContainerConfig {
@@ -161,6 +167,7 @@ impl Default for ContainerConfig {
             debootstrap_mirror: None,
             cold_start_boost_ms: 20_000,
             cold_start_cpu_milli: 2_000,
+            network: None,
         }
     }
 }
@@ -231,6 +238,9 @@ impl ContainerConfig {
                 return Err(ContainerConfigError::Mirror(m.clone()));
             }
         }
+        if let Some(network) = &self.network {
+            network.validate()?;
+        }
         Ok(())
     }
 }
@@ -262,6 +272,24 @@ mod tests {
         let c = parse(r#"{"oci_runtime":"crun","instance_subnet":"10.9.0.0/24"}"#).unwrap();
         assert_eq!(c.oci_runtime, OciRuntimeKind::Crun);
         assert_eq!(c.instance_subnet.slot_base(2), Ipv4Addr::new(10, 9, 0, 8));
+    }
+
+    #[test]
+    fn the_network_section_is_optional_and_parsed() {
+        assert_eq!(parse("{}").unwrap().network, None);
+        let c = parse(
+            r#"{"network":{"uplink_interface":"eth0","standard_bandwidth_mbit":100,
+                "performance_bandwidth_mbit":500}}"#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let n = c.network.unwrap();
+        assert_eq!(n.uplink_interface.as_deref(), Some("eth0"));
+        assert_eq!(
+            (n.standard_bandwidth_mbit, n.performance_bandwidth_mbit),
+            (100, 500)
+        );
+        assert!(parse(r#"{"network":{"uplink":"eth0"}}"#).is_err());
     }
 
     #[test]
@@ -314,6 +342,15 @@ mod tests {
         assert!(matches!(
             bad(|c| c.debootstrap_mirror = Some("ftp://x".into())),
             ContainerConfigError::Mirror(_)
+        ));
+        assert!(matches!(
+            bad(|c| {
+                c.network = Some(crate::net::NetworkConfig {
+                    standard_bandwidth_mbit: 0,
+                    ..Default::default()
+                })
+            }),
+            ContainerConfigError::Network(crate::net::NetworkConfigError::Bandwidth(0))
         ));
         let ok = ContainerConfig {
             name_prefix: "abcdefgh".into(),

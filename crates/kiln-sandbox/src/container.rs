@@ -18,6 +18,7 @@ use crate::disk::{DiskOps, LoopExt4};
 use crate::driver::{Sandbox, SandboxDriver, SandboxError, SandboxRequest, SandboxStats};
 use crate::instance::{InstancePaths, InstanceRecord};
 use crate::mounts::{unmount_all_under, HostMounter, Mounter};
+use crate::net::{BandwidthClass, HostInterface, NetIsolation, NetIsolationError, SystemCommands};
 use crate::netpool::NetPool;
 use crate::network::{IpCommand, NetSlot, NetworkError, NetworkOps};
 use crate::oci_runtime::{ContainerStatus, OciRuntime, RuncCli};
@@ -35,6 +36,13 @@ fn net_err(e: NetworkError) -> SandboxError {
     match e {
         NetworkError::Exhausted(_) => SandboxError::Exhausted(e.to_string()),
         other => SandboxError::Network(other.to_string()),
+    }
+}
+
+fn isolation_err(e: NetIsolationError) -> SandboxError {
+    match e {
+        NetIsolationError::VpcAddressesExhausted(_) => SandboxError::Exhausted(e.to_string()),
+        other => SandboxError::Network(chain(&other)),
     }
 }
 
@@ -71,6 +79,9 @@ pub struct ContainerDriver {
     /// Per instance, the task that ends its cold-start CPU boost.
     boosts: Mutex<HashMap<InstanceId, JoinHandle<()>>>,
     pool: Arc<NetPool>,
+    /// Egress modes, VPC attachment and shaping per instance, when the
+    /// configuration has a `network` section.
+    isolation: Option<Arc<NetIsolation>>,
     refill: Mutex<Option<JoinHandle<()>>>,
     instances: Mutex<HashMap<InstanceId, InstanceRecord>>,
 }
@@ -106,14 +117,28 @@ impl ContainerDriver {
             })?,
         };
         let oci = Arc::new(RuncCli::new(binary, state_dir.join("runc")));
-        Self::with_backends(
+        let network = config.network.clone();
+        let driver = Self::with_backends(
             config,
             state_dir,
             oci,
             Arc::new(IpCommand::default()),
             Arc::new(HostMounter),
         )
-        .await
+        .await?;
+        match network {
+            Some(network) => {
+                let isolation = NetIsolation::start(
+                    &driver.config.name_prefix,
+                    network,
+                    Arc::new(SystemCommands),
+                )
+                .await
+                .map_err(isolation_err)?;
+                Ok(driver.with_net_isolation(Arc::new(isolation)))
+            }
+            None => Ok(driver),
+        }
     }
 
     /// The driver over any backends (the fakes in unit tests).
@@ -151,6 +176,7 @@ impl ContainerDriver {
             disk: Arc::new(LoopExt4),
             boosts: Mutex::new(HashMap::new()),
             pool,
+            isolation: None,
             refill: Mutex::new(None),
             instances: Mutex::new(HashMap::new()),
         };
@@ -179,6 +205,18 @@ impl ContainerDriver {
     pub fn with_disk(mut self, disk: Arc<dyn DiskOps>) -> Self {
         self.disk = disk;
         self
+    }
+
+    /// Isolate every instance's network with `isolation` (started with
+    /// this driver's `name_prefix`): attached after an instance gets its
+    /// namespace, detached before the namespace goes back to the pool.
+    pub fn with_net_isolation(mut self, isolation: Arc<NetIsolation>) -> Self {
+        self.isolation = Some(isolation);
+        self
+    }
+
+    pub fn net_isolation(&self) -> Option<&Arc<NetIsolation>> {
+        self.isolation.as_ref()
     }
 
     /// The cgroup operations the driver uses.
@@ -276,6 +314,9 @@ impl ContainerDriver {
             task.abort();
         }
         self.pool.drain().await.map_err(net_err)?;
+        if let Some(isolation) = &self.isolation {
+            isolation.shutdown().await.map_err(isolation_err)?;
+        }
         self.remove_cgroup_parent();
         Ok(())
     }
@@ -365,6 +406,16 @@ impl ContainerDriver {
         paths
             .write_record(rec)
             .map_err(|e| fs_err(paths.record().display(), e))?;
+        if let Some(isolation) = &self.isolation {
+            isolation
+                .attach(
+                    &HostInterface::from(&slot),
+                    spec.network.as_ref(),
+                    BandwidthClass::of(spec),
+                )
+                .await
+                .map_err(isolation_err)?;
+        }
 
         let uid = self.config.uid_base;
         for (dir, mode, owned) in [
@@ -500,6 +551,11 @@ impl ContainerDriver {
             }
         }
         if let Some(rec) = record {
+            if let Some(isolation) = &self.isolation {
+                if let Err(e) = isolation.detach(&rec.netns).await {
+                    first.get_or_insert(isolation_err(e));
+                }
+            }
             if let Err(e) = self.pool.release_name(rec.slot_index, &rec.netns).await {
                 first.get_or_insert(net_err(e));
             }
@@ -1197,5 +1253,131 @@ mod tests {
 
         h.driver.shutdown().await.unwrap();
         assert!(!h.cgroups.exists("/kt"));
+    }
+
+    async fn isolated_harness() -> (Harness, Arc<crate::net::RecordingCommands>) {
+        let h = harness().await;
+        let cmd = Arc::new(crate::net::RecordingCommands::new());
+        let config: crate::net::NetworkConfig = serde_json::from_value(serde_json::json!({
+            "standard_bandwidth_mbit": 100,
+            "performance_bandwidth_mbit": 500,
+            "vpcs": [{"id": "vpc-a", "cidr": "192.168.0.0/16",
+                "vswitches": [{"id": "vsw-a", "cidr": "192.168.50.0/24",
+                    "gateway": "192.168.50.1", "instance_pool": "192.168.50.128/30"}],
+                "security_groups": [{"id": "sg-a"}]}]
+        }))
+        .unwrap();
+        let isolation = NetIsolation::start("kt", config, cmd.clone())
+            .await
+            .unwrap();
+        let Harness {
+            _tmp,
+            state,
+            code,
+            oci,
+            net,
+            mounter,
+            cgroups,
+            disk,
+            driver,
+        } = h;
+        let driver = driver.with_net_isolation(Arc::new(isolation));
+        cmd.clear();
+        let h = Harness {
+            _tmp,
+            state,
+            code,
+            oci,
+            net,
+            mounter,
+            cgroups,
+            disk,
+            driver,
+        };
+        (h, cmd)
+    }
+
+    fn cmd_lines(cmd: &crate::net::RecordingCommands) -> Vec<String> {
+        cmd.calls()
+            .iter()
+            .map(|c| format!("{} {}", c.line(), c.stdin.as_deref().unwrap_or("")))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn instances_are_attached_to_the_isolation_and_detached_on_destroy() {
+        let (h, cmd) = isolated_harness().await;
+        let iso = h.driver.net_isolation().unwrap().clone();
+        let req = request(&h, RuntimeName::Custom);
+        h.driver.create(&req).await.unwrap();
+        assert_eq!(iso.attached(), ["kt-0".to_owned()]);
+        let lines = cmd_lines(&cmd);
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("tbf") && l.contains("100mbit")),
+            "standard instances get the standard rate: {lines:?}"
+        );
+
+        // A performance instance (10 GB disk) gets the performance rate.
+        let mut spec = sample_spec();
+        spec.runtime = RuntimeName::Custom;
+        spec.disk_mb = 10_240;
+        let big = SandboxRequest {
+            instance_id: InstanceId::generate(),
+            spec: spec.seal(),
+            code_dir: h.code.clone(),
+        };
+        cmd.clear();
+        h.driver.create(&big).await.unwrap();
+        assert!(cmd_lines(&cmd)
+            .iter()
+            .any(|l| l.contains("tbf") && l.contains("500mbit")));
+        assert_eq!(iso.attached(), ["kt-0".to_owned(), "kt-1".to_owned()]);
+
+        h.driver.destroy(&req.instance_id).await.unwrap();
+        assert_eq!(iso.attached(), ["kt-1".to_owned()]);
+        h.driver.destroy(&big.instance_id).await.unwrap();
+        assert!(iso.attached().is_empty());
+        cmd.clear();
+        h.driver.shutdown().await.unwrap();
+        assert!(cmd_lines(&cmd)
+            .iter()
+            .any(|l| l.contains("delete table inet kt")));
+    }
+
+    #[tokio::test]
+    async fn an_instance_whose_network_cannot_be_isolated_does_not_start() {
+        let (h, _cmd) = isolated_harness().await;
+        let iso = h.driver.net_isolation().unwrap().clone();
+        let mut spec = sample_spec();
+        spec.runtime = RuntimeName::Custom;
+        spec.network = Some(kiln_core::NetworkSpec {
+            internet_access: false,
+            vpc: Some(kiln_core::VpcAttachment {
+                vpc_id: "vpc-unknown".into(),
+                vswitch_ids: vec!["vsw-a".into()],
+                security_group_id: "sg-a".into(),
+            }),
+        });
+        let req = SandboxRequest {
+            instance_id: InstanceId::generate(),
+            spec: spec.seal(),
+            code_dir: h.code.clone(),
+        };
+        let err = h.driver.create(&req).await.unwrap_err();
+        assert!(
+            matches!(&err, SandboxError::Network(m) if m.contains("vpc-unknown")),
+            "{err}"
+        );
+        assert!(iso.attached().is_empty());
+        assert!(h.net.existing().is_empty());
+        assert!(h.mounter.mounted().is_empty());
+        assert!(h
+            .oci
+            .calls()
+            .iter()
+            .all(|c| !matches!(c, OciCall::Run { .. })));
+        assert!(h.driver.list().await.unwrap().is_empty());
     }
 }

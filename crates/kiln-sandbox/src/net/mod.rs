@@ -149,6 +149,23 @@ pub enum BandwidthClass {
     Performance,
 }
 
+impl BandwidthClass {
+    /// FC's performance instances: the 10 GB disk is theirs alone (FC 3.0
+    /// offers `diskSize` 10240 only to them), and FC sizes them from 4 GB
+    /// of memory up; everything else is a standard instance.
+    pub fn of(spec: &kiln_core::InstanceSpec) -> Self {
+        let [standard_disk, _] = kiln_core::limits::DISK_SIZES_MB;
+        if spec.disk_mb > standard_disk || spec.memory_mb >= PERFORMANCE_MEMORY_MB {
+            Self::Performance
+        } else {
+            Self::Standard
+        }
+    }
+}
+
+/// Memory from which an instance is a performance instance.
+pub const PERFORMANCE_MEMORY_MB: u32 = 4096;
+
 /// The host side of an instance's link (a veth or a tap).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostInterface {

@@ -309,3 +309,18 @@ async fn shutdown_detaches_everything_and_drops_the_table() {
     assert!(l.contains(&"nft delete table inet kt".to_owned()));
     assert!(iso.attached().is_empty());
 }
+
+#[test]
+fn performance_instances_are_the_big_disk_or_big_memory_ones() {
+    let mut spec = crate::bundle::tests::sample_spec();
+    spec.memory_mb = 2048;
+    spec.disk_mb = 512;
+    assert_eq!(BandwidthClass::of(&spec), BandwidthClass::Standard);
+    spec.disk_mb = 10_240;
+    assert_eq!(BandwidthClass::of(&spec), BandwidthClass::Performance);
+    spec.disk_mb = 512;
+    spec.memory_mb = PERFORMANCE_MEMORY_MB - 64;
+    assert_eq!(BandwidthClass::of(&spec), BandwidthClass::Standard);
+    spec.memory_mb = PERFORMANCE_MEMORY_MB;
+    assert_eq!(BandwidthClass::of(&spec), BandwidthClass::Performance);
+}
