@@ -10,6 +10,11 @@ need=()
 for pkg in runc iproute2 debootstrap nftables python3-venv libc6-dev openssl zip ca-certificates curl nginx-light nix-bin openvswitch-switch iperf3 ethtool; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
+# The microVM guest image (images/guest/build.sh: kernel from Debian's
+# packages, depmod, cpio, strip, erofs/squashfs disks) and its qemu TCG boot test.
+for pkg in qemu-system-x86 erofs-utils squashfs-tools cpio kmod binutils; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
+done
 command -v npm >/dev/null 2>&1 || need+=(nodejs npm)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
