@@ -79,6 +79,17 @@ pub async fn invoke(
         }
     }
     super::functions::check_qualifier(&parts)?;
+    if let Some(t) = parts.headers.get(ih::LOG_TYPE) {
+        if !(t.as_bytes().eq_ignore_ascii_case(b"none")
+            || t.as_bytes().eq_ignore_ascii_case(b"tail"))
+        {
+            return Err(FcError::invalid_argument(format!(
+                "x-fc-log-type must be None or Tail, not {:?}",
+                String::from_utf8_lossy(t.as_bytes())
+            ))
+            .into());
+        }
+    }
     let entry = super::caller_function(gw, caller, name)?;
     gw.runtimes
         .check_invoke(entry.record.config.runtime, gw.clock.now_ms())?;
@@ -191,7 +202,11 @@ pub async fn invoke(
                 detail
             };
             drop(guard);
-            Ok(unhandled(message))
+            let mut resp = unhandled(message);
+            if let Some(tail) = head.headers.get(ih::LOG_RESULT) {
+                resp.headers_mut().insert(ih::LOG_RESULT, tail.clone());
+            }
+            Ok(resp)
         }
         _ => {
             // The agent refused the call itself (instance unknown, ...).
@@ -244,6 +259,10 @@ fn agent_request(
         if forwardable(k) {
             h.append(k.clone(), v.clone());
         }
+    }
+    // FC's Tail is computed by the agent, which frames the call's log.
+    if let Some(t) = caller_headers.get(ih::LOG_TYPE) {
+        h.insert(ih::LOG_TYPE, t.clone());
     }
     if let Ok(mut v) = HeaderValue::from_str(request_id.as_str()) {
         // Unique per call: HPACK must not index it, or it churns the
@@ -321,6 +340,9 @@ async fn answer(
         }
         if let Some(t) = error_type {
             h.insert(ERROR_TYPE, HeaderValue::from_static(t));
+        }
+        if let Some(tail) = upstream.get(ih::LOG_RESULT) {
+            h.insert(ih::LOG_RESULT, tail.clone());
         }
     }
     let mut guard = guard;

@@ -4,10 +4,12 @@
 pub mod async_api;
 pub mod concurrency;
 pub mod functions;
+pub mod instances;
 pub mod internal;
 pub mod invoke;
 pub mod layers;
 pub mod leases;
+pub mod logs;
 pub mod provision;
 
 use std::sync::Arc;
@@ -78,6 +80,10 @@ pub enum Operation {
     PutLayerACL,
     /// Kiln extension: the runtime catalogue and each runtime's status.
     ListRuntimes,
+    ListInstances,
+    InstanceExec,
+    /// Kiln extension: a function's logs (FC keeps them in SLS).
+    GetFunctionLogs,
 }
 
 impl Operation {
@@ -112,6 +118,9 @@ impl Operation {
             Self::DeleteLayerVersion => "DeleteLayerVersion",
             Self::PutLayerACL => "PutLayerACL",
             Self::ListRuntimes => "ListRuntimes",
+            Self::ListInstances => "ListInstances",
+            Self::InstanceExec => "InstanceExec",
+            Self::GetFunctionLogs => "GetFunctionLogs",
         }
     }
 }
@@ -256,6 +265,21 @@ const ROUTES: &[(Method, &str, Operation)] = &[
         Operation::GetLayerVersionByArn,
     ),
     (Method::GET, "/2023-03-30/runtimes", Operation::ListRuntimes),
+    (
+        Method::GET,
+        "/2023-03-30/functions/{name}/instances",
+        Operation::ListInstances,
+    ),
+    (
+        Method::GET,
+        "/2023-03-30/functions/{name}/instances/{instance}/exec",
+        Operation::InstanceExec,
+    ),
+    (
+        Method::GET,
+        "/2023-03-30/functions/{name}/logs",
+        Operation::GetFunctionLogs,
+    ),
 ];
 
 /// A matched route.
@@ -269,6 +293,8 @@ pub struct Route {
     pub layer: Option<String>,
     pub version: Option<String>,
     pub arn: Option<String>,
+    /// `{instance}`: an instance id, percent-decoded.
+    pub instance: Option<String>,
 }
 
 /// Match a request against [`ROUTES`].
@@ -282,7 +308,7 @@ pub fn route(method: &Method, path: &str) -> Result<Route, FcError> {
         }
         let mut name = None;
         let mut task = None;
-        let mut layer_params: [Option<&str>; 3] = [None; 3];
+        let mut layer_params: [Option<&str>; 4] = [None; 4];
         let matched = pat.iter().zip(&segments).all(|(p, s)| {
             if *p == "{name}" {
                 name = Some(*s);
@@ -290,7 +316,7 @@ pub fn route(method: &Method, path: &str) -> Result<Route, FcError> {
             } else if *p == "{task}" {
                 task = Some(*s);
                 !s.is_empty()
-            } else if let Some(i) = ["{layer}", "{version}", "{arn}"]
+            } else if let Some(i) = ["{layer}", "{version}", "{arn}", "{instance}"]
                 .iter()
                 .position(|x| x == p)
             {
@@ -343,6 +369,7 @@ pub fn route(method: &Method, path: &str) -> Result<Route, FcError> {
             layer: decode(layer_params[0])?,
             version: decode(layer_params[1])?,
             arn: decode(layer_params[2])?,
+            instance: decode(layer_params[3])?,
         });
     }
     if path_matched {
@@ -574,6 +601,14 @@ async fn dispatch(
         }
         Operation::PutLayerACL => layers::put_acl(gw, &caller, &layer(), &parts).await,
         Operation::ListRuntimes => crate::runtimes::list(gw),
+        Operation::ListInstances => {
+            instances::list(gw, &caller, &named(), &parts, request_id.as_str()).await
+        }
+        Operation::InstanceExec => {
+            let instance = route.instance.clone().expect("route has an instance id");
+            instances::exec(gw, &caller, &named(), &instance, parts).await
+        }
+        Operation::GetFunctionLogs => logs::get(gw, &caller, &named(), &parts).await,
     }
 }
 
@@ -660,5 +695,14 @@ mod tests {
         assert_eq!(r.operation, Operation::PutLayerACL);
         let r = route(&Method::GET, "/2023-03-30/runtimes").unwrap();
         assert_eq!(r.operation, Operation::ListRuntimes);
+        let r = route(&Method::GET, "/2023-03-30/functions/f/instances").unwrap();
+        assert_eq!(r.operation, Operation::ListInstances);
+        let r = route(&Method::GET, "/2023-03-30/functions/f/instances/i-1/exec").unwrap();
+        assert_eq!(
+            (r.operation, r.instance.as_deref()),
+            (Operation::InstanceExec, Some("i-1"))
+        );
+        let r = route(&Method::GET, "/2023-03-30/functions/f/logs").unwrap();
+        assert_eq!(r.operation, Operation::GetFunctionLogs);
     }
 }
