@@ -1,9 +1,10 @@
 # The microVM guest for the `microvm` sandbox backend: nixpkgs' kernel with
 # the drivers a cloud-hypervisor guest needs built in (virtio PCI/MMIO,
-# block, net, console, vsock; ext4, squashfs and overlayfs for the code and
-# runtime disks), so nothing has to load modules, and an initramfs whose
-# /init is kiln-guest (with its run-time closure; kiln-guest mounts, sets up
-# the network and talks to the host over vsock).
+# block, net, console, vsock; erofs, squashfs, ext4 and overlayfs for the
+# code and runtime disks), so the initramfs needs no /lib/modules/kiln.order
+# (kiln-guest loads what that file lists, none here), and an initramfs whose
+# /init is kiln-guest with its run-time closure. images/guest/build.sh builds
+# the same from Debian's packages for development.
 {
   lib,
   stdenv,
@@ -23,6 +24,7 @@ let
       VIRTIO_CONSOLE = yes;
       VSOCKETS = yes;
       VIRTIO_VSOCKETS = yes;
+      EROFS_FS = yes;
       EXT4_FS = yes;
       SQUASHFS = yes;
       OVERLAY_FS = yes;

@@ -207,6 +207,11 @@ impl<'a> ParsedRequest<'a> {
     pub fn access_key_id(&self) -> &'a str {
         self.access_key_id
     }
+
+    /// `x-acs-security-token`, sent with temporary (STS) credentials.
+    pub fn security_token(&self) -> Option<&'a str> {
+        self.security_token
+    }
 }
 
 /// Authenticates requests against a key store, a clock and a replay cache.

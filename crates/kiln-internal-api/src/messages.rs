@@ -68,6 +68,8 @@ pub mod paths {
     pub fn code(digest: &str) -> String {
         format!("/v1/code/{digest}")
     }
+    /// POST a `CredentialsRequest`, answers `TemporaryCredentials`.
+    pub const CREDENTIALS: &str = "/v1/credentials";
 
     // Every service.
     pub const HEALTH: &str = "/v1/health";
@@ -82,6 +84,44 @@ pub mod headers {
     pub const LOG_TYPE: &str = "x-fc-log-type";
     /// FC's `x-fc-log-result`: the call's log tail, base64.
     pub const LOG_RESULT: &str = "x-fc-log-result";
+}
+
+/// The start of the message of an agent's create error (code
+/// `FunctionNotStarted`) when the function's initializer failed or timed
+/// out; the gateway answers such a call with FC's function-error shape.
+pub const INITIALIZATION_ERROR_PREFIX: &str = "InitializationError: ";
+
+/// An agent asks the gateway for temporary credentials of the role of an
+/// instance's function (`role` is the ARN of the instance's spec; the
+/// gateway checks it is still the function's role).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialsRequest {
+    pub account_id: AccountId,
+    pub function_name: FunctionName,
+    pub role: String,
+    pub instance_id: InstanceId,
+}
+
+/// Short-lived credentials for a role (FC's `Credentials` model: STS
+/// access key, secret, security token, expiry).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TemporaryCredentials {
+    pub access_key_id: String,
+    pub access_key_secret: String,
+    pub security_token: String,
+    /// Milliseconds since the epoch.
+    pub expiration_ms: u64,
+}
+
+impl std::fmt::Debug for TemporaryCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TemporaryCredentials")
+            .field("access_key_id", &self.access_key_id)
+            .field("expiration_ms", &self.expiration_ms)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What a node offers.

@@ -244,6 +244,7 @@ async fn http_phase(dir: &std::path::Path, secs: u64, callers: usize, payload: &
         },
         tls: pki.files("gateway-internal"),
         lease_hold_ms: 250,
+        credentials_lifetime_s: 3600,
         async_queue: Default::default(),
         runtimes: Default::default(),
         bootstrap_keys: vec![BootstrapKey {

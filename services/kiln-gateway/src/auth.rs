@@ -1,5 +1,6 @@
 //! Request authentication with kiln-auth's ACS3-HMAC-SHA256 [`Verifier`],
-//! keys looked up in the catalog's in-memory view.
+//! keys looked up in the catalog's in-memory view, and temporary (STS)
+//! credentials opened with the gateway's STS key ([`crate::ram::sts`]).
 //!
 //! Two steps, so an unsigned or stale request is turned away before its
 //! body is read: [`Authenticate::precheck`] on the head, then
@@ -9,20 +10,33 @@
 use std::sync::Arc;
 
 use http::request::Parts;
-use kiln_auth::{AuthError, KeyLookup, RequestView, Verifier};
+use kiln_auth::{AuthError, KeyLookup, ParsedRequest, RequestView, Verifier};
 use kiln_core::{AccountId, Clock, FcError};
+use sha2::{Digest, Sha256};
 
 use crate::catalog::Catalog;
+use crate::ram::sts::{Session, TokenError, STS_PREFIX};
+use crate::ram::Ram;
+
+/// Who acts: the account itself (its access keys) or a role (temporary
+/// credentials issued to a function's instance).
+#[derive(Debug, Clone)]
+pub enum Principal {
+    Account,
+    Role(Arc<Session>),
+}
 
 /// The verified signer of a request.
 #[derive(Debug, Clone)]
 pub struct Caller {
     pub account_id: AccountId,
     pub access_key_id: String,
+    pub principal: Principal,
 }
 
 pub trait Authenticate: Send + Sync + 'static {
-    /// Headers present and well-formed, date in the window, key known.
+    /// Headers present and well-formed, date in the window, key known
+    /// (for temporary credentials: token authentic, unexpired, matching).
     fn precheck(&self, parts: &Parts) -> Result<(), FcError>;
     /// The full check: signature over head and body, nonce not replayed.
     fn verify(&self, parts: &Parts, body: &[u8]) -> Result<Caller, FcError>;
@@ -39,19 +53,24 @@ impl KeyLookup for CatalogKeys {
     }
 }
 
-/// ACS3-HMAC-SHA256 against the store's keys.
+/// ACS3-HMAC-SHA256 against the store's keys and the STS key.
 pub struct SignatureAuthenticator {
     verifier: Verifier,
     keys: Arc<Catalog>,
+    ram: Arc<Ram>,
+    clock: Arc<dyn Clock>,
 }
 
 pub fn signature_authenticator(
     catalog: Arc<Catalog>,
+    ram: Arc<Ram>,
     clock: Arc<dyn Clock>,
 ) -> SharedAuthenticator {
     Arc::new(SignatureAuthenticator {
-        verifier: Verifier::new(Arc::new(CatalogKeys(catalog.clone())), clock),
+        verifier: Verifier::new(Arc::new(CatalogKeys(catalog.clone())), clock.clone()),
         keys: catalog,
+        ram,
+        clock,
     })
 }
 
@@ -59,21 +78,51 @@ fn view(parts: &Parts) -> RequestView<'_> {
     RequestView::new(&parts.method, &parts.uri, &parts.headers)
 }
 
+/// The key a request is signed with, and who it stands for.
+type Signer = (Arc<kiln_auth::AccessKey>, Principal);
+
+impl SignatureAuthenticator {
+    fn signer(&self, parsed: &ParsedRequest<'_>) -> Result<Signer, FcError> {
+        let id = parsed.access_key_id();
+        match (id.starts_with(STS_PREFIX), parsed.security_token()) {
+            (true, Some(token)) => {
+                let session = self.ram.sts.open(token, id, self.clock.now_ms())?;
+                let key = Arc::new(kiln_auth::AccessKey {
+                    account_id: session.account_id.clone(),
+                    access_key_id: id.to_owned(),
+                    secret: self.ram.sts.secret(id),
+                });
+                Ok((key, Principal::Role(Arc::new(session))))
+            }
+            (true, None) => Err(FcError::from(AuthError::MissingHeader(
+                "x-acs-security-token",
+            ))),
+            // A token with an account key: not a pair this service issued.
+            (false, Some(_)) => Err(TokenError::Mismatch(id.chars().take(64).collect()).into()),
+            (false, None) => match self.keys.key(id) {
+                Some(k) => Ok((k, Principal::Account)),
+                None => Err(AuthError::UnknownAccessKey(id.chars().take(128).collect()).into()),
+            },
+        }
+    }
+}
+
 impl Authenticate for SignatureAuthenticator {
     fn precheck(&self, parts: &Parts) -> Result<(), FcError> {
         let parsed = self.verifier.parse(view(parts))?;
-        let id = parsed.access_key_id();
-        if self.keys.key(id).is_none() {
-            return Err(AuthError::UnknownAccessKey(id.chars().take(128).collect()).into());
-        }
-        Ok(())
+        self.signer(&parsed).map(|_| ())
     }
 
     fn verify(&self, parts: &Parts, body: &[u8]) -> Result<Caller, FcError> {
-        let who = self.verifier.verify(view(parts), body)?;
+        let parsed = self.verifier.parse(view(parts))?;
+        let (key, principal) = self.signer(&parsed)?;
+        let who = self
+            .verifier
+            .check(&parsed, Some(key), &Sha256::digest(body).into())?;
         Ok(Caller {
             account_id: who.account_id().clone(),
             access_key_id: who.access_key_id().to_owned(),
+            principal,
         })
     }
 }

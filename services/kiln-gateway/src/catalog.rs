@@ -103,6 +103,7 @@ pub fn instance_spec(r: &FunctionRecord) -> InstanceSpec {
         initializer: c.initializer.clone(),
         pre_stop: c.pre_stop.clone(),
         layers: c.layers.iter().map(|l| l.sha256.clone()).collect(),
+        role: crate::ram::function_role(c),
         network: None,
     }
     .seal()

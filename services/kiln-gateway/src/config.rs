@@ -46,6 +46,10 @@ pub struct GatewayConfig {
     /// the next call of the same function revision; 0 disables.
     #[serde(default = "default_lease_hold_ms")]
     pub lease_hold_ms: u64,
+    /// How long temporary credentials issued to instances of functions
+    /// with a role stay valid (agents refresh them well before).
+    #[serde(default = "default_credentials_lifetime_s")]
+    pub credentials_lifetime_s: u64,
     /// Accounts and keys ensured at start (development clusters).
     #[serde(default)]
     pub bootstrap_keys: Vec<BootstrapKey>,
@@ -121,6 +125,10 @@ fn default_lease_hold_ms() -> u64 {
     250
 }
 
+fn default_credentials_lifetime_s() -> u64 {
+    3600
+}
+
 impl GatewayConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -159,6 +167,13 @@ impl GatewayConfig {
         }
         if self.public.listen == self.internal.listen && self.public.listen.port() != 0 {
             return invalid("public and internal listeners must use different addresses".into());
+        }
+        let (lo, hi) = (crate::ram::LIFETIME_MIN_S, crate::ram::LIFETIME_MAX_S);
+        if !(lo..=hi).contains(&self.credentials_lifetime_s) {
+            return invalid(format!(
+                "credentials_lifetime_s must be between {lo} and {hi}, got {}",
+                self.credentials_lifetime_s
+            ));
         }
         if self.lease_hold_ms > LEASE_HOLD_MAX_MS {
             return invalid(format!(
@@ -239,6 +254,7 @@ mod tests {
         assert_eq!(c.bootstrap_keys.len(), 1);
         assert!(c.metrics_listen.is_some());
         assert_eq!(c.lease_hold_ms, 250);
+        assert_eq!(c.credentials_lifetime_s, 3600);
         assert_eq!(c.async_queue.per_queue, 32);
     }
 
@@ -270,6 +286,11 @@ mod tests {
         let mut c = example();
         c.lease_hold_ms = 60_000;
         assert!(c.validate().is_err());
+        for bad in [0, 4, 43_201] {
+            let mut c = example();
+            c.credentials_lifetime_s = bad;
+            assert!(c.validate().is_err(), "{bad}");
+        }
         let mut c = example();
         c.async_queue.per_queue = c.async_queue.max_in_flight + 1;
         assert!(c.validate().is_err());

@@ -16,6 +16,7 @@ pub mod layers;
 pub mod metrics;
 pub mod model;
 pub mod queue;
+pub mod ram;
 pub mod runtimes;
 pub mod store;
 pub mod validate;
@@ -51,6 +52,10 @@ pub enum GatewayError {
     Store(#[from] kiln_store::StoreError),
     #[error("Cannot load the metadata store")]
     Catalog(#[from] CatalogError),
+    #[error("Cannot load the STS key")]
+    StsKey(#[from] ram::sts::StsKeyError),
+    #[error("Cannot load roles")]
+    Roles(#[from] ram::RoleError),
     #[error("Cannot open the async queue")]
     Queue(#[from] queue::QueueError),
     #[error("Cannot build the webhook client")]
@@ -142,7 +147,16 @@ pub async fn start_with_clock(
         source,
     })?;
     let store = Arc::new(SqliteStore::open(&config.db_path())?);
-    let catalog = Arc::new(Catalog::open(store, code).await?);
+    let catalog = Arc::new(Catalog::open(store.clone(), code).await?);
+    let ram = Arc::new(
+        ram::Ram::open(
+            store,
+            ram::Sts::load_or_create(&config.state_dir.join("sts.key"))?,
+            config.credentials_lifetime_s,
+            clock.clone(),
+        )
+        .await?,
+    );
     for k in &config.bootstrap_keys {
         catalog
             .ensure_key(
@@ -185,7 +199,8 @@ pub async fn start_with_clock(
     let gw = Arc::new_cyclic(|me| Gateway {
         catalog: catalog.clone(),
         runtimes,
-        auth: auth::signature_authenticator(catalog.clone(), clock.clone()),
+        auth: auth::signature_authenticator(catalog.clone(), ram.clone(), clock.clone()),
+        ram: ram.clone(),
         internal,
         scheduler_url: config.scheduler_url.clone(),
         leases: leases.clone(),
@@ -229,7 +244,7 @@ pub async fn start_with_clock(
     tasks.push(tokio::spawn(kiln_internal_api::server::serve_tls(
         internal_l,
         internal_tls,
-        move |req, conn| api::internal::handle(catalog.clone(), req, conn),
+        move |req, conn| api::internal::handle(catalog.clone(), ram.clone(), req, conn),
         stopped(rx.clone()),
     )));
     tasks.push(tokio::spawn(leases.run_sweeper(stopped(rx.clone()))));

@@ -176,6 +176,19 @@ const MIGRATIONS: &[Migration] = &[
         );
     ",
     },
+    Migration {
+        name: "roles",
+        sql: "
+        CREATE TABLE roles (
+            account_id TEXT NOT NULL REFERENCES accounts(account_id),
+            name TEXT NOT NULL,
+            doc TEXT NOT NULL,
+            created_ms INTEGER NOT NULL,
+            modified_ms INTEGER NOT NULL,
+            PRIMARY KEY (account_id, name)
+        );
+    ",
+    },
 ];
 
 /// [`MetaStore`] on SQLite (`state_dir/gateway.db`).
@@ -196,7 +209,7 @@ impl SqliteStore {
         })
     }
 
-    fn with<T>(
+    pub(crate) fn with<T>(
         &self,
         f: impl FnOnce(&mut rusqlite::Connection) -> Result<T, MetaStoreError>,
     ) -> Result<T, MetaStoreError> {

@@ -30,6 +30,8 @@ const REFUSED_FIELDS: &[&str] = &[
 /// FC fields Kiln accepts and echoes without acting on them (they do not
 /// change what a call computes).
 const ECHOED_FIELDS: &[&str] = &[
+    // Echoed as given; checked and acted on by `crate::ram` (temporary
+    // credentials for the role).
     "role",
     "logConfig",
     "tracingConfig",

@@ -209,6 +209,7 @@ fn config(
         },
         tls: pki.files("gateway-internal"),
         lease_hold_ms: hold_ms,
+        credentials_lifetime_s: 3600,
         async_queue: kiln_gateway::config::AsyncQueueConfig {
             webhook_ca: Some(pki.ca_cert()),
             backoff_cap_ms: 1_000,
@@ -465,7 +466,7 @@ fn function_doc(name: &str, zip: &[u8]) -> Value {
         "customRuntimeConfig": {"command": ["python3", "/code/app.py"], "port": 9000},
         "code": {"zipFile": b64(zip)},
         "description": "test function",
-        "role": "acs:ram::1:role/echoed",
+        "resourceGroupId": "rg-echoed",
     })
 }
 
@@ -504,7 +505,7 @@ async fn crud_listing_isolation_and_persistence() {
     );
     assert_eq!(f["state"], "Active");
     assert_eq!(f["lastUpdateStatus"], "Successful");
-    assert_eq!(f["role"], "acs:ram::1:role/echoed");
+    assert_eq!(f["resourceGroupId"], "rg-echoed");
     assert!(f["createdTime"].as_str().unwrap().ends_with('Z'));
     let id = f["functionId"].as_str().unwrap().to_owned();
 

@@ -109,6 +109,7 @@ async fn cli_invokes_async_and_manages_tasks() {
         },
         tls: pki.files("gateway-internal"),
         lease_hold_ms: 0,
+        credentials_lifetime_s: 3600,
         async_queue: Default::default(),
         runtimes: Default::default(),
         bootstrap_keys: vec![BootstrapKey {

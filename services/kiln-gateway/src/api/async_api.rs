@@ -511,9 +511,11 @@ impl Invoker for GatewayInvoker {
                 .request_id
                 .parse::<RequestId>()
                 .unwrap_or_else(|_| RequestId::generate());
+            // The enqueue was authorized; delivery acts for the account.
             let caller = Caller {
                 account_id: account,
                 access_key_id: String::new(),
+                principal: crate::auth::Principal::Account,
             };
             let mut b = http::Request::builder()
                 .method(Method::POST)

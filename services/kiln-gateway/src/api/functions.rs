@@ -63,6 +63,7 @@ pub async fn create(
     let mut parsed = validate::parse_input(&body)?;
     drop(body);
     let name = validate::function_name(&parsed.input)?;
+    check_role(gw, caller, &parsed)?;
     validate::require_code(&parsed)?;
     // Validate the configuration before the (costly) package inspection.
     let placeholder = CodeRef {
@@ -94,6 +95,15 @@ pub async fn create(
     let entry = gw.catalog.create(record, Some(code)).await?;
     tracing::info!(function = %entry.record.name, revision = %entry.spec.revision, "function created");
     Ok(reply(gw, &entry.record))
+}
+
+/// FC's `role`, when given: a role ARN of the caller's account naming an
+/// existing role (see [`crate::ram`]), or `""` for none.
+fn check_role(gw: &Gateway, caller: &Caller, parsed: &validate::ParsedInput) -> Result<(), FcError> {
+    match parsed.extras.get("role") {
+        None => Ok(()),
+        Some(v) => gw.ram.check_function_role(&caller.account_id, v),
+    }
 }
 
 pub fn get(
@@ -129,6 +139,7 @@ pub async fn update(
     if gw.catalog.function(&caller.account_id, name).is_none() {
         return Err(super::not_found(name).into());
     }
+    check_role(gw, caller, &parsed)?;
     let code = new_code(&mut parsed).await?;
     let new_ref = code.as_ref().map(code_ref);
     let before = gw.catalog.function(&caller.account_id, name);

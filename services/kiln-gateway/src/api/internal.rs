@@ -1,4 +1,5 @@
-//! The internal (mTLS) listener: code packages for agents, health.
+//! The internal (mTLS) listener: code packages and temporary credentials
+//! for agents, health.
 
 use std::sync::Arc;
 
@@ -18,6 +19,7 @@ const CHUNK: usize = 256 * 1024;
 
 pub async fn handle(
     catalog: Arc<Catalog>,
+    ram: Arc<crate::ram::Ram>,
     req: http::Request<Incoming>,
     conn: ConnInfo,
 ) -> Response<Body> {
@@ -29,6 +31,9 @@ pub async fn handle(
             let digest = &p["/v1/code/".len()..];
             tracing::debug!(peer = %conn.peer, digest, "code package requested");
             code(&catalog, digest, &request_id).await
+        }
+        (&Method::POST, kiln_internal_api::paths::CREDENTIALS) => {
+            credentials(&catalog, &ram, req, &request_id).await
         }
         _ => server::not_found(&path, request_id.as_str()),
     };
@@ -83,4 +88,26 @@ async fn code(catalog: &Catalog, digest: &str, request_id: &RequestId) -> Respon
     }
     b.body(StreamBody::new(chunks).boxed())
         .expect("valid response")
+}
+
+/// An agent's `CredentialsRequest`: temporary credentials for the role of
+/// an instance's function, or FC's error (no such function, role changed
+/// or deleted).
+async fn credentials(
+    catalog: &Catalog,
+    ram: &crate::ram::Ram,
+    req: http::Request<Incoming>,
+    request_id: &RequestId,
+) -> Response<Body> {
+    let msg: kiln_internal_api::CredentialsRequest = match server::read_json(req.into_body(), 16 * 1024).await {
+        Ok(m) => m,
+        Err(e) => return server::error(&e, request_id.as_str()),
+    };
+    match ram.issue(catalog, &msg) {
+        Ok(c) => server::json(StatusCode::OK, &c),
+        Err(e) => {
+            tracing::warn!(function = %msg.function_name, instance_id = %msg.instance_id, error = %e, "temporary credentials refused");
+            server::error(&e, request_id.as_str())
+        }
+    }
 }

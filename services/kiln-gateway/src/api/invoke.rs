@@ -116,7 +116,15 @@ pub async fn invoke(
         let from_pool = reused.is_some();
         let lease = match reused.take() {
             Some(l) => l,
-            None => acquire(gw, entry.acquire_body(request_id.as_str())).await?,
+            None => match acquire(gw, entry.acquire_body(request_id.as_str())).await {
+                Ok(l) => l,
+                Err(ApiError::Fc(e)) if initialization_failure(&e).is_some() => {
+                    // The agent discarded the instance; no lease was taken.
+                    let detail = initialization_failure(&e).unwrap_or_default();
+                    return Ok(initialization_error(detail));
+                }
+                Err(e) => return Err(e),
+            },
         };
         tracing::debug!(lease = %lease.lease_id, instance = %lease.instance_id, cold = lease.cold_start, from_pool, "lease held");
         let req = agent_request(&lease, &parts.headers, payload.clone(), request_id)?;
@@ -225,6 +233,36 @@ tokio::task_local! {
 /// How much longer than the function's timeout the gateway waits for the
 /// agent's answer.
 const AGENT_GRACE: Duration = Duration::from_secs(10);
+
+/// FC's value for a failed or timed-out initializer: the call fails as a
+/// function error, never reaching the handler.
+pub const UNHANDLED_INITIALIZATION: &str = "UnhandledInitializationError";
+
+/// The initializer's failure, when `e` is an agent's create error for one
+/// (see [`kiln_internal_api::INITIALIZATION_ERROR_PREFIX`]).
+pub fn initialization_failure(e: &FcError) -> Option<&str> {
+    if e.code != kiln_core::FcErrorCode::FunctionNotStarted {
+        return None;
+    }
+    e.message
+        .strip_prefix(kiln_internal_api::INITIALIZATION_ERROR_PREFIX)
+}
+
+/// FC's answer when the function's initializer failed or timed out: a
+/// function error (HTTP 200, `x-fc-error-type`) whose body names it.
+fn initialization_error(detail: &str) -> Response<Body> {
+    let body = serde_json::json!({
+        "errorMessage": format!("InitializationError: {detail}"),
+        "errorType": "InitializationError",
+    })
+    .to_string();
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(ERROR_TYPE, UNHANDLED_INITIALIZATION)
+        .body(full(body))
+        .expect("valid response")
+}
 
 /// FC's answer for a function that failed without answering itself.
 fn unhandled(message: String) -> Response<Body> {

@@ -11,6 +11,7 @@ pub mod layers;
 pub mod leases;
 pub mod logs;
 pub mod provision;
+pub mod roles;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -34,6 +35,8 @@ pub const REQUEST_ID: &str = "x-fc-request-id";
 /// What every request handler shares.
 pub struct Gateway {
     pub catalog: Arc<Catalog>,
+    /// Roles, the STS key and credential lifetime (see [`crate::ram`]).
+    pub ram: Arc<crate::ram::Ram>,
     /// Runtimes and their end-of-support stages.
     pub runtimes: Arc<crate::runtimes::RuntimeCatalogue>,
     pub auth: SharedAuthenticator,
@@ -71,6 +74,11 @@ pub enum Operation {
     GetConcurrencyConfig,
     DeleteConcurrencyConfig,
     ListConcurrencyConfigs,
+    /// Kiln extension (RAM's stand-in): roles and their policies.
+    PutRole,
+    GetRole,
+    ListRoles,
+    DeleteRole,
     CreateLayerVersion,
     GetLayerVersion,
     GetLayerVersionByArn,
@@ -110,6 +118,10 @@ impl Operation {
             Self::GetConcurrencyConfig => "GetConcurrencyConfig",
             Self::DeleteConcurrencyConfig => "DeleteConcurrencyConfig",
             Self::ListConcurrencyConfigs => "ListConcurrencyConfigs",
+            Self::PutRole => "PutRole",
+            Self::GetRole => "GetRole",
+            Self::ListRoles => "ListRoles",
+            Self::DeleteRole => "DeleteRole",
             Self::CreateLayerVersion => "CreateLayerVersion",
             Self::GetLayerVersion => "GetLayerVersion",
             Self::GetLayerVersionByArn => "GetLayerVersionByArn",
@@ -233,6 +245,14 @@ const ROUTES: &[(Method, &str, Operation)] = &[
         "/2023-03-30/concurrency-configs",
         Operation::ListConcurrencyConfigs,
     ),
+    (Method::GET, "/2023-03-30/roles", Operation::ListRoles),
+    (Method::PUT, "/2023-03-30/roles/{role}", Operation::PutRole),
+    (Method::GET, "/2023-03-30/roles/{role}", Operation::GetRole),
+    (
+        Method::DELETE,
+        "/2023-03-30/roles/{role}",
+        Operation::DeleteRole,
+    ),
     (
         Method::POST,
         "/2023-03-30/layers/{layer}/versions",
@@ -293,6 +313,8 @@ pub struct Route {
     pub layer: Option<String>,
     pub version: Option<String>,
     pub arn: Option<String>,
+    /// `{role}`: a role name, percent-decoded, checked by the role handlers.
+    pub role: Option<String>,
     /// `{instance}`: an instance id, percent-decoded.
     pub instance: Option<String>,
 }
@@ -308,7 +330,7 @@ pub fn route(method: &Method, path: &str) -> Result<Route, FcError> {
         }
         let mut name = None;
         let mut task = None;
-        let mut layer_params: [Option<&str>; 4] = [None; 4];
+        let mut layer_params: [Option<&str>; 5] = [None; 5];
         let matched = pat.iter().zip(&segments).all(|(p, s)| {
             if *p == "{name}" {
                 name = Some(*s);
@@ -316,7 +338,7 @@ pub fn route(method: &Method, path: &str) -> Result<Route, FcError> {
             } else if *p == "{task}" {
                 task = Some(*s);
                 !s.is_empty()
-            } else if let Some(i) = ["{layer}", "{version}", "{arn}", "{instance}"]
+            } else if let Some(i) = ["{layer}", "{version}", "{arn}", "{role}", "{instance}"]
                 .iter()
                 .position(|x| x == p)
             {
@@ -369,7 +391,8 @@ pub fn route(method: &Method, path: &str) -> Result<Route, FcError> {
             layer: decode(layer_params[0])?,
             version: decode(layer_params[1])?,
             arn: decode(layer_params[2])?,
-            instance: decode(layer_params[3])?,
+            role: decode(layer_params[3])?,
+            instance: decode(layer_params[4])?,
         });
     }
     if path_matched {
@@ -498,6 +521,7 @@ pub async fn handle(
             let body = read_body(body, body_limit(op)).await?;
             let caller = gw.auth.verify(&parts, &body)?;
             tracing::Span::current().record("account", caller.account_id.as_str());
+            crate::ram::authz::authorize(&gw.ram, &gw.region, &caller, &route)?;
             dispatch(&gw, route, caller, parts, body, &request_id).await
         }
         .await;
@@ -554,6 +578,7 @@ async fn dispatch(
     let task = || route.task.clone().expect("route has a task id");
     let layer = || route.layer.clone().expect("route has a layer name");
     let version = || route.version.clone().expect("route has a version");
+    let role = || route.role.clone().expect("route has a role name");
     match route.operation {
         Operation::CreateFunction => functions::create(gw, &caller, body).await,
         Operation::ListFunctions => functions::list(gw, &caller, &parts),
@@ -609,6 +634,10 @@ async fn dispatch(
             instances::exec(gw, &caller, &named(), &instance, parts).await
         }
         Operation::GetFunctionLogs => logs::get(gw, &caller, &named(), &parts).await,
+        Operation::PutRole => roles::put(gw, &caller, &role(), body).await,
+        Operation::GetRole => roles::get(gw, &caller, &role()),
+        Operation::DeleteRole => roles::delete(gw, &caller, &role()).await,
+        Operation::ListRoles => roles::list(gw, &caller, &parts),
     }
 }
 
