@@ -115,7 +115,7 @@ in
     runtimeRootfs = lib.mkOption {
       type = types.attrsOf types.package;
       default = { };
-      example = lib.literalExpression ''{ "custom.debian12" = kiln.packages.x86_64-linux."rootfs-custom.debian12"; }'';
+      example = lib.literalExpression ''{ "custom.debian12" = kiln.packages.x86_64-linux."rootfs-custom-debian12"; }'';
       description = ''
         Runtime root filesystems built by Nix, linked into the agent's
         rootfs directory under their runtime name. A runtime listed in

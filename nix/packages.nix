@@ -86,7 +86,7 @@ in
     '';
   }
   // lib.optionalAttrs (rootfs ? debian12) {
-    "rootfs-custom.debian12" = rootfs.debian12;
+    "rootfs-custom-debian12" = rootfs.debian12;
   };
 
   checks = {

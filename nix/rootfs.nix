@@ -38,7 +38,7 @@ let
     in
     pkgs.vmTools.runInLinuxVM (
       pkgs.stdenv.mkDerivation {
-        name = "kiln-rootfs-custom.debian12";
+        name = "kiln-rootfs-custom-debian12";
         nativeBuildInputs = [ pkgs.util-linux ];
         # A copy-on-write overlay of the image, attached as /dev/vda.
         preVM = ''

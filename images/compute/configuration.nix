@@ -21,8 +21,8 @@ in
     runtimeRootfs = {
       custom = kilnPackages.rootfs-custom;
     }
-    // lib.optionalAttrs (kilnPackages ? "rootfs-custom.debian12") {
-      "custom.debian12" = kilnPackages."rootfs-custom.debian12";
+    // lib.optionalAttrs (kilnPackages ? "rootfs-custom-debian12") {
+      "custom.debian12" = kilnPackages."rootfs-custom-debian12";
     };
     settings = {
       inherit (site) region;
