@@ -4,11 +4,12 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use kiln_core::SandboxKind;
 use kiln_core::{AccountId, RuntimeName};
 use kiln_internal_api::Tenancy;
 use kiln_pki::TlsFiles;
-use kiln_sandbox::ContainerConfig;
-use serde::{Deserialize, Serialize};
+use kiln_sandbox::{ContainerConfig, MicroVmConfig};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Why a configuration file cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +30,8 @@ pub enum ConfigError {
     Invalid(String),
     #[error("Invalid [sandbox] section")]
     Sandbox(#[from] kiln_sandbox::config::ContainerConfigError),
+    #[error("Invalid [sandbox.microvm] section")]
+    MicroVm(#[from] kiln_sandbox::microvm::MicroVmConfigError),
 }
 
 /// `kiln-agent --config FILE`.
@@ -69,7 +72,98 @@ pub struct AgentConfig {
     pub tls: TlsFiles,
     pub node: NodeConfig,
     #[serde(default)]
-    pub sandbox: ContainerConfig,
+    pub sandbox: SandboxSection,
+}
+
+/// `[sandbox]`: which backend runs instances (`backend = "container"` or
+/// `"microvm"`; default: microVMs on a multi-tenant node, containers
+/// otherwise), the container backend's settings (the section's other keys,
+/// as before) and `[sandbox.microvm]`. Derefs to the container settings so
+/// `config.sandbox.uid_base` and friends read as they always did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SandboxSection {
+    pub backend: Option<SandboxKind>,
+    pub container: ContainerConfig,
+    pub microvm: MicroVmConfig,
+}
+
+impl std::ops::Deref for SandboxSection {
+    type Target = ContainerConfig;
+    fn deref(&self) -> &ContainerConfig {
+        &self.container
+    }
+}
+
+impl std::ops::DerefMut for SandboxSection {
+    fn deref_mut(&mut self) -> &mut ContainerConfig {
+        &mut self.container
+    }
+}
+
+impl From<ContainerConfig> for SandboxSection {
+    fn from(container: ContainerConfig) -> Self {
+        Self {
+            container,
+            ..Self::default()
+        }
+    }
+}
+
+impl SandboxSection {
+    /// The backend this node runs.
+    pub fn backend_for(&self, tenancy: Tenancy) -> SandboxKind {
+        self.backend.unwrap_or(match tenancy {
+            Tenancy::MultiTenant => SandboxKind::Microvm,
+            Tenancy::Dedicated => SandboxKind::Container,
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for SandboxSection {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let mut table = toml::Table::deserialize(d)?;
+        let backend = match table.remove("backend") {
+            None => None,
+            Some(v) => Some(SandboxKind::deserialize(v).map_err(|e| {
+                D::Error::custom(format!(
+                    "sandbox.backend must be \"container\" or \"microvm\": {e}"
+                ))
+            })?),
+        };
+        let microvm = match table.remove("microvm") {
+            None => MicroVmConfig::default(),
+            Some(v) => MicroVmConfig::deserialize(v)
+                .map_err(|e| D::Error::custom(format!("sandbox.microvm: {e}")))?,
+        };
+        let container = ContainerConfig::deserialize(toml::Value::Table(table))
+            .map_err(|e| D::Error::custom(format!("sandbox: {e}")))?;
+        Ok(Self {
+            backend,
+            container,
+            microvm,
+        })
+    }
+}
+
+impl Serialize for SandboxSection {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::Error;
+        let mut table = toml::Table::try_from(&self.container).map_err(S::Error::custom)?;
+        if let Some(b) = self.backend {
+            table.insert(
+                "backend".into(),
+                toml::Value::try_from(b).map_err(S::Error::custom)?,
+            );
+        }
+        if self.microvm != MicroVmConfig::default() {
+            table.insert(
+                "microvm".into(),
+                toml::Value::try_from(&self.microvm).map_err(S::Error::custom)?,
+            );
+        }
+        table.serialize(s)
+    }
 }
 
 /// What the node offers the scheduler.
@@ -169,9 +263,11 @@ impl AgentConfig {
                 n.zone
             ));
         }
-        if n.tenancy == Tenancy::MultiTenant {
+        if n.tenancy == Tenancy::MultiTenant
+            && self.sandbox.backend_for(n.tenancy) != SandboxKind::Microvm
+        {
             return invalid(
-                "node.tenancy = \"multi-tenant\" needs the microVM backend; this agent runs container sandboxes, which serve dedicated nodes only".into(),
+                "node.tenancy = \"multi-tenant\" needs the microVM backend (sandbox.backend = \"microvm\"); container sandboxes serve dedicated nodes only".into(),
             );
         }
         if n.memory_mb < u64::from(kiln_core::limits::MEMORY_MIN_MB) {
@@ -195,6 +291,9 @@ impl AgentConfig {
             ));
         }
         self.sandbox.validate()?;
+        if self.sandbox.backend_for(n.tenancy) == SandboxKind::Microvm {
+            self.sandbox.microvm.validate()?;
+        }
         Ok(())
     }
 
@@ -238,6 +337,44 @@ mod tests {
     }
 
     #[test]
+    fn the_sandbox_section_selects_the_backend() {
+        let text = std::fs::read_to_string(EXAMPLE).unwrap();
+        assert!(text.contains("[sandbox]\n") && text.contains("tenancy = \"dedicated\""));
+        let c = example();
+        assert_eq!(c.sandbox.backend, None);
+        assert_eq!(
+            c.sandbox.backend_for(c.node.tenancy),
+            SandboxKind::Container
+        );
+        // A multi-tenant node runs microVMs without saying so.
+        let multi = text.replace("tenancy = \"dedicated\"", "tenancy = \"multi-tenant\"");
+        let m: AgentConfig = toml::from_str(&multi).unwrap();
+        m.validate().unwrap();
+        assert_eq!(m.sandbox.backend_for(m.node.tenancy), SandboxKind::Microvm);
+        let with_vm = format!(
+            "{}\n[sandbox.microvm]\npool_size = 2\nkernel = \"/boot/k\"\n",
+            text.replace("[sandbox]\n", "[sandbox]\nbackend = \"microvm\"\n")
+        );
+        let v: AgentConfig = toml::from_str(&with_vm).unwrap();
+        v.validate().unwrap();
+        assert_eq!(v.sandbox.backend, Some(SandboxKind::Microvm));
+        assert_eq!(v.sandbox.microvm.pool_size, 2);
+        assert_eq!(v.sandbox.microvm.kernel, Path::new("/boot/k"));
+        // The container keys stay where they were, and round-trip.
+        assert_eq!(v.sandbox.container, c.sandbox.container);
+        let again: AgentConfig = toml::from_str(&toml::to_string(&v).unwrap()).unwrap();
+        assert_eq!(again, v);
+        for bad in [
+            text.replace("[sandbox]\n", "[sandbox]\nbackend = \"vm\"\n"),
+            text.replace("[sandbox]\n", "[sandbox]\nnmae_prefix = \"x\"\n"),
+            format!("{text}\n[sandbox.microvm]\npool = 1\n"),
+        ] {
+            let err = toml::from_str::<AgentConfig>(&bad).unwrap_err().to_string();
+            assert!(err.contains("sandbox"), "{err}");
+        }
+    }
+
+    #[test]
     fn unknown_fields_are_refused() {
         let text = std::fs::read_to_string(EXAMPLE).unwrap();
         let bad = text.replace("[node]", "[node]\nmemroy_mb = 5");
@@ -262,13 +399,22 @@ mod tests {
             c.listen = "0.0.0.0:7443".parse().unwrap();
         })
         .contains("advertise_url"));
-        assert!(bad(|c| c.node.tenancy = Tenancy::MultiTenant).contains("microVM"));
         assert!(bad(|c| c.node.memory_mb = 1).contains("memory_mb"));
         assert!(bad(|c| c.node.max_instances = 0).contains("max_instances"));
         assert!(bad(|c| c.runtimes.clear()).contains("runtimes"));
         assert!(bad(|c| c.instance_start_timeout_ms = 1).contains("instance_start_timeout_ms"));
         assert!(bad(|c| c.region = Some("CN HZ".into())).contains("region"));
         assert!(bad(|c| c.sandbox.uid_base = 0).contains("sandbox"));
+        assert!(bad(|c| {
+            c.node.tenancy = Tenancy::MultiTenant;
+            c.sandbox.backend = Some(SandboxKind::Container);
+        })
+        .contains("microVM"));
+        assert!(bad(|c| {
+            c.sandbox.backend = Some(SandboxKind::Microvm);
+            c.sandbox.microvm.api_timeout_ms = 1;
+        })
+        .contains("microvm"));
         let mut ok = example();
         ok.advertise_url = None;
         ok.listen = "127.0.0.1:0".parse().unwrap();

@@ -17,6 +17,7 @@ pub mod hooks;
 pub mod instances;
 pub mod logs;
 pub mod metrics;
+pub mod microvm;
 pub mod namespace;
 pub mod registration;
 pub mod testing;
@@ -57,6 +58,7 @@ pub struct AgentHandle {
     tasks: Vec<JoinHandle<()>>,
     drain: bool,
     container: Option<Arc<ContainerDriver>>,
+    microvm: Option<Arc<kiln_sandbox::MicroVmDriver>>,
 }
 
 impl AgentHandle {
@@ -97,6 +99,11 @@ impl AgentHandle {
                 tracing::warn!(error = %e, "sandbox backend did not shut down cleanly");
             }
         }
+        if let Some(driver) = self.microvm {
+            if let Err(e) = driver.shutdown().await {
+                tracing::warn!(error = %e, "microVM backend did not shut down cleanly");
+            }
+        }
         tracing::info!("agent stopped");
     }
 }
@@ -106,7 +113,15 @@ impl AgentHandle {
 /// debootstrap and takes a few minutes; later starts reuse it).
 pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
     config.validate()?;
-    let mut driver = ContainerDriver::new(config.sandbox.clone(), &config.state_dir).await?;
+    if config.sandbox.backend_for(config.node.tenancy) == kiln_core::SandboxKind::Microvm {
+        let driver = microvm::driver(&config).await?;
+        let backends = microvm::backends(&config, driver.clone())?;
+        let mut handle = start_with(config, backends).await?;
+        handle.microvm = Some(driver);
+        return Ok(handle);
+    }
+    let mut driver =
+        ContainerDriver::new(config.sandbox.container.clone(), &config.state_dir).await?;
     if let Some(region) = &config.region {
         driver = driver.with_region(region.clone());
     }
@@ -260,5 +275,6 @@ pub async fn start_with(
         tasks,
         drain: config.drain_on_shutdown,
         container: None,
+        microvm: None,
     })
 }

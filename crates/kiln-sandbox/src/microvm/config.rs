@@ -65,7 +65,7 @@ impl Default for MicroVmConfig {
         Self {
             cloud_hypervisor_path: None,
             kernel: PathBuf::from("/var/cache/kiln/guest/vmlinuz"),
-            initramfs: PathBuf::from("/var/cache/kiln/guest/initramfs.img"),
+            initramfs: PathBuf::from("/var/cache/kiln/guest/initramfs.cpio.gz"),
             extra_cmdline: String::new(),
             name_prefix: "kvm".into(),
             instance_subnet: Ipv4Cidr {
