@@ -104,7 +104,7 @@ pub fn instance_spec(r: &FunctionRecord) -> InstanceSpec {
         pre_stop: c.pre_stop.clone(),
         layers: c.layers.iter().map(|l| l.sha256.clone()).collect(),
         role: crate::ram::function_role(c),
-        network: None,
+        network: crate::validate::function_network(c),
     }
     .seal()
 }

@@ -244,7 +244,14 @@ impl Function {
                     })
                     .collect()
             }),
-            extras: c.extras.clone(),
+            extras: {
+                // FC returns internetAccess (default true) with every function.
+                let mut extras = c.extras.clone();
+                extras
+                    .entry("internetAccess".to_owned())
+                    .or_insert(Value::Bool(true));
+                extras
+            },
         }
     }
 }

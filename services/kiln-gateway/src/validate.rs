@@ -14,7 +14,6 @@ use crate::model::{CodeRef, FunctionConfig, FunctionInput, LifecycleHook};
 /// FC fields Kiln does not implement and that would change how a function
 /// behaves: refused so nobody believes they took effect.
 const REFUSED_FIELDS: &[&str] = &[
-    "vpcConfig",
     "nasConfig",
     "ossMountConfig",
     "gpuConfig",
@@ -35,7 +34,10 @@ const ECHOED_FIELDS: &[&str] = &[
     "role",
     "logConfig",
     "tracingConfig",
+    // Checked by `check_network` and acted on by the agent (the instance's
+    // egress mode), kept here in FC's shape.
     "internetAccess",
+    "vpcConfig",
     "tags",
     "resourceGroupId",
     "disableInjectCredentials",
@@ -280,6 +282,7 @@ pub fn build_config(
     }
     let mut extras = base.map(|b| b.extras.clone()).unwrap_or_default();
     extras.extend(parsed.extras.clone());
+    check_network(&mut extras)?;
     // `layers` are resolved against the layer catalog by the caller
     // (`Catalog::resolve_layers`); here an update keeps the current ones.
     let layers = base.map(|b| b.layers.clone()).unwrap_or_default();
@@ -303,6 +306,112 @@ pub fn build_config(
         pre_stop,
         layers,
         extras,
+    })
+}
+
+/// Longest VPC, vSwitch or security group id.
+pub const NETWORK_ID_MAX: usize = 64;
+/// Most vSwitches a `vpcConfig` may name.
+pub const VSWITCHES_MAX: usize = 10;
+
+/// FC's `VPCConfig`, as a function stores and returns it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VpcConfig {
+    #[serde(default)]
+    pub vpc_id: String,
+    #[serde(default, rename = "vSwitchIds")]
+    pub v_switch_ids: Vec<String>,
+    #[serde(default)]
+    pub security_group_id: String,
+    /// FC's role for VPC access; Kiln attaches without one, and echoes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+}
+
+/// A VPC resource id: its kind's prefix (`vpc-`, `vsw-`, `sg-`), then
+/// letters, digits, '-' or '_', at most [`NETWORK_ID_MAX`] in all.
+fn check_network_id(field: &str, prefix: &str, id: &str) -> Result<(), FcError> {
+    let ok = id.len() <= NETWORK_ID_MAX
+        && id.strip_prefix(prefix).is_some_and(|rest| {
+            !rest.is_empty()
+                && rest
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(bad(format!(
+            "{field} {id:?} is not a valid id: {prefix} followed by letters, digits, '-' or '_', at most {NETWORK_ID_MAX} characters"
+        )))
+    }
+}
+
+/// Check and normalise `internetAccess` (a boolean, FC's default true) and
+/// `vpcConfig` (vpcId, 1 to 10 distinct vSwitchIds and securityGroupId,
+/// all or nothing; an empty `vpcConfig` removes the VPC) in a function's
+/// merged fields.
+fn check_network(extras: &mut BTreeMap<String, Value>) -> Result<(), FcError> {
+    if let Some(v) = extras.get("internetAccess") {
+        if !v.is_boolean() {
+            return Err(bad("internetAccess must be a boolean"));
+        }
+    }
+    let Some(v) = extras.get("vpcConfig") else {
+        return Ok(());
+    };
+    let vpc: VpcConfig =
+        serde_json::from_value(v.clone()).map_err(|e| bad(format!("invalid vpcConfig: {e}")))?;
+    if vpc.vpc_id.is_empty() && vpc.v_switch_ids.is_empty() && vpc.security_group_id.is_empty() {
+        extras.remove("vpcConfig");
+        return Ok(());
+    }
+    check_network_id("vpcConfig.vpcId", "vpc-", &vpc.vpc_id)?;
+    if vpc.v_switch_ids.is_empty() || vpc.v_switch_ids.len() > VSWITCHES_MAX {
+        return Err(bad(format!(
+            "vpcConfig.vSwitchIds must name 1 to {VSWITCHES_MAX} vSwitches"
+        )));
+    }
+    for (i, id) in vpc.v_switch_ids.iter().enumerate() {
+        check_network_id("vpcConfig.vSwitchIds", "vsw-", id)?;
+        if vpc.v_switch_ids[..i].contains(id) {
+            return Err(bad(format!("vpcConfig.vSwitchIds names {id} twice")));
+        }
+    }
+    check_network_id("vpcConfig.securityGroupId", "sg-", &vpc.security_group_id)?;
+    if let Some(role) = &vpc.role {
+        if role.len() > 256 || role.chars().any(char::is_control) {
+            return Err(bad(
+                "vpcConfig.role must be at most 256 printable characters",
+            ));
+        }
+    }
+    let normalised = serde_json::to_value(&vpc).expect("vpcConfig serialises");
+    extras.insert("vpcConfig".into(), normalised);
+    Ok(())
+}
+
+/// A function's egress as the agent applies it: `None` for FC's default
+/// (internet access, no VPC), so the instance spec's revision is unchanged.
+pub fn function_network(config: &FunctionConfig) -> Option<kiln_core::NetworkSpec> {
+    let internet_access = config
+        .extras
+        .get("internetAccess")
+        .and_then(Value::as_bool)
+        .unwrap_or(true);
+    let vpc = config
+        .extras
+        .get("vpcConfig")
+        .and_then(|v| serde_json::from_value::<VpcConfig>(v.clone()).ok())
+        .map(|v| kiln_core::VpcAttachment {
+            vpc_id: v.vpc_id,
+            vswitch_ids: v.v_switch_ids,
+            security_group_id: v.security_group_id,
+        });
+    (!internet_access || vpc.is_some()).then_some(kiln_core::NetworkSpec {
+        internet_access,
+        vpc,
     })
 }
 
@@ -556,7 +665,6 @@ mod tests {
     #[test]
     fn refused_and_echoed_fields() {
         for f in [
-            "vpcConfig",
             "nasConfig",
             "ossMountConfig",
             "gpuConfig",
@@ -570,6 +678,95 @@ mod tests {
         let oss = json!({"ossBucketName": "b", "ossObjectName": "o"});
         assert!(err_of(with("code", oss)).contains("ossBucketName"));
         assert!(err_of(with("code", json!({"zipFile": "%%%"}))).contains("base64"));
+    }
+
+    #[test]
+    fn internet_access_and_vpc_config_become_the_instance_network() {
+        let c = create(base()).unwrap();
+        assert_eq!(function_network(&c), None);
+        let c = create(with("internetAccess", json!(true))).unwrap();
+        assert_eq!(function_network(&c), None);
+        let c = create(with("internetAccess", json!(false))).unwrap();
+        assert_eq!(
+            function_network(&c),
+            Some(kiln_core::NetworkSpec {
+                internet_access: false,
+                vpc: None
+            })
+        );
+        let vpc = json!({"vpcId": "vpc-a1", "vSwitchIds": ["vsw-a1", "vsw-b2"],
+            "securityGroupId": "sg-x"});
+        let c = create(with("vpcConfig", vpc.clone())).unwrap();
+        assert_eq!(c.extras["vpcConfig"], vpc, "returned in FC's shape");
+        let n = function_network(&c).unwrap();
+        assert!(n.internet_access);
+        let att = n.vpc.unwrap();
+        assert_eq!(
+            (att.vpc_id.as_str(), att.security_group_id.as_str()),
+            ("vpc-a1", "sg-x")
+        );
+        assert_eq!(att.vswitch_ids, ["vsw-a1", "vsw-b2"]);
+
+        // An update keeps the VPC unless it says otherwise; `{}` removes it.
+        let p = parse_input(json!({"internetAccess": false}).to_string().as_bytes()).unwrap();
+        let u = build_config(Some(&c), &p, code()).unwrap();
+        let n = function_network(&u).unwrap();
+        assert!(!n.internet_access && n.vpc.is_some());
+        let p = parse_input(json!({"vpcConfig": {}}).to_string().as_bytes()).unwrap();
+        let u = build_config(Some(&c), &p, code()).unwrap();
+        assert!(!u.extras.contains_key("vpcConfig"));
+        assert_eq!(function_network(&u), None);
+    }
+
+    #[test]
+    fn bad_network_fields_are_invalid_arguments() {
+        let vpc = |v: Value| with("vpcConfig", v);
+        assert!(err_of(with("internetAccess", json!("yes"))).contains("internetAccess"));
+        assert!(err_of(vpc(json!("vpc-a"))).contains("vpcConfig"));
+        assert!(err_of(vpc(json!({"vpcId": "vpc-a", "vSwitchIds": ["vsw-a"],
+            "securityGroupId": "sg-a", "zone": "x"})))
+        .contains("vpcConfig"));
+        for (v, field) in [
+            (
+                json!({"vpcId": "a", "vSwitchIds": ["vsw-a"], "securityGroupId": "sg-a"}),
+                "vpcId",
+            ),
+            (
+                json!({"vpcId": "vpc-", "vSwitchIds": ["vsw-a"], "securityGroupId": "sg-a"}),
+                "vpcId",
+            ),
+            (
+                json!({"vpcId": "vpc-a b", "vSwitchIds": ["vsw-a"], "securityGroupId": "sg-a"}),
+                "vpcId",
+            ),
+            (
+                json!({"vpcId": "vpc-a", "vSwitchIds": [], "securityGroupId": "sg-a"}),
+                "vSwitchIds",
+            ),
+            (
+                json!({"vpcId": "vpc-a", "vSwitchIds": ["sg-a"], "securityGroupId": "sg-a"}),
+                "vSwitchIds",
+            ),
+            (
+                json!({"vpcId": "vpc-a", "vSwitchIds": ["vsw-a", "vsw-a"], "securityGroupId": "sg-a"}),
+                "twice",
+            ),
+            (
+                json!({"vpcId": "vpc-a", "vSwitchIds": ["vsw-a"]}),
+                "securityGroupId",
+            ),
+            (
+                json!({"vpcId": format!("vpc-{}", "a".repeat(64)), "vSwitchIds": ["vsw-a"], "securityGroupId": "sg-a"}),
+                "vpcId",
+            ),
+        ] {
+            assert!(err_of(vpc(v.clone())).contains(field), "{v}");
+        }
+        let many: Vec<String> = (0..11).map(|i| format!("vsw-{i}")).collect();
+        assert!(err_of(vpc(
+            json!({"vpcId": "vpc-a", "vSwitchIds": many, "securityGroupId": "sg-a"})
+        ))
+        .contains("vSwitchIds"));
     }
 
     #[test]
