@@ -860,6 +860,47 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn layers_are_fetched_once_into_the_code_cache_in_order() {
+        let (_l, addr) = listening().await;
+        let f = fixture(FakeDriver::at(addr));
+        let first = f.code.add(b"layer-1".to_vec());
+        let second = f.code.add(b"layer-2".to_vec());
+        let with_layers = |layers: Vec<String>| {
+            let mut req = create(&f);
+            req.spec.layers = layers;
+            req.spec = req.spec.seal();
+            req
+        };
+        f.manager
+            .create(with_layers(vec![first.clone(), second.clone()]))
+            .await
+            .unwrap();
+        let sr = &f.driver.requests()[0];
+        let cache = f.root.join("code");
+        assert_eq!(sr.layer_dirs(), vec![cache.join(&first), cache.join(&second)]);
+        assert_eq!(
+            std::fs::read(sr.layer_dirs()[1].join("payload")).unwrap(),
+            b"layer-2"
+        );
+        // Another instance with the same layers fetches nothing again.
+        let fetched = f.code.fetches();
+        f.manager
+            .create(with_layers(vec![second.clone(), first.clone()]))
+            .await
+            .unwrap();
+        assert_eq!(f.code.fetches(), fetched);
+        // A layer the gateway does not have fails the create before any
+        // sandbox is asked for.
+        let err = f
+            .manager
+            .create(with_layers(vec!["f".repeat(64)]))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("does not exist"), "{err}");
+        assert_eq!(f.driver.requests().len(), 2);
+    }
+
+    #[tokio::test]
     async fn bad_requests_are_refused_and_change_nothing() {
         let (_l, addr) = listening().await;
         let f = fixture(FakeDriver::at(addr));
