@@ -73,6 +73,59 @@ pub struct AgentConfig {
     pub node: NodeConfig,
     #[serde(default)]
     pub sandbox: SandboxSection,
+    /// Idle freezing and per-instance usage metrics (`[usage]`).
+    #[serde(default)]
+    pub usage: UsageConfig,
+}
+
+/// `[usage]`: idle freezing and per-instance usage sampling.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UsageConfig {
+    /// Freeze instances with no call in flight (thawed before the next).
+    pub freeze_idle: bool,
+    /// How long an instance stays idle before it is frozen.
+    pub freeze_after_idle_ms: u64,
+    /// How often per-instance CPU, memory and network are sampled.
+    pub sample_interval_ms: u64,
+}
+
+impl Default for UsageConfig {
+    fn default() -> Self {
+        Self {
+            freeze_idle: true,
+            freeze_after_idle_ms: 100,
+            sample_interval_ms: 5_000,
+        }
+    }
+}
+
+impl UsageConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.freeze_after_idle_ms > 3_600_000 {
+            return Err(ConfigError::Invalid(format!(
+                "usage.freeze_after_idle_ms must be at most 3600000, got {}",
+                self.freeze_after_idle_ms
+            )));
+        }
+        if !(100..=600_000).contains(&self.sample_interval_ms) {
+            return Err(ConfigError::Invalid(format!(
+                "usage.sample_interval_ms must be between 100 and 600000, got {}",
+                self.sample_interval_ms
+            )));
+        }
+        Ok(())
+    }
+
+    /// The freeze delay, None when freezing is off.
+    pub fn freeze_delay(&self) -> Option<Duration> {
+        self.freeze_idle
+            .then(|| Duration::from_millis(self.freeze_after_idle_ms))
+    }
+
+    pub fn sample_interval(&self) -> Duration {
+        Duration::from_millis(self.sample_interval_ms)
+    }
 }
 
 /// `[sandbox]`: which backend runs instances (`backend = "container"` or
@@ -291,6 +344,7 @@ impl AgentConfig {
             ));
         }
         self.sandbox.validate()?;
+        self.usage.validate()?;
         if self.sandbox.backend_for(n.tenancy) == SandboxKind::Microvm {
             self.sandbox.microvm.validate()?;
         }

@@ -402,6 +402,7 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.end(None);
         self.instance.leave(self.manager.clock.now_ms());
+        self.manager.freezer.after_call(&self.instance);
     }
 }
 
@@ -544,6 +545,15 @@ impl InstanceManager {
         let deadline = tokio::time::Instant::from_std(started + upstream.timeout);
         let want_tail = wants_tail(req.headers());
         let mut guard = InFlight::enter(self, instance.clone(), &request_id, want_tail);
+        if let Err(e) = self.freezer.before_call(&instance.id).await {
+            tracing::warn!(instance_id = %instance.id, error = %e, "cannot thaw instance");
+            self.metrics.invocation(Outcome::InstanceFailed);
+            self.fail(&instance, "instance could not be thawed");
+            let err =
+                FcError::unavailable(format!("instance {} could not be resumed", instance.id));
+            guard.end(Some(err.message.clone()));
+            return refused(Outcome::InstanceFailed, &err, &request_id);
+        }
         let outgoing = upstream.prepare(req);
         let answer = tokio::time::timeout_at(deadline, upstream.conns.send(outgoing)).await;
         let (resp, conn) = match answer {
@@ -567,10 +577,17 @@ impl InstanceManager {
                     return refused(Outcome::Ok, &err, &request_id);
                 }
                 self.metrics.invocation(Outcome::InstanceFailed);
-                let message = format!(
-                    "Process exited unexpectedly before completing request (duration: {}ms)",
-                    started.elapsed().as_millis()
-                );
+                let message = if crate::usage::oom_killed(self, &instance.id).await {
+                    crate::usage::memory_exceeded_message(
+                        started.elapsed(),
+                        instance.spec.memory_mb,
+                    )
+                } else {
+                    format!(
+                        "Process exited unexpectedly before completing request (duration: {}ms)",
+                        started.elapsed().as_millis()
+                    )
+                };
                 let tail = guard.end(Some(message.clone()));
                 self.fail(&instance, "runtime connection failed");
                 tracing::warn!(instance_id = %instance.id, error = %e, "runtime did not answer");
@@ -1088,5 +1105,157 @@ mod invoke_tests {
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["Code"], "InvalidArgument");
         assert_eq!(s.manager.ids(), vec![s.id.clone()]);
+    }
+
+    // Idle freezing (H5): the fake driver answers 500 when a call reaches a
+    // frozen sandbox, so a call that was not thawed first fails.
+    async fn freezing_setup() -> (Setup, crate::testing::HttpServer) {
+        let cell: Arc<std::sync::OnceLock<(Arc<FakeDriver>, InstanceId)>> = Arc::default();
+        let seen = cell.clone();
+        let (addr, server) = runtime(move |_req| {
+            let seen = seen.clone();
+            async move {
+                let frozen = seen.get().is_some_and(|(d, id)| d.is_frozen(id));
+                let status = if frozen { 500 } else { 200 };
+                Response::builder().status(status).body(full("ok")).unwrap()
+            }
+        })
+        .await;
+        let s = setup(addr).await;
+        let _ = cell.set((s.driver.clone(), s.id.clone()));
+        s.manager.freezer.set_delay(Some(Duration::from_millis(20)));
+        (s, server)
+    }
+
+    async fn wait_frozen(s: &Setup, frozen: bool) {
+        for _ in 0..300 {
+            if s.driver.is_frozen(&s.id) == frozen {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("instance never became frozen={frozen}");
+    }
+
+    #[tokio::test]
+    async fn idle_instances_are_frozen_and_thawed_before_their_next_call() {
+        let (s, _server) = freezing_setup().await;
+        let (resp, body) = s.invoke("one").await;
+        assert_eq!(resp.status(), StatusCode::OK, "{body:?}");
+        wait_frozen(&s, true).await;
+        assert!(s.manager.freezer.is_frozen(&s.id));
+        for _ in 0..3 {
+            let (resp, _) = s.invoke("again").await;
+            assert_eq!(resp.status(), StatusCode::OK);
+            wait_frozen(&s, true).await;
+        }
+        let (freezes, thaws) = s.driver.freeze_counts();
+        assert_eq!((freezes, thaws), (4, 3));
+        let usage = &s.manager.metrics.usage;
+        assert_eq!(usage.thaws.get(), 3);
+        assert_eq!(usage.freezes.get(), 4);
+        let text = s.manager.metrics.render();
+        assert!(text.contains("kiln_agent_thaw_seconds_count 3"), "{text}");
+        let series = format!(
+            "kiln_agent_instance_thaws_total{{instance_id=\"{}\"}} 3",
+            s.id
+        );
+        assert!(text.contains(&series), "{text}");
+        let frozen = format!("kiln_agent_instance_frozen{{instance_id=\"{}\"}} 1", s.id);
+        assert!(text.contains(&frozen), "{text}");
+
+        // Destroying a frozen instance thaws it first (PreStop must run,
+        // SIGKILL must land), and it is never frozen again.
+        s.manager.destroy(&s.id).await.unwrap();
+        assert!(!s.driver.is_frozen(&s.id));
+        assert_eq!(s.driver.freeze_counts().1, 4);
+    }
+
+    #[tokio::test]
+    async fn a_busy_instance_is_not_frozen_and_freezing_can_be_off() {
+        let (s, _server) = freezing_setup().await;
+        s.manager.freezer.set_delay(None);
+        s.invoke("one").await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(s.driver.freeze_counts(), (0, 0));
+
+        // A call in flight holds the instance awake past the delay.
+        s.manager.freezer.set_delay(Some(Duration::from_millis(20)));
+        let instance = s.manager.get(s.id.as_str()).unwrap();
+        instance.enter(0);
+        s.manager.freezer.after_call(&instance);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(s.driver.freeze_counts(), (0, 0));
+        instance.leave(0);
+        s.manager.freezer.after_call(&instance);
+        wait_frozen(&s, true).await;
+    }
+
+    #[tokio::test]
+    async fn a_call_killed_for_its_memory_gets_fcs_error_and_the_instance_is_replaced() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    let _ = tcp.read(&mut buf).await;
+                });
+            }
+        });
+        let s = setup(addr).await;
+        s.driver.set_stats(
+            &s.id,
+            kiln_sandbox::driver::SandboxStats {
+                oom_kills: 1,
+                ..Default::default()
+            },
+        );
+        let (resp, body) = s.invoke("x").await;
+        assert_eq!(
+            resp.headers()["x-fc-error-type"],
+            "UnhandledInvocationError"
+        );
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let msg = v["errorMessage"].as_str().unwrap();
+        assert!(msg.starts_with("Process exited unexpectedly"), "{msg}");
+        assert!(msg.contains("maxMemoryUsage"), "{msg}");
+        assert!(msg.contains("memory limit"), "{msg}");
+        s.wait_destroyed().await;
+    }
+
+    #[tokio::test]
+    async fn usage_samples_become_per_instance_series_and_vanish_with_the_instance() {
+        let (s, _server) = freezing_setup().await;
+        s.driver.set_stats(
+            &s.id,
+            kiln_sandbox::driver::SandboxStats {
+                cpu_usage_us: 2_500_000,
+                memory_bytes: 64 << 20,
+                memory_limit_bytes: Some(512 << 20),
+                pids: 7,
+                net_rx_bytes: Some(1234),
+                net_tx_bytes: Some(99),
+                ..Default::default()
+            },
+        );
+        crate::usage::sample(&s.manager).await;
+        let text = s.manager.metrics.render();
+        let id = s.id.to_string();
+        for want in [
+            format!("kiln_agent_instance_cpu_seconds{{instance_id=\"{id}\"}} 2.5"),
+            format!("kiln_agent_instance_memory_bytes{{instance_id=\"{id}\"}} 67108864"),
+            format!("kiln_agent_instance_memory_limit_bytes{{instance_id=\"{id}\"}} 536870912"),
+            format!("kiln_agent_instance_pids{{instance_id=\"{id}\"}} 7"),
+            format!("kiln_agent_instance_network_receive_bytes{{instance_id=\"{id}\"}} 1234"),
+            format!("kiln_agent_instance_network_transmit_bytes{{instance_id=\"{id}\"}} 99"),
+        ] {
+            assert!(text.contains(&want), "missing {want} in {text}");
+        }
+        assert!(text.contains("kiln_agent_instance_info{"), "{text}");
+        s.manager.destroy(&s.id).await.unwrap();
+        crate::usage::sample(&s.manager).await;
+        let text = s.manager.metrics.render();
+        assert!(!text.contains(&id), "{text}");
     }
 }

@@ -228,6 +228,8 @@ pub struct InstanceManager {
     node_id: Mutex<Option<NodeId>>,
     /// Every function's logs on this node.
     pub(crate) logs: Arc<crate::logs::LogStore>,
+    /// Freezes idle instances and thaws them for calls (off by default).
+    pub freezer: Arc<crate::freeze::Freezer>,
 }
 
 impl InstanceManager {
@@ -246,7 +248,12 @@ impl InstanceManager {
             crate::logs::Retention::default(),
             clock.clone(),
         ));
+        let freezer = Arc::new(crate::freeze::Freezer::new(
+            driver.clone(),
+            metrics.usage.clone(),
+        ));
         Self {
+            freezer,
             driver,
             code,
             slots: RwLock::new(HashMap::new()),
@@ -552,6 +559,8 @@ impl InstanceManager {
                     return Ok(());
                 }
                 Some(Slot::Ready(i)) => {
+                    // Frozen processes can neither answer PreStop nor die.
+                    self.freezer.release(id).await;
                     i.log.finish();
                     // A crashed instance gets no PreStop; a failing or hanging
                     // one delays the destroy by at most its timeout. PreStop

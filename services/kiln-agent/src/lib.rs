@@ -13,6 +13,7 @@ pub mod config;
 pub mod error;
 pub mod exec;
 pub mod forward;
+pub mod freeze;
 pub mod hooks;
 pub mod instances;
 pub mod logs;
@@ -21,6 +22,7 @@ pub mod microvm;
 pub mod namespace;
 pub mod registration;
 pub mod testing;
+pub mod usage;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -187,6 +189,7 @@ pub async fn start_with(
         Arc::new(SystemClock),
     ));
     manager.reconcile().await?;
+    manager.freezer.set_delay(config.usage.freeze_delay());
 
     let listener = TcpListener::bind(config.listen)
         .await
@@ -220,6 +223,12 @@ pub async fn start_with(
         }
         None => None,
     };
+
+    tasks.push(tokio::spawn(usage::run_sampler(
+        manager.clone(),
+        config.usage.sample_interval(),
+        shutdown_rx.clone(),
+    )));
 
     // The background reader of every instance's console.
     let log_manager = manager.clone();

@@ -27,6 +27,8 @@ pub struct Metrics {
     pub create_seconds: Histogram,
     invocations: [Counter; 4],
     pub invoke_seconds: Histogram,
+    /// Per-instance usage and freezing.
+    pub usage: Arc<crate::usage::UsageMetrics>,
 }
 
 impl Metrics {
@@ -64,6 +66,7 @@ impl Metrics {
                 .clone();
             c
         };
+        let usage = Arc::new(crate::usage::UsageMetrics::register(&mut registry));
         let creates_ok = creates.get_or_create(&vec![("result", "ok")]).clone();
         let creates_failed = creates.get_or_create(&vec![("result", "failed")]).clone();
         Self {
@@ -73,6 +76,7 @@ impl Metrics {
             create_seconds,
             invocations: Outcome::ALL.map(by_outcome),
             invoke_seconds,
+            usage,
             registry,
         }
     }

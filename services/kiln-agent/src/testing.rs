@@ -37,6 +37,7 @@ struct FakeDriverState {
     frozen: HashMap<InstanceId, bool>,
     freezes: usize,
     thaws: usize,
+    stats: HashMap<InstanceId, kiln_sandbox::driver::SandboxStats>,
     requests: Vec<SandboxRequest>,
     destroyed: Vec<InstanceId>,
 }
@@ -90,6 +91,11 @@ impl FakeDriver {
             .unwrap_or(false)
     }
 
+    /// What `stats` answers for the sandbox (frozen state is the fake's).
+    pub fn set_stats(&self, id: &InstanceId, stats: kiln_sandbox::driver::SandboxStats) {
+        self.state.lock().unwrap().stats.insert(id.clone(), stats);
+    }
+
     /// How many freezes and thaws the driver was asked for.
     pub fn freeze_counts(&self) -> (usize, usize) {
         let s = self.state.lock().unwrap();
@@ -132,6 +138,19 @@ impl SandboxDriver for FakeDriver {
             .get(id)
             .copied()
             .unwrap_or(false))
+    }
+
+    async fn stats(
+        &self,
+        id: &InstanceId,
+    ) -> Result<Option<kiln_sandbox::driver::SandboxStats>, SandboxError> {
+        let s = self.state.lock().unwrap();
+        if !s.running.contains_key(id) {
+            return Err(SandboxError::NotFound(id.clone()));
+        }
+        let mut stats = s.stats.get(id).cloned().unwrap_or_default();
+        stats.frozen = s.frozen.get(id).copied().unwrap_or(false);
+        Ok(Some(stats))
     }
 
     async fn freeze(&self, id: &InstanceId) -> Result<(), SandboxError> {

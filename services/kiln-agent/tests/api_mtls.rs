@@ -92,6 +92,7 @@ fn config(state: &std::path::Path, pki: &DevPki, drain: bool) -> AgentConfig {
             max_instances: 8,
         },
         sandbox: Default::default(),
+        usage: Default::default(),
     }
 }
 

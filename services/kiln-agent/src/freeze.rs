@@ -1,0 +1,159 @@
+//! Idle freezing: an instance with no call in flight is frozen (cgroup
+//! freezer for containers, `vm.pause` for microVMs) a short, configurable
+//! delay after its last call ends, and thawed before its next call runs.
+//! A frozen instance uses no CPU; its memory stays.
+//!
+//! Per instance, one async lock orders freezes and thaws: a call marks
+//! itself in flight first and then takes the lock, and a pending freeze
+//! checks under the same lock that nothing is in flight and no call came
+//! since it was scheduled, so a call never runs on a frozen instance.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kiln_core::InstanceId;
+use kiln_sandbox::{SandboxDriver, SandboxError};
+use tracing::Instrument;
+
+use crate::instances::Instance;
+use crate::usage::UsageMetrics;
+
+const OFF: u64 = u64::MAX;
+
+#[derive(Default)]
+struct Entry {
+    /// Whether the sandbox is frozen; held across a freeze or a thaw.
+    frozen: tokio::sync::Mutex<bool>,
+    /// Bumped by every call, so a freeze scheduled before it gives up.
+    generation: AtomicU64,
+    /// The instance is going away: nothing freezes it again.
+    released: AtomicBool,
+}
+
+/// Freezes idle instances and thaws them for their calls.
+pub struct Freezer {
+    driver: Arc<dyn SandboxDriver>,
+    metrics: Arc<UsageMetrics>,
+    delay_ms: AtomicU64,
+    entries: Mutex<HashMap<InstanceId, Arc<Entry>>>,
+}
+
+impl Freezer {
+    /// A freezer that is off until [`Freezer::set_delay`] turns it on.
+    pub fn new(driver: Arc<dyn SandboxDriver>, metrics: Arc<UsageMetrics>) -> Self {
+        Self {
+            driver,
+            metrics,
+            delay_ms: AtomicU64::new(OFF),
+            entries: Mutex::default(),
+        }
+    }
+
+    /// Freeze instances `delay` after their last call; None: never.
+    pub fn set_delay(&self, delay: Option<Duration>) {
+        let ms = delay.map_or(OFF, |d| (d.as_millis() as u64).min(OFF - 1));
+        self.delay_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn delay(&self) -> Option<Duration> {
+        match self.delay_ms.load(Ordering::Relaxed) {
+            OFF => None,
+            ms => Some(Duration::from_millis(ms)),
+        }
+    }
+
+    fn entry(&self, id: &InstanceId) -> Arc<Entry> {
+        self.entries
+            .lock()
+            .expect("freezer lock")
+            .entry(id.clone())
+            .or_default()
+            .clone()
+    }
+
+    /// Whether the instance is frozen now.
+    pub fn is_frozen(&self, id: &InstanceId) -> bool {
+        let entry = self.entries.lock().expect("freezer lock").get(id).cloned();
+        entry.is_some_and(|e| e.frozen.try_lock().map(|f| *f).unwrap_or(false))
+    }
+
+    /// Before a call runs (the call is already counted in flight): thaw
+    /// the instance if it is frozen. Returns how long the thaw took.
+    pub async fn before_call(&self, id: &InstanceId) -> Result<Option<Duration>, SandboxError> {
+        let entry = self.entry(id);
+        entry.generation.fetch_add(1, Ordering::AcqRel);
+        let mut frozen = entry.frozen.lock().await;
+        if !*frozen {
+            return Ok(None);
+        }
+        let started = Instant::now();
+        self.driver.thaw(id).await?;
+        let took = started.elapsed();
+        *frozen = false;
+        self.metrics.thawed(id, took);
+        tracing::debug!(instance_id = %id, thaw_us = took.as_micros() as u64, "instance thawed for a call");
+        Ok(Some(took))
+    }
+
+    /// After a call ended: when nothing is in flight, freeze the instance
+    /// after the delay unless another call comes first.
+    pub fn after_call(self: &Arc<Self>, instance: &Arc<Instance>) {
+        let Some(delay) = self.delay() else { return };
+        if instance.in_flight() > 0 || !instance.state().can_invoke() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let entry = self.entry(&instance.id);
+        let generation = entry.generation.load(Ordering::Acquire);
+        let this = self.clone();
+        let instance = instance.clone();
+        let span = tracing::debug_span!("instance_freeze", instance_id = %instance.id);
+        runtime.spawn(
+            async move {
+                tokio::time::sleep(delay).await;
+                let mut frozen = entry.frozen.lock().await;
+                let idle = instance.in_flight() == 0
+                    && entry.generation.load(Ordering::Acquire) == generation
+                    && !entry.released.load(Ordering::Acquire)
+                    && instance.state().can_invoke();
+                if *frozen || !idle {
+                    return;
+                }
+                match this.driver.freeze(&instance.id).await {
+                    Ok(()) => {
+                        *frozen = true;
+                        this.metrics.frozen(&instance.id);
+                        tracing::debug!("idle instance frozen");
+                    }
+                    Err(e) => {
+                        this.metrics.freeze_failed();
+                        tracing::warn!(error = %e, "cannot freeze idle instance");
+                    }
+                }
+            }
+            .instrument(span),
+        );
+    }
+
+    /// The instance is going away (PreStop, destroy): thaw it so its
+    /// processes can stop, and never freeze it again.
+    pub async fn release(&self, id: &InstanceId) {
+        let entry = self.entries.lock().expect("freezer lock").remove(id);
+        let Some(entry) = entry else { return };
+        entry.released.store(true, Ordering::Release);
+        let mut frozen = entry.frozen.lock().await;
+        if *frozen {
+            match self.driver.thaw(id).await {
+                Ok(()) => *frozen = false,
+                Err(e) => {
+                    tracing::warn!(instance_id = %id, error = %e, "cannot thaw released instance")
+                }
+            }
+        }
+        self.metrics.forget_frozen(id);
+    }
+}
