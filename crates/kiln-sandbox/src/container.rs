@@ -307,15 +307,27 @@ impl ContainerDriver {
             })
     }
 
-    /// Stop refilling the pool and delete the pooled namespaces. Instances
-    /// are left to the caller (`destroy` each first).
+    /// Stop refilling the pool and delete the pooled namespaces, and the
+    /// network isolation when no instance is left. Instances are left to
+    /// the caller (`destroy` each first).
     pub async fn shutdown(&self) -> Result<(), SandboxError> {
         if let Some(task) = self.refill.lock().expect("lock").take() {
             task.abort();
         }
         self.pool.drain().await.map_err(net_err)?;
         if let Some(isolation) = &self.isolation {
-            isolation.shutdown().await.map_err(isolation_err)?;
+            let running = self.instances.lock().expect("lock").len();
+            if running == 0 {
+                isolation.shutdown().await.map_err(isolation_err)?;
+            } else {
+                // Instances left running stay confined by their rules; the
+                // next start removes both them and the table.
+                tracing::info!(
+                    running,
+                    table = isolation.table(),
+                    "network isolation kept for the instances left running"
+                );
+            }
         }
         self.remove_cgroup_parent();
         Ok(())
