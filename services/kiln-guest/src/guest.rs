@@ -62,6 +62,8 @@ impl LogHub {
 pub struct Guest {
     platform: Arc<Platform>,
     reaper: Reaper,
+    /// The function's pid once started.
+    function: Mutex<Option<u32>>,
     state: Mutex<State>,
     logs: Arc<LogHub>,
 }
@@ -71,11 +73,22 @@ impl Guest {
         Guest {
             platform: Arc::new(platform),
             reaper,
+            function: Mutex::new(None),
             state: Mutex::new(State::Unconfigured),
             logs: Arc::new(LogHub {
                 current: Mutex::new(None),
                 echo: echo_logs,
             }),
+        }
+    }
+
+    /// SIGKILL the function's process (a failed start, or the guest going away).
+    pub fn kill_function(&self) {
+        if let Some(pid) = *self.function.lock().unwrap_or_else(|e| e.into_inner()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
     }
 
@@ -115,6 +128,7 @@ impl Guest {
             )
         })?;
         let pid = child.pid;
+        *self.function.lock().unwrap_or_else(|e| e.into_inner()) = Some(pid);
         tracing::info!(pid, command = ?p.command, "function started");
         for (pipe, stream) in [
             (
@@ -159,6 +173,7 @@ impl Guest {
                 break;
             }
             if Instant::now() >= deadline {
+                self.kill_function();
                 return Err(ErrorBody::new(
                     ErrorCode::Timeout,
                     format!(
@@ -175,6 +190,14 @@ impl Guest {
         Ok(Configured {
             start_ms: started.elapsed().as_millis() as u64,
         })
+    }
+}
+
+impl Drop for Guest {
+    /// Only outside a VM (tests) is a Guest ever dropped: take the function
+    /// with it rather than leave it running on the host.
+    fn drop(&mut self) {
+        self.kill_function();
     }
 }
 

@@ -5,14 +5,13 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, StreamBody};
+use http_body_util::{combinators::BoxBody, BodyExt, Empty, StreamBody};
 use hyper::body::Frame;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
-use kiln_guest_proto::{CallRequest, ErrorBody, ErrorCode, ResponseHead, ResponseWriter};
+use kiln_guest_proto::{CallKind, CallRequest, ErrorBody, ErrorCode, ResponseHead, ResponseWriter};
 
-type ReqBody =
-    StreamBody<futures_util::stream::BoxStream<'static, Result<Frame<Bytes>, Infallible>>>;
+type ReqBody = BoxBody<Bytes, Infallible>;
 
 /// Headers that describe one hop, not the call.
 const HOP_BY_HOP: [&str; 6] = [
@@ -80,9 +79,23 @@ impl Relay {
             body,
         } = request;
         let uri = format!("http://127.0.0.1:{}{}", self.port, kind.path());
-        let stream = futures_util::stream::unfold(body, |mut rx| async move {
-            rx.recv().await.map(|chunk| (Ok(Frame::data(chunk)), rx))
-        });
+        // A body known to be empty goes without one (a GET with a chunked
+        // empty body confuses simple runtimes); otherwise it streams, with
+        // the host's content-length if it sent one.
+        let empty = kind == CallKind::PreStop
+            || head
+                .headers
+                .iter()
+                .any(|(n, v)| n.eq_ignore_ascii_case("content-length") && v.trim() == "0");
+        let req_body: ReqBody = if empty {
+            drop(body);
+            Empty::new().boxed()
+        } else {
+            let stream = futures_util::stream::unfold(body, |mut rx| async move {
+                rx.recv().await.map(|chunk| (Ok(Frame::data(chunk)), rx))
+            });
+            StreamBody::new(stream).boxed()
+        };
         let mut builder = hyper::Request::builder().method(kind.method()).uri(uri);
         for (name, value) in &head.headers {
             if HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h)) {
@@ -91,9 +104,7 @@ impl Relay {
             builder = builder.header(name.as_str(), value.as_str());
         }
         let req = builder
-            .body(StreamBody::new(
-                Box::pin(stream) as futures_util::stream::BoxStream<'static, _>
-            ))
+            .body(req_body)
             .map_err(|e| ErrorBody::new(ErrorCode::Protocol, format!("Bad request head: {e}")))?;
         let resp = self.client.request(req).await.map_err(|e| {
             tracing::debug!(call, error = ?e, "runtime request failed");

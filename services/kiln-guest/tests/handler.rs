@@ -184,6 +184,15 @@ async fn configure_relays_calls_to_the_function() {
         client.pre_stop(CallHead::default()).await.unwrap().status,
         200
     );
+    // The pooled runtime connection is still in step after the bodiless GET.
+    let resp = client
+        .invoke(CallHead::default(), Bytes::from_static(b"after"))
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.body.collect().await.unwrap(),
+        Bytes::from_static(b"after")
+    );
 
     // A second Configure is refused.
     match client
@@ -233,7 +242,7 @@ async fn calls_before_configure_and_failed_starts() {
 }
 
 #[tokio::test]
-async fn function_output_arrives_as_logs_and_timeouts_are_reported() {
+async fn function_output_arrives_as_logs() {
     let dir = tempfile::tempdir().unwrap();
     let script = dir.path().join("fn.sh");
     // A "function" that logs and serves on its port with static-echo.
@@ -334,4 +343,43 @@ async fn exec_sessions_with_pipes_and_tty() {
     let s = client.exec(req(&["/nonexistent"], false)).await.unwrap();
     let (_, _, st) = collect(s).await;
     assert_eq!(st.unwrap_err().code, ErrorCode::ExecFailed);
+}
+
+#[tokio::test]
+async fn a_call_over_its_timeout_is_a_timeout_error() {
+    if !Path::new("/usr/bin/python3").exists() {
+        eprintln!("SKIP: needs /usr/bin/python3 for a slow function");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("slow.py");
+    std::fs::write(
+        &script,
+        [
+            "import http.server, os, time",
+            "class H(http.server.BaseHTTPRequestHandler):",
+            "    def do_POST(self):",
+            "        time.sleep(5)",
+            "        self.send_response(200)",
+            "        self.end_headers()",
+            "port = int(os.environ['FC_CUSTOM_LISTEN_PORT'])",
+            "http.server.ThreadingHTTPServer(('127.0.0.1', port), H).serve_forever()",
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    let (client, _) = start().await;
+    let mut cfg = config(Path::new("/usr/bin/python3"), dir.path(), free_port());
+    cfg.process.args = vec![script.display().to_string()];
+    client.configure(&cfg, T).await.unwrap();
+    let head = CallHead {
+        headers: vec![],
+        timeout_ms: Some(300),
+    };
+    let started = std::time::Instant::now();
+    match client.invoke(head, Bytes::from_static(b"x")).await {
+        Err(GuestClientError::Guest(e)) => assert_eq!(e.code, ErrorCode::Timeout),
+        other => panic!("{:?}", other.map(|r| r.status)),
+    }
+    assert!(started.elapsed() < Duration::from_secs(3));
 }
