@@ -132,8 +132,11 @@ in
         };
       };
       description = ''
-        Open vSwitch bridges for VPC attachment, created through NixOS's own
-        `networking.vswitches`, each with the uplink interfaces it bridges.
+        Open vSwitch bridges that connect this node to VPC networks (the
+        physical or VLAN uplinks VPC traffic is routed over), created
+        through NixOS's own `networking.vswitches`. The agent's per-VPC
+        bridges (`<prefix>v<n>`, userspace datapath) and their gateways are
+        its own, made and removed at run time from `sandbox.network.vpcs`.
       '';
       type = types.attrsOf (
         types.submodule {
@@ -236,6 +239,21 @@ in
             netns_pool = kiln.setting types.ints.unsigned sb.netns_pool "Network namespaces kept ready for cold starts.";
             rootfs_dir = kiln.optional types.str "Where runtime root filesystems live (default: state_dir/rootfs).";
             debootstrap_mirror = kiln.optional types.str "Debian mirror for building custom.debian12 on the node.";
+            network = lib.mkOption {
+              default = { };
+              description = ''
+                Per-instance egress isolation (nftables table of the agent's
+                own, tc shaping) and the VPCs this node attaches instances to
+                (`vpcs`, passed through: ids, CIDRs, vSwitches with their
+                gateway and instance pool, security groups).
+              '';
+              type = kiln.section {
+                uplink_interface = kiln.optional types.str "Interface internet traffic leaves by (masqueraded); default: any that is neither an instance's nor a VPC's.";
+                standard_bandwidth_mbit = kiln.setting types.ints.positive sb.network.standard_bandwidth_mbit "Per-instance rate, each direction, of standard instances.";
+                performance_bandwidth_mbit = kiln.setting types.ints.positive sb.network.performance_bandwidth_mbit "Per-instance rate, each direction, of performance instances.";
+                ovs_netns = kiln.optional types.str "Network namespace ovs-vswitchd runs in, when not the agent's.";
+              };
+            };
           };
         };
       };

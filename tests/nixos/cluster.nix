@@ -2,7 +2,8 @@
 # test VLAN, configured only through the NixOS modules and the example
 # settings in modules/examples/. A `web` host stands for the internet on a
 # second VLAN. Through the kiln CLI: deploy a function, invoke it sync and
-# async, check its egress (the internet yes, the cluster's own network no),
+# async, check its egress (FC's default, internet only: the web host yes,
+# the control plane and the agents no),
 # then crash the compute node running it and see the calls move to the
 # other one.
 {
@@ -59,6 +60,9 @@ let
         settings = lib.recursiveUpdate (lib.importJSON "${examples}/agent.json") {
           advertise_url = "https://${name}:7443";
           runtimes = [ "custom" ];
+          # Internet traffic leaves by the "internet" VLAN only; the cluster
+          # VLAN (eth1) is not an uplink.
+          sandbox.network.uplink_interface = "eth2";
         };
       };
     };
@@ -189,12 +193,21 @@ in
         )
 
     with subtest("egress: the internet is reachable, the cluster network is not"):
-        control_ip = control.succeed(
-            "ip -4 -o addr show dev eth1 | awk '{print $4}' | cut -d/ -f1"
-        ).strip()
+        def eth1_ip(machine):
+            return machine.succeed(
+                "ip -4 -o addr show dev eth1 | awk '{print $4}' | cut -d/ -f1"
+            ).strip()
+
         out = control.succeed(f"{KILN} invoke probe --data 'connect 203.0.113.10:80'")
         assert out.startswith("connected"), out
-        for target in (f"{control_ip}:9443", f"{control_ip}:8444"):
+        # The control plane, and the agents (one of them the instance's own
+        # node: node services are closed to instances).
+        for target in (
+            f"{eth1_ip(control)}:9443",
+            f"{eth1_ip(control)}:8444",
+            f"{eth1_ip(compute1)}:7443",
+            f"{eth1_ip(compute2)}:7443",
+        ):
             out = control.succeed(f"{KILN} invoke probe --data 'connect {target}'")
             assert out.startswith("blocked"), f"{target}: {out}"
 

@@ -175,6 +175,7 @@ fn every_typed_module_option_is_a_key_of_the_service() {
         "agent",
         "[node]\ndedicated_account = \"1000000000000001\"\n\
          [sandbox]\nbackend = \"container\"\nrootfs_dir = \"/var/lib/kiln/rootfs\"\n\
-         debootstrap_mirror = \"http://deb.debian.org/debian\"\n",
+         debootstrap_mirror = \"http://deb.debian.org/debian\"\n\
+         [sandbox.network]\nuplink_interface = \"eth0\"\novs_netns = \"ovs\"\n",
     );
 }
