@@ -40,7 +40,12 @@ in
         cpu_milli = 1000;
         max_instances = 100;
       };
-      sandbox.instance_subnet = site.instanceSubnet;
+      sandbox = {
+        instance_subnet = site.instanceSubnet;
+        # Where instances' internet traffic leaves; null: any interface
+        # that is neither an instance's nor a VPC's.
+        network.uplink_interface = site.uplinkInterface;
+      };
     };
   };
 
