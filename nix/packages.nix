@@ -76,14 +76,6 @@ in
     };
     guest-image = pkgs.callPackage ../images/guest { inherit kiln-guest; };
     "rootfs-custom" = rootfs.custom;
-    # A function for the `custom` runtime, used by the NixOS VM tests.
-    static-echo = pkgs.runCommandCC "kiln-static-echo" {
-      nativeBuildInputs = [ pkgs.rustc ];
-      buildInputs = [ pkgs.glibc.static ];
-    } ''
-      mkdir -p $out
-      rustc -O -C target-feature=+crt-static ${../examples/static-echo/main.rs} -o $out/server
-    '';
   }
   // lib.optionalAttrs (rootfs ? debian12) {
     "rootfs-custom-debian12" = rootfs.debian12;
