@@ -231,6 +231,19 @@ async fn create_invoke_freeze_thaw_destroy_in_the_documented_order() {
     assert_eq!(answer["instance"], req.instance_id.to_string());
     assert_eq!(answer["echo"], "ping");
     assert_eq!(answer["requestId"], "req-1");
+    // The function's output reaches the sandbox's log over the protocol.
+    let mut log = String::new();
+    for _ in 0..200 {
+        log = std::fs::read_to_string(&sb.log_path).unwrap_or_default();
+        if log.contains("request req-1") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        log,
+        "toy function /code/server listening\ntoy function /invoke called, request req-1\n"
+    );
 
     // Frozen, the guest answers nothing; thawed, it answers.
     h.driver.freeze(&req.instance_id).await.unwrap();

@@ -154,6 +154,46 @@ impl Vm {
 struct Instance {
     vm: Vm,
     _relay: Relay,
+    /// Copies the function's output from the guest into `function.log`.
+    logs: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Append the function's output lines (stdout and stderr, as the guest
+/// sends them) to `path`, the sandbox's log; kiln-guest's own lines go to
+/// the agent's log.
+fn spawn_log_writer(
+    guest: &GuestClient,
+    path: PathBuf,
+    vm: String,
+) -> Option<tokio::task::JoinHandle<()>> {
+    use tokio::io::AsyncWriteExt;
+    let mut lines = guest.take_logs()?;
+    Some(tokio::spawn(async move {
+        let file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .await;
+        let mut file = match file {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(vm = %vm, error = %e, "cannot open the function's log");
+                return;
+            }
+        };
+        while let Some(l) = lines.recv().await {
+            if l.stream == kiln_guest_proto::LogStream::Guest {
+                tracing::info!(vm = %vm, line = %l.line, "kiln-guest");
+                continue;
+            }
+            let mut bytes = l.line.into_bytes();
+            bytes.push(b'\n');
+            if file.write_all(&bytes).await.is_err() {
+                return;
+            }
+            let _ = file.flush().await;
+        }
+    }))
 }
 
 /// Runs instances as cloud-hypervisor microVMs. See the module docs.
@@ -1078,6 +1118,9 @@ impl Inner {
                 .guest
                 .clone()
                 .ok_or_else(|| SandboxError::Vmm("no guest connection".into()))?;
+            let log_path = vm.dir.join("function.log");
+            std::fs::write(&log_path, b"").map_err(|e| fs_err(log_path.display(), e))?;
+            let logs = spawn_log_writer(&guest, log_path, vm.name.clone());
             guest
                 .configure(&config, Duration::from_millis(self.config.boot_timeout_ms))
                 .await
@@ -1090,10 +1133,10 @@ impl Inner {
             let relay = Relay::start(guest)
                 .await
                 .map_err(|e| SandboxError::Network(format!("instance relay: {e}")))?;
-            Ok::<Relay, SandboxError>(relay)
+            Ok::<_, SandboxError>((relay, logs))
         }
         .await;
-        let relay = match result {
+        let (relay, logs) = match result {
             Ok(r) => r,
             Err(e) => return Err(self.dispose_after(Some(vm), e).await),
         };
@@ -1102,12 +1145,16 @@ impl Inner {
             instance_id: req.instance_id.clone(),
             endpoint,
             pid: vm.pid,
-            log_path: vm.dir.join("console.log"),
+            log_path: vm.dir.join("function.log"),
         };
         tracing::info!(vm = %vm.name, pooled, %endpoint, "microVM instance started");
         self.instances.lock().expect("lock").insert(
             req.instance_id.clone(),
-            Arc::new(Instance { vm, _relay: relay }),
+            Arc::new(Instance {
+                vm,
+                _relay: relay,
+                logs,
+            }),
         );
         Ok(sandbox)
     }
@@ -1205,8 +1252,11 @@ impl SandboxDriver for MicroVmDriver {
                     }
                 }
             };
-            let Instance { vm, _relay } = inst;
+            let Instance { vm, _relay, logs } = inst;
             drop(_relay);
+            if let Some(task) = logs {
+                task.abort();
+            }
             self.inner.dispose(vm).await
         }
         .instrument(span)

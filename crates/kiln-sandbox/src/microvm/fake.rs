@@ -35,7 +35,7 @@ use tokio::task::JoinHandle;
 
 use kiln_guest_proto::{
     CallRequest, Configured, ErrorBody, ErrorCode, ExecInput, ExecRequest, ExecWriter, GuestConfig,
-    GuestHandler, ResponseHead, ResponseWriter,
+    GuestHandler, LogLine, LogSender, LogStream, ResponseHead, ResponseWriter,
 };
 
 use super::api::VmState;
@@ -49,11 +49,28 @@ pub struct ToyGuest {
     configured: Mutex<Option<GuestConfig>>,
     /// Disks attached to the VM (vda, vdb, ...).
     disks: Mutex<usize>,
+    /// The function's output goes to the host connected last.
+    logs: Mutex<Option<LogSender>>,
+}
+
+impl ToyGuest {
+    fn log(&self, line: String) {
+        if let Some(logs) = self.logs.lock().expect("lock").as_ref() {
+            logs.send(LogLine {
+                stream: LogStream::Stdout,
+                line,
+            });
+        }
+    }
 }
 
 impl GuestHandler for ToyGuest {
     fn is_configured(&self) -> bool {
         self.configured.lock().expect("lock").is_some()
+    }
+
+    fn connected(&self, logs: LogSender) {
+        *self.logs.lock().expect("lock") = Some(logs);
     }
 
     async fn configure(&self, config: GuestConfig) -> Result<Configured, ErrorBody> {
@@ -82,7 +99,10 @@ impl GuestHandler for ToyGuest {
                 "configured twice",
             ));
         }
+        let command = config.process.command.join(" ");
         *slot = Some(config);
+        drop(slot);
+        self.log(format!("toy function {command} listening"));
         Ok(Configured { start_ms: 1 })
     }
 
@@ -111,6 +131,11 @@ impl GuestHandler for ToyGuest {
                 .find(|(n, _)| n.eq_ignore_ascii_case(name))
                 .map(|(_, v)| v.clone())
         };
+        self.log(format!(
+            "toy function {} called, request {}",
+            request.kind.path(),
+            header("x-fc-request-id").unwrap_or_default()
+        ));
         let answer = json!({
             "instance": instance,
             "path": request.kind.path(),
