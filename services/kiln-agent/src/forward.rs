@@ -554,7 +554,8 @@ impl InstanceManager {
             guard.end(Some(err.message.clone()));
             return refused(Outcome::InstanceFailed, &err, &request_id);
         }
-        let outgoing = upstream.prepare(req);
+        let mut outgoing = upstream.prepare(req);
+        instance.credentials.apply(outgoing.headers_mut());
         let answer = tokio::time::timeout_at(deadline, upstream.conns.send(outgoing)).await;
         let (resp, conn) = match answer {
             Ok(Ok(sent)) => sent,

@@ -39,6 +39,9 @@ pub enum InstanceError {
     /// `InitializationError`; the instance was destroyed.
     #[error("InitializationError: {0}")]
     Initialization(#[from] crate::hooks::HookError),
+    /// The function has a role but no temporary credentials could be had.
+    #[error("Cannot get temporary credentials for the function's role: {}", .0.message)]
+    Credentials(FcError),
 }
 
 impl InstanceError {
@@ -53,9 +56,11 @@ impl InstanceError {
             Self::Code(e) => e.to_fc(),
             Self::Sandbox(_) => FcError::internal(self.to_string()),
             Self::NotStarted(m) => FcError::new(FcErrorCode::FunctionNotStarted, m.clone()),
-            Self::Initialization(_) => {
-                FcError::new(FcErrorCode::FunctionNotStarted, self.to_string())
-            }
+            Self::Initialization(e) => FcError::new(
+                FcErrorCode::FunctionNotStarted,
+                format!("{}{e}", kiln_internal_api::INITIALIZATION_ERROR_PREFIX),
+            ),
+            Self::Credentials(_) => FcError::new(FcErrorCode::FunctionNotStarted, self.to_string()),
         }
     }
 }
@@ -96,6 +101,8 @@ pub struct Instance {
     in_flight: AtomicU32,
     state: AtomicU8,
     pub(crate) upstream: Upstream,
+    /// Temporary credentials of the function's role (empty without one).
+    pub(crate) credentials: Arc<crate::credentials::InstanceCredentials>,
     /// The instance's console, attributed to its calls.
     pub(crate) log: Arc<crate::logs::InstanceLog>,
 }
@@ -120,6 +127,7 @@ impl Instance {
             in_flight: AtomicU32::new(0),
             state: AtomicU8::new(InstanceState::Running as u8),
             upstream,
+            credentials: Arc::default(),
         }
     }
 
@@ -226,6 +234,7 @@ pub struct InstanceManager {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) clock: Arc<dyn Clock>,
     node_id: Mutex<Option<NodeId>>,
+    credential_source: RwLock<Option<Arc<dyn crate::credentials::CredentialSource>>>,
     /// Every function's logs on this node.
     pub(crate) logs: Arc<crate::logs::LogStore>,
     /// Freezes idle instances and thaws them for calls (off by default).
@@ -262,6 +271,7 @@ impl InstanceManager {
             metrics,
             clock,
             node_id: Mutex::new(None),
+            credential_source: RwLock::new(None),
             logs,
         }
     }
@@ -310,6 +320,66 @@ impl InstanceManager {
         for i in instances {
             i.log.drain();
         }
+    }
+
+    /// Where instances of functions with a role get their credentials.
+    /// Instances already running (adopted after a restart) get theirs now.
+    pub async fn set_credential_source(
+        &self,
+        source: Arc<dyn crate::credentials::CredentialSource>,
+    ) {
+        *self.credential_source.write().expect("source lock") = Some(source.clone());
+        let running: Vec<Arc<Instance>> = self
+            .slots
+            .read()
+            .expect("slots lock")
+            .values()
+            .filter_map(|s| match s {
+                Slot::Ready(i) if i.spec.role.is_some() => Some(i.clone()),
+                _ => None,
+            })
+            .collect();
+        for i in running {
+            let role = i.spec.role.clone().unwrap_or_default();
+            let req = crate::credentials::request(&i.id, &i.spec, &role);
+            match source.fetch(&req).await {
+                Ok(c) => crate::credentials::install(
+                    &i.credentials,
+                    c,
+                    source.clone(),
+                    req,
+                    self.clock.clone(),
+                ),
+                Err(e) => {
+                    tracing::warn!(instance_id = %i.id, error = %e, "cannot get temporary credentials for an adopted instance")
+                }
+            }
+        }
+    }
+
+    /// Credentials for a new instance of a function with a role.
+    async fn fetch_credentials(
+        &self,
+        id: &InstanceId,
+        spec: &InstanceSpec,
+        role: &str,
+    ) -> Result<crate::credentials::Fetched, InstanceError> {
+        let source = self
+            .credential_source
+            .read()
+            .expect("source lock")
+            .clone()
+            .ok_or_else(|| {
+                InstanceError::Credentials(FcError::unavailable(
+                    "this node has no credential source",
+                ))
+            })?;
+        let req = crate::credentials::request(id, spec, role);
+        let creds = source
+            .fetch(&req)
+            .await
+            .map_err(InstanceError::Credentials)?;
+        Ok(crate::credentials::Fetched { creds, source, req })
     }
 
     pub fn set_node_id(&self, id: NodeId) {
@@ -434,7 +504,27 @@ impl InstanceManager {
         } = req;
         self.check_spec(&spec)?;
         self.reserve(&id, &spec)?;
-        let result = self.start_sandbox(&id, &spec).await;
+        // A role's credentials reach the runtime in its environment; the
+        // spec kept and recorded is the one without them.
+        let credentials = match &spec.role {
+            None => None,
+            Some(role) => match self.fetch_credentials(&id, &spec, role).await {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    self.slots.write().expect("slots lock").remove(id.as_str());
+                    self.metrics.creates_failed.inc();
+                    tracing::warn!(error = %e, "instance did not start");
+                    return Err(e);
+                }
+            },
+        };
+        let result = match &credentials {
+            None => self.start_sandbox(&id, &spec).await,
+            Some(f) => {
+                self.start_sandbox(&id, &crate::credentials::with_env(&spec, &f.creds))
+                    .await
+            }
+        };
         // FC's Initializer runs once, after the port opened and before the
         // instance can take its first call.
         let result = match result {
@@ -471,6 +561,15 @@ impl InstanceManager {
             self.region.as_ref(),
             log,
         ));
+        if let Some(f) = credentials {
+            crate::credentials::install(
+                &instance.credentials,
+                f.creds,
+                f.source,
+                f.req,
+                self.clock.clone(),
+            );
+        }
         let placed = {
             let mut slots = self.slots.write().expect("slots lock");
             match slots.get_mut(id.as_str()) {
@@ -568,6 +667,7 @@ impl InstanceManager {
                     // that gives up meanwhile leaves no sandbox behind.
                     let crashed = i.state() == InstanceState::Failed;
                     i.mark_destroying();
+                    i.credentials.stop();
                     if !crashed && i.spec.pre_stop.is_some() {
                         let driver = self.driver.clone();
                         let region = self.region.clone();
@@ -886,7 +986,10 @@ mod tests {
             .unwrap();
         let sr = &f.driver.requests()[0];
         let cache = f.root.join("code");
-        assert_eq!(sr.layer_dirs(), vec![cache.join(&first), cache.join(&second)]);
+        assert_eq!(
+            sr.layer_dirs(),
+            vec![cache.join(&first), cache.join(&second)]
+        );
         assert_eq!(
             std::fs::read(sr.layer_dirs()[1].join("payload")).unwrap(),
             b"layer-2"

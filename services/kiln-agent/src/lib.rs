@@ -10,6 +10,7 @@
 pub mod api;
 pub mod code;
 pub mod config;
+pub mod credentials;
 pub mod error;
 pub mod exec;
 pub mod forward;
@@ -139,6 +140,10 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         tracing::info!(runtime = %runtime, "runtime ready");
     }
     let client = InternalClient::new(&config.tls)?;
+    let credential_source = Arc::new(credentials::GatewayCredentialSource::new(
+        client.clone(),
+        &config.gateway_internal_url,
+    ));
     let backends = Backends {
         driver: driver.clone(),
         code_source: Arc::new(GatewayCodeSource::new(
@@ -149,6 +154,10 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         scheduler: Arc::new(HttpScheduler::new(client, &config.scheduler_url)),
     };
     let mut handle = start_with(config, backends).await?;
+    handle
+        .manager
+        .set_credential_source(credential_source)
+        .await;
     handle.container = Some(driver);
     Ok(handle)
 }
