@@ -63,6 +63,9 @@ pub async fn run(
         stderr,
         tty,
     } = session;
+    // If the session is abandoned (the host hung up and the server aborted
+    // this task), the command goes too.
+    let mut kill = KillOnDrop(Some(pid));
     let stdin_task = tokio::spawn(feed_stdin(stdin, input, tty));
     let status = {
         let out = &output;
@@ -92,8 +95,22 @@ pub async fn run(
         }
         status
     };
+    kill.0 = None;
     stdin_task.abort();
     output.exit(status).await;
+}
+
+struct KillOnDrop(Option<u32>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
 }
 
 struct Session {

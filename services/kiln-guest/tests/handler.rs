@@ -383,3 +383,69 @@ async fn a_call_over_its_timeout_is_a_timeout_error() {
     }
     assert!(started.elapsed() < Duration::from_secs(3));
 }
+
+#[tokio::test]
+async fn an_abandoned_exec_session_kills_its_command() {
+    let rec = Recorder::default();
+    let guest = Arc::new(Guest::new(
+        Platform {
+            mounts: Box::new(rec.clone()),
+            net: Box::new(rec),
+            pid1: false,
+        },
+        Reaper::start().unwrap(),
+        false,
+    ));
+    let (host, chan) = tokio::io::duplex(1 << 16);
+    let server = tokio::spawn(serve(chan, guest, "test"));
+    let client = GuestClient::connect(host);
+    client.wait_ready(T).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let pidfile = dir.path().join("pid");
+    let mut s = client
+        .exec(ExecRequest {
+            command: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                format!(
+                    "echo $$ > {}; echo started; exec sleep 60",
+                    pidfile.display()
+                ),
+            ],
+            env: BTreeMap::new(),
+            tty: false,
+            size: None,
+            working_dir: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        s.output.next().await,
+        Some(ExecEvent::Stdout(Bytes::from_static(b"started\n")))
+    );
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // The host hangs up: the connection ends and the session with it.
+    drop(s);
+    drop(client);
+    tokio::time::timeout(T, server)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        if state.split_whitespace().nth(2) == Some("Z") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "exec command {pid} still running"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
