@@ -120,6 +120,9 @@ pub struct DevArgs {
     /// Seconds an idle on-demand instance is kept.
     #[arg(long, default_value_t = 300)]
     pub idle_timeout: u64,
+    /// Seconds the temporary credentials of functions with a role last.
+    #[arg(long, default_value_t = 3600)]
+    pub credentials_lifetime: u64,
 }
 
 #[derive(Debug, Args)]
@@ -254,6 +257,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 instance_subnet: args.instance_subnet.clone(),
                 rootfs_dir,
                 idle_timeout_s: args.idle_timeout,
+                credentials_lifetime_s: args.credentials_lifetime,
             })
             .await
         }

@@ -39,13 +39,14 @@ pub fn gateway(
 ) -> Result<kiln_gateway::GatewayConfig> {
     let public = pki.files("gateway");
     let text = format!(
-        "state_dir = {:?}\nregion = \"cn-hangzhou\"\nscheduler_url = {:?}\n\
+        "state_dir = {:?}\nregion = \"cn-hangzhou\"\nscheduler_url = {:?}\ncredentials_lifetime_s = {}\n\
          [public]\nlisten = {:?}\ncert = {:?}\nkey = {:?}\n\
          [internal]\nlisten = \"127.0.0.1:0\"\n\
          {}\
          [[bootstrap_keys]]\naccount_id = {:?}\naccess_key_id = {:?}\naccess_key_secret = {:?}\n",
         opts.state_dir.join("gateway"),
         scheduler_url,
+        opts.credentials_lifetime_s,
         opts.listen.to_string(),
         public.cert,
         public.key,

@@ -103,8 +103,11 @@ async fn initializer_runs_once_before_the_first_call_and_pre_stop_on_release() {
     let init_id = lines[0].split(' ').nth(1).unwrap();
     assert!(!init_id.is_empty(), "{lines:?}");
 
-    // A failing initializer fails the call with FC's InitializationError,
-    // and the next call tries a fresh instance (which fails the same way).
+    // A failing initializer fails the call as FC does: a function error
+    // (HTTP 200, x-fc-error-type UnhandledInitializationError) whose body
+    // names the InitializationError; the instance is discarded, so the
+    // next call tries a fresh one (which fails the same way), each with an
+    // initializer request id of its own.
     c.create_function(&json!({
         "functionName": "badinit",
         "runtime": "custom.debian12",
@@ -116,12 +119,36 @@ async fn initializer_runs_once_before_the_first_call_and_pre_stop_on_release() {
     }))
     .await
     .unwrap();
+    let mut init_ids = Vec::new();
     for _ in 0..2 {
         let r = c.invoke("badinit", Bytes::new(), &[]).await.unwrap();
         let body = String::from_utf8_lossy(&r.body).into_owned();
-        assert_ne!(r.status, 200, "{body}");
-        assert!(body.contains("InitializationError"), "{body}");
-        assert!(body.contains("500"), "{body}");
+        assert_eq!(r.status, 200, "{body}");
+        assert_eq!(
+            r.header("x-fc-error-type"),
+            Some("UnhandledInitializationError"),
+            "{body}"
+        );
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["errorType"], "InitializationError", "{body}");
+        let message = v["errorMessage"].as_str().unwrap();
+        assert!(message.contains("500"), "{body}");
+        let call_id = r.header("x-fc-request-id").unwrap().to_owned();
+        init_ids.push(call_id);
+    }
+    // Each failed initializer ran under a request id of its own (FC's
+    // `FC Initialize Start RequestId:` id), not the caller's.
+    let log = dev_log(&dev);
+    let init_lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("lifecycle hook failed") && l.contains("Initializer"))
+        .collect();
+    assert!(init_lines.len() >= 2, "{}", dev.log_tail());
+    for call_id in &init_ids {
+        assert!(
+            !init_lines.iter().any(|l| l.contains(call_id.as_str())),
+            "the initializer ran with the call's request id {call_id}"
+        );
     }
 
     // Deleting the function releases its instance: PreStop runs first.

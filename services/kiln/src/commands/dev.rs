@@ -21,6 +21,8 @@ pub struct DevOptions {
     /// Where runtime root filesystems are built and cached.
     pub rootfs_dir: Option<PathBuf>,
     pub idle_timeout_s: u64,
+    /// The gateway's `credentials_lifetime_s`.
+    pub credentials_lifetime_s: u64,
 }
 
 /// The dev account and key, kept across restarts so clients stay valid.

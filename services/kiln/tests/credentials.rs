@@ -1,0 +1,343 @@
+//! Temporary credentials end to end on `kiln dev` (runc sandboxes): a
+//! function with a role gets short-lived credentials for it in its
+//! environment and on every call; requests signed with them (token in
+//! `x-acs-security-token`, as the SDKs send STS credentials) may do what
+//! the role allows and nothing else, stop working when they expire, and
+//! are refreshed before that. Bad roles, policies and tokens get FC's
+//! error shape and change nothing.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use bytes::Bytes;
+use http::Method;
+use kiln::client::{ApiResponse, FcClient};
+use serde_json::{json, Value};
+
+use common::{example_zip, Dev};
+
+const LIFETIME_S: u64 = 8;
+
+fn b64(data: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(data)
+}
+
+/// One set of credentials as the function reported them.
+#[derive(Debug, Clone, PartialEq)]
+struct Creds {
+    id: String,
+    secret: String,
+    token: String,
+}
+
+impl Creds {
+    fn of(v: &Value) -> Creds {
+        let s = |k: &str| {
+            v[k].as_str()
+                .unwrap_or_else(|| panic!("{k} missing in {v}"))
+                .to_owned()
+        };
+        Creds {
+            id: s("accessKeyId"),
+            secret: s("accessKeySecret"),
+            token: s("securityToken"),
+        }
+    }
+}
+
+/// A client signing with temporary credentials (and `token` as the
+/// security token; usually the credentials' own).
+async fn sts_call(
+    dev: &Dev,
+    creds: &Creds,
+    token: &str,
+    method: Method,
+    path: &str,
+) -> ApiResponse {
+    let mut c = dev.creds.clone();
+    c.access_key_id = creds.id.clone();
+    c.access_key_secret = creds.secret.clone();
+    FcClient::new(c)
+        .unwrap()
+        .request(
+            method,
+            path,
+            &[],
+            &[
+                ("x-acs-security-token", token),
+                ("x-acs-accesskey-id", creds.id.as_str()),
+            ],
+            Bytes::new(),
+        )
+        .await
+        .unwrap()
+}
+
+fn code_of(r: &ApiResponse) -> String {
+    serde_json::from_slice::<Value>(&r.body)
+        .ok()
+        .and_then(|v| v["Code"].as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+async fn root(dev: &Dev, method: Method, path: &str, body: Value) -> ApiResponse {
+    let body = if body.is_null() {
+        Bytes::new()
+    } else {
+        Bytes::from(body.to_string())
+    };
+    dev.client()
+        .request(method, path, &[], &[], body)
+        .await
+        .unwrap()
+}
+
+/// Invoke the function and read the two credential sets it saw.
+async fn credentials_seen(dev: &Dev) -> (Creds, Creds) {
+    let r = dev
+        .client()
+        .invoke("sts-fn", Bytes::from_static(b"{}"), &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let v: Value = serde_json::from_slice(&r.body).unwrap();
+    (Creds::of(&v["env"]), Creds::of(&v["headers"]))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_uses_its_roles_temporary_credentials() {
+    if common::skip("a_function_uses_its_roles_temporary_credentials") {
+        return;
+    }
+    let lifetime = LIFETIME_S.to_string();
+    let dev = Dev::start_with(&["--credentials-lifetime", &lifetime]);
+    let c = dev.client();
+    let account = dev.creds.account_id.clone();
+
+    // Roles: bad names and policies are refused, and nothing is created.
+    let policy = json!({"Version": "1", "Statement": [
+        {"Effect": "Allow", "Action": ["fc:GetFunction", "fc:InvokeFunction"],
+         "Resource": "acs:fc:*:*:functions/sts-fn"}]});
+    for (path, body, needle) in [
+        (
+            "/2023-03-30/roles/bad%20name",
+            json!({"policy": policy}),
+            "roleName",
+        ),
+        (
+            "/2023-03-30/roles/self-reader",
+            json!({"policy": {"Version": "1", "Statement": [
+                {"Effect": "Allow", "Action": "ecs:*", "Resource": "*"}]}}),
+            "Action",
+        ),
+        (
+            "/2023-03-30/roles/self-reader",
+            json!({"policy": policy, "extra": 1}),
+            "unknown field",
+        ),
+    ] {
+        let r = root(&dev, Method::PUT, path, body).await;
+        assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(code_of(&r), "InvalidArgument");
+        assert!(String::from_utf8_lossy(&r.body).contains(needle));
+    }
+    let r = root(
+        &dev,
+        Method::GET,
+        "/2023-03-30/roles/self-reader",
+        Value::Null,
+    )
+    .await;
+    assert_eq!(
+        (r.status.as_u16(), code_of(&r).as_str()),
+        (404, "EntityNotExist.Role")
+    );
+
+    let r = root(
+        &dev,
+        Method::PUT,
+        "/2023-03-30/roles/Self-Reader",
+        json!({"description": "reads itself", "policy": policy}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let role: Value = serde_json::from_slice(&r.body).unwrap();
+    let arn = format!("acs:ram::{account}:role/self-reader");
+    assert_eq!(role["arn"], arn.as_str());
+    let r = root(&dev, Method::GET, "/2023-03-30/roles", Value::Null).await;
+    let listed: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(listed["roles"][0]["roleName"], "self-reader", "{listed}");
+
+    // A function's role: malformed, unknown or another account's is
+    // InvalidArgument and creates nothing.
+    let zip = example_zip("sts-python");
+    let function = |role: &str| {
+        json!({
+            "functionName": "sts-fn",
+            "runtime": "custom.debian12",
+            "handler": "index.handler",
+            "memorySize": 256,
+            "timeout": 10,
+            "role": role,
+            "customRuntimeConfig": {"command": ["python3", "server.py"], "port": 9000},
+            "code": {"zipFile": b64(&zip)},
+        })
+    };
+    for bad in [
+        "self-reader".to_owned(),
+        "acs:ram::x:role/self-reader".to_owned(),
+        format!("acs:ram::{account}:role/nobody"),
+        "acs:ram::999999:role/self-reader".to_owned(),
+    ] {
+        let err = c
+            .create_function(&function(&bad))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("InvalidArgument"), "{bad}: {err}");
+        assert!(
+            c.get_function("sts-fn").await.is_err(),
+            "{bad} created the function"
+        );
+    }
+    c.create_function(&function(&arn))
+        .await
+        .unwrap_or_else(|e| panic!("create failed: {e}\n{}", dev.log_tail()));
+    c.create_function(&json!({
+        "functionName": "other-fn",
+        "runtime": "custom.debian12",
+        "handler": "index.handler",
+        "customRuntimeConfig": {"command": ["python3", "server.py"]},
+        "code": {"zipFile": b64(&example_zip("hello-python"))},
+    }))
+    .await
+    .unwrap();
+    // A malformed role on update changes nothing.
+    let err = c
+        .update_function("sts-fn", &json!({"role": "acs:ram::1:nope"}))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("InvalidArgument"), "{err}");
+    assert_eq!(
+        c.get_function("sts-fn").await.unwrap()["role"],
+        arn.as_str()
+    );
+
+    // The instance has the credentials in its environment and on the call.
+    let issued_at = Instant::now();
+    let (env, headers) = credentials_seen(&dev).await;
+    assert!(env.id.starts_with("STS."), "{env:?}");
+    assert_eq!(env, headers, "first call: the start's credentials");
+
+    // Within the role: GetFunction on itself.
+    let me = "/2023-03-30/functions/sts-fn";
+    let r = sts_call(&dev, &env, &env.token, Method::GET, me).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    // Outside it: deleting itself, reading another function, listing.
+    let r = sts_call(&dev, &env, &env.token, Method::DELETE, me).await;
+    assert_eq!(
+        (r.status.as_u16(), code_of(&r).as_str()),
+        (403, "AccessDenied")
+    );
+    assert!(
+        c.get_function("sts-fn").await.is_ok(),
+        "refused delete deleted"
+    );
+    let r = sts_call(
+        &dev,
+        &env,
+        &env.token,
+        Method::GET,
+        "/2023-03-30/functions/other-fn",
+    )
+    .await;
+    assert_eq!(
+        (r.status.as_u16(), code_of(&r).as_str()),
+        (403, "AccessDenied")
+    );
+    let r = sts_call(&dev, &env, &env.token, Method::GET, "/2023-03-30/functions").await;
+    assert_eq!(
+        (r.status.as_u16(), code_of(&r).as_str()),
+        (403, "AccessDenied")
+    );
+    let r = sts_call(&dev, &env, &env.token, Method::GET, "/2023-03-30/roles").await;
+    assert_eq!(
+        (r.status.as_u16(), code_of(&r).as_str()),
+        (403, "AccessDenied")
+    );
+
+    // Forged or misused tokens.
+    let mut forged = env.token.clone().into_bytes();
+    let i = forged.len() - 3;
+    forged[i] = if forged[i] == b'A' { b'B' } else { b'A' };
+    let forged = String::from_utf8(forged).unwrap();
+    let r = sts_call(&dev, &env, &forged, Method::GET, me).await;
+    assert_eq!(
+        (r.status.as_u16(), code_of(&r).as_str()),
+        (403, "InvalidSecurityToken.Malformed")
+    );
+    let mut wrong_secret = env.clone();
+    wrong_secret.secret.push('x');
+    let r = sts_call(&dev, &wrong_secret, &env.token, Method::GET, me).await;
+    assert_eq!(
+        (r.status.as_u16(), code_of(&r).as_str()),
+        (403, "SignatureNotMatch")
+    );
+
+    // Refresh: before the start's credentials expire, calls carry new ones.
+    let deadline = issued_at + Duration::from_secs(LIFETIME_S + 4);
+    let fresh = loop {
+        let (_, h) = credentials_seen(&dev).await;
+        if h.id != env.id {
+            break h;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "credentials never refreshed\n{}",
+            dev.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(
+        issued_at.elapsed() < Duration::from_secs(LIFETIME_S),
+        "refreshed only after expiry"
+    );
+    let r = sts_call(&dev, &fresh, &fresh.token, Method::GET, me).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    // A genuine token presented with another key id.
+    let r = sts_call(&dev, &fresh, &env.token, Method::GET, me).await;
+    assert_eq!(
+        (r.status.as_u16(), code_of(&r).as_str()),
+        (403, "InvalidSecurityToken.MismatchWithAccessKey")
+    );
+
+    // Expiry: the environment's credentials stop working.
+    let expiry = issued_at + Duration::from_secs(LIFETIME_S + 1);
+    tokio::time::sleep(expiry.saturating_duration_since(Instant::now())).await;
+    let r = sts_call(&dev, &env, &env.token, Method::GET, me).await;
+    assert_eq!(
+        (r.status.as_u16(), code_of(&r).as_str()),
+        (403, "InvalidSecurityToken.Expired")
+    );
+
+    // Deleting the role revokes what was issued for it.
+    let (_, current) = credentials_seen(&dev).await;
+    let r = sts_call(&dev, &current, &current.token, Method::GET, me).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let r = root(
+        &dev,
+        Method::DELETE,
+        "/2023-03-30/roles/self-reader",
+        Value::Null,
+    )
+    .await;
+    assert_eq!(r.status, 204);
+    let r = sts_call(&dev, &current, &current.token, Method::GET, me).await;
+    assert_eq!(
+        (r.status.as_u16(), code_of(&r).as_str()),
+        (403, "AccessDenied")
+    );
+}
