@@ -99,7 +99,11 @@ pub async fn create(
 
 /// FC's `role`, when given: a role ARN of the caller's account naming an
 /// existing role (see [`crate::ram`]), or `""` for none.
-fn check_role(gw: &Gateway, caller: &Caller, parsed: &validate::ParsedInput) -> Result<(), FcError> {
+fn check_role(
+    gw: &Gateway,
+    caller: &Caller,
+    parsed: &validate::ParsedInput,
+) -> Result<(), FcError> {
     match parsed.extras.get("role") {
         None => Ok(()),
         Some(v) => gw.ram.check_function_role(&caller.account_id, v),

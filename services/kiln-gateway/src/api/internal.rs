@@ -99,10 +99,11 @@ async fn credentials(
     req: http::Request<Incoming>,
     request_id: &RequestId,
 ) -> Response<Body> {
-    let msg: kiln_internal_api::CredentialsRequest = match server::read_json(req.into_body(), 16 * 1024).await {
-        Ok(m) => m,
-        Err(e) => return server::error(&e, request_id.as_str()),
-    };
+    let msg: kiln_internal_api::CredentialsRequest =
+        match server::read_json(req.into_body(), 16 * 1024).await {
+            Ok(m) => m,
+            Err(e) => return server::error(&e, request_id.as_str()),
+        };
     match ram.issue(catalog, &msg) {
         Ok(c) => server::json(StatusCode::OK, &c),
         Err(e) => {
