@@ -487,3 +487,81 @@ async fn a_new_driver_removes_what_a_crashed_one_left() {
     };
     h.assert_nothing_left();
 }
+
+async fn read_all(mut r: kiln_sandbox::exec::ExecReader) -> String {
+    let mut s = String::new();
+    r.read_to_string(&mut s).await.unwrap();
+    s
+}
+
+#[tokio::test]
+async fn exec_runs_a_session_in_the_guest() {
+    use kiln_sandbox::ExecRequest;
+    let h = harness().await;
+    let req = h.request(RuntimeName::Custom);
+    h.driver.create(&req).await.unwrap();
+    let id = &req.instance_id;
+    let run = |command: &[&str], tty: bool, stdin: bool| ExecRequest {
+        command: command.iter().map(|s| s.to_string()).collect(),
+        tty,
+        stdin,
+    };
+
+    let mut p = h
+        .driver
+        .exec(id, &run(&["echo", "hi", "there"], false, false))
+        .await
+        .unwrap();
+    assert!(p.stdin.is_none());
+    assert_eq!(read_all(p.stdout).await, "hi there\n");
+    assert_eq!(read_all(p.stderr.take().unwrap()).await, "");
+    assert_eq!(p.child.wait().await.unwrap(), 0);
+
+    // stdin streams in, EOF closes it; stderr is its own stream.
+    let mut p = h
+        .driver
+        .exec(id, &run(&["cat"], false, true))
+        .await
+        .unwrap();
+    let mut stdin = p.stdin.take().unwrap();
+    stdin.write_all(b"line one\nline two\n").await.unwrap();
+    stdin.shutdown().await.unwrap();
+    drop(stdin);
+    assert_eq!(read_all(p.stdout).await, "line one\nline two\n");
+    assert_eq!(read_all(p.stderr.take().unwrap()).await, "bye\n");
+    assert_eq!(p.child.wait().await.unwrap(), 0);
+
+    // With a tty, stderr joins stdout.
+    let mut p = h
+        .driver
+        .exec(id, &run(&["cat"], true, false))
+        .await
+        .unwrap();
+    assert!(p.stderr.is_none());
+    assert_eq!(read_all(p.stdout).await, "bye\n");
+    assert_eq!(p.child.wait().await.unwrap(), 0);
+
+    let mut p = h
+        .driver
+        .exec(id, &run(&["exit", "3"], false, false))
+        .await
+        .unwrap();
+    assert_eq!(p.child.wait().await.unwrap(), 3);
+
+    let mut p = h
+        .driver
+        .exec(id, &run(&["sh"], false, false))
+        .await
+        .unwrap();
+    let err = p.child.wait().await.unwrap_err();
+    assert!(err.to_string().contains("no such command"), "{err}");
+
+    assert!(h.driver.exec(id, &run(&[], false, false)).await.is_err());
+    let unknown = InstanceId::generate();
+    assert!(matches!(
+        h.driver.exec(&unknown, &run(&["echo"], false, false)).await,
+        Err(SandboxError::NotFound(_))
+    ));
+    h.driver.destroy(id).await.unwrap();
+    h.assert_nothing_left();
+}

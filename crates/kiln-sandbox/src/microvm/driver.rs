@@ -1178,6 +1178,104 @@ fn cpu_milli(spec: &kiln_core::InstanceSpec) -> u32 {
     }
 }
 
+/// The exit code of a guest session, once it ends.
+struct GuestExecChild {
+    exit: Option<tokio::sync::oneshot::Receiver<Result<i32, String>>>,
+    pump: tokio::task::JoinHandle<()>,
+}
+
+#[async_trait::async_trait]
+impl crate::exec::ExecChild for GuestExecChild {
+    async fn wait(&mut self) -> Result<i32, SandboxError> {
+        let rx = self
+            .exit
+            .take()
+            .ok_or_else(|| SandboxError::Exec("the session was already waited for".into()))?;
+        match rx.await {
+            Ok(Ok(code)) => Ok(code),
+            Ok(Err(e)) => Err(SandboxError::Exec(e)),
+            Err(_) => Err(SandboxError::Exec("the session was abandoned".into())),
+        }
+    }
+
+    fn kill(&mut self) {
+        // Dropping the session's output stops reading it; the guest ends
+        // the command when its stdin closes.
+        self.pump.abort();
+    }
+}
+
+/// Bridge a guest exec session to pipes: stdin from the agent goes out in
+/// ExecStdin frames (EOF closes it), output frames come back as bytes.
+fn exec_process(
+    session: kiln_guest_proto::ExecSession,
+    req: &crate::exec::ExecRequest,
+) -> crate::exec::ExecProcess {
+    use kiln_guest_proto::ExecEvent;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const PIPE: usize = 64 * 1024;
+    let kiln_guest_proto::ExecSession { input, mut output } = session;
+    let stdin = if req.stdin {
+        let (agent_side, mut ours) = tokio::io::duplex(PIPE);
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; PIPE];
+            while let Ok(n) = ours.read(&mut buf).await {
+                if n == 0
+                    || input
+                        .stdin(bytes::Bytes::copy_from_slice(&buf[..n]))
+                        .await
+                        .is_err()
+                {
+                    break;
+                }
+            }
+            let _ = input.close_stdin().await;
+        });
+        Some(Box::new(agent_side) as crate::exec::ExecWriter)
+    } else {
+        tokio::spawn(async move {
+            let _ = input.close_stdin().await;
+        });
+        None
+    };
+    let (stdout_agent, mut stdout_ours) = tokio::io::duplex(PIPE);
+    let (stderr_agent, mut stderr_ours) = tokio::io::duplex(PIPE);
+    let tty = req.tty;
+    let (exit_tx, exit_rx) = tokio::sync::oneshot::channel();
+    let pump = tokio::spawn(async move {
+        let result = loop {
+            match output.next().await {
+                Some(ExecEvent::Stdout(b)) => {
+                    let _ = stdout_ours.write_all(&b).await;
+                }
+                Some(ExecEvent::Stderr(b)) if tty => {
+                    let _ = stdout_ours.write_all(&b).await;
+                }
+                Some(ExecEvent::Stderr(b)) => {
+                    let _ = stderr_ours.write_all(&b).await;
+                }
+                Some(ExecEvent::Exit(status)) => {
+                    break Ok(status.code.or(status.signal.map(|s| 128 + s)).unwrap_or(-1));
+                }
+                Some(ExecEvent::Error(e)) => break Err(format!("the guest: {e}")),
+                None => break Err("the session ended without an exit status".into()),
+            }
+        };
+        let _ = stdout_ours.shutdown().await;
+        let _ = stderr_ours.shutdown().await;
+        let _ = exit_tx.send(result);
+    });
+    crate::exec::ExecProcess {
+        stdin,
+        stdout: Box::new(stdout_agent),
+        stderr: (!tty).then(|| Box::new(stderr_agent) as crate::exec::ExecReader),
+        child: Box::new(GuestExecChild {
+            exit: Some(exit_rx),
+            pump,
+        }),
+    }
+}
+
 fn readonly_disk(path: &Path, id: &str) -> DiskConfig {
     DiskConfig {
         path: path.display().to_string(),
@@ -1261,6 +1359,35 @@ impl SandboxDriver for MicroVmDriver {
         }
         .instrument(span)
         .await
+    }
+
+    /// FC's InstanceExec: a session of the guest protocol, whose stdin,
+    /// stdout and stderr are presented as the byte streams the agent uses
+    /// for every backend.
+    async fn exec(
+        &self,
+        id: &InstanceId,
+        req: &crate::exec::ExecRequest,
+    ) -> Result<crate::exec::ExecProcess, SandboxError> {
+        req.validate()?;
+        let inst = self.inner.instance(id)?;
+        let guest = inst
+            .vm
+            .guest
+            .clone()
+            .ok_or_else(|| SandboxError::Exec("the guest is not connected".into()))?;
+        drop(inst);
+        let session = guest
+            .exec(kiln_guest_proto::ExecRequest {
+                command: req.command.clone(),
+                env: BTreeMap::new(),
+                tty: req.tty,
+                size: None,
+                working_dir: None,
+            })
+            .await
+            .map_err(|e| SandboxError::Exec(format!("the guest refused the session: {e}")))?;
+        Ok(exec_process(session, req))
     }
 
     async fn list(&self) -> Result<Vec<InstanceId>, SandboxError> {

@@ -34,8 +34,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use kiln_guest_proto::{
-    CallRequest, Configured, ErrorBody, ErrorCode, ExecInput, ExecRequest, ExecWriter, GuestConfig,
-    GuestHandler, LogLine, LogSender, LogStream, ResponseHead, ResponseWriter,
+    CallRequest, Configured, ErrorBody, ErrorCode, ExecInput, ExecRequest, ExecWriter, ExitStatus,
+    GuestConfig, GuestHandler, LogLine, LogSender, LogStream, ResponseHead, ResponseWriter,
 };
 
 use super::api::VmState;
@@ -154,18 +154,64 @@ impl GuestHandler for ToyGuest {
         }
     }
 
+    /// `echo ARGS...` prints its arguments; `cat` copies stdin to stdout
+    /// and says "bye" on stderr; `exit N` exits with N; anything else fails
+    /// to start (the fake guest has no shell).
     async fn exec(
         &self,
-        _request: ExecRequest,
-        _input: tokio::sync::mpsc::Receiver<ExecInput>,
+        request: ExecRequest,
+        mut input: tokio::sync::mpsc::Receiver<ExecInput>,
         output: ExecWriter,
     ) {
-        let _ = output
-            .error(ErrorBody::new(
-                ErrorCode::ExecFailed,
-                "the fake guest has no shell",
-            ))
-            .await;
+        let argv = request.command;
+        match argv.first().map(String::as_str) {
+            Some("echo") => {
+                let _ = output
+                    .stdout(Bytes::from(format!("{}\n", argv[1..].join(" "))))
+                    .await;
+                let _ = output
+                    .exit(ExitStatus {
+                        code: Some(0),
+                        signal: None,
+                    })
+                    .await;
+            }
+            Some("cat") => {
+                while let Some(item) = input.recv().await {
+                    match item {
+                        ExecInput::Stdin(data) => {
+                            let _ = output.stdout(data).await;
+                        }
+                        ExecInput::CloseStdin => break,
+                        ExecInput::Resize(_) => {}
+                    }
+                }
+                let _ = output.stderr(Bytes::from_static(b"bye\n")).await;
+                let _ = output
+                    .exit(ExitStatus {
+                        code: Some(0),
+                        signal: None,
+                    })
+                    .await;
+            }
+            Some("exit") => {
+                let code = argv.get(1).and_then(|c| c.parse().ok()).unwrap_or(1);
+                let _ = output
+                    .exit(ExitStatus {
+                        code: Some(code),
+                        signal: None,
+                    })
+                    .await;
+            }
+            _ => {
+                let _ = output
+                    .error(ErrorBody::new(
+                        ErrorCode::ExecFailed,
+                        format!("{argv:?}: no such command"),
+                    ))
+                    .await;
+            }
+        }
     }
 }
 
