@@ -247,6 +247,7 @@ async fn http_phase(dir: &std::path::Path, secs: u64, callers: usize, payload: &
         credentials_lifetime_s: 3600,
         async_queue: Default::default(),
         runtimes: Default::default(),
+        vpc_listener: None,
         bootstrap_keys: vec![BootstrapKey {
             account_id: "1000000000000001".parse().unwrap(),
             access_key_id: AK.into(),

@@ -60,6 +60,22 @@ pub struct GatewayConfig {
     /// listed are active. See [`crate::runtimes`].
     #[serde(default)]
     pub runtimes: Vec<crate::runtimes::RuntimeLifecycleConfig>,
+    /// A second public listener, reachable from VPCs only (`[vpc_listener]`):
+    /// it also serves functions that take calls only from their VPCs.
+    #[serde(default)]
+    pub vpc_listener: Option<VpcListener>,
+}
+
+/// `[vpc_listener]`: FC's API on an address only the listed VPCs reach.
+/// A call to a function comes through when the function is bound to one of
+/// `vpc_ids` (CreateVpcBinding).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VpcListener {
+    pub listen: SocketAddr,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub vpc_ids: Vec<String>,
 }
 
 /// The async dispatcher (`[async_queue]`); the queue itself is
@@ -168,6 +184,23 @@ impl GatewayConfig {
         if self.public.listen == self.internal.listen && self.public.listen.port() != 0 {
             return invalid("public and internal listeners must use different addresses".into());
         }
+        if let Some(v) = &self.vpc_listener {
+            if v.listen.port() != 0
+                && (v.listen == self.public.listen || v.listen == self.internal.listen)
+            {
+                return invalid(
+                    "vpc_listener must use an address of its own (not public's or internal's)"
+                        .into(),
+                );
+            }
+            if v.vpc_ids.is_empty() {
+                return invalid("vpc_listener.vpc_ids must name at least one VPC".into());
+            }
+            for id in &v.vpc_ids {
+                crate::validate::check_network_id("vpc_listener.vpc_ids", "vpc-", id)
+                    .map_err(|e| ConfigError::Invalid(e.message))?;
+            }
+        }
         let (lo, hi) = (crate::ram::LIFETIME_MIN_S, crate::ram::LIFETIME_MAX_S);
         if !(lo..=hi).contains(&self.credentials_lifetime_s) {
             return invalid(format!(
@@ -256,6 +289,35 @@ mod tests {
         assert_eq!(c.lease_hold_ms, 250);
         assert_eq!(c.credentials_lifetime_s, 3600);
         assert_eq!(c.async_queue.per_queue, 32);
+    }
+
+    #[test]
+    fn the_vpc_listener_is_optional_and_checked() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
+        let text = std::fs::read_to_string(path).unwrap();
+        assert_eq!(example().vpc_listener, None);
+        let with = format!(
+            "{text}\n[vpc_listener]\nlisten = \"10.0.0.11:8443\"\ncert = \"/c.pem\"\nkey = \"/k.pem\"\nvpc_ids = [\"vpc-a\"]\n"
+        );
+        let c: GatewayConfig = toml::from_str(&with).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.vpc_listener.as_ref().unwrap().vpc_ids, ["vpc-a"]);
+        let bad = |f: fn(&mut VpcListener)| {
+            let mut c = c.clone();
+            f(c.vpc_listener.as_mut().unwrap());
+            c.validate().unwrap_err().to_string()
+        };
+        assert!(bad(|v| v.vpc_ids.clear()).contains("vpc_ids"));
+        assert!(bad(|v| v.vpc_ids = vec!["a".into()]).contains("vpc_ids"));
+        let public = c.public.listen;
+        let mut same = c.clone();
+        same.vpc_listener.as_mut().unwrap().listen = public;
+        assert!(same
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("vpc_listener"));
+        assert!(toml::from_str::<GatewayConfig>(&format!("{with}bogus = 1\n")).is_err());
     }
 
     #[test]

@@ -76,6 +76,7 @@ pub struct GatewayHandle {
     public_addr: SocketAddr,
     internal_addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
+    vpc_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -97,6 +98,11 @@ impl GatewayHandle {
 
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
+    }
+
+    /// The VPC listener, when configured.
+    pub fn vpc_addr(&self) -> Option<SocketAddr> {
+        self.vpc_addr
     }
 
     /// Stop accepting connections and stop background tasks.
@@ -229,6 +235,17 @@ pub async fn start_with_clock(
         None => None,
     };
     let metrics_addr = metrics_l.as_ref().map(|l| l.local_addr().expect("bound"));
+    let vpc_l = match &config.vpc_listener {
+        Some(v) => Some((
+            bind("vpc", v.listen).await?,
+            kiln_pki::public_server_config(&v.cert, &v.key)?,
+            api::vpc::Listener::Vpc(Arc::new(v.vpc_ids.clone())),
+        )),
+        None => None,
+    };
+    let vpc_addr = vpc_l
+        .as_ref()
+        .map(|(l, _, _)| l.local_addr().expect("bound"));
 
     let (tx, rx) = watch::channel(false);
     let mut tasks = Vec::new();
@@ -238,6 +255,18 @@ pub async fn start_with_clock(
             public,
             public_tls,
             move |req, conn| api::handle(gw.clone(), req, conn),
+            stopped(rx.clone()),
+        )));
+    }
+    if let Some((listener, tls, marker)) = vpc_l {
+        let gw = gw.clone();
+        tasks.push(tokio::spawn(kiln_internal_api::server::serve_tls(
+            listener,
+            tls,
+            move |mut req: http::Request<hyper::body::Incoming>, conn| {
+                req.extensions_mut().insert(marker.clone());
+                api::handle(gw.clone(), req, conn)
+            },
             stopped(rx.clone()),
         )));
     }
@@ -256,11 +285,12 @@ pub async fn start_with_clock(
             stopped(rx.clone()),
         )));
     }
-    tracing::info!(%public_addr, %internal_addr, ?metrics_addr, region = %config.region, "gateway serving");
+    tracing::info!(%public_addr, %internal_addr, ?metrics_addr, ?vpc_addr, region = %config.region, "gateway serving");
     Ok(GatewayHandle {
         public_addr,
         internal_addr,
         metrics_addr,
+        vpc_addr,
         shutdown: tx,
         tasks,
     })

@@ -247,6 +247,8 @@ impl Function {
             extras: {
                 // FC returns internetAccess (default true) with every function.
                 let mut extras = c.extras.clone();
+                // ListVpcBindings returns those.
+                extras.remove(crate::api::vpc::BINDINGS_KEY);
                 extras
                     .entry("internetAccess".to_owned())
                     .or_insert(Value::Bool(true));

@@ -38,6 +38,8 @@ const ECHOED_FIELDS: &[&str] = &[
     // egress mode), kept here in FC's shape.
     "internetAccess",
     "vpcConfig",
+    // Checked by `check_network`, acted on by `crate::api::vpc`.
+    "disableURLInternet",
     "tags",
     "resourceGroupId",
     "disableInjectCredentials",
@@ -331,7 +333,7 @@ pub struct VpcConfig {
 
 /// A VPC resource id: its kind's prefix (`vpc-`, `vsw-`, `sg-`), then
 /// letters, digits, '-' or '_', at most [`NETWORK_ID_MAX`] in all.
-fn check_network_id(field: &str, prefix: &str, id: &str) -> Result<(), FcError> {
+pub(crate) fn check_network_id(field: &str, prefix: &str, id: &str) -> Result<(), FcError> {
     let ok = id.len() <= NETWORK_ID_MAX
         && id.strip_prefix(prefix).is_some_and(|rest| {
             !rest.is_empty()
@@ -357,6 +359,17 @@ fn check_network(extras: &mut BTreeMap<String, Value>) -> Result<(), FcError> {
         if !v.is_boolean() {
             return Err(bad("internetAccess must be a boolean"));
         }
+    }
+    match extras.get(crate::api::vpc::DISABLE_INTERNET_KEY) {
+        None | Some(Value::Bool(false)) => {}
+        Some(Value::Bool(true)) => {
+            if !extras.contains_key(crate::api::vpc::BINDINGS_KEY) {
+                return Err(bad(
+                    "disableURLInternet needs a VPC binding first (CreateVpcBinding): a function takes calls either from the internet or only from its VPCs",
+                ));
+            }
+        }
+        Some(_) => return Err(bad("disableURLInternet must be a boolean")),
     }
     let Some(v) = extras.get("vpcConfig") else {
         return Ok(());

@@ -216,6 +216,7 @@ fn config(
             ..Default::default()
         },
         runtimes: Default::default(),
+        vpc_listener: None,
         bootstrap_keys: vec![
             BootstrapKey {
                 account_id: ACCOUNT_A.parse().unwrap(),
@@ -1688,4 +1689,135 @@ async fn stopping_a_running_async_task_reclaims_its_instance() {
     a.call(Method::PUT, stop, vec![])
         .await
         .fc_error(400, "InvalidArgument");
+}
+
+#[tokio::test]
+async fn vpc_only_functions_are_served_on_their_vpc_listener_only() {
+    let mut env = Env::new().await;
+    // The gateway again, with a VPC listener serving vpc-b.
+    env.gateway.take().unwrap().shutdown().await;
+    let mut c = config(&env.state_dir, &env.pki, &env.scheduler_url, 0);
+    let public = env.pki.files("gateway");
+    c.vpc_listener = Some(kiln_gateway::config::VpcListener {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        cert: public.cert,
+        key: public.key,
+        vpc_ids: vec!["vpc-b".into()],
+    });
+    env.gateway = Some(kiln_gateway::start(c).await.unwrap());
+    let vpc_addr = env.gateway.as_ref().unwrap().vpc_addr().unwrap();
+    let a = env.client(AK_A, SK_A);
+    let v = Api::new(&env.pki, vpc_addr, AK_A, SK_A, false);
+    let bindings = "/2023-03-30/functions/f/vpc-bindings";
+    let bind = |id: &str| json!({ "vpcId": id }).to_string().into_bytes();
+    assert_eq!(
+        a.create(&function_doc("f", &app_zip())).await.status,
+        StatusCode::OK
+    );
+
+    // Internet access (FC's default): served on the internet listener,
+    // not on a VPC listener the function is not bound to.
+    assert_eq!(a.invoke("f", b"x", &[]).await.status, StatusCode::OK);
+    v.invoke("f", b"x", &[]).await.fc_error(403, "AccessDenied");
+
+    // Bad input changes nothing.
+    let before = a.get("f").await.json();
+    let update = |doc: Value| {
+        let a = &a;
+        async move {
+            a.call(
+                Method::PUT,
+                "/2023-03-30/functions/f",
+                doc.to_string().into_bytes(),
+            )
+            .await
+        }
+    };
+    let m = update(json!({"disableURLInternet": true}))
+        .await
+        .fc_error(400, "InvalidArgument");
+    assert!(m.contains("VPC binding"), "{m}");
+    update(json!({"disableURLInternet": "yes"}))
+        .await
+        .fc_error(400, "InvalidArgument");
+    for body in [
+        bind("b"),
+        bind("vpc-"),
+        bind("vpc-a/x"),
+        br#"{"vpcId":"vpc-a","zone":"z"}"#.to_vec(),
+        b"{".to_vec(),
+    ] {
+        a.call(Method::POST, bindings, body)
+            .await
+            .fc_error(400, "InvalidArgument");
+    }
+    a.call(Method::DELETE, &format!("{bindings}/vpc-a"), vec![])
+        .await
+        .fc_error(400, "InvalidArgument");
+    a.call(
+        Method::POST,
+        "/2023-03-30/functions/nope/vpc-bindings",
+        bind("vpc-a"),
+    )
+    .await
+    .fc_error(404, "FunctionNotFound");
+    assert_eq!(a.get("f").await.json(), before);
+    assert_eq!(
+        a.call(Method::GET, bindings, vec![]).await.json(),
+        json!({"vpcIds": []})
+    );
+
+    // VPC-only, bound to vpc-a: refused on the internet listener and on a
+    // listener for another VPC.
+    assert_eq!(
+        a.call(Method::POST, bindings, bind("vpc-a")).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        update(json!({"disableURLInternet": true})).await.status,
+        StatusCode::OK
+    );
+    let m = a.invoke("f", b"x", &[]).await.fc_error(403, "AccessDenied");
+    assert!(m.contains("VPC"), "{m}");
+    v.invoke("f", b"x", &[]).await.fc_error(403, "AccessDenied");
+
+    // Bound to vpc-b too: served on vpc-b's listener, still not on the
+    // internet's.
+    assert_eq!(
+        a.call(Method::POST, bindings, bind("vpc-b")).await.status,
+        StatusCode::OK
+    );
+    let r = v.invoke("f", b"from the vpc", &[]).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(&r.body[..], b"from the vpc");
+    a.invoke("f", b"x", &[]).await.fc_error(403, "AccessDenied");
+    assert_eq!(
+        a.call(Method::GET, bindings, vec![]).await.json(),
+        json!({"vpcIds": ["vpc-a", "vpc-b"]})
+    );
+    let f = a.get("f").await.json();
+    assert_eq!(f["disableURLInternet"], json!(true));
+    assert!(f.get("vpcBindings").is_none(), "{f}");
+
+    // The last binding of a VPC-only function stays.
+    let del = |id: &'static str| {
+        let a = &a;
+        async move {
+            a.call(Method::DELETE, &format!("{bindings}/{id}"), vec![])
+                .await
+        }
+    };
+    assert_eq!(del("vpc-a").await.status, StatusCode::NO_CONTENT);
+    del("vpc-b").await.fc_error(400, "InvalidArgument");
+    assert_eq!(
+        a.call(Method::GET, bindings, vec![]).await.json(),
+        json!({"vpcIds": ["vpc-b"]})
+    );
+    // Back to internet access: served on the internet listener again.
+    assert_eq!(
+        update(json!({"disableURLInternet": false})).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(a.invoke("f", b"x", &[]).await.status, StatusCode::OK);
+    assert_eq!(del("vpc-b").await.status, StatusCode::NO_CONTENT);
 }

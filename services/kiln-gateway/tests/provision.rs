@@ -81,7 +81,8 @@ impl Env {
             lease_hold_ms: 0,
             credentials_lifetime_s: 3600,
             async_queue: Default::default(),
-        runtimes: Default::default(),
+            runtimes: Default::default(),
+            vpc_listener: None,
             bootstrap_keys: vec![key(ACCOUNT_A, AK_A, SK_A), key(ACCOUNT_B, AK_B, SK_B)],
         })
         .await

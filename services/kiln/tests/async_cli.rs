@@ -112,6 +112,7 @@ async fn cli_invokes_async_and_manages_tasks() {
         credentials_lifetime_s: 3600,
         async_queue: Default::default(),
         runtimes: Default::default(),
+        vpc_listener: None,
         bootstrap_keys: vec![BootstrapKey {
             account_id: ACCOUNT.parse().unwrap(),
             access_key_id: AK.into(),

@@ -12,6 +12,7 @@ pub mod leases;
 pub mod logs;
 pub mod provision;
 pub mod roles;
+pub mod vpc;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -92,6 +93,9 @@ pub enum Operation {
     InstanceExec,
     /// Kiln extension: a function's logs (FC keeps them in SLS).
     GetFunctionLogs,
+    CreateVpcBinding,
+    DeleteVpcBinding,
+    ListVpcBindings,
 }
 
 impl Operation {
@@ -133,6 +137,9 @@ impl Operation {
             Self::ListInstances => "ListInstances",
             Self::InstanceExec => "InstanceExec",
             Self::GetFunctionLogs => "GetFunctionLogs",
+            Self::CreateVpcBinding => "CreateVpcBinding",
+            Self::DeleteVpcBinding => "DeleteVpcBinding",
+            Self::ListVpcBindings => "ListVpcBindings",
         }
     }
 }
@@ -300,6 +307,21 @@ const ROUTES: &[(Method, &str, Operation)] = &[
         "/2023-03-30/functions/{name}/logs",
         Operation::GetFunctionLogs,
     ),
+    (
+        Method::POST,
+        "/2023-03-30/functions/{name}/vpc-bindings",
+        Operation::CreateVpcBinding,
+    ),
+    (
+        Method::GET,
+        "/2023-03-30/functions/{name}/vpc-bindings",
+        Operation::ListVpcBindings,
+    ),
+    (
+        Method::DELETE,
+        "/2023-03-30/functions/{name}/vpc-bindings/{vpc}",
+        Operation::DeleteVpcBinding,
+    ),
 ];
 
 /// A matched route.
@@ -317,6 +339,8 @@ pub struct Route {
     pub role: Option<String>,
     /// `{instance}`: an instance id, percent-decoded.
     pub instance: Option<String>,
+    /// `{vpc}`: a VPC id, percent-decoded, checked by the VPC handlers.
+    pub vpc: Option<String>,
 }
 
 /// Match a request against [`ROUTES`].
@@ -330,7 +354,7 @@ pub fn route(method: &Method, path: &str) -> Result<Route, FcError> {
         }
         let mut name = None;
         let mut task = None;
-        let mut layer_params: [Option<&str>; 5] = [None; 5];
+        let mut layer_params: [Option<&str>; 6] = [None; 6];
         let matched = pat.iter().zip(&segments).all(|(p, s)| {
             if *p == "{name}" {
                 name = Some(*s);
@@ -338,9 +362,16 @@ pub fn route(method: &Method, path: &str) -> Result<Route, FcError> {
             } else if *p == "{task}" {
                 task = Some(*s);
                 !s.is_empty()
-            } else if let Some(i) = ["{layer}", "{version}", "{arn}", "{role}", "{instance}"]
-                .iter()
-                .position(|x| x == p)
+            } else if let Some(i) = [
+                "{layer}",
+                "{version}",
+                "{arn}",
+                "{role}",
+                "{instance}",
+                "{vpc}",
+            ]
+            .iter()
+            .position(|x| x == p)
             {
                 layer_params[i] = Some(*s);
                 !s.is_empty()
@@ -393,6 +424,7 @@ pub fn route(method: &Method, path: &str) -> Result<Route, FcError> {
             arn: decode(layer_params[2])?,
             role: decode(layer_params[3])?,
             instance: decode(layer_params[4])?,
+            vpc: decode(layer_params[5])?,
         });
     }
     if path_matched {
@@ -579,6 +611,10 @@ async fn dispatch(
     let layer = || route.layer.clone().expect("route has a layer name");
     let version = || route.version.clone().expect("route has a version");
     let role = || route.role.clone().expect("route has a role name");
+    if route.operation == Operation::InvokeFunction {
+        // VPC-only functions, and the listener the call came in on.
+        vpc::check_invoke(gw, &caller, &named(), &parts)?;
+    }
     match route.operation {
         Operation::CreateFunction => functions::create(gw, &caller, body).await,
         Operation::ListFunctions => functions::list(gw, &caller, &parts),
@@ -634,6 +670,12 @@ async fn dispatch(
             instances::exec(gw, &caller, &named(), &instance, parts).await
         }
         Operation::GetFunctionLogs => logs::get(gw, &caller, &named(), &parts).await,
+        Operation::CreateVpcBinding => vpc::create(gw, &caller, &named(), body).await,
+        Operation::ListVpcBindings => vpc::list(gw, &caller, &named()),
+        Operation::DeleteVpcBinding => {
+            let id = route.vpc.clone().expect("route has a VPC id");
+            vpc::delete(gw, &caller, &named(), &id).await
+        }
         Operation::PutRole => roles::put(gw, &caller, &role(), body).await,
         Operation::GetRole => roles::get(gw, &caller, &role()),
         Operation::DeleteRole => roles::delete(gw, &caller, &role()).await,

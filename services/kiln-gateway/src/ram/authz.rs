@@ -57,7 +57,10 @@ pub fn resource(region: &str, account: &AccountId, route: &Route) -> String {
         | Operation::ListConcurrencyConfigs
         | Operation::ListInstances
         | Operation::InstanceExec
-        | Operation::GetFunctionLogs => function(),
+        | Operation::GetFunctionLogs
+        | Operation::CreateVpcBinding
+        | Operation::DeleteVpcBinding
+        | Operation::ListVpcBindings => function(),
         Operation::CreateLayerVersion
         | Operation::GetLayerVersion
         | Operation::GetLayerVersionByArn
