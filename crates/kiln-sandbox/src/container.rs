@@ -14,7 +14,7 @@ use tracing::Instrument;
 use crate::bundle::{self, BundleParams};
 use crate::cgroup::{CgroupError, CgroupOps};
 use crate::config::ContainerConfig;
-use crate::disk::{DiskOps, LoopExt4};
+use crate::disk::{DiskOps, LoopExt4, RecordingDisk};
 use crate::driver::{Sandbox, SandboxDriver, SandboxError, SandboxRequest, SandboxStats};
 use crate::instance::{InstancePaths, InstanceRecord};
 use crate::mounts::{unmount_all_under, HostMounter, Mounter};
@@ -125,7 +125,8 @@ impl ContainerDriver {
             Arc::new(IpCommand::default()),
             Arc::new(HostMounter),
         )
-        .await?;
+        .await?
+        .with_disk(Arc::new(LoopExt4));
         match network {
             Some(network) => {
                 let isolation = NetIsolation::start(
@@ -173,7 +174,9 @@ impl ContainerDriver {
             net,
             mounter,
             cgroups: Arc::from(crate::cgroup::host()),
-            disk: Arc::new(LoopExt4),
+            // Mounts nothing: unit tests over fakes never mount on the
+            // host. `new` uses loop-mounted ext4.
+            disk: Arc::new(RecordingDisk::new()),
             boosts: Mutex::new(HashMap::new()),
             pool,
             isolation: None,
