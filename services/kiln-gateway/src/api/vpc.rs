@@ -232,8 +232,7 @@ mod tests {
             },
         )
         .unwrap();
-        c.extras
-            .extend(extras.as_object().unwrap().clone().into_iter());
+        c.extras.extend(extras.as_object().unwrap().clone());
         c
     }
 
