@@ -216,6 +216,7 @@ async fn the_driver_drives_the_real_vmm_and_leaves_nothing() {
         }
         Err(e) => {
             let msg = e.to_string();
+            eprintln!("create ended as expected without a running guest: {msg}");
             assert!(
                 msg.contains("did not report ready") || msg.contains("cannot start the function"),
                 "{msg}"
