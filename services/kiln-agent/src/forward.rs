@@ -1193,6 +1193,20 @@ mod invoke_tests {
     }
 
     #[tokio::test]
+    async fn an_instance_held_awake_is_not_frozen_until_released() {
+        let (s, _server) = freezing_setup().await;
+        s.invoke("one").await;
+        wait_frozen(&s, true).await;
+        let instance = s.manager.get(s.id.as_str()).unwrap();
+        let guard = s.manager.hold_awake(&instance).await.unwrap();
+        assert!(!s.driver.is_frozen(&s.id));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!s.driver.is_frozen(&s.id));
+        drop(guard);
+        wait_frozen(&s, true).await;
+    }
+
+    #[tokio::test]
     async fn a_call_killed_for_its_memory_gets_fcs_error_and_the_instance_is_replaced() {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();

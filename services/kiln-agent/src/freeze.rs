@@ -157,3 +157,34 @@ impl Freezer {
         self.metrics.forget_frozen(id);
     }
 }
+
+/// Keeps an instance awake for work that is not a call (an InstanceExec
+/// session): counted in flight, so no freeze can start, until dropped.
+pub struct AwakeGuard {
+    manager: Arc<crate::instances::InstanceManager>,
+    instance: Arc<Instance>,
+}
+
+impl Drop for AwakeGuard {
+    fn drop(&mut self) {
+        self.instance.leave(self.manager.clock.now_ms());
+        self.manager.freezer.after_call(&self.instance);
+    }
+}
+
+impl crate::instances::InstanceManager {
+    /// Thaw `instance` if it is frozen and keep it from being frozen while
+    /// the guard lives (move the guard into whatever runs the session).
+    pub async fn hold_awake(
+        self: &Arc<Self>,
+        instance: &Arc<Instance>,
+    ) -> Result<AwakeGuard, SandboxError> {
+        instance.enter(self.clock.now_ms());
+        let guard = AwakeGuard {
+            manager: self.clone(),
+            instance: instance.clone(),
+        };
+        self.freezer.before_call(&instance.id).await?;
+        Ok(guard)
+    }
+}
