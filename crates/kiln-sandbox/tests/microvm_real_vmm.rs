@@ -158,6 +158,27 @@ async fn the_real_vmm_accepts_every_call_the_client_makes() {
     assert_eq!(client.info().await.unwrap().state, VmState::Created);
     client.boot().await.unwrap();
     assert_eq!(client.info().await.unwrap().state, VmState::Running);
+    // The pool hot-plugs code and scratch disks into a running VM.
+    let image = dir.path().join("code.erofs");
+    std::fs::create_dir_all(dir.path().join("code")).unwrap();
+    std::fs::write(dir.path().join("code/f"), b"x").unwrap();
+    let out = Command::new("mkfs.erofs")
+        .arg(&image)
+        .arg(dir.path().join("code"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let added = client
+        .add_disk(&kiln_sandbox::microvm::api::DiskConfig {
+            path: image.display().to_string(),
+            readonly: Some(true),
+            id: Some("code".into()),
+            serial: Some("kiln-code".into()),
+            image_type: Some("Raw".into()),
+        })
+        .await
+        .unwrap();
+    assert_eq!(added.id, "code");
     client.pause().await.unwrap();
     assert_eq!(client.info().await.unwrap().state, VmState::Paused);
     client.resume().await.unwrap();

@@ -40,8 +40,10 @@ pub struct VmInfo {
     pub memory_actual_size: Option<i64>,
 }
 
-/// `GET /vm.counters`: device id -> counter name -> value.
-pub type VmCounters = BTreeMap<String, BTreeMap<String, i64>>;
+/// `GET /vm.counters`: device id -> counter name -> value. The description
+/// says int64, but cloud-hypervisor sends u64 values (a block device's
+/// minimum latency starts at u64::MAX), so they are read as u64.
+pub type VmCounters = BTreeMap<String, BTreeMap<String, u64>>;
 
 /// `PciDeviceInfo`: what a hot-plug answers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
