@@ -77,6 +77,23 @@ impl ExecChild for ProcessChild {
     }
 }
 
+/// A child whose session holds something to release when it ends.
+pub struct WithCleanup {
+    pub child: Box<dyn ExecChild>,
+    pub _guard: Box<dyn Send>,
+}
+
+#[async_trait::async_trait]
+impl ExecChild for WithCleanup {
+    async fn wait(&mut self) -> Result<i32, SandboxError> {
+        self.child.wait().await
+    }
+
+    fn kill(&mut self) {
+        self.child.kill();
+    }
+}
+
 /// Spawn `cmd` with the session's stdio: a new pseudo-terminal (the
 /// command gets its slave side as stdin, stdout and stderr) or pipes.
 pub fn spawn(

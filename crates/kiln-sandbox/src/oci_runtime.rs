@@ -306,20 +306,39 @@ impl OciRuntime for RuncCli {
         id: &str,
         req: &crate::exec::ExecRequest,
     ) -> Result<crate::exec::ExecProcess, OciRuntimeError> {
-        let mut cmd = Command::new(&self.binary);
-        // The process settings (user, capabilities, no_new_privileges,
-        // environment, cwd) come from the container's config.json.
-        cmd.arg("--root")
-            .arg(&self.root)
-            .arg("exec")
-            .arg(id)
-            .arg("--");
-        cmd.args(&req.command);
-        crate::exec::spawn(cmd, req).map_err(|e| OciRuntimeError::Failed {
+        let failed = |message: String| OciRuntimeError::Failed {
             command: "exec",
             id: id.to_owned(),
-            message: e.to_string(),
-        })
+            message,
+        };
+        // runc 1.1 joins the container's user namespace before its network
+        // namespace, which belongs to the host's user namespace, and fails
+        // there (EPERM). So runc runs already inside the network namespace,
+        // from a private copy of the container's state that leaves the
+        // network namespace out; everything else (user, mount, PID, IPC,
+        // UTS, cgroup namespaces, the cgroup, seccomp, capabilities, the
+        // process user from config.json) is runc's own exec.
+        let state_path = self.root.join(id).join("state.json");
+        let raw = std::fs::read(&state_path)
+            .map_err(|e| failed(format!("cannot read {}: {e}", state_path.display())))?;
+        let (pid, state) = exec_state(&raw).map_err(failed)?;
+        let exec_root = ExecRoot::create(&self.root, id, &state).map_err(failed)?;
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/proc/{pid}/ns/net"))
+            .arg("--")
+            .arg(&self.binary)
+            .arg("--root")
+            .arg(exec_root.path())
+            .arg("exec")
+            // Everything after the id is the command, flags included.
+            .arg(id);
+        cmd.args(&req.command);
+        let mut process = crate::exec::spawn(cmd, req).map_err(|e| failed(e.to_string()))?;
+        process.child = Box::new(crate::exec::WithCleanup {
+            child: process.child,
+            _guard: Box::new(exec_root),
+        });
+        Ok(process)
     }
 
     async fn list(&self) -> Result<Vec<ContainerState>, OciRuntimeError> {
@@ -540,5 +559,95 @@ mod tests {
         let cli = RuncCli::new("/nonexistent/runc".into(), "/nonexistent/root".into());
         let err = cli.state("x").await.unwrap_err();
         assert!(err.to_string().contains("/nonexistent/runc"), "{err}");
+    }
+}
+
+/// The container's init pid and its runc state without the network
+/// namespace (see `RuncCli::exec`).
+fn exec_state(raw: &[u8]) -> Result<(u32, serde_json::Value), String> {
+    let mut state: serde_json::Value =
+        serde_json::from_slice(raw).map_err(|e| format!("unreadable runc state: {e}"))?;
+    let pid = state
+        .get("init_process_pid")
+        .and_then(serde_json::Value::as_u64)
+        .filter(|p| *p > 0)
+        .ok_or("the runc state has no init pid")? as u32;
+    let namespaces = state
+        .pointer_mut("/config/namespaces")
+        .and_then(serde_json::Value::as_array_mut)
+        .ok_or("the runc state has no namespaces")?;
+    namespaces.retain(|n| n.get("type").and_then(serde_json::Value::as_str) != Some("NEWNET"));
+    if let Some(paths) = state
+        .get_mut("namespace_paths")
+        .and_then(serde_json::Value::as_object_mut)
+    {
+        paths.remove("NEWNET");
+    }
+    Ok((pid, state))
+}
+
+/// A private runc root holding one container's state for one exec;
+/// removed when the session ends.
+struct ExecRoot {
+    dir: PathBuf,
+}
+
+impl ExecRoot {
+    fn create(root: &Path, id: &str, state: &serde_json::Value) -> Result<Self, String> {
+        let n: u64 = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        let name = format!(
+            "{}-exec-{}-{n:x}",
+            root.file_name().and_then(|f| f.to_str()).unwrap_or("runc"),
+            std::process::id()
+        );
+        let dir = root.with_file_name(name);
+        let container = dir.join(id);
+        std::fs::create_dir_all(&container)
+            .map_err(|e| format!("cannot create {}: {e}", container.display()))?;
+        let this = Self { dir };
+        std::fs::write(
+            container.join("state.json"),
+            serde_json::to_vec(state).expect("state serialises"),
+        )
+        .map_err(|e| format!("cannot write the exec state: {e}"))?;
+        Ok(this)
+    }
+
+    fn path(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for ExecRoot {
+    fn drop(&mut self) {
+        // Plain files only: never anything mounted.
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[cfg(test)]
+mod exec_state_tests {
+    use super::*;
+
+    #[test]
+    fn the_exec_state_leaves_the_network_namespace_out() {
+        let raw = br#"{"id":"k-1","init_process_pid":42,
+            "config":{"namespaces":[{"type":"NEWUSER"},{"type":"NEWNET","path":"/run/netns/x"},{"type":"NEWPID"}]},
+            "namespace_paths":{"NEWNET":"/proc/42/ns/net","NEWPID":"/proc/42/ns/pid"}}"#;
+        let (pid, state) = exec_state(raw).unwrap();
+        assert_eq!(pid, 42);
+        let types: Vec<&str> = state["config"]["namespaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["type"].as_str().unwrap())
+            .collect();
+        assert_eq!(types, ["NEWUSER", "NEWPID"]);
+        assert!(state["namespace_paths"].get("NEWNET").is_none());
+        assert!(exec_state(b"{}").is_err());
+        assert!(exec_state(br#"{"init_process_pid":0,"config":{"namespaces":[]}}"#).is_err());
     }
 }
