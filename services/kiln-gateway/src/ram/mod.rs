@@ -303,7 +303,202 @@ impl Ram {
 
 #[cfg(test)]
 mod tests {
+    use kiln_core::{InstanceId, ManualClock};
+    use serde_json::json;
+
     use super::*;
+    use crate::store::{CodeFiles, SqliteStore};
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        catalog: Catalog,
+        ram: Ram,
+        clock: ManualClock,
+    }
+
+    async fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(&dir.path().join("gateway.db")).unwrap());
+        let catalog = Catalog::open(
+            store.clone(),
+            CodeFiles::new(dir.path().join("code")).unwrap(),
+        )
+        .await
+        .unwrap();
+        let clock = ManualClock::new(1_000_000);
+        let ram = Ram::open(store, Sts::new([1; 32]), 60, Arc::new(clock.clone()))
+            .await
+            .unwrap();
+        Fixture {
+            _dir: dir,
+            catalog,
+            ram,
+            clock,
+        }
+    }
+
+    fn role(name: &str) -> RoleRecord {
+        RoleRecord {
+            account_id: "1".parse().unwrap(),
+            name: name.into(),
+            description: String::new(),
+            policy: Policy::parse(&json!({"Version": "1", "Statement": [
+                {"Effect": "Allow", "Action": "fc:GetFunction", "Resource": "*"}]}))
+            .unwrap(),
+            created_ms: 1,
+            modified_ms: 1,
+        }
+    }
+
+    fn request(role: &str) -> CredentialsRequest {
+        CredentialsRequest {
+            account_id: "1".parse().unwrap(),
+            function_name: "f".parse().unwrap(),
+            role: role.into(),
+            instance_id: InstanceId::generate(),
+        }
+    }
+
+    #[tokio::test]
+    async fn credentials_are_issued_only_for_the_functions_current_existing_role() {
+        let f = fixture().await;
+        let arn = "acs:ram::1:role/reader";
+        // No such function.
+        let e = f.ram.issue(&f.catalog, &request(arn)).unwrap_err();
+        assert_eq!(e.code, FcErrorCode::FunctionNotFound);
+
+        f.ram.put(role("reader")).await.unwrap();
+        let mut rec = crate::store::tests::record("1", "f", &"a".repeat(64));
+        rec.config
+            .extras
+            .insert("role".into(), json!("acs:ram::1:role/Reader"));
+        let digest = rec.config.code.sha256.clone();
+        f.catalog
+            .create(
+                rec,
+                Some(crate::catalog::NewCode {
+                    blob: crate::store::CodeBlob {
+                        sha256: digest,
+                        size: 3,
+                        checksum: "7".into(),
+                    },
+                    zip: b"zip".to_vec(),
+                }),
+            )
+            .await
+            .unwrap();
+        let entry = f
+            .catalog
+            .function(&"1".parse().unwrap(), &"f".parse().unwrap())
+            .unwrap();
+        assert_eq!(
+            entry.spec.role.as_deref(),
+            Some(arn),
+            "canonical, lower-case"
+        );
+
+        f.clock.set(2_000_000);
+        let c = f.ram.issue(&f.catalog, &request(arn)).unwrap();
+        assert_eq!(
+            c.expiration_ms,
+            2_000_000 + 60_000,
+            "the configured lifetime"
+        );
+        let s = f
+            .ram
+            .sts
+            .open(&c.security_token, &c.access_key_id, 2_000_001)
+            .unwrap();
+        assert_eq!((s.role.as_str(), s.function_name.as_str()), ("reader", "f"));
+
+        // A role the function no longer has.
+        let e = f
+            .ram
+            .issue(&f.catalog, &request("acs:ram::1:role/writer"))
+            .unwrap_err();
+        assert_eq!(e.code, FcErrorCode::AccessDenied);
+        // A deleted role.
+        assert!(f.ram.delete(&"1".parse().unwrap(), "READER").await.unwrap());
+        let e = f.ram.issue(&f.catalog, &request(arn)).unwrap_err();
+        assert_eq!(e.code, FcErrorCode::EntityNotExistRole);
+    }
+
+    #[tokio::test]
+    async fn authorization_follows_the_roles_policy_and_account_keys_do_everything() {
+        use http::Method;
+
+        use crate::auth::{Caller, Principal};
+        let f = fixture().await;
+        let mut r = role("reader");
+        r.policy = Policy::parse(&json!({"Version": "1", "Statement": [
+            {"Effect": "Allow", "Action": "fc:GetFunction",
+             "Resource": "acs:fc:*:*:functions/self"}]}))
+        .unwrap();
+        f.ram.put(r).await.unwrap();
+        let session = Session {
+            access_key_id: "STS.x".into(),
+            account_id: "1".parse().unwrap(),
+            role: "reader".into(),
+            function_name: "self".parse().unwrap(),
+            instance_id: "i".into(),
+            expiration_ms: u64::MAX,
+        };
+        let caller = |principal| Caller {
+            account_id: "1".parse().unwrap(),
+            access_key_id: "k".into(),
+            principal,
+        };
+        let as_role = caller(Principal::Role(Arc::new(session)));
+        let as_account = caller(Principal::Account);
+        let check = |c: &Caller, m: Method, p: &str| {
+            authz::authorize(&f.ram, "r", c, &crate::api::route(&m, p).unwrap())
+        };
+        assert!(check(&as_role, Method::GET, "/2023-03-30/functions/self").is_ok());
+        for (m, p) in [
+            (Method::DELETE, "/2023-03-30/functions/self"),
+            (Method::GET, "/2023-03-30/functions/other"),
+            (Method::GET, "/2023-03-30/functions"),
+            (Method::PUT, "/2023-03-30/roles/reader"),
+        ] {
+            let e = check(&as_role, m.clone(), p).unwrap_err();
+            assert_eq!(e.code, FcErrorCode::AccessDenied, "{m} {p}");
+            assert!(check(&as_account, m, p).is_ok());
+        }
+        // Deleting the role takes away what its credentials could do.
+        f.ram.delete(&"1".parse().unwrap(), "reader").await.unwrap();
+        let e = check(&as_role, Method::GET, "/2023-03-30/functions/self").unwrap_err();
+        assert_eq!(e.code, FcErrorCode::AccessDenied);
+    }
+
+    #[tokio::test]
+    async fn a_functions_role_must_be_an_existing_role_of_its_account() {
+        let f = fixture().await;
+        f.ram.put(role("reader")).await.unwrap();
+        let a: AccountId = "1".parse().unwrap();
+        let check = |v: serde_json::Value| f.ram.check_function_role(&a, &v);
+        assert!(check(json!("acs:ram::1:role/reader")).is_ok());
+        assert!(check(json!("acs:ram::1:role/READER")).is_ok());
+        assert!(check(json!("")).is_ok(), "no role");
+        for bad in [
+            json!(7),
+            json!("reader"),
+            json!("acs:ram::1:role/nobody"),
+            json!("acs:ram::2:role/reader"),
+        ] {
+            let e = check(bad.clone()).unwrap_err();
+            assert_eq!(e.code, FcErrorCode::InvalidArgument, "{bad}");
+        }
+        // Listing pages by name.
+        f.ram.put(role("reader2")).await.unwrap();
+        f.ram.put(role("writer")).await.unwrap();
+        let (page, more) = f.ram.list(&a, "read", None, 1);
+        assert_eq!((page[0].name.as_str(), more), ("reader", true));
+        let (page, more) = f.ram.list(&a, "read", Some("reader"), 5);
+        assert_eq!(
+            (page.len(), page[0].name.as_str(), more),
+            (1, "reader2", false)
+        );
+    }
 
     #[test]
     fn role_arns_parse_strictly() {
