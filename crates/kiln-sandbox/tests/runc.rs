@@ -422,7 +422,8 @@ fn debian12_instance_is_isolated_and_leaves_nothing() {
             .state()
             .join("instances")
             .join(req.instance_id.as_str());
-        assert!(instance_dir.join("upper/written.txt").exists());
+        // The upper layer lives on the instance's size-limited disk.
+        assert!(instance_dir.join("disk/upper/written.txt").exists());
         assert!(!Path::new(&format!("/tmp/{marker}-written.txt")).exists());
         let rootfs = driver.rootfs_dir().join("custom.debian12");
         assert!(!rootfs.join("etc/kiln-probe").exists());
