@@ -12,6 +12,10 @@ Extra behaviour used by Kiln's tests, driven by the request body:
   {"write": "/tmp/x"}   write a file and report whether it worked
   {"alloc": 400}        touch 400 MB of memory (beyond the limit: the
                         instance is killed)
+  {"log": 5, "every": 0.1}
+                        print 5 log lines, 0.1 s apart, each carrying the
+                        call's request id as FC's runtime loggers do
+                        (`<time> <requestId> [INFO] ...`)
   {"hooks": true}       record this call in /tmp/hooks.log and answer the
                         log's lines: what the lifecycle hooks (POST /initialize,
                         GET /pre-stop) and such calls did, in order
@@ -81,6 +85,11 @@ class Handler(BaseHTTPRequestHandler):
         if event.get("hooks"):
             record("invoke", request_id)
             return self._answer(200, {"hooks": recorded()})
+        if event.get("log"):
+            for n in range(int(event["log"])):
+                stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+                print(f"{stamp} {request_id} [INFO] line {n} of {event['log']}", flush=True)
+                time.sleep(float(event.get("every", 0)))
         if event.get("sleep"):
             time.sleep(float(event["sleep"]))
         if event.get("crash"):

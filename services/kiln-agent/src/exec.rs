@@ -62,10 +62,14 @@ pub async fn serve(
         Ok(i) => return error(&not_found(i.id.as_str()), rid),
         Err(id) => return error(&not_found(&id), rid),
     };
-    // An idle instance may be frozen; a session needs it running.
-    if let Err(e) = manager.driver.thaw(&instance.id).await {
-        tracing::debug!(instance_id = %instance.id, error = %e, "thaw before exec failed");
-    }
+    // An idle instance may be frozen; a session keeps it running.
+    let awake = match manager.hold_awake(&instance).await {
+        Ok(guard) => guard,
+        Err(e) => {
+            tracing::warn!(instance_id = %instance.id, error = %e, "cannot thaw for exec");
+            return error(&FcError::internal(e.to_string()), rid);
+        }
+    };
     let command = shell_words(&start.command);
     instance.log.event(&format!(
         "Exec session started: principal {}, instance {}, command {command}, tty {}",
@@ -98,6 +102,11 @@ pub async fn serve(
             };
             for (channel, payload) in frames {
                 if channel != exec_frame::STDIN {
+                    continue;
+                }
+                // An empty stdin frame is the caller's end of input.
+                if payload.is_empty() {
+                    stdin = None;
                     continue;
                 }
                 if let Some(w) = stdin.as_mut() {
@@ -141,6 +150,7 @@ pub async fn serve(
     let log = instance.log.clone();
     let id = instance.id.clone();
     tokio::spawn(async move {
+        let _awake = awake;
         let status = tokio::select! {
             code = child.wait() => code,
             _ = tx.closed() => {

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use clap::{Args, Parser, Subcommand};
 
 use crate::client::FcClient;
-use crate::commands::{bench, dev, functions, nodes, runtimes, tasks};
+use crate::commands::{bench, dev, functions, nodes, observe, runtimes, tasks};
 use crate::credentials::{self, Credentials};
 
 #[derive(Debug, Parser)]
@@ -48,6 +48,37 @@ pub enum Command {
     /// Show or change an account's quotas and throttles (needs the
     /// cluster's certificates: `kiln dev`'s state directory).
     Limits(LimitsArgs),
+    /// Print a function's logs (each line with its instance and request id).
+    Logs {
+        function: String,
+        /// Only the lines of this call.
+        #[arg(long)]
+        request_id: Option<String>,
+        /// Keep printing new lines as they come.
+        #[arg(long, short)]
+        follow: bool,
+        /// At most this many lines (the last ones; default 1000).
+        #[arg(long)]
+        limit: Option<u32>,
+    },
+    /// List a function's live instances (FC's ListInstances).
+    Instances {
+        function: String,
+        /// Print the gateway's JSON answer.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a command inside a live instance (FC's InstanceExec); with -t,
+    /// in a terminal (an interactive shell: `kiln exec -t F I -- /bin/sh`).
+    Exec {
+        function: String,
+        instance: String,
+        /// Give the command a terminal.
+        #[arg(long, short)]
+        tty: bool,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
     /// List the runtimes and where each is in its end of support.
     Runtimes {
         /// Print the gateway's JSON answer.
@@ -373,6 +404,36 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::Bench(args) => bench::run(args).await,
         Command::Runtimes { json } => runtimes::run(&client(&cli)?, *json).await,
+        Command::Logs {
+            function,
+            request_id,
+            follow,
+            limit,
+        } => {
+            observe::logs(
+                &client(&cli)?,
+                function,
+                request_id.as_deref(),
+                *follow,
+                *limit,
+            )
+            .await
+        }
+        Command::Instances { function, json } => {
+            observe::instances(&client(&cli)?, function, *json).await
+        }
+        Command::Exec {
+            function,
+            instance,
+            tty,
+            command,
+        } => {
+            let code = observe::exec(&client(&cli)?, function, instance, command, *tty).await?;
+            if code != 0 {
+                std::process::exit(code);
+            }
+            Ok(())
+        }
         Command::Limits(args) => {
             let state_dir = match &args.state_dir {
                 Some(d) => d.clone(),

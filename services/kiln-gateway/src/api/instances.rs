@@ -9,7 +9,8 @@
 //! `stderr`, `tty` query parameters) is a WebSocket upgrade. Binary
 //! messages carry one channel byte and the payload: 0 stdin (client to
 //! server), 1 stdout, 2 stderr, 3 status (JSON `{"exitCode": n}` or
-//! `{"error": "..."}`, then the server closes). The gateway bridges the
+//! `{"error": "..."}`, then the server closes); a stdin message with no
+//! payload ends the command's input. The gateway bridges the
 //! WebSocket to the instance's agent (`POST /v1/instances/{id}/exec`, a
 //! full-duplex HTTP/2 stream of `exec_frame`s), which runs the command in
 //! the instance and audits the session in the function's log.

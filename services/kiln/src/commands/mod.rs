@@ -2,5 +2,6 @@ pub mod bench;
 pub mod dev;
 pub mod functions;
 pub mod nodes;
+pub mod observe;
 pub mod runtimes;
 pub mod tasks;
