@@ -129,14 +129,22 @@ impl ContainerDriver {
         .with_disk(Arc::new(LoopExt4));
         match network {
             Some(network) => {
-                let isolation = NetIsolation::start(
+                let started = NetIsolation::start(
                     &driver.config.name_prefix,
                     network,
                     Arc::new(SystemCommands),
                 )
-                .await
-                .map_err(isolation_err)?;
-                Ok(driver.with_net_isolation(Arc::new(isolation)))
+                .await;
+                match started {
+                    Ok(isolation) => Ok(driver.with_net_isolation(Arc::new(isolation))),
+                    Err(e) => {
+                        // Stop the pool refill and drop its namespaces.
+                        if let Err(drain) = driver.shutdown().await {
+                            tracing::warn!(error = %drain, "cannot drain the namespace pool");
+                        }
+                        Err(isolation_err(e))
+                    }
+                }
             }
             None => Ok(driver),
         }
