@@ -74,6 +74,14 @@ impl CredentialSource for GatewayCredentialSource {
     }
 }
 
+/// FC's three credential headers for `creds` (none if a value is not a
+/// valid header value, which the gateway never issues).
+pub fn headers(creds: &TemporaryCredentials) -> Vec<(HeaderName, HeaderValue)> {
+    Current::new(creds.clone())
+        .map(|c| c.headers.to_vec())
+        .unwrap_or_default()
+}
+
 /// One set of credentials with its header values made once.
 struct Current {
     creds: TemporaryCredentials,
@@ -136,6 +144,11 @@ impl InstanceCredentials {
                 headers.insert(n.clone(), v.clone());
             }
         }
+    }
+
+    /// The current credential headers (for the lifecycle hooks).
+    pub fn header_pairs(&self) -> Vec<(HeaderName, HeaderValue)> {
+        self.get().map(|c| c.headers.to_vec()).unwrap_or_default()
     }
 
     /// The current access key id (for logs and tests).
@@ -342,24 +355,33 @@ mod tests {
 
         use crate::testing::{manager, sample_spec, serve_http1, FakeCodeSource, FakeDriver};
 
-        // The runtime answers with the credential headers it was given.
+        // The runtime answers with the credential headers it was given,
+        // and records the key id each path saw.
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let runtime = l.local_addr().unwrap();
-        serve_http1(l, |req: http::Request<hyper::body::Incoming>| async move {
-            let h = |n: &str| {
-                req.headers()
-                    .get(n)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("")
-                    .to_owned()
-            };
-            let body = format!(
-                "{} {} {}",
-                h("x-fc-access-key-id"),
-                h("x-fc-access-key-secret"),
-                h("x-fc-security-token")
-            );
-            http::Response::new(full(body))
+        let seen = Arc::new(Mutex::new(Vec::<(String, String)>::new()));
+        let s = seen.clone();
+        serve_http1(l, move |req: http::Request<hyper::body::Incoming>| {
+            let s = s.clone();
+            async move {
+                let h = |n: &str| {
+                    req.headers()
+                        .get(n)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_owned()
+                };
+                s.lock()
+                    .unwrap()
+                    .push((req.uri().path().to_owned(), h("x-fc-access-key-id")));
+                let body = format!(
+                    "{} {} {}",
+                    h("x-fc-access-key-id"),
+                    h("x-fc-access-key-secret"),
+                    h("x-fc-security-token")
+                );
+                http::Response::new(full(body))
+            }
         });
         let dir = tempfile::tempdir().unwrap();
         let driver = Arc::new(FakeDriver::at(runtime));
@@ -368,6 +390,14 @@ mod tests {
         let m = manager(dir.path(), driver.clone(), code);
         let mut spec = sample_spec(&digest, 9000);
         spec.role = Some("acs:ram::1234:role/reader".into());
+        let hook = |h: &str| {
+            Some(kiln_core::LifecycleHook {
+                handler: h.into(),
+                timeout_s: 2,
+            })
+        };
+        spec.initializer = hook("index.init");
+        spec.pre_stop = hook("index.stop");
         let spec = spec.seal();
         let create = |id: &InstanceId| CreateInstance {
             instance_id: id.clone(),
@@ -427,9 +457,18 @@ mod tests {
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"STS.0 secret-0 token-0");
 
-        // Destroying the instance stops its refresher.
+        // Destroying the instance stops its refresher; the hooks had the
+        // credentials too.
         m.destroy(&id).await.unwrap();
         assert!(m.get(id.as_str()).is_none());
+        let seen = seen.lock().unwrap().clone();
+        let key = |p: &str| {
+            seen.iter()
+                .find(|(path, _)| path == p)
+                .map(|(_, k)| k.clone())
+        };
+        assert_eq!(key("/initialize").as_deref(), Some("STS.0"), "{seen:?}");
+        assert_eq!(key("/pre-stop").as_deref(), Some("STS.0"), "{seen:?}");
     }
 
     #[test]

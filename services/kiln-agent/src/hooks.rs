@@ -33,11 +33,13 @@ const PRE_STOP: &str = "PreStop";
 const BODY_KEPT: usize = 512;
 
 /// Run the spec's initializer, if any. `Ok` when there is none.
+/// `credentials` are the instance's credential headers (none without a role).
 pub async fn initialize(
     endpoint: SocketAddr,
     spec: &InstanceSpec,
     region: Option<&HeaderValue>,
     request_id: &RequestId,
+    credentials: Vec<(HeaderName, HeaderValue)>,
 ) -> Result<(), HookError> {
     let Some(hook) = &spec.initializer else {
         return Ok(());
@@ -57,6 +59,7 @@ pub async fn initialize(
         ),
     ];
     extra.extend(region.map(|r| (HeaderName::from_static("x-fc-region"), r.clone())));
+    extra.extend(credentials);
     run(
         INITIALIZE,
         endpoint,
@@ -75,6 +78,7 @@ pub async fn pre_stop(
     endpoint: SocketAddr,
     spec: &InstanceSpec,
     region: Option<&HeaderValue>,
+    credentials: Vec<(HeaderName, HeaderValue)>,
 ) -> Result<(), HookError> {
     let Some(hook) = &spec.pre_stop else {
         return Ok(());
@@ -90,6 +94,7 @@ pub async fn pre_stop(
         ),
     ];
     extra.extend(region.map(|r| (HeaderName::from_static("x-fc-region"), r.clone())));
+    extra.extend(credentials);
     run(
         PRE_STOP,
         endpoint,

@@ -530,8 +530,18 @@ impl InstanceManager {
         let result = match result {
             Ok((endpoint, log_path)) => {
                 let request_id = kiln_core::RequestId::generate();
-                match crate::hooks::initialize(endpoint, &spec, self.region.as_ref(), &request_id)
-                    .await
+                let creds = credentials
+                    .as_ref()
+                    .map(|f| crate::credentials::headers(&f.creds))
+                    .unwrap_or_default();
+                match crate::hooks::initialize(
+                    endpoint,
+                    &spec,
+                    self.region.as_ref(),
+                    &request_id,
+                    creds,
+                )
+                .await
                 {
                     Ok(()) => Ok((endpoint, log_path)),
                     Err(e) => {
@@ -673,9 +683,14 @@ impl InstanceManager {
                         let region = self.region.clone();
                         let task = tokio::spawn(
                             async move {
-                                let _ =
-                                    crate::hooks::pre_stop(i.endpoint, &i.spec, region.as_ref())
-                                        .await;
+                                let creds = i.credentials.header_pairs();
+                                let _ = crate::hooks::pre_stop(
+                                    i.endpoint,
+                                    &i.spec,
+                                    region.as_ref(),
+                                    creds,
+                                )
+                                .await;
                                 driver.destroy(&i.id).await
                             }
                             .in_current_span(),
