@@ -324,6 +324,18 @@ fn egress_modes_take_effect_through_the_agent() {
         "{}",
         String::from_utf8_lossy(&tables.stdout)
     );
+    // Each instance's veth is shaped at the standard rate.
+    let qdiscs = Command::new("ip")
+        .args(["netns", "exec", &node, "tc", "qdisc", "show"])
+        .output()
+        .unwrap();
+    let qdiscs = String::from_utf8_lossy(&qdiscs.stdout);
+    assert!(
+        qdiscs.lines().any(|l| l.contains(&format!("dev {prefix}-"))
+            && l.contains("tbf")
+            && l.contains("100Mbit")),
+        "{qdiscs}"
+    );
     drop(services);
     assert!(common::netns_with_prefix(&prefix).is_empty());
 }
