@@ -75,6 +75,50 @@ async fn sts_call(
         .unwrap()
 }
 
+/// FC's official Python SDK (`KILN_FC_SDK_PYTHON`) configured with
+/// temporary credentials: GetFunction on itself works, DeleteFunction is
+/// refused with AccessDenied.
+fn official_sdk_with_sts(dev: &Dev, creds: &Creds) {
+    let Ok(python) = std::env::var("KILN_FC_SDK_PYTHON") else {
+        eprintln!(
+            "SKIPPED the official SDK part: set KILN_FC_SDK_PYTHON to a python with alibabacloud-fc20230330"
+        );
+        return;
+    };
+    let script = r#"
+import sys
+from alibabacloud_fc20230330 import models
+from alibabacloud_fc20230330.client import Client
+from alibabacloud_tea_openapi.utils_models import Config
+from Tea.exceptions import TeaException
+endpoint, ak, sk, token, ca = sys.argv[1:6]
+client = Client(Config(access_key_id=ak, access_key_secret=sk, security_token=token,
+                       endpoint=endpoint, protocol="https", ca=ca, region_id="cn-hangzhou"))
+got = client.get_function("sts-fn", models.GetFunctionRequest()).body
+assert got.function_name == "sts-fn", got.to_map()
+try:
+    client.delete_function("sts-fn")
+    raise AssertionError("DeleteFunction allowed")
+except TeaException as e:
+    assert e.code == "AccessDenied", (e.code, e.message)
+print("SDK with STS ok")
+"#;
+    let endpoint = dev.creds.endpoint.trim_start_matches("https://").to_owned();
+    let out = std::process::Command::new(python)
+        .arg("-c")
+        .arg(script)
+        .args([&endpoint, &creds.id, &creds.secret, &creds.token])
+        .arg(&dev.creds.ca_cert)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("SDK with STS ok"),
+        "SDK with STS failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn code_of(r: &ApiResponse) -> String {
     serde_json::from_slice::<Value>(&r.body)
         .ok()
@@ -268,6 +312,10 @@ async fn a_function_uses_its_roles_temporary_credentials() {
         (r.status.as_u16(), code_of(&r).as_str()),
         (403, "AccessDenied")
     );
+
+    // The official Python SDK with the same temporary credentials (it
+    // signs x-acs-security-token itself), when a virtualenv with it is given.
+    official_sdk_with_sts(&dev, &env);
 
     // Forged or misused tokens.
     let mut forged = env.token.clone().into_bytes();
