@@ -245,9 +245,25 @@ async fn create_invoke_freeze_thaw_destroy_in_the_documented_order() {
         "toy function /code/server listening\ntoy function /invoke called, request req-1\n"
     );
 
+    let stats = h.driver.stats(&req.instance_id).await.unwrap().unwrap();
+    assert_eq!(
+        (stats.net_rx_bytes, stats.net_tx_bytes),
+        (Some(1500), Some(700))
+    );
+    assert_eq!(stats.memory_limit_bytes, Some(256 << 20));
+    assert!(!stats.frozen);
+
     // Frozen, the guest answers nothing; thawed, it answers.
     h.driver.freeze(&req.instance_id).await.unwrap();
     h.driver.freeze(&req.instance_id).await.unwrap();
+    assert!(
+        h.driver
+            .stats(&req.instance_id)
+            .await
+            .unwrap()
+            .unwrap()
+            .frozen
+    );
     let endpoint = sb.endpoint;
     let pending = tokio::spawn(async move { invoke(endpoint, "later").await });
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -276,8 +292,12 @@ async fn create_invoke_freeze_thaw_destroy_in_the_documented_order() {
         [
             "vm.create 204",
             "vm.boot 204",
+            "vm.counters 200",
+            "vm.info 200",
             "vm.pause 204",
             "vm.pause 405",
+            "vm.counters 200",
+            "vm.info 200",
             "vm.resume 204",
             "vm.shutdown 204",
             "vm.delete 204",

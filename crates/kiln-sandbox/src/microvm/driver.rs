@@ -43,7 +43,7 @@ use super::host::{
 };
 use super::relay::Relay;
 use crate::bundle;
-use crate::driver::{Sandbox, SandboxDriver, SandboxError, SandboxRequest};
+use crate::driver::{Sandbox, SandboxDriver, SandboxError, SandboxRequest, SandboxStats};
 use crate::rootfs::rootfs_path;
 
 /// The guest's CID (any value >= 3; every VM has its own vsock device).
@@ -1313,6 +1313,37 @@ impl SandboxDriver for MicroVmDriver {
         let inst = self.inner.instance(id)?;
         Ok(inst.vm.exited().is_none()
             && inst.vm.guest.as_ref().is_some_and(|g| g.closed().is_none()))
+    }
+
+    /// What the VMM reports: the tap's traffic (`vm.counters` of `net0`),
+    /// the guest's memory and whether the VM is paused.
+    async fn stats(&self, id: &InstanceId) -> Result<Option<SandboxStats>, SandboxError> {
+        let inst = self.inner.instance(id)?;
+        let counters = inst
+            .vm
+            .client
+            .counters()
+            .await
+            .map_err(|e| Inner::api_failed(&inst.vm, "vm.counters", e))?;
+        let info = inst
+            .vm
+            .client
+            .info()
+            .await
+            .map_err(|e| Inner::api_failed(&inst.vm, "vm.info", e))?;
+        let net = counters.get("net0");
+        let configured = u64::from(inst.vm.key.memory_mb) << 20;
+        Ok(Some(SandboxStats {
+            memory_bytes: info
+                .memory_actual_size
+                .and_then(|m| u64::try_from(m).ok())
+                .unwrap_or(configured),
+            memory_limit_bytes: Some(configured),
+            net_rx_bytes: net.and_then(|n| n.get("rx_bytes").copied()),
+            net_tx_bytes: net.and_then(|n| n.get("tx_bytes").copied()),
+            frozen: info.state == super::api::VmState::Paused,
+            ..SandboxStats::default()
+        }))
     }
 
     async fn freeze(&self, id: &InstanceId) -> Result<(), SandboxError> {

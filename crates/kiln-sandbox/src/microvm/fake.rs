@@ -612,12 +612,40 @@ impl Fake {
                     Some(json!({"config": vm.config, "state": s})),
                 )
             }
-            ("vm.counters", Some(_)) => reply(
-                StatusCode::OK,
-                Some(
-                    json!({"_disk0": {"read_bytes": 4096, "write_bytes": 0}, "_net0": {"rx_bytes": 0, "tx_bytes": 0}}),
-                ),
-            ),
+            ("vm.counters", Some(_)) => {
+                // Per device id, as cloud-hypervisor answers: a disk's
+                // minimum latency starts at u64::MAX.
+                let vm = guard.as_ref().expect("created");
+                let mut counters = serde_json::Map::new();
+                let devices = |key: &str| {
+                    vm.config
+                        .get(key)
+                        .and_then(Value::as_array)
+                        .cloned()
+                        .unwrap_or_default()
+                };
+                for (i, d) in devices("disks").iter().enumerate() {
+                    let id = d
+                        .get("id")
+                        .and_then(Value::as_str)
+                        .map_or(format!("_disk{i}"), str::to_owned);
+                    counters.insert(
+                        id,
+                        json!({"read_bytes": 4096, "write_bytes": 0, "read_latency_min": u64::MAX}),
+                    );
+                }
+                for (i, n) in devices("net").iter().enumerate() {
+                    let id = n
+                        .get("id")
+                        .and_then(Value::as_str)
+                        .map_or(format!("_net{i}"), str::to_owned);
+                    counters.insert(
+                        id,
+                        json!({"rx_bytes": 1500 * (i + 1), "tx_bytes": 700 * (i + 1)}),
+                    );
+                }
+                reply(StatusCode::OK, Some(Value::Object(counters)))
+            }
             ("vm.boot", Some(Created | Shutdown)) => {
                 let vm = guard.as_mut().expect("created");
                 if let Err(e) = check_files(&vm.config) {
