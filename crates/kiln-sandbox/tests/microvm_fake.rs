@@ -585,3 +585,26 @@ async fn exec_runs_a_session_in_the_guest() {
     h.driver.destroy(id).await.unwrap();
     h.assert_nothing_left();
 }
+
+#[tokio::test]
+async fn a_vmm_that_dies_later_is_seen_and_cleaned_up() {
+    let h = harness().await;
+    let req = h.request(RuntimeName::Custom);
+    let sb = h.driver.create(&req).await.unwrap();
+    assert!(h.driver.is_running(&req.instance_id).await.unwrap());
+    let pid = nix::unistd::Pid::from_raw(sb.pid.unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+    let mut running = true;
+    for _ in 0..200 {
+        running = h.driver.is_running(&req.instance_id).await.unwrap();
+        if !running {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!running, "a dead VMM is reported running");
+    let err = h.driver.freeze(&req.instance_id).await.unwrap_err();
+    assert!(err.to_string().contains("exited"), "{err}");
+    h.driver.destroy(&req.instance_id).await.unwrap();
+    h.assert_nothing_left();
+}
