@@ -293,6 +293,82 @@ async fn logs_are_attributed_kept_and_served_and_exec_runs_inside_the_instance()
     );
     assert_eq!(instances(&c).await.len(), 1);
 
+    // Authorization by operation: temporary credentials of a role that may
+    // list instances but not exec are refused (AccessDenied) before
+    // anything starts; a role that may exec gets past authorization (to
+    // the WebSocket check, since this request does not upgrade).
+    let account = dev.creds.account_id.clone();
+    let role_creds = |name: &'static str, actions: Value| {
+        let c = c.clone();
+        let account = account.clone();
+        async move {
+            let policy = json!({"Version": "1", "Statement": [
+                {"Effect": "Allow", "Action": actions,
+                 "Resource": "acs:fc:*:*:functions/logged"}]});
+            let r = c
+                .request(
+                    Method::PUT,
+                    &format!("/2023-03-30/roles/{name}"),
+                    &[],
+                    &[],
+                    Bytes::from(json!({ "policy": policy }).to_string()),
+                )
+                .await
+                .unwrap();
+            assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+            let function = format!("{name}-fn");
+            c.create_function(&json!({
+                "functionName": function,
+                "runtime": "custom.debian12",
+                "handler": "index.handler",
+                "memorySize": 128,
+                "timeout": 10,
+                "role": format!("acs:ram::{account}:role/{name}"),
+                "customRuntimeConfig": {"command": ["python3", "server.py"], "port": 9000},
+                "code": {"zipFile": b64(&example_zip("sts-python"))},
+            }))
+            .await
+            .unwrap();
+            let r = c
+                .invoke(&function, Bytes::from_static(b"{}"), &[])
+                .await
+                .unwrap();
+            let v: Value = serde_json::from_slice(&r.body).unwrap();
+            let s = |k: &str| v["env"][k].as_str().unwrap().to_owned();
+            (s("accessKeyId"), s("accessKeySecret"), s("securityToken"))
+        }
+    };
+    let as_role = |creds: &(String, String, String), path: String| {
+        let mut k = dev.creds.clone();
+        k.access_key_id = creds.0.clone();
+        k.access_key_secret = creds.1.clone();
+        let token = creds.2.clone();
+        async move {
+            kiln::client::FcClient::new(k)
+                .unwrap()
+                .request(
+                    Method::GET,
+                    &path,
+                    &[("command", "ls")],
+                    &[("x-acs-security-token", token.as_str())],
+                    Bytes::new(),
+                )
+                .await
+                .unwrap()
+        }
+    };
+    let exec_path = format!("/2023-03-30/functions/logged/instances/{instance}/exec");
+    let lister = role_creds("lister", json!(["fc:ListInstances"])).await;
+    let r = as_role(&lister, "/2023-03-30/functions/logged/instances".into()).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let r = as_role(&lister, exec_path.clone()).await;
+    assert_eq!(r.status, 403, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json().unwrap()["Code"], "AccessDenied");
+    let operator = role_creds("operator", json!(["fc:InstanceExec"])).await;
+    let r = as_role(&operator, exec_path).await;
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    assert!(String::from_utf8_lossy(&r.body).contains("WebSocket"));
+
     // Every session is audited in the function's log, the refused ones not.
     let audit = wait_for_line(&c, &[], |m| m.contains("ls /tmp/forged")).await;
     let audit: Vec<String> = messages(&audit)
