@@ -844,3 +844,33 @@ where
         w.flush().await?;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(a: &[&str]) -> Result<FakeVmmArgs, String> {
+        parse_args(&a.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn the_flags_the_driver_passes_are_taken_and_others_refused() {
+        let a = args(&["--api-socket", "path=/x/api.sock", "--seccomp", "true"]).unwrap();
+        assert_eq!(a.api_socket, PathBuf::from("/x/api.sock"));
+        assert_eq!(a.seccomp, "true");
+        assert!(args(&["--seccomp", "true"]).is_err());
+        assert!(args(&["--api-socket", "path=/x,fd=3"]).is_err());
+        assert!(args(&["--api-socket", "/x", "--seccomp", "maybe"]).is_err());
+        assert!(args(&["--api-socket", "/x", "--kernel", "/k"]).is_err());
+    }
+
+    #[test]
+    fn failure_rules_parse() {
+        let p = FailPlan::parse("exit-on=vm.boot, hang-on=vm.create,never-ready").unwrap();
+        assert_eq!(p.exit_on, ["vm.boot"]);
+        assert_eq!(p.hang_on, ["vm.create"]);
+        assert!(p.never_ready);
+        assert_eq!(FailPlan::parse("").unwrap(), FailPlan::default());
+        assert!(FailPlan::parse("explode").is_err());
+    }
+}
