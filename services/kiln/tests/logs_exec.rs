@@ -1,6 +1,6 @@
 //! Function logs and instance login end to end on `kiln dev` (runc
 //! sandboxes): lines attributed to the right call with concurrent calls on
-//! one instance, FC's Tail, crash and timeout causes, logs that outlive the
+//! one instance, FC's Tail, crash, timeout and OOM causes, logs that outlive the
 //! instance, `kiln logs` (also --follow); ListInstances and InstanceExec
 //! (`kiln instances`, `kiln exec`) inside the instance's namespaces, audited,
 //! refused for an unknown instance and for a caller whose key does not
@@ -451,6 +451,18 @@ async fn logs_are_attributed_kept_and_served_and_exec_runs_inside_the_instance()
     assert_eq!(
         timeout_lines.last().unwrap(),
         &format!("FC Invoke End RequestId: {rid_timeout}")
+    );
+    let oom = c
+        .invoke("logged", Bytes::from_static(br#"{"alloc": 400}"#), &[])
+        .await
+        .unwrap();
+    let rid_oom = rid(&oom);
+    let oom_lines = messages(&logs(&c, &[("requestId", &rid_oom)]).await);
+    assert!(
+        oom_lines
+            .iter()
+            .any(|m| m.starts_with("Error:") && m.contains("exceeded its memory limit of 256 MB")),
+        "{oom_lines:?}"
     );
     let all = wait_for_line(&c, &[], |m| {
         m.contains("failed (") && m.contains("replaced")
