@@ -351,7 +351,10 @@ in
           pkgs.crun
           pkgs.iproute2
           pkgs.nftables
-          pkgs.util-linux
+          pkgs.util-linux # nsenter for InstanceExec
+          pkgs.e2fsprogs # each instance's size-limited writable disk
+          pkgs.erofs-utils # microVM runtime and code disks
+          pkgs.ethtool # checksum offload off on the VPC gateways (userspace datapath)
           pkgs.debootstrap
           pkgs.cloud-hypervisor
         ]
