@@ -298,9 +298,12 @@ fn agent_request(
             h.append(k.clone(), v.clone());
         }
     }
-    // FC's Tail is computed by the agent, which frames the call's log.
+    // FC's Tail is computed by the agent, which frames the call's log;
+    // `None` (the default) needs nothing from it.
     if let Some(t) = caller_headers.get(ih::LOG_TYPE) {
-        h.insert(ih::LOG_TYPE, t.clone());
+        if t.as_bytes().eq_ignore_ascii_case(b"tail") {
+            h.insert(ih::LOG_TYPE, t.clone());
+        }
     }
     if let Ok(mut v) = HeaderValue::from_str(request_id.as_str()) {
         // Unique per call: HPACK must not index it, or it churns the
