@@ -4,7 +4,9 @@
 //! `x-acs-security-token`, as the SDKs send STS credentials) may do what
 //! the role allows and nothing else, stop working when they expire, and
 //! are refreshed before that. Bad roles, policies and tokens get FC's
-//! error shape and change nothing.
+//! error shape and change nothing. The function itself makes such calls
+//! from inside its instance (examples/sts-python signs them in pure
+//! Python), reaching the gateway at the host side of its link.
 
 mod common;
 
@@ -138,6 +140,54 @@ async fn root(dev: &Dev, method: Method, path: &str, body: Value) -> ApiResponse
         .unwrap()
 }
 
+/// Have the function call Kiln's API from inside its instance: each
+/// `(method, path, source)` is signed by the function with the credentials
+/// of its environment (`"env"`) or of the call's headers (`"headers"`).
+/// Returns what the API answered to each: (HTTP status, FC error code).
+async fn from_inside(dev: &Dev, requests: &[(&str, &str, &str)]) -> Vec<(u16, String)> {
+    let port = dev
+        .creds
+        .endpoint
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse::<u16>().ok())
+        .expect("endpoint has a port");
+    let ca = std::fs::read_to_string(&dev.creds.ca_cert).unwrap();
+    let requests: Vec<Value> = requests
+        .iter()
+        .map(
+            |(method, path, source)| json!({"method": method, "path": path, "credentials": source}),
+        )
+        .collect();
+    let event = json!({"api": {"port": port, "ca": ca, "requests": requests}});
+    let r = dev
+        .client()
+        .invoke("sts-fn", Bytes::from(event.to_string()), &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let v: Value = serde_json::from_slice(&r.body).unwrap();
+    let answers = v["api"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no api answers: {v}"));
+    assert_eq!(answers.len(), requests.len(), "{v}");
+    answers
+        .iter()
+        .map(|a| {
+            let status = a["status"].as_u64().unwrap_or_else(|| {
+                panic!(
+                    "the function could not reach the API: {a}\n{}",
+                    dev.log_tail()
+                )
+            });
+            (
+                status as u16,
+                a["code"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
 /// Invoke the function and read the two credential sets it saw.
 async fn credentials_seen(dev: &Dev) -> (Creds, Creds) {
     let r = dev
@@ -156,7 +206,9 @@ async fn a_function_uses_its_roles_temporary_credentials() {
         return;
     }
     let lifetime = LIFETIME_S.to_string();
-    let dev = Dev::start_with(&["--credentials-lifetime", &lifetime]);
+    // On all addresses, so that instances reach the gateway at the host
+    // side of their link.
+    let dev = Dev::start_on("0.0.0.0", &["--credentials-lifetime", &lifetime]);
     let c = dev.client();
     let account = dev.creds.account_id.clone();
 
@@ -313,6 +365,35 @@ async fn a_function_uses_its_roles_temporary_credentials() {
         (403, "AccessDenied")
     );
 
+    // The same, from inside the instance: the function signs with the
+    // credentials of its environment.
+    let other = "/2023-03-30/functions/other-fn";
+    let answers = from_inside(
+        &dev,
+        &[
+            ("GET", me, "env"),
+            ("DELETE", me, "env"),
+            ("GET", other, "env"),
+            ("GET", me, "headers"),
+        ],
+    )
+    .await;
+    let got: Vec<(u16, &str)> = answers.iter().map(|(s, c)| (*s, c.as_str())).collect();
+    assert_eq!(
+        got,
+        [
+            (200, ""),
+            (403, "AccessDenied"),
+            (403, "AccessDenied"),
+            (200, "")
+        ],
+        "inside the role: GetFunction on itself; outside: DeleteFunction, another function"
+    );
+    assert!(
+        c.get_function("sts-fn").await.is_ok(),
+        "refused delete from inside deleted"
+    );
+
     // The official Python SDK with the same temporary credentials (it
     // signs x-acs-security-token itself), when a virtualenv with it is given.
     official_sdk_with_sts(&dev, &env);
@@ -369,6 +450,15 @@ async fn a_function_uses_its_roles_temporary_credentials() {
     assert_eq!(
         (r.status.as_u16(), code_of(&r).as_str()),
         (403, "InvalidSecurityToken.Expired")
+    );
+    // From inside: the start's credentials in the environment have
+    // expired; the refreshed ones on the call still work.
+    let answers = from_inside(&dev, &[("GET", me, "env"), ("GET", me, "headers")]).await;
+    let got: Vec<(u16, &str)> = answers.iter().map(|(s, c)| (*s, c.as_str())).collect();
+    assert_eq!(
+        got,
+        [(403, "InvalidSecurityToken.Expired"), (200, "")],
+        "after expiry, from inside"
     );
 
     // Deleting the role revokes what was issued for it.

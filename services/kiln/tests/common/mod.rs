@@ -105,6 +105,13 @@ impl Dev {
     }
 
     pub fn start_with(extra: &[&str]) -> Dev {
+        Self::start_on("127.0.0.1", extra)
+    }
+
+    /// `kiln dev` with its gateway listening on `ip` (`0.0.0.0` lets
+    /// instances reach it at the host side of their link); clients still
+    /// use 127.0.0.1.
+    pub fn start_on(ip: &str, extra: &[&str]) -> Dev {
         let state = tempfile::Builder::new()
             .prefix("kiln-e2e-")
             .tempdir()
@@ -117,7 +124,7 @@ impl Dev {
             .arg("--state-dir")
             .arg(state.path())
             .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
+            .arg(format!("{ip}:{port}"))
             .arg("--sandbox-prefix")
             .arg(&prefix)
             .arg("--instance-subnet")
