@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use kiln_internal_api::InternalClient;
+use kiln_sandbox::net::SystemCommands;
 use kiln_sandbox::MicroVmDriver;
 
 use crate::{AgentConfig, AgentError, Backends, GatewayCodeSource, HttpScheduler, ZipUnpacker};
@@ -27,10 +28,23 @@ pub async fn driver(config: &AgentConfig) -> Result<Arc<MicroVmDriver>, AgentErr
     if let Some(region) = &config.region {
         driver = driver.with_region(region.clone());
     }
+    // `[sandbox.network]`: the taps get the same isolation as veths do.
+    if let Some(network) = &config.sandbox.network {
+        driver = driver
+            .isolate_network(network.clone(), Arc::new(SystemCommands))
+            .await?;
+    }
     for runtime in &config.runtimes {
         tracing::info!(runtime = %runtime, "preparing the runtime's microVM disk image");
-        driver.ensure_runtime(*runtime).await?;
+        if let Err(e) = driver.ensure_runtime(*runtime).await {
+            // Leave no isolation table behind a failed start.
+            if let Err(cleanup) = driver.shutdown().await {
+                tracing::warn!(error = %cleanup, "cannot clean up after a failed start");
+            }
+            return Err(e.into());
+        }
     }
+    driver.start_prewarm();
     Ok(Arc::new(driver))
 }
 

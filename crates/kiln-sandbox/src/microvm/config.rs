@@ -18,6 +18,8 @@ pub enum MicroVmConfigError {
     OutOfRange(&'static str, u64, u64, u64),
     #[error("Invalid microvm.cgroup_parent {0:?}: use letters, digits, '-', '_', '.' and '/' separated path segments")]
     CgroupParent(String),
+    #[error("Invalid microvm.prewarm entry {0}: {1}")]
+    Prewarm(usize, String),
     #[error("microvm.vmm_uid must not be 0 (the VMM runs unprivileged); leave it out to keep the agent's user")]
     RootUid,
 }
@@ -58,6 +60,30 @@ pub struct MicroVmConfig {
     pub snapshots: bool,
     /// Memory the VMM itself may use above the guest's, in MiB (cgroup).
     pub vmm_overhead_mb: u32,
+    /// Sizes whose pool the agent fills at start (`pool_size` VMs each),
+    /// before any function of that size was seen.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub prewarm: Vec<PrewarmSize>,
+}
+
+/// One size of `prewarm`: `{ runtime = "python3.10", memory_mb = 512 }`;
+/// `cpu_milli` defaults to FC's share for the memory size, as a function
+/// without its own CPU setting gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrewarmSize {
+    pub runtime: kiln_core::RuntimeName,
+    pub memory_mb: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_milli: Option<u32>,
+}
+
+impl PrewarmSize {
+    /// The CPU an instance of this size gets.
+    pub fn cpu_milli(&self) -> u32 {
+        self.cpu_milli
+            .unwrap_or_else(|| kiln_core::limits::default_cpu_milli(self.memory_mb))
+    }
 }
 
 impl Default for MicroVmConfig {
@@ -81,6 +107,7 @@ impl Default for MicroVmConfig {
             pool_size: 0,
             snapshots: false,
             vmm_overhead_mb: 64,
+            prewarm: Vec::new(),
         }
     }
 }
@@ -134,6 +161,41 @@ impl MicroVmConfig {
                 return Err(MicroVmConfigError::OutOfRange(name, lo, hi, v));
             }
         }
+        use kiln_core::limits::{MEMORY_MAX_MB, MEMORY_MIN_MB, MEMORY_STEP_MB};
+        if !self.prewarm.is_empty() && self.pool_size == 0 {
+            return Err(MicroVmConfigError::Prewarm(
+                0,
+                "prewarm needs pool_size of at least 1".into(),
+            ));
+        }
+        if self.prewarm.len() > 16 {
+            return Err(MicroVmConfigError::Prewarm(
+                16,
+                format!("at most 16 sizes, got {}", self.prewarm.len()),
+            ));
+        }
+        for (i, p) in self.prewarm.iter().enumerate() {
+            if !(MEMORY_MIN_MB..=MEMORY_MAX_MB).contains(&p.memory_mb)
+                || p.memory_mb % MEMORY_STEP_MB != 0
+            {
+                return Err(MicroVmConfigError::Prewarm(
+                    i,
+                    format!(
+                        "memory_mb must be a multiple of {MEMORY_STEP_MB} between {MEMORY_MIN_MB} and {MEMORY_MAX_MB}, got {}",
+                        p.memory_mb
+                    ),
+                ));
+            }
+            if p.cpu_milli.is_some_and(|c| !(50..=16_000).contains(&c)) {
+                return Err(MicroVmConfigError::Prewarm(
+                    i,
+                    format!(
+                        "cpu_milli must be between 50 and 16000, got {}",
+                        p.cpu_milli.unwrap_or(0)
+                    ),
+                ));
+            }
+        }
         if self.extra_cmdline.len() > 1024 || self.extra_cmdline.contains(['\n', '\0']) {
             return Err(MicroVmConfigError::OutOfRange(
                 "extra_cmdline length",
@@ -156,6 +218,19 @@ mod tests {
         let c: MicroVmConfig = serde_json::from_str(r#"{"pool_size": 2}"#).unwrap();
         assert_eq!(c.pool_size, 2);
         assert!(serde_json::from_str::<MicroVmConfig>(r#"{"pool": 2}"#).is_err());
+        let c: MicroVmConfig = serde_json::from_str(
+            r#"{"pool_size": 1, "prewarm": [{"runtime": "custom", "memory_mb": 512}]}"#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(
+            c.prewarm[0].cpu_milli(),
+            kiln_core::limits::default_cpu_milli(512)
+        );
+        assert!(serde_json::from_str::<MicroVmConfig>(
+            r#"{"prewarm": [{"runtime": "custom", "memory": 512}]}"#
+        )
+        .is_err());
     }
 
     #[test]
@@ -184,6 +259,24 @@ mod tests {
         assert!(matches!(
             bad(|c| c.pool_size = 1000),
             MicroVmConfigError::OutOfRange("pool_size", ..)
+        ));
+        fn size(memory_mb: u32) -> PrewarmSize {
+            PrewarmSize {
+                runtime: kiln_core::RuntimeName::Custom,
+                memory_mb,
+                cpu_milli: None,
+            }
+        }
+        assert!(matches!(
+            bad(|c| c.prewarm = vec![size(512)]),
+            MicroVmConfigError::Prewarm(0, m) if m.contains("pool_size")
+        ));
+        assert!(matches!(
+            bad(|c| {
+                c.pool_size = 1;
+                c.prewarm = vec![size(512), size(100)];
+            }),
+            MicroVmConfigError::Prewarm(1, m) if m.contains("memory_mb")
         ));
         assert!(matches!(
             bad(|c| c.cgroup_parent = "a/../b".into()),

@@ -15,12 +15,18 @@
 //! pooled one, so the guest sees the same devices either way), sends the
 //! guest its configuration, and starts the instance's relay (see
 //! [`super::relay`]) whose loopback address is the sandbox endpoint.
+//!
+//! With `[sandbox.network]` ([`MicroVmDriver::with_net_isolation`]) each
+//! tap `<prefix>-<hex>` is an instance interface of [`crate::net`]: the
+//! host end holds `.1` of the VM's /30, the guest is given `.2` with `.1`
+//! as its gateway, and that `.2` is the address the isolation's
+//! anti-spoofing rule accepts from the tap.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use kiln_core::{InstanceId, RuntimeName, SandboxKind};
@@ -39,11 +45,15 @@ use super::api::{
 use super::client::{VmmApiError, VmmClient};
 use super::config::MicroVmConfig;
 use super::host::{
-    build_erofs, HostError, IpTaps, SysCgroups, TapOps, TapSpec, VmmCgroups, VmmCommand,
+    build_erofs, CommandTaps, HostError, SysCgroups, TapOps, TapSpec, VmmCgroups, VmmCommand,
 };
 use super::relay::Relay;
 use crate::bundle;
 use crate::driver::{Sandbox, SandboxDriver, SandboxError, SandboxRequest, SandboxStats};
+use crate::net::{
+    BandwidthClass, HostCommands, HostInterface, NetIsolation, NetIsolationError,
+    NetworkConfig as IsolationConfig,
+};
 use crate::rootfs::rootfs_path;
 
 /// The guest's CID (any value >= 3; every VM has its own vsock device).
@@ -57,6 +67,22 @@ fn vmm_err(what: &str, e: impl std::fmt::Display) -> SandboxError {
 
 fn fs_err(what: impl std::fmt::Display, e: impl std::fmt::Display) -> SandboxError {
     SandboxError::Filesystem(format!("{what}: {e}"))
+}
+
+fn isolation_err(e: NetIsolationError) -> SandboxError {
+    match e {
+        NetIsolationError::VpcAddressesExhausted(_) => SandboxError::Exhausted(e.to_string()),
+        other => {
+            let mut s = other.to_string();
+            let mut cur = std::error::Error::source(&other);
+            while let Some(c) = cur {
+                s.push_str(": ");
+                s.push_str(&c.to_string());
+                cur = c.source();
+            }
+            SandboxError::Network(s)
+        }
+    }
 }
 
 fn host_err(e: HostError) -> SandboxError {
@@ -112,6 +138,8 @@ struct Vm {
     key: PoolKey,
     host_addr: Ipv4Addr,
     guest_addr: Ipv4Addr,
+    /// Whether the network isolation holds rules and shaping for the tap.
+    attached: bool,
     child: Mutex<Option<Child>>,
     pid: Option<u32>,
     client: VmmClient,
@@ -126,6 +154,14 @@ impl Vm {
     }
     fn vsock_socket(&self) -> PathBuf {
         self.dir.join("vsock.sock")
+    }
+    /// The tap as the network isolation sees it: the guest's address is
+    /// the one source it accepts from it.
+    fn interface(&self) -> HostInterface {
+        HostInterface {
+            name: self.name.clone(),
+            instance_addr: self.guest_addr,
+        }
     }
     fn exited(&self) -> Option<String> {
         let mut child = self.child.lock().expect("lock");
@@ -214,6 +250,8 @@ struct Inner {
     vmm_env: Vec<(String, String)>,
     taps: Arc<dyn TapOps>,
     cgroups: Arc<dyn VmmCgroups>,
+    /// `[sandbox.network]`: set once, before the first instance.
+    isolation: OnceLock<Arc<NetIsolation>>,
     slots: Mutex<BTreeSet<u32>>,
     instances: Mutex<HashMap<InstanceId, Arc<Instance>>>,
     pool: Mutex<HashMap<PoolKey, Vec<Vm>>>,
@@ -250,7 +288,7 @@ impl MicroVmDriver {
             config,
             state_dir,
             MicroVmBackends {
-                taps: Arc::new(IpTaps::default()),
+                taps: Arc::new(CommandTaps::new(Arc::new(crate::net::SystemCommands))),
                 cgroups,
                 vmm_env: vec![],
             },
@@ -319,6 +357,7 @@ impl MicroVmDriver {
             vmm_env: backends.vmm_env,
             taps: backends.taps,
             cgroups: backends.cgroups,
+            isolation: OnceLock::new(),
             slots: Mutex::new(BTreeSet::new()),
             instances: Mutex::new(HashMap::new()),
             pool: Mutex::new(HashMap::new()),
@@ -340,6 +379,50 @@ impl MicroVmDriver {
 
     pub fn config(&self) -> &MicroVmConfig {
         &self.inner.config
+    }
+
+    /// Isolate every instance's tap with `isolation` (started with this
+    /// driver's `name_prefix`, so the taps are its instance interfaces):
+    /// attached when an instance gets its VM (a cold-booted one or one
+    /// from the pool; pooled VMs wait unattached, and the table's base
+    /// rules drop whatever an unattached tap sends), detached before the
+    /// tap is removed. Call before the first instance.
+    pub fn with_net_isolation(self, isolation: Arc<NetIsolation>) -> Self {
+        if self.inner.isolation.set(isolation).is_err() {
+            tracing::warn!("network isolation was already set; keeping the first");
+        }
+        self
+    }
+
+    /// Start the network isolation for `config` under this driver's
+    /// `name_prefix` (removing what a previous run left) and use it.
+    pub async fn isolate_network(
+        self,
+        config: IsolationConfig,
+        cmd: Arc<dyn HostCommands>,
+    ) -> Result<Self, SandboxError> {
+        let isolation = NetIsolation::start(&self.inner.config.name_prefix, config, cmd)
+            .await
+            .map_err(isolation_err)?;
+        Ok(self.with_net_isolation(Arc::new(isolation)))
+    }
+
+    pub fn net_isolation(&self) -> Option<&Arc<NetIsolation>> {
+        self.inner.isolation.get()
+    }
+
+    /// Start filling the pool, in the background, for every size of
+    /// `prewarm` in the configuration (the agent calls it at start).
+    pub fn start_prewarm(&self) {
+        for size in &self.inner.config.prewarm {
+            let key = PoolKey::new(size.runtime, size.memory_mb, size.cpu_milli());
+            tracing::info!(
+                ?key,
+                vms = self.inner.config.pool_size,
+                "pre-warming the microVM pool"
+            );
+            self.inner.spawn_refill(key);
+        }
     }
 
     /// Paused VMs waiting in the pool for `key`.
@@ -379,7 +462,10 @@ impl MicroVmDriver {
         self.inner.runtime_image(runtime).await.map(|_| ())
     }
 
-    /// Destroy the pooled VMs. Instances are left to the caller.
+    /// Destroy the pooled VMs and, when no instance is left, remove the
+    /// network isolation's table and bridges. Instances are left to the
+    /// caller (those left running stay confined by their rules; the next
+    /// start removes both).
     pub async fn shutdown(&self) -> Result<(), SandboxError> {
         let vms: Vec<Vm> = self
             .inner
@@ -393,6 +479,20 @@ impl MicroVmDriver {
         for vm in vms {
             if let Err(e) = self.inner.dispose(vm).await {
                 first.get_or_insert(e);
+            }
+        }
+        if let Some(isolation) = self.inner.isolation.get() {
+            let running = self.inner.instances.lock().expect("lock").len();
+            if running == 0 {
+                if let Err(e) = isolation.shutdown().await {
+                    first.get_or_insert(isolation_err(e));
+                }
+            } else {
+                tracing::info!(
+                    running,
+                    table = isolation.table(),
+                    "network isolation kept for the instances left running"
+                );
             }
         }
         first.map_or(Ok(()), Err)
@@ -582,6 +682,7 @@ impl Inner {
             key,
             host_addr: Ipv4Addr::from(base + 1),
             guest_addr: Ipv4Addr::from(base + 2),
+            attached: false,
             child: Mutex::new(None),
             pid: None,
             guest: None,
@@ -838,6 +939,14 @@ impl Inner {
         if let Err(e) = self.cgroups.remove(&vm.name) {
             first.get_or_insert(SandboxError::Cgroup(e.to_string()));
         }
+        if vm.attached {
+            if let Some(isolation) = self.isolation.get() {
+                if let Err(e) = isolation.detach(&vm.name).await {
+                    first.get_or_insert(isolation_err(e));
+                }
+            }
+            vm.attached = false;
+        }
         if let Err(e) = self.taps.delete(&vm.name).await {
             first.get_or_insert(SandboxError::Network(e.to_string()));
         }
@@ -1064,6 +1173,19 @@ impl Inner {
         };
         self.spawn_refill(key);
         let result = async {
+            // The function's egress mode is known only now, also for a VM
+            // that waited in the pool.
+            if let Some(isolation) = self.isolation.get() {
+                isolation
+                    .attach(
+                        &vm.interface(),
+                        spec.network.as_ref(),
+                        BandwidthClass::of(spec),
+                    )
+                    .await
+                    .map_err(isolation_err)?;
+                vm.attached = true;
+            }
             if pooled {
                 let scratch = self.scratch_disk(&vm, spec.disk_mb).await?;
                 for disk in [code_disk.clone(), writable_disk(&scratch, "scratch")] {

@@ -5,10 +5,12 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::process::{Child, Command};
+
+use crate::net::HostCommands;
 
 const TOOL_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -143,6 +145,83 @@ impl TapOps for IpTaps {
 
     async fn list(&self, prefix: &str) -> Result<BTreeSet<String>, HostError> {
         let out = must(&self.ip, &["-o", "link", "show"]).await?;
+        let want = format!("{prefix}-");
+        Ok(out
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|n| n.split('@').next().unwrap_or(n).to_owned())
+            .filter(|n| n.starts_with(&want))
+            .collect())
+    }
+}
+
+/// Taps through `ip`, run by the same [`HostCommands`] as the network
+/// isolation: with [`crate::net::RecordingCommands`] one log holds the
+/// tap's creation, its isolation and its removal in the order they ran.
+#[derive(Clone)]
+pub struct CommandTaps {
+    pub cmd: Arc<dyn HostCommands>,
+}
+
+impl std::fmt::Debug for CommandTaps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CommandTaps").finish_non_exhaustive()
+    }
+}
+
+impl CommandTaps {
+    pub fn new(cmd: Arc<dyn HostCommands>) -> Self {
+        Self { cmd }
+    }
+
+    async fn ip(&self, args: &[&str]) -> Result<String, HostError> {
+        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        self.cmd
+            .run("ip", &args, None)
+            .await
+            .map_err(|e| HostError::Command {
+                command: format!("ip {}", args.join(" ")),
+                message: e.to_string(),
+            })
+    }
+}
+
+#[async_trait::async_trait]
+impl TapOps for CommandTaps {
+    async fn create(&self, tap: &TapSpec) -> Result<(), HostError> {
+        let owner = tap.owner.map(|u| u.to_string());
+        let mut args = vec!["tuntap", "add", "dev", &tap.name, "mode", "tap"];
+        if let Some(uid) = &owner {
+            args.extend(["user", uid.as_str()]);
+        }
+        self.ip(&args).await?;
+        let rest = async {
+            self.ip(&["addr", "add", &tap.host_cidr, "dev", &tap.name])
+                .await?;
+            self.ip(&["link", "set", &tap.name, "up"]).await
+        }
+        .await;
+        if let Err(e) = rest {
+            let _ = self.delete(&tap.name).await;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    async fn delete(&self, name: &str) -> Result<(), HostError> {
+        let args: Vec<String> = ["link", "del", name].map(str::to_owned).to_vec();
+        match self.cmd.run("ip", &args, None).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.is_absent() => Ok(()),
+            Err(e) => Err(HostError::Command {
+                command: format!("ip link del {name}"),
+                message: e.to_string(),
+            }),
+        }
+    }
+
+    async fn list(&self, prefix: &str) -> Result<BTreeSet<String>, HostError> {
+        let out = self.ip(&["-o", "link", "show"]).await?;
         let want = format!("{prefix}-");
         Ok(out
             .lines()

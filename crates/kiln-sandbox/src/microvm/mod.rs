@@ -8,7 +8,7 @@
 //!   snapshot/restore, freeze = `vm.pause`, thaw = `vm.resume`).
 //! - [`relay`]: the per-instance loopback HTTP listener that carries the
 //!   agent's calls to kiln-guest over vsock.
-//! - [`host`]: taps, the VMM's cgroup, erofs images, the VMM process.
+//! - [`host`]: taps (through `ip` or the network isolation's [`crate::net::HostCommands`]), the VMM's cgroup, erofs images, the VMM process.
 //! - [`fake`]: the fake cloud-hypervisor the tests run (`fake-cloud-hypervisor`).
 //! - [`config`]: the `sandbox.microvm` section of the agent's configuration.
 
@@ -22,5 +22,5 @@ pub mod relay;
 pub mod schema;
 
 pub use client::{VmmApiError, VmmClient};
-pub use config::{MicroVmConfig, MicroVmConfigError};
+pub use config::{MicroVmConfig, MicroVmConfigError, PrewarmSize};
 pub use driver::{MicroVmBackends, MicroVmDriver, PoolKey};
