@@ -762,8 +762,26 @@ impl Inner {
         }
     }
 
-    /// A call that fails with what the VMM said, or that it died.
-    fn api_failed(vm: &Vm, op: &str, e: VmmApiError) -> SandboxError {
+    /// A call's result; a failure says what the VMM said, or that it died.
+    async fn api<T>(vm: &Vm, op: &str, r: Result<T, VmmApiError>) -> Result<T, SandboxError> {
+        match r {
+            Ok(v) => Ok(v),
+            Err(e) => Err(Self::api_failed(vm, op, e).await),
+        }
+    }
+
+    /// A failed call: what the VMM said, or that it died. A VMM that
+    /// exits closes its API socket a moment before it can be waited for:
+    /// after a connection-level failure, give it that moment.
+    async fn api_failed(vm: &Vm, op: &str, e: VmmApiError) -> SandboxError {
+        if matches!(e, VmmApiError::Connect { .. } | VmmApiError::Http { .. }) {
+            for _ in 0..50 {
+                if vm.exited().is_some() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
         match vm.exited() {
             Some(why) => vmm_err(op, format!("{why}{}", vm.console_tail())),
             None => vmm_err(op, e),
@@ -875,15 +893,9 @@ impl Inner {
                 config.disks.push(code);
                 config.disks.push(writable_disk(&scratch, "scratch"));
             }
-            vm.client
-                .create(&config)
-                .await
-                .map_err(|e| Self::api_failed(&vm, "vm.create", e))?;
+            Inner::api(&vm, "vm.create", vm.client.create(&config).await).await?;
             vm.disks = config.disks.len();
-            vm.client
-                .boot()
-                .await
-                .map_err(|e| Self::api_failed(&vm, "vm.boot", e))?;
+            Inner::api(&vm, "vm.boot", vm.client.boot().await).await?;
             self.connect_guest(&mut vm).await
         }
         .await;
@@ -976,15 +988,16 @@ impl Inner {
             let _ = std::fs::remove_dir_all(&tmp);
             std::fs::create_dir(&tmp).map_err(|e| fs_err(tmp.display(), e))?;
             self.chown(&tmp)?;
-            vm.client
-                .pause()
-                .await
-                .map_err(|e| Self::api_failed(&vm, "vm.pause", e))?;
-            vm.client
-                .with_timeout(Duration::from_millis(self.config.boot_timeout_ms))
-                .snapshot(&tmp)
-                .await
-                .map_err(|e| Self::api_failed(&vm, "vm.snapshot", e))?;
+            Inner::api(&vm, "vm.pause", vm.client.pause().await).await?;
+            Inner::api(
+                &vm,
+                "vm.snapshot",
+                vm.client
+                    .with_timeout(Duration::from_millis(self.config.boot_timeout_ms))
+                    .snapshot(&tmp)
+                    .await,
+            )
+            .await?;
             std::fs::rename(&tmp, &dir).map_err(|e| fs_err(dir.display(), e))
         }
         .await;
@@ -1035,11 +1048,15 @@ impl Inner {
                     .map_err(|e| fs_err(to.display(), e))?;
             }
             self.chown(&clone)?;
-            vm.client
-                .with_timeout(Duration::from_millis(self.config.boot_timeout_ms))
-                .restore(&clone, false)
-                .await
-                .map_err(|e| Self::api_failed(&vm, "vm.restore", e))?;
+            Inner::api(
+                &vm,
+                "vm.restore",
+                vm.client
+                    .with_timeout(Duration::from_millis(self.config.boot_timeout_ms))
+                    .restore(&clone, false)
+                    .await,
+            )
+            .await?;
             Ok::<usize, SandboxError>(config["disks"].as_array().map_or(0, Vec::len))
         }
         .await;
@@ -1062,7 +1079,7 @@ impl Inner {
         }
         let vm = self.cold_boot(key, None).await?;
         if let Err(e) = vm.client.pause().await {
-            let err = Self::api_failed(&vm, "vm.pause", e);
+            let err = Self::api_failed(&vm, "vm.pause", e).await;
             return Err(self.dispose_after(Some(vm), err).await);
         }
         Ok(vm)
@@ -1115,10 +1132,7 @@ impl Inner {
         loop {
             let mut vm = self.pool.lock().expect("lock").get_mut(&key)?.pop()?;
             let resumed = async {
-                vm.client
-                    .resume()
-                    .await
-                    .map_err(|e| Self::api_failed(&vm, "vm.resume", e))?;
+                Inner::api(&vm, "vm.resume", vm.client.resume().await).await?;
                 if vm.guest.is_none() {
                     self.connect_guest(&mut vm).await?;
                 }
@@ -1189,10 +1203,7 @@ impl Inner {
             if pooled {
                 let scratch = self.scratch_disk(&vm, spec.disk_mb).await?;
                 for disk in [code_disk.clone(), writable_disk(&scratch, "scratch")] {
-                    vm.client
-                        .add_disk(&disk)
-                        .await
-                        .map_err(|e| Self::api_failed(&vm, "vm.add-disk", e))?;
+                    Inner::api(&vm, "vm.add-disk", vm.client.add_disk(&disk).await).await?;
                     vm.disks += 1;
                 }
             }
@@ -1441,18 +1452,8 @@ impl SandboxDriver for MicroVmDriver {
     /// the guest's memory and whether the VM is paused.
     async fn stats(&self, id: &InstanceId) -> Result<Option<SandboxStats>, SandboxError> {
         let inst = self.inner.instance(id)?;
-        let counters = inst
-            .vm
-            .client
-            .counters()
-            .await
-            .map_err(|e| Inner::api_failed(&inst.vm, "vm.counters", e))?;
-        let info = inst
-            .vm
-            .client
-            .info()
-            .await
-            .map_err(|e| Inner::api_failed(&inst.vm, "vm.info", e))?;
+        let counters = Inner::api(&inst.vm, "vm.counters", inst.vm.client.counters().await).await?;
+        let info = Inner::api(&inst.vm, "vm.info", inst.vm.client.info().await).await?;
         let net = counters.get("net0");
         let configured = u64::from(inst.vm.key.memory_mb) << 20;
         Ok(Some(SandboxStats {
@@ -1473,7 +1474,7 @@ impl SandboxDriver for MicroVmDriver {
         match inst.vm.client.pause().await {
             Ok(()) => Ok(()),
             Err(e) if already(&e) => Ok(()),
-            Err(e) => Err(Inner::api_failed(&inst.vm, "vm.pause", e)),
+            Err(e) => Err(Inner::api_failed(&inst.vm, "vm.pause", e).await),
         }
     }
 
@@ -1482,7 +1483,7 @@ impl SandboxDriver for MicroVmDriver {
         match inst.vm.client.resume().await {
             Ok(()) => Ok(()),
             Err(e) if already(&e) => Ok(()),
-            Err(e) => Err(Inner::api_failed(&inst.vm, "vm.resume", e)),
+            Err(e) => Err(Inner::api_failed(&inst.vm, "vm.resume", e).await),
         }
     }
 
