@@ -1570,6 +1570,51 @@ async fn async_invocations_tasks_retries_and_destinations() {
     a.call(Method::DELETE, path, vec![])
         .await
         .fc_error(404, "AsyncConfigNotExists");
+
+    // Without task mode (no config, or asyncTask false) invocations are
+    // not async tasks, as in FC: GetAsyncTask and StopAsyncTask answer
+    // AsyncTaskNotFound and ListAsyncTasks lists nothing, even for tasks
+    // recorded while task mode was on.
+    let list = "/2023-03-30/functions/worker/async-tasks";
+    for cfg in [None, Some(json!({"asyncTask": false}))] {
+        if let Some(c) = &cfg {
+            assert_eq!(a.put_async_config("worker", c).await.status, StatusCode::OK);
+        }
+        a.task("worker", "job-1")
+            .await
+            .fc_error(404, "AsyncTaskNotFound");
+        a.call(Method::PUT, stop, vec![])
+            .await
+            .fc_error(404, "AsyncTaskNotFound");
+        let r = a.call(Method::GET, list, vec![]).await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(r.json(), json!({"tasks": []}));
+    }
+    // An async invoke still answers 202 and runs; it is just not a task.
+    let before = env.seen.lock().unwrap().invoked.len();
+    let r = a
+        .invoke(
+            "worker",
+            b"plain",
+            &[async_h, ("x-fc-async-task-id", "plain-1")],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED);
+    wait_for("the untracked async call", || {
+        (env.seen.lock().unwrap().invoked.len() > before).then_some(())
+    })
+    .await;
+    a.task("worker", "plain-1")
+        .await
+        .fc_error(404, "AsyncTaskNotFound");
+    // Task mode on again: the same invocations are tasks.
+    assert_eq!(
+        a.put_async_config("worker", &json!({"asyncTask": true}))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    a.wait_task("worker", "plain-1", "Succeeded").await;
 }
 
 #[tokio::test]
@@ -1578,6 +1623,12 @@ async fn async_messages_survive_a_restart() {
     let a = env.client(AK_A, SK_A);
     assert_eq!(
         a.create(&function_doc("worker", &app_zip())).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        a.put_async_config("worker", &json!({"asyncTask": true}))
+            .await
+            .status,
         StatusCode::OK
     );
     // The scheduler refuses everything: the messages wait in the queue.
@@ -1639,6 +1690,12 @@ async fn stopping_a_running_async_task_reclaims_its_instance() {
     let a = env.client(AK_A, SK_A);
     assert_eq!(
         a.create(&function_doc("worker", &app_zip())).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        a.put_async_config("worker", &json!({"asyncTask": true}))
+            .await
+            .status,
         StatusCode::OK
     );
     let r = a

@@ -150,6 +150,23 @@ async fn cli_invokes_async_and_manages_tasks() {
         }))
         .await
         .unwrap();
+    // Task mode: FC tracks async invocations as tasks only with asyncTask.
+    let r = client
+        .request(
+            Method::PUT,
+            "/2023-03-30/functions/worker/async-invoke-config",
+            &[],
+            &[],
+            json!({"asyncTask": true}).to_string().into(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
 
     let c = creds_path.clone();
     let run = move |args: Vec<String>| {

@@ -284,6 +284,18 @@ pub fn list_configs(
     Ok(json(StatusCode::OK, &out))
 }
 
+/// Whether the function's async invocations are async tasks (its async
+/// invoke config has `asyncTask: true`). FC records task states only in
+/// task mode; without it an invocation is not a task, so GetAsyncTask and
+/// StopAsyncTask answer AsyncTaskNotFound and ListAsyncTasks lists nothing.
+fn task_mode(gw: &Gateway, caller: &Caller, name: &FunctionName) -> bool {
+    gw.dispatcher
+        .configs()
+        .get(caller.account_id.as_str(), name.as_str())
+        .and_then(|c| c.async_task)
+        .unwrap_or(false)
+}
+
 fn no_task(task_id: &str) -> ApiError {
     FcError::new(
         FcErrorCode::AsyncTaskNotFound,
@@ -301,6 +313,9 @@ pub async fn get_task(
 ) -> Result<Response<Body>, ApiError> {
     super::functions::check_qualifier(parts)?;
     super::caller_function(gw, caller, name)?;
+    if !task_mode(gw, caller, name) {
+        return Err(no_task(task_id));
+    }
     let t = gw
         .dispatcher
         .queue()
@@ -382,6 +397,9 @@ pub async fn list_tasks(
         descending,
         include_payload,
     };
+    if !task_mode(gw, caller, name) {
+        return Ok(json(StatusCode::OK, &serde_json::json!({ "tasks": [] })));
+    }
     let (tasks, next) = gw
         .dispatcher
         .queue()
@@ -406,6 +424,9 @@ pub async fn stop_task(
 ) -> Result<Response<Body>, ApiError> {
     super::functions::check_qualifier(parts)?;
     super::caller_function(gw, caller, name)?;
+    if !task_mode(gw, caller, name) {
+        return Err(no_task(task_id));
+    }
     let d = &gw.dispatcher;
     match d
         .queue()
