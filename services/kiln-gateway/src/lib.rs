@@ -179,14 +179,14 @@ pub async fn start_with_clock(
     let public_tls = kiln_pki::public_server_config(&config.public.cert, &config.public.key)?;
     let internal_tls = kiln_pki::internal_server_config(&config.tls)?;
     let internal = InternalClient::new(&config.tls)?;
-    let metrics = Metrics::new();
+    let queue = queue::Queue::open(&config.queue_path())?;
+    let metrics = Metrics::with_extra(|r| queue.metrics().register(r));
     let leases = api::leases::LeasePool::new(
         std::time::Duration::from_millis(config.lease_hold_ms),
         internal.clone(),
         config.scheduler_url.clone(),
     );
 
-    let queue = queue::Queue::open(&config.queue_path())?;
     let configs = Arc::new(queue::dispatch::Configs::load(&queue).await?);
     let webhooks = api::async_api::webhook_client(config.async_queue.webhook_ca.as_deref())?;
     let aq = &config.async_queue;

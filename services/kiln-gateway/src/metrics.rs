@@ -26,7 +26,14 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn new() -> Arc<Self> {
+        Self::with_extra(|_| {})
+    }
+
+    /// [`Metrics::new`], with more metrics registered by `extra` (the async
+    /// queue's).
+    pub fn with_extra(extra: impl FnOnce(&mut Registry)) -> Arc<Self> {
         let mut registry = Registry::with_prefix("kiln_gateway");
+        extra(&mut registry);
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
             "requests",

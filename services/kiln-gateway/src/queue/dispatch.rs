@@ -148,6 +148,8 @@ impl Default for DispatchSettings {
 
 /// How often finished tasks past their retention are purged.
 const PURGE_EVERY: Duration = Duration::from_secs(60);
+/// How often the queue depth gauges are refreshed.
+const DEPTH_EVERY: Duration = Duration::from_secs(1);
 
 /// The running dispatcher's shared state.
 pub struct Dispatcher {
@@ -243,7 +245,14 @@ impl Dispatcher {
         tokio::pin!(stop);
         let mut next_purge = std::time::Instant::now();
         let mut next_pump = std::time::Instant::now();
+        let mut next_depth = std::time::Instant::now();
         loop {
+            if std::time::Instant::now() >= next_depth {
+                next_depth = std::time::Instant::now() + DEPTH_EVERY;
+                if let Err(e) = self.queue.refresh_depth(self.clock.now_ms()).await {
+                    tracing::warn!(error = %e, "cannot read the async queue depth");
+                }
+            }
             if std::time::Instant::now() >= next_pump {
                 next_pump = std::time::Instant::now() + self.settings.idle_poll;
                 self.pump_outbox().await;

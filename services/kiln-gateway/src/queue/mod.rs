@@ -16,6 +16,7 @@
 
 pub mod config;
 pub mod dispatch;
+pub mod metrics;
 pub mod tasks;
 
 use std::path::Path;
@@ -29,6 +30,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
 pub use config::AsyncConfig;
+use metrics::{Event, QueueMetrics, Tally};
 
 /// Why a queue operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -296,6 +298,7 @@ pub struct Queue {
     db: Database,
     tx: mpsc::UnboundedSender<Op>,
     batches: Arc<std::sync::atomic::AtomicU64>,
+    metrics: Arc<QueueMetrics>,
 }
 
 impl Queue {
@@ -314,11 +317,56 @@ impl Queue {
         let batches = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let writer_db = db.clone();
         let counter = batches.clone();
+        let metrics = QueueMetrics::new();
+        let m = metrics.clone();
         std::thread::Builder::new()
             .name("kiln-queue-writer".into())
-            .spawn(move || writer(writer_db, rx, counter))
+            .spawn(move || writer(writer_db, rx, counter, m))
             .expect("spawn queue writer");
-        Self { db, tx, batches }
+        Self {
+            db,
+            tx,
+            batches,
+            metrics,
+        }
+    }
+
+    /// The queue's metrics (register them with the service's registry).
+    pub fn metrics(&self) -> &Arc<QueueMetrics> {
+        &self.metrics
+    }
+
+    /// Refresh the depth-per-account and oldest-message-age gauges from
+    /// the database.
+    pub async fn refresh_depth(&self, now_ms: u64) -> Result<(), QueueError> {
+        let (per_account, oldest) = self
+            .db
+            .run(|c| {
+                let mut st = c.prepare_cached(
+                    "SELECT account_id, count(*), min(created_ms) FROM messages
+                     WHERE done = 0 GROUP BY account_id",
+                )?;
+                let rows = st.query_map([], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, i64>(2)?,
+                    ))
+                })?;
+                let mut per_account = Vec::new();
+                let mut oldest: Option<i64> = None;
+                for row in rows {
+                    let (a, n, first) = row?;
+                    per_account.push((a, n.max(0) as u64));
+                    oldest = Some(oldest.map_or(first, |o| o.min(first)));
+                }
+                Ok((per_account, oldest))
+            })
+            .await?;
+        let age = oldest.map_or(0, |o| now_ms.saturating_sub(o.max(0) as u64));
+        self.metrics
+            .set_depth(per_account, Duration::from_millis(age));
+        Ok(())
     }
 
     /// Transactions committed by the writer so far.
@@ -654,6 +702,7 @@ fn writer(
     db: Database,
     mut rx: mpsc::UnboundedReceiver<Op>,
     batches: Arc<std::sync::atomic::AtomicU64>,
+    metrics: Arc<QueueMetrics>,
 ) {
     while let Some(first) = rx.blocking_recv() {
         let mut ops = vec![first];
@@ -664,15 +713,21 @@ fn writer(
             }
         }
         let mut results: Vec<Reply> = Vec::with_capacity(ops.len());
+        let mut tally = Tally::default();
+        let started = std::time::Instant::now();
         let committed = db.with_conn(|c| {
             let tx = c.transaction()?;
             for op in &ops {
-                results.push(apply(&tx, op));
+                results.push(apply(&tx, op, &mut tally));
             }
             tx.commit()?;
             Ok(())
         });
         batches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if committed.is_ok() {
+            metrics.committed(ops.len(), started.elapsed());
+            tally.apply(&metrics);
+        }
         if let Err(e) = committed {
             tracing::error!(error = %e, ops = ops.len(), "queue batch failed to commit");
             for op in ops {
@@ -717,15 +772,21 @@ impl Op {
     }
 }
 
-fn apply(tx: &Transaction<'_>, op: &Op) -> Reply {
+fn apply(tx: &Transaction<'_>, op: &Op, tally: &mut Tally) -> Reply {
     match op {
-        Op::Enqueue(m, _) => Reply::Enqueued(enqueue(tx, m).map_err(Into::into)),
+        Op::Enqueue(m, _) => {
+            let r = enqueue(tx, m);
+            if let Ok(Enqueued::New) = r {
+                tally.add(Event::Enqueued);
+            }
+            Reply::Enqueued(r.map_err(Into::into))
+        }
         Op::Claim {
             now_ms,
             lease_ms,
             wants,
             ..
-        } => Reply::Claimed(claim(tx, *now_ms, *lease_ms, wants)),
+        } => Reply::Claimed(claim(tx, *now_ms, *lease_ms, wants, tally)),
         Op::Complete {
             seq,
             delivery,
@@ -735,8 +796,16 @@ fn apply(tx: &Transaction<'_>, op: &Op) -> Reply {
             ..
         } => {
             Reply::Completed(
-                complete(tx, *seq, *delivery, *now_ms, completion, outbound.as_ref())
-                    .map_err(Into::into),
+                complete(
+                    tx,
+                    *seq,
+                    *delivery,
+                    *now_ms,
+                    completion,
+                    outbound.as_ref(),
+                    tally,
+                )
+                .map_err(Into::into),
             )
         }
         Op::Stop {
@@ -745,7 +814,9 @@ fn apply(tx: &Transaction<'_>, op: &Op) -> Reply {
             task_id,
             now_ms,
             ..
-        } => Reply::Stopped(stop(tx, account, function, task_id, *now_ms).map_err(Into::into)),
+        } => Reply::Stopped(
+            stop(tx, account, function, task_id, *now_ms, tally).map_err(Into::into),
+        ),
         Op::Extend {
             seq,
             delivery,
@@ -817,13 +888,14 @@ fn claim(
     now_ms: u64,
     lease_ms: u64,
     wants: &[(String, usize)],
+    tally: &mut Tally,
 ) -> Result<Vec<Claimed>, QueueError> {
     let mut out = Vec::new();
     for (queue, n) in wants {
-        let rows: Vec<(Claimed, String)> = {
+        let rows: Vec<(Claimed, String, i64)> = {
             let mut st = tx.prepare_cached(
                 "SELECT seq, deliveries, account_id, function_name, task_id, request_id, payload,
-                        headers, created_ms, retries, throttles, status
+                        headers, created_ms, retries, throttles, status, visible_ms
                  FROM messages WHERE queue = ?1 AND done = 0 AND visible_ms <= ?2
                  ORDER BY visible_ms, seq LIMIT ?3",
             )?;
@@ -845,16 +917,25 @@ fn claim(
                         throttles: r.get::<_, i64>(10)? as u32,
                     },
                     r.get(11)?,
+                    r.get(12)?,
                 ))
             })?;
             rows.collect::<Result<_, _>>()?
         };
-        for (c, status) in rows {
+        for (c, status, visible_ms) in rows {
             if status == TaskStatus::Stopping.as_str() {
                 // Its dispatcher died while stopping it: it is stopped.
-                finish(tx, c.seq, now_ms, TaskStatus::Stopped, None, None)?;
+                finish(tx, c.seq, now_ms, TaskStatus::Stopped, None, None, tally)?;
                 continue;
             }
+            tally.add(Event::Dispatched);
+            if status == TaskStatus::Running.as_str() {
+                // Its previous delivery's lease ran out.
+                tally.add(Event::Redelivered);
+            }
+            tally
+                .waits_ms
+                .push(now_ms.saturating_sub(visible_ms.max(0) as u64));
             tx.prepare_cached(
                 "UPDATE messages SET status = 'Running', deliveries = ?2, visible_ms = ?3 WHERE seq = ?1",
             )?
@@ -873,7 +954,11 @@ fn finish(
     status: TaskStatus,
     error: Option<&str>,
     ret: Option<&[u8]>,
+    tally: &mut Tally,
 ) -> rusqlite::Result<()> {
+    if let Some(e) = Event::finished(status) {
+        tally.add(e);
+    }
     tx.prepare_cached(
         "UPDATE messages SET status = ?2, done = 1, end_ms = ?3, error = ?4, return_payload = ?5
          WHERE seq = ?1",
@@ -889,6 +974,7 @@ fn complete(
     now_ms: u64,
     c: &Completion,
     outbound: Option<&Outbound>,
+    tally: &mut Tally,
 ) -> rusqlite::Result<Option<TaskStatus>> {
     let row: Option<(String, i64, i64)> = tx
         .prepare_cached("SELECT status, deliveries, done FROM messages WHERE seq = ?1")?
@@ -908,6 +994,7 @@ fn complete(
             TaskStatus::Stopped,
             Some("stopped by StopAsyncTask"),
             None,
+            tally,
         )?;
         return Ok(Some(TaskStatus::Stopped));
     }
@@ -924,6 +1011,7 @@ fn complete(
             )?
             .execute(params![seq, *visible_ms as i64, retries, throttles, detail])?;
             event(tx, seq, TaskStatus::Retrying, now_ms, detail)?;
+            tally.add(Event::Retried);
             Ok(Some(TaskStatus::Retrying))
         }
         Completion::Final {
@@ -938,6 +1026,7 @@ fn complete(
                 *status,
                 error.as_deref(),
                 return_payload.as_deref(),
+                tally,
             )?;
             if let Some(o) = outbound {
                 tx.prepare_cached(
@@ -963,6 +1052,7 @@ fn stop(
     function: &str,
     task_id: &str,
     now_ms: u64,
+    tally: &mut Tally,
 ) -> rusqlite::Result<StopOutcome> {
     let row: Option<(i64, String, i64)> = tx
         .prepare_cached(
@@ -1000,6 +1090,7 @@ fn stop(
                 TaskStatus::Stopped,
                 Some("stopped by StopAsyncTask"),
                 None,
+                tally,
             )?;
             Ok(StopOutcome::Stopped)
         }
