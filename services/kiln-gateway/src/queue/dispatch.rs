@@ -148,8 +148,10 @@ impl Default for DispatchSettings {
 
 /// How often finished tasks past their retention are purged.
 const PURGE_EVERY: Duration = Duration::from_secs(60);
-/// How often the queue depth gauges are refreshed.
-const DEPTH_EVERY: Duration = Duration::from_secs(1);
+/// How often the queue depth gauges are refreshed (on the queue's reader
+/// connection: it never waits for the writer, but counts every waiting
+/// message).
+const DEPTH_EVERY: Duration = Duration::from_secs(5);
 
 /// The running dispatcher's shared state.
 pub struct Dispatcher {

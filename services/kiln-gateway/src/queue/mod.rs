@@ -299,20 +299,47 @@ pub struct Queue {
     tx: mpsc::UnboundedSender<Op>,
     batches: Arc<std::sync::atomic::AtomicU64>,
     metrics: Arc<QueueMetrics>,
+    /// A second connection for reads that must not wait for the writer
+    /// (WAL readers run beside it): the depth gauges and checkpoints.
+    reader: Database,
+    /// Held while any clone lives; the checkpointer stops when it drops.
+    _checkpointer: Option<Arc<std::sync::mpsc::Sender<()>>>,
 }
+
+/// How often the checkpointer moves the WAL into the database file.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 
 impl Queue {
     /// Open (creating) the queue database and start its writer thread. The
     /// thread ends when every [`Queue`] clone is dropped.
+    ///
+    /// The writer never checkpoints (a checkpoint copies the WAL into the
+    /// database file and fsyncs it, which would stall every enqueue
+    /// waiting for that commit): a checkpointer thread does, on its own
+    /// connection, every [`CHECKPOINT_EVERY`].
     pub fn open(path: &Path) -> Result<Self, QueueError> {
-        Ok(Self::with_db(Database::open(path, MIGRATIONS)?))
+        let db = Database::open(path, MIGRATIONS)?;
+        db.with_conn(|c| Ok(c.pragma_update(None, "wal_autocheckpoint", 0)?))?;
+        let reader = Database::open(path, MIGRATIONS)?;
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let r = reader.clone();
+        std::thread::Builder::new()
+            .name("kiln-queue-checkpoint".into())
+            .spawn(move || checkpointer(r, rx))
+            .expect("spawn queue checkpointer");
+        Ok(Self::with_db(db, reader, Some(Arc::new(tx))))
     }
 
     pub fn open_in_memory() -> Result<Self, QueueError> {
-        Ok(Self::with_db(Database::open_in_memory(MIGRATIONS)?))
+        let db = Database::open_in_memory(MIGRATIONS)?;
+        Ok(Self::with_db(db.clone(), db, None))
     }
 
-    fn with_db(db: Database) -> Self {
+    fn with_db(
+        db: Database,
+        reader: Database,
+        checkpointer: Option<Arc<std::sync::mpsc::Sender<()>>>,
+    ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let batches = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let writer_db = db.clone();
@@ -328,6 +355,8 @@ impl Queue {
             tx,
             batches,
             metrics,
+            reader,
+            _checkpointer: checkpointer,
         }
     }
 
@@ -340,11 +369,13 @@ impl Queue {
     /// the database.
     pub async fn refresh_depth(&self, now_ms: u64) -> Result<(), QueueError> {
         let (per_account, oldest) = self
-            .db
+            .reader
             .run(|c| {
+                // Answered from the partial index messages_pending alone
+                // (queue, visible_ms, rowid), without reading the rows.
                 let mut st = c.prepare_cached(
-                    "SELECT account_id, count(*), min(created_ms) FROM messages
-                     WHERE done = 0 GROUP BY account_id",
+                    "SELECT queue, count(*), min(seq) FROM messages
+                     WHERE done = 0 GROUP BY queue",
                 )?;
                 let rows = st.query_map([], |r| {
                     Ok((
@@ -353,14 +384,23 @@ impl Queue {
                         r.get::<_, i64>(2)?,
                     ))
                 })?;
-                let mut per_account = Vec::new();
-                let mut oldest: Option<i64> = None;
+                let mut per_account: std::collections::HashMap<String, u64> = Default::default();
+                let mut first: Option<i64> = None;
                 for row in rows {
-                    let (a, n, first) = row?;
-                    per_account.push((a, n.max(0) as u64));
-                    oldest = Some(oldest.map_or(first, |o| o.min(first)));
+                    let (queue, n, seq) = row?;
+                    // A function's own queue is "account/function".
+                    let account = queue.split('/').next().unwrap_or_default().to_owned();
+                    *per_account.entry(account).or_default() += n.max(0) as u64;
+                    first = Some(first.map_or(seq, |f| f.min(seq)));
                 }
-                Ok((per_account, oldest))
+                let oldest = match first {
+                    None => None,
+                    Some(seq) => c
+                        .prepare_cached("SELECT created_ms FROM messages WHERE seq = ?1")?
+                        .query_row([seq], |r| r.get::<_, i64>(0))
+                        .optional()?,
+                };
+                Ok((per_account.into_iter().collect(), oldest))
             })
             .await?;
         let age = oldest.map_or(0, |o| now_ms.saturating_sub(o.max(0) as u64));
@@ -695,6 +735,21 @@ impl Queue {
                 Ok((a, f, cfg))
             })
             .collect()
+    }
+}
+
+fn checkpointer(reader: Database, stop: std::sync::mpsc::Receiver<()>) {
+    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY)
+    {
+        let r = reader.with_conn(|c| {
+            Ok(c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+            })?)
+        });
+        match r {
+            Ok((log, done)) => tracing::trace!(log, done, "queue WAL checkpoint"),
+            Err(e) => tracing::warn!(error = %e, "queue WAL checkpoint failed"),
+        }
     }
 }
 
