@@ -435,7 +435,6 @@ async fn noop_server(cert: &std::path::Path, key: &std::path::Path) -> u16 {
 struct Nginx {
     child: std::process::Child,
     port: u16,
-    log: std::path::PathBuf,
 }
 
 impl Nginx {
@@ -454,7 +453,7 @@ impl Nginx {
             "worker_processes {workers};
 daemon off;
 pid {d}/nginx.pid;
-error_log {d}/error.log info;
+error_log {d}/error.log;
 events {{ worker_connections 4096; }}
 http {{
   access_log off;
@@ -490,19 +489,11 @@ http {{
             .ok()?;
         for _ in 0..100 {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Some(Self {
-                    child,
-                    port,
-                    log: d.join("error.log"),
-                });
+                return Some(Self { child, port });
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let mut n = Self {
-            child,
-            port,
-            log: d.join("error.log"),
-        };
+        let mut n = Self { child, port };
         n.stop();
         None
     }
@@ -514,7 +505,6 @@ http {{
             .arg(self.child.id().to_string())
             .status();
         let _ = self.child.wait();
-        let _ = std::fs::copy(&self.log, "/tmp/h9_nginx_error.log");
     }
 }
 

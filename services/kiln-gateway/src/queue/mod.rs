@@ -306,6 +306,9 @@ pub struct Queue {
     _checkpointer: Option<Arc<std::sync::mpsc::Sender<()>>>,
 }
 
+/// The writer connection's page cache, in KiB.
+const WRITER_CACHE_KIB: i64 = 64 * 1024;
+
 /// How often the checkpointer moves the WAL into the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 
@@ -319,7 +322,13 @@ impl Queue {
     /// connection, every [`CHECKPOINT_EVERY`].
     pub fn open(path: &Path) -> Result<Self, QueueError> {
         let db = Database::open(path, MIGRATIONS)?;
-        db.with_conn(|c| Ok(c.pragma_update(None, "wal_autocheckpoint", 0)?))?;
+        db.with_conn(|c| {
+            c.pragma_update(None, "wal_autocheckpoint", 0)?;
+            // Task ids are random keys of the unique index: keep its pages
+            // (and the others') cached rather than read back per insert.
+            c.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)?;
+            Ok(())
+        })?;
         let reader = Database::open(path, MIGRATIONS)?;
         let (tx, rx) = std::sync::mpsc::channel::<()>();
         let r = reader.clone();

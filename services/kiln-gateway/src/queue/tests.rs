@@ -116,6 +116,29 @@ async fn an_expired_lease_is_redelivered_and_a_late_answer_ignored() {
         .await
         .unwrap()
         .is_empty());
+    // The metrics counted each committed event once; the dead delivery's
+    // answer is not a second success.
+    use super::metrics::Event;
+    let m = q.metrics();
+    assert_eq!(m.get(Event::Enqueued), 1);
+    assert_eq!(m.get(Event::Dispatched), 2);
+    assert_eq!(m.get(Event::Redelivered), 1);
+    assert_eq!(m.get(Event::Succeeded), 1);
+    assert_eq!(m.get(Event::Retried), 0);
+    let text = m.encode();
+    // Waits: 0 ms (claimed when enqueued) and 0 ms (claimed when the lease ran out).
+    assert!(
+        text.contains("kiln_gateway_async_dispatch_wait_seconds_count 2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("kiln_gateway_async_dispatch_wait_seconds_sum 0.0"),
+        "{text}"
+    );
+    assert!(
+        text.contains("kiln_gateway_async_commit_batch_ops_count"),
+        "{text}"
+    );
 }
 
 #[tokio::test]
