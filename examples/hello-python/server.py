@@ -22,7 +22,9 @@ Extra behaviour used by Kiln's tests, driven by the request body:
 
 FC's lifecycle hooks: POST /initialize and GET /pre-stop append a line to
 /tmp/hooks.log (and print it); with FAIL_INITIALIZER=1 in the environment
-/initialize answers 500, a failed initializer.
+/initialize answers 500, a failed initializer. INITIALIZER_SLEEP=S and
+PRE_STOP_SLEEP=S make the hook take S seconds before answering (past its
+timeout, a timed-out hook).
 """
 
 import json
@@ -71,6 +73,7 @@ class Handler(BaseHTTPRequestHandler):
         raw = self.rfile.read(length) if length else b""
         if self.path == "/initialize":
             record("initialize", self.headers.get("x-fc-request-id", ""))
+            time.sleep(float(os.environ.get("INITIALIZER_SLEEP") or 0))
             if os.environ.get("FAIL_INITIALIZER") == "1":
                 return self._answer(500, {"errorMessage": "initializer failed on demand"})
             return self._answer(200, {"initialized": True})
@@ -121,6 +124,7 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         if self.path == "/pre-stop":
             record("pre-stop", self.headers.get("x-fc-request-id", ""))
+            time.sleep(float(os.environ.get("PRE_STOP_SLEEP") or 0))
             return self._answer(200, {"stopped": True})
         return self._answer(404, {"error": "unknown path " + self.path})
 

@@ -670,7 +670,6 @@ impl InstanceManager {
                 Some(Slot::Ready(i)) => {
                     // Frozen processes can neither answer PreStop nor die.
                     self.freezer.release(id).await;
-                    i.log.finish();
                     // A crashed instance gets no PreStop; a failing or hanging
                     // one delays the destroy by at most its timeout. PreStop
                     // and the destroy run in a task of their own, so a caller
@@ -678,6 +677,8 @@ impl InstanceManager {
                     let crashed = i.state() == InstanceState::Failed;
                     i.mark_destroying();
                     i.credentials.stop();
+                    // The log is finished after PreStop, so what PreStop
+                    // prints is kept with the instance's other lines.
                     if !crashed && i.spec.pre_stop.is_some() {
                         let driver = self.driver.clone();
                         let region = self.region.clone();
@@ -691,6 +692,7 @@ impl InstanceManager {
                                     creds,
                                 )
                                 .await;
+                                i.log.finish();
                                 driver.destroy(&i.id).await
                             }
                             .in_current_span(),
@@ -703,6 +705,7 @@ impl InstanceManager {
                             }
                         }
                     } else {
+                        i.log.finish();
                         self.driver.destroy(id).await?;
                     }
                 }
