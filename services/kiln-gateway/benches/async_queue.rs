@@ -2,16 +2,29 @@
 //! (what an async InvokeFunction waits for before its 202) against raw
 //! SQLite inserts with fsync, measured in the same run on the same disk.
 //!
-//! A second phase measures the same through the whole public path: signed
-//! HTTPS async InvokeFunction calls (HTTP/2, one connection per caller) to
-//! an in-process gateway whose dispatcher runs against a fake scheduler and
-//! agent, so the figure includes TLS, signature checks and dispatch.
+//! A second phase measures the whole public path: signed HTTPS async
+//! InvokeFunction calls to an in-process gateway (fake scheduler and
+//! agent), in rounds, each round against baselines measured right before
+//! on the same machine with the same load generator: the HTTPS + signature
+//! ceiling (the gateway's own TLS server and signature verifier answering
+//! 202 and nothing else) and nginx terminating TLS with a fixed 202 (the
+//! strongest peer for the HTTPS part; skipped without nginx). Kiln is
+//! measured twice: its accept path alone (the fake agent holds calls, so
+//! the dispatcher fills its slots once and then costs nothing) and while it
+//! also dispatches every message to an instant function in-process.
+//! Medians of the rounds are printed, with Kiln's rate as a share of each
+//! baseline; the machine is shared, so compare ratios within one run.
 //!
 //! Run: `cargo bench -p kiln-gateway --bench async_queue` (optimised) or
 //! `cargo test -p kiln-gateway --bench async_queue` (debug build).
 //! Environment: KILN_BENCH_DIR (default: a temp dir under /var/tmp, a real
-//! disk rather than tmpfs), KILN_BENCH_SECS (default 3), KILN_BENCH_CALLERS
-//! (default 64), KILN_BENCH_PAYLOAD (bytes, default 512).
+//! disk rather than tmpfs), KILN_BENCH_SECS (per measurement, default 3),
+//! KILN_BENCH_ROUNDS (default 3), KILN_BENCH_CALLERS (default 32),
+//! KILN_BENCH_PAYLOAD (bytes, default 512), KILN_BENCH_HTTP (1, the
+//! default: HTTP/1.1 keep-alive, a connection per caller, as the SDKs
+//! send; 2: HTTP/2 over KILN_BENCH_CONNS connections, default 8),
+//! KILN_BENCH_TARGETS (comma-separated from queue, noop, nginx, accept,
+//! dispatch; default all).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -70,7 +83,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 async fn main() {
     // Arguments (`--bench` from cargo bench, test filters) are ignored.
     let secs = env_num("KILN_BENCH_SECS", 3);
-    let callers = env_num("KILN_BENCH_CALLERS", 64) as usize;
+    let callers = env_num("KILN_BENCH_CALLERS", 32) as usize;
     let payload = vec![b'x'; env_num("KILN_BENCH_PAYLOAD", 512) as usize];
     let base = std::env::var_os("KILN_BENCH_DIR")
         .map(std::path::PathBuf::from)
@@ -255,9 +268,9 @@ type BenchClient = hyper_util::client::legacy::Client<
     http_body_util::Full<bytes::Bytes>,
 >;
 
-/// The load generator's clients: with HTTP/2 (`KILN_BENCH_HTTP=2`, the
-/// default) `conns` clients of one multiplexed connection each; with
-/// HTTP/1.1 one keep-alive pool (a connection per concurrent caller).
+/// The load generator's clients: with HTTP/2 (`KILN_BENCH_HTTP=2`) `conns`
+/// clients of one multiplexed connection each; with HTTP/1.1 (the default)
+/// one keep-alive pool (a connection per concurrent caller).
 fn clients(ca: &std::path::Path, http2: bool, conns: usize) -> Vec<BenchClient> {
     use hyper_util::client::legacy::connect::HttpConnector;
     use hyper_util::client::legacy::Client;
@@ -523,7 +536,7 @@ async fn http_phase(dir: &std::path::Path, secs: u64, callers: usize, payload: &
     use kiln_gateway::config::{BootstrapKey, InternalListener, PublicListener};
 
     let rounds = env_num("KILN_BENCH_ROUNDS", 3).max(1) as usize;
-    let http2 = env_num("KILN_BENCH_HTTP", 2) != 1;
+    let http2 = env_num("KILN_BENCH_HTTP", 1) == 2;
     let conns = env_num("KILN_BENCH_CONNS", 8) as usize;
     let pki = kiln_pki::DevPki::ensure(&dir.join("pki"), &[]).unwrap();
     // The fake agent holds every call until the gate opens: closed, the
