@@ -531,7 +531,8 @@ pub async fn handle(
     req: http::Request<Incoming>,
     conn: ConnInfo,
 ) -> Response<Body> {
-    let request_id = RequestId::generate();
+    // Time-ordered: async task ids default to it and index by it.
+    let request_id = RequestId::generate_ordered();
     let started = Instant::now();
     let span = tracing::info_span!(
         "request",
