@@ -2,7 +2,9 @@
 
 use std::collections::BTreeMap;
 
-use kiln_core::{AccountId, FunctionName, InstanceId, InstanceSpec, LeaseId, NodeId, SandboxKind};
+use kiln_core::{
+    AccountId, FunctionName, InstanceId, InstanceSpec, LeaseId, NodeId, RuntimeName, SandboxKind,
+};
 use serde::{Deserialize, Serialize};
 
 /// Paths, versioned. `{}` parts are filled by the helpers below.
@@ -153,6 +155,20 @@ pub struct NodeLabels {
     /// node is handed to the first account placed on it.
     #[serde(default)]
     pub dedicated_account: Option<AccountId>,
+    /// The runtimes the node can start instances of (its root filesystems
+    /// or microVM disks are ready). `None` from agents that predate the
+    /// field: they are taken to offer every runtime.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtimes: Option<Vec<RuntimeName>>,
+}
+
+impl NodeLabels {
+    /// Whether the node offers `runtime`.
+    pub fn offers(&self, runtime: RuntimeName) -> bool {
+        self.runtimes
+            .as_ref()
+            .is_none_or(|offered| offered.contains(&runtime))
+    }
 }
 
 /// Agent -> scheduler, at start and whenever the scheduler has forgotten
@@ -496,5 +512,29 @@ pub mod exec_frame {
             buf.drain(..5 + len);
             out.push((channel, payload));
         }
+    }
+}
+
+#[cfg(test)]
+mod node_labels_tests {
+    use super::*;
+
+    #[test]
+    fn labels_from_older_agents_offer_every_runtime() {
+        let old = r#"{"zone":"zone-a","tenancy":"dedicated","sandbox_kinds":["container"]}"#;
+        let labels: NodeLabels = serde_json::from_str(old).unwrap();
+        assert_eq!(labels.runtimes, None);
+        assert!(RuntimeName::ALL.into_iter().all(|r| labels.offers(r)));
+        // Unreported stays unreported: an older scheduler parses it too.
+        assert!(!serde_json::to_string(&labels).unwrap().contains("runtimes"));
+
+        let new = r#"{"zone":"zone-a","tenancy":"dedicated","sandbox_kinds":["container"],
+            "runtimes":["custom"]}"#;
+        let labels: NodeLabels = serde_json::from_str(new).unwrap();
+        assert!(labels.offers(RuntimeName::Custom));
+        assert!(!labels.offers(RuntimeName::CustomDebian12));
+        let back: NodeLabels =
+            serde_json::from_str(&serde_json::to_string(&labels).unwrap()).unwrap();
+        assert_eq!(back, labels);
     }
 }

@@ -274,6 +274,8 @@ pub async fn start_with(
             tenancy: config.node.tenancy,
             sandbox_kinds: vec![backends.driver.kind()],
             dedicated_account: config.node.dedicated_account.clone(),
+            // Both backends prepared every configured runtime above.
+            runtimes: Some(config.runtimes.clone()),
         },
     };
     tasks.push(tokio::spawn(registration::run(

@@ -253,6 +253,7 @@ mod tests {
                 tenancy: Tenancy::Dedicated,
                 sandbox_kinds: vec![SandboxKind::Container],
                 dedicated_account: None,
+                runtimes: Some(vec![kiln_core::RuntimeName::Custom]),
             },
         }
     }

@@ -11,7 +11,9 @@
 //!    (moving a function off it is allowed: that is the way out);
 //! 3. `end_of_life_date`: no invocations (sync or async).
 //!
-//! `GET /2023-03-30/runtimes` (Kiln's `ListRuntimes`) lists the catalogue.
+//! `GET /2023-03-30/runtimes` (Kiln's `ListRuntimes`) lists the catalogue,
+//! with how many ready compute nodes offer each runtime (from the
+//! scheduler's node list; left out when the scheduler cannot be reached).
 //! The clock is the gateway's (injectable in tests).
 
 use std::sync::Arc;
@@ -19,6 +21,7 @@ use std::sync::Arc;
 use http::{Response, StatusCode};
 use kiln_core::{FcError, RuntimeName};
 use kiln_internal_api::server::{json, Body};
+use kiln_internal_api::{paths, NodeInfo};
 use serde::{Deserialize, Serialize};
 
 use crate::api::{ApiError, Gateway};
@@ -218,8 +221,9 @@ impl RuntimeCatalogue {
         Ok(())
     }
 
-    /// The catalogue as ListRuntimes shows it.
-    pub fn list(&self, now_ms: u64) -> ListRuntimesOutput {
+    /// The catalogue as ListRuntimes shows it; with `nodes` (the
+    /// scheduler's node list), how many ready nodes offer each runtime.
+    pub fn list(&self, now_ms: u64, nodes: Option<&[NodeInfo]>) -> ListRuntimesOutput {
         ListRuntimesOutput {
             runtimes: self
                 .dates
@@ -230,6 +234,12 @@ impl RuntimeCatalogue {
                     deprecation_date: d.deprecation.map(day),
                     block_update_date: d.block_update.map(day),
                     end_of_life_date: d.end_of_life.map(day),
+                    nodes: nodes.map(|nodes| {
+                        nodes
+                            .iter()
+                            .filter(|n| n.state == "ready" && n.labels.offers(*r))
+                            .count() as u32
+                    }),
                 })
                 .collect(),
         }
@@ -248,6 +258,10 @@ pub struct RuntimeInfo {
     pub block_update_date: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub end_of_life_date: Option<String>,
+    /// Ready compute nodes that offer the runtime (absent when the
+    /// scheduler could not be asked).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<u32>,
 }
 
 /// `ListRuntimesOutput` (Kiln extension, in FC's style).
@@ -258,8 +272,23 @@ pub struct ListRuntimesOutput {
 }
 
 /// `GET /2023-03-30/runtimes`.
-pub fn list(gw: &Arc<Gateway>) -> Result<Response<Body>, ApiError> {
-    Ok(json(StatusCode::OK, &gw.runtimes.list(gw.clock.now_ms())))
+pub async fn list(gw: &Arc<Gateway>) -> Result<Response<Body>, ApiError> {
+    let nodes: Option<Vec<NodeInfo>> = match gw
+        .internal
+        .get(&gw.scheduler_url, paths::SCHEDULER_NODES)
+        .await
+    {
+        Ok(nodes) => Some(nodes),
+        Err(e) => {
+            // The catalogue and its stages still answer without it.
+            tracing::warn!(error = %e, "cannot list the compute nodes; runtimes listed without them");
+            None
+        }
+    };
+    Ok(json(
+        StatusCode::OK,
+        &gw.runtimes.list(gw.clock.now_ms(), nodes.as_deref()),
+    ))
 }
 
 #[cfg(test)]
@@ -307,12 +336,62 @@ mod tests {
         let e = c.check_invoke(rt, JAN1 + 2 * DAY).unwrap_err();
         assert!(e.message.contains("can no longer be invoked"));
         assert_eq!(c.status(other, JAN1 + 9 * DAY), RuntimeStatus::Active);
-        let l = c.list(JAN1);
+        let l = c.list(JAN1, None);
         assert_eq!(l.runtimes.len(), RuntimeName::ALL.len());
+        assert_eq!(l.runtimes[0].nodes, None);
         assert_eq!(
             l.runtimes[0].deprecation_date.as_deref(),
             Some("2030-01-01")
         );
+    }
+
+    fn node(state: &str, runtimes: Option<Vec<RuntimeName>>) -> NodeInfo {
+        NodeInfo {
+            node_id: "n1".parse().unwrap(),
+            agent_url: "https://127.0.0.1:1".into(),
+            capacity: kiln_internal_api::NodeCapacity {
+                memory_mb: 1024,
+                cpu_milli: 1000,
+                max_instances: 4,
+            },
+            labels: kiln_internal_api::NodeLabels {
+                zone: "zone-a".into(),
+                tenancy: kiln_internal_api::Tenancy::Dedicated,
+                sandbox_kinds: vec![kiln_core::SandboxKind::Container],
+                dedicated_account: None,
+                runtimes,
+            },
+            state: state.into(),
+            instances: 0,
+            memory_used_mb: 0,
+            last_heartbeat_ms: 0,
+        }
+    }
+
+    #[test]
+    fn the_listing_counts_the_ready_nodes_that_offer_each_runtime() {
+        let c = RuntimeCatalogue::from_config(&[]).unwrap();
+        let nodes = [
+            node("ready", Some(vec![RuntimeName::Custom])),
+            // An agent that predates reporting its runtimes offers all.
+            node("ready", None),
+            node("failed", Some(RuntimeName::ALL.to_vec())),
+            node("cordoned", Some(RuntimeName::ALL.to_vec())),
+        ];
+        let l = c.list(0, Some(&nodes));
+        let count = |r: RuntimeName| {
+            l.runtimes
+                .iter()
+                .find(|i| i.runtime == r.as_str())
+                .unwrap()
+                .nodes
+        };
+        assert_eq!(count(RuntimeName::Custom), Some(2));
+        assert_eq!(count(RuntimeName::CustomDebian12), Some(1));
+        let l = c.list(0, Some(&nodes[..1]));
+        let v = serde_json::to_value(&l).unwrap();
+        assert_eq!(v["runtimes"][1]["runtime"], "custom.debian12");
+        assert_eq!(v["runtimes"][1]["nodes"], 0);
     }
 
     #[test]

@@ -540,6 +540,7 @@ async fn provisioned_instances_start_and_follow_function_updates() {
                 tenancy: kiln_internal_api::Tenancy::Dedicated,
                 sandbox_kinds: vec![kiln_core::SandboxKind::Container],
                 dedicated_account: Some(ACCOUNT_A.parse().unwrap()),
+                runtimes: None,
             },
             instances: vec![],
         })
@@ -589,5 +590,47 @@ async fn provisioned_instances_start_and_follow_function_updates() {
         sched.provisions().is_empty().then_some(())
     })
     .await;
+    env.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_runtime_listing_shows_which_runtimes_the_nodes_offer() {
+    let env = Env::new().await;
+    let sched = env.scheduler.scheduler().clone();
+    let a = env.client(AK_A, SK_A);
+    let nodes_of = |v: &serde_json::Value, runtime: &str| {
+        v["runtimes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["runtime"] == runtime)
+            .unwrap()["nodes"]
+            .clone()
+    };
+    let v = a.get("/2023-03-30/runtimes").await.ok();
+    assert_eq!(nodes_of(&v, "custom"), 0);
+    sched
+        .register(&kiln_internal_api::RegisterNode {
+            node_id: None,
+            agent_url: "https://127.0.0.1:1".into(),
+            capacity: kiln_internal_api::NodeCapacity {
+                memory_mb: 1024,
+                cpu_milli: 1000,
+                max_instances: 4,
+            },
+            labels: kiln_internal_api::NodeLabels {
+                zone: "zone-a".into(),
+                tenancy: kiln_internal_api::Tenancy::Dedicated,
+                sandbox_kinds: vec![kiln_core::SandboxKind::Container],
+                dedicated_account: None,
+                runtimes: Some(vec![kiln_core::RuntimeName::Custom]),
+            },
+            instances: vec![],
+        })
+        .unwrap();
+    let v = a.get("/2023-03-30/runtimes").await.ok();
+    assert_eq!(nodes_of(&v, "custom"), 1);
+    assert_eq!(nodes_of(&v, "custom.debian12"), 0);
+    assert_eq!(v["runtimes"][0]["status"], "Active");
     env.shutdown().await;
 }

@@ -110,6 +110,7 @@ fn register_nodes(p: &mut Placement, count: usize, memory_mb: u64, max_instances
                 tenancy,
                 sandbox_kinds: vec![sandbox_kind_for(tenancy)],
                 dedicated_account: None,
+                runtimes: None,
             },
             instances: vec![],
         };

@@ -133,6 +133,7 @@ fn registration(node_id: Option<kiln_core::NodeId>, agent_url: &str) -> Register
             tenancy: Tenancy::Dedicated,
             sandbox_kinds: vec![SandboxKind::Container],
             dedicated_account: None,
+            runtimes: None,
         },
         instances: vec![],
     }

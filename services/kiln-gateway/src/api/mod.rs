@@ -662,7 +662,7 @@ async fn dispatch(
             layers::delete_version(gw, &caller, &layer(), &version()).await
         }
         Operation::PutLayerACL => layers::put_acl(gw, &caller, &layer(), &parts).await,
-        Operation::ListRuntimes => crate::runtimes::list(gw),
+        Operation::ListRuntimes => crate::runtimes::list(gw).await,
         Operation::ListInstances => {
             instances::list(gw, &caller, &named(), &parts, request_id.as_str()).await
         }

@@ -647,8 +647,7 @@ impl Placement {
         for (_, ids) in self.free_memory.range(memory..) {
             for id in ids {
                 let n = &self.nodes[id];
-                if n.free_cpu_milli() >= cpu && n.has_instance_slot() && n.accepts(&spec.account_id)
-                {
+                if n.free_cpu_milli() >= cpu && n.has_instance_slot() && n.accepts_spec(spec) {
                     let load = per_zone.get(n.labels.zone.as_str()).copied().unwrap_or(0);
                     if best.is_none_or(|(b, _)| load < b) {
                         best = Some((load, id));
@@ -827,8 +826,7 @@ impl Placement {
         for (_, ids) in self.free_memory.range(memory..) {
             for id in ids {
                 let n = &self.nodes[id];
-                if n.free_cpu_milli() >= cpu && n.has_instance_slot() && n.accepts(&spec.account_id)
-                {
+                if n.free_cpu_milli() >= cpu && n.has_instance_slot() && n.accepts_spec(spec) {
                     match high {
                         Some(h) if (n.used_memory_mb + memory) * 100 > h * n.capacity.memory_mb => {
                             fallback.get_or_insert(id);
@@ -841,17 +839,30 @@ impl Placement {
         if let Some(id) = fallback {
             return Ok(id.clone());
         }
-        // No room: say what ran out, over the nodes this account may use.
+        // No node offers the runtime: no amount of room helps.
+        if !self
+            .nodes
+            .values()
+            .any(|n| n.state.can_place() && n.labels.offers(spec.runtime))
+        {
+            return Err(FcError::unavailable(format!(
+                "no compute node offers runtime {}; retry once a node that offers it has \
+                 joined, or use another runtime",
+                spec.runtime
+            )));
+        }
+        // No room: say what ran out, over the nodes this instance may use.
         let eligible: Vec<&Node> = self
             .nodes
             .values()
-            .filter(|n| n.state.can_place() && n.accepts(&spec.account_id))
+            .filter(|n| n.state.can_place() && n.accepts_spec(spec))
             .collect();
         if eligible.is_empty() {
             return Err(FcError::throttled(format!(
-                "no compute node accepts instances of account {}: every healthy node is \
-                 dedicated to another account or lacks the sandbox kind its tenancy needs",
-                spec.account_id
+                "no compute node accepts instances of account {} on runtime {}: every healthy \
+                 node that offers the runtime is dedicated to another account or lacks the \
+                 sandbox kind its tenancy needs",
+                spec.account_id, spec.runtime
             )));
         }
         let mut short = Vec::new();
@@ -1145,11 +1156,11 @@ impl Placement {
                     u64::from(inst.spec.memory_mb),
                     u64::from(inst.spec.cpu_milli),
                 );
-                let account = inst.spec.account_id.clone();
+                let spec = inst.spec.clone();
                 let nodes = &self.nodes;
                 let Some(target) = cool.iter_mut().find(|(c, m, p, k)| {
                     let c = &nodes[c];
-                    c.accepts(&account)
+                    c.accepts_spec(&spec)
                         && c.free_memory_mb() >= m + memory
                         && c.free_cpu_milli() >= p + cpu
                         && c.instances.len() + k < c.capacity.max_instances as usize
@@ -1843,6 +1854,11 @@ fn check_registration(req: &RegisterNode) -> Result<(), FcError> {
     if req.labels.tenancy == Tenancy::MultiTenant && req.labels.dedicated_account.is_some() {
         return Err(FcError::invalid_argument(
             "a multi-tenant node cannot have a dedicated_account",
+        ));
+    }
+    if req.labels.runtimes.as_ref().is_some_and(Vec::is_empty) {
+        return Err(FcError::invalid_argument(
+            "labels.runtimes must name at least one runtime (or be absent)",
         ));
     }
     if req.labels.zone.is_empty() || req.labels.zone.len() > 64 {

@@ -60,6 +60,7 @@ pub(crate) fn registration(
                 Tenancy::MultiTenant => SandboxKind::Microvm,
             }],
             dedicated_account: dedicated.map(|a| a.parse().unwrap()),
+            runtimes: None,
         },
         instances: vec![],
     }
@@ -1584,4 +1585,85 @@ fn without_rebalancing_nothing_moves_and_placement_bin_packs() {
     // The fullest node that fits still gets the next instance.
     let l = f.acquire_started(&spec("1", "new", 1, 100));
     assert_eq!(l.node_id.as_str(), "n1");
+}
+
+fn offering(id: &str, memory_mb: u64, runtimes: Option<Vec<RuntimeName>>) -> RegisterNode {
+    let mut r = registration(Some(id), memory_mb, Tenancy::Dedicated, None);
+    r.labels.runtimes = runtimes;
+    r
+}
+
+fn created_on(a: Acquired) -> NodeId {
+    match a {
+        Acquired::Starting {
+            create: Some(job), ..
+        } => job.node_id,
+        _ => panic!("expected a new instance"),
+    }
+}
+
+#[test]
+fn instances_go_only_to_nodes_that_offer_their_runtime() {
+    let mut f = Fixture::new();
+    let now = f.now();
+    // The best fit by memory offers only `custom`.
+    f.p.register(
+        &offering("small", 1024, Some(vec![RuntimeName::Custom])),
+        now,
+    )
+    .unwrap();
+    f.p.register(&offering("big", 8192, Some(RuntimeName::ALL.to_vec())), now)
+        .unwrap();
+    let custom = spec("1", "static", 1, 128);
+    let mut debian = spec("1", "python", 1, 128);
+    debian.runtime = RuntimeName::CustomDebian12;
+    let debian = debian.seal();
+    for _ in 0..3 {
+        assert_eq!(
+            created_on(f.p.acquire(&debian, now).unwrap()).as_str(),
+            "big"
+        );
+    }
+    assert_eq!(
+        created_on(f.p.acquire(&custom, now).unwrap()).as_str(),
+        "small"
+    );
+    // The node list shows what each node offers.
+    let info = f.p.nodes_info();
+    let small = info.iter().find(|n| n.node_id.as_str() == "small").unwrap();
+    assert_eq!(small.labels.runtimes, Some(vec![RuntimeName::Custom]));
+}
+
+#[test]
+fn a_runtime_no_node_offers_is_refused_with_its_name() {
+    let mut f = Fixture::new();
+    let now = f.now();
+    f.p.register(&offering("n1", 8192, Some(vec![RuntimeName::Custom])), now)
+        .unwrap();
+    let mut debian = spec("1", "python", 1, 128);
+    debian.runtime = RuntimeName::CustomDebian12;
+    let debian = debian.seal();
+    let e = f.p.acquire(&debian, now).unwrap_err();
+    assert_eq!(e.code, FcErrorCode::ServiceUnavailable);
+    assert!(e.message.contains("custom.debian12"), "{}", e.message);
+    assert_eq!(f.p.instance_count(), 0);
+    // A node registered by an older agent (no runtimes reported) is taken
+    // to offer every runtime.
+    f.p.register(&offering("old", 8192, None), now).unwrap();
+    assert_eq!(
+        created_on(f.p.acquire(&debian, now).unwrap()).as_str(),
+        "old"
+    );
+}
+
+#[test]
+fn a_registration_offering_no_runtime_is_refused() {
+    let mut f = Fixture::new();
+    let now = f.now();
+    let e =
+        f.p.register(&offering("n1", 8192, Some(vec![])), now)
+            .unwrap_err();
+    assert_eq!(e.code, FcErrorCode::InvalidArgument);
+    assert!(e.message.contains("runtimes"), "{}", e.message);
+    assert!(f.p.nodes_info().is_empty());
 }

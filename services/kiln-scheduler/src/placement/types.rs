@@ -184,6 +184,12 @@ impl Node {
         }
     }
 
+    /// Whether an instance of `spec` may run here at all: its account
+    /// (see [`Node::accepts`]) and its runtime, which the node must offer.
+    pub fn accepts_spec(&self, spec: &InstanceSpec) -> bool {
+        self.accepts(&spec.account_id) && self.labels.offers(spec.runtime)
+    }
+
     pub fn record(&self) -> NodeRecord {
         NodeRecord {
             node_id: self.id.clone(),

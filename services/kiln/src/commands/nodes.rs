@@ -195,6 +195,7 @@ mod tests {
                         tenancy: Tenancy::Dedicated,
                         sandbox_kinds: vec![SandboxKind::Container],
                         dedicated_account: None,
+                        runtimes: None,
                     },
                     instances: vec![],
                 },
