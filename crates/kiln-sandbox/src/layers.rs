@@ -1,7 +1,8 @@
 //! FC's layers under `/opt`: a function's layer zips, each extracted once
 //! per node and immutable, merged read-only in the function's order (the
 //! first layer listed wins where two hold the same path, as FC documents)
-//! with a per-instance writable upper, so what an instance changes under
+//! with a per-instance writable upper on the instance's size-limited disk,
+//! so what an instance changes under
 //! `/opt` stays in that instance and a new instance starts clean, as with
 //! `/code`.
 //!
@@ -38,12 +39,15 @@ pub fn opt_dir(paths: &InstancePaths) -> PathBuf {
     paths.dir.join("opt")
 }
 
+/// The instance's changes under `/opt`: on its size-limited writable
+/// filesystem (see [`crate::disk`]), beside `/code`'s upper, so they count
+/// against the instance's disk.
 fn opt_upper(paths: &InstancePaths) -> PathBuf {
-    paths.dir.join("opt-upper")
+    paths.disk().join("opt-upper")
 }
 
 fn opt_work(paths: &InstancePaths) -> PathBuf {
-    paths.dir.join("opt-work")
+    paths.disk().join("opt-work")
 }
 
 /// Every layer directory must exist (before anything is created).
@@ -60,7 +64,8 @@ pub fn check_layer_dirs(req: &SandboxRequest) -> Result<(), SandboxError> {
 }
 
 /// Mount the instance's `/opt` overlay when the function has layers;
-/// returns its host path. `rootfs` must have an `/opt` mount point.
+/// returns its host path. `rootfs` must have an `/opt` mount point and the
+/// instance's writable filesystem must be mounted at `paths.disk()`.
 pub fn mount_opt(
     mounter: &dyn Mounter,
     req: &SandboxRequest,
@@ -140,7 +145,7 @@ mod tests {
         let paths = InstancePaths {
             dir: tmp.path().join("inst"),
         };
-        std::fs::create_dir(&paths.dir).unwrap();
+        std::fs::create_dir_all(paths.disk()).unwrap();
         let rootfs = tmp.path().join("rootfs");
         std::fs::create_dir_all(rootfs.join("opt")).unwrap();
         let m = RecordingMounter::new();
@@ -150,8 +155,8 @@ mod tests {
             m.calls(),
             vec![MountCall::OverlayLowers {
                 lowers: vec![cache.join(&b), cache.join(&a)],
-                upper: paths.dir.join("opt-upper"),
-                work: paths.dir.join("opt-work"),
+                upper: paths.disk().join("opt-upper"),
+                work: paths.disk().join("opt-work"),
                 target: target.clone(),
             }]
         );

@@ -95,7 +95,9 @@ fn functions_cannot_escape_or_exceed_their_limits() {
         let env = [("HOST_SECRET", secret.display().to_string())];
 
         let (victim, victim_addr) = start(&driver, &code, 128, 100, &env).await;
-        let (probe, probe_addr) = start(&driver, &code, 1024, 500, &env).await;
+        // The probe has a layer: its /opt changes count against its disk.
+        let layers = [layer_dir(&guard)];
+        let (probe, probe_addr) = start_with_layers(&driver, &code, 1024, 500, &env, &layers).await;
 
         // Hardening: every escape fails.
         let r = get_async(probe_addr, "/probe").await.unwrap();
@@ -137,12 +139,13 @@ fn functions_cannot_escape_or_exceed_their_limits() {
         assert!((100..1024).contains(&forked), "{r}");
         assert!(get_async(victim_addr, "/").await.is_some());
 
-        // Disk filler: ENOSPC at the instance's 512 MB, on /tmp and /code
-        // alike (one writable filesystem); the host's disk is untouched.
+        // Disk filler: ENOSPC at the instance's 512 MB, on /tmp, /code and
+        // /opt alike (one writable filesystem); the host's disk is untouched.
         let r = get_async(probe_addr, "/disk").await.unwrap();
         eprintln!("disk filler: {r}");
         assert_eq!(r["tmp_error"], "ENOSPC", "{r}");
         assert_eq!(r["code_error"], "ENOSPC", "{r}");
+        assert_eq!(r["opt_error"], "ENOSPC", "{r}");
         let written = r["tmp_written"].as_u64().unwrap();
         assert!(
             (400 << 20..=512 << 20).contains(&written),

@@ -314,12 +314,12 @@ def fork_bomb():
         os.waitpid(p, 0)
     return {"forked": len(pids), "error": error}
 
-def fill(path):
+def fill(path, limit=20 << 30):
     written, error = 0, None
     chunk = b"\x5a" * (1 << 20)
     try:
         with open(path, "wb") as f:
-            while written < (20 << 30):
+            while written < limit:
                 f.write(chunk)
                 f.flush()
                 written += len(chunk)
@@ -331,12 +331,19 @@ def fill(path):
 def disk_filler():
     tmp_written, tmp_error = fill("/tmp/filler")
     code_written, code_error = fill("/code/filler")
+    # With layers, /opt's changes are on the same (full) disk; capped so a
+    # regression cannot fill the host.
+    opt_error = None
+    if os.path.isdir("/opt/probe-layer"):
+        _, opt_error = fill("/opt/filler", 64 << 20)
+        os.unlink("/opt/filler")
     os.unlink("/tmp/filler")
     os.unlink("/code/filler")
     after, after_error = fill("/tmp/after")
     os.unlink("/tmp/after")
     return {"tmp_written": tmp_written, "tmp_error": tmp_error,
-            "code_written": code_written, "code_error": code_error}
+            "code_written": code_written, "code_error": code_error,
+            "opt_error": opt_error}
 
 hog = []
 def memory_bomb():
@@ -426,10 +433,34 @@ pub async fn start(
     cpu_milli: u32,
     env: &[(&str, String)],
 ) -> (InstanceId, SocketAddr) {
+    start_with_layers(driver, code, memory_mb, cpu_milli, env, &[]).await
+}
+
+/// A layer beside the code dir (as the agent's cache keeps them) holding
+/// `probe-layer/`, so the probe sees layers under `/opt`.
+#[allow(dead_code)] // not every test binary uses it
+pub fn layer_dir(guard: &Guard) -> String {
+    let digest = "ab".repeat(32);
+    let dir = guard.dir().join(&digest);
+    std::fs::create_dir_all(dir.join("probe-layer")).unwrap();
+    std::fs::write(dir.join("probe-layer/readme"), "layer").unwrap();
+    digest
+}
+
+/// [`start`] with the function's layers (digests of [`layer_dir`]s).
+pub async fn start_with_layers(
+    driver: &ContainerDriver,
+    code: &Path,
+    memory_mb: u32,
+    cpu_milli: u32,
+    env: &[(&str, String)],
+    layers: &[String],
+) -> (InstanceId, SocketAddr) {
     let mut spec = spec(memory_mb, cpu_milli, &["python3", "/code/probe.py"]);
     for (k, v) in env {
         spec.environment.insert((*k).to_owned(), v.clone());
     }
+    spec.layers = layers.to_vec();
     let req = SandboxRequest {
         instance_id: InstanceId::generate(),
         spec: spec.seal(),
