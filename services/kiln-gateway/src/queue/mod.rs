@@ -310,7 +310,14 @@ pub struct Queue {
 const WRITER_CACHE_KIB: i64 = 64 * 1024;
 
 /// How often the checkpointer moves the WAL into the database file.
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+/// How often the writer finishes a checkpoint itself, between two
+/// transactions. The checkpointer never catches up with a writer that
+/// keeps appending, and SQLite only starts the WAL over once a checkpoint
+/// has copied all of it: without this the WAL grows for as long as the
+/// load lasts. The writer only copies what came since the checkpointer's
+/// last pass.
+const WRITER_CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
 impl Queue {
     /// Open (creating) the queue database and start its writer thread. The
@@ -327,6 +334,8 @@ impl Queue {
             // Task ids are random keys of the unique index: keep its pages
             // (and the others') cached rather than read back per insert.
             c.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)?;
+            // A WAL that grew under a burst is cut back when it restarts.
+            c.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
             Ok(())
         })?;
         let reader = Database::open(path, MIGRATIONS)?;
@@ -768,6 +777,7 @@ fn writer(
     batches: Arc<std::sync::atomic::AtomicU64>,
     metrics: Arc<QueueMetrics>,
 ) {
+    let mut last_checkpoint = std::time::Instant::now();
     while let Some(first) = rx.blocking_recv() {
         let mut ops = vec![first];
         while ops.len() < BATCH_MAX {
@@ -791,6 +801,16 @@ fn writer(
         if committed.is_ok() {
             metrics.committed(ops.len(), started.elapsed());
             tally.apply(&metrics);
+        }
+        if last_checkpoint.elapsed() >= WRITER_CHECKPOINT_EVERY {
+            last_checkpoint = std::time::Instant::now();
+            // PASSIVE never waits: busy (the checkpointer is at it) is fine.
+            let r = db.with_conn(|c| {
+                Ok(c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(0))?)
+            });
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "writer's WAL checkpoint did not run");
+            }
         }
         if let Err(e) = committed {
             tracing::error!(error = %e, ops = ops.len(), "queue batch failed to commit");
