@@ -608,3 +608,205 @@ async fn a_vmm_that_dies_later_is_seen_and_cleaned_up() {
     h.driver.destroy(&req.instance_id).await.unwrap();
     h.assert_nothing_left();
 }
+
+/// Two layers, listed second-digest first so that the order is the
+/// function's, not the digests'.
+fn with_layers(h: &Harness, mut req: SandboxRequest) -> (SandboxRequest, Vec<String>) {
+    let layers = vec!["d2".repeat(32), "c1".repeat(32)];
+    for (i, digest) in layers.iter().enumerate() {
+        // Beside the code directory, as the agent's cache keeps them.
+        let dir = h.dir.path().join(digest);
+        std::fs::create_dir_all(dir.join("lib")).unwrap();
+        std::fs::write(dir.join("lib/layer.txt"), format!("layer {i}")).unwrap();
+    }
+    let mut spec = req.spec.clone();
+    spec.layers = layers.clone();
+    req.spec = spec.seal();
+    assert_eq!(
+        req.layer_dirs(),
+        vec![h.dir.path().join(&layers[0]), h.dir.path().join(&layers[1])]
+    );
+    (req, layers)
+}
+
+/// The VM's disks as its VMM holds them: (id, image file name, readonly).
+async fn vm_disks(h: &Harness, vm: &str) -> Vec<(String, String, bool)> {
+    let client = kiln_sandbox::microvm::VmmClient::new(
+        h.state().join("microvm/vms").join(vm).join("api.sock"),
+        Duration::from_secs(2),
+    );
+    let info = client.info().await.unwrap();
+    let Some(disks) = info.config.get("disks") else {
+        return vec![];
+    };
+    disks
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            let path = Path::new(d["path"].as_str().unwrap());
+            (
+                d["id"].as_str().unwrap().to_owned(),
+                path.file_name().unwrap().to_string_lossy().into_owned(),
+                d["readonly"].as_bool().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// The configuration the (fake) guest was given.
+async fn guest_config(h: &Harness, id: &InstanceId) -> serde_json::Value {
+    let run = kiln_sandbox::ExecRequest {
+        command: vec!["guest-config".into()],
+        tty: false,
+        stdin: false,
+    };
+    let mut p = h.driver.exec(id, &run).await.unwrap();
+    let out = read_all(p.stdout).await;
+    assert_eq!(p.child.wait().await.unwrap(), 0);
+    serde_json::from_str(&out).unwrap()
+}
+
+fn devices(config: &serde_json::Value, what: &str) -> Vec<String> {
+    let d = &config["disks"][what];
+    let list = if d.is_array() {
+        d.as_array().unwrap().clone()
+    } else if d.is_null() {
+        vec![]
+    } else {
+        vec![d.clone()]
+    };
+    list.iter()
+        .map(|d| d["device"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn disk(id: &str, file: &str, readonly: bool) -> (String, String, bool) {
+    (id.to_owned(), file.to_owned(), readonly)
+}
+
+#[tokio::test]
+async fn layers_are_read_only_disks_in_the_functions_order_on_a_cold_boot() {
+    let h = harness().await;
+    let (req, layers) = with_layers(&h, h.request(RuntimeName::CustomDebian12));
+    let sb = h.driver.create(&req).await.unwrap();
+    let vm = h.vms().pop().unwrap();
+    let code = format!("code-{}.erofs", "ab".repeat(32));
+    assert_eq!(
+        vm_disks(&h, &vm).await,
+        vec![
+            disk("runtime", "runtime-custom.debian12.erofs", true),
+            disk("layer0", &format!("layer-{}.erofs", layers[0]), true),
+            disk("layer1", &format!("layer-{}.erofs", layers[1]), true),
+            disk("code", &code, true),
+            disk("scratch", "scratch.img", false),
+        ]
+    );
+    assert_eq!(h.calls_of(&vm)[..2], ["vm.create 204", "vm.boot 204"]);
+    let config = guest_config(&h, &req.instance_id).await;
+    assert_eq!(devices(&config, "runtime"), ["/dev/vda"]);
+    assert_eq!(devices(&config, "layers"), ["/dev/vdb", "/dev/vdc"]);
+    assert_eq!(devices(&config, "code"), ["/dev/vdd"]);
+    assert_eq!(devices(&config, "scratch"), ["/dev/vde"]);
+    assert!(config["disks"]["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|d| d["fs"] == "erofs"));
+    let (status, _) = invoke(sb.endpoint, "ping").await;
+    assert!(status.contains("200"), "{status}");
+    h.driver.destroy(&req.instance_id).await.unwrap();
+
+    // The layer images are built once and kept for the next instance.
+    let images = h.state().join("microvm/images");
+    let built = std::fs::metadata(images.join(format!("layer-{}.erofs", layers[0])))
+        .unwrap()
+        .modified()
+        .unwrap();
+    let (again, _) = with_layers(&h, h.request(RuntimeName::CustomDebian12));
+    h.driver.create(&again).await.unwrap();
+    let after = std::fs::metadata(images.join(format!("layer-{}.erofs", layers[0])))
+        .unwrap()
+        .modified()
+        .unwrap();
+    assert_eq!(built, after, "a layer image is built once");
+    h.driver.destroy(&again.instance_id).await.unwrap();
+    h.driver.shutdown().await.unwrap();
+    h.assert_nothing_left();
+}
+
+#[tokio::test]
+async fn layers_are_hot_plugged_read_only_in_order_on_a_pooled_vm() {
+    let h = harness_with("", |c| {
+        c.pool_size = 1;
+        c.snapshots = true;
+    })
+    .await;
+    let key = PoolKey::new(RuntimeName::Custom, 256, 1500);
+    h.driver.prewarm(key).await.unwrap();
+    let pooled = h.vms().pop().unwrap();
+    assert!(vm_disks(&h, &pooled).await.is_empty());
+    let (req, layers) = with_layers(&h, h.request(RuntimeName::Custom));
+    let sb = h.driver.create(&req).await.unwrap();
+    let calls = h.calls_of(&pooled);
+    assert_eq!(
+        calls[calls.len() - 5..],
+        [
+            "vm.resume 204",
+            "vm.add-disk 200",
+            "vm.add-disk 200",
+            "vm.add-disk 200",
+            "vm.add-disk 200"
+        ]
+    );
+    assert_eq!(
+        vm_disks(&h, &pooled).await,
+        vec![
+            disk("layer0", &format!("layer-{}.erofs", layers[0]), true),
+            disk("layer1", &format!("layer-{}.erofs", layers[1]), true),
+            disk("code", &format!("code-{}.erofs", "ab".repeat(32)), true),
+            disk("scratch", "scratch.img", false),
+        ]
+    );
+    let config = guest_config(&h, &req.instance_id).await;
+    assert_eq!(devices(&config, "runtime"), Vec::<String>::new());
+    assert_eq!(devices(&config, "layers"), ["/dev/vda", "/dev/vdb"]);
+    assert_eq!(devices(&config, "code"), ["/dev/vdc"]);
+    assert_eq!(devices(&config, "scratch"), ["/dev/vdd"]);
+    let (status, _) = invoke(sb.endpoint, "warm").await;
+    assert!(status.contains("200"), "{status}");
+    h.driver.destroy(&req.instance_id).await.unwrap();
+    h.driver.shutdown().await.unwrap();
+    h.assert_nothing_left();
+}
+
+#[tokio::test]
+async fn without_layers_the_disks_and_guest_config_are_unchanged() {
+    let h = harness().await;
+    let req = h.request(RuntimeName::CustomDebian12);
+    h.driver.create(&req).await.unwrap();
+    let vm = h.vms().pop().unwrap();
+    assert_eq!(
+        vm_disks(&h, &vm).await,
+        vec![
+            disk("runtime", "runtime-custom.debian12.erofs", true),
+            disk("code", &format!("code-{}.erofs", "ab".repeat(32)), true),
+            disk("scratch", "scratch.img", false),
+        ]
+    );
+    let config = guest_config(&h, &req.instance_id).await;
+    assert!(config["disks"].get("layers").is_none(), "{config}");
+    assert_eq!(devices(&config, "runtime"), ["/dev/vda"]);
+    assert_eq!(devices(&config, "code"), ["/dev/vdb"]);
+    assert_eq!(devices(&config, "scratch"), ["/dev/vdc"]);
+    assert!(!h
+        .state()
+        .join("microvm/images")
+        .read_dir()
+        .unwrap()
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().starts_with("layer-")));
+    h.driver.destroy(&req.instance_id).await.unwrap();
+    h.driver.shutdown().await.unwrap();
+    h.assert_nothing_left();
+}

@@ -6,13 +6,15 @@
 //! `scratch.img` (the instance's writable disk) and `vm.json` (what cleanup
 //! after a crash needs). The tap and the VMM's cgroup carry the same name.
 //! Read-only disk images live in `state_dir/microvm/images/`, built once per
-//! runtime and per code digest; snapshots in `state_dir/microvm/snapshots/`.
+//! runtime, per code digest and per layer digest; snapshots in
+//! `state_dir/microvm/snapshots/`.
 //!
 //! A VM is booted (or restored) as a *base*: kernel, initramfs, runtime
 //! disk, tap, vsock, serial, and kiln-guest reporting Ready. A base that
-//! waits in the pool is paused. Giving a base to an instance adds the code
-//! and scratch disks (in `vm.create` on a cold boot, by `vm.add-disk` for a
-//! pooled one, so the guest sees the same devices either way), sends the
+//! waits in the pool is paused. Giving a base to an instance adds its disks,
+//! the function's layers (read-only, in the function's order), the code
+//! (read-only) and scratch (in `vm.create` on a cold boot, by `vm.add-disk`
+//! for a pooled one, so the guest sees the same devices either way), sends the
 //! guest its configuration, and starts the instance's relay (see
 //! [`super::relay`]) whose loopback address is the sandbox endpoint.
 //!
@@ -589,15 +591,38 @@ impl Inner {
 
     /// The code package as an erofs image, built once per digest.
     async fn code_image(&self, code_dir: &Path, digest: &str) -> Result<PathBuf, SandboxError> {
+        self.digest_image("code", code_dir, digest).await
+    }
+
+    /// The function's layers as read-only disks, in the function's order
+    /// (the guest stacks them under `/opt`, the first on top): one erofs
+    /// image per layer digest, built once and shared by every function
+    /// that uses the layer.
+    async fn layer_disks(&self, req: &SandboxRequest) -> Result<Vec<DiskConfig>, SandboxError> {
+        let mut disks = Vec::with_capacity(req.spec.layers.len());
+        for (i, (digest, dir)) in req.spec.layers.iter().zip(req.layer_dirs()).enumerate() {
+            let image = self.digest_image("layer", &dir, digest).await?;
+            disks.push(readonly_disk(&image, &format!("layer{i}")));
+        }
+        Ok(disks)
+    }
+
+    /// `<what>-<digest>.erofs` from `source`, built once per digest.
+    async fn digest_image(
+        &self,
+        what: &str,
+        source: &Path,
+        digest: &str,
+    ) -> Result<PathBuf, SandboxError> {
         if digest.is_empty() || !digest.bytes().all(|b| b.is_ascii_hexdigit()) || digest.len() > 128
         {
             return Err(fs_err(
-                "code digest",
+                format!("{what} digest"),
                 format!("{digest:?} is not a hex digest"),
             ));
         }
-        let dest = self.images_dir.join(format!("code-{digest}.erofs"));
-        self.image(code_dir, &dest).await?;
+        let dest = self.images_dir.join(format!("{what}-{digest}.erofs"));
+        self.image(source, &dest).await?;
         Ok(dest)
     }
 
@@ -873,13 +898,13 @@ impl Inner {
         ))
     }
 
-    /// Boot a VM from the kernel; with `code`, the code disk and a scratch
-    /// disk of the given size are part of its config. Returns it running,
-    /// with kiln-guest Ready.
+    /// Boot a VM from the kernel; with `disks` (read-only ones, then the
+    /// size of a scratch disk), those disks and then a scratch disk are
+    /// part of its config. Returns it running, with kiln-guest Ready.
     async fn cold_boot(
         &self,
         key: PoolKey,
-        code: Option<(DiskConfig, u32)>,
+        disks: Option<(Vec<DiskConfig>, u32)>,
     ) -> Result<Vm, SandboxError> {
         let runtime_disk = self.runtime_image(key.runtime).await?;
         let mut vm = match self.start_vmm(key).await {
@@ -888,9 +913,9 @@ impl Inner {
         };
         let result = async {
             let mut config = self.vm_config(&vm, runtime_disk.as_deref());
-            if let Some((code, disk_mb)) = code {
+            if let Some((readonly, disk_mb)) = disks {
                 let scratch = self.scratch_disk(&vm, disk_mb).await?;
-                config.disks.push(code);
+                config.disks.extend(readonly);
                 config.disks.push(writable_disk(&scratch, "scratch"));
             }
             Inner::api(&vm, "vm.create", vm.client.create(&config).await).await?;
@@ -1175,12 +1200,17 @@ impl Inner {
         }
         let key = PoolKey::new(spec.runtime, spec.memory_mb, cpu_milli(spec));
         let code = self.code_image(&req.code_dir, &spec.code_digest).await?;
-        let code_disk = readonly_disk(&code, "code");
+        // The instance's read-only disks, after the base VM's runtime disk
+        // and before its scratch disk: the layers in the function's order,
+        // then the code.
+        let mut readonly = self.layer_disks(req).await?;
+        let layers = readonly.len();
+        readonly.push(readonly_disk(&code, "code"));
 
         let (mut vm, pooled) = match self.take_pooled(key).await {
             Some(vm) => (vm, true),
             None => (
-                self.cold_boot(key, Some((code_disk.clone(), spec.disk_mb)))
+                self.cold_boot(key, Some((readonly.clone(), spec.disk_mb)))
                     .await?,
                 false,
             ),
@@ -1202,7 +1232,11 @@ impl Inner {
             }
             if pooled {
                 let scratch = self.scratch_disk(&vm, spec.disk_mb).await?;
-                for disk in [code_disk.clone(), writable_disk(&scratch, "scratch")] {
+                let disks = readonly
+                    .iter()
+                    .cloned()
+                    .chain([writable_disk(&scratch, "scratch")]);
+                for disk in disks {
                     Inner::api(&vm, "vm.add-disk", vm.client.add_disk(&disk).await).await?;
                     vm.disks += 1;
                 }
@@ -1210,7 +1244,10 @@ impl Inner {
             self.write_record(&vm, Some(&req.instance_id))?;
             let has_runtime = key.runtime != RuntimeName::Custom;
             let dev = |i: usize| format!("/dev/vd{}", (b'a' + i as u8) as char);
-            let first = vm.disks - 2 - usize::from(has_runtime);
+            // The instance's disks are the last attached: layers, code,
+            // scratch; the runtime's comes just before them.
+            let first_layer = vm.disks - 2 - layers;
+            let first = first_layer - usize::from(has_runtime);
             let disks = GuestDisks {
                 runtime: has_runtime.then(|| Disk {
                     device: dev(first),
@@ -1224,7 +1261,12 @@ impl Inner {
                     device: dev(vm.disks - 1),
                     fs: FsType::Ext4,
                 }),
-                layers: vec![],
+                layers: (first_layer..first_layer + layers)
+                    .map(|i| Disk {
+                        device: dev(i),
+                        fs: FsType::Erofs,
+                    })
+                    .collect(),
             };
             let config = GuestConfig {
                 instance_id: req.instance_id.to_string(),

@@ -79,7 +79,8 @@ impl GuestHandler for ToyGuest {
             .map_err(|e| ErrorBody::new(ErrorCode::InvalidConfig, e.to_string()))?;
         let attached = *self.disks.lock().expect("lock");
         let d = &config.disks;
-        for disk in d.runtime.iter().chain(&d.code).chain(&d.scratch) {
+        let named = d.runtime.iter().chain(&d.code).chain(&d.scratch);
+        for disk in named.chain(&d.layers) {
             let letter = disk
                 .device
                 .strip_prefix("/dev/vd")
@@ -155,8 +156,9 @@ impl GuestHandler for ToyGuest {
     }
 
     /// `echo ARGS...` prints its arguments; `cat` copies stdin to stdout
-    /// and says "bye" on stderr; `exit N` exits with N; anything else fails
-    /// to start (the fake guest has no shell).
+    /// and says "bye" on stderr; `exit N` exits with N; `guest-config`
+    /// prints the configuration the guest was given (JSON); anything else
+    /// fails to start (the fake guest has no shell).
     async fn exec(
         &self,
         request: ExecRequest,
@@ -187,6 +189,17 @@ impl GuestHandler for ToyGuest {
                     }
                 }
                 let _ = output.stderr(Bytes::from_static(b"bye\n")).await;
+                let _ = output
+                    .exit(ExitStatus {
+                        code: Some(0),
+                        signal: None,
+                    })
+                    .await;
+            }
+            Some("guest-config") => {
+                let config =
+                    serde_json::to_string(&*self.configured.lock().expect("lock")).expect("json");
+                let _ = output.stdout(Bytes::from(format!("{config}\n"))).await;
                 let _ = output
                     .exit(ExitStatus {
                         code: Some(0),
