@@ -77,4 +77,9 @@ fc_error("AsyncTaskNotFound", lambda: client.get_async_task(
 client.delete_async_invoke_config("sdk-async", models.DeleteAsyncInvokeConfigRequest())
 fc_error("AsyncConfigNotExists", lambda: client.get_async_invoke_config(
     "sdk-async", models.GetAsyncInvokeConfigRequest()))
+# Without task mode the invocations are not tasks (FC records none).
+fc_error("AsyncTaskNotFound", lambda: client.get_async_task(
+    "sdk-async", "sdk-task-1", models.GetAsyncTaskRequest()))
+untracked = client.list_async_tasks("sdk-async", models.ListAsyncTasksRequest()).body
+assert not untracked.tasks, untracked.to_map()
 print("SDK async ok")
