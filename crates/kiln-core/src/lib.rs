@@ -13,4 +13,4 @@ pub mod spec;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{FcError, FcErrorCode};
 pub use ids::{AccountId, FunctionName, IdError, InstanceId, LeaseId, NodeId, RequestId};
-pub use spec::{InstanceSpec, LifecycleHook, RuntimeName, SandboxKind, NetworkSpec, VpcAttachment};
+pub use spec::{InstanceSpec, LifecycleHook, NetworkSpec, RuntimeName, SandboxKind, VpcAttachment};

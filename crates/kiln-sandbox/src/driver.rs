@@ -23,11 +23,11 @@ pub enum SandboxError {
     Vmm(String),
     #[error("Instance {0} is not known to this sandbox driver")]
     NotFound(InstanceId),
+    #[error("The instance's cgroup failed: {0}")]
+    Cgroup(String),
     /// Running a command in the instance failed (InstanceExec).
     #[error("Cannot run the command in the instance: {0}")]
     Exec(String),
-    #[error("The instance's cgroup failed: {0}")]
-    Cgroup(String),
 }
 
 /// What the agent asks a driver to start.

@@ -40,8 +40,8 @@ pub mod container;
 pub mod disk;
 pub mod driver;
 pub mod exec;
-pub mod layers;
 pub mod instance;
+pub mod layers;
 pub mod microvm;
 pub mod mounts;
 pub mod net;
@@ -53,7 +53,7 @@ pub mod seccomp;
 
 pub use config::{ContainerConfig, ContainerConfigError, Ipv4Cidr, OciRuntimeKind};
 pub use container::ContainerDriver;
-pub use microvm::{MicroVmConfig, MicroVmDriver};
 pub use driver::{Sandbox, SandboxDriver, SandboxError, SandboxRequest};
 pub use exec::{ExecChild, ExecProcess, ExecRequest};
+pub use microvm::{MicroVmConfig, MicroVmDriver};
 pub use rootfs::rootfs_path;
