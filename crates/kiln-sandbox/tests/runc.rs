@@ -163,13 +163,18 @@ impl Drop for Guard {
         ] {
             let out = Command::new("ip").args(&list).output().unwrap();
             for line in String::from_utf8_lossy(&out.stdout).lines() {
-                let name = line
-                    .split(": ")
-                    .nth(1)
-                    .unwrap_or(line)
-                    .split(['@', ' '])
-                    .next()
-                    .unwrap_or("");
+                // `ip -o link show`: "7: name@peer: ..."; `ip netns list`:
+                // "name" or "name (id: 3)".
+                let name = if list[0] == "netns" {
+                    line.split_whitespace().next().unwrap_or("")
+                } else {
+                    line.split(": ")
+                        .nth(1)
+                        .unwrap_or("")
+                        .split(['@', ' '])
+                        .next()
+                        .unwrap_or("")
+                };
                 if name.starts_with(&names) {
                     let _ = Command::new("ip").args(&del).arg(name).status();
                 }
