@@ -3,8 +3,11 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -375,10 +378,15 @@ where
                 // entry before it is inserted.
                 let mut map = streams.lock().unwrap_or_else(|e| e.into_inner());
                 let task = tokio::spawn(async move {
-                    handler2.call(request, writer).await;
+                    let outcome = CatchPanic(Box::pin(handler2.call(request, writer))).await;
                     if !finished.load(Ordering::SeqCst) {
-                        let error =
-                            ErrorBody::new(ErrorCode::Internal, "Call ended without a response");
+                        let error = ErrorBody::new(
+                            ErrorCode::Internal,
+                            match outcome {
+                                Ok(()) => "Call ended without a response".to_owned(),
+                                Err(panic) => format!("The guest's call handler failed: {panic}"),
+                            },
+                        );
                         let _ = out2
                             .send(
                                 Message::Error {
@@ -455,11 +463,14 @@ where
                 let (handler2, out2, streams2) = (handler.clone(), out.clone(), streams.clone());
                 let mut map = streams.lock().unwrap_or_else(|e| e.into_inner());
                 let task = tokio::spawn(async move {
-                    handler2.exec(request, input, writer).await;
+                    let outcome = CatchPanic(Box::pin(handler2.exec(request, input, writer))).await;
                     if !finished.load(Ordering::SeqCst) {
                         let error = ErrorBody::new(
                             ErrorCode::ExecFailed,
-                            "Session ended without an exit status",
+                            match outcome {
+                                Ok(()) => "Session ended without an exit status".to_owned(),
+                                Err(panic) => format!("The guest's exec handler failed: {panic}"),
+                            },
                         );
                         let _ = out2
                             .send(
@@ -511,6 +522,28 @@ where
             | Message::Log(_)) => {
                 return Err(ServeError::Protocol(format!("{:?}", other.to_frame().kind)))
             }
+        }
+    }
+}
+
+/// A handler future whose panic becomes an error: a call or session whose
+/// task panicked would otherwise end without any answer, and the host would
+/// wait for one forever.
+struct CatchPanic<F>(Pin<Box<F>>);
+
+impl<F: Future<Output = ()>> Future for CatchPanic<F> {
+    type Output = Result<(), String>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let inner = self.0.as_mut();
+        match std::panic::catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(())) => Poll::Ready(Ok(())),
+            Err(panic) => Poll::Ready(Err(panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "panicked".into()))),
         }
     }
 }

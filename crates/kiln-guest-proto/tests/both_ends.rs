@@ -66,6 +66,9 @@ impl GuestHandler for FakeGuest {
         if header("x-no-answer").is_some() {
             return;
         }
+        if header("x-panic").is_some() {
+            panic!("the handler broke");
+        }
         response
             .head(ResponseHead {
                 status: 200,
@@ -89,6 +92,9 @@ impl GuestHandler for FakeGuest {
         mut input: mpsc::Receiver<ExecInput>,
         output: ExecWriter,
     ) {
+        if request.command[0] == "panic" {
+            panic!("exec handler broke");
+        }
         if request.command[0] != "cat" {
             output
                 .error(ErrorBody::new(ErrorCode::ExecFailed, "not found"))
@@ -282,6 +288,51 @@ async fn handler_without_answer_is_an_error() {
         Err(GuestClientError::Guest(e)) => assert_eq!(e.code, ErrorCode::Internal),
         other => panic!("{:?}", other.map(|r| r.status)),
     }
+}
+
+/// A handler that panics (kiln-guest's once did when std's spawn lost a
+/// race with the reaper) still answers: the host gets an error on that
+/// stream instead of waiting forever, and the connection keeps serving.
+#[tokio::test]
+async fn a_panicking_handler_answers_with_an_error() {
+    let (client, _h) = configured().await;
+    let head = CallHead {
+        headers: vec![("x-panic".into(), "1".into())],
+        timeout_ms: None,
+    };
+    match tokio::time::timeout(T, client.invoke(head, Bytes::new())).await {
+        Ok(Err(GuestClientError::Guest(e))) => {
+            assert_eq!(e.code, ErrorCode::Internal);
+            assert!(e.message.contains("the handler broke"), "{}", e.message);
+        }
+        Ok(other) => panic!("{:?}", other.map(|r| r.status)),
+        Err(_) => panic!("no answer to a call whose handler panicked"),
+    }
+    let mut session = client
+        .exec(ExecRequest {
+            command: vec!["panic".into()],
+            env: BTreeMap::new(),
+            tty: false,
+            size: None,
+            working_dir: None,
+        })
+        .await
+        .unwrap();
+    match tokio::time::timeout(T, session.output.next()).await {
+        Ok(Some(ExecEvent::Error(e))) => {
+            assert_eq!(e.code, ErrorCode::ExecFailed);
+            assert!(e.message.contains("exec handler broke"), "{}", e.message);
+        }
+        other => panic!("{other:?}"),
+    }
+    let resp = tokio::time::timeout(
+        T,
+        client.invoke(CallHead::default(), Bytes::from_static(b"x")),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(resp.body.collect().await.unwrap(), Bytes::from_static(b"x"));
 }
 
 #[tokio::test]

@@ -8,7 +8,8 @@ use std::process::{ChildStderr, ChildStdin, ChildStdout, Command};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use kiln_guest_proto::ExitStatus;
-use nix::sys::wait::{waitpid, WaitStatus};
+use nix::errno::Errno;
+use nix::sys::wait::{waitid, waitpid, Id, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use tokio::sync::Notify;
 
@@ -40,7 +41,7 @@ static GLOBAL: OnceLock<Reaper> = OnceLock::new();
 
 impl Reaper {
     /// The process's reaper, started on first use: a thread blocked in
-    /// `waitpid(-1)`. There must be only one per process (two would take
+    /// `waitid(P_ALL)`. There must be only one per process (two would take
     /// each other's children), so this is a singleton.
     pub fn start() -> std::io::Result<Reaper> {
         if let Some(r) = GLOBAL.get() {
@@ -54,37 +55,44 @@ impl Reaper {
         std::thread::Builder::new()
             .name("reaper".into())
             .spawn(move || loop {
-                match waitpid(Pid::from_raw(-1), None) {
-                    Ok(status) => r.record(status),
-                    // No children right now.
-                    Err(nix::errno::Errno::ECHILD) => {
-                        std::thread::sleep(std::time::Duration::from_millis(20))
+                // Learn which child exited without collecting it, then
+                // collect it under the state lock (see `reap`).
+                match waitid(Id::All, WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT) {
+                    Ok(exited) => {
+                        if let Some(pid) = exited.pid() {
+                            r.reap(pid);
+                        }
                     }
-                    Err(_) => {}
+                    Err(Errno::EINTR) => {}
+                    // No children right now (or an error that retrying at
+                    // once would only repeat).
+                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
                 }
             })?;
         Ok(reaper)
     }
 
-    fn record(&self, status: WaitStatus) {
-        let (pid, exit) = match status {
-            WaitStatus::Exited(pid, code) => (
-                pid,
-                ExitStatus {
-                    code: Some(code),
-                    signal: None,
-                },
-            ),
-            WaitStatus::Signaled(pid, sig, _) => (
-                pid,
-                ExitStatus {
-                    code: None,
-                    signal: Some(sig as i32),
-                },
-            ),
-            _ => return,
-        };
+    /// Collect a child known to have exited. Under the state lock, which
+    /// [`Reaper::spawn`] holds while std spawns: when a command cannot be
+    /// exec'd, std's spawn itself waits for the failed child before it
+    /// returns the error, and panics ("wait() should either return Ok or
+    /// panic") if someone else collected it first. Taking the lock here
+    /// lets std collect its own failed child; the waitpid below then finds
+    /// nothing (ECHILD) and that is fine.
+    fn reap(&self, pid: Pid) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let exit = match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(_, code)) => ExitStatus {
+                code: Some(code),
+                signal: None,
+            },
+            Ok(WaitStatus::Signaled(_, sig, _)) => ExitStatus {
+                code: None,
+                signal: Some(sig as i32),
+            },
+            // Collected by std's spawn (a failed exec), or not exited.
+            Ok(_) | Err(_) => return,
+        };
         if state.tracked.remove(&pid.as_raw()) {
             state.exited.insert(pid.as_raw(), exit);
             drop(state);
@@ -95,7 +103,8 @@ impl Reaper {
     }
 
     /// Spawn a child whose exit [`Reaper::wait`] can report. Spawning under
-    /// the lock means the reaper cannot see the exit before the pid is tracked.
+    /// the lock means the reaper cannot collect the child before its pid is
+    /// tracked, nor a child whose exec failed before std has collected it.
     // The reaper thread waits for every child; std's wait would race it.
     #[allow(clippy::zombie_processes)]
     pub fn spawn(&self, command: &mut Command) -> std::io::Result<Spawned> {
@@ -149,5 +158,43 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(sb.signal, Some(9));
+    }
+
+    /// std's spawn waits for a child whose exec failed (to collect it
+    /// before returning the error); a reaper that took that child first
+    /// made std panic ("wait() should either return Ok or panic") and the
+    /// task that spawned it died without an answer. The reaper is parked in
+    /// waitpid while a long-lived child runs, so it sees every failed
+    /// child at once: each spawn must still return the error.
+    #[tokio::test]
+    async fn a_command_that_cannot_start_is_an_error_not_a_panic() {
+        let reaper = Reaper::start().unwrap();
+        let sleeper = reaper
+            .spawn(Command::new("/bin/sh").args(["-c", "exec sleep 30"]))
+            .unwrap();
+        for _ in 0..300 {
+            let mut missing = Command::new("/nonexistent/kiln-reaper-test");
+            // The static guest forks and execs (no posix_spawn there); a
+            // pre_exec hook makes std take that path here too.
+            // SAFETY: the hook does nothing between fork and exec.
+            unsafe { std::os::unix::process::CommandExt::pre_exec(&mut missing, || Ok(())) };
+            let err = reaper.spawn(&mut missing).unwrap_err();
+            assert_eq!(err.kind(), std::io::ErrorKind::NotFound);
+        }
+        let ok = reaper
+            .spawn(Command::new("/bin/sh").args(["-c", "exit 3"]))
+            .unwrap();
+        let st = tokio::time::timeout(std::time::Duration::from_secs(5), reaper.wait(ok.pid))
+            .await
+            .unwrap();
+        assert_eq!(st.code, Some(3));
+        let _ = nix::sys::signal::kill(
+            Pid::from_raw(sleeper.pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let st = tokio::time::timeout(std::time::Duration::from_secs(5), reaper.wait(sleeper.pid))
+            .await
+            .unwrap();
+        assert_eq!(st.signal, Some(9));
     }
 }
