@@ -15,9 +15,11 @@
 #   KILN_GUEST_CACHE        output directory (default /var/cache/kiln/guest)
 #   KILN_GUEST_BIN          a static kiln-guest to use instead of building one
 #   KILN_GUEST_KERNEL_PKG   kernel package (default: what linux-image-cloud-amd64 depends on)
+#   KILN_GUEST_LOCK_WAIT    seconds to wait for another build of the same cache (default 600)
 #
 # Needs (scripts/install-deps.sh installs them): apt-get, dpkg-deb, kmod
-# (depmod), cpio, gzip, erofs-utils / squashfs-tools, and cargo for kiln-guest.
+# (depmod), cpio, gzip, flock (util-linux), erofs-utils / squashfs-tools,
+# and cargo for kiln-guest.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
@@ -107,6 +109,16 @@ module_order() {
 
 build_image() {
   mkdir -p "$cache"
+  # One builder at a time per cache (parallel test binaries, a retry, two
+  # checkouts sharing /var/cache/kiln/guest): the kernel directory is
+  # removed and re-extracted, and the outputs are replaced, under this lock.
+  exec 9>"$cache/.lock"
+  if ! flock -w "${KILN_GUEST_LOCK_WAIT:-600}" 9; then
+    log "another build of $cache held its lock for too long"
+    exit 1
+  fi
+  # Leftovers of a build that was killed.
+  rm -rf "$cache"/.stage.* "$cache"/*.tmp
   local bin kdir release
   bin="$(guest_binary)"
   [ -x "$bin" ] || { log "no kiln-guest binary at $bin"; exit 1; }
@@ -116,32 +128,43 @@ build_image() {
   fi
   kdir="$(kernel)"
   release="$(cat "$kdir/release")"
-  local stage
-  stage="$(mktemp -d)"
-  trap 'rm -rf "$stage"' RETURN
-  mkdir -p "$stage"/{dev,proc,sys,tmp,run,mnt,lib/modules/"$release"}
-  install -m 0755 "$bin" "$stage/init"
-  # Debug info is most of a debug build; the guest does not need it.
-  if command -v strip >/dev/null; then strip --strip-debug "$stage/init"; fi
   local order=()
   mapfile -t order < <(module_order "$kdir/root/lib/modules/$release/modules.dep")
+  local manifest
+  manifest="$(printf 'kernel %s\nkiln-guest %s\nmodules %s\nbuilder %s\n' "$release" \
+    "$(sha256sum "$bin" | cut -d' ' -f1)" "${#order[@]}" "$(sha256sum "${BASH_SOURCE[0]}" | cut -d' ' -f1)")"
+  if [ -f "$cache/vmlinuz" ] && [ -f "$cache/initramfs.cpio.gz" ] &&
+    [ "$(cat "$cache/manifest" 2>/dev/null)" = "$manifest" ]; then
+    log "$cache is up to date (kernel $release, ${#order[@]} modules)"
+    return
+  fi
+  # Everything is built in a private directory on the cache's filesystem
+  # and renamed into place; the manifest goes last, so an interrupted
+  # build is never taken for a complete one.
+  local stage
+  stage="$(mktemp -d "$cache/.stage.XXXXXX")"
+  trap 'rm -rf "$stage"' RETURN
+  local root="$stage/root"
+  mkdir -p "$root"/{dev,proc,sys,tmp,run,mnt,lib/modules/"$release"}
+  install -m 0755 "$bin" "$root/init"
+  # Debug info is most of a debug build; the guest does not need it.
+  if command -v strip >/dev/null; then strip --strip-debug "$root/init"; fi
   local p
   for p in "${order[@]}"; do
-    install -D -m 0644 "$kdir/root/lib/modules/$release/$p" "$stage/lib/modules/$release/$p"
+    install -D -m 0644 "$kdir/root/lib/modules/$release/$p" "$root/lib/modules/$release/$p"
   done
-  printf '%s\n' "${order[@]}" > "$stage/lib/modules/kiln.order"
+  printf '%s\n' "${order[@]}" > "$root/lib/modules/kiln.order"
   # The kernel opens /dev/console for PID 1 before anything is mounted.
-  mknod -m 600 "$stage/dev/console" c 5 1 2>/dev/null || log "cannot mknod /dev/console (not root?): PID 1 will have no console"
-  (cd "$stage" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc --reproducible -R 0:0 --quiet) | gzip -9n > "$cache/initramfs.cpio.gz.tmp"
-  mv -f "$cache/initramfs.cpio.gz.tmp" "$cache/initramfs.cpio.gz"
-  cp -f "$kdir/root/boot/vmlinuz-$release" "$cache/vmlinuz.tmp"
-  mv -f "$cache/vmlinuz.tmp" "$cache/vmlinuz"
-  echo "$release" > "$cache/kernel-release"
-  {
-    echo "kernel $release"
-    echo "kiln-guest $(sha256sum "$bin" | cut -d' ' -f1)"
-    echo "modules ${#order[@]}"
-  } > "$cache/manifest"
+  mknod -m 600 "$root/dev/console" c 5 1 2>/dev/null || log "cannot mknod /dev/console (not root?): PID 1 will have no console"
+  (cd "$root" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc --reproducible -R 0:0 --quiet) | gzip -9n > "$stage/initramfs.cpio.gz"
+  cp -f "$kdir/root/boot/vmlinuz-$release" "$stage/vmlinuz"
+  echo "$release" > "$stage/kernel-release"
+  echo "$manifest" > "$stage/manifest"
+  rm -f "$cache/manifest"
+  mv -f "$stage/vmlinuz" "$cache/vmlinuz"
+  mv -f "$stage/initramfs.cpio.gz" "$cache/initramfs.cpio.gz"
+  mv -f "$stage/kernel-release" "$cache/kernel-release"
+  mv -f "$stage/manifest" "$cache/manifest"
   log "$cache/vmlinuz + $cache/initramfs.cpio.gz (kernel $release, ${#order[@]} modules)"
 }
 
