@@ -21,7 +21,7 @@
 //! its functions' recent logs with it.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -274,9 +274,28 @@ impl Tail {
 
 struct Capture {
     path: Option<PathBuf>,
+    /// The console, opened once (it is never replaced while the instance
+    /// lives): every call reads it at its start and end, and opening it by
+    /// path each time was a measurable share of a warm call.
+    file: Option<std::fs::File>,
     offset: u64,
     partial: Vec<u8>,
     calls: Vec<Call>,
+}
+
+/// Reads `buf.len()` bytes at `offset`, fewer at the end of the file or
+/// on an error; how many were read.
+fn read_at_most(f: &std::fs::File, buf: &mut [u8], offset: u64) -> usize {
+    let mut done = 0;
+    while done < buf.len() {
+        match f.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        }
+    }
+    done
 }
 
 /// One instance's console, read incrementally and attributed to calls.
@@ -310,6 +329,7 @@ impl InstanceLog {
             store,
             capture: Mutex::new(Capture {
                 path,
+                file: None,
                 offset,
                 partial: Vec::new(),
                 calls: Vec::new(),
@@ -328,18 +348,22 @@ impl InstanceLog {
     }
 
     fn drain_locked(&self, cap: &mut Capture, flush_partial: bool) {
-        if let Some(path) = cap.path.clone() {
+        if cap.file.is_none() {
+            cap.file = cap.path.as_ref().and_then(|p| std::fs::File::open(p).ok());
+        }
+        if let Some(f) = &cap.file {
             let mut buf = Vec::new();
-            if let Ok(mut f) = std::fs::File::open(&path) {
-                let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-                if len < cap.offset {
-                    // Truncated or replaced: start over.
-                    cap.offset = 0;
-                }
-                if len > cap.offset && f.seek(SeekFrom::Start(cap.offset)).is_ok() {
-                    let _ = f.take(len - cap.offset).read_to_end(&mut buf);
-                    cap.offset += buf.len() as u64;
-                }
+            // One fstat when nothing new was written (the common case).
+            let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+            if len < cap.offset {
+                // Truncated: start over.
+                cap.offset = 0;
+            }
+            if len > cap.offset {
+                buf.resize((len - cap.offset) as usize, 0);
+                let n = read_at_most(f, &mut buf, cap.offset);
+                buf.truncate(n);
+                cap.offset += n as u64;
             }
             cap.partial.extend_from_slice(&buf);
         }
@@ -450,6 +474,7 @@ impl InstanceLog {
         let mut cap = self.lock();
         self.drain_locked(&mut cap, true);
         cap.path = None;
+        cap.file = None;
     }
 }
 
@@ -643,5 +668,43 @@ mod tests {
         log.finish();
         let all = store.query(&a, &f, &LogQuery::default());
         assert_eq!(all[0].message, "Traceback: boom");
+    }
+
+    #[test]
+    fn the_console_is_followed_through_appends_and_a_truncation() {
+        let clock = Arc::new(ManualClock::new(1_000));
+        let store = store(1 << 20, clock);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        let (a, f, i) = ids();
+        // Created after the log: opened on the first read that finds it.
+        let log = InstanceLog::new(
+            store.clone(),
+            a.clone(),
+            f.clone(),
+            i,
+            Some(path.clone()),
+            false,
+        );
+        log.drain();
+        std::fs::write(&path, "one\n").unwrap();
+        log.drain();
+        let mut out = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        out.write_all(b"two\nthr").unwrap();
+        log.drain();
+        out.write_all(b"ee\n").unwrap();
+        log.drain();
+        // Truncated and rewritten shorter: read again from the start.
+        std::fs::write(&path, "4\n").unwrap();
+        log.drain();
+        let lines: Vec<String> = store
+            .query(&a, &f, &LogQuery::default())
+            .into_iter()
+            .map(|r| r.message)
+            .collect();
+        assert_eq!(lines, ["one", "two", "three", "4"]);
     }
 }
