@@ -266,7 +266,8 @@ pub fn public_server_config(
     Ok(Arc::new(config))
 }
 
-/// An internal listener: TLS 1.3 only, HTTP/2 only, a client certificate
+/// An internal listener: TLS 1.3 only, HTTP/2 (control calls) or HTTP/1.1
+/// (the gateway's invocation data path), a client certificate
 /// issued by the cluster CA required.
 pub fn internal_server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, PkiError> {
     let verifier =
@@ -276,7 +277,7 @@ pub fn internal_server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConf
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(load_certs(&files.cert)?, load_key(&files.key)?)?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
 

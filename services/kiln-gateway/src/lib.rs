@@ -179,6 +179,7 @@ pub async fn start_with_clock(
     let public_tls = kiln_pki::public_server_config(&config.public.cert, &config.public.key)?;
     let internal_tls = kiln_pki::internal_server_config(&config.tls)?;
     let internal = InternalClient::new(&config.tls)?;
+    let invoke_client = InternalClient::new_http1(&config.tls)?;
     let queue = queue::Queue::open(&config.queue_path())?;
     let metrics = Metrics::with_extra(|r| queue.metrics().register(r));
     let leases = api::leases::LeasePool::new(
@@ -208,6 +209,7 @@ pub async fn start_with_clock(
         auth: auth::signature_authenticator(catalog.clone(), ram.clone(), clock.clone()),
         ram: ram.clone(),
         internal,
+        invoke_client,
         scheduler_url: config.scheduler_url.clone(),
         leases: leases.clone(),
         region: config.region.clone(),

@@ -136,7 +136,7 @@ pub async fn invoke(
         guard.outcome = LeaseOutcome::InstanceFailed;
         // The agent enforces the function's timeout; this bounds a wedged agent.
         let deadline = Duration::from_secs(u64::from(entry.spec.timeout_s)) + AGENT_GRACE;
-        let resp = match tokio::time::timeout(deadline, gw.internal.send(req)).await {
+        let resp = match tokio::time::timeout(deadline, gw.invoke_client.send(req)).await {
             Ok(Ok(r)) => {
                 guard.outcome = LeaseOutcome::Ok;
                 r

@@ -42,6 +42,8 @@ pub struct Gateway {
     pub runtimes: Arc<crate::runtimes::RuntimeCatalogue>,
     pub auth: SharedAuthenticator,
     pub internal: InternalClient,
+    /// The invocation data path to agents (HTTP/1.1 over the same mTLS).
+    pub invoke_client: InternalClient,
     pub scheduler_url: String,
     pub leases: Arc<leases::LeasePool>,
     pub region: String,
