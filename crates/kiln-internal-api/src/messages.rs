@@ -215,6 +215,12 @@ pub struct HeartbeatResponse {
     /// when true, so agents that predate it keep parsing the answer.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub reprovision: bool,
+    /// The node's instances that must never be frozen while idle
+    /// (provisioned, with FC's `alwaysAllocateCPU`); every other instance of
+    /// the node may be. The whole set every time, so a lost answer is
+    /// mended by the next one. Sent only when not empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub always_allocate_cpu: Vec<InstanceId>,
 }
 
 /// Gateway -> scheduler: a slot for one invocation.
@@ -270,6 +276,14 @@ pub struct RetireFunction {
 pub struct CreateInstance {
     pub instance_id: InstanceId,
     pub spec: InstanceSpec,
+    /// FC's `alwaysAllocateCPU` for a provisioned instance: never frozen
+    /// while idle, so it keeps its CPU for background work. False for
+    /// on-demand instances. A property of the instance, not of the
+    /// function's revision (a provision config change reaches running
+    /// instances through [`HeartbeatResponse::always_allocate_cpu`]).
+    /// Sent only when true, so older agents keep parsing the request.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub always_allocate_cpu: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -293,6 +307,10 @@ pub struct InstanceInfo {
     pub concurrency: u32,
     pub created_at_ms: u64,
     pub last_used_ms: u64,
+    /// Never frozen while idle (a provisioned instance with FC's
+    /// `alwaysAllocateCPU`). Sent only when true.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub always_allocate_cpu: bool,
 }
 
 /// A node as the scheduler reports it.

@@ -402,6 +402,7 @@ mod tests {
         let create = |id: &InstanceId| CreateInstance {
             instance_id: id.clone(),
             spec: spec.clone(),
+            always_allocate_cpu: false,
         };
 
         // No credential source: the create fails before any sandbox.

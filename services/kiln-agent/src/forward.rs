@@ -753,6 +753,7 @@ mod invoke_tests {
             .create(CreateInstance {
                 instance_id: id.clone(),
                 spec: sample_spec(&digest, 9000),
+                always_allocate_cpu: false,
             })
             .await
             .unwrap();

@@ -97,11 +97,33 @@ impl Freezer {
         Ok(Some(took))
     }
 
+    /// An instance turned always-allocated (FC's `alwaysAllocateCPU`):
+    /// give up any pending freeze and thaw it now if it is frozen, so its
+    /// background work runs again without waiting for a call.
+    pub async fn hold(&self, id: &InstanceId) -> Result<(), SandboxError> {
+        let entry = self.entries.lock().expect("freezer lock").get(id).cloned();
+        let Some(entry) = entry else { return Ok(()) };
+        entry.generation.fetch_add(1, Ordering::AcqRel);
+        let mut frozen = entry.frozen.lock().await;
+        if *frozen {
+            let started = Instant::now();
+            self.driver.thaw(id).await?;
+            *frozen = false;
+            self.metrics.thawed(id, started.elapsed());
+            tracing::debug!(instance_id = %id, "always-allocated instance thawed");
+        }
+        Ok(())
+    }
+
     /// After a call ended: when nothing is in flight, freeze the instance
-    /// after the delay unless another call comes first.
+    /// after the delay unless another call comes first. An instance with
+    /// FC's `alwaysAllocateCPU` is never frozen.
     pub fn after_call(self: &Arc<Self>, instance: &Arc<Instance>) {
         let Some(delay) = self.delay() else { return };
-        if instance.in_flight() > 0 || !instance.state().can_invoke() {
+        if instance.in_flight() > 0
+            || !instance.state().can_invoke()
+            || instance.always_allocate_cpu()
+        {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -119,7 +141,8 @@ impl Freezer {
                 let idle = instance.in_flight() == 0
                     && entry.generation.load(Ordering::Acquire) == generation
                     && !entry.released.load(Ordering::Acquire)
-                    && instance.state().can_invoke();
+                    && instance.state().can_invoke()
+                    && !instance.always_allocate_cpu();
                 if *frozen || !idle {
                     return;
                 }
@@ -186,5 +209,114 @@ impl crate::instances::InstanceManager {
         };
         self.freezer.before_call(&instance.id).await?;
         Ok(guard)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{manager, sample_spec, FakeCodeSource, FakeDriver};
+    use kiln_internal_api::CreateInstance;
+
+    async fn wait_frozen(driver: &FakeDriver, id: &InstanceId, frozen: bool) {
+        for _ in 0..500 {
+            if driver.is_frozen(id) == frozen {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("instance {id} never became frozen={frozen}");
+    }
+
+    /// A call's bracket as the forwarder runs it.
+    async fn call(m: &crate::instances::InstanceManager, i: &Arc<Instance>) {
+        i.enter(0);
+        m.freezer.before_call(&i.id).await.unwrap();
+        i.leave(0);
+        m.freezer.after_call(i);
+    }
+
+    #[tokio::test]
+    async fn always_allocated_instances_are_never_frozen_and_the_flag_follows_the_scheduler() {
+        let runtime = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let driver = Arc::new(FakeDriver::at(runtime.local_addr().unwrap()));
+        let code = Arc::new(FakeCodeSource::new(Duration::ZERO));
+        let digest = code.add(b"zip".to_vec());
+        let m = manager(dir.path(), driver.clone(), code.clone());
+        m.freezer.set_delay(Some(Duration::from_millis(20)));
+        let mut ids = Vec::new();
+        for always_allocate_cpu in [true, false] {
+            let id = InstanceId::generate();
+            m.create(CreateInstance {
+                instance_id: id.clone(),
+                spec: sample_spec(&digest, 9000),
+                always_allocate_cpu,
+            })
+            .await
+            .unwrap();
+            ids.push(id);
+        }
+        let (always, on_demand) = (
+            m.get(ids[0].as_str()).unwrap(),
+            m.get(ids[1].as_str()).unwrap(),
+        );
+        assert!(always.always_allocate_cpu() && !on_demand.always_allocate_cpu());
+        let listed: Vec<bool> = ids
+            .iter()
+            .map(|id| {
+                m.list()
+                    .into_iter()
+                    .find(|i| &i.instance_id == id)
+                    .unwrap()
+                    .always_allocate_cpu
+            })
+            .collect();
+        assert_eq!(listed, vec![true, false]);
+
+        // After a call each, only the on-demand one is frozen: the
+        // always-allocated one schedules no freeze at all.
+        call(&m, &always).await;
+        call(&m, &on_demand).await;
+        wait_frozen(&driver, &on_demand.id, true).await;
+        assert!(!driver.is_frozen(&always.id));
+        assert_eq!(driver.freeze_counts(), (1, 0));
+
+        // The scheduler drops the flag (alwaysAllocateCPU turned off): the
+        // idle instance is frozen like any other, without waiting for a call.
+        m.set_always_allocate_cpu(&[]).await;
+        assert!(!always.always_allocate_cpu());
+        wait_frozen(&driver, &always.id, true).await;
+        // ...and sets it again: thawed at once, its background work resumes.
+        m.set_always_allocate_cpu(std::slice::from_ref(&always.id))
+            .await;
+        assert!(!driver.is_frozen(&always.id));
+        assert!(driver.is_frozen(&on_demand.id), "others stay frozen");
+        assert_eq!(driver.freeze_counts(), (2, 1));
+
+        // A freeze already pending when the flag is set gives up: the
+        // instance is still thawed once a freeze would long have happened,
+        // and a later call never freezes it.
+        call(&m, &on_demand).await;
+        m.set_always_allocate_cpu(&ids).await;
+        call(&m, &on_demand).await;
+        call(&m, &always).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!driver.is_frozen(&on_demand.id) && !driver.is_frozen(&always.id));
+        assert_eq!(driver.freeze_counts(), (2, 2));
+
+        // A restarted agent keeps the flag from its records.
+        m.set_always_allocate_cpu(std::slice::from_ref(&always.id))
+            .await;
+        let restarted = manager(dir.path(), driver.clone(), code);
+        restarted.reconcile().await.unwrap();
+        assert!(restarted
+            .get(ids[0].as_str())
+            .unwrap()
+            .always_allocate_cpu());
+        assert!(!restarted
+            .get(ids[1].as_str())
+            .unwrap()
+            .always_allocate_cpu());
     }
 }

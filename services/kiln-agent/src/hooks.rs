@@ -340,6 +340,7 @@ mod tests {
                 .create(CreateInstance {
                     instance_id: id.clone(),
                     spec,
+                    always_allocate_cpu: false,
                 })
                 .await
                 .map(|_| id)

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -100,6 +100,9 @@ pub struct Instance {
     last_used_ms: AtomicU64,
     in_flight: AtomicU32,
     state: AtomicU8,
+    /// FC's `alwaysAllocateCPU` (a provisioned instance whose configuration
+    /// says so): never frozen while idle.
+    always_allocate_cpu: AtomicBool,
     pub(crate) upstream: Upstream,
     /// Temporary credentials of the function's role (empty without one).
     pub(crate) credentials: Arc<crate::credentials::InstanceCredentials>,
@@ -126,6 +129,7 @@ impl Instance {
             last_used_ms: AtomicU64::new(now_ms),
             in_flight: AtomicU32::new(0),
             state: AtomicU8::new(InstanceState::Running as u8),
+            always_allocate_cpu: AtomicBool::new(false),
             upstream,
             credentials: Arc::default(),
         }
@@ -156,6 +160,16 @@ impl Instance {
         self.in_flight.load(Ordering::Relaxed)
     }
 
+    /// Whether the instance keeps its CPU while idle (never frozen).
+    pub fn always_allocate_cpu(&self) -> bool {
+        self.always_allocate_cpu.load(Ordering::Acquire)
+    }
+
+    /// Set FC's `alwaysAllocateCPU`; true when it changed.
+    pub(crate) fn set_always_allocate_cpu(&self, on: bool) -> bool {
+        self.always_allocate_cpu.swap(on, Ordering::AcqRel) != on
+    }
+
     pub(crate) fn enter(&self, now_ms: u64) {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.last_used_ms.store(now_ms, Ordering::Relaxed);
@@ -177,6 +191,7 @@ impl Instance {
             concurrency: self.spec.concurrency,
             created_at_ms: self.created_at_ms,
             last_used_ms: self.last_used_ms.load(Ordering::Relaxed),
+            always_allocate_cpu: self.always_allocate_cpu(),
         }
     }
 }
@@ -210,6 +225,9 @@ struct InstanceRecord {
     /// The sandbox's console (absent in records of older agents).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     log_path: Option<PathBuf>,
+    /// FC's `alwaysAllocateCPU` as last set (absent: false).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    always_allocate_cpu: bool,
 }
 
 /// Node-wide settings of the manager.
@@ -421,6 +439,38 @@ impl InstanceManager {
         out
     }
 
+    /// FC's `alwaysAllocateCPU` as the scheduler wants it now: the
+    /// instances in `always` keep their CPU while idle (thawed at once if
+    /// frozen), every other running instance may be frozen between calls
+    /// again. Changes are recorded, so a restarted agent keeps them.
+    pub async fn set_always_allocate_cpu(self: &Arc<Self>, always: &[InstanceId]) {
+        let always: std::collections::HashSet<&str> = always.iter().map(|i| i.as_str()).collect();
+        let changed: Vec<Arc<Instance>> = self
+            .slots
+            .read()
+            .expect("slots lock")
+            .iter()
+            .filter_map(|(id, s)| match s {
+                Slot::Ready(i) if i.set_always_allocate_cpu(always.contains(id.as_str())) => {
+                    Some(i.clone())
+                }
+                _ => None,
+            })
+            .collect();
+        for i in changed {
+            let on = i.always_allocate_cpu();
+            tracing::info!(instance_id = %i.id, always_allocate_cpu = on, "CPU allocation changed");
+            if on {
+                if let Err(e) = self.freezer.hold(&i.id).await {
+                    tracing::warn!(instance_id = %i.id, error = %e, "cannot thaw an always-allocated instance");
+                }
+            } else {
+                self.freezer.after_call(&i);
+            }
+            self.save_record(&i).await;
+        }
+    }
+
     fn check_spec(&self, spec: &InstanceSpec) -> Result<(), InstanceError> {
         let invalid = |m: String| Err(InstanceError::Invalid(m));
         if !spec.is_sealed() {
@@ -501,6 +551,7 @@ impl InstanceManager {
         let CreateInstance {
             instance_id: id,
             spec,
+            always_allocate_cpu,
         } = req;
         self.check_spec(&spec)?;
         self.reserve(&id, &spec)?;
@@ -571,6 +622,7 @@ impl InstanceManager {
             self.region.as_ref(),
             log,
         ));
+        instance.set_always_allocate_cpu(always_allocate_cpu);
         if let Some(f) = credentials {
             crate::credentials::install(
                 &instance.credentials,
@@ -765,6 +817,7 @@ impl InstanceManager {
             endpoint: instance.endpoint,
             created_at_ms: instance.created_at_ms,
             log_path: instance.log.path(),
+            always_allocate_cpu: instance.always_allocate_cpu(),
         };
         let path = self.record_path(&instance.id);
         let tmp = path.with_extension("json.tmp");
@@ -826,6 +879,7 @@ impl InstanceManager {
             match adopt {
                 Some(r) => {
                     let log = self.instance_log(&r.instance_id, &r.spec, r.log_path, true);
+                    let always_allocate_cpu = r.always_allocate_cpu;
                     let instance = Instance::new(
                         r.instance_id,
                         r.spec,
@@ -834,6 +888,7 @@ impl InstanceManager {
                         self.region.as_ref(),
                         log,
                     );
+                    instance.set_always_allocate_cpu(always_allocate_cpu);
                     tracing::info!(instance_id = %id, "adopted instance from before the restart");
                     self.slots
                         .write()
@@ -945,6 +1000,7 @@ mod tests {
         CreateInstance {
             instance_id: InstanceId::generate(),
             spec: sample_spec(&f.digest, 9000),
+            always_allocate_cpu: false,
         }
     }
 

@@ -193,6 +193,12 @@ pub async fn run(
                         tracing::warn!(node_id = %id, "the scheduler asked this node to register again");
                         continue 'register;
                     }
+                    // FC's alwaysAllocateCPU, the node's whole set each
+                    // time: provision config changes reach running
+                    // instances here.
+                    manager
+                        .set_always_allocate_cpu(&resp.always_allocate_cpu)
+                        .await;
                 }
                 Err(InternalClientError::Remote { error, .. }) => {
                     tracing::warn!(node_id = %id, %error, "the scheduler refused the heartbeat; registering again");
@@ -281,6 +287,7 @@ mod tests {
             .create(CreateInstance {
                 instance_id: id.clone(),
                 spec: sample_spec(&digest, 9000),
+                always_allocate_cpu: false,
             })
             .await
             .unwrap();
@@ -316,6 +323,22 @@ mod tests {
             assert_eq!(s.heartbeats[0].1.instances, vec![id.clone()]);
         }
 
+        // FC's alwaysAllocateCPU arrives with heartbeats, and goes with them.
+        scheduler.state.lock().unwrap().always_allocate_cpu = vec![id.clone()];
+        until("always-allocated", || {
+            manager
+                .get(id.as_str())
+                .is_some_and(|i| i.always_allocate_cpu())
+        })
+        .await;
+        scheduler.state.lock().unwrap().always_allocate_cpu = vec![];
+        until("no longer always-allocated", || {
+            manager
+                .get(id.as_str())
+                .is_some_and(|i| !i.always_allocate_cpu())
+        })
+        .await;
+
         // The scheduler does not know the instance: it goes.
         scheduler.state.lock().unwrap().destroy_next = vec![id.clone()];
         until("destroy", || manager.ids().is_empty()).await;
@@ -326,6 +349,7 @@ mod tests {
             .create(CreateInstance {
                 instance_id: InstanceId::generate(),
                 spec: sample_spec(&digest, 9000),
+                always_allocate_cpu: false,
             })
             .await
             .unwrap();

@@ -271,6 +271,8 @@ pub struct FakeSchedulerState {
     pub reregister_next: bool,
     pub reprovision_next: bool,
     pub heartbeat_interval_ms: u64,
+    /// Answered with every heartbeat (FC's alwaysAllocateCPU).
+    pub always_allocate_cpu: Vec<InstanceId>,
 }
 
 impl FakeScheduler {
@@ -322,6 +324,7 @@ impl SchedulerApi for FakeScheduler {
         let mut s = self.state.lock().unwrap();
         s.heartbeats.push((node.clone(), req.clone()));
         Ok(HeartbeatResponse {
+            always_allocate_cpu: s.always_allocate_cpu.clone(),
             destroy: std::mem::take(&mut s.destroy_next),
             reregister: std::mem::take(&mut s.reregister_next),
             reprovision: std::mem::take(&mut s.reprovision_next),

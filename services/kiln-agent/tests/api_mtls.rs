@@ -159,6 +159,7 @@ async fn the_agent_api_over_mtls() {
             &CreateInstance {
                 instance_id: id.clone(),
                 spec: sample_spec(&digest, 9000),
+                always_allocate_cpu: false,
             },
         )
         .await
@@ -182,6 +183,7 @@ async fn the_agent_api_over_mtls() {
             &CreateInstance {
                 instance_id: InstanceId::generate(),
                 spec: missing.seal(),
+                always_allocate_cpu: false,
             },
         )
         .await

@@ -186,6 +186,7 @@ async fn a_multi_tenant_agent_invokes_a_function_in_a_microvm() {
             &CreateInstance {
                 instance_id: id.clone(),
                 spec: sample_spec(&digest, 9000),
+                always_allocate_cpu: false,
             },
         )
         .await
@@ -417,6 +418,7 @@ async fn real_cloud_hypervisor_boots_the_guest_and_invokes_through_the_agent() {
             &CreateInstance {
                 instance_id: id.clone(),
                 spec: sample_spec(&digest, 9000),
+                always_allocate_cpu: false,
             },
         )
         .await;

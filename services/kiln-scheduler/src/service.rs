@@ -256,6 +256,7 @@ impl Scheduler {
             let req = CreateInstance {
                 instance_id: job.instance_id.clone(),
                 spec: (*job.spec).clone(),
+                always_allocate_cpu: job.always_allocate_cpu,
             };
             let timeout = self.inner.start_timeout + crate::agent::initializer_allowance(&job.spec);
             let create = self.inner.agent.create_instance(&job.agent_url, &req);
@@ -350,6 +351,7 @@ impl Scheduler {
         let out = st.core.heartbeat(node, &hb.instances, now);
         self.finish(&mut st, out.effects);
         HeartbeatResponse {
+            always_allocate_cpu: st.core.always_allocated_on(node),
             destroy: out.destroy,
             reregister: out.reregister,
             reprovision: out.reprovision,

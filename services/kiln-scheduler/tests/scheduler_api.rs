@@ -24,6 +24,8 @@ use tokio::net::TcpListener;
 #[derive(Default)]
 struct AgentLog {
     created: Vec<InstanceId>,
+    /// Created with `always_allocate_cpu`.
+    always_allocate_cpu: Vec<InstanceId>,
     destroyed: Vec<InstanceId>,
 }
 
@@ -62,7 +64,12 @@ async fn fake_agent(files: &TlsFiles) -> FakeAgentServer {
                                 "agent",
                             );
                         }
-                        log.lock().unwrap().created.push(c.instance_id.clone());
+                        let mut log = log.lock().unwrap();
+                        log.created.push(c.instance_id.clone());
+                        if c.always_allocate_cpu {
+                            log.always_allocate_cpu.push(c.instance_id.clone());
+                        }
+                        drop(log);
                         json(
                             StatusCode::OK,
                             &InstanceCreated {
@@ -942,7 +949,7 @@ async fn provision_configs_start_instances_in_the_background_and_persist() {
     let base = base(handle.addr());
     let client = InternalClient::new(&pki.files("gateway-internal")).unwrap();
     let agent_client = InternalClient::new(&pki.files("agent")).unwrap();
-    let _: RegisterNodeResponse = agent_client
+    let reg: RegisterNodeResponse = agent_client
         .post(
             &base,
             paths::NODES_REGISTER,
@@ -1007,6 +1014,23 @@ async fn provision_configs_start_instances_in_the_background_and_persist() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(started, "provisioned instances were never started");
+    // FC's alwaysAllocateCPU travels with each provisioned instance, and
+    // every heartbeat answers the node's instances that must stay unfrozen.
+    let provisioned = agent.log.lock().unwrap().created.clone();
+    assert_eq!(agent.log.lock().unwrap().always_allocate_cpu, provisioned);
+    let beat: HeartbeatResponse = agent_client
+        .post(
+            &base,
+            &paths::node_heartbeat(&reg.node_id),
+            &Heartbeat {
+                instances: provisioned.clone(),
+            },
+        )
+        .await
+        .unwrap();
+    let mut sorted = provisioned.clone();
+    sorted.sort();
+    assert_eq!(beat.always_allocate_cpu, sorted);
     let lease: Lease = client
         .post(
             &base,
@@ -1020,6 +1044,25 @@ async fn provision_configs_start_instances_in_the_background_and_persist() {
         .unwrap();
     assert!(!lease.cold_start);
     release(&client, &base, &lease).await;
+    // An on-demand instance is created without it.
+    let lease: Lease = client
+        .post(
+            &base,
+            paths::LEASES,
+            &AcquireLease {
+                request_id: "r-od".into(),
+                spec: spec("ondemand", 1),
+            },
+        )
+        .await
+        .unwrap();
+    assert!(lease.cold_start);
+    release(&client, &base, &lease).await;
+    {
+        let log = agent.log.lock().unwrap();
+        assert_eq!(log.created.len(), 3);
+        assert_eq!(log.always_allocate_cpu, provisioned);
+    }
 
     // The configuration and its instances survive a restart.
     handle.shutdown().await;

@@ -429,11 +429,13 @@ impl Placement {
             self.changes.push(Change::UpsertNode(record));
         }
         let agent_url = self.nodes[&node_id].agent_url.clone();
+        let always_allocate_cpu = self.always_allocates_cpu(&self.instances[&id]);
         CreateJob {
             instance_id: id,
             node_id,
             agent_url,
             spec,
+            always_allocate_cpu,
         }
     }
 
@@ -540,6 +542,40 @@ impl Placement {
                 Some(ProvisionDetail { status, config })
             })
             .collect()
+    }
+
+    /// FC's `alwaysAllocateCPU`: whether the agent must keep `i` unfrozen
+    /// while idle. Only a provisioned instance whose function's provision
+    /// configuration says so; on-demand instances (those of a deleted
+    /// configuration and those drained for scale-in included) are frozen
+    /// between calls.
+    fn always_allocates_cpu(&self, i: &Instance) -> bool {
+        i.provisioned
+            && self
+                .provisions
+                .get(&(i.spec.account_id.clone(), i.spec.function_name.clone()))
+                .is_some_and(|p| p.config.always_allocate_cpu)
+    }
+
+    /// The instances of `node` the agent must never freeze while idle
+    /// (answered with every heartbeat, so a provision configuration change
+    /// reaches the instances already running within one heartbeat).
+    pub fn always_allocated_on(&self, node: &NodeId) -> Vec<InstanceId> {
+        let Some(n) = self.nodes.get(node) else {
+            return Vec::new();
+        };
+        let mut v: Vec<InstanceId> = n
+            .instances
+            .iter()
+            .filter(|id| {
+                self.instances
+                    .get(*id)
+                    .is_some_and(|i| self.always_allocates_cpu(i))
+            })
+            .cloned()
+            .collect();
+        v.sort();
+        v
     }
 
     /// Provisioned instances of the configuration's revision taking calls.
@@ -1556,6 +1592,7 @@ impl Placement {
                 concurrency: i.spec.concurrency,
                 created_at_ms: i.created_at_ms,
                 last_used_ms: i.last_used_ms,
+                always_allocate_cpu: self.always_allocates_cpu(i),
             })
             .collect();
         v.sort_by(|a, b| {

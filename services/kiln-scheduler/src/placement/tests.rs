@@ -1257,6 +1257,81 @@ fn provisioned_instances_spread_across_zones_and_never_idle_out() {
     assert_eq!(f.p.instance_count(), 0);
 }
 
+/// Every instance the agents are told to keep unfrozen, over all nodes.
+fn always_allocated(f: &Fixture) -> HashSet<InstanceId> {
+    ["za", "zb", "zc"]
+        .iter()
+        .flat_map(|n| f.p.always_allocated_on(&n.parse().unwrap()))
+        .collect()
+}
+
+#[test]
+fn always_allocate_cpu_reaches_provisioned_instances_only_and_follows_the_config() {
+    let mut f = Fixture::new();
+    zoned_nodes(&mut f);
+    let s = spec("1", "p", 1, 128);
+    let mut c = provision(2);
+    c.always_allocate_cpu = true;
+    let e = f.p.put_provision(&s, c.clone(), f.now()).unwrap();
+    assert_eq!(e.create.len(), 2);
+    assert!(e.create.iter().all(|j| j.always_allocate_cpu), "{e:?}");
+    start_all(&mut f, &e);
+    let provisioned: HashSet<InstanceId> = e.create.iter().map(|j| j.instance_id.clone()).collect();
+    assert_eq!(always_allocated(&f), provisioned);
+
+    // Both provisioned instances busy: the third call of the same function
+    // starts an on-demand instance, which is frozen between calls.
+    let busy = [f.acquire_started(&s), f.acquire_started(&s)];
+    assert!(busy.iter().all(|l| provisioned.contains(&l.instance_id)));
+    let now = f.now();
+    let Acquired::Starting {
+        create: Some(job), ..
+    } = f.p.acquire(&s, now).unwrap()
+    else {
+        panic!("expected a new on-demand instance");
+    };
+    assert!(!job.always_allocate_cpu);
+    assert!(!always_allocated(&f).contains(&job.instance_id));
+    // So is an instance of a function without a provision configuration.
+    let Acquired::Starting {
+        create: Some(other),
+        ..
+    } = f.p.acquire(&spec("1", "od", 1, 128), now).unwrap()
+    else {
+        panic!("expected a new instance");
+    };
+    assert!(!other.always_allocate_cpu);
+    let info = f.p.instances_info();
+    assert_eq!(
+        info.iter()
+            .filter(|i| i.always_allocate_cpu)
+            .map(|i| i.instance_id.clone())
+            .collect::<HashSet<_>>(),
+        provisioned
+    );
+
+    // Turning it off keeps the same instances (no cold start, no churn)
+    // and lets their agents freeze them; turning it on again holds them.
+    c.always_allocate_cpu = false;
+    let e = f.p.put_provision(&s, c.clone(), f.now()).unwrap();
+    assert!(e.create.is_empty() && e.destroy.is_empty(), "{e:?}");
+    assert!(always_allocated(&f).is_empty());
+    c.always_allocate_cpu = true;
+    let e = f.p.put_provision(&s, c, f.now()).unwrap();
+    assert!(e.create.is_empty() && e.destroy.is_empty(), "{e:?}");
+    assert_eq!(always_allocated(&f), provisioned);
+
+    // Without the configuration they are on-demand instances.
+    assert!(f
+        .p
+        .delete_provision(&"1".parse().unwrap(), &"p".parse().unwrap()));
+    assert!(always_allocated(&f).is_empty());
+    assert!(f
+        .p
+        .always_allocated_on(&"nowhere".parse().unwrap())
+        .is_empty());
+}
+
 #[test]
 fn a_scheduled_action_raises_the_target_at_its_time_in_its_zone() {
     let mut f = Fixture::new();

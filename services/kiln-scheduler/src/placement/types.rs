@@ -334,4 +334,7 @@ pub struct CreateJob {
     pub node_id: NodeId,
     pub agent_url: String,
     pub spec: Arc<InstanceSpec>,
+    /// A provisioned instance whose configuration has FC's
+    /// `alwaysAllocateCPU`: the agent never freezes it while idle.
+    pub always_allocate_cpu: bool,
 }
