@@ -3,6 +3,9 @@
 //! here, scoped to the caller's account and existing functions, and kept by
 //! the scheduler (`/v1/functions/provision`, `/v1/accounts/{id}/provisions`),
 //! which also checks cron expressions, time zones and time windows.
+//! `alwaysAllocateCPU` defaults to true, as in FC: provisioned instances keep
+//! their CPU while idle; `false` is FC's idle mode, where agents freeze them
+//! between calls like on-demand instances.
 
 use std::sync::Arc;
 
@@ -200,7 +203,10 @@ pub fn parse_input(body: &[u8]) -> Result<ProvisionConfig, FcError> {
     }
     Ok(ProvisionConfig {
         target,
-        always_allocate_cpu: input.always_allocate_cpu.unwrap_or(false),
+        // FC's default (PutProvisionConfigInput: "Default value: true"):
+        // provisioned instances keep their CPU while idle unless the caller
+        // asks for idle mode with `false`, when they are frozen between calls.
+        always_allocate_cpu: input.always_allocate_cpu.unwrap_or(true),
         scheduled_actions,
         target_tracking_policies,
     })
@@ -333,7 +339,8 @@ pub async fn get(
             &arn,
             &ProvisionConfig {
                 target: 0,
-                always_allocate_cpu: false,
+                // What a Put without the field would set.
+                always_allocate_cpu: true,
                 scheduled_actions: vec![],
                 target_tracking_policies: vec![],
             },
@@ -515,6 +522,12 @@ mod tests {
         // defaultTarget wins over target; empty lists are fine.
         let c = parse(json!({"target": 9, "defaultTarget": 3, "scheduledActions": []})).unwrap();
         assert_eq!(c.target, 3);
+        // alwaysAllocateCPU is true unless the caller turns it off (FC's
+        // default); off, provisioned instances are frozen between calls.
+        assert!(c.always_allocate_cpu);
+        let off = parse(json!({"target": 1, "alwaysAllocateCPU": false})).unwrap();
+        assert!(!off.always_allocate_cpu);
+        assert_eq!(to_fc("arn", &off, None)["alwaysAllocateCPU"], false);
         let v = to_fc("arn", &c, None);
         assert_eq!(v["defaultTarget"], 3);
         assert_eq!(v["current"], 0);
