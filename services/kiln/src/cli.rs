@@ -8,6 +8,7 @@ use bytes::Bytes;
 use clap::{Args, Parser, Subcommand};
 
 use crate::client::FcClient;
+use crate::commands::configs::{self, Kind};
 use crate::commands::{bench, dev, functions, nodes, observe, runtimes, tasks};
 use crate::credentials::{self, Credentials};
 
@@ -40,6 +41,14 @@ pub enum Command {
     /// List, show or delete functions.
     #[command(subcommand)]
     Functions(FunctionsCommand),
+    /// Set, show, list or delete a function's provisioned instances (FC's
+    /// provision configs).
+    #[command(subcommand)]
+    Provision(ProvisionCommand),
+    /// Set, show, list or delete a function's reserved concurrency (FC's
+    /// concurrency configs).
+    #[command(subcommand)]
+    Concurrency(ConcurrencyCommand),
     /// Measure Kiln against baselines on this machine and print the ratios.
     Bench(bench::BenchArgs),
     /// List compute nodes, or cordon, drain or uncordon one (needs the
@@ -240,6 +249,61 @@ pub enum TasksCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum ProvisionCommand {
+    /// Keep provisioned instances of FUNCTION started (PutProvisionConfig).
+    Put {
+        function: String,
+        /// How many (defaultTarget).
+        #[arg(long)]
+        target: Option<u32>,
+        /// false: FC's idle mode, instances are frozen between calls; true
+        /// (FC's default): they keep their CPU for background work.
+        #[arg(long)]
+        always_allocate_cpu: Option<bool>,
+        /// FC's PutProvisionConfigInput as JSON (scheduledActions,
+        /// targetTrackingPolicies...; `-` for stdin); the flags go on top.
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+    /// Print FUNCTION's provision config with its current instances (JSON).
+    Get { function: String },
+    /// The account's provision configs.
+    List {
+        /// Only this function's.
+        #[arg(long)]
+        function: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove FUNCTION's provision config: its instances become on-demand.
+    Delete { function: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConcurrencyCommand {
+    /// Reserve concurrency for FUNCTION, also its maximum (PutConcurrencyConfig).
+    Put {
+        function: String,
+        #[arg(long)]
+        reserved: u32,
+    },
+    /// Print FUNCTION's concurrency config (JSON).
+    Get { function: String },
+    /// The account's concurrency configs.
+    List {
+        /// Only this function's.
+        #[arg(long)]
+        function: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove FUNCTION's concurrency config.
+    Delete { function: String },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum FunctionsCommand {
     List {
         #[arg(long)]
@@ -402,6 +466,63 @@ pub async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Provision(cmd) => {
+            let client = client(&cli)?;
+            let kind = Kind::Provision;
+            match cmd {
+                ProvisionCommand::Put {
+                    function,
+                    target,
+                    always_allocate_cpu,
+                    file,
+                } => {
+                    let body = configs::provision_body(&configs::ProvisionOptions {
+                        file: file.clone(),
+                        target: *target,
+                        always_allocate_cpu: *always_allocate_cpu,
+                    })?;
+                    let v = configs::put(&client, kind, function, &body).await?;
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                }
+                ProvisionCommand::Get { function } => {
+                    let v = configs::get(&client, kind, function).await?;
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                }
+                ProvisionCommand::List { function, json } => {
+                    let all = configs::list(&client, kind, function.as_deref()).await?;
+                    print_configs(kind, &all, *json)?;
+                }
+                ProvisionCommand::Delete { function } => {
+                    configs::delete(&client, kind, function).await?;
+                    println!("deleted the provision config of {function}");
+                }
+            }
+            Ok(())
+        }
+        Command::Concurrency(cmd) => {
+            let client = client(&cli)?;
+            let kind = Kind::Concurrency;
+            match cmd {
+                ConcurrencyCommand::Put { function, reserved } => {
+                    let body = configs::concurrency_body(*reserved);
+                    let v = configs::put(&client, kind, function, &body).await?;
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                }
+                ConcurrencyCommand::Get { function } => {
+                    let v = configs::get(&client, kind, function).await?;
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                }
+                ConcurrencyCommand::List { function, json } => {
+                    let all = configs::list(&client, kind, function.as_deref()).await?;
+                    print_configs(kind, &all, *json)?;
+                }
+                ConcurrencyCommand::Delete { function } => {
+                    configs::delete(&client, kind, function).await?;
+                    println!("deleted the concurrency config of {function}");
+                }
+            }
+            Ok(())
+        }
         Command::Bench(args) => bench::run(args).await,
         Command::Runtimes { json } => runtimes::run(&client(&cli)?, *json).await,
         Command::Logs {
@@ -481,4 +602,13 @@ pub async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn print_configs(kind: Kind, all: &[serde_json::Value], json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(all)?);
+    } else {
+        print!("{}", configs::table(kind, all));
+    }
+    Ok(())
 }

@@ -1,4 +1,5 @@
 pub mod bench;
+pub mod configs;
 pub mod dev;
 pub mod functions;
 pub mod nodes;

@@ -1,0 +1,242 @@
+//! `kiln provision put|get|list|delete` and `kiln concurrency
+//! put|get|list|delete` against a real gateway and a real scheduler (in
+//! this process, no node): no root, no sandbox.
+
+use std::process::Output;
+
+use base64::Engine;
+use kiln_gateway::config::{BootstrapKey, InternalListener, PublicListener};
+use kiln_pki::DevPki;
+use serde_json::{json, Value};
+
+const ACCOUNT: &str = "1000000000000002";
+const AK: &str = "AKCLI00000000002";
+const SK: &str = "secret-of-the-cli-test-002";
+
+fn kiln(creds: &std::path::Path, args: &[String]) -> Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("--credentials")
+        .arg(creds)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_manages_provision_and_concurrency_configs() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = DevPki::ensure(&dir.path().join("pki"), &[]).unwrap();
+    let sched = kiln_scheduler::start(kiln_scheduler::SchedulerConfig::new(
+        dir.path().join("scheduler"),
+        "127.0.0.1:0".parse().unwrap(),
+        pki.files("scheduler"),
+    ))
+    .await
+    .unwrap();
+    let public = pki.files("gateway");
+    let gw = kiln_gateway::start(kiln_gateway::GatewayConfig {
+        state_dir: dir.path().join("gateway"),
+        region: "cn-test".into(),
+        scheduler_url: format!("https://127.0.0.1:{}", sched.addr().port()),
+        metrics_listen: None,
+        public: PublicListener {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            cert: public.cert,
+            key: public.key,
+        },
+        internal: InternalListener {
+            listen: "127.0.0.1:0".parse().unwrap(),
+        },
+        tls: pki.files("gateway-internal"),
+        lease_hold_ms: 0,
+        credentials_lifetime_s: 3600,
+        async_queue: Default::default(),
+        runtimes: Default::default(),
+        vpc_listener: None,
+        bootstrap_keys: vec![BootstrapKey {
+            account_id: ACCOUNT.parse().unwrap(),
+            access_key_id: AK.into(),
+            access_key_secret: SK.into(),
+        }],
+    })
+    .await
+    .unwrap();
+    let creds = kiln::credentials::Credentials {
+        endpoint: format!("https://localhost:{}", gw.addr().port()),
+        account_id: ACCOUNT.into(),
+        access_key_id: AK.into(),
+        access_key_secret: SK.into(),
+        ca_cert: pki.ca_cert(),
+    };
+    let creds_path = dir.path().join("credentials.json");
+    creds.write(&creds_path).unwrap();
+    let client = kiln::client::FcClient::new(creds).unwrap();
+    let zip = {
+        use std::io::Write;
+        let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+        w.start_file("app.py", zip::write::SimpleFileOptions::default())
+            .unwrap();
+        w.write_all(b"print('hi')\n").unwrap();
+        w.finish().unwrap().into_inner()
+    };
+    for name in ["web", "job"] {
+        client
+            .create_function(&json!({
+                "functionName": name,
+                "runtime": "custom.debian12",
+                "handler": "index.handler",
+                "customRuntimeConfig": {"command": ["python3", "/code/app.py"], "port": 9000},
+                "code": {"zipFile": base64::engine::general_purpose::STANDARD.encode(&zip)},
+            }))
+            .await
+            .unwrap();
+    }
+
+    let c = creds_path.clone();
+    let run = move |args: &[&str]| {
+        let c = c.clone();
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        async move {
+            tokio::task::spawn_blocking(move || kiln(&c, &args))
+                .await
+                .unwrap()
+        }
+    };
+    let ok_json = |o: Output| -> Value {
+        assert!(o.status.success(), "{o:?}");
+        serde_json::from_str(&stdout(&o)).unwrap_or_else(|e| panic!("{e}: {o:?}"))
+    };
+
+    // ---- provision ----
+    // FC's default: alwaysAllocateCPU true when not given.
+    let v = ok_json(run(&["provision", "put", "web", "--target", "2"]).await);
+    assert_eq!(v["defaultTarget"], 2);
+    assert_eq!(v["alwaysAllocateCPU"], true);
+    assert_eq!(
+        v["functionArn"],
+        format!("acs:fc:cn-test:{ACCOUNT}:functions/web")
+    );
+    // A file of FC's input, with the flags on top.
+    let file = dir.path().join("provision.json");
+    std::fs::write(
+        &file,
+        json!({
+            "target": 1,
+            "scheduledActions": [{
+                "name": "morning", "scheduleExpression": "cron(0 0 8 * * *)",
+                "target": 3, "timeZone": "Asia/Shanghai"
+            }]
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let v = ok_json(
+        run(&[
+            "provision",
+            "put",
+            "job",
+            "--file",
+            file.to_str().unwrap(),
+            "--always-allocate-cpu",
+            "false",
+        ])
+        .await,
+    );
+    assert_eq!(v["alwaysAllocateCPU"], false);
+    assert_eq!(v["scheduledActions"][0]["timeZone"], "Asia/Shanghai");
+    let got = ok_json(run(&["provision", "get", "job"]).await);
+    assert_eq!(got["defaultTarget"], 1);
+    assert_eq!(got["alwaysAllocateCPU"], false);
+    assert_eq!(got["scheduledActions"], v["scheduledActions"]);
+
+    let listed = ok_json(run(&["provision", "list", "--json"]).await);
+    let names: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            c["functionArn"]
+                .as_str()
+                .unwrap()
+                .rsplit('/')
+                .next()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(names, vec!["job", "web"]);
+    let only = ok_json(run(&["provision", "list", "--function", "web", "--json"]).await);
+    assert_eq!(only.as_array().unwrap().len(), 1);
+    let o = run(&["provision", "list"]).await;
+    assert!(o.status.success(), "{o:?}");
+    let table = stdout(&o);
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(lines[0].starts_with("FUNCTION"), "{table}");
+    let job: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(job[0], "job", "{table}");
+    assert_eq!(job[4], "false", "{table}");
+    let web: Vec<&str> = lines[2].split_whitespace().collect();
+    assert_eq!((web[0], web[1], web[4]), ("web", "2", "true"), "{table}");
+
+    // Bad input gets FC's error and changes nothing.
+    let o = run(&["provision", "put", "web", "--target", "10001"]).await;
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("InvalidArgument"), "{o:?}");
+    let o = run(&["provision", "put", "web"]).await;
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--target"), "{o:?}");
+    let o = run(&["provision", "put", "nope", "--target", "1"]).await;
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("FunctionNotFound"), "{o:?}");
+    assert_eq!(
+        ok_json(run(&["provision", "get", "web"]).await)["defaultTarget"],
+        2
+    );
+
+    let o = run(&["provision", "delete", "web"]).await;
+    assert!(o.status.success(), "{o:?}");
+    assert!(stdout(&o).contains("deleted"), "{o:?}");
+    let listed = ok_json(run(&["provision", "list", "--json"]).await);
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+
+    // ---- concurrency ----
+    let v = ok_json(run(&["concurrency", "put", "web", "--reserved", "5"]).await);
+    assert_eq!(v["reservedConcurrency"], 5);
+    let v = ok_json(run(&["concurrency", "get", "web"]).await);
+    assert_eq!(v["reservedConcurrency"], 5);
+    let o = run(&["concurrency", "list"]).await;
+    assert!(o.status.success(), "{o:?}");
+    let table = stdout(&o);
+    assert_eq!(
+        table
+            .lines()
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .collect::<Vec<_>>(),
+        vec!["web", "5"],
+        "{table}"
+    );
+    let o = run(&["concurrency", "put", "web", "--reserved", "-1"]).await;
+    assert!(!o.status.success(), "clap refuses a negative count: {o:?}");
+    let o = run(&["concurrency", "put", "web", "--reserved", "100001"]).await;
+    assert!(stderr(&o).contains("InvalidArgument"), "{o:?}");
+    assert_eq!(
+        ok_json(run(&["concurrency", "get", "web"]).await)["reservedConcurrency"],
+        5
+    );
+    let o = run(&["concurrency", "delete", "web"]).await;
+    assert!(o.status.success(), "{o:?}");
+    let listed = ok_json(run(&["concurrency", "list", "--json"]).await);
+    assert!(listed.as_array().unwrap().is_empty(), "{listed}");
+
+    gw.shutdown().await;
+    sched.shutdown().await;
+}
