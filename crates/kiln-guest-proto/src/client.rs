@@ -1,5 +1,10 @@
 //! The host side: one [`GuestClient`] per guest connection. Cheap to clone;
 //! any number of calls and exec sessions may be in flight at once.
+//!
+//! The reader task never waits for one call's consumer: each stream's
+//! events go into an unbounded queue whose data is bounded by the stream's
+//! flow-control window ([`crate::flow`]); a consumer that reads slowly only
+//! stops the guest from sending that stream's data.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -10,12 +15,11 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::flow::{data_cost, frame_cost, RecvWindow, SendWindow};
 use crate::frame::{read_frame, Frame, FrameError, MAX_DATA_CHUNK, PROTOCOL_VERSION};
 use crate::io::{spawn_writer, OUT_QUEUE};
 use crate::message::*;
 
-/// Buffered events per call or session before the reader waits for the consumer.
-const EVENT_QUEUE: usize = 64;
 /// Buffered log lines; further lines are dropped (and counted) while full.
 const LOG_QUEUE: usize = 4096;
 
@@ -44,6 +48,8 @@ enum CallEvent {
     Body(Bytes),
     End,
     Error(ErrorBody),
+    /// The guest broke the protocol on this call (e.g. sent past its window).
+    Broken(String),
 }
 
 /// Output of an exec session, in order.
@@ -59,16 +65,48 @@ pub enum ExecEvent {
 
 type Configuring = oneshot::Sender<Result<Configured, ErrorBody>>;
 
+/// The reader's side of one call or session.
+struct Entry<E> {
+    events: mpsc::UnboundedSender<E>,
+    /// What the guest may still send on this stream.
+    recv: Arc<RecvWindow>,
+    /// What we may still send on this stream.
+    send: Arc<SendWindow>,
+    head_seen: bool,
+}
+
+impl<E> Entry<E> {
+    fn new() -> (Entry<E>, mpsc::UnboundedReceiver<E>) {
+        let (events, rx) = mpsc::unbounded_channel();
+        let entry = Entry {
+            events,
+            recv: Arc::new(RecvWindow::new()),
+            send: Arc::new(SendWindow::new()),
+            head_seen: false,
+        };
+        (entry, rx)
+    }
+}
+
+impl<E> Drop for Entry<E> {
+    fn drop(&mut self) {
+        // Whoever is still sending on a finished stream stops waiting.
+        self.send.close();
+    }
+}
+
 struct Inner {
     out: mpsc::Sender<Frame>,
     next_stream: AtomicU32,
-    calls: Mutex<HashMap<u32, mpsc::Sender<CallEvent>>>,
-    sessions: Mutex<HashMap<u32, mpsc::Sender<ExecEvent>>>,
+    calls: Mutex<HashMap<u32, Entry<CallEvent>>>,
+    sessions: Mutex<HashMap<u32, Entry<ExecEvent>>>,
     configuring: Mutex<Option<Configuring>>,
     ready: watch::Receiver<Option<Ready>>,
     closed: watch::Receiver<Option<String>>,
     logs: Mutex<Option<mpsc::Receiver<LogLine>>>,
     dropped_logs: AtomicU64,
+    /// The protocol version of a guest whose frames we could not accept.
+    peer_version: Mutex<Option<u8>>,
 }
 
 /// Host-side client of one guest connection.
@@ -108,6 +146,7 @@ impl GuestClient {
             closed,
             logs: Mutex::new(Some(log_rx)),
             dropped_logs: AtomicU64::new(0),
+            peer_version: Mutex::new(None),
         });
         let weak = Arc::downgrade(&inner);
         tokio::spawn(async move {
@@ -147,6 +186,9 @@ impl GuestClient {
                     return Ok(r);
                 }
                 if let Some(reason) = closed.borrow().clone() {
+                    if let Some(v) = self.peer_version() {
+                        return Err(GuestClientError::VersionMismatch(v));
+                    }
                     return Err(GuestClientError::Closed(reason));
                 }
                 tokio::select! {
@@ -206,22 +248,25 @@ impl GuestClient {
         head: CallHead,
     ) -> Result<(RequestBodySender, PendingResponse), GuestClientError> {
         let call = self.next_stream();
-        let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+        let (entry, rx) = Entry::new();
+        let (recv, send) = (entry.recv.clone(), entry.send.clone());
         self.inner
             .calls
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(call, tx);
+            .insert(call, entry);
         let guard = CallGuard {
             client: self.clone(),
             call,
             done: false,
+            window: recv,
         };
         self.send(Message::Call { call, kind, head }).await?;
         Ok((
             RequestBodySender {
                 client: self.clone(),
                 call,
+                window: send,
                 finished: false,
             },
             PendingResponse { events: rx, guard },
@@ -272,16 +317,18 @@ impl GuestClient {
     /// Open an instance-login session.
     pub async fn exec(&self, request: ExecRequest) -> Result<ExecSession, GuestClientError> {
         let session = self.next_stream();
-        let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+        let (entry, rx) = Entry::new();
+        let (recv, send) = (entry.recv.clone(), entry.send.clone());
         self.inner
             .sessions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(session, tx);
+            .insert(session, entry);
         let output = ExecOutput {
             client: self.clone(),
             session,
             events: rx,
+            window: recv,
             done: false,
         };
         self.send(Message::ExecStart { session, request }).await?;
@@ -289,6 +336,7 @@ impl GuestClient {
             input: ExecInput {
                 client: self.clone(),
                 session,
+                window: send,
             },
             output,
         })
@@ -337,7 +385,18 @@ impl GuestClient {
         }
     }
 
+    fn peer_version(&self) -> Option<u8> {
+        *self
+            .inner
+            .peer_version
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
     fn closed_error(&self) -> GuestClientError {
+        if let Some(v) = self.peer_version() {
+            return GuestClientError::VersionMismatch(v);
+        }
         GuestClientError::Closed(self.closed().unwrap_or_else(|| "connection closing".into()))
     }
 
@@ -347,6 +406,37 @@ impl GuestClient {
             .send(message.to_frame())
             .await
             .map_err(|_| self.closed_error())
+    }
+
+    /// Send a flow-controlled frame once the stream's window allows it.
+    /// A stream that already ended (the guest answered, or the call was
+    /// cancelled) takes nothing more: the frame is dropped, as the guest
+    /// would drop it; only a closed connection is an error.
+    async fn send_windowed(
+        &self,
+        window: &SendWindow,
+        message: Message,
+    ) -> Result<(), GuestClientError> {
+        let frame = message.to_frame();
+        if window.take(frame_cost(&frame)).await.is_err() {
+            return match self.closed() {
+                Some(_) => Err(self.closed_error()),
+                None => Ok(()),
+            };
+        }
+        self.inner
+            .out
+            .send(frame)
+            .await
+            .map_err(|_| self.closed_error())
+    }
+
+    /// The consumer of a stream took a frame of `payload_len` bytes: grant
+    /// the guest more window when enough has been consumed.
+    async fn consumed(&self, stream: u32, window: &RecvWindow, payload_len: usize) {
+        if let Some(increment) = window.consumed(data_cost(payload_len)) {
+            let _ = self.send(Message::WindowUpdate { stream, increment }).await;
+        }
     }
 
     fn try_send(&self, message: Message) {
@@ -367,8 +457,14 @@ where
         let frame = match read_frame(&mut reader).await {
             Ok(Some(f)) => f,
             Ok(None) => return "guest closed the connection".into(),
-            Err(e) => return format!("bad frame from guest: {e}"),
+            Err(e) => {
+                if let (FrameError::UnsupportedVersion(v), Some(inner)) = (&e, inner.upgrade()) {
+                    *inner.peer_version.lock().unwrap_or_else(|e| e.into_inner()) = Some(*v);
+                }
+                return format!("bad frame from guest: {e}");
+            }
         };
+        let cost = frame_cost(&frame);
         let message = match Message::from_frame(frame) {
             Ok(m) => m,
             Err(e) => return format!("bad frame from guest: {e}"),
@@ -376,6 +472,8 @@ where
         let Some(inner) = inner.upgrade() else {
             return "client dropped".into();
         };
+        // Nothing below waits for a call's consumer: events are queued, and
+        // what a stream may queue is bounded by its window.
         match message {
             Message::Ready(r) => {
                 let _ = ready.send(Some(r));
@@ -406,27 +504,42 @@ where
                 }
             }
             Message::Error { stream, error } => {
-                if !deliver_call(&inner, stream, CallEvent::Error(error.clone()), true).await {
-                    deliver_exec(&inner, stream, ExecEvent::Error(error), true).await;
+                if !deliver_call(
+                    &inner,
+                    stream,
+                    Delivery::Last(CallEvent::Error(error.clone())),
+                ) {
+                    deliver_exec(&inner, stream, Delivery::Last(ExecEvent::Error(error)));
                 }
             }
             Message::ResponseHead { call, head } => {
-                deliver_call(&inner, call, CallEvent::Head(head), false).await;
+                deliver_call(&inner, call, Delivery::Head(CallEvent::Head(head)));
             }
             Message::ResponseBody { call, data } => {
-                deliver_call(&inner, call, CallEvent::Body(data), false).await;
+                deliver_call(&inner, call, Delivery::Data(cost, CallEvent::Body(data)));
             }
             Message::ResponseEnd { call } => {
-                deliver_call(&inner, call, CallEvent::End, true).await;
+                deliver_call(&inner, call, Delivery::Last(CallEvent::End));
             }
             Message::ExecStdout { session, data } => {
-                deliver_exec(&inner, session, ExecEvent::Stdout(data), false).await;
+                deliver_exec(
+                    &inner,
+                    session,
+                    Delivery::Data(cost, ExecEvent::Stdout(data)),
+                );
             }
             Message::ExecStderr { session, data } => {
-                deliver_exec(&inner, session, ExecEvent::Stderr(data), false).await;
+                deliver_exec(
+                    &inner,
+                    session,
+                    Delivery::Data(cost, ExecEvent::Stderr(data)),
+                );
             }
             Message::ExecExit { session, status } => {
-                deliver_exec(&inner, session, ExecEvent::Exit(status), true).await;
+                deliver_exec(&inner, session, Delivery::Last(ExecEvent::Exit(status)));
+            }
+            Message::WindowUpdate { stream, increment } => {
+                window_update(&inner, stream, increment);
             }
             Message::Log(line) => {
                 if logs.try_send(line).is_err() {
@@ -442,38 +555,133 @@ where
     }
 }
 
-/// Hand an event to its call; false if no such call.
-async fn deliver_call(inner: &Inner, call: u32, event: CallEvent, last: bool) -> bool {
-    let tx = {
-        let mut calls = inner.calls.lock().unwrap_or_else(|e| e.into_inner());
-        if last {
-            calls.remove(&call)
-        } else {
-            calls.get(&call).cloned()
+/// How an event affects its stream.
+enum Delivery<E> {
+    /// The response head: at most one per call.
+    Head(E),
+    /// Flow-controlled data costing this much window.
+    Data(u32, E),
+    /// The stream's last event.
+    Last(E),
+}
+
+/// What the guest did wrong on one stream.
+enum Violation {
+    SecondHead,
+    PastWindow(u32),
+}
+
+impl std::fmt::Display for Violation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Violation::SecondHead => write!(f, "the guest sent a second response head"),
+            Violation::PastWindow(cost) => write!(
+                f,
+                "the guest sent a {cost}-byte frame past the stream's flow-control window"
+            ),
         }
-    };
-    match tx {
-        Some(tx) => {
-            // A consumer that went away is not an error of the connection.
-            let _ = tx.send(event).await;
-            true
-        }
-        None => false,
     }
 }
 
-async fn deliver_exec(inner: &Inner, session: u32, event: ExecEvent, last: bool) -> bool {
-    let tx = {
-        let mut sessions = inner.sessions.lock().unwrap_or_else(|e| e.into_inner());
-        if last {
-            sessions.remove(&session)
-        } else {
-            sessions.get(&session).cloned()
+/// Queue an event for its stream's consumer; never waits. Returns false
+/// if there is no such stream (it ended or was cancelled: late frames are
+/// dropped). A stream the guest abuses is failed and cancelled alone.
+fn deliver<E>(
+    inner: &Inner,
+    streams: &Mutex<HashMap<u32, Entry<E>>>,
+    stream: u32,
+    delivery: Delivery<E>,
+    broken: impl FnOnce(String) -> E,
+) -> bool {
+    let mut map = streams.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(entry) = map.get_mut(&stream) else {
+        return false;
+    };
+    let violation = match delivery {
+        Delivery::Last(event) => {
+            if let Some(entry) = map.remove(&stream) {
+                let _ = entry.events.send(event);
+            }
+            return true;
+        }
+        Delivery::Head(_) if entry.head_seen => Violation::SecondHead,
+        Delivery::Head(event) => {
+            entry.head_seen = true;
+            let _ = entry.events.send(event);
+            return true;
+        }
+        Delivery::Data(cost, _) if !entry.recv.arrived(cost) => Violation::PastWindow(cost),
+        Delivery::Data(_, event) => {
+            // A consumer that went away is not an error of the connection.
+            let _ = entry.events.send(event);
+            return true;
         }
     };
-    match tx {
-        Some(tx) => {
-            let _ = tx.send(event).await;
+    tracing::warn!(stream, violation = %violation, "guest broke the protocol on a stream; cancelling it");
+    if let Some(entry) = map.remove(&stream) {
+        let _ = entry.events.send(broken(violation.to_string()));
+    }
+    drop(map);
+    // The guest stops the stream; the queue may be full, but the writer
+    // drains it without waiting for any consumer.
+    let out = inner.out.clone();
+    tokio::spawn(async move {
+        let _ = out.send(Message::Cancel { call: stream }.to_frame()).await;
+    });
+    true
+}
+
+fn deliver_call(inner: &Inner, call: u32, delivery: Delivery<CallEvent>) -> bool {
+    deliver(inner, &inner.calls, call, delivery, CallEvent::Broken)
+}
+
+fn deliver_exec(inner: &Inner, session: u32, delivery: Delivery<ExecEvent>) -> bool {
+    deliver(inner, &inner.sessions, session, delivery, |message| {
+        ExecEvent::Error(ErrorBody::new(ErrorCode::Protocol, message))
+    })
+}
+
+/// The guest lets us send more on a stream. A grant past the maximum
+/// window fails that stream (and cancels it at the guest).
+fn window_update(inner: &Inner, stream: u32, increment: u32) {
+    let overflow = {
+        let calls = inner.calls.lock().unwrap_or_else(|e| e.into_inner());
+        let sessions = inner.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let send = calls
+            .get(&stream)
+            .map(|e| e.send.clone())
+            .or_else(|| sessions.get(&stream).map(|e| e.send.clone()));
+        match send {
+            Some(send) => send.grant(increment).err(),
+            None => None,
+        }
+    };
+    let Some(overflow) = overflow else { return };
+    let message = format!(
+        "the guest granted a flow-control window of {} bytes, over the maximum of {}",
+        overflow.window,
+        crate::flow::MAX_WINDOW
+    );
+    let error = || ErrorBody::new(ErrorCode::Protocol, message.clone());
+    let failed = fail_stream(&inner.calls, stream, CallEvent::Broken(message.clone()))
+        || fail_stream(&inner.sessions, stream, ExecEvent::Error(error()));
+    if failed {
+        tracing::warn!(stream, %message, "guest broke the protocol on a stream; cancelling it");
+        let out = inner.out.clone();
+        tokio::spawn(async move {
+            let _ = out.send(Message::Cancel { call: stream }.to_frame()).await;
+        });
+    }
+}
+
+fn fail_stream<E>(streams: &Mutex<HashMap<u32, Entry<E>>>, stream: u32, event: E) -> bool {
+    let removed = streams
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&stream);
+    match removed {
+        Some(entry) => {
+            let _ = entry.events.send(event);
             true
         }
         None => false,
@@ -485,6 +693,7 @@ struct CallGuard {
     client: GuestClient,
     call: u32,
     done: bool,
+    window: Arc<RecvWindow>,
 }
 
 impl Drop for CallGuard {
@@ -506,19 +715,25 @@ impl Drop for CallGuard {
 pub struct RequestBodySender {
     client: GuestClient,
     call: u32,
+    window: Arc<SendWindow>,
     finished: bool,
 }
 
 impl RequestBodySender {
     /// Send a chunk (split into frames of at most [`MAX_DATA_CHUNK`]).
+    /// Waits while the guest has not granted window for it (the function
+    /// reads its request slowly); other calls are not held up.
     pub async fn send(&mut self, mut data: Bytes) -> Result<(), GuestClientError> {
         while !data.is_empty() {
             let chunk = data.split_to(data.len().min(MAX_DATA_CHUNK));
             self.client
-                .send(Message::RequestBody {
-                    call: self.call,
-                    data: chunk,
-                })
+                .send_windowed(
+                    &self.window,
+                    Message::RequestBody {
+                        call: self.call,
+                        data: chunk,
+                    },
+                )
                 .await?;
         }
         Ok(())
@@ -543,7 +758,7 @@ impl Drop for RequestBodySender {
 
 /// A call whose response head has not arrived yet.
 pub struct PendingResponse {
-    events: mpsc::Receiver<CallEvent>,
+    events: mpsc::UnboundedReceiver<CallEvent>,
     guard: CallGuard,
 }
 
@@ -562,6 +777,10 @@ impl PendingResponse {
             Some(CallEvent::Error(e)) => {
                 self.guard.done = true;
                 Err(GuestClientError::Guest(e))
+            }
+            Some(CallEvent::Broken(message)) => {
+                self.guard.done = true;
+                Err(GuestClientError::Protocol(message))
             }
             Some(other) => Err(GuestClientError::Protocol(format!(
                 "{other:?} before the response head"
@@ -589,8 +808,9 @@ impl GuestResponse {
 }
 
 /// Streamed response body. Dropping it before the end cancels the call.
+/// The guest sends at most a window ahead of what is read here.
 pub struct ResponseBody {
-    events: mpsc::Receiver<CallEvent>,
+    events: mpsc::UnboundedReceiver<CallEvent>,
     guard: CallGuard,
 }
 
@@ -601,7 +821,13 @@ impl ResponseBody {
             return None;
         }
         match self.events.recv().await {
-            Some(CallEvent::Body(b)) => Some(Ok(b)),
+            Some(CallEvent::Body(b)) => {
+                self.guard
+                    .client
+                    .consumed(self.guard.call, &self.guard.window, b.len())
+                    .await;
+                Some(Ok(b))
+            }
             Some(CallEvent::End) => {
                 self.guard.done = true;
                 None
@@ -609,6 +835,10 @@ impl ResponseBody {
             Some(CallEvent::Error(e)) => {
                 self.guard.done = true;
                 Some(Err(GuestClientError::Guest(e)))
+            }
+            Some(CallEvent::Broken(message)) => {
+                self.guard.done = true;
+                Some(Err(GuestClientError::Protocol(message)))
             }
             Some(CallEvent::Head(_)) => Some(Err(GuestClientError::Protocol(
                 "second response head".into(),
@@ -636,11 +866,13 @@ pub struct ExecSession {
     pub output: ExecOutput,
 }
 
-/// Writes to a session.
+/// Writes to a session. Input waits while the guest has not granted
+/// window for it (the command does not read its stdin).
 #[derive(Clone)]
 pub struct ExecInput {
     client: GuestClient,
     session: u32,
+    window: Arc<SendWindow>,
 }
 
 impl ExecInput {
@@ -648,10 +880,13 @@ impl ExecInput {
         while !data.is_empty() {
             let chunk = data.split_to(data.len().min(MAX_DATA_CHUNK));
             self.client
-                .send(Message::ExecStdin {
-                    session: self.session,
-                    data: chunk,
-                })
+                .send_windowed(
+                    &self.window,
+                    Message::ExecStdin {
+                        session: self.session,
+                        data: chunk,
+                    },
+                )
                 .await?;
         }
         Ok(())
@@ -659,27 +894,35 @@ impl ExecInput {
 
     pub async fn close_stdin(&self) -> Result<(), GuestClientError> {
         self.client
-            .send(Message::ExecStdinClose {
-                session: self.session,
-            })
+            .send_windowed(
+                &self.window,
+                Message::ExecStdinClose {
+                    session: self.session,
+                },
+            )
             .await
     }
 
     pub async fn resize(&self, size: TtySize) -> Result<(), GuestClientError> {
         self.client
-            .send(Message::ExecResize {
-                session: self.session,
-                size,
-            })
+            .send_windowed(
+                &self.window,
+                Message::ExecResize {
+                    session: self.session,
+                    size,
+                },
+            )
             .await
     }
 }
 
-/// Reads a session's output.
+/// Reads a session's output. Dropping it before the session ended stops
+/// the session at the guest.
 pub struct ExecOutput {
     client: GuestClient,
     session: u32,
-    events: mpsc::Receiver<ExecEvent>,
+    events: mpsc::UnboundedReceiver<ExecEvent>,
+    window: Arc<RecvWindow>,
     done: bool,
 }
 
@@ -698,8 +941,13 @@ impl ExecOutput {
                     .unwrap_or_else(|| "connection closed".into()),
             )),
         };
-        if matches!(event, ExecEvent::Exit(_) | ExecEvent::Error(_)) {
-            self.done = true;
+        match &event {
+            ExecEvent::Stdout(data) | ExecEvent::Stderr(data) => {
+                self.client
+                    .consumed(self.session, &self.window, data.len())
+                    .await;
+            }
+            ExecEvent::Exit(_) | ExecEvent::Error(_) => self.done = true,
         }
         Some(event)
     }
@@ -707,11 +955,17 @@ impl ExecOutput {
 
 impl Drop for ExecOutput {
     fn drop(&mut self) {
-        self.client
+        let removed = self
+            .client
             .inner
             .sessions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&self.session);
+        // Nobody reads the output any more and nobody would grant window
+        // for it: the session is stopped rather than left blocked.
+        if !self.done && removed.is_some() {
+            self.client.try_send(Message::Cancel { call: self.session });
+        }
     }
 }

@@ -15,8 +15,14 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// The two bytes every frame starts with.
 pub const MAGIC: [u8; 2] = *b"KG";
-/// The protocol version this crate speaks (and the only one it accepts).
-pub const PROTOCOL_VERSION: u8 = 1;
+/// The protocol version this crate speaks (and the only one it accepts:
+/// every frame header carries it, so a peer of another version is refused
+/// at its first frame; the host reports that as a version mismatch).
+///
+/// 1: the first protocol. 2: per-stream flow control ([`crate::flow`],
+/// WindowUpdate frames); a version-1 peer would never grant window, so the
+/// two cannot be mixed.
+pub const PROTOCOL_VERSION: u8 = 2;
 /// Size of the fixed frame header.
 pub const HEADER_LEN: usize = 12;
 /// Largest payload accepted in one frame (1 MiB).
@@ -51,8 +57,12 @@ pub enum FrameType {
     ResponseBody = 0x16,
     /// guest -> host, empty: the response is complete.
     ResponseEnd = 0x17,
-    /// host -> guest, empty: the host gave up on this call.
+    /// host -> guest, empty: the host gave up on this call or exec session.
     Cancel = 0x18,
+    /// either way, 4 bytes (u32 increment, 1..=[`crate::flow::MAX_WINDOW`]):
+    /// the sender of this frame lets its peer send that many more bytes on
+    /// the stream (see [`crate::flow`]). Since protocol version 2.
+    WindowUpdate = 0x19,
     /// host -> guest, JSON [`crate::ExecRequest`]: start an instance-login session.
     ExecStart = 0x20,
     /// host -> guest, data: bytes for the session's stdin.
@@ -79,7 +89,7 @@ pub enum FrameType {
 
 impl FrameType {
     /// Every frame type, for tests and fuzzers.
-    pub const ALL: [FrameType; 23] = [
+    pub const ALL: [FrameType; 24] = [
         FrameType::Ready,
         FrameType::Configure,
         FrameType::Configured,
@@ -92,6 +102,7 @@ impl FrameType {
         FrameType::ResponseBody,
         FrameType::ResponseEnd,
         FrameType::Cancel,
+        FrameType::WindowUpdate,
         FrameType::ExecStart,
         FrameType::ExecStdin,
         FrameType::ExecStdinClose,
@@ -146,6 +157,8 @@ pub enum FrameError {
         stream: u32,
         expected: &'static str,
     },
+    #[error("WindowUpdate frame: {0}")]
+    BadWindowUpdate(String),
     #[error("{kind:?} frame must be empty")]
     UnexpectedPayload { kind: FrameType },
     #[error("I/O on the guest channel")]
@@ -306,7 +319,7 @@ mod tests {
     #[test]
     fn round_trip() {
         let bytes = frame().to_bytes().unwrap();
-        assert_eq!(&bytes[..4], &[b'K', b'G', 1, 0x13]);
+        assert_eq!(&bytes[..4], &[b'K', b'G', PROTOCOL_VERSION, 0x13]);
         let (decoded, used) = Frame::decode(&bytes).unwrap();
         assert_eq!(decoded, frame());
         assert_eq!(used, bytes.len());
@@ -336,11 +349,14 @@ mod tests {
     #[test]
     fn unknown_version() {
         let mut bytes = frame().to_bytes().unwrap().to_vec();
-        bytes[2] = 2;
-        assert!(matches!(
-            Frame::decode(&bytes),
-            Err(FrameError::UnsupportedVersion(2))
-        ));
+        // Version 1 (no flow control) and any future version.
+        for v in [1, 3, 9] {
+            bytes[2] = v;
+            assert!(matches!(
+                Frame::decode(&bytes),
+                Err(FrameError::UnsupportedVersion(x)) if x == v
+            ));
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use bytes::Bytes;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
+use crate::flow::MAX_WINDOW;
 use crate::frame::{Frame, FrameError, FrameType, PROTOCOL_VERSION};
 
 /// The guest is up and listening; first frame on every connection.
@@ -389,8 +390,14 @@ pub enum Message {
     ResponseEnd {
         call: u32,
     },
+    /// The host gave up on a call or exec session (the guest stops it).
     Cancel {
         call: u32,
+    },
+    /// Either way: the peer may send `increment` more bytes on `stream`.
+    WindowUpdate {
+        stream: u32,
+        increment: u32,
     },
     ExecStart {
         session: u32,
@@ -472,6 +479,23 @@ fn empty(frame: &Frame) -> Result<u32, FrameError> {
     stream(frame)
 }
 
+fn window_update(frame: &Frame) -> Result<Message, FrameError> {
+    let stream = stream(frame)?;
+    let bytes: [u8; 4] = frame.payload[..].try_into().map_err(|_| {
+        FrameError::BadWindowUpdate(format!(
+            "payload of {} bytes, expected 4",
+            frame.payload.len()
+        ))
+    })?;
+    let increment = u32::from_be_bytes(bytes);
+    if increment == 0 || increment > MAX_WINDOW {
+        return Err(FrameError::BadWindowUpdate(format!(
+            "increment {increment} is outside 1..={MAX_WINDOW}"
+        )));
+    }
+    Ok(Message::WindowUpdate { stream, increment })
+}
+
 impl Message {
     pub fn to_frame(&self) -> Frame {
         use FrameType as T;
@@ -488,6 +512,11 @@ impl Message {
             }
             Message::ResponseEnd { call } => Frame::new(T::ResponseEnd, *call, Bytes::new()),
             Message::Cancel { call } => Frame::new(T::Cancel, *call, Bytes::new()),
+            Message::WindowUpdate { stream, increment } => Frame::new(
+                T::WindowUpdate,
+                *stream,
+                Bytes::copy_from_slice(&increment.to_be_bytes()),
+            ),
             Message::ExecStart { session, request } => {
                 Frame::new(T::ExecStart, *session, json(request))
             }
@@ -563,6 +592,7 @@ impl Message {
             T::Cancel => Message::Cancel {
                 call: empty(&frame)?,
             },
+            T::WindowUpdate => window_update(&frame)?,
             T::ExecStart => Message::ExecStart {
                 session: stream(&frame)?,
                 request: parse(&frame)?,

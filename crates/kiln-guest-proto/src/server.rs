@@ -1,5 +1,10 @@
 //! The guest side: [`serve`] answers one host connection, handing
 //! configuration, calls and exec sessions to a [`GuestHandler`].
+//!
+//! The read loop never waits for a handler: a call's request body and a
+//! session's input are queued, bounded by the stream's flow-control window
+//! ([`crate::flow`]), and the response side waits for the host's window,
+//! so a slow reader on either end holds up only its own stream.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -14,12 +19,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
+use crate::flow::{frame_cost, RecvWindow, SendWindow};
 use crate::frame::{read_frame, Frame, FrameError, MAX_DATA_CHUNK};
 use crate::io::{spawn_writer, OUT_QUEUE};
 use crate::message::*;
-
-/// Buffered request-body chunks / exec inputs per stream.
-const INPUT_QUEUE: usize = 16;
 
 /// What the guest does with the host's requests.
 pub trait GuestHandler: Send + Sync + 'static {
@@ -50,7 +53,7 @@ pub trait GuestHandler: Send + Sync + 'static {
     fn exec(
         &self,
         request: ExecRequest,
-        input: mpsc::Receiver<ExecInput>,
+        input: ExecInputs,
         output: ExecWriter,
     ) -> impl Future<Output = ()> + Send;
 }
@@ -61,8 +64,64 @@ pub struct CallRequest {
     pub call: u32,
     pub kind: CallKind,
     pub head: CallHead,
-    /// Body chunks; the channel closes at the end of the body.
-    pub body: mpsc::Receiver<Bytes>,
+    /// Body chunks, None at the end of the body.
+    pub body: RequestBody,
+}
+
+/// Grants the host window for what a handler has taken off a stream.
+#[derive(Debug)]
+struct Granter {
+    stream: u32,
+    window: Arc<RecvWindow>,
+    out: mpsc::Sender<Frame>,
+}
+
+impl Granter {
+    async fn consumed(&self, cost: u32) {
+        if let Some(increment) = self.window.consumed(cost) {
+            let _ = send(
+                &self.out,
+                Message::WindowUpdate {
+                    stream: self.stream,
+                    increment,
+                },
+            )
+            .await;
+        }
+    }
+}
+
+/// A call's request body as the host streams it. Reading it lets the host
+/// send more; the host sends at most a window ahead of the reader.
+#[derive(Debug)]
+pub struct RequestBody {
+    chunks: mpsc::UnboundedReceiver<(Bytes, u32)>,
+    granter: Granter,
+}
+
+impl RequestBody {
+    /// Next chunk; None at the end of the body (or when the call ended).
+    pub async fn recv(&mut self) -> Option<Bytes> {
+        let (chunk, cost) = self.chunks.recv().await?;
+        self.granter.consumed(cost).await;
+        Some(chunk)
+    }
+}
+
+/// An exec session's input as the host sends it, in order.
+#[derive(Debug)]
+pub struct ExecInputs {
+    inputs: mpsc::UnboundedReceiver<(ExecInput, u32)>,
+    granter: Granter,
+}
+
+impl ExecInputs {
+    /// Next input; None when the host is gone or the session ended.
+    pub async fn recv(&mut self) -> Option<ExecInput> {
+        let (input, cost) = self.inputs.recv().await?;
+        self.granter.consumed(cost).await;
+        Some(input)
+    }
 }
 
 /// Input to an exec session.
@@ -104,6 +163,7 @@ impl LogSender {
 pub struct ResponseWriter {
     call: u32,
     out: mpsc::Sender<Frame>,
+    window: Arc<SendWindow>,
     finished: Arc<AtomicBool>,
     head_sent: bool,
 }
@@ -126,12 +186,15 @@ impl ResponseWriter {
         .await
     }
 
-    /// Send body bytes (chunked into frames).
+    /// Send body bytes (chunked into frames). Waits while the host has
+    /// not granted window for them (its caller reads slowly). Returns false
+    /// if the host is gone or broke the stream's flow control.
     pub async fn body(&mut self, mut data: Bytes) -> bool {
         while !data.is_empty() {
             let chunk = data.split_to(data.len().min(MAX_DATA_CHUNK));
-            if !send(
+            if !send_windowed(
                 &self.out,
+                &self.window,
                 Message::ResponseBody {
                     call: self.call,
                     data: chunk,
@@ -173,6 +236,7 @@ impl ResponseWriter {
 pub struct ExecWriter {
     session: u32,
     out: mpsc::Sender<Frame>,
+    window: Arc<SendWindow>,
     finished: Arc<AtomicBool>,
 }
 
@@ -180,8 +244,9 @@ impl ExecWriter {
     pub async fn stdout(&self, mut data: Bytes) -> bool {
         while !data.is_empty() {
             let chunk = data.split_to(data.len().min(MAX_DATA_CHUNK));
-            if !send(
+            if !send_windowed(
                 &self.out,
+                &self.window,
                 Message::ExecStdout {
                     session: self.session,
                     data: chunk,
@@ -198,8 +263,9 @@ impl ExecWriter {
     pub async fn stderr(&self, mut data: Bytes) -> bool {
         while !data.is_empty() {
             let chunk = data.split_to(data.len().min(MAX_DATA_CHUNK));
-            if !send(
+            if !send_windowed(
                 &self.out,
+                &self.window,
                 Message::ExecStderr {
                     session: self.session,
                     data: chunk,
@@ -242,14 +308,33 @@ async fn send(out: &mpsc::Sender<Frame>, message: Message) -> bool {
     out.send(message.to_frame()).await.is_ok()
 }
 
+/// Send a flow-controlled frame once the host's window allows it.
+async fn send_windowed(out: &mpsc::Sender<Frame>, window: &SendWindow, message: Message) -> bool {
+    let frame = message.to_frame();
+    if window.take(frame_cost(&frame)).await.is_err() {
+        return false;
+    }
+    out.send(frame).await.is_ok()
+}
+
 struct Stream {
     input: Option<StreamInput>,
     abort: AbortHandle,
+    /// What the host may still send on this stream.
+    recv: Arc<RecvWindow>,
+    /// What the handler may still send on this stream.
+    send: Arc<SendWindow>,
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.send.close();
+    }
 }
 
 enum StreamInput {
-    Body(mpsc::Sender<Bytes>),
-    Exec(mpsc::Sender<ExecInput>),
+    Body(mpsc::UnboundedSender<(Bytes, u32)>),
+    Exec(mpsc::UnboundedSender<(ExecInput, u32)>),
 }
 
 /// Serve one host connection until it closes. Sends Ready first. A
@@ -319,6 +404,7 @@ where
         let Some(frame) = read_frame(reader).await? else {
             return Ok(());
         };
+        let cost = frame_cost(&frame);
         let message = Message::from_frame(frame)?;
         match message {
             Message::Configure(config) => {
@@ -359,11 +445,13 @@ where
                     stream_error(out, call, "stream id already in use").await;
                     continue;
                 }
-                let (body_tx, body) = mpsc::channel(INPUT_QUEUE);
+                let (body_tx, chunks) = mpsc::unbounded_channel();
+                let (recv, send) = (Arc::new(RecvWindow::new()), Arc::new(SendWindow::new()));
                 let finished = Arc::new(AtomicBool::new(false));
                 let writer = ResponseWriter {
                     call,
                     out: out.clone(),
+                    window: send.clone(),
                     finished: finished.clone(),
                     head_sent: false,
                 };
@@ -371,7 +459,14 @@ where
                     call,
                     kind,
                     head,
-                    body,
+                    body: RequestBody {
+                        chunks,
+                        granter: Granter {
+                            stream: call,
+                            window: recv.clone(),
+                            out: out.clone(),
+                        },
+                    },
                 };
                 let (handler2, out2, streams2) = (handler.clone(), out.clone(), streams.clone());
                 // Hold the lock across spawn so the task cannot remove its
@@ -407,21 +502,17 @@ where
                     Stream {
                         input: Some(StreamInput::Body(body_tx)),
                         abort: task.abort_handle(),
+                        recv,
+                        send,
                     },
                 );
             }
             Message::RequestBody { call, data } => {
-                let tx = match streams.lock().unwrap_or_else(|e| e.into_inner()).get(&call) {
-                    Some(Stream {
-                        input: Some(StreamInput::Body(tx)),
-                        ..
-                    }) => Some(tx.clone()),
-                    _ => None,
-                };
-                // A call that finished or was cancelled ignores late body.
-                if let Some(tx) = tx {
-                    let _ = tx.send(data).await;
-                }
+                stream_input(out, streams, call, cost, |input| match input {
+                    StreamInput::Body(tx) => tx.send((data, cost)).is_ok(),
+                    StreamInput::Exec(_) => false,
+                })
+                .await;
             }
             Message::RequestEnd { call } => {
                 if let Some(s) = streams
@@ -453,11 +544,21 @@ where
                     stream_error(out, session, "stream id already in use").await;
                     continue;
                 }
-                let (input_tx, input) = mpsc::channel(INPUT_QUEUE);
+                let (input_tx, inputs) = mpsc::unbounded_channel();
+                let (recv, send) = (Arc::new(RecvWindow::new()), Arc::new(SendWindow::new()));
+                let input = ExecInputs {
+                    inputs,
+                    granter: Granter {
+                        stream: session,
+                        window: recv.clone(),
+                        out: out.clone(),
+                    },
+                };
                 let finished = Arc::new(AtomicBool::new(false));
                 let writer = ExecWriter {
                     session,
                     out: out.clone(),
+                    window: send.clone(),
                     finished: finished.clone(),
                 };
                 let (handler2, out2, streams2) = (handler.clone(), out.clone(), streams.clone());
@@ -492,17 +593,35 @@ where
                     Stream {
                         input: Some(StreamInput::Exec(input_tx)),
                         abort: task.abort_handle(),
+                        recv,
+                        send,
                     },
                 );
             }
             Message::ExecStdin { session, data } => {
-                exec_input(streams, session, ExecInput::Stdin(data)).await
+                exec_input(out, streams, session, cost, ExecInput::Stdin(data)).await
             }
             Message::ExecStdinClose { session } => {
-                exec_input(streams, session, ExecInput::CloseStdin).await
+                exec_input(out, streams, session, cost, ExecInput::CloseStdin).await
             }
             Message::ExecResize { session, size } => {
-                exec_input(streams, session, ExecInput::Resize(size)).await
+                exec_input(out, streams, session, cost, ExecInput::Resize(size)).await
+            }
+            Message::WindowUpdate { stream, increment } => {
+                let send = streams
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&stream)
+                    .map(|s| s.send.clone());
+                // A stream that already ended ignores late grants.
+                if let Some(Err(overflow)) = send.map(|s| s.grant(increment)) {
+                    let message = format!(
+                        "The host granted a flow-control window of {} bytes, over the maximum of {}",
+                        overflow.window,
+                        crate::flow::MAX_WINDOW
+                    );
+                    fail_stream(out, streams, stream, message).await;
+                }
             }
             Message::Ping(data) => {
                 let _ = out.send(Message::Pong(data).to_frame()).await;
@@ -553,19 +672,79 @@ async fn stream_error(out: &mpsc::Sender<Frame>, stream: u32, message: &str) {
     let _ = out.send(Message::Error { stream, error }.to_frame()).await;
 }
 
-async fn exec_input(streams: &Arc<Mutex<HashMap<u32, Stream>>>, session: u32, input: ExecInput) {
-    let tx = match streams
+async fn exec_input(
+    out: &mpsc::Sender<Frame>,
+    streams: &Arc<Mutex<HashMap<u32, Stream>>>,
+    session: u32,
+    cost: u32,
+    input: ExecInput,
+) {
+    stream_input(out, streams, session, cost, |i| match i {
+        StreamInput::Exec(tx) => tx.send((input, cost)).is_ok(),
+        StreamInput::Body(_) => false,
+    })
+    .await;
+}
+
+/// Queue a flow-controlled frame for its stream's handler; never waits for
+/// the handler. A stream that finished, was cancelled or is of the other
+/// kind drops it. A frame past the stream's window fails that stream alone.
+async fn stream_input(
+    out: &mpsc::Sender<Frame>,
+    streams: &Arc<Mutex<HashMap<u32, Stream>>>,
+    stream: u32,
+    cost: u32,
+    queue: impl FnOnce(&StreamInput) -> bool,
+) {
+    let over = {
+        let map = streams.lock().unwrap_or_else(|e| e.into_inner());
+        match map.get(&stream) {
+            Some(s) => match &s.input {
+                Some(input) if s.recv.arrived(cost) => {
+                    if !queue(input) {
+                        // Not queued (the handler stopped reading): nobody
+                        // will consume it, so its window comes back at once
+                        // (below, outside the lock).
+                        s.recv.consumed(cost).map(Err)
+                    } else {
+                        None
+                    }
+                }
+                Some(_) => Some(Ok(())),
+                // The input was closed (RequestEnd); late data is dropped.
+                None => None,
+            },
+            None => None,
+        }
+    };
+    match over {
+        Some(Ok(())) => {
+            let message =
+                format!("The host sent a {cost}-byte frame past the stream's flow-control window");
+            fail_stream(out, streams, stream, message).await;
+        }
+        Some(Err(increment)) => {
+            let _ = send(out, Message::WindowUpdate { stream, increment }).await;
+        }
+        None => {}
+    }
+}
+
+/// Stop one stream the host broke and tell the host why; the others go on.
+async fn fail_stream(
+    out: &mpsc::Sender<Frame>,
+    streams: &Arc<Mutex<HashMap<u32, Stream>>>,
+    stream: u32,
+    message: String,
+) {
+    let removed = streams
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .get(&session)
-    {
-        Some(Stream {
-            input: Some(StreamInput::Exec(tx)),
-            ..
-        }) => Some(tx.clone()),
-        _ => None,
-    };
-    if let Some(tx) = tx {
-        let _ = tx.send(input).await;
+        .remove(&stream);
+    if let Some(s) = removed {
+        tracing::warn!(stream, %message, "host broke the protocol on a stream");
+        s.abort.abort();
+        let error = ErrorBody::new(ErrorCode::Protocol, message);
+        let _ = send(out, Message::Error { stream, error }).await;
     }
 }

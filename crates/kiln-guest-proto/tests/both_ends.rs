@@ -9,7 +9,6 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use kiln_guest_proto::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::mpsc;
 
 const T: Duration = Duration::from_secs(5);
 
@@ -47,6 +46,15 @@ impl GuestHandler for FakeGuest {
                 .error(ErrorBody::new(ErrorCode::NotConfigured, "not configured"))
                 .await;
             return;
+        }
+        if request
+            .head
+            .headers
+            .iter()
+            .any(|(k, _)| k == "x-stall-body")
+        {
+            // Never reads its body nor answers; only a cancel ends it.
+            std::future::pending::<()>().await;
         }
         let mut body = BytesMut::new();
         while let Some(chunk) = request.body.recv().await {
@@ -86,12 +94,7 @@ impl GuestHandler for FakeGuest {
         response.end().await;
     }
 
-    async fn exec(
-        &self,
-        request: ExecRequest,
-        mut input: mpsc::Receiver<ExecInput>,
-        output: ExecWriter,
-    ) {
+    async fn exec(&self, request: ExecRequest, mut input: ExecInputs, output: ExecWriter) {
         if request.command[0] == "panic" {
             panic!("exec handler broke");
         }
@@ -484,6 +487,8 @@ async fn server_rejects(bytes: Vec<u8>, expect: fn(&ServeError) -> bool) {
     }
 }
 
+const V: u8 = PROTOCOL_VERSION;
+
 fn header(version: u8, kind: u8, stream: u32, len: u32) -> Vec<u8> {
     let mut v = b"KG".to_vec();
     v.push(version);
@@ -504,41 +509,41 @@ async fn server_rejects_every_malformed_frame() {
         matches!(e, ServeError::Frame(F::UnsupportedVersion(9)))
     })
     .await;
-    server_rejects(header(1, 0x77, 0, 0), |e| {
+    server_rejects(header(V, 0x77, 0, 0), |e| {
         matches!(e, ServeError::Frame(F::UnknownType(0x77)))
     })
     .await;
-    server_rejects(header(1, 0x13, 1, u32::MAX), |e| {
+    server_rejects(header(V, 0x13, 1, u32::MAX), |e| {
         matches!(e, ServeError::Frame(F::Oversize { .. }))
     })
     .await;
-    let mut t = header(1, 0x13, 1, 10);
+    let mut t = header(V, 0x13, 1, 10);
     t.extend_from_slice(b"abc");
     server_rejects(t, |e| matches!(e, ServeError::Frame(F::Truncated { .. }))).await;
-    server_rejects(header(1, 0x02, 0, 0)[..7].to_vec(), |e| {
+    server_rejects(header(V, 0x02, 0, 0)[..7].to_vec(), |e| {
         matches!(e, ServeError::Frame(F::Truncated { .. }))
     })
     .await;
-    let mut u = header(1, 0x02, 0, 2);
+    let mut u = header(V, 0x02, 0, 2);
     u.extend_from_slice(&[0xff, 0xfe]);
     server_rejects(u, |e| matches!(e, ServeError::Frame(F::BadUtf8 { .. }))).await;
-    let mut j = header(1, 0x02, 0, 5);
+    let mut j = header(V, 0x02, 0, 5);
     j.extend_from_slice(b"{nope");
     server_rejects(j, |e| matches!(e, ServeError::Frame(F::BadJson { .. }))).await;
     // Valid JSON, wrong shape (unknown field).
     let body = br#"{"instanceId":"i","bogus":1}"#;
-    let mut j = header(1, 0x02, 0, body.len() as u32);
+    let mut j = header(V, 0x02, 0, body.len() as u32);
     j.extend_from_slice(body);
     server_rejects(j, |e| matches!(e, ServeError::Frame(F::BadJson { .. }))).await;
     // Connection frame on a call stream, call frame on stream 0.
-    let mut s = header(1, 0x40, 5, 0);
+    let mut s = header(V, 0x40, 5, 0);
     s.extend_from_slice(&[]);
     server_rejects(s, |e| matches!(e, ServeError::Frame(F::BadStream { .. }))).await;
-    server_rejects(header(1, 0x14, 0, 0), |e| {
+    server_rejects(header(V, 0x14, 0, 0), |e| {
         matches!(e, ServeError::Frame(F::BadStream { .. }))
     })
     .await;
-    let mut p = header(1, 0x14, 3, 1);
+    let mut p = header(V, 0x14, 3, 1);
     p.push(0);
     server_rejects(p, |e| {
         matches!(e, ServeError::Frame(F::UnexpectedPayload { .. }))
@@ -558,11 +563,10 @@ async fn server_rejects_every_malformed_frame() {
 async fn client_closes_on_malformed_guest_frames() {
     for bytes in [
         b"garbage!garbage!".to_vec(),
-        header(2, 0x01, 0, 0),
-        header(1, 0xEE, 0, 0),
-        header(1, 0x01, 0, u32::MAX),
+        header(V, 0xEE, 0, 0),
+        header(V, 0x01, 0, u32::MAX),
         {
-            let mut v = header(1, 0x01, 0, 3);
+            let mut v = header(V, 0x01, 0, 3);
             v.extend_from_slice(b"{\"x");
             v
         },
@@ -626,4 +630,608 @@ async fn server_survives_random_input() {
         assert!(result.is_ok(), "server panicked on {input:?}");
         drain.abort();
     }
+}
+
+// ---- Per-stream flow control (protocol version 2) ----
+
+fn pattern(len: usize, seed: u8) -> Bytes {
+    Bytes::from(
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect::<Vec<u8>>(),
+    )
+}
+
+fn call_head(extra: &[(&str, &str)]) -> CallHead {
+    CallHead {
+        headers: extra
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        timeout_ms: None,
+    }
+}
+
+/// The case that deadlocked with bounded per-call queues: both responses
+/// in hand, the small one read first while the big one (24 windows, 6 MiB:
+/// more than version 1's 64-event per-call queue held, which then stopped
+/// the shared reader) is not read at all.
+#[tokio::test]
+async fn join_big_and_small_reading_small_first_does_not_stall() {
+    let (client, _) = configured().await;
+    let big_body = pattern(24 * INITIAL_WINDOW as usize, 1);
+    let small_body = Bytes::from_static(b"small");
+    let both = async {
+        let (big, small) = tokio::join!(
+            client.invoke(CallHead::default(), big_body.clone()),
+            client.invoke(CallHead::default(), small_body.clone()),
+        );
+        let (big, small) = (big.unwrap(), small.unwrap());
+        assert_eq!(small.body.collect().await.unwrap(), small_body);
+        assert_eq!(big.body.collect().await.unwrap(), big_body);
+    };
+    tokio::time::timeout(T, both)
+        .await
+        .expect("join!(big, small) reading small first stalled");
+}
+
+/// A response nobody reads holds up neither other calls nor exec sessions;
+/// its data still arrives intact once it is read.
+#[tokio::test]
+async fn an_unread_response_does_not_delay_other_calls() {
+    let (client, _) = configured().await;
+    let big_body = pattern(24 * INITIAL_WINDOW as usize, 2);
+    let big = tokio::time::timeout(T, client.invoke(CallHead::default(), big_body.clone()))
+        .await
+        .unwrap()
+        .unwrap();
+    for i in 0..20 {
+        let body = Bytes::from(format!("call {i}"));
+        let small = async {
+            let r = client.invoke(CallHead::default(), body.clone()).await?;
+            r.body.collect().await
+        };
+        let echoed = tokio::time::timeout(T, small)
+            .await
+            .unwrap_or_else(|_| panic!("call {i} waited behind the unread response"))
+            .unwrap();
+        assert_eq!(echoed, body);
+    }
+    let exec = async {
+        let mut s = client
+            .exec(ExecRequest {
+                command: vec!["cat".into()],
+                env: BTreeMap::new(),
+                tty: false,
+                size: None,
+                working_dir: None,
+            })
+            .await
+            .unwrap();
+        s.input.stdin(Bytes::from_static(b"hi")).await.unwrap();
+        s.input.close_stdin().await.unwrap();
+        let mut events = Vec::new();
+        while let Some(e) = s.output.next().await {
+            events.push(e);
+        }
+        events
+    };
+    let events = tokio::time::timeout(T, exec)
+        .await
+        .expect("exec waited behind the unread response");
+    assert_eq!(events[0], ExecEvent::Stdout(Bytes::from_static(b"hi")));
+    let body = tokio::time::timeout(T, big.body.collect())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(body, big_body);
+}
+
+/// The other direction: a handler that does not read its request body
+/// stops only that body's sender, not the guest's read loop.
+#[tokio::test]
+async fn an_unread_request_body_does_not_delay_other_calls() {
+    let (client, _) = configured().await;
+    let (mut sender, pending) = client
+        .start_call(CallKind::Invoke, call_head(&[("x-stall-body", "1")]))
+        .await
+        .unwrap();
+    let stuck = tokio::spawn(async move {
+        // Far more than a window: this waits for grants that never come.
+        let r = sender.send(pattern(24 * INITIAL_WINDOW as usize, 3)).await;
+        (r, sender)
+    });
+    for i in 0..10 {
+        let body = Bytes::from(format!("call {i}"));
+        let small = async {
+            let r = client.invoke(CallHead::default(), body.clone()).await?;
+            r.body.collect().await
+        };
+        let echoed = tokio::time::timeout(T, small)
+            .await
+            .unwrap_or_else(|_| panic!("call {i} waited behind the unread request body"))
+            .unwrap();
+        assert_eq!(echoed, body);
+    }
+    assert!(!stuck.is_finished(), "the body sender ignored the window");
+    // Giving up on the stuck call (dropping it cancels it at the guest)
+    // wakes its sender.
+    drop(pending);
+    let (result, _sender) = tokio::time::timeout(T, stuck).await.unwrap().unwrap();
+    assert!(result.is_ok(), "{result:?}");
+}
+
+/// A guest that is only frames on a pipe, for checking the host's reader.
+struct RawGuest {
+    io: tokio::io::DuplexStream,
+    buf: Vec<u8>,
+}
+
+impl RawGuest {
+    async fn connect() -> (GuestClient, RawGuest) {
+        let (host, guest) = tokio::io::duplex(1 << 22);
+        let client = GuestClient::connect(host);
+        let mut raw = RawGuest {
+            io: guest,
+            buf: Vec::new(),
+        };
+        raw.send(Message::Ready(Ready::current("raw"))).await;
+        client.wait_ready(T).await.unwrap();
+        (client, raw)
+    }
+
+    async fn send(&mut self, m: Message) {
+        self.io.write_all(&m.encode().unwrap()).await.unwrap();
+    }
+
+    async fn recv(&mut self) -> Message {
+        let read = async {
+            loop {
+                match Message::decode(&self.buf) {
+                    Ok((m, used)) => {
+                        self.buf.drain(..used);
+                        return m;
+                    }
+                    Err(FrameError::Truncated { .. }) => {
+                        let mut chunk = [0u8; 4096];
+                        let n = self.io.read(&mut chunk).await.unwrap();
+                        assert!(n > 0, "host closed");
+                        self.buf.extend_from_slice(&chunk[..n]);
+                    }
+                    Err(e) => panic!("host sent a bad frame: {e}"),
+                }
+            }
+        };
+        tokio::time::timeout(T, read).await.expect("host frame")
+    }
+
+    /// Skip what the host sends until `pick` accepts a message.
+    async fn recv_until<R>(&mut self, mut pick: impl FnMut(&Message) -> Option<R>) -> R {
+        loop {
+            let m = self.recv().await;
+            if let Some(r) = pick(&m) {
+                return r;
+            }
+        }
+    }
+}
+
+async fn raw_call(client: &GuestClient, raw: &mut RawGuest) -> (u32, PendingResponse) {
+    let (sender, pending) = client
+        .start_call(CallKind::Invoke, CallHead::default())
+        .await
+        .unwrap();
+    sender.finish().await.unwrap();
+    let call = raw
+        .recv_until(|m| match m {
+            Message::Call { call, .. } => Some(*call),
+            _ => None,
+        })
+        .await;
+    (call, pending)
+}
+
+fn head(status: u16) -> ResponseHead {
+    ResponseHead {
+        status,
+        headers: vec![],
+    }
+}
+
+#[tokio::test]
+async fn host_fails_only_the_stream_a_guest_floods_past_its_window() {
+    let (client, mut raw) = RawGuest::connect().await;
+    let (flooded, flooded_pending) = raw_call(&client, &mut raw).await;
+    let (other, other_pending) = raw_call(&client, &mut raw).await;
+    raw.send(Message::ResponseHead {
+        call: flooded,
+        head: head(200),
+    })
+    .await;
+    // Exactly the window is allowed without any grant...
+    let chunk = MAX_DATA_CHUNK;
+    let per_frame = (chunk + HEADER_LEN) as u32;
+    let fit = INITIAL_WINDOW / per_frame;
+    for _ in 0..fit {
+        raw.send(Message::ResponseBody {
+            call: flooded,
+            data: pattern(chunk, 0),
+        })
+        .await;
+    }
+    let left = (INITIAL_WINDOW - fit * per_frame) as usize - HEADER_LEN;
+    raw.send(Message::ResponseBody {
+        call: flooded,
+        data: pattern(left, 0),
+    })
+    .await;
+    // ...one byte more is not.
+    raw.send(Message::ResponseBody {
+        call: flooded,
+        data: Bytes::from_static(b"!"),
+    })
+    .await;
+    let cancelled = raw
+        .recv_until(|m| match m {
+            Message::Cancel { call } => Some(*call),
+            _ => None,
+        })
+        .await;
+    assert_eq!(cancelled, flooded);
+    let response = flooded_pending.response().await.unwrap();
+    let err = tokio::time::timeout(T, response.body.collect())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        matches!(&err, GuestClientError::Protocol(m) if m.contains("window")),
+        "{err:?}"
+    );
+    // The connection and the other call carry on.
+    raw.send(Message::ResponseHead {
+        call: other,
+        head: head(201),
+    })
+    .await;
+    raw.send(Message::ResponseBody {
+        call: other,
+        data: Bytes::from_static(b"fine"),
+    })
+    .await;
+    raw.send(Message::ResponseEnd { call: other }).await;
+    let r = tokio::time::timeout(T, other_pending.response())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.status, 201);
+    assert_eq!(r.body.collect().await.unwrap(), "fine");
+    assert!(client.closed().is_none());
+}
+
+#[tokio::test]
+async fn host_grants_window_as_the_body_is_read() {
+    let (client, mut raw) = RawGuest::connect().await;
+    let (call, pending) = raw_call(&client, &mut raw).await;
+    raw.send(Message::ResponseHead {
+        call,
+        head: head(200),
+    })
+    .await;
+    let mut response = pending.response().await.unwrap();
+    // Send what fits in the window without a grant, and read it all.
+    let mut sent = 0u32;
+    while sent + (MAX_DATA_CHUNK + HEADER_LEN) as u32 <= INITIAL_WINDOW {
+        raw.send(Message::ResponseBody {
+            call,
+            data: pattern(MAX_DATA_CHUNK, 5),
+        })
+        .await;
+        sent += (MAX_DATA_CHUNK + HEADER_LEN) as u32;
+    }
+    let mut read = 0;
+    while read < sent as usize - 3 * HEADER_LEN {
+        read += response.body.chunk().await.unwrap().unwrap().len();
+    }
+    // Grants come in batches of at least half a window, never for more
+    // than was read.
+    let granted = raw
+        .recv_until(|m| match m {
+            Message::WindowUpdate { stream, increment } if *stream == call => Some(*increment),
+            _ => None,
+        })
+        .await;
+    assert!(
+        granted >= INITIAL_WINDOW / 2 && granted <= sent,
+        "{granted}"
+    );
+    // The grant is honoured: exactly what is left of the window now fits.
+    let mut credit = INITIAL_WINDOW - sent + granted;
+    let mut more = 0;
+    while credit > HEADER_LEN as u32 {
+        let len = (credit as usize - HEADER_LEN).min(MAX_DATA_CHUNK);
+        raw.send(Message::ResponseBody {
+            call,
+            data: pattern(len, 6),
+        })
+        .await;
+        credit -= (len + HEADER_LEN) as u32;
+        more += len;
+    }
+    raw.send(Message::ResponseEnd { call }).await;
+    let rest = tokio::time::timeout(T, response.body.collect())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(rest.len(), sent as usize - 3 * HEADER_LEN - read + more);
+    assert!(client.closed().is_none());
+}
+
+#[tokio::test]
+async fn host_rejects_malformed_and_oversized_window_updates() {
+    // Malformed: the connection closes, like any bad frame.
+    for (stream, payload) in [
+        (1u32, vec![0u8, 0, 1]),
+        (1, vec![0, 0, 0, 0, 1]),
+        (1, 0u32.to_be_bytes().to_vec()),
+        (1, (MAX_WINDOW + 1).to_be_bytes().to_vec()),
+        (0, 100u32.to_be_bytes().to_vec()),
+    ] {
+        let (client, mut raw) = RawGuest::connect().await;
+        let mut bytes = header(
+            V,
+            FrameType::WindowUpdate as u8,
+            stream,
+            payload.len() as u32,
+        );
+        bytes.extend_from_slice(&payload);
+        raw.io.write_all(&bytes).await.unwrap();
+        let reason = tokio::time::timeout(T, client.wait_closed()).await.unwrap();
+        assert!(reason.starts_with("bad frame"), "{reason}");
+        assert!(
+            reason.contains("WindowUpdate") || reason.contains("stream"),
+            "{reason}"
+        );
+    }
+    // Well-formed but taking the window over the maximum: that stream fails
+    // and is cancelled, the connection stays.
+    let (client, mut raw) = RawGuest::connect().await;
+    let (call, pending) = raw_call(&client, &mut raw).await;
+    raw.send(Message::WindowUpdate {
+        stream: call,
+        increment: MAX_WINDOW,
+    })
+    .await;
+    let cancelled = raw
+        .recv_until(|m| match m {
+            Message::Cancel { call } => Some(*call),
+            _ => None,
+        })
+        .await;
+    assert_eq!(cancelled, call);
+    let err = tokio::time::timeout(T, pending.response())
+        .await
+        .unwrap()
+        .err()
+        .unwrap();
+    assert!(
+        matches!(&err, GuestClientError::Protocol(m) if m.contains("over the maximum")),
+        "{err:?}"
+    );
+    assert!(client.closed().is_none());
+    // A second response head is refused the same way.
+    let (call, pending) = raw_call(&client, &mut raw).await;
+    raw.send(Message::ResponseHead {
+        call,
+        head: head(200),
+    })
+    .await;
+    raw.send(Message::ResponseHead {
+        call,
+        head: head(500),
+    })
+    .await;
+    let response = pending.response().await.unwrap();
+    assert!(matches!(
+        response.body.collect().await,
+        Err(GuestClientError::Protocol(_))
+    ));
+}
+
+#[tokio::test]
+async fn a_version_1_guest_is_a_version_mismatch() {
+    let (host, mut guest) = tokio::io::duplex(1 << 16);
+    let client = GuestClient::connect(host);
+    let mut ready = Message::Ready(Ready {
+        protocol_version: 1,
+        guest_version: "old".into(),
+        configured: false,
+    })
+    .encode()
+    .unwrap()
+    .to_vec();
+    ready[2] = 1;
+    guest.write_all(&ready).await.unwrap();
+    assert!(matches!(
+        client.wait_ready(T).await,
+        Err(GuestClientError::VersionMismatch(1))
+    ));
+    let reason = client.wait_closed().await;
+    assert!(reason.contains("version 1"), "{reason}");
+}
+
+/// A host that is only frames on a pipe, for checking the guest's reader.
+async fn raw_host() -> (tokio::io::DuplexStream, RawGuest) {
+    let (host, guest) = tokio::io::duplex(1 << 22);
+    let handler = Arc::new(FakeGuest::default());
+    handler.configured.store(true, Ordering::SeqCst);
+    tokio::spawn(serve(guest, handler, "test"));
+    // RawGuest's framing helpers work the same from the host's end.
+    let mut raw = RawGuest {
+        io: host,
+        buf: Vec::new(),
+    };
+    assert!(matches!(raw.recv().await, Message::Ready(_)));
+    let (a, _b) = tokio::io::duplex(1);
+    (a, raw)
+}
+
+#[tokio::test]
+async fn guest_fails_only_the_stream_a_host_floods_past_its_window() {
+    let (_keep, mut raw) = raw_host().await;
+    raw.send(Message::Call {
+        call: 1,
+        kind: CallKind::Invoke,
+        head: call_head(&[("x-stall-body", "1")]),
+    })
+    .await;
+    let per_frame = (MAX_DATA_CHUNK + HEADER_LEN) as u32;
+    for _ in 0..INITIAL_WINDOW / per_frame + 1 {
+        raw.send(Message::RequestBody {
+            call: 1,
+            data: pattern(MAX_DATA_CHUNK, 7),
+        })
+        .await;
+    }
+    let error = raw
+        .recv_until(|m| match m {
+            Message::Error { stream: 1, error } => Some(error.clone()),
+            _ => None,
+        })
+        .await;
+    assert_eq!(error.code, ErrorCode::Protocol);
+    assert!(error.message.contains("window"), "{error:?}");
+    // The connection still serves: another call is answered.
+    raw.send(Message::Call {
+        call: 2,
+        kind: CallKind::Invoke,
+        head: CallHead::default(),
+    })
+    .await;
+    raw.send(Message::RequestBody {
+        call: 2,
+        data: Bytes::from_static(b"ok"),
+    })
+    .await;
+    raw.send(Message::RequestEnd { call: 2 }).await;
+    raw.recv_until(|m| matches!(m, Message::ResponseEnd { call: 2 }).then_some(()))
+        .await;
+}
+
+#[tokio::test]
+async fn guest_waits_for_window_before_sending_more_response() {
+    let (_keep, mut raw) = raw_host().await;
+    let body = pattern(4 * INITIAL_WINDOW as usize, 9);
+    raw.send(Message::Call {
+        call: 1,
+        kind: CallKind::Invoke,
+        head: CallHead::default(),
+    })
+    .await;
+    // The request body within the guest's window, as a host must send it.
+    let mut credit = INITIAL_WINDOW;
+    for chunk in body.chunks(MAX_DATA_CHUNK) {
+        let cost = (chunk.len() + HEADER_LEN) as u32;
+        while credit < cost {
+            credit += raw
+                .recv_until(|m| match m {
+                    Message::WindowUpdate {
+                        stream: 1,
+                        increment,
+                    } => Some(*increment),
+                    _ => None,
+                })
+                .await;
+        }
+        credit -= cost;
+        raw.send(Message::RequestBody {
+            call: 1,
+            data: Bytes::copy_from_slice(chunk),
+        })
+        .await;
+    }
+    raw.send(Message::RequestEnd { call: 1 }).await;
+    // Without grants the guest stops at the window: a Ping sent after it
+    // stopped is answered, and no more body than the window came first.
+    let mut received = 0u32;
+    let mut got = BytesMut::new();
+    let mut pinged = false;
+    loop {
+        match raw.recv().await {
+            Message::ResponseBody { data, .. } => {
+                received += (data.len() + HEADER_LEN) as u32;
+                got.extend_from_slice(&data);
+                assert!(received <= INITIAL_WINDOW, "guest sent past the window");
+                if received + (MAX_DATA_CHUNK + HEADER_LEN) as u32 > INITIAL_WINDOW && !pinged {
+                    raw.send(Message::Ping(Bytes::from_static(b"p"))).await;
+                    pinged = true;
+                }
+            }
+            Message::Pong(_) => break,
+            Message::WindowUpdate { .. } | Message::ResponseHead { .. } => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    // Grant the rest; the whole body arrives and ends.
+    raw.send(Message::WindowUpdate {
+        stream: 1,
+        increment: 4 * INITIAL_WINDOW,
+    })
+    .await;
+    loop {
+        match raw.recv().await {
+            Message::ResponseBody { data, .. } => got.extend_from_slice(&data),
+            Message::ResponseEnd { call: 1 } => break,
+            Message::WindowUpdate { .. } => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(got.freeze(), body);
+}
+
+#[tokio::test]
+async fn guest_rejects_malformed_and_oversized_window_updates() {
+    use FrameError as F;
+    for payload in [
+        vec![1u8],
+        vec![0, 0, 0, 0, 0],
+        0u32.to_be_bytes().to_vec(),
+        (MAX_WINDOW + 1).to_be_bytes().to_vec(),
+    ] {
+        let mut bytes = header(V, FrameType::WindowUpdate as u8, 1, payload.len() as u32);
+        bytes.extend_from_slice(&payload);
+        server_rejects(bytes, |e| {
+            matches!(e, ServeError::Frame(F::BadWindowUpdate(_)))
+        })
+        .await;
+    }
+    let mut conn = header(V, FrameType::WindowUpdate as u8, 0, 4);
+    conn.extend_from_slice(&100u32.to_be_bytes());
+    server_rejects(conn, |e| {
+        matches!(e, ServeError::Frame(F::BadStream { .. }))
+    })
+    .await;
+    // Over the maximum on a live stream: that stream fails, not the guest.
+    let (_keep, mut raw) = raw_host().await;
+    raw.send(Message::Call {
+        call: 4,
+        kind: CallKind::Invoke,
+        head: call_head(&[("x-stall-body", "1")]),
+    })
+    .await;
+    raw.send(Message::WindowUpdate {
+        stream: 4,
+        increment: MAX_WINDOW,
+    })
+    .await;
+    let error = raw
+        .recv_until(|m| match m {
+            Message::Error { stream: 4, error } => Some(error.clone()),
+            _ => None,
+        })
+        .await;
+    assert_eq!(error.code, ErrorCode::Protocol);
+    assert!(error.message.contains("over the maximum"), "{error:?}");
+    raw.send(Message::Ping(Bytes::from_static(b"still"))).await;
+    raw.recv_until(|m| matches!(m, Message::Pong(_)).then_some(()))
+        .await;
 }

@@ -6,9 +6,10 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use bytes::Bytes;
-use kiln_guest_proto::{ErrorBody, ErrorCode, ExecInput, ExecRequest, ExecWriter, TtySize};
+use kiln_guest_proto::{
+    ErrorBody, ErrorCode, ExecInput, ExecInputs, ExecRequest, ExecWriter, TtySize,
+};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::sync::mpsc;
 
 use crate::fdio::FdStream;
 use crate::process::Reaper;
@@ -16,12 +17,7 @@ use crate::process::Reaper;
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/code";
 
 /// Run one session to its end.
-pub async fn run(
-    reaper: &Reaper,
-    request: ExecRequest,
-    input: mpsc::Receiver<ExecInput>,
-    output: ExecWriter,
-) {
+pub async fn run(reaper: &Reaper, request: ExecRequest, input: ExecInputs, output: ExecWriter) {
     if request.command.is_empty() || request.command.iter().any(|a| a.contains('\0')) {
         output
             .error(ErrorBody::new(
@@ -176,11 +172,7 @@ fn winsize(size: TtySize) -> nix::pty::Winsize {
     }
 }
 
-async fn feed_stdin(
-    mut stdin: FdStream,
-    mut input: mpsc::Receiver<ExecInput>,
-    tty: Option<OwnedFd>,
-) {
+async fn feed_stdin(mut stdin: FdStream, mut input: ExecInputs, tty: Option<OwnedFd>) {
     while let Some(i) = input.recv().await {
         match i {
             ExecInput::Stdin(data) => {

@@ -6,11 +6,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kiln_guest_proto::{
-    CallRequest, Configured, ErrorBody, ErrorCode, ExecInput, ExecRequest, ExecWriter, GuestConfig,
-    GuestHandler, LogLine, LogSender, LogStream, ResponseWriter,
+    CallRequest, Configured, ErrorBody, ErrorCode, ExecInputs, ExecRequest, ExecWriter,
+    GuestConfig, GuestHandler, LogLine, LogSender, LogStream, ResponseWriter,
 };
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
-use tokio::sync::mpsc;
 
 use crate::fdio::FdStream;
 use crate::mounts::{self, MountOps};
@@ -309,12 +308,7 @@ impl GuestHandler for Guest {
         }
     }
 
-    async fn exec(
-        &self,
-        request: ExecRequest,
-        input: mpsc::Receiver<ExecInput>,
-        output: ExecWriter,
-    ) {
+    async fn exec(&self, request: ExecRequest, input: ExecInputs, output: ExecWriter) {
         crate::exec::run(&self.reaper, request, input, output).await
     }
 }

@@ -162,7 +162,7 @@ impl GuestHandler for ToyGuest {
     async fn exec(
         &self,
         request: ExecRequest,
-        mut input: tokio::sync::mpsc::Receiver<ExecInput>,
+        mut input: kiln_guest_proto::ExecInputs,
         output: ExecWriter,
     ) {
         let argv = request.command;
