@@ -35,7 +35,7 @@ fn rand_message(rng: &mut StdRng) -> Message {
     let headers: Vec<(String, String)> = (0..rng.gen_range(0..4))
         .map(|_| (rand_string(rng), rand_string(rng)))
         .collect();
-    match rng.gen_range(0..21) {
+    match rng.gen_range(0..22) {
         0 => Message::Ready(Ready {
             protocol_version: rng.gen(),
             guest_version: rand_string(rng),
@@ -153,6 +153,10 @@ fn rand_message(rng: &mut StdRng) -> Message {
             error: ErrorBody::new(ErrorCode::Timeout, rand_string(rng)),
         },
         19 => Message::Ping(rand_bytes(rng)),
+        20 => Message::WindowUpdate {
+            stream: rand_id(rng),
+            increment: rng.gen_range(1..=MAX_WINDOW),
+        },
         _ => Message::Pong(rand_bytes(rng)),
     }
 }
