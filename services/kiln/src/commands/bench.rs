@@ -190,10 +190,19 @@ async fn measure(
 
     // The strongest peer on this machine: nginx as one TLS reverse-proxy hop
     // in front of the same baseline function.
-    let nginx = match Nginx::start(work, direct_addr, &cluster.pki) {
+    let nginx = match Nginx::start(work, direct_addr, &cluster.pki, NginxHops::One) {
         Ok(n) => Some(n),
         Err(e) => {
             eprintln!("nginx peer not measured: {e:#}");
+            None
+        }
+    };
+    // The same peer laid out as Kiln is: a TLS front, then mutual TLS to a
+    // node-side proxy, then the function.
+    let nginx2 = match Nginx::start(work, direct_addr, &cluster.pki, NginxHops::Two) {
+        Ok(n) => Some(n),
+        Err(e) => {
+            eprintln!("two-hop nginx peer not measured: {e:#}");
             None
         }
     };
@@ -220,6 +229,10 @@ async fn measure(
         tls: None,
     };
     let nginx_target = nginx.as_ref().map(|n| Target {
+        addr: n.addr,
+        tls: kiln_target.tls.clone(),
+    });
+    let nginx2_target = nginx2.as_ref().map(|n| Target {
         addr: n.addr,
         tls: kiln_target.tls.clone(),
     });
@@ -255,6 +268,7 @@ async fn measure(
 
     let (mut d_lat, mut d_thr, mut k_lat, mut k_thr) = (vec![], vec![], vec![], vec![]);
     let (mut n_lat, mut n_thr) = (vec![], vec![]);
+    let (mut n2_lat, mut n2_thr) = (vec![], vec![]);
     let mut errors = 0;
     for round in 0..args.runs {
         eprintln!("warm round {}/{}", round + 1, args.runs);
@@ -278,13 +292,23 @@ async fn measure(
             errors += r.errors;
             n_thr.push(r);
         }
+        if let Some(t) = &nginx2_target {
+            let r = loadgen::run(t, 1, direct_reqs(args.latency_requests)).await?;
+            errors += r.errors;
+            n2_lat.push(r);
+            let r = loadgen::run(t, args.connections, direct_reqs(args.requests)).await?;
+            errors += r.errors;
+            n2_thr.push(r);
+        }
     }
     drop(nginx);
+    drop(nginx2);
     let _ = direct.kill();
     let _ = direct.wait();
     let d = summarise(&d_lat, &d_thr);
     let k = summarise(&k_lat, &k_thr);
     let peer = (!n_thr.is_empty()).then(|| summarise(&n_lat, &n_thr));
+    let peer2 = (!n2_thr.is_empty()).then(|| summarise(&n2_lat, &n2_thr));
 
     println!();
     println!(
@@ -335,6 +359,24 @@ async fn measure(
         );
     }
 
+    if let Some(n) = peer2 {
+        println!(
+            "{:<34} {:>10.0}us {:>10.0}us {:>11.2}x   (nginx: TLS, then mTLS to a node-side nginx)",
+            "peer: nginx two hops latency p50",
+            d.p50_us,
+            n.p50_us,
+            n.p50_us / d.p50_us
+        );
+        println!(
+            "{:<34} {:>10.0}/s {:>10.0}/s {:>11.2}    (kiln/nginx two hops throughput: {:.2})",
+            "peer: nginx two hops throughput",
+            d.rps,
+            n.rps,
+            n.rps / d.rps,
+            k.rps / n.rps
+        );
+    }
+
     if !args.no_cold {
         let kiln_cold = kiln_cold_starts(&client, &zip_b64_of(code_zip), args.cold_starts).await?;
         let runc_cold = runc_cold_starts(binary, prefix, work, args.cold_starts).await?;
@@ -352,6 +394,18 @@ async fn measure(
     Ok(())
 }
 
+/// How the nginx peer is laid out.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum NginxHops {
+    /// TLS in, plain keep-alive HTTP/1.1 to the function.
+    One,
+    /// Kiln's own shape: TLS in, mutual TLS (TLS 1.3, client certificate
+    /// checked against the cluster CA) to a second server block that
+    /// stands where the agent does, then plain HTTP/1.1 to the function;
+    /// keep-alive on both upstreams.
+    Two,
+}
+
 /// nginx as a TLS reverse proxy (keep-alive upstream) in front of the
 /// baseline function, stopped when dropped.
 struct Nginx {
@@ -360,23 +414,62 @@ struct Nginx {
 }
 
 impl Nginx {
-    fn start(work: &Path, upstream: SocketAddr, pki: &kiln_pki::DevPki) -> Result<Self> {
+    fn start(
+        work: &Path,
+        upstream: SocketAddr,
+        pki: &kiln_pki::DevPki,
+        hops: NginxHops,
+    ) -> Result<Self> {
         let bin = ["/usr/sbin/nginx", "/usr/bin/nginx"]
             .into_iter()
             .find(|p| Path::new(p).is_file())
             .context("nginx is not installed (apt-get install nginx-light)")?;
-        let dir = work.join("nginx");
+        let dir = work.join(match hops {
+            NginxHops::One => "nginx",
+            NginxHops::Two => "nginx-two-hops",
+        });
         std::fs::create_dir_all(dir.join("tmp"))?;
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let tls = pki.files("gateway");
+        let inner = match hops {
+            NginxHops::One => String::new(),
+            NginxHops::Two => {
+                let agent = pki.files("agent");
+                format!(
+                    "  upstream agent {{ server {agent_addr}; keepalive 64; }}\n\
+                     server {{\n  listen {agent_addr} ssl;\n  ssl_certificate {acert};\n  ssl_certificate_key {akey};\n\
+                      ssl_protocols TLSv1.3;\n  ssl_client_certificate {ca};\n  ssl_verify_client on;\n\
+                      keepalive_requests 1000000;\n\
+                      location / {{ proxy_pass http://fn; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}\n }}\n",
+                    agent_addr = SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+                    acert = agent.cert.display(),
+                    akey = agent.key.display(),
+                    ca = agent.ca.display(),
+                )
+            }
+        };
+        let front_location = match hops {
+            NginxHops::One => "proxy_pass http://fn;".to_owned(),
+            NginxHops::Two => {
+                let client = pki.files("gateway-internal");
+                format!(
+                    "proxy_pass https://agent; proxy_ssl_protocols TLSv1.3; proxy_ssl_session_reuse on; \
+                     proxy_ssl_certificate {}; proxy_ssl_certificate_key {}; \
+                     proxy_ssl_verify on; proxy_ssl_trusted_certificate {}; proxy_ssl_name kiln-agent;",
+                    client.cert.display(),
+                    client.key.display(),
+                    client.ca.display()
+                )
+            }
+        };
         let conf = format!(
             "worker_processes auto;\ndaemon off;\npid {dir}/nginx.pid;\nerror_log {dir}/error.log;\n\
              events {{ worker_connections 4096; }}\n\
              http {{\n access_log off;\n client_body_temp_path {dir}/tmp;\n proxy_temp_path {dir}/tmp;\n\
-              upstream fn {{ server {upstream}; keepalive 64; }}\n\
+              upstream fn {{ server {upstream}; keepalive 64; }}\n{inner}\
               server {{\n  listen {addr} ssl;\n  ssl_certificate {cert};\n  ssl_certificate_key {key};\n\
                ssl_protocols TLSv1.2 TLSv1.3;\n  keepalive_requests 1000000;\n\
-               location / {{ proxy_pass http://fn; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}\n }}\n}}\n",
+               location / {{ {front_location} proxy_http_version 1.1; proxy_set_header Connection \"\"; }}\n }}\n}}\n",
             dir = dir.display(),
             cert = tls.cert.display(),
             key = tls.key.display(),
