@@ -1,4 +1,5 @@
-//! The mTLS HTTP/2 client every service uses to call the others.
+//! The mTLS clients every service uses to call the others: HTTP/2 for
+//! control calls, HTTP/1.1 for the gateway's invocation data path.
 
 use std::time::Duration;
 
@@ -59,22 +60,38 @@ pub struct InternalClient {
     timeout: Duration,
 }
 
+/// Which HTTP version an [`InternalClient`] speaks.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    Http1,
+    Http2,
+}
+
+/// TCP (no delay, 3 s connect timeout) under mutual TLS with this
+/// service's certificate, offering only `protocol` in ALPN.
+fn connector(
+    files: &TlsFiles,
+    protocol: Protocol,
+) -> Result<HttpsConnector<HttpConnector>, PkiError> {
+    let tls = kiln_pki::internal_client_config(files)?;
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(Duration::from_secs(3)));
+    // hyper-rustls sets ALPN itself and refuses a config that already has it.
+    let mut tls = (*tls).clone();
+    tls.alpn_protocols.clear();
+    let builder = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only();
+    Ok(match protocol {
+        Protocol::Http1 => builder.enable_http1().wrap_connector(http),
+        Protocol::Http2 => builder.enable_http2().wrap_connector(http),
+    })
+}
+
 impl InternalClient {
     pub fn new(files: &TlsFiles) -> Result<Self, PkiError> {
-        let tls = kiln_pki::internal_client_config(files)?;
-        let mut http = HttpConnector::new();
-        http.set_nodelay(true);
-        http.enforce_http(false);
-        http.set_connect_timeout(Some(Duration::from_secs(3)));
-        // hyper-rustls sets ALPN itself (h2 only here) and refuses a config
-        // that already has it.
-        let mut tls = (*tls).clone();
-        tls.alpn_protocols.clear();
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_only()
-            .enable_http2()
-            .wrap_connector(http);
         let http = Client::builder(TokioExecutor::new())
             // HTTP/2 keep-alive needs a timer.
             .timer(hyper_util::rt::TokioTimer::new())
@@ -85,7 +102,7 @@ impl InternalClient {
             .http2_keep_alive_interval(Some(Duration::from_secs(10)))
             .http2_keep_alive_timeout(Duration::from_secs(5))
             .pool_idle_timeout(Duration::from_secs(90))
-            .build(connector);
+            .build(connector(files, Protocol::Http2)?);
         Ok(Self {
             http,
             timeout: Duration::from_secs(30),
@@ -98,23 +115,11 @@ impl InternalClient {
     /// shared connection task, at the price of one connection per call in
     /// flight.
     pub fn new_http1(files: &TlsFiles) -> Result<Self, PkiError> {
-        let tls = kiln_pki::internal_client_config(files)?;
-        let mut http = HttpConnector::new();
-        http.set_nodelay(true);
-        http.enforce_http(false);
-        http.set_connect_timeout(Some(Duration::from_secs(3)));
-        let mut tls = (*tls).clone();
-        tls.alpn_protocols.clear();
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_only()
-            .enable_http1()
-            .wrap_connector(http);
         let http = Client::builder(TokioExecutor::new())
             .pool_timer(hyper_util::rt::TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(1024)
-            .build(connector);
+            .build(connector(files, Protocol::Http1)?);
         Ok(Self {
             http,
             timeout: Duration::from_secs(30),
