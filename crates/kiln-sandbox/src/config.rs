@@ -30,6 +30,8 @@ pub enum ContainerConfigError {
     BoostCpu(u32),
     #[error("netns_pool must be at most 256, got {0}")]
     NetnsPool(usize),
+    #[error("disk_pool must be at most 16, got {0}")]
+    DiskPool(usize),
     #[error("oci_runtime_path must be absolute, got {0:?}")]
     RuntimePath(PathBuf),
     #[error("rootfs_dir must be absolute, got {0:?}")]
@@ -135,6 +137,9 @@ pub struct ContainerConfig {
     pub tmp_size_mb: u32,
     /// Network namespaces kept ready so a cold start does not wait for one.
     pub netns_pool: usize,
+    /// Writable-space images of the default size formatted ahead of time
+    /// so a cold start only renames and mounts one; 0 turns this off.
+    pub disk_pool: usize,
     /// Debian mirror for debootstrap; default: the host's apt source.
     pub debootstrap_mirror: Option<String>,
     /// How long a new instance runs with extra CPU (FC: up to 20 s of a
@@ -164,6 +169,7 @@ impl Default for ContainerConfig {
             rootfs_dir: None,
             tmp_size_mb: 512,
             netns_pool: 4,
+            disk_pool: crate::disk_pool::DEFAULT_DISK_POOL,
             debootstrap_mirror: None,
             cold_start_boost_ms: 20_000,
             cold_start_cpu_milli: 2_000,
@@ -218,6 +224,9 @@ impl ContainerConfig {
         }
         if self.netns_pool > 256 {
             return Err(ContainerConfigError::NetnsPool(self.netns_pool));
+        }
+        if self.disk_pool > 16 {
+            return Err(ContainerConfigError::DiskPool(self.disk_pool));
         }
         if let Some(path) = &self.oci_runtime_path {
             if !path.is_absolute() {
@@ -334,6 +343,10 @@ mod tests {
         assert!(matches!(
             bad(|c| c.netns_pool = 10_000),
             ContainerConfigError::NetnsPool(_)
+        ));
+        assert!(matches!(
+            bad(|c| c.disk_pool = 17),
+            ContainerConfigError::DiskPool(17)
         ));
         assert!(matches!(
             bad(|c| c.oci_runtime_path = Some("runc".into())),

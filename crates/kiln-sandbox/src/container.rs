@@ -15,6 +15,7 @@ use crate::bundle::{self, BundleParams};
 use crate::cgroup::{CgroupError, CgroupOps};
 use crate::config::ContainerConfig;
 use crate::disk::{DiskOps, LoopExt4, RecordingDisk};
+use crate::disk_pool::{DiskPool, DiskPoolConfig, DEFAULT_REFILL_DELAY, DEFAULT_RETRY_DELAY};
 use crate::driver::{Sandbox, SandboxDriver, SandboxError, SandboxRequest, SandboxStats};
 use crate::instance::{InstancePaths, InstanceRecord};
 use crate::mounts::{unmount_all_under, HostMounter, Mounter};
@@ -76,6 +77,9 @@ pub struct ContainerDriver {
     mounter: Arc<dyn Mounter>,
     cgroups: Arc<dyn CgroupOps>,
     disk: Arc<dyn DiskOps>,
+    /// Pre-formatted images of the default disk size, owned by `uid_base`.
+    disk_pool: Arc<DiskPool>,
+    disk_pool_dir: PathBuf,
     /// Per instance, the task that ends its cold-start CPU boost.
     boosts: Mutex<HashMap<InstanceId, JoinHandle<()>>>,
     pool: Arc<NetPool>,
@@ -167,6 +171,12 @@ impl ContainerDriver {
             .rootfs_dir
             .clone()
             .unwrap_or_else(|| state_dir.join("rootfs"));
+        let disk_pool_dir = state_dir.join("disk-pool");
+        // The fake formats nothing ahead of time; `with_disk` starts the
+        // real pool. Either removes a previous run's pool images.
+        let disk: Arc<dyn DiskOps> = Arc::new(RecordingDisk::new());
+        let disk_pool = DiskPool::start(disk_pool_config(&config, &disk_pool_dir, 0), disk.clone())
+            .map_err(|e| fs_err(disk_pool_dir.display(), e))?;
         let pool = Arc::new(NetPool::new(
             net.clone(),
             &config.name_prefix,
@@ -184,7 +194,9 @@ impl ContainerDriver {
             cgroups: Arc::from(crate::cgroup::host()),
             // Mounts nothing: unit tests over fakes never mount on the
             // host. `new` uses loop-mounted ext4.
-            disk: Arc::new(RecordingDisk::new()),
+            disk,
+            disk_pool: Arc::new(disk_pool),
+            disk_pool_dir,
             boosts: Mutex::new(HashMap::new()),
             pool,
             isolation: None,
@@ -213,9 +225,27 @@ impl ContainerDriver {
 
     /// Use this writable-filesystem maker instead of loop-mounted ext4
     /// (the fake in unit tests).
+    /// Also (re)starts the pool of pre-formatted images with it.
     pub fn with_disk(mut self, disk: Arc<dyn DiskOps>) -> Self {
+        self.disk_pool.shutdown();
+        let config = disk_pool_config(&self.config, &self.disk_pool_dir, self.config.disk_pool);
+        match DiskPool::start(config, disk.clone()) {
+            Ok(pool) => self.disk_pool = Arc::new(pool),
+            Err(e) => {
+                tracing::warn!(error = %e, "no pool of pre-formatted disk images");
+                let off = disk_pool_config(&self.config, &self.disk_pool_dir, 0);
+                if let Ok(pool) = DiskPool::start(off, disk.clone()) {
+                    self.disk_pool = Arc::new(pool);
+                }
+            }
+        }
         self.disk = disk;
         self
+    }
+
+    /// How many pre-formatted disk images are ready.
+    pub fn pooled_disks(&self) -> usize {
+        self.disk_pool.ready_len()
     }
 
     /// Isolate every instance's network with `isolation` (started with
@@ -326,6 +356,10 @@ impl ContainerDriver {
             task.abort();
         }
         self.pool.drain().await.map_err(net_err)?;
+        let disk_pool = self.disk_pool.clone();
+        tokio::task::spawn_blocking(move || disk_pool.shutdown())
+            .await
+            .map_err(|e| fs_err("disk pool", e))?;
         if let Some(isolation) = &self.isolation {
             let running = self.instances.lock().expect("lock").len();
             if running == 0 {
@@ -456,8 +490,12 @@ impl ContainerDriver {
             }
         }
         let disk_mb = crate::disk::disk_mb(spec.disk_mb).map_err(|e| fs_err("disk", e))?;
-        self.disk
-            .create(&paths.disk_image(), disk_mb, &paths.disk(), uid)
+        // mkfs (on a pool miss) and mount block: keep them off the workers.
+        let disk_pool = self.disk_pool.clone();
+        let (image, target) = (paths.disk_image(), paths.disk());
+        tokio::task::spawn_blocking(move || disk_pool.provide(&image, disk_mb, &target, uid))
+            .await
+            .map_err(|e| fs_err("writable filesystem", e))?
             .map_err(|e| fs_err("writable filesystem", chain(&e)))?;
         for (dir, mode, owned) in [
             (paths.upper(), 0o755, true),
@@ -602,6 +640,19 @@ fn host_veth_bytes(name: &str) -> (Option<u64>, Option<u64>) {
         return (None, None);
     }
     (read("rx_bytes"), read("tx_bytes"))
+}
+
+/// The pool of images of the default disk size owned by `uid_base`.
+fn disk_pool_config(config: &ContainerConfig, dir: &Path, capacity: usize) -> DiskPoolConfig {
+    DiskPoolConfig {
+        dir: dir.to_owned(),
+        prefix: config.name_prefix.clone(),
+        size_mb: crate::disk::DEFAULT_DISK_MB,
+        owner: config.uid_base,
+        capacity,
+        retry_delay: DEFAULT_RETRY_DELAY,
+        refill_delay: DEFAULT_REFILL_DELAY,
+    }
 }
 
 fn prepare_state_dirs(state_dir: &Path, instances_dir: &Path) -> Result<(), SandboxError> {
@@ -853,6 +904,7 @@ mod tests {
             rootfs_dir: Some(rootfs_dir.to_owned()),
             tmp_size_mb: 64,
             netns_pool: 0,
+            disk_pool: 0,
             ..ContainerConfig::default()
         }
     }
@@ -1212,6 +1264,58 @@ mod tests {
         assert!(err.to_string().contains("10240"), "{err}");
         assert_eq!(h.disk.calls().len(), 1);
         assert_eq!(h.driver.list().await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn default_disks_come_from_the_pool_and_others_are_formatted() {
+        let h = harness().await;
+        let mut config = h.driver.config().clone();
+        config.disk_pool = 1;
+        let disk = Arc::new(RecordingDisk::new());
+        let driver = ContainerDriver::with_backends(
+            config,
+            &h.state.join("pooled"),
+            h.oci.clone(),
+            h.net.clone(),
+            h.mounter.clone(),
+        )
+        .await
+        .unwrap()
+        .with_cgroups(h.cgroups.clone())
+        .with_disk(disk.clone());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while driver.pooled_disks() < 1 {
+            assert!(std::time::Instant::now() < deadline, "pool never filled");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let req = request(&h, RuntimeName::Custom);
+        driver.create(&req).await.unwrap();
+        let dir = h
+            .state
+            .join("pooled/instances")
+            .join(req.instance_id.as_str());
+        // The pooled image was renamed into the instance dir and mounted.
+        assert!(dir.join("disk.img").is_file());
+        assert_eq!(disk.mounts(), [(dir.join("disk.img"), dir.join("disk"))]);
+        assert!(disk.calls().is_empty());
+
+        let mut req = request(&h, RuntimeName::Custom);
+        req.spec.disk_mb = 1024;
+        driver.create(&req).await.unwrap();
+        assert_eq!(disk.calls().len(), 1);
+        assert_eq!(disk.calls()[0].size_mb, 1024);
+
+        for id in driver.list().await.unwrap() {
+            driver.destroy(&id).await.unwrap();
+        }
+        driver.shutdown().await.unwrap();
+        assert_eq!(driver.pooled_disks(), 0);
+        assert_eq!(
+            std::fs::read_dir(h.state.join("pooled/disk-pool"))
+                .unwrap()
+                .count(),
+            0
+        );
     }
 
     #[tokio::test]

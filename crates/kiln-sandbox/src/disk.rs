@@ -43,15 +43,25 @@ pub fn disk_mb(spec_disk_mb: u32) -> Result<u32, DiskError> {
 /// Makes and mounts size-limited writable filesystems. Unmounting goes
 /// through the [`crate::mounts::Mounter`] like every other mount.
 pub trait DiskOps: Send + Sync + 'static {
-    /// Create `image` (`size_mb`, sparse), format it with its root owned
-    /// by `owner`, and mount it at `target` (nosuid, nodev).
+    /// Create `image` (`size_mb`, sparse; it must not exist) and format it
+    /// with its root owned by `owner`. Nothing is mounted, so this can be
+    /// done ahead of time (see [`crate::disk_pool::DiskPool`]).
+    fn format(&self, image: &Path, size_mb: u32, owner: u32) -> Result<(), DiskError>;
+
+    /// Mount the formatted `image` at `target` (nosuid, nodev).
+    fn mount(&self, image: &Path, target: &Path) -> Result<(), DiskError>;
+
+    /// [`format`](Self::format) then [`mount`](Self::mount).
     fn create(
         &self,
         image: &Path,
         size_mb: u32,
         target: &Path,
         owner: u32,
-    ) -> Result<(), DiskError>;
+    ) -> Result<(), DiskError> {
+        self.format(image, size_mb, owner)?;
+        self.mount(image, target)
+    }
 }
 
 /// ext4 on a loop device, with mkfs.ext4 and mount(8).
@@ -77,13 +87,7 @@ fn run(tool: &'static str, cmd: &mut Command) -> Result<(), DiskError> {
 }
 
 impl DiskOps for LoopExt4 {
-    fn create(
-        &self,
-        image: &Path,
-        size_mb: u32,
-        target: &Path,
-        owner: u32,
-    ) -> Result<(), DiskError> {
+    fn format(&self, image: &Path, size_mb: u32, owner: u32) -> Result<(), DiskError> {
         if size_mb == 0 || size_mb > MAX_DISK_MB {
             return Err(DiskError::Size(size_mb));
         }
@@ -112,7 +116,10 @@ impl DiskOps for LoopExt4 {
                     "nodiscard,lazy_itable_init=1,root_owner={owner}:{owner}"
                 ))
                 .arg(image),
-        )?;
+        )
+    }
+
+    fn mount(&self, image: &Path, target: &Path) -> Result<(), DiskError> {
         run(
             "mount",
             Command::new("mount")
@@ -132,10 +139,23 @@ pub struct DiskCall {
     pub owner: u32,
 }
 
+/// One image the fake formatted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FormatCall {
+    pub image: PathBuf,
+    pub size_mb: u32,
+    pub owner: u32,
+}
+
 /// A fake that records what it was asked and leaves `target` a plain dir.
+/// `format` writes an empty `image` (so it can be renamed like a real one);
+/// `create` records one [`DiskCall`] and touches nothing.
 #[derive(Debug, Default)]
 pub struct RecordingDisk {
     calls: Mutex<Vec<DiskCall>>,
+    formats: Mutex<Vec<FormatCall>>,
+    mounts: Mutex<Vec<(PathBuf, PathBuf)>>,
+    failing_formats: Mutex<u32>,
 }
 
 impl RecordingDisk {
@@ -143,12 +163,66 @@ impl RecordingDisk {
         Self::default()
     }
 
+    /// `create` calls.
     pub fn calls(&self) -> Vec<DiskCall> {
         self.calls.lock().expect("lock").clone()
+    }
+
+    /// Successful `format` calls.
+    pub fn formats(&self) -> Vec<FormatCall> {
+        self.formats.lock().expect("lock").clone()
+    }
+
+    /// `mount` calls: (image, target).
+    pub fn mounts(&self) -> Vec<(PathBuf, PathBuf)> {
+        self.mounts.lock().expect("lock").clone()
+    }
+
+    /// Make the next `n` formats fail (as a broken mkfs.ext4 would).
+    pub fn fail_formats(&self, n: u32) {
+        *self.failing_formats.lock().expect("lock") = n;
     }
 }
 
 impl DiskOps for RecordingDisk {
+    fn format(&self, image: &Path, size_mb: u32, owner: u32) -> Result<(), DiskError> {
+        if size_mb == 0 || size_mb > MAX_DISK_MB {
+            return Err(DiskError::Size(size_mb));
+        }
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(image)
+            .map_err(|source| DiskError::Image {
+                path: image.to_owned(),
+                source,
+            })?;
+        {
+            let mut failing = self.failing_formats.lock().expect("lock");
+            if *failing > 0 {
+                *failing -= 1;
+                return Err(DiskError::Tool {
+                    tool: "mkfs.ext4",
+                    message: "injected failure".into(),
+                });
+            }
+        }
+        self.formats.lock().expect("lock").push(FormatCall {
+            image: image.to_owned(),
+            size_mb,
+            owner,
+        });
+        Ok(())
+    }
+
+    fn mount(&self, image: &Path, target: &Path) -> Result<(), DiskError> {
+        self.mounts
+            .lock()
+            .expect("lock")
+            .push((image.to_owned(), target.to_owned()));
+        Ok(())
+    }
+
     fn create(
         &self,
         image: &Path,

@@ -38,6 +38,7 @@ pub mod cgroup;
 pub mod config;
 pub mod container;
 pub mod disk;
+pub mod disk_pool;
 pub mod driver;
 pub mod exec;
 pub mod instance;
