@@ -173,6 +173,10 @@ struct State {
     total: usize,
     cursor: usize,
     running: HashMap<i64, AbortHandle>,
+    /// Stops that came while their message was claimed (already Running in
+    /// the queue) but its call not yet started: honoured when it starts.
+    /// Pruned after an hour (a stop racing a call's end leaves one behind).
+    stop_requested: HashMap<i64, std::time::Instant>,
     outbox_busy: std::collections::HashSet<i64>,
 }
 
@@ -222,9 +226,15 @@ impl Dispatcher {
 
     /// Abort the running delivery of message `seq` (StopAsyncTask).
     pub fn abort(&self, seq: i64) {
-        if let Some(h) = self.state().running.remove(&seq) {
+        let mut s = self.state();
+        if let Some(h) = s.running.remove(&seq) {
             h.abort();
+            return;
         }
+        let now = std::time::Instant::now();
+        s.stop_requested
+            .retain(|_, at| now.duration_since(*at) < std::time::Duration::from_secs(3600));
+        s.stop_requested.insert(seq, now);
     }
 
     /// Run until `stop` resolves; in-flight deliveries are left to their
@@ -402,9 +412,19 @@ impl Dispatcher {
             }
             let fut = self.invoker.invoke(&c);
             let handle = tokio::spawn(fut);
-            self.state().running.insert(c.seq, handle.abort_handle());
+            {
+                let mut s = self.state();
+                if s.stop_requested.remove(&c.seq).is_some() {
+                    handle.abort();
+                } else {
+                    s.running.insert(c.seq, handle.abort_handle());
+                }
+            }
             let joined = handle.await;
-            self.state().running.remove(&c.seq);
+            let mut s = self.state();
+            s.running.remove(&c.seq);
+            s.stop_requested.remove(&c.seq);
+            drop(s);
             match joined {
                 Ok(o) => (self.decide(&c, &cfg, &o), Some(o)),
                 Err(_) => (

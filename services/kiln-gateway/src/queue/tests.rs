@@ -566,6 +566,48 @@ async fn stopping_a_running_task_aborts_its_invocation() {
     run.await.unwrap();
 }
 
+/// StopAsyncTask can find a message claimed (Running in the queue) before
+/// the dispatcher has started its call: the stop must still land.
+#[tokio::test]
+async fn a_stop_that_comes_before_the_call_starts_is_not_lost() {
+    let q = Queue::open_in_memory().unwrap();
+    let fake = Fake::new(Duration::from_secs(30));
+    let d = Dispatcher::new(
+        q.clone(),
+        fake.clone(),
+        Arc::new(Configs::default()),
+        Arc::new(ManualClock::new(1_000)),
+        settings(),
+        "r".into(),
+    );
+    q.enqueue(msg("1", "f", "t", 1_000)).await.unwrap();
+    let seq: i64 = q
+        .db()
+        .run(|c| {
+            Ok(
+                c.query_row("SELECT seq FROM messages WHERE task_id = 't'", [], |r| {
+                    r.get(0)
+                })?,
+            )
+        })
+        .await
+        .unwrap();
+    d.abort(seq);
+    d.enqueued("1");
+    let started = Instant::now();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(d.clone().run(async {
+        let _ = rx.await;
+    }));
+    wait_for(&q, "t", "Stopped").await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the 30 s call was never started or was aborted at once"
+    );
+    let _ = tx.send(());
+    run.await.unwrap();
+}
+
 #[tokio::test]
 async fn a_deleted_function_makes_the_task_invalid_and_a_dedicated_queue_is_its_own() {
     let configs = Arc::new(Configs::default());
