@@ -82,7 +82,16 @@ impl Freezer {
     /// Before a call runs (the call is already counted in flight): thaw
     /// the instance if it is frozen. Returns how long the thaw took.
     pub async fn before_call(&self, id: &InstanceId) -> Result<Option<Duration>, SandboxError> {
-        let entry = self.entry(id);
+        self.thaw_entry(id, &self.entry(id)).await
+    }
+
+    /// Cancel any pending freeze of the entry and thaw it if it is frozen;
+    /// how long the thaw took, None when it was not frozen.
+    async fn thaw_entry(
+        &self,
+        id: &InstanceId,
+        entry: &Entry,
+    ) -> Result<Option<Duration>, SandboxError> {
         entry.generation.fetch_add(1, Ordering::AcqRel);
         let mut frozen = entry.frozen.lock().await;
         if !*frozen {
@@ -93,7 +102,7 @@ impl Freezer {
         let took = started.elapsed();
         *frozen = false;
         self.metrics.thawed(id, took);
-        tracing::debug!(instance_id = %id, thaw_us = took.as_micros() as u64, "instance thawed for a call");
+        tracing::debug!(instance_id = %id, thaw_us = took.as_micros() as u64, "instance thawed");
         Ok(Some(took))
     }
 
@@ -102,15 +111,8 @@ impl Freezer {
     /// background work runs again without waiting for a call.
     pub async fn hold(&self, id: &InstanceId) -> Result<(), SandboxError> {
         let entry = self.entries.lock().expect("freezer lock").get(id).cloned();
-        let Some(entry) = entry else { return Ok(()) };
-        entry.generation.fetch_add(1, Ordering::AcqRel);
-        let mut frozen = entry.frozen.lock().await;
-        if *frozen {
-            let started = Instant::now();
-            self.driver.thaw(id).await?;
-            *frozen = false;
-            self.metrics.thawed(id, started.elapsed());
-            tracing::debug!(instance_id = %id, "always-allocated instance thawed");
+        if let Some(entry) = entry {
+            self.thaw_entry(id, &entry).await?;
         }
         Ok(())
     }
