@@ -108,15 +108,12 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// (Node's default keep-alive timeout is 5 s): a request written onto a
 /// connection the runtime is closing would fail the instance.
 const RUNTIME_IDLE: Duration = Duration::from_secs(4);
-const RUNTIME_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Why no request could be sent to the runtime.
 #[derive(Debug, thiserror::Error)]
 enum RuntimeError {
     #[error("cannot connect to the runtime: {0}")]
     Connect(#[source] std::io::Error),
-    #[error("connecting to the runtime timed out")]
-    ConnectTimeout,
     #[error(transparent)]
     Http(#[from] hyper::Error),
 }
@@ -186,13 +183,12 @@ impl RuntimeConns {
     }
 
     async fn dial(&self) -> Result<http1::SendRequest<Incoming>, RuntimeError> {
-        let tcp = tokio::time::timeout(
-            RUNTIME_CONNECT_TIMEOUT,
-            tokio::net::TcpStream::connect(self.endpoint),
-        )
-        .await
-        .map_err(|_| RuntimeError::ConnectTimeout)?
-        .map_err(RuntimeError::Connect)?;
+        // Bounded by the call's deadline only: a runtime with a short listen
+        // backlog (Python's http.server keeps 5) drops the SYNs of a burst
+        // of calls, and the kernel resends them after 1 s and 3 s.
+        let tcp = tokio::net::TcpStream::connect(self.endpoint)
+            .await
+            .map_err(RuntimeError::Connect)?;
         tcp.set_nodelay(true).map_err(RuntimeError::Connect)?;
         let (send, conn) = http1::handshake(TokioIo::new(tcp)).await?;
         tokio::spawn(async move {
@@ -743,16 +739,27 @@ mod invoke_tests {
     /// The agent's API on plain HTTP (the TLS layer is the integration
     /// test's business) with one instance whose runtime is at `runtime`.
     async fn setup(runtime: SocketAddr) -> Setup {
+        setup_with(runtime, |_| {}).await
+    }
+
+    /// As `setup`, with the instance's spec changed by `edit` first.
+    async fn setup_with(
+        runtime: SocketAddr,
+        edit: impl FnOnce(&mut kiln_core::InstanceSpec),
+    ) -> Setup {
         let dir = tempfile::tempdir().unwrap();
         let driver = Arc::new(FakeDriver::at(runtime));
         let code = Arc::new(FakeCodeSource::new(Duration::ZERO));
         let digest = code.add(b"zip".to_vec());
         let manager = manager(dir.path(), driver.clone(), code);
         let id = InstanceId::generate();
+        let mut spec = sample_spec(&digest, 9000);
+        edit(&mut spec);
+        let spec = spec.seal();
         manager
             .create(CreateInstance {
                 instance_id: id.clone(),
-                spec: sample_spec(&digest, 9000),
+                spec,
                 always_allocate_cpu: false,
             })
             .await
@@ -970,6 +977,48 @@ mod invoke_tests {
         assert_eq!(&body[..], b"crashed handler");
         assert!(s.manager.get(s.id.as_str()).unwrap().state().can_invoke());
         assert_eq!(s.manager.metrics.invocations(Outcome::FunctionError), 2);
+    }
+
+    #[tokio::test]
+    async fn a_runtime_slow_to_accept_is_waited_for_within_the_call_timeout() {
+        // A runtime whose accept queue is full (as a burst of calls finds a
+        // Python http.server, backlog 5): the kernel drops the agent's SYN
+        // and resends it after 1 s and 3 s. The call must wait for that, up
+        // to the function's timeout, not fail the instance.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let l = socket.listen(1).unwrap();
+        let addr = l.local_addr().unwrap();
+        // Accept the agent's readiness probes while the instance starts.
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let probes = tokio::spawn(async move {
+            tokio::pin!(stopped);
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => return l,
+                    _ = l.accept() => {}
+                }
+            }
+        });
+        let s = setup_with(addr, |spec| spec.timeout_s = 10).await;
+        stop.send(()).unwrap();
+        let l = probes.await.unwrap();
+        // Backlog 1 holds two finished handshakes: fill it.
+        let _held = [
+            std::net::TcpStream::connect(addr).unwrap(),
+            std::net::TcpStream::connect(addr).unwrap(),
+        ];
+        let accepting = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(2500)).await;
+            let (_a, _) = l.accept().await.unwrap();
+            let (_b, _) = l.accept().await.unwrap();
+            serve_http1(l, |_req| async { Response::new(full("late but fine")) })
+        });
+        let (resp, body) = s.invoke("x").await;
+        assert_eq!(outcome(&resp), "ok", "{}", String::from_utf8_lossy(&body));
+        assert_eq!(&body[..], b"late but fine");
+        assert!(s.manager.get(s.id.as_str()).unwrap().state().can_invoke());
+        drop(accepting.await.unwrap());
     }
 
     #[tokio::test]
