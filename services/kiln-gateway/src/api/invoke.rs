@@ -201,7 +201,7 @@ pub async fn invoke(
         Some(kind @ ("instance-failed" | "timeout")) => {
             guard.outcome = LeaseOutcome::InstanceFailed;
             let bytes = read_small(body).await;
-            let detail = remote_error(head.status, &bytes).message;
+            let detail = agent_error_message(head.status, &bytes);
             let message = if kind == "timeout" {
                 format!("Function timed out after {} seconds", entry.spec.timeout_s)
             } else if detail.is_empty() || detail.starts_with("internal call failed") {
@@ -318,6 +318,21 @@ fn agent_request(
         );
     }
     Ok(req)
+}
+
+/// What the agent said of a failed call: the function error it built
+/// (`{"errorMessage"}`, FC's shape for an unhandled error), or the message
+/// of its FC error when it refused the call.
+fn agent_error_message(status: StatusCode, bytes: &[u8]) -> String {
+    #[derive(serde::Deserialize)]
+    struct Unhandled {
+        #[serde(rename = "errorMessage")]
+        error_message: String,
+    }
+    match serde_json::from_slice::<Unhandled>(bytes) {
+        Ok(u) => u.error_message,
+        Err(_) => remote_error(status, bytes).message,
+    }
 }
 
 async fn read_small(body: Incoming) -> Bytes {
