@@ -463,86 +463,98 @@ impl ContainerDriver {
         paths
             .write_record(rec)
             .map_err(|e| fs_err(paths.record().display(), e))?;
-        if let Some(isolation) = &self.isolation {
-            isolation
-                .attach(
-                    &HostInterface::from(&slot),
-                    spec.network.as_ref(),
-                    BandwidthClass::of(spec),
-                )
+        // The network (nft, ip, tc: host processes) is attached while the
+        // file systems are made: neither needs the other, and both are on
+        // every cold start's path.
+        let started = std::time::Instant::now();
+        let attach = async {
+            if let Some(isolation) = &self.isolation {
+                isolation
+                    .attach(
+                        &HostInterface::from(&slot),
+                        spec.network.as_ref(),
+                        BandwidthClass::of(spec),
+                    )
+                    .await
+                    .map_err(isolation_err)?;
+            }
+            Ok::<_, SandboxError>(started.elapsed())
+        };
+        let prepare = async {
+            let uid = self.config.uid_base;
+            for (dir, mode, owned) in [
+                (paths.bundle(), 0o711, false),
+                (paths.rootfs(), 0o755, false),
+                (paths.code(), 0o755, false),
+                (paths.disk(), 0o711, false),
+            ] {
+                std::fs::create_dir(&dir).map_err(|e| fs_err(dir.display(), e))?;
+                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode))
+                    .map_err(|e| fs_err(dir.display(), e))?;
+                if owned {
+                    std::os::unix::fs::chown(&dir, Some(uid), Some(uid))
+                        .map_err(|e| fs_err(dir.display(), e))?;
+                }
+            }
+            let disk_mb = crate::disk::disk_mb(spec.disk_mb).map_err(|e| fs_err("disk", e))?;
+            // mkfs (on a pool miss) and mount block: keep them off the workers.
+            let disk_pool = self.disk_pool.clone();
+            let (image, target) = (paths.disk_image(), paths.disk());
+            tokio::task::spawn_blocking(move || disk_pool.provide(&image, disk_mb, &target, uid))
                 .await
-                .map_err(isolation_err)?;
-        }
-
-        let uid = self.config.uid_base;
-        for (dir, mode, owned) in [
-            (paths.bundle(), 0o711, false),
-            (paths.rootfs(), 0o755, false),
-            (paths.code(), 0o755, false),
-            (paths.disk(), 0o711, false),
-        ] {
-            std::fs::create_dir(&dir).map_err(|e| fs_err(dir.display(), e))?;
-            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode))
-                .map_err(|e| fs_err(dir.display(), e))?;
-            if owned {
-                std::os::unix::fs::chown(&dir, Some(uid), Some(uid))
+                .map_err(|e| fs_err("writable filesystem", e))?
+                .map_err(|e| fs_err("writable filesystem", chain(&e)))?;
+            for (dir, mode, owned) in [
+                (paths.upper(), 0o755, true),
+                (paths.work(), 0o700, true),
+                (paths.tmp(), 0o1777, true),
+            ] {
+                std::fs::create_dir(&dir).map_err(|e| fs_err(dir.display(), e))?;
+                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode))
                     .map_err(|e| fs_err(dir.display(), e))?;
+                if owned {
+                    std::os::unix::fs::chown(&dir, Some(uid), Some(uid))
+                        .map_err(|e| fs_err(dir.display(), e))?;
+                }
             }
-        }
-        let disk_mb = crate::disk::disk_mb(spec.disk_mb).map_err(|e| fs_err("disk", e))?;
-        // mkfs (on a pool miss) and mount block: keep them off the workers.
-        let disk_pool = self.disk_pool.clone();
-        let (image, target) = (paths.disk_image(), paths.disk());
-        tokio::task::spawn_blocking(move || disk_pool.provide(&image, disk_mb, &target, uid))
-            .await
-            .map_err(|e| fs_err("writable filesystem", e))?
-            .map_err(|e| fs_err("writable filesystem", chain(&e)))?;
-        for (dir, mode, owned) in [
-            (paths.upper(), 0o755, true),
-            (paths.work(), 0o700, true),
-            (paths.tmp(), 0o1777, true),
-        ] {
-            std::fs::create_dir(&dir).map_err(|e| fs_err(dir.display(), e))?;
-            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode))
-                .map_err(|e| fs_err(dir.display(), e))?;
-            if owned {
-                std::os::unix::fs::chown(&dir, Some(uid), Some(uid))
-                    .map_err(|e| fs_err(dir.display(), e))?;
+            self.mounter
+                .bind_readonly(&rootfs, &paths.rootfs())
+                .map_err(|e| fs_err("runtime root filesystem", chain(&e)))?;
+            self.mounter
+                .overlay(&req.code_dir, &paths.upper(), &paths.work(), &paths.code())
+                .map_err(|e| fs_err("/code overlay", chain(&e)))?;
+            let opt = crate::layers::mount_opt(self.mounter.as_ref(), req, paths, &rootfs, uid)?;
+
+            let code = paths.code();
+            let hosts = paths.hosts();
+            std::fs::write(&hosts, bundle::hosts_file(&slot.name, slot.instance_addr))
+                .map_err(|e| fs_err(hosts.display(), e))?;
+            let mut config = bundle::build_config(&BundleParams {
+                instance_id: &req.instance_id,
+                spec,
+                region: self.region.as_deref(),
+                hostname: &slot.name,
+                uid_base: uid,
+                netns_path: slot.netns_path(),
+                cgroups_path: self.cgroups_path(&req.instance_id),
+                code_source: &code,
+                hosts_file: &hosts,
+                tmp_size_mb: self.config.tmp_size_mb,
+                tmp_source: Some(&paths.tmp()),
+                boost_cpu_milli: self.boost_cpu_milli(spec),
+            })
+            .map_err(|e| SandboxError::OciRuntime(format!("Invalid instance spec: {e}")))?;
+            if let Some(opt) = &opt {
+                crate::layers::add_opt_mount(&mut config, opt);
             }
-        }
-        self.mounter
-            .bind_readonly(&rootfs, &paths.rootfs())
-            .map_err(|e| fs_err("runtime root filesystem", chain(&e)))?;
-        self.mounter
-            .overlay(&req.code_dir, &paths.upper(), &paths.work(), &paths.code())
-            .map_err(|e| fs_err("/code overlay", chain(&e)))?;
-        let opt = crate::layers::mount_opt(self.mounter.as_ref(), req, paths, &rootfs, uid)?;
+            let bytes = serde_json::to_vec_pretty(&config).expect("config serialises");
+            std::fs::write(paths.config(), bytes)
+                .map_err(|e| fs_err(paths.config().display(), e))?;
 
-        let code = paths.code();
-        let hosts = paths.hosts();
-        std::fs::write(&hosts, bundle::hosts_file(&slot.name, slot.instance_addr))
-            .map_err(|e| fs_err(hosts.display(), e))?;
-        let mut config = bundle::build_config(&BundleParams {
-            instance_id: &req.instance_id,
-            spec,
-            region: self.region.as_deref(),
-            hostname: &slot.name,
-            uid_base: uid,
-            netns_path: slot.netns_path(),
-            cgroups_path: self.cgroups_path(&req.instance_id),
-            code_source: &code,
-            hosts_file: &hosts,
-            tmp_size_mb: self.config.tmp_size_mb,
-            tmp_source: Some(&paths.tmp()),
-            boost_cpu_milli: self.boost_cpu_milli(spec),
-        })
-        .map_err(|e| SandboxError::OciRuntime(format!("Invalid instance spec: {e}")))?;
-        if let Some(opt) = &opt {
-            crate::layers::add_opt_mount(&mut config, opt);
-        }
-        let bytes = serde_json::to_vec_pretty(&config).expect("config serialises");
-        std::fs::write(paths.config(), bytes).map_err(|e| fs_err(paths.config().display(), e))?;
-
+            Ok::<_, SandboxError>(started.elapsed())
+        };
+        let (net, files) = tokio::join!(attach, prepare);
+        let (net, files) = (net?, files?);
         let log_path = paths.console_log();
         let pid = self
             .oci
@@ -557,6 +569,12 @@ impl ContainerDriver {
         paths
             .write_record(rec)
             .map_err(|e| fs_err(paths.record().display(), e))?;
+        tracing::debug!(
+            net_ms = net.as_millis() as u64,
+            files_ms = files.as_millis() as u64,
+            total_ms = started.elapsed().as_millis() as u64,
+            "sandbox steps"
+        );
         if self.boost_cpu_milli(spec).is_some() {
             self.end_boost_later(&req.instance_id, bundle::instance_cpu_milli(spec));
         }

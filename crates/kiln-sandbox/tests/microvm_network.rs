@@ -111,21 +111,21 @@ async fn driver(
     }
 }
 
-/// Every recorded command as one line, an nft script by what it does to
-/// `iface`'s chains.
+/// Every recorded command as one line (ip and tc batches line by line), an
+/// nft script by what it does to `iface`'s chains.
 fn log(cmd: &RecordingCommands, iface: &str) -> Vec<String> {
     cmd.calls()
         .iter()
-        .map(|c: &RecordedCommand| match (&c.stdin, c.program.as_str()) {
+        .flat_map(|c: &RecordedCommand| match (&c.stdin, c.program.as_str()) {
             (Some(script), "nft") if script.contains(&format!("add chain inet kv e-{iface}")) => {
-                format!("nft add chains of {iface}")
+                vec![format!("nft add chains of {iface}")]
             }
             (Some(script), "nft")
                 if script.contains(&format!("delete chain inet kv e-{iface}")) =>
             {
-                format!("nft delete chains of {iface}")
+                vec![format!("nft delete chains of {iface}")]
             }
-            _ => c.line(),
+            _ => c.commands(),
         })
         .collect()
 }

@@ -130,6 +130,18 @@ impl RecordedCommand {
         }
         s
     }
+
+    /// The commands this run stands for: a `-batch -` run (ip, tc) as one
+    /// line per command it fed, anything else as its own line.
+    pub fn commands(&self) -> Vec<String> {
+        match (self.args.as_slice(), self.stdin.as_deref()) {
+            ([flag, dash], Some(script)) if flag == "-batch" && dash == "-" => script
+                .lines()
+                .map(|l| format!("{} {l}", self.program))
+                .collect(),
+            _ => vec![self.line()],
+        }
+    }
 }
 
 /// Fake for unit tests: records every command and succeeds, unless told

@@ -571,38 +571,29 @@ impl NetIsolation {
             .max(65_536)
             .to_string();
         let tbf = |dev: &str| {
-            s(&[
-                "qdisc", "replace", "dev", dev, "root", "tbf", "rate", &rate, "burst", &burst,
-                "latency", "50ms",
-            ])
+            format!("qdisc replace dev {dev} root tbf rate {rate} burst {burst} latency 50ms\n")
         };
-        self.cmd.run("tc", &tbf(iface), None).await?;
-        self.cmd
-            .run("ip", &s(&["link", "add", ifb, "type", "ifb"]), None)
-            .await?;
-        self.cmd
-            .run("ip", &s(&["link", "set", ifb, "up"]), None)
-            .await?;
-        self.cmd.run("tc", &tbf(ifb), None).await?;
+        // Two processes, not six: these run on every cold start. Each batch
+        // stops at its first failing line, and undo removes what was made.
         self.cmd
             .run(
-                "tc",
-                &s(&[
-                    "qdisc", "replace", "dev", iface, "handle", "ffff:", "ingress",
-                ]),
-                None,
+                "ip",
+                &s(&["-batch", "-"]),
+                Some(&format!("link add {ifb} type ifb\nlink set {ifb} up\n")),
             )
             .await?;
+        let script = [
+            tbf(iface),
+            tbf(ifb),
+            format!("qdisc replace dev {iface} handle ffff: ingress\n"),
+            format!(
+                "filter replace dev {iface} parent ffff: protocol all prio 1 u32 match u32 0 0 \
+                 action mirred egress redirect dev {ifb}\n"
+            ),
+        ]
+        .concat();
         self.cmd
-            .run(
-                "tc",
-                &s(&[
-                    "filter", "replace", "dev", iface, "parent", "ffff:", "protocol", "all",
-                    "prio", "1", "u32", "match", "u32", "0", "0", "action", "mirred", "egress",
-                    "redirect", "dev", ifb,
-                ]),
-                None,
-            )
+            .run("tc", &s(&["-batch", "-"]), Some(&script))
             .await?;
         Ok(())
     }

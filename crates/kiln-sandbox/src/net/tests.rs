@@ -45,7 +45,10 @@ async fn start() -> (Arc<RecordingCommands>, NetIsolation) {
 }
 
 fn lines(cmd: &RecordingCommands) -> Vec<String> {
-    cmd.calls().iter().map(RecordedCommand::line).collect()
+    cmd.calls()
+        .iter()
+        .flat_map(RecordedCommand::commands)
+        .collect()
 }
 
 #[test]
