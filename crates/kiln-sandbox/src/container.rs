@@ -480,77 +480,25 @@ impl ContainerDriver {
             }
             Ok::<_, SandboxError>(started.elapsed())
         };
+        // Directories, the writable disk, mounts and the bundle: blocking
+        // syscalls (and mkfs on a pool miss), kept off the async workers.
+        let files = InstanceFiles {
+            uid: self.config.uid_base,
+            rootfs,
+            paths: paths.clone(),
+            req: req.clone(),
+            slot: slot.clone(),
+            disk_pool: self.disk_pool.clone(),
+            mounter: self.mounter.clone(),
+            region: self.region.clone(),
+            cgroups_path: self.cgroups_path(&req.instance_id),
+            tmp_size_mb: self.config.tmp_size_mb,
+            boost_cpu_milli: self.boost_cpu_milli(spec),
+        };
         let prepare = async {
-            let uid = self.config.uid_base;
-            for (dir, mode, owned) in [
-                (paths.bundle(), 0o711, false),
-                (paths.rootfs(), 0o755, false),
-                (paths.code(), 0o755, false),
-                (paths.disk(), 0o711, false),
-            ] {
-                std::fs::create_dir(&dir).map_err(|e| fs_err(dir.display(), e))?;
-                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode))
-                    .map_err(|e| fs_err(dir.display(), e))?;
-                if owned {
-                    std::os::unix::fs::chown(&dir, Some(uid), Some(uid))
-                        .map_err(|e| fs_err(dir.display(), e))?;
-                }
-            }
-            let disk_mb = crate::disk::disk_mb(spec.disk_mb).map_err(|e| fs_err("disk", e))?;
-            // mkfs (on a pool miss) and mount block: keep them off the workers.
-            let disk_pool = self.disk_pool.clone();
-            let (image, target) = (paths.disk_image(), paths.disk());
-            tokio::task::spawn_blocking(move || disk_pool.provide(&image, disk_mb, &target, uid))
+            tokio::task::spawn_blocking(move || files.make())
                 .await
-                .map_err(|e| fs_err("writable filesystem", e))?
-                .map_err(|e| fs_err("writable filesystem", chain(&e)))?;
-            for (dir, mode, owned) in [
-                (paths.upper(), 0o755, true),
-                (paths.work(), 0o700, true),
-                (paths.tmp(), 0o1777, true),
-            ] {
-                std::fs::create_dir(&dir).map_err(|e| fs_err(dir.display(), e))?;
-                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode))
-                    .map_err(|e| fs_err(dir.display(), e))?;
-                if owned {
-                    std::os::unix::fs::chown(&dir, Some(uid), Some(uid))
-                        .map_err(|e| fs_err(dir.display(), e))?;
-                }
-            }
-            self.mounter
-                .bind_readonly(&rootfs, &paths.rootfs())
-                .map_err(|e| fs_err("runtime root filesystem", chain(&e)))?;
-            self.mounter
-                .overlay(&req.code_dir, &paths.upper(), &paths.work(), &paths.code())
-                .map_err(|e| fs_err("/code overlay", chain(&e)))?;
-            let opt = crate::layers::mount_opt(self.mounter.as_ref(), req, paths, &rootfs, uid)?;
-
-            let code = paths.code();
-            let hosts = paths.hosts();
-            std::fs::write(&hosts, bundle::hosts_file(&slot.name, slot.instance_addr))
-                .map_err(|e| fs_err(hosts.display(), e))?;
-            let mut config = bundle::build_config(&BundleParams {
-                instance_id: &req.instance_id,
-                spec,
-                region: self.region.as_deref(),
-                hostname: &slot.name,
-                uid_base: uid,
-                netns_path: slot.netns_path(),
-                cgroups_path: self.cgroups_path(&req.instance_id),
-                code_source: &code,
-                hosts_file: &hosts,
-                tmp_size_mb: self.config.tmp_size_mb,
-                tmp_source: Some(&paths.tmp()),
-                boost_cpu_milli: self.boost_cpu_milli(spec),
-            })
-            .map_err(|e| SandboxError::OciRuntime(format!("Invalid instance spec: {e}")))?;
-            if let Some(opt) = &opt {
-                crate::layers::add_opt_mount(&mut config, opt);
-            }
-            let bytes = serde_json::to_vec_pretty(&config).expect("config serialises");
-            std::fs::write(paths.config(), bytes)
-                .map_err(|e| fs_err(paths.config().display(), e))?;
-
+                .map_err(|e| fs_err("instance files", e))??;
             Ok::<_, SandboxError>(started.elapsed())
         };
         let (net, files) = tokio::join!(attach, prepare);
@@ -884,6 +832,97 @@ impl SandboxDriver for ContainerDriver {
             .collect();
         ids.sort();
         Ok(ids)
+    }
+}
+
+/// Create each directory with its mode and, when given, its owner.
+fn make_dirs(dirs: &[(PathBuf, u32, Option<u32>)]) -> Result<(), SandboxError> {
+    for (dir, mode, owner) in dirs {
+        std::fs::create_dir(dir).map_err(|e| fs_err(dir.display(), e))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(*mode))
+            .map_err(|e| fs_err(dir.display(), e))?;
+        if let Some(id) = owner {
+            std::os::unix::fs::chown(dir, Some(*id), Some(*id))
+                .map_err(|e| fs_err(dir.display(), e))?;
+        }
+    }
+    Ok(())
+}
+
+/// What one container instance needs on disk before the runtime starts it.
+struct InstanceFiles {
+    uid: u32,
+    rootfs: PathBuf,
+    paths: InstancePaths,
+    req: SandboxRequest,
+    slot: NetSlot,
+    disk_pool: Arc<DiskPool>,
+    mounter: Arc<dyn Mounter>,
+    region: Option<String>,
+    cgroups_path: String,
+    tmp_size_mb: u32,
+    boost_cpu_milli: Option<u32>,
+}
+
+impl InstanceFiles {
+    /// Directories, the writable disk (mkfs on a pool miss, loop mount),
+    /// the read-only runtime root, the /code overlay, layers and the OCI
+    /// bundle. Blocking: run it on the blocking pool.
+    fn make(self) -> Result<(), SandboxError> {
+        let (uid, paths, req, spec) = (self.uid, &self.paths, &self.req, &self.req.spec);
+        make_dirs(&[
+            (paths.bundle(), 0o711, None),
+            (paths.rootfs(), 0o755, None),
+            (paths.code(), 0o755, None),
+            (paths.disk(), 0o711, None),
+        ])?;
+        let disk_mb = crate::disk::disk_mb(spec.disk_mb).map_err(|e| fs_err("disk", e))?;
+        self.disk_pool
+            .provide(&paths.disk_image(), disk_mb, &paths.disk(), uid)
+            .map_err(|e| fs_err("writable filesystem", chain(&e)))?;
+        // On the instance's own disk, owned by its user.
+        make_dirs(&[
+            (paths.upper(), 0o755, Some(uid)),
+            (paths.work(), 0o700, Some(uid)),
+            (paths.tmp(), 0o1777, Some(uid)),
+        ])?;
+        self.mounter
+            .bind_readonly(&self.rootfs, &paths.rootfs())
+            .map_err(|e| fs_err("runtime root filesystem", chain(&e)))?;
+        self.mounter
+            .overlay(&req.code_dir, &paths.upper(), &paths.work(), &paths.code())
+            .map_err(|e| fs_err("/code overlay", chain(&e)))?;
+        let opt = crate::layers::mount_opt(self.mounter.as_ref(), req, paths, &self.rootfs, uid)?;
+
+        let code = paths.code();
+        let hosts = paths.hosts();
+        std::fs::write(
+            &hosts,
+            bundle::hosts_file(&self.slot.name, self.slot.instance_addr),
+        )
+        .map_err(|e| fs_err(hosts.display(), e))?;
+        let mut config = bundle::build_config(&BundleParams {
+            instance_id: &req.instance_id,
+            spec,
+            region: self.region.as_deref(),
+            hostname: &self.slot.name,
+            uid_base: uid,
+            netns_path: self.slot.netns_path(),
+            cgroups_path: self.cgroups_path.clone(),
+            code_source: &code,
+            hosts_file: &hosts,
+            tmp_size_mb: self.tmp_size_mb,
+            tmp_source: Some(&paths.tmp()),
+            boost_cpu_milli: self.boost_cpu_milli,
+        })
+        .map_err(|e| SandboxError::OciRuntime(format!("Invalid instance spec: {e}")))?;
+        if let Some(opt) = &opt {
+            crate::layers::add_opt_mount(&mut config, opt);
+        }
+        let bytes = serde_json::to_vec_pretty(&config).expect("config serialises");
+        std::fs::write(paths.config(), bytes).map_err(|e| fs_err(paths.config().display(), e))?;
+
+        Ok(())
     }
 }
 
