@@ -9,6 +9,7 @@ use std::process::Stdio;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
 use crate::config::Ipv4Cidr;
@@ -98,14 +99,34 @@ impl IpCommand {
 
     /// Run `ip args...`; returns stdout, or stderr as the error message.
     async fn ip(&self, args: &[&str]) -> Result<Result<String, String>, NetworkError> {
-        let child = Command::new(&self.binary)
+        self.ip_with_input(args, None).await
+    }
+
+    /// As `ip`, with `input` on its stdin (for `-batch -`).
+    async fn ip_with_input(
+        &self,
+        args: &[&str],
+        input: Option<&str>,
+    ) -> Result<Result<String, String>, NetworkError> {
+        let mut child = Command::new(&self.binary)
             .args(args)
-            .stdin(Stdio::null())
+            .stdin(if input.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .map_err(NetworkError::Spawn)?;
+        if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+            // Dropped at the end of this block: ip sees the end of its input.
+            stdin
+                .write_all(input.as_bytes())
+                .await
+                .map_err(NetworkError::Spawn)?;
+        }
         let out = tokio::time::timeout(IP_TIMEOUT, child.wait_with_output())
             .await
             .map_err(|_| NetworkError::TimedOut(args.join(" ")))?
@@ -115,6 +136,17 @@ impl IpCommand {
         } else {
             Ok(Err(String::from_utf8_lossy(&out.stderr).trim().to_owned()))
         }
+    }
+
+    /// Run `ip args...` (ending in `-batch -`) fed `script`; fails with
+    /// ip's message and the script.
+    async fn batch(&self, args: &[&str], script: &str) -> Result<String, NetworkError> {
+        self.ip_with_input(args, Some(script))
+            .await?
+            .map_err(|message| NetworkError::Command {
+                args: format!("{} <<< {:?}", args.join(" "), script),
+                message,
+            })
     }
 
     async fn must(&self, args: &[&str]) -> Result<String, NetworkError> {
@@ -131,29 +163,29 @@ impl IpCommand {
         let host = format!("{}/30", slot.host_addr);
         let inst = format!("{}/30", slot.instance_addr);
         let gw = slot.host_addr.to_string();
-        self.must(&["netns", "add", ns]).await?;
-        self.must(&[
-            "link",
-            "add",
-            ns,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            INSTANCE_IFNAME,
-            "netns",
-            ns,
-        ])
+        // Two processes, not eight: the pool refills after every cold start,
+        // on the same CPUs. A batch stops at its first failing line (ip
+        // names it), and `create` undoes whatever was made.
+        self.batch(
+            &["-batch", "-"],
+            &format!(
+                "netns add {ns}\n\
+                 link add {ns} type veth peer name {INSTANCE_IFNAME} netns {ns}\n\
+                 addr add {host} dev {ns}\n\
+                 link set {ns} up\n"
+            ),
+        )
         .await?;
-        self.must(&["addr", "add", &host, "dev", ns]).await?;
-        self.must(&["link", "set", ns, "up"]).await?;
-        self.must(&["-n", ns, "link", "set", "lo", "up"]).await?;
-        self.must(&["-n", ns, "addr", "add", &inst, "dev", INSTANCE_IFNAME])
-            .await?;
-        self.must(&["-n", ns, "link", "set", INSTANCE_IFNAME, "up"])
-            .await?;
-        self.must(&["-n", ns, "route", "add", "default", "via", &gw])
-            .await?;
+        self.batch(
+            &["-n", ns, "-batch", "-"],
+            &format!(
+                "link set lo up\n\
+                 addr add {inst} dev {INSTANCE_IFNAME}\n\
+                 link set {INSTANCE_IFNAME} up\n\
+                 route add default via {gw}\n"
+            ),
+        )
+        .await?;
         Ok(())
     }
 }
