@@ -459,6 +459,7 @@ impl ContainerDriver {
             netns: slot.name.clone(),
             endpoint,
             pid: None,
+            pid_start: None,
         });
         paths
             .write_record(rec)
@@ -514,6 +515,7 @@ impl ContainerDriver {
             .await
             .map_err(|e| SandboxError::OciRuntime(chain(&e)))?;
         rec.pid = Some(pid);
+        rec.pid_start = self.oci.init_started(pid);
         paths
             .write_record(rec)
             .map_err(|e| fs_err(paths.record().display(), e))?;
@@ -728,9 +730,19 @@ impl SandboxDriver for ContainerDriver {
 
     async fn is_running(&self, id: &InstanceId) -> Result<bool, SandboxError> {
         let paths = InstancePaths::new(&self.instances_dir, id);
-        let known = self.instances.lock().expect("lock").contains_key(id);
-        if !known && !paths.dir.exists() {
+        let record = self.instances.lock().expect("lock").get(id).cloned();
+        if record.is_none() && !paths.dir.exists() {
             return Err(SandboxError::NotFound(id.clone()));
+        }
+        // Asked every 25 ms while a cold start waits for the port: answered
+        // from /proc when the init process's start time is known.
+        if let Some(InstanceRecord {
+            pid: Some(pid),
+            pid_start: Some(start),
+            ..
+        }) = record
+        {
+            return Ok(self.oci.init_started(pid) == Some(start));
         }
         let state = self
             .oci
@@ -1117,6 +1129,53 @@ mod tests {
         assert!(matches!(err, SandboxError::Filesystem(_)), "{err}");
         assert!(dir.join("instance.json").exists());
         assert_eq!(h.net.existing().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn liveness_comes_from_the_init_process_start_time_not_a_runtime_call() {
+        let h = harness().await;
+        let req = request(&h, RuntimeName::Custom);
+        h.driver.create(&req).await.unwrap();
+        let cid = format!("kt-{}", req.instance_id);
+        let record: InstanceRecord = serde_json::from_slice(
+            &std::fs::read(
+                h.state
+                    .join("instances")
+                    .join(req.instance_id.as_str())
+                    .join("instance.json"),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(record.pid_start, Some(1), "kept with the pid");
+        let states = |h: &Harness| {
+            h.oci
+                .calls()
+                .iter()
+                .filter(|c| matches!(c, OciCall::State(_)))
+                .count()
+        };
+
+        assert!(h.driver.is_running(&req.instance_id).await.unwrap());
+        h.oci.pause(&cid);
+        assert!(h.driver.is_running(&req.instance_id).await.unwrap());
+        assert_eq!(states(&h), 0, "no runtime process per check");
+        // Another process under the same pid is not the instance.
+        h.oci.replace_init_process(&cid);
+        assert!(!h.driver.is_running(&req.instance_id).await.unwrap());
+
+        // A record from before start times were kept: the runtime is asked.
+        let other = request(&h, RuntimeName::Custom);
+        h.driver.create(&other).await.unwrap();
+        h.driver
+            .instances
+            .lock()
+            .unwrap()
+            .get_mut(&other.instance_id)
+            .unwrap()
+            .pid_start = None;
+        assert!(h.driver.is_running(&other.instance_id).await.unwrap());
+        assert_eq!(states(&h), 1);
     }
 
     #[tokio::test]

@@ -16,6 +16,10 @@ pub struct InstanceRecord {
     pub netns: String,
     pub endpoint: SocketAddr,
     pub pid: Option<u32>,
+    /// When `pid` started (see `OciRuntime::init_started`): the pid is this
+    /// instance's process only while the two match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid_start: Option<u64>,
 }
 
 /// Paths below `state_dir/instances/<id>/`.
