@@ -172,17 +172,23 @@ async fn harness() -> Harness {
 
 /// `POST /invoke` to an endpoint; the status line and body.
 async fn invoke(addr: std::net::SocketAddr, body: &str) -> (String, String) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let req = format!(
-        "POST /invoke HTTP/1.1\r\nHost: fc\r\nx-fc-request-id: req-1\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    let status = out.lines().next().unwrap_or_default().to_owned();
-    let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
-    (status, body)
+    use http_body_util::BodyExt;
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::post("/invoke")
+        .header("host", "fc")
+        .header("x-fc-request-id", "req-1")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            body.to_owned(),
+        )))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    let status = format!("HTTP/1.1 {}", resp.status());
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&bytes).into_owned())
 }
 
 fn process_exists(pid: u32) -> bool {
