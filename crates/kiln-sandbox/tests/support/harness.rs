@@ -272,7 +272,24 @@ def ptrace_other():
     os.waitpid(child, 0)
     return r
 
+def compat_syscall():
+    """getpid through the 32-bit entry (int 0x80) in a child: x86_64 only."""
+    if platform.machine() != "x86_64":
+        return "not x86_64"
+    import mmap
+    child = os.fork()
+    if child == 0:
+        code = mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+        code.write(b"\xb8\x14\x00\x00\x00\xcd\x80\xc3")  # mov eax, 20; int 0x80; ret
+        call = ctypes.CFUNCTYPE(ctypes.c_long)(ctypes.addressof(ctypes.c_char.from_buffer(code)))
+        os._exit(0 if call() == os.getpid() else 1)
+    _, status = os.waitpid(child, 0)
+    if os.WIFSIGNALED(status):
+        return "killed by signal %d" % os.WTERMSIG(status)
+    return "allowed" if os.WEXITSTATUS(status) == 0 else "refused"
+
 results = {
+    "compat_syscall": compat_syscall(),
     "mount": err(libc.mount(b"tmpfs", b"/tmp", b"tmpfs", 0, None)),
     "umount": err(libc.umount2(b"/code", 2)),
     "ptrace": ptrace_other(),
