@@ -226,10 +226,12 @@ pub fn netns_with_prefix(prefix: &str) -> Vec<String> {
     .unwrap_or_default()
 }
 
-/// Remove what a run may have left: namespaces (their veths go with them)
-/// and the (empty) cgroups named with this run's prefix. runc removes each
-/// container's cgroup; the parent the agent was given stays until here.
+/// Remove what a run may have left: sandbox processes whose agent died
+/// first, namespaces (their veths go with them) and the cgroups named with
+/// this run's prefix. runc removes each container's cgroup; the parent the
+/// agent was given stays until here.
 pub fn leftovers_cleanup(prefix: &str) {
+    kill_cgroup_processes(prefix);
     for ns in netns_with_prefix(prefix) {
         eprintln!("cleaning up leftover netns {ns}");
         let _ = Command::new("ip").args(["netns", "delete", &ns]).status();
@@ -237,10 +239,72 @@ pub fn leftovers_cleanup(prefix: &str) {
     remove_cgroups(prefix);
 }
 
+/// SIGKILL every process still in the run's cgroups: sandboxes whose agent
+/// was killed (or whose test failed) before it removed them. They were
+/// started by this run, in cgroups named with its prefix; a frozen cgroup
+/// is thawed first so the signal is delivered. Their mounts and loop
+/// devices go with their mount namespaces.
+fn kill_cgroup_processes(prefix: &str) {
+    let mut dirs = Vec::new();
+    for top in cgroup_tops(prefix) {
+        collect_dirs(&top, &mut dirs);
+    }
+    let mut pids = std::collections::BTreeSet::new();
+    for dir in &dirs {
+        let _ = std::fs::write(dir.join("freezer.state"), "THAWED");
+        let _ = std::fs::write(dir.join("cgroup.freeze"), "0");
+        if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+            pids.extend(procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
+        }
+    }
+    if pids.is_empty() {
+        return;
+    }
+    eprintln!(
+        "killing {} leftover sandbox processes of {prefix}",
+        pids.len()
+    );
+    for pid in &pids {
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    // Gone, or a zombie waiting for its parent (init reaps sandboxes).
+    let alive = |pid: &u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .is_ok_and(|s| !s.contains("State:\tZ"))
+    };
+    while pids.iter().any(alive) {
+        if Instant::now() > deadline {
+            eprintln!("leftover sandbox processes of {prefix} did not exit in 5 s");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn collect_dirs(dir: &Path, out: &mut Vec<PathBuf>) {
+    out.push(dir.to_owned());
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry.path().is_dir() {
+            collect_dirs(&entry.path(), out);
+        }
+    }
+}
+
 /// `rmdir` every cgroup directory named with `prefix`, deepest first, in
 /// the v2 hierarchy and in every v1 controller. A cgroup with processes
 /// stays (rmdir refuses), which is what we want.
 fn remove_cgroups(prefix: &str) {
+    for top in cgroup_tops(prefix) {
+        rmdir_tree(&top);
+    }
+}
+
+/// The run's top cgroup directories (named with `prefix`), in the v2
+/// hierarchy and in every v1 controller.
+fn cgroup_tops(prefix: &str) -> Vec<PathBuf> {
     let root = Path::new("/sys/fs/cgroup");
     let mut tops = Vec::new();
     let hierarchies = std::iter::once(root.to_owned()).chain(
@@ -258,9 +322,7 @@ fn remove_cgroups(prefix: &str) {
             }
         }
     }
-    for top in tops {
-        rmdir_tree(&top);
-    }
+    tops
 }
 
 fn rmdir_tree(dir: &Path) {
