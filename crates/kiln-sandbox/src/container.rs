@@ -730,18 +730,18 @@ impl SandboxDriver for ContainerDriver {
 
     async fn is_running(&self, id: &InstanceId) -> Result<bool, SandboxError> {
         let paths = InstancePaths::new(&self.instances_dir, id);
-        let record = self.instances.lock().expect("lock").get(id).cloned();
-        if record.is_none() && !paths.dir.exists() {
+        let init = self
+            .instances
+            .lock()
+            .expect("lock")
+            .get(id)
+            .map(|r| r.pid.zip(r.pid_start));
+        if init.is_none() && !paths.dir.exists() {
             return Err(SandboxError::NotFound(id.clone()));
         }
         // Asked every 25 ms while a cold start waits for the port: answered
         // from /proc when the init process's start time is known.
-        if let Some(InstanceRecord {
-            pid: Some(pid),
-            pid_start: Some(start),
-            ..
-        }) = record
-        {
+        if let Some(Some((pid, start))) = init {
             return Ok(self.oci.init_started(pid) == Some(start));
         }
         let state = self

@@ -467,61 +467,43 @@ pub async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Provision(cmd) => {
-            let client = client(&cli)?;
-            let kind = Kind::Provision;
-            match cmd {
+            let action = match cmd {
                 ProvisionCommand::Put {
                     function,
                     target,
                     always_allocate_cpu,
                     file,
-                } => {
-                    let body = configs::provision_body(&configs::ProvisionOptions {
+                } => configs::Action::Put {
+                    function,
+                    body: configs::provision_body(&configs::ProvisionOptions {
                         file: file.clone(),
                         target: *target,
                         always_allocate_cpu: *always_allocate_cpu,
-                    })?;
-                    let v = configs::put(&client, kind, function, &body).await?;
-                    println!("{}", serde_json::to_string_pretty(&v)?);
-                }
-                ProvisionCommand::Get { function } => {
-                    let v = configs::get(&client, kind, function).await?;
-                    println!("{}", serde_json::to_string_pretty(&v)?);
-                }
-                ProvisionCommand::List { function, json } => {
-                    let all = configs::list(&client, kind, function.as_deref()).await?;
-                    print_configs(kind, &all, *json)?;
-                }
-                ProvisionCommand::Delete { function } => {
-                    configs::delete(&client, kind, function).await?;
-                    println!("deleted the provision config of {function}");
-                }
-            }
-            Ok(())
+                    })?,
+                },
+                ProvisionCommand::Get { function } => configs::Action::Get { function },
+                ProvisionCommand::List { function, json } => configs::Action::List {
+                    function: function.as_deref(),
+                    json: *json,
+                },
+                ProvisionCommand::Delete { function } => configs::Action::Delete { function },
+            };
+            configs::run(&client(&cli)?, Kind::Provision, action).await
         }
         Command::Concurrency(cmd) => {
-            let client = client(&cli)?;
-            let kind = Kind::Concurrency;
-            match cmd {
-                ConcurrencyCommand::Put { function, reserved } => {
-                    let body = configs::concurrency_body(*reserved);
-                    let v = configs::put(&client, kind, function, &body).await?;
-                    println!("{}", serde_json::to_string_pretty(&v)?);
-                }
-                ConcurrencyCommand::Get { function } => {
-                    let v = configs::get(&client, kind, function).await?;
-                    println!("{}", serde_json::to_string_pretty(&v)?);
-                }
-                ConcurrencyCommand::List { function, json } => {
-                    let all = configs::list(&client, kind, function.as_deref()).await?;
-                    print_configs(kind, &all, *json)?;
-                }
-                ConcurrencyCommand::Delete { function } => {
-                    configs::delete(&client, kind, function).await?;
-                    println!("deleted the concurrency config of {function}");
-                }
-            }
-            Ok(())
+            let action = match cmd {
+                ConcurrencyCommand::Put { function, reserved } => configs::Action::Put {
+                    function,
+                    body: configs::concurrency_body(*reserved),
+                },
+                ConcurrencyCommand::Get { function } => configs::Action::Get { function },
+                ConcurrencyCommand::List { function, json } => configs::Action::List {
+                    function: function.as_deref(),
+                    json: *json,
+                },
+                ConcurrencyCommand::Delete { function } => configs::Action::Delete { function },
+            };
+            configs::run(&client(&cli)?, Kind::Concurrency, action).await
         }
         Command::Bench(args) => bench::run(args).await,
         Command::Runtimes { json } => runtimes::run(&client(&cli)?, *json).await,
@@ -602,13 +584,4 @@ pub async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
-}
-
-fn print_configs(kind: Kind, all: &[serde_json::Value], json: bool) -> Result<()> {
-    if json {
-        println!("{}", serde_json::to_string_pretty(all)?);
-    } else {
-        print!("{}", configs::table(kind, all));
-    }
-    Ok(())
 }

@@ -133,7 +133,7 @@ where
         Ok(call) => call,
         Err(e) => return plain(StatusCode::BAD_GATEWAY, format!("guest: {e}")),
     };
-    let pump = AbortOnDrop(tokio::spawn(async move {
+    let mut pump = AbortOnDrop(tokio::spawn(async move {
         while let Some(frame) = body.frame().await {
             let data = match frame {
                 Ok(frame) => frame.into_data(),
@@ -145,7 +145,6 @@ where
         }
         sender.finish().await.map_err(|e| format!("guest: {e}"))
     }));
-    let mut pump = pump;
     let resp = tokio::select! {
         r = pending.response() => match r {
             Ok(r) => r,

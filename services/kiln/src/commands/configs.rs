@@ -174,6 +174,55 @@ fn field(v: &Value, k: &str) -> String {
     }
 }
 
+/// What `kiln provision` and `kiln concurrency` do, the same for both.
+pub enum Action<'a> {
+    Put {
+        function: &'a str,
+        body: Value,
+    },
+    Get {
+        function: &'a str,
+    },
+    List {
+        function: Option<&'a str>,
+        json: bool,
+    },
+    Delete {
+        function: &'a str,
+    },
+}
+
+/// Carry out `action` on `kind`'s configurations and print the result.
+pub async fn run(client: &FcClient, kind: Kind, action: Action<'_>) -> Result<()> {
+    match action {
+        Action::Put { function, body } => {
+            let v = put(client, kind, function, &body).await?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        Action::Get { function } => {
+            let v = get(client, kind, function).await?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        Action::List { function, json } => {
+            let all = list(client, kind, function).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            } else {
+                print!("{}", table(kind, &all));
+            }
+        }
+        Action::Delete { function } => {
+            delete(client, kind, function).await?;
+            let what = match kind {
+                Kind::Provision => "provision",
+                Kind::Concurrency => "concurrency",
+            };
+            println!("deleted the {what} config of {function}");
+        }
+    }
+    Ok(())
+}
+
 /// One line per configuration.
 pub fn table(kind: Kind, configs: &[Value]) -> String {
     let mut out = match kind {
