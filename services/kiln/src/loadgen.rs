@@ -91,6 +91,46 @@ async fn connect(target: &Target) -> std::io::Result<Conn> {
     }
 }
 
+/// The load generator's own threads, as a client on another machine or
+/// process would have, so it does not share the measured services'
+/// runtime (in `kiln bench` they run in-process).
+pub struct LoadRuntime(Option<tokio::runtime::Runtime>);
+
+impl LoadRuntime {
+    pub fn new(threads: usize) -> std::io::Result<Self> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name("kiln-loadgen")
+            .enable_all()
+            .build()?;
+        Ok(Self(Some(rt)))
+    }
+
+    /// [`run`] on these threads.
+    pub async fn run(
+        &self,
+        target: &Target,
+        connections: usize,
+        requests: Vec<Request<Full<Bytes>>>,
+    ) -> std::io::Result<RunResult> {
+        let target = target.clone();
+        let rt = self.0.as_ref().expect("runtime present until dropped");
+        rt.spawn(async move { run(&target, connections, requests).await })
+            .await
+            .map_err(std::io::Error::other)?
+    }
+}
+
+impl Drop for LoadRuntime {
+    fn drop(&mut self) {
+        // Dropped from async code (bench's), where a blocking shutdown
+        // would panic.
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
 /// Send every request over `connections` keep-alive connections, each
 /// connection one request at a time, and time each request.
 pub async fn run(
@@ -197,7 +237,10 @@ mod tests {
         };
         let mut reqs: Vec<_> = (0..50).map(|_| mk("/ok")).collect();
         reqs.push(mk("/bad"));
-        let r = run(&Target { addr, tls: None }, 4, reqs).await.unwrap();
+        // On threads of its own, dropped from async code (as bench does).
+        let lg = LoadRuntime::new(2).unwrap();
+        let r = lg.run(&Target { addr, tls: None }, 4, reqs).await.unwrap();
+        drop(lg);
         assert_eq!(r.latencies_us.len(), 50);
         assert_eq!(r.errors, 1);
         assert!(r.throughput() > 0.0);

@@ -266,41 +266,85 @@ async fn measure(
             .collect()
     };
 
+    // Two threads: one per core, as the services have.
+    let lg = loadgen::LoadRuntime::new(2)?;
+    // Kiln's node hop alone: the gateway's own mTLS client identity,
+    // straight to the agent's invoke endpoint for the warm instance. What
+    // the full path costs beyond it is the gateway's hop.
+    let node = node_hop(cluster).await?;
+    let node_reqs = |n: usize| -> Vec<Request<Full<Bytes>>> {
+        (0..n)
+            .map(|i| {
+                Request::builder()
+                    .method(Method::POST)
+                    .uri(node.path.as_str())
+                    .header("host", node.target.addr.to_string())
+                    .header("x-fc-request-id", format!("bench-node-{i}"))
+                    .header("content-type", "application/octet-stream")
+                    .body(Full::new(Bytes::from_static(b"ping")))
+                    .expect("request")
+            })
+            .collect()
+    };
     let (mut d_lat, mut d_thr, mut k_lat, mut k_thr) = (vec![], vec![], vec![], vec![]);
     let (mut n_lat, mut n_thr) = (vec![], vec![]);
     let (mut n2_lat, mut n2_thr) = (vec![], vec![]);
+    let (mut a_lat, mut a_thr) = (vec![], vec![]);
     let mut errors = 0;
     for round in 0..args.runs {
         eprintln!("warm round {}/{}", round + 1, args.runs);
-        let r = loadgen::run(&direct_target, 1, direct_reqs(args.latency_requests)).await?;
+        let r = lg
+            .run(&direct_target, 1, direct_reqs(args.latency_requests))
+            .await?;
         errors += r.errors;
         d_lat.push(r);
-        let r = loadgen::run(&kiln_target, 1, kiln_reqs(args.latency_requests)?).await?;
+        let r = lg
+            .run(&kiln_target, 1, kiln_reqs(args.latency_requests)?)
+            .await?;
         errors += r.errors;
         k_lat.push(r);
-        let r = loadgen::run(&direct_target, args.connections, direct_reqs(args.requests)).await?;
+        let r = lg
+            .run(&direct_target, args.connections, direct_reqs(args.requests))
+            .await?;
         errors += r.errors;
         d_thr.push(r);
-        let r = loadgen::run(&kiln_target, args.connections, kiln_reqs(args.requests)?).await?;
+        let r = lg
+            .run(&kiln_target, args.connections, kiln_reqs(args.requests)?)
+            .await?;
         errors += r.errors;
         k_thr.push(r);
+        let r = lg
+            .run(&node.target, 1, node_reqs(args.latency_requests))
+            .await?;
+        errors += r.errors;
+        a_lat.push(r);
+        let r = lg
+            .run(&node.target, args.connections, node_reqs(args.requests))
+            .await?;
+        errors += r.errors;
+        a_thr.push(r);
         if let Some(t) = &nginx_target {
-            let r = loadgen::run(t, 1, direct_reqs(args.latency_requests)).await?;
+            let r = lg.run(t, 1, direct_reqs(args.latency_requests)).await?;
             errors += r.errors;
             n_lat.push(r);
-            let r = loadgen::run(t, args.connections, direct_reqs(args.requests)).await?;
+            let r = lg
+                .run(t, args.connections, direct_reqs(args.requests))
+                .await?;
             errors += r.errors;
             n_thr.push(r);
         }
         if let Some(t) = &nginx2_target {
-            let r = loadgen::run(t, 1, direct_reqs(args.latency_requests)).await?;
+            let r = lg.run(t, 1, direct_reqs(args.latency_requests)).await?;
             errors += r.errors;
             n2_lat.push(r);
-            let r = loadgen::run(t, args.connections, direct_reqs(args.requests)).await?;
+            let r = lg
+                .run(t, args.connections, direct_reqs(args.requests))
+                .await?;
             errors += r.errors;
             n2_thr.push(r);
         }
     }
+    drop(lg);
     drop(nginx);
     drop(nginx2);
     let _ = direct.kill();
@@ -309,6 +353,7 @@ async fn measure(
     let k = summarise(&k_lat, &k_thr);
     let peer = (!n_thr.is_empty()).then(|| summarise(&n_lat, &n_thr));
     let peer2 = (!n2_thr.is_empty()).then(|| summarise(&n2_lat, &n2_thr));
+    let a = summarise(&a_lat, &a_thr);
 
     println!();
     println!(
@@ -340,6 +385,20 @@ async fn measure(
         d.rps,
         k.rps,
         k.rps / d.rps
+    );
+    println!(
+        "{:<34} {:>10.0}us {:>10.0}us {:>11.2}x   (mTLS straight to the agent, no gateway)",
+        "node hop only: latency p50",
+        d.p50_us,
+        a.p50_us,
+        a.p50_us / d.p50_us
+    );
+    println!(
+        "{:<34} {:>10.0}/s {:>10.0}/s {:>11.2}    (the gateway's hop is the rest)",
+        "node hop only: throughput",
+        d.rps,
+        a.rps,
+        a.rps / d.rps
     );
     if let Some(n) = peer {
         println!(
@@ -392,6 +451,38 @@ async fn measure(
         println!("  kiln cold starts (ms):   {kiln_cold:.1?}");
     }
     Ok(())
+}
+
+/// The agent's invoke endpoint for the bench function's warm instance,
+/// reached as the gateway reaches it (its mTLS client certificate).
+struct NodeHop {
+    target: Target,
+    path: String,
+}
+
+async fn node_hop(cluster: &DevCluster) -> Result<NodeHop> {
+    let files = cluster.pki.files("gateway-internal");
+    let agent = cluster.agent_addr();
+    let base = format!("https://{agent}");
+    let instances: Vec<kiln_internal_api::InstanceInfo> =
+        kiln_internal_api::client::InternalClient::new(&files)?
+            .get(&base, kiln_internal_api::paths::AGENT_INSTANCES)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot list the agent's instances at {base}: {e}"))?;
+    let instance = instances
+        .iter()
+        .find(|i| i.function_name.as_str() == "bench-echo")
+        .context("the agent has no instance of bench-echo after the warm-up")?;
+    Ok(NodeHop {
+        target: Target {
+            addr: agent,
+            tls: Some((
+                kiln_pki::internal_client_config(&files)?,
+                rustls::pki_types::ServerName::from(agent.ip()),
+            )),
+        },
+        path: kiln_internal_api::paths::agent_invoke(&instance.instance_id),
+    })
 }
 
 /// How the nginx peer is laid out.

@@ -174,6 +174,11 @@ impl DevCluster {
         })
     }
 
+    /// Where the agent's internal (mTLS) API listens.
+    pub fn agent_addr(&self) -> SocketAddr {
+        self.agent.addr()
+    }
+
     /// Stop the agent first (it removes its sandboxes), then the others.
     pub async fn shutdown(self) {
         self.agent.shutdown().await;
