@@ -299,7 +299,10 @@ impl Verifier {
         hex::decode_to_slice(payload_hex, &mut payload_sha256)
             .map_err(|_| AuthError::MalformedHeader("x-acs-content-sha256"))?;
 
-        let is_signed = |name: &str| auth.signed_headers.split(';').any(|s| s == name);
+        // Sorted and unique (parse_authorization checked), at most
+        // MAX_SIGNED_HEADERS: split once, then search it per header.
+        let signed: Vec<&str> = auth.signed_headers.split(';').collect();
+        let is_signed = |name: &str| signed.binary_search(&name).is_ok();
         for required in [
             "host",
             "x-acs-content-sha256",
