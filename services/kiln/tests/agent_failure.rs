@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 #[derive(Debug)]
 struct Call {
     started: Duration,
+    ended: Duration,
     status: u16,
     code: Option<String>,
     error_type: Option<String>,
@@ -175,6 +176,7 @@ async fn killing_an_agent_under_load_moves_calls_to_the_other_node() {
                         let v: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
                         Call {
                             started,
+                            ended: t0.elapsed(),
                             status: r.status.as_u16(),
                             code: v.get("Code").and_then(Value::as_str).map(str::to_owned),
                             error_type: r.header("x-fc-error-type").map(str::to_owned),
@@ -185,6 +187,7 @@ async fn killing_an_agent_under_load_moves_calls_to_the_other_node() {
                     // node dies must get an FC error, never a broken stream.
                     Err(e) => Call {
                         started,
+                        ended: t0.elapsed(),
                         status: 0,
                         code: Some(format!("stream broken: {e}")),
                         error_type: None,
@@ -241,12 +244,11 @@ async fn killing_an_agent_under_load_moves_calls_to_the_other_node() {
         calls.len(),
         failed.len()
     );
-    // Failures only around the kill, and only retryable system errors.
+    // Failures only of calls in flight at the kill or made after it (not
+    // "started within a second of it": under load a call can take longer),
+    // and only retryable system errors.
     for f in &failed {
-        assert!(
-            f.started + Duration::from_secs(1) >= killed_at,
-            "a call failed before the kill: {f:?}"
-        );
+        assert!(f.ended >= killed_at, "a call failed before the kill: {f:?}");
         assert!(
             matches!(f.status, 429 | 500 | 503)
                 && matches!(
@@ -256,8 +258,10 @@ async fn killing_an_agent_under_load_moves_calls_to_the_other_node() {
             "not a retryable system error: {f:?}"
         );
     }
-    // Once the node is written off (1.5 s), calls succeed on the other one.
-    let settled = killed_at + Duration::from_secs(4);
+    // Once the node is written off (1.5 s without a heartbeat), calls
+    // succeed on the other one. 5 s leaves room for a loaded machine's
+    // slow cold start there; a node never written off still fails this.
+    let settled = killed_at + Duration::from_secs(5);
     let late: Vec<&Call> = calls.iter().filter(|c| c.started > settled).collect();
     assert!(
         late.len() >= 10,
