@@ -10,6 +10,7 @@
 //!   namespace, until its port answers.
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -18,6 +19,7 @@ use anyhow::{bail, Context, Result};
 use base64::Engine;
 use bytes::Bytes;
 use clap::Args;
+use futures_util::FutureExt;
 use http::{Method, Request};
 use http_body_util::Full;
 use serde_json::json;
@@ -143,9 +145,24 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
     };
     eprintln!("starting a dev cluster in {}", work.path().display());
     let cluster = DevCluster::start(&opts).await?;
-    let result = measure(args, &cluster, &binary, &code_zip, &prefix, work.path()).await;
+    // Shut the cluster down (its agent removes the sandboxes, netns and
+    // disks) whether measuring returned or panicked: a panic skipping it
+    // left containers, network namespaces and loop devices behind.
+    let result = AssertUnwindSafe(measure(
+        args,
+        &cluster,
+        &binary,
+        &code_zip,
+        &prefix,
+        work.path(),
+    ))
+    .catch_unwind()
+    .await;
     cluster.shutdown().await;
-    result
+    match result {
+        Ok(r) => r,
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
 }
 
 async fn measure(
@@ -179,12 +196,14 @@ async fn measure(
 
     // The baseline: the same binary, on loopback, no sandbox.
     let direct_port = free_port()?;
-    let mut direct = Command::new(binary)
-        .env("FC_CUSTOM_LISTEN_PORT", direct_port.to_string())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("cannot start the baseline function")?;
+    let direct = KillOnDrop(
+        Command::new(binary)
+            .env("FC_CUSTOM_LISTEN_PORT", direct_port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("cannot start the baseline function")?,
+    );
     let direct_addr = SocketAddr::from(([127, 0, 0, 1], direct_port));
     wait_port(direct_addr, Duration::from_secs(5)).await?;
 
@@ -347,8 +366,7 @@ async fn measure(
     drop(lg);
     drop(nginx);
     drop(nginx2);
-    let _ = direct.kill();
-    let _ = direct.wait();
+    drop(direct);
     let d = summarise(&d_lat, &d_thr);
     let k = summarise(&k_lat, &k_thr);
     let peer = (!n_thr.is_empty()).then(|| summarise(&n_lat, &n_thr));
@@ -483,6 +501,17 @@ async fn node_hop(cluster: &DevCluster) -> Result<NodeHop> {
         },
         path: kiln_internal_api::paths::agent_invoke(&instance.instance_id),
     })
+}
+
+/// A process of ours (the baseline function) killed and reaped when
+/// dropped, on every path out of the measurement.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// How the nginx peer is laid out.
