@@ -2,6 +2,8 @@
 //! gateway (in this process) with a fake scheduler and agent: no root, no
 //! sandbox.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::process::Output;
 use std::sync::Arc;
@@ -11,7 +13,6 @@ use base64::Engine;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use kiln_core::{InstanceId, LeaseId, NodeId};
-use kiln_gateway::config::{BootstrapKey, InternalListener, PublicListener};
 use kiln_internal_api::server::{self, full, Body};
 use kiln_internal_api::Lease;
 use kiln_pki::DevPki;
@@ -93,53 +94,18 @@ async fn cli_invokes_async_and_manages_tasks() {
         },
     )
     .await;
-    let public = pki.files("gateway");
-    let gw = kiln_gateway::start(kiln_gateway::GatewayConfig {
-        state_dir: dir.path().join("gateway"),
-        region: "cn-test".into(),
-        scheduler_url: format!("https://127.0.0.1:{}", sched.port()),
-        metrics_listen: None,
-        public: PublicListener {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            cert: public.cert,
-            key: public.key,
-        },
-        internal: InternalListener {
-            listen: "127.0.0.1:0".parse().unwrap(),
-        },
-        tls: pki.files("gateway-internal"),
-        lease_hold_ms: 0,
-        credentials_lifetime_s: 3600,
-        async_queue: Default::default(),
-        runtimes: Default::default(),
-        vpc_listener: None,
-        bootstrap_keys: vec![BootstrapKey {
-            account_id: ACCOUNT.parse().unwrap(),
-            access_key_id: AK.into(),
-            access_key_secret: SK.into(),
-        }],
-    })
-    .await
-    .unwrap();
-
-    let creds = kiln::credentials::Credentials {
-        endpoint: format!("https://localhost:{}", gw.addr().port()),
-        account_id: ACCOUNT.into(),
-        access_key_id: AK.into(),
-        access_key_secret: SK.into(),
-        ca_cert: pki.ca_cert(),
-    };
-    let creds_path = dir.path().join("credentials.json");
-    creds.write(&creds_path).unwrap();
-    let client = kiln::client::FcClient::new(creds).unwrap();
-    let zip = {
-        use std::io::Write;
-        let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-        w.start_file("app.py", zip::write::SimpleFileOptions::default())
-            .unwrap();
-        w.write_all(b"print('hi')\n").unwrap();
-        w.finish().unwrap().into_inner()
-    };
+    let common::CliGateway {
+        gateway: gw,
+        credentials_path: creds_path,
+        client,
+    } = common::cli_gateway(
+        dir.path(),
+        &pki,
+        &format!("https://127.0.0.1:{}", sched.port()),
+        (ACCOUNT, AK, SK),
+    )
+    .await;
+    let zip = common::one_file_zip("app.py", b"print('hi')\n");
     client
         .create_function(&json!({
             "functionName": "worker",

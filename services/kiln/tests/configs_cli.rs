@@ -2,10 +2,11 @@
 //! put|get|list|delete` against a real gateway and a real scheduler (in
 //! this process, no node): no root, no sandbox.
 
+mod common;
+
 use std::process::Output;
 
 use base64::Engine;
-use kiln_gateway::config::{BootstrapKey, InternalListener, PublicListener};
 use kiln_pki::DevPki;
 use serde_json::{json, Value};
 
@@ -41,52 +42,18 @@ async fn cli_manages_provision_and_concurrency_configs() {
     ))
     .await
     .unwrap();
-    let public = pki.files("gateway");
-    let gw = kiln_gateway::start(kiln_gateway::GatewayConfig {
-        state_dir: dir.path().join("gateway"),
-        region: "cn-test".into(),
-        scheduler_url: format!("https://127.0.0.1:{}", sched.addr().port()),
-        metrics_listen: None,
-        public: PublicListener {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            cert: public.cert,
-            key: public.key,
-        },
-        internal: InternalListener {
-            listen: "127.0.0.1:0".parse().unwrap(),
-        },
-        tls: pki.files("gateway-internal"),
-        lease_hold_ms: 0,
-        credentials_lifetime_s: 3600,
-        async_queue: Default::default(),
-        runtimes: Default::default(),
-        vpc_listener: None,
-        bootstrap_keys: vec![BootstrapKey {
-            account_id: ACCOUNT.parse().unwrap(),
-            access_key_id: AK.into(),
-            access_key_secret: SK.into(),
-        }],
-    })
-    .await
-    .unwrap();
-    let creds = kiln::credentials::Credentials {
-        endpoint: format!("https://localhost:{}", gw.addr().port()),
-        account_id: ACCOUNT.into(),
-        access_key_id: AK.into(),
-        access_key_secret: SK.into(),
-        ca_cert: pki.ca_cert(),
-    };
-    let creds_path = dir.path().join("credentials.json");
-    creds.write(&creds_path).unwrap();
-    let client = kiln::client::FcClient::new(creds).unwrap();
-    let zip = {
-        use std::io::Write;
-        let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-        w.start_file("app.py", zip::write::SimpleFileOptions::default())
-            .unwrap();
-        w.write_all(b"print('hi')\n").unwrap();
-        w.finish().unwrap().into_inner()
-    };
+    let common::CliGateway {
+        gateway: gw,
+        credentials_path: creds_path,
+        client,
+    } = common::cli_gateway(
+        dir.path(),
+        &pki,
+        &format!("https://127.0.0.1:{}", sched.addr().port()),
+        (ACCOUNT, AK, SK),
+    )
+    .await;
+    let zip = common::one_file_zip("app.py", b"print('hi')\n");
     for name in ["web", "job"] {
         client
             .create_function(&json!({

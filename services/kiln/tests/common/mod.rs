@@ -449,3 +449,76 @@ pub fn tls_table(pki: &kiln_pki::DevPki, role: &str) -> String {
         f.ca, f.cert, f.key
     )
 }
+
+/// A real gateway, in-process, in front of `scheduler_url`, with one
+/// bootstrap access key, and the credentials.json the CLI reads for it
+/// (for tests that drive `kiln` commands without sandboxes).
+pub struct CliGateway {
+    pub gateway: kiln_gateway::GatewayHandle,
+    pub credentials_path: PathBuf,
+    pub client: FcClient,
+}
+
+/// `key` is (account id, access key id, secret).
+pub async fn cli_gateway(
+    dir: &Path,
+    pki: &kiln_pki::DevPki,
+    scheduler_url: &str,
+    key: (&str, &str, &str),
+) -> CliGateway {
+    use kiln_gateway::config::{BootstrapKey, InternalListener, PublicListener};
+    let (account, access_key_id, secret) = key;
+    let public = pki.files("gateway");
+    let gateway = kiln_gateway::start(kiln_gateway::GatewayConfig {
+        state_dir: dir.join("gateway"),
+        region: "cn-test".into(),
+        scheduler_url: scheduler_url.to_owned(),
+        metrics_listen: None,
+        public: PublicListener {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            cert: public.cert,
+            key: public.key,
+        },
+        internal: InternalListener {
+            listen: "127.0.0.1:0".parse().unwrap(),
+        },
+        tls: pki.files("gateway-internal"),
+        lease_hold_ms: 0,
+        credentials_lifetime_s: 3600,
+        async_queue: Default::default(),
+        runtimes: Default::default(),
+        vpc_listener: None,
+        bootstrap_keys: vec![BootstrapKey {
+            account_id: account.parse().unwrap(),
+            access_key_id: access_key_id.into(),
+            access_key_secret: secret.into(),
+        }],
+    })
+    .await
+    .unwrap();
+    let creds = Credentials {
+        endpoint: format!("https://localhost:{}", gateway.addr().port()),
+        account_id: account.into(),
+        access_key_id: access_key_id.into(),
+        access_key_secret: secret.into(),
+        ca_cert: pki.ca_cert(),
+    };
+    let credentials_path = dir.join("credentials.json");
+    creds.write(&credentials_path).unwrap();
+    let client = FcClient::new(creds).unwrap();
+    CliGateway {
+        gateway,
+        credentials_path,
+        client,
+    }
+}
+
+/// A code package of one file.
+pub fn one_file_zip(name: &str, content: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    w.start_file(name, zip::write::SimpleFileOptions::default())
+        .unwrap();
+    w.write_all(content).unwrap();
+    w.finish().unwrap().into_inner()
+}
