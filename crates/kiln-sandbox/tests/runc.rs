@@ -9,6 +9,9 @@
 //! `custom.debian12` comes from `$KILN_ROOTFS_CACHE` (default
 //! `/var/cache/kiln-test/rootfs`), built there with debootstrap on first use.
 
+#[path = "support/harness.rs"]
+mod harness;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
@@ -16,187 +19,35 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use harness::{enter_private_mount_ns, random_suffix, which, Guard, UID_BASE};
 use kiln_core::{InstanceId, InstanceSpec, RuntimeName};
-use kiln_sandbox::mounts::{mount_points_under, HostMounter, Mounter};
+use kiln_sandbox::mounts::mount_points_under;
 use kiln_sandbox::network::{IpCommand, NetworkOps};
 use kiln_sandbox::oci_runtime::{OciRuntime, RuncCli};
 use kiln_sandbox::{ContainerConfig, ContainerDriver, SandboxDriver, SandboxRequest};
-
-const INNER: &str = "KILN_SANDBOX_TEST_IN_PRIVATE_MOUNT_NS";
-const UID_BASE: u32 = 100_000;
-
-fn which(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
-
-fn skip_reason() -> Option<String> {
-    if !nix::unistd::geteuid().is_root() {
-        return Some("not running as root".into());
-    }
-    for tool in ["runc", "ip", "unshare"] {
-        if which(tool).is_none() {
-            return Some(format!("{tool} is not installed"));
-        }
-    }
-    None
-}
 
 /// Say why a test did not run, past the test harness's output capture.
 fn skipped(test: &str, reason: &str) {
     let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {reason}");
 }
 
-/// In the outer process: re-run `test` alone inside a private mount
-/// namespace and report whether the body should run here (inner process).
-fn enter_private_mount_ns(test: &str) -> bool {
-    if std::env::var_os(INNER).is_some() {
-        return true;
-    }
-    if let Some(reason) = skip_reason() {
-        skipped(test, &reason);
-        return false;
-    }
-    let exe = std::env::current_exe().unwrap();
-    let out = Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "--"])
-        .arg(exe)
-        .args([test, "--exact", "--nocapture", "--test-threads=1"])
-        .env(INNER, "1")
-        .output()
-        .expect("run the test in a private mount namespace");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    eprint!("{}", String::from_utf8_lossy(&out.stderr));
-    print!("{stdout}");
-    assert!(out.status.success(), "{test} failed in its mount namespace");
-    // A name that matched nothing would "pass" with zero tests.
-    assert!(
-        stdout.contains("test result: ok. 1 passed"),
-        "{test} did not run"
-    );
-    false
-}
-
-fn random_suffix() -> (String, u32) {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    let mut x = u64::from(nanos) ^ (u64::from(std::process::id()) << 20);
-    let alphabet = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    let mut s = String::new();
-    for _ in 0..4 {
-        s.push(alphabet[(x % 36) as usize] as char);
-        x /= 36;
-    }
-    (s, (x % 2500) as u32)
-}
-
-/// Owns the per-run names and the temp dir; removes everything on drop.
-struct Guard {
-    prefix: String,
-    tmp: Option<tempfile::TempDir>,
-}
-
-impl Guard {
-    fn new() -> Self {
-        let tmp = tempfile::tempdir().unwrap();
-        // runc mounts as the instance's mapped root, which must traverse.
-        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
-        let (suffix, _) = random_suffix();
-        Self {
-            prefix: format!("kt{suffix}"),
-            tmp: Some(tmp),
-        }
-    }
-
-    fn dir(&self) -> &Path {
-        self.tmp.as_ref().unwrap().path()
-    }
-
-    fn state(&self) -> PathBuf {
-        self.dir().join("state")
-    }
-
-    fn config(&self, subnet_seed: u32) -> ContainerConfig {
-        let rootfs = std::env::var_os("KILN_ROOTFS_CACHE")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("/var/cache/kiln-test/rootfs"));
-        ContainerConfig {
-            name_prefix: self.prefix.clone(),
-            cgroup_parent: self.prefix.clone(),
-            instance_subnet: format!("10.{}.{}.0/24", 240 + subnet_seed % 10, subnet_seed % 250)
-                .parse()
-                .unwrap(),
-            uid_base: UID_BASE,
-            rootfs_dir: Some(rootfs),
-            tmp_size_mb: 16,
-            netns_pool: 1,
-            ..ContainerConfig::default()
-        }
-    }
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let runc_root = self.state().join("runc");
-        if let Ok(out) = Command::new("runc")
-            .arg("--root")
-            .arg(&runc_root)
-            .args(["list", "-q"])
-            .output()
-        {
-            for id in String::from_utf8_lossy(&out.stdout).lines() {
-                let _ = Command::new("runc")
-                    .arg("--root")
-                    .arg(&runc_root)
-                    .args(["delete", "--force", id])
-                    .status();
-            }
-        }
-        let names = format!("{}-", self.prefix);
-        for (list, del) in [
-            (vec!["-o", "link", "show"], vec!["link", "delete"]),
-            (vec!["netns", "list"], vec!["netns", "delete"]),
-        ] {
-            let out = Command::new("ip").args(&list).output().unwrap();
-            for line in String::from_utf8_lossy(&out.stdout).lines() {
-                // `ip -o link show`: "7: name@peer: ..."; `ip netns list`:
-                // "name" or "name (id: 3)".
-                let name = if list[0] == "netns" {
-                    line.split_whitespace().next().unwrap_or("")
-                } else {
-                    line.split(": ")
-                        .nth(1)
-                        .unwrap_or("")
-                        .split(['@', ' '])
-                        .next()
-                        .unwrap_or("")
-                };
-                if name.starts_with(&names) {
-                    let _ = Command::new("ip").args(&del).arg(name).status();
-                }
-            }
-        }
-        // Empty cgroup directories only: rmdir refuses anything else.
-        if let Ok(entries) = std::fs::read_dir("/sys/fs/cgroup") {
-            for e in entries.flatten() {
-                let _ = std::fs::remove_dir(e.path().join(&self.prefix));
-            }
-        }
-        let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(&self.prefix));
-        let m = HostMounter;
-        for target in m.mounts_under(self.dir()).unwrap_or_default() {
-            let _ = m.unmount(&target);
-        }
-        if m.mounts_under(self.dir()).unwrap_or_default().is_empty() {
-            drop(self.tmp.take());
-        } else {
-            let kept = self.tmp.take().unwrap().keep();
-            eprintln!("kept {} because mounts remain below it", kept.display());
-        }
+/// The driver's configuration for this run: its names, a subnet of its
+/// own, a small `/tmp` and one pooled network namespace.
+fn config(guard: &Guard, subnet_seed: u32) -> ContainerConfig {
+    let rootfs = std::env::var_os("KILN_ROOTFS_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/kiln-test/rootfs"));
+    ContainerConfig {
+        name_prefix: guard.prefix.clone(),
+        cgroup_parent: guard.prefix.clone(),
+        instance_subnet: format!("10.{}.{}.0/24", 240 + subnet_seed % 10, subnet_seed % 250)
+            .parse()
+            .unwrap(),
+        uid_base: UID_BASE,
+        rootfs_dir: Some(rootfs),
+        tmp_size_mb: 16,
+        netns_pool: 1,
+        ..ContainerConfig::default()
     }
 }
 
@@ -358,11 +209,11 @@ fn debian12_instance_is_isolated_and_leaves_nothing() {
     if !enter_private_mount_ns("debian12_instance_is_isolated_and_leaves_nothing") {
         return;
     }
-    let guard = Guard::new();
+    let guard = Guard::named("kt");
     let (_, seed) = random_suffix();
     runtime().block_on(async {
         let t = Instant::now();
-        let driver = ContainerDriver::new(guard.config(seed), &guard.state())
+        let driver = ContainerDriver::new(config(&guard, seed), &guard.state())
             .await
             .unwrap()
             .with_region("cn-test");
@@ -497,7 +348,7 @@ fn custom_runtime_runs_a_static_binary() {
     if !enter_private_mount_ns("custom_runtime_runs_a_static_binary") {
         return;
     }
-    let guard = Guard::new();
+    let guard = Guard::named("kt");
     let src = guard.dir().join("server.c");
     std::fs::write(&src, STATIC_C).unwrap();
     let bin = guard.dir().join("server");
@@ -524,7 +375,7 @@ fn custom_runtime_runs_a_static_binary() {
     }
     let (_, seed) = random_suffix();
     runtime().block_on(async {
-        let driver = ContainerDriver::new(guard.config(seed + 1), &guard.state())
+        let driver = ContainerDriver::new(config(&guard, seed + 1), &guard.state())
             .await
             .unwrap();
         driver.ensure_runtime(RuntimeName::Custom).await.unwrap();
@@ -573,10 +424,10 @@ fn failures_exits_and_leftovers_are_cleaned_up() {
     if !enter_private_mount_ns("failures_exits_and_leftovers_are_cleaned_up") {
         return;
     }
-    let guard = Guard::new();
+    let guard = Guard::named("kt");
     let (_, seed) = random_suffix();
     runtime().block_on(async {
-        let mut config = guard.config(seed + 2);
+        let mut config = config(&guard, seed + 2);
         config.netns_pool = 0;
         let driver = ContainerDriver::new(config.clone(), &guard.state())
             .await

@@ -1,7 +1,7 @@
 //! What the real-runc limit tests and the thaw benchmark share: a private
 //! mount namespace to run in, a guard that removes everything a run named
 //! with its prefix, the probe function and HTTP helpers. Included with
-//! `#[path]` by `tests/limits.rs` and `benches/thaw.rs`.
+//! `#[path]` by `tests/limits.rs`, `tests/runc.rs` and `benches/thaw.rs`.
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
@@ -89,11 +89,18 @@ pub struct Guard {
 
 impl Guard {
     pub fn new() -> Self {
+        Self::named("kl")
+    }
+
+    /// Names start with `tag` and a random suffix (each test file has its
+    /// own tag, so a leftover says which suite left it).
+    pub fn named(tag: &str) -> Self {
         let tmp = tempfile::tempdir().unwrap();
+        // runc mounts as the instance's mapped root, which must traverse.
         std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
         let (suffix, _) = random_suffix();
         Self {
-            prefix: format!("kl{suffix}"),
+            prefix: format!("{tag}{suffix}"),
             tmp: Some(tmp),
         }
     }
