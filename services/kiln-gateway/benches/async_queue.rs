@@ -533,7 +533,7 @@ async fn http_phase(dir: &std::path::Path, secs: u64, callers: usize, payload: &
     use bytes::Bytes;
     use http::{Method, StatusCode};
     use http_body_util::BodyExt;
-    use kiln_gateway::config::{BootstrapKey, InternalListener, PublicListener};
+    use kiln_gateway::config::BootstrapKey;
 
     let rounds = env_num("KILN_BENCH_ROUNDS", 3).max(1) as usize;
     let http2 = env_num("KILN_BENCH_HTTP", 1) == 2;
@@ -565,29 +565,14 @@ async fn http_phase(dir: &std::path::Path, secs: u64, callers: usize, payload: &
     let noop_port = noop_server(&public.cert, &public.key).await;
     let nginx = Nginx::start(dir, &public.cert, &public.key);
     let gw = kiln_gateway::start(kiln_gateway::GatewayConfig {
-        state_dir: dir.join("gateway"),
-        region: "cn-bench".into(),
-        scheduler_url: format!("https://127.0.0.1:{}", sched.port()),
-        metrics_listen: None,
-        public: PublicListener {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            cert: public.cert.clone(),
-            key: public.key.clone(),
-        },
-        internal: InternalListener {
-            listen: "127.0.0.1:0".parse().unwrap(),
-        },
-        tls: pki.files("gateway-internal"),
         lease_hold_ms: 250,
-        credentials_lifetime_s: 3600,
-        async_queue: Default::default(),
-        runtimes: Default::default(),
-        vpc_listener: None,
-        bootstrap_keys: vec![BootstrapKey {
-            account_id: ACCOUNT.parse().unwrap(),
-            access_key_id: AK.into(),
-            access_key_secret: SK.into(),
-        }],
+        bootstrap_keys: vec![BootstrapKey::new(ACCOUNT.parse().unwrap(), AK, SK)],
+        ..kiln_gateway::GatewayConfig::loopback(
+            dir.join("gateway"),
+            "cn-bench",
+            &format!("https://127.0.0.1:{}", sched.port()),
+            &pki,
+        )
     })
     .await
     .unwrap();

@@ -135,6 +135,16 @@ pub struct BootstrapKey {
     pub access_key_secret: String,
 }
 
+impl BootstrapKey {
+    pub fn new(account_id: AccountId, access_key_id: &str, access_key_secret: &str) -> Self {
+        Self {
+            account_id,
+            access_key_id: access_key_id.to_owned(),
+            access_key_secret: access_key_secret.to_owned(),
+        }
+    }
+}
+
 pub const LEASE_HOLD_MAX_MS: u64 = 5_000;
 
 fn default_lease_hold_ms() -> u64 {
@@ -146,6 +156,39 @@ fn default_credentials_lifetime_s() -> u64 {
 }
 
 impl GatewayConfig {
+    /// Both listeners on loopback (ports chosen by the system), the
+    /// certificates of a development PKI (roles `gateway` and
+    /// `gateway-internal`), no bootstrap keys and every other setting at
+    /// its default: what tests and benchmarks start from.
+    pub fn loopback(
+        state_dir: PathBuf,
+        region: &str,
+        scheduler_url: &str,
+        pki: &kiln_pki::DevPki,
+    ) -> Self {
+        let public = pki.files("gateway");
+        let any_port = SocketAddr::from(([127, 0, 0, 1], 0));
+        Self {
+            state_dir,
+            region: region.to_owned(),
+            scheduler_url: scheduler_url.to_owned(),
+            metrics_listen: None,
+            public: PublicListener {
+                listen: any_port,
+                cert: public.cert,
+                key: public.key,
+            },
+            internal: InternalListener { listen: any_port },
+            tls: pki.files("gateway-internal"),
+            lease_hold_ms: default_lease_hold_ms(),
+            credentials_lifetime_s: default_credentials_lifetime_s(),
+            bootstrap_keys: Vec::new(),
+            async_queue: AsyncQueueConfig::default(),
+            runtimes: Vec::new(),
+            vpc_listener: None,
+        }
+    }
+
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),

@@ -14,7 +14,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use kiln_core::{FcError, FcErrorCode, InstanceId, LeaseId, NodeId};
-use kiln_gateway::config::{BootstrapKey, InternalListener, PublicListener};
+use kiln_gateway::config::BootstrapKey;
 use kiln_gateway::{GatewayConfig, GatewayHandle};
 use kiln_internal_api::server::{self, full, Body};
 use kiln_internal_api::{AcquireLease, Lease, ReleaseLease, RetireFunction};
@@ -194,42 +194,19 @@ fn config(
     scheduler_url: &str,
     hold_ms: u64,
 ) -> GatewayConfig {
-    let public = pki.files("gateway");
     GatewayConfig {
-        state_dir: state_dir.to_owned(),
-        region: "cn-test".into(),
-        scheduler_url: scheduler_url.to_owned(),
         metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
-        public: PublicListener {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            cert: public.cert,
-            key: public.key,
-        },
-        internal: InternalListener {
-            listen: "127.0.0.1:0".parse().unwrap(),
-        },
-        tls: pki.files("gateway-internal"),
         lease_hold_ms: hold_ms,
-        credentials_lifetime_s: 3600,
         async_queue: kiln_gateway::config::AsyncQueueConfig {
             webhook_ca: Some(pki.ca_cert()),
             backoff_cap_ms: 1_000,
             ..Default::default()
         },
-        runtimes: Default::default(),
-        vpc_listener: None,
         bootstrap_keys: vec![
-            BootstrapKey {
-                account_id: ACCOUNT_A.parse().unwrap(),
-                access_key_id: AK_A.into(),
-                access_key_secret: SK_A.into(),
-            },
-            BootstrapKey {
-                account_id: ACCOUNT_B.parse().unwrap(),
-                access_key_id: AK_B.into(),
-                access_key_secret: SK_B.into(),
-            },
+            BootstrapKey::new(ACCOUNT_A.parse().unwrap(), AK_A, SK_A),
+            BootstrapKey::new(ACCOUNT_B.parse().unwrap(), AK_B, SK_B),
         ],
+        ..GatewayConfig::loopback(state_dir.to_owned(), "cn-test", scheduler_url, pki)
     }
 }
 

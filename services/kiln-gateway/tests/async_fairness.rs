@@ -18,7 +18,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use kiln_core::{InstanceId, LeaseId, NodeId};
-use kiln_gateway::config::{AsyncQueueConfig, BootstrapKey, InternalListener, PublicListener};
+use kiln_gateway::config::{AsyncQueueConfig, BootstrapKey};
 use kiln_internal_api::server::{self, full, Body};
 use kiln_internal_api::Lease;
 use serde_json::json;
@@ -120,36 +120,23 @@ async fn a_deep_backlog_does_not_delay_other_accounts_or_dedicated_queues() {
         },
     )
     .await;
-    let public = pki.files("gateway");
-    let key = |account: &str, ak: &str, sk: &str| BootstrapKey {
-        account_id: account.parse().unwrap(),
-        access_key_id: ak.into(),
-        access_key_secret: sk.into(),
-    };
+    let key =
+        |account: &str, ak: &str, sk: &str| BootstrapKey::new(account.parse().unwrap(), ak, sk);
     let gw = kiln_gateway::start(kiln_gateway::GatewayConfig {
-        state_dir: dir.path().join("gateway"),
-        region: "cn-test".into(),
-        scheduler_url: format!("https://127.0.0.1:{}", sched.port()),
         metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
-        public: PublicListener {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            cert: public.cert,
-            key: public.key,
-        },
-        internal: InternalListener {
-            listen: "127.0.0.1:0".parse().unwrap(),
-        },
-        tls: pki.files("gateway-internal"),
         lease_hold_ms: 250,
-        credentials_lifetime_s: 3600,
         async_queue: AsyncQueueConfig {
             max_in_flight: 8,
             per_queue: 4,
             ..Default::default()
         },
-        runtimes: Default::default(),
-        vpc_listener: None,
         bootstrap_keys: vec![key(ACCOUNT_A, AK_A, SK_A), key(ACCOUNT_B, AK_B, SK_B)],
+        ..kiln_gateway::GatewayConfig::loopback(
+            dir.path().join("gateway"),
+            "cn-test",
+            &format!("https://127.0.0.1:{}", sched.port()),
+            &pki,
+        )
     })
     .await
     .unwrap();

@@ -12,7 +12,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use kiln_gateway::config::{BootstrapKey, InternalListener, PublicListener};
+use kiln_gateway::config::BootstrapKey;
 use kiln_gateway::{GatewayConfig, GatewayHandle};
 use kiln_pki::DevPki;
 use kiln_scheduler::{SchedulerConfig, SchedulerHandle};
@@ -57,33 +57,18 @@ impl Env {
         )
         .await
         .unwrap();
-        let public = pki.files("gateway");
         let state_dir = dir.path().join("gateway");
-        let key = |account: &str, ak: &str, sk: &str| BootstrapKey {
-            account_id: account.parse().unwrap(),
-            access_key_id: ak.into(),
-            access_key_secret: sk.into(),
-        };
+        let key =
+            |account: &str, ak: &str, sk: &str| BootstrapKey::new(account.parse().unwrap(), ak, sk);
         let gateway = kiln_gateway::start(GatewayConfig {
-            state_dir: state_dir.clone(),
-            region: "cn-test".into(),
-            scheduler_url: format!("https://127.0.0.1:{}", scheduler.addr().port()),
-            metrics_listen: None,
-            public: PublicListener {
-                listen: "127.0.0.1:0".parse().unwrap(),
-                cert: public.cert,
-                key: public.key,
-            },
-            internal: InternalListener {
-                listen: "127.0.0.1:0".parse().unwrap(),
-            },
-            tls: pki.files("gateway-internal"),
             lease_hold_ms: 0,
-            credentials_lifetime_s: 3600,
-            async_queue: Default::default(),
-            runtimes: Default::default(),
-            vpc_listener: None,
             bootstrap_keys: vec![key(ACCOUNT_A, AK_A, SK_A), key(ACCOUNT_B, AK_B, SK_B)],
+            ..GatewayConfig::loopback(
+                state_dir.clone(),
+                "cn-test",
+                &format!("https://127.0.0.1:{}", scheduler.addr().port()),
+                &pki,
+            )
         })
         .await
         .unwrap();

@@ -466,33 +466,16 @@ pub async fn cli_gateway(
     scheduler_url: &str,
     key: (&str, &str, &str),
 ) -> CliGateway {
-    use kiln_gateway::config::{BootstrapKey, InternalListener, PublicListener};
+    use kiln_gateway::config::BootstrapKey;
     let (account, access_key_id, secret) = key;
-    let public = pki.files("gateway");
     let gateway = kiln_gateway::start(kiln_gateway::GatewayConfig {
-        state_dir: dir.join("gateway"),
-        region: "cn-test".into(),
-        scheduler_url: scheduler_url.to_owned(),
-        metrics_listen: None,
-        public: PublicListener {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            cert: public.cert,
-            key: public.key,
-        },
-        internal: InternalListener {
-            listen: "127.0.0.1:0".parse().unwrap(),
-        },
-        tls: pki.files("gateway-internal"),
         lease_hold_ms: 0,
-        credentials_lifetime_s: 3600,
-        async_queue: Default::default(),
-        runtimes: Default::default(),
-        vpc_listener: None,
-        bootstrap_keys: vec![BootstrapKey {
-            account_id: account.parse().unwrap(),
-            access_key_id: access_key_id.into(),
-            access_key_secret: secret.into(),
-        }],
+        bootstrap_keys: vec![BootstrapKey::new(
+            account.parse().unwrap(),
+            access_key_id,
+            secret,
+        )],
+        ..kiln_gateway::GatewayConfig::loopback(dir.join("gateway"), "cn-test", scheduler_url, pki)
     })
     .await
     .unwrap();
