@@ -94,11 +94,7 @@ async fn cli_invokes_async_and_manages_tasks() {
         },
     )
     .await;
-    let common::CliGateway {
-        gateway: gw,
-        credentials_path: creds_path,
-        client,
-    } = common::cli_gateway(
+    let (gw, creds_path, client) = common::cli_gateway(
         dir.path(),
         &pki,
         &format!("https://127.0.0.1:{}", sched.port()),

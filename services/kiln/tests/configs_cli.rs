@@ -42,11 +42,7 @@ async fn cli_manages_provision_and_concurrency_configs() {
     ))
     .await
     .unwrap();
-    let common::CliGateway {
-        gateway: gw,
-        credentials_path: creds_path,
-        client,
-    } = common::cli_gateway(
+    let (gw, creds_path, client) = common::cli_gateway(
         dir.path(),
         &pki,
         &format!("https://127.0.0.1:{}", sched.addr().port()),

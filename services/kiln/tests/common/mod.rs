@@ -451,21 +451,16 @@ pub fn tls_table(pki: &kiln_pki::DevPki, role: &str) -> String {
 }
 
 /// A real gateway, in-process, in front of `scheduler_url`, with one
-/// bootstrap access key, and the credentials.json the CLI reads for it
-/// (for tests that drive `kiln` commands without sandboxes).
-pub struct CliGateway {
-    pub gateway: kiln_gateway::GatewayHandle,
-    pub credentials_path: PathBuf,
-    pub client: FcClient,
-}
-
-/// `key` is (account id, access key id, secret).
+/// bootstrap access key (`key`: account id, access key id, secret), and the
+/// credentials.json the CLI reads for it, for tests that drive `kiln`
+/// commands without sandboxes. Returns the gateway, the credentials file
+/// and an API client with the same key.
 pub async fn cli_gateway(
     dir: &Path,
     pki: &kiln_pki::DevPki,
     scheduler_url: &str,
     key: (&str, &str, &str),
-) -> CliGateway {
+) -> (kiln_gateway::GatewayHandle, PathBuf, FcClient) {
     use kiln_gateway::config::BootstrapKey;
     let (account, access_key_id, secret) = key;
     let gateway = kiln_gateway::start(kiln_gateway::GatewayConfig {
@@ -489,11 +484,7 @@ pub async fn cli_gateway(
     let credentials_path = dir.join("credentials.json");
     creds.write(&credentials_path).unwrap();
     let client = FcClient::new(creds).unwrap();
-    CliGateway {
-        gateway,
-        credentials_path,
-        client,
-    }
+    (gateway, credentials_path, client)
 }
 
 /// A code package of one file.
