@@ -135,7 +135,8 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
         state_dir: work.path().join("state"),
         listen: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
         sandbox_prefix: prefix.clone(),
-        instance_subnet: format!("10.{}.{}.0/22", 200 + n % 50, ((n >> 8) % 64) * 4),
+        // Clear of the test suites' ranges (see services/kiln/tests/common).
+        instance_subnet: format!("10.{}.{}.0/22", 100 + n % 50, ((n >> 8) % 64) * 4),
         rootfs_dir: args
             .rootfs_dir
             .clone()
