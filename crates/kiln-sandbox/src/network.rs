@@ -5,12 +5,8 @@
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::Mutex;
 use std::time::Duration;
-
-use tokio::io::AsyncWriteExt;
-use tokio::process::Command;
 
 use crate::config::Ipv4Cidr;
 
@@ -108,33 +104,12 @@ impl IpCommand {
         args: &[&str],
         input: Option<&str>,
     ) -> Result<Result<String, String>, NetworkError> {
-        let mut child = Command::new(&self.binary)
-            .args(args)
-            .stdin(if input.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(NetworkError::Spawn)?;
-        if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
-            // Dropped at the end of this block: ip sees the end of its input.
-            stdin
-                .write_all(input.as_bytes())
-                .await
-                .map_err(NetworkError::Spawn)?;
-        }
-        let out = tokio::time::timeout(IP_TIMEOUT, child.wait_with_output())
-            .await
-            .map_err(|_| NetworkError::TimedOut(args.join(" ")))?
-            .map_err(NetworkError::Spawn)?;
-        if out.status.success() {
-            Ok(Ok(String::from_utf8_lossy(&out.stdout).into_owned()))
-        } else {
-            Ok(Err(String::from_utf8_lossy(&out.stderr).trim().to_owned()))
+        use crate::net::exec::{run_program, HostCommandError};
+        match run_program(&self.binary, args, input, IP_TIMEOUT).await {
+            Ok(stdout) => Ok(Ok(stdout)),
+            Err(HostCommandError::Failed { message, .. }) => Ok(Err(message)),
+            Err(HostCommandError::TimedOut { .. }) => Err(NetworkError::TimedOut(args.join(" "))),
+            Err(HostCommandError::Spawn { source, .. }) => Err(NetworkError::Spawn(source)),
         }
     }
 

@@ -2,6 +2,7 @@
 //! `ovs-vsctl`, `sysctl`), behind a trait with a real implementation and a
 //! recording fake.
 
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -68,47 +69,56 @@ impl HostCommands for SystemCommands {
         args: &[String],
         stdin: Option<&str>,
     ) -> Result<String, HostCommandError> {
-        let command = format!("{program} {}", args.join(" "));
-        let mut child = Command::new(program)
-            .args(args)
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|source| HostCommandError::Spawn {
-                program: program.to_owned(),
-                source,
-            })?;
-        if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
-            pipe.write_all(input.as_bytes())
-                .await
-                .map_err(|source| HostCommandError::Spawn {
-                    program: program.to_owned(),
-                    source,
-                })?;
-        }
-        let out = tokio::time::timeout(COMMAND_TIMEOUT, child.wait_with_output())
-            .await
-            .map_err(|_| HostCommandError::TimedOut {
-                command: command.clone(),
-            })?
-            .map_err(|source| HostCommandError::Spawn {
-                program: program.to_owned(),
-                source,
-            })?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        run_program(Path::new(program), args, stdin, COMMAND_TIMEOUT).await
+    }
+}
+
+/// Run `program args...` with `stdin` fed to it (else nothing), killed
+/// when `timeout` passes or the caller gives up; stdout, or stderr (trimmed)
+/// as the failure's message. What [`SystemCommands`] and the container
+/// backend's `IpCommand` both run their tools with.
+pub(crate) async fn run_program<S: AsRef<str>>(
+    program: &Path,
+    args: &[S],
+    stdin: Option<&str>,
+    timeout: Duration,
+) -> Result<String, HostCommandError> {
+    let args: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
+    let name = program.display().to_string();
+    let command = format!("{name} {}", args.join(" "));
+    let spawn_err = |source| HostCommandError::Spawn {
+        program: name.clone(),
+        source,
+    };
+    let mut child = Command::new(program)
+        .args(&args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
         } else {
-            Err(HostCommandError::Failed {
-                command,
-                message: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-            })
-        }
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(spawn_err)?;
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        // Dropped at the end of this block: the tool sees the end of its input.
+        pipe.write_all(input.as_bytes()).await.map_err(spawn_err)?;
+    }
+    let out = tokio::time::timeout(timeout, child.wait_with_output())
+        .await
+        .map_err(|_| HostCommandError::TimedOut {
+            command: command.clone(),
+        })?
+        .map_err(spawn_err)?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(HostCommandError::Failed {
+            command,
+            message: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        })
     }
 }
 
