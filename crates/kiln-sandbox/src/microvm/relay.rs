@@ -31,16 +31,15 @@ impl Drop for Relay {
     }
 }
 
-/// Headers that describe the hop, not the call. Content-length is set
-/// again from what is known: the request body's exact size, the
-/// function's own header on the answer (else the answer goes chunked).
-const HOP_HEADERS: [&str; 6] = [
+/// Headers that describe the hop, not the call. The function's own
+/// content-length goes back with its answer (else the answer goes
+/// chunked); the request's is set again from the body's exact size.
+const HOP_HEADERS: [&str; 5] = [
     "connection",
     "keep-alive",
     "transfer-encoding",
     "te",
     "upgrade",
-    "content-length",
 ];
 
 /// What the relay answers: the function's body as it streams from the
@@ -114,7 +113,7 @@ where
     let mut headers: Vec<(String, String)> = req
         .headers()
         .iter()
-        .filter(|(n, _)| !HOP_HEADERS.contains(&n.as_str()))
+        .filter(|(n, _)| *n != http::header::CONTENT_LENGTH && !HOP_HEADERS.contains(&n.as_str()))
         .filter_map(|(n, v)| Some((n.as_str().to_owned(), v.to_str().ok()?.to_owned())))
         .collect();
     let mut body = req.into_body();
@@ -164,8 +163,7 @@ where
     let status = StatusCode::from_u16(resp.status).unwrap_or(StatusCode::BAD_GATEWAY);
     let mut builder = Response::builder().status(status);
     for (n, v) in &resp.headers {
-        let name = n.to_ascii_lowercase();
-        if name == "content-length" || !HOP_HEADERS.contains(&name.as_str()) {
+        if !HOP_HEADERS.contains(&n.to_ascii_lowercase().as_str()) {
             builder = builder.header(n.as_str(), v.as_str());
         }
     }
