@@ -1137,16 +1137,9 @@ mod tests {
         let req = request(&h, RuntimeName::Custom);
         h.driver.create(&req).await.unwrap();
         let cid = format!("kt-{}", req.instance_id);
-        let record: InstanceRecord = serde_json::from_slice(
-            &std::fs::read(
-                h.state
-                    .join("instances")
-                    .join(req.instance_id.as_str())
-                    .join("instance.json"),
-            )
-            .unwrap(),
-        )
-        .unwrap();
+        let record = InstancePaths::new(&h.state.join("instances"), &req.instance_id)
+            .read_record()
+            .expect("the record on disk");
         assert_eq!(record.pid_start, Some(1), "kept with the pid");
         let states = |h: &Harness| {
             h.oci
