@@ -198,13 +198,8 @@ impl Drop for Dev {
 
 /// SIGTERM, wait, then SIGKILL a child we started.
 pub fn terminate(child: &mut Child, grace: Duration) {
-    let pid = child.id() as i32;
-    // SAFETY-free: `kill` via the command line keeps this harness free of
-    // unsafe code; the pid is our own child's.
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(pid.to_string())
-        .status();
+    // The pid is our own child's.
+    signal(child.id(), nix::sys::signal::Signal::SIGTERM);
     let deadline = Instant::now() + grace;
     while Instant::now() < deadline {
         if let Ok(Some(_)) = child.try_wait() {
@@ -269,9 +264,7 @@ fn kill_cgroup_processes(prefix: &str) {
         pids.len()
     );
     for pid in &pids {
-        let _ = Command::new("kill")
-            .args(["-KILL", &pid.to_string()])
-            .status();
+        signal(*pid, nix::sys::signal::Signal::SIGKILL);
     }
     let deadline = Instant::now() + Duration::from_secs(5);
     // Gone, or a zombie waiting for its parent (init reaps sandboxes).
@@ -286,6 +279,11 @@ fn kill_cgroup_processes(prefix: &str) {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Send `sig` to `pid`; a process already gone is fine.
+fn signal(pid: u32, sig: nix::sys::signal::Signal) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
 }
 
 fn collect_dirs(dir: &Path, out: &mut Vec<PathBuf>) {
