@@ -19,17 +19,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use harness::{enter_private_mount_ns, random_suffix, which, Guard, UID_BASE};
+use harness::{enter_private_mount_ns, random_suffix, skipped, which, Guard, UID_BASE};
 use kiln_core::{InstanceId, InstanceSpec, RuntimeName};
 use kiln_sandbox::mounts::mount_points_under;
 use kiln_sandbox::network::{IpCommand, NetworkOps};
 use kiln_sandbox::oci_runtime::{OciRuntime, RuncCli};
 use kiln_sandbox::{ContainerConfig, ContainerDriver, SandboxDriver, SandboxRequest};
-
-/// Say why a test did not run, past the test harness's output capture.
-fn skipped(test: &str, reason: &str) {
-    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {reason}");
-}
 
 /// The driver's configuration for this run: its names, a subnet of its
 /// own, a small `/tmp` and one pooled network namespace.

@@ -37,6 +37,11 @@ pub fn skip_reason() -> Option<String> {
     None
 }
 
+/// Say why a test did not run, past the test harness's output capture.
+pub fn skipped(test: &str, reason: &str) {
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {reason}");
+}
+
 /// In the outer process: re-run `test` alone inside a private mount
 /// namespace; true in the inner process, where the body runs.
 pub fn enter_private_mount_ns(test: &str) -> bool {
@@ -44,7 +49,7 @@ pub fn enter_private_mount_ns(test: &str) -> bool {
         return true;
     }
     if let Some(reason) = skip_reason() {
-        let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {reason}");
+        skipped(test, &reason);
         return false;
     }
     let exe = std::env::current_exe().unwrap();
