@@ -67,22 +67,11 @@ impl From<CodeError> for FcError {
         match e {
             // Failures on our side, not the caller's.
             CodeError::DestinationExists(_) | CodeError::Io { .. } => {
-                FcError::internal(error_chain(&e))
+                FcError::internal(kiln_core::error_chain(&e))
             }
             _ => FcError::invalid_argument(e.to_string()),
         }
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    s
 }
 
 /// Validates a package against FC's limits.

@@ -146,7 +146,7 @@ impl InternalClient {
             .await
             .map_err(|e| InternalClientError::Transport {
                 url,
-                message: error_chain(&e),
+                message: kiln_core::error_chain(&e),
             })
     }
 
@@ -182,7 +182,7 @@ impl InternalClient {
                 .await
                 .map_err(|e| InternalClientError::Transport {
                     url: url.clone(),
-                    message: error_chain(&e),
+                    message: kiln_core::error_chain(&e),
                 })?
                 .to_bytes();
             decode(&url, status, bytes)
@@ -250,15 +250,4 @@ pub fn remote_error(status: StatusCode, bytes: &[u8]) -> FcError {
         Ok(s) => FcError::new(s.code, s.message),
         Err(_) => FcError::internal(format!("internal call failed with status {status}")),
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }

@@ -24,7 +24,7 @@ fn main() -> ExitCode {
     // Before any thread exists: every thread the runtime starts later
     // inherits the private mount namespace (see namespace.rs).
     if let Err(e) = kiln_agent::enter_private_mount_namespace() {
-        eprintln!("kiln-agent: {}", chain(&anyhow::Error::new(e)));
+        eprintln!("kiln-agent: {}", kiln_core::error_chain(&e));
         return ExitCode::FAILURE;
     }
     tracing_subscriber::fmt()
@@ -43,7 +43,7 @@ fn main() -> ExitCode {
     match runtime.block_on(run(args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("kiln-agent: {}", chain(&e));
+            eprintln!("kiln-agent: {}", kiln_core::error_chain(&*e));
             ExitCode::FAILURE
         }
     }
@@ -64,12 +64,4 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tracing::info!("shutting down");
     handle.shutdown().await;
     Ok(())
-}
-
-/// The error and its causes on one line, each once.
-fn chain(e: &anyhow::Error) -> String {
-    e.chain()
-        .map(|c| c.to_string())
-        .collect::<Vec<_>>()
-        .join(": ")
 }

@@ -202,9 +202,10 @@ impl Drop for Guest {
 
 /// Network, hostname and the root filesystem (blocking).
 fn prepare(platform: &Platform, config: &GuestConfig) -> Result<(), String> {
-    net::loopback(platform.net.as_ref()).map_err(|e| chain(&e))?;
+    net::loopback(platform.net.as_ref()).map_err(|e| kiln_core::error_chain(&e))?;
     if let Some(n) = &config.network {
-        net::configure(platform.net.as_ref(), n, Duration::from_secs(5)).map_err(|e| chain(&e))?;
+        net::configure(platform.net.as_ref(), n, Duration::from_secs(5))
+            .map_err(|e| kiln_core::error_chain(&e))?;
     }
     let hostname = config
         .hostname
@@ -222,18 +223,7 @@ fn prepare(platform: &Platform, config: &GuestConfig) -> Result<(), String> {
     if !platform.pid1 {
         plan.retain(|op| !matches!(op, mounts::MountOp::SwitchRoot(_)));
     }
-    mounts::apply_all(platform.mounts.as_ref(), &plan).map_err(|e| chain(&e))
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
+    mounts::apply_all(platform.mounts.as_ref(), &plan).map_err(|e| kiln_core::error_chain(&e))
 }
 
 async fn forward_lines<R: AsyncRead + Unpin>(from: R, stream: LogStream, logs: Arc<LogHub>) {

@@ -406,7 +406,7 @@ impl Writer {
                     match r {
                         Ok(Ok(())) => tracing::trace!(changes = n, "scheduler state persisted"),
                         Ok(Err(e)) => {
-                            tracing::error!(error = %error_chain(&e), changes = n, "cannot persist scheduler state")
+                            tracing::error!(error = %kiln_core::error_chain(&e), changes = n, "cannot persist scheduler state")
                         }
                         Err(e) => tracing::error!(error = %e, "persistence task failed"),
                     }
@@ -434,17 +434,6 @@ impl Writer {
         rx.await
             .map_err(|_| FcError::internal("the state writer has stopped"))
     }
-}
-
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 #[cfg(test)]

@@ -154,7 +154,7 @@ impl FcClient {
             .await
             .map_err(|e| ClientError::Transport {
                 endpoint: self.creds.endpoint.clone(),
-                message: chain(&e),
+                message: kiln_core::error_chain(&e),
             })?;
         let (parts, body) = resp.into_parts();
         let body = body
@@ -162,7 +162,7 @@ impl FcClient {
             .await
             .map_err(|e| ClientError::Transport {
                 endpoint: self.creds.endpoint.clone(),
-                message: chain(&e),
+                message: kiln_core::error_chain(&e),
             })?
             .to_bytes();
         Ok(ApiResponse {
@@ -272,15 +272,4 @@ impl FcClient {
         h.extend_from_slice(headers);
         self.request(Method::POST, &path, &[], &h, payload).await
     }
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }

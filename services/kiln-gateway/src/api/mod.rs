@@ -465,7 +465,7 @@ pub fn to_fc(err: &ApiError) -> FcError {
         ApiError::Catalog(CatalogError::NotFound(n)) => not_found(n),
         ApiError::Catalog(CatalogError::Invalid(e)) => e.clone(),
         ApiError::Catalog(e) => {
-            tracing::error!(error = %error_chain(e), "store failure");
+            tracing::error!(error = %kiln_core::error_chain(e), "store failure");
             FcError::internal("the function store failed; retry the request")
         }
         ApiError::Internal(e) => {
@@ -492,17 +492,6 @@ pub fn not_found(name: &FunctionName) -> FcError {
         FcErrorCode::FunctionNotFound,
         format!("function '{name}' does not exist"),
     )
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// Read a whole request body of at most `limit` bytes; over it is FC's
