@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 use kiln_core::{InstanceId, InstanceSpec};
 use serde_json::{json, Value};
 
+use crate::cgroup::{cpu_quota, CPU_PERIOD_US};
+
 /// Processes (threads included) one instance may have.
 pub const PIDS_LIMIT: i64 = 1024;
-/// The CFS period the cpu quota is expressed in (100 ms).
-pub const CPU_PERIOD_US: u64 = 100_000;
 /// Where the function's code appears inside the sandbox.
 pub const CODE_MOUNT: &str = "/code";
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -158,11 +158,6 @@ pub fn process_env(
 /// `cpu.shares` proportional to the instance's share of a CPU (1024 = one).
 pub fn cpu_shares(cpu_milli: u32) -> u64 {
     (u64::from(cpu_milli) * 1024 / 1000).max(2)
-}
-
-/// CFS quota per [`CPU_PERIOD_US`] for `cpu_milli` thousandths of a CPU.
-pub fn cpu_quota(cpu_milli: u32) -> i64 {
-    (i64::from(cpu_milli) * CPU_PERIOD_US as i64 / 1000).max(1000)
 }
 
 fn mount(destination: &str, kind: &str, source: &str, options: &[&str]) -> Value {
@@ -534,10 +529,8 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn cpu_share_and_quota_scale_with_cpu() {
+    fn cpu_shares_scale_with_cpu() {
         assert_eq!(cpu_shares(1000), 1024);
         assert_eq!(cpu_shares(0), 2);
-        assert_eq!(cpu_quota(2000), 200_000);
-        assert_eq!(cpu_quota(1), 1000);
     }
 }

@@ -1,12 +1,12 @@
 //! The `[sandbox]` section of the agent's configuration: how the container
 //! backend names, addresses and confines its instances.
 
-use std::fmt;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
-use std::str::FromStr;
 
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
+
+use crate::net::Ipv4Cidr;
 
 /// Linux limits interface names to 15 bytes (IFNAMSIZ - 1).
 pub const IFNAME_MAX: usize = 15;
@@ -57,62 +57,6 @@ impl OciRuntimeKind {
             Self::Runc => "runc",
             Self::Crun => "crun",
         }
-    }
-}
-
-/// An IPv4 network in CIDR notation (`10.213.0.0/16`), host bits zero.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Ipv4Cidr {
-    pub addr: Ipv4Addr,
-    pub prefix_len: u8,
-}
-
-impl Ipv4Cidr {
-    /// How many /30 networks fit.
-    pub fn slots(&self) -> u32 {
-        1u32 << (30 - u32::from(self.prefix_len))
-    }
-
-    /// The network address of the `index`th /30.
-    pub fn slot_base(&self, index: u32) -> Ipv4Addr {
-        Ipv4Addr::from(u32::from(self.addr) + index * 4)
-    }
-}
-
-impl FromStr for Ipv4Cidr {
-    type Err = &'static str;
-    fn from_str(s: &str) -> Result<Self, &'static str> {
-        let (addr, len) = s.split_once('/').ok_or("expected ADDRESS/PREFIX")?;
-        let addr: Ipv4Addr = addr.parse().map_err(|_| "not an IPv4 address")?;
-        let prefix_len: u8 = len.parse().map_err(|_| "prefix is not a number")?;
-        if !(8..=28).contains(&prefix_len) {
-            return Err("prefix length must be between 8 and 28");
-        }
-        let mask = u32::MAX << (32 - u32::from(prefix_len));
-        if u32::from(addr) & !mask != 0 {
-            return Err("host bits must be zero");
-        }
-        Ok(Self { addr, prefix_len })
-    }
-}
-
-impl fmt::Display for Ipv4Cidr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix_len)
-    }
-}
-
-impl Serialize for Ipv4Cidr {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for Ipv4Cidr {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse()
-            .map_err(|e| serde::de::Error::custom(format!("invalid instance_subnet {s:?}: {e}")))
     }
 }
 
@@ -371,7 +315,7 @@ mod tests {
             cgroup_parent: "kiln/dev.slice".into(),
             ..ContainerConfig::default()
         };
-        let longest = crate::network::NetSlot::new(
+        let longest = crate::net::NetSlot::new(
             &ok.name_prefix,
             &ok.instance_subnet,
             ok.instance_subnet.slots() - 1,

@@ -19,9 +19,9 @@ use crate::disk_pool::{DiskPool, DiskPoolConfig, DEFAULT_REFILL_DELAY, DEFAULT_R
 use crate::driver::{Sandbox, SandboxDriver, SandboxError, SandboxRequest, SandboxStats};
 use crate::instance::{InstancePaths, InstanceRecord};
 use crate::mounts::{unmount_all_under, HostMounter, Mounter};
+use crate::net::NetPool;
 use crate::net::{BandwidthClass, HostInterface, NetIsolation, NetIsolationError, SystemCommands};
-use crate::netpool::NetPool;
-use crate::network::{IpCommand, NetSlot, NetworkError, NetworkOps};
+use crate::net::{IpCommand, NetSlot, NetworkError, NetworkOps};
 use crate::oci_runtime::{ContainerStatus, OciRuntime, RuncCli};
 use crate::rootfs::{rootfs_path, RootfsBuilder};
 
@@ -191,7 +191,7 @@ impl ContainerDriver {
             oci,
             net,
             mounter,
-            cgroups: Arc::from(crate::cgroup::host()),
+            cgroups: crate::cgroup::host(),
             // Mounts nothing: unit tests over fakes never mount on the
             // host. `new` uses loop-mounted ext4.
             disk,
@@ -286,8 +286,8 @@ impl ContainerDriver {
         let task = tokio::spawn(
             async move {
                 tokio::time::sleep(window).await;
-                let quota = bundle::cpu_quota(cpu_milli);
-                match cgroups.set_cpu_quota(&path, quota, bundle::CPU_PERIOD_US) {
+                let quota = crate::cgroup::cpu_quota(cpu_milli);
+                match cgroups.set_cpu_quota(&path, quota, crate::cgroup::CPU_PERIOD_US) {
                     Ok(()) => tracing::debug!(quota, "cold-start boost over"),
                     Err(e) => tracing::warn!(error = %e, "cannot end the cold-start boost"),
                 }
@@ -947,7 +947,7 @@ mod tests {
     use crate::cgroup::{CgroupCall, RecordingCgroups};
     use crate::disk::RecordingDisk;
     use crate::mounts::{MountCall, RecordingMounter};
-    use crate::network::{NetCall, RecordingNetwork};
+    use crate::net::netns::{NetCall, RecordingNetwork};
     use crate::oci_runtime::{OciCall, RecordingOciRuntime};
 
     struct Harness {
@@ -1342,7 +1342,7 @@ mod tests {
         let config = h.oci.config_of(&cid).unwrap();
         assert_eq!(config["linux"]["resources"]["cpu"]["quota"], 200_000);
         assert_eq!(config["linux"]["resources"]["cpu"]["shares"], 358);
-        h.cgroups.create(&path, 358, Some(200_000));
+        h.cgroups.created_by_runc(&path, 358, Some(200_000));
         tokio::time::sleep(std::time::Duration::from_millis(19_900)).await;
         assert_eq!(h.cgroups.cpu_quota(&path).unwrap(), Some(200_000));
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
@@ -1434,8 +1434,8 @@ mod tests {
         h.driver.create(&req).await.unwrap();
         let path = h.driver.cgroup_of(&req.instance_id);
         assert_eq!(path, format!("/kt/kt-{}", req.instance_id));
-        h.cgroups.create(&path, 358, Some(35_000));
-        h.cgroups.create("/kt", 1024, None);
+        h.cgroups.created_by_runc(&path, 358, Some(35_000));
+        h.cgroups.created_by_runc("/kt", 1024, None);
         h.cgroups.set_stats(
             &path,
             crate::cgroup::CgroupStats {

@@ -46,15 +46,14 @@ pub mod layers;
 pub mod microvm;
 pub mod mounts;
 pub mod net;
-pub mod netpool;
-pub mod network;
 pub mod oci_runtime;
 pub mod rootfs;
 pub mod seccomp;
 
-pub use config::{ContainerConfig, ContainerConfigError, Ipv4Cidr, OciRuntimeKind};
+pub use config::{ContainerConfig, ContainerConfigError, OciRuntimeKind};
 pub use container::ContainerDriver;
 pub use driver::{Sandbox, SandboxDriver, SandboxError, SandboxRequest};
 pub use exec::{ExecChild, ExecProcess, ExecRequest};
 pub use microvm::{MicroVmConfig, MicroVmDriver};
+pub use net::Ipv4Cidr;
 pub use rootfs::rootfs_path;

@@ -9,8 +9,8 @@ use std::collections::BTreeSet;
 use std::io::Write;
 use std::process::Command;
 
-use kiln_sandbox::config::Ipv4Cidr;
-use kiln_sandbox::network::{IpCommand, NetSlot, NetworkOps};
+use kiln_sandbox::net::Ipv4Cidr;
+use kiln_sandbox::net::{IpCommand, NetSlot, NetworkOps};
 
 fn skip_reason() -> Option<&'static str> {
     if !nix::unistd::geteuid().is_root() {

@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kiln_core::{InstanceId, InstanceSpec, RuntimeName};
-use kiln_sandbox::microvm::host::{RecordingCgroups, RecordingTaps};
+use kiln_sandbox::cgroup::RecordingCgroups;
+use kiln_sandbox::microvm::host::RecordingTaps;
 use kiln_sandbox::microvm::{MicroVmBackends, MicroVmConfig, MicroVmDriver, PoolKey};
 use kiln_sandbox::{rootfs_path, SandboxDriver, SandboxError, SandboxRequest};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -73,10 +74,7 @@ impl Harness {
     fn assert_nothing_left(&self) {
         assert_eq!(self.vms(), Vec::<String>::new(), "VM directories left");
         assert!(self.taps.taps.lock().unwrap().is_empty(), "taps left");
-        assert!(
-            self.cgroups.groups.lock().unwrap().is_empty(),
-            "cgroups left"
-        );
+        assert_eq!(self.cgroups.paths(), Vec::<String>::new(), "cgroups left");
     }
 
     fn request(&self, runtime: RuntimeName) -> SandboxRequest {
@@ -228,7 +226,8 @@ async fn create_invoke_freeze_thaw_destroy_in_the_documented_order() {
             .collect::<Vec<_>>(),
         vec![vm.clone()]
     );
-    assert_eq!(h.cgroups.groups.lock().unwrap()[&vm], vec![pid]);
+    let parent = MicroVmConfig::default().cgroup_parent;
+    assert_eq!(h.cgroups.procs(&format!("/{parent}/{vm}")), vec![pid]);
 
     // The call goes through the relay, vsock and the guest protocol.
     let (status, body) = invoke(sb.endpoint, "ping").await;

@@ -6,7 +6,8 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use kiln_sandbox::microvm::host::{IpTaps, SysCgroups, TapOps, TapSpec, VmmCgroups};
+use kiln_sandbox::cgroup::{CgroupLimits, CgroupVersion};
+use kiln_sandbox::microvm::host::{IpTaps, TapOps, TapSpec};
 
 fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
@@ -91,7 +92,8 @@ async fn the_vmm_cgroup_limits_and_holds_the_process_and_goes() {
     }
     let root = PathBuf::from("/sys/fs/cgroup");
     let parent = format!("kiln-test-{}", prefix());
-    let v2 = root.join("cgroup.controllers").exists();
+    let cgroups = kiln_sandbox::cgroup::host();
+    let v2 = cgroups.version() == CgroupVersion::V2;
     let parents: Vec<PathBuf> = if v2 {
         vec![root.join(&parent)]
     } else {
@@ -108,13 +110,14 @@ async fn the_vmm_cgroup_limits_and_holds_the_process_and_goes() {
         );
     }
     let _guard = CgroupGuard(parents.clone());
-    let cgroups = SysCgroups {
-        root: root.clone(),
-        parent: parent.clone(),
+    let path = format!("/{parent}/vm-0");
+    let limits = CgroupLimits {
+        memory_bytes: 256 << 20,
+        cpu_milli: 500,
     };
-    cgroups.create("vm-0", 256 << 20, 500).unwrap();
+    cgroups.create(&path, &limits).unwrap();
     let mut child = Command::new("sleep").arg("30").spawn().unwrap();
-    cgroups.add("vm-0", child.id()).unwrap();
+    cgroups.add_process(&path, child.id()).unwrap();
     let membership = std::fs::read_to_string(format!("/proc/{}/cgroup", child.id())).unwrap();
     assert!(
         membership.contains(&format!("/{parent}/vm-0")),
@@ -135,8 +138,8 @@ async fn the_vmm_cgroup_limits_and_holds_the_process_and_goes() {
     }
     child.kill().unwrap();
     child.wait().unwrap();
-    cgroups.remove("vm-0").unwrap();
-    cgroups.remove("vm-0").unwrap();
+    cgroups.remove(&path).unwrap();
+    cgroups.remove(&path).unwrap();
     for p in &parents {
         assert!(!p.join("vm-0").exists(), "{} is left", p.display());
     }

@@ -19,7 +19,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kiln_core::{InstanceId, InstanceSpec, RuntimeName};
-use kiln_sandbox::microvm::host::{CommandTaps, RecordingCgroups};
+use kiln_sandbox::cgroup::RecordingCgroups;
+use kiln_sandbox::microvm::host::CommandTaps;
 use kiln_sandbox::microvm::{MicroVmBackends, MicroVmConfig, MicroVmDriver, PoolKey, PrewarmSize};
 use kiln_sandbox::net::{
     HostCommands, NetworkConfig, RecordedCommand, RecordingCommands, SystemCommands,

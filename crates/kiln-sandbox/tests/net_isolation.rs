@@ -14,11 +14,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kiln_core::{NetworkSpec, VpcAttachment};
+use kiln_sandbox::net::NetPool;
 use kiln_sandbox::net::{
     BandwidthClass, EgressMode, HostInterface, NetIsolation, NetworkConfig, SystemCommands,
 };
-use kiln_sandbox::netpool::NetPool;
-use kiln_sandbox::network::{IpCommand, NetSlot};
+use kiln_sandbox::net::{IpCommand, NetSlot};
 use nix::sched::{setns, CloneFlags};
 
 const PORT: u16 = 7100;

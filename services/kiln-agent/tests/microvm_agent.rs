@@ -20,7 +20,8 @@ use kiln_core::{InstanceId, SandboxKind};
 use kiln_internal_api::server::full;
 use kiln_internal_api::{paths, CreateInstance, InstanceCreated, InternalClient, Tenancy};
 use kiln_pki::DevPki;
-use kiln_sandbox::microvm::host::{RecordingCgroups, RecordingTaps};
+use kiln_sandbox::cgroup::RecordingCgroups;
+use kiln_sandbox::microvm::host::RecordingTaps;
 use kiln_sandbox::microvm::{MicroVmBackends, MicroVmConfig, MicroVmDriver};
 use tokio::net::TcpListener;
 

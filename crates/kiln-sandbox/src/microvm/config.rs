@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Ipv4Cidr;
+use crate::net::Ipv4Cidr;
 
 /// Why a microVM configuration cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

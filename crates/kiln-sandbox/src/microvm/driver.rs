@@ -46,11 +46,10 @@ use super::api::{
 };
 use super::client::{VmmApiError, VmmClient};
 use super::config::MicroVmConfig;
-use super::host::{
-    build_erofs, CommandTaps, HostError, SysCgroups, TapOps, TapSpec, VmmCgroups, VmmCommand,
-};
+use super::host::{build_erofs, CommandTaps, HostError, TapOps, TapSpec, VmmCommand};
 use super::relay::Relay;
 use crate::bundle;
+use crate::cgroup::{CgroupLimits, CgroupOps};
 use crate::driver::{Sandbox, SandboxDriver, SandboxError, SandboxRequest, SandboxStats};
 use crate::net::{
     BandwidthClass, HostCommands, HostInterface, NetIsolation, NetIsolationError,
@@ -251,7 +250,7 @@ struct Inner {
     region: Option<String>,
     vmm_env: Vec<(String, String)>,
     taps: Arc<dyn TapOps>,
-    cgroups: Arc<dyn VmmCgroups>,
+    cgroups: Arc<dyn CgroupOps>,
     /// `[sandbox.network]`: set once, before the first instance.
     isolation: OnceLock<Arc<NetIsolation>>,
     slots: Mutex<BTreeSet<u32>>,
@@ -274,7 +273,8 @@ impl std::fmt::Debug for MicroVmDriver {
 /// What [`MicroVmDriver::with_backends`] takes besides the configuration.
 pub struct MicroVmBackends {
     pub taps: Arc<dyn TapOps>,
-    pub cgroups: Arc<dyn VmmCgroups>,
+    /// The VMMs' cgroups, `/<cgroup_parent>/<vm name>`.
+    pub cgroups: Arc<dyn CgroupOps>,
     /// Extra environment for every VMM (the fake VMM's switches in tests).
     pub vmm_env: Vec<(String, String)>,
 }
@@ -282,10 +282,7 @@ pub struct MicroVmBackends {
 impl MicroVmDriver {
     /// The real driver: taps through `ip`, cgroups under /sys/fs/cgroup.
     pub async fn new(config: MicroVmConfig, state_dir: &Path) -> Result<Self, SandboxError> {
-        let cgroups = Arc::new(SysCgroups {
-            root: PathBuf::from(crate::cgroup::CGROUP_ROOT),
-            parent: config.cgroup_parent.clone(),
-        });
+        let cgroups = crate::cgroup::host();
         Self::with_backends(
             config,
             state_dir,
@@ -502,6 +499,11 @@ impl MicroVmDriver {
 }
 
 impl Inner {
+    /// The VMM's cgroup: `/<cgroup_parent>/<vm name>`, the name its tap has.
+    fn cgroup_path(&self, vm_name: &str) -> String {
+        format!("/{}/{vm_name}", self.config.cgroup_parent)
+    }
+
     fn uid_gid(&self) -> (Option<u32>, Option<u32>) {
         (
             self.config.vmm_uid,
@@ -557,7 +559,9 @@ impl Inner {
                     }
                 }
             }
-            self.cgroups.remove(&name).map_err(host_err)?;
+            self.cgroups
+                .remove(&self.cgroup_path(&name))
+                .map_err(|e| SandboxError::Cgroup(e.to_string()))?;
             std::fs::remove_dir_all(&dir).map_err(|e| fs_err(dir.display(), e))?;
         }
         for tap in self
@@ -728,8 +732,12 @@ impl Inner {
                 .await
                 .map_err(|e| SandboxError::Network(e.to_string()))?;
             let memory = (u64::from(key.memory_mb) + u64::from(self.config.vmm_overhead_mb)) << 20;
+            let limits = CgroupLimits {
+                memory_bytes: memory,
+                cpu_milli: key.vcpus * 1000,
+            };
             self.cgroups
-                .create(&vm.name, memory, key.vcpus * 1000)
+                .create(&self.cgroup_path(&vm.name), &limits)
                 .map_err(|e| SandboxError::Cgroup(e.to_string()))?;
             let (uid, gid) = self.uid_gid();
             let cmd = VmmCommand {
@@ -753,7 +761,7 @@ impl Inner {
             self.write_record(&vm, None)?;
             if let Some(pid) = vm.pid {
                 self.cgroups
-                    .add(&vm.name, pid)
+                    .add_process(&self.cgroup_path(&vm.name), pid)
                     .map_err(|e| SandboxError::Cgroup(e.to_string()))?;
             }
             self.wait_api(&vm).await
@@ -973,7 +981,7 @@ impl Inner {
             }
         }
         let mut first: Option<SandboxError> = None;
-        if let Err(e) = self.cgroups.remove(&vm.name) {
+        if let Err(e) = self.cgroups.remove(&self.cgroup_path(&vm.name)) {
             first.get_or_insert(SandboxError::Cgroup(e.to_string()));
         }
         if vm.attached {

@@ -1,6 +1,7 @@
 //! The host side effects of the microVM backend, each behind a trait with
-//! the real implementation and a fake for unit tests: tap devices, the
-//! VMM's cgroup, read-only disk images, and starting the VMM process.
+//! the real implementation and a fake for unit tests: tap devices,
+//! read-only disk images, and starting the VMM process. (The VMM's cgroup
+//! is [`crate::cgroup`]'s, shared with the container backend.)
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -265,118 +266,6 @@ impl TapOps for RecordingTaps {
             .filter(|n| n.starts_with(&want))
             .cloned()
             .collect())
-    }
-}
-
-/// The VMM's cgroup: created before the VMM starts, the VMM's pid moved
-/// into it, removed after the VMM is gone.
-pub trait VmmCgroups: Send + Sync + 'static {
-    fn create(&self, name: &str, memory_bytes: u64, cpu_milli: u32) -> Result<(), HostError>;
-    fn add(&self, name: &str, pid: u32) -> Result<(), HostError>;
-    /// Remove it; succeeds when it does not exist.
-    fn remove(&self, name: &str) -> Result<(), HostError>;
-}
-
-/// Cgroups under `/sys/fs/cgroup`, v2 (unified) or v1 (memory, cpu, pids).
-#[derive(Debug, Clone)]
-pub struct SysCgroups {
-    pub root: PathBuf,
-    pub parent: String,
-}
-
-impl SysCgroups {
-    fn v2(&self) -> bool {
-        self.root.join("cgroup.controllers").exists()
-    }
-
-    /// Directories of `name` with the limit files each one gets.
-    fn dirs(&self, name: &str) -> Vec<PathBuf> {
-        if self.v2() {
-            vec![self.root.join(&self.parent).join(name)]
-        } else {
-            ["memory", "cpu", "pids"]
-                .iter()
-                .map(|c| self.root.join(c).join(&self.parent).join(name))
-                .filter(|d| d.parent().and_then(Path::parent).is_some_and(Path::exists))
-                .collect()
-        }
-    }
-}
-
-impl VmmCgroups for SysCgroups {
-    fn create(&self, name: &str, memory_bytes: u64, cpu_milli: u32) -> Result<(), HostError> {
-        let period = 100_000u64;
-        let quota = (u64::from(cpu_milli) * period / 1000).max(1000);
-        for dir in self.dirs(name) {
-            std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-            let writes: Vec<(&str, String)> = if self.v2() {
-                vec![
-                    ("memory.max", memory_bytes.to_string()),
-                    ("cpu.max", format!("{quota} {period}")),
-                ]
-            } else if dir.starts_with(self.root.join("memory")) {
-                vec![("memory.limit_in_bytes", memory_bytes.to_string())]
-            } else if dir.starts_with(self.root.join("cpu")) {
-                vec![
-                    ("cpu.cfs_period_us", period.to_string()),
-                    ("cpu.cfs_quota_us", quota.to_string()),
-                ]
-            } else {
-                vec![]
-            };
-            for (file, value) in writes {
-                let path = dir.join(file);
-                if path.exists() {
-                    std::fs::write(&path, value).map_err(io_err(&path))?;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn add(&self, name: &str, pid: u32) -> Result<(), HostError> {
-        for dir in self.dirs(name) {
-            let path = dir.join("cgroup.procs");
-            std::fs::write(&path, pid.to_string()).map_err(io_err(&path))?;
-        }
-        Ok(())
-    }
-
-    fn remove(&self, name: &str) -> Result<(), HostError> {
-        for dir in self.dirs(name) {
-            match std::fs::remove_dir(&dir) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(source) => return Err(HostError::Io { path: dir, source }),
-            }
-        }
-        Ok(())
-    }
-}
-
-/// A fake that remembers cgroups and their pids.
-#[derive(Debug, Default)]
-pub struct RecordingCgroups {
-    pub groups: Mutex<std::collections::BTreeMap<String, Vec<u32>>>,
-}
-
-impl VmmCgroups for RecordingCgroups {
-    fn create(&self, name: &str, _memory: u64, _cpu: u32) -> Result<(), HostError> {
-        self.groups
-            .lock()
-            .expect("lock")
-            .insert(name.to_owned(), vec![]);
-        Ok(())
-    }
-    fn add(&self, name: &str, pid: u32) -> Result<(), HostError> {
-        if let Some(g) = self.groups.lock().expect("lock").get_mut(name) {
-            g.push(pid);
-        }
-        Ok(())
-    }
-    fn remove(&self, name: &str) -> Result<(), HostError> {
-        self.groups.lock().expect("lock").remove(name);
-        Ok(())
     }
 }
 

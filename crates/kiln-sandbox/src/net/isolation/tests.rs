@@ -1,4 +1,5 @@
 use super::*;
+use crate::net::exec::{RecordedCommand, RecordingCommands};
 use kiln_core::VpcAttachment;
 
 fn config() -> NetworkConfig {
