@@ -94,7 +94,7 @@ async fn a_multi_tenant_agent_invokes_a_function_in_a_microvm() {
             "fake-cloud-hypervisor is not built; in CI it must be"
         );
         eprintln!(
-            "SKIP: fake-cloud-hypervisor is not built; run `cargo build -p kiln-sandbox --bin fake-cloud-hypervisor` first"
+            "SKIP: fake-cloud-hypervisor is not built; run `cargo build -p kiln-sandbox --features testing --bin fake-cloud-hypervisor` first"
         );
         return;
     };

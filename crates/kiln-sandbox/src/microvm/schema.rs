@@ -24,7 +24,7 @@ pub struct SchemaViolation {
 #[derive(Debug, thiserror::Error)]
 pub enum SchemaLoadError {
     #[error("the OpenAPI description is not valid YAML: {0}")]
-    Yaml(#[from] serde_yaml::Error),
+    Yaml(#[from] serde_yaml_ng::Error),
     #[error("the OpenAPI description has no components.schemas")]
     NoSchemas,
 }
@@ -42,7 +42,7 @@ impl Schemas {
     }
 
     pub fn parse(yaml: &str) -> Result<Self, SchemaLoadError> {
-        let doc: Value = serde_yaml::from_str(yaml)?;
+        let doc: Value = serde_yaml_ng::from_str(yaml)?;
         let schemas = doc
             .pointer("/components/schemas")
             .and_then(Value::as_object)
