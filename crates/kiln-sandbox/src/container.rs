@@ -25,37 +25,31 @@ use crate::net::{IpCommand, NetSlot, NetworkError, NetworkOps};
 use crate::oci_runtime::{ContainerStatus, OciRuntime, RuncCli};
 use crate::rootfs::{rootfs_path, RootfsBuilder};
 
-fn fs_err(what: impl std::fmt::Display, e: impl std::fmt::Display) -> SandboxError {
-    SandboxError::Filesystem(format!("{what}: {e}"))
+fn fs_err(
+    what: impl std::fmt::Display,
+    e: impl std::error::Error + Send + Sync + 'static,
+) -> SandboxError {
+    SandboxError::filesystem(what, e)
 }
 
-fn cg_err(e: CgroupError) -> SandboxError {
-    SandboxError::Cgroup(chain(&e))
+fn cg_err<E: std::error::Error + Send + Sync + 'static>(
+    what: &'static str,
+) -> impl FnOnce(E) -> SandboxError {
+    move |e| SandboxError::cgroup(what, e)
 }
 
 fn net_err(e: NetworkError) -> SandboxError {
     match e {
         NetworkError::Exhausted(_) => SandboxError::Exhausted(e.to_string()),
-        other => SandboxError::Network(other.to_string()),
+        other => SandboxError::network("network namespace", other),
     }
 }
 
 fn isolation_err(e: NetIsolationError) -> SandboxError {
     match e {
         NetIsolationError::VpcAddressesExhausted(_) => SandboxError::Exhausted(e.to_string()),
-        other => SandboxError::Network(chain(&other)),
+        other => SandboxError::network("isolation", other),
     }
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// Find `name` on PATH (an explicit path is taken as is).
@@ -106,18 +100,24 @@ impl ContainerDriver {
     pub async fn new(config: ContainerConfig, state_dir: &Path) -> Result<Self, SandboxError> {
         config
             .validate()
-            .map_err(|e| SandboxError::OciRuntime(e.to_string()))?;
+            .map_err(|e| SandboxError::oci_runtime("invalid [sandbox] configuration", e))?;
         let name = config.oci_runtime.binary_name();
         let binary = match &config.oci_runtime_path {
             Some(p) if p.is_file() => p.clone(),
             Some(p) => {
-                return Err(SandboxError::OciRuntime(format!(
-                    "{} does not exist",
-                    p.display()
-                )))
+                return Err(SandboxError::OciRuntime {
+                    what: format!(
+                        "{} does not exist; fix oci_runtime_path in [sandbox]",
+                        p.display()
+                    ),
+                    source: None,
+                })
             }
             None => find_binary(name).ok_or_else(|| {
-                SandboxError::OciRuntime(format!("{name} is not installed (not found on PATH)"))
+                SandboxError::OciRuntime {
+                    what: format!("{name} is not installed (not found on PATH); install it or set oci_runtime_path"),
+                    source: None,
+                }
             })?,
         };
         let oci = Arc::new(RuncCli::new(binary, state_dir.join("runc")));
@@ -164,7 +164,7 @@ impl ContainerDriver {
     ) -> Result<Self, SandboxError> {
         config
             .validate()
-            .map_err(|e| SandboxError::OciRuntime(e.to_string()))?;
+            .map_err(|e| SandboxError::oci_runtime("invalid [sandbox] configuration", e))?;
         let instances_dir = state_dir.join("instances");
         prepare_state_dirs(state_dir, &instances_dir)?;
         let rootfs_dir = config
@@ -232,7 +232,7 @@ impl ContainerDriver {
         match DiskPool::start(config, disk.clone()) {
             Ok(pool) => self.disk_pool = Arc::new(pool),
             Err(e) => {
-                tracing::warn!(error = %e, "no pool of pre-formatted disk images");
+                tracing::warn!(error = %kiln_core::error_chain(&e), "no pool of pre-formatted disk images");
                 let off = disk_pool_config(&self.config, &self.disk_pool_dir, 0);
                 if let Ok(pool) = DiskPool::start(off, disk.clone()) {
                     self.disk_pool = Arc::new(pool);
@@ -289,7 +289,7 @@ impl ContainerDriver {
                 let quota = crate::cgroup::cpu_quota(cpu_milli);
                 match cgroups.set_cpu_quota(&path, quota, crate::cgroup::CPU_PERIOD_US) {
                     Ok(()) => tracing::debug!(quota, "cold-start boost over"),
-                    Err(e) => tracing::warn!(error = %e, "cannot end the cold-start boost"),
+                    Err(e) => tracing::warn!(error = %kiln_core::error_chain(&e), "cannot end the cold-start boost"),
                 }
             }
             .instrument(span),
@@ -303,6 +303,7 @@ impl ContainerDriver {
     async fn on_cgroup(
         &self,
         id: &InstanceId,
+        what: &'static str,
         op: fn(&dyn CgroupOps, &str) -> Result<(), CgroupError>,
     ) -> Result<(), SandboxError> {
         if !self.instances.lock().expect("lock").contains_key(id) {
@@ -312,8 +313,8 @@ impl ContainerDriver {
         let path = self.cgroups_path(id);
         tokio::task::spawn_blocking(move || op(cgroups.as_ref(), &path))
             .await
-            .map_err(|e| SandboxError::Cgroup(e.to_string()))?
-            .map_err(cg_err)
+            .map_err(cg_err(what))?
+            .map_err(cg_err(what))
     }
 
     pub fn config(&self) -> &ContainerConfig {
@@ -342,10 +343,7 @@ impl ContainerDriver {
             .ensure(runtime)
             .await
             .map(|_| ())
-            .map_err(|e| SandboxError::RuntimeUnavailable {
-                runtime: runtime.to_string(),
-                reason: chain(&e),
-            })
+            .map_err(|e| SandboxError::runtime_unavailable(runtime, "building it failed", e))
     }
 
     /// Stop refilling the pool and delete the pooled namespaces, and the
@@ -387,7 +385,7 @@ impl ContainerDriver {
         loop {
             if self.cgroups.exists(path) {
                 if let Err(e) = self.cgroups.remove(path) {
-                    tracing::debug!(cgroup = path, error = %e, "cgroup parent kept");
+                    tracing::debug!(cgroup = path, error = %kiln_core::error_chain(&e), "cgroup parent kept");
                     return;
                 }
             }
@@ -414,22 +412,20 @@ impl ContainerDriver {
             .oci
             .list()
             .await
-            .map_err(|e| SandboxError::OciRuntime(chain(&e)))?;
+            .map_err(|e| SandboxError::oci_runtime("listing containers", e))?;
         for c in containers.iter().filter(|c| c.id.starts_with(&prefix)) {
             tracing::info!(container = %c.id, "removing leftover container");
             let _ = self.oci.kill(&c.id, "KILL").await;
-            self.oci
-                .delete_force(&c.id)
-                .await
-                .map_err(|e| SandboxError::OciRuntime(chain(&e)))?;
+            self.oci.delete_force(&c.id).await.map_err(|e| {
+                SandboxError::oci_runtime(format!("removing leftover container {}", c.id), e)
+            })?;
         }
         let entries = std::fs::read_dir(&self.instances_dir)
             .map_err(|e| fs_err(self.instances_dir.display(), e))?;
         for entry in entries.flatten() {
             let dir = entry.path();
             tracing::info!(dir = %dir.display(), "removing leftover instance directory");
-            unmount_all_under(self.mounter.as_ref(), &dir)
-                .map_err(|e| fs_err(dir.display(), chain(&e)))?;
+            unmount_all_under(self.mounter.as_ref(), &dir).map_err(|e| fs_err(dir.display(), e))?;
             std::fs::remove_dir_all(&dir).map_err(|e| fs_err(dir.display(), e))?;
         }
         let names = self
@@ -513,7 +509,7 @@ impl ContainerDriver {
                 &log_path,
             )
             .await
-            .map_err(|e| SandboxError::OciRuntime(chain(&e)))?;
+            .map_err(|e| SandboxError::oci_runtime("starting the container", e))?;
         rec.pid = Some(pid);
         rec.pid_start = self.oci.init_started(pid);
         paths
@@ -551,21 +547,21 @@ impl ContainerDriver {
         let path = self.cgroups_path(id);
         if self.cgroups.exists(&path) {
             if let Err(e) = self.cgroups.thaw(&path) {
-                tracing::debug!(error = %e, "thaw before kill failed");
+                tracing::debug!(error = %kiln_core::error_chain(&e), "thaw before kill failed");
             }
         }
         if let Err(e) = self.oci.kill(&cid, "KILL").await {
-            tracing::debug!(error = %e, "kill before delete failed");
+            tracing::debug!(error = %kiln_core::error_chain(&e), "kill before delete failed");
         }
         if let Some(task) = self.boosts.lock().expect("lock").remove(id) {
             task.abort();
         }
         if let Err(e) = self.oci.delete_force(&cid).await {
-            first.get_or_insert(SandboxError::OciRuntime(chain(&e)));
+            first.get_or_insert(SandboxError::oci_runtime("removing the container", e));
         }
         // runc removes the cgroup; one a crashed runc left is removed here.
         if let Err(e) = self.cgroups.remove(&path) {
-            first.get_or_insert(cg_err(e));
+            first.get_or_insert(SandboxError::cgroup("removing it", e));
         }
         if paths.dir.exists() {
             match unmount_all_under(self.mounter.as_ref(), &paths.dir) {
@@ -575,7 +571,7 @@ impl ContainerDriver {
                     }
                 }
                 Err(e) => {
-                    first.get_or_insert(fs_err(paths.dir.display(), chain(&e)));
+                    first.get_or_insert(fs_err(paths.dir.display(), e));
                 }
             }
         }
@@ -663,18 +659,18 @@ impl SandboxDriver for ContainerDriver {
         async move {
             let spec = &req.spec;
             bundle::check_spec(spec)
-                .map_err(|e| SandboxError::OciRuntime(format!("Invalid instance spec: {e}")))?;
+                .map_err(SandboxError::invalid_spec)?;
             bundle::process_env(&req.instance_id, spec, None)
-                .map_err(|e| SandboxError::OciRuntime(format!("Invalid instance spec: {e}")))?;
+                .map_err(SandboxError::invalid_spec)?;
             if !req.code_dir.is_dir() {
-                return Err(fs_err(
-                    "code directory",
-                    format!("{} is not a directory", req.code_dir.display()),
-                ));
+                return Err(SandboxError::Filesystem {
+                    what: format!("code directory {} is not a directory", req.code_dir.display()),
+                    source: None,
+                });
             }
             crate::layers::check_layer_dirs(req)?;
             crate::disk::disk_mb(spec.disk_mb)
-                .map_err(|e| SandboxError::OciRuntime(format!("Invalid instance spec: {e}")))?;
+                .map_err(SandboxError::invalid_spec)?;
             if spec.runtime == RuntimeName::Custom {
                 self.ensure_runtime(RuntimeName::Custom).await?;
             }
@@ -683,6 +679,7 @@ impl SandboxDriver for ContainerDriver {
                 return Err(SandboxError::RuntimeUnavailable {
                     runtime: spec.runtime.to_string(),
                     reason: "it has not been built on this node yet (ensure_runtime)".into(),
+                    source: None,
                 });
             }
             let paths = InstancePaths::new(&self.instances_dir, &req.instance_id);
@@ -693,10 +690,10 @@ impl SandboxDriver for ContainerDriver {
                 .contains_key(&req.instance_id)
                 || paths.dir.exists()
             {
-                return Err(fs_err(
-                    "instance directory",
-                    format!("instance {} already exists", req.instance_id),
-                ));
+                return Err(SandboxError::Filesystem {
+                    what: format!("instance directory: instance {} already exists", req.instance_id),
+                    source: None,
+                });
             }
             std::fs::create_dir(&paths.dir).map_err(|e| fs_err(paths.dir.display(), e))?;
             std::fs::set_permissions(&paths.dir, std::fs::Permissions::from_mode(0o711))
@@ -714,7 +711,7 @@ impl SandboxDriver for ContainerDriver {
                     Ok(sandbox)
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "instance did not start; cleaning up");
+                    tracing::warn!(error = %kiln_core::error_chain(&e), "instance did not start; cleaning up");
                     if let Err(cleanup) =
                         self.teardown(&req.instance_id, &paths, record.as_ref()).await
                     {
@@ -748,7 +745,7 @@ impl SandboxDriver for ContainerDriver {
             .oci
             .state(&self.container_id(id))
             .await
-            .map_err(|e| SandboxError::OciRuntime(chain(&e)))?;
+            .map_err(|e| SandboxError::oci_runtime("reading the container's state", e))?;
         // A frozen instance still runs (runc reports it paused).
         Ok(state.is_some_and(|s| {
             matches!(s.status, ContainerStatus::Running | ContainerStatus::Paused)
@@ -765,8 +762,8 @@ impl SandboxDriver for ContainerDriver {
         let (cg, (rx, tx)) =
             tokio::task::spawn_blocking(move || (cgroups.stats(&path), host_veth_bytes(&netns)))
                 .await
-                .map_err(|e| SandboxError::Cgroup(e.to_string()))?;
-        let cg = cg.map_err(cg_err)?;
+                .map_err(cg_err("reading its statistics"))?;
+        let cg = cg.map_err(cg_err("reading its statistics"))?;
         Ok(Some(SandboxStats {
             cpu_usage_us: cg.cpu_usage_us,
             cpu_throttled_us: cg.cpu_throttled_us,
@@ -783,14 +780,16 @@ impl SandboxDriver for ContainerDriver {
 
     async fn freeze(&self, id: &InstanceId) -> Result<(), SandboxError> {
         let span = tracing::debug_span!("sandbox_freeze", instance_id = %id);
-        self.on_cgroup(id, |c, p| c.freeze(p))
+        self.on_cgroup(id, "freezing", |c, p| c.freeze(p))
             .instrument(span)
             .await
     }
 
     async fn thaw(&self, id: &InstanceId) -> Result<(), SandboxError> {
         let span = tracing::debug_span!("sandbox_thaw", instance_id = %id);
-        self.on_cgroup(id, |c, p| c.thaw(p)).instrument(span).await
+        self.on_cgroup(id, "thawing", |c, p| c.thaw(p))
+            .instrument(span)
+            .await
     }
 
     async fn destroy(&self, id: &InstanceId) -> Result<(), SandboxError> {
@@ -807,7 +806,7 @@ impl SandboxDriver for ContainerDriver {
             match &result {
                 Ok(()) => tracing::info!("instance destroyed"),
                 Err(e) => {
-                    tracing::warn!(error = %e, "instance not fully destroyed");
+                    tracing::warn!(error = %kiln_core::error_chain(&e), "instance not fully destroyed");
                     if let Some(rec) = record {
                         self.instances.lock().expect("lock").insert(id.clone(), rec);
                     }
@@ -832,7 +831,7 @@ impl SandboxDriver for ContainerDriver {
         self.oci
             .exec(&self.container_id(id), req)
             .await
-            .map_err(|e| SandboxError::Exec(chain(&e)))
+            .map_err(|e| SandboxError::exec("runc exec", e))
     }
 
     async fn list(&self) -> Result<Vec<InstanceId>, SandboxError> {
@@ -891,7 +890,7 @@ impl InstanceFiles {
         let disk_mb = crate::disk::disk_mb(spec.disk_mb).map_err(|e| fs_err("disk", e))?;
         self.disk_pool
             .provide(&paths.disk_image(), disk_mb, &paths.disk(), uid)
-            .map_err(|e| fs_err("writable filesystem", chain(&e)))?;
+            .map_err(|e| fs_err("writable filesystem", e))?;
         // On the instance's own disk, owned by its user.
         make_dirs(&[
             (paths.upper(), 0o755, Some(uid)),
@@ -900,10 +899,10 @@ impl InstanceFiles {
         ])?;
         self.mounter
             .bind_readonly(&self.rootfs, &paths.rootfs())
-            .map_err(|e| fs_err("runtime root filesystem", chain(&e)))?;
+            .map_err(|e| fs_err("runtime root filesystem", e))?;
         self.mounter
             .overlay(&req.code_dir, &paths.upper(), &paths.work(), &paths.code())
-            .map_err(|e| fs_err("/code overlay", chain(&e)))?;
+            .map_err(|e| fs_err("/code overlay", e))?;
         let opt = crate::layers::mount_opt(self.mounter.as_ref(), req, paths, &self.rootfs, uid)?;
 
         let code = paths.code();
@@ -927,7 +926,7 @@ impl InstanceFiles {
             tmp_source: Some(&paths.tmp()),
             boost_cpu_milli: self.boost_cpu_milli,
         })
-        .map_err(|e| SandboxError::OciRuntime(format!("Invalid instance spec: {e}")))?;
+        .map_err(SandboxError::invalid_spec)?;
         if let Some(opt) = &opt {
             crate::layers::add_opt_mount(&mut config, opt);
         }
@@ -1126,7 +1125,7 @@ mod tests {
 
         // A second create with the same id changes nothing.
         let err = h.driver.create(&req).await.unwrap_err();
-        assert!(matches!(err, SandboxError::Filesystem(_)), "{err}");
+        assert!(matches!(err, SandboxError::Filesystem { .. }), "{err}");
         assert!(dir.join("instance.json").exists());
         assert_eq!(h.net.existing().len(), 1);
     }
@@ -1216,7 +1215,8 @@ mod tests {
         let req = request(&h, RuntimeName::Custom);
         let err = h.driver.create(&req).await.unwrap_err();
         assert!(
-            matches!(&err, SandboxError::OciRuntime(m) if m.contains("python3")),
+            matches!(&err, SandboxError::OciRuntime { .. })
+                && kiln_core::error_chain(&err).contains("python3"),
             "{err}"
         );
         assert!(h.mounter.mounted().is_empty());
@@ -1230,7 +1230,10 @@ mod tests {
         let mut req = request(&h, RuntimeName::Custom);
         req.spec.command.clear();
         let err = h.driver.create(&req).await.unwrap_err();
-        assert!(err.to_string().contains("no command"), "{err}");
+        assert!(
+            kiln_core::error_chain(&err).contains("no command"),
+            "{err:?}"
+        );
 
         let mut req = request(&h, RuntimeName::Custom);
         req.spec.environment.insert("BAD NAME".into(), "x".into());
@@ -1240,7 +1243,7 @@ mod tests {
         req.code_dir = h.state.join("missing");
         assert!(matches!(
             h.driver.create(&req).await,
-            Err(SandboxError::Filesystem(_))
+            Err(SandboxError::Filesystem { .. })
         ));
 
         // custom.debian12 has not been built in this rootfs dir.
@@ -1370,7 +1373,7 @@ mod tests {
         let mut req = request(&h, RuntimeName::Custom);
         req.spec.disk_mb = 20_480;
         let err = h.driver.create(&req).await.unwrap_err();
-        assert!(err.to_string().contains("10240"), "{err}");
+        assert!(kiln_core::error_chain(&err).contains("10240"), "{err:?}");
         assert_eq!(h.disk.calls().len(), 1);
         assert_eq!(h.driver.list().await.unwrap().len(), 1);
     }
@@ -1603,7 +1606,8 @@ mod tests {
         };
         let err = h.driver.create(&req).await.unwrap_err();
         assert!(
-            matches!(&err, SandboxError::Network(m) if m.contains("vpc-unknown")),
+            matches!(&err, SandboxError::Network { .. })
+                && kiln_core::error_chain(&err).contains("vpc-unknown"),
             "{err}"
         );
         assert!(iso.attached().is_empty());

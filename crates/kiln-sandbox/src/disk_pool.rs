@@ -162,7 +162,7 @@ impl DiskPool {
         match std::fs::rename(&image, dest) {
             Ok(()) => true,
             Err(e) => {
-                tracing::warn!(image = %image.display(), error = %e, "cannot hand over a pool image");
+                tracing::warn!(image = %image.display(), error = %kiln_core::error_chain(&e), "cannot hand over a pool image");
                 let _ = std::fs::remove_file(&image);
                 false
             }
@@ -205,7 +205,7 @@ impl DiskPool {
             .collect();
         for image in ready {
             if let Err(e) = std::fs::remove_file(&image) {
-                tracing::warn!(image = %image.display(), error = %e, "cannot remove a pool image");
+                tracing::warn!(image = %image.display(), error = %kiln_core::error_chain(&e), "cannot remove a pool image");
             }
         }
     }

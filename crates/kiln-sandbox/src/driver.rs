@@ -5,29 +5,154 @@ use std::path::PathBuf;
 
 use kiln_core::{InstanceId, InstanceSpec, SandboxKind};
 
-/// Why a sandbox operation failed. Messages say what failed and what an
-/// operator can do about it.
+/// The error a sandbox operation failed on, from whichever part (a host
+/// tool, the OCI runtime, the VMM's API, the filesystem) it came.
+pub type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Why a sandbox operation failed: what failed, with the error it failed
+/// on as its source (`kiln_core::error_chain` prints both). `source` is
+/// None when the driver itself found the problem (a missing binary, an
+/// exhausted pool). Messages say what an operator can do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
     #[error("Runtime root filesystem {runtime} is not available: {reason}")]
-    RuntimeUnavailable { runtime: String, reason: String },
-    #[error("Cannot prepare the instance's network: {0}")]
-    Network(String),
-    #[error("Cannot prepare the instance's files: {0}")]
-    Filesystem(String),
-    #[error("The OCI runtime failed: {0}")]
-    OciRuntime(String),
+    RuntimeUnavailable {
+        runtime: String,
+        reason: String,
+        #[source]
+        source: Option<Cause>,
+    },
+    #[error("Cannot prepare the instance's network: {what}")]
+    Network {
+        what: String,
+        #[source]
+        source: Option<Cause>,
+    },
+    #[error("Cannot prepare the instance's files: {what}")]
+    Filesystem {
+        what: String,
+        #[source]
+        source: Option<Cause>,
+    },
+    #[error("The OCI runtime failed: {what}")]
+    OciRuntime {
+        what: String,
+        #[source]
+        source: Option<Cause>,
+    },
     #[error("Node is out of {0}")]
     Exhausted(String),
-    #[error("The microVM failed: {0}")]
-    Vmm(String),
+    #[error("The microVM failed: {what}")]
+    Vmm {
+        what: String,
+        #[source]
+        source: Option<Cause>,
+    },
     #[error("Instance {0} is not known to this sandbox driver")]
     NotFound(InstanceId),
-    #[error("The instance's cgroup failed: {0}")]
-    Cgroup(String),
+    #[error("The instance's cgroup failed: {what}")]
+    Cgroup {
+        what: String,
+        #[source]
+        source: Cause,
+    },
     /// Running a command in the instance failed (InstanceExec).
-    #[error("Cannot run the command in the instance: {0}")]
-    Exec(String),
+    #[error("Cannot run the command in the instance: {what}")]
+    Exec {
+        what: String,
+        #[source]
+        source: Option<Cause>,
+    },
+}
+
+fn cause(e: impl std::error::Error + Send + Sync + 'static) -> Option<Cause> {
+    Some(Box::new(e))
+}
+
+impl SandboxError {
+    /// Preparing the network (`what`: the step) failed on `source`.
+    pub fn network(
+        what: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self::Network {
+            what: what.into(),
+            source: cause(source),
+        }
+    }
+
+    /// A file operation on `what` (a path or a part) failed on `source`.
+    pub fn filesystem(
+        what: impl std::fmt::Display,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self::Filesystem {
+            what: what.to_string(),
+            source: cause(source),
+        }
+    }
+
+    /// The OCI runtime failed `what` on `source`.
+    pub fn oci_runtime(
+        what: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self::OciRuntime {
+            what: what.into(),
+            source: cause(source),
+        }
+    }
+
+    /// The VMM failed `what` on `source`.
+    pub fn vmm(
+        what: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self::Vmm {
+            what: what.into(),
+            source: cause(source),
+        }
+    }
+
+    /// Running a command failed `what` on `source`.
+    pub fn exec(
+        what: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self::Exec {
+            what: what.into(),
+            source: cause(source),
+        }
+    }
+
+    /// The cgroup operation `what` failed on `source`.
+    pub fn cgroup(
+        what: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self::Cgroup {
+            what: what.into(),
+            source: Box::new(source),
+        }
+    }
+
+    /// The instance spec cannot be run (`source` says why).
+    pub fn invalid_spec(source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self::oci_runtime("Invalid instance spec", source)
+    }
+
+    /// The runtime `runtime`'s root filesystem could not be made ready.
+    pub fn runtime_unavailable(
+        runtime: impl std::fmt::Display,
+        reason: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self::RuntimeUnavailable {
+            runtime: runtime.to_string(),
+            reason: reason.into(),
+            source: cause(source),
+        }
+    }
 }
 
 /// What the agent asks a driver to start.
@@ -113,10 +238,13 @@ pub trait SandboxDriver: Send + Sync + 'static {
         req: &crate::exec::ExecRequest,
     ) -> Result<crate::exec::ExecProcess, SandboxError> {
         let _ = req;
-        Err(SandboxError::Exec(format!(
-            "the {:?} backend cannot run commands in instance {id}",
-            self.kind()
-        )))
+        Err(SandboxError::Exec {
+            what: format!(
+                "the {:?} backend cannot run commands in instance {id}",
+                self.kind()
+            ),
+            source: None,
+        })
     }
 
     /// The instances this driver has on the node (after an agent restart,

@@ -23,10 +23,16 @@ pub struct ExecRequest {
 impl ExecRequest {
     pub fn validate(&self) -> Result<(), SandboxError> {
         if self.command.is_empty() || self.command[0].is_empty() {
-            return Err(SandboxError::Exec("the command is empty".into()));
+            return Err(SandboxError::Exec {
+                what: "the command is empty".into(),
+                source: None,
+            });
         }
         if self.command.iter().any(|a| a.contains('\0')) {
-            return Err(SandboxError::Exec("the command contains a NUL byte".into()));
+            return Err(SandboxError::Exec {
+                what: "the command contains a NUL byte".into(),
+                source: None,
+            });
         }
         Ok(())
     }
@@ -65,7 +71,7 @@ impl ExecChild for ProcessChild {
             .0
             .wait()
             .await
-            .map_err(|e| SandboxError::Exec(format!("cannot wait for the command: {e}")))?;
+            .map_err(|e| SandboxError::exec("cannot wait for the command", e))?;
         Ok(status
             .code()
             .or_else(|| status.signal().map(|s| 128 + s))
@@ -100,11 +106,11 @@ pub fn spawn(
     mut cmd: tokio::process::Command,
     req: &ExecRequest,
 ) -> Result<ExecProcess, SandboxError> {
-    let io = |what: &str, e: std::io::Error| SandboxError::Exec(format!("{what}: {e}"));
+    let io = |what: &str, e: std::io::Error| SandboxError::exec(what, e);
     cmd.kill_on_drop(true);
     if req.tty {
         let pty = nix::pty::openpty(None, None)
-            .map_err(|e| SandboxError::Exec(format!("cannot open a terminal: {e}")))?;
+            .map_err(|e| SandboxError::exec("cannot open a terminal", e))?;
         let slave = std::fs::File::from(pty.slave);
         cmd.stdin(Stdio::from(
             slave.try_clone().map_err(|e| io("terminal", e))?,

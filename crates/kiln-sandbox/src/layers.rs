@@ -30,8 +30,11 @@ impl SandboxRequest {
     }
 }
 
-fn fs_err(what: impl std::fmt::Display, e: impl std::fmt::Display) -> SandboxError {
-    SandboxError::Filesystem(format!("{what}: {e}"))
+fn fs_err(
+    what: impl std::fmt::Display,
+    e: impl std::error::Error + Send + Sync + 'static,
+) -> SandboxError {
+    SandboxError::filesystem(what, e)
 }
 
 /// Host side of the instance's merged `/opt`.
@@ -54,10 +57,10 @@ fn opt_work(paths: &InstancePaths) -> PathBuf {
 pub fn check_layer_dirs(req: &SandboxRequest) -> Result<(), SandboxError> {
     for d in req.layer_dirs() {
         if !d.is_dir() {
-            return Err(fs_err(
-                "layer directory",
-                format!("{} is not a directory", d.display()),
-            ));
+            return Err(SandboxError::Filesystem {
+                what: format!("layer directory {} is not a directory", d.display()),
+                source: None,
+            });
         }
     }
     Ok(())
@@ -81,6 +84,7 @@ pub fn mount_opt(
         return Err(SandboxError::RuntimeUnavailable {
             runtime: req.spec.runtime.to_string(),
             reason: "its root filesystem has no /opt mount point for layers".into(),
+            source: None,
         });
     }
     for (dir, mode, owned) in [
@@ -181,7 +185,7 @@ mod tests {
         let req = request(tmp.path().join("code/x"), &[&"d".repeat(64)]);
         assert!(matches!(
             check_layer_dirs(&req),
-            Err(SandboxError::Filesystem(_))
+            Err(SandboxError::Filesystem { .. })
         ));
     }
 

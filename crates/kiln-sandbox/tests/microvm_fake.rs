@@ -405,8 +405,9 @@ async fn assert_create_fails(fail: &str, tune: impl FnOnce(&mut MicroVmConfig), 
     let req = h.request(RuntimeName::Custom);
     let started = std::time::Instant::now();
     let err = h.driver.create(&req).await.unwrap_err();
-    assert!(matches!(err, SandboxError::Vmm(_)), "{err:?}");
-    assert!(err.to_string().contains(expect), "{err}");
+    assert!(matches!(err, SandboxError::Vmm { .. }), "{err:?}");
+    let chain = kiln_core::error_chain(&err);
+    assert!(chain.contains(expect), "{chain}");
     assert!(started.elapsed() < Duration::from_secs(10));
     h.assert_nothing_left();
     assert!(h.driver.list().await.unwrap().is_empty());
@@ -457,7 +458,7 @@ async fn bad_requests_change_nothing() {
     req.spec.code_digest = "../x".into();
     assert!(matches!(
         h.driver.create(&req).await,
-        Err(SandboxError::Filesystem(_))
+        Err(SandboxError::Filesystem { .. })
     ));
     let mut req = h.request(RuntimeName::Custom);
     req.code_dir = h.dir.path().join("missing");
@@ -579,7 +580,8 @@ async fn exec_runs_a_session_in_the_guest() {
         .await
         .unwrap();
     let err = p.child.wait().await.unwrap_err();
-    assert!(err.to_string().contains("no such command"), "{err}");
+    let chain = kiln_core::error_chain(&err);
+    assert!(chain.contains("no such command"), "{chain}");
 
     assert!(h.driver.exec(id, &run(&[], false, false)).await.is_err());
     let unknown = InstanceId::generate();
@@ -609,7 +611,8 @@ async fn a_vmm_that_dies_later_is_seen_and_cleaned_up() {
     }
     assert!(!running, "a dead VMM is reported running");
     let err = h.driver.freeze(&req.instance_id).await.unwrap_err();
-    assert!(err.to_string().contains("exited"), "{err}");
+    let chain = kiln_core::error_chain(&err);
+    assert!(chain.contains("exited"), "{chain}");
     h.driver.destroy(&req.instance_id).await.unwrap();
     h.assert_nothing_left();
 }

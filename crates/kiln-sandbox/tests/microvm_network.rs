@@ -271,7 +271,8 @@ async fn an_attach_that_fails_fails_the_create_and_leaves_nothing() {
     );
     let err = d.create(&req).await.unwrap_err();
     assert!(
-        matches!(&err, SandboxError::Network(m) if m.contains("vpc-x")),
+        matches!(&err, SandboxError::Network { .. })
+            && kiln_core::error_chain(&err).contains("vpc-x"),
         "{err:?}"
     );
     let lines = log(&cmd, "kv-0");

@@ -441,7 +441,8 @@ fn failures_exits_and_leftovers_are_cleaned_up() {
         // A command that does not exist: a clear error and nothing left.
         let bad = request(&["/code/does-not-exist"]);
         let err = driver.create(&bad).await.unwrap_err();
-        assert!(err.to_string().contains("does-not-exist"), "{err}");
+        let chain = kiln_core::error_chain(&err);
+        assert!(chain.contains("does-not-exist"), "{chain}");
         assert!(driver.list().await.unwrap().is_empty());
         assert!(IpCommand::default()
             .list(&guard.prefix)

@@ -78,12 +78,13 @@ pub async fn serve(
     let mut process = match manager.driver.exec(&instance.id, &exec).await {
         Ok(p) => p,
         Err(e) => {
+            let e = kiln_core::error_chain(&e);
             instance.log.event(&format!(
                 "Exec session failed: principal {}, instance {}, command {command}: {e}",
                 start.principal, instance.id
             ));
             tracing::warn!(instance_id = %instance.id, error = %e, "exec failed");
-            return error(&FcError::internal(e.to_string()), rid);
+            return error(&FcError::internal(e), rid);
         }
     };
     let (tx, rx) = mpsc::channel::<Bytes>(32);

@@ -156,7 +156,7 @@ impl Freezer {
                     }
                     Err(e) => {
                         this.metrics.freeze_failed();
-                        tracing::warn!(error = %e, "cannot freeze idle instance");
+                        tracing::warn!(error = %kiln_core::error_chain(&e), "cannot freeze idle instance");
                     }
                 }
             }
@@ -175,7 +175,7 @@ impl Freezer {
             match self.driver.thaw(id).await {
                 Ok(()) => *frozen = false,
                 Err(e) => {
-                    tracing::warn!(instance_id = %id, error = %e, "cannot thaw released instance")
+                    tracing::warn!(instance_id = %id, error = %kiln_core::error_chain(&e), "cannot thaw released instance")
                 }
             }
         }

@@ -54,7 +54,7 @@ impl InstanceError {
                 FcError::throttled(self.to_string())
             }
             Self::Code(e) => e.to_fc(),
-            Self::Sandbox(_) => FcError::internal(self.to_string()),
+            Self::Sandbox(_) => FcError::internal(kiln_core::error_chain(self)),
             Self::NotStarted(m) => FcError::new(FcErrorCode::FunctionNotStarted, m.clone()),
             Self::Initialization(e) => FcError::new(
                 FcErrorCode::FunctionNotStarted,
@@ -462,7 +462,7 @@ impl InstanceManager {
             tracing::info!(instance_id = %i.id, always_allocate_cpu = on, "CPU allocation changed");
             if on {
                 if let Err(e) = self.freezer.hold(&i.id).await {
-                    tracing::warn!(instance_id = %i.id, error = %e, "cannot thaw an always-allocated instance");
+                    tracing::warn!(instance_id = %i.id, error = %kiln_core::error_chain(&e), "cannot thaw an always-allocated instance");
                 }
             } else {
                 self.freezer.after_call(&i);
@@ -564,7 +564,7 @@ impl InstanceManager {
                 Err(e) => {
                     self.slots.write().expect("slots lock").remove(id.as_str());
                     self.metrics.creates_failed.inc();
-                    tracing::warn!(error = %e, "instance did not start");
+                    tracing::warn!(error = %kiln_core::error_chain(&e), "instance did not start");
                     return Err(e);
                 }
             },
@@ -608,7 +608,7 @@ impl InstanceManager {
             Err(e) => {
                 self.slots.write().expect("slots lock").remove(id.as_str());
                 self.metrics.creates_failed.inc();
-                tracing::warn!(error = %e, "instance did not start");
+                tracing::warn!(error = %kiln_core::error_chain(&e), "instance did not start");
                 return Err(e);
             }
         };
@@ -704,7 +704,7 @@ impl InstanceManager {
 
     async fn destroy_sandbox(&self, id: &InstanceId) {
         if let Err(e) = self.driver.destroy(id).await {
-            tracing::error!(instance_id = %id, error = %e, "cannot destroy sandbox");
+            tracing::error!(instance_id = %id, error = %kiln_core::error_chain(&e), "cannot destroy sandbox");
         }
     }
 
@@ -787,7 +787,7 @@ impl InstanceManager {
         let id = instance.id.clone();
         tokio::spawn(async move {
             if let Err(e) = this.destroy(&id).await {
-                tracing::error!(instance_id = %id, error = %e, "cannot destroy failed instance");
+                tracing::error!(instance_id = %id, error = %kiln_core::error_chain(&e), "cannot destroy failed instance");
             }
         });
     }
@@ -796,7 +796,7 @@ impl InstanceManager {
     pub async fn destroy_all(&self) {
         for id in self.ids() {
             if let Err(e) = self.destroy(&id).await {
-                tracing::error!(instance_id = %id, error = %e, "cannot destroy instance");
+                tracing::error!(instance_id = %id, error = %kiln_core::error_chain(&e), "cannot destroy instance");
             }
         }
     }

@@ -62,34 +62,38 @@ const GUEST_CID: u64 = 3;
 /// How long a VMM has to exit after `vmm.shutdown` before it is killed.
 const EXIT_GRACE: Duration = Duration::from_secs(2);
 
-fn vmm_err(what: &str, e: impl std::fmt::Display) -> SandboxError {
-    SandboxError::Vmm(format!("{what}: {e}"))
+fn vmm_err(what: &str, e: impl std::error::Error + Send + Sync + 'static) -> SandboxError {
+    SandboxError::vmm(what, e)
 }
 
-fn fs_err(what: impl std::fmt::Display, e: impl std::fmt::Display) -> SandboxError {
-    SandboxError::Filesystem(format!("{what}: {e}"))
+/// A VMM failure the driver found itself (no error to carry).
+fn vmm_fail(what: String) -> SandboxError {
+    SandboxError::Vmm { what, source: None }
+}
+
+fn fs_err(
+    what: impl std::fmt::Display,
+    e: impl std::error::Error + Send + Sync + 'static,
+) -> SandboxError {
+    SandboxError::filesystem(what, e)
+}
+
+/// A file problem the driver found itself (no error to carry).
+fn fs_fail(what: String) -> SandboxError {
+    SandboxError::Filesystem { what, source: None }
 }
 
 fn isolation_err(e: NetIsolationError) -> SandboxError {
     match e {
         NetIsolationError::VpcAddressesExhausted(_) => SandboxError::Exhausted(e.to_string()),
-        other => {
-            let mut s = other.to_string();
-            let mut cur = std::error::Error::source(&other);
-            while let Some(c) = cur {
-                s.push_str(": ");
-                s.push_str(&c.to_string());
-                cur = c.source();
-            }
-            SandboxError::Network(s)
-        }
+        other => SandboxError::network("isolation", other),
     }
 }
 
 fn host_err(e: HostError) -> SandboxError {
     match e {
-        HostError::Io { .. } => SandboxError::Filesystem(e.to_string()),
-        other => SandboxError::Network(other.to_string()),
+        HostError::Io { .. } => SandboxError::filesystem("VMM files", e),
+        other => SandboxError::network("tap", other),
     }
 }
 
@@ -214,7 +218,7 @@ fn spawn_log_writer(
         let mut file = match file {
             Ok(f) => f,
             Err(e) => {
-                tracing::warn!(vm = %vm, error = %e, "cannot open the function's log");
+                tracing::warn!(vm = %vm, error = %kiln_core::error_chain(&e), "cannot open the function's log");
                 return;
             }
         };
@@ -304,13 +308,17 @@ impl MicroVmDriver {
         let binary = match &config.cloud_hypervisor_path {
             Some(p) if p.is_file() => p.clone(),
             Some(p) => {
-                return Err(vmm_err(
-                    "cloud_hypervisor_path",
-                    format!("{} does not exist", p.display()),
-                ))
+                return Err(vmm_fail(format!(
+                    "cloud_hypervisor_path {} does not exist; fix it in [sandbox.microvm]",
+                    p.display()
+                )))
             }
             None => find_binary("cloud-hypervisor")
-                .ok_or_else(|| vmm_err("cloud-hypervisor", "not installed (not found on PATH)"))?,
+                .ok_or_else(|| {
+                    vmm_fail(
+                        "cloud-hypervisor is not installed (not found on PATH); install it or set cloud_hypervisor_path".into(),
+                    )
+                })?,
         };
         for (what, p) in [("kernel", &config.kernel), ("initramfs", &config.initramfs)] {
             if !p.is_file() {
@@ -320,11 +328,13 @@ impl MicroVmDriver {
                         "the guest {what} {} does not exist; build it with images/guest/build.sh",
                         p.display()
                     ),
+                    source: None,
                 });
             }
         }
         let tool = |name: &str| {
-            find_binary(name).ok_or_else(|| fs_err(name, "not installed (not found on PATH)"))
+            find_binary(name)
+                .ok_or_else(|| fs_fail(format!("{name} is not installed (not found on PATH)")))
         };
         let mkfs_erofs = tool("mkfs.erofs")?;
         let mkfs_ext4 = tool("mkfs.ext4")?;
@@ -453,10 +463,7 @@ impl MicroVmDriver {
             builder
                 .ensure(runtime)
                 .await
-                .map_err(|e| SandboxError::RuntimeUnavailable {
-                    runtime: runtime.to_string(),
-                    reason: e.to_string(),
-                })?;
+                .map_err(|e| SandboxError::runtime_unavailable(runtime, "building it failed", e))?;
         }
         self.inner.runtime_image(runtime).await.map(|_| ())
     }
@@ -561,7 +568,7 @@ impl Inner {
             }
             self.cgroups
                 .remove(&self.cgroup_path(&name))
-                .map_err(|e| SandboxError::Cgroup(e.to_string()))?;
+                .map_err(|e| SandboxError::cgroup("removing a leftover VMM's cgroup", e))?;
             std::fs::remove_dir_all(&dir).map_err(|e| fs_err(dir.display(), e))?;
         }
         for tap in self
@@ -588,7 +595,8 @@ impl Inner {
             .await
             .map_err(|e| SandboxError::RuntimeUnavailable {
                 runtime: runtime.to_string(),
-                reason: e.to_string(),
+                reason: "cannot build its erofs image".into(),
+                source: Some(Box::new(e)),
             })?;
         Ok(Some(dest))
     }
@@ -620,10 +628,9 @@ impl Inner {
     ) -> Result<PathBuf, SandboxError> {
         if digest.is_empty() || !digest.bytes().all(|b| b.is_ascii_hexdigit()) || digest.len() > 128
         {
-            return Err(fs_err(
-                format!("{what} digest"),
-                format!("{digest:?} is not a hex digest"),
-            ));
+            return Err(fs_fail(format!(
+                "{what} digest {digest:?} is not a hex digest"
+            )));
         }
         let dest = self.images_dir.join(format!("{what}-{digest}.erofs"));
         self.image(source, &dest).await?;
@@ -636,10 +643,10 @@ impl Inner {
             return Ok(());
         }
         if !source.is_dir() {
-            return Err(fs_err(
-                source.display(),
-                "does not exist or is not a directory",
-            ));
+            return Err(fs_fail(format!(
+                "{} does not exist or is not a directory",
+                source.display()
+            )));
         }
         build_erofs(&self.mkfs_erofs, source, dest)
             .await
@@ -671,10 +678,10 @@ impl Inner {
             .await
             .map_err(|e| fs_err("mkfs.ext4", e))?;
         if !out.status.success() {
-            return Err(fs_err(
-                "mkfs.ext4",
-                String::from_utf8_lossy(&out.stderr).trim(),
-            ));
+            return Err(fs_fail(format!(
+                "mkfs.ext4 failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
         }
         self.chown(&path)?;
         Ok(path)
@@ -730,7 +737,7 @@ impl Inner {
                     owner: self.config.vmm_uid,
                 })
                 .await
-                .map_err(|e| SandboxError::Network(e.to_string()))?;
+                .map_err(|e| SandboxError::network("creating the tap", e))?;
             let memory = (u64::from(key.memory_mb) + u64::from(self.config.vmm_overhead_mb)) << 20;
             let limits = CgroupLimits {
                 memory_bytes: memory,
@@ -738,7 +745,7 @@ impl Inner {
             };
             self.cgroups
                 .create(&self.cgroup_path(&vm.name), &limits)
-                .map_err(|e| SandboxError::Cgroup(e.to_string()))?;
+                .map_err(|e| SandboxError::cgroup("creating the VMM's cgroup", e))?;
             let (uid, gid) = self.uid_gid();
             let cmd = VmmCommand {
                 binary: self.binary.clone(),
@@ -762,7 +769,7 @@ impl Inner {
             if let Some(pid) = vm.pid {
                 self.cgroups
                     .add_process(&self.cgroup_path(&vm.name), pid)
-                    .map_err(|e| SandboxError::Cgroup(e.to_string()))?;
+                    .map_err(|e| SandboxError::cgroup("moving the VMM into its cgroup", e))?;
             }
             self.wait_api(&vm).await
         }
@@ -779,10 +786,10 @@ impl Inner {
             tokio::time::Instant::now() + Duration::from_millis(self.config.api_timeout_ms);
         loop {
             if let Some(why) = vm.exited() {
-                return Err(vmm_err(
-                    &format!("{} before its API answered", why),
-                    vm.console_tail(),
-                ));
+                return Err(vmm_fail(format!(
+                    "{why} before its API answered{}",
+                    vm.console_tail()
+                )));
             }
             match vm.client.ping().await {
                 Ok(_) => return Ok(()),
@@ -816,7 +823,7 @@ impl Inner {
             }
         }
         match vm.exited() {
-            Some(why) => vmm_err(op, format!("{why}{}", vm.console_tail())),
+            Some(why) => vmm_fail(format!("{op}: {why}{}", vm.console_tail())),
             None => vmm_err(op, e),
         }
     }
@@ -899,7 +906,7 @@ impl Inner {
             Some(exit) => format!("{exit}; {why}"),
             None => why,
         };
-        SandboxError::Vmm(format!(
+        vmm_fail(format!(
             "the guest did not report ready within {} ms: {detail}{}",
             self.config.boot_timeout_ms,
             vm.console_tail()
@@ -982,7 +989,7 @@ impl Inner {
         }
         let mut first: Option<SandboxError> = None;
         if let Err(e) = self.cgroups.remove(&self.cgroup_path(&vm.name)) {
-            first.get_or_insert(SandboxError::Cgroup(e.to_string()));
+            first.get_or_insert(SandboxError::cgroup("removing the VMM's cgroup", e));
         }
         if vm.attached {
             if let Some(isolation) = self.isolation.get() {
@@ -993,7 +1000,7 @@ impl Inner {
             vm.attached = false;
         }
         if let Err(e) = self.taps.delete(&vm.name).await {
-            first.get_or_insert(SandboxError::Network(e.to_string()));
+            first.get_or_insert(SandboxError::network("removing the tap", e));
         }
         // The VM directory never has mounts below it.
         match std::fs::remove_dir_all(&vm.dir) {
@@ -1151,7 +1158,7 @@ impl Inner {
             async move {
                 let Some(inner) = weak.upgrade() else { return };
                 if let Err(e) = inner.fill_pool(key).await {
-                    tracing::warn!(error = %e, "cannot refill the microVM pool");
+                    tracing::warn!(error = %kiln_core::error_chain(&e), "cannot refill the microVM pool");
                 }
                 inner.refilling.lock().expect("lock").remove(&key);
             }
@@ -1175,7 +1182,7 @@ impl Inner {
             match resumed {
                 Ok(()) => return Some(vm),
                 Err(e) => {
-                    tracing::warn!(vm = %vm.name, error = %e, "discarding a pooled microVM");
+                    tracing::warn!(vm = %vm.name, error = %kiln_core::error_chain(&e), "discarding a pooled microVM");
                     let _ = self.dispose(vm).await;
                 }
             }
@@ -1184,11 +1191,10 @@ impl Inner {
 
     async fn create(self: &Arc<Self>, req: &SandboxRequest) -> Result<Sandbox, SandboxError> {
         let spec = &req.spec;
-        bundle::check_spec(spec)
-            .map_err(|e| SandboxError::OciRuntime(format!("Invalid instance spec: {e}")))?;
+        bundle::check_spec(spec).map_err(SandboxError::invalid_spec)?;
         let env: BTreeMap<String, String> =
             bundle::process_env(&req.instance_id, spec, self.region.as_deref())
-                .map_err(|e| SandboxError::OciRuntime(format!("Invalid instance spec: {e}")))?
+                .map_err(SandboxError::invalid_spec)?
                 .into_iter()
                 .filter_map(|kv| {
                     kv.split_once('=')
@@ -1201,7 +1207,7 @@ impl Inner {
             .expect("lock")
             .contains_key(&req.instance_id)
         {
-            return Err(SandboxError::Vmm(format!(
+            return Err(vmm_fail(format!(
                 "instance {} already has a microVM",
                 req.instance_id
             )));
@@ -1300,22 +1306,20 @@ impl Inner {
             let guest = vm
                 .guest
                 .clone()
-                .ok_or_else(|| SandboxError::Vmm("no guest connection".into()))?;
+                .ok_or_else(|| vmm_fail("no guest connection".into()))?;
             let log_path = vm.dir.join("function.log");
             std::fs::write(&log_path, b"").map_err(|e| fs_err(log_path.display(), e))?;
             let logs = spawn_log_writer(&guest, log_path, vm.name.clone());
             guest
                 .configure(&config, Duration::from_millis(self.config.boot_timeout_ms))
                 .await
-                .map_err(|e| {
-                    SandboxError::Vmm(format!(
-                        "the guest cannot start the function: {e}{}",
-                        vm.console_tail()
-                    ))
+                .map_err(|e| SandboxError::Vmm {
+                    what: format!("the guest cannot start the function{}", vm.console_tail()),
+                    source: Some(Box::new(e)),
                 })?;
             let relay = Relay::start(guest)
                 .await
-                .map_err(|e| SandboxError::Network(format!("instance relay: {e}")))?;
+                .map_err(|e| SandboxError::network("instance relay", e))?;
             Ok::<_, SandboxError>((relay, logs))
         }
         .await;
@@ -1367,17 +1371,22 @@ struct GuestExecChild {
     pump: tokio::task::JoinHandle<()>,
 }
 
+/// A command failure the driver found itself (no error to carry).
+fn exec_fail(what: String) -> SandboxError {
+    SandboxError::Exec { what, source: None }
+}
+
 #[async_trait::async_trait]
 impl crate::exec::ExecChild for GuestExecChild {
     async fn wait(&mut self) -> Result<i32, SandboxError> {
         let rx = self
             .exit
             .take()
-            .ok_or_else(|| SandboxError::Exec("the session was already waited for".into()))?;
+            .ok_or_else(|| exec_fail("the session was already waited for".into()))?;
         match rx.await {
             Ok(Ok(code)) => Ok(code),
-            Ok(Err(e)) => Err(SandboxError::Exec(e)),
-            Err(_) => Err(SandboxError::Exec("the session was abandoned".into())),
+            Ok(Err(e)) => Err(exec_fail(format!("the guest's session failed: {e}"))),
+            Err(_) => Err(exec_fail("the session was abandoned".into())),
         }
     }
 
@@ -1579,7 +1588,7 @@ impl SandboxDriver for MicroVmDriver {
             .vm
             .guest
             .clone()
-            .ok_or_else(|| SandboxError::Exec("the guest is not connected".into()))?;
+            .ok_or_else(|| exec_fail("the guest is not connected".into()))?;
         drop(inst);
         let session = guest
             .exec(kiln_guest_proto::ExecRequest {
@@ -1590,7 +1599,7 @@ impl SandboxDriver for MicroVmDriver {
                 working_dir: None,
             })
             .await
-            .map_err(|e| SandboxError::Exec(format!("the guest refused the session: {e}")))?;
+            .map_err(|e| SandboxError::exec("the guest refused the session", e))?;
         Ok(exec_process(session, req))
     }
 

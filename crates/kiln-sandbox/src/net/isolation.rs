@@ -255,7 +255,9 @@ impl NetIsolation {
                 }
             }
             // No Open vSwitch on this node: no VPC bridges to remove.
-            Err(e) => tracing::debug!(error = %e, "cannot list OVS bridges"),
+            Err(e) => {
+                tracing::debug!(error = %kiln_core::error_chain(&e), "cannot list OVS bridges")
+            }
         }
         let links = self
             .cmd
@@ -381,7 +383,7 @@ impl NetIsolation {
                 })
             }
             Err(e) => {
-                tracing::warn!(iface = %iface.name, error = %e, "attach failed; undoing");
+                tracing::warn!(iface = %iface.name, error = %kiln_core::error_chain(&e), "attach failed; undoing");
                 if let Err(undo) = self.undo(&record, &done).await {
                     tracing::error!(iface = %iface.name, error = %undo, "cannot undo a half-made attachment");
                 }
@@ -610,7 +612,9 @@ impl NetIsolation {
         let result = self.undo(&rec, &all).await;
         match &result {
             Ok(()) => tracing::info!(iface, "instance network detached"),
-            Err(e) => tracing::warn!(iface, error = %e, "instance network not fully detached"),
+            Err(e) => {
+                tracing::warn!(iface, error = %kiln_core::error_chain(&e), "instance network not fully detached")
+            }
         }
         result
     }
@@ -633,7 +637,7 @@ impl NetIsolation {
     pub async fn shutdown(&self) -> Result<(), NetIsolationError> {
         for iface in self.attached() {
             if let Err(e) = self.detach(&iface).await {
-                tracing::warn!(iface = %iface, error = %e, "detach at shutdown failed");
+                tracing::warn!(iface = %iface, error = %kiln_core::error_chain(&e), "detach at shutdown failed");
             }
         }
         self.remove_all().await

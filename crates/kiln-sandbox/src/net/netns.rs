@@ -143,7 +143,7 @@ impl NetworkOps for IpCommand {
         let result = self.create_inner(slot).await;
         if result.is_err() {
             if let Err(e) = self.delete(&slot.name).await {
-                tracing::warn!(netns = %slot.name, error = %e, "cannot undo a half-made network namespace");
+                tracing::warn!(netns = %slot.name, error = %kiln_core::error_chain(&e), "cannot undo a half-made network namespace");
             }
         }
         result

@@ -127,7 +127,7 @@ impl NetPool {
                 {
                     let Some(pool) = weak.upgrade() else { return };
                     if let Err(e) = pool.fill().await {
-                        tracing::warn!(error = %e, "cannot refill the network namespace pool");
+                        tracing::warn!(error = %kiln_core::error_chain(&e), "cannot refill the network namespace pool");
                     }
                 }
                 // No strong reference while waiting: dropping the pool
