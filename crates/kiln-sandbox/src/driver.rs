@@ -165,6 +165,14 @@ pub struct SandboxRequest {
     pub code_dir: PathBuf,
 }
 
+impl SandboxRequest {
+    /// The extracted directories of the spec's layers, in the spec's order.
+    pub fn layer_dirs(&self) -> Vec<PathBuf> {
+        let cache = self.code_dir.parent().unwrap_or(std::path::Path::new("/"));
+        self.spec.layers.iter().map(|d| cache.join(d)).collect()
+    }
+}
+
 /// A started sandbox.
 #[derive(Debug, Clone)]
 pub struct Sandbox {

@@ -6,24 +6,15 @@
 //! forwards invocations to it, and calls `destroy` when the instance goes,
 //! after which nothing the instance wrote is left on the node.
 //!
-//! # The container backend
+//! # Layout
 //!
-//! [`ContainerDriver`] keeps, per instance, `state_dir/instances/<id>/`:
-//! `bundle/config.json` and `bundle/rootfs` (the runtime's root filesystem
-//! bound read-only), `code` (an overlay of the shared, immutable code dir
-//! with the instance's own `upper`/`work`, bound at `/code`), `hosts`
-//! (bound read-only at `/etc/hosts`, naming the instance), `console.log`
-//! (the process's stdout and stderr) and `instance.json` (what teardown
-//! needs). Containers run under `runc --root state_dir/runc` with ids
-//! `<name_prefix>-<instance id>`; each gets a netns and host veth named
-//! `<name_prefix>-<slot>` and a /30 of `instance_subnet` (host .1,
-//! instance .2), taken from a pool of ready namespaces.
-//!
-//! The driver mounts on the host side: the agent must run it inside its own
-//! private mount namespace. [`ContainerDriver::new`] removes everything a
-//! previous run with the same `name_prefix` left (containers under its runc
-//! root, instance dirs, netns and veths): instances do not outlive the
-//! driver that started them.
+//! - [`driver`]: the contract ([`SandboxDriver`], [`SandboxError`]).
+//! - [`container`]: the container backend (OCI bundles run by runc/crun).
+//! - [`microvm`]: the microVM backend (cloud-hypervisor).
+//! - Shared by both: [`net`] (namespaces, taps' isolation, VPCs,
+//!   bandwidth), [`cgroup`], [`process`] (the function's process and
+//!   environment), [`rootfs`] (runtime root filesystems), [`mounts`],
+//!   [`exec`] (InstanceExec sessions).
 //!
 //! # Tests and the root filesystem cache
 //!
@@ -33,24 +24,17 @@
 //! file, so parallel test runs and agents wait for one another.
 #![forbid(unsafe_code)]
 
-pub mod bundle;
 pub mod cgroup;
-pub mod config;
 pub mod container;
-pub mod disk;
-pub mod disk_pool;
 pub mod driver;
 pub mod exec;
-pub mod instance;
-pub mod layers;
 pub mod microvm;
 pub mod mounts;
 pub mod net;
-pub mod oci_runtime;
+pub mod process;
 pub mod rootfs;
-pub mod seccomp;
 
-pub use config::{ContainerConfig, ContainerConfigError, OciRuntimeKind};
+pub use container::config::{ContainerConfig, ContainerConfigError, OciRuntimeKind};
 pub use container::ContainerDriver;
 pub use driver::{Sandbox, SandboxDriver, SandboxError, SandboxRequest};
 pub use exec::{ExecChild, ExecProcess, ExecRequest};

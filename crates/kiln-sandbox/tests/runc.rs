@@ -21,9 +21,9 @@ use std::time::{Duration, Instant};
 
 use harness::{enter_private_mount_ns, random_suffix, skipped, which, Guard, UID_BASE};
 use kiln_core::{InstanceId, InstanceSpec, RuntimeName};
+use kiln_sandbox::container::oci_runtime::{OciRuntime, RuncCli};
 use kiln_sandbox::mounts::mount_points_under;
 use kiln_sandbox::net::{IpCommand, NetworkOps};
-use kiln_sandbox::oci_runtime::{OciRuntime, RuncCli};
 use kiln_sandbox::{ContainerConfig, ContainerDriver, SandboxDriver, SandboxRequest};
 
 /// The driver's configuration for this run: its names, a subnet of its

@@ -29,7 +29,7 @@ pub enum ConfigError {
     #[error("{0}")]
     Invalid(String),
     #[error("Invalid [sandbox] section")]
-    Sandbox(#[from] kiln_sandbox::config::ContainerConfigError),
+    Sandbox(#[from] kiln_sandbox::ContainerConfigError),
     #[error("Invalid [sandbox.microvm] section")]
     MicroVm(#[from] kiln_sandbox::microvm::MicroVmConfigError),
 }

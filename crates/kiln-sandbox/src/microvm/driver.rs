@@ -48,13 +48,13 @@ use super::client::{VmmApiError, VmmClient};
 use super::config::MicroVmConfig;
 use super::host::{build_erofs, CommandTaps, HostError, TapOps, TapSpec, VmmCommand};
 use super::relay::Relay;
-use crate::bundle;
 use crate::cgroup::{CgroupLimits, CgroupOps};
 use crate::driver::{Sandbox, SandboxDriver, SandboxError, SandboxRequest, SandboxStats};
 use crate::net::{
     BandwidthClass, HostCommands, HostInterface, NetIsolation, NetIsolationError,
     NetworkConfig as IsolationConfig,
 };
+use crate::process;
 use crate::rootfs::rootfs_path;
 
 /// The guest's CID (any value >= 3; every VM has its own vsock device).
@@ -1191,9 +1191,9 @@ impl Inner {
 
     async fn create(self: &Arc<Self>, req: &SandboxRequest) -> Result<Sandbox, SandboxError> {
         let spec = &req.spec;
-        bundle::check_spec(spec).map_err(SandboxError::invalid_spec)?;
+        process::check_spec(spec).map_err(SandboxError::invalid_spec)?;
         let env: BTreeMap<String, String> =
-            bundle::process_env(&req.instance_id, spec, self.region.as_deref())
+            process::process_env(&req.instance_id, spec, self.region.as_deref())
                 .map_err(SandboxError::invalid_spec)?
                 .into_iter()
                 .filter_map(|kv| {

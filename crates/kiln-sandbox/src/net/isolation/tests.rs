@@ -316,7 +316,7 @@ async fn shutdown_detaches_everything_and_drops_the_table() {
 
 #[test]
 fn performance_instances_are_the_big_disk_or_big_memory_ones() {
-    let mut spec = crate::bundle::tests::sample_spec();
+    let mut spec = crate::process::tests::sample_spec();
     spec.memory_mb = 2048;
     spec.disk_mb = 512;
     assert_eq!(BandwidthClass::of(&spec), BandwidthClass::Standard);

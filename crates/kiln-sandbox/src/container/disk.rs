@@ -45,7 +45,7 @@ pub fn disk_mb(spec_disk_mb: u32) -> Result<u32, DiskError> {
 pub trait DiskOps: Send + Sync + 'static {
     /// Create `image` (`size_mb`, sparse; it must not exist) and format it
     /// with its root owned by `owner`. Nothing is mounted, so this can be
-    /// done ahead of time (see [`crate::disk_pool::DiskPool`]).
+    /// done ahead of time (see [`crate::container::disk_pool::DiskPool`]).
     fn format(&self, image: &Path, size_mb: u32, owner: u32) -> Result<(), DiskError>;
 
     /// Mount the formatted `image` at `target` (nosuid, nodev).

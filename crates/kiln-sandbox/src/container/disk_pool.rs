@@ -16,7 +16,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::disk::{DiskError, DiskOps};
+use crate::container::disk::{DiskError, DiskOps};
 
 /// Ready images kept by default.
 pub const DEFAULT_DISK_POOL: usize = 2;
@@ -283,7 +283,7 @@ fn refill(shared: &Shared) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::disk::{LoopExt4, RecordingDisk};
+    use crate::container::disk::{LoopExt4, RecordingDisk};
 
     fn config(dir: &Path, capacity: usize) -> DiskPoolConfig {
         DiskPoolConfig {

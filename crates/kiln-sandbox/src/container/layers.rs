@@ -15,20 +15,12 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
+use crate::container::instance::InstancePaths;
 use crate::driver::{SandboxError, SandboxRequest};
-use crate::instance::InstancePaths;
 use crate::mounts::Mounter;
 
 /// Where layers appear inside the sandbox.
 pub const OPT_MOUNT: &str = "/opt";
-
-impl SandboxRequest {
-    /// The extracted directories of the spec's layers, in the spec's order.
-    pub fn layer_dirs(&self) -> Vec<PathBuf> {
-        let cache = self.code_dir.parent().unwrap_or(Path::new("/"));
-        self.spec.layers.iter().map(|d| cache.join(d)).collect()
-    }
-}
 
 fn fs_err(
     what: impl std::fmt::Display,
@@ -43,7 +35,7 @@ pub fn opt_dir(paths: &InstancePaths) -> PathBuf {
 }
 
 /// The instance's changes under `/opt`: on its size-limited writable
-/// filesystem (see [`crate::disk`]), beside `/code`'s upper, so they count
+/// filesystem (see [`crate::container::disk`]), beside `/code`'s upper, so they count
 /// against the instance's disk.
 fn opt_upper(paths: &InstancePaths) -> PathBuf {
     paths.disk().join("opt-upper")
@@ -126,7 +118,7 @@ mod tests {
     use kiln_core::InstanceId;
 
     fn request(code_dir: PathBuf, layers: &[&str]) -> SandboxRequest {
-        let mut spec = crate::bundle::tests::sample_spec();
+        let mut spec = crate::process::tests::sample_spec();
         spec.layers = layers.iter().map(|s| (*s).to_owned()).collect();
         SandboxRequest {
             instance_id: InstanceId::generate(),

@@ -113,7 +113,7 @@ impl Default for ContainerConfig {
             rootfs_dir: None,
             tmp_size_mb: 512,
             netns_pool: 4,
-            disk_pool: crate::disk_pool::DEFAULT_DISK_POOL,
+            disk_pool: crate::container::disk_pool::DEFAULT_DISK_POOL,
             debootstrap_mirror: None,
             cold_start_boost_ms: 20_000,
             cold_start_cpu_milli: 2_000,

@@ -1,18 +1,16 @@
 //! The OCI runtime spec (`config.json`) of one instance.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use kiln_core::{InstanceId, InstanceSpec};
 use serde_json::{json, Value};
 
 use crate::cgroup::{cpu_quota, CPU_PERIOD_US};
+use crate::process::{check_spec, instance_cpu_milli, process_env, ProcessError, CODE_MOUNT};
 
 /// Processes (threads included) one instance may have.
 pub const PIDS_LIMIT: i64 = 1024;
-/// Where the function's code appears inside the sandbox.
-pub const CODE_MOUNT: &str = "/code";
-const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
 /// The only capabilities a function keeps (inside its user namespace):
 /// signalling its own processes, binding ports below 1024 and writing audit
 /// records (login tools need it). No CAP_SYS_ADMIN, CAP_NET_RAW,
@@ -46,40 +44,6 @@ pub const READONLY_PATHS: &[&str] = &[
     "/proc/sysrq-trigger",
 ];
 
-/// Why a spec cannot become a process definition.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum BundleError {
-    #[error("The function has no command to run")]
-    NoCommand,
-    #[error("Command and arguments must not contain NUL bytes")]
-    NulInArgs,
-    #[error("Invalid environment variable name {0:?}")]
-    EnvName(String),
-    #[error("Environment variable {0} has a NUL byte in its value")]
-    EnvValue(String),
-    #[error("The function's port must not be 0")]
-    Port,
-}
-
-/// Check what a spec asks the process to be before anything is created.
-pub fn check_spec(spec: &InstanceSpec) -> Result<(), BundleError> {
-    if spec.command.is_empty() || spec.command[0].is_empty() {
-        return Err(BundleError::NoCommand);
-    }
-    if spec
-        .command
-        .iter()
-        .chain(&spec.args)
-        .any(|a| a.contains('\0'))
-    {
-        return Err(BundleError::NulInArgs);
-    }
-    if spec.port == 0 {
-        return Err(BundleError::Port);
-    }
-    Ok(())
-}
-
 /// Everything `config.json` is made from.
 #[derive(Debug, Clone)]
 pub struct BundleParams<'a> {
@@ -105,56 +69,6 @@ pub struct BundleParams<'a> {
     pub boost_cpu_milli: Option<u32>,
 }
 
-/// The instance's CPU in thousandths: the spec's, or FC's default for its
-/// memory size when the spec has none.
-pub fn instance_cpu_milli(spec: &InstanceSpec) -> u32 {
-    if spec.cpu_milli == 0 {
-        kiln_core::limits::default_cpu_milli(spec.memory_mb)
-    } else {
-        spec.cpu_milli
-    }
-}
-
-/// The process environment: the function's variables, then FC's own (which
-/// the function cannot override), then a default PATH if none was given.
-pub fn process_env(
-    instance_id: &InstanceId,
-    spec: &InstanceSpec,
-    region: Option<&str>,
-) -> Result<Vec<String>, BundleError> {
-    let mut env: BTreeMap<String, String> = BTreeMap::new();
-    for (k, v) in &spec.environment {
-        let name_ok = !k.is_empty()
-            && !k.as_bytes()[0].is_ascii_digit()
-            && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
-        if !name_ok {
-            return Err(BundleError::EnvName(k.clone()));
-        }
-        if v.contains('\0') {
-            return Err(BundleError::EnvValue(k.clone()));
-        }
-        env.insert(k.clone(), v.clone());
-    }
-    let fc = [
-        ("FC_FUNCTION_NAME", spec.function_name.to_string()),
-        ("FC_FUNCTION_HANDLER", spec.handler.clone()),
-        ("FC_FUNCTION_MEMORY_SIZE", spec.memory_mb.to_string()),
-        ("FC_FUNC_CODE_PATH", CODE_MOUNT.to_owned()),
-        ("FC_INSTANCE_ID", instance_id.to_string()),
-        ("FC_ACCOUNT_ID", spec.account_id.to_string()),
-        ("FC_CUSTOM_LISTEN_PORT", spec.port.to_string()),
-    ];
-    for (k, v) in fc {
-        env.insert(k.to_owned(), v);
-    }
-    if let Some(region) = region {
-        env.insert("FC_REGION".into(), region.to_owned());
-    }
-    env.entry("PATH".into())
-        .or_insert_with(|| DEFAULT_PATH.to_owned());
-    Ok(env.into_iter().map(|(k, v)| format!("{k}={v}")).collect())
-}
-
 /// `cpu.shares` proportional to the instance's share of a CPU (1024 = one).
 pub fn cpu_shares(cpu_milli: u32) -> u64 {
     (u64::from(cpu_milli) * 1024 / 1000).max(2)
@@ -175,7 +89,7 @@ pub fn hosts_file(hostname: &str, addr: std::net::Ipv4Addr) -> String {
 }
 
 /// Build `config.json`. The root filesystem is `rootfs` next to it.
-pub fn build_config(p: &BundleParams<'_>) -> Result<Value, BundleError> {
+pub fn build_config(p: &BundleParams<'_>) -> Result<Value, ProcessError> {
     let spec = p.spec;
     check_spec(spec)?;
     let args: Vec<&String> = spec.command.iter().chain(spec.args.iter()).collect();
@@ -267,7 +181,7 @@ pub fn build_config(p: &BundleParams<'_>) -> Result<Value, BundleError> {
             },
             "maskedPaths": MASKED_PATHS,
             "readonlyPaths": READONLY_PATHS,
-            "seccomp": crate::seccomp::profile(),
+            "seccomp": crate::container::seccomp::profile(),
         },
     }))
 }
@@ -275,33 +189,7 @@ pub fn build_config(p: &BundleParams<'_>) -> Result<Value, BundleError> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-
-    pub fn sample_spec() -> InstanceSpec {
-        InstanceSpec {
-            account_id: "1234".parse().unwrap(),
-            function_name: "hello".parse().unwrap(),
-            revision: String::new(),
-            runtime: kiln_core::RuntimeName::CustomDebian12,
-            handler: "index.handler".into(),
-            command: vec!["python3".into()],
-            args: vec!["-m".into(), "http.server".into(), "9000".into()],
-            port: 9000,
-            environment: [("GREETING".to_owned(), "hi".to_owned())].into(),
-            memory_mb: 512,
-            cpu_milli: 350,
-            disk_mb: 512,
-            timeout_s: 3,
-            concurrency: 1,
-            code_digest: "00".repeat(32),
-            code_size: 10,
-            initializer: None,
-            pre_stop: None,
-            layers: Vec::new(),
-            role: None,
-            network: None,
-        }
-        .seal()
-    }
+    use crate::process::tests::sample_spec;
 
     fn params<'a>(id: &'a InstanceId, spec: &'a InstanceSpec, code: &'a Path) -> BundleParams<'a> {
         BundleParams {
@@ -382,28 +270,6 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn environment_has_fc_variables_that_functions_cannot_override() {
-        let id = InstanceId::generate();
-        let mut spec = sample_spec();
-        spec.environment
-            .insert("FC_FUNCTION_NAME".into(), "spoofed".into());
-        let env = process_env(&id, &spec, Some("cn-hangzhou")).unwrap();
-        assert!(env.contains(&"GREETING=hi".to_owned()));
-        assert!(env.contains(&"FC_FUNCTION_NAME=hello".to_owned()));
-        assert!(env.contains(&"FC_FUNCTION_MEMORY_SIZE=512".to_owned()));
-        assert!(env.contains(&"FC_FUNC_CODE_PATH=/code".to_owned()));
-        assert!(env.contains(&format!("FC_INSTANCE_ID={id}")));
-        assert!(env.contains(&"FC_REGION=cn-hangzhou".to_owned()));
-        assert!(env.iter().any(|e| e.starts_with("PATH=/usr/local/sbin")));
-        assert!(!env.iter().any(|e| e.contains("spoofed")));
-
-        spec.environment.insert("PATH".into(), "/code/bin".into());
-        let env = process_env(&id, &spec, None).unwrap();
-        assert!(env.contains(&"PATH=/code/bin".to_owned()));
-        assert!(!env.iter().any(|e| e.starts_with("FC_REGION=")));
-    }
-
-    #[test]
     fn bad_specs_are_refused() {
         let id = InstanceId::generate();
         let code = Path::new("/c");
@@ -411,28 +277,28 @@ pub(crate) mod tests {
         spec.command.clear();
         assert_eq!(
             build_config(&params(&id, &spec, code)).unwrap_err(),
-            BundleError::NoCommand
+            ProcessError::NoCommand
         );
         let mut spec = sample_spec();
         spec.args.push("a\0b".into());
         assert_eq!(
             build_config(&params(&id, &spec, code)).unwrap_err(),
-            BundleError::NulInArgs
+            ProcessError::NulInArgs
         );
         let mut spec = sample_spec();
         spec.port = 0;
-        assert_eq!(check_spec(&spec).unwrap_err(), BundleError::Port);
+        assert_eq!(check_spec(&spec).unwrap_err(), ProcessError::Port);
         let mut spec = sample_spec();
         spec.environment.insert("A=B".into(), "x".into());
         assert!(matches!(
             build_config(&params(&id, &spec, code)).unwrap_err(),
-            BundleError::EnvName(_)
+            ProcessError::EnvName(_)
         ));
         let mut spec = sample_spec();
         spec.environment.insert("A".into(), "x\0".into());
         assert!(matches!(
             build_config(&params(&id, &spec, code)).unwrap_err(),
-            BundleError::EnvValue(_)
+            ProcessError::EnvValue(_)
         ));
     }
 
