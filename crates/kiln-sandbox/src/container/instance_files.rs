@@ -1,5 +1,6 @@
 //! What one instance needs on disk before the runtime starts it: its
 //! directories, writable filesystem, overlays, hosts file and bundle.
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -11,7 +12,7 @@ use crate::driver::{SandboxError, SandboxRequest};
 use crate::mounts::Mounter;
 use crate::net::NetSlot;
 
-use super::errors::*;
+use super::errors::fs_err;
 
 /// Create each directory with its mode and, when given, its owner.
 pub(super) fn make_dirs(dirs: &[(PathBuf, u32, Option<u32>)]) -> Result<(), SandboxError> {

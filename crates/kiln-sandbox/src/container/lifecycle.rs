@@ -1,5 +1,6 @@
 //! An instance's life: create (files, network, `runc run`), liveness,
 //! statistics, freeze and thaw, exec, and teardown.
+
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 
@@ -11,11 +12,10 @@ use crate::container::instance::{InstancePaths, InstanceRecord};
 use crate::container::oci_runtime::ContainerStatus;
 use crate::driver::{Sandbox, SandboxDriver, SandboxError, SandboxRequest, SandboxStats};
 use crate::mounts::unmount_all_under;
-use crate::net::NetSlot;
-use crate::net::{BandwidthClass, HostInterface};
+use crate::net::{BandwidthClass, HostInterface, NetSlot};
 use crate::rootfs::rootfs_path;
 
-use super::errors::*;
+use super::errors::{cg_err, fs_err, isolation_err, net_err};
 use super::instance_files::InstanceFiles;
 use super::ContainerDriver;
 

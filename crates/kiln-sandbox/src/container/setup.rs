@@ -1,5 +1,6 @@
 //! Starting and stopping the driver: its backends, state directories and
 //! pools, the leftovers of a previous run, shutdown, and its accessors.
+
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -16,12 +17,10 @@ use crate::container::disk_pool::{
 use crate::container::oci_runtime::{OciRuntime, RuncCli};
 use crate::driver::SandboxError;
 use crate::mounts::{unmount_all_under, HostMounter, Mounter};
-use crate::net::NetPool;
-use crate::net::{IpCommand, NetworkOps};
-use crate::net::{NetIsolation, SystemCommands};
+use crate::net::{IpCommand, NetIsolation, NetPool, NetworkOps, SystemCommands};
 use crate::rootfs::RootfsBuilder;
 
-use super::errors::*;
+use super::errors::{fs_err, isolation_err, net_err};
 use super::ContainerDriver;
 
 /// Find `name` on PATH (an explicit path is taken as is).
