@@ -13,13 +13,13 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 /// Why a mount operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
-    #[error("Cannot mount {target}: {source}")]
+    #[error("Cannot mount {target}")]
     Mount {
         target: PathBuf,
         #[source]
         source: nix::Error,
     },
-    #[error("Cannot unmount {target}: {source}")]
+    #[error("Cannot unmount {target}")]
     Unmount {
         target: PathBuf,
         #[source]

@@ -21,7 +21,7 @@ pub const MAX_DISK_MB: u32 = 10_240;
 pub enum DiskError {
     #[error("disk size {0} MB is outside 1..=10240 MB")]
     Size(u32),
-    #[error("cannot create the disk image {path}: {source}")]
+    #[error("Cannot create the disk image {path}")]
     Image {
         path: PathBuf,
         #[source]

@@ -21,7 +21,7 @@ use super::api::{
 /// Why an API call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum VmmApiError {
-    #[error("cannot connect to the VMM's API socket {path}: {source}")]
+    #[error("Cannot connect to the VMM's API socket {path}")]
     Connect {
         path: PathBuf,
         #[source]
@@ -29,7 +29,7 @@ pub enum VmmApiError {
     },
     #[error("{op} did not answer within {timeout:?}")]
     TimedOut { op: &'static str, timeout: Duration },
-    #[error("{op} failed at the HTTP level: {source}")]
+    #[error("{op} failed at the HTTP level")]
     Http {
         op: &'static str,
         #[source]
@@ -41,7 +41,7 @@ pub enum VmmApiError {
         status: StatusCode,
         body: String,
     },
-    #[error("{op} answered a body that does not match the API: {source}")]
+    #[error("{op} answered a body that does not match the API")]
     Decode {
         op: &'static str,
         #[source]

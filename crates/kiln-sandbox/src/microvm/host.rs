@@ -18,7 +18,7 @@ const TOOL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Why a host operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
-    #[error("cannot execute {tool}: {source}")]
+    #[error("Cannot execute {tool}")]
     Spawn {
         tool: String,
         #[source]
@@ -28,7 +28,7 @@ pub enum HostError {
     Command { command: String, message: String },
     #[error("`{0}` did not finish in time")]
     TimedOut(String),
-    #[error("{path}: {source}")]
+    #[error("Cannot use {path}")]
     Io {
         path: PathBuf,
         #[source]
