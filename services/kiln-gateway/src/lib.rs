@@ -12,6 +12,7 @@ pub mod catalog;
 pub mod checksum;
 pub mod code;
 pub mod config;
+pub mod invoke;
 pub mod layers;
 pub mod metrics;
 pub mod model;
@@ -59,7 +60,7 @@ pub enum GatewayError {
     #[error("Cannot open the async queue")]
     Queue(#[from] queue::QueueError),
     #[error("Cannot build the webhook client")]
-    Webhooks(#[from] api::async_api::WebhookClientError),
+    Webhooks(#[from] queue::invoker::WebhookClientError),
     #[error("Cannot load TLS material")]
     Tls(#[from] kiln_pki::PkiError),
     #[error("Cannot bind the {listener} listener on {addr}")]
@@ -182,14 +183,14 @@ pub async fn start_with_clock(
     let invoke_client = InternalClient::new_http1(&config.tls)?;
     let queue = queue::Queue::open(&config.queue_path())?;
     let metrics = Metrics::with_extra(|r| queue.metrics().register(r));
-    let leases = api::leases::LeasePool::new(
+    let leases = invoke::pool::LeasePool::new(
         std::time::Duration::from_millis(config.lease_hold_ms),
         internal.clone(),
         config.scheduler_url.clone(),
     );
 
     let configs = Arc::new(queue::dispatch::Configs::load(&queue).await?);
-    let webhooks = api::async_api::webhook_client(config.async_queue.webhook_ca.as_deref())?;
+    let webhooks = queue::invoker::webhook_client(config.async_queue.webhook_ca.as_deref())?;
     let aq = &config.async_queue;
     let settings = queue::dispatch::DispatchSettings {
         max_in_flight: aq.max_in_flight,
@@ -216,7 +217,7 @@ pub async fn start_with_clock(
         metrics: metrics.clone(),
         dispatcher: queue::dispatch::Dispatcher::new(
             queue,
-            Arc::new(api::async_api::GatewayInvoker {
+            Arc::new(queue::invoker::GatewayInvoker {
                 gw: me.clone(),
                 webhooks,
             }),

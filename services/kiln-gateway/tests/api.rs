@@ -114,29 +114,33 @@ async fn fake_agent(req: Request<hyper::body::Incoming>, seen: Shared) -> Respon
         .invoked
         .push((parts.headers.clone(), bytes.clone()));
     let text = String::from_utf8_lossy(&bytes).to_string();
-    let outcome = |o: &str| ("x-kiln-invoke-outcome", o.to_owned());
+    use kiln_internal_api::{InvokeFailure, InvokeOutcome};
+    let outcome = |o: InvokeOutcome| ("x-kiln-invoke-outcome", o.as_str().to_owned());
     let (status, headers, body): (u16, Vec<(&str, String)>, Vec<u8>) = if text.starts_with("fail") {
         (
             404,
-            vec![outcome("function-error"), ("x-fc-status", "404".into())],
+            vec![
+                outcome(InvokeOutcome::FunctionError),
+                ("x-fc-status", "404".into()),
+            ],
             b"{\"error\":\"bad\"}".to_vec(),
         )
     } else if text.starts_with("crash") {
         // As the agent answers when the runtime's connection broke.
         (
             200,
-            vec![
-                outcome("instance-failed"),
-                ("x-fc-error-type", "UnhandledInvocationError".into()),
-            ],
-            br#"{"errorMessage":"Process exited unexpectedly before completing request (duration: 12ms)"}"#
-                .to_vec(),
+            vec![outcome(InvokeOutcome::InstanceFailed)],
+            serde_json::to_vec(&InvokeFailure {
+                message: "Process exited unexpectedly before completing request (duration: 12ms)"
+                    .into(),
+            })
+            .unwrap(),
         )
     } else if text.starts_with("timeout") {
-        (504, vec![outcome("timeout")], b"{}".to_vec())
+        (504, vec![outcome(InvokeOutcome::Timeout)], b"{}".to_vec())
     } else if text.starts_with("slow") {
         tokio::time::sleep(Duration::from_secs(5)).await;
-        (200, vec![outcome("ok")], bytes.to_vec())
+        (200, vec![outcome(InvokeOutcome::Ok)], bytes.to_vec())
     } else if text.starts_with("drip") {
         // A first chunk, then nothing for a long while.
         let frames = futures_util::stream::unfold(0u8, |n| async move {
@@ -159,7 +163,7 @@ async fn fake_agent(req: Request<hyper::body::Incoming>, seen: Shared) -> Respon
         (
             200,
             vec![
-                outcome("ok"),
+                outcome(InvokeOutcome::Ok),
                 ("x-answer", "yes".into()),
                 ("x-fc-status", "200".into()),
             ],

@@ -8,9 +8,9 @@ pub mod instances;
 pub mod internal;
 pub mod invoke;
 pub mod layers;
-pub mod leases;
 pub mod logs;
 pub mod provision;
+pub mod respond;
 pub mod roles;
 pub mod vpc;
 
@@ -22,7 +22,7 @@ use http::{HeaderValue, Method, Response};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use kiln_core::{Clock, FcError, FcErrorCode, FunctionName, RequestId};
-use kiln_internal_api::server::{self, Body, ConnInfo};
+use kiln_internal_api::server::{Body, ConnInfo};
 use kiln_internal_api::{InternalClient, InternalClientError};
 use tracing::Instrument;
 
@@ -31,7 +31,7 @@ use crate::catalog::{Catalog, CatalogError};
 use crate::metrics::Metrics;
 
 pub const API_VERSION: &str = "2023-03-30";
-pub const REQUEST_ID: &str = "x-fc-request-id";
+pub use respond::REQUEST_ID;
 
 /// What every request handler shares.
 pub struct Gateway {
@@ -45,7 +45,7 @@ pub struct Gateway {
     /// The invocation data path to agents (HTTP/1.1 over the same mTLS).
     pub invoke_client: InternalClient,
     pub scheduler_url: String,
-    pub leases: Arc<leases::LeasePool>,
+    pub leases: Arc<crate::invoke::pool::LeasePool>,
     pub region: String,
     pub metrics: Arc<Metrics>,
     pub clock: Arc<dyn Clock>,
@@ -552,9 +552,9 @@ pub async fn handle(
         let op = route.operation;
         let (parts, body) = req.into_parts();
         let r = async {
-            gw.auth.precheck(&parts)?;
+            let head = gw.auth.precheck(&parts)?;
             let body = read_body(body, body_limit(op)).await?;
-            let caller = gw.auth.verify(&parts, &body)?;
+            let caller = gw.auth.verify(head, &body)?;
             tracing::Span::current().record("account", caller.account_id.as_str());
             crate::ram::authz::authorize(&gw.ram, &gw.region, &caller, &route)?;
             dispatch(&gw, route, caller, parts, body, &request_id).await
@@ -572,7 +572,7 @@ pub async fn handle(
                 // Debug: any caller can trigger this line at will.
                 tracing::debug!(code = fc.code.as_str(), message = %fc.message, "request refused")
             });
-            server::error(&fc, request_id.as_str())
+            respond::fc_error(&fc, request_id.as_str())
         }
     };
     if let Ok(v) = HeaderValue::from_str(request_id.as_str()) {
