@@ -12,13 +12,16 @@ pub mod catalog;
 pub mod checksum;
 pub mod code;
 pub mod config;
+pub mod gateway;
 pub mod invoke;
 pub mod layers;
 pub mod metrics;
 pub mod model;
+pub mod provisioning;
 pub mod queue;
 pub mod ram;
 pub mod runtimes;
+pub mod scheduler;
 pub mod store;
 pub mod validate;
 
@@ -33,8 +36,8 @@ use tokio::task::JoinHandle;
 
 pub use config::{ConfigError, GatewayConfig};
 
-use crate::api::Gateway;
 use crate::catalog::{Catalog, CatalogError};
+use crate::gateway::Gateway;
 use crate::metrics::Metrics;
 use crate::store::{AccessKey, CodeFiles, SqliteStore};
 
@@ -183,10 +186,13 @@ pub async fn start_with_clock(
     let invoke_client = InternalClient::new_http1(&config.tls)?;
     let queue = queue::Queue::open(&config.queue_path())?;
     let metrics = Metrics::with_extra(|r| queue.metrics().register(r));
+    let scheduler: scheduler::SharedScheduler = Arc::new(scheduler::HttpScheduler::new(
+        internal.clone(),
+        &config.scheduler_url,
+    ));
     let leases = invoke::pool::LeasePool::new(
         std::time::Duration::from_millis(config.lease_hold_ms),
-        internal.clone(),
-        config.scheduler_url.clone(),
+        scheduler.clone(),
     );
 
     let configs = Arc::new(queue::dispatch::Configs::load(&queue).await?);
@@ -211,7 +217,7 @@ pub async fn start_with_clock(
         ram: ram.clone(),
         internal,
         invoke_client,
-        scheduler_url: config.scheduler_url.clone(),
+        scheduler,
         leases: leases.clone(),
         region: config.region.clone(),
         metrics: metrics.clone(),

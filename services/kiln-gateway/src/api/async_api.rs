@@ -4,13 +4,15 @@
 
 use std::sync::Arc;
 
+use super::respond::{full, Body};
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 use kiln_core::{FcError, FcErrorCode, FunctionName, RequestId};
-use kiln_internal_api::server::{full, Body};
 
-use super::{query_param, ApiError, Gateway};
+use super::error::ApiError;
+use super::request::query_param;
 use crate::auth::Caller;
+use crate::gateway::Gateway;
 use crate::queue::tasks::TaskQuery;
 use crate::queue::{AsyncConfig, Enqueued, NewMessage, QueueError, StopOutcome, TaskStatus};
 
@@ -74,8 +76,8 @@ pub async fn enqueue(
     payload: Bytes,
     request_id: &RequestId,
 ) -> Result<Response<Body>, ApiError> {
-    super::functions::check_qualifier(parts)?;
-    let entry = super::caller_function(gw, caller, name)?;
+    super::request::check_qualifier(parts)?;
+    let entry = super::request::caller_function(gw, caller, name)?;
     gw.runtimes
         .check_invoke(entry.record.config.runtime, gw.clock.now_ms())?;
     let limit = kiln_core::limits::ASYNC_PAYLOAD_MAX;
@@ -164,8 +166,8 @@ pub async fn put_config(
     parts: &http::request::Parts,
     body: Bytes,
 ) -> Result<Response<Body>, ApiError> {
-    super::functions::check_qualifier(parts)?;
-    super::caller_function(gw, caller, name)?;
+    super::request::check_qualifier(parts)?;
+    super::request::caller_function(gw, caller, name)?;
     let mut cfg = AsyncConfig::parse(&body, &gw.region, caller.account_id.as_str())?;
     let configs = gw.dispatcher.configs();
     let now = gw.clock.now_ms();
@@ -190,8 +192,8 @@ pub fn get_config(
     name: &FunctionName,
     parts: &http::request::Parts,
 ) -> Result<Response<Body>, ApiError> {
-    super::functions::check_qualifier(parts)?;
-    super::caller_function(gw, caller, name)?;
+    super::request::check_qualifier(parts)?;
+    super::request::caller_function(gw, caller, name)?;
     let cfg = gw
         .dispatcher
         .configs()
@@ -209,8 +211,8 @@ pub async fn delete_config(
     name: &FunctionName,
     parts: &http::request::Parts,
 ) -> Result<Response<Body>, ApiError> {
-    super::functions::check_qualifier(parts)?;
-    super::caller_function(gw, caller, name)?;
+    super::request::check_qualifier(parts)?;
+    super::request::caller_function(gw, caller, name)?;
     let configs = gw.dispatcher.configs();
     if configs
         .get(caller.account_id.as_str(), name.as_str())
@@ -302,8 +304,8 @@ pub async fn get_task(
     task_id: &str,
     parts: &http::request::Parts,
 ) -> Result<Response<Body>, ApiError> {
-    super::functions::check_qualifier(parts)?;
-    super::caller_function(gw, caller, name)?;
+    super::request::check_qualifier(parts)?;
+    super::request::caller_function(gw, caller, name)?;
     if !task_mode(gw, caller, name) {
         return Err(no_task(task_id));
     }
@@ -343,8 +345,8 @@ pub async fn list_tasks(
     name: &FunctionName,
     parts: &http::request::Parts,
 ) -> Result<Response<Body>, ApiError> {
-    super::functions::check_qualifier(parts)?;
-    super::caller_function(gw, caller, name)?;
+    super::request::check_qualifier(parts)?;
+    super::request::caller_function(gw, caller, name)?;
     let status = match query_param(parts, "status").filter(|s| !s.is_empty()) {
         None => None,
         Some(s) => Some(TaskStatus::parse(&s).ok_or_else(|| {
@@ -413,8 +415,8 @@ pub async fn stop_task(
     task_id: &str,
     parts: &http::request::Parts,
 ) -> Result<Response<Body>, ApiError> {
-    super::functions::check_qualifier(parts)?;
-    super::caller_function(gw, caller, name)?;
+    super::request::check_qualifier(parts)?;
+    super::request::caller_function(gw, caller, name)?;
     if !task_mode(gw, caller, name) {
         return Err(no_task(task_id));
     }

@@ -3,14 +3,15 @@
 
 use std::sync::Arc;
 
+use super::respond::Body;
 use bytes::Bytes;
 use http::Response;
 use kiln_core::{FcError, FunctionName, RequestId};
 use kiln_internal_api::headers as ih;
-use kiln_internal_api::server::Body;
 
-use super::{ApiError, Gateway};
+use super::error::ApiError;
 use crate::auth::Caller;
+use crate::gateway::Gateway;
 use crate::invoke::{self, InvokeRequest, LogType};
 
 pub async fn invoke(
@@ -30,7 +31,7 @@ pub async fn invoke(
             .into());
         }
     }
-    super::functions::check_qualifier(&parts)?;
+    super::request::check_qualifier(&parts)?;
     let log = log_type(&parts.headers)?;
     // The payload arrives whole (see api::handle): its hash is part of the
     // signature, and an oversized one is refused before any instance is

@@ -2,32 +2,14 @@
 //! bodies, and FC's error shape. Handlers import this module (and domain
 //! modules), never each other.
 
-use bytes::Bytes;
 use http::{header, Response, StatusCode};
 use kiln_core::FcError;
-pub use kiln_internal_api::server::{empty, full, Body};
-use serde::Serialize;
+/// Bodies and JSON / 204 answers: the internal API's builders, the same
+/// for public handlers.
+pub use kiln_internal_api::server::{empty, full, json, no_content, Body};
 
 /// FC's request id header, on every public answer.
 pub const REQUEST_ID: &str = "x-fc-request-id";
-
-/// `value` as a JSON answer with `status`.
-pub fn json<T: Serialize + ?Sized>(status: StatusCode, value: &T) -> Response<Body> {
-    let bytes = serde_json::to_vec(value).expect("response serialises");
-    Response::builder()
-        .status(status)
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(full(bytes))
-        .expect("valid response")
-}
-
-/// An answer with `status` and no body.
-pub fn no_content(status: StatusCode) -> Response<Body> {
-    Response::builder()
-        .status(status)
-        .body(full(Bytes::new()))
-        .expect("valid response")
-}
 
 /// FC's public error answer, `{"Code","Message","RequestId"}` with FC's
 /// status. Internal detail ([`kiln_core::FcErrorKind`]) is not shown.
@@ -68,7 +50,6 @@ mod tests {
         assert_eq!(resp.headers()[header::CONTENT_TYPE], "application/json");
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], br#"{"a":1}"#);
-        let resp = no_content(StatusCode::NO_CONTENT);
-        assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+        assert_eq!(no_content().status(), StatusCode::NO_CONTENT);
     }
 }

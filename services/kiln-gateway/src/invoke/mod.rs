@@ -37,7 +37,7 @@ use kiln_internal_api::client::remote_error;
 use kiln_internal_api::server::{full, Body};
 use kiln_internal_api::{headers as ih, InvokeFailure, InvokeOutcome, Lease, LeaseOutcome};
 
-use crate::api::Gateway;
+use crate::gateway::Gateway;
 use lease::{GuardedBody, LeaseGuard};
 
 pub use render::render;
@@ -298,36 +298,8 @@ async fn answer(
 }
 
 async fn acquire(gw: &Gateway, body: Bytes) -> Result<Lease, FcError> {
-    use http::{header, Method, Request};
-    let url = format!(
-        "{}{}",
-        gw.scheduler_url.trim_end_matches('/'),
-        kiln_internal_api::paths::LEASES
-    );
-    let req = Request::builder()
-        .method(Method::POST)
-        .uri(&url)
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(full(body))
-        .map_err(|e| FcError::internal(format!("cannot build the lease request: {e}")))?;
-    let resp = gw.internal.send(req).await.map_err(|e| {
-        tracing::warn!(error = %e, "scheduler call failed");
+    gw.scheduler.acquire_lease(body).await.map_err(|e| {
+        tracing::warn!(error = %e, "no lease from the scheduler");
         e.to_fc()
-    })?;
-    let status = resp.status();
-    let bytes = http_body_util::Limited::new(resp.into_body(), 1024 * 1024)
-        .collect()
-        .await
-        .map_err(|e| {
-            tracing::warn!(error = %e, "scheduler answer unreadable");
-            FcError::unavailable("the scheduler is unreachable; retry the request")
-        })?
-        .to_bytes();
-    if !status.is_success() {
-        return Err(remote_error(status, &bytes));
-    }
-    serde_json::from_slice(&bytes).map_err(|e| {
-        tracing::error!(error = %e, "scheduler answered an unreadable lease");
-        FcError::internal("the scheduler answered badly")
     })
 }

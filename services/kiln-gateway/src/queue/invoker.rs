@@ -16,7 +16,7 @@ use kiln_internal_api::server::Body;
 
 use super::dispatch::{BoxFuture, DeliveryOutcome, Invoker};
 use super::Claimed;
-use crate::api::Gateway;
+use crate::gateway::Gateway;
 use crate::invoke::render::{initialization_body, timed_out_message, unhandled_body};
 use crate::invoke::{self, InvokeRequest, InvokeResult, LogType, RECLAIM_IF_ABANDONED};
 
