@@ -133,12 +133,29 @@ impl fmt::Display for FcErrorCode {
     }
 }
 
+/// What an FC code alone cannot say about an internal failure, so that a
+/// service further along acts on a type instead of reading the message.
+/// Carried on the internal APIs only; FC's public error shape has no such
+/// field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FcErrorKind {
+    /// The function's initializer failed or timed out (an agent's create
+    /// error, code `FunctionNotStarted`): the invocation fails as FC's
+    /// `UnhandledInitializationError`, not as a platform error.
+    Initialization,
+}
+
 /// An error with FC's code and a message meant for the caller.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[error("{code}: {message}")]
 pub struct FcError {
     pub code: FcErrorCode,
     pub message: String,
+    /// Set on internal errors a caller must tell apart (see
+    /// [`FcErrorKind`]); never part of a public answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<FcErrorKind>,
 }
 
 impl FcError {
@@ -146,7 +163,14 @@ impl FcError {
         Self {
             code,
             message: message.into(),
+            kind: None,
         }
+    }
+
+    /// This error, marked with `kind` for the services it crosses.
+    pub fn with_kind(mut self, kind: FcErrorKind) -> Self {
+        self.kind = Some(kind);
+        self
     }
 
     pub fn invalid_argument(message: impl Into<String>) -> Self {
@@ -174,6 +198,20 @@ impl FcError {
         })
         .to_string()
     }
+
+    /// The internal APIs' error body: FC's shape plus `Kind` when set, so
+    /// the kind survives the hops between services.
+    pub fn to_internal_body(&self, request_id: &str) -> String {
+        let mut v = serde_json::json!({
+            "Code": self.code.as_str(),
+            "Message": self.message,
+            "RequestId": request_id,
+        });
+        if let Some(kind) = self.kind {
+            v["Kind"] = serde_json::to_value(kind).expect("a kind serialises");
+        }
+        v.to_string()
+    }
 }
 
 #[cfg(test)]
@@ -188,6 +226,20 @@ mod tests {
         assert_eq!(v["Message"], "function 'x' does not exist");
         assert_eq!(v["RequestId"], "r-1");
         assert_eq!(e.code.http_status(), 404);
+    }
+
+    #[test]
+    fn a_kind_crosses_internal_bodies_only() {
+        let e = FcError::new(FcErrorCode::FunctionNotStarted, "init failed")
+            .with_kind(FcErrorKind::Initialization);
+        let public: serde_json::Value = serde_json::from_str(&e.to_body("r")).unwrap();
+        assert!(public.get("Kind").is_none(), "{public}");
+        let internal: serde_json::Value = serde_json::from_str(&e.to_internal_body("r")).unwrap();
+        assert_eq!(internal["Kind"], "initialization");
+        assert_eq!(internal["Code"], "FunctionNotStarted");
+        let plain: serde_json::Value =
+            serde_json::from_str(&FcError::internal("x").to_internal_body("r")).unwrap();
+        assert!(plain.get("Kind").is_none(), "{plain}");
     }
 
     #[test]

@@ -12,7 +12,7 @@ pub mod limits;
 pub mod spec;
 
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use error::{FcError, FcErrorCode};
+pub use error::{FcError, FcErrorCode, FcErrorKind};
 pub use error_chain::error_chain;
 pub use ids::{AccountId, FunctionName, IdError, InstanceId, LeaseId, NodeId, RequestId};
 pub use spec::{InstanceSpec, LifecycleHook, NetworkSpec, RuntimeName, SandboxKind, VpcAttachment};

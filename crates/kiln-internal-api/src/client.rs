@@ -236,7 +236,8 @@ fn decode<Resp: DeserializeOwned>(
     })
 }
 
-/// Parse an FC-shaped error body; anything else becomes an internal error
+/// Parse an FC-shaped error body (with its `Kind`, see
+/// [`crate::server::error`]); anything else becomes an internal error
 /// quoting the status.
 pub fn remote_error(status: StatusCode, bytes: &[u8]) -> FcError {
     #[derive(serde::Deserialize)]
@@ -245,9 +246,36 @@ pub fn remote_error(status: StatusCode, bytes: &[u8]) -> FcError {
         code: FcErrorCode,
         #[serde(rename = "Message")]
         message: String,
+        /// Read leniently: a kind this build does not know is dropped,
+        /// not a reason to lose the code and message.
+        #[serde(rename = "Kind", default)]
+        kind: Option<serde_json::Value>,
     }
     match serde_json::from_slice::<Shape>(bytes) {
-        Ok(s) => FcError::new(s.code, s.message),
+        Ok(s) => FcError {
+            code: s.code,
+            message: s.message,
+            kind: s.kind.and_then(|k| serde_json::from_value(k).ok()),
+        },
         Err(_) => FcError::internal(format!("internal call failed with status {status}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_core::FcErrorKind;
+
+    #[test]
+    fn remote_errors_keep_their_kind() {
+        let e = FcError::new(FcErrorCode::FunctionNotStarted, "init failed")
+            .with_kind(FcErrorKind::Initialization);
+        let back = remote_error(StatusCode::BAD_GATEWAY, e.to_internal_body("r").as_bytes());
+        assert_eq!(back, e);
+        let unknown = br#"{"Code":"FunctionNotStarted","Message":"m","Kind":"later"}"#;
+        let back = remote_error(StatusCode::BAD_GATEWAY, unknown);
+        assert_eq!(back, FcError::new(FcErrorCode::FunctionNotStarted, "m"));
+        let garbage = remote_error(StatusCode::BAD_GATEWAY, b"<html>");
+        assert_eq!(garbage.code, FcErrorCode::InternalServerError);
     }
 }

@@ -7,8 +7,10 @@
 #![forbid(unsafe_code)]
 
 pub mod client;
+pub mod invoke;
 pub mod messages;
 pub mod server;
 
 pub use client::{InternalClient, InternalClientError};
+pub use invoke::{InvokeFailure, InvokeOutcome};
 pub use messages::*;

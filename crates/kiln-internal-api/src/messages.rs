@@ -79,7 +79,8 @@ pub mod paths {
 
 /// Headers on the internal invoke path (gateway -> agent and back).
 pub mod headers {
-    /// Set by the agent on its answer: how the invocation ended.
+    /// Set by the agent on its answer: how the invocation ended (an
+    /// [`crate::InvokeOutcome`]).
     pub const INVOKE_OUTCOME: &str = "x-kiln-invoke-outcome";
     /// FC's `x-fc-log-type`, passed by the gateway to the agent explicitly
     /// (the caller's `x-fc-*` headers are not forwarded).
@@ -87,11 +88,6 @@ pub mod headers {
     /// FC's `x-fc-log-result`: the call's log tail, base64.
     pub const LOG_RESULT: &str = "x-fc-log-result";
 }
-
-/// The start of the message of an agent's create error (code
-/// `FunctionNotStarted`) when the function's initializer failed or timed
-/// out; the gateway answers such a call with FC's function-error shape.
-pub const INITIALIZATION_ERROR_PREFIX: &str = "InitializationError: ";
 
 /// An agent asks the gateway for temporary credentials of the role of an
 /// instance's function (`role` is the ARN of the instance's spec; the

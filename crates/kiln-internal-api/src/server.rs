@@ -68,13 +68,15 @@ pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
         .expect("valid response")
 }
 
-/// An error in FC's shape, `{"Code","Message","RequestId"}`, with FC's status.
+/// An internal API's error: FC's shape, `{"Code","Message","RequestId"}`,
+/// with FC's status, and the error's [`kiln_core::FcErrorKind`] as `Kind`
+/// when it has one (read back by [`crate::client::remote_error`]).
 pub fn error(err: &FcError, request_id: &str) -> Response<Body> {
     Response::builder()
         .status(StatusCode::from_u16(err.code.http_status()).unwrap_or(StatusCode::BAD_GATEWAY))
         .header(header::CONTENT_TYPE, "application/json")
         .header("x-fc-request-id", request_id)
-        .body(full(err.to_body(request_id)))
+        .body(full(err.to_internal_body(request_id)))
         .expect("valid response")
 }
 

@@ -406,7 +406,7 @@ mod tests {
         assert!(matches!(e, InstanceError::Initialization(_)), "{e}");
         let fc = e.to_fc();
         assert_eq!(fc.code, FcErrorCode::FunctionNotStarted);
-        assert!(fc.message.contains("InitializationError"), "{}", fc.message);
+        assert_eq!(fc.kind, Some(kiln_core::FcErrorKind::Initialization));
         assert!(fc.message.contains(needle), "{}", fc.message);
         // The sandbox is gone, never listed, and got no PreStop.
         let created = n.driver.requests()[0].instance_id.clone();

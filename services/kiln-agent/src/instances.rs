@@ -9,7 +9,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use http::HeaderValue;
-use kiln_core::{Clock, FcError, FcErrorCode, InstanceId, InstanceSpec, NodeId, RuntimeName};
+use kiln_core::{
+    Clock, FcError, FcErrorCode, FcErrorKind, InstanceId, InstanceSpec, NodeId, RuntimeName,
+};
 use kiln_internal_api::{CreateInstance, InstanceCreated, InstanceInfo};
 use kiln_sandbox::{SandboxDriver, SandboxError, SandboxRequest};
 use serde::{Deserialize, Serialize};
@@ -56,10 +58,10 @@ impl InstanceError {
             Self::Code(e) => e.to_fc(),
             Self::Sandbox(_) => FcError::internal(kiln_core::error_chain(self)),
             Self::NotStarted(m) => FcError::new(FcErrorCode::FunctionNotStarted, m.clone()),
-            Self::Initialization(e) => FcError::new(
-                FcErrorCode::FunctionNotStarted,
-                format!("{}{e}", kiln_internal_api::INITIALIZATION_ERROR_PREFIX),
-            ),
+            // The kind, not the message, tells the gateway to answer with
+            // FC's initialization error.
+            Self::Initialization(e) => FcError::new(FcErrorCode::FunctionNotStarted, e.to_string())
+                .with_kind(FcErrorKind::Initialization),
             Self::Credentials(_) => FcError::new(FcErrorCode::FunctionNotStarted, self.to_string()),
         }
     }

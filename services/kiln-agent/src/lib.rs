@@ -38,8 +38,8 @@ use tokio::task::JoinHandle;
 pub use code::{CodeCache, CodeSource, GatewayCodeSource, Unpacker, ZipUnpacker};
 pub use config::{AgentConfig, ConfigError, NodeConfig};
 pub use error::AgentError;
-pub use forward::Outcome;
 pub use instances::{InstanceManager, ManagerSettings};
+pub use kiln_internal_api::InvokeOutcome;
 pub use namespace::enter_private_mount_namespace;
 pub use registration::{HttpScheduler, SchedulerApi};
 

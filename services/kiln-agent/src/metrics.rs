@@ -13,7 +13,7 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::forward::Outcome;
+use kiln_internal_api::InvokeOutcome;
 
 type Labels = Vec<(&'static str, &'static str)>;
 
@@ -60,7 +60,7 @@ impl Metrics {
             "From the invoke request to the runtime's response head",
             invoke_seconds.clone(),
         );
-        let by_outcome = |o: Outcome| {
+        let by_outcome = |o: InvokeOutcome| {
             let c = invocations
                 .get_or_create(&vec![("outcome", o.as_str())])
                 .clone();
@@ -74,18 +74,18 @@ impl Metrics {
             creates_ok,
             creates_failed,
             create_seconds,
-            invocations: Outcome::ALL.map(by_outcome),
+            invocations: InvokeOutcome::ALL.map(by_outcome),
             invoke_seconds,
             usage,
             registry,
         }
     }
 
-    pub fn invocation(&self, outcome: Outcome) {
+    pub fn invocation(&self, outcome: InvokeOutcome) {
         self.invocations[outcome as usize].inc();
     }
 
-    pub fn invocations(&self, outcome: Outcome) -> u64 {
+    pub fn invocations(&self, outcome: InvokeOutcome) -> u64 {
         self.invocations[outcome as usize].get()
     }
 
@@ -129,7 +129,7 @@ mod tests {
         let m = Metrics::new();
         m.instances.set(3);
         m.creates_ok.inc();
-        m.invocation(Outcome::Timeout);
+        m.invocation(InvokeOutcome::Timeout);
         m.invoke_seconds.observe(0.001);
         let text = m.render();
         assert!(text.contains("kiln_agent_instances 3"), "{text}");
@@ -146,6 +146,6 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("kiln_agent_invoke_seconds_count 1"), "{text}");
-        assert_eq!(m.invocations(Outcome::Timeout), 1);
+        assert_eq!(m.invocations(InvokeOutcome::Timeout), 1);
     }
 }

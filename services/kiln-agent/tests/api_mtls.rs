@@ -199,7 +199,10 @@ async fn the_agent_api_over_mtls() {
         .unwrap();
     let resp = client.send(req).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
-    assert_eq!(resp.headers()["x-kiln-invoke-outcome"], "ok");
+    assert_eq!(
+        kiln_internal_api::InvokeOutcome::of(resp.headers()),
+        Some(Ok(kiln_internal_api::InvokeOutcome::Ok))
+    );
     assert_eq!(resp.headers()["x-function"], "hello");
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(&body[..], b"payload");
@@ -212,7 +215,10 @@ async fn the_agent_api_over_mtls() {
         .body(full(Bytes::from(big.clone())))
         .unwrap();
     let resp = client.send(req).await.unwrap();
-    assert_eq!(resp.headers()["x-kiln-invoke-outcome"], "ok");
+    assert_eq!(
+        kiln_internal_api::InvokeOutcome::of(resp.headers()),
+        Some(Ok(kiln_internal_api::InvokeOutcome::Ok))
+    );
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     assert!(
         body[..] == big[..],

@@ -203,7 +203,10 @@ async fn a_multi_tenant_agent_invokes_a_function_in_a_microvm() {
         .unwrap();
     let resp = client.send(req).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
-    assert_eq!(resp.headers()["x-kiln-invoke-outcome"], "ok");
+    assert_eq!(
+        kiln_internal_api::InvokeOutcome::of(resp.headers()),
+        Some(Ok(kiln_internal_api::InvokeOutcome::Ok))
+    );
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     let answer: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(answer["instance"], id.to_string(), "{answer}");

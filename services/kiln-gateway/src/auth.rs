@@ -3,9 +3,10 @@
 //! credentials opened with the gateway's STS key ([`crate::ram::sts`]).
 //!
 //! Two steps, so an unsigned or stale request is turned away before its
-//! body is read: [`Authenticate::precheck`] on the head, then
-//! [`Authenticate::verify`] with the body the signature covers (which also
-//! consumes the nonce).
+//! body is read: [`Authenticate::precheck`] on the head, which parses the
+//! signature fields and resolves the signer once, then
+//! [`Authenticate::verify`] with that [`Prechecked`] and the body the
+//! signature covers (which also consumes the nonce).
 
 use std::sync::Arc;
 
@@ -34,12 +35,20 @@ pub struct Caller {
     pub principal: Principal,
 }
 
+/// A request head whose signature fields parsed and whose signer is known;
+/// what [`Authenticate::verify`] needs besides the body.
+pub struct Prechecked<'a> {
+    parsed: ParsedRequest<'a>,
+    key: Arc<kiln_auth::AccessKey>,
+    principal: Principal,
+}
+
 pub trait Authenticate: Send + Sync + 'static {
     /// Headers present and well-formed, date in the window, key known
     /// (for temporary credentials: token authentic, unexpired, matching).
-    fn precheck(&self, parts: &Parts) -> Result<(), FcError>;
+    fn precheck<'a>(&self, parts: &'a Parts) -> Result<Prechecked<'a>, FcError>;
     /// The full check: signature over head and body, nonce not replayed.
-    fn verify(&self, parts: &Parts, body: &[u8]) -> Result<Caller, FcError>;
+    fn verify(&self, head: Prechecked<'_>, body: &[u8]) -> Result<Caller, FcError>;
 }
 
 pub type SharedAuthenticator = Arc<dyn Authenticate>;
@@ -108,21 +117,24 @@ impl SignatureAuthenticator {
 }
 
 impl Authenticate for SignatureAuthenticator {
-    fn precheck(&self, parts: &Parts) -> Result<(), FcError> {
-        let parsed = self.verifier.parse(view(parts))?;
-        self.signer(&parsed).map(|_| ())
-    }
-
-    fn verify(&self, parts: &Parts, body: &[u8]) -> Result<Caller, FcError> {
+    fn precheck<'a>(&self, parts: &'a Parts) -> Result<Prechecked<'a>, FcError> {
         let parsed = self.verifier.parse(view(parts))?;
         let (key, principal) = self.signer(&parsed)?;
-        let who = self
-            .verifier
-            .check(&parsed, Some(key), &Sha256::digest(body).into())?;
+        Ok(Prechecked {
+            parsed,
+            key,
+            principal,
+        })
+    }
+
+    fn verify(&self, head: Prechecked<'_>, body: &[u8]) -> Result<Caller, FcError> {
+        let who =
+            self.verifier
+                .check(&head.parsed, Some(head.key), &Sha256::digest(body).into())?;
         Ok(Caller {
             account_id: who.account_id().clone(),
             access_key_id: who.access_key_id().to_owned(),
-            principal,
+            principal: head.principal,
         })
     }
 }

@@ -12,12 +12,16 @@ pub mod catalog;
 pub mod checksum;
 pub mod code;
 pub mod config;
+pub mod gateway;
+pub mod invoke;
 pub mod layers;
 pub mod metrics;
 pub mod model;
+pub mod provisioning;
 pub mod queue;
 pub mod ram;
 pub mod runtimes;
+pub mod scheduler;
 pub mod store;
 pub mod validate;
 
@@ -32,8 +36,8 @@ use tokio::task::JoinHandle;
 
 pub use config::{ConfigError, GatewayConfig};
 
-use crate::api::Gateway;
 use crate::catalog::{Catalog, CatalogError};
+use crate::gateway::Gateway;
 use crate::metrics::Metrics;
 use crate::store::{AccessKey, CodeFiles, SqliteStore};
 
@@ -59,7 +63,7 @@ pub enum GatewayError {
     #[error("Cannot open the async queue")]
     Queue(#[from] queue::QueueError),
     #[error("Cannot build the webhook client")]
-    Webhooks(#[from] api::async_api::WebhookClientError),
+    Webhooks(#[from] queue::invoker::WebhookClientError),
     #[error("Cannot load TLS material")]
     Tls(#[from] kiln_pki::PkiError),
     #[error("Cannot bind the {listener} listener on {addr}")]
@@ -182,14 +186,17 @@ pub async fn start_with_clock(
     let invoke_client = InternalClient::new_http1(&config.tls)?;
     let queue = queue::Queue::open(&config.queue_path())?;
     let metrics = Metrics::with_extra(|r| queue.metrics().register(r));
-    let leases = api::leases::LeasePool::new(
-        std::time::Duration::from_millis(config.lease_hold_ms),
+    let scheduler: scheduler::SharedScheduler = Arc::new(scheduler::HttpScheduler::new(
         internal.clone(),
-        config.scheduler_url.clone(),
+        &config.scheduler_url,
+    ));
+    let leases = invoke::pool::LeasePool::new(
+        std::time::Duration::from_millis(config.lease_hold_ms),
+        scheduler.clone(),
     );
 
     let configs = Arc::new(queue::dispatch::Configs::load(&queue).await?);
-    let webhooks = api::async_api::webhook_client(config.async_queue.webhook_ca.as_deref())?;
+    let webhooks = queue::invoker::webhook_client(config.async_queue.webhook_ca.as_deref())?;
     let aq = &config.async_queue;
     let settings = queue::dispatch::DispatchSettings {
         max_in_flight: aq.max_in_flight,
@@ -210,13 +217,13 @@ pub async fn start_with_clock(
         ram: ram.clone(),
         internal,
         invoke_client,
-        scheduler_url: config.scheduler_url.clone(),
+        scheduler,
         leases: leases.clone(),
         region: config.region.clone(),
         metrics: metrics.clone(),
         dispatcher: queue::dispatch::Dispatcher::new(
             queue,
-            Arc::new(api::async_api::GatewayInvoker {
+            Arc::new(queue::invoker::GatewayInvoker {
                 gw: me.clone(),
                 webhooks,
             }),

@@ -8,6 +8,12 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+/// Where a function's VPC bindings are kept among its stored fields (not
+/// returned by GetFunction: ListVpcBindings returns them).
+pub const BINDINGS_KEY: &str = "vpcBindings";
+/// The function-level switch to VPC-only inbound access.
+pub const DISABLE_INTERNET_KEY: &str = "disableURLInternet";
+
 /// `CreateFunctionInput` / `UpdateFunctionInput`: every field optional here;
 /// which ones are required is decided by [`crate::validate`]. Fields Kiln
 /// does not implement are inspected on the raw JSON before this is parsed.
@@ -248,7 +254,7 @@ impl Function {
                 // FC returns internetAccess (default true) with every function.
                 let mut extras = c.extras.clone();
                 // ListVpcBindings returns those.
-                extras.remove(crate::api::vpc::BINDINGS_KEY);
+                extras.remove(BINDINGS_KEY);
                 extras
                     .entry("internetAccess".to_owned())
                     .or_insert(Value::Bool(true));

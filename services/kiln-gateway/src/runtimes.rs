@@ -21,10 +21,11 @@ use std::sync::Arc;
 use http::{Response, StatusCode};
 use kiln_core::{FcError, RuntimeName};
 use kiln_internal_api::server::{json, Body};
-use kiln_internal_api::{paths, NodeInfo};
+use kiln_internal_api::NodeInfo;
 use serde::{Deserialize, Serialize};
 
-use crate::api::{ApiError, Gateway};
+use crate::api::error::ApiError;
+use crate::gateway::Gateway;
 
 /// One `[[runtimes]]` entry of the gateway config.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -273,11 +274,7 @@ pub struct ListRuntimesOutput {
 
 /// `GET /2023-03-30/runtimes`.
 pub async fn list(gw: &Arc<Gateway>) -> Result<Response<Body>, ApiError> {
-    let nodes: Option<Vec<NodeInfo>> = match gw
-        .internal
-        .get(&gw.scheduler_url, paths::SCHEDULER_NODES)
-        .await
-    {
+    let nodes = match gw.scheduler.nodes().await {
         Ok(nodes) => Some(nodes),
         Err(e) => {
             // The catalogue and its stages still answer without it.

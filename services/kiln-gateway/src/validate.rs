@@ -38,7 +38,7 @@ const ECHOED_FIELDS: &[&str] = &[
     // egress mode), kept here in FC's shape.
     "internetAccess",
     "vpcConfig",
-    // Checked by `check_network`, acted on by `crate::api::vpc`.
+    // Checked by `check_network`, acted on by the VPC handlers.
     "disableURLInternet",
     "tags",
     "resourceGroupId",
@@ -360,10 +360,10 @@ fn check_network(extras: &mut BTreeMap<String, Value>) -> Result<(), FcError> {
             return Err(bad("internetAccess must be a boolean"));
         }
     }
-    match extras.get(crate::api::vpc::DISABLE_INTERNET_KEY) {
+    match extras.get(crate::model::DISABLE_INTERNET_KEY) {
         None | Some(Value::Bool(false)) => {}
         Some(Value::Bool(true)) => {
-            if !extras.contains_key(crate::api::vpc::BINDINGS_KEY) {
+            if !extras.contains_key(crate::model::BINDINGS_KEY) {
                 return Err(bad(
                     "disableURLInternet needs a VPC binding first (CreateVpcBinding): a function takes calls either from the internet or only from its VPCs",
                 ));

@@ -1,18 +1,16 @@
 //! The real gateway on loopback (DevPki in a tempdir, port 0) with a fake
 //! scheduler and a fake agent (real mTLS), driven with signed requests.
 
-use std::io::Write;
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use base64::Engine;
 use bytes::Bytes;
-use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
+use common::*;
+use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use kiln_core::{FcError, FcErrorCode, InstanceId, LeaseId, NodeId};
 use kiln_gateway::config::BootstrapKey;
 use kiln_gateway::{GatewayConfig, GatewayHandle};
@@ -20,14 +18,6 @@ use kiln_internal_api::server::{self, full, Body};
 use kiln_internal_api::{AcquireLease, Lease, ReleaseLease, RetireFunction};
 use kiln_pki::DevPki;
 use serde_json::{json, Value};
-use tokio::net::TcpListener;
-
-const ACCOUNT_A: &str = "1000000000000001";
-const ACCOUNT_B: &str = "1000000000000002";
-const AK_A: &str = "AKA0000000000001";
-const SK_A: &str = "secret-of-account-a-0001";
-const AK_B: &str = "AKB0000000000002";
-const SK_B: &str = "secret-of-account-b-0002";
 
 /// What the fakes saw.
 #[derive(Default)]
@@ -50,18 +40,6 @@ struct Env {
     seen: Shared,
     scheduler_url: String,
     _stop: tokio::sync::watch::Sender<bool>,
-}
-
-async fn stopped(mut rx: tokio::sync::watch::Receiver<bool>) {
-    while !*rx.borrow_and_update() {
-        if rx.changed().await.is_err() {
-            break;
-        }
-    }
-}
-
-async fn read_all(body: hyper::body::Incoming) -> Bytes {
-    body.collect().await.unwrap().to_bytes()
 }
 
 async fn fake_scheduler(
@@ -114,29 +92,33 @@ async fn fake_agent(req: Request<hyper::body::Incoming>, seen: Shared) -> Respon
         .invoked
         .push((parts.headers.clone(), bytes.clone()));
     let text = String::from_utf8_lossy(&bytes).to_string();
-    let outcome = |o: &str| ("x-kiln-invoke-outcome", o.to_owned());
+    use kiln_internal_api::{InvokeFailure, InvokeOutcome};
+    let outcome = |o: InvokeOutcome| ("x-kiln-invoke-outcome", o.as_str().to_owned());
     let (status, headers, body): (u16, Vec<(&str, String)>, Vec<u8>) = if text.starts_with("fail") {
         (
             404,
-            vec![outcome("function-error"), ("x-fc-status", "404".into())],
+            vec![
+                outcome(InvokeOutcome::FunctionError),
+                ("x-fc-status", "404".into()),
+            ],
             b"{\"error\":\"bad\"}".to_vec(),
         )
     } else if text.starts_with("crash") {
         // As the agent answers when the runtime's connection broke.
         (
             200,
-            vec![
-                outcome("instance-failed"),
-                ("x-fc-error-type", "UnhandledInvocationError".into()),
-            ],
-            br#"{"errorMessage":"Process exited unexpectedly before completing request (duration: 12ms)"}"#
-                .to_vec(),
+            vec![outcome(InvokeOutcome::InstanceFailed)],
+            serde_json::to_vec(&InvokeFailure {
+                message: "Process exited unexpectedly before completing request (duration: 12ms)"
+                    .into(),
+            })
+            .unwrap(),
         )
     } else if text.starts_with("timeout") {
-        (504, vec![outcome("timeout")], b"{}".to_vec())
+        (504, vec![outcome(InvokeOutcome::Timeout)], b"{}".to_vec())
     } else if text.starts_with("slow") {
         tokio::time::sleep(Duration::from_secs(5)).await;
-        (200, vec![outcome("ok")], bytes.to_vec())
+        (200, vec![outcome(InvokeOutcome::Ok)], bytes.to_vec())
     } else if text.starts_with("drip") {
         // A first chunk, then nothing for a long while.
         let frames = futures_util::stream::unfold(0u8, |n| async move {
@@ -159,7 +141,7 @@ async fn fake_agent(req: Request<hyper::body::Incoming>, seen: Shared) -> Respon
         (
             200,
             vec![
-                outcome("ok"),
+                outcome(InvokeOutcome::Ok),
                 ("x-answer", "yes".into()),
                 ("x-fc-status", "200".into()),
             ],
@@ -171,21 +153,6 @@ async fn fake_agent(req: Request<hyper::body::Incoming>, seen: Shared) -> Respon
         b = b.header(k, v);
     }
     b.body(full(body)).unwrap()
-}
-
-async fn serve_fake<F, Fut>(
-    tls: Arc<rustls::ServerConfig>,
-    rx: tokio::sync::watch::Receiver<bool>,
-    f: F,
-) -> SocketAddr
-where
-    F: Fn(Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Response<Body>> + Send + 'static,
-{
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(server::serve_tls(l, tls, move |req, _| f(req), stopped(rx)));
-    addr
 }
 
 fn config(
@@ -263,135 +230,7 @@ impl Env {
     }
 }
 
-struct Api {
-    http: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
-    base: String,
-    ak: &'static str,
-    sk: &'static str,
-}
-
-struct Answer {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Bytes,
-    version: http::Version,
-}
-
-impl Answer {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
-    }
-
-    /// An FC error: status, Code, RequestId equal to the header.
-    fn fc_error(&self, status: u16, code: &str) -> String {
-        assert_eq!(
-            self.status.as_u16(),
-            status,
-            "{:?}",
-            String::from_utf8_lossy(&self.body)
-        );
-        let v = self.json();
-        assert_eq!(v["Code"], code, "{v}");
-        assert_eq!(v["RequestId"].as_str(), Some(self.request_id()), "{v}");
-        v["Message"].as_str().unwrap().to_owned()
-    }
-
-    fn request_id(&self) -> &str {
-        self.headers
-            .get("x-fc-request-id")
-            .expect("x-fc-request-id on every answer")
-            .to_str()
-            .unwrap()
-    }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
-
 impl Api {
-    fn new(
-        pki: &DevPki,
-        addr: SocketAddr,
-        ak: &'static str,
-        sk: &'static str,
-        h2_only: bool,
-    ) -> Api {
-        let mut tls = (*kiln_pki::public_client_config(&pki.ca_cert()).unwrap()).clone();
-        // hyper-rustls sets ALPN itself from the enabled protocols.
-        tls.alpn_protocols.clear();
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        let b = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_only();
-        let connector = if h2_only {
-            b.enable_http2().wrap_connector(http)
-        } else {
-            b.enable_http1().wrap_connector(http)
-        };
-        let http = Client::builder(TokioExecutor::new())
-            .http2_only(h2_only)
-            .build(connector);
-        Api {
-            http,
-            base: format!("https://localhost:{}", addr.port()),
-            ak,
-            sk,
-        }
-    }
-
-    fn signed(
-        &self,
-        method: Method,
-        path: &str,
-        body: Vec<u8>,
-        headers: &[(&str, &str)],
-        date_ms: u64,
-    ) -> Request<Full<Bytes>> {
-        let uri: Uri = format!("{}{}", self.base, path).parse().unwrap();
-        let mut h = HeaderMap::new();
-        for (k, v) in headers {
-            h.insert(
-                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                v.parse().unwrap(),
-            );
-        }
-        if !body.is_empty() && !h.contains_key("content-type") {
-            h.insert("content-type", "application/json".parse().unwrap());
-        }
-        let nonce = kiln_auth::new_nonce();
-        let params = kiln_auth::SigningParams::new(self.ak, self.sk, date_ms, &nonce);
-        kiln_auth::sign(&method, &uri, &mut h, &body, &params).unwrap();
-        let mut req = Request::builder()
-            .method(method)
-            .uri(uri)
-            .body(Full::new(Bytes::from(body)))
-            .unwrap();
-        *req.headers_mut() = h;
-        req
-    }
-
-    async fn send(&self, req: Request<Full<Bytes>>) -> Answer {
-        let resp = self.http.request(req).await.unwrap();
-        let (parts, body) = resp.into_parts();
-        Answer {
-            status: parts.status,
-            version: parts.version,
-            headers: parts.headers,
-            body: body.collect().await.unwrap().to_bytes(),
-        }
-    }
-
-    async fn call(&self, method: Method, path: &str, body: Vec<u8>) -> Answer {
-        self.send(self.signed(method, path, body, &[], now_ms()))
-            .await
-    }
-
     async fn create(&self, doc: &Value) -> Answer {
         self.call(
             Method::POST,
@@ -415,22 +254,6 @@ impl Api {
         self.send(self.signed(Method::POST, &path, payload.to_vec(), headers, now_ms()))
             .await
     }
-}
-
-fn zip_of(files: &[(&str, &[u8])]) -> Vec<u8> {
-    let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-    let opts = zip::write::SimpleFileOptions::default()
-        .compression_method(zip::CompressionMethod::Deflated)
-        .unix_permissions(0o755);
-    for (name, data) in files {
-        w.start_file(*name, opts).unwrap();
-        w.write_all(data).unwrap();
-    }
-    w.finish().unwrap().into_inner()
-}
-
-fn b64(b: &[u8]) -> String {
-    base64::engine::general_purpose::STANDARD.encode(b)
 }
 
 fn function_doc(name: &str, zip: &[u8]) -> Value {
@@ -956,6 +779,34 @@ async fn invoke_streams_through_scheduler_and_agent() {
         .await
         .fc_error(429, "ResourceThrottled");
     assert_eq!(env.seen.lock().unwrap().acquired.len(), acquired + 1);
+    // A failed initializer (the agent's create error, marked with its kind
+    // and relayed by the scheduler): FC's initialization error, not a
+    // platform error.
+    env.seen.lock().unwrap().refuse = Some(
+        FcError::new(
+            FcErrorCode::FunctionNotStarted,
+            "Initializer hook failed with HTTP status 500: no",
+        )
+        .with_kind(kiln_core::FcErrorKind::Initialization),
+    );
+    let r = a.invoke("echo", b"x", &[]).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.headers["x-fc-error-type"], "UnhandledInitializationError");
+    let v = r.json();
+    assert_eq!(v["errorType"], "InitializationError", "{v}");
+    assert_eq!(
+        v["errorMessage"],
+        "InitializationError: Initializer hook failed with HTTP status 500: no"
+    );
+    // The same code without the kind is the platform error it says, however
+    // its message reads.
+    env.seen.lock().unwrap().refuse = Some(FcError::new(
+        FcErrorCode::FunctionNotStarted,
+        "InitializationError: a message is not a kind",
+    ));
+    a.invoke("echo", b"x", &[])
+        .await
+        .fc_error(502, "FunctionNotStarted");
     env.seen.lock().unwrap().refuse = None;
 
     // Over 32 MB: refused before any lease is taken.

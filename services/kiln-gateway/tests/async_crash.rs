@@ -4,6 +4,8 @@
 //! then restarted on the same state. Every invocation that got a 202 must
 //! reach the agent at least once; duplicates are counted and printed.
 
+mod common;
+
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -16,13 +18,11 @@ use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use kiln_core::{InstanceId, LeaseId, NodeId};
 use kiln_internal_api::server::{self, full, Body};
 use kiln_internal_api::Lease;
 use kiln_pki::DevPki;
 use serde_json::json;
-use tokio::net::TcpListener;
 
 const ACCOUNT: &str = "1000000000000001";
 const AK: &str = "AKCRASH000000001";
@@ -30,20 +30,13 @@ const SK: &str = "secret-of-the-crash-test-01";
 
 type Invoked = Arc<Mutex<HashMap<String, usize>>>;
 
+/// A fake service for the whole test.
 async fn serve<F, Fut>(tls: Arc<rustls::ServerConfig>, f: F) -> SocketAddr
 where
     F: Fn(Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = Response<Body>> + Send + 'static,
 {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(server::serve_tls(
-        l,
-        tls,
-        move |req, _| f(req),
-        std::future::pending(),
-    ));
-    addr
+    common::serve_until(tls, std::future::pending(), f).await
 }
 
 async fn fake_agent(req: Request<hyper::body::Incoming>, invoked: Invoked) -> Response<Body> {
@@ -89,16 +82,7 @@ fn free_port() -> u16 {
 type Http = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 fn client(pki: &DevPki) -> Http {
-    let mut tls = (*kiln_pki::public_client_config(&pki.ca_cert()).unwrap()).clone();
-    tls.alpn_protocols.clear();
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_only()
-        .enable_http1()
-        .wrap_connector(http);
-    Client::builder(TokioExecutor::new()).build(connector)
+    common::https_client(pki, false)
 }
 
 fn signed(
@@ -134,12 +118,7 @@ fn signed(
 }
 
 fn zip() -> Vec<u8> {
-    use std::io::Write;
-    let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-    w.start_file("app.py", zip::write::SimpleFileOptions::default())
-        .unwrap();
-    w.write_all(b"print('hi')\n").unwrap();
-    w.finish().unwrap().into_inner()
+    common::zip_of(&[("app.py", b"print('hi')\n")])
 }
 
 /// A cheap random number (no rand dependency): the clock's nanoseconds.

@@ -6,6 +6,8 @@
 //! metrics on the gateway's Prometheus endpoint are checked to move with
 //! the same traffic.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -23,7 +25,6 @@ use kiln_internal_api::server::{self, full, Body};
 use kiln_internal_api::Lease;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 
 const ACCOUNT_A: &str = "1000000000000001";
 const ACCOUNT_B: &str = "1000000000000002";
@@ -36,20 +37,13 @@ const BACKLOG: usize = 2_000;
 /// How long the fake function takes per call.
 const CALL_MS: u64 = 100;
 
+/// A fake service for the whole test.
 async fn serve<F, Fut>(tls: Arc<rustls::ServerConfig>, f: F) -> SocketAddr
 where
     F: Fn(Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = Response<Body>> + Send + 'static,
 {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(server::serve_tls(
-        l,
-        tls,
-        move |req, _| f(req),
-        std::future::pending(),
-    ));
-    addr
+    common::serve_until(tls, std::future::pending(), f).await
 }
 
 async fn metrics(addr: SocketAddr) -> String {

@@ -3,29 +3,19 @@
 //! signed requests. No scheduler runs: what is checked here is decided by
 //! the gateway before any instance is asked for.
 
-use std::io::Write;
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
-use base64::Engine;
-use bytes::Bytes;
-use http::{HeaderMap, Method, Request, StatusCode, Uri};
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
-use kiln_core::{Clock, ManualClock};
+use common::*;
+use http::Method;
+use kiln_core::ManualClock;
 use kiln_gateway::runtimes::RuntimeLifecycleConfig;
 use kiln_gateway::{GatewayConfig, GatewayHandle};
 use kiln_pki::DevPki;
 use serde_json::{json, Value};
 
-const ACCOUNT_A: &str = "1000000000000001";
-const ACCOUNT_B: &str = "1000000000000002";
-const AK_A: &str = "AKA0000000000001";
-const SK_A: &str = "secret-of-account-a-0001";
-const AK_B: &str = "AKB0000000000002";
-const SK_B: &str = "secret-of-account-b-0002";
 /// 2030-01-01T00:00:00Z.
 const JAN1_2030: u64 = 1_893_456_000_000;
 const DAY: Duration = Duration::from_secs(86_400);
@@ -99,25 +89,8 @@ impl Env {
     }
 
     fn client(&self, ak: &'static str, sk: &'static str) -> Api {
-        let mut tls = (*kiln_pki::public_client_config(&self.pki.ca_cert()).unwrap()).clone();
-        tls.alpn_protocols.clear();
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_only()
-            .enable_http1()
-            .wrap_connector(http);
-        Api {
-            http: Client::builder(TokioExecutor::new()).build(connector),
-            base: format!(
-                "https://localhost:{}",
-                self.gateway.as_ref().unwrap().public_addr().port()
-            ),
-            ak,
-            sk,
-            clock: self.clock.clone(),
-        }
+        let addr = self.gateway.as_ref().unwrap().public_addr();
+        Api::new(&self.pki, addr, ak, sk, false).with_clock(Arc::new(self.clock.clone()))
     }
 
     fn zip_file(&self, sha256: &str) -> std::path::PathBuf {
@@ -125,95 +98,13 @@ impl Env {
     }
 }
 
-struct Api {
-    http: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
-    base: String,
-    ak: &'static str,
-    sk: &'static str,
-    clock: ManualClock,
-}
-
-struct Answer {
-    status: StatusCode,
-    body: Bytes,
-}
-
-impl Answer {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
-    }
-
-    fn ok(&self) -> Value {
-        assert!(
-            self.status.is_success(),
-            "{} {:?}",
-            self.status,
-            String::from_utf8_lossy(&self.body)
-        );
-        if self.body.is_empty() {
-            Value::Null
-        } else {
-            self.json()
-        }
-    }
-
-    /// An FC error: its status and Code; returns the Message.
-    fn fc_error(&self, status: u16, code: &str) -> String {
-        assert_eq!(
-            self.status.as_u16(),
-            status,
-            "{:?}",
-            String::from_utf8_lossy(&self.body)
-        );
-        let v = self.json();
-        assert_eq!(v["Code"], code, "{v}");
-        v["Message"].as_str().unwrap().to_owned()
-    }
-}
-
 impl Api {
-    async fn call(
-        &self,
-        method: Method,
-        path: &str,
-        body: Vec<u8>,
-        headers: &[(&str, &str)],
-    ) -> Answer {
-        let uri: Uri = format!("{}{}", self.base, path).parse().unwrap();
-        let mut h = HeaderMap::new();
-        for (k, v) in headers {
-            h.insert(
-                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                v.parse().unwrap(),
-            );
-        }
-        if !body.is_empty() {
-            h.insert("content-type", "application/json".parse().unwrap());
-        }
-        let nonce = kiln_auth::new_nonce();
-        let params = kiln_auth::SigningParams::new(self.ak, self.sk, self.clock.now_ms(), &nonce);
-        kiln_auth::sign(&method, &uri, &mut h, &body, &params).unwrap();
-        let mut req = Request::builder()
-            .method(method)
-            .uri(uri)
-            .body(Full::new(Bytes::from(body)))
-            .unwrap();
-        *req.headers_mut() = h;
-        let resp = self.http.request(req).await.unwrap();
-        let (parts, body) = resp.into_parts();
-        Answer {
-            status: parts.status,
-            body: body.collect().await.unwrap().to_bytes(),
-        }
-    }
-
     async fn get(&self, path: &str) -> Answer {
-        self.call(Method::GET, path, vec![], &[]).await
+        self.call_with(Method::GET, path, vec![], &[]).await
     }
 
     async fn create_layer(&self, name: &str, doc: &Value) -> Answer {
-        self.call(
+        self.call_with(
             Method::POST,
             &format!("/2023-03-30/layers/{name}/versions"),
             doc.to_string().into_bytes(),
@@ -223,7 +114,7 @@ impl Api {
     }
 
     async fn create_function(&self, doc: &Value) -> Answer {
-        self.call(
+        self.call_with(
             Method::POST,
             "/2023-03-30/functions",
             doc.to_string().into_bytes(),
@@ -233,7 +124,7 @@ impl Api {
     }
 
     async fn update_function(&self, name: &str, doc: &Value) -> Answer {
-        self.call(
+        self.call_with(
             Method::PUT,
             &format!("/2023-03-30/functions/{name}"),
             doc.to_string().into_bytes(),
@@ -243,7 +134,7 @@ impl Api {
     }
 
     async fn invoke(&self, name: &str, headers: &[(&str, &str)]) -> Answer {
-        self.call(
+        self.call_with(
             Method::POST,
             &format!("/2023-03-30/functions/{name}/invocations"),
             b"{}".to_vec(),
@@ -253,20 +144,9 @@ impl Api {
     }
 }
 
+/// Layer files are data, not programs.
 fn zip_of(files: &[(&str, &[u8])]) -> Vec<u8> {
-    let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-    let opts = zip::write::SimpleFileOptions::default()
-        .compression_method(zip::CompressionMethod::Deflated)
-        .unix_permissions(0o644);
-    for (name, data) in files {
-        w.start_file(*name, opts).unwrap();
-        w.write_all(data).unwrap();
-    }
-    w.finish().unwrap().into_inner()
-}
-
-fn b64(b: &[u8]) -> String {
-    base64::engine::general_purpose::STANDARD.encode(b)
+    zip_with_mode(files, 0o644)
 }
 
 fn layer_doc(files: &[(&str, &[u8])]) -> Value {
@@ -386,7 +266,7 @@ async fn layer_versions_listing_acl_and_references() {
         .fc_error(404, "FunctionNotFound");
 
     // Public: B may read and use it; A's listing shows it as public.
-    a.call(
+    a.call_with(
         Method::PUT,
         "/2023-03-30/layers/lib/acl?public=true",
         vec![],
@@ -414,10 +294,10 @@ async fn layer_versions_listing_acl_and_references() {
     let l = a.get("/2023-03-30/layers?public=true").await.ok();
     assert_eq!(l["layers"][0]["layerName"], "lib");
     // B still cannot change A's layer.
-    b.call(Method::PUT, "/2023-03-30/layers/lib/acl?acl=0", vec![], &[])
+    b.call_with(Method::PUT, "/2023-03-30/layers/lib/acl?acl=0", vec![], &[])
         .await
         .fc_error(404, "LayerNotFound");
-    b.call(
+    b.call_with(
         Method::DELETE,
         "/2023-03-30/layers/lib/versions/1",
         vec![],
@@ -426,7 +306,7 @@ async fn layer_versions_listing_acl_and_references() {
     .await
     .fc_error(404, "LayerNotFound");
     // Private again: existing users keep it, new references are refused.
-    a.call(Method::PUT, "/2023-03-30/layers/lib/acl?acl=0", vec![], &[])
+    a.call_with(Method::PUT, "/2023-03-30/layers/lib/acl?acl=0", vec![], &[])
         .await
         .ok();
     b.create_function(&function_doc("fb2", "custom.debian12", &[&arn1]))
@@ -447,7 +327,7 @@ async fn layer_versions_listing_acl_and_references() {
         hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&zip))
     };
     assert!(env.zip_file(&digest1).exists());
-    a.call(
+    a.call_with(
         Method::DELETE,
         "/2023-03-30/layers/lib/versions/1",
         vec![],
@@ -470,7 +350,7 @@ async fn layer_versions_listing_acl_and_references() {
         .await
         .ok();
     assert_eq!(u["layers"][1]["arn"], arn1.as_str());
-    a.call(Method::DELETE, "/2023-03-30/functions/fa", vec![], &[])
+    a.call_with(Method::DELETE, "/2023-03-30/functions/fa", vec![], &[])
         .await
         .ok();
     assert!(env.zip_file(&digest1).exists(), "fb still uses it");
@@ -641,13 +521,13 @@ async fn bad_layer_input_is_refused_and_changes_nothing() {
     a.get("/2023-03-30/layers?public=maybe")
         .await
         .fc_error(400, "InvalidArgument");
-    a.call(Method::PUT, "/2023-03-30/layers/lib/acl", vec![], &[])
+    a.call_with(Method::PUT, "/2023-03-30/layers/lib/acl", vec![], &[])
         .await
         .fc_error(400, "InvalidArgument");
-    a.call(Method::PUT, "/2023-03-30/layers/lib/acl?acl=2", vec![], &[])
+    a.call_with(Method::PUT, "/2023-03-30/layers/lib/acl?acl=2", vec![], &[])
         .await
         .fc_error(400, "InvalidArgument");
-    a.call(
+    a.call_with(
         Method::PUT,
         "/2023-03-30/layers/nope/acl?acl=1",
         vec![],
@@ -655,7 +535,7 @@ async fn bad_layer_input_is_refused_and_changes_nothing() {
     )
     .await
     .fc_error(404, "LayerNotFound");
-    a.call(
+    a.call_with(
         Method::DELETE,
         "/2023-03-30/layers/lib/versions/7",
         vec![],
@@ -672,10 +552,10 @@ async fn layers_survive_a_restart() {
     let mut env = Env::new(vec![]).await;
     let a = env.client(AK_A, SK_A);
     let v = a.create_layer("lib", &layer_doc(&[("f", b"1")])).await.ok();
-    a.call(Method::PUT, "/2023-03-30/layers/lib/acl?acl=1", vec![], &[])
+    a.call_with(Method::PUT, "/2023-03-30/layers/lib/acl?acl=1", vec![], &[])
         .await
         .ok();
-    a.call(
+    a.call_with(
         Method::DELETE,
         "/2023-03-30/layers/lib/versions/1",
         vec![],
@@ -807,7 +687,7 @@ async fn runtime_end_of_support_stages_each_refuse_one_more_thing() {
     not_refused_for_runtime(&a.invoke("mover", &[]).await);
     // Reads and deletes still work.
     a.get("/2023-03-30/functions/old").await.ok();
-    a.call(Method::DELETE, "/2023-03-30/functions/old", vec![], &[])
+    a.call_with(Method::DELETE, "/2023-03-30/functions/old", vec![], &[])
         .await
         .ok();
 }

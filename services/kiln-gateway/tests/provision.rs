@@ -3,27 +3,17 @@
 //! with signed requests. No agent: provisioned instances cannot start, so
 //! `current` stays 0, but every configuration is kept and checked.
 
+mod common;
+
 use std::net::SocketAddr;
 
-use base64::Engine;
-use bytes::Bytes;
-use http::{HeaderMap, Method, Request, StatusCode, Uri};
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use common::*;
+use http::{Method, StatusCode};
 use kiln_gateway::config::BootstrapKey;
 use kiln_gateway::{GatewayConfig, GatewayHandle};
 use kiln_pki::DevPki;
 use kiln_scheduler::{SchedulerConfig, SchedulerHandle};
 use serde_json::{json, Value};
-
-const ACCOUNT_A: &str = "1000000000000001";
-const ACCOUNT_B: &str = "1000000000000002";
-const AK_A: &str = "AKA0000000000001";
-const SK_A: &str = "secret-of-account-a-0001";
-const AK_B: &str = "AKB0000000000002";
-const SK_B: &str = "secret-of-account-b-0002";
 
 struct Env {
     _dir: tempfile::TempDir,
@@ -86,21 +76,7 @@ impl Env {
     }
 
     fn client(&self, ak: &'static str, sk: &'static str) -> Api {
-        let mut tls = (*kiln_pki::public_client_config(&self.pki.ca_cert()).unwrap()).clone();
-        tls.alpn_protocols.clear();
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_only()
-            .enable_http1()
-            .wrap_connector(http);
-        Api {
-            http: Client::builder(TokioExecutor::new()).build(connector),
-            base: format!("https://localhost:{}", self.addr().port()),
-            ak,
-            sk,
-        }
+        Api::new(&self.pki, self.addr(), ak, sk, false)
     }
 
     async fn shutdown(self) {
@@ -109,76 +85,7 @@ impl Env {
     }
 }
 
-struct Api {
-    http: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
-    base: String,
-    ak: &'static str,
-    sk: &'static str,
-}
-
-struct Answer {
-    status: StatusCode,
-    body: Bytes,
-}
-
-impl Answer {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
-    }
-
-    fn ok(&self) -> Value {
-        assert_eq!(
-            self.status,
-            StatusCode::OK,
-            "{}",
-            String::from_utf8_lossy(&self.body)
-        );
-        self.json()
-    }
-
-    /// An FC error: status and Code; answers the message.
-    fn fc_error(&self, status: u16, code: &str) -> String {
-        assert_eq!(
-            self.status.as_u16(),
-            status,
-            "{}",
-            String::from_utf8_lossy(&self.body)
-        );
-        let v = self.json();
-        assert_eq!(v["Code"], code, "{v}");
-        v["Message"].as_str().unwrap().to_owned()
-    }
-}
-
 impl Api {
-    async fn call(&self, method: Method, path: &str, body: Vec<u8>) -> Answer {
-        let uri: Uri = format!("{}{}", self.base, path).parse().unwrap();
-        let mut h = HeaderMap::new();
-        if !body.is_empty() {
-            h.insert("content-type", "application/json".parse().unwrap());
-        }
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as u64;
-        let nonce = kiln_auth::new_nonce();
-        let params = kiln_auth::SigningParams::new(self.ak, self.sk, now, &nonce);
-        kiln_auth::sign(&method, &uri, &mut h, &body, &params).unwrap();
-        let mut req = Request::builder()
-            .method(method)
-            .uri(uri)
-            .body(Full::new(Bytes::from(body)))
-            .unwrap();
-        *req.headers_mut() = h;
-        let resp = self.http.request(req).await.unwrap();
-        let (parts, body) = resp.into_parts();
-        Answer {
-            status: parts.status,
-            body: body.collect().await.unwrap().to_bytes(),
-        }
-    }
-
     async fn put(&self, path: &str, doc: &Value) -> Answer {
         self.call(Method::PUT, path, doc.to_string().into_bytes())
             .await
@@ -189,14 +96,7 @@ impl Api {
     }
 
     async fn create(&self, name: &str) {
-        let zip = {
-            use std::io::Write;
-            let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-            w.start_file("app.py", zip::write::SimpleFileOptions::default())
-                .unwrap();
-            w.write_all(b"print('hi')\n").unwrap();
-            w.finish().unwrap().into_inner()
-        };
+        let zip = zip_of(&[("app.py", b"print('hi')\n")]);
         let doc = json!({
             "functionName": name,
             "runtime": "custom.debian12",
@@ -204,7 +104,7 @@ impl Api {
             "memorySize": 512,
             "timeout": 10,
             "customRuntimeConfig": {"command": ["python3", "/code/app.py"], "port": 9000},
-            "code": {"zipFile": base64::engine::general_purpose::STANDARD.encode(zip)},
+            "code": {"zipFile": b64(&zip)},
         });
         let a = self
             .call(
@@ -240,7 +140,7 @@ async fn provision_configs_round_trip_checked_and_scoped() {
     b.create("p1").await;
 
     // Nothing configured yet: FC's shape with zero targets.
-    let v = a.get(&prov("p1")).await.ok();
+    let v = a.get(&prov("p1")).await.ok_with(StatusCode::OK);
     assert_eq!(
         (v["target"].clone(), v["current"].clone()),
         (json!(0), json!(0))
@@ -260,12 +160,12 @@ async fn provision_configs_round_trip_checked_and_scoped() {
         }],
         "targetTrackingPolicies": [],
     });
-    let v = a.put(&prov("p1"), &doc).await.ok();
+    let v = a.put(&prov("p1"), &doc).await.ok_with(StatusCode::OK);
     assert_eq!(v["defaultTarget"], 2);
     assert_eq!(v["alwaysAllocateCPU"], true);
     assert_eq!(v["current"], 0, "no node: nothing can start");
     assert_eq!(v["scheduledActions"][0]["timeZone"], "Asia/Shanghai");
-    let got = a.get(&prov("p1")).await.ok();
+    let got = a.get(&prov("p1")).await.ok_with(StatusCode::OK);
     assert_eq!(got["defaultTarget"], 2);
     assert_eq!(got["scheduledActions"], v["scheduledActions"]);
     assert_eq!(got["targetTrackingPolicies"], json!([]));
@@ -307,7 +207,7 @@ async fn provision_configs_round_trip_checked_and_scoped() {
         .await
         .fc_error(400, "InvalidArgument");
     assert!(m.contains("not valid"), "{m}");
-    assert_eq!(a.get(&prov("p1")).await.ok(), got);
+    assert_eq!(a.get(&prov("p1")).await.ok_with(StatusCode::OK), got);
     a.put(
         &format!("{}?qualifier=prod", prov("p1")),
         &json!({"target": 1}),
@@ -324,8 +224,14 @@ async fn provision_configs_round_trip_checked_and_scoped() {
         .await
         .fc_error(404, "FunctionNotFound");
     // B's p1 is B's own: unconfigured, and B cannot see A's.
-    assert_eq!(b.get(&prov("p1")).await.ok()["target"], 0);
-    let l = b.get("/2023-03-30/provision-configs").await.ok();
+    assert_eq!(
+        b.get(&prov("p1")).await.ok_with(StatusCode::OK)["target"],
+        0
+    );
+    let l = b
+        .get("/2023-03-30/provision-configs")
+        .await
+        .ok_with(StatusCode::OK);
     assert_eq!(l["provisionConfigs"], json!([]));
 
     // Target tracking on p2; list pages by function name.
@@ -337,9 +243,12 @@ async fn provision_configs_round_trip_checked_and_scoped() {
                 "metricTarget": 0.5, "minCapacity": 1, "maxCapacity": 4}]}),
         )
         .await
-        .ok();
+        .ok_with(StatusCode::OK);
     assert_eq!(v["targetTrackingPolicies"][0]["maxCapacity"], 4);
-    let l = a.get("/2023-03-30/provision-configs").await.ok();
+    let l = a
+        .get("/2023-03-30/provision-configs")
+        .await
+        .ok_with(StatusCode::OK);
     let names: Vec<&str> = l["provisionConfigs"]
         .as_array()
         .unwrap()
@@ -354,7 +263,10 @@ async fn provision_configs_round_trip_checked_and_scoped() {
         ]
     );
     assert!(l.get("nextToken").is_none());
-    let page = a.get("/2023-03-30/provision-configs?limit=1").await.ok();
+    let page = a
+        .get("/2023-03-30/provision-configs?limit=1")
+        .await
+        .ok_with(StatusCode::OK);
     assert_eq!(page["provisionConfigs"].as_array().unwrap().len(), 1);
     let token = page["nextToken"].as_str().unwrap().to_owned();
     let page2 = a
@@ -362,7 +274,7 @@ async fn provision_configs_round_trip_checked_and_scoped() {
             "/2023-03-30/provision-configs?limit=1&nextToken={token}"
         ))
         .await
-        .ok();
+        .ok_with(StatusCode::OK);
     assert!(page2["provisionConfigs"][0]["functionArn"]
         .as_str()
         .unwrap()
@@ -370,7 +282,7 @@ async fn provision_configs_round_trip_checked_and_scoped() {
     let one = a
         .get("/2023-03-30/provision-configs?functionName=p2")
         .await
-        .ok();
+        .ok_with(StatusCode::OK);
     assert_eq!(one["provisionConfigs"].as_array().unwrap().len(), 1);
     a.get("/2023-03-30/provision-configs?limit=0")
         .await
@@ -384,8 +296,14 @@ async fn provision_configs_round_trip_checked_and_scoped() {
     assert_eq!(d.status, StatusCode::NO_CONTENT);
     let d = a.call(Method::DELETE, &prov("p1"), vec![]).await;
     assert_eq!(d.status, StatusCode::NO_CONTENT);
-    assert_eq!(a.get(&prov("p1")).await.ok()["defaultTarget"], 0);
-    let l = a.get("/2023-03-30/provision-configs").await.ok();
+    assert_eq!(
+        a.get(&prov("p1")).await.ok_with(StatusCode::OK)["defaultTarget"],
+        0
+    );
+    let l = a
+        .get("/2023-03-30/provision-configs")
+        .await
+        .ok_with(StatusCode::OK);
     assert_eq!(l["provisionConfigs"].as_array().unwrap().len(), 1);
     env.shutdown().await;
 }
@@ -399,7 +317,7 @@ async fn concurrency_configs_round_trip_checked_and_scoped() {
     a.create("c2").await;
     b.create("c1").await;
 
-    let v = a.get(&conc("c1")).await.ok();
+    let v = a.get(&conc("c1")).await.ok_with(StatusCode::OK);
     assert_eq!(
         v,
         json!({"functionArn": format!("acs:fc:cn-test:{ACCOUNT_A}:functions/c1")})
@@ -407,12 +325,15 @@ async fn concurrency_configs_round_trip_checked_and_scoped() {
     let v = a
         .put(&conc("c1"), &json!({"reservedConcurrency": 5}))
         .await
-        .ok();
+        .ok_with(StatusCode::OK);
     assert_eq!(v["reservedConcurrency"], 5);
-    assert_eq!(a.get(&conc("c1")).await.ok()["reservedConcurrency"], 5);
+    assert_eq!(
+        a.get(&conc("c1")).await.ok_with(StatusCode::OK)["reservedConcurrency"],
+        5
+    );
     a.put(&conc("c2"), &json!({"reservedConcurrency": 0}))
         .await
-        .ok();
+        .ok_with(StatusCode::OK);
 
     // Bad input: InvalidArgument, nothing changed.
     for doc in [
@@ -426,7 +347,10 @@ async fn concurrency_configs_round_trip_checked_and_scoped() {
             .await
             .fc_error(400, "InvalidArgument");
     }
-    assert_eq!(a.get(&conc("c1")).await.ok()["reservedConcurrency"], 5);
+    assert_eq!(
+        a.get(&conc("c1")).await.ok_with(StatusCode::OK)["reservedConcurrency"],
+        5
+    );
 
     a.put(&conc("nope"), &json!({"reservedConcurrency": 1}))
         .await
@@ -436,15 +360,20 @@ async fn concurrency_configs_round_trip_checked_and_scoped() {
     assert!(b
         .get(&conc("c1"))
         .await
-        .ok()
+        .ok_with(StatusCode::OK)
         .get("reservedConcurrency")
         .is_none());
     assert_eq!(
-        b.get("/2023-03-30/concurrency-configs").await.ok()["configs"],
+        b.get("/2023-03-30/concurrency-configs")
+            .await
+            .ok_with(StatusCode::OK)["configs"],
         json!([])
     );
 
-    let l = a.get("/2023-03-30/concurrency-configs").await.ok();
+    let l = a
+        .get("/2023-03-30/concurrency-configs")
+        .await
+        .ok_with(StatusCode::OK);
     assert_eq!(
         l["configs"],
         json!([
@@ -459,10 +388,13 @@ async fn concurrency_configs_round_trip_checked_and_scoped() {
     assert!(a
         .get(&conc("c1"))
         .await
-        .ok()
+        .ok_with(StatusCode::OK)
         .get("reservedConcurrency")
         .is_none());
-    let l = a.get("/2023-03-30/concurrency-configs").await.ok();
+    let l = a
+        .get("/2023-03-30/concurrency-configs")
+        .await
+        .ok_with(StatusCode::OK);
     assert_eq!(l["configs"].as_array().unwrap().len(), 1);
     env.shutdown().await;
 }
@@ -532,10 +464,12 @@ async fn provisioned_instances_start_and_follow_function_updates() {
         .unwrap();
     let a = env.client(AK_A, SK_A);
     a.create("warm").await;
-    a.put(&prov("warm"), &json!({"target": 2})).await.ok();
+    a.put(&prov("warm"), &json!({"target": 2}))
+        .await
+        .ok_with(StatusCode::OK);
     wait_for("two provisioned instances", async || {
         sched.tick();
-        (a.get(&prov("warm")).await.ok()["current"] == 2).then_some(())
+        (a.get(&prov("warm")).await.ok_with(StatusCode::OK)["current"] == 2).then_some(())
     })
     .await;
     let before: Vec<String> = sched
@@ -563,7 +497,8 @@ async fn provisioned_instances_start_and_follow_function_updates() {
                 .iter()
                 .filter(|i| !before.contains(&i.revision))
                 .count();
-            (fresh == 2 && a.get(&prov("warm")).await.ok()["current"] == 2).then_some(())
+            (fresh == 2 && a.get(&prov("warm")).await.ok_with(StatusCode::OK)["current"] == 2)
+                .then_some(())
         },
     )
     .await;
@@ -592,7 +527,7 @@ async fn the_runtime_listing_shows_which_runtimes_the_nodes_offer() {
             .unwrap()["nodes"]
             .clone()
     };
-    let v = a.get("/2023-03-30/runtimes").await.ok();
+    let v = a.get("/2023-03-30/runtimes").await.ok_with(StatusCode::OK);
     assert_eq!(nodes_of(&v, "custom"), 0);
     sched
         .register(&kiln_internal_api::RegisterNode {
@@ -613,7 +548,7 @@ async fn the_runtime_listing_shows_which_runtimes_the_nodes_offer() {
             instances: vec![],
         })
         .unwrap();
-    let v = a.get("/2023-03-30/runtimes").await.ok();
+    let v = a.get("/2023-03-30/runtimes").await.ok_with(StatusCode::OK);
     assert_eq!(nodes_of(&v, "custom"), 1);
     assert_eq!(nodes_of(&v, "custom.debian12"), 0);
     assert_eq!(v["runtimes"][0]["status"], "Active");

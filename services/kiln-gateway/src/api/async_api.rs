@@ -1,30 +1,23 @@
 //! Async invocation (InvokeFunction with `x-fc-invocation-type: Async`),
-//! the async invoke config calls and the async task calls; and the real
-//! [`Invoker`] the dispatcher uses, which goes through the sync invoke path.
+//! the async invoke config calls and the async task calls. Deliveries go
+//! through [`crate::queue::invoker`].
 
-use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::sync::Arc;
 
+use super::respond::{full, Body};
 use bytes::Bytes;
-use http::{header, HeaderValue, Method, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use http::{header, HeaderValue, Response, StatusCode};
 use kiln_core::{FcError, FcErrorCode, FunctionName, RequestId};
-use kiln_internal_api::server::{full, Body};
 
-use super::{query_param, ApiError, Gateway};
+use super::error::ApiError;
+use super::request::query_param;
 use crate::auth::Caller;
-use crate::queue::dispatch::{BoxFuture, InvokeOutcome, Invoker};
+use crate::gateway::Gateway;
 use crate::queue::tasks::TaskQuery;
-use crate::queue::{
-    AsyncConfig, Claimed, Enqueued, NewMessage, QueueError, StopOutcome, TaskStatus,
-};
+use crate::queue::{AsyncConfig, Enqueued, NewMessage, QueueError, StopOutcome, TaskStatus};
 
 pub const INVOCATION_TYPE: &str = "x-fc-invocation-type";
 pub const TASK_ID: &str = "x-fc-async-task-id";
-/// The most bytes of a function's answer kept as a task's returnPayload.
-const RETURN_PAYLOAD_MAX: usize = 1024 * 1024;
 
 /// Whether the request asks for an async invocation; any value other
 /// than Sync or Async is refused.
@@ -83,8 +76,8 @@ pub async fn enqueue(
     payload: Bytes,
     request_id: &RequestId,
 ) -> Result<Response<Body>, ApiError> {
-    super::functions::check_qualifier(parts)?;
-    let entry = super::caller_function(gw, caller, name)?;
+    super::request::check_qualifier(parts)?;
+    let entry = super::request::caller_function(gw, caller, name)?;
     gw.runtimes
         .check_invoke(entry.record.config.runtime, gw.clock.now_ms())?;
     let limit = kiln_core::limits::ASYNC_PAYLOAD_MAX;
@@ -173,8 +166,8 @@ pub async fn put_config(
     parts: &http::request::Parts,
     body: Bytes,
 ) -> Result<Response<Body>, ApiError> {
-    super::functions::check_qualifier(parts)?;
-    super::caller_function(gw, caller, name)?;
+    super::request::check_qualifier(parts)?;
+    super::request::caller_function(gw, caller, name)?;
     let mut cfg = AsyncConfig::parse(&body, &gw.region, caller.account_id.as_str())?;
     let configs = gw.dispatcher.configs();
     let now = gw.clock.now_ms();
@@ -199,8 +192,8 @@ pub fn get_config(
     name: &FunctionName,
     parts: &http::request::Parts,
 ) -> Result<Response<Body>, ApiError> {
-    super::functions::check_qualifier(parts)?;
-    super::caller_function(gw, caller, name)?;
+    super::request::check_qualifier(parts)?;
+    super::request::caller_function(gw, caller, name)?;
     let cfg = gw
         .dispatcher
         .configs()
@@ -218,8 +211,8 @@ pub async fn delete_config(
     name: &FunctionName,
     parts: &http::request::Parts,
 ) -> Result<Response<Body>, ApiError> {
-    super::functions::check_qualifier(parts)?;
-    super::caller_function(gw, caller, name)?;
+    super::request::check_qualifier(parts)?;
+    super::request::caller_function(gw, caller, name)?;
     let configs = gw.dispatcher.configs();
     if configs
         .get(caller.account_id.as_str(), name.as_str())
@@ -311,8 +304,8 @@ pub async fn get_task(
     task_id: &str,
     parts: &http::request::Parts,
 ) -> Result<Response<Body>, ApiError> {
-    super::functions::check_qualifier(parts)?;
-    super::caller_function(gw, caller, name)?;
+    super::request::check_qualifier(parts)?;
+    super::request::caller_function(gw, caller, name)?;
     if !task_mode(gw, caller, name) {
         return Err(no_task(task_id));
     }
@@ -352,8 +345,8 @@ pub async fn list_tasks(
     name: &FunctionName,
     parts: &http::request::Parts,
 ) -> Result<Response<Body>, ApiError> {
-    super::functions::check_qualifier(parts)?;
-    super::caller_function(gw, caller, name)?;
+    super::request::check_qualifier(parts)?;
+    super::request::caller_function(gw, caller, name)?;
     let status = match query_param(parts, "status").filter(|s| !s.is_empty()) {
         None => None,
         Some(s) => Some(TaskStatus::parse(&s).ok_or_else(|| {
@@ -422,8 +415,8 @@ pub async fn stop_task(
     task_id: &str,
     parts: &http::request::Parts,
 ) -> Result<Response<Body>, ApiError> {
-    super::functions::check_qualifier(parts)?;
-    super::caller_function(gw, caller, name)?;
+    super::request::check_qualifier(parts)?;
+    super::request::caller_function(gw, caller, name)?;
     if !task_mode(gw, caller, name) {
         return Err(no_task(task_id));
     }
@@ -449,172 +442,6 @@ pub async fn stop_task(
         .status(StatusCode::OK)
         .body(full(Bytes::new()))
         .expect("valid response"))
-}
-
-/// Why the webhook client could not be built.
-#[derive(Debug, thiserror::Error)]
-pub enum WebhookClientError {
-    #[error("Cannot load the webhook CA {0}")]
-    Ca(std::path::PathBuf, #[source] kiln_pki::PkiError),
-    #[error("Cannot build the webhook TLS client")]
-    Tls(#[from] rustls::Error),
-}
-
-type WebhookClient = Client<
-    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-    Full<Bytes>,
->;
-
-/// An https-only client trusting the system's roots and `extra_ca`.
-pub fn webhook_client(
-    extra_ca: Option<&std::path::Path>,
-) -> Result<WebhookClient, WebhookClientError> {
-    let mut roots = rustls::RootCertStore::empty();
-    let native = rustls_native_certs::load_native_certs();
-    for c in native.certs {
-        let _ = roots.add(c);
-    }
-    if let Some(p) = extra_ca {
-        for c in kiln_pki::load_certs(p).map_err(|e| WebhookClientError::Ca(p.to_owned(), e))? {
-            roots.add(c)?;
-        }
-    }
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_only()
-        .enable_http1()
-        .build();
-    Ok(Client::builder(TokioExecutor::new()).build(connector))
-}
-
-/// The function's answer, at most [`RETURN_PAYLOAD_MAX`] bytes kept (the
-/// rest is read and dropped so the lease is released normally).
-async fn read_capped(mut body: Body) -> Result<Vec<u8>, String> {
-    let mut out = Vec::new();
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| format!("the function's answer was cut off: {e}"))?;
-        if let Ok(data) = frame.into_data() {
-            let room = RETURN_PAYLOAD_MAX.saturating_sub(out.len());
-            out.extend_from_slice(&data[..data.len().min(room)]);
-        }
-    }
-    Ok(out)
-}
-
-/// The dispatcher's invoker: the sync invoke path of this gateway, and an
-/// https client for webhooks.
-pub struct GatewayInvoker {
-    pub gw: Weak<Gateway>,
-    pub webhooks: WebhookClient,
-}
-
-const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(10);
-
-impl Invoker for GatewayInvoker {
-    fn invoke(&self, m: &Claimed) -> BoxFuture<InvokeOutcome> {
-        let gw = self.gw.upgrade();
-        let m = m.clone();
-        Box::pin(async move {
-            let Some(gw) = gw else {
-                return InvokeOutcome::SystemError("the gateway is stopping".into());
-            };
-            let (Ok(account), Ok(name)) = (m.account.parse(), m.function.parse::<FunctionName>())
-            else {
-                return InvokeOutcome::FunctionGone("stored names are unreadable".into());
-            };
-            let request_id = m
-                .request_id
-                .parse::<RequestId>()
-                .unwrap_or_else(|_| RequestId::generate());
-            // The enqueue was authorized; delivery acts for the account.
-            let caller = Caller {
-                account_id: account,
-                access_key_id: String::new(),
-                principal: crate::auth::Principal::Account,
-            };
-            let mut b = http::Request::builder()
-                .method(Method::POST)
-                .uri(format!("/2023-03-30/functions/{name}/invocations"));
-            for (k, v) in &m.headers {
-                b = b.header(k.as_str(), v.as_str());
-            }
-            let parts = match b.body(()) {
-                Ok(r) => r.into_parts().0,
-                Err(_) => http::Request::new(()).into_parts().0,
-            };
-            let call = super::invoke::invoke(
-                &gw,
-                &caller,
-                &name,
-                parts,
-                Bytes::from(m.payload),
-                &request_id,
-            );
-            // Stopped mid-call (the dispatcher aborts this future): the
-            // instance is reported failed and reclaimed.
-            let resp = super::invoke::RECLAIM_IF_ABANDONED.scope((), call).await;
-            match resp {
-                Ok(r) => {
-                    let status = r.status().as_u16();
-                    let failed = r.headers().contains_key(super::invoke::ERROR_TYPE);
-                    let body = match read_capped(r.into_body()).await {
-                        Ok(b) => b,
-                        Err(e) => return InvokeOutcome::SystemError(e),
-                    };
-                    if failed || status >= 300 {
-                        InvokeOutcome::FunctionError { status, body }
-                    } else {
-                        InvokeOutcome::Success { status, body }
-                    }
-                }
-                Err(e) => {
-                    let fc = super::to_fc(&e);
-                    match fc.code {
-                        FcErrorCode::ResourceThrottled => InvokeOutcome::Throttled(fc.to_string()),
-                        FcErrorCode::FunctionNotFound => {
-                            InvokeOutcome::FunctionGone(fc.to_string())
-                        }
-                        _ => InvokeOutcome::SystemError(fc.to_string()),
-                    }
-                }
-            }
-        })
-    }
-
-    fn call_budget_ms(&self, m: &Claimed) -> Option<u64> {
-        let gw = self.gw.upgrade()?;
-        let entry = gw
-            .catalog
-            .function(&m.account.parse().ok()?, &m.function.parse().ok()?)?;
-        Some(u64::from(entry.spec.timeout_s) * 1000 + 10_000)
-    }
-
-    fn webhook(&self, url: &str, record: &serde_json::Value) -> BoxFuture<Result<(), String>> {
-        let client = self.webhooks.clone();
-        let req = http::Request::builder()
-            .method(Method::POST)
-            .uri(url)
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(record.to_string())));
-        Box::pin(async move {
-            let req = req.map_err(|e| format!("bad webhook request: {e}"))?;
-            let resp = tokio::time::timeout(WEBHOOK_TIMEOUT, client.request(req))
-                .await
-                .map_err(|_| "webhook timed out".to_owned())?
-                .map_err(|e| format!("webhook unreachable: {e}"))?;
-            if resp.status().is_success() {
-                Ok(())
-            } else {
-                Err(format!("webhook answered {}", resp.status()))
-            }
-        })
-    }
 }
 
 #[cfg(test)]

@@ -7,17 +7,20 @@
 
 use std::sync::Arc;
 
+use super::respond::Body;
 use bytes::Bytes;
-use http::{Method, Response, StatusCode};
+use http::{Response, StatusCode};
 use kiln_core::{FcError, FunctionName};
-use kiln_internal_api::server::Body;
-use kiln_internal_api::{paths, AccountLimits, FunctionLimits};
+use kiln_internal_api::{AccountLimits, FunctionLimits};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::provision::{arn, json_response, no_content};
-use super::{query_param, ApiError, Gateway};
+use super::error::ApiError;
+use super::request::function_arn as arn;
+use super::request::query_param;
+use super::respond::{json as json_response, no_content};
 use crate::auth::Caller;
+use crate::gateway::Gateway;
 
 /// The most instances one function may reserve (the scheduler also
 /// refuses more than the account's burst pool).
@@ -53,13 +56,7 @@ fn to_fc(arn: &str, reserved: Option<u32>) -> Value {
 }
 
 async fn limits(gw: &Gateway, caller: &Caller) -> Result<AccountLimits, ApiError> {
-    Ok(gw
-        .internal
-        .get(
-            &gw.scheduler_url,
-            &paths::account_limits(&caller.account_id),
-        )
-        .await?)
+    Ok(gw.scheduler.account_limits(&caller.account_id).await?)
 }
 
 /// Set the function's entry, keeping its `max_concurrency`.
@@ -74,21 +71,15 @@ async fn set(
         .functions
         .get(name)
         .and_then(|f| f.max_concurrency);
-    let path = paths::function_limits(&caller.account_id, name);
-    let out = if reserved.is_none() && max_concurrency.is_none() {
-        gw.internal
-            .call::<(), AccountLimits>(Method::DELETE, &gw.scheduler_url, &path, None)
-            .await?
-    } else {
-        let f = FunctionLimits {
-            reserved_concurrency: reserved,
-            max_concurrency,
-        };
-        gw.internal
-            .call(Method::PUT, &gw.scheduler_url, &path, Some(&f))
-            .await?
+    let f = FunctionLimits {
+        reserved_concurrency: reserved,
+        max_concurrency,
     };
-    Ok(out)
+    let limits = (reserved.is_some() || max_concurrency.is_some()).then_some(&f);
+    Ok(gw
+        .scheduler
+        .set_function_limits(&caller.account_id, name, limits)
+        .await?)
 }
 
 pub async fn put(
@@ -98,7 +89,7 @@ pub async fn put(
     body: Bytes,
 ) -> Result<Response<Body>, ApiError> {
     let reserved = parse_input(&body)?;
-    super::caller_function(gw, caller, name)?;
+    super::request::caller_function(gw, caller, name)?;
     let now = set(gw, caller, name, Some(reserved)).await?;
     let stored = now.functions.get(name).and_then(|f| f.reserved_concurrency);
     tracing::info!(function = %name, reserved, "concurrency config set");
@@ -114,7 +105,7 @@ pub async fn get(
     caller: &Caller,
     name: &FunctionName,
 ) -> Result<Response<Body>, ApiError> {
-    super::caller_function(gw, caller, name)?;
+    super::request::caller_function(gw, caller, name)?;
     let reserved = limits(gw, caller)
         .await?
         .functions
@@ -132,7 +123,7 @@ pub async fn delete(
     caller: &Caller,
     name: &FunctionName,
 ) -> Result<Response<Body>, ApiError> {
-    super::caller_function(gw, caller, name)?;
+    super::request::caller_function(gw, caller, name)?;
     set(gw, caller, name, None).await?;
     tracing::info!(function = %name, "concurrency config deleted");
     Ok(no_content())
@@ -159,7 +150,7 @@ pub async fn list(
     let only = query_param(parts, "functionName").filter(|s| !s.is_empty());
     let after = match query_param(parts, "nextToken").filter(|t| !t.is_empty()) {
         None => None,
-        Some(t) => Some(super::functions::decode_token(&t)?),
+        Some(t) => Some(super::request::decode_token(&t)?),
     };
     let all = limits(gw, caller).await?;
     let mut page: Vec<(&FunctionName, u32)> = all
@@ -181,7 +172,7 @@ pub async fn list(
     });
     if more {
         if let Some((n, _)) = page.last() {
-            out["nextToken"] = super::functions::encode_token(n.as_str()).into();
+            out["nextToken"] = super::request::encode_token(n.as_str()).into();
         }
     }
     Ok(json_response(StatusCode::OK, &out))

@@ -3,16 +3,17 @@
 
 use std::sync::Arc;
 
-use base64::Engine;
+use super::respond::{json, no_content, Body};
 use bytes::Bytes;
 use http::{Response, StatusCode};
 use kiln_core::{limits, FcError, FunctionName};
-use kiln_internal_api::server::{json, no_content, Body};
-use kiln_internal_api::{paths, RetireFunction};
+use kiln_internal_api::RetireFunction;
 
-use super::{query_param, ApiError, Gateway};
+use super::error::ApiError;
+use super::request::{check_qualifier, decode_token, encode_token, query_param};
 use crate::auth::Caller;
 use crate::catalog::NewCode;
+use crate::gateway::Gateway;
 use crate::model::{CodeRef, Function, FunctionRecord, ListFunctionsOutput};
 use crate::validate::{self, ParsedInput};
 
@@ -117,19 +118,8 @@ pub fn get(
     parts: &http::request::Parts,
 ) -> Result<Response<Body>, ApiError> {
     check_qualifier(parts)?;
-    let entry = super::caller_function(gw, caller, name)?;
+    let entry = super::request::caller_function(gw, caller, name)?;
     Ok(reply(gw, &entry.record))
-}
-
-/// Versions and aliases do not exist yet: only LATEST (or none) resolves.
-pub fn check_qualifier(parts: &http::request::Parts) -> Result<(), FcError> {
-    match query_param(parts, "qualifier") {
-        None => Ok(()),
-        Some(q) if q.is_empty() || q == "LATEST" => Ok(()),
-        Some(q) => Err(FcError::invalid_argument(format!(
-            "qualifier {q:?} is not supported: this endpoint has no versions or aliases, use LATEST"
-        ))),
-    }
 }
 
 pub async fn update(
@@ -141,7 +131,7 @@ pub async fn update(
     let mut parsed = validate::parse_input(&body)?;
     drop(body);
     if gw.catalog.function(&caller.account_id, name).is_none() {
-        return Err(super::not_found(name).into());
+        return Err(super::request::not_found(name).into());
     }
     check_role(gw, caller, &parsed)?;
     let code = new_code(&mut parsed).await?;
@@ -169,7 +159,7 @@ pub async fn update(
     let changed = before.is_none_or(|b| b.spec.revision != entry.spec.revision);
     if changed {
         retire(gw, caller, name, Some(entry.spec.revision.clone()));
-        super::provision::follow_update(gw, caller, entry.spec.clone());
+        crate::provisioning::follow_update(gw, &caller.account_id, entry.spec.clone());
     }
     tracing::info!(function = %name, revision = %entry.spec.revision, "function updated");
     Ok(reply(gw, &entry.record))
@@ -194,13 +184,9 @@ fn retire(gw: &Arc<Gateway>, caller: &Caller, name: &FunctionName, keep_revision
         function_name: name.clone(),
         keep_revision,
     };
-    let client = gw.internal.clone();
-    let url = gw.scheduler_url.clone();
+    let scheduler = gw.scheduler.clone();
     tokio::spawn(async move {
-        if let Err(e) = client
-            .post::<_, serde_json::Value>(&url, paths::FUNCTIONS_RETIRE, &msg)
-            .await
-        {
+        if let Err(e) = scheduler.retire_function(&msg).await {
             tracing::warn!(function = %msg.function_name, error = %e, "cannot retire old instances; the scheduler's idle release will");
         }
     });
@@ -244,38 +230,4 @@ pub fn list(
         next_token,
     };
     Ok(json(StatusCode::OK, &out))
-}
-
-/// `nextToken` is opaque to callers: the last name of the page, encoded.
-pub fn encode_token(last: &str) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("v1:{last}"))
-}
-
-pub fn decode_token(token: &str) -> Result<String, FcError> {
-    let invalid = || FcError::invalid_argument("nextToken is invalid");
-    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(token)
-        .map_err(|_| invalid())?;
-    let s = String::from_utf8(raw).map_err(|_| invalid())?;
-    let name = s.strip_prefix("v1:").ok_or_else(invalid)?;
-    name.parse::<FunctionName>().map_err(|_| invalid())?;
-    Ok(name.to_owned())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tokens_round_trip_and_refuse_garbage() {
-        assert_eq!(decode_token(&encode_token("abc")).unwrap(), "abc");
-        assert!(decode_token("!!").is_err());
-        assert!(
-            decode_token(&base64::engine::general_purpose::URL_SAFE_NO_PAD.encode("v2:x")).is_err()
-        );
-        assert!(
-            decode_token(&base64::engine::general_purpose::URL_SAFE_NO_PAD.encode("v1:../x"))
-                .is_err()
-        );
-    }
 }

@@ -24,15 +24,19 @@ use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
 use kiln_core::{FcError, FcErrorCode, FunctionName};
 use kiln_internal_api::client::remote_error;
-use kiln_internal_api::server::{self, json, Body};
-use kiln_internal_api::{exec_frame, paths, ExecStart, InstanceInfo, NodeInfo};
+use kiln_internal_api::server;
+
+use super::respond::{json, Body};
+use kiln_internal_api::{exec_frame, paths, ExecStart, InstanceInfo};
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::protocol::{Message, Role};
 use tokio_tungstenite::WebSocketStream;
 
-use super::{query_param, ApiError, Gateway};
+use super::error::ApiError;
+use super::request::query_param;
 use crate::auth::Caller;
+use crate::gateway::Gateway;
 
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -56,10 +60,7 @@ async fn instances_of(
     caller: &Caller,
     name: &FunctionName,
 ) -> Result<Vec<InstanceInfo>, ApiError> {
-    let all: Vec<InstanceInfo> = gw
-        .internal
-        .get(&gw.scheduler_url, paths::SCHEDULER_INSTANCES)
-        .await?;
+    let all = gw.scheduler.instances().await?;
     Ok(all
         .into_iter()
         .filter(|i| i.account_id == caller.account_id && &i.function_name == name)
@@ -73,8 +74,8 @@ pub async fn list(
     parts: &http::request::Parts,
     request_id: &str,
 ) -> Result<Response<Body>, ApiError> {
-    super::functions::check_qualifier(parts)?;
-    super::caller_function(gw, caller, name)?;
+    super::request::check_qualifier(parts)?;
+    super::request::caller_function(gw, caller, name)?;
     let wanted: Option<Vec<String>> = match query_param(parts, "instanceIds") {
         None => None,
         Some(raw) => Some(serde_json::from_str(&raw).map_err(|_| {
@@ -160,8 +161,8 @@ pub async fn exec(
     instance_id: &str,
     mut parts: http::request::Parts,
 ) -> Result<Response<Body>, ApiError> {
-    super::functions::check_qualifier(&parts)?;
-    super::caller_function(gw, caller, name)?;
+    super::request::check_qualifier(&parts)?;
+    super::request::caller_function(gw, caller, name)?;
     let argv = command(&parts)?;
     let tty = flag(&parts, "tty", false)?;
     let stdin = flag(&parts, "stdin", false)?;
@@ -189,10 +190,7 @@ pub async fn exec(
                 format!("instance '{instance_id}' of function '{name}' does not exist"),
             )
         })?;
-    let nodes: Vec<NodeInfo> = gw
-        .internal
-        .get(&gw.scheduler_url, paths::SCHEDULER_NODES)
-        .await?;
+    let nodes = gw.scheduler.nodes().await?;
     let agent = nodes
         .into_iter()
         .find(|n| Some(&n.node_id) == instance.node_id.as_ref())

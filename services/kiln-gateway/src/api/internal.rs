@@ -38,7 +38,7 @@ pub async fn handle(
         _ => server::not_found(&path, request_id.as_str()),
     };
     if let Ok(v) = http::HeaderValue::from_str(request_id.as_str()) {
-        resp.headers_mut().insert(super::REQUEST_ID, v);
+        resp.headers_mut().insert(super::respond::REQUEST_ID, v);
     }
     resp
 }

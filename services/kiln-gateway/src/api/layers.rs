@@ -3,14 +3,16 @@
 
 use std::sync::Arc;
 
+use super::respond::{empty, json, no_content, Body};
 use base64::Engine;
 use bytes::Bytes;
 use http::{Response, StatusCode};
 use kiln_core::{limits, FcError, FcErrorCode};
-use kiln_internal_api::server::{empty, json, no_content, Body};
 
-use super::{query_param, ApiError, Gateway};
+use super::error::ApiError;
+use super::request::query_param;
 use crate::auth::Caller;
+use crate::gateway::Gateway;
 use crate::layers::{self, CreateLayerVersionInput, Layer, LayerArn, NewLayerVersion};
 
 /// A JSON body with a base64 layer zip of the largest allowed size.
@@ -187,7 +189,7 @@ pub fn list(
     };
     let next_token = if more {
         page.last()
-            .map(|(v, _)| super::functions::encode_token(&v.name))
+            .map(|(v, _)| super::request::encode_token(&v.name))
     } else {
         None
     };

@@ -13,14 +13,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::respond::{json, Body};
 use http::{Response, StatusCode};
 use kiln_core::{FcError, FunctionName};
-use kiln_internal_api::server::{json, Body};
-use kiln_internal_api::{paths, LogRecord, LogRecords, NodeInfo};
+use kiln_internal_api::{paths, LogRecord, LogRecords};
 use serde::Serialize;
 
-use super::{query_param, ApiError, Gateway};
+use super::error::ApiError;
+use super::request::query_param;
 use crate::auth::Caller;
+use crate::gateway::Gateway;
 
 const LIMIT_DEFAULT: usize = 1000;
 const LIMIT_MAX: usize = 10_000;
@@ -107,7 +109,7 @@ pub async fn get(
     name: &FunctionName,
     parts: &http::request::Parts,
 ) -> Result<Response<Body>, ApiError> {
-    super::caller_function(gw, caller, name)?;
+    super::request::caller_function(gw, caller, name)?;
     let q = parse_query(parts)?;
     let deadline = tokio::time::Instant::now() + q.wait;
     loop {
@@ -136,10 +138,7 @@ async fn collect(
     name: &FunctionName,
     q: &LogsQuery,
 ) -> Result<Vec<LogRecord>, ApiError> {
-    let nodes: Vec<NodeInfo> = gw
-        .internal
-        .get(&gw.scheduler_url, paths::SCHEDULER_NODES)
-        .await?;
+    let nodes = gw.scheduler.nodes().await?;
     let mut query = format!(
         "{}?accountId={}&functionName={}",
         paths::AGENT_LOGS,

@@ -3,14 +3,16 @@
 
 pub mod async_api;
 pub mod concurrency;
+pub mod error;
 pub mod functions;
 pub mod instances;
 pub mod internal;
 pub mod invoke;
 pub mod layers;
-pub mod leases;
 pub mod logs;
 pub mod provision;
+pub mod request;
+pub mod respond;
 pub mod roles;
 pub mod vpc;
 
@@ -19,39 +21,19 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Response};
-use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use kiln_core::{Clock, FcError, FcErrorCode, FunctionName, RequestId};
-use kiln_internal_api::server::{self, Body, ConnInfo};
-use kiln_internal_api::{InternalClient, InternalClientError};
+use kiln_core::{FcError, FcErrorCode, FunctionName, RequestId};
+use kiln_internal_api::server::{Body, ConnInfo};
 use tracing::Instrument;
 
-use crate::auth::{Caller, SharedAuthenticator};
-use crate::catalog::{Catalog, CatalogError};
-use crate::metrics::Metrics;
+pub use crate::gateway::Gateway;
+pub use error::{to_fc, ApiError};
+pub use request::{caller_function, not_found, query_param, read_body};
+
+use crate::auth::Caller;
 
 pub const API_VERSION: &str = "2023-03-30";
-pub const REQUEST_ID: &str = "x-fc-request-id";
-
-/// What every request handler shares.
-pub struct Gateway {
-    pub catalog: Arc<Catalog>,
-    /// Roles, the STS key and credential lifetime (see [`crate::ram`]).
-    pub ram: Arc<crate::ram::Ram>,
-    /// Runtimes and their end-of-support stages.
-    pub runtimes: Arc<crate::runtimes::RuntimeCatalogue>,
-    pub auth: SharedAuthenticator,
-    pub internal: InternalClient,
-    /// The invocation data path to agents (HTTP/1.1 over the same mTLS).
-    pub invoke_client: InternalClient,
-    pub scheduler_url: String,
-    pub leases: Arc<leases::LeasePool>,
-    pub region: String,
-    pub metrics: Arc<Metrics>,
-    pub clock: Arc<dyn Clock>,
-    /// The async queue, its configs and dispatcher.
-    pub dispatcher: Arc<crate::queue::dispatch::Dispatcher>,
-}
+pub use respond::REQUEST_ID;
 
 /// The operations of the public API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -442,80 +424,6 @@ pub fn route(method: &Method, path: &str) -> Result<Route, FcError> {
     }
 }
 
-/// Everything a public request can fail with.
-#[derive(Debug, thiserror::Error)]
-pub enum ApiError {
-    #[error(transparent)]
-    Fc(#[from] FcError),
-    #[error(transparent)]
-    Catalog(#[from] CatalogError),
-    #[error(transparent)]
-    Internal(#[from] InternalClientError),
-}
-
-/// The one place an error becomes FC's code and message. Internal detail
-/// is logged, not shown.
-pub fn to_fc(err: &ApiError) -> FcError {
-    match err {
-        ApiError::Fc(e) => e.clone(),
-        ApiError::Catalog(CatalogError::Exists(n)) => FcError::new(
-            FcErrorCode::FunctionAlreadyExists,
-            format!("function '{n}' already exists"),
-        ),
-        ApiError::Catalog(CatalogError::NotFound(n)) => not_found(n),
-        ApiError::Catalog(CatalogError::Invalid(e)) => e.clone(),
-        ApiError::Catalog(e) => {
-            tracing::error!(error = %kiln_core::error_chain(e), "store failure");
-            FcError::internal("the function store failed; retry the request")
-        }
-        ApiError::Internal(e) => {
-            tracing::warn!(error = %e, "internal call failed");
-            e.to_fc()
-        }
-    }
-}
-
-/// The caller's function `name`, or FunctionNotFound (another account's
-/// function is as absent as one that does not exist).
-pub fn caller_function(
-    gw: &Gateway,
-    caller: &crate::auth::Caller,
-    name: &FunctionName,
-) -> Result<std::sync::Arc<crate::catalog::FunctionEntry>, ApiError> {
-    gw.catalog
-        .function(&caller.account_id, name)
-        .ok_or_else(|| not_found(name).into())
-}
-
-pub fn not_found(name: &FunctionName) -> FcError {
-    FcError::new(
-        FcErrorCode::FunctionNotFound,
-        format!("function '{name}' does not exist"),
-    )
-}
-
-/// Read a whole request body of at most `limit` bytes; over it is FC's
-/// EntityTooLarge.
-pub async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, FcError> {
-    let too_large = || {
-        FcError::new(
-            FcErrorCode::EntityTooLarge,
-            format!("payload size exceeds maximum allowed size ({limit} bytes)"),
-        )
-    };
-    use http_body::Body as _;
-    if body.size_hint().lower() > limit as u64 {
-        return Err(too_large());
-    }
-    match Limited::new(body, limit).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Err(e) => Err(FcError::invalid_argument(format!(
-            "cannot read request body: {e}"
-        ))),
-    }
-}
-
 /// Serve one public request.
 pub async fn handle(
     gw: Arc<Gateway>,
@@ -541,9 +449,9 @@ pub async fn handle(
         let op = route.operation;
         let (parts, body) = req.into_parts();
         let r = async {
-            gw.auth.precheck(&parts)?;
+            let head = gw.auth.precheck(&parts)?;
             let body = read_body(body, body_limit(op)).await?;
-            let caller = gw.auth.verify(&parts, &body)?;
+            let caller = gw.auth.verify(head, &body)?;
             tracing::Span::current().record("account", caller.account_id.as_str());
             crate::ram::authz::authorize(&gw.ram, &gw.region, &caller, &route)?;
             dispatch(&gw, route, caller, parts, body, &request_id).await
@@ -561,7 +469,7 @@ pub async fn handle(
                 // Debug: any caller can trigger this line at will.
                 tracing::debug!(code = fc.code.as_str(), message = %fc.message, "request refused")
             });
-            server::error(&fc, request_id.as_str())
+            respond::fc_error(&fc, request_id.as_str())
         }
     };
     if let Ok(v) = HeaderValue::from_str(request_id.as_str()) {
@@ -673,19 +581,6 @@ async fn dispatch(
         Operation::DeleteRole => roles::delete(gw, &caller, &role()).await,
         Operation::ListRoles => roles::list(gw, &caller, &parts),
     }
-}
-
-/// The value of query parameter `key`, percent-decoded.
-pub fn query_param(parts: &http::request::Parts, key: &str) -> Option<String> {
-    let q = parts.uri.query()?;
-    q.split('&').find_map(|kv| {
-        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-        (k == key).then(|| {
-            percent_encoding::percent_decode_str(&v.replace('+', " "))
-                .decode_utf8_lossy()
-                .into_owned()
-        })
-    })
 }
 
 #[cfg(test)]

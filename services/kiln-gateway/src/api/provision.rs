@@ -9,19 +9,22 @@
 
 use std::sync::Arc;
 
+use super::request::function_arn as arn;
+use super::respond::{json as json_response, no_content, Body};
 use bytes::Bytes;
-use http::{header, Method, Response, StatusCode};
+use http::{Response, StatusCode};
 use kiln_core::{FcError, FcErrorCode, FunctionName};
-use kiln_internal_api::server::{full, Body};
 use kiln_internal_api::{
-    paths, FunctionRef, InternalClientError, ProvisionConfig, ProvisionDetail, ProvisionStatus,
+    FunctionRef, InternalClientError, ProvisionConfig, ProvisionDetail, ProvisionStatus,
     PutProvision, ScheduledAction, TargetTrackingPolicy,
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{query_param, ApiError, Gateway};
+use super::error::ApiError;
+use super::request::query_param;
 use crate::auth::Caller;
+use crate::gateway::Gateway;
 
 /// The most provisioned instances one function may ask for (the
 /// scheduler's bound too).
@@ -212,13 +215,6 @@ pub fn parse_input(body: &[u8]) -> Result<ProvisionConfig, FcError> {
     })
 }
 
-pub fn arn(gw: &Gateway, caller: &Caller, name: &str) -> String {
-    format!(
-        "acs:fc:{}:{}:functions/{name}",
-        gw.region, caller.account_id
-    )
-}
-
 /// FC's ProvisionConfig: `target` is what schedules and tracking ask for
 /// now, `defaultTarget` the configured one, `current` the instances up.
 pub fn to_fc(arn: &str, config: &ProvisionConfig, status: Option<&ProvisionStatus>) -> Value {
@@ -262,30 +258,9 @@ fn put_opt(v: &mut Value, key: &str, val: &Option<String>) {
     }
 }
 
-pub fn json_response(status: StatusCode, v: &Value) -> Response<Body> {
-    Response::builder()
-        .status(status)
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(full(v.to_string()))
-        .expect("valid response")
-}
-
-pub fn no_content() -> Response<Body> {
-    Response::builder()
-        .status(StatusCode::NO_CONTENT)
-        .body(full(Bytes::new()))
-        .expect("valid response")
-}
-
 /// The caller's provision configurations, by function name.
 async fn details(gw: &Gateway, caller: &Caller) -> Result<Vec<ProvisionDetail>, ApiError> {
-    Ok(gw
-        .internal
-        .get(
-            &gw.scheduler_url,
-            &paths::account_provisions(&caller.account_id),
-        )
-        .await?)
+    Ok(gw.scheduler.provisions(&caller.account_id).await?)
 }
 
 pub async fn put(
@@ -295,22 +270,14 @@ pub async fn put(
     parts: &http::request::Parts,
     body: Bytes,
 ) -> Result<Response<Body>, ApiError> {
-    super::functions::check_qualifier(parts)?;
+    super::request::check_qualifier(parts)?;
     let config = parse_input(&body)?;
-    let entry = super::caller_function(gw, caller, name)?;
+    let entry = super::request::caller_function(gw, caller, name)?;
     let req = PutProvision {
         spec: entry.spec.clone(),
         config: config.clone(),
     };
-    let status: ProvisionStatus = gw
-        .internal
-        .call(
-            Method::PUT,
-            &gw.scheduler_url,
-            paths::FUNCTIONS_PROVISION,
-            Some(&req),
-        )
-        .await?;
+    let status: ProvisionStatus = gw.scheduler.put_provision(&req).await?;
     tracing::info!(function = %name, target = config.target, "provision config set");
     Ok(json_response(
         StatusCode::OK,
@@ -326,8 +293,8 @@ pub async fn get(
     name: &FunctionName,
     parts: &http::request::Parts,
 ) -> Result<Response<Body>, ApiError> {
-    super::functions::check_qualifier(parts)?;
-    super::caller_function(gw, caller, name)?;
+    super::request::check_qualifier(parts)?;
+    super::request::caller_function(gw, caller, name)?;
     let arn = arn(gw, caller, name.as_str());
     let found = details(gw, caller)
         .await?
@@ -357,22 +324,13 @@ pub async fn delete(
     name: &FunctionName,
     parts: &http::request::Parts,
 ) -> Result<Response<Body>, ApiError> {
-    super::functions::check_qualifier(parts)?;
-    super::caller_function(gw, caller, name)?;
+    super::request::check_qualifier(parts)?;
+    super::request::caller_function(gw, caller, name)?;
     let f = FunctionRef {
         account_id: caller.account_id.clone(),
         function_name: name.clone(),
     };
-    match gw
-        .internal
-        .call::<_, ()>(
-            Method::DELETE,
-            &gw.scheduler_url,
-            paths::FUNCTIONS_PROVISION,
-            Some(&f),
-        )
-        .await
-    {
+    match gw.scheduler.delete_provision(&f).await {
         Ok(()) => {}
         Err(InternalClientError::Remote { error, .. })
             if error.code == FcErrorCode::FunctionNotFound => {}
@@ -380,43 +338,6 @@ pub async fn delete(
     }
     tracing::info!(function = %name, "provision config deleted");
     Ok(no_content())
-}
-
-/// After a function changed: a provision configuration follows it to the
-/// new revision (the scheduler pauses it until then). Best effort in the
-/// background; the retry is another PutProvisionConfig.
-pub fn follow_update(gw: &Arc<Gateway>, caller: &Caller, spec: kiln_core::InstanceSpec) {
-    let gw = gw.clone();
-    let caller = caller.clone();
-    tokio::spawn(async move {
-        let name = spec.function_name.clone();
-        let r: Result<(), ApiError> = async {
-            let found = details(&gw, &caller)
-                .await?
-                .into_iter()
-                .find(|d| d.status.function_name == name);
-            if let Some(d) = found {
-                let req = PutProvision {
-                    spec,
-                    config: d.config,
-                };
-                gw.internal
-                    .call::<_, ProvisionStatus>(
-                        Method::PUT,
-                        &gw.scheduler_url,
-                        paths::FUNCTIONS_PROVISION,
-                        Some(&req),
-                    )
-                    .await?;
-                tracing::info!(function = %name, "provision config follows the new revision");
-            }
-            Ok(())
-        }
-        .await;
-        if let Err(e) = r {
-            tracing::warn!(function = %name, error = %e, "provisioned instances stay paused until the next PutProvisionConfig");
-        }
-    });
 }
 
 fn limit_param(parts: &http::request::Parts) -> Result<usize, FcError> {
@@ -440,7 +361,7 @@ pub async fn list(
     let only = query_param(parts, "functionName").filter(|s| !s.is_empty());
     let after = match query_param(parts, "nextToken").filter(|t| !t.is_empty()) {
         None => None,
-        Some(t) => Some(super::functions::decode_token(&t)?),
+        Some(t) => Some(super::request::decode_token(&t)?),
     };
     let mut page: Vec<ProvisionDetail> = details(gw, caller)
         .await?
@@ -473,8 +394,7 @@ pub async fn list(
     });
     if more {
         if let Some(d) = page.last() {
-            out["nextToken"] =
-                super::functions::encode_token(d.status.function_name.as_str()).into();
+            out["nextToken"] = super::request::encode_token(d.status.function_name.as_str()).into();
         }
     }
     Ok(json_response(StatusCode::OK, &out))

@@ -12,15 +12,17 @@
 
 use std::sync::Arc;
 
+use super::respond::{json, no_content, Body};
 use bytes::Bytes;
 use http::{Response, StatusCode};
 use kiln_core::{FcError, FcErrorCode};
-use kiln_internal_api::server::{json, no_content, Body};
 use serde::{Deserialize, Serialize};
 
-use super::functions::encode_token;
-use super::{query_param, ApiError, Gateway};
+use super::error::ApiError;
+use super::request::encode_token;
+use super::request::query_param;
 use crate::auth::Caller;
+use crate::gateway::Gateway;
 use crate::model::fc_time;
 use crate::ram::{check_role_name, Policy, RoleArn, RoleError, RoleRecord};
 

@@ -11,22 +11,19 @@
 
 use std::sync::Arc;
 
+use super::respond::{json, Body};
 use bytes::Bytes;
 use http::{Response, StatusCode};
 use kiln_core::{FcError, FcErrorCode, FunctionName};
-use kiln_internal_api::server::{json, Body};
 use serde_json::Value;
 
-use super::{ApiError, Gateway};
+use super::error::ApiError;
 use crate::auth::Caller;
+use crate::gateway::Gateway;
 use crate::model::FunctionConfig;
 use crate::validate;
 
-/// Where a function's VPC bindings are kept among its stored fields (not
-/// returned by GetFunction: ListVpcBindings returns them).
-pub const BINDINGS_KEY: &str = "vpcBindings";
-/// The function-level switch to VPC-only inbound access.
-pub const DISABLE_INTERNET_KEY: &str = "disableURLInternet";
+pub use crate::model::{BINDINGS_KEY, DISABLE_INTERNET_KEY};
 /// Most VPCs one function may be bound to.
 pub const BINDINGS_MAX: usize = 20;
 
@@ -141,7 +138,7 @@ pub async fn create(
     let input: CreateVpcBindingInput = serde_json::from_slice(&body)
         .map_err(|e| FcError::invalid_argument(format!("invalid request body: {e}")))?;
     validate::check_network_id("vpcId", "vpc-", &input.vpc_id)?;
-    super::caller_function(gw, caller, name)?;
+    super::request::caller_function(gw, caller, name)?;
     let now = gw.clock.now_ms();
     gw.catalog
         .update(&caller.account_id, name, now, None, |current| {
@@ -172,7 +169,7 @@ pub async fn delete(
     vpc_id: &str,
 ) -> Result<Response<Body>, ApiError> {
     validate::check_network_id("vpcId", "vpc-", vpc_id)?;
-    super::caller_function(gw, caller, name)?;
+    super::request::caller_function(gw, caller, name)?;
     let now = gw.clock.now_ms();
     gw.catalog
         .update(&caller.account_id, name, now, None, |current| {
@@ -195,7 +192,7 @@ pub async fn delete(
         })
         .await?;
     tracing::info!(function = %name, vpc_id, "VPC binding deleted");
-    Ok(kiln_internal_api::server::no_content())
+    Ok(super::respond::no_content())
 }
 
 /// ListVpcBindings.
@@ -204,7 +201,7 @@ pub fn list(
     caller: &Caller,
     name: &FunctionName,
 ) -> Result<Response<Body>, ApiError> {
-    let entry = super::caller_function(gw, caller, name)?;
+    let entry = super::request::caller_function(gw, caller, name)?;
     Ok(json(
         StatusCode::OK,
         &ListVpcBindingsOutput {

@@ -28,7 +28,7 @@ pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
 /// How one delivery went.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum InvokeOutcome {
+pub enum DeliveryOutcome {
     Success {
         status: u16,
         body: Vec<u8>,
@@ -49,7 +49,7 @@ pub enum InvokeOutcome {
 /// Invokes a message's function; the real one goes through the sync
 /// invoke path, tests use a fake.
 pub trait Invoker: Send + Sync + 'static {
-    fn invoke(&self, m: &Claimed) -> BoxFuture<InvokeOutcome>;
+    fn invoke(&self, m: &Claimed) -> BoxFuture<DeliveryOutcome>;
     /// How long one call of this function may take, when that is known
     /// (the function's timeout plus the gateway's grace).
     fn call_budget_ms(&self, _m: &Claimed) -> Option<u64> {
@@ -472,15 +472,15 @@ impl Dispatcher {
         self.wake.notify_one();
     }
 
-    fn decide(&self, c: &Claimed, cfg: &AsyncConfig, o: &InvokeOutcome) -> Completion {
+    fn decide(&self, c: &Claimed, cfg: &AsyncConfig, o: &DeliveryOutcome) -> Completion {
         let now = self.clock.now_ms();
         match o {
-            InvokeOutcome::Success { body, .. } => Completion::Final {
+            DeliveryOutcome::Success { body, .. } => Completion::Final {
                 status: TaskStatus::Succeeded,
                 error: None,
                 return_payload: Some(body.clone()),
             },
-            InvokeOutcome::FunctionError { body, .. } => {
+            DeliveryOutcome::FunctionError { body, .. } => {
                 if c.retries < cfg.retries() {
                     Completion::Retry {
                         visible_ms: now,
@@ -502,7 +502,7 @@ impl Dispatcher {
                     }
                 }
             }
-            InvokeOutcome::Throttled(m) | InvokeOutcome::SystemError(m) => {
+            DeliveryOutcome::Throttled(m) | DeliveryOutcome::SystemError(m) => {
                 let throttles = c.throttles + 1;
                 let wait = backoff(throttles, self.settings.backoff_cap).as_millis() as u64;
                 if (now + wait).saturating_sub(c.created_ms) >= cfg.max_age_ms() {
@@ -522,7 +522,7 @@ impl Dispatcher {
                     }
                 }
             }
-            InvokeOutcome::FunctionGone(m) => Completion::Final {
+            DeliveryOutcome::FunctionGone(m) => Completion::Final {
                 status: TaskStatus::Invalid,
                 error: Some(m.clone()),
                 return_payload: None,
@@ -537,7 +537,7 @@ impl Dispatcher {
         c: &Claimed,
         cfg: &AsyncConfig,
         status: TaskStatus,
-        outcome: Option<&InvokeOutcome>,
+        outcome: Option<&DeliveryOutcome>,
         now_ms: u64,
     ) -> Option<Outbound> {
         let dest = cfg.destination_config.as_ref()?;
@@ -641,7 +641,7 @@ pub fn record(
     region: &str,
     c: &Claimed,
     status: TaskStatus,
-    outcome: Option<&InvokeOutcome>,
+    outcome: Option<&DeliveryOutcome>,
     now_ms: u64,
 ) -> serde_json::Value {
     let as_json = |b: &[u8]| {
@@ -654,15 +654,15 @@ pub fn record(
         _ => "RetriesExhausted",
     };
     let (status_code, function_error, response) = match outcome {
-        Some(InvokeOutcome::Success { status, body }) => (*status, None, Some(as_json(body))),
-        Some(InvokeOutcome::FunctionError { status, body }) => (
+        Some(DeliveryOutcome::Success { status, body }) => (*status, None, Some(as_json(body))),
+        Some(DeliveryOutcome::FunctionError { status, body }) => (
             *status,
             Some("UnhandledInvocationError"),
             Some(as_json(body)),
         ),
-        Some(InvokeOutcome::Throttled(m))
-        | Some(InvokeOutcome::SystemError(m))
-        | Some(InvokeOutcome::FunctionGone(m)) => {
+        Some(DeliveryOutcome::Throttled(m))
+        | Some(DeliveryOutcome::SystemError(m))
+        | Some(DeliveryOutcome::FunctionGone(m)) => {
             (0, None, Some(serde_json::json!({ "errorMessage": m })))
         }
         None => (0, None, None),

@@ -16,6 +16,7 @@
 
 pub mod config;
 pub mod dispatch;
+pub mod invoker;
 pub mod metrics;
 pub mod tasks;
 

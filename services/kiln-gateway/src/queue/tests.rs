@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use kiln_core::{Clock, ManualClock};
 
-use super::dispatch::{BoxFuture, Configs, DispatchSettings, Dispatcher, InvokeOutcome, Invoker};
+use super::dispatch::{BoxFuture, Configs, DeliveryOutcome, DispatchSettings, Dispatcher, Invoker};
 use super::*;
 
 fn msg(account: &str, function: &str, task: &str, now_ms: u64) -> NewMessage {
@@ -200,7 +200,7 @@ async fn stop_removes_a_waiting_task_and_refuses_a_finished_one() {
 /// A fake invoker: per-function scripted outcomes, a delay, a log.
 struct Fake {
     delay: Duration,
-    script: Mutex<HashMap<String, Vec<InvokeOutcome>>>,
+    script: Mutex<HashMap<String, Vec<DeliveryOutcome>>>,
     log: Mutex<Vec<(String, String, Instant)>>,
     hooks: Mutex<Vec<(String, serde_json::Value)>>,
     calls: AtomicUsize,
@@ -221,7 +221,7 @@ impl Fake {
             hook_failures: AtomicUsize::new(0),
         })
     }
-    fn script(&self, function: &str, outcomes: Vec<InvokeOutcome>) {
+    fn script(&self, function: &str, outcomes: Vec<DeliveryOutcome>) {
         self.script
             .lock()
             .unwrap()
@@ -230,13 +230,13 @@ impl Fake {
 }
 
 impl Invoker for Fake {
-    fn invoke(&self, m: &Claimed) -> BoxFuture<InvokeOutcome> {
+    fn invoke(&self, m: &Claimed) -> BoxFuture<DeliveryOutcome> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         let outcome = {
             let mut s = self.script.lock().unwrap();
             match s.get_mut(&m.function) {
                 Some(v) if !v.is_empty() => v.remove(0),
-                _ => InvokeOutcome::Success {
+                _ => DeliveryOutcome::Success {
                     status: 200,
                     body: b"done".to_vec(),
                 },
@@ -364,7 +364,7 @@ async fn one_accounts_backlog_does_not_delay_another() {
 async fn function_errors_retry_then_fail_to_the_failure_destination() {
     let q = Queue::open_in_memory().unwrap();
     let fake = Fake::new(Duration::ZERO);
-    let err = InvokeOutcome::FunctionError {
+    let err = DeliveryOutcome::FunctionError {
         status: 500,
         body: br#"{"errorMessage":"boom"}"#.to_vec(),
     };
@@ -429,7 +429,7 @@ async fn throttling_backs_off_until_the_ttl_expires() {
     fake.script(
         "f",
         (0..100)
-            .map(|_| InvokeOutcome::Throttled("ResourceThrottled".into()))
+            .map(|_| DeliveryOutcome::Throttled("ResourceThrottled".into()))
             .collect(),
     );
     let configs = Arc::new(Configs::default());
@@ -624,7 +624,7 @@ async fn a_deleted_function_makes_the_task_invalid_and_a_dedicated_queue_is_its_
     let fake = Fake::new(Duration::ZERO);
     fake.script(
         "f",
-        vec![InvokeOutcome::FunctionGone("FunctionNotFound".into())],
+        vec![DeliveryOutcome::FunctionGone("FunctionNotFound".into())],
     );
     let d = Dispatcher::new(
         q.clone(),

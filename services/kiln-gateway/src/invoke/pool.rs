@@ -9,8 +9,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use http::Method;
-use kiln_internal_api::{paths, InternalClient, Lease, LeaseOutcome, ReleaseLease};
+use kiln_internal_api::{Lease, LeaseOutcome};
+
+use crate::scheduler::SharedScheduler;
 
 struct Parked {
     lease: Lease,
@@ -19,17 +20,15 @@ struct Parked {
 
 pub struct LeasePool {
     hold: Duration,
-    client: InternalClient,
-    scheduler_url: String,
+    scheduler: SharedScheduler,
     parked: Mutex<HashMap<String, Vec<Parked>>>,
 }
 
 impl LeasePool {
-    pub fn new(hold: Duration, client: InternalClient, scheduler_url: String) -> Arc<Self> {
+    pub fn new(hold: Duration, scheduler: SharedScheduler) -> Arc<Self> {
         Arc::new(Self {
             hold,
-            client,
-            scheduler_url,
+            scheduler,
             parked: Mutex::new(HashMap::new()),
         })
     }
@@ -106,12 +105,7 @@ impl LeasePool {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        rt.spawn(release(
-            self.client.clone(),
-            self.scheduler_url.clone(),
-            lease,
-            outcome,
-        ));
+        rt.spawn(release(self.scheduler.clone(), lease, outcome));
     }
 
     /// Release expired leases every `hold / 2` until `stop` resolves, then
@@ -130,27 +124,13 @@ impl LeasePool {
             }
         }
         for lease in self.drain(true) {
-            release(
-                self.client.clone(),
-                self.scheduler_url.clone(),
-                lease,
-                LeaseOutcome::Ok,
-            )
-            .await;
+            release(self.scheduler.clone(), lease, LeaseOutcome::Ok).await;
         }
     }
 }
 
-async fn release(client: InternalClient, url: String, lease: Lease, outcome: LeaseOutcome) {
-    let r = client
-        .call::<_, serde_json::Value>(
-            Method::DELETE,
-            &url,
-            &paths::lease(&lease.lease_id),
-            Some(&ReleaseLease { outcome }),
-        )
-        .await;
-    if let Err(e) = r {
+async fn release(scheduler: SharedScheduler, lease: Lease, outcome: LeaseOutcome) {
+    if let Err(e) = scheduler.release_lease(&lease.lease_id, outcome).await {
         tracing::warn!(lease = %lease.lease_id, error = %e, "cannot release lease");
     }
 }
@@ -158,6 +138,7 @@ async fn release(client: InternalClient, url: String, lease: Lease, outcome: Lea
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scheduler::fake::FakeScheduler;
     use kiln_core::{InstanceId, LeaseId, NodeId};
 
     fn lease() -> Lease {
@@ -170,28 +151,38 @@ mod tests {
         }
     }
 
-    fn pool(hold_ms: u64) -> Arc<LeasePool> {
-        let dir = tempfile::tempdir().unwrap();
-        let pki = kiln_pki::DevPki::ensure(dir.path(), &[]).unwrap();
-        let client = InternalClient::new(&pki.files("gateway-internal")).unwrap();
-        // An unreachable scheduler: releases fail quietly in the background.
-        LeasePool::new(
-            Duration::from_millis(hold_ms),
-            client,
-            "https://127.0.0.1:1".into(),
-        )
+    fn pool(hold_ms: u64) -> (Arc<LeasePool>, Arc<FakeScheduler>) {
+        let scheduler = Arc::new(FakeScheduler::default());
+        let pool = LeasePool::new(Duration::from_millis(hold_ms), scheduler.clone());
+        (pool, scheduler)
+    }
+
+    /// Releases run in the background: wait for `n` of them.
+    async fn released(s: &FakeScheduler, n: usize) -> Vec<(LeaseId, LeaseOutcome)> {
+        for _ in 0..200 {
+            if s.released.lock().unwrap().len() >= n {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        s.released.lock().unwrap().clone()
     }
 
     #[tokio::test]
     async fn healthy_leases_are_reused_within_the_window_only() {
-        let p = pool(100);
+        let (p, s) = pool(100);
         let l = lease();
         p.give_back("r1", l.clone(), LeaseOutcome::Ok);
         assert!(p.take("r2").is_none(), "another revision never gets it");
         assert_eq!(p.take("r1").unwrap().lease_id, l.lease_id);
         assert!(p.take("r1").is_none());
-        p.give_back("r1", lease(), LeaseOutcome::InstanceFailed);
+        let failed = lease();
+        p.give_back("r1", failed.clone(), LeaseOutcome::InstanceFailed);
         assert_eq!(p.parked(), 0, "a failed instance's lease is released");
+        assert_eq!(
+            released(&s, 1).await,
+            vec![(failed.lease_id, LeaseOutcome::InstanceFailed)]
+        );
         p.give_back("r1", lease(), LeaseOutcome::Ok);
         tokio::time::sleep(Duration::from_millis(150)).await;
         assert!(p.take("r1").is_none(), "expired leases are not handed out");
@@ -200,13 +191,16 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(150)).await;
         assert_eq!(p.sweep(false), 1);
         assert_eq!(p.parked(), 0);
+        assert_eq!(released(&s, 3).await.len(), 3, "swept leases go back as ok");
     }
 
     #[tokio::test]
     async fn zero_hold_disables_parking() {
-        let p = pool(0);
-        p.give_back("r1", lease(), LeaseOutcome::Ok);
+        let (p, s) = pool(0);
+        let l = lease();
+        p.give_back("r1", l.clone(), LeaseOutcome::Ok);
         assert_eq!(p.parked(), 0);
+        assert_eq!(released(&s, 1).await, vec![(l.lease_id, LeaseOutcome::Ok)]);
         assert!(p.take("r1").is_none());
     }
 }

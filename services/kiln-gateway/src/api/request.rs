@@ -1,0 +1,142 @@
+//! What handlers read from a request: the caller's function, query
+//! parameters, FC's qualifier, page tokens and the body.
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use kiln_core::{FcError, FcErrorCode, FunctionName};
+
+use super::error::ApiError;
+use crate::auth::Caller;
+use crate::catalog::FunctionEntry;
+use crate::gateway::Gateway;
+
+/// The caller's function `name`, or FunctionNotFound (another account's
+/// function is as absent as one that does not exist).
+pub fn caller_function(
+    gw: &Gateway,
+    caller: &Caller,
+    name: &FunctionName,
+) -> Result<std::sync::Arc<FunctionEntry>, ApiError> {
+    gw.catalog
+        .function(&caller.account_id, name)
+        .ok_or_else(|| not_found(name).into())
+}
+
+pub fn not_found(name: &FunctionName) -> FcError {
+    FcError::new(
+        FcErrorCode::FunctionNotFound,
+        format!("function '{name}' does not exist"),
+    )
+}
+
+/// The value of query parameter `key`, percent-decoded.
+pub fn query_param(parts: &http::request::Parts, key: &str) -> Option<String> {
+    let q = parts.uri.query()?;
+    q.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        (k == key).then(|| {
+            percent_encoding::percent_decode_str(&v.replace('+', " "))
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+    })
+}
+
+/// FC's `qualifier`: only LATEST (or none) exists here.
+pub fn check_qualifier(parts: &http::request::Parts) -> Result<(), FcError> {
+    match query_param(parts, "qualifier") {
+        None => Ok(()),
+        Some(q) if q.is_empty() || q == "LATEST" => Ok(()),
+        Some(q) => Err(FcError::invalid_argument(format!(
+            "qualifier {q:?} is not supported: this endpoint has no versions or aliases, use LATEST"
+        ))),
+    }
+}
+
+/// A listing's opaque `nextToken` after the item named `last`.
+pub fn encode_token(last: &str) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("v1:{last}"))
+}
+
+/// The function name a `nextToken` of a function listing continues after.
+pub fn decode_token(token: &str) -> Result<String, FcError> {
+    let invalid = || FcError::invalid_argument("nextToken is invalid");
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .map_err(|_| invalid())?;
+    let s = String::from_utf8(raw).map_err(|_| invalid())?;
+    let name = s.strip_prefix("v1:").ok_or_else(invalid)?;
+    name.parse::<FunctionName>().map_err(|_| invalid())?;
+    Ok(name.to_owned())
+}
+
+/// FC's ARN of the caller's function `name`.
+pub fn function_arn(gw: &Gateway, caller: &Caller, name: &str) -> String {
+    format!(
+        "acs:fc:{}:{}:functions/{name}",
+        gw.region, caller.account_id
+    )
+}
+
+/// Read a whole request body of at most `limit` bytes; over it is FC's
+/// EntityTooLarge.
+pub async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, FcError> {
+    let too_large = || {
+        FcError::new(
+            FcErrorCode::EntityTooLarge,
+            format!("payload size exceeds maximum allowed size ({limit} bytes)"),
+        )
+    };
+    use http_body::Body as _;
+    if body.size_hint().lower() > limit as u64 {
+        return Err(too_large());
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(e) => Err(FcError::invalid_argument(format!(
+            "cannot read request body: {e}"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(uri: &str) -> http::request::Parts {
+        http::Request::get(uri).body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn query_params_are_percent_decoded() {
+        let p = parts("/x?prefix=a%2Fb+c&limit=5&flag");
+        assert_eq!(query_param(&p, "prefix").as_deref(), Some("a/b c"));
+        assert_eq!(query_param(&p, "limit").as_deref(), Some("5"));
+        assert_eq!(query_param(&p, "flag").as_deref(), Some(""));
+        assert_eq!(query_param(&p, "missing"), None);
+    }
+
+    #[test]
+    fn only_latest_qualifies() {
+        assert!(check_qualifier(&parts("/x")).is_ok());
+        assert!(check_qualifier(&parts("/x?qualifier=LATEST")).is_ok());
+        assert_eq!(
+            check_qualifier(&parts("/x?qualifier=prod"))
+                .unwrap_err()
+                .code,
+            FcErrorCode::InvalidArgument
+        );
+    }
+
+    #[test]
+    fn page_tokens_round_trip_and_refuse_garbage() {
+        assert_eq!(decode_token(&encode_token("fn-1")).unwrap(), "fn-1");
+        assert!(decode_token("not base64!").is_err());
+        assert!(decode_token(&encode_token("../x")).is_err());
+        let raw = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        assert!(decode_token(&raw("v2:x")).is_err(), "another token version");
+    }
+}

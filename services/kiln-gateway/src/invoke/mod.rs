@@ -1,0 +1,305 @@
+//! The one invoke path: a lease from the scheduler, the payload to the
+//! agent, the agent's [`InvokeOutcome`] turned into an [`InvokeResult`].
+//!
+//! Sync calls (`api::invoke`), async deliveries (the queue's dispatcher)
+//! and, later, triggers and timers all call [`invoke`] and act on the
+//! result's type; [`render`] is the one place a result becomes FC's HTTP
+//! answer.
+//!
+//! ```text
+//!   InvokeRequest ──> function? runtime callable? ──no──> Platform(FcError)
+//!        │
+//!        ├─ parked lease of the revision, else acquire ──init failed──> InitializationFailed
+//!        │                                            └─other error──> Platform
+//!        ├─ POST to the agent ──no answer in time──> TimedOut
+//!        │      └─ no outcome on a parked lease: drop it, acquire once more
+//!        └─ outcome: ok ──> Success   function-error ──> FunctionError
+//!                     instance-failed ──> Crashed   timeout ──> TimedOut
+//! ```
+//!
+//! The lease is given back when the answer's body ends (or is dropped), as
+//! `instance-failed` unless the function answered in full.
+
+mod agent;
+mod lease;
+pub mod pool;
+pub mod render;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use kiln_core::{AccountId, FcError, FcErrorCode, FcErrorKind, FunctionName, RequestId};
+use kiln_internal_api::client::remote_error;
+use kiln_internal_api::server::{full, Body};
+use kiln_internal_api::{headers as ih, InvokeFailure, InvokeOutcome, Lease, LeaseOutcome};
+
+use crate::gateway::Gateway;
+use lease::{GuardedBody, LeaseGuard};
+
+pub use render::render;
+
+/// FC's `x-fc-log-type`: whether the caller wants the call's log tail.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LogType {
+    #[default]
+    None,
+    Tail,
+}
+
+/// One call of a function, from whichever source.
+#[derive(Debug, Clone)]
+pub struct InvokeRequest {
+    /// Whose function; the caller was authorised for it.
+    pub account_id: AccountId,
+    pub function: FunctionName,
+    pub payload: Bytes,
+    /// The caller's headers; those a function may see are passed on.
+    pub headers: HeaderMap,
+    pub log: LogType,
+    pub request_id: RequestId,
+}
+
+/// The function's own answer: its status, headers and body (streamed when
+/// large; the lease is held until the body ends).
+pub struct FunctionAnswer {
+    pub status: StatusCode,
+    /// The runtime's headers, unfiltered ([`render`] keeps what a caller
+    /// may see).
+    pub headers: HeaderMap,
+    pub log_tail: Option<HeaderValue>,
+    pub body: Body,
+}
+
+impl std::fmt::Debug for FunctionAnswer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FunctionAnswer")
+            .field("status", &self.status)
+            .field("headers", &self.headers)
+            .field("log_tail", &self.log_tail)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a call ended.
+#[derive(Debug)]
+pub enum InvokeResult {
+    /// The function answered with success.
+    Success(FunctionAnswer),
+    /// The function answered with its own error (FC's unhandled error with
+    /// the function's body).
+    FunctionError(FunctionAnswer),
+    /// The function did not answer: its instance crashed or could not be
+    /// reached.
+    Crashed {
+        message: String,
+        log_tail: Option<HeaderValue>,
+    },
+    /// The call ran past the function's timeout.
+    TimedOut {
+        timeout_s: u32,
+        log_tail: Option<HeaderValue>,
+    },
+    /// The function's initializer failed or timed out; the handler never
+    /// ran and the instance was discarded.
+    InitializationFailed { message: String },
+    /// Kiln could not run the call (no such function, throttled, the
+    /// scheduler or the agent failed): an FC error for the caller.
+    Platform(FcError),
+}
+
+tokio::task_local! {
+    /// Set around calls that may be abandoned on purpose (StopAsyncTask).
+    pub static RECLAIM_IF_ABANDONED: ();
+}
+
+/// How much longer than the function's timeout the gateway waits for the
+/// agent's answer.
+pub const AGENT_GRACE: Duration = Duration::from_secs(10);
+
+/// Answers up to this size are read whole from the agent before the
+/// caller sees anything, so a node that dies mid-answer turns into a
+/// retryable error instead of a broken stream; larger ones are streamed.
+const BUFFERED_ANSWER_MAX: u64 = 64 * 1024;
+
+/// Run one call to its end (or to the start of its streamed answer).
+pub async fn invoke(gw: &Arc<Gateway>, req: InvokeRequest) -> InvokeResult {
+    match run(gw, req).await {
+        Ok(result) => result,
+        Err(e) => InvokeResult::Platform(e),
+    }
+}
+
+async fn run(gw: &Arc<Gateway>, req: InvokeRequest) -> Result<InvokeResult, FcError> {
+    let entry = gw
+        .catalog
+        .function(&req.account_id, &req.function)
+        .ok_or_else(|| {
+            FcError::new(
+                FcErrorCode::FunctionNotFound,
+                format!("function '{}' does not exist", req.function),
+            )
+        })?;
+    gw.runtimes
+        .check_invoke(entry.record.config.runtime, gw.clock.now_ms())?;
+    let timeout_s = entry.spec.timeout_s;
+    // The agent enforces the function's timeout; this bounds a wedged agent.
+    let deadline = Duration::from_secs(u64::from(timeout_s)) + AGENT_GRACE;
+
+    let mut guard = LeaseGuard::new(
+        gw.leases.clone(),
+        entry.spec.revision.clone(),
+        gw.metrics.clone(),
+        Instant::now(),
+    );
+
+    // A lease parked by an earlier call may point at an instance the
+    // scheduler has since given up; if the agent refuses it outright (the
+    // function never saw the payload), one fresh lease is tried.
+    let mut reused = gw.leases.take(&entry.spec.revision);
+    let (outcome, resp) = loop {
+        let from_pool = reused.is_some();
+        let lease = match reused.take() {
+            Some(l) => l,
+            None => match acquire(gw, entry.acquire_body(req.request_id.as_str())).await {
+                Ok(l) => l,
+                // The agent discarded the instance; no lease was taken.
+                Err(e) if e.kind == Some(FcErrorKind::Initialization) => {
+                    return Ok(InvokeResult::InitializationFailed { message: e.message });
+                }
+                Err(e) => return Err(e),
+            },
+        };
+        tracing::debug!(lease = %lease.lease_id, instance = %lease.instance_id, cold = lease.cold_start, from_pool, "lease held");
+        let agent_req = agent::request(&lease, &req)?;
+        // A call abandoned before the agent answers (the client went away,
+        // or the async dispatcher aborted a stopped task) may leave the
+        // function running: the instance is reported failed so the
+        // scheduler replaces it rather than hand its slot to another call.
+        guard.hold(lease, LeaseOutcome::InstanceFailed);
+        let resp = match tokio::time::timeout(deadline, gw.invoke_client.send(agent_req)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "agent call failed");
+                return Err(e.to_fc());
+            }
+            Err(_) => {
+                tracing::warn!(
+                    deadline_s = deadline.as_secs(),
+                    "agent did not answer in time"
+                );
+                return Ok(InvokeResult::TimedOut {
+                    timeout_s,
+                    log_tail: None,
+                });
+            }
+        };
+        match InvokeOutcome::of(resp.headers()) {
+            Some(Ok(outcome)) => break (outcome, resp),
+            Some(Err(unknown)) => {
+                tracing::error!(error = %unknown, "agent answered badly");
+                return Err(FcError::internal(
+                    "the instance's node answered badly; retry the request",
+                ));
+            }
+            None if from_pool => {
+                tracing::debug!(status = %resp.status(), "agent refused a parked lease; acquiring a fresh one");
+                if let Some(stale) = guard.release() {
+                    gw.leases
+                        .give_back(&entry.spec.revision, stale, LeaseOutcome::InstanceFailed);
+                }
+            }
+            None => {
+                // The agent refused the call itself (instance unknown, ...).
+                let (head, body) = resp.into_parts();
+                return Err(remote_error(head.status, &read_small(body).await));
+            }
+        }
+    };
+    let (head, body) = resp.into_parts();
+    let log_tail = head.headers.get(ih::LOG_RESULT).cloned();
+    match outcome {
+        InvokeOutcome::Ok | InvokeOutcome::FunctionError => {
+            let answer = answer(head.status, head.headers, log_tail, guard, body, deadline).await?;
+            Ok(if outcome == InvokeOutcome::Ok {
+                InvokeResult::Success(answer)
+            } else {
+                InvokeResult::FunctionError(answer)
+            })
+        }
+        InvokeOutcome::InstanceFailed => {
+            drop(guard);
+            let message = match serde_json::from_slice::<InvokeFailure>(&read_small(body).await) {
+                Ok(f) if !f.message.is_empty() => f.message,
+                _ => "Process exited unexpectedly before completing request".to_owned(),
+            };
+            Ok(InvokeResult::Crashed { message, log_tail })
+        }
+        InvokeOutcome::Timeout => {
+            drop(guard);
+            Ok(InvokeResult::TimedOut {
+                timeout_s,
+                log_tail,
+            })
+        }
+    }
+}
+
+async fn read_small(body: Incoming) -> Bytes {
+    http_body_util::Limited::new(body, 64 * 1024)
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default()
+}
+
+/// The function's answer: read whole when small (a node dying mid-answer
+/// is then a retryable platform error), else streamed holding the lease.
+async fn answer(
+    status: StatusCode,
+    headers: HeaderMap,
+    log_tail: Option<HeaderValue>,
+    mut guard: LeaseGuard,
+    body: Incoming,
+    deadline: Duration,
+) -> Result<FunctionAnswer, FcError> {
+    let small = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .is_some_and(|n| n <= BUFFERED_ANSWER_MAX);
+    let body = if small {
+        match tokio::time::timeout(deadline, body.collect()).await {
+            Ok(Ok(collected)) => {
+                guard.set_outcome(LeaseOutcome::Ok);
+                drop(guard);
+                full(collected.to_bytes())
+            }
+            _ => {
+                return Err(FcError::unavailable(
+                    "the instance's node failed while answering; retry the request",
+                ))
+            }
+        }
+    } else {
+        // Until the whole answer has been read, a drop means the client
+        // went away mid-answer: the instance may still be writing it.
+        GuardedBody::new(body, guard, LeaseOutcome::Ok).boxed()
+    };
+    Ok(FunctionAnswer {
+        status,
+        headers,
+        log_tail,
+        body,
+    })
+}
+
+async fn acquire(gw: &Gateway, body: Bytes) -> Result<Lease, FcError> {
+    gw.scheduler.acquire_lease(body).await.map_err(|e| {
+        tracing::warn!(error = %e, "no lease from the scheduler");
+        e.to_fc()
+    })
+}

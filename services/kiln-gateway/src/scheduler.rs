@@ -1,0 +1,301 @@
+//! What the gateway asks of the scheduler, behind a trait: leases for
+//! invocations, function retirement, provisioned instances, concurrency
+//! limits and the node and instance listings. [`HttpScheduler`] is the one
+//! place that builds the scheduler's URLs; its errors are
+//! [`InternalClientError`]s, which the API maps to FC's in one function.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use http::{header, Method, Request};
+use http_body_util::BodyExt;
+use kiln_core::{AccountId, FunctionName, LeaseId};
+use kiln_internal_api::client::remote_error;
+use kiln_internal_api::server::full;
+use kiln_internal_api::{
+    paths, AccountLimits, FunctionLimits, FunctionRef, InstanceInfo, InternalClient,
+    InternalClientError, Lease, LeaseOutcome, NodeInfo, ProvisionDetail, ProvisionStatus,
+    PutProvision, ReleaseLease, RetireFunction,
+};
+
+type Result<T> = std::result::Result<T, InternalClientError>;
+
+/// The scheduler's API as the gateway uses it.
+pub trait SchedulerClient: Send + Sync + 'static {
+    /// A slot for one invocation. `body` is an `AcquireLease` already in
+    /// JSON (see [`crate::catalog::FunctionEntry::acquire_body`]: the warm
+    /// path does not serialise the spec per call).
+    fn acquire_lease(&self, body: Bytes) -> BoxFuture<'_, Result<Lease>>;
+    fn release_lease<'a>(
+        &'a self,
+        lease: &'a LeaseId,
+        outcome: LeaseOutcome,
+    ) -> BoxFuture<'a, Result<()>>;
+    /// Instances of other revisions take no new calls and go once idle.
+    fn retire_function<'a>(&'a self, msg: &'a RetireFunction) -> BoxFuture<'a, Result<()>>;
+    fn nodes(&self) -> BoxFuture<'_, Result<Vec<NodeInfo>>>;
+    fn instances(&self) -> BoxFuture<'_, Result<Vec<InstanceInfo>>>;
+    fn provisions<'a>(
+        &'a self,
+        account: &'a AccountId,
+    ) -> BoxFuture<'a, Result<Vec<ProvisionDetail>>>;
+    fn put_provision<'a>(&'a self, req: &'a PutProvision)
+        -> BoxFuture<'a, Result<ProvisionStatus>>;
+    fn delete_provision<'a>(&'a self, f: &'a FunctionRef) -> BoxFuture<'a, Result<()>>;
+    fn account_limits<'a>(&'a self, account: &'a AccountId)
+        -> BoxFuture<'a, Result<AccountLimits>>;
+    /// Set a function's entry in its account's limits (`None`: remove it);
+    /// answers the account's limits after the change.
+    fn set_function_limits<'a>(
+        &'a self,
+        account: &'a AccountId,
+        function: &'a FunctionName,
+        limits: Option<&'a FunctionLimits>,
+    ) -> BoxFuture<'a, Result<AccountLimits>>;
+}
+
+pub type SharedScheduler = Arc<dyn SchedulerClient>;
+
+/// The scheduler's internal API over mTLS HTTP/2.
+pub struct HttpScheduler {
+    client: InternalClient,
+    base: String,
+}
+
+impl HttpScheduler {
+    pub fn new(client: InternalClient, base: &str) -> Self {
+        Self {
+            client,
+            base: base.trim_end_matches('/').to_owned(),
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+}
+
+impl SchedulerClient for HttpScheduler {
+    fn acquire_lease(&self, body: Bytes) -> BoxFuture<'_, Result<Lease>> {
+        Box::pin(async move {
+            let url = self.url(paths::LEASES);
+            let transport = |message: String| InternalClientError::Transport {
+                url: url.clone(),
+                message,
+            };
+            let req = Request::builder()
+                .method(Method::POST)
+                .uri(&url)
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(full(body))
+                .map_err(|e| transport(e.to_string()))?;
+            let resp = self.client.send(req).await?;
+            let status = resp.status();
+            let bytes = http_body_util::Limited::new(resp.into_body(), 1024 * 1024)
+                .collect()
+                .await
+                .map_err(|e| transport(format!("the answer could not be read: {e}")))?
+                .to_bytes();
+            if !status.is_success() {
+                return Err(InternalClientError::Remote {
+                    url: url.clone(),
+                    error: remote_error(status, &bytes),
+                });
+            }
+            serde_json::from_slice(&bytes).map_err(|e| InternalClientError::Decode {
+                url: url.clone(),
+                message: e.to_string(),
+            })
+        })
+    }
+
+    fn release_lease<'a>(
+        &'a self,
+        lease: &'a LeaseId,
+        outcome: LeaseOutcome,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            self.client
+                .call::<_, serde_json::Value>(
+                    Method::DELETE,
+                    &self.base,
+                    &paths::lease(lease),
+                    Some(&ReleaseLease { outcome }),
+                )
+                .await
+                .map(drop)
+        })
+    }
+
+    fn retire_function<'a>(&'a self, msg: &'a RetireFunction) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            self.client
+                .post::<_, serde_json::Value>(&self.base, paths::FUNCTIONS_RETIRE, msg)
+                .await
+                .map(drop)
+        })
+    }
+
+    fn nodes(&self) -> BoxFuture<'_, Result<Vec<NodeInfo>>> {
+        Box::pin(self.client.get(&self.base, paths::SCHEDULER_NODES))
+    }
+
+    fn instances(&self) -> BoxFuture<'_, Result<Vec<InstanceInfo>>> {
+        Box::pin(self.client.get(&self.base, paths::SCHEDULER_INSTANCES))
+    }
+
+    fn provisions<'a>(
+        &'a self,
+        account: &'a AccountId,
+    ) -> BoxFuture<'a, Result<Vec<ProvisionDetail>>> {
+        Box::pin(async move {
+            self.client
+                .get(&self.base, &paths::account_provisions(account))
+                .await
+        })
+    }
+
+    fn put_provision<'a>(
+        &'a self,
+        req: &'a PutProvision,
+    ) -> BoxFuture<'a, Result<ProvisionStatus>> {
+        Box::pin(self.client.call(
+            Method::PUT,
+            &self.base,
+            paths::FUNCTIONS_PROVISION,
+            Some(req),
+        ))
+    }
+
+    fn delete_provision<'a>(&'a self, f: &'a FunctionRef) -> BoxFuture<'a, Result<()>> {
+        Box::pin(self.client.call::<_, ()>(
+            Method::DELETE,
+            &self.base,
+            paths::FUNCTIONS_PROVISION,
+            Some(f),
+        ))
+    }
+
+    fn account_limits<'a>(
+        &'a self,
+        account: &'a AccountId,
+    ) -> BoxFuture<'a, Result<AccountLimits>> {
+        Box::pin(async move {
+            self.client
+                .get(&self.base, &paths::account_limits(account))
+                .await
+        })
+    }
+
+    fn set_function_limits<'a>(
+        &'a self,
+        account: &'a AccountId,
+        function: &'a FunctionName,
+        limits: Option<&'a FunctionLimits>,
+    ) -> BoxFuture<'a, Result<AccountLimits>> {
+        Box::pin(async move {
+            let path = paths::function_limits(account, function);
+            match limits {
+                None => {
+                    self.client
+                        .call::<(), _>(Method::DELETE, &self.base, &path, None)
+                        .await
+                }
+                Some(f) => {
+                    self.client
+                        .call(Method::PUT, &self.base, &path, Some(f))
+                        .await
+                }
+            }
+        })
+    }
+}
+
+/// A scheduler for unit tests: hands out the leases it is given and
+/// records releases; everything else is refused.
+#[cfg(test)]
+pub mod fake {
+    use std::sync::Mutex;
+
+    use kiln_core::FcError;
+
+    use super::*;
+
+    #[derive(Default)]
+    pub struct FakeScheduler {
+        pub leases: Mutex<Vec<Lease>>,
+        pub released: Mutex<Vec<(LeaseId, LeaseOutcome)>>,
+    }
+
+    fn refused<T>(what: &str) -> Result<T> {
+        Err(InternalClientError::Remote {
+            url: format!("fake://{what}"),
+            error: FcError::internal(format!("the fake scheduler has no {what}")),
+        })
+    }
+
+    impl SchedulerClient for FakeScheduler {
+        fn acquire_lease(&self, _body: Bytes) -> BoxFuture<'_, Result<Lease>> {
+            let next = self.leases.lock().unwrap().pop();
+            Box::pin(async move { next.map_or_else(|| refused("lease"), Ok) })
+        }
+        fn release_lease<'a>(
+            &'a self,
+            lease: &'a LeaseId,
+            outcome: LeaseOutcome,
+        ) -> BoxFuture<'a, Result<()>> {
+            self.released.lock().unwrap().push((lease.clone(), outcome));
+            Box::pin(async { Ok(()) })
+        }
+        fn retire_function<'a>(&'a self, _: &'a RetireFunction) -> BoxFuture<'a, Result<()>> {
+            Box::pin(async { refused("retire") })
+        }
+        fn nodes(&self) -> BoxFuture<'_, Result<Vec<NodeInfo>>> {
+            Box::pin(async { refused("nodes") })
+        }
+        fn instances(&self) -> BoxFuture<'_, Result<Vec<InstanceInfo>>> {
+            Box::pin(async { refused("instances") })
+        }
+        fn provisions<'a>(
+            &'a self,
+            _: &'a AccountId,
+        ) -> BoxFuture<'a, Result<Vec<ProvisionDetail>>> {
+            Box::pin(async { refused("provisions") })
+        }
+        fn put_provision<'a>(
+            &'a self,
+            _: &'a PutProvision,
+        ) -> BoxFuture<'a, Result<ProvisionStatus>> {
+            Box::pin(async { refused("provisions") })
+        }
+        fn delete_provision<'a>(&'a self, _: &'a FunctionRef) -> BoxFuture<'a, Result<()>> {
+            Box::pin(async { refused("provisions") })
+        }
+        fn account_limits<'a>(&'a self, _: &'a AccountId) -> BoxFuture<'a, Result<AccountLimits>> {
+            Box::pin(async { refused("limits") })
+        }
+        fn set_function_limits<'a>(
+            &'a self,
+            _: &'a AccountId,
+            _: &'a FunctionName,
+            _: Option<&'a FunctionLimits>,
+        ) -> BoxFuture<'a, Result<AccountLimits>> {
+            Box::pin(async { refused("limits") })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_built_in_one_place_without_double_slashes() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = kiln_pki::DevPki::ensure(dir.path(), &[]).unwrap();
+        let client = InternalClient::new(&pki.files("gateway-internal")).unwrap();
+        let s = HttpScheduler::new(client, "https://sched:9000/");
+        assert_eq!(s.url(paths::LEASES), "https://sched:9000/v1/leases");
+    }
+}
