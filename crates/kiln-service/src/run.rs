@@ -13,12 +13,10 @@ use crate::signals::StopSignals;
 pub mod exit {
     /// Stopped gracefully after SIGTERM or SIGINT.
     pub const STOPPED: u8 = 0;
-    /// The service could not start, or a second signal cut its graceful
-    /// stop short.
+    /// The configuration could not be loaded, the service could not
+    /// start, or a second signal cut its graceful stop short; stderr says
+    /// which. (clap answers bad arguments with 2.)
     pub const FAILED: u8 = 1;
-    /// The configuration could not be read, parsed or validated (clap
-    /// uses the same code for bad arguments): fix it and start again.
-    pub const CONFIG: u8 = 2;
 }
 
 /// A way for the service to be asked to stop: signals in production, a
@@ -137,7 +135,7 @@ impl Service {
         SF: Future<Output = Result<H, SE>>,
         TF: Future<Output = ()>,
     {
-        let config = load(&self.config).map_err(|e| Failure::new(exit::CONFIG, e.into()))?;
+        let config = load(&self.config).map_err(|e| Failure::new(exit::FAILED, e.into()))?;
         let handle = start(config).await.map_err(|e| {
             Failure::new(
                 exit::FAILED,
@@ -199,7 +197,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_bad_config_exits_2_with_its_causes() {
+    async fn a_bad_config_exits_1_with_its_causes() {
         let svc = service();
         let f = svc
             .serve(
@@ -215,7 +213,7 @@ mod tests {
             )
             .await
             .unwrap_err();
-        assert_eq!(f.code, exit::CONFIG);
+        assert_eq!(f.code, exit::FAILED);
         assert_eq!(
             svc.error_line(&f.error),
             "kiln-test: Cannot parse config file /etc/kiln/test.toml: invalid digit found in string"
@@ -284,8 +282,8 @@ mod tests {
         let svc = service();
         assert_eq!(svc.exit_code(Ok(())), ExitCode::from(0));
         assert_eq!(
-            svc.exit_code(Err(Failure::new(exit::CONFIG, anyhow::anyhow!("bad")))),
-            ExitCode::from(2)
+            svc.exit_code(Err(Failure::new(exit::FAILED, anyhow::anyhow!("bad")))),
+            ExitCode::from(1)
         );
     }
 }

@@ -80,7 +80,7 @@ fn main() -> ExitCode {
             eprintln!(
                 "kiln-scheduler: say --config FILE to serve, or `simulate` to run the simulator"
             );
-            ExitCode::from(exit::CONFIG)
+            ExitCode::from(exit::FAILED)
         }
     }
 }
