@@ -6,9 +6,11 @@
 //! `FunctionNotStarted`) reaches the public caller unchanged.
 #![forbid(unsafe_code)]
 
+pub mod access_log;
 pub mod client;
 pub mod invoke;
 pub mod messages;
+pub mod router;
 pub mod server;
 
 pub use client::{InternalClient, InternalClientError};

@@ -109,7 +109,8 @@ pub struct ConnInfo {
 }
 
 /// Accept TLS connections on `listener` and serve HTTP/1.1 and HTTP/2 on
-/// them with `handler`, until `shutdown` resolves.
+/// them with `handler`, until `shutdown` resolves. Every request gets one
+/// access line (see [`crate::access_log`]).
 pub async fn serve_tls<H, F>(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
@@ -156,9 +157,16 @@ pub async fn serve_tls<H, F>(
                 }
             };
             let info = ConnInfo { peer, local };
-            let service = hyper::service::service_fn(move |req| {
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let handler = handler.clone();
-                async move { Ok::<_, Infallible>(handler(req, info).await) }
+                let access = crate::access_log::begin(&req, peer);
+                async move {
+                    let resp = handler(req, info).await;
+                    if let Some(access) = access {
+                        access.finish(&resp);
+                    }
+                    Ok::<_, Infallible>(resp)
+                }
             });
             let mut builder = auto::Builder::new(TokioExecutor::new());
             builder

@@ -10,13 +10,14 @@
 //! | GET    | /v1/logs                     | a function's logs (logs.rs)   |
 //! | POST   | /v1/instances/{id}/exec      | run a command (exec.rs)       |
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use kiln_core::{FcError, FcErrorCode, InstanceId, RequestId};
+use kiln_core::{FcError, InstanceId, RequestId};
+use kiln_internal_api::router::{route, Route, Router};
 use kiln_internal_api::server::{self, error, json, no_content, read_json, Body};
-use kiln_internal_api::{paths, CreateInstance};
+use kiln_internal_api::CreateInstance;
 use tracing::Instrument;
 
 use crate::instances::InstanceManager;
@@ -24,41 +25,43 @@ use crate::instances::InstanceManager;
 /// Control messages are small; anything bigger is not one.
 const CONTROL_BODY_MAX: usize = 1 << 20;
 
-enum Route<'a> {
+/// Every route of the agent's API, with its typed path parameters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Api {
     Health,
     Logs,
-    Exec(&'a str),
-    Instances,
-    Instance(&'a str),
-    Invoke(&'a str),
-    Unknown,
+    ListInstances,
+    CreateInstance,
+    /// `id` is looked up as given: an unknown id is the instance manager's
+    /// answer (FunctionNotStarted), not a parse error.
+    Invoke {
+        id: String,
+    },
+    Exec {
+        id: String,
+    },
+    DestroyInstance {
+        id: InstanceId,
+    },
 }
 
-fn route(path: &str) -> Route<'_> {
-    if path == paths::HEALTH {
-        return Route::Health;
-    }
-    if path == paths::AGENT_LOGS {
-        return Route::Logs;
-    }
-    let Some(rest) = path.strip_prefix(paths::AGENT_INSTANCES) else {
-        return Route::Unknown;
-    };
-    match rest {
-        "" | "/" => Route::Instances,
-        _ => {
-            let Some(rest) = rest.strip_prefix('/') else {
-                return Route::Unknown;
-            };
-            match rest.split_once('/') {
-                None if !rest.is_empty() => Route::Instance(rest),
-                Some((id, "invoke")) if !id.is_empty() => Route::Invoke(id),
-                Some((id, "exec")) if !id.is_empty() => Route::Exec(id),
-                _ => Route::Unknown,
-            }
-        }
-    }
-}
+/// The agent's one route table.
+#[rustfmt::skip]
+const ROUTES: &[Route<Api>] = &[
+    route(Method::GET, "/v1/health", |_| Ok(Api::Health)),
+    route(Method::GET, "/v1/logs", |_| Ok(Api::Logs)),
+    route(Method::GET, "/v1/instances", |_| Ok(Api::ListInstances)),
+    route(Method::POST, "/v1/instances", |_| Ok(Api::CreateInstance)),
+    route(Method::DELETE, "/v1/instances/{id}", |p| Ok(Api::DestroyInstance { id: p.parse("id")? })),
+    route(Method::POST, "/v1/instances/{id}/invoke", |p| Ok(Api::Invoke { id: p.string("id")? })),
+    route(Method::POST, "/v1/instances/{id}/exec", |p| Ok(Api::Exec { id: p.string("id")? })),
+];
+
+static ROUTER: LazyLock<Router<Api>> = LazyLock::new(|| {
+    Router::new(ROUTES)
+        .expect("the route table is valid (a unit test builds it)")
+        .ignore_trailing_slash()
+});
 
 fn request_id(req: &Request<Incoming>) -> String {
     req.headers()
@@ -68,49 +71,44 @@ fn request_id(req: &Request<Incoming>) -> String {
         .unwrap_or_else(|| RequestId::generate().to_string())
 }
 
-fn method_not_allowed(method: &Method, path: &str, rid: &str) -> Response<Body> {
-    error(
-        &FcError::new(
-            FcErrorCode::MethodNotAllowed,
-            format!("method {method} is not allowed on {path}"),
-        ),
-        rid,
-    )
-}
-
-fn parse_id(id: &str) -> Result<InstanceId, FcError> {
-    id.parse()
-        .map_err(|e: kiln_core::IdError| FcError::invalid_argument(e.to_string()))
-}
-
 /// Serve one request.
 pub async fn handle(manager: Arc<InstanceManager>, req: Request<Incoming>) -> Response<Body> {
-    let path = req.uri().path();
-    match (route(path), req.method()) {
-        // The warm path: no owned copies of the path, a debug-level span.
-        (Route::Invoke(id), &Method::POST) => {
+    match ROUTER.route(req.method(), req.uri().path()) {
+        // The warm path: no request id lookup, a debug-level span.
+        Ok(Api::Invoke { id }) => {
             let span = tracing::debug_span!("invoke", instance_id = %id);
-            let target = manager.get(id).ok_or_else(|| id.to_owned());
-            manager.invoke(target, req).instrument(span).await
+            invoke(&manager, id, req).instrument(span).await
         }
-        _ => {
+        routed => {
             let span = tracing::info_span!(
                 "request",
                 method = %req.method(),
                 path = %req.uri().path(),
             );
-            control(manager, req).instrument(span).await
+            control(manager, routed, req).instrument(span).await
         }
     }
 }
 
-async fn control(manager: Arc<InstanceManager>, req: Request<Incoming>) -> Response<Body> {
+async fn invoke(
+    manager: &Arc<InstanceManager>,
+    id: String,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let target = manager.get(&id).ok_or(id);
+    manager.invoke(target, req).await
+}
+
+async fn control(
+    manager: Arc<InstanceManager>,
+    routed: Result<Api, FcError>,
+    req: Request<Incoming>,
+) -> Response<Body> {
     let rid = request_id(&req);
-    let method = req.method().clone();
-    let path = req.uri().path().to_owned();
-    let resp = match (route(&path), &method) {
-        (Route::Health, &Method::GET) => server::health(),
-        (Route::Logs, &Method::GET) => match crate::logs::parse_query(req.uri().query()) {
+    let resp = match routed {
+        Err(e) => error(&e, &rid),
+        Ok(Api::Health) => server::health(),
+        Ok(Api::Logs) => match crate::logs::parse_query(req.uri().query()) {
             Ok((account, function, q)) => json(
                 StatusCode::OK,
                 &kiln_internal_api::LogRecords {
@@ -119,12 +117,13 @@ async fn control(manager: Arc<InstanceManager>, req: Request<Incoming>) -> Respo
             ),
             Err(e) => error(&e, &rid),
         },
-        (Route::Exec(id), &Method::POST) => {
-            let target = manager.get(id).ok_or_else(|| id.to_owned());
+        Ok(Api::Invoke { id }) => invoke(&manager, id, req).await,
+        Ok(Api::Exec { id }) => {
+            let target = manager.get(&id).ok_or(id);
             crate::exec::serve(manager.clone(), target, req, &rid).await
         }
-        (Route::Instances, &Method::GET) => json(StatusCode::OK, &manager.list()),
-        (Route::Instances, &Method::POST) => {
+        Ok(Api::ListInstances) => json(StatusCode::OK, &manager.list()),
+        Ok(Api::CreateInstance) => {
             match read_json::<CreateInstance>(req.into_body(), CONTROL_BODY_MAX).await {
                 Err(e) => error(&e, &rid),
                 Ok(create) => match manager.create(create).await {
@@ -133,23 +132,10 @@ async fn control(manager: Arc<InstanceManager>, req: Request<Incoming>) -> Respo
                 },
             }
         }
-        (Route::Instance(id), &Method::DELETE) => match parse_id(id) {
-            Err(e) => error(&e, &rid),
-            Ok(id) => match manager.destroy(&id).await {
-                Ok(()) => no_content(),
-                Err(e) => error(&e.to_fc(), &rid),
-            },
+        Ok(Api::DestroyInstance { id }) => match manager.destroy(&id).await {
+            Ok(()) => no_content(),
+            Err(e) => error(&e.to_fc(), &rid),
         },
-        (
-            Route::Health
-            | Route::Logs
-            | Route::Exec(_)
-            | Route::Instances
-            | Route::Instance(_)
-            | Route::Invoke(_),
-            _,
-        ) => method_not_allowed(&method, &path, &rid),
-        (Route::Unknown, _) => server::not_found(&path, &rid),
     };
     if resp.status().is_server_error() {
         tracing::warn!(status = resp.status().as_u16(), "request failed");
@@ -161,21 +147,81 @@ async fn control(manager: Arc<InstanceManager>, req: Request<Incoming>) -> Respo
 
 #[cfg(test)]
 mod tests {
+    use kiln_core::FcErrorCode;
+    use kiln_internal_api::paths;
+
     use super::*;
 
+    fn at(method: Method, path: &str) -> Result<Api, FcError> {
+        ROUTER.route(&method, path)
+    }
+
     #[test]
-    fn routes() {
-        assert!(matches!(route("/v1/health"), Route::Health));
-        assert!(matches!(route("/v1/instances"), Route::Instances));
-        assert!(matches!(route("/v1/instances/i-1"), Route::Instance("i-1")));
-        assert!(matches!(
-            route("/v1/instances/i-1/invoke"),
-            Route::Invoke("i-1")
-        ));
-        assert!(matches!(route("/v1/instances/i-1/other"), Route::Unknown));
-        assert!(matches!(route("/v1/instances//invoke"), Route::Unknown));
-        assert!(matches!(route("/v1/instancesx"), Route::Unknown));
-        assert!(matches!(route("/v1/instancesab"), Route::Unknown));
-        assert!(matches!(route("/v2/instances"), Route::Unknown));
+    fn the_table_routes_every_path() {
+        let cases = [
+            (Method::GET, paths::HEALTH, Api::Health),
+            (Method::GET, paths::AGENT_LOGS, Api::Logs),
+            (Method::GET, paths::AGENT_INSTANCES, Api::ListInstances),
+            (Method::GET, "/v1/instances/", Api::ListInstances),
+            (Method::POST, paths::AGENT_INSTANCES, Api::CreateInstance),
+            (
+                Method::DELETE,
+                "/v1/instances/i-1",
+                Api::DestroyInstance {
+                    id: "i-1".parse().unwrap(),
+                },
+            ),
+            (
+                Method::POST,
+                "/v1/instances/i-1/invoke",
+                Api::Invoke { id: "i-1".into() },
+            ),
+            (
+                Method::POST,
+                "/v1/instances/i-1/exec",
+                Api::Exec { id: "i-1".into() },
+            ),
+        ];
+        for (method, path, want) in cases {
+            assert_eq!(at(method.clone(), path).unwrap(), want, "{method} {path}");
+        }
+        assert_eq!(ROUTER.rows().count(), ROUTES.len());
+        assert_eq!(ROUTES.len(), 7);
+    }
+
+    #[test]
+    fn unknown_paths_are_404_and_wrong_methods_405() {
+        let code = |m: Method, p: &str| at(m, p).unwrap_err().code;
+        for path in [
+            "/v1/instances/i-1/other",
+            "/v1/instances//invoke",
+            "/v1/instancesx",
+            "/v1/instancesab",
+            "/v2/instances",
+        ] {
+            assert_eq!(
+                code(Method::POST, path),
+                FcErrorCode::PathNotSupported,
+                "{path}"
+            );
+        }
+        assert_eq!(
+            code(Method::GET, "/v1/instances/i-1/invoke"),
+            FcErrorCode::MethodNotAllowed
+        );
+        assert_eq!(
+            code(Method::PUT, "/v1/instances"),
+            FcErrorCode::MethodNotAllowed
+        );
+        assert_eq!(
+            code(Method::POST, "/v1/health"),
+            FcErrorCode::MethodNotAllowed
+        );
+    }
+
+    #[test]
+    fn destroy_checks_the_instance_id() {
+        let e = at(Method::DELETE, "/v1/instances/a%2Fb").unwrap_err();
+        assert_eq!(e.code, FcErrorCode::InvalidArgument);
     }
 }

@@ -3,8 +3,9 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::Parser;
+use kiln_agent::AgentConfig;
+use kiln_service::{LogArgs, Service};
 
 // glibc's malloc showed up at ~5% of the invoke path's CPU; mimalloc keeps
 // the many small per-request allocations of hyper/h2/rustls cheaper.
@@ -17,51 +18,19 @@ struct Args {
     /// The agent's TOML configuration.
     #[arg(long, env = "KILN_AGENT_CONFIG")]
     config: PathBuf,
+    #[command(flatten)]
+    log: LogArgs,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    let service = Service::new("kiln-agent", args.config, &args.log);
     // Before any thread exists: every thread the runtime starts later
     // inherits the private mount namespace (see namespace.rs).
     if let Err(e) = kiln_agent::enter_private_mount_namespace() {
-        eprintln!("kiln-agent: {}", kiln_core::error_chain(&e));
-        return ExitCode::FAILURE;
+        return service.fail(e);
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("kiln-agent: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(args)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("kiln-agent: {}", kiln_core::error_chain(&*e));
-            ExitCode::FAILURE
-        }
-    }
-}
-
-async fn run(args: Args) -> anyhow::Result<()> {
-    let config = kiln_agent::AgentConfig::load(&args.config)
-        .with_context(|| format!("Cannot use {}", args.config.display()))?;
-    let handle = kiln_agent::start(config)
-        .await
-        .context("Cannot start the agent")?;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("Cannot install the SIGTERM handler")?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    tracing::info!("shutting down");
-    handle.shutdown().await;
-    Ok(())
+    service.run(AgentConfig::load, kiln_agent::start, |handle| {
+        handle.shutdown()
+    })
 }

@@ -3,6 +3,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use kiln_gateway::GatewayConfig;
+use kiln_service::{LogArgs, Service};
 
 // glibc's malloc showed up at ~5% of the invoke path's CPU; mimalloc keeps
 // the many small per-request allocations of hyper/h2/rustls cheaper.
@@ -16,38 +17,15 @@ struct Args {
     /// The gateway's TOML configuration file.
     #[arg(long, env = "KILN_GATEWAY_CONFIG")]
     config: PathBuf,
+    #[command(flatten)]
+    log: LogArgs,
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
-    match run(Args::parse()).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("kiln-gateway: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-async fn run(args: Args) -> anyhow::Result<()> {
-    use anyhow::Context;
-    let config = GatewayConfig::load(&args.config)?;
-    let handle = kiln_gateway::start(config)
-        .await
-        .context("Cannot start the gateway")?;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("Cannot install the SIGTERM handler")?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    tracing::info!("shutting down");
-    handle.shutdown().await;
-    Ok(())
+fn main() -> ExitCode {
+    let args = Args::parse();
+    Service::new("kiln-gateway", args.config, &args.log).run(
+        GatewayConfig::load,
+        kiln_gateway::start,
+        |handle| handle.shutdown(),
+    )
 }

@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use kiln_scheduler::placement::{default_account_limits, PlacementConfig};
 use kiln_scheduler::simulate::{self, BenchConfig, SimConfig, Workload};
+use kiln_scheduler::SchedulerConfig;
+use kiln_service::{exit, LogArgs, Output, Service};
 
 #[derive(Parser)]
 #[command(version, about = "Kiln's scheduling service")]
@@ -13,6 +15,8 @@ struct Args {
     /// The TOML configuration file (to serve).
     #[arg(long)]
     config: Option<PathBuf>,
+    #[command(flatten)]
+    log: LogArgs,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -59,33 +63,24 @@ struct SimulateArgs {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    // The simulator's instances come and go by the thousand: only warnings.
-    let default_filter = if args.command.is_some() {
-        "warn"
-    } else {
-        "info"
-    };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
-        )
-        .init();
-    let result = match (args.command, args.config) {
+    match (args.command, args.config) {
         (Some(Command::Simulate(s)), _) => {
+            // The simulator's instances come and go by the thousand: only
+            // warnings.
+            kiln_service::logging::init(args.log.log_format, "warn", Output::Stdout);
             run_simulate(&s);
-            Ok(())
+            ExitCode::SUCCESS
         }
-        (None, Some(config)) => serve(config),
-        (None, None) => Err(anyhow::anyhow!(
-            "say --config FILE to serve, or `simulate` to run the simulator"
-        )),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("kiln-scheduler: {e:#}");
-            ExitCode::FAILURE
+        (None, Some(config)) => Service::new("kiln-scheduler", config, &args.log).run(
+            SchedulerConfig::load,
+            kiln_scheduler::start,
+            |handle| handle.shutdown(),
+        ),
+        (None, None) => {
+            eprintln!(
+                "kiln-scheduler: say --config FILE to serve, or `simulate` to run the simulator"
+            );
+            ExitCode::from(exit::FAILED)
         }
     }
 }
@@ -131,28 +126,4 @@ fn run_simulate(a: &SimulateArgs) {
         );
         println!("{r}");
     }
-}
-
-fn serve(config: PathBuf) -> anyhow::Result<()> {
-    use anyhow::Context;
-    let rt = tokio::runtime::Runtime::new().context("Cannot start the async runtime")?;
-    rt.block_on(async {
-        let config = kiln_scheduler::SchedulerConfig::load(&config)?;
-        let handle = kiln_scheduler::start(config)
-            .await
-            .context("Cannot start the scheduler")?;
-        wait_for_signal().await?;
-        handle.shutdown().await;
-        Ok(())
-    })
-}
-
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r?,
-        _ = term.recv() => {}
-    }
-    Ok(())
 }

@@ -122,3 +122,104 @@ fn neither_config_nor_simulate_exits_1() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--config"));
 }
+
+/// `--log-format json`: every stdout line is a JSON object; each request
+/// has one access line with its method, path (no query), status, duration,
+/// request id and peer; SIGTERM is logged by name.
+#[tokio::test]
+async fn json_logs_have_one_access_line_per_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = DevPki::ensure(&dir.path().join("pki"), &[]).unwrap();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let files = pki.files("scheduler");
+    let config = dir.path().join("scheduler.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = {:?}\nlisten = \"127.0.0.1:{port}\"\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+            dir.path().join("state"),
+            files.ca,
+            files.cert,
+            files.key
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("scheduler.log");
+    let mut child = Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .arg("--log-format")
+        .arg("json")
+        .env("RUST_LOG", "info")
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let client = InternalClient::new(&pki.files("gateway-internal"))
+        .unwrap()
+        .with_timeout(Duration::from_secs(2));
+    let base = format!("https://127.0.0.1:{port}");
+    let mut up = false;
+    for _ in 0..100 {
+        if client
+            .get::<serde_json::Value>(&base, paths::HEALTH)
+            .await
+            .is_ok()
+        {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A 404 with a query string that must not reach the log.
+    let missing = client
+        .get::<serde_json::Value>(&base, "/v1/nope?Signature=secret")
+        .await;
+    let status = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = child.wait().unwrap();
+    assert!(up, "the scheduler never answered /v1/health");
+    assert!(missing.is_err());
+    assert_eq!(exit.code(), Some(0));
+
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains("secret"), "{text}");
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let access: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l["target"] == "kiln::access")
+        .collect();
+    let health = access
+        .iter()
+        .find(|l| l["path"] == paths::HEALTH && l["status"] == 200)
+        .unwrap_or_else(|| panic!("no access line for the health check: {text}"));
+    assert_eq!(health["level"], "INFO");
+    assert_eq!(health["method"], "GET");
+    assert!(health["duration_us"].is_u64(), "{health}");
+    assert!(health["request_id"].is_string(), "{health}");
+    assert!(
+        health["peer"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{health}"
+    );
+    let nope = access
+        .iter()
+        .find(|l| l["path"] == "/v1/nope")
+        .unwrap_or_else(|| panic!("no access line for the 404: {text}"));
+    assert_eq!(nope["status"], 404);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["message"] == "shutting down" && l["signal"] == "SIGTERM"),
+        "{text}"
+    );
+}

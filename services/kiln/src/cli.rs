@@ -22,6 +22,8 @@ pub struct Cli {
     /// Credentials file (else $KILN_CREDENTIALS, else ~/.kiln/credentials.json).
     #[arg(long, global = true)]
     pub credentials: Option<PathBuf>,
+    #[command(flatten)]
+    pub log: kiln_service::LogArgs,
     #[command(subcommand)]
     pub command: Command,
 }

@@ -9,13 +9,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = kiln::cli::Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // stderr: stdout carries the commands' answers.
+    kiln_service::logging::init(cli.log.log_format, "info", kiln_service::Output::Stderr);
     // Sandboxes mount overlays; keep those mounts out of the host's mount
     // namespace. This must happen before any thread exists.
     if cli.runs_agent() {

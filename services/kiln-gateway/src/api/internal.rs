@@ -1,7 +1,7 @@
 //! The internal (mTLS) listener: code packages and temporary credentials
 //! for agents, health.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use bytes::Bytes;
 use futures_util::stream;
@@ -10,12 +10,37 @@ use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Incoming;
 use kiln_core::{FcError, FcErrorCode, RequestId};
+use kiln_internal_api::router::{route, Route, Router};
 use kiln_internal_api::server::{self, Body, BoxError, ConnInfo};
 use tokio::io::AsyncReadExt;
 
 use crate::catalog::Catalog;
 
 const CHUNK: usize = 256 * 1024;
+
+/// Every route of the internal listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Api {
+    Health,
+    /// `digest` is checked by the code store, which answers an unknown
+    /// or malformed one as missing.
+    Code {
+        digest: String,
+    },
+    Credentials,
+}
+
+/// The internal listener's one route table.
+#[rustfmt::skip]
+const ROUTES: &[Route<Api>] = &[
+    route(Method::GET, "/v1/health", |_| Ok(Api::Health)),
+    route(Method::GET, "/v1/code/{digest}", |p| Ok(Api::Code { digest: p.string("digest")? })),
+    route(Method::POST, "/v1/credentials", |_| Ok(Api::Credentials)),
+];
+
+static ROUTER: LazyLock<Router<Api>> = LazyLock::new(|| {
+    Router::new(ROUTES).expect("the route table is valid (a unit test builds it)")
+});
 
 pub async fn handle(
     catalog: Arc<Catalog>,
@@ -24,18 +49,14 @@ pub async fn handle(
     conn: ConnInfo,
 ) -> Response<Body> {
     let request_id = RequestId::generate();
-    let path = req.uri().path().to_owned();
-    let mut resp = match (req.method(), path.as_str()) {
-        (&Method::GET, kiln_internal_api::paths::HEALTH) => server::health(),
-        (&Method::GET, p) if p.starts_with("/v1/code/") => {
-            let digest = &p["/v1/code/".len()..];
+    let mut resp = match ROUTER.route(req.method(), req.uri().path()) {
+        Err(e) => server::error(&e, request_id.as_str()),
+        Ok(Api::Health) => server::health(),
+        Ok(Api::Code { digest }) => {
             tracing::debug!(peer = %conn.peer, digest, "code package requested");
-            code(&catalog, digest, &request_id).await
+            code(&catalog, &digest, &request_id).await
         }
-        (&Method::POST, kiln_internal_api::paths::CREDENTIALS) => {
-            credentials(&catalog, &ram, req, &request_id).await
-        }
-        _ => server::not_found(&path, request_id.as_str()),
+        Ok(Api::Credentials) => credentials(&catalog, &ram, req, &request_id).await,
     };
     if let Ok(v) = http::HeaderValue::from_str(request_id.as_str()) {
         resp.headers_mut().insert(super::respond::REQUEST_ID, v);
@@ -110,5 +131,44 @@ async fn credentials(
             tracing::warn!(function = %msg.function_name, instance_id = %msg.instance_id, error = %e, "temporary credentials refused");
             server::error(&e, request_id.as_str())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kiln_core::FcErrorCode;
+
+    use super::*;
+
+    #[test]
+    fn every_route_of_the_table_matches() {
+        let at = |m: Method, p: &str| ROUTER.route(&m, p);
+        assert_eq!(
+            at(Method::GET, kiln_internal_api::paths::HEALTH).unwrap(),
+            Api::Health
+        );
+        assert_eq!(
+            at(Method::GET, "/v1/code/ab12").unwrap(),
+            Api::Code {
+                digest: "ab12".into()
+            }
+        );
+        assert_eq!(
+            at(Method::POST, kiln_internal_api::paths::CREDENTIALS).unwrap(),
+            Api::Credentials
+        );
+        assert_eq!(ROUTER.rows().count(), ROUTES.len());
+        assert_eq!(
+            at(Method::GET, "/v1/credentials").unwrap_err().code,
+            FcErrorCode::MethodNotAllowed
+        );
+        assert_eq!(
+            at(Method::GET, "/v1/code/a/b").unwrap_err().code,
+            FcErrorCode::PathNotSupported
+        );
+        assert_eq!(
+            at(Method::GET, "/v1/code/").unwrap_err().code,
+            FcErrorCode::PathNotSupported
+        );
     }
 }

@@ -19,10 +19,13 @@ pub mod vpc;
 use std::sync::Arc;
 use std::time::Instant;
 
+use std::sync::LazyLock;
+
 use bytes::Bytes;
 use http::{HeaderValue, Method, Response};
 use hyper::body::Incoming;
-use kiln_core::{FcError, FcErrorCode, FunctionName, RequestId};
+use kiln_core::{FcError, FunctionName, RequestId};
+use kiln_internal_api::router::{self, PathParams, Router};
 use kiln_internal_api::server::{Body, ConnInfo};
 use tracing::Instrument;
 
@@ -34,6 +37,11 @@ use crate::auth::Caller;
 
 pub const API_VERSION: &str = "2023-03-30";
 pub use respond::REQUEST_ID;
+
+const GET: Method = Method::GET;
+const POST: Method = Method::POST;
+const PUT: Method = Method::PUT;
+const DELETE: Method = Method::DELETE;
 
 /// The operations of the public API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,300 +136,279 @@ impl Operation {
     }
 }
 
-/// The route table: method, path pattern (`{name}` is a function name,
-/// `{task}` an async task id).
-const ROUTES: &[(Method, &str, Operation)] = &[
-    (
-        Method::POST,
-        "/2023-03-30/functions",
-        Operation::CreateFunction,
-    ),
-    (
-        Method::GET,
-        "/2023-03-30/functions",
-        Operation::ListFunctions,
-    ),
-    (
-        Method::GET,
-        "/2023-03-30/functions/{name}",
-        Operation::GetFunction,
-    ),
-    (
-        Method::PUT,
-        "/2023-03-30/functions/{name}",
-        Operation::UpdateFunction,
-    ),
-    (
-        Method::DELETE,
-        "/2023-03-30/functions/{name}",
-        Operation::DeleteFunction,
-    ),
-    (
-        Method::POST,
-        "/2023-03-30/functions/{name}/invocations",
-        Operation::InvokeFunction,
-    ),
-    (
-        Method::PUT,
-        "/2023-03-30/functions/{name}/async-invoke-config",
-        Operation::PutAsyncInvokeConfig,
-    ),
-    (
-        Method::GET,
-        "/2023-03-30/functions/{name}/async-invoke-config",
-        Operation::GetAsyncInvokeConfig,
-    ),
-    (
-        Method::DELETE,
-        "/2023-03-30/functions/{name}/async-invoke-config",
-        Operation::DeleteAsyncInvokeConfig,
-    ),
-    (
-        Method::GET,
-        "/2023-03-30/async-invoke-configs",
-        Operation::ListAsyncInvokeConfigs,
-    ),
-    (
-        Method::GET,
-        "/2023-03-30/functions/{name}/async-tasks",
-        Operation::ListAsyncTasks,
-    ),
-    (
-        Method::GET,
-        "/2023-03-30/functions/{name}/async-tasks/{task}",
-        Operation::GetAsyncTask,
-    ),
-    (
-        Method::PUT,
-        "/2023-03-30/functions/{name}/async-tasks/{task}/stop",
-        Operation::StopAsyncTask,
-    ),
-    (
-        Method::PUT,
-        "/2023-03-30/functions/{name}/provision-config",
-        Operation::PutProvisionConfig,
-    ),
-    (
-        Method::GET,
-        "/2023-03-30/functions/{name}/provision-config",
-        Operation::GetProvisionConfig,
-    ),
-    (
-        Method::DELETE,
-        "/2023-03-30/functions/{name}/provision-config",
-        Operation::DeleteProvisionConfig,
-    ),
-    (
-        Method::GET,
-        "/2023-03-30/provision-configs",
-        Operation::ListProvisionConfigs,
-    ),
-    (
-        Method::PUT,
-        "/2023-03-30/functions/{name}/concurrency",
-        Operation::PutConcurrencyConfig,
-    ),
-    (
-        Method::GET,
-        "/2023-03-30/functions/{name}/concurrency",
-        Operation::GetConcurrencyConfig,
-    ),
-    (
-        Method::DELETE,
-        "/2023-03-30/functions/{name}/concurrency",
-        Operation::DeleteConcurrencyConfig,
-    ),
-    (
-        Method::GET,
-        "/2023-03-30/concurrency-configs",
-        Operation::ListConcurrencyConfigs,
-    ),
-    (Method::GET, "/2023-03-30/roles", Operation::ListRoles),
-    (Method::PUT, "/2023-03-30/roles/{role}", Operation::PutRole),
-    (Method::GET, "/2023-03-30/roles/{role}", Operation::GetRole),
-    (
-        Method::DELETE,
-        "/2023-03-30/roles/{role}",
-        Operation::DeleteRole,
-    ),
-    (
-        Method::POST,
-        "/2023-03-30/layers/{layer}/versions",
-        Operation::CreateLayerVersion,
-    ),
-    (
-        Method::GET,
-        "/2023-03-30/layers/{layer}/versions",
-        Operation::ListLayerVersions,
-    ),
-    (
-        Method::GET,
-        "/2023-03-30/layers/{layer}/versions/{version}",
-        Operation::GetLayerVersion,
-    ),
-    (
-        Method::DELETE,
-        "/2023-03-30/layers/{layer}/versions/{version}",
-        Operation::DeleteLayerVersion,
-    ),
-    (Method::GET, "/2023-03-30/layers", Operation::ListLayers),
-    (
-        Method::PUT,
-        "/2023-03-30/layers/{layer}/acl",
-        Operation::PutLayerACL,
-    ),
-    (
-        Method::GET,
-        "/2023-03-30/layerarn/{arn}",
-        Operation::GetLayerVersionByArn,
-    ),
-    (Method::GET, "/2023-03-30/runtimes", Operation::ListRuntimes),
-    (
-        Method::GET,
-        "/2023-03-30/functions/{name}/instances",
-        Operation::ListInstances,
-    ),
-    (
-        Method::GET,
-        "/2023-03-30/functions/{name}/instances/{instance}/exec",
-        Operation::InstanceExec,
-    ),
-    (
-        Method::GET,
-        "/2023-03-30/functions/{name}/logs",
-        Operation::GetFunctionLogs,
-    ),
-    (
-        Method::POST,
-        "/2023-03-30/functions/{name}/vpc-bindings",
-        Operation::CreateVpcBinding,
-    ),
-    (
-        Method::GET,
-        "/2023-03-30/functions/{name}/vpc-bindings",
-        Operation::ListVpcBindings,
-    ),
-    (
-        Method::DELETE,
-        "/2023-03-30/functions/{name}/vpc-bindings/{vpc}",
-        Operation::DeleteVpcBinding,
-    ),
-];
-
-/// A matched route.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Route {
-    pub operation: Operation,
-    pub name: Option<FunctionName>,
-    pub task: Option<String>,
-    /// `{layer}`, `{version}`, `{arn}`: percent-decoded, checked by the
-    /// layer handlers.
-    pub layer: Option<String>,
-    pub version: Option<String>,
-    pub arn: Option<String>,
-    /// `{role}`: a role name, percent-decoded, checked by the role handlers.
-    pub role: Option<String>,
-    /// `{instance}`: an instance id, percent-decoded.
-    pub instance: Option<String>,
-    /// `{vpc}`: a VPC id, percent-decoded, checked by the VPC handlers.
-    pub vpc: Option<String>,
+/// A matched public route with its typed, percent-decoded path
+/// parameters: `name` is a checked function name; layer, version, arn,
+/// role, instance and VPC ids are checked by their handlers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    CreateFunction,
+    ListFunctions,
+    GetFunction {
+        name: FunctionName,
+    },
+    UpdateFunction {
+        name: FunctionName,
+    },
+    DeleteFunction {
+        name: FunctionName,
+    },
+    InvokeFunction {
+        name: FunctionName,
+    },
+    PutAsyncInvokeConfig {
+        name: FunctionName,
+    },
+    GetAsyncInvokeConfig {
+        name: FunctionName,
+    },
+    DeleteAsyncInvokeConfig {
+        name: FunctionName,
+    },
+    ListAsyncInvokeConfigs,
+    ListAsyncTasks {
+        name: FunctionName,
+    },
+    GetAsyncTask {
+        name: FunctionName,
+        task: String,
+    },
+    StopAsyncTask {
+        name: FunctionName,
+        task: String,
+    },
+    PutProvisionConfig {
+        name: FunctionName,
+    },
+    GetProvisionConfig {
+        name: FunctionName,
+    },
+    DeleteProvisionConfig {
+        name: FunctionName,
+    },
+    ListProvisionConfigs,
+    PutConcurrencyConfig {
+        name: FunctionName,
+    },
+    GetConcurrencyConfig {
+        name: FunctionName,
+    },
+    DeleteConcurrencyConfig {
+        name: FunctionName,
+    },
+    ListConcurrencyConfigs,
+    ListRoles,
+    PutRole {
+        role: String,
+    },
+    GetRole {
+        role: String,
+    },
+    DeleteRole {
+        role: String,
+    },
+    CreateLayerVersion {
+        layer: String,
+    },
+    ListLayerVersions {
+        layer: String,
+    },
+    GetLayerVersion {
+        layer: String,
+        version: String,
+    },
+    DeleteLayerVersion {
+        layer: String,
+        version: String,
+    },
+    ListLayers,
+    PutLayerACL {
+        layer: String,
+    },
+    GetLayerVersionByArn {
+        arn: String,
+    },
+    ListRuntimes,
+    ListInstances {
+        name: FunctionName,
+    },
+    InstanceExec {
+        name: FunctionName,
+        instance: String,
+    },
+    GetFunctionLogs {
+        name: FunctionName,
+    },
+    CreateVpcBinding {
+        name: FunctionName,
+    },
+    ListVpcBindings {
+        name: FunctionName,
+    },
+    DeleteVpcBinding {
+        name: FunctionName,
+        vpc: String,
+    },
 }
 
-/// Match a request against [`ROUTES`].
+/// `{name}`, percent-decoded and checked as a function name.
+fn function_name(p: &PathParams<'_>) -> Result<FunctionName, FcError> {
+    p.text("name")?
+        .parse::<FunctionName>()
+        .map_err(|e| FcError::invalid_argument(format!("functionName: {}", e.reason)))
+}
+
+/// The public API's one route table: method, path, typed route.
+#[rustfmt::skip]
+const ROUTES: &[router::Route<Route>] = &[
+    router::route(POST, "/2023-03-30/functions", |_| Ok(Route::CreateFunction)),
+    router::route(GET, "/2023-03-30/functions", |_| Ok(Route::ListFunctions)),
+    router::route(GET, "/2023-03-30/functions/{name}", |p| Ok(Route::GetFunction { name: function_name(p)? })),
+    router::route(PUT, "/2023-03-30/functions/{name}", |p| Ok(Route::UpdateFunction { name: function_name(p)? })),
+    router::route(DELETE, "/2023-03-30/functions/{name}", |p| Ok(Route::DeleteFunction { name: function_name(p)? })),
+    router::route(POST, "/2023-03-30/functions/{name}/invocations", |p| Ok(Route::InvokeFunction { name: function_name(p)? })),
+    router::route(PUT, "/2023-03-30/functions/{name}/async-invoke-config", |p| Ok(Route::PutAsyncInvokeConfig { name: function_name(p)? })),
+    router::route(GET, "/2023-03-30/functions/{name}/async-invoke-config", |p| Ok(Route::GetAsyncInvokeConfig { name: function_name(p)? })),
+    router::route(DELETE, "/2023-03-30/functions/{name}/async-invoke-config", |p| Ok(Route::DeleteAsyncInvokeConfig { name: function_name(p)? })),
+    router::route(GET, "/2023-03-30/async-invoke-configs", |_| Ok(Route::ListAsyncInvokeConfigs)),
+    router::route(GET, "/2023-03-30/functions/{name}/async-tasks", |p| Ok(Route::ListAsyncTasks { name: function_name(p)? })),
+    router::route(GET, "/2023-03-30/functions/{name}/async-tasks/{task}", |p| Ok(Route::GetAsyncTask { name: function_name(p)?, task: p.string("task")? })),
+    router::route(PUT, "/2023-03-30/functions/{name}/async-tasks/{task}/stop", |p| Ok(Route::StopAsyncTask { name: function_name(p)?, task: p.string("task")? })),
+    router::route(PUT, "/2023-03-30/functions/{name}/provision-config", |p| Ok(Route::PutProvisionConfig { name: function_name(p)? })),
+    router::route(GET, "/2023-03-30/functions/{name}/provision-config", |p| Ok(Route::GetProvisionConfig { name: function_name(p)? })),
+    router::route(DELETE, "/2023-03-30/functions/{name}/provision-config", |p| Ok(Route::DeleteProvisionConfig { name: function_name(p)? })),
+    router::route(GET, "/2023-03-30/provision-configs", |_| Ok(Route::ListProvisionConfigs)),
+    router::route(PUT, "/2023-03-30/functions/{name}/concurrency", |p| Ok(Route::PutConcurrencyConfig { name: function_name(p)? })),
+    router::route(GET, "/2023-03-30/functions/{name}/concurrency", |p| Ok(Route::GetConcurrencyConfig { name: function_name(p)? })),
+    router::route(DELETE, "/2023-03-30/functions/{name}/concurrency", |p| Ok(Route::DeleteConcurrencyConfig { name: function_name(p)? })),
+    router::route(GET, "/2023-03-30/concurrency-configs", |_| Ok(Route::ListConcurrencyConfigs)),
+    router::route(GET, "/2023-03-30/roles", |_| Ok(Route::ListRoles)),
+    router::route(PUT, "/2023-03-30/roles/{role}", |p| Ok(Route::PutRole { role: p.string("role")? })),
+    router::route(GET, "/2023-03-30/roles/{role}", |p| Ok(Route::GetRole { role: p.string("role")? })),
+    router::route(DELETE, "/2023-03-30/roles/{role}", |p| Ok(Route::DeleteRole { role: p.string("role")? })),
+    router::route(POST, "/2023-03-30/layers/{layer}/versions", |p| Ok(Route::CreateLayerVersion { layer: p.string("layer")? })),
+    router::route(GET, "/2023-03-30/layers/{layer}/versions", |p| Ok(Route::ListLayerVersions { layer: p.string("layer")? })),
+    router::route(GET, "/2023-03-30/layers/{layer}/versions/{version}", |p| Ok(Route::GetLayerVersion { layer: p.string("layer")?, version: p.string("version")? })),
+    router::route(DELETE, "/2023-03-30/layers/{layer}/versions/{version}", |p| Ok(Route::DeleteLayerVersion { layer: p.string("layer")?, version: p.string("version")? })),
+    router::route(GET, "/2023-03-30/layers", |_| Ok(Route::ListLayers)),
+    router::route(PUT, "/2023-03-30/layers/{layer}/acl", |p| Ok(Route::PutLayerACL { layer: p.string("layer")? })),
+    router::route(GET, "/2023-03-30/layerarn/{arn}", |p| Ok(Route::GetLayerVersionByArn { arn: p.string("arn")? })),
+    router::route(GET, "/2023-03-30/runtimes", |_| Ok(Route::ListRuntimes)),
+    router::route(GET, "/2023-03-30/functions/{name}/instances", |p| Ok(Route::ListInstances { name: function_name(p)? })),
+    router::route(GET, "/2023-03-30/functions/{name}/instances/{instance}/exec", |p| Ok(Route::InstanceExec { name: function_name(p)?, instance: p.string("instance")? })),
+    router::route(GET, "/2023-03-30/functions/{name}/logs", |p| Ok(Route::GetFunctionLogs { name: function_name(p)? })),
+    router::route(POST, "/2023-03-30/functions/{name}/vpc-bindings", |p| Ok(Route::CreateVpcBinding { name: function_name(p)? })),
+    router::route(GET, "/2023-03-30/functions/{name}/vpc-bindings", |p| Ok(Route::ListVpcBindings { name: function_name(p)? })),
+    router::route(DELETE, "/2023-03-30/functions/{name}/vpc-bindings/{vpc}", |p| Ok(Route::DeleteVpcBinding { name: function_name(p)?, vpc: p.string("vpc")? })),
+];
+
+static ROUTER: LazyLock<Router<Route>> = LazyLock::new(|| {
+    Router::new(ROUTES).expect("the route table is valid (a unit test builds it)")
+});
+
+impl Route {
+    /// The FC operation this route performs (its RAM action and metric
+    /// label).
+    pub fn operation(&self) -> Operation {
+        match self {
+            Self::CreateFunction => Operation::CreateFunction,
+            Self::ListFunctions => Operation::ListFunctions,
+            Self::GetFunction { .. } => Operation::GetFunction,
+            Self::UpdateFunction { .. } => Operation::UpdateFunction,
+            Self::DeleteFunction { .. } => Operation::DeleteFunction,
+            Self::InvokeFunction { .. } => Operation::InvokeFunction,
+            Self::PutAsyncInvokeConfig { .. } => Operation::PutAsyncInvokeConfig,
+            Self::GetAsyncInvokeConfig { .. } => Operation::GetAsyncInvokeConfig,
+            Self::DeleteAsyncInvokeConfig { .. } => Operation::DeleteAsyncInvokeConfig,
+            Self::ListAsyncInvokeConfigs => Operation::ListAsyncInvokeConfigs,
+            Self::ListAsyncTasks { .. } => Operation::ListAsyncTasks,
+            Self::GetAsyncTask { .. } => Operation::GetAsyncTask,
+            Self::StopAsyncTask { .. } => Operation::StopAsyncTask,
+            Self::PutProvisionConfig { .. } => Operation::PutProvisionConfig,
+            Self::GetProvisionConfig { .. } => Operation::GetProvisionConfig,
+            Self::DeleteProvisionConfig { .. } => Operation::DeleteProvisionConfig,
+            Self::ListProvisionConfigs => Operation::ListProvisionConfigs,
+            Self::PutConcurrencyConfig { .. } => Operation::PutConcurrencyConfig,
+            Self::GetConcurrencyConfig { .. } => Operation::GetConcurrencyConfig,
+            Self::DeleteConcurrencyConfig { .. } => Operation::DeleteConcurrencyConfig,
+            Self::ListConcurrencyConfigs => Operation::ListConcurrencyConfigs,
+            Self::ListRoles => Operation::ListRoles,
+            Self::PutRole { .. } => Operation::PutRole,
+            Self::GetRole { .. } => Operation::GetRole,
+            Self::DeleteRole { .. } => Operation::DeleteRole,
+            Self::CreateLayerVersion { .. } => Operation::CreateLayerVersion,
+            Self::ListLayerVersions { .. } => Operation::ListLayerVersions,
+            Self::GetLayerVersion { .. } => Operation::GetLayerVersion,
+            Self::DeleteLayerVersion { .. } => Operation::DeleteLayerVersion,
+            Self::ListLayers => Operation::ListLayers,
+            Self::PutLayerACL { .. } => Operation::PutLayerACL,
+            Self::GetLayerVersionByArn { .. } => Operation::GetLayerVersionByArn,
+            Self::ListRuntimes => Operation::ListRuntimes,
+            Self::ListInstances { .. } => Operation::ListInstances,
+            Self::InstanceExec { .. } => Operation::InstanceExec,
+            Self::GetFunctionLogs { .. } => Operation::GetFunctionLogs,
+            Self::CreateVpcBinding { .. } => Operation::CreateVpcBinding,
+            Self::ListVpcBindings { .. } => Operation::ListVpcBindings,
+            Self::DeleteVpcBinding { .. } => Operation::DeleteVpcBinding,
+        }
+    }
+
+    /// The function the route acts on, when it names one.
+    pub fn function(&self) -> Option<&FunctionName> {
+        match self {
+            Self::GetFunction { name }
+            | Self::UpdateFunction { name }
+            | Self::DeleteFunction { name }
+            | Self::InvokeFunction { name }
+            | Self::PutAsyncInvokeConfig { name }
+            | Self::GetAsyncInvokeConfig { name }
+            | Self::DeleteAsyncInvokeConfig { name }
+            | Self::ListAsyncTasks { name }
+            | Self::GetAsyncTask { name, .. }
+            | Self::StopAsyncTask { name, .. }
+            | Self::PutProvisionConfig { name }
+            | Self::GetProvisionConfig { name }
+            | Self::DeleteProvisionConfig { name }
+            | Self::PutConcurrencyConfig { name }
+            | Self::GetConcurrencyConfig { name }
+            | Self::DeleteConcurrencyConfig { name }
+            | Self::ListInstances { name }
+            | Self::InstanceExec { name, .. }
+            | Self::GetFunctionLogs { name }
+            | Self::CreateVpcBinding { name }
+            | Self::ListVpcBindings { name }
+            | Self::DeleteVpcBinding { name, .. } => Some(name),
+            _ => None,
+        }
+    }
+
+    /// The layer (and version) the route acts on, when it names one.
+    pub fn layer(&self) -> Option<(&str, Option<&str>)> {
+        match self {
+            Self::CreateLayerVersion { layer }
+            | Self::ListLayerVersions { layer }
+            | Self::PutLayerACL { layer } => Some((layer, None)),
+            Self::GetLayerVersion { layer, version }
+            | Self::DeleteLayerVersion { layer, version } => Some((layer, Some(version))),
+            _ => None,
+        }
+    }
+
+    /// The role the route acts on, when it names one.
+    pub fn role(&self) -> Option<&str> {
+        match self {
+            Self::PutRole { role } | Self::GetRole { role } | Self::DeleteRole { role } => {
+                Some(role)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Match a public request against [`ROUTES`]: FC's PathNotSupported (404)
+/// or MethodNotAllowed (405), or InvalidArgument for a parameter that does
+/// not parse.
 pub fn route(method: &Method, path: &str) -> Result<Route, FcError> {
-    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    let mut path_matched = false;
-    for (m, pattern, op) in ROUTES {
-        let pat: Vec<&str> = pattern.trim_start_matches('/').split('/').collect();
-        if pat.len() != segments.len() {
-            continue;
-        }
-        let mut name = None;
-        let mut task = None;
-        let mut layer_params: [Option<&str>; 6] = [None; 6];
-        let matched = pat.iter().zip(&segments).all(|(p, s)| {
-            if *p == "{name}" {
-                name = Some(*s);
-                !s.is_empty()
-            } else if *p == "{task}" {
-                task = Some(*s);
-                !s.is_empty()
-            } else if let Some(i) = [
-                "{layer}",
-                "{version}",
-                "{arn}",
-                "{role}",
-                "{instance}",
-                "{vpc}",
-            ]
-            .iter()
-            .position(|x| x == p)
-            {
-                layer_params[i] = Some(*s);
-                !s.is_empty()
-            } else {
-                p == s
-            }
-        });
-        if !matched {
-            continue;
-        }
-        path_matched = true;
-        if m != method {
-            continue;
-        }
-        let name = match name {
-            None => None,
-            Some(raw) => {
-                let decoded = percent_encoding::percent_decode_str(raw)
-                    .decode_utf8()
-                    .map_err(|_| FcError::invalid_argument("function name is not UTF-8"))?;
-                Some(decoded.parse::<FunctionName>().map_err(|e| {
-                    FcError::invalid_argument(format!("functionName: {}", e.reason))
-                })?)
-            }
-        };
-        let task = match task {
-            None => None,
-            Some(raw) => Some(
-                percent_encoding::percent_decode_str(raw)
-                    .decode_utf8()
-                    .map_err(|_| FcError::invalid_argument("task id is not UTF-8"))?
-                    .into_owned(),
-            ),
-        };
-        let decode = |raw: Option<&str>| -> Result<Option<String>, FcError> {
-            raw.map(|r| {
-                percent_encoding::percent_decode_str(r)
-                    .decode_utf8()
-                    .map(|s| s.into_owned())
-                    .map_err(|_| FcError::invalid_argument("path parameter is not UTF-8"))
-            })
-            .transpose()
-        };
-        return Ok(Route {
-            operation: *op,
-            name,
-            task,
-            layer: decode(layer_params[0])?,
-            version: decode(layer_params[1])?,
-            arn: decode(layer_params[2])?,
-            role: decode(layer_params[3])?,
-            instance: decode(layer_params[4])?,
-            vpc: decode(layer_params[5])?,
-        });
-    }
-    if path_matched {
-        Err(FcError::new(
-            FcErrorCode::MethodNotAllowed,
-            format!("method {method} is not allowed on {path}"),
-        ))
-    } else {
-        Err(FcError::new(
-            FcErrorCode::PathNotSupported,
-            format!("'{method}' against '{path}' is not supported"),
-        ))
-    }
+    ROUTER.route(method, path)
 }
 
 /// Serve one public request.
@@ -446,7 +433,7 @@ pub async fn handle(
             Ok(r) => r,
             Err(e) => return (None, Err(ApiError::Fc(e))),
         };
-        let op = route.operation;
+        let op = route.operation();
         let (parts, body) = req.into_parts();
         let r = async {
             let head = gw.auth.precheck(&parts)?;
@@ -505,81 +492,69 @@ async fn dispatch(
     body: Bytes,
     request_id: &RequestId,
 ) -> Result<Response<Body>, ApiError> {
-    let name = route.name;
-    let named = || name.clone().expect("route has a name");
-    let task = || route.task.clone().expect("route has a task id");
-    let layer = || route.layer.clone().expect("route has a layer name");
-    let version = || route.version.clone().expect("route has a version");
-    let role = || route.role.clone().expect("route has a role name");
-    if route.operation == Operation::InvokeFunction {
-        // VPC-only functions, and the listener the call came in on.
-        vpc::check_invoke(gw, &caller, &named(), &parts)?;
-    }
-    match route.operation {
-        Operation::CreateFunction => functions::create(gw, &caller, body).await,
-        Operation::ListFunctions => functions::list(gw, &caller, &parts),
-        Operation::GetFunction => functions::get(gw, &caller, &named(), &parts),
-        Operation::UpdateFunction => functions::update(gw, &caller, &named(), body).await,
-        Operation::DeleteFunction => functions::delete(gw, &caller, &named()).await,
-        Operation::InvokeFunction if async_api::is_async(&parts)? => {
-            async_api::enqueue(gw, &caller, &named(), &parts, body, request_id).await
+    let c = &caller;
+    match route {
+        Route::CreateFunction => functions::create(gw, c, body).await,
+        Route::ListFunctions => functions::list(gw, c, &parts),
+        Route::GetFunction { name } => functions::get(gw, c, &name, &parts),
+        Route::UpdateFunction { name } => functions::update(gw, c, &name, body).await,
+        Route::DeleteFunction { name } => functions::delete(gw, c, &name).await,
+        Route::InvokeFunction { name } => {
+            // VPC-only functions, and the listener the call came in on.
+            vpc::check_invoke(gw, c, &name, &parts)?;
+            if async_api::is_async(&parts)? {
+                async_api::enqueue(gw, c, &name, &parts, body, request_id).await
+            } else {
+                invoke::invoke(gw, c, &name, parts, body, request_id).await
+            }
         }
-        Operation::InvokeFunction => {
-            invoke::invoke(gw, &caller, &named(), parts, body, request_id).await
+        Route::PutAsyncInvokeConfig { name } => {
+            async_api::put_config(gw, c, &name, &parts, body).await
         }
-        Operation::PutAsyncInvokeConfig => {
-            async_api::put_config(gw, &caller, &named(), &parts, body).await
+        Route::GetAsyncInvokeConfig { name } => async_api::get_config(gw, c, &name, &parts),
+        Route::DeleteAsyncInvokeConfig { name } => {
+            async_api::delete_config(gw, c, &name, &parts).await
         }
-        Operation::GetAsyncInvokeConfig => async_api::get_config(gw, &caller, &named(), &parts),
-        Operation::DeleteAsyncInvokeConfig => {
-            async_api::delete_config(gw, &caller, &named(), &parts).await
+        Route::ListAsyncInvokeConfigs => async_api::list_configs(gw, c, &parts),
+        Route::ListAsyncTasks { name } => async_api::list_tasks(gw, c, &name, &parts).await,
+        Route::GetAsyncTask { name, task } => {
+            async_api::get_task(gw, c, &name, &task, &parts).await
         }
-        Operation::ListAsyncInvokeConfigs => async_api::list_configs(gw, &caller, &parts),
-        Operation::ListAsyncTasks => async_api::list_tasks(gw, &caller, &named(), &parts).await,
-        Operation::GetAsyncTask => {
-            async_api::get_task(gw, &caller, &named(), &task(), &parts).await
+        Route::StopAsyncTask { name, task } => {
+            async_api::stop_task(gw, c, &name, &task, &parts).await
         }
-        Operation::StopAsyncTask => {
-            async_api::stop_task(gw, &caller, &named(), &task(), &parts).await
+        Route::PutProvisionConfig { name } => provision::put(gw, c, &name, &parts, body).await,
+        Route::GetProvisionConfig { name } => provision::get(gw, c, &name, &parts).await,
+        Route::DeleteProvisionConfig { name } => provision::delete(gw, c, &name, &parts).await,
+        Route::ListProvisionConfigs => provision::list(gw, c, &parts).await,
+        Route::PutConcurrencyConfig { name } => concurrency::put(gw, c, &name, body).await,
+        Route::GetConcurrencyConfig { name } => concurrency::get(gw, c, &name).await,
+        Route::DeleteConcurrencyConfig { name } => concurrency::delete(gw, c, &name).await,
+        Route::ListConcurrencyConfigs => concurrency::list(gw, c, &parts).await,
+        Route::CreateLayerVersion { layer } => layers::create_version(gw, c, &layer, body).await,
+        Route::GetLayerVersion { layer, version } => layers::get_version(gw, c, &layer, &version),
+        Route::GetLayerVersionByArn { arn } => layers::get_by_arn(gw, c, &arn),
+        Route::ListLayers => layers::list(gw, c, &parts),
+        Route::ListLayerVersions { layer } => layers::list_versions(gw, c, &layer, &parts),
+        Route::DeleteLayerVersion { layer, version } => {
+            layers::delete_version(gw, c, &layer, &version).await
         }
-        Operation::PutProvisionConfig => provision::put(gw, &caller, &named(), &parts, body).await,
-        Operation::GetProvisionConfig => provision::get(gw, &caller, &named(), &parts).await,
-        Operation::DeleteProvisionConfig => provision::delete(gw, &caller, &named(), &parts).await,
-        Operation::ListProvisionConfigs => provision::list(gw, &caller, &parts).await,
-        Operation::PutConcurrencyConfig => concurrency::put(gw, &caller, &named(), body).await,
-        Operation::GetConcurrencyConfig => concurrency::get(gw, &caller, &named()).await,
-        Operation::DeleteConcurrencyConfig => concurrency::delete(gw, &caller, &named()).await,
-        Operation::ListConcurrencyConfigs => concurrency::list(gw, &caller, &parts).await,
-        Operation::CreateLayerVersion => layers::create_version(gw, &caller, &layer(), body).await,
-        Operation::GetLayerVersion => layers::get_version(gw, &caller, &layer(), &version()),
-        Operation::GetLayerVersionByArn => {
-            layers::get_by_arn(gw, &caller, route.arn.as_deref().expect("route has an arn"))
+        Route::PutLayerACL { layer } => layers::put_acl(gw, c, &layer, &parts).await,
+        Route::ListRuntimes => crate::runtimes::list(gw).await,
+        Route::ListInstances { name } => {
+            instances::list(gw, c, &name, &parts, request_id.as_str()).await
         }
-        Operation::ListLayers => layers::list(gw, &caller, &parts),
-        Operation::ListLayerVersions => layers::list_versions(gw, &caller, &layer(), &parts),
-        Operation::DeleteLayerVersion => {
-            layers::delete_version(gw, &caller, &layer(), &version()).await
+        Route::InstanceExec { name, instance } => {
+            instances::exec(gw, c, &name, &instance, parts).await
         }
-        Operation::PutLayerACL => layers::put_acl(gw, &caller, &layer(), &parts).await,
-        Operation::ListRuntimes => crate::runtimes::list(gw).await,
-        Operation::ListInstances => {
-            instances::list(gw, &caller, &named(), &parts, request_id.as_str()).await
-        }
-        Operation::InstanceExec => {
-            let instance = route.instance.clone().expect("route has an instance id");
-            instances::exec(gw, &caller, &named(), &instance, parts).await
-        }
-        Operation::GetFunctionLogs => logs::get(gw, &caller, &named(), &parts).await,
-        Operation::CreateVpcBinding => vpc::create(gw, &caller, &named(), body).await,
-        Operation::ListVpcBindings => vpc::list(gw, &caller, &named()),
-        Operation::DeleteVpcBinding => {
-            let id = route.vpc.clone().expect("route has a VPC id");
-            vpc::delete(gw, &caller, &named(), &id).await
-        }
-        Operation::PutRole => roles::put(gw, &caller, &role(), body).await,
-        Operation::GetRole => roles::get(gw, &caller, &role()),
-        Operation::DeleteRole => roles::delete(gw, &caller, &role()).await,
-        Operation::ListRoles => roles::list(gw, &caller, &parts),
+        Route::GetFunctionLogs { name } => logs::get(gw, c, &name, &parts).await,
+        Route::CreateVpcBinding { name } => vpc::create(gw, c, &name, body).await,
+        Route::ListVpcBindings { name } => vpc::list(gw, c, &name),
+        Route::DeleteVpcBinding { name, vpc } => vpc::delete(gw, c, &name, &vpc).await,
+        Route::PutRole { role } => roles::put(gw, c, &role, body).await,
+        Route::GetRole { role } => roles::get(gw, c, &role),
+        Route::DeleteRole { role } => roles::delete(gw, c, &role).await,
+        Route::ListRoles => roles::list(gw, c, &parts),
     }
 }
 
@@ -587,80 +562,278 @@ async fn dispatch(
 mod tests {
     use super::*;
 
+    fn name(s: &str) -> FunctionName {
+        s.parse().unwrap()
+    }
+
     #[test]
-    fn routes_match_the_table() {
-        let r = route(&Method::POST, "/2023-03-30/functions").unwrap();
-        assert_eq!(r.operation, Operation::CreateFunction);
-        let r = route(&Method::GET, "/2023-03-30/functions/my-fn").unwrap();
-        assert_eq!(
-            (r.operation, r.name.unwrap().as_str()),
-            (Operation::GetFunction, "my-fn")
-        );
-        let r = route(&Method::POST, "/2023-03-30/functions/f_1/invocations").unwrap();
-        assert_eq!(r.operation, Operation::InvokeFunction);
-        let e = route(&Method::PATCH, "/2023-03-30/functions/f").unwrap_err();
-        assert_eq!(e.code, FcErrorCode::MethodNotAllowed);
-        let e = route(&Method::GET, "/2023-03-30/nope").unwrap_err();
-        assert_eq!(e.code, FcErrorCode::PathNotSupported);
-        let e = route(&Method::GET, "/2023-03-30/functions/..%2Fetc").unwrap_err();
-        assert_eq!(e.code, FcErrorCode::InvalidArgument);
-        let e = route(&Method::GET, "/2023-03-30/functions/").unwrap_err();
-        assert_eq!(e.code, FcErrorCode::PathNotSupported);
-        let r = route(
-            &Method::PUT,
-            "/2023-03-30/functions/f/async-tasks/job%2D1/stop",
-        )
-        .unwrap();
-        assert_eq!(
-            (r.operation, r.task.as_deref()),
-            (Operation::StopAsyncTask, Some("job-1"))
-        );
-        let r = route(&Method::GET, "/2023-03-30/async-invoke-configs").unwrap();
-        assert_eq!(r.operation, Operation::ListAsyncInvokeConfigs);
-        let e = route(&Method::POST, "/2023-03-30/functions/f/async-invoke-config").unwrap_err();
-        assert_eq!(e.code, FcErrorCode::MethodNotAllowed);
-        let r = route(&Method::PUT, "/2023-03-30/functions/f/provision-config").unwrap();
-        assert_eq!(r.operation, Operation::PutProvisionConfig);
-        let r = route(&Method::GET, "/2023-03-30/provision-configs").unwrap();
-        assert_eq!(r.operation, Operation::ListProvisionConfigs);
-        let r = route(&Method::DELETE, "/2023-03-30/functions/f/concurrency").unwrap();
-        assert_eq!(r.operation, Operation::DeleteConcurrencyConfig);
-        let e = route(&Method::POST, "/2023-03-30/functions/f/concurrency").unwrap_err();
-        assert_eq!(e.code, FcErrorCode::MethodNotAllowed);
-        let r = route(&Method::POST, "/2023-03-30/layers/my-layer/versions").unwrap();
-        assert_eq!(
-            (r.operation, r.layer.as_deref()),
-            (Operation::CreateLayerVersion, Some("my-layer"))
-        );
-        let r = route(&Method::DELETE, "/2023-03-30/layers/l/versions/2").unwrap();
-        assert_eq!(
-            (r.operation, r.version.as_deref()),
-            (Operation::DeleteLayerVersion, Some("2"))
-        );
-        let r = route(
-            &Method::GET,
-            "/2023-03-30/layerarn/acs%3Afc%3Acn-test%3A1%3Alayers%2Fl%2Fversions%2F1",
-        )
-        .unwrap();
-        assert_eq!(
-            (r.operation, r.arn.as_deref()),
+    fn every_route_of_the_table_matches() {
+        let f = || name("f");
+        let cases = [
+            (POST, "/2023-03-30/functions", Route::CreateFunction),
+            (GET, "/2023-03-30/functions", Route::ListFunctions),
             (
-                Operation::GetLayerVersionByArn,
-                Some("acs:fc:cn-test:1:layers/l/versions/1")
-            )
-        );
-        let r = route(&Method::PUT, "/2023-03-30/layers/l/acl").unwrap();
-        assert_eq!(r.operation, Operation::PutLayerACL);
-        let r = route(&Method::GET, "/2023-03-30/runtimes").unwrap();
-        assert_eq!(r.operation, Operation::ListRuntimes);
-        let r = route(&Method::GET, "/2023-03-30/functions/f/instances").unwrap();
-        assert_eq!(r.operation, Operation::ListInstances);
-        let r = route(&Method::GET, "/2023-03-30/functions/f/instances/i-1/exec").unwrap();
+                GET,
+                "/2023-03-30/functions/my-fn",
+                Route::GetFunction {
+                    name: name("my-fn"),
+                },
+            ),
+            (
+                PUT,
+                "/2023-03-30/functions/f",
+                Route::UpdateFunction { name: f() },
+            ),
+            (
+                DELETE,
+                "/2023-03-30/functions/f",
+                Route::DeleteFunction { name: f() },
+            ),
+            (
+                POST,
+                "/2023-03-30/functions/f_1/invocations",
+                Route::InvokeFunction { name: name("f_1") },
+            ),
+            (
+                PUT,
+                "/2023-03-30/functions/f/async-invoke-config",
+                Route::PutAsyncInvokeConfig { name: f() },
+            ),
+            (
+                GET,
+                "/2023-03-30/functions/f/async-invoke-config",
+                Route::GetAsyncInvokeConfig { name: f() },
+            ),
+            (
+                DELETE,
+                "/2023-03-30/functions/f/async-invoke-config",
+                Route::DeleteAsyncInvokeConfig { name: f() },
+            ),
+            (
+                GET,
+                "/2023-03-30/async-invoke-configs",
+                Route::ListAsyncInvokeConfigs,
+            ),
+            (
+                GET,
+                "/2023-03-30/functions/f/async-tasks",
+                Route::ListAsyncTasks { name: f() },
+            ),
+            (
+                GET,
+                "/2023-03-30/functions/f/async-tasks/t-1",
+                Route::GetAsyncTask {
+                    name: f(),
+                    task: "t-1".into(),
+                },
+            ),
+            (
+                PUT,
+                "/2023-03-30/functions/f/async-tasks/job%2D1/stop",
+                Route::StopAsyncTask {
+                    name: f(),
+                    task: "job-1".into(),
+                },
+            ),
+            (
+                PUT,
+                "/2023-03-30/functions/f/provision-config",
+                Route::PutProvisionConfig { name: f() },
+            ),
+            (
+                GET,
+                "/2023-03-30/functions/f/provision-config",
+                Route::GetProvisionConfig { name: f() },
+            ),
+            (
+                DELETE,
+                "/2023-03-30/functions/f/provision-config",
+                Route::DeleteProvisionConfig { name: f() },
+            ),
+            (
+                GET,
+                "/2023-03-30/provision-configs",
+                Route::ListProvisionConfigs,
+            ),
+            (
+                PUT,
+                "/2023-03-30/functions/f/concurrency",
+                Route::PutConcurrencyConfig { name: f() },
+            ),
+            (
+                GET,
+                "/2023-03-30/functions/f/concurrency",
+                Route::GetConcurrencyConfig { name: f() },
+            ),
+            (
+                DELETE,
+                "/2023-03-30/functions/f/concurrency",
+                Route::DeleteConcurrencyConfig { name: f() },
+            ),
+            (
+                GET,
+                "/2023-03-30/concurrency-configs",
+                Route::ListConcurrencyConfigs,
+            ),
+            (GET, "/2023-03-30/roles", Route::ListRoles),
+            (
+                PUT,
+                "/2023-03-30/roles/Reader",
+                Route::PutRole {
+                    role: "Reader".into(),
+                },
+            ),
+            (
+                GET,
+                "/2023-03-30/roles/Reader",
+                Route::GetRole {
+                    role: "Reader".into(),
+                },
+            ),
+            (
+                DELETE,
+                "/2023-03-30/roles/Reader",
+                Route::DeleteRole {
+                    role: "Reader".into(),
+                },
+            ),
+            (
+                POST,
+                "/2023-03-30/layers/my-layer/versions",
+                Route::CreateLayerVersion {
+                    layer: "my-layer".into(),
+                },
+            ),
+            (
+                GET,
+                "/2023-03-30/layers/l/versions",
+                Route::ListLayerVersions { layer: "l".into() },
+            ),
+            (
+                GET,
+                "/2023-03-30/layers/l/versions/2",
+                Route::GetLayerVersion {
+                    layer: "l".into(),
+                    version: "2".into(),
+                },
+            ),
+            (
+                DELETE,
+                "/2023-03-30/layers/l/versions/2",
+                Route::DeleteLayerVersion {
+                    layer: "l".into(),
+                    version: "2".into(),
+                },
+            ),
+            (GET, "/2023-03-30/layers", Route::ListLayers),
+            (
+                PUT,
+                "/2023-03-30/layers/l/acl",
+                Route::PutLayerACL { layer: "l".into() },
+            ),
+            (
+                GET,
+                "/2023-03-30/layerarn/acs%3Afc%3Acn-test%3A1%3Alayers%2Fl%2Fversions%2F1",
+                Route::GetLayerVersionByArn {
+                    arn: "acs:fc:cn-test:1:layers/l/versions/1".into(),
+                },
+            ),
+            (GET, "/2023-03-30/runtimes", Route::ListRuntimes),
+            (
+                GET,
+                "/2023-03-30/functions/f/instances",
+                Route::ListInstances { name: f() },
+            ),
+            (
+                GET,
+                "/2023-03-30/functions/f/instances/i-1/exec",
+                Route::InstanceExec {
+                    name: f(),
+                    instance: "i-1".into(),
+                },
+            ),
+            (
+                GET,
+                "/2023-03-30/functions/f/logs",
+                Route::GetFunctionLogs { name: f() },
+            ),
+            (
+                POST,
+                "/2023-03-30/functions/f/vpc-bindings",
+                Route::CreateVpcBinding { name: f() },
+            ),
+            (
+                GET,
+                "/2023-03-30/functions/f/vpc-bindings",
+                Route::ListVpcBindings { name: f() },
+            ),
+            (
+                DELETE,
+                "/2023-03-30/functions/f/vpc-bindings/vpc-1",
+                Route::DeleteVpcBinding {
+                    name: f(),
+                    vpc: "vpc-1".into(),
+                },
+            ),
+        ];
+        for (method, path, want) in &cases {
+            let got = route(method, path).unwrap();
+            assert_eq!(&got, want, "{method} {path}");
+            assert_eq!(
+                got.operation().as_str(),
+                format!("{want:?}").split([' ', '{']).next().unwrap()
+            );
+        }
+        // Each row of the table is covered once.
+        assert_eq!(cases.len(), ROUTES.len());
+        assert_eq!(ROUTER.rows().count(), ROUTES.len());
+    }
+
+    #[test]
+    fn unknown_paths_are_404_and_wrong_methods_405() {
+        let code = |m: Method, p: &str| route(&m, p).unwrap_err().code;
         assert_eq!(
-            (r.operation, r.instance.as_deref()),
-            (Operation::InstanceExec, Some("i-1"))
+            code(Method::PATCH, "/2023-03-30/functions/f"),
+            FcErrorCode::MethodNotAllowed
         );
-        let r = route(&Method::GET, "/2023-03-30/functions/f/logs").unwrap();
-        assert_eq!(r.operation, Operation::GetFunctionLogs);
+        assert_eq!(
+            code(POST, "/2023-03-30/functions/f/async-invoke-config"),
+            FcErrorCode::MethodNotAllowed
+        );
+        assert_eq!(
+            code(POST, "/2023-03-30/functions/f/concurrency"),
+            FcErrorCode::MethodNotAllowed
+        );
+        assert_eq!(code(GET, "/2023-03-30/nope"), FcErrorCode::PathNotSupported);
+        assert_eq!(
+            code(GET, "/2023-03-30/functions/"),
+            FcErrorCode::PathNotSupported
+        );
+        assert_eq!(
+            code(GET, "/2023-03-30/functions//logs"),
+            FcErrorCode::PathNotSupported
+        );
+    }
+
+    #[test]
+    fn function_names_are_checked_after_decoding() {
+        let e = route(&GET, "/2023-03-30/functions/..%2Fetc").unwrap_err();
+        assert_eq!(e.code, FcErrorCode::InvalidArgument);
+        assert!(e.message.starts_with("functionName: "), "{}", e.message);
+        let e = route(&GET, "/2023-03-30/functions/%FF").unwrap_err();
+        assert_eq!(e.code, FcErrorCode::InvalidArgument);
+    }
+
+    #[test]
+    fn routes_name_what_they_touch() {
+        let r = route(&GET, "/2023-03-30/functions/f/async-tasks/t").unwrap();
+        assert_eq!(r.function().map(FunctionName::as_str), Some("f"));
+        let r = route(&GET, "/2023-03-30/layers/l/versions/3").unwrap();
+        assert_eq!(r.layer(), Some(("l", Some("3"))));
+        let r = route(&PUT, "/2023-03-30/layers/l/acl").unwrap();
+        assert_eq!(r.layer(), Some(("l", None)));
+        let r = route(&GET, "/2023-03-30/roles/R").unwrap();
+        assert_eq!(r.role(), Some("R"));
+        assert_eq!(r.function(), None);
     }
 }

@@ -20,20 +20,20 @@ pub fn action(op: Operation) -> String {
 /// The resource `route` acts on, as a RAM resource name.
 pub fn resource(region: &str, account: &AccountId, route: &Route) -> String {
     let fc = |rest: &str| format!("acs:fc:{region}:{account}:{rest}");
-    let function = || match &route.name {
+    let function = || match route.function() {
         Some(n) => fc(&format!("functions/{n}")),
         None => fc("functions/*"),
     };
-    let layer = || match (&route.layer, &route.version) {
-        (Some(l), Some(v)) => fc(&format!("layers/{l}/versions/{v}")),
-        (Some(l), None) => fc(&format!("layers/{l}")),
-        _ => fc("layers/*"),
+    let layer = || match route.layer() {
+        Some((l, Some(v))) => fc(&format!("layers/{l}/versions/{v}")),
+        Some((l, None)) => fc(&format!("layers/{l}")),
+        None => fc("layers/*"),
     };
-    let role = || match &route.role {
+    let role = || match route.role() {
         Some(r) => format!("acs:ram::{account}:role/{}", r.to_ascii_lowercase()),
         None => format!("acs:ram::{account}:role/*"),
     };
-    match route.operation {
+    match route.operation() {
         Operation::CreateFunction
         | Operation::ListFunctions
         | Operation::GetFunction
@@ -88,7 +88,7 @@ pub fn authorize(ram: &Ram, region: &str, caller: &Caller, route: &Route) -> Res
             session.role
         ));
     };
-    let action = action(route.operation);
+    let action = action(route.operation());
     let resource = resource(region, &caller.account_id, route);
     if role.policy.allows(&action, &resource) {
         Ok(())
@@ -132,7 +132,7 @@ mod tests {
             action(
                 route(&Method::DELETE, "/2023-03-30/functions/f")
                     .unwrap()
-                    .operation
+                    .operation()
             ),
             "fc:DeleteFunction"
         );

@@ -6,7 +6,7 @@ use kiln_core::{FcError, LeaseId};
 use kiln_internal_api::server::{json, no_content, read_body, read_json, Body};
 use kiln_internal_api::{AcquireLease, LeaseOutcome, ReleaseLease};
 
-use super::{path_id, BODY_LIMIT};
+use super::BODY_LIMIT;
 use crate::service::Scheduler;
 
 pub async fn acquire(sched: &Scheduler, body: Incoming) -> Result<Response<Body>, FcError> {
@@ -18,10 +18,9 @@ pub async fn acquire(sched: &Scheduler, body: Incoming) -> Result<Response<Body>
 /// The body is a `ReleaseLease`; an empty body means outcome `ok`.
 pub async fn release(
     sched: &Scheduler,
-    lease: &str,
+    lease: &LeaseId,
     body: Incoming,
 ) -> Result<Response<Body>, FcError> {
-    let lease: LeaseId = path_id(lease)?;
     let bytes = read_body(body, BODY_LIMIT).await?;
     let outcome = if bytes.is_empty() {
         LeaseOutcome::Ok
@@ -30,6 +29,6 @@ pub async fn release(
             .map_err(|e| FcError::invalid_argument(format!("malformed JSON body: {e}")))?
             .outcome
     };
-    sched.release(&lease, outcome)?;
+    sched.release(lease, outcome)?;
     Ok(no_content())
 }

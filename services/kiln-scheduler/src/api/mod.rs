@@ -7,9 +7,13 @@ mod instances;
 mod leases;
 mod nodes;
 
-use http::{HeaderValue, Method, Request, Response};
+use std::sync::LazyLock;
+
+use http::Method;
+use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
-use kiln_core::{FcError, FcErrorCode, RequestId};
+use kiln_core::{AccountId, FcError, FunctionName, LeaseId, NodeId, RequestId};
+use kiln_internal_api::router::{route, Route, Router};
 use kiln_internal_api::server::{self, Body, ConnInfo};
 use tracing::Instrument;
 
@@ -19,177 +23,90 @@ use crate::service::Scheduler;
 /// thousand instance ids fits easily.
 const BODY_LIMIT: usize = 4 * 1024 * 1024;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Endpoint {
+const GET: Method = Method::GET;
+const POST: Method = Method::POST;
+const PUT: Method = Method::PUT;
+const DELETE: Method = Method::DELETE;
+
+/// Every route of the scheduler's API, with its typed path parameters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Api {
     Health,
     RegisterNode,
-    Heartbeat,
+    Heartbeat {
+        node: NodeId,
+    },
     ListNodes,
     AcquireLease,
-    ReleaseLease,
+    ReleaseLease {
+        lease: LeaseId,
+    },
     RetireFunction,
     ListInstances,
     PutProvision,
     DeleteProvision,
     ListProvisions,
-    CordonNode,
-    DrainNode,
-    UncordonNode,
-    GetAccountLimits,
-    PutAccountLimits,
-    DeleteAccountLimits,
-    PutFunctionLimits,
-    DeleteFunctionLimits,
-    ListAccountProvisions,
+    CordonNode {
+        node: NodeId,
+    },
+    DrainNode {
+        node: NodeId,
+    },
+    UncordonNode {
+        node: NodeId,
+    },
+    GetAccountLimits {
+        account: AccountId,
+    },
+    PutAccountLimits {
+        account: AccountId,
+    },
+    DeleteAccountLimits {
+        account: AccountId,
+    },
+    PutFunctionLimits {
+        account: AccountId,
+        function: FunctionName,
+    },
+    DeleteFunctionLimits {
+        account: AccountId,
+        function: FunctionName,
+    },
+    ListAccountProvisions {
+        account: AccountId,
+    },
 }
 
-struct Route {
-    method: Method,
-    /// `{name}` segments capture one path segment.
-    path: &'static str,
-    endpoint: Endpoint,
-}
-
-const ROUTES: &[Route] = &[
-    Route {
-        method: Method::GET,
-        path: "/v1/health",
-        endpoint: Endpoint::Health,
-    },
-    Route {
-        method: Method::POST,
-        path: "/v1/nodes/register",
-        endpoint: Endpoint::RegisterNode,
-    },
-    Route {
-        method: Method::POST,
-        path: "/v1/nodes/{node}/heartbeat",
-        endpoint: Endpoint::Heartbeat,
-    },
-    Route {
-        method: Method::GET,
-        path: "/v1/nodes",
-        endpoint: Endpoint::ListNodes,
-    },
-    Route {
-        method: Method::POST,
-        path: "/v1/leases",
-        endpoint: Endpoint::AcquireLease,
-    },
-    Route {
-        method: Method::DELETE,
-        path: "/v1/leases/{lease}",
-        endpoint: Endpoint::ReleaseLease,
-    },
-    Route {
-        method: Method::POST,
-        path: "/v1/functions/retire",
-        endpoint: Endpoint::RetireFunction,
-    },
-    Route {
-        method: Method::GET,
-        path: "/v1/instances",
-        endpoint: Endpoint::ListInstances,
-    },
-    Route {
-        method: Method::PUT,
-        path: "/v1/functions/provision",
-        endpoint: Endpoint::PutProvision,
-    },
-    Route {
-        method: Method::DELETE,
-        path: "/v1/functions/provision",
-        endpoint: Endpoint::DeleteProvision,
-    },
-    Route {
-        method: Method::GET,
-        path: "/v1/functions/provision",
-        endpoint: Endpoint::ListProvisions,
-    },
-    Route {
-        method: Method::POST,
-        path: "/v1/nodes/{node}/cordon",
-        endpoint: Endpoint::CordonNode,
-    },
-    Route {
-        method: Method::POST,
-        path: "/v1/nodes/{node}/drain",
-        endpoint: Endpoint::DrainNode,
-    },
-    Route {
-        method: Method::POST,
-        path: "/v1/nodes/{node}/uncordon",
-        endpoint: Endpoint::UncordonNode,
-    },
-    Route {
-        method: Method::GET,
-        path: "/v1/accounts/{account}/limits",
-        endpoint: Endpoint::GetAccountLimits,
-    },
-    Route {
-        method: Method::PUT,
-        path: "/v1/accounts/{account}/limits",
-        endpoint: Endpoint::PutAccountLimits,
-    },
-    Route {
-        method: Method::DELETE,
-        path: "/v1/accounts/{account}/limits",
-        endpoint: Endpoint::DeleteAccountLimits,
-    },
-    Route {
-        method: Method::PUT,
-        path: "/v1/accounts/{account}/functions/{function}/limits",
-        endpoint: Endpoint::PutFunctionLimits,
-    },
-    Route {
-        method: Method::DELETE,
-        path: "/v1/accounts/{account}/functions/{function}/limits",
-        endpoint: Endpoint::DeleteFunctionLimits,
-    },
-    Route {
-        method: Method::GET,
-        path: "/v1/accounts/{account}/provisions",
-        endpoint: Endpoint::ListAccountProvisions,
-    },
+/// The scheduler's one route table.
+#[rustfmt::skip]
+const ROUTES: &[Route<Api>] = &[
+    route(GET, "/v1/health", |_| Ok(Api::Health)),
+    route(POST, "/v1/nodes/register", |_| Ok(Api::RegisterNode)),
+    route(POST, "/v1/nodes/{node}/heartbeat", |p| Ok(Api::Heartbeat { node: p.parse("node")? })),
+    route(GET, "/v1/nodes", |_| Ok(Api::ListNodes)),
+    route(POST, "/v1/nodes/{node}/cordon", |p| Ok(Api::CordonNode { node: p.parse("node")? })),
+    route(POST, "/v1/nodes/{node}/drain", |p| Ok(Api::DrainNode { node: p.parse("node")? })),
+    route(POST, "/v1/nodes/{node}/uncordon", |p| Ok(Api::UncordonNode { node: p.parse("node")? })),
+    route(POST, "/v1/leases", |_| Ok(Api::AcquireLease)),
+    route(DELETE, "/v1/leases/{lease}", |p| Ok(Api::ReleaseLease { lease: p.parse("lease")? })),
+    route(POST, "/v1/functions/retire", |_| Ok(Api::RetireFunction)),
+    route(GET, "/v1/instances", |_| Ok(Api::ListInstances)),
+    route(PUT, "/v1/functions/provision", |_| Ok(Api::PutProvision)),
+    route(DELETE, "/v1/functions/provision", |_| Ok(Api::DeleteProvision)),
+    route(GET, "/v1/functions/provision", |_| Ok(Api::ListProvisions)),
+    route(GET, "/v1/accounts/{account}/limits", |p| Ok(Api::GetAccountLimits { account: p.parse("account")? })),
+    route(PUT, "/v1/accounts/{account}/limits", |p| Ok(Api::PutAccountLimits { account: p.parse("account")? })),
+    route(DELETE, "/v1/accounts/{account}/limits", |p| Ok(Api::DeleteAccountLimits { account: p.parse("account")? })),
+    route(PUT, "/v1/accounts/{account}/functions/{function}/limits", |p| Ok(Api::PutFunctionLimits { account: p.parse("account")?, function: p.parse("function")? })),
+    route(DELETE, "/v1/accounts/{account}/functions/{function}/limits", |p| Ok(Api::DeleteFunctionLimits { account: p.parse("account")?, function: p.parse("function")? })),
+    route(GET, "/v1/accounts/{account}/provisions", |p| Ok(Api::ListAccountProvisions { account: p.parse("account")? })),
 ];
 
-enum Matched<'a> {
-    Found(Endpoint, Vec<&'a str>),
-    WrongMethod,
-    NotFound,
-}
-
-fn route<'a>(method: &Method, path: &'a str) -> Matched<'a> {
-    let segs: Vec<&str> = path.trim_end_matches('/').split('/').collect();
-    let mut wrong_method = false;
-    for r in ROUTES {
-        let pat: Vec<&str> = r.path.split('/').collect();
-        if pat.len() != segs.len() {
-            continue;
-        }
-        let mut params = Vec::new();
-        let fits = pat.iter().zip(&segs).all(|(p, s)| {
-            if p.starts_with('{') {
-                params.push(*s);
-                !s.is_empty()
-            } else {
-                p == s
-            }
-        });
-        if !fits {
-            continue;
-        }
-        if r.method == method {
-            return Matched::Found(r.endpoint, params);
-        }
-        wrong_method = true;
-    }
-    if wrong_method {
-        Matched::WrongMethod
-    } else {
-        Matched::NotFound
-    }
-}
+static ROUTER: LazyLock<Router<Api>> = LazyLock::new(|| {
+    Router::new(ROUTES)
+        .expect("the route table is valid (a unit test builds it)")
+        .ignore_trailing_slash()
+});
 
 /// Serve one request.
 pub async fn handle(sched: Scheduler, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
@@ -207,17 +124,9 @@ pub async fn handle(sched: Scheduler, req: Request<Incoming>, conn: ConnInfo) ->
         peer = %conn.peer,
     );
     async move {
-        let path = req.uri().path().to_owned();
-        let result = match route(req.method(), &path) {
-            Matched::Found(endpoint, params) => dispatch(&sched, endpoint, &params, req).await,
-            Matched::WrongMethod => Err(FcError::new(
-                FcErrorCode::MethodNotAllowed,
-                format!("method {} is not allowed on {path:?}", req.method()),
-            )),
-            Matched::NotFound => Err(FcError::new(
-                FcErrorCode::PathNotSupported,
-                format!("path {path:?} is not supported"),
-            )),
+        let result = match ROUTER.route(req.method(), req.uri().path()) {
+            Ok(api) => dispatch(&sched, api, req).await,
+            Err(e) => Err(e),
         };
         let mut resp = match result {
             Ok(r) => r,
@@ -241,96 +150,169 @@ pub async fn handle(sched: Scheduler, req: Request<Incoming>, conn: ConnInfo) ->
 
 async fn dispatch(
     sched: &Scheduler,
-    endpoint: Endpoint,
-    params: &[&str],
+    api: Api,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, FcError> {
     let body = req.into_body();
-    match endpoint {
-        Endpoint::Health => Ok(server::health()),
-        Endpoint::RegisterNode => nodes::register(sched, body).await,
-        Endpoint::Heartbeat => nodes::heartbeat(sched, params[0], body).await,
-        Endpoint::ListNodes => Ok(nodes::list(sched)),
-        Endpoint::AcquireLease => leases::acquire(sched, body).await,
-        Endpoint::ReleaseLease => leases::release(sched, params[0], body).await,
-        Endpoint::RetireFunction => functions::retire(sched, body).await,
-        Endpoint::ListInstances => Ok(instances::list(sched)),
-        Endpoint::PutProvision => functions::put_provision(sched, body).await,
-        Endpoint::DeleteProvision => functions::delete_provision(sched, body).await,
-        Endpoint::ListProvisions => Ok(functions::list_provisions(sched)),
-        Endpoint::CordonNode => nodes::action(params[0], |n| sched.cordon(n)),
-        Endpoint::DrainNode => nodes::action(params[0], |n| sched.drain(n)),
-        Endpoint::UncordonNode => nodes::action(params[0], |n| sched.uncordon(n)),
-        Endpoint::GetAccountLimits => accounts::get_limits(sched, params[0]),
-        Endpoint::PutAccountLimits => accounts::put_limits(sched, params[0], body).await,
-        Endpoint::DeleteAccountLimits => accounts::delete_limits(sched, params[0]).await,
-        Endpoint::PutFunctionLimits => {
-            accounts::put_function_limits(sched, params[0], params[1], Some(body)).await
+    match api {
+        Api::Health => Ok(server::health()),
+        Api::RegisterNode => nodes::register(sched, body).await,
+        Api::Heartbeat { node } => nodes::heartbeat(sched, &node, body).await,
+        Api::ListNodes => Ok(nodes::list(sched)),
+        Api::AcquireLease => leases::acquire(sched, body).await,
+        Api::ReleaseLease { lease } => leases::release(sched, &lease, body).await,
+        Api::RetireFunction => functions::retire(sched, body).await,
+        Api::ListInstances => Ok(instances::list(sched)),
+        Api::PutProvision => functions::put_provision(sched, body).await,
+        Api::DeleteProvision => functions::delete_provision(sched, body).await,
+        Api::ListProvisions => Ok(functions::list_provisions(sched)),
+        Api::CordonNode { node } => nodes::action(&node, |n| sched.cordon(n)),
+        Api::DrainNode { node } => nodes::action(&node, |n| sched.drain(n)),
+        Api::UncordonNode { node } => nodes::action(&node, |n| sched.uncordon(n)),
+        Api::GetAccountLimits { account } => Ok(accounts::get_limits(sched, &account)),
+        Api::PutAccountLimits { account } => accounts::put_limits(sched, &account, body).await,
+        Api::DeleteAccountLimits { account } => accounts::delete_limits(sched, &account).await,
+        Api::PutFunctionLimits { account, function } => {
+            accounts::put_function_limits(sched, &account, &function, Some(body)).await
         }
-        Endpoint::DeleteFunctionLimits => {
-            accounts::put_function_limits(sched, params[0], params[1], None).await
+        Api::DeleteFunctionLimits { account, function } => {
+            accounts::put_function_limits(sched, &account, &function, None).await
         }
-        Endpoint::ListAccountProvisions => accounts::provisions(sched, params[0]),
+        Api::ListAccountProvisions { account } => Ok(accounts::provisions(sched, &account)),
     }
-}
-
-/// Parse an id from the path, or say which one is wrong.
-fn path_id<T: std::str::FromStr<Err = kiln_core::IdError>>(s: &str) -> Result<T, FcError> {
-    s.parse::<T>()
-        .map_err(|e| FcError::invalid_argument(e.to_string()))
 }
 
 #[cfg(test)]
 mod tests {
+    use kiln_core::FcErrorCode;
+
     use super::*;
+
+    fn at(method: Method, path: &str) -> Result<Api, FcError> {
+        ROUTER.route(&method, path)
+    }
+
+    fn node(s: &str) -> NodeId {
+        s.parse().unwrap()
+    }
+
+    fn account(s: &str) -> AccountId {
+        s.parse().unwrap()
+    }
 
     #[test]
     fn the_table_routes_every_path() {
-        let m = |method: Method, path: &str| match route(&method, path) {
-            Matched::Found(e, p) => Some((e, p.iter().map(|s| s.to_string()).collect::<Vec<_>>())),
-            _ => None,
-        };
-        assert_eq!(m(Method::GET, "/v1/health").unwrap().0, Endpoint::Health);
-        assert_eq!(
-            m(Method::POST, "/v1/nodes/n-1/heartbeat").unwrap(),
-            (Endpoint::Heartbeat, vec!["n-1".to_string()])
-        );
-        assert_eq!(
-            m(Method::DELETE, "/v1/leases/l-abc").unwrap(),
-            (Endpoint::ReleaseLease, vec!["l-abc".to_string()])
-        );
-        assert_eq!(m(Method::GET, "/v1/nodes/").unwrap().0, Endpoint::ListNodes);
-        assert!(matches!(
-            route(&Method::GET, "/v1/leases"),
-            Matched::WrongMethod
-        ));
-        assert!(matches!(route(&Method::GET, "/v1/nope"), Matched::NotFound));
-        assert_eq!(
-            m(Method::PUT, "/v1/accounts/123/limits").unwrap(),
-            (Endpoint::PutAccountLimits, vec!["123".to_string()])
-        );
-        assert_eq!(
-            m(Method::POST, "/v1/nodes/n-1/drain").unwrap(),
-            (Endpoint::DrainNode, vec!["n-1".to_string()])
-        );
-        assert!(matches!(
-            route(&Method::POST, "/v1/accounts/123/limits"),
-            Matched::WrongMethod
-        ));
-        assert_eq!(
-            m(Method::PUT, "/v1/accounts/123/functions/f-1/limits").unwrap(),
+        let cases = [
+            (GET, "/v1/health", Api::Health),
+            (POST, "/v1/nodes/register", Api::RegisterNode),
             (
-                Endpoint::PutFunctionLimits,
-                vec!["123".to_string(), "f-1".to_string()]
-            )
-        );
+                POST,
+                "/v1/nodes/n-1/heartbeat",
+                Api::Heartbeat { node: node("n-1") },
+            ),
+            (GET, "/v1/nodes", Api::ListNodes),
+            (GET, "/v1/nodes/", Api::ListNodes),
+            (
+                POST,
+                "/v1/nodes/n-1/cordon",
+                Api::CordonNode { node: node("n-1") },
+            ),
+            (
+                POST,
+                "/v1/nodes/n-1/drain",
+                Api::DrainNode { node: node("n-1") },
+            ),
+            (
+                POST,
+                "/v1/nodes/n-1/uncordon",
+                Api::UncordonNode { node: node("n-1") },
+            ),
+            (POST, "/v1/leases", Api::AcquireLease),
+            (
+                DELETE,
+                "/v1/leases/l-abc",
+                Api::ReleaseLease {
+                    lease: "l-abc".parse().unwrap(),
+                },
+            ),
+            (POST, "/v1/functions/retire", Api::RetireFunction),
+            (GET, "/v1/instances", Api::ListInstances),
+            (PUT, "/v1/functions/provision", Api::PutProvision),
+            (DELETE, "/v1/functions/provision", Api::DeleteProvision),
+            (GET, "/v1/functions/provision", Api::ListProvisions),
+            (
+                GET,
+                "/v1/accounts/123/limits",
+                Api::GetAccountLimits {
+                    account: account("123"),
+                },
+            ),
+            (
+                PUT,
+                "/v1/accounts/123/limits",
+                Api::PutAccountLimits {
+                    account: account("123"),
+                },
+            ),
+            (
+                DELETE,
+                "/v1/accounts/123/limits",
+                Api::DeleteAccountLimits {
+                    account: account("123"),
+                },
+            ),
+            (
+                PUT,
+                "/v1/accounts/123/functions/f-1/limits",
+                Api::PutFunctionLimits {
+                    account: account("123"),
+                    function: "f-1".parse().unwrap(),
+                },
+            ),
+            (
+                DELETE,
+                "/v1/accounts/123/functions/f-1/limits",
+                Api::DeleteFunctionLimits {
+                    account: account("123"),
+                    function: "f-1".parse().unwrap(),
+                },
+            ),
+            (
+                GET,
+                "/v1/accounts/123/provisions",
+                Api::ListAccountProvisions {
+                    account: account("123"),
+                },
+            ),
+        ];
+        for (method, path, want) in cases {
+            assert_eq!(at(method.clone(), path).unwrap(), want, "{method} {path}");
+        }
+        // Every row of the table is covered above.
+        assert_eq!(ROUTER.rows().count(), ROUTES.len());
+        assert_eq!(ROUTES.len(), 20);
+    }
+
+    #[test]
+    fn unknown_paths_are_404_and_wrong_methods_405() {
+        let code = |m: Method, p: &str| at(m, p).unwrap_err().code;
+        assert_eq!(code(GET, "/v1/leases"), FcErrorCode::MethodNotAllowed);
         assert_eq!(
-            m(Method::GET, "/v1/accounts/123/provisions").unwrap().0,
-            Endpoint::ListAccountProvisions
+            code(POST, "/v1/accounts/123/limits"),
+            FcErrorCode::MethodNotAllowed
         );
-        assert!(matches!(
-            route(&Method::POST, "/v1/nodes//heartbeat"),
-            Matched::NotFound
-        ));
+        assert_eq!(code(GET, "/v1/nope"), FcErrorCode::PathNotSupported);
+        assert_eq!(
+            code(POST, "/v1/nodes//heartbeat"),
+            FcErrorCode::PathNotSupported
+        );
+    }
+
+    #[test]
+    fn ids_are_checked_at_the_edge() {
+        let e = at(POST, "/v1/nodes/a%2Fb/heartbeat").unwrap_err();
+        assert_eq!(e.code, FcErrorCode::InvalidArgument);
+        let e = at(GET, "/v1/accounts/not-a-number!/limits").unwrap_err();
+        assert_eq!(e.code, FcErrorCode::InvalidArgument);
     }
 }

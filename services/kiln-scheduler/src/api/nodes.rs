@@ -6,7 +6,7 @@ use kiln_core::{FcError, NodeId};
 use kiln_internal_api::server::{json, read_json, Body};
 use kiln_internal_api::{Heartbeat, RegisterNode};
 
-use super::{path_id, BODY_LIMIT};
+use super::BODY_LIMIT;
 use crate::service::Scheduler;
 
 pub async fn register(sched: &Scheduler, body: Incoming) -> Result<Response<Body>, FcError> {
@@ -17,21 +17,19 @@ pub async fn register(sched: &Scheduler, body: Incoming) -> Result<Response<Body
 
 pub async fn heartbeat(
     sched: &Scheduler,
-    node: &str,
+    node: &NodeId,
     body: Incoming,
 ) -> Result<Response<Body>, FcError> {
-    let node: NodeId = path_id(node)?;
     let hb: Heartbeat = read_json(body, BODY_LIMIT).await?;
-    Ok(json(StatusCode::OK, &sched.heartbeat(&node, &hb)))
+    Ok(json(StatusCode::OK, &sched.heartbeat(node, &hb)))
 }
 
 /// Cordon, drain or uncordon: answers the node as it is now.
 pub fn action(
-    node: &str,
+    node: &NodeId,
     f: impl FnOnce(&NodeId) -> Result<kiln_internal_api::NodeInfo, FcError>,
 ) -> Result<Response<Body>, FcError> {
-    let node: NodeId = path_id(node)?;
-    Ok(json(StatusCode::OK, &f(&node)?))
+    Ok(json(StatusCode::OK, &f(node)?))
 }
 
 pub fn list(sched: &Scheduler) -> Response<Body> {

@@ -189,6 +189,8 @@ impl DevCluster {
 
 /// Start everything, serve until SIGINT/SIGTERM.
 pub async fn run(opts: DevOptions) -> Result<()> {
+    let mut signals = kiln_service::signals::StopSignals::install()
+        .context("Cannot install the SIGTERM and SIGINT handlers")?;
     let cluster = DevCluster::start(&opts).await?;
     tracing::info!(
         endpoint = %cluster.credentials.endpoint,
@@ -198,17 +200,8 @@ pub async fn run(opts: DevOptions) -> Result<()> {
     );
     println!("kiln dev is ready: {}", cluster.credentials.endpoint);
     println!("credentials: {}", cluster.credentials_path.display());
-    wait_for_signal().await;
-    tracing::info!("shutting down");
+    let signal = signals.recv().await;
+    tracing::info!(signal, "shutting down");
     cluster.shutdown().await;
     Ok(())
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }
