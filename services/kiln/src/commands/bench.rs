@@ -13,9 +13,9 @@
 //!   with its threads named for it, as it would in its own process; a
 //!   service's CPU is the sum over its threads (`/proc/self/task`), so the
 //!   in-process load generator (its own threads) is not counted. Separate
-//!   processes would give the same figures but need the service binaries
-//!   beside `kiln`; the per-thread sum needs only this one. nginx's CPU
-//!   is its master's and workers' (see [`cpu`]);
+//!   processes (the service binaries) would count the same work but need
+//!   those binaries beside `kiln`; the per-thread sum needs only this one.
+//!   nginx's CPU is its master's and workers' (see [`cpu`]);
 //! - cold start (no instance -> first response) against a bare `runc run`
 //!   of a bundle holding the same binary, into a ready-made network
 //!   namespace, until its port answers.
@@ -482,7 +482,7 @@ async fn measure(
         );
     }
 
-    print_cpu(args.connections, &k_cpu, &n_cpu);
+    print!("{}", cpu_table(args.connections, &k_cpu, &n_cpu));
 
     if !args.no_cold {
         let kiln_cold = kiln_cold_starts(&client, &zip_b64_of(code_zip), args.cold_starts).await?;
@@ -502,13 +502,20 @@ async fn measure(
 }
 
 /// Medians of CPU microseconds per warm call: each service, Kiln's total,
-/// the nginx hop, and Kiln's total over nginx's.
-fn print_cpu(
+/// the nginx hop, and Kiln's total over nginx's; two lines.
+fn cpu_table(
     connections: usize,
     kiln: &[std::collections::BTreeMap<&'static str, f64>],
     nginx: &[f64],
-) {
-    let service = |s: &str| median(&kiln.iter().map(|r| r[s]).collect::<Vec<_>>());
+) -> String {
+    let service = |s: &str| {
+        median(
+            &kiln
+                .iter()
+                .map(|r| r.get(s).copied().unwrap_or_default())
+                .collect::<Vec<_>>(),
+        )
+    };
     let total = median(&kiln.iter().map(|r| r.values().sum()).collect::<Vec<_>>());
     let mut head = format!("{:<34}", format!("cpu per warm call ({connections} conn.)"));
     let mut row = format!("{:<34}", "  (us of CPU time per call)");
@@ -523,8 +530,39 @@ fn print_cpu(
         head.push_str(&format!(" {:>10} {:>10}", "nginx hop", "kiln/nginx"));
         row.push_str(&format!(" {n:>8.1}us {:>9.2}x", total / n));
     }
-    println!("{head}");
-    println!("{row}");
+    format!("{head}\n{row}\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn the_cpu_table_gives_medians_totals_and_the_ratio_to_nginx() {
+        let round =
+            |g: f64, a: f64| BTreeMap::from([("gateway", g), ("agent", a), ("scheduler", 0.0)]);
+        let kiln = [round(40.0, 30.0), round(50.0, 35.0), round(45.0, 90.0)];
+        let table = cpu_table(16, &kiln, &[20.0, 15.0, 16.0]);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 2, "{table}");
+        assert!(
+            lines[0].starts_with("cpu per warm call (16 conn.)"),
+            "{table}"
+        );
+        let cells: Vec<&str> = lines[1].split_whitespace().collect();
+        // gateway, agent, scheduler medians; the total is the median of
+        // each round's sum (70, 85, 135), not the sum of medians.
+        assert_eq!(
+            &cells[cells.len() - 6..],
+            ["45.0us", "35.0us", "0.0us", "85.0us", "16.0us", "5.31x"],
+            "{table}"
+        );
+        // Without the nginx peer the last two columns are left out.
+        let table = cpu_table(16, &kiln, &[]);
+        assert!(!table.contains("nginx"), "{table}");
+        assert!(table.trim_end().ends_with("85.0us"), "{table}");
+    }
 }
 
 /// The agent's invoke endpoint for the bench function's warm instance,
