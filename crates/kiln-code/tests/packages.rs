@@ -275,8 +275,7 @@ fn failed_extraction_leaves_nothing() {
 #[test]
 fn owner_is_applied_when_root() {
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: chown needs root");
-        return;
+        return kiln_test_support::skip(kiln_test_support::Category::Root, "chown needs root");
     }
     let dir = tempfile::tempdir().unwrap();
     let dest = dir.path().join("code");

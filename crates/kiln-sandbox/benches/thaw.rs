@@ -35,7 +35,7 @@ fn main() {
     // where a one-round smoke run is enough.
     let smoke = !std::env::args().any(|a| a == "--bench");
     if std::env::var_os(INNER_BENCH).is_none() {
-        if let Some(reason) = skip_reason() {
+        if let Some((_, reason)) = skip_reason() {
             println!("SKIPPED thaw benchmark: {reason}");
             return;
         }

@@ -6,18 +6,21 @@
 //! carry a per-run prefix and a guard removes them even when the test fails.
 
 use std::collections::BTreeSet;
-use std::io::Write;
 use std::process::Command;
 
 use kiln_sandbox::net::Ipv4Cidr;
 use kiln_sandbox::net::{IpCommand, NetSlot, NetworkOps};
+use kiln_test_support::{skip, Category};
 
-fn skip_reason() -> Option<&'static str> {
+fn skip_reason() -> Option<(Category, &'static str)> {
     if !nix::unistd::geteuid().is_root() {
-        return Some("not running as root");
+        return Some((Category::Root, "not running as root"));
     }
     if Command::new("ip").arg("-V").output().is_err() {
-        return Some("iproute2's ip is not installed");
+        return Some((
+            Category::Tool,
+            "iproute2's ip is not installed (run scripts/install-deps.sh)",
+        ));
     }
     None
 }
@@ -47,12 +50,8 @@ impl Drop for Guard {
 
 #[tokio::test]
 async fn a_slot_is_made_in_two_batches_and_a_failing_line_is_named_and_undone() {
-    if let Some(reason) = skip_reason() {
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED a_slot_is_made_in_two_batches_and_a_failing_line_is_named_and_undone: {reason}"
-        );
-        return;
+    if let Some((category, reason)) = skip_reason() {
+        return skip(category, reason);
     }
     let run = std::process::id();
     let prefix = format!("kb{:04x}", run & 0xffff);

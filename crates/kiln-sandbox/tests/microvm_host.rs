@@ -8,14 +8,7 @@ use std::process::Command;
 
 use kiln_sandbox::cgroup::{CgroupLimits, CgroupVersion};
 use kiln_sandbox::microvm::host::{IpTaps, TapOps, TapSpec};
-
-fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
-}
-
-fn skipped(test: &str, why: &str) {
-    eprintln!("SKIPPED {test}: {why}");
-}
+use kiln_test_support::{is_root, skip, Category};
 
 fn prefix() -> String {
     format!("mh{:x}", std::process::id() % 0xfffff)
@@ -33,10 +26,7 @@ impl Drop for TapGuard {
 #[tokio::test]
 async fn taps_are_created_owned_addressed_listed_and_deleted() {
     if !is_root() {
-        return skipped(
-            "taps_are_created_owned_addressed_listed_and_deleted",
-            "needs root",
-        );
+        return skip(Category::Root, "needs root");
     }
     let prefix = prefix();
     let name = format!("{prefix}-0");
@@ -85,10 +75,7 @@ impl Drop for CgroupGuard {
 #[tokio::test]
 async fn the_vmm_cgroup_limits_and_holds_the_process_and_goes() {
     if !is_root() {
-        return skipped(
-            "the_vmm_cgroup_limits_and_holds_the_process_and_goes",
-            "needs root",
-        );
+        return skip(Category::Root, "needs root");
     }
     let root = PathBuf::from("/sys/fs/cgroup");
     let parent = format!("kiln-test-{}", prefix());
@@ -104,8 +91,8 @@ async fn the_vmm_cgroup_limits_and_holds_the_process_and_goes() {
             .collect()
     };
     if parents.is_empty() {
-        return skipped(
-            "the_vmm_cgroup_limits_and_holds_the_process_and_goes",
+        return skip(
+            Category::Kernel,
             "no cgroup hierarchy with memory, cpu or pids",
         );
     }

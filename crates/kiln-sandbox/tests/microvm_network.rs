@@ -26,6 +26,7 @@ use kiln_sandbox::net::{
     HostCommands, NetworkConfig, RecordedCommand, RecordingCommands, SystemCommands,
 };
 use kiln_sandbox::{rootfs_path, SandboxDriver, SandboxError, SandboxRequest};
+use kiln_test_support::{skip, Category};
 
 const FAKE: &str = env!("CARGO_BIN_EXE_fake-cloud-hypervisor");
 
@@ -360,9 +361,9 @@ async fn the_pool_is_prewarmed_for_the_configured_sizes() {
 
 // ---- real host ----------------------------------------------------------
 
-fn skip_reason() -> Option<String> {
+fn skip_reason() -> Option<(Category, String)> {
     if !nix::unistd::Uid::effective().is_root() {
-        return Some("needs root".into());
+        return Some((Category::Root, "needs root".into()));
     }
     for tool in ["ip", "nft", "tc", "mkfs.erofs", "mkfs.ext4"] {
         let ok = Command::new("sh")
@@ -370,8 +371,9 @@ fn skip_reason() -> Option<String> {
             .output()
             .is_ok_and(|o| o.status.success());
         if !ok {
-            return Some(format!(
-                "{tool} is not installed (scripts/install-deps.sh installs it)"
+            return Some((
+                Category::Tool,
+                format!("{tool} is not installed (scripts/install-deps.sh installs it)"),
             ));
         }
     }
@@ -392,11 +394,8 @@ fn sh(args: &[&str]) -> Result<String, String> {
 
 #[test]
 fn a_real_tap_gets_its_chains_and_shaping_and_loses_them_on_destroy() {
-    if let Some(why) = skip_reason() {
-        eprintln!(
-            "SKIPPED a_real_tap_gets_its_chains_and_shaping_and_loses_them_on_destroy: {why}"
-        );
-        return;
+    if let Some((category, why)) = skip_reason() {
+        return skip(category, why);
     }
     // A per-run prefix; every name below carries it.
     let prefix = format!("m{:04x}", std::process::id() & 0xffff);

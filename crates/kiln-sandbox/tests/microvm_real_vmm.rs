@@ -17,19 +17,20 @@ use kiln_sandbox::microvm::api::{
 use kiln_sandbox::microvm::host::{IpTaps, TapOps, TapSpec};
 use kiln_sandbox::microvm::{MicroVmConfig, MicroVmDriver, VmmClient};
 use kiln_sandbox::{SandboxDriver, SandboxRequest};
+use kiln_test_support::Category;
 
 struct Real {
     binary: PathBuf,
     guest: PathBuf,
 }
 
-fn real(test: &str) -> Option<Real> {
-    let skip = |why: String| {
-        eprintln!("SKIPPED {test}: {why}");
+fn real() -> Option<Real> {
+    let skip = |category: Category, why: String| {
+        kiln_test_support::skip(category, why);
         None
     };
     if !nix::unistd::geteuid().is_root() {
-        return skip("needs root (taps, cgroups)".into());
+        return skip(Category::Root, "needs root (taps, cgroups)".into());
     }
     let binary = std::env::var_os("KILN_CLOUD_HYPERVISOR")
         .map(PathBuf::from)
@@ -41,21 +42,25 @@ fn real(test: &str) -> Option<Real> {
         });
     let Some(binary) = binary.filter(|b| b.is_file()) else {
         return skip(
+            Category::CloudHypervisor,
             "no cloud-hypervisor binary (set KILN_CLOUD_HYPERVISOR or put it on PATH)".into(),
         );
     };
     if !Path::new("/dev/kvm").exists() {
-        return skip("/dev/kvm does not exist".into());
+        return skip(Category::Kvm, "/dev/kvm does not exist".into());
     }
     let guest = PathBuf::from(
         std::env::var_os("KILN_GUEST_CACHE").unwrap_or_else(|| "/var/cache/kiln/guest".into()),
     );
     for f in ["vmlinuz", "initramfs.cpio.gz"] {
         if !guest.join(f).is_file() {
-            return skip(format!(
-                "{} is missing (build it with images/guest/build.sh)",
-                guest.join(f).display()
-            ));
+            return skip(
+                Category::Artifact,
+                format!(
+                    "{} is missing (build it with images/guest/build.sh)",
+                    guest.join(f).display()
+                ),
+            );
         }
     }
     Some(Real { binary, guest })
@@ -85,7 +90,7 @@ impl Drop for ChildGuard {
 
 #[tokio::test]
 async fn the_real_vmm_accepts_every_call_the_client_makes() {
-    let Some(real) = real("the_real_vmm_accepts_every_call_the_client_makes") else {
+    let Some(real) = real() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -191,7 +196,7 @@ async fn the_real_vmm_accepts_every_call_the_client_makes() {
 
 #[tokio::test]
 async fn the_driver_drives_the_real_vmm_and_leaves_nothing() {
-    let Some(real) = real("the_driver_drives_the_real_vmm_and_leaves_nothing") else {
+    let Some(real) = real() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();

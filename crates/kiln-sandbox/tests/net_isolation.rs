@@ -19,13 +19,14 @@ use kiln_sandbox::net::{
     BandwidthClass, EgressMode, HostInterface, NetIsolation, NetworkConfig, SystemCommands,
 };
 use kiln_sandbox::net::{IpCommand, NetSlot};
+use kiln_test_support::{skip, Category};
 use nix::sched::{setns, CloneFlags};
 
 const PORT: u16 = 7100;
 
-fn skip_reason() -> Option<String> {
+fn skip_reason() -> Option<(Category, String)> {
     if !nix::unistd::Uid::effective().is_root() {
-        return Some("needs root".into());
+        return Some((Category::Root, "needs root".into()));
     }
     for tool in [
         "ip",
@@ -42,8 +43,9 @@ fn skip_reason() -> Option<String> {
             .status()
             .is_ok_and(|s| s.success());
         if !ok {
-            return Some(format!(
-                "{tool} is not installed (scripts/install-deps.sh installs it)"
+            return Some((
+                Category::Tool,
+                format!("{tool} is not installed (scripts/install-deps.sh installs it)"),
             ));
         }
     }
@@ -378,9 +380,8 @@ type Row = BTreeMap<&'static str, bool>;
 
 #[test]
 fn egress_modes_reach_exactly_what_they_should_and_leave_nothing() {
-    if let Some(why) = skip_reason() {
-        eprintln!("skipped: {why}");
-        return;
+    if let Some((category, why)) = skip_reason() {
+        return skip(category, why);
     }
     let ovs_pid = ensure_ovs();
     let topo = Arc::new(Topology::new('e'));
@@ -605,9 +606,8 @@ fn iperf_rate(agent: &str, to: Ipv4Addr, reverse: bool) -> f64 {
 
 #[test]
 fn bandwidth_is_capped_at_the_configured_rate() {
-    if let Some(why) = skip_reason() {
-        eprintln!("skipped: {why}");
-        return;
+    if let Some((category, why)) = skip_reason() {
+        return skip(category, why);
     }
     let topo = Topology::new('b');
     let ip = topo.prefix.clone();

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use harness::{enter_private_mount_ns, random_suffix, skipped, which, Guard, UID_BASE};
+use harness::{enter_private_mount_ns, random_suffix, skip, which, Category, Guard, UID_BASE};
 use kiln_core::{InstanceId, InstanceSpec, RuntimeName};
 use kiln_sandbox::container::oci_runtime::{OciRuntime, RuncCli};
 use kiln_sandbox::mounts::mount_points_under;
@@ -359,12 +359,12 @@ fn custom_runtime_runs_a_static_binary() {
                 "gcc -static failed (install libc6-dev): {}",
                 String::from_utf8_lossy(&out.stderr)
             );
-            skipped("custom_runtime_runs_a_static_binary", &why);
+            skip(Category::Tool, why);
             return;
         }
         Err(e) => {
             let why = format!("gcc is not available: {e}");
-            skipped("custom_runtime_runs_a_static_binary", &why);
+            skip(Category::Tool, why);
             return;
         }
     }

@@ -60,8 +60,10 @@ mod tests {
     #[test]
     fn a_thread_moves_into_its_own_private_namespace() {
         if !nix::unistd::Uid::effective().is_root() {
-            eprintln!("skipped: entering a mount namespace needs root");
-            return;
+            return kiln_test_support::skip(
+                kiln_test_support::Category::Root,
+                "entering a mount namespace needs root",
+            );
         }
         let before = ns_of("/proc/thread-self/ns/mnt");
         // A thread of its own: the test harness's other threads (and the

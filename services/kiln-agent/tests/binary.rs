@@ -18,9 +18,11 @@ fn run(config: &std::path::Path) -> (Option<i32>, String) {
 
 #[test]
 fn bad_configs_exit_1_with_the_reason() {
-    if !nix_is_root() {
-        eprintln!("skipped: the agent enters a mount namespace, which needs root");
-        return;
+    if !kiln_test_support::is_root() {
+        return kiln_test_support::skip(
+            kiln_test_support::Category::Root,
+            "the agent enters a mount namespace, which needs root",
+        );
     }
     let dir = tempfile::tempdir().unwrap();
     let (code, err) = run(&dir.path().join("missing.toml"));
@@ -45,13 +47,4 @@ fn bad_configs_exit_1_with_the_reason() {
     let (code, err) = run(&bad);
     assert_eq!(code, Some(1));
     assert!(err.contains("memroy"), "{err}");
-}
-
-fn nix_is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap()
-        .lines()
-        .find(|l| l.starts_with("Uid:"))
-        .and_then(|l| l.split_whitespace().nth(2))
-        == Some("0")
 }

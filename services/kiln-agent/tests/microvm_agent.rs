@@ -23,6 +23,7 @@ use kiln_pki::DevPki;
 use kiln_sandbox::cgroup::RecordingCgroups;
 use kiln_sandbox::microvm::host::RecordingTaps;
 use kiln_sandbox::microvm::{MicroVmBackends, MicroVmConfig, MicroVmDriver};
+use kiln_test_support::{skip, Category};
 use tokio::net::TcpListener;
 
 /// The fake VMM binary: `$KILN_FAKE_CLOUD_HYPERVISOR`, or beside this
@@ -89,14 +90,10 @@ async fn fake_gateway(pki: &DevPki, zip: Vec<u8>) -> (String, String) {
 #[tokio::test]
 async fn a_multi_tenant_agent_invokes_a_function_in_a_microvm() {
     let Some(fake) = fake_vmm() else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "fake-cloud-hypervisor is not built; in CI it must be"
+        return skip(
+            Category::Artifact,
+            "fake-cloud-hypervisor is not built; run `cargo build -p kiln-sandbox --features testing --bin fake-cloud-hypervisor` first",
         );
-        eprintln!(
-            "SKIP: fake-cloud-hypervisor is not built; run `cargo build -p kiln-sandbox --features testing --bin fake-cloud-hypervisor` first"
-        );
-        return;
     };
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
@@ -270,15 +267,22 @@ int main(void) {
 "#;
 
 /// Why real microVM guests cannot run on this machine, if they cannot.
-fn real_kvm_unavailable(ch: &Option<PathBuf>, guest: &std::path::Path) -> Option<String> {
+fn real_kvm_unavailable(
+    ch: &Option<PathBuf>,
+    guest: &std::path::Path,
+) -> Option<(Category, String)> {
     use std::os::fd::AsRawFd;
     let Some(ch) = ch else {
-        return Some(
+        return Some((
+            Category::CloudHypervisor,
             "no cloud-hypervisor binary (set KILN_CLOUD_HYPERVISOR or put it on PATH)".into(),
-        );
+        ));
     };
     if !ch.is_file() {
-        return Some(format!("{} does not exist", ch.display()));
+        return Some((
+            Category::CloudHypervisor,
+            format!("{} does not exist", ch.display()),
+        ));
     }
     let kvm = match std::fs::OpenOptions::new()
         .read(true)
@@ -286,21 +290,26 @@ fn real_kvm_unavailable(ch: &Option<PathBuf>, guest: &std::path::Path) -> Option
         .open("/dev/kvm")
     {
         Ok(f) => f,
-        Err(e) => return Some(format!("/dev/kvm cannot be opened: {e}")),
+        Err(e) => {
+            return Some((Category::Kvm, format!("/dev/kvm cannot be opened: {e}")));
+        }
     };
     // SAFETY: KVM_GET_API_VERSION (_IO(0xAE, 0x00)) takes no argument and
     // only reads the open /dev/kvm descriptor.
     let version = unsafe { nix::libc::ioctl(kvm.as_raw_fd(), 0xAE00, 0) };
     if version != 12 {
-        return Some(format!("KVM_GET_API_VERSION answered {version}, not 12"));
+        return Some((
+            Category::Kvm,
+            format!("KVM_GET_API_VERSION answered {version}, not 12"),
+        ));
     }
     // SAFETY: KVM_CREATE_VM (_IO(0xAE, 0x01)) with machine type 0 returns a
     // new descriptor (closed right away) or -1; no memory is passed.
     let vm = unsafe { nix::libc::ioctl(kvm.as_raw_fd(), 0xAE01, 0) };
     if vm < 0 {
-        return Some(format!(
-            "KVM_CREATE_VM failed: {}",
-            std::io::Error::last_os_error()
+        return Some((
+            Category::Kvm,
+            format!("KVM_CREATE_VM failed: {}", std::io::Error::last_os_error()),
         ));
     }
     // SAFETY: `vm` is a descriptor KVM_CREATE_VM just returned to us.
@@ -310,18 +319,22 @@ fn real_kvm_unavailable(ch: &Option<PathBuf>, guest: &std::path::Path) -> Option
         .lines()
         .any(|l| l.starts_with("flags") && l.split_whitespace().any(|f| f == "hypervisor"));
     if nested && std::env::var_os("KILN_TRY_NESTED_KVM").is_none() {
-        return Some(
+        return Some((
+            Category::Kvm,
             "this machine is itself a VM (the 'hypervisor' CPU flag): KVM opens, but nested \
              guests hang or stop with an internal error and never make progress; \
              set KILN_TRY_NESTED_KVM=1 to try anyway"
                 .into(),
-        );
+        ));
     }
     for f in ["vmlinuz", "initramfs.cpio.gz"] {
         if !guest.join(f).is_file() {
-            return Some(format!(
-                "no guest image: {} is missing (build it with images/guest/build.sh)",
-                guest.join(f).display()
+            return Some((
+                Category::Artifact,
+                format!(
+                    "no guest image: {} is missing (build it with images/guest/build.sh)",
+                    guest.join(f).display()
+                ),
             ));
         }
     }
@@ -344,13 +357,12 @@ async fn real_cloud_hypervisor_boots_the_guest_and_invokes_through_the_agent() {
     let guest = PathBuf::from(
         std::env::var_os("KILN_GUEST_CACHE").unwrap_or_else(|| "/var/cache/kiln/guest".into()),
     );
-    if let Some(why) = real_kvm_unavailable(&ch, &guest) {
+    if let Some((category, why)) = real_kvm_unavailable(&ch, &guest) {
         assert!(
             std::env::var_os("KILN_REQUIRE_KVM").is_none(),
             "KILN_REQUIRE_KVM is set but real microVMs cannot run: {why}"
         );
-        eprintln!("SKIP real microVM boot test: {why}");
-        return;
+        return skip(category, why);
     }
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();

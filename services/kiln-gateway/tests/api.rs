@@ -972,8 +972,10 @@ async fn http2_works_and_old_tls_is_refused() {
             .output()
     };
     let Ok(out) = handshake("-tls1_2").await else {
-        eprintln!("SKIPPED the TLS version checks: no openssl binary");
-        return;
+        return kiln_test_support::skip(
+            kiln_test_support::Category::Tool,
+            "no openssl binary for the TLS version checks (run scripts/install-deps.sh)",
+        );
     };
     assert!(
         out.status.success(),
@@ -1026,8 +1028,7 @@ async fn old_client_hello(port: u16) -> bool {
 /// without it.
 #[tokio::test]
 async fn official_python_sdk_round_trip() {
-    let Ok(python) = std::env::var("KILN_FC_SDK_PYTHON") else {
-        eprintln!("SKIPPED official_python_sdk_round_trip: set KILN_FC_SDK_PYTHON to a python with alibabacloud-fc20230330");
+    let Some(python) = kiln_test_support::sdk_python() else {
         return;
     };
     let env = Env::new().await;
@@ -1484,8 +1485,7 @@ async fn async_messages_survive_a_restart() {
 /// calls and the async task calls (same KILN_FC_SDK_PYTHON as above).
 #[tokio::test]
 async fn official_python_sdk_async() {
-    let Ok(python) = std::env::var("KILN_FC_SDK_PYTHON") else {
-        eprintln!("SKIPPED official_python_sdk_async: set KILN_FC_SDK_PYTHON to a python with alibabacloud-fc20230330");
+    let Some(python) = kiln_test_support::sdk_python() else {
         return;
     };
     let env = Env::new().await;

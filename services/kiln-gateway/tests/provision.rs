@@ -401,8 +401,7 @@ async fn concurrency_configs_round_trip_checked_and_scoped() {
 
 #[tokio::test]
 async fn official_python_sdk_provision_configs() {
-    let Ok(python) = std::env::var("KILN_FC_SDK_PYTHON") else {
-        eprintln!("SKIPPED official_python_sdk_provision_configs: set KILN_FC_SDK_PYTHON to a python with alibabacloud-fc20230330");
+    let Some(python) = kiln_test_support::sdk_python() else {
         return;
     };
     let env = Env::new().await;

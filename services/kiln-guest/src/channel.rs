@@ -129,7 +129,10 @@ mod tests {
             Err(ChannelError::Vsock { source, .. })
                 if source.raw_os_error() == Some(libc::EAFNOSUPPORT) =>
             {
-                eprintln!("SKIPPED vsock_listener_binds: this kernel has no AF_VSOCK");
+                kiln_test_support::skip(
+                    kiln_test_support::Category::Kernel,
+                    "this kernel has no AF_VSOCK",
+                );
             }
             Err(e) => panic!("{e:?}"),
         }

@@ -348,8 +348,10 @@ async fn exec_sessions_with_pipes_and_tty() {
 #[tokio::test]
 async fn a_call_over_its_timeout_is_a_timeout_error() {
     if !Path::new("/usr/bin/python3").exists() {
-        eprintln!("SKIP: needs /usr/bin/python3 for a slow function");
-        return;
+        return kiln_test_support::skip(
+            kiln_test_support::Category::Tool,
+            "needs /usr/bin/python3 for a slow function",
+        );
     }
     let dir = tempfile::tempdir().unwrap();
     let script = dir.path().join("slow.py");

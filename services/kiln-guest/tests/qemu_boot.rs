@@ -214,8 +214,10 @@ impl Drop for Watchdog {
 #[test]
 fn guest_image_boots_under_tcg_and_relays_an_invocation() {
     let Some(qemu) = qemu_binary() else {
-        eprintln!("SKIP: qemu-system-x86_64 is not installed (scripts/install-deps.sh installs qemu-system-x86)");
-        return;
+        return kiln_test_support::skip(
+            kiln_test_support::Category::Tool,
+            "qemu-system-x86_64 is not installed (scripts/install-deps.sh installs qemu-system-x86)",
+        );
     };
     let started = Instant::now();
     let cache =

@@ -8,5 +8,6 @@ pub mod commands;
 pub mod credentials;
 pub mod dev_config;
 pub mod loadgen;
+pub mod service_runtime;
 pub mod signing;
 pub mod zipdir;

@@ -45,7 +45,7 @@ fn agent_config(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_an_agent_under_load_moves_calls_to_the_other_node() {
-    if common::skip("killing_an_agent_under_load_moves_calls_to_the_other_node") {
+    if common::skip() {
         return;
     }
     let state = tempfile::Builder::new()

@@ -103,7 +103,7 @@ async fn until<F: std::future::Future<Output = bool>>(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_always_allocated_provisioned_instance_is_not_frozen() {
-    if common::skip("an_idle_always_allocated_provisioned_instance_is_not_frozen") {
+    if common::skip() {
         return;
     }
     let dev = Dev::start();

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_slow_calls_pack_onto_about_twenty_instances() {
-    if common::skip("two_hundred_slow_calls_pack_onto_about_twenty_instances") {
+    if common::skip() {
         return;
     }
     let dev = common::Dev::start();

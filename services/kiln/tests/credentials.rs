@@ -81,10 +81,7 @@ async fn sts_call(
 /// temporary credentials: GetFunction on itself works, DeleteFunction is
 /// refused with AccessDenied.
 fn official_sdk_with_sts(dev: &Dev, creds: &Creds) {
-    let Ok(python) = std::env::var("KILN_FC_SDK_PYTHON") else {
-        eprintln!(
-            "SKIPPED the official SDK part: set KILN_FC_SDK_PYTHON to a python with alibabacloud-fc20230330"
-        );
+    let Some(python) = kiln_test_support::sdk_python() else {
         return;
     };
     let script = r#"
@@ -202,7 +199,7 @@ async fn credentials_seen(dev: &Dev) -> (Creds, Creds) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_function_uses_its_roles_temporary_credentials() {
-    if common::skip("a_function_uses_its_roles_temporary_credentials") {
+    if common::skip() {
         return;
     }
     let lifetime = LIFETIME_S.to_string();

@@ -15,7 +15,7 @@ fn b64(data: &[u8]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_cluster_runs_a_python_function_end_to_end() {
-    if common::skip("dev_cluster_runs_a_python_function_end_to_end") {
+    if common::skip() {
         return;
     }
     let dev = Dev::start();
@@ -136,7 +136,7 @@ async fn dev_cluster_runs_a_python_function_end_to_end() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn static_binary_runs_on_the_empty_custom_runtime() {
-    if common::skip("static_binary_runs_on_the_empty_custom_runtime") {
+    if common::skip() {
         return;
     }
     let code = tempfile::tempdir().unwrap();
@@ -175,7 +175,7 @@ async fn static_binary_runs_on_the_empty_custom_runtime() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_deploys_invokes_lists_and_deletes() {
-    if common::skip("cli_deploys_invokes_lists_and_deletes") {
+    if common::skip() {
         return;
     }
     let dev = Dev::start();
@@ -233,7 +233,7 @@ async fn cli_deploys_invokes_lists_and_deletes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_over_its_memory_is_killed_and_replaced() {
-    if common::skip("an_instance_over_its_memory_is_killed_and_replaced") {
+    if common::skip() {
         return;
     }
     let dev = Dev::start();

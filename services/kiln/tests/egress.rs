@@ -104,15 +104,8 @@ fn spawn_service_in(dir: &Path, ns: &str, name: &str, config: &str) -> std::proc
 
 #[test]
 fn egress_modes_take_effect_through_the_agent() {
-    let test = "egress_modes_take_effect_through_the_agent";
-    if common::skip(test) {
+    if common::skip() || common::skip_without(&["nft", "tc", "nsenter", "python3"]) {
         return;
-    }
-    for tool in ["nft", "tc", "nsenter", "python3"] {
-        if !common::on_path(tool) {
-            eprintln!("SKIPPED {test}: `{tool}` is not installed (run scripts/install-deps.sh)");
-            return;
-        }
     }
     let state = tempfile::Builder::new()
         .prefix("kiln-egress-")

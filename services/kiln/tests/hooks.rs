@@ -22,7 +22,7 @@ fn dev_log(dev: &Dev) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn initializer_runs_once_before_the_first_call_and_pre_stop_on_release() {
-    if common::skip("initializer_runs_once_before_the_first_call_and_pre_stop_on_release") {
+    if common::skip() {
         return;
     }
     let dev = Dev::start();

@@ -214,7 +214,7 @@ fn now_s() -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_release_runs_pre_stop_and_a_hanging_one_is_cut_at_its_timeout() {
-    if common::skip("idle_release_runs_pre_stop_and_a_hanging_one_is_cut_at_its_timeout") {
+    if common::skip() {
         return;
     }
     let dev = Dev::start_with(&["--idle-timeout", "2"]);
@@ -248,7 +248,7 @@ async fn idle_release_runs_pre_stop_and_a_hanging_one_is_cut_at_its_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scaling_provisioned_instances_in_runs_pre_stop_on_each() {
-    if common::skip("scaling_provisioned_instances_in_runs_pre_stop_on_each") {
+    if common::skip() {
         return;
     }
     let dev = Dev::start();
@@ -290,7 +290,7 @@ async fn scaling_provisioned_instances_in_runs_pre_stop_on_each() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn draining_the_node_runs_pre_stop_once_the_call_in_flight_is_done() {
-    if common::skip("draining_the_node_runs_pre_stop_once_the_call_in_flight_is_done") {
+    if common::skip() {
         return;
     }
     let dev = Dev::start();
@@ -359,7 +359,7 @@ async fn draining_the_node_runs_pre_stop_once_the_call_in_flight_is_done() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timed_out_initializer_fails_the_call_and_the_instance_is_not_used() {
-    if common::skip("a_timed_out_initializer_fails_the_call_and_the_instance_is_not_used") {
+    if common::skip() {
         return;
     }
     let dev = Dev::start();

@@ -105,7 +105,7 @@ async fn call(dev: &Dev, c: &kiln::client::FcClient, event: Value) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn layers_merge_under_opt_first_wins_and_changes_stay_in_the_instance() {
-    if common::skip("layers_merge_under_opt_first_wins_and_changes_stay_in_the_instance") {
+    if common::skip() {
         return;
     }
     let dev = Dev::start();

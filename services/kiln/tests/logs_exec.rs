@@ -85,7 +85,7 @@ async fn wait_for_line(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logs_are_attributed_kept_and_served_and_exec_runs_inside_the_instance() {
-    if common::skip("logs_are_attributed_kept_and_served_and_exec_runs_inside_the_instance") {
+    if common::skip() {
         return;
     }
     let dev = Dev::start();

@@ -53,8 +53,10 @@ async fn handshake(server: &DevPki, server_role: &str, client: &DevPki, name: &s
 #[tokio::test]
 async fn script_certificates_complete_mutual_tls_and_strangers_are_refused() {
     if openssl_missing() {
-        println!("SKIPPED script_certificates_complete_mutual_tls: openssl is not installed");
-        return;
+        return kiln_test_support::skip(
+            kiln_test_support::Category::Tool,
+            "openssl is not installed (run scripts/install-deps.sh)",
+        );
     }
     let dir = tempfile::tempdir().unwrap();
     let cluster = DevPki {

@@ -25,7 +25,7 @@ fn write_example_zip(dir: &Path) -> std::path::PathBuf {
 
 #[test]
 fn official_python_sdk_drives_kiln() {
-    if common::skip("official_python_sdk_drives_kiln") {
+    if common::skip() {
         return;
     }
     let work = tempfile::tempdir().unwrap();
@@ -58,11 +58,10 @@ fn official_python_sdk_drives_kiln() {
 
 #[test]
 fn official_node_sdk_drives_kiln() {
-    if common::skip("official_node_sdk_drives_kiln") {
+    if common::skip() {
         return;
     }
-    if !common::on_path("npm") || !common::on_path("node") {
-        eprintln!("SKIPPED official_node_sdk_drives_kiln: node and npm are not installed (run scripts/install-deps.sh)");
+    if common::skip_without(&["npm", "node"]) {
         return;
     }
     let work = tempfile::tempdir().unwrap();

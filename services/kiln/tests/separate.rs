@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn services_run_as_separate_processes_from_config_files() {
-    if common::skip("services_run_as_separate_processes_from_config_files") {
+    if common::skip() {
         return;
     }
     let state = tempfile::Builder::new()

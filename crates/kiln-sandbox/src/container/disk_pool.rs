@@ -429,8 +429,10 @@ mod tests {
             .output()
             .is_err()
         {
-            eprintln!("skipped: mkfs.ext4 is not installed");
-            return;
+            return kiln_test_support::skip(
+                kiln_test_support::Category::Tool,
+                "mkfs.ext4 is not installed (run scripts/install-deps.sh)",
+            );
         }
         let tmp = tempfile::tempdir().unwrap();
         let mut cfg = config(tmp.path(), 1);

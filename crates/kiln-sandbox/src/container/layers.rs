@@ -186,8 +186,10 @@ mod tests {
     #[test]
     fn host_overlay_stacks_the_first_layer_on_top() {
         if !nix::unistd::geteuid().is_root() {
-            eprintln!("SKIP host_overlay_stacks_the_first_layer_on_top: needs root for mount(2)");
-            return;
+            return kiln_test_support::skip(
+                kiln_test_support::Category::Root,
+                "needs root for mount(2)",
+            );
         }
         let tmp = tempfile::tempdir().unwrap();
         let (first, second) = (tmp.path().join("first"), tmp.path().join("second"));

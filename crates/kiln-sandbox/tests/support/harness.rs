@@ -18,28 +18,22 @@ use kiln_sandbox::{ContainerConfig, ContainerDriver, SandboxDriver, SandboxReque
 pub const INNER: &str = "KILN_LIMITS_TEST_IN_PRIVATE_MOUNT_NS";
 pub const UID_BASE: u32 = 100_000;
 
-pub fn which(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
+pub use kiln_test_support::{skip, which, Category};
 
-pub fn skip_reason() -> Option<String> {
+/// Why this machine cannot run the real-runc tests, if it cannot.
+pub fn skip_reason() -> Option<(Category, String)> {
     if !nix::unistd::geteuid().is_root() {
-        return Some("not running as root".into());
+        return Some((Category::Root, "not running as root".into()));
     }
     for tool in ["runc", "ip", "unshare", "mkfs.ext4", "mount"] {
         if which(tool).is_none() {
-            return Some(format!("{tool} is not installed"));
+            return Some((
+                Category::Tool,
+                format!("`{tool}` is not installed (run scripts/install-deps.sh)"),
+            ));
         }
     }
     None
-}
-
-/// Say why a test did not run, past the test harness's output capture.
-pub fn skipped(test: &str, reason: &str) {
-    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {reason}");
 }
 
 /// In the outer process: re-run `test` alone inside a private mount
@@ -48,8 +42,8 @@ pub fn enter_private_mount_ns(test: &str) -> bool {
     if std::env::var_os(INNER).is_some() {
         return true;
     }
-    if let Some(reason) = skip_reason() {
-        skipped(test, &reason);
+    if let Some((category, reason)) = skip_reason() {
+        skip(category, reason);
         return false;
     }
     let exe = std::env::current_exe().unwrap();

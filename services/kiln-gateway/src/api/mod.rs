@@ -561,6 +561,7 @@ async fn dispatch(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kiln_core::FcErrorCode;
 
     fn name(s: &str) -> FunctionName {
         s.parse().unwrap()

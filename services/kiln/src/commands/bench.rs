@@ -5,9 +5,22 @@
 //! - warm invoke latency (p50/p99, one connection) and throughput
 //!   (`--connections` keep-alive connections) through the gateway, against
 //!   the same function binary called directly on loopback;
+//! - CPU time per warm call of each service (gateway, agent, scheduler)
+//!   over the throughput runs, against nginx as one TLS reverse-proxy hop
+//!   in front of the same function: what an operator sizes machines by,
+//!   where throughput on a small machine mostly measures who gets the
+//!   cores. The services run in this process, each on a runtime of its own
+//!   with its threads named for it, as it would in its own process; a
+//!   service's CPU is the sum over its threads (`/proc/self/task`), so the
+//!   in-process load generator (its own threads) is not counted. Separate
+//!   processes (the service binaries) would count the same work but need
+//!   those binaries beside `kiln`; the per-thread sum needs only this one.
+//!   nginx's CPU is its master's and workers' (see [`cpu`]);
 //! - cold start (no instance -> first response) against a bare `runc run`
 //!   of a bundle holding the same binary, into a ready-made network
 //!   namespace, until its port answers.
+
+mod cpu;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::panic::AssertUnwindSafe;
@@ -310,6 +323,9 @@ async fn measure(
     let (mut n_lat, mut n_thr) = (vec![], vec![]);
     let (mut n2_lat, mut n2_thr) = (vec![], vec![]);
     let (mut a_lat, mut a_thr) = (vec![], vec![]);
+    // CPU microseconds per call of each throughput run: Kiln's services,
+    // and the nginx hop.
+    let (mut k_cpu, mut n_cpu) = (vec![], vec![]);
     let mut errors = 0;
     for round in 0..args.runs {
         eprintln!("warm round {}/{}", round + 1, args.runs);
@@ -328,9 +344,14 @@ async fn measure(
             .await?;
         errors += r.errors;
         d_thr.push(r);
-        let r = lg
-            .run(&kiln_target, args.connections, kiln_reqs(args.requests)?)
-            .await?;
+        let reqs = kiln_reqs(args.requests)?;
+        let before = cpu::services_now();
+        let r = lg.run(&kiln_target, args.connections, reqs).await?;
+        k_cpu.push(cpu::services_per_call_us(
+            &before,
+            &cpu::services_now(),
+            r.latencies_us.len(),
+        ));
         errors += r.errors;
         k_thr.push(r);
         let r = lg
@@ -347,9 +368,15 @@ async fn measure(
             let r = lg.run(t, 1, direct_reqs(args.latency_requests)).await?;
             errors += r.errors;
             n_lat.push(r);
-            let r = lg
-                .run(t, args.connections, direct_reqs(args.requests))
-                .await?;
+            let reqs = direct_reqs(args.requests);
+            let pid = nginx.as_ref().map_or(0, |n| n.child.id());
+            let before = cpu::process_tree_now(pid);
+            let r = lg.run(t, args.connections, reqs).await?;
+            n_cpu.push(cpu::per_call_us(
+                before,
+                cpu::process_tree_now(pid),
+                r.latencies_us.len(),
+            ));
             errors += r.errors;
             n_thr.push(r);
         }
@@ -455,6 +482,8 @@ async fn measure(
         );
     }
 
+    print!("{}", cpu_table(args.connections, &k_cpu, &n_cpu));
+
     if !args.no_cold {
         let kiln_cold = kiln_cold_starts(&client, &zip_b64_of(code_zip), args.cold_starts).await?;
         let runc_cold = runc_cold_starts(binary, prefix, work, args.cold_starts).await?;
@@ -470,6 +499,70 @@ async fn measure(
         println!("  kiln cold starts (ms):   {kiln_cold:.1?}");
     }
     Ok(())
+}
+
+/// Medians of CPU microseconds per warm call: each service, Kiln's total,
+/// the nginx hop, and Kiln's total over nginx's; two lines.
+fn cpu_table(
+    connections: usize,
+    kiln: &[std::collections::BTreeMap<&'static str, f64>],
+    nginx: &[f64],
+) -> String {
+    let service = |s: &str| {
+        median(
+            &kiln
+                .iter()
+                .map(|r| r.get(s).copied().unwrap_or_default())
+                .collect::<Vec<_>>(),
+        )
+    };
+    let total = median(&kiln.iter().map(|r| r.values().sum()).collect::<Vec<_>>());
+    let mut head = format!("{:<34}", format!("cpu per warm call ({connections} conn.)"));
+    let mut row = format!("{:<34}", "  (us of CPU time per call)");
+    for s in cpu::SERVICES {
+        head.push_str(&format!(" {s:>10}"));
+        row.push_str(&format!(" {:>8.1}us", service(s)));
+    }
+    head.push_str(&format!(" {:>10}", "kiln"));
+    row.push_str(&format!(" {total:>8.1}us"));
+    if !nginx.is_empty() {
+        let n = median(nginx);
+        head.push_str(&format!(" {:>10} {:>10}", "nginx hop", "kiln/nginx"));
+        row.push_str(&format!(" {n:>8.1}us {:>9.2}x", total / n));
+    }
+    format!("{head}\n{row}\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn the_cpu_table_gives_medians_totals_and_the_ratio_to_nginx() {
+        let round =
+            |g: f64, a: f64| BTreeMap::from([("gateway", g), ("agent", a), ("scheduler", 0.0)]);
+        let kiln = [round(40.0, 30.0), round(50.0, 35.0), round(45.0, 90.0)];
+        let table = cpu_table(16, &kiln, &[20.0, 15.0, 16.0]);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 2, "{table}");
+        assert!(
+            lines[0].starts_with("cpu per warm call (16 conn.)"),
+            "{table}"
+        );
+        let cells: Vec<&str> = lines[1].split_whitespace().collect();
+        // gateway, agent, scheduler medians; the total is the median of
+        // each round's sum (70, 85, 135), not the sum of medians.
+        assert_eq!(
+            &cells[cells.len() - 6..],
+            ["45.0us", "35.0us", "0.0us", "85.0us", "16.0us", "5.31x"],
+            "{table}"
+        );
+        // Without the nginx peer the last two columns are left out.
+        let table = cpu_table(16, &kiln, &[]);
+        assert!(!table.contains("nginx"), "{table}");
+        assert!(table.trim_end().ends_with("85.0us"), "{table}");
+    }
 }
 
 /// The agent's invoke endpoint for the bench function's warm instance,

@@ -1,6 +1,7 @@
 //! `kiln dev`: gateway, scheduler and agent in one process on one machine,
 //! talking over their real mTLS APIs on loopback, with a cluster CA, a dev
-//! account and an access key made on first start.
+//! account and an access key made on first start. Each service runs on a
+//! runtime of its own ([`ServiceRuntime`]), as it would in its own process.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -10,6 +11,7 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::credentials::Credentials;
+use crate::service_runtime::ServiceRuntime;
 
 #[derive(Debug, Clone)]
 pub struct DevOptions {
@@ -86,10 +88,22 @@ pub struct DevCluster {
     pub credentials_path: PathBuf,
     pub pki: kiln_pki::DevPki,
     pub scheduler_url: String,
-    scheduler: kiln_scheduler::SchedulerHandle,
-    gateway: kiln_gateway::GatewayHandle,
-    agent: kiln_agent::AgentHandle,
+    scheduler: Service<kiln_scheduler::SchedulerHandle>,
+    gateway: Service<kiln_gateway::GatewayHandle>,
+    agent: Service<kiln_agent::AgentHandle>,
 }
+
+/// A running service and the runtime it runs on.
+struct Service<H> {
+    handle: H,
+    runtime: ServiceRuntime,
+}
+
+/// Thread names of the services' runtimes (at most 15 bytes: Linux keeps
+/// no more of a thread's name).
+pub const GATEWAY_THREADS: &str = "kiln-gateway";
+pub const SCHEDULER_THREADS: &str = "kiln-scheduler";
+pub const AGENT_THREADS: &str = "kiln-agent";
 
 impl DevCluster {
     /// Start scheduler, gateway and agent, and write credentials.json.
@@ -106,24 +120,39 @@ impl DevCluster {
             .context("cannot create the dev cluster's certificates")?;
         let account = DevAccount::load_or_create(&state.join("dev-account.json"))?;
 
-        let scheduler = kiln_scheduler::start(crate::dev_config::scheduler(opts, &pki)?)
-            .await
-            .context("scheduler failed to start")?;
-        let scheduler_url = format!("https://127.0.0.1:{}", scheduler.addr().port());
+        let runtime = ServiceRuntime::new(SCHEDULER_THREADS)?;
+        let scheduler = Service {
+            handle: runtime
+                .run(kiln_scheduler::start(crate::dev_config::scheduler(
+                    opts, &pki,
+                )?))
+                .await?
+                .context("scheduler failed to start")?,
+            runtime,
+        };
+        let scheduler_url = format!("https://127.0.0.1:{}", scheduler.handle.addr().port());
 
-        let gateway = kiln_gateway::start(crate::dev_config::gateway(
-            opts,
-            &pki,
-            &scheduler_url,
-            (
-                &account.account_id,
-                &account.access_key_id,
-                &account.access_key_secret,
-            ),
-        )?)
-        .await
-        .context("gateway failed to start")?;
-        let gateway_internal = format!("https://127.0.0.1:{}", gateway.internal_addr().port());
+        let runtime = ServiceRuntime::new(GATEWAY_THREADS)?;
+        let gateway = Service {
+            handle: runtime
+                .run(kiln_gateway::start(crate::dev_config::gateway(
+                    opts,
+                    &pki,
+                    &scheduler_url,
+                    (
+                        &account.account_id,
+                        &account.access_key_id,
+                        &account.access_key_secret,
+                    ),
+                )?))
+                .await?
+                .context("gateway failed to start")?,
+            runtime,
+        };
+        let gateway_internal = format!(
+            "https://127.0.0.1:{}",
+            gateway.handle.internal_addr().port()
+        );
 
         let agent_state = crate::dev_config::agent_state_dir(state);
         if !agent_state.starts_with(state) {
@@ -133,18 +162,27 @@ impl DevCluster {
                  the agent keeps its instances here instead"
             );
         }
-        let agent = kiln_agent::start(crate::dev_config::agent(
-            opts,
-            &agent_state,
-            &pki,
-            &scheduler_url,
-            &gateway_internal,
-            host_memory_mb(),
-        )?)
-        .await
-        .context("agent failed to start")?;
+        let runtime = ServiceRuntime::new(AGENT_THREADS)?;
+        let agent = Service {
+            handle: runtime
+                .run(kiln_agent::start(crate::dev_config::agent(
+                    opts,
+                    &agent_state,
+                    &pki,
+                    &scheduler_url,
+                    &gateway_internal,
+                    host_memory_mb(),
+                )?))
+                .await?
+                .context("agent failed to start")?,
+            runtime,
+        };
 
-        let endpoint = format!("https://{}:{}", public_host, gateway.public_addr().port());
+        let endpoint = format!(
+            "https://{}:{}",
+            public_host,
+            gateway.handle.public_addr().port()
+        );
         let credentials = Credentials {
             endpoint,
             account_id: account.account_id.clone(),
@@ -157,7 +195,7 @@ impl DevCluster {
         let cluster = serde_json::json!({
             "schedulerUrl": scheduler_url,
             "gatewayInternalUrl": gateway_internal,
-            "agentUrl": format!("https://127.0.0.1:{}", agent.addr().port()),
+            "agentUrl": format!("https://127.0.0.1:{}", agent.handle.addr().port()),
         });
         std::fs::write(state.join("cluster.json"), cluster.to_string())
             .with_context(|| format!("cannot write {}", state.join("cluster.json").display()))?;
@@ -176,15 +214,33 @@ impl DevCluster {
 
     /// Where the agent's internal (mTLS) API listens.
     pub fn agent_addr(&self) -> SocketAddr {
-        self.agent.addr()
+        self.agent.handle.addr()
     }
 
-    /// Stop the agent first (it removes its sandboxes), then the others.
+    /// Stop the agent first (it removes its sandboxes), then the others,
+    /// each on its own runtime.
     pub async fn shutdown(self) {
-        self.agent.shutdown().await;
-        self.gateway.shutdown().await;
-        self.scheduler.shutdown().await;
+        for (name, stopped) in [
+            (AGENT_THREADS, stop(self.agent, |h| h.shutdown()).await),
+            (GATEWAY_THREADS, stop(self.gateway, |h| h.shutdown()).await),
+            (
+                SCHEDULER_THREADS,
+                stop(self.scheduler, |h| h.shutdown()).await,
+            ),
+        ] {
+            if let Err(e) = stopped {
+                tracing::warn!(service = name, error = %format!("{e:#}"), "shutdown failed");
+            }
+        }
     }
+}
+
+/// Run a service's shutdown on its own runtime, then end that runtime.
+async fn stop<H, F>(service: Service<H>, shutdown: impl FnOnce(H) -> F) -> Result<()>
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    service.runtime.run(shutdown(service.handle)).await
 }
 
 /// Start everything, serve until SIGINT/SIGTERM.

@@ -11,47 +11,56 @@ use std::time::{Duration, Instant};
 use kiln::client::FcClient;
 use kiln::credentials::Credentials;
 
+pub use kiln_test_support::Category;
+
 /// Why this machine cannot run the end-to-end tests, if it cannot.
-pub fn skip_reason() -> Option<String> {
-    if !nix_is_root() {
-        return Some("needs root (runc, network namespaces, mounts)".into());
+pub fn skip_reason() -> Option<(Category, String)> {
+    if !kiln_test_support::is_root() {
+        return Some((
+            Category::Root,
+            "needs root (runc, network namespaces, mounts)".into(),
+        ));
     }
-    for tool in ["runc", "ip", "debootstrap"] {
-        if !on_path(tool) {
-            return Some(format!(
-                "`{tool}` is not installed (run scripts/install-deps.sh)"
-            ));
-        }
-    }
-    None
+    ["runc", "ip", "debootstrap"]
+        .into_iter()
+        .find(|tool| !on_path(tool))
+        .map(missing_tool)
 }
 
-/// Print why a test skips and return true when it must.
-pub fn skip(test: &str) -> bool {
+/// Skip the calling test when this machine cannot run the end-to-end
+/// tests (see [`kiln_test_support::skip`]); true when it must return.
+pub fn skip() -> bool {
     match skip_reason() {
-        Some(why) => {
-            eprintln!("SKIPPED {test}: {why}");
+        Some((category, why)) => {
+            kiln_test_support::skip(category, why);
             true
         }
         None => false,
     }
 }
 
-fn nix_is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false)
+/// Skip the calling test when one of `tools` is not installed; true when
+/// it must return.
+pub fn skip_without(tools: &[&str]) -> bool {
+    match tools.iter().find(|tool| !on_path(tool)) {
+        Some(tool) => {
+            let (category, why) = missing_tool(tool);
+            kiln_test_support::skip(category, why);
+            true
+        }
+        None => false,
+    }
+}
+
+fn missing_tool(tool: &str) -> (Category, String) {
+    (
+        Category::Tool,
+        format!("`{tool}` is not installed (run scripts/install-deps.sh)"),
+    )
 }
 
 pub fn on_path(tool: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
-        .unwrap_or(false)
+    kiln_test_support::which(tool).is_some()
 }
 
 pub fn free_port() -> u16 {
