@@ -3,14 +3,13 @@
 
 use std::sync::Arc;
 
-use kiln_core::Clock;
-use kiln_internal_api::InternalClient;
-
+use crate::agent::SharedAgents;
 use crate::auth::SharedAuthenticator;
 use crate::catalog::Catalog;
 use crate::invoke::pool::LeasePool;
 use crate::metrics::Metrics;
 use crate::scheduler::SharedScheduler;
+use kiln_core::Clock;
 
 pub struct Gateway {
     pub catalog: Arc<Catalog>,
@@ -19,10 +18,7 @@ pub struct Gateway {
     /// Runtimes and their end-of-support stages.
     pub runtimes: Arc<crate::runtimes::RuntimeCatalogue>,
     pub auth: SharedAuthenticator,
-    /// Control calls to agents (logs, exec) over mTLS HTTP/2.
-    pub internal: InternalClient,
-    /// The invocation data path to agents (HTTP/1.1 over the same mTLS).
-    pub invoke_client: InternalClient,
+    pub agents: SharedAgents,
     pub scheduler: SharedScheduler,
     pub leases: Arc<LeasePool>,
     pub region: String,

@@ -6,6 +6,7 @@
 //! for the request path (see [`catalog`]).
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod api;
 pub mod auth;
 pub mod catalog;
@@ -215,8 +216,7 @@ pub async fn start_with_clock(
         runtimes,
         auth: auth::signature_authenticator(catalog.clone(), ram.clone(), clock.clone()),
         ram: ram.clone(),
-        internal,
-        invoke_client,
+        agents: Arc::new(agent::HttpAgent::new(invoke_client, internal)),
         scheduler,
         leases: leases.clone(),
         region: config.region.clone(),

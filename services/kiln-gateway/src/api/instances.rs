@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
 use kiln_core::{FcError, FcErrorCode, FunctionName};
@@ -27,7 +27,7 @@ use kiln_internal_api::client::remote_error;
 use kiln_internal_api::server;
 
 use super::respond::{json, Body};
-use kiln_internal_api::{exec_frame, paths, ExecStart, InstanceInfo};
+use kiln_internal_api::{exec_frame, ExecStart, InstanceInfo};
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::protocol::{Message, Role};
@@ -208,21 +208,18 @@ pub async fn exec(
         principal: format!("{}/{}", caller.account_id, caller.access_key_id),
     };
     let (stdin_tx, stdin_rx) = mpsc::channel::<Bytes>(32);
-    let req = Request::builder()
-        .method(Method::POST)
-        .uri(format!(
-            "{}{}",
-            agent.agent_url.trim_end_matches('/'),
-            paths::agent_exec(&instance.instance_id)
-        ))
-        .header(
-            exec_frame::HEADER,
-            HeaderValue::from_str(&serde_json::to_string(&start).expect("serialises"))
-                .map_err(|_| FcError::invalid_argument("command is not a valid header value"))?,
+    // The agent takes the command in a header.
+    HeaderValue::from_str(&serde_json::to_string(&start).expect("serialises"))
+        .map_err(|_| FcError::invalid_argument("command is not a valid header value"))?;
+    let resp = gw
+        .agents
+        .exec(
+            &agent.agent_url,
+            &instance.instance_id,
+            &start,
+            server::channel(stdin_rx),
         )
-        .body(server::channel(stdin_rx))
-        .map_err(|e| FcError::internal(format!("cannot build the agent request: {e}")))?;
-    let resp = gw.internal.send(req).await?;
+        .await?;
     if resp.status() != StatusCode::OK {
         let status = resp.status();
         let bytes = http_body_util::Limited::new(resp.into_body(), 64 * 1024)

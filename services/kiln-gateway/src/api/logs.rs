@@ -16,7 +16,7 @@ use std::time::Duration;
 use super::respond::{json, Body};
 use http::{Response, StatusCode};
 use kiln_core::{FcError, FunctionName};
-use kiln_internal_api::{paths, LogRecord, LogRecords};
+use kiln_internal_api::LogRecord;
 use serde::Serialize;
 
 use super::error::ApiError;
@@ -139,12 +139,7 @@ async fn collect(
     q: &LogsQuery,
 ) -> Result<Vec<LogRecord>, ApiError> {
     let nodes = gw.scheduler.nodes().await?;
-    let mut query = format!(
-        "{}?accountId={}&functionName={}",
-        paths::AGENT_LOGS,
-        caller.account_id,
-        name
-    );
+    let mut query = format!("accountId={}&functionName={}", caller.account_id, name);
     if let Some(r) = &q.request_id {
         query.push_str("&requestId=");
         query.push_str(
@@ -156,13 +151,8 @@ async fn collect(
         query.push_str(&format!("&since={s}&limit={}", q.limit));
     }
     let asks = nodes.iter().map(|n| {
-        let internal = gw.internal.with_timeout(Duration::from_secs(5));
-        let url = n.agent_url.clone();
-        let query = query.clone();
-        async move {
-            let r: Result<LogRecords, _> = internal.get(&url, &query).await;
-            (url, r)
-        }
+        let query = &query;
+        async move { (&n.agent_url, gw.agents.logs(&n.agent_url, query).await) }
     });
     let mut all = Vec::new();
     for (url, answer) in futures_util::future::join_all(asks).await {

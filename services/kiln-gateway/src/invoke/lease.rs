@@ -51,6 +51,10 @@ impl LeaseGuard {
         self.outcome = outcome;
     }
 
+    pub(super) fn lease(&self) -> Option<&Lease> {
+        self.lease.as_ref()
+    }
+
     pub(super) fn set_outcome(&mut self, outcome: LeaseOutcome) {
         self.outcome = outcome;
     }

@@ -20,7 +20,6 @@
 //! The lease is given back when the answer's body ends (or is dropped), as
 //! `instance-failed` unless the function answered in full.
 
-mod agent;
 mod lease;
 pub mod pool;
 pub mod render;
@@ -174,13 +173,13 @@ async fn run(gw: &Arc<Gateway>, req: InvokeRequest) -> Result<InvokeResult, FcEr
             },
         };
         tracing::debug!(lease = %lease.lease_id, instance = %lease.instance_id, cold = lease.cold_start, from_pool, "lease held");
-        let agent_req = agent::request(&lease, &req)?;
         // A call abandoned before the agent answers (the client went away,
         // or the async dispatcher aborted a stopped task) may leave the
         // function running: the instance is reported failed so the
         // scheduler replaces it rather than hand its slot to another call.
         guard.hold(lease, LeaseOutcome::InstanceFailed);
-        let resp = match tokio::time::timeout(deadline, gw.invoke_client.send(agent_req)).await {
+        let lease = guard.lease().expect("the lease was just taken");
+        let resp = match tokio::time::timeout(deadline, gw.agents.invoke(lease, &req)).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "agent call failed");
