@@ -587,3 +587,21 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use kiln_service::LogFormat;
+
+    use super::*;
+
+    #[test]
+    fn log_format_is_text_unless_asked_and_works_after_the_subcommand() {
+        let cli = Cli::try_parse_from(["kiln", "dev"]).unwrap();
+        assert_eq!(cli.log.log_format, LogFormat::Text);
+        let cli = Cli::try_parse_from(["kiln", "dev", "--log-format", "json"]).unwrap();
+        assert_eq!(cli.log.log_format, LogFormat::Json);
+        let cli = Cli::try_parse_from(["kiln", "--log-format", "json", "dev"]).unwrap();
+        assert_eq!(cli.log.log_format, LogFormat::Json);
+        assert!(Cli::try_parse_from(["kiln", "dev", "--log-format", "yaml"]).is_err());
+    }
+}
