@@ -16,6 +16,11 @@ if ! "$venv/bin/python" -c "import alibabacloud_fc20230330" 2>/dev/null; then
   "$venv/bin/pip" install --quiet -r tests/sdk/requirements.txt
 fi
 export KILN_FC_SDK_PYTHON="$venv/bin/python"
+# Open vSwitch's daemons (the VPC isolation tests attach to them): started
+# here once, so tests running in parallel never race to start them.
+if ! ovs-vsctl --timeout=5 show >/dev/null 2>&1; then
+  /usr/share/openvswitch/scripts/ovs-ctl start --system-id=random
+fi
 cargo build --workspace --all-targets --locked
 # Every skipped test appends "category<TAB>test<TAB>reason" here
 # (crates/kiln-test-support); under CI=true only the kvm and
