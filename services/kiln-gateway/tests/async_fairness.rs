@@ -16,9 +16,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use kiln_core::{InstanceId, LeaseId, NodeId};
 use kiln_gateway::config::{AsyncQueueConfig, BootstrapKey};
 use kiln_internal_api::server::{self, full, Body};
@@ -136,18 +133,7 @@ async fn a_deep_backlog_does_not_delay_other_accounts_or_dedicated_queues() {
     .unwrap();
     let metrics_addr = gw.metrics_addr().unwrap();
     let port = gw.addr().port();
-    let mut tls = (*kiln_pki::public_client_config(&pki.ca_cert()).unwrap()).clone();
-    tls.alpn_protocols.clear();
-    let mut connector = HttpConnector::new();
-    connector.enforce_http(false);
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_only()
-        .enable_http2()
-        .wrap_connector(connector);
-    let client = Client::builder(TokioExecutor::new())
-        .http2_only(true)
-        .build(connector);
+    let client = common::https_client(&pki, true);
     let call = move |ak: &'static str,
                      sk: &'static str,
                      method: Method,
