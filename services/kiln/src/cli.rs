@@ -328,6 +328,18 @@ impl Cli {
     pub fn runs_agent(&self) -> bool {
         matches!(self.command, Command::Dev(_) | Command::Bench(_))
     }
+
+    /// The log filter when `RUST_LOG` does not set one. `kiln bench` runs
+    /// its services without their per-request access lines, as its nginx
+    /// peers run with `access_log off`: both sides of every ratio then do
+    /// the same work, and the bench's output is not buried under a line per
+    /// call.
+    pub fn default_log_filter(&self) -> &'static str {
+        match self.command {
+            Command::Bench(_) => "info,kiln::access=off",
+            _ => "info",
+        }
+    }
 }
 
 fn client(cli: &Cli) -> Result<FcClient> {
@@ -603,5 +615,13 @@ mod tests {
         let cli = Cli::try_parse_from(["kiln", "--log-format", "json", "dev"]).unwrap();
         assert_eq!(cli.log.log_format, LogFormat::Json);
         assert!(Cli::try_parse_from(["kiln", "dev", "--log-format", "yaml"]).is_err());
+    }
+
+    #[test]
+    fn only_the_bench_leaves_the_access_lines_out() {
+        let bench = Cli::try_parse_from(["kiln", "bench"]).unwrap();
+        assert_eq!(bench.default_log_filter(), "info,kiln::access=off");
+        let dev = Cli::try_parse_from(["kiln", "dev"]).unwrap();
+        assert_eq!(dev.default_log_filter(), "info");
     }
 }

@@ -10,7 +10,11 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> ExitCode {
     let cli = kiln::cli::Cli::parse();
     // stderr: stdout carries the commands' answers.
-    kiln_service::logging::init(cli.log.log_format, "info", kiln_service::Output::Stderr);
+    kiln_service::logging::init(
+        cli.log.log_format,
+        cli.default_log_filter(),
+        kiln_service::Output::Stderr,
+    );
     // Sandboxes mount overlays; keep those mounts out of the host's mount
     // namespace. This must happen before any thread exists.
     if cli.runs_agent() {
