@@ -1,6 +1,7 @@
 //! The `kiln-scheduler` binary: starts from a config file, serves, stops
 //! cleanly on SIGTERM; a bad config exits 1 with the reason.
 
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -9,27 +10,34 @@ use kiln_pki::DevPki;
 
 const BIN: &str = env!("CARGO_BIN_EXE_kiln-scheduler");
 
-#[tokio::test]
-async fn serves_and_stops_on_sigterm() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = DevPki::ensure(&dir.path().join("pki"), &[]).unwrap();
+/// A scheduler config in `dir` on a free loopback port, with the cluster
+/// PKI it names: (pki, port, config file).
+fn scheduler_config(dir: &Path) -> (DevPki, u16, PathBuf) {
+    let pki = DevPki::ensure(&dir.join("pki"), &[]).unwrap();
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
     let files = pki.files("scheduler");
-    let config = dir.path().join("scheduler.toml");
+    let config = dir.join("scheduler.toml");
     std::fs::write(
         &config,
         format!(
             "state_dir = {:?}\nlisten = \"127.0.0.1:{port}\"\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
-            dir.path().join("state"),
+            dir.join("state"),
             files.ca,
             files.cert,
             files.key
         ),
     )
     .unwrap();
+    (pki, port, config)
+}
+
+#[tokio::test]
+async fn serves_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pki, port, config) = scheduler_config(dir.path());
     let mut child = Command::new(BIN)
         .arg("--config")
         .arg(&config)
@@ -129,24 +137,7 @@ fn neither_config_nor_simulate_exits_1() {
 #[tokio::test]
 async fn json_logs_have_one_access_line_per_request() {
     let dir = tempfile::tempdir().unwrap();
-    let pki = DevPki::ensure(&dir.path().join("pki"), &[]).unwrap();
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let files = pki.files("scheduler");
-    let config = dir.path().join("scheduler.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "state_dir = {:?}\nlisten = \"127.0.0.1:{port}\"\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
-            dir.path().join("state"),
-            files.ca,
-            files.cert,
-            files.key
-        ),
-    )
-    .unwrap();
+    let (pki, port, config) = scheduler_config(dir.path());
     let log = dir.path().join("scheduler.log");
     let mut child = Command::new(BIN)
         .arg("--config")
