@@ -77,33 +77,10 @@ impl Pending {
 
 #[cfg(test)]
 mod tests {
-    use std::io::Write;
-    use std::sync::{Arc, Mutex};
-
     use http_body_util::Full;
-    use tracing_subscriber::fmt::MakeWriter;
+    use kiln_test_support::CapturedLog;
 
     use super::*;
-
-    #[derive(Clone, Default)]
-    struct Captured(Arc<Mutex<Vec<u8>>>);
-
-    impl Write for Captured {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    impl<'a> MakeWriter<'a> for Captured {
-        type Writer = Captured;
-        fn make_writer(&'a self) -> Captured {
-            self.clone()
-        }
-    }
 
     fn request() -> Request<Full<bytes::Bytes>> {
         Request::builder()
@@ -116,7 +93,7 @@ mod tests {
 
     #[test]
     fn one_line_with_every_field_and_no_query() {
-        let out = Captured::default();
+        let out = CapturedLog::default();
         let subscriber = tracing_subscriber::fmt()
             .json()
             .flatten_event(true)
@@ -132,7 +109,7 @@ mod tests {
                 .unwrap();
             pending.finish(&resp);
         });
-        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        let text = out.text();
         assert!(!text.contains("secret"), "{text}");
         let line: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
         assert_eq!(line["target"], TARGET);
@@ -159,7 +136,7 @@ mod tests {
 
     #[test]
     fn the_callers_request_id_when_the_service_sets_none() {
-        let out = Captured::default();
+        let out = CapturedLog::default();
         let subscriber = tracing_subscriber::fmt()
             .json()
             .flatten_event(true)
@@ -169,7 +146,7 @@ mod tests {
             let pending = begin(&request(), "192.0.2.1:4000".parse().unwrap()).unwrap();
             pending.finish(&Response::new(Full::new(bytes::Bytes::new())));
         });
-        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        let text = out.text();
         let line: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
         assert_eq!(line["request_id"], "from-caller");
         assert_eq!(line["status"], 200);

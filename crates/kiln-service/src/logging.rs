@@ -106,45 +106,14 @@ where
 
 #[cfg(test)]
 mod tests {
-    use std::io::Write;
-    use std::sync::{Arc, Mutex};
+    use kiln_test_support::CapturedLog;
 
     use super::*;
-
-    #[derive(Clone, Default)]
-    pub(crate) struct Captured(pub Arc<Mutex<Vec<u8>>>);
-
-    impl Write for Captured {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    impl<'a> MakeWriter<'a> for Captured {
-        type Writer = Captured;
-        fn make_writer(&'a self) -> Captured {
-            self.clone()
-        }
-    }
-
-    impl Captured {
-        fn lines(&self) -> Vec<String> {
-            String::from_utf8(self.0.lock().unwrap().clone())
-                .unwrap()
-                .lines()
-                .map(str::to_owned)
-                .collect()
-        }
-    }
 
     /// Serve one request through the real accept loop and return what the
     /// subscriber wrote.
     fn access_line(format: LogFormat) -> Vec<String> {
-        let out = Captured::default();
+        let out = CapturedLog::default();
         let sub = subscriber(format, EnvFilter::new("info"), out.clone(), false);
         tracing::subscriber::with_default(sub, || {
             let req = http::Request::builder()

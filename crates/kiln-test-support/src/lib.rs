@@ -7,8 +7,10 @@
 //! that CI machines cannot provide (a KVM guest, a real cloud-hypervisor).
 #![forbid(unsafe_code)]
 
+pub mod captured_log;
 pub mod skip;
 
+pub use captured_log::CapturedLog;
 pub use skip::{skip, Category};
 
 /// The executable `name` on `PATH`, if there is one.
