@@ -102,10 +102,30 @@ pub async fn read_json<T: DeserializeOwned>(body: Incoming, limit: usize) -> Res
 }
 
 /// Who is on the other end of a connection.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
     pub local: SocketAddr,
+    /// The cluster identity of the peer's client certificate (see
+    /// [`kiln_pki::Identity`]); `None` on the public listener, and for a
+    /// certificate that names no Kiln identity, which every internal route
+    /// refuses.
+    pub identity: Option<Arc<kiln_pki::Identity>>,
+}
+
+/// The identity of the client certificate a TLS connection presented.
+fn peer_identity(
+    conn: &rustls::ServerConnection,
+    peer: SocketAddr,
+) -> Option<Arc<kiln_pki::Identity>> {
+    let cert = conn.peer_certificates()?.first()?;
+    match kiln_pki::Identity::from_certificate(cert) {
+        Ok(identity) => Some(Arc::new(identity)),
+        Err(e) => {
+            tracing::warn!(%peer, error = %e, "client certificate carries no Kiln identity; its calls will be refused");
+            None
+        }
+    }
 }
 
 /// Accept TLS connections on `listener` and serve HTTP/1.1 and HTTP/2 on
@@ -156,9 +176,14 @@ pub async fn serve_tls<H, F>(
                     return;
                 }
             };
-            let info = ConnInfo { peer, local };
+            let info = ConnInfo {
+                peer,
+                local,
+                identity: peer_identity(tls.get_ref().1, peer),
+            };
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let handler = handler.clone();
+                let info = info.clone();
                 let access = crate::access_log::begin(&req, peer);
                 async move {
                     let resp = handler(req, info).await;

@@ -5,6 +5,10 @@
 //! (rustls implements nothing older) with HTTP/2 and HTTP/1.1 by ALPN.
 #![forbid(unsafe_code)]
 
+mod identity;
+
+pub use identity::{Identity, IdentityError, Role};
+
 use std::fs;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
@@ -12,7 +16,7 @@ use std::sync::Arc;
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose, SanType,
+    KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
@@ -43,6 +47,8 @@ pub enum PkiError {
     Rustls(#[from] rustls::Error),
     #[error("Invalid client verifier")]
     Verifier(#[from] rustls::server::VerifierBuilderError),
+    #[error("Invalid identity")]
+    Identity(#[from] IdentityError),
 }
 
 /// Paths of one party's TLS material: the CA it trusts, its certificate
@@ -127,31 +133,34 @@ impl Ca {
         write(key_path, &self.key.serialize_pem(), 0o600)
     }
 
-    /// Issue a certificate for `names` (DNS names or IP addresses), valid
-    /// for two years.
-    pub fn issue(
-        &self,
-        common_name: &str,
-        names: &[String],
-        usage: Usage,
-    ) -> Result<Issued, PkiError> {
+    /// Issue the certificate `req` describes, signed by this CA.
+    pub fn issue(&self, req: &CertRequest) -> Result<Issued, PkiError> {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, common_name);
+        dn.push(DnType::CommonName, req.common_name.as_str());
         dn.push(DnType::OrganizationName, "Kiln");
         params.distinguished_name = dn;
-        params.subject_alt_names = names
+        let mut sans = req
+            .names
             .iter()
             .map(|n| match n.parse::<std::net::IpAddr>() {
                 Ok(ip) => Ok(SanType::IpAddress(ip)),
                 Err(_) => Ok(SanType::DnsName(n.clone().try_into()?)),
             })
-            .collect::<Result<_, rcgen::Error>>()?;
+            .collect::<Result<Vec<_>, rcgen::Error>>()?;
+        if let Some(identity) = &req.identity {
+            sans.push(SanType::URI(identity.uri().try_into()?));
+        }
+        params.subject_alt_names = sans;
+        // A random positive 128-bit serial: what a revocation list names.
+        let mut serial: [u8; 16] = rand::random();
+        serial[0] &= 0x7f;
+        params.serial_number = Some(SerialNumber::from_slice(&serial));
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
         ];
-        params.extended_key_usages = match usage {
+        params.extended_key_usages = match req.usage {
             Usage::Server => vec![ExtendedKeyUsagePurpose::ServerAuth],
             Usage::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
             Usage::ServerAndClient => vec![
@@ -160,8 +169,10 @@ impl Ca {
             ],
         };
         let now = time::OffsetDateTime::now_utc();
-        params.not_before = now - time::Duration::days(1);
-        params.not_after = now + time::Duration::days(730);
+        // Five minutes of grace for clocks that run behind ours.
+        params.not_before = now - time::Duration::minutes(5);
+        params.not_after =
+            now + time::Duration::try_from(req.lifetime).unwrap_or(time::Duration::days(730));
         let key = KeyPair::generate()?;
         let issuer = self.params.clone().self_signed(&self.key)?;
         let cert = params.signed_by(&key, &issuer, &self.key)?;
@@ -169,6 +180,61 @@ impl Ca {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
         })
+    }
+}
+
+/// What a certificate the CA issues says: its names, what it may be used
+/// for, whose identity it carries and how long it lives.
+#[derive(Debug, Clone)]
+pub struct CertRequest {
+    pub common_name: String,
+    /// DNS names or IP addresses the holder serves under.
+    pub names: Vec<String>,
+    pub usage: Usage,
+    /// The cluster identity (a `spiffe://` URI SAN); `None` only for the
+    /// public gateway's server certificate.
+    pub identity: Option<Identity>,
+    pub lifetime: std::time::Duration,
+}
+
+impl CertRequest {
+    /// Two years: the lifetime of service certificates made by hand.
+    pub const DEFAULT_LIFETIME: std::time::Duration =
+        std::time::Duration::from_secs(730 * 24 * 3600);
+
+    /// A certificate for the cluster identity `identity`, named after it.
+    pub fn for_identity(identity: Identity, usage: Usage) -> Self {
+        Self {
+            common_name: match identity.node() {
+                Some(node) => format!("kiln-agent {node}"),
+                None => format!("kiln-{}", identity.role()),
+            },
+            names: Vec::new(),
+            usage,
+            identity: Some(identity),
+            lifetime: Self::DEFAULT_LIFETIME,
+        }
+    }
+
+    /// A server certificate with no cluster identity (the public listener).
+    pub fn public_server(common_name: &str) -> Self {
+        Self {
+            common_name: common_name.to_owned(),
+            names: Vec::new(),
+            usage: Usage::Server,
+            identity: None,
+            lifetime: Self::DEFAULT_LIFETIME,
+        }
+    }
+
+    pub fn names(mut self, names: &[String]) -> Self {
+        self.names.extend(names.iter().cloned());
+        self
+    }
+
+    pub fn lifetime(mut self, lifetime: std::time::Duration) -> Self {
+        self.lifetime = lifetime;
+        self
     }
 }
 
@@ -303,22 +369,34 @@ pub fn public_client_config(ca: &Path) -> Result<Arc<rustls::ClientConfig>, PkiE
 }
 
 /// The TLS material of a single-machine cluster, as `kiln dev` lays it out
-/// under `dir`: `ca.pem`, `ca-key.pem`, and `<role>.pem`/`<role>-key.pem`
-/// for gateway (public), gateway-internal, scheduler and agent.
+/// under `dir`: `ca.pem`, `ca-key.pem`, and `<name>.pem`/`<name>-key.pem`
+/// for the public gateway listener (`gateway`, no cluster identity) and
+/// each identity: `gateway-internal`, `scheduler`, `operator`, `agent`
+/// (the node [`DevPki::NODE`]) and `agent-<node>` for further agents.
 pub struct DevPki {
     pub dir: PathBuf,
+    ca: Ca,
 }
 
 impl DevPki {
-    pub const ROLES: [&'static str; 4] = ["gateway", "gateway-internal", "scheduler", "agent"];
+    /// The trust domain of a `kiln dev` cluster's identities.
+    pub const TRUST_DOMAIN: &'static str = "kiln-dev";
+    /// The node id in the certificate `files("agent")` names.
+    pub const NODE: &'static str = "n-dev";
+    pub const ROLES: [&'static str; 5] = [
+        "gateway",
+        "gateway-internal",
+        "scheduler",
+        "agent",
+        "operator",
+    ];
 
-    /// Create the CA and every role's certificate unless they exist.
-    /// `public_names` are the names the public gateway answers to.
+    /// Create the CA and every role's certificate unless they exist (and
+    /// carry the identity they should: certificates of an older `kiln dev`
+    /// are reissued). `public_names` are the names the public gateway
+    /// answers to.
     pub fn ensure(dir: &Path, public_names: &[String]) -> Result<Self, PkiError> {
-        let pki = Self {
-            dir: dir.to_owned(),
-        };
-        let ca_cert = pki.ca_cert();
+        let ca_cert = dir.join("ca.pem");
         let ca_key = dir.join("ca-key.pem");
         let ca = if ca_cert.exists() && ca_key.exists() {
             Ca::load(&ca_cert, &ca_key)?
@@ -327,40 +405,90 @@ impl DevPki {
             ca.write(&ca_cert, &ca_key)?;
             ca
         };
+        let pki = Self {
+            dir: dir.to_owned(),
+            ca,
+        };
         for role in Self::ROLES {
-            let files = pki.files(role);
-            if files.cert.exists() && files.key.exists() {
-                continue;
-            }
-            let mut names = vec![
-                "localhost".to_owned(),
-                "127.0.0.1".to_owned(),
-                "::1".to_owned(),
-            ];
-            let usage = if role == "gateway" {
-                names.extend(public_names.iter().cloned());
-                Usage::Server
-            } else {
-                names.push(format!("kiln-{role}"));
-                Usage::ServerAndClient
+            let req = match role {
+                "gateway" => CertRequest::public_server("kiln-gateway").names(public_names),
+                "gateway-internal" => pki.service_request(Role::Gateway, Usage::ServerAndClient)?,
+                "scheduler" => pki.service_request(Role::Scheduler, Usage::ServerAndClient)?,
+                "operator" => pki.service_request(Role::Operator, Usage::Client)?,
+                _ => {
+                    let node = Self::NODE.parse().expect("a valid node id");
+                    pki.agent_request(node)?
+                }
             };
-            names.sort();
-            names.dedup();
-            ca.issue(&format!("kiln-{role}"), &names, usage)?
-                .write(&files.cert, &files.key)?;
+            pki.ensure_issued(role, &req)?;
         }
         Ok(pki)
+    }
+
+    /// The certificate of the agent of `node` (made on first use).
+    pub fn agent(&self, node: &kiln_core::NodeId) -> Result<TlsFiles, PkiError> {
+        let name = format!("agent-{node}");
+        self.ensure_issued(&name, &self.agent_request(node.clone())?)?;
+        Ok(self.files(&name))
+    }
+
+    /// The CA, to issue further certificates (short-lived ones in tests).
+    pub fn ca(&self) -> &Ca {
+        &self.ca
+    }
+
+    fn service_request(&self, role: Role, usage: Usage) -> Result<CertRequest, PkiError> {
+        let identity = Identity::service(Self::TRUST_DOMAIN, role)?;
+        Ok(CertRequest::for_identity(identity, usage).names(&Self::local_names(role.as_str())))
+    }
+
+    fn agent_request(&self, node: kiln_core::NodeId) -> Result<CertRequest, PkiError> {
+        let identity = Identity::agent(Self::TRUST_DOMAIN, node)?;
+        Ok(CertRequest::for_identity(identity, Usage::ServerAndClient)
+            .names(&Self::local_names("agent")))
+    }
+
+    fn local_names(role: &str) -> Vec<String> {
+        vec![
+            "localhost".to_owned(),
+            "127.0.0.1".to_owned(),
+            "::1".to_owned(),
+            format!("kiln-{role}"),
+        ]
+    }
+
+    /// Issue `name`'s certificate unless one with the same identity exists.
+    fn ensure_issued(&self, name: &str, req: &CertRequest) -> Result<(), PkiError> {
+        let files = self.files(name);
+        if files.cert.exists() && files.key.exists() {
+            let current = load_certs(&files.cert)?
+                .first()
+                .and_then(|c| Identity::from_certificate(c).ok());
+            if current == req.identity {
+                return Ok(());
+            }
+        }
+        let mut req = req.clone();
+        req.names.sort();
+        req.names.dedup();
+        self.ca.issue(&req)?.write(&files.cert, &files.key)
     }
 
     pub fn ca_cert(&self) -> PathBuf {
         self.dir.join("ca.pem")
     }
 
-    pub fn files(&self, role: &str) -> TlsFiles {
+    pub fn files(&self, name: &str) -> TlsFiles {
+        Self::files_in(&self.dir, name)
+    }
+
+    /// The paths of `name`'s material in a dev PKI directory that exists
+    /// already (the CLI reading a running `kiln dev`'s state).
+    pub fn files_in(dir: &Path, name: &str) -> TlsFiles {
         TlsFiles {
-            ca: self.ca_cert(),
-            cert: self.dir.join(format!("{role}.pem")),
-            key: self.dir.join(format!("{role}-key.pem")),
+            ca: dir.join("ca.pem"),
+            cert: dir.join(format!("{name}.pem")),
+            key: dir.join(format!("{name}-key.pem")),
         }
     }
 }
@@ -390,7 +518,60 @@ mod tests {
         ca.write(&dir.path().join("c.pem"), &dir.path().join("k.pem"))
             .unwrap();
         let ca = Ca::load(&dir.path().join("c.pem"), &dir.path().join("k.pem")).unwrap();
-        let issued = ca.issue("x", &["127.0.0.1".into()], Usage::Client).unwrap();
+        let identity = Identity::service("kiln", Role::Operator).unwrap();
+        let issued = ca
+            .issue(&CertRequest::for_identity(identity.clone(), Usage::Client))
+            .unwrap();
         assert!(issued.cert_pem.contains("BEGIN CERTIFICATE"));
+        let der = rustls_pemfile::certs(&mut issued.cert_pem.as_bytes())
+            .next()
+            .unwrap()
+            .unwrap();
+        assert_eq!(Identity::from_certificate(&der).unwrap(), identity);
+    }
+
+    #[test]
+    fn dev_pki_certificates_carry_their_identities() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = DevPki::ensure(dir.path(), &[]).unwrap();
+        let identity = |name: &str| {
+            let cert = load_certs(&pki.files(name).cert).unwrap();
+            Identity::from_certificate(&cert[0])
+        };
+        assert_eq!(identity("gateway"), Err(IdentityError::Missing));
+        assert_eq!(identity("gateway-internal").unwrap().role(), Role::Gateway);
+        assert_eq!(identity("scheduler").unwrap().role(), Role::Scheduler);
+        assert_eq!(identity("operator").unwrap().role(), Role::Operator);
+        let agent = identity("agent").unwrap();
+        assert_eq!(
+            (agent.role(), agent.node().unwrap().as_str()),
+            (Role::Agent, DevPki::NODE)
+        );
+        let node: kiln_core::NodeId = "n-other".parse().unwrap();
+        let files = pki.agent(&node).unwrap();
+        let other = Identity::from_certificate(&load_certs(&files.cert).unwrap()[0]).unwrap();
+        assert_eq!(other.node(), Some(&node));
+        assert_eq!(other.trust_domain(), DevPki::TRUST_DOMAIN);
+    }
+
+    #[test]
+    fn an_old_dev_certificate_without_identity_is_reissued() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = DevPki::ensure(dir.path(), &[]).unwrap();
+        let files = pki.files("scheduler");
+        pki.ca()
+            .issue(&CertRequest {
+                identity: None,
+                ..CertRequest::public_server("kiln-scheduler")
+            })
+            .unwrap()
+            .write(&files.cert, &files.key)
+            .unwrap();
+        let pki = DevPki::ensure(dir.path(), &[]).unwrap();
+        let cert = load_certs(&pki.files("scheduler").cert).unwrap();
+        assert_eq!(
+            Identity::from_certificate(&cert[0]).unwrap().role(),
+            Role::Scheduler
+        );
     }
 }

@@ -452,8 +452,13 @@ async fn clients_without_a_cluster_certificate_are_refused() {
 
     // A certificate from another CA.
     let rogue = kiln_pki::Ca::generate("rogue").unwrap();
+    let gateway =
+        kiln_pki::Identity::service(DevPki::TRUST_DOMAIN, kiln_pki::Role::Gateway).unwrap();
     let issued = rogue
-        .issue("intruder", &["127.0.0.1".into()], kiln_pki::Usage::Client)
+        .issue(&kiln_pki::CertRequest::for_identity(
+            gateway,
+            kiln_pki::Usage::Client,
+        ))
         .unwrap();
     let cert = dir.path().join("rogue.pem");
     let key = dir.path().join("rogue-key.pem");

@@ -55,10 +55,8 @@ async fn two_hundred_slow_calls_pack_onto_about_twenty_instances() {
         &std::fs::read_to_string(dev.state.path().join("cluster.json")).unwrap(),
     )
     .unwrap();
-    let pki = kiln_pki::DevPki {
-        dir: dev.state.path().join("pki"),
-    };
-    let client = InternalClient::new(&pki.files("agent")).unwrap();
+    let operator = kiln_pki::DevPki::files_in(&dev.state.path().join("pki"), "operator");
+    let client = InternalClient::new(&operator).unwrap();
     let instances: Vec<InstanceInfo> = client
         .get(
             cluster["schedulerUrl"].as_str().unwrap(),

@@ -33,9 +33,11 @@ fn openssl_missing() -> bool {
     Command::new("openssl").arg("version").output().is_err()
 }
 
-async fn handshake(server: &DevPki, server_role: &str, client: &DevPki, name: &str) -> bool {
-    let server_config = kiln_pki::internal_server_config(&server.files(server_role)).unwrap();
-    let client_config = kiln_pki::internal_client_config(&client.files("agent")).unwrap();
+async fn handshake(server: &Path, server_role: &str, client: &Path, name: &str) -> bool {
+    let server_config =
+        kiln_pki::internal_server_config(&DevPki::files_in(server, server_role)).unwrap();
+    let client_config =
+        kiln_pki::internal_client_config(&DevPki::files_in(client, "agent")).unwrap();
     let (a, b) = tokio::io::duplex(64 * 1024);
     let acceptor = tokio_rustls::TlsAcceptor::from(server_config);
     let connector = tokio_rustls::TlsConnector::from(client_config);
@@ -59,22 +61,18 @@ async fn script_certificates_complete_mutual_tls_and_strangers_are_refused() {
         );
     }
     let dir = tempfile::tempdir().unwrap();
-    let cluster = DevPki {
-        dir: dir.path().join("cluster"),
-    };
-    pki(&cluster.dir, &["ca"]);
-    pki(
-        &cluster.dir,
-        &["issue", "scheduler", "control", "192.168.1.1"],
-    );
-    pki(&cluster.dir, &["issue", "agent", "compute1"]);
-    pki(&cluster.dir, &["issue-public", "gateway", "kiln.example"]);
+    let cluster = dir.path().join("cluster");
+    pki(&cluster, &["ca"]);
+    pki(&cluster, &["issue", "scheduler", "control", "192.168.1.1"]);
+    pki(&cluster, &["issue", "agent", "compute1"]);
+    pki(&cluster, &["issue-public", "gateway", "kiln.example"]);
     // `ca` again keeps the CA, so issued certificates stay valid.
-    let before = std::fs::read(cluster.ca_cert()).unwrap();
-    pki(&cluster.dir, &["ca"]);
-    assert_eq!(before, std::fs::read(cluster.ca_cert()).unwrap());
+    let ca_cert = cluster.join("ca.pem");
+    let before = std::fs::read(&ca_cert).unwrap();
+    pki(&cluster, &["ca"]);
+    assert_eq!(before, std::fs::read(&ca_cert).unwrap());
 
-    let gw = cluster.files("gateway");
+    let gw = DevPki::files_in(&cluster, "gateway");
     kiln_pki::public_server_config(&gw.cert, &gw.key).expect("public listener loads");
     assert!(handshake(&cluster, "scheduler", &cluster, "control").await);
     assert!(handshake(&cluster, "scheduler", &cluster, "192.168.1.1").await);
@@ -82,13 +80,11 @@ async fn script_certificates_complete_mutual_tls_and_strangers_are_refused() {
     assert!(!handshake(&cluster, "scheduler", &cluster, "elsewhere").await);
 
     // An agent whose certificate another CA issued is refused.
-    let other = DevPki {
-        dir: dir.path().join("other"),
-    };
-    pki(&other.dir, &["ca"]);
-    pki(&other.dir, &["issue", "agent", "compute1"]);
-    let mut stranger = other.files("agent");
-    stranger.ca = cluster.ca_cert();
+    let other = dir.path().join("other");
+    pki(&other, &["ca"]);
+    pki(&other, &["issue", "agent", "compute1"]);
+    let mut stranger = DevPki::files_in(&other, "agent");
+    stranger.ca = ca_cert.clone();
     let stranger_dir = dir.path().join("stranger");
     std::fs::create_dir_all(&stranger_dir).unwrap();
     for (from, to) in [
@@ -98,8 +94,7 @@ async fn script_certificates_complete_mutual_tls_and_strangers_are_refused() {
     ] {
         std::fs::copy(from, stranger_dir.join(to)).unwrap();
     }
-    let stranger = DevPki { dir: stranger_dir };
-    assert!(!handshake(&cluster, "scheduler", &stranger, "control").await);
+    assert!(!handshake(&cluster, "scheduler", &stranger_dir, "control").await);
 }
 
 #[test]

@@ -30,14 +30,14 @@ impl Scheduler {
         let Some(url) = v.get("schedulerUrl").and_then(|u| u.as_str()) else {
             bail!("{} has no schedulerUrl", path.display());
         };
-        let pki = kiln_pki::DevPki {
-            dir: state_dir.join("pki"),
-        };
-        let client = InternalClient::new(&pki.files("gateway-internal"))
+        // The operator's certificate: cordoning nodes and changing limits
+        // are operator calls, refused to every other role.
+        let pki_dir = state_dir.join("pki");
+        let client = InternalClient::new(&kiln_pki::DevPki::files_in(&pki_dir, "operator"))
             .with_context(|| {
                 format!(
-                    "cannot load the cluster certificate from {}",
-                    pki.dir.display()
+                    "cannot load the operator certificate from {}",
+                    pki_dir.display()
                 )
             })?
             .with_timeout(std::time::Duration::from_secs(10));
