@@ -346,6 +346,11 @@ impl AgentConfig {
         self.sandbox.validate()?;
         self.usage.validate()?;
         if self.sandbox.backend_for(n.tenancy) == SandboxKind::Microvm {
+            if n.tenancy == Tenancy::MultiTenant && !self.sandbox.microvm.jail.enabled() {
+                return invalid(
+                    "node.tenancy = \"multi-tenant\" refuses sandbox.microvm.jail.insecure_disabled = true: tenants' VMMs must run jailed (own uid, namespaces, chroot, no capabilities); remove the setting (a dedicated development node may keep it)".into(),
+                );
+            }
             self.sandbox.microvm.validate()?;
         }
         Ok(())
@@ -469,6 +474,20 @@ mod tests {
             c.sandbox.microvm.api_timeout_ms = 1;
         })
         .contains("microvm"));
+        // The jail can be turned off on a dedicated node only.
+        let e = bad(|c| {
+            c.node.tenancy = Tenancy::MultiTenant;
+            c.sandbox.backend = Some(SandboxKind::Microvm);
+            c.sandbox.microvm.jail.insecure_disabled = true;
+        });
+        assert!(
+            e.contains("sandbox.microvm.jail.insecure_disabled") && e.contains("multi-tenant"),
+            "{e}"
+        );
+        let mut dev = example();
+        dev.sandbox.backend = Some(SandboxKind::Microvm);
+        dev.sandbox.microvm.jail.insecure_disabled = true;
+        dev.validate().unwrap();
         let mut ok = example();
         ok.advertise_url = None;
         ok.listen = "127.0.0.1:0".parse().unwrap();
