@@ -390,6 +390,10 @@ mod tests {
     fn example_loads_and_validates() {
         let c = example();
         assert_eq!(c.node.tenancy, Tenancy::Dedicated);
+        assert!(
+            c.sandbox.microvm.jail.enabled(),
+            "the example jails its VMMs"
+        );
         assert_eq!(c.runtimes, RuntimeName::ALL.to_vec());
         assert!(!c.drain_on_shutdown);
         assert!(c.metrics_listen.unwrap().ip().is_loopback());

@@ -227,7 +227,10 @@ async fn a_multi_tenant_agent_invokes_a_function_in_a_microvm() {
     // The jailed fake (it cannot reach a record file) logs its calls.
     let vms = root.join("agent/microvm/vms");
     let log = std::fs::read_to_string(vms.join("kvm-0/vmm.log")).unwrap();
-    assert!(log.contains("args: --api-socket path=/api.sock --seccomp true --landlock"), "{log}");
+    assert!(
+        log.contains("args: --api-socket path=/api.sock --seccomp true --landlock"),
+        "{log}"
+    );
     let ops: Vec<&str> = log
         .lines()
         .filter_map(|l| l.strip_prefix("call "))
