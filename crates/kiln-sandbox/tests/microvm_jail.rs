@@ -294,6 +294,9 @@ async fn each_vmm_runs_as_its_own_user_in_its_own_namespaces_and_chroot() {
     assert_jailed(&h, "kvm-0", pid0, first, &libraries);
     assert_jailed(&h, "kvm-1", pid1, first + 1, &libraries);
     assert_ne!(ns(&pid0.to_string(), "mnt"), ns(&pid1.to_string(), "mnt"));
+    // The jails' mounts are in the VMMs' namespaces only: the host (this
+    // process's namespace) has none below the state directory.
+    assert_eq!(jail::mounts_under(&h.state()), Vec::<PathBuf>::new());
 
     // cloud-hypervisor's own seccomp and (v54 >= v39) landlock.
     let log = h.vmm_log("kvm-1");
@@ -458,4 +461,49 @@ async fn a_new_driver_kills_jailed_leftovers_and_frees_their_uids() {
         jail_config().uid_base.to_string()
     );
     h.driver.destroy(&req.instance_id).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_jail_step_that_fails_is_named_and_leaves_no_process() {
+    use kiln_sandbox::microvm::launch::{spawn, LaunchError, VmmCommand};
+    if !is_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let uid = jail_config().uid_base + 15;
+    let plan = JailPlan::new(
+        dir.path().join("root"),
+        uid,
+        Path::new("/bin/true"),
+        &[],
+        Path::new("/etc/hostname"),
+        Path::new("/etc/hostname"),
+    );
+    plan.prepare().unwrap();
+    let command = |binary: &str| VmmCommand {
+        binary: binary.into(),
+        args: vec![],
+        uid: None,
+        gid: None,
+        log: dir.path().join("vmm.log"),
+        env: vec![],
+        jail: Some(plan.clone()),
+    };
+    // Nothing by that name in the chroot: the exec fails, and says so.
+    let err = spawn(&command("/missing"), |_| Ok(())).unwrap_err();
+    assert!(
+        matches!(&err, LaunchError::Step { step, errno } if step.contains("execve") && *errno == nix::Error::ENOENT),
+        "{err}"
+    );
+    // A cgroup that cannot be entered: the VMM never runs.
+    let mut seen = None;
+    let err = spawn(&command("/cloud-hypervisor"), |pid| {
+        seen = Some(pid);
+        Err("cgroup.procs: No such file or directory".into())
+    })
+    .unwrap_err();
+    assert!(matches!(err, LaunchError::BeforeExec(_)), "{err}");
+    assert!(!alive(seen.unwrap()), "the child was left running");
+    assert_eq!(jail::processes_of_uid(uid), Vec::<u32>::new());
+    assert_eq!(jail::mounts_under(dir.path()), Vec::<PathBuf>::new());
 }
