@@ -12,7 +12,7 @@ use std::time::Duration;
 use kiln_core::{InstanceId, InstanceSpec, RuntimeName};
 use kiln_sandbox::cgroup::RecordingCgroups;
 use kiln_sandbox::microvm::host::RecordingTaps;
-use kiln_sandbox::microvm::{MicroVmBackends, MicroVmConfig, MicroVmDriver, PoolKey};
+use kiln_sandbox::microvm::{JailConfig, MicroVmBackends, MicroVmConfig, MicroVmDriver, PoolKey};
 use kiln_sandbox::{rootfs_path, SandboxDriver, SandboxError, SandboxRequest};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -113,6 +113,12 @@ fn config(dir: &Path) -> MicroVmConfig {
         rootfs_dir: Some(dir.join("rootfs")),
         vmm_uid: Some(VMM_UID),
         vmm_gid: Some(VMM_UID),
+        // These tests follow the driver's API calls in the record file,
+        // which a jailed fake cannot reach: microvm_jail.rs runs it jailed.
+        jail: JailConfig {
+            insecure_disabled: true,
+            ..JailConfig::default()
+        },
         api_timeout_ms: 2_000,
         boot_timeout_ms: 5_000,
         ..MicroVmConfig::default()

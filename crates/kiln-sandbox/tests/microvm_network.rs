@@ -50,6 +50,13 @@ fn fixture(root: &Path, prefix: &str) -> MicroVmConfig {
         name_prefix: prefix.into(),
         api_timeout_ms: 2_000,
         boot_timeout_ms: 5_000,
+        // Jailed VMMs, with uids of this test process's own (tests run in
+        // parallel and each expects its first VM in slot 0).
+        jail: kiln_sandbox::microvm::JailConfig {
+            uid_base: 3_000_000 + (std::process::id() % 100_000) * 64,
+            uid_count: 64,
+            insecure_disabled: false,
+        },
         ..MicroVmConfig::default()
     }
 }
@@ -423,6 +430,7 @@ async fn real_tap_test(prefix: String) {
     let mut config = fixture(dir.path(), &prefix);
     config.vmm_uid = Some(65534);
     config.vmm_gid = Some(65534);
+    config.jail.insecure_disabled = true;
     let d = driver(dir.path(), config, Arc::new(SystemCommands), true)
         .await
         .unwrap();

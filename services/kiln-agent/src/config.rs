@@ -346,6 +346,11 @@ impl AgentConfig {
         self.sandbox.validate()?;
         self.usage.validate()?;
         if self.sandbox.backend_for(n.tenancy) == SandboxKind::Microvm {
+            if n.tenancy == Tenancy::MultiTenant && !self.sandbox.microvm.jail.enabled() {
+                return invalid(
+                    "node.tenancy = \"multi-tenant\" refuses sandbox.microvm.jail.insecure_disabled = true: tenants' VMMs must run jailed (own uid, namespaces, chroot, no capabilities); remove the setting (a dedicated development node may keep it)".into(),
+                );
+            }
             self.sandbox.microvm.validate()?;
         }
         Ok(())
@@ -385,6 +390,10 @@ mod tests {
     fn example_loads_and_validates() {
         let c = example();
         assert_eq!(c.node.tenancy, Tenancy::Dedicated);
+        assert!(
+            c.sandbox.microvm.jail.enabled(),
+            "the example jails its VMMs"
+        );
         assert_eq!(c.runtimes, RuntimeName::ALL.to_vec());
         assert!(!c.drain_on_shutdown);
         assert!(c.metrics_listen.unwrap().ip().is_loopback());
@@ -469,6 +478,20 @@ mod tests {
             c.sandbox.microvm.api_timeout_ms = 1;
         })
         .contains("microvm"));
+        // The jail can be turned off on a dedicated node only.
+        let e = bad(|c| {
+            c.node.tenancy = Tenancy::MultiTenant;
+            c.sandbox.backend = Some(SandboxKind::Microvm);
+            c.sandbox.microvm.jail.insecure_disabled = true;
+        });
+        assert!(
+            e.contains("sandbox.microvm.jail.insecure_disabled") && e.contains("multi-tenant"),
+            "{e}"
+        );
+        let mut dev = example();
+        dev.sandbox.backend = Some(SandboxKind::Microvm);
+        dev.sandbox.microvm.jail.insecure_disabled = true;
+        dev.validate().unwrap();
         let mut ok = example();
         ok.advertise_url = None;
         ok.listen = "127.0.0.1:0".parse().unwrap();

@@ -102,17 +102,17 @@ async fn a_multi_tenant_agent_invokes_a_function_in_a_microvm() {
     std::fs::create_dir_all(root.join("guest")).unwrap();
     std::fs::write(root.join("guest/vmlinuz"), b"kernel").unwrap();
     std::fs::write(root.join("guest/initramfs.img"), b"initramfs").unwrap();
-    let record = root.join("calls.log");
-    std::fs::write(&record, b"").unwrap();
-    std::fs::set_permissions(&record, std::fs::Permissions::from_mode(0o666)).unwrap();
-
     let microvm = MicroVmConfig {
         cloud_hypervisor_path: Some(fake),
         kernel: root.join("guest/vmlinuz"),
         initramfs: root.join("guest/initramfs.img"),
         rootfs_dir: Some(root.join("rootfs")),
-        vmm_uid: Some(65534),
-        vmm_gid: Some(65534),
+        // A multi-tenant node jails its VMMs; this test process's own uids.
+        jail: kiln_sandbox::microvm::JailConfig {
+            uid_base: 3_900_000 + (std::process::id() % 100_000) * 8,
+            uid_count: 8,
+            insecure_disabled: false,
+        },
         ..MicroVmConfig::default()
     };
     // From JSON, so fields other engineers add keep their defaults.
@@ -155,7 +155,7 @@ async fn a_multi_tenant_agent_invokes_a_function_in_a_microvm() {
             MicroVmBackends {
                 taps: taps.clone(),
                 cgroups: Arc::new(RecordingCgroups::default()),
-                vmm_env: vec![("KILN_FAKE_VMM_RECORD".into(), record.display().to_string())],
+                vmm_env: vec![],
             },
         )
         .await
@@ -224,20 +224,28 @@ async fn a_multi_tenant_agent_invokes_a_function_in_a_microvm() {
         assert_eq!(labels.sandbox_kinds, vec![SandboxKind::Microvm]);
     }
 
+    // The jailed fake (it cannot reach a record file) logs its calls.
+    let vms = root.join("agent/microvm/vms");
+    let log = std::fs::read_to_string(vms.join("kvm-0/vmm.log")).unwrap();
+    assert!(
+        log.contains("args: --api-socket path=/api.sock --seccomp true --landlock"),
+        "{log}"
+    );
+    let ops: Vec<&str> = log
+        .lines()
+        .filter_map(|l| l.strip_prefix("call "))
+        .filter(|op| !op.starts_with("vmm.ping"))
+        .collect();
+    assert_eq!(ops.first(), Some(&"vm.create 204"), "{log}");
+
     client
         .delete(&base, &paths::agent_instance(&id))
         .await
         .unwrap();
     agent.shutdown().await;
     assert!(taps.taps.lock().unwrap().is_empty(), "the tap is left");
-    let calls = std::fs::read_to_string(&record).unwrap();
-    let ops: Vec<&str> = calls
-        .lines()
-        .filter_map(|l| l.split(' ').nth(1))
-        .filter(|op| *op != "vmm.ping")
-        .collect();
-    assert_eq!(ops.first(), Some(&"vm.create"), "{calls}");
-    assert_eq!(ops.last(), Some(&"vmm.shutdown"), "{calls}");
+    let left: Vec<_> = std::fs::read_dir(&vms).unwrap().flatten().collect();
+    assert!(left.is_empty(), "VM directories left: {left:?}");
 }
 
 /// A static HTTP server for the `custom` runtime: answers every request on

@@ -22,6 +22,51 @@ pub enum MicroVmConfigError {
     Prewarm(usize, String),
     #[error("microvm.vmm_uid must not be 0 (the VMM runs unprivileged); leave it out to keep the agent's user")]
     RootUid,
+    #[error("microvm.vmm_uid and microvm.vmm_gid are for VMMs run without the jail; with the jail each VMM gets its own uid and gid from microvm.jail.uid_base (remove them, or set microvm.jail.insecure_disabled = true on a dedicated development node)")]
+    UidWithJail,
+    #[error("microvm.jail.uid_base must be at least 1000 and microvm.jail.uid_base + microvm.jail.uid_count at most 4294967294 (got uid_base = {0}, uid_count = {1}); use a range no user or service of the host has")]
+    UidRange(u32, u32),
+}
+
+/// `[sandbox.microvm.jail]`: how every cloud-hypervisor process is jailed
+/// (see [`super::jail`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JailConfig {
+    /// The VMM in slot N (its tap and directory `<prefix>-<N in hex>`)
+    /// runs as uid and gid `uid_base + N`. The range must belong to this
+    /// agent alone: no other user, service or agent on the host may use
+    /// any uid or gid in it.
+    pub uid_base: u32,
+    /// How many uids the range has: at most this many VMs run at once.
+    pub uid_count: u32,
+    /// Run VMMs without the jail (as `vmm_uid`, or as the agent's user),
+    /// with a warning at start. Refused on a multi-tenant node; for a
+    /// dedicated development node only.
+    pub insecure_disabled: bool,
+}
+
+impl Default for JailConfig {
+    fn default() -> Self {
+        Self {
+            uid_base: 2_000_000,
+            uid_count: 4096,
+            insecure_disabled: false,
+        }
+    }
+}
+
+impl JailConfig {
+    pub fn enabled(&self) -> bool {
+        !self.insecure_disabled
+    }
+
+    pub fn uid_range(&self) -> super::jail::UidRange {
+        super::jail::UidRange {
+            base: self.uid_base,
+            count: self.uid_count,
+        }
+    }
 }
 
 /// Configuration of the microVM backend.
@@ -41,8 +86,8 @@ pub struct MicroVmConfig {
     pub instance_subnet: Ipv4Cidr,
     /// Cgroup (relative to the hierarchy root) under which each VMM goes.
     pub cgroup_parent: String,
-    /// Run each VMM as this uid/gid (the gid should give access to
-    /// /dev/kvm); unset: the agent's own user.
+    /// Without the jail only: run each VMM as this uid/gid (the gid should
+    /// give access to /dev/kvm); unset: the agent's own user.
     pub vmm_uid: Option<u32>,
     pub vmm_gid: Option<u32>,
     /// Where runtime root filesystems are found (as the container backend
@@ -64,6 +109,8 @@ pub struct MicroVmConfig {
     /// before any function of that size was seen.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub prewarm: Vec<PrewarmSize>,
+    /// `[sandbox.microvm.jail]`.
+    pub jail: JailConfig,
 }
 
 /// One size of `prewarm`: `{ runtime = "python3.10", memory_mb = 512 }`;
@@ -108,6 +155,7 @@ impl Default for MicroVmConfig {
             snapshots: false,
             vmm_overhead_mb: 64,
             prewarm: Vec::new(),
+            jail: JailConfig::default(),
         }
     }
 }
@@ -150,6 +198,16 @@ impl MicroVmConfig {
         }
         if self.vmm_uid == Some(0) {
             return Err(MicroVmConfigError::RootUid);
+        }
+        let j = &self.jail;
+        if j.enabled() {
+            if self.vmm_uid.is_some() || self.vmm_gid.is_some() {
+                return Err(MicroVmConfigError::UidWithJail);
+            }
+            let end = u64::from(j.uid_base) + u64::from(j.uid_count);
+            if j.uid_base < 1000 || j.uid_count == 0 || end > u64::from(u32::MAX - 1) {
+                return Err(MicroVmConfigError::UidRange(j.uid_base, j.uid_count));
+            }
         }
         for (name, v, lo, hi) in [
             ("api_timeout_ms", self.api_timeout_ms, 100, 600_000),
@@ -215,6 +273,12 @@ mod tests {
     #[test]
     fn defaults_are_valid_and_unknown_fields_refused() {
         MicroVmConfig::default().validate().unwrap();
+        assert!(MicroVmConfig::default().jail.enabled(), "jailed by default");
+        let c: MicroVmConfig =
+            serde_json::from_str(r#"{"jail": {"uid_base": 300000, "uid_count": 64}}"#).unwrap();
+        assert_eq!(c.jail.uid_range().of_slot(63), Some(300_063));
+        assert!(!c.jail.insecure_disabled);
+        assert!(serde_json::from_str::<MicroVmConfig>(r#"{"jail": {"insecure": true}}"#).is_err());
         let c: MicroVmConfig = serde_json::from_str(r#"{"pool_size": 2}"#).unwrap();
         assert_eq!(c.pool_size, 2);
         assert!(serde_json::from_str::<MicroVmConfig>(r#"{"pool": 2}"#).is_err());
@@ -249,8 +313,26 @@ mod tests {
             MicroVmConfigError::NotAbsolute("kernel", _)
         ));
         assert!(matches!(
-            bad(|c| c.vmm_uid = Some(0)),
+            bad(|c| {
+                c.jail.insecure_disabled = true;
+                c.vmm_uid = Some(0)
+            }),
             MicroVmConfigError::RootUid
+        ));
+        let e = bad(|c| c.vmm_uid = Some(65534));
+        assert!(matches!(e, MicroVmConfigError::UidWithJail));
+        assert!(e.to_string().contains("microvm.jail.insecure_disabled"));
+        assert!(matches!(
+            bad(|c| c.jail.uid_base = 0),
+            MicroVmConfigError::UidRange(0, _)
+        ));
+        assert!(matches!(
+            bad(|c| c.jail.uid_base = u32::MAX - 10),
+            MicroVmConfigError::UidRange(..)
+        ));
+        assert!(matches!(
+            bad(|c| c.jail.uid_count = 0),
+            MicroVmConfigError::UidRange(..)
         ));
         assert!(matches!(
             bad(|c| c.api_timeout_ms = 5),

@@ -1,10 +1,15 @@
 //! [`MicroVmDriver`]: one cloud-hypervisor process per instance.
 //!
-//! Per VM, `state_dir/microvm/vms/<prefix>-<slot>/` holds `api.sock` (the
-//! VMM's API), `vsock.sock` (hybrid vsock to kiln-guest), `console.log`
-//! (the guest's serial console), `vmm.log` (the VMM's own output),
-//! `scratch.img` (the instance's writable disk) and `vm.json` (what cleanup
-//! after a crash needs). The tap and the VMM's cgroup carry the same name.
+//! Per VM, `state_dir/microvm/vms/<prefix>-<slot>/` holds `vmm.log` (the
+//! VMM's own output), `function.log` and `vm.json` (what cleanup after a
+//! crash needs), and the VMM's own files: `api.sock` (the VMM's API),
+//! `vsock.sock` (hybrid vsock to kiln-guest), `console.log` (the guest's
+//! serial console) and `scratch.img` (the instance's writable disk). With
+//! the jail (see [`super::jail`], the default) those are in the VM
+//! directory's `root/`, the VMM's chroot, beside hard links of its disk
+//! images (`disk-<id>.img`), its kernel, initramfs and binary; the VMM
+//! names them from `/`. Without it they are in the VM directory itself.
+//! The tap and the VMM's cgroup carry the VM's name.
 //! Read-only disk images live in `state_dir/microvm/images/`, built once per
 //! runtime, per code digest and per layer digest; snapshots in
 //! `state_dir/microvm/snapshots/`.
@@ -37,7 +42,6 @@ use kiln_guest_proto::{
     Disk, DiskConfig as GuestDisks, FsType, GuestClient, GuestConfig, NetworkConfig, ProcessConfig,
 };
 use serde::{Deserialize, Serialize};
-use tokio::process::Child;
 use tracing::Instrument;
 
 use super::api::{
@@ -46,7 +50,9 @@ use super::api::{
 };
 use super::client::{VmmApiError, VmmClient};
 use super::config::MicroVmConfig;
-use super::host::{build_erofs, CommandTaps, HostError, TapOps, TapSpec, VmmCommand};
+use super::host::{build_erofs, CommandTaps, HostError, TapOps, TapSpec};
+use super::jail::{self, JailPlan, VmmVersion};
+use super::launch::{VmmCommand, VmmProcess};
 use super::relay::Relay;
 use crate::cgroup::{CgroupLimits, CgroupOps};
 use crate::driver::{Sandbox, SandboxDriver, SandboxError, SandboxRequest, SandboxStats};
@@ -140,12 +146,21 @@ struct Vm {
     name: String,
     slot: u32,
     dir: PathBuf,
+    /// Where the VMM's own files are on the host: `dir/root` (its chroot)
+    /// when jailed, else `dir`.
+    root: PathBuf,
+    jailed: bool,
+    /// The uid and gid the VMM runs as (None: the agent's).
+    uid: Option<u32>,
+    gid: Option<u32>,
+    /// The runtime's disk image as the VMM names it.
+    runtime_disk: Option<String>,
     key: PoolKey,
     host_addr: Ipv4Addr,
     guest_addr: Ipv4Addr,
     /// Whether the network isolation holds rules and shaping for the tap.
     attached: bool,
-    child: Mutex<Option<Child>>,
+    child: Mutex<Option<VmmProcess>>,
     pid: Option<u32>,
     client: VmmClient,
     guest: Option<GuestClient>,
@@ -154,11 +169,29 @@ struct Vm {
 }
 
 impl Vm {
-    fn api_socket(&self) -> PathBuf {
-        self.dir.join("api.sock")
+    /// The host path of the VMM's file `rel`.
+    fn host_path(&self, rel: &str) -> PathBuf {
+        self.root.join(rel)
+    }
+    /// The path the VMM uses for its file `rel`: from its chroot's `/`
+    /// when jailed.
+    fn vmm_path(&self, rel: &str) -> String {
+        if self.jailed {
+            JailPlan::inside(rel)
+        } else {
+            self.root.join(rel).display().to_string()
+        }
     }
     fn vsock_socket(&self) -> PathBuf {
-        self.dir.join("vsock.sock")
+        self.host_path("vsock.sock")
+    }
+    /// Give the VMM's user `path` (a file or directory the VMM writes).
+    fn chown(&self, path: &Path) -> Result<(), SandboxError> {
+        if self.uid.is_some() {
+            std::os::unix::fs::chown(path, self.uid, self.gid)
+                .map_err(|e| fs_err(path.display(), e))?;
+        }
+        Ok(())
     }
     /// The tap as the network isolation sees it: the guest's address is
     /// the one source it accepts from it.
@@ -169,18 +202,20 @@ impl Vm {
         }
     }
     fn exited(&self) -> Option<String> {
-        let mut child = self.child.lock().expect("lock");
-        match child.as_mut().map(Child::try_wait) {
+        let child = self.child.lock().expect("lock");
+        match child.as_ref().map(VmmProcess::try_wait) {
             None => Some("the VMM was not started".into()),
-            Some(Ok(None)) => None,
-            Some(Ok(Some(status))) => Some(format!("the VMM exited ({status})")),
-            Some(Err(e)) => Some(format!("the VMM cannot be waited for: {e}")),
+            Some(None) => None,
+            Some(Some(status)) => Some(format!("the VMM exited ({status})")),
         }
     }
     fn console_tail(&self) -> String {
         let mut tail = String::new();
-        for file in ["vmm.log", "console.log"] {
-            if let Ok(text) = std::fs::read_to_string(self.dir.join(file)) {
+        for (file, path) in [
+            ("vmm.log", self.dir.join("vmm.log")),
+            ("console.log", self.host_path("console.log")),
+        ] {
+            if let Ok(text) = std::fs::read_to_string(path) {
                 let lines: Vec<&str> = text.lines().rev().take(5).collect();
                 if !lines.is_empty() {
                     let joined: Vec<&str> = lines.into_iter().rev().collect();
@@ -253,6 +288,10 @@ struct Inner {
     rootfs_dir: PathBuf,
     region: Option<String>,
     vmm_env: Vec<(String, String)>,
+    /// With the jail: what cloud-hypervisor --version said, and the
+    /// loader and libraries of a dynamically linked binary.
+    version: Option<VmmVersion>,
+    libraries: Vec<PathBuf>,
     taps: Arc<dyn TapOps>,
     cgroups: Arc<dyn CgroupOps>,
     /// `[sandbox.network]`: set once, before the first instance.
@@ -353,6 +392,36 @@ impl MicroVmDriver {
             .rootfs_dir
             .clone()
             .unwrap_or_else(|| state_dir.join("rootfs"));
+        let (version, libraries) = if config.jail.enabled() {
+            let version = jail::probe_version(&binary, &backends.vmm_env)
+                .await
+                .map_err(|e| vmm_fail(format!("{e}; the jail needs to know the version")))?;
+            let libraries = jail::shared_libraries(&binary)
+                .await
+                .map_err(|e| vmm_err("preparing the VMM jail", e))?;
+            tracing::info!(
+                version = %version.text,
+                landlock = version.supports_landlock(),
+                uid_base = config.jail.uid_base,
+                uid_count = config.jail.uid_count,
+                libraries = libraries.len(),
+                "cloud-hypervisor VMMs run jailed"
+            );
+            if !version.supports_landlock() {
+                tracing::warn!(
+                    version = %version.text,
+                    "cloud-hypervisor before v{}.{} has no --landlock; VMMs run jailed without it",
+                    jail::LANDLOCK_SINCE.0,
+                    jail::LANDLOCK_SINCE.1
+                );
+            }
+            (Some(version), libraries)
+        } else {
+            tracing::warn!(
+                "sandbox.microvm.jail.insecure_disabled = true: cloud-hypervisor VMMs run WITHOUT the jail (no own uid, namespaces, chroot or capability drop); a VMM escape reaches the whole node. Only for a dedicated development node."
+            );
+            (None, vec![])
+        };
         let inner = Arc::new(Inner {
             config,
             binary,
@@ -364,6 +433,8 @@ impl MicroVmDriver {
             rootfs_dir,
             region: None,
             vmm_env: backends.vmm_env,
+            version,
+            libraries,
             taps: backends.taps,
             cgroups: backends.cgroups,
             isolation: OnceLock::new(),
@@ -511,29 +582,79 @@ impl Inner {
         format!("/{}/{vm_name}", self.config.cgroup_parent)
     }
 
-    fn uid_gid(&self) -> (Option<u32>, Option<u32>) {
-        (
-            self.config.vmm_uid,
-            self.config.vmm_gid.or(self.config.vmm_uid),
-        )
+    fn jailed(&self) -> bool {
+        self.config.jail.enabled()
     }
 
+    /// The uid and gid of the VMM in `slot`: its own from the jail's
+    /// range, or the configured one without the jail.
+    fn uid_gid(&self, slot: u32) -> (Option<u32>, Option<u32>) {
+        if self.jailed() {
+            let uid = self.config.jail.uid_range().of_slot(slot);
+            (uid, uid)
+        } else {
+            (
+                self.config.vmm_uid,
+                self.config.vmm_gid.or(self.config.vmm_uid),
+            )
+        }
+    }
+
+    /// A free slot. With the jail a slot is also a uid (`uid_base + slot`):
+    /// there are at most `uid_count`, and a slot whose uid still runs a
+    /// process (one a previous agent left and could not kill) is skipped,
+    /// so no uid is handed out while anything holds it.
     fn alloc_slot(&self) -> Result<u32, SandboxError> {
         let mut slots = self.slots.lock().expect("lock");
-        let max = self.config.instance_subnet.slots();
-        let free = (0..max).find(|i| !slots.contains(i)).ok_or_else(|| {
-            SandboxError::Exhausted(format!("microVM addresses: all {max} are in use"))
-        })?;
-        slots.insert(free);
-        Ok(free)
+        let mut max = self.config.instance_subnet.slots();
+        if self.jailed() {
+            max = max.min(self.config.jail.uid_count);
+        }
+        for slot in (0..max).filter(|i| !slots.contains(i)) {
+            if self.jailed() {
+                let uid = self.config.jail.uid_base + slot;
+                let holders = jail::processes_of_uid(uid);
+                if !holders.is_empty() {
+                    tracing::warn!(
+                        slot,
+                        uid,
+                        ?holders,
+                        "skipping a VM slot whose uid still runs processes"
+                    );
+                    continue;
+                }
+            }
+            slots.insert(slot);
+            return Ok(slot);
+        }
+        Err(SandboxError::Exhausted(format!(
+            "microVM slots: all {max} are in use{}",
+            if self.jailed() {
+                " (the jail's uid range and the instance subnet bound them)"
+            } else {
+                ""
+            }
+        )))
     }
 
-    fn chown(&self, path: &Path) -> Result<(), SandboxError> {
-        let (uid, gid) = self.uid_gid();
-        if uid.is_some() {
-            std::os::unix::fs::chown(path, uid, gid).map_err(|e| fs_err(path.display(), e))?;
+    /// Remove a VM directory, unless the agent's mount namespace has
+    /// something mounted below it (a jail's mounts live in the VMM's own
+    /// namespace; one here would mean a bug, and removing files through a
+    /// mount would delete what it shows).
+    fn remove_vm_dir(&self, dir: &Path) -> Result<(), SandboxError> {
+        let mounts = jail::mounts_under(dir);
+        if !mounts.is_empty() {
+            return Err(fs_fail(format!(
+                "{} is not removed: {} is mounted below it; unmount it and restart the agent",
+                dir.display(),
+                mounts[0].display()
+            )));
         }
-        Ok(())
+        match std::fs::remove_dir_all(dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(fs_err(dir.display(), e)),
+        }
     }
 
     /// Remove what a previous run with this prefix left: VMM processes
@@ -566,10 +687,25 @@ impl Inner {
                     }
                 }
             }
+            // A jailed VMM's command line names only paths inside its
+            // chroot: it is found by its root directory instead.
+            for pid in jail::processes_rooted_under(&dir) {
+                tracing::info!(vm = %name, pid, "killing a leftover jailed VMM");
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                for _ in 0..50 {
+                    if !Path::new(&format!("/proc/{pid}")).exists() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
             self.cgroups
                 .remove(&self.cgroup_path(&name))
                 .map_err(|e| SandboxError::cgroup("removing a leftover VMM's cgroup", e))?;
-            std::fs::remove_dir_all(&dir).map_err(|e| fs_err(dir.display(), e))?;
+            self.remove_vm_dir(&dir)?;
         }
         for tap in self
             .taps
@@ -610,13 +746,27 @@ impl Inner {
     /// (the guest stacks them under `/opt`, the first on top): one erofs
     /// image per layer digest, built once and shared by every function
     /// that uses the layer.
-    async fn layer_disks(&self, req: &SandboxRequest) -> Result<Vec<DiskConfig>, SandboxError> {
+    async fn layer_disks(
+        &self,
+        req: &SandboxRequest,
+    ) -> Result<Vec<(PathBuf, String)>, SandboxError> {
         let mut disks = Vec::with_capacity(req.spec.layers.len());
         for (i, (digest, dir)) in req.spec.layers.iter().zip(req.layer_dirs()).enumerate() {
             let image = self.digest_image("layer", &dir, digest).await?;
-            disks.push(readonly_disk(&image, &format!("layer{i}")));
+            disks.push((image, format!("layer{i}")));
         }
         Ok(disks)
+    }
+
+    /// The read-only disk `image` for `vm` as disk `id`: hard-linked into
+    /// its chroot (`/disk-<id>.img`) when jailed.
+    fn vm_disk(&self, vm: &Vm, image: &Path, id: &str) -> Result<DiskConfig, SandboxError> {
+        if !vm.jailed {
+            return Ok(readonly_disk(&image.display().to_string(), id));
+        }
+        let rel = format!("disk-{id}.img");
+        jail::link_into(&vm.root, image, &rel).map_err(|e| vmm_err("the VMM jail", e))?;
+        Ok(readonly_disk(&vm.vmm_path(&rel), id))
     }
 
     /// `<what>-<digest>.erofs` from `source`, built once per digest.
@@ -657,8 +807,8 @@ impl Inner {
     }
 
     /// A sparse ext4 file of the instance's disk size.
-    async fn scratch_disk(&self, vm: &Vm, size_mb: u32) -> Result<PathBuf, SandboxError> {
-        let path = vm.dir.join("scratch.img");
+    async fn scratch_disk(&self, vm: &Vm, size_mb: u32) -> Result<DiskConfig, SandboxError> {
+        let path = vm.host_path("scratch.img");
         let f = std::fs::File::create(&path).map_err(|e| fs_err(path.display(), e))?;
         f.set_len(u64::from(size_mb.max(64)) << 20)
             .map_err(|e| fs_err(path.display(), e))?;
@@ -683,8 +833,10 @@ impl Inner {
                 String::from_utf8_lossy(&out.stderr).trim()
             )));
         }
-        self.chown(&path)?;
-        Ok(path)
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| fs_err(path.display(), e))?;
+        vm.chown(&path)?;
+        Ok(writable_disk(&vm.vmm_path("scratch.img"), "scratch"))
     }
 
     fn write_record(&self, vm: &Vm, instance: Option<&InstanceId>) -> Result<(), SandboxError> {
@@ -702,19 +854,35 @@ impl Inner {
     /// Slot, directory, tap, cgroup and a VMM answering its API. On error
     /// the half-made VM is returned for disposal.
     async fn start_vmm(&self, key: PoolKey) -> Result<Vm, (Option<Vm>, SandboxError)> {
+        let runtime_image = self
+            .runtime_image(key.runtime)
+            .await
+            .map_err(|e| (None, e))?;
         let slot = self.alloc_slot().map_err(|e| (None, e))?;
         let subnet = &self.config.instance_subnet;
         let base = u32::from(subnet.slot_base(slot));
         let name = format!("{}-{slot:x}", self.config.name_prefix);
         let dir = self.vms_dir.join(&name);
+        let jailed = self.jailed();
+        let root = if jailed {
+            dir.join("root")
+        } else {
+            dir.clone()
+        };
+        let (uid, gid) = self.uid_gid(slot);
         let mut vm = Vm {
             client: VmmClient::new(
-                dir.join("api.sock"),
+                root.join("api.sock"),
                 Duration::from_millis(self.config.api_timeout_ms),
             ),
             name,
             slot,
             dir,
+            root,
+            jailed,
+            uid,
+            gid,
+            runtime_disk: None,
             key,
             host_addr: Ipv4Addr::from(base + 1),
             guest_addr: Ipv4Addr::from(base + 2),
@@ -728,13 +896,36 @@ impl Inner {
             std::fs::create_dir(&vm.dir).map_err(|e| fs_err(vm.dir.display(), e))?;
             std::fs::set_permissions(&vm.dir, std::fs::Permissions::from_mode(0o700))
                 .map_err(|e| fs_err(vm.dir.display(), e))?;
-            self.chown(&vm.dir)?;
+            let plan = if vm.jailed {
+                let uid = vm.uid.expect("a jailed VM has its uid");
+                let plan = JailPlan::new(
+                    vm.root.clone(),
+                    uid,
+                    &self.binary,
+                    &self.libraries,
+                    &self.config.kernel,
+                    &self.config.initramfs,
+                );
+                plan.prepare()
+                    .map_err(|e| vmm_err("preparing the VMM jail", e))?;
+                Some(plan)
+            } else {
+                // The unjailed VMM's files are in its own directory.
+                vm.chown(&vm.dir)?;
+                None
+            };
+            vm.runtime_disk = match &runtime_image {
+                Some(image) => Some(self.vm_disk(&vm, image, "runtime")?.path),
+                None => None,
+            };
             self.write_record(&vm, None)?;
+            // The VMM attaches to the tap by name: the kernel lets the
+            // tap's owner do that without CAP_NET_ADMIN (see docs/security.md).
             self.taps
                 .create(&TapSpec {
                     name: vm.name.clone(),
                     host_cidr: format!("{}/30", vm.host_addr),
-                    owner: self.config.vmm_uid,
+                    owner: vm.uid,
                 })
                 .await
                 .map_err(|e| SandboxError::network("creating the tap", e))?;
@@ -746,31 +937,28 @@ impl Inner {
             self.cgroups
                 .create(&self.cgroup_path(&vm.name), &limits)
                 .map_err(|e| SandboxError::cgroup("creating the VMM's cgroup", e))?;
-            let (uid, gid) = self.uid_gid();
             let cmd = VmmCommand {
-                binary: self.binary.clone(),
-                args: vec![
-                    "--api-socket".into(),
-                    format!("path={}", vm.api_socket().display()),
-                    "--seccomp".into(),
-                    "true".into(),
-                ],
-                uid,
-                gid,
+                binary: match &plan {
+                    Some(_) => JailPlan::inside(jail::JAIL_BINARY).into(),
+                    None => self.binary.clone(),
+                },
+                args: self.vmm_args(&vm),
+                uid: vm.uid,
+                gid: vm.gid,
                 log: vm.dir.join("vmm.log"),
                 env: self.vmm_env.clone(),
+                jail: plan,
             };
-            let child = cmd
-                .spawn()
-                .map_err(|e| vmm_err("starting cloud-hypervisor", e))?;
-            vm.pid = child.id();
+            let cgroup = self.cgroup_path(&vm.name);
+            let child = super::launch::spawn(&cmd, |pid| {
+                self.cgroups
+                    .add_process(&cgroup, pid)
+                    .map_err(|e| kiln_core::error_chain(&e).to_string())
+            })
+            .map_err(|e| vmm_err("starting cloud-hypervisor", e))?;
+            vm.pid = Some(child.id());
             *vm.child.lock().expect("lock") = Some(child);
             self.write_record(&vm, None)?;
-            if let Some(pid) = vm.pid {
-                self.cgroups
-                    .add_process(&self.cgroup_path(&vm.name), pid)
-                    .map_err(|e| SandboxError::cgroup("moving the VMM into its cgroup", e))?;
-            }
             self.wait_api(&vm).await
         }
         .await;
@@ -778,6 +966,29 @@ impl Inner {
             Ok(()) => Ok(vm),
             Err(e) => Err((Some(vm), e)),
         }
+    }
+
+    /// cloud-hypervisor's flags: its API socket, its own seccomp filters
+    /// and, jailed and from v39, landlock over its chroot's files (the
+    /// hot-plugged disks and snapshot directories included).
+    fn vmm_args(&self, vm: &Vm) -> Vec<String> {
+        let mut args = vec![
+            "--api-socket".into(),
+            format!("path={}", vm.vmm_path("api.sock")),
+            "--seccomp".into(),
+            "true".into(),
+        ];
+        if vm.jailed
+            && self
+                .version
+                .as_ref()
+                .is_some_and(VmmVersion::supports_landlock)
+        {
+            args.push("--landlock".into());
+            args.push("--landlock-rules".into());
+            args.push("path=/,access=rw".into());
+        }
+        args
     }
 
     /// Ping until the API answers, the VMM exits, or the API timeout.
@@ -828,7 +1039,7 @@ impl Inner {
         }
     }
 
-    fn vm_config(&self, vm: &Vm, runtime_disk: Option<&Path>) -> VmConfig {
+    fn vm_config(&self, vm: &Vm) -> VmConfig {
         let mut cmdline = "console=ttyS0 reboot=k panic=-1 quiet".to_owned();
         if !self.config.extra_cmdline.is_empty() {
             cmdline.push(' ');
@@ -837,8 +1048,16 @@ impl Inner {
         let s = vm.slot;
         VmConfig {
             payload: PayloadConfig {
-                kernel: Some(self.config.kernel.display().to_string()),
-                initramfs: Some(self.config.initramfs.display().to_string()),
+                kernel: Some(if vm.jailed {
+                    JailPlan::inside(jail::JAIL_KERNEL)
+                } else {
+                    self.config.kernel.display().to_string()
+                }),
+                initramfs: Some(if vm.jailed {
+                    JailPlan::inside(jail::JAIL_INITRAMFS)
+                } else {
+                    self.config.initramfs.display().to_string()
+                }),
                 cmdline: Some(cmdline),
             },
             cpus: Some(CpusConfig {
@@ -849,7 +1068,9 @@ impl Inner {
                 size: u64::from(vm.key.memory_mb) << 20,
                 shared: None,
             }),
-            disks: runtime_disk
+            disks: vm
+                .runtime_disk
+                .as_deref()
                 .map(|p| readonly_disk(p, "runtime"))
                 .into_iter()
                 .collect(),
@@ -866,7 +1087,7 @@ impl Inner {
             rng: None,
             serial: Some(ConsoleConfig {
                 mode: ConsoleMode::File,
-                file: Some(vm.dir.join("console.log").display().to_string()),
+                file: Some(vm.vmm_path("console.log")),
             }),
             console: Some(ConsoleConfig {
                 mode: ConsoleMode::Off,
@@ -874,7 +1095,7 @@ impl Inner {
             }),
             vsock: Some(VsockConfig {
                 cid: GUEST_CID,
-                socket: vm.vsock_socket().display().to_string(),
+                socket: vm.vmm_path("vsock.sock"),
                 id: Some("vsock0".into()),
             }),
         }
@@ -919,19 +1140,19 @@ impl Inner {
     async fn cold_boot(
         &self,
         key: PoolKey,
-        disks: Option<(Vec<DiskConfig>, u32)>,
+        disks: Option<(&[(PathBuf, String)], u32)>,
     ) -> Result<Vm, SandboxError> {
-        let runtime_disk = self.runtime_image(key.runtime).await?;
         let mut vm = match self.start_vmm(key).await {
             Ok(vm) => vm,
             Err((vm, e)) => return Err(self.dispose_after(vm, e).await),
         };
         let result = async {
-            let mut config = self.vm_config(&vm, runtime_disk.as_deref());
+            let mut config = self.vm_config(&vm);
             if let Some((readonly, disk_mb)) = disks {
-                let scratch = self.scratch_disk(&vm, disk_mb).await?;
-                config.disks.extend(readonly);
-                config.disks.push(writable_disk(&scratch, "scratch"));
+                for (image, id) in readonly {
+                    config.disks.push(self.vm_disk(&vm, image, id)?);
+                }
+                config.disks.push(self.scratch_disk(&vm, disk_mb).await?);
             }
             Inner::api(&vm, "vm.create", vm.client.create(&config).await).await?;
             vm.disks = config.disks.len();
@@ -978,13 +1199,10 @@ impl Inner {
             polite.await;
         }
         let child = vm.child.lock().expect("lock").take();
-        if let Some(mut child) = child {
-            if tokio::time::timeout(EXIT_GRACE, child.wait())
-                .await
-                .is_err()
-            {
+        if let Some(child) = child {
+            if !child.wait_timeout(EXIT_GRACE).await {
                 tracing::warn!(vm = %vm.name, "the VMM did not exit; killing it");
-                let _ = child.kill().await;
+                child.kill();
             }
         }
         let mut first: Option<SandboxError> = None;
@@ -1002,13 +1220,10 @@ impl Inner {
         if let Err(e) = self.taps.delete(&vm.name).await {
             first.get_or_insert(SandboxError::network("removing the tap", e));
         }
-        // The VM directory never has mounts below it.
-        match std::fs::remove_dir_all(&vm.dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                first.get_or_insert(fs_err(vm.dir.display(), e));
-            }
+        // The VMM (and with it its mount namespace) is gone; the agent's
+        // namespace never has mounts below the VM directory.
+        if let Err(e) = self.remove_vm_dir(&vm.dir) {
+            first.get_or_insert(e);
         }
         self.slots.lock().expect("lock").remove(&vm.slot);
         first.map_or(Ok(()), Err)
@@ -1026,18 +1241,24 @@ impl Inner {
         let tmp = self.snapshots_dir.join(format!("{}.tmp", key.dir_name()));
         let result = async {
             let _ = std::fs::remove_dir_all(&tmp);
-            std::fs::create_dir(&tmp).map_err(|e| fs_err(tmp.display(), e))?;
-            self.chown(&tmp)?;
+            // The VMM writes the snapshot among its own files; the agent
+            // then takes it over (root's, read-only for the VMMs that
+            // restore it: it is a base VM's, before any instance's data).
+            let out = vm.host_path("snapshot-out");
+            std::fs::create_dir(&out).map_err(|e| fs_err(out.display(), e))?;
+            vm.chown(&out)?;
             Inner::api(&vm, "vm.pause", vm.client.pause().await).await?;
             Inner::api(
                 &vm,
                 "vm.snapshot",
                 vm.client
                     .with_timeout(Duration::from_millis(self.config.boot_timeout_ms))
-                    .snapshot(&tmp)
+                    .snapshot(Path::new(&vm.vmm_path("snapshot-out")))
                     .await,
             )
             .await?;
+            std::fs::rename(&out, &tmp).map_err(|e| fs_err(tmp.display(), e))?;
+            take_over(&tmp)?;
             std::fs::rename(&tmp, &dir).map_err(|e| fs_err(dir.display(), e))
         }
         .await;
@@ -1059,13 +1280,13 @@ impl Inner {
             Err((vm, e)) => return Err(self.dispose_after(vm, e).await),
         };
         let result = async {
-            let clone = vm.dir.join("snapshot");
+            let clone = vm.host_path("snapshot");
             std::fs::create_dir(&clone).map_err(|e| fs_err(clone.display(), e))?;
             let text = std::fs::read(snapshot.join("config.json"))
                 .map_err(|e| fs_err("snapshot config", e))?;
             let mut config: serde_json::Value =
                 serde_json::from_slice(&text).map_err(|e| fs_err("snapshot config", e))?;
-            let fresh = serde_json::to_value(self.vm_config(&vm, None)).expect("config serialises");
+            let fresh = serde_json::to_value(self.vm_config(&vm)).expect("config serialises");
             for key in ["net", "vsock", "serial"] {
                 config[key] = fresh[key].clone();
             }
@@ -1087,13 +1308,13 @@ impl Inner {
                     .or_else(|_| std::fs::copy(entry.path(), &to).map(|_| ()))
                     .map_err(|e| fs_err(to.display(), e))?;
             }
-            self.chown(&clone)?;
+            vm.chown(&clone)?;
             Inner::api(
                 &vm,
                 "vm.restore",
                 vm.client
                     .with_timeout(Duration::from_millis(self.config.boot_timeout_ms))
-                    .restore(&clone, false)
+                    .restore(Path::new(&vm.vmm_path("snapshot")), false)
                     .await,
             )
             .await?;
@@ -1219,13 +1440,12 @@ impl Inner {
         // then the code.
         let mut readonly = self.layer_disks(req).await?;
         let layers = readonly.len();
-        readonly.push(readonly_disk(&code, "code"));
+        readonly.push((code, "code".into()));
 
         let (mut vm, pooled) = match self.take_pooled(key).await {
             Some(vm) => (vm, true),
             None => (
-                self.cold_boot(key, Some((readonly.clone(), spec.disk_mb)))
-                    .await?,
+                self.cold_boot(key, Some((&readonly, spec.disk_mb))).await?,
                 false,
             ),
         };
@@ -1245,11 +1465,11 @@ impl Inner {
                 vm.attached = true;
             }
             if pooled {
-                let scratch = self.scratch_disk(&vm, spec.disk_mb).await?;
-                let disks = readonly
-                    .iter()
-                    .cloned()
-                    .chain([writable_disk(&scratch, "scratch")]);
+                let mut disks = vec![];
+                for (image, id) in &readonly {
+                    disks.push(self.vm_disk(&vm, image, id)?);
+                }
+                disks.push(self.scratch_disk(&vm, spec.disk_mb).await?);
                 for disk in disks {
                     Inner::api(&vm, "vm.add-disk", vm.client.add_disk(&disk).await).await?;
                     vm.disks += 1;
@@ -1468,9 +1688,37 @@ fn exec_process(
     }
 }
 
-fn readonly_disk(path: &Path, id: &str) -> DiskConfig {
+/// Make a snapshot the VMM wrote root's: owned by root, read-only (0644
+/// files, 0755 directory), so no VMM can change what others restore.
+fn take_over(dir: &Path) -> Result<(), SandboxError> {
+    let own = |p: &Path, mode: u32| {
+        std::os::unix::fs::chown(p, Some(0), Some(0))
+            .and_then(|()| std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)))
+            .map_err(|e| fs_err(p.display(), e))
+    };
+    own(dir, 0o755)?;
+    for entry in std::fs::read_dir(dir)
+        .map_err(|e| fs_err(dir.display(), e))?
+        .flatten()
+    {
+        let path = entry.path();
+        // Not through a link the VMM made to something else.
+        use std::os::unix::fs::MetadataExt;
+        let plain = std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file() && m.nlink() == 1);
+        if !plain {
+            return Err(fs_fail(format!(
+                "the VMM's snapshot has {}, which is not a plain file of its own",
+                path.display()
+            )));
+        }
+        own(&path, 0o644)?;
+    }
+    Ok(())
+}
+
+fn readonly_disk(path: &str, id: &str) -> DiskConfig {
     DiskConfig {
-        path: path.display().to_string(),
+        path: path.to_owned(),
         readonly: Some(true),
         id: Some(id.into()),
         serial: Some(format!("kiln-{id}")),
@@ -1478,7 +1726,7 @@ fn readonly_disk(path: &Path, id: &str) -> DiskConfig {
     }
 }
 
-fn writable_disk(path: &Path, id: &str) -> DiskConfig {
+fn writable_disk(path: &str, id: &str) -> DiskConfig {
     DiskConfig {
         readonly: Some(false),
         ..readonly_disk(path, id)

@@ -1,7 +1,9 @@
 //! A fake cloud-hypervisor for tests (`fake-cloud-hypervisor` binary).
 //!
 //! It takes the flags the driver passes (`--api-socket`, `--seccomp`,
-//! `--log-file`, `-v`), serves the documented API on the unix socket,
+//! `--landlock`, `--landlock-rules`, `--log-file`, `-v`; `--version` alone
+//! prints `cloud-hypervisor v54.0-fake`), prints its command line to
+//! stdout, serves the documented API on the unix socket,
 //! checks every request body against the OpenAPI component schemas (and
 //! refuses bodies on calls that take none), follows cloud-hypervisor's VM
 //! state machine (`Created`, `Running`, `Paused`, `Shutdown`), checks that
@@ -12,10 +14,16 @@
 //!
 //! Environment:
 //! - `KILN_FAKE_VMM_RECORD=<file>`: append `<vm> <op> <status>` per call,
-//!   `<vm>` being the name of the API socket's directory.
+//!   `<vm>` being the name of the API socket's directory (every call is
+//!   also printed to stdout as `call <op> <status>`).
 //! - `KILN_FAKE_VMM_FAIL=<rule>[,<rule>]`: `exit-on=<op>` (the process
 //!   exits when the call arrives), `hang-on=<op>` (the call never answers),
 //!   `never-ready` (the guest accepts connections and never speaks).
+//! - `KILN_FAKE_VMM_VERSION=<text>`: what `--version` prints after
+//!   `cloud-hypervisor `.
+//! - `KILN_FAKE_VMM_PROBE=<path>[,<path>]`: at start, try to open each path
+//!   for reading and print `probe <path>: <outcome>` to stdout, as an
+//!   attacker in the VMM's place would (the jail tests read it).
 
 use std::convert::Infallible;
 use std::io::Write;
@@ -233,6 +241,8 @@ impl GuestHandler for ToyGuest {
 pub struct FakeVmmArgs {
     pub api_socket: PathBuf,
     pub seccomp: String,
+    pub landlock: bool,
+    pub landlock_rules: Vec<String>,
     pub log_file: Option<PathBuf>,
 }
 
@@ -241,6 +251,8 @@ pub fn parse_args(args: &[String]) -> Result<FakeVmmArgs, String> {
     let mut api_socket = None;
     let mut seccomp = "true".to_owned();
     let mut log_file = None;
+    let mut landlock = false;
+    let mut landlock_rules = vec![];
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -259,6 +271,18 @@ pub fn parse_args(args: &[String]) -> Result<FakeVmmArgs, String> {
                 }
                 seccomp = v.clone();
             }
+            "--landlock" => landlock = true,
+            "--landlock-rules" => {
+                let v = it.next().ok_or("--landlock-rules needs a value")?;
+                let ok = v.split(',').all(|kv| {
+                    kv.strip_prefix("path=").is_some_and(|p| p.starts_with('/'))
+                        || ["access=r", "access=w", "access=rw"].contains(&kv)
+                });
+                if !ok || !v.contains("path=") || !v.contains("access=") {
+                    return Err(format!("unsupported --landlock-rules value {v:?}"));
+                }
+                landlock_rules.push(v.clone());
+            }
             "--log-file" => {
                 log_file = Some(PathBuf::from(it.next().ok_or("--log-file needs a value")?));
             }
@@ -269,6 +293,8 @@ pub fn parse_args(args: &[String]) -> Result<FakeVmmArgs, String> {
     Ok(FakeVmmArgs {
         api_socket: api_socket.ok_or("--api-socket is required")?,
         seccomp,
+        landlock,
+        landlock_rules,
         log_file,
     })
 }
@@ -374,6 +400,24 @@ pub async fn run(
 /// environment (see the module docs). Returns the process exit code.
 pub async fn main_from_env() -> i32 {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args == ["--version"] {
+        let version =
+            std::env::var("KILN_FAKE_VMM_VERSION").unwrap_or_else(|_| "v54.0-fake".into());
+        println!("cloud-hypervisor {version}");
+        return 0;
+    }
+    println!("fake-cloud-hypervisor args: {}", args.join(" "));
+    for path in std::env::var("KILN_FAKE_VMM_PROBE")
+        .unwrap_or_default()
+        .split(',')
+        .filter(|p| !p.is_empty())
+    {
+        let outcome = match std::fs::File::open(path) {
+            Ok(_) => "readable".to_owned(),
+            Err(e) => format!("refused ({e})"),
+        };
+        println!("probe {path}: {outcome}");
+    }
     let parsed = match parse_args(&args) {
         Ok(a) => a,
         Err(e) => {
@@ -474,6 +518,8 @@ impl Fake {
     }
 
     fn record(&self, op: &str, status: StatusCode) {
+        // Also in the VMM's log: a jailed fake cannot reach the record file.
+        println!("call {op} {}", status.as_u16());
         if let Some(path) = &self.record {
             if let Ok(mut f) = std::fs::OpenOptions::new()
                 .create(true)
@@ -875,6 +921,17 @@ mod tests {
         assert!(args(&["--api-socket", "path=/x,fd=3"]).is_err());
         assert!(args(&["--api-socket", "/x", "--seccomp", "maybe"]).is_err());
         assert!(args(&["--api-socket", "/x", "--kernel", "/k"]).is_err());
+        let l = args(&[
+            "--api-socket",
+            "path=/api.sock",
+            "--landlock",
+            "--landlock-rules",
+            "path=/,access=rw",
+        ])
+        .unwrap();
+        assert!(l.landlock);
+        assert_eq!(l.landlock_rules, ["path=/,access=rw"]);
+        assert!(args(&["--api-socket", "/x", "--landlock-rules", "path=x"]).is_err());
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The host side effects of the microVM backend, each behind a trait with
 //! the real implementation and a fake for unit tests: tap devices,
-//! read-only disk images, and starting the VMM process. (The VMM's cgroup
-//! is [`crate::cgroup`]'s, shared with the container backend.)
+//! read-only disk images. (Starting the VMM is [`super::launch`]'s; its
+//! cgroup is [`crate::cgroup`]'s, shared with the container backend.)
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -9,7 +9,7 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
 use crate::net::HostCommands;
 
@@ -282,47 +282,4 @@ pub async fn build_erofs(mkfs: &Path, source: &Path, dest: &Path) -> Result<(), 
     }
     std::fs::rename(&tmp, dest).map_err(io_err(dest))?;
     Ok(())
-}
-
-/// How a VMM process is started.
-#[derive(Debug, Clone)]
-pub struct VmmCommand {
-    pub binary: PathBuf,
-    pub args: Vec<String>,
-    pub uid: Option<u32>,
-    pub gid: Option<u32>,
-    /// stdout and stderr of the VMM.
-    pub log: PathBuf,
-    /// Extra environment (the fake VMM's failure switches in tests).
-    pub env: Vec<(String, String)>,
-}
-
-impl VmmCommand {
-    pub fn spawn(&self) -> Result<Child, HostError> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .map_err(io_err(&self.log))?;
-        let log2 = log.try_clone().map_err(io_err(&self.log))?;
-        let mut cmd = Command::new(&self.binary);
-        cmd.args(&self.args)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
-            .kill_on_drop(true);
-        for (k, v) in &self.env {
-            cmd.env(k, v);
-        }
-        if let Some(gid) = self.gid {
-            cmd.gid(gid);
-        }
-        if let Some(uid) = self.uid {
-            cmd.uid(uid);
-        }
-        cmd.spawn().map_err(|source| HostError::Spawn {
-            tool: self.binary.display().to_string(),
-            source,
-        })
-    }
 }

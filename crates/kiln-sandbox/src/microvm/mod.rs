@@ -10,8 +10,10 @@
 //! - [`relay`]: the per-instance loopback HTTP listener that carries the
 //!   agent's calls to kiln-guest over vsock.
 //! - [`host`]: taps (through `ip` or the network isolation's
-//!   [`crate::net::HostCommands`]), erofs images, the VMM process (its
-//!   cgroup is [`crate::cgroup`]'s).
+//!   [`crate::net::HostCommands`]) and erofs images.
+//! - [`jail`]: the VMM jail (own uid/gid, mount and PID namespaces, chroot,
+//!   no capabilities), as a [`jail::JailPlan`] the tests can inspect.
+//! - [`launch`]: starting the VMM process (jailed or not) in its cgroup.
 //! - `fake` (feature `testing`): the fake cloud-hypervisor the tests run
 //!   (`fake-cloud-hypervisor`).
 //! - [`config`]: the `sandbox.microvm` section of the agent's configuration.
@@ -23,10 +25,13 @@ pub mod driver;
 #[cfg(feature = "testing")]
 pub mod fake;
 pub mod host;
+pub mod jail;
+#[allow(unsafe_code)]
+pub mod launch;
 pub mod relay;
 #[cfg(feature = "testing")]
 pub mod schema;
 
 pub use client::{VmmApiError, VmmClient};
-pub use config::{MicroVmConfig, MicroVmConfigError, PrewarmSize};
+pub use config::{JailConfig, MicroVmConfig, MicroVmConfigError, PrewarmSize};
 pub use driver::{MicroVmBackends, MicroVmDriver, PoolKey};
