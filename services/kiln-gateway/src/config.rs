@@ -50,9 +50,15 @@ pub struct GatewayConfig {
     /// with a role stay valid (agents refresh them well before).
     #[serde(default = "default_credentials_lifetime_s")]
     pub credentials_lifetime_s: u64,
-    /// Accounts and keys ensured at start (development clusters).
+    /// Accounts and keys ensured at start (development clusters): imported
+    /// into the store sealed; rotate them with `kiln keys` in production.
     #[serde(default)]
     pub bootstrap_keys: Vec<BootstrapKey>,
+    /// The key that seals access key secrets and function environments in
+    /// the store (`[secrets]`). Absent: `state_dir/secrets.key`, created on
+    /// first start (development only: it then sits beside what it seals).
+    #[serde(default)]
+    pub secrets: Option<SecretsConfig>,
     /// The async invocation queue's dispatcher.
     #[serde(default)]
     pub async_queue: AsyncQueueConfig,
@@ -111,6 +117,20 @@ impl Default for AsyncQueueConfig {
             task_retention_s: 7 * 24 * 3600,
         }
     }
+}
+
+/// `[secrets]`: the sealing key and the keys it replaced (see
+/// [`crate::secrets`] and docs/security.md, "Secrets at rest").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretsConfig {
+    /// 32 random bytes or 64 hex digits, mode 0600, owned by the gateway's
+    /// user (or a systemd credential). Never generated: it must exist.
+    pub key_file: PathBuf,
+    /// Keys values may still be sealed with: opened, and resealed under
+    /// `key_file` when the gateway starts. Drop them after that start.
+    #[serde(default)]
+    pub previous_key_files: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -183,6 +203,7 @@ impl GatewayConfig {
             lease_hold_ms: default_lease_hold_ms(),
             credentials_lifetime_s: default_credentials_lifetime_s(),
             bootstrap_keys: Vec::new(),
+            secrets: None,
             async_queue: AsyncQueueConfig::default(),
             runtimes: Vec::new(),
             vpc_listener: None,
@@ -302,6 +323,11 @@ impl GatewayConfig {
 
     pub fn queue_path(&self) -> PathBuf {
         self.state_dir.join("queue.db")
+    }
+
+    /// The sealing key's file when `[secrets]` names none.
+    pub fn default_key_file(&self) -> PathBuf {
+        self.state_dir.join("secrets.key")
     }
 
     pub fn code_dir(&self) -> PathBuf {
