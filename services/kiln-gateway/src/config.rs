@@ -293,6 +293,17 @@ impl GatewayConfig {
         }
         crate::runtimes::RuntimeCatalogue::from_config(&self.runtimes)
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        if let Some(sec) = &self.secrets {
+            for p in std::iter::once(&sec.key_file).chain(&sec.previous_key_files) {
+                if p.starts_with("/nix/store") {
+                    return invalid(format!(
+                        "secrets key file {} is in the Nix store, which every user can read; \
+                         keep it outside and hand it over with systemd LoadCredential=",
+                        p.display()
+                    ));
+                }
+            }
+        }
         let mut seen = std::collections::HashSet::new();
         for k in &self.bootstrap_keys {
             if !valid_access_key_id(&k.access_key_id) {
@@ -358,6 +369,26 @@ mod tests {
         assert_eq!(c.lease_hold_ms, 250);
         assert_eq!(c.credentials_lifetime_s, 3600);
         assert_eq!(c.async_queue.per_queue, 32);
+        let secrets = c.secrets.unwrap();
+        assert_eq!(secrets.key_file, Path::new("/etc/kiln/gateway-secrets.key"));
+        assert!(secrets.previous_key_files.is_empty());
+    }
+
+    #[test]
+    fn a_key_file_in_the_nix_store_is_refused() {
+        let mut c = example();
+        c.secrets.as_mut().unwrap().key_file = "/nix/store/abc-gateway.key".into();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("Nix store") && e.contains("LoadCredential"),
+            "{e}"
+        );
+        let mut c = example();
+        c.secrets.as_mut().unwrap().previous_key_files = vec!["/nix/store/old.key".into()];
+        assert!(c.validate().is_err());
+        let mut c = example();
+        c.secrets = None;
+        c.validate().unwrap();
     }
 
     #[test]
