@@ -350,7 +350,7 @@ impl MetaStore for SqliteStore {
                 "SELECT access_key_id, account_id, secret_sealed, enabled, created_ms
                  FROM access_keys ORDER BY created_ms, access_key_id",
             )?;
-            let rows = st.query_map([], |r| {
+            let found = st.query_map([], |r| {
                 Ok((
                     r.get::<_, String>(0)?,
                     r.get::<_, String>(1)?,
@@ -360,7 +360,7 @@ impl MetaStore for SqliteStore {
                 ))
             })?;
             let mut out = Vec::new();
-            for row in rows {
+            for row in found {
                 let (id, account, sealed, enabled, created) = row?;
                 let Ok(account_id) = account.parse() else {
                     tracing::warn!(access_key_id = %id, "skipping key with an invalid account id");
@@ -417,7 +417,7 @@ impl MetaStore for SqliteStore {
                 "SELECT account_id, name, function_id, doc, created_ms, modified_ms, env_sealed
                  FROM functions",
             )?;
-            let rows = st.query_map([], |r| {
+            let found = st.query_map([], |r| {
                 Ok((
                     r.get::<_, String>(0)?,
                     r.get::<_, String>(1)?,
@@ -429,7 +429,7 @@ impl MetaStore for SqliteStore {
                 ))
             })?;
             let mut out = Vec::new();
-            for row in rows {
+            for row in found {
                 let (account, name, function_id, doc, created, modified, env) = row?;
                 let (Ok(account_id), Ok(fname)) = (account.parse(), name.parse()) else {
                     tracing::warn!(%account, %name, "skipping function with an invalid id");
