@@ -1,6 +1,7 @@
 # services.kiln.gateway: the access service (FC API over HTTPS, signatures,
 # the async queue, the code store). Needs no privilege: it runs as a dynamic
-# user with a read-only system and its TLS keys handed over as credentials.
+# user with a read-only system and its TLS keys and the key that seals
+# secrets in its store handed over as credentials (`LoadCredential=`).
 {
   config,
   lib,
@@ -13,10 +14,24 @@ let
   defaults = lib.importJSON ./defaults/gateway.json;
   inherit (lib) types;
 
+  # Keys the store may still be sealed with while rotating: each handed
+  # over as a credential of its own, the list rewritten to their copies.
+  credDir = "/run/credentials/kiln-gateway.service";
+  previousKeys = lib.imap0 (i: path: {
+    name = "secrets-previous-${toString i}";
+    inherit path;
+  }) cfg.settings.secrets.previous_key_files;
+
   rendered = kiln.render {
     name = "kiln-gateway";
-    inherit (cfg) settings;
+    settings = lib.recursiveUpdate cfg.settings {
+      secrets.previous_key_files = map (k: "${credDir}/${k.name}") previousKeys;
+    };
     secretPaths = [
+      [
+        "secrets"
+        "key_file"
+      ]
       [
         "public"
         "cert"
@@ -102,6 +117,19 @@ in
             key = kiln.required types.str "Its private key.";
           };
         };
+        secrets = lib.mkOption {
+          description = ''
+            The key that seals access key secrets and function environment
+            variables in gateway.db (AES-256-GCM). Keep the file outside the
+            Nix store, root-only (`(umask 077; head -c 32 /dev/urandom > FILE)`):
+            systemd hands the service a copy as a credential. Every gateway
+            sharing a store needs the same key. See docs/security.md.
+          '';
+          type = kiln.section {
+            key_file = kiln.required types.str "File of 32 random bytes or 64 hex digits (mode 0600, outside the Nix store).";
+            previous_key_files = kiln.setting (types.listOf types.str) defaults.secrets.previous_key_files "Keys being rotated out: opened, and resealed under key_file at start.";
+          };
+        };
         async_queue = lib.mkOption {
           default = { };
           description = "The async invocation dispatcher: its quotas and timings.";
@@ -128,11 +156,21 @@ in
         assertion = lib.hasPrefix "https://" cfg.settings.scheduler_url;
         message = "services.kiln.gateway.settings.scheduler_url must be an https:// URL";
       }
+      {
+        assertion = lib.all (p: !(lib.hasPrefix builtins.storeDir (toString p))) (
+          [ cfg.settings.secrets.key_file ] ++ cfg.settings.secrets.previous_key_files
+        );
+        message = ''
+          services.kiln.gateway.settings.secrets key files must not be in the Nix store
+          (every user can read it): give paths of root-only files on the host.
+        '';
+      }
     ];
 
     warnings = lib.optional ((cfg.settings.bootstrap_keys or [ ]) != [ ]) ''
       services.kiln.gateway.settings.bootstrap_keys puts access key secrets in the
-      world-readable Nix store; use it for test and development clusters only.
+      world-readable Nix store; use it for test and development clusters only, and
+      rotate them (`kiln keys create`, then `kiln keys delete`).
     '';
 
     networking.firewall.allowedTCPPorts = lib.mkIf cfg.openFirewall [
@@ -159,7 +197,7 @@ in
         ExecStart = "${lib.getExe' cfg.package "kiln-gateway"} --config ${rendered.file}";
         StateDirectory = lib.removePrefix "/var/lib/" stateDir;
         StateDirectoryMode = "0700";
-        LoadCredential = rendered.loadCredential;
+        LoadCredential = rendered.loadCredential ++ map (k: "${k.name}:${k.path}") previousKeys;
         # Binding a port below 1024 (e.g. 443) is the one capability it may get.
         AmbientCapabilities = if publicPort < 1024 then [ "CAP_NET_BIND_SERVICE" ] else [ "" ];
         CapabilityBoundingSet = if publicPort < 1024 then [ "CAP_NET_BIND_SERVICE" ] else [ "" ];

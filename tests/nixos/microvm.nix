@@ -45,6 +45,12 @@ in
           kilnPackages.kiln
           pkgs.jq
         ];
+        # The example's sealing key (modules/examples/gateway.json): a fixed
+        # test key, root-only; the module hands it over with LoadCredential.
+        environment.etc."kiln/gateway-secrets.key" = {
+          text = "5f3c0d9e8a7b6c5d4e3f2a1b0c9d8e7f6a5b4c3d2e1f0a9b8c7d6e5f4a3b2c1d";
+          mode = "0600";
+        };
         environment.etc."kiln/credentials.json".text = builtins.toJSON (
           let
             key = builtins.head (lib.importJSON "${examples}/gateway.json").bootstrap_keys;

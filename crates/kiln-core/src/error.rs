@@ -52,6 +52,9 @@ pub enum FcErrorCode {
     /// RAM's code for a role that does not exist (HTTP 404).
     #[serde(rename = "EntityNotExist.Role")]
     EntityNotExistRole,
+    /// No access key by that id (HTTP 404; the operator's key API).
+    #[serde(rename = "EntityNotExist.AccessKey")]
+    EntityNotExistAccessKey,
 }
 
 impl FcErrorCode {
@@ -85,6 +88,7 @@ impl FcErrorCode {
                 "InvalidSecurityToken.MismatchWithAccessKey"
             }
             Self::EntityNotExistRole => "EntityNotExist.Role",
+            Self::EntityNotExistAccessKey => "EntityNotExist.AccessKey",
         }
     }
 
@@ -106,7 +110,8 @@ impl FcErrorCode {
             | Self::AsyncTaskNotFound
             | Self::LayerNotFound
             | Self::InstanceNotFound
-            | Self::EntityNotExistRole => 404,
+            | Self::EntityNotExistRole
+            | Self::EntityNotExistAccessKey => 404,
             Self::MethodNotAllowed => 405,
             Self::FunctionAlreadyExists => 409,
             Self::PayloadTooLarge => 413,
@@ -249,6 +254,7 @@ mod tests {
             FcErrorCode::InvalidSecurityTokenMalformed,
             FcErrorCode::InvalidSecurityTokenMismatchWithAccessKey,
             FcErrorCode::EntityNotExistRole,
+            FcErrorCode::EntityNotExistAccessKey,
         ] {
             let s = serde_json::to_string(&code).unwrap();
             assert_eq!(s, format!("\"{}\"", code.as_str()));

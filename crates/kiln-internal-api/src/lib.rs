@@ -9,6 +9,7 @@
 pub mod access_log;
 pub mod client;
 pub mod invoke;
+pub mod keys;
 pub mod messages;
 pub mod router;
 pub mod server;

@@ -109,7 +109,7 @@ pub fn instance_spec(r: &FunctionRecord) -> InstanceSpec {
     .seal()
 }
 
-fn auth_key(k: AccessKey) -> kiln_auth::AccessKey {
+pub(crate) fn auth_key(k: AccessKey) -> kiln_auth::AccessKey {
     kiln_auth::AccessKey {
         account_id: k.account_id,
         access_key_id: k.access_key_id,
@@ -124,13 +124,14 @@ pub struct Catalog {
     pub(crate) store: Arc<dyn MetaStore>,
     code: CodeFiles,
     pub(crate) functions: RwLock<Functions>,
-    keys: RwLock<HashMap<String, Arc<kiln_auth::AccessKey>>>,
+    /// The enabled access keys ([`crate::access_keys`] changes them).
+    pub(crate) keys: RwLock<HashMap<String, Arc<kiln_auth::AccessKey>>>,
     /// Layers and their versions ([`crate::layers`]).
     pub(crate) layers: RwLock<crate::layers::LayerIndex>,
     pub(crate) write: tokio::sync::Mutex<()>,
 }
 
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, CatalogError> + Send + 'static,
 ) -> Result<T, CatalogError> {
     tokio::task::spawn_blocking(f)
@@ -173,9 +174,11 @@ impl Catalog {
                 .or_default()
                 .insert(r.name.to_string(), Arc::new(FunctionEntry::new(r)));
         }
+        // Only enabled keys sign: a disabled one is unknown to the verifier.
         let keys = keys
             .into_iter()
-            .map(|k| (k.access_key_id.clone(), Arc::new(auth_key(k))))
+            .filter(|k| k.enabled)
+            .map(|k| (k.key.access_key_id.clone(), Arc::new(auth_key(k.key))))
             .collect();
         Ok(Self {
             store,
@@ -242,21 +245,28 @@ impl Catalog {
         (out, more)
     }
 
-    /// Ensure an account and one of its keys exist (bootstrap keys).
+    /// Ensure an account and one of its keys exist (bootstrap keys): the
+    /// key is imported into the store (sealed) with the configured secret;
+    /// a key an operator disabled stays disabled.
     pub async fn ensure_key(&self, key: AccessKey, now_ms: u64) -> Result<(), CatalogError> {
         let _w = self.write.lock().await;
         let store = self.store.clone();
         let k = key.clone();
-        blocking(move || {
+        let enabled = blocking(move || {
             store.ensure_account(&k.account_id, now_ms)?;
             store.put_access_key(&k, now_ms)?;
-            Ok(())
+            Ok(store
+                .access_keys()?
+                .iter()
+                .any(|s| s.enabled && s.key.access_key_id == k.access_key_id))
         })
         .await?;
-        self.keys
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key.access_key_id.clone(), Arc::new(auth_key(key)));
+        let mut keys = self.keys.write().unwrap_or_else(|p| p.into_inner());
+        if enabled {
+            keys.insert(key.access_key_id.clone(), Arc::new(auth_key(key)));
+        } else {
+            keys.remove(&key.access_key_id);
+        }
         Ok(())
     }
 
@@ -458,7 +468,9 @@ mod tests {
     }
 
     async fn catalog(dir: &std::path::Path) -> Catalog {
-        let store = Arc::new(SqliteStore::open(&dir.join("gateway.db")).unwrap());
+        let store = Arc::new(
+            SqliteStore::open(&dir.join("gateway.db"), crate::store::tests::sealer()).unwrap(),
+        );
         Catalog::open(store, CodeFiles::new(dir.join("code")).unwrap())
             .await
             .unwrap()

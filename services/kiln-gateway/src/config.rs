@@ -50,9 +50,15 @@ pub struct GatewayConfig {
     /// with a role stay valid (agents refresh them well before).
     #[serde(default = "default_credentials_lifetime_s")]
     pub credentials_lifetime_s: u64,
-    /// Accounts and keys ensured at start (development clusters).
+    /// Accounts and keys ensured at start (development clusters): imported
+    /// into the store sealed; rotate them with `kiln keys` in production.
     #[serde(default)]
     pub bootstrap_keys: Vec<BootstrapKey>,
+    /// The key that seals access key secrets and function environments in
+    /// the store (`[secrets]`). Absent: `state_dir/secrets.key`, created on
+    /// first start (development only: it then sits beside what it seals).
+    #[serde(default)]
+    pub secrets: Option<SecretsConfig>,
     /// The async invocation queue's dispatcher.
     #[serde(default)]
     pub async_queue: AsyncQueueConfig,
@@ -111,6 +117,20 @@ impl Default for AsyncQueueConfig {
             task_retention_s: 7 * 24 * 3600,
         }
     }
+}
+
+/// `[secrets]`: the sealing key and the keys it replaced (see
+/// [`crate::secrets`] and docs/security.md, "Secrets at rest").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretsConfig {
+    /// 32 random bytes or 64 hex digits, mode 0600, owned by the gateway's
+    /// user (or a systemd credential). Never generated: it must exist.
+    pub key_file: PathBuf,
+    /// Keys values may still be sealed with: opened, and resealed under
+    /// `key_file` when the gateway starts. Drop them after that start.
+    #[serde(default)]
+    pub previous_key_files: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -183,6 +203,7 @@ impl GatewayConfig {
             lease_hold_ms: default_lease_hold_ms(),
             credentials_lifetime_s: default_credentials_lifetime_s(),
             bootstrap_keys: Vec::new(),
+            secrets: None,
             async_queue: AsyncQueueConfig::default(),
             runtimes: Vec::new(),
             vpc_listener: None,
@@ -272,6 +293,17 @@ impl GatewayConfig {
         }
         crate::runtimes::RuntimeCatalogue::from_config(&self.runtimes)
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        if let Some(sec) = &self.secrets {
+            for p in std::iter::once(&sec.key_file).chain(&sec.previous_key_files) {
+                if p.starts_with("/nix/store") {
+                    return invalid(format!(
+                        "secrets key file {} is in the Nix store, which every user can read; \
+                         keep it outside and hand it over with systemd LoadCredential=",
+                        p.display()
+                    ));
+                }
+            }
+        }
         let mut seen = std::collections::HashSet::new();
         for k in &self.bootstrap_keys {
             if !valid_access_key_id(&k.access_key_id) {
@@ -304,6 +336,11 @@ impl GatewayConfig {
         self.state_dir.join("queue.db")
     }
 
+    /// The sealing key's file when `[secrets]` names none.
+    pub fn default_key_file(&self) -> PathBuf {
+        self.state_dir.join("secrets.key")
+    }
+
     pub fn code_dir(&self) -> PathBuf {
         self.state_dir.join("code")
     }
@@ -332,6 +369,26 @@ mod tests {
         assert_eq!(c.lease_hold_ms, 250);
         assert_eq!(c.credentials_lifetime_s, 3600);
         assert_eq!(c.async_queue.per_queue, 32);
+        let secrets = c.secrets.unwrap();
+        assert_eq!(secrets.key_file, Path::new("/etc/kiln/gateway-secrets.key"));
+        assert!(secrets.previous_key_files.is_empty());
+    }
+
+    #[test]
+    fn a_key_file_in_the_nix_store_is_refused() {
+        let mut c = example();
+        c.secrets.as_mut().unwrap().key_file = "/nix/store/abc-gateway.key".into();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("Nix store") && e.contains("LoadCredential"),
+            "{e}"
+        );
+        let mut c = example();
+        c.secrets.as_mut().unwrap().previous_key_files = vec!["/nix/store/old.key".into()];
+        assert!(c.validate().is_err());
+        let mut c = example();
+        c.secrets = None;
+        c.validate().unwrap();
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! for the request path (see [`catalog`]).
 #![forbid(unsafe_code)]
 
+pub mod access_keys;
 pub mod agent;
 pub mod api;
 pub mod auth;
@@ -23,6 +24,7 @@ pub mod queue;
 pub mod ram;
 pub mod runtimes;
 pub mod scheduler;
+pub mod secrets;
 pub mod store;
 pub mod validate;
 
@@ -57,6 +59,10 @@ pub enum GatewayError {
     Store(#[from] kiln_store::StoreError),
     #[error("Cannot load the metadata store")]
     Catalog(#[from] CatalogError),
+    #[error("Cannot open the metadata store")]
+    Meta(#[from] store::MetaStoreError),
+    #[error("Cannot load the secrets key")]
+    SecretsKey(#[from] secrets::KeyFileError),
     #[error("Cannot load the STS key")]
     StsKey(#[from] ram::sts::StsKeyError),
     #[error("Cannot load roles")]
@@ -137,6 +143,33 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
     }
 }
 
+/// The sealing key of `[secrets]`, or the state directory's own (created
+/// on first start) when the config names none.
+fn load_sealer(config: &GatewayConfig) -> Result<secrets::Sealer, GatewayError> {
+    match &config.secrets {
+        Some(s) => {
+            let current = secrets::load_key_file(&s.key_file)?;
+            let previous = s
+                .previous_key_files
+                .iter()
+                .map(|p| secrets::load_key_file(p))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(secrets::Sealer::new(&current, &previous))
+        }
+        None => {
+            let path = config.default_key_file();
+            tracing::warn!(
+                path = %path.display(),
+                "[secrets] key_file is not set: sealing with a key kept in the state directory;                  production gateways name a key file kept apart from the data (a systemd credential)"
+            );
+            Ok(secrets::Sealer::new(
+                &secrets::generate_key_file(&path)?,
+                &[],
+            ))
+        }
+    }
+}
+
 /// Start the gateway with the system clock.
 pub async fn start(config: GatewayConfig) -> Result<GatewayHandle, GatewayError> {
     start_with_clock(config, Arc::new(SystemClock)).await
@@ -157,7 +190,8 @@ pub async fn start_with_clock(
         path: config.code_dir(),
         source,
     })?;
-    let store = Arc::new(SqliteStore::open(&config.db_path())?);
+    let sealer = Arc::new(load_sealer(&config)?);
+    let store = Arc::new(SqliteStore::open(&config.db_path(), sealer)?);
     let catalog = Arc::new(Catalog::open(store.clone(), code).await?);
     let ram = Arc::new(
         ram::Ram::open(

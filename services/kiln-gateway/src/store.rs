@@ -2,16 +2,20 @@
 //! packages. [`MetaStore`] is the persistence trait (SQLite in
 //! [`SqliteStore`]); code zips live beside the database as files named by
 //! their sha256, written once and removed when no function references them.
+//! Access key secrets and function environments are sealed before they
+//! reach the database ([`crate::secrets`]).
 
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use kiln_core::{AccountId, FunctionName};
 use kiln_store::{Database, Migration, StoreError};
 use rusqlite::{params, OptionalExtension};
 
 use crate::model::{FunctionConfig, FunctionRecord};
+use crate::secrets::{rows, SealError, Sealer};
 
 /// Why a metadata operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +32,14 @@ pub enum MetaStoreError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("Cannot open the stored {what}")]
+    Sealed {
+        what: String,
+        #[source]
+        source: SealError,
+    },
+    #[error("Cannot seal the stored secrets under the current key")]
+    SealPass(#[from] rows::SealPassError),
     #[error(transparent)]
     Db(#[from] StoreError),
 }
@@ -47,6 +59,15 @@ pub struct AccessKey {
     pub secret: String,
 }
 
+/// An access key as stored: the key, whether it may sign requests, and
+/// when it was created.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredKey {
+    pub key: AccessKey,
+    pub enabled: bool,
+    pub created_ms: u64,
+}
+
 /// A stored code package's facts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CodeBlob {
@@ -59,9 +80,18 @@ pub struct CodeBlob {
 /// blocking pool. Every write is one transaction.
 pub trait MetaStore: Send + Sync + 'static {
     fn ensure_account(&self, account: &AccountId, now_ms: u64) -> Result<(), MetaStoreError>;
-    /// Create or update a key; refuses to move a key to another account.
+    /// Create a key (enabled) or replace its secret; refuses to move a key
+    /// to another account.
     fn put_access_key(&self, key: &AccessKey, now_ms: u64) -> Result<(), MetaStoreError>;
-    fn access_keys(&self) -> Result<Vec<AccessKey>, MetaStoreError>;
+    fn access_keys(&self) -> Result<Vec<StoredKey>, MetaStoreError>;
+    /// Enable or disable a key; false if it does not exist.
+    fn set_access_key_enabled(
+        &self,
+        access_key_id: &str,
+        enabled: bool,
+    ) -> Result<bool, MetaStoreError>;
+    /// Delete a key; false if it did not exist.
+    fn delete_access_key(&self, access_key_id: &str) -> Result<bool, MetaStoreError>;
     fn functions(&self) -> Result<Vec<FunctionRecord>, MetaStoreError>;
     /// Insert the function and, if new, its code package's row.
     fn insert_function(&self, f: &FunctionRecord) -> Result<(), MetaStoreError>;
@@ -123,7 +153,7 @@ pub struct LayerVersionRecord {
     pub created_ms: u64,
 }
 
-const MIGRATIONS: &[Migration] = &[
+pub(crate) const MIGRATIONS: &[Migration] = &[
     Migration {
         name: "accounts, access keys, functions, code packages",
         sql: "
@@ -189,24 +219,45 @@ const MIGRATIONS: &[Migration] = &[
         );
     ",
     },
+    // The values move into the sealed columns when the store opens
+    // ([`rows::seal_all`]), which also seals what this version finds.
+    Migration {
+        name: "sealed secrets, access key lifecycle",
+        sql: "
+        ALTER TABLE access_keys ADD COLUMN secret_sealed TEXT;
+        ALTER TABLE access_keys ADD COLUMN enabled INTEGER NOT NULL DEFAULT 1;
+        ALTER TABLE functions ADD COLUMN env_sealed TEXT;
+    ",
+    },
 ];
 
 /// [`MetaStore`] on SQLite (`state_dir/gateway.db`).
 pub struct SqliteStore {
     db: Database,
+    sealer: Arc<Sealer>,
 }
 
 impl SqliteStore {
-    pub fn open(path: &Path) -> Result<Self, StoreError> {
-        Ok(Self {
-            db: Database::open(path, MIGRATIONS)?,
-        })
+    /// Open and migrate, then seal what an older Kiln left in plaintext or
+    /// a previous key sealed ([`rows::seal_all`]).
+    pub fn open(path: &Path, sealer: Arc<Sealer>) -> Result<Self, MetaStoreError> {
+        Self::ready(Database::open(path, MIGRATIONS)?, sealer)
     }
 
-    pub fn open_in_memory() -> Result<Self, StoreError> {
-        Ok(Self {
-            db: Database::open_in_memory(MIGRATIONS)?,
-        })
+    pub fn open_in_memory(sealer: Arc<Sealer>) -> Result<Self, MetaStoreError> {
+        Self::ready(Database::open_in_memory(MIGRATIONS)?, sealer)
+    }
+
+    fn ready(db: Database, sealer: Arc<Sealer>) -> Result<Self, MetaStoreError> {
+        let s = Self { db, sealer };
+        s.with(|c| {
+            // Deleted and overwritten values are zeroed in the file, not
+            // left in free space.
+            c.pragma_update(None, "secure_delete", "ON")?;
+            rows::seal_all(c, &s.sealer)?;
+            Ok(())
+        })?;
+        Ok(s)
     }
 
     pub(crate) fn with<T>(
@@ -230,8 +281,14 @@ fn insert_code(tx: &rusqlite::Transaction<'_>, c: &FunctionConfig) -> rusqlite::
     Ok(())
 }
 
-fn doc(f: &FunctionRecord) -> String {
-    serde_json::to_string(&f.config).expect("config serialises")
+/// The function's document without its environment, and the environment
+/// sealed to the row.
+fn doc_and_env(sealer: &Sealer, f: &FunctionRecord) -> (String, String) {
+    let aad = rows::function_environment(f.account_id.as_str(), f.name.as_str(), &f.function_id);
+    let env = rows::seal_environment(sealer, &aad, &f.config.environment);
+    let mut doc = serde_json::to_value(&f.config).expect("config serialises");
+    doc["environment"] = serde_json::json!({});
+    (doc.to_string(), env)
 }
 
 impl MetaStore for SqliteStore {
@@ -246,6 +303,8 @@ impl MetaStore for SqliteStore {
     }
 
     fn put_access_key(&self, key: &AccessKey, now_ms: u64) -> Result<(), MetaStoreError> {
+        let aad = rows::access_key_secret(&key.access_key_id, key.account_id.as_str());
+        let sealed = self.sealer.seal(&aad, key.secret.as_bytes());
         self.with(|c| {
             let tx = c.transaction()?;
             let owner: Option<String> = tx
@@ -261,18 +320,20 @@ impl MetaStore for SqliteStore {
                 }
                 Some(_) => {
                     tx.execute(
-                        "UPDATE access_keys SET secret = ?2 WHERE access_key_id = ?1",
-                        params![key.access_key_id, key.secret],
+                        "UPDATE access_keys SET secret = '', secret_sealed = ?2
+                         WHERE access_key_id = ?1",
+                        params![key.access_key_id, sealed],
                     )?;
                 }
                 None => {
                     tx.execute(
-                        "INSERT INTO access_keys (access_key_id, account_id, secret, created_ms)
-                         VALUES (?1, ?2, ?3, ?4)",
+                        "INSERT INTO access_keys
+                         (access_key_id, account_id, secret, secret_sealed, created_ms)
+                         VALUES (?1, ?2, '', ?3, ?4)",
                         params![
                             key.access_key_id,
                             key.account_id.as_str(),
-                            key.secret,
+                            sealed,
                             now_ms as i64
                         ],
                     )?;
@@ -283,39 +344,80 @@ impl MetaStore for SqliteStore {
         })
     }
 
-    fn access_keys(&self) -> Result<Vec<AccessKey>, MetaStoreError> {
+    fn access_keys(&self) -> Result<Vec<StoredKey>, MetaStoreError> {
         self.with(|c| {
-            let mut st = c.prepare("SELECT access_key_id, account_id, secret FROM access_keys")?;
-            let rows = st.query_map([], |r| {
+            let mut st = c.prepare(
+                "SELECT access_key_id, account_id, secret_sealed, enabled, created_ms
+                 FROM access_keys ORDER BY created_ms, access_key_id",
+            )?;
+            let found = st.query_map([], |r| {
                 Ok((
                     r.get::<_, String>(0)?,
                     r.get::<_, String>(1)?,
                     r.get::<_, String>(2)?,
+                    r.get::<_, bool>(3)?,
+                    r.get::<_, i64>(4)?,
                 ))
             })?;
             let mut out = Vec::new();
-            for row in rows {
-                let (id, account, secret) = row?;
+            for row in found {
+                let (id, account, sealed, enabled, created) = row?;
                 let Ok(account_id) = account.parse() else {
                     tracing::warn!(access_key_id = %id, "skipping key with an invalid account id");
                     continue;
                 };
-                out.push(AccessKey {
-                    access_key_id: id,
-                    account_id,
-                    secret,
+                let secret = self
+                    .sealer
+                    .open_string(&rows::access_key_secret(&id, &account), &sealed)
+                    .map_err(|source| MetaStoreError::Sealed {
+                        what: format!("secret of access key {id}"),
+                        source,
+                    })?;
+                out.push(StoredKey {
+                    key: AccessKey {
+                        access_key_id: id,
+                        account_id,
+                        secret,
+                    },
+                    enabled,
+                    created_ms: created as u64,
                 });
             }
             Ok(out)
         })
     }
 
+    fn set_access_key_enabled(
+        &self,
+        access_key_id: &str,
+        enabled: bool,
+    ) -> Result<bool, MetaStoreError> {
+        self.with(|c| {
+            let n = c.execute(
+                "UPDATE access_keys SET enabled = ?2 WHERE access_key_id = ?1",
+                params![access_key_id, enabled],
+            )?;
+            Ok(n > 0)
+        })
+    }
+
+    fn delete_access_key(&self, access_key_id: &str) -> Result<bool, MetaStoreError> {
+        self.with(|c| {
+            let n = c.execute(
+                "DELETE FROM access_keys WHERE access_key_id = ?1",
+                [access_key_id],
+            )?;
+            Ok(n > 0)
+        })
+    }
+
     fn functions(&self) -> Result<Vec<FunctionRecord>, MetaStoreError> {
         self.with(|c| {
             let mut st = c.prepare(
-                "SELECT account_id, name, function_id, doc, created_ms, modified_ms FROM functions",
+                "SELECT account_id, name, function_id, doc, created_ms, modified_ms, env_sealed
+                 FROM functions",
             )?;
-            let rows = st.query_map([], |r| {
+            let found = st.query_map([], |r| {
                 Ok((
                     r.get::<_, String>(0)?,
                     r.get::<_, String>(1)?,
@@ -323,19 +425,28 @@ impl MetaStore for SqliteStore {
                     r.get::<_, String>(3)?,
                     r.get::<_, i64>(4)?,
                     r.get::<_, i64>(5)?,
+                    r.get::<_, String>(6)?,
                 ))
             })?;
             let mut out = Vec::new();
-            for row in rows {
-                let (account, name, function_id, doc, created, modified) = row?;
+            for row in found {
+                let (account, name, function_id, doc, created, modified, env) = row?;
                 let (Ok(account_id), Ok(fname)) = (account.parse(), name.parse()) else {
                     tracing::warn!(%account, %name, "skipping function with an invalid id");
                     continue;
                 };
-                let config =
+                let mut config: FunctionConfig =
                     serde_json::from_str(&doc).map_err(|source| MetaStoreError::Corrupt {
                         name: name.clone(),
                         source,
+                    })?;
+                let aad = rows::function_environment(&account, &name, &function_id);
+                config.environment =
+                    rows::open_environment(&self.sealer, &aad, &env).map_err(|source| {
+                        MetaStoreError::Sealed {
+                            what: format!("environment of function {account}/{name}"),
+                            source,
+                        }
                     })?;
                 out.push(FunctionRecord {
                     account_id,
@@ -351,6 +462,7 @@ impl MetaStore for SqliteStore {
     }
 
     fn insert_function(&self, f: &FunctionRecord) -> Result<(), MetaStoreError> {
+        let (doc, env) = doc_and_env(&self.sealer, f);
         self.with(|c| {
             let tx = c.transaction()?;
             let exists: bool = tx.query_row(
@@ -363,16 +475,18 @@ impl MetaStore for SqliteStore {
             }
             insert_code(&tx, &f.config)?;
             tx.execute(
-                "INSERT INTO functions (account_id, name, function_id, code_sha256, doc, created_ms, modified_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT INTO functions
+                 (account_id, name, function_id, code_sha256, doc, created_ms, modified_ms, env_sealed)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 params![
                     f.account_id.as_str(),
                     f.name.as_str(),
                     f.function_id,
                     f.config.code.sha256,
-                    doc(f),
+                    doc,
                     f.created_ms as i64,
-                    f.modified_ms as i64
+                    f.modified_ms as i64,
+                    env
                 ],
             )?;
             tx.commit()?;
@@ -381,18 +495,23 @@ impl MetaStore for SqliteStore {
     }
 
     fn update_function(&self, f: &FunctionRecord) -> Result<(), MetaStoreError> {
+        let (doc, env) = doc_and_env(&self.sealer, f);
         self.with(|c| {
             let tx = c.transaction()?;
             insert_code(&tx, &f.config)?;
+            // The function id is part of the row's identity: an update names
+            // the same function, never a newer one under its name.
             let n = tx.execute(
-                "UPDATE functions SET code_sha256 = ?3, doc = ?4, modified_ms = ?5
-                 WHERE account_id = ?1 AND name = ?2",
+                "UPDATE functions SET code_sha256 = ?3, doc = ?4, modified_ms = ?5, env_sealed = ?6
+                 WHERE account_id = ?1 AND name = ?2 AND function_id = ?7",
                 params![
                     f.account_id.as_str(),
                     f.name.as_str(),
                     f.config.code.sha256,
-                    doc(f),
-                    f.modified_ms as i64
+                    doc,
+                    f.modified_ms as i64,
+                    env,
+                    f.function_id
                 ],
             )?;
             if n == 0 {
@@ -643,6 +762,11 @@ pub(crate) mod tests {
     use super::*;
     use crate::model::CodeRef;
 
+    /// One fixed key, so a test can reopen its store.
+    pub(crate) fn sealer() -> Arc<Sealer> {
+        Arc::new(Sealer::new(&[9u8; 32], &[]))
+    }
+
     pub(crate) fn record(account: &str, name: &str, digest: &str) -> FunctionRecord {
         FunctionRecord {
             account_id: account.parse().unwrap(),
@@ -681,7 +805,7 @@ pub(crate) mod tests {
     fn functions_persist_across_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("gateway.db");
-        let s = SqliteStore::open(&path).unwrap();
+        let s = SqliteStore::open(&path, crate::store::tests::sealer()).unwrap();
         let a: AccountId = "1".parse().unwrap();
         s.ensure_account(&a, 1).unwrap();
         let key = AccessKey {
@@ -697,9 +821,12 @@ pub(crate) mod tests {
             Err(MetaStoreError::FunctionExists(_))
         ));
         drop(s);
-        let s = SqliteStore::open(&path).unwrap();
+        let s = SqliteStore::open(&path, crate::store::tests::sealer()).unwrap();
         assert_eq!(s.functions().unwrap(), vec![f]);
-        assert_eq!(s.access_keys().unwrap(), vec![key.clone()]);
+        let stored = s.access_keys().unwrap();
+        assert_eq!(stored.len(), 1);
+        assert_eq!(stored[0].key, key);
+        assert!(stored[0].enabled);
         s.ensure_account(&"2".parse().unwrap(), 1).unwrap();
         let stolen = AccessKey {
             account_id: "2".parse().unwrap(),
@@ -713,17 +840,24 @@ pub(crate) mod tests {
 
     #[test]
     fn code_rows_are_shared_and_released_when_unreferenced() {
-        let s = SqliteStore::open_in_memory().unwrap();
+        let s = SqliteStore::open_in_memory(crate::store::tests::sealer()).unwrap();
         s.ensure_account(&"1".parse().unwrap(), 1).unwrap();
         let d = "b".repeat(64);
         s.insert_function(&record("1", "f", &d)).unwrap();
-        s.insert_function(&record("1", "g", &d)).unwrap();
+        let first = record("1", "g", &d);
+        s.insert_function(&first).unwrap();
         assert_eq!(s.code_digests().unwrap(), vec![d.clone()]);
         s.delete_function(&"1".parse().unwrap(), &"f".parse().unwrap())
             .unwrap();
         assert!(!s.release_code(&d).unwrap());
         let mut g = record("1", "g", &"c".repeat(64));
         g.modified_ms = 2000;
+        // Another function id under the same name is not this row.
+        assert!(matches!(
+            s.update_function(&g),
+            Err(MetaStoreError::FunctionMissing(_))
+        ));
+        g.function_id = first.function_id;
         s.update_function(&g).unwrap();
         assert!(s.release_code(&d).unwrap());
         assert_eq!(s.code_digests().unwrap(), vec!["c".repeat(64)]);

@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::client::FcClient;
 use crate::commands::configs::{self, Kind};
-use crate::commands::{bench, dev, functions, nodes, observe, runtimes, tasks};
+use crate::commands::{bench, dev, functions, keys, nodes, observe, runtimes, tasks};
 use crate::credentials::{self, Credentials};
 
 #[derive(Debug, Parser)]
@@ -59,6 +59,9 @@ pub enum Command {
     /// Show or change an account's quotas and throttles (needs the
     /// cluster's certificates: `kiln dev`'s state directory).
     Limits(LimitsArgs),
+    /// Create, list, disable, enable or delete access keys (operator: needs
+    /// the cluster's certificates, `kiln dev`'s state directory).
+    Keys(KeysArgs),
     /// Print a function's logs (each line with its instance and request id).
     Logs {
         function: String,
@@ -115,6 +118,39 @@ pub enum LimitsCommand {
     Set { account: String, file: PathBuf },
     /// Back to the scheduler's defaults.
     Reset { account: String },
+}
+
+#[derive(Debug, Args)]
+pub struct KeysArgs {
+    /// State directory of `kiln dev` (cluster.json, pki/); default ~/.kiln.
+    #[arg(long, global = true)]
+    pub state_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: KeysCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// A new key for the account; its secret is printed this once.
+    Create {
+        #[arg(long)]
+        account: String,
+    },
+    /// Every key with its account and status (never a secret).
+    List {
+        /// Only this account's keys.
+        #[arg(long)]
+        account: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The key stops signing requests at once (it can be enabled again).
+    Disable { id: String },
+    /// The key signs requests again.
+    Enable { id: String },
+    /// Remove the key for good.
+    Delete { id: String },
 }
 
 #[derive(Debug, Args)]
@@ -573,6 +609,14 @@ pub async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Keys(args) => {
+            let state_dir = match &args.state_dir {
+                Some(d) => d.clone(),
+                None => credentials::default_dir()?,
+            };
+            let g = keys::Gateway::from_state_dir(&state_dir)?;
+            run_keys(&g, &args.command).await
+        }
         Command::Nodes(args) => {
             let state_dir = match &args.state_dir {
                 Some(d) => d.clone(),
@@ -598,6 +642,36 @@ pub async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+async fn run_keys(g: &keys::Gateway, command: &KeysCommand) -> Result<()> {
+    match command {
+        KeysCommand::Create { account } => keys::print_created(&g.create(account).await?),
+        KeysCommand::List { account, json } => {
+            let mut all = g.list().await?;
+            if let Some(a) = account {
+                all.retain(|k| k.account_id.as_str() == a);
+            }
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            } else {
+                keys::print_table(&all);
+            }
+        }
+        KeysCommand::Disable { id } => {
+            let k = g.set_enabled(id, false).await?;
+            println!("access key {} is {}", k.access_key_id, k.status);
+        }
+        KeysCommand::Enable { id } => {
+            let k = g.set_enabled(id, true).await?;
+            println!("access key {} is {}", k.access_key_id, k.status);
+        }
+        KeysCommand::Delete { id } => {
+            g.delete(id).await?;
+            println!("access key {id} is deleted");
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -31,6 +31,13 @@ pub fn scheduler(opts: &DevOptions, pki: &DevPki) -> Result<kiln_scheduler::Sche
     Ok(config)
 }
 
+/// The gateway's sealing key (`[secrets] key_file`), created 0600 by
+/// `kiln dev` on first run: beside the gateway's state directory, not in
+/// it, so a copy of `gateway/` alone opens no secret.
+pub fn gateway_key_file(opts: &DevOptions) -> std::path::PathBuf {
+    opts.state_dir.join("secrets").join("gateway.key")
+}
+
 pub fn gateway(
     opts: &DevOptions,
     pki: &DevPki,
@@ -43,6 +50,7 @@ pub fn gateway(
          [public]\nlisten = {:?}\ncert = {:?}\nkey = {:?}\n\
          [internal]\nlisten = \"127.0.0.1:0\"\n\
          {}\
+         [secrets]\nkey_file = {:?}\n\
          [[bootstrap_keys]]\naccount_id = {:?}\naccess_key_id = {:?}\naccess_key_secret = {:?}\n",
         opts.state_dir.join("gateway"),
         scheduler_url,
@@ -51,6 +59,7 @@ pub fn gateway(
         public.cert,
         public.key,
         tls_table(&pki.files("gateway-internal")),
+        gateway_key_file(opts),
         account_id,
         access_key_id,
         access_key_secret,

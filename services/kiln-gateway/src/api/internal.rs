@@ -1,5 +1,6 @@
 //! The internal (mTLS) listener: code packages and temporary credentials
-//! for agents, health.
+//! for agents, the access key lifecycle for operators
+//! ([`crate::access_keys`]; operator-only), health.
 
 use std::sync::{Arc, LazyLock};
 
@@ -28,6 +29,17 @@ enum Api {
         digest: String,
     },
     Credentials,
+    ListKeys,
+    CreateKey,
+    DisableKey {
+        id: String,
+    },
+    EnableKey {
+        id: String,
+    },
+    DeleteKey {
+        id: String,
+    },
 }
 
 /// The internal listener's one route table.
@@ -36,6 +48,11 @@ const ROUTES: &[Route<Api>] = &[
     route(Method::GET, "/v1/health", |_| Ok(Api::Health)),
     route(Method::GET, "/v1/code/{digest}", |p| Ok(Api::Code { digest: p.string("digest")? })),
     route(Method::POST, "/v1/credentials", |_| Ok(Api::Credentials)),
+    route(Method::GET, "/v1/keys", |_| Ok(Api::ListKeys)),
+    route(Method::POST, "/v1/keys", |_| Ok(Api::CreateKey)),
+    route(Method::POST, "/v1/keys/{id}/disable", |p| Ok(Api::DisableKey { id: p.string("id")? })),
+    route(Method::POST, "/v1/keys/{id}/enable", |p| Ok(Api::EnableKey { id: p.string("id")? })),
+    route(Method::DELETE, "/v1/keys/{id}", |p| Ok(Api::DeleteKey { id: p.string("id")? })),
 ];
 
 static ROUTER: LazyLock<Router<Api>> = LazyLock::new(|| {
@@ -57,6 +74,11 @@ pub async fn handle(
             code(&catalog, &digest, &request_id).await
         }
         Ok(Api::Credentials) => credentials(&catalog, &ram, req, &request_id).await,
+        Ok(Api::ListKeys) => keys::list(&catalog, &request_id).await,
+        Ok(Api::CreateKey) => keys::create(&catalog, req, &request_id).await,
+        Ok(Api::DisableKey { id }) => keys::set_enabled(&catalog, &id, false, &request_id).await,
+        Ok(Api::EnableKey { id }) => keys::set_enabled(&catalog, &id, true, &request_id).await,
+        Ok(Api::DeleteKey { id }) => keys::delete(&catalog, &id, &request_id).await,
     };
     if let Ok(v) = http::HeaderValue::from_str(request_id.as_str()) {
         resp.headers_mut().insert(super::respond::REQUEST_ID, v);
@@ -134,6 +156,84 @@ async fn credentials(
     }
 }
 
+/// The operator's access key routes.
+mod keys {
+    use kiln_core::{Clock, FcError, FcErrorCode, RequestId, SystemClock};
+    use kiln_internal_api::keys::{AccessKeyList, CreateAccessKey};
+    use kiln_internal_api::server::{self, Body};
+
+    use super::*;
+
+    fn failed(e: crate::catalog::CatalogError, request_id: &RequestId) -> Response<Body> {
+        tracing::error!(error = %e, "access key change failed");
+        server::error(
+            &FcError::internal("the access key store failed"),
+            request_id.as_str(),
+        )
+    }
+
+    fn unknown(id: &str, request_id: &RequestId) -> Response<Body> {
+        let shown: String = id.chars().take(128).collect();
+        server::error(
+            &FcError::new(
+                FcErrorCode::EntityNotExistAccessKey,
+                format!("access key {shown:?} does not exist"),
+            ),
+            request_id.as_str(),
+        )
+    }
+
+    pub(super) async fn list(catalog: &Catalog, request_id: &RequestId) -> Response<Body> {
+        match catalog.list_keys().await {
+            Ok(access_keys) => server::json(StatusCode::OK, &AccessKeyList { access_keys }),
+            Err(e) => failed(e, request_id),
+        }
+    }
+
+    pub(super) async fn create(
+        catalog: &Catalog,
+        req: http::Request<Incoming>,
+        request_id: &RequestId,
+    ) -> Response<Body> {
+        let msg: CreateAccessKey = match server::read_json(req.into_body(), 4 * 1024).await {
+            Ok(m) => m,
+            Err(e) => return server::error(&e, request_id.as_str()),
+        };
+        match catalog
+            .create_key(msg.account_id, SystemClock.now_ms())
+            .await
+        {
+            Ok(k) => server::json(StatusCode::OK, &k),
+            Err(e) => failed(e, request_id),
+        }
+    }
+
+    pub(super) async fn set_enabled(
+        catalog: &Catalog,
+        id: &str,
+        enabled: bool,
+        request_id: &RequestId,
+    ) -> Response<Body> {
+        match catalog.set_key_enabled(id, enabled).await {
+            Ok(Some(info)) => server::json(StatusCode::OK, &info),
+            Ok(None) => unknown(id, request_id),
+            Err(e) => failed(e, request_id),
+        }
+    }
+
+    pub(super) async fn delete(
+        catalog: &Catalog,
+        id: &str,
+        request_id: &RequestId,
+    ) -> Response<Body> {
+        match catalog.delete_key(id).await {
+            Ok(true) => server::no_content(),
+            Ok(false) => unknown(id, request_id),
+            Err(e) => failed(e, request_id),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use kiln_core::FcErrorCode;
@@ -156,6 +256,36 @@ mod tests {
         assert_eq!(
             at(Method::POST, kiln_internal_api::paths::CREDENTIALS).unwrap(),
             Api::Credentials
+        );
+        assert_eq!(at(Method::GET, "/v1/keys").unwrap(), Api::ListKeys);
+        assert_eq!(at(Method::POST, "/v1/keys").unwrap(), Api::CreateKey);
+        assert_eq!(
+            at(
+                Method::POST,
+                &kiln_internal_api::keys::paths::disable("LTAI1")
+            )
+            .unwrap(),
+            Api::DisableKey { id: "LTAI1".into() }
+        );
+        assert_eq!(
+            at(
+                Method::POST,
+                &kiln_internal_api::keys::paths::enable("LTAI1")
+            )
+            .unwrap(),
+            Api::EnableKey { id: "LTAI1".into() }
+        );
+        assert_eq!(
+            at(
+                Method::DELETE,
+                &kiln_internal_api::keys::paths::access_key("LTAI1")
+            )
+            .unwrap(),
+            Api::DeleteKey { id: "LTAI1".into() }
+        );
+        assert_eq!(
+            at(Method::GET, "/v1/keys/LTAI1/disable").unwrap_err().code,
+            FcErrorCode::MethodNotAllowed
         );
         assert_eq!(ROUTER.rows().count(), ROUTES.len());
         assert_eq!(

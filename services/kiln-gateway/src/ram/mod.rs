@@ -318,7 +318,13 @@ mod tests {
 
     async fn fixture() -> Fixture {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(SqliteStore::open(&dir.path().join("gateway.db")).unwrap());
+        let store = Arc::new(
+            SqliteStore::open(
+                &dir.path().join("gateway.db"),
+                crate::store::tests::sealer(),
+            )
+            .unwrap(),
+        );
         let catalog = Catalog::open(
             store.clone(),
             CodeFiles::new(dir.path().join("code")).unwrap(),

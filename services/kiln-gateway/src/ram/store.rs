@@ -132,14 +132,14 @@ mod tests {
             modified_ms: 6,
         };
         {
-            let s = SqliteStore::open(&path).unwrap();
+            let s = SqliteStore::open(&path, crate::store::tests::sealer()).unwrap();
             s.put_role(&role).unwrap();
             let mut changed = role.clone();
             changed.description = "still reads".into();
             changed.modified_ms = 9;
             s.put_role(&changed).unwrap();
         }
-        let s = SqliteStore::open(&path).unwrap();
+        let s = SqliteStore::open(&path, crate::store::tests::sealer()).unwrap();
         let got = s.roles().unwrap();
         assert_eq!(got.len(), 1);
         assert_eq!(

@@ -132,6 +132,9 @@ impl DevCluster {
         };
         let scheduler_url = format!("https://127.0.0.1:{}", scheduler.handle.addr().port());
 
+        let key_file = crate::dev_config::gateway_key_file(opts);
+        kiln_gateway::secrets::generate_key_file(&key_file)
+            .context("cannot create the gateway's secrets key")?;
         let runtime = ServiceRuntime::new(GATEWAY_THREADS)?;
         let gateway = Service {
             handle: runtime

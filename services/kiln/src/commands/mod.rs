@@ -2,6 +2,7 @@ pub mod bench;
 pub mod configs;
 pub mod dev;
 pub mod functions;
+pub mod keys;
 pub mod nodes;
 pub mod observe;
 pub mod runtimes;
