@@ -50,13 +50,13 @@ impl Gateway {
         let Some(url) = v.get("gatewayInternalUrl").and_then(|u| u.as_str()) else {
             bail!("{} has no gatewayInternalUrl", path.display());
         };
-        let pki = kiln_pki::DevPki {
-            dir: state_dir.join("pki"),
-        };
-        let client = InternalClient::new(&pki.files("gateway-internal")).with_context(|| {
+        // Access keys are the operator's to manage: its certificate.
+        let pki_dir = state_dir.join("pki");
+        let operator = kiln_pki::DevPki::files_in(&pki_dir, "operator");
+        let client = InternalClient::new(&operator).with_context(|| {
             format!(
-                "cannot load the cluster certificate from {}",
-                pki.dir.display()
+                "cannot load the operator certificate from {}",
+                pki_dir.display()
             )
         })?;
         Ok(Self::new(url, client))
