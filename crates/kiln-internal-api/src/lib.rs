@@ -12,7 +12,9 @@ pub mod invoke;
 pub mod messages;
 pub mod router;
 pub mod server;
+pub mod trust;
 
 pub use client::{InternalClient, InternalClientError};
 pub use invoke::{InvokeFailure, InvokeOutcome};
 pub use messages::*;
+pub use trust::*;

@@ -200,14 +200,7 @@ fn leaf_params(req: &CertRequest) -> Result<CertificateParams, PkiError> {
     dn.push(DnType::CommonName, req.common_name.as_str());
     dn.push(DnType::OrganizationName, "Kiln");
     params.distinguished_name = dn;
-    let mut sans = req
-        .names
-        .iter()
-        .map(|n| match n.parse::<std::net::IpAddr>() {
-            Ok(ip) => Ok(SanType::IpAddress(ip)),
-            Err(_) => Ok(SanType::DnsName(n.clone().try_into()?)),
-        })
-        .collect::<Result<Vec<_>, rcgen::Error>>()?;
+    let mut sans = san_names(&req.names)?;
     if let Some(identity) = &req.identity {
         sans.push(SanType::URI(identity.uri().try_into()?));
     }
@@ -235,12 +228,68 @@ fn leaf_params(req: &CertRequest) -> Result<CertificateParams, PkiError> {
     Ok(params)
 }
 
+fn san_names(names: &[String]) -> Result<Vec<SanType>, rcgen::Error> {
+    names
+        .iter()
+        .map(|n| match n.parse::<std::net::IpAddr>() {
+            Ok(ip) => Ok(SanType::IpAddress(ip)),
+            Err(_) => Ok(SanType::DnsName(n.clone().try_into()?)),
+        })
+        .collect()
+}
+
+/// The DNS names and IP addresses a DER certificate's subject alternative
+/// names list (its identity URI aside).
+pub fn certificate_names(cert: &CertificateDer<'_>) -> Result<Vec<String>, PkiError> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|e| PkiError::Parse(e.to_string()))?;
+    let san = parsed
+        .subject_alternative_name()
+        .map_err(|e| PkiError::Parse(e.to_string()))?;
+    let mut names = Vec::new();
+    for name in san.iter().flat_map(|ext| ext.value.general_names.iter()) {
+        match name {
+            x509_parser::extensions::GeneralName::DNSName(d) => names.push((*d).to_owned()),
+            x509_parser::extensions::GeneralName::IPAddress(ip) => {
+                let ip = match ip.len() {
+                    4 => std::net::IpAddr::from(<[u8; 4]>::try_from(*ip).expect("4 bytes")),
+                    16 => std::net::IpAddr::from(<[u8; 16]>::try_from(*ip).expect("16 bytes")),
+                    _ => continue,
+                };
+                names.push(ip.to_string());
+            }
+            _ => {}
+        }
+    }
+    Ok(names)
+}
+
+/// The DNS names and IP addresses a PEM certificate signing request asks
+/// for (after checking its signature).
+pub fn csr_names(csr_pem: &str) -> Result<Vec<String>, PkiError> {
+    let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+        .map_err(|e| PkiError::Csr(e.to_string()))?;
+    Ok(csr
+        .params
+        .subject_alt_names
+        .iter()
+        .filter_map(|n| match n {
+            SanType::DnsName(d) => Some(d.as_str().to_owned()),
+            SanType::IpAddress(ip) => Some(ip.to_string()),
+            _ => None,
+        })
+        .collect())
+}
+
 /// A new key and a PEM certificate signing request for it: what an agent
-/// sends to renew or to join. The request names nothing; the CA decides
-/// the certificate's contents. Answers `(key_pem, csr_pem)`.
-pub fn new_key_and_csr() -> Result<(String, String), PkiError> {
+/// sends to renew or to join. The request names only the DNS names and
+/// addresses the agent serves under (`names`), which a CA may use when it
+/// has nothing better (bootstrap); the identity is the CA's decision.
+/// Answers `(key_pem, csr_pem)`.
+pub fn new_key_and_csr(names: &[String]) -> Result<(String, String), PkiError> {
     let key = KeyPair::generate()?;
-    let mut params = CertificateParams::default();
+    let mut params = CertificateParams::new(Vec::new())?;
+    params.subject_alt_names = san_names(names)?;
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, "kiln-agent");
     params.distinguished_name = dn;
@@ -770,12 +819,22 @@ mod tests {
     #[test]
     fn new_csrs_are_signable() {
         let ca = Ca::generate("test").unwrap();
-        let (key, csr) = new_key_and_csr().unwrap();
+        let names = vec!["node-b.example".to_owned(), "10.0.0.2".to_owned()];
+        let (key, csr) = new_key_and_csr(&names).unwrap();
+        assert_eq!(csr_names(&csr).unwrap(), names);
         let identity = Identity::agent("kiln", "n-b".parse().unwrap()).unwrap();
         let chain = ca
             .sign_csr(&csr, &CertRequest::for_identity(identity, Usage::Client))
             .unwrap();
-        LiveIdentity::load_pem_for_test(&chain, &key);
+        let live = LiveIdentity::load_pem_for_test(&chain, &key);
+        // The CA named nothing: the request's names are not copied.
+        assert!(certificate_names(&live.leaf()).unwrap().is_empty());
+        let dir = tempfile::tempdir().unwrap();
+        let pki = DevPki::ensure(dir.path(), &[]).unwrap();
+        let agent = load_certs(&pki.files("agent").cert).unwrap();
+        let names = certificate_names(&agent[0]).unwrap();
+        assert!(names.contains(&"127.0.0.1".to_owned()), "{names:?}");
+        assert!(names.contains(&"localhost".to_owned()), "{names:?}");
     }
 
     #[test]
