@@ -1,0 +1,234 @@
+//! The agent's certificate upkeep: its short-lived certificate renewed
+//! from the scheduler before it expires, and the cluster's revocations
+//! followed so that this agent refuses revoked peers.
+//!
+//! The certificate lives in a [`LiveIdentity`] that the agent's server
+//! and client TLS configurations resolve on every handshake: a renewal
+//! applies to the next connection, in either direction, while open ones
+//! carry on. The new key and certificate are written to the configured
+//! files (each atomically: temporary file, fsync, rename) so a restart
+//! starts from the newest pair.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use kiln_internal_api::{
+    trust_paths, InternalClient, InternalClientError, IssuedCertificate, RenewCertificate,
+};
+use kiln_pki::{LiveIdentity, PkiError, RevocationList, RevocationSet, TlsFiles};
+use tokio::sync::watch;
+
+/// How often the revocation list is fetched.
+pub const REVOCATION_POLL: Duration = Duration::from_secs(1);
+/// The longest wait between failed renewal attempts.
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// The agent's TLS identity and the revocations it enforces.
+pub struct AgentTrust {
+    files: TlsFiles,
+    identity: Arc<LiveIdentity>,
+    revoked: Arc<RevocationSet>,
+}
+
+impl AgentTrust {
+    pub fn load(files: &TlsFiles) -> Result<Arc<Self>, PkiError> {
+        Ok(Arc::new(Self {
+            files: files.clone(),
+            identity: LiveIdentity::load(&files.cert, &files.key)?,
+            revoked: RevocationSet::new(),
+        }))
+    }
+
+    pub fn identity(&self) -> &Arc<LiveIdentity> {
+        &self.identity
+    }
+
+    pub fn revocations(&self) -> &Arc<RevocationSet> {
+        &self.revoked
+    }
+
+    /// The agent's mTLS listener: the live certificate, revoked clients
+    /// refused.
+    pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, PkiError> {
+        kiln_pki::internal_server_config_live(
+            &self.files.ca,
+            self.identity.clone(),
+            self.revoked.clone(),
+        )
+    }
+
+    /// A client presenting the live certificate and refusing revoked
+    /// servers.
+    pub fn client(&self) -> Result<InternalClient, PkiError> {
+        Ok(InternalClient::with_config(
+            kiln_pki::internal_client_config_live(
+                &self.files.ca,
+                self.identity.clone(),
+                self.revoked.clone(),
+            )?,
+        ))
+    }
+
+    /// Renew now through `api`: a new key, a request for it, the signed
+    /// certificate checked, written to the files and swapped in.
+    pub async fn renew(&self, api: &dyn CertificateApi) -> Result<SystemTime, RenewError> {
+        let names = kiln_pki::certificate_names(&self.identity.leaf())?;
+        let (key_pem, csr_pem) = kiln_pki::new_key_and_csr(&names)?;
+        let issued = api.renew(&RenewCertificate { csr_pem }).await?;
+        let leaf = rustls_pemfile::certs(&mut issued.cert_pem.as_bytes())
+            .next()
+            .and_then(Result::ok)
+            .ok_or_else(|| PkiError::Parse("the scheduler answered no certificate".to_owned()))?;
+        let now = kiln_pki::Identity::from_certificate(&self.identity.leaf()).ok();
+        if now.is_none() || kiln_pki::Identity::from_certificate(&leaf).ok() != now {
+            // Never expected from a correct scheduler: keep the old one.
+            return Err(RenewError::IdentityChanged);
+        }
+        // Swapping first proves the certificate parses and matches the
+        // key; only then is it written.
+        let validity = self.identity.swap_pem(&issued.cert_pem, &key_pem)?;
+        kiln_pki::Issued {
+            cert_pem: issued.cert_pem,
+            key_pem,
+        }
+        .write(&self.files.cert, &self.files.key)?;
+        Ok(validity.not_after)
+    }
+}
+
+/// Why a renewal failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RenewError {
+    #[error("the scheduler refused or could not be reached")]
+    Call(#[from] InternalClientError),
+    #[error("the new certificate could not be used or stored")]
+    Pki(#[from] PkiError),
+    #[error("the scheduler answered a certificate for another identity; it was not used")]
+    IdentityChanged,
+}
+
+/// The scheduler's certificate routes.
+#[async_trait::async_trait]
+pub trait CertificateApi: Send + Sync + 'static {
+    async fn renew(&self, req: &RenewCertificate)
+        -> Result<IssuedCertificate, InternalClientError>;
+    async fn revocations(&self) -> Result<RevocationList, InternalClientError>;
+}
+
+/// The real scheduler, over the agent's live mTLS client.
+pub struct HttpCertificateApi {
+    client: InternalClient,
+    base: String,
+}
+
+impl HttpCertificateApi {
+    pub fn new(client: InternalClient, scheduler_url: &str) -> Self {
+        Self {
+            client: client.with_timeout(Duration::from_secs(10)),
+            base: scheduler_url.trim_end_matches('/').to_owned(),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl CertificateApi for HttpCertificateApi {
+    async fn renew(
+        &self,
+        req: &RenewCertificate,
+    ) -> Result<IssuedCertificate, InternalClientError> {
+        self.client
+            .post(&self.base, trust_paths::CERTIFICATES_RENEW, req)
+            .await
+    }
+
+    async fn revocations(&self) -> Result<RevocationList, InternalClientError> {
+        self.client.get(&self.base, trust_paths::REVOCATIONS).await
+    }
+}
+
+async fn sleep_or_stop(d: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => false,
+        _ = shutdown.wait_for(|v| *v) => true,
+    }
+}
+
+/// Renew at two thirds of each certificate's lifetime until `shutdown`;
+/// a failed attempt is retried sooner and sooner as expiry nears (never
+/// more than 30 s apart).
+pub async fn run_renewal(
+    trust: Arc<AgentTrust>,
+    api: Arc<dyn CertificateApi>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut retry: Option<Duration> = None;
+    loop {
+        let validity = trust.identity.validity();
+        let wait = match retry {
+            Some(r) => r,
+            None => validity
+                .renew_at()
+                .duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO),
+        };
+        if sleep_or_stop(wait, &mut shutdown).await {
+            return;
+        }
+        match trust.renew(api.as_ref()).await {
+            Ok(not_after) => {
+                retry = None;
+                let valid_for = not_after
+                    .duration_since(SystemTime::now())
+                    .unwrap_or(Duration::ZERO);
+                tracing::info!(
+                    valid_for_s = valid_for.as_secs(),
+                    "agent certificate renewed"
+                );
+            }
+            Err(e) => {
+                let left = validity
+                    .not_after
+                    .duration_since(SystemTime::now())
+                    .unwrap_or(Duration::ZERO);
+                let next = (left / 10).clamp(Duration::from_secs(1), RETRY_MAX);
+                tracing::warn!(
+                    error = %kiln_core::error_chain(&e),
+                    expires_in_s = left.as_secs(),
+                    retry_in_s = next.as_secs(),
+                    "cannot renew the agent certificate; the agent stops being trusted when it expires"
+                );
+                retry = Some(next);
+            }
+        }
+    }
+}
+
+/// Fetch the revocation list every [`REVOCATION_POLL`] until `shutdown`.
+/// A failed fetch keeps the last list (revocations are never forgotten
+/// because the scheduler is briefly unreachable).
+pub async fn run_revocation_poll(
+    revoked: Arc<RevocationSet>,
+    api: Arc<dyn CertificateApi>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut failing = false;
+    loop {
+        match api.revocations().await {
+            Ok(list) => {
+                if failing {
+                    tracing::info!("revocation list reachable again");
+                }
+                failing = false;
+                revoked.replace(list);
+            }
+            Err(e) if !failing => {
+                failing = true;
+                tracing::warn!(error = %e, "cannot fetch the revocation list; keeping the last one");
+            }
+            Err(_) => {}
+        }
+        if sleep_or_stop(REVOCATION_POLL, &mut shutdown).await {
+            return;
+        }
+    }
+}
