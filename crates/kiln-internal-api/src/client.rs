@@ -135,15 +135,25 @@ impl InternalClient {
     /// shared connection task, at the price of one connection per call in
     /// flight.
     pub fn new_http1(files: &TlsFiles) -> Result<Self, PkiError> {
+        Ok(Self::http1(connector(files, Protocol::Http1)?))
+    }
+
+    /// [`InternalClient::new_http1`] on a TLS configuration built
+    /// elsewhere (see [`InternalClient::with_config`]).
+    pub fn with_config_http1(tls: std::sync::Arc<rustls::ClientConfig>) -> Self {
+        Self::http1(connector_with(tls, Protocol::Http1))
+    }
+
+    fn http1(connector: HttpsConnector<HttpConnector>) -> Self {
         let http = Client::builder(TokioExecutor::new())
             .pool_timer(hyper_util::rt::TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(1024)
-            .build(connector(files, Protocol::Http1)?);
-        Ok(Self {
+            .build(connector);
+        Self {
             http,
             timeout: Duration::from_secs(30),
-        })
+        }
     }
 
     /// The same client with another per-call timeout for JSON calls.

@@ -85,3 +85,46 @@ pub struct NodeRevoked {
     /// demand, provisioned ones at once).
     pub instances_written_off: usize,
 }
+
+/// How often services fetch the scheduler's revocation list.
+pub const REVOCATION_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Keep `set` equal to the scheduler's revocation list, fetched with
+/// `client` every [`REVOCATION_POLL`], until `stop` resolves. A failed
+/// fetch keeps the last list: a revocation is never forgotten because the
+/// scheduler is briefly unreachable. (The agent has its own loop behind a
+/// trait, for its fakes: `kiln_agent::certs`.)
+pub async fn follow_revocations(
+    client: crate::InternalClient,
+    scheduler_url: String,
+    set: std::sync::Arc<kiln_pki::RevocationSet>,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    let base = scheduler_url.trim_end_matches('/').to_owned();
+    let client = client.with_timeout(std::time::Duration::from_secs(5));
+    let mut failing = false;
+    tokio::pin!(stop);
+    loop {
+        match client
+            .get::<kiln_pki::RevocationList>(&base, trust_paths::REVOCATIONS)
+            .await
+        {
+            Ok(list) => {
+                if failing {
+                    tracing::info!("revocation list reachable again");
+                }
+                failing = false;
+                set.replace(list);
+            }
+            Err(e) if !failing => {
+                failing = true;
+                tracing::warn!(error = %e, "cannot fetch the revocation list; keeping the last one");
+            }
+            Err(_) => {}
+        }
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = tokio::time::sleep(REVOCATION_POLL) => {}
+        }
+    }
+}
