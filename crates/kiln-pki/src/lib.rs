@@ -567,7 +567,11 @@ impl DevPki {
         };
         for role in Self::ROLES {
             let req = match role {
-                "gateway" => CertRequest::public_server("kiln-gateway").names(public_names),
+                // Local names too, as before identities: tests and the CLI
+                // call a dev gateway at https://localhost.
+                "gateway" => CertRequest::public_server("kiln-gateway")
+                    .names(&Self::local_names("gateway"))
+                    .names(public_names),
                 "gateway-internal" => pki.service_request(Role::Gateway, Usage::ServerAndClient)?,
                 "scheduler" => pki.service_request(Role::Scheduler, Usage::ServerAndClient)?,
                 "operator" => pki.service_request(Role::Operator, Usage::Client)?,
