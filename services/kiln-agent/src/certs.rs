@@ -13,8 +13,12 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use kiln_internal_api::{
-    trust_paths, InternalClient, InternalClientError, IssuedCertificate, RenewCertificate,
+    trust_paths, Bootstrap, Bootstrapped, InternalClient, InternalClientError, IssuedCertificate,
+    RenewCertificate,
 };
+
+use crate::config::BootstrapSettings;
+use crate::AgentError;
 use kiln_pki::{LiveIdentity, PkiError, RevocationList, RevocationSet, TlsFiles};
 use tokio::sync::watch;
 
@@ -94,6 +98,93 @@ impl AgentTrust {
         .write(&self.files.cert, &self.files.key)?;
         Ok(validity.not_after)
     }
+}
+
+/// The agent's trust: its certificate files, or, when they do not exist
+/// yet and `[bootstrap]` is set, the first certificate got by redeeming
+/// the bootstrap token (see [`join`]).
+pub async fn load_or_join(config: &crate::AgentConfig) -> Result<Arc<AgentTrust>, AgentError> {
+    let have = config.tls.cert.exists() && config.tls.key.exists();
+    if let (false, Some(b)) = (have, &config.bootstrap) {
+        join(config, b).await?;
+    }
+    Ok(AgentTrust::load(&config.tls)?)
+}
+
+/// The names the agent's certificate carries: the host it advertises (or
+/// listens on) and the configured extras.
+fn join_names(config: &crate::AgentConfig, b: &BootstrapSettings) -> Vec<String> {
+    let advertised = config
+        .advertise_url
+        .as_deref()
+        .and_then(|u| u.parse::<http::Uri>().ok())
+        .and_then(|u| u.host().map(|h| h.trim_matches(['[', ']']).to_owned()));
+    let mut names: Vec<String> = advertised
+        .into_iter()
+        .chain((!config.listen.ip().is_unspecified()).then(|| config.listen.ip().to_string()))
+        .chain(b.names.iter().cloned())
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// Redeem the bootstrap token: a new key, a request for it, the node id
+/// and first certificate from the scheduler's bootstrap listener (whose
+/// certificate must chain to `tls.ca`). The key and certificate are
+/// written to the `tls` files, the node id to the state directory, and the
+/// token file is removed (a token works once anyway).
+pub async fn join(config: &crate::AgentConfig, b: &BootstrapSettings) -> Result<(), AgentError> {
+    let fail = |m: String| AgentError::Bootstrap(m);
+    let token = std::fs::read_to_string(&b.token_file)
+        .map_err(|e| fail(format!("cannot read {}: {e}", b.token_file.display())))?
+        .trim()
+        .to_owned();
+    let (key_pem, csr_pem) = kiln_pki::new_key_and_csr(&join_names(config, b))?;
+    let client = InternalClient::with_config(kiln_pki::public_client_config(&config.tls.ca)?)
+        .with_timeout(Duration::from_secs(30));
+    let joined: Bootstrapped = client
+        .post(
+            b.url.trim_end_matches('/'),
+            trust_paths::BOOTSTRAP,
+            &Bootstrap { token, csr_pem },
+        )
+        .await
+        .map_err(|e| {
+            fail(format!(
+                "{e} (ask an operator for a new token: kiln nodes bootstrap-token)"
+            ))
+        })?;
+    let leaf = rustls_pemfile::certs(&mut joined.certificate.cert_pem.as_bytes())
+        .next()
+        .and_then(Result::ok)
+        .ok_or_else(|| fail("the scheduler answered no certificate".to_owned()))?;
+    let identity = kiln_pki::Identity::from_certificate(&leaf)
+        .map_err(|e| fail(format!("the certificate names no identity: {e}")))?;
+    if identity.role() != kiln_pki::Role::Agent || identity.node() != Some(&joined.node_id) {
+        return Err(fail(format!(
+            "the certificate names {identity}, not agent {}",
+            joined.node_id
+        )));
+    }
+    kiln_pki::Issued {
+        cert_pem: joined.certificate.cert_pem,
+        key_pem,
+    }
+    .write(&config.tls.cert, &config.tls.key)?;
+    std::fs::create_dir_all(&config.state_dir)
+        .and_then(|()| {
+            crate::registration::NodeIdFile::new(&config.state_dir).store(&joined.node_id)
+        })
+        .map_err(|source| AgentError::State {
+            path: config.state_dir.clone(),
+            source,
+        })?;
+    if let Err(e) = std::fs::remove_file(&b.token_file) {
+        tracing::warn!(path = %b.token_file.display(), error = %e, "cannot remove the used bootstrap token");
+    }
+    tracing::info!(node_id = %joined.node_id, "joined the cluster with a bootstrap token");
+    Ok(())
 }
 
 /// Why a renewal failed.

@@ -140,7 +140,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
     config.validate()?;
     if config.sandbox.backend_for(config.node.tenancy) == kiln_core::SandboxKind::Microvm {
         let driver = microvm::driver(&config).await?;
-        let trust = certs::AgentTrust::load(&config.tls)?;
+        let trust = certs::load_or_join(&config).await?;
         let client = trust.client()?;
         let backends = microvm::backends(&config, driver.clone(), client.clone())?;
         let scheduler_url = config.scheduler_url.clone();
@@ -168,7 +168,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         driver.ensure_runtime(*runtime).await?;
         tracing::info!(runtime = %runtime, "runtime ready");
     }
-    let trust = certs::AgentTrust::load(&config.tls)?;
+    let trust = certs::load_or_join(&config).await?;
     let client = trust.client()?;
     let credential_source = Arc::new(credentials::GatewayCredentialSource::new(
         client.clone(),
@@ -202,7 +202,7 @@ pub async fn start_with(
     config: AgentConfig,
     backends: Backends,
 ) -> Result<AgentHandle, AgentError> {
-    let trust = certs::AgentTrust::load(&config.tls)?;
+    let trust = certs::load_or_join(&config).await?;
     start_with_trust(config, backends, trust).await
 }
 

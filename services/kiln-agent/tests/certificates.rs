@@ -8,10 +8,13 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use kiln_agent::certs::HttpCertificateApi;
+use kiln_agent::config::BootstrapSettings;
 use kiln_agent::testing::{FakeCodeSource, FakeDriver, FakeScheduler};
 use kiln_agent::{AgentConfig, AgentHandle, Backends, NodeConfig, ZipUnpacker};
 use kiln_core::NodeId;
-use kiln_internal_api::{paths, trust_paths, InternalClient, NodeRevoked, Tenancy};
+use kiln_internal_api::{
+    paths, trust_paths, BootstrapToken, CreateBootstrapToken, InternalClient, NodeRevoked, Tenancy,
+};
 use kiln_pki::{CertRequest, DevPki, Identity, PeerCert, TlsFiles, Usage};
 use kiln_scheduler::config::CertificateSettings;
 use kiln_scheduler::{SchedulerConfig, SchedulerHandle};
@@ -53,7 +56,25 @@ fn agent_files(dir: &Path, pki: &DevPki, node: &NodeId, lifetime: Duration) -> T
 }
 
 async fn agent(dir: &Path, tls: TlsFiles, scheduler_url: &str) -> AgentHandle {
-    let config = AgentConfig {
+    let mut handle = kiln_agent::start_with(agent_config(dir, tls, scheduler_url), backends())
+        .await
+        .unwrap();
+    let client = handle.trust().client().unwrap();
+    handle.keep_certificates(Arc::new(HttpCertificateApi::new(client, scheduler_url)));
+    handle
+}
+
+fn backends() -> Backends {
+    Backends {
+        driver: Arc::new(FakeDriver::at("127.0.0.1:9".parse().unwrap())),
+        code_source: Arc::new(FakeCodeSource::new(Duration::ZERO)),
+        unpacker: Arc::new(ZipUnpacker),
+        scheduler: Arc::new(FakeScheduler::new(1_000)),
+    }
+}
+
+fn agent_config(dir: &Path, tls: TlsFiles, scheduler_url: &str) -> AgentConfig {
+    AgentConfig {
         state_dir: dir.to_owned(),
         listen: "127.0.0.1:0".parse().unwrap(),
         advertise_url: None,
@@ -65,6 +86,7 @@ async fn agent(dir: &Path, tls: TlsFiles, scheduler_url: &str) -> AgentHandle {
         drain_on_shutdown: false,
         runtimes: kiln_core::RuntimeName::ALL.to_vec(),
         tls,
+        bootstrap: None,
         node: NodeConfig {
             zone: "zone-a".into(),
             tenancy: Tenancy::Dedicated,
@@ -75,17 +97,7 @@ async fn agent(dir: &Path, tls: TlsFiles, scheduler_url: &str) -> AgentHandle {
         },
         sandbox: Default::default(),
         usage: Default::default(),
-    };
-    let backends = Backends {
-        driver: Arc::new(FakeDriver::at("127.0.0.1:9".parse().unwrap())),
-        code_source: Arc::new(FakeCodeSource::new(Duration::ZERO)),
-        unpacker: Arc::new(ZipUnpacker),
-        scheduler: Arc::new(FakeScheduler::new(1_000)),
-    };
-    let mut handle = kiln_agent::start_with(config, backends).await.unwrap();
-    let client = handle.trust().client().unwrap();
-    handle.keep_certificates(Arc::new(HttpCertificateApi::new(client, scheduler_url)));
-    handle
+    }
 }
 
 fn serial(handle: &AgentHandle) -> String {
@@ -199,5 +211,97 @@ async fn another_agent_refuses_a_revoked_node_within_seconds() {
     let gw = InternalClient::new(&pki.files("gateway-internal")).unwrap();
     let _: serde_json::Value = gw.get(&b_url, paths::HEALTH).await.unwrap();
     agent_b.shutdown().await;
+    sched.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_node_joins_once_with_a_bootstrap_token() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = DevPki::ensure(&tmp.path().join("pki"), &[]).unwrap();
+    let mut config = SchedulerConfig::new(
+        tmp.path().join("scheduler"),
+        "127.0.0.1:0".parse().unwrap(),
+        pki.files("scheduler"),
+    );
+    config.certificates = Some(CertificateSettings::new(
+        pki.ca_cert(),
+        pki.dir.join("ca-key.pem"),
+    ));
+    config.bootstrap_listen = Some("127.0.0.1:0".parse().unwrap());
+    let sched = kiln_scheduler::start(config).await.unwrap();
+    let operator = InternalClient::new(&pki.files("operator")).unwrap();
+    let token: BootstrapToken = operator
+        .post(
+            &url(sched.addr()),
+            trust_paths::BOOTSTRAP_TOKENS,
+            &CreateBootstrapToken {
+                ttl_s: 600,
+                node_id: None,
+            },
+        )
+        .await
+        .unwrap();
+
+    // The node has the CA certificate and the token, nothing else.
+    let node_dir = tmp.path().join("node");
+    std::fs::create_dir_all(&node_dir).unwrap();
+    std::fs::copy(pki.ca_cert(), node_dir.join("ca.pem")).unwrap();
+    let token_file = node_dir.join("bootstrap-token");
+    std::fs::write(&token_file, format!("{}\n", token.token)).unwrap();
+    let tls = TlsFiles {
+        ca: node_dir.join("ca.pem"),
+        cert: node_dir.join("agent.pem"),
+        key: node_dir.join("agent-key.pem"),
+    };
+    let settings = BootstrapSettings {
+        url: url(sched.bootstrap_addr().unwrap()),
+        token_file: token_file.clone(),
+        names: vec!["localhost".to_owned()],
+    };
+    let mut config = agent_config(&node_dir.join("state"), tls.clone(), &url(sched.addr()));
+    config.bootstrap = Some(settings.clone());
+    let handle = kiln_agent::start_with(config.clone(), backends())
+        .await
+        .unwrap();
+
+    // It holds a certificate for the token's node, serves with it, and
+    // remembers the node id; the token file is gone.
+    let leaf = handle.trust().identity().leaf();
+    assert_eq!(
+        Identity::from_certificate(&leaf).unwrap().node(),
+        Some(&token.node_id)
+    );
+    let stored = std::fs::read_to_string(node_dir.join("state/node-id")).unwrap();
+    assert_eq!(stored.trim(), token.node_id.as_str());
+    assert!(!token_file.exists());
+    let gw = InternalClient::new(&pki.files("gateway-internal")).unwrap();
+    let v: serde_json::Value = gw.get(&url(handle.addr()), paths::HEALTH).await.unwrap();
+    assert_eq!(v["status"], "ok");
+    handle.shutdown().await;
+
+    // The same token again, on another machine: refused, nothing written.
+    let other = tmp.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(&token_file, &token.token).unwrap();
+    let mut again = agent_config(
+        &other.join("state"),
+        TlsFiles {
+            ca: pki.ca_cert(),
+            cert: other.join("agent.pem"),
+            key: other.join("agent-key.pem"),
+        },
+        &url(sched.addr()),
+    );
+    again.bootstrap = Some(settings);
+    let err = match kiln_agent::start_with(again, backends()).await {
+        Ok(_) => panic!("a used token joined a second node"),
+        Err(e) => kiln_core::error_chain(&e),
+    };
+    assert!(err.contains("bootstrap token"), "{err}");
+    assert!(
+        err.contains("AccessDenied") || err.contains("already used"),
+        "{err}"
+    );
+    assert!(!other.join("agent.pem").exists());
     sched.shutdown().await;
 }
