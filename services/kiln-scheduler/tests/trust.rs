@@ -469,3 +469,113 @@ async fn bootstrap_tokens_work_once_and_expire() {
     assert_eq!(code(&e), Some(FcErrorCode::InvalidArgument), "{e}");
     handle.shutdown().await;
 }
+
+fn spec(function: &str) -> kiln_core::InstanceSpec {
+    kiln_core::InstanceSpec {
+        account_id: "100".parse().unwrap(),
+        function_name: function.parse().unwrap(),
+        revision: String::new(),
+        runtime: kiln_core::RuntimeName::Custom,
+        handler: "index.handler".into(),
+        command: vec!["/code/server".into()],
+        args: vec![],
+        port: 9000,
+        environment: Default::default(),
+        memory_mb: 128,
+        cpu_milli: 100,
+        disk_mb: 512,
+        timeout_s: 5,
+        concurrency: 1,
+        code_digest: "ab".repeat(32),
+        code_size: 1,
+        initializer: None,
+        pre_stop: None,
+        layers: Vec::new(),
+        role: None,
+        network: None,
+    }
+    .seal()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_nodes_instances_are_replaced_on_another_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = DevPki::ensure(&dir.path().join("pki"), &[]).unwrap();
+    let agent = kiln_scheduler::FakeAgent::new(Duration::ZERO);
+    let handle = kiln_scheduler::start_with(
+        config(dir.path(), &pki, false),
+        Overrides {
+            clock: None,
+            agent: Some(agent.clone()),
+        },
+    )
+    .await
+    .unwrap();
+    let base = base(handle.addr());
+    let a: NodeId = "n-a".parse().unwrap();
+    let b: NodeId = "n-b".parse().unwrap();
+    let gateway = InternalClient::new(&pki.files("gateway-internal")).unwrap();
+    let operator = InternalClient::new(&pki.files("operator")).unwrap();
+    let agent_a = InternalClient::new(&pki.agent(&a).unwrap()).unwrap();
+    let agent_b = InternalClient::new(&pki.agent(&b).unwrap()).unwrap();
+    let acquire = |request_id: &'static str| {
+        let gateway = gateway.clone();
+        let base = base.clone();
+        async move {
+            gateway
+                .post::<_, kiln_internal_api::Lease>(
+                    &base,
+                    kiln_internal_api::paths::LEASES,
+                    &kiln_internal_api::AcquireLease {
+                        request_id: request_id.into(),
+                        spec: spec("f"),
+                    },
+                )
+                .await
+                .unwrap()
+        }
+    };
+
+    // Only A exists: the instance lands there.
+    let _: serde_json::Value = agent_a
+        .post(
+            &base,
+            kiln_internal_api::paths::NODES_REGISTER,
+            &registration(&a),
+        )
+        .await
+        .unwrap();
+    let on_a = acquire("r-1").await;
+    assert_eq!(on_a.node_id, a);
+    let mut on_b_reg = registration(&b);
+    on_b_reg.agent_url = "https://127.0.0.1:10".to_owned();
+    let _: serde_json::Value = agent_b
+        .post(&base, kiln_internal_api::paths::NODES_REGISTER, &on_b_reg)
+        .await
+        .unwrap();
+
+    let revoked: NodeRevoked = operator
+        .post(&base, &trust_paths::node_revoke(&a), &())
+        .await
+        .unwrap();
+    assert_eq!(revoked.instances_written_off, 1);
+    // The instance is gone from the scheduler's view, and the next call
+    // gets a new instance on B.
+    let instances: Vec<kiln_internal_api::InstanceInfo> = gateway
+        .get(&base, kiln_internal_api::paths::SCHEDULER_INSTANCES)
+        .await
+        .unwrap();
+    assert!(
+        instances.iter().all(|i| i.node_id.as_ref() != Some(&a)),
+        "{instances:?}"
+    );
+    let on_b = acquire("r-2").await;
+    assert_eq!(on_b.node_id, b);
+    assert_ne!(on_b.instance_id, on_a.instance_id);
+    assert!(on_b.cold_start);
+    // Nothing is placed on A again.
+    for r in ["r-3", "r-4"] {
+        assert_eq!(acquire(r).await.node_id, b);
+    }
+    handle.shutdown().await;
+}
