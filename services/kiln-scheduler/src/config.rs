@@ -96,7 +96,8 @@ pub struct CertificateSettings {
     /// The signing CA's certificate: an intermediate signed by the
     /// cluster root (recommended: docs/security.md), or the root itself.
     pub ca_cert: PathBuf,
-    /// Its key; refused unless mode 0600 (or stricter) and owned by us.
+    /// Its key; refused unless no group or other permission is set (0600
+    /// or stricter; systemd credentials are 0400).
     pub ca_key: PathBuf,
     /// How long an agent certificate lives. Agents renew at two thirds.
     #[serde(default = "default_agent_cert_lifetime_s")]
