@@ -35,10 +35,33 @@ pub struct AgentTrust {
 }
 
 impl AgentTrust {
+    /// Load the certificate and key, finishing a renewal that a crash
+    /// interrupted between its two renames (see [`write_pair`]).
     pub fn load(files: &TlsFiles) -> Result<Arc<Self>, PkiError> {
+        let identity = match LiveIdentity::load(&files.cert, &files.key) {
+            Ok(identity) => identity,
+            Err(e) => {
+                let (cert_next, key_next) = (next(&files.cert), next(&files.key));
+                // The new key is in place, its certificate is not yet.
+                if !cert_next.exists() || key_next.exists() {
+                    return Err(e);
+                }
+                tracing::warn!(path = %files.cert.display(), "finishing an interrupted certificate renewal");
+                std::fs::rename(&cert_next, &files.cert).map_err(|source| PkiError::Write {
+                    path: files.cert.clone(),
+                    source,
+                })?;
+                LiveIdentity::load(&files.cert, &files.key)?
+            }
+        };
+        // Leftovers of a renewal interrupted before the key moved: the
+        // files in place are the old, matching pair.
+        for stale in [next(&files.cert), next(&files.key)] {
+            let _ = std::fs::remove_file(stale);
+        }
         Ok(Arc::new(Self {
             files: files.clone(),
-            identity: LiveIdentity::load(&files.cert, &files.key)?,
+            identity,
             revoked: RevocationSet::new(),
         }))
     }
@@ -91,11 +114,7 @@ impl AgentTrust {
         // Swapping first proves the certificate parses and matches the
         // key; only then is it written.
         let validity = self.identity.swap_pem(&issued.cert_pem, &key_pem)?;
-        kiln_pki::Issued {
-            cert_pem: issued.cert_pem,
-            key_pem,
-        }
-        .write(&self.files.cert, &self.files.key)?;
+        write_pair(&self.files, issued.cert_pem, key_pem)?;
         Ok(validity.not_after)
     }
 }
@@ -104,7 +123,9 @@ impl AgentTrust {
 /// yet and `[bootstrap]` is set, the first certificate got by redeeming
 /// the bootstrap token (see [`join`]).
 pub async fn load_or_join(config: &crate::AgentConfig) -> Result<Arc<AgentTrust>, AgentError> {
-    let have = config.tls.cert.exists() && config.tls.key.exists();
+    // A pair in place, or one whose writing a crash interrupted.
+    let have = (config.tls.cert.exists() && config.tls.key.exists())
+        || (next(&config.tls.cert).exists() && config.tls.key.exists());
     if let (false, Some(b)) = (have, &config.bootstrap) {
         join(config, b).await?;
     }
@@ -167,11 +188,7 @@ pub async fn join(config: &crate::AgentConfig, b: &BootstrapSettings) -> Result<
             joined.node_id
         )));
     }
-    kiln_pki::Issued {
-        cert_pem: joined.certificate.cert_pem,
-        key_pem,
-    }
-    .write(&config.tls.cert, &config.tls.key)?;
+    write_pair(&config.tls, joined.certificate.cert_pem, key_pem)?;
     std::fs::create_dir_all(&config.state_dir)
         .and_then(|()| {
             crate::registration::NodeIdFile::new(&config.state_dir).store(&joined.node_id)
@@ -184,6 +201,28 @@ pub async fn join(config: &crate::AgentConfig, b: &BootstrapSettings) -> Result<
         tracing::warn!(path = %b.token_file.display(), error = %e, "cannot remove the used bootstrap token");
     }
     tracing::info!(node_id = %joined.node_id, "joined the cluster with a bootstrap token");
+    Ok(())
+}
+
+fn next(path: &std::path::Path) -> std::path::PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".next");
+    name.into()
+}
+
+/// Replace the certificate and key files with a new pair so that a crash
+/// at any point leaves a pair [`AgentTrust::load`] can use: both are
+/// written in full beside the old ones (`.next`, fsynced), then the key
+/// is renamed into place, then the certificate.
+fn write_pair(files: &TlsFiles, cert_pem: String, key_pem: String) -> Result<(), PkiError> {
+    let (cert_next, key_next) = (next(&files.cert), next(&files.key));
+    kiln_pki::Issued { cert_pem, key_pem }.write(&cert_next, &key_next)?;
+    for (from, to) in [(&key_next, &files.key), (&cert_next, &files.cert)] {
+        std::fs::rename(from, to).map_err(|source| PkiError::Write {
+            path: to.clone(),
+            source,
+        })?;
+    }
     Ok(())
 }
 
@@ -321,5 +360,70 @@ pub async fn run_revocation_poll(
         if sleep_or_stop(REVOCATION_POLL, &mut shutdown).await {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_pki::{CertRequest, DevPki, Identity, Usage};
+
+    #[test]
+    fn a_renewal_interrupted_between_its_renames_is_finished_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = DevPki::ensure(dir.path(), &[]).unwrap();
+        let files = pki.files("agent");
+        let node: kiln_core::NodeId = DevPki::NODE.parse().unwrap();
+        let issue = || {
+            pki.ca()
+                .issue(&CertRequest::for_identity(
+                    Identity::agent(DevPki::TRUST_DOMAIN, node.clone()).unwrap(),
+                    Usage::ServerAndClient,
+                ))
+                .unwrap()
+        };
+        // A complete write: the new pair is in place, nothing left over.
+        let first = issue();
+        write_pair(&files, first.cert_pem.clone(), first.key_pem.clone()).unwrap();
+        let t = AgentTrust::load(&files).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&files.cert).unwrap(),
+            first.cert_pem
+        );
+        assert!(!next(&files.cert).exists() && !next(&files.key).exists());
+        drop(t);
+
+        // Crash after the key moved, before the certificate did.
+        let second = issue();
+        kiln_pki::Issued {
+            cert_pem: second.cert_pem.clone(),
+            key_pem: second.key_pem.clone(),
+        }
+        .write(&next(&files.cert), &next(&files.key))
+        .unwrap();
+        std::fs::rename(next(&files.key), &files.key).unwrap();
+        assert!(LiveIdentity::load(&files.cert, &files.key).is_err());
+        let t = AgentTrust::load(&files).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&files.cert).unwrap(),
+            second.cert_pem
+        );
+        assert!(!next(&files.cert).exists());
+        drop(t);
+
+        // Crash before the key moved: the old pair stays, leftovers go.
+        let third = issue();
+        kiln_pki::Issued {
+            cert_pem: third.cert_pem,
+            key_pem: third.key_pem,
+        }
+        .write(&next(&files.cert), &next(&files.key))
+        .unwrap();
+        AgentTrust::load(&files).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&files.cert).unwrap(),
+            second.cert_pem
+        );
+        assert!(!next(&files.cert).exists() && !next(&files.key).exists());
     }
 }
