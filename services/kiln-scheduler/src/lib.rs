@@ -228,11 +228,11 @@ pub async fn start_with(
         // Server authentication only: a joining node has no certificate
         // yet; it checks ours against the cluster CA it was given.
         let tls = kiln_pki::public_server_config(&config.tls.cert, &config.tls.key)?;
-        let t = trust.clone();
+        let (t, m) = (trust.clone(), scheduler.metrics().clone());
         tasks.push(tokio::spawn(kiln_internal_api::server::serve_tls(
             l,
             tls,
-            move |req, conn| api::trust::handle_bootstrap(t.clone(), req, conn.peer),
+            move |req, conn| api::trust::handle_bootstrap(t.clone(), m.clone(), req, conn.peer),
             stopped(),
         )));
     }

@@ -122,7 +122,10 @@ impl Scheduler {
 
     /// Attach the certificate lifecycle (once; later calls are ignored).
     pub fn attach_trust(&self, trust: Arc<Trust>) {
-        let _ = self.inner.trust.set(trust);
+        let revoked = trust.revocations().list().nodes.len();
+        if self.inner.trust.set(trust).is_ok() {
+            self.inner.metrics.revoked_nodes.set(revoked as i64);
+        }
     }
 
     pub fn trust(&self) -> Result<&Arc<Trust>, FcError> {
@@ -135,7 +138,12 @@ impl Scheduler {
     /// Revoke every certificate of `node` (durably, before answering),
     /// and write off its instances so they are replaced elsewhere.
     pub fn revoke(&self, node: &NodeId) -> Result<kiln_internal_api::NodeRevoked, FcError> {
-        let revoked_at_ms = self.trust()?.revoke(node)?;
+        let trust = self.trust()?;
+        let revoked_at_ms = trust.revoke(node)?;
+        self.inner
+            .metrics
+            .revoked_nodes
+            .set(trust.revocations().list().nodes.len() as i64);
         let mut st = self.lock();
         let (instances_written_off, effects) = st.core.revoke_node(node);
         self.finish(&mut st, effects);

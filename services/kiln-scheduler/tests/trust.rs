@@ -171,6 +171,11 @@ async fn a_revoked_node_is_cut_off_at_once_and_stays_revoked_across_a_restart() 
     handle.shutdown().await;
     let handle = start(dir.path(), &pki, false, &clock).await;
     let base = self::base(handle.addr());
+    let metrics = handle.scheduler().metrics().render();
+    assert!(
+        metrics.contains("kiln_scheduler_revoked_nodes 1\n"),
+        "{metrics}"
+    );
     let fresh_a = InternalClient::new(&pki.agent(&a).unwrap()).unwrap();
     let e = fresh_a
         .get::<RevocationList>(&base, trust_paths::REVOCATIONS)
@@ -428,6 +433,16 @@ async fn bootstrap_tokens_work_once_and_expire() {
         .await
         .unwrap_err();
     assert_eq!(code(&e), Some(FcErrorCode::AccessDenied), "{e}");
+
+    let metrics = handle.scheduler().metrics().render();
+    assert!(
+        metrics.contains("kiln_scheduler_certificates_issued_total 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("kiln_scheduler_bootstrap_refused_total 3\n"),
+        "{metrics}"
+    );
 
     // The bootstrap listener serves nothing else, and the mTLS listener
     // does not serve bootstrap to a caller without a certificate.

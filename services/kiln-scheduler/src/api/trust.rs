@@ -65,6 +65,7 @@ pub async fn renew(
         conn.certificate.as_deref(),
         &req.csr_pem,
     )?;
+    sched.metrics().certificates_issued.inc();
     Ok(json(StatusCode::OK, &issued))
 }
 
@@ -86,6 +87,7 @@ const BOOTSTRAP_BODY_LIMIT: usize = 64 * 1024;
 /// else is 404 whatever the caller holds.
 pub async fn handle_bootstrap(
     trust: std::sync::Arc<Trust>,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
     req: Request<Incoming>,
     peer: SocketAddr,
 ) -> Response<Body> {
@@ -95,7 +97,18 @@ pub async fn handle_bootstrap(
         let path = req.uri().path().to_owned();
         let result = if req.method() == Method::POST && path == trust_paths::BOOTSTRAP {
             match read_json::<Bootstrap>(req.into_body(), BOOTSTRAP_BODY_LIMIT).await {
-                Ok(b) => trust.redeem(&b, peer).map(|ok| json(StatusCode::OK, &ok)),
+                Ok(b) => match trust.redeem(&b, peer) {
+                    Ok(ok) => {
+                        metrics.certificates_issued.inc();
+                        Ok(json(StatusCode::OK, &ok))
+                    }
+                    Err(e) => {
+                        if e.code == FcErrorCode::AccessDenied {
+                            metrics.bootstrap_refused.inc();
+                        }
+                        Err(e)
+                    }
+                },
                 Err(e) => Err(e),
             }
         } else {
