@@ -73,7 +73,16 @@ fn connector(
     files: &TlsFiles,
     protocol: Protocol,
 ) -> Result<HttpsConnector<HttpConnector>, PkiError> {
-    let tls = kiln_pki::internal_client_config(files)?;
+    Ok(connector_with(
+        kiln_pki::internal_client_config(files)?,
+        protocol,
+    ))
+}
+
+fn connector_with(
+    tls: std::sync::Arc<rustls::ClientConfig>,
+    protocol: Protocol,
+) -> HttpsConnector<HttpConnector> {
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
     http.enforce_http(false);
@@ -84,14 +93,25 @@ fn connector(
     let builder = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_only();
-    Ok(match protocol {
+    match protocol {
         Protocol::Http1 => builder.enable_http1().wrap_connector(http),
         Protocol::Http2 => builder.enable_http2().wrap_connector(http),
-    })
+    }
 }
 
 impl InternalClient {
     pub fn new(files: &TlsFiles) -> Result<Self, PkiError> {
+        Ok(Self::http2(connector(files, Protocol::Http2)?))
+    }
+
+    /// A client on a TLS configuration built elsewhere: one presenting a
+    /// [`kiln_pki::LiveIdentity`] and refusing revoked servers (see
+    /// [`kiln_pki::internal_client_config_live`]).
+    pub fn with_config(tls: std::sync::Arc<rustls::ClientConfig>) -> Self {
+        Self::http2(connector_with(tls, Protocol::Http2))
+    }
+
+    fn http2(connector: HttpsConnector<HttpConnector>) -> Self {
         let http = Client::builder(TokioExecutor::new())
             // HTTP/2 keep-alive needs a timer.
             .timer(hyper_util::rt::TokioTimer::new())
@@ -102,11 +122,11 @@ impl InternalClient {
             .http2_keep_alive_interval(Some(Duration::from_secs(10)))
             .http2_keep_alive_timeout(Duration::from_secs(5))
             .pool_idle_timeout(Duration::from_secs(90))
-            .build(connector(files, Protocol::Http2)?);
-        Ok(Self {
+            .build(connector);
+        Self {
             http,
             timeout: Duration::from_secs(30),
-        })
+        }
     }
 
     /// A pooled client speaking HTTP/1.1 (one call per connection at a
@@ -115,15 +135,25 @@ impl InternalClient {
     /// shared connection task, at the price of one connection per call in
     /// flight.
     pub fn new_http1(files: &TlsFiles) -> Result<Self, PkiError> {
+        Ok(Self::http1(connector(files, Protocol::Http1)?))
+    }
+
+    /// [`InternalClient::new_http1`] on a TLS configuration built
+    /// elsewhere (see [`InternalClient::with_config`]).
+    pub fn with_config_http1(tls: std::sync::Arc<rustls::ClientConfig>) -> Self {
+        Self::http1(connector_with(tls, Protocol::Http1))
+    }
+
+    fn http1(connector: HttpsConnector<HttpConnector>) -> Self {
         let http = Client::builder(TokioExecutor::new())
             .pool_timer(hyper_util::rt::TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(1024)
-            .build(connector(files, Protocol::Http1)?);
-        Ok(Self {
+            .build(connector);
+        Self {
             http,
             timeout: Duration::from_secs(30),
-        })
+        }
     }
 
     /// The same client with another per-call timeout for JSON calls.

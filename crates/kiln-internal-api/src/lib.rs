@@ -13,7 +13,9 @@ pub mod keys;
 pub mod messages;
 pub mod router;
 pub mod server;
+pub mod trust;
 
 pub use client::{InternalClient, InternalClientError};
 pub use invoke::{InvokeFailure, InvokeOutcome};
 pub use messages::*;
+pub use trust::*;

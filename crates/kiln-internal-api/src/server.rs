@@ -111,6 +111,8 @@ pub struct ConnInfo {
     /// certificate that names no Kiln identity, which every internal route
     /// refuses.
     pub identity: Option<Arc<kiln_pki::Identity>>,
+    /// The peer's leaf certificate (DER), when it presented one.
+    pub certificate: Option<Arc<rustls::pki_types::CertificateDer<'static>>>,
 }
 
 /// The identity of the client certificate a TLS connection presented.
@@ -140,6 +142,25 @@ pub async fn serve_tls<H, F>(
     H: Fn(Request<Incoming>, ConnInfo) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
+    serve_tls_revocable(listener, tls, None, handler, shutdown).await
+}
+
+/// [`serve_tls`] that also drops every open connection whose client
+/// certificate becomes revoked in `revoked` (by serial or by node), the
+/// moment the set changes. New handshakes of a revoked certificate are
+/// refused by the TLS config's verifier (see
+/// [`kiln_pki::internal_server_config_live`]); this closes what was
+/// already open.
+pub async fn serve_tls_revocable<H, F>(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    revoked: Option<Arc<kiln_pki::RevocationSet>>,
+    handler: H,
+    shutdown: impl Future<Output = ()>,
+) where
+    H: Fn(Request<Incoming>, ConnInfo) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
     let acceptor = TlsAcceptor::from(tls);
     let local = listener.local_addr().expect("bound listener");
     tokio::pin!(shutdown);
@@ -159,6 +180,7 @@ pub async fn serve_tls<H, F>(
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let handler = handler.clone();
+        let revoked = revoked.clone();
         tokio::spawn(async move {
             let tls = match tokio::time::timeout(
                 std::time::Duration::from_secs(10),
@@ -180,6 +202,24 @@ pub async fn serve_tls<H, F>(
                 peer,
                 local,
                 identity: peer_identity(tls.get_ref().1, peer),
+                certificate: tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .map(|c| Arc::new(c.clone().into_owned())),
+            };
+            let peer_cert = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(kiln_pki::PeerCert::from_der);
+            // Revoked between the handshake's check and now.
+            let watch = match (revoked, peer_cert) {
+                (Some(set), Some(cert)) if set.is_revoked(&cert) => return,
+                (Some(set), Some(cert)) => Some((set, cert)),
+                _ => None,
             };
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let handler = handler.clone();
@@ -199,10 +239,27 @@ pub async fn serve_tls<H, F>(
                 .max_concurrent_streams(1024)
                 .initial_stream_window_size(1 << 20)
                 .initial_connection_window_size(4 << 20);
-            if let Err(e) = builder
-                .serve_connection_with_upgrades(TokioIo::new(tls), service)
-                .await
-            {
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+            let result = match watch {
+                None => conn.await,
+                Some((set, cert)) => {
+                    tokio::pin!(conn);
+                    let mut changes = set.subscribe();
+                    loop {
+                        tokio::select! {
+                            r = &mut conn => break r,
+                            // The set lives as long as this task holds it.
+                            Ok(()) = changes.changed() => {
+                                if set.is_revoked(&cert) {
+                                    tracing::warn!(%peer, peer_cert = %cert, "peer certificate revoked; dropping its connection");
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });

@@ -6,8 +6,15 @@
 #![forbid(unsafe_code)]
 
 mod identity;
+mod live;
+mod revocation;
 
 pub use identity::{Identity, IdentityError, Role};
+pub use live::{LiveIdentity, Validity};
+pub use revocation::{
+    serial_hex, PeerCert, RevocationCheckingClientVerifier, RevocationCheckingServerVerifier,
+    RevocationList, RevocationSet,
+};
 
 use std::fs;
 use std::io::BufReader;
@@ -45,11 +52,19 @@ pub enum PkiError {
     Generate(#[from] rcgen::Error),
     #[error("Invalid TLS configuration")]
     Rustls(#[from] rustls::Error),
-    #[error("Invalid client verifier")]
+    #[error("Invalid certificate verifier")]
     Verifier(#[from] rustls::server::VerifierBuilderError),
     #[error("Invalid identity")]
     Identity(#[from] IdentityError),
+    #[error("Unreadable certificate material: {0}")]
+    Parse(String),
+    #[error("Invalid certificate signing request: {0}")]
+    Csr(String),
 }
+
+/// How far back a new certificate's validity starts: grace for clocks
+/// that run behind ours.
+pub const NOT_BEFORE_GRACE: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// Paths of one party's TLS material: the CA it trusts, its certificate
 /// chain and its key. The shape every service's config file uses.
@@ -133,54 +148,153 @@ impl Ca {
         write(key_path, &self.key.serialize_pem(), 0o600)
     }
 
-    /// Issue the certificate `req` describes, signed by this CA.
+    /// Issue the certificate `req` describes, signed by this CA, with a
+    /// new key.
     pub fn issue(&self, req: &CertRequest) -> Result<Issued, PkiError> {
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, req.common_name.as_str());
-        dn.push(DnType::OrganizationName, "Kiln");
-        params.distinguished_name = dn;
-        let mut sans = req
-            .names
-            .iter()
-            .map(|n| match n.parse::<std::net::IpAddr>() {
-                Ok(ip) => Ok(SanType::IpAddress(ip)),
-                Err(_) => Ok(SanType::DnsName(n.clone().try_into()?)),
-            })
-            .collect::<Result<Vec<_>, rcgen::Error>>()?;
-        if let Some(identity) = &req.identity {
-            sans.push(SanType::URI(identity.uri().try_into()?));
-        }
-        params.subject_alt_names = sans;
-        // A random positive 128-bit serial: what a revocation list names.
-        let mut serial: [u8; 16] = rand::random();
-        serial[0] &= 0x7f;
-        params.serial_number = Some(SerialNumber::from_slice(&serial));
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        params.extended_key_usages = match req.usage {
-            Usage::Server => vec![ExtendedKeyUsagePurpose::ServerAuth],
-            Usage::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
-            Usage::ServerAndClient => vec![
-                ExtendedKeyUsagePurpose::ServerAuth,
-                ExtendedKeyUsagePurpose::ClientAuth,
-            ],
-        };
-        let now = time::OffsetDateTime::now_utc();
-        // Five minutes of grace for clocks that run behind ours.
-        params.not_before = now - time::Duration::minutes(5);
-        params.not_after =
-            now + time::Duration::try_from(req.lifetime).unwrap_or(time::Duration::days(730));
         let key = KeyPair::generate()?;
-        let issuer = self.params.clone().self_signed(&self.key)?;
-        let cert = params.signed_by(&key, &issuer, &self.key)?;
+        let cert = leaf_params(req)?.signed_by(&key, &self.issuer()?, &self.key)?;
         Ok(Issued {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
         })
     }
+
+    /// Sign the public key of the PEM certificate signing request `csr`
+    /// into a certificate that says exactly what `req` says: everything
+    /// the request asks for beyond its key (names, identity, usages) is
+    /// ignored. The request's self-signature must verify (proof that the
+    /// caller holds the key). Answers the PEM chain: the certificate, then
+    /// this CA's certificate when it is an intermediate.
+    pub fn sign_csr(&self, csr_pem: &str, req: &CertRequest) -> Result<String, PkiError> {
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| PkiError::Csr(e.to_string()))?;
+        let cert = leaf_params(req)?.signed_by(&csr.public_key, &self.issuer()?, &self.key)?;
+        let mut chain = cert.pem();
+        if !self.is_self_signed()? {
+            chain.push_str(&self.cert_pem);
+        }
+        Ok(chain)
+    }
+
+    fn issuer(&self) -> Result<rcgen::Certificate, PkiError> {
+        // Re-signing the CA's own parameters gives an issuer with the same
+        // subject and key identifier as the CA certificate on disk.
+        Ok(self.params.clone().self_signed(&self.key)?)
+    }
+
+    fn is_self_signed(&self) -> Result<bool, PkiError> {
+        let der = rustls_pemfile::certs(&mut self.cert_pem.as_bytes())
+            .next()
+            .ok_or_else(|| PkiError::Parse("the CA file holds no certificate".to_owned()))?
+            .map_err(|e| PkiError::Parse(e.to_string()))?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(der.as_ref())
+            .map_err(|e| PkiError::Parse(e.to_string()))?;
+        Ok(parsed.subject() == parsed.issuer())
+    }
+}
+
+/// The parameters of a leaf certificate `req` describes.
+fn leaf_params(req: &CertRequest) -> Result<CertificateParams, PkiError> {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, req.common_name.as_str());
+    dn.push(DnType::OrganizationName, "Kiln");
+    params.distinguished_name = dn;
+    let mut sans = san_names(&req.names)?;
+    if let Some(identity) = &req.identity {
+        sans.push(SanType::URI(identity.uri().try_into()?));
+    }
+    params.subject_alt_names = sans;
+    // A random positive 128-bit serial: what a revocation list names.
+    let mut serial: [u8; 16] = rand::random();
+    serial[0] &= 0x7f;
+    params.serial_number = Some(SerialNumber::from_slice(&serial));
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = match req.usage {
+        Usage::Server => vec![ExtendedKeyUsagePurpose::ServerAuth],
+        Usage::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
+        Usage::ServerAndClient => vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ],
+    };
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::try_from(NOT_BEFORE_GRACE).expect("small");
+    params.not_after =
+        now + time::Duration::try_from(req.lifetime).unwrap_or(time::Duration::days(730));
+    Ok(params)
+}
+
+fn san_names(names: &[String]) -> Result<Vec<SanType>, rcgen::Error> {
+    names
+        .iter()
+        .map(|n| match n.parse::<std::net::IpAddr>() {
+            Ok(ip) => Ok(SanType::IpAddress(ip)),
+            Err(_) => Ok(SanType::DnsName(n.clone().try_into()?)),
+        })
+        .collect()
+}
+
+/// The DNS names and IP addresses a DER certificate's subject alternative
+/// names list (its identity URI aside).
+pub fn certificate_names(cert: &CertificateDer<'_>) -> Result<Vec<String>, PkiError> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|e| PkiError::Parse(e.to_string()))?;
+    let san = parsed
+        .subject_alternative_name()
+        .map_err(|e| PkiError::Parse(e.to_string()))?;
+    let mut names = Vec::new();
+    for name in san.iter().flat_map(|ext| ext.value.general_names.iter()) {
+        match name {
+            x509_parser::extensions::GeneralName::DNSName(d) => names.push((*d).to_owned()),
+            x509_parser::extensions::GeneralName::IPAddress(ip) => {
+                let ip = match ip.len() {
+                    4 => std::net::IpAddr::from(<[u8; 4]>::try_from(*ip).expect("4 bytes")),
+                    16 => std::net::IpAddr::from(<[u8; 16]>::try_from(*ip).expect("16 bytes")),
+                    _ => continue,
+                };
+                names.push(ip.to_string());
+            }
+            _ => {}
+        }
+    }
+    Ok(names)
+}
+
+/// The DNS names and IP addresses a PEM certificate signing request asks
+/// for (after checking its signature).
+pub fn csr_names(csr_pem: &str) -> Result<Vec<String>, PkiError> {
+    let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+        .map_err(|e| PkiError::Csr(e.to_string()))?;
+    Ok(csr
+        .params
+        .subject_alt_names
+        .iter()
+        .filter_map(|n| match n {
+            SanType::DnsName(d) => Some(d.as_str().to_owned()),
+            SanType::IpAddress(ip) => Some(ip.to_string()),
+            _ => None,
+        })
+        .collect())
+}
+
+/// A new key and a PEM certificate signing request for it: what an agent
+/// sends to renew or to join. The request names only the DNS names and
+/// addresses the agent serves under (`names`), which a CA may use when it
+/// has nothing better (bootstrap); the identity is the CA's decision.
+/// Answers `(key_pem, csr_pem)`.
+pub fn new_key_and_csr(names: &[String]) -> Result<(String, String), PkiError> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(Vec::new())?;
+    params.subject_alt_names = san_names(names)?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, "kiln-agent");
+    params.distinguished_name = dn;
+    let csr = params.serialize_request(&key)?;
+    Ok((key.serialize_pem(), csr.pem()?))
 }
 
 /// What a certificate the CA issues says: its names, what it may be used
@@ -358,6 +472,48 @@ pub fn internal_client_config(files: &TlsFiles) -> Result<Arc<rustls::ClientConf
     Ok(Arc::new(config))
 }
 
+/// An internal listener like [`internal_server_config`] whose certificate
+/// is `identity` (replaceable while serving) and which refuses client
+/// certificates `revoked` lists.
+pub fn internal_server_config_live(
+    ca: &Path,
+    identity: Arc<LiveIdentity>,
+    revoked: Arc<RevocationSet>,
+) -> Result<Arc<rustls::ServerConfig>, PkiError> {
+    let webpki = WebPkiClientVerifier::builder_with_provider(Arc::new(root_store(ca)?), provider())
+        .build()?;
+    let verifier = Arc::new(RevocationCheckingClientVerifier::new(webpki, revoked));
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(identity);
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// An internal client like [`internal_client_config`] presenting
+/// `identity` (replaceable while running) and refusing servers whose
+/// certificate `revoked` lists.
+pub fn internal_client_config_live(
+    ca: &Path,
+    identity: Arc<LiveIdentity>,
+    revoked: Arc<RevocationSet>,
+) -> Result<Arc<rustls::ClientConfig>, PkiError> {
+    let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        Arc::new(root_store(ca)?),
+        provider(),
+    )
+    .build()?;
+    let verifier = Arc::new(RevocationCheckingServerVerifier::new(webpki, revoked));
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_cert_resolver(identity);
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
 /// A client of the public API that trusts `ca` (for the CLI and tests).
 pub fn public_client_config(ca: &Path) -> Result<Arc<rustls::ClientConfig>, PkiError> {
     let mut config = rustls::ClientConfig::builder_with_provider(provider())
@@ -411,7 +567,11 @@ impl DevPki {
         };
         for role in Self::ROLES {
             let req = match role {
-                "gateway" => CertRequest::public_server("kiln-gateway").names(public_names),
+                // Local names too, as before identities: tests and the CLI
+                // call a dev gateway at https://localhost.
+                "gateway" => CertRequest::public_server("kiln-gateway")
+                    .names(&Self::local_names("gateway"))
+                    .names(public_names),
                 "gateway-internal" => pki.service_request(Role::Gateway, Usage::ServerAndClient)?,
                 "scheduler" => pki.service_request(Role::Scheduler, Usage::ServerAndClient)?,
                 "operator" => pki.service_request(Role::Operator, Usage::Client)?,
@@ -573,5 +733,185 @@ mod tests {
             Identity::from_certificate(&cert[0]).unwrap().role(),
             Role::Scheduler
         );
+    }
+
+    /// Drive a TLS handshake between `client` and `server` in memory.
+    fn handshake(
+        client: Arc<rustls::ClientConfig>,
+        server: Arc<rustls::ServerConfig>,
+    ) -> Result<(), rustls::Error> {
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut c = rustls::ClientConnection::new(client, name)?;
+        let mut s = rustls::ServerConnection::new(server)?;
+        for _ in 0..10 {
+            let mut buf = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut buf).unwrap();
+            }
+            let mut rd = &buf[..];
+            while !rd.is_empty() {
+                s.read_tls(&mut rd).unwrap();
+            }
+            s.process_new_packets()?;
+            let mut buf = Vec::new();
+            while s.wants_write() {
+                s.write_tls(&mut buf).unwrap();
+            }
+            let mut rd = &buf[..];
+            while !rd.is_empty() {
+                c.read_tls(&mut rd).unwrap();
+            }
+            c.process_new_packets()?;
+            if !c.is_handshaking() && !s.is_handshaking() {
+                return Ok(());
+            }
+        }
+        panic!("the handshake did not finish");
+    }
+
+    fn leaf_of(pem: &str) -> CertificateDer<'static> {
+        rustls_pemfile::certs(&mut pem.as_bytes())
+            .next()
+            .unwrap()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_csr_gets_exactly_the_identity_the_ca_decides() {
+        let ca = Ca::generate("test").unwrap();
+        // A request asking for the scheduler's identity and a DNS name.
+        let key = KeyPair::generate().unwrap();
+        let mut asked = CertificateParams::new(vec!["evil.example".to_owned()]).unwrap();
+        asked.subject_alt_names.push(SanType::URI(
+            "spiffe://kiln/scheduler".to_owned().try_into().unwrap(),
+        ));
+        let csr = asked.serialize_request(&key).unwrap().pem().unwrap();
+        let node: kiln_core::NodeId = "n-a".parse().unwrap();
+        let identity = Identity::agent("kiln", node).unwrap();
+        let chain = ca
+            .sign_csr(
+                &csr,
+                &CertRequest::for_identity(identity.clone(), Usage::ServerAndClient)
+                    .lifetime(std::time::Duration::from_secs(3600)),
+            )
+            .unwrap();
+        let leaf = leaf_of(&chain);
+        assert_eq!(Identity::from_certificate(&leaf).unwrap(), identity);
+        let (_, parsed) = x509_parser::parse_x509_certificate(leaf.as_ref()).unwrap();
+        let text = format!("{:?}", parsed.subject_alternative_name());
+        assert!(!text.contains("evil.example"), "{text}");
+        // The certificate is for the request's key, and lives an hour.
+        let validity = Validity::of(&leaf).unwrap();
+        let life = validity
+            .not_after
+            .duration_since(validity.not_before)
+            .unwrap();
+        assert_eq!(life.as_secs(), 3600 + NOT_BEFORE_GRACE.as_secs());
+        let live = LiveIdentity::load_pem_for_test(&chain, &key.serialize_pem());
+        assert_eq!(live.leaf(), leaf);
+        // A request whose signature does not match its contents is refused.
+        let mut lines: Vec<String> = csr.lines().map(str::to_owned).collect();
+        let body = &mut lines[3];
+        let flipped = if body.starts_with('A') { "B" } else { "A" };
+        body.replace_range(0..1, flipped);
+        let bad = lines.join("\n");
+        assert!(ca
+            .sign_csr(&bad, &CertRequest::for_identity(identity, Usage::Client))
+            .is_err());
+    }
+
+    #[test]
+    fn new_csrs_are_signable() {
+        let ca = Ca::generate("test").unwrap();
+        let names = vec!["node-b.example".to_owned(), "10.0.0.2".to_owned()];
+        let (key, csr) = new_key_and_csr(&names).unwrap();
+        assert_eq!(csr_names(&csr).unwrap(), names);
+        let identity = Identity::agent("kiln", "n-b".parse().unwrap()).unwrap();
+        let chain = ca
+            .sign_csr(&csr, &CertRequest::for_identity(identity, Usage::Client))
+            .unwrap();
+        let live = LiveIdentity::load_pem_for_test(&chain, &key);
+        // The CA named nothing: the request's names are not copied.
+        assert!(certificate_names(&live.leaf()).unwrap().is_empty());
+        let dir = tempfile::tempdir().unwrap();
+        let pki = DevPki::ensure(dir.path(), &[]).unwrap();
+        let agent = load_certs(&pki.files("agent").cert).unwrap();
+        let names = certificate_names(&agent[0]).unwrap();
+        assert!(names.contains(&"127.0.0.1".to_owned()), "{names:?}");
+        assert!(names.contains(&"localhost".to_owned()), "{names:?}");
+    }
+
+    #[test]
+    fn revoked_peers_fail_the_handshake_both_ways_and_swaps_take_effect() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = DevPki::ensure(dir.path(), &[]).unwrap();
+        let node: kiln_core::NodeId = DevPki::NODE.parse().unwrap();
+        let agent = pki.files("agent");
+        let sched = pki.files("scheduler");
+        let agent_id = LiveIdentity::load(&agent.cert, &agent.key).unwrap();
+        let sched_id = LiveIdentity::load(&sched.cert, &sched.key).unwrap();
+        let revoked = RevocationSet::new();
+        let ca = pki.ca_cert();
+        let server = |id: &Arc<LiveIdentity>| {
+            internal_server_config_live(&ca, id.clone(), revoked.clone()).unwrap()
+        };
+        let client = |id: &Arc<LiveIdentity>| {
+            internal_client_config_live(&ca, id.clone(), revoked.clone()).unwrap()
+        };
+        handshake(client(&agent_id), server(&sched_id)).unwrap();
+        handshake(client(&sched_id), server(&agent_id)).unwrap();
+
+        // A fresh certificate for the same node, swapped in live, serves.
+        let renewed = pki
+            .ca()
+            .issue(
+                &CertRequest::for_identity(
+                    Identity::agent(DevPki::TRUST_DOMAIN, node.clone()).unwrap(),
+                    Usage::ServerAndClient,
+                )
+                .names(&["localhost".to_owned()]),
+            )
+            .unwrap();
+        let before = agent_id.leaf();
+        agent_id
+            .swap_pem(&renewed.cert_pem, &renewed.key_pem)
+            .unwrap();
+        assert_ne!(agent_id.leaf(), before);
+        handshake(client(&agent_id), server(&sched_id)).unwrap();
+
+        // A mismatched key is refused and changes nothing.
+        let other = pki
+            .ca()
+            .issue(&CertRequest::for_identity(
+                Identity::agent(DevPki::TRUST_DOMAIN, node.clone()).unwrap(),
+                Usage::ServerAndClient,
+            ))
+            .unwrap();
+        assert!(agent_id
+            .swap_pem(&renewed.cert_pem, &other.key_pem)
+            .is_err());
+        handshake(client(&agent_id), server(&sched_id)).unwrap();
+
+        // Revoking the node refuses it as a client and as a server.
+        revoked.revoke_node(node);
+        let e = handshake(client(&agent_id), server(&sched_id)).unwrap_err();
+        assert_eq!(
+            e,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked)
+        );
+        let e = handshake(client(&sched_id), server(&agent_id)).unwrap_err();
+        assert_eq!(
+            e,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked)
+        );
+
+        // Revoking one serial leaves the holder's other certificates alone.
+        revoked.replace(RevocationList::default());
+        let serial = PeerCert::from_der(&sched_id.leaf()).unwrap().serial;
+        revoked.revoke_serial(&serial);
+        assert!(handshake(client(&agent_id), server(&sched_id)).is_err());
+        let gw = pki.files("gateway-internal");
+        let gw_id = LiveIdentity::load(&gw.cert, &gw.key).unwrap();
+        handshake(client(&gw_id), server(&agent_id)).unwrap();
     }
 }

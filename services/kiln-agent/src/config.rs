@@ -70,12 +70,31 @@ pub struct AgentConfig {
     #[serde(default = "default_runtimes")]
     pub runtimes: Vec<RuntimeName>,
     pub tls: TlsFiles,
+    /// Joining with a single-use bootstrap token: used at start when the
+    /// `tls` certificate or key does not exist yet (docs/joining.md).
+    #[serde(default)]
+    pub bootstrap: Option<BootstrapSettings>,
     pub node: NodeConfig,
     #[serde(default)]
     pub sandbox: SandboxSection,
     /// Idle freezing and per-instance usage metrics (`[usage]`).
     #[serde(default)]
     pub usage: UsageConfig,
+}
+
+/// `[bootstrap]`: how a node without a certificate joins.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootstrapSettings {
+    /// The scheduler's bootstrap listener (`bootstrap_listen`), https://.
+    pub url: String,
+    /// The file holding the token `kiln nodes bootstrap-token` printed;
+    /// removed once the token is redeemed.
+    pub token_file: PathBuf,
+    /// DNS names and addresses the certificate carries besides the host
+    /// of `advertise_url` (or the `listen` address).
+    #[serde(default)]
+    pub names: Vec<String>,
 }
 
 /// `[usage]`: idle freezing and per-instance usage sampling.
@@ -277,6 +296,9 @@ impl AgentConfig {
             ("gateway_internal_url", &self.gateway_internal_url),
         ] {
             check_https_url(name, url)?;
+        }
+        if let Some(b) = &self.bootstrap {
+            check_https_url("bootstrap.url", &b.url)?;
         }
         match &self.advertise_url {
             Some(url) => check_https_url("advertise_url", url)?,

@@ -25,6 +25,8 @@ pub enum AgentError {
         #[source]
         source: io::Error,
     },
+    #[error("Cannot join the cluster with the bootstrap token: {0}")]
+    Bootstrap(String),
     #[error("The sandbox backend failed")]
     Sandbox(#[from] kiln_sandbox::SandboxError),
     #[error("Cannot enter a private mount namespace ({step})")]

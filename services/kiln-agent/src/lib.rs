@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod certs;
 pub mod code;
 pub mod config;
 pub mod credentials;
@@ -29,7 +30,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use kiln_core::{RuntimeName, SystemClock};
-use kiln_internal_api::{InternalClient, NodeCapacity, NodeLabels};
+use kiln_internal_api::{NodeCapacity, NodeLabels};
 use kiln_sandbox::{ContainerDriver, SandboxDriver};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -62,6 +63,7 @@ pub struct AgentHandle {
     drain: bool,
     container: Option<Arc<ContainerDriver>>,
     microvm: Option<Arc<kiln_sandbox::MicroVmDriver>>,
+    trust: Arc<certs::AgentTrust>,
 }
 
 impl AgentHandle {
@@ -81,6 +83,26 @@ impl AgentHandle {
 
     pub fn instances(&self) -> &Arc<InstanceManager> {
         &self.manager
+    }
+
+    /// The agent's live certificate and the revocations it enforces.
+    pub fn trust(&self) -> &Arc<certs::AgentTrust> {
+        &self.trust
+    }
+
+    /// Keep the certificate renewed and follow the cluster's revocations
+    /// through `api` (the scheduler), until shutdown.
+    pub fn keep_certificates(&mut self, api: Arc<dyn certs::CertificateApi>) {
+        self.tasks.push(tokio::spawn(certs::run_renewal(
+            self.trust.clone(),
+            api.clone(),
+            self.shutdown.subscribe(),
+        )));
+        self.tasks.push(tokio::spawn(certs::run_revocation_poll(
+            self.trust.revocations().clone(),
+            api,
+            self.shutdown.subscribe(),
+        )));
     }
 
     /// Stop serving and stop the background tasks. Instances stay (an
@@ -118,8 +140,15 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
     config.validate()?;
     if config.sandbox.backend_for(config.node.tenancy) == kiln_core::SandboxKind::Microvm {
         let driver = microvm::driver(&config).await?;
-        let backends = microvm::backends(&config, driver.clone())?;
-        let mut handle = start_with(config, backends).await?;
+        let trust = certs::load_or_join(&config).await?;
+        let client = trust.client()?;
+        let backends = microvm::backends(&config, driver.clone(), client.clone())?;
+        let scheduler_url = config.scheduler_url.clone();
+        let mut handle = start_with_trust(config, backends, trust).await?;
+        handle.keep_certificates(Arc::new(certs::HttpCertificateApi::new(
+            client,
+            &scheduler_url,
+        )));
         handle.microvm = Some(driver);
         return Ok(handle);
     }
@@ -139,7 +168,8 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         driver.ensure_runtime(*runtime).await?;
         tracing::info!(runtime = %runtime, "runtime ready");
     }
-    let client = InternalClient::new(&config.tls)?;
+    let trust = certs::load_or_join(&config).await?;
+    let client = trust.client()?;
     let credential_source = Arc::new(credentials::GatewayCredentialSource::new(
         client.clone(),
         &config.gateway_internal_url,
@@ -151,9 +181,14 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
             &config.gateway_internal_url,
         )),
         unpacker: Arc::new(ZipUnpacker),
-        scheduler: Arc::new(HttpScheduler::new(client, &config.scheduler_url)),
+        scheduler: Arc::new(HttpScheduler::new(client.clone(), &config.scheduler_url)),
     };
-    let mut handle = start_with(config, backends).await?;
+    let scheduler_url = config.scheduler_url.clone();
+    let mut handle = start_with_trust(config, backends, trust).await?;
+    handle.keep_certificates(Arc::new(certs::HttpCertificateApi::new(
+        client,
+        &scheduler_url,
+    )));
     handle
         .manager
         .set_credential_source(credential_source)
@@ -167,13 +202,24 @@ pub async fn start_with(
     config: AgentConfig,
     backends: Backends,
 ) -> Result<AgentHandle, AgentError> {
+    let trust = certs::load_or_join(&config).await?;
+    start_with_trust(config, backends, trust).await
+}
+
+/// [`start_with`] serving with `trust`'s live certificate and
+/// revocations (shared with the clients the backends use).
+async fn start_with_trust(
+    config: AgentConfig,
+    backends: Backends,
+    trust: Arc<certs::AgentTrust>,
+) -> Result<AgentHandle, AgentError> {
     config.validate()?;
     let state_err = |path: &std::path::Path| {
         let path = path.to_owned();
         move |source| AgentError::State { path, source }
     };
     std::fs::create_dir_all(&config.state_dir).map_err(state_err(&config.state_dir))?;
-    let tls = kiln_pki::internal_server_config(&config.tls)?;
+    let tls = trust.server_config()?;
 
     let metrics = Arc::new(metrics::Metrics::new());
     let uid_base = config.sandbox.uid_base;
@@ -255,10 +301,17 @@ pub async fn start_with(
     let handler_manager = manager.clone();
     let handler = move |req, _conn| api::handle(handler_manager.clone(), req);
     let mut server_shutdown = shutdown_rx.clone();
+    let server_revoked = trust.revocations().clone();
     tasks.push(tokio::spawn(async move {
-        kiln_internal_api::server::serve_tls(listener, tls, handler, async move {
-            registration::stopped(&mut server_shutdown).await;
-        })
+        kiln_internal_api::server::serve_tls_revocable(
+            listener,
+            tls,
+            Some(server_revoked),
+            handler,
+            async move {
+                registration::stopped(&mut server_shutdown).await;
+            },
+        )
         .await;
     }));
 
@@ -296,5 +349,6 @@ pub async fn start_with(
         drain: config.drain_on_shutdown,
         container: None,
         microvm: None,
+        trust,
     })
 }

@@ -48,9 +48,13 @@ pub async fn driver(config: &AgentConfig) -> Result<Arc<MicroVmDriver>, AgentErr
     Ok(Arc::new(driver))
 }
 
-/// The real backends around `driver`.
-pub fn backends(config: &AgentConfig, driver: Arc<MicroVmDriver>) -> Result<Backends, AgentError> {
-    let client = InternalClient::new(&config.tls)?;
+/// The real backends around `driver`, calling out with `client` (the
+/// agent's live certificate: see [`crate::certs::AgentTrust::client`]).
+pub fn backends(
+    config: &AgentConfig,
+    driver: Arc<MicroVmDriver>,
+    client: InternalClient,
+) -> Result<Backends, AgentError> {
     Ok(Backends {
         driver,
         code_source: Arc::new(GatewayCodeSource::new(

@@ -83,6 +83,7 @@ fn config(state: &std::path::Path, pki: &DevPki, drain: bool) -> AgentConfig {
         drain_on_shutdown: drain,
         runtimes: kiln_core::RuntimeName::ALL.to_vec(),
         tls: pki.files("agent"),
+        bootstrap: None,
         node: NodeConfig {
             zone: "zone-a".into(),
             tenancy: Tenancy::Dedicated,

@@ -216,9 +216,16 @@ pub async fn start_with_clock(
     }
 
     let public_tls = kiln_pki::public_server_config(&config.public.cert, &config.public.key)?;
-    let internal_tls = kiln_pki::internal_server_config(&config.tls)?;
-    let internal = InternalClient::new(&config.tls)?;
-    let invoke_client = InternalClient::new_http1(&config.tls)?;
+    // Revoked nodes (followed from the scheduler) are refused on the
+    // internal listener and as servers of the gateway's calls.
+    let revoked = kiln_pki::RevocationSet::new();
+    let identity = kiln_pki::LiveIdentity::load(&config.tls.cert, &config.tls.key)?;
+    let internal_tls =
+        kiln_pki::internal_server_config_live(&config.tls.ca, identity.clone(), revoked.clone())?;
+    let client_tls =
+        kiln_pki::internal_client_config_live(&config.tls.ca, identity, revoked.clone())?;
+    let internal = InternalClient::with_config(client_tls.clone());
+    let invoke_client = InternalClient::with_config_http1(client_tls);
     let queue = queue::Queue::open(&config.queue_path())?;
     let metrics = Metrics::with_extra(|r| queue.metrics().register(r));
     let scheduler: scheduler::SharedScheduler = Arc::new(scheduler::HttpScheduler::new(
@@ -250,7 +257,7 @@ pub async fn start_with_clock(
         runtimes,
         auth: auth::signature_authenticator(catalog.clone(), ram.clone(), clock.clone()),
         ram: ram.clone(),
-        agents: Arc::new(agent::HttpAgent::new(invoke_client, internal)),
+        agents: Arc::new(agent::HttpAgent::new(invoke_client, internal.clone())),
         scheduler,
         leases: leases.clone(),
         region: config.region.clone(),
@@ -313,12 +320,21 @@ pub async fn start_with_clock(
             stopped(rx.clone()),
         )));
     }
-    tasks.push(tokio::spawn(kiln_internal_api::server::serve_tls(
-        internal_l,
-        internal_tls,
-        move |req, conn| api::internal::handle(catalog.clone(), ram.clone(), req, conn),
+    tasks.push(tokio::spawn(kiln_internal_api::trust::follow_revocations(
+        internal.clone(),
+        config.scheduler_url.clone(),
+        revoked.clone(),
         stopped(rx.clone()),
     )));
+    tasks.push(tokio::spawn(
+        kiln_internal_api::server::serve_tls_revocable(
+            internal_l,
+            internal_tls,
+            Some(revoked),
+            move |req, conn| api::internal::handle(catalog.clone(), ram.clone(), req, conn),
+            stopped(rx.clone()),
+        ),
+    ));
     tasks.push(tokio::spawn(leases.run_sweeper(stopped(rx.clone()))));
     tasks.push(tokio::spawn(gw.dispatcher.clone().run(stopped(rx.clone()))));
     if let Some(l) = metrics_l {

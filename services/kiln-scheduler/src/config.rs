@@ -75,8 +75,77 @@ pub struct SchedulerConfig {
     /// Moving load off hot nodes (off by default).
     #[serde(default)]
     pub rebalance: RebalanceSettings,
+    /// Signing agent certificates: renewal of short-lived certificates
+    /// and bootstrap tokens. Off when absent (agents then keep the
+    /// certificates they were installed with until those expire).
+    #[serde(default)]
+    pub certificates: Option<CertificateSettings>,
+    /// Where a new node redeems its bootstrap token: TLS with the
+    /// scheduler's certificate, no client certificate asked, only
+    /// `POST /v1/bootstrap` served. Off when absent; needs `[certificates]`.
+    #[serde(default)]
+    pub bootstrap_listen: Option<SocketAddr>,
     /// Server and client identity on the internal mTLS network.
     pub tls: TlsFiles,
+}
+
+/// `[certificates]`: the CA the scheduler signs agent certificates with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateSettings {
+    /// The signing CA's certificate: an intermediate signed by the
+    /// cluster root (recommended: docs/security.md), or the root itself.
+    pub ca_cert: PathBuf,
+    /// Its key; refused unless no group or other permission is set (0600
+    /// or stricter; systemd credentials are 0400).
+    pub ca_key: PathBuf,
+    /// How long an agent certificate lives. Agents renew at two thirds.
+    #[serde(default = "default_agent_cert_lifetime_s")]
+    pub agent_cert_lifetime_s: u64,
+    /// The longest `kiln nodes bootstrap-token --ttl` may ask for.
+    #[serde(default = "default_max_bootstrap_token_ttl_s")]
+    pub max_bootstrap_token_ttl_s: u64,
+}
+
+fn default_agent_cert_lifetime_s() -> u64 {
+    12 * 3600
+}
+fn default_max_bootstrap_token_ttl_s() -> u64 {
+    7 * 24 * 3600
+}
+
+impl CertificateSettings {
+    pub fn new(ca_cert: PathBuf, ca_key: PathBuf) -> Self {
+        Self {
+            ca_cert,
+            ca_key,
+            agent_cert_lifetime_s: default_agent_cert_lifetime_s(),
+            max_bootstrap_token_ttl_s: default_max_bootstrap_token_ttl_s(),
+        }
+    }
+
+    /// Refuse a CA key others can read or write: whoever reads it can
+    /// mint any identity the CA can sign.
+    pub fn check_key_permissions(&self) -> Result<(), ConfigError> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(&self.ca_key).map_err(|source| ConfigError::Read {
+            path: self.ca_key.clone(),
+            source,
+        })?;
+        if meta.mode() & 0o077 != 0 {
+            return Err(ConfigError::Invalid {
+                field: "certificates.ca_key",
+                reason: format!(
+                    "{} has mode {:o}; the CA key must be readable by the scheduler only \
+                     (chmod 600 {})",
+                    self.ca_key.display(),
+                    meta.mode() & 0o777,
+                    self.ca_key.display()
+                ),
+            });
+        }
+        Ok(())
+    }
 }
 
 /// How often the scheduler's periodic work runs.
@@ -229,6 +298,8 @@ impl SchedulerConfig {
             instance_max_validity_h: default_instance_max_validity_h(),
             instance_drain_lead_s: default_instance_drain_lead_s(),
             rebalance: RebalanceSettings::default(),
+            certificates: None,
+            bootstrap_listen: None,
             tls,
         }
     }
@@ -297,6 +368,26 @@ impl SchedulerConfig {
             return invalid(
                 "instance_drain_lead_s",
                 "must be shorter than instance_max_validity_h",
+            );
+        }
+        if let Some(c) = &self.certificates {
+            // Ten seconds (tests) to thirty days.
+            if !(10..=30 * 24 * 3600).contains(&c.agent_cert_lifetime_s) {
+                return invalid(
+                    "certificates.agent_cert_lifetime_s",
+                    "must be between 10 and 2592000 (thirty days)",
+                );
+            }
+            if !(60..=30 * 24 * 3600).contains(&c.max_bootstrap_token_ttl_s) {
+                return invalid(
+                    "certificates.max_bootstrap_token_ttl_s",
+                    "must be between 60 and 2592000 (thirty days)",
+                );
+            }
+        } else if self.bootstrap_listen.is_some() {
+            return invalid(
+                "bootstrap_listen",
+                "needs [certificates]: bootstrap issues a certificate",
             );
         }
         let r = &self.rebalance;

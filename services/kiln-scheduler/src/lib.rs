@@ -15,6 +15,7 @@ pub mod placement;
 pub mod service;
 pub mod simulate;
 pub mod store;
+pub mod trust;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,7 +23,7 @@ use std::time::Duration;
 
 use kiln_core::{Clock, SystemClock};
 use kiln_internal_api::InternalClient;
-use kiln_pki::PkiError;
+use kiln_pki::{LiveIdentity, PkiError};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -59,6 +60,7 @@ pub struct Overrides {
 /// A running scheduler.
 pub struct SchedulerHandle {
     addr: SocketAddr,
+    bootstrap_addr: Option<SocketAddr>,
     metrics_addr: Option<SocketAddr>,
     scheduler: Scheduler,
     stop: watch::Sender<bool>,
@@ -74,6 +76,11 @@ impl SchedulerHandle {
 
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
+    }
+
+    /// The bootstrap listener (no client certificate), when configured.
+    pub fn bootstrap_addr(&self) -> Option<SocketAddr> {
+        self.bootstrap_addr
     }
 
     pub fn scheduler(&self) -> &Scheduler {
@@ -100,33 +107,77 @@ pub async fn start(config: SchedulerConfig) -> Result<SchedulerHandle, Scheduler
     start_with(config, Overrides::default()).await
 }
 
+/// The certificate lifecycle: stored revocations, and the signing CA
+/// when `[certificates]` is set (its key file checked first).
+fn open_trust(
+    config: &SchedulerConfig,
+    store: Arc<SqliteSchedulerStore>,
+    clock: Arc<dyn Clock>,
+) -> Result<trust::Trust, SchedulerError> {
+    let own = kiln_pki::load_certs(&config.tls.cert)?;
+    let identity = kiln_pki::Identity::from_certificate(&own[0]).map_err(PkiError::from)?;
+    let issuer = match &config.certificates {
+        None => None,
+        Some(c) => {
+            c.check_key_permissions()?;
+            let root_pem =
+                std::fs::read_to_string(&config.tls.ca).map_err(|source| PkiError::Read {
+                    path: config.tls.ca.clone(),
+                    source,
+                })?;
+            Some(trust::Issuer {
+                ca: kiln_pki::Ca::load(&c.ca_cert, &c.ca_key)?,
+                root_pem,
+                lifetime: Duration::from_secs(c.agent_cert_lifetime_s),
+                max_token_ttl: Duration::from_secs(c.max_bootstrap_token_ttl_s),
+            })
+        }
+    };
+    Ok(trust::Trust::open(
+        store,
+        clock,
+        identity.trust_domain(),
+        issuer,
+    )?)
+}
+
 /// [`start`] with an injected clock and/or agent client.
 pub async fn start_with(
     config: SchedulerConfig,
     overrides: Overrides,
 ) -> Result<SchedulerHandle, SchedulerError> {
     config.validate()?;
-    let tls = kiln_pki::internal_server_config(&config.tls)?;
+    let clock = overrides.clock.unwrap_or_else(|| Arc::new(SystemClock));
+    let store = Arc::new(SqliteSchedulerStore::open(&config.db_path())?);
+    let trust = Arc::new(open_trust(&config, store.clone(), clock.clone())?);
+    let identity = LiveIdentity::load(&config.tls.cert, &config.tls.key)?;
+    let revoked = trust.revocations().clone();
+    let tls =
+        kiln_pki::internal_server_config_live(&config.tls.ca, identity.clone(), revoked.clone())?;
     let agent = match overrides.agent {
         Some(a) => a,
         None => {
-            let client = InternalClient::new(&config.tls)?;
+            // A revoked agent's server certificate fails our handshake too.
+            let client = InternalClient::with_config(kiln_pki::internal_client_config_live(
+                &config.tls.ca,
+                identity,
+                revoked.clone(),
+            )?);
             Arc::new(HttpAgentClient::new(
                 &client,
                 config.instance_start_timeout(),
             ))
         }
     };
-    let clock = overrides.clock.unwrap_or_else(|| Arc::new(SystemClock));
-    let store = SqliteSchedulerStore::open(&config.db_path())?;
     let (scheduler, writer) = Scheduler::new(
         &config,
         SchedulerDeps {
             clock,
             agent,
-            store: Arc::new(store),
+            store,
         },
     )?;
+    scheduler.attach_trust(trust.clone());
 
     let listener =
         TcpListener::bind(config.listen)
@@ -160,12 +211,31 @@ pub async fn start_with(
     };
     let mut tasks = Vec::new();
     let s = scheduler.clone();
-    tasks.push(tokio::spawn(kiln_internal_api::server::serve_tls(
-        listener,
-        tls,
-        move |req, conn| api::handle(s.clone(), req, conn),
-        stopped(),
-    )));
+    tasks.push(tokio::spawn(
+        kiln_internal_api::server::serve_tls_revocable(
+            listener,
+            tls,
+            Some(revoked),
+            move |req, conn| api::handle(s.clone(), req, conn),
+            stopped(),
+        ),
+    ));
+    let mut bootstrap_addr = None;
+    if let Some(at) = config.bootstrap_listen {
+        let bind_err = |source| SchedulerError::Bind { addr: at, source };
+        let l = TcpListener::bind(at).await.map_err(bind_err)?;
+        bootstrap_addr = Some(l.local_addr().map_err(bind_err)?);
+        // Server authentication only: a joining node has no certificate
+        // yet; it checks ours against the cluster CA it was given.
+        let tls = kiln_pki::public_server_config(&config.tls.cert, &config.tls.key)?;
+        let (t, m) = (trust.clone(), scheduler.metrics().clone());
+        tasks.push(tokio::spawn(kiln_internal_api::server::serve_tls(
+            l,
+            tls,
+            move |req, conn| api::trust::handle_bootstrap(t.clone(), m.clone(), req, conn.peer),
+            stopped(),
+        )));
+    }
     if let Some(l) = metrics_listener {
         tasks.push(tokio::spawn(metrics::serve(
             l,
@@ -186,9 +256,10 @@ pub async fn start_with(
             }
         }
     }));
-    tracing::info!(%addr, metrics = ?metrics_addr, "scheduler serving");
+    tracing::info!(%addr, metrics = ?metrics_addr, bootstrap = ?bootstrap_addr, "scheduler serving");
     Ok(SchedulerHandle {
         addr,
+        bootstrap_addr,
         metrics_addr,
         scheduler,
         stop,

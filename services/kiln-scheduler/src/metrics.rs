@@ -25,6 +25,12 @@ pub struct Metrics {
     pub nodes: Gauge,
     /// Seconds from an acquire request to its lease (cold starts included).
     pub acquire_latency: Histogram,
+    /// Nodes whose certificates are revoked.
+    pub revoked_nodes: Gauge,
+    /// Agent certificates signed (renewals and bootstrap joins).
+    pub certificates_issued: Counter,
+    /// Bootstrap redemptions refused (unknown, used or expired tokens).
+    pub bootstrap_refused: Counter,
 }
 
 impl Default for Metrics {
@@ -73,6 +79,24 @@ impl Default for Metrics {
             "Time from an acquire request to its lease",
             acquire_latency.clone(),
         );
+        let revoked_nodes = Gauge::default();
+        let certificates_issued = Counter::default();
+        let bootstrap_refused = Counter::default();
+        registry.register(
+            "revoked_nodes",
+            "Nodes whose certificates are revoked",
+            revoked_nodes.clone(),
+        );
+        registry.register(
+            "certificates_issued",
+            "Agent certificates signed (renewals and bootstrap joins)",
+            certificates_issued.clone(),
+        );
+        registry.register(
+            "bootstrap_refused",
+            "Bootstrap token redemptions refused (unknown, used or expired tokens)",
+            bootstrap_refused.clone(),
+        );
         Self {
             registry,
             acquires,
@@ -84,6 +108,9 @@ impl Default for Metrics {
             nodes_ready,
             nodes,
             acquire_latency,
+            revoked_nodes,
+            certificates_issued,
+            bootstrap_refused,
         }
     }
 }

@@ -6,7 +6,7 @@
 //! O(log n), so it is not a bottleneck at the scales Kiln targets.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use kiln_core::{
@@ -25,6 +25,7 @@ use crate::config::SchedulerConfig;
 use crate::metrics::Metrics;
 use crate::placement::{Acquired, CreateJob, Destroy, Effects, Placement, PlacementConfig};
 use crate::store::{SchedulerStore, SchedulerStoreError, Writer};
+use crate::trust::Trust;
 
 /// How a start ended, as seen by the calls waiting for it.
 type StartResult = Option<Result<(), FcError>>;
@@ -50,6 +51,8 @@ struct Inner {
     metrics: Arc<Metrics>,
     start_timeout: Duration,
     heartbeat_interval_ms: u64,
+    /// Revocations, renewal, bootstrap: attached once by [`crate::start`].
+    trust: OnceLock<Arc<Trust>>,
 }
 
 struct State {
@@ -102,6 +105,7 @@ impl Scheduler {
                 metrics: Arc::new(Metrics::default()),
                 start_timeout: config.instance_start_timeout(),
                 heartbeat_interval_ms: config.heartbeat_interval_ms,
+                trust: OnceLock::new(),
             }),
         };
         {
@@ -114,6 +118,41 @@ impl Scheduler {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.inner.metrics
+    }
+
+    /// Attach the certificate lifecycle (once; later calls are ignored).
+    pub fn attach_trust(&self, trust: Arc<Trust>) {
+        let revoked = trust.revocations().list().nodes.len();
+        if self.inner.trust.set(trust).is_ok() {
+            self.inner.metrics.revoked_nodes.set(revoked as i64);
+        }
+    }
+
+    pub fn trust(&self) -> Result<&Arc<Trust>, FcError> {
+        self.inner
+            .trust
+            .get()
+            .ok_or_else(|| FcError::internal("the certificate lifecycle is not set up"))
+    }
+
+    /// Revoke every certificate of `node` (durably, before answering),
+    /// and write off its instances so they are replaced elsewhere.
+    pub fn revoke(&self, node: &NodeId) -> Result<kiln_internal_api::NodeRevoked, FcError> {
+        let trust = self.trust()?;
+        let revoked_at_ms = trust.revoke(node)?;
+        self.inner
+            .metrics
+            .revoked_nodes
+            .set(trust.revocations().list().nodes.len() as i64);
+        let mut st = self.lock();
+        let (instances_written_off, effects) = st.core.revoke_node(node);
+        self.finish(&mut st, effects);
+        self.update_node_gauges(&st);
+        Ok(kiln_internal_api::NodeRevoked {
+            node_id: node.clone(),
+            revoked_at_ms,
+            instances_written_off,
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -333,6 +372,15 @@ impl Scheduler {
     // ---- nodes ----------------------------------------------------------
 
     pub fn register(&self, req: &RegisterNode) -> Result<RegisterNodeResponse, FcError> {
+        if let (Some(id), Some(trust)) = (&req.node_id, self.inner.trust.get()) {
+            if trust.is_revoked(id) {
+                tracing::warn!(node_id = %id, "registration of a revoked node refused");
+                return Err(FcError::new(
+                    FcErrorCode::AccessDenied,
+                    format!("node {id} is revoked; it cannot register again"),
+                ));
+            }
+        }
         let mut st = self.lock();
         let now = self.now();
         let r = st.core.register(req, now)?;

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use kiln_core::{AccountId, FcError, InstanceId};
+use kiln_core::{AccountId, FcError, InstanceId, NodeId};
 use kiln_internal_api::AccountLimits;
 use kiln_store::{Database, Migration, StoreError};
 use rusqlite::{params, OptionalExtension};
@@ -61,6 +61,22 @@ const MIGRATIONS: &[Migration] = &[
             PRIMARY KEY (account_id, function_name)
         );
         ALTER TABLE instances ADD COLUMN provisioned INTEGER NOT NULL DEFAULT 0;
+    ",
+    },
+    Migration {
+        name: "revoked nodes and bootstrap tokens",
+        sql: "
+        CREATE TABLE revoked_nodes (
+            node_id TEXT PRIMARY KEY,
+            revoked_at_ms INTEGER NOT NULL
+        );
+        CREATE TABLE bootstrap_tokens (
+            token_sha256 TEXT PRIMARY KEY, -- hex; the token itself is never stored
+            node_id TEXT NOT NULL,
+            created_at_ms INTEGER NOT NULL,
+            expires_at_ms INTEGER NOT NULL,
+            used_at_ms INTEGER              -- NULL until redeemed (once)
+        );
     ",
     },
 ];
@@ -369,6 +385,146 @@ impl SqliteSchedulerStore {
     }
 }
 
+/// What redeeming a bootstrap token found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Redeemed {
+    /// Valid and now used: join as this node.
+    Node(NodeId),
+    Unknown,
+    Used {
+        node_id: NodeId,
+        used_at_ms: u64,
+    },
+    Expired {
+        node_id: NodeId,
+        expires_at_ms: u64,
+    },
+}
+
+/// Revocations and bootstrap tokens: written synchronously (a revocation
+/// is on disk before the operator is told it happened; a token is used at
+/// most once even across a crash).
+pub trait TrustStore: Send + Sync + 'static {
+    fn revoked_nodes(&self) -> Result<Vec<(NodeId, u64)>, SchedulerStoreError>;
+    /// Revoke `node`; answers when it was revoked (earlier, if it was
+    /// already).
+    fn revoke_node(&self, node: &NodeId, now_ms: u64) -> Result<u64, SchedulerStoreError>;
+    fn add_bootstrap_token(
+        &self,
+        token_sha256: &str,
+        node: &NodeId,
+        now_ms: u64,
+        expires_at_ms: u64,
+    ) -> Result<(), SchedulerStoreError>;
+    /// Mark the token used if it is unused and unexpired, atomically.
+    fn redeem_bootstrap_token(
+        &self,
+        token_sha256: &str,
+        now_ms: u64,
+    ) -> Result<Redeemed, SchedulerStoreError>;
+}
+
+impl TrustStore for SqliteSchedulerStore {
+    fn revoked_nodes(&self) -> Result<Vec<(NodeId, u64)>, SchedulerStoreError> {
+        let rows: Vec<(String, i64)> = self.db.with_conn(|c| {
+            Ok(
+                c.prepare("SELECT node_id, revoked_at_ms FROM revoked_nodes ORDER BY node_id")?
+                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<Result<Vec<_>, _>>()?,
+            )
+        })?;
+        rows.into_iter()
+            .map(|(id, at)| {
+                Ok((
+                    id.parse()
+                        .map_err(|x| corrupt("revoked node", &id, format!("{x}")))?,
+                    at.max(0) as u64,
+                ))
+            })
+            .collect()
+    }
+
+    fn revoke_node(&self, node: &NodeId, now_ms: u64) -> Result<u64, SchedulerStoreError> {
+        let at: i64 = self.db.with_conn(|c| {
+            c.execute(
+                "INSERT INTO revoked_nodes (node_id, revoked_at_ms) VALUES (?1, ?2) \
+                 ON CONFLICT(node_id) DO NOTHING",
+                params![node.as_str(), now_ms as i64],
+            )?;
+            Ok(c.query_row(
+                "SELECT revoked_at_ms FROM revoked_nodes WHERE node_id = ?1",
+                params![node.as_str()],
+                |r| r.get(0),
+            )?)
+        })?;
+        Ok(at.max(0) as u64)
+    }
+
+    fn add_bootstrap_token(
+        &self,
+        token_sha256: &str,
+        node: &NodeId,
+        now_ms: u64,
+        expires_at_ms: u64,
+    ) -> Result<(), SchedulerStoreError> {
+        self.db.with_conn(|c| {
+            c.execute(
+                "INSERT INTO bootstrap_tokens (token_sha256, node_id, created_at_ms, expires_at_ms) \
+                 VALUES (?1, ?2, ?3, ?4)",
+                params![token_sha256, node.as_str(), now_ms as i64, expires_at_ms as i64],
+            )?;
+            Ok(())
+        })?;
+        Ok(())
+    }
+
+    fn redeem_bootstrap_token(
+        &self,
+        token_sha256: &str,
+        now_ms: u64,
+    ) -> Result<Redeemed, SchedulerStoreError> {
+        type Row = (String, i64, Option<i64>);
+        let found: Option<Row> = self.db.with_conn(|c| {
+            let tx = c.transaction()?;
+            let row: Option<Row> = tx
+                .query_row(
+                    "SELECT node_id, expires_at_ms, used_at_ms FROM bootstrap_tokens \
+                     WHERE token_sha256 = ?1",
+                    params![token_sha256],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()?;
+            if let Some((_, expires, None)) = &row {
+                if (*expires as u64) > now_ms {
+                    tx.execute(
+                        "UPDATE bootstrap_tokens SET used_at_ms = ?2 WHERE token_sha256 = ?1",
+                        params![token_sha256, now_ms as i64],
+                    )?;
+                }
+            }
+            tx.commit()?;
+            Ok(row)
+        })?;
+        let Some((node, expires, used)) = found else {
+            return Ok(Redeemed::Unknown);
+        };
+        let node_id: NodeId = node
+            .parse()
+            .map_err(|x| corrupt("bootstrap token", &node, format!("{x}")))?;
+        Ok(match used {
+            Some(at) => Redeemed::Used {
+                node_id,
+                used_at_ms: at.max(0) as u64,
+            },
+            None if (expires as u64) <= now_ms => Redeemed::Expired {
+                node_id,
+                expires_at_ms: expires.max(0) as u64,
+            },
+            None => Redeemed::Node(node_id),
+        })
+    }
+}
+
 enum WriterMsg {
     Changes(Vec<Change>),
     Flush(oneshot::Sender<()>),
@@ -503,6 +659,49 @@ mod tests {
         assert!(
             matches!(err, SchedulerStoreError::Corrupt { what: "node", .. }),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn revocations_persist_and_tokens_are_single_use_and_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("scheduler.db");
+        let store = SqliteSchedulerStore::open(&path).unwrap();
+        let a: NodeId = "n-a".parse().unwrap();
+        assert_eq!(store.revoke_node(&a, 100).unwrap(), 100);
+        assert_eq!(store.revoke_node(&a, 200).unwrap(), 100);
+        store.add_bootstrap_token("h1", &a, 10, 1_000).unwrap();
+        store.add_bootstrap_token("h2", &a, 10, 1_000).unwrap();
+        drop(store);
+
+        let store = SqliteSchedulerStore::open(&path).unwrap();
+        assert_eq!(store.revoked_nodes().unwrap(), vec![(a.clone(), 100)]);
+        assert_eq!(
+            store.redeem_bootstrap_token("h1", 500).unwrap(),
+            Redeemed::Node(a.clone())
+        );
+        assert_eq!(
+            store.redeem_bootstrap_token("h1", 501).unwrap(),
+            Redeemed::Used {
+                node_id: a.clone(),
+                used_at_ms: 500
+            }
+        );
+        assert_eq!(
+            store.redeem_bootstrap_token("h2", 1_000).unwrap(),
+            Redeemed::Expired {
+                node_id: a.clone(),
+                expires_at_ms: 1_000
+            }
+        );
+        // An expired token stays unusable; an unknown one is unknown.
+        assert!(matches!(
+            store.redeem_bootstrap_token("h2", 2_000).unwrap(),
+            Redeemed::Expired { .. }
+        ));
+        assert_eq!(
+            store.redeem_bootstrap_token("nope", 10).unwrap(),
+            Redeemed::Unknown
         );
     }
 

@@ -175,6 +175,40 @@ pub enum NodesCommand {
     Drain { node: String },
     /// Take new instances again.
     Uncordon { node: String },
+    /// Revoke every certificate of the node, cluster-wide within seconds,
+    /// for good: every service refuses it and drops its connections, and
+    /// its instances are replaced on other nodes.
+    Revoke { node: String },
+    /// A single-use token a new node joins with (`kiln-agent` redeems it
+    /// on the scheduler's bootstrap listener for its first certificate).
+    BootstrapToken {
+        /// How long the token stays usable: seconds, or with a unit
+        /// (`90s`, `30m`, `12h`, `7d`).
+        #[arg(long, default_value = "1h", value_parser = parse_ttl)]
+        ttl: std::time::Duration,
+        /// The node id to join as; generated when absent.
+        #[arg(long)]
+        node: Option<String>,
+    },
+}
+
+/// `90`, `90s`, `30m`, `12h`, `7d`.
+fn parse_ttl(s: &str) -> Result<std::time::Duration, String> {
+    let (digits, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 90s, 30m, 12h or 7d"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => return Err(format!("{s:?}: the unit must be s, m, h or d")),
+    };
+    Ok(std::time::Duration::from_secs(secs))
 }
 
 #[derive(Debug, Args)]
@@ -633,6 +667,19 @@ pub async fn run(cli: Cli) -> Result<()> {
                     }
                     return Ok(());
                 }
+                NodesCommand::Revoke { node } => {
+                    let r = s.revoke(node).await?;
+                    println!(
+                        "node {} is revoked; {} of its instances were written off and are replaced elsewhere",
+                        r.node_id, r.instances_written_off
+                    );
+                    return Ok(());
+                }
+                NodesCommand::BootstrapToken { ttl, node } => {
+                    let t = s.bootstrap_token(*ttl, node.as_deref()).await?;
+                    println!("{}", serde_json::to_string_pretty(&t)?);
+                    return Ok(());
+                }
                 NodesCommand::Cordon { node } => (node, "cordon"),
                 NodesCommand::Drain { node } => (node, "drain"),
                 NodesCommand::Uncordon { node } => (node, "uncordon"),
@@ -679,6 +726,19 @@ mod tests {
     use kiln_service::LogFormat;
 
     use super::*;
+
+    #[test]
+    fn bootstrap_token_ttls_take_units() {
+        let secs = |s: &str| parse_ttl(s).map(|d| d.as_secs());
+        assert_eq!(secs("90"), Ok(90));
+        assert_eq!(secs("90s"), Ok(90));
+        assert_eq!(secs("30m"), Ok(1800));
+        assert_eq!(secs("12h"), Ok(43_200));
+        assert_eq!(secs("7d"), Ok(604_800));
+        assert!(parse_ttl("1w").is_err());
+        assert!(parse_ttl("h").is_err());
+        assert!(parse_ttl("-1h").is_err());
+    }
 
     #[test]
     fn log_format_is_text_unless_asked_and_works_after_the_subcommand() {

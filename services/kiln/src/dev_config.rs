@@ -20,11 +20,16 @@ fn parse<T: serde::de::DeserializeOwned>(what: &str, text: &str) -> Result<T> {
 }
 
 pub fn scheduler(opts: &DevOptions, pki: &DevPki) -> Result<kiln_scheduler::SchedulerConfig> {
+    // The dev CA signs renewed agent certificates and bootstrap joins
+    // (docs/security.md: a production cluster gives an intermediate).
     let text = format!(
-        "state_dir = {:?}\nlisten = \"127.0.0.1:0\"\nidle_timeout_s = {}\n{}",
+        "state_dir = {:?}\nlisten = \"127.0.0.1:0\"\nidle_timeout_s = {}\n{}\n\
+         [certificates]\nca_cert = {:?}\nca_key = {:?}\n",
         opts.state_dir.join("scheduler"),
         opts.idle_timeout_s,
         tls_table(&pki.files("scheduler")),
+        pki.ca_cert(),
+        pki.dir.join("ca-key.pem"),
     );
     let config: kiln_scheduler::SchedulerConfig = parse("scheduler", &text)?;
     config.validate()?;

@@ -6,6 +6,7 @@ mod functions;
 mod instances;
 mod leases;
 mod nodes;
+pub(crate) mod trust;
 
 use std::sync::LazyLock;
 
@@ -75,6 +76,12 @@ enum Api {
     ListAccountProvisions {
         account: AccountId,
     },
+    RevokeNode {
+        node: NodeId,
+    },
+    ListRevocations,
+    RenewCertificate,
+    CreateBootstrapToken,
 }
 
 /// The scheduler's one route table.
@@ -100,6 +107,10 @@ const ROUTES: &[Route<Api>] = &[
     route(PUT, "/v1/accounts/{account}/functions/{function}/limits", |p| Ok(Api::PutFunctionLimits { account: p.parse("account")?, function: p.parse("function")? })),
     route(DELETE, "/v1/accounts/{account}/functions/{function}/limits", |p| Ok(Api::DeleteFunctionLimits { account: p.parse("account")?, function: p.parse("function")? })),
     route(GET, "/v1/accounts/{account}/provisions", |p| Ok(Api::ListAccountProvisions { account: p.parse("account")? })),
+    route(POST, "/v1/nodes/{node}/revoke", |p| Ok(Api::RevokeNode { node: p.parse("node")? })),
+    route(GET, "/v1/revocations", |_| Ok(Api::ListRevocations)),
+    route(POST, "/v1/certificates/renew", |_| Ok(Api::RenewCertificate)),
+    route(POST, "/v1/bootstrap-tokens", |_| Ok(Api::CreateBootstrapToken)),
 ];
 
 static ROUTER: LazyLock<Router<Api>> = LazyLock::new(|| {
@@ -125,7 +136,7 @@ pub async fn handle(sched: Scheduler, req: Request<Incoming>, conn: ConnInfo) ->
     );
     async move {
         let result = match ROUTER.route(req.method(), req.uri().path()) {
-            Ok(api) => dispatch(&sched, api, req).await,
+            Ok(api) => dispatch(&sched, api, req, &conn).await,
             Err(e) => Err(e),
         };
         let mut resp = match result {
@@ -152,6 +163,7 @@ async fn dispatch(
     sched: &Scheduler,
     api: Api,
     req: Request<Incoming>,
+    conn: &ConnInfo,
 ) -> Result<Response<Body>, FcError> {
     let body = req.into_body();
     match api {
@@ -179,6 +191,10 @@ async fn dispatch(
             accounts::put_function_limits(sched, &account, &function, None).await
         }
         Api::ListAccountProvisions { account } => Ok(accounts::provisions(sched, &account)),
+        Api::RevokeNode { node } => trust::revoke(sched, &node, conn),
+        Api::ListRevocations => trust::list(sched, conn),
+        Api::RenewCertificate => trust::renew(sched, body, conn).await,
+        Api::CreateBootstrapToken => trust::create_token(sched, body, conn).await,
     }
 }
 
@@ -284,13 +300,21 @@ mod tests {
                     account: account("123"),
                 },
             ),
+            (
+                POST,
+                "/v1/nodes/n-1/revoke",
+                Api::RevokeNode { node: node("n-1") },
+            ),
+            (GET, "/v1/revocations", Api::ListRevocations),
+            (POST, "/v1/certificates/renew", Api::RenewCertificate),
+            (POST, "/v1/bootstrap-tokens", Api::CreateBootstrapToken),
         ];
         for (method, path, want) in cases {
             assert_eq!(at(method.clone(), path).unwrap(), want, "{method} {path}");
         }
         // Every row of the table is covered above.
         assert_eq!(ROUTER.rows().count(), ROUTES.len());
-        assert_eq!(ROUTES.len(), 20);
+        assert_eq!(ROUTES.len(), 24);
     }
 
     #[test]

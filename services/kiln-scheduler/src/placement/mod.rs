@@ -1358,6 +1358,34 @@ impl Placement {
         self.changes.push(Change::UpsertNode(record));
     }
 
+    /// The node's certificate was revoked: it is untrusted from now on.
+    /// Its instances are written off at once (their calls answered
+    /// retryably, replacements start elsewhere: provisioned ones at the
+    /// next tick, on-demand ones with the next call) and it is retired, so
+    /// its id is never placed on again. Answers how many instances went.
+    /// A node not (yet) known is a no-op: the revocation still refuses it.
+    pub fn revoke_node(&mut self, id: &NodeId) -> (usize, Effects) {
+        let Some(node) = self.nodes.get(id) else {
+            return (0, Effects::default());
+        };
+        let instances: Vec<InstanceId> = node.instances.iter().cloned().collect();
+        self.unindex_node(id);
+        let node = self.nodes.get_mut(id).expect("known node");
+        node.state = NodeState::Retired;
+        let record = node.record();
+        self.changes.push(Change::UpsertNode(record));
+        let err = FcError::unavailable(format!("compute node {id} was revoked; retry the call"));
+        let mut effects = Effects::default();
+        for i in &instances {
+            effects.extend(self.remove_instance(i, Some(err.clone())));
+        }
+        // Nothing is sent to a revoked node: its agent is not trusted to
+        // act on it, and its certificate no longer passes our verifier.
+        effects.destroy.retain(|d| d.node_id != *id);
+        tracing::warn!(node_id = %id, instances = instances.len(), "node revoked; its instances are written off");
+        (instances.len(), effects)
+    }
+
     /// No new instances on the node; its instances keep serving.
     pub fn cordon(&mut self, id: &NodeId) -> Result<(), FcError> {
         if self.alive_node(id)?.state == NodeState::Ready {

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use kiln_core::{AccountId, NodeId};
-use kiln_internal_api::{paths, AccountLimits, InternalClient, NodeInfo};
+use kiln_internal_api::{paths, trust_paths, AccountLimits, InternalClient, NodeInfo};
 
 /// The scheduler, and a client with a cluster certificate.
 pub struct Scheduler {
@@ -63,6 +63,44 @@ impl Scheduler {
             .post(&self.url, &paths::node_action(&id, action), &())
             .await
             .with_context(|| format!("cannot {action} node {node}"))
+    }
+}
+
+impl Scheduler {
+    /// Revoke every certificate of `node`, for good.
+    pub async fn revoke(&self, node: &str) -> Result<kiln_internal_api::NodeRevoked> {
+        let id: NodeId = node
+            .parse()
+            .with_context(|| format!("{node:?} is not a node id"))?;
+        self.client
+            .post(&self.url, &trust_paths::node_revoke(&id), &())
+            .await
+            .with_context(|| format!("cannot revoke node {node}"))
+    }
+
+    /// A single-use bootstrap token valid for `ttl`.
+    pub async fn bootstrap_token(
+        &self,
+        ttl: std::time::Duration,
+        node: Option<&str>,
+    ) -> Result<kiln_internal_api::BootstrapToken> {
+        let node_id = node
+            .map(|n| {
+                n.parse::<NodeId>()
+                    .with_context(|| format!("{n:?} is not a node id"))
+            })
+            .transpose()?;
+        self.client
+            .post(
+                &self.url,
+                trust_paths::BOOTSTRAP_TOKENS,
+                &kiln_internal_api::CreateBootstrapToken {
+                    ttl_s: ttl.as_secs(),
+                    node_id,
+                },
+            )
+            .await
+            .context("cannot create a bootstrap token")
     }
 }
 
@@ -214,6 +252,16 @@ mod tests {
         assert!(format!("{err:#}").contains("not a node id"), "{err:#}");
         let err = s.act("n-unknown", "drain").await.unwrap_err();
         assert!(format!("{err:#}").contains("not registered"), "{err:#}");
+        // Revoking: the node is retired for good; a token needs a signing
+        // CA, which this scheduler has not.
+        let r = s.revoke(&id).await.unwrap();
+        assert_eq!(r.node_id.to_string(), id);
+        assert_eq!(s.list().await.unwrap()[0].state, "retired");
+        let err = s
+            .bootstrap_token(std::time::Duration::from_secs(60), None)
+            .await
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("[certificates]"), "{err:#}");
 
         // Limits: read, replace from a file, refuse nonsense, reset.
         let defaults = s.limits("42").await.unwrap();
