@@ -111,6 +111,16 @@ pub struct ConnInfo {
     /// certificate that names no Kiln identity, which every internal route
     /// refuses.
     pub identity: Option<Arc<kiln_pki::Identity>>,
+    /// SHA-256 of the peer's client certificate: which certificate holds
+    /// a node (the scheduler refuses another one taking a live node).
+    pub certificate: Option<[u8; 32]>,
+}
+
+/// SHA-256 of the client certificate a TLS connection presented.
+fn peer_certificate(conn: &rustls::ServerConnection) -> Option<[u8; 32]> {
+    use sha2::Digest;
+    let cert = conn.peer_certificates()?.first()?;
+    Some(sha2::Sha256::digest(cert.as_ref()).into())
 }
 
 /// The identity of the client certificate a TLS connection presented.
@@ -180,6 +190,7 @@ pub async fn serve_tls<H, F>(
                 peer,
                 local,
                 identity: peer_identity(tls.get_ref().1, peer),
+                certificate: peer_certificate(tls.get_ref().1),
             };
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let handler = handler.clone();

@@ -253,7 +253,7 @@ pub async fn start_with(
     }));
 
     let handler_manager = manager.clone();
-    let handler = move |req, _conn| api::handle(handler_manager.clone(), req);
+    let handler = move |req, conn| api::handle(handler_manager.clone(), req, conn);
     let mut server_shutdown = shutdown_rx.clone();
     tasks.push(tokio::spawn(async move {
         kiln_internal_api::server::serve_tls(listener, tls, handler, async move {

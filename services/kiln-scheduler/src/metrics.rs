@@ -25,6 +25,8 @@ pub struct Metrics {
     pub nodes: Gauge,
     /// Seconds from an acquire request to its lease (cold starts included).
     pub acquire_latency: Histogram,
+    /// Internal calls refused for the caller's identity.
+    pub refusals: kiln_internal_api::authz::Refusals,
 }
 
 impl Default for Metrics {
@@ -73,8 +75,10 @@ impl Default for Metrics {
             "Time from an acquire request to its lease",
             acquire_latency.clone(),
         );
+        let refusals = kiln_internal_api::authz::Refusals::register(&mut registry);
         Self {
             registry,
+            refusals,
             acquires,
             cold_starts,
             throttles,
