@@ -56,6 +56,7 @@ pub struct AgentHandle {
     addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
     agent_url: String,
+    node_id: kiln_core::NodeId,
     manager: Arc<InstanceManager>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -68,6 +69,11 @@ impl AgentHandle {
     /// The mTLS API's address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The node this agent serves: the one its certificate names.
+    pub fn node_id(&self) -> &kiln_core::NodeId {
+        &self.node_id
     }
 
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
@@ -116,6 +122,9 @@ impl AgentHandle {
 /// debootstrap and takes a few minutes; later starts reuse it).
 pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
     config.validate()?;
+    // Before minutes of runtime preparation: an agent without its node's
+    // certificate cannot join.
+    registration::node_identity(&config.tls.cert)?;
     if config.sandbox.backend_for(config.node.tenancy) == kiln_core::SandboxKind::Microvm {
         let driver = microvm::driver(&config).await?;
         let backends = microvm::backends(&config, driver.clone())?;
@@ -168,6 +177,7 @@ pub async fn start_with(
     backends: Backends,
 ) -> Result<AgentHandle, AgentError> {
     config.validate()?;
+    let node_id = registration::node_identity(&config.tls.cert)?;
     let state_err = |path: &std::path::Path| {
         let path = path.to_owned();
         move |source| AgentError::State { path, source }
@@ -282,14 +292,15 @@ pub async fn start_with(
         backends.scheduler,
         manager.clone(),
         node,
-        registration::NodeIdFile::new(&config.state_dir),
+        node_id.clone(),
         shutdown_rx,
     )));
-    tracing::info!(%addr, %agent_url, metrics = ?metrics_addr, "agent serving");
+    tracing::info!(%addr, %agent_url, %node_id, metrics = ?metrics_addr, "agent serving");
     Ok(AgentHandle {
         addr,
         metrics_addr,
         agent_url,
+        node_id,
         manager,
         shutdown: shutdown_tx,
         tasks,

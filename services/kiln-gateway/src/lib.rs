@@ -18,6 +18,7 @@ pub mod invoke;
 pub mod layers;
 pub mod metrics;
 pub mod model;
+pub mod placements;
 pub mod provisioning;
 pub mod queue;
 pub mod ram;
@@ -191,6 +192,12 @@ pub async fn start_with_clock(
         internal.clone(),
         &config.scheduler_url,
     ));
+    let internal_api = Arc::new(api::internal::Internal {
+        catalog: catalog.clone(),
+        ram: ram.clone(),
+        placements: placements::Placements::new(scheduler.clone()),
+        refusals: metrics.refusals.clone(),
+    });
     let leases = invoke::pool::LeasePool::new(
         std::time::Duration::from_millis(config.lease_hold_ms),
         scheduler.clone(),
@@ -282,7 +289,7 @@ pub async fn start_with_clock(
     tasks.push(tokio::spawn(kiln_internal_api::server::serve_tls(
         internal_l,
         internal_tls,
-        move |req, conn| api::internal::handle(catalog.clone(), ram.clone(), req, conn),
+        move |req, conn| api::internal::handle(internal_api.clone(), req, conn),
         stopped(rx.clone()),
     )));
     tasks.push(tokio::spawn(leases.run_sweeper(stopped(rx.clone()))));
