@@ -411,7 +411,19 @@ impl DevPki {
         };
         for role in Self::ROLES {
             let req = match role {
-                "gateway" => CertRequest::public_server("kiln-gateway").names(public_names),
+                "gateway" => {
+                    // Loopback names too: `kiln dev` and the tests reach
+                    // the public listener as localhost.
+                    let mut names = vec![
+                        "localhost".to_owned(),
+                        "127.0.0.1".to_owned(),
+                        "::1".to_owned(),
+                    ];
+                    names.extend(public_names.iter().cloned());
+                    names.sort();
+                    names.dedup();
+                    CertRequest::public_server("kiln-gateway").names(&names)
+                }
                 "gateway-internal" => pki.service_request(Role::Gateway, Usage::ServerAndClient)?,
                 "scheduler" => pki.service_request(Role::Scheduler, Usage::ServerAndClient)?,
                 "operator" => pki.service_request(Role::Operator, Usage::Client)?,

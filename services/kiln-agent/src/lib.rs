@@ -122,9 +122,6 @@ impl AgentHandle {
 /// debootstrap and takes a few minutes; later starts reuse it).
 pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
     config.validate()?;
-    // Before minutes of runtime preparation: an agent without its node's
-    // certificate cannot join.
-    registration::node_identity(&config.tls.cert)?;
     if config.sandbox.backend_for(config.node.tenancy) == kiln_core::SandboxKind::Microvm {
         let driver = microvm::driver(&config).await?;
         let backends = microvm::backends(&config, driver.clone())?;
@@ -132,6 +129,9 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         handle.microvm = Some(driver);
         return Ok(handle);
     }
+    // Before minutes of runtime preparation: an agent without its node's
+    // certificate cannot join.
+    registration::node_identity(&config.tls.cert)?;
     let mut driver =
         ContainerDriver::new(config.sandbox.container.clone(), &config.state_dir).await?;
     if let Some(region) = &config.region {

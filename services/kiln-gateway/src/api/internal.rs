@@ -86,7 +86,14 @@ pub async fn handle(
         Ok(Api::Health) => server::health(),
         Ok(Api::Code { digest }) => {
             tracing::debug!(peer = %conn.peer, digest, "code package requested");
-            match placed_code(&internal.placements, caller, &digest).await {
+            // A digest that is no SHA-256 is no package (the store answers
+            // it as missing) and never reaches the scheduler's URL.
+            let placed = if is_sha256_hex(&digest) {
+                placed_code(&internal.placements, caller, &digest).await
+            } else {
+                Ok(())
+            };
+            match placed {
                 Ok(()) => code(&internal.catalog, &digest, &request_id).await,
                 Err(Refused::Denied(d)) => refuse(d),
                 Err(Refused::Error(e)) => server::error(&e, request_id.as_str()),
@@ -121,6 +128,12 @@ fn agent_node<'a>(
     caller
         .and_then(Identity::node)
         .ok_or_else(|| Refused::Denied(Denied::new(method, route, caller, DenyReason::Role)))
+}
+
+fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// Code only for a digest an instance placed on the agent's node uses.
