@@ -68,9 +68,18 @@ async fn start_agent(
         driver: Arc::new(FakeDriver::at(runtime_addr)),
         code_source: Arc::new(GatewayCodeSource::new(client.clone(), gateway_internal_url)),
         unpacker: Arc::new(ZipUnpacker),
-        scheduler: Arc::new(HttpScheduler::new(client, scheduler_url)),
+        scheduler: Arc::new(HttpScheduler::new(client.clone(), scheduler_url)),
     };
-    kiln_agent::start_with(config, backends).await.unwrap()
+    let agent = kiln_agent::start_with(config, backends).await.unwrap();
+    // Instances of functions with a role get their credentials from the
+    // gateway, as a real node's do.
+    agent
+        .instances()
+        .set_credential_source(Arc::new(
+            kiln_agent::credentials::GatewayCredentialSource::new(client, gateway_internal_url),
+        ))
+        .await;
+    agent
 }
 
 /// The FC error of a refused call: 403 AccessDenied naming the route.
@@ -159,6 +168,18 @@ async fn an_agent_certificate_of_node_a_is_trusted_with_node_a_and_nothing_else(
     // The victim: account B's function, with an instance on node B (A is
     // cordoned by the operator while it is placed).
     let victim = Api::new(&pki, gateway.public_addr(), AK_B, SK_B, false);
+    let policy = json!({"Version": "1", "Statement": [
+        {"Effect": "Allow", "Action": ["fc:GetFunction"],
+         "Resource": "acs:fc:*:*:functions/victim"}]});
+    let role = victim
+        .call(
+            Method::PUT,
+            "/2023-03-30/roles/victim-role",
+            serde_json::to_vec(&json!({"policy": policy})).unwrap(),
+        )
+        .await;
+    assert_eq!(role.status, StatusCode::OK, "{:?}", role.body);
+    let arn = format!("acs:ram::{ACCOUNT_B}:role/victim-role");
     let zip = zip_of(&[("app.py", b"print('secret of account B')\n")]);
     let created = victim
         .call(
@@ -172,6 +193,7 @@ async fn an_agent_certificate_of_node_a_is_trusted_with_node_a_and_nothing_else(
                 "timeout": 10,
                 "customRuntimeConfig": {"command": ["python3", "/code/app.py"], "port": 9000},
                 "code": {"zipFile": b64(&zip)},
+                "role": arn,
             }))
             .unwrap(),
         )
@@ -213,8 +235,25 @@ async fn an_agent_certificate_of_node_a_is_trusted_with_node_a_and_nothing_else(
     assert_eq!(instances.len(), 1, "{instances:?}");
     let instance = instances[0].clone();
     assert_eq!(instance.node_id.as_ref(), Some(&b_id));
-    // Agent B fetched that code from the gateway to start the instance:
-    // the placement check let the legitimate node through.
+    // Agent B fetched that code and the role's credentials from the
+    // gateway to start the instance: the placement checks let the
+    // legitimate node through. It may ask again (credentials are renewed).
+    let agent_b_client = InternalClient::new(&pki.agent(&b_id).unwrap()).unwrap();
+    let credentials_body = json!({
+        "account_id": ACCOUNT_B,
+        "function_name": "victim",
+        "role": arn,
+        "instance_id": instance.instance_id,
+    });
+    let resp = agent_b_client
+        .send(request(
+            Method::POST,
+            format!("{gateway_internal}{}", paths::CREDENTIALS),
+            credentials_body.clone(),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
 
     let limits_before: AccountLimits = operator
         .get(
@@ -271,12 +310,7 @@ async fn an_agent_certificate_of_node_a_is_trusted_with_node_a_and_nothing_else(
         .send(request(
             Method::POST,
             format!("{gateway_internal}{}", paths::CREDENTIALS),
-            json!({
-                "account_id": ACCOUNT_B,
-                "function_name": "victim",
-                "role": format!("acs:ram::{ACCOUNT_B}:role/victim-role"),
-                "instance_id": instance.instance_id,
-            }),
+            credentials_body.clone(),
         ))
         .await
         .unwrap();

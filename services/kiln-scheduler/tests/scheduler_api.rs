@@ -1206,3 +1206,85 @@ async fn a_node_past_its_validity_is_told_to_reprovision_over_the_api() {
     assert!(!beat().await.reprovision);
     handle.shutdown().await;
 }
+
+/// A second certificate for node `node` (as a stolen bootstrap or a
+/// duplicated node would have), written as `<name>.pem` in the PKI dir.
+fn second_agent_certificate(pki: &DevPki, node: &kiln_core::NodeId, name: &str) -> TlsFiles {
+    let identity = kiln_pki::Identity::agent(DevPki::TRUST_DOMAIN, node.clone()).unwrap();
+    let files = pki.files(name);
+    pki.ca()
+        .issue(
+            &kiln_pki::CertRequest::for_identity(identity, kiln_pki::Usage::ServerAndClient)
+                .names(&["127.0.0.1".to_owned()]),
+        )
+        .unwrap()
+        .write(&files.cert, &files.key)
+        .unwrap();
+    files
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_node_is_not_taken_over_from_another_certificate_at_another_url() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = DevPki::ensure(&dir.path().join("pki"), &[]).unwrap();
+    let handle = start_scheduler(dir.path(), &pki).await;
+    let base = base(handle.addr());
+    let node: kiln_core::NodeId = "n-a".parse().unwrap();
+    let real = InternalClient::new(&pki.agent(&node).unwrap()).unwrap();
+    let twin = InternalClient::new(&second_agent_certificate(&pki, &node, "twin")).unwrap();
+    let operator = InternalClient::new(&pki.files("operator")).unwrap();
+    let url_of = |nodes: Vec<NodeInfo>| {
+        nodes
+            .into_iter()
+            .find(|n| n.node_id == node)
+            .map(|n| n.agent_url)
+    };
+
+    let reg: RegisterNodeResponse = real
+        .post(
+            &base,
+            paths::NODES_REGISTER,
+            &registration(None, "https://127.0.0.1:7001"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(reg.node_id, node, "no node id: the certificate's");
+    // Another certificate for the same node, at another URL, while the
+    // node is live: refused, and the node still points at the real agent.
+    let err = twin
+        .post::<_, RegisterNodeResponse>(
+            &base,
+            paths::NODES_REGISTER,
+            &registration(Some(node.clone()), "https://127.0.0.1:7002"),
+        )
+        .await
+        .unwrap_err();
+    let e = err.to_fc();
+    assert_eq!(e.code, FcErrorCode::AccessDenied, "{e:?}");
+    assert!(
+        e.message.contains("live at https://127.0.0.1:7001"),
+        "{}",
+        e.message
+    );
+    let nodes: Vec<NodeInfo> = operator.get(&base, paths::SCHEDULER_NODES).await.unwrap();
+    assert_eq!(url_of(nodes).as_deref(), Some("https://127.0.0.1:7001"));
+    // The real agent restarted on another port: the same certificate moves.
+    real.post::<_, RegisterNodeResponse>(
+        &base,
+        paths::NODES_REGISTER,
+        &registration(Some(node.clone()), "https://127.0.0.1:7003"),
+    )
+    .await
+    .unwrap();
+    // A renewed certificate at the node's URL is the node itself.
+    twin.post::<_, RegisterNodeResponse>(
+        &base,
+        paths::NODES_REGISTER,
+        &registration(Some(node.clone()), "https://127.0.0.1:7003"),
+    )
+    .await
+    .unwrap();
+    let nodes: Vec<NodeInfo> = operator.get(&base, paths::SCHEDULER_NODES).await.unwrap();
+    assert_eq!(url_of(nodes).as_deref(), Some("https://127.0.0.1:7003"));
+    handle.shutdown().await;
+}
