@@ -1,8 +1,8 @@
 //! One typed router for every Kiln API (the gateway's public and internal
 //! listeners, the scheduler, the agent).
 //!
-//! Each service declares ONE table: a row per route, method + path pattern
-//! + who may call it -> a function that builds the service's typed route
+//! Each service declares ONE table: a row per route, method, path pattern
+//! and who may call it -> a function that builds the service's typed route
 //! value from the named path parameters. Handlers then match on that value
 //! and get their parameters as typed fields: no positional indexing, no
 //! `expect`.
