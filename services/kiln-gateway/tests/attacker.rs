@@ -254,6 +254,29 @@ async fn an_agent_certificate_of_node_a_is_trusted_with_node_a_and_nothing_else(
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
+    // Even node B gets credentials only for that instance's own function
+    // and role, not another role or account through its instance id.
+    for (key, value) in [
+        (
+            "role",
+            json!(format!("acs:ram::{ACCOUNT_B}:role/other-role")),
+        ),
+        ("account_id", json!(ACCOUNT_A)),
+        ("function_name", json!("other")),
+    ] {
+        let mut body = credentials_body.clone();
+        body[key] = value;
+        let resp = agent_b_client
+            .send(request(
+                Method::POST,
+                format!("{gateway_internal}{}", paths::CREDENTIALS),
+                body,
+            ))
+            .await
+            .unwrap();
+        let m = assert_denied(resp, key).await;
+        assert!(m.contains("not placed on node n-b"), "{m}");
+    }
 
     let limits_before: AccountLimits = operator
         .get(
