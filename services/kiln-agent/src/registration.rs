@@ -91,13 +91,13 @@ pub enum NodeIdentityError {
         #[source]
         source: kiln_pki::PkiError,
     },
-    #[error("the agent certificate {path} names no Kiln identity ({source}); issue it with `nix/kiln-pki.sh agent <node-id>` (see docs/joining.md)")]
+    #[error("the agent certificate {path} names no Kiln identity ({source}); issue one with `kiln-pki issue DIR agent <node-id> NAME...` (nix/kiln-pki.sh, see docs/joining.md)")]
     NoIdentity {
         path: std::path::PathBuf,
         #[source]
         source: kiln_pki::IdentityError,
     },
-    #[error("the agent certificate {path} is a {role} certificate, not an agent's (spiffe://<cluster>/agent/<node-id>); issue it with `nix/kiln-pki.sh agent <node-id>` (see docs/joining.md)")]
+    #[error("the agent certificate {path} is a {role} certificate, not an agent's (spiffe://<cluster>/agent/<node-id>); issue one with `kiln-pki issue DIR agent <node-id> NAME...` (nix/kiln-pki.sh, see docs/joining.md)")]
     NotAnAgent {
         path: std::path::PathBuf,
         role: kiln_pki::Role,
@@ -436,7 +436,10 @@ mod tests {
             ),
             "{e}"
         );
-        assert!(e.to_string().contains("kiln-pki.sh agent <node-id>"), "{e}");
+        assert!(
+            e.to_string().contains("kiln-pki issue DIR agent <node-id>"),
+            "{e}"
+        );
         // The public listener's certificate names no cluster identity.
         let e = node_identity(&pki.files("gateway").cert).unwrap_err();
         assert!(matches!(e, NodeIdentityError::NoIdentity { .. }), "{e}");
