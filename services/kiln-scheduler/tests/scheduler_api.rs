@@ -500,6 +500,37 @@ async fn clients_without_a_cluster_certificate_are_refused() {
     assert!(err.is_unreachable(), "{err}");
     assert!(err.to_string().contains("UnknownCA"), "{err}");
 
+    // A certificate of the cluster CA that names no identity (an older
+    // one): the handshake completes, every route refuses it, health too.
+    let mut anonymous = kiln_pki::CertRequest::public_server("no-identity");
+    anonymous.usage = kiln_pki::Usage::Client;
+    let files = pki.files("no-identity");
+    pki.ca()
+        .issue(&anonymous)
+        .unwrap()
+        .write(&files.cert, &files.key)
+        .unwrap();
+    let nameless = InternalClient::new(&files).unwrap();
+    for path in [paths::HEALTH, paths::SCHEDULER_NODES] {
+        let err = nameless
+            .get::<serde_json::Value>(&base, path)
+            .await
+            .unwrap_err();
+        let e = err.to_fc();
+        assert_eq!(e.code, FcErrorCode::AccessDenied, "{path}: {err}");
+        assert!(
+            e.message.contains("names no Kiln identity"),
+            "{}",
+            e.message
+        );
+    }
+    let refused = handle
+        .scheduler()
+        .metrics()
+        .refusals
+        .count(None, &Method::GET, "/v1/health");
+    assert_eq!(refused, 1);
+
     // No certificate at all.
     let mut tls = (*kiln_pki::public_client_config(&pki.ca_cert()).unwrap()).clone();
     tls.alpn_protocols.clear();
