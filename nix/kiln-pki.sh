@@ -3,13 +3,25 @@
 # made with openssl in the layout `kiln dev` uses (crates/kiln-pki DevPki):
 # DIR/ca.pem, DIR/ca-key.pem and DIR/<role>.pem, DIR/<role>-key.pem.
 #
-#   kiln-pki ca DIR                        create the CA (once; kept if present)
-#   kiln-pki issue DIR ROLE NAME...        a certificate for NAMEs (DNS names
-#                                          or IP addresses) valid as server and
-#                                          client: the internal mTLS identities
-#                                          (gateway-internal, scheduler, agent)
-#   kiln-pki issue-public DIR ROLE NAME... a server-only certificate (the
-#                                          gateway's public listener)
+#   kiln-pki ca DIR                          create the CA (once; kept if present)
+#   kiln-pki issue DIR gateway-internal NAME...  the gateway's internal listener
+#                                            and client (identity: gateway)
+#   kiln-pki issue DIR scheduler NAME...     the scheduler (identity: scheduler)
+#   kiln-pki issue DIR agent NODE-ID NAME... the agent of compute node NODE-ID
+#                                            (identity: agent/NODE-ID)
+#   kiln-pki issue DIR operator              a client-only certificate for
+#                                            `kiln nodes`/`kiln limits`
+#                                            (identity: operator)
+#   kiln-pki issue-public DIR ROLE NAME...   a server-only certificate (the
+#                                            gateway's public listener; no
+#                                            cluster identity)
+#
+# Every internal certificate names its holder's identity as one URI SAN,
+# spiffe://<trust domain>/<role>[/<node-id>] (docs/security.md): the services
+# authorise each internal call by it. The trust domain is $KILN_TRUST_DOMAIN
+# (default "kiln"). gateway-internal, scheduler and agent certificates are
+# valid as server and client (they serve and call); the operator's only as a
+# client. NAMEs are DNS names or IP addresses.
 #
 # Keys are EC P-256 (PKCS#8), mode 0600; certificates are valid two years,
 # the CA ten, like the ones `kiln dev` makes.
@@ -18,11 +30,20 @@ set -euo pipefail
 usage() {
   cat >&2 <<'USAGE'
 usage: kiln-pki ca DIR
-       kiln-pki issue DIR ROLE NAME...         (server and client: internal mTLS)
+       kiln-pki issue DIR gateway-internal NAME...
+       kiln-pki issue DIR scheduler NAME...
+       kiln-pki issue DIR agent NODE-ID NAME...
+       kiln-pki issue DIR operator
        kiln-pki issue-public DIR ROLE NAME...  (server only: the public gateway)
 USAGE
   exit 2
 }
+
+trust_domain=${KILN_TRUST_DOMAIN:-kiln}
+if [[ ! "$trust_domain" =~ ^[a-z0-9._-]{1,255}$ ]]; then
+  echo "kiln-pki: KILN_TRUST_DOMAIN must be lower-case letters, digits, '.', '-' or '_'" >&2
+  exit 2
+fi
 
 [ $# -ge 2 ] || usage
 cmd=$1
@@ -47,17 +68,49 @@ ca)
   echo "kiln-pki: CA written to $dir/ca.pem"
   ;;
 issue | issue-public)
-  [ $# -ge 2 ] || usage
+  [ $# -ge 1 ] || usage
   role=$1
   shift
   case "$role" in
   *[!a-z0-9-]* | "") echo "kiln-pki: role must be lower-case letters, digits and '-'" >&2; exit 2 ;;
   esac
+  identity=""
+  usage_ext="serverAuth"
+  if [ "$cmd" = issue ]; then
+    usage_ext="serverAuth,clientAuth"
+    case "$role" in
+    gateway-internal) identity="gateway" ;;
+    scheduler) identity="scheduler" ;;
+    agent)
+      [ $# -ge 1 ] || { echo "kiln-pki: an agent certificate names its node: kiln-pki issue DIR agent NODE-ID NAME..." >&2; exit 2; }
+      node=$1
+      shift
+      if [[ ! "$node" =~ ^[a-z0-9_-]{1,64}$ ]]; then
+        echo "kiln-pki: the node id must be 1 to 64 lower-case letters, digits, '-' or '_'" >&2
+        exit 2
+      fi
+      identity="agent/$node"
+      ;;
+    operator)
+      [ $# -eq 0 ] || { echo "kiln-pki: the operator certificate is client-only and names no host" >&2; exit 2; }
+      identity="operator"
+      usage_ext="clientAuth"
+      ;;
+    *)
+      echo "kiln-pki: internal roles are gateway-internal, scheduler, agent and operator (issue-public for the public listener)" >&2
+      exit 2
+      ;;
+    esac
+  fi
+  [ $# -ge 1 ] || [ "$role" = operator ] || usage
   if [ ! -f "$dir/ca.pem" ] || [ ! -f "$dir/ca-key.pem" ]; then
     echo "kiln-pki: no CA in $dir (run: kiln-pki ca $dir)" >&2
     exit 1
   fi
   sans=""
+  if [ -n "$identity" ]; then
+    sans=",URI:spiffe://$trust_domain/$identity"
+  fi
   for name in "$@"; do
     if [[ "$name" =~ ^[0-9.]+$ || "$name" == *:* ]]; then
       sans="$sans,IP:$name"
@@ -65,7 +118,6 @@ issue | issue-public)
       sans="$sans,DNS:$name"
     fi
   done
-  if [ "$cmd" = issue ]; then usage_ext="serverAuth,clientAuth"; else usage_ext="serverAuth"; fi
   work=$(mktemp -d)
   trap 'rm -rf "$work"' EXIT
   cat >"$work/ext.cnf" <<EXT

@@ -84,6 +84,8 @@ in
             "gateway-internal-key.pem"
             "scheduler.pem"
             "scheduler-key.pem"
+            "operator.pem"
+            "operator-key.pem"
           ])
         ];
         virtualisation.memorySize = 2048;

@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod access_log;
+pub mod authz;
 pub mod client;
 pub mod invoke;
 pub mod keys;

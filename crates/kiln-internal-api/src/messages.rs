@@ -66,6 +66,16 @@ pub mod paths {
         format!("/v1/instances/{id}/exec")
     }
 
+    /// Gateway: GET the `PlacedInstance` if `instance` is placed on `node`.
+    pub fn placed_instance(node: &NodeId, instance: &InstanceId) -> String {
+        format!("/v1/nodes/{node}/instances/{instance}")
+    }
+    /// Gateway: GET, 204 if `node` holds or creates an instance using the
+    /// code package or layer `digest`.
+    pub fn placed_code(node: &NodeId, digest: &str) -> String {
+        format!("/v1/nodes/{node}/code/{digest}")
+    }
+
     // Gateway (internal listener).
     pub fn code(digest: &str) -> String {
         format!("/v1/code/{digest}")
@@ -87,6 +97,17 @@ pub mod headers {
     pub const LOG_TYPE: &str = "x-fc-log-type";
     /// FC's `x-fc-log-result`: the call's log tail, base64.
     pub const LOG_RESULT: &str = "x-fc-log-result";
+}
+
+/// What the scheduler placed as one instance on one node (the answer of
+/// `GET /v1/nodes/{node}/instances/{instance}`, asked by the gateway).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlacedInstance {
+    pub account_id: AccountId,
+    pub function_name: FunctionName,
+    /// The role ARN of the instance's spec, if its function has one.
+    pub role: Option<String>,
 }
 
 /// An agent asks the gateway for temporary credentials of the role of an

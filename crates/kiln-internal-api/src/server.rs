@@ -113,6 +113,16 @@ pub struct ConnInfo {
     pub identity: Option<Arc<kiln_pki::Identity>>,
     /// The peer's leaf certificate (DER), when it presented one.
     pub certificate: Option<Arc<rustls::pki_types::CertificateDer<'static>>>,
+    /// SHA-256 of the peer's client certificate: which certificate holds
+    /// a node (the scheduler refuses another one taking a live node).
+    pub certificate_sha256: Option<[u8; 32]>,
+}
+
+/// SHA-256 of the client certificate a TLS connection presented.
+fn peer_certificate_sha256(conn: &rustls::ServerConnection) -> Option<[u8; 32]> {
+    use sha2::Digest;
+    let cert = conn.peer_certificates()?.first()?;
+    Some(sha2::Sha256::digest(cert.as_ref()).into())
 }
 
 /// The identity of the client certificate a TLS connection presented.
@@ -208,6 +218,7 @@ pub async fn serve_tls_revocable<H, F>(
                     .peer_certificates()
                     .and_then(|c| c.first())
                     .map(|c| Arc::new(c.clone().into_owned())),
+                certificate_sha256: peer_certificate_sha256(tls.get_ref().1),
             };
             let peer_cert = tls
                 .get_ref()

@@ -1,26 +1,43 @@
-//! The agent's internal API (mTLS), one table of routes:
+//! The agent's internal API (mTLS), one table of routes, each with the
+//! roles that may call it (docs/security.md prints it):
 //!
-//! | method | path                         | what                          |
-//! |--------|------------------------------|-------------------------------|
-//! | POST   | /v1/instances                | create, wait for the port     |
-//! | GET    | /v1/instances                | list                          |
-//! | DELETE | /v1/instances/{id}           | destroy (idempotent)          |
-//! | POST   | /v1/instances/{id}/invoke    | forward an invocation         |
-//! | GET    | /v1/health                   | liveness                      |
-//! | GET    | /v1/logs                     | a function's logs (logs.rs)   |
-//! | POST   | /v1/instances/{id}/exec      | run a command (exec.rs)       |
+//! | method | path                         | callers   | what                        |
+//! |--------|------------------------------|-----------|-----------------------------|
+//! | POST   | /v1/instances                | scheduler | create, wait for the port   |
+//! | GET    | /v1/instances                | scheduler, operator | list              |
+//! | DELETE | /v1/instances/{id}           | scheduler | destroy (idempotent)        |
+//! | POST   | /v1/instances/{id}/invoke    | gateway   | forward an invocation       |
+//! | GET    | /v1/health                   | any       | liveness                    |
+//! | GET    | /v1/logs                     | gateway   | a function's logs (logs.rs) |
+//! | POST   | /v1/instances/{id}/exec      | gateway   | run a command (exec.rs)     |
+//!
+//! Each caller gets only what it needs: the scheduler places and removes
+//! instances but never sees an invocation or a shell; the gateway invokes,
+//! execs and reads logs but cannot create or destroy; another agent gets
+//! nothing but health.
 
 use std::sync::{Arc, LazyLock};
 
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use kiln_core::{FcError, InstanceId, RequestId};
-use kiln_internal_api::router::{route, Route, Router};
-use kiln_internal_api::server::{self, error, json, no_content, read_json, Body};
+use kiln_internal_api::router::{route, Callers, Route, RouteError, Router};
+use kiln_internal_api::server::{self, error, json, no_content, read_json, Body, ConnInfo};
 use kiln_internal_api::CreateInstance;
 use tracing::Instrument;
 
 use crate::instances::InstanceManager;
+
+use kiln_pki::Role::{Gateway, Operator, Scheduler};
+
+/// Any cluster identity (health).
+const ANY: Callers = Callers::ANY;
+/// The scheduler: instance lifecycle.
+const SCHEDULER: Callers = Callers::of(&[Scheduler]);
+/// The gateway: calls into instances.
+const GATEWAY: Callers = Callers::of(&[Gateway]);
+/// Read-only: what runs here.
+const LIST: Callers = Callers::of(&[Scheduler, Operator]);
 
 /// Control messages are small; anything bigger is not one.
 const CONTROL_BODY_MAX: usize = 1 << 20;
@@ -45,16 +62,16 @@ enum Api {
     },
 }
 
-/// The agent's one route table.
+/// The agent's one route table: method, path, who may call it.
 #[rustfmt::skip]
 const ROUTES: &[Route<Api>] = &[
-    route(Method::GET, "/v1/health", |_| Ok(Api::Health)),
-    route(Method::GET, "/v1/logs", |_| Ok(Api::Logs)),
-    route(Method::GET, "/v1/instances", |_| Ok(Api::ListInstances)),
-    route(Method::POST, "/v1/instances", |_| Ok(Api::CreateInstance)),
-    route(Method::DELETE, "/v1/instances/{id}", |p| Ok(Api::DestroyInstance { id: p.parse("id")? })),
-    route(Method::POST, "/v1/instances/{id}/invoke", |p| Ok(Api::Invoke { id: p.string("id")? })),
-    route(Method::POST, "/v1/instances/{id}/exec", |p| Ok(Api::Exec { id: p.string("id")? })),
+    route(Method::GET, "/v1/health", ANY, |_| Ok(Api::Health)),
+    route(Method::GET, "/v1/logs", GATEWAY, |_| Ok(Api::Logs)),
+    route(Method::GET, "/v1/instances", LIST, |_| Ok(Api::ListInstances)),
+    route(Method::POST, "/v1/instances", SCHEDULER, |_| Ok(Api::CreateInstance)),
+    route(Method::DELETE, "/v1/instances/{id}", SCHEDULER, |p| Ok(Api::DestroyInstance { id: p.parse("id")? })),
+    route(Method::POST, "/v1/instances/{id}/invoke", GATEWAY, |p| Ok(Api::Invoke { id: p.string("id")? })),
+    route(Method::POST, "/v1/instances/{id}/exec", GATEWAY, |p| Ok(Api::Exec { id: p.string("id")? })),
 ];
 
 static ROUTER: LazyLock<Router<Api>> = LazyLock::new(|| {
@@ -71,9 +88,22 @@ fn request_id(req: &Request<Incoming>) -> String {
         .unwrap_or_else(|| RequestId::generate().to_string())
 }
 
-/// Serve one request.
-pub async fn handle(manager: Arc<InstanceManager>, req: Request<Incoming>) -> Response<Body> {
-    match ROUTER.route(req.method(), req.uri().path()) {
+/// Serve one request from the peer of `conn`.
+pub async fn handle(
+    manager: Arc<InstanceManager>,
+    req: Request<Incoming>,
+    conn: ConnInfo,
+) -> Response<Body> {
+    let caller = conn.identity.as_deref();
+    let routed = match ROUTER.authorise(req.method(), req.uri().path(), caller) {
+        Ok(api) => Ok(api),
+        Err(RouteError::Invalid(e)) => Err(e),
+        Err(RouteError::Denied(denied)) => {
+            let e = manager.metrics.refusals.refuse(&denied, caller, conn.peer);
+            return error(&e, &request_id(&req));
+        }
+    };
+    match routed {
         // The warm path: no request id lookup, a debug-level span.
         Ok(Api::Invoke { id }) => {
             let span = tracing::debug_span!("invoke", instance_id = %id);
@@ -153,7 +183,7 @@ mod tests {
     use super::*;
 
     fn at(method: Method, path: &str) -> Result<Api, FcError> {
-        ROUTER.route(&method, path)
+        ROUTER.route_for_tests(&method, path)
     }
 
     #[test]
@@ -217,6 +247,51 @@ mod tests {
             code(Method::POST, "/v1/health"),
             FcErrorCode::MethodNotAllowed
         );
+    }
+
+    /// The route x role table of docs/security.md, row for row.
+    #[test]
+    fn every_route_names_who_may_call_it() {
+        let mut have: Vec<String> = ROUTER
+            .rows()
+            .map(|(m, p, c)| format!("{m} {p}: {c}"))
+            .collect();
+        have.sort();
+        let mut want = vec![
+            "GET /v1/health: gateway, scheduler, agent, operator",
+            "GET /v1/logs: gateway",
+            "GET /v1/instances: scheduler, operator",
+            "POST /v1/instances: scheduler",
+            "DELETE /v1/instances/{id}: scheduler",
+            "POST /v1/instances/{id}/invoke: gateway",
+            "POST /v1/instances/{id}/exec: gateway",
+        ];
+        want.sort();
+        assert_eq!(have, want);
+    }
+
+    #[test]
+    fn another_agent_gets_nothing_but_health() {
+        let other = kiln_pki::Identity::agent("kiln", "n-b".parse().unwrap()).unwrap();
+        for (m, p) in [
+            (Method::POST, "/v1/instances/i-1/exec"),
+            (Method::POST, "/v1/instances/i-1/invoke"),
+            (Method::POST, "/v1/instances"),
+            (Method::DELETE, "/v1/instances/i-1"),
+            (Method::GET, "/v1/instances"),
+            (Method::GET, "/v1/logs"),
+        ] {
+            assert!(
+                matches!(
+                    ROUTER.authorise(&m, p, Some(&other)),
+                    Err(RouteError::Denied(_))
+                ),
+                "{m} {p}"
+            );
+        }
+        assert!(ROUTER
+            .authorise(&Method::GET, "/v1/health", Some(&other))
+            .is_ok());
     }
 
     #[test]

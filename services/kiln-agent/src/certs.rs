@@ -188,15 +188,8 @@ pub async fn join(config: &crate::AgentConfig, b: &BootstrapSettings) -> Result<
             joined.node_id
         )));
     }
+    // The node id is the certificate's: the agent registers under it.
     write_pair(&config.tls, joined.certificate.cert_pem, key_pem)?;
-    std::fs::create_dir_all(&config.state_dir)
-        .and_then(|()| {
-            crate::registration::NodeIdFile::new(&config.state_dir).store(&joined.node_id)
-        })
-        .map_err(|source| AgentError::State {
-            path: config.state_dir.clone(),
-            source,
-        })?;
     if let Err(e) = std::fs::remove_file(&b.token_file) {
         tracing::warn!(path = %b.token_file.display(), error = %e, "cannot remove the used bootstrap token");
     }

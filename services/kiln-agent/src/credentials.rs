@@ -445,7 +445,13 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let agent = l.local_addr().unwrap();
         let mm = m.clone();
-        serve_http1(l, move |req| crate::api::handle(mm.clone(), req));
+        serve_http1(l, move |req| {
+            crate::api::handle(
+                mm.clone(),
+                req,
+                crate::testing::conn_of(kiln_pki::Role::Gateway),
+            )
+        });
         let client: Client<HttpConnector, Body> =
             Client::builder(TokioExecutor::new()).build(HttpConnector::new());
         let req = http::Request::post(format!("http://{agent}/v1/instances/{id}/invoke"))

@@ -13,6 +13,8 @@ pub enum AgentError {
     Config(#[from] ConfigError),
     #[error("Cannot load the agent's TLS material")]
     Pki(#[from] kiln_pki::PkiError),
+    #[error("The agent's certificate does not name its node")]
+    Identity(#[from] crate::registration::NodeIdentityError),
     #[error("Cannot listen on {addr}")]
     Bind {
         addr: SocketAddr,

@@ -760,7 +760,13 @@ mod invoke_tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let agent = listener.local_addr().unwrap();
         let m = manager.clone();
-        serve_http1(listener, move |req| crate::api::handle(m.clone(), req));
+        serve_http1(listener, move |req| {
+            crate::api::handle(
+                m.clone(),
+                req,
+                crate::testing::conn_of(kiln_pki::Role::Gateway),
+            )
+        });
         let client = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
         Setup {
             _dir: dir,
@@ -1150,10 +1156,13 @@ mod invoke_tests {
             )
             .unwrap();
         let resp = s.client.request(req).await.unwrap();
-        assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+        // This server's peer is the gateway, which invokes but never
+        // creates: refused before the body is read.
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN);
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
-        assert_eq!(v["Code"], "InvalidArgument");
+        assert_eq!(v["Code"], "AccessDenied");
+        assert_eq!(v["Message"], "role gateway may not call POST /v1/instances");
         assert_eq!(s.manager.ids(), vec![s.id.clone()]);
     }
 

@@ -369,7 +369,13 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let agent = l.local_addr().unwrap();
         let m = n.manager.clone();
-        serve_http1(l, move |req| crate::api::handle(m.clone(), req));
+        serve_http1(l, move |req| {
+            crate::api::handle(
+                m.clone(),
+                req,
+                crate::testing::conn_of(kiln_pki::Role::Gateway),
+            )
+        });
         let client: Client<HttpConnector, Body> =
             Client::builder(TokioExecutor::new()).build(HttpConnector::new());
         for i in 0..3 {

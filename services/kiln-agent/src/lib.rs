@@ -57,6 +57,7 @@ pub struct AgentHandle {
     addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
     agent_url: String,
+    node_id: kiln_core::NodeId,
     manager: Arc<InstanceManager>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -70,6 +71,11 @@ impl AgentHandle {
     /// The mTLS API's address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The node this agent serves: the one its certificate names.
+    pub fn node_id(&self) -> &kiln_core::NodeId {
+        &self.node_id
     }
 
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
@@ -152,6 +158,9 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         handle.microvm = Some(driver);
         return Ok(handle);
     }
+    // Before minutes of runtime preparation: an agent without its node's
+    // certificate cannot join.
+    registration::node_identity(&config.tls.cert)?;
     let mut driver =
         ContainerDriver::new(config.sandbox.container.clone(), &config.state_dir).await?;
     if let Some(region) = &config.region {
@@ -214,6 +223,7 @@ async fn start_with_trust(
     trust: Arc<certs::AgentTrust>,
 ) -> Result<AgentHandle, AgentError> {
     config.validate()?;
+    let node_id = registration::node_identity(&config.tls.cert)?;
     let state_err = |path: &std::path::Path| {
         let path = path.to_owned();
         move |source| AgentError::State { path, source }
@@ -299,7 +309,7 @@ async fn start_with_trust(
     }));
 
     let handler_manager = manager.clone();
-    let handler = move |req, _conn| api::handle(handler_manager.clone(), req);
+    let handler = move |req, conn| api::handle(handler_manager.clone(), req, conn);
     let mut server_shutdown = shutdown_rx.clone();
     let server_revoked = trust.revocations().clone();
     tasks.push(tokio::spawn(async move {
@@ -335,14 +345,15 @@ async fn start_with_trust(
         backends.scheduler,
         manager.clone(),
         node,
-        registration::NodeIdFile::new(&config.state_dir),
+        node_id.clone(),
         shutdown_rx,
     )));
-    tracing::info!(%addr, %agent_url, metrics = ?metrics_addr, "agent serving");
+    tracing::info!(%addr, %agent_url, %node_id, metrics = ?metrics_addr, "agent serving");
     Ok(AgentHandle {
         addr,
         metrics_addr,
         agent_url,
+        node_id,
         manager,
         shutdown: shutdown_tx,
         tasks,

@@ -29,6 +29,8 @@ pub struct Metrics {
     pub invoke_seconds: Histogram,
     /// Per-instance usage and freezing.
     pub usage: Arc<crate::usage::UsageMetrics>,
+    /// Internal calls refused for the caller's identity.
+    pub refusals: kiln_internal_api::authz::Refusals,
 }
 
 impl Metrics {
@@ -69,7 +71,9 @@ impl Metrics {
         let usage = Arc::new(crate::usage::UsageMetrics::register(&mut registry));
         let creates_ok = creates.get_or_create(&vec![("result", "ok")]).clone();
         let creates_failed = creates.get_or_create(&vec![("result", "failed")]).clone();
+        let refusals = kiln_internal_api::authz::Refusals::register(&mut registry);
         Self {
+            refusals,
             instances,
             creates_ok,
             creates_failed,

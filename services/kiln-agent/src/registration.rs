@@ -1,8 +1,13 @@
 //! The node's membership in the cluster: register with the scheduler (with
 //! capacity, labels and the instances running now), then heartbeat; destroy
 //! what the scheduler does not know; register again when it asks.
+//!
+//! The node id is the one the agent's certificate names
+//! (`spiffe://<cluster>/agent/<node-id>`, see [`node_identity`]): the
+//! scheduler admits an agent only for that node, so there is no id to
+//! assign or to keep on disk.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -77,38 +82,51 @@ pub struct NodeDescription {
 const BACKOFF_FIRST: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
-/// The node id kept across restarts in `state_dir/node-id`.
-pub struct NodeIdFile(PathBuf);
+/// Why the agent's certificate cannot name its node.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeIdentityError {
+    #[error("cannot read the agent certificate {path}")]
+    Load {
+        path: std::path::PathBuf,
+        #[source]
+        source: kiln_pki::PkiError,
+    },
+    #[error("the agent certificate {path} names no Kiln identity ({source}); issue one with `kiln-pki issue DIR agent <node-id> NAME...` (nix/kiln-pki.sh, see docs/joining.md)")]
+    NoIdentity {
+        path: std::path::PathBuf,
+        #[source]
+        source: kiln_pki::IdentityError,
+    },
+    #[error("the agent certificate {path} is a {role} certificate, not an agent's (spiffe://<cluster>/agent/<node-id>); issue one with `kiln-pki issue DIR agent <node-id> NAME...` (nix/kiln-pki.sh, see docs/joining.md)")]
+    NotAnAgent {
+        path: std::path::PathBuf,
+        role: kiln_pki::Role,
+    },
+}
 
-impl NodeIdFile {
-    pub fn new(state_dir: &Path) -> Self {
-        Self(state_dir.join("node-id"))
-    }
-
-    pub fn load(&self) -> Option<NodeId> {
-        let text = std::fs::read_to_string(&self.0).ok()?;
-        match text.trim().parse() {
-            Ok(id) => Some(id),
-            Err(e) => {
-                tracing::warn!(path = %self.0.display(), error = %e, "ignoring unreadable node id");
-                None
-            }
+/// The node the agent certificate at `cert` names: the agent's node id.
+pub fn node_identity(cert: &Path) -> Result<NodeId, NodeIdentityError> {
+    let certs = kiln_pki::load_certs(cert).map_err(|source| NodeIdentityError::Load {
+        path: cert.to_owned(),
+        source,
+    })?;
+    let leaf = certs.first().ok_or_else(|| NodeIdentityError::NoIdentity {
+        path: cert.to_owned(),
+        source: kiln_pki::IdentityError::Missing,
+    })?;
+    let identity = kiln_pki::Identity::from_certificate(leaf).map_err(|source| {
+        NodeIdentityError::NoIdentity {
+            path: cert.to_owned(),
+            source,
         }
-    }
-
-    /// Forget the id: the next registration makes a new node.
-    pub fn clear(&self) -> std::io::Result<()> {
-        match std::fs::remove_file(&self.0) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
-        }
-    }
-
-    pub fn store(&self, id: &NodeId) -> std::io::Result<()> {
-        let tmp = self.0.with_extension("tmp");
-        std::fs::write(&tmp, format!("{id}\n"))?;
-        std::fs::rename(&tmp, &self.0)
-    }
+    })?;
+    identity
+        .node()
+        .cloned()
+        .ok_or_else(|| NodeIdentityError::NotAnAgent {
+            path: cert.to_owned(),
+            role: identity.role(),
+        })
 }
 
 /// Register, heartbeat, repeat, until `shutdown` turns true.
@@ -116,16 +134,16 @@ pub async fn run(
     scheduler: Arc<dyn SchedulerApi>,
     manager: Arc<InstanceManager>,
     node: NodeDescription,
-    id_file: NodeIdFile,
+    node_id: NodeId,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut node_id = id_file.load();
+    manager.set_node_id(node_id.clone());
     'register: loop {
         let mut backoff = BACKOFF_FIRST;
         let mut attempt = 0u32;
         let registered = loop {
             let req = RegisterNode {
-                node_id: node_id.clone(),
+                node_id: Some(node_id.clone()),
                 agent_url: node.agent_url.clone(),
                 capacity: node.capacity.clone(),
                 labels: node.labels.clone(),
@@ -148,15 +166,21 @@ pub async fn run(
             }
             backoff = (backoff * 2).min(BACKOFF_MAX);
         };
-        if node_id.as_ref() != Some(&registered.node_id) {
-            if let Err(e) = id_file.store(&registered.node_id) {
-                tracing::error!(error = %e, "cannot persist the node id; a restart will register a new node");
+        if registered.node_id != node_id {
+            // A scheduler that predates certificate identities: it must
+            // not move this node under another id.
+            tracing::error!(
+                node_id = %node_id,
+                answered = %registered.node_id,
+                "the scheduler answered another node id than this agent's certificate names; retrying"
+            );
+            if sleep_or_shutdown(BACKOFF_MAX, &mut shutdown).await {
+                return;
             }
+            continue 'register;
         }
-        node_id = Some(registered.node_id.clone());
-        manager.set_node_id(registered.node_id.clone());
         tracing::info!(
-            node_id = %registered.node_id,
+            node_id = %node_id,
             instances = manager.ids().len(),
             "registered with the scheduler"
         );
@@ -180,13 +204,9 @@ pub async fn run(
                     destroy_all(&manager, resp.destroy).await;
                     if resp.reprovision {
                         // The node reached its maximum validity: start over
-                        // as a new node, with nothing running.
-                        tracing::warn!(node_id = %id, "the scheduler retired this node; re-provisioning it as a new node");
+                        // with nothing running (same id: its certificate's).
+                        tracing::warn!(node_id = %id, "the scheduler retired this node; re-provisioning it empty");
                         destroy_all(&manager, manager.ids()).await;
-                        if let Err(e) = id_file.clear() {
-                            tracing::error!(error = %e, "cannot forget the node id");
-                        }
-                        node_id = None;
                         continue 'register;
                     }
                     if resp.reregister {
@@ -295,11 +315,12 @@ mod tests {
         let scheduler = Arc::new(FakeScheduler::new(20));
         scheduler.state.lock().unwrap().fail_next = 2;
         let (tx, rx) = watch::channel(false);
+        let node_id: NodeId = "n-test".parse().unwrap();
         let task = tokio::spawn(run(
             scheduler.clone(),
             manager.clone(),
             node(),
-            NodeIdFile::new(dir.path()),
+            node_id.clone(),
             rx,
         ));
         // Unreachable twice, then registered with what runs.
@@ -308,7 +329,7 @@ mod tests {
         })
         .await;
         let first = scheduler.state.lock().unwrap().registrations[0].clone();
-        assert_eq!(first.node_id, None);
+        assert_eq!(first.node_id, Some(node_id.clone()));
         assert_eq!(first.instances, vec![id.clone()]);
         assert_eq!(first.capacity.max_instances, 4);
         assert_eq!(first.agent_url, "https://127.0.0.1:7443");
@@ -316,7 +337,6 @@ mod tests {
             scheduler.state.lock().unwrap().heartbeats.len() >= 2
         })
         .await;
-        let node_id = NodeIdFile::new(dir.path()).load().unwrap();
         {
             let s = scheduler.state.lock().unwrap();
             assert_eq!(s.heartbeats[0].0, node_id);
@@ -344,7 +364,7 @@ mod tests {
         until("destroy", || manager.ids().is_empty()).await;
         assert!(driver.destroyed().contains(&id));
 
-        // Retired: everything goes, and the node comes back as a new one.
+        // Retired: everything goes, and the node comes back empty.
         manager
             .create(CreateInstance {
                 instance_id: InstanceId::generate(),
@@ -355,21 +375,14 @@ mod tests {
             .unwrap();
         assert_eq!(manager.ids().len(), 1);
         scheduler.state.lock().unwrap().reprovision_next = true;
-        until("registration as a new node", || {
+        until("registration of the re-provisioned node", || {
             scheduler.state.lock().unwrap().registrations.len() == 2
         })
         .await;
         let renewed = scheduler.state.lock().unwrap().registrations[1].clone();
-        assert_eq!(renewed.node_id, None);
+        assert_eq!(renewed.node_id, Some(node_id.clone()));
         assert!(renewed.instances.is_empty());
         assert!(manager.ids().is_empty());
-        until("the new id on disk", || {
-            NodeIdFile::new(dir.path())
-                .load()
-                .is_some_and(|n| n != node_id)
-        })
-        .await;
-        let node_id = NodeIdFile::new(dir.path()).load().unwrap();
 
         // Written off: register again, same node id.
         scheduler.state.lock().unwrap().reregister_next = true;
@@ -386,16 +399,10 @@ mod tests {
             .unwrap()
             .unwrap();
 
-        // A restarted agent keeps its node id.
+        // A restarted agent registers its certificate's node again.
         let scheduler = Arc::new(FakeScheduler::new(20));
         let (tx, rx) = watch::channel(false);
-        let task = tokio::spawn(run(
-            scheduler.clone(),
-            manager,
-            node(),
-            NodeIdFile::new(dir.path()),
-            rx,
-        ));
+        let task = tokio::spawn(run(scheduler.clone(), manager, node(), node_id.clone(), rx));
         until("registration after restart", || {
             !scheduler.state.lock().unwrap().registrations.is_empty()
         })
@@ -409,6 +416,35 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
+    }
+
+    #[test]
+    fn the_node_id_is_the_certificates_and_other_certificates_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = kiln_pki::DevPki::ensure(dir.path(), &[]).unwrap();
+        let node: NodeId = "n-a1".parse().unwrap();
+        let files = pki.agent(&node).unwrap();
+        assert_eq!(node_identity(&files.cert).unwrap(), node);
+        let e = node_identity(&pki.files("gateway-internal").cert).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                NodeIdentityError::NotAnAgent {
+                    role: kiln_pki::Role::Gateway,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(
+            e.to_string().contains("kiln-pki issue DIR agent <node-id>"),
+            "{e}"
+        );
+        // The public listener's certificate names no cluster identity.
+        let e = node_identity(&pki.files("gateway").cert).unwrap_err();
+        assert!(matches!(e, NodeIdentityError::NoIdentity { .. }), "{e}");
+        let e = node_identity(&dir.path().join("missing.pem")).unwrap_err();
+        assert!(matches!(e, NodeIdentityError::Load { .. }), "{e}");
     }
 
     #[tokio::test]
@@ -427,7 +463,7 @@ mod tests {
             scheduler.clone(),
             manager,
             node(),
-            NodeIdFile::new(dir.path()),
+            "n-test".parse().unwrap(),
             rx,
         ));
         tokio::time::sleep(Duration::from_millis(300)).await;

@@ -423,3 +423,22 @@ where
     });
     HttpServer { task, connections }
 }
+
+/// A connection from a peer holding a certificate of `role` (an agent's
+/// names node `n-test`): what `serve_tls` hands the API for a real one.
+pub fn conn_of(role: kiln_pki::Role) -> kiln_internal_api::server::ConnInfo {
+    let identity = match role {
+        kiln_pki::Role::Agent => {
+            kiln_pki::Identity::agent("kiln", "n-test".parse().expect("a valid node id"))
+        }
+        role => kiln_pki::Identity::service("kiln", role),
+    }
+    .expect("a valid identity");
+    kiln_internal_api::server::ConnInfo {
+        peer: "127.0.0.1:1".parse().expect("an address"),
+        local: "127.0.0.1:2".parse().expect("an address"),
+        identity: Some(std::sync::Arc::new(identity)),
+        certificate: None,
+        certificate_sha256: None,
+    }
+}

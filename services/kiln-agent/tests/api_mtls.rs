@@ -146,14 +146,16 @@ async fn the_agent_api_over_mtls() {
         .unwrap();
     let base = format!("https://{}", agent.addr());
     assert_eq!(agent.agent_url(), base);
-    // The gateway's identity is a client of the cluster CA.
+    // The gateway's identity invokes; the scheduler's places and removes
+    // instances (each may call only its own routes).
     let client = InternalClient::new(&pki.files("gateway-internal")).unwrap();
+    let scheduler = InternalClient::new(&pki.files("scheduler")).unwrap();
 
     let health: serde_json::Value = client.get(&base, paths::HEALTH).await.unwrap();
     assert_eq!(health["status"], "ok");
 
     let id = InstanceId::generate();
-    let created: InstanceCreated = client
+    let created: InstanceCreated = scheduler
         .post(
             &base,
             paths::AGENT_INSTANCES,
@@ -177,7 +179,7 @@ async fn the_agent_api_over_mtls() {
     // Code the gateway does not have: its error reaches the scheduler.
     let mut missing = sample_spec(&"ab".repeat(32), 9000);
     missing.code_digest = "ab".repeat(32);
-    let err = client
+    let err = scheduler
         .post::<_, InstanceCreated>(
             &base,
             paths::AGENT_INSTANCES,
@@ -228,7 +230,7 @@ async fn the_agent_api_over_mtls() {
         big.len()
     );
 
-    let list: Vec<InstanceInfo> = client.get(&base, paths::AGENT_INSTANCES).await.unwrap();
+    let list: Vec<InstanceInfo> = scheduler.get(&base, paths::AGENT_INSTANCES).await.unwrap();
     assert_eq!(list.len(), 1);
     assert_eq!(list[0].instance_id, id);
     assert_eq!(list[0].in_flight, 0);
@@ -255,7 +257,7 @@ async fn the_agent_api_over_mtls() {
     );
 
     // Bad input: an FC error, nothing changed.
-    let err = client
+    let err = scheduler
         .call::<serde_json::Value, serde_json::Value>(
             Method::POST,
             &base,
@@ -265,7 +267,7 @@ async fn the_agent_api_over_mtls() {
         .await
         .unwrap_err();
     assert_eq!(err.to_fc().code, kiln_core::FcErrorCode::InvalidArgument);
-    let err = client
+    let err = scheduler
         .delete(&base, "/v1/instances/..%2Fetc")
         .await
         .unwrap_err();
@@ -275,6 +277,30 @@ async fn the_agent_api_over_mtls() {
         .await
         .unwrap_err();
     assert_eq!(err.to_fc().code, kiln_core::FcErrorCode::PathNotSupported);
+    assert_eq!(agent.instances().ids(), vec![id.clone()]);
+
+    // The gateway may not create or destroy, nor the scheduler invoke: 403
+    // AccessDenied, nothing changed.
+    let err = client
+        .delete(&base, &paths::agent_instance(&id))
+        .await
+        .unwrap_err();
+    assert_eq!(err.to_fc().code, kiln_core::FcErrorCode::AccessDenied);
+    assert_eq!(
+        err.to_fc().message,
+        "role gateway may not call DELETE /v1/instances/{id}"
+    );
+    let resp = scheduler
+        .send(
+            Request::builder()
+                .method(Method::POST)
+                .uri(format!("{base}{}", paths::agent_invoke(&id)))
+                .body(full(Bytes::from_static(b"payload")))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
     assert_eq!(agent.instances().ids(), vec![id.clone()]);
 
     // Metrics on the plain-HTTP listener.
@@ -295,6 +321,12 @@ async fn the_agent_api_over_mtls() {
         "{text}"
     );
     assert!(text.contains("kiln_agent_instances 1"), "{text}");
+    assert!(
+        text.contains(
+            r#"kiln_agent_internal_refusals_total{role="gateway",method="DELETE",route="/v1/instances/{id}"} 1"#
+        ),
+        "{text}"
+    );
 
     // No client certificate, no service.
     let mut tls = (*kiln_pki::public_client_config(&pki.ca_cert()).unwrap()).clone();
@@ -322,13 +354,13 @@ async fn the_agent_api_over_mtls() {
         .await
         .unwrap();
     let base = format!("https://{}", agent.addr());
-    let list: Vec<InstanceInfo> = client.get(&base, paths::AGENT_INSTANCES).await.unwrap();
+    let list: Vec<InstanceInfo> = scheduler.get(&base, paths::AGENT_INSTANCES).await.unwrap();
     assert_eq!(list.len(), 1);
     assert_eq!(list[0].instance_id, id);
 
     // DELETE is idempotent.
     let other = InstanceId::generate();
-    client
+    scheduler
         .delete(&base, &paths::agent_instance(&other))
         .await
         .unwrap();

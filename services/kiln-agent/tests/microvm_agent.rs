@@ -175,9 +175,11 @@ async fn a_multi_tenant_agent_invokes_a_function_in_a_microvm() {
     let agent = kiln_agent::start_with(config, backends).await.unwrap();
     let base = format!("https://{}", agent.addr());
     let client = InternalClient::new(&pki.files("gateway-internal")).unwrap();
+    // Instances are placed and removed by the scheduler's identity.
+    let placer = InternalClient::new(&pki.files("scheduler")).unwrap();
 
     let id = InstanceId::generate();
-    let created: InstanceCreated = client
+    let created: InstanceCreated = placer
         .post(
             &base,
             paths::AGENT_INSTANCES,
@@ -238,7 +240,7 @@ async fn a_multi_tenant_agent_invokes_a_function_in_a_microvm() {
         .collect();
     assert_eq!(ops.first(), Some(&"vm.create 204"), "{log}");
 
-    client
+    placer
         .delete(&base, &paths::agent_instance(&id))
         .await
         .unwrap();
@@ -434,8 +436,10 @@ async fn real_cloud_hypervisor_boots_the_guest_and_invokes_through_the_agent() {
     let agent = kiln_agent::start_with(config, backends).await.unwrap();
     let base = format!("https://{}", agent.addr());
     let client = InternalClient::new(&pki.files("gateway-internal")).unwrap();
+    // Instances are placed and removed by the scheduler's identity.
+    let placer = InternalClient::new(&pki.files("scheduler")).unwrap();
     let id = InstanceId::generate();
-    let created = client
+    let created = placer
         .post::<_, InstanceCreated>(
             &base,
             paths::AGENT_INSTANCES,

@@ -19,6 +19,7 @@ pub mod invoke;
 pub mod layers;
 pub mod metrics;
 pub mod model;
+pub mod placements;
 pub mod provisioning;
 pub mod queue;
 pub mod ram;
@@ -232,6 +233,12 @@ pub async fn start_with_clock(
         internal.clone(),
         &config.scheduler_url,
     ));
+    let internal_api = Arc::new(api::internal::Internal {
+        catalog: catalog.clone(),
+        ram: ram.clone(),
+        placements: placements::Placements::new(scheduler.clone()),
+        refusals: metrics.refusals.clone(),
+    });
     let leases = invoke::pool::LeasePool::new(
         std::time::Duration::from_millis(config.lease_hold_ms),
         scheduler.clone(),
@@ -331,7 +338,7 @@ pub async fn start_with_clock(
             internal_l,
             internal_tls,
             Some(revoked),
-            move |req, conn| api::internal::handle(catalog.clone(), ram.clone(), req, conn),
+            move |req, conn| api::internal::handle(internal_api.clone(), req, conn),
             stopped(rx.clone()),
         ),
     ));

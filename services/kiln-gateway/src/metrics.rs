@@ -22,6 +22,8 @@ pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     pub invoke_seconds: Histogram,
     pub invocations_in_flight: Gauge,
+    /// Internal-listener calls refused for the caller's identity.
+    pub refusals: kiln_internal_api::authz::Refusals,
 }
 
 impl Metrics {
@@ -52,7 +54,9 @@ impl Metrics {
             "Sync invocations being served",
             invocations_in_flight.clone(),
         );
+        let refusals = kiln_internal_api::authz::Refusals::register(&mut registry);
         Arc::new(Self {
+            refusals,
             registry,
             requests,
             invoke_seconds,

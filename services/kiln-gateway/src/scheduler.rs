@@ -10,13 +10,13 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http::{header, Method, Request};
 use http_body_util::BodyExt;
-use kiln_core::{AccountId, FunctionName, LeaseId};
+use kiln_core::{AccountId, FunctionName, InstanceId, LeaseId, NodeId};
 use kiln_internal_api::client::remote_error;
 use kiln_internal_api::server::full;
 use kiln_internal_api::{
     paths, AccountLimits, FunctionLimits, FunctionRef, InstanceInfo, InternalClient,
-    InternalClientError, Lease, LeaseOutcome, NodeInfo, ProvisionDetail, ProvisionStatus,
-    PutProvision, ReleaseLease, RetireFunction,
+    InternalClientError, Lease, LeaseOutcome, NodeInfo, PlacedInstance, ProvisionDetail,
+    ProvisionStatus, PutProvision, ReleaseLease, RetireFunction,
 };
 
 type Result<T> = std::result::Result<T, InternalClientError>;
@@ -53,6 +53,25 @@ pub trait SchedulerClient: Send + Sync + 'static {
         function: &'a FunctionName,
         limits: Option<&'a FunctionLimits>,
     ) -> BoxFuture<'a, Result<AccountLimits>>;
+    /// The function of `instance` if the scheduler placed it on `node`
+    /// (`None`: it did not).
+    fn placed_instance<'a>(
+        &'a self,
+        node: &'a NodeId,
+        instance: &'a InstanceId,
+    ) -> BoxFuture<'a, Result<Option<PlacedInstance>>>;
+    /// Whether `node` holds or is creating an instance that uses the code
+    /// package or layer `digest`.
+    fn node_uses_code<'a>(
+        &'a self,
+        node: &'a NodeId,
+        digest: &'a str,
+    ) -> BoxFuture<'a, Result<bool>>;
+}
+
+/// A scheduler's 404 for a placement question: "no".
+fn not_placed(e: &InternalClientError) -> bool {
+    matches!(e, InternalClientError::Remote { error, .. } if error.code.http_status() == 404)
 }
 
 pub type SharedScheduler = Arc<dyn SchedulerClient>;
@@ -210,6 +229,42 @@ impl SchedulerClient for HttpScheduler {
             }
         })
     }
+
+    fn placed_instance<'a>(
+        &'a self,
+        node: &'a NodeId,
+        instance: &'a InstanceId,
+    ) -> BoxFuture<'a, Result<Option<PlacedInstance>>> {
+        Box::pin(async move {
+            match self
+                .client
+                .get(&self.base, &paths::placed_instance(node, instance))
+                .await
+            {
+                Ok(placed) => Ok(Some(placed)),
+                Err(e) if not_placed(&e) => Ok(None),
+                Err(e) => Err(e),
+            }
+        })
+    }
+
+    fn node_uses_code<'a>(
+        &'a self,
+        node: &'a NodeId,
+        digest: &'a str,
+    ) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(async move {
+            match self
+                .client
+                .get::<()>(&self.base, &paths::placed_code(node, digest))
+                .await
+            {
+                Ok(()) => Ok(true),
+                Err(e) if not_placed(&e) => Ok(false),
+                Err(e) => Err(e),
+            }
+        })
+    }
 }
 
 /// A scheduler for unit tests: hands out the leases it is given and
@@ -256,6 +311,16 @@ pub mod fake {
         }
         fn instances(&self) -> BoxFuture<'_, Result<Vec<InstanceInfo>>> {
             Box::pin(async { refused("instances") })
+        }
+        fn placed_instance<'a>(
+            &'a self,
+            _: &'a NodeId,
+            _: &'a InstanceId,
+        ) -> BoxFuture<'a, Result<Option<PlacedInstance>>> {
+            Box::pin(async { refused("placements") })
+        }
+        fn node_uses_code<'a>(&'a self, _: &'a NodeId, _: &'a str) -> BoxFuture<'a, Result<bool>> {
+            Box::pin(async { refused("placements") })
         }
         fn provisions<'a>(
             &'a self,

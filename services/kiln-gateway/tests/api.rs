@@ -78,6 +78,9 @@ async fn fake_scheduler(
             seen.lock().unwrap().retired.push(msg);
             server::no_content()
         }
+        // The dev agent's node (n-dev) holds every code package; no other
+        // node holds any.
+        (Method::GET, p) if p.starts_with("/v1/nodes/n-dev/code/") => server::no_content(),
         _ => server::not_found(&path, "sched"),
     }
 }
@@ -930,6 +933,26 @@ async fn internal_listener_serves_code_to_cluster_peers_only() {
     assert!(v["Code"].is_string() && v["RequestId"].is_string(), "{v}");
     let r = get("/v1/code/..%2F..%2Fgateway.db".into()).await.unwrap();
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
+
+    // An agent of a node the scheduler placed nothing on is refused, as
+    // is the scheduler's certificate (code is the agents').
+    for files in [
+        env.pki.agent(&"n-other".parse().unwrap()).unwrap(),
+        env.pki.files("scheduler"),
+    ] {
+        let other = kiln_internal_api::InternalClient::new(&files).unwrap();
+        let r = other
+            .send(
+                Request::get(format!("{base}/v1/code/{digest}"))
+                    .body(kiln_internal_api::server::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        let v: Value = serde_json::from_slice(&read_all(r.into_body()).await).unwrap();
+        assert_eq!(v["Code"], "AccessDenied", "{v}");
+    }
 
     // The public TLS client (no client certificate) is refused.
     let public = Api::new(

@@ -31,6 +31,8 @@ pub struct Metrics {
     pub certificates_issued: Counter,
     /// Bootstrap redemptions refused (unknown, used or expired tokens).
     pub bootstrap_refused: Counter,
+    /// Internal calls refused for the caller's identity.
+    pub refusals: kiln_internal_api::authz::Refusals,
 }
 
 impl Default for Metrics {
@@ -97,8 +99,10 @@ impl Default for Metrics {
             "Bootstrap token redemptions refused (unknown, used or expired tokens)",
             bootstrap_refused.clone(),
         );
+        let refusals = kiln_internal_api::authz::Refusals::register(&mut registry);
         Self {
             registry,
+            refusals,
             acquires,
             cold_starts,
             throttles,

@@ -59,6 +59,19 @@ struct State {
     core: Placement,
     /// One channel per starting instance; its waiters subscribe.
     starting: HashMap<InstanceId, watch::Sender<StartResult>>,
+    /// SHA-256 of the client certificate each node last registered with
+    /// (in memory: after a restart the first registration claims it).
+    holders: HashMap<NodeId, [u8; 32]>,
+}
+
+/// Why a registration was not taken.
+#[derive(Debug)]
+pub enum RegisterError {
+    /// The node is live at `url`, registered with another certificate.
+    Held {
+        url: String,
+    },
+    Invalid(FcError),
 }
 
 impl Scheduler {
@@ -98,6 +111,7 @@ impl Scheduler {
                 state: Mutex::new(State {
                     core,
                     starting: HashMap::new(),
+                    holders: HashMap::new(),
                 }),
                 clock: deps.clock,
                 agent: deps.agent,
@@ -372,18 +386,56 @@ impl Scheduler {
     // ---- nodes ----------------------------------------------------------
 
     pub fn register(&self, req: &RegisterNode) -> Result<RegisterNodeResponse, FcError> {
+        self.register_with(req, None).map_err(|e| match e {
+            RegisterError::Invalid(e) => e,
+            RegisterError::Held { url } => FcError::new(
+                kiln_core::FcErrorCode::AccessDenied,
+                format!("the node is live at {url} with another certificate"),
+            ),
+        })
+    }
+
+    /// Register a node for the agent presenting `certificate` (its
+    /// SHA-256). A node that is live at another URL and was registered
+    /// with another certificate is not taken over: that is a second agent
+    /// claiming a node id (a stolen or duplicated certificate), refused
+    /// and logged. The same certificate at a new URL (an agent restarted
+    /// on another port) and a new certificate at the same URL (a renewed
+    /// one) are the node itself.
+    pub fn register_with(
+        &self,
+        req: &RegisterNode,
+        certificate: Option<[u8; 32]>,
+    ) -> Result<RegisterNodeResponse, RegisterError> {
         if let (Some(id), Some(trust)) = (&req.node_id, self.inner.trust.get()) {
             if trust.is_revoked(id) {
                 tracing::warn!(node_id = %id, "registration of a revoked node refused");
-                return Err(FcError::new(
+                return Err(RegisterError::Invalid(FcError::new(
                     FcErrorCode::AccessDenied,
                     format!("node {id} is revoked; it cannot register again"),
-                ));
+                )));
             }
         }
         let mut st = self.lock();
         let now = self.now();
-        let r = st.core.register(req, now)?;
+        if let Some(id) = &req.node_id {
+            let live_url = st.core.live_agent_url(id).map(str::to_owned);
+            if let (Some(url), Some(held)) = (live_url, st.holders.get(id)) {
+                if url != req.agent_url && certificate.as_ref() != Some(held) {
+                    tracing::warn!(
+                        node_id = %id,
+                        live_url = %url,
+                        claimed_url = %req.agent_url,
+                        "refused a registration for a live node from another certificate at another URL"
+                    );
+                    return Err(RegisterError::Held { url });
+                }
+            }
+        }
+        let r = st.core.register(req, now).map_err(RegisterError::Invalid)?;
+        if let Some(cert) = certificate {
+            st.holders.insert(r.node_id.clone(), cert);
+        }
         self.finish(&mut st, r.effects);
         self.update_node_gauges(&st);
         Ok(RegisterNodeResponse {
@@ -404,6 +456,28 @@ impl Scheduler {
             reregister: out.reregister,
             reprovision: out.reprovision,
         }
+    }
+
+    /// The function of `instance` if the scheduler placed it on `node`.
+    pub fn placed_instance(
+        &self,
+        node: &NodeId,
+        instance: &InstanceId,
+    ) -> Option<kiln_internal_api::PlacedInstance> {
+        let st = self.lock();
+        st.core
+            .placed_on(node, instance)
+            .map(|spec| kiln_internal_api::PlacedInstance {
+                account_id: spec.account_id.clone(),
+                function_name: spec.function_name.clone(),
+                role: spec.role.clone(),
+            })
+    }
+
+    /// Whether `node` holds or is creating an instance whose code package
+    /// or one of whose layers is `digest`.
+    pub fn node_needs_code(&self, node: &NodeId, digest: &str) -> bool {
+        self.lock().core.node_uses_code(node, digest)
     }
 
     /// Operator actions on a node; each answers the node as it is now.

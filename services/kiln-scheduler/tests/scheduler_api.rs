@@ -368,6 +368,7 @@ async fn bad_requests_get_fc_errors_and_change_nothing() {
     let handle = start_scheduler(dir.path(), &pki).await;
     let base = base(handle.addr());
     let client = InternalClient::new(&pki.files("gateway-internal")).unwrap();
+    let agent_client = InternalClient::new(&pki.agent(&"n-a".parse().unwrap()).unwrap()).unwrap();
 
     let raw = |method: Method, path: &str, body: &'static str| {
         Request::builder()
@@ -383,10 +384,12 @@ async fn bad_requests_get_fc_errors_and_change_nothing() {
             400,
             "InvalidArgument",
         ),
+        // Node routes are the agents': the gateway is refused before its
+        // body or path parameters are looked at.
         (
             raw(Method::POST, "/v1/nodes/register", r#"{"node_id":null}"#),
-            400,
-            "InvalidArgument",
+            403,
+            "AccessDenied",
         ),
         (
             raw(
@@ -394,8 +397,8 @@ async fn bad_requests_get_fc_errors_and_change_nothing() {
                 "/v1/nodes/BAD!/heartbeat",
                 r#"{"instances":[]}"#,
             ),
-            400,
-            "InvalidArgument",
+            403,
+            "AccessDenied",
         ),
         (
             raw(Method::DELETE, "/v1/leases/l-1", r#"{"outcome":"maybe"}"#),
@@ -425,10 +428,31 @@ async fn bad_requests_get_fc_errors_and_change_nothing() {
         assert_eq!(v["RequestId"], "req-42");
         assert!(!v["Message"].as_str().unwrap().is_empty());
     }
+    // From the agent: malformed bodies are 400s (and a node id that is
+    // not its own a 403, malformed or not).
+    let resp = agent_client
+        .send(raw(
+            Method::POST,
+            "/v1/nodes/BAD!/heartbeat",
+            r#"{"instances":[]}"#,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 403);
+    for (path, body) in [
+        ("/v1/nodes/register", r#"{"node_id":null}"#),
+        ("/v1/nodes/n-a/heartbeat", "{not json"),
+    ] {
+        let resp = agent_client
+            .send(raw(Method::POST, path, body))
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 400, "{path}");
+    }
     // A registration with an inconsistent tenancy is refused.
     let mut r = registration(None, "https://127.0.0.1:1");
     r.labels.tenancy = Tenancy::MultiTenant;
-    let err = client
+    let err = agent_client
         .post::<_, RegisterNodeResponse>(&base, paths::NODES_REGISTER, &r)
         .await
         .unwrap_err();
@@ -475,6 +499,37 @@ async fn clients_without_a_cluster_certificate_are_refused() {
         .unwrap_err();
     assert!(err.is_unreachable(), "{err}");
     assert!(err.to_string().contains("UnknownCA"), "{err}");
+
+    // A certificate of the cluster CA that names no identity (an older
+    // one): the handshake completes, every route refuses it, health too.
+    let mut anonymous = kiln_pki::CertRequest::public_server("no-identity");
+    anonymous.usage = kiln_pki::Usage::Client;
+    let files = pki.files("no-identity");
+    pki.ca()
+        .issue(&anonymous)
+        .unwrap()
+        .write(&files.cert, &files.key)
+        .unwrap();
+    let nameless = InternalClient::new(&files).unwrap();
+    for path in [paths::HEALTH, paths::SCHEDULER_NODES] {
+        let err = nameless
+            .get::<serde_json::Value>(&base, path)
+            .await
+            .unwrap_err();
+        let e = err.to_fc();
+        assert_eq!(e.code, FcErrorCode::AccessDenied, "{path}: {err}");
+        assert!(
+            e.message.contains("names no Kiln identity"),
+            "{}",
+            e.message
+        );
+    }
+    let refused = handle
+        .scheduler()
+        .metrics()
+        .refusals
+        .count(None, &Method::GET, "/v1/health");
+    assert_eq!(refused, 1);
 
     // No certificate at all.
     let mut tls = (*kiln_pki::public_client_config(&pki.ca_cert()).unwrap()).clone();
@@ -670,7 +725,7 @@ async fn operators_cordon_drain_and_uncordon_nodes() {
     assert_eq!(nodes[0].instances, 0);
     assert_eq!(act("uncordon").await.unwrap().state, "ready");
     // The heartbeat answer omits `reprovision` unless it is true.
-    let raw = client
+    let raw = agent_client
         .send(
             Request::builder()
                 .method(Method::POST)
@@ -784,9 +839,9 @@ async fn an_agent_killed_under_load_fails_its_calls_retryably_and_nothing_hangs(
     let client = InternalClient::new(&pki.files("gateway-internal"))
         .unwrap()
         .with_timeout(Duration::from_secs(5));
-    let agent_client = InternalClient::new(&pki.files("agent")).unwrap();
-    let register = |url: String| {
-        let agent_client = agent_client.clone();
+    let a_client = InternalClient::new(&pki.agent(&"n-a".parse().unwrap()).unwrap()).unwrap();
+    let b_client = InternalClient::new(&pki.agent(&"n-b".parse().unwrap()).unwrap()).unwrap();
+    let register = |agent_client: InternalClient, url: String| {
         let base = base.clone();
         async move {
             agent_client
@@ -801,8 +856,9 @@ async fn an_agent_killed_under_load_fails_its_calls_retryably_and_nothing_hangs(
         }
     };
     let mut a = AgentProcess::start(pki.files("agent")).await;
-    let a_id = register(a.url.clone()).await;
-    a.heartbeat(agent_client.clone(), base.clone(), a_id.clone());
+    let a_id = register(a_client.clone(), a.url.clone()).await;
+    assert_eq!(a_id.as_str(), "n-a", "the node id is the certificate's");
+    a.heartbeat(a_client.clone(), base.clone(), a_id.clone());
     let acquire = |function: &'static str, i: usize| {
         let client = client.clone();
         let base = base.clone();
@@ -830,8 +886,8 @@ async fn an_agent_killed_under_load_fails_its_calls_retryably_and_nothing_hangs(
         on_a.push(l);
     }
     let b = AgentProcess::start(pki.files("agent")).await;
-    let b_id = register(b.url.clone()).await;
-    b.heartbeat(agent_client.clone(), base.clone(), b_id.clone());
+    let b_id = register(b_client.clone(), b.url.clone()).await;
+    b.heartbeat(b_client.clone(), base.clone(), b_id.clone());
 
     // Load: workers acquire, "run" 20 ms, release, and note every outcome.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -1156,7 +1212,17 @@ async fn a_node_past_its_validity_is_told_to_reprovision_over_the_api() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(told, "the agent was never told to re-provision");
-    // It comes back as a new node, even if it sends its old id.
+    let client = InternalClient::new(&pki.files("operator")).unwrap();
+    let state = |nodes: Vec<NodeInfo>| {
+        nodes
+            .iter()
+            .find(|n| n.node_id == reg.node_id)
+            .map(|n| n.state.clone())
+            .unwrap()
+    };
+    let nodes: Vec<NodeInfo> = client.get(&base, paths::SCHEDULER_NODES).await.unwrap();
+    assert_eq!(state(nodes), "retired");
+    // It comes back under its certificate's id, ready, with a new validity.
     let again: RegisterNodeResponse = agent_client
         .post(
             &base,
@@ -1165,17 +1231,91 @@ async fn a_node_past_its_validity_is_told_to_reprovision_over_the_api() {
         )
         .await
         .unwrap();
-    assert_ne!(again.node_id, reg.node_id);
-    let client = InternalClient::new(&pki.files("gateway-internal")).unwrap();
+    assert_eq!(again.node_id, reg.node_id);
     let nodes: Vec<NodeInfo> = client.get(&base, paths::SCHEDULER_NODES).await.unwrap();
-    let state = |id: &kiln_core::NodeId| {
+    assert_eq!(state(nodes), "ready");
+    assert!(!beat().await.reprovision);
+    handle.shutdown().await;
+}
+
+/// A second certificate for node `node` (as a stolen bootstrap or a
+/// duplicated node would have), written as `<name>.pem` in the PKI dir.
+fn second_agent_certificate(pki: &DevPki, node: &kiln_core::NodeId, name: &str) -> TlsFiles {
+    let identity = kiln_pki::Identity::agent(DevPki::TRUST_DOMAIN, node.clone()).unwrap();
+    let files = pki.files(name);
+    pki.ca()
+        .issue(
+            &kiln_pki::CertRequest::for_identity(identity, kiln_pki::Usage::ServerAndClient)
+                .names(&["127.0.0.1".to_owned()]),
+        )
+        .unwrap()
+        .write(&files.cert, &files.key)
+        .unwrap();
+    files
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_node_is_not_taken_over_from_another_certificate_at_another_url() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = DevPki::ensure(&dir.path().join("pki"), &[]).unwrap();
+    let handle = start_scheduler(dir.path(), &pki).await;
+    let base = base(handle.addr());
+    let node: kiln_core::NodeId = "n-a".parse().unwrap();
+    let real = InternalClient::new(&pki.agent(&node).unwrap()).unwrap();
+    let twin = InternalClient::new(&second_agent_certificate(&pki, &node, "twin")).unwrap();
+    let operator = InternalClient::new(&pki.files("operator")).unwrap();
+    let url_of = |nodes: Vec<NodeInfo>| {
         nodes
-            .iter()
-            .find(|n| &n.node_id == id)
-            .map(|n| n.state.clone())
-            .unwrap()
+            .into_iter()
+            .find(|n| n.node_id == node)
+            .map(|n| n.agent_url)
     };
-    assert_eq!(state(&reg.node_id), "retired");
-    assert_eq!(state(&again.node_id), "ready");
+
+    let reg: RegisterNodeResponse = real
+        .post(
+            &base,
+            paths::NODES_REGISTER,
+            &registration(None, "https://127.0.0.1:7001"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(reg.node_id, node, "no node id: the certificate's");
+    // Another certificate for the same node, at another URL, while the
+    // node is live: refused, and the node still points at the real agent.
+    let err = twin
+        .post::<_, RegisterNodeResponse>(
+            &base,
+            paths::NODES_REGISTER,
+            &registration(Some(node.clone()), "https://127.0.0.1:7002"),
+        )
+        .await
+        .unwrap_err();
+    let e = err.to_fc();
+    assert_eq!(e.code, FcErrorCode::AccessDenied, "{e:?}");
+    assert!(
+        e.message.contains("live at https://127.0.0.1:7001"),
+        "{}",
+        e.message
+    );
+    let nodes: Vec<NodeInfo> = operator.get(&base, paths::SCHEDULER_NODES).await.unwrap();
+    assert_eq!(url_of(nodes).as_deref(), Some("https://127.0.0.1:7001"));
+    // The real agent restarted on another port: the same certificate moves.
+    real.post::<_, RegisterNodeResponse>(
+        &base,
+        paths::NODES_REGISTER,
+        &registration(Some(node.clone()), "https://127.0.0.1:7003"),
+    )
+    .await
+    .unwrap();
+    // A renewed certificate at the node's URL is the node itself.
+    twin.post::<_, RegisterNodeResponse>(
+        &base,
+        paths::NODES_REGISTER,
+        &registration(Some(node.clone()), "https://127.0.0.1:7003"),
+    )
+    .await
+    .unwrap();
+    let nodes: Vec<NodeInfo> = operator.get(&base, paths::SCHEDULER_NODES).await.unwrap();
+    assert_eq!(url_of(nodes).as_deref(), Some("https://127.0.0.1:7003"));
     handle.shutdown().await;
 }

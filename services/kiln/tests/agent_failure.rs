@@ -37,7 +37,11 @@ fn agent_config(
          [node]\nzone = {name:?}\ntenancy = \"dedicated\"\nmemory_mb = 4096\ncpu_milli = 16000\nmax_instances = 64\n\
          [sandbox]\nname_prefix = {prefix:?}\ninstance_subnet = {:?}\ncgroup_parent = {prefix:?}\nrootfs_dir = {:?}\n",
         dir.join(name),
-        common::tls_table(pki, "agent"),
+        // Each node its own agent certificate: its node id is `name`.
+        {
+            pki.agent(&name.parse().unwrap()).unwrap();
+            common::tls_table(pki, &format!("agent-{name}"))
+        },
         common::run_subnet(),
         common::rootfs_cache()
     )
@@ -112,7 +116,7 @@ async fn killing_an_agent_under_load_moves_calls_to_the_other_node() {
             .push(common::spawn_service(dir, name, "agent", &configs[i]));
     }
 
-    let internal = InternalClient::new(&pki.files("agent")).unwrap();
+    let internal = InternalClient::new(&pki.files("operator")).unwrap();
     let scheduler = format!("https://127.0.0.1:{sp}");
     let deadline = Instant::now() + Duration::from_secs(900);
     loop {

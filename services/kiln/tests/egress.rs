@@ -214,7 +214,7 @@ fn egress_modes_take_effect_through_the_agent() {
     let zip =
         base64::engine::general_purpose::STANDARD.encode(kiln::zipdir::zip_dir(&code).unwrap());
     let ca = pki.ca_cert();
-    let agent_files = pki.files("agent");
+    let operator_files = pki.files("operator");
 
     let results = in_netns(&node, || {
         tokio::runtime::Builder::new_current_thread()
@@ -223,7 +223,7 @@ fn egress_modes_take_effect_through_the_agent() {
             .unwrap()
             .block_on(async {
                 // The agent registers once its runtime is ready.
-                let internal = InternalClient::new(&agent_files).unwrap();
+                let internal = InternalClient::new(&operator_files).unwrap();
                 let deadline = Instant::now() + Duration::from_secs(90);
                 loop {
                     let nodes: Result<Vec<NodeInfo>, _> = internal

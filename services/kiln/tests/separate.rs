@@ -78,7 +78,7 @@ async fn services_run_as_separate_processes_from_config_files() {
     ));
 
     // Wait for the agent to register (the first start builds the runtime).
-    let internal = InternalClient::new(&pki.files("agent")).unwrap();
+    let internal = InternalClient::new(&pki.files("operator")).unwrap();
     let deadline = Instant::now() + Duration::from_secs(900);
     loop {
         let nodes: Result<Vec<NodeInfo>, _> = internal

@@ -1429,20 +1429,50 @@ impl Placement {
         Ok(())
     }
 
+    /// The agent URL of `id` while the node is alive (ready, cordoned or
+    /// draining).
+    pub fn live_agent_url(&self, id: &NodeId) -> Option<&str> {
+        self.nodes
+            .get(id)
+            .filter(|n| n.state.is_alive())
+            .map(|n| n.agent_url.as_str())
+    }
+
+    /// The spec of `instance` if it is placed on `node` (starting, ready
+    /// or draining).
+    pub fn placed_on(&self, node: &NodeId, instance: &InstanceId) -> Option<&InstanceSpec> {
+        self.instances
+            .get(instance)
+            .filter(|i| i.node_id == *node)
+            .map(|i| &*i.spec)
+    }
+
+    /// Whether an instance placed on `node` uses the code package or layer
+    /// `digest`.
+    pub fn node_uses_code(&self, node: &NodeId, digest: &str) -> bool {
+        let Some(n) = self.nodes.get(node) else {
+            return false;
+        };
+        n.instances
+            .iter()
+            .filter_map(|i| self.instances.get(i))
+            .any(|i| i.spec.code_digest == digest || i.spec.layers.iter().any(|l| l == digest))
+    }
+
     /// An agent (re)joins. It keeps the id it sends back; the instances it
     /// reports are reconciled with the scheduler's view.
     pub fn register(&mut self, req: &RegisterNode, now: u64) -> Result<Registered, FcError> {
         check_registration(req)?;
-        let retired = |id: &NodeId| {
+        let retired = req.node_id.as_ref().is_some_and(|id| {
             self.nodes
                 .get(id)
                 .is_some_and(|n| n.state == NodeState::Retired)
-        };
+        });
         let id = match &req.node_id {
-            // A retired id is never reused: the agent comes back as a new
-            // node (an agent too old to re-provision on its own included).
-            Some(id) if !retired(id) => id.clone(),
-            _ => loop {
+            // A node names itself (its certificate does): a retired one
+            // that comes back after re-provisioning starts a new validity.
+            Some(id) => id.clone(),
+            None => loop {
                 let id = NodeId::generate();
                 if !self.nodes.contains_key(&id) {
                     break id;
@@ -1482,6 +1512,10 @@ impl Placement {
                 node.bound_account = None;
             } else if req.labels.dedicated_account.is_some() {
                 node.bound_account = req.labels.dedicated_account.clone();
+            }
+            if retired {
+                node.registered_at_ms = now;
+                node.reprovision = false;
             }
             // Cordoned and draining nodes stay so across an agent restart.
             if !node.state.is_alive() {

@@ -1021,7 +1021,7 @@ fn a_drained_node_lets_calls_finish_then_loses_its_instances() {
 }
 
 #[test]
-fn a_node_is_drained_before_its_validity_and_re_provisioned_as_a_new_node() {
+fn a_node_is_drained_before_its_validity_and_re_provisioned_with_a_new_validity() {
     let mut f = long_lived();
     let n1 = f.node("n1", 4096);
     f.clock.advance(119 * HOUR - Duration::from_secs(30));
@@ -1044,8 +1044,8 @@ fn a_node_is_drained_before_its_validity_and_re_provisioned_as_a_new_node() {
     assert_eq!(node_state(&f, "n1"), NodeState::Retired);
     let hb = f.p.heartbeat(&n1, &[], f.now());
     assert!(hb.reprovision && !hb.reregister);
-    // Its id is never reused: the agent comes back as a new node, and
-    // that node's validity starts now.
+    // The node's id is its certificate's: the re-provisioned agent comes
+    // back under it, empty, and its new validity starts now.
     let now = f.now();
     let again =
         f.p.register(
@@ -1053,8 +1053,9 @@ fn a_node_is_drained_before_its_validity_and_re_provisioned_as_a_new_node() {
             now,
         )
         .unwrap();
-    assert_ne!(again.node_id, n1);
+    assert_eq!(again.node_id, n1);
     assert_eq!(f.p.node(&again.node_id).unwrap().state, NodeState::Ready);
+    assert!(!f.p.node(&n1).unwrap().reprovision);
     f.clock.advance(100 * HOUR);
     f.p.tick(f.now());
     assert_eq!(f.p.node(&again.node_id).unwrap().state, NodeState::Ready);

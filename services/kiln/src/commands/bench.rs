@@ -576,8 +576,11 @@ async fn node_hop(cluster: &DevCluster) -> Result<NodeHop> {
     let files = cluster.pki.files("gateway-internal");
     let agent = cluster.agent_addr();
     let base = format!("https://{agent}");
+    // Listing an agent's instances is the operator's (and the
+    // scheduler's); invoking is the gateway's.
+    let operator = cluster.pki.files("operator");
     let instances: Vec<kiln_internal_api::InstanceInfo> =
-        kiln_internal_api::client::InternalClient::new(&files)?
+        kiln_internal_api::client::InternalClient::new(&operator)?
             .get(&base, kiln_internal_api::paths::AGENT_INSTANCES)
             .await
             .map_err(|e| anyhow::anyhow!("cannot list the agent's instances at {base}: {e}"))?;
