@@ -17,8 +17,11 @@ if ! "$venv/bin/python" -c "import alibabacloud_fc20230330" 2>/dev/null; then
 fi
 export KILN_FC_SDK_PYTHON="$venv/bin/python"
 # Open vSwitch's daemons (the VPC isolation tests attach to them): started
-# here once, so tests running in parallel never race to start them.
-if ! ovs-vsctl --timeout=5 show >/dev/null 2>&1; then
+# here once, so tests running in parallel never race to start them. Both
+# must answer: installing the package can leave ovsdb-server running
+# without ovs-vswitchd, and `ovs-ctl start` starts whichever is missing.
+if ! ovs-vsctl --timeout=5 show >/dev/null 2>&1 ||
+  ! ovs-appctl --timeout=5 -t ovs-vswitchd version >/dev/null 2>&1; then
   /usr/share/openvswitch/scripts/ovs-ctl start --system-id=random
 fi
 cargo build --workspace --all-targets --locked

@@ -74,7 +74,10 @@ fn must(args: &[&str]) -> String {
 
 /// Make sure ovsdb-server and ovs-vswitchd run; returns ovs-vswitchd's pid.
 fn ensure_ovs() -> String {
-    if sh(&["ovs-vsctl", "--timeout=5", "show"]).is_err() {
+    // Both daemons: ovsdb-server can run without ovs-vswitchd (after the
+    // package's install), and `ovs-ctl start` starts whichever is missing.
+    let vswitchd = ["ovs-appctl", "--timeout=5", "-t", "ovs-vswitchd", "version"];
+    if sh(&["ovs-vsctl", "--timeout=5", "show"]).is_err() || sh(&vswitchd).is_err() {
         let _ = sh(&[
             "/usr/share/openvswitch/scripts/ovs-ctl",
             "start",

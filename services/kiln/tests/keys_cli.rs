@@ -204,8 +204,18 @@ async fn keys_are_created_used_disabled_enabled_and_deleted() {
         "{o:?}"
     );
 
+    // Access keys are the operator's: the gateway's own certificate is
+    // refused.
+    let gateway = InternalClient::new(&pki.files("gateway-internal")).unwrap();
+    let e = gateway
+        .get::<Value>(&internal_url, paths::ACCESS_KEYS)
+        .await
+        .unwrap_err()
+        .to_fc();
+    assert_eq!(e.code, FcErrorCode::AccessDenied, "{e}");
+
     // The API itself answers malformed bodies and unknown keys in FC's shape.
-    let api = InternalClient::new(&pki.files("gateway-internal")).unwrap();
+    let api = InternalClient::new(&pki.files("operator")).unwrap();
     for body in [
         json!({ "account": NEW_ACCOUNT }),
         json!({ "account_id": "not an account" }),

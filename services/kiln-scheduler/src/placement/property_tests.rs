@@ -138,7 +138,8 @@ impl World {
             r.instances = node.instances.iter().cloned().collect();
         }
         let now = self.now();
-        // A node whose id was retired comes back under a new id.
+        // A node names itself (its certificate does): one whose id was
+        // retired comes back under the same id with a new validity.
         let _ = self.p.register(&r, now);
     }
 
@@ -436,11 +437,13 @@ fn tenancy_and_quotas_hold_over_thousands_of_random_placements() {
     }
     // The walk really exercised both sides. The counts vary a little from
     // process to process (hash maps iterate in a random order), so the
-    // floors are well below what a run sees (rebalancing: 18 to 30 moves).
+    // floors are well below what a run sees (rebalancing: 4 to 13 moves
+    // since a node keeps its certificate's id when it comes back, where a
+    // fresh id per return made more cool nodes and 18 to 30 moves).
     assert!(total_placements > 2_000, "{total_placements} placements");
     assert!(total_throttled > 500, "{total_throttled} refusals");
     assert!(
-        total_rebalanced >= 5,
+        total_rebalanced >= 2,
         "{total_rebalanced} rebalancing moves"
     );
 }

@@ -36,30 +36,10 @@ impl Gateway {
         }
     }
 
-    /// Read `<state_dir>/cluster.json` and the dev PKI under `<state_dir>/pki`.
+    /// The gateway of the `kiln dev` at `state_dir`, as the operator.
     pub fn from_state_dir(state_dir: &Path) -> Result<Self> {
-        let path = state_dir.join("cluster.json");
-        let text = std::fs::read_to_string(&path).with_context(|| {
-            format!(
-                "cannot read {} (is `kiln dev` running with this state directory?)",
-                path.display()
-            )
-        })?;
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not JSON", path.display()))?;
-        let Some(url) = v.get("gatewayInternalUrl").and_then(|u| u.as_str()) else {
-            bail!("{} has no gatewayInternalUrl", path.display());
-        };
-        // Access keys are the operator's to manage: its certificate.
-        let pki_dir = state_dir.join("pki");
-        let operator = kiln_pki::DevPki::files_in(&pki_dir, "operator");
-        let client = InternalClient::new(&operator).with_context(|| {
-            format!(
-                "cannot load the operator certificate from {}",
-                pki_dir.display()
-            )
-        })?;
-        Ok(Self::new(url, client))
+        let (url, client) = super::operator::connect(state_dir, "gatewayInternalUrl")?;
+        Ok(Self::new(&url, client))
     }
 
     pub async fn create(&self, account: &str) -> Result<CreatedAccessKey> {

@@ -5,5 +5,6 @@ pub mod functions;
 pub mod keys;
 pub mod nodes;
 pub mod observe;
+pub mod operator;
 pub mod runtimes;
 pub mod tasks;

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use kiln_core::{AccountId, NodeId};
 use kiln_internal_api::{paths, trust_paths, AccountLimits, InternalClient, NodeInfo};
 
@@ -16,35 +16,10 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    /// Read `<state_dir>/cluster.json` and the dev PKI under `<state_dir>/pki`.
+    /// The scheduler of the `kiln dev` at `state_dir`, as the operator.
     pub fn from_state_dir(state_dir: &Path) -> Result<Self> {
-        let path = state_dir.join("cluster.json");
-        let text = std::fs::read_to_string(&path).with_context(|| {
-            format!(
-                "cannot read {} (is `kiln dev` running with this state directory?)",
-                path.display()
-            )
-        })?;
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not JSON", path.display()))?;
-        let Some(url) = v.get("schedulerUrl").and_then(|u| u.as_str()) else {
-            bail!("{} has no schedulerUrl", path.display());
-        };
-        // The operator's certificate: cordoning nodes and changing limits
-        // are operator calls, refused to every other role.
-        let pki_dir = state_dir.join("pki");
-        let client = InternalClient::new(&kiln_pki::DevPki::files_in(&pki_dir, "operator"))
-            .with_context(|| {
-                format!(
-                    "cannot load the operator certificate from {}",
-                    pki_dir.display()
-                )
-            })?
-            .with_timeout(std::time::Duration::from_secs(10));
-        Ok(Self {
-            url: url.trim_end_matches('/').to_owned(),
-            client,
-        })
+        let (url, client) = super::operator::connect(state_dir, "schedulerUrl")?;
+        Ok(Self { url, client })
     }
 
     pub async fn list(&self) -> Result<Vec<NodeInfo>> {
