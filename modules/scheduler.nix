@@ -28,6 +28,10 @@ let
         "tls"
         "key"
       ]
+      [
+        "secrets"
+        "key_file"
+      ]
     ];
   };
   stateDir = cfg.settings.state_dir;
@@ -80,6 +84,21 @@ in
             enabled = kiln.setting types.bool defaults.rebalance.enabled "Whether to move instances off nodes above the high watermark.";
           };
         };
+        secrets = lib.mkOption {
+          default = null;
+          description = ''
+            The key that seals the function environments inside the instance
+            and provision specs scheduler.db keeps (AES-256-GCM). Keep the
+            file outside the Nix store, root-only
+            (`(umask 077; head -c 32 /dev/urandom > FILE)`): systemd hands the
+            service a copy as a credential. When null the scheduler seals with
+            a key it creates in its state directory (and warns). See
+            docs/security.md.
+          '';
+          type = types.nullOr (kiln.section {
+            key_file = kiln.required types.str "File of 32 random bytes or 64 hex digits (mode 0600, outside the Nix store).";
+          });
+        };
         tls = lib.mkOption {
           description = "The scheduler's identity on the internal mTLS network.";
           type = kiln.section {
@@ -94,6 +113,15 @@ in
 
   config = lib.mkIf cfg.enable {
     assertions = [
+      {
+        assertion =
+          cfg.settings.secrets == null
+          || !(lib.hasPrefix builtins.storeDir (toString cfg.settings.secrets.key_file));
+        message = ''
+          services.kiln.scheduler.settings.secrets.key_file must not be in the Nix store
+          (every user can read it): give the path of a root-only file on the host.
+        '';
+      }
       {
         assertion = lib.hasPrefix "/var/lib/" stateDir;
         message = "services.kiln.scheduler.settings.state_dir must be below /var/lib/, got ${stateDir}";

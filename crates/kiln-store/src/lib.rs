@@ -6,6 +6,8 @@
 //! versioned migrations, in one transaction per migration.
 #![forbid(unsafe_code)]
 
+pub mod seal;
+
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 

@@ -121,17 +121,7 @@ impl Default for AsyncQueueConfig {
 
 /// `[secrets]`: the sealing key and the keys it replaced (see
 /// [`crate::secrets`] and docs/security.md, "Secrets at rest").
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SecretsConfig {
-    /// 32 random bytes or 64 hex digits, mode 0600, owned by the gateway's
-    /// user (or a systemd credential). Never generated: it must exist.
-    pub key_file: PathBuf,
-    /// Keys values may still be sealed with: opened, and resealed under
-    /// `key_file` when the gateway starts. Drop them after that start.
-    #[serde(default)]
-    pub previous_key_files: Vec<PathBuf>,
-}
+pub use kiln_store::seal::SecretsConfig;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -294,15 +284,7 @@ impl GatewayConfig {
         crate::runtimes::RuntimeCatalogue::from_config(&self.runtimes)
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         if let Some(sec) = &self.secrets {
-            for p in std::iter::once(&sec.key_file).chain(&sec.previous_key_files) {
-                if p.starts_with("/nix/store") {
-                    return invalid(format!(
-                        "secrets key file {} is in the Nix store, which every user can read; \
-                         keep it outside and hand it over with systemd LoadCredential=",
-                        p.display()
-                    ));
-                }
-            }
+            sec.validate().or_else(invalid)?;
         }
         let mut seen = std::collections::HashSet::new();
         for k in &self.bootstrap_keys {

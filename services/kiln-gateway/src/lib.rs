@@ -147,28 +147,10 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
 /// The sealing key of `[secrets]`, or the state directory's own (created
 /// on first start) when the config names none.
 fn load_sealer(config: &GatewayConfig) -> Result<secrets::Sealer, GatewayError> {
-    match &config.secrets {
-        Some(s) => {
-            let current = secrets::load_key_file(&s.key_file)?;
-            let previous = s
-                .previous_key_files
-                .iter()
-                .map(|p| secrets::load_key_file(p))
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(secrets::Sealer::new(&current, &previous))
-        }
-        None => {
-            let path = config.default_key_file();
-            tracing::warn!(
-                path = %path.display(),
-                "[secrets] key_file is not set: sealing with a key kept in the state directory;                  production gateways name a key file kept apart from the data (a systemd credential)"
-            );
-            Ok(secrets::Sealer::new(
-                &secrets::generate_key_file(&path)?,
-                &[],
-            ))
-        }
-    }
+    Ok(secrets::load_sealer(
+        config.secrets.as_ref(),
+        &config.default_key_file(),
+    )?)
 }
 
 /// Start the gateway with the system clock.

@@ -85,6 +85,11 @@ pub struct SchedulerConfig {
     /// `POST /v1/bootstrap` served. Off when absent; needs `[certificates]`.
     #[serde(default)]
     pub bootstrap_listen: Option<SocketAddr>,
+    /// The key that seals the function environments inside the instance
+    /// and provision specs the store keeps (`[secrets]`). Absent:
+    /// `state_dir/secrets.key`, created on first start, with a warning.
+    #[serde(default)]
+    pub secrets: Option<kiln_store::seal::SecretsConfig>,
     /// Server and client identity on the internal mTLS network.
     pub tls: TlsFiles,
 }
@@ -299,6 +304,7 @@ impl SchedulerConfig {
             instance_drain_lead_s: default_instance_drain_lead_s(),
             rebalance: RebalanceSettings::default(),
             certificates: None,
+            secrets: None,
             bootstrap_listen: None,
             tls,
         }
@@ -327,6 +333,11 @@ impl SchedulerConfig {
         };
         if self.state_dir.as_os_str().is_empty() {
             return invalid("state_dir", "must not be empty");
+        }
+        if let Some(secrets) = &self.secrets {
+            secrets
+                .validate()
+                .or_else(|reason| invalid("secrets", &reason))?;
         }
         if !(1..=7 * 24 * 3600).contains(&self.idle_timeout_s) {
             return invalid("idle_timeout_s", "must be between 1 and 604800 (a week)");
@@ -452,6 +463,11 @@ impl SchedulerConfig {
 
     pub fn db_path(&self) -> PathBuf {
         self.state_dir.join("scheduler.db")
+    }
+
+    /// The sealing key's file when `[secrets]` names none.
+    pub fn default_key_file(&self) -> PathBuf {
+        self.state_dir.join("secrets.key")
     }
 
     pub fn idle_timeout(&self) -> Duration {

@@ -12,6 +12,7 @@ pub mod api;
 pub mod config;
 pub mod metrics;
 pub mod placement;
+mod sealed_env;
 pub mod service;
 pub mod simulate;
 pub mod store;
@@ -42,6 +43,8 @@ pub enum SchedulerError {
     Tls(#[from] PkiError),
     #[error("Cannot load the scheduler's state")]
     Store(#[from] SchedulerStoreError),
+    #[error("Cannot load the key that seals function environments")]
+    SecretsKey(#[from] kiln_store::seal::KeyFileError),
     #[error("Cannot listen on {addr}")]
     Bind {
         addr: SocketAddr,
@@ -148,7 +151,12 @@ pub async fn start_with(
 ) -> Result<SchedulerHandle, SchedulerError> {
     config.validate()?;
     let clock = overrides.clock.unwrap_or_else(|| Arc::new(SystemClock));
-    let store = Arc::new(SqliteSchedulerStore::open(&config.db_path())?);
+    let sealer =
+        kiln_store::seal::load_sealer(config.secrets.as_ref(), &config.default_key_file())?;
+    let store = Arc::new(SqliteSchedulerStore::open(
+        &config.db_path(),
+        Arc::new(sealer),
+    )?);
     let trust = Arc::new(open_trust(&config, store.clone(), clock.clone())?);
     let identity = LiveIdentity::load(&config.tls.cert, &config.tls.key)?;
     let revoked = trust.revocations().clone();

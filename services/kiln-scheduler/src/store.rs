@@ -5,11 +5,15 @@ use std::path::Path;
 
 use kiln_core::{AccountId, FcError, InstanceId, NodeId};
 use kiln_internal_api::AccountLimits;
+use std::sync::Arc;
+
+use kiln_store::seal::Sealer;
 use kiln_store::{Database, Migration, StoreError};
 use rusqlite::{params, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::placement::{Change, InstanceRecord, NodeRecord, ProvisionRecord};
+use crate::sealed_env::{self, instance_aad, provision_aad, SealPassError};
 
 const MIGRATIONS: &[Migration] = &[
     Migration {
@@ -79,6 +83,13 @@ const MIGRATIONS: &[Migration] = &[
         );
     ",
     },
+    Migration {
+        name: "sealed function environments",
+        sql: "
+        ALTER TABLE instances ADD COLUMN env_sealed TEXT;   -- crate::sealed_env
+        ALTER TABLE provisions ADD COLUMN env_sealed TEXT;
+    ",
+    },
 ];
 
 /// Why the scheduler's state could not be read or written.
@@ -86,6 +97,8 @@ const MIGRATIONS: &[Migration] = &[
 pub enum SchedulerStoreError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("Cannot seal the stored function environments")]
+    Seal(#[from] SealPassError),
     #[error("Stored {what} {id} is unreadable: {reason}")]
     Corrupt {
         what: &'static str,
@@ -111,23 +124,46 @@ pub trait SchedulerStore: Send + Sync + 'static {
     fn apply(&self, changes: &[Change]) -> Result<(), SchedulerStoreError>;
 }
 
-/// The SQLite store.
+/// The SQLite store. Function environments in the specs it keeps are
+/// sealed with `sealer` ([`crate::sealed_env`]).
 #[derive(Clone)]
 pub struct SqliteSchedulerStore {
     db: Database,
+    sealer: Arc<Sealer>,
 }
 
 impl SqliteSchedulerStore {
-    pub fn open(path: &Path) -> Result<Self, SchedulerStoreError> {
-        Ok(Self {
-            db: Database::open(path, MIGRATIONS)?,
-        })
+    pub fn open(path: &Path, sealer: Arc<Sealer>) -> Result<Self, SchedulerStoreError> {
+        Self::ready(Database::open(path, MIGRATIONS)?, sealer)
     }
 
+    /// A store that lives as long as the process (tests), sealing with a
+    /// random key.
     pub fn open_in_memory() -> Result<Self, SchedulerStoreError> {
-        Ok(Self {
-            db: Database::open_in_memory(MIGRATIONS)?,
-        })
+        Self::ready(
+            Database::open_in_memory(MIGRATIONS)?,
+            Arc::new(Sealer::random()),
+        )
+    }
+
+    /// The one key tests reopen their stores with.
+    #[cfg(test)]
+    pub(crate) fn test_sealer() -> Arc<Sealer> {
+        Arc::new(Sealer::new(&[7u8; 32], &[]))
+    }
+
+    fn ready(db: Database, sealer: Arc<Sealer>) -> Result<Self, SchedulerStoreError> {
+        let mut sealed = Ok(0);
+        db.with_conn(|c| {
+            // Deleted and overwritten values are zeroed in the file, not
+            // left in free space.
+            c.pragma_update(None, "secure_delete", "ON")
+                .map_err(StoreError::Sqlite)?;
+            sealed = sealed_env::seal_all(c, &sealer);
+            Ok(())
+        })?;
+        sealed?;
+        Ok(Self { db, sealer })
     }
 }
 
@@ -165,8 +201,8 @@ impl SchedulerStore for SqliteSchedulerStore {
                     .collect::<Result<Vec<_>, _>>()?;
                 let instances = c
                     .prepare(
-                        "SELECT instance_id, node_id, spec, state, created_at_ms, provisioned FROM instances \
-                         ORDER BY instance_id",
+                        "SELECT instance_id, node_id, spec, state, created_at_ms, provisioned, \
+                         env_sealed FROM instances ORDER BY instance_id",
                     )?
                     .query_map([], |r| {
                         Ok((
@@ -176,6 +212,7 @@ impl SchedulerStore for SqliteSchedulerStore {
                             r.get::<_, String>(3)?,
                             r.get::<_, i64>(4)?,
                             r.get::<_, bool>(5)?,
+                            r.get::<_, Option<String>>(6)?,
                         ))
                     })?
                     .collect::<Result<Vec<_>, _>>()?;
@@ -209,12 +246,19 @@ impl SchedulerStore for SqliteSchedulerStore {
                     .collect::<Result<Vec<_>, SchedulerStoreError>>()?;
                 let instances = instances
                     .into_iter()
-                    .map(|(id, node, spec, state, created, provisioned)| {
+                    .map(|(id, node, spec, state, created, provisioned, env)| {
                         let e = |r: String| corrupt("instance", &id, r);
+                        let spec = sealed_env::join(
+                            &self.sealer,
+                            &instance_aad(&id),
+                            &spec,
+                            env.as_deref(),
+                        )
+                        .map_err(e)?;
                         Ok(InstanceRecord {
                             instance_id: id.parse().map_err(|x| e(format!("{x}")))?,
                             node_id: node.parse().map_err(|x| e(format!("{x}")))?,
-                            spec: serde_json::from_str(&spec).map_err(|x| e(x.to_string()))?,
+                            spec,
                             state: state.parse().map_err(e)?,
                             created_at_ms: created.max(0) as u64,
                             provisioned,
@@ -245,25 +289,28 @@ impl SchedulerStore for SqliteSchedulerStore {
     }
 
     fn load_provisions(&self) -> Result<Vec<ProvisionRecord>, SchedulerStoreError> {
-        type Row = (String, String, Option<String>, String);
+        type Row = (String, String, Option<String>, String, Option<String>);
         let rows: Vec<Row> = self.db.with_conn(|c| {
             Ok(c.prepare(
-                "SELECT account_id, function_name, spec, config FROM provisions \
+                "SELECT account_id, function_name, spec, config, env_sealed FROM provisions \
                  ORDER BY account_id, function_name",
             )?
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+            .query_map([], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })?
             .collect::<Result<Vec<_>, _>>()?)
         })?;
         rows.into_iter()
-            .map(|(a, f, spec, config)| {
+            .map(|(a, f, spec, config, env)| {
                 let e = |r: String| corrupt("provision", &format!("{a}/{f}"), r);
+                let aad = provision_aad(&a, &f);
                 Ok(ProvisionRecord {
                     account_id: a.parse().map_err(|x| e(format!("{x}")))?,
                     function_name: f.parse().map_err(|x| e(format!("{x}")))?,
                     spec: spec
-                        .map(|s| serde_json::from_str(&s))
+                        .map(|s| sealed_env::join(&self.sealer, &aad, &s, env.as_deref()))
                         .transpose()
-                        .map_err(|x| e(x.to_string()))?,
+                        .map_err(e)?,
                     config: serde_json::from_str(&config).map_err(|x| e(x.to_string()))?,
                 })
             })
@@ -303,33 +350,49 @@ impl SchedulerStore for SqliteSchedulerStore {
                         )?;
                     }
                     Change::UpsertInstance(i) => {
+                        let (spec, env) = sealed_env::split(
+                            &self.sealer,
+                            &instance_aad(i.instance_id.as_str()),
+                            &i.spec,
+                        );
                         tx.execute(
                             "INSERT INTO instances (instance_id, node_id, spec, state, created_at_ms, \
-                             provisioned) VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT(instance_id) \
-                             DO UPDATE SET node_id = excluded.node_id, spec = excluded.spec, \
-                             state = excluded.state, provisioned = excluded.provisioned",
+                             provisioned, env_sealed) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
+                             ON CONFLICT(instance_id) DO UPDATE SET node_id = excluded.node_id, \
+                             spec = excluded.spec, state = excluded.state, \
+                             provisioned = excluded.provisioned, env_sealed = excluded.env_sealed",
                             params![
                                 i.instance_id.as_str(),
                                 i.node_id.as_str(),
-                                serde_json::to_string(&i.spec).expect("serialises"),
+                                spec,
                                 i.state.as_str(),
                                 i.created_at_ms as i64,
                                 i.provisioned,
+                                env,
                             ],
                         )?;
                     }
                     Change::UpsertProvision(p) => {
+                        let aad = provision_aad(p.account_id.as_str(), p.function_name.as_str());
+                        let (spec, env) = match &p.spec {
+                            Some(s) => {
+                                let (spec, env) = sealed_env::split(&self.sealer, &aad, s);
+                                (Some(spec), env)
+                            }
+                            None => (None, None),
+                        };
                         tx.execute(
-                            "INSERT INTO provisions (account_id, function_name, spec, config) \
-                             VALUES (?1, ?2, ?3, ?4) ON CONFLICT(account_id, function_name) \
-                             DO UPDATE SET spec = excluded.spec, config = excluded.config",
+                            "INSERT INTO provisions (account_id, function_name, spec, config, \
+                             env_sealed) VALUES (?1, ?2, ?3, ?4, ?5) \
+                             ON CONFLICT(account_id, function_name) DO UPDATE SET \
+                             spec = excluded.spec, config = excluded.config, \
+                             env_sealed = excluded.env_sealed",
                             params![
                                 p.account_id.as_str(),
                                 p.function_name.as_str(),
-                                p.spec
-                                    .as_ref()
-                                    .map(|s| serde_json::to_string(s).expect("serialises")),
+                                spec,
                                 serde_json::to_string(&p.config).expect("serialises"),
+                                env,
                             ],
                         )?;
                     }
@@ -599,11 +662,155 @@ mod tests {
     use crate::placement::{Acquired, Placement, PlacementConfig};
     use kiln_internal_api::Tenancy;
 
+    /// A spec with a secret in its environment, placed, started and
+    /// provisioned: what the store writes for it.
+    fn secret_state() -> (Vec<Change>, kiln_core::InstanceSpec) {
+        let mut p = Placement::new(PlacementConfig::default());
+        p.register(
+            &registration(Some("n1"), 4096, Tenancy::Dedicated, None),
+            10,
+        )
+        .unwrap();
+        let mut s = spec("1", "f", 2, 512);
+        s.environment
+            .insert("DB_PASSWORD".into(), "hunter2-sealed-0xC0FFEE".into());
+        let s = s.seal();
+        let Acquired::Starting {
+            create: Some(job), ..
+        } = p.acquire(&s, 10).unwrap()
+        else {
+            panic!("expected a new instance");
+        };
+        p.instance_started(&job.instance_id, 11);
+        let mut changes = p.take_changes();
+        changes.push(Change::UpsertProvision(ProvisionRecord {
+            account_id: s.account_id.clone(),
+            function_name: s.function_name.clone(),
+            spec: Some(s.clone()),
+            config: kiln_internal_api::ProvisionConfig {
+                target: 1,
+                always_allocate_cpu: true,
+                scheduled_actions: Vec::new(),
+                target_tracking_policies: Vec::new(),
+            },
+        }));
+        (changes, s)
+    }
+
+    fn file_holds(dir: &Path, needle: &str) -> bool {
+        std::fs::read_dir(dir).unwrap().any(|f| {
+            let bytes = std::fs::read(f.unwrap().path()).unwrap_or_default();
+            bytes.windows(needle.len()).any(|w| w == needle.as_bytes())
+        })
+    }
+
+    #[test]
+    fn environments_are_sealed_in_the_file_and_open_on_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("scheduler.db");
+        let store = SqliteSchedulerStore::open(&path, SqliteSchedulerStore::test_sealer()).unwrap();
+        let (changes, s) = secret_state();
+        store.apply(&changes).unwrap();
+        // Neither the database nor its WAL holds the value.
+        assert!(!file_holds(dir.path(), "hunter2-sealed-0xC0FFEE"));
+        assert!(!file_holds(dir.path(), "DB_PASSWORD"));
+        let (_, instances) = store.load().unwrap();
+        assert_eq!(instances[0].spec, s);
+        let provisions = store.load_provisions().unwrap();
+        assert_eq!(provisions[0].spec.as_ref(), Some(&s));
+        drop(store);
+
+        // Under another key nothing opens: the store refuses to open,
+        // naming the key the values were sealed with.
+        let other = Arc::new(Sealer::new(&[9u8; 32], &[]));
+        let Err(e) = SqliteSchedulerStore::open(&path, other) else {
+            panic!("a store sealed under another key opened");
+        };
+        assert!(
+            matches!(
+                e,
+                SchedulerStoreError::Seal(SealPassError::Open {
+                    source: kiln_store::seal::SealError::UnknownKey(_),
+                    ..
+                })
+            ),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn a_sealed_environment_copied_to_another_row_does_not_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("scheduler.db");
+        let store = SqliteSchedulerStore::open(&path, SqliteSchedulerStore::test_sealer()).unwrap();
+        let (changes, _) = secret_state();
+        store.apply(&changes).unwrap();
+        store
+            .db
+            .with_conn(|c| {
+                // A second instance row carrying the first one's sealed
+                // environment (an attacker with write access to the file).
+                c.execute_batch(
+                    "INSERT INTO instances (instance_id, node_id, spec, state, created_at_ms, \
+                     provisioned, env_sealed) SELECT 'i-' || 'f00d', node_id, spec, state, \
+                     created_at_ms, provisioned, env_sealed FROM instances",
+                )?;
+                Ok(())
+            })
+            .unwrap();
+        assert!(matches!(
+            store.load(),
+            Err(SchedulerStoreError::Corrupt { what: "instance", ref id, .. }) if id == "i-f00d"
+        ));
+    }
+
+    #[test]
+    fn a_store_written_before_sealing_is_sealed_once_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("scheduler.db");
+        // The schema as the previous version left it, a plaintext spec in it.
+        let old = Database::open(&path, &MIGRATIONS[..MIGRATIONS.len() - 1]).unwrap();
+        let (_, s) = secret_state();
+        old.with_conn(|c| {
+            c.execute(
+                "INSERT INTO nodes (node_id, agent_url, capacity, labels, state, \
+                 last_heartbeat_ms) VALUES ('n1', 'https://n1', '{}', '{}', 'ready', 0)",
+                [],
+            )?;
+            c.execute(
+                "INSERT INTO instances (instance_id, node_id, spec, state, created_at_ms) \
+                 VALUES ('i-1', 'n1', ?1, 'ready', 1)",
+                params![serde_json::to_string(&s).unwrap()],
+            )?;
+            Ok(())
+        })
+        .unwrap();
+        drop(old);
+        assert!(file_holds(dir.path(), "hunter2-sealed-0xC0FFEE"));
+
+        let store = SqliteSchedulerStore::open(&path, SqliteSchedulerStore::test_sealer()).unwrap();
+        assert!(!file_holds(dir.path(), "hunter2-sealed-0xC0FFEE"));
+        let again = store
+            .db
+            .with_conn(|c| {
+                sealed_env::seal_all(c, &store.sealer).map_err(|e| {
+                    StoreError::Sqlite(rusqlite::Error::InvalidParameterName(e.to_string()))
+                })
+            })
+            .unwrap();
+        assert_eq!(again, 0, "a second pass changes nothing");
+        let spec: String = store
+            .db
+            .with_conn(|c| Ok(c.query_row("SELECT spec FROM instances", [], |r| r.get(0))?))
+            .unwrap();
+        assert!(!spec.contains("DB_PASSWORD"), "{spec}");
+    }
+
     #[test]
     fn state_survives_reopening_the_database() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("scheduler.db");
-        let store = SqliteSchedulerStore::open(&path).unwrap();
+        let store = SqliteSchedulerStore::open(&path, SqliteSchedulerStore::test_sealer()).unwrap();
         let mut p = Placement::new(PlacementConfig::default());
         p.register(
             &registration(Some("n1"), 4096, Tenancy::Dedicated, None),
@@ -628,7 +835,7 @@ mod tests {
         store.apply(&p.take_changes()).unwrap();
         drop(store);
 
-        let store = SqliteSchedulerStore::open(&path).unwrap();
+        let store = SqliteSchedulerStore::open(&path, SqliteSchedulerStore::test_sealer()).unwrap();
         let (nodes, instances) = store.load().unwrap();
         assert_eq!(nodes.len(), 1);
         assert_eq!(nodes[0].bound_account.as_ref().unwrap().as_str(), "1");
@@ -666,7 +873,7 @@ mod tests {
     fn revocations_persist_and_tokens_are_single_use_and_expire() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("scheduler.db");
-        let store = SqliteSchedulerStore::open(&path).unwrap();
+        let store = SqliteSchedulerStore::open(&path, SqliteSchedulerStore::test_sealer()).unwrap();
         let a: NodeId = "n-a".parse().unwrap();
         assert_eq!(store.revoke_node(&a, 100).unwrap(), 100);
         assert_eq!(store.revoke_node(&a, 200).unwrap(), 100);
@@ -674,7 +881,7 @@ mod tests {
         store.add_bootstrap_token("h2", &a, 10, 1_000).unwrap();
         drop(store);
 
-        let store = SqliteSchedulerStore::open(&path).unwrap();
+        let store = SqliteSchedulerStore::open(&path, SqliteSchedulerStore::test_sealer()).unwrap();
         assert_eq!(store.revoked_nodes().unwrap(), vec![(a.clone(), 100)]);
         assert_eq!(
             store.redeem_bootstrap_token("h1", 500).unwrap(),

@@ -24,16 +24,24 @@ pub fn scheduler(opts: &DevOptions, pki: &DevPki) -> Result<kiln_scheduler::Sche
     // (docs/security.md: a production cluster gives an intermediate).
     let text = format!(
         "state_dir = {:?}\nlisten = \"127.0.0.1:0\"\nidle_timeout_s = {}\n{}\n\
-         [certificates]\nca_cert = {:?}\nca_key = {:?}\n",
+         [certificates]\nca_cert = {:?}\nca_key = {:?}\n\
+         [secrets]\nkey_file = {:?}\n",
         opts.state_dir.join("scheduler"),
         opts.idle_timeout_s,
         tls_table(&pki.files("scheduler")),
         pki.ca_cert(),
         pki.dir.join("ca-key.pem"),
+        scheduler_key_file(opts),
     );
     let config: kiln_scheduler::SchedulerConfig = parse("scheduler", &text)?;
     config.validate()?;
     Ok(config)
+}
+
+/// The scheduler's sealing key (the environments in the specs it keeps),
+/// created 0600 by `kiln dev` on first run beside its state directory.
+pub fn scheduler_key_file(opts: &DevOptions) -> std::path::PathBuf {
+    opts.state_dir.join("secrets").join("scheduler.key")
 }
 
 /// The gateway's sealing key (`[secrets] key_file`), created 0600 by

@@ -170,7 +170,10 @@ fn every_typed_module_option_is_a_key_of_the_service() {
         "gateway",
         "[async_queue]\nwebhook_ca = \"/etc/kiln/pki/webhook-ca.pem\"\n",
     );
-    assert_typed_options_exist::<kiln_scheduler::SchedulerConfig>("scheduler", "");
+    assert_typed_options_exist::<kiln_scheduler::SchedulerConfig>(
+        "scheduler",
+        "[secrets]\nkey_file = \"/etc/kiln/scheduler-secrets.key\"\n",
+    );
     assert_typed_options_exist::<kiln_agent::AgentConfig>(
         "agent",
         "[node]\ndedicated_account = \"1000000000000001\"\n\

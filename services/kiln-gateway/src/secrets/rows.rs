@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 
 use rusqlite::{params, Connection};
 
+pub use super::{open_environment, seal_environment};
 use super::{Aad, SealError, Sealer};
 
 /// The identity an access key's secret is sealed to.
@@ -27,23 +28,6 @@ pub fn access_key_secret(access_key_id: &str, account_id: &str) -> Aad {
 /// row's ciphertext does not open for it.
 pub fn function_environment(account_id: &str, name: &str, function_id: &str) -> Aad {
     Aad::new("functions.environment", &[account_id, name, function_id])
-}
-
-/// Seal a function's environment (a JSON object of strings).
-pub fn seal_environment(sealer: &Sealer, aad: &Aad, env: &BTreeMap<String, String>) -> String {
-    sealer.seal(
-        aad,
-        &serde_json::to_vec(env).expect("a string map serialises"),
-    )
-}
-
-/// Open a function's environment.
-pub fn open_environment(
-    sealer: &Sealer,
-    aad: &Aad,
-    sealed: &str,
-) -> Result<BTreeMap<String, String>, SealError> {
-    serde_json::from_slice(&sealer.open(aad, sealed)?).map_err(|_| SealError::Forged)
 }
 
 /// Why the sealing pass failed.
@@ -139,8 +123,7 @@ pub fn seal_all(conn: &mut Connection, sealer: &Sealer) -> Result<usize, SealPas
     }
     tx.commit()?;
     if changed > 0 {
-        conn.execute_batch("VACUUM;")?;
-        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        super::scrub_old_pages(conn)?;
         tracing::info!(
             values = changed,
             key_id = sealer.current_key_id(),

@@ -34,7 +34,9 @@ fn fixture_with(c: impl FnOnce(&mut SchedulerConfig), delay: Duration) -> Fixtur
     c(&mut cfg);
     let agent = FakeAgent::new(delay);
     let clock = ManualClock::new(1_000_000);
-    let store = Arc::new(SqliteSchedulerStore::open(&cfg.db_path()).unwrap());
+    let store = Arc::new(
+        SqliteSchedulerStore::open(&cfg.db_path(), SqliteSchedulerStore::test_sealer()).unwrap(),
+    );
     let (sched, _) = Scheduler::new(
         &cfg,
         SchedulerDeps {
@@ -236,7 +238,10 @@ async fn a_restart_reloads_nodes_and_instances() {
     let deps = || SchedulerDeps {
         clock: Arc::new(clock.clone()),
         agent: agent.clone(),
-        store: Arc::new(SqliteSchedulerStore::open(&cfg.db_path()).unwrap()),
+        store: Arc::new(
+            SqliteSchedulerStore::open(&cfg.db_path(), SqliteSchedulerStore::test_sealer())
+                .unwrap(),
+        ),
     };
     let (sched, writer) = Scheduler::new(&cfg, deps()).unwrap();
     let reg = sched

@@ -120,6 +120,8 @@ impl DevCluster {
             .context("cannot create the dev cluster's certificates")?;
         let account = DevAccount::load_or_create(&state.join("dev-account.json"))?;
 
+        kiln_gateway::secrets::generate_key_file(&crate::dev_config::scheduler_key_file(opts))
+            .context("cannot create the scheduler's secrets key")?;
         let runtime = ServiceRuntime::new(SCHEDULER_THREADS)?;
         let scheduler = Service {
             handle: runtime
