@@ -118,24 +118,44 @@ pub struct ConnInfo {
     pub certificate_sha256: Option<[u8; 32]>,
 }
 
-/// SHA-256 of the client certificate a TLS connection presented.
-fn peer_certificate_sha256(conn: &rustls::ServerConnection) -> Option<[u8; 32]> {
-    use sha2::Digest;
-    let cert = conn.peer_certificates()?.first()?;
-    Some(sha2::Sha256::digest(cert.as_ref()).into())
+/// What a connection's client certificate says, read once when the
+/// connection is accepted: the connection's [`ConnInfo`] fields and the
+/// serial and identity revocation is checked against.
+struct PeerCertificate {
+    identity: Option<Arc<kiln_pki::Identity>>,
+    certificate: Option<Arc<rustls::pki_types::CertificateDer<'static>>>,
+    certificate_sha256: Option<[u8; 32]>,
+    revocable: Option<kiln_pki::PeerCert>,
 }
 
-/// The identity of the client certificate a TLS connection presented.
-fn peer_identity(
-    conn: &rustls::ServerConnection,
-    peer: SocketAddr,
-) -> Option<Arc<kiln_pki::Identity>> {
-    let cert = conn.peer_certificates()?.first()?;
-    match kiln_pki::Identity::from_certificate(cert) {
-        Ok(identity) => Some(Arc::new(identity)),
-        Err(e) => {
-            tracing::warn!(%peer, error = %e, "client certificate carries no Kiln identity; its calls will be refused");
-            None
+impl PeerCertificate {
+    fn of(conn: &rustls::ServerConnection, peer: SocketAddr) -> Self {
+        use sha2::Digest;
+        let Some(leaf) = conn.peer_certificates().and_then(|c| c.first()) else {
+            return Self {
+                identity: None,
+                certificate: None,
+                certificate_sha256: None,
+                revocable: None,
+            };
+        };
+        let read = kiln_pki::PeerCert::read(leaf);
+        let identity = match &read {
+            Some((cert, Ok(()))) => cert.identity.clone().map(Arc::new),
+            Some((_, Err(e))) => {
+                tracing::warn!(%peer, error = %e, "client certificate carries no Kiln identity; its calls will be refused");
+                None
+            }
+            None => {
+                tracing::warn!(%peer, "client certificate cannot be parsed; its calls will be refused");
+                None
+            }
+        };
+        Self {
+            identity,
+            certificate_sha256: Some(sha2::Sha256::digest(leaf.as_ref()).into()),
+            certificate: Some(Arc::new(leaf.clone().into_owned())),
+            revocable: read.map(|(cert, _)| cert),
         }
     }
 }
@@ -208,24 +228,15 @@ pub async fn serve_tls_revocable<H, F>(
                     return;
                 }
             };
+            let cert = PeerCertificate::of(tls.get_ref().1, peer);
             let info = ConnInfo {
                 peer,
                 local,
-                identity: peer_identity(tls.get_ref().1, peer),
-                certificate: tls
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(|c| c.first())
-                    .map(|c| Arc::new(c.clone().into_owned())),
-                certificate_sha256: peer_certificate_sha256(tls.get_ref().1),
+                identity: cert.identity,
+                certificate: cert.certificate,
+                certificate_sha256: cert.certificate_sha256,
             };
-            let peer_cert = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .and_then(kiln_pki::PeerCert::from_der);
+            let peer_cert = cert.revocable;
             // Revoked between the handshake's check and now.
             let watch = match (revoked, peer_cert) {
                 (Some(set), Some(cert)) if set.is_revoked(&cert) => return,

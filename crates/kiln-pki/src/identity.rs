@@ -21,6 +21,7 @@ use std::fmt;
 
 use kiln_core::NodeId;
 use rustls::pki_types::CertificateDer;
+use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::GeneralName;
 
 /// A role in the cluster: what a certificate's holder is.
@@ -174,6 +175,12 @@ impl Identity {
     pub fn from_certificate(cert: &CertificateDer<'_>) -> Result<Self, IdentityError> {
         let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
             .map_err(|e| IdentityError::Certificate(e.to_string()))?;
+        Self::from_x509(&parsed)
+    }
+
+    /// The identity of a certificate already parsed (one parse serves
+    /// the identity and the serial, see [`crate::PeerCert`]).
+    pub fn from_x509(parsed: &X509Certificate<'_>) -> Result<Self, IdentityError> {
         let san = parsed
             .subject_alternative_name()
             .map_err(|e| IdentityError::Certificate(e.to_string()))?;

@@ -25,7 +25,7 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use serde::{Deserialize, Serialize};
 
-use crate::Identity;
+use crate::{Identity, IdentityError};
 
 /// The cluster's revocation list as the scheduler serves it
 /// (`GET /v1/revocations`): revoked nodes, and single certificates by
@@ -54,11 +54,25 @@ pub struct PeerCert {
 impl PeerCert {
     /// Read `cert`; `None` when it is not a parseable X.509 certificate.
     pub fn from_der(cert: &CertificateDer<'_>) -> Option<Self> {
+        Self::read(cert).map(|(peer, _)| peer)
+    }
+
+    /// Read `cert` once: its serial and identity, and why it has no
+    /// identity when it has none. `None` when it is not a parseable X.509
+    /// certificate.
+    pub fn read(cert: &CertificateDer<'_>) -> Option<(Self, Result<(), IdentityError>)> {
         let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
-        Some(Self {
-            serial: serial_hex(parsed.raw_serial()),
-            identity: Identity::from_certificate(cert).ok(),
-        })
+        let (identity, why) = match Identity::from_x509(&parsed) {
+            Ok(id) => (Some(id), Ok(())),
+            Err(e) => (None, Err(e)),
+        };
+        Some((
+            Self {
+                serial: serial_hex(parsed.raw_serial()),
+                identity,
+            },
+            why,
+        ))
     }
 }
 
