@@ -88,20 +88,19 @@ async fn a_revoked_node_is_refused_everywhere_and_its_instances_move() {
             common::tls_table(&pki, "scheduler")
         ),
     ));
-    let gw = pki.files("gateway");
     services.children.push(common::spawn_service(
         dir,
         "gateway",
         "gateway",
-        &format!(
-            "state_dir = {:?}\nregion = \"cn-hangzhou\"\nscheduler_url = \"https://127.0.0.1:{sp}\"\n\
-             [public]\nlisten = \"127.0.0.1:{gp}\"\ncert = {:?}\nkey = {:?}\n\
-             [internal]\nlisten = \"127.0.0.1:{gi}\"\n{}\
-             [[bootstrap_keys]]\naccount_id = \"1300000000000002\"\naccess_key_id = \"LTAIrevoketest\"\naccess_key_secret = \"revoke-test-secret-0123456789\"\n",
-            dir.join("gateway"),
-            gw.cert,
-            gw.key,
-            common::tls_table(&pki, "gateway-internal")
+        &common::gateway_config(
+            dir,
+            &pki,
+            (sp, gp, gi),
+            (
+                "1300000000000002",
+                "LTAIrevoketest",
+                "revoke-test-secret-0123456789",
+            ),
         ),
     ));
     for (i, name) in ["agent-a", "agent-b"].iter().enumerate() {

@@ -45,20 +45,19 @@ async fn services_run_as_separate_processes_from_config_files() {
             common::tls_table(&pki, "scheduler")
         ),
     ));
-    let gw = pki.files("gateway");
     services.children.push(common::spawn_service(
         dir,
         "gateway",
         "gateway",
-        &format!(
-            "state_dir = {:?}\nregion = \"cn-hangzhou\"\nscheduler_url = \"https://127.0.0.1:{sp}\"\n\
-             [public]\nlisten = \"127.0.0.1:{gp}\"\ncert = {:?}\nkey = {:?}\n\
-             [internal]\nlisten = \"127.0.0.1:{gi}\"\n{}\
-             [[bootstrap_keys]]\naccount_id = \"1200000000000001\"\naccess_key_id = \"LTAIseparate\"\naccess_key_secret = \"separate-secret-0123456789\"\n",
-            dir.join("gateway"),
-            gw.cert,
-            gw.key,
-            common::tls_table(&pki, "gateway-internal")
+        &common::gateway_config(
+            dir,
+            &pki,
+            (sp, gp, gi),
+            (
+                "1200000000000001",
+                "LTAIseparate",
+                "separate-secret-0123456789",
+            ),
         ),
     ));
     services.children.push(common::spawn_service(

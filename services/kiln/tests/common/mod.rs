@@ -461,6 +461,29 @@ pub fn tls_table(pki: &kiln_pki::DevPki, role: &str) -> String {
     )
 }
 
+/// The config of a gateway run as its own process on loopback: public
+/// listener on `public_port`, internal on `internal_port`, in front of
+/// the scheduler on `scheduler_port`, with one bootstrap access key
+/// (`key`: account id, access key id, secret).
+pub fn gateway_config(
+    dir: &Path,
+    pki: &kiln_pki::DevPki,
+    (scheduler_port, public_port, internal_port): (u16, u16, u16),
+    (account_id, access_key_id, access_key_secret): (&str, &str, &str),
+) -> String {
+    let gw = pki.files("gateway");
+    format!(
+        "state_dir = {:?}\nregion = \"cn-hangzhou\"\nscheduler_url = \"https://127.0.0.1:{scheduler_port}\"\n\
+         [public]\nlisten = \"127.0.0.1:{public_port}\"\ncert = {:?}\nkey = {:?}\n\
+         [internal]\nlisten = \"127.0.0.1:{internal_port}\"\n{}\
+         [[bootstrap_keys]]\naccount_id = {account_id:?}\naccess_key_id = {access_key_id:?}\naccess_key_secret = {access_key_secret:?}\n",
+        dir.join("gateway"),
+        gw.cert,
+        gw.key,
+        tls_table(pki, "gateway-internal")
+    )
+}
+
 /// A real gateway, in-process, in front of `scheduler_url`, with one
 /// bootstrap access key (`key`: account id, access key id, secret), and the
 /// credentials.json the CLI reads for it, for tests that drive `kiln`
