@@ -62,9 +62,9 @@ pub enum SealPassError {
     Db(#[from] rusqlite::Error),
 }
 
-/// A table whose specs carry sealed environments: its name, its key
-/// columns, and the identity a row's key binds its value to.
-type SealedTable = (&'static str, &'static str, fn(&[String]) -> Aad);
+/// One stored spec the sealing pass looks at: its row, what its
+/// environment is bound to, how errors name it, its spec and sealed value.
+type StoredSpec = (i64, Aad, String, Option<String>, Option<String>);
 
 /// Seal every environment still in a spec's JSON (stores written before
 /// sealing) and reseal every one sealed under a previous key, in one
@@ -73,65 +73,44 @@ type SealedTable = (&'static str, &'static str, fn(&[String]) -> Aad);
 /// Idempotent. Returns how many rows changed.
 pub fn seal_all(conn: &mut Connection, sealer: &Sealer) -> Result<usize, SealPassError> {
     let tx = conn.transaction()?;
+    let instances: Vec<StoredSpec> = tx
+        .prepare("SELECT rowid, instance_id, spec, env_sealed FROM instances")?
+        .query_map([], |r| {
+            let id: String = r.get(1)?;
+            Ok((
+                r.get(0)?,
+                instance_aad(&id),
+                format!("instance {id}"),
+                r.get(2)?,
+                r.get(3)?,
+            ))
+        })?
+        .collect::<Result<_, _>>()?;
+    let provisions: Vec<StoredSpec> = tx
+        .prepare("SELECT rowid, account_id, function_name, spec, env_sealed FROM provisions")?
+        .query_map([], |r| {
+            let (account, function): (String, String) = (r.get(1)?, r.get(2)?);
+            Ok((
+                r.get(0)?,
+                provision_aad(&account, &function),
+                format!("provision {account}/{function}"),
+                r.get(3)?,
+                r.get(4)?,
+            ))
+        })?
+        .collect::<Result<_, _>>()?;
     let mut changed = 0;
-    type Row = (Vec<String>, Option<String>, Option<String>);
-    let tables: [SealedTable; 2] = [
-        ("instances", "instance_id", |k| instance_aad(&k[0])),
-        ("provisions", "account_id, function_name", |k| {
-            provision_aad(&k[0], &k[1])
-        }),
-    ];
-    for (table, keys, aad_of) in tables {
-        let n_keys = keys.split(',').count();
-        let rows: Vec<Row> = tx
-            .prepare(&format!("SELECT {keys}, spec, env_sealed FROM {table}"))?
-            .query_map([], |r| {
-                let key = (0..n_keys)
-                    .map(|i| r.get::<_, String>(i))
-                    .collect::<Result<Vec<_>, _>>()?;
-                Ok((key, r.get(n_keys)?, r.get(n_keys + 1)?))
-            })?
-            .collect::<Result<_, _>>()?;
-        for (key, spec, sealed) in rows {
-            let what = || format!("{table} row {}", key.join("/"));
-            let aad = aad_of(&key);
+    for (table, rows) in [("instances", instances), ("provisions", provisions)] {
+        for (rowid, aad, what, spec, sealed) in rows {
             let Some(spec) = spec else { continue };
-            let spec: InstanceSpec = match &sealed {
-                Some(s) if sealer.is_current(s) => continue,
-                Some(s) => {
-                    let env = open_environment(sealer, &aad, s).map_err(|source| {
-                        SealPassError::Open {
-                            what: what(),
-                            source,
-                        }
-                    })?;
-                    let mut spec: InstanceSpec =
-                        serde_json::from_str(&spec).map_err(|_| SealPassError::Spec(what()))?;
-                    spec.environment = env;
-                    spec
-                }
-                None => {
-                    let spec: InstanceSpec =
-                        serde_json::from_str(&spec).map_err(|_| SealPassError::Spec(what()))?;
-                    if spec.environment.is_empty() {
-                        continue;
-                    }
-                    spec
-                }
+            let Some((json, sealed)) = resealed(sealer, &aad, &what, &spec, sealed.as_deref())?
+            else {
+                continue;
             };
-            let (json, sealed) = split(sealer, &aad, &spec);
-            let where_keys = keys
-                .split(',')
-                .enumerate()
-                .map(|(i, k)| format!("{} = ?{}", k.trim(), i + 3))
-                .collect::<Vec<_>>()
-                .join(" AND ");
-            let sql = format!("UPDATE {table} SET spec = ?1, env_sealed = ?2 WHERE {where_keys}");
-            let mut values: Vec<&dyn rusqlite::ToSql> = vec![&json, &sealed];
-            for k in &key {
-                values.push(k);
-            }
-            tx.execute(&sql, values.as_slice())?;
+            tx.execute(
+                &format!("UPDATE {table} SET spec = ?1, env_sealed = ?2 WHERE rowid = ?3"),
+                rusqlite::params![json, sealed, rowid],
+            )?;
             changed += 1;
         }
     }
@@ -145,4 +124,32 @@ pub fn seal_all(conn: &mut Connection, sealer: &Sealer) -> Result<usize, SealPas
         );
     }
     Ok(changed)
+}
+
+/// What a stored spec becomes under the current key: `None` when it is
+/// already sealed under it or has no environment to seal.
+fn resealed(
+    sealer: &Sealer,
+    aad: &Aad,
+    what: &str,
+    spec: &str,
+    sealed: Option<&str>,
+) -> Result<Option<(String, Option<String>)>, SealPassError> {
+    if sealed.is_some_and(|s| sealer.is_current(s)) {
+        return Ok(None);
+    }
+    let mut parsed: InstanceSpec =
+        serde_json::from_str(spec).map_err(|_| SealPassError::Spec(what.to_owned()))?;
+    match sealed {
+        Some(s) => {
+            parsed.environment =
+                open_environment(sealer, aad, s).map_err(|source| SealPassError::Open {
+                    what: what.to_owned(),
+                    source,
+                })?;
+        }
+        None if parsed.environment.is_empty() => return Ok(None),
+        None => {}
+    }
+    Ok(Some(split(sealer, aad, &parsed)))
 }
