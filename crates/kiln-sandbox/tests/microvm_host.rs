@@ -123,6 +123,27 @@ async fn the_vmm_cgroup_limits_and_holds_the_process_and_goes() {
             (256u64 << 20).to_string()
         );
     }
+    // No swap beyond the memory limit.
+    let (swap, expected) = if v2 {
+        (parents[0].join("vm-0/memory.swap.max"), "0".to_owned())
+    } else if cgroups.swap_control() == kiln_sandbox::cgroup::SwapControl::Accounted {
+        let dir = root.join("memory").join(&parent).join("vm-0");
+        (
+            dir.join("memory.memsw.limit_in_bytes"),
+            (256u64 << 20).to_string(),
+        )
+    } else {
+        let dir = root.join("memory").join(&parent).join("vm-0");
+        (dir.join("memory.swappiness"), "0".to_owned())
+    };
+    if limit.exists() {
+        assert_eq!(
+            std::fs::read_to_string(&swap).unwrap().trim(),
+            expected,
+            "{}",
+            swap.display()
+        );
+    }
     child.kill().unwrap();
     child.wait().unwrap();
     cgroups.remove(&path).unwrap();

@@ -156,7 +156,30 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 const PROBE_PY: &str = r#"
-import http.server, json, os, socket
+import ctypes, errno, http.server, json, os, socket
+
+def sock(family, kind=socket.SOCK_STREAM, proto=0):
+    try:
+        socket.socket(family, kind, proto).close()
+        return "ok"
+    except OSError as e:
+        return errno.errorcode.get(e.errno, str(e.errno))
+
+def io_uring():
+    libc = ctypes.CDLL(None, use_errno=True)
+    params = ctypes.create_string_buffer(120)
+    fd = libc.syscall(425, 8, params)  # io_uring_setup
+    if fd >= 0:
+        os.close(fd)
+        return "ok"
+    return errno.errorcode.get(ctypes.get_errno(), "?")
+
+def read(path):
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError as e:
+        return e.strerror
 
 def attempt(path):
     try:
@@ -176,6 +199,22 @@ results = {
     "cwd": os.getcwd(),
     "fc_name": os.environ.get("FC_FUNCTION_NAME"),
     "code_path": os.environ.get("FC_FUNC_CODE_PATH"),
+    "sockets": {
+        "unix": sock(socket.AF_UNIX),
+        "inet": sock(socket.AF_INET),
+        "inet6": sock(socket.AF_INET6),
+        "netlink_route": sock(socket.AF_NETLINK, socket.SOCK_RAW, 0),
+        "netlink_audit": sock(socket.AF_NETLINK, socket.SOCK_RAW, 9),
+        "alg": sock(38, socket.SOCK_SEQPACKET),
+        "vsock": sock(40),
+        "packet": sock(17, socket.SOCK_DGRAM),
+    },
+    "io_uring": io_uring(),
+    "sys": sorted(os.listdir("/sys")),
+    "sys_write": attempt("/sys/kiln-probe"),
+    "cgroup_memory": read("/sys/fs/cgroup/memory/memory.limit_in_bytes")
+        if os.path.isdir("/sys/fs/cgroup/memory")
+        else read("/sys/fs/cgroup/memory.max"),
 }
 with open("/code/server.py", "a") as f:
     f.write("\n# changed by the instance\n")
@@ -249,6 +288,22 @@ fn debian12_instance_is_isolated_and_leaves_nothing() {
         assert_eq!(r["cwd"], "/code");
         assert_eq!(r["fc_name"], "probe");
         assert_eq!(r["code_path"], "/code");
+        // Seccomp: the families a function needs, and nothing else
+        // (EPERM comes from the filter: AF_ALG, AF_VSOCK and audit
+        // netlink need no capability), and no io_uring.
+        let sockets = &r["sockets"];
+        for family in ["unix", "inet", "netlink_route"] {
+            assert_eq!(sockets[family], "ok", "{family}");
+        }
+        assert_ne!(sockets["inet6"], "EPERM");
+        for family in ["alg", "vsock", "netlink_audit", "packet"] {
+            assert_eq!(sockets[family], "EPERM", "{family}");
+        }
+        assert_eq!(r["io_uring"], "EPERM");
+        // No host sysfs: only the instance's own cgroup, read-only.
+        assert_eq!(r["sys"], serde_json::json!(["fs"]));
+        assert_eq!(r["sys_write"], "Read-only file system");
+        assert_eq!(r["cgroup_memory"], (128 * 1024 * 1024).to_string());
         assert!(driver.is_running(&req.instance_id).await.unwrap());
         let cid = format!("{}-{}", guard.prefix, req.instance_id);
         assert_eq!(
@@ -265,6 +320,29 @@ fn debian12_instance_is_isolated_and_leaves_nothing() {
             cgroup_value(&guard.prefix, &cid, "pids", "pids.max", "pids.max"),
             "1024"
         );
+        // No swap beyond the memory limit.
+        let v1_swap_accounted =
+            Path::new("/sys/fs/cgroup/memory/memory.memsw.limit_in_bytes").exists();
+        if Path::new("/sys/fs/cgroup/memory").is_dir() && !v1_swap_accounted {
+            assert_eq!(
+                cgroup_value(&guard.prefix, &cid, "memory", "memory.swappiness", ""),
+                "0"
+            );
+        } else {
+            let swap = cgroup_value(
+                &guard.prefix,
+                &cid,
+                "memory",
+                "memory.memsw.limit_in_bytes",
+                "memory.swap.max",
+            );
+            let expected = if v1_swap_accounted {
+                (128 * 1024 * 1024).to_string()
+            } else {
+                "0".into()
+            };
+            assert_eq!(swap, expected);
+        }
 
         // The instance's changes stay in its own layer.
         assert!(!code.join("written.txt").exists());

@@ -57,6 +57,19 @@ pub enum CgroupVersion {
     V2,
 }
 
+/// How the host keeps an instance's memory out of swap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SwapControl {
+    /// The kernel accounts swap per cgroup (v2's `memory.swap.max`, v1's
+    /// `memory.memsw.limit_in_bytes` with swap accounting on): memory plus
+    /// swap is capped at the memory limit, so no swap at all.
+    Accounted,
+    /// cgroup v1 without swap accounting (`swapaccount=0`): the cgroup's
+    /// `memory.swappiness` is 0, so reclaim never swaps its anonymous
+    /// memory out.
+    SwappinessOnly,
+}
+
 /// What one cgroup has used.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CgroupStats {
@@ -85,9 +98,12 @@ pub struct CgroupLimits {
 /// (for a container its `cgroupsPath`).
 pub trait CgroupOps: Send + Sync + 'static {
     fn version(&self) -> CgroupVersion;
-    /// Create the cgroup (and its parents) with `limits` (what runc does
-    /// for a container, done here for a VMM). Controllers the host lacks
-    /// are left out.
+    /// How [`CgroupOps::create`] (and runc, told by the bundle) keeps a
+    /// cgroup out of swap on this host.
+    fn swap_control(&self) -> SwapControl;
+    /// Create the cgroup (and its parents) with `limits` and no swap (what
+    /// runc does for a container, done here for a VMM). Controllers the
+    /// host lacks are left out.
     fn create(&self, path: &str, limits: &CgroupLimits) -> Result<(), CgroupError>;
     /// Move process `pid` into the cgroup.
     fn add_process(&self, path: &str, pid: u32) -> Result<(), CgroupError>;

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 
 use super::files::check_path;
-use super::{cpu_quota, CgroupError, CgroupLimits, CgroupOps, CgroupStats, CgroupVersion};
+use super::{
+    cpu_quota, CgroupError, CgroupLimits, CgroupOps, CgroupStats, CgroupVersion, SwapControl,
+};
 
 /// One call the fake saw.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,6 +100,10 @@ impl RecordingCgroups {
 impl CgroupOps for RecordingCgroups {
     fn version(&self) -> CgroupVersion {
         CgroupVersion::V2
+    }
+
+    fn swap_control(&self) -> SwapControl {
+        SwapControl::Accounted
     }
 
     fn create(&self, path: &str, limits: &CgroupLimits) -> Result<(), CgroupError> {

@@ -7,7 +7,8 @@ use super::files::{
     write_if_present,
 };
 use super::{
-    cpu_quota, CgroupError, CgroupLimits, CgroupOps, CgroupStats, CgroupVersion, CPU_PERIOD_US,
+    cpu_quota, CgroupError, CgroupLimits, CgroupOps, CgroupStats, CgroupVersion, SwapControl,
+    CPU_PERIOD_US,
 };
 
 /// The controllers [`CgroupOps::create`] makes a cgroup in (runc makes a
@@ -64,6 +65,19 @@ impl CgroupOps for CgroupV1 {
         CgroupVersion::V1
     }
 
+    fn swap_control(&self) -> SwapControl {
+        // The memsw files exist with swap accounting on (`swapaccount=1`).
+        if self
+            .root
+            .join("memory/memory.memsw.limit_in_bytes")
+            .exists()
+        {
+            SwapControl::Accounted
+        } else {
+            SwapControl::SwappinessOnly
+        }
+    }
+
     fn create(&self, path: &str, limits: &CgroupLimits) -> Result<(), CgroupError> {
         for dir in self.created_dirs(path)? {
             mkdir_all(&dir)?;
@@ -73,6 +87,13 @@ impl CgroupOps for CgroupV1 {
             &memory.join("memory.limit_in_bytes"),
             &limits.memory_bytes.to_string(),
         )?;
+        // No swap: memory plus swap capped at the memory limit where swap
+        // is accounted, and never swapped out where it is not.
+        write_if_present(
+            &memory.join("memory.memsw.limit_in_bytes"),
+            &limits.memory_bytes.to_string(),
+        )?;
+        write_if_present(&memory.join("memory.swappiness"), "0")?;
         if self.dir("cpu", path)?.is_dir() {
             self.set_cpu_quota(path, cpu_quota(limits.cpu_milli), CPU_PERIOD_US)?;
         }

@@ -7,7 +7,8 @@ use super::files::{
     write_if_present,
 };
 use super::{
-    cpu_quota, CgroupError, CgroupLimits, CgroupOps, CgroupStats, CgroupVersion, CPU_PERIOD_US,
+    cpu_quota, CgroupError, CgroupLimits, CgroupOps, CgroupStats, CgroupVersion, SwapControl,
+    CPU_PERIOD_US,
 };
 
 /// `cpu.max`: `QUOTA PERIOD`, or `max PERIOD` when unlimited.
@@ -44,11 +45,18 @@ impl CgroupOps for CgroupV2 {
         CgroupVersion::V2
     }
 
+    fn swap_control(&self) -> SwapControl {
+        SwapControl::Accounted
+    }
+
     fn create(&self, path: &str, limits: &CgroupLimits) -> Result<(), CgroupError> {
         let dir = self.dir(path)?;
         mkdir_all(&dir)?;
         // The files exist when the parent enables the controller.
         write_if_present(&dir.join("memory.max"), &limits.memory_bytes.to_string())?;
+        // Absent when the kernel has no swap accounting (then no swap
+        // either is possible beyond memory.max).
+        write_if_present(&dir.join("memory.swap.max"), "0")?;
         write_if_present(
             &dir.join("cpu.max"),
             &cpu_max(cpu_quota(limits.cpu_milli), CPU_PERIOD_US),

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use kiln_core::{InstanceId, InstanceSpec};
 use serde_json::{json, Value};
 
-use crate::cgroup::{cpu_quota, CPU_PERIOD_US};
+use crate::cgroup::{cpu_quota, SwapControl, CPU_PERIOD_US};
 use crate::process::{check_spec, instance_cpu_milli, process_env, ProcessError, CODE_MOUNT};
 
 /// Processes (threads included) one instance may have.
@@ -30,10 +30,6 @@ pub const MASKED_PATHS: &[&str] = &[
     "/proc/sched_debug",
     "/proc/scsi",
     "/proc/interrupts",
-    "/sys/firmware",
-    "/sys/devices/virtual/powercap",
-    "/sys/kernel/debug",
-    "/sys/kernel/security",
 ];
 /// Kernel files the function may read but never write.
 pub const READONLY_PATHS: &[&str] = &[
@@ -42,6 +38,9 @@ pub const READONLY_PATHS: &[&str] = &[
     "/proc/irq",
     "/proc/sys",
     "/proc/sysrq-trigger",
+    // An empty tmpfs with the instance's own cgroup below it (see
+    // `build_config`), read-only once both are mounted.
+    "/sys",
 ];
 
 /// Everything `config.json` is made from.
@@ -67,6 +66,8 @@ pub struct BundleParams<'a> {
     /// The CFS quota the instance starts with (its cold-start boost), in
     /// thousandths of a CPU; None: its steady quota.
     pub boost_cpu_milli: Option<u32>,
+    /// How the host keeps the instance out of swap.
+    pub swap: SwapControl,
 }
 
 /// `cpu.shares` proportional to the instance's share of a CPU (1024 = one).
@@ -86,6 +87,15 @@ fn mount(destination: &str, kind: &str, source: &str, options: &[&str]) -> Value
 /// The instance's `/etc/hosts`.
 pub fn hosts_file(hostname: &str, addr: std::net::Ipv4Addr) -> String {
     format!("127.0.0.1\tlocalhost\n::1\tlocalhost\n{addr}\t{hostname}\n")
+}
+
+/// `linux.resources.memory`: the limit, and no swap beyond it (`swap` is
+/// memory plus swap in OCI's terms, so equal to the limit means none).
+fn memory_resources(limit: i64, swap: SwapControl) -> Value {
+    match swap {
+        SwapControl::Accounted => json!({ "limit": limit, "swap": limit }),
+        SwapControl::SwappinessOnly => json!({ "limit": limit, "swappiness": 0 }),
+    }
 }
 
 /// Build `config.json`. The root filesystem is `rootfs` next to it.
@@ -146,9 +156,14 @@ pub fn build_config(p: &BundleParams<'_>) -> Result<Value, ProcessError> {
                   &["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]),
             mount("/dev/shm", "tmpfs", "shm", &["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]),
             mount("/dev/mqueue", "mqueue", "mqueue", &["nosuid", "noexec", "nodev"]),
-            // sysfs cannot be mounted from a user namespace that does not
-            // own the network namespace, so the host's is bound read-only.
-            mount("/sys", "none", "/sys", &["rbind", "nosuid", "noexec", "nodev", "ro"]),
+            // No host sysfs: it names the node's devices, interfaces and
+            // every other instance's cgroup. (A fresh sysfs cannot be
+            // mounted from a user namespace that does not own the network
+            // namespace.) An empty tmpfs, and below it the instance's own
+            // cgroup through its cgroup namespace, where runtimes read
+            // their memory and CPU limits (Node.js, the JVM, Go).
+            mount("/sys", "tmpfs", "tmpfs", &["nosuid", "noexec", "nodev", "mode=755", "size=64k"]),
+            mount("/sys/fs/cgroup", "cgroup", "cgroup", &["nosuid", "noexec", "nodev", "relatime", "ro"]),
             tmp_mount,
             mount(CODE_MOUNT, "none", &code_source, &["rbind", "nosuid", "nodev", "rw"]),
             // Resolvers look the hostname up (Python's http.server does);
@@ -171,7 +186,7 @@ pub fn build_config(p: &BundleParams<'_>) -> Result<Value, ProcessError> {
             "cgroupsPath": p.cgroups_path,
             "resources": {
                 "devices": [{ "allow": false, "access": "rwm" }],
-                "memory": { "limit": memory },
+                "memory": memory_resources(memory, p.swap),
                 "cpu": {
                     "shares": cpu_shares(cpu),
                     "quota": cpu_quota(start_cpu),
@@ -205,6 +220,7 @@ pub(crate) mod tests {
             tmp_size_mb: 64,
             tmp_source: None,
             boost_cpu_milli: None,
+            swap: SwapControl::Accounted,
         }
     }
 
@@ -237,6 +253,8 @@ pub(crate) mod tests {
         assert_eq!(c["linux"]["cgroupsPath"], "/kiln/kiln-i-1");
         let r = &c["linux"]["resources"];
         assert_eq!(r["memory"]["limit"], 512 * 1024 * 1024);
+        // Memory plus swap = memory: no swap.
+        assert_eq!(r["memory"]["swap"], 512 * 1024 * 1024);
         assert_eq!(r["cpu"]["shares"], 358);
         assert_eq!(r["cpu"]["quota"], 35_000);
         assert_eq!(r["pids"]["limit"], PIDS_LIMIT);
@@ -257,16 +275,33 @@ pub(crate) mod tests {
             .as_array()
             .unwrap()
             .contains(&json!("size=64m")));
-        assert!(find("/sys")["options"]
-            .as_array()
-            .unwrap()
-            .contains(&json!("ro")));
+        // Not the host's sysfs: an empty tmpfs, read-only, with the
+        // instance's own cgroup below it.
+        assert_eq!(find("/sys")["type"], "tmpfs");
+        assert_eq!(find("/sys/fs/cgroup")["type"], "cgroup");
+        assert!(
+            !mounts.iter().any(|m| m["source"] == "/sys"),
+            "host sysfs bound"
+        );
+        assert!(READONLY_PATHS.contains(&"/sys"));
         assert_eq!(c["process"]["noNewPrivileges"], true);
         assert_eq!(c["process"]["cwd"], "/code");
         assert_eq!(
             c["process"]["args"],
             json!(["python3", "-m", "http.server", "9000"])
         );
+    }
+
+    #[test]
+    fn without_swap_accounting_the_instance_is_never_swapped() {
+        let id = InstanceId::generate();
+        let spec = sample_spec();
+        let mut p = params(&id, &spec, Path::new("/c"));
+        p.swap = SwapControl::SwappinessOnly;
+        let c = build_config(&p).unwrap();
+        let memory = &c["linux"]["resources"]["memory"];
+        assert_eq!(memory["swappiness"], 0);
+        assert!(memory.get("swap").is_none(), "{memory}");
     }
 
     #[test]
@@ -324,16 +359,12 @@ pub(crate) mod tests {
         assert_eq!(c["process"]["noNewPrivileges"], true);
         assert_eq!(c["linux"]["seccomp"]["defaultAction"], "SCMP_ACT_ERRNO");
         let masked = c["linux"]["maskedPaths"].as_array().unwrap();
-        for p in [
-            "/proc/kcore",
-            "/proc/keys",
-            "/sys/firmware",
-            "/proc/sched_debug",
-        ] {
+        // (/sys/firmware and the like: the host's sysfs is not there.)
+        for p in ["/proc/kcore", "/proc/keys", "/proc/sched_debug"] {
             assert!(masked.contains(&json!(p)), "{p} not masked");
         }
         let ro = c["linux"]["readonlyPaths"].as_array().unwrap();
-        for p in ["/proc/sys", "/proc/sysrq-trigger", "/proc/irq"] {
+        for p in ["/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/sys"] {
             assert!(ro.contains(&json!(p)), "{p} not read-only");
         }
         // No device but the runtime's defaults (null, zero, random, tty...).

@@ -41,6 +41,7 @@ pub(super) struct InstanceFiles {
     pub(super) cgroups_path: String,
     pub(super) tmp_size_mb: u32,
     pub(super) boost_cpu_milli: Option<u32>,
+    pub(super) swap: crate::cgroup::SwapControl,
 }
 
 impl InstanceFiles {
@@ -100,6 +101,7 @@ impl InstanceFiles {
             tmp_size_mb: self.tmp_size_mb,
             tmp_source: Some(&paths.tmp()),
             boost_cpu_milli: self.boost_cpu_milli,
+            swap: self.swap,
         })
         .map_err(SandboxError::invalid_spec)?;
         if let Some(opt) = &opt {

@@ -89,6 +89,7 @@ impl ContainerDriver {
             cgroups_path: self.cgroups_path(&req.instance_id),
             tmp_size_mb: self.config.tmp_size_mb,
             boost_cpu_milli: self.boost_cpu_milli(spec),
+            swap: self.cgroups.swap_control(),
         };
         let prepare = async {
             tokio::task::spawn_blocking(move || files.make())

@@ -1,8 +1,10 @@
-//! The seccomp profile of every container instance: an allowlist in the
-//! style of Docker's and runc's defaults. Everything not listed fails with
-//! EPERM: mounting, ptrace, kexec, kernel modules, bpf, the keyring, new
-//! namespaces (unshare, setns, clone with namespace flags), reboot, swap,
-//! perf, userfaultfd, changing the clock, raw handles and the like.
+//! The seccomp profile of every container instance: an allowlist at least
+//! as strict as Docker's (moby's) default profile, which the tests check
+//! call by call. Everything not listed fails with EPERM: mounting, ptrace,
+//! kexec, kernel modules, bpf, the keyring, new namespaces (unshare, setns,
+//! clone with namespace flags), reboot, swap, perf, userfaultfd, io_uring,
+//! changing the clock, raw handles and the like; `socket` only for the
+//! address families a function needs (see [`SOCKET_FAMILIES`]).
 
 use serde_json::{json, Value};
 
@@ -132,9 +134,6 @@ pub const ALLOWED: &[&str] = &[
     "ioprio_set",
     "io_setup",
     "io_submit",
-    "io_uring_enter",
-    "io_uring_register",
-    "io_uring_setup",
     "ipc",
     "kill",
     "lchown",
@@ -189,7 +188,6 @@ pub const ALLOWED: &[&str] = &[
     "openat",
     "openat2",
     "pause",
-    "pidfd_getfd",
     "pidfd_open",
     "pidfd_send_signal",
     "pipe",
@@ -298,9 +296,6 @@ pub const ALLOWED: &[&str] = &[
     "signalfd4",
     "sigprocmask",
     "sigreturn",
-    "socket",
-    "socketcall",
-    "socketpair",
     "splice",
     "stat",
     "stat64",
@@ -415,7 +410,35 @@ pub const DENIED: &[&str] = &[
     "migrate_pages",
     "fanotify_init",
     "lsm_set_self_attr",
+    // io_uring bypasses seccomp for the operations it queues and has been
+    // the kernel's richest source of privilege escalations (moby and
+    // ChromeOS refuse it too).
+    "io_uring_setup",
+    "io_uring_enter",
+    "io_uring_register",
+    // Another process's file descriptors: moby allows it only with
+    // CAP_SYS_PTRACE.
+    "pidfd_getfd",
+    "process_madvise",
+    "get_mempolicy",
+    "set_mempolicy_home_node",
+    "quotactl_fd",
+    // 32-bit x86's multiplexer for the socket calls: its arguments are in
+    // memory, out of the family check's reach (and the profile admits the
+    // native architecture only).
+    "socketcall",
 ];
+
+/// Address families `socket` accepts (its first argument): local sockets,
+/// IPv4, IPv6, and netlink for route queries only (glibc's `getifaddrs`
+/// and resolvers; see [`NETLINK_ROUTE`]). AF_PACKET, AF_ALG, AF_VSOCK,
+/// AF_KEY, AF_BLUETOOTH and every other family fail with EPERM.
+pub const SOCKET_FAMILIES: &[(&str, u64)] = &[("AF_UNIX", 1), ("AF_INET", 2), ("AF_INET6", 10)];
+/// `AF_NETLINK`, admitted with protocol [`NETLINK_ROUTE`] only: the audit,
+/// uevent, netfilter, crypto and diagnostic netlink families stay closed.
+pub const AF_NETLINK: u64 = 16;
+/// Netlink's routing protocol (`socket`'s third argument).
+pub const NETLINK_ROUTE: u64 = 0;
 
 /// Every `CLONE_NEW*` flag: clone with any of them fails.
 const CLONE_NAMESPACE_FLAGS: u64 = 0x0000_0080 // CLONE_NEWTIME
@@ -465,15 +488,39 @@ pub fn profile() -> Value {
         "action": "SCMP_ACT_ERRNO",
         "errnoRet": ENOSYS,
     });
+    let mut syscalls = vec![
+        json!({ "names": ALLOWED, "action": "SCMP_ACT_ALLOW" }),
+        clone,
+        clone3,
+    ];
+    // socket(family, type, protocol): one rule per admitted family (the
+    // conditions of one rule must all hold, so each family is its own).
+    for (_, family) in SOCKET_FAMILIES {
+        syscalls.push(json!({
+            "names": ["socket"],
+            "action": "SCMP_ACT_ALLOW",
+            "args": [{ "index": 0, "value": family, "valueTwo": 0, "op": "SCMP_CMP_EQ" }],
+        }));
+    }
+    syscalls.push(json!({
+        "names": ["socket"],
+        "action": "SCMP_ACT_ALLOW",
+        "args": [
+            { "index": 0, "value": AF_NETLINK, "valueTwo": 0, "op": "SCMP_CMP_EQ" },
+            { "index": 2, "value": NETLINK_ROUTE, "valueTwo": 0, "op": "SCMP_CMP_EQ" },
+        ],
+    }));
+    // Pairs of connected sockets exist for AF_UNIX only.
+    syscalls.push(json!({
+        "names": ["socketpair"],
+        "action": "SCMP_ACT_ALLOW",
+        "args": [{ "index": 0, "value": 1, "valueTwo": 0, "op": "SCMP_CMP_EQ" }],
+    }));
     json!({
         "defaultAction": "SCMP_ACT_ERRNO",
         "defaultErrnoRet": 1,
         "architectures": architectures(),
-        "syscalls": [
-            { "names": ALLOWED, "action": "SCMP_ACT_ALLOW" },
-            clone,
-            clone3,
-        ],
+        "syscalls": syscalls,
     })
 }
 
@@ -514,6 +561,160 @@ mod tests {
         assert_eq!(clone["args"][0]["op"], "SCMP_CMP_MASKED_EQ");
         assert_eq!(clone["args"][0]["value"], 0x7E02_0080u64);
         assert_eq!(clone["args"][0]["valueTwo"], 0);
+    }
+
+    /// What Docker's default profile (moby's `profiles/seccomp/default.json`,
+    /// v25 and later, which dropped io_uring) refuses a container with
+    /// Docker's default capabilities on x86_64 and arm64: the calls it
+    /// admits only with CAP_SYS_ADMIN, CAP_SYS_MODULE, CAP_SYS_PTRACE (for
+    /// kcmp and pidfd_getfd), CAP_SYS_RAWIO, CAP_SYS_TIME, CAP_SYS_BOOT,
+    /// CAP_SYS_PACCT, CAP_SYS_TTY_CONFIG, CAP_SYS_NICE, CAP_SYSLOG, CAP_BPF,
+    /// CAP_PERFMON or CAP_DAC_READ_SEARCH, none of which a function holds,
+    /// and the known calls absent from its allowlist.
+    const MOBY_REFUSES: &[&str] = &[
+        // Capability-gated.
+        "open_by_handle_at",
+        "bpf",
+        "fanotify_init",
+        "fsconfig",
+        "fsmount",
+        "fsopen",
+        "fspick",
+        "lookup_dcookie",
+        "mount",
+        "mount_setattr",
+        "move_mount",
+        "open_tree",
+        "perf_event_open",
+        "quotactl",
+        "quotactl_fd",
+        "setdomainname",
+        "sethostname",
+        "setns",
+        "syslog",
+        "umount",
+        "umount2",
+        "unshare",
+        "reboot",
+        "delete_module",
+        "init_module",
+        "finit_module",
+        "acct",
+        "kcmp",
+        "pidfd_getfd",
+        "process_madvise",
+        "iopl",
+        "ioperm",
+        "settimeofday",
+        "stime",
+        "clock_settime",
+        "clock_settime64",
+        "vhangup",
+        "get_mempolicy",
+        "mbind",
+        "set_mempolicy",
+        "set_mempolicy_home_node",
+        // Not in its allowlist.
+        "kexec_load",
+        "kexec_file_load",
+        "keyctl",
+        "add_key",
+        "request_key",
+        "swapon",
+        "swapoff",
+        "userfaultfd",
+        "nfsservctl",
+        "_sysctl",
+        "sysfs",
+        "ustat",
+        "uselib",
+        "create_module",
+        "get_kernel_syms",
+        "query_module",
+        "afs_syscall",
+        "tuxcall",
+        "security",
+        "vserver",
+        "putpmsg",
+        "getpmsg",
+        "move_pages",
+        "migrate_pages",
+        "io_uring_setup",
+        "io_uring_enter",
+        "io_uring_register",
+    ];
+    /// moby's profile refuses `socket(AF_VSOCK, ...)`.
+    const AF_VSOCK: u64 = 40;
+
+    /// Whether any ALLOW rule of the profile names `call` without
+    /// conditions.
+    fn allowed_unconditionally(profile: &Value, call: &str) -> bool {
+        profile["syscalls"].as_array().unwrap().iter().any(|r| {
+            r["action"] == "SCMP_ACT_ALLOW"
+                && r["args"].as_array().is_none_or(|a| a.is_empty())
+                && r["names"].as_array().unwrap().iter().any(|n| n == call)
+        })
+    }
+
+    /// The families `socket` is admitted with, by the rules' first
+    /// argument.
+    fn socket_families(profile: &Value) -> Vec<u64> {
+        profile["syscalls"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["names"][0] == "socket" && r["action"] == "SCMP_ACT_ALLOW")
+            .map(|r| {
+                let first = &r["args"][0];
+                assert_eq!(
+                    (first["index"].as_u64(), first["op"].as_str()),
+                    (Some(0), Some("SCMP_CMP_EQ")),
+                    "{r}"
+                );
+                first["value"].as_u64().unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn at_least_as_strict_as_mobys_default_profile() {
+        let p = profile();
+        for call in MOBY_REFUSES {
+            assert!(
+                !ALLOWED.contains(call),
+                "{call}: moby refuses it, Kiln allows it"
+            );
+            assert!(
+                !allowed_unconditionally(&p, call),
+                "{call} allowed by a rule"
+            );
+        }
+        // clone only without namespace flags, clone3 not at all (as moby).
+        assert!(!allowed_unconditionally(&p, "clone"));
+        assert!(!allowed_unconditionally(&p, "clone3"));
+        // socket: never unconditionally, never AF_VSOCK, and nothing but
+        // the listed families.
+        assert!(!allowed_unconditionally(&p, "socket"));
+        assert!(!allowed_unconditionally(&p, "socketpair"));
+        let families = socket_families(&p);
+        assert!(!families.contains(&AF_VSOCK));
+        let mut expected: Vec<u64> = SOCKET_FAMILIES.iter().map(|(_, f)| *f).collect();
+        expected.push(AF_NETLINK);
+        assert_eq!(families, expected);
+        // AF_PACKET (17), AF_ALG (38), AF_KEY (15), AF_BLUETOOTH (31).
+        for family in [17, 38, 15, 31] {
+            assert!(!families.contains(&family), "family {family} admitted");
+        }
+        // Netlink for routes only.
+        let netlink = p["syscalls"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["names"][0] == "socket" && r["args"][0]["value"] == AF_NETLINK)
+            .unwrap();
+        assert_eq!(netlink["args"][1]["index"], 2);
+        assert_eq!(netlink["args"][1]["value"], NETLINK_ROUTE);
+        assert_eq!(netlink["args"][1]["op"], "SCMP_CMP_EQ");
     }
 
     #[test]
