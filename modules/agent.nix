@@ -20,21 +20,29 @@ let
   rendered = kiln.render {
     name = "kiln-agent";
     inherit (cfg) settings;
+    # Only the CA is handed over as a credential (a read-only copy): the
+    # agent renews its own certificate and key in place (and writes them
+    # when it joins with a bootstrap token), so those stay where they are,
+    # root-only, and their directories writable (`ReadWritePaths`).
     secretPaths = [
       [
         "tls"
         "ca"
       ]
-      [
-        "tls"
-        "cert"
-      ]
-      [
-        "tls"
-        "key"
-      ]
     ];
   };
+  bootstrap = cfg.settings.bootstrap;
+  # What the agent writes: its certificate and key, and the bootstrap token
+  # it deletes once redeemed.
+  writableDirs = lib.unique (
+    map dirOf ([
+      cfg.settings.tls.cert
+      cfg.settings.tls.key
+    ]
+    ++ lib.optional (bootstrap != null) bootstrap.token_file)
+  );
+  # The agent starts once it has a key, or a token to get one with.
+  startsWith = [ cfg.settings.tls.key ] ++ lib.optional (bootstrap != null) bootstrap.token_file;
   stateDir = cfg.settings.state_dir;
   rootfsDir =
     if cfg.settings.sandbox.rootfs_dir != null then
@@ -201,9 +209,25 @@ in
           description = "The agent's identity on the internal mTLS network.";
           type = kiln.section {
             ca = kiln.required types.str "The cluster CA certificate (PEM).";
-            cert = kiln.required types.str "Certificate issued by the cluster CA (server and client).";
-            key = kiln.required types.str "Its private key.";
+            cert = kiln.required types.str "Certificate issued by the cluster CA (server and client); the agent renews it in place, so its directory is writable to the agent.";
+            key = kiln.required types.str "Its private key (root-only, outside the Nix store; rewritten at renewal).";
           };
+        };
+        bootstrap = lib.mkOption {
+          default = null;
+          description = ''
+            Joining with a single-use token (`kiln nodes bootstrap-token`,
+            docs/joining.md section 3): when `tls.key` does not exist the
+            agent makes a key, redeems the token at the scheduler's
+            `bootstrap_listen` for a certificate, writes both to
+            `tls.cert`/`tls.key` and deletes the token file. The unit starts
+            as soon as either the key or the token file exists.
+          '';
+          type = types.nullOr (kiln.section {
+            url = kiln.required types.str "The scheduler's bootstrap listener, `https://host:port`.";
+            token_file = kiln.required types.str "Where the operator installs the token (root-only, outside the Nix store; deleted once redeemed).";
+            names = kiln.setting (types.listOf types.str) [ ] "DNS names and addresses the certificate carries besides the host of `advertise_url`.";
+          });
         };
         node = lib.mkOption {
           description = "What this node offers the scheduler, and its labels (zone, tenancy, dedicated account).";
@@ -270,6 +294,18 @@ in
         assertion = cfg.settings.advertise_url != null || !(lib.hasPrefix "0.0.0.0:" cfg.settings.listen);
         message = "services.kiln.agent.settings.advertise_url is required when listen is a wildcard address";
       }
+      {
+        # The store is world-readable and read-only: a key there is
+        # everyone's, and the agent could not renew it.
+        assertion = lib.all (p: !(lib.hasPrefix builtins.storeDir (toString p))) (
+          [
+            cfg.settings.tls.cert
+            cfg.settings.tls.key
+          ]
+          ++ lib.optional (bootstrap != null) bootstrap.token_file
+        );
+        message = "services.kiln.agent.settings.tls.cert, tls.key and bootstrap.token_file must be paths on the host, not in the Nix store";
+      }
     ];
 
     networking = {
@@ -330,7 +366,7 @@ in
       paths.kiln-agent = {
         description = "Start the Kiln agent once its TLS key is installed";
         wantedBy = [ "multi-user.target" ];
-        pathConfig.PathExists = cfg.settings.tls.key;
+        pathConfig.PathExists = startsWith;
       };
 
       services.kiln-agent = {
@@ -344,8 +380,9 @@ in
         ++ lib.optional config.virtualisation.vswitch.enable "ovs-vswitchd.service";
         restartTriggers = [ rendered.file ];
         environment.RUST_LOG = lib.mkDefault "info";
-        # A node joins once its certificate is installed (see docs/joining.md).
-        unitConfig.ConditionPathExists = cfg.settings.tls.key;
+        # A node joins once its certificate, or a bootstrap token, is
+        # installed (see docs/joining.md); "|": any one of them.
+        unitConfig.ConditionPathExists = map (p: "|${p}") startsWith;
         path = [
           pkgs.runc
           pkgs.crun
@@ -369,6 +406,7 @@ in
           # Sandboxes run as unprivileged users that must reach their instances.
           StateDirectoryMode = "0711";
           LoadCredential = rendered.loadCredential;
+          ReadWritePaths = writableDirs;
           # Instances' cgroups are the agent's to manage.
           Delegate = "yes";
           # Let calls in flight finish; the agent removes leftovers on start.

@@ -10,12 +10,44 @@ let
   cfg = config.services.kiln.scheduler;
   kiln = import ./lib.nix { inherit lib pkgs; };
   defaults = lib.importJSON ./defaults/scheduler.json;
+  # `certificates` is off by default, so its defaults cannot sit in
+  # scheduler.json (rendered as a whole by the settings test).
+  certDefaults = lib.importJSON ./defaults/scheduler-certificates.json;
   inherit (lib) types;
+
+  # Keys scheduler.db may still be sealed with while rotating: each handed
+  # over as a credential of its own, the list rewritten to their copies.
+  credDir = "/run/credentials/kiln-scheduler.service";
+  previousKeys =
+    if cfg.settings.secrets == null then
+      [ ]
+    else
+      lib.imap0 (i: path: {
+        name = "secrets-previous-${toString i}";
+        inherit path;
+      }) cfg.settings.secrets.previous_key_files;
 
   rendered = kiln.render {
     name = "kiln-scheduler";
-    inherit (cfg) settings;
+    settings =
+      if cfg.settings.secrets == null then
+        cfg.settings
+      else
+        lib.recursiveUpdate cfg.settings {
+          secrets.previous_key_files = map (k: "${credDir}/${k.name}") previousKeys;
+        };
     secretPaths = [
+      # The CA that signs agent certificates (renewals, bootstrap): its key
+      # mints any node's identity, so it is a credential, never in the
+      # store.
+      [
+        "certificates"
+        "ca_cert"
+      ]
+      [
+        "certificates"
+        "ca_key"
+      ]
       [
         "tls"
         "ca"
@@ -97,8 +129,29 @@ in
           '';
           type = types.nullOr (kiln.section {
             key_file = kiln.required types.str "File of 32 random bytes or 64 hex digits (mode 0600, outside the Nix store).";
+            previous_key_files = kiln.setting (types.listOf types.str) [ ] "Keys being rotated out: opened, and resealed under key_file at start.";
           });
         };
+        certificates = lib.mkOption {
+          default = null;
+          description = ''
+            The CA the scheduler signs agent certificates with: short-lived
+            node certificates renewed before they expire, and certificates
+            for nodes joining with a bootstrap token (docs/joining.md,
+            section 3). Use an intermediate signed by the cluster root
+            (docs/security.md). Both files stay outside the Nix store;
+            systemd hands the service root-only copies. When null, agents
+            keep the certificates they were installed with until they
+            expire.
+          '';
+          type = types.nullOr (kiln.section {
+            ca_cert = kiln.required types.str "The signing CA's certificate (PEM).";
+            ca_key = kiln.required types.str "Its private key (mode 0600, outside the Nix store).";
+            agent_cert_lifetime_s = kiln.setting types.ints.positive certDefaults.agent_cert_lifetime_s "How long an agent certificate lives; agents renew at two thirds.";
+            max_bootstrap_token_ttl_s = kiln.setting types.ints.positive certDefaults.max_bootstrap_token_ttl_s "The longest `kiln nodes bootstrap-token --ttl` an operator may ask for.";
+          });
+        };
+        bootstrap_listen = kiln.optional types.str "Where new nodes redeem their single-use bootstrap tokens (TLS, no client certificate, only `POST /v1/bootstrap`), e.g. `0.0.0.0:9444`; needs `certificates`.";
         tls = lib.mkOption {
           description = "The scheduler's identity on the internal mTLS network.";
           type = kiln.section {
@@ -123,6 +176,26 @@ in
         '';
       }
       {
+        assertion =
+          cfg.settings.certificates == null
+          || !(lib.hasPrefix builtins.storeDir (toString cfg.settings.certificates.ca_key));
+        message = ''
+          services.kiln.scheduler.settings.certificates.ca_key must not be in the Nix store
+          (every user could read it and mint any node's certificate): give the path of a
+          root-only file on the host.
+        '';
+      }
+      {
+        assertion = cfg.settings.bootstrap_listen == null || cfg.settings.certificates != null;
+        message = "services.kiln.scheduler.settings.bootstrap_listen needs settings.certificates (the CA that signs the joining nodes' certificates)";
+      }
+      {
+        assertion =
+          cfg.settings.secrets == null
+          || lib.all (p: !(lib.hasPrefix builtins.storeDir (toString p))) cfg.settings.secrets.previous_key_files;
+        message = "services.kiln.scheduler.settings.secrets.previous_key_files must not be in the Nix store";
+      }
+      {
         assertion = lib.hasPrefix "/var/lib/" stateDir;
         message = "services.kiln.scheduler.settings.state_dir must be below /var/lib/, got ${stateDir}";
       }
@@ -132,7 +205,9 @@ in
       }
     ];
 
-    networking.firewall.allowedTCPPorts = lib.mkIf cfg.openFirewall [ port ];
+    networking.firewall.allowedTCPPorts = lib.mkIf cfg.openFirewall (
+      [ port ] ++ lib.optional (cfg.settings.bootstrap_listen != null) (kiln.portOf cfg.settings.bootstrap_listen)
+    );
 
     systemd.paths.kiln-scheduler = {
       description = "Start the Kiln scheduler once its TLS key is installed";
@@ -153,7 +228,7 @@ in
         ExecStart = "${lib.getExe' cfg.package "kiln-scheduler"} --config ${rendered.file}";
         StateDirectory = lib.removePrefix "/var/lib/" stateDir;
         StateDirectoryMode = "0700";
-        LoadCredential = rendered.loadCredential;
+        LoadCredential = rendered.loadCredential ++ map (k: "${k.name}:${k.path}") previousKeys;
       };
     };
   };

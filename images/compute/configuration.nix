@@ -33,6 +33,12 @@ in
         cert = pki "agent.pem";
         key = pki "agent-key.pem";
       };
+      # A node joins with a single-use token installed here (or with a
+      # certificate installed as agent.pem/agent-key.pem); docs/joining.md.
+      bootstrap = {
+        url = "https://${site.controlHost}:9444";
+        token_file = pki "bootstrap-token";
+      };
       node = {
         inherit (site) zone;
         # Overwritten at boot from the machine's real size (below).

@@ -24,6 +24,7 @@
     cert = "/var/lib/kiln/pki/agent.pem";
     key = "/var/lib/kiln/pki/agent-key.pem";
   };
+  services.kiln.agent.settings.bootstrap.token_file = lib.mkForce "/var/lib/kiln/pki/bootstrap-token";
 
   boot.kernelParams = [
     "console=tty0"

@@ -172,13 +172,39 @@ fn every_typed_module_option_is_a_key_of_the_service() {
     );
     assert_typed_options_exist::<kiln_scheduler::SchedulerConfig>(
         "scheduler",
-        "[secrets]\nkey_file = \"/etc/kiln/scheduler-secrets.key\"\n",
+        "bootstrap_listen = \"0.0.0.0:9444\"\n\
+         [secrets]\nkey_file = \"/etc/kiln/scheduler-secrets.key\"\n\
+         previous_key_files = [\"/etc/kiln/scheduler-secrets.old.key\"]\n\
+         [certificates]\nca_cert = \"/etc/kiln/pki/signing-ca.pem\"\n\
+         ca_key = \"/etc/kiln/pki/signing-ca-key.pem\"\n",
     );
     assert_typed_options_exist::<kiln_agent::AgentConfig>(
         "agent",
-        "[node]\ndedicated_account = \"1000000000000001\"\n\
+        "[bootstrap]\nurl = \"https://kiln-control:9444\"\n\
+         token_file = \"/var/lib/kiln/pki/bootstrap-token\"\nnames = [\"compute-1\"]\n\
+         [node]\ndedicated_account = \"1000000000000001\"\n\
          [sandbox]\nbackend = \"container\"\nrootfs_dir = \"/var/lib/kiln/rootfs\"\n\
          debootstrap_mirror = \"http://deb.debian.org/debian\"\n\
          [sandbox.network]\nuplink_interface = \"eth0\"\novs_netns = \"ovs\"\n",
+    );
+}
+
+/// The scheduler module's defaults for `certificates` (off by default, so
+/// in a file of their own) are the scheduler's own.
+#[test]
+fn scheduler_certificate_defaults_are_the_services() {
+    let mut section = read_json(&modules_dir().join("defaults/scheduler-certificates.json"));
+    recursive_update(
+        &mut section,
+        serde_json::json!({"ca_cert": "/etc/kiln/pki/ca.pem", "ca_key": "/etc/kiln/pki/ca-key.pem"}),
+    );
+    let from_module: kiln_scheduler::config::CertificateSettings =
+        serde_json::from_value(section).unwrap();
+    assert_eq!(
+        from_module,
+        kiln_scheduler::config::CertificateSettings::new(
+            "/etc/kiln/pki/ca.pem".into(),
+            "/etc/kiln/pki/ca-key.pem".into()
+        )
     );
 }
