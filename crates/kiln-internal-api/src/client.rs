@@ -1,6 +1,7 @@
 //! The mTLS clients every service uses to call the others: HTTP/2 for
 //! control calls, HTTP/1.1 for the gateway's invocation data path.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -12,10 +13,12 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use kiln_core::{FcError, FcErrorCode};
+use kiln_pki::RevocationSet;
 use kiln_pki::{PkiError, TlsFiles};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::revoking::RevokingConnector;
 use crate::server::{empty, full, Body};
 
 /// Why an internal call failed.
@@ -56,7 +59,7 @@ impl InternalClientError {
 /// A pooled HTTP/2 client presenting this service's certificate.
 #[derive(Clone)]
 pub struct InternalClient {
-    http: Client<HttpsConnector<HttpConnector>, Body>,
+    http: Client<RevokingConnector, Body>,
     timeout: Duration,
 }
 
@@ -101,17 +104,37 @@ fn connector_with(
 
 impl InternalClient {
     pub fn new(files: &TlsFiles) -> Result<Self, PkiError> {
-        Ok(Self::http2(connector(files, Protocol::Http2)?))
+        Ok(Self::http2(RevokingConnector::new(
+            connector(files, Protocol::Http2)?,
+            None,
+        )))
     }
 
-    /// A client on a TLS configuration built elsewhere: one presenting a
-    /// [`kiln_pki::LiveIdentity`] and refusing revoked servers (see
-    /// [`kiln_pki::internal_client_config_live`]).
+    /// A client on a TLS configuration built elsewhere (a public CA's, a
+    /// bootstrap's).
     pub fn with_config(tls: std::sync::Arc<rustls::ClientConfig>) -> Self {
-        Self::http2(connector_with(tls, Protocol::Http2))
+        Self::http2(RevokingConnector::new(
+            connector_with(tls, Protocol::Http2),
+            None,
+        ))
     }
 
-    fn http2(connector: HttpsConnector<HttpConnector>) -> Self {
+    /// A client on a TLS configuration presenting a
+    /// [`kiln_pki::LiveIdentity`] and refusing revoked servers at the
+    /// handshake (see [`kiln_pki::internal_client_config_live`]), whose open
+    /// connections also close when their server's certificate is revoked
+    /// in `revoked` (see [`crate::revoking`]).
+    pub fn revoking(
+        tls: std::sync::Arc<rustls::ClientConfig>,
+        revoked: Arc<RevocationSet>,
+    ) -> Self {
+        Self::http2(RevokingConnector::new(
+            connector_with(tls, Protocol::Http2),
+            Some(revoked),
+        ))
+    }
+
+    fn http2(connector: RevokingConnector) -> Self {
         let http = Client::builder(TokioExecutor::new())
             // HTTP/2 keep-alive needs a timer.
             .timer(hyper_util::rt::TokioTimer::new())
@@ -135,16 +158,26 @@ impl InternalClient {
     /// shared connection task, at the price of one connection per call in
     /// flight.
     pub fn new_http1(files: &TlsFiles) -> Result<Self, PkiError> {
-        Ok(Self::http1(connector(files, Protocol::Http1)?))
+        Ok(Self::http1(RevokingConnector::new(
+            connector(files, Protocol::Http1)?,
+            None,
+        )))
     }
 
-    /// [`InternalClient::new_http1`] on a TLS configuration built
-    /// elsewhere (see [`InternalClient::with_config`]).
-    pub fn with_config_http1(tls: std::sync::Arc<rustls::ClientConfig>) -> Self {
-        Self::http1(connector_with(tls, Protocol::Http1))
+    /// [`InternalClient::new_http1`] on a live TLS configuration whose
+    /// connections close when their server is revoked (see
+    /// [`InternalClient::revoking`]).
+    pub fn revoking_http1(
+        tls: std::sync::Arc<rustls::ClientConfig>,
+        revoked: Arc<RevocationSet>,
+    ) -> Self {
+        Self::http1(RevokingConnector::new(
+            connector_with(tls, Protocol::Http1),
+            Some(revoked),
+        ))
     }
 
-    fn http1(connector: HttpsConnector<HttpConnector>) -> Self {
+    fn http1(connector: RevokingConnector) -> Self {
         let http = Client::builder(TokioExecutor::new())
             .pool_timer(hyper_util::rt::TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(90))

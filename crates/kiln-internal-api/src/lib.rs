@@ -12,6 +12,7 @@ pub mod client;
 pub mod invoke;
 pub mod keys;
 pub mod messages;
+pub mod revoking;
 pub mod router;
 pub mod server;
 pub mod trust;

@@ -65,3 +65,68 @@ async fn control_calls_use_http2_and_invocations_http1_both_under_mutual_tls() {
         assert!(err.contains("Cannot reach"), "{err}");
     }
 }
+
+/// A listener with node `node`'s agent certificate answering each request
+/// with the client's source port (which connection carried it).
+async fn agent_listener(
+    pki: &DevPki,
+    node: &kiln_core::NodeId,
+) -> (String, tokio::sync::oneshot::Sender<()>) {
+    let tls = kiln_pki::internal_server_config(&pki.agent(node).unwrap()).unwrap();
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://127.0.0.1:{}", tcp.local_addr().unwrap().port());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(serve_tls(
+        tcp,
+        tls,
+        |_req: Request<hyper::body::Incoming>, conn: kiln_internal_api::server::ConnInfo| async move {
+            Response::new(full(conn.peer.port().to_string()))
+        },
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    (url, stop)
+}
+
+/// A client's open connections to an agent end when that agent's node is
+/// revoked: the pooled keep-alive connection is not used again (and the
+/// new handshake is refused), on both the control and the data-path
+/// client; a revocation of another node leaves them alone.
+#[tokio::test]
+async fn open_client_connections_to_a_revoked_server_are_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = DevPki::ensure(&dir.path().join("pki"), &[]).unwrap();
+    let node: kiln_core::NodeId = "n-victim".parse().unwrap();
+    let (url, _stop) = agent_listener(&pki, &node).await;
+    let files = pki.files("gateway-internal");
+    for http1 in [true, false] {
+        let revoked = kiln_pki::RevocationSet::new();
+        let identity = kiln_pki::LiveIdentity::load(&files.cert, &files.key).unwrap();
+        let tls =
+            kiln_pki::internal_client_config_live(&files.ca, identity, revoked.clone()).unwrap();
+        let client = if http1 {
+            InternalClient::revoking_http1(tls, revoked.clone())
+        } else {
+            InternalClient::revoking(tls, revoked.clone())
+        };
+        let first = version_seen(&client, &url).await.unwrap();
+        assert_eq!(
+            version_seen(&client, &url).await.unwrap(),
+            first,
+            "kept alive"
+        );
+        // Another node's revocation: the connection carries on.
+        revoked.revoke_node("n-other".parse().unwrap());
+        assert_eq!(
+            version_seen(&client, &url).await.unwrap(),
+            first,
+            "http1={http1}"
+        );
+        // This node's: nothing more goes over the open connection, and a
+        // new one is refused at the handshake.
+        revoked.revoke_node(node.clone());
+        let err = version_seen(&client, &url).await.unwrap_err();
+        assert!(err.contains("Cannot reach"), "http1={http1}: {err}");
+    }
+}

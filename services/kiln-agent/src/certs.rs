@@ -87,12 +87,13 @@ impl AgentTrust {
     /// A client presenting the live certificate and refusing revoked
     /// servers.
     pub fn client(&self) -> Result<InternalClient, PkiError> {
-        Ok(InternalClient::with_config(
+        Ok(InternalClient::revoking(
             kiln_pki::internal_client_config_live(
                 &self.files.ca,
                 self.identity.clone(),
                 self.revoked.clone(),
             )?,
+            self.revoked.clone(),
         ))
     }
 

@@ -207,8 +207,8 @@ pub async fn start_with_clock(
         kiln_pki::internal_server_config_live(&config.tls.ca, identity.clone(), revoked.clone())?;
     let client_tls =
         kiln_pki::internal_client_config_live(&config.tls.ca, identity, revoked.clone())?;
-    let internal = InternalClient::with_config(client_tls.clone());
-    let invoke_client = InternalClient::with_config_http1(client_tls);
+    let internal = InternalClient::revoking(client_tls.clone(), revoked.clone());
+    let invoke_client = InternalClient::revoking_http1(client_tls, revoked.clone());
     let queue = queue::Queue::open(&config.queue_path())?;
     let metrics = Metrics::with_extra(|r| queue.metrics().register(r));
     let scheduler: scheduler::SharedScheduler = Arc::new(scheduler::HttpScheduler::new(

@@ -165,12 +165,12 @@ pub async fn start_with(
     let agent = match overrides.agent {
         Some(a) => a,
         None => {
-            // A revoked agent's server certificate fails our handshake too.
-            let client = InternalClient::with_config(kiln_pki::internal_client_config_live(
-                &config.tls.ca,
-                identity,
+            // A revoked agent's server certificate fails our handshake too,
+            // and our open connections to it close.
+            let client = InternalClient::revoking(
+                kiln_pki::internal_client_config_live(&config.tls.ca, identity, revoked.clone())?,
                 revoked.clone(),
-            )?);
+            );
             Arc::new(HttpAgentClient::new(
                 &client,
                 config.instance_start_timeout(),
