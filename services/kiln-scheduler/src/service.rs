@@ -60,7 +60,7 @@ struct State {
     /// One channel per starting instance; its waiters subscribe.
     starting: HashMap<InstanceId, watch::Sender<StartResult>>,
     /// SHA-256 of the client certificate each node last registered with
-    /// (in memory: after a restart the first registration claims it).
+    /// (kept in the trust store too, and loaded from it at start).
     holders: HashMap<NodeId, [u8; 32]>,
 }
 
@@ -137,6 +137,12 @@ impl Scheduler {
     /// Attach the certificate lifecycle (once; later calls are ignored).
     pub fn attach_trust(&self, trust: Arc<Trust>) {
         let revoked = trust.revocations().list().nodes.len();
+        match trust.node_holders() {
+            Ok(holders) => self.lock().holders.extend(holders),
+            // Then the first registration of each node claims it, as
+            // before holders were stored.
+            Err(e) => tracing::error!(error = %e, "cannot load which certificate holds each node"),
+        }
         if self.inner.trust.set(trust).is_ok() {
             self.inner.metrics.revoked_nodes.set(revoked as i64);
         }
@@ -434,7 +440,12 @@ impl Scheduler {
         }
         let r = st.core.register(req, now).map_err(RegisterError::Invalid)?;
         if let Some(cert) = certificate {
-            st.holders.insert(r.node_id.clone(), cert);
+            let changed = st.holders.insert(r.node_id.clone(), cert) != Some(cert);
+            if let (true, Some(trust)) = (changed, self.inner.trust.get()) {
+                if let Err(e) = trust.record_holder(&r.node_id, &cert) {
+                    tracing::error!(node_id = %r.node_id, error = %e, "cannot store which certificate holds the node; after a restart its next registration claims it");
+                }
+            }
         }
         self.finish(&mut st, r.effects);
         self.update_node_gauges(&st);

@@ -90,6 +90,15 @@ const MIGRATIONS: &[Migration] = &[
         ALTER TABLE provisions ADD COLUMN env_sealed TEXT;
     ",
     },
+    Migration {
+        name: "node certificate holders",
+        sql: "
+        CREATE TABLE node_holders (
+            node_id TEXT PRIMARY KEY,
+            certificate_sha256 TEXT NOT NULL  -- hex, of the client certificate
+        );
+    ",
+    },
 ];
 
 /// Why the scheduler's state could not be read or written.
@@ -485,9 +494,46 @@ pub trait TrustStore: Send + Sync + 'static {
         token_sha256: &str,
         now_ms: u64,
     ) -> Result<Redeemed, SchedulerStoreError>;
+    /// The client certificate (SHA-256) each node last registered with.
+    fn node_holders(&self) -> Result<Vec<(NodeId, [u8; 32])>, SchedulerStoreError>;
+    fn set_node_holder(&self, node: &NodeId, sha256: &[u8; 32]) -> Result<(), SchedulerStoreError>;
 }
 
 impl TrustStore for SqliteSchedulerStore {
+    fn node_holders(&self) -> Result<Vec<(NodeId, [u8; 32])>, SchedulerStoreError> {
+        let rows: Vec<(String, String)> = self.db.with_conn(|c| {
+            Ok(
+                c.prepare("SELECT node_id, certificate_sha256 FROM node_holders ORDER BY node_id")?
+                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<Result<Vec<_>, _>>()?,
+            )
+        })?;
+        rows.into_iter()
+            .map(|(id, hex)| {
+                let node = id
+                    .parse()
+                    .map_err(|x| corrupt("node holder", &id, format!("{x}")))?;
+                let sha = hex::decode(&hex)
+                    .ok()
+                    .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                    .ok_or_else(|| corrupt("node holder", &id, "not a SHA-256 in hex"))?;
+                Ok((node, sha))
+            })
+            .collect()
+    }
+
+    fn set_node_holder(&self, node: &NodeId, sha256: &[u8; 32]) -> Result<(), SchedulerStoreError> {
+        self.db.with_conn(|c| {
+            c.execute(
+                "INSERT INTO node_holders (node_id, certificate_sha256) VALUES (?1, ?2) \
+                 ON CONFLICT(node_id) DO UPDATE SET certificate_sha256 = excluded.certificate_sha256",
+                params![node.as_str(), hex::encode(sha256)],
+            )?;
+            Ok(())
+        })?;
+        Ok(())
+    }
+
     fn revoked_nodes(&self) -> Result<Vec<(NodeId, u64)>, SchedulerStoreError> {
         let rows: Vec<(String, i64)> = self.db.with_conn(|c| {
             Ok(
@@ -769,7 +815,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("scheduler.db");
         // The schema as the previous version left it, a plaintext spec in it.
-        let old = Database::open(&path, &MIGRATIONS[..MIGRATIONS.len() - 1]).unwrap();
+        let sealing = MIGRATIONS
+            .iter()
+            .position(|m| m.name == "sealed function environments")
+            .unwrap();
+        let old = Database::open(&path, &MIGRATIONS[..sealing]).unwrap();
         let (_, s) = secret_state();
         old.with_conn(|c| {
             c.execute(
@@ -909,6 +959,23 @@ mod tests {
         assert_eq!(
             store.redeem_bootstrap_token("nope", 10).unwrap(),
             Redeemed::Unknown
+        );
+    }
+
+    #[test]
+    fn node_holders_persist_and_follow_the_last_registration() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("scheduler.db");
+        let store = SqliteSchedulerStore::open(&path, SqliteSchedulerStore::test_sealer()).unwrap();
+        let (a, b): (NodeId, NodeId) = ("n-a".parse().unwrap(), "n-b".parse().unwrap());
+        store.set_node_holder(&a, &[1; 32]).unwrap();
+        store.set_node_holder(&b, &[2; 32]).unwrap();
+        store.set_node_holder(&a, &[3; 32]).unwrap();
+        drop(store);
+        let store = SqliteSchedulerStore::open(&path, SqliteSchedulerStore::test_sealer()).unwrap();
+        assert_eq!(
+            store.node_holders().unwrap(),
+            vec![(a, [3; 32]), (b, [2; 32])]
         );
     }
 

@@ -79,6 +79,21 @@ impl Trust {
         })
     }
 
+    /// The client certificate (SHA-256) each node last registered with,
+    /// as stored.
+    pub fn node_holders(&self) -> Result<Vec<(NodeId, [u8; 32])>, FcError> {
+        self.store.node_holders().map_err(store_error)
+    }
+
+    /// Store that `node` registered with the certificate `sha256`, so that
+    /// after a restart a live node is still not taken over by another
+    /// certificate.
+    pub fn record_holder(&self, node: &NodeId, sha256: &[u8; 32]) -> Result<(), FcError> {
+        self.store
+            .set_node_holder(node, sha256)
+            .map_err(store_error)
+    }
+
     /// The set this scheduler's verifiers and accept loop consult.
     pub fn revocations(&self) -> &Arc<RevocationSet> {
         &self.revoked

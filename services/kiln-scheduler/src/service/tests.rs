@@ -277,6 +277,50 @@ async fn a_restart_reloads_nodes_and_instances() {
     assert_eq!(sched.instances().len(), 1);
 }
 
+/// Which certificate holds a live node survives a restart: another
+/// certificate for the same node id, registering from another address
+/// after the restart, is refused as before it.
+#[tokio::test]
+async fn a_restart_keeps_which_certificate_holds_each_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let agent = FakeAgent::new(Duration::ZERO);
+    let clock = ManualClock::new(5_000);
+    let open = || {
+        let store = Arc::new(
+            SqliteSchedulerStore::open(&cfg.db_path(), SqliteSchedulerStore::test_sealer())
+                .unwrap(),
+        );
+        let trust =
+            crate::trust::Trust::open(store.clone(), Arc::new(clock.clone()), "kiln-test", None)
+                .unwrap();
+        let deps = SchedulerDeps {
+            clock: Arc::new(clock.clone()),
+            agent: agent.clone(),
+            store,
+        };
+        let (sched, writer) = Scheduler::new(&cfg, deps).unwrap();
+        sched.attach_trust(Arc::new(trust));
+        (sched, writer)
+    };
+    let (sched, writer) = open();
+    let held = registration(Some("n-held"), 8192, Tenancy::Dedicated, None);
+    sched.register_with(&held, Some([1; 32])).unwrap();
+    sched.flush().await.unwrap();
+    drop(sched);
+    writer.abort();
+
+    let (sched, _writer) = open();
+    let mut thief = held.clone();
+    thief.agent_url = "https://127.0.0.1:9999".into();
+    assert!(matches!(
+        sched.register_with(&thief, Some([2; 32])),
+        Err(RegisterError::Held { .. })
+    ));
+    // The holder itself, from its address, registers as ever.
+    sched.register_with(&held, Some([1; 32])).unwrap();
+}
+
 #[tokio::test]
 async fn retire_destroys_idle_old_revisions() {
     let f = fixture(Duration::ZERO);
