@@ -8,17 +8,19 @@ use kiln_internal_api::server::{full, serve_tls};
 use kiln_internal_api::InternalClient;
 use kiln_pki::DevPki;
 
-/// A listener answering each request with the HTTP version it came in.
-async fn listener(pki: &DevPki) -> (String, tokio::sync::oneshot::Sender<()>) {
-    let tls = kiln_pki::internal_server_config(&pki.files("agent")).unwrap();
+/// A listener with the certificate `files` answering each request with the
+/// HTTP version it came in and the client's source port (which connection
+/// carried it), `"HTTP/2.0 51234"`.
+async fn listener(files: &kiln_pki::TlsFiles) -> (String, tokio::sync::oneshot::Sender<()>) {
+    let tls = kiln_pki::internal_server_config(files).unwrap();
     let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("https://127.0.0.1:{}", tcp.local_addr().unwrap().port());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(serve_tls(
         tcp,
         tls,
-        |req: Request<hyper::body::Incoming>, _conn| async move {
-            Response::new(full(format!("{:?}", req.version())))
+        |req: Request<hyper::body::Incoming>, conn: kiln_internal_api::server::ConnInfo| async move {
+            Response::new(full(format!("{:?} {}", req.version(), conn.peer.port())))
         },
         async move {
             let _ = stopped.await;
@@ -27,7 +29,8 @@ async fn listener(pki: &DevPki) -> (String, tokio::sync::oneshot::Sender<()>) {
     (url, stop)
 }
 
-async fn version_seen(client: &InternalClient, url: &str) -> Result<String, String> {
+/// The listener's answer: the version and the connection of the call.
+async fn answer(client: &InternalClient, url: &str) -> Result<String, String> {
     let req = Request::builder()
         .method(Method::POST)
         .uri(format!("{url}/v1/probe"))
@@ -42,14 +45,15 @@ async fn version_seen(client: &InternalClient, url: &str) -> Result<String, Stri
 async fn control_calls_use_http2_and_invocations_http1_both_under_mutual_tls() {
     let dir = tempfile::tempdir().unwrap();
     let pki = DevPki::ensure(&dir.path().join("pki"), &[]).unwrap();
-    let (url, _stop) = listener(&pki).await;
+    let (url, _stop) = listener(&pki.files("agent")).await;
 
     let control = InternalClient::new(&pki.files("gateway-internal")).unwrap();
     let data = InternalClient::new_http1(&pki.files("gateway-internal")).unwrap();
-    assert_eq!(version_seen(&control, &url).await.unwrap(), "HTTP/2.0");
+    let version = |a: String| a.split(' ').next().unwrap().to_owned();
+    assert_eq!(version(answer(&control, &url).await.unwrap()), "HTTP/2.0");
     for _ in 0..3 {
         // Kept alive and reused: every call still HTTP/1.1.
-        assert_eq!(version_seen(&data, &url).await.unwrap(), "HTTP/1.1");
+        assert_eq!(version(answer(&data, &url).await.unwrap()), "HTTP/1.1");
     }
 
     // A certificate of another CA is refused on either protocol.
@@ -61,32 +65,9 @@ async fn control_calls_use_http2_and_invocations_http1_both_under_mutual_tls() {
         InternalClient::new_http1(&files).unwrap(),
     ];
     for intruder in &intruders {
-        let err = version_seen(intruder, &url).await.unwrap_err();
+        let err = answer(intruder, &url).await.unwrap_err();
         assert!(err.contains("Cannot reach"), "{err}");
     }
-}
-
-/// A listener with node `node`'s agent certificate answering each request
-/// with the client's source port (which connection carried it).
-async fn agent_listener(
-    pki: &DevPki,
-    node: &kiln_core::NodeId,
-) -> (String, tokio::sync::oneshot::Sender<()>) {
-    let tls = kiln_pki::internal_server_config(&pki.agent(node).unwrap()).unwrap();
-    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("https://127.0.0.1:{}", tcp.local_addr().unwrap().port());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(serve_tls(
-        tcp,
-        tls,
-        |_req: Request<hyper::body::Incoming>, conn: kiln_internal_api::server::ConnInfo| async move {
-            Response::new(full(conn.peer.port().to_string()))
-        },
-        async move {
-            let _ = stopped.await;
-        },
-    ));
-    (url, stop)
 }
 
 /// A client's open connections to an agent end when that agent's node is
@@ -98,7 +79,7 @@ async fn open_client_connections_to_a_revoked_server_are_closed() {
     let dir = tempfile::tempdir().unwrap();
     let pki = DevPki::ensure(&dir.path().join("pki"), &[]).unwrap();
     let node: kiln_core::NodeId = "n-victim".parse().unwrap();
-    let (url, _stop) = agent_listener(&pki, &node).await;
+    let (url, _stop) = listener(&pki.agent(&node).unwrap()).await;
     let files = pki.files("gateway-internal");
     for http1 in [true, false] {
         let revoked = kiln_pki::RevocationSet::new();
@@ -110,23 +91,15 @@ async fn open_client_connections_to_a_revoked_server_are_closed() {
         } else {
             InternalClient::revoking(tls, revoked.clone())
         };
-        let first = version_seen(&client, &url).await.unwrap();
-        assert_eq!(
-            version_seen(&client, &url).await.unwrap(),
-            first,
-            "kept alive"
-        );
+        let first = answer(&client, &url).await.unwrap();
+        assert_eq!(answer(&client, &url).await.unwrap(), first, "kept alive");
         // Another node's revocation: the connection carries on.
         revoked.revoke_node("n-other".parse().unwrap());
-        assert_eq!(
-            version_seen(&client, &url).await.unwrap(),
-            first,
-            "http1={http1}"
-        );
+        assert_eq!(answer(&client, &url).await.unwrap(), first, "http1={http1}");
         // This node's: nothing more goes over the open connection, and a
         // new one is refused at the handshake.
         revoked.revoke_node(node.clone());
-        let err = version_seen(&client, &url).await.unwrap_err();
+        let err = answer(&client, &url).await.unwrap_err();
         assert!(err.contains("Cannot reach"), "http1={http1}: {err}");
     }
 }
