@@ -28,10 +28,10 @@ pub mod nonce;
 pub mod sign;
 pub mod verify;
 
-pub use nonce::NonceCache;
+pub use nonce::{NonceCache, NonceLimits};
 pub use sign::{new_nonce, sign, sign_request, SignError, SigningParams};
 pub use verify::{
-    AccessKey, AuthError, Authenticated, InMemoryKeys, KeyLookup, ParsedRequest, RequestView,
+    AccessKey, AuthError, Authenticated, BodyCheck, InMemoryKeys, KeyLookup, ParsedRequest, RequestView,
     Verifier,
 };
 
