@@ -259,7 +259,12 @@ impl NonceCache {
         if now_ms < due
             || self
                 .next_sweep_ms
-                .compare_exchange(due, now_ms + GLOBAL_SWEEP_MS, Ordering::Relaxed, Ordering::Relaxed)
+                .compare_exchange(
+                    due,
+                    now_ms + GLOBAL_SWEEP_MS,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
                 .is_err()
         {
             return;
@@ -401,7 +406,8 @@ mod tests {
                 .unwrap();
         }
         assert_eq!(c.len(), 10);
-        c.check_and_insert("other", "ak2", "x", 5_000, 2_000).unwrap();
+        c.check_and_insert("other", "ak2", "x", 5_000, 2_000)
+            .unwrap();
         assert_eq!(c.len(), 1);
         assert_eq!(c.active.load(Ordering::Relaxed), 1);
     }
@@ -410,7 +416,8 @@ mod tests {
     fn buckets_stay_ordered_whatever_the_arrival_order() {
         let c = NonceCache::new(limits(100, 100));
         for (i, e) in [900u64, 100, 500, 100, 5_000, 300].iter().enumerate() {
-            c.check_and_insert("1", "ak", &i.to_string(), *e, 0).unwrap();
+            c.check_and_insert("1", "ak", &i.to_string(), *e, 0)
+                .unwrap();
         }
         let a = c.account("1");
         let a = a.lock().unwrap();
@@ -436,6 +443,9 @@ mod tests {
         assert_eq!(l.account_max, 4_500_000);
         assert_eq!(l.window_ms, 1_800_000);
         let l = NonceLimits::for_rate(10, 100, 1_000);
-        assert_eq!(l.account_max, l.capacity, "an account never exceeds the whole");
+        assert_eq!(
+            l.account_max, l.capacity,
+            "an account never exceeds the whole"
+        );
     }
 }

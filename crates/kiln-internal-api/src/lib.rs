@@ -11,6 +11,7 @@ pub mod authz;
 pub mod client;
 pub mod invoke;
 pub mod keys;
+pub mod limits;
 pub mod messages;
 pub mod router;
 pub mod server;
