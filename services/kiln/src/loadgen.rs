@@ -106,6 +106,22 @@ impl LoadRuntime {
         Ok(Self(Some(rt)))
     }
 
+    /// [`soak`] on these threads.
+    pub async fn soak(
+        &self,
+        target: &Target,
+        connections: usize,
+        duration: Duration,
+        make: Arc<dyn Fn() -> std::io::Result<Request<Full<Bytes>>> + Send + Sync>,
+        counts: Arc<SoakCounts>,
+    ) -> std::io::Result<()> {
+        let target = target.clone();
+        let rt = self.0.as_ref().expect("runtime present until dropped");
+        rt.spawn(async move { soak(&target, connections, duration, make, counts).await })
+            .await
+            .map_err(std::io::Error::other)?
+    }
+
     /// [`run`] on these threads.
     pub async fn run(
         &self,
@@ -190,6 +206,77 @@ pub async fn run(
         elapsed: start.elapsed(),
         errors,
     })
+}
+
+/// Counts of a [`soak`], read while it runs.
+#[derive(Debug, Default)]
+pub struct SoakCounts {
+    pub ok: std::sync::atomic::AtomicU64,
+    /// `503 Service Unavailable` answers.
+    pub unavailable: std::sync::atomic::AtomicU64,
+    /// `429` answers (FC's ResourceThrottled).
+    pub throttled: std::sync::atomic::AtomicU64,
+    /// Any other non-2xx answer, or a failed connection.
+    pub other_errors: std::sync::atomic::AtomicU64,
+}
+
+/// Send requests made by `make` (one per call, so each is signed when it
+/// is sent and its date stays fresh however long the run) over
+/// `connections` keep-alive connections until `duration` has passed,
+/// counting answers by kind into `counts`.
+pub async fn soak(
+    target: &Target,
+    connections: usize,
+    duration: Duration,
+    make: Arc<dyn Fn() -> std::io::Result<Request<Full<Bytes>>> + Send + Sync>,
+    counts: Arc<SoakCounts>,
+) -> std::io::Result<()> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let until = Instant::now() + duration;
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let mut conn = connect(target).await?;
+        let (target, make, counts) = (target.clone(), make.clone(), counts.clone());
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < until {
+                let req = make()?;
+                let status = match conn.send_request(req).await {
+                    Ok(resp) => {
+                        let status = resp.status();
+                        match resp.into_body().collect().await {
+                            Ok(_) => Some(status),
+                            Err(_) => None,
+                        }
+                    }
+                    Err(_) => None,
+                };
+                match status {
+                    Some(s) if s.is_success() => counts.ok.fetch_add(1, Relaxed),
+                    Some(s) if s.as_u16() == 503 => counts.unavailable.fetch_add(1, Relaxed),
+                    Some(s) if s.as_u16() == 429 => counts.throttled.fetch_add(1, Relaxed),
+                    _ => counts.other_errors.fetch_add(1, Relaxed),
+                };
+                if status.is_none() {
+                    conn = connect(&target).await?;
+                }
+            }
+            Ok::<_, std::io::Error>(())
+        }));
+    }
+    for t in tasks {
+        t.await.map_err(std::io::Error::other)??;
+    }
+    Ok(())
+}
+
+/// This process's resident memory (VmRSS), in kB.
+pub fn rss_kb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
