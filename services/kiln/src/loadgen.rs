@@ -292,6 +292,76 @@ mod tests {
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_soak_runs_for_its_duration_and_counts_answers_by_kind() {
+        use hyper::service::service_fn;
+        use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let served = Arc::new(AtomicU64::new(0));
+        let count = served.clone();
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = listener.accept().await.unwrap();
+                let count = count.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |_req: Request<hyper::body::Incoming>| {
+                        // Every 10th answer a 503, every 25th a 429.
+                        let n = count.fetch_add(1, Relaxed) + 1;
+                        let status = match n {
+                            n if n % 10 == 0 => 503,
+                            n if n % 25 == 0 => 429,
+                            _ => 200,
+                        };
+                        async move {
+                            Ok::<_, std::convert::Infallible>(
+                                http::Response::builder()
+                                    .status(status)
+                                    .body(Full::new(Bytes::from_static(b"ok")))
+                                    .unwrap(),
+                            )
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        let make = Arc::new(move || {
+            Ok(Request::post(format!("http://{addr}/invoke"))
+                .header("host", addr.to_string())
+                .body(Full::new(Bytes::new()))
+                .unwrap())
+        });
+        let counts = Arc::new(SoakCounts::default());
+        let lg = LoadRuntime::new(2).unwrap();
+        let started = Instant::now();
+        lg.soak(
+            &Target { addr, tls: None },
+            4,
+            Duration::from_millis(500),
+            make,
+            counts.clone(),
+        )
+        .await
+        .unwrap();
+        drop(lg);
+        assert!(started.elapsed() >= Duration::from_millis(500));
+        let (ok, unavailable, throttled, other) = (
+            counts.ok.load(Relaxed),
+            counts.unavailable.load(Relaxed),
+            counts.throttled.load(Relaxed),
+            counts.other_errors.load(Relaxed),
+        );
+        assert_eq!(ok + unavailable + throttled + other, served.load(Relaxed));
+        assert!(ok > 100, "{ok} calls in half a second");
+        assert_eq!(unavailable, served.load(Relaxed) / 10);
+        assert!(throttled > 0);
+        assert_eq!(other, 0);
+        assert!(rss_kb() > 0);
+    }
+
     #[tokio::test]
     async fn drives_a_plain_server_and_counts_errors() {
         use hyper::service::service_fn;
