@@ -57,7 +57,7 @@ impl Default for ListenerLimits {
     fn default() -> Self {
         Self {
             tls_handshake_timeout_ms: 10_000,
-            header_read_timeout_ms: 15_000,
+            header_read_timeout_ms: 60_000,
             body_read_timeout_ms: 120_000,
             idle_timeout_ms: 120_000,
             http2_keepalive_interval_ms: 30_000,

@@ -228,19 +228,21 @@ async fn soak(
     let started = Instant::now();
     let mut every = tokio::time::interval(Duration::from_secs(10));
     every.tick().await;
-    let mut last_ok = 0;
-    let report = |last_ok: &mut u64, interval_s: f64| {
+    // Calls answered and when, at the last report.
+    let mut last = (0, Instant::now());
+    let report = |last: &mut (u64, Instant)| {
         let ok = counts.ok.load(Relaxed);
+        let interval_s = last.1.elapsed().as_secs_f64().max(0.001);
         println!(
-            "{}\t{ok}\t{:.0}\t{}\t{}\t{}\t{}",
-            started.elapsed().as_secs(),
-            (ok - *last_ok) as f64 / interval_s,
+            "{:.1}\t{ok}\t{:.0}\t{}\t{}\t{}\t{}",
+            started.elapsed().as_secs_f64(),
+            (ok - last.0) as f64 / interval_s,
             counts.unavailable.load(Relaxed),
             counts.throttled.load(Relaxed),
             counts.other_errors.load(Relaxed),
             loadgen::rss_kb()
         );
-        *last_ok = ok;
+        *last = (ok, Instant::now());
     };
     loop {
         tokio::select! {
@@ -248,13 +250,14 @@ async fn soak(
                 r?;
                 break;
             }
-            _ = every.tick() => report(&mut last_ok, 10.0),
+            _ = every.tick() => report(&mut last),
         }
     }
-    report(
-        &mut last_ok,
-        (started.elapsed().as_secs_f64() % 10.0).max(0.001),
-    );
+    // The calls since the last full interval, when it is long enough
+    // for a rate.
+    if last.1.elapsed() >= Duration::from_secs(1) {
+        report(&mut last);
+    }
     let bad = counts.unavailable.load(Relaxed)
         + counts.throttled.load(Relaxed)
         + counts.other_errors.load(Relaxed);
