@@ -415,6 +415,8 @@ async fn serve_connection<H, F>(
                 } else if activity.idle_for() >= idle_timeout {
                     tracing::debug!(%peer, idle_timeout_ms = limits.idle_timeout_ms, "idle connection; closing it");
                     conn.as_mut().graceful_shutdown();
+                    // Nothing is in flight: closing takes a round trip at
+                    // most (GOAWAY); give it a handshake's time, then cut.
                     closing = Some(tokio::time::Instant::now() + limits.tls_handshake_timeout());
                 }
             }
