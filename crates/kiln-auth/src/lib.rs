@@ -28,11 +28,11 @@ pub mod nonce;
 pub mod sign;
 pub mod verify;
 
-pub use nonce::NonceCache;
+pub use nonce::{NonceCache, NonceLimits};
 pub use sign::{new_nonce, sign, sign_request, SignError, SigningParams};
 pub use verify::{
-    AccessKey, AuthError, Authenticated, InMemoryKeys, KeyLookup, ParsedRequest, RequestView,
-    Verifier,
+    AccessKey, AuthError, Authenticated, BodyCheck, InMemoryKeys, KeyLookup, ParsedRequest,
+    RequestView, Verifier,
 };
 
 /// The only algorithm Kiln accepts (the SDKs' default).

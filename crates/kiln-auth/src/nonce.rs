@@ -1,129 +1,314 @@
 //! Remembers `x-acs-signature-nonce`s for as long as the request that
 //! carried them could still be accepted, so a replay inside the window is
-//! refused.
+//! refused, with a fair share of the cache for every account.
 //!
-//! Entries are 128-bit digests of (access key id, nonce), never the
-//! strings, and live in sharded maps behind short-held locks. The cache has
-//! a hard capacity: when a shard is full of unexpired nonces new requests
-//! are refused rather than old nonces forgotten, because forgetting one
-//! would re-open the replay window for it.
+//! Sizing: a nonce must be remembered until its request's date leaves the
+//! skew window (date + skew, so up to twice the skew after it arrives for
+//! a request dated in the future). A gateway provisioned for `R` signed
+//! requests per second with a skew of `S` seconds holds about `R * S`
+//! nonces at steady state; that is the cache's `capacity`
+//! ([`NonceLimits::for_rate`]).
+//!
+//! Fairness: every account has its own sub-cache behind its own lock. An
+//! account may hold at most `account_max` nonces; and once the whole cache
+//! holds `capacity`, an account holding more than its fair share
+//! (`capacity / accounts with live nonces`) is refused while accounts
+//! below their share are still admitted. One tenant sending at any rate
+//! is therefore throttled (FC's `ResourceThrottled`, for that tenant only)
+//! instead of turning the cache into a refusal for everyone; the total
+//! never exceeds `2 * capacity`. Nothing is ever evicted early: forgetting
+//! a nonce would re-open the replay window for it.
+//!
+//! Memory: entries are salted 64-bit digests of (access key id, nonce),
+//! never the strings, kept in hash sets by expiry bucket (a sixtieth of
+//! the window each), so a nonce costs 10 to 21 bytes (9 bytes a slot, at
+//! a load between 7/16 and 7/8; `tests/nonce_memory.rs` measures it). A
+//! bucket is dropped whole once everything in it has expired: a nonce is
+//! remembered up to one bucket longer than needed, never shorter. A false
+//! "used already" needs a 64-bit collision inside one account's window
+//! (about `n / 2^64` per request with `n` nonces remembered).
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use sha2::{Digest, Sha256};
-
-const SHARDS: usize = 16;
 
 /// Why a nonce was not accepted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum NonceError {
     #[error("Specified signature nonce was used already")]
     Replayed,
-    #[error("Too many signed requests in the signature window")]
-    CacheFull,
+    /// The account holds its share of the replay cache.
+    #[error("Too many signed requests of this account in the signature window")]
+    AccountThrottled,
 }
 
-/// A bounded replay cache.
+/// How big the cache may grow and how it is shared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NonceLimits {
+    /// Nonces the cache holds before accounts over their fair share are
+    /// refused.
+    pub capacity: usize,
+    /// The most one account may hold, whatever the others do.
+    pub account_max: usize,
+    /// The longest a nonce is remembered (twice the skew): sets the
+    /// expiry buckets' width.
+    pub window_ms: u64,
+}
+
+impl NonceLimits {
+    /// The default provisioned rate: a two-core gateway's full rate of
+    /// signed warm calls is about 14,000 per second.
+    pub const DEFAULT_RATE: u64 = 15_000;
+
+    /// Capacity for `rate_per_s` signed requests per second sustained
+    /// under a skew of `skew_ms` (`rate * skew`), every account allowed
+    /// `account_rate_per_s` of it.
+    pub fn for_rate(rate_per_s: u64, account_rate_per_s: u64, skew_ms: u64) -> Self {
+        let per = |rate: u64| {
+            usize::try_from(rate.saturating_mul(skew_ms) / 1000)
+                .unwrap_or(usize::MAX)
+                .max(1)
+        };
+        let capacity = per(rate_per_s);
+        Self {
+            capacity,
+            account_max: per(account_rate_per_s).min(capacity),
+            window_ms: skew_ms.saturating_mul(2).max(1),
+        }
+    }
+}
+
+const BUCKETS_PER_WINDOW: u64 = 60;
+/// The whole cache is swept (expired buckets of idle accounts dropped)
+/// at most this often.
+const GLOBAL_SWEEP_MS: u64 = 1_000;
+
+/// A bounded, per-account fair replay cache.
 #[derive(Debug)]
 pub struct NonceCache {
-    shards: Vec<Mutex<Shard>>,
-    shard_capacity: usize,
+    salt: [u8; 16],
+    limits: NonceLimits,
+    bucket_ms: u64,
+    accounts: RwLock<HashMap<Box<str>, Arc<Mutex<Account>>>>,
+    /// Nonces remembered across accounts.
+    total: AtomicUsize,
+    /// Accounts with at least one nonce remembered.
+    active: AtomicUsize,
+    next_sweep_ms: AtomicU64,
 }
 
+/// Digests are uniformly distributed already (salted SHA-256): hash them
+/// as they are.
+#[derive(Default)]
+struct DigestHasher(u64);
+
+impl Hasher for DigestHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 << 8) | u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type DigestSet = HashSet<u64, BuildHasherDefault<DigestHasher>>;
+
 #[derive(Debug, Default)]
-struct Shard {
-    /// digest -> the time (ms) after which the nonce may be forgotten.
-    expiry: HashMap<u128, u64>,
-    /// Insertion order, for sweeping. Expiries are roughly but not strictly
-    /// increasing; an entry behind a later one waits for it, which only
-    /// delays forgetting, never shortens it.
-    order: VecDeque<(u64, u128)>,
+struct Account {
+    /// By expiry, ascending: nonces whose expiry lies before `end_ms`
+    /// (and after the previous bucket's end).
+    buckets: VecDeque<Bucket>,
+    len: usize,
+}
+
+#[derive(Debug)]
+struct Bucket {
+    end_ms: u64,
+    digests: DigestSet,
 }
 
 impl NonceCache {
-    /// Default capacity: about a million nonces (some 60 MB when full).
-    pub const DEFAULT_CAPACITY: usize = 1 << 20;
-
-    pub fn new(capacity: usize) -> Self {
-        let shard_capacity = capacity.div_ceil(SHARDS).max(1);
+    pub fn new(limits: NonceLimits) -> Self {
+        let mut salt = [0u8; 16];
+        rand::Rng::fill(&mut rand::thread_rng(), &mut salt);
         Self {
-            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
-            shard_capacity,
+            salt,
+            limits,
+            bucket_ms: (limits.window_ms / BUCKETS_PER_WINDOW).max(1),
+            accounts: RwLock::new(HashMap::new()),
+            total: AtomicUsize::new(0),
+            active: AtomicUsize::new(0),
+            next_sweep_ms: AtomicU64::new(0),
         }
     }
 
+    pub fn limits(&self) -> NonceLimits {
+        self.limits
+    }
+
     /// The digest under which a nonce of an access key is remembered.
-    pub fn key(access_key_id: &str, nonce: &str) -> u128 {
+    fn digest(&self, access_key_id: &str, nonce: &str) -> u64 {
         let mut h = Sha256::new();
+        h.update(self.salt);
         h.update(access_key_id.as_bytes());
         h.update([0u8]);
         h.update(nonce.as_bytes());
         let d = h.finalize();
-        let mut first = [0u8; 16];
-        first.copy_from_slice(&d[..16]);
-        u128::from_le_bytes(first)
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&d[..8]);
+        u64::from_le_bytes(first)
     }
 
-    /// Records `key` until `expires_at_ms`, or refuses it when it is
-    /// already recorded and not yet expired at `now_ms`.
+    /// Records `nonce` of `access_key_id` (acting for `account`) until
+    /// `expires_at_ms`, or refuses it: already recorded and not expired at
+    /// `now_ms`, or the account over its share.
     pub fn check_and_insert(
         &self,
-        key: u128,
+        account: &str,
+        access_key_id: &str,
+        nonce: &str,
         expires_at_ms: u64,
         now_ms: u64,
     ) -> Result<(), NonceError> {
-        let shard = &self.shards[(key as usize) % self.shards.len()];
-        let mut shard = shard
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        shard.sweep(now_ms);
-        if let Some(&until) = shard.expiry.get(&key) {
-            if until > now_ms {
-                return Err(NonceError::Replayed);
+        self.maybe_sweep_all(now_ms);
+        let digest = self.digest(access_key_id, nonce);
+        let account = self.account(account);
+        let mut acct = account.lock().unwrap_or_else(|p| p.into_inner());
+        self.sweep(&mut acct, now_ms);
+        if acct.buckets.iter().any(|b| b.digests.contains(&digest)) {
+            return Err(NonceError::Replayed);
+        }
+        if acct.len >= self.limits.account_max {
+            return Err(NonceError::AccountThrottled);
+        }
+        let total = self.total.load(Ordering::Relaxed);
+        if total >= self.limits.capacity {
+            // Full: only accounts below their fair share still get in.
+            let sharing = self.active.load(Ordering::Relaxed) + usize::from(acct.len == 0);
+            let fair = self.limits.capacity / sharing.max(1);
+            if acct.len >= fair || total >= self.limits.capacity.saturating_mul(2) {
+                return Err(NonceError::AccountThrottled);
             }
         }
-        if shard.expiry.len() >= self.shard_capacity {
-            return Err(NonceError::CacheFull);
+        let end_ms = (expires_at_ms / self.bucket_ms + 1).saturating_mul(self.bucket_ms);
+        let at = acct.buckets.partition_point(|b| b.end_ms < end_ms);
+        if acct.buckets.get(at).is_none_or(|b| b.end_ms != end_ms) {
+            acct.buckets.insert(
+                at,
+                Bucket {
+                    end_ms,
+                    digests: DigestSet::default(),
+                },
+            );
         }
-        shard.expiry.insert(key, expires_at_ms);
-        shard.order.push_back((expires_at_ms, key));
+        acct.buckets[at].digests.insert(digest);
+        if acct.len == 0 {
+            self.active.fetch_add(1, Ordering::Relaxed);
+        }
+        acct.len += 1;
+        self.total.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
+    fn account(&self, account: &str) -> Arc<Mutex<Account>> {
+        if let Some(a) = self
+            .accounts
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(account)
+        {
+            return a.clone();
+        }
+        // Accounts are never removed (an empty one is a few dozen bytes,
+        // and only accounts with a valid signature get here), so a handle
+        // taken here is never orphaned.
+        self.accounts
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(account.into())
+            .or_default()
+            .clone()
+    }
+
+    /// Drops `acct`'s buckets whose every nonce has expired at `now_ms`.
+    fn sweep(&self, acct: &mut Account, now_ms: u64) {
+        let before = acct.len;
+        while acct.buckets.front().is_some_and(|b| b.end_ms <= now_ms) {
+            if let Some(b) = acct.buckets.pop_front() {
+                acct.len -= b.digests.len();
+                self.total.fetch_sub(b.digests.len(), Ordering::Relaxed);
+            }
+        }
+        if before > 0 && acct.len == 0 {
+            self.active.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Sweeps every account now and then, so accounts that went quiet give
+    /// their room back.
+    fn maybe_sweep_all(&self, now_ms: u64) {
+        let due = self.next_sweep_ms.load(Ordering::Relaxed);
+        if now_ms < due
+            || self
+                .next_sweep_ms
+                .compare_exchange(
+                    due,
+                    now_ms + GLOBAL_SWEEP_MS,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_err()
+        {
+            return;
+        }
+        let accounts: Vec<_> = self
+            .accounts
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for a in accounts {
+            let mut acct = a.lock().unwrap_or_else(|p| p.into_inner());
+            self.sweep(&mut acct, now_ms);
+        }
+    }
+
     /// Number of remembered nonces (expired ones may still be counted
-    /// until the next sweep of their shard).
+    /// until their bucket is swept).
     pub fn len(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| s.lock().map(|s| s.expiry.len()).unwrap_or(0))
-            .sum()
+        self.total.load(Ordering::Relaxed)
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Nonces remembered for `account`.
+    pub fn account_len(&self, account: &str) -> usize {
+        self.accounts
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(account)
+            .map_or(0, |a| a.lock().unwrap_or_else(|p| p.into_inner()).len)
+    }
 }
 
 impl Default for NonceCache {
     fn default() -> Self {
-        Self::new(Self::DEFAULT_CAPACITY)
-    }
-}
-
-impl Shard {
-    fn sweep(&mut self, now_ms: u64) {
-        while let Some(&(until, key)) = self.order.front() {
-            if until > now_ms {
-                break;
-            }
-            self.order.pop_front();
-            // Only forget the entry this queue slot was recording: the same
-            // key may have been re-inserted with a later expiry since.
-            if self.expiry.get(&key) == Some(&until) {
-                self.expiry.remove(&key);
-            }
-        }
+        Self::new(NonceLimits::for_rate(
+            NonceLimits::DEFAULT_RATE,
+            NonceLimits::DEFAULT_RATE,
+            kiln_core::limits::SIGNATURE_SKEW_MS,
+        ))
     }
 }
 
@@ -131,70 +316,136 @@ impl Shard {
 mod tests {
     use super::*;
 
+    fn limits(capacity: usize, account_max: usize) -> NonceLimits {
+        NonceLimits {
+            capacity,
+            account_max,
+            window_ms: 6_000,
+        }
+    }
+
     #[test]
     fn replay_inside_window_is_refused_and_forgotten_after() {
-        let c = NonceCache::new(100);
-        let k = NonceCache::key("ak", "n1");
-        c.check_and_insert(k, 1_000, 0).unwrap();
-        assert_eq!(c.check_and_insert(k, 1_000, 999), Err(NonceError::Replayed));
-        // Past its expiry the nonce is forgotten (the date check refuses such a request anyway).
-        c.check_and_insert(k, 3_000, 1_000).unwrap();
+        let c = NonceCache::new(limits(100, 100));
+        c.check_and_insert("1", "ak", "n1", 1_000, 0).unwrap();
         assert_eq!(
-            c.check_and_insert(k, 3_000, 2_000),
+            c.check_and_insert("1", "ak", "n1", 1_000, 999),
             Err(NonceError::Replayed)
         );
+        // Past its bucket (100 ms wide here) the nonce is forgotten (the
+        // date check refuses such a request anyway).
+        c.check_and_insert("1", "ak", "n1", 3_000, 1_100).unwrap();
+        assert_eq!(
+            c.check_and_insert("1", "ak", "n1", 3_000, 2_000),
+            Err(NonceError::Replayed)
+        );
+        assert_eq!(c.len(), 1);
     }
 
     #[test]
     fn nonces_are_scoped_per_access_key() {
-        let c = NonceCache::new(100);
-        c.check_and_insert(NonceCache::key("a", "n"), 10, 0)
-            .unwrap();
-        c.check_and_insert(NonceCache::key("b", "n"), 10, 0)
-            .unwrap();
-        assert_ne!(NonceCache::key("a", "bn"), NonceCache::key("ab", "n"));
+        let c = NonceCache::new(limits(100, 100));
+        c.check_and_insert("1", "a", "n", 10, 0).unwrap();
+        c.check_and_insert("1", "b", "n", 10, 0).unwrap();
+        assert_ne!(c.digest("a", "bn"), c.digest("ab", "n"));
+        // Salted per process: digests cannot be ground in advance.
+        assert_ne!(
+            c.digest("a", "n"),
+            NonceCache::new(limits(1, 1)).digest("a", "n")
+        );
     }
 
     #[test]
-    fn full_cache_refuses_instead_of_forgetting() {
-        let c = NonceCache::new(SHARDS); // one entry per shard
-        let mut refused = 0;
-        let mut accepted = Vec::new();
+    fn an_account_over_its_share_is_throttled_and_others_are_not() {
+        let c = NonceCache::new(limits(100, 80));
+        let mut accepted = 0;
         for i in 0..200 {
-            let k = NonceCache::key("ak", &i.to_string());
-            match c.check_and_insert(k, 1_000, 0) {
-                Ok(()) => accepted.push(k),
-                Err(e) => {
-                    assert_eq!(e, NonceError::CacheFull);
-                    refused += 1;
-                }
+            match c.check_and_insert("greedy", "ak-g", &i.to_string(), 1_000, 0) {
+                Ok(()) => accepted += 1,
+                Err(e) => assert_eq!(e, NonceError::AccountThrottled),
             }
         }
-        assert_eq!(accepted.len(), SHARDS);
-        assert_eq!(refused, 200 - SHARDS);
-        for k in &accepted {
-            assert_eq!(c.check_and_insert(*k, 1_000, 1), Err(NonceError::Replayed));
+        // Its own cap first.
+        assert_eq!(accepted, 80);
+        // Others fill the rest...
+        for i in 0..20 {
+            c.check_and_insert("b", "ak-b", &i.to_string(), 1_000, 0)
+                .unwrap();
         }
-        // Once the window has passed, room comes back.
-        c.check_and_insert(NonceCache::key("ak", "late"), 5_000, 1_000)
+        assert_eq!(c.len(), 100);
+        // ...and the cache is full, yet an account below its fair share
+        // (100 / 3 accounts) still gets in while the greedy one does not.
+        for i in 0..30 {
+            c.check_and_insert("c", "ak-c", &i.to_string(), 1_000, 1)
+                .unwrap();
+        }
+        assert_eq!(
+            c.check_and_insert("greedy", "ak-g", "more", 1_000, 1),
+            Err(NonceError::AccountThrottled)
+        );
+        // b is at 20 < 33: still admitted.
+        c.check_and_insert("b", "ak-b", "more", 1_000, 1).unwrap();
+        // A throttled account's accepted nonces are still remembered.
+        assert_eq!(
+            c.check_and_insert("greedy", "ak-g", "0", 1_000, 1),
+            Err(NonceError::Replayed)
+        );
+        assert_eq!(c.account_len("greedy"), 80);
+        // Once the window has passed, room comes back for everyone.
+        c.check_and_insert("greedy", "ak-g", "late", 5_000, 1_200)
             .unwrap();
-        assert!(c.len() <= SHARDS);
+        assert_eq!(c.len(), 1);
+        assert_eq!(c.account_len("c"), 0);
     }
 
     #[test]
-    fn sweep_keeps_reinserted_keys() {
-        // One shard, so the queue order is fully under the test's control.
-        let c = NonceCache {
-            shards: vec![Mutex::new(Shard::default())],
-            shard_capacity: 10,
-        };
-        let (a, k) = (NonceCache::key("ak", "a"), NonceCache::key("ak", "k"));
-        c.check_and_insert(a, 100, 0).unwrap();
-        c.check_and_insert(k, 10, 0).unwrap();
-        // k expired at 10 but sits behind a in the queue; it may be recorded again.
-        c.check_and_insert(k, 160, 20).unwrap();
-        // Sweeping a and k's first slot must not forget k's second recording.
-        assert_eq!(c.check_and_insert(k, 160, 120), Err(NonceError::Replayed));
-        c.check_and_insert(a, 200, 120).unwrap();
+    fn quiet_accounts_give_room_back_on_the_global_sweep() {
+        let c = NonceCache::new(limits(10, 10));
+        for i in 0..10 {
+            c.check_and_insert("quiet", "ak", &i.to_string(), 500, 0)
+                .unwrap();
+        }
+        assert_eq!(c.len(), 10);
+        c.check_and_insert("other", "ak2", "x", 5_000, 2_000)
+            .unwrap();
+        assert_eq!(c.len(), 1);
+        assert_eq!(c.active.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn buckets_stay_ordered_whatever_the_arrival_order() {
+        let c = NonceCache::new(limits(100, 100));
+        for (i, e) in [900u64, 100, 500, 100, 5_000, 300].iter().enumerate() {
+            c.check_and_insert("1", "ak", &i.to_string(), *e, 0)
+                .unwrap();
+        }
+        let a = c.account("1");
+        let a = a.lock().unwrap();
+        let ends: Vec<u64> = a.buckets.iter().map(|b| b.end_ms).collect();
+        assert!(ends.windows(2).all(|w| w[0] < w[1]), "{ends:?}");
+        assert_eq!(a.len, 6);
+        drop(a);
+        // At 600 the buckets ending at or before it are gone; the rest stay.
+        c.check_and_insert("1", "ak", "late", 5_000, 600).unwrap();
+        assert_eq!(c.account_len("1"), 3);
+        for (i, e) in [(0, 900), (4, 5_000)] {
+            assert_eq!(
+                c.check_and_insert("1", "ak", &i.to_string(), e, 600),
+                Err(NonceError::Replayed)
+            );
+        }
+    }
+
+    #[test]
+    fn sizing_follows_rate_and_skew() {
+        let l = NonceLimits::for_rate(15_000, 5_000, 900_000);
+        assert_eq!(l.capacity, 13_500_000);
+        assert_eq!(l.account_max, 4_500_000);
+        assert_eq!(l.window_ms, 1_800_000);
+        let l = NonceLimits::for_rate(10, 100, 1_000);
+        assert_eq!(
+            l.account_max, l.capacity,
+            "an account never exceeds the whole"
+        );
     }
 }

@@ -5,6 +5,13 @@
 //! store is asynchronous. Checks run cheapest first and the nonce is only
 //! recorded once the signature and body hash are proven, so requests
 //! without the key cannot fill the replay cache.
+//!
+//! [`Verifier::check_head`] is the streaming form, for a server that must
+//! not read a body before the request is known to be signed: the signature
+//! covers `x-acs-content-sha256`, so the head alone proves the signer; the
+//! nonce is recorded then (a replayed head is refused before its body is
+//! read), and the body is checked against the signed hash while it streams
+//! in ([`BodyCheck`]).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -18,7 +25,7 @@ use sha2::{Digest, Sha256};
 
 use crate::canonical::{self, CanonicalInput};
 use crate::date::{format_acs_date, parse_acs_date};
-use crate::nonce::{NonceCache, NonceError};
+use crate::nonce::{NonceCache, NonceError, NonceLimits};
 use crate::sign::signature_mac;
 use crate::ALGORITHM;
 
@@ -154,8 +161,8 @@ pub enum AuthError {
     Skewed { date: String, now: String },
     #[error("Specified signature nonce was used already")]
     NonceUsed,
-    #[error("Too many signed requests in the signature window, retry later")]
-    NonceCacheFull,
+    #[error("Too many signed requests of this account in the signature window (the replay cache holds its share); slow down and retry")]
+    NonceThrottled,
 }
 
 impl AuthError {
@@ -167,7 +174,7 @@ impl AuthError {
                 FcErrorCode::RequestTimeTooSkewed
             }
             Self::NonceUsed => FcErrorCode::SignatureNonceUsed,
-            Self::NonceCacheFull => FcErrorCode::ServiceUnavailable,
+            Self::NonceThrottled => FcErrorCode::ResourceThrottled,
             Self::MalformedAuthorization(_)
             | Self::UnsupportedAlgorithm(_)
             | Self::MalformedHeader(_)
@@ -232,8 +239,8 @@ impl fmt::Debug for Verifier {
 }
 
 impl Verifier {
-    /// FC's 15-minute window and a nonce cache of
-    /// [`NonceCache::DEFAULT_CAPACITY`].
+    /// FC's 15-minute window and a nonce cache sized for
+    /// [`NonceLimits::DEFAULT_RATE`].
     pub fn new(keys: Arc<dyn KeyLookup>, clock: Arc<dyn Clock>) -> Self {
         Self {
             keys,
@@ -243,12 +250,29 @@ impl Verifier {
         }
     }
 
-    /// Bounds the replay cache (requests beyond it are refused, retryably).
-    pub fn with_nonce_capacity(self, capacity: usize) -> Self {
+    /// Accepts request dates up to `skew_ms` from the server's clock
+    /// (FC's is 15 minutes); resize the nonce cache after changing it.
+    pub fn with_skew_ms(self, skew_ms: u64) -> Self {
+        Self { skew_ms, ..self }
+    }
+
+    /// The allowed difference between a request's date and the clock.
+    pub fn skew_ms(&self) -> u64 {
+        self.skew_ms
+    }
+
+    /// Bounds the replay cache and each account's share of it (an account
+    /// beyond its share is throttled, retryably; see [`crate::nonce`]).
+    pub fn with_nonce_limits(self, limits: NonceLimits) -> Self {
         Self {
-            nonces: NonceCache::new(capacity),
+            nonces: NonceCache::new(limits),
             ..self
         }
+    }
+
+    /// The replay cache's bounds.
+    pub fn nonce_limits(&self) -> NonceLimits {
+        self.nonces.limits()
     }
 
     /// Nonces currently remembered (for metrics).
@@ -342,6 +366,32 @@ impl Verifier {
         key: Option<Arc<AccessKey>>,
         body_sha256: &[u8; 32],
     ) -> Result<Authenticated, AuthError> {
+        let key = self.check_signature(parsed, key)?;
+        if parsed.payload_sha256 != *body_sha256 {
+            return Err(AuthError::BodyHashMismatch);
+        }
+        self.record_nonce(parsed, key)
+    }
+
+    /// Checks the signature of the head with `key` and records the nonce,
+    /// before any of the body is read; the body is then checked while it
+    /// is read, with the returned [`BodyCheck`]. A request whose body does
+    /// not match has used its nonce (its head was authentic).
+    pub fn check_head(
+        &self,
+        parsed: &ParsedRequest<'_>,
+        key: Option<Arc<AccessKey>>,
+    ) -> Result<(Authenticated, BodyCheck), AuthError> {
+        let key = self.check_signature(parsed, key)?;
+        let who = self.record_nonce(parsed, key)?;
+        Ok((who, BodyCheck::new(parsed.payload_sha256)))
+    }
+
+    fn check_signature(
+        &self,
+        parsed: &ParsedRequest<'_>,
+        key: Option<Arc<AccessKey>>,
+    ) -> Result<Arc<AccessKey>, AuthError> {
         let key = key.ok_or_else(|| AuthError::UnknownAccessKey(clip(parsed.access_key_id)))?;
         let view = parsed.view;
         let digest = canonical::digest(&CanonicalInput {
@@ -357,30 +407,75 @@ impl Verifier {
         signature_mac(&key.secret, &digest)
             .verify_slice(&parsed.signature)
             .map_err(|_| AuthError::SignatureMismatch)?;
-        if parsed.payload_sha256 != *body_sha256 {
-            return Err(AuthError::BodyHashMismatch);
-        }
         if parsed
             .sts_access_key_id
             .is_some_and(|id| id != parsed.access_key_id)
         {
             return Err(AuthError::AccessKeyIdMismatch);
         }
-        let nonce_key = NonceCache::key(parsed.access_key_id, parsed.nonce);
+        Ok(key)
+    }
+
+    fn record_nonce(
+        &self,
+        parsed: &ParsedRequest<'_>,
+        key: Arc<AccessKey>,
+    ) -> Result<Authenticated, AuthError> {
         self.nonces
             .check_and_insert(
-                nonce_key,
+                key.account_id.as_str(),
+                parsed.access_key_id,
+                parsed.nonce,
                 parsed.date_ms + self.skew_ms,
                 self.clock.now_ms(),
             )
             .map_err(|e| match e {
                 NonceError::Replayed => AuthError::NonceUsed,
-                NonceError::CacheFull => AuthError::NonceCacheFull,
+                NonceError::AccountThrottled => AuthError::NonceThrottled,
             })?;
         Ok(Authenticated {
             key,
             security_token: parsed.security_token.map(str::to_owned),
         })
+    }
+}
+
+/// The SHA-256 of a body as it streams in, checked at its end against the
+/// signed `x-acs-content-sha256`.
+#[derive(Clone)]
+pub struct BodyCheck {
+    hasher: Sha256,
+    expected: [u8; 32],
+}
+
+impl fmt::Debug for BodyCheck {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BodyCheck")
+            .field("expected", &hex::encode(self.expected))
+            .finish_non_exhaustive()
+    }
+}
+
+impl BodyCheck {
+    pub fn new(expected: [u8; 32]) -> Self {
+        Self {
+            hasher: Sha256::new(),
+            expected,
+        }
+    }
+
+    /// Hashes the next piece of the body.
+    pub fn update(&mut self, chunk: &[u8]) {
+        self.hasher.update(chunk);
+    }
+
+    /// At the body's end: whether what was read is what was signed.
+    pub fn finish(self) -> Result<(), AuthError> {
+        if <[u8; 32]>::from(self.hasher.finalize()) == self.expected {
+            Ok(())
+        } else {
+            Err(AuthError::BodyHashMismatch)
+        }
     }
 }
 
@@ -813,18 +908,50 @@ mod tests {
     }
 
     #[test]
-    fn full_nonce_cache_is_retryable() {
+    fn an_account_over_its_nonce_share_is_throttled_retryably() {
         let (v, _) = setup();
-        let v = v.with_nonce_capacity(1);
-        let mut refused = None;
-        for i in 0..64 {
-            if let Err(e) = verify(&v, &signed(&format!("n-full-{i}"))) {
-                refused = Some(e);
-                break;
-            }
-        }
-        let e = refused.expect("a one-entry cache fills up");
-        assert_eq!(e, AuthError::NonceCacheFull);
+        let v = v.with_nonce_limits(NonceLimits {
+            capacity: 4,
+            account_max: 2,
+            window_ms: 2 * SIGNATURE_SKEW_MS,
+        });
+        verify(&v, &signed("n-full-1")).unwrap();
+        verify(&v, &signed("n-full-2")).unwrap();
+        let e = verify(&v, &signed("n-full-3")).unwrap_err();
+        assert_eq!(e, AuthError::NonceThrottled);
+        assert_eq!(e.code(), FcErrorCode::ResourceThrottled);
         assert!(e.code().is_retryable());
+    }
+
+    #[test]
+    fn check_head_proves_the_signer_before_the_body_and_checks_it_streamed() {
+        let (v, _) = setup();
+        let r = signed("n-head");
+        let parsed = v.parse(r.view()).unwrap();
+        let key = v.keys.lookup(parsed.access_key_id());
+        let (who, mut body) = v.check_head(&parsed, key.clone()).unwrap();
+        assert_eq!(who.account_id().as_str(), "1234");
+        body.update(b"pay");
+        body.update(b"load");
+        body.finish().unwrap();
+        // The head's nonce is used: a replay is refused before any body.
+        assert_eq!(
+            v.check_head(&parsed, key.clone()).unwrap_err(),
+            AuthError::NonceUsed
+        );
+        // Another body than the signed one fails at its end.
+        let r = signed("n-head2");
+        let parsed = v.parse(r.view()).unwrap();
+        let (_, mut body) = v.check_head(&parsed, key).unwrap();
+        body.update(b"payloaX");
+        assert_eq!(body.finish().unwrap_err(), AuthError::BodyHashMismatch);
+        // A wrong secret is refused on the head alone.
+        let r = signed_with("n-head3", NOW, "wrong", b"payload");
+        let parsed = v.parse(r.view()).unwrap();
+        let key = v.keys.lookup(parsed.access_key_id());
+        assert_eq!(
+            v.check_head(&parsed, key).unwrap_err(),
+            AuthError::SignatureMismatch
+        );
     }
 }

@@ -11,6 +11,7 @@ pub mod authz;
 pub mod client;
 pub mod invoke;
 pub mod keys;
+pub mod limits;
 pub mod messages;
 pub mod revoking;
 pub mod router;

@@ -10,13 +10,15 @@ use http::{header, Response, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full, Limited};
 use hyper::body::Incoming;
 use hyper::Request;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use kiln_core::{FcError, FcErrorCode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
+
+pub use crate::limits::ListenerLimits;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type of every response Kiln builds.
@@ -80,9 +82,13 @@ pub fn error(err: &FcError, request_id: &str) -> Response<Body> {
         .expect("valid response")
 }
 
-/// Read a whole body of at most `limit` bytes.
+/// Read a whole body of at most `limit` bytes, by the listener's body
+/// read deadline ([`body_deadline`]).
 pub async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, FcError> {
-    match Limited::new(body, limit).collect().await {
+    let read = within_body_deadline(Limited::new(body, limit).collect())
+        .await
+        .ok_or_else(body_too_slow)?;
+    match read {
         Ok(c) => Ok(c.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(FcError::new(
             FcErrorCode::PayloadTooLarge,
@@ -161,7 +167,8 @@ impl PeerCertificate {
 }
 
 /// Accept TLS connections on `listener` and serve HTTP/1.1 and HTTP/2 on
-/// them with `handler`, until `shutdown` resolves. Every request gets one
+/// them with `handler`, under the default [`ListenerLimits`], until
+/// `shutdown` resolves (then drain, see [`serve`]). Every request gets one
 /// access line (see [`crate::access_log`]).
 pub async fn serve_tls<H, F>(
     listener: TcpListener,
@@ -172,15 +179,19 @@ pub async fn serve_tls<H, F>(
     H: Fn(Request<Incoming>, ConnInfo) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
-    serve_tls_revocable(listener, tls, None, handler, shutdown).await
+    serve(
+        listener,
+        tls,
+        None,
+        ListenerLimits::default(),
+        handler,
+        shutdown,
+    )
+    .await
 }
 
 /// [`serve_tls`] that also drops every open connection whose client
-/// certificate becomes revoked in `revoked` (by serial or by node), the
-/// moment the set changes. New handshakes of a revoked certificate are
-/// refused by the TLS config's verifier (see
-/// [`kiln_pki::internal_server_config_live`]); this closes what was
-/// already open.
+/// certificate becomes revoked in `revoked` (see [`serve`]).
 pub async fn serve_tls_revocable<H, F>(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
@@ -191,101 +202,276 @@ pub async fn serve_tls_revocable<H, F>(
     H: Fn(Request<Incoming>, ConnInfo) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
+    serve(
+        listener,
+        tls,
+        revoked,
+        ListenerLimits::default(),
+        handler,
+        shutdown,
+    )
+    .await
+}
+
+/// Accept TLS connections on `listener` and serve HTTP/1.1 and HTTP/2 on
+/// them with `handler` under `limits` (see [`ListenerLimits`] for each
+/// bound and what happens when it is hit), until `shutdown` resolves.
+///
+/// With `revoked`, every open connection whose client certificate becomes
+/// revoked (by serial or by node) is dropped the moment the set changes.
+/// New handshakes of a revoked certificate are refused by the TLS config's
+/// verifier (see [`kiln_pki::internal_server_config_live`]); this closes
+/// what was already open.
+///
+/// Shutdown is graceful: the listener stops accepting, every connection is
+/// told to finish (HTTP/2 GOAWAY; HTTP/1.1 closes after its response in
+/// flight) and requests in flight are answered; connections still open
+/// after [`ListenerLimits::drain_timeout_ms`] are closed.
+pub async fn serve<H, F>(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    revoked: Option<Arc<kiln_pki::RevocationSet>>,
+    limits: ListenerLimits,
+    handler: H,
+    shutdown: impl Future<Output = ()>,
+) where
+    H: Fn(Request<Incoming>, ConnInfo) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
     let acceptor = TlsAcceptor::from(tls);
     let local = listener.local_addr().expect("bound listener");
+    let limits = Arc::new(limits);
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let per_peer = Arc::new(crate::limits::PerPeer::new(limits.max_connections_per_ip));
+    let refusals = crate::limits::Refusals::default();
+    let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
+    let mut conns = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
             _ = &mut shutdown => break,
+            // Reap finished connections as they end.
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
+                    tracing::warn!(%local, error = %e, "accept failed");
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 }
             },
         };
+        // Over a cap: close at once (the peer sees a reset or EOF) rather
+        // than leave it in the kernel's backlog.
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            refusals.note(
+                local,
+                peer,
+                "the listener's connection cap",
+                limits.max_connections,
+            );
+            continue;
+        };
+        let Some(peer_slot) = per_peer.acquire(peer.ip()) else {
+            refusals.note(
+                local,
+                peer,
+                "the per-address connection cap",
+                limits.max_connections_per_ip,
+            );
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let handler = handler.clone();
         let revoked = revoked.clone();
-        tokio::spawn(async move {
-            let tls = match tokio::time::timeout(
-                std::time::Duration::from_secs(10),
-                acceptor.accept(tcp),
-            )
-            .await
-            {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%peer, "TLS handshake timed out");
-                    return;
-                }
-            };
-            let cert = PeerCertificate::of(tls.get_ref().1, peer);
-            let info = ConnInfo {
-                peer,
-                local,
-                identity: cert.identity,
-                certificate: cert.certificate,
-                certificate_sha256: cert.certificate_sha256,
-            };
-            let peer_cert = cert.revocable;
-            // Revoked between the handshake's check and now.
-            let watch = match (revoked, peer_cert) {
-                (Some(set), Some(cert)) if set.is_revoked(&cert) => return,
-                (Some(set), Some(cert)) => Some((set, cert)),
-                _ => None,
-            };
-            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let handler = handler.clone();
-                let info = info.clone();
-                let access = crate::access_log::begin(&req, peer);
-                async move {
-                    let resp = handler(req, info).await;
-                    if let Some(access) = access {
-                        access.finish(&resp);
-                    }
-                    Ok::<_, Infallible>(resp)
-                }
-            });
-            let mut builder = auto::Builder::new(TokioExecutor::new());
-            builder
-                .http2()
-                .max_concurrent_streams(1024)
-                .initial_stream_window_size(1 << 20)
-                .initial_connection_window_size(4 << 20);
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
-            let result = match watch {
-                None => conn.await,
-                Some((set, cert)) => {
-                    tokio::pin!(conn);
-                    let mut changes = set.subscribe();
-                    loop {
-                        tokio::select! {
-                            r = &mut conn => break r,
-                            // The set lives as long as this task holds it.
-                            Ok(()) = changes.changed() => {
-                                if set.is_revoked(&cert) {
-                                    tracing::warn!(%peer, peer_cert = %cert, "peer certificate revoked; dropping its connection");
-                                    return;
-                                }
-                            }
-                        }
-                    }
-                }
-            };
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
+        let limits = limits.clone();
+        let drain = drain_rx.clone();
+        conns.spawn(async move {
+            let _held = (slot, peer_slot);
+            serve_connection(tcp, peer, local, acceptor, revoked, &limits, handler, drain).await
         });
     }
+    // Drain: no new connections; tell the open ones to finish.
+    drop(listener);
+    let _ = drain_tx.send(true);
+    let open = conns.len();
+    if open > 0 {
+        tracing::info!(%local, connections = open, "draining connections");
+    }
+    let drained = tokio::time::timeout(limits.drain_timeout(), async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            %local,
+            connections = conns.len(),
+            drain_timeout_ms = limits.drain_timeout_ms,
+            "connections still open after the drain timeout; closing them"
+        );
+        conns.shutdown().await;
+    }
+}
+
+/// One connection, from the TLS handshake to its end: the idle timeout,
+/// the drain signal and revocation are watched beside it.
+#[allow(clippy::too_many_arguments)]
+async fn serve_connection<H, F>(
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    acceptor: TlsAcceptor,
+    revoked: Option<Arc<kiln_pki::RevocationSet>>,
+    limits: &ListenerLimits,
+    handler: H,
+    mut drain: tokio::sync::watch::Receiver<bool>,
+) where
+    H: Fn(Request<Incoming>, ConnInfo) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    let tls = tokio::select! {
+        r = tokio::time::timeout(limits.tls_handshake_timeout(), acceptor.accept(tcp)) => match r {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "TLS handshake timed out");
+                return;
+            }
+        },
+        _ = drain.wait_for(|d| *d) => return,
+    };
+    let cert = PeerCertificate::of(tls.get_ref().1, peer);
+    let info = ConnInfo {
+        peer,
+        local,
+        identity: cert.identity,
+        certificate: cert.certificate,
+        certificate_sha256: cert.certificate_sha256,
+    };
+    // Revoked between the handshake's check and now.
+    let watch = match (revoked, cert.revocable) {
+        (Some(set), Some(cert)) if set.is_revoked(&cert) => return,
+        (Some(set), Some(cert)) => Some((set, cert)),
+        _ => None,
+    };
+    let activity = Arc::new(crate::limits::Activity::new());
+    let body_timeout = limits.body_read_timeout();
+    let service = {
+        let activity = activity.clone();
+        hyper::service::service_fn(move |req: Request<Incoming>| {
+            let handler = handler.clone();
+            let info = info.clone();
+            let access = crate::access_log::begin(&req, peer);
+            let in_flight = activity.begin();
+            let deadline = tokio::time::Instant::now() + body_timeout;
+            async move {
+                let _in_flight = in_flight;
+                let resp = BODY_DEADLINE.scope(deadline, handler(req, info)).await;
+                if let Some(access) = access {
+                    access.finish(&resp);
+                }
+                Ok::<_, Infallible>(resp)
+            }
+        })
+    };
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout())
+        .max_buf_size(limits.max_header_bytes.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(limits.http2_keepalive_interval())
+        .keep_alive_timeout(limits.http2_keepalive_timeout())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(1024)
+        .initial_stream_window_size(1 << 20)
+        .initial_connection_window_size(4 << 20);
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+    tokio::pin!(conn);
+    let idle_timeout = limits.idle_timeout();
+    let mut tick =
+        tokio::time::interval((idle_timeout / 4).max(std::time::Duration::from_millis(50)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut changes = watch.as_ref().map(|(set, _)| set.subscribe());
+    // Once told to finish (idle or draining), how long it may take.
+    let mut closing: Option<tokio::time::Instant> = None;
+    let result = loop {
+        tokio::select! {
+            r = &mut conn => break r,
+            _ = tick.tick() => {
+                if let Some(until) = closing {
+                    if tokio::time::Instant::now() >= until {
+                        tracing::debug!(%peer, "connection did not finish after being told to; closing it");
+                        return;
+                    }
+                } else if activity.idle_for() >= idle_timeout {
+                    tracing::debug!(%peer, idle_timeout_ms = limits.idle_timeout_ms, "idle connection; closing it");
+                    conn.as_mut().graceful_shutdown();
+                    // Nothing is in flight: closing takes a round trip at
+                    // most (GOAWAY); give it a handshake's time, then cut.
+                    closing = Some(tokio::time::Instant::now() + limits.tls_handshake_timeout());
+                }
+            }
+            _ = drain.wait_for(|d| *d), if closing.is_none() => {
+                conn.as_mut().graceful_shutdown();
+                // The listener's drain timeout bounds it from outside.
+                closing = Some(tokio::time::Instant::now() + limits.drain_timeout());
+            }
+            Some(Ok(())) = async {
+                match changes.as_mut() {
+                    Some(rx) => Some(rx.changed().await),
+                    None => std::future::pending().await,
+                }
+            } => {
+                if let Some((set, cert)) = &watch {
+                    if set.is_revoked(cert) {
+                        tracing::warn!(%peer, peer_cert = %cert, "peer certificate revoked; dropping its connection");
+                        return;
+                    }
+                }
+            }
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
+tokio::task_local! {
+    /// When the body of the request being handled must have been read by:
+    /// set by [`serve`] around each handler from
+    /// [`ListenerLimits::body_read_timeout_ms`].
+    static BODY_DEADLINE: tokio::time::Instant;
+}
+
+/// The deadline for reading the current request's body, inside a handler
+/// that [`serve`] runs (none elsewhere, or in tasks the handler spawned).
+pub fn body_deadline() -> Option<tokio::time::Instant> {
+    BODY_DEADLINE.try_with(|d| *d).ok()
+}
+
+/// Collects `body` by [`body_deadline`]; `None` when the deadline passed
+/// first.
+pub async fn within_body_deadline<T>(read: impl Future<Output = T>) -> Option<T> {
+    match body_deadline() {
+        Some(at) => tokio::time::timeout_at(at, read).await.ok(),
+        None => Some(read.await),
+    }
+}
+
+/// The error for a body not received by [`body_deadline`].
+pub fn body_too_slow() -> FcError {
+    FcError::invalid_argument(
+        "the request body was not received within the listener's body read timeout; send it at once, or split the upload",
+    )
 }
 
 /// A status line for `HEALTH`.

@@ -80,6 +80,10 @@ pub struct AgentConfig {
     /// Idle freezing and per-instance usage metrics (`[usage]`).
     #[serde(default)]
     pub usage: UsageConfig,
+    /// Timeouts and connection caps of the API listener (`[limits]`; see
+    /// docs/security.md, "The public edge").
+    #[serde(default)]
+    pub limits: kiln_internal_api::server::ListenerLimits,
 }
 
 /// `[bootstrap]`: how a node without a certificate joins.
@@ -285,6 +289,9 @@ impl AgentConfig {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
+        self.limits
+            .validate("limits")
+            .map_err(ConfigError::Invalid)?;
         if !self.state_dir.is_absolute() {
             return invalid(format!(
                 "state_dir must be an absolute path, got {:?}",

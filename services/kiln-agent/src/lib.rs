@@ -312,11 +312,13 @@ async fn start_with_trust(
     let handler = move |req, conn| api::handle(handler_manager.clone(), req, conn);
     let mut server_shutdown = shutdown_rx.clone();
     let server_revoked = trust.revocations().clone();
+    let server_limits = config.limits.clone();
     tasks.push(tokio::spawn(async move {
-        kiln_internal_api::server::serve_tls_revocable(
+        kiln_internal_api::server::serve(
             listener,
             tls,
             Some(server_revoked),
+            server_limits,
             handler,
             async move {
                 registration::stopped(&mut server_shutdown).await;

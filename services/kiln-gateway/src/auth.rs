@@ -2,18 +2,20 @@
 //! keys looked up in the catalog's in-memory view, and temporary (STS)
 //! credentials opened with the gateway's STS key ([`crate::ram::sts`]).
 //!
-//! Two steps, so an unsigned or stale request is turned away before its
-//! body is read: [`Authenticate::precheck`] on the head, which parses the
-//! signature fields and resolves the signer once, then
-//! [`Authenticate::verify`] with that [`Prechecked`] and the body the
-//! signature covers (which also consumes the nonce).
+//! Two steps, both on the head, so no body is read before its request is
+//! proven signed: [`Authenticate::precheck`] parses the signature fields
+//! and resolves the signer once, then [`Authenticate::verify`] checks the
+//! signature with that [`Prechecked`] (it covers `x-acs-content-sha256`)
+//! and consumes the nonce; the body is then read with the returned
+//! [`BodyCheck`], which fails the call at the body's end when it is not
+//! the signed one (see [`crate::api::request::read_signed_body`]).
 
 use std::sync::Arc;
 
 use http::request::Parts;
-use kiln_auth::{AuthError, KeyLookup, ParsedRequest, RequestView, Verifier};
+pub use kiln_auth::BodyCheck;
+use kiln_auth::{AuthError, KeyLookup, NonceLimits, ParsedRequest, RequestView, Verifier};
 use kiln_core::{AccountId, Clock, FcError};
-use sha2::{Digest, Sha256};
 
 use crate::catalog::Catalog;
 use crate::ram::sts::{Session, TokenError, STS_PREFIX};
@@ -47,8 +49,10 @@ pub trait Authenticate: Send + Sync + 'static {
     /// Headers present and well-formed, date in the window, key known
     /// (for temporary credentials: token authentic, unexpired, matching).
     fn precheck<'a>(&self, parts: &'a Parts) -> Result<Prechecked<'a>, FcError>;
-    /// The full check: signature over head and body, nonce not replayed.
-    fn verify(&self, head: Prechecked<'_>, body: &[u8]) -> Result<Caller, FcError>;
+    /// The signature over the head (which names the body's SHA-256) and
+    /// the nonce (not replayed, the account within its share of the replay
+    /// cache); the body is to be read with the [`BodyCheck`].
+    fn verify(&self, head: Prechecked<'_>) -> Result<(Caller, BodyCheck), FcError>;
 }
 
 pub type SharedAuthenticator = Arc<dyn Authenticate>;
@@ -74,9 +78,17 @@ pub fn signature_authenticator(
     catalog: Arc<Catalog>,
     ram: Arc<Ram>,
     clock: Arc<dyn Clock>,
+    signatures: &crate::config::SignatureConfig,
 ) -> SharedAuthenticator {
+    let skew_ms = signatures.skew_s.saturating_mul(1000);
     Arc::new(SignatureAuthenticator {
-        verifier: Verifier::new(Arc::new(CatalogKeys(catalog.clone())), clock.clone()),
+        verifier: Verifier::new(Arc::new(CatalogKeys(catalog.clone())), clock.clone())
+            .with_skew_ms(skew_ms)
+            .with_nonce_limits(NonceLimits::for_rate(
+                signatures.provisioned_rps,
+                signatures.account_rps(),
+                skew_ms,
+            )),
         keys: catalog,
         ram,
         clock,
@@ -127,14 +139,13 @@ impl Authenticate for SignatureAuthenticator {
         })
     }
 
-    fn verify(&self, head: Prechecked<'_>, body: &[u8]) -> Result<Caller, FcError> {
-        let who =
-            self.verifier
-                .check(&head.parsed, Some(head.key), &Sha256::digest(body).into())?;
-        Ok(Caller {
+    fn verify(&self, head: Prechecked<'_>) -> Result<(Caller, BodyCheck), FcError> {
+        let (who, body) = self.verifier.check_head(&head.parsed, Some(head.key))?;
+        let caller = Caller {
             account_id: who.account_id().clone(),
             access_key_id: who.access_key_id().to_owned(),
             principal: head.principal,
-        })
+        };
+        Ok((caller, body))
     }
 }

@@ -70,6 +70,46 @@ pub struct GatewayConfig {
     /// it also serves functions that take calls only from their VPCs.
     #[serde(default)]
     pub vpc_listener: Option<VpcListener>,
+    /// Request signatures: the date window and the replay cache's sizing
+    /// (`[signatures]`).
+    #[serde(default)]
+    pub signatures: SignatureConfig,
+}
+
+/// `[signatures]`: how far a request's date may be from the gateway's
+/// clock, and the signed-request rate the replay cache is sized for (see
+/// `kiln_auth::nonce` and docs/security.md, "The public edge"). The cache
+/// holds `provisioned_rps * skew_s` nonces; an account may hold
+/// `account_rps * skew_s` of them, and once the cache is full an account
+/// over its fair share (the capacity divided by the accounts signing) gets
+/// `ResourceThrottled` while the others carry on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SignatureConfig {
+    /// FC's window is 15 minutes (900).
+    pub skew_s: u64,
+    /// Signed requests per second the gateway is provisioned for.
+    pub provisioned_rps: u64,
+    /// The most one account may sustain; absent: `provisioned_rps` (an
+    /// account alone may use the whole cache; fair shares still apply
+    /// once it is full).
+    pub account_rps: Option<u64>,
+}
+
+impl Default for SignatureConfig {
+    fn default() -> Self {
+        Self {
+            skew_s: kiln_core::limits::SIGNATURE_SKEW_MS / 1000,
+            provisioned_rps: kiln_auth::NonceLimits::DEFAULT_RATE,
+            account_rps: None,
+        }
+    }
+}
+
+impl SignatureConfig {
+    pub fn account_rps(&self) -> u64 {
+        self.account_rps.unwrap_or(self.provisioned_rps)
+    }
 }
 
 /// `[vpc_listener]`: FC's API on an address only the listed VPCs reach.
@@ -82,7 +122,11 @@ pub struct VpcListener {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub vpc_ids: Vec<String>,
+    #[serde(default)]
+    pub limits: ListenerLimits,
 }
+
+pub use kiln_internal_api::server::ListenerLimits;
 
 /// The async dispatcher (`[async_queue]`); the queue itself is
 /// `state_dir/queue.db`.
@@ -129,12 +173,19 @@ pub struct PublicListener {
     pub listen: SocketAddr,
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// Timeouts and connection caps (`[public.limits]`; see
+    /// [`ListenerLimits`] for each and its default).
+    #[serde(default)]
+    pub limits: ListenerLimits,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InternalListener {
     pub listen: SocketAddr,
+    /// `[internal.limits]`, as the public listener's.
+    #[serde(default)]
+    pub limits: ListenerLimits,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -187,8 +238,12 @@ impl GatewayConfig {
                 listen: any_port,
                 cert: public.cert,
                 key: public.key,
+                limits: ListenerLimits::default(),
             },
-            internal: InternalListener { listen: any_port },
+            internal: InternalListener {
+                listen: any_port,
+                limits: ListenerLimits::default(),
+            },
             tls: pki.files("gateway-internal"),
             lease_hold_ms: default_lease_hold_ms(),
             credentials_lifetime_s: default_credentials_lifetime_s(),
@@ -197,6 +252,7 @@ impl GatewayConfig {
             async_queue: AsyncQueueConfig::default(),
             runtimes: Vec::new(),
             vpc_listener: None,
+            signatures: SignatureConfig::default(),
         }
     }
 
@@ -234,6 +290,25 @@ impl GatewayConfig {
                 "scheduler_url {:?} must be an https:// URL",
                 self.scheduler_url
             ));
+        }
+        self.public
+            .limits
+            .validate("public")
+            .and_then(|()| self.internal.limits.validate("internal"))
+            .map_err(ConfigError::Invalid)?;
+        if let Some(v) = &self.vpc_listener {
+            v.limits
+                .validate("vpc_listener")
+                .map_err(ConfigError::Invalid)?;
+        }
+        if self.signatures.skew_s == 0 || self.signatures.skew_s > 3600 {
+            return invalid(format!(
+                "signatures.skew_s {} must be between 1 and 3600 seconds",
+                self.signatures.skew_s
+            ));
+        }
+        if self.signatures.provisioned_rps == 0 || self.signatures.account_rps() == 0 {
+            return invalid("signatures.provisioned_rps and account_rps must be above 0".into());
         }
         if self.public.listen == self.internal.listen && self.public.listen.port() != 0 {
             return invalid("public and internal listeners must use different addresses".into());

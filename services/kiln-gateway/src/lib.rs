@@ -244,7 +244,12 @@ pub async fn start_with_clock(
     let gw = Arc::new_cyclic(|me| Gateway {
         catalog: catalog.clone(),
         runtimes,
-        auth: auth::signature_authenticator(catalog.clone(), ram.clone(), clock.clone()),
+        auth: auth::signature_authenticator(
+            catalog.clone(),
+            ram.clone(),
+            clock.clone(),
+            &config.signatures,
+        ),
         ram: ram.clone(),
         agents: Arc::new(agent::HttpAgent::new(invoke_client, internal.clone())),
         scheduler,
@@ -279,29 +284,34 @@ pub async fn start_with_clock(
             bind("vpc", v.listen).await?,
             kiln_pki::public_server_config(&v.cert, &v.key)?,
             api::vpc::Listener::Vpc(Arc::new(v.vpc_ids.clone())),
+            v.limits.clone(),
         )),
         None => None,
     };
     let vpc_addr = vpc_l
         .as_ref()
-        .map(|(l, _, _)| l.local_addr().expect("bound"));
+        .map(|(l, _, _, _)| l.local_addr().expect("bound"));
 
     let (tx, rx) = watch::channel(false);
     let mut tasks = Vec::new();
     {
         let gw = gw.clone();
-        tasks.push(tokio::spawn(kiln_internal_api::server::serve_tls(
+        tasks.push(tokio::spawn(kiln_internal_api::server::serve(
             public,
             public_tls,
+            None,
+            config.public.limits.clone(),
             move |req, conn| api::handle(gw.clone(), req, conn),
             stopped(rx.clone()),
         )));
     }
-    if let Some((listener, tls, marker)) = vpc_l {
+    if let Some((listener, tls, marker, limits)) = vpc_l {
         let gw = gw.clone();
-        tasks.push(tokio::spawn(kiln_internal_api::server::serve_tls(
+        tasks.push(tokio::spawn(kiln_internal_api::server::serve(
             listener,
             tls,
+            None,
+            limits,
             move |mut req: http::Request<hyper::body::Incoming>, conn| {
                 req.extensions_mut().insert(marker.clone());
                 api::handle(gw.clone(), req, conn)
@@ -315,15 +325,14 @@ pub async fn start_with_clock(
         revoked.clone(),
         stopped(rx.clone()),
     )));
-    tasks.push(tokio::spawn(
-        kiln_internal_api::server::serve_tls_revocable(
-            internal_l,
-            internal_tls,
-            Some(revoked),
-            move |req, conn| api::internal::handle(internal_api.clone(), req, conn),
-            stopped(rx.clone()),
-        ),
-    ));
+    tasks.push(tokio::spawn(kiln_internal_api::server::serve(
+        internal_l,
+        internal_tls,
+        Some(revoked),
+        config.internal.limits.clone(),
+        move |req, conn| api::internal::handle(internal_api.clone(), req, conn),
+        stopped(rx.clone()),
+    )));
     tasks.push(tokio::spawn(leases.run_sweeper(stopped(rx.clone()))));
     tasks.push(tokio::spawn(gw.dispatcher.clone().run(stopped(rx.clone()))));
     if let Some(l) = metrics_l {

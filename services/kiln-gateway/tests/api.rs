@@ -1609,6 +1609,7 @@ async fn vpc_only_functions_are_served_on_their_vpc_listener_only() {
         cert: public.cert,
         key: public.key,
         vpc_ids: vec!["vpc-b".into()],
+        limits: Default::default(),
     });
     env.gateway = Some(kiln_gateway::start(c).await.unwrap());
     let vpc_addr = env.gateway.as_ref().unwrap().vpc_addr().unwrap();

@@ -92,6 +92,10 @@ pub struct SchedulerConfig {
     pub secrets: Option<kiln_store::seal::SecretsConfig>,
     /// Server and client identity on the internal mTLS network.
     pub tls: TlsFiles,
+    /// Timeouts and connection caps of `listen` and `bootstrap_listen`
+    /// (`[limits]`; see docs/security.md, "The public edge").
+    #[serde(default)]
+    pub limits: kiln_internal_api::server::ListenerLimits,
 }
 
 /// `[certificates]`: the CA the scheduler signs agent certificates with.
@@ -307,6 +311,7 @@ impl SchedulerConfig {
             secrets: None,
             bootstrap_listen: None,
             tls,
+            limits: Default::default(),
         }
     }
 
@@ -331,6 +336,9 @@ impl SchedulerConfig {
                 reason: reason.to_owned(),
             })
         };
+        if let Err(reason) = self.limits.validate("limits") {
+            return invalid("limits", &reason);
+        }
         if self.state_dir.as_os_str().is_empty() {
             return invalid("state_dir", "must not be empty");
         }

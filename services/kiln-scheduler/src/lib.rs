@@ -219,15 +219,14 @@ pub async fn start_with(
     };
     let mut tasks = Vec::new();
     let s = scheduler.clone();
-    tasks.push(tokio::spawn(
-        kiln_internal_api::server::serve_tls_revocable(
-            listener,
-            tls,
-            Some(revoked),
-            move |req, conn| api::handle(s.clone(), req, conn),
-            stopped(),
-        ),
-    ));
+    tasks.push(tokio::spawn(kiln_internal_api::server::serve(
+        listener,
+        tls,
+        Some(revoked),
+        config.limits.clone(),
+        move |req, conn| api::handle(s.clone(), req, conn),
+        stopped(),
+    )));
     let mut bootstrap_addr = None;
     if let Some(at) = config.bootstrap_listen {
         let bind_err = |source| SchedulerError::Bind { addr: at, source };
@@ -237,9 +236,11 @@ pub async fn start_with(
         // yet; it checks ours against the cluster CA it was given.
         let tls = kiln_pki::public_server_config(&config.tls.cert, &config.tls.key)?;
         let (t, m) = (trust.clone(), scheduler.metrics().clone());
-        tasks.push(tokio::spawn(kiln_internal_api::server::serve_tls(
+        tasks.push(tokio::spawn(kiln_internal_api::server::serve(
             l,
             tls,
+            None,
+            config.limits.clone(),
             move |req, conn| api::trust::handle_bootstrap(t.clone(), m.clone(), req, conn.peer),
             stopped(),
         )));

@@ -106,6 +106,22 @@ impl LoadRuntime {
         Ok(Self(Some(rt)))
     }
 
+    /// [`soak`] on these threads.
+    pub async fn soak(
+        &self,
+        target: &Target,
+        connections: usize,
+        duration: Duration,
+        make: Arc<dyn Fn() -> std::io::Result<Request<Full<Bytes>>> + Send + Sync>,
+        counts: Arc<SoakCounts>,
+    ) -> std::io::Result<()> {
+        let target = target.clone();
+        let rt = self.0.as_ref().expect("runtime present until dropped");
+        rt.spawn(async move { soak(&target, connections, duration, make, counts).await })
+            .await
+            .map_err(std::io::Error::other)?
+    }
+
     /// [`run`] on these threads.
     pub async fn run(
         &self,
@@ -192,6 +208,77 @@ pub async fn run(
     })
 }
 
+/// Counts of a [`soak`], read while it runs.
+#[derive(Debug, Default)]
+pub struct SoakCounts {
+    pub ok: std::sync::atomic::AtomicU64,
+    /// `503 Service Unavailable` answers.
+    pub unavailable: std::sync::atomic::AtomicU64,
+    /// `429` answers (FC's ResourceThrottled).
+    pub throttled: std::sync::atomic::AtomicU64,
+    /// Any other non-2xx answer, or a failed connection.
+    pub other_errors: std::sync::atomic::AtomicU64,
+}
+
+/// Send requests made by `make` (one per call, so each is signed when it
+/// is sent and its date stays fresh however long the run) over
+/// `connections` keep-alive connections until `duration` has passed,
+/// counting answers by kind into `counts`.
+pub async fn soak(
+    target: &Target,
+    connections: usize,
+    duration: Duration,
+    make: Arc<dyn Fn() -> std::io::Result<Request<Full<Bytes>>> + Send + Sync>,
+    counts: Arc<SoakCounts>,
+) -> std::io::Result<()> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let until = Instant::now() + duration;
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let mut conn = connect(target).await?;
+        let (target, make, counts) = (target.clone(), make.clone(), counts.clone());
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < until {
+                let req = make()?;
+                let status = match conn.send_request(req).await {
+                    Ok(resp) => {
+                        let status = resp.status();
+                        match resp.into_body().collect().await {
+                            Ok(_) => Some(status),
+                            Err(_) => None,
+                        }
+                    }
+                    Err(_) => None,
+                };
+                match status {
+                    Some(s) if s.is_success() => counts.ok.fetch_add(1, Relaxed),
+                    Some(s) if s.as_u16() == 503 => counts.unavailable.fetch_add(1, Relaxed),
+                    Some(s) if s.as_u16() == 429 => counts.throttled.fetch_add(1, Relaxed),
+                    _ => counts.other_errors.fetch_add(1, Relaxed),
+                };
+                if status.is_none() {
+                    conn = connect(&target).await?;
+                }
+            }
+            Ok::<_, std::io::Error>(())
+        }));
+    }
+    for t in tasks {
+        t.await.map_err(std::io::Error::other)??;
+    }
+    Ok(())
+}
+
+/// This process's resident memory (VmRSS), in kB.
+pub fn rss_kb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,6 +290,76 @@ mod tests {
         assert_eq!(quantile(&v, 0.99), 99);
         assert_eq!(quantile(&[], 0.5), 0);
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_soak_runs_for_its_duration_and_counts_answers_by_kind() {
+        use hyper::service::service_fn;
+        use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let served = Arc::new(AtomicU64::new(0));
+        let count = served.clone();
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = listener.accept().await.unwrap();
+                let count = count.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |_req: Request<hyper::body::Incoming>| {
+                        // Every 10th answer a 503, every 25th a 429.
+                        let n = count.fetch_add(1, Relaxed) + 1;
+                        let status = match n {
+                            n if n % 10 == 0 => 503,
+                            n if n % 25 == 0 => 429,
+                            _ => 200,
+                        };
+                        async move {
+                            Ok::<_, std::convert::Infallible>(
+                                http::Response::builder()
+                                    .status(status)
+                                    .body(Full::new(Bytes::from_static(b"ok")))
+                                    .unwrap(),
+                            )
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        let make = Arc::new(move || {
+            Ok(Request::post(format!("http://{addr}/invoke"))
+                .header("host", addr.to_string())
+                .body(Full::new(Bytes::new()))
+                .unwrap())
+        });
+        let counts = Arc::new(SoakCounts::default());
+        let lg = LoadRuntime::new(2).unwrap();
+        let started = Instant::now();
+        lg.soak(
+            &Target { addr, tls: None },
+            4,
+            Duration::from_millis(500),
+            make,
+            counts.clone(),
+        )
+        .await
+        .unwrap();
+        drop(lg);
+        assert!(started.elapsed() >= Duration::from_millis(500));
+        let (ok, unavailable, throttled, other) = (
+            counts.ok.load(Relaxed),
+            counts.unavailable.load(Relaxed),
+            counts.throttled.load(Relaxed),
+            counts.other_errors.load(Relaxed),
+        );
+        assert_eq!(ok + unavailable + throttled + other, served.load(Relaxed));
+        assert!(ok > 100, "{ok} calls in half a second");
+        assert_eq!(unavailable, served.load(Relaxed) / 10);
+        assert!(throttled > 0);
+        assert_eq!(other, 0);
+        assert!(rss_kb() > 0);
     }
 
     #[tokio::test]

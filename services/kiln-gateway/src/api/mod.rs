@@ -436,10 +436,14 @@ pub async fn handle(
         let op = route.operation();
         let (parts, body) = req.into_parts();
         let r = async {
+            // Nothing of the body is read before the head is proven
+            // signed; then it is hashed as it streams in.
             let head = gw.auth.precheck(&parts)?;
-            let body = read_body(body, body_limit(op)).await?;
-            let caller = gw.auth.verify(head, &body)?;
+            let limit = body_limit(op);
+            request::check_declared_length(&body, limit)?;
+            let (caller, check) = gw.auth.verify(head)?;
             tracing::Span::current().record("account", caller.account_id.as_str());
+            let body = request::read_signed_body(body, limit, check).await?;
             crate::ram::authz::authorize(&gw.ram, &gw.region, &caller, &route)?;
             dispatch(&gw, route, caller, parts, body, &request_id).await
         }

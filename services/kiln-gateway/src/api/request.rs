@@ -80,26 +80,69 @@ pub fn function_arn(gw: &Gateway, caller: &Caller, name: &str) -> String {
     )
 }
 
-/// Read a whole request body of at most `limit` bytes; over it is FC's
-/// EntityTooLarge.
-pub async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, FcError> {
-    let too_large = || {
-        FcError::new(
-            FcErrorCode::EntityTooLarge,
-            format!("payload size exceeds maximum allowed size ({limit} bytes)"),
-        )
-    };
+fn too_large(limit: usize) -> FcError {
+    FcError::new(
+        FcErrorCode::EntityTooLarge,
+        format!("payload size exceeds maximum allowed size ({limit} bytes)"),
+    )
+}
+
+/// EntityTooLarge when the body declares (Content-Length) more than
+/// `limit` bytes: checked before anything is read.
+pub fn check_declared_length(body: &Incoming, limit: usize) -> Result<(), FcError> {
     use http_body::Body as _;
     if body.size_hint().lower() > limit as u64 {
-        return Err(too_large());
+        return Err(too_large(limit));
     }
-    match Limited::new(body, limit).collect().await {
+    Ok(())
+}
+
+/// Read a whole request body of at most `limit` bytes, by the listener's
+/// body read deadline; over the limit is FC's EntityTooLarge.
+pub async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, FcError> {
+    check_declared_length(&body, limit)?;
+    let read = kiln_internal_api::server::within_body_deadline(Limited::new(body, limit).collect())
+        .await
+        .ok_or_else(kiln_internal_api::server::body_too_slow)?;
+    match read {
         Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large(limit)),
         Err(e) => Err(FcError::invalid_argument(format!(
             "cannot read request body: {e}"
         ))),
     }
+}
+
+/// Read the body of a request whose head is proven signed: at most
+/// `limit` bytes, by the listener's body read deadline, hashed as it
+/// streams in and refused (SignatureNotMatch) at its end when it is not
+/// the body the signature names.
+pub async fn read_signed_body(
+    mut body: Incoming,
+    limit: usize,
+    mut check: crate::auth::BodyCheck,
+) -> Result<Bytes, FcError> {
+    check_declared_length(&body, limit)?;
+    let read = async {
+        let mut buf = bytes::BytesMut::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame
+                .map_err(|e| FcError::invalid_argument(format!("cannot read request body: {e}")))?;
+            if let Ok(data) = frame.into_data() {
+                if buf.len() + data.len() > limit {
+                    return Err(too_large(limit));
+                }
+                check.update(&data);
+                buf.extend_from_slice(&data);
+            }
+        }
+        Ok(buf.freeze())
+    };
+    let bytes = kiln_internal_api::server::within_body_deadline(read)
+        .await
+        .ok_or_else(kiln_internal_api::server::body_too_slow)??;
+    check.finish().map_err(FcError::from)?;
+    Ok(bytes)
 }
 
 #[cfg(test)]

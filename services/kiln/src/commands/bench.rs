@@ -66,6 +66,13 @@ pub struct BenchArgs {
     /// Skip the cold-start part.
     #[arg(long)]
     pub no_cold: bool,
+    /// A soak instead of the comparison: signed warm calls (each signed
+    /// as it is sent) over `--connections` connections for this many
+    /// seconds, reporting every 10 s the calls answered, the rate, 503s,
+    /// 429s, other errors and the resident memory of this process (the
+    /// gateway, scheduler and agent run in it, with the load generator).
+    #[arg(long)]
+    pub soak_seconds: Option<u64>,
 }
 
 fn require_root() -> Result<()> {
@@ -179,6 +186,87 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
     }
 }
 
+/// `--soak-seconds`: see [`BenchArgs::soak_seconds`].
+async fn soak(
+    args: &BenchArgs,
+    cluster: &DevCluster,
+    gw_uri: &http::Uri,
+    duration: Duration,
+) -> Result<()> {
+    use std::sync::atomic::Ordering::Relaxed;
+    use std::sync::Arc;
+    let host = gw_uri.host().unwrap_or("127.0.0.1").to_owned();
+    let target = Target {
+        addr: format!("{host}:{}", gw_uri.port_u16().unwrap_or(443)).parse()?,
+        tls: Some((
+            kiln_pki::public_client_config(&cluster.credentials.ca_cert)?,
+            rustls::pki_types::ServerName::try_from(host)?,
+        )),
+    };
+    let creds = cluster.credentials.clone();
+    let make = Arc::new(move || {
+        crate::signing::signed_request(
+            &creds,
+            Method::POST,
+            "/2023-03-30/functions/bench-echo/invocations",
+            &[("content-type".into(), "application/octet-stream".into())],
+            Bytes::from_static(b"ping"),
+            Some("InvokeFunction"),
+        )
+        .map_err(std::io::Error::other)
+    });
+    let counts = Arc::new(loadgen::SoakCounts::default());
+    let lg = loadgen::LoadRuntime::new(2)?;
+    eprintln!(
+        "soak: signed warm calls over {} connections for {}s",
+        args.connections,
+        duration.as_secs()
+    );
+    println!("elapsed_s\tcalls_ok\tcalls_per_s\t503\t429\tother_errors\trss_kB");
+    let run = lg.soak(&target, args.connections, duration, make, counts.clone());
+    tokio::pin!(run);
+    let started = Instant::now();
+    let mut every = tokio::time::interval(Duration::from_secs(10));
+    every.tick().await;
+    // Calls answered and when, at the last report.
+    let mut last = (0, Instant::now());
+    let report = |last: &mut (u64, Instant)| {
+        let ok = counts.ok.load(Relaxed);
+        let interval_s = last.1.elapsed().as_secs_f64().max(0.001);
+        println!(
+            "{:.1}\t{ok}\t{:.0}\t{}\t{}\t{}\t{}",
+            started.elapsed().as_secs_f64(),
+            (ok - last.0) as f64 / interval_s,
+            counts.unavailable.load(Relaxed),
+            counts.throttled.load(Relaxed),
+            counts.other_errors.load(Relaxed),
+            loadgen::rss_kb()
+        );
+        *last = (ok, Instant::now());
+    };
+    loop {
+        tokio::select! {
+            r = &mut run => {
+                r?;
+                break;
+            }
+            _ = every.tick() => report(&mut last),
+        }
+    }
+    // The calls since the last full interval, when it is long enough
+    // for a rate.
+    if last.1.elapsed() >= Duration::from_secs(1) {
+        report(&mut last);
+    }
+    let bad = counts.unavailable.load(Relaxed)
+        + counts.throttled.load(Relaxed)
+        + counts.other_errors.load(Relaxed);
+    if bad > 0 {
+        bail!("soak: {bad} calls were not answered with success");
+    }
+    Ok(())
+}
+
 async fn measure(
     args: &BenchArgs,
     cluster: &DevCluster,
@@ -241,6 +329,9 @@ async fn measure(
     };
 
     let gw_uri: http::Uri = cluster.credentials.endpoint.parse()?;
+    if let Some(seconds) = args.soak_seconds {
+        return soak(args, cluster, &gw_uri, Duration::from_secs(seconds)).await;
+    }
     let gw_addr: SocketAddr = format!(
         "{}:{}",
         gw_uri.host().unwrap_or("127.0.0.1"),
