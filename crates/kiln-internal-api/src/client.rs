@@ -180,7 +180,11 @@ impl InternalClient {
     fn http1(connector: RevokingConnector) -> Self {
         let http = Client::builder(TokioExecutor::new())
             .pool_timer(hyper_util::rt::TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90))
+            // Below the servers' 60 s header read timeout, which also bounds
+            // the wait between keep-alive requests (`limits.rs`): an idle
+            // connection is dropped here before the server closes it, so a
+            // call never races that close.
+            .pool_idle_timeout(Duration::from_secs(45))
             .pool_max_idle_per_host(1024)
             .build(connector);
         Self {
