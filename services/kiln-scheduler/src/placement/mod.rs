@@ -897,10 +897,15 @@ impl Placement {
             .filter(|n| n.state.can_place() && n.labels.offers(spec.runtime))
             .collect();
         if !offering.iter().any(|n| n.enforces_network(spec)) {
-            let why = offering
+            // Each distinct reason once: "no isolation" from some nodes,
+            // "does not serve VPC x" from others.
+            let mut whys: Vec<String> = offering
                 .iter()
-                .find_map(|n| n.labels.network_isolation.refusal(spec.network.as_ref()))
-                .unwrap_or_default();
+                .filter_map(|n| n.labels.network_isolation.refusal(spec.network.as_ref()))
+                .collect();
+            whys.sort();
+            whys.dedup();
+            let why = whys.join("; ");
             return Err(FcError::new(
                 FcErrorCode::FunctionNotStarted,
                 format!(
