@@ -657,7 +657,9 @@ mod node_labels_tests {
         assert_eq!(full.refusal(Some(&spec(false, None))), None);
         assert_eq!(full.refusal(Some(&spec(false, Some(vpc("vpc-a"))))), None);
         assert_eq!(full.refusal(Some(&spec(true, Some(vpc("vpc-a"))))), None);
-        let why = full.refusal(Some(&spec(false, Some(vpc("vpc-b"))))).unwrap();
+        let why = full
+            .refusal(Some(&spec(false, Some(vpc("vpc-b")))))
+            .unwrap();
         assert!(why.contains("VPC vpc-b"), "{why}");
     }
 }

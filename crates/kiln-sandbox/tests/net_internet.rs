@@ -110,22 +110,100 @@ impl Topology {
             "netns", &t.uplink,
         ]);
         let (a, u) = (&t.agent, &t.uplink);
-        must(&["ip", "-n", a, "addr", "add", &format!("{NODE_UPLINK}/24"), "dev", &up]);
-        must(&["ip", "-n", a, "-6", "addr", "add", "2001:db8:1::1/64", "dev", &up, "nodad"]);
+        must(&[
+            "ip",
+            "-n",
+            a,
+            "addr",
+            "add",
+            &format!("{NODE_UPLINK}/24"),
+            "dev",
+            &up,
+        ]);
+        must(&[
+            "ip",
+            "-n",
+            a,
+            "-6",
+            "addr",
+            "add",
+            "2001:db8:1::1/64",
+            "dev",
+            &up,
+            "nodad",
+        ]);
         must(&["ip", "-n", a, "link", "set", &up, "up"]);
         must(&["ip", "-n", a, "route", "add", "default", "via", PUBLIC]);
-        must(&["ip", "-n", a, "-6", "route", "add", "default", "via", PUBLIC6]);
-        must(&["ip", "netns", "exec", a, "sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1"]);
+        must(&[
+            "ip", "-n", a, "-6", "route", "add", "default", "via", PUBLIC6,
+        ]);
+        must(&[
+            "ip",
+            "netns",
+            "exec",
+            a,
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv6.conf.all.forwarding=1",
+        ]);
         // The uplink side: the internet host and every address an instance
         // must not reach, all on one interface.
-        must(&["ip", "-n", u, "addr", "add", &format!("{PUBLIC}/24"), "dev", "eth0"]);
-        for addr in [DENIED_PUBLIC, METADATA, PRIVATE_10, PRIVATE_172, PRIVATE_192, CGNAT, RESOLVER] {
-            must(&["ip", "-n", u, "addr", "add", &format!("{addr}/32"), "dev", "eth0"]);
+        must(&[
+            "ip",
+            "-n",
+            u,
+            "addr",
+            "add",
+            &format!("{PUBLIC}/24"),
+            "dev",
+            "eth0",
+        ]);
+        for addr in [
+            DENIED_PUBLIC,
+            METADATA,
+            PRIVATE_10,
+            PRIVATE_172,
+            PRIVATE_192,
+            CGNAT,
+            RESOLVER,
+        ] {
+            must(&[
+                "ip",
+                "-n",
+                u,
+                "addr",
+                "add",
+                &format!("{addr}/32"),
+                "dev",
+                "eth0",
+            ]);
         }
-        must(&["ip", "-n", u, "-6", "addr", "add", &format!("{PUBLIC6}/64"), "dev", "eth0", "nodad"]);
+        must(&[
+            "ip",
+            "-n",
+            u,
+            "-6",
+            "addr",
+            "add",
+            &format!("{PUBLIC6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
         must(&["ip", "-n", u, "link", "set", "eth0", "up"]);
         // Replies to the instances' IPv6 network, were any to get through.
-        must(&["ip", "-n", u, "-6", "route", "add", "2001:db8:2::/48", "via", "2001:db8:1::1"]);
+        must(&[
+            "ip",
+            "-n",
+            u,
+            "-6",
+            "route",
+            "add",
+            "2001:db8:2::/48",
+            "via",
+            "2001:db8:1::1",
+        ]);
         t
     }
 
@@ -301,9 +379,82 @@ fn internet_mode_reaches_public_addresses_only() {
     // an instance and the uplink's IPv6 host.
     for (i, (slot, _)) in slots.iter().enumerate() {
         let net = format!("2001:db8:2:{i}::");
-        must(&["ip", "-n", &agent, "-6", "addr", "add", &format!("{net}1/64"), "dev", &slot.name, "nodad"]);
-        must(&["ip", "-n", &slot.name, "-6", "addr", "add", &format!("{net}2/64"), "dev", "eth0", "nodad"]);
-        must(&["ip", "-n", &slot.name, "-6", "route", "add", "default", "via", &format!("{net}1")]);
+        must(&[
+            "ip",
+            "-n",
+            &agent,
+            "-6",
+            "addr",
+            "add",
+            &format!("{net}1/64"),
+            "dev",
+            &slot.name,
+            "nodad",
+        ]);
+        must(&[
+            "ip",
+            "-n",
+            &slot.name,
+            "-6",
+            "addr",
+            "add",
+            &format!("{net}2/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+        must(&[
+            "ip",
+            "-n",
+            &slot.name,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("{net}1"),
+        ]);
+        // Static neighbours both ways: the table drops an instance's
+        // neighbour discovery to the node (as all it sends the node), and
+        // this probe is about what the egress rules let through.
+        let mac = |args: &[&str]| {
+            let out = must(args);
+            let words: Vec<&str> = out.split_whitespace().collect();
+            let at = words.iter().position(|w| *w == "link/ether").unwrap();
+            words[at + 1].to_owned()
+        };
+        let host_mac = mac(&["ip", "-n", &agent, "-o", "link", "show", "dev", &slot.name]);
+        let inst_mac = mac(&["ip", "-n", &slot.name, "-o", "link", "show", "dev", "eth0"]);
+        must(&[
+            "ip",
+            "-n",
+            &slot.name,
+            "-6",
+            "neigh",
+            "replace",
+            &format!("{net}1"),
+            "lladdr",
+            &host_mac,
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ]);
+        must(&[
+            "ip",
+            "-n",
+            &agent,
+            "-6",
+            "neigh",
+            "replace",
+            &format!("{net}2"),
+            "lladdr",
+            &inst_mac,
+            "dev",
+            &slot.name,
+            "nud",
+            "permanent",
+        ]);
     }
 
     let uplink = Echo::start(&topo.uplink, "::".parse().unwrap());
@@ -329,8 +480,26 @@ fn internet_mode_reaches_public_addresses_only() {
 
     // Controls: the uplink host answers over both protocols when nothing
     // filters (from the node itself).
-    assert!(probe(&agent, SocketAddr::new(PUBLIC.parse().unwrap(), PORT), "c4"));
-    assert!(probe(&agent, SocketAddr::new(PUBLIC6.parse().unwrap(), PORT), "c6"));
+    assert!(probe(
+        &agent,
+        SocketAddr::new(PUBLIC.parse().unwrap(), PORT),
+        "c4"
+    ));
+    // Several tries: the first packet may wait on neighbour discovery.
+    let c6 = (0..5).any(|i| {
+        probe(
+            &agent,
+            SocketAddr::new(PUBLIC6.parse().unwrap(), PORT),
+            &format!("c6{i}"),
+        )
+    });
+    assert!(
+        c6,
+        "IPv6 to the uplink from the node: {}\n{}\n{}",
+        must(&["ip", "-n", &agent, "-6", "addr"]),
+        must(&["ip", "-n", &agent, "-6", "route"]),
+        must(&["ip", "-n", &topo.uplink, "-6", "addr"])
+    );
 
     let to = |a: &str| SocketAddr::new(a.parse().unwrap(), PORT);
     let other = slots[2].0.instance_addr;
@@ -356,7 +525,12 @@ fn internet_mode_reaches_public_addresses_only() {
         udp("cgnat 100.64/10", CGNAT);
         udp("operator-denied public", DENIED_PUBLIC);
         udp("operator-allowed resolver", RESOLVER);
-        udp("public over IPv6", PUBLIC6);
+        // Several tries: the first packet may wait on neighbour discovery.
+        let got6 = (0..5).any(|_| {
+            let t = token();
+            probe(ns, to(PUBLIC6), &t) || uplink.saw(&t)
+        });
+        row.insert("public over IPv6", got6);
         let t = token();
         row.insert(
             "other instance",
@@ -373,12 +547,18 @@ fn internet_mode_reaches_public_addresses_only() {
         row.insert(
             "node control port",
             tcp_probe(ns, SocketAddr::new(slot.host_addr.into(), PUBLIC_PORT + 1))
-                || tcp_probe(ns, SocketAddr::new(NODE_UPLINK.parse().unwrap(), PUBLIC_PORT + 1)),
+                || tcp_probe(
+                    ns,
+                    SocketAddr::new(NODE_UPLINK.parse().unwrap(), PUBLIC_PORT + 1),
+                ),
         );
         row.insert(
             "node public port",
             tcp_probe(ns, SocketAddr::new(slot.host_addr.into(), PUBLIC_PORT))
-                && tcp_probe(ns, SocketAddr::new(NODE_UPLINK.parse().unwrap(), PUBLIC_PORT)),
+                && tcp_probe(
+                    ns,
+                    SocketAddr::new(NODE_UPLINK.parse().unwrap(), PUBLIC_PORT),
+                ),
         );
         table.insert(format!("{mode:?}"), row);
     }
@@ -427,13 +607,19 @@ fn internet_mode_reaches_public_addresses_only() {
             }
             let table = must(&["nft", "list", "table", "inet", &prefix]);
             iso.shutdown().await.unwrap();
-            (table, sh(&["nft", "list", "table", "inet", &prefix]).is_err())
+            (
+                table,
+                sh(&["nft", "list", "table", "inet", &prefix]).is_err(),
+            )
         })
     });
     for needle in ["chain e-", "chain i-", ": jump"] {
         assert!(!left.contains(needle), "{needle} left in {left}");
     }
     // The set of instances with internet access is empty again.
-    assert!(left.contains("set internet {\n\t\ttype ifname\n\t}"), "{left}");
+    assert!(
+        left.contains("set internet {\n\t\ttype ifname\n\t}"),
+        "{left}"
+    );
     assert!(gone, "the table is removed at shutdown");
 }

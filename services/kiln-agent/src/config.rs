@@ -413,7 +413,10 @@ impl AgentConfig {
     /// (added to `[sandbox.network] deny`). Hosts named by DNS name, and
     /// other cluster hosts, go in `deny` by hand.
     pub fn cluster_hosts(&self) -> Vec<kiln_sandbox::net::Ipv4Net> {
-        let mut urls = vec![self.scheduler_url.as_str(), self.gateway_internal_url.as_str()];
+        let mut urls = vec![
+            self.scheduler_url.as_str(),
+            self.gateway_internal_url.as_str(),
+        ];
         urls.extend(self.advertise_url.as_deref());
         urls.extend(self.bootstrap.as_ref().map(|b| b.url.as_str()));
         let mut hosts: Vec<kiln_sandbox::net::Ipv4Net> = urls
@@ -588,7 +591,10 @@ mod tests {
         let hosts: Vec<String> = c.cluster_hosts().iter().map(ToString::to_string).collect();
         assert_eq!(hosts, ["198.51.100.7/32", "203.0.113.10/32"]);
         let deny = c.sandbox_network().unwrap().deny;
-        assert!(deny.iter().any(|n| n.to_string() == "203.0.113.10/32"), "{deny:?}");
+        assert!(
+            deny.iter().any(|n| n.to_string() == "203.0.113.10/32"),
+            "{deny:?}"
+        );
     }
 
     #[test]

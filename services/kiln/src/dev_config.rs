@@ -235,7 +235,10 @@ mod tests {
                     nameserver fd00::1\nsearch example\nnameserver 1.1.1.1\n";
         assert_eq!(
             nameservers(conf),
-            ["10.255.255.53".parse::<std::net::Ipv4Addr>().unwrap(), "1.1.1.1".parse().unwrap()]
+            [
+                "10.255.255.53".parse::<std::net::Ipv4Addr>().unwrap(),
+                "1.1.1.1".parse().unwrap()
+            ]
         );
     }
 

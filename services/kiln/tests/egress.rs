@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use bytes::Bytes;
-use kiln::credentials::Credentials;
 use kiln::client::FcClient;
+use kiln::credentials::Credentials;
 use kiln_internal_api::{InternalClient, NodeInfo};
 use serde_json::{json, Value};
 
@@ -233,14 +233,26 @@ impl Cluster {
                 ip(&["-n", ns, "link", "set", dev, "up"]);
             }
             for addr in [METADATA, PRIVATE, PRIVATE_172, CGNAT, DENIED, RESOLVER] {
-                ip(&["-n", &inet, "addr", "add", &format!("{addr}/32"), "dev", &up_peer]);
+                ip(&[
+                    "-n",
+                    &inet,
+                    "addr",
+                    "add",
+                    &format!("{addr}/32"),
+                    "dev",
+                    &up_peer,
+                ]);
             }
             // Everything the node does not know goes to the uplink
             // namespace, which holds all of it: nothing leaves the machine.
             ip(&["-n", &node, "route", "add", "default", "via", INTERNET]);
-            services
-                .children
-                .push(http_server(&dir, &inet, "internet", "0.0.0.0", INTERNET_PORT));
+            services.children.push(http_server(
+                &dir,
+                &inet,
+                "internet",
+                "0.0.0.0",
+                INTERNET_PORT,
+            ));
         }
         // A control service of the node on every node address.
         services
@@ -382,14 +394,18 @@ async fn create(c: &FcClient, zip: &str, name: &str, extra: Value) -> Result<Val
 }
 
 /// Invoke `name` with `targets`: (status, body).
-async fn probe(c: &FcClient, name: &str, targets: &[(String, u16)]) -> Result<(u16, Value), String> {
+async fn probe(
+    c: &FcClient,
+    name: &str,
+    targets: &[(String, u16)],
+) -> Result<(u16, Value), String> {
     let req = json!({"targets": targets}).to_string();
     let r = c
         .invoke(name, Bytes::from(req), &[])
         .await
         .map_err(|e| format!("invoke {name}: {e}"))?;
-    let body = serde_json::from_slice(&r.body)
-        .unwrap_or_else(|_| json!(String::from_utf8_lossy(&r.body)));
+    let body =
+        serde_json::from_slice(&r.body).unwrap_or_else(|_| json!(String::from_utf8_lossy(&r.body)));
     Ok((r.status, body))
 }
 
@@ -438,7 +454,13 @@ fn egress_modes_take_effect_through_the_agent() {
             let node_side = whoami[name]["gateway"].as_str().unwrap_or("").to_owned();
             let other_me = whoami[other]["me"].as_str().unwrap_or("").to_owned();
             let mut targets: Vec<(String, u16)> = [
-                INTERNET, METADATA, PRIVATE, PRIVATE_172, CGNAT, DENIED, RESOLVER,
+                INTERNET,
+                METADATA,
+                PRIVATE,
+                PRIVATE_172,
+                CGNAT,
+                DENIED,
+                RESOLVER,
             ]
             .iter()
             .map(|a| (a.to_string(), INTERNET_PORT))
@@ -471,7 +493,11 @@ fn egress_modes_take_effect_through_the_agent() {
     });
     let (got, results, vpc_outcome) =
         outcome.unwrap_or_else(|e| panic!("{e}\n{}", cluster.services.logs()));
-    assert_eq!(got["egress-internet"]["internetAccess"], json!(true), "FC's default");
+    assert_eq!(
+        got["egress-internet"]["internetAccess"],
+        json!(true),
+        "FC's default"
+    );
     assert_eq!(got["egress-none"]["internetAccess"], json!(false));
 
     let mut table: BTreeMap<String, BTreeMap<String, bool>> = BTreeMap::new();
@@ -498,9 +524,18 @@ fn egress_modes_take_effect_through_the_agent() {
         }
         for (label, host) in [("uplink", NODE_UPLINK), ("link", node_side.as_str())] {
             row.insert(format!("node {label} agent port"), connected(host, ap));
-            row.insert(format!("node {label} gateway internal port"), connected(host, gi));
-            row.insert(format!("node {label} control service"), connected(host, CONTROL_PORT));
-            row.insert(format!("node {label} public gateway port"), connected(host, gp));
+            row.insert(
+                format!("node {label} gateway internal port"),
+                connected(host, gi),
+            );
+            row.insert(
+                format!("node {label} control service"),
+                connected(host, CONTROL_PORT),
+            );
+            row.insert(
+                format!("node {label} public gateway port"),
+                connected(host, gp),
+            );
         }
         row.insert(
             "other instance".to_owned(),
@@ -594,7 +629,13 @@ fn an_agent_without_isolation_refuses_what_it_cannot_enforce() {
     let zip = probe_zip(cluster.dir());
     let outcome = cluster.run(|c| async move {
         let c = c.unwrap();
-        create(&c, &zip, "unisolated-none", json!({"internetAccess": false})).await?;
+        create(
+            &c,
+            &zip,
+            "unisolated-none",
+            json!({"internetAccess": false}),
+        )
+        .await?;
         let refused = probe(&c, "unisolated-none", &[]).await?;
         // FC's default runs: the operator turned isolation off explicitly.
         create(&c, &zip, "unisolated-default", json!({})).await?;

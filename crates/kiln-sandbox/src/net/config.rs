@@ -457,8 +457,10 @@ mod tests {
         assert!(bad(|c| c.allow = vec!["0.0.0.0/0".parse().unwrap()]).contains("allow"));
         assert!(bad(|c| c.public_ports = vec![0]).contains("public_ports"));
         assert!(bad(|c| c.allow = vec!["8.0.0.0/7".parse().unwrap()]).contains("wider than /8"));
-        assert!(bad(|c| c.deny = vec!["203.0.113.7/32".parse().unwrap(); FILTER_MAX + 1])
-            .contains("at most"));
+        assert!(
+            bad(|c| c.deny = vec!["203.0.113.7/32".parse().unwrap(); FILTER_MAX + 1])
+                .contains("at most")
+        );
     }
 
     #[test]
@@ -470,8 +472,18 @@ mod tests {
         c.validate().unwrap();
         let denied = c.denied();
         assert_eq!(denied.len(), ALWAYS_DENIED.len() + 1);
-        for ip in ["10.1.2.3", "172.31.0.1", "192.168.1.1", "100.64.0.1", "169.254.169.254",
-            "127.0.0.1", "0.0.0.0", "224.0.0.251", "255.255.255.255", "203.0.113.7"] {
+        for ip in [
+            "10.1.2.3",
+            "172.31.0.1",
+            "192.168.1.1",
+            "100.64.0.1",
+            "169.254.169.254",
+            "127.0.0.1",
+            "0.0.0.0",
+            "224.0.0.251",
+            "255.255.255.255",
+            "203.0.113.7",
+        ] {
             let ip: Ipv4Addr = ip.parse().unwrap();
             assert!(denied.iter().any(|n| n.contains(ip)), "{ip} is denied");
         }
@@ -480,9 +492,10 @@ mod tests {
             assert!(!denied.iter().any(|n| n.contains(ip)), "{ip} is not denied");
         }
         // Bad networks are refused when the file is read.
-        let e = serde_json::from_value::<NetworkConfig>(serde_json::json!({"deny": ["10.0.0.1/8"]}))
-            .unwrap_err()
-            .to_string();
+        let e =
+            serde_json::from_value::<NetworkConfig>(serde_json::json!({"deny": ["10.0.0.1/8"]}))
+                .unwrap_err()
+                .to_string();
         assert!(e.contains("host bits"), "{e}");
     }
 }

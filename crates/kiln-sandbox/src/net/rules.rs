@@ -301,7 +301,12 @@ mod tests {
         let s = base_table(&names(), None, &config.denied(), &config.allow, &[8443]);
         // The node's own ports: only its public ones, only for instances
         // with internet access, before the instances' drop.
-        assert!(s.contains("  set public_ports {\n    type inet_service;\n    elements = { 8443 }\n  }"), "{s}");
+        assert!(
+            s.contains(
+                "  set public_ports {\n    type inet_service;\n    elements = { 8443 }\n  }"
+            ),
+            "{s}"
+        );
         assert!(s.contains("iifname @internet meta nfproto ipv4 meta l4proto tcp th dport @public_ports accept\n    iifname \"kt-*\" drop"), "{s}");
         assert!(
             s.contains(
@@ -332,7 +337,11 @@ mod tests {
             let undo = delete_instance(&names(), &r);
             let unpublic = undo.contains("delete element inet kt internet { \"kt-1f\" }");
             if !internet {
-                assert_eq!((allow, deny, accept, public), (None, None, None, None), "{s}");
+                assert_eq!(
+                    (allow, deny, accept, public),
+                    (None, None, None, None),
+                    "{s}"
+                );
                 assert!(!unpublic, "{undo}");
                 continue;
             }

@@ -260,7 +260,8 @@ fn functions_go_only_to_nodes_that_enforce_their_network() {
         let err = f.p.acquire(&s, f.now()).unwrap_err();
         assert_eq!(err.code, FcErrorCode::FunctionNotStarted);
         assert!(
-            err.message.contains("no network isolation") && err.message.contains("[sandbox.network]"),
+            err.message.contains("no network isolation")
+                && err.message.contains("[sandbox.network]"),
             "{}",
             err.message
         );
@@ -281,10 +282,9 @@ fn functions_go_only_to_nodes_that_enforce_their_network() {
         assert_eq!(lease.node_id, n2, "{name}");
     }
     // A VPC no node serves.
-    let err = f
-        .p
-        .acquire(&with_network("other", false, Some("vpc-b")), f.now())
-        .unwrap_err();
+    let err =
+        f.p.acquire(&with_network("other", false, Some("vpc-b")), f.now())
+            .unwrap_err();
     assert_eq!(err.code, FcErrorCode::FunctionNotStarted);
     assert!(err.message.contains("VPC vpc-b"), "{}", err.message);
 }
