@@ -406,7 +406,7 @@ async fn probe(
         .map_err(|e| format!("invoke {name}: {e}"))?;
     let body =
         serde_json::from_slice(&r.body).unwrap_or_else(|_| json!(String::from_utf8_lossy(&r.body)));
-    Ok((r.status, body))
+    Ok((r.status.as_u16(), body))
 }
 
 #[test]
