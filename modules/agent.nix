@@ -267,7 +267,8 @@ in
               default = { };
               description = ''
                 Per-instance egress isolation (nftables table of the agent's
-                own, tc shaping) and the VPCs this node attaches instances to
+                own, tc shaping; always on: the agent refuses to start
+                without it) and the VPCs this node attaches instances to
                 (`vpcs`, passed through: ids, CIDRs, vSwitches with their
                 gateway and instance pool, security groups).
               '';
@@ -276,6 +277,9 @@ in
                 standard_bandwidth_mbit = kiln.setting types.ints.positive sb.network.standard_bandwidth_mbit "Per-instance rate, each direction, of standard instances.";
                 performance_bandwidth_mbit = kiln.setting types.ints.positive sb.network.performance_bandwidth_mbit "Per-instance rate, each direction, of performance instances.";
                 ovs_netns = kiln.optional types.str "Network namespace ovs-vswitchd runs in, when not the agent's.";
+                deny = kiln.setting (types.listOf types.str) sb.network.deny "IPv4 networks (CIDR) instances with internet access may not reach, on top of the private, CGNAT, link-local, loopback and multicast ranges: other cluster hosts' addresses, provider services.";
+                allow = kiln.setting (types.listOf types.str) sb.network.allow "Exceptions to the deny lists for instances with internet access (CIDR, at most a /8), e.g. a DNS resolver.";
+                public_ports = kiln.setting (types.listOf types.port) sb.network.public_ports "TCP ports of this node's internet-facing services that instances with internet access may reach on the node's own addresses.";
               };
             };
           };

@@ -3,7 +3,8 @@
 use std::collections::BTreeMap;
 
 use kiln_core::{
-    AccountId, FunctionName, InstanceId, InstanceSpec, LeaseId, NodeId, RuntimeName, SandboxKind,
+    AccountId, FunctionName, InstanceId, InstanceSpec, LeaseId, NetworkSpec, NodeId, RuntimeName,
+    SandboxKind,
 };
 use serde::{Deserialize, Serialize};
 
@@ -177,6 +178,53 @@ pub struct NodeLabels {
     /// field: they are taken to offer every runtime.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runtimes: Option<Vec<RuntimeName>>,
+    /// The egress isolation the node enforces. Absent from agents that
+    /// predate the field: none, so they get no function that asks for
+    /// less than the internet.
+    #[serde(default)]
+    pub network_isolation: NetworkIsolation,
+}
+
+/// What a node can enforce of a function's network configuration
+/// (`internetAccess`, `vpcConfig`). The default enforces nothing.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkIsolation {
+    /// Every instance's traffic is confined to its egress mode by the
+    /// node's firewall (`[sandbox.network]`).
+    pub enforced: bool,
+    /// The VPCs the node attaches instances to.
+    #[serde(default)]
+    pub vpcs: Vec<String>,
+}
+
+impl NetworkIsolation {
+    /// Why an instance with `network` cannot be placed on such a node;
+    /// `None` when it can. FC's default (internet access, no VPC) runs on
+    /// every node: one without isolation exists only when its operator
+    /// said so explicitly (`insecure_network_isolation_disabled`).
+    pub fn refusal(&self, network: Option<&NetworkSpec>) -> Option<String> {
+        let network = network?;
+        if network.internet_access && network.vpc.is_none() {
+            return None;
+        }
+        if !self.enforced {
+            return Some(format!(
+                "the node has no network isolation, so it cannot enforce {}",
+                if network.internet_access {
+                    "the function's vpcConfig"
+                } else {
+                    "internetAccess: false"
+                }
+            ));
+        }
+        match &network.vpc {
+            Some(v) if !self.vpcs.contains(&v.vpc_id) => {
+                Some(format!("the node does not serve VPC {}", v.vpc_id))
+            }
+            _ => None,
+        }
+    }
 }
 
 impl NodeLabels {
@@ -571,5 +619,47 @@ mod node_labels_tests {
         let back: NodeLabels =
             serde_json::from_str(&serde_json::to_string(&labels).unwrap()).unwrap();
         assert_eq!(back, labels);
+    }
+
+    #[test]
+    fn older_agents_enforce_no_network_isolation() {
+        let old = r#"{"zone":"zone-a","tenancy":"dedicated","sandbox_kinds":["container"]}"#;
+        let labels: NodeLabels = serde_json::from_str(old).unwrap();
+        assert_eq!(labels.network_isolation, NetworkIsolation::default());
+        assert!(!labels.network_isolation.enforced);
+    }
+
+    #[test]
+    fn nodes_take_only_functions_whose_network_they_enforce() {
+        let vpc = |id: &str| kiln_core::VpcAttachment {
+            vpc_id: id.into(),
+            vswitch_ids: vec!["vsw-a".into()],
+            security_group_id: "sg-a".into(),
+        };
+        let spec = |internet_access, vpc| NetworkSpec {
+            internet_access,
+            vpc,
+        };
+        let none = NetworkIsolation::default();
+        let full = NetworkIsolation {
+            enforced: true,
+            vpcs: vec!["vpc-a".into()],
+        };
+        // FC's default, spelled out or not, runs anywhere.
+        for n in [&none, &full] {
+            assert_eq!(n.refusal(None), None);
+            assert_eq!(n.refusal(Some(&spec(true, None))), None);
+        }
+        let why = none.refusal(Some(&spec(false, None))).unwrap();
+        assert!(why.contains("internetAccess: false"), "{why}");
+        let why = none.refusal(Some(&spec(true, Some(vpc("vpc-a"))))).unwrap();
+        assert!(why.contains("vpcConfig"), "{why}");
+        assert_eq!(full.refusal(Some(&spec(false, None))), None);
+        assert_eq!(full.refusal(Some(&spec(false, Some(vpc("vpc-a"))))), None);
+        assert_eq!(full.refusal(Some(&spec(true, Some(vpc("vpc-a"))))), None);
+        let why = full
+            .refusal(Some(&spec(false, Some(vpc("vpc-b")))))
+            .unwrap();
+        assert!(why.contains("VPC vpc-b"), "{why}");
     }
 }

@@ -63,6 +63,10 @@ pub enum SandboxError {
         #[source]
         source: Option<Cause>,
     },
+    /// The node cannot enforce the function's network configuration (no
+    /// isolation, a VPC it does not serve): nothing was started.
+    #[error("This node cannot enforce the function's network configuration: {0}")]
+    Unenforceable(String),
 }
 
 fn cause(e: impl std::error::Error + Send + Sync + 'static) -> Option<Cause> {

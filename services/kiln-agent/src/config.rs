@@ -382,7 +382,97 @@ impl AgentConfig {
             }
             self.sandbox.microvm.validate()?;
         }
+        if n.tenancy == Tenancy::MultiTenant && self.sandbox.insecure_network_isolation_disabled {
+            return invalid(
+                "node.tenancy = \"multi-tenant\" refuses sandbox.insecure_network_isolation_disabled = true: tenants' instances must be confined to their egress mode; configure [sandbox.network] instead (a dedicated development node may keep the setting)".into(),
+            );
+        }
         Ok(())
+    }
+
+    /// Fail closed: a node that would run instances without network
+    /// isolation must say so explicitly. Checked when the real backends
+    /// start (fakes need no firewall).
+    pub fn require_network_isolation(&self) -> Result<(), ConfigError> {
+        if self.sandbox.network.is_none() && !self.sandbox.insecure_network_isolation_disabled {
+            return Err(ConfigError::Invalid(
+                "no [sandbox.network] section: instances would run without network isolation (reaching this node's ports, the private network and the cloud metadata address). Add [sandbox.network] (an empty section isolates with the defaults; see docs/security.md, \"Egress\"), or on a dedicated development node set sandbox.insecure_network_isolation_disabled = true".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// What this node tells the scheduler it enforces.
+    pub fn network_isolation(&self) -> kiln_internal_api::NetworkIsolation {
+        match &self.sandbox.network {
+            Some(n) => kiln_internal_api::NetworkIsolation {
+                enforced: true,
+                vpcs: n.vpcs.iter().map(|v| v.id.clone()).collect(),
+            },
+            None => kiln_internal_api::NetworkIsolation::default(),
+        }
+    }
+
+    /// The IPv4 hosts of the cluster services this agent talks to (the
+    /// scheduler, the gateway's internal listener, the bootstrap
+    /// listener) and its own advertised address, when the URLs name
+    /// them by address: instances with internet access never reach them
+    /// (added to `[sandbox.network] deny`). Hosts named by DNS name, and
+    /// other cluster hosts, go in `deny` by hand.
+    pub fn cluster_hosts(&self) -> Vec<kiln_sandbox::net::Ipv4Net> {
+        let mut urls = vec![
+            self.scheduler_url.as_str(),
+            self.gateway_internal_url.as_str(),
+        ];
+        urls.extend(self.advertise_url.as_deref());
+        urls.extend(self.bootstrap.as_ref().map(|b| b.url.as_str()));
+        let mut hosts: Vec<kiln_sandbox::net::Ipv4Net> = urls
+            .into_iter()
+            .filter_map(|u| {
+                let rest = u.strip_prefix("https://")?.trim_end_matches('/');
+                let host = match rest.rsplit_once(':') {
+                    Some((h, _)) => h,
+                    None => rest,
+                };
+                let addr: std::net::Ipv4Addr = host.parse().ok()?;
+                Some(kiln_sandbox::net::Ipv4Net {
+                    addr,
+                    prefix_len: 32,
+                })
+            })
+            .collect();
+        if let std::net::IpAddr::V4(addr) = self.listen.ip() {
+            if !addr.is_unspecified() {
+                hosts.push(kiln_sandbox::net::Ipv4Net {
+                    addr,
+                    prefix_len: 32,
+                });
+            }
+        }
+        hosts.sort_by_key(|n| (n.addr, n.prefix_len));
+        hosts.dedup();
+        hosts
+    }
+
+    /// The configuration the sandbox backends get: `[sandbox.network]`
+    /// with [`Self::cluster_hosts`] added to its deny list.
+    pub fn sandbox_network(&self) -> Option<kiln_sandbox::net::NetworkConfig> {
+        let mut network = self.sandbox.network.clone()?;
+        for host in self.cluster_hosts() {
+            if !network.deny.contains(&host) {
+                network.deny.push(host);
+            }
+        }
+        Some(network)
+    }
+
+    /// Log, at warn, what an insecure setting leaves open: on every start.
+    pub fn warn_insecure(&self) {
+        if self.sandbox.insecure_network_isolation_disabled {
+            tracing::warn!(
+                "sandbox.insecure_network_isolation_disabled = true: instances run WITHOUT network isolation; they reach this node's ports, the private network and the cloud metadata address. Functions with internetAccess: false or a vpcConfig are refused. Only for a dedicated development node."
+            );
+        }
     }
 
     pub fn instance_start_timeout(&self) -> Duration {
@@ -476,6 +566,45 @@ mod tests {
     }
 
     #[test]
+    fn network_isolation_is_required_unless_turned_off_explicitly() {
+        let c = example();
+        assert!(c.sandbox.network.is_some(), "the example isolates");
+        c.require_network_isolation().unwrap();
+        let iso = c.network_isolation();
+        assert!(iso.enforced);
+        let mut none = example();
+        none.sandbox.network = None;
+        none.validate().unwrap();
+        let e = none.require_network_isolation().unwrap_err().to_string();
+        assert!(
+            e.contains("[sandbox.network]") && e.contains("insecure_network_isolation_disabled"),
+            "{e}"
+        );
+        assert_eq!(none.network_isolation(), Default::default());
+        assert_eq!(none.sandbox_network(), None);
+        none.sandbox.insecure_network_isolation_disabled = true;
+        none.validate().unwrap();
+        none.require_network_isolation().unwrap();
+        assert!(!none.network_isolation().enforced);
+    }
+
+    #[test]
+    fn cluster_hosts_join_the_deny_list() {
+        let mut c = example();
+        c.scheduler_url = "https://203.0.113.10:7400".into();
+        c.gateway_internal_url = "https://gateway.internal:7401".into();
+        c.advertise_url = Some("https://198.51.100.7:7443".into());
+        c.listen = "198.51.100.7:7443".parse().unwrap();
+        let hosts: Vec<String> = c.cluster_hosts().iter().map(ToString::to_string).collect();
+        assert_eq!(hosts, ["198.51.100.7/32", "203.0.113.10/32"]);
+        let deny = c.sandbox_network().unwrap().deny;
+        assert!(
+            deny.iter().any(|n| n.to_string() == "203.0.113.10/32"),
+            "{deny:?}"
+        );
+    }
+
+    #[test]
     fn validate_names_what_is_wrong() {
         let bad = |f: fn(&mut AgentConfig)| {
             let mut c = example();
@@ -521,6 +650,20 @@ mod tests {
         dev.sandbox.backend = Some(SandboxKind::Microvm);
         dev.sandbox.microvm.jail.insecure_disabled = true;
         dev.validate().unwrap();
+        // So can network isolation.
+        let e = bad(|c| {
+            c.node.tenancy = Tenancy::MultiTenant;
+            c.sandbox.network = None;
+            c.sandbox.insecure_network_isolation_disabled = true;
+        });
+        assert!(
+            e.contains("sandbox.insecure_network_isolation_disabled") && e.contains("multi-tenant"),
+            "{e}"
+        );
+        let mut both = example();
+        both.sandbox.insecure_network_isolation_disabled = true;
+        let e = kiln_core::error_chain(&both.validate().unwrap_err());
+        assert!(e.contains("contradict"), "{e}");
         let mut ok = example();
         ok.advertise_url = None;
         ok.listen = "127.0.0.1:0".parse().unwrap();

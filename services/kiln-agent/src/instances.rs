@@ -56,6 +56,11 @@ impl InstanceError {
                 FcError::throttled(self.to_string())
             }
             Self::Code(e) => e.to_fc(),
+            // The sandbox refused what the node cannot enforce: the
+            // function's configuration, not a node fault.
+            Self::Sandbox(SandboxError::Unenforceable(m)) => {
+                FcError::new(FcErrorCode::FunctionNotStarted, m.clone())
+            }
             Self::Sandbox(_) => FcError::internal(kiln_core::error_chain(self)),
             Self::NotStarted(m) => FcError::new(FcErrorCode::FunctionNotStarted, m.clone()),
             // The kind, not the message, tells the gateway to answer with
@@ -241,6 +246,9 @@ pub struct ManagerSettings {
     pub region: Option<String>,
     /// Where instance records live (`state_dir/instances`).
     pub records_dir: PathBuf,
+    /// What the node's sandboxes enforce of a function's network
+    /// configuration; anything else is refused before a sandbox is made.
+    pub network_isolation: kiln_internal_api::NetworkIsolation,
 }
 
 /// Every instance of the node. Lookups take a read lock for a map access
@@ -498,6 +506,20 @@ impl InstanceManager {
         }
         if !is_digest(&spec.code_digest) {
             return invalid("code_digest must be 64 lower-case hex digits".into());
+        }
+        // Fail closed: never run a function with less isolation than it
+        // asks for (the scheduler avoids such nodes; this is the node's
+        // own word on it).
+        if let Some(why) = self
+            .settings
+            .network_isolation
+            .refusal(spec.network.as_ref())
+        {
+            self.metrics.creates_failed.inc();
+            tracing::warn!(reason = %why, "refusing an instance whose network this node cannot enforce");
+            return Err(InstanceError::NotStarted(format!(
+                "This node cannot run the function: {why}. Configure [sandbox.network] (and its VPCs) on the node (docs/security.md, \"Egress\")"
+            )));
         }
         Ok(())
     }
@@ -1128,6 +1150,31 @@ mod tests {
             FcErrorCode::InvalidArgument,
             "code_digest",
         );
+        // A network this node (no isolation) cannot enforce: refused,
+        // saying why, before any sandbox or code fetch.
+        for network in [
+            kiln_core::NetworkSpec {
+                internet_access: false,
+                vpc: None,
+            },
+            kiln_core::NetworkSpec {
+                internet_access: true,
+                vpc: Some(kiln_core::VpcAttachment {
+                    vpc_id: "vpc-a".into(),
+                    vswitch_ids: vec!["vsw-a".into()],
+                    security_group_id: "sg-a".into(),
+                }),
+            },
+        ] {
+            let mut req = create(&f);
+            req.spec.network = Some(network);
+            req.spec = req.spec.seal();
+            expect(
+                f.manager.create(req).await,
+                FcErrorCode::FunctionNotStarted,
+                "no network isolation",
+            );
+        }
         assert!(f.driver.requests().is_empty());
         assert!(f.manager.ids().is_empty());
 

@@ -144,6 +144,8 @@ impl AgentHandle {
 /// debootstrap and takes a few minutes; later starts reuse it).
 pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
     config.validate()?;
+    config.require_network_isolation()?;
+    config.warn_insecure();
     if config.sandbox.backend_for(config.node.tenancy) == kiln_core::SandboxKind::Microvm {
         let driver = microvm::driver(&config).await?;
         let trust = certs::load_or_join(&config).await?;
@@ -161,8 +163,9 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
     // Before minutes of runtime preparation: an agent without its node's
     // certificate cannot join.
     registration::node_identity(&config.tls.cert)?;
-    let mut driver =
-        ContainerDriver::new(config.sandbox.container.clone(), &config.state_dir).await?;
+    let mut container = config.sandbox.container.clone();
+    container.network = config.sandbox_network();
+    let mut driver = ContainerDriver::new(container, &config.state_dir).await?;
     if let Some(region) = &config.region {
         driver = driver.with_region(region.clone());
     }
@@ -249,6 +252,7 @@ async fn start_with_trust(
             start_timeout: config.instance_start_timeout(),
             region: config.region.clone(),
             records_dir: config.state_dir.join("instance-records"),
+            network_isolation: config.network_isolation(),
         },
         metrics.clone(),
         Arc::new(SystemClock),
@@ -341,6 +345,7 @@ async fn start_with_trust(
             dedicated_account: config.node.dedicated_account.clone(),
             // Both backends prepared every configured runtime above.
             runtimes: Some(config.runtimes.clone()),
+            network_isolation: config.network_isolation(),
         },
     };
     tasks.push(tokio::spawn(registration::run(

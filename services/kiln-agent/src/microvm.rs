@@ -29,9 +29,9 @@ pub async fn driver(config: &AgentConfig) -> Result<Arc<MicroVmDriver>, AgentErr
         driver = driver.with_region(region.clone());
     }
     // `[sandbox.network]`: the taps get the same isolation as veths do.
-    if let Some(network) = &config.sandbox.network {
+    if let Some(network) = config.sandbox_network() {
         driver = driver
-            .isolate_network(network.clone(), Arc::new(SystemCommands))
+            .isolate_network(network, Arc::new(SystemCommands))
             .await?;
     }
     for runtime in &config.runtimes {

@@ -280,6 +280,7 @@ mod tests {
                 sandbox_kinds: vec![SandboxKind::Container],
                 dedicated_account: None,
                 runtimes: Some(vec![kiln_core::RuntimeName::Custom]),
+                network_isolation: Default::default(),
             },
         }
     }

@@ -357,6 +357,7 @@ mod tests {
                 sandbox_kinds: vec![kiln_core::SandboxKind::Container],
                 dedicated_account: None,
                 runtimes,
+                network_isolation: Default::default(),
             },
             state: state.into(),
             instances: 0,

@@ -457,6 +457,7 @@ async fn provisioned_instances_start_and_follow_function_updates() {
                 sandbox_kinds: vec![kiln_core::SandboxKind::Container],
                 dedicated_account: Some(ACCOUNT_A.parse().unwrap()),
                 runtimes: None,
+                network_isolation: Default::default(),
             },
             instances: vec![],
         })
@@ -543,6 +544,7 @@ async fn the_runtime_listing_shows_which_runtimes_the_nodes_offer() {
                 sandbox_kinds: vec![kiln_core::SandboxKind::Container],
                 dedicated_account: None,
                 runtimes: Some(vec![kiln_core::RuntimeName::Custom]),
+                network_isolation: Default::default(),
             },
             instances: vec![],
         })

@@ -111,6 +111,7 @@ fn register_nodes(p: &mut Placement, count: usize, memory_mb: u64, max_instances
                 sandbox_kinds: vec![sandbox_kind_for(tenancy)],
                 dedicated_account: None,
                 runtimes: None,
+                network_isolation: Default::default(),
             },
             instances: vec![],
         };

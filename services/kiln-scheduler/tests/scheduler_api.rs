@@ -141,6 +141,7 @@ fn registration(node_id: Option<kiln_core::NodeId>, agent_url: &str) -> Register
             sandbox_kinds: vec![SandboxKind::Container],
             dedicated_account: None,
             runtimes: None,
+            network_isolation: Default::default(),
         },
         instances: vec![],
     }

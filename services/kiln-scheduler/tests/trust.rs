@@ -62,6 +62,7 @@ fn registration(node: &NodeId) -> RegisterNode {
             sandbox_kinds: vec![kiln_core::SandboxKind::Container],
             dedicated_account: None,
             runtimes: None,
+            network_isolation: Default::default(),
         },
         instances: vec![],
     }

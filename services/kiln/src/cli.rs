@@ -235,6 +235,11 @@ pub struct DevArgs {
     /// Seconds the temporary credentials of functions with a role last.
     #[arg(long, default_value_t = 3600)]
     pub credentials_lifetime: u64,
+    /// Run instances WITHOUT network isolation (for a machine without
+    /// nftables): they reach this machine's ports and private network;
+    /// functions with internetAccess: false or a vpcConfig are refused.
+    #[arg(long)]
+    pub insecure_no_network_isolation: bool,
 }
 
 #[derive(Debug, Args)]
@@ -437,6 +442,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 rootfs_dir,
                 idle_timeout_s: args.idle_timeout,
                 credentials_lifetime_s: args.credentials_lifetime,
+                insecure_no_network_isolation: args.insecure_no_network_isolation,
             })
             .await
         }

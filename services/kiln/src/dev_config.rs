@@ -88,6 +88,7 @@ pub fn agent(
     pki: &DevPki,
     scheduler_url: &str,
     gateway_internal_url: &str,
+    gateway_public_port: u16,
     memory_mb: u64,
 ) -> Result<kiln_agent::AgentConfig> {
     let cpus = std::thread::available_parallelism()
@@ -98,6 +99,25 @@ pub fn agent(
         .as_ref()
         .map(|d| format!("rootfs_dir = {d:?}\n"))
         .unwrap_or_default();
+    // Network isolation is on unless asked otherwise: instances reach the
+    // public internet (not this machine's ports, its private network or
+    // the metadata address) and, of this machine, only the gateway's
+    // public port, as any internet client can.
+    // The machine's DNS resolvers (often a private address) stay
+    // reachable, so that functions resolve names as the host does.
+    let network = if opts.insecure_no_network_isolation {
+        "insecure_network_isolation_disabled = true\n".to_owned()
+    } else {
+        let resolvers: Vec<String> =
+            nameservers(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default())
+                .iter()
+                .map(|a| format!("\"{a}/32\""))
+                .collect();
+        format!(
+            "[sandbox.network]\npublic_ports = [{gateway_public_port}]\nallow = [{}]\n",
+            resolvers.join(", ")
+        )
+    };
     // A development node overcommits CPU (functions mostly wait) but not
     // memory.
     let text = format!(
@@ -105,7 +125,7 @@ pub fn agent(
          gateway_internal_url = {:?}\nregion = \"cn-hangzhou\"\ndrain_on_shutdown = true\n\
          {}\
          [node]\nzone = \"dev\"\ntenancy = \"dedicated\"\nmemory_mb = {}\ncpu_milli = {}\nmax_instances = 512\n\
-         [sandbox]\nname_prefix = {:?}\ninstance_subnet = {:?}\ncgroup_parent = {:?}\n{}",
+         [sandbox]\nname_prefix = {:?}\ninstance_subnet = {:?}\ncgroup_parent = {:?}\n{}{}",
         agent_state,
         scheduler_url,
         gateway_internal_url,
@@ -116,10 +136,27 @@ pub fn agent(
         opts.instance_subnet,
         opts.sandbox_prefix,
         rootfs,
+        network,
     );
     let config: kiln_agent::AgentConfig = parse("agent", &text)?;
     config.validate()?;
     Ok(config)
+}
+
+/// The IPv4 name servers of a resolv.conf an instance can reach (not the
+/// host's loopback, which is not the instance's).
+fn nameservers(resolv_conf: &str) -> Vec<std::net::Ipv4Addr> {
+    let mut out: Vec<std::net::Ipv4Addr> = resolv_conf
+        .lines()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            (words.next() == Some("nameserver")).then(|| words.next())?
+        })
+        .filter_map(|a| a.parse().ok())
+        .filter(|a: &std::net::Ipv4Addr| !a.is_loopback() && !a.is_unspecified())
+        .collect();
+    out.dedup();
+    out
 }
 
 /// Where the agent keeps its instances. Sandboxes run as an unprivileged
@@ -153,6 +190,57 @@ fn reachable_by_others(path: &std::path::Path) -> bool {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn kiln_dev_isolates_instances_unless_told_otherwise() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = kiln_pki::DevPki::ensure(&dir.path().join("pki"), &[]).unwrap();
+        let mut opts = DevOptions {
+            state_dir: dir.path().to_owned(),
+            listen: "127.0.0.1:8443".parse().unwrap(),
+            sandbox_prefix: "kiln".into(),
+            instance_subnet: "10.213.0.0/16".into(),
+            rootfs_dir: None,
+            idle_timeout_s: 300,
+            credentials_lifetime_s: 3600,
+            insecure_no_network_isolation: false,
+        };
+        let make = |opts: &DevOptions| {
+            agent(
+                opts,
+                dir.path(),
+                &pki,
+                "https://127.0.0.1:7001",
+                "https://127.0.0.1:7002",
+                8443,
+                4096,
+            )
+            .unwrap()
+        };
+        let c = make(&opts);
+        let network = c.sandbox.network.as_ref().expect("isolation is on");
+        assert_eq!(network.public_ports, [8443]);
+        assert!(!c.sandbox.insecure_network_isolation_disabled);
+        c.require_network_isolation().unwrap();
+        assert!(c.network_isolation().enforced);
+        opts.insecure_no_network_isolation = true;
+        let c = make(&opts);
+        assert!(c.sandbox.network.is_none() && c.sandbox.insecure_network_isolation_disabled);
+        c.require_network_isolation().unwrap();
+    }
+
+    #[test]
+    fn the_hosts_resolvers_stay_reachable() {
+        let conf = "# generated\nnameserver 10.255.255.53\nnameserver 127.0.0.53\n\
+                    nameserver fd00::1\nsearch example\nnameserver 1.1.1.1\n";
+        assert_eq!(
+            nameservers(conf),
+            [
+                "10.255.255.53".parse::<std::net::Ipv4Addr>().unwrap(),
+                "1.1.1.1".parse().unwrap()
+            ]
+        );
+    }
 
     #[test]
     fn agent_state_moves_out_of_private_directories() {

@@ -35,7 +35,8 @@ fn agent_config(
         "state_dir = {:?}\nlisten = \"127.0.0.1:{port}\"\nscheduler_url = \"https://127.0.0.1:{sp}\"\n\
          gateway_internal_url = \"https://127.0.0.1:{gi}\"\ndrain_on_shutdown = true\n{}\
          [node]\nzone = {name:?}\ntenancy = \"dedicated\"\nmemory_mb = 4096\ncpu_milli = 16000\nmax_instances = 64\n\
-         [sandbox]\nname_prefix = {prefix:?}\ninstance_subnet = {:?}\ncgroup_parent = {prefix:?}\nrootfs_dir = {:?}\n",
+         [sandbox]\nname_prefix = {prefix:?}\ninstance_subnet = {:?}\ncgroup_parent = {prefix:?}\nrootfs_dir = {:?}\n\
+             insecure_network_isolation_disabled = true\n",
         dir.join(name),
         // Each node its own agent certificate: its node id is `name`.
         {

@@ -1,47 +1,101 @@
 //! A function's egress mode takes effect end to end: gateway, scheduler and
-//! an agent with `[sandbox.network]` run (as separate processes) inside a
-//! network namespace this test creates, whose uplink leads to a fake
-//! "internet" host in a second namespace. A function with FC's default
-//! (internet access) reaches that host through the agent's NAT; one with
-//! `internetAccess: false` cannot. Nothing is created outside the two
-//! namespaces and the run's prefix; all of it goes when the test ends.
+//! an agent with `[sandbox.network]` run (as separate processes, configured
+//! as `kiln dev` configures them: network isolation on, the gateway's
+//! public port the one node port instances may reach) inside a network
+//! namespace this test creates. Its uplink leads to an "uplink" namespace
+//! that holds a public-looking internet host and every address an
+//! instance with internet access must not reach: the cloud metadata
+//! address, private (RFC 1918) and CGNAT addresses, a public host the
+//! operator denied (another cluster host); and one private address the
+//! operator allowed (a DNS resolver). No probe can leave the machine: all
+//! of those addresses exist only inside these namespaces.
+//!
+//! Functions in each egress mode this node can serve probe all of them,
+//! the node's own ports (its agent, its public gateway, a control service
+//! on every address) and each other's instance, and every probe's result
+//! is asserted. A VPC the node does not serve is refused with
+//! `FunctionNotStarted`, saying why, and so is `internetAccess: false` on
+//! an agent that runs without isolation. Nothing is created outside the
+//! namespaces and the run's prefix; all of it goes when each test ends.
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
 use bytes::Bytes;
+use kiln::client::FcClient;
 use kiln::credentials::Credentials;
 use kiln_internal_api::{InternalClient, NodeInfo};
 use serde_json::{json, Value};
 
-/// The fake internet host, the node's uplink address and its port.
+/// The public-looking internet host, the node's uplink address and the
+/// port every uplink address answers HTTP on.
 const INTERNET: &str = "198.18.0.2";
 const NODE_UPLINK: &str = "198.18.0.1";
 const INTERNET_PORT: u16 = 8080;
+/// Addresses on the uplink namespace an internet function must not reach
+/// (none of them leaves the machine: they exist only there).
+const METADATA: &str = "169.254.169.254";
+const PRIVATE: &str = "10.99.0.1";
+const PRIVATE_172: &str = "172.16.0.1";
+const CGNAT: &str = "100.64.0.1";
+/// A public-looking host the operator put in `deny` (another cluster
+/// host), and a private one in `allow` (a DNS resolver).
+const DENIED: &str = "198.18.0.3";
+const RESOLVER: &str = "10.99.0.53";
 
-/// A function that tries a TCP connection to `{host, port}` and says
-/// whether it got an HTTP answer.
+/// Ports in the node's namespace: scheduler, gateway public, gateway
+/// internal, agent, and a control service on every node address.
+const PORTS: (u16, u16, u16, u16) = (17101, 17102, 17103, 17104);
+const CONTROL_PORT: u16 = 17105;
+
+/// A function that reports its own address and default gateway (the
+/// node's side of its link) and tries TCP connections to `targets`, all at
+/// once: for each, whether it connected and whether an HTTP answer came.
 const PROBE: &str = r#"
-import json, socket
+import json, socket, struct, threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+def gateway():
+    with open("/proc/net/route") as f:
+        for line in f.readlines()[1:]:
+            p = line.split()
+            if p[1] == "00000000":
+                return socket.inet_ntoa(struct.pack("<L", int(p[2], 16)))
+    return None
+
+def me():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect(("198.18.0.2", 9))
+        return s.getsockname()[0]
+
+def probe(host, port, out):
+    key = "%s:%d" % (host, port)
+    r = {"connected": False, "http": False}
+    try:
+        with socket.create_connection((host, port), timeout=3) as s:
+            r["connected"] = True
+            s.settimeout(3)
+            s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            r["http"] = s.recv(64).startswith(b"HTTP/")
+    except Exception as e:
+        r["error"] = str(e)
+    out[key] = r
 
 class H(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     def do_POST(self):
         n = int(self.headers.get("content-length", 0))
         req = json.loads(self.rfile.read(n) or b"{}")
-        try:
-            with socket.create_connection((req["host"], req["port"]), timeout=3) as s:
-                s.sendall(b"GET / HTTP/1.0\r\n\r\n")
-                data = s.recv(64).decode(errors="replace")
-            out = {"reached": data.startswith("HTTP/"), "data": data}
-        except Exception as e:
-            out = {"reached": False, "error": str(e)}
-        body = json.dumps(out).encode()
+        results = {}
+        threads = [threading.Thread(target=probe, args=(h, p, results)) for h, p in req.get("targets", [])]
+        for t in threads: t.start()
+        for t in threads: t.join()
+        body = json.dumps({"me": me(), "gateway": gateway(), "results": results}).encode()
         self.send_response(200)
         self.send_header("content-length", str(len(body)))
         self.end_headers()
@@ -102,214 +156,441 @@ fn spawn_service_in(dir: &Path, ns: &str, name: &str, config: &str) -> std::proc
     spawn_in(dir, ns, name, &bin, &["--config", path.to_str().unwrap()])
 }
 
-#[test]
-fn egress_modes_take_effect_through_the_agent() {
-    if common::skip() || common::skip_without(&["nft", "tc", "nsenter", "python3"]) {
-        return;
-    }
-    let state = tempfile::Builder::new()
-        .prefix("kiln-egress-")
-        .tempdir()
-        .unwrap();
-    let dir = state.path();
-    let prefix = common::run_tag();
-    let (node, inet) = (format!("{prefix}node"), format!("{prefix}inet"));
-    // Dropped first on failure: stops the services, then removes every
-    // namespace (and with them every link and table in them) and cgroup
-    // carrying the prefix.
-    let mut services = common::Services {
-        children: vec![],
-        prefix: prefix.clone(),
-        dir: dir.to_owned(),
-        names: vec![
-            "internet".into(),
-            "scheduler".into(),
-            "gateway".into(),
-            "agent".into(),
-        ],
-    };
-
-    // The node and its "internet": a veth between two namespaces.
-    let (up, up_peer) = (format!("{prefix}up"), format!("{prefix}upi"));
-    ip(&["netns", "add", &node]);
-    ip(&["netns", "add", &inet]);
-    ip(&[
-        "link", "add", &up, "netns", &node, "type", "veth", "peer", "name", &up_peer, "netns",
-        &inet,
-    ]);
-    for (ns, dev, addr) in [(&node, &up, NODE_UPLINK), (&inet, &up_peer, INTERNET)] {
-        ip(&["-n", ns, "link", "set", "lo", "up"]);
-        ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev]);
-        ip(&["-n", ns, "link", "set", dev, "up"]);
-    }
-    let www = dir.join("www");
-    std::fs::create_dir(&www).unwrap();
-    std::fs::write(www.join("index.html"), "hello from the internet\n").unwrap();
-    services.children.push(spawn_in(
+/// A python HTTP server in `ns` on `bind:port`, serving `dir`.
+fn http_server(dir: &Path, ns: &str, name: &str, bind: &str, port: u16) -> std::process::Child {
+    let www = dir.join(format!("www-{name}"));
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join("index.html"), format!("hello from {name}\n")).unwrap();
+    spawn_in(
         dir,
-        &inet,
-        "internet",
+        ns,
+        name,
         Path::new("/usr/bin/env"),
         &[
             "python3",
             "-m",
             "http.server",
-            &INTERNET_PORT.to_string(),
+            &port.to_string(),
             "--bind",
-            INTERNET,
+            bind,
             "--directory",
             www.to_str().unwrap(),
         ],
-    ));
+    )
+}
 
-    // The three services inside the node's namespace.
-    let pki = kiln_pki::DevPki::ensure(&dir.join("pki"), &[]).unwrap();
-    let (sp, gp, gi, ap) = (17101, 17102, 17103, 17104);
-    services.children.push(spawn_service_in(
-        dir,
-        &node,
-        "scheduler",
-        &format!(
-            "state_dir = {:?}\nlisten = \"127.0.0.1:{sp}\"\n{}",
-            dir.join("scheduler"),
-            common::tls_table(&pki, "scheduler")
-        ),
-    ));
-    let gw = pki.files("gateway");
-    services.children.push(spawn_service_in(
-        dir,
-        &node,
-        "gateway",
-        &format!(
-            "state_dir = {:?}\nregion = \"cn-hangzhou\"\nscheduler_url = \"https://127.0.0.1:{sp}\"\n\
-             [public]\nlisten = \"127.0.0.1:{gp}\"\ncert = {:?}\nkey = {:?}\n\
-             [internal]\nlisten = \"127.0.0.1:{gi}\"\n{}\
-             [[bootstrap_keys]]\naccount_id = \"1200000000000001\"\naccess_key_id = \"LTAIegress\"\naccess_key_secret = \"egress-secret-0123456789\"\n",
-            dir.join("gateway"),
-            gw.cert,
-            gw.key,
-            common::tls_table(&pki, "gateway-internal")
-        ),
-    ));
-    services.children.push(spawn_service_in(
-        dir,
-        &node,
-        "agent",
-        &format!(
-            "state_dir = {:?}\nlisten = \"127.0.0.1:{ap}\"\nscheduler_url = \"https://127.0.0.1:{sp}\"\n\
-             gateway_internal_url = \"https://127.0.0.1:{gi}\"\ndrain_on_shutdown = true\n{}\
-             [node]\nzone = \"z1\"\ntenancy = \"dedicated\"\nmemory_mb = 4096\ncpu_milli = 16000\nmax_instances = 64\n\
-             [sandbox]\nname_prefix = {prefix:?}\ninstance_subnet = {:?}\ncgroup_parent = {prefix:?}\nrootfs_dir = {:?}\n\
-             [sandbox.network]\nuplink_interface = {up:?}\nstandard_bandwidth_mbit = 100\nperformance_bandwidth_mbit = 500\n",
-            dir.join("agent"),
-            common::tls_table(&pki, "agent"),
-            common::run_subnet(),
-            common::rootfs_cache()
-        ),
-    ));
+/// Gateway, scheduler and agent in namespace `<prefix>node`, the agent's
+/// `[sandbox]` section ending in `sandbox_extra` (`{PREFIX}` in it: the
+/// run's prefix). With `uplink`, the node
+/// gets an uplink to namespace `<prefix>inet` holding every address the
+/// module docs list. Dropping it stops the services and removes every
+/// namespace, link, table and cgroup of the run.
+struct Cluster {
+    services: common::Services,
+    state: tempfile::TempDir,
+    node: String,
+    client: Option<FcClient>,
+}
 
-    let code = dir.join("probe");
-    std::fs::create_dir(&code).unwrap();
-    std::fs::write(code.join("server.py"), PROBE).unwrap();
-    let zip =
-        base64::engine::general_purpose::STANDARD.encode(kiln::zipdir::zip_dir(&code).unwrap());
-    let ca = pki.ca_cert();
-    let operator_files = pki.files("operator");
+const ACCOUNT: &str = "1200000000000001";
+const KEY_ID: &str = "LTAIegress";
+const SECRET: &str = "egress-secret-0123456789";
 
-    let results = in_netns(&node, || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(async {
-                // The agent registers once its runtime is ready.
-                let internal = InternalClient::new(&operator_files).unwrap();
-                let deadline = Instant::now() + Duration::from_secs(90);
-                loop {
-                    let nodes: Result<Vec<NodeInfo>, _> = internal
-                        .get(
-                            &format!("https://127.0.0.1:{sp}"),
-                            kiln_internal_api::paths::SCHEDULER_NODES,
-                        )
-                        .await;
-                    if nodes.is_ok_and(|n| !n.is_empty())
-                        && std::net::TcpStream::connect(("127.0.0.1", gp)).is_ok()
-                    {
-                        break;
-                    }
-                    if Instant::now() > deadline {
-                        return Err("the agent never registered".to_owned());
-                    }
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+impl Cluster {
+    fn start(uplink: bool, sandbox_extra: &str) -> Self {
+        let state = tempfile::Builder::new()
+            .prefix("kiln-egress-")
+            .tempdir()
+            .unwrap();
+        let dir = state.path().to_owned();
+        let prefix = common::run_tag();
+        let (node, inet) = (format!("{prefix}node"), format!("{prefix}inet"));
+        let sandbox_extra = sandbox_extra.replace("{PREFIX}", &prefix);
+        let mut services = common::Services {
+            children: vec![],
+            prefix: prefix.clone(),
+            dir: dir.clone(),
+            names: vec![
+                "internet".into(),
+                "control".into(),
+                "scheduler".into(),
+                "gateway".into(),
+                "agent".into(),
+            ],
+        };
+        ip(&["netns", "add", &node]);
+        ip(&["-n", &node, "link", "set", "lo", "up"]);
+        if uplink {
+            let (up, up_peer) = (format!("{prefix}up"), format!("{prefix}upi"));
+            ip(&["netns", "add", &inet]);
+            ip(&[
+                "link", "add", &up, "netns", &node, "type", "veth", "peer", "name", &up_peer,
+                "netns", &inet,
+            ]);
+            for (ns, dev, addr) in [(&node, &up, NODE_UPLINK), (&inet, &up_peer, INTERNET)] {
+                ip(&["-n", ns, "link", "set", "lo", "up"]);
+                ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev]);
+                ip(&["-n", ns, "link", "set", dev, "up"]);
+            }
+            for addr in [METADATA, PRIVATE, PRIVATE_172, CGNAT, DENIED, RESOLVER] {
+                ip(&[
+                    "-n",
+                    &inet,
+                    "addr",
+                    "add",
+                    &format!("{addr}/32"),
+                    "dev",
+                    &up_peer,
+                ]);
+            }
+            // Everything the node does not know goes to the uplink
+            // namespace, which holds all of it: nothing leaves the machine.
+            ip(&["-n", &node, "route", "add", "default", "via", INTERNET]);
+            services.children.push(http_server(
+                &dir,
+                &inet,
+                "internet",
+                "0.0.0.0",
+                INTERNET_PORT,
+            ));
+        }
+        // A control service of the node on every node address.
+        services
+            .children
+            .push(http_server(&dir, &node, "control", "0.0.0.0", CONTROL_PORT));
+
+        let pki = kiln_pki::DevPki::ensure(&dir.join("pki"), &[]).unwrap();
+        let (sp, gp, gi, ap) = PORTS;
+        services.children.push(spawn_service_in(
+            &dir,
+            &node,
+            "scheduler",
+            &format!(
+                "state_dir = {:?}\nlisten = \"127.0.0.1:{sp}\"\n{}",
+                dir.join("scheduler"),
+                common::tls_table(&pki, "scheduler")
+            ),
+        ));
+        // The public listener on every address, as `kiln dev --listen
+        // 0.0.0.0:...` has it; the internal one too, so that only the
+        // firewall keeps instances from it.
+        let gateway = common::gateway_config(&dir, &pki, (sp, gp, gi), (ACCOUNT, KEY_ID, SECRET))
+            .replace(&format!("127.0.0.1:{gp}"), &format!("0.0.0.0:{gp}"))
+            .replace(
+                &format!("listen = \"127.0.0.1:{gi}\""),
+                &format!("listen = \"0.0.0.0:{gi}\""),
+            );
+        services
+            .children
+            .push(spawn_service_in(&dir, &node, "gateway", &gateway));
+        services.children.push(spawn_service_in(
+            &dir,
+            &node,
+            "agent",
+            &format!(
+                "state_dir = {:?}\nlisten = \"0.0.0.0:{ap}\"\nadvertise_url = \"https://127.0.0.1:{ap}\"\n\
+                 scheduler_url = \"https://127.0.0.1:{sp}\"\n\
+                 gateway_internal_url = \"https://127.0.0.1:{gi}\"\ndrain_on_shutdown = true\n{}\
+                 [node]\nzone = \"z1\"\ntenancy = \"dedicated\"\nmemory_mb = 4096\ncpu_milli = 16000\nmax_instances = 64\n\
+                 [sandbox]\nname_prefix = {prefix:?}\ninstance_subnet = {:?}\ncgroup_parent = {prefix:?}\nrootfs_dir = {:?}\n\
+                 {sandbox_extra}",
+                dir.join("agent"),
+                common::tls_table(&pki, "agent"),
+                common::run_subnet(),
+                common::rootfs_cache()
+            ),
+        ));
+        let mut cluster = Self {
+            services,
+            state,
+            node,
+            client: None,
+        };
+        let operator = pki.files("operator");
+        let ca = pki.ca_cert();
+        let ready = cluster.run(|_| async move {
+            // The agent registers once its runtime is ready.
+            let internal = InternalClient::new(&operator).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(600);
+            loop {
+                let nodes: Result<Vec<NodeInfo>, _> = internal
+                    .get(
+                        &format!("https://127.0.0.1:{sp}"),
+                        kiln_internal_api::paths::SCHEDULER_NODES,
+                    )
+                    .await;
+                if nodes.is_ok_and(|n| !n.is_empty())
+                    && std::net::TcpStream::connect(("127.0.0.1", gp)).is_ok()
+                {
+                    return Ok(());
                 }
-                let c = kiln::client::FcClient::new(Credentials {
-                    endpoint: format!("https://127.0.0.1:{gp}"),
-                    account_id: "1200000000000001".into(),
-                    access_key_id: "LTAIegress".into(),
-                    access_key_secret: "egress-secret-0123456789".into(),
-                    ca_cert: ca,
-                })
-                .unwrap();
-                let mut results = Vec::new();
-                for (name, extra) in [
-                    ("egress-internet", json!({})),
-                    ("egress-none", json!({"internetAccess": false})),
-                ] {
-                    let mut body = json!({
-                        "functionName": name,
-                        "runtime": "custom.debian12",
-                        "handler": "index.handler",
-                        "timeout": 30,
-                        "customRuntimeConfig": {"command": ["python3", "server.py"]},
-                        "code": {"zipFile": zip},
-                    });
-                    body.as_object_mut()
-                        .unwrap()
-                        .extend(extra.as_object().unwrap().clone());
-                    c.create_function(&body)
-                        .await
-                        .map_err(|e| format!("create {name}: {e}"))?;
-                    let got = c.get_function(name).await.map_err(|e| e.to_string())?;
-                    let probe = json!({"host": INTERNET, "port": INTERNET_PORT}).to_string();
-                    let r = c
-                        .invoke(name, Bytes::from(probe), &[])
-                        .await
-                        .map_err(|e| format!("invoke {name}: {e}"))?;
-                    if r.status != 200 {
-                        return Err(format!(
-                            "invoke {name}: {} {}",
-                            r.status,
-                            String::from_utf8_lossy(&r.body)
-                        ));
-                    }
-                    let out: Value = serde_json::from_slice(&r.body).map_err(|e| e.to_string())?;
-                    results.push((name, got, out));
+                if Instant::now() > deadline {
+                    return Err("the agent never registered".to_owned());
                 }
-                Ok(results)
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+        if let Err(e) = ready {
+            panic!("{e}\n{}", cluster.services.logs());
+        }
+        cluster.client = Some(
+            FcClient::new(Credentials {
+                endpoint: format!("https://127.0.0.1:{gp}"),
+                account_id: ACCOUNT.into(),
+                access_key_id: KEY_ID.into(),
+                access_key_secret: SECRET.into(),
+                ca_cert: ca,
             })
-    });
-    let results = results.unwrap_or_else(|e| panic!("{e}\n{}", services.logs()));
-    for (name, _, out) in &results {
-        eprintln!("{name}: {out}");
+            .unwrap(),
+        );
+        cluster
     }
-    let (_, internet_fn, internet) = &results[0];
-    let (_, none_fn, none) = &results[1];
-    assert_eq!(internet_fn["internetAccess"], json!(true), "FC's default");
-    assert_eq!(none_fn["internetAccess"], json!(false));
+
+    /// Run `f` (given the API client, once there is one) on a runtime
+    /// inside the node's namespace.
+    fn run<T: Send, F: std::future::Future<Output = T>>(
+        &self,
+        f: impl FnOnce(Option<FcClient>) -> F + Send,
+    ) -> T {
+        let client = self.client.clone();
+        in_netns(&self.node, move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(f(client))
+        })
+    }
+
+    fn dir(&self) -> &Path {
+        self.state.path()
+    }
+}
+
+/// The probe function's code, zipped.
+fn probe_zip(dir: &Path) -> String {
+    let code = dir.join("probe");
+    std::fs::create_dir_all(&code).unwrap();
+    std::fs::write(code.join("server.py"), PROBE).unwrap();
+    base64::engine::general_purpose::STANDARD.encode(kiln::zipdir::zip_dir(&code).unwrap())
+}
+
+async fn create(c: &FcClient, zip: &str, name: &str, extra: Value) -> Result<Value, String> {
+    let mut body = json!({
+        "functionName": name,
+        "runtime": "custom.debian12",
+        "handler": "index.handler",
+        "timeout": 30,
+        "customRuntimeConfig": {"command": ["python3", "server.py"]},
+        "code": {"zipFile": zip},
+    });
+    body.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    c.create_function(&body)
+        .await
+        .map_err(|e| format!("create {name}: {e}"))?;
+    c.get_function(name).await.map_err(|e| e.to_string())
+}
+
+/// Invoke `name` with `targets`: (status, body).
+async fn probe(
+    c: &FcClient,
+    name: &str,
+    targets: &[(String, u16)],
+) -> Result<(u16, Value), String> {
+    let req = json!({"targets": targets}).to_string();
+    let r = c
+        .invoke(name, Bytes::from(req), &[])
+        .await
+        .map_err(|e| format!("invoke {name}: {e}"))?;
+    let body =
+        serde_json::from_slice(&r.body).unwrap_or_else(|_| json!(String::from_utf8_lossy(&r.body)));
+    Ok((r.status.as_u16(), body))
+}
+
+#[test]
+fn egress_modes_take_effect_through_the_agent() {
+    if common::skip() || common::skip_without(&["nft", "tc", "nsenter", "python3"]) {
+        return;
+    }
+    let (_, gp, gi, ap) = PORTS;
+    // As `kiln dev` writes it (dev_config.rs), plus the operator's lists.
+    let cluster = Cluster::start(
+        true,
+        &format!(
+            "[sandbox.network]\nuplink_interface = \"{{PREFIX}}up\"\nstandard_bandwidth_mbit = 100\n\
+             performance_bandwidth_mbit = 500\npublic_ports = [{gp}]\n\
+             deny = [\"{DENIED}/32\"]\nallow = [\"{RESOLVER}/32\"]\n"
+        ),
+    );
+    let zip = probe_zip(cluster.dir());
+    let outcome = cluster.run(|c| async move {
+        let c = c.unwrap();
+        let modes = [
+            ("egress-internet", json!({})),
+            ("egress-none", json!({"internetAccess": false})),
+        ];
+        let mut got = BTreeMap::new();
+        for (name, extra) in &modes {
+            got.insert(*name, create(&c, &zip, name, extra.clone()).await?);
+        }
+        // Each instance's own address and the node's side of its link.
+        let mut whoami = BTreeMap::new();
+        for (name, _) in &modes {
+            let (status, v) = probe(&c, name, &[]).await?;
+            if status != 200 {
+                return Err(format!("invoke {name}: {status} {v}"));
+            }
+            whoami.insert(*name, v);
+        }
+        let mut results = BTreeMap::new();
+        for (name, _) in &modes {
+            let other = if *name == "egress-internet" {
+                "egress-none"
+            } else {
+                "egress-internet"
+            };
+            let node_side = whoami[name]["gateway"].as_str().unwrap_or("").to_owned();
+            let other_me = whoami[other]["me"].as_str().unwrap_or("").to_owned();
+            let mut targets: Vec<(String, u16)> = [
+                INTERNET,
+                METADATA,
+                PRIVATE,
+                PRIVATE_172,
+                CGNAT,
+                DENIED,
+                RESOLVER,
+            ]
+            .iter()
+            .map(|a| (a.to_string(), INTERNET_PORT))
+            .collect();
+            for host in [NODE_UPLINK.to_owned(), node_side.clone()] {
+                for port in [ap, gp, gi, CONTROL_PORT] {
+                    targets.push((host.clone(), port));
+                }
+            }
+            targets.push((other_me, 9000));
+            let (status, v) = probe(&c, name, &targets).await?;
+            if status != 200 {
+                return Err(format!("invoke {name}: {status} {v}"));
+            }
+            results.insert(*name, (node_side, whoami[other]["me"].clone(), v));
+        }
+        // A VPC this node does not serve: refused, saying why, never run
+        // without it.
+        let vpc = json!({"vpcConfig": {"vpcId": "vpc-unserved", "vSwitchIds": ["vsw-a"],
+            "securityGroupId": "sg-a"}});
+        let vpc_outcome = match create(&c, &zip, "egress-vpc", vpc).await {
+            Ok(_) => Some(probe(&c, "egress-vpc", &[]).await?),
+            // The gateway may refuse an unknown VPC itself.
+            Err(e) => {
+                eprintln!("vpc function refused at create: {e}");
+                None
+            }
+        };
+        Ok::<_, String>((got, results, vpc_outcome))
+    });
+    let (got, results, vpc_outcome) =
+        outcome.unwrap_or_else(|e| panic!("{e}\n{}", cluster.services.logs()));
     assert_eq!(
-        internet["reached"],
+        got["egress-internet"]["internetAccess"],
         json!(true),
-        "an internet function reaches the internet host: {internet}\n{}",
-        services.logs()
+        "FC's default"
     );
-    assert_eq!(
-        none["reached"],
-        json!(false),
-        "a function without internet access does not: {none}"
-    );
+    assert_eq!(got["egress-none"]["internetAccess"], json!(false));
+
+    let mut table: BTreeMap<String, BTreeMap<String, bool>> = BTreeMap::new();
+    for (name, (node_side, other_me, v)) in &results {
+        eprintln!("{name}: {v}");
+        let r = &v["results"];
+        let connected = |host: &str, port: u16| {
+            r[format!("{host}:{port}")]["connected"]
+                .as_bool()
+                .unwrap_or_else(|| panic!("no result for {host}:{port} in {v}"))
+        };
+        let http = |host: &str, port: u16| r[format!("{host}:{port}")]["http"] == json!(true);
+        let mut row = BTreeMap::new();
+        row.insert("internet host".to_owned(), http(INTERNET, INTERNET_PORT));
+        for (label, addr) in [
+            ("metadata", METADATA),
+            ("private 10/8", PRIVATE),
+            ("private 172.16/12", PRIVATE_172),
+            ("cgnat", CGNAT),
+            ("operator-denied host", DENIED),
+            ("operator-allowed resolver", RESOLVER),
+        ] {
+            row.insert(label.to_owned(), connected(addr, INTERNET_PORT));
+        }
+        for (label, host) in [("uplink", NODE_UPLINK), ("link", node_side.as_str())] {
+            row.insert(format!("node {label} agent port"), connected(host, ap));
+            row.insert(
+                format!("node {label} gateway internal port"),
+                connected(host, gi),
+            );
+            row.insert(
+                format!("node {label} control service"),
+                connected(host, CONTROL_PORT),
+            );
+            row.insert(
+                format!("node {label} public gateway port"),
+                connected(host, gp),
+            );
+        }
+        row.insert(
+            "other instance".to_owned(),
+            connected(other_me.as_str().unwrap_or(""), 9000),
+        );
+        table.insert(name.to_string(), row);
+    }
+    eprintln!("reachability (function -> target -> connected):");
+    for (name, row) in &table {
+        eprintln!("  {name}: {row:?}");
+    }
+    let expect = |internet: bool| -> BTreeMap<String, bool> {
+        let mut row: BTreeMap<String, bool> = [
+            ("internet host", internet),
+            ("metadata", false),
+            ("private 10/8", false),
+            ("private 172.16/12", false),
+            ("cgnat", false),
+            ("operator-denied host", false),
+            ("operator-allowed resolver", internet),
+            ("other instance", false),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        for label in ["uplink", "link"] {
+            row.insert(format!("node {label} agent port"), false);
+            row.insert(format!("node {label} gateway internal port"), false);
+            row.insert(format!("node {label} control service"), false);
+            // The internet-facing gateway, as any internet client.
+            row.insert(format!("node {label} public gateway port"), internet);
+        }
+        row
+    };
+    let want: BTreeMap<String, BTreeMap<String, bool>> = [
+        ("egress-internet".to_owned(), expect(true)),
+        ("egress-none".to_owned(), expect(false)),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(table, want, "{}", cluster.services.logs());
+
+    if let Some((status, body)) = vpc_outcome {
+        assert_ne!(status, 200, "an unserved VPC never runs: {body}");
+        let text = body.to_string();
+        assert!(
+            text.contains("FunctionNotStarted") && text.contains("vpc-unserved"),
+            "says why: {status} {text}"
+        );
+    }
+
     // The agent's isolation lives in the node's namespace, in its own table.
+    let prefix = cluster.services.prefix.clone();
     let tables = Command::new("ip")
-        .args(["netns", "exec", &node, "nft", "list", "tables"])
+        .args(["netns", "exec", &cluster.node, "nft", "list", "tables"])
         .output()
         .unwrap();
     assert!(
@@ -319,7 +600,7 @@ fn egress_modes_take_effect_through_the_agent() {
     );
     // Each instance's veth is shaped at the standard rate.
     let qdiscs = Command::new("ip")
-        .args(["netns", "exec", &node, "tc", "qdisc", "show"])
+        .args(["netns", "exec", &cluster.node, "tc", "qdisc", "show"])
         .output()
         .unwrap();
     let qdiscs = String::from_utf8_lossy(&qdiscs.stdout);
@@ -329,6 +610,50 @@ fn egress_modes_take_effect_through_the_agent() {
             && l.contains("100Mbit")),
         "{qdiscs}"
     );
-    drop(services);
+    drop(cluster);
+    assert!(common::netns_with_prefix(&prefix).is_empty());
+}
+
+#[test]
+fn an_agent_without_isolation_refuses_what_it_cannot_enforce() {
+    if common::skip() || common::skip_without(&["nsenter", "python3"]) {
+        return;
+    }
+    let cluster = Cluster::start(false, "insecure_network_isolation_disabled = true\n");
+    // Said at every start.
+    let log = std::fs::read_to_string(cluster.dir().join("agent.log")).unwrap();
+    assert!(
+        log.contains("WARN") && log.contains("insecure_network_isolation_disabled"),
+        "{log}"
+    );
+    let zip = probe_zip(cluster.dir());
+    let outcome = cluster.run(|c| async move {
+        let c = c.unwrap();
+        create(
+            &c,
+            &zip,
+            "unisolated-none",
+            json!({"internetAccess": false}),
+        )
+        .await?;
+        let refused = probe(&c, "unisolated-none", &[]).await?;
+        // FC's default runs: the operator turned isolation off explicitly.
+        create(&c, &zip, "unisolated-default", json!({})).await?;
+        let ran = probe(&c, "unisolated-default", &[]).await?;
+        Ok::<_, String>((refused, ran))
+    });
+    let ((status, body), (ran_status, ran)) =
+        outcome.unwrap_or_else(|e| panic!("{e}\n{}", cluster.services.logs()));
+    let text = body.to_string();
+    assert_ne!(status, 200, "{text}");
+    assert!(
+        text.contains("FunctionNotStarted")
+            && text.contains("no network isolation")
+            && text.contains("internetAccess: false"),
+        "refused, saying why: {status} {text}"
+    );
+    assert_eq!(ran_status, 200, "{ran}\n{}", cluster.services.logs());
+    let prefix = cluster.services.prefix.clone();
+    drop(cluster);
     assert!(common::netns_with_prefix(&prefix).is_empty());
 }

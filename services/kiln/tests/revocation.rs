@@ -29,7 +29,8 @@ fn agent_config(
          gateway_internal_url = \"https://127.0.0.1:{gi}\"\ndrain_on_shutdown = true\n\
          [tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\
          [node]\nzone = \"zone-a\"\ntenancy = \"dedicated\"\nmemory_mb = 4096\ncpu_milli = 16000\nmax_instances = 64\n\
-         [sandbox]\nname_prefix = {prefix:?}\ninstance_subnet = {:?}\ncgroup_parent = {prefix:?}\nrootfs_dir = {:?}\n",
+         [sandbox]\nname_prefix = {prefix:?}\ninstance_subnet = {:?}\ncgroup_parent = {prefix:?}\nrootfs_dir = {:?}\n\
+             insecure_network_isolation_disabled = true\n",
         dir.join(node.as_str()),
         tls.ca,
         tls.cert,

@@ -40,6 +40,8 @@ pub enum ContainerConfigError {
     Mirror(String),
     #[error("Invalid [sandbox.network] section: {0}")]
     Network(#[from] crate::net::NetworkConfigError),
+    #[error("[sandbox.network] and sandbox.insecure_network_isolation_disabled = true contradict each other: remove the insecure setting")]
+    IsolationBoth,
 }
 
 /// Which runc-compatible CLI runs the bundles.
@@ -93,9 +95,17 @@ pub struct ContainerConfig {
     /// with more CPU of their own keep theirs.
     pub cold_start_cpu_milli: u32,
     /// `[sandbox.network]`: per-instance egress isolation (FC's egress
-    /// modes in an nftables table, VPC bridges, tc shaping). Absent: no
-    /// isolation, instances reach only what the host routes for them.
+    /// modes in an nftables table, VPC bridges, tc shaping). Required:
+    /// the agent refuses to start without it unless
+    /// `insecure_network_isolation_disabled` is set.
     pub network: Option<crate::net::NetworkConfig>,
+    /// Run without `[sandbox.network]` on a dedicated development node:
+    /// instances then reach whatever the host routes for them (the node's
+    /// own ports, the private network, the metadata address). Only FC's
+    /// default egress mode (internet) runs; functions asking for less
+    /// (`internetAccess: false`, a VPC) are refused. Refused on
+    /// multi-tenant nodes, logged at warn on every start.
+    pub insecure_network_isolation_disabled: bool,
 }
 
 impl Default for ContainerConfig {
@@ -118,6 +128,7 @@ impl Default for ContainerConfig {
             cold_start_boost_ms: 20_000,
             cold_start_cpu_milli: 2_000,
             network: None,
+            insecure_network_isolation_disabled: false,
         }
     }
 }
@@ -193,6 +204,9 @@ impl ContainerConfig {
         }
         if let Some(network) = &self.network {
             network.validate()?;
+        }
+        if self.network.is_some() && self.insecure_network_isolation_disabled {
+            return Err(ContainerConfigError::IsolationBoth);
         }
         Ok(())
     }

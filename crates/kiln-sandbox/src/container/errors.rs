@@ -24,8 +24,5 @@ pub(super) fn net_err(e: NetworkError) -> SandboxError {
 }
 
 pub(super) fn isolation_err(e: NetIsolationError) -> SandboxError {
-    match e {
-        NetIsolationError::VpcAddressesExhausted(_) => SandboxError::Exhausted(e.to_string()),
-        other => SandboxError::network("isolation", other),
-    }
+    crate::net::isolation::attach_error(e)
 }

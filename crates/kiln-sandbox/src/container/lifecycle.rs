@@ -45,6 +45,14 @@ impl ContainerDriver {
         record: &mut Option<InstanceRecord>,
     ) -> Result<Sandbox, SandboxError> {
         let spec = &req.spec;
+        // Never silently ignore a function's egress mode: without
+        // isolation only FC's default (internet) may run, and only because
+        // the operator turned isolation off explicitly (the agent checks).
+        if self.isolation.is_none() {
+            if let Some(why) = crate::net::isolation::unisolated_refusal(spec.network.as_ref()) {
+                return Err(SandboxError::Unenforceable(why));
+            }
+        }
         let rootfs = rootfs_path(&self.rootfs_dir, spec.runtime);
         let slot: NetSlot = self.pool.take().await.map_err(net_err)?;
         let endpoint = SocketAddr::new(slot.instance_addr.into(), spec.port);

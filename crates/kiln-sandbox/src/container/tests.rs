@@ -653,6 +653,52 @@ async fn instances_are_attached_to_the_isolation_and_detached_on_destroy() {
 }
 
 #[tokio::test]
+async fn without_isolation_only_internet_functions_start() {
+    let h = harness().await;
+    assert!(h.driver.net_isolation().is_none());
+    for network in [
+        kiln_core::NetworkSpec {
+            internet_access: false,
+            vpc: None,
+        },
+        kiln_core::NetworkSpec {
+            internet_access: true,
+            vpc: Some(kiln_core::VpcAttachment {
+                vpc_id: "vpc-a".into(),
+                vswitch_ids: vec!["vsw-a".into()],
+                security_group_id: "sg-a".into(),
+            }),
+        },
+    ] {
+        let mut spec = sample_spec();
+        spec.runtime = RuntimeName::Custom;
+        spec.network = Some(network);
+        let req = SandboxRequest {
+            instance_id: InstanceId::generate(),
+            spec: spec.seal(),
+            code_dir: h.code.clone(),
+        };
+        let err = h.driver.create(&req).await.unwrap_err();
+        let SandboxError::Unenforceable(why) = &err else {
+            panic!("{err}")
+        };
+        assert!(
+            why.contains("internetAccess") && why.contains("[sandbox.network]"),
+            "says what and how to fix: {why}"
+        );
+        // Nothing was made for it.
+        assert!(h.net.existing().is_empty());
+        assert!(h.mounter.mounted().is_empty());
+        assert!(h.driver.list().await.unwrap().is_empty());
+    }
+    // FC's default runs (the agent admits it only with the insecure
+    // setting).
+    let req = request(&h, RuntimeName::Custom);
+    h.driver.create(&req).await.unwrap();
+    h.driver.destroy(&req.instance_id).await.unwrap();
+}
+
+#[tokio::test]
 async fn an_instance_whose_network_cannot_be_isolated_does_not_start() {
     let (h, _cmd) = isolated_harness().await;
     let iso = h.driver.net_isolation().unwrap().clone();
@@ -673,8 +719,7 @@ async fn an_instance_whose_network_cannot_be_isolated_does_not_start() {
     };
     let err = h.driver.create(&req).await.unwrap_err();
     assert!(
-        matches!(&err, SandboxError::Network { .. })
-            && kiln_core::error_chain(&err).contains("vpc-unknown"),
+        matches!(&err, SandboxError::Unenforceable(m) if m.contains("vpc-unknown")),
         "{err}"
     );
     assert!(iso.attached().is_empty());

@@ -90,10 +90,7 @@ fn fs_fail(what: String) -> SandboxError {
 }
 
 fn isolation_err(e: NetIsolationError) -> SandboxError {
-    match e {
-        NetIsolationError::VpcAddressesExhausted(_) => SandboxError::Exhausted(e.to_string()),
-        other => SandboxError::network("isolation", other),
-    }
+    crate::net::isolation::attach_error(e)
 }
 
 fn host_err(e: HostError) -> SandboxError {
@@ -1413,6 +1410,13 @@ impl Inner {
     async fn create(self: &Arc<Self>, req: &SandboxRequest) -> Result<Sandbox, SandboxError> {
         let spec = &req.spec;
         process::check_spec(spec).map_err(SandboxError::invalid_spec)?;
+        // Never silently ignore a function's egress mode (see the
+        // container driver).
+        if self.isolation.get().is_none() {
+            if let Some(why) = crate::net::isolation::unisolated_refusal(spec.network.as_ref()) {
+                return Err(SandboxError::Unenforceable(why));
+            }
+        }
         let env: BTreeMap<String, String> =
             process::process_env(&req.instance_id, spec, self.region.as_deref())
                 .map_err(SandboxError::invalid_spec)?

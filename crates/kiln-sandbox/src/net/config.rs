@@ -21,7 +21,35 @@ pub enum NetworkConfigError {
     Vpc(String),
     #[error("ovs_netns must be a namespace name or a pid, got {0:?}")]
     OvsNetns(String),
+    #[error("Invalid {0} list: {1}")]
+    Filter(&'static str, String),
 }
+
+/// What an instance with internet access may never reach, whatever the
+/// operator configures: "internet mode is the internet". Private
+/// (RFC 1918), CGNAT (100.64/10), link-local (169.254/16: the cloud
+/// metadata address), loopback, "this network" (0/8), multicast and the
+/// reserved range up to the limited broadcast address. The function's
+/// own VPC is reached before this list applies (by its security group),
+/// and `allow` names exceptions.
+pub const ALWAYS_DENIED: [&str; 9] = [
+    "0.0.0.0/8",
+    "10.0.0.0/8",
+    "100.64.0.0/10",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "224.0.0.0/4",
+    "240.0.0.0/4",
+];
+
+/// The most entries `deny` and `allow` may each hold.
+pub const FILTER_MAX: usize = 1024;
+
+/// The shortest prefix an `allow` entry may have: exceptions are for
+/// specific hosts or networks (a DNS resolver), not for undoing the list.
+pub const ALLOW_MIN_PREFIX: u8 = 8;
 
 /// An IPv4 network (`192.168.0.0/16`, `0.0.0.0/0`, `10.0.0.5/32`), host
 /// bits zero.
@@ -195,6 +223,18 @@ pub struct NetworkConfig {
     /// ovs-vswitchd runs in, when the agent runs in another one.
     pub ovs_netns: Option<String>,
     pub vpcs: Vec<VpcDef>,
+    /// Networks instances with internet access may not reach, on top of
+    /// [`ALWAYS_DENIED`]: other cluster hosts' public addresses (their
+    /// control ports), the provider's internal services.
+    pub deny: Vec<Ipv4Net>,
+    /// Exceptions to the deny lists for instances with internet access
+    /// (a DNS resolver in a private range). Checked first.
+    pub allow: Vec<Ipv4Net>,
+    /// TCP ports of this node's internet-facing services (the public
+    /// gateway of a `kiln dev` node) that instances with internet access
+    /// may reach on the node's addresses, as anyone on the internet may.
+    /// Every other port of the node stays closed to every instance.
+    pub public_ports: Vec<u16>,
 }
 
 impl Default for NetworkConfig {
@@ -205,6 +245,9 @@ impl Default for NetworkConfig {
             performance_bandwidth_mbit: 5000,
             ovs_netns: None,
             vpcs: Vec::new(),
+            deny: Vec::new(),
+            allow: Vec::new(),
+            public_ports: Vec::new(),
         }
     }
 }
@@ -249,6 +292,28 @@ impl NetworkConfig {
             if !ok {
                 return Err(NetworkConfigError::OvsNetns(ns.clone()));
             }
+        }
+        for (name, list) in [("deny", &self.deny), ("allow", &self.allow)] {
+            if list.len() > FILTER_MAX {
+                return Err(NetworkConfigError::Filter(
+                    name,
+                    format!("at most {FILTER_MAX} networks, got {}", list.len()),
+                ));
+            }
+        }
+        if self.public_ports.len() > 64 || self.public_ports.contains(&0) {
+            return Err(NetworkConfigError::Filter(
+                "public_ports",
+                "at most 64 ports, each 1 to 65535".into(),
+            ));
+        }
+        if let Some(wide) = self.allow.iter().find(|n| n.prefix_len < ALLOW_MIN_PREFIX) {
+            return Err(NetworkConfigError::Filter(
+                "allow",
+                format!(
+                    "{wide} is wider than /{ALLOW_MIN_PREFIX}: allow names specific exceptions (a DNS resolver); an instance that needs a private network belongs in a VPC"
+                ),
+            ));
         }
         if self.vpcs.len() > 100 {
             return Err(NetworkConfigError::Vpc("at most 100 VPCs per node".into()));
@@ -302,6 +367,17 @@ impl NetworkConfig {
             }
         }
         Ok(())
+    }
+
+    /// Every network internet-mode instances may not reach:
+    /// [`ALWAYS_DENIED`] and then `deny`.
+    pub fn denied(&self) -> Vec<Ipv4Net> {
+        let mut all: Vec<Ipv4Net> = ALWAYS_DENIED
+            .iter()
+            .map(|n| n.parse().expect("a valid built-in network"))
+            .collect();
+        all.extend(self.deny.iter().copied());
+        all
     }
 
     pub fn vpc(&self, id: &str) -> Option<(usize, &VpcDef)> {
@@ -378,5 +454,48 @@ mod tests {
         );
         assert!(bad(|c| c.vpcs.push(c.vpcs[0].clone())).contains("repeated"));
         assert!(bad(|c| c.ovs_netns = Some("../x".into())).contains("ovs_netns"));
+        assert!(bad(|c| c.allow = vec!["0.0.0.0/0".parse().unwrap()]).contains("allow"));
+        assert!(bad(|c| c.public_ports = vec![0]).contains("public_ports"));
+        assert!(bad(|c| c.allow = vec!["8.0.0.0/7".parse().unwrap()]).contains("wider than /8"));
+        assert!(
+            bad(|c| c.deny = vec!["203.0.113.7/32".parse().unwrap(); FILTER_MAX + 1])
+                .contains("at most")
+        );
+    }
+
+    #[test]
+    fn deny_and_allow_parse_as_networks() {
+        let c: NetworkConfig = serde_json::from_value(serde_json::json!({
+            "deny": ["203.0.113.7/32"], "allow": ["10.0.0.53/32"]
+        }))
+        .unwrap();
+        c.validate().unwrap();
+        let denied = c.denied();
+        assert_eq!(denied.len(), ALWAYS_DENIED.len() + 1);
+        for ip in [
+            "10.1.2.3",
+            "172.31.0.1",
+            "192.168.1.1",
+            "100.64.0.1",
+            "169.254.169.254",
+            "127.0.0.1",
+            "0.0.0.0",
+            "224.0.0.251",
+            "255.255.255.255",
+            "203.0.113.7",
+        ] {
+            let ip: Ipv4Addr = ip.parse().unwrap();
+            assert!(denied.iter().any(|n| n.contains(ip)), "{ip} is denied");
+        }
+        for ip in ["198.51.100.2", "8.8.8.8", "100.128.0.1", "172.32.0.1"] {
+            let ip: Ipv4Addr = ip.parse().unwrap();
+            assert!(!denied.iter().any(|n| n.contains(ip)), "{ip} is not denied");
+        }
+        // Bad networks are refused when the file is read.
+        let e =
+            serde_json::from_value::<NetworkConfig>(serde_json::json!({"deny": ["10.0.0.1/8"]}))
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("host bits"), "{e}");
     }
 }

@@ -8,15 +8,20 @@
 //!
 //! | mode | internet | its VPC | other instances | node services | spoofed source |
 //! |---|---|---|---|---|---|
-//! | internet (FC's default) | masqueraded out the uplink | no | no | no | no |
+//! | internet (FC's default) | public addresses, masqueraded out the uplink | no | no | no | no |
 //! | VPC | no | by its security group | no | no | no |
-//! | internet and VPC | yes | yes | no | no | no |
+//! | internet and VPC | public addresses | yes | no | no | no |
 //! | none | no | no | no | no | no |
 //!
 //! "Node services" are the node's own addresses: an instance gets only
 //! replies from them (the agent reaching the instance's port is the one
-//! way in). Every mode drops anything from the interface whose source is
-//! not the instance's address.
+//! way in), except that instances with internet access reach the node's
+//! configured `public_ports` (its internet-facing gateway) as the internet
+//! does. Every mode drops anything from the interface whose source is
+//! not the instance's address, and everything but IPv4. "Public addresses":
+//! not in [`super::config::ALWAYS_DENIED`] (private, CGNAT, link-local,
+//! loopback, multicast) nor in the configured `deny` list (other cluster
+//! hosts), unless in `allow` (a DNS resolver).
 //!
 //! VPCs: each VPC the node serves gets an Open vSwitch bridge
 //! `<prefix>v<n>` (userspace `netdev` datapath) and a veth pair, `<prefix>v<n>g`
@@ -66,6 +71,33 @@ impl EgressMode {
                 (true, true) => Self::InternetAndVpc,
                 (false, false) => Self::None,
             },
+        }
+    }
+}
+
+/// Why an instance in egress mode `mode` cannot start on a node without
+/// network isolation; `None` when it can (FC's default, internet access,
+/// on a node whose operator turned isolation off explicitly: see
+/// `insecure_network_isolation_disabled`). Nothing is ever silently
+/// ignored: a function that asks for less than the internet is refused.
+pub fn unisolated_refusal(network: Option<&NetworkSpec>) -> Option<String> {
+    match EgressMode::of(network) {
+        EgressMode::Internet => None,
+        mode => Some(format!(
+            "the function's egress mode ({}) needs network isolation, and this node runs without it (no [sandbox.network] in the agent's configuration; sandbox.insecure_network_isolation_disabled = true). Configure [sandbox.network] on the node (docs/security.md, \"Egress\") or place the function on a node that has it",
+            mode.describe()
+        )),
+    }
+}
+
+impl EgressMode {
+    /// The mode as FC's settings say it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Internet => "internetAccess: true",
+            Self::Vpc => "internetAccess: false with vpcConfig",
+            Self::InternetAndVpc => "internetAccess: true with vpcConfig",
+            Self::None => "internetAccess: false",
         }
     }
 }
@@ -181,6 +213,22 @@ fn s(v: &[&str]) -> Vec<String> {
     v.iter().map(|x| (*x).to_owned()).collect()
 }
 
+/// Map an attach failure to the sandbox's error: a VPC, vSwitch or
+/// security group the node does not serve is the function's
+/// configuration this node cannot enforce, not a node fault.
+pub fn attach_error(e: NetIsolationError) -> crate::SandboxError {
+    use crate::SandboxError;
+    match e {
+        NetIsolationError::VpcAddressesExhausted(_) => SandboxError::Exhausted(e.to_string()),
+        NetIsolationError::UnknownVpc(_)
+        | NetIsolationError::UnknownVSwitch(_)
+        | NetIsolationError::UnknownSecurityGroup { .. } => {
+            SandboxError::Unenforceable(e.to_string())
+        }
+        other => SandboxError::network("isolation", other),
+    }
+}
+
 impl NetIsolation {
     /// Remove whatever a previous run with this prefix left (its table,
     /// bridges, gateways, ifbs), enable forwarding and create the table.
@@ -201,7 +249,13 @@ impl NetIsolation {
         me.cmd
             .run("sysctl", &s(&["-q", "-w", "net.ipv4.ip_forward=1"]), None)
             .await?;
-        let table = rules::base_table(&me.names, me.config.uplink_interface.as_deref());
+        let table = rules::base_table(
+            &me.names,
+            me.config.uplink_interface.as_deref(),
+            &me.config.denied(),
+            &me.config.allow,
+            &me.config.public_ports,
+        );
         me.nft(&table).await?;
         tracing::info!(table = %me.names.table(), "network isolation table created");
         Ok(me)

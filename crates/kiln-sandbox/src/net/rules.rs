@@ -4,11 +4,18 @@
 //! is forwarded to it) and map elements pointing at them, so adding or
 //! removing an instance touches only its own rules. Nothing outside the
 //! table `inet <prefix>` is ever read or changed.
+//!
+//! "Internet" means the public internet: an instance with internet access
+//! goes through the table's `allow` set (operator exceptions) and then its
+//! `deny` set (private, CGNAT, link-local, loopback, multicast and the
+//! operator's own entries) before anything leaves; its own VPC is matched
+//! before either, by its security group. IPv4 only: every other protocol
+//! family from an instance is dropped first.
 
 use std::fmt::Write;
 use std::net::Ipv4Addr;
 
-use super::config::{SgProtocol, SgRule};
+use super::config::{Ipv4Net, SgProtocol, SgRule};
 use super::names::Names;
 
 /// What one instance may do, as the rules need it.
@@ -31,8 +38,26 @@ pub struct VpcRules {
     pub egress: Vec<SgRule>,
 }
 
-/// The base table. `uplink`: where internet traffic may leave.
-pub fn base_table(names: &Names, uplink: Option<&str>) -> String {
+fn set_elements(nets: &[Ipv4Net]) -> String {
+    if nets.is_empty() {
+        return String::new();
+    }
+    let list: Vec<String> = nets.iter().map(ToString::to_string).collect();
+    format!("\n    elements = {{ {} }}", list.join(", "))
+}
+
+/// The base table. `uplink`: where internet traffic may leave; `deny` and
+/// `allow`: what instances with internet access may not reach, and the
+/// exceptions (overlaps are merged by nft).
+/// `public_ports`: the node's internet-facing TCP ports, open to
+/// instances with internet access (the `internet` set of interfaces).
+pub fn base_table(
+    names: &Names,
+    uplink: Option<&str>,
+    deny: &[Ipv4Net],
+    allow: &[Ipv4Net],
+    public_ports: &[u16],
+) -> String {
     let t = names.table();
     let inst = names.instance_wildcard();
     let vpc = names.vpc_wildcard();
@@ -46,9 +71,20 @@ pub fn base_table(names: &Names, uplink: Option<&str>) -> String {
   map ingress {{ type ifname : verdict; }}
   map vpc_dnat {{ type ipv4_addr : ipv4_addr; }}
   map vpc_snat {{ type ipv4_addr : ipv4_addr; }}
+  set deny {{
+    type ipv4_addr; flags interval; auto-merge;{deny}
+  }}
+  set allow {{
+    type ipv4_addr; flags interval; auto-merge;{allow}
+  }}
+  set internet {{ type ifname; }}
+  set public_ports {{
+    type inet_service;{ports}
+  }}
   chain input {{
     type filter hook input priority filter; policy accept;
     iifname \"{inst}\" ct state established,related accept
+    iifname @internet meta nfproto ipv4 meta l4proto tcp th dport @public_ports accept
     iifname \"{inst}\" drop
   }}
   chain forward {{
@@ -68,7 +104,15 @@ pub fn base_table(names: &Names, uplink: Option<&str>) -> String {
     {masq}
   }}
 }}
-"
+",
+        deny = set_elements(deny),
+        allow = set_elements(allow),
+        ports = if public_ports.is_empty() {
+            String::new()
+        } else {
+            let list: Vec<String> = public_ports.iter().map(ToString::to_string).collect();
+            format!("\n    elements = {{ {} }}", list.join(", "))
+        },
     )
 }
 
@@ -108,8 +152,8 @@ pub fn add_instance(names: &Names, r: &InstanceRules) -> String {
     let _ = writeln!(s, "add chain inet {t} {e}");
     let _ = writeln!(s, "add chain inet {t} {i}");
     // What it sends: IPv4 from its own address only, never to another
-    // instance, to its VPC as its security group allows, out the uplink
-    // when it has internet access; nothing else.
+    // instance, to its VPC as its security group allows, to the public
+    // internet when it has internet access; nothing else.
     let _ = writeln!(s, "add rule inet {t} {e} meta nfproto != ipv4 drop");
     let _ = writeln!(s, "add rule inet {t} {e} ip saddr != {ip} drop");
     let _ = writeln!(s, "add rule inet {t} {e} oifname \"{inst}\" drop");
@@ -129,6 +173,8 @@ pub fn add_instance(names: &Names, r: &InstanceRules) -> String {
     }
     let _ = writeln!(s, "add rule inet {t} {e} oifname \"{vpc_wild}\" drop");
     if r.internet {
+        let _ = writeln!(s, "add rule inet {t} {e} ip daddr @allow accept");
+        let _ = writeln!(s, "add rule inet {t} {e} ip daddr @deny drop");
         let _ = writeln!(s, "add rule inet {t} {e} accept");
     }
     let _ = writeln!(s, "add rule inet {t} {e} drop");
@@ -154,6 +200,9 @@ pub fn add_instance(names: &Names, r: &InstanceRules) -> String {
         "add element inet {t} egress {{ \"{}\" : jump {e} }}",
         r.iface
     );
+    if r.internet {
+        let _ = writeln!(s, "add element inet {t} internet {{ \"{}\" }}", r.iface);
+    }
     let _ = writeln!(
         s,
         "add element inet {t} ingress {{ \"{}\" : jump {i} }}",
@@ -181,6 +230,9 @@ pub fn delete_instance(names: &Names, r: &InstanceRules) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "delete element inet {t} egress {{ \"{}\" }}", r.iface);
     let _ = writeln!(s, "delete element inet {t} ingress {{ \"{}\" }}", r.iface);
+    if r.internet {
+        let _ = writeln!(s, "delete element inet {t} internet {{ \"{}\" }}", r.iface);
+    }
     if let Some(v) = &r.vpc {
         let _ = writeln!(s, "delete element inet {t} vpc_dnat {{ {} }}", v.vpc_addr);
         let _ = writeln!(
@@ -225,15 +277,88 @@ mod tests {
 
     #[test]
     fn the_base_table_confines_instances_by_interface() {
-        let s = base_table(&names(), Some("eth0"));
+        let s = base_table(&names(), Some("eth0"), &[], &[], &[]);
         assert!(s.starts_with("table inet kt {"));
+        assert!(s.contains("set deny {\n    type ipv4_addr; flags interval; auto-merge;\n  }"));
+        // Only replies from the node, and its public ports for instances
+        // with internet access; nothing else.
         assert!(s.contains(
-            "iifname \"kt-*\" ct state established,related accept\n    iifname \"kt-*\" drop"
+            "iifname \"kt-*\" ct state established,related accept\n    iifname @internet meta nfproto ipv4 meta l4proto tcp th dport @public_ports accept\n    iifname \"kt-*\" drop"
         ));
         assert!(s.contains("iifname \"kt-*\" oifname \"eth0\" masquerade"));
         assert!(s.contains("oifname \"ktv*\" snat ip to ip saddr map @vpc_snat"));
-        let s = base_table(&names(), None);
+        let s = base_table(&names(), None, &[], &[], &[]);
         assert!(s.contains("oifname != \"kt-*\" oifname != \"ktv*\" masquerade"));
+    }
+
+    #[test]
+    fn the_base_table_holds_the_deny_and_allow_sets() {
+        let config = crate::net::NetworkConfig {
+            deny: vec!["203.0.113.0/24".parse().unwrap()],
+            allow: vec!["10.0.0.53/32".parse().unwrap()],
+            ..Default::default()
+        };
+        let s = base_table(&names(), None, &config.denied(), &config.allow, &[8443]);
+        // The node's own ports: only its public ones, only for instances
+        // with internet access, before the instances' drop.
+        assert!(
+            s.contains(
+                "  set public_ports {\n    type inet_service;\n    elements = { 8443 }\n  }"
+            ),
+            "{s}"
+        );
+        assert!(s.contains("iifname @internet meta nfproto ipv4 meta l4proto tcp th dport @public_ports accept\n    iifname \"kt-*\" drop"), "{s}");
+        assert!(
+            s.contains(
+                "set deny {\n    type ipv4_addr; flags interval; auto-merge;\n    elements = { 0.0.0.0/8, 10.0.0.0/8, 100.64.0.0/10, 127.0.0.0/8, 169.254.0.0/16, 172.16.0.0/12, 192.168.0.0/16, 224.0.0.0/4, 240.0.0.0/4, 203.0.113.0/24 }\n  }"
+            ),
+            "{s}"
+        );
+        assert!(s.contains("set allow {\n    type ipv4_addr; flags interval; auto-merge;\n    elements = { 10.0.0.53/32 }\n  }"), "{s}");
+    }
+
+    #[test]
+    fn internet_means_the_public_internet_in_both_internet_modes() {
+        let mut r = vpc_rules();
+        for (internet, vpc) in [(true, false), (true, true), (false, true), (false, false)] {
+            r.internet = internet;
+            let mut r = r.clone();
+            if !vpc {
+                r.vpc = None;
+            }
+            let s = add_instance(&names(), &r);
+            let pos = |needle: &str| s.find(needle);
+            let (allow, deny, accept) = (
+                pos("e-kt-1f ip daddr @allow accept\n"),
+                pos("e-kt-1f ip daddr @deny drop\n"),
+                pos("e-kt-1f accept\n"),
+            );
+            let public = pos("add element inet kt internet { \"kt-1f\" }");
+            let undo = delete_instance(&names(), &r);
+            let unpublic = undo.contains("delete element inet kt internet { \"kt-1f\" }");
+            if !internet {
+                assert_eq!(
+                    (allow, deny, accept, public),
+                    (None, None, None, None),
+                    "{s}"
+                );
+                assert!(!unpublic, "{undo}");
+                continue;
+            }
+            assert!(public.is_some() && unpublic, "{s}\n{undo}");
+            let (allow, deny, accept) = (allow.unwrap(), deny.unwrap(), accept.unwrap());
+            // Exceptions, then the deny list, then the internet.
+            assert!(allow < deny && deny < accept, "{s}");
+            // Non-IPv4 is dropped before anything is accepted.
+            assert!(pos("meta nfproto != ipv4 drop").unwrap() < allow);
+            if vpc {
+                // Its own VPC (private addresses) is reached by its
+                // security group before the deny list applies.
+                assert!(pos("oifname \"ktv0g\" ip daddr 192.168.0.0/16 accept").unwrap() < deny);
+                // Other VPCs' gateways never.
+                assert!(pos("oifname \"ktv*\" drop").unwrap() < allow);
+            }
+        }
     }
 
     #[test]
@@ -251,6 +376,7 @@ mod tests {
         r.vpc = None;
         let s = add_instance(&names(), &r);
         assert!(s.contains("add rule inet kt e-kt-1f accept\n"));
+        assert!(s.contains("add rule inet kt e-kt-1f ip daddr @deny drop\n"));
         assert!(!s.contains("vpc_"));
         // The anti-spoof and inter-instance drops come before any accept.
         let spoof = s.find("ip saddr !=").unwrap();

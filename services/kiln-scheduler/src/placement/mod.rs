@@ -28,7 +28,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use kiln_core::limits::{CONCURRENCY_MAX, CONCURRENCY_MIN};
-use kiln_core::{AccountId, FcError, FunctionName, InstanceId, InstanceSpec, LeaseId, NodeId};
+use kiln_core::{
+    AccountId, FcError, FcErrorCode, FunctionName, InstanceId, InstanceSpec, LeaseId, NodeId,
+};
 use kiln_internal_api::{
     AccountLimits, FunctionLimits, InstanceInfo, Lease, LeaseOutcome, NodeInfo, ProvisionConfig,
     ProvisionDetail, ProvisionStatus, RegisterNode, Tenancy,
@@ -886,6 +888,32 @@ impl Placement {
                  joined, or use another runtime",
                 spec.runtime
             )));
+        }
+        // No node enforces the function's network configuration: never
+        // place it where it would run with less isolation than it asks for.
+        let offering: Vec<&Node> = self
+            .nodes
+            .values()
+            .filter(|n| n.state.can_place() && n.labels.offers(spec.runtime))
+            .collect();
+        if !offering.iter().any(|n| n.enforces_network(spec)) {
+            // Each distinct reason once: "no isolation" from some nodes,
+            // "does not serve VPC x" from others.
+            let mut whys: Vec<String> = offering
+                .iter()
+                .filter_map(|n| n.labels.network_isolation.refusal(spec.network.as_ref()))
+                .collect();
+            whys.sort();
+            whys.dedup();
+            let why = whys.join("; ");
+            return Err(FcError::new(
+                FcErrorCode::FunctionNotStarted,
+                format!(
+                    "no compute node can enforce the function's network configuration ({why}); \
+                     add [sandbox.network] (and the VPC) to a node's agent configuration, or \
+                     change the function's internetAccess/vpcConfig"
+                ),
+            ));
         }
         // No room: say what ran out, over the nodes this instance may use.
         let eligible: Vec<&Node> = self

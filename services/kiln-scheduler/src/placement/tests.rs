@@ -61,6 +61,7 @@ pub(crate) fn registration(
             }],
             dedicated_account: dedicated.map(|a| a.parse().unwrap()),
             runtimes: None,
+            network_isolation: Default::default(),
         },
         instances: vec![],
     }
@@ -229,6 +230,63 @@ fn no_node_is_unavailable() {
     let err = f.p.acquire(&spec("1", "a", 1, 128), f.now()).unwrap_err();
     assert_eq!(err.code, FcErrorCode::ServiceUnavailable);
     assert!(err.message.contains("no compute node"));
+}
+
+#[test]
+fn functions_go_only_to_nodes_that_enforce_their_network() {
+    use kiln_core::{NetworkSpec, VpcAttachment};
+    let with_network = |name: &str, internet_access: bool, vpc: Option<&str>| {
+        let mut s = spec("1", name, 1, 128);
+        s.network = Some(NetworkSpec {
+            internet_access,
+            vpc: vpc.map(|v| VpcAttachment {
+                vpc_id: v.into(),
+                vswitch_ids: vec!["vsw-a".into()],
+                security_group_id: "sg-a".into(),
+            }),
+        });
+        s.seal()
+    };
+    // Only a node without isolation (an older agent, or one whose
+    // operator turned it off): FC's default runs, less than the internet
+    // is refused, saying why.
+    let mut f = Fixture::new();
+    f.node("n1", 64 * 1024);
+    f.acquire_started(&spec("1", "default", 1, 128));
+    for s in [
+        with_network("none", false, None),
+        with_network("vpc", true, Some("vpc-a")),
+    ] {
+        let err = f.p.acquire(&s, f.now()).unwrap_err();
+        assert_eq!(err.code, FcErrorCode::FunctionNotStarted);
+        assert!(
+            err.message.contains("no network isolation")
+                && err.message.contains("[sandbox.network]"),
+            "{}",
+            err.message
+        );
+    }
+    assert_eq!(f.p.instance_count(), 1, "a refused acquire changes nothing");
+
+    // A node that enforces isolation and serves vpc-a joins: those go
+    // there, never to n1, even with room on n1.
+    let mut reg = registration(Some("n2"), 1024, Tenancy::Dedicated, None);
+    reg.labels.network_isolation = kiln_internal_api::NetworkIsolation {
+        enforced: true,
+        vpcs: vec!["vpc-a".into()],
+    };
+    let n2 = f.p.register(&reg, f.now()).unwrap().node_id;
+    for name in ["none", "vpc"] {
+        let s = with_network(name, name == "vpc", (name == "vpc").then_some("vpc-a"));
+        let lease = f.acquire_started(&s);
+        assert_eq!(lease.node_id, n2, "{name}");
+    }
+    // A VPC no node serves.
+    let err =
+        f.p.acquire(&with_network("other", false, Some("vpc-b")), f.now())
+            .unwrap_err();
+    assert_eq!(err.code, FcErrorCode::FunctionNotStarted);
+    assert!(err.message.contains("VPC vpc-b"), "{}", err.message);
 }
 
 #[test]

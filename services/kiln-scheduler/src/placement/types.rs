@@ -185,9 +185,20 @@ impl Node {
     }
 
     /// Whether an instance of `spec` may run here at all: its account
-    /// (see [`Node::accepts`]) and its runtime, which the node must offer.
+    /// (see [`Node::accepts`]), its runtime, which the node must offer,
+    /// and its network configuration, which the node must enforce.
     pub fn accepts_spec(&self, spec: &InstanceSpec) -> bool {
-        self.accepts(&spec.account_id) && self.labels.offers(spec.runtime)
+        self.accepts(&spec.account_id)
+            && self.labels.offers(spec.runtime)
+            && self.enforces_network(spec)
+    }
+
+    /// Whether the node can enforce the spec's egress mode and VPC.
+    pub fn enforces_network(&self, spec: &InstanceSpec) -> bool {
+        self.labels
+            .network_isolation
+            .refusal(spec.network.as_ref())
+            .is_none()
     }
 
     pub fn record(&self) -> NodeRecord {

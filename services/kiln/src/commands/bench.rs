@@ -163,6 +163,7 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
             .or_else(|| std::env::var_os("KILN_ROOTFS_CACHE").map(PathBuf::from)),
         idle_timeout_s: 300,
         credentials_lifetime_s: 3600,
+        insecure_no_network_isolation: false,
     };
     eprintln!("starting a dev cluster in {}", work.path().display());
     let cluster = DevCluster::start(&opts).await?;

@@ -25,6 +25,9 @@ pub struct DevOptions {
     pub idle_timeout_s: u64,
     /// The gateway's `credentials_lifetime_s`.
     pub credentials_lifetime_s: u64,
+    /// Run instances without network isolation
+    /// (`sandbox.insecure_network_isolation_disabled`).
+    pub insecure_no_network_isolation: bool,
 }
 
 /// The dev account and key, kept across restarts so clients stay valid.
@@ -176,6 +179,7 @@ impl DevCluster {
                     &pki,
                     &scheduler_url,
                     &gateway_internal,
+                    gateway.handle.public_addr().port(),
                     host_memory_mb(),
                 )?))
                 .await?

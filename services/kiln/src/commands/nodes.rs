@@ -209,6 +209,7 @@ mod tests {
                         sandbox_kinds: vec![SandboxKind::Container],
                         dedicated_account: None,
                         runtimes: None,
+                        network_isolation: Default::default(),
                     },
                     instances: vec![],
                 },

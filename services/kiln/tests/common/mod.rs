@@ -244,6 +244,17 @@ pub fn leftovers_cleanup(prefix: &str) {
         eprintln!("cleaning up leftover netns {ns}");
         let _ = Command::new("ip").args(["netns", "delete", &ns]).status();
     }
+    // The agent's isolation table (`inet <prefix>`, in the host's
+    // namespace for `kiln dev`), when its agent did not remove it.
+    let table = Command::new("nft")
+        .args(["list", "table", "inet", prefix])
+        .output();
+    if table.is_ok_and(|o| o.status.success()) {
+        eprintln!("cleaning up leftover nft table inet {prefix}");
+        let _ = Command::new("nft")
+            .args(["delete", "table", "inet", prefix])
+            .status();
+    }
     remove_cgroups(prefix);
 }
 
