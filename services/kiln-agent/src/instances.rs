@@ -41,6 +41,12 @@ pub enum InstanceError {
     /// `InitializationError`; the instance was destroyed.
     #[error("InitializationError: {0}")]
     Initialization(#[from] crate::hooks::HookError),
+    /// The spec attaches to a VPC its account does not own on this node.
+    #[error("Account {account} may not attach instances to VPC {vpc}: it is not one of the VPC's owners in this node's [sandbox.network] configuration")]
+    VpcNotOwned {
+        account: kiln_core::AccountId,
+        vpc: String,
+    },
     /// The function has a role but no temporary credentials could be had.
     #[error("Cannot get temporary credentials for the function's role: {}", .0.message)]
     Credentials(FcError),
@@ -63,6 +69,7 @@ impl InstanceError {
             Self::Initialization(e) => FcError::new(FcErrorCode::FunctionNotStarted, e.to_string())
                 .with_kind(FcErrorKind::Initialization),
             Self::Credentials(_) => FcError::new(FcErrorCode::FunctionNotStarted, self.to_string()),
+            Self::VpcNotOwned { .. } => FcError::new(FcErrorCode::AccessDenied, self.to_string()),
         }
     }
 }
@@ -241,6 +248,9 @@ pub struct ManagerSettings {
     pub region: Option<String>,
     /// Where instance records live (`state_dir/instances`).
     pub records_dir: PathBuf,
+    /// The owners of each VPC this node attaches instances to
+    /// (`[[sandbox.network.vpcs]]` `owners`), by VPC id.
+    pub vpc_owners: HashMap<String, Vec<kiln_core::AccountId>>,
 }
 
 /// Every instance of the node. Lookups take a read lock for a map access
@@ -498,6 +508,20 @@ impl InstanceManager {
         }
         if !is_digest(&spec.code_digest) {
             return invalid("code_digest must be 64 lower-case hex digits".into());
+        }
+        // Whoever asked (a scheduler, or something holding its key), an
+        // instance attaches only to a VPC its own account owns. A VPC this
+        // node does not know is refused by the network isolation.
+        if let Some(att) = spec.network.as_ref().and_then(|n| n.vpc.as_ref()) {
+            if let Some(owners) = self.settings.vpc_owners.get(&att.vpc_id) {
+                if !owners.contains(&spec.account_id) {
+                    tracing::warn!(account_id = %spec.account_id, vpc_id = %att.vpc_id, "refused an instance for a VPC its account does not own");
+                    return Err(InstanceError::VpcNotOwned {
+                        account: spec.account_id.clone(),
+                        vpc: att.vpc_id.clone(),
+                    });
+                }
+            }
         }
         Ok(())
     }

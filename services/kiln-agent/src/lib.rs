@@ -249,6 +249,13 @@ async fn start_with_trust(
             start_timeout: config.instance_start_timeout(),
             region: config.region.clone(),
             records_dir: config.state_dir.join("instance-records"),
+            vpc_owners: config
+                .sandbox
+                .network
+                .iter()
+                .flat_map(|n| &n.vpcs)
+                .map(|v| (v.id.clone(), v.owners.clone()))
+                .collect(),
         },
         metrics.clone(),
         Arc::new(SystemClock),

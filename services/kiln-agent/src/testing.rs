@@ -382,6 +382,7 @@ pub fn manager(
             start_timeout: Duration::from_secs(2),
             region: Some("cn-test".into()),
             records_dir: dir.join("instance-records"),
+            vpc_owners: Default::default(),
         },
         std::sync::Arc::new(crate::metrics::Metrics::new()),
         std::sync::Arc::new(kiln_core::SystemClock),

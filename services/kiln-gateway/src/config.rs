@@ -70,6 +70,15 @@ pub struct GatewayConfig {
     /// it also serves functions that take calls only from their VPCs.
     #[serde(default)]
     pub vpc_listener: Option<VpcListener>,
+    /// Per-account bounds: functions, code bytes, layer versions, async
+    /// queue depth (see [`crate::bounds`]).
+    #[serde(default)]
+    pub tenant_bounds: crate::bounds::TenantBoundsConfig,
+    /// The VPCs functions may attach to and the accounts that own each
+    /// (`[[vpcs]]`, see [`crate::vpcs`]); a `vpcConfig` or VPC binding
+    /// naming any other VPC is refused.
+    #[serde(default)]
+    pub vpcs: Vec<crate::vpcs::VpcOwners>,
 }
 
 /// `[vpc_listener]`: FC's API on an address only the listed VPCs reach.
@@ -197,6 +206,8 @@ impl GatewayConfig {
             async_queue: AsyncQueueConfig::default(),
             runtimes: Vec::new(),
             vpc_listener: None,
+            tenant_bounds: Default::default(),
+            vpcs: Vec::new(),
         }
     }
 
@@ -281,6 +292,8 @@ impl GatewayConfig {
                     .into(),
             );
         }
+        self.tenant_bounds.validate().or_else(invalid)?;
+        crate::vpcs::validate(&self.vpcs).or_else(invalid)?;
         crate::runtimes::RuntimeCatalogue::from_config(&self.runtimes)
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         if let Some(sec) = &self.secrets {
