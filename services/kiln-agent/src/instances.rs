@@ -633,6 +633,9 @@ impl InstanceManager {
             Ok(started) => started,
             Err(e) => {
                 self.slots.write().expect("slots lock").remove(id.as_str());
+                // Whatever failed, no sandbox of this id is left (each
+                // failure after the sandbox was made destroyed it).
+                self.code.unpin(id.as_str());
                 self.metrics.creates_failed.inc();
                 tracing::warn!(error = %kiln_core::error_chain(&e), "instance did not start");
                 return Err(e);
@@ -694,6 +697,10 @@ impl InstanceManager {
         id: &InstanceId,
         spec: &InstanceSpec,
     ) -> Result<(SocketAddr, Option<PathBuf>), InstanceError> {
+        // Pinned first: the cache never evicts what this instance uses.
+        let mut digests = vec![spec.code_digest.clone()];
+        digests.extend(spec.layers.iter().cloned());
+        self.code.pin(id.as_str(), digests);
         let code_dir = self.code.ensure(&spec.code_digest, spec.code_size).await?;
         // Layer zips share the code cache (one extracted dir per digest);
         // the driver finds them beside `code_dir` (SandboxRequest::layer_dirs).
@@ -729,8 +736,11 @@ impl InstanceManager {
     }
 
     async fn destroy_sandbox(&self, id: &InstanceId) {
-        if let Err(e) = self.driver.destroy(id).await {
-            tracing::error!(instance_id = %id, error = %kiln_core::error_chain(&e), "cannot destroy sandbox");
+        match self.driver.destroy(id).await {
+            Ok(()) => self.code.unpin(id.as_str()),
+            Err(e) => {
+                tracing::error!(instance_id = %id, error = %kiln_core::error_chain(&e), "cannot destroy sandbox");
+            }
         }
     }
 
@@ -789,6 +799,7 @@ impl InstanceManager {
                 }
                 None => self.driver.destroy(id).await?,
             }
+            self.code.unpin(id.as_str());
             self.remove_record(id).await;
             self.update_gauge();
             tracing::info!("instance destroyed");
@@ -906,6 +917,9 @@ impl InstanceManager {
                 Some(r) => {
                     let log = self.instance_log(&r.instance_id, &r.spec, r.log_path, true);
                     let always_allocate_cpu = r.always_allocate_cpu;
+                    let mut digests = vec![r.spec.code_digest.clone()];
+                    digests.extend(r.spec.layers.iter().cloned());
+                    self.code.pin(id.as_str(), digests);
                     let instance = Instance::new(
                         r.instance_id,
                         r.spec,

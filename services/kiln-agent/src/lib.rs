@@ -238,7 +238,8 @@ async fn start_with_trust(
         Some((uid_base, uid_base)),
         backends.code_source,
         backends.unpacker,
-    );
+    )
+    .with_max_bytes(config.code_cache.max_bytes);
     let manager = Arc::new(InstanceManager::new(
         backends.driver.clone(),
         code,

@@ -94,6 +94,7 @@ fn config(state: &std::path::Path, pki: &DevPki, drain: bool) -> AgentConfig {
         },
         sandbox: Default::default(),
         usage: Default::default(),
+        code_cache: Default::default(),
     }
 }
 

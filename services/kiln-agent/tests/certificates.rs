@@ -97,6 +97,7 @@ fn agent_config(dir: &Path, tls: TlsFiles, scheduler_url: &str) -> AgentConfig {
         },
         sandbox: Default::default(),
         usage: Default::default(),
+        code_cache: Default::default(),
     }
 }
 

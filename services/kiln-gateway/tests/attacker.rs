@@ -64,6 +64,7 @@ async fn start_agent(
         },
         sandbox: Default::default(),
         usage: Default::default(),
+        code_cache: Default::default(),
     };
     let backends = Backends {
         driver: Arc::new(FakeDriver::at(runtime_addr)),
