@@ -303,6 +303,15 @@ impl CodeCache {
         }
     }
 
+    /// Whether an instance uses `digest`.
+    pub fn is_pinned(&self, digest: &str) -> bool {
+        self.lru
+            .lock()
+            .expect("code cache lock")
+            .pinned
+            .contains_key(digest)
+    }
+
     /// Bytes of extracted code held now, and directories evicted so far.
     pub fn usage(&self) -> (u64, u64) {
         let lru = self.lru.lock().expect("code cache lock");

@@ -1045,6 +1045,27 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_instance_pins_its_code_from_create_to_destroy() {
+        let (_l, addr) = listening().await;
+        let f = fixture(FakeDriver::at(addr));
+        let req = create(&f);
+        let id = req.instance_id.clone();
+        f.manager.create(req).await.unwrap();
+        assert!(f.manager.code.is_pinned(&f.digest));
+        f.manager.destroy(&id).await.unwrap();
+        assert!(!f.manager.code.is_pinned(&f.digest));
+        // A create that fails leaves nothing pinned.
+        let mut bad = create(&f);
+        bad.spec = sample_spec(&"ab".repeat(32), 9000);
+        f.manager.create(bad).await.unwrap_err();
+        assert!(!f.manager.code.is_pinned(&"ab".repeat(32)));
+        // A sandbox whose port never opens is destroyed and unpinned.
+        let g = fixture(FakeDriver::at(closed_port().await));
+        g.manager.create(create(&g)).await.unwrap_err();
+        assert!(!g.manager.code.is_pinned(&g.digest));
+    }
+
+    #[tokio::test]
     async fn create_list_destroy() {
         let (_l, addr) = listening().await;
         let f = fixture(FakeDriver::at(addr));
