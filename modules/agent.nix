@@ -120,6 +120,20 @@ in
       description = "Open the agent's mTLS port (the scheduler and gateways call it).";
     };
 
+    memoryMax = lib.mkOption {
+      type = types.nullOr types.str;
+      default = "2G";
+      example = "4G";
+      description = ''
+        systemd's `MemoryMax` for the agent's own unit: the agent, its
+        runc and helper processes (instances live in their own cgroups
+        under `settings.sandbox.cgroup_parent` and are not counted). A
+        bug or a hostile function that made the agent grow is then stopped
+        by the kernel and the agent restarted (it adopts its instances),
+        instead of taking the node's memory. `null` leaves it unbounded.
+      '';
+    };
+
     runtimeRootfs = lib.mkOption {
       type = types.attrsOf types.package;
       default = { };
@@ -415,6 +429,7 @@ in
           Delegate = "yes";
           # Let calls in flight finish; the agent removes leftovers on start.
           TimeoutStopSec = "90s";
+          MemoryMax = lib.mkIf (cfg.memoryMax != null) cfg.memoryMax;
           Restart = "on-failure";
           RestartSec = "2s";
           CapabilityBoundingSet = capabilities;

@@ -26,6 +26,10 @@ pub enum FcErrorCode {
     RequestTimeTooSkewed,
     SignatureNonceUsed,
     AccessDenied,
+    /// FC's code for a request that would take an account over one of its
+    /// resource quotas (functions, code bytes, layers; HTTP 400). Not
+    /// retryable: the caller must free something or have the quota raised.
+    LimitExceeded,
     ResourceThrottled,
     FunctionNotStarted,
     FunctionTimeout,
@@ -73,6 +77,7 @@ impl FcErrorCode {
             Self::RequestTimeTooSkewed => "RequestTimeTooSkewed",
             Self::SignatureNonceUsed => "SignatureNonceUsed",
             Self::AccessDenied => "AccessDenied",
+            Self::LimitExceeded => "LimitExceeded",
             Self::ResourceThrottled => "ResourceThrottled",
             Self::FunctionNotStarted => "FunctionNotStarted",
             Self::FunctionTimeout => "FunctionTimeout",
@@ -95,7 +100,10 @@ impl FcErrorCode {
     /// The HTTP status FC answers with for this code.
     pub fn http_status(self) -> u16 {
         match self {
-            Self::InvalidArgument | Self::MissingRequiredHeader | Self::EntityTooLarge => 400,
+            Self::InvalidArgument
+            | Self::MissingRequiredHeader
+            | Self::EntityTooLarge
+            | Self::LimitExceeded => 400,
             Self::SignatureNotMatch
             | Self::InvalidAccessKeyId
             | Self::RequestTimeTooSkewed

@@ -2,6 +2,13 @@
 //! by its sha256, verified, and extracted once into
 //! `state_dir/code/<sha256>`, immutable from then on and shared by every
 //! instance of every function with that code.
+//!
+//! The cache is bounded (`[code_cache] max_bytes`): when a new package
+//! takes it over, the least recently used directories go, except those
+//! pinned by an instance (from before its sandbox is made until it is
+//! destroyed) or being prepared. Eviction renames a directory out of the
+//! way under the same lock pins are taken with, so an instance never sees
+//! its code disappear and a later request fetches it again.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -140,6 +147,67 @@ pub struct CodeCache {
     /// One lock per digest being prepared: concurrent creates of the same
     /// code wait for the first one's download instead of starting their own.
     inflight: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The most bytes of extracted code kept; `None`: unbounded.
+    max_bytes: Option<u64>,
+    lru: Mutex<Lru>,
+}
+
+/// What the cache holds, when each was last used, and who uses it.
+#[derive(Default)]
+struct Lru {
+    entries: HashMap<String, Entry>,
+    total: u64,
+    tick: u64,
+    /// Digests each instance uses (its code and layers).
+    pins: HashMap<String, Vec<String>>,
+    /// How many instances use each digest.
+    pinned: HashMap<String, usize>,
+    evicted: u64,
+}
+
+struct Entry {
+    bytes: u64,
+    used: u64,
+}
+
+impl Lru {
+    fn touch(&mut self, digest: &str) {
+        self.tick += 1;
+        if let Some(e) = self.entries.get_mut(digest) {
+            e.used = self.tick;
+        }
+    }
+
+    fn insert(&mut self, digest: &str, bytes: u64) {
+        self.tick += 1;
+        let old = self.entries.insert(
+            digest.to_owned(),
+            Entry {
+                bytes,
+                used: self.tick,
+            },
+        );
+        self.total = self.total - old.map_or(0, |e| e.bytes) + bytes;
+    }
+}
+
+/// The bytes of the files under `path` (not following links).
+fn dir_bytes(path: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![path.to_owned()];
+    while let Some(p) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&p) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => stack.push(e.path()),
+                Ok(m) => total += m.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    total
 }
 
 pub fn is_digest(s: &str) -> bool {
@@ -162,6 +230,149 @@ impl CodeCache {
             source,
             unpacker,
             inflight: Mutex::new(HashMap::new()),
+            max_bytes: None,
+            lru: Mutex::new(Lru::default()),
+        }
+    }
+
+    /// The same cache bounded to `max_bytes` of extracted code; what is
+    /// already on disk is counted, oldest first by modification time.
+    pub fn with_max_bytes(mut self, max_bytes: u64) -> Self {
+        self.max_bytes = Some(max_bytes);
+        let mut found: Vec<(std::time::SystemTime, String, u64)> = Vec::new();
+        if let Ok(rd) = std::fs::read_dir(&self.dir) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let path = e.path();
+                if name.starts_with(".evicted-") {
+                    // An eviction interrupted by a crash.
+                    let _ = std::fs::remove_dir_all(&path);
+                    continue;
+                }
+                if !is_digest(&name) || !path.is_dir() {
+                    continue;
+                }
+                let mtime = e
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .unwrap_or(std::time::UNIX_EPOCH);
+                found.push((mtime, name, dir_bytes(&path)));
+            }
+        }
+        found.sort();
+        let lru = self.lru.get_mut().expect("code cache lock");
+        for (_, digest, bytes) in found {
+            lru.insert(&digest, bytes);
+        }
+        self
+    }
+
+    /// Keep `digests` (an instance's code and layers) until [`unpin`]:
+    /// call before [`ensure`] so nothing evicts them in between.
+    ///
+    /// [`unpin`]: CodeCache::unpin
+    /// [`ensure`]: CodeCache::ensure
+    pub fn pin(&self, instance: &str, digests: Vec<String>) {
+        let mut lru = self.lru.lock().expect("code cache lock");
+        for d in &digests {
+            *lru.pinned.entry(d.clone()).or_default() += 1;
+        }
+        if let Some(old) = lru.pins.insert(instance.to_owned(), digests) {
+            for d in old {
+                Self::release(&mut lru, &d);
+            }
+        }
+    }
+
+    /// The instance is gone: its code may be evicted.
+    pub fn unpin(&self, instance: &str) {
+        let mut lru = self.lru.lock().expect("code cache lock");
+        if let Some(old) = lru.pins.remove(instance) {
+            for d in old {
+                Self::release(&mut lru, &d);
+            }
+        }
+    }
+
+    fn release(lru: &mut Lru, digest: &str) {
+        if let Some(n) = lru.pinned.get_mut(digest) {
+            *n -= 1;
+            if *n == 0 {
+                lru.pinned.remove(digest);
+            }
+        }
+    }
+
+    /// Whether an instance uses `digest`.
+    pub fn is_pinned(&self, digest: &str) -> bool {
+        self.lru
+            .lock()
+            .expect("code cache lock")
+            .pinned
+            .contains_key(digest)
+    }
+
+    /// Bytes of extracted code held now, and directories evicted so far.
+    pub fn usage(&self) -> (u64, u64) {
+        let lru = self.lru.lock().expect("code cache lock");
+        (lru.total, lru.evicted)
+    }
+
+    /// Evict least recently used, unpinned directories until the cache is
+    /// within its bound (or nothing more may go).
+    fn evict(&self, keep: &str) {
+        let Some(max) = self.max_bytes else {
+            return;
+        };
+        let mut doomed = Vec::new();
+        {
+            let inflight: std::collections::HashSet<String> = self
+                .inflight
+                .lock()
+                .expect("code cache lock")
+                .keys()
+                .cloned()
+                .collect();
+            let mut lru = self.lru.lock().expect("code cache lock");
+            while lru.total > max {
+                let victim = lru
+                    .entries
+                    .iter()
+                    .filter(|(d, _)| {
+                        *d != keep && !lru.pinned.contains_key(*d) && !inflight.contains(*d)
+                    })
+                    .min_by_key(|(_, e)| e.used)
+                    .map(|(d, _)| d.clone());
+                let Some(digest) = victim else {
+                    tracing::warn!(
+                        total = lru.total,
+                        max,
+                        "code cache over its bound, but every package is in use"
+                    );
+                    break;
+                };
+                let entry = lru.entries.remove(&digest).expect("present");
+                lru.total -= entry.bytes;
+                // Renamed under the lock: a pin taken after this sees the
+                // directory gone and fetches it again.
+                let from = self.path_of(&digest);
+                let to = self.dir.join(format!(".evicted-{digest}"));
+                match std::fs::rename(&from, &to) {
+                    Ok(()) => {
+                        lru.evicted += 1;
+                        doomed.push((digest, to, entry.bytes));
+                    }
+                    Err(e) => {
+                        tracing::warn!(digest, error = %e, "cannot evict code package");
+                    }
+                }
+            }
+        }
+        for (digest, path, bytes) in doomed {
+            if let Err(e) = std::fs::remove_dir_all(&path) {
+                tracing::warn!(digest, path = %path.display(), error = %e, "cannot remove evicted code package");
+            }
+            tracing::info!(digest, bytes, "code package evicted (least recently used)");
         }
     }
 
@@ -177,6 +388,7 @@ impl CodeCache {
         }
         let dest = self.path_of(digest);
         if dest.is_dir() {
+            self.lru.lock().expect("code cache lock").touch(digest);
             return Ok(dest);
         }
         let lock = {
@@ -199,6 +411,9 @@ impl CodeCache {
             if Arc::strong_count(&lock) <= 2 {
                 map.remove(digest);
             }
+        }
+        if result.is_ok() {
+            self.evict(digest);
         }
         result
     }
@@ -238,6 +453,16 @@ impl CodeCache {
             digest: digest.to_owned(),
             error,
         })?;
+        if self.max_bytes.is_some() {
+            let d = dest.to_owned();
+            let bytes = tokio::task::spawn_blocking(move || dir_bytes(&d))
+                .await
+                .unwrap_or(0);
+            self.lru
+                .lock()
+                .expect("code cache lock")
+                .insert(digest, bytes);
+        }
         tracing::info!(
             digest,
             size,
@@ -275,6 +500,61 @@ mod tests {
             source,
             Arc::new(DirUnpacker),
         ))
+    }
+
+    #[tokio::test]
+    async fn the_least_recently_used_unpinned_package_is_evicted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let source = Arc::new(FakeCodeSource::new(Duration::ZERO));
+        let [a, b, c, d] = [b'a', b'b', b'c', b'd'].map(|x| source.add(vec![x; 1000]));
+        let cache = CodeCache::new(
+            tmp.path().join("code"),
+            None,
+            source.clone(),
+            Arc::new(DirUnpacker),
+        )
+        .with_max_bytes(2500);
+        for x in [&a, &b] {
+            cache.ensure(x, 1000).await.unwrap();
+        }
+        // a used again: b is now the oldest.
+        cache.ensure(&a, 1000).await.unwrap();
+        cache.ensure(&c, 1000).await.unwrap();
+        assert!(cache.path_of(&a).is_dir());
+        assert!(!cache.path_of(&b).exists(), "b should have gone");
+        assert!(cache.path_of(&c).is_dir());
+        assert_eq!(cache.usage(), (2000, 1));
+        // An instance's packages stay however old they get.
+        cache.pin("i-1", vec![a.clone()]);
+        cache.ensure(&c, 1000).await.unwrap();
+        cache.ensure(&d, 1000).await.unwrap();
+        assert!(cache.path_of(&a).is_dir(), "a pinned package was evicted");
+        assert!(!cache.path_of(&c).exists());
+        // Every package in use: over the bound rather than evicting one.
+        cache.pin("i-2", vec![d.clone()]);
+        cache.ensure(&b, 1000).await.unwrap();
+        assert_eq!(cache.usage().0, 3000);
+        assert!(cache.path_of(&a).is_dir() && cache.path_of(&d).is_dir());
+        // Unpinned, the oldest goes at the next insert; a package evicted
+        // is fetched again when asked for.
+        cache.unpin("i-1");
+        let fetches = source.fetches();
+        cache.ensure(&c, 1000).await.unwrap();
+        assert_eq!(source.fetches(), fetches + 1);
+        assert!(!cache.path_of(&a).exists());
+        // A restarted agent counts what is on disk.
+        let again = CodeCache::new(
+            tmp.path().join("code"),
+            None,
+            source.clone(),
+            Arc::new(DirUnpacker),
+        )
+        .with_max_bytes(2500);
+        assert_eq!(again.usage().0, cache.usage().0);
+        assert!(std::fs::read_dir(tmp.path().join("code"))
+            .unwrap()
+            .flatten()
+            .all(|e| !e.file_name().to_string_lossy().starts_with(".evicted-")));
     }
 
     #[tokio::test]

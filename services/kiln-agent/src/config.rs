@@ -84,6 +84,28 @@ pub struct AgentConfig {
     /// docs/security.md, "The public edge").
     #[serde(default)]
     pub limits: kiln_internal_api::server::ListenerLimits,
+    /// The node's code cache (`[code_cache]`).
+    #[serde(default)]
+    pub code_cache: CodeCacheConfig,
+}
+
+/// `[code_cache]`: how much extracted code the node keeps. Over the bound,
+/// the least recently used packages no instance uses are removed (and
+/// fetched again when needed).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CodeCacheConfig {
+    pub max_bytes: u64,
+}
+
+impl Default for CodeCacheConfig {
+    fn default() -> Self {
+        // 200 packages at FC's largest unzipped code size (500 MiB) would
+        // be 100 GiB; nodes keep a fifth of that unless told otherwise.
+        Self {
+            max_bytes: 20 * 1024 * 1024 * 1024,
+        }
+    }
 }
 
 /// `[bootstrap]`: how a node without a certificate joins.

@@ -380,6 +380,11 @@ impl Drop for InFlight {
 const X_FC_LOG_TYPE: HeaderName = HeaderName::from_static(kiln_internal_api::headers::LOG_TYPE);
 const X_FC_LOG_RESULT: HeaderName = HeaderName::from_static(kiln_internal_api::headers::LOG_RESULT);
 
+/// The most of a response the agent buffers to answer with FC's Tail
+/// (which goes in a header, so after the whole body): a sync call's
+/// payload limit. Larger answers fail the call instead of the agent.
+pub const TAIL_RESPONSE_MAX: usize = kiln_core::limits::SYNC_PAYLOAD_MAX;
+
 /// FC's `x-fc-log-type: Tail`.
 fn wants_tail(headers: &HeaderMap) -> bool {
     headers
@@ -599,12 +604,35 @@ impl InstanceManager {
             .set_sensitive(true);
         parts.version = Version::default();
         if want_tail {
-            // The tail goes in a header: read the whole answer first.
-            let read = tokio::time::timeout_at(deadline, body.collect()).await;
+            // The tail goes in a header: read the whole answer first, but
+            // never more of it than a sync call may answer with.
+            let limited = http_body_util::Limited::new(body, TAIL_RESPONSE_MAX);
+            let read = tokio::time::timeout_at(deadline, limited.collect()).await;
             let (body, failed) = match read {
                 Ok(Ok(collected)) => {
                     upstream.conns.put_back(conn);
                     (collected.to_bytes(), None)
+                }
+                // The function's fault, not the instance's: the connection
+                // (half read) is dropped, the instance stays.
+                Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+                    let message = format!(
+                        "Function response exceeds the maximum allowed size ({TAIL_RESPONSE_MAX} bytes)"
+                    );
+                    let tail = guard.end(Some(message.clone()));
+                    let answer = serde_json::json!({
+                        "errorMessage": message,
+                        "errorType": "ResponseTooLarge",
+                    });
+                    let mut resp = Response::builder()
+                        .status(StatusCode::INTERNAL_SERVER_ERROR)
+                        .header(header::CONTENT_TYPE, "application/json")
+                        .header(OUTCOME_HEADER, InvokeOutcome::FunctionError.to_header())
+                        .header(X_FC_REQUEST_ID, parts.headers[&X_FC_REQUEST_ID].clone())
+                        .body(full(answer.to_string()))
+                        .expect("valid response");
+                    put_tail(&mut resp, tail);
+                    return resp;
                 }
                 Ok(Err(e)) => (
                     Bytes::new(),
@@ -986,6 +1014,32 @@ mod invoke_tests {
             s.manager.metrics.invocations(InvokeOutcome::FunctionError),
             2
         );
+    }
+
+    #[tokio::test]
+    async fn a_huge_answer_with_tail_fails_the_call_not_the_agent() {
+        let (addr, _server) = runtime(|req: Request<Incoming>| async move {
+            let _ = req.into_body().collect().await;
+            let huge = vec![b'x'; TAIL_RESPONSE_MAX + 1024 * 1024];
+            Response::builder().body(full(huge)).unwrap()
+        })
+        .await;
+        let s = setup(addr).await;
+        let mut req = s.request(full("x"));
+        req.headers_mut()
+            .insert("x-fc-log-type", HeaderValue::from_static("Tail"));
+        let resp = s.client.request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(outcome(&resp), InvokeOutcome::FunctionError);
+        assert!(resp.headers().contains_key("x-fc-log-result"));
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["errorType"], "ResponseTooLarge", "{v}");
+        // The instance stays and answers the next call.
+        assert!(s.manager.get(s.id.as_str()).unwrap().state().can_invoke());
+        let (resp, body) = s.invoke("x").await;
+        assert_eq!(outcome(&resp), InvokeOutcome::Ok);
+        assert_eq!(body.len(), TAIL_RESPONSE_MAX + 1024 * 1024);
     }
 
     #[tokio::test]

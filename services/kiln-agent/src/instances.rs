@@ -41,6 +41,12 @@ pub enum InstanceError {
     /// `InitializationError`; the instance was destroyed.
     #[error("InitializationError: {0}")]
     Initialization(#[from] crate::hooks::HookError),
+    /// The spec attaches to a VPC its account does not own on this node.
+    #[error("Account {account} may not attach instances to VPC {vpc}: it is not one of the VPC's owners in this node's [sandbox.network] configuration")]
+    VpcNotOwned {
+        account: kiln_core::AccountId,
+        vpc: String,
+    },
     /// The function has a role but no temporary credentials could be had.
     #[error("Cannot get temporary credentials for the function's role: {}", .0.message)]
     Credentials(FcError),
@@ -68,6 +74,7 @@ impl InstanceError {
             Self::Initialization(e) => FcError::new(FcErrorCode::FunctionNotStarted, e.to_string())
                 .with_kind(FcErrorKind::Initialization),
             Self::Credentials(_) => FcError::new(FcErrorCode::FunctionNotStarted, self.to_string()),
+            Self::VpcNotOwned { .. } => FcError::new(FcErrorCode::AccessDenied, self.to_string()),
         }
     }
 }
@@ -249,6 +256,9 @@ pub struct ManagerSettings {
     /// What the node's sandboxes enforce of a function's network
     /// configuration; anything else is refused before a sandbox is made.
     pub network_isolation: kiln_internal_api::NetworkIsolation,
+    /// The owners of each VPC this node attaches instances to
+    /// (`[[sandbox.network.vpcs]]` `owners`), by VPC id.
+    pub vpc_owners: HashMap<String, Vec<kiln_core::AccountId>>,
 }
 
 /// Every instance of the node. Lookups take a read lock for a map access
@@ -521,6 +531,20 @@ impl InstanceManager {
                 "This node cannot run the function: {why}. Configure [sandbox.network] (and its VPCs) on the node (docs/security.md, \"Egress\")"
             )));
         }
+        // Whoever asked (a scheduler, or something holding its key), an
+        // instance attaches only to a VPC its own account owns. A VPC this
+        // node does not know is refused by the network isolation.
+        if let Some(att) = spec.network.as_ref().and_then(|n| n.vpc.as_ref()) {
+            if let Some(owners) = self.settings.vpc_owners.get(&att.vpc_id) {
+                if !owners.contains(&spec.account_id) {
+                    tracing::warn!(account_id = %spec.account_id, vpc_id = %att.vpc_id, "refused an instance for a VPC its account does not own");
+                    return Err(InstanceError::VpcNotOwned {
+                        account: spec.account_id.clone(),
+                        vpc: att.vpc_id.clone(),
+                    });
+                }
+            }
+        }
         Ok(())
     }
 
@@ -631,6 +655,9 @@ impl InstanceManager {
             Ok(started) => started,
             Err(e) => {
                 self.slots.write().expect("slots lock").remove(id.as_str());
+                // Whatever failed, no sandbox of this id is left (each
+                // failure after the sandbox was made destroyed it).
+                self.code.unpin(id.as_str());
                 self.metrics.creates_failed.inc();
                 tracing::warn!(error = %kiln_core::error_chain(&e), "instance did not start");
                 return Err(e);
@@ -692,6 +719,10 @@ impl InstanceManager {
         id: &InstanceId,
         spec: &InstanceSpec,
     ) -> Result<(SocketAddr, Option<PathBuf>), InstanceError> {
+        // Pinned first: the cache never evicts what this instance uses.
+        let mut digests = vec![spec.code_digest.clone()];
+        digests.extend(spec.layers.iter().cloned());
+        self.code.pin(id.as_str(), digests);
         let code_dir = self.code.ensure(&spec.code_digest, spec.code_size).await?;
         // Layer zips share the code cache (one extracted dir per digest);
         // the driver finds them beside `code_dir` (SandboxRequest::layer_dirs).
@@ -727,8 +758,11 @@ impl InstanceManager {
     }
 
     async fn destroy_sandbox(&self, id: &InstanceId) {
-        if let Err(e) = self.driver.destroy(id).await {
-            tracing::error!(instance_id = %id, error = %kiln_core::error_chain(&e), "cannot destroy sandbox");
+        match self.driver.destroy(id).await {
+            Ok(()) => self.code.unpin(id.as_str()),
+            Err(e) => {
+                tracing::error!(instance_id = %id, error = %kiln_core::error_chain(&e), "cannot destroy sandbox");
+            }
         }
     }
 
@@ -787,6 +821,7 @@ impl InstanceManager {
                 }
                 None => self.driver.destroy(id).await?,
             }
+            self.code.unpin(id.as_str());
             self.remove_record(id).await;
             self.update_gauge();
             tracing::info!("instance destroyed");
@@ -904,6 +939,9 @@ impl InstanceManager {
                 Some(r) => {
                     let log = self.instance_log(&r.instance_id, &r.spec, r.log_path, true);
                     let always_allocate_cpu = r.always_allocate_cpu;
+                    let mut digests = vec![r.spec.code_digest.clone()];
+                    digests.extend(r.spec.layers.iter().cloned());
+                    self.code.pin(id.as_str(), digests);
                     let instance = Instance::new(
                         r.instance_id,
                         r.spec,
@@ -1026,6 +1064,27 @@ mod tests {
             spec: sample_spec(&f.digest, 9000),
             always_allocate_cpu: false,
         }
+    }
+
+    #[tokio::test]
+    async fn an_instance_pins_its_code_from_create_to_destroy() {
+        let (_l, addr) = listening().await;
+        let f = fixture(FakeDriver::at(addr));
+        let req = create(&f);
+        let id = req.instance_id.clone();
+        f.manager.create(req).await.unwrap();
+        assert!(f.manager.code.is_pinned(&f.digest));
+        f.manager.destroy(&id).await.unwrap();
+        assert!(!f.manager.code.is_pinned(&f.digest));
+        // A create that fails leaves nothing pinned.
+        let mut bad = create(&f);
+        bad.spec = sample_spec(&"ab".repeat(32), 9000);
+        f.manager.create(bad).await.unwrap_err();
+        assert!(!f.manager.code.is_pinned(&"ab".repeat(32)));
+        // A sandbox whose port never opens is destroyed and unpinned.
+        let g = fixture(FakeDriver::at(closed_port().await));
+        g.manager.create(create(&g)).await.unwrap_err();
+        assert!(!g.manager.code.is_pinned(&g.digest));
     }
 
     #[tokio::test]

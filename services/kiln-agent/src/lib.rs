@@ -241,7 +241,8 @@ async fn start_with_trust(
         Some((uid_base, uid_base)),
         backends.code_source,
         backends.unpacker,
-    );
+    )
+    .with_max_bytes(config.code_cache.max_bytes);
     let manager = Arc::new(InstanceManager::new(
         backends.driver.clone(),
         code,
@@ -253,6 +254,13 @@ async fn start_with_trust(
             region: config.region.clone(),
             records_dir: config.state_dir.join("instance-records"),
             network_isolation: config.network_isolation(),
+            vpc_owners: config
+                .sandbox
+                .network
+                .iter()
+                .flat_map(|n| &n.vpcs)
+                .map(|v| (v.id.clone(), v.owners.clone()))
+                .collect(),
         },
         metrics.clone(),
         Arc::new(SystemClock),

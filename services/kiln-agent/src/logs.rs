@@ -36,6 +36,8 @@ pub const TAIL_BYTES: usize = 4096;
 /// A line longer than this is cut (a function that never writes a newline
 /// must not hold memory without bound).
 const LINE_MAX: usize = 16 * 1024;
+/// The most of the console read at once.
+const READ_CHUNK: usize = 1 << 20;
 
 /// How much each function keeps.
 #[derive(Debug, Clone, Copy)]
@@ -351,22 +353,36 @@ impl InstanceLog {
         if cap.file.is_none() {
             cap.file = cap.path.as_ref().and_then(|p| std::fs::File::open(p).ok());
         }
-        if let Some(f) = &cap.file {
-            let mut buf = Vec::new();
-            // One fstat when nothing new was written (the common case).
-            let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-            if len < cap.offset {
-                // Truncated: start over.
-                cap.offset = 0;
+        // In chunks: a function that wrote hundreds of MB since the last
+        // read must not make the agent hold them all at once.
+        loop {
+            let mut more = false;
+            if let Some(f) = &cap.file {
+                // One fstat when nothing new was written (the common case).
+                let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+                if len < cap.offset {
+                    // Truncated: start over.
+                    cap.offset = 0;
+                }
+                if len > cap.offset {
+                    let want = ((len - cap.offset) as usize).min(READ_CHUNK);
+                    let mut buf = vec![0; want];
+                    let n = read_at_most(f, &mut buf, cap.offset);
+                    cap.offset += n as u64;
+                    cap.partial.extend_from_slice(&buf[..n]);
+                    more = n == want && len > cap.offset;
+                }
             }
-            if len > cap.offset {
-                buf.resize((len - cap.offset) as usize, 0);
-                let n = read_at_most(f, &mut buf, cap.offset);
-                buf.truncate(n);
-                cap.offset += n as u64;
+            self.split_locked(cap, flush_partial && !more);
+            if !more {
+                break;
             }
-            cap.partial.extend_from_slice(&buf);
         }
+    }
+
+    /// Record the complete lines of `cap.partial` (and the rest too when
+    /// `flush_partial`).
+    fn split_locked(&self, cap: &mut Capture, flush_partial: bool) {
         let mut start = 0;
         let mut lines = Vec::new();
         while let Some(pos) = cap.partial[start..].iter().position(|b| *b == b'\n') {

@@ -383,6 +383,7 @@ pub fn manager(
             region: Some("cn-test".into()),
             records_dir: dir.join("instance-records"),
             network_isolation: Default::default(),
+            vpc_owners: Default::default(),
         },
         std::sync::Arc::new(crate::metrics::Metrics::new()),
         std::sync::Arc::new(kiln_core::SystemClock),

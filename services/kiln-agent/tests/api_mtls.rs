@@ -95,6 +95,7 @@ fn config(state: &std::path::Path, pki: &DevPki, drain: bool) -> AgentConfig {
         sandbox: Default::default(),
         usage: Default::default(),
         limits: Default::default(),
+        code_cache: Default::default(),
     }
 }
 
@@ -370,4 +371,96 @@ async fn the_agent_api_over_mtls() {
     agent.shutdown().await;
     assert!(!fakes.driver.exists(&id));
     assert!(fakes.driver.destroyed().contains(&id));
+}
+
+/// A placement that attaches an instance to a VPC its account does not
+/// own is refused by the agent, even when it comes with the scheduler's
+/// real credentials (a scheduler that is wrong, or someone holding its
+/// key): FC's AccessDenied, nothing created. The owner's placement passes
+/// the check.
+#[tokio::test]
+async fn the_agent_refuses_a_vpc_its_account_does_not_own() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = DevPki::ensure(&tmp.path().join("pki"), &[]).unwrap();
+    let runtime = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let runtime_addr = runtime.local_addr().unwrap();
+    serve_http1(runtime, |_req: Request<hyper::body::Incoming>| async move {
+        http::Response::builder().body(full("ok")).unwrap()
+    });
+    let (gateway_url, digest, _served) = fake_gateway(&pki, zip_package()).await;
+    let fakes = Fakes {
+        driver: Arc::new(FakeDriver::at(runtime_addr)),
+        gateway_url,
+        pki_agent: pki.files("agent"),
+        scheduler: Arc::new(FakeScheduler::new(50)),
+    };
+    let mut c = config(tmp.path(), &pki, false);
+    c.sandbox.network = Some(
+        serde_json::from_value(serde_json::json!({
+            "vpcs": [{
+                "id": "vpc-a",
+                "cidr": "192.168.0.0/16",
+                "owners": ["1234"],
+                "vswitches": [{"id": "vsw-a", "cidr": "192.168.10.0/24",
+                    "gateway": "192.168.10.1", "instance_pool": "192.168.10.128/25"}],
+                "security_groups": [{"id": "sg-a"}],
+            }],
+        }))
+        .unwrap(),
+    );
+    let agent = kiln_agent::start_with(c, fakes.backends()).await.unwrap();
+    let base = format!("https://{}", agent.addr());
+    let scheduler = InternalClient::new(&pki.files("scheduler")).unwrap();
+    let spec = |account: &str| {
+        let mut s = sample_spec(&digest, 9000);
+        s.account_id = account.parse().unwrap();
+        s.network = Some(kiln_core::NetworkSpec {
+            internet_access: false,
+            vpc: Some(kiln_core::VpcAttachment {
+                vpc_id: "vpc-a".into(),
+                vswitch_ids: vec!["vsw-a".into()],
+                security_group_id: "sg-a".into(),
+            }),
+        });
+        s.seal()
+    };
+
+    let err = scheduler
+        .post::<_, InstanceCreated>(
+            &base,
+            paths::AGENT_INSTANCES,
+            &CreateInstance {
+                instance_id: InstanceId::generate(),
+                spec: spec("5678"),
+                always_allocate_cpu: false,
+            },
+        )
+        .await
+        .unwrap_err();
+    let fc = err.to_fc();
+    assert_eq!(fc.code, kiln_core::FcErrorCode::AccessDenied, "{fc:?}");
+    assert!(
+        fc.message.contains("5678") && fc.message.contains("vpc-a"),
+        "{}",
+        fc.message
+    );
+    assert!(fakes.driver.requests().is_empty(), "a sandbox was made");
+    let list: Vec<InstanceInfo> = scheduler.get(&base, paths::AGENT_INSTANCES).await.unwrap();
+    assert!(list.is_empty());
+
+    // The owner's instance is placed.
+    scheduler
+        .post::<_, InstanceCreated>(
+            &base,
+            paths::AGENT_INSTANCES,
+            &CreateInstance {
+                instance_id: InstanceId::generate(),
+                spec: spec("1234"),
+                always_allocate_cpu: false,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(fakes.driver.requests().len(), 1);
+    agent.shutdown().await;
 }

@@ -98,6 +98,7 @@ fn agent_config(dir: &Path, tls: TlsFiles, scheduler_url: &str) -> AgentConfig {
         sandbox: Default::default(),
         usage: Default::default(),
         limits: Default::default(),
+        code_cache: Default::default(),
     }
 }
 

@@ -136,6 +136,7 @@ async fn queue_phase(dir: &std::path::Path, secs: u64, callers: usize, payload: 
                     payload: payload.to_vec(),
                     headers: vec![("content-type".into(), "application/octet-stream".into())],
                     now_ms: 1,
+                    depth_limit: None,
                 };
                 let t = Instant::now();
                 queue.enqueue(m).await.unwrap();

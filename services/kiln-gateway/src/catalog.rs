@@ -129,6 +129,8 @@ pub struct Catalog {
     /// Layers and their versions ([`crate::layers`]).
     pub(crate) layers: RwLock<crate::layers::LayerIndex>,
     pub(crate) write: tokio::sync::Mutex<()>,
+    /// Per-account bounds, checked under `write` (see [`crate::bounds`]).
+    pub(crate) bounds: crate::bounds::Bounds,
 }
 
 pub(crate) async fn blocking<T: Send + 'static>(
@@ -187,7 +189,57 @@ impl Catalog {
             keys: RwLock::new(keys),
             layers: RwLock::new(layers),
             write: tokio::sync::Mutex::new(()),
+            bounds: crate::bounds::Bounds::default(),
         })
+    }
+
+    /// The same catalog under other per-account bounds.
+    pub fn with_bounds(mut self, bounds: crate::bounds::Bounds) -> Self {
+        self.bounds = bounds;
+        self
+    }
+
+    pub fn bounds(&self) -> &crate::bounds::Bounds {
+        &self.bounds
+    }
+
+    /// What `account` stores now: its functions, their code and its layer
+    /// versions' code. Linear in the account's own functions and layers.
+    pub fn usage(&self, account: &AccountId) -> crate::bounds::Usage {
+        let mut u = crate::bounds::Usage::default();
+        if let Some(m) = self
+            .functions
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(account)
+        {
+            u.functions = m.len() as u64;
+            u.code_bytes = m.values().map(|f| f.record.config.code.size).sum();
+        }
+        let layers = self.layers.read().unwrap_or_else(|p| p.into_inner());
+        if let Some(m) = layers.layers.get(account) {
+            for v in m.values().flat_map(|s| s.versions.values()) {
+                u.layer_versions += 1;
+                u.code_bytes += v.code.size;
+            }
+        }
+        u
+    }
+
+    /// Refuse `change` if it takes `account` over one of its bounds; call
+    /// with `write` held.
+    pub(crate) fn check_bounds(
+        &self,
+        account: &AccountId,
+        change: crate::bounds::Change,
+    ) -> Result<(), CatalogError> {
+        crate::bounds::check(
+            account,
+            self.bounds.of(account),
+            self.usage(account),
+            change,
+        )
+        .map_err(CatalogError::Invalid)
     }
 
     pub fn code_files(&self) -> &CodeFiles {
@@ -360,6 +412,14 @@ impl Catalog {
             return Err(CatalogError::Exists(record.name));
         }
         self.check_new_layers(&[], &record.config.layers)?;
+        self.check_bounds(
+            &record.account_id,
+            crate::bounds::Change {
+                functions: 1,
+                added_bytes: record.config.code.size,
+                ..Default::default()
+            },
+        )?;
         let written = self.write_code(code).await?;
         let store = self.store.clone();
         let r = record.clone();
@@ -397,6 +457,16 @@ impl Catalog {
             .ok_or_else(|| CatalogError::NotFound(name.clone()))?;
         let config = change(&current.record.config).map_err(CatalogError::Invalid)?;
         self.check_new_layers(&current.record.config.layers, &config.layers)?;
+        if config.code.sha256 != current.record.config.code.sha256 {
+            self.check_bounds(
+                account,
+                crate::bounds::Change {
+                    added_bytes: config.code.size,
+                    freed_bytes: current.record.config.code.size,
+                    ..Default::default()
+                },
+            )?;
+        }
         let mut record = current.record.clone();
         record.config = config;
         record.modified_ms = now_ms.max(record.modified_ms);

@@ -74,6 +74,15 @@ pub struct GatewayConfig {
     /// (`[signatures]`).
     #[serde(default)]
     pub signatures: SignatureConfig,
+    /// Per-account bounds: functions, code bytes, layer versions, async
+    /// queue depth (see [`crate::bounds`]).
+    #[serde(default)]
+    pub tenant_bounds: crate::bounds::TenantBoundsConfig,
+    /// The VPCs functions may attach to and the accounts that own each
+    /// (`[[vpcs]]`, see [`crate::vpcs`]); a `vpcConfig` or VPC binding
+    /// naming any other VPC is refused.
+    #[serde(default)]
+    pub vpcs: Vec<crate::vpcs::VpcOwners>,
 }
 
 /// `[signatures]`: how far a request's date may be from the gateway's
@@ -253,6 +262,8 @@ impl GatewayConfig {
             runtimes: Vec::new(),
             vpc_listener: None,
             signatures: SignatureConfig::default(),
+            tenant_bounds: Default::default(),
+            vpcs: Vec::new(),
         }
     }
 
@@ -356,6 +367,8 @@ impl GatewayConfig {
                     .into(),
             );
         }
+        self.tenant_bounds.validate().or_else(invalid)?;
+        crate::vpcs::validate(&self.vpcs).or_else(invalid)?;
         crate::runtimes::RuntimeCatalogue::from_config(&self.runtimes)
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         if let Some(sec) = &self.secrets {

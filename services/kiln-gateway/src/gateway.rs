@@ -22,6 +22,8 @@ pub struct Gateway {
     pub scheduler: SharedScheduler,
     pub leases: Arc<LeasePool>,
     pub region: String,
+    /// Which accounts may attach functions to which VPC.
+    pub vpcs: Arc<crate::vpcs::VpcRegistry>,
     pub metrics: Arc<Metrics>,
     pub clock: Arc<dyn Clock>,
     /// The async queue, its configs and dispatcher.

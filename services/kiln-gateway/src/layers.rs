@@ -310,6 +310,14 @@ impl Catalog {
         now_ms: u64,
     ) -> Result<(Arc<LayerVersionRecord>, bool), CatalogError> {
         let _w = self.write.lock().await;
+        self.check_bounds(
+            account,
+            crate::bounds::Change {
+                layer_versions: 1,
+                added_bytes: new.code.blob.size,
+                ..Default::default()
+            },
+        )?;
         let (version, public) = match self.layer_index().get(account, name) {
             Some(s) => (s.last_version + 1, s.public),
             None => (1, false),

@@ -10,6 +10,7 @@ pub mod access_keys;
 pub mod agent;
 pub mod api;
 pub mod auth;
+pub mod bounds;
 pub mod catalog;
 pub mod checksum;
 pub mod code;
@@ -28,6 +29,7 @@ pub mod scheduler;
 pub mod secrets;
 pub mod store;
 pub mod validate;
+pub mod vpcs;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -175,7 +177,11 @@ pub async fn start_with_clock(
     })?;
     let sealer = Arc::new(load_sealer(&config)?);
     let store = Arc::new(SqliteStore::open(&config.db_path(), sealer)?);
-    let catalog = Arc::new(Catalog::open(store.clone(), code).await?);
+    let catalog = Arc::new(
+        Catalog::open(store.clone(), code)
+            .await?
+            .with_bounds(bounds::Bounds::from_config(&config.tenant_bounds)),
+    );
     let ram = Arc::new(
         ram::Ram::open(
             store,
@@ -255,6 +261,7 @@ pub async fn start_with_clock(
         scheduler,
         leases: leases.clone(),
         region: config.region.clone(),
+        vpcs: Arc::new(vpcs::VpcRegistry::from_config(&config.vpcs)),
         metrics: metrics.clone(),
         dispatcher: queue::dispatch::Dispatcher::new(
             queue,

@@ -1611,6 +1611,13 @@ async fn vpc_only_functions_are_served_on_their_vpc_listener_only() {
         vpc_ids: vec!["vpc-b".into()],
         limits: Default::default(),
     });
+    // A owns both VPCs it binds to below.
+    c.vpcs = ["vpc-a", "vpc-b"]
+        .map(|id| kiln_gateway::vpcs::VpcOwners {
+            id: id.into(),
+            owners: vec![ACCOUNT_A.parse().unwrap()],
+        })
+        .to_vec();
     env.gateway = Some(kiln_gateway::start(c).await.unwrap());
     let vpc_addr = env.gateway.as_ref().unwrap().vpc_addr().unwrap();
     let a = env.client(AK_A, SK_A);

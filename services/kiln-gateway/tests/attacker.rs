@@ -65,6 +65,7 @@ async fn start_agent(
         sandbox: Default::default(),
         usage: Default::default(),
         limits: Default::default(),
+        code_cache: Default::default(),
     };
     let backends = Backends {
         driver: Arc::new(FakeDriver::at(runtime_addr)),

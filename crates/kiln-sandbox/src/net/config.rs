@@ -206,6 +206,10 @@ pub struct VpcDef {
     pub vswitches: Vec<VSwitchDef>,
     #[serde(default)]
     pub security_groups: Vec<SecurityGroupDef>,
+    /// The accounts whose functions may attach to this VPC; the agent
+    /// refuses any other account's instance (none when empty).
+    #[serde(default)]
+    pub owners: Vec<kiln_core::AccountId>,
 }
 
 /// `[network]`: per-instance isolation of the agent's instances.

@@ -118,10 +118,17 @@ pub async fn enqueue(
         payload: payload.to_vec(),
         headers: kept_headers(&parts.headers),
         now_ms: gw.clock.now_ms(),
+        depth_limit: Some(gw.catalog.bounds().of(&caller.account_id).async_queue_depth),
     };
     let outcome = d.queue().enqueue(m).await.map_err(queue_err)?;
     match &outcome {
         Enqueued::New => d.enqueued(&queue),
+        Enqueued::Full { depth, limit } => {
+            tracing::debug!(account = %caller.account_id, depth, limit, "async queue full");
+            return Err(
+                crate::bounds::queue_full(caller.account_id.as_str(), *depth, *limit).into(),
+            );
+        }
         Enqueued::Duplicate { request_id } => {
             tracing::debug!(task_id = %task_id, first_request = %request_id, "async task id already enqueued")
         }

@@ -73,6 +73,7 @@ pub async fn create(
         checksum: String::new(),
     };
     let checked = validate::build_config(None, &parsed, placeholder)?;
+    check_vpc(gw, caller, None, &checked)?;
     let now = gw.clock.now_ms();
     gw.runtimes.check_create(checked.runtime, now)?;
     let layers = match &parsed.input.layers {
@@ -96,6 +97,25 @@ pub async fn create(
     let entry = gw.catalog.create(record, Some(code)).await?;
     tracing::info!(function = %entry.record.name, revision = %entry.spec.revision, "function created");
     Ok(reply(gw, &entry.record))
+}
+
+/// A `vpcConfig` that names a VPC other than the function's current one
+/// must name a VPC the caller's account owns (see [`crate::vpcs`]).
+fn check_vpc(
+    gw: &Gateway,
+    caller: &Caller,
+    current: Option<&crate::model::FunctionConfig>,
+    config: &crate::model::FunctionConfig,
+) -> Result<(), FcError> {
+    let vpc_of = |c: &crate::model::FunctionConfig| {
+        validate::function_network(c).and_then(|n| n.vpc.map(|v| v.vpc_id))
+    };
+    match vpc_of(config) {
+        Some(id) if current.and_then(vpc_of).as_ref() != Some(&id) => {
+            gw.vpcs.check(&caller.account_id, &id)
+        }
+        _ => Ok(()),
+    }
 }
 
 /// FC's `role`, when given: a role ARN of the caller's account naming an
@@ -143,6 +163,7 @@ pub async fn update(
         .update(&caller.account_id, name, now, code, |current| {
             let code = new_ref.unwrap_or_else(|| current.code.clone());
             let mut config = validate::build_config(Some(current), &parsed, code)?;
+            check_vpc(gw, caller, Some(current), &config)?;
             gw.runtimes
                 .check_update(current.runtime, config.runtime, now)?;
             if let Some(arns) = &parsed.input.layers {

@@ -139,6 +139,7 @@ pub async fn create(
         .map_err(|e| FcError::invalid_argument(format!("invalid request body: {e}")))?;
     validate::check_network_id("vpcId", "vpc-", &input.vpc_id)?;
     super::request::caller_function(gw, caller, name)?;
+    gw.vpcs.check(&caller.account_id, &input.vpc_id)?;
     let now = gw.clock.now_ms();
     gw.catalog
         .update(&caller.account_id, name, now, None, |current| {

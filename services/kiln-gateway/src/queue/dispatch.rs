@@ -596,6 +596,9 @@ impl Dispatcher {
                         payload: o.record.clone().into_bytes(),
                         headers: vec![("content-type".into(), "application/json".into())],
                         now_ms: self.clock.now_ms(),
+                        // A destination record belongs to a message already
+                        // accepted: never refused by the account's bound.
+                        depth_limit: None,
                     };
                     let r = self
                         .queue

@@ -202,9 +202,20 @@ impl QueueMetrics {
 pub(crate) struct Tally {
     pub events: Vec<(Event, u64)>,
     pub waits_ms: Vec<u64>,
+    /// Change of each account's unfinished messages in this batch.
+    pub depth: std::collections::HashMap<String, i64>,
 }
 
 impl Tally {
+    pub fn depth_add(&mut self, account: &str, d: i64) {
+        match self.depth.get_mut(account) {
+            Some(n) => *n += d,
+            None => {
+                self.depth.insert(account.to_owned(), d);
+            }
+        }
+    }
+
     pub fn add(&mut self, e: Event) {
         match self.events.iter_mut().find(|(k, _)| *k == e) {
             Some((_, n)) => *n += 1,

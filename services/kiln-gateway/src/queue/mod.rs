@@ -177,6 +177,11 @@ pub struct NewMessage {
     /// Caller headers passed to the function.
     pub headers: Vec<(String, String)>,
     pub now_ms: u64,
+    /// The most unfinished messages the account may have: a new one beyond
+    /// it is refused ([`Enqueued::Full`]). `None` for what the service
+    /// enqueues itself (destination records of accepted messages), which
+    /// must never be dropped.
+    pub depth_limit: Option<u64>,
 }
 
 /// What an enqueue did.
@@ -186,6 +191,12 @@ pub enum Enqueued {
     /// The task id was already taken by this function: one task.
     Duplicate {
         request_id: String,
+    },
+    /// Nothing written: the account already has `depth` unfinished
+    /// messages and its bound is `limit`.
+    Full {
+        depth: u64,
+        limit: u64,
     },
 }
 
@@ -779,6 +790,15 @@ fn writer(
     metrics: Arc<QueueMetrics>,
 ) {
     let mut last_checkpoint = std::time::Instant::now();
+    let mut depths = match db.with_conn(|c| Ok(unfinished_per_account(c)?)) {
+        Ok(d) => d,
+        Err(e) => {
+            // Without the counts no bound can be checked: refuse to run
+            // rather than accept without limit.
+            tracing::error!(error = %e, "cannot count unfinished async messages; the queue writer stops");
+            return;
+        }
+    };
     while let Some(first) = rx.blocking_recv() {
         let mut ops = vec![first];
         while ops.len() < BATCH_MAX {
@@ -793,7 +813,7 @@ fn writer(
         let committed = db.with_conn(|c| {
             let tx = c.transaction()?;
             for op in &ops {
-                results.push(apply(&tx, op, &mut tally));
+                results.push(apply(&tx, op, &mut tally, &depths));
             }
             tx.commit()?;
             Ok(())
@@ -801,6 +821,7 @@ fn writer(
         batches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if committed.is_ok() {
             metrics.committed(ops.len(), started.elapsed());
+            apply_depths(&mut depths, std::mem::take(&mut tally.depth));
             tally.apply(&metrics);
         }
         if last_checkpoint.elapsed() >= WRITER_CHECKPOINT_EVERY {
@@ -857,12 +878,43 @@ impl Op {
     }
 }
 
-fn apply(tx: &Transaction<'_>, op: &Op, tally: &mut Tally) -> Reply {
+/// Unfinished messages per account, as committed.
+type Depths = std::collections::HashMap<String, u64>;
+
+fn unfinished_per_account(c: &rusqlite::Connection) -> rusqlite::Result<Depths> {
+    let mut st =
+        c.prepare("SELECT account_id, count(*) FROM messages WHERE done = 0 GROUP BY account_id")?;
+    let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+    rows.map(|r| r.map(|(a, n)| (a, n.max(0) as u64))).collect()
+}
+
+/// Fold a committed batch's changes into the counts.
+fn apply_depths(depths: &mut Depths, batch: std::collections::HashMap<String, i64>) {
+    for (account, d) in batch {
+        let n = depths.entry(account.clone()).or_default();
+        *n = n.saturating_add_signed(d);
+        if *n == 0 {
+            depths.remove(&account);
+        }
+    }
+}
+
+fn apply(tx: &Transaction<'_>, op: &Op, tally: &mut Tally, depths: &Depths) -> Reply {
     match op {
         Op::Enqueue(m, _) => {
+            let account = m.account.as_str();
+            let depth = depths
+                .get(account)
+                .copied()
+                .unwrap_or(0)
+                .saturating_add_signed(tally.depth.get(account).copied().unwrap_or(0));
+            if let Some(limit) = m.depth_limit.filter(|l| depth >= *l) {
+                return Reply::Enqueued(Ok(Enqueued::Full { depth, limit }));
+            }
             let r = enqueue(tx, m);
             if let Ok(Enqueued::New) = r {
                 tally.add(Event::Enqueued);
+                tally.depth_add(account, 1);
             }
             Reply::Enqueued(r.map_err(Into::into))
         }
@@ -1043,6 +1095,13 @@ fn finish(
 ) -> rusqlite::Result<()> {
     if let Some(e) = Event::finished(status) {
         tally.add(e);
+    }
+    let was: Option<(String, i64)> = tx
+        .prepare_cached("SELECT account_id, done FROM messages WHERE seq = ?1")?
+        .query_row([seq], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    if let Some((account, 0)) = &was {
+        tally.depth_add(account, -1);
     }
     tx.prepare_cached(
         "UPDATE messages SET status = ?2, done = 1, end_ms = ?3, error = ?4, return_payload = ?5

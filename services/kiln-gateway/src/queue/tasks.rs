@@ -198,6 +198,7 @@ mod tests {
             payload: b"p".to_vec(),
             headers: vec![],
             now_ms,
+            depth_limit: None,
         }
     }
 

@@ -18,6 +18,7 @@ fn msg(account: &str, function: &str, task: &str, now_ms: u64) -> NewMessage {
         payload: format!("{{\"task\":\"{task}\"}}").into_bytes(),
         headers: vec![("content-type".into(), "application/json".into())],
         now_ms,
+        depth_limit: None,
     }
 }
 
@@ -851,4 +852,59 @@ async fn an_unreachable_destination_is_given_up_after_its_attempts() {
     );
     let _ = tx.send(());
     run.await.unwrap();
+}
+
+#[tokio::test]
+async fn an_account_over_its_depth_bound_is_refused_until_messages_finish() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("queue.db");
+    let q = Queue::open(&path).unwrap();
+    let bounded = |account: &str, task: &str| NewMessage {
+        depth_limit: Some(2),
+        ..msg(account, "f", task, 1)
+    };
+    assert_eq!(q.enqueue(bounded("1", "a")).await.unwrap(), Enqueued::New);
+    assert_eq!(q.enqueue(bounded("1", "b")).await.unwrap(), Enqueued::New);
+    assert_eq!(
+        q.enqueue(bounded("1", "c")).await.unwrap(),
+        Enqueued::Full { depth: 2, limit: 2 }
+    );
+    // Other accounts, and what the service enqueues itself, pass.
+    assert_eq!(q.enqueue(bounded("2", "a")).await.unwrap(), Enqueued::New);
+    assert_eq!(
+        q.enqueue(msg("1", "f", "dest", 1)).await.unwrap(),
+        Enqueued::New
+    );
+    assert_eq!(
+        count(&q, "SELECT count(*) FROM messages WHERE account_id = '1'"),
+        3,
+        "the refused message was not written"
+    );
+    // The counts survive a restart.
+    drop(q);
+    let q = Queue::open(&path).unwrap();
+    assert_eq!(
+        q.enqueue(bounded("1", "c")).await.unwrap(),
+        Enqueued::Full { depth: 3, limit: 2 }
+    );
+    // Two finish (one run, one stopped): there is room for one again.
+    let claimed = q.claim(2, 60_000, vec![("1".into(), 1)]).await.unwrap();
+    let done = Completion::Final {
+        status: TaskStatus::Succeeded,
+        error: None,
+        return_payload: None,
+    };
+    q.complete(claimed[0].seq, claimed[0].delivery, 3, done)
+        .await
+        .unwrap();
+    let stop = q
+        .stop(&"1".parse().unwrap(), &"f".parse().unwrap(), "dest", 4)
+        .await
+        .unwrap();
+    assert_eq!(stop, StopOutcome::Stopped);
+    assert_eq!(q.enqueue(bounded("1", "c")).await.unwrap(), Enqueued::New);
+    assert_eq!(
+        q.enqueue(bounded("1", "d")).await.unwrap(),
+        Enqueued::Full { depth: 2, limit: 2 }
+    );
 }
