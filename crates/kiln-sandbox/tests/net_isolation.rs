@@ -120,7 +120,7 @@ impl Topology {
             must(&["ip", "netns", "add", ns]);
             must(&["ip", "-n", ns, "link", "set", "lo", "up"]);
         }
-        // Uplink: agent `<p>up` 10.200.0.1 <-> internet host 10.200.0.2.
+        // Uplink: agent `<p>up` 203.0.113.1 <-> internet host 203.0.113.2.
         let up = format!("{}up", t.prefix);
         must(&[
             "ip", "-n", &t.agent, "link", "add", &up, "type", "veth", "peer", "name", "eth0",
@@ -132,7 +132,7 @@ impl Topology {
             &t.agent,
             "addr",
             "add",
-            "10.200.0.1/24",
+            "203.0.113.1/24",
             "dev",
             &up,
         ]);
@@ -143,7 +143,7 @@ impl Topology {
             &t.inet,
             "addr",
             "add",
-            "10.200.0.2/24",
+            "203.0.113.2/24",
             "dev",
             "eth0",
         ]);
@@ -465,7 +465,7 @@ fn egress_modes_reach_exactly_what_they_should_and_leave_nothing() {
         let mut row = Row::new();
         row.insert(
             "internet",
-            probe(ns, None, to("10.200.0.2".parse().unwrap()), &token()),
+            probe(ns, None, to("203.0.113.2".parse().unwrap()), &token()),
         );
         row.insert(
             "vpc",
@@ -479,7 +479,7 @@ fn egress_modes_reach_exactly_what_they_should_and_leave_nothing() {
         row.insert(
             "node services",
             probe(ns, None, to(slot.host_addr), &a)
-                || probe(ns, None, to("10.200.0.1".parse().unwrap()), &b)
+                || probe(ns, None, to("203.0.113.1".parse().unwrap()), &b)
                 || node.saw(&a)
                 || node.saw(&b),
         );
@@ -497,7 +497,7 @@ fn egress_modes_reach_exactly_what_they_should_and_leave_nothing() {
             "eth0",
         ]);
         let (a, b) = (token(), token());
-        probe(ns, Some(spoof), to("10.200.0.2".parse().unwrap()), &a);
+        probe(ns, Some(spoof), to("203.0.113.2".parse().unwrap()), &a);
         probe(ns, Some(spoof), to("192.168.50.10".parse().unwrap()), &b);
         std::thread::sleep(Duration::from_millis(100));
         row.insert("spoofed source", internet.saw(&a) || vpc.saw(&b));
