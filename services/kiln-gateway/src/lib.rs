@@ -208,7 +208,7 @@ pub async fn start_with_clock(
     let client_tls =
         kiln_pki::internal_client_config_live(&config.tls.ca, identity, revoked.clone())?;
     let internal = InternalClient::with_config(client_tls.clone());
-    let invoke_client = InternalClient::with_config_http1(client_tls);
+    let invoke_client = kiln_internal_api::InvokeClient::new(client_tls);
     let queue = queue::Queue::open(&config.queue_path())?;
     let metrics = Metrics::with_extra(|r| queue.metrics().register(r));
     let scheduler: scheduler::SharedScheduler = Arc::new(scheduler::HttpScheduler::new(
