@@ -249,8 +249,11 @@ where
 /// unread).
 pub struct InlineBody<H: ConnHome> {
     inner: Incoming,
-    conn: Option<(InlineConn<H::Io, H::Body>, H)>,
+    conn: Option<(HomedConn<H>, H)>,
 }
+
+/// The connection an [`InlineBody`] of home `H` reads over.
+type HomedConn<H> = InlineConn<<H as ConnHome>::Io, <H as ConnHome>::Body>;
 
 impl<H: ConnHome> InlineBody<H>
 where
