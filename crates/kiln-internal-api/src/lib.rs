@@ -9,7 +9,9 @@
 pub mod access_log;
 pub mod authz;
 pub mod client;
+pub mod inline;
 pub mod invoke;
+pub mod invoke_client;
 pub mod keys;
 pub mod limits;
 pub mod messages;
@@ -20,5 +22,6 @@ pub mod trust;
 
 pub use client::{InternalClient, InternalClientError};
 pub use invoke::{InvokeFailure, InvokeOutcome};
+pub use invoke_client::InvokeClient;
 pub use messages::*;
 pub use trust::*;

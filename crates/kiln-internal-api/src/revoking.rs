@@ -53,32 +53,14 @@ impl tower_service::Service<Uri> for RevokingConnector {
         let revoked = self.revoked.clone();
         Box::pin(async move {
             let stream = connecting.await?;
-            let watch = match (revoked, server_certificate(&stream)) {
-                (Some(set), Some(cert)) => {
-                    // Revoked between the handshake's check and now.
-                    if set.is_revoked(&cert) {
-                        return Err(format!("server certificate {cert} is revoked").into());
-                    }
-                    Some(Watch::new(set, cert))
-                }
-                _ => None,
-            };
-            Ok(RevokingStream {
-                inner: stream,
-                watch,
-                revoked: false,
-            })
+            let cert = match &stream {
+                MaybeHttpsStream::Https(tls) => tls.inner().get_ref().1.peer_certificates(),
+                MaybeHttpsStream::Http(_) => None,
+            }
+            .and_then(|c| c.first())
+            .cloned();
+            Ok(RevokingStream::watching(stream, revoked, cert.as_ref())?)
         })
-    }
-}
-
-fn server_certificate(stream: &Inner) -> Option<PeerCert> {
-    match stream {
-        MaybeHttpsStream::Https(tls) => {
-            let (_, conn) = tls.inner().get_ref();
-            PeerCert::from_der(conn.peer_certificates()?.first()?)
-        }
-        MaybeHttpsStream::Http(_) => None,
     }
 }
 
@@ -105,13 +87,38 @@ impl Watch {
 
 /// A client connection that fails every read and write once the server's
 /// certificate is revoked.
-pub struct RevokingStream {
-    inner: Inner,
+pub struct RevokingStream<T = Inner> {
+    inner: T,
     watch: Option<Watch>,
     revoked: bool,
 }
 
-impl RevokingStream {
+impl<T> RevokingStream<T> {
+    /// `inner`, a connection to a server that presented `server_cert`,
+    /// followed in `revoked` (when given; a plain connection or one
+    /// without a certificate is not followed). Refused when the
+    /// certificate was revoked between the handshake's check and now.
+    pub fn watching(
+        inner: T,
+        revoked: Option<Arc<RevocationSet>>,
+        server_cert: Option<&rustls::pki_types::CertificateDer<'_>>,
+    ) -> Result<Self, String> {
+        let watch = match (revoked, server_cert.and_then(PeerCert::from_der)) {
+            (Some(set), Some(cert)) => {
+                if set.is_revoked(&cert) {
+                    return Err(format!("server certificate {cert} is revoked"));
+                }
+                Some(Watch::new(set, cert))
+            }
+            _ => None,
+        };
+        Ok(Self {
+            inner,
+            watch,
+            revoked: false,
+        })
+    }
+
     /// Follow the revocation set's changes (registering the task's waker,
     /// so an idle connection is woken by a revocation); an error once the
     /// server's certificate is revoked.
@@ -143,7 +150,7 @@ impl RevokingStream {
     }
 }
 
-impl Read for RevokingStream {
+impl<T: Read + Unpin> Read for RevokingStream<T> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -155,7 +162,7 @@ impl Read for RevokingStream {
     }
 }
 
-impl Write for RevokingStream {
+impl<T: Write + Unpin> Write for RevokingStream<T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -191,7 +198,7 @@ impl Write for RevokingStream {
     }
 }
 
-impl Connection for RevokingStream {
+impl<T: Connection> Connection for RevokingStream<T> {
     fn connected(&self) -> Connected {
         self.inner.connected()
     }

@@ -14,7 +14,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -24,9 +24,9 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use kiln_core::{FcError, InstanceSpec};
+use kiln_internal_api::inline::{ConnHome, IdleStack, InlineBody, InlineConn};
 use kiln_internal_api::invoke::OUTCOME_HEADER;
 use kiln_internal_api::server::{error, full, Body, BoxError};
 use kiln_internal_api::{InvokeFailure, InvokeOutcome};
@@ -82,71 +82,47 @@ enum RuntimeError {
     Http(#[from] hyper::Error),
 }
 
-/// A connection's sending half, idle since `since`.
-struct IdleConn {
-    send: http1::SendRequest<Incoming>,
-    since: Instant,
-}
+type RuntimeIo = TokioIo<tokio::net::TcpStream>;
+type RuntimeConn = InlineConn<RuntimeIo, Incoming>;
 
 /// Keep-alive HTTP/1.1 connections to one runtime, most recently used on
-/// top. Each connection's I/O runs in its own task (spawned once, when it
-/// is dialled); dropping the sending half closes the connection.
+/// top. A call drives its connection's I/O itself (see
+/// [`kiln_internal_api::inline`]): no task runs per connection.
 pub(crate) struct RuntimeConns {
     endpoint: SocketAddr,
-    idle: Mutex<Vec<IdleConn>>,
+    idle: IdleStack<RuntimeIo, Incoming>,
 }
+
+/// Idle runtime connections kept per instance (its peak of concurrent
+/// calls).
+const RUNTIME_MAX_IDLE: usize = 1024;
 
 impl RuntimeConns {
     fn new(endpoint: SocketAddr) -> Self {
         Self {
             endpoint,
-            idle: Mutex::new(Vec::new()),
+            idle: IdleStack::new(RUNTIME_IDLE, RUNTIME_MAX_IDLE),
         }
     }
 
     /// A connection ready for a request, and whether it was used before.
-    async fn checkout(&self) -> Result<(http1::SendRequest<Incoming>, bool), RuntimeError> {
-        loop {
-            let popped = {
-                let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-                match idle.pop() {
-                    // Everything below the top is older still.
-                    Some(c) if c.since.elapsed() >= RUNTIME_IDLE => {
-                        idle.clear();
-                        None
-                    }
-                    other => other,
-                }
-            };
-            let Some(mut conn) = popped else {
-                return Ok((self.dial().await?, false));
-            };
-            if conn.send.is_ready() {
-                return Ok((conn.send, true));
-            }
+    async fn checkout(&self) -> Result<(RuntimeConn, bool), RuntimeError> {
+        while let Some(mut conn) = self.idle.take() {
             // The connection may still be finishing the previous answer;
-            // one that has closed errors here and is dropped.
-            if !conn.send.is_closed() && conn.send.ready().await.is_ok() {
-                return Ok((conn.send, true));
+            // one that has closed fails here and is dropped.
+            if conn.ready().await.is_ok() {
+                return Ok((conn, true));
             }
         }
+        Ok((self.dial().await?, false))
     }
 
     /// Give a connection back after its answer ended.
-    fn put_back(&self, send: http1::SendRequest<Incoming>) {
-        if send.is_closed() {
-            return;
-        }
-        self.idle
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(IdleConn {
-                send,
-                since: Instant::now(),
-            });
+    fn put_back(&self, conn: RuntimeConn) {
+        self.idle.put_back(conn);
     }
 
-    async fn dial(&self) -> Result<http1::SendRequest<Incoming>, RuntimeError> {
+    async fn dial(&self) -> Result<RuntimeConn, RuntimeError> {
         // Bounded by the call's deadline only: a runtime with a short listen
         // backlog (Python's http.server keeps 5) drops the SYNs of a burst
         // of calls, and the kernel resends them after 1 s and 3 s.
@@ -154,13 +130,7 @@ impl RuntimeConns {
             .await
             .map_err(RuntimeError::Connect)?;
         tcp.set_nodelay(true).map_err(RuntimeError::Connect)?;
-        let (send, conn) = http1::handshake(TokioIo::new(tcp)).await?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "runtime connection ended with an error");
-            }
-        });
-        Ok(send)
+        Ok(InlineConn::handshake(TokioIo::new(tcp)).await?)
     }
 
     /// Send `req` on a pooled connection; a request the runtime never saw
@@ -169,21 +139,37 @@ impl RuntimeConns {
     async fn send(
         &self,
         req: Request<Incoming>,
-    ) -> Result<(Response<Incoming>, http1::SendRequest<Incoming>), RuntimeError> {
-        let (mut send, reused) = self.checkout().await?;
-        match send.try_send_request(req).await {
-            Ok(resp) => Ok((resp, send)),
+    ) -> Result<(Response<Incoming>, RuntimeConn), RuntimeError> {
+        let (mut conn, reused) = self.checkout().await?;
+        match conn.send(req).await {
+            Ok(resp) => Ok((resp, conn)),
             Err(mut e) => match e.take_message() {
                 Some(req) if reused => {
-                    let mut send = self.dial().await?;
-                    let resp = send.send_request(req).await?;
-                    Ok((resp, send))
+                    let mut conn = self.dial().await?;
+                    let resp = conn.send(req).await.map_err(|e| e.into_error())?;
+                    Ok((resp, conn))
                 }
                 _ => Err(e.into_error().into()),
             },
         }
     }
 }
+
+/// An instance's runtime connections, held by an answer's body so its
+/// connection goes back to them when the body ends.
+struct HomeConns(Arc<Instance>);
+
+impl ConnHome for HomeConns {
+    type Io = RuntimeIo;
+    type Body = Incoming;
+
+    fn put_back(&self, conn: RuntimeConn) {
+        self.0.upstream.conns.put_back(conn);
+    }
+}
+
+/// The runtime's answer body, driving its connection while it is read.
+type RuntimeBody = InlineBody<HomeConns>;
 
 /// One instance's way to its runtime: keep-alive HTTP/1.1 connections and
 /// the FC headers of its spec, built once at create time.
@@ -409,11 +395,10 @@ pin_project_lite::pin_project! {
     /// (and is closed when the body is dropped before that).
     struct InvokeBody {
         #[pin]
-        inner: Incoming,
+        inner: RuntimeBody,
         #[pin]
         deadline: Sleep,
         guard: InFlight,
-        conn: Option<http1::SendRequest<Incoming>>,
     }
 }
 
@@ -428,12 +413,6 @@ impl HttpBody for InvokeBody {
         let mut this = self.project();
         match this.inner.as_mut().poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                // Servers stop polling a body that says it is over.
-                if this.inner.is_end_stream() {
-                    if let Some(conn) = this.conn.take() {
-                        this.guard.instance.upstream.conns.put_back(conn);
-                    }
-                }
                 return Poll::Ready(Some(Ok(frame)));
             }
             Poll::Ready(Some(Err(e))) => {
@@ -451,9 +430,6 @@ impl HttpBody for InvokeBody {
                 return Poll::Ready(Some(Err(Box::new(e))));
             }
             Poll::Ready(None) => {
-                if let Some(conn) = this.conn.take() {
-                    this.guard.instance.upstream.conns.put_back(conn);
-                }
                 return Poll::Ready(None);
             }
             Poll::Pending => {}
@@ -606,13 +582,11 @@ impl InstanceManager {
         if want_tail {
             // The tail goes in a header: read the whole answer first, but
             // never more of it than a sync call may answer with.
+            let body = InlineBody::new(body, conn, HomeConns(instance.clone()));
             let limited = http_body_util::Limited::new(body, TAIL_RESPONSE_MAX);
             let read = tokio::time::timeout_at(deadline, limited.collect()).await;
             let (body, failed) = match read {
-                Ok(Ok(collected)) => {
-                    upstream.conns.put_back(conn);
-                    (collected.to_bytes(), None)
-                }
+                Ok(Ok(collected)) => (collected.to_bytes(), None),
                 // The function's fault, not the instance's: the connection
                 // (half read) is dropped, the instance stays.
                 Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
@@ -668,18 +642,11 @@ impl InstanceManager {
             put_tail(&mut resp, tail);
             return resp;
         }
-        // A body that is already over is never polled to its end.
-        let conn = if body.is_end_stream() {
-            upstream.conns.put_back(conn);
-            None
-        } else {
-            Some(conn)
-        };
+        // A body that is already over gives its connection back now.
         let body = InvokeBody {
-            inner: body,
+            inner: InlineBody::new(body, conn, HomeConns(instance.clone())),
             deadline: tokio::time::sleep_until(deadline),
             guard,
-            conn,
         };
         Response::from_parts(parts, body.boxed())
     }

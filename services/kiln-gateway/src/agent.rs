@@ -6,10 +6,11 @@ use futures_util::future::BoxFuture;
 use http::{header, HeaderName, HeaderValue, Method, Request, Response};
 use hyper::body::Incoming;
 use kiln_core::InstanceId;
-use kiln_internal_api::server::{full, Body};
+use kiln_internal_api::invoke_client::{AnswerBody, Payload};
+use kiln_internal_api::server::Body;
 use kiln_internal_api::{
-    exec_frame, headers as ih, paths, ExecStart, InternalClient, InternalClientError, Lease,
-    LogRecords,
+    exec_frame, headers as ih, paths, ExecStart, InternalClient, InternalClientError, InvokeClient,
+    Lease, LogRecords,
 };
 
 use crate::invoke::{InvokeRequest, LogType};
@@ -24,7 +25,7 @@ pub trait AgentClient: Send + Sync + 'static {
         &'a self,
         lease: &'a Lease,
         call: &'a InvokeRequest,
-    ) -> BoxFuture<'a, Result<Response<Incoming>>>;
+    ) -> BoxFuture<'a, Result<Response<AnswerBody>>>;
     /// The log records on the node at `agent_url` matching `query` (the
     /// query string of [`paths::AGENT_LOGS`]).
     fn logs<'a>(&'a self, agent_url: &'a str, query: &'a str) -> BoxFuture<'a, Result<LogRecords>>;
@@ -41,10 +42,11 @@ pub trait AgentClient: Send + Sync + 'static {
 
 pub type SharedAgents = std::sync::Arc<dyn AgentClient>;
 
-/// Agents over mTLS: invocations on HTTP/1.1 connections (the data path),
-/// control calls on HTTP/2.
+/// Agents over mTLS: invocations on HTTP/1.1 connections driven by the
+/// calling task (the data path, see [`kiln_internal_api::inline`]), control
+/// calls on HTTP/2.
 pub struct HttpAgent {
-    invoke: InternalClient,
+    invoke: InvokeClient,
     control: InternalClient,
 }
 
@@ -52,7 +54,7 @@ pub struct HttpAgent {
 const LOGS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl HttpAgent {
-    pub fn new(invoke: InternalClient, control: InternalClient) -> Self {
+    pub fn new(invoke: InvokeClient, control: InternalClient) -> Self {
         Self {
             invoke,
             control: control.with_timeout(LOGS_TIMEOUT),
@@ -76,7 +78,7 @@ impl AgentClient for HttpAgent {
         &'a self,
         lease: &'a Lease,
         call: &'a InvokeRequest,
-    ) -> BoxFuture<'a, Result<Response<Incoming>>> {
+    ) -> BoxFuture<'a, Result<Response<AnswerBody>>> {
         Box::pin(async move {
             let req = request(lease, call)?;
             self.invoke.send(req).await
@@ -144,12 +146,12 @@ fn forwardable(name: &HeaderName) -> bool {
 
 /// The agent's invoke request: the payload, the request id and the
 /// caller's own headers.
-fn request(lease: &Lease, call: &InvokeRequest) -> Result<Request<Body>> {
+fn request(lease: &Lease, call: &InvokeRequest) -> Result<Request<Payload>> {
     let u = url(&lease.agent_url, &paths::agent_invoke(&lease.instance_id));
     let mut req = Request::builder()
         .method(Method::POST)
         .uri(&u)
-        .body(full(call.payload.clone()))
+        .body(Payload::new(call.payload.clone()))
         .map_err(|e| unbuildable(u.clone(), e))?;
     let h = req.headers_mut();
     for (k, v) in call.headers.iter() {

@@ -214,7 +214,7 @@ pub async fn start_with_clock(
     let client_tls =
         kiln_pki::internal_client_config_live(&config.tls.ca, identity, revoked.clone())?;
     let internal = InternalClient::revoking(client_tls.clone(), revoked.clone());
-    let invoke_client = InternalClient::revoking_http1(client_tls, revoked.clone());
+    let invoke_client = kiln_internal_api::InvokeClient::revoking(client_tls, revoked.clone());
     let queue = queue::Queue::open(&config.queue_path())?;
     let metrics = Metrics::with_extra(|r| queue.metrics().register(r));
     let scheduler: scheduler::SharedScheduler = Arc::new(scheduler::HttpScheduler::new(

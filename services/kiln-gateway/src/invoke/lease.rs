@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
-use hyper::body::Incoming;
+use kiln_internal_api::invoke_client::AnswerBody;
 use kiln_internal_api::server::BoxError;
 use kiln_internal_api::{Lease, LeaseOutcome};
 
@@ -79,7 +79,7 @@ impl Drop for LeaseGuard {
 
 /// The agent's answer body, holding the lease until it ends.
 pub(super) struct GuardedBody {
-    inner: Incoming,
+    inner: AnswerBody,
     guard: Option<LeaseGuard>,
     /// The lease's outcome once the answer is complete.
     done: LeaseOutcome,
@@ -88,7 +88,7 @@ pub(super) struct GuardedBody {
 impl GuardedBody {
     /// Until the body ends, the guard's outcome is `InstanceFailed`: a body
     /// dropped early means the instance may still be writing.
-    pub(super) fn new(inner: Incoming, mut guard: LeaseGuard, done: LeaseOutcome) -> Self {
+    pub(super) fn new(inner: AnswerBody, mut guard: LeaseGuard, done: LeaseOutcome) -> Self {
         guard.set_outcome(LeaseOutcome::InstanceFailed);
         Self {
             inner,

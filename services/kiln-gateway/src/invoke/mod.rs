@@ -30,9 +30,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use kiln_core::{AccountId, FcError, FcErrorCode, FcErrorKind, FunctionName, RequestId};
 use kiln_internal_api::client::remote_error;
+use kiln_internal_api::invoke_client::AnswerBody;
 use kiln_internal_api::server::{full, Body};
 use kiln_internal_api::{headers as ih, InvokeFailure, InvokeOutcome, Lease, LeaseOutcome};
 
@@ -163,7 +163,7 @@ async fn run(gw: &Arc<Gateway>, req: InvokeRequest) -> Result<InvokeResult, FcEr
         let from_pool = reused.is_some();
         let lease = match reused.take() {
             Some(l) => l,
-            None => match acquire(gw, entry.acquire_body(req.request_id.as_str())).await {
+            None => match acquire(gw, &req, entry.acquire_body(req.request_id.as_str())).await {
                 Ok(l) => l,
                 // The agent discarded the instance; no lease was taken.
                 Err(e) if e.kind == Some(FcErrorKind::Initialization) => {
@@ -182,11 +182,13 @@ async fn run(gw: &Arc<Gateway>, req: InvokeRequest) -> Result<InvokeResult, FcEr
         let resp = match tokio::time::timeout(deadline, gw.agents.invoke(lease, &req)).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
-                tracing::warn!(error = %e, "agent call failed");
+                tracing::warn!(request_id = %req.request_id, function = %req.function, error = %e, "agent call failed");
                 return Err(e.to_fc());
             }
             Err(_) => {
                 tracing::warn!(
+                    request_id = %req.request_id,
+                    function = %req.function,
                     deadline_s = deadline.as_secs(),
                     "agent did not answer in time"
                 );
@@ -199,7 +201,7 @@ async fn run(gw: &Arc<Gateway>, req: InvokeRequest) -> Result<InvokeResult, FcEr
         match InvokeOutcome::of(resp.headers()) {
             Some(Ok(outcome)) => break (outcome, resp),
             Some(Err(unknown)) => {
-                tracing::error!(error = %unknown, "agent answered badly");
+                tracing::error!(request_id = %req.request_id, function = %req.function, error = %unknown, "agent answered badly");
                 return Err(FcError::internal(
                     "the instance's node answered badly; retry the request",
                 ));
@@ -247,7 +249,7 @@ async fn run(gw: &Arc<Gateway>, req: InvokeRequest) -> Result<InvokeResult, FcEr
     }
 }
 
-async fn read_small(body: Incoming) -> Bytes {
+async fn read_small(body: AnswerBody) -> Bytes {
     http_body_util::Limited::new(body, 64 * 1024)
         .collect()
         .await
@@ -262,7 +264,7 @@ async fn answer(
     headers: HeaderMap,
     log_tail: Option<HeaderValue>,
     mut guard: LeaseGuard,
-    body: Incoming,
+    body: AnswerBody,
     deadline: Duration,
 ) -> Result<FunctionAnswer, FcError> {
     let small = headers
@@ -296,9 +298,9 @@ async fn answer(
     })
 }
 
-async fn acquire(gw: &Gateway, body: Bytes) -> Result<Lease, FcError> {
+async fn acquire(gw: &Gateway, req: &InvokeRequest, body: Bytes) -> Result<Lease, FcError> {
     gw.scheduler.acquire_lease(body).await.map_err(|e| {
-        tracing::warn!(error = %e, "no lease from the scheduler");
+        tracing::warn!(request_id = %req.request_id, function = %req.function, error = %e, "no lease from the scheduler");
         e.to_fc()
     })
 }
