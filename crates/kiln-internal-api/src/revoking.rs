@@ -75,12 +75,15 @@ fn next_change(mut rx: watch::Receiver<u64>) -> NextChange {
 struct Watch {
     set: Arc<RevocationSet>,
     cert: PeerCert,
-    next: NextChange,
+    /// Only ever reached through `&mut self` (`Mutex::get_mut`, no
+    /// locking): the mutex makes the stream `Sync`, as the bodies that
+    /// carry it must be, though the future itself is not.
+    next: std::sync::Mutex<NextChange>,
 }
 
 impl Watch {
     fn new(set: Arc<RevocationSet>, cert: PeerCert) -> Self {
-        let next = next_change(set.subscribe());
+        let next = std::sync::Mutex::new(next_change(set.subscribe()));
         Self { set, cert, next }
     }
 }
@@ -127,7 +130,8 @@ impl<T> RevokingStream<T> {
             let Some(watch) = self.watch.as_mut() else {
                 break;
             };
-            match watch.next.as_mut().poll(cx) {
+            let next = watch.next.get_mut().unwrap_or_else(|p| p.into_inner());
+            match next.as_mut().poll(cx) {
                 Poll::Pending => break,
                 Poll::Ready(None) => self.watch = None,
                 Poll::Ready(Some(rx)) => {
@@ -135,7 +139,7 @@ impl<T> RevokingStream<T> {
                         tracing::warn!(server_cert = %watch.cert, "server certificate revoked; closing the connection to it");
                         self.revoked = true;
                     } else {
-                        watch.next = next_change(rx);
+                        *next = next_change(rx);
                     }
                 }
             }
