@@ -279,7 +279,7 @@ async fn an_attach_that_fails_fails_the_create_and_leaves_nothing() {
     );
     let err = d.create(&req).await.unwrap_err();
     assert!(
-        matches!(&err, SandboxError::Network { .. })
+        matches!(&err, SandboxError::Unenforceable(_))
             && kiln_core::error_chain(&err).contains("vpc-x"),
         "{err:?}"
     );

@@ -11,8 +11,6 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,7 +20,10 @@ use kiln_sandbox::net::{
     NetworkConfig, SystemCommands,
 };
 use kiln_test_support::{skip, Category};
-use nix::sched::{setns, CloneFlags};
+
+#[path = "support/netns.rs"]
+mod netns;
+use netns::{enter, in_ns, missing_prerequisite, must, sh, Echo};
 
 /// UDP echo port on every listener; the node's public TCP port.
 const PORT: u16 = 7200;
@@ -40,43 +41,7 @@ const RESOLVER: &str = "10.66.0.53";
 const PUBLIC6: &str = "2001:db8:1::2";
 
 fn skip_reason() -> Option<(Category, String)> {
-    if !nix::unistd::Uid::effective().is_root() {
-        return Some((Category::Root, "needs root".into()));
-    }
-    for tool in ["ip", "nft", "tc", "sysctl"] {
-        let ok = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            return Some((
-                Category::Tool,
-                format!("{tool} is not installed (scripts/install-deps.sh installs it)"),
-            ));
-        }
-    }
-    None
-}
-
-fn sh(args: &[&str]) -> Result<String, String> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .map_err(|e| e.to_string())?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(format!(
-            "{}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
-}
-
-fn must(args: &[&str]) -> String {
-    sh(args).unwrap_or_else(|e| panic!("{e}"))
+    missing_prerequisite(&["ip", "nft", "tc", "sysctl"])
 }
 
 /// The agent's namespace and its uplink; dropping it removes every
@@ -233,65 +198,6 @@ impl Drop for Topology {
                 }
             }
         }
-    }
-}
-
-fn enter(ns: &str) {
-    let f = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
-    setns(f, CloneFlags::CLONE_NEWNET).unwrap();
-}
-
-fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let ns = ns.to_owned();
-    std::thread::spawn(move || {
-        enter(&ns);
-        f()
-    })
-    .join()
-    .unwrap()
-}
-
-/// A UDP echo server in `ns`, recording what it received; `[::]` takes
-/// IPv4 too (as mapped addresses).
-struct Echo {
-    seen: Arc<Mutex<Vec<String>>>,
-    stop: Arc<AtomicBool>,
-}
-
-impl Echo {
-    fn start(ns: &str, bind: IpAddr) -> Self {
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (s2, st2, ns) = (seen.clone(), stop.clone(), ns.to_owned());
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            enter(&ns);
-            let sock = UdpSocket::bind((bind, PORT)).unwrap();
-            sock.set_read_timeout(Some(Duration::from_millis(50)))
-                .unwrap();
-            tx.send(()).unwrap();
-            let mut buf = [0u8; 512];
-            while !st2.load(Ordering::Relaxed) {
-                if let Ok((n, from)) = sock.recv_from(&mut buf) {
-                    s2.lock()
-                        .unwrap()
-                        .push(String::from_utf8_lossy(&buf[..n]).into_owned());
-                    let _ = sock.send_to(&buf[..n], from);
-                }
-            }
-        });
-        rx.recv().unwrap();
-        Self { seen, stop }
-    }
-
-    fn saw(&self, token: &str) -> bool {
-        self.seen.lock().unwrap().iter().any(|t| t == token)
-    }
-}
-
-impl Drop for Echo {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
     }
 }
 
@@ -457,11 +363,11 @@ fn internet_mode_reaches_public_addresses_only() {
         ]);
     }
 
-    let uplink = Echo::start(&topo.uplink, "::".parse().unwrap());
-    let node = Echo::start(&agent, Ipv4Addr::UNSPECIFIED.into());
+    let uplink = Echo::start(&topo.uplink, "::".parse().unwrap(), PORT);
+    let node = Echo::start(&agent, Ipv4Addr::UNSPECIFIED.into(), PORT);
     let instances: Vec<Echo> = slots
         .iter()
-        .map(|(s, _)| Echo::start(&s.name, Ipv4Addr::UNSPECIFIED.into()))
+        .map(|(s, _)| Echo::start(&s.name, Ipv4Addr::UNSPECIFIED.into(), PORT))
         .collect();
     // The node's public port (its internet-facing gateway) and a control
     // port, both on every node address.

@@ -443,6 +443,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 idle_timeout_s: args.idle_timeout,
                 credentials_lifetime_s: args.credentials_lifetime,
                 insecure_no_network_isolation: args.insecure_no_network_isolation,
+                signature_skew_s: None,
             })
             .await
         }

@@ -77,6 +77,10 @@ pub fn gateway(
         access_key_id,
         access_key_secret,
     );
+    let text = match opts.signature_skew_s {
+        Some(skew_s) => format!("{text}[signatures]\nskew_s = {skew_s}\n"),
+        None => text,
+    };
     let config: kiln_gateway::GatewayConfig = parse("gateway", &text)?;
     config.validate()?;
     Ok(config)
@@ -204,6 +208,7 @@ mod tests {
             idle_timeout_s: 300,
             credentials_lifetime_s: 3600,
             insecure_no_network_isolation: false,
+            signature_skew_s: None,
         };
         let make = |opts: &DevOptions| {
             agent(

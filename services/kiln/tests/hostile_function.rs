@@ -132,7 +132,10 @@ async fn the_agent_survives_a_function_that_floods_logs_and_answers_huge_bodies(
             "state_dir = {:?}\nlisten = \"127.0.0.1:{ap}\"\nscheduler_url = \"https://127.0.0.1:{sp}\"\n\
              gateway_internal_url = \"https://127.0.0.1:{gi}\"\ndrain_on_shutdown = true\n{}\
              [node]\nzone = \"z1\"\ntenancy = \"dedicated\"\nmemory_mb = 4096\ncpu_milli = 16000\nmax_instances = 64\n\
-             [sandbox]\nname_prefix = {prefix:?}\ninstance_subnet = {:?}\ncgroup_parent = {prefix:?}\nrootfs_dir = {:?}\n",
+             [sandbox]\nname_prefix = {prefix:?}\ninstance_subnet = {:?}\ncgroup_parent = {prefix:?}\nrootfs_dir = {:?}\n\
+             # The agent runs in the host's namespace: no isolation to\n\
+             # configure here (egress.rs tests it in namespaces of its own).\n\
+             insecure_network_isolation_disabled = true\n",
             dir.join("agent"),
             common::tls_table(&pki, "agent"),
             common::run_subnet(),

@@ -28,6 +28,10 @@ pub struct DevOptions {
     /// Run instances without network isolation
     /// (`sandbox.insecure_network_isolation_disabled`).
     pub insecure_no_network_isolation: bool,
+    /// The gateway's `[signatures] skew_s` (None: FC's 15 minutes). The
+    /// replay cache holds a skew window of nonces, so a soak shortens it
+    /// to reach the cache's steady state within its run.
+    pub signature_skew_s: Option<u64>,
 }
 
 /// The dev account and key, kept across restarts so clients stay valid.
