@@ -10,7 +10,7 @@
 //! carries a per-run prefix and goes when the test ends, also on failure.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -203,20 +203,7 @@ impl Drop for Topology {
 
 /// From netns `ns` send `token` to `to`: whether the echo came back.
 fn probe(ns: &str, to: SocketAddr, token: &str) -> bool {
-    let token = token.to_owned();
-    in_ns(ns, move || {
-        let any: IpAddr = if to.is_ipv4() {
-            Ipv4Addr::UNSPECIFIED.into()
-        } else {
-            std::net::Ipv6Addr::UNSPECIFIED.into()
-        };
-        let sock = UdpSocket::bind((any, 0)).unwrap();
-        sock.set_read_timeout(Some(Duration::from_millis(400)))
-            .unwrap();
-        let _ = sock.send_to(token.as_bytes(), to);
-        let mut buf = [0u8; 512];
-        matches!(sock.recv_from(&mut buf), Ok((n, _)) if buf[..n] == *token.as_bytes())
-    })
+    netns::probe(ns, None, to, token)
 }
 
 /// From netns `ns`, whether a TCP connection to `to` is accepted.

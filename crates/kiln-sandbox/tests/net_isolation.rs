@@ -7,7 +7,7 @@
 //! to the host's own network.
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -23,6 +23,11 @@ use kiln_test_support::{skip, Category};
 #[path = "support/netns.rs"]
 mod netns;
 use netns::{in_ns, missing_prerequisite, must, sh, Echo};
+
+/// [`netns::probe`] from an IPv4 source.
+fn probe(ns: &str, src: Option<Ipv4Addr>, to: SocketAddr, token: &str) -> bool {
+    netns::probe(ns, src.map(Into::into), to, token)
+}
 
 const PORT: u16 = 7100;
 
@@ -243,20 +248,6 @@ impl Drop for Topology {
             }
         }
     }
-}
-
-/// From netns `ns` (bound to `src` when given) send `token` to `to`;
-/// whether the echo came back.
-fn probe(ns: &str, src: Option<Ipv4Addr>, to: SocketAddr, token: &str) -> bool {
-    let token = token.to_owned();
-    in_ns(ns, move || {
-        let sock = UdpSocket::bind((src.unwrap_or(Ipv4Addr::UNSPECIFIED), 0)).unwrap();
-        sock.set_read_timeout(Some(Duration::from_millis(400)))
-            .unwrap();
-        let _ = sock.send_to(token.as_bytes(), to);
-        let mut buf = [0u8; 512];
-        matches!(sock.recv_from(&mut buf), Ok((n, _)) if buf[..n] == *token.as_bytes())
-    })
 }
 
 fn vpc_attachment() -> VpcAttachment {

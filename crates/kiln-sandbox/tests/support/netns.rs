@@ -3,7 +3,7 @@
 
 #![allow(dead_code)] // each test file uses its own part
 
-use std::net::{IpAddr, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -114,4 +114,23 @@ impl Drop for Echo {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
     }
+}
+
+/// From netns `ns` (bound to `src` when given) send `token` to `to`:
+/// whether the echo came back.
+pub fn probe(ns: &str, src: Option<IpAddr>, to: SocketAddr, token: &str) -> bool {
+    let token = token.to_owned();
+    in_ns(ns, move || {
+        let any: IpAddr = if to.is_ipv4() {
+            Ipv4Addr::UNSPECIFIED.into()
+        } else {
+            Ipv6Addr::UNSPECIFIED.into()
+        };
+        let sock = UdpSocket::bind((src.unwrap_or(any), 0)).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(400)))
+            .unwrap();
+        let _ = sock.send_to(token.as_bytes(), to);
+        let mut buf = [0u8; 512];
+        matches!(sock.recv_from(&mut buf), Ok((n, _)) if buf[..n] == *token.as_bytes())
+    })
 }
