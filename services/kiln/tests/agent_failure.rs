@@ -53,17 +53,8 @@ async fn killing_an_agent_under_load_moves_calls_to_the_other_node() {
     if common::skip() {
         return;
     }
-    let state = tempfile::Builder::new()
-        .prefix("kiln-kill-")
-        .tempdir()
-        .unwrap();
+    let (state, pki, (sp, gp, gi)) = common::cluster_dir("kiln-kill-");
     let dir = state.path();
-    let pki = kiln_pki::DevPki::ensure(&dir.join("pki"), &[]).unwrap();
-    let (sp, gp, gi) = (
-        common::free_port(),
-        common::free_port(),
-        common::free_port(),
-    );
     let agent_ports = [common::free_port(), common::free_port()];
     let prefix = common::run_tag();
     let prefixes = [format!("{prefix}a"), format!("{prefix}b")];

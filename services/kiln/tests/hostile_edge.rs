@@ -99,17 +99,8 @@ async fn closed_within<S: tokio::io::AsyncRead + Unpin>(s: &mut S, wait: Duratio
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_public_edge_holds_under_idle_slowloris_and_unsigned_bulk_connections() {
     raise_nofile(8192);
-    let state = tempfile::Builder::new()
-        .prefix("kiln-edge-")
-        .tempdir()
-        .unwrap();
+    let (state, pki, (sp, gp, gi)) = common::cluster_dir("kiln-edge-");
     let dir = state.path();
-    let pki = kiln_pki::DevPki::ensure(&dir.join("pki"), &[]).unwrap();
-    let (sp, gp, gi) = (
-        common::free_port(),
-        common::free_port(),
-        common::free_port(),
-    );
     let config = format!(
         "{}{LIMITS}",
         common::gateway_config(dir, &pki, (sp, gp, gi), (ACCOUNT, KEY_ID, SECRET))
@@ -326,17 +317,8 @@ async fn the_public_edge_holds_under_idle_slowloris_and_unsigned_bulk_connection
 /// ResourceThrottled while another tenant's signed calls keep succeeding.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenant_over_its_nonce_share_is_throttled_and_others_are_not() {
-    let state = tempfile::Builder::new()
-        .prefix("kiln-nonce-")
-        .tempdir()
-        .unwrap();
+    let (state, pki, (sp, gp, gi)) = common::cluster_dir("kiln-nonce-");
     let dir = state.path();
-    let pki = kiln_pki::DevPki::ensure(&dir.join("pki"), &[]).unwrap();
-    let (sp, gp, gi) = (
-        common::free_port(),
-        common::free_port(),
-        common::free_port(),
-    );
     let config = format!(
         "{}[[bootstrap_keys]]\naccount_id = \"5678\"\naccess_key_id = \"LTAIother\"\naccess_key_secret = \"other-secret-0123456789\"\n\
          [signatures]\nskew_s = 60\nprovisioned_rps = 2\naccount_rps = 1\n",

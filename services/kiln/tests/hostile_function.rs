@@ -84,18 +84,9 @@ async fn the_agent_survives_a_function_that_floods_logs_and_answers_huge_bodies(
     if common::skip() {
         return;
     }
-    let state = tempfile::Builder::new()
-        .prefix("kiln-hostile-")
-        .tempdir()
-        .unwrap();
+    let (state, pki, (sp, gp, gi)) = common::cluster_dir("kiln-hostile-");
     let dir = state.path();
-    let pki = kiln_pki::DevPki::ensure(&dir.join("pki"), &[]).unwrap();
-    let (sp, gp, gi, ap) = (
-        common::free_port(),
-        common::free_port(),
-        common::free_port(),
-        common::free_port(),
-    );
+    let ap = common::free_port();
     let prefix = common::run_tag();
     let mut services = common::Services {
         children: vec![],

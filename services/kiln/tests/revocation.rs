@@ -54,17 +54,8 @@ async fn a_revoked_node_is_refused_everywhere_and_its_instances_move() {
     if common::skip() {
         return;
     }
-    let state = tempfile::Builder::new()
-        .prefix("kiln-revoke-")
-        .tempdir()
-        .unwrap();
+    let (state, pki, (sp, gp, gi)) = common::cluster_dir("kiln-revoke-");
     let dir = state.path();
-    let pki = kiln_pki::DevPki::ensure(&dir.join("pki"), &[]).unwrap();
-    let (sp, gp, gi) = (
-        common::free_port(),
-        common::free_port(),
-        common::free_port(),
-    );
     let nodes: [NodeId; 2] = ["n-a".parse().unwrap(), "n-b".parse().unwrap()];
     let agent_ports = [common::free_port(), common::free_port()];
     let prefix = common::run_tag();

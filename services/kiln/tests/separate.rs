@@ -16,18 +16,9 @@ async fn services_run_as_separate_processes_from_config_files() {
     if common::skip() {
         return;
     }
-    let state = tempfile::Builder::new()
-        .prefix("kiln-sep-")
-        .tempdir()
-        .unwrap();
+    let (state, pki, (sp, gp, gi)) = common::cluster_dir("kiln-sep-");
     let dir = state.path();
-    let pki = kiln_pki::DevPki::ensure(&dir.join("pki"), &[]).unwrap();
-    let (sp, gp, gi, ap) = (
-        common::free_port(),
-        common::free_port(),
-        common::free_port(),
-        common::free_port(),
-    );
+    let ap = common::free_port();
     let prefix = common::run_tag();
     let mut services = common::Services {
         children: vec![],

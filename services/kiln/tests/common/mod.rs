@@ -464,6 +464,16 @@ pub fn spawn_service(dir: &Path, name: &str, binary: &str, config: &str) -> Chil
         .unwrap_or_else(|e| panic!("cannot start kiln-{binary}: {e}"))
 }
 
+/// What a test running the services as processes starts from: a state
+/// directory named `prefix...` (removed when dropped), the dev PKI in it,
+/// and free ports for the scheduler, the gateway's public listener and
+/// its internal one.
+pub fn cluster_dir(prefix: &str) -> (tempfile::TempDir, kiln_pki::DevPki, (u16, u16, u16)) {
+    let state = tempfile::Builder::new().prefix(prefix).tempdir().unwrap();
+    let pki = kiln_pki::DevPki::ensure(&state.path().join("pki"), &[]).unwrap();
+    (state, pki, (free_port(), free_port(), free_port()))
+}
+
 pub fn tls_table(pki: &kiln_pki::DevPki, role: &str) -> String {
     let f = pki.files(role);
     format!(
