@@ -306,6 +306,13 @@ pub struct Lease {
     pub agent_url: String,
     /// The instance was created for this lease.
     pub cold_start: bool,
+    /// How long after granting it the scheduler keeps this lease before
+    /// writing it off as abandoned (the function's timeout plus a grace)
+    /// and handing its slot to another call. A holder must not start a
+    /// call on it that could outlast this. 0 (a scheduler that does not
+    /// say): use it for one call only.
+    #[serde(default)]
+    pub expires_in_ms: u64,
 }
 
 /// How the invocation on a lease ended; decides the instance's fate.

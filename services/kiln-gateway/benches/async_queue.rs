@@ -228,6 +228,7 @@ mod http_phase {
                 node_id: NodeId::generate(),
                 agent_url,
                 cold_start: false,
+                expires_in_ms: 600_000,
             },
         )
     }

@@ -210,6 +210,7 @@ mod tests {
             node_id: kiln_core::NodeId::generate(),
             agent_url: "https://127.0.0.1:9443/".into(),
             cold_start: false,
+            expires_in_ms: 600_000,
         };
         let mut headers = HeaderMap::new();
         headers.insert("x-custom", HeaderValue::from_static("1"));

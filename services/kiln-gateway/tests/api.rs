@@ -65,6 +65,7 @@ async fn fake_scheduler(
                 node_id: NodeId::generate(),
                 agent_url,
                 cold_start: false,
+                expires_in_ms: 600_000,
             };
             server::json(StatusCode::OK, &lease)
         }

@@ -65,6 +65,7 @@ async fn fake_scheduler(req: Request<hyper::body::Incoming>, agent_url: String) 
                 node_id: NodeId::generate(),
                 agent_url,
                 cold_start: false,
+                expires_in_ms: 600_000,
             },
         ),
         _ => server::no_content(),

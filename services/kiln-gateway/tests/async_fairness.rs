@@ -105,6 +105,7 @@ async fn a_deep_backlog_does_not_delay_other_accounts_or_dedicated_queues() {
                         node_id: NodeId::generate(),
                         agent_url,
                         cold_start: false,
+                        expires_in_ms: 600_000,
                     },
                 )
             }

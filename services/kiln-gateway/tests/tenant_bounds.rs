@@ -110,6 +110,7 @@ async fn cluster(extra: Value) -> Cluster {
                         node_id: NodeId::generate(),
                         agent_url,
                         cold_start: false,
+                        expires_in_ms: 600_000,
                     },
                 )
             }

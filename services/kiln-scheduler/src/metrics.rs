@@ -20,6 +20,8 @@ pub struct Metrics {
     pub start_failures: Counter,
     /// Instances drained to move load off hot nodes.
     pub rebalanced: Counter,
+    /// Leases taken back at expiry (their holder never gave them back).
+    pub leases_written_off: Counter,
     pub instances: Gauge,
     pub nodes_ready: Gauge,
     pub nodes: Gauge,
@@ -43,6 +45,7 @@ impl Default for Metrics {
         let throttles = Counter::default();
         let start_failures = Counter::default();
         let rebalanced = Counter::default();
+        let leases_written_off = Counter::default();
         let instances = Gauge::default();
         let nodes_ready = Gauge::default();
         let nodes = Gauge::default();
@@ -68,6 +71,12 @@ impl Default for Metrics {
             "rebalanced_instances",
             "Instances drained to move load off nodes above the high watermark",
             rebalanced.clone(),
+        );
+        registry.register(
+            "leases_written_off",
+            "Leases taken back at expiry because their holder never gave them back \
+             (a gateway that lost track of them, or one that kept them too long)",
+            leases_written_off.clone(),
         );
         registry.register(
             "instances",
@@ -108,6 +117,7 @@ impl Default for Metrics {
             throttles,
             start_failures,
             rebalanced,
+            leases_written_off,
             instances,
             nodes_ready,
             nodes,
@@ -156,6 +166,7 @@ mod tests {
             "kiln_scheduler_cold_starts_total",
             "kiln_scheduler_throttles_total",
             "kiln_scheduler_rebalanced_instances_total",
+            "kiln_scheduler_leases_written_off_total",
             "kiln_scheduler_instances",
             "kiln_scheduler_nodes",
             "kiln_scheduler_acquire_latency_seconds_bucket",

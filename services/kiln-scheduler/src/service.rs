@@ -525,11 +525,15 @@ impl Scheduler {
         let mut st = self.lock();
         let now = self.now();
         let moved = st.core.rebalanced_count();
+        let written_off = st.core.leases_written_off_count();
         let effects = st.core.tick(now);
-        self.inner
-            .metrics
+        let metrics = &self.inner.metrics;
+        metrics
             .rebalanced
             .inc_by(st.core.rebalanced_count() - moved);
+        metrics
+            .leases_written_off
+            .inc_by(st.core.leases_written_off_count() - written_off);
         self.finish(&mut st, effects);
         self.update_node_gauges(&st);
     }

@@ -85,6 +85,7 @@ async fn cli_invokes_async_and_manages_tasks() {
                             node_id: NodeId::generate(),
                             agent_url,
                             cold_start: false,
+                            expires_in_ms: 600_000,
                         },
                     )
                 } else {

@@ -5,7 +5,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
@@ -13,7 +13,7 @@ use kiln_internal_api::invoke_client::AnswerBody;
 use kiln_internal_api::server::BoxError;
 use kiln_internal_api::{Lease, LeaseOutcome};
 
-use super::pool::LeasePool;
+use super::pool::{Held, LeasePool};
 use crate::metrics::Metrics;
 
 /// Counts the call in flight and gives its lease back when dropped, with
@@ -21,8 +21,10 @@ use crate::metrics::Metrics;
 pub(super) struct LeaseGuard {
     pool: Arc<LeasePool>,
     revision: String,
+    /// The longest a call of this revision may run (its deadline).
+    need: Duration,
     metrics: Arc<Metrics>,
-    lease: Option<Lease>,
+    lease: Option<Held>,
     outcome: LeaseOutcome,
     started: Instant,
 }
@@ -31,6 +33,7 @@ impl LeaseGuard {
     pub(super) fn new(
         pool: Arc<LeasePool>,
         revision: String,
+        need: Duration,
         metrics: Arc<Metrics>,
         started: Instant,
     ) -> Self {
@@ -38,6 +41,7 @@ impl LeaseGuard {
         Self {
             pool,
             revision,
+            need,
             metrics,
             lease: None,
             outcome: LeaseOutcome::InstanceFailed,
@@ -46,13 +50,13 @@ impl LeaseGuard {
     }
 
     /// Hold `lease`; given back as `outcome` unless that changes.
-    pub(super) fn hold(&mut self, lease: Lease, outcome: LeaseOutcome) {
+    pub(super) fn hold(&mut self, lease: Held, outcome: LeaseOutcome) {
         self.lease = Some(lease);
         self.outcome = outcome;
     }
 
     pub(super) fn lease(&self) -> Option<&Lease> {
-        self.lease.as_ref()
+        self.lease.as_ref().map(|h| &h.lease)
     }
 
     pub(super) fn set_outcome(&mut self, outcome: LeaseOutcome) {
@@ -60,8 +64,13 @@ impl LeaseGuard {
     }
 
     /// Stop holding the lease, to be given back by the caller.
-    pub(super) fn release(&mut self) -> Option<Lease> {
+    pub(super) fn release(&mut self) -> Option<Held> {
         self.lease.take()
+    }
+
+    /// The longest a call of this revision may run.
+    pub(super) fn need(&self) -> Duration {
+        self.need
     }
 }
 
@@ -72,7 +81,8 @@ impl Drop for LeaseGuard {
             .invoke_seconds
             .observe(self.started.elapsed().as_secs_f64());
         if let Some(lease) = self.lease.take() {
-            self.pool.give_back(&self.revision, lease, self.outcome);
+            self.pool
+                .give_back(&self.revision, lease, self.need, self.outcome);
         }
     }
 }

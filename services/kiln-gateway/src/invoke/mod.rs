@@ -38,6 +38,7 @@ use kiln_internal_api::{headers as ih, InvokeFailure, InvokeOutcome, Lease, Leas
 
 use crate::gateway::Gateway;
 use lease::{GuardedBody, LeaseGuard};
+use pool::Held;
 
 pub use render::render;
 
@@ -151,6 +152,7 @@ async fn run(gw: &Arc<Gateway>, req: InvokeRequest) -> Result<InvokeResult, FcEr
     let mut guard = LeaseGuard::new(
         gw.leases.clone(),
         entry.spec.revision.clone(),
+        deadline,
         gw.metrics.clone(),
         Instant::now(),
     );
@@ -158,13 +160,13 @@ async fn run(gw: &Arc<Gateway>, req: InvokeRequest) -> Result<InvokeResult, FcEr
     // A lease parked by an earlier call may point at an instance the
     // scheduler has since given up; if the agent refuses it outright (the
     // function never saw the payload), one fresh lease is tried.
-    let mut reused = gw.leases.take(&entry.spec.revision);
+    let mut reused = gw.leases.take(&entry.spec.revision, deadline);
     let (outcome, resp) = loop {
         let from_pool = reused.is_some();
         let lease = match reused.take() {
             Some(l) => l,
             None => match acquire(gw, &req, entry.acquire_body(req.request_id.as_str())).await {
-                Ok(l) => l,
+                Ok(l) => Held::granted(l, Instant::now()),
                 // The agent discarded the instance; no lease was taken.
                 Err(e) if e.kind == Some(FcErrorKind::Initialization) => {
                     return Ok(InvokeResult::InitializationFailed { message: e.message });
@@ -172,7 +174,7 @@ async fn run(gw: &Arc<Gateway>, req: InvokeRequest) -> Result<InvokeResult, FcEr
                 Err(e) => return Err(e),
             },
         };
-        tracing::debug!(lease = %lease.lease_id, instance = %lease.instance_id, cold = lease.cold_start, from_pool, "lease held");
+        tracing::debug!(lease = %lease.lease.lease_id, instance = %lease.lease.instance_id, cold = lease.lease.cold_start, from_pool, "lease held");
         // A call abandoned before the agent answers (the client went away,
         // or the async dispatcher aborted a stopped task) may leave the
         // function running: the instance is reported failed so the
@@ -209,8 +211,12 @@ async fn run(gw: &Arc<Gateway>, req: InvokeRequest) -> Result<InvokeResult, FcEr
             None if from_pool => {
                 tracing::debug!(status = %resp.status(), "agent refused a parked lease; acquiring a fresh one");
                 if let Some(stale) = guard.release() {
-                    gw.leases
-                        .give_back(&entry.spec.revision, stale, LeaseOutcome::InstanceFailed);
+                    gw.leases.give_back(
+                        &entry.spec.revision,
+                        stale,
+                        guard.need(),
+                        LeaseOutcome::InstanceFailed,
+                    );
                 }
             }
             None => {

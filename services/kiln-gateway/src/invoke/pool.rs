@@ -4,6 +4,14 @@
 //! the same revision in that window takes it over. The scheduler keeps
 //! seeing the slot as busy, so bin-packing and idle release stay correct
 //! (an instance is at most `hold` late to go idle).
+//!
+//! A lease lives only as long as the scheduler granted it for
+//! ([`Lease::expires_in_ms`]): past that the scheduler writes it off and
+//! hands the slot to another call. So a parked lease is handed to a call
+//! only if that call's whole deadline fits before the lease's expiry, and
+//! one that no longer fits is released: under steady load each lease is
+//! given back and a fresh one acquired once per lifetime, never used
+//! past it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -13,8 +21,32 @@ use kiln_internal_api::{Lease, LeaseOutcome};
 
 use crate::scheduler::SharedScheduler;
 
+/// A lease and when the scheduler writes it off.
+#[derive(Debug, Clone)]
+pub struct Held {
+    pub lease: Lease,
+    /// The scheduler's expiry, measured from when the grant arrived (a
+    /// little after the scheduler's own clock started it; its grace,
+    /// tens of seconds, covers the difference).
+    pub expires: Instant,
+}
+
+impl Held {
+    /// `lease` as granted at `at`. A lease without an expiry is good for
+    /// the call it was acquired for only.
+    pub fn granted(lease: Lease, at: Instant) -> Self {
+        let expires = at + Duration::from_millis(lease.expires_in_ms);
+        Self { lease, expires }
+    }
+
+    /// Whether a call that may run for `need` can start on it at `now`.
+    fn fits(&self, now: Instant, need: Duration) -> bool {
+        now + need < self.expires
+    }
+}
+
 struct Parked {
-    lease: Lease,
+    held: Held,
     until: Instant,
 }
 
@@ -33,8 +65,9 @@ impl LeasePool {
         })
     }
 
-    /// A parked lease of `revision` still inside its window.
-    pub fn take(&self, revision: &str) -> Option<Lease> {
+    /// A parked lease of `revision` still inside its window, on which a
+    /// call lasting up to `need` ends before the scheduler's expiry.
+    pub fn take(&self, revision: &str, need: Duration) -> Option<Held> {
         if self.hold.is_zero() {
             return None;
         }
@@ -43,25 +76,28 @@ impl LeasePool {
         let list = parked.get_mut(revision)?;
         // Most recently parked first: its instance is the warmest.
         while let Some(p) = list.pop() {
-            if p.until > now {
-                return Some(p.lease);
+            if p.until > now && p.held.fits(now, need) {
+                return Some(p.held);
             }
-            // Expired: the sweeper would release it; do it here instead.
-            self.release(p.lease, LeaseOutcome::Ok);
+            // Out of its window, or too near its expiry for this call:
+            // give it back now rather than let the scheduler write it off.
+            self.release(p.held.lease, LeaseOutcome::Ok);
         }
         None
     }
 
-    /// The call on `lease` ended: park a healthy lease, release the rest.
-    pub fn give_back(&self, revision: &str, lease: Lease, outcome: LeaseOutcome) {
-        if self.hold.is_zero() || outcome != LeaseOutcome::Ok {
-            self.release(lease, outcome);
+    /// The call on `held` ended: park a healthy lease that can still serve
+    /// another call of up to `need` after the window, release the rest.
+    pub fn give_back(&self, revision: &str, held: Held, need: Duration, outcome: LeaseOutcome) {
+        let now = Instant::now();
+        if self.hold.is_zero() || outcome != LeaseOutcome::Ok || !held.fits(now, need + self.hold) {
+            self.release(held.lease, outcome);
             return;
         }
         let mut parked = self.parked.lock().unwrap_or_else(|p| p.into_inner());
         parked.entry(revision.to_owned()).or_default().push(Parked {
-            lease,
-            until: Instant::now() + self.hold,
+            held,
+            until: now + self.hold,
         });
     }
 
@@ -83,7 +119,7 @@ impl LeasePool {
             parked.retain(|_, list| {
                 let (gone, keep): (Vec<_>, Vec<_>) =
                     list.drain(..).partition(|p| all || p.until <= now);
-                expired.extend(gone.into_iter().map(|p| p.lease));
+                expired.extend(gone.into_iter().map(|p| p.held.lease));
                 *list = keep;
                 !list.is_empty()
             });
@@ -141,14 +177,26 @@ mod tests {
     use crate::scheduler::fake::FakeScheduler;
     use kiln_core::{InstanceId, LeaseId, NodeId};
 
-    fn lease() -> Lease {
-        Lease {
-            lease_id: LeaseId::generate(),
-            instance_id: InstanceId::generate(),
-            node_id: NodeId::generate(),
-            agent_url: "https://127.0.0.1:1".into(),
-            cold_start: false,
-        }
+    /// A call's deadline in these tests.
+    const NEED: Duration = Duration::from_millis(50);
+
+    /// A lease granted now for `life_ms`.
+    fn lease_for(life_ms: u64) -> Held {
+        Held::granted(
+            Lease {
+                lease_id: LeaseId::generate(),
+                instance_id: InstanceId::generate(),
+                node_id: NodeId::generate(),
+                agent_url: "https://127.0.0.1:1".into(),
+                cold_start: false,
+                expires_in_ms: life_ms,
+            },
+            Instant::now(),
+        )
+    }
+
+    fn lease() -> Held {
+        lease_for(600_000)
     }
 
     fn pool(hold_ms: u64) -> (Arc<LeasePool>, Arc<FakeScheduler>) {
@@ -172,21 +220,29 @@ mod tests {
     async fn healthy_leases_are_reused_within_the_window_only() {
         let (p, s) = pool(100);
         let l = lease();
-        p.give_back("r1", l.clone(), LeaseOutcome::Ok);
-        assert!(p.take("r2").is_none(), "another revision never gets it");
-        assert_eq!(p.take("r1").unwrap().lease_id, l.lease_id);
-        assert!(p.take("r1").is_none());
+        let id = l.lease.lease_id.clone();
+        p.give_back("r1", l, NEED, LeaseOutcome::Ok);
+        assert!(
+            p.take("r2", NEED).is_none(),
+            "another revision never gets it"
+        );
+        assert_eq!(p.take("r1", NEED).unwrap().lease.lease_id, id);
+        assert!(p.take("r1", NEED).is_none());
         let failed = lease();
-        p.give_back("r1", failed.clone(), LeaseOutcome::InstanceFailed);
+        let failed_id = failed.lease.lease_id.clone();
+        p.give_back("r1", failed, NEED, LeaseOutcome::InstanceFailed);
         assert_eq!(p.parked(), 0, "a failed instance's lease is released");
         assert_eq!(
             released(&s, 1).await,
-            vec![(failed.lease_id, LeaseOutcome::InstanceFailed)]
+            vec![(failed_id, LeaseOutcome::InstanceFailed)]
         );
-        p.give_back("r1", lease(), LeaseOutcome::Ok);
+        p.give_back("r1", lease(), NEED, LeaseOutcome::Ok);
         tokio::time::sleep(Duration::from_millis(150)).await;
-        assert!(p.take("r1").is_none(), "expired leases are not handed out");
-        p.give_back("r1", lease(), LeaseOutcome::Ok);
+        assert!(
+            p.take("r1", NEED).is_none(),
+            "expired leases are not handed out"
+        );
+        p.give_back("r1", lease(), NEED, LeaseOutcome::Ok);
         assert_eq!(p.sweep(false), 0);
         tokio::time::sleep(Duration::from_millis(150)).await;
         assert_eq!(p.sweep(false), 1);
@@ -198,9 +254,84 @@ mod tests {
     async fn zero_hold_disables_parking() {
         let (p, s) = pool(0);
         let l = lease();
-        p.give_back("r1", l.clone(), LeaseOutcome::Ok);
+        let id = l.lease.lease_id.clone();
+        p.give_back("r1", l, NEED, LeaseOutcome::Ok);
         assert_eq!(p.parked(), 0);
-        assert_eq!(released(&s, 1).await, vec![(l.lease_id, LeaseOutcome::Ok)]);
-        assert!(p.take("r1").is_none());
+        assert_eq!(released(&s, 1).await, vec![(id, LeaseOutcome::Ok)]);
+        assert!(p.take("r1", NEED).is_none());
+    }
+
+    /// The soak's bug: a lease handed from call to call was never given
+    /// back, the scheduler wrote it off at its expiry while a call was on
+    /// it and gave the slot to another. Now no call starts on a lease it
+    /// could outlive, and such a lease goes back to the scheduler instead.
+    #[tokio::test]
+    async fn a_lease_is_never_used_past_its_expiry() {
+        let hold = Duration::from_millis(100);
+        let (p, s) = pool(100);
+        // Granted for 300 ms, for calls of up to 50 ms.
+        let l = lease_for(300);
+        let id = l.lease.lease_id.clone();
+        let expires = l.expires;
+        let mut uses = 0;
+        let mut current = Some(l);
+        // Back to back calls: each takes the parked lease, runs, parks it.
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_millis(600) {
+            if let Some(held) = current.take() {
+                p.give_back("r1", held, NEED, LeaseOutcome::Ok);
+            }
+            match p.take("r1", NEED) {
+                Some(held) => {
+                    assert!(
+                        Instant::now() + NEED < expires,
+                        "a call was started on a lease it may outlive"
+                    );
+                    uses += 1;
+                    current = Some(held);
+                }
+                None => break,
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            uses > 5,
+            "the lease was reused while it fitted ({uses} uses)"
+        );
+        assert!(
+            Instant::now() + NEED + hold + Duration::from_millis(30) >= expires,
+            "it stopped being handed out only near its expiry"
+        );
+        assert_eq!(p.parked(), 0, "it is not parked any more");
+        assert!(
+            Instant::now() < expires,
+            "and it went back before the scheduler's expiry"
+        );
+        assert_eq!(released(&s, 1).await, vec![(id, LeaseOutcome::Ok)]);
+    }
+
+    #[tokio::test]
+    async fn leases_without_an_expiry_serve_one_call() {
+        let (p, s) = pool(10_000);
+        let l = lease_for(0);
+        let id = l.lease.lease_id.clone();
+        p.give_back("r1", l, NEED, LeaseOutcome::Ok);
+        assert_eq!(p.parked(), 0);
+        assert!(p.take("r1", NEED).is_none());
+        assert_eq!(released(&s, 1).await, vec![(id, LeaseOutcome::Ok)]);
+    }
+
+    #[tokio::test]
+    async fn a_parked_lease_too_old_for_a_longer_call_is_released() {
+        // Parked for 50 ms calls, then a call of the same revision with a
+        // longer deadline (the function's timeout was raised) arrives.
+        let (p, s) = pool(100);
+        let l = lease_for(1_000);
+        let id = l.lease.lease_id.clone();
+        p.give_back("r1", l, NEED, LeaseOutcome::Ok);
+        assert_eq!(p.parked(), 1);
+        assert!(p.take("r1", Duration::from_secs(5)).is_none());
+        assert_eq!(p.parked(), 0);
+        assert_eq!(released(&s, 1).await, vec![(id, LeaseOutcome::Ok)]);
     }
 }

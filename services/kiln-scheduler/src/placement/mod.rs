@@ -194,6 +194,8 @@ pub struct Placement {
     ticks: u64,
     /// Instances drained by rebalancing so far.
     rebalanced: u64,
+    /// Leases taken back because their holder kept them past expiry.
+    leases_written_off: u64,
 }
 
 impl Placement {
@@ -219,6 +221,7 @@ impl Placement {
             changes: Vec::new(),
             ticks: 0,
             rebalanced: 0,
+            leases_written_off: 0,
         }
     }
 
@@ -955,7 +958,8 @@ impl Placement {
     fn take_slot(&mut self, id: &InstanceId, cold_start: bool, now: u64) -> Lease {
         let lease_id = LeaseId::generate();
         let timeout_ms = u64::from(self.instances[id].spec.timeout_s) * 1000;
-        let expires_at_ms = now + timeout_ms + self.config.lease_grace_ms;
+        let expires_in_ms = timeout_ms + self.config.lease_grace_ms;
+        let expires_at_ms = now + expires_in_ms;
         self.update_instance(id, |i| {
             i.in_flight += 1;
             i.last_used_ms = now;
@@ -977,6 +981,7 @@ impl Placement {
             node_id: inst.node_id.clone(),
             agent_url: self.nodes[&inst.node_id].agent_url.clone(),
             cold_start,
+            expires_in_ms,
         }
     }
 
@@ -1148,6 +1153,7 @@ impl Placement {
                 break;
             }
             tracing::warn!(lease_id = %lease_id, "lease was never released; taking it back");
+            self.leases_written_off += 1;
             // A written-off lease answers Err: nothing is left to free.
             if let Ok(e) = self.release(&lease_id, LeaseOutcome::Ok, now) {
                 effects.extend(e);
@@ -1173,6 +1179,12 @@ impl Placement {
     /// Instances drained by rebalancing since start.
     pub fn rebalanced_count(&self) -> u64 {
         self.rebalanced
+    }
+
+    /// Leases taken back at expiry since start: each one a holder (a
+    /// gateway) that kept a slot longer than it was granted for.
+    pub fn leases_written_off_count(&self) -> u64 {
+        self.leases_written_off
     }
 
     /// One rebalancing round (see [`RebalanceConfig`]).

@@ -657,14 +657,17 @@ fn leases_never_released_are_taken_back() {
     f.node("n1", 8192);
     let s = spec("1", "f", 1, 128);
     let l = f.acquire_started(&s);
-    // timeout 3 s + 90 s grace.
+    // timeout 3 s + 90 s grace, and the holder is told so.
+    assert_eq!(l.expires_in_ms, 93_000);
     f.clock.advance(Duration::from_secs(92));
     f.p.tick(f.now());
     assert_eq!(f.p.instance(&l.instance_id).unwrap().in_flight, 1);
+    assert_eq!(f.p.leases_written_off_count(), 0);
     f.clock.advance(Duration::from_secs(1));
     f.p.tick(f.now());
     assert_eq!(f.p.instance(&l.instance_id).unwrap().in_flight, 0);
     assert_eq!(f.p.lease_count(), 0);
+    assert_eq!(f.p.leases_written_off_count(), 1, "counted for the metric");
 }
 
 #[test]

@@ -230,7 +230,9 @@ async fn soak(
         args.connections,
         duration.as_secs()
     );
-    println!("elapsed_s\tcalls_ok\tcalls_per_s\t503\t429\tother_errors\trss_kB");
+    println!(
+        "elapsed_s\tcalls_ok\tcalls_per_s\t503\t429\tother_errors\trss_kB\tleases_written_off"
+    );
     let run = lg.soak(&target, args.connections, duration, make, counts.clone());
     tokio::pin!(run);
     let started = Instant::now();
@@ -242,13 +244,14 @@ async fn soak(
         let ok = counts.ok.load(Relaxed);
         let interval_s = last.1.elapsed().as_secs_f64().max(0.001);
         println!(
-            "{:.1}\t{ok}\t{:.0}\t{}\t{}\t{}\t{}",
+            "{:.1}\t{ok}\t{:.0}\t{}\t{}\t{}\t{}\t{}",
             started.elapsed().as_secs_f64(),
             (ok - last.0) as f64 / interval_s,
             counts.unavailable.load(Relaxed),
             counts.throttled.load(Relaxed),
             counts.other_errors.load(Relaxed),
-            loadgen::rss_kb()
+            loadgen::rss_kb(),
+            cluster.leases_written_off()
         );
         *last = (ok, Instant::now());
     };
@@ -271,6 +274,13 @@ async fn soak(
         + counts.other_errors.load(Relaxed);
     if bad > 0 {
         bail!("soak: {bad} calls were not answered with success");
+    }
+    let written_off = cluster.leases_written_off();
+    if written_off > 0 {
+        bail!(
+            "soak: the scheduler took back {written_off} leases at expiry: \
+             the gateway held slots longer than granted"
+        );
     }
     Ok(())
 }

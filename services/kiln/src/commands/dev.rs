@@ -232,6 +232,17 @@ impl DevCluster {
 
     /// Stop the agent first (it removes its sandboxes), then the others,
     /// each on its own runtime.
+    /// Leases the scheduler took back at expiry: each one a slot a
+    /// gateway held longer than granted (0 on a healthy cluster).
+    pub fn leases_written_off(&self) -> u64 {
+        self.scheduler
+            .handle
+            .scheduler()
+            .metrics()
+            .leases_written_off
+            .get()
+    }
+
     pub async fn shutdown(self) {
         for (name, stopped) in [
             (AGENT_THREADS, stop(self.agent, |h| h.shutdown()).await),
