@@ -186,6 +186,14 @@ pub struct PublicListener {
     /// [`ListenerLimits`] for each and its default).
     #[serde(default)]
     pub limits: ListenerLimits,
+    /// On shutdown (SIGTERM), how long `GET /healthz` answers 503
+    /// `draining` while this listener keeps serving, before it stops
+    /// accepting and drains: set it above the load balancer's check
+    /// interval times its fall count, so the balancer stops sending new
+    /// connections first. 0 (the default, for a gateway without a
+    /// balancer): stop accepting at once.
+    #[serde(default)]
+    pub drain_delay_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -248,6 +256,7 @@ impl GatewayConfig {
                 cert: public.cert,
                 key: public.key,
                 limits: ListenerLimits::default(),
+                drain_delay_ms: 0,
             },
             internal: InternalListener {
                 listen: any_port,

@@ -1,6 +1,7 @@
 //! What every request handler, the invoke path and the async dispatcher
 //! share.
 
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use crate::agent::SharedAgents;
@@ -28,4 +29,7 @@ pub struct Gateway {
     pub clock: Arc<dyn Clock>,
     /// The async queue, its configs and dispatcher.
     pub dispatcher: Arc<crate::queue::dispatch::Dispatcher>,
+    /// Shutting down: `/healthz` answers 503 so load balancers move
+    /// traffic away before the listeners close.
+    pub draining: AtomicBool,
 }

@@ -93,6 +93,9 @@ pub struct GatewayHandle {
     vpc_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    gw: Arc<Gateway>,
+    /// `public.drain_delay_ms`.
+    drain_delay: std::time::Duration,
 }
 
 impl GatewayHandle {
@@ -119,8 +122,19 @@ impl GatewayHandle {
         self.vpc_addr
     }
 
-    /// Stop accepting connections and stop background tasks.
+    /// Report draining on `/healthz` for `public.drain_delay_ms`, then
+    /// stop accepting connections, drain them and stop background tasks.
     pub async fn shutdown(self) {
+        self.gw
+            .draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        if !self.drain_delay.is_zero() {
+            tracing::info!(
+                drain_delay_ms = self.drain_delay.as_millis() as u64,
+                "draining: /healthz answers 503 while the load balancer moves traffic away"
+            );
+            tokio::time::sleep(self.drain_delay).await;
+        }
         let _ = self.shutdown.send(true);
         for t in self.tasks {
             let _ = t.await;
@@ -275,6 +289,7 @@ pub async fn start_with_clock(
             config.region.clone(),
         ),
         clock,
+        draining: std::sync::atomic::AtomicBool::new(false),
     });
 
     let public = bind("public", config.public.listen).await?;
@@ -357,5 +372,7 @@ pub async fn start_with_clock(
         vpc_addr,
         shutdown: tx,
         tasks,
+        gw,
+        drain_delay: std::time::Duration::from_millis(config.public.drain_delay_ms),
     })
 }

@@ -79,6 +79,8 @@ pub struct CodeBlob {
 /// Persistence of the gateway's metadata. Blocking: callers run it on the
 /// blocking pool. Every write is one transaction.
 pub trait MetaStore: Send + Sync + 'static {
+    /// Whether the store answers a read (the health route's check).
+    fn check(&self) -> Result<(), MetaStoreError>;
     fn ensure_account(&self, account: &AccountId, now_ms: u64) -> Result<(), MetaStoreError>;
     /// Create a key (enabled) or replace its secret; refuses to move a key
     /// to another account.
@@ -292,6 +294,18 @@ fn doc_and_env(sealer: &Sealer, f: &FunctionRecord) -> (String, String) {
 }
 
 impl MetaStore for SqliteStore {
+    fn check(&self) -> Result<(), MetaStoreError> {
+        // Reads a page of the file, not just the connection's state.
+        self.with(|c| {
+            c.query_row(
+                "SELECT count(*) FROM (SELECT 1 FROM accounts LIMIT 1)",
+                [],
+                |_| Ok(()),
+            )?;
+            Ok(())
+        })
+    }
+
     fn ensure_account(&self, account: &AccountId, now_ms: u64) -> Result<(), MetaStoreError> {
         self.with(|c| {
             c.execute(
@@ -799,6 +813,21 @@ pub(crate) mod tests {
                 extras: Default::default(),
             },
         }
+    }
+
+    #[test]
+    fn check_reads_the_store_and_fails_when_it_cannot() {
+        let s = SqliteStore::open_in_memory(sealer()).unwrap();
+        s.check().unwrap();
+        s.with(|c| {
+            c.execute_batch("PRAGMA foreign_keys = OFF; DROP TABLE accounts;")?;
+            Ok(())
+        })
+        .unwrap();
+        assert!(
+            s.check().is_err(),
+            "a store that cannot be read is not healthy"
+        );
     }
 
     #[test]

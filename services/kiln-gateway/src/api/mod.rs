@@ -5,6 +5,7 @@ pub mod async_api;
 pub mod concurrency;
 pub mod error;
 pub mod functions;
+pub mod health;
 pub mod instances;
 pub mod internal;
 pub mod invoke;
@@ -417,6 +418,9 @@ pub async fn handle(
     req: http::Request<Incoming>,
     conn: ConnInfo,
 ) -> Response<Body> {
+    if req.uri().path() == health::PATH {
+        return health::answer(&gw, req.method()).await;
+    }
     // Time-ordered: async task ids default to it and index by it.
     let request_id = RequestId::generate_ordered();
     let started = Instant::now();
