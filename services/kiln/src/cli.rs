@@ -245,9 +245,20 @@ pub struct DevArgs {
 #[derive(Debug, Args)]
 pub struct DeployArgs {
     /// Folder holding the function's code.
-    pub path: PathBuf,
-    #[arg(long)]
-    pub name: String,
+    #[arg(required_unless_present = "file")]
+    pub path: Option<PathBuf>,
+    #[arg(long, required_unless_present = "file")]
+    pub name: Option<String>,
+    /// Deploy a Serverless Devs project instead (`s.yaml`, edition 3.0.0,
+    /// fc3 resources): every function with its async invoke, concurrency
+    /// and provision configs and VPC bindings. Properties Kiln does not
+    /// support are listed and nothing is deployed.
+    #[arg(
+        short = 'f',
+        long = "file",
+        conflicts_with_all = ["path", "name", "runtime", "command", "args", "memory", "concurrency", "timeout", "port", "env"]
+    )]
+    pub file: Option<PathBuf>,
     /// custom (static binaries) or custom.debian12 (default on create).
     #[arg(long)]
     pub runtime: Option<String>,
@@ -448,12 +459,21 @@ pub async fn run(cli: Cli) -> Result<()> {
             .await
         }
         Command::Deploy(a) => {
+            if let Some(file) = &a.file {
+                // Checked whole before the first call.
+                let project = crate::project::load(file, &|k| std::env::var(k).ok())?;
+                let client = client(&cli)?;
+                return crate::commands::project::deploy(&client, &project).await;
+            }
+            let (Some(path), Some(name)) = (&a.path, &a.name) else {
+                anyhow::bail!("kiln deploy takes a folder and --name, or -f s.yaml");
+            };
             let client = client(&cli)?;
             let f = functions::deploy(
                 &client,
                 &functions::DeployOptions {
-                    path: a.path.clone(),
-                    name: a.name.clone(),
+                    path: path.clone(),
+                    name: name.clone(),
                     runtime: a.runtime.clone(),
                     command: a.command.clone(),
                     args: a.args.clone(),
@@ -467,7 +487,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             .await?;
             println!(
                 "deployed {} (codeChecksum {}, codeSize {})",
-                a.name,
+                name,
                 f.get("codeChecksum")
                     .and_then(|v| v.as_str())
                     .unwrap_or("?"),

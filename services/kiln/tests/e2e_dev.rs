@@ -273,3 +273,29 @@ async fn an_instance_over_its_memory_is_killed_and_replaced() {
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert!(r.header("x-fc-error-type").is_none());
 }
+
+/// The s.yaml example deploys with `kiln deploy -f` and runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_s_yaml_example_deploys_and_runs() {
+    if common::skip() {
+        return;
+    }
+    let dev = Dev::start();
+    let project = common::repo_root().join("examples/s-yaml/s.yaml");
+    let out = dev.cli(&["deploy", "-f", project.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = dev.cli(&["invoke", "s-hello", "--data", "from-yaml"]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        dev.log_tail()
+    );
+    let body: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(body["echo"], "from-yaml");
+    assert_eq!(body["env"], "hello from s.yaml");
+}

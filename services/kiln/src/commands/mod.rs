@@ -6,5 +6,6 @@ pub mod keys;
 pub mod nodes;
 pub mod observe;
 pub mod operator;
+pub mod project;
 pub mod runtimes;
 pub mod tasks;

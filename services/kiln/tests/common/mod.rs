@@ -516,9 +516,20 @@ pub async fn cli_gateway(
     scheduler_url: &str,
     key: (&str, &str, &str),
 ) -> (kiln_gateway::GatewayHandle, PathBuf, FcClient) {
+    cli_gateway_with(dir, pki, scheduler_url, key, |_| {}).await
+}
+
+/// [`cli_gateway`] with its configuration changed by `tweak` first.
+pub async fn cli_gateway_with(
+    dir: &Path,
+    pki: &kiln_pki::DevPki,
+    scheduler_url: &str,
+    key: (&str, &str, &str),
+    tweak: impl FnOnce(&mut kiln_gateway::GatewayConfig),
+) -> (kiln_gateway::GatewayHandle, PathBuf, FcClient) {
     use kiln_gateway::config::BootstrapKey;
     let (account, access_key_id, secret) = key;
-    let gateway = kiln_gateway::start(kiln_gateway::GatewayConfig {
+    let mut config = kiln_gateway::GatewayConfig {
         lease_hold_ms: 0,
         bootstrap_keys: vec![BootstrapKey::new(
             account.parse().unwrap(),
@@ -526,9 +537,9 @@ pub async fn cli_gateway(
             secret,
         )],
         ..kiln_gateway::GatewayConfig::loopback(dir.join("gateway"), "cn-test", scheduler_url, pki)
-    })
-    .await
-    .unwrap();
+    };
+    tweak(&mut config);
+    let gateway = kiln_gateway::start(config).await.unwrap();
     let creds = Credentials {
         endpoint: format!("https://localhost:{}", gateway.addr().port()),
         account_id: account.into(),

@@ -1,0 +1,157 @@
+use std::path::Path;
+
+use serde_json::json;
+
+use super::*;
+
+fn no_env(_: &str) -> Option<String> {
+    None
+}
+
+fn parse_here(text: &str) -> Result<Project> {
+    // Code paths resolve against this crate's folder, where `src` exists.
+    parse(text, Path::new(env!("CARGO_MANIFEST_DIR")), &no_env)
+}
+
+#[test]
+fn an_fc3_project_becomes_its_api_calls() {
+    let p = parse_here(
+        r#"
+edition: 3.0.0
+name: shop
+access: default
+vars:
+  region: cn-hangzhou
+  memory: 512
+  stage: ${env('STAGE', 'dev')}
+resources:
+  api:
+    component: fc3
+    props:
+      region: ${vars.region}
+      functionName: shop-api-${vars.stage}
+      runtime: custom.debian12
+      code: ./src
+      handler: index.handler
+      memorySize: ${vars.memory}
+      timeout: 30
+      customRuntimeConfig:
+        command: [python3, server.py]
+        port: 9000
+      environmentVariables:
+        STAGE: ${vars.stage}
+      asyncInvokeConfig:
+        maxAsyncRetryAttempts: 1
+      concurrencyConfig:
+        reservedConcurrency: 10
+      provisionConfig:
+        defaultTarget: 2
+        alwaysAllocateCPU: false
+      vpcBinding:
+        vpcIds: [vpc-a]
+"#,
+    )
+    .unwrap();
+    assert_eq!(p.name.as_deref(), Some("shop"));
+    assert_eq!(p.functions.len(), 1);
+    let f = &p.functions[0];
+    assert_eq!(f.resource, "api");
+    assert_eq!(f.name, "shop-api-dev");
+    assert_eq!(
+        Value::Object(f.function.clone()),
+        json!({
+            "functionName": "shop-api-dev",
+            "runtime": "custom.debian12",
+            "handler": "index.handler",
+            "memorySize": 512,
+            "timeout": 30,
+            "customRuntimeConfig": {"command": ["python3", "server.py"], "port": 9000},
+            "environmentVariables": {"STAGE": "dev"},
+        })
+    );
+    assert_eq!(
+        f.code.as_deref(),
+        Some(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("./src")
+                .as_path()
+        )
+    );
+    assert_eq!(
+        f.async_invoke_config,
+        Some(json!({"maxAsyncRetryAttempts": 1}))
+    );
+    assert_eq!(f.concurrency, Some(json!({"reservedConcurrency": 10})));
+    assert_eq!(
+        f.provision,
+        Some(json!({"target": 2, "alwaysAllocateCPU": false}))
+    );
+    assert_eq!(f.vpc_ids, Some(vec!["vpc-a".to_owned()]));
+    assert_eq!(
+        p.notes.len(),
+        2,
+        "access and region are named: {:?}",
+        p.notes
+    );
+}
+
+#[test]
+fn every_unsupported_property_is_named_before_anything_is_deployed() {
+    let err = parse_here(
+        r#"
+edition: 3.0.0
+name: app
+actions:
+  pre-deploy:
+    - run: npm install
+resources:
+  web:
+    component: fc3
+    props:
+      functionName: web
+      code: ./src
+      nasConfig: {mountPoints: []}
+      triggers:
+        - triggerName: http
+          triggerType: http
+      provisionConfig:
+        defaultTarget: 1
+        alwaysAllocateGPU: true
+      surprise: 1
+  domain:
+    component: fc3-domain
+    props: {}
+"#,
+    )
+    .unwrap_err();
+    let text = format!("{err:#}");
+    for named in [
+        "actions: not supported",
+        "resources.web.props.nasConfig: Kiln instances have no network file systems",
+        "resources.web.props.triggers: HTTP and timer triggers are not supported",
+        "resources.web.props.surprise: not a property Kiln knows",
+        "resources.web.props.provisionConfig.alwaysAllocateGPU",
+        "resources.domain.component: fc3-domain is not supported",
+        "nothing was deployed",
+    ] {
+        assert!(text.contains(named), "{named:?} missing from:\n{text}");
+    }
+}
+
+#[test]
+fn bad_files_get_a_clear_error() {
+    for (text, says) in [
+        ("edition: 3.0.0\nresources: [", "not valid YAML"),
+        ("- a list", "must be a YAML map"),
+        ("edition: 2.0.0\nresources: {a: {component: fc3, props: {functionName: a}}}", "edition"),
+        ("edition: 3.0.0\nresources: {}", "nothing to deploy"),
+        ("edition: 3.0.0\nresources: {a: {component: fc3, props: {functionName: a, code: ./nope}}}", "does not exist"),
+        ("edition: 3.0.0\nresources: {a: {component: fc3, props: {functionName: a, code: {ossBucketName: b}}}}", "OSS"),
+        ("edition: 3.0.0\nresources: {a: {component: fc3, props: {runtime: custom}}}", "functionName: missing"),
+        ("edition: 3.0.0\nresources: {a: {component: fc3, props: {functionName: x}}, b: {component: fc3, props: {functionName: x}}}", "another resource"),
+        ("edition: 3.0.0\nresources: {a: {component: fc3, props: {functionName: '${env(\"NOPE\")}'}}}", "NOPE is not set"),
+    ] {
+        let err = format!("{:#}", parse_here(text).unwrap_err());
+        assert!(err.contains(says), "{text:?}: {says:?} missing from {err}");
+    }
+}
