@@ -18,11 +18,14 @@
 //!   nginx's CPU is its master's and workers' (see [`cpu`]);
 //! - cold start (no instance -> first response) against a bare `runc run`
 //!   of a bundle holding the same binary, into a ready-made network
-//!   namespace, until its port answers.
+//!   namespace, until its port answers ([`runc`]); one at a time, and as a
+//!   burst from parallel callers ([`burst`]).
 
+mod burst;
 mod cpu;
+mod runc;
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -64,8 +67,17 @@ pub struct BenchArgs {
     #[arg(long)]
     pub rootfs_dir: Option<PathBuf>,
     /// Skip the cold-start part.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "cold_only")]
     pub no_cold: bool,
+    /// Only the cold-start part (one at a time and the burst).
+    #[arg(long)]
+    pub cold_only: bool,
+    /// Cold starts in the parallel burst (each side; 0 skips the burst).
+    #[arg(long, default_value_t = 24)]
+    pub burst_starts: usize,
+    /// Concurrent callers of the parallel burst.
+    #[arg(long, default_value_t = 8)]
+    pub burst_callers: usize,
     /// A soak instead of the comparison: signed warm calls (each signed
     /// as it is sent) over `--connections` connections for this many
     /// seconds, reporting every 10 s the calls answered, the rate, 503s,
@@ -177,14 +189,14 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
     // Shut the cluster down (its agent removes the sandboxes, netns and
     // disks) whether measuring returned or panicked: a panic skipping it
     // left containers, network namespaces and loop devices behind.
-    let result = AssertUnwindSafe(measure(
-        args,
-        &cluster,
-        &binary,
-        &code_zip,
-        &prefix,
-        work.path(),
-    ))
+    let result = AssertUnwindSafe(async {
+        if args.cold_only {
+            let client = crate::client::FcClient::new(cluster.credentials.clone())?;
+            cold(args, &client, &binary, &code_zip, &prefix, work.path()).await
+        } else {
+            measure(args, &cluster, &binary, &code_zip, &prefix, work.path()).await
+        }
+    })
     .catch_unwind()
     .await;
     cluster.shutdown().await;
@@ -594,18 +606,37 @@ async fn measure(
     print!("{}", cpu_table(args.connections, &k_cpu, &n_cpu));
 
     if !args.no_cold {
-        let kiln_cold = kiln_cold_starts(&client, &zip_b64_of(code_zip), args.cold_starts).await?;
-        let runc_cold = runc_cold_starts(binary, prefix, work, args.cold_starts).await?;
-        let (kc, rc) = (median(&kiln_cold), median(&runc_cold));
-        println!(
-            "{:<34} {:>10.1}ms {:>10.1}ms {:>11.2}x   (target <= 2.00)",
-            "cold start (median)",
-            rc,
-            kc,
-            kc / rc
-        );
-        println!("  bare runc run runs (ms): {runc_cold:.1?}");
-        println!("  kiln cold starts (ms):   {kiln_cold:.1?}");
+        cold(args, &client, binary, code_zip, prefix, work).await?;
+    }
+    Ok(())
+}
+
+/// The cold-start part: one at a time, then the parallel burst.
+async fn cold(
+    args: &BenchArgs,
+    client: &crate::client::FcClient,
+    binary: &Path,
+    code_zip: &[u8],
+    prefix: &str,
+    work: &Path,
+) -> Result<()> {
+    let kiln_cold = kiln_cold_starts(client, &zip_b64_of(code_zip), args.cold_starts).await?;
+    let runc_cold = runc::sequential(binary, prefix, work, args.cold_starts).await?;
+    let (kc, rc) = (median(&kiln_cold), median(&runc_cold));
+    println!(
+        "{:<34} {:>10.1}ms {:>10.1}ms {:>11.2}x   (target <= 1.00 with pre-made sandboxes)",
+        "cold start (median)",
+        rc,
+        kc,
+        kc / rc
+    );
+    println!("  bare runc run runs (ms): {runc_cold:.1?}");
+    println!("  kiln cold starts (ms):   {kiln_cold:.1?}");
+    if args.burst_starts > 0 {
+        let (n, k) = (args.burst_starts, args.burst_callers.max(1));
+        let kiln = burst::kiln(client, &zip_b64_of(code_zip), n, k).await?;
+        let runc = runc::burst(binary, prefix, work, n, k).await?;
+        print!("{}", burst::report(n, k, &runc, &kiln));
     }
     Ok(())
 }
@@ -898,150 +929,4 @@ async fn kiln_cold_starts(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     Ok(out)
-}
-
-/// Removes the baseline's network namespace and veth when dropped.
-struct BaselineNet {
-    netns: String,
-}
-
-impl Drop for BaselineNet {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "delete", &self.netns])
-            .status();
-    }
-}
-
-fn sh(cmd: &[&str]) -> Result<()> {
-    let status = Command::new(cmd[0])
-        .args(&cmd[1..])
-        .stdout(Stdio::null())
-        .status()
-        .with_context(|| format!("cannot run {}", cmd.join(" ")))?;
-    if !status.success() {
-        bail!("`{}` failed", cmd.join(" "));
-    }
-    Ok(())
-}
-
-/// `runc run` of a bundle holding the same binary, into a ready-made
-/// network namespace, timed until its port answers an invocation.
-async fn runc_cold_starts(binary: &Path, prefix: &str, work: &Path, n: usize) -> Result<Vec<f64>> {
-    let netns = format!("{prefix}-base");
-    let (host_if, peer_if) = (format!("{prefix}b0"), format!("{prefix}b1"));
-    let net = BaselineNet {
-        netns: netns.clone(),
-    };
-    let v: u32 = rand::random();
-    let base = Ipv4Addr::new(10, 250, (v % 250) as u8, ((v >> 8) % 60 * 4) as u8);
-    let o = base.octets();
-    let host_ip = format!("{}.{}.{}.{}", o[0], o[1], o[2], o[3] + 1);
-    let inst_ip = format!("{}.{}.{}.{}", o[0], o[1], o[2], o[3] + 2);
-    sh(&["ip", "netns", "add", &netns])?;
-    sh(&[
-        "ip", "link", "add", &host_if, "type", "veth", "peer", "name", &peer_if,
-    ])?;
-    sh(&["ip", "link", "set", &peer_if, "netns", &netns])?;
-    sh(&[
-        "ip",
-        "addr",
-        "add",
-        &format!("{host_ip}/30"),
-        "dev",
-        &host_if,
-    ])?;
-    sh(&["ip", "link", "set", &host_if, "up"])?;
-    sh(&[
-        "ip",
-        "-n",
-        &netns,
-        "addr",
-        "add",
-        &format!("{inst_ip}/30"),
-        "dev",
-        &peer_if,
-    ])?;
-    sh(&["ip", "-n", &netns, "link", "set", &peer_if, "up"])?;
-    sh(&["ip", "-n", &netns, "link", "set", "lo", "up"])?;
-
-    let bundle = work.join("baseline-bundle");
-    let rootfs = bundle.join("rootfs");
-    for d in ["code", "proc", "dev", "sys", "tmp"] {
-        std::fs::create_dir_all(rootfs.join(d))?;
-    }
-    std::fs::copy(binary, rootfs.join("code/server"))?;
-    sh(&["runc", "spec", "--bundle", bundle.to_str().unwrap()])?;
-    let path = bundle.join("config.json");
-    let mut spec: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
-    spec["process"]["terminal"] = json!(false);
-    spec["process"]["args"] = json!(["/code/server"]);
-    spec["process"]["env"]
-        .as_array_mut()
-        .context("runc spec has no env")?
-        .push(json!("FC_CUSTOM_LISTEN_PORT=9000"));
-    spec["root"]["readonly"] = json!(true);
-    for ns in spec["linux"]["namespaces"]
-        .as_array_mut()
-        .context("runc spec has no namespaces")?
-    {
-        if ns["type"] == "network" {
-            ns["path"] = json!(format!("/var/run/netns/{netns}"));
-        }
-    }
-    std::fs::write(&path, serde_json::to_vec_pretty(&spec)?)?;
-    let runc_root = work.join("baseline-runc");
-    let addr: SocketAddr = format!("{inst_ip}:9000").parse()?;
-    let mut out = Vec::new();
-    for i in 0..=n {
-        let id = format!("{prefix}-base-{i}");
-        let t = Instant::now();
-        let status = Command::new("runc")
-            .arg("--root")
-            .arg(&runc_root)
-            .args(["run", "--detach", "--bundle"])
-            .arg(&bundle)
-            .arg(&id)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()?;
-        if !status.success() {
-            bail!("bare `runc run` of the baseline bundle failed");
-        }
-        let answered = invoke_raw(addr, Duration::from_secs(10)).await;
-        let ms = t.elapsed().as_secs_f64() * 1000.0;
-        let _ = Command::new("runc")
-            .arg("--root")
-            .arg(&runc_root)
-            .args(["delete", "--force", &id])
-            .status();
-        answered?;
-        if i > 0 {
-            out.push(ms);
-        }
-    }
-    drop(net);
-    Ok(out)
-}
-
-/// Poll `addr` until `POST /invoke` answers 200.
-async fn invoke_raw(addr: SocketAddr, timeout: Duration) -> Result<()> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Ok(mut s) = tokio::net::TcpStream::connect(addr).await {
-            let req = b"POST /invoke HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\nconnection: close\r\n\r\nping";
-            if s.write_all(req).await.is_ok() {
-                let mut buf = Vec::new();
-                if s.read_to_end(&mut buf).await.is_ok() && buf.starts_with(b"HTTP/1.1 200") {
-                    return Ok(());
-                }
-            }
-        }
-        if Instant::now() > deadline {
-            bail!("{addr} did not answer within {timeout:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
 }
