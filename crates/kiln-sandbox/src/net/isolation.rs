@@ -36,7 +36,7 @@
 //! on an ifb `<prefix>i<hex>` the interface's ingress is redirected to
 //! (traffic from the instance), both at the instance's rate.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 
@@ -185,6 +185,8 @@ struct Attached {
 #[derive(Debug, Default)]
 struct State {
     attached: HashMap<String, Attached>,
+    /// Interfaces being attached (reserved before the first command).
+    attaching: HashSet<String>,
     /// Instance addresses in use per vSwitch.
     vpc_addrs: HashMap<String, BTreeSet<Ipv4Addr>>,
     /// Attached instances per VPC bridge.
@@ -197,8 +199,28 @@ pub struct NetIsolation {
     names: Names,
     cmd: Arc<dyn HostCommands>,
     state: Mutex<State>,
-    /// Serialises attach/detach so bridge reference counts stay exact.
-    ops: AsyncMutex<()>,
+    /// Serialises attaching and detaching instances on a VPC, so bridge
+    /// reference counts (and creating or removing a bridge) stay exact.
+    /// Instances without a VPC touch nothing shared but the nftables
+    /// table, whose transactions the kernel serialises: they attach and
+    /// detach concurrently, so parallel cold starts do not queue here.
+    vpc_ops: AsyncMutex<()>,
+}
+
+/// An interface reserved for an attach in progress; unreserved on drop.
+struct Reservation<'a> {
+    state: &'a Mutex<State>,
+    iface: String,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.state
+            .lock()
+            .expect("lock")
+            .attaching
+            .remove(&self.iface);
+    }
 }
 
 impl std::fmt::Debug for NetIsolation {
@@ -243,7 +265,7 @@ impl NetIsolation {
             names: Names::new(prefix),
             cmd,
             state: Mutex::new(State::default()),
-            ops: AsyncMutex::new(()),
+            vpc_ops: AsyncMutex::new(()),
         };
         me.remove_all().await?;
         me.cmd
@@ -349,20 +371,24 @@ impl NetIsolation {
         network: Option<&NetworkSpec>,
         class: BandwidthClass,
     ) -> Result<InstanceNetwork, NetIsolationError> {
-        let _guard = self.ops.lock().await;
+        let _vpc_guard = match network.and_then(|n| n.vpc.as_ref()) {
+            Some(_) => Some(self.vpc_ops.lock().await),
+            None => None,
+        };
         let ifb = self
             .names
             .ifb(&iface.name)
             .ok_or_else(|| NetIsolationError::Interface(iface.name.clone()))?;
-        if self
-            .state
-            .lock()
-            .expect("lock")
-            .attached
-            .contains_key(&iface.name)
-        {
-            return Err(NetIsolationError::AlreadyAttached(iface.name.clone()));
-        }
+        let _reserved = {
+            let mut st = self.state.lock().expect("lock");
+            if st.attached.contains_key(&iface.name) || !st.attaching.insert(iface.name.clone()) {
+                return Err(NetIsolationError::AlreadyAttached(iface.name.clone()));
+            }
+            Reservation {
+                state: &self.state,
+                iface: iface.name.clone(),
+            }
+        };
         let egress = EgressMode::of(network);
         // Resolve the VPC before changing anything.
         let mut vpc_index = None;
@@ -654,9 +680,12 @@ impl NetIsolation {
     /// bridge when it was the last instance on it). Succeeds for an
     /// interface that is not attached.
     pub async fn detach(&self, iface: &str) -> Result<(), NetIsolationError> {
-        let _guard = self.ops.lock().await;
         let rec = self.state.lock().expect("lock").attached.remove(iface);
         let Some(rec) = rec else { return Ok(()) };
+        let _vpc_guard = match rec.vpc_index {
+            Some(_) => Some(self.vpc_ops.lock().await),
+            None => None,
+        };
         let all = Progress {
             rules: true,
             bridge_ref: rec.vpc_index.is_some(),

@@ -328,3 +328,107 @@ fn performance_instances_are_the_big_disk_or_big_memory_ones() {
     spec.memory_mb = PERFORMANCE_MEMORY_MB;
     assert_eq!(BandwidthClass::of(&spec), BandwidthClass::Performance);
 }
+
+/// Counts the commands running at once (each takes 20 ms).
+#[derive(Default)]
+struct Overlap {
+    now: std::sync::atomic::AtomicUsize,
+    max: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl HostCommands for Overlap {
+    async fn run(
+        &self,
+        _program: &str,
+        _args: &[String],
+        _stdin: Option<&str>,
+    ) -> Result<String, crate::net::exec::HostCommandError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let n = self.now.fetch_add(1, SeqCst) + 1;
+        self.max.fetch_max(n, SeqCst);
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        self.now.fetch_sub(1, SeqCst);
+        Ok(String::new())
+    }
+}
+
+async fn overlapping() -> (Arc<Overlap>, NetIsolation) {
+    let cmd = Arc::new(Overlap::default());
+    let iso = NetIsolation::start("kt", config(), cmd.clone())
+        .await
+        .unwrap();
+    cmd.max.store(0, std::sync::atomic::Ordering::SeqCst);
+    (cmd, iso)
+}
+
+/// Parallel cold starts used to queue on one lock around every attach
+/// and detach; instances without a VPC share nothing that needs it.
+#[tokio::test]
+async fn instances_without_a_vpc_attach_and_detach_concurrently() {
+    let (cmd, iso) = overlapping().await;
+    let ifaces: Vec<_> = (1..=4).map(|i| iface(&format!("{i:x}"), i * 4)).collect();
+    let internet = NetworkSpec {
+        internet_access: true,
+        vpc: None,
+    };
+    let attached = futures_util::future::join_all(
+        ifaces
+            .iter()
+            .map(|i| iso.attach(i, Some(&internet), BandwidthClass::Standard)),
+    )
+    .await;
+    assert!(attached.iter().all(Result::is_ok), "{attached:?}");
+    let max = cmd.max.swap(0, std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        max >= 2,
+        "attaches ran one at a time (at most {max} command at once)"
+    );
+    let detached = futures_util::future::join_all(ifaces.iter().map(|i| iso.detach(&i.name))).await;
+    assert!(detached.iter().all(Result::is_ok), "{detached:?}");
+    assert!(
+        cmd.max.load(std::sync::atomic::Ordering::SeqCst) >= 2,
+        "detaches ran one at a time"
+    );
+    assert!(iso.attached().is_empty());
+}
+
+/// VPC attachments keep one at a time: they share the VPC's bridge and
+/// its reference count.
+#[tokio::test]
+async fn vpc_attachments_stay_serialised() {
+    let (cmd, iso) = overlapping().await;
+    let (a, b) = (iface("a1", 4), iface("a2", 8));
+    let spec = vpc_spec(false);
+    let (ra, rb) = tokio::join!(
+        iso.attach(&a, Some(&spec), BandwidthClass::Standard),
+        iso.attach(&b, Some(&spec), BandwidthClass::Standard)
+    );
+    ra.unwrap();
+    rb.unwrap();
+    assert_eq!(cmd.max.swap(0, std::sync::atomic::Ordering::SeqCst), 1);
+    let (da, db) = tokio::join!(iso.detach(&a.name), iso.detach(&b.name));
+    da.unwrap();
+    db.unwrap();
+    assert_eq!(cmd.max.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn one_interface_is_attached_once_even_when_asked_twice_at_once() {
+    let (_cmd, iso) = overlapping().await;
+    let i = iface("b1", 4);
+    let (r1, r2) = tokio::join!(
+        iso.attach(&i, None, BandwidthClass::Standard),
+        iso.attach(&i, None, BandwidthClass::Standard)
+    );
+    assert!(
+        r1.is_ok() != r2.is_ok(),
+        "exactly one attach wins: {r1:?} {r2:?}"
+    );
+    let err = r1.err().or(r2.err()).unwrap();
+    assert!(
+        matches!(err, NetIsolationError::AlreadyAttached(_)),
+        "{err}"
+    );
+    assert_eq!(iso.attached(), vec![i.name.clone()]);
+}
