@@ -4,11 +4,12 @@
 # namespaces, Open vSwitch, iperf3 and ethtool for the network isolation
 # tests (VPC bridges, bandwidth caps), debootstrap to build the custom.debian12 runtime, python3-venv
 # and Node.js for the official-SDK tests, libc6-dev for static test binaries,
-# e2fsprogs and mount for each container instance's size-limited writable disk.
+# e2fsprogs and mount for each container instance's size-limited writable disk,
+# PostgreSQL for the store tests (each starts a throwaway server of its own).
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 need=()
-for pkg in runc iproute2 debootstrap nftables python3-venv libc6-dev openssl zip ca-certificates curl nginx-light nix-bin openvswitch-switch iperf3 ethtool e2fsprogs mount; do
+for pkg in runc iproute2 debootstrap nftables python3-venv libc6-dev openssl zip ca-certificates curl nginx-light nix-bin openvswitch-switch iperf3 ethtool e2fsprogs mount postgresql; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 # The microVM guest image (images/guest/build.sh: kernel from Debian's

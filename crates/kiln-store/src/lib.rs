@@ -1,4 +1,4 @@
-//! SQLite plumbing for Kiln's stores.
+//! Plumbing for Kiln's stores: SQLite here, PostgreSQL in [`pg`].
 //!
 //! Each database has exactly one owning service; that service defines its
 //! store trait and schema and opens the file through [`Database::open`],
@@ -6,6 +6,7 @@
 //! versioned migrations, in one transaction per migration.
 #![forbid(unsafe_code)]
 
+pub mod pg;
 pub mod seal;
 
 use std::path::{Path, PathBuf};

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod captured_log;
+pub mod postgres;
 pub mod skip;
 
 pub use captured_log::CapturedLog;

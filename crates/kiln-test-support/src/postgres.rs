@@ -1,0 +1,184 @@
+//! A real PostgreSQL server for a test: Debian's `postgresql` package
+//! (`initdb` and `pg_ctl` from `/usr/lib/postgresql/<version>/bin`), a
+//! fresh cluster in a temporary directory, listening on a unix socket
+//! only (no TCP port, nothing another test or host can reach), run as the
+//! `postgres` user (PostgreSQL refuses to run as root), and stopped and
+//! removed when the handle drops, even when the test fails.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use crate::skip::{skip, Category};
+
+/// A running throwaway PostgreSQL cluster.
+pub struct PgServer {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+}
+
+impl PgServer {
+    /// Start one, or skip the calling test (returning `None`) when this
+    /// machine cannot: not root (the server runs as `postgres`), or no
+    /// PostgreSQL installed (`scripts/install-deps.sh` installs it).
+    pub fn start() -> Option<PgServer> {
+        if !crate::is_root() {
+            skip(
+                Category::Root,
+                "needs root to run PostgreSQL as the postgres user",
+            );
+            return None;
+        }
+        let Some(bin) = server_bin() else {
+            skip(
+                Category::Tool,
+                "PostgreSQL is not installed (/usr/lib/postgresql/*/bin/initdb); scripts/install-deps.sh installs it",
+            );
+            return None;
+        };
+        let dir = tempfile::Builder::new()
+            .prefix("kiln-pg-")
+            .tempdir()
+            .expect("temporary directory");
+        // The postgres user must reach its data and socket directories.
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .expect("chmod");
+        let server = PgServer { dir, bin };
+        std::fs::create_dir(server.socket_dir()).expect("socket directory");
+        chown_postgres(server.dir.path());
+        chown_postgres(&server.socket_dir());
+        server.as_postgres(
+            "initdb",
+            &[
+                "-D",
+                server.data_dir().to_str().unwrap(),
+                "-U",
+                "kiln",
+                "-A",
+                "trust",
+                "--no-sync",
+                "-E",
+                "UTF8",
+            ],
+        );
+        let options = format!(
+            "-k {} -c listen_addresses='' -c fsync=off -c synchronous_commit=off -c max_connections=200",
+            server.socket_dir().display()
+        );
+        server.as_postgres(
+            "pg_ctl",
+            &[
+                "-D",
+                server.data_dir().to_str().unwrap(),
+                "-l",
+                server.dir.path().join("server.log").to_str().unwrap(),
+                "-o",
+                &options,
+                "-w",
+                "start",
+            ],
+        );
+        Some(server)
+    }
+
+    /// The unix socket's directory (the `host` of a connection).
+    pub fn socket_dir(&self) -> PathBuf {
+        self.dir.path().join("sock")
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// A connection string for `database` as the `kiln` superuser.
+    pub fn url(&self, database: &str) -> String {
+        format!(
+            "host={} user=kiln dbname={database}",
+            self.socket_dir().display()
+        )
+    }
+
+    /// Create an empty database (each test takes its own).
+    pub fn create_database(&self, name: &str) -> String {
+        let status = Command::new(self.bin.join("createdb"))
+            .args([
+                "-h",
+                self.socket_dir().to_str().unwrap(),
+                "-U",
+                "kiln",
+                name,
+            ])
+            .status()
+            .expect("run createdb");
+        assert!(status.success(), "createdb {name} failed");
+        self.url(name)
+    }
+
+    /// The server's log so far (for a failing test's message).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    fn as_postgres(&self, tool: &str, args: &[&str]) {
+        let out = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join(tool))
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {tool}: {e}"));
+        assert!(
+            out.status.success(),
+            "{tool} failed: {}{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        // Immediate: a test's data is thrown away anyway.
+        let _ = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join("pg_ctl"))
+            .args([
+                "-D",
+                self.data_dir().to_str().unwrap(),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// The newest installed server's bin directory.
+fn server_bin() -> Option<PathBuf> {
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let v = e.file_name().to_str()?.parse::<u32>().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").is_file().then_some((v, bin))
+        })
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, bin)| bin)
+}
+
+fn chown_postgres(path: &Path) {
+    let status = Command::new("chown")
+        .args(["postgres:postgres"])
+        .arg(path)
+        .status()
+        .expect("run chown");
+    assert!(status.success(), "chown postgres {}", path.display());
+}
