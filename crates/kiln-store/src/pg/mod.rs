@@ -16,6 +16,8 @@
 //! supported: credentials and tenants' data must not cross a network in
 //! clear (run PostgreSQL on the control node, or a local TLS proxy).
 
+pub mod leader;
+
 use std::str::FromStr;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
@@ -61,6 +63,16 @@ pub enum PgStoreError {
         component: &'static str,
         found: usize,
         known: usize,
+    },
+    #[error(
+        "not the {component} leader (fencing token {token}; the lease is held by {}): \
+         nothing was written",
+        leader.as_deref().unwrap_or("no one")
+    )]
+    NotLeader {
+        component: String,
+        token: i64,
+        leader: Option<String>,
     },
     #[error("PostgreSQL query failed")]
     Query(#[from] tokio_postgres::Error),
