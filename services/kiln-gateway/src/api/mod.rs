@@ -14,6 +14,7 @@ pub mod provision;
 pub mod request;
 pub mod respond;
 pub mod roles;
+pub mod versions;
 pub mod vpc;
 
 use std::sync::Arc;
@@ -88,6 +89,14 @@ pub enum Operation {
     CreateVpcBinding,
     DeleteVpcBinding,
     ListVpcBindings,
+    PublishFunctionVersion,
+    ListFunctionVersions,
+    DeleteFunctionVersion,
+    CreateAlias,
+    GetAlias,
+    UpdateAlias,
+    DeleteAlias,
+    ListAliases,
 }
 
 impl Operation {
@@ -132,6 +141,14 @@ impl Operation {
             Self::CreateVpcBinding => "CreateVpcBinding",
             Self::DeleteVpcBinding => "DeleteVpcBinding",
             Self::ListVpcBindings => "ListVpcBindings",
+            Self::PublishFunctionVersion => "PublishFunctionVersion",
+            Self::ListFunctionVersions => "ListFunctionVersions",
+            Self::DeleteFunctionVersion => "DeleteFunctionVersion",
+            Self::CreateAlias => "CreateAlias",
+            Self::GetAlias => "GetAlias",
+            Self::UpdateAlias => "UpdateAlias",
+            Self::DeleteAlias => "DeleteAlias",
+            Self::ListAliases => "ListAliases",
         }
     }
 }
@@ -248,6 +265,34 @@ pub enum Route {
         name: FunctionName,
         vpc: String,
     },
+    PublishFunctionVersion {
+        name: FunctionName,
+    },
+    ListFunctionVersions {
+        name: FunctionName,
+    },
+    DeleteFunctionVersion {
+        name: FunctionName,
+        version: String,
+    },
+    CreateAlias {
+        name: FunctionName,
+    },
+    ListAliases {
+        name: FunctionName,
+    },
+    GetAlias {
+        name: FunctionName,
+        alias: String,
+    },
+    UpdateAlias {
+        name: FunctionName,
+        alias: String,
+    },
+    DeleteAlias {
+        name: FunctionName,
+        alias: String,
+    },
 }
 
 /// `{name}`, percent-decoded and checked as a function name.
@@ -299,6 +344,14 @@ const ROUTES: &[router::Route<Route, router::Signed>] = &[
     router::signed(POST, "/2023-03-30/functions/{name}/vpc-bindings", |p| Ok(Route::CreateVpcBinding { name: function_name(p)? })),
     router::signed(GET, "/2023-03-30/functions/{name}/vpc-bindings", |p| Ok(Route::ListVpcBindings { name: function_name(p)? })),
     router::signed(DELETE, "/2023-03-30/functions/{name}/vpc-bindings/{vpc}", |p| Ok(Route::DeleteVpcBinding { name: function_name(p)?, vpc: p.string("vpc")? })),
+    router::signed(POST, "/2023-03-30/functions/{name}/versions", |p| Ok(Route::PublishFunctionVersion { name: function_name(p)? })),
+    router::signed(GET, "/2023-03-30/functions/{name}/versions", |p| Ok(Route::ListFunctionVersions { name: function_name(p)? })),
+    router::signed(DELETE, "/2023-03-30/functions/{name}/versions/{version}", |p| Ok(Route::DeleteFunctionVersion { name: function_name(p)?, version: p.string("version")? })),
+    router::signed(POST, "/2023-03-30/functions/{name}/aliases", |p| Ok(Route::CreateAlias { name: function_name(p)? })),
+    router::signed(GET, "/2023-03-30/functions/{name}/aliases", |p| Ok(Route::ListAliases { name: function_name(p)? })),
+    router::signed(GET, "/2023-03-30/functions/{name}/aliases/{alias}", |p| Ok(Route::GetAlias { name: function_name(p)?, alias: p.string("alias")? })),
+    router::signed(PUT, "/2023-03-30/functions/{name}/aliases/{alias}", |p| Ok(Route::UpdateAlias { name: function_name(p)?, alias: p.string("alias")? })),
+    router::signed(DELETE, "/2023-03-30/functions/{name}/aliases/{alias}", |p| Ok(Route::DeleteAlias { name: function_name(p)?, alias: p.string("alias")? })),
 ];
 
 static ROUTER: LazyLock<Router<Route, router::Signed>> = LazyLock::new(|| {
@@ -349,6 +402,14 @@ impl Route {
             Self::CreateVpcBinding { .. } => Operation::CreateVpcBinding,
             Self::ListVpcBindings { .. } => Operation::ListVpcBindings,
             Self::DeleteVpcBinding { .. } => Operation::DeleteVpcBinding,
+            Self::PublishFunctionVersion { .. } => Operation::PublishFunctionVersion,
+            Self::ListFunctionVersions { .. } => Operation::ListFunctionVersions,
+            Self::DeleteFunctionVersion { .. } => Operation::DeleteFunctionVersion,
+            Self::CreateAlias { .. } => Operation::CreateAlias,
+            Self::ListAliases { .. } => Operation::ListAliases,
+            Self::GetAlias { .. } => Operation::GetAlias,
+            Self::UpdateAlias { .. } => Operation::UpdateAlias,
+            Self::DeleteAlias { .. } => Operation::DeleteAlias,
         }
     }
 
@@ -376,7 +437,15 @@ impl Route {
             | Self::GetFunctionLogs { name }
             | Self::CreateVpcBinding { name }
             | Self::ListVpcBindings { name }
-            | Self::DeleteVpcBinding { name, .. } => Some(name),
+            | Self::DeleteVpcBinding { name, .. }
+            | Self::PublishFunctionVersion { name }
+            | Self::ListFunctionVersions { name }
+            | Self::DeleteFunctionVersion { name, .. }
+            | Self::CreateAlias { name }
+            | Self::ListAliases { name }
+            | Self::GetAlias { name, .. }
+            | Self::UpdateAlias { name, .. }
+            | Self::DeleteAlias { name, .. } => Some(name),
             _ => None,
         }
     }
@@ -576,6 +645,18 @@ async fn dispatch(
         Route::GetRole { role } => roles::get(gw, c, &role),
         Route::DeleteRole { role } => roles::delete(gw, c, &role).await,
         Route::ListRoles => roles::list(gw, c, &parts),
+        Route::PublishFunctionVersion { name } => versions::publish(gw, c, &name, body).await,
+        Route::ListFunctionVersions { name } => versions::list(gw, c, &name, &parts),
+        Route::DeleteFunctionVersion { name, version } => {
+            versions::delete(gw, c, &name, &version).await
+        }
+        Route::CreateAlias { name } => versions::create_alias(gw, c, &name, body).await,
+        Route::ListAliases { name } => versions::list_aliases(gw, c, &name, &parts),
+        Route::GetAlias { name, alias } => versions::get_alias(gw, c, &name, &alias),
+        Route::UpdateAlias { name, alias } => {
+            versions::update_alias(gw, c, &name, &alias, body).await
+        }
+        Route::DeleteAlias { name, alias } => versions::delete_alias(gw, c, &name, &alias).await,
     }
 }
 
@@ -795,6 +876,58 @@ mod tests {
                 Route::DeleteVpcBinding {
                     name: f(),
                     vpc: "vpc-1".into(),
+                },
+            ),
+            (
+                POST,
+                "/2023-03-30/functions/f/versions",
+                Route::PublishFunctionVersion { name: f() },
+            ),
+            (
+                GET,
+                "/2023-03-30/functions/f/versions",
+                Route::ListFunctionVersions { name: f() },
+            ),
+            (
+                DELETE,
+                "/2023-03-30/functions/f/versions/3",
+                Route::DeleteFunctionVersion {
+                    name: f(),
+                    version: "3".into(),
+                },
+            ),
+            (
+                POST,
+                "/2023-03-30/functions/f/aliases",
+                Route::CreateAlias { name: f() },
+            ),
+            (
+                GET,
+                "/2023-03-30/functions/f/aliases",
+                Route::ListAliases { name: f() },
+            ),
+            (
+                GET,
+                "/2023-03-30/functions/f/aliases/prod",
+                Route::GetAlias {
+                    name: f(),
+                    alias: "prod".into(),
+                },
+            ),
+            (
+                PUT,
+                "/2023-03-30/functions/f/aliases/prod",
+                Route::UpdateAlias {
+                    name: f(),
+                    alias: "prod".into(),
+                },
+            ),
+            (
+                DELETE,
+                "/2023-03-30/functions/f/aliases/prod",
+                Route::DeleteAlias {
+                    name: f(),
+                    alias: "prod".into(),
                 },
             ),
         ];
