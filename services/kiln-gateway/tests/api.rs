@@ -1843,6 +1843,38 @@ async fn versions_aliases_and_qualified_invocations() {
         .await
         .fc_error(404, "VersionNotFound");
 
+    // GetFunctionCode: a short-lived unsigned URL to each version's zip.
+    let download = |url: &str| {
+        let req = Request::get(url).body(Full::new(Bytes::new())).unwrap();
+        a.send(req)
+    };
+    let c1 = call(Method::GET, "/code?qualifier=1", Value::Null)
+        .await
+        .ok();
+    assert_eq!(c1["checksum"], g1["codeChecksum"]);
+    let url = c1["url"].as_str().unwrap().to_owned();
+    assert!(url.starts_with("https://localhost:"), "{url}");
+    let r = download(&url).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(&r.body[..], &zip1[..], "version 1's own package");
+    let latest = call(Method::GET, "/code", Value::Null).await.ok();
+    assert_eq!(
+        &download(latest["url"].as_str().unwrap()).await.body[..],
+        &zip2[..]
+    );
+    let last = if url.ends_with('A') { "E" } else { "A" };
+    let forged = format!("{}{last}", &url[..url.len() - 1]);
+    download(&forged).await.fc_error(403, "AccessDenied");
+    download(&url.replace("/kiln/code/", "/kiln/code/x"))
+        .await
+        .fc_error(403, "AccessDenied");
+    call(Method::GET, "/code?qualifier=5", Value::Null)
+        .await
+        .fc_error(404, "VersionNotFound");
+    b.call(Method::GET, &format!("{base}/code"), vec![])
+        .await
+        .fc_error(404, "FunctionNotFound");
+
     // Invoke: LATEST, 1 and 2 each run their own spec (own revision, own
     // code), never each other's instances.
     let inv = |q: &str| {
@@ -2082,6 +2114,17 @@ async fn versions_aliases_and_qualified_invocations() {
         call(Method::DELETE, "/versions/1").await.status,
         StatusCode::NO_CONTENT
     );
+    // Its package is gone with it, and so is its download.
+    // (The gateway listens on a new port since its restart.)
+    let moved = format!(
+        "https://localhost:{}{}",
+        env.addr().port(),
+        &url[url.find("/kiln/code/").unwrap()..]
+    );
+    let r = a
+        .send(Request::get(&moved).body(Full::new(Bytes::new())).unwrap())
+        .await;
+    r.fc_error(404, "FunctionNotFound");
     assert_eq!(
         call(Method::DELETE, "/aliases/prod").await.status,
         StatusCode::NO_CONTENT

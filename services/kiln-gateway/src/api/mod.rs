@@ -2,6 +2,7 @@
 //! and one function turning errors into FC-shaped responses.
 
 pub mod async_api;
+pub mod code;
 pub mod concurrency;
 pub mod error;
 pub mod functions;
@@ -97,6 +98,7 @@ pub enum Operation {
     UpdateAlias,
     DeleteAlias,
     ListAliases,
+    GetFunctionCode,
 }
 
 impl Operation {
@@ -149,6 +151,7 @@ impl Operation {
             Self::UpdateAlias => "UpdateAlias",
             Self::DeleteAlias => "DeleteAlias",
             Self::ListAliases => "ListAliases",
+            Self::GetFunctionCode => "GetFunctionCode",
         }
     }
 }
@@ -293,6 +296,9 @@ pub enum Route {
         name: FunctionName,
         alias: String,
     },
+    GetFunctionCode {
+        name: FunctionName,
+    },
 }
 
 /// `{name}`, percent-decoded and checked as a function name.
@@ -352,6 +358,7 @@ const ROUTES: &[router::Route<Route, router::Signed>] = &[
     router::signed(GET, "/2023-03-30/functions/{name}/aliases/{alias}", |p| Ok(Route::GetAlias { name: function_name(p)?, alias: p.string("alias")? })),
     router::signed(PUT, "/2023-03-30/functions/{name}/aliases/{alias}", |p| Ok(Route::UpdateAlias { name: function_name(p)?, alias: p.string("alias")? })),
     router::signed(DELETE, "/2023-03-30/functions/{name}/aliases/{alias}", |p| Ok(Route::DeleteAlias { name: function_name(p)?, alias: p.string("alias")? })),
+    router::signed(GET, "/2023-03-30/functions/{name}/code", |p| Ok(Route::GetFunctionCode { name: function_name(p)? })),
 ];
 
 static ROUTER: LazyLock<Router<Route, router::Signed>> = LazyLock::new(|| {
@@ -410,6 +417,7 @@ impl Route {
             Self::GetAlias { .. } => Operation::GetAlias,
             Self::UpdateAlias { .. } => Operation::UpdateAlias,
             Self::DeleteAlias { .. } => Operation::DeleteAlias,
+            Self::GetFunctionCode { .. } => Operation::GetFunctionCode,
         }
     }
 
@@ -445,7 +453,8 @@ impl Route {
             | Self::ListAliases { name }
             | Self::GetAlias { name, .. }
             | Self::UpdateAlias { name, .. }
-            | Self::DeleteAlias { name, .. } => Some(name),
+            | Self::DeleteAlias { name, .. }
+            | Self::GetFunctionCode { name } => Some(name),
             _ => None,
         }
     }
@@ -488,6 +497,17 @@ pub async fn handle(
 ) -> Response<Body> {
     // Time-ordered: async task ids default to it and index by it.
     let request_id = RequestId::generate_ordered();
+    // GetFunctionCode's download URLs: unsigned, authorised by their own
+    // tag (see api::code).
+    if req.method() == GET && req.uri().path().starts_with(code::DOWNLOAD_PREFIX) {
+        let mut resp = code::download(&gw, req.uri().path(), &request_id).await;
+        if let Ok(v) = HeaderValue::from_str(request_id.as_str()) {
+            resp.headers_mut().insert(REQUEST_ID, v);
+        }
+        gw.metrics
+            .request("DownloadFunctionCode", resp.status().as_str());
+        return resp;
+    }
     let started = Instant::now();
     let routed = route(req.method(), req.uri().path());
     // Sync invocations, the warm path, open their span at debug: at info,
@@ -657,6 +677,7 @@ async fn dispatch(
             versions::update_alias(gw, c, &name, &alias, body).await
         }
         Route::DeleteAlias { name, alias } => versions::delete_alias(gw, c, &name, &alias).await,
+        Route::GetFunctionCode { name } => code::get(gw, c, &name, &parts),
     }
 }
 
@@ -929,6 +950,11 @@ mod tests {
                     name: f(),
                     alias: "prod".into(),
                 },
+            ),
+            (
+                GET,
+                "/2023-03-30/functions/f/code",
+                Route::GetFunctionCode { name: f() },
             ),
         ];
         for (method, path, want) in &cases {

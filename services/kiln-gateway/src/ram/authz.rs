@@ -68,7 +68,8 @@ pub fn resource(region: &str, account: &AccountId, route: &Route) -> String {
         | Operation::GetAlias
         | Operation::UpdateAlias
         | Operation::DeleteAlias
-        | Operation::ListAliases => function(),
+        | Operation::ListAliases
+        | Operation::GetFunctionCode => function(),
         Operation::CreateLayerVersion
         | Operation::GetLayerVersion
         | Operation::GetLayerVersionByArn
