@@ -8,3 +8,4 @@ pub mod observe;
 pub mod operator;
 pub mod runtimes;
 pub mod tasks;
+pub mod versions;
