@@ -2140,3 +2140,31 @@ async fn versions_aliases_and_qualified_invocations() {
         StatusCode::NO_CONTENT
     );
 }
+
+#[tokio::test]
+async fn official_python_sdk_versions_and_aliases() {
+    let Some(python) = kiln_test_support::sdk_python() else {
+        return;
+    };
+    let env = Env::new().await;
+    let (zip1, zip2) = (env.state_dir.join("one.zip"), env.state_dir.join("two.zip"));
+    std::fs::write(&zip1, zip_of(&[("app.py", b"print('one')\n")])).unwrap();
+    std::fs::write(&zip2, zip_of(&[("app.py", b"print('two')\n")])).unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/fc_sdk_versions.py");
+    let out = tokio::process::Command::new(python)
+        .arg(script)
+        .arg(format!("localhost:{}", env.addr().port()))
+        .args([AK_A, SK_A])
+        .arg(env.pki.ca_cert())
+        .args([&zip1, &zip2])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "SDK script failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("SDK versions ok"), "{stdout}");
+}
