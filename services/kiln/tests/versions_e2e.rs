@@ -147,6 +147,30 @@ async fn versions_run_their_own_code_and_aliases_split_and_roll() {
         3,
         "LATEST, 1 and 2 each have their own instance"
     );
+    // ListInstances names each instance's version and filters by qualifier.
+    let listed = |q: &str| {
+        let c = &c;
+        let path = format!("{base}/instances{q}");
+        async move {
+            let r = c
+                .request(http::Method::GET, &path, &[], &[], Bytes::new())
+                .await
+                .unwrap();
+            assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+            let v = r.json().unwrap();
+            let mut qs: Vec<String> = v["instances"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| i["qualifier"].as_str().unwrap().to_owned())
+                .collect();
+            qs.sort();
+            qs
+        }
+    };
+    assert_eq!(listed("").await, ["1", "2", "LATEST"]);
+    assert_eq!(listed("?qualifier=1").await, ["1"]);
+    assert_eq!(listed("?qualifier=LATEST").await, ["LATEST"]);
     // A new LATEST does not take version 2's instance away.
     c.update_function("canary", &json!({"code": code("three")}))
         .await
