@@ -235,6 +235,8 @@ impl Catalog {
             u.functions = m.len() as u64;
             u.code_bytes = m.values().map(|f| f.record.config.code.size).sum();
         }
+        // Packages only versions still hold count too.
+        u.code_bytes += self.version_only_code_bytes(account);
         let layers = self.layers.read().unwrap_or_else(|p| p.into_inner());
         if let Some(m) = layers.layers.get(account) {
             for v in m.values().flat_map(|s| s.versions.values()) {
@@ -477,11 +479,17 @@ impl Catalog {
         let config = change(&current.record.config).map_err(CatalogError::Invalid)?;
         self.check_new_layers(&current.record.config.layers, &config.layers)?;
         if config.code.sha256 != current.record.config.code.sha256 {
+            // A package a version holds stays stored: nothing is freed.
+            let held = self.version_holds_code(account, name, &current.record.config.code.sha256);
             self.check_bounds(
                 account,
                 crate::bounds::Change {
                     added_bytes: config.code.size,
-                    freed_bytes: current.record.config.code.size,
+                    freed_bytes: if held {
+                        0
+                    } else {
+                        current.record.config.code.size
+                    },
                     ..Default::default()
                 },
             )?;

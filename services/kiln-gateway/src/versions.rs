@@ -446,6 +446,45 @@ impl Catalog {
         }
     }
 
+    /// Bytes of the account's code packages that only versions hold (not
+    /// their function's LATEST), each package once per function.
+    pub(crate) fn version_only_code_bytes(&self, account: &AccountId) -> u64 {
+        let index = self.version_index();
+        let Some(m) = index.functions.get(account) else {
+            return 0;
+        };
+        let mut total = 0;
+        for (name, f) in m {
+            let latest = name
+                .parse::<FunctionName>()
+                .ok()
+                .and_then(|n| self.function(account, &n))
+                .map(|e| e.record.config.code.sha256.clone());
+            let mut seen = std::collections::HashSet::new();
+            for v in f.versions.values() {
+                let code = &v.entry.record.config.code;
+                if Some(&code.sha256) != latest.as_ref() && seen.insert(code.sha256.as_str()) {
+                    total += code.size;
+                }
+            }
+        }
+        total
+    }
+
+    /// Whether one of the function's versions holds the package `digest`.
+    pub(crate) fn version_holds_code(
+        &self,
+        account: &AccountId,
+        name: &FunctionName,
+        digest: &str,
+    ) -> bool {
+        self.version_index().get(account, name).is_some_and(|f| {
+            f.versions
+                .values()
+                .any(|v| v.entry.record.config.code.sha256 == digest)
+        })
+    }
+
     pub(crate) fn version_uses_layer_zip(&self, digest: &str) -> bool {
         self.version_index().uses_layer_zip(digest)
     }
@@ -857,6 +896,50 @@ mod tests {
         c.delete_alias(&a(), &f(), "prod").await.unwrap();
         c.delete_version(&a(), &f(), 2).await.unwrap();
         c.delete(&a(), &f()).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn code_only_versions_hold_counts_against_the_account() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = catalog(dir.path())
+            .await
+            .with_bounds(crate::bounds::Bounds::from_config(
+                &crate::bounds::TenantBoundsConfig {
+                    max_code_bytes: 7,
+                    ..Default::default()
+                },
+            ));
+        let d1 = "a".repeat(64);
+        c.create(crate::store::tests::record("1", "f", &d1), code(&d1))
+            .await
+            .unwrap();
+        assert_eq!(c.usage(&a()).code_bytes, 3);
+        c.publish_version(&a(), &f(), String::new(), 1)
+            .await
+            .unwrap();
+        assert_eq!(
+            c.usage(&a()).code_bytes,
+            3,
+            "shared with LATEST: counted once"
+        );
+        update_code(&c, &"b".repeat(64)).await;
+        assert_eq!(c.usage(&a()).code_bytes, 6, "version 1 still holds 3 bytes");
+        // A third package would make 9 > 7: refused, though LATEST's
+        // current package is no larger than the new one.
+        c.publish_version(&a(), &f(), String::new(), 2)
+            .await
+            .unwrap();
+        let d3 = "c".repeat(64);
+        let r = c
+            .update(&a(), &f(), 3000, code(&d3), move |cfg| {
+                let mut cfg = cfg.clone();
+                cfg.code.sha256 = d3;
+                Ok(cfg)
+            })
+            .await;
+        assert!(matches!(r, Err(CatalogError::Invalid(e)) if e.code == FcErrorCode::LimitExceeded));
+        c.delete_version(&a(), &f(), 1).await.unwrap();
+        assert_eq!(c.usage(&a()).code_bytes, 3);
     }
 
     #[test]
