@@ -370,6 +370,28 @@ impl Catalog {
             .ok_or_else(|| version_not_found(name, &version.to_string()))
     }
 
+    /// The longest timeout a call with `qualifier` may run (an alias may
+    /// pick any of its versions).
+    pub fn timeout_s(
+        &self,
+        account: &AccountId,
+        name: &FunctionName,
+        qualifier: &Qualifier,
+    ) -> Option<u32> {
+        match qualifier {
+            Qualifier::Alias(a) => self
+                .alias(account, name, a)?
+                .versions()
+                .filter_map(|v| self.version(account, name, v))
+                .map(|v| v.entry.spec.timeout_s)
+                .max(),
+            q => self
+                .resolve(account, name, q, 0.0)
+                .ok()
+                .map(|e| e.spec.timeout_s),
+        }
+    }
+
     /// Check that `qualifier` names something that exists now.
     pub fn check_qualifier(
         &self,

@@ -206,16 +206,12 @@ impl Invoker for GatewayInvoker {
 
     fn call_budget_ms(&self, m: &Claimed) -> Option<u64> {
         let gw = self.gw.upgrade()?;
-        let entry = gw
-            .catalog
-            .resolve(
-                &m.account.parse().ok()?,
-                &m.function.parse().ok()?,
-                &stored_qualifier(m).ok()?,
-                0.0,
-            )
-            .ok()?;
-        Some(u64::from(entry.spec.timeout_s) * 1000 + invoke::AGENT_GRACE.as_millis() as u64)
+        let timeout_s = gw.catalog.timeout_s(
+            &m.account.parse().ok()?,
+            &m.function.parse().ok()?,
+            &stored_qualifier(m).ok()?,
+        )?;
+        Some(u64::from(timeout_s) * 1000 + invoke::AGENT_GRACE.as_millis() as u64)
     }
 
     fn webhook(&self, url: &str, record: &serde_json::Value) -> BoxFuture<Result<(), String>> {
