@@ -2044,14 +2044,25 @@ async fn versions_aliases_and_qualified_invocations() {
     .await
     .fc_error(404, "FunctionNotFound");
 
-    // Async with a qualifier: checked at enqueue, delivered to that version.
+    // Async with a qualifier: checked at enqueue, delivered to that version,
+    // and its task names it.
+    call(
+        Method::PUT,
+        "/async-invoke-config",
+        json!({"asyncTask": true}),
+    )
+    .await
+    .ok();
     let path = format!("{base}/invocations?qualifier=1");
     let r = a
         .call_with(
             Method::POST,
             &path,
             b"later".to_vec(),
-            &[("x-fc-invocation-type", "Async")],
+            &[
+                ("x-fc-invocation-type", "Async"),
+                ("x-fc-async-task-id", "qjob"),
+            ],
         )
         .await;
     assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
@@ -2076,6 +2087,10 @@ async fn versions_aliases_and_qualified_invocations() {
         acquired_versions(&env).last().unwrap().as_deref(),
         Some("1")
     );
+    let task = call(Method::GET, "/async-tasks/qjob", Value::Null)
+        .await
+        .ok();
+    assert_eq!(task["qualifier"], "1", "{task}");
 
     // Roll forward: every new call goes to version 2.
     let rolled = call(
