@@ -162,7 +162,8 @@ pub trait MetaStore: Send + Sync + 'static {
 #[derive(Debug, Default)]
 pub struct FunctionVersions {
     pub versions: Vec<VersionRecord>,
-    pub last_ids: Vec<(AccountId, FunctionName, u32)>,
+    /// (account, function, function id, last version id).
+    pub last_ids: Vec<(AccountId, FunctionName, String, u32)>,
 }
 
 /// A layer: its owner, name, ACL and the last version number handed out
@@ -884,19 +885,21 @@ impl SqliteStore {
             });
         }
         let mut st = c.prepare(
-            "SELECT account_id, name, last_version FROM functions WHERE last_version > 0",
+            "SELECT account_id, name, function_id, last_version FROM functions
+             WHERE last_version > 0",
         )?;
         let rows = st.query_map([], |r| {
             Ok((
                 r.get::<_, String>(0)?,
                 r.get::<_, String>(1)?,
-                r.get::<_, i64>(2)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, i64>(3)?,
             ))
         })?;
         for row in rows {
-            let (account, name, last) = row?;
+            let (account, name, function_id, last) = row?;
             if let (Ok(a), Ok(n)) = (account.parse(), name.parse()) {
-                out.last_ids.push((a, n, last as u32));
+                out.last_ids.push((a, n, function_id, last as u32));
             }
         }
         Ok(out)

@@ -110,8 +110,10 @@ impl VersionIndex {
     /// Build from the store's rows.
     pub fn load(stored: crate::store::FunctionVersions, aliases: Vec<AliasRecord>) -> Self {
         let mut index = Self::default();
-        for (account, name, last) in stored.last_ids {
-            index.get_mut(&account, &name).last_version = last;
+        for (account, name, function_id, last) in stored.last_ids {
+            let f = index.get_mut(&account, &name);
+            f.function_id = function_id;
+            f.last_version = last;
         }
         for v in stored.versions {
             let f = index.get_mut(&v.account_id, &v.name);
@@ -834,6 +836,28 @@ mod tests {
             .resolve(&a(), &f(), &Qualifier::Version(1), 0.0)
             .unwrap_err();
         assert_eq!(e.code, FcErrorCode::VersionNotFound);
+        // With every version gone, ids still go on after a restart.
+        c.delete_version(&a(), &f(), 3).await.unwrap();
+        drop(c);
+        let c = catalog(dir.path()).await;
+        update_code(&c, &"d".repeat(64)).await;
+        let v4 = c
+            .publish_version(&a(), &f(), String::new(), 4000)
+            .await
+            .unwrap();
+        assert_eq!(v4.version, 4);
+        // A new function under the same name starts from 1.
+        c.delete_version(&a(), &f(), 4).await.unwrap();
+        c.delete(&a(), &f()).await.unwrap();
+        let d5 = "e".repeat(64);
+        c.create(crate::store::tests::record("1", "f", &d5), code(&d5))
+            .await
+            .unwrap();
+        let again = c
+            .publish_version(&a(), &f(), String::new(), 5000)
+            .await
+            .unwrap();
+        assert_eq!(again.version, 1);
     }
 
     #[tokio::test]
