@@ -51,7 +51,7 @@ pub fn check_qualifier(parts: &http::request::Parts) -> Result<(), FcError> {
         None => Ok(()),
         Some(q) if q.is_empty() || q == "LATEST" => Ok(()),
         Some(q) => Err(FcError::invalid_argument(format!(
-            "qualifier {q:?} is not supported here: this operation acts on LATEST only (versions and aliases are taken by InvokeFunction, GetFunction and GetFunctionCode)"
+            "qualifier {q:?} is not supported here: this operation acts on LATEST only (versions and aliases are taken by InvokeFunction, GetFunction, GetFunctionCode and ListInstances)"
         ))),
     }
 }
