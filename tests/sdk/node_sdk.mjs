@@ -24,12 +24,16 @@
 // Steps (one line each, "ok"/"FAIL"; exit status 1 on the first failure): CreateFunction (two
 // functions sharing a prefix), GetFunction, ListFunctions (prefix, limit 1, following
 // nextToken), UpdateFunction (memorySize and environment), InvokeFunction (body checked),
+// versions and aliases (PublishFunctionVersion twice, ListFunctionVersions, CreateAlias with a
+// canary weight, InvokeFunction by version and alias, GetFunctionCode with its download,
+// UpdateAlias rolling forward, GetAlias, ListAliases, DeleteAlias, DeleteFunctionVersion),
 // DeleteFunction, and GetFunction again expecting FC's FunctionNotFound error
 // (404, {"Code","Message","RequestId"}). Functions created are deleted even on failure.
 // With examples/hello-python the invoke check is exact; otherwise pass --expect.
 
 import { randomBytes } from 'node:crypto';
 import { readFileSync } from 'node:fs';
+import https from 'node:https';
 import { parseArgs } from 'node:util';
 
 import fcModule from '@alicloud/fc20230330';
@@ -218,6 +222,88 @@ async function main() {
     return `${res.statusCode} request-id=${headers['x-fc-request-id']} body=${text.slice(0, 120)}`;
   };
 
+  const callEnv = async (qualifier) => {
+    const res = await client.invokeFunctionWithOptions(
+      args.name,
+      new fc.InvokeFunctionRequest({ qualifier, body: new dara.BytesReadable(Buffer.from(args.payload)) }),
+      new fc.InvokeFunctionHeaders({ xFcInvocationType: 'Sync' }),
+      new dara.RuntimeOptions({}),
+    );
+    const text = (await dara.Stream.readAsBytes(res.body)).toString('utf8');
+    check(res.statusCode === 200, `${qualifier}: status ${res.statusCode}: ${text.slice(0, 300)}`);
+    const result = JSON.parse(text);
+    return 'echo' in result ? result.env : undefined;
+  };
+
+  const download = (url) => new Promise((resolve, reject) => {
+    https.get(url, { ca: cred.caCert ? readFileSync(cred.caCert, 'utf8') : undefined }, (res) => {
+      const chunks = [];
+      res.on('data', (c) => chunks.push(c));
+      res.on('end', () => resolve({ status: res.statusCode, body: Buffer.concat(chunks) }));
+    }).on('error', reject);
+  });
+
+  const versions = async () => {
+    const v1 = (await client.publishFunctionVersion(args.name, new fc.PublishFunctionVersionRequest({
+      body: new fc.PublishVersionInput({ description: 'first' }),
+    }))).body;
+    check(v1.versionId === '1' && v1.description === 'first', `version ${JSON.stringify(v1)}`);
+    await client.updateFunction(args.name, new fc.UpdateFunctionRequest({
+      body: new fc.UpdateFunctionInput({ environmentVariables: { GREETING: 'version two' } }),
+    }));
+    const v2 = (await client.publishFunctionVersion(args.name, new fc.PublishFunctionVersionRequest({
+      body: new fc.PublishVersionInput({}),
+    }))).body;
+    check(v2.versionId === '2', `version ${JSON.stringify(v2)}`);
+    const listed = (await client.listFunctionVersions(args.name, new fc.ListFunctionVersionsRequest({}))).body;
+    check(JSON.stringify(listed.versions.map((v) => v.versionId)) === '["2","1"]', `versions ${JSON.stringify(listed)}`);
+    const alias = (await client.createAlias(args.name, new fc.CreateAliasRequest({
+      body: new fc.CreateAliasInput({ aliasName: 'prod', versionId: '1', additionalVersionWeight: { 2: 0.5 } }),
+    }))).body;
+    check(alias.additionalVersionWeight['2'] === 0.5, `alias ${JSON.stringify(alias)}`);
+    // examples/hello-python answers with its environment: each version's own.
+    const envs = {};
+    for (const q of ['1', '2', 'LATEST']) envs[q] = await callEnv(q);
+    const hello = envs['1'] !== undefined;
+    if (hello) {
+      check(envs['1'] === updated && envs['2'] === 'version two' && envs.LATEST === 'version two',
+        `each version's environment: ${JSON.stringify(envs)}`);
+    }
+    const split = new Set();
+    for (let i = 0; i < 40; i++) split.add(await callEnv('prod'));
+    if (hello) check(split.size === 2, `alias split ${[...split]}`);
+    const codeOut = (await client.getFunctionCode(args.name, new fc.GetFunctionCodeRequest({ qualifier: '1' }))).body;
+    const got = await download(codeOut.url);
+    check(got.status === 200 && got.body.equals(code), `code download ${got.status}`);
+    const rolled = (await client.updateAlias(args.name, 'prod', new fc.UpdateAliasRequest({
+      body: new fc.UpdateAliasInput({ versionId: '2', additionalVersionWeight: {} }),
+    }))).body;
+    check(rolled.versionId === '2', `alias ${JSON.stringify(rolled)}`);
+    if (hello) {
+      for (let i = 0; i < 10; i++) check(await callEnv('prod') === 'version two', 'a call after the roll ran version 1');
+    }
+    check((await client.getAlias(args.name, 'prod')).body.versionId === '2', 'GetAlias');
+    const aliases = (await client.listAliases(args.name, new fc.ListAliasesRequest({}))).body.aliases;
+    check(JSON.stringify(aliases.map((a) => a.aliasName)) === '["prod"]', `aliases ${JSON.stringify(aliases)}`);
+    try {
+      await client.deleteFunctionVersion(args.name, '2');
+      throw new Error('deleted the version an alias uses');
+    } catch (e) {
+      if (!(e instanceof openapiModule.ClientError)) throw e;
+      check(e.code === 'InvalidArgument', `code ${e.code}`);
+    }
+    await client.deleteAlias(args.name, 'prod');
+    for (const v of ['1', '2']) await client.deleteFunctionVersion(args.name, v);
+    return `versions 1, 2; alias split ${JSON.stringify([...split])}; code ${code.length} bytes`;
+  };
+
+  const dropVersions = async (name) => {
+    const aliases = (await client.listAliases(name, new fc.ListAliasesRequest({}))).body.aliases || [];
+    for (const a of aliases) await client.deleteAlias(name, a.aliasName);
+    const vs = (await client.listFunctionVersions(name, new fc.ListFunctionVersionsRequest({}))).body.versions || [];
+    for (const v of vs) await client.deleteFunctionVersion(name, v.versionId);
+  };
+
   const del = async (name) => {
     const res = await client.deleteFunction(name);
     created.delete(name);
@@ -246,6 +332,7 @@ async function main() {
     await step('ListFunctions', listAll);
     await step('UpdateFunction', update);
     await step('InvokeFunction', invoke);
+    await step('Versions and aliases', versions);
     for (const name of names) {
       await step('DeleteFunction', () => del(name));
     }
@@ -254,6 +341,7 @@ async function main() {
     if (!(e instanceof StepFailed)) throw e;
     for (const name of created) {
       try {
+        await dropVersions(name);
         await client.deleteFunction(name);
       } catch (cleanup) {
         console.log(`     cleanup of ${name} failed: ${cleanup.message}`);

@@ -24,6 +24,9 @@ Nothing in the SDK is changed. The client is configured only with:
 Steps (one line each, "ok"/"FAIL"; exit status 1 on the first failure): CreateFunction (two
 functions sharing a prefix), GetFunction, ListFunctions (prefix, limit 1, following
 nextToken), UpdateFunction (memorySize and environment), InvokeFunction (body checked),
+versions and aliases (PublishFunctionVersion twice, ListFunctionVersions, CreateAlias with a
+canary weight, InvokeFunction by version and alias, GetFunctionCode with its download,
+UpdateAlias rolling forward, GetAlias, ListAliases, DeleteAlias, DeleteFunctionVersion),
 DeleteFunction, and GetFunction again expecting FC's FunctionNotFound error
 (404, {"Code","Message","RequestId"}). Functions created are deleted even on failure.
 
@@ -36,7 +39,9 @@ import argparse
 import base64
 import json
 import os
+import ssl
 import sys
+import urllib.request
 import uuid
 
 from alibabacloud_fc20230330 import models as fc
@@ -191,6 +196,69 @@ def main():
                 check(result.get("env") == "updated by the python sdk", f"env {result.get('env')!r}")
         return f"{res.status_code} request-id={headers.get('x-fc-request-id')} body={text[:120]}"
 
+    def call_env(qualifier):
+        res = client.invoke_function_with_options(
+            args.name,
+            fc.InvokeFunctionRequest(qualifier=qualifier, body=args.payload.encode()),
+            fc.InvokeFunctionHeaders(x_fc_invocation_type="Sync"),
+            RuntimeOptions(),
+        )
+        body = res.body.read() if hasattr(res.body, "read") else res.body
+        check(res.status_code == 200, f"{qualifier}: status {res.status_code}: {body[:300]!r}")
+        result = json.loads(body)
+        return result.get("env") if "echo" in result else None
+
+    def versions():
+        v1 = client.publish_function_version(args.name, fc.PublishFunctionVersionRequest(
+            body=fc.PublishVersionInput(description="first"))).body
+        check(v1.version_id == "1" and v1.description == "first", f"version {v1.to_map()}")
+        client.update_function(args.name, fc.UpdateFunctionRequest(body=fc.UpdateFunctionInput(
+            environment_variables={"GREETING": "version two"})))
+        v2 = client.publish_function_version(args.name, fc.PublishFunctionVersionRequest(
+            body=fc.PublishVersionInput())).body
+        check(v2.version_id == "2", f"version {v2.to_map()}")
+        listed = client.list_function_versions(args.name, fc.ListFunctionVersionsRequest()).body
+        check([v.version_id for v in listed.versions] == ["2", "1"], f"versions {listed.to_map()}")
+        alias = client.create_alias(args.name, fc.CreateAliasRequest(body=fc.CreateAliasInput(
+            alias_name="prod", version_id="1", additional_version_weight={"2": 0.5}))).body
+        check(alias.additional_version_weight == {"2": 0.5}, f"alias {alias.to_map()}")
+        # examples/hello-python answers with its environment: each version's own.
+        envs = {q: call_env(q) for q in ("1", "2", "LATEST")}
+        if envs["1"] is not None:
+            check(envs == {"1": "updated by the python sdk", "2": "version two", "LATEST": "version two"},
+                  f"each version's environment: {envs}")
+        split = {call_env("prod") for _ in range(40)}
+        if envs["1"] is not None:
+            check(split == {"updated by the python sdk", "version two"}, f"alias split {split}")
+        code_out = client.get_function_code(args.name, fc.GetFunctionCodeRequest(qualifier="1")).body
+        ctx = ssl.create_default_context(cafile=cred.get("caCert"))
+        with urllib.request.urlopen(code_out.url, context=ctx, timeout=30) as got:
+            check(got.status == 200 and got.read() == code, f"code download {got.status}")
+        rolled = client.update_alias(args.name, "prod", fc.UpdateAliasRequest(body=fc.UpdateAliasInput(
+            version_id="2", additional_version_weight={}))).body
+        check(rolled.version_id == "2", f"alias {rolled.to_map()}")
+        if envs["1"] is not None:
+            after = {call_env("prod") for _ in range(10)}
+            check(after == {"version two"}, f"after the roll: {after}")
+        check(client.get_alias(args.name, "prod").body.version_id == "2", "GetAlias")
+        names_ = [a.alias_name for a in client.list_aliases(args.name, fc.ListAliasesRequest()).body.aliases]
+        check(names_ == ["prod"], f"aliases {names_}")
+        try:
+            client.delete_function_version(args.name, "2")
+            raise AssertionError("deleted the version an alias uses")
+        except openapi_exceptions.ClientException as e:
+            check(e.code == "InvalidArgument", f"code {e.code!r}")
+        client.delete_alias(args.name, "prod")
+        for v in ("1", "2"):
+            client.delete_function_version(args.name, v)
+        return f"versions 1, 2; alias split {sorted(split, key=str)}; code {len(code)} bytes"
+
+    def drop_versions(name):
+        for a in client.list_aliases(name, fc.ListAliasesRequest()).body.aliases or []:
+            client.delete_alias(name, a.alias_name)
+        for v in client.list_function_versions(name, fc.ListFunctionVersionsRequest()).body.versions or []:
+            client.delete_function_version(name, v.version_id)
+
     def delete(name):
         res = client.delete_function(name)
         created.remove(name)
@@ -216,12 +284,14 @@ def main():
         step("ListFunctions", list_all)
         step("UpdateFunction", update)
         step("InvokeFunction", invoke)
+        step("Versions and aliases", versions)
         for name in names:
             step("DeleteFunction", lambda name=name: delete(name))
         step("GetFunction after delete", get_deleted)
     except StepFailed:
         for name in list(created):
             try:
+                drop_versions(name)
                 client.delete_function(name)
             except Exception as e:  # best effort
                 print(f"     cleanup of {name} failed: {e}", flush=True)

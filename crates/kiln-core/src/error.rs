@@ -44,6 +44,15 @@ pub enum FcErrorCode {
     LayerNotFound,
     /// No live instance by that id among the function's (HTTP 404).
     InstanceNotFound,
+    /// No published version of the function by that id (HTTP 404).
+    VersionNotFound,
+    /// No alias of the function by that name (HTTP 404).
+    AliasNotFound,
+    /// The function already has an alias by that name (HTTP 409).
+    AliasAlreadyExists,
+    /// An alias's `additionalVersionWeight` names its own major version
+    /// (HTTP 400).
+    AdditionalVersionContainsMajorVersion,
     /// A temporary (STS) credential's security token has expired (HTTP 403).
     #[serde(rename = "InvalidSecurityToken.Expired")]
     InvalidSecurityTokenExpired,
@@ -87,6 +96,10 @@ impl FcErrorCode {
             Self::AsyncTaskNotFound => "AsyncTaskNotFound",
             Self::LayerNotFound => "LayerNotFound",
             Self::InstanceNotFound => "InstanceNotFound",
+            Self::VersionNotFound => "VersionNotFound",
+            Self::AliasNotFound => "AliasNotFound",
+            Self::AliasAlreadyExists => "AliasAlreadyExists",
+            Self::AdditionalVersionContainsMajorVersion => "AdditionalVersionContainsMajorVersion",
             Self::InvalidSecurityTokenExpired => "InvalidSecurityToken.Expired",
             Self::InvalidSecurityTokenMalformed => "InvalidSecurityToken.Malformed",
             Self::InvalidSecurityTokenMismatchWithAccessKey => {
@@ -103,7 +116,8 @@ impl FcErrorCode {
             Self::InvalidArgument
             | Self::MissingRequiredHeader
             | Self::EntityTooLarge
-            | Self::LimitExceeded => 400,
+            | Self::LimitExceeded
+            | Self::AdditionalVersionContainsMajorVersion => 400,
             Self::SignatureNotMatch
             | Self::InvalidAccessKeyId
             | Self::RequestTimeTooSkewed
@@ -118,10 +132,12 @@ impl FcErrorCode {
             | Self::AsyncTaskNotFound
             | Self::LayerNotFound
             | Self::InstanceNotFound
+            | Self::VersionNotFound
+            | Self::AliasNotFound
             | Self::EntityNotExistRole
             | Self::EntityNotExistAccessKey => 404,
             Self::MethodNotAllowed => 405,
-            Self::FunctionAlreadyExists => 409,
+            Self::FunctionAlreadyExists | Self::AliasAlreadyExists => 409,
             Self::PayloadTooLarge => 413,
             Self::ResourceThrottled => 429,
             Self::InternalServerError => 500,

@@ -70,6 +70,12 @@ pub struct InstanceSpec {
     pub function_name: FunctionName,
     /// Hex sha256 of the rest of this spec; see [`InstanceSpec::seal`].
     pub revision: String,
+    /// The published version of the function (FC's `versionId`) this
+    /// instance serves; `None` for LATEST. Part of the revision, so a
+    /// version's instances never serve LATEST or another version even when
+    /// their configurations match. Absent from the JSON for LATEST.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
     pub runtime: RuntimeName,
     pub handler: String,
     pub command: Vec<String>,
@@ -165,6 +171,7 @@ pub(crate) mod tests {
             account_id: "1".parse().unwrap(),
             function_name: "hello".parse().unwrap(),
             revision: String::new(),
+            version: None,
             runtime: RuntimeName::Custom,
             handler: "index.handler".into(),
             command: vec!["/code/server".into()],

@@ -338,8 +338,14 @@ pub struct ReleaseLease {
 pub struct RetireFunction {
     pub account_id: AccountId,
     pub function_name: FunctionName,
-    /// The revision that stays; `None` when the function was deleted.
+    /// The revision that stays (LATEST's); `None` when the function was
+    /// deleted.
     pub keep_revision: Option<String>,
+    /// Revisions of the function's published versions, which stay too
+    /// (their instances serve calls to those versions and their aliases).
+    /// Absent from the JSON when the function has none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keep_versions: Vec<String>,
 }
 
 /// Scheduler -> agent.

@@ -102,6 +102,7 @@ pub(crate) mod tests {
             account_id: "1234".parse().unwrap(),
             function_name: "hello".parse().unwrap(),
             revision: String::new(),
+            version: None,
             runtime: kiln_core::RuntimeName::CustomDebian12,
             handler: "index.handler".into(),
             command: vec!["python3".into()],

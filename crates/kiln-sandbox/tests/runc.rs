@@ -51,6 +51,7 @@ fn spec(runtime: RuntimeName, command: &[&str], env_marker: &str) -> InstanceSpe
         account_id: "1234".parse().unwrap(),
         function_name: "probe".parse().unwrap(),
         revision: String::new(),
+        version: None,
         runtime,
         handler: "index.handler".into(),
         command: command.iter().map(|s| s.to_string()).collect(),

@@ -217,7 +217,7 @@ impl Upstream {
             ),
             (
                 HeaderName::from_static("x-fc-qualifier"),
-                HeaderValue::from_static("LATEST"),
+                value(spec.version.as_deref().unwrap_or("LATEST")),
             ),
             (
                 HeaderName::from_static("x-fc-control-path"),

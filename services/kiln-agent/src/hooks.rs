@@ -173,7 +173,10 @@ async fn call(
         .header("x-fc-function-memory", spec.memory_mb)
         .header("x-fc-function-timeout", spec.timeout_s)
         .header("x-fc-account-id", value(spec.account_id.as_str()))
-        .header("x-fc-qualifier", "LATEST")
+        .header(
+            "x-fc-qualifier",
+            value(spec.version.as_deref().unwrap_or("LATEST")),
+        )
         .body(Empty::<Bytes>::new())
         .expect("a valid hook request");
     for (n, v) in extra {

@@ -338,6 +338,7 @@ pub fn sample_spec(code_digest: &str, port: u16) -> kiln_core::InstanceSpec {
         account_id: "1234".parse().expect("valid account"),
         function_name: "hello".parse().expect("valid name"),
         revision: String::new(),
+        version: None,
         runtime: kiln_core::RuntimeName::Custom,
         handler: "index.handler".into(),
         command: vec!["/code/server".into()],

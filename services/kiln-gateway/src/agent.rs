@@ -219,6 +219,7 @@ mod tests {
         let call = InvokeRequest {
             account_id: "1".parse().unwrap(),
             function: "f".parse().unwrap(),
+            qualifier: crate::versions::Qualifier::Latest,
             payload: Bytes::from_static(b"x"),
             headers,
             log: LogType::Tail,

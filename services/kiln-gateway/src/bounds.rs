@@ -22,8 +22,9 @@ use serde::{Deserialize, Serialize};
 pub struct TenantBoundsConfig {
     /// Functions per account.
     pub max_functions: u64,
-    /// Bytes of code packages per account: the zips of its functions and
-    /// of its layer versions, each counted once per function or version.
+    /// Bytes of code packages per account: the zips of its functions, of
+    /// their published versions (a package a version shares with its
+    /// function's LATEST counts once) and of its layer versions.
     pub max_code_bytes: u64,
     /// Layer versions per account (each holds a zip).
     pub max_layer_versions: u64,

@@ -47,7 +47,16 @@ pub struct FunctionEntry {
 
 impl FunctionEntry {
     fn new(record: FunctionRecord) -> Self {
-        let spec = instance_spec(&record);
+        Self::with_spec(instance_spec(&record, None), record)
+    }
+
+    /// A published version's snapshot: its spec names the version, so its
+    /// instances are its own.
+    pub(crate) fn for_version(record: FunctionRecord, version: u32) -> Self {
+        Self::with_spec(instance_spec(&record, Some(version)), record)
+    }
+
+    fn with_spec(spec: InstanceSpec, record: FunctionRecord) -> Self {
         let spec_json = Bytes::from(serde_json::to_vec(&spec).expect("spec serialises"));
         Self {
             record,
@@ -76,13 +85,15 @@ impl FunctionEntry {
 /// FC runs `/code/bootstrap` when a custom runtime names no command.
 pub const DEFAULT_COMMAND: &str = "/code/bootstrap";
 
-/// The sealed spec of a function revision.
-pub fn instance_spec(r: &FunctionRecord) -> InstanceSpec {
+/// The sealed spec of a function revision: LATEST's (`version` `None`) or
+/// a published version's.
+pub fn instance_spec(r: &FunctionRecord, version: Option<u32>) -> InstanceSpec {
     let c = &r.config;
     InstanceSpec {
         account_id: r.account_id.clone(),
         function_name: r.name.clone(),
         revision: String::new(),
+        version: version.map(|v| v.to_string()),
         runtime: c.runtime,
         handler: c.handler.clone(),
         command: if c.command.is_empty() {
@@ -128,6 +139,8 @@ pub struct Catalog {
     pub(crate) keys: RwLock<HashMap<String, Arc<kiln_auth::AccessKey>>>,
     /// Layers and their versions ([`crate::layers`]).
     pub(crate) layers: RwLock<crate::layers::LayerIndex>,
+    /// Function versions and aliases ([`crate::versions`]).
+    pub(crate) versions: RwLock<crate::versions::VersionIndex>,
     pub(crate) write: tokio::sync::Mutex<()>,
     /// Per-account bounds, checked under `write` (see [`crate::bounds`]).
     pub(crate) bounds: crate::bounds::Bounds,
@@ -144,17 +157,22 @@ pub(crate) async fn blocking<T: Send + 'static>(
 impl Catalog {
     /// Load every function and key, and sweep code files nothing references.
     pub async fn open(store: Arc<dyn MetaStore>, code: CodeFiles) -> Result<Self, CatalogError> {
-        let (records, keys, layers) = {
+        let (records, keys, layers, versions) = {
             let store = store.clone();
             let code = code.clone();
             blocking(move || {
                 let records = store.functions()?;
                 let layers =
                     crate::layers::LayerIndex::load(store.layers()?, store.layer_versions()?);
+                let versions = crate::versions::VersionIndex::load(
+                    store.function_versions()?,
+                    store.aliases()?,
+                );
                 // Zips in use: code packages, layer versions, and layers
                 // functions still reference after their version was deleted.
                 let mut digests = store.code_digests()?;
                 digests.extend(layers.digests());
+                digests.extend(versions.digests().map(str::to_owned));
                 digests.extend(
                     records
                         .iter()
@@ -165,7 +183,7 @@ impl Catalog {
                     Ok(n) => tracing::info!(removed = n, "swept unreferenced code files"),
                     Err(e) => tracing::warn!(error = %e, "cannot sweep code files"),
                 }
-                Ok((records, store.access_keys()?, layers))
+                Ok((records, store.access_keys()?, layers, versions))
             })
             .await?
         };
@@ -188,6 +206,7 @@ impl Catalog {
             functions: RwLock::new(functions),
             keys: RwLock::new(keys),
             layers: RwLock::new(layers),
+            versions: RwLock::new(versions),
             write: tokio::sync::Mutex::new(()),
             bounds: crate::bounds::Bounds::default(),
         })
@@ -216,6 +235,8 @@ impl Catalog {
             u.functions = m.len() as u64;
             u.code_bytes = m.values().map(|f| f.record.config.code.size).sum();
         }
+        // Packages only versions still hold count too.
+        u.code_bytes += self.version_only_code_bytes(account);
         let layers = self.layers.read().unwrap_or_else(|p| p.into_inner());
         if let Some(m) = layers.layers.get(account) {
             for v in m.values().flat_map(|s| s.versions.values()) {
@@ -339,7 +360,7 @@ impl Catalog {
     }
 
     /// Release packages that lost their last reference.
-    async fn release(&self, digests: Vec<String>) {
+    pub(crate) async fn release(&self, digests: Vec<String>) {
         let store = self.store.clone();
         let files = self.code.clone();
         // A zip that is also a layer's stays on disk for the layer.
@@ -383,7 +404,7 @@ impl Catalog {
 
     /// After a function dropped `layers`: zips of deleted layer versions
     /// that nothing uses any more go.
-    fn release_layer_zips(&self, layers: &[crate::model::LayerRef]) {
+    pub(crate) fn release_layer_zips(&self, layers: &[crate::model::LayerRef]) {
         for l in layers {
             if !self.zip_in_use(&l.sha256) && matches!(self.store.code_blob(&l.sha256), Ok(None)) {
                 self.code.remove(&l.sha256);
@@ -458,11 +479,17 @@ impl Catalog {
         let config = change(&current.record.config).map_err(CatalogError::Invalid)?;
         self.check_new_layers(&current.record.config.layers, &config.layers)?;
         if config.code.sha256 != current.record.config.code.sha256 {
+            // A package a version holds stays stored: nothing is freed.
+            let held = self.version_holds_code(account, name, &current.record.config.code.sha256);
             self.check_bounds(
                 account,
                 crate::bounds::Change {
                     added_bytes: config.code.size,
-                    freed_bytes: current.record.config.code.size,
+                    freed_bytes: if held {
+                        0
+                    } else {
+                        current.record.config.code.size
+                    },
                     ..Default::default()
                 },
             )?;
@@ -499,9 +526,15 @@ impl Catalog {
         let current = self
             .function(account, name)
             .ok_or_else(|| CatalogError::NotFound(name.clone()))?;
+        if self.has_versions(account, name) {
+            return Err(CatalogError::Invalid(FcError::invalid_argument(format!(
+                "function '{name}' still has versions or aliases: delete them first"
+            ))));
+        }
         let store = self.store.clone();
         let (a, n) = (account.clone(), name.clone());
         blocking(move || Ok(store.delete_function(&a, &n)?)).await?;
+        self.forget_versions(account, name);
         if let Some(m) = self
             .functions
             .write()

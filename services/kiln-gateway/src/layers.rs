@@ -278,7 +278,7 @@ impl Catalog {
     /// the zip `digest`. Called under the write lock before a zip file is
     /// removed.
     pub(crate) fn zip_in_use(&self, digest: &str) -> bool {
-        if self.layer_index().digests().contains(digest) {
+        if self.layer_index().digests().contains(digest) || self.version_zip_in_use(digest) {
             return true;
         }
         let functions = self.functions.read().unwrap_or_else(|p| p.into_inner());
@@ -291,7 +291,7 @@ impl Catalog {
     /// Whether any layer version or function's layer list uses `digest`
     /// (code packages are counted by their own rows).
     pub(crate) fn layer_zip_in_use(&self, digest: &str) -> bool {
-        if self.layer_index().digests().contains(digest) {
+        if self.layer_index().digests().contains(digest) || self.version_uses_layer_zip(digest) {
             return true;
         }
         let functions = self.functions.read().unwrap_or_else(|p| p.into_inner());

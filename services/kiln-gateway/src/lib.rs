@@ -29,6 +29,7 @@ pub mod scheduler;
 pub mod secrets;
 pub mod store;
 pub mod validate;
+pub mod versions;
 pub mod vpcs;
 
 use std::net::SocketAddr;

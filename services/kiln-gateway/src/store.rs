@@ -16,6 +16,7 @@ use rusqlite::{params, OptionalExtension};
 
 use crate::model::{FunctionConfig, FunctionRecord};
 use crate::secrets::{rows, SealError, Sealer};
+use crate::versions::{AliasRecord, VersionRecord};
 
 /// Why a metadata operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +25,8 @@ pub enum MetaStoreError {
     FunctionExists(FunctionName),
     #[error("Function {0} does not exist")]
     FunctionMissing(FunctionName),
+    #[error("Function {0} still has versions or aliases")]
+    FunctionHasVersions(FunctionName),
     #[error("Access key {0} belongs to another account")]
     KeyOwnedElsewhere(String),
     #[error("Stored function document of {name} is unreadable")]
@@ -130,6 +133,39 @@ pub trait MetaStore: Send + Sync + 'static {
         name: &str,
         public: bool,
     ) -> Result<bool, MetaStoreError>;
+    /// Every published function version, and per function the last
+    /// version id handed out (ids are never reused).
+    fn function_versions(&self) -> Result<FunctionVersions, MetaStoreError>;
+    /// Store a published version (its code package row already exists:
+    /// the function references it) and raise its function's last version
+    /// id to it; FunctionMissing if the function (by id) is gone.
+    fn insert_version(&self, v: &VersionRecord) -> Result<(), MetaStoreError>;
+    /// Delete one version; false if it did not exist.
+    fn delete_version(
+        &self,
+        account: &AccountId,
+        name: &FunctionName,
+        version: u32,
+    ) -> Result<bool, MetaStoreError>;
+    /// Every alias.
+    fn aliases(&self) -> Result<Vec<AliasRecord>, MetaStoreError>;
+    /// Create or replace an alias.
+    fn put_alias(&self, a: &AliasRecord) -> Result<(), MetaStoreError>;
+    /// Delete an alias; false if it did not exist.
+    fn delete_alias(
+        &self,
+        account: &AccountId,
+        name: &FunctionName,
+        alias: &str,
+    ) -> Result<bool, MetaStoreError>;
+}
+
+/// The stored versions and, per (account, function), the last version id.
+#[derive(Debug, Default)]
+pub struct FunctionVersions {
+    pub versions: Vec<VersionRecord>,
+    /// (account, function, function id, last version id).
+    pub last_ids: Vec<(AccountId, FunctionName, String, u32)>,
 }
 
 /// A layer: its owner, name, ACL and the last version number handed out
@@ -229,6 +265,37 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         ALTER TABLE access_keys ADD COLUMN secret_sealed TEXT;
         ALTER TABLE access_keys ADD COLUMN enabled INTEGER NOT NULL DEFAULT 1;
         ALTER TABLE functions ADD COLUMN env_sealed TEXT;
+    ",
+    },
+    // A version's row holds its configuration (environment sealed like a
+    // function's) and names its code package, which stays stored while
+    // any version references it.
+    Migration {
+        name: "function versions and aliases",
+        sql: "
+        ALTER TABLE functions ADD COLUMN last_version INTEGER NOT NULL DEFAULT 0;
+        CREATE TABLE function_versions (
+            account_id TEXT NOT NULL,
+            name TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            function_id TEXT NOT NULL,
+            code_sha256 TEXT NOT NULL REFERENCES code_blobs(sha256),
+            doc TEXT NOT NULL,
+            env_sealed TEXT NOT NULL,
+            description TEXT NOT NULL,
+            created_ms INTEGER NOT NULL,
+            PRIMARY KEY (account_id, name, version),
+            FOREIGN KEY (account_id, name) REFERENCES functions(account_id, name)
+        );
+        CREATE INDEX function_versions_by_code ON function_versions(code_sha256);
+        CREATE TABLE function_aliases (
+            account_id TEXT NOT NULL,
+            name TEXT NOT NULL,
+            alias TEXT NOT NULL,
+            doc TEXT NOT NULL,
+            PRIMARY KEY (account_id, name, alias),
+            FOREIGN KEY (account_id, name) REFERENCES functions(account_id, name)
+        );
     ",
     },
 ];
@@ -542,13 +609,24 @@ impl MetaStore for SqliteStore {
         name: &FunctionName,
     ) -> Result<(), MetaStoreError> {
         self.with(|c| {
-            let n = c.execute(
+            let tx = c.transaction()?;
+            let held: bool = tx.query_row(
+                "SELECT EXISTS(SELECT 1 FROM function_versions WHERE account_id = ?1 AND name = ?2)
+                     OR EXISTS(SELECT 1 FROM function_aliases WHERE account_id = ?1 AND name = ?2)",
+                params![account.as_str(), name.as_str()],
+                |r| r.get(0),
+            )?;
+            if held {
+                return Err(MetaStoreError::FunctionHasVersions(name.clone()));
+            }
+            let n = tx.execute(
                 "DELETE FROM functions WHERE account_id = ?1 AND name = ?2",
                 params![account.as_str(), name.as_str()],
             )?;
             if n == 0 {
                 return Err(MetaStoreError::FunctionMissing(name.clone()));
             }
+            tx.commit()?;
             Ok(())
         })
     }
@@ -574,7 +652,8 @@ impl MetaStore for SqliteStore {
         self.with(|c| {
             let n = c.execute(
                 "DELETE FROM code_blobs WHERE sha256 = ?1
-                 AND NOT EXISTS (SELECT 1 FROM functions WHERE code_sha256 = ?1)",
+                 AND NOT EXISTS (SELECT 1 FROM functions WHERE code_sha256 = ?1)
+                 AND NOT EXISTS (SELECT 1 FROM function_versions WHERE code_sha256 = ?1)",
                 [sha256],
             )?;
             Ok(n > 0)
@@ -677,6 +756,84 @@ impl MetaStore for SqliteStore {
         })
     }
 
+    fn function_versions(&self) -> Result<FunctionVersions, MetaStoreError> {
+        self.versions_impl()
+    }
+
+    fn insert_version(&self, v: &VersionRecord) -> Result<(), MetaStoreError> {
+        self.insert_version_impl(v)
+    }
+
+    fn delete_version(
+        &self,
+        account: &AccountId,
+        name: &FunctionName,
+        version: u32,
+    ) -> Result<bool, MetaStoreError> {
+        self.with(|c| {
+            let n = c.execute(
+                "DELETE FROM function_versions WHERE account_id = ?1 AND name = ?2 AND version = ?3",
+                params![account.as_str(), name.as_str(), version as i64],
+            )?;
+            Ok(n > 0)
+        })
+    }
+
+    fn aliases(&self) -> Result<Vec<AliasRecord>, MetaStoreError> {
+        self.with(|c| {
+            let mut st = c.prepare("SELECT name, alias, doc FROM function_aliases")?;
+            let rows = st.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (name, alias, doc) = row?;
+                out.push(
+                    serde_json::from_str(&doc).map_err(|source| MetaStoreError::Corrupt {
+                        name: format!("{name} alias {alias}"),
+                        source,
+                    })?,
+                );
+            }
+            Ok(out)
+        })
+    }
+
+    fn put_alias(&self, a: &AliasRecord) -> Result<(), MetaStoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO function_aliases (account_id, name, alias, doc) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (account_id, name, alias) DO UPDATE SET doc = excluded.doc",
+                params![
+                    a.account_id.as_str(),
+                    a.name.as_str(),
+                    a.alias,
+                    serde_json::to_string(a).expect("alias serialises")
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn delete_alias(
+        &self,
+        account: &AccountId,
+        name: &FunctionName,
+        alias: &str,
+    ) -> Result<bool, MetaStoreError> {
+        self.with(|c| {
+            let n = c.execute(
+                "DELETE FROM function_aliases WHERE account_id = ?1 AND name = ?2 AND alias = ?3",
+                params![account.as_str(), name.as_str(), alias],
+            )?;
+            Ok(n > 0)
+        })
+    }
+
     fn set_layer_public(
         &self,
         account: &AccountId,
@@ -689,6 +846,137 @@ impl MetaStore for SqliteStore {
                 params![account.as_str(), name, public],
             )?;
             Ok(n > 0)
+        })
+    }
+}
+
+impl SqliteStore {
+    fn read_versions(&self, c: &rusqlite::Connection) -> Result<FunctionVersions, MetaStoreError> {
+        let mut out = FunctionVersions::default();
+        let mut st = c.prepare(
+            "SELECT account_id, name, version, function_id, doc, env_sealed, description, created_ms
+             FROM function_versions ORDER BY account_id, name, version",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, String>(5)?,
+                r.get::<_, String>(6)?,
+                r.get::<_, i64>(7)?,
+            ))
+        })?;
+        for row in rows {
+            let (account, name, version, function_id, doc, env, description, created) = row?;
+            let (Ok(account_id), Ok(fname)) = (account.parse(), name.parse()) else {
+                tracing::warn!(%account, %name, version, "skipping version with an invalid id");
+                continue;
+            };
+            let mut config: FunctionConfig =
+                serde_json::from_str(&doc).map_err(|source| MetaStoreError::Corrupt {
+                    name: format!("{name} version {version}"),
+                    source,
+                })?;
+            let aad = rows::version_environment(&account, &name, &function_id, version as u32);
+            config.environment =
+                rows::open_environment(&self.sealer, &aad, &env).map_err(|source| {
+                    MetaStoreError::Sealed {
+                        what: format!("environment of function {account}/{name} version {version}"),
+                        source,
+                    }
+                })?;
+            out.versions.push(VersionRecord {
+                account_id,
+                name: fname,
+                function_id,
+                version: version as u32,
+                description,
+                created_ms: created as u64,
+                config,
+            });
+        }
+        let mut st = c.prepare(
+            "SELECT account_id, name, function_id, last_version FROM functions
+             WHERE last_version > 0",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, i64>(3)?,
+            ))
+        })?;
+        for row in rows {
+            let (account, name, function_id, last) = row?;
+            if let (Ok(a), Ok(n)) = (account.parse(), name.parse()) {
+                out.last_ids.push((a, n, function_id, last as u32));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Versions and aliases ([`crate::versions`]).
+impl SqliteStore {
+    pub(crate) fn versions_impl(&self) -> Result<FunctionVersions, MetaStoreError> {
+        self.with(|c| self.read_versions(c))
+    }
+
+    pub(crate) fn insert_version_impl(&self, v: &VersionRecord) -> Result<(), MetaStoreError> {
+        let aad = rows::version_environment(
+            v.account_id.as_str(),
+            v.name.as_str(),
+            &v.function_id,
+            v.version,
+        );
+        let env = rows::seal_environment(&self.sealer, &aad, &v.config.environment);
+        let mut doc = serde_json::to_value(&v.config).expect("config serialises");
+        doc["environment"] = serde_json::json!({});
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let n = tx.execute(
+                "UPDATE functions SET last_version = MAX(last_version, ?4)
+                 WHERE account_id = ?1 AND name = ?2 AND function_id = ?3",
+                params![
+                    v.account_id.as_str(),
+                    v.name.as_str(),
+                    v.function_id,
+                    v.version as i64
+                ],
+            )?;
+            if n == 0 {
+                return Err(MetaStoreError::FunctionMissing(v.name.clone()));
+            }
+            tx.execute(
+                "INSERT OR IGNORE INTO code_blobs (sha256, size, checksum) VALUES (?1, ?2, ?3)",
+                params![
+                    v.config.code.sha256,
+                    v.config.code.size as i64,
+                    v.config.code.checksum
+                ],
+            )?;
+            tx.execute(
+                "INSERT INTO function_versions
+                 (account_id, name, version, function_id, code_sha256, doc, env_sealed, description, created_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                params![
+                    v.account_id.as_str(),
+                    v.name.as_str(),
+                    v.version as i64,
+                    v.function_id,
+                    v.config.code.sha256,
+                    doc.to_string(),
+                    env,
+                    v.description,
+                    v.created_ms as i64
+                ],
+            )?;
+            tx.commit()?;
+            Ok(())
         })
     }
 }

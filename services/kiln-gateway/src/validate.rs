@@ -816,13 +816,13 @@ mod tests {
                    "preStop": {"handler": "index.stop", "timeout": 3}})
         );
         // ... and carried into the instance spec, changing its revision.
-        let spec = crate::catalog::instance_spec(&r);
+        let spec = crate::catalog::instance_spec(&r, None);
         assert_eq!(spec.initializer, c.initializer);
         assert_eq!(spec.pre_stop, c.pre_stop);
         let mut plain = r.clone();
         plain.config.initializer = None;
         assert_ne!(
-            crate::catalog::instance_spec(&plain).revision,
+            crate::catalog::instance_spec(&plain, None).revision,
             spec.revision
         );
         assert!(

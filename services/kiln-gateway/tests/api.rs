@@ -771,7 +771,7 @@ async fn invoke_streams_through_scheduler_and_agent() {
     let path = "/2023-03-30/functions/echo/invocations?qualifier=prod";
     a.call(Method::POST, path, b"x".to_vec())
         .await
-        .fc_error(400, "InvalidArgument");
+        .fc_error(404, "AliasNotFound");
     let path = "/2023-03-30/functions/echo/invocations?qualifier=LATEST";
     assert_eq!(
         a.call(Method::POST, path, b"x".to_vec()).await.status,
@@ -1735,4 +1735,452 @@ async fn vpc_only_functions_are_served_on_their_vpc_listener_only() {
     );
     assert_eq!(a.invoke("f", b"x", &[]).await.status, StatusCode::OK);
     assert_eq!(del("vpc-b").await.status, StatusCode::NO_CONTENT);
+}
+
+/// The versions the scheduler was asked for leases of, in order.
+fn acquired_versions(env: &Env) -> Vec<Option<String>> {
+    let s = env.seen.lock().unwrap();
+    s.acquired.iter().map(|a| a.spec.version.clone()).collect()
+}
+
+#[tokio::test]
+async fn versions_aliases_and_qualified_invocations() {
+    let mut env = Env::new().await;
+    let a = env.client(AK_A, SK_A);
+    let b = env.client(AK_B, SK_B);
+    let zip1 = app_zip();
+    let zip2 = zip_of(&[("app.py", b"print('two')\n")]);
+    a.create(&function_doc("v", &zip1)).await.ok();
+    let base = "/2023-03-30/functions/v";
+    let call = |m: Method, p: &str, body: Value| {
+        let body = if body.is_null() {
+            vec![]
+        } else {
+            body.to_string().into_bytes()
+        };
+        let (a, path) = (&a, format!("{base}{p}"));
+        async move { a.call(m, &path, body).await }
+    };
+
+    // Publish: version 1; nothing changed: refused, no id used up.
+    let v1 = call(Method::POST, "/versions", json!({"description": "first"}))
+        .await
+        .ok();
+    assert_eq!(v1["versionId"], "1");
+    assert_eq!(v1["description"], "first");
+    assert!(v1["createdTime"].as_str().unwrap().ends_with('Z'));
+    assert!(v1["lastModifiedTime"].is_string());
+    call(Method::POST, "/versions", Value::Null)
+        .await
+        .fc_error(400, "InvalidArgument");
+    call(Method::POST, "/versions", json!({"description": 5}))
+        .await
+        .fc_error(400, "InvalidArgument");
+    call(Method::POST, "/versions", json!({"nope": 1}))
+        .await
+        .fc_error(400, "InvalidArgument");
+    let long = "d".repeat(257);
+    call(Method::POST, "/versions", json!({"description": long}))
+        .await
+        .fc_error(400, "InvalidArgument");
+    let r = call(Method::PUT, "", json!({"code": {"zipFile": b64(&zip2)}}))
+        .await
+        .ok();
+    let latest_checksum = r["codeChecksum"].clone();
+    // LATEST changed: the scheduler keeps version 1's instances.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    {
+        let s = env.seen.lock().unwrap();
+        let retired = s.retired.last().unwrap();
+        assert_eq!(retired.keep_versions.len(), 1, "{retired:?}");
+    }
+    let v2 = call(Method::POST, "/versions", Value::Null).await.ok();
+    assert_eq!(v2["versionId"], "2");
+
+    // Listing: newest first by default; FORWARD pages oldest first.
+    let l = call(Method::GET, "/versions", Value::Null).await.ok();
+    assert_eq!(l["direction"], "BACKWARD");
+    let ids: Vec<_> = l["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["versionId"].clone())
+        .collect();
+    assert_eq!(ids, [json!("2"), json!("1")]);
+    let l = call(
+        Method::GET,
+        "/versions?direction=FORWARD&limit=1",
+        Value::Null,
+    )
+    .await
+    .ok();
+    assert_eq!(l["versions"][0]["versionId"], "1");
+    let token = l["nextToken"].as_str().unwrap().to_owned();
+    let l = call(
+        Method::GET,
+        &format!("/versions?direction=FORWARD&limit=1&nextToken={token}"),
+        Value::Null,
+    )
+    .await
+    .ok();
+    assert_eq!(l["versions"][0]["versionId"], "2");
+    assert!(l.get("nextToken").is_none());
+    call(Method::GET, "/versions?direction=UP", Value::Null)
+        .await
+        .fc_error(400, "InvalidArgument");
+    call(Method::GET, "/versions?limit=0", Value::Null)
+        .await
+        .fc_error(400, "InvalidArgument");
+    call(Method::GET, "/versions?nextToken=%21", Value::Null)
+        .await
+        .fc_error(400, "InvalidArgument");
+
+    // GetFunction by qualifier: each version's snapshot.
+    let g1 = call(Method::GET, "?qualifier=1", Value::Null).await.ok();
+    let g2 = call(Method::GET, "?qualifier=2", Value::Null).await.ok();
+    assert_ne!(g1["codeChecksum"], latest_checksum);
+    assert_eq!(g2["codeChecksum"], latest_checksum);
+    call(Method::GET, "?qualifier=3", Value::Null)
+        .await
+        .fc_error(404, "VersionNotFound");
+
+    // GetFunctionCode: a short-lived unsigned URL to each version's zip.
+    let download = |url: &str| {
+        let req = Request::get(url).body(Full::new(Bytes::new())).unwrap();
+        a.send(req)
+    };
+    let c1 = call(Method::GET, "/code?qualifier=1", Value::Null)
+        .await
+        .ok();
+    assert_eq!(c1["checksum"], g1["codeChecksum"]);
+    let url = c1["url"].as_str().unwrap().to_owned();
+    assert!(url.starts_with("https://localhost:"), "{url}");
+    let r = download(&url).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(&r.body[..], &zip1[..], "version 1's own package");
+    let latest = call(Method::GET, "/code", Value::Null).await.ok();
+    assert_eq!(
+        &download(latest["url"].as_str().unwrap()).await.body[..],
+        &zip2[..]
+    );
+    let last = if url.ends_with('A') { "E" } else { "A" };
+    let forged = format!("{}{last}", &url[..url.len() - 1]);
+    download(&forged).await.fc_error(403, "AccessDenied");
+    download(&url.replace("/kiln/code/", "/kiln/code/x"))
+        .await
+        .fc_error(403, "AccessDenied");
+    call(Method::GET, "/code?qualifier=5", Value::Null)
+        .await
+        .fc_error(404, "VersionNotFound");
+    b.call(Method::GET, &format!("{base}/code"), vec![])
+        .await
+        .fc_error(404, "FunctionNotFound");
+
+    // Invoke: LATEST, 1 and 2 each run their own spec (own revision, own
+    // code), never each other's instances.
+    let inv = |q: &str| {
+        let (a, path) = (&a, format!("{base}/invocations?qualifier={q}"));
+        async move { a.call(Method::POST, &path, b"hi".to_vec()).await }
+    };
+    for q in ["LATEST", "1", "2"] {
+        assert_eq!(&inv(q).await.body[..], b"hi");
+    }
+    {
+        let s = env.seen.lock().unwrap();
+        let specs: Vec<_> = s
+            .acquired
+            .iter()
+            .rev()
+            .take(3)
+            .rev()
+            .map(|a| a.spec.clone())
+            .collect();
+        assert_eq!(specs[0].version, None);
+        assert_eq!(specs[1].version.as_deref(), Some("1"));
+        assert_eq!(specs[2].version.as_deref(), Some("2"));
+        assert_ne!(
+            specs[1].code_digest, specs[0].code_digest,
+            "v1 keeps its code"
+        );
+        assert_eq!(specs[2].code_digest, specs[0].code_digest);
+        let revs: std::collections::HashSet<_> = specs.iter().map(|s| s.revision.clone()).collect();
+        assert_eq!(revs.len(), 3, "three revisions, three sets of instances");
+    }
+    inv("9").await.fc_error(404, "VersionNotFound");
+    inv("0").await.fc_error(400, "InvalidArgument");
+    inv("a%20b").await.fc_error(400, "InvalidArgument");
+
+    // Aliases: FC's shape; bad input refused, changing nothing.
+    let alias = call(
+        Method::POST,
+        "/aliases",
+        json!({"aliasName": "prod", "versionId": "1", "description": "live", "additionalVersionWeight": {"2": 0.5}}),
+    )
+    .await
+    .ok();
+    assert_eq!(alias["aliasName"], "prod");
+    assert_eq!(alias["versionId"], "1");
+    assert_eq!(alias["additionalVersionWeight"], json!({"2": 0.5}));
+    assert_eq!(alias["description"], "live");
+    assert!(alias["createdTime"].is_string() && alias["lastModifiedTime"].is_string());
+    for (body, status, code) in [
+        (
+            json!({"aliasName": "prod", "versionId": "1"}),
+            409,
+            "AliasAlreadyExists",
+        ),
+        (
+            json!({"aliasName": "canary", "versionId": "7"}),
+            404,
+            "VersionNotFound",
+        ),
+        (
+            json!({"aliasName": "canary", "versionId": "1", "additionalVersionWeight": {"1": 0.1}}),
+            400,
+            "AdditionalVersionContainsMajorVersion",
+        ),
+        (
+            json!({"aliasName": "canary", "versionId": "1", "additionalVersionWeight": {"2": 1.5}}),
+            400,
+            "InvalidArgument",
+        ),
+        (
+            json!({"aliasName": "canary", "versionId": "1", "additionalVersionWeight": {"x": 0.1}}),
+            400,
+            "InvalidArgument",
+        ),
+        (
+            json!({"aliasName": "canary", "versionId": "1", "additionalVersionWeight": {"9": 0.1}}),
+            404,
+            "VersionNotFound",
+        ),
+        (
+            json!({"aliasName": "LATEST", "versionId": "1"}),
+            400,
+            "InvalidArgument",
+        ),
+        (
+            json!({"aliasName": "9lives", "versionId": "1"}),
+            400,
+            "InvalidArgument",
+        ),
+        (json!({"aliasName": "canary"}), 400, "InvalidArgument"),
+        (json!({"versionId": "1"}), 400, "InvalidArgument"),
+        (
+            json!({"aliasName": "canary", "versionId": "1", "routing": {}}),
+            400,
+            "InvalidArgument",
+        ),
+    ] {
+        call(Method::POST, "/aliases", body)
+            .await
+            .fc_error(status, code);
+    }
+    let l = call(Method::GET, "/aliases", Value::Null).await.ok();
+    assert_eq!(l["aliases"].as_array().unwrap().len(), 1, "{l}");
+    assert_eq!(
+        call(Method::GET, "/aliases/prod", Value::Null).await.ok(),
+        alias
+    );
+    call(Method::GET, "/aliases/nope", Value::Null)
+        .await
+        .fc_error(404, "AliasNotFound");
+    call(Method::PUT, "/aliases/nope", json!({"versionId": "1"}))
+        .await
+        .fc_error(404, "AliasNotFound");
+    call(Method::DELETE, "/aliases/nope", Value::Null)
+        .await
+        .fc_error(404, "AliasNotFound");
+    inv("nope").await.fc_error(404, "AliasNotFound");
+
+    // The alias splits calls between its versions.
+    let before = acquired_versions(&env).len();
+    for _ in 0..200 {
+        assert_eq!(inv("prod").await.status, StatusCode::OK);
+    }
+    let split: Vec<_> = acquired_versions(&env)[before..].to_vec();
+    let to_v2 = split.iter().filter(|v| v.as_deref() == Some("2")).count();
+    let to_v1 = split.iter().filter(|v| v.as_deref() == Some("1")).count();
+    assert_eq!(to_v1 + to_v2, 200);
+    // Binomial(200, 0.5): sd 7; far outside 5 sd means no split at all.
+    assert!((65..=135).contains(&to_v2), "{to_v2} of 200 to version 2");
+
+    // Versions an alias uses, and a function with versions, stay.
+    call(Method::DELETE, "/versions/1", Value::Null)
+        .await
+        .fc_error(400, "InvalidArgument");
+    call(Method::DELETE, "/versions/2", Value::Null)
+        .await
+        .fc_error(400, "InvalidArgument");
+    call(Method::DELETE, "", Value::Null)
+        .await
+        .fc_error(400, "InvalidArgument");
+    call(Method::DELETE, "/versions/8", Value::Null)
+        .await
+        .fc_error(404, "VersionNotFound");
+    call(Method::DELETE, "/versions/x", Value::Null)
+        .await
+        .fc_error(404, "VersionNotFound");
+    assert_eq!(a.get("v").await.status, StatusCode::OK);
+
+    // Another account sees none of it.
+    let other = |m: Method, p: &str| {
+        let (b, path) = (&b, format!("{base}{p}"));
+        async move { b.call(m, &path, vec![]).await }
+    };
+    other(Method::GET, "/versions")
+        .await
+        .fc_error(404, "FunctionNotFound");
+    other(Method::GET, "/aliases/prod")
+        .await
+        .fc_error(404, "FunctionNotFound");
+    other(Method::POST, "/versions")
+        .await
+        .fc_error(404, "FunctionNotFound");
+    b.call(
+        Method::POST,
+        &format!("{base}/invocations?qualifier=prod"),
+        b"x".to_vec(),
+    )
+    .await
+    .fc_error(404, "FunctionNotFound");
+
+    // Async with a qualifier: checked at enqueue, delivered to that version,
+    // and its task names it.
+    call(
+        Method::PUT,
+        "/async-invoke-config",
+        json!({"asyncTask": true}),
+    )
+    .await
+    .ok();
+    let path = format!("{base}/invocations?qualifier=1");
+    let r = a
+        .call_with(
+            Method::POST,
+            &path,
+            b"later".to_vec(),
+            &[
+                ("x-fc-invocation-type", "Async"),
+                ("x-fc-async-task-id", "qjob"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
+    let path = format!("{base}/invocations?qualifier=nope");
+    a.call_with(
+        Method::POST,
+        &path,
+        b"later".to_vec(),
+        &[("x-fc-invocation-type", "Async")],
+    )
+    .await
+    .fc_error(404, "AliasNotFound");
+    wait_for("the async call on version 1", || {
+        let s = env.seen.lock().unwrap();
+        s.invoked
+            .iter()
+            .any(|(_, body)| &body[..] == b"later")
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        acquired_versions(&env).last().unwrap().as_deref(),
+        Some("1")
+    );
+    let task = call(Method::GET, "/async-tasks/qjob", Value::Null)
+        .await
+        .ok();
+    assert_eq!(task["qualifier"], "1", "{task}");
+
+    // Roll forward: every new call goes to version 2.
+    let rolled = call(
+        Method::PUT,
+        "/aliases/prod",
+        json!({"versionId": "2", "additionalVersionWeight": {}}),
+    )
+    .await
+    .ok();
+    assert_eq!(rolled["versionId"], "2");
+    assert_eq!(rolled["additionalVersionWeight"], json!({}));
+    assert_eq!(rolled["description"], "live", "fields not given are kept");
+    let before = acquired_versions(&env).len();
+    for _ in 0..30 {
+        assert_eq!(inv("prod").await.status, StatusCode::OK);
+    }
+    assert!(acquired_versions(&env)[before..]
+        .iter()
+        .all(|v| v.as_deref() == Some("2")));
+
+    // Everything survives a restart.
+    env.restart().await;
+    let a = env.client(AK_A, SK_A);
+    let call = |m: Method, p: &str| {
+        let (a, path) = (&a, format!("{base}{p}"));
+        async move { a.call(m, &path, vec![]).await }
+    };
+    let l = call(Method::GET, "/versions").await.ok();
+    assert_eq!(l["versions"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        call(Method::GET, "/aliases/prod").await.ok()["versionId"],
+        "2"
+    );
+    // Version 1 is free now; then the alias, version 2 and the function go.
+    assert_eq!(
+        call(Method::DELETE, "/versions/1").await.status,
+        StatusCode::NO_CONTENT
+    );
+    // Its package is gone with it, and so is its download.
+    // (The gateway listens on a new port since its restart.)
+    let moved = format!(
+        "https://localhost:{}{}",
+        env.addr().port(),
+        &url[url.find("/kiln/code/").unwrap()..]
+    );
+    let r = a
+        .send(Request::get(&moved).body(Full::new(Bytes::new())).unwrap())
+        .await;
+    r.fc_error(404, "FunctionNotFound");
+    assert_eq!(
+        call(Method::DELETE, "/aliases/prod").await.status,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        call(Method::DELETE, "/versions/2").await.status,
+        StatusCode::NO_CONTENT
+    );
+    let l = call(Method::GET, "/aliases").await.ok();
+    assert_eq!(l["aliases"], json!([]));
+    assert_eq!(
+        call(Method::DELETE, "").await.status,
+        StatusCode::NO_CONTENT
+    );
+}
+
+#[tokio::test]
+async fn official_python_sdk_versions_and_aliases() {
+    let Some(python) = kiln_test_support::sdk_python() else {
+        return;
+    };
+    let env = Env::new().await;
+    let (zip1, zip2) = (env.state_dir.join("one.zip"), env.state_dir.join("two.zip"));
+    std::fs::write(&zip1, zip_of(&[("app.py", b"print('one')\n")])).unwrap();
+    std::fs::write(&zip2, zip_of(&[("app.py", b"print('two')\n")])).unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/fc_sdk_versions.py");
+    let out = tokio::process::Command::new(python)
+        .arg(script)
+        .arg(format!("localhost:{}", env.addr().port()))
+        .args([AK_A, SK_A])
+        .arg(env.pki.ca_cert())
+        .args([&zip1, &zip2])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "SDK script failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("SDK versions ok"), "{stdout}");
 }

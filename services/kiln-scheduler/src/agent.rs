@@ -201,6 +201,7 @@ mod tests {
                 account_id: "1".parse().unwrap(),
                 function_name: "f".parse().unwrap(),
                 revision: String::new(),
+                version: None,
                 runtime: kiln_core::RuntimeName::Custom,
                 handler: "h".into(),
                 command: vec!["/code/bootstrap".into()],

@@ -378,11 +378,13 @@ impl Scheduler {
             &req.account_id,
             &req.function_name,
             req.keep_revision.as_deref(),
+            &req.keep_versions,
         );
         tracing::info!(
             account_id = %req.account_id,
             function = %req.function_name,
             keep_revision = req.keep_revision.as_deref().unwrap_or("-"),
+            keep_versions = req.keep_versions.len(),
             destroyed_now = effects.destroy.len(),
             "function retired"
         );

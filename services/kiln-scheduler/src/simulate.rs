@@ -72,6 +72,7 @@ fn sim_spec(account: u32, function: u32, memory_mb: u32, concurrency: u32) -> In
             .expect("numeric account id"),
         function_name: format!("fn-{function}").parse().expect("valid name"),
         revision: String::new(),
+        version: None,
         runtime: RuntimeName::Custom,
         handler: "index.handler".into(),
         command: vec!["/code/server".into()],

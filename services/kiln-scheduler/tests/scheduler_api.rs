@@ -104,6 +104,7 @@ fn spec(function: &str, concurrency: u32) -> InstanceSpec {
         account_id: "100".parse().unwrap(),
         function_name: function.parse().unwrap(),
         revision: String::new(),
+        version: None,
         runtime: RuntimeName::Custom,
         handler: "index.handler".into(),
         command: vec!["/code/server".into()],

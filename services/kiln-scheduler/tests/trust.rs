@@ -491,6 +491,7 @@ fn spec(function: &str) -> kiln_core::InstanceSpec {
         account_id: "100".parse().unwrap(),
         function_name: function.parse().unwrap(),
         revision: String::new(),
+        version: None,
         runtime: kiln_core::RuntimeName::Custom,
         handler: "index.handler".into(),
         command: vec!["/code/server".into()],

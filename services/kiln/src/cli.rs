@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::client::FcClient;
 use crate::commands::configs::{self, Kind};
+use crate::commands::versions::{self, AliasFields, Output};
 use crate::commands::{bench, dev, functions, keys, nodes, observe, runtimes, tasks};
 use crate::credentials::{self, Credentials};
 
@@ -43,6 +44,14 @@ pub enum Command {
     /// List, show or delete functions.
     #[command(subcommand)]
     Functions(FunctionsCommand),
+    /// Publish, list or delete a function's versions (immutable snapshots
+    /// of its code and configuration).
+    #[command(subcommand)]
+    Versions(VersionsCommand),
+    /// Create, show, update, delete or list a function's aliases (a
+    /// version, and optionally a share of calls for canary versions).
+    #[command(subcommand)]
+    Aliases(AliasesCommand),
     /// Set, show, list or delete a function's provisioned instances (FC's
     /// provision configs).
     #[command(subcommand)]
@@ -298,6 +307,9 @@ pub struct InvokeArgs {
     /// Enqueue the call (202 once durable) instead of waiting for it.
     #[arg(long = "async")]
     pub asynchronous: bool,
+    /// LATEST (the default), a version id or an alias name.
+    #[arg(long, short)]
+    pub qualifier: Option<String>,
     /// Name the async task (the same id twice is one task).
     #[arg(long, requires = "asynchronous")]
     pub task_id: Option<String>,
@@ -389,6 +401,84 @@ pub enum ConcurrencyCommand {
     },
     /// Remove FUNCTION's concurrency config.
     Delete { function: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VersionsCommand {
+    /// Snapshot the function's current code and configuration as its next
+    /// version (refused when nothing changed since the last one).
+    Publish {
+        function: String,
+        #[arg(long)]
+        description: Option<String>,
+        #[arg(long, short, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// The function's versions, newest first.
+    List {
+        function: String,
+        #[arg(long, short, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Delete a version no alias points at.
+    Delete { function: String, version: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AliasesCommand {
+    /// Point a new alias at a version.
+    Create {
+        function: String,
+        alias: String,
+        /// The version the alias serves.
+        #[arg(long)]
+        version: String,
+        /// VERSION=FRACTION: send that share of calls to another version
+        /// (canary), e.g. --weight 2=0.1; repeatable.
+        #[arg(long = "weight")]
+        weights: Vec<String>,
+        #[arg(long)]
+        description: Option<String>,
+        #[arg(long, short, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Show one alias.
+    Get {
+        function: String,
+        alias: String,
+        #[arg(long, short, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Change an alias: roll it to another version, change or clear its
+    /// canary weights; what is not given stays.
+    Update {
+        function: String,
+        alias: String,
+        #[arg(long)]
+        version: Option<String>,
+        /// VERSION=FRACTION, repeatable; replaces the alias's weights.
+        #[arg(long = "weight", conflicts_with = "no_weights")]
+        weights: Vec<String>,
+        /// Send every call to the alias's version (clear its weights).
+        #[arg(long)]
+        no_weights: bool,
+        #[arg(long)]
+        description: Option<String>,
+        #[arg(long, short, value_enum, default_value_t)]
+        output: Output,
+    },
+    Delete {
+        function: String,
+        alias: String,
+    },
+    /// The function's aliases.
+    List {
+        function: String,
+        #[arg(long)]
+        prefix: Option<String>,
+        #[arg(long, short, value_enum, default_value_t)]
+        output: Output,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -510,10 +600,11 @@ pub async fn run(cli: Cli) -> Result<()> {
                 ),
                 (None, None) => Bytes::new(),
             };
+            let q = a.qualifier.as_deref();
             if a.asynchronous {
-                tasks::invoke_async(&client, &a.name, payload, a.task_id.as_deref()).await
+                tasks::invoke_async(&client, &a.name, q, payload, a.task_id.as_deref()).await
             } else {
-                functions::invoke(&client, &a.name, payload).await
+                functions::invoke(&client, &a.name, q, payload).await
             }
         }
         Command::Tasks(cmd) => {
@@ -551,6 +642,93 @@ pub async fn run(cli: Cli) -> Result<()> {
                 TasksCommand::Stop { function, task } => {
                     tasks::stop(&client, function, task).await?;
                     println!("stopped {task}");
+                }
+            }
+            Ok(())
+        }
+        Command::Versions(cmd) => {
+            let client = client(&cli)?;
+            match cmd {
+                VersionsCommand::Publish {
+                    function,
+                    description,
+                    output,
+                } => {
+                    let v = versions::publish(&client, function, description.as_deref()).await?;
+                    versions::print_one(*output, &v, versions::versions_table)?;
+                }
+                VersionsCommand::List { function, output } => {
+                    let all = versions::list(&client, function).await?;
+                    versions::print(*output, &all, versions::versions_table)?;
+                }
+                VersionsCommand::Delete { function, version } => {
+                    versions::delete(&client, function, version).await?;
+                    println!("deleted version {version} of {function}");
+                }
+            }
+            Ok(())
+        }
+        Command::Aliases(cmd) => {
+            let client = client(&cli)?;
+            match cmd {
+                AliasesCommand::Create {
+                    function,
+                    alias,
+                    version,
+                    weights,
+                    description,
+                    output,
+                } => {
+                    let fields = AliasFields {
+                        version: Some(version.clone()),
+                        description: description.clone(),
+                        weights: Some(versions::parse_weights(weights)?),
+                    };
+                    let a = versions::create_alias(&client, function, alias, &fields).await?;
+                    versions::print_one(*output, &a, versions::aliases_table)?;
+                }
+                AliasesCommand::Get {
+                    function,
+                    alias,
+                    output,
+                } => {
+                    let a = versions::get_alias(&client, function, alias).await?;
+                    versions::print_one(*output, &a, versions::aliases_table)?;
+                }
+                AliasesCommand::Update {
+                    function,
+                    alias,
+                    version,
+                    weights,
+                    no_weights,
+                    description,
+                    output,
+                } => {
+                    let fields = AliasFields {
+                        version: version.clone(),
+                        description: description.clone(),
+                        weights: if *no_weights {
+                            Some(Default::default())
+                        } else if weights.is_empty() {
+                            None
+                        } else {
+                            Some(versions::parse_weights(weights)?)
+                        },
+                    };
+                    let a = versions::update_alias(&client, function, alias, &fields).await?;
+                    versions::print_one(*output, &a, versions::aliases_table)?;
+                }
+                AliasesCommand::Delete { function, alias } => {
+                    versions::delete_alias(&client, function, alias).await?;
+                    println!("deleted alias {alias} of {function}");
+                }
+                AliasesCommand::List {
+                    function,
+                    prefix,
+                    output,
+                } => {
+                    let all = versions::list_aliases(&client, function, prefix.as_deref()).await?;
+                    versions::print(*output, &all, versions::aliases_table)?;
                 }
             }
             Ok(())

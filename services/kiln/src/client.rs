@@ -267,9 +267,21 @@ impl FcClient {
         payload: Bytes,
         headers: &[(&str, &str)],
     ) -> Result<ApiResponse, ClientError> {
+        self.invoke_qualified(name, None, payload, headers).await
+    }
+
+    /// InvokeFunction on a version or an alias (`None`: LATEST).
+    pub async fn invoke_qualified(
+        &self,
+        name: &str,
+        qualifier: Option<&str>,
+        payload: Bytes,
+        headers: &[(&str, &str)],
+    ) -> Result<ApiResponse, ClientError> {
         let path = format!("/{API_VERSION}/functions/{name}/invocations");
         let mut h = vec![("content-type", "application/octet-stream")];
         h.extend_from_slice(headers);
-        self.request(Method::POST, &path, &[], &h, payload).await
+        let query: Vec<(&str, &str)> = qualifier.map(|q| ("qualifier", q)).into_iter().collect();
+        self.request(Method::POST, &path, &query, &h, payload).await
     }
 }

@@ -76,8 +76,12 @@ pub async fn enqueue(
     payload: Bytes,
     request_id: &RequestId,
 ) -> Result<Response<Body>, ApiError> {
-    super::request::check_qualifier(parts)?;
+    let qualifier = super::request::qualifier(parts)?;
     let entry = super::request::caller_function(gw, caller, name)?;
+    // The version or alias must exist now; an alias picks its version when
+    // the call is delivered.
+    gw.catalog
+        .check_qualifier(&caller.account_id, name, &qualifier)?;
     gw.runtimes
         .check_invoke(entry.record.config.runtime, gw.clock.now_ms())?;
     let limit = kiln_core::limits::ASYNC_PAYLOAD_MAX;
@@ -116,7 +120,16 @@ pub async fn enqueue(
         task_id: task_id.clone(),
         request_id: request_id.as_str().to_owned(),
         payload: payload.to_vec(),
-        headers: kept_headers(&parts.headers),
+        headers: {
+            let mut h = kept_headers(&parts.headers);
+            if !qualifier.is_latest() {
+                h.push((
+                    crate::queue::QUALIFIER_HEADER.to_owned(),
+                    qualifier.to_string(),
+                ));
+            }
+            h
+        },
         now_ms: gw.clock.now_ms(),
         depth_limit: Some(gw.catalog.bounds().of(&caller.account_id).async_queue_depth),
     };

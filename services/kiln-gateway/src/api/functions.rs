@@ -10,7 +10,7 @@ use kiln_core::{limits, FcError, FunctionName};
 use kiln_internal_api::RetireFunction;
 
 use super::error::ApiError;
-use super::request::{check_qualifier, decode_token, encode_token, query_param};
+use super::request::{decode_token, encode_token, query_param};
 use crate::auth::Caller;
 use crate::catalog::NewCode;
 use crate::gateway::Gateway;
@@ -137,8 +137,13 @@ pub fn get(
     name: &FunctionName,
     parts: &http::request::Parts,
 ) -> Result<Response<Body>, ApiError> {
-    check_qualifier(parts)?;
-    let entry = super::request::caller_function(gw, caller, name)?;
+    let qualifier = super::request::qualifier(parts)?;
+    super::request::caller_function(gw, caller, name)?;
+    // A version's snapshot; for an alias its major version's (u = 1 is
+    // past every canary's share).
+    let entry = gw
+        .catalog
+        .resolve(&caller.account_id, name, &qualifier, 1.0)?;
     Ok(reply(gw, &entry.record))
 }
 
@@ -203,6 +208,11 @@ fn retire(gw: &Arc<Gateway>, caller: &Caller, name: &FunctionName, keep_revision
     let msg = RetireFunction {
         account_id: caller.account_id.clone(),
         function_name: name.clone(),
+        keep_versions: if keep_revision.is_some() {
+            gw.catalog.version_revisions(&caller.account_id, name)
+        } else {
+            Vec::new()
+        },
         keep_revision,
     };
     let scheduler = gw.scheduler.clone();

@@ -42,7 +42,8 @@ use crate::gateway::Gateway;
 #[serde(rename_all = "camelCase")]
 struct FcInstance {
     instance_id: String,
-    qualifier: &'static str,
+    /// The version the instance serves, or LATEST.
+    qualifier: String,
     status: &'static str,
     created_time_ms: u64,
 }
@@ -74,8 +75,42 @@ pub async fn list(
     parts: &http::request::Parts,
     request_id: &str,
 ) -> Result<Response<Body>, ApiError> {
-    super::request::check_qualifier(parts)?;
+    use crate::versions::{alias_not_found, version_not_found, Qualifier, LATEST};
     super::request::caller_function(gw, caller, name)?;
+    // Each version's instances carry its revision; the rest serve LATEST
+    // (its current revision, or an older one draining).
+    let version_of: std::collections::HashMap<String, String> = gw
+        .catalog
+        .versions_of(&caller.account_id, name)
+        .iter()
+        .map(|v| (v.entry.spec.revision.clone(), v.version.to_string()))
+        .collect();
+    let label = |revision: &str| {
+        version_of
+            .get(revision)
+            .cloned()
+            .unwrap_or_else(|| LATEST.to_owned())
+    };
+    // FC's `qualifier` filter: LATEST, one version, or an alias's versions.
+    let shown: Option<Vec<String>> = match query_param(parts, "qualifier") {
+        None => None,
+        Some(q) => Some(match Qualifier::parse(Some(&q))? {
+            Qualifier::Latest => vec![LATEST.to_owned()],
+            Qualifier::Version(v) => {
+                gw.catalog
+                    .version(&caller.account_id, name, v)
+                    .ok_or_else(|| version_not_found(name, &q))?;
+                vec![v.to_string()]
+            }
+            Qualifier::Alias(a) => gw
+                .catalog
+                .alias(&caller.account_id, name, &a)
+                .ok_or_else(|| alias_not_found(name, &a))?
+                .versions()
+                .map(|v| v.to_string())
+                .collect(),
+        }),
+    };
     let wanted: Option<Vec<String>> = match query_param(parts, "instanceIds") {
         None => None,
         Some(raw) => Some(serde_json::from_str(&raw).map_err(|_| {
@@ -97,10 +132,12 @@ pub async fn list(
                 .as_ref()
                 .is_none_or(|w| w.iter().any(|id| id == i.instance_id.as_str()))
         })
+        .map(|i| (label(&i.revision), i))
+        .filter(|(q, _)| shown.as_ref().is_none_or(|s| s.contains(q)))
         .take(limit)
-        .map(|i| FcInstance {
+        .map(|(qualifier, i)| FcInstance {
             instance_id: i.instance_id.to_string(),
-            qualifier: "LATEST",
+            qualifier,
             status: "Running",
             created_time_ms: i.created_at_ms,
         })

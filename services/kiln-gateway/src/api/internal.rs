@@ -15,18 +15,13 @@
 
 use std::sync::{Arc, LazyLock};
 
-use bytes::Bytes;
-use futures_util::stream;
-use http::{header, Method, Response, StatusCode};
-use http_body::Frame;
-use http_body_util::{BodyExt, StreamBody};
+use http::{Method, Response, StatusCode};
 use hyper::body::Incoming;
 use kiln_core::{FcError, FcErrorCode, RequestId};
 use kiln_internal_api::authz::{Denied, DenyReason, Refusals};
 use kiln_internal_api::router::{route, Callers, Route, RouteError, Router};
-use kiln_internal_api::server::{self, Body, BoxError, ConnInfo};
+use kiln_internal_api::server::{self, Body, ConnInfo};
 use kiln_pki::{Identity, Role};
-use tokio::io::AsyncReadExt;
 
 use crate::catalog::Catalog;
 use crate::placements::Placements;
@@ -39,8 +34,6 @@ const AGENT: Callers = Callers::of(&[Role::Agent]);
 const OPERATOR: Callers = Callers::of(&[Role::Operator]);
 
 const CODE: &str = "/v1/code/{digest}";
-
-const CHUNK: usize = 256 * 1024;
 
 /// Every route of the internal listener.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -197,38 +190,17 @@ async fn code(catalog: &Catalog, digest: &str, request_id: &RequestId) -> Respon
     let Some(path) = catalog.code_files().path(digest) else {
         return missing();
     };
-    let file = match tokio::fs::File::open(&path).await {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return missing(),
+    match super::respond::zip_file(&path).await {
+        Ok(r) => r,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => missing(),
         Err(e) => {
             tracing::error!(path = %path.display(), error = %e, "cannot open code package");
-            return server::error(
+            server::error(
                 &FcError::internal("cannot read the code package"),
                 request_id.as_str(),
-            );
+            )
         }
-    };
-    let len = file.metadata().await.map(|m| m.len()).ok();
-    let chunks = stream::unfold(Some(file), |file| async move {
-        let mut file = file?;
-        let mut buf = vec![0u8; CHUNK];
-        match file.read(&mut buf).await {
-            Ok(0) => None,
-            Ok(n) => {
-                buf.truncate(n);
-                Some((Ok(Frame::data(Bytes::from(buf))), Some(file)))
-            }
-            Err(e) => Some((Err(Box::new(e) as BoxError), None)),
-        }
-    });
-    let mut b = Response::builder()
-        .status(StatusCode::OK)
-        .header(header::CONTENT_TYPE, "application/zip");
-    if let Some(len) = len {
-        b = b.header(header::CONTENT_LENGTH, len);
     }
-    b.body(StreamBody::new(chunks).boxed())
-        .expect("valid response")
 }
 
 /// An agent's `CredentialsRequest`: temporary credentials for the role of

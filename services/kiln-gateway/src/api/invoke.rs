@@ -31,7 +31,7 @@ pub async fn invoke(
             .into());
         }
     }
-    super::request::check_qualifier(&parts)?;
+    let qualifier = super::request::qualifier(&parts)?;
     let log = log_type(&parts.headers)?;
     // The payload arrives whole (see api::handle): its hash is part of the
     // signature, and an oversized one is refused before any instance is
@@ -39,6 +39,7 @@ pub async fn invoke(
     let call = InvokeRequest {
         account_id: caller.account_id.clone(),
         function: name.clone(),
+        qualifier,
         payload,
         headers: parts.headers,
         log,

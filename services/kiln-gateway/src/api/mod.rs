@@ -2,6 +2,7 @@
 //! and one function turning errors into FC-shaped responses.
 
 pub mod async_api;
+pub mod code;
 pub mod concurrency;
 pub mod error;
 pub mod functions;
@@ -15,6 +16,7 @@ pub mod provision;
 pub mod request;
 pub mod respond;
 pub mod roles;
+pub mod versions;
 pub mod vpc;
 
 use std::sync::Arc;
@@ -89,6 +91,15 @@ pub enum Operation {
     CreateVpcBinding,
     DeleteVpcBinding,
     ListVpcBindings,
+    PublishFunctionVersion,
+    ListFunctionVersions,
+    DeleteFunctionVersion,
+    CreateAlias,
+    GetAlias,
+    UpdateAlias,
+    DeleteAlias,
+    ListAliases,
+    GetFunctionCode,
 }
 
 impl Operation {
@@ -133,6 +144,15 @@ impl Operation {
             Self::CreateVpcBinding => "CreateVpcBinding",
             Self::DeleteVpcBinding => "DeleteVpcBinding",
             Self::ListVpcBindings => "ListVpcBindings",
+            Self::PublishFunctionVersion => "PublishFunctionVersion",
+            Self::ListFunctionVersions => "ListFunctionVersions",
+            Self::DeleteFunctionVersion => "DeleteFunctionVersion",
+            Self::CreateAlias => "CreateAlias",
+            Self::GetAlias => "GetAlias",
+            Self::UpdateAlias => "UpdateAlias",
+            Self::DeleteAlias => "DeleteAlias",
+            Self::ListAliases => "ListAliases",
+            Self::GetFunctionCode => "GetFunctionCode",
         }
     }
 }
@@ -249,6 +269,37 @@ pub enum Route {
         name: FunctionName,
         vpc: String,
     },
+    PublishFunctionVersion {
+        name: FunctionName,
+    },
+    ListFunctionVersions {
+        name: FunctionName,
+    },
+    DeleteFunctionVersion {
+        name: FunctionName,
+        version: String,
+    },
+    CreateAlias {
+        name: FunctionName,
+    },
+    ListAliases {
+        name: FunctionName,
+    },
+    GetAlias {
+        name: FunctionName,
+        alias: String,
+    },
+    UpdateAlias {
+        name: FunctionName,
+        alias: String,
+    },
+    DeleteAlias {
+        name: FunctionName,
+        alias: String,
+    },
+    GetFunctionCode {
+        name: FunctionName,
+    },
 }
 
 /// `{name}`, percent-decoded and checked as a function name.
@@ -300,6 +351,15 @@ const ROUTES: &[router::Route<Route, router::Signed>] = &[
     router::signed(POST, "/2023-03-30/functions/{name}/vpc-bindings", |p| Ok(Route::CreateVpcBinding { name: function_name(p)? })),
     router::signed(GET, "/2023-03-30/functions/{name}/vpc-bindings", |p| Ok(Route::ListVpcBindings { name: function_name(p)? })),
     router::signed(DELETE, "/2023-03-30/functions/{name}/vpc-bindings/{vpc}", |p| Ok(Route::DeleteVpcBinding { name: function_name(p)?, vpc: p.string("vpc")? })),
+    router::signed(POST, "/2023-03-30/functions/{name}/versions", |p| Ok(Route::PublishFunctionVersion { name: function_name(p)? })),
+    router::signed(GET, "/2023-03-30/functions/{name}/versions", |p| Ok(Route::ListFunctionVersions { name: function_name(p)? })),
+    router::signed(DELETE, "/2023-03-30/functions/{name}/versions/{version}", |p| Ok(Route::DeleteFunctionVersion { name: function_name(p)?, version: p.string("version")? })),
+    router::signed(POST, "/2023-03-30/functions/{name}/aliases", |p| Ok(Route::CreateAlias { name: function_name(p)? })),
+    router::signed(GET, "/2023-03-30/functions/{name}/aliases", |p| Ok(Route::ListAliases { name: function_name(p)? })),
+    router::signed(GET, "/2023-03-30/functions/{name}/aliases/{alias}", |p| Ok(Route::GetAlias { name: function_name(p)?, alias: p.string("alias")? })),
+    router::signed(PUT, "/2023-03-30/functions/{name}/aliases/{alias}", |p| Ok(Route::UpdateAlias { name: function_name(p)?, alias: p.string("alias")? })),
+    router::signed(DELETE, "/2023-03-30/functions/{name}/aliases/{alias}", |p| Ok(Route::DeleteAlias { name: function_name(p)?, alias: p.string("alias")? })),
+    router::signed(GET, "/2023-03-30/functions/{name}/code", |p| Ok(Route::GetFunctionCode { name: function_name(p)? })),
 ];
 
 static ROUTER: LazyLock<Router<Route, router::Signed>> = LazyLock::new(|| {
@@ -350,6 +410,15 @@ impl Route {
             Self::CreateVpcBinding { .. } => Operation::CreateVpcBinding,
             Self::ListVpcBindings { .. } => Operation::ListVpcBindings,
             Self::DeleteVpcBinding { .. } => Operation::DeleteVpcBinding,
+            Self::PublishFunctionVersion { .. } => Operation::PublishFunctionVersion,
+            Self::ListFunctionVersions { .. } => Operation::ListFunctionVersions,
+            Self::DeleteFunctionVersion { .. } => Operation::DeleteFunctionVersion,
+            Self::CreateAlias { .. } => Operation::CreateAlias,
+            Self::ListAliases { .. } => Operation::ListAliases,
+            Self::GetAlias { .. } => Operation::GetAlias,
+            Self::UpdateAlias { .. } => Operation::UpdateAlias,
+            Self::DeleteAlias { .. } => Operation::DeleteAlias,
+            Self::GetFunctionCode { .. } => Operation::GetFunctionCode,
         }
     }
 
@@ -377,7 +446,16 @@ impl Route {
             | Self::GetFunctionLogs { name }
             | Self::CreateVpcBinding { name }
             | Self::ListVpcBindings { name }
-            | Self::DeleteVpcBinding { name, .. } => Some(name),
+            | Self::DeleteVpcBinding { name, .. }
+            | Self::PublishFunctionVersion { name }
+            | Self::ListFunctionVersions { name }
+            | Self::DeleteFunctionVersion { name, .. }
+            | Self::CreateAlias { name }
+            | Self::ListAliases { name }
+            | Self::GetAlias { name, .. }
+            | Self::UpdateAlias { name, .. }
+            | Self::DeleteAlias { name, .. }
+            | Self::GetFunctionCode { name } => Some(name),
             _ => None,
         }
     }
@@ -423,6 +501,17 @@ pub async fn handle(
     }
     // Time-ordered: async task ids default to it and index by it.
     let request_id = RequestId::generate_ordered();
+    // GetFunctionCode's download URLs: unsigned, authorised by their own
+    // tag (see api::code).
+    if req.method() == GET && req.uri().path().starts_with(code::DOWNLOAD_PREFIX) {
+        let mut resp = code::download(&gw, req.uri().path(), &request_id).await;
+        if let Ok(v) = HeaderValue::from_str(request_id.as_str()) {
+            resp.headers_mut().insert(REQUEST_ID, v);
+        }
+        gw.metrics
+            .request("DownloadFunctionCode", resp.status().as_str());
+        return resp;
+    }
     let started = Instant::now();
     let routed = route(req.method(), req.uri().path());
     // Sync invocations, the warm path, open their span at debug: at info,
@@ -580,6 +669,19 @@ async fn dispatch(
         Route::GetRole { role } => roles::get(gw, c, &role),
         Route::DeleteRole { role } => roles::delete(gw, c, &role).await,
         Route::ListRoles => roles::list(gw, c, &parts),
+        Route::PublishFunctionVersion { name } => versions::publish(gw, c, &name, body).await,
+        Route::ListFunctionVersions { name } => versions::list(gw, c, &name, &parts),
+        Route::DeleteFunctionVersion { name, version } => {
+            versions::delete(gw, c, &name, &version).await
+        }
+        Route::CreateAlias { name } => versions::create_alias(gw, c, &name, body).await,
+        Route::ListAliases { name } => versions::list_aliases(gw, c, &name, &parts),
+        Route::GetAlias { name, alias } => versions::get_alias(gw, c, &name, &alias),
+        Route::UpdateAlias { name, alias } => {
+            versions::update_alias(gw, c, &name, &alias, body).await
+        }
+        Route::DeleteAlias { name, alias } => versions::delete_alias(gw, c, &name, &alias).await,
+        Route::GetFunctionCode { name } => code::get(gw, c, &name, &parts),
     }
 }
 
@@ -800,6 +902,63 @@ mod tests {
                     name: f(),
                     vpc: "vpc-1".into(),
                 },
+            ),
+            (
+                POST,
+                "/2023-03-30/functions/f/versions",
+                Route::PublishFunctionVersion { name: f() },
+            ),
+            (
+                GET,
+                "/2023-03-30/functions/f/versions",
+                Route::ListFunctionVersions { name: f() },
+            ),
+            (
+                DELETE,
+                "/2023-03-30/functions/f/versions/3",
+                Route::DeleteFunctionVersion {
+                    name: f(),
+                    version: "3".into(),
+                },
+            ),
+            (
+                POST,
+                "/2023-03-30/functions/f/aliases",
+                Route::CreateAlias { name: f() },
+            ),
+            (
+                GET,
+                "/2023-03-30/functions/f/aliases",
+                Route::ListAliases { name: f() },
+            ),
+            (
+                GET,
+                "/2023-03-30/functions/f/aliases/prod",
+                Route::GetAlias {
+                    name: f(),
+                    alias: "prod".into(),
+                },
+            ),
+            (
+                PUT,
+                "/2023-03-30/functions/f/aliases/prod",
+                Route::UpdateAlias {
+                    name: f(),
+                    alias: "prod".into(),
+                },
+            ),
+            (
+                DELETE,
+                "/2023-03-30/functions/f/aliases/prod",
+                Route::DeleteAlias {
+                    name: f(),
+                    alias: "prod".into(),
+                },
+            ),
+            (
+                GET,
+                "/2023-03-30/functions/f/code",
+                Route::GetFunctionCode { name: f() },
             ),
         ];
         for (method, path, want) in &cases {

@@ -44,15 +44,22 @@ pub fn query_param(parts: &http::request::Parts, key: &str) -> Option<String> {
     })
 }
 
-/// FC's `qualifier`: only LATEST (or none) exists here.
+/// FC's `qualifier` where only LATEST (or none) is taken: the endpoints
+/// that do not (yet) keep anything per version or alias.
 pub fn check_qualifier(parts: &http::request::Parts) -> Result<(), FcError> {
     match query_param(parts, "qualifier") {
         None => Ok(()),
         Some(q) if q.is_empty() || q == "LATEST" => Ok(()),
         Some(q) => Err(FcError::invalid_argument(format!(
-            "qualifier {q:?} is not supported: this endpoint has no versions or aliases, use LATEST"
+            "qualifier {q:?} is not supported here: this operation acts on LATEST only (versions and aliases are taken by InvokeFunction, GetFunction, GetFunctionCode and ListInstances)"
         ))),
     }
+}
+
+/// FC's `qualifier` query parameter where versions and aliases are
+/// honoured: LATEST (or none), a version id or an alias name.
+pub fn qualifier(parts: &http::request::Parts) -> Result<crate::versions::Qualifier, FcError> {
+    crate::versions::Qualifier::parse(query_param(parts, "qualifier").as_deref())
 }
 
 /// A listing's opaque `nextToken` after the item named `last`.
@@ -62,14 +69,21 @@ pub fn encode_token(last: &str) -> String {
 
 /// The function name a `nextToken` of a function listing continues after.
 pub fn decode_token(token: &str) -> Result<String, FcError> {
+    let name = decode_raw_token(token)?;
+    name.parse::<FunctionName>()
+        .map_err(|_| FcError::invalid_argument("nextToken is invalid"))?;
+    Ok(name)
+}
+
+/// The item a `nextToken` made by [`encode_token`] continues after; the
+/// listing checks what it names.
+pub fn decode_raw_token(token: &str) -> Result<String, FcError> {
     let invalid = || FcError::invalid_argument("nextToken is invalid");
     let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(token)
         .map_err(|_| invalid())?;
     let s = String::from_utf8(raw).map_err(|_| invalid())?;
-    let name = s.strip_prefix("v1:").ok_or_else(invalid)?;
-    name.parse::<FunctionName>().map_err(|_| invalid())?;
-    Ok(name.to_owned())
+    Ok(s.strip_prefix("v1:").ok_or_else(invalid)?.to_owned())
 }
 
 /// FC's ARN of the caller's function `name`.

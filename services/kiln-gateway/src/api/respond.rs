@@ -8,6 +8,43 @@ use kiln_core::FcError;
 /// for public handlers.
 pub use kiln_internal_api::server::{empty, full, json, no_content, Body};
 
+/// Code zips are streamed in chunks of this size.
+const CHUNK: usize = 256 * 1024;
+
+/// A zip file streamed as a 200 answer (its length when known).
+pub async fn zip_file(path: &std::path::Path) -> std::io::Result<Response<Body>> {
+    use http_body_util::BodyExt as _;
+    use tokio::io::AsyncReadExt as _;
+    let file = tokio::fs::File::open(path).await?;
+    let len = file.metadata().await.map(|m| m.len()).ok();
+    let chunks = futures_util::stream::unfold(Some(file), |file| async move {
+        let mut file = file?;
+        let mut buf = vec![0u8; CHUNK];
+        match file.read(&mut buf).await {
+            Ok(0) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((
+                    Ok(http_body::Frame::data(bytes::Bytes::from(buf))),
+                    Some(file),
+                ))
+            }
+            Err(e) => Some((
+                Err(Box::new(e) as kiln_internal_api::server::BoxError),
+                None,
+            )),
+        }
+    });
+    let mut b = Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/zip");
+    if let Some(len) = len {
+        b = b.header(header::CONTENT_LENGTH, len);
+    }
+    Ok(b.body(http_body_util::StreamBody::new(chunks).boxed())
+        .expect("valid response"))
+}
+
 /// FC's request id header, on every public answer.
 pub const REQUEST_ID: &str = "x-fc-request-id";
 

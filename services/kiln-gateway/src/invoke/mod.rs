@@ -30,13 +30,14 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode};
 use http_body_util::BodyExt;
-use kiln_core::{AccountId, FcError, FcErrorCode, FcErrorKind, FunctionName, RequestId};
+use kiln_core::{AccountId, FcError, FcErrorKind, FunctionName, RequestId};
 use kiln_internal_api::client::remote_error;
 use kiln_internal_api::invoke_client::AnswerBody;
 use kiln_internal_api::server::{full, Body};
 use kiln_internal_api::{headers as ih, InvokeFailure, InvokeOutcome, Lease, LeaseOutcome};
 
 use crate::gateway::Gateway;
+use crate::versions::Qualifier;
 use lease::{GuardedBody, LeaseGuard};
 use pool::Held;
 
@@ -56,6 +57,8 @@ pub struct InvokeRequest {
     /// Whose function; the caller was authorised for it.
     pub account_id: AccountId,
     pub function: FunctionName,
+    /// FC's `qualifier`: LATEST, a version or an alias (resolved per call).
+    pub qualifier: Qualifier,
     pub payload: Bytes,
     /// The caller's headers; those a function may see are passed on.
     pub headers: HeaderMap,
@@ -134,15 +137,15 @@ pub async fn invoke(gw: &Arc<Gateway>, req: InvokeRequest) -> InvokeResult {
 }
 
 async fn run(gw: &Arc<Gateway>, req: InvokeRequest) -> Result<InvokeResult, FcError> {
-    let entry = gw
-        .catalog
-        .function(&req.account_id, &req.function)
-        .ok_or_else(|| {
-            FcError::new(
-                FcErrorCode::FunctionNotFound,
-                format!("function '{}' does not exist", req.function),
-            )
-        })?;
+    // An alias picks its version per call (its weights are fractions of
+    // calls); a version's entry has its own revision, so its instances and
+    // parked leases are its own.
+    let entry = gw.catalog.resolve(
+        &req.account_id,
+        &req.function,
+        &req.qualifier,
+        rand::random::<f64>(),
+    )?;
     gw.runtimes
         .check_invoke(entry.record.config.runtime, gw.clock.now_ms())?;
     let timeout_s = entry.spec.timeout_s;

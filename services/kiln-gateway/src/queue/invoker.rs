@@ -19,6 +19,7 @@ use super::Claimed;
 use crate::gateway::Gateway;
 use crate::invoke::render::{initialization_body, timed_out_message, unhandled_body};
 use crate::invoke::{self, InvokeRequest, InvokeResult, LogType, RECLAIM_IF_ABANDONED};
+use crate::versions::Qualifier;
 
 /// The most bytes of a function's answer kept as a task's returnPayload.
 const RETURN_PAYLOAD_MAX: usize = 1024 * 1024;
@@ -90,9 +91,23 @@ const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The stored caller headers of a message (already stripped of signing
 /// and FC headers at enqueue).
+/// The qualifier the call was enqueued with (kept among its headers).
+fn stored_qualifier(m: &Claimed) -> Result<Qualifier, FcError> {
+    let q = m
+        .headers
+        .iter()
+        .find(|(k, _)| k == super::QUALIFIER_HEADER)
+        .map(|(_, v)| v.as_str());
+    Qualifier::parse(q)
+}
+
 fn stored_headers(m: &Claimed) -> HeaderMap {
     let mut h = HeaderMap::new();
-    for (k, v) in &m.headers {
+    for (k, v) in m
+        .headers
+        .iter()
+        .filter(|(k, _)| k != super::QUALIFIER_HEADER)
+    {
         if let (Ok(k), Ok(v)) = (
             HeaderName::from_bytes(k.as_bytes()),
             HeaderValue::from_str(v),
@@ -143,7 +158,9 @@ async fn delivery(result: InvokeResult) -> DeliveryOutcome {
 fn platform(e: FcError) -> DeliveryOutcome {
     match e.code {
         FcErrorCode::ResourceThrottled => DeliveryOutcome::Throttled(e.to_string()),
-        FcErrorCode::FunctionNotFound => DeliveryOutcome::FunctionGone(e.to_string()),
+        FcErrorCode::FunctionNotFound
+        | FcErrorCode::VersionNotFound
+        | FcErrorCode::AliasNotFound => DeliveryOutcome::FunctionGone(e.to_string()),
         _ => DeliveryOutcome::SystemError(e.to_string()),
     }
 }
@@ -161,10 +178,15 @@ impl Invoker for GatewayInvoker {
             else {
                 return DeliveryOutcome::FunctionGone("stored names are unreadable".into());
             };
+            let qualifier = match stored_qualifier(&m) {
+                Ok(q) => q,
+                Err(e) => return DeliveryOutcome::FunctionGone(e.to_string()),
+            };
             // The enqueue was authorized; delivery acts for the account.
             let call = InvokeRequest {
                 account_id,
                 function,
+                qualifier,
                 headers: stored_headers(&m),
                 log: LogType::None,
                 request_id: m
@@ -184,10 +206,12 @@ impl Invoker for GatewayInvoker {
 
     fn call_budget_ms(&self, m: &Claimed) -> Option<u64> {
         let gw = self.gw.upgrade()?;
-        let entry = gw
-            .catalog
-            .function(&m.account.parse().ok()?, &m.function.parse().ok()?)?;
-        Some(u64::from(entry.spec.timeout_s) * 1000 + invoke::AGENT_GRACE.as_millis() as u64)
+        let timeout_s = gw.catalog.timeout_s(
+            &m.account.parse().ok()?,
+            &m.function.parse().ok()?,
+            &stored_qualifier(m).ok()?,
+        )?;
+        Some(u64::from(timeout_s) * 1000 + invoke::AGENT_GRACE.as_millis() as u64)
     }
 
     fn webhook(&self, url: &str, record: &serde_json::Value) -> BoxFuture<Result<(), String>> {

@@ -20,6 +20,11 @@ pub mod invoker;
 pub mod metrics;
 pub mod tasks;
 
+/// The stored header that carries a call's qualifier (a version or an
+/// alias) from enqueue to delivery; callers' own `x-kiln-` headers are
+/// dropped before a message is stored, so only the gateway sets it.
+pub const QUALIFIER_HEADER: &str = "x-kiln-qualifier";
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;

@@ -29,7 +29,20 @@ pub struct TaskView {
 }
 
 const COLUMNS: &str = "seq, account_id, function_name, task_id, request_id, payload, status,
-    retries, created_ms, end_ms, error, return_payload";
+    retries, created_ms, end_ms, error, return_payload, headers";
+
+/// The qualifier the call was enqueued with (a version or an alias, kept
+/// among its stored headers), else LATEST.
+fn qualifier(headers: &str) -> String {
+    serde_json::from_str::<Vec<(String, String)>>(headers)
+        .ok()
+        .and_then(|h| {
+            h.into_iter()
+                .find(|(k, _)| k == super::QUALIFIER_HEADER)
+                .map(|(_, v)| v)
+        })
+        .unwrap_or_else(|| crate::versions::LATEST.to_owned())
+}
 
 fn row_json(r: &rusqlite::Row<'_>, region: &str, payload: bool) -> rusqlite::Result<(i64, Value)> {
     let seq: i64 = r.get(0)?;
@@ -44,7 +57,7 @@ fn row_json(r: &rusqlite::Row<'_>, region: &str, payload: bool) -> rusqlite::Res
         "alreadyRetriedTimes": r.get::<_, i64>(7)?,
         "startedTime": created,
         "functionArn": format!("acs:fc:{region}:{account}:functions/{function}"),
-        "qualifier": "LATEST",
+        "qualifier": qualifier(&r.get::<_, String>(12)?),
     });
     if let Some(end) = end {
         v["endTime"] = end.into();

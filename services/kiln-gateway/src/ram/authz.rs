@@ -60,7 +60,16 @@ pub fn resource(region: &str, account: &AccountId, route: &Route) -> String {
         | Operation::GetFunctionLogs
         | Operation::CreateVpcBinding
         | Operation::DeleteVpcBinding
-        | Operation::ListVpcBindings => function(),
+        | Operation::ListVpcBindings
+        | Operation::PublishFunctionVersion
+        | Operation::ListFunctionVersions
+        | Operation::DeleteFunctionVersion
+        | Operation::CreateAlias
+        | Operation::GetAlias
+        | Operation::UpdateAlias
+        | Operation::DeleteAlias
+        | Operation::ListAliases
+        | Operation::GetFunctionCode => function(),
         Operation::CreateLayerVersion
         | Operation::GetLayerVersion
         | Operation::GetLayerVersionByArn

@@ -30,6 +30,15 @@ pub fn function_environment(account_id: &str, name: &str, function_id: &str) -> 
     Aad::new("functions.environment", &[account_id, name, function_id])
 }
 
+/// The AAD of a published function version's environment: the version's
+/// row, so a sealed value moved to another version or function fails.
+pub fn version_environment(account_id: &str, name: &str, function_id: &str, version: u32) -> Aad {
+    Aad::new(
+        "function_versions.environment",
+        &[account_id, name, function_id, version.to_string().as_str()],
+    )
+}
+
 /// Why the sealing pass failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SealPassError {
@@ -117,6 +126,34 @@ pub fn seal_all(conn: &mut Connection, sealer: &Sealer) -> Result<usize, SealPas
             tx.execute(
                 "UPDATE functions SET doc = ?3, env_sealed = ?4 WHERE account_id = ?1 AND name = ?2",
                 params![account, name, doc, seal_environment(sealer, &aad, &env)],
+            )?;
+            changed += 1;
+        }
+    }
+    {
+        // Versions are always sealed; a previous key's values are resealed.
+        let mut st = tx.prepare(
+            "SELECT account_id, name, version, function_id, env_sealed FROM function_versions",
+        )?;
+        let rows: Vec<(String, String, i64, String, String)> = st
+            .query_map([], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })?
+            .collect::<Result<_, _>>()?;
+        for (account, name, version, function_id, sealed) in rows {
+            if sealer.is_current(&sealed) {
+                continue;
+            }
+            let aad = version_environment(&account, &name, &function_id, version as u32);
+            let env =
+                open_environment(sealer, &aad, &sealed).map_err(|source| SealPassError::Open {
+                    what: format!("environment of function {account}/{name} version {version}"),
+                    source,
+                })?;
+            tx.execute(
+                "UPDATE function_versions SET env_sealed = ?4
+                 WHERE account_id = ?1 AND name = ?2 AND version = ?3",
+                params![account, name, version, seal_environment(sealer, &aad, &env)],
             )?;
             changed += 1;
         }

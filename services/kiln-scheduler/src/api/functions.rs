@@ -12,10 +12,10 @@ use crate::service::Scheduler;
 
 pub async fn retire(sched: &Scheduler, body: Incoming) -> Result<Response<Body>, FcError> {
     let req: RetireFunction = read_json(body, BODY_LIMIT).await?;
-    if let Some(rev) = &req.keep_revision {
+    for rev in req.keep_revision.iter().chain(&req.keep_versions) {
         if rev.len() != 64 || !rev.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(FcError::invalid_argument(
-                "keep_revision must be a hex sha256 (64 characters)",
+                "keep_revision and keep_versions must be hex sha256 digests (64 characters)",
             ));
         }
     }

@@ -1088,12 +1088,14 @@ impl Placement {
 
     /// A function changed (`keep` is its new revision) or was deleted
     /// (`keep` is `None`): its other instances take no new calls and go
-    /// once idle.
+    /// once idle. Instances of `versions` (the revisions of its published
+    /// versions) stay as well.
     pub fn retire(
         &mut self,
         account: &AccountId,
         function: &FunctionName,
         keep: Option<&str>,
+        versions: &[String],
     ) -> Effects {
         let key = (account.clone(), function.clone());
         // A deleted function loses its provisioning; a changed one pauses
@@ -1125,7 +1127,10 @@ impl Placement {
         let mut effects = Effects::default();
         for id in ids {
             let inst = &self.instances[&id];
-            if keep == Some(inst.spec.revision.as_str()) || !inst.state.takes_calls() {
+            if keep == Some(inst.spec.revision.as_str())
+                || versions.contains(&inst.spec.revision)
+                || !inst.state.takes_calls()
+            {
                 continue;
             }
             self.update_instance(&id, |i| i.state = InstanceState::Draining);

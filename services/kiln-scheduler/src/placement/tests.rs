@@ -16,6 +16,7 @@ pub(crate) fn spec(
         account_id: account.parse().unwrap(),
         function_name: function.parse().unwrap(),
         revision: String::new(),
+        version: None,
         runtime: RuntimeName::Custom,
         handler: "index.handler".into(),
         command: vec!["/code/server".into()],
@@ -466,6 +467,37 @@ fn release_is_idempotent() {
 }
 
 #[test]
+fn retire_keeps_the_instances_of_published_versions() {
+    let mut f = Fixture::new();
+    f.node("n1", 8192);
+    let latest = spec("1", "f", 5, 128);
+    let mut v1 = latest.clone();
+    v1.version = Some("1".into());
+    let v1 = v1.seal();
+    assert_ne!(
+        v1.revision, latest.revision,
+        "a version is its own revision"
+    );
+    let mut old = spec("1", "f", 5, 256);
+    old.version = None;
+    let old = old.seal();
+    let a = f.acquire_started(&latest);
+    let b = f.acquire_started(&v1);
+    let c = f.acquire_started(&old);
+    assert_ne!(a.instance_id, b.instance_id, "LATEST and v1 never share");
+    f.p.retire(
+        &latest.account_id,
+        &latest.function_name,
+        Some(&latest.revision),
+        std::slice::from_ref(&v1.revision),
+    );
+    let state = |id: &InstanceId| f.p.instance(id).unwrap().state;
+    assert_eq!(state(&a.instance_id), InstanceState::Ready);
+    assert_eq!(state(&b.instance_id), InstanceState::Ready);
+    assert_eq!(state(&c.instance_id), InstanceState::Draining);
+}
+
+#[test]
 fn retire_drains_other_revisions() {
     let mut f = Fixture::new();
     f.node("n1", 8192);
@@ -474,8 +506,12 @@ fn retire_drains_other_revisions() {
     let busy = f.acquire_started(&old);
     let other = f.acquire_started(&spec("1", "g", 5, 128));
     let kept = f.acquire_started(&new);
-    let e =
-        f.p.retire(&old.account_id, &old.function_name, Some(&new.revision));
+    let e = f.p.retire(
+        &old.account_id,
+        &old.function_name,
+        Some(&new.revision),
+        &[],
+    );
     assert!(e.destroy.is_empty(), "the old instance still runs a call");
     assert_eq!(
         f.p.instance(&busy.instance_id).unwrap().state,
@@ -499,7 +535,7 @@ fn retire_drains_other_revisions() {
     // Delete: everything of the function drains; idle ones go at once.
     f.p.release(&kept.lease_id, LeaseOutcome::Ok, f.now())
         .unwrap();
-    let e = f.p.retire(&old.account_id, &old.function_name, None);
+    let e = f.p.retire(&old.account_id, &old.function_name, None, &[]);
     assert_eq!(e.destroy.len(), 1, "the idle new-revision instance goes");
     assert!(f.p.instance(&again.instance_id).is_some(), "busy one waits");
 }
@@ -516,7 +552,7 @@ fn retiring_a_starting_instance_destroys_it_once_started_and_idle() {
     else {
         panic!("expected a new instance");
     };
-    f.p.retire(&s.account_id, &s.function_name, None);
+    f.p.retire(&s.account_id, &s.function_name, None, &[]);
     let (known, e) = f.p.instance_started(&job.instance_id, f.now());
     assert!(known && e.destroy.is_empty(), "its waiter still runs on it");
     let e =
@@ -1480,7 +1516,7 @@ fn a_changed_function_pauses_its_provisioning_and_a_deleted_one_loses_it() {
     start_all(&mut f, &e);
     let account: AccountId = "1".parse().unwrap();
     let function: FunctionName = "p".parse().unwrap();
-    let e = f.p.retire(&account, &function, Some(&"ab".repeat(32)));
+    let e = f.p.retire(&account, &function, Some(&"ab".repeat(32)), &[]);
     assert_eq!(e.destroy.len(), 2, "old revision drained");
     assert!(
         f.p.tick(f.now()).create.is_empty(),
@@ -1489,7 +1525,7 @@ fn a_changed_function_pauses_its_provisioning_and_a_deleted_one_loses_it() {
     assert_eq!(f.p.provisions_info()[0].current, 0);
     let e = f.p.put_provision(&s, provision(2), f.now()).unwrap();
     assert_eq!(e.create.len(), 2);
-    f.p.retire(&account, &function, None);
+    f.p.retire(&account, &function, None, &[]);
     assert!(f.p.provisions_info().is_empty());
     // Bad configurations change nothing.
     let mut bad = provision(1);

@@ -331,6 +331,7 @@ async fn retire_destroys_idle_old_revisions() {
         account_id: old.account_id.clone(),
         function_name: old.function_name.clone(),
         keep_revision: Some("other".into()),
+        keep_versions: Vec::new(),
     });
     settle().await;
     assert_eq!(f.agent.destroyed(), vec![l.instance_id]);

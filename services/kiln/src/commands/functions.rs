@@ -117,8 +117,15 @@ pub async fn deploy(client: &FcClient, opts: &DeployOptions) -> Result<Value> {
 }
 
 /// Invoke and print the body; a function error prints to stderr and fails.
-pub async fn invoke(client: &FcClient, name: &str, payload: Bytes) -> Result<()> {
-    let resp = client.invoke(name, payload, &[]).await?;
+pub async fn invoke(
+    client: &FcClient,
+    name: &str,
+    qualifier: Option<&str>,
+    payload: Bytes,
+) -> Result<()> {
+    let resp = client
+        .invoke_qualified(name, qualifier, payload, &[])
+        .await?;
     if let Some(kind) = resp.header("x-fc-error-type") {
         let kind = kind.to_owned();
         eprintln!(

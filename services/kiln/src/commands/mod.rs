@@ -9,3 +9,4 @@ pub mod operator;
 pub mod project;
 pub mod runtimes;
 pub mod tasks;
+pub mod versions;

@@ -12,6 +12,7 @@ use crate::client::{FcClient, API_VERSION};
 pub async fn invoke_async(
     client: &FcClient,
     name: &str,
+    qualifier: Option<&str>,
     payload: Bytes,
     task_id: Option<&str>,
 ) -> Result<()> {
@@ -20,7 +21,7 @@ pub async fn invoke_async(
         headers.push(("x-fc-async-task-id", t));
     }
     let resp = client
-        .invoke(name, payload, &headers)
+        .invoke_qualified(name, qualifier, payload, &headers)
         .await?
         .error_for_status()?;
     println!(
