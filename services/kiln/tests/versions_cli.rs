@@ -89,6 +89,7 @@ async fn cli_publishes_versions_and_rolls_aliases() {
                         node_id: NodeId::generate(),
                         agent_url,
                         cold_start: false,
+                        expires_in_ms: 600_000,
                     },
                 )
             }
