@@ -76,13 +76,13 @@ def me():
         s.connect(("198.18.0.2", 9))
         return s.getsockname()[0]
 
-def probe(host, port, out):
+def probe(host, port, timeout, out):
     key = "%s:%d" % (host, port)
     r = {"connected": False, "http": False}
     try:
-        with socket.create_connection((host, port), timeout=3) as s:
+        with socket.create_connection((host, port), timeout=timeout) as s:
             r["connected"] = True
-            s.settimeout(3)
+            s.settimeout(timeout)
             s.sendall(b"GET / HTTP/1.0\r\n\r\n")
             r["http"] = s.recv(64).startswith(b"HTTP/")
     except Exception as e:
@@ -95,7 +95,8 @@ class H(BaseHTTPRequestHandler):
         n = int(self.headers.get("content-length", 0))
         req = json.loads(self.rfile.read(n) or b"{}")
         results = {}
-        threads = [threading.Thread(target=probe, args=(h, p, results)) for h, p in req.get("targets", [])]
+        timeout = req.get("timeout", 3)
+        threads = [threading.Thread(target=probe, args=(h, p, timeout, results)) for h, p in req.get("targets", [])]
         for t in threads: t.start()
         for t in threads: t.join()
         body = json.dumps({"me": me(), "gateway": gateway(), "results": results}).encode()
@@ -508,13 +509,18 @@ async fn create(c: &FcClient, zip: &str, name: &str, extra: Value) -> Result<Val
     c.get_function(name).await.map_err(|e| e.to_string())
 }
 
+/// How long a probe waits to connect, and then for an answer: long
+/// enough that a loaded machine (Open vSwitch's userspace datapath on two
+/// busy cores) does not pass for a refusal.
+const PROBE_TIMEOUT_S: u64 = 5;
+
 /// Invoke `name` with `targets`: (status, body).
 async fn probe(
     c: &FcClient,
     name: &str,
     targets: &[(String, u16)],
 ) -> Result<(u16, Value), String> {
-    let req = json!({"targets": targets}).to_string();
+    let req = json!({"targets": targets, "timeout": PROBE_TIMEOUT_S}).to_string();
     let r = c
         .invoke(name, Bytes::from(req), &[])
         .await
@@ -1108,9 +1114,11 @@ fn vpc_modes_reach_their_vpc_and_nothing_else() {
                 .map(|t| {
                     s.spawn(move || {
                         let addr: std::net::SocketAddr = t.parse().unwrap();
-                        let ok =
-                            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3))
-                                .is_ok();
+                        let ok = std::net::TcpStream::connect_timeout(
+                            &addr,
+                            Duration::from_secs(PROBE_TIMEOUT_S),
+                        )
+                        .is_ok();
                         (t.clone(), ok)
                     })
                 })
