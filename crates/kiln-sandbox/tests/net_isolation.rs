@@ -415,6 +415,34 @@ fn egress_modes_reach_exactly_what_they_should_and_leave_nothing() {
         );
         table.insert(format!("{mode:?}"), row);
     }
+    // The VPC's host gets no more of the node than instances do: nothing
+    // at the node's gateway address in the VPC or its uplink address, and
+    // no routing through it to the internet (one-way: what the echo
+    // servers received, so a missing way back hides nothing).
+    must(&[
+        "ip",
+        "-n",
+        &topo.vpch,
+        "route",
+        "add",
+        "default",
+        "via",
+        "192.168.50.1",
+    ]);
+    let (a, b, c) = (token(), token(), token());
+    probe(&topo.vpch, None, to("192.168.50.1".parse().unwrap()), &a);
+    probe(&topo.vpch, None, to("203.0.113.1".parse().unwrap()), &b);
+    probe(&topo.vpch, None, to("203.0.113.2".parse().unwrap()), &c);
+    std::thread::sleep(Duration::from_millis(100));
+    let vpc_host: Row = [
+        ("node at its VPC address", node.saw(&a)),
+        ("node at its uplink address", node.saw(&b)),
+        ("internet through the node", internet.saw(&c)),
+    ]
+    .into_iter()
+    .collect();
+    let nothing: Row = vpc_host.keys().map(|k| (*k, false)).collect();
+    assert_eq!(vpc_host, nothing);
     drop(instances);
     eprintln!("reachability (egress mode -> target -> got through):");
     for (mode, row) in &table {
