@@ -1,7 +1,8 @@
 //! Network isolation against the real kernel: nftables, tc, veths, Open
 //! vSwitch (userspace datapath). Everything runs in namespaces this test
 //! creates: the agent's side in an "agent" namespace, a fake internet host
-//! behind its uplink, a fake VPC host on the VPC's OVS bridge. Every name
+//! behind its uplink, a fake VPC host on the VPC's OVS bridge (its link is
+//! the VPC's `ports`, which the agent adds to the bridge it makes). Every name
 //! carries a per-run prefix and is removed by a drop guard, also when the
 //! test fails. No packet leaves the machine: the namespaces have no route
 //! to the host's own network.
@@ -45,21 +46,9 @@ fn skip_reason() -> Option<(Category, String)> {
 
 /// Make sure ovsdb-server and ovs-vswitchd run; returns ovs-vswitchd's pid.
 fn ensure_ovs() -> String {
-    // Both daemons: ovsdb-server can run without ovs-vswitchd (after the
-    // package's install), and `ovs-ctl start` starts whichever is missing.
-    let vswitchd = ["ovs-appctl", "--timeout=5", "-t", "ovs-vswitchd", "version"];
-    if sh(&["ovs-vsctl", "--timeout=5", "show"]).is_err() || sh(&vswitchd).is_err() {
-        let _ = sh(&[
-            "/usr/share/openvswitch/scripts/ovs-ctl",
-            "start",
-            "--system-id=random",
-        ]);
-    }
-    must(&["ovs-vsctl", "--timeout=5", "show"]);
-    std::fs::read_to_string("/run/openvswitch/ovs-vswitchd.pid")
-        .expect("ovs-vswitchd pid file")
-        .trim()
-        .to_owned()
+    kiln_test_support::ovs::ensure_ovs()
+        .unwrap_or_else(|e| panic!("{e}"))
+        .to_string()
 }
 
 /// The per-run topology; dropping it removes every namespace, link and
@@ -155,6 +144,7 @@ impl Topology {
                 "cidr": "192.168.0.0/16",
                 "vswitches": [{"id": "vsw-test", "cidr": "192.168.50.0/24",
                     "gateway": "192.168.50.1", "instance_pool": "192.168.50.128/25"}],
+                "ports": [format!("{}vh", self.prefix)],
                 "security_groups": [{"id": "sg-test",
                     "ingress": [{"protocol": "udp", "port_range": format!("{PORT}/{PORT}"), "cidr": "192.168.50.0/24"}]}]
             }]
@@ -336,13 +326,12 @@ fn egress_modes_reach_exactly_what_they_should_and_leave_nothing() {
             (slots, nets)
         })
     });
-    // The VPC host's port joins the bridge the first VPC instance made.
-    must(&[
-        "ovs-vsctl",
-        "add-port",
-        &format!("{}v0", topo.prefix),
-        &format!("{}vh", topo.prefix),
-    ]);
+    // The VPC host's port (the VPC's `ports`) joined the bridge the first
+    // VPC instance made.
+    assert_eq!(
+        must(&["ovs-vsctl", "port-to-br", &format!("{}vh", topo.prefix)]).trim(),
+        format!("{}v0", topo.prefix)
+    );
 
     let internet = Echo::start(&topo.inet, Ipv4Addr::UNSPECIFIED.into(), PORT);
     let vpc = Echo::start(&topo.vpch, Ipv4Addr::UNSPECIFIED.into(), PORT);
@@ -426,6 +415,34 @@ fn egress_modes_reach_exactly_what_they_should_and_leave_nothing() {
         );
         table.insert(format!("{mode:?}"), row);
     }
+    // The VPC's host gets no more of the node than instances do: nothing
+    // at the node's gateway address in the VPC or its uplink address, and
+    // no routing through it to the internet (one-way: what the echo
+    // servers received, so a missing way back hides nothing).
+    must(&[
+        "ip",
+        "-n",
+        &topo.vpch,
+        "route",
+        "add",
+        "default",
+        "via",
+        "192.168.50.1",
+    ]);
+    let (a, b, c) = (token(), token(), token());
+    probe(&topo.vpch, None, to("192.168.50.1".parse().unwrap()), &a);
+    probe(&topo.vpch, None, to("203.0.113.1".parse().unwrap()), &b);
+    probe(&topo.vpch, None, to("203.0.113.2".parse().unwrap()), &c);
+    std::thread::sleep(Duration::from_millis(100));
+    let vpc_host: Row = [
+        ("node at its VPC address", node.saw(&a)),
+        ("node at its uplink address", node.saw(&b)),
+        ("internet through the node", internet.saw(&c)),
+    ]
+    .into_iter()
+    .collect();
+    let nothing: Row = vpc_host.keys().map(|k| (*k, false)).collect();
+    assert_eq!(vpc_host, nothing);
     drop(instances);
     eprintln!("reachability (egress mode -> target -> got through):");
     for (mode, row) in &table {

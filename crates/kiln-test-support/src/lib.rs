@@ -5,9 +5,11 @@
 //! `$KILN_SKIP_LOG` so `scripts/test.sh` can sum skips up after the run; and
 //! under `CI=true` it fails the test instead, unless its category is one
 //! that CI machines cannot provide (a KVM guest, a real cloud-hypervisor).
+//! [`ovs::ensure_ovs`]: Open vSwitch's daemons running, for the VPC tests.
 #![forbid(unsafe_code)]
 
 pub mod captured_log;
+pub mod ovs;
 pub mod postgres;
 pub mod skip;
 

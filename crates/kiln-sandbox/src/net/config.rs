@@ -210,6 +210,14 @@ pub struct VpcDef {
     /// refuses any other account's instance (none when empty).
     #[serde(default)]
     pub owners: Vec<kiln_core::AccountId>,
+    /// Interfaces in ovs-vswitchd's namespace that lead to the VPC's
+    /// network (a NIC or VLAN interface on the VPC's uplink, a tunnel
+    /// port): the agent adds them to the VPC's bridge whenever it makes
+    /// it, so that attached instances reach the VPC's hosts. Without
+    /// one, instances reach only what else the operator puts on the
+    /// bridge.
+    #[serde(default)]
+    pub ports: Vec<String>,
 }
 
 /// `[network]`: per-instance isolation of the agent's instances.
@@ -256,6 +264,14 @@ impl Default for NetworkConfig {
     }
 }
 
+/// A Linux interface name: 1 to 15 letters, digits, '-', '_' or '.'.
+fn valid_ifname(name: &str) -> bool {
+    (1..=15).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
 fn valid_id(id: &str) -> bool {
     (1..=64).contains(&id.len())
         && id
@@ -266,10 +282,7 @@ fn valid_id(id: &str) -> bool {
 impl NetworkConfig {
     pub fn validate(&self) -> Result<(), NetworkConfigError> {
         if let Some(u) = &self.uplink_interface {
-            let ok = (1..=15).contains(&u.len())
-                && u.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
-            if !ok {
+            if !valid_ifname(u) {
                 return Err(NetworkConfigError::Uplink(u.clone()));
             }
         }
@@ -325,9 +338,24 @@ impl NetworkConfig {
         let bad = |m: String| Err(NetworkConfigError::Vpc(m));
         let mut vpc_ids = std::collections::BTreeSet::new();
         let mut vsw_ids = std::collections::BTreeSet::new();
+        let mut ports = std::collections::BTreeSet::new();
         for v in &self.vpcs {
             if !valid_id(&v.id) || !vpc_ids.insert(&v.id) {
                 return bad(format!("VPC id {:?} is invalid or repeated", v.id));
+            }
+            for p in &v.ports {
+                if !valid_ifname(p) || !ports.insert(p) {
+                    return bad(format!(
+                        "VPC {}: port {p:?} is not an interface name (1 to 15 letters, digits, '-', '_' or '.') or belongs to another VPC too",
+                        v.id
+                    ));
+                }
+                if self.uplink_interface.as_deref() == Some(p.as_str()) {
+                    return bad(format!(
+                        "VPC {}: port {p} is the uplink_interface; a VPC's network needs an interface of its own",
+                        v.id
+                    ));
+                }
             }
             if v.vswitches.is_empty() {
                 return bad(format!("VPC {} has no vswitches", v.id));
@@ -457,6 +485,11 @@ mod tests {
                 .contains("port_range")
         );
         assert!(bad(|c| c.vpcs.push(c.vpcs[0].clone())).contains("repeated"));
+        assert!(bad(|c| c.vpcs[0].ports = vec!["a b".into()]).contains("port"));
+        assert!(
+            bad(|c| c.vpcs[0].ports = vec!["eth1".into(), "eth1".into()]).contains("another VPC")
+        );
+        assert!(bad(|c| c.vpcs[0].ports = vec!["eth0".into()]).contains("uplink_interface"));
         assert!(bad(|c| c.ovs_netns = Some("../x".into())).contains("ovs_netns"));
         assert!(bad(|c| c.allow = vec!["0.0.0.0/0".parse().unwrap()]).contains("allow"));
         assert!(bad(|c| c.public_ports = vec![0]).contains("public_ports"));

@@ -30,7 +30,13 @@
 //! attached instance gets an address from its vSwitch's `instance_pool`,
 //! mapped 1:1 to its private address (DNAT in, SNAT out), so VPC hosts see
 //! and reach it at its VPC address; its security group's ingress rules say
-//! what may. The bridge and its port exist while an instance uses the VPC.
+//! what may. The VPC's `ports` (the operator's interfaces that lead to the
+//! VPC's network) join the bridge when it is made. The bridge and its
+//! port exist while an instance uses the VPC. A VPC's hosts get no more
+//! of the node than instances do: its gateway addresses take no
+//! connections (replies only), and the node routes nothing into or out of
+//! a VPC but its instances' traffic (not from one VPC to another, nor
+//! between a VPC and the uplink or the node's other networks).
 //!
 //! Bandwidth: a tbf on the host interface (traffic to the instance) and one
 //! on an ifb `<prefix>i<hex>` the interface's ingress is redirected to
@@ -560,6 +566,17 @@ impl NetIsolation {
         self.cmd
             .run("ovs-ofctl", &s(&["mod-port", &br, &port, "up"]), None)
             .await?;
+        // The way to the VPC's hosts. They stay the operator's interfaces:
+        // removing the bridge takes them off it, not away.
+        for uplink in &vpc.ports {
+            self.cmd
+                .run(
+                    "ovs-vsctl",
+                    &s(&["--may-exist", "add-port", &br, uplink]),
+                    None,
+                )
+                .await?;
+        }
         Ok(())
     }
 

@@ -86,6 +86,8 @@ pub fn base_table(
     iifname \"{inst}\" ct state established,related accept
     iifname @internet meta nfproto ipv4 meta l4proto tcp th dport @public_ports accept
     iifname \"{inst}\" drop
+    iifname \"{vpc}\" ct state established,related accept
+    iifname \"{vpc}\" drop
   }}
   chain forward {{
     type filter hook forward priority filter; policy accept;
@@ -93,6 +95,8 @@ pub fn base_table(
     iifname \"{inst}\" drop
     oifname vmap @ingress
     oifname \"{inst}\" drop
+    iifname \"{vpc}\" drop
+    oifname \"{vpc}\" drop
   }}
   chain prerouting {{
     type nat hook prerouting priority dstnat; policy accept;
@@ -287,6 +291,17 @@ mod tests {
         ));
         assert!(s.contains("iifname \"kt-*\" oifname \"eth0\" masquerade"));
         assert!(s.contains("oifname \"ktv*\" snat ip to ip saddr map @vpc_snat"));
+        // A VPC's hosts reach the node's ports through its gateway address
+        // in the VPC as little as instances do...
+        assert!(s.contains(
+            "    iifname \"kt-*\" drop\n    iifname \"ktv*\" ct state established,related accept\n    iifname \"ktv*\" drop\n  }"
+        ));
+        // ...and the node routes nothing into or out of a VPC but its
+        // instances' traffic (their chains decide first): not from one VPC
+        // to another, nor between a VPC and the node's other networks.
+        assert!(s.contains(
+            "    oifname vmap @ingress\n    oifname \"kt-*\" drop\n    iifname \"ktv*\" drop\n    oifname \"ktv*\" drop\n  }"
+        ));
         let s = base_table(&names(), None, &[], &[], &[]);
         assert!(s.contains("oifname != \"kt-*\" oifname != \"ktv*\" masquerade"));
     }

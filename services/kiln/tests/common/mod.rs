@@ -235,8 +235,8 @@ pub fn netns_with_prefix(prefix: &str) -> Vec<String> {
 }
 
 /// Remove what a run may have left: sandbox processes whose agent died
-/// first, namespaces (their veths go with them) and the cgroups named with
-/// this run's prefix. runc removes each container's cgroup; the parent the
+/// first, namespaces (their veths go with them), OVS bridges and the
+/// cgroups named with this run's prefix. runc removes each container's cgroup; the parent the
 /// agent was given stays until here.
 pub fn leftovers_cleanup(prefix: &str) {
     kill_cgroup_processes(prefix);
@@ -255,7 +255,33 @@ pub fn leftovers_cleanup(prefix: &str) {
             .args(["delete", "table", "inet", prefix])
             .status();
     }
+    remove_ovs_bridges(prefix);
     remove_cgroups(prefix);
+}
+
+/// Delete the Open vSwitch bridges named with `prefix` (an agent's VPC
+/// bridges, `<prefix>v<n>`) that its agent did not remove. Without Open
+/// vSwitch there are none.
+fn remove_ovs_bridges(prefix: &str) {
+    if !on_path("ovs-vsctl") {
+        return;
+    }
+    let Ok(out) = Command::new("ovs-vsctl")
+        .args(["--timeout=5", "list-br"])
+        .output()
+    else {
+        return;
+    };
+    for br in String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::trim)
+        .filter(|b| b.starts_with(prefix))
+    {
+        eprintln!("cleaning up leftover OVS bridge {br}");
+        let _ = Command::new("ovs-vsctl")
+            .args(["--timeout=5", "--if-exists", "del-br", br])
+            .status();
+    }
 }
 
 /// SIGKILL every process still in the run's cgroups: sandboxes whose agent

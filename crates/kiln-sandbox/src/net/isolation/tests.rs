@@ -12,6 +12,7 @@ fn config() -> NetworkConfig {
             "cidr": "192.168.0.0/16",
             "vswitches": [{"id": "vsw-a", "cidr": "192.168.50.0/24",
                 "gateway": "192.168.50.1", "instance_pool": "192.168.50.128/30"}],
+            "ports": ["eth1"],
             "security_groups": [{"id": "sg-a",
                 "ingress": [{"protocol": "tcp", "port_range": "9000/9000", "cidr": "192.168.50.0/24"}]}]
         }]
@@ -188,6 +189,14 @@ async fn vpc_instances_share_a_bridge_that_goes_with_the_last() {
     assert!(l.contains(&"ip link add ktv0g type veth peer name ktv0o".to_owned()));
     assert!(l.contains(&"ip addr add 192.168.50.1/24 dev ktv0g".to_owned()));
     assert!(l.contains(&"ip addr add 192.168.50.129/32 dev ktv0g".to_owned()));
+    // The VPC's own uplink joins the bridge with it, once.
+    assert_eq!(
+        l.iter()
+            .filter(|c| *c == "ovs-vsctl --may-exist add-port ktv0 eth1")
+            .count(),
+        1,
+        "{l:#?}"
+    );
 
     // The pool (a /30: two hosts) is used up.
     let err = iso
