@@ -14,13 +14,16 @@ use kiln_internal_api::server::BoxError;
 use kiln_internal_api::{Lease, LeaseOutcome};
 
 use super::pool::LeasePool;
+use crate::catalog::FunctionEntry;
 use crate::metrics::Metrics;
 
 /// Counts the call in flight and gives its lease back when dropped, with
 /// the outcome last set.
 pub(super) struct LeaseGuard {
     pool: Arc<LeasePool>,
-    revision: String,
+    /// The function called: its revision names the parked leases (held,
+    /// not copied, per call).
+    function: Arc<FunctionEntry>,
     metrics: Arc<Metrics>,
     lease: Option<Lease>,
     outcome: LeaseOutcome,
@@ -30,14 +33,14 @@ pub(super) struct LeaseGuard {
 impl LeaseGuard {
     pub(super) fn new(
         pool: Arc<LeasePool>,
-        revision: String,
+        function: Arc<FunctionEntry>,
         metrics: Arc<Metrics>,
         started: Instant,
     ) -> Self {
         metrics.invocations_in_flight.inc();
         Self {
             pool,
-            revision,
+            function,
             metrics,
             lease: None,
             outcome: LeaseOutcome::InstanceFailed,
@@ -72,7 +75,8 @@ impl Drop for LeaseGuard {
             .invoke_seconds
             .observe(self.started.elapsed().as_secs_f64());
         if let Some(lease) = self.lease.take() {
-            self.pool.give_back(&self.revision, lease, self.outcome);
+            self.pool
+                .give_back(&self.function.spec.revision, lease, self.outcome);
         }
     }
 }

@@ -150,7 +150,7 @@ async fn run(gw: &Arc<Gateway>, req: InvokeRequest) -> Result<InvokeResult, FcEr
 
     let mut guard = LeaseGuard::new(
         gw.leases.clone(),
-        entry.spec.revision.clone(),
+        entry.clone(),
         gw.metrics.clone(),
         Instant::now(),
     );

@@ -58,11 +58,18 @@ impl LeasePool {
             self.release(lease, outcome);
             return;
         }
-        let mut parked = self.parked.lock().unwrap_or_else(|p| p.into_inner());
-        parked.entry(revision.to_owned()).or_default().push(Parked {
+        let parked_lease = Parked {
             lease,
             until: Instant::now() + self.hold,
-        });
+        };
+        let mut parked = self.parked.lock().unwrap_or_else(|p| p.into_inner());
+        // The revision is copied only the first time it parks a lease.
+        match parked.get_mut(revision) {
+            Some(list) => list.push(parked_lease),
+            None => {
+                parked.insert(revision.to_owned(), vec![parked_lease]);
+            }
+        }
     }
 
     /// Release every lease whose window has passed (all of them if `all`).
