@@ -629,7 +629,7 @@ mod tests {
         assert_eq!(attribute("r-2 working", &calls), Some("r-2"));
         assert_eq!(attribute("no id here", &calls), None);
         assert_eq!(attribute("no id here", &calls[..1]), Some("r-1"));
-        assert_eq!(attribute("anything", &[]), None);
+        assert_eq!(attribute::<String>("anything", &[]), None);
     }
 
     #[test]
