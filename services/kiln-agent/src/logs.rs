@@ -211,6 +211,8 @@ impl LogStore {
         message: Message,
     ) {
         let now = self.clock.now_ms();
+        let mut lines = log.lock();
+        // Numbered under the function's lock: its lines stay in id order.
         let entry = Entry {
             seq: self.next_seq.fetch_add(1, Ordering::Relaxed) + 1,
             timestamp_ms: now,
@@ -218,7 +220,6 @@ impl LogStore {
             request_id,
             message,
         };
-        let mut lines = log.lock();
         lines.bytes += entry.len();
         lines.entries.push_back(entry);
         self.trim(&mut lines, now);
