@@ -318,7 +318,7 @@ fn instance_failed(err: &FcError, request_id: &HeaderValue) -> Response<Body> {
 struct InFlight {
     manager: Arc<InstanceManager>,
     instance: Arc<Instance>,
-    request_id: String,
+    request_id: Arc<str>,
     /// Why the call failed, for its End.
     error: Option<String>,
     ended: bool,
@@ -332,7 +332,9 @@ impl InFlight {
         want_tail: bool,
     ) -> Self {
         instance.enter(manager.clock.now_ms());
-        let request_id = String::from_utf8_lossy(request_id.as_bytes()).into_owned();
+        let request_id: Arc<str> = String::from_utf8_lossy(request_id.as_bytes())
+            .as_ref()
+            .into();
         instance.log.begin(&request_id, want_tail);
         Self {
             manager: manager.clone(),

@@ -65,12 +65,12 @@ impl Freezer {
     }
 
     fn entry(&self, id: &InstanceId) -> Arc<Entry> {
-        self.entries
-            .lock()
-            .expect("freezer lock")
-            .entry(id.clone())
-            .or_default()
-            .clone()
+        let mut entries = self.entries.lock().expect("freezer lock");
+        // Every call looks its entry up: the id is copied only when new.
+        if let Some(entry) = entries.get(id) {
+            return entry.clone();
+        }
+        entries.entry(id.clone()).or_default().clone()
     }
 
     /// Whether the instance is frozen now.

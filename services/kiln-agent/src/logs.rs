@@ -23,6 +23,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -66,10 +67,81 @@ pub struct LogQuery {
     pub limit: Option<usize>,
 }
 
+/// FC's framing lines, kept as what they are and written out only when
+/// someone reads them: a warm call frames itself twice, and building those
+/// lines (and a [`LogRecord`] each) per call was most of the agent's
+/// allocations on the warm path.
+const START: &str = "FC Invoke Start RequestId: ";
+const END: &str = "FC Invoke End RequestId: ";
+
+/// A kept line's text.
+enum Message {
+    Line(String),
+    /// `FC Invoke Start RequestId: {request_id}`
+    Start,
+    /// `FC Invoke End RequestId: {request_id}`
+    End,
+}
+
+/// One kept line. The record id (`{nonce}-{seq}`) and the message are
+/// rendered when the line is read ([`Entry::record`]).
+struct Entry {
+    seq: u64,
+    timestamp_ms: u64,
+    instance: Arc<InstanceId>,
+    request_id: Option<Arc<str>>,
+    message: Message,
+}
+
+impl Entry {
+    /// The message's length in bytes (what retention counts).
+    fn len(&self) -> usize {
+        let id = || self.request_id.as_deref().map_or(0, str::len);
+        match &self.message {
+            Message::Line(l) => l.len(),
+            Message::Start => START.len() + id(),
+            Message::End => END.len() + id(),
+        }
+    }
+
+    fn text(&self) -> String {
+        let id = self.request_id.as_deref().unwrap_or("");
+        match &self.message {
+            Message::Line(l) => l.clone(),
+            Message::Start => format!("{START}{id}"),
+            Message::End => format!("{END}{id}"),
+        }
+    }
+
+    fn record(&self, nonce: &str) -> LogRecord {
+        LogRecord {
+            id: format!("{nonce}-{}", self.seq),
+            timestamp_ms: self.timestamp_ms,
+            instance_id: (*self.instance).clone(),
+            request_id: self.request_id.as_deref().map(str::to_owned),
+            message: self.text(),
+        }
+    }
+}
+
+/// One function's kept lines, oldest first. Each instance of the
+/// function holds it ([`InstanceLog`]), so keeping a line takes this
+/// function's lock only, not the store's.
 #[derive(Default)]
 struct FunctionLog {
-    records: VecDeque<LogRecord>,
+    inner: Mutex<FunctionLines>,
+}
+
+#[derive(Default)]
+struct FunctionLines {
+    entries: VecDeque<Entry>,
     bytes: usize,
+}
+
+impl FunctionLog {
+    fn lock(&self) -> std::sync::MutexGuard<'_, FunctionLines> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// The node's logs, per function.
@@ -78,13 +150,8 @@ pub struct LogStore {
     clock: Arc<dyn Clock>,
     /// Distinguishes this agent process's record ids from another's.
     nonce: String,
-    inner: Mutex<StoreInner>,
-}
-
-#[derive(Default)]
-struct StoreInner {
-    next_seq: u64,
-    functions: HashMap<(AccountId, FunctionName), FunctionLog>,
+    next_seq: AtomicU64,
+    functions: Mutex<HashMap<(AccountId, FunctionName), Arc<FunctionLog>>>,
 }
 
 impl LogStore {
@@ -94,8 +161,25 @@ impl LogStore {
             retention,
             clock,
             nonce,
-            inner: Mutex::default(),
+            next_seq: AtomicU64::new(0),
+            functions: Mutex::default(),
         }
+    }
+
+    /// The function's lines, made on first use; `None` when there are none
+    /// and `create` is false.
+    fn function(
+        &self,
+        account: &AccountId,
+        function: &FunctionName,
+        create: bool,
+    ) -> Option<Arc<FunctionLog>> {
+        let mut functions = self.functions.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (account.clone(), function.clone());
+        if let Some(log) = functions.get(&key) {
+            return Some(log.clone());
+        }
+        create.then(|| functions.entry(key).or_default().clone())
     }
 
     /// Keep one line.
@@ -107,34 +191,49 @@ impl LogStore {
         request_id: Option<&str>,
         message: String,
     ) {
-        let now = self.clock.now_ms();
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        inner.next_seq += 1;
-        let id = format!("{}-{}", self.nonce, inner.next_seq);
-        let log = inner
-            .functions
-            .entry((account.clone(), function.clone()))
-            .or_default();
-        log.bytes += message.len();
-        log.records.push_back(LogRecord {
-            id,
-            timestamp_ms: now,
-            instance_id: instance.clone(),
-            request_id: request_id.map(str::to_owned),
-            message,
-        });
-        self.trim(log, now);
+        let log = self
+            .function(account, function, true)
+            .expect("made when missing");
+        self.keep(
+            &log,
+            Arc::new(instance.clone()),
+            request_id.map(Arc::from),
+            Message::Line(message),
+        );
     }
 
-    fn trim(&self, log: &mut FunctionLog, now: u64) {
+    /// Keep one line in `log`.
+    fn keep(
+        &self,
+        log: &FunctionLog,
+        instance: Arc<InstanceId>,
+        request_id: Option<Arc<str>>,
+        message: Message,
+    ) {
+        let now = self.clock.now_ms();
+        let mut lines = log.lock();
+        // Numbered under the function's lock: its lines stay in id order.
+        let entry = Entry {
+            seq: self.next_seq.fetch_add(1, Ordering::Relaxed) + 1,
+            timestamp_ms: now,
+            instance,
+            request_id,
+            message,
+        };
+        lines.bytes += entry.len();
+        lines.entries.push_back(entry);
+        self.trim(&mut lines, now);
+    }
+
+    fn trim(&self, lines: &mut FunctionLines, now: u64) {
         let max_age = self.retention.max_age.as_millis() as u64;
-        while let Some(first) = log.records.front() {
+        while let Some(first) = lines.entries.front() {
             let too_old = now.saturating_sub(first.timestamp_ms) > max_age;
-            if !too_old && log.bytes <= self.retention.max_bytes {
+            if !too_old && lines.bytes <= self.retention.max_bytes {
                 break;
             }
-            log.bytes -= first.message.len();
-            log.records.pop_front();
+            lines.bytes -= first.len();
+            lines.entries.pop_front();
         }
     }
 
@@ -147,25 +246,23 @@ impl LogStore {
         q: &LogQuery,
     ) -> Vec<LogRecord> {
         let now = self.clock.now_ms();
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(log) = inner
-            .functions
-            .get_mut(&(account.clone(), function.clone()))
-        else {
+        let Some(log) = self.function(account, function, false) else {
             return Vec::new();
         };
-        self.trim(log, now);
+        let mut lines = log.lock();
+        self.trim(&mut lines, now);
         let limit = q.limit.unwrap_or(usize::MAX);
-        log.records
+        lines
+            .entries
             .iter()
-            .filter(|r| q.since_ms.is_none_or(|s| r.timestamp_ms >= s))
-            .filter(|r| {
+            .filter(|e| q.since_ms.is_none_or(|s| e.timestamp_ms >= s))
+            .filter(|e| {
                 q.request_id
                     .as_deref()
-                    .is_none_or(|id| r.request_id.as_deref() == Some(id))
+                    .is_none_or(|id| e.request_id.as_deref() == Some(id))
             })
             .take(limit)
-            .cloned()
+            .map(|e| e.record(&self.nonce))
             .collect()
     }
 }
@@ -220,23 +317,25 @@ fn percent_decode(s: &str) -> String {
 
 /// Which call a line belongs to: one whose request id it contains, else
 /// the only call in flight, else none (the instance's own line).
-pub fn attribute<'a>(line: &str, in_flight: &'a [String]) -> Option<&'a str> {
-    if let Some(id) = in_flight
+pub fn attribute<'a, S: AsRef<str>>(line: &str, in_flight: &'a [S]) -> Option<&'a str> {
+    attribute_index(line, in_flight, |s| s.as_ref()).map(|i| in_flight[i].as_ref())
+}
+
+/// [`attribute`] over anything with a request id: the index of the owner.
+fn attribute_index<T>(line: &str, in_flight: &[T], id: impl Fn(&T) -> &str) -> Option<usize> {
+    if let Some(i) = in_flight
         .iter()
-        .find(|id| !id.is_empty() && line.contains(id.as_str()))
+        .position(|c| !id(c).is_empty() && line.contains(id(c)))
     {
-        return Some(id);
+        return Some(i);
     }
-    match in_flight {
-        [only] => Some(only),
-        _ => None,
-    }
+    (in_flight.len() == 1).then_some(0)
 }
 
 /// One call in flight: its request id and, when the caller asked for
 /// FC's Tail, its own last lines.
 struct Call {
-    request_id: String,
+    request_id: Arc<str>,
     tail: Option<Tail>,
 }
 
@@ -247,9 +346,9 @@ struct Tail {
 }
 
 impl Tail {
-    fn push(&mut self, line: &str) {
+    fn push(&mut self, line: String) {
         self.bytes += line.len() + 1;
-        self.lines.push_back(line.to_owned());
+        self.lines.push_back(line);
         // Drop a first line only while the rest still fills the tail.
         while let Some(first) = self.lines.front() {
             if self.bytes - (first.len() + 1) < TAIL_BYTES {
@@ -302,10 +401,11 @@ fn read_at_most(f: &std::fs::File, buf: &mut [u8], offset: u64) -> usize {
 
 /// One instance's console, read incrementally and attributed to calls.
 pub struct InstanceLog {
-    account: AccountId,
-    function: FunctionName,
-    instance: InstanceId,
+    instance: Arc<InstanceId>,
     store: Arc<LogStore>,
+    /// The function's lines in `store`, held so that keeping a line needs
+    /// neither the store's lock nor its key.
+    lines: Arc<FunctionLog>,
     capture: Mutex<Capture>,
 }
 
@@ -324,11 +424,13 @@ impl InstanceLog {
             (Some(p), true) => std::fs::metadata(p).map(|m| m.len()).unwrap_or(0),
             _ => 0,
         };
+        let lines = store
+            .function(&account, &function, true)
+            .expect("made when missing");
         Self {
-            account,
-            function,
-            instance,
+            instance: Arc::new(instance),
             store,
+            lines,
             capture: Mutex::new(Capture {
                 path,
                 file: None,
@@ -383,6 +485,9 @@ impl InstanceLog {
     /// Record the complete lines of `cap.partial` (and the rest too when
     /// `flush_partial`).
     fn split_locked(&self, cap: &mut Capture, flush_partial: bool) {
+        if cap.partial.is_empty() {
+            return;
+        }
         let mut start = 0;
         let mut lines = Vec::new();
         while let Some(pos) = cap.partial[start..].iter().position(|b| *b == b'\n') {
@@ -400,52 +505,49 @@ impl InstanceLog {
         for raw in lines {
             let line = String::from_utf8_lossy(&raw);
             let line = line.trim_end_matches('\r');
-            self.record_locked(cap, None, line);
+            self.record_output(cap, line);
         }
     }
 
-    /// Keep `line`, for `request_id` or attributed by [`attribute`].
-    fn record_locked(&self, cap: &mut Capture, request_id: Option<&str>, line: &str) {
-        let owner = match request_id {
-            Some(id) => Some(id.to_owned()),
-            None => {
-                let ids: Vec<String> = cap.calls.iter().map(|c| c.request_id.clone()).collect();
-                attribute(line, &ids).map(str::to_owned)
-            }
-        };
-        if let Some(owner) = &owner {
-            if let Some(tail) = cap
-                .calls
-                .iter_mut()
-                .find(|c| &c.request_id == owner)
-                .and_then(|c| c.tail.as_mut())
-            {
-                tail.push(line);
-            }
+    /// Keep a line of the function's output, attributed by [`attribute`].
+    fn record_output(&self, cap: &mut Capture, line: &str) {
+        let owner = attribute_index(line, &cap.calls, |c| &c.request_id).map(|i| &mut cap.calls[i]);
+        let request_id = owner.as_ref().map(|c| c.request_id.clone());
+        if let Some(tail) = owner.and_then(|c| c.tail.as_mut()) {
+            tail.push(line.to_owned());
         }
-        self.store.append(
-            &self.account,
-            &self.function,
-            &self.instance,
-            owner.as_deref(),
-            line.to_owned(),
-        );
+        self.keep(request_id, Message::Line(line.to_owned()));
+    }
+
+    /// Keep a line of the call `call` (its framing, or its error).
+    fn record_call(&self, call: &mut Call, message: Message) {
+        if let Some(tail) = call.tail.as_mut() {
+            let text = match &message {
+                Message::Line(l) => l.clone(),
+                Message::Start => format!("{START}{}", call.request_id),
+                Message::End => format!("{END}{}", call.request_id),
+            };
+            tail.push(text);
+        }
+        self.keep(Some(call.request_id.clone()), message);
+    }
+
+    fn keep(&self, request_id: Option<Arc<str>>, message: Message) {
+        self.store
+            .keep(&self.lines, self.instance.clone(), request_id, message);
     }
 
     /// A call starts: FC's `FC Invoke Start RequestId:` line.
-    pub fn begin(&self, request_id: &str, want_tail: bool) {
+    pub fn begin(&self, request_id: &Arc<str>, want_tail: bool) {
         let mut cap = self.lock();
         // What came before belongs to the calls before.
         self.drain_locked(&mut cap, false);
-        cap.calls.push(Call {
-            request_id: request_id.to_owned(),
+        let mut call = Call {
+            request_id: request_id.clone(),
             tail: want_tail.then(Tail::default),
-        });
-        self.record_locked(
-            &mut cap,
-            Some(request_id),
-            &format!("FC Invoke Start RequestId: {request_id}"),
-        );
+        };
+        self.record_call(&mut call, Message::Start);
+        cap.calls.push(call);
     }
 
     /// A call ends, with the cause when the function failed without
@@ -454,16 +556,17 @@ impl InstanceLog {
     pub fn end(&self, request_id: &str, error: Option<&str>) -> Option<Vec<u8>> {
         let mut cap = self.lock();
         self.drain_locked(&mut cap, false);
+        let mut call = match cap.calls.iter().position(|c| &*c.request_id == request_id) {
+            Some(pos) => cap.calls.remove(pos),
+            None => Call {
+                request_id: Arc::from(request_id),
+                tail: None,
+            },
+        };
         if let Some(cause) = error {
-            self.record_locked(&mut cap, Some(request_id), &format!("Error: {cause}"));
+            self.record_call(&mut call, Message::Line(format!("Error: {cause}")));
         }
-        self.record_locked(
-            &mut cap,
-            Some(request_id),
-            &format!("FC Invoke End RequestId: {request_id}"),
-        );
-        let pos = cap.calls.iter().position(|c| c.request_id == request_id)?;
-        let call = cap.calls.remove(pos);
+        self.record_call(&mut call, Message::End);
         call.tail.map(|t| t.render())
     }
 
@@ -471,13 +574,7 @@ impl InstanceLog {
     pub fn event(&self, message: &str) {
         let mut cap = self.lock();
         self.drain_locked(&mut cap, false);
-        self.store.append(
-            &self.account,
-            &self.function,
-            &self.instance,
-            None,
-            message.to_owned(),
-        );
+        self.keep(None, Message::Line(message.to_owned()));
     }
 
     /// The console being read, while the instance lives.
@@ -533,7 +630,7 @@ mod tests {
         assert_eq!(attribute("r-2 working", &calls), Some("r-2"));
         assert_eq!(attribute("no id here", &calls), None);
         assert_eq!(attribute("no id here", &calls[..1]), Some("r-1"));
-        assert_eq!(attribute("anything", &[]), None);
+        assert_eq!(attribute::<String>("anything", &[]), None);
     }
 
     #[test]
@@ -546,10 +643,10 @@ mod tests {
         let (a, f, i) = ids();
         let log = InstanceLog::new(store.clone(), a.clone(), f.clone(), i, Some(path), false);
         writeln!(console, "listening on 9000").unwrap();
-        log.begin("req-a", true);
+        log.begin(&"req-a".into(), true);
         writeln!(console, "req-a: only call so far").unwrap();
         log.drain();
-        log.begin("req-b", true);
+        log.begin(&"req-b".into(), true);
         writeln!(console, "req-b: step 1").unwrap();
         writeln!(console, "req-a: step 1").unwrap();
         writeln!(console, "whose line is this").unwrap();
@@ -615,7 +712,7 @@ mod tests {
         let mut console = std::fs::File::create(&path).unwrap();
         let (a, f, i) = ids();
         let log = InstanceLog::new(store, a, f, i, Some(path), false);
-        log.begin("r", true);
+        log.begin(&"r".into(), true);
         for n in 0..500 {
             writeln!(console, "line {n:04}").unwrap();
         }
@@ -628,7 +725,7 @@ mod tests {
         );
         assert!(!text.contains("Invoke Start"));
         // A call without Tail gets none.
-        log.begin("s", false);
+        log.begin(&"s".into(), false);
         assert_eq!(log.end("s", None), None);
     }
 
@@ -668,6 +765,44 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(store.query(&a, &f, &q).len(), 1);
+    }
+
+    #[test]
+    fn framing_lines_read_as_written_and_count_at_their_length() {
+        // One call's Start and End take exactly this many bytes, so the
+        // store keeps the last call's framing and nothing older.
+        let one_call =
+            "FC Invoke Start RequestId: r-1".len() + "FC Invoke End RequestId: r-1".len();
+        let clock = Arc::new(ManualClock::new(1_000));
+        let store = store(one_call, clock);
+        let (a, f, i) = ids();
+        let log = InstanceLog::new(store.clone(), a.clone(), f.clone(), i.clone(), None, false);
+        for n in 1..=2 {
+            let id: Arc<str> = format!("r-{n}").into();
+            log.begin(&id, false);
+            assert_eq!(log.end(&id, None), None);
+        }
+        let kept = store.query(&a, &f, &LogQuery::default());
+        assert_eq!(
+            messages(&kept),
+            [
+                (
+                    Some("r-2".to_owned()),
+                    "FC Invoke Start RequestId: r-2".to_owned()
+                ),
+                (
+                    Some("r-2".to_owned()),
+                    "FC Invoke End RequestId: r-2".to_owned()
+                ),
+            ]
+        );
+        assert!(kept.iter().all(|r| r.instance_id == i));
+        assert_ne!(kept[0].id, kept[1].id);
+        assert_eq!(kept[0].id.split_once('-').map(|(n, _)| n.len()), Some(8));
+        // An End without its Start (never expected) is still written.
+        assert_eq!(log.end("r-9", Some("gone")), None);
+        let last = store.query(&a, &f, &LogQuery::default());
+        assert_eq!(last.last().unwrap().message, "FC Invoke End RequestId: r-9");
     }
 
     #[test]

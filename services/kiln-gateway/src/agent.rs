@@ -147,7 +147,13 @@ fn forwardable(name: &HeaderName) -> bool {
 /// The agent's invoke request: the payload, the request id and the
 /// caller's own headers.
 fn request(lease: &Lease, call: &InvokeRequest) -> Result<Request<Payload>> {
-    let u = url(&lease.agent_url, &paths::agent_invoke(&lease.instance_id));
+    // One string for the whole URL (this runs per call).
+    let u = format!(
+        "{}/v1/instances/{}/invoke",
+        lease.agent_url.trim_end_matches('/'),
+        lease.instance_id
+    );
+    debug_assert!(u.ends_with(&paths::agent_invoke(&lease.instance_id)));
     let mut req = Request::builder()
         .method(Method::POST)
         .uri(&u)

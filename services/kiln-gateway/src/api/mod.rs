@@ -509,7 +509,7 @@ pub async fn handle(
             resp.headers_mut().insert(REQUEST_ID, v);
         }
         gw.metrics
-            .request("DownloadFunctionCode", resp.status().as_str());
+            .request("DownloadFunctionCode", resp.status().as_u16());
         return resp;
     }
     let started = Instant::now();
@@ -577,7 +577,7 @@ pub async fn handle(
         resp.headers_mut().insert(REQUEST_ID, v);
     }
     let op_name = op.map_or("Unknown", Operation::as_str);
-    gw.metrics.request(op_name, resp.status().as_str());
+    gw.metrics.request(op_name, resp.status().as_u16());
     span.in_scope(|| {
         tracing::debug!(
             status = resp.status().as_u16(),

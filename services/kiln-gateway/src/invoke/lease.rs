@@ -14,13 +14,16 @@ use kiln_internal_api::server::BoxError;
 use kiln_internal_api::{Lease, LeaseOutcome};
 
 use super::pool::{Held, LeasePool};
+use crate::catalog::FunctionEntry;
 use crate::metrics::Metrics;
 
 /// Counts the call in flight and gives its lease back when dropped, with
 /// the outcome last set.
 pub(super) struct LeaseGuard {
     pool: Arc<LeasePool>,
-    revision: String,
+    /// The function called: its revision names the parked leases (held,
+    /// not copied, per call).
+    function: Arc<FunctionEntry>,
     /// The longest a call of this revision may run (its deadline).
     need: Duration,
     metrics: Arc<Metrics>,
@@ -32,7 +35,7 @@ pub(super) struct LeaseGuard {
 impl LeaseGuard {
     pub(super) fn new(
         pool: Arc<LeasePool>,
-        revision: String,
+        function: Arc<FunctionEntry>,
         need: Duration,
         metrics: Arc<Metrics>,
         started: Instant,
@@ -40,7 +43,7 @@ impl LeaseGuard {
         metrics.invocations_in_flight.inc();
         Self {
             pool,
-            revision,
+            function,
             need,
             metrics,
             lease: None,
@@ -81,8 +84,12 @@ impl Drop for LeaseGuard {
             .invoke_seconds
             .observe(self.started.elapsed().as_secs_f64());
         if let Some(lease) = self.lease.take() {
-            self.pool
-                .give_back(&self.revision, lease, self.need, self.outcome);
+            self.pool.give_back(
+                &self.function.spec.revision,
+                lease,
+                self.need,
+                self.outcome,
+            );
         }
     }
 }

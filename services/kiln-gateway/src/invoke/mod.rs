@@ -154,7 +154,7 @@ async fn run(gw: &Arc<Gateway>, req: InvokeRequest) -> Result<InvokeResult, FcEr
 
     let mut guard = LeaseGuard::new(
         gw.leases.clone(),
-        entry.spec.revision.clone(),
+        entry.clone(),
         deadline,
         gw.metrics.clone(),
         Instant::now(),

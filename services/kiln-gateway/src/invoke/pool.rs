@@ -94,11 +94,18 @@ impl LeasePool {
             self.release(held.lease, outcome);
             return;
         }
-        let mut parked = self.parked.lock().unwrap_or_else(|p| p.into_inner());
-        parked.entry(revision.to_owned()).or_default().push(Parked {
+        let p = Parked {
             held,
             until: now + self.hold,
-        });
+        };
+        let mut parked = self.parked.lock().unwrap_or_else(|p| p.into_inner());
+        // The revision is copied only the first time it parks a lease.
+        match parked.get_mut(revision) {
+            Some(list) => list.push(p),
+            None => {
+                parked.insert(revision.to_owned(), vec![p]);
+            }
+        }
     }
 
     /// Release every lease whose window has passed (all of them if `all`).
