@@ -84,12 +84,8 @@ impl Drop for LeaseGuard {
             .invoke_seconds
             .observe(self.started.elapsed().as_secs_f64());
         if let Some(lease) = self.lease.take() {
-            self.pool.give_back(
-                &self.function.spec.revision,
-                lease,
-                self.need,
-                self.outcome,
-            );
+            self.pool
+                .give_back(&self.function.spec.revision, lease, self.need, self.outcome);
         }
     }
 }
