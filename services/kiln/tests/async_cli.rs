@@ -4,40 +4,21 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::process::Output;
-use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use kiln_core::{InstanceId, LeaseId, NodeId};
-use kiln_internal_api::server::{self, full, Body};
+use kiln_internal_api::server::{self, full};
 use kiln_internal_api::Lease;
 use kiln_pki::DevPki;
 use serde_json::{json, Value};
-use tokio::net::TcpListener;
 
 const ACCOUNT: &str = "1000000000000001";
 const AK: &str = "AKCLI00000000001";
 const SK: &str = "secret-of-the-cli-test-001";
-
-async fn serve<F, Fut>(tls: Arc<rustls::ServerConfig>, f: F) -> SocketAddr
-where
-    F: Fn(Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Response<Body>> + Send + 'static,
-{
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(server::serve_tls(
-        l,
-        tls,
-        move |req, _| f(req),
-        std::future::pending(),
-    ));
-    addr
-}
 
 fn kiln(creds: &std::path::Path, args: &[&str]) -> Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
@@ -56,7 +37,7 @@ fn stdout(o: &Output) -> String {
 async fn cli_invokes_async_and_manages_tasks() {
     let dir = tempfile::tempdir().unwrap();
     let pki = DevPki::ensure(&dir.path().join("pki"), &[]).unwrap();
-    let agent = serve(
+    let agent = common::serve_fake(
         kiln_pki::internal_server_config(&pki.files("agent")).unwrap(),
         |req: Request<hyper::body::Incoming>| async move {
             let body = req.into_body().collect().await.unwrap().to_bytes();
@@ -69,7 +50,7 @@ async fn cli_invokes_async_and_manages_tasks() {
     )
     .await;
     let agent_url = format!("https://127.0.0.1:{}", agent.port());
-    let sched = serve(
+    let sched = common::serve_fake(
         kiln_pki::internal_server_config(&pki.files("scheduler")).unwrap(),
         move |req: Request<hyper::body::Incoming>| {
             let agent_url = agent_url.clone();

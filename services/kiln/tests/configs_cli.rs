@@ -35,13 +35,7 @@ fn stderr(o: &Output) -> String {
 async fn cli_manages_provision_and_concurrency_configs() {
     let dir = tempfile::tempdir().unwrap();
     let pki = DevPki::ensure(&dir.path().join("pki"), &[]).unwrap();
-    let sched = kiln_scheduler::start(kiln_scheduler::SchedulerConfig::new(
-        dir.path().join("scheduler"),
-        "127.0.0.1:0".parse().unwrap(),
-        pki.files("scheduler"),
-    ))
-    .await
-    .unwrap();
+    let sched = common::loopback_scheduler(dir.path(), &pki).await;
     let (gw, creds_path, client) = common::cli_gateway(
         dir.path(),
         &pki,

@@ -56,13 +56,7 @@ async fn get(client: &FcClient, path: &str) -> Value {
 async fn s_yaml_projects_deploy_converge_and_refuse_what_kiln_cannot_do() {
     let dir = tempfile::tempdir().unwrap();
     let pki = DevPki::ensure(&dir.path().join("pki"), &[]).unwrap();
-    let sched = kiln_scheduler::start(kiln_scheduler::SchedulerConfig::new(
-        dir.path().join("scheduler"),
-        "127.0.0.1:0".parse().unwrap(),
-        pki.files("scheduler"),
-    ))
-    .await
-    .unwrap();
+    let sched = common::loopback_scheduler(dir.path(), &pki).await;
     let (_gw, creds, client) = common::cli_gateway_with(
         dir.path(),
         &pki,

@@ -84,13 +84,7 @@ async fn keys_are_created_used_disabled_enabled_and_deleted() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path();
     let pki = DevPki::ensure(&state.join("pki"), &[]).unwrap();
-    let sched = kiln_scheduler::start(kiln_scheduler::SchedulerConfig::new(
-        state.join("scheduler"),
-        "127.0.0.1:0".parse().unwrap(),
-        pki.files("scheduler"),
-    ))
-    .await
-    .unwrap();
+    let sched = common::loopback_scheduler(state, &pki).await;
     let (gw, _creds, bootstrap) = common::cli_gateway(
         state,
         &pki,

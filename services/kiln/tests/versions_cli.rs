@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::process::Output;
 use std::sync::{Arc, Mutex};
 
@@ -14,31 +13,14 @@ use base64::Engine;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use kiln_core::{InstanceId, LeaseId, NodeId};
-use kiln_internal_api::server::{self, full, Body};
+use kiln_internal_api::server::{self, full};
 use kiln_internal_api::{AcquireLease, Lease};
 use kiln_pki::DevPki;
 use serde_json::{json, Value};
-use tokio::net::TcpListener;
 
 const ACCOUNT: &str = "1000000000000002";
 const AK: &str = "AKCLI00000000002";
 const SK: &str = "secret-of-the-cli-test-002";
-
-async fn serve<F, Fut>(tls: Arc<rustls::ServerConfig>, f: F) -> SocketAddr
-where
-    F: Fn(Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Response<Body>> + Send + 'static,
-{
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(server::serve_tls(
-        l,
-        tls,
-        move |req, _| f(req),
-        std::future::pending(),
-    ));
-    addr
-}
 
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
@@ -51,7 +33,7 @@ async fn cli_publishes_versions_and_rolls_aliases() {
     // The version of the last lease: the agent answers with it.
     let placed: Arc<Mutex<String>> = Arc::default();
     let p = placed.clone();
-    let agent = serve(
+    let agent = common::serve_fake(
         kiln_pki::internal_server_config(&pki.files("agent")).unwrap(),
         move |req: Request<hyper::body::Incoming>| {
             let p = p.clone();
@@ -69,7 +51,7 @@ async fn cli_publishes_versions_and_rolls_aliases() {
     .await;
     let agent_url = format!("https://127.0.0.1:{}", agent.port());
     let p = placed.clone();
-    let sched = serve(
+    let sched = common::serve_fake(
         kiln_pki::internal_server_config(&pki.files("scheduler")).unwrap(),
         move |req: Request<hyper::body::Incoming>| {
             let (agent_url, p) = (agent_url.clone(), p.clone());

@@ -588,3 +588,41 @@ pub fn one_file_zip(name: &str, content: &[u8]) -> Vec<u8> {
     w.write_all(content).unwrap();
     w.finish().unwrap().into_inner()
 }
+
+/// A real scheduler in this process on a loopback port, with the dev
+/// PKI's scheduler certificate and its state under `dir/scheduler`.
+pub async fn loopback_scheduler(
+    dir: &Path,
+    pki: &kiln_pki::DevPki,
+) -> kiln_scheduler::SchedulerHandle {
+    kiln_scheduler::start(kiln_scheduler::SchedulerConfig::new(
+        dir.join("scheduler"),
+        "127.0.0.1:0".parse().unwrap(),
+        pki.files("scheduler"),
+    ))
+    .await
+    .unwrap()
+}
+
+/// A fake internal service (scheduler or agent) under `tls` on a loopback
+/// port, answering every request with `f`, until the test ends.
+pub async fn serve_fake<F, Fut>(
+    tls: std::sync::Arc<rustls::ServerConfig>,
+    f: F,
+) -> std::net::SocketAddr
+where
+    F: Fn(http::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = http::Response<kiln_internal_api::server::Body>>
+        + Send
+        + 'static,
+{
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(kiln_internal_api::server::serve_tls(
+        l,
+        tls,
+        move |req, _| f(req),
+        std::future::pending(),
+    ));
+    addr
+}
