@@ -520,7 +520,7 @@ impl Cli {
 
 fn client(cli: &Cli) -> Result<FcClient> {
     let path = credentials::resolve_path(cli.credentials.as_deref())?;
-    let creds = Credentials::load(&path)?;
+    let creds = Credentials::load(&path)?.with_env(|k| std::env::var(k).ok())?;
     Ok(FcClient::new(creds)?)
 }
 

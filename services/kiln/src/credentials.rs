@@ -15,7 +15,17 @@ pub struct Credentials {
     pub access_key_secret: String,
     /// Path of the PEM a client must trust for `endpoint`.
     pub ca_cert: PathBuf,
+    /// An STS token, for temporary credentials (sent as
+    /// `x-acs-security-token`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security_token: Option<String>,
 }
+
+/// The environment variables FC's SDKs and Serverless Devs read for a key.
+pub const ENV_ACCESS_KEY_ID: &str = "ALIBABA_CLOUD_ACCESS_KEY_ID";
+pub const ENV_ACCESS_KEY_SECRET: &str = "ALIBABA_CLOUD_ACCESS_KEY_SECRET";
+pub const ENV_SECURITY_TOKEN: &str = "ALIBABA_CLOUD_SECURITY_TOKEN";
+pub const ENV_ACCOUNT_ID: &str = "ALIBABA_CLOUD_ACCOUNT_ID";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialsError {
@@ -39,6 +49,13 @@ pub enum CredentialsError {
     },
     #[error("Cannot find the home directory: set HOME or pass --credentials FILE")]
     NoHome,
+    #[error(
+        "{set} is set but {missing} is not: set both, or neither to use the credentials file's key"
+    )]
+    HalfAKey {
+        set: &'static str,
+        missing: &'static str,
+    },
 }
 
 /// `~/.kiln`.
@@ -88,6 +105,42 @@ impl Credentials {
         Ok(creds)
     }
 
+    /// The key FC users keep in their environment, over the file's:
+    /// `ALIBABA_CLOUD_ACCESS_KEY_ID` and `_SECRET` together (one alone is
+    /// an error, never half of each key), with `ALIBABA_CLOUD_SECURITY_TOKEN`
+    /// for temporary credentials and `ALIBABA_CLOUD_ACCOUNT_ID`. The
+    /// endpoint and the CA still come from the file.
+    pub fn with_env(
+        mut self,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, CredentialsError> {
+        let get = |k: &str| env(k).filter(|v| !v.is_empty());
+        match (get(ENV_ACCESS_KEY_ID), get(ENV_ACCESS_KEY_SECRET)) {
+            (Some(id), Some(secret)) => {
+                self.access_key_id = id;
+                self.access_key_secret = secret;
+                self.security_token = get(ENV_SECURITY_TOKEN);
+            }
+            (Some(_), None) => {
+                return Err(CredentialsError::HalfAKey {
+                    set: ENV_ACCESS_KEY_ID,
+                    missing: ENV_ACCESS_KEY_SECRET,
+                })
+            }
+            (None, Some(_)) => {
+                return Err(CredentialsError::HalfAKey {
+                    set: ENV_ACCESS_KEY_SECRET,
+                    missing: ENV_ACCESS_KEY_ID,
+                })
+            }
+            (None, None) => {}
+        }
+        if let Some(account) = get(ENV_ACCOUNT_ID) {
+            self.account_id = account;
+        }
+        Ok(self)
+    }
+
     /// Write with mode 0600: the file holds a secret.
     pub fn write(&self, path: &Path) -> Result<(), CredentialsError> {
         use std::io::Write;
@@ -126,6 +179,7 @@ mod tests {
             access_key_id: "ak".into(),
             access_key_secret: "sk".into(),
             ca_cert: dir.join("ca.pem"),
+            security_token: None,
         }
     }
 
@@ -170,6 +224,56 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("https://"));
+    }
+
+    #[test]
+    fn the_environment_key_replaces_the_files_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                pairs
+                    .iter()
+                    .find(|(name, _)| *name == k)
+                    .map(|(_, v)| (*v).to_owned())
+            }
+        };
+        let c = sample(dir.path())
+            .with_env(env(&[
+                (ENV_ACCESS_KEY_ID, "LTAIenv"),
+                (ENV_ACCESS_KEY_SECRET, "env-secret"),
+                (ENV_SECURITY_TOKEN, "sts-token"),
+                (ENV_ACCOUNT_ID, "5678"),
+            ]))
+            .unwrap();
+        assert_eq!(
+            (c.access_key_id.as_str(), c.access_key_secret.as_str()),
+            ("LTAIenv", "env-secret")
+        );
+        assert_eq!(c.security_token.as_deref(), Some("sts-token"));
+        assert_eq!(c.account_id, "5678");
+        assert_eq!(
+            c.endpoint, "https://127.0.0.1:8443",
+            "the endpoint stays the file's"
+        );
+        // No key in the environment: the file's, without a token.
+        assert_eq!(
+            sample(dir.path()).with_env(env(&[])).unwrap(),
+            sample(dir.path())
+        );
+        // A token alone does not attach to the file's long-term key.
+        let c = sample(dir.path())
+            .with_env(env(&[(ENV_SECURITY_TOKEN, "stray")]))
+            .unwrap();
+        assert_eq!(c.security_token, None);
+        // Half a key is refused, never mixed with the file's other half.
+        for half in [
+            &[(ENV_ACCESS_KEY_ID, "LTAIenv")][..],
+            &[(ENV_ACCESS_KEY_SECRET, "env-secret")][..],
+        ] {
+            let pairs: &'static [(&'static str, &'static str)] = half;
+            let err = sample(dir.path()).with_env(env(pairs)).unwrap_err();
+            assert!(matches!(err, CredentialsError::HalfAKey { .. }), "{err}");
+        }
     }
 
     #[test]

@@ -69,6 +69,7 @@ pub fn signed_request(
         .unwrap_or(0);
     let mut params =
         SigningParams::new(&creds.access_key_id, &creds.access_key_secret, now, &nonce);
+    params.security_token = creds.security_token.as_deref();
     if let Some(a) = action {
         params = params.with_action(a);
     }
@@ -101,6 +102,7 @@ mod tests {
             access_key_id: "ak".into(),
             access_key_secret: "sk".into(),
             ca_cert: "/dev/null".into(),
+            security_token: None,
         };
         let req = signed_request(
             &creds,

@@ -134,6 +134,7 @@ async fn killing_an_agent_under_load_moves_calls_to_the_other_node() {
             access_key_id: "LTAIkilltest".into(),
             access_key_secret: "kill-test-secret-0123456789".into(),
             ca_cert: pki.ca_cert(),
+            security_token: None,
         })
         .unwrap(),
     );

@@ -456,6 +456,7 @@ impl Cluster {
             access_key_id: KEY_ID.into(),
             access_key_secret: SECRET.into(),
             ca_cert: ca,
+            security_token: None,
         };
         cluster.client = Some(FcClient::new(creds.clone()).unwrap());
         cluster.creds = Some(creds);

@@ -119,6 +119,7 @@ async fn the_public_edge_holds_under_idle_slowloris_and_unsigned_bulk_connection
         access_key_id: KEY_ID.into(),
         access_key_secret: SECRET.into(),
         ca_cert: pki.ca_cert(),
+        security_token: None,
     })
     .unwrap();
     let started = Instant::now();
@@ -337,6 +338,7 @@ async fn a_tenant_over_its_nonce_share_is_throttled_and_others_are_not() {
             access_key_id: key.into(),
             access_key_secret: secret.into(),
             ca_cert: pki.ca_cert(),
+            security_token: None,
         })
         .unwrap()
     };

@@ -166,6 +166,7 @@ async fn the_agent_survives_a_function_that_floods_logs_and_answers_huge_bodies(
         access_key_id: ak.into(),
         access_key_secret: sk.into(),
         ca_cert: pki.ca_cert(),
+        security_token: None,
     })
     .unwrap();
     let zip = common::one_file_zip("server.py", SERVER.as_bytes());

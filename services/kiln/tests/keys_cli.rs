@@ -113,6 +113,7 @@ async fn keys_are_created_used_disabled_enabled_and_deleted() {
         access_key_id: id.clone(),
         access_key_secret: secret.clone(),
         ca_cert: pki.ca_cert(),
+        security_token: None,
     })
     .unwrap();
     assert_eq!(

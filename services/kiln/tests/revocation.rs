@@ -137,6 +137,7 @@ async fn a_revoked_node_is_refused_everywhere_and_its_instances_move() {
         access_key_id: "LTAIrevoketest".into(),
         access_key_secret: "revoke-test-secret-0123456789".into(),
         ca_cert: pki.ca_cert(),
+        security_token: None,
     })
     .unwrap();
     c.create_function(&json!({

@@ -107,6 +107,7 @@ async fn services_run_as_separate_processes_from_config_files() {
         access_key_id: "LTAIseparate".into(),
         access_key_secret: "separate-secret-0123456789".into(),
         ca_cert: pki.ca_cert(),
+        security_token: None,
     };
     let c = kiln::client::FcClient::new(creds.clone()).unwrap();
     let zip = common::example_zip("hello-python");

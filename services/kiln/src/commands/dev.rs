@@ -202,6 +202,7 @@ impl DevCluster {
             access_key_id: account.access_key_id.clone(),
             access_key_secret: account.access_key_secret.clone(),
             ca_cert: pki.ca_cert(),
+            security_token: None,
         };
         // Where the internal APIs listen, for operators and tests (they
         // need a certificate from pki/ to call them).

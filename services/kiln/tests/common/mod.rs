@@ -389,6 +389,7 @@ fn placeholder_creds() -> Credentials {
         access_key_id: String::new(),
         access_key_secret: String::new(),
         ca_cert: PathBuf::new(),
+        security_token: None,
     }
 }
 
@@ -572,6 +573,7 @@ pub async fn cli_gateway_with(
         access_key_id: access_key_id.into(),
         access_key_secret: secret.into(),
         ca_cert: pki.ca_cert(),
+        security_token: None,
     };
     let credentials_path = dir.join("credentials.json");
     creds.write(&credentials_path).unwrap();
