@@ -293,6 +293,7 @@ impl Catalog {
         prefix: &str,
         after: Option<&str>,
         limit: usize,
+        keep: impl Fn(&FunctionEntry) -> bool,
     ) -> (Vec<Arc<FunctionEntry>>, bool) {
         let guard = self.functions.read().unwrap_or_else(|p| p.into_inner());
         let Some(m) = guard.get(account) else {
@@ -308,7 +309,7 @@ impl Catalog {
             .range::<str, _>((start, Bound::Unbounded))
             .skip_while(|(k, _)| k.as_str() < prefix)
             .take_while(|(k, _)| k.as_str().starts_with(prefix));
-        for (_, e) in iter {
+        for (_, e) in iter.filter(|(_, e)| keep(e)) {
             if out.len() == limit {
                 more = true;
                 break;
@@ -643,13 +644,13 @@ mod tests {
         let names = |v: Vec<Arc<FunctionEntry>>| -> Vec<String> {
             v.iter().map(|e| e.record.name.to_string()).collect()
         };
-        let (p, more) = c.list(&a, "b", None, 2);
+        let (p, more) = c.list(&a, "b", None, 2, |_| true);
         assert_eq!((names(p), more), (vec!["b1".into(), "b2".into()], true));
-        let (p, more) = c.list(&a, "b", Some("b2"), 2);
+        let (p, more) = c.list(&a, "b", Some("b2"), 2, |_| true);
         assert_eq!((names(p), more), (vec!["b3".into()], false));
-        let (p, more) = c.list(&a, "", None, 10);
+        let (p, more) = c.list(&a, "", None, 10, |_| true);
         assert_eq!((p.len(), more), (5, false));
-        let (p, _) = c.list(&"2".parse().unwrap(), "", None, 10);
+        let (p, _) = c.list(&"2".parse().unwrap(), "", None, 10, |_| true);
         assert!(p.is_empty());
     }
 

@@ -2184,3 +2184,79 @@ async fn official_python_sdk_versions_and_aliases() {
     );
     assert!(stdout.contains("SDK versions ok"), "{stdout}");
 }
+
+/// ListFunctions' FC filters narrow the list, and its pages hold only
+/// matching functions; a filter that does not parse is refused.
+#[tokio::test]
+async fn list_functions_filters_and_pages_over_matches_only() {
+    let env = Env::new().await;
+    let a = env.client(AK_A, SK_A);
+    let zip = app_zip();
+    for (name, description, team) in [
+        ("f1", "shop front", "shop"),
+        ("f2", "nightly job", "ops"),
+        ("f3", "shop api", "shop"),
+        ("f4", "shop worker", "ops"),
+    ] {
+        let mut doc = function_doc(name, &zip);
+        doc["description"] = json!(description);
+        doc["tags"] = json!([{"key": "team", "value": team}]);
+        assert_eq!(a.create(&doc).await.status, StatusCode::OK);
+    }
+    let names = |v: &Value| -> Vec<String> {
+        v["functions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["functionName"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let list = |q: String| {
+        let a = &a;
+        async move {
+            a.call(Method::GET, &format!("/2023-03-30/functions?{q}"), vec![])
+                .await
+        }
+    };
+    let tag_shop = "tags=%5B%7B%22key%22%3A%22team%22%2C%22value%22%3A%22shop%22%7D%5D";
+    // Shop functions whose description says shop: f1 and f3, one a page.
+    let first = list(format!("{tag_shop}&description=shop&limit=1"))
+        .await
+        .ok();
+    assert_eq!(names(&first), ["f1"]);
+    let token = first["nextToken"]
+        .as_str()
+        .expect("a second page")
+        .to_owned();
+    let second = list(format!(
+        "{tag_shop}&description=shop&limit=1&nextToken={}",
+        urlencoding(&token)
+    ))
+    .await
+    .ok();
+    assert_eq!(names(&second), ["f3"]);
+    assert!(
+        second.get("nextToken").is_none_or(Value::is_null),
+        "{second}"
+    );
+    assert_eq!(
+        names(&list("description=nightly".into()).await.ok()),
+        ["f2"]
+    );
+    assert_eq!(names(&list("functionName=f4".into()).await.ok()), ["f4"]);
+    assert_eq!(
+        names(&list("runtime=custom.debian12".into()).await.ok()).len(),
+        4
+    );
+    assert!(names(&list("fcVersion=v2".into()).await.ok()).is_empty());
+    list("fcVersion=v9".into())
+        .await
+        .fc_error(400, "InvalidArgument");
+    list("tags=oops".into())
+        .await
+        .fc_error(400, "InvalidArgument");
+}
+
+fn urlencoding(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+}

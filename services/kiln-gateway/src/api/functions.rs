@@ -245,9 +245,12 @@ pub fn list(
         None => None,
         Some(t) => Some(decode_token(&t)?),
     };
-    let (entries, more) = gw
-        .catalog
-        .list(&caller.account_id, &prefix, after.as_deref(), limit);
+    let filter = super::list_filter::ListFilter::from_query(parts)?;
+    let (entries, more) =
+        gw.catalog
+            .list(&caller.account_id, &prefix, after.as_deref(), limit, |e| {
+                filter.matches(&e.record)
+            });
     let next_token = if more {
         entries.last().map(|e| encode_token(e.record.name.as_str()))
     } else {

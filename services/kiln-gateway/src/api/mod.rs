@@ -11,6 +11,7 @@ pub mod instances;
 pub mod internal;
 pub mod invoke;
 pub mod layers;
+pub mod list_filter;
 pub mod logs;
 pub mod provision;
 pub mod request;
