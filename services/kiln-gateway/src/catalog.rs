@@ -552,7 +552,7 @@ impl Catalog {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::store::SqliteStore;
 
@@ -560,7 +560,8 @@ mod tests {
         crate::store::tests::record("1", name, digest)
     }
 
-    fn code(digest: &str) -> Option<NewCode> {
+    /// A three-byte package with `digest`.
+    pub(crate) fn code(digest: &str) -> Option<NewCode> {
         Some(NewCode {
             blob: CodeBlob {
                 sha256: digest.into(),
@@ -571,7 +572,8 @@ mod tests {
         })
     }
 
-    async fn catalog(dir: &std::path::Path) -> Catalog {
+    /// A catalog on a fresh SQLite store under `dir`.
+    pub(crate) async fn catalog(dir: &std::path::Path) -> Catalog {
         let store = Arc::new(
             SqliteStore::open(&dir.join("gateway.db"), crate::store::tests::sealer()).unwrap(),
         );

@@ -727,8 +727,7 @@ impl Catalog {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::catalog::NewCode;
-    use crate::store::{CodeBlob, CodeFiles, SqliteStore};
+    use crate::catalog::tests::{catalog, code};
     use rand::{Rng, SeedableRng};
 
     fn a() -> AccountId {
@@ -736,26 +735,6 @@ mod tests {
     }
     fn f() -> FunctionName {
         "f".parse().unwrap()
-    }
-
-    fn code(digest: &str) -> Option<NewCode> {
-        Some(NewCode {
-            blob: CodeBlob {
-                sha256: digest.into(),
-                size: 3,
-                checksum: "7".into(),
-            },
-            zip: b"zip".to_vec(),
-        })
-    }
-
-    async fn catalog(dir: &std::path::Path) -> Catalog {
-        let store = Arc::new(
-            SqliteStore::open(&dir.join("gateway.db"), crate::store::tests::sealer()).unwrap(),
-        );
-        Catalog::open(store, CodeFiles::new(dir.join("code")).unwrap())
-            .await
-            .unwrap()
     }
 
     async fn update_code(c: &Catalog, digest: &str) {
