@@ -13,6 +13,24 @@ use crate::commands::versions::{self, AliasFields, Output};
 use crate::commands::{bench, dev, functions, keys, nodes, observe, runtimes, tasks};
 use crate::credentials::{self, Credentials};
 
+/// `-o table|json` on the commands that list or show things (the
+/// older `--json` is the same as `-o json`).
+#[derive(Debug, Clone, Copy, Args)]
+pub struct OutputArgs {
+    /// How to print the answer: aligned columns or the gateway's JSON.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
+    output: Output,
+    /// The same as `-o json`.
+    #[arg(long)]
+    json: bool,
+}
+
+impl OutputArgs {
+    pub fn json(&self) -> bool {
+        self.json || self.output == Output::Json
+    }
+}
+
 #[derive(Debug, Parser)]
 #[command(
     name = "kiln",
@@ -87,9 +105,8 @@ pub enum Command {
     /// List a function's live instances (FC's ListInstances).
     Instances {
         function: String,
-        /// Print the gateway's JSON answer.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        out: OutputArgs,
     },
     /// Run a command inside a live instance (FC's InstanceExec); with -t,
     /// in a terminal (an interactive shell: `kiln exec -t F I -- /bin/sh`).
@@ -104,9 +121,8 @@ pub enum Command {
     },
     /// List the runtimes and where each is in its end of support.
     Runtimes {
-        /// Print the gateway's JSON answer.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        out: OutputArgs,
     },
 }
 
@@ -150,9 +166,8 @@ pub enum KeysCommand {
         /// Only this account's keys.
         #[arg(long)]
         account: Option<String>,
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        out: OutputArgs,
     },
     /// The key stops signing requests at once (it can be enabled again).
     Disable { id: String },
@@ -174,9 +189,8 @@ pub struct NodesArgs {
 #[derive(Debug, Subcommand)]
 pub enum NodesCommand {
     List {
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        out: OutputArgs,
     },
     /// No new instances on the node; its instances keep serving.
     Cordon { node: String },
@@ -338,9 +352,8 @@ pub enum TasksCommand {
         /// Newest first.
         #[arg(long)]
         desc: bool,
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        out: OutputArgs,
     },
     /// Print one task with its event history (JSON).
     Get { function: String, task: String },
@@ -372,9 +385,8 @@ pub enum ProvisionCommand {
         /// Only this function's.
         #[arg(long)]
         function: Option<String>,
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        out: OutputArgs,
     },
     /// Remove FUNCTION's provision config: its instances become on-demand.
     Delete { function: String },
@@ -395,9 +407,8 @@ pub enum ConcurrencyCommand {
         /// Only this function's.
         #[arg(long)]
         function: Option<String>,
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        out: OutputArgs,
     },
     /// Remove FUNCTION's concurrency config.
     Delete { function: String },
@@ -486,9 +497,8 @@ pub enum FunctionsCommand {
     List {
         #[arg(long)]
         prefix: Option<String>,
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        out: OutputArgs,
     },
     Get {
         name: String,
@@ -618,7 +628,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                     until_ms,
                     limit,
                     desc,
-                    json,
+                    out,
                 } => {
                     let opts = tasks::ListOptions {
                         status: status.clone(),
@@ -629,7 +639,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                         descending: *desc,
                     };
                     let all = tasks::list(&client, function, &opts).await?;
-                    if *json {
+                    if out.json() {
                         println!("{}", serde_json::to_string_pretty(&all)?);
                     } else {
                         print!("{}", tasks::table(&all));
@@ -736,9 +746,9 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Functions(cmd) => {
             let client = client(&cli)?;
             match cmd {
-                FunctionsCommand::List { prefix, json } => {
+                FunctionsCommand::List { prefix, out } => {
                     let fs = client.list_functions(prefix.as_deref()).await?;
-                    if *json {
+                    if out.json() {
                         println!("{}", serde_json::to_string_pretty(&fs)?);
                     } else {
                         functions::print_table(&fs);
@@ -771,9 +781,9 @@ pub async fn run(cli: Cli) -> Result<()> {
                     })?,
                 },
                 ProvisionCommand::Get { function } => configs::Action::Get { function },
-                ProvisionCommand::List { function, json } => configs::Action::List {
+                ProvisionCommand::List { function, out } => configs::Action::List {
                     function: function.as_deref(),
-                    json: *json,
+                    json: out.json(),
                 },
                 ProvisionCommand::Delete { function } => configs::Action::Delete { function },
             };
@@ -786,16 +796,16 @@ pub async fn run(cli: Cli) -> Result<()> {
                     body: configs::concurrency_body(*reserved),
                 },
                 ConcurrencyCommand::Get { function } => configs::Action::Get { function },
-                ConcurrencyCommand::List { function, json } => configs::Action::List {
+                ConcurrencyCommand::List { function, out } => configs::Action::List {
                     function: function.as_deref(),
-                    json: *json,
+                    json: out.json(),
                 },
                 ConcurrencyCommand::Delete { function } => configs::Action::Delete { function },
             };
             configs::run(&client(&cli)?, Kind::Concurrency, action).await
         }
         Command::Bench(args) => bench::run(args).await,
-        Command::Runtimes { json } => runtimes::run(&client(&cli)?, *json).await,
+        Command::Runtimes { out } => runtimes::run(&client(&cli)?, out.json()).await,
         Command::Logs {
             function,
             request_id,
@@ -811,8 +821,8 @@ pub async fn run(cli: Cli) -> Result<()> {
             )
             .await
         }
-        Command::Instances { function, json } => {
-            observe::instances(&client(&cli)?, function, *json).await
+        Command::Instances { function, out } => {
+            observe::instances(&client(&cli)?, function, out.json()).await
         }
         Command::Exec {
             function,
@@ -863,9 +873,9 @@ pub async fn run(cli: Cli) -> Result<()> {
             };
             let s = nodes::Scheduler::from_state_dir(&state_dir)?;
             let (node, action) = match &args.command {
-                NodesCommand::List { json } => {
+                NodesCommand::List { out } => {
                     let all = s.list().await?;
-                    if *json {
+                    if out.json() {
                         println!("{}", serde_json::to_string_pretty(&all)?);
                     } else {
                         nodes::print_table(&all);
@@ -899,12 +909,12 @@ pub async fn run(cli: Cli) -> Result<()> {
 async fn run_keys(g: &keys::Gateway, command: &KeysCommand) -> Result<()> {
     match command {
         KeysCommand::Create { account } => keys::print_created(&g.create(account).await?),
-        KeysCommand::List { account, json } => {
+        KeysCommand::List { account, out } => {
             let mut all = g.list().await?;
             if let Some(a) = account {
                 all.retain(|k| k.account_id.as_str() == a);
             }
-            if *json {
+            if out.json() {
                 println!("{}", serde_json::to_string_pretty(&all)?);
             } else {
                 keys::print_table(&all);

@@ -131,6 +131,15 @@ async fn cli_manages_provision_and_concurrency_configs() {
     assert_eq!(names, vec!["job", "web"]);
     let only = ok_json(run(&["provision", "list", "--function", "web", "--json"]).await);
     assert_eq!(only.as_array().unwrap().len(), 1);
+    // `-o json` is `--json`; `-o table` the default; anything else refused.
+    let same = ok_json(run(&["provision", "list", "--function", "web", "-o", "json"]).await);
+    assert_eq!(same, only);
+    assert_eq!(
+        stdout(&run(&["provision", "list", "-o", "table"]).await),
+        stdout(&run(&["provision", "list"]).await)
+    );
+    let o = run(&["provision", "list", "-o", "yaml"]).await;
+    assert!(!o.status.success() && stderr(&o).contains("yaml"), "{o:?}");
     let o = run(&["provision", "list"]).await;
     assert!(o.status.success(), "{o:?}");
     let table = stdout(&o);
