@@ -51,6 +51,8 @@ pub struct Cli {
 pub enum Command {
     /// Run gateway, scheduler and agent on this machine (needs root).
     Dev(DevArgs),
+    /// Print a shell completion script (`source <(kiln completions bash)`).
+    Completions { shell: clap_complete::Shell },
     /// Zip a folder and create or update a function from it.
     Deploy(DeployArgs),
     /// Invoke a function synchronously and print its answer (or, with
@@ -806,6 +808,12 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::Bench(args) => bench::run(args).await,
         Command::Runtimes { out } => runtimes::run(&client(&cli)?, out.json()).await,
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut cmd = Cli::command();
+            clap_complete::generate(*shell, &mut cmd, "kiln", &mut std::io::stdout());
+            Ok(())
+        }
         Command::Logs {
             function,
             request_id,
