@@ -192,7 +192,7 @@ impl RootfsBuilder<'_> {
         let log = self.dir.join(format!("{runtime}.log"));
         let log_file = std::fs::File::create(&log).map_err(io(&log))?;
         let log_err = log_file.try_clone().map_err(io(&log))?;
-        let status = Command::new("debootstrap")
+        let mut child = Command::new("debootstrap")
             .arg("--variant=minbase")
             .arg("--include=python3")
             .arg(SUITE)
@@ -201,9 +201,28 @@ impl RootfsBuilder<'_> {
             .stdin(Stdio::null())
             .stdout(log_file)
             .stderr(log_err)
-            .status()
-            .await
+            .kill_on_drop(true)
+            .spawn()
             .map_err(RootfsError::DebootstrapMissing)?;
+        // A few minutes on a first start: say what it is doing meanwhile.
+        let started = std::time::Instant::now();
+        let mut every = tokio::time::interval(PROGRESS_EVERY);
+        every.tick().await;
+        let status = loop {
+            tokio::select! {
+                status = child.wait() => break status.map_err(RootfsError::DebootstrapMissing)?,
+                _ = every.tick() => {
+                    let text = std::fs::read_to_string(&log).unwrap_or_default();
+                    tracing::info!(
+                        %runtime,
+                        elapsed_s = started.elapsed().as_secs(),
+                        step = last_step(&text).unwrap_or("starting"),
+                        log = %log.display(),
+                        "still building the runtime root filesystem (first start only)"
+                    );
+                }
+            }
+        };
         if !status.success() {
             return Err(RootfsError::Debootstrap {
                 status: status.to_string(),
@@ -221,6 +240,17 @@ impl RootfsBuilder<'_> {
         }
         add_mount_points(tmp)
     }
+}
+
+/// How often a build in progress says where it is.
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// debootstrap's last step in its log (its `I: ...` lines).
+fn last_step(log: &str) -> Option<&str> {
+    log.lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("I: "))
+        .map(str::trim)
 }
 
 fn ensure_dir(path: &Path, mode: u32) -> Result<(), RootfsError> {
@@ -258,6 +288,15 @@ fn build_minimal(dir: &Path) -> Result<(), RootfsError> {
 mod tests {
     use super::*;
     use crate::mounts::RecordingMounter;
+
+    #[test]
+    fn progress_names_debootstraps_last_step() {
+        let log = "I: Retrieving InRelease \nI: Validating Packages \n\
+                   W: a warning\nI: Extracting libc6...\n  some output\n";
+        assert_eq!(last_step(log), Some("Extracting libc6..."));
+        assert_eq!(last_step(""), None);
+        assert_eq!(last_step("W: only warnings\n"), None);
+    }
 
     #[test]
     fn mirror_comes_from_the_bookworm_source() {
