@@ -1058,26 +1058,15 @@ async fn official_python_sdk_round_trip() {
     let env = Env::new().await;
     let zip_path = env.state_dir.join("sdk.zip");
     std::fs::write(&zip_path, app_zip()).unwrap();
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/sdk/fc_sdk_round_trip.py"
-    );
-    let out = tokio::process::Command::new(python)
-        .arg(script)
-        .arg(format!("localhost:{}", env.addr().port()))
-        .args([AK_A, SK_A])
-        .arg(env.pki.ca_cert())
-        .arg(&zip_path)
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "SDK script failed:\n{stdout}\n{stderr}"
-    );
-    assert!(stdout.contains("SDK round trip ok"), "{stdout}");
+    run_python_sdk(
+        &python,
+        "fc_sdk_round_trip.py",
+        env.addr(),
+        &env.pki,
+        &[zip_path.as_os_str()],
+        "SDK round trip ok",
+    )
+    .await;
 }
 
 /// An https webhook receiver (the gateway's public certificate, trusted
@@ -1515,23 +1504,15 @@ async fn official_python_sdk_async() {
     let env = Env::new().await;
     let zip_path = env.state_dir.join("sdk.zip");
     std::fs::write(&zip_path, app_zip()).unwrap();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/fc_sdk_async.py");
-    let out = tokio::process::Command::new(python)
-        .arg(script)
-        .arg(format!("localhost:{}", env.addr().port()))
-        .args([AK_A, SK_A])
-        .arg(env.pki.ca_cert())
-        .arg(&zip_path)
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "SDK script failed:\n{stdout}\n{stderr}"
-    );
-    assert!(stdout.contains("SDK async ok"), "{stdout}");
+    run_python_sdk(
+        &python,
+        "fc_sdk_async.py",
+        env.addr(),
+        &env.pki,
+        &[zip_path.as_os_str()],
+        "SDK async ok",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -2166,23 +2147,15 @@ async fn official_python_sdk_versions_and_aliases() {
     let (zip1, zip2) = (env.state_dir.join("one.zip"), env.state_dir.join("two.zip"));
     std::fs::write(&zip1, zip_of(&[("app.py", b"print('one')\n")])).unwrap();
     std::fs::write(&zip2, zip_of(&[("app.py", b"print('two')\n")])).unwrap();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/fc_sdk_versions.py");
-    let out = tokio::process::Command::new(python)
-        .arg(script)
-        .arg(format!("localhost:{}", env.addr().port()))
-        .args([AK_A, SK_A])
-        .arg(env.pki.ca_cert())
-        .args([&zip1, &zip2])
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "SDK script failed:\n{stdout}\n{stderr}"
-    );
-    assert!(stdout.contains("SDK versions ok"), "{stdout}");
+    run_python_sdk(
+        &python,
+        "fc_sdk_versions.py",
+        env.addr(),
+        &env.pki,
+        &[zip1.as_os_str(), zip2.as_os_str()],
+        "SDK versions ok",
+    )
+    .await;
 }
 
 /// ListFunctions' FC filters narrow the list, and its pages hold only

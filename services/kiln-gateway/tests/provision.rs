@@ -406,23 +406,15 @@ async fn official_python_sdk_provision_configs() {
     };
     let env = Env::new().await;
     env.client(AK_A, SK_A).create("sdk-prov").await;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/fc_sdk_provision.py");
-    let out = tokio::process::Command::new(python)
-        .arg(script)
-        .arg(format!("localhost:{}", env.addr().port()))
-        .args([AK_A, SK_A])
-        .arg(env.pki.ca_cert())
-        .arg("sdk-prov")
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "SDK script failed:\n{stdout}\n{stderr}"
-    );
-    assert!(stdout.contains("SDK provision ok"), "{stdout}");
+    run_python_sdk(
+        &python,
+        "fc_sdk_provision.py",
+        env.addr(),
+        &env.pki,
+        &[std::ffi::OsStr::new("sdk-prov")],
+        "SDK provision ok",
+    )
+    .await;
     let _ = &env.state_dir;
     env.shutdown().await;
 }

@@ -283,3 +283,32 @@ impl Api {
         self.call_with(method, path, body, &[]).await
     }
 }
+
+/// Run `tests/sdk/<script>` with the official Python SDK (`python`)
+/// against the gateway at `addr`, signing with account A's key, with
+/// `args` after the endpoint, key and CA; it must exit 0 and print `ok`.
+pub async fn run_python_sdk(
+    python: &str,
+    script: &str,
+    addr: SocketAddr,
+    pki: &DevPki,
+    args: &[&std::ffi::OsStr],
+    ok: &str,
+) {
+    let out = tokio::process::Command::new(python)
+        .arg(format!("{}/tests/sdk/{script}", env!("CARGO_MANIFEST_DIR")))
+        .arg(format!("localhost:{}", addr.port()))
+        .args([AK_A, SK_A])
+        .arg(pki.ca_cert())
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "SDK script {script} failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains(ok), "{stdout}");
+}
