@@ -2233,3 +2233,22 @@ async fn list_functions_filters_and_pages_over_matches_only() {
 fn urlencoding(s: &str) -> String {
     percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
 }
+
+#[tokio::test]
+async fn official_python_sdk_tags() {
+    let Some(python) = kiln_test_support::sdk_python() else {
+        return;
+    };
+    let env = Env::new().await;
+    let zip_path = env.state_dir.join("sdk.zip");
+    std::fs::write(&zip_path, app_zip()).unwrap();
+    run_python_sdk(
+        &python,
+        "fc_sdk_tags.py",
+        env.addr(),
+        &env.pki,
+        &[zip_path.as_os_str()],
+        "SDK tags ok",
+    )
+    .await;
+}

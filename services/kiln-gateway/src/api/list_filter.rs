@@ -1,6 +1,6 @@
 //! ListFunctions' filters, as FC 3.0 takes them in the query string:
 //! `functionName` (exact), `runtime` (exact), `description` (contained),
-//! `tags` (a JSON list of `{"key", "value"}`, all of them present),
+//! `tags` (a JSON list of `{"Key", "Value"}`, all of them present),
 //! `resourceGroupId` (exact), `fcVersion` (`v3`: every Kiln function;
 //! `v2`: none) and `gpuType` (Kiln has no GPU functions: none match). A
 //! filter that does not parse is InvalidArgument, never ignored.
@@ -23,11 +23,13 @@ pub struct ListFilter {
     nothing: bool,
 }
 
+/// FC's `Tag` as the SDKs send it (`Key`, `Value`), or lower-case.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Tag {
+    #[serde(alias = "Key")]
     key: String,
-    #[serde(default)]
+    #[serde(default, alias = "Value")]
     value: String,
 }
 
@@ -84,13 +86,12 @@ impl ListFilter {
     }
 }
 
-/// FC's function `tags`: a list of `{"key", "value"}`.
+/// FC's function `tags`: a list of `{"Key", "Value"}`.
 fn has_tag(tags: Option<&Value>, want: &Tag) -> bool {
     tags.and_then(Value::as_array).is_some_and(|list| {
-        list.iter().any(|t| {
-            t.get("key").and_then(Value::as_str) == Some(want.key.as_str())
-                && t.get("value").and_then(Value::as_str).unwrap_or("") == want.value
-        })
+        list.iter()
+            .filter_map(super::tags::tag_of)
+            .any(|(k, v)| k == want.key && v == want.value)
     })
 }
 

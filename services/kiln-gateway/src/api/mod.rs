@@ -17,6 +17,7 @@ pub mod provision;
 pub mod request;
 pub mod respond;
 pub mod roles;
+pub mod tags;
 pub mod versions;
 pub mod vpc;
 
@@ -92,6 +93,9 @@ pub enum Operation {
     CreateVpcBinding,
     DeleteVpcBinding,
     ListVpcBindings,
+    TagResources,
+    UntagResources,
+    ListTagResources,
     PublishFunctionVersion,
     ListFunctionVersions,
     DeleteFunctionVersion,
@@ -145,6 +149,9 @@ impl Operation {
             Self::CreateVpcBinding => "CreateVpcBinding",
             Self::DeleteVpcBinding => "DeleteVpcBinding",
             Self::ListVpcBindings => "ListVpcBindings",
+            Self::TagResources => "TagResources",
+            Self::UntagResources => "UntagResources",
+            Self::ListTagResources => "ListTagResources",
             Self::PublishFunctionVersion => "PublishFunctionVersion",
             Self::ListFunctionVersions => "ListFunctionVersions",
             Self::DeleteFunctionVersion => "DeleteFunctionVersion",
@@ -270,6 +277,9 @@ pub enum Route {
         name: FunctionName,
         vpc: String,
     },
+    TagResources,
+    UntagResources,
+    ListTagResources,
     PublishFunctionVersion {
         name: FunctionName,
     },
@@ -351,6 +361,9 @@ const ROUTES: &[router::Route<Route, router::Signed>] = &[
     router::signed(GET, "/2023-03-30/functions/{name}/logs", |p| Ok(Route::GetFunctionLogs { name: function_name(p)? })),
     router::signed(POST, "/2023-03-30/functions/{name}/vpc-bindings", |p| Ok(Route::CreateVpcBinding { name: function_name(p)? })),
     router::signed(GET, "/2023-03-30/functions/{name}/vpc-bindings", |p| Ok(Route::ListVpcBindings { name: function_name(p)? })),
+    router::signed(POST, "/2023-03-30/tags-v2", |_| Ok(Route::TagResources)),
+    router::signed(DELETE, "/2023-03-30/tags-v2", |_| Ok(Route::UntagResources)),
+    router::signed(GET, "/2023-03-30/tags-v2", |_| Ok(Route::ListTagResources)),
     router::signed(DELETE, "/2023-03-30/functions/{name}/vpc-bindings/{vpc}", |p| Ok(Route::DeleteVpcBinding { name: function_name(p)?, vpc: p.string("vpc")? })),
     router::signed(POST, "/2023-03-30/functions/{name}/versions", |p| Ok(Route::PublishFunctionVersion { name: function_name(p)? })),
     router::signed(GET, "/2023-03-30/functions/{name}/versions", |p| Ok(Route::ListFunctionVersions { name: function_name(p)? })),
@@ -410,6 +423,9 @@ impl Route {
             Self::GetFunctionLogs { .. } => Operation::GetFunctionLogs,
             Self::CreateVpcBinding { .. } => Operation::CreateVpcBinding,
             Self::ListVpcBindings { .. } => Operation::ListVpcBindings,
+            Self::TagResources => Operation::TagResources,
+            Self::UntagResources => Operation::UntagResources,
+            Self::ListTagResources => Operation::ListTagResources,
             Self::DeleteVpcBinding { .. } => Operation::DeleteVpcBinding,
             Self::PublishFunctionVersion { .. } => Operation::PublishFunctionVersion,
             Self::ListFunctionVersions { .. } => Operation::ListFunctionVersions,
@@ -665,6 +681,9 @@ async fn dispatch(
         Route::GetFunctionLogs { name } => logs::get(gw, c, &name, &parts).await,
         Route::CreateVpcBinding { name } => vpc::create(gw, c, &name, body).await,
         Route::ListVpcBindings { name } => vpc::list(gw, c, &name),
+        Route::TagResources => tags::tag(gw, c, body).await,
+        Route::UntagResources => tags::untag(gw, c, &parts).await,
+        Route::ListTagResources => tags::list(gw, c, &parts),
         Route::DeleteVpcBinding { name, vpc } => vpc::delete(gw, c, &name, &vpc).await,
         Route::PutRole { role } => roles::put(gw, c, &role, body).await,
         Route::GetRole { role } => roles::get(gw, c, &role),
@@ -904,6 +923,9 @@ mod tests {
                     vpc: "vpc-1".into(),
                 },
             ),
+            (POST, "/2023-03-30/tags-v2", Route::TagResources),
+            (DELETE, "/2023-03-30/tags-v2", Route::UntagResources),
+            (GET, "/2023-03-30/tags-v2", Route::ListTagResources),
             (
                 POST,
                 "/2023-03-30/functions/f/versions",

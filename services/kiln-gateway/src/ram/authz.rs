@@ -61,6 +61,9 @@ pub fn resource(region: &str, account: &AccountId, route: &Route) -> String {
         | Operation::CreateVpcBinding
         | Operation::DeleteVpcBinding
         | Operation::ListVpcBindings
+        | Operation::TagResources
+        | Operation::UntagResources
+        | Operation::ListTagResources
         | Operation::PublishFunctionVersion
         | Operation::ListFunctionVersions
         | Operation::DeleteFunctionVersion
