@@ -55,9 +55,17 @@ rest = client.list_tag_resources(models.ListTagResourcesRequest(
     resource_type="function", limit=3, next_token=page.next_token)).body
 assert len(rest.tag_resources) == 1 and not rest.next_token, rest.to_map()
 
-# GetFunction shows them; ListFunctions filters on them.
+# GetFunction shows them; ListFunctions filters on them (the SDK sends
+# its tags filter as JSON), with its other filters.
 f = client.get_function("sdk-tag-b", models.GetFunctionRequest()).body
 assert {(t.key, t.value) for t in f.tags} == {("team", "shop"), ("tier", "2")}, f.to_map()
+fs = client.list_functions(models.ListFunctionsRequest(prefix="sdk-tag-", tags=[tag("tier", "1")])).body
+assert [x.function_name for x in fs.functions] == ["sdk-tag-a"], fs.to_map()
+fs = client.list_functions(models.ListFunctionsRequest(
+    prefix="sdk-tag-", runtime="custom.debian12", fc_version="v3", function_name="sdk-tag-b")).body
+assert [x.function_name for x in fs.functions] == ["sdk-tag-b"], fs.to_map()
+fs = client.list_functions(models.ListFunctionsRequest(prefix="sdk-tag-", gpu_type="fc.gpu.tesla.1")).body
+assert not fs.functions, fs.to_map()
 
 client.untag_resources(models.UntagResourcesRequest(
     resource_type="function", resource_id=["sdk-tag-a"], tag_key=["tier"]))
