@@ -16,6 +16,25 @@ pub mod skip;
 pub use captured_log::CapturedLog;
 pub use skip::{skip, Category};
 
+/// A free loopback TCP port for a service a test starts as a separate
+/// process. Picked below the kernel's ephemeral range (32768 and up by
+/// default): a port the kernel chose for `:0` stays free only until it
+/// hands it out again, to another test's outgoing connection or listener,
+/// before the service binds it (seen in CI as "Address already in use").
+pub fn free_port() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    for _ in 0..200 {
+        // RandomState is seeded randomly per instance: no RNG crate needed.
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u8(0);
+        let port = 20_000 + (h.finish() % 12_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in 20000-31999")
+}
+
 /// The executable `name` on `PATH`, if there is one.
 pub fn which(name: &str) -> Option<std::path::PathBuf> {
     let path = std::env::var_os("PATH")?;

@@ -72,13 +72,7 @@ async fn fake_scheduler(req: Request<hyper::body::Incoming>, agent_url: String) 
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use kiln_test_support::free_port;
 
 type Http = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 

@@ -67,13 +67,7 @@ async fn build_echo(dir: &Path) -> PathBuf {
     out
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use kiln_test_support::free_port;
 
 fn config(command: &Path, dir: &Path, port: u16) -> GuestConfig {
     GuestConfig {

@@ -3,7 +3,6 @@
 //! and instance subnet, torn down even when a test fails.
 #![allow(dead_code)]
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -63,13 +62,7 @@ pub fn on_path(tool: &str) -> bool {
     kiln_test_support::which(tool).is_some()
 }
 
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use kiln_test_support::free_port;
 
 /// A short random tag for names (interface names are at most 15 bytes).
 pub fn run_tag() -> String {
