@@ -58,26 +58,21 @@ async fn killing_an_agent_under_load_moves_calls_to_the_other_node() {
     let agent_ports = [common::free_port(), common::free_port()];
     let prefix = common::run_tag();
     let prefixes = [format!("{prefix}a"), format!("{prefix}b")];
-    let mut services = common::Services {
-        children: vec![],
-        prefix: prefix.clone(),
-        dir: dir.to_owned(),
-        names: vec![
-            "scheduler".into(),
-            "gateway".into(),
-            "agent-a".into(),
-            "agent-b".into(),
-        ],
-    };
+    let mut services = common::Services::new(
+        dir,
+        &prefix,
+        &["scheduler", "gateway", "agent-a", "agent-b"],
+    );
     // Heartbeats every 300 ms; a node silent for 1.5 s is written off.
     services.children.push(common::spawn_service(
         dir,
         "scheduler",
         "scheduler",
-        &format!(
-            "state_dir = {:?}\nlisten = \"127.0.0.1:{sp}\"\nheartbeat_interval_ms = 300\nnode_failure_after_ms = 1500\n{}",
-            dir.join("scheduler"),
-            common::tls_table(&pki, "scheduler")
+        &common::scheduler_config(
+            dir,
+            &pki,
+            sp,
+            "heartbeat_interval_ms = 300\nnode_failure_after_ms = 1500\n",
         ),
     ));
     services.children.push(common::spawn_service(

@@ -284,18 +284,11 @@ impl Cluster {
         let (node, inet) = (format!("{prefix}node"), format!("{prefix}inet"));
         let sandbox_extra = sandbox_extra.replace("{PREFIX}", &prefix);
         let gateway_extra = gateway_extra.replace("{PREFIX}", &prefix);
-        let mut services = common::Services {
-            children: vec![],
-            prefix: prefix.clone(),
-            dir: dir.clone(),
-            names: vec![
-                "internet".into(),
-                "control".into(),
-                "scheduler".into(),
-                "gateway".into(),
-                "agent".into(),
-            ],
-        };
+        let mut services = common::Services::new(
+            &dir,
+            &prefix,
+            &["internet", "control", "scheduler", "gateway", "agent"],
+        );
         ip(&["netns", "add", &node]);
         ip(&["-n", &node, "link", "set", "lo", "up"]);
         if uplink {
@@ -380,11 +373,7 @@ impl Cluster {
             &dir,
             &node,
             "scheduler",
-            &format!(
-                "state_dir = {:?}\nlisten = \"127.0.0.1:{sp}\"\n{}",
-                dir.join("scheduler"),
-                common::tls_table(&pki, "scheduler")
-            ),
+            &common::scheduler_config(&dir, &pki, sp, ""),
         ));
         // The public listener on every address, as `kiln dev --listen
         // 0.0.0.0:...` has it; the internal one too, so that only the

@@ -105,12 +105,10 @@ async fn the_public_edge_holds_under_idle_slowloris_and_unsigned_bulk_connection
         "{}{LIMITS}",
         common::gateway_config(dir, &pki, (sp, gp, gi), (ACCOUNT, KEY_ID, SECRET))
     );
-    let mut services = common::Services {
-        children: vec![common::spawn_service(dir, "gateway", "gateway", &config)],
-        prefix: common::run_tag(),
-        dir: dir.to_owned(),
-        names: vec!["gateway".into()],
-    };
+    let mut services = common::Services::new(dir, &common::run_tag(), &["gateway"]);
+    services
+        .children
+        .push(common::spawn_service(dir, "gateway", "gateway", &config));
     let pid = services.children[0].id();
     let public: SocketAddr = ([127, 0, 0, 1], gp).into();
     let client = FcClient::new(Credentials {
@@ -325,12 +323,10 @@ async fn a_tenant_over_its_nonce_share_is_throttled_and_others_are_not() {
          [signatures]\nskew_s = 60\nprovisioned_rps = 2\naccount_rps = 1\n",
         common::gateway_config(dir, &pki, (sp, gp, gi), (ACCOUNT, KEY_ID, SECRET))
     );
-    let mut services = common::Services {
-        children: vec![common::spawn_service(dir, "gateway", "gateway", &config)],
-        prefix: common::run_tag(),
-        dir: dir.to_owned(),
-        names: vec!["gateway".into()],
-    };
+    let mut services = common::Services::new(dir, &common::run_tag(), &["gateway"]);
+    services
+        .children
+        .push(common::spawn_service(dir, "gateway", "gateway", &config));
     let client = |account: &str, key: &str, secret: &str| {
         FcClient::new(Credentials {
             endpoint: format!("https://localhost:{gp}"),

@@ -88,21 +88,12 @@ async fn the_agent_survives_a_function_that_floods_logs_and_answers_huge_bodies(
     let dir = state.path();
     let ap = common::free_port();
     let prefix = common::run_tag();
-    let mut services = common::Services {
-        children: vec![],
-        prefix: prefix.clone(),
-        dir: dir.to_owned(),
-        names: vec!["scheduler".into(), "gateway".into(), "agent".into()],
-    };
+    let mut services = common::Services::new(dir, &prefix, &["scheduler", "gateway", "agent"]);
     services.children.push(common::spawn_service(
         dir,
         "scheduler",
         "scheduler",
-        &format!(
-            "state_dir = {:?}\nlisten = \"127.0.0.1:{sp}\"\n{}",
-            dir.join("scheduler"),
-            common::tls_table(&pki, "scheduler")
-        ),
+        &common::scheduler_config(dir, &pki, sp, ""),
     ));
     let (account, ak, sk) = (
         "1200000000000077",

@@ -59,26 +59,16 @@ async fn a_revoked_node_is_refused_everywhere_and_its_instances_move() {
     let nodes: [NodeId; 2] = ["n-a".parse().unwrap(), "n-b".parse().unwrap()];
     let agent_ports = [common::free_port(), common::free_port()];
     let prefix = common::run_tag();
-    let mut services = common::Services {
-        children: vec![],
-        prefix: prefix.clone(),
-        dir: dir.to_owned(),
-        names: vec![
-            "scheduler".into(),
-            "gateway".into(),
-            "agent-a".into(),
-            "agent-b".into(),
-        ],
-    };
+    let mut services = common::Services::new(
+        dir,
+        &prefix,
+        &["scheduler", "gateway", "agent-a", "agent-b"],
+    );
     services.children.push(common::spawn_service(
         dir,
         "scheduler",
         "scheduler",
-        &format!(
-            "state_dir = {:?}\nlisten = \"127.0.0.1:{sp}\"\nheartbeat_interval_ms = 300\n{}",
-            dir.join("scheduler"),
-            common::tls_table(&pki, "scheduler")
-        ),
+        &common::scheduler_config(dir, &pki, sp, "heartbeat_interval_ms = 300\n"),
     ));
     services.children.push(common::spawn_service(
         dir,

@@ -441,6 +441,17 @@ impl Drop for Services {
 }
 
 impl Services {
+    /// None started yet: `logs` names the `dir/<name>.log` files shown when
+    /// one dies, and everything named with `prefix` is removed at the end.
+    pub fn new(dir: &Path, prefix: &str, logs: &[&str]) -> Self {
+        Self {
+            children: vec![],
+            prefix: prefix.to_owned(),
+            dir: dir.to_owned(),
+            names: logs.iter().map(|s| (*s).to_owned()).collect(),
+        }
+    }
+
     pub fn check_alive(&mut self) {
         for c in self.children.iter_mut() {
             if let Ok(Some(status)) = c.try_wait() {
@@ -465,6 +476,17 @@ impl Services {
             .collect::<Vec<_>>()
             .join("\n")
     }
+}
+
+/// A test cluster's scheduler config: state under `dir/scheduler`,
+/// listening on loopback `port`, the dev PKI's certificates, and `extra`
+/// settings (whole lines) before them.
+pub fn scheduler_config(dir: &Path, pki: &kiln_pki::DevPki, port: u16, extra: &str) -> String {
+    format!(
+        "state_dir = {:?}\nlisten = \"127.0.0.1:{port}\"\n{extra}{}",
+        dir.join("scheduler"),
+        tls_table(pki, "scheduler")
+    )
 }
 
 /// Start `kiln-<binary>` with `config` written to `dir/<name>.toml`, its log
