@@ -21,9 +21,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::error::ApiError;
-use super::request::{caller_function, decode_raw_token, encode_token, query_param};
+use super::request::{caller_function, decode_raw_token, encode_token, function_arn, query_param};
 use super::respond::{json, no_content, Body};
 use crate::auth::Caller;
+use crate::catalog::FunctionEntry;
 use crate::gateway::Gateway;
 
 pub const TAGS_MAX: usize = 20;
@@ -101,14 +102,13 @@ fn check_tag(t: &Tag) -> Result<(), FcError> {
 
 /// A function named by its name or its ARN in the caller's account and
 /// region.
-fn function_of(gw: &Gateway, caller: &Caller, id: &str) -> Result<FunctionName, ApiError> {
-    let prefix = format!("acs:fc:{}:{}:functions/", gw.region, caller.account_id);
+fn function_of(gw: &Gateway, caller: &Caller, id: &str) -> Result<Arc<FunctionEntry>, ApiError> {
+    let prefix = function_arn(gw, caller, "");
     let name = id.strip_prefix(&prefix).unwrap_or(id);
     let name: FunctionName = name
         .parse()
         .map_err(|_| bad(format!("ResourceId {id:?} is neither a function name nor a function ARN of this account and region")))?;
-    caller_function(gw, caller, &name)?;
-    Ok(name)
+    caller_function(gw, caller, &name)
 }
 
 /// One of a function's `tags` (FC's `Tag`: `Key`, `Value`; the lower-case
@@ -179,14 +179,14 @@ pub async fn tag(
     for t in &input.tag {
         check_tag(t)?;
     }
-    let names = input
+    let entries = input
         .resource_id
         .iter()
         .map(|id| function_of(gw, caller, id))
         .collect::<Result<Vec<_>, _>>()?;
     // Every function must have room before any changes.
-    for name in &names {
-        let entry = caller_function(gw, caller, name)?;
+    for entry in &entries {
+        let name = &entry.record.name;
         let mut tags = tags_of(&entry.record.config.extras);
         merge(&mut tags, &input.tag);
         if tags.len() > TAGS_MAX {
@@ -198,7 +198,8 @@ pub async fn tag(
         }
     }
     let now = gw.clock.now_ms();
-    for name in &names {
+    for entry in &entries {
+        let name = &entry.record.name;
         gw.catalog
             .update(&caller.account_id, name, now, None, |current| {
                 let mut config = current.clone();
@@ -252,12 +253,13 @@ pub async fn untag(
     if keys.is_empty() && !all {
         return Err(bad("give TagKey, or All=true to remove every tag").into());
     }
-    let names = ids
+    let entries = ids
         .iter()
         .map(|id| function_of(gw, caller, id))
         .collect::<Result<Vec<_>, _>>()?;
     let now = gw.clock.now_ms();
-    for name in &names {
+    for entry in &entries {
+        let name = &entry.record.name;
         gw.catalog
             .update(&caller.account_id, name, now, None, |current| {
                 let mut config = current.clone();
@@ -301,33 +303,23 @@ pub fn list(
         None => None,
         Some(t) => Some(decode_raw_token(&t)?),
     };
-    let names: Vec<FunctionName> = match ids {
-        Some(ids) => {
-            let mut n = ids
-                .iter()
-                .map(|id| function_of(gw, caller, id))
-                .collect::<Result<Vec<_>, _>>()?;
-            n.sort();
-            n.dedup();
-            n
-        }
-        None => gw
-            .catalog
-            .list(&caller.account_id, "", None, usize::MAX, |_| true)
-            .0
+    let mut entries: Vec<Arc<FunctionEntry>> = match ids {
+        Some(ids) => ids
             .iter()
-            .map(|e| e.record.name.clone())
-            .collect(),
+            .map(|id| function_of(gw, caller, id))
+            .collect::<Result<_, _>>()?,
+        None => {
+            gw.catalog
+                .list(&caller.account_id, "", None, usize::MAX, |_| true)
+                .0
+        }
     };
-    let arn =
-        |n: &FunctionName| format!("acs:fc:{}:{}:functions/{n}", gw.region, caller.account_id);
-    // One row per (function, tag), in name then tag order; a page ends
-    // on a function boundary's row.
+    entries.sort_by(|a, b| a.record.name.cmp(&b.record.name));
+    entries.dedup_by(|a, b| a.record.name == b.record.name);
+    // One row per (function, tag), in name then tag order.
     let mut rows = Vec::new();
-    for name in names {
-        let Some(entry) = gw.catalog.function(&caller.account_id, &name) else {
-            continue;
-        };
+    for entry in entries {
+        let name = &entry.record.name;
         let tags = tags_of(&entry.record.config.extras);
         let carries = want
             .iter()
@@ -339,7 +331,7 @@ pub fn list(
             rows.push((
                 format!("{name}\u{0}{k}"),
                 TagResource {
-                    resource_id: arn(&name),
+                    resource_id: function_arn(gw, caller, name.as_str()),
                     resource_type: "function",
                     tag_key: k,
                     tag_value: v,

@@ -37,14 +37,13 @@ async fn deploy_function(client: &FcClient, f: &FunctionPlan) -> Result<()> {
             json!({ "zipFile": base64::engine::general_purpose::STANDARD.encode(zip) }),
         );
     }
-    let out = match client.get_function(&f.name).await {
+    match client.get_function(&f.name).await {
         Ok(_) => {
             body.remove("functionName");
             let out = client
                 .update_function(&f.name, &Value::Object(body))
                 .await?;
             println!("updated function {}{}", f.name, code_note(&out));
-            out
         }
         Err(ClientError::Api { code, .. }) if code == "FunctionNotFound" => {
             if f.code.is_none() {
@@ -52,11 +51,9 @@ async fn deploy_function(client: &FcClient, f: &FunctionPlan) -> Result<()> {
             }
             let out = client.create_function(&Value::Object(body)).await?;
             println!("created function {}{}", f.name, code_note(&out));
-            out
         }
         Err(e) => return Err(e.into()),
-    };
-    drop(out);
+    }
     let fpath = format!("/{API_VERSION}/functions/{}", f.name);
     if let Some(c) = &f.async_invoke_config {
         put(client, &format!("{fpath}/async-invoke-config"), c).await?;
