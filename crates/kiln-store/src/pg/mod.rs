@@ -17,6 +17,7 @@
 //! clear (run PostgreSQL on the control node, or a local TLS proxy).
 
 pub mod leader;
+pub mod runtime;
 
 use std::str::FromStr;
 
