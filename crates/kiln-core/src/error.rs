@@ -173,6 +173,10 @@ pub enum FcErrorKind {
     /// error, code `FunctionNotStarted`): the invocation fails as FC's
     /// `UnhandledInitializationError`, not as a platform error.
     Initialization,
+    /// A standby scheduler turned the call away (code
+    /// `ServiceUnavailable`; the message names the leader): the caller
+    /// tries the next scheduler it knows.
+    NotLeader,
 }
 
 /// An error with FC's code and a message meant for the caller.

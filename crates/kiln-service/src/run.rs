@@ -85,6 +85,28 @@ impl Service {
         SF: Future<Output = Result<H, SE>>,
         TF: Future<Output = ()>,
     {
+        self.run_until(load, start, |_| std::future::pending(), stop)
+    }
+
+    /// [`Service::run`] for a service that may also end by itself: when
+    /// the future `ended` makes from the running handle resolves (a
+    /// scheduler deposed as leader), the service is stopped and the
+    /// process exits with [`exit::FAILED`] and that reason, for its
+    /// supervisor to restart it.
+    pub fn run_until<C, H, LE, SE, SF, EF, TF>(
+        self,
+        load: impl FnOnce(&Path) -> Result<C, LE>,
+        start: impl FnOnce(C) -> SF,
+        ended: impl FnOnce(&H) -> EF,
+        stop: impl FnOnce(H) -> TF,
+    ) -> ExitCode
+    where
+        LE: Into<anyhow::Error>,
+        SE: Into<anyhow::Error>,
+        SF: Future<Output = Result<H, SE>>,
+        EF: Future<Output = String>,
+        TF: Future<Output = ()>,
+    {
         logging::init(self.log_format, self.default_filter, Output::Stdout);
         let result = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
@@ -96,7 +118,7 @@ impl Service {
                     let signals = StopSignals::install()
                         .context("Cannot install the SIGTERM and SIGINT handlers")
                         .map_err(|e| Failure::new(exit::FAILED, e))?;
-                    self.serve(load, start, stop, signals).await
+                    self.serve(load, start, ended, stop, signals).await
                 })
             });
         self.exit_code(result)
@@ -122,10 +144,11 @@ impl Service {
         format!("{}: {}", self.name, error_chain(error))
     }
 
-    pub(crate) async fn serve<C, H, LE, SE, SF, TF>(
+    pub(crate) async fn serve<C, H, LE, SE, SF, EF, TF>(
         &self,
         load: impl FnOnce(&Path) -> Result<C, LE>,
         start: impl FnOnce(C) -> SF,
+        ended: impl FnOnce(&H) -> EF,
         stop: impl FnOnce(H) -> TF,
         mut signals: impl StopSource,
     ) -> Result<(), Failure>
@@ -133,16 +156,36 @@ impl Service {
         LE: Into<anyhow::Error>,
         SE: Into<anyhow::Error>,
         SF: Future<Output = Result<H, SE>>,
+        EF: Future<Output = String>,
         TF: Future<Output = ()>,
     {
         let config = load(&self.config).map_err(|e| Failure::new(exit::FAILED, e.into()))?;
-        let handle = start(config).await.map_err(|e| {
+        // Starting may wait (a standby scheduler waits to lead): a signal
+        // meanwhile stops it there.
+        let started = tokio::select! {
+            biased;
+            started = start(config) => started,
+            signal = signals.recv() => {
+                tracing::info!(signal, "stopped before it finished starting");
+                return Ok(());
+            }
+        };
+        let handle = started.map_err(|e| {
             Failure::new(
                 exit::FAILED,
                 e.into().context(format!("Cannot start {}", self.name)),
             )
         })?;
-        let signal = signals.recv().await;
+        let ended = ended(&handle);
+        let signal = tokio::select! {
+            biased;
+            signal = signals.recv() => signal,
+            why = ended => {
+                tracing::error!(reason = %why, "ended by itself; stopping");
+                stop(handle).await;
+                return Err(Failure::new(exit::FAILED, anyhow::anyhow!(why)));
+            }
+        };
         tracing::info!(signal, "shutting down");
         let stopping = stop(handle);
         tokio::pin!(stopping);
@@ -192,6 +235,10 @@ mod tests {
         Service::new("kiln-test", "/etc/kiln/test.toml", &LogArgs::default())
     }
 
+    fn never<H>(_: &H) -> std::future::Pending<String> {
+        std::future::pending()
+    }
+
     fn load_ok(p: &Path) -> Result<String, ParseError> {
         Ok(p.display().to_string())
     }
@@ -208,6 +255,7 @@ mod tests {
                     ))
                 },
                 |_: ()| async { Ok::<(), anyhow::Error>(()) },
+                never,
                 |_: ()| async {},
                 Script(vec!["SIGTERM"]),
             )
@@ -227,6 +275,7 @@ mod tests {
             .serve(
                 load_ok,
                 |_| async { Err::<(), _>(anyhow::anyhow!("Cannot bind 127.0.0.1:1")) },
+                never,
                 |_: ()| async {},
                 Script(vec!["SIGTERM"]),
             )
@@ -250,6 +299,7 @@ mod tests {
                     assert_eq!(config, "/etc/kiln/test.toml");
                     Ok::<_, anyhow::Error>(flag)
                 },
+                never,
                 |flag: Arc<AtomicBool>| async move { flag.store(true, Ordering::SeqCst) },
                 Script(vec!["SIGINT"]),
             )
@@ -264,6 +314,7 @@ mod tests {
             .serve(
                 load_ok,
                 |_| async { Ok::<(), anyhow::Error>(()) },
+                never,
                 |_: ()| std::future::pending::<()>(),
                 Script(vec!["SIGTERM", "SIGINT"]),
             )
@@ -275,6 +326,39 @@ mod tests {
             "{}",
             f.error
         );
+    }
+
+    #[tokio::test]
+    async fn a_service_that_ends_by_itself_is_stopped_and_exits_1() {
+        let stopped = Arc::new(AtomicBool::new(false));
+        let flag = stopped.clone();
+        let f = service()
+            .serve(
+                load_ok,
+                |_| async move { Ok::<_, anyhow::Error>(flag) },
+                |_: &Arc<AtomicBool>| async { "lost the scheduler leadership".to_owned() },
+                |flag: Arc<AtomicBool>| async move { flag.store(true, Ordering::SeqCst) },
+                Script(vec![]),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(f.code, exit::FAILED);
+        assert_eq!(f.error.to_string(), "lost the scheduler leadership");
+        assert!(stopped.load(Ordering::SeqCst), "stopped before exiting");
+    }
+
+    #[tokio::test]
+    async fn a_signal_while_starting_stops_the_service_there() {
+        let r = service()
+            .serve(
+                load_ok,
+                |_| std::future::pending::<Result<(), anyhow::Error>>(),
+                never,
+                |_: ()| async { panic!("nothing started, nothing to stop") },
+                Script(vec!["SIGTERM"]),
+            )
+            .await;
+        assert!(r.is_ok());
     }
 
     #[test]

@@ -96,6 +96,50 @@ pub struct SchedulerConfig {
     /// (`[limits]`; see docs/security.md, "The public edge").
     #[serde(default)]
     pub limits: kiln_internal_api::server::ListenerLimits,
+    /// Several schedulers sharing one PostgreSQL database, one leading
+    /// (`[cluster]`; docs/ha.md). Absent: this scheduler alone, on SQLite
+    /// in `state_dir`.
+    #[serde(default)]
+    pub cluster: Option<ClusterSettings>,
+}
+
+/// `[cluster]`: the database the schedulers share and how this one is
+/// known to the others.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSettings {
+    /// A `postgresql://` URL or `key=value` string; a unix socket or a
+    /// loopback address (Kiln does not speak TLS to PostgreSQL yet).
+    pub postgres_url: String,
+    /// This scheduler's URL as gateways and agents reach it
+    /// (`https://host:port`): the leader's is named to every caller a
+    /// standby turns away.
+    pub advertise_url: String,
+    /// How long a leader's lease lasts unrenewed: a standby takes over
+    /// within about this long (plus a renewal interval) of the leader's
+    /// death. Renewed every third of it.
+    #[serde(default = "default_lease_ms")]
+    pub lease_ms: u64,
+}
+
+impl std::fmt::Debug for ClusterSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may hold a password.
+        f.debug_struct("ClusterSettings")
+            .field("advertise_url", &self.advertise_url)
+            .field("lease_ms", &self.lease_ms)
+            .finish_non_exhaustive()
+    }
+}
+
+fn default_lease_ms() -> u64 {
+    5_000
+}
+
+impl ClusterSettings {
+    pub fn lease(&self) -> Duration {
+        Duration::from_millis(self.lease_ms)
+    }
 }
 
 /// `[certificates]`: the CA the scheduler signs agent certificates with.
@@ -312,6 +356,7 @@ impl SchedulerConfig {
             bootstrap_listen: None,
             tls,
             limits: Default::default(),
+            cluster: None,
         }
     }
 
@@ -346,6 +391,28 @@ impl SchedulerConfig {
             secrets
                 .validate()
                 .or_else(|reason| invalid("secrets", &reason))?;
+        }
+        if let Some(c) = &self.cluster {
+            if self.secrets.is_none() {
+                return invalid(
+                    "cluster",
+                    "needs [secrets] key_file: every scheduler of a cluster must seal function \
+                     environments with the same key, kept apart from the data",
+                );
+            }
+            if !c.advertise_url.starts_with("https://") {
+                return invalid("cluster.advertise_url", "must be an https:// URL");
+            }
+            if self.listen.port() == 0 {
+                return invalid(
+                    "listen",
+                    "needs a fixed port in a cluster: the standby's listener and the leader's \
+                     are the same address, named by cluster.advertise_url",
+                );
+            }
+            if !(1_000..=60_000).contains(&c.lease_ms) {
+                return invalid("cluster.lease_ms", "must be between 1000 and 60000");
+            }
         }
         if !(1..=7 * 24 * 3600).contains(&self.idle_timeout_s) {
             return invalid("idle_timeout_s", "must be between 1 and 604800 (a week)");
@@ -518,6 +585,44 @@ mod tests {
         r.enabled = true;
         let p = r.placement().unwrap();
         assert_eq!((p.every_ticks, p.high_pct, p.low_pct), (120, 85, 50));
+    }
+
+    #[test]
+    fn a_cluster_needs_a_shared_key_a_fixed_port_and_an_https_address() {
+        let mut c = SchedulerConfig::load(&example_path()).unwrap();
+        c.secrets = None;
+        c.cluster = Some(ClusterSettings {
+            postgres_url: "host=/run/postgresql user=kiln password=s3cret dbname=kiln".into(),
+            advertise_url: "https://10.0.0.2:9443".into(),
+            lease_ms: default_lease_ms(),
+        });
+        let field = |c: &SchedulerConfig| match c.validate() {
+            Err(ConfigError::Invalid { field, .. }) => field,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            field(&c),
+            "cluster",
+            "no [secrets]: each would seal its own way"
+        );
+        c.secrets = Some(kiln_store::seal::SecretsConfig {
+            key_file: "/run/credentials/kiln-scheduler/secrets.key".into(),
+            previous_key_files: Vec::new(),
+        });
+        c.validate().unwrap();
+        assert!(
+            !format!("{c:?}").contains("s3cret"),
+            "the database password never reaches a log line"
+        );
+        let mut bad = c.clone();
+        bad.listen.set_port(0);
+        assert_eq!(field(&bad), "listen");
+        let mut bad = c.clone();
+        bad.cluster.as_mut().unwrap().advertise_url = "http://10.0.0.2:9443".into();
+        assert_eq!(field(&bad), "cluster.advertise_url");
+        let mut bad = c;
+        bad.cluster.as_mut().unwrap().lease_ms = 100;
+        assert_eq!(field(&bad), "cluster.lease_ms");
     }
 
     #[test]

@@ -10,6 +10,7 @@
 pub mod agent;
 pub mod api;
 pub mod config;
+pub mod election;
 pub mod metrics;
 pub mod placement;
 mod sealed_env;
@@ -32,7 +33,7 @@ use tokio::task::JoinHandle;
 pub use agent::{AgentClient, FakeAgent, HttpAgentClient};
 pub use config::{ConfigError, SchedulerConfig};
 pub use service::{Scheduler, SchedulerDeps};
-pub use store::{SchedulerStore, SchedulerStoreError, SqliteSchedulerStore};
+pub use store::{PgSchedulerStore, SchedulerStore, SchedulerStoreError, SqliteSchedulerStore};
 
 /// Why the scheduler could not start.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +46,8 @@ pub enum SchedulerError {
     Store(#[from] SchedulerStoreError),
     #[error("Cannot load the key that seals function environments")]
     SecretsKey(#[from] kiln_store::seal::KeyFileError),
+    #[error("Cannot stand by for the scheduler leadership")]
+    Standby(#[from] election::StandbyError),
     #[error("Cannot listen on {addr}")]
     Bind {
         addr: SocketAddr,
@@ -69,6 +72,10 @@ pub struct SchedulerHandle {
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     writer: JoinHandle<()>,
+    /// Says why, once this scheduler lost its cluster's leadership.
+    deposed: watch::Receiver<Option<String>>,
+    /// The election's task, stopped (resigning) after everything else.
+    renewal: Option<JoinHandle<()>>,
 }
 
 impl SchedulerHandle {
@@ -90,6 +97,20 @@ impl SchedulerHandle {
         &self.scheduler
     }
 
+    /// Resolves, with the reason, when a clustered scheduler has lost its
+    /// leadership (never for a single scheduler): the process must stop
+    /// so that its supervisor starts it again as a candidate.
+    pub fn deposed(&self) -> impl std::future::Future<Output = String> + 'static {
+        let mut rx = self.deposed.clone();
+        async move {
+            match rx.wait_for(Option::is_some).await {
+                Ok(why) => why.clone().unwrap_or_default(),
+                // The election task is gone with the handle: nothing ends.
+                Err(_) => std::future::pending().await,
+            }
+        }
+    }
+
     /// Stop accepting, stop background work, write what is pending.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
@@ -100,6 +121,9 @@ impl SchedulerHandle {
             tracing::warn!(error = %e, "could not flush scheduler state");
         }
         self.writer.abort();
+        if let Some(r) = self.renewal {
+            let _ = r.await;
+        }
         tracing::info!("scheduler stopped");
     }
 }
@@ -114,7 +138,7 @@ pub async fn start(config: SchedulerConfig) -> Result<SchedulerHandle, Scheduler
 /// when `[certificates]` is set (its key file checked first).
 fn open_trust(
     config: &SchedulerConfig,
-    store: Arc<SqliteSchedulerStore>,
+    store: Arc<dyn store::TrustStore>,
     clock: Arc<dyn Clock>,
 ) -> Result<trust::Trust, SchedulerError> {
     let own = kiln_pki::load_certs(&config.tls.cert)?;
@@ -153,11 +177,48 @@ pub async fn start_with(
     let clock = overrides.clock.unwrap_or_else(|| Arc::new(SystemClock));
     let sealer =
         kiln_store::seal::load_sealer(config.secrets.as_ref(), &config.default_key_file())?;
-    let store = Arc::new(SqliteSchedulerStore::open(
-        &config.db_path(),
-        Arc::new(sealer),
-    )?);
-    let trust = Arc::new(open_trust(&config, store.clone(), clock.clone())?);
+    let (stop, stop_rx) = watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|v| *v).await;
+        }
+    };
+    let (deposed_tx, deposed) = watch::channel(None);
+    let (store, trust_store, lease, renewal): (
+        Arc<dyn SchedulerStore>,
+        Arc<dyn store::TrustStore>,
+        election::Lease,
+        _,
+    ) = match &config.cluster {
+        None => {
+            let s = Arc::new(SqliteSchedulerStore::open(
+                &config.db_path(),
+                Arc::new(sealer),
+            )?);
+            (s.clone(), s, election::Lease::sole(), None)
+        }
+        Some(cluster) => {
+            let pg = PgSchedulerStore::open(&cluster.postgres_url, Arc::new(sealer))?;
+            let won = election::campaign_until_leader(
+                cluster,
+                &pg,
+                config.listen,
+                kiln_pki::internal_server_config(&config.tls)?,
+                config.limits.clone(),
+            )
+            .await?;
+            pg.fence(won.leadership.clone(), won.token);
+            let lease = won.lease.clone();
+            let renewal = tokio::spawn({
+                let (pg, length, until) = (pg.clone(), cluster.lease(), stopped());
+                async move { election::renew(pg, &won, length, deposed_tx, until).await }
+            });
+            let pg = Arc::new(pg);
+            (pg.clone(), pg, lease, Some(renewal))
+        }
+    };
+    let trust = Arc::new(open_trust(&config, trust_store, clock.clone())?);
     let identity = LiveIdentity::load(&config.tls.cert, &config.tls.key)?;
     let revoked = trust.revocations().clone();
     let tls =
@@ -210,21 +271,27 @@ pub async fn start_with(
     };
     let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
 
-    let (stop, stop_rx) = watch::channel(false);
-    let stopped = move || {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|v| *v).await;
-        }
-    };
     let mut tasks = Vec::new();
-    let s = scheduler.clone();
+    let (s, held) = (scheduler.clone(), lease.clone());
     tasks.push(tokio::spawn(kiln_internal_api::server::serve(
         listener,
         tls,
         Some(revoked),
         config.limits.clone(),
-        move |req, conn| api::handle(s.clone(), req, conn),
+        move |req, conn| {
+            let (s, held) = (s.clone(), held.held());
+            async move {
+                if !held {
+                    // Past the lease's local deadline: another scheduler
+                    // may lead already.
+                    return kiln_internal_api::server::error(
+                        &election::not_leader(None),
+                        "deposed",
+                    );
+                }
+                api::handle(s, req, conn).await
+            }
+        },
         stopped(),
     )));
     let mut bootstrap_addr = None;
@@ -261,7 +328,7 @@ pub async fn start_with(
         loop {
             tokio::select! {
                 _ = &mut until => break,
-                _ = every.tick() => s.tick(),
+                _ = every.tick() => if lease.held() { s.tick() },
             }
         }
     }));
@@ -274,5 +341,7 @@ pub async fn start_with(
         stop,
         tasks,
         writer,
+        deposed,
+        renewal,
     })
 }

@@ -71,9 +71,10 @@ fn main() -> ExitCode {
             run_simulate(&s);
             ExitCode::SUCCESS
         }
-        (None, Some(config)) => Service::new("kiln-scheduler", config, &args.log).run(
+        (None, Some(config)) => Service::new("kiln-scheduler", config, &args.log).run_until(
             SchedulerConfig::load,
             kiln_scheduler::start,
+            |handle| handle.deposed(),
             |handle| handle.shutdown(),
         ),
         (None, None) => {

@@ -8,7 +8,7 @@
 //! leader's token). Both store the same rows ([`codec`]).
 
 mod codec;
-mod postgres;
+pub mod postgres;
 mod sqlite;
 #[cfg(test)]
 mod suite;
