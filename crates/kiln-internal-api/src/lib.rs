@@ -9,6 +9,7 @@
 pub mod access_log;
 pub mod authz;
 pub mod client;
+pub mod endpoints;
 pub mod inline;
 pub mod invoke;
 pub mod invoke_client;
@@ -21,6 +22,7 @@ pub mod server;
 pub mod trust;
 
 pub use client::{InternalClient, InternalClientError};
+pub use endpoints::Endpoints;
 pub use invoke::{InvokeFailure, InvokeOutcome};
 pub use invoke_client::InvokeClient;
 pub use messages::*;

@@ -96,19 +96,25 @@ pub const REVOCATION_POLL: std::time::Duration = std::time::Duration::from_secs(
 /// trait, for its fakes: `kiln_agent::certs`.)
 pub async fn follow_revocations(
     client: crate::InternalClient,
-    scheduler_url: String,
+    scheduler: crate::Endpoints,
     set: std::sync::Arc<kiln_pki::RevocationSet>,
     stop: impl std::future::Future<Output = ()>,
 ) {
-    let base = scheduler_url.trim_end_matches('/').to_owned();
     let client = client.with_timeout(std::time::Duration::from_secs(5));
     let mut failing = false;
     tokio::pin!(stop);
     loop {
-        match client
-            .get::<kiln_pki::RevocationList>(&base, trust_paths::REVOCATIONS)
-            .await
-        {
+        let fetched = scheduler
+            .call(|base| {
+                let client = &client;
+                async move {
+                    client
+                        .get::<kiln_pki::RevocationList>(&base, trust_paths::REVOCATIONS)
+                        .await
+                }
+            })
+            .await;
+        match fetched {
             Ok(list) => {
                 if failing {
                     tracing::info!("revocation list reachable again");

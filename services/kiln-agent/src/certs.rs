@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use kiln_internal_api::{
-    trust_paths, Bootstrap, Bootstrapped, InternalClient, InternalClientError, IssuedCertificate,
-    RenewCertificate,
+    trust_paths, Bootstrap, Bootstrapped, Endpoints, InternalClient, InternalClientError,
+    IssuedCertificate, RenewCertificate,
 };
 
 use crate::config::BootstrapSettings;
@@ -242,14 +242,14 @@ pub trait CertificateApi: Send + Sync + 'static {
 /// The real scheduler, over the agent's live mTLS client.
 pub struct HttpCertificateApi {
     client: InternalClient,
-    base: String,
+    endpoints: Endpoints,
 }
 
 impl HttpCertificateApi {
-    pub fn new(client: InternalClient, scheduler_url: &str) -> Self {
+    pub fn new(client: InternalClient, endpoints: Endpoints) -> Self {
         Self {
             client: client.with_timeout(Duration::from_secs(10)),
-            base: scheduler_url.trim_end_matches('/').to_owned(),
+            endpoints,
         }
     }
 }
@@ -260,13 +260,19 @@ impl CertificateApi for HttpCertificateApi {
         &self,
         req: &RenewCertificate,
     ) -> Result<IssuedCertificate, InternalClientError> {
-        self.client
-            .post(&self.base, trust_paths::CERTIFICATES_RENEW, req)
+        self.endpoints
+            .call(|base| async move {
+                self.client
+                    .post(&base, trust_paths::CERTIFICATES_RENEW, req)
+                    .await
+            })
             .await
     }
 
     async fn revocations(&self) -> Result<RevocationList, InternalClientError> {
-        self.client.get(&self.base, trust_paths::REVOCATIONS).await
+        self.endpoints
+            .call(|base| async move { self.client.get(&base, trust_paths::REVOCATIONS).await })
+            .await
     }
 }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use kiln_core::SandboxKind;
 use kiln_core::{AccountId, RuntimeName};
-use kiln_internal_api::Tenancy;
+use kiln_internal_api::{Endpoints, Tenancy};
 use kiln_pki::TlsFiles;
 use kiln_sandbox::{ContainerConfig, MicroVmConfig};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -320,12 +320,10 @@ impl AgentConfig {
                 self.state_dir
             ));
         }
-        for (name, url) in [
-            ("scheduler_url", &self.scheduler_url),
-            ("gateway_internal_url", &self.gateway_internal_url),
-        ] {
-            check_https_url(name, url)?;
+        if let Err(reason) = Endpoints::parse(&self.scheduler_url) {
+            return invalid(format!("scheduler_url: {reason}"));
         }
+        check_https_url("gateway_internal_url", &self.gateway_internal_url)?;
         if let Some(b) = &self.bootstrap {
             check_https_url("bootstrap.url", &b.url)?;
         }
@@ -441,11 +439,16 @@ impl AgentConfig {
     /// them by address: instances with internet access never reach them
     /// (added to `[sandbox.network] deny`). Hosts named by DNS name, and
     /// other cluster hosts, go in `deny` by hand.
+    /// The schedulers (`scheduler_url`: one URL, or a cluster's, comma
+    /// separated). Validated by [`Self::validate`].
+    pub fn scheduler_endpoints(&self) -> Endpoints {
+        Endpoints::parse(&self.scheduler_url).expect("scheduler_url is validated before use")
+    }
+
     pub fn cluster_hosts(&self) -> Vec<kiln_sandbox::net::Ipv4Net> {
-        let mut urls = vec![
-            self.scheduler_url.as_str(),
-            self.gateway_internal_url.as_str(),
-        ];
+        // Every scheduler of a cluster (`scheduler_url` lists them).
+        let mut urls: Vec<&str> = self.scheduler_url.split(',').map(str::trim).collect();
+        urls.push(self.gateway_internal_url.as_str());
         urls.extend(self.advertise_url.as_deref());
         urls.extend(self.bootstrap.as_ref().map(|b| b.url.as_str()));
         let mut hosts: Vec<kiln_sandbox::net::Ipv4Net> = urls

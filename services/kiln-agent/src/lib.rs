@@ -151,12 +151,9 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         let trust = certs::load_or_join(&config).await?;
         let client = trust.client()?;
         let backends = microvm::backends(&config, driver.clone(), client.clone())?;
-        let scheduler_url = config.scheduler_url.clone();
+        let schedulers = config.scheduler_endpoints();
         let mut handle = start_with_trust(config, backends, trust).await?;
-        handle.keep_certificates(Arc::new(certs::HttpCertificateApi::new(
-            client,
-            &scheduler_url,
-        )));
+        handle.keep_certificates(Arc::new(certs::HttpCertificateApi::new(client, schedulers)));
         handle.microvm = Some(driver);
         return Ok(handle);
     }
@@ -193,14 +190,14 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
             &config.gateway_internal_url,
         )),
         unpacker: Arc::new(ZipUnpacker),
-        scheduler: Arc::new(HttpScheduler::new(client.clone(), &config.scheduler_url)),
+        scheduler: Arc::new(HttpScheduler::new(
+            client.clone(),
+            config.scheduler_endpoints(),
+        )),
     };
-    let scheduler_url = config.scheduler_url.clone();
+    let schedulers = config.scheduler_endpoints();
     let mut handle = start_with_trust(config, backends, trust).await?;
-    handle.keep_certificates(Arc::new(certs::HttpCertificateApi::new(
-        client,
-        &scheduler_url,
-    )));
+    handle.keep_certificates(Arc::new(certs::HttpCertificateApi::new(client, schedulers)));
     handle
         .manager
         .set_credential_source(credential_source)

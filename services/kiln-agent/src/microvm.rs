@@ -62,6 +62,6 @@ pub fn backends(
             &config.gateway_internal_url,
         )),
         unpacker: Arc::new(ZipUnpacker),
-        scheduler: Arc::new(HttpScheduler::new(client, &config.scheduler_url)),
+        scheduler: Arc::new(HttpScheduler::new(client, config.scheduler_endpoints())),
     })
 }

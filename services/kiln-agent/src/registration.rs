@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kiln_core::NodeId;
+use kiln_internal_api::Endpoints;
 use kiln_internal_api::{
     paths, Heartbeat, HeartbeatResponse, InternalClient, InternalClientError, NodeCapacity,
     NodeLabels, RegisterNode, RegisterNodeResponse,
@@ -34,17 +35,17 @@ pub trait SchedulerApi: Send + Sync + 'static {
     ) -> Result<HeartbeatResponse, InternalClientError>;
 }
 
-/// The real scheduler, over mTLS.
+/// The real scheduler, over mTLS: the one leading among `endpoints`.
 pub struct HttpScheduler {
     client: InternalClient,
-    base: String,
+    endpoints: Endpoints,
 }
 
 impl HttpScheduler {
-    pub fn new(client: InternalClient, scheduler_url: &str) -> Self {
+    pub fn new(client: InternalClient, endpoints: Endpoints) -> Self {
         Self {
             client: client.with_timeout(Duration::from_secs(10)),
-            base: scheduler_url.trim_end_matches('/').to_owned(),
+            endpoints,
         }
     }
 }
@@ -55,8 +56,8 @@ impl SchedulerApi for HttpScheduler {
         &self,
         req: &RegisterNode,
     ) -> Result<RegisterNodeResponse, InternalClientError> {
-        self.client
-            .post(&self.base, paths::NODES_REGISTER, req)
+        self.endpoints
+            .call(|base| async move { self.client.post(&base, paths::NODES_REGISTER, req).await })
             .await
     }
 
@@ -65,8 +66,12 @@ impl SchedulerApi for HttpScheduler {
         node: &NodeId,
         req: &Heartbeat,
     ) -> Result<HeartbeatResponse, InternalClientError> {
-        self.client
-            .post(&self.base, &paths::node_heartbeat(node), req)
+        let path = paths::node_heartbeat(node);
+        self.endpoints
+            .call(|base| {
+                let path = &path;
+                async move { self.client.post(&base, path, req).await }
+            })
             .await
     }
 }

@@ -60,7 +60,10 @@ async fn agent(dir: &Path, tls: TlsFiles, scheduler_url: &str) -> AgentHandle {
         .await
         .unwrap();
     let client = handle.trust().client().unwrap();
-    handle.keep_certificates(Arc::new(HttpCertificateApi::new(client, scheduler_url)));
+    handle.keep_certificates(Arc::new(HttpCertificateApi::new(
+        client,
+        kiln_internal_api::Endpoints::parse(scheduler_url).unwrap(),
+    )));
     handle
 }
 

@@ -305,11 +305,8 @@ impl GatewayConfig {
                 self.region
             ));
         }
-        if !self.scheduler_url.starts_with("https://") {
-            return invalid(format!(
-                "scheduler_url {:?} must be an https:// URL",
-                self.scheduler_url
-            ));
+        if let Err(reason) = kiln_internal_api::Endpoints::parse(&self.scheduler_url) {
+            return invalid(format!("scheduler_url: {reason}"));
         }
         self.public
             .limits
@@ -409,6 +406,13 @@ impl GatewayConfig {
 
     pub fn db_path(&self) -> PathBuf {
         self.state_dir.join("gateway.db")
+    }
+
+    /// The schedulers (`scheduler_url`: one URL, or a cluster's, comma
+    /// separated). Validated by [`Self::validate`].
+    pub fn scheduler_endpoints(&self) -> kiln_internal_api::Endpoints {
+        kiln_internal_api::Endpoints::parse(&self.scheduler_url)
+            .expect("scheduler_url is validated before use")
     }
 
     pub fn queue_path(&self) -> PathBuf {

@@ -234,7 +234,7 @@ pub async fn start_with_clock(
     let metrics = Metrics::with_extra(|r| queue.metrics().register(r));
     let scheduler: scheduler::SharedScheduler = Arc::new(scheduler::HttpScheduler::new(
         internal.clone(),
-        &config.scheduler_url,
+        config.scheduler_endpoints(),
     ));
     let internal_api = Arc::new(api::internal::Internal {
         catalog: catalog.clone(),
@@ -344,7 +344,7 @@ pub async fn start_with_clock(
     }
     tasks.push(tokio::spawn(kiln_internal_api::trust::follow_revocations(
         internal.clone(),
-        config.scheduler_url.clone(),
+        config.scheduler_endpoints(),
         revoked.clone(),
         stopped(rx.clone()),
     )));

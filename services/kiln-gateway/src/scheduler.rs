@@ -14,7 +14,7 @@ use kiln_core::{AccountId, FunctionName, InstanceId, LeaseId, NodeId};
 use kiln_internal_api::client::remote_error;
 use kiln_internal_api::server::full;
 use kiln_internal_api::{
-    paths, AccountLimits, FunctionLimits, FunctionRef, InstanceInfo, InternalClient,
+    paths, AccountLimits, Endpoints, FunctionLimits, FunctionRef, InstanceInfo, InternalClient,
     InternalClientError, Lease, LeaseOutcome, NodeInfo, PlacedInstance, ProvisionDetail,
     ProvisionStatus, PutProvision, ReleaseLease, RetireFunction,
 };
@@ -76,57 +76,78 @@ fn not_placed(e: &InternalClientError) -> bool {
 
 pub type SharedScheduler = Arc<dyn SchedulerClient>;
 
-/// The scheduler's internal API over mTLS HTTP/2.
+/// The scheduler's internal API over mTLS HTTP/2, at the scheduler that
+/// leads among `endpoints` ([`Endpoints`]: standbys and dead addresses
+/// are moved past).
 pub struct HttpScheduler {
     client: InternalClient,
-    base: String,
+    endpoints: Endpoints,
 }
 
 impl HttpScheduler {
-    pub fn new(client: InternalClient, base: &str) -> Self {
-        Self {
-            client,
-            base: base.trim_end_matches('/').to_owned(),
-        }
+    pub fn new(client: InternalClient, endpoints: Endpoints) -> Self {
+        Self { client, endpoints }
     }
 
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
+    async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T> {
+        self.endpoints
+            .call(|base| async move { self.client.get(&base, path).await })
+            .await
+    }
+
+    async fn call<B: serde::Serialize + Sync, T: serde::de::DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T> {
+        self.endpoints
+            .call(|base| {
+                let method = method.clone();
+                async move { self.client.call(method, &base, path, body).await }
+            })
+            .await
+    }
+
+    /// `acquire_lease` at one scheduler: the body is already JSON.
+    async fn acquire_at(&self, base: String, body: Bytes) -> Result<Lease> {
+        let url = format!("{base}{}", paths::LEASES);
+        let transport = |message: String| InternalClientError::Transport {
+            url: url.clone(),
+            message,
+        };
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri(&url)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(full(body))
+            .map_err(|e| transport(e.to_string()))?;
+        let resp = self.client.send(req).await?;
+        let status = resp.status();
+        let bytes = http_body_util::Limited::new(resp.into_body(), 1024 * 1024)
+            .collect()
+            .await
+            .map_err(|e| transport(format!("the answer could not be read: {e}")))?
+            .to_bytes();
+        if !status.is_success() {
+            return Err(InternalClientError::Remote {
+                url: url.clone(),
+                error: remote_error(status, &bytes),
+            });
+        }
+        serde_json::from_slice(&bytes).map_err(|e| InternalClientError::Decode {
+            url: url.clone(),
+            message: e.to_string(),
+        })
     }
 }
 
 impl SchedulerClient for HttpScheduler {
     fn acquire_lease(&self, body: Bytes) -> BoxFuture<'_, Result<Lease>> {
-        Box::pin(async move {
-            let url = self.url(paths::LEASES);
-            let transport = |message: String| InternalClientError::Transport {
-                url: url.clone(),
-                message,
-            };
-            let req = Request::builder()
-                .method(Method::POST)
-                .uri(&url)
-                .header(header::CONTENT_TYPE, "application/json")
-                .body(full(body))
-                .map_err(|e| transport(e.to_string()))?;
-            let resp = self.client.send(req).await?;
-            let status = resp.status();
-            let bytes = http_body_util::Limited::new(resp.into_body(), 1024 * 1024)
-                .collect()
-                .await
-                .map_err(|e| transport(format!("the answer could not be read: {e}")))?
-                .to_bytes();
-            if !status.is_success() {
-                return Err(InternalClientError::Remote {
-                    url: url.clone(),
-                    error: remote_error(status, &bytes),
-                });
-            }
-            serde_json::from_slice(&bytes).map_err(|e| InternalClientError::Decode {
-                url: url.clone(),
-                message: e.to_string(),
-            })
-        })
+        Box::pin(
+            self.endpoints
+                .call(move |base| self.acquire_at(base, body.clone())),
+        )
     }
 
     fn release_lease<'a>(
@@ -135,76 +156,55 @@ impl SchedulerClient for HttpScheduler {
         outcome: LeaseOutcome,
     ) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
-            self.client
-                .call::<_, serde_json::Value>(
-                    Method::DELETE,
-                    &self.base,
-                    &paths::lease(lease),
-                    Some(&ReleaseLease { outcome }),
-                )
-                .await
-                .map(drop)
+            self.call::<_, serde_json::Value>(
+                Method::DELETE,
+                &paths::lease(lease),
+                Some(&ReleaseLease { outcome }),
+            )
+            .await
+            .map(drop)
         })
     }
 
     fn retire_function<'a>(&'a self, msg: &'a RetireFunction) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
-            self.client
-                .post::<_, serde_json::Value>(&self.base, paths::FUNCTIONS_RETIRE, msg)
+            self.call::<_, serde_json::Value>(Method::POST, paths::FUNCTIONS_RETIRE, Some(msg))
                 .await
                 .map(drop)
         })
     }
 
     fn nodes(&self) -> BoxFuture<'_, Result<Vec<NodeInfo>>> {
-        Box::pin(self.client.get(&self.base, paths::SCHEDULER_NODES))
+        Box::pin(self.get(paths::SCHEDULER_NODES))
     }
 
     fn instances(&self) -> BoxFuture<'_, Result<Vec<InstanceInfo>>> {
-        Box::pin(self.client.get(&self.base, paths::SCHEDULER_INSTANCES))
+        Box::pin(self.get(paths::SCHEDULER_INSTANCES))
     }
 
     fn provisions<'a>(
         &'a self,
         account: &'a AccountId,
     ) -> BoxFuture<'a, Result<Vec<ProvisionDetail>>> {
-        Box::pin(async move {
-            self.client
-                .get(&self.base, &paths::account_provisions(account))
-                .await
-        })
+        Box::pin(async move { self.get(&paths::account_provisions(account)).await })
     }
 
     fn put_provision<'a>(
         &'a self,
         req: &'a PutProvision,
     ) -> BoxFuture<'a, Result<ProvisionStatus>> {
-        Box::pin(self.client.call(
-            Method::PUT,
-            &self.base,
-            paths::FUNCTIONS_PROVISION,
-            Some(req),
-        ))
+        Box::pin(self.call(Method::PUT, paths::FUNCTIONS_PROVISION, Some(req)))
     }
 
     fn delete_provision<'a>(&'a self, f: &'a FunctionRef) -> BoxFuture<'a, Result<()>> {
-        Box::pin(self.client.call::<_, ()>(
-            Method::DELETE,
-            &self.base,
-            paths::FUNCTIONS_PROVISION,
-            Some(f),
-        ))
+        Box::pin(self.call::<_, ()>(Method::DELETE, paths::FUNCTIONS_PROVISION, Some(f)))
     }
 
     fn account_limits<'a>(
         &'a self,
         account: &'a AccountId,
     ) -> BoxFuture<'a, Result<AccountLimits>> {
-        Box::pin(async move {
-            self.client
-                .get(&self.base, &paths::account_limits(account))
-                .await
-        })
+        Box::pin(async move { self.get(&paths::account_limits(account)).await })
     }
 
     fn set_function_limits<'a>(
@@ -216,16 +216,8 @@ impl SchedulerClient for HttpScheduler {
         Box::pin(async move {
             let path = paths::function_limits(account, function);
             match limits {
-                None => {
-                    self.client
-                        .call::<(), _>(Method::DELETE, &self.base, &path, None)
-                        .await
-                }
-                Some(f) => {
-                    self.client
-                        .call(Method::PUT, &self.base, &path, Some(f))
-                        .await
-                }
+                None => self.call::<(), _>(Method::DELETE, &path, None).await,
+                Some(f) => self.call(Method::PUT, &path, Some(f)).await,
             }
         })
     }
@@ -236,11 +228,7 @@ impl SchedulerClient for HttpScheduler {
         instance: &'a InstanceId,
     ) -> BoxFuture<'a, Result<Option<PlacedInstance>>> {
         Box::pin(async move {
-            match self
-                .client
-                .get(&self.base, &paths::placed_instance(node, instance))
-                .await
-            {
+            match self.get(&paths::placed_instance(node, instance)).await {
                 Ok(placed) => Ok(Some(placed)),
                 Err(e) if not_placed(&e) => Ok(None),
                 Err(e) => Err(e),
@@ -254,11 +242,7 @@ impl SchedulerClient for HttpScheduler {
         digest: &'a str,
     ) -> BoxFuture<'a, Result<bool>> {
         Box::pin(async move {
-            match self
-                .client
-                .get::<()>(&self.base, &paths::placed_code(node, digest))
-                .await
-            {
+            match self.get::<()>(&paths::placed_code(node, digest)).await {
                 Ok(()) => Ok(true),
                 Err(e) if not_placed(&e) => Ok(false),
                 Err(e) => Err(e),
@@ -348,19 +332,5 @@ pub mod fake {
         ) -> BoxFuture<'a, Result<AccountLimits>> {
             Box::pin(async { refused("limits") })
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn urls_are_built_in_one_place_without_double_slashes() {
-        let dir = tempfile::tempdir().unwrap();
-        let pki = kiln_pki::DevPki::ensure(dir.path(), &[]).unwrap();
-        let client = InternalClient::new(&pki.files("gateway-internal")).unwrap();
-        let s = HttpScheduler::new(client, "https://sched:9000/");
-        assert_eq!(s.url(paths::LEASES), "https://sched:9000/v1/leases");
     }
 }

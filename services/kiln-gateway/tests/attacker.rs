@@ -71,7 +71,10 @@ async fn start_agent(
         driver: Arc::new(FakeDriver::at(runtime_addr)),
         code_source: Arc::new(GatewayCodeSource::new(client.clone(), gateway_internal_url)),
         unpacker: Arc::new(ZipUnpacker),
-        scheduler: Arc::new(HttpScheduler::new(client.clone(), scheduler_url)),
+        scheduler: Arc::new(HttpScheduler::new(
+            client.clone(),
+            kiln_internal_api::Endpoints::parse(scheduler_url).unwrap(),
+        )),
     };
     let agent = kiln_agent::start_with(config, backends).await.unwrap();
     // Instances of functions with a role get their credentials from the

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kiln_core::FcErrorKind;
-use kiln_internal_api::{paths, AccountLimits, InternalClient, InternalClientError};
+use kiln_internal_api::{paths, AccountLimits, Endpoints, InternalClient, InternalClientError};
 use kiln_pki::DevPki;
 use kiln_test_support::postgres::PgServer;
 
@@ -169,6 +169,28 @@ async fn a_standby_takes_over_and_a_paused_leader_is_deposed() {
     let refusal = standing_by(&client, &b).await;
     assert!(refusal.contains(&a.url), "{refusal}");
     put_burst(&client, &a, 17).await.unwrap();
+    // Callers that know both (gateways, agents: `scheduler_url = "A,B"`)
+    // reach the leader whichever they try first.
+    let both = Endpoints::parse(&format!("{},{}", b.url, a.url)).unwrap();
+    let through = |e: &Endpoints| {
+        let (e, client) = (e.clone(), client.clone());
+        async move {
+            e.call(|base| {
+                let client = client.clone();
+                async move {
+                    client
+                        .get::<AccountLimits>(
+                            &base,
+                            &paths::account_limits(&"1234".parse().unwrap()),
+                        )
+                        .await
+                }
+            })
+            .await
+        }
+    };
+    assert_eq!(through(&both).await.unwrap().burst_instances, 17);
+    assert_eq!(both.current(), a.url, "it follows the leader");
     let refused = put_burst(&client, &b, 99).await.unwrap_err();
     assert!(
         matches!(&refused, InternalClientError::Remote { error, .. } if error.kind == Some(FcErrorKind::NotLeader)),
@@ -180,6 +202,8 @@ async fn a_standby_takes_over_and_a_paused_leader_is_deposed() {
     let took = until_leading(&client, &b, Duration::from_secs(10)).await;
     println!("standby took over {took:?} after the leader's SIGKILL (lease {LEASE_MS} ms)");
     assert_eq!(get_burst(&client, &b).await, 17, "the state A wrote");
+    assert_eq!(through(&both).await.unwrap().burst_instances, 17);
+    assert_eq!(both.current(), b.url, "it follows the new leader");
     drop(a);
 
     // A comes back as a standby; B is paused past its lease: A takes over.
