@@ -212,7 +212,7 @@ in
         state_dir = kiln.setting types.str defaults.state_dir "Node id, code cache, instances, runtime root filesystems; below /var/lib.";
         listen = kiln.setting types.str defaults.listen "The agent's mTLS API.";
         advertise_url = kiln.optional types.str "Where the scheduler and gateways reach this agent (`https://host:port`); required when `listen` is a wildcard.";
-        scheduler_url = kiln.required types.str "The scheduler's mTLS URL.";
+        scheduler_url = kiln.required types.str "The scheduler's mTLS URL; a cluster's schedulers comma separated (`https://a:9443,https://b:9443`): the agent follows the leader.";
         gateway_internal_url = kiln.required types.str "The gateway's internal mTLS URL (code packages).";
         metrics_listen = kiln.setting (types.nullOr types.str) defaults.metrics_listen "Plain-HTTP Prometheus endpoint; null disables it.";
         region = kiln.optional types.str "Passed to functions in `x-fc-region` unless the gateway sends one.";

@@ -90,7 +90,7 @@ in
           /var/lib (it is the unit's StateDirectory).
         '';
         region = kiln.required types.str "Region in function ARNs and `x-fc-region` (e.g. cn-hangzhou).";
-        scheduler_url = kiln.required types.str "The scheduler's internal mTLS URL, `https://host:port`.";
+        scheduler_url = kiln.required types.str "The scheduler's internal mTLS URL, `https://host:port`; a cluster's schedulers comma separated: the gateway follows the leader.";
         metrics_listen = kiln.setting (types.nullOr types.str) defaults.metrics_listen "Plain-HTTP Prometheus endpoint; null disables it.";
         lease_hold_ms = kiln.setting types.ints.unsigned defaults.lease_hold_ms "How long a healthy lease is kept for the next call (0 to 5000).";
         public = lib.mkOption {
@@ -153,8 +153,8 @@ in
         message = "services.kiln.gateway.settings.state_dir must be below /var/lib/, got ${stateDir}";
       }
       {
-        assertion = lib.hasPrefix "https://" cfg.settings.scheduler_url;
-        message = "services.kiln.gateway.settings.scheduler_url must be an https:// URL";
+        assertion = lib.all (u: lib.hasPrefix "https://" (lib.removePrefix " " u)) (lib.splitString "," cfg.settings.scheduler_url);
+        message = "services.kiln.gateway.settings.scheduler_url must be an https:// URL (or several, comma separated)";
       }
       {
         assertion = lib.all (p: !(lib.hasPrefix builtins.storeDir (toString p))) (

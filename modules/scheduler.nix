@@ -13,6 +13,7 @@ let
   # `certificates` is off by default, so its defaults cannot sit in
   # scheduler.json (rendered as a whole by the settings test).
   certDefaults = lib.importJSON ./defaults/scheduler-certificates.json;
+  clusterDefaults = lib.importJSON ./defaults/scheduler-cluster.json;
   inherit (lib) types;
 
   # Keys scheduler.db may still be sealed with while rotating: each handed
@@ -151,6 +152,23 @@ in
             max_bootstrap_token_ttl_s = kiln.setting types.ints.positive certDefaults.max_bootstrap_token_ttl_s "The longest `kiln nodes bootstrap-token --ttl` an operator may ask for.";
           });
         };
+        cluster = lib.mkOption {
+          default = null;
+          description = ''
+            Several schedulers sharing one PostgreSQL database, one leading
+            (docs/ha.md): each candidate answers NotLeader until it wins the
+            lease, and a leader that loses it exits (systemd restarts it as a
+            candidate). Needs `secrets` (every scheduler seals with the same
+            key) and a fixed port in `listen`. Gateways and agents list every
+            scheduler in their `scheduler_url`, comma separated. When null,
+            this scheduler is alone, on SQLite in its state directory.
+          '';
+          type = types.nullOr (kiln.section {
+            postgres_url = kiln.required types.str "`postgresql://` URL or `key=value` string of the shared database: a unix socket or loopback address (prefer peer authentication to a password here: the file is in the Nix store).";
+            advertise_url = kiln.required types.str "This scheduler's `https://host:port` as gateways and agents reach it; a standby names the leader's to callers.";
+            lease_ms = kiln.setting types.ints.positive clusterDefaults.lease_ms "How long the leader's lease lasts unrenewed: a standby takes over about this long after the leader dies.";
+          });
+        };
         bootstrap_listen = kiln.optional types.str "Where new nodes redeem their single-use bootstrap tokens (TLS, no client certificate, only `POST /v1/bootstrap`), e.g. `0.0.0.0:9444`; needs `certificates`.";
         tls = lib.mkOption {
           description = "The scheduler's identity on the internal mTLS network.";
@@ -184,6 +202,10 @@ in
           (every user could read it and mint any node's certificate): give the path of a
           root-only file on the host.
         '';
+      }
+      {
+        assertion = cfg.settings.cluster == null || cfg.settings.secrets != null;
+        message = "services.kiln.scheduler.settings.cluster needs settings.secrets: every scheduler of a cluster must seal function environments with the same key";
       }
       {
         assertion = cfg.settings.bootstrap_listen == null || cfg.settings.certificates != null;

@@ -176,7 +176,9 @@ fn every_typed_module_option_is_a_key_of_the_service() {
          [secrets]\nkey_file = \"/etc/kiln/scheduler-secrets.key\"\n\
          previous_key_files = [\"/etc/kiln/scheduler-secrets.old.key\"]\n\
          [certificates]\nca_cert = \"/etc/kiln/pki/signing-ca.pem\"\n\
-         ca_key = \"/etc/kiln/pki/signing-ca-key.pem\"\n",
+         ca_key = \"/etc/kiln/pki/signing-ca-key.pem\"\n\
+         [cluster]\npostgres_url = \"host=/run/postgresql dbname=kiln\"\n\
+         advertise_url = \"https://10.0.0.2:9443\"\n",
     );
     assert_typed_options_exist::<kiln_agent::AgentConfig>(
         "agent",
@@ -187,6 +189,31 @@ fn every_typed_module_option_is_a_key_of_the_service() {
          debootstrap_mirror = \"http://deb.debian.org/debian\"\n\
          [sandbox.network]\nuplink_interface = \"eth0\"\novs_netns = \"ovs\"\n",
     );
+}
+
+/// The scheduler module's default lease (`cluster`, off by default) is
+/// the scheduler's own.
+#[test]
+fn scheduler_cluster_defaults_are_the_services() {
+    let mut section = read_json(&modules_dir().join("defaults/scheduler-cluster.json"));
+    recursive_update(
+        &mut section,
+        serde_json::json!({"postgres_url": "host=/run/postgresql", "advertise_url": "https://a:9443"}),
+    );
+    let text = format!(
+        "[cluster]\n{}",
+        toml::to_string(&serde_json::from_value::<toml::Table>(section).unwrap()).unwrap()
+    );
+    #[derive(serde::Deserialize)]
+    struct Only {
+        cluster: kiln_scheduler::config::ClusterSettings,
+    }
+    let from_module: Only = toml::from_str(&text).unwrap();
+    let defaults: Only = toml::from_str(
+        "[cluster]\npostgres_url = \"host=/run/postgresql\"\nadvertise_url = \"https://a:9443\"\n",
+    )
+    .unwrap();
+    assert_eq!(from_module.cluster, defaults.cluster);
 }
 
 /// The scheduler module's defaults for `certificates` (off by default, so
