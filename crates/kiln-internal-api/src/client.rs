@@ -61,6 +61,8 @@ impl InternalClientError {
 pub struct InternalClient {
     http: Client<RevokingConnector, Body>,
     timeout: Duration,
+    /// A header set on every JSON call (a scheduler leader's token).
+    stamp: Option<(http::HeaderName, http::HeaderValue)>,
 }
 
 /// Which HTTP version an [`InternalClient`] speaks.
@@ -149,6 +151,7 @@ impl InternalClient {
         Self {
             http,
             timeout: Duration::from_secs(30),
+            stamp: None,
         }
     }
 
@@ -190,13 +193,27 @@ impl InternalClient {
         Self {
             http,
             timeout: Duration::from_secs(30),
+            stamp: None,
         }
     }
 
     /// The same client with another per-call timeout for JSON calls.
+    /// The same client, stamping every JSON call ([`Self::call`]) with
+    /// the leader's fencing token ([`crate::headers::LEADER_TOKEN`]).
+    pub fn with_leader_token(&self, token: i64) -> Self {
+        Self {
+            stamp: Some((
+                http::HeaderName::from_static(crate::headers::LEADER_TOKEN),
+                http::HeaderValue::from(token),
+            )),
+            ..self.clone()
+        }
+    }
+
     pub fn with_timeout(&self, timeout: Duration) -> Self {
         Self {
             http: self.http.clone(),
+            stamp: self.stamp.clone(),
             timeout,
         }
     }
@@ -231,15 +248,17 @@ impl InternalClient {
             Some(b) => full(serde_json::to_vec(b).expect("request serialises")),
             None => empty(),
         };
-        let req = Request::builder()
+        let mut req = Request::builder()
             .method(method)
             .uri(&url)
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(body)
-            .map_err(|e| InternalClientError::Transport {
-                url: url.clone(),
-                message: e.to_string(),
-            })?;
+            .header(header::CONTENT_TYPE, "application/json");
+        if let Some((name, value)) = &self.stamp {
+            req = req.header(name, value);
+        }
+        let req = req.body(body).map_err(|e| InternalClientError::Transport {
+            url: url.clone(),
+            message: e.to_string(),
+        })?;
         let fut = async {
             let resp = self.send(req).await?;
             let status = resp.status();

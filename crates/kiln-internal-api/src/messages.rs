@@ -98,6 +98,10 @@ pub mod headers {
     pub const LOG_TYPE: &str = "x-fc-log-type";
     /// FC's `x-fc-log-result`: the call's log tail, base64.
     pub const LOG_RESULT: &str = "x-fc-log-result";
+    /// On a clustered scheduler's calls to agents: its leadership's
+    /// fencing token. An agent that has heard of a newer leader refuses
+    /// calls carrying an older token.
+    pub const LEADER_TOKEN: &str = "x-kiln-leader-token";
 }
 
 /// What the scheduler placed as one instance on one node (the answer of
@@ -258,6 +262,10 @@ pub struct RegisterNodeResponse {
     pub heartbeat_interval_ms: u64,
     /// Instances the agent runs that the scheduler does not know: destroy.
     pub destroy: Vec<InstanceId>,
+    /// A clustered scheduler's fencing token (see
+    /// [`headers::LEADER_TOKEN`]); absent from a single scheduler.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader_token: Option<i64>,
 }
 
 /// Agent -> scheduler, every `heartbeat_interval_ms`.
@@ -280,6 +288,10 @@ pub struct HeartbeatResponse {
     /// when true, so agents that predate it keep parsing the answer.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub reprovision: bool,
+    /// A clustered scheduler's fencing token (see
+    /// [`headers::LEADER_TOKEN`]); absent from a single scheduler.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader_token: Option<i64>,
     /// The node's instances that must never be frozen while idle
     /// (provisioned, with FC's `alwaysAllocateCPU`); every other instance of
     /// the node may be. The whole set every time, so a lost answer is

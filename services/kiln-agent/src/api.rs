@@ -120,6 +120,25 @@ pub async fn handle(
     }
 }
 
+/// The fencing token a clustered scheduler stamps its calls with.
+fn leader_token(req: &Request<Incoming>) -> Result<Option<i64>, FcError> {
+    req.headers()
+        .get(kiln_internal_api::headers::LEADER_TOKEN)
+        .map(|v| {
+            v.to_str()
+                .ok()
+                .and_then(|s| s.parse::<i64>().ok())
+                .filter(|t| *t > 0)
+                .ok_or_else(|| {
+                    FcError::invalid_argument(format!(
+                        "{} must be a positive integer",
+                        kiln_internal_api::headers::LEADER_TOKEN
+                    ))
+                })
+        })
+        .transpose()
+}
+
 async fn invoke(
     manager: &Arc<InstanceManager>,
     id: String,
@@ -153,6 +172,11 @@ async fn control(
             crate::exec::serve(manager.clone(), target, req, &rid).await
         }
         Ok(Api::ListInstances) => json(StatusCode::OK, &manager.list()),
+        Ok(Api::CreateInstance | Api::DestroyInstance { .. })
+            if let Err(e) = leader_token(&req).and_then(|t| manager.leader().admit(t)) =>
+        {
+            error(&e, &rid)
+        }
         Ok(Api::CreateInstance) => {
             match read_json::<CreateInstance>(req.into_body(), CONTROL_BODY_MAX).await {
                 Err(e) => error(&e, &rid),

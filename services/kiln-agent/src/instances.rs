@@ -269,6 +269,8 @@ pub struct InstanceManager {
     slots: RwLock<HashMap<String, Slot>>,
     settings: ManagerSettings,
     region: Option<HeaderValue>,
+    /// The newest scheduler leader seen: older leaders' calls are refused.
+    leader: crate::leader_fence::LeaderFence,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) clock: Arc<dyn Clock>,
     node_id: Mutex<Option<NodeId>>,
@@ -306,6 +308,7 @@ impl InstanceManager {
             slots: RwLock::new(HashMap::new()),
             settings,
             region,
+            leader: Default::default(),
             metrics,
             clock,
             node_id: Mutex::new(None),
@@ -319,6 +322,11 @@ impl InstanceManager {
     pub fn with_log_retention(mut self, retention: crate::logs::Retention) -> Self {
         self.logs = Arc::new(crate::logs::LogStore::new(retention, self.clock.clone()));
         self
+    }
+
+    /// Which scheduler leader may create and destroy instances here.
+    pub fn leader(&self) -> &crate::leader_fence::LeaderFence {
+        &self.leader
     }
 
     /// The node's function logs.

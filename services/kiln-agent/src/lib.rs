@@ -18,6 +18,7 @@ pub mod forward;
 pub mod freeze;
 pub mod hooks;
 pub mod instances;
+pub mod leader_fence;
 pub mod logs;
 pub mod metrics;
 pub mod microvm;

@@ -189,6 +189,9 @@ pub async fn run(
             instances = manager.ids().len(),
             "registered with the scheduler"
         );
+        if let Some(t) = registered.leader_token {
+            manager.leader().observe(t);
+        }
         destroy_all(&manager, registered.destroy).await;
         let interval = Duration::from_millis(registered.heartbeat_interval_ms.clamp(50, 60_000));
         let id = registered.node_id;
@@ -205,6 +208,9 @@ pub async fn run(
                     if failures > 0 {
                         tracing::info!(failures, "scheduler reachable again");
                         failures = 0;
+                    }
+                    if let Some(t) = resp.leader_token {
+                        manager.leader().observe(t);
                     }
                     destroy_all(&manager, resp.destroy).await;
                     if resp.reprovision {
@@ -364,6 +370,16 @@ mod tests {
                 .is_some_and(|i| !i.always_allocate_cpu())
         })
         .await;
+
+        // A new leader's token arrives with the heartbeats: calls stamped
+        // with an older leader's are refused from then on.
+        manager.leader().admit(Some(3)).unwrap();
+        scheduler.state.lock().unwrap().leader_token = Some(4);
+        until("the new leader's token", || {
+            manager.leader().admit(Some(3)).is_err()
+        })
+        .await;
+        manager.leader().admit(Some(4)).unwrap();
 
         // The scheduler does not know the instance: it goes.
         scheduler.state.lock().unwrap().destroy_next = vec![id.clone()];

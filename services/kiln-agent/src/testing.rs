@@ -270,6 +270,8 @@ pub struct FakeSchedulerState {
     pub destroy_next: Vec<InstanceId>,
     pub reregister_next: bool,
     pub reprovision_next: bool,
+    /// A clustered leader's token, sent with every answer.
+    pub leader_token: Option<i64>,
     pub heartbeat_interval_ms: u64,
     /// Answered with every heartbeat (FC's alwaysAllocateCPU).
     pub always_allocate_cpu: Vec<InstanceId>,
@@ -310,6 +312,7 @@ impl SchedulerApi for FakeScheduler {
             node_id: req.node_id.clone().unwrap_or_else(NodeId::generate),
             heartbeat_interval_ms: s.heartbeat_interval_ms,
             destroy: std::mem::take(&mut s.destroy_next),
+            leader_token: s.leader_token,
         })
     }
 
@@ -328,6 +331,7 @@ impl SchedulerApi for FakeScheduler {
             destroy: std::mem::take(&mut s.destroy_next),
             reregister: std::mem::take(&mut s.reregister_next),
             reprovision: std::mem::take(&mut s.reprovision_next),
+            leader_token: s.leader_token,
         })
     }
 }

@@ -185,18 +185,19 @@ pub async fn start_with(
         }
     };
     let (deposed_tx, deposed) = watch::channel(None);
-    let (store, trust_store, lease, renewal): (
+    let (store, trust_store, lease, renewal, token): (
         Arc<dyn SchedulerStore>,
         Arc<dyn store::TrustStore>,
         election::Lease,
         _,
+        Option<i64>,
     ) = match &config.cluster {
         None => {
             let s = Arc::new(SqliteSchedulerStore::open(
                 &config.db_path(),
                 Arc::new(sealer),
             )?);
-            (s.clone(), s, election::Lease::sole(), None)
+            (s.clone(), s, election::Lease::sole(), None, None)
         }
         Some(cluster) => {
             let pg = PgSchedulerStore::open(&cluster.postgres_url, Arc::new(sealer))?;
@@ -209,13 +210,13 @@ pub async fn start_with(
             )
             .await?;
             pg.fence(won.leadership.clone(), won.token);
-            let lease = won.lease.clone();
+            let (lease, token) = (won.lease.clone(), won.token);
             let renewal = tokio::spawn({
                 let (pg, length, until) = (pg.clone(), cluster.lease(), stopped());
                 async move { election::renew(pg, &won, length, deposed_tx, until).await }
             });
             let pg = Arc::new(pg);
-            (pg.clone(), pg, lease, Some(renewal))
+            (pg.clone(), pg, lease, Some(renewal), Some(token))
         }
     };
     let trust = Arc::new(open_trust(&config, trust_store, clock.clone())?);
@@ -228,10 +229,13 @@ pub async fn start_with(
         None => {
             // A revoked agent's server certificate fails our handshake too,
             // and our open connections to it close.
-            let client = InternalClient::revoking(
+            let mut client = InternalClient::revoking(
                 kiln_pki::internal_client_config_live(&config.tls.ca, identity, revoked.clone())?,
                 revoked.clone(),
             );
+            if let Some(t) = token {
+                client = client.with_leader_token(t);
+            }
             Arc::new(HttpAgentClient::new(
                 &client,
                 config.instance_start_timeout(),
@@ -247,6 +251,9 @@ pub async fn start_with(
         },
     )?;
     scheduler.attach_trust(trust.clone());
+    if let Some(t) = token {
+        scheduler.attach_leader_token(t);
+    }
 
     let listener =
         TcpListener::bind(config.listen)

@@ -53,6 +53,9 @@ struct Inner {
     heartbeat_interval_ms: u64,
     /// Revocations, renewal, bootstrap: attached once by [`crate::start`].
     trust: OnceLock<Arc<Trust>>,
+    /// A clustered leader's fencing token, told to agents so that they
+    /// refuse an older leader's calls: attached once by [`crate::start`].
+    leader_token: OnceLock<i64>,
 }
 
 struct State {
@@ -120,6 +123,7 @@ impl Scheduler {
                 start_timeout: config.instance_start_timeout(),
                 heartbeat_interval_ms: config.heartbeat_interval_ms,
                 trust: OnceLock::new(),
+                leader_token: OnceLock::new(),
             }),
         };
         {
@@ -135,6 +139,11 @@ impl Scheduler {
     }
 
     /// Attach the certificate lifecycle (once; later calls are ignored).
+    /// This scheduler leads its cluster with `token` (see [`crate::election`]).
+    pub fn attach_leader_token(&self, token: i64) {
+        let _ = self.inner.leader_token.set(token);
+    }
+
     pub fn attach_trust(&self, trust: Arc<Trust>) {
         let revoked = trust.revocations().list().nodes.len();
         match trust.node_holders() {
@@ -455,6 +464,7 @@ impl Scheduler {
             node_id: r.node_id,
             heartbeat_interval_ms: self.inner.heartbeat_interval_ms,
             destroy: r.destroy,
+            leader_token: self.inner.leader_token.get().copied(),
         })
     }
 
@@ -468,6 +478,7 @@ impl Scheduler {
             destroy: out.destroy,
             reregister: out.reregister,
             reprovision: out.reprovision,
+            leader_token: self.inner.leader_token.get().copied(),
         }
     }
 

@@ -288,6 +288,27 @@ async fn killing_the_leading_scheduler_under_load_loses_nothing() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     assert_eq!(leader.current(), url_b, "B leads");
+
+    // The agent has B's token (2: A held 1) from B's heartbeat answers and
+    // refuses A's, whatever A might still send.
+    let agent_url = format!("https://127.0.0.1:{agent_port}");
+    let as_scheduler = InternalClient::new(&pki.files("scheduler")).unwrap();
+    let gone = paths::agent_instance(&"i-00000000000000000000000000000000".parse().unwrap());
+    let refused = as_scheduler
+        .with_leader_token(1)
+        .delete(&agent_url, &gone)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, kiln_internal_api::InternalClientError::Remote { error, .. }
+            if error.kind == Some(kiln_core::FcErrorKind::NotLeader)),
+        "{refused}"
+    );
+    as_scheduler
+        .with_leader_token(2)
+        .delete(&agent_url, &gone)
+        .await
+        .expect("the leader's own token passes");
     let log = |name: &str| std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap();
     assert!(
         log("agent").contains("following the scheduler that answers"),
