@@ -65,6 +65,11 @@ let
         "secrets"
         "key_file"
       ]
+      # The database password: a credential, the URL may be public.
+      [
+        "cluster"
+        "postgres_password_file"
+      ]
     ];
   };
   stateDir = cfg.settings.state_dir;
@@ -164,7 +169,8 @@ in
             this scheduler is alone, on SQLite in its state directory.
           '';
           type = types.nullOr (kiln.section {
-            postgres_url = kiln.required types.str "`postgresql://` URL or `key=value` string of the shared database: a unix socket or loopback address (prefer peer authentication to a password here: the file is in the Nix store).";
+            postgres_url = kiln.required types.str "`postgresql://` URL or `key=value` string of the shared database, without a password (the rendered file is in the Nix store): a unix socket or loopback address.";
+            postgres_password_file = kiln.optional types.str "File holding the database password (outside the Nix store); systemd hands the service a root-only copy.";
             advertise_url = kiln.required types.str "This scheduler's `https://host:port` as gateways and agents reach it; a standby names the leader's to callers.";
             lease_ms = kiln.setting types.ints.positive clusterDefaults.lease_ms "How long the leader's lease lasts unrenewed: a standby takes over about this long after the leader dies.";
           });

@@ -150,3 +150,41 @@ async fn an_unreachable_database_says_where_it_looked() {
     assert!(matches!(err, PgStoreError::Connect { .. }), "{text}");
     assert!(text.contains("no_such_db"), "{text}");
 }
+
+#[tokio::test]
+async fn the_password_comes_from_its_file_and_a_missing_file_is_named() {
+    let Some(pg) = PgServer::start() else { return };
+    pg.require_password("app", "s3cret-from-a-credential");
+    let url = format!("host={} user=app dbname=app", pg.socket_dir().display());
+    let dir = tempfile::tempdir().unwrap();
+
+    let err = PgDatabase::open(&url, 1, "gateway", &[]).await.unwrap_err();
+    assert!(
+        matches!(err, PgStoreError::Connect { .. }),
+        "no password: {err}"
+    );
+
+    let missing = dir.path().join("missing");
+    let err = PgDatabase::open_with(&url, Some(&missing), 1, "gateway", &[])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, PgStoreError::PasswordFile { path, .. } if path == &missing),
+        "{err}"
+    );
+
+    let file = dir.path().join("password");
+    std::fs::write(&file, "s3cret-from-a-credential\n").unwrap();
+    let db = PgDatabase::open_with(&url, Some(&file), 1, "gateway", &[])
+        .await
+        .expect("the password file's password logs in");
+    let who: String = db
+        .conn()
+        .await
+        .unwrap()
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(who, "app");
+}

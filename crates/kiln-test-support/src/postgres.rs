@@ -121,6 +121,77 @@ impl PgServer {
         std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
     }
 
+    /// Make `user` (a new role, owning a new database of the same name)
+    /// log in with `password` only (SCRAM-SHA-256), the superuser `kiln`
+    /// keeping trust; for tests of password handling.
+    pub fn require_password(&self, user: &str, password: &str) {
+        let psql = Command::new(self.bin.join("psql"))
+            .args([
+                "-h",
+                self.socket_dir().to_str().unwrap(),
+                "-U",
+                "kiln",
+                "-d",
+                "postgres",
+                "-c",
+            ])
+            .arg(format!(
+                "SET password_encryption = 'scram-sha-256'; \
+                 CREATE ROLE \"{user}\" LOGIN PASSWORD '{password}'"
+            ))
+            .output()
+            .expect("run psql");
+        assert!(
+            psql.status.success(),
+            "{}",
+            String::from_utf8_lossy(&psql.stderr)
+        );
+        let created = Command::new(self.bin.join("createdb"))
+            .args([
+                "-h",
+                self.socket_dir().to_str().unwrap(),
+                "-U",
+                "kiln",
+                "-O",
+                user,
+                user,
+            ])
+            .status()
+            .expect("run createdb");
+        assert!(created.success(), "createdb {user} failed");
+        let hba = self.data_dir().join("pg_hba.conf");
+        let rules = std::fs::read_to_string(&hba).expect("read pg_hba.conf");
+        std::fs::write(&hba, format!("local all {user} scram-sha-256\n{rules}"))
+            .expect("write pg_hba.conf");
+        self.as_postgres(
+            "pg_ctl",
+            &["-D", self.data_dir().to_str().unwrap(), "reload"],
+        );
+        // The reload is asynchronous: wait until the rule bites.
+        for _ in 0..50 {
+            let probe = Command::new(self.bin.join("psql"))
+                .args([
+                    "-h",
+                    self.socket_dir().to_str().unwrap(),
+                    "-U",
+                    user,
+                    "-d",
+                    "postgres",
+                    "-w",
+                    "-c",
+                    "SELECT 1",
+                ])
+                .env_remove("PGPASSWORD")
+                .output()
+                .expect("run psql");
+            if !probe.status.success() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!("pg_hba.conf reload never took effect");
+    }
+
     fn as_postgres(&self, tool: &str, args: &[&str]) {
         let out = Command::new("runuser")
             .args(["-u", "postgres", "--"])

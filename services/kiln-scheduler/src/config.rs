@@ -111,6 +111,10 @@ pub struct ClusterSettings {
     /// A `postgresql://` URL or `key=value` string; a unix socket or a
     /// loopback address (Kiln does not speak TLS to PostgreSQL yet).
     pub postgres_url: String,
+    /// A file holding the database password (a systemd credential), when
+    /// the URL has none: the URL may be world-readable, this file not.
+    #[serde(default)]
+    pub postgres_password_file: Option<PathBuf>,
     /// This scheduler's URL as gateways and agents reach it
     /// (`https://host:port`): the leader's is named to every caller a
     /// standby turns away.
@@ -400,6 +404,15 @@ impl SchedulerConfig {
                      environments with the same key, kept apart from the data",
                 );
             }
+            if c.postgres_password_file
+                .as_ref()
+                .is_some_and(|p| p.starts_with("/nix/store"))
+            {
+                return invalid(
+                    "cluster.postgres_password_file",
+                    "must not be in the Nix store, which every user can read",
+                );
+            }
             if !c.advertise_url.starts_with("https://") {
                 return invalid("cluster.advertise_url", "must be an https:// URL");
             }
@@ -594,6 +607,7 @@ mod tests {
         c.cluster = Some(ClusterSettings {
             postgres_url: "host=/run/postgresql user=kiln password=s3cret dbname=kiln".into(),
             advertise_url: "https://10.0.0.2:9443".into(),
+            postgres_password_file: None,
             lease_ms: default_lease_ms(),
         });
         let field = |c: &SchedulerConfig| match c.validate() {
@@ -620,9 +634,12 @@ mod tests {
         let mut bad = c.clone();
         bad.cluster.as_mut().unwrap().advertise_url = "http://10.0.0.2:9443".into();
         assert_eq!(field(&bad), "cluster.advertise_url");
-        let mut bad = c;
+        let mut bad = c.clone();
         bad.cluster.as_mut().unwrap().lease_ms = 100;
         assert_eq!(field(&bad), "cluster.lease_ms");
+        let mut bad = c;
+        bad.cluster.as_mut().unwrap().postgres_password_file = Some("/nix/store/abc-pgpass".into());
+        assert_eq!(field(&bad), "cluster.postgres_password_file");
     }
 
     #[test]

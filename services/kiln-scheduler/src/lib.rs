@@ -200,7 +200,11 @@ pub async fn start_with(
             (s.clone(), s, election::Lease::sole(), None, None)
         }
         Some(cluster) => {
-            let pg = PgSchedulerStore::open(&cluster.postgres_url, Arc::new(sealer))?;
+            let pg = PgSchedulerStore::open_with(
+                &cluster.postgres_url,
+                cluster.postgres_password_file.as_deref(),
+                Arc::new(sealer),
+            )?;
             let won = election::campaign_until_leader(
                 cluster,
                 &pg,

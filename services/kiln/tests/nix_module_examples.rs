@@ -178,6 +178,7 @@ fn every_typed_module_option_is_a_key_of_the_service() {
          [certificates]\nca_cert = \"/etc/kiln/pki/signing-ca.pem\"\n\
          ca_key = \"/etc/kiln/pki/signing-ca-key.pem\"\n\
          [cluster]\npostgres_url = \"host=/run/postgresql dbname=kiln\"\n\
+         postgres_password_file = \"/etc/kiln/pgpass\"\n\
          advertise_url = \"https://10.0.0.2:9443\"\n",
     );
     assert_typed_options_exist::<kiln_agent::AgentConfig>(

@@ -75,6 +75,12 @@ pub enum PgStoreError {
         token: i64,
         leader: Option<String>,
     },
+    #[error("cannot read the PostgreSQL password file {path}")]
+    PasswordFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("PostgreSQL query failed")]
     Query(#[from] tokio_postgres::Error),
     #[error("cannot build the PostgreSQL pool: {0}")]
@@ -108,8 +114,30 @@ impl PgDatabase {
         component: &'static str,
         migrations: &[Migration],
     ) -> Result<Self, PgStoreError> {
-        let config =
+        Self::open_with(url, None, max_connections, component, migrations).await
+    }
+
+    /// [`Self::open`] with the password read from `password_file` (a
+    /// systemd credential: the URL itself may sit in the Nix store, the
+    /// password must not). One trailing newline is ignored.
+    pub async fn open_with(
+        url: &str,
+        password_file: Option<&std::path::Path>,
+        max_connections: usize,
+        component: &'static str,
+        migrations: &[Migration],
+    ) -> Result<Self, PgStoreError> {
+        let mut config =
             tokio_postgres::Config::from_str(url).map_err(|e| PgStoreError::Url(e.to_string()))?;
+        if let Some(path) = password_file {
+            let text =
+                std::fs::read_to_string(path).map_err(|source| PgStoreError::PasswordFile {
+                    path: path.to_owned(),
+                    source,
+                })?;
+            let password = text.strip_suffix('\n').unwrap_or(&text);
+            config.password(password.strip_suffix('\r').unwrap_or(password));
+        }
         let target = describe(&config);
         if !is_local(&config) {
             return Err(PgStoreError::NotLocal(target));

@@ -111,9 +111,20 @@ impl PgSchedulerStore {
     /// Connect and bring the schema up to date (every scheduler of a
     /// cluster may do this at once: migrations run under a lock).
     pub fn open(url: &str, sealer: Arc<Sealer>) -> Result<Self, SchedulerStoreError> {
+        Self::open_with(url, None, sealer)
+    }
+
+    /// [`Self::open`] with the password in a file (a credential).
+    pub fn open_with(
+        url: &str,
+        password_file: Option<&std::path::Path>,
+        sealer: Arc<Sealer>,
+    ) -> Result<Self, SchedulerStoreError> {
         let rt = PgRuntime::new("kiln-sched-pg")?;
-        let url = url.to_owned();
-        let db = rt.block(async move { PgDatabase::open(&url, 8, COMPONENT, MIGRATIONS).await })?;
+        let (url, password_file) = (url.to_owned(), password_file.map(ToOwned::to_owned));
+        let db = rt.block(async move {
+            PgDatabase::open_with(&url, password_file.as_deref(), 8, COMPONENT, MIGRATIONS).await
+        })?;
         Ok(Self {
             inner: Arc::new(Inner {
                 rt,
