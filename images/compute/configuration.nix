@@ -23,6 +23,10 @@ in
     }
     // lib.optionalAttrs (kilnPackages ? "rootfs-custom-debian12") {
       "custom.debian12" = kilnPackages."rootfs-custom-debian12";
+    }
+    # The built-in runtimes (python3.11, nodejs18) share this tree.
+    // lib.optionalAttrs (kilnPackages ? "rootfs-debian12-builtin") {
+      "debian12-builtin" = kilnPackages."rootfs-debian12-builtin";
     };
     settings = {
       inherit (site) region;
