@@ -35,7 +35,8 @@ def handler(event, context):
         "requestId": context.request_id,
         "creds": [c.access_key_id, c.access_key_secret, c.security_token],
         "function": [context.function.name, context.function.handler,
-                     context.function.memory, context.function.timeout],
+                     context.function.memory, context.function.timeout,
+                     context.function.initializer, context.function.initialization_timeout],
         "region": context.region,
         "accountId": context.account_id,
         "runs": len(runs),
@@ -73,7 +74,8 @@ exports.handler = async (event, context) => {
     requestId: context.requestId,
     creds: [c.accessKeyId, c.accessKeySecret, c.securityToken],
     function: [context.function.name, context.function.handler,
-               context.function.memory, context.function.timeout],
+               context.function.memory, context.function.timeout,
+               context.function.initializer, context.function.initializationTimeout],
     region: context.region,
     accountId: context.accountId,
     runs: runs.length,
@@ -305,6 +307,7 @@ fn event_handler_model(lang: &Lang) {
             &[
                 ("x-fc-request-id", rid),
                 ("x-fc-function-initializer", "index.initialize"),
+                ("x-fc-initialization-timeout", "9"),
             ],
             b"",
             false,
@@ -350,7 +353,8 @@ fn event_handler_model(lang: &Lang) {
             assert_eq!(v["creds"], serde_json::json!(["STS.id", "secret", "token"]));
             assert_eq!(
                 v["function"],
-                serde_json::json!(["fn", "index.handler", 256, 7])
+                serde_json::json!(["fn", "index.handler", 256, 7, "index.initialize", 9]),
+                "the initializer from /initialize is in every call's context"
             );
             assert_eq!(v["region"], "cn-test");
         }

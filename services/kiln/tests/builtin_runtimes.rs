@@ -297,6 +297,17 @@ async fn python_and_nodejs_handlers_follow_fcs_event_handler_model() {
                 .any(|l| l.contains(rid) && l.contains(&format!("hello from {name}"))),
             "{lines:?}"
         );
+        // `kiln logs` shows the same call's lines.
+        let out = dev.cli(&["logs", name, "--request-id", rid]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{text}");
+        for want in [
+            format!("FC Invoke Start RequestId: {rid}"),
+            format!("hello from {name}"),
+            format!("FC Invoke End RequestId: {rid}"),
+        ] {
+            assert!(text.contains(&want), "{want} in:\n{text}");
+        }
         let all = wait_for_line(&c, name, &[], |m| m.starts_with("FC Initialize End")).await;
         let starts = all
             .iter()

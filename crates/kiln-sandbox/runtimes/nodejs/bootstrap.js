@@ -123,8 +123,8 @@ function context(headers) {
       handler: header(headers, 'x-fc-function-handler', process.env.FC_FUNCTION_HANDLER),
       memory: Number(header(headers, 'x-fc-function-memory', process.env.FC_FUNCTION_MEMORY_SIZE)) || 0,
       timeout: Number(header(headers, 'x-fc-function-timeout')) || 0,
-      initializer: header(headers, 'x-fc-function-initializer'),
-      initializationTimeout: Number(header(headers, 'x-fc-initialization-timeout')) || 0,
+      initializer: header(headers, 'x-fc-function-initializer', initializer.handler),
+      initializationTimeout: Number(header(headers, 'x-fc-initialization-timeout', initializer.timeout)) || 0,
     },
     service: {
       name: '',
@@ -205,6 +205,9 @@ function fail(res, err) {
 }
 
 let initialized = false;
+// The initializer and its timeout as /initialize named them: the agent
+// sends them on that call only, FC's context carries them on every call.
+const initializer = { handler: '', timeout: '0' };
 
 async function invoke(req, res, body) {
   const ctx = context(req.headers);
@@ -245,7 +248,9 @@ const server = http.createServer((req, res) => {
       if (req.method === 'POST' && req.url === '/invoke') {
         invoke(req, res, body);
       } else if (req.method === 'POST' && req.url === '/initialize') {
-        hook('Initialize', req.headers['x-fc-function-initializer'] || '', req, res);
+        initializer.handler = req.headers['x-fc-function-initializer'] || '';
+        initializer.timeout = req.headers['x-fc-initialization-timeout'] || '0';
+        hook('Initialize', initializer.handler, req, res);
       } else if (req.method === 'GET' && req.url === '/pre-stop') {
         hook('PreStop', req.headers['x-fc-instance-lifecycle-pre-stop-handler'] || '', req, res);
       } else {

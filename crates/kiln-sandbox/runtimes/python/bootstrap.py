@@ -44,6 +44,9 @@ CODE_DIR = os.environ.get("FC_FUNC_CODE_PATH", "/code")
 SEARCH_PATH = [CODE_DIR, os.path.join(CODE_DIR, "python"), "/opt/python"]
 
 _local = threading.local()
+# The initializer and its timeout as /initialize named them: the agent
+# sends them on that call only, FC's context carries them on every call.
+_initializer = ["", "0"]
 
 
 def _request_id():
@@ -119,8 +122,8 @@ class FCContext:
             h("x-fc-function-handler", os.environ.get("FC_FUNCTION_HANDLER", "")),
             _int(h("x-fc-function-memory", os.environ.get("FC_FUNCTION_MEMORY_SIZE", "0"))),
             _int(h("x-fc-function-timeout", "0")),
-            h("x-fc-function-initializer"),
-            _int(h("x-fc-initialization-timeout", "0")),
+            h("x-fc-function-initializer", _initializer[0]),
+            _int(h("x-fc-initialization-timeout", _initializer[1])),
         )
         qualifier = h("x-fc-qualifier", "LATEST")
         self.service = ServiceMeta("", qualifier, "" if qualifier == "LATEST" else qualifier)
@@ -275,7 +278,11 @@ class Handler(BaseHTTPRequestHandler):
             if self.path == "/invoke":
                 self.invoke(headers, body)
             elif self.path == "/initialize":
-                self.hook("Initialize", headers.get("x-fc-function-initializer", ""), headers)
+                _initializer[:] = [
+                    headers.get("x-fc-function-initializer", ""),
+                    headers.get("x-fc-initialization-timeout", "0"),
+                ]
+                self.hook("Initialize", _initializer[0], headers)
             else:
                 self._answer(404, b"", error=False)
         finally:
