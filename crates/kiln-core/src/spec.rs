@@ -27,6 +27,13 @@ pub enum RuntimeName {
     /// `nodejs18`.
     #[serde(rename = "nodejs18")]
     Nodejs18,
+    /// Built-in: Debian 13's Python 3.13. Not an FC runtime name (FC's
+    /// newest Python runtime is python3.12): named for what it runs.
+    #[serde(rename = "python3.13")]
+    Python313,
+    /// Built-in: Debian 13's Node.js 20; FC's `nodejs20`.
+    #[serde(rename = "nodejs20")]
+    Nodejs20,
 }
 
 /// The language of a built-in runtime (FC's event handler model).
@@ -37,11 +44,13 @@ pub enum HandlerLanguage {
 }
 
 impl RuntimeName {
-    pub const ALL: [RuntimeName; 4] = [
+    pub const ALL: [RuntimeName; 6] = [
         RuntimeName::Custom,
         RuntimeName::CustomDebian12,
         RuntimeName::Python311,
         RuntimeName::Nodejs18,
+        RuntimeName::Python313,
+        RuntimeName::Nodejs20,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -50,6 +59,8 @@ impl RuntimeName {
             Self::CustomDebian12 => "custom.debian12",
             Self::Python311 => "python3.11",
             Self::Nodejs18 => "nodejs18",
+            Self::Python313 => "python3.13",
+            Self::Nodejs20 => "nodejs20",
         }
     }
 
@@ -58,19 +69,29 @@ impl RuntimeName {
     pub fn handler_language(self) -> Option<HandlerLanguage> {
         match self {
             Self::Custom | Self::CustomDebian12 => None,
-            Self::Python311 => Some(HandlerLanguage::Python),
-            Self::Nodejs18 => Some(HandlerLanguage::Nodejs),
+            Self::Python311 | Self::Python313 => Some(HandlerLanguage::Python),
+            Self::Nodejs18 | Self::Nodejs20 => Some(HandlerLanguage::Nodejs),
         }
     }
 
     /// The root filesystem the runtime runs on (a directory name under the
-    /// node's rootfs directory). The built-in runtimes share one tree:
-    /// Debian 12 with python3, nodejs and Kiln's bootstraps.
+    /// node's rootfs directory). The built-in runtimes of one Debian
+    /// release share one tree: its python3, nodejs and Kiln's bootstraps.
     pub fn rootfs(self) -> &'static str {
         match self {
             Self::Custom => "custom",
             Self::CustomDebian12 => "custom.debian12",
             Self::Python311 | Self::Nodejs18 => "debian12-builtin",
+            Self::Python313 | Self::Nodejs20 => "debian13-builtin",
+        }
+    }
+
+    /// The Debian release (suite) a debootstrapped tree comes from: the
+    /// one whose interpreters are the versions the name says.
+    pub fn debian_suite(self) -> &'static str {
+        match self {
+            Self::Python313 | Self::Nodejs20 => "trixie",
+            Self::Custom | Self::CustomDebian12 | Self::Python311 | Self::Nodejs18 => "bookworm",
         }
     }
 
@@ -90,7 +111,10 @@ impl RuntimeName {
             Self::Python311 => Some(
                 "not an FC runtime name (FC has no Python 3.11 runtime); FC's nearest: python3.10, python3.12",
             ),
-            Self::Custom | Self::CustomDebian12 | Self::Nodejs18 => None,
+            Self::Python313 => Some(
+                "not an FC runtime name (FC has no Python 3.13 runtime); FC's nearest: python3.12",
+            ),
+            Self::Custom | Self::CustomDebian12 | Self::Nodejs18 | Self::Nodejs20 => None,
         }
     }
 }
@@ -312,7 +336,17 @@ pub(crate) mod tests {
     #[test]
     fn built_in_runtimes_share_a_tree_and_run_their_bootstrap() {
         for r in [RuntimeName::Python311, RuntimeName::Nodejs18] {
-            assert_eq!(r.rootfs(), "debian12-builtin");
+            assert_eq!(
+                (r.rootfs(), r.debian_suite()),
+                ("debian12-builtin", "bookworm")
+            );
+            assert!(r.handler_language().is_some());
+        }
+        for r in [RuntimeName::Python313, RuntimeName::Nodejs20] {
+            assert_eq!(
+                (r.rootfs(), r.debian_suite()),
+                ("debian13-builtin", "trixie")
+            );
             assert!(r.handler_language().is_some());
         }
         let py = RuntimeName::Python311.bootstrap_command().unwrap();
@@ -332,7 +366,12 @@ pub(crate) mod tests {
             .fc_note()
             .unwrap()
             .contains("python3.10"));
+        assert!(RuntimeName::Python313
+            .fc_note()
+            .unwrap()
+            .contains("python3.12"));
         assert!(RuntimeName::Nodejs18.fc_note().is_none());
+        assert!(RuntimeName::Nodejs20.fc_note().is_none());
         assert!(RuntimeName::supported().contains("nodejs18"));
     }
 }

@@ -8,7 +8,9 @@
 //! A tree is named by [`RuntimeName::rootfs`]: the built-in runtimes
 //! (`python3.11`, `nodejs18`) share `debian12-builtin`, Debian 12 with
 //! python3 and nodejs plus Kiln's bootstraps ([`BOOTSTRAPS`]) under
-//! `/usr/lib/kiln/runtime`. The bootstraps are this build's: a cached tree
+//! `/usr/lib/kiln/runtime`; `python3.13` and `nodejs20` share
+//! `debian13-builtin`, the same from Debian 13 (trixie), from the same
+//! mirror. The bootstraps are this build's: a cached tree
 //! whose copies differ (an older Kiln's) gets them rewritten, each
 //! replaced atomically, before the runtime is used.
 
@@ -257,7 +259,10 @@ impl RootfsBuilder<'_> {
         match runtime {
             RuntimeName::Custom => build_minimal(&tmp)?,
             RuntimeName::CustomDebian12 => self.debootstrap(runtime, &tmp).await?,
-            RuntimeName::Python311 | RuntimeName::Nodejs18 => {
+            RuntimeName::Python311
+            | RuntimeName::Nodejs18
+            | RuntimeName::Python313
+            | RuntimeName::Nodejs20 => {
                 self.debootstrap(runtime, &tmp).await?;
                 install_bootstraps(&tmp)?;
             }
@@ -275,7 +280,7 @@ impl RootfsBuilder<'_> {
         let mut child = Command::new("debootstrap")
             .arg("--variant=minbase")
             .arg(format!("--include={}", packages(runtime)))
-            .arg(SUITE)
+            .arg(runtime.debian_suite())
             .arg(tmp)
             .arg(&mirror)
             .stdin(Stdio::null())

@@ -141,7 +141,7 @@ impl AgentHandle {
 
 /// Start the agent with its real backends. Prepares every configured
 /// runtime's root filesystem first (the first build of `custom.debian12`,
-/// and of the built-in runtimes' shared tree, runs debootstrap and takes a
+/// and of each Debian release's tree of the built-in runtimes, runs debootstrap and takes a
 /// few minutes; later starts reuse it).
 pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
     config.validate()?;

@@ -419,6 +419,16 @@ mod tests {
             (Some("nodejs18"), Some("nodejs"))
         );
         assert!(js.get("note").is_none(), "nodejs18 is FC's own name");
+        assert_eq!(v["runtimes"][4]["runtime"], "python3.13");
+        assert!(v["runtimes"][4]["note"]
+            .as_str()
+            .unwrap()
+            .contains("python3.12"));
+        assert_eq!(v["runtimes"][5]["runtime"], "nodejs20");
+        assert!(
+            v["runtimes"][5].get("note").is_none(),
+            "nodejs20 is FC's own name"
+        );
         assert_eq!(v["runtimes"][1]["nodes"], 0);
     }
 

@@ -1043,7 +1043,8 @@ mod tests {
         assert!(create(v).is_ok());
         // The custom runtimes keep their free-form handlers.
         assert!(create(with("handler", json!("anything at all"))).is_ok());
-        assert!(err_of(with("runtime", json!("python3.10"))).contains("python3.11, nodejs18"));
+        assert!(err_of(with("runtime", json!("python3.10")))
+            .contains("python3.11, nodejs18, python3.13, nodejs20"));
     }
 
     #[test]

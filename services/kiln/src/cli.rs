@@ -285,7 +285,8 @@ pub struct DeployArgs {
     )]
     pub file: Option<PathBuf>,
     /// custom (static binaries), custom.debian12 (default on create), or a
-    /// built-in runtime calling index.handler: python3.11, nodejs18.
+    /// built-in runtime calling index.handler: python3.11, nodejs18,
+    /// python3.13, nodejs20.
     #[arg(long)]
     pub runtime: Option<String>,
     /// Command that starts the runtime, split on whitespace

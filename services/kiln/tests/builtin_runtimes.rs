@@ -1,6 +1,6 @@
-//! The built-in runtimes (`python3.11`, `nodejs18`) end to end on `kiln
-//! dev` (runc sandboxes, the shared Debian 12 tree with Kiln's
-//! bootstraps): a handler function echoes its event and reads its context
+//! The built-in runtimes (`python3.11`, `nodejs18` on Debian 12,
+//! `python3.13`, `nodejs20` on Debian 13) end to end on `kiln dev` (runc
+//! sandboxes, each release's shared tree with Kiln's bootstraps): a handler function echoes its event and reads its context
 //! (request id, function metadata, its role's temporary credentials), its
 //! initializer runs once per instance, an exception arrives in FC's error
 //! shape, its logs carry FC's Start/End lines with the request id, and bad
@@ -81,7 +81,7 @@ struct Case {
     source: &'static str,
 }
 
-const CASES: [Case; 2] = [
+const CASES: [Case; 4] = [
     Case {
         runtime: "python3.11",
         example: "python-hello",
@@ -93,6 +93,21 @@ const CASES: [Case; 2] = [
         runtime: "nodejs18",
         example: "nodejs-hello",
         function: "js-hello",
+        error_type: "RangeError",
+        source: "index.js",
+    },
+    // Debian 13's interpreters, the same examples unchanged.
+    Case {
+        runtime: "python3.13",
+        example: "python-hello",
+        function: "py13-hello",
+        error_type: "ValueError",
+        source: "index.py",
+    },
+    Case {
+        runtime: "nodejs20",
+        example: "nodejs-hello",
+        function: "js20-hello",
         error_type: "RangeError",
         source: "index.js",
     },
@@ -143,6 +158,14 @@ async fn python_and_nodejs_handlers_follow_fcs_event_handler_model() {
     assert!(
         table.contains("python3.11: not an FC runtime name"),
         "{table}"
+    );
+    assert!(
+        table.contains("python3.13: not an FC runtime name"),
+        "{table}"
+    );
+    assert!(
+        !table.contains("nodejs20:") && !table.contains("nodejs18:"),
+        "FC's own names get no note: {table}"
     );
 
     for case in &CASES {
@@ -230,7 +253,7 @@ async fn python_and_nodejs_handlers_follow_fcs_event_handler_model() {
             assert_eq!(v["accountId"], account.as_str(), "{v}");
             assert_eq!(v["hasCredentials"], true, "{v}");
             assert_eq!(v["initializerRuns"], 1, "{}: call {i}: {v}", case.runtime);
-            if case.runtime == "nodejs18" {
+            if case.runtime.starts_with("nodejs") {
                 assert_eq!(v["isBuffer"], true, "the event is a Buffer: {v}");
             }
             rids.push(rid);

@@ -2,7 +2,8 @@
 //! (`alibabacloud-fc20230330`, in a virtualenv this test creates) and Node
 //! (`@alicloud/fc20230330`, installed with npm from tests/sdk's lock file).
 //! Both drive create, get, list, update, invoke and delete; the Python one
-//! also handler functions on the built-in runtimes (python3.11, nodejs18).
+//! also handler functions on the built-in runtimes (python3.11, nodejs18,
+//! python3.13, nodejs20).
 
 mod common;
 
@@ -58,7 +59,12 @@ fn official_python_sdk_drives_kiln() {
 
     // The built-in runtimes through the same SDK: handler functions.
     let mut pairs = Vec::new();
-    for (runtime, example) in [("python3.11", "python-hello"), ("nodejs18", "nodejs-hello")] {
+    for (runtime, example) in [
+        ("python3.11", "python-hello"),
+        ("nodejs18", "nodejs-hello"),
+        ("python3.13", "python-hello"),
+        ("nodejs20", "nodejs-hello"),
+    ] {
         let zip = work.path().join(format!("{example}.zip"));
         std::fs::write(&zip, common::example_zip(example)).unwrap();
         pairs.push(format!("{runtime}={}", zip.display()));

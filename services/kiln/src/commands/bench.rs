@@ -21,8 +21,9 @@
 //!   namespace, until its port answers ([`runc`]); one at a time, and as a
 //!   burst from parallel callers ([`burst`]);
 //! - cold start of a handler function on each built-in runtime
-//!   (`python3.11`, `nodejs18`) against a bare `runc run` of the same root
-//!   filesystem (`debian12-builtin`), bootstrap and code ([`cold_runtimes`]).
+//!   (`python3.11`, `nodejs18`, `python3.13`, `nodejs20`) against a bare
+//!   `runc run` of the same root filesystem (`debian12-builtin`,
+//!   `debian13-builtin`), bootstrap and code ([`cold_runtimes`]).
 
 mod burst;
 mod cpu;
@@ -668,18 +669,14 @@ async fn cold(
 
 /// The echo handler each built-in runtime's cold start runs: the event
 /// back as the body.
-const HANDLERS: [(&str, &str, &str); 2] = [
-    (
-        "python3.11",
-        "index.py",
-        "def handler(event, context):\n    return event\n",
-    ),
-    (
-        "nodejs18",
-        "index.js",
-        "exports.handler = async (event) => event;\n",
-    ),
+const HANDLERS: [(&str, &str, &str); 4] = [
+    ("python3.11", "index.py", PY_ECHO),
+    ("nodejs18", "index.js", JS_ECHO),
+    ("python3.13", "index.py", PY_ECHO),
+    ("nodejs20", "index.js", JS_ECHO),
 ];
+const PY_ECHO: &str = "def handler(event, context):\n    return event\n";
+const JS_ECHO: &str = "exports.handler = async (event) => event;\n";
 
 /// Per built-in runtime: new handler functions invoked once each, against
 /// bare `runc run`s of the runtime's tree running its bootstrap with the
