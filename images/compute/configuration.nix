@@ -30,6 +30,16 @@ in
     };
     settings = {
       inherit (site) region;
+      # The built-in runtimes whose tree the image ships (no debootstrap at
+      # first start).
+      runtimes = [
+        "custom"
+        "custom.debian12"
+      ]
+      ++ lib.optionals (kilnPackages ? "rootfs-debian12-builtin") [
+        "python3.11"
+        "nodejs18"
+      ];
       scheduler_url = "https://${site.controlHost}:9443";
       gateway_internal_url = "https://${site.controlHost}:8444";
       tls = {
