@@ -11,13 +11,19 @@
 // errorType, stackTrace) with x-fc-error-type UnhandledInvocationError.
 // Configure `initialize` as the initializer
 // (instanceLifecycleConfig.initializer.handler = "index.initialize") and it
-// runs once per instance, before the first call.
+// runs once per instance, before the first call; `preStop` as the PreStop
+// hook (instanceLifecycleConfig.preStop.handler = "index.preStop") runs
+// before the instance goes away.
 
 const initialized = [];
 
 exports.initialize = async (context) => {
   initialized.push(context.requestId);
   context.logger.info('initializer ran');
+};
+
+exports.preStop = async (context) => {
+  context.logger.info(`pre-stop ran after ${initialized.length} initializer run(s)`);
 };
 
 function answer(event, context) {

@@ -9,7 +9,9 @@ event {"fail": "..."} raises, which the caller sees as FC's error body
 (errorMessage, errorType, stackTrace) with x-fc-error-type
 UnhandledInvocationError. Configure `initialize` as the initializer
 (instanceLifecycleConfig.initializer.handler = "index.initialize") and it
-runs once per instance, before the first call.
+runs once per instance, before the first call; `pre_stop` as the PreStop
+hook (instanceLifecycleConfig.preStop.handler = "index.pre_stop") runs before
+the instance goes away.
 """
 
 import json
@@ -21,6 +23,10 @@ initialized = []
 def initialize(context):
     initialized.append(context.request_id)
     context.logger.info("initializer ran")
+
+
+def pre_stop(context):
+    context.logger.info("pre-stop ran after %d initializer run(s)", len(initialized))
 
 
 def handler(event, context):

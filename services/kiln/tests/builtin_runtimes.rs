@@ -79,6 +79,8 @@ struct Case {
     error_type: &'static str,
     /// The file a stack frame of the function names.
     source: &'static str,
+    /// The example's PreStop handler.
+    pre_stop: &'static str,
 }
 
 const CASES: [Case; 4] = [
@@ -88,6 +90,7 @@ const CASES: [Case; 4] = [
         function: "py-hello",
         error_type: "ValueError",
         source: "index.py",
+        pre_stop: "index.pre_stop",
     },
     Case {
         runtime: "nodejs18",
@@ -95,6 +98,7 @@ const CASES: [Case; 4] = [
         function: "js-hello",
         error_type: "RangeError",
         source: "index.js",
+        pre_stop: "index.preStop",
     },
     // Debian 13's interpreters, the same examples unchanged.
     Case {
@@ -103,6 +107,7 @@ const CASES: [Case; 4] = [
         function: "py13-hello",
         error_type: "ValueError",
         source: "index.py",
+        pre_stop: "index.pre_stop",
     },
     Case {
         runtime: "nodejs20",
@@ -110,6 +115,7 @@ const CASES: [Case; 4] = [
         function: "js20-hello",
         error_type: "RangeError",
         source: "index.js",
+        pre_stop: "index.preStop",
     },
 ];
 
@@ -180,7 +186,8 @@ async fn python_and_nodejs_handlers_follow_fcs_event_handler_model() {
                 "timeout": 10,
                 "role": role,
                 "instanceLifecycleConfig": {
-                    "initializer": {"handler": "index.initialize", "timeout": 10}},
+                    "initializer": {"handler": "index.initialize", "timeout": 10},
+                    "preStop": {"handler": case.pre_stop, "timeout": 5}},
                 "code": {"zipFile": b64(&zip)},
             })
         };
@@ -401,4 +408,29 @@ async fn python_and_nodejs_handlers_follow_fcs_event_handler_model() {
         Some("UnhandledInvocationError")
     );
     assert_eq!(json_of(&r)["errorMessage"], "by callback");
+
+    // Deleting the functions releases their instances: each answers its
+    // PreStop hook (the bootstraps call pre_stop / preStop) before it goes.
+    for case in &CASES {
+        c.delete_function(case.function).await.unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let log = std::fs::read_to_string(dev.state.path().join("dev.log")).unwrap_or_default();
+        let hooks = |outcome: &str| {
+            log.lines()
+                .filter(|l| l.contains(outcome) && l.contains("PreStop"))
+                .count()
+        };
+        assert_eq!(hooks("lifecycle hook failed"), 0, "{}", dev.log_tail());
+        if hooks("lifecycle hook succeeded") >= CASES.len() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "PreStop did not run on every instance:\n{}",
+            dev.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
