@@ -140,9 +140,11 @@ in
       example = lib.literalExpression ''{ "custom.debian12" = kiln.packages.x86_64-linux."rootfs-custom-debian12"; }'';
       description = ''
         Runtime root filesystems built by Nix, linked into the agent's
-        rootfs directory under their runtime name. A runtime listed in
-        `settings.runtimes` but not here is built by the agent at its first
-        start (`custom.debian12` with debootstrap from a Debian mirror).
+        rootfs directory under their tree name: the runtime's name, except
+        `debian12-builtin`, the one tree of the built-in runtimes
+        `python3.11` and `nodejs18` (`rootfs-debian12-builtin`). A runtime
+        listed in `settings.runtimes` whose tree is not here is built by the
+        agent at its first start (with debootstrap from a Debian mirror).
       '';
     };
 

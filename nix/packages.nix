@@ -79,6 +79,7 @@ in
   }
   // lib.optionalAttrs (rootfs ? debian12) {
     "rootfs-custom-debian12" = rootfs.debian12;
+    "rootfs-debian12-builtin" = rootfs.debian12Builtin;
   };
 
   checks = {

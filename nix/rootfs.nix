@@ -23,22 +23,24 @@ let
   # It is a real Debian userland, not a Nix-built look-alike; it differs from
   # the agent's debootstrap --variant=minbase tree in the package set
   # (nixpkgs' base list plus python3) and in not being refreshed.
-  debian12 =
+  debianTree =
+    {
+      name,
+      extraPackages,
+      extraCommands ? "",
+    }:
     let
       distro = pkgs.vmTools.debDistros.debian12x86_64;
       image = pkgs.vmTools.makeImageFromDebDist {
         inherit (distro) name fullName urlPrefix;
         packagesLists = distro.packagesLists or [ distro.packagesList ];
-        packages = distro.packages ++ [
-          "python3"
-          "ca-certificates"
-        ];
+        packages = distro.packages ++ extraPackages ++ [ "ca-certificates" ];
         size = 2048;
       };
     in
     pkgs.vmTools.runInLinuxVM (
       pkgs.stdenv.mkDerivation {
-        name = "kiln-rootfs-custom-debian12";
+        inherit name;
         nativeBuildInputs = [ pkgs.util-linux ];
         # A copy-on-write overlay of the image, attached as /dev/vda.
         preVM = ''
@@ -53,17 +55,42 @@ let
           cp -a /mnt/. $out/
           umount /mnt
           rm -rf $out/lost+found $out/.debug
-          mkdir -p $out/code $out/proc $out/dev $out/sys $out/tmp
+          mkdir -p $out/code $out/opt $out/proc $out/dev $out/sys $out/tmp
           cp --remove-destination ${hosts} $out/etc/hosts
           test -x $out/usr/bin/python3
+          ${extraCommands}
         '';
       }
     );
+
+  debian12 = debianTree {
+    name = "kiln-rootfs-custom-debian12";
+    extraPackages = [ "python3" ];
+  };
+
+  # `debian12-builtin`: the tree of the built-in runtimes `python3.11` and
+  # `nodejs18` (link it into the rootfs directory under that name): Debian
+  # 12 with python3 and nodejs, and Kiln's bootstraps at the paths the
+  # agent's own build uses (crates/kiln-sandbox/src/rootfs.rs, BOOTSTRAPS),
+  # byte for byte the files the agent embeds, so it never rewrites them.
+  debian12Builtin = debianTree {
+    name = "kiln-rootfs-debian12-builtin";
+    extraPackages = [
+      "python3"
+      "nodejs"
+    ];
+    extraCommands = ''
+      test -x $out/usr/bin/node
+      mkdir -p $out/usr/lib/kiln/runtime
+      install -m 0644 ${../crates/kiln-sandbox/runtimes/python/bootstrap.py} $out/usr/lib/kiln/runtime/bootstrap.py
+      install -m 0644 ${../crates/kiln-sandbox/runtimes/nodejs/bootstrap.js} $out/usr/lib/kiln/runtime/bootstrap.js
+    '';
+  };
 in
 {
   inherit custom;
 }
 // lib.optionalAttrs (pkgs.stdenv.hostPlatform.system == "x86_64-linux") {
   # nixpkgs' vmTools carries Debian 12 for x86_64 (and i386) only.
-  inherit debian12;
+  inherit debian12 debian12Builtin;
 }

@@ -2,8 +2,10 @@
 # Run Kiln's whole test suite (as root: the sandbox tests run real runc
 # containers in network namespaces they create and remove).
 #
-# The custom.debian12 root filesystem is built once with debootstrap and
-# cached in $KILN_ROOTFS_CACHE (default /var/cache/kiln/rootfs).
+# The custom.debian12, debian12-builtin (python3.11, nodejs18) and
+# debian13-builtin (python3.13, nodejs20) root filesystems are built once
+# with debootstrap and cached in
+# $KILN_ROOTFS_CACHE (default /var/cache/kiln/rootfs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install-deps.sh

@@ -23,9 +23,23 @@ in
     }
     // lib.optionalAttrs (kilnPackages ? "rootfs-custom-debian12") {
       "custom.debian12" = kilnPackages."rootfs-custom-debian12";
+    }
+    # The built-in runtimes (python3.11, nodejs18) share this tree.
+    // lib.optionalAttrs (kilnPackages ? "rootfs-debian12-builtin") {
+      "debian12-builtin" = kilnPackages."rootfs-debian12-builtin";
     };
     settings = {
       inherit (site) region;
+      # The built-in runtimes whose tree the image ships (no debootstrap at
+      # first start).
+      runtimes = [
+        "custom"
+        "custom.debian12"
+      ]
+      ++ lib.optionals (kilnPackages ? "rootfs-debian12-builtin") [
+        "python3.11"
+        "nodejs18"
+      ];
       scheduler_url = "https://${site.controlHost}:9443";
       gateway_internal_url = "https://${site.controlHost}:8444";
       tls = {

@@ -15,4 +15,7 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{FcError, FcErrorCode, FcErrorKind};
 pub use error_chain::error_chain;
 pub use ids::{AccountId, FunctionName, IdError, InstanceId, LeaseId, NodeId, RequestId};
-pub use spec::{InstanceSpec, LifecycleHook, NetworkSpec, RuntimeName, SandboxKind, VpcAttachment};
+pub use spec::{
+    HandlerLanguage, InstanceSpec, LifecycleHook, NetworkSpec, RuntimeName, SandboxKind,
+    VpcAttachment, NODEJS_BOOTSTRAP, PYTHON_BOOTSTRAP,
+};

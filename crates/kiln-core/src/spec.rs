@@ -18,22 +18,122 @@ pub enum RuntimeName {
     /// A Debian 12 root filesystem with python3.
     #[serde(rename = "custom.debian12")]
     CustomDebian12,
+    /// Built-in: Debian 12's Python 3.11 with Kiln's bootstrap calling
+    /// FC's `handler(event, context)`. Not an FC runtime name (FC has no
+    /// Python 3.11 runtime): named for what it runs.
+    #[serde(rename = "python3.11")]
+    Python311,
+    /// Built-in: Debian 12's Node.js 18 with Kiln's bootstrap; FC's
+    /// `nodejs18`.
+    #[serde(rename = "nodejs18")]
+    Nodejs18,
+    /// Built-in: Debian 13's Python 3.13. Not an FC runtime name (FC's
+    /// newest Python runtime is python3.12): named for what it runs.
+    #[serde(rename = "python3.13")]
+    Python313,
+    /// Built-in: Debian 13's Node.js 20; FC's `nodejs20`.
+    #[serde(rename = "nodejs20")]
+    Nodejs20,
+}
+
+/// The language of a built-in runtime (FC's event handler model).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HandlerLanguage {
+    Python,
+    Nodejs,
 }
 
 impl RuntimeName {
-    pub const ALL: [RuntimeName; 2] = [RuntimeName::Custom, RuntimeName::CustomDebian12];
+    pub const ALL: [RuntimeName; 6] = [
+        RuntimeName::Custom,
+        RuntimeName::CustomDebian12,
+        RuntimeName::Python311,
+        RuntimeName::Nodejs18,
+        RuntimeName::Python313,
+        RuntimeName::Nodejs20,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Custom => "custom",
             Self::CustomDebian12 => "custom.debian12",
+            Self::Python311 => "python3.11",
+            Self::Nodejs18 => "nodejs18",
+            Self::Python313 => "python3.13",
+            Self::Nodejs20 => "nodejs20",
+        }
+    }
+
+    /// The language whose handlers a built-in runtime calls; `None` for
+    /// the custom runtimes (the function is its own HTTP server).
+    pub fn handler_language(self) -> Option<HandlerLanguage> {
+        match self {
+            Self::Custom | Self::CustomDebian12 => None,
+            Self::Python311 | Self::Python313 => Some(HandlerLanguage::Python),
+            Self::Nodejs18 | Self::Nodejs20 => Some(HandlerLanguage::Nodejs),
+        }
+    }
+
+    /// The root filesystem the runtime runs on (a directory name under the
+    /// node's rootfs directory). The built-in runtimes of one Debian
+    /// release share one tree: its python3, nodejs and Kiln's bootstraps.
+    pub fn rootfs(self) -> &'static str {
+        match self {
+            Self::Custom => "custom",
+            Self::CustomDebian12 => "custom.debian12",
+            Self::Python311 | Self::Nodejs18 => "debian12-builtin",
+            Self::Python313 | Self::Nodejs20 => "debian13-builtin",
+        }
+    }
+
+    /// The Debian release (suite) a debootstrapped tree comes from: the
+    /// one whose interpreters are the versions the name says.
+    pub fn debian_suite(self) -> &'static str {
+        match self {
+            Self::Python313 | Self::Nodejs20 => "trixie",
+            Self::Custom | Self::CustomDebian12 | Self::Python311 | Self::Nodejs18 => "bookworm",
+        }
+    }
+
+    /// What the runtime runs when the function's own command is not used:
+    /// the built-in runtimes' bootstraps (files of their root filesystem).
+    pub fn bootstrap_command(self) -> Option<&'static [&'static str]> {
+        match self.handler_language()? {
+            HandlerLanguage::Python => Some(&["/usr/bin/python3", "-u", PYTHON_BOOTSTRAP]),
+            HandlerLanguage::Nodejs => Some(&["/usr/bin/node", NODEJS_BOOTSTRAP]),
+        }
+    }
+
+    /// Where the name stands against FC's runtime names: `None` when the
+    /// name is FC's own, else what FC calls its nearest runtimes.
+    pub fn fc_note(self) -> Option<&'static str> {
+        match self {
+            Self::Python311 => Some(
+                "not an FC runtime name (FC has no Python 3.11 runtime); FC's nearest: python3.10, python3.12",
+            ),
+            Self::Python313 => Some(
+                "not an FC runtime name (FC has no Python 3.13 runtime); FC's nearest: python3.12",
+            ),
+            Self::Custom | Self::CustomDebian12 | Self::Nodejs18 | Self::Nodejs20 => None,
         }
     }
 }
 
+/// Where the Python bootstrap lives in the built-in runtimes' tree.
+pub const PYTHON_BOOTSTRAP: &str = "/usr/lib/kiln/runtime/bootstrap.py";
+/// Where the Node.js bootstrap lives in the built-in runtimes' tree.
+pub const NODEJS_BOOTSTRAP: &str = "/usr/lib/kiln/runtime/bootstrap.js";
+
 impl fmt::Display for RuntimeName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+impl RuntimeName {
+    /// Every name, comma separated, for error messages.
+    pub fn supported() -> String {
+        Self::ALL.map(Self::as_str).join(", ")
     }
 }
 
@@ -45,7 +145,8 @@ impl FromStr for RuntimeName {
             .find(|r| r.as_str() == s)
             .ok_or_else(|| {
                 format!(
-                    "runtime {s:?} is not supported; supported runtimes: custom, custom.debian12"
+                    "runtime {s:?} is not supported; supported runtimes: {}",
+                    RuntimeName::supported()
                 )
             })
     }
@@ -230,5 +331,47 @@ pub(crate) mod tests {
             assert_eq!(json, format!("\"{}\"", r.as_str()));
         }
         assert!("python3.10".parse::<RuntimeName>().is_err());
+    }
+
+    #[test]
+    fn built_in_runtimes_share_a_tree_and_run_their_bootstrap() {
+        for r in [RuntimeName::Python311, RuntimeName::Nodejs18] {
+            assert_eq!(
+                (r.rootfs(), r.debian_suite()),
+                ("debian12-builtin", "bookworm")
+            );
+            assert!(r.handler_language().is_some());
+        }
+        for r in [RuntimeName::Python313, RuntimeName::Nodejs20] {
+            assert_eq!(
+                (r.rootfs(), r.debian_suite()),
+                ("debian13-builtin", "trixie")
+            );
+            assert!(r.handler_language().is_some());
+        }
+        let py = RuntimeName::Python311.bootstrap_command().unwrap();
+        assert_eq!(py.last(), Some(&PYTHON_BOOTSTRAP));
+        let js = RuntimeName::Nodejs18.bootstrap_command().unwrap();
+        assert_eq!(js.last(), Some(&NODEJS_BOOTSTRAP));
+        for r in [RuntimeName::Custom, RuntimeName::CustomDebian12] {
+            assert_eq!(
+                r.rootfs(),
+                r.as_str(),
+                "custom trees keep their cache paths"
+            );
+            assert!(r.bootstrap_command().is_none());
+        }
+        // Only the name FC does not have says so.
+        assert!(RuntimeName::Python311
+            .fc_note()
+            .unwrap()
+            .contains("python3.10"));
+        assert!(RuntimeName::Python313
+            .fc_note()
+            .unwrap()
+            .contains("python3.12"));
+        assert!(RuntimeName::Nodejs18.fc_note().is_none());
+        assert!(RuntimeName::Nodejs20.fc_note().is_none());
+        assert!(RuntimeName::supported().contains("nodejs18"));
     }
 }

@@ -4,6 +4,15 @@
 //! under an exclusive `flock` on `<runtime>.lock`, so concurrent agents or
 //! tests never build the same runtime twice and never see half a tree.
 //! Tests share one cache through `KILN_ROOTFS_CACHE` (see the crate docs).
+//!
+//! A tree is named by [`RuntimeName::rootfs`]: the built-in runtimes
+//! (`python3.11`, `nodejs18`) share `debian12-builtin`, Debian 12 with
+//! python3 and nodejs plus Kiln's bootstraps ([`BOOTSTRAPS`]) under
+//! `/usr/lib/kiln/runtime`; `python3.13` and `nodejs20` share
+//! `debian13-builtin`, the same from Debian 13 (trixie), from the same
+//! mirror. The bootstraps are this build's: a cached tree
+//! whose copies differ (an older Kiln's) gets them rewritten, each
+//! replaced atomically, before the runtime is used.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -54,7 +63,72 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RootfsError + '_ {
 
 /// Where `runtime`'s tree lives (complete once it exists).
 pub fn rootfs_path(rootfs_dir: &Path, runtime: RuntimeName) -> PathBuf {
-    rootfs_dir.join(runtime.as_str())
+    rootfs_dir.join(runtime.rootfs())
+}
+
+/// Kiln's runtime bootstraps (FC's event handler model over the custom
+/// runtime's HTTP contract), as files of the built-in runtimes' tree: the
+/// absolute path in the tree and the content.
+pub const BOOTSTRAPS: [(&str, &str); 2] = [
+    (
+        kiln_core::PYTHON_BOOTSTRAP,
+        include_str!("../runtimes/python/bootstrap.py"),
+    ),
+    (
+        kiln_core::NODEJS_BOOTSTRAP,
+        include_str!("../runtimes/nodejs/bootstrap.js"),
+    ),
+];
+
+/// A tag of this build's bootstraps, for names of what is made from the
+/// tree (the microVM's erofs image of it): a changed bootstrap means a new
+/// name, so an image of an older tree is never reused.
+pub fn bootstraps_tag() -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    BOOTSTRAPS.hash(&mut h);
+    format!("{:016x}", h.finish())
+}
+
+/// The Debian packages debootstrap adds to `minbase` for a tree.
+fn packages(runtime: RuntimeName) -> &'static str {
+    if runtime.handler_language().is_some() {
+        "python3,nodejs"
+    } else {
+        "python3"
+    }
+}
+
+/// Whether `tree` holds this build's bootstraps.
+fn bootstraps_current(tree: &Path) -> bool {
+    BOOTSTRAPS.iter().all(|(path, content)| {
+        std::fs::read(tree.join(path.trim_start_matches('/')))
+            .is_ok_and(|c| c == content.as_bytes())
+    })
+}
+
+/// Write this build's bootstraps into `tree`, each through a temporary
+/// file renamed over the old one (instances running on the tree see the
+/// old file or the new, never half of one).
+fn install_bootstraps(tree: &Path) -> Result<(), RootfsError> {
+    for (path, content) in BOOTSTRAPS {
+        let dest = tree.join(path.trim_start_matches('/'));
+        if std::fs::read(&dest).is_ok_and(|c| c == content.as_bytes()) {
+            continue;
+        }
+        let dir = dest.parent().expect("a bootstrap path has a parent");
+        ensure_dir(dir, 0o755)?;
+        let tmp = dest.with_extension("tmp");
+        std::fs::write(&tmp, content).map_err(io(&tmp))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644)).map_err(io(&tmp))?;
+        std::fs::rename(&tmp, &dest).map_err(io(&dest))?;
+    }
+    Ok(())
+}
+
+/// Whether `runtime`'s tree is there and ready to run.
+fn is_ready(tree: &Path, runtime: RuntimeName) -> bool {
+    is_complete(tree) && (runtime.handler_language().is_none() || bootstraps_current(tree))
 }
 
 /// Whether a tree has the mount points the driver binds over: `/code`,
@@ -136,11 +210,11 @@ impl RootfsBuilder<'_> {
     /// The runtime's tree, building it first if it is not there yet.
     pub async fn ensure(&self, runtime: RuntimeName) -> Result<PathBuf, RootfsError> {
         let target = rootfs_path(self.dir, runtime);
-        if is_complete(&target) {
+        if is_ready(&target, runtime) {
             return Ok(target);
         }
         std::fs::create_dir_all(self.dir).map_err(io(self.dir))?;
-        let lock_path = self.dir.join(format!("{runtime}.lock"));
+        let lock_path = self.dir.join(format!("{}.lock", runtime.rootfs()));
         let file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -165,10 +239,14 @@ impl RootfsBuilder<'_> {
     async fn build_locked(&self, runtime: RuntimeName, target: &Path) -> Result<(), RootfsError> {
         if target.is_dir() {
             // Built by someone else meanwhile, or by an older version that
-            // did not add every mount point.
-            return add_mount_points(target);
+            // did not add every mount point or had other bootstraps.
+            add_mount_points(target)?;
+            if runtime.handler_language().is_some() {
+                install_bootstraps(target)?;
+            }
+            return Ok(());
         }
-        let tmp = self.dir.join(format!("{runtime}.tmp"));
+        let tmp = self.dir.join(format!("{}.tmp", runtime.rootfs()));
         if tmp.exists() {
             // An interrupted build; debootstrap may have left /proc mounted.
             unmount_all_under(self.mounter, &tmp).map_err(|source| RootfsError::StaleMounts {
@@ -181,6 +259,13 @@ impl RootfsBuilder<'_> {
         match runtime {
             RuntimeName::Custom => build_minimal(&tmp)?,
             RuntimeName::CustomDebian12 => self.debootstrap(runtime, &tmp).await?,
+            RuntimeName::Python311
+            | RuntimeName::Nodejs18
+            | RuntimeName::Python313
+            | RuntimeName::Nodejs20 => {
+                self.debootstrap(runtime, &tmp).await?;
+                install_bootstraps(&tmp)?;
+            }
         }
         std::fs::rename(&tmp, target).map_err(io(target))?;
         tracing::info!(%runtime, "runtime root filesystem ready");
@@ -189,13 +274,13 @@ impl RootfsBuilder<'_> {
 
     async fn debootstrap(&self, runtime: RuntimeName, tmp: &Path) -> Result<(), RootfsError> {
         let mirror = self.mirror.map(str::to_owned).unwrap_or_else(host_mirror);
-        let log = self.dir.join(format!("{runtime}.log"));
+        let log = self.dir.join(format!("{}.log", runtime.rootfs()));
         let log_file = std::fs::File::create(&log).map_err(io(&log))?;
         let log_err = log_file.try_clone().map_err(io(&log))?;
         let mut child = Command::new("debootstrap")
             .arg("--variant=minbase")
-            .arg("--include=python3")
-            .arg(SUITE)
+            .arg(format!("--include={}", packages(runtime)))
+            .arg(runtime.debian_suite())
             .arg(tmp)
             .arg(&mirror)
             .stdin(Stdio::null())
@@ -316,6 +401,37 @@ mod tests {
             Some("http://l.example/debian")
         );
         assert_eq!(mirror_from_sources(Some(""), Some("")), None);
+    }
+
+    #[test]
+    fn bootstraps_are_installed_and_refreshed_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = dir.path();
+        add_mount_points(tree).unwrap();
+        assert!(!is_ready(tree, RuntimeName::Python311));
+        assert!(is_ready(tree, RuntimeName::CustomDebian12));
+        install_bootstraps(tree).unwrap();
+        assert!(is_ready(tree, RuntimeName::Python311) && is_ready(tree, RuntimeName::Nodejs18));
+        let py = tree.join(kiln_core::PYTHON_BOOTSTRAP.trim_start_matches('/'));
+        assert!(std::fs::read_to_string(&py)
+            .unwrap()
+            .contains("class FCContext"));
+        assert_eq!(
+            std::fs::metadata(&py).unwrap().permissions().mode() & 0o777,
+            0o644
+        );
+        // An older Kiln's bootstrap is replaced; nothing temporary is left.
+        std::fs::write(&py, "old").unwrap();
+        assert!(!is_ready(tree, RuntimeName::Python311));
+        install_bootstraps(tree).unwrap();
+        assert!(bootstraps_current(tree));
+        let names: Vec<_> = std::fs::read_dir(py.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        assert_eq!(packages(RuntimeName::Nodejs18), "python3,nodejs");
+        assert_eq!(packages(RuntimeName::CustomDebian12), "python3");
     }
 
     #[tokio::test]

@@ -824,3 +824,23 @@ async fn without_layers_the_disks_and_guest_config_are_unchanged() {
     h.driver.shutdown().await.unwrap();
     h.assert_nothing_left();
 }
+
+#[tokio::test]
+async fn a_built_in_runtimes_disk_is_named_for_its_bootstraps() {
+    let h = harness().await;
+    // The built-in runtimes' tree (a stand-in: the image is made from
+    // whatever is there).
+    let tree = rootfs_path(&h.dir.path().join("rootfs"), RuntimeName::Python311);
+    std::fs::create_dir_all(tree.join("usr/bin")).unwrap();
+    std::fs::write(tree.join("usr/bin/python3"), b"#!python").unwrap();
+    let req = h.request(RuntimeName::Python311);
+    h.driver.create(&req).await.unwrap();
+    let vm = h.vms().pop().unwrap();
+    // An agent with other bootstraps never boots this image: the name
+    // changes with them.
+    let image = format!(
+        "runtime-python3.11-{}.erofs",
+        kiln_sandbox::rootfs::bootstraps_tag()
+    );
+    assert_eq!(vm_disks(&h, &vm).await[0], disk("runtime", &image, true));
+}

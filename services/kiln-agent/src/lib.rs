@@ -141,8 +141,9 @@ impl AgentHandle {
 }
 
 /// Start the agent with its real backends. Prepares every configured
-/// runtime's root filesystem first (the first `custom.debian12` build runs
-/// debootstrap and takes a few minutes; later starts reuse it).
+/// runtime's root filesystem first (the first build of `custom.debian12`,
+/// and of each Debian release's tree of the built-in runtimes, runs debootstrap and takes a
+/// few minutes; later starts reuse it).
 pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
     config.validate()?;
     config.require_network_isolation()?;
@@ -169,7 +170,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
     }
     let driver = Arc::new(driver);
     for runtime in &config.runtimes {
-        if *runtime == RuntimeName::CustomDebian12 {
+        if *runtime != RuntimeName::Custom {
             tracing::info!(
                 runtime = %runtime,
                 "preparing the runtime root filesystem; the first build runs debootstrap and takes a few minutes"

@@ -96,12 +96,17 @@ pub fn instance_spec(r: &FunctionRecord, version: Option<u32>) -> InstanceSpec {
         version: version.map(|v| v.to_string()),
         runtime: c.runtime,
         handler: c.handler.clone(),
-        command: if c.command.is_empty() {
-            vec![DEFAULT_COMMAND.to_owned()]
-        } else {
-            c.command.clone()
+        // A built-in runtime runs its bootstrap, which calls the handler.
+        command: match c.runtime.bootstrap_command() {
+            Some(bootstrap) => bootstrap.iter().map(|s| (*s).to_owned()).collect(),
+            None if c.command.is_empty() => vec![DEFAULT_COMMAND.to_owned()],
+            None => c.command.clone(),
         },
-        args: c.args.clone(),
+        args: if c.runtime.bootstrap_command().is_some() {
+            Vec::new()
+        } else {
+            c.args.clone()
+        },
         port: c.port,
         environment: c.environment.clone(),
         memory_mb: c.memory_mb,

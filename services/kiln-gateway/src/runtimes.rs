@@ -12,14 +12,16 @@
 //! 3. `end_of_life_date`: no invocations (sync or async).
 //!
 //! `GET /2023-03-30/runtimes` (Kiln's `ListRuntimes`) lists the catalogue,
-//! with how many ready compute nodes offer each runtime (from the
+//! each runtime's handler model (a built-in runtime's language; none for
+//! the custom runtimes), a note where its name is not one of FC's, and
+//! how many ready compute nodes offer each runtime (from the
 //! scheduler's node list; left out when the scheduler cannot be reached).
 //! The clock is the gateway's (injectable in tests).
 
 use std::sync::Arc;
 
 use http::{Response, StatusCode};
-use kiln_core::{FcError, RuntimeName};
+use kiln_core::{FcError, HandlerLanguage, RuntimeName};
 use kiln_internal_api::server::{json, Body};
 use kiln_internal_api::NodeInfo;
 use serde::{Deserialize, Serialize};
@@ -67,7 +69,7 @@ struct Dates {
 /// Why a runtime config cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeConfigError {
-    #[error("runtimes: {0:?} is not a runtime this Kiln offers (custom, custom.debian12)")]
+    #[error("runtimes: {0:?} is not a runtime this Kiln offers ({supported})", supported = RuntimeName::supported())]
     Unknown(String),
     #[error("runtimes: {0} is listed twice")]
     Duplicate(String),
@@ -231,6 +233,11 @@ impl RuntimeCatalogue {
                 .iter()
                 .map(|(r, d)| RuntimeInfo {
                     runtime: r.as_str(),
+                    language: r.handler_language().map(|l| match l {
+                        HandlerLanguage::Python => "python",
+                        HandlerLanguage::Nodejs => "nodejs",
+                    }),
+                    note: r.fc_note(),
                     status: self.status(*r, now_ms),
                     deprecation_date: d.deprecation.map(day),
                     block_update_date: d.block_update.map(day),
@@ -252,6 +259,13 @@ impl RuntimeCatalogue {
 #[serde(rename_all = "camelCase")]
 pub struct RuntimeInfo {
     pub runtime: &'static str,
+    /// A built-in runtime's language (FC's `handler(event, context)`
+    /// model); absent for the custom runtimes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub language: Option<&'static str>,
+    /// Where the name is not FC's: what it is and FC's nearest names.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<&'static str>,
     pub status: RuntimeStatus,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub deprecation_date: Option<String>,
@@ -389,6 +403,32 @@ mod tests {
         let l = c.list(0, Some(&nodes[..1]));
         let v = serde_json::to_value(&l).unwrap();
         assert_eq!(v["runtimes"][1]["runtime"], "custom.debian12");
+        assert!(v["runtimes"][1].get("language").is_none());
+        let py = &v["runtimes"][2];
+        assert_eq!(
+            (py["runtime"].as_str(), py["language"].as_str()),
+            (Some("python3.11"), Some("python"))
+        );
+        assert!(py["note"]
+            .as_str()
+            .unwrap()
+            .contains("not an FC runtime name"));
+        let js = &v["runtimes"][3];
+        assert_eq!(
+            (js["runtime"].as_str(), js["language"].as_str()),
+            (Some("nodejs18"), Some("nodejs"))
+        );
+        assert!(js.get("note").is_none(), "nodejs18 is FC's own name");
+        assert_eq!(v["runtimes"][4]["runtime"], "python3.13");
+        assert!(v["runtimes"][4]["note"]
+            .as_str()
+            .unwrap()
+            .contains("python3.12"));
+        assert_eq!(v["runtimes"][5]["runtime"], "nodejs20");
+        assert!(
+            v["runtimes"][5].get("note").is_none(),
+            "nodejs20 is FC's own name"
+        );
         assert_eq!(v["runtimes"][1]["nodes"], 0);
     }
 

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use base64::Engine;
 use kiln_core::limits::{self, cpu_fits_memory, default_cpu_milli};
-use kiln_core::{FcError, FcErrorCode, FunctionName, RuntimeName};
+use kiln_core::{FcError, FcErrorCode, FunctionName, HandlerLanguage, RuntimeName};
 use serde_json::Value;
 
 use crate::model::{CodeRef, FunctionConfig, FunctionInput, LifecycleHook};
@@ -176,11 +176,7 @@ pub fn build_config(
     let i = &parsed.input;
 
     let runtime = match (&i.runtime, base) {
-        (Some(r), _) => r.parse::<RuntimeName>().map_err(|_| {
-            bad(format!(
-                "runtime {r:?} is not supported; supported runtimes: custom, custom.debian12"
-            ))
-        })?,
+        (Some(r), _) => r.parse::<RuntimeName>().map_err(bad)?,
         (None, Some(b)) => b.runtime,
         (None, None) => return Err(bad("runtime is required")),
     };
@@ -196,6 +192,9 @@ pub fn build_config(
     }
     if handler.chars().any(char::is_control) {
         return Err(bad("handler must not contain control characters"));
+    }
+    if let Some(language) = runtime.handler_language() {
+        check_builtin_handler("handler", &handler, runtime, language)?;
     }
 
     let memory_mb = match i.memory_size {
@@ -242,21 +241,27 @@ pub fn build_config(
         None => base.map(|b| b.environment.clone()).unwrap_or_default(),
     };
     let (command, args, port) = match &i.custom_runtime_config {
+        Some(c) if runtime.handler_language().is_some() => {
+            if c.command.as_ref().is_some_and(|v| !v.is_empty())
+                || c.args.as_ref().is_some_and(|v| !v.is_empty())
+            {
+                return Err(bad(format!(
+                    "customRuntimeConfig.command and args do not apply to runtime {runtime}: it runs the handler {handler:?} with Kiln's bootstrap; use runtime custom or custom.debian12 to run your own command"
+                )));
+            }
+            (Vec::new(), Vec::new(), check_port(c.port)?)
+        }
         Some(c) => {
-            let port = match c.port {
-                Some(p) => u16::try_from(p)
-                    .ok()
-                    .filter(|p| *p > 0)
-                    .ok_or_else(|| bad("customRuntimeConfig.port must be 1 to 65535"))?,
-                None => limits::DEFAULT_PORT,
-            };
+            let port = check_port(c.port)?;
             let command = c.command.clone().unwrap_or_default();
             let args = c.args.clone().unwrap_or_default();
             check_argv("customRuntimeConfig.command", &command)?;
             check_argv("customRuntimeConfig.args", &args)?;
             (command, args, port)
         }
+        // A function moved onto a built-in runtime leaves its command.
         None => match base {
+            Some(b) if runtime.handler_language().is_some() => (Vec::new(), Vec::new(), b.port),
             Some(b) => (b.command.clone(), b.args.clone(), b.port),
             None => (Vec::new(), Vec::new(), limits::DEFAULT_PORT),
         },
@@ -280,6 +285,24 @@ pub fn build_config(
         }
         if let Some(h) = &l.pre_stop {
             pre_stop = check_hook("instanceLifecycleConfig.preStop", h)?;
+        }
+    }
+    if let Some(language) = runtime.handler_language() {
+        if let Some(h) = &initializer {
+            check_builtin_handler(
+                "instanceLifecycleConfig.initializer.handler",
+                &h.handler,
+                runtime,
+                language,
+            )?;
+        }
+        if let Some(h) = &pre_stop {
+            check_builtin_handler(
+                "instanceLifecycleConfig.preStop.handler",
+                &h.handler,
+                runtime,
+                language,
+            )?;
         }
     }
     let mut extras = base.map(|b| b.extras.clone()).unwrap_or_default();
@@ -309,6 +332,67 @@ pub fn build_config(
         layers,
         extras,
     })
+}
+
+fn check_port(port: Option<i64>) -> Result<u16, FcError> {
+    match port {
+        Some(p) => u16::try_from(p)
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| bad("customRuntimeConfig.port must be 1 to 65535")),
+        None => Ok(limits::DEFAULT_PORT),
+    }
+}
+
+/// A built-in runtime's handler: FC's `module.function`, where the module
+/// is a file under the code's root without its extension (`index`,
+/// `src/app`; Python also takes packages, `pkg.mod`) and the function an
+/// identifier of the language.
+fn check_builtin_handler(
+    field: &str,
+    handler: &str,
+    runtime: RuntimeName,
+    language: HandlerLanguage,
+) -> Result<(), FcError> {
+    let (ext, example) = match language {
+        HandlerLanguage::Python => (".py", "def handler(event, context)"),
+        HandlerLanguage::Nodejs => (".js", "exports.handler = async (event, context) => ..."),
+    };
+    let refuse = |why: &str| {
+        bad(format!(
+            "{field} {handler:?} is not valid for runtime {runtime}: {why}; give it as module.function, e.g. \"index.handler\" for {example} in index{ext}"
+        ))
+    };
+    let Some((module, function)) = handler.rsplit_once('.') else {
+        return Err(refuse("it has no '.' between module and function"));
+    };
+    let ident_start = |c: char| {
+        c.is_ascii_alphabetic() || c == '_' || (c == '$' && language == HandlerLanguage::Nodejs)
+    };
+    let ident = |s: &str| {
+        let mut chars = s.chars();
+        chars.next().is_some_and(ident_start) && chars.all(|c| ident_start(c) || c.is_ascii_digit())
+    };
+    if !ident(function) {
+        return Err(refuse(&format!("{function:?} is not a function name")));
+    }
+    let segments: Vec<&str> = module.split(['/', '.']).collect();
+    let segment_ok = |s: &&str| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    };
+    if module.starts_with('/') || !segments.iter().all(segment_ok) {
+        return Err(refuse(&format!(
+            "{module:?} is not a module path (letters, digits, '_', '-', separated by '/')"
+        )));
+    }
+    if language == HandlerLanguage::Python && !segments.iter().all(|s| ident(s)) {
+        return Err(refuse(&format!(
+            "{module:?} is not an importable Python module"
+        )));
+    }
+    Ok(())
 }
 
 /// Longest VPC, vSwitch or security group id.
@@ -909,5 +993,77 @@ mod tests {
         let c = create(v).unwrap();
         let p = parse_input(json!({"memorySize": 4096}).to_string().as_bytes()).unwrap();
         assert!(build_config(Some(&c), &p, c.code.clone()).is_err());
+    }
+
+    #[test]
+    fn built_in_runtimes_take_module_function_handlers() {
+        let builtin = |runtime: &str, handler: &str| {
+            let mut v = with("runtime", json!(runtime));
+            v["handler"] = json!(handler);
+            v
+        };
+        for rt in ["python3.11", "nodejs18"] {
+            for ok in ["index.handler", "src/app.main", "my_mod.handler_2"] {
+                let c = create(builtin(rt, ok)).unwrap();
+                assert!(c.command.is_empty() && c.args.is_empty(), "{rt} {ok}");
+            }
+            for bad in [
+                "index",
+                "index.",
+                ".handler",
+                "/etc/passwd.x",
+                "../up.handler",
+                "a//b.handler",
+                "index.2fast",
+                "in dex.handler",
+            ] {
+                let msg = err_of(builtin(rt, bad));
+                assert!(
+                    msg.contains("module.function") && msg.contains(rt),
+                    "{rt} {bad}: {msg}"
+                );
+            }
+        }
+        // Python modules are importable names; Node's may have '-' and '$'.
+        assert!(err_of(builtin("python3.11", "my-mod.handler")).contains("Python module"));
+        assert!(create(builtin("nodejs18", "my-mod.$handler")).is_ok());
+        // The bootstrap is the command: the function cannot name another.
+        let mut v = builtin("python3.11", "index.handler");
+        v["customRuntimeConfig"] = json!({"command": ["/code/server"]});
+        assert!(err_of(v).contains("customRuntimeConfig.command"));
+        let mut v = builtin("nodejs18", "index.handler");
+        v["customRuntimeConfig"] = json!({"port": 9001});
+        assert_eq!(create(v).unwrap().port, 9001);
+        // Hooks name handlers the same way.
+        let mut v = builtin("python3.11", "index.handler");
+        v["instanceLifecycleConfig"] = json!({"initializer": {"handler": "initialize"}});
+        assert!(err_of(v).contains("instanceLifecycleConfig.initializer.handler"));
+        let mut v = builtin("nodejs18", "index.handler");
+        v["instanceLifecycleConfig"] = json!({"preStop": {"handler": "index.preStop"}});
+        assert!(create(v).is_ok());
+        // The custom runtimes keep their free-form handlers.
+        assert!(create(with("handler", json!("anything at all"))).is_ok());
+        assert!(err_of(with("runtime", json!("python3.10")))
+            .contains("python3.11, nodejs18, python3.13, nodejs20"));
+    }
+
+    #[test]
+    fn moving_onto_a_built_in_runtime_drops_the_command() {
+        let mut v = base();
+        v["customRuntimeConfig"] = json!({"command": ["/code/server"], "args": ["-v"]});
+        let c = create(v).unwrap();
+        assert_eq!(c.command, vec!["/code/server"]);
+        let p = parse_input(
+            json!({"runtime": "python3.11", "handler": "index.handler"})
+                .to_string()
+                .as_bytes(),
+        )
+        .unwrap();
+        let moved = build_config(Some(&c), &p, c.code.clone()).unwrap();
+        assert!(moved.command.is_empty() && moved.args.is_empty());
+        // The old free-form handler is checked against the new runtime.
+        let p = parse_input(json!({"runtime": "nodejs18"}).to_string().as_bytes()).unwrap();
+        let e = build_config(Some(&c), &p, c.code.clone()).unwrap_err();
+        assert!(e.message.contains("module.function"), "{e}");
     }
 }

@@ -284,7 +284,9 @@ pub struct DeployArgs {
         conflicts_with_all = ["path", "name", "runtime", "command", "args", "memory", "concurrency", "timeout", "port", "env"]
     )]
     pub file: Option<PathBuf>,
-    /// custom (static binaries) or custom.debian12 (default on create).
+    /// custom (static binaries), custom.debian12 (default on create), or a
+    /// built-in runtime calling index.handler: python3.11, nodejs18,
+    /// python3.13, nodejs20.
     #[arg(long)]
     pub runtime: Option<String>,
     /// Command that starts the runtime, split on whitespace

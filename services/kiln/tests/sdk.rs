@@ -1,7 +1,9 @@
 //! The official FC SDKs, unmodified, against `kiln dev`: Python
 //! (`alibabacloud-fc20230330`, in a virtualenv this test creates) and Node
 //! (`@alicloud/fc20230330`, installed with npm from tests/sdk's lock file).
-//! Both drive create, get, list, update, invoke and delete.
+//! Both drive create, get, list, update, invoke and delete; the Python one
+//! also handler functions on the built-in runtimes (python3.11, nodejs18,
+//! python3.13, nodejs20).
 
 mod common;
 
@@ -54,6 +56,31 @@ fn official_python_sdk_drives_kiln() {
         "python_sdk.py",
     );
     assert!(ok, "the Python SDK run failed\n{}", dev.log_tail());
+
+    // The built-in runtimes through the same SDK: handler functions.
+    let mut pairs = Vec::new();
+    for (runtime, example) in [
+        ("python3.11", "python-hello"),
+        ("nodejs18", "nodejs-hello"),
+        ("python3.13", "python-hello"),
+        ("nodejs20", "nodejs-hello"),
+    ] {
+        let zip = work.path().join(format!("{example}.zip"));
+        std::fs::write(&zip, common::example_zip(example)).unwrap();
+        pairs.push(format!("{runtime}={}", zip.display()));
+    }
+    let ok = run(
+        Command::new(venv.join("bin/python"))
+            .arg(sdk.join("python_sdk_builtin.py"))
+            .arg(&dev.creds_path)
+            .args(&pairs),
+        "python_sdk_builtin.py",
+    );
+    assert!(
+        ok,
+        "the Python SDK run on the built-in runtimes failed\n{}",
+        dev.log_tail()
+    );
 }
 
 #[test]

@@ -723,7 +723,16 @@ impl Inner {
             return Ok(None);
         }
         let source = rootfs_path(&self.rootfs_dir, runtime);
-        let dest = self.images_dir.join(format!("runtime-{runtime}.erofs"));
+        // A built-in runtime's image holds Kiln's bootstraps: named for
+        // them, so an upgraded agent never boots an older bootstrap.
+        let name = match runtime.handler_language() {
+            Some(_) => format!(
+                "runtime-{runtime}-{}.erofs",
+                crate::rootfs::bootstraps_tag()
+            ),
+            None => format!("runtime-{runtime}.erofs"),
+        };
+        let dest = self.images_dir.join(name);
         self.image(&source, &dest)
             .await
             .map_err(|e| SandboxError::RuntimeUnavailable {

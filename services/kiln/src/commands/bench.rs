@@ -19,7 +19,11 @@
 //! - cold start (no instance -> first response) against a bare `runc run`
 //!   of a bundle holding the same binary, into a ready-made network
 //!   namespace, until its port answers ([`runc`]); one at a time, and as a
-//!   burst from parallel callers ([`burst`]).
+//!   burst from parallel callers ([`burst`]);
+//! - cold start of a handler function on each built-in runtime
+//!   (`python3.11`, `nodejs18`, `python3.13`, `nodejs20`) against a bare
+//!   `runc run` of the same root filesystem (`debian12-builtin`,
+//!   `debian13-builtin`), bootstrap and code ([`cold_runtimes`]).
 
 mod burst;
 mod cpu;
@@ -123,6 +127,17 @@ fn build_static_echo(dir: &Path) -> Result<PathBuf> {
     Ok(out)
 }
 
+/// Where the runtime trees are: `--rootfs-dir`, `$KILN_ROOTFS_CACHE`, or
+/// the node's default cache.
+fn rootfs_dir(args: &BenchArgs) -> PathBuf {
+    args.rootfs_dir
+        .clone()
+        .or_else(|| std::env::var_os("KILN_ROOTFS_CACHE").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_ROOTFS_CACHE))
+}
+
+const DEFAULT_ROOTFS_CACHE: &str = "/var/cache/kiln/rootfs";
+
 fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -175,10 +190,9 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
         sandbox_prefix: prefix.clone(),
         // Clear of the test suites' ranges (see services/kiln/tests/common).
         instance_subnet: format!("10.{}.{}.0/22", 100 + n % 50, ((n >> 8) % 64) * 4),
-        rootfs_dir: args
-            .rootfs_dir
-            .clone()
-            .or_else(|| std::env::var_os("KILN_ROOTFS_CACHE").map(PathBuf::from)),
+        // The node's cache by default: the runtimes' trees are built once
+        // (debootstrap, minutes), and the baselines run the same trees.
+        rootfs_dir: Some(rootfs_dir(args)),
         idle_timeout_s: 300,
         credentials_lifetime_s: 3600,
         insecure_no_network_isolation: false,
@@ -620,8 +634,20 @@ async fn cold(
     prefix: &str,
     work: &Path,
 ) -> Result<()> {
-    let kiln_cold = kiln_cold_starts(client, &zip_b64_of(code_zip), args.cold_starts).await?;
-    let runc_cold = runc::sequential(binary, prefix, work, args.cold_starts).await?;
+    let zip_b64 = zip_b64_of(code_zip);
+    let kiln_cold = kiln_cold_starts(client, args.cold_starts, |name| {
+        json!({
+            "functionName": name,
+            "runtime": "custom",
+            "handler": "main",
+            "memorySize": 512,
+            "customRuntimeConfig": {"command": ["/code/server"]},
+            "code": {"zipFile": zip_b64},
+        })
+    })
+    .await?;
+    let baseline = runc::Baseline::static_binary(binary, work)?;
+    let runc_cold = runc::sequential(&baseline, prefix, work, args.cold_starts).await?;
     let (kc, rc) = (median(&kiln_cold), median(&runc_cold));
     println!(
         "{:<34} {:>10.1}ms {:>10.1}ms {:>11.2}x   (target <= 1.00 with pre-made sandboxes)",
@@ -635,8 +661,81 @@ async fn cold(
     if args.burst_starts > 0 {
         let (n, k) = (args.burst_starts, args.burst_callers.max(1));
         let kiln = burst::kiln(client, &zip_b64_of(code_zip), n, k).await?;
-        let runc = runc::burst(binary, prefix, work, n, k).await?;
+        let runc = runc::burst(&baseline, prefix, work, n, k).await?;
         print!("{}", burst::report(n, k, &runc, &kiln));
+    }
+    cold_runtimes(args, client, prefix, work).await
+}
+
+/// The echo handler each built-in runtime's cold start runs: the event
+/// back as the body.
+const HANDLERS: [(&str, &str, &str); 4] = [
+    ("python3.11", "index.py", PY_ECHO),
+    ("nodejs18", "index.js", JS_ECHO),
+    ("python3.13", "index.py", PY_ECHO),
+    ("nodejs20", "index.js", JS_ECHO),
+];
+const PY_ECHO: &str = "def handler(event, context):\n    return event\n";
+const JS_ECHO: &str = "exports.handler = async (event) => event;\n";
+
+/// Per built-in runtime: new handler functions invoked once each, against
+/// bare `runc run`s of the runtime's tree running its bootstrap with the
+/// same code bound at /code, in the same run.
+async fn cold_runtimes(
+    args: &BenchArgs,
+    client: &crate::client::FcClient,
+    prefix: &str,
+    work: &Path,
+) -> Result<()> {
+    for (runtime, file, source) in HANDLERS {
+        let rt: kiln_core::RuntimeName = runtime.parse().map_err(anyhow::Error::msg)?;
+        let code = work.join(format!("code-{runtime}"));
+        std::fs::create_dir_all(&code)?;
+        std::fs::write(code.join(file), source)?;
+        let zip_b64 = zip_b64_of(&crate::zipdir::zip_dir(&code)?);
+        let kiln_cold = kiln_cold_starts(client, args.cold_starts, |name| {
+            json!({
+                "functionName": name,
+                "runtime": runtime,
+                "handler": "index.handler",
+                "memorySize": 512,
+                "code": {"zipFile": zip_b64},
+            })
+        })
+        .await?;
+        let tree = rootfs_dir(args).join(rt.rootfs());
+        let baseline = runc::Baseline {
+            rootfs: tree,
+            args: rt
+                .bootstrap_command()
+                .context("a built-in runtime has a bootstrap")?
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect(),
+            env: vec![
+                "FC_CUSTOM_LISTEN_PORT=9000".into(),
+                "FC_FUNC_CODE_PATH=/code".into(),
+                "FC_FUNCTION_HANDLER=index.handler".into(),
+            ],
+            code: Some(code),
+        };
+        let runc_cold = runc::sequential(
+            &baseline,
+            &format!("{prefix}{}", &runtime[..2]),
+            work,
+            args.cold_starts,
+        )
+        .await?;
+        let (kc, rc) = (median(&kiln_cold), median(&runc_cold));
+        println!(
+            "{:<34} {:>10.1}ms {:>10.1}ms {:>11.2}x",
+            format!("cold start {runtime} (median)"),
+            rc,
+            kc,
+            kc / rc
+        );
+        println!("  bare runc run runs (ms): {runc_cold:.1?}");
+        println!("  kiln cold starts (ms):   {kiln_cold:.1?}");
     }
     Ok(())
 }
@@ -894,27 +993,18 @@ async fn wait_port(addr: SocketAddr, timeout: Duration) -> Result<()> {
     }
 }
 
-/// New functions (no instance yet) invoked once each: client-side time to
-/// the first response. The first one also pays the node's code download
-/// and is not counted.
+/// New functions (no instance yet; `function` gives each one's create
+/// body) invoked once each: client-side time to the first response. The
+/// first one also pays the node's code download and is not counted.
 async fn kiln_cold_starts(
     client: &crate::client::FcClient,
-    zip_b64: &str,
     n: usize,
+    function: impl Fn(&str) -> serde_json::Value,
 ) -> Result<Vec<f64>> {
     let mut out = Vec::new();
     for i in 0..=n {
         let name = format!("bench-cold-{i}");
-        client
-            .create_function(&json!({
-                "functionName": name,
-                "runtime": "custom",
-                "handler": "main",
-                "memorySize": 512,
-                "customRuntimeConfig": {"command": ["/code/server"]},
-                "code": {"zipFile": zip_b64},
-            }))
-            .await?;
+        client.create_function(&function(&name)).await?;
         let t = Instant::now();
         client
             .invoke(&name, Bytes::from_static(b"ping"), &[])

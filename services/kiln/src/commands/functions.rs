@@ -37,6 +37,12 @@ fn infer_command(dir: &Path) -> Option<Vec<String>> {
     }
 }
 
+fn runtime_is_built_in(runtime: Option<&str>) -> bool {
+    runtime
+        .and_then(|r| r.parse::<kiln_core::RuntimeName>().ok())
+        .is_some_and(|r| r.handler_language().is_some())
+}
+
 /// Build the CreateFunction/UpdateFunction body from the options.
 pub fn function_input(opts: &DeployOptions, zip: &[u8], creating: bool) -> Result<Value> {
     let mut input = Map::new();
@@ -50,11 +56,15 @@ pub fn function_input(opts: &DeployOptions, zip: &[u8], creating: bool) -> Resul
     if let Some(r) = runtime {
         input.insert("runtime".into(), json!(r));
     }
+    // A built-in runtime (python3.11, nodejs18) runs Kiln's bootstrap,
+    // which calls the handler (index.handler): there is no command to infer.
+    let built_in = runtime_is_built_in(opts.runtime.as_deref());
     let command = match &opts.command {
         Some(c) => Some(c.split_whitespace().map(str::to_owned).collect::<Vec<_>>()),
+        None if built_in => None,
         None => infer_command(&opts.path),
     };
-    if creating && command.is_none() {
+    if creating && command.is_none() && !built_in {
         bail!(
             "cannot tell how to start the function in {}: pass --command (for example --command \"python3 server.py\")",
             opts.path.display()
@@ -199,6 +209,23 @@ mod tests {
         assert_eq!(v["instanceConcurrency"], 10);
         assert_eq!(v["environmentVariables"]["GREETING"], "hi=there");
         assert_eq!(v["code"]["zipFile"], "emlw");
+    }
+
+    #[test]
+    fn built_in_runtimes_need_no_command() {
+        let dir = tempfile::tempdir().unwrap();
+        // Even with a server.py there, the bootstrap runs the handler.
+        std::fs::write(dir.path().join("server.py"), "print(1)").unwrap();
+        let opts = DeployOptions {
+            path: dir.path().to_owned(),
+            name: "py".into(),
+            runtime: Some("python3.11".into()),
+            ..Default::default()
+        };
+        let v = function_input(&opts, b"zip", true).unwrap();
+        assert_eq!(v["runtime"], "python3.11");
+        assert_eq!(v["handler"], "index.handler");
+        assert!(v.get("customRuntimeConfig").is_none());
     }
 
     #[test]

@@ -23,28 +23,38 @@ pub async fn run(client: &FcClient, json: bool) -> Result<()> {
     Ok(())
 }
 
-/// One line per runtime: name, status, the three dates ("-" when none)
-/// and the ready nodes that offer it.
+/// One line per runtime: name, handler language ("-" for the custom
+/// runtimes), status, the three dates ("-" when none) and the ready nodes
+/// that offer it; then a note for each name that is not FC's.
 pub fn table(v: &Value) -> String {
     let mut out = format!(
-        "{:<18} {:<14} {:<12} {:<12} {:<12} {}\n",
-        "RUNTIME", "STATUS", "NO-CREATE", "NO-UPDATE", "NO-INVOKE", "NODES"
+        "{:<18} {:<9} {:<14} {:<12} {:<12} {:<12} {}\n",
+        "RUNTIME", "HANDLER", "STATUS", "NO-CREATE", "NO-UPDATE", "NO-INVOKE", "NODES"
     );
+    let mut notes = String::new();
     let empty = Vec::new();
     for r in v["runtimes"].as_array().unwrap_or(&empty) {
         let s = |k: &str| r[k].as_str().unwrap_or("-").to_owned();
         let nodes = r["nodes"]
             .as_u64()
             .map_or_else(|| "-".to_owned(), |n| n.to_string());
+        if let Some(note) = r["note"].as_str() {
+            notes.push_str(&format!("{}: {note}\n", s("runtime")));
+        }
         out.push_str(&format!(
-            "{:<18} {:<14} {:<12} {:<12} {:<12} {}\n",
+            "{:<18} {:<9} {:<14} {:<12} {:<12} {:<12} {}\n",
             s("runtime"),
+            s("language"),
             s("status"),
             s("deprecationDate"),
             s("blockUpdateDate"),
             s("endOfLifeDate"),
             nodes
         ));
+    }
+    if !notes.is_empty() {
+        out.push('\n');
+        out.push_str(&notes);
     }
     out
 }
@@ -69,5 +79,24 @@ mod tests {
         assert!(lines[2].ends_with(" -"), "{}", lines[2]);
         assert!(lines[2].contains("Deprecated") && lines[2].contains("2030-01-01"));
         assert!(lines[2].contains(" - ") && lines[2].contains("2030-03-01"));
+    }
+
+    #[test]
+    fn built_in_runtimes_show_their_language_and_any_note() {
+        let v = serde_json::json!({"runtimes": [
+            {"runtime": "python3.11", "language": "python", "status": "Active",
+             "note": "not an FC runtime name; FC's nearest: python3.10, python3.12"},
+            {"runtime": "nodejs18", "language": "nodejs", "status": "Active"},
+        ]});
+        let t = table(&v);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[1].starts_with("python3.11") && lines[1].contains(" python "));
+        assert!(lines[2].starts_with("nodejs18") && lines[2].contains(" nodejs "));
+        assert_eq!(lines[3], "");
+        assert_eq!(
+            lines[4],
+            "python3.11: not an FC runtime name; FC's nearest: python3.10, python3.12"
+        );
+        assert_eq!(lines.len(), 5, "only names that are not FC's get a note");
     }
 }

@@ -1,8 +1,9 @@
 //! The cold-start baseline: a bare `runc run` of a bundle holding the same
-//! binary as the measured function, into a network namespace made ready
-//! beforehand (a veth pair and addresses, as Kiln's agent gives an
-//! instance), timed until the binary's port answers an invocation. One at
-//! a time ([`sequential`]) or `callers` at a time ([`burst`]).
+//! binary as the measured function (or, for a built-in runtime, the same
+//! root filesystem, bootstrap and code: [`Baseline`]), into a network
+//! namespace made ready beforehand (a veth pair and addresses, as Kiln's
+//! agent gives an instance), timed until the port answers an invocation.
+//! One at a time ([`sequential`]) or `callers` at a time ([`burst`]).
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -90,14 +91,34 @@ fn namespaces(prefix: &str, count: usize) -> Result<Vec<Netns>> {
     Ok(out)
 }
 
-/// One read-only root filesystem holding `binary` at /code/server, and a
-/// bundle per namespace whose config points at it.
-fn bundles(binary: &Path, work: &Path, nets: &[Netns]) -> Result<Vec<PathBuf>> {
-    let rootfs = work.join("baseline-rootfs");
-    for d in ["code", "proc", "dev", "sys", "tmp"] {
-        std::fs::create_dir_all(rootfs.join(d))?;
+/// What a baseline container runs: a read-only root filesystem, the
+/// process and its environment, and the code bound read-only at /code.
+pub(super) struct Baseline {
+    pub rootfs: PathBuf,
+    pub args: Vec<String>,
+    pub env: Vec<String>,
+    pub code: Option<PathBuf>,
+}
+
+impl Baseline {
+    /// A root filesystem holding `binary` at /code/server, run as is.
+    pub fn static_binary(binary: &Path, work: &Path) -> Result<Self> {
+        let rootfs = work.join("baseline-rootfs");
+        for d in ["code", "proc", "dev", "sys", "tmp"] {
+            std::fs::create_dir_all(rootfs.join(d))?;
+        }
+        std::fs::copy(binary, rootfs.join("code/server"))?;
+        Ok(Self {
+            rootfs,
+            args: vec!["/code/server".into()],
+            env: vec!["FC_CUSTOM_LISTEN_PORT=9000".into()],
+            code: None,
+        })
     }
-    std::fs::copy(binary, rootfs.join("code/server"))?;
+}
+
+/// A bundle per namespace whose config runs `base` in it.
+fn bundles(base: &Baseline, work: &Path, nets: &[Netns]) -> Result<Vec<PathBuf>> {
     // One template per call: a burst follows the sequential run in the
     // same work directory, and `runc spec` will not overwrite.
     let template = work.join(format!("baseline-spec-{}", nets.len()));
@@ -110,13 +131,22 @@ fn bundles(binary: &Path, work: &Path, nets: &[Netns]) -> Result<Vec<PathBuf>> {
     for net in nets {
         let mut spec = spec.clone();
         spec["process"]["terminal"] = json!(false);
-        spec["process"]["args"] = json!(["/code/server"]);
+        spec["process"]["args"] = json!(base.args);
         spec["process"]["env"]
             .as_array_mut()
             .context("runc spec has no env")?
-            .push(json!("FC_CUSTOM_LISTEN_PORT=9000"));
-        spec["root"]["path"] = json!(rootfs);
+            .extend(base.env.iter().map(|e| json!(e)));
+        spec["root"]["path"] = json!(base.rootfs);
         spec["root"]["readonly"] = json!(true);
+        if let Some(code) = &base.code {
+            spec["mounts"]
+                .as_array_mut()
+                .context("runc spec has no mounts")?
+                .push(
+                    json!({"destination": "/code", "type": "bind", "source": code,
+                             "options": ["rbind", "ro"]}),
+                );
+        }
         for ns in spec["linux"]["namespaces"]
             .as_array_mut()
             .context("runc spec has no namespaces")?
@@ -171,13 +201,13 @@ async fn start_one(runc_root: &Path, bundle: &Path, id: &str, addr: SocketAddr) 
 /// `n` starts one after another into one namespace (plus one unmeasured
 /// first start): milliseconds each.
 pub(super) async fn sequential(
-    binary: &Path,
+    base: &Baseline,
     prefix: &str,
     work: &Path,
     n: usize,
 ) -> Result<Vec<f64>> {
     let nets = namespaces(prefix, 1)?;
-    let bundle = bundles(binary, work, &nets)?.remove(0);
+    let bundle = bundles(base, work, &nets)?.remove(0);
     let runc_root = work.join("baseline-runc");
     let mut out = Vec::new();
     for i in 0..=n {
@@ -199,14 +229,14 @@ pub(super) async fn sequential(
 /// `callers` concurrent callers: the whole burst's wall time and each
 /// start's milliseconds.
 pub(super) async fn burst(
-    binary: &Path,
+    base: &Baseline,
     prefix: &str,
     work: &Path,
     n: usize,
     callers: usize,
 ) -> Result<(Duration, Vec<f64>)> {
     let nets = Arc::new(namespaces(&format!("{prefix}x"), n)?);
-    let bundles = Arc::new(bundles(binary, work, &nets)?);
+    let bundles = Arc::new(bundles(base, work, &nets)?);
     let runc_root = Arc::new(work.join("baseline-runc-burst"));
     let next = Arc::new(AtomicUsize::new(0));
     let t = Instant::now();
