@@ -6,6 +6,7 @@ use futures_util::future::BoxFuture;
 use http::{header, HeaderName, HeaderValue, Method, Request, Response};
 use hyper::body::Incoming;
 use kiln_core::InstanceId;
+use kiln_internal_api::invoke::{HTTP_METHOD_HEADER, HTTP_PATH_HEADER};
 use kiln_internal_api::invoke_client::{AnswerBody, Payload};
 use kiln_internal_api::server::Body;
 use kiln_internal_api::{
@@ -160,9 +161,20 @@ fn request(lease: &Lease, call: &InvokeRequest) -> Result<Request<Payload>> {
         .body(Payload::new(call.payload.clone()))
         .map_err(|e| unbuildable(u.clone(), e))?;
     let h = req.headers_mut();
+    let pass_authorization = call.http.as_ref().is_some_and(|c| c.pass_authorization);
     for (k, v) in call.headers.iter() {
-        if forwardable(k) {
+        if forwardable(k) || (pass_authorization && k == header::AUTHORIZATION) {
             h.append(k.clone(), v.clone());
+        }
+    }
+    if let Some(c) = &call.http {
+        // Checked by the HTTP trigger (a valid request line).
+        if let Ok(path) = HeaderValue::from_str(&c.path_and_query) {
+            h.insert(
+                HTTP_METHOD_HEADER,
+                HeaderValue::from_str(c.method.as_str()).expect("a method is a valid header value"),
+            );
+            h.insert(HTTP_PATH_HEADER, path);
         }
     }
     // FC's Tail is computed by the agent, which frames the call's log;
@@ -176,7 +188,7 @@ fn request(lease: &Lease, call: &InvokeRequest) -> Result<Request<Payload>> {
         v.set_sensitive(true);
         h.insert(REQUEST_ID, v);
     }
-    if !h.contains_key(header::CONTENT_TYPE) {
+    if call.http.is_none() && !h.contains_key(header::CONTENT_TYPE) {
         h.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/octet-stream"),
@@ -230,6 +242,7 @@ mod tests {
             headers,
             log: LogType::Tail,
             request_id: RequestId::generate(),
+            http: None,
         };
         let req = request(&lease, &call).unwrap();
         assert_eq!(

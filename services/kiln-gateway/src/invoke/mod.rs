@@ -41,7 +41,7 @@ use crate::versions::Qualifier;
 use lease::{GuardedBody, LeaseGuard};
 use pool::Held;
 
-pub use render::render;
+pub use render::{render, render_http};
 
 /// FC's `x-fc-log-type`: whether the caller wants the call's log tail.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -64,6 +64,20 @@ pub struct InvokeRequest {
     pub headers: HeaderMap,
     pub log: LogType,
     pub request_id: RequestId,
+    /// An HTTP trigger's call: the runtime gets this method and path
+    /// instead of `POST /invoke`. `None` for API and async invocations.
+    pub http: Option<HttpCall>,
+}
+
+/// The request line of an HTTP trigger's call, as the function sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpCall {
+    pub method: http::Method,
+    /// The path under the trigger's URL, with its query.
+    pub path_and_query: String,
+    /// Whether the caller's `Authorization` header reaches the function
+    /// (an anonymous trigger's: the function's own authentication).
+    pub pass_authorization: bool,
 }
 
 /// The function's own answer: its status, headers and body (streamed when

@@ -194,6 +194,7 @@ impl Invoker for GatewayInvoker {
                     .parse::<RequestId>()
                     .unwrap_or_else(|_| RequestId::generate()),
                 payload: Bytes::from(m.payload),
+                http: None,
             };
             // Stopped mid-call (the dispatcher aborts this future): the
             // instance is reported failed and reclaimed.
