@@ -7,7 +7,6 @@ use http::Method;
 use serde_json::{json, Map, Value};
 
 use crate::client::{FcClient, API_VERSION};
-use crate::commands::versions::Output;
 
 fn triggers_path(function: &str) -> String {
     format!("/{API_VERSION}/functions/{function}/triggers")
