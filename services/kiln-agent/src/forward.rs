@@ -704,6 +704,24 @@ mod tests {
     }
 
     #[test]
+    fn an_http_triggers_request_line_is_taken_from_the_gateways_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(&HTTP_METHOD_HEADER, HeaderValue::from_static("PATCH"));
+        h.insert(&HTTP_PATH_HEADER, HeaderValue::from_static("/a/b?c=1"));
+        h.insert("x-user", HeaderValue::from_static("kept"));
+        let (method, uri) = http_call(&mut h).unwrap();
+        assert_eq!(method, Method::PATCH);
+        assert_eq!(uri, "/a/b?c=1");
+        assert_eq!(h.len(), 1, "the internal headers do not reach the runtime");
+        // An API invocation, or a malformed pair: POST /invoke.
+        assert_eq!(http_call(&mut h), None);
+        h.insert(&HTTP_METHOD_HEADER, HeaderValue::from_static("GET"));
+        h.insert(&HTTP_PATH_HEADER, HeaderValue::from_static("no-slash"));
+        assert_eq!(http_call(&mut h), None);
+        assert!(!h.contains_key(&HTTP_METHOD_HEADER));
+    }
+
+    #[test]
     fn hop_by_hop_headers_are_removed() {
         let mut h = HeaderMap::new();
         h.insert(
