@@ -137,9 +137,16 @@ pub async fn serve(gw: Arc<Gateway>, req: Request<Incoming>, host: TriggerHost) 
         method = %req.method(),
         path = %req.uri().path(),
     );
-    let result = handle(&gw, req, &host, &request_id)
+    let (parts, body) = req.into_parts();
+    let mut body = Some(body);
+    let result = handle(&gw, parts, &mut body, &host, &request_id)
         .instrument(span.clone())
         .await;
+    if result.is_err() {
+        if let Some(body) = body.take() {
+            drain_small(body).await;
+        }
+    }
     let mut resp = match result {
         Ok(r) => r,
         Err(e) => {
@@ -178,9 +185,23 @@ fn refused(e: FcError) -> FcError {
     }
 }
 
+/// A refused request's small body is read (and dropped) before the
+/// answer: an HTTP/2 client may otherwise take the reset of its unread
+/// stream for a failure and never show the refusal. Large or slow bodies
+/// are not waited for.
+async fn drain_small(body: Incoming) {
+    use http_body::Body as _;
+    const DRAIN_MAX: u64 = 64 * 1024;
+    if body.is_end_stream() || body.size_hint().upper().is_none_or(|n| n > DRAIN_MAX) {
+        return;
+    }
+    let _ = request::read_body(body, DRAIN_MAX as usize).await;
+}
+
 async fn handle(
     gw: &Arc<Gateway>,
-    req: Request<Incoming>,
+    parts: http::request::Parts,
+    body: &mut Option<Incoming>,
     host: &TriggerHost,
     request_id: &RequestId,
 ) -> Result<Response<Body>, ApiError> {
@@ -207,20 +228,20 @@ async fn handle(
         )
         .into());
     }
-    if !config.allows(req.method()) {
+    if !config.allows(&parts.method) {
         return Err(FcError::new(
             FcErrorCode::MethodNotAllowed,
             format!(
                 "method {} is not allowed by trigger '{}'; it accepts {}",
-                req.method(),
+                parts.method,
                 trigger.trigger_name,
                 config.methods.join(", ")
             ),
         )
         .into());
     }
-    let path_and_query = req
-        .uri()
+    let path_and_query = parts
+        .uri
         .path_and_query()
         .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned());
     if path_and_query.len() > PATH_MAX {
@@ -232,22 +253,21 @@ async fn handle(
     let name = &trigger.function_name;
     // A VPC-only function takes no calls from the internet listener.
     if let Some(entry) = gw.catalog.function(&trigger.account_id, name) {
-        let listener = req
-            .extensions()
+        let listener = parts
+            .extensions
             .get::<api::vpc::Listener>()
             .cloned()
             .unwrap_or(api::vpc::Listener::Internet);
         api::vpc::check_access(&listener, name, &entry.record.config)?;
     }
-    let (parts, body) = req.into_parts();
     let limit = kiln_core::limits::SYNC_PAYLOAD_MAX;
     let payload = match config.auth_type {
-        AuthType::Anonymous => request::read_body(body, limit).await?,
+        AuthType::Anonymous => request::read_body(take(body), limit).await?,
         AuthType::Function => {
             // As an API call: nothing of the body is read before the head
             // is proven signed; then it is hashed as it streams in.
             let head = gw.auth.precheck(&parts).map_err(refused)?;
-            request::check_declared_length(&body, limit)?;
+            request::check_declared_length(body.as_ref().expect("not read yet"), limit)?;
             let (caller, check) = gw.auth.verify(head).map_err(refused)?;
             if caller.account_id != trigger.account_id {
                 return Err(FcError::new(
@@ -256,7 +276,7 @@ async fn handle(
                 )
                 .into());
             }
-            let body = request::read_signed_body(body, limit, check).await?;
+            let body = request::read_signed_body(take(body), limit, check).await?;
             crate::ram::authz::authorize(
                 &gw.ram,
                 &gw.region,
@@ -281,6 +301,10 @@ async fn handle(
         }),
     };
     Ok(invoke::render_http(invoke::invoke(gw, call).await)?)
+}
+
+fn take(body: &mut Option<Incoming>) -> Incoming {
+    body.take().expect("the body is read once")
 }
 
 #[cfg(test)]

@@ -80,6 +80,11 @@ class H(BaseHTTPRequestHandler):
         self.answer(201, json.dumps(echo).encode(),
                     [("Content-Type", "application/json"), ("X-Echo", "yes")])
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = any
+    def do_HEAD(self):
+        self.send_response(201)
+        self.send_header("X-Echo", "yes")
+        self.send_header("Content-Length", "42")
+        self.end_headers()
 ThreadingHTTPServer(("0.0.0.0", 9000), H).serve_forever()
 "#;
 
@@ -193,7 +198,7 @@ async fn http_triggers_serve_a_web_function_through_curl() {
         &dev,
         &[
             "triggers", "create", "web", "site", "--type", "http", "--method", "GET", "--method",
-            "POST", "-o", "json",
+            "POST", "--method", "HEAD", "-o", "json",
         ],
     );
     let url = t["httpTrigger"]["urlInternet"].as_str().unwrap().to_owned();
@@ -242,6 +247,12 @@ async fn http_triggers_serve_a_web_function_through_curl() {
         serde_json::from_slice::<Value>(&body).unwrap()["method"],
         "GET"
     );
+
+    // HEAD: the function's status and headers, no body. (Its
+    // Content-Length arrives as 0, not the function's.)
+    let (status, head, _) = curl(&ca, &["-I", &format!("{url}/head")]);
+    assert_eq!(status, 201, "{head}");
+    assert!(head.contains("x-echo: yes"), "{head}");
 
     // A method the trigger does not take.
     let (status, _, body) = curl(&ca, &["-X", "DELETE", &format!("{url}/x")]);
