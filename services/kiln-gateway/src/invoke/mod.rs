@@ -1,10 +1,11 @@
 //! The one invoke path: a lease from the scheduler, the payload to the
 //! agent, the agent's [`InvokeOutcome`] turned into an [`InvokeResult`].
 //!
-//! Sync calls (`api::invoke`), async deliveries (the queue's dispatcher)
-//! and, later, triggers and timers all call [`invoke`] and act on the
-//! result's type; [`render`] is the one place a result becomes FC's HTTP
-//! answer.
+//! Sync calls (`api::invoke`), async deliveries (the queue's dispatcher),
+//! HTTP triggers (`crate::http_trigger`, with an [`HttpCall`]) and, later,
+//! timers all call [`invoke`] and act on the result's type; [`render`] (and
+//! [`render_http`] for HTTP triggers) is the one place a result becomes
+//! FC's HTTP answer.
 //!
 //! ```text
 //!   InvokeRequest ──> function? runtime callable? ──no──> Platform(FcError)
