@@ -7,7 +7,7 @@ use http::{header, HeaderName, HeaderValue, Method, Request, Response};
 use hyper::body::Incoming;
 use kiln_core::InstanceId;
 use kiln_internal_api::invoke::{HTTP_METHOD_HEADER, HTTP_PATH_HEADER};
-use kiln_internal_api::invoke_client::{AnswerBody, Payload};
+use kiln_internal_api::invoke_client::{self, AnswerBody, Payload};
 use kiln_internal_api::server::Body;
 use kiln_internal_api::{
     exec_frame, headers as ih, paths, ExecStart, InternalClient, InternalClientError, InvokeClient,
@@ -155,10 +155,19 @@ fn request(lease: &Lease, call: &InvokeRequest) -> Result<Request<Payload>> {
         lease.instance_id
     );
     debug_assert!(u.ends_with(&paths::agent_invoke(&lease.instance_id)));
+    let body = match &call.stream {
+        None => invoke_client::whole(call.payload.clone()),
+        Some(stream) => stream
+            .take()
+            .ok_or_else(|| InternalClientError::Transport {
+                url: u.clone(),
+                message: "the request body was already sent".into(),
+            })?,
+    };
     let mut req = Request::builder()
         .method(Method::POST)
         .uri(&u)
-        .body(Payload::new(call.payload.clone()))
+        .body(body)
         .map_err(|e| unbuildable(u.clone(), e))?;
     let h = req.headers_mut();
     let pass_authorization = call.http.as_ref().is_some_and(|c| c.pass_authorization);
@@ -243,6 +252,7 @@ mod tests {
             log: LogType::Tail,
             request_id: RequestId::generate(),
             http: None,
+            stream: None,
         };
         let req = request(&lease, &call).unwrap();
         assert_eq!(

@@ -18,9 +18,13 @@
 //!     └─> invoke(InvokeRequest { http: method + path, .. }) ─> render_http
 //! ```
 //!
-//! The request body is read whole (at most FC's 32 MB for a sync call)
-//! before the call, as an API invocation's is; the answer streams (chunked
-//! answers and server-sent events arrive as the function writes them).
+//! Bodies stream both ways, within FC's 32 MB for a request: an anonymous
+//! trigger's request body of [`STREAM_FROM`] bytes or more (or of unknown
+//! length) goes to the function as it arrives; smaller ones, and every
+//! `function` trigger's (whose hash the signature names, checked before
+//! the function sees it), are read first, as an API invocation's. The
+//! answer streams (chunked answers and server-sent events arrive as the
+//! function writes them).
 
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
@@ -34,7 +38,7 @@ use tracing::Instrument;
 use crate::api::{self, request, respond, ApiError, Route};
 use crate::config::HttpTriggersConfig;
 use crate::gateway::Gateway;
-use crate::invoke::{self, HttpCall, InvokeRequest, LogType};
+use crate::invoke::{self, HttpCall, InvokeRequest, LogType, StreamedBody};
 use crate::triggers::AuthType;
 
 /// FC's limit on a trigger request's path with its query.
@@ -261,7 +265,14 @@ async fn handle(
         api::vpc::check_access(&listener, name, &entry.record.config)?;
     }
     let limit = kiln_core::limits::SYNC_PAYLOAD_MAX;
+    let mut stream = None;
     let payload = match config.auth_type {
+        AuthType::Anonymous if streams(body.as_ref().expect("not read yet")) => {
+            let b = take(body);
+            request::check_declared_length(&b, limit)?;
+            stream = Some(StreamedBody::new(b, limit));
+            bytes::Bytes::new()
+        }
         AuthType::Anonymous => request::read_body(take(body), limit).await?,
         AuthType::Function => {
             // As an API call: nothing of the body is read before the head
@@ -299,8 +310,19 @@ async fn handle(
             path_and_query,
             pass_authorization: config.auth_type == AuthType::Anonymous,
         }),
+        stream,
     };
     Ok(invoke::render_http(invoke::invoke(gw, call).await)?)
+}
+
+/// Bodies from this size on (or of unknown size) are streamed to the
+/// function rather than read first (anonymous triggers: a `function`
+/// trigger's body is checked against its signature before the call).
+pub const STREAM_FROM: u64 = 1024 * 1024;
+
+fn streams(body: &Incoming) -> bool {
+    use http_body::Body as _;
+    !body.is_end_stream() && body.size_hint().exact().is_none_or(|n| n >= STREAM_FROM)
 }
 
 fn take(body: &mut Option<Incoming>) -> Incoming {

@@ -23,15 +23,24 @@ use common::Dev;
 /// answer whose last event waits for `/release` (a second call, to the
 /// same instance: it takes 10 concurrent calls).
 const SERVER: &str = r#"
-import hashlib, json, threading
+import hashlib, json, os, threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 released = threading.Event()
+first_piece = threading.Event()
 class H(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     def log_message(self, *a):
         pass
     def body(self):
-        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.headers.get("Transfer-Encoding", "").lower() != "chunked":
+            return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        data = b""
+        while True:
+            size = int(self.rfile.readline().strip(), 16)
+            data += self.rfile.read(size)
+            self.rfile.readline()
+            if size == 0:
+                return data
     def answer(self, status, data, headers=()):
         self.send_response(status)
         for k, v in headers:
@@ -67,13 +76,31 @@ class H(BaseHTTPRequestHandler):
             self.wfile.write(b"0\r\n\r\n")
             self.wfile.flush()
             return
+        if self.path.startswith("/early"):
+            # A chunked upload: say when its first piece is in, then read
+            # the rest and answer with the total.
+            total = 0
+            while True:
+                size = int(self.rfile.readline().strip(), 16)
+                self.rfile.read(size)
+                self.rfile.readline()
+                if size == 0:
+                    break
+                total += size
+                first_piece.set()
+            self.answer(200, b"total %d" % total)
+            return
+        if self.path.startswith("/seen"):
+            self.body()
+            self.answer(200, b"seen" if first_piece.wait(30) else b"not-seen")
+            return
         if self.path.startswith("/release"):
             self.body()
             released.set()
             self.answer(200, b"released")
             return
         data = self.body()
-        echo = {"method": self.command, "path": self.path,
+        echo = {"method": self.command, "path": self.path, "pid": os.getpid(),
                 "headers": {k.lower(): v for k, v in self.headers.items()},
                 "len": len(data), "sha256": hashlib.sha256(data).hexdigest(),
                 "body": data[:100].decode("latin-1")}
@@ -283,6 +310,78 @@ async fn http_triggers_serve_a_web_function_through_curl() {
     assert_eq!(body.len(), 20 * 1024 * 1024);
     let block: Vec<u8> = (0..=255u8).collect::<Vec<_>>().repeat(256);
     assert!(body.chunks(block.len()).all(|c| c == &block[..c.len()]));
+
+    // An upload of unknown length past FC's 32 MB is cut off while it
+    // streams (EntityTooLarge), and the instance that was receiving it is
+    // not failed for the caller's fault: the same process answers next.
+    let pid_before = {
+        let (_, _, body) = curl(&ca, &[&format!("{url}/pid")]);
+        serde_json::from_slice::<Value>(&body).unwrap()["pid"].clone()
+    };
+    let big_path = dev.state.path().join("too-big.bin");
+    std::fs::write(&big_path, vec![b'z'; 33 * 1024 * 1024]).unwrap();
+    let out = Command::new("curl")
+        .arg("--cacert")
+        .arg(&ca)
+        .args([
+            "-sS",
+            "--http1.1",
+            "-H",
+            "Expect:",
+            "--max-time",
+            "60",
+            "-X",
+            "POST",
+            "-T",
+            "-",
+        ])
+        .arg(format!("{url}/too-big"))
+        .stdin(std::fs::File::open(&big_path).unwrap())
+        .output()
+        .expect("run curl");
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        body.contains("EntityTooLarge"),
+        "{body} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_, _, body) = curl(&ca, &[&format!("{url}/pid")]);
+    assert_eq!(
+        serde_json::from_slice::<Value>(&body).unwrap()["pid"],
+        pid_before,
+        "the instance was not replaced"
+    );
+
+    // An upload of unknown length streams to the function: its first piece
+    // is in the function (told by a second call) while this test still
+    // holds the rest back; a gateway that read bodies whole would not
+    // call the function before the end.
+    let mut up = Command::new("curl")
+        .arg("--cacert")
+        .arg(&ca)
+        .args(["-sS", "--max-time", "60", "-X", "POST", "-T", "-"])
+        .arg(format!("{url}/early"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run curl");
+    let mut stdin = up.stdin.take().unwrap();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    // More than curl's upload buffer (it fills one before sending), from a
+    // thread, held open until the function has seen the first piece.
+    let writer = std::thread::spawn(move || {
+        stdin.write_all(&vec![b'a'; 256 * 1024]).unwrap();
+        stdin.flush().unwrap();
+        let _ = done_rx.recv();
+        stdin.write_all(b"tail").unwrap();
+    });
+    let (status, _, seen) = curl(&ca, &[&format!("{url}/seen")]);
+    assert_eq!((status, seen.as_slice()), (200, &b"seen"[..]));
+    drop(done_tx);
+    writer.join().unwrap();
+    let out = up.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(out.stdout, format!("total {}", 256 * 1024 + 4).into_bytes());
 
     // Server-sent events: the first event is read while the function
     // still waits to write the last (it writes it only after /release,

@@ -45,6 +45,7 @@ pub async fn invoke(
         log,
         request_id: request_id.clone(),
         http: None,
+        stream: None,
     };
     Ok(invoke::render(invoke::invoke(gw, call).await)?)
 }

@@ -195,6 +195,7 @@ impl Invoker for GatewayInvoker {
                     .unwrap_or_else(|_| RequestId::generate()),
                 payload: Bytes::from(m.payload),
                 http: None,
+                stream: None,
             };
             // Stopped mid-call (the dispatcher aborts this future): the
             // instance is reported failed and reclaimed.
