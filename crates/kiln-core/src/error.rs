@@ -50,6 +50,11 @@ pub enum FcErrorCode {
     AliasNotFound,
     /// The function already has an alias by that name (HTTP 409).
     AliasAlreadyExists,
+    /// No trigger of the function by that name, or no HTTP trigger at
+    /// that host (HTTP 404).
+    TriggerNotFound,
+    /// The function already has a trigger by that name (HTTP 409).
+    TriggerAlreadyExists,
     /// An alias's `additionalVersionWeight` names its own major version
     /// (HTTP 400).
     AdditionalVersionContainsMajorVersion,
@@ -99,6 +104,8 @@ impl FcErrorCode {
             Self::VersionNotFound => "VersionNotFound",
             Self::AliasNotFound => "AliasNotFound",
             Self::AliasAlreadyExists => "AliasAlreadyExists",
+            Self::TriggerNotFound => "TriggerNotFound",
+            Self::TriggerAlreadyExists => "TriggerAlreadyExists",
             Self::AdditionalVersionContainsMajorVersion => "AdditionalVersionContainsMajorVersion",
             Self::InvalidSecurityTokenExpired => "InvalidSecurityToken.Expired",
             Self::InvalidSecurityTokenMalformed => "InvalidSecurityToken.Malformed",
@@ -134,10 +141,13 @@ impl FcErrorCode {
             | Self::InstanceNotFound
             | Self::VersionNotFound
             | Self::AliasNotFound
+            | Self::TriggerNotFound
             | Self::EntityNotExistRole
             | Self::EntityNotExistAccessKey => 404,
             Self::MethodNotAllowed => 405,
-            Self::FunctionAlreadyExists | Self::AliasAlreadyExists => 409,
+            Self::FunctionAlreadyExists | Self::AliasAlreadyExists | Self::TriggerAlreadyExists => {
+                409
+            }
             Self::PayloadTooLarge => 413,
             Self::ResourceThrottled => 429,
             Self::InternalServerError => 500,

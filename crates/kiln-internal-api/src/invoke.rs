@@ -33,6 +33,14 @@ pub enum InvokeOutcome {
 /// The header carrying an [`InvokeOutcome`] on the agent's answer.
 pub const OUTCOME_HEADER: HeaderName = HeaderName::from_static(crate::headers::INVOKE_OUTCOME);
 
+/// On an HTTP trigger's call from the gateway: the method the function's
+/// runtime gets instead of `POST /invoke` (with [`HTTP_PATH_HEADER`]).
+/// The gateway never forwards a caller's own `x-kiln-*` headers.
+pub const HTTP_METHOD_HEADER: HeaderName = HeaderName::from_static("x-kiln-http-method");
+/// On an HTTP trigger's call: the path and query the runtime gets (the
+/// request's path under the trigger's URL).
+pub const HTTP_PATH_HEADER: HeaderName = HeaderName::from_static("x-kiln-http-path");
+
 /// An `x-kiln-invoke-outcome` value this build does not know.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("the agent answered with an unknown invoke outcome {0:?}")]

@@ -21,10 +21,86 @@ use crate::revoking::RevokingStream;
 use crate::InternalClientError;
 use kiln_pki::RevocationSet;
 
-/// An invocation's payload: read whole by the gateway before it is sent.
-/// (A concrete body type: a boxed one's error type carries a lifetime that
-/// futures holding the connection could not prove `Send` for.)
-pub type Payload = http_body_util::Full<bytes::Bytes>;
+/// An invocation's payload: read whole by the gateway before it is sent
+/// ([`whole`]), or an HTTP trigger's large request body streamed through
+/// as it arrives, bounded ([`streamed`]). (A concrete
+/// body type: a boxed one's error type carries a lifetime that futures
+/// holding the connection could not prove `Send` for.)
+pub type Payload = http_body_util::Either<http_body_util::Full<bytes::Bytes>, Streamed>;
+
+/// A whole payload.
+pub fn whole(bytes: bytes::Bytes) -> Payload {
+    http_body_util::Either::Left(http_body_util::Full::new(bytes))
+}
+
+/// A caller's body streamed through, failing past `limit` bytes, and
+/// what became of it (read by the sender when the call fails: a broken or
+/// oversized caller body is the caller's fault, not the instance's).
+pub fn streamed(body: hyper::body::Incoming, limit: usize) -> (Payload, Arc<StreamState>) {
+    let state = Arc::new(StreamState::default());
+    let body = Streamed {
+        inner: http_body_util::Limited::new(body, limit),
+        state: state.clone(),
+    };
+    (http_body_util::Either::Right(body), state)
+}
+
+/// How a [`Streamed`] body ended, when it failed.
+#[derive(Debug, Default)]
+pub struct StreamState(std::sync::atomic::AtomicU8);
+
+impl StreamState {
+    const BROKEN: u8 = 1;
+    const TOO_LARGE: u8 = 2;
+
+    /// The caller's body broke off (or was too large).
+    pub fn failed(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed) != 0
+    }
+
+    /// The caller's body went past its limit.
+    pub fn too_large(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed) == Self::TOO_LARGE
+    }
+}
+
+/// A caller's request body on its way to the agent, bounded, recording
+/// its failure in its [`StreamState`].
+pub struct Streamed {
+    inner: http_body_util::Limited<hyper::body::Incoming>,
+    state: Arc<StreamState>,
+}
+
+impl http_body::Body for Streamed {
+    type Data = bytes::Bytes;
+    type Error = crate::server::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Err(e))) = &polled {
+            let why = if e.is::<http_body_util::LengthLimitError>() {
+                StreamState::TOO_LARGE
+            } else {
+                StreamState::BROKEN
+            };
+            self.state
+                .0
+                .store(why, std::sync::atomic::Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 type Io = RevokingStream<TokioIo<TlsStream<TcpStream>>>;
 type Stack = IdleStack<Io, Payload>;

@@ -120,7 +120,9 @@ async fn invoke_seen(client: &InvokeClient, url: &str) -> Result<String, String>
     let req = Request::builder()
         .method(Method::POST)
         .uri(format!("{url}/v1/probe?x=1"))
-        .body(http_body_util::Full::new(bytes::Bytes::from_static(b"x")))
+        .body(kiln_internal_api::invoke_client::whole(
+            bytes::Bytes::from_static(b"x"),
+        ))
         .unwrap();
     let resp = client.send(req).await.map_err(|e| e.to_string())?;
     let body = resp.into_body().collect().await.unwrap().to_bytes();

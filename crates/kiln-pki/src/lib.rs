@@ -621,10 +621,17 @@ impl DevPki {
     fn ensure_issued(&self, name: &str, req: &CertRequest) -> Result<(), PkiError> {
         let files = self.files(name);
         if files.cert.exists() && files.key.exists() {
-            let current = load_certs(&files.cert)?
+            let certs = load_certs(&files.cert)?;
+            let current = certs
                 .first()
                 .and_then(|c| Identity::from_certificate(c).ok());
-            if current == req.identity {
+            // A name asked for now (a new public name, the HTTP triggers'
+            // wildcard) that the certificate lacks also reissues it.
+            let names = certs
+                .first()
+                .and_then(|c| certificate_names(c).ok())
+                .unwrap_or_default();
+            if current == req.identity && req.names.iter().all(|n| names.contains(n)) {
                 return Ok(());
             }
         }

@@ -27,7 +27,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use kiln_core::{FcError, InstanceSpec};
 use kiln_internal_api::inline::{ConnHome, IdleStack, InlineBody, InlineConn};
-use kiln_internal_api::invoke::OUTCOME_HEADER;
+use kiln_internal_api::invoke::{HTTP_METHOD_HEADER, HTTP_PATH_HEADER, OUTCOME_HEADER};
 use kiln_internal_api::server::{error, full, Body, BoxError};
 use kiln_internal_api::{InvokeFailure, InvokeOutcome};
 use tokio::time::Sleep;
@@ -243,6 +243,9 @@ impl Upstream {
         strip_hop_by_hop(headers);
         headers.insert(header::HOST, self.host.clone());
         headers.remove(&OUTCOME_HEADER);
+        // An HTTP trigger's call: the runtime gets the caller's method and
+        // path, with FC's control path for HTTP calls.
+        let http = http_call(headers);
         for (name, value) in &self.fc_headers {
             headers.insert(name.clone(), value.clone());
         }
@@ -251,18 +254,40 @@ impl Upstream {
                 headers.insert(X_FC_REGION, region.clone());
             }
         }
-        if !headers.contains_key(header::CONTENT_TYPE) {
-            headers.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/octet-stream"),
-            );
+        match http {
+            Some((method, uri)) => {
+                headers.insert(X_FC_CONTROL_PATH, HeaderValue::from_static("/http-invoke"));
+                parts.method = method;
+                parts.uri = uri;
+            }
+            None => {
+                if !headers.contains_key(header::CONTENT_TYPE) {
+                    headers.insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/octet-stream"),
+                    );
+                }
+                parts.method = Method::POST;
+                parts.uri = self.uri.clone();
+            }
         }
-        parts.method = Method::POST;
-        parts.uri = self.uri.clone();
         parts.version = Version::HTTP_11;
         parts.extensions = http::Extensions::new();
         Request::from_parts(parts, body)
     }
+}
+
+const X_FC_CONTROL_PATH: HeaderName = HeaderName::from_static("x-fc-control-path");
+
+/// The method and path of an HTTP trigger's call, taken out of the
+/// gateway's headers; `None` for an API invocation (or a malformed pair,
+/// which the gateway never sends: the call then goes to `/invoke`).
+fn http_call(headers: &mut HeaderMap) -> Option<(Method, Uri)> {
+    let method = headers.remove(&HTTP_METHOD_HEADER);
+    let path = headers.remove(&HTTP_PATH_HEADER);
+    let method = Method::from_bytes(method?.as_bytes()).ok()?;
+    let uri = Uri::try_from(path?.as_bytes()).ok()?;
+    uri.path().starts_with('/').then_some((method, uri))
 }
 
 /// Is the runtime's answer a function error? FC's contract: a non-2xx
@@ -676,6 +701,24 @@ mod tests {
         assert_eq!(classify(StatusCode::OK, &h), InvokeOutcome::Ok);
         h.insert(X_FC_STATUS, HeaderValue::from_static("garbage"));
         assert_eq!(classify(StatusCode::OK, &h), InvokeOutcome::FunctionError);
+    }
+
+    #[test]
+    fn an_http_triggers_request_line_is_taken_from_the_gateways_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(&HTTP_METHOD_HEADER, HeaderValue::from_static("PATCH"));
+        h.insert(&HTTP_PATH_HEADER, HeaderValue::from_static("/a/b?c=1"));
+        h.insert("x-user", HeaderValue::from_static("kept"));
+        let (method, uri) = http_call(&mut h).unwrap();
+        assert_eq!(method, Method::PATCH);
+        assert_eq!(uri, "/a/b?c=1");
+        assert_eq!(h.len(), 1, "the internal headers do not reach the runtime");
+        // An API invocation, or a malformed pair: POST /invoke.
+        assert_eq!(http_call(&mut h), None);
+        h.insert(&HTTP_METHOD_HEADER, HeaderValue::from_static("GET"));
+        h.insert(&HTTP_PATH_HEADER, HeaderValue::from_static("no-slash"));
+        assert_eq!(http_call(&mut h), None);
+        assert!(!h.contains_key(&HTTP_METHOD_HEADER));
     }
 
     #[test]

@@ -6,7 +6,8 @@ use futures_util::future::BoxFuture;
 use http::{header, HeaderName, HeaderValue, Method, Request, Response};
 use hyper::body::Incoming;
 use kiln_core::InstanceId;
-use kiln_internal_api::invoke_client::{AnswerBody, Payload};
+use kiln_internal_api::invoke::{HTTP_METHOD_HEADER, HTTP_PATH_HEADER};
+use kiln_internal_api::invoke_client::{self, AnswerBody, Payload};
 use kiln_internal_api::server::Body;
 use kiln_internal_api::{
     exec_frame, headers as ih, paths, ExecStart, InternalClient, InternalClientError, InvokeClient,
@@ -154,15 +155,35 @@ fn request(lease: &Lease, call: &InvokeRequest) -> Result<Request<Payload>> {
         lease.instance_id
     );
     debug_assert!(u.ends_with(&paths::agent_invoke(&lease.instance_id)));
+    let body = match &call.stream {
+        None => invoke_client::whole(call.payload.clone()),
+        Some(stream) => stream
+            .take()
+            .ok_or_else(|| InternalClientError::Transport {
+                url: u.clone(),
+                message: "the request body was already sent".into(),
+            })?,
+    };
     let mut req = Request::builder()
         .method(Method::POST)
         .uri(&u)
-        .body(Payload::new(call.payload.clone()))
+        .body(body)
         .map_err(|e| unbuildable(u.clone(), e))?;
     let h = req.headers_mut();
+    let pass_authorization = call.http.as_ref().is_some_and(|c| c.pass_authorization);
     for (k, v) in call.headers.iter() {
-        if forwardable(k) {
+        if forwardable(k) || (pass_authorization && k == header::AUTHORIZATION) {
             h.append(k.clone(), v.clone());
+        }
+    }
+    if let Some(c) = &call.http {
+        // Checked by the HTTP trigger (a valid request line).
+        if let Ok(path) = HeaderValue::from_str(&c.path_and_query) {
+            h.insert(
+                HTTP_METHOD_HEADER,
+                HeaderValue::from_str(c.method.as_str()).expect("a method is a valid header value"),
+            );
+            h.insert(HTTP_PATH_HEADER, path);
         }
     }
     // FC's Tail is computed by the agent, which frames the call's log;
@@ -176,7 +197,7 @@ fn request(lease: &Lease, call: &InvokeRequest) -> Result<Request<Payload>> {
         v.set_sensitive(true);
         h.insert(REQUEST_ID, v);
     }
-    if !h.contains_key(header::CONTENT_TYPE) {
+    if call.http.is_none() && !h.contains_key(header::CONTENT_TYPE) {
         h.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/octet-stream"),
@@ -230,6 +251,8 @@ mod tests {
             headers,
             log: LogType::Tail,
             request_id: RequestId::generate(),
+            http: None,
+            stream: None,
         };
         let req = request(&lease, &call).unwrap();
         assert_eq!(

@@ -146,6 +146,8 @@ pub struct Catalog {
     pub(crate) layers: RwLock<crate::layers::LayerIndex>,
     /// Function versions and aliases ([`crate::versions`]).
     pub(crate) versions: RwLock<crate::versions::VersionIndex>,
+    /// Triggers ([`crate::triggers`]).
+    pub(crate) triggers: RwLock<crate::triggers::TriggerIndex>,
     pub(crate) write: tokio::sync::Mutex<()>,
     /// Per-account bounds, checked under `write` (see [`crate::bounds`]).
     pub(crate) bounds: crate::bounds::Bounds,
@@ -162,7 +164,7 @@ pub(crate) async fn blocking<T: Send + 'static>(
 impl Catalog {
     /// Load every function and key, and sweep code files nothing references.
     pub async fn open(store: Arc<dyn MetaStore>, code: CodeFiles) -> Result<Self, CatalogError> {
-        let (records, keys, layers, versions) = {
+        let (records, keys, layers, versions, triggers) = {
             let store = store.clone();
             let code = code.clone();
             blocking(move || {
@@ -188,7 +190,8 @@ impl Catalog {
                     Ok(n) => tracing::info!(removed = n, "swept unreferenced code files"),
                     Err(e) => tracing::warn!(error = %e, "cannot sweep code files"),
                 }
-                Ok((records, store.access_keys()?, layers, versions))
+                let triggers = crate::triggers::TriggerIndex::load(store.triggers()?);
+                Ok((records, store.access_keys()?, layers, versions, triggers))
             })
             .await?
         };
@@ -212,6 +215,7 @@ impl Catalog {
             keys: RwLock::new(keys),
             layers: RwLock::new(layers),
             versions: RwLock::new(versions),
+            triggers: RwLock::new(triggers),
             write: tokio::sync::Mutex::new(()),
             bounds: crate::bounds::Bounds::default(),
         })
@@ -535,6 +539,12 @@ impl Catalog {
         if self.has_versions(account, name) {
             return Err(CatalogError::Invalid(FcError::invalid_argument(format!(
                 "function '{name}' still has versions or aliases: delete them first"
+            ))));
+        }
+        // FC's rule: a function's triggers are deleted before it is.
+        if self.has_triggers(account, name) {
+            return Err(CatalogError::Invalid(FcError::invalid_argument(format!(
+                "function '{name}' still has triggers: delete them first"
             ))));
         }
         let store = self.store.clone();

@@ -83,6 +83,51 @@ pub struct GatewayConfig {
     /// naming any other VPC is refused.
     #[serde(default)]
     pub vpcs: Vec<crate::vpcs::VpcOwners>,
+    /// HTTP triggers' host names (`[http_triggers]`, see
+    /// [`crate::http_trigger`]).
+    #[serde(default)]
+    pub http_triggers: HttpTriggersConfig,
+}
+
+/// `[http_triggers]`: the domains under which HTTP triggers get their
+/// host names, `https://{function}-{id}.{domain}`. The public listener's
+/// certificate must name `*.{domain}` (`kiln dev`'s does), and the names
+/// must resolve to the gateway (any `*.localhost` name resolves to
+/// loopback; elsewhere a wildcard DNS record).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpTriggersConfig {
+    /// The internet domain: a trigger's `urlInternet` host lives under it.
+    pub domain: String,
+    /// The intranet (VPC) domain for `urlIntranet`; none: triggers have no
+    /// intranet URL (`urlIntranet` is empty).
+    pub intranet_domain: Option<String>,
+}
+
+/// `kiln dev`'s and the default trigger domain.
+pub const DEFAULT_TRIGGER_DOMAIN: &str = "fcapp.localhost";
+
+impl Default for HttpTriggersConfig {
+    fn default() -> Self {
+        Self {
+            domain: DEFAULT_TRIGGER_DOMAIN.to_owned(),
+            intranet_domain: None,
+        }
+    }
+}
+
+/// A lower-case DNS name of at least two labels.
+fn is_domain(d: &str) -> bool {
+    d.contains('.')
+        && d.len() <= 200
+        && d.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        })
 }
 
 /// `[signatures]`: how far a request's date may be from the gateway's
@@ -273,6 +318,7 @@ impl GatewayConfig {
             signatures: SignatureConfig::default(),
             tenant_bounds: Default::default(),
             vpcs: Vec::new(),
+            http_triggers: HttpTriggersConfig::default(),
         }
     }
 
@@ -293,6 +339,17 @@ impl GatewayConfig {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
         if self.state_dir.as_os_str().is_empty() {
             return invalid("state_dir must not be empty".into());
+        }
+        let t = &self.http_triggers;
+        for d in std::iter::once(&t.domain).chain(t.intranet_domain.as_ref()) {
+            if !is_domain(d) {
+                return invalid(format!(
+                    "http_triggers domain {d:?} must be a lower-case DNS name such as fcapp.localhost"
+                ));
+            }
+        }
+        if t.intranet_domain.as_ref() == Some(&t.domain) {
+            return invalid("http_triggers intranet_domain must differ from domain".into());
         }
         if self.region.is_empty()
             || !self

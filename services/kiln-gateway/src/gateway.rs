@@ -23,6 +23,8 @@ pub struct Gateway {
     pub scheduler: SharedScheduler,
     pub leases: Arc<LeasePool>,
     pub region: String,
+    /// HTTP triggers' domains and URLs (see [`crate::http_trigger`]).
+    pub http_triggers: crate::http_trigger::HttpTriggers,
     /// Which accounts may attach functions to which VPC.
     pub vpcs: Arc<crate::vpcs::VpcRegistry>,
     pub metrics: Arc<Metrics>,

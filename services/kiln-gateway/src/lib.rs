@@ -16,6 +16,7 @@ pub mod checksum;
 pub mod code;
 pub mod config;
 pub mod gateway;
+pub mod http_trigger;
 pub mod invoke;
 pub mod layers;
 pub mod metrics;
@@ -28,6 +29,7 @@ pub mod runtimes;
 pub mod scheduler;
 pub mod secrets;
 pub mod store;
+pub mod triggers;
 pub mod validate;
 pub mod versions;
 pub mod vpcs;
@@ -276,6 +278,7 @@ pub async fn start_with_clock(
         scheduler,
         leases: leases.clone(),
         region: config.region.clone(),
+        http_triggers: http_trigger::HttpTriggers::new(config.http_triggers.clone()),
         vpcs: Arc::new(vpcs::VpcRegistry::from_config(&config.vpcs)),
         metrics: metrics.clone(),
         dispatcher: queue::dispatch::Dispatcher::new(
@@ -296,6 +299,7 @@ pub async fn start_with_clock(
     let public = bind("public", config.public.listen).await?;
     let internal_l = bind("internal", config.internal.listen).await?;
     let public_addr = public.local_addr().expect("bound");
+    gw.http_triggers.set_public_port(public_addr.port());
     let internal_addr = internal_l.local_addr().expect("bound");
     let metrics_l = match config.metrics_listen {
         Some(a) => Some(bind("metrics", a).await?),

@@ -16,6 +16,7 @@ use rusqlite::{params, OptionalExtension};
 
 use crate::model::{FunctionConfig, FunctionRecord};
 use crate::secrets::{rows, SealError, Sealer};
+use crate::triggers::TriggerRecord;
 use crate::versions::{AliasRecord, VersionRecord};
 
 /// Why a metadata operation failed.
@@ -27,6 +28,13 @@ pub enum MetaStoreError {
     FunctionMissing(FunctionName),
     #[error("Function {0} still has versions or aliases")]
     FunctionHasVersions(FunctionName),
+    #[error("Function {0} still has triggers")]
+    FunctionHasTriggers(FunctionName),
+    #[error("Trigger {trigger} of function {function} already exists")]
+    TriggerExists {
+        function: FunctionName,
+        trigger: String,
+    },
     #[error("Access key {0} belongs to another account")]
     KeyOwnedElsewhere(String),
     #[error("Stored function document of {name} is unreadable")]
@@ -157,6 +165,20 @@ pub trait MetaStore: Send + Sync + 'static {
         account: &AccountId,
         name: &FunctionName,
         alias: &str,
+    ) -> Result<bool, MetaStoreError>;
+    /// Every trigger.
+    fn triggers(&self) -> Result<Vec<TriggerRecord>, MetaStoreError>;
+    /// Store a new trigger; TriggerExists if the function has one by that
+    /// name, FunctionMissing if the function is gone.
+    fn insert_trigger(&self, t: &TriggerRecord) -> Result<(), MetaStoreError>;
+    /// Replace a stored trigger (same function and name).
+    fn update_trigger(&self, t: &TriggerRecord) -> Result<(), MetaStoreError>;
+    /// Delete a trigger; false if it did not exist.
+    fn delete_trigger(
+        &self,
+        account: &AccountId,
+        name: &FunctionName,
+        trigger: &str,
     ) -> Result<bool, MetaStoreError>;
 }
 
@@ -294,6 +316,22 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
             alias TEXT NOT NULL,
             doc TEXT NOT NULL,
             PRIMARY KEY (account_id, name, alias),
+            FOREIGN KEY (account_id, name) REFERENCES functions(account_id, name)
+        );
+    ",
+    },
+    // A trigger's row holds its document; an HTTP trigger's host label is
+    // unique across accounts (requests find their trigger by it).
+    Migration {
+        name: "triggers",
+        sql: "
+        CREATE TABLE function_triggers (
+            account_id TEXT NOT NULL,
+            name TEXT NOT NULL,
+            trigger_name TEXT NOT NULL,
+            host_label TEXT UNIQUE,
+            doc TEXT NOT NULL,
+            PRIMARY KEY (account_id, name, trigger_name),
             FOREIGN KEY (account_id, name) REFERENCES functions(account_id, name)
         );
     ",
@@ -619,6 +657,14 @@ impl MetaStore for SqliteStore {
             if held {
                 return Err(MetaStoreError::FunctionHasVersions(name.clone()));
             }
+            let triggered: bool = tx.query_row(
+                "SELECT EXISTS(SELECT 1 FROM function_triggers WHERE account_id = ?1 AND name = ?2)",
+                params![account.as_str(), name.as_str()],
+                |r| r.get(0),
+            )?;
+            if triggered {
+                return Err(MetaStoreError::FunctionHasTriggers(name.clone()));
+            }
             let n = tx.execute(
                 "DELETE FROM functions WHERE account_id = ?1 AND name = ?2",
                 params![account.as_str(), name.as_str()],
@@ -829,6 +875,95 @@ impl MetaStore for SqliteStore {
             let n = c.execute(
                 "DELETE FROM function_aliases WHERE account_id = ?1 AND name = ?2 AND alias = ?3",
                 params![account.as_str(), name.as_str(), alias],
+            )?;
+            Ok(n > 0)
+        })
+    }
+
+    fn triggers(&self) -> Result<Vec<TriggerRecord>, MetaStoreError> {
+        self.with(|c| {
+            let mut st = c.prepare("SELECT name, trigger_name, doc FROM function_triggers")?;
+            let rows = st.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (name, trigger, doc) = row?;
+                out.push(
+                    serde_json::from_str(&doc).map_err(|source| MetaStoreError::Corrupt {
+                        name: format!("{name} trigger {trigger}"),
+                        source,
+                    })?,
+                );
+            }
+            Ok(out)
+        })
+    }
+
+    fn insert_trigger(&self, t: &TriggerRecord) -> Result<(), MetaStoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let function: bool = tx.query_row(
+                "SELECT EXISTS(SELECT 1 FROM functions WHERE account_id = ?1 AND name = ?2)",
+                params![t.account_id.as_str(), t.function_name.as_str()],
+                |r| r.get(0),
+            )?;
+            if !function {
+                return Err(MetaStoreError::FunctionMissing(t.function_name.clone()));
+            }
+            let n = tx.execute(
+                "INSERT INTO function_triggers (account_id, name, trigger_name, host_label, doc)
+                 VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (account_id, name, trigger_name) DO NOTHING",
+                params![
+                    t.account_id.as_str(),
+                    t.function_name.as_str(),
+                    t.trigger_name,
+                    t.host_label,
+                    serde_json::to_string(t).expect("trigger serialises")
+                ],
+            )?;
+            if n == 0 {
+                return Err(MetaStoreError::TriggerExists {
+                    function: t.function_name.clone(),
+                    trigger: t.trigger_name.clone(),
+                });
+            }
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn update_trigger(&self, t: &TriggerRecord) -> Result<(), MetaStoreError> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE function_triggers SET doc = ?4, host_label = ?5
+                 WHERE account_id = ?1 AND name = ?2 AND trigger_name = ?3",
+                params![
+                    t.account_id.as_str(),
+                    t.function_name.as_str(),
+                    t.trigger_name,
+                    serde_json::to_string(t).expect("trigger serialises"),
+                    t.host_label
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn delete_trigger(
+        &self,
+        account: &AccountId,
+        name: &FunctionName,
+        trigger: &str,
+    ) -> Result<bool, MetaStoreError> {
+        self.with(|c| {
+            let n = c.execute(
+                "DELETE FROM function_triggers WHERE account_id = ?1 AND name = ?2 AND trigger_name = ?3",
+                params![account.as_str(), name.as_str(), trigger],
             )?;
             Ok(n > 0)
         })

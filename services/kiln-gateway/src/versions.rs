@@ -589,6 +589,12 @@ impl Catalog {
         let current = self
             .version(account, name, version)
             .ok_or_else(|| CatalogError::Invalid(version_not_found(name, &version.to_string())))?;
+        if let Some(t) = self.trigger_on(account, name, &version.to_string()) {
+            return Err(CatalogError::Invalid(FcError::invalid_argument(format!(
+                "version {version} of function '{name}' is used by trigger '{}': point the trigger elsewhere or delete it first",
+                t.trigger_name
+            ))));
+        }
         if let Some(a) = self
             .aliases_of(account, name)
             .iter()
@@ -708,6 +714,12 @@ impl Catalog {
         }
         if self.alias(account, name, alias).is_none() {
             return Err(CatalogError::Invalid(alias_not_found(name, alias)));
+        }
+        if let Some(t) = self.trigger_on(account, name, alias) {
+            return Err(CatalogError::Invalid(FcError::invalid_argument(format!(
+                "alias '{alias}' of function '{name}' is used by trigger '{}': point the trigger elsewhere or delete it first",
+                t.trigger_name
+            ))));
         }
         let store = self.store.clone();
         let (a, n, al) = (account.clone(), name.clone(), alias.to_owned());

@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::client::FcClient;
 use crate::commands::configs::{self, Kind};
+use crate::commands::triggers::{self, TriggerFields};
 use crate::commands::versions::{self, AliasFields, Output};
 use crate::commands::{bench, dev, functions, keys, nodes, observe, runtimes, tasks};
 use crate::credentials::{self, Credentials};
@@ -72,6 +73,10 @@ pub enum Command {
     /// version, and optionally a share of calls for canary versions).
     #[command(subcommand)]
     Aliases(AliasesCommand),
+    /// Create, show, update, delete or list a function's triggers: HTTP
+    /// triggers (the function answers at its own URL) and timer triggers.
+    #[command(subcommand)]
+    Triggers(TriggersCommand),
     /// Set, show, list or delete a function's provisioned instances (FC's
     /// provision configs).
     #[command(subcommand)]
@@ -496,6 +501,111 @@ pub enum AliasesCommand {
     },
 }
 
+/// What kind of trigger `kiln triggers create` makes, and its settings.
+#[derive(Debug, Args)]
+pub struct TriggerConfigArgs {
+    /// http or timer.
+    #[arg(long = "type", value_parser = ["http", "timer"])]
+    pub trigger_type: Option<String>,
+    /// HTTP: a method the trigger accepts (repeatable).
+    #[arg(long = "method")]
+    pub methods: Vec<String>,
+    /// HTTP: anonymous (no signature) or function (ACS3-signed requests
+    /// of the function's account only).
+    #[arg(long, value_parser = ["anonymous", "function"], default_value = "anonymous")]
+    pub auth: String,
+    /// HTTP: refuse calls on the internet URL.
+    #[arg(long)]
+    pub disable_url_internet: bool,
+    /// Timer: FC's cronExpression (`@every 5m`, six cron fields, or
+    /// `CRON_TZ=Zone ...`).
+    #[arg(long)]
+    pub cron: Option<String>,
+    /// Timer: the payload each firing passes to the function.
+    #[arg(long)]
+    pub payload: Option<String>,
+    /// Timer: create it disabled.
+    #[arg(long)]
+    pub disabled: bool,
+    /// The whole triggerConfig as FC's JSON, instead of the flags above.
+    #[arg(long, conflicts_with_all = ["methods", "cron", "payload"])]
+    pub config: Option<String>,
+}
+
+impl TriggerConfigArgs {
+    /// The triggerConfig the flags describe, if they describe one.
+    fn config(&self, trigger_type: &str) -> Result<Option<String>> {
+        if let Some(c) = &self.config {
+            triggers::check_json(c)?;
+            return Ok(Some(c.clone()));
+        }
+        Ok(match trigger_type {
+            "http" if !self.methods.is_empty() => Some(triggers::http_config(
+                &self.methods,
+                &self.auth,
+                self.disable_url_internet,
+            )?),
+            "timer" => self
+                .cron
+                .as_deref()
+                .map(|c| triggers::timer_config(c, self.payload.as_deref(), !self.disabled)),
+            _ => None,
+        })
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TriggersCommand {
+    /// Create a trigger: `--type http --method GET --method POST [--auth
+    /// function]` or `--type timer --cron '@every 5m' [--payload ..]`.
+    Create {
+        function: String,
+        trigger: String,
+        #[command(flatten)]
+        settings: TriggerConfigArgs,
+        /// LATEST (the default), a version or an alias.
+        #[arg(long)]
+        qualifier: Option<String>,
+        #[arg(long)]
+        description: Option<String>,
+        #[arg(long, short, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Show one trigger (an HTTP trigger's URL with it).
+    Get {
+        function: String,
+        trigger: String,
+        #[arg(long, short, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Change a trigger's configuration, qualifier or description; what is
+    /// not given stays (a new configuration replaces the whole one).
+    Update {
+        function: String,
+        trigger: String,
+        #[command(flatten)]
+        settings: TriggerConfigArgs,
+        #[arg(long)]
+        qualifier: Option<String>,
+        #[arg(long)]
+        description: Option<String>,
+        #[arg(long, short, value_enum, default_value_t)]
+        output: Output,
+    },
+    Delete {
+        function: String,
+        trigger: String,
+    },
+    /// The function's triggers.
+    List {
+        function: String,
+        #[arg(long)]
+        prefix: Option<String>,
+        #[arg(long, short, value_enum, default_value_t)]
+        output: Output,
+    },
+}
+
 #[derive(Debug, Subcommand)]
 pub enum FunctionsCommand {
     List {
@@ -743,6 +853,86 @@ pub async fn run(cli: Cli) -> Result<()> {
                 } => {
                     let all = versions::list_aliases(&client, function, prefix.as_deref()).await?;
                     versions::print(*output, &all, versions::aliases_table)?;
+                }
+            }
+            Ok(())
+        }
+        Command::Triggers(cmd) => {
+            let client = client(&cli)?;
+            match cmd {
+                TriggersCommand::Create {
+                    function,
+                    trigger,
+                    settings,
+                    qualifier,
+                    description,
+                    output,
+                } => {
+                    let Some(kind) = settings.trigger_type.clone() else {
+                        anyhow::bail!("kiln triggers create needs --type http or --type timer");
+                    };
+                    let config = settings.config(&kind)?.with_context(|| {
+                        format!("a {kind} trigger needs its settings: --method for http, --cron for timer, or --config JSON")
+                    })?;
+                    let fields = TriggerFields {
+                        trigger_type: Some(kind),
+                        config: Some(config),
+                        qualifier: qualifier.clone(),
+                        description: description.clone(),
+                    };
+                    let t = triggers::create(&client, function, trigger, &fields).await?;
+                    versions::print_one(*output, &t, triggers::table)?;
+                }
+                TriggersCommand::Get {
+                    function,
+                    trigger,
+                    output,
+                } => {
+                    let t = triggers::get(&client, function, trigger).await?;
+                    versions::print_one(*output, &t, triggers::table)?;
+                }
+                TriggersCommand::Update {
+                    function,
+                    trigger,
+                    settings,
+                    qualifier,
+                    description,
+                    output,
+                } => {
+                    let config = match &settings.trigger_type {
+                        Some(kind) => settings.config(kind)?,
+                        None if settings.config.is_some() => settings.config("")?,
+                        None => {
+                            // The type is the trigger's own.
+                            let current = triggers::get(&client, function, trigger).await?;
+                            let kind = current
+                                .get("triggerType")
+                                .and_then(serde_json::Value::as_str)
+                                .unwrap_or_default()
+                                .to_owned();
+                            settings.config(&kind)?
+                        }
+                    };
+                    let fields = TriggerFields {
+                        trigger_type: None,
+                        config,
+                        qualifier: qualifier.clone(),
+                        description: description.clone(),
+                    };
+                    let t = triggers::update(&client, function, trigger, &fields).await?;
+                    versions::print_one(*output, &t, triggers::table)?;
+                }
+                TriggersCommand::Delete { function, trigger } => {
+                    triggers::delete(&client, function, trigger).await?;
+                    println!("deleted trigger {trigger} of {function}");
+                }
+                TriggersCommand::List {
+                    function,
+                    prefix,
+                    output,
+                } => {
+                    let all = triggers::list(&client, function, prefix.as_deref()).await?;
+                    versions::print(*output, &all, triggers::table)?;
                 }
             }
             Ok(())

@@ -86,6 +86,10 @@ async fn s_yaml_projects_deploy_converge_and_refuse_what_kiln_cannot_do() {
     let stdout = text(&out.stdout);
     assert!(stdout.contains("created function s-hello"), "{stdout}");
     assert!(
+        stdout.contains("created trigger web: https://s-hello-"),
+        "the HTTP trigger's URL is printed: {stdout}"
+    );
+    assert!(
         text(&out.stderr).contains("note: access"),
         "access is named, not ignored"
     );
@@ -113,6 +117,7 @@ async fn s_yaml_projects_deploy_converge_and_refuse_what_kiln_cannot_do() {
     let out = run(example, vec![("KILN_EXAMPLE_GREETING", "second")]).await;
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains("updated function s-hello"));
+    assert!(text(&out.stdout).contains("updated trigger web: https://s-hello-"));
     assert_eq!(
         get(&client, "s-hello").await["environmentVariables"]["GREETING"],
         "second"

@@ -44,6 +44,8 @@ pub async fn invoke(
         headers: parts.headers,
         log,
         request_id: request_id.clone(),
+        http: None,
+        stream: None,
     };
     Ok(invoke::render(invoke::invoke(gw, call).await)?)
 }

@@ -18,6 +18,7 @@ pub mod request;
 pub mod respond;
 pub mod roles;
 pub mod tags;
+pub mod triggers;
 pub mod versions;
 pub mod vpc;
 
@@ -105,6 +106,11 @@ pub enum Operation {
     DeleteAlias,
     ListAliases,
     GetFunctionCode,
+    CreateTrigger,
+    GetTrigger,
+    UpdateTrigger,
+    DeleteTrigger,
+    ListTriggers,
 }
 
 impl Operation {
@@ -161,6 +167,11 @@ impl Operation {
             Self::DeleteAlias => "DeleteAlias",
             Self::ListAliases => "ListAliases",
             Self::GetFunctionCode => "GetFunctionCode",
+            Self::CreateTrigger => "CreateTrigger",
+            Self::GetTrigger => "GetTrigger",
+            Self::UpdateTrigger => "UpdateTrigger",
+            Self::DeleteTrigger => "DeleteTrigger",
+            Self::ListTriggers => "ListTriggers",
         }
     }
 }
@@ -311,6 +322,24 @@ pub enum Route {
     GetFunctionCode {
         name: FunctionName,
     },
+    CreateTrigger {
+        name: FunctionName,
+    },
+    ListTriggers {
+        name: FunctionName,
+    },
+    GetTrigger {
+        name: FunctionName,
+        trigger: String,
+    },
+    UpdateTrigger {
+        name: FunctionName,
+        trigger: String,
+    },
+    DeleteTrigger {
+        name: FunctionName,
+        trigger: String,
+    },
 }
 
 /// `{name}`, percent-decoded and checked as a function name.
@@ -374,6 +403,11 @@ const ROUTES: &[router::Route<Route, router::Signed>] = &[
     router::signed(PUT, "/2023-03-30/functions/{name}/aliases/{alias}", |p| Ok(Route::UpdateAlias { name: function_name(p)?, alias: p.string("alias")? })),
     router::signed(DELETE, "/2023-03-30/functions/{name}/aliases/{alias}", |p| Ok(Route::DeleteAlias { name: function_name(p)?, alias: p.string("alias")? })),
     router::signed(GET, "/2023-03-30/functions/{name}/code", |p| Ok(Route::GetFunctionCode { name: function_name(p)? })),
+    router::signed(POST, "/2023-03-30/functions/{name}/triggers", |p| Ok(Route::CreateTrigger { name: function_name(p)? })),
+    router::signed(GET, "/2023-03-30/functions/{name}/triggers", |p| Ok(Route::ListTriggers { name: function_name(p)? })),
+    router::signed(GET, "/2023-03-30/functions/{name}/triggers/{trigger}", |p| Ok(Route::GetTrigger { name: function_name(p)?, trigger: p.string("trigger")? })),
+    router::signed(PUT, "/2023-03-30/functions/{name}/triggers/{trigger}", |p| Ok(Route::UpdateTrigger { name: function_name(p)?, trigger: p.string("trigger")? })),
+    router::signed(DELETE, "/2023-03-30/functions/{name}/triggers/{trigger}", |p| Ok(Route::DeleteTrigger { name: function_name(p)?, trigger: p.string("trigger")? })),
 ];
 
 static ROUTER: LazyLock<Router<Route, router::Signed>> = LazyLock::new(|| {
@@ -436,6 +470,11 @@ impl Route {
             Self::UpdateAlias { .. } => Operation::UpdateAlias,
             Self::DeleteAlias { .. } => Operation::DeleteAlias,
             Self::GetFunctionCode { .. } => Operation::GetFunctionCode,
+            Self::CreateTrigger { .. } => Operation::CreateTrigger,
+            Self::ListTriggers { .. } => Operation::ListTriggers,
+            Self::GetTrigger { .. } => Operation::GetTrigger,
+            Self::UpdateTrigger { .. } => Operation::UpdateTrigger,
+            Self::DeleteTrigger { .. } => Operation::DeleteTrigger,
         }
     }
 
@@ -472,7 +511,12 @@ impl Route {
             | Self::GetAlias { name, .. }
             | Self::UpdateAlias { name, .. }
             | Self::DeleteAlias { name, .. }
-            | Self::GetFunctionCode { name } => Some(name),
+            | Self::GetFunctionCode { name }
+            | Self::CreateTrigger { name }
+            | Self::ListTriggers { name }
+            | Self::GetTrigger { name, .. }
+            | Self::UpdateTrigger { name, .. }
+            | Self::DeleteTrigger { name, .. } => Some(name),
             _ => None,
         }
     }
@@ -513,6 +557,10 @@ pub async fn handle(
     req: http::Request<Incoming>,
     conn: ConnInfo,
 ) -> Response<Body> {
+    // A trigger's host is the function's, every path included.
+    if let Some(host) = gw.http_triggers.host_of(&req) {
+        return crate::http_trigger::serve(gw, req, host).await;
+    }
     if req.uri().path() == health::PATH {
         return health::answer(&gw, req.method()).await;
     }
@@ -702,6 +750,13 @@ async fn dispatch(
         }
         Route::DeleteAlias { name, alias } => versions::delete_alias(gw, c, &name, &alias).await,
         Route::GetFunctionCode { name } => code::get(gw, c, &name, &parts),
+        Route::CreateTrigger { name } => triggers::create(gw, c, &name, body).await,
+        Route::ListTriggers { name } => triggers::list(gw, c, &name, &parts),
+        Route::GetTrigger { name, trigger } => triggers::get(gw, c, &name, &trigger),
+        Route::UpdateTrigger { name, trigger } => {
+            triggers::update(gw, c, &name, &trigger, body).await
+        }
+        Route::DeleteTrigger { name, trigger } => triggers::delete(gw, c, &name, &trigger).await,
     }
 }
 
@@ -982,6 +1037,40 @@ mod tests {
                 GET,
                 "/2023-03-30/functions/f/code",
                 Route::GetFunctionCode { name: f() },
+            ),
+            (
+                POST,
+                "/2023-03-30/functions/f/triggers",
+                Route::CreateTrigger { name: f() },
+            ),
+            (
+                GET,
+                "/2023-03-30/functions/f/triggers",
+                Route::ListTriggers { name: f() },
+            ),
+            (
+                GET,
+                "/2023-03-30/functions/f/triggers/http",
+                Route::GetTrigger {
+                    name: f(),
+                    trigger: "http".into(),
+                },
+            ),
+            (
+                PUT,
+                "/2023-03-30/functions/f/triggers/http",
+                Route::UpdateTrigger {
+                    name: f(),
+                    trigger: "http".into(),
+                },
+            ),
+            (
+                DELETE,
+                "/2023-03-30/functions/f/triggers/http",
+                Route::DeleteTrigger {
+                    name: f(),
+                    trigger: "http".into(),
+                },
             ),
         ];
         for (method, path, want) in &cases {

@@ -1,10 +1,11 @@
 //! The one invoke path: a lease from the scheduler, the payload to the
 //! agent, the agent's [`InvokeOutcome`] turned into an [`InvokeResult`].
 //!
-//! Sync calls (`api::invoke`), async deliveries (the queue's dispatcher)
-//! and, later, triggers and timers all call [`invoke`] and act on the
-//! result's type; [`render`] is the one place a result becomes FC's HTTP
-//! answer.
+//! Sync calls (`api::invoke`), async deliveries (the queue's dispatcher),
+//! HTTP triggers (`crate::http_trigger`, with an [`HttpCall`]) and, later,
+//! timers all call [`invoke`] and act on the result's type; [`render`] (and
+//! [`render_http`] for HTTP triggers) is the one place a result becomes
+//! FC's HTTP answer.
 //!
 //! ```text
 //!   InvokeRequest ──> function? runtime callable? ──no──> Platform(FcError)
@@ -32,7 +33,7 @@ use http::{HeaderMap, HeaderValue, StatusCode};
 use http_body_util::BodyExt;
 use kiln_core::{AccountId, FcError, FcErrorKind, FunctionName, RequestId};
 use kiln_internal_api::client::remote_error;
-use kiln_internal_api::invoke_client::AnswerBody;
+use kiln_internal_api::invoke_client::{self, AnswerBody, Payload, StreamState};
 use kiln_internal_api::server::{full, Body};
 use kiln_internal_api::{headers as ih, InvokeFailure, InvokeOutcome, Lease, LeaseOutcome};
 
@@ -41,7 +42,7 @@ use crate::versions::Qualifier;
 use lease::{GuardedBody, LeaseGuard};
 use pool::Held;
 
-pub use render::render;
+pub use render::{render, render_http};
 
 /// FC's `x-fc-log-type`: whether the caller wants the call's log tail.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -64,6 +65,73 @@ pub struct InvokeRequest {
     pub headers: HeaderMap,
     pub log: LogType,
     pub request_id: RequestId,
+    /// An HTTP trigger's call: the runtime gets this method and path
+    /// instead of `POST /invoke`. `None` for API and async invocations.
+    pub http: Option<HttpCall>,
+    /// A large request body streamed to the function as it arrives,
+    /// instead of `payload` (an anonymous HTTP trigger's). It can be sent
+    /// once: a call that streams is not retried on another instance.
+    pub stream: Option<StreamedBody>,
+}
+
+/// A request body to stream once (see [`InvokeRequest::stream`]).
+#[derive(Clone)]
+pub struct StreamedBody {
+    body: Arc<std::sync::Mutex<Option<Payload>>>,
+    state: Arc<StreamState>,
+}
+
+impl StreamedBody {
+    /// The caller's `body`, at most `limit` bytes.
+    pub fn new(body: hyper::body::Incoming, limit: usize) -> Self {
+        let (body, state) = invoke_client::streamed(body, limit);
+        Self {
+            body: Arc::new(std::sync::Mutex::new(Some(body))),
+            state,
+        }
+    }
+
+    /// The body, the first time.
+    pub fn take(&self) -> Option<Payload> {
+        self.body.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    /// The caller's fault when the call failed while sending: its body
+    /// broke off or went past the limit.
+    fn caller_error(&self) -> Option<FcError> {
+        if self.state.too_large() {
+            Some(FcError::new(
+                kiln_core::FcErrorCode::EntityTooLarge,
+                format!(
+                    "payload size exceeds maximum allowed size ({} bytes)",
+                    kiln_core::limits::SYNC_PAYLOAD_MAX
+                ),
+            ))
+        } else if self.state.failed() {
+            Some(FcError::invalid_argument(
+                "the request body could not be read to its end",
+            ))
+        } else {
+            None
+        }
+    }
+}
+
+impl std::fmt::Debug for StreamedBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StreamedBody")
+    }
+}
+
+/// The request line of an HTTP trigger's call, as the function sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpCall {
+    pub method: http::Method,
+    /// The path under the trigger's URL, with its query.
+    pub path_and_query: String,
+    /// Whether the caller's `Authorization` header reaches the function
+    /// (an anonymous trigger's: the function's own authentication).
+    pub pass_authorization: bool,
 }
 
 /// The function's own answer: its status, headers and body (streamed when
@@ -187,6 +255,13 @@ async fn run(gw: &Arc<Gateway>, req: InvokeRequest) -> Result<InvokeResult, FcEr
         let resp = match tokio::time::timeout(deadline, gw.agents.invoke(lease, &req)).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
+                // The caller's streamed body failed, not the instance: its
+                // slot is given back as healthy.
+                if let Some(err) = req.stream.as_ref().and_then(StreamedBody::caller_error) {
+                    tracing::debug!(request_id = %req.request_id, function = %req.function, error = %e, "the caller's request body failed");
+                    guard.set_outcome(LeaseOutcome::Ok);
+                    return Err(err);
+                }
                 tracing::warn!(request_id = %req.request_id, function = %req.function, error = %e, "agent call failed");
                 return Err(e.to_fc());
             }
@@ -209,6 +284,21 @@ async fn run(gw: &Arc<Gateway>, req: InvokeRequest) -> Result<InvokeResult, FcEr
                 tracing::error!(request_id = %req.request_id, function = %req.function, error = %unknown, "agent answered badly");
                 return Err(FcError::internal(
                     "the instance's node answered badly; retry the request",
+                ));
+            }
+            // A streamed body went to the refusing agent: it cannot be sent
+            // again.
+            None if from_pool && req.stream.is_some() => {
+                if let Some(stale) = guard.release() {
+                    gw.leases.give_back(
+                        &entry.spec.revision,
+                        stale,
+                        guard.need(),
+                        LeaseOutcome::InstanceFailed,
+                    );
+                }
+                return Err(FcError::unavailable(
+                    "the function's instance went away before the call started; retry the request",
                 ));
             }
             None if from_pool => {

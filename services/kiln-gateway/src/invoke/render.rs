@@ -75,6 +75,22 @@ pub fn render(result: InvokeResult) -> Result<Response<Body>, FcError> {
     })
 }
 
+/// The FC answer for an HTTP trigger's call: the function's own status,
+/// headers and body whether or not it reports an error (FC passes an HTTP
+/// function's answer through); a call the function did not answer is
+/// rendered as by [`render`]. `Err` for a platform error.
+pub fn render_http(result: InvokeResult) -> Result<Response<Body>, FcError> {
+    match result {
+        InvokeResult::Success(answer) | InvokeResult::FunctionError(answer) => {
+            let mut resp = Response::new(answer.body);
+            *resp.status_mut() = answer.status;
+            copy_returnable(&answer.headers, resp.headers_mut());
+            Ok(resp)
+        }
+        other => render(other),
+    }
+}
+
 /// The function's own answer: its status on success, 200 with
 /// `error_type` when it reported an error.
 fn answered(answer: FunctionAnswer, error_type: Option<&'static str>) -> Response<Body> {
@@ -233,6 +249,27 @@ mod tests {
             v["errorMessage"],
             "InitializationError: Initializer hook failed with HTTP status 500: no"
         );
+    }
+
+    #[tokio::test]
+    async fn an_http_triggers_answer_keeps_the_functions_status() {
+        let resp = render_http(InvokeResult::FunctionError(answer(
+            StatusCode::NOT_FOUND,
+            r#"{"mine":1}"#,
+        )))
+        .unwrap();
+        let (status, h, v) = parts(resp).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert!(!h.contains_key(ERROR_TYPE));
+        assert!(!h.contains_key("x-fc-status"));
+        assert_eq!(h["x-function"], "kept");
+        assert_eq!(v["mine"], 1);
+        let resp = render_http(InvokeResult::TimedOut {
+            timeout_s: 2,
+            log_tail: None,
+        })
+        .unwrap();
+        assert_eq!(resp.headers()[ERROR_TYPE], UNHANDLED);
     }
 
     #[test]

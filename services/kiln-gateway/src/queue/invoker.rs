@@ -194,6 +194,8 @@ impl Invoker for GatewayInvoker {
                     .parse::<RequestId>()
                     .unwrap_or_else(|_| RequestId::generate()),
                 payload: Bytes::from(m.payload),
+                http: None,
+                stream: None,
             };
             // Stopped mid-call (the dispatcher aborts this future): the
             // instance is reported failed and reclaimed.

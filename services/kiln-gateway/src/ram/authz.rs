@@ -72,7 +72,12 @@ pub fn resource(region: &str, account: &AccountId, route: &Route) -> String {
         | Operation::UpdateAlias
         | Operation::DeleteAlias
         | Operation::ListAliases
-        | Operation::GetFunctionCode => function(),
+        | Operation::GetFunctionCode
+        | Operation::CreateTrigger
+        | Operation::GetTrigger
+        | Operation::UpdateTrigger
+        | Operation::DeleteTrigger
+        | Operation::ListTriggers => function(),
         Operation::CreateLayerVersion
         | Operation::GetLayerVersion
         | Operation::GetLayerVersionByArn

@@ -123,7 +123,13 @@ impl DevCluster {
         } else {
             opts.listen.ip().to_string()
         };
-        let pki = kiln_pki::DevPki::ensure(&state.join("pki"), std::slice::from_ref(&public_host))
+        // HTTP triggers' hosts: `{function}-{id}.fcapp.localhost`, which
+        // curl and most resolvers send to loopback.
+        let public_names = [
+            public_host.clone(),
+            format!("*.{}", kiln_gateway::config::DEFAULT_TRIGGER_DOMAIN),
+        ];
+        let pki = kiln_pki::DevPki::ensure(&state.join("pki"), &public_names)
             .context("cannot create the dev cluster's certificates")?;
         let account = DevAccount::load_or_create(&state.join("dev-account.json"))?;
 

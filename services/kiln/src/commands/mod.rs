@@ -9,4 +9,5 @@ pub mod operator;
 pub mod project;
 pub mod runtimes;
 pub mod tasks;
+pub mod triggers;
 pub mod versions;

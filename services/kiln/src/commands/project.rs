@@ -1,6 +1,7 @@
 //! `kiln deploy -f s.yaml`: every function of a Serverless Devs project
 //! (see [`crate::project`]), created or updated, then its async invoke,
-//! concurrency and provision configs and its VPC bindings.
+//! concurrency and provision configs, its VPC bindings and its triggers
+//! (created, or updated in place; triggers the file does not name stay).
 
 use std::path::Path;
 
@@ -69,6 +70,60 @@ async fn deploy_function(client: &FcClient, f: &FunctionPlan) -> Result<()> {
     }
     if let Some(ids) = &f.vpc_ids {
         bind_vpcs(client, &fpath, ids).await?;
+    }
+    for t in &f.triggers {
+        deploy_trigger(client, &fpath, t).await?;
+    }
+    Ok(())
+}
+
+/// Create the trigger, or update the function's trigger of that name
+/// (its type cannot change: the gateway says so); print an HTTP
+/// trigger's URL.
+async fn deploy_trigger(client: &FcClient, fpath: &str, t: &Value) -> Result<()> {
+    let name = t["triggerName"].as_str().unwrap_or_default();
+    let path = format!("{fpath}/triggers/{name}");
+    let existing = client
+        .request(Method::GET, &path, &[], &[], Bytes::new())
+        .await?;
+    let (out, verb) = if existing.status == 404
+        && existing
+            .json()
+            .ok()
+            .and_then(|v| v["Code"].as_str().map(str::to_owned))
+            .as_deref()
+            == Some("TriggerNotFound")
+    {
+        let out = client
+            .request(
+                Method::POST,
+                &format!("{fpath}/triggers"),
+                &[],
+                &[],
+                Bytes::from(t.to_string()),
+            )
+            .await?
+            .error_for_status()?
+            .json()?;
+        (out, "created")
+    } else {
+        existing.error_for_status()?;
+        let mut body = t.clone();
+        if let Some(m) = body.as_object_mut() {
+            for k in ["triggerName", "triggerType", "sourceArn"] {
+                m.remove(k);
+            }
+        }
+        let out = client
+            .request(Method::PUT, &path, &[], &[], Bytes::from(body.to_string()))
+            .await?
+            .error_for_status()?
+            .json()?;
+        (out, "updated")
+    };
+    match out["httpTrigger"]["urlInternet"].as_str() {
+        Some(url) => println!("  {verb} trigger {name}: {url}"),
+        None => println!("  {verb} trigger {name}"),
     }
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! A Serverless Devs project (`s.yaml`, edition 3.0.0, `fc3` component)
 //! read into what `kiln deploy -f` sends: per function its CreateFunction
 //! or UpdateFunction body, its code folder or zip, and its async invoke,
-//! concurrency and provision configs and VPC bindings.
+//! concurrency and provision configs, VPC bindings and triggers.
 //!
 //! Nothing is half-deployed: the whole file is read, checked and its
 //! expressions resolved first, and every property Kiln does not support
@@ -55,12 +55,23 @@ const OTHER_PROPS: &[&str] = &[
     "concurrencyConfig",
     "provisionConfig",
     "vpcBinding",
+    "triggers",
+];
+
+/// The keys of an fc3 trigger Kiln reads.
+const TRIGGER_KEYS: &[&str] = &[
+    "triggerName",
+    "triggerType",
+    "triggerConfig",
+    "qualifier",
+    "description",
+    "invocationRole",
+    "sourceArn",
 ];
 
 /// Why a known fc3 property is not supported, where a reason helps.
 fn unsupported_reason(prop: &str) -> &'static str {
     match prop {
-        "triggers" => "HTTP and timer triggers are not supported by Kiln yet; remove them or invoke the function through the API",
         "customContainerConfig" => "custom container images are not supported by Kiln yet",
         "nasConfig" | "ossMountConfig" | "juiceFsConfig" | "polarFsConfig" => {
             "Kiln instances have no network file systems: keep data in a service the function calls"
@@ -91,6 +102,9 @@ pub struct FunctionPlan {
     /// The VPCs the function is bound to (CreateVpcBinding per id; others
     /// are removed).
     pub vpc_ids: Option<Vec<String>>,
+    /// CreateTrigger bodies (`triggerConfig` as FC's JSON string); each is
+    /// created, or updated when the function has it.
+    pub triggers: Vec<Value>,
 }
 
 /// A checked project.
@@ -309,6 +323,18 @@ fn plan_function(
             }
         }
     });
+    let triggers = match props.remove("triggers") {
+        None => Vec::new(),
+        Some(Value::Array(list)) => list
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, t)| trigger_body(t, &format!("{at}.triggers[{i}]"), errors))
+            .collect(),
+        Some(_) => {
+            errors.push(format!("{at}.triggers: must be a list of triggers"));
+            Vec::new()
+        }
+    };
     if errors.len() > before {
         return None;
     }
@@ -321,7 +347,36 @@ fn plan_function(
         concurrency,
         provision,
         vpc_ids,
+        triggers,
     })
+}
+
+/// An fc3 trigger as CreateTrigger's body: only http and timer (the types
+/// Kiln serves); `triggerConfig` written as a map becomes FC's JSON string.
+fn trigger_body(t: Value, at: &str, errors: &mut Vec<String>) -> Option<Value> {
+    check_keys(&t, TRIGGER_KEYS, at, errors);
+    let mut m = t.as_object()?.clone();
+    match m.get("triggerName") {
+        Some(Value::String(n)) if !n.is_empty() => {}
+        _ => errors.push(format!("{at}.triggerName: missing or not a string")),
+    }
+    match m.get("triggerType").and_then(Value::as_str) {
+        Some("http" | "timer") => {}
+        Some(other) => errors.push(format!(
+            "{at}.triggerType: {other} triggers are not supported by Kiln (it has no such event source); http and timer are"
+        )),
+        None => errors.push(format!("{at}.triggerType: missing (http or timer)")),
+    }
+    match m.remove("triggerConfig") {
+        Some(Value::String(s)) => {
+            m.insert("triggerConfig".into(), Value::String(s));
+        }
+        Some(c @ Value::Object(_)) => {
+            m.insert("triggerConfig".into(), Value::String(c.to_string()));
+        }
+        _ => errors.push(format!("{at}.triggerConfig: missing or not a map")),
+    }
+    Some(Value::Object(m))
 }
 
 fn check_keys(v: &Value, known: &[&str], at: &str, errors: &mut Vec<String>) {

@@ -49,6 +49,16 @@ resources:
         alwaysAllocateCPU: false
       vpcBinding:
         vpcIds: [vpc-a]
+      triggers:
+        - triggerName: web
+          triggerType: http
+          triggerConfig:
+            authType: anonymous
+            methods: [GET, POST]
+        - triggerName: nightly
+          triggerType: timer
+          qualifier: LATEST
+          triggerConfig: '{"cronExpression": "@every 1h", "enable": true}'
 "#,
     )
     .unwrap();
@@ -87,6 +97,20 @@ resources:
         Some(json!({"target": 2, "alwaysAllocateCPU": false}))
     );
     assert_eq!(f.vpc_ids, Some(vec!["vpc-a".to_owned()]));
+    // triggerConfig as FC's JSON string, whether written as a map or not.
+    assert_eq!(f.triggers.len(), 2);
+    assert_eq!(f.triggers[0]["triggerName"], "web");
+    let config: Value =
+        serde_json::from_str(f.triggers[0]["triggerConfig"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        config,
+        json!({"authType": "anonymous", "methods": ["GET", "POST"]})
+    );
+    assert_eq!(
+        f.triggers[1]["triggerConfig"],
+        r#"{"cronExpression": "@every 1h", "enable": true}"#
+    );
+    assert_eq!(f.triggers[1]["qualifier"], "LATEST");
     assert_eq!(
         p.notes.len(),
         2,
@@ -114,6 +138,10 @@ resources:
       triggers:
         - triggerName: http
           triggerType: http
+          triggerConfig: {methods: [GET]}
+        - triggerName: bucket
+          triggerType: oss
+          triggerConfig: {events: ["oss:ObjectCreated:*"]}
       provisionConfig:
         defaultTarget: 1
         alwaysAllocateGPU: true
@@ -128,7 +156,7 @@ resources:
     for named in [
         "actions: not supported",
         "resources.web.props.nasConfig: Kiln instances have no network file systems",
-        "resources.web.props.triggers: HTTP and timer triggers are not supported",
+        "resources.web.props.triggers[1].triggerType: oss triggers are not supported",
         "resources.web.props.surprise: not a property Kiln knows",
         "resources.web.props.provisionConfig.alwaysAllocateGPU",
         "resources.domain.component: fc3-domain is not supported",
