@@ -69,7 +69,7 @@ impl ContainerDriver {
         )
         .await?
         .with_disk(Arc::new(LoopExt4));
-        match network {
+        let driver = match network {
             Some(network) => {
                 let started = NetIsolation::start(
                     &driver.config.name_prefix,
@@ -78,18 +78,60 @@ impl ContainerDriver {
                 )
                 .await;
                 match started {
-                    Ok(isolation) => Ok(driver.with_net_isolation(Arc::new(isolation))),
+                    Ok(isolation) => driver.with_net_isolation(Arc::new(isolation)),
                     Err(e) => {
                         // Stop the pool refill and drop its namespaces.
                         if let Err(drain) = driver.shutdown().await {
                             tracing::warn!(error = %drain, "cannot drain the namespace pool");
                         }
-                        Err(isolation_err(e))
+                        return Err(isolation_err(e));
                     }
                 }
             }
-            None => Ok(driver),
+            None => driver,
+        };
+        driver.start_premade()
+    }
+
+    /// Start the pools of pre-made sandboxes when `[sandbox.premade]` is
+    /// on (the real driver only: they run real containers).
+    fn start_premade(mut self) -> Result<Self, SandboxError> {
+        if !self.config.premade.enabled {
+            return Ok(self);
         }
+        let deps = super::premade::PremadeDeps {
+            name_prefix: self.config.name_prefix.clone(),
+            cgroup_parent: self.config.cgroup_parent.clone(),
+            uid: self.config.uid_base,
+            tmp_size_mb: self.config.tmp_size_mb,
+            rootfs_dir: self.rootfs_dir.clone(),
+            swap: self.cgroups.swap_control(),
+            oci: self.oci.clone(),
+            mounter: self.mounter.clone(),
+            disk_pool: self.disk_pool.clone(),
+            net: self.pool.clone(),
+        };
+        let premade = super::premade::Premade::start(
+            self.config.premade.clone(),
+            self.premade_dir.clone(),
+            deps,
+        )?;
+        tracing::info!(
+            budget_mb = self.config.premade.budget_mb,
+            sandbox_mb = self.config.premade.sandbox_mb,
+            max_per_runtime = self.config.premade.max_per_runtime,
+            "pre-made sandboxes on"
+        );
+        self.premade = Some(premade);
+        Ok(self)
+    }
+
+    /// Ready pre-made sandboxes per runtime (empty when the pools are off).
+    pub fn premade_ready(&self) -> HashMap<RuntimeName, usize> {
+        self.premade
+            .as_ref()
+            .map(|p| p.ready_counts())
+            .unwrap_or_default()
     }
 
     /// The driver over any backends (the fakes in unit tests).
@@ -140,6 +182,9 @@ impl ContainerDriver {
             isolation: None,
             refill: Mutex::new(None),
             instances: Mutex::new(HashMap::new()),
+            premade_dir: super::premade::premade_dir(state_dir),
+            premade: None,
+            aliases: Mutex::new(HashMap::new()),
         };
         driver.clean_leftovers().await?;
         if driver.config.netns_pool > 0 {
@@ -241,6 +286,10 @@ impl ContainerDriver {
     /// network isolation when no instance is left. Instances are left to
     /// the caller (`destroy` each first).
     pub async fn shutdown(&self) -> Result<(), SandboxError> {
+        // Pre-made sandboxes first: they hold network slots and disks.
+        if let Some(premade) = &self.premade {
+            premade.shutdown().await?;
+        }
         if let Some(task) = self.refill.lock().expect("lock").take() {
             task.abort();
         }
@@ -288,6 +337,9 @@ impl ContainerDriver {
     }
 
     pub(super) fn container_id(&self, id: &InstanceId) -> String {
+        if let Some(cid) = self.aliases.lock().expect("lock").get(id) {
+            return cid.clone();
+        }
         format!("{}-{}", self.config.name_prefix, id)
     }
 
@@ -319,6 +371,7 @@ impl ContainerDriver {
             unmount_all_under(self.mounter.as_ref(), &dir).map_err(|e| fs_err(dir.display(), e))?;
             std::fs::remove_dir_all(&dir).map_err(|e| fs_err(dir.display(), e))?;
         }
+        super::premade::remove_leftovers(self.mounter.as_ref(), &self.premade_dir)?;
         let names = self
             .net
             .list(&self.config.name_prefix)

@@ -183,18 +183,38 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
         credentials_lifetime_s: 3600,
         insecure_no_network_isolation: false,
         signature_skew_s: args.skew_seconds,
+        premade: true,
     };
     eprintln!("starting a dev cluster in {}", work.path().display());
     let cluster = DevCluster::start(&opts).await?;
+    let agent_state = crate::dev_config::agent_state_dir(&opts.state_dir);
     // Shut the cluster down (its agent removes the sandboxes, netns and
     // disks) whether measuring returned or panicked: a panic skipping it
     // left containers, network namespaces and loop devices behind.
     let result = AssertUnwindSafe(async {
         if args.cold_only {
             let client = crate::client::FcClient::new(cluster.credentials.clone())?;
-            cold(args, &client, &binary, &code_zip, &prefix, work.path()).await
+            cold(
+                args,
+                &client,
+                &binary,
+                &code_zip,
+                &prefix,
+                work.path(),
+                &agent_state,
+            )
+            .await
         } else {
-            measure(args, &cluster, &binary, &code_zip, &prefix, work.path()).await
+            measure(
+                args,
+                &cluster,
+                &binary,
+                &code_zip,
+                &prefix,
+                work.path(),
+                &agent_state,
+            )
+            .await
         }
     })
     .catch_unwind()
@@ -304,6 +324,7 @@ async fn measure(
     code_zip: &[u8],
     prefix: &str,
     work: &Path,
+    agent_state: &Path,
 ) -> Result<()> {
     let client = crate::client::FcClient::new(cluster.credentials.clone())?;
     let zip_b64 = base64::engine::general_purpose::STANDARD.encode(code_zip);
@@ -606,12 +627,46 @@ async fn measure(
     print!("{}", cpu_table(args.connections, &k_cpu, &n_cpu));
 
     if !args.no_cold {
-        cold(args, &client, binary, code_zip, prefix, work).await?;
+        cold(args, &client, binary, code_zip, prefix, work, agent_state).await?;
     }
     Ok(())
 }
 
-/// The cold-start part: one at a time, then the parallel burst.
+/// Pre-made sandboxes ready on the dev agent: directories of the pool
+/// (claimed ones are symlinks) whose container runc has started (its pid
+/// file is written once `runc run` returns).
+fn premade_ready(agent_state: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(agent_state.join("premade")) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter(|e| e.path().join("bundle/pid").is_file())
+        .count()
+}
+
+/// Wait until the pool holds `want` ready sandboxes.
+async fn wait_for_pool(agent_state: &Path, want: usize) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let ready = premade_ready(agent_state);
+        if ready >= want {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!(
+                "the pre-made sandbox pool holds {ready} after 180 s, not {want}: \
+                 see the agent's log (budget_mb, max_per_runtime)"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The cold-start part: bare runc one at a time and in a burst, then Kiln
+/// with its pre-made sandbox pool empty (the burst that sizes it), warm
+/// (the same burst again once the pool refilled) and one at a time.
 async fn cold(
     args: &BenchArgs,
     client: &crate::client::FcClient,
@@ -619,24 +674,39 @@ async fn cold(
     code_zip: &[u8],
     prefix: &str,
     work: &Path,
+    agent_state: &Path,
 ) -> Result<()> {
-    let kiln_cold = kiln_cold_starts(client, &zip_b64_of(code_zip), args.cold_starts).await?;
     let runc_cold = runc::sequential(binary, prefix, work, args.cold_starts).await?;
+    let (n, k) = (args.burst_starts, args.burst_callers.max(1));
+    let bursts = if n > 0 {
+        let runc = runc::burst(binary, prefix, work, n, k).await?;
+        // An idle runtime's pool holds one sandbox: the first burst finds
+        // it empty and sizes it (its demand); the second finds it warm.
+        wait_for_pool(agent_state, 1).await?;
+        let empty = burst::kiln(client, &zip_b64_of(code_zip), n, k).await?;
+        wait_for_pool(agent_state, n + 1).await?;
+        let warm = burst::kiln(client, &zip_b64_of(code_zip), n, k).await?;
+        Some((runc, empty, warm))
+    } else {
+        None
+    };
+    wait_for_pool(agent_state, 1).await?;
+    let kiln_cold = kiln_cold_starts(client, &zip_b64_of(code_zip), args.cold_starts).await?;
     let (kc, rc) = (median(&kiln_cold), median(&runc_cold));
     println!(
         "{:<34} {:>10.1}ms {:>10.1}ms {:>11.2}x   (target <= 1.00 with pre-made sandboxes)",
-        "cold start (median)",
+        "cold start, pool warm (median)",
         rc,
         kc,
         kc / rc
     );
     println!("  bare runc run runs (ms): {runc_cold:.1?}");
     println!("  kiln cold starts (ms):   {kiln_cold:.1?}");
-    if args.burst_starts > 0 {
-        let (n, k) = (args.burst_starts, args.burst_callers.max(1));
-        let kiln = burst::kiln(client, &zip_b64_of(code_zip), n, k).await?;
-        let runc = runc::burst(binary, prefix, work, n, k).await?;
-        print!("{}", burst::report(n, k, &runc, &kiln));
+    if let Some((runc, empty, warm)) = bursts {
+        println!("pool empty at the start (it refills during the burst):");
+        print!("{}", burst::report(n, k, &runc, &empty));
+        println!("pool warm:");
+        print!("{}", burst::report(n, k, &runc, &warm));
     }
     Ok(())
 }
