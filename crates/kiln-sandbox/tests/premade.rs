@@ -207,14 +207,14 @@ async fn wait_ready(driver: &ContainerDriver, want: usize) {
 
 /// Started containers of the pool that nobody claimed, by id, for
 /// `runtime` (None: all): their directory under `premade/` is still a
-/// directory (a claimed one's is a symlink) and runc wrote its pid file.
+/// directory (a claimed one's is a symlink) and the pool marked it `ready`.
 fn pooled(guard: &Guard, runtime: Option<RuntimeName>) -> BTreeSet<String> {
     let dir = guard.state().join("premade");
     std::fs::read_dir(&dir)
         .map(|rd| {
             rd.flatten()
                 .filter(|e| e.file_type().unwrap().is_dir())
-                .filter(|e| e.path().join("bundle/pid").is_file())
+                .filter(|e| e.path().join("ready").is_file())
                 .filter(|e| {
                     let config: serde_json::Value = serde_json::from_slice(
                         &std::fs::read(e.path().join("bundle/config.json")).unwrap(),

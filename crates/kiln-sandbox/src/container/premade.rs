@@ -14,7 +14,8 @@
 //!
 //! Layout: `state_dir/premade/<key>/` is an instance directory (see
 //! [`InstancePaths`]) plus `kiln/` (the init binary, hard-linked, and the
-//! FIFO, bound read-only at `/dev/.kiln`). `code/` is bound onto itself
+//! FIFO, bound read-only at `/dev/.kiln`) and, once it can be claimed, an
+//! empty `ready` file. `code/` is bound onto itself
 //! with shared propagation and the bundle binds it at `/code` as a slave,
 //! so the code overlay mounted on it at the claim appears in the running
 //! container. The container id is `<name_prefix>-<key>`, its cgroup
@@ -268,6 +269,11 @@ impl Pooled {
     /// The host side of the sandbox's `/dev/.kiln`.
     pub(super) fn kiln_dir(paths: &InstancePaths) -> PathBuf {
         paths.dir.join("kiln")
+    }
+
+    /// `ready`: the sandbox is in the pool (a file, empty).
+    pub fn ready_marker(paths: &InstancePaths) -> PathBuf {
+        paths.dir.join("ready")
     }
 
     pub(super) fn fifo(paths: &InstancePaths) -> PathBuf {
@@ -555,12 +561,14 @@ impl Premade {
             match self.make(runtime).await {
                 Ok(p) => {
                     tracing::debug!(sandbox = %p.key, %runtime, ms = started.elapsed().as_millis() as u64, "pre-made sandbox ready");
-                    self.ready
-                        .lock()
-                        .expect("lock")
-                        .entry(runtime)
-                        .or_default()
-                        .push_back(p);
+                    let marker = Pooled::ready_marker(&p.paths);
+                    let mut ready = self.ready.lock().expect("lock");
+                    ready.entry(runtime).or_default().push_back(p);
+                    // Written once it can be claimed (for operators, tests
+                    // and `kiln bench`); it moves with a claimed sandbox.
+                    if let Err(e) = std::fs::write(&marker, b"") {
+                        tracing::debug!(error = %e, "cannot mark a pre-made sandbox ready");
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(%runtime, error = %kiln_core::error_chain(&e), "cannot make a pre-made sandbox; retrying");

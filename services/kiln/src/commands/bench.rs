@@ -633,8 +633,7 @@ async fn measure(
 }
 
 /// Pre-made sandboxes ready on the dev agent: directories of the pool
-/// (claimed ones are symlinks) whose container runc has started (its pid
-/// file is written once `runc run` returns).
+/// (claimed ones are symlinks) that the pool marked `ready`.
 fn premade_ready(agent_state: &Path) -> usize {
     let Ok(entries) = std::fs::read_dir(agent_state.join("premade")) else {
         return 0;
@@ -642,7 +641,7 @@ fn premade_ready(agent_state: &Path) -> usize {
     entries
         .flatten()
         .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-        .filter(|e| e.path().join("bundle/pid").is_file())
+        .filter(|e| e.path().join("ready").is_file())
         .count()
 }
 
