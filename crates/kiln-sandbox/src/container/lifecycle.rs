@@ -460,6 +460,9 @@ impl SandboxDriver for ContainerDriver {
             if let Some(sandbox) = self.try_premade(req, &paths).await? {
                 return Ok(sandbox);
             }
+            // The pools do not refill while ordinary starts run: they would
+            // compete for the same CPU, disk images and namespaces.
+            let _ordinary = self.premade.as_ref().map(|p| p.ordinary_start());
             std::fs::create_dir(&paths.dir).map_err(|e| fs_err(paths.dir.display(), e))?;
             std::fs::set_permissions(&paths.dir, std::fs::Permissions::from_mode(0o711))
                 .map_err(|e| fs_err(paths.dir.display(), e))?;

@@ -39,7 +39,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -306,6 +306,22 @@ pub(super) struct Premade {
     wake: tokio::sync::Notify,
     seq: AtomicU64,
     refill: Mutex<Option<JoinHandle<()>>>,
+    /// Cold starts on the ordinary path now: the refill waits for none.
+    ordinary: Arc<AtomicUsize>,
+}
+
+/// One cold start on the ordinary path (see [`Premade::ordinary_start`]).
+pub(super) struct OrdinaryStart {
+    count: Arc<AtomicUsize>,
+    premade: Arc<Premade>,
+}
+
+impl Drop for OrdinaryStart {
+    fn drop(&mut self) {
+        if self.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.premade.wake.notify_one();
+        }
+    }
 }
 
 /// `state_dir/premade`.
@@ -445,6 +461,7 @@ impl Premade {
             wake: tokio::sync::Notify::new(),
             seq: AtomicU64::new(0),
             refill: Mutex::new(None),
+            ordinary: Arc::new(AtomicUsize::new(0)),
         });
         let task = tokio::spawn(premade.clone().refill_loop());
         *premade.refill.lock().expect("lock") = Some(task);
@@ -479,6 +496,17 @@ impl Premade {
             .and_then(VecDeque::pop_front);
         self.wake.notify_one();
         taken
+    }
+
+    /// Count a cold start on the ordinary path until the guard drops: the
+    /// refill makes nothing meanwhile, so a burst the pool cannot serve
+    /// runs as fast as without pools (it refills in the gaps).
+    pub(super) fn ordinary_start(self: &Arc<Self>) -> OrdinaryStart {
+        self.ordinary.fetch_add(1, Ordering::AcqRel);
+        OrdinaryStart {
+            count: self.ordinary.clone(),
+            premade: self.clone(),
+        }
     }
 
     /// A cold start the pool did not serve (layers, a larger disk): still
@@ -550,6 +578,13 @@ impl Premade {
                     .filter(|_| total < self.config.capacity())
                     .map(|s| s.0)
             };
+            if self.ordinary.load(Ordering::Acquire) > 0 {
+                tokio::select! {
+                    _ = self.wake.notified() => {}
+                    _ = tokio::time::sleep(IDLE_CHECK) => {}
+                }
+                continue;
+            }
             let Some(runtime) = next else {
                 tokio::select! {
                     _ = self.wake.notified() => {}

@@ -78,6 +78,10 @@ pub struct BenchArgs {
     /// Concurrent callers of the parallel burst.
     #[arg(long, default_value_t = 8)]
     pub burst_callers: usize,
+    /// Run the dev agent without pre-made sandboxes (`[sandbox.premade]`
+    /// off): every cold start takes the ordinary path, as before them.
+    #[arg(long)]
+    pub no_premade: bool,
     /// A soak instead of the comparison: signed warm calls (each signed
     /// as it is sent) over `--connections` connections for this many
     /// seconds, reporting every 10 s the calls answered, the rate, 503s,
@@ -183,7 +187,7 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
         credentials_lifetime_s: 3600,
         insecure_no_network_isolation: false,
         signature_skew_s: args.skew_seconds,
-        premade: true,
+        premade: !args.no_premade,
     };
     eprintln!("starting a dev cluster in {}", work.path().display());
     let cluster = DevCluster::start(&opts).await?;
@@ -677,7 +681,12 @@ async fn cold(
 ) -> Result<()> {
     let runc_cold = runc::sequential(binary, prefix, work, args.cold_starts).await?;
     let (n, k) = (args.burst_starts, args.burst_callers.max(1));
-    let bursts = if n > 0 {
+    let premade = !args.no_premade;
+    let bursts = if n > 0 && !premade {
+        let runc = runc::burst(binary, prefix, work, n, k).await?;
+        let kiln = burst::kiln(client, &zip_b64_of(code_zip), n, k).await?;
+        Some((runc, kiln.clone(), kiln))
+    } else if n > 0 {
         let runc = runc::burst(binary, prefix, work, n, k).await?;
         // An idle runtime's pool holds one sandbox: the first burst finds
         // it empty and sizes it (its demand); the second finds it warm.
@@ -689,23 +698,37 @@ async fn cold(
     } else {
         None
     };
-    wait_for_pool(agent_state, 1).await?;
+    if premade {
+        wait_for_pool(agent_state, 1).await?;
+    }
     let kiln_cold = kiln_cold_starts(client, &zip_b64_of(code_zip), args.cold_starts).await?;
     let (kc, rc) = (median(&kiln_cold), median(&runc_cold));
+    let label = if premade {
+        "cold start, pool warm (median)"
+    } else {
+        "cold start, no pool (median)"
+    };
     println!(
         "{:<34} {:>10.1}ms {:>10.1}ms {:>11.2}x   (target <= 1.00 with pre-made sandboxes)",
-        "cold start, pool warm (median)",
+        label,
         rc,
         kc,
         kc / rc
     );
     println!("  bare runc run runs (ms): {runc_cold:.1?}");
     println!("  kiln cold starts (ms):   {kiln_cold:.1?}");
-    if let Some((runc, empty, warm)) = bursts {
-        println!("pool empty at the start (it refills during the burst):");
-        print!("{}", burst::report(n, k, &runc, &empty));
-        println!("pool warm:");
-        print!("{}", burst::report(n, k, &runc, &warm));
+    match bursts {
+        Some((runc, kiln, _)) if !premade => {
+            println!("no pool:");
+            print!("{}", burst::report(n, k, &runc, &kiln));
+        }
+        Some((runc, empty, warm)) => {
+            println!("pool empty at the start (it refills in the gaps):");
+            print!("{}", burst::report(n, k, &runc, &empty));
+            println!("pool warm:");
+            print!("{}", burst::report(n, k, &runc, &warm));
+        }
+        None => {}
     }
     Ok(())
 }
