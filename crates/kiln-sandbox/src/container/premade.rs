@@ -77,6 +77,12 @@ const DEMAND_BUCKET: Duration = Duration::from_secs(10);
 /// How long the refill waits after a failure, and between checks.
 const RETRY_DELAY: Duration = Duration::from_secs(2);
 const IDLE_CHECK: Duration = Duration::from_secs(5);
+/// The refill makes nothing while an ordinary start runs or within this
+/// long of any cold start (the new instance starts on the same CPUs)...
+const REFILL_QUIET: Duration = Duration::from_millis(100);
+/// ...unless it has made nothing for this long: under steady load it still
+/// makes one a second.
+const REFILL_MAX_DEFER: Duration = Duration::from_secs(1);
 
 /// Why a `[sandbox.premade]` section cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -308,6 +314,8 @@ pub(super) struct Premade {
     refill: Mutex<Option<JoinHandle<()>>>,
     /// Cold starts on the ordinary path now: the refill waits for none.
     ordinary: Arc<AtomicUsize>,
+    /// When the last cold start (claim or ordinary) began.
+    last_start: Mutex<Option<Instant>>,
 }
 
 /// One cold start on the ordinary path (see [`Premade::ordinary_start`]).
@@ -462,6 +470,7 @@ impl Premade {
             seq: AtomicU64::new(0),
             refill: Mutex::new(None),
             ordinary: Arc::new(AtomicUsize::new(0)),
+            last_start: Mutex::new(None),
         });
         let task = tokio::spawn(premade.clone().refill_loop());
         *premade.refill.lock().expect("lock") = Some(task);
@@ -484,10 +493,9 @@ impl Premade {
 
     /// A ready sandbox of `runtime`, counted as demand either way.
     pub(super) fn take(&self, runtime: RuntimeName) -> Option<Pooled> {
-        self.demand
-            .lock()
-            .expect("lock")
-            .record(runtime, Instant::now());
+        let now = Instant::now();
+        self.demand.lock().expect("lock").record(runtime, now);
+        *self.last_start.lock().expect("lock") = Some(now);
         let taken = self
             .ready
             .lock()
@@ -499,10 +507,11 @@ impl Premade {
     }
 
     /// Count a cold start on the ordinary path until the guard drops: the
-    /// refill makes nothing meanwhile, so a burst the pool cannot serve
-    /// runs as fast as without pools (it refills in the gaps).
+    /// refill defers its work meanwhile (up to [`REFILL_MAX_DEFER`]), so a
+    /// burst the pool cannot serve is not slowed by it refilling.
     pub(super) fn ordinary_start(self: &Arc<Self>) -> OrdinaryStart {
         self.ordinary.fetch_add(1, Ordering::AcqRel);
+        *self.last_start.lock().expect("lock") = Some(Instant::now());
         OrdinaryStart {
             count: self.ordinary.clone(),
             premade: self.clone(),
@@ -537,6 +546,7 @@ impl Premade {
     }
 
     async fn refill_loop(self: Arc<Self>) {
+        let mut last_made = Instant::now();
         loop {
             let targets = self.targets();
             // Shrink first: pools above their target (pressure, less
@@ -578,10 +588,16 @@ impl Premade {
                     .filter(|_| total < self.config.capacity())
                     .map(|s| s.0)
             };
-            if self.ordinary.load(Ordering::Acquire) > 0 {
+            let recent = self
+                .last_start
+                .lock()
+                .expect("lock")
+                .is_some_and(|t| t.elapsed() < REFILL_QUIET);
+            let busy = self.ordinary.load(Ordering::Acquire) > 0 || recent;
+            if next.is_some() && busy && last_made.elapsed() < REFILL_MAX_DEFER {
                 tokio::select! {
                     _ = self.wake.notified() => {}
-                    _ = tokio::time::sleep(IDLE_CHECK) => {}
+                    _ = tokio::time::sleep(REFILL_QUIET) => {}
                 }
                 continue;
             }
@@ -593,7 +609,9 @@ impl Premade {
                 continue;
             };
             let started = Instant::now();
-            match self.make(runtime).await {
+            let made = self.make(runtime).await;
+            last_made = Instant::now();
+            match made {
                 Ok(p) => {
                     tracing::debug!(sandbox = %p.key, %runtime, ms = started.elapsed().as_millis() as u64, "pre-made sandbox ready");
                     let marker = Pooled::ready_marker(&p.paths);
