@@ -667,9 +667,12 @@ async fn wait_for_pool(agent_state: &Path, want: usize) -> Result<()> {
     }
 }
 
-/// The cold-start part: bare runc one at a time and in a burst, then Kiln
-/// with its pre-made sandbox pool empty (the burst that sizes it), warm
-/// (the same burst again once the pool refilled) and one at a time.
+/// The cold-start part: bare runc one at a time and in a burst; Kiln one at
+/// a time (pool warm: an idle runtime keeps one sandbox, refilled between
+/// starts), then in a burst with the pool empty (the burst that sizes it)
+/// and warm (the same burst again once the pool refilled). One at a time
+/// goes first: after a burst its instances' teardown and the pool's refill
+/// would share the CPUs with the next starts.
 async fn cold(
     args: &BenchArgs,
     client: &crate::client::FcClient,
@@ -680,8 +683,12 @@ async fn cold(
     agent_state: &Path,
 ) -> Result<()> {
     let runc_cold = runc::sequential(binary, prefix, work, args.cold_starts).await?;
-    let (n, k) = (args.burst_starts, args.burst_callers.max(1));
     let premade = !args.no_premade;
+    if premade {
+        wait_for_pool(agent_state, 1).await?;
+    }
+    let kiln_cold = kiln_cold_starts(client, &zip_b64_of(code_zip), args.cold_starts).await?;
+    let (n, k) = (args.burst_starts, args.burst_callers.max(1));
     let bursts = if n > 0 && !premade {
         let runc = runc::burst(binary, prefix, work, n, k).await?;
         let kiln = burst::kiln(client, &zip_b64_of(code_zip), n, k).await?;
@@ -698,10 +705,6 @@ async fn cold(
     } else {
         None
     };
-    if premade {
-        wait_for_pool(agent_state, 1).await?;
-    }
-    let kiln_cold = kiln_cold_starts(client, &zip_b64_of(code_zip), args.cold_starts).await?;
     let (kc, rc) = (median(&kiln_cold), median(&runc_cold));
     let label = if premade {
         "cold start, pool warm (median)"
