@@ -117,11 +117,18 @@ fn code_dir(dir: &Path) -> Option<PathBuf> {
     Some(code)
 }
 
+/// 10.220-224.x.0/24 for the first test, 10.225-229.x.0/24 for the
+/// SIGKILL test: the two never share a subnet when they run side by side.
+fn subnet(sigkill_test: bool, seed: u32) -> kiln_sandbox::net::Ipv4Cidr {
+    let base = if sigkill_test { 225 } else { 220 };
+    format!("10.{}.{}.0/24", base + seed % 5, seed % 250)
+        .parse()
+        .unwrap()
+}
+
 fn config(guard: &Guard, seed: u32, premade: PremadeConfig) -> ContainerConfig {
     ContainerConfig {
-        instance_subnet: format!("10.{}.{}.0/24", 220 + seed % 10, seed % 250)
-            .parse()
-            .unwrap(),
+        instance_subnet: subnet(false, seed),
         tmp_size_mb: 16,
         // No cold-start boost: the claimed quota is the function's own.
         cold_start_boost_ms: 0,
@@ -476,9 +483,7 @@ fn agent_child_for_the_sigkill_test() {
         let config = ContainerConfig {
             name_prefix: prefix.clone(),
             cgroup_parent: prefix,
-            instance_subnet: format!("10.{}.{}.0/24", 220 + seed % 10, seed % 250)
-                .parse()
-                .unwrap(),
+            instance_subnet: subnet(true, seed),
             uid_base: UID_BASE,
             rootfs_dir: Some(
                 std::env::var_os("KILN_ROOTFS_CACHE")
@@ -563,6 +568,7 @@ fn a_driver_killed_with_sigkill_leaves_nothing_behind() {
         // The next start with the same prefix removes all of it.
         let config = ContainerConfig {
             netns_pool: 0,
+            instance_subnet: subnet(true, seed),
             ..config(&guard, seed, PremadeConfig::default())
         };
         let driver = ContainerDriver::new(config, &guard.state()).await.unwrap();

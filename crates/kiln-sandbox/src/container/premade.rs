@@ -312,6 +312,8 @@ pub(super) struct Premade {
     wake: tokio::sync::Notify,
     seq: AtomicU64,
     refill: Mutex<Option<JoinHandle<()>>>,
+    /// Set by `shutdown`: the refill ends after the sandbox it is making.
+    stopping: std::sync::atomic::AtomicBool,
     /// Cold starts on the ordinary path now: the refill waits for none.
     ordinary: Arc<AtomicUsize>,
     /// When the last cold start (claim or ordinary) began.
@@ -469,6 +471,7 @@ impl Premade {
             wake: tokio::sync::Notify::new(),
             seq: AtomicU64::new(0),
             refill: Mutex::new(None),
+            stopping: std::sync::atomic::AtomicBool::new(false),
             ordinary: Arc::new(AtomicUsize::new(0)),
             last_start: Mutex::new(None),
         });
@@ -547,7 +550,7 @@ impl Premade {
 
     async fn refill_loop(self: Arc<Self>) {
         let mut last_made = Instant::now();
-        loop {
+        while !self.stopping.load(Ordering::Acquire) {
             let targets = self.targets();
             // Shrink first: pools above their target (pressure, less
             // demand, a smaller budget share) give sandboxes back.
@@ -745,8 +748,19 @@ impl Premade {
 
     /// Stop refilling and remove every ready sandbox.
     pub(super) async fn shutdown(&self) -> Result<(), SandboxError> {
-        if let Some(task) = self.refill.lock().expect("lock").take() {
-            task.abort();
+        // Let a sandbox being made finish (and join the pool, drained
+        // below) rather than abandon it half made.
+        self.stopping.store(true, Ordering::Release);
+        self.wake.notify_one();
+        let task = self.refill.lock().expect("lock").take();
+        if let Some(mut task) = task {
+            if tokio::time::timeout(Duration::from_secs(60), &mut task)
+                .await
+                .is_err()
+            {
+                tracing::warn!("the pre-made sandbox refill did not stop within 60 s");
+                task.abort();
+            }
         }
         let all: Vec<Pooled> = self
             .ready

@@ -90,14 +90,21 @@ impl ContainerDriver {
             }
             None => driver,
         };
-        driver.start_premade()
+        let mut driver = driver;
+        if let Err(e) = driver.start_premade() {
+            if let Err(drain) = driver.shutdown().await {
+                tracing::warn!(error = %drain, "cannot drain the pools");
+            }
+            return Err(e);
+        }
+        Ok(driver)
     }
 
     /// Start the pools of pre-made sandboxes when `[sandbox.premade]` is
     /// on (the real driver only: they run real containers).
-    fn start_premade(mut self) -> Result<Self, SandboxError> {
+    fn start_premade(&mut self) -> Result<(), SandboxError> {
         if !self.config.premade.enabled {
-            return Ok(self);
+            return Ok(());
         }
         let deps = super::premade::PremadeDeps {
             name_prefix: self.config.name_prefix.clone(),
@@ -123,7 +130,7 @@ impl ContainerDriver {
             "pre-made sandboxes on"
         );
         self.premade = Some(premade);
-        Ok(self)
+        Ok(())
     }
 
     /// Ready pre-made sandboxes per runtime (empty when the pools are off).
@@ -286,10 +293,12 @@ impl ContainerDriver {
     /// network isolation when no instance is left. Instances are left to
     /// the caller (`destroy` each first).
     pub async fn shutdown(&self) -> Result<(), SandboxError> {
-        // Pre-made sandboxes first: they hold network slots and disks.
-        if let Some(premade) = &self.premade {
-            premade.shutdown().await?;
-        }
+        // Pre-made sandboxes first: they hold network slots and disks. A
+        // failure there is reported after the rest is shut down.
+        let premade = match &self.premade {
+            Some(premade) => premade.shutdown().await,
+            None => Ok(()),
+        };
         if let Some(task) = self.refill.lock().expect("lock").take() {
             task.abort();
         }
@@ -313,7 +322,7 @@ impl ContainerDriver {
             }
         }
         self.remove_cgroup_parent();
-        Ok(())
+        premade
     }
 
     /// Remove the (empty) cgroup parent this driver's containers were
@@ -350,6 +359,9 @@ impl ContainerDriver {
     /// Remove what a previous run with this prefix left: containers under
     /// our runc root, instance dirs (after unmounting), netns and veths.
     pub(super) async fn clean_leftovers(&self) -> Result<(), SandboxError> {
+        if let Some(state_dir) = self.instances_dir.parent() {
+            wait_for_orphaned_runtime_commands(&state_dir.join("runc")).await;
+        }
         let prefix = format!("{}-", self.config.name_prefix);
         let containers = self
             .oci
@@ -383,6 +395,50 @@ impl ContainerDriver {
         }
         Ok(())
     }
+}
+
+/// Wait (up to 30 s) for runtime commands under `root` that a previous
+/// run started: a killed agent's `runc run` goes on as an orphan and
+/// would create its container after the cleanup looked for containers.
+async fn wait_for_orphaned_runtime_commands(root: &Path) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let running = runtime_commands_under(root);
+        if running.is_empty() {
+            return;
+        }
+        if std::time::Instant::now() > deadline {
+            tracing::warn!(?running, root = %root.display(), "runtime commands of a previous run still running; cleaning up anyway");
+            return;
+        }
+        tracing::info!(
+            ?running,
+            "waiting for a previous run's runtime commands to finish"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Pids of processes whose command line has `--root <root>`.
+fn runtime_commands_under(root: &Path) -> Vec<u32> {
+    let Some(root) = root.to_str() else {
+        return Vec::new();
+    };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| *pid != std::process::id())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                let args: Vec<&[u8]> = c.split(|b| *b == 0).collect();
+                args.windows(2)
+                    .any(|w| w[0] == b"--root" && w[1] == root.as_bytes())
+            })
+        })
+        .collect()
 }
 
 /// The pool of images of the default disk size owned by `uid_base`.
@@ -431,4 +487,35 @@ pub(super) fn prepare_state_dirs(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runtime_commands_are_found_by_their_root() {
+        let root = tempfile::tempdir().unwrap();
+        let root_arg = root.path().to_str().unwrap().to_owned();
+        // `python3 -c SCRIPT ARG...`: one process, the words only its argv.
+        let mut child = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import time; time.sleep(5)",
+                "--root",
+                &root_arg,
+                "run",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let found = runtime_commands_under(root.path());
+        let other = runtime_commands_under(&root.path().join("other"));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(found, vec![child.id()]);
+        assert!(other.is_empty());
+        assert!(runtime_commands_under(root.path()).is_empty());
+    }
 }
