@@ -279,6 +279,23 @@ in
             netns_pool = kiln.setting types.ints.unsigned sb.netns_pool "Network namespaces kept ready for cold starts.";
             rootfs_dir = kiln.optional types.str "Where runtime root filesystems live (default: state_dir/rootfs).";
             debootstrap_mirror = kiln.optional types.str "Debian mirror for building custom.debian12 on the node.";
+            premade = lib.mkOption {
+              default = { };
+              description = ''
+                Pre-made container sandboxes: per runtime, containers
+                started ahead of demand (runtime root, namespaces, cgroup,
+                network slot behind the default-deny rules, /tmp disk) that
+                a cold start claims and hands its function; destroyed at
+                release, never reused.
+              '';
+              type = kiln.section {
+                enabled = kiln.setting types.bool sb.premade.enabled "Keep pools of pre-made sandboxes.";
+                budget_mb = kiln.setting types.ints.positive sb.premade.budget_mb "Memory all pre-made sandboxes of the node may take together (each is charged sandbox_mb).";
+                sandbox_mb = kiln.setting types.ints.positive sb.premade.sandbox_mb "The cgroup memory limit of a sandbox waiting in the pool (16-1024).";
+                max_per_runtime = kiln.setting types.ints.positive sb.premade.max_per_runtime "The most sandboxes ready for one runtime.";
+                demand_window_s = kiln.setting types.ints.positive sb.premade.demand_window_s "How far back the demand that sizes each runtime's pool is looked at.";
+              };
+            };
             network = lib.mkOption {
               default = { };
               description = ''

@@ -60,6 +60,10 @@ pub trait Mounter: Send + Sync + 'static {
             }),
         }
     }
+    /// Make directory `dir` a mount point of its own (bound onto itself)
+    /// with shared propagation: a container that binds it (as a slave)
+    /// sees what is mounted on `dir` later, while it runs.
+    fn shared_mount_point(&self, dir: &Path) -> Result<(), MountError>;
     /// Unmount `target`; falls back to a lazy detach when it is busy.
     fn unmount(&self, target: &Path) -> Result<(), MountError>;
     /// Mount points at or below `dir`, deepest first.
@@ -186,6 +190,25 @@ impl Mounter for HostMounter {
         })
     }
 
+    fn shared_mount_point(&self, dir: &Path) -> Result<(), MountError> {
+        let err = |source| MountError::Mount {
+            target: dir.to_owned(),
+            source,
+        };
+        mount(Some(dir), dir, None::<&str>, MsFlags::MS_BIND, None::<&str>).map_err(err)?;
+        if let Err(e) = mount(
+            None::<&str>,
+            dir,
+            None::<&str>,
+            MsFlags::MS_SHARED,
+            None::<&str>,
+        ) {
+            let _ = umount2(dir, MntFlags::MNT_DETACH);
+            return Err(err(e));
+        }
+        Ok(())
+    }
+
     fn unmount(&self, target: &Path) -> Result<(), MountError> {
         match umount2(target, MntFlags::empty()) {
             Ok(()) | Err(nix::Error::EINVAL) | Err(nix::Error::ENOENT) => Ok(()),
@@ -265,6 +288,7 @@ pub enum MountCall {
         work: PathBuf,
         target: PathBuf,
     },
+    SharedMountPoint(PathBuf),
     Unmount(PathBuf),
 }
 
@@ -340,6 +364,15 @@ impl Mounter for RecordingMounter {
                 target: target.to_owned(),
             });
         self.mounted.lock().expect("lock").insert(target.to_owned());
+        Ok(())
+    }
+
+    fn shared_mount_point(&self, dir: &Path) -> Result<(), MountError> {
+        self.calls
+            .lock()
+            .expect("lock")
+            .push(MountCall::SharedMountPoint(dir.to_owned()));
+        self.mounted.lock().expect("lock").insert(dir.to_owned());
         Ok(())
     }
 

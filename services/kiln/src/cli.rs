@@ -669,6 +669,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 credentials_lifetime_s: args.credentials_lifetime,
                 insecure_no_network_isolation: args.insecure_no_network_isolation,
                 signature_skew_s: None,
+                premade: true,
             })
             .await
         }

@@ -122,6 +122,17 @@ pub fn agent(
             resolvers.join(", ")
         )
     };
+    // Pre-made sandboxes (issue 20): on, within 1/16 of the node's memory
+    // (at least 256 MB, at most 2 GB), each limited by its cgroup to the
+    // 32 MB it is charged until a cold start claims it.
+    let premade = if opts.premade {
+        format!(
+            "[sandbox.premade]\nenabled = true\nbudget_mb = {}\nmax_per_runtime = 32\n",
+            (memory_mb / 16).clamp(256, 2048)
+        )
+    } else {
+        String::new()
+    };
     // A development node overcommits CPU (functions mostly wait) but not
     // memory.
     let text = format!(
@@ -129,7 +140,7 @@ pub fn agent(
          gateway_internal_url = {:?}\nregion = \"cn-hangzhou\"\ndrain_on_shutdown = true\n\
          {}\
          [node]\nzone = \"dev\"\ntenancy = \"dedicated\"\nmemory_mb = {}\ncpu_milli = {}\nmax_instances = 512\n\
-         [sandbox]\nname_prefix = {:?}\ninstance_subnet = {:?}\ncgroup_parent = {:?}\n{}{}",
+         [sandbox]\nname_prefix = {:?}\ninstance_subnet = {:?}\ncgroup_parent = {:?}\n{}{}{}",
         agent_state,
         scheduler_url,
         gateway_internal_url,
@@ -141,6 +152,7 @@ pub fn agent(
         opts.sandbox_prefix,
         rootfs,
         network,
+        premade,
     );
     let config: kiln_agent::AgentConfig = parse("agent", &text)?;
     config.validate()?;
@@ -209,6 +221,7 @@ mod tests {
             credentials_lifetime_s: 3600,
             insecure_no_network_isolation: false,
             signature_skew_s: None,
+            premade: true,
         };
         let make = |opts: &DevOptions| {
             agent(
@@ -228,6 +241,10 @@ mod tests {
         assert!(!c.sandbox.insecure_network_isolation_disabled);
         c.require_network_isolation().unwrap();
         assert!(c.network_isolation().enforced);
+        // Pre-made sandboxes are on, within a budget the cgroups enforce.
+        assert!(c.sandbox.premade.enabled);
+        assert_eq!(c.sandbox.premade.budget_mb, 256);
+        assert!(c.sandbox.premade.capacity() >= 8);
         opts.insecure_no_network_isolation = true;
         let c = make(&opts);
         assert!(c.sandbox.network.is_none() && c.sandbox.insecure_network_isolation_disabled);

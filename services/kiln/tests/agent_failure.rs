@@ -1,6 +1,7 @@
 //! An agent process killed (SIGKILL) under load: its calls fail with a
 //! retryable error, new calls succeed on the other node, nothing hangs; the
-//! restarted agent removes what its predecessor left.
+//! restarted agent removes what its predecessor left, its pre-made
+//! sandboxes (`[sandbox.premade]`) included.
 
 mod common;
 
@@ -21,6 +22,10 @@ struct Call {
     code: Option<String>,
     error_type: Option<String>,
 }
+
+/// Pre-made sandboxes on (appended to [`agent_config`], whose last table
+/// is `[sandbox]`).
+const PREMADE: &str = "[sandbox.premade]\nenabled = true\nbudget_mb = 256\n";
 
 fn agent_config(
     dir: &std::path::Path,
@@ -93,7 +98,7 @@ async fn killing_an_agent_under_load_moves_calls_to_the_other_node() {
     let configs: Vec<String> = (0..2)
         .map(|i| {
             let name = ["agent-a", "agent-b"][i];
-            agent_config(dir, &pki, name, agent_ports[i], sp, gi, &prefixes[i])
+            agent_config(dir, &pki, name, agent_ports[i], sp, gi, &prefixes[i]) + PREMADE
         })
         .collect();
     for (i, name) in ["agent-a", "agent-b"].iter().enumerate() {
@@ -292,12 +297,32 @@ async fn killing_an_agent_under_load_moves_calls_to_the_other_node() {
             .map(str::to_owned)
             .collect::<Vec<_>>()
     };
+    let left = containers();
     assert!(
-        !containers().is_empty(),
+        !left.is_empty(),
         "the killed agent's containers are already gone?"
     );
+    // Among them its pre-made sandboxes (`<prefix>-p<n>`) and their dirs.
+    let pool_prefix = format!("{}-p", prefixes[victim]);
+    assert!(
+        left.iter().any(|c| c.starts_with(&pool_prefix)),
+        "no pre-made sandbox among {left:?}"
+    );
+    let premade_dir = dir.join(["agent-a", "agent-b"][victim]).join("premade");
+    assert!(std::fs::read_dir(&premade_dir).unwrap().next().is_some());
     let name = ["agent-a", "agent-b"][victim];
-    services.children[2 + victim] = common::spawn_service(dir, name, "agent", &configs[victim]);
+    // Restarted without pools, so that what is left is only what the
+    // predecessor left.
+    let restart = agent_config(
+        dir,
+        &pki,
+        name,
+        agent_ports[victim],
+        sp,
+        gi,
+        &prefixes[victim],
+    );
+    services.children[2 + victim] = common::spawn_service(dir, name, "agent", &restart);
     let deadline = Instant::now() + Duration::from_secs(60);
     while !containers().is_empty() {
         assert!(
@@ -307,5 +332,34 @@ async fn killing_an_agent_under_load_moves_calls_to_the_other_node() {
             services.logs()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // (Removed after the containers, in the same startup cleanup.)
+    let pool_dirs = || -> Vec<_> {
+        std::fs::read_dir(&premade_dir)
+            .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default()
+    };
+    while !pool_dirs().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "pre-made sandboxes left: {:?}\n{}",
+            pool_dirs(),
+            services.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Their cgroups went with the containers.
+    let root = std::path::Path::new("/sys/fs/cgroup");
+    for h in std::iter::once(root.to_owned())
+        .chain(std::fs::read_dir(root).unwrap().flatten().map(|e| e.path()))
+    {
+        if let Ok(children) = std::fs::read_dir(h.join(&prefixes[victim])) {
+            let pool: Vec<_> = children
+                .flatten()
+                .map(|c| c.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&pool_prefix))
+                .collect();
+            assert!(pool.is_empty(), "pre-made sandbox cgroups left: {pool:?}");
+        }
     }
 }

@@ -18,8 +18,22 @@ use common::{example_zip, Dev};
 
 /// The freezer cgroup of the container of instance `id` (cgroup v1:
 /// `freezer.state`; v2: `cgroup.freeze`), found by its name's suffix.
-fn freezer_file(id: &str) -> Option<PathBuf> {
-    let suffix = format!("-{id}");
+/// The freezer file of instance `id`'s cgroup, named after its container:
+/// `<prefix>-<instance id>`, or the pre-made sandbox's id it was claimed
+/// from (`container` in the agent's instance record).
+fn freezer_file(dev: &Dev, id: &str) -> Option<PathBuf> {
+    let record = kiln::dev_config::agent_state_dir(dev.state.path())
+        .join("instances")
+        .join(id)
+        .join("instance.json");
+    let container = std::fs::read(record)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+        .and_then(|r| r["container"].as_str().map(str::to_owned));
+    let suffix = match container {
+        Some(c) => c,
+        None => format!("-{id}"),
+    };
     let mut dirs = vec![
         PathBuf::from("/sys/fs/cgroup/freezer"),
         PathBuf::from("/sys/fs/cgroup/unified"),
@@ -141,11 +155,12 @@ async fn an_idle_always_allocated_provisioned_instance_is_not_frozen() {
         60,
         || {
             let id = kept[0].clone();
-            async move { freezer_file(&id).is_some() }
+            let found = freezer_file(&dev, &id).is_some();
+            async move { found }
         },
     )
     .await;
-    let kept_file = freezer_file(&kept[0]).unwrap();
+    let kept_file = freezer_file(&dev, &kept[0]).unwrap();
 
     // One call each: the provisioned instance's call first, so had it been
     // scheduled, its freeze would come before the on-demand one's.
@@ -166,7 +181,7 @@ async fn an_idle_always_allocated_provisioned_instance_is_not_frozen() {
     );
     let od = instances(&c, "ondemand").await;
     assert_eq!(od.len(), 1);
-    let od_file = freezer_file(&od[0]).expect("the on-demand instance's freezer cgroup");
+    let od_file = freezer_file(&dev, &od[0]).expect("the on-demand instance's freezer cgroup");
     until("the on-demand instance frozen", &dev, 30, || {
         let f = od_file.clone();
         async move { frozen(&f) }

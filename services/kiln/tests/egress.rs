@@ -522,21 +522,64 @@ async fn probe(
 
 #[test]
 fn egress_modes_take_effect_through_the_agent() {
+    egress_modes(false);
+}
+
+/// The same probes from instances started in pre-made sandboxes: each
+/// gets its own function's egress rules at the claim, before its process
+/// starts (the pool's sandboxes all wait behind the same default-deny).
+#[test]
+fn egress_modes_take_effect_in_pre_made_sandboxes() {
+    egress_modes(true);
+}
+
+/// A started, unclaimed pre-made `custom.debian12` sandbox of the agent.
+async fn premade_ready(premade_dir: &Path) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ready = std::fs::read_dir(premade_dir).ok().is_some_and(|rd| {
+            rd.flatten().any(|e| {
+                let dir = e.path();
+                e.file_type().is_ok_and(|t| t.is_dir())
+                    && dir.join("ready").is_file()
+                    && std::fs::read(dir.join("bundle/config.json"))
+                        .ok()
+                        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+                        .is_some_and(|c| c["annotations"]["io.kiln.runtime"] == "custom.debian12")
+            })
+        });
+        if ready {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err("no pre-made sandbox was ready within 60 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn egress_modes(premade: bool) {
     if common::skip() || common::skip_without(&["nft", "tc", "nsenter", "python3"]) {
         return;
     }
     let (_, gp, gi, ap) = PORTS;
     // As `kiln dev` writes it (dev_config.rs), plus the operator's lists.
+    let premade_section = if premade {
+        "[sandbox.premade]\nenabled = true\nbudget_mb = 256\n"
+    } else {
+        ""
+    };
     let cluster = Cluster::start(Setup {
         uplink: true,
         sandbox: &format!(
             "[sandbox.network]\nuplink_interface = \"{{PREFIX}}up\"\nstandard_bandwidth_mbit = 100\n\
              performance_bandwidth_mbit = 500\npublic_ports = [{gp}]\n\
-             deny = [\"{DENIED}/32\"]\nallow = [\"{RESOLVER}/32\"]\n"
+             deny = [\"{DENIED}/32\"]\nallow = [\"{RESOLVER}/32\"]\n{premade_section}"
         ),
         ..Setup::default()
     });
     let zip = probe_zip(cluster.dir());
+    let premade_dir = cluster.dir().join("agent/premade");
     let outcome = cluster.run(|c| async move {
         let c = c.unwrap();
         let modes = [
@@ -550,6 +593,9 @@ fn egress_modes_take_effect_through_the_agent() {
         // Each instance's own address and the node's side of its link.
         let mut whoami = BTreeMap::new();
         for (name, _) in &modes {
+            if premade {
+                premade_ready(&premade_dir).await?;
+            }
             let (status, v) = probe(&c, name, &[]).await?;
             if status != 200 {
                 return Err(format!("invoke {name}: {status} {v}"));
@@ -676,6 +722,15 @@ fn egress_modes_take_effect_through_the_agent() {
     .into_iter()
     .collect();
     assert_eq!(table, want, "{}", cluster.services.logs());
+    let agent_log = std::fs::read_to_string(cluster.dir().join("agent.log")).unwrap();
+    let claimed = agent_log
+        .matches("instance started in a pre-made sandbox")
+        .count();
+    if premade {
+        assert_eq!(claimed, 2, "both instances from the pool:\n{agent_log}");
+    } else {
+        assert_eq!(claimed, 0);
+    }
 
     // The agent's isolation lives in the node's namespace, in its own table.
     let prefix = cluster.services.prefix.clone();

@@ -94,6 +94,22 @@ pub struct CgroupLimits {
     pub cpu_milli: u32,
 }
 
+/// What [`CgroupOps::set_limits`] gives an existing cgroup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClaimLimits {
+    pub memory_bytes: u64,
+    /// v1 `cpu.shares` (converted to `cpu.weight` on v2 as runc does).
+    pub cpu_shares: u64,
+    /// CFS quota per [`CPU_PERIOD_US`]; negative: unlimited.
+    pub quota_us: i64,
+}
+
+/// `cpu.weight` (1-10000) for v1 `cpu.shares` (2-262144), runc's mapping.
+pub fn shares_to_weight(shares: u64) -> u64 {
+    let shares = shares.clamp(2, 262_144);
+    1 + ((shares - 2) * 9999) / 262_142
+}
+
 /// The cgroup operations of both backends. `path` is `/<parent>/<name>`
 /// (for a container its `cgroupsPath`).
 pub trait CgroupOps: Send + Sync + 'static {
@@ -112,6 +128,10 @@ pub trait CgroupOps: Send + Sync + 'static {
     fn thaw(&self, path: &str) -> Result<(), CgroupError>;
     /// Set the CFS quota (µs per `period_us`; negative: unlimited).
     fn set_cpu_quota(&self, path: &str, quota_us: i64, period_us: u64) -> Result<(), CgroupError>;
+    /// Change an existing cgroup's memory limit (and no swap beyond it),
+    /// relative CPU weight (given as v1 `cpu.shares`) and CFS quota: a
+    /// pre-made sandbox takes its function's limits when it is claimed.
+    fn set_limits(&self, path: &str, limits: &ClaimLimits) -> Result<(), CgroupError>;
     /// The current quota (µs per period), None when unlimited.
     fn cpu_quota(&self, path: &str) -> Result<Option<i64>, CgroupError>;
     /// The relative CPU weight as the kernel has it (`cpu.shares` on v1,

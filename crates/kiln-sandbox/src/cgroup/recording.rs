@@ -6,7 +6,8 @@ use std::sync::Mutex;
 
 use super::files::check_path;
 use super::{
-    cpu_quota, CgroupError, CgroupLimits, CgroupOps, CgroupStats, CgroupVersion, SwapControl,
+    cpu_quota, CgroupError, CgroupLimits, CgroupOps, CgroupStats, CgroupVersion, ClaimLimits,
+    SwapControl,
 };
 
 /// One call the fake saw.
@@ -18,6 +19,7 @@ pub enum CgroupCall {
     Remove(String),
     Create { path: String, limits: CgroupLimits },
     AddProcess { path: String, pid: u32 },
+    SetLimits { path: String, limits: ClaimLimits },
 }
 
 #[derive(Debug, Clone, Default)]
@@ -144,6 +146,18 @@ impl CgroupOps for RecordingCgroups {
             quota_us,
         });
         self.with(path, |g| g.quota = (quota_us >= 0).then_some(quota_us))
+    }
+
+    fn set_limits(&self, path: &str, limits: &ClaimLimits) -> Result<(), CgroupError> {
+        self.record(CgroupCall::SetLimits {
+            path: path.to_owned(),
+            limits: *limits,
+        });
+        self.with(path, |g| {
+            g.quota = (limits.quota_us >= 0).then_some(limits.quota_us);
+            g.weight = limits.cpu_shares;
+            g.stats.memory_limit_bytes = Some(limits.memory_bytes);
+        })
     }
 
     fn cpu_quota(&self, path: &str) -> Result<Option<i64>, CgroupError> {

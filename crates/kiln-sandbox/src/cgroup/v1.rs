@@ -7,8 +7,8 @@ use super::files::{
     write_if_present,
 };
 use super::{
-    cpu_quota, CgroupError, CgroupLimits, CgroupOps, CgroupStats, CgroupVersion, SwapControl,
-    CPU_PERIOD_US,
+    cpu_quota, CgroupError, CgroupLimits, CgroupOps, CgroupStats, CgroupVersion, ClaimLimits,
+    SwapControl, CPU_PERIOD_US,
 };
 
 /// The controllers [`CgroupOps::create`] makes a cgroup in (runc makes a
@@ -130,6 +130,25 @@ impl CgroupOps for CgroupV1 {
         let dir = self.dir("cpu", path)?;
         write(&dir.join("cpu.cfs_period_us"), &period_us.to_string())?;
         write(&dir.join("cpu.cfs_quota_us"), &quota_us.to_string())
+    }
+
+    fn set_limits(&self, path: &str, limits: &ClaimLimits) -> Result<(), CgroupError> {
+        let memory = self.dir("memory", path)?;
+        let limit = memory.join("memory.limit_in_bytes");
+        let memsw = memory.join("memory.memsw.limit_in_bytes");
+        let new = limits.memory_bytes.to_string();
+        // memory plus swap may never be below memory: raise it first when
+        // growing, lower it last when shrinking.
+        if read_u64(&limit)? < limits.memory_bytes {
+            write_if_present(&memsw, &new)?;
+            write(&limit, &new)?;
+        } else {
+            write(&limit, &new)?;
+            write_if_present(&memsw, &new)?;
+        }
+        let cpu = self.dir("cpu", path)?;
+        write(&cpu.join("cpu.shares"), &limits.cpu_shares.to_string())?;
+        self.set_cpu_quota(path, limits.quota_us, CPU_PERIOD_US)
     }
 
     fn cpu_quota(&self, path: &str) -> Result<Option<i64>, CgroupError> {

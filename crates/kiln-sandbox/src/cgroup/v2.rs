@@ -7,8 +7,8 @@ use super::files::{
     write_if_present,
 };
 use super::{
-    cpu_quota, CgroupError, CgroupLimits, CgroupOps, CgroupStats, CgroupVersion, SwapControl,
-    CPU_PERIOD_US,
+    cpu_quota, shares_to_weight, CgroupError, CgroupLimits, CgroupOps, CgroupStats, CgroupVersion,
+    ClaimLimits, SwapControl, CPU_PERIOD_US,
 };
 
 /// `cpu.max`: `QUOTA PERIOD`, or `max PERIOD` when unlimited.
@@ -83,6 +83,20 @@ impl CgroupOps for CgroupV2 {
         write(
             &self.dir(path)?.join("cpu.max"),
             &cpu_max(quota_us, period_us),
+        )
+    }
+
+    fn set_limits(&self, path: &str, limits: &ClaimLimits) -> Result<(), CgroupError> {
+        let dir = self.dir(path)?;
+        write(&dir.join("memory.max"), &limits.memory_bytes.to_string())?;
+        write_if_present(&dir.join("memory.swap.max"), "0")?;
+        write(
+            &dir.join("cpu.weight"),
+            &shares_to_weight(limits.cpu_shares).to_string(),
+        )?;
+        write(
+            &dir.join("cpu.max"),
+            &cpu_max(limits.quota_us, CPU_PERIOD_US),
         )
     }
 

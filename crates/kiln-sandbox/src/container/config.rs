@@ -40,6 +40,8 @@ pub enum ContainerConfigError {
     Mirror(String),
     #[error("Invalid [sandbox.network] section: {0}")]
     Network(#[from] crate::net::NetworkConfigError),
+    #[error("Invalid [sandbox.premade] section: {0}")]
+    Premade(#[from] crate::container::premade::PremadeConfigError),
     #[error("[sandbox.network] and sandbox.insecure_network_isolation_disabled = true contradict each other: remove the insecure setting")]
     IsolationBoth,
 }
@@ -106,6 +108,9 @@ pub struct ContainerConfig {
     /// (`internetAccess: false`, a VPC) are refused. Refused on
     /// multi-tenant nodes, logged at warn on every start.
     pub insecure_network_isolation_disabled: bool,
+    /// `[sandbox.premade]`: containers made ahead of demand per runtime, so
+    /// a cold start only hands one its function (off by default).
+    pub premade: crate::container::premade::PremadeConfig,
 }
 
 impl Default for ContainerConfig {
@@ -129,6 +134,7 @@ impl Default for ContainerConfig {
             cold_start_cpu_milli: 2_000,
             network: None,
             insecure_network_isolation_disabled: false,
+            premade: Default::default(),
         }
     }
 }
@@ -205,6 +211,7 @@ impl ContainerConfig {
         if let Some(network) = &self.network {
             network.validate()?;
         }
+        self.premade.validate()?;
         if self.network.is_some() && self.insecure_network_isolation_disabled {
             return Err(ContainerConfigError::IsolationBoth);
         }

@@ -20,6 +20,14 @@ pub struct InstanceRecord {
     /// instance's process only while the two match.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid_start: Option<u64>,
+    /// The runc container id, when it is not `<name_prefix>-<instance id>`
+    /// (a pre-made sandbox keeps the id it was made with).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+    /// A claimed pre-made sandbox's old path, a symlink to the instance
+    /// directory (runc's state names the bundle by it); removed with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub premade_link: Option<PathBuf>,
 }
 
 /// Paths below `state_dir/instances/<id>/`.

@@ -62,6 +62,8 @@ impl ContainerDriver {
             endpoint,
             pid: None,
             pid_start: None,
+            container: None,
+            premade_link: None,
         });
         paths
             .write_record(rec)
@@ -192,10 +194,204 @@ impl ContainerDriver {
                 first.get_or_insert(net_err(e));
             }
         }
+        if let Some(link) = record.and_then(|r| r.premade_link.as_ref()) {
+            match std::fs::remove_file(link) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    first.get_or_insert(fs_err(link.display(), e));
+                }
+            }
+        }
         match first {
-            None => Ok(()),
+            None => {
+                self.aliases.lock().expect("lock").remove(id);
+                Ok(())
+            }
             Some(e) => Err(e),
         }
+    }
+
+    /// Serve `req` from a pre-made sandbox when the pools are on, one of
+    /// its runtime is ready and the function fits one (no layers, the
+    /// default disk). `None`: take the ordinary path (a failed claim has
+    /// been cleaned up; nothing of the function ran).
+    async fn try_premade(
+        &self,
+        req: &SandboxRequest,
+        paths: &InstancePaths,
+    ) -> Result<Option<Sandbox>, SandboxError> {
+        let Some(premade) = self.premade.clone() else {
+            return Ok(None);
+        };
+        let spec = &req.spec;
+        if self.isolation.is_none() {
+            if let Some(why) = crate::net::isolation::unisolated_refusal(spec.network.as_ref()) {
+                return Err(SandboxError::Unenforceable(why));
+            }
+        }
+        let fits = spec.layers.is_empty()
+            && crate::container::disk::disk_mb(spec.disk_mb).ok()
+                == Some(crate::container::disk::DEFAULT_DISK_MB);
+        if !fits {
+            premade.record_miss(spec.runtime);
+            return Ok(None);
+        }
+        let Some(pooled) = premade.take(spec.runtime) else {
+            tracing::debug!(runtime = %spec.runtime, "no pre-made sandbox ready");
+            return Ok(None);
+        };
+        let key = pooled.key.clone();
+        // Move the sandbox to the instance's place; runc's state keeps
+        // naming the bundle by the old path, which becomes a symlink.
+        if let Err(e) = std::fs::rename(&pooled.paths.dir, &paths.dir) {
+            tracing::warn!(sandbox = %key, error = %e, "cannot claim a pre-made sandbox; removing it");
+            if let Err(e) = premade.destroy(&pooled).await {
+                tracing::warn!(error = %kiln_core::error_chain(&e), "cannot remove a pre-made sandbox");
+            }
+            return Ok(None);
+        }
+        self.aliases
+            .lock()
+            .expect("lock")
+            .insert(req.instance_id.clone(), pooled.container_id.clone());
+        let mut record = Some(InstanceRecord {
+            slot_index: pooled.slot.index,
+            netns: pooled.slot.name.clone(),
+            endpoint: SocketAddr::new(pooled.slot.instance_addr.into(), spec.port),
+            pid: Some(pooled.pid),
+            pid_start: pooled.pid_start,
+            container: Some(pooled.container_id.clone()),
+            premade_link: Some(premade.link_path(&key)),
+        });
+        match self
+            .claim(&premade, req, paths, &pooled, record.as_ref().expect("set"))
+            .await
+        {
+            Ok(sandbox) => {
+                tracing::info!(sandbox = %key, endpoint = %sandbox.endpoint, pid = ?sandbox.pid,
+                    "instance started in a pre-made sandbox");
+                self.instances
+                    .lock()
+                    .expect("lock")
+                    .insert(req.instance_id.clone(), record.take().expect("set"));
+                Ok(Some(sandbox))
+            }
+            Err(e) => {
+                tracing::warn!(sandbox = %key, error = %kiln_core::error_chain(&e),
+                    "claiming a pre-made sandbox failed; removing it and starting the ordinary way");
+                if let Err(cleanup) = self
+                    .teardown(&req.instance_id, paths, record.as_ref())
+                    .await
+                {
+                    tracing::error!(error = %cleanup, "cleanup after a failed claim failed");
+                    return Err(e);
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    /// Give a moved pre-made sandbox its function: limits and egress
+    /// rules, code and bundle, and only then the assignment its init waits
+    /// for.
+    async fn claim(
+        &self,
+        premade: &super::premade::Premade,
+        req: &SandboxRequest,
+        paths: &InstancePaths,
+        pooled: &super::premade::Pooled,
+        rec: &InstanceRecord,
+    ) -> Result<Sandbox, SandboxError> {
+        use super::premade::{
+            encode_assignment, send_assignment, write_config, BundleInputs, Pooled,
+        };
+        let started = std::time::Instant::now();
+        let spec = &req.spec;
+        let link = rec
+            .premade_link
+            .clone()
+            .expect("a claimed sandbox has a link");
+        std::os::unix::fs::symlink(&paths.dir, &link).map_err(|e| fs_err(link.display(), e))?;
+        paths
+            .write_record(rec)
+            .map_err(|e| fs_err(paths.record().display(), e))?;
+        let env = crate::process::process_env(&req.instance_id, spec, self.region.as_deref())
+            .map_err(SandboxError::invalid_spec)?;
+        let args: Vec<String> = spec
+            .command
+            .iter()
+            .chain(spec.args.iter())
+            .cloned()
+            .collect();
+        let cpu = crate::process::instance_cpu_milli(spec);
+        let boost = self.boost_cpu_milli(spec);
+        let cgroups_path = self.cgroups_path(&req.instance_id);
+        let config = premade.deps().config(&BundleInputs {
+            instance_id: &req.instance_id,
+            spec,
+            paths,
+            slot: &pooled.slot,
+            cgroups_path: cgroups_path.clone(),
+            boost_cpu_milli: boost,
+            region: self.region.as_deref(),
+        })?;
+        let limits = crate::cgroup::ClaimLimits {
+            memory_bytes: u64::from(spec.memory_mb) * 1024 * 1024,
+            cpu_shares: super::bundle::cpu_shares(cpu),
+            quota_us: crate::cgroup::cpu_quota(boost.map_or(cpu, |b| b.max(cpu))),
+        };
+        let attach = async {
+            if let Some(isolation) = &self.isolation {
+                isolation
+                    .attach(
+                        &HostInterface::from(&pooled.slot),
+                        spec.network.as_ref(),
+                        BandwidthClass::of(spec),
+                    )
+                    .await
+                    .map_err(isolation_err)?;
+            }
+            Ok::<_, SandboxError>(())
+        };
+        let (cgroups, mounter) = (self.cgroups.clone(), self.mounter.clone());
+        let (code_dir, p) = (req.code_dir.clone(), paths.clone());
+        let prepare = async move {
+            tokio::task::spawn_blocking(move || {
+                cgroups
+                    .set_limits(&cgroups_path, &limits)
+                    .map_err(|e| SandboxError::cgroup("setting the function's limits", e))?;
+                mounter
+                    .overlay(&code_dir, &p.upper(), &p.work(), &p.code())
+                    .map_err(|e| fs_err("/code overlay", e))?;
+                write_config(&p, &config)
+            })
+            .await
+            .map_err(|e| fs_err("claiming a pre-made sandbox", e))?
+        };
+        let (net, files) = tokio::join!(attach, prepare);
+        net?;
+        files?;
+        // Everything the function is confined by is in place: let it run.
+        let assignment = encode_assignment(crate::process::CODE_MOUNT, &args, &env);
+        let fifo = Pooled::fifo(paths);
+        tokio::task::spawn_blocking(move || send_assignment(&fifo, &assignment))
+            .await
+            .map_err(|e| fs_err("assignment", e))?
+            .map_err(|e| fs_err("the sandbox's init (assignment FIFO)", e))?;
+        tracing::debug!(
+            total_ms = started.elapsed().as_millis() as u64,
+            "pre-made sandbox claimed"
+        );
+        if boost.is_some() {
+            self.end_boost_later(&req.instance_id, cpu);
+        }
+        Ok(Sandbox {
+            instance_id: req.instance_id.clone(),
+            endpoint: rec.endpoint,
+            pid: rec.pid,
+            log_path: paths.console_log(),
+        })
     }
 }
 
@@ -261,6 +457,12 @@ impl SandboxDriver for ContainerDriver {
                     source: None,
                 });
             }
+            if let Some(sandbox) = self.try_premade(req, &paths).await? {
+                return Ok(sandbox);
+            }
+            // The pools do not refill while ordinary starts run: they would
+            // compete for the same CPU, disk images and namespaces.
+            let _ordinary = self.premade.as_ref().map(|p| p.ordinary_start());
             std::fs::create_dir(&paths.dir).map_err(|e| fs_err(paths.dir.display(), e))?;
             std::fs::set_permissions(&paths.dir, std::fs::Permissions::from_mode(0o711))
                 .map_err(|e| fs_err(paths.dir.display(), e))?;
@@ -368,6 +570,9 @@ impl SandboxDriver for ContainerDriver {
                 .expect("lock")
                 .remove(id)
                 .or_else(|| paths.read_record());
+            if let Some(cid) = record.as_ref().and_then(|r| r.container.clone()) {
+                self.aliases.lock().expect("lock").insert(id.clone(), cid);
+            }
             let result = self.teardown(id, &paths, record.as_ref()).await;
             match &result {
                 Ok(()) => tracing::info!("instance destroyed"),

@@ -29,6 +29,8 @@
 //! - [`disk`] and [`disk_pool`]: the instance's writable filesystem (a
 //!   loop-mounted ext4 image), formatted ahead of time.
 //! - [`layers`]: the function's layers as an overlay at `/opt`.
+//! - [`premade`]: pools of sandboxes made ahead of demand, claimed by a
+//!   cold start.
 //! - `setup`, `lifecycle`, `boost`: [`ContainerDriver`]'s construction and
 //!   shutdown, an instance's life, and the cold-start CPU boost.
 
@@ -39,6 +41,7 @@ pub mod disk_pool;
 pub mod instance;
 pub mod layers;
 pub mod oci_runtime;
+pub mod premade;
 pub mod seccomp;
 
 mod boost;
@@ -87,6 +90,12 @@ pub struct ContainerDriver {
     isolation: Option<Arc<NetIsolation>>,
     refill: Mutex<Option<JoinHandle<()>>>,
     instances: Mutex<HashMap<InstanceId, InstanceRecord>>,
+    /// `state_dir/premade`: the pre-made sandboxes' directories.
+    premade_dir: PathBuf,
+    /// The pools of pre-made sandboxes, when `[sandbox.premade]` is on.
+    premade: Option<Arc<premade::Premade>>,
+    /// Container ids of instances that run in a claimed pre-made sandbox.
+    aliases: Mutex<HashMap<InstanceId, String>>,
 }
 
 impl std::fmt::Debug for ContainerDriver {

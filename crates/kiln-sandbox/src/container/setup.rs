@@ -69,7 +69,7 @@ impl ContainerDriver {
         )
         .await?
         .with_disk(Arc::new(LoopExt4));
-        match network {
+        let driver = match network {
             Some(network) => {
                 let started = NetIsolation::start(
                     &driver.config.name_prefix,
@@ -78,18 +78,67 @@ impl ContainerDriver {
                 )
                 .await;
                 match started {
-                    Ok(isolation) => Ok(driver.with_net_isolation(Arc::new(isolation))),
+                    Ok(isolation) => driver.with_net_isolation(Arc::new(isolation)),
                     Err(e) => {
                         // Stop the pool refill and drop its namespaces.
                         if let Err(drain) = driver.shutdown().await {
                             tracing::warn!(error = %drain, "cannot drain the namespace pool");
                         }
-                        Err(isolation_err(e))
+                        return Err(isolation_err(e));
                     }
                 }
             }
-            None => Ok(driver),
+            None => driver,
+        };
+        let mut driver = driver;
+        if let Err(e) = driver.start_premade() {
+            if let Err(drain) = driver.shutdown().await {
+                tracing::warn!(error = %drain, "cannot drain the pools");
+            }
+            return Err(e);
         }
+        Ok(driver)
+    }
+
+    /// Start the pools of pre-made sandboxes when `[sandbox.premade]` is
+    /// on (the real driver only: they run real containers).
+    fn start_premade(&mut self) -> Result<(), SandboxError> {
+        if !self.config.premade.enabled {
+            return Ok(());
+        }
+        let deps = super::premade::PremadeDeps {
+            name_prefix: self.config.name_prefix.clone(),
+            cgroup_parent: self.config.cgroup_parent.clone(),
+            uid: self.config.uid_base,
+            tmp_size_mb: self.config.tmp_size_mb,
+            rootfs_dir: self.rootfs_dir.clone(),
+            swap: self.cgroups.swap_control(),
+            oci: self.oci.clone(),
+            mounter: self.mounter.clone(),
+            disk_pool: self.disk_pool.clone(),
+            net: self.pool.clone(),
+        };
+        let premade = super::premade::Premade::start(
+            self.config.premade.clone(),
+            self.premade_dir.clone(),
+            deps,
+        )?;
+        tracing::info!(
+            budget_mb = self.config.premade.budget_mb,
+            sandbox_mb = self.config.premade.sandbox_mb,
+            max_per_runtime = self.config.premade.max_per_runtime,
+            "pre-made sandboxes on"
+        );
+        self.premade = Some(premade);
+        Ok(())
+    }
+
+    /// Ready pre-made sandboxes per runtime (empty when the pools are off).
+    pub fn premade_ready(&self) -> HashMap<RuntimeName, usize> {
+        self.premade
+            .as_ref()
+            .map(|p| p.ready_counts())
+            .unwrap_or_default()
     }
 
     /// The driver over any backends (the fakes in unit tests).
@@ -140,6 +189,9 @@ impl ContainerDriver {
             isolation: None,
             refill: Mutex::new(None),
             instances: Mutex::new(HashMap::new()),
+            premade_dir: super::premade::premade_dir(state_dir),
+            premade: None,
+            aliases: Mutex::new(HashMap::new()),
         };
         driver.clean_leftovers().await?;
         if driver.config.netns_pool > 0 {
@@ -241,6 +293,12 @@ impl ContainerDriver {
     /// network isolation when no instance is left. Instances are left to
     /// the caller (`destroy` each first).
     pub async fn shutdown(&self) -> Result<(), SandboxError> {
+        // Pre-made sandboxes first: they hold network slots and disks. A
+        // failure there is reported after the rest is shut down.
+        let premade = match &self.premade {
+            Some(premade) => premade.shutdown().await,
+            None => Ok(()),
+        };
         if let Some(task) = self.refill.lock().expect("lock").take() {
             task.abort();
         }
@@ -264,7 +322,7 @@ impl ContainerDriver {
             }
         }
         self.remove_cgroup_parent();
-        Ok(())
+        premade
     }
 
     /// Remove the (empty) cgroup parent this driver's containers were
@@ -288,6 +346,9 @@ impl ContainerDriver {
     }
 
     pub(super) fn container_id(&self, id: &InstanceId) -> String {
+        if let Some(cid) = self.aliases.lock().expect("lock").get(id) {
+            return cid.clone();
+        }
         format!("{}-{}", self.config.name_prefix, id)
     }
 
@@ -298,6 +359,9 @@ impl ContainerDriver {
     /// Remove what a previous run with this prefix left: containers under
     /// our runc root, instance dirs (after unmounting), netns and veths.
     pub(super) async fn clean_leftovers(&self) -> Result<(), SandboxError> {
+        if let Some(state_dir) = self.instances_dir.parent() {
+            wait_for_orphaned_runtime_commands(&state_dir.join("runc")).await;
+        }
         let prefix = format!("{}-", self.config.name_prefix);
         let containers = self
             .oci
@@ -319,6 +383,7 @@ impl ContainerDriver {
             unmount_all_under(self.mounter.as_ref(), &dir).map_err(|e| fs_err(dir.display(), e))?;
             std::fs::remove_dir_all(&dir).map_err(|e| fs_err(dir.display(), e))?;
         }
+        super::premade::remove_leftovers(self.mounter.as_ref(), &self.premade_dir)?;
         let names = self
             .net
             .list(&self.config.name_prefix)
@@ -330,6 +395,50 @@ impl ContainerDriver {
         }
         Ok(())
     }
+}
+
+/// Wait (up to 30 s) for runtime commands under `root` that a previous
+/// run started: a killed agent's `runc run` goes on as an orphan and
+/// would create its container after the cleanup looked for containers.
+async fn wait_for_orphaned_runtime_commands(root: &Path) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let running = runtime_commands_under(root);
+        if running.is_empty() {
+            return;
+        }
+        if std::time::Instant::now() > deadline {
+            tracing::warn!(?running, root = %root.display(), "runtime commands of a previous run still running; cleaning up anyway");
+            return;
+        }
+        tracing::info!(
+            ?running,
+            "waiting for a previous run's runtime commands to finish"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Pids of processes whose command line has `--root <root>`.
+fn runtime_commands_under(root: &Path) -> Vec<u32> {
+    let Some(root) = root.to_str() else {
+        return Vec::new();
+    };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| *pid != std::process::id())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                let args: Vec<&[u8]> = c.split(|b| *b == 0).collect();
+                args.windows(2)
+                    .any(|w| w[0] == b"--root" && w[1] == root.as_bytes())
+            })
+        })
+        .collect()
 }
 
 /// The pool of images of the default disk size owned by `uid_base`.
@@ -378,4 +487,35 @@ pub(super) fn prepare_state_dirs(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runtime_commands_are_found_by_their_root() {
+        let root = tempfile::tempdir().unwrap();
+        let root_arg = root.path().to_str().unwrap().to_owned();
+        // `python3 -c SCRIPT ARG...`: one process, the words only its argv.
+        let mut child = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import time; time.sleep(5)",
+                "--root",
+                &root_arg,
+                "run",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let found = runtime_commands_under(root.path());
+        let other = runtime_commands_under(&root.path().join("other"));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(found, vec![child.id()]);
+        assert!(other.is_empty());
+        assert!(runtime_commands_under(root.path()).is_empty());
+    }
 }

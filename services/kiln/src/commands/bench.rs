@@ -82,6 +82,10 @@ pub struct BenchArgs {
     /// Concurrent callers of the parallel burst.
     #[arg(long, default_value_t = 8)]
     pub burst_callers: usize,
+    /// Run the dev agent without pre-made sandboxes (`[sandbox.premade]`
+    /// off): every cold start takes the ordinary path, as before them.
+    #[arg(long)]
+    pub no_premade: bool,
     /// A soak instead of the comparison: signed warm calls (each signed
     /// as it is sent) over `--connections` connections for this many
     /// seconds, reporting every 10 s the calls answered, the rate, 503s,
@@ -197,18 +201,38 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
         credentials_lifetime_s: 3600,
         insecure_no_network_isolation: false,
         signature_skew_s: args.skew_seconds,
+        premade: !args.no_premade,
     };
     eprintln!("starting a dev cluster in {}", work.path().display());
     let cluster = DevCluster::start(&opts).await?;
+    let agent_state = crate::dev_config::agent_state_dir(&opts.state_dir);
     // Shut the cluster down (its agent removes the sandboxes, netns and
     // disks) whether measuring returned or panicked: a panic skipping it
     // left containers, network namespaces and loop devices behind.
     let result = AssertUnwindSafe(async {
         if args.cold_only {
             let client = crate::client::FcClient::new(cluster.credentials.clone())?;
-            cold(args, &client, &binary, &code_zip, &prefix, work.path()).await
+            cold(
+                args,
+                &client,
+                &binary,
+                &code_zip,
+                &prefix,
+                work.path(),
+                &agent_state,
+            )
+            .await
         } else {
-            measure(args, &cluster, &binary, &code_zip, &prefix, work.path()).await
+            measure(
+                args,
+                &cluster,
+                &binary,
+                &code_zip,
+                &prefix,
+                work.path(),
+                &agent_state,
+            )
+            .await
         }
     })
     .catch_unwind()
@@ -318,6 +342,7 @@ async fn measure(
     code_zip: &[u8],
     prefix: &str,
     work: &Path,
+    agent_state: &Path,
 ) -> Result<()> {
     let client = crate::client::FcClient::new(cluster.credentials.clone())?;
     let zip_b64 = base64::engine::general_purpose::STANDARD.encode(code_zip);
@@ -620,12 +645,48 @@ async fn measure(
     print!("{}", cpu_table(args.connections, &k_cpu, &n_cpu));
 
     if !args.no_cold {
-        cold(args, &client, binary, code_zip, prefix, work).await?;
+        cold(args, &client, binary, code_zip, prefix, work, agent_state).await?;
     }
     Ok(())
 }
 
-/// The cold-start part: one at a time, then the parallel burst.
+/// Pre-made sandboxes ready on the dev agent: directories of the pool
+/// (claimed ones are symlinks) that the pool marked `ready`.
+fn premade_ready(agent_state: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(agent_state.join("premade")) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter(|e| e.path().join("ready").is_file())
+        .count()
+}
+
+/// Wait until the pool holds `want` ready sandboxes.
+async fn wait_for_pool(agent_state: &Path, want: usize) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let ready = premade_ready(agent_state);
+        if ready >= want {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!(
+                "the pre-made sandbox pool holds {ready} after 180 s, not {want}: \
+                 see the agent's log (budget_mb, max_per_runtime)"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The cold-start part: bare runc one at a time and in a burst; Kiln one at
+/// a time (pool warm: an idle runtime keeps one sandbox, refilled between
+/// starts), then in a burst with the pool empty (the burst that sizes it)
+/// and warm (the same burst again once the pool refilled). One at a time
+/// goes first: after a burst its instances' teardown and the pool's refill
+/// would share the CPUs with the next starts.
 async fn cold(
     args: &BenchArgs,
     client: &crate::client::FcClient,
@@ -633,9 +694,10 @@ async fn cold(
     code_zip: &[u8],
     prefix: &str,
     work: &Path,
+    agent_state: &Path,
 ) -> Result<()> {
     let zip_b64 = zip_b64_of(code_zip);
-    let kiln_cold = kiln_cold_starts(client, args.cold_starts, |name| {
+    let static_function = |name: &str| {
         json!({
             "functionName": name,
             "runtime": "custom",
@@ -644,25 +706,58 @@ async fn cold(
             "customRuntimeConfig": {"command": ["/code/server"]},
             "code": {"zipFile": zip_b64},
         })
-    })
-    .await?;
+    };
     let baseline = runc::Baseline::static_binary(binary, work)?;
     let runc_cold = runc::sequential(&baseline, prefix, work, args.cold_starts).await?;
+    let premade = !args.no_premade;
+    if premade {
+        wait_for_pool(agent_state, 1).await?;
+    }
+    let kiln_cold = kiln_cold_starts(client, args.cold_starts, static_function).await?;
+    let (n, k) = (args.burst_starts, args.burst_callers.max(1));
+    let bursts = if n > 0 && !premade {
+        let runc = runc::burst(&baseline, prefix, work, n, k).await?;
+        let kiln = burst::kiln(client, &zip_b64, n, k).await?;
+        Some((runc, kiln.clone(), kiln))
+    } else if n > 0 {
+        let runc = runc::burst(&baseline, prefix, work, n, k).await?;
+        // An idle runtime's pool holds one sandbox: the first burst finds
+        // it empty and sizes it (its demand); the second finds it warm.
+        wait_for_pool(agent_state, 1).await?;
+        let empty = burst::kiln(client, &zip_b64, n, k).await?;
+        wait_for_pool(agent_state, n + 1).await?;
+        let warm = burst::kiln(client, &zip_b64, n, k).await?;
+        Some((runc, empty, warm))
+    } else {
+        None
+    };
     let (kc, rc) = (median(&kiln_cold), median(&runc_cold));
+    let label = if premade {
+        "cold start, pool warm (median)"
+    } else {
+        "cold start, no pool (median)"
+    };
     println!(
         "{:<34} {:>10.1}ms {:>10.1}ms {:>11.2}x   (target <= 1.00 with pre-made sandboxes)",
-        "cold start (median)",
+        label,
         rc,
         kc,
         kc / rc
     );
     println!("  bare runc run runs (ms): {runc_cold:.1?}");
     println!("  kiln cold starts (ms):   {kiln_cold:.1?}");
-    if args.burst_starts > 0 {
-        let (n, k) = (args.burst_starts, args.burst_callers.max(1));
-        let kiln = burst::kiln(client, &zip_b64_of(code_zip), n, k).await?;
-        let runc = runc::burst(&baseline, prefix, work, n, k).await?;
-        print!("{}", burst::report(n, k, &runc, &kiln));
+    match bursts {
+        Some((runc, kiln, _)) if !premade => {
+            println!("no pool:");
+            print!("{}", burst::report(n, k, &runc, &kiln));
+        }
+        Some((runc, empty, warm)) => {
+            println!("pool empty at the start (it refills in the gaps):");
+            print!("{}", burst::report(n, k, &runc, &empty));
+            println!("pool warm:");
+            print!("{}", burst::report(n, k, &runc, &warm));
+        }
+        None => {}
     }
     cold_runtimes(args, client, prefix, work).await
 }

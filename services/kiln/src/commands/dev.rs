@@ -32,6 +32,8 @@ pub struct DevOptions {
     /// replay cache holds a skew window of nonces, so a soak shortens it
     /// to reach the cache's steady state within its run.
     pub signature_skew_s: Option<u64>,
+    /// Keep pre-made sandboxes (`[sandbox.premade]`) for cold starts.
+    pub premade: bool,
 }
 
 /// The dev account and key, kept across restarts so clients stay valid.
