@@ -29,6 +29,9 @@ let
     strictDeps = true;
     # ring and the bundled SQLite compile C with the stdenv's compiler.
     nativeBuildInputs = [ pkgs.pkg-config ];
+    # kiln-sandbox's build.rs links kiln-init (PID 1 of pre-made container
+    # sandboxes) statically: the `custom` root filesystem has no C library.
+    buildInputs = [ pkgs.glibc.static ];
   };
 
   cargoArtifacts = craneLib.buildDepsOnly commonArgs;
