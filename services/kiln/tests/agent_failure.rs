@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use bytes::Bytes;
-use kiln::credentials::Credentials;
 use kiln_internal_api::{InstanceInfo, InternalClient, NodeInfo};
 use serde_json::{json, Value};
 
@@ -127,17 +126,15 @@ async fn killing_an_agent_under_load_moves_calls_to_the_other_node() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
-    let c = Arc::new(
-        kiln::client::FcClient::new(Credentials {
-            endpoint: format!("https://127.0.0.1:{gp}"),
-            account_id: "1300000000000001".into(),
-            access_key_id: "LTAIkilltest".into(),
-            access_key_secret: "kill-test-secret-0123456789".into(),
-            ca_cert: pki.ca_cert(),
-            security_token: None,
-        })
-        .unwrap(),
-    );
+    let c = Arc::new(common::loopback_client(
+        &pki,
+        gp,
+        (
+            "1300000000000001",
+            "LTAIkilltest",
+            "kill-test-secret-0123456789",
+        ),
+    ));
     c.create_function(&json!({
         "functionName": "steady",
         "runtime": "custom.debian12",

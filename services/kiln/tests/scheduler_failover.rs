@@ -12,10 +12,15 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use bytes::Bytes;
-use kiln::credentials::Credentials;
 use kiln_internal_api::{paths, Endpoints, InstanceInfo, InternalClient, NodeInfo};
 use kiln_test_support::postgres::PgServer;
 use serde_json::json;
+
+const KEY: (&str, &str, &str) = (
+    "1300000000000002",
+    "LTAIfailover",
+    "failover-secret-0123456789",
+);
 
 fn scheduler(
     dir: &std::path::Path,
@@ -101,17 +106,7 @@ async fn killing_the_leading_scheduler_under_load_loses_nothing() {
         "scheduler",
         &scheduler(dir, &pki, "scheduler-b", sb, &pg_url),
     ));
-    let gateway = common::gateway_config(
-        dir,
-        &pki,
-        (sa, gp, gi),
-        (
-            "1300000000000002",
-            "LTAIfailover",
-            "failover-secret-0123456789",
-        ),
-    )
-    .replace(
+    let gateway = common::gateway_config(dir, &pki, (sa, gp, gi), KEY).replace(
         &format!("scheduler_url = \"https://127.0.0.1:{sa}\""),
         &format!("scheduler_url = {both:?}"),
     );
@@ -151,17 +146,7 @@ async fn killing_the_leading_scheduler_under_load_loses_nothing() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
-    let c = Arc::new(
-        kiln::client::FcClient::new(Credentials {
-            endpoint: format!("https://127.0.0.1:{gp}"),
-            account_id: "1300000000000002".into(),
-            access_key_id: "LTAIfailover".into(),
-            access_key_secret: "failover-secret-0123456789".into(),
-            ca_cert: pki.ca_cert(),
-            security_token: None,
-        })
-        .unwrap(),
-    );
+    let c = Arc::new(common::loopback_client(&pki, gp, KEY));
     c.create_function(&json!({
         "functionName": "steady",
         "runtime": "custom.debian12",

@@ -516,6 +516,24 @@ pub fn cluster_dir(prefix: &str) -> (tempfile::TempDir, kiln_pki::DevPki, (u16, 
     (state, pki, (free_port(), free_port(), free_port()))
 }
 
+/// An API client of the gateway whose public listener is on loopback
+/// `port`, signing with `key` (account id, access key id, secret).
+pub fn loopback_client(
+    pki: &kiln_pki::DevPki,
+    port: u16,
+    (account_id, access_key_id, access_key_secret): (&str, &str, &str),
+) -> FcClient {
+    FcClient::new(kiln::credentials::Credentials {
+        endpoint: format!("https://127.0.0.1:{port}"),
+        account_id: account_id.into(),
+        access_key_id: access_key_id.into(),
+        access_key_secret: access_key_secret.into(),
+        ca_cert: pki.ca_cert(),
+        security_token: None,
+    })
+    .unwrap()
+}
+
 pub fn tls_table(pki: &kiln_pki::DevPki, role: &str) -> String {
     let f = pki.files(role);
     format!(
