@@ -126,10 +126,40 @@ pub enum Command {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Move state between stores (stop the service first).
+    #[command(subcommand)]
+    Store(StoreCommand),
     /// List the runtimes and where each is in its end of support.
     Runtimes {
         #[command(flatten)]
         out: OutputArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// Copy a stopped one-box scheduler's state (its SQLite file) into
+    /// the empty PostgreSQL database a cluster of schedulers will share
+    /// (docs/ha.md). The gateway's state stays where it is.
+    Copy {
+        /// The scheduler's state directory (holds scheduler.db).
+        #[arg(long)]
+        from: PathBuf,
+        /// The cluster's database: a `postgresql://` URL or `key=value`
+        /// string (a unix socket or loopback address).
+        #[arg(long)]
+        to: String,
+        /// The key the one-box scheduler sealed with (its `[secrets]
+        /// key_file`); default FROM/secrets.key.
+        #[arg(long)]
+        from_key_file: Option<PathBuf>,
+        /// The cluster's sealing key (every clustered scheduler's
+        /// `[secrets] key_file`); default the source's.
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+        /// A file holding the database password.
+        #[arg(long)]
+        password_file: Option<PathBuf>,
     },
 }
 
@@ -1001,6 +1031,19 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::Bench(args) => bench::run(args).await,
         Command::Runtimes { out } => runtimes::run(&client(&cli)?, out.json()).await,
+        Command::Store(StoreCommand::Copy {
+            from,
+            to,
+            from_key_file,
+            key_file,
+            password_file,
+        }) => crate::commands::store::copy(&crate::commands::store::CopyArgs {
+            from,
+            to,
+            from_key_file: from_key_file.as_deref(),
+            key_file: key_file.as_deref(),
+            password_file: password_file.as_deref(),
+        }),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             let mut cmd = Cli::command();

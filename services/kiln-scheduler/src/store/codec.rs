@@ -172,6 +172,19 @@ pub(super) fn decode_limits(
     ))
 }
 
+/// A `bootstrap_tokens` row.
+pub(super) fn decode_token(
+    (token_sha256, node, created, expires, used): (String, String, i64, i64, Option<i64>),
+) -> Result<super::StoredToken, SchedulerStoreError> {
+    Ok(super::StoredToken {
+        node_id: decode_node_id("bootstrap token", &node)?,
+        token_sha256,
+        created_at_ms: created.max(0) as u64,
+        expires_at_ms: expires.max(0) as u64,
+        used_at_ms: used.map(|u| u.max(0) as u64),
+    })
+}
+
 /// A stored node id (revocations, holders, tokens).
 pub(super) fn decode_node_id(
     what: &'static str,

@@ -8,6 +8,7 @@
 //! leader's token). Both store the same rows ([`codec`]).
 
 mod codec;
+pub mod copy;
 pub mod postgres;
 mod sqlite;
 #[cfg(test)]
@@ -120,6 +121,16 @@ impl Redeemed {
     }
 }
 
+/// A bootstrap token as stored (its SHA-256; never the token).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredToken {
+    pub token_sha256: String,
+    pub node_id: NodeId,
+    pub created_at_ms: u64,
+    pub expires_at_ms: u64,
+    pub used_at_ms: Option<u64>,
+}
+
 /// Revocations and bootstrap tokens: written synchronously (a revocation
 /// is on disk before the operator is told it happened; a token is used at
 /// most once even across a crash).
@@ -144,6 +155,10 @@ pub trait TrustStore: Send + Sync + 'static {
     /// The client certificate (SHA-256) each node last registered with.
     fn node_holders(&self) -> Result<Vec<(NodeId, [u8; 32])>, SchedulerStoreError>;
     fn set_node_holder(&self, node: &NodeId, sha256: &[u8; 32]) -> Result<(), SchedulerStoreError>;
+    /// Every bootstrap token, used or not (for copying a store).
+    fn bootstrap_tokens(&self) -> Result<Vec<StoredToken>, SchedulerStoreError>;
+    /// Store `token` as it was stored elsewhere (for copying a store).
+    fn restore_bootstrap_token(&self, token: &StoredToken) -> Result<(), SchedulerStoreError>;
 }
 
 enum WriterMsg {

@@ -459,6 +459,37 @@ impl TrustStore for PgSchedulerStore {
         })
     }
 
+    fn bootstrap_tokens(&self) -> Result<Vec<super::StoredToken>, SchedulerStoreError> {
+        self.read(
+            "SELECT token_sha256, node_id, created_at_ms, expires_at_ms, used_at_ms \
+             FROM bootstrap_tokens ORDER BY token_sha256",
+        )?
+        .into_iter()
+        .map(|r| codec::decode_token((r.get(0), r.get(1), r.get(2), r.get(3), r.get(4))))
+        .collect()
+    }
+
+    fn restore_bootstrap_token(&self, t: &super::StoredToken) -> Result<(), SchedulerStoreError> {
+        let t = t.clone();
+        self.write(move |tx| {
+            Box::pin(async move {
+                tx.execute(
+                    "INSERT INTO bootstrap_tokens (token_sha256, node_id, created_at_ms, \
+                     expires_at_ms, used_at_ms) VALUES ($1, $2, $3, $4, $5)",
+                    &[
+                        &t.token_sha256 as P,
+                        &t.node_id.as_str(),
+                        &(t.created_at_ms as i64),
+                        &(t.expires_at_ms as i64),
+                        &t.used_at_ms.map(|u| u as i64),
+                    ],
+                )
+                .await?;
+                Ok(())
+            })
+        })
+    }
+
     fn redeem_bootstrap_token(
         &self,
         token_sha256: &str,
@@ -661,6 +692,74 @@ mod tests {
                 .await
                 .unwrap()
                 .is_empty()
+        );
+    }
+
+    /// A one-box install's SQLite state moves into PostgreSQL whole,
+    /// environments resealed under the cluster's key; a second copy into
+    /// the same database is refused.
+    #[test]
+    fn a_one_box_store_copies_into_postgres() {
+        use crate::store::copy::{copy, CopyError};
+        use crate::store::SqliteSchedulerStore;
+        let Some(pg) = PgServer::start() else { return };
+        let url = pg.create_database("copy");
+        let dir = tempfile::tempdir().unwrap();
+        let one_box = SqliteSchedulerStore::open(
+            &dir.path().join("scheduler.db"),
+            Arc::new(Sealer::new(&[1u8; 32], &[])),
+        )
+        .unwrap();
+        let (changes, _) = suite::secret_state();
+        one_box.apply(&changes).unwrap();
+        one_box
+            .apply(&[Change::UpsertAccountLimits(
+                "1".parse().unwrap(),
+                crate::placement::default_account_limits(),
+            )])
+            .unwrap();
+        let n: NodeId = "n-gone".parse().unwrap();
+        one_box.revoke_node(&n, 77).unwrap();
+        one_box.set_node_holder(&n, &[5; 32]).unwrap();
+        one_box.add_bootstrap_token("aa", &n, 10, 1_000).unwrap();
+        one_box.add_bootstrap_token("bb", &n, 10, 1_000).unwrap();
+        one_box.redeem_bootstrap_token("bb", 20).unwrap();
+
+        let cluster_key = || Arc::new(Sealer::new(&[2u8; 32], &[]));
+        let cluster = PgSchedulerStore::open(&url, cluster_key()).unwrap();
+        let copied = copy(&one_box, &cluster).unwrap();
+        assert_eq!(
+            copied.to_string(),
+            "1 nodes, 1 instances, 1 provisions, 1 account limits, 1 revoked nodes, \
+             1 node certificate holders, 2 bootstrap tokens"
+        );
+        let reopened = PgSchedulerStore::open(&url, cluster_key()).unwrap();
+        assert_eq!(reopened.load().unwrap(), one_box.load().unwrap());
+        assert_eq!(
+            reopened.load_provisions().unwrap(),
+            one_box.load_provisions().unwrap()
+        );
+        assert_eq!(
+            reopened.load_account_limits().unwrap(),
+            one_box.load_account_limits().unwrap()
+        );
+        assert_eq!(reopened.revoked_nodes().unwrap(), vec![(n.clone(), 77)]);
+        assert_eq!(reopened.node_holders().unwrap(), vec![(n.clone(), [5; 32])]);
+        assert_eq!(
+            reopened.bootstrap_tokens().unwrap(),
+            one_box.bootstrap_tokens().unwrap()
+        );
+        assert!(matches!(
+            reopened.redeem_bootstrap_token("bb", 30).unwrap(),
+            Redeemed::Used { used_at_ms: 20, .. }
+        ));
+
+        let again = copy(&one_box, &reopened).unwrap_err();
+        assert!(matches!(again, CopyError::NotEmpty(_)), "{again}");
+        assert_eq!(
+            reopened.bootstrap_tokens().unwrap().len(),
+            2,
+            "nothing merged"
         );
     }
 }

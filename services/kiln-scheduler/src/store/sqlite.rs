@@ -424,6 +424,39 @@ impl TrustStore for SqliteSchedulerStore {
         Ok(())
     }
 
+    fn bootstrap_tokens(&self) -> Result<Vec<super::StoredToken>, SchedulerStoreError> {
+        type Row = (String, String, i64, i64, Option<i64>);
+        let rows: Vec<Row> = self.db.with_conn(|c| {
+            Ok(c.prepare(
+                "SELECT token_sha256, node_id, created_at_ms, expires_at_ms, used_at_ms \
+                 FROM bootstrap_tokens ORDER BY token_sha256",
+            )?
+            .query_map([], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })?
+            .collect::<Result<Vec<_>, _>>()?)
+        })?;
+        rows.into_iter().map(codec::decode_token).collect()
+    }
+
+    fn restore_bootstrap_token(&self, t: &super::StoredToken) -> Result<(), SchedulerStoreError> {
+        self.db.with_conn(|c| {
+            c.execute(
+                "INSERT INTO bootstrap_tokens (token_sha256, node_id, created_at_ms, \
+                 expires_at_ms, used_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    t.token_sha256,
+                    t.node_id.as_str(),
+                    t.created_at_ms as i64,
+                    t.expires_at_ms as i64,
+                    t.used_at_ms.map(|u| u as i64),
+                ],
+            )?;
+            Ok(())
+        })?;
+        Ok(())
+    }
+
     fn redeem_bootstrap_token(
         &self,
         token_sha256: &str,

@@ -8,6 +8,7 @@ pub mod observe;
 pub mod operator;
 pub mod project;
 pub mod runtimes;
+pub mod store;
 pub mod tasks;
 pub mod triggers;
 pub mod versions;

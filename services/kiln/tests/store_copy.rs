@@ -1,0 +1,78 @@
+//! `kiln store copy`: a stopped one-box scheduler's state moves into an
+//! empty PostgreSQL database (a real server), once; what cannot be copied
+//! is refused with the reason.
+
+use std::process::Command;
+use std::sync::Arc;
+
+use kiln_scheduler::placement::{default_account_limits, Change};
+use kiln_scheduler::store::TrustStore;
+use kiln_scheduler::{PgSchedulerStore, SchedulerStore, SqliteSchedulerStore};
+use kiln_store::seal::{load_key_file, Sealer};
+use kiln_test_support::postgres::PgServer;
+
+fn kiln(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_one_box_scheduler_moves_into_postgres_once() {
+    let Some(pg) = PgServer::start() else { return };
+    let url = pg.create_database("kiln_copy");
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("scheduler");
+    std::fs::create_dir(&state).unwrap();
+    let key_file = state.join("secrets.key");
+    kiln_store::seal::generate_key_file(&key_file).unwrap();
+    let sealer = || Arc::new(Sealer::new(&load_key_file(&key_file).unwrap(), &[]));
+    {
+        let one_box = SqliteSchedulerStore::open(&state.join("scheduler.db"), sealer()).unwrap();
+        one_box
+            .apply(&[Change::UpsertAccountLimits(
+                "1234".parse().unwrap(),
+                default_account_limits(),
+            )])
+            .unwrap();
+        let node = "n-old".parse().unwrap();
+        one_box.revoke_node(&node, 42).unwrap();
+        one_box.add_bootstrap_token("cafe", &node, 1, 2).unwrap();
+    }
+
+    let missing = kiln(&["store", "copy", "--from", "/nonexistent", "--to", &url]);
+    assert!(!missing.status.success());
+    let err = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        err.contains("/nonexistent/scheduler.db does not exist"),
+        "{err}"
+    );
+
+    let from = state.to_str().unwrap();
+    let out = kiln(&["store", "copy", "--from", from, "--to", &url]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("0 nodes, 0 instances, 0 provisions, 1 account limits, 1 revoked nodes, 0 node certificate holders, 1 bootstrap tokens"),
+        "{text}"
+    );
+    let cluster = PgSchedulerStore::open(&url, sealer()).unwrap();
+    assert_eq!(cluster.load_account_limits().unwrap().len(), 1);
+    assert_eq!(cluster.revoked_nodes().unwrap()[0].1, 42);
+    assert_eq!(cluster.bootstrap_tokens().unwrap().len(), 1);
+
+    let again = kiln(&["store", "copy", "--from", from, "--to", &url]);
+    assert!(!again.status.success());
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(err.contains("already holds scheduler state"), "{err}");
+    assert_eq!(
+        cluster.bootstrap_tokens().unwrap().len(),
+        1,
+        "nothing merged"
+    );
+}
