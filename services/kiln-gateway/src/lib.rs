@@ -29,6 +29,7 @@ pub mod runtimes;
 pub mod scheduler;
 pub mod secrets;
 pub mod store;
+pub mod timers;
 pub mod triggers;
 pub mod validate;
 pub mod versions;
@@ -362,6 +363,7 @@ pub async fn start_with_clock(
     )));
     tasks.push(tokio::spawn(leases.run_sweeper(stopped(rx.clone()))));
     tasks.push(tokio::spawn(gw.dispatcher.clone().run(stopped(rx.clone()))));
+    tasks.push(tokio::spawn(timers::run(gw.clone(), stopped(rx.clone()))));
     if let Some(l) = metrics_l {
         tasks.push(tokio::spawn(metrics::serve(
             l,

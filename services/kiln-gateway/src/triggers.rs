@@ -282,7 +282,7 @@ pub fn check_cron(expr: &str) -> Result<(), String> {
 }
 
 /// `1m`, `90m`, `2h`, `1h30m` in seconds.
-fn parse_every(s: &str) -> Option<u64> {
+pub(crate) fn parse_every(s: &str) -> Option<u64> {
     let mut total = 0u64;
     let mut num = String::new();
     let mut any = false;
@@ -493,6 +493,18 @@ impl Catalog {
             .of(account, name)?
             .get(trigger)
             .cloned()
+    }
+
+    /// Every timer trigger, of every account.
+    pub fn timer_triggers(&self) -> Vec<Arc<TriggerRecord>> {
+        self.trigger_index()
+            .by_function
+            .values()
+            .flat_map(|functions| functions.values())
+            .flat_map(|triggers| triggers.values())
+            .filter(|t| matches!(t.config, TriggerConfig::Timer(_)))
+            .cloned()
+            .collect()
     }
 
     /// The HTTP trigger whose host label is `label`.

@@ -624,3 +624,88 @@ async fn official_python_sdk_triggers() {
     )
     .await;
 }
+
+/// The timer events the fake agent was sent for `trigger`: their times.
+fn timer_ticks(seen: &Seen, trigger: &str) -> Vec<String> {
+    seen.lock()
+        .unwrap()
+        .iter()
+        .filter_map(|(_, body)| serde_json::from_slice::<Value>(body).ok())
+        .filter(|e| e["triggerName"] == trigger)
+        .map(|e| {
+            assert_eq!(e["payload"], "tick", "{e}");
+            e["triggerTime"].as_str().unwrap().to_owned()
+        })
+        .collect()
+}
+
+/// A timer trigger's ticks are async invocations through the durable
+/// queue (listed as async tasks), FC's timer event as the payload, each
+/// tick once, across a gateway restart; a disabled one never fires.
+#[tokio::test]
+async fn timer_triggers_fire_through_the_async_queue_once_per_tick() {
+    let mut env = Env::new().await;
+    let a = env.client(AK_A, SK_A);
+    a.post_json(F, &function_doc("cron")).await.ok();
+    // FC lists async tasks of functions with `asyncTask` on.
+    a.call(
+        Method::PUT,
+        &format!("{F}/cron/async-invoke-config"),
+        json!({"asyncTask": true}).to_string().into_bytes(),
+    )
+    .await
+    .ok();
+    let timer = |name: &str, enable: bool| {
+        json!({
+            "triggerName": name,
+            "triggerType": "timer",
+            "triggerConfig": json!({"cronExpression": "*/1 * * * * *", "payload": "tick", "enable": enable}).to_string(),
+        })
+    };
+    a.create_trigger("cron", &timer("every-second", true))
+        .await
+        .ok();
+    a.create_trigger("cron", &timer("off", false)).await.ok();
+
+    let wait_for = |n: usize, seen: Seen| async move {
+        for _ in 0..100 {
+            if timer_ticks(&seen, "every-second").len() >= n {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        panic!("fewer than {n} ticks in 10 s");
+    };
+    wait_for(2, env.seen.clone()).await;
+    env.restart().await;
+    let a = env.client(AK_A, SK_A);
+    let before = timer_ticks(&env.seen, "every-second").len();
+    wait_for(before + 2, env.seen.clone()).await;
+
+    let ticks = timer_ticks(&env.seen, "every-second");
+    let mut unique = ticks.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), ticks.len(), "a tick fired twice: {ticks:?}");
+    assert!(
+        timer_ticks(&env.seen, "off").is_empty(),
+        "a disabled timer fired"
+    );
+
+    let tasks = a
+        .call(
+            Method::GET,
+            &format!("{F}/cron/async-tasks?prefix=timer-&limit=100"),
+            vec![],
+        )
+        .await
+        .ok();
+    let listed = tasks["tasks"].as_array().unwrap();
+    assert!(listed.len() >= ticks.len().min(4), "{tasks}");
+    assert!(
+        listed
+            .iter()
+            .all(|t| t["taskId"].as_str().unwrap().starts_with("timer-")),
+        "{tasks}"
+    );
+}
