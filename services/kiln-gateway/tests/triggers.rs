@@ -30,6 +30,8 @@ struct Env {
     gateway: Option<GatewayHandle>,
     seen: Seen,
     scheduler_url: String,
+    /// The gateway's clock, when the test drives it.
+    clock: Option<Arc<kiln_core::ManualClock>>,
     _stop: tokio::sync::watch::Sender<bool>,
 }
 
@@ -94,8 +96,24 @@ fn config(state_dir: &std::path::Path, pki: &DevPki, scheduler_url: &str) -> Gat
     }
 }
 
+/// Start the gateway on `clock`, or the system's.
+async fn start_gateway(
+    config: GatewayConfig,
+    clock: &Option<Arc<kiln_core::ManualClock>>,
+) -> GatewayHandle {
+    match clock {
+        Some(c) => kiln_gateway::start_with_clock(config, c.clone()).await,
+        None => kiln_gateway::start(config).await,
+    }
+    .unwrap()
+}
+
 impl Env {
     async fn new() -> Env {
+        Self::with_clock(None).await
+    }
+
+    async fn with_clock(clock: Option<Arc<kiln_core::ManualClock>>) -> Env {
         let dir = tempfile::tempdir().unwrap();
         let pki = DevPki::ensure(&dir.path().join("pki"), &[]).unwrap();
         let seen: Seen = Arc::default();
@@ -108,10 +126,9 @@ impl Env {
         let sched = serve_fake(sched_tls, rx, move |r| fake_scheduler(r, agent_url.clone())).await;
         let scheduler_url = format!("https://127.0.0.1:{}", sched.port());
         let state_dir = dir.path().join("gateway");
-        let gateway = kiln_gateway::start(config(&state_dir, &pki, &scheduler_url))
-            .await
-            .unwrap();
+        let gateway = start_gateway(config(&state_dir, &pki, &scheduler_url), &clock).await;
         Env {
+            clock,
             _dir: dir,
             state_dir,
             pki,
@@ -132,9 +149,11 @@ impl Env {
 
     async fn restart(&mut self) {
         self.gateway.take().unwrap().shutdown().await;
-        let g = kiln_gateway::start(config(&self.state_dir, &self.pki, &self.scheduler_url))
-            .await
-            .unwrap();
+        let g = start_gateway(
+            config(&self.state_dir, &self.pki, &self.scheduler_url),
+            &self.clock,
+        )
+        .await;
         self.gateway = Some(g);
     }
 }
@@ -708,4 +727,67 @@ async fn timer_triggers_fire_through_the_async_queue_once_per_tick() {
             .all(|t| t["taskId"].as_str().unwrap().starts_with("timer-")),
         "{tasks}"
     );
+}
+
+/// `@every 1m` fires once a minute of the gateway's clock (driven by the
+/// test), across a restart, each tick an async task.
+#[tokio::test]
+async fn an_every_minute_timer_fires_each_minute_across_a_restart() {
+    let clock = Arc::new(kiln_core::ManualClock::new(now_ms()));
+    let mut env = Env::with_clock(Some(clock.clone())).await;
+    let a = env.client(AK_A, SK_A);
+    a.post_json(F, &function_doc("minutely")).await.ok();
+    a.call(
+        Method::PUT,
+        &format!("{F}/minutely/async-invoke-config"),
+        json!({"asyncTask": true}).to_string().into_bytes(),
+    )
+    .await
+    .ok();
+    a.create_trigger(
+        "minutely",
+        &json!({
+            "triggerName": "each-minute",
+            "triggerType": "timer",
+            "triggerConfig": json!({"cronExpression": "@every 1m", "payload": "tick", "enable": true}).to_string(),
+        }),
+    )
+    .await
+    .ok();
+    let ticks = |env: &Env| timer_ticks(&env.seen, "each-minute");
+    let wait_for = |n: usize, seen: Seen| async move {
+        for _ in 0..100 {
+            if timer_ticks(&seen, "each-minute").len() >= n {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        panic!("fewer than {n} ticks");
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    assert!(ticks(&env).is_empty(), "fired before a minute passed");
+
+    clock.advance(std::time::Duration::from_secs(60));
+    wait_for(1, env.seen.clone()).await;
+    env.restart().await;
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    assert_eq!(ticks(&env).len(), 1, "the restart fired nothing by itself");
+    clock.advance(std::time::Duration::from_secs(60));
+    wait_for(2, env.seen.clone()).await;
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+
+    let t = ticks(&env);
+    assert_eq!(t.len(), 2, "{t:?}");
+    let at = |s: &str| s.parse::<jiff::Timestamp>().unwrap().as_second();
+    assert_eq!(at(&t[1]) - at(&t[0]), 60, "{t:?}");
+    let a = env.client(AK_A, SK_A);
+    let tasks = a
+        .call(
+            Method::GET,
+            &format!("{F}/minutely/async-tasks?prefix=timer-&limit=100"),
+            vec![],
+        )
+        .await
+        .ok();
+    assert_eq!(tasks["tasks"].as_array().unwrap().len(), 2, "{tasks}");
 }
