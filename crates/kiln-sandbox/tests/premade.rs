@@ -133,6 +133,11 @@ fn config(guard: &Guard, seed: u32, premade: PremadeConfig) -> ContainerConfig {
         // No cold-start boost: the claimed quota is the function's own.
         cold_start_boost_ms: 0,
         premade,
+        // Only `custom` (an empty tree, made at once) is built here: every
+        // built runtime keeps a sandbox before any gets a second, so the
+        // budget arithmetic below must not depend on what a shared cache
+        // (KILN_ROOTFS_CACHE) happens to hold.
+        rootfs_dir: Some(guard.dir().join("rootfs")),
         ..guard.config(seed)
     }
 }
