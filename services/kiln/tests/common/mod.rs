@@ -249,7 +249,33 @@ pub fn leftovers_cleanup(prefix: &str) {
             .status();
     }
     remove_ovs_bridges(prefix);
+    remove_ifbs(prefix);
     remove_cgroups(prefix);
+}
+
+/// Delete the ifb devices (`<prefix>i<hex>`, an instance's shaped ingress,
+/// in the host's namespace) that a killed agent left.
+fn remove_ifbs(prefix: &str) {
+    let Ok(out) = Command::new("ip").args(["-o", "link", "show"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some(name) = line
+            .split(": ")
+            .nth(1)
+            .map(|n| n.split('@').next().unwrap_or(n))
+        else {
+            continue;
+        };
+        let ours = name
+            .strip_prefix(prefix)
+            .and_then(|r| r.strip_prefix('i'))
+            .is_some_and(|hex| !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit()));
+        if ours {
+            eprintln!("cleaning up leftover ifb {name}");
+            let _ = Command::new("ip").args(["link", "delete", name]).status();
+        }
+    }
 }
 
 /// Delete the Open vSwitch bridges named with `prefix` (an agent's VPC
