@@ -510,7 +510,16 @@ mod tests {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        let found = runtime_commands_under(root.path());
+        // The child shows its argv once it has exec'd python3: until then
+        // /proc holds the forked test binary's.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let found = loop {
+            let found = runtime_commands_under(root.path());
+            if !found.is_empty() || std::time::Instant::now() > deadline {
+                break found;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
         let other = runtime_commands_under(&root.path().join("other"));
         child.kill().unwrap();
         child.wait().unwrap();
