@@ -11,6 +11,7 @@
 //! (a stalled gateway), only the latest fires. `@every` periods count from
 //! the trigger's creation, so a restart keeps their phase.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,14 +39,20 @@ pub enum Schedule {
 }
 
 impl Schedule {
-    /// The schedule of `expr` (as [`crate::triggers::check_cron`]
-    /// accepts it) for a trigger created at `anchor_ms`.
+    /// The schedule of `expr` for a trigger created at `anchor_ms`:
+    /// FC's timer `cronExpression` forms, `@every 1m` (a whole number of
+    /// minutes or hours, at least one minute), or six cron fields
+    /// (seconds minutes hours day-of-month month day-of-week, UTC)
+    /// optionally prefixed with `CRON_TZ=<IANA zone> `. The one parser
+    /// of timer schedules ([`crate::triggers::check_cron`] uses it).
     pub fn of(expr: &str, anchor_ms: u64) -> Result<Self, String> {
-        crate::triggers::check_cron(expr)?;
         let e = expr.trim();
         if let Some(every) = e.strip_prefix("@every") {
             let secs = crate::triggers::parse_every(every.trim())
-                .ok_or_else(|| format!("cronExpression {expr:?}: bad @every duration"))?;
+                .filter(|s| *s >= 60)
+                .ok_or_else(|| {
+                    format!("cronExpression {expr:?}: @every takes a duration of at least one minute such as 1m, 90m or 2h")
+                })?;
             return Ok(Self::Every {
                 period_ms: secs * 1000,
                 anchor_ms,
@@ -53,22 +60,28 @@ impl Schedule {
         }
         let (tz, fields) = match e.strip_prefix("CRON_TZ=") {
             Some(rest) => {
-                let (tz, fields) = rest
-                    .split_once(char::is_whitespace)
-                    .ok_or_else(|| format!("cronExpression {expr:?}: no fields"))?;
-                (
-                    TimeZone::get(tz).map_err(|e| format!("time zone {tz:?}: {e}"))?,
-                    fields.trim(),
-                )
+                let (tz, fields) = rest.split_once(char::is_whitespace).ok_or_else(|| {
+                    format!(
+                        "cronExpression {expr:?}: CRON_TZ=<zone> must be followed by the cron fields"
+                    )
+                })?;
+                let zone = TimeZone::get(tz)
+                    .map_err(|_| format!("cronExpression {expr:?}: time zone {tz:?} is unknown"))?;
+                (zone, fields.trim())
             }
             None => (TimeZone::UTC, e),
         };
+        if fields.split_whitespace().count() != 6 {
+            return Err(format!(
+                "cronExpression {expr:?} must be @every <duration> or six fields: seconds minutes hours day-of-month month day-of-week"
+            ));
+        }
         let cron = croner::parser::CronParser::builder()
             .seconds(croner::parser::Seconds::Required)
             .year(croner::parser::Year::Disallowed)
             .build()
             .parse(fields)
-            .map_err(|err| format!("cronExpression {expr:?}: {err}"))?;
+            .map_err(|err| format!("cronExpression {expr:?} is not valid: {err}"))?;
         Ok(Self::Cron {
             cron: Box::new(cron),
             tz,
@@ -131,6 +144,7 @@ pub fn event(trigger_name: &str, payload: &str, tick_ms: u64) -> Vec<u8> {
 /// Look for due ticks every [`LOOK_EVERY`] until `stop`.
 pub async fn run(gw: Arc<Gateway>, stop: impl std::future::Future<Output = ()>) {
     let mut last = gw.clock.now_ms();
+    let mut schedules: HashMap<String, (u64, Result<Schedule, String>)> = HashMap::new();
     let mut every = tokio::time::interval(LOOK_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(stop);
@@ -140,21 +154,29 @@ pub async fn run(gw: Arc<Gateway>, stop: impl std::future::Future<Output = ()>) 
             _ = every.tick() => {}
         }
         let now = gw.clock.now_ms();
-        for t in gw.catalog.timer_triggers() {
+        let triggers = gw.catalog.timer_triggers();
+        // Parsed once per version of each trigger, not on every look.
+        schedules.retain(|id, _| triggers.iter().any(|t| &t.trigger_id == id));
+        for t in triggers {
             let crate::triggers::TriggerConfig::Timer(cfg) = &t.config else {
                 continue;
             };
             if !cfg.enable {
                 continue;
             }
-            match Schedule::of(&cfg.cron_expression, t.created_ms) {
-                Ok(s) => {
-                    if let Some(tick) = s.latest_in(last, now) {
-                        fire(&gw, &t, cfg, tick).await;
-                    }
+            let entry = schedules
+                .entry(t.trigger_id.clone())
+                .or_insert_with(|| (u64::MAX, Err(String::new())));
+            if entry.0 != t.modified_ms {
+                let parsed = Schedule::of(&cfg.cron_expression, t.created_ms);
+                if let Err(e) = &parsed {
+                    tracing::warn!(trigger = %t.trigger_name, function = %t.function_name, error = %e, "timer trigger has an unusable schedule");
                 }
-                Err(e) => {
-                    tracing::warn!(trigger = %t.trigger_name, function = %t.function_name, error = %e, "timer trigger has an unusable schedule")
+                *entry = (t.modified_ms, parsed);
+            }
+            if let Ok(s) = &entry.1 {
+                if let Some(tick) = s.latest_in(last, now) {
+                    fire(&gw, &t, cfg, tick).await;
                 }
             }
         }

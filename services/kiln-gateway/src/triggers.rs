@@ -242,43 +242,7 @@ impl RawTimerConfig {
 /// minutes hours day-of-month month day-of-week, UTC) optionally prefixed
 /// with `CRON_TZ=<IANA zone> `. Parsed by croner.
 pub fn check_cron(expr: &str) -> Result<(), String> {
-    let e = expr.trim();
-    if let Some(every) = e.strip_prefix("@every") {
-        let every = every.trim();
-        return parse_every(every)
-            .filter(|s| *s >= 60)
-            .map(|_| ())
-            .ok_or_else(|| {
-                format!("cronExpression {expr:?}: @every takes a duration of at least one minute such as 1m, 90m or 2h")
-            });
-    }
-    let (tz, fields) = match e.strip_prefix("CRON_TZ=") {
-        Some(rest) => rest
-            .split_once(char::is_whitespace)
-            .map(|(tz, f)| (Some(tz), f.trim()))
-            .ok_or_else(|| {
-                format!(
-                    "cronExpression {expr:?}: CRON_TZ=<zone> must be followed by the cron fields"
-                )
-            })?,
-        None => (None, e),
-    };
-    if let Some(tz) = tz {
-        jiff::tz::TimeZone::get(tz)
-            .map_err(|_| format!("cronExpression {expr:?}: time zone {tz:?} is unknown"))?;
-    }
-    if fields.split_whitespace().count() != 6 {
-        return Err(format!(
-            "cronExpression {expr:?} must be @every <duration> or six fields: seconds minutes hours day-of-month month day-of-week"
-        ));
-    }
-    croner::parser::CronParser::builder()
-        .seconds(croner::parser::Seconds::Required)
-        .year(croner::parser::Year::Disallowed)
-        .build()
-        .parse(fields)
-        .map(|_| ())
-        .map_err(|err| format!("cronExpression {expr:?} is not valid: {err}"))
+    crate::timers::Schedule::of(expr, 0).map(drop)
 }
 
 /// `1m`, `90m`, `2h`, `1h30m` in seconds.

@@ -37,11 +37,10 @@ use crate::store::PgSchedulerStore;
 /// Whether this scheduler may act now.
 #[derive(Clone)]
 pub struct Lease {
-    /// Milliseconds since `epoch` until which the lease is held; 0 never.
+    /// Milliseconds since `epoch` until which the lease is held: 0 not
+    /// at all, `u64::MAX` for ever (a single scheduler).
     held_until_ms: Arc<AtomicU64>,
     epoch: Instant,
-    /// `None`: a single scheduler, which always leads.
-    clustered: bool,
 }
 
 impl Lease {
@@ -50,7 +49,6 @@ impl Lease {
         Self {
             held_until_ms: Arc::new(AtomicU64::new(u64::MAX)),
             epoch: Instant::now(),
-            clustered: false,
         }
     }
 
@@ -58,15 +56,12 @@ impl Lease {
         Self {
             held_until_ms: Arc::new(AtomicU64::new(0)),
             epoch,
-            clustered: true,
         }
     }
 
     /// True while the lease is held by the local clock.
     pub fn held(&self) -> bool {
-        !self.clustered
-            || (self.epoch.elapsed().as_millis() as u64)
-                < self.held_until_ms.load(Ordering::Acquire)
+        (self.epoch.elapsed().as_millis() as u64) < self.held_until_ms.load(Ordering::Acquire)
     }
 
     fn hold_until(&self, deadline: Instant) {

@@ -62,6 +62,51 @@ pub fn qualifier(parts: &http::request::Parts) -> Result<crate::versions::Qualif
     crate::versions::Qualifier::parse(query_param(parts, "qualifier").as_deref())
 }
 
+/// FC's `limit` of a listing by name (versions, aliases, triggers):
+/// 1 to 100, 20 when absent.
+pub fn list_limit(parts: &http::request::Parts) -> Result<usize, FcError> {
+    const DEFAULT: usize = 20;
+    const MAX: usize = 100;
+    match query_param(parts, "limit") {
+        None => Ok(DEFAULT),
+        Some(l) => l
+            .parse::<usize>()
+            .ok()
+            .filter(|l| (1..=MAX).contains(l))
+            .ok_or_else(|| {
+                FcError::invalid_argument(format!("limit must be between 1 and {MAX}, got {l:?}"))
+            }),
+    }
+}
+
+/// One page of `items` (in name order) as FC's listings by name give it:
+/// those whose name starts with `prefix`, after the `nextToken`'s, at most
+/// `limit` of them, and the `nextToken` of the next page when there is one.
+pub fn page_by_name<T>(
+    parts: &http::request::Parts,
+    items: Vec<T>,
+    name: impl Fn(&T) -> &str,
+) -> Result<(Vec<T>, Option<String>), FcError> {
+    let limit = list_limit(parts)?;
+    let prefix = query_param(parts, "prefix").unwrap_or_default();
+    let after = match query_param(parts, "nextToken").filter(|t| !t.is_empty()) {
+        None => None,
+        Some(t) => Some(decode_raw_token(&t)?),
+    };
+    let mut page: Vec<T> = items
+        .into_iter()
+        .filter(|t| name(t).starts_with(&prefix))
+        .filter(|t| after.as_deref().is_none_or(|after| name(t) > after))
+        .take(limit + 1)
+        .collect();
+    let more = page.len() > limit;
+    page.truncate(limit);
+    let next_token = more
+        .then(|| page.last().map(|t| encode_token(name(t))))
+        .flatten();
+    Ok((page, next_token))
+}
+
 /// A listing's opaque `nextToken` after the item named `last`.
 pub fn encode_token(last: &str) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("v1:{last}"))

@@ -10,15 +10,12 @@ use kiln_core::{FcError, FunctionName};
 use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
-use super::request::{caller_function, decode_raw_token, encode_token, function_arn, query_param};
+use super::request::{caller_function, function_arn, page_by_name};
 use super::respond::{json, no_content, Body};
 use crate::auth::Caller;
 use crate::gateway::Gateway;
 use crate::model::fc_time;
 use crate::triggers::{self, TriggerChange, TriggerConfig, TriggerRecord, TriggerType};
-
-pub const LIST_LIMIT_DEFAULT: usize = 20;
-pub const LIST_LIMIT_MAX: usize = 100;
 
 /// `CreateTriggerInput`.
 #[derive(Debug, Default, Deserialize)]
@@ -275,21 +272,6 @@ pub async fn delete(
     Ok(no_content())
 }
 
-fn limit(parts: &http::request::Parts) -> Result<usize, FcError> {
-    match query_param(parts, "limit") {
-        None => Ok(LIST_LIMIT_DEFAULT),
-        Some(l) => l
-            .parse::<usize>()
-            .ok()
-            .filter(|l| (1..=LIST_LIMIT_MAX).contains(l))
-            .ok_or_else(|| {
-                FcError::invalid_argument(format!(
-                    "limit must be between 1 and {LIST_LIMIT_MAX}, got {l:?}"
-                ))
-            }),
-    }
-}
-
 pub fn list(
     gw: &Arc<Gateway>,
     caller: &Caller,
@@ -297,29 +279,11 @@ pub fn list(
     parts: &http::request::Parts,
 ) -> Result<Response<Body>, ApiError> {
     caller_function(gw, caller, name)?;
-    let limit = limit(parts)?;
-    let prefix = query_param(parts, "prefix").unwrap_or_default();
-    let after = match query_param(parts, "nextToken").filter(|t| !t.is_empty()) {
-        None => None,
-        Some(t) => Some(decode_raw_token(&t)?),
-    };
-    let mut page: Vec<_> = gw
-        .catalog
-        .triggers_of(&caller.account_id, name)
-        .into_iter()
-        .filter(|t| t.trigger_name.starts_with(&prefix))
-        .filter(|t| {
-            after
-                .as_deref()
-                .is_none_or(|after| t.trigger_name.as_str() > after)
-        })
-        .take(limit + 1)
-        .collect();
-    let more = page.len() > limit;
-    page.truncate(limit);
-    let next_token = more
-        .then(|| page.last().map(|t| encode_token(&t.trigger_name)))
-        .flatten();
+    let (page, next_token) = page_by_name(
+        parts,
+        gw.catalog.triggers_of(&caller.account_id, name),
+        |t| &t.trigger_name,
+    )?;
     Ok(json(
         StatusCode::OK,
         &ListTriggersOutput {

@@ -12,15 +12,12 @@ use kiln_internal_api::RetireFunction;
 use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
-use super::request::{caller_function, encode_token, query_param};
+use super::request::{caller_function, encode_token, list_limit, page_by_name, query_param};
 use super::respond::{json, no_content, Body};
 use crate::auth::Caller;
 use crate::gateway::Gateway;
 use crate::model::fc_time;
 use crate::versions::{self, AliasChange, AliasRecord, VersionEntry};
-
-pub const LIST_LIMIT_DEFAULT: usize = 20;
-pub const LIST_LIMIT_MAX: usize = 100;
 
 /// `PublishVersionInput`.
 #[derive(Debug, Default, Deserialize)]
@@ -117,21 +114,6 @@ fn body<T: serde::de::DeserializeOwned + Default>(body: &Bytes) -> Result<T, FcE
         .map_err(|e| FcError::invalid_argument(format!("request body is invalid: {e}")))
 }
 
-fn limit(parts: &http::request::Parts) -> Result<usize, FcError> {
-    match query_param(parts, "limit") {
-        None => Ok(LIST_LIMIT_DEFAULT),
-        Some(l) => l
-            .parse::<usize>()
-            .ok()
-            .filter(|l| (1..=LIST_LIMIT_MAX).contains(l))
-            .ok_or_else(|| {
-                FcError::invalid_argument(format!(
-                    "limit must be between 1 and {LIST_LIMIT_MAX}, got {l:?}"
-                ))
-            }),
-    }
-}
-
 fn version_id(name: &FunctionName, s: &str) -> Result<u32, FcError> {
     versions::parse_version_id(s).ok_or_else(|| versions::version_not_found(name, s))
 }
@@ -181,7 +163,7 @@ pub fn list(
     parts: &http::request::Parts,
 ) -> Result<Response<Body>, ApiError> {
     caller_function(gw, caller, name)?;
-    let limit = limit(parts)?;
+    let limit = list_limit(parts)?;
     // FC lists newest first unless asked FORWARD.
     let forward = match query_param(parts, "direction").as_deref() {
         None | Some("") | Some("BACKWARD") => false,
@@ -356,29 +338,11 @@ pub fn list_aliases(
     parts: &http::request::Parts,
 ) -> Result<Response<Body>, ApiError> {
     caller_function(gw, caller, name)?;
-    let limit = limit(parts)?;
-    let prefix = query_param(parts, "prefix").unwrap_or_default();
-    let after = match query_param(parts, "nextToken").filter(|t| !t.is_empty()) {
-        None => None,
-        Some(t) => Some(super::request::decode_raw_token(&t)?),
-    };
-    let mut page: Vec<_> = gw
-        .catalog
-        .aliases_of(&caller.account_id, name)
-        .into_iter()
-        .filter(|a| a.alias.starts_with(&prefix))
-        .filter(|a| {
-            after
-                .as_deref()
-                .is_none_or(|after| a.alias.as_str() > after)
-        })
-        .take(limit + 1)
-        .collect();
-    let more = page.len() > limit;
-    page.truncate(limit);
-    let next_token = more
-        .then(|| page.last().map(|a| encode_token(&a.alias)))
-        .flatten();
+    let (page, next_token) = page_by_name(
+        parts,
+        gw.catalog.aliases_of(&caller.account_id, name),
+        |a| &a.alias,
+    )?;
     Ok(json(
         StatusCode::OK,
         &ListAliasesOutput {
