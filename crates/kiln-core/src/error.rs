@@ -73,6 +73,10 @@ pub enum FcErrorCode {
     /// No access key by that id (HTTP 404; the operator's key API).
     #[serde(rename = "EntityNotExist.AccessKey")]
     EntityNotExistAccessKey,
+    /// DisableFunctionInvocation turned the function's calls off (HTTP
+    /// 403, not retryable until EnableFunctionInvocation). FC does not
+    /// document the code its invocations then answer; this is Kiln's.
+    FunctionInvocationDisabled,
 }
 
 impl FcErrorCode {
@@ -114,6 +118,7 @@ impl FcErrorCode {
             }
             Self::EntityNotExistRole => "EntityNotExist.Role",
             Self::EntityNotExistAccessKey => "EntityNotExist.AccessKey",
+            Self::FunctionInvocationDisabled => "FunctionInvocationDisabled",
         }
     }
 
@@ -132,7 +137,8 @@ impl FcErrorCode {
             | Self::AccessDenied
             | Self::InvalidSecurityTokenExpired
             | Self::InvalidSecurityTokenMalformed
-            | Self::InvalidSecurityTokenMismatchWithAccessKey => 403,
+            | Self::InvalidSecurityTokenMismatchWithAccessKey
+            | Self::FunctionInvocationDisabled => 403,
             Self::FunctionNotFound
             | Self::PathNotSupported
             | Self::AsyncConfigNotExists
@@ -293,6 +299,7 @@ mod tests {
             FcErrorCode::InvalidSecurityTokenMismatchWithAccessKey,
             FcErrorCode::EntityNotExistRole,
             FcErrorCode::EntityNotExistAccessKey,
+            FcErrorCode::FunctionInvocationDisabled,
         ] {
             let s = serde_json::to_string(&code).unwrap();
             assert_eq!(s, format!("\"{}\"", code.as_str()));

@@ -358,6 +358,12 @@ pub struct RetireFunction {
     /// Absent from the JSON when the function has none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub keep_versions: Vec<String>,
+    /// DisableFunctionInvocation's `abortOngoingRequest`: instances that
+    /// do not stay are destroyed now, calls in flight included (their
+    /// callers get an error), instead of after their last call. Sent only
+    /// when true, so older schedulers keep parsing the request.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub abort_in_flight: bool,
 }
 
 /// Scheduler -> agent.

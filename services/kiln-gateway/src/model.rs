@@ -125,6 +125,57 @@ pub struct FunctionConfig {
     pub layers: Vec<LayerRef>,
     /// FC fields Kiln accepts without acting on them, echoed back as given.
     pub extras: BTreeMap<String, Value>,
+    /// Set by Disable/EnableFunctionInvocation, never by the function's
+    /// own Create or Update; a published version's snapshot has none (the
+    /// function's applies to every qualifier).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invocation_restriction: Option<InvocationRestriction>,
+}
+
+/// Whether a function's calls are turned off (FC's
+/// `invocationRestriction`), and what EnableFunctionInvocation restores.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InvocationRestriction {
+    pub disable: bool,
+    pub reason: String,
+    pub modified_ms: u64,
+    /// The provision configuration the function had when it was disabled
+    /// (its instances were destroyed and the scheduler's copy deleted):
+    /// EnableFunctionInvocation puts it back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provision: Option<kiln_internal_api::ProvisionConfig>,
+}
+
+impl InvocationRestriction {
+    /// FC's shape: `{disable, reason, lastModifiedTime}`.
+    pub fn to_fc(&self) -> Value {
+        serde_json::json!({
+            "disable": self.disable,
+            "reason": self.reason,
+            "lastModifiedTime": fc_time(self.modified_ms),
+        })
+    }
+}
+
+impl FunctionConfig {
+    /// What PublishFunctionVersion keeps: everything but the restriction,
+    /// which stays the function's.
+    pub fn version_snapshot(&self) -> FunctionConfig {
+        FunctionConfig {
+            invocation_restriction: None,
+            ..self.clone()
+        }
+    }
+
+    /// The reason calls are refused, when DisableFunctionInvocation
+    /// turned them off.
+    pub fn invocation_disabled(&self) -> Option<&str> {
+        self.invocation_restriction
+            .as_ref()
+            .filter(|r| r.disable)
+            .map(|r| r.reason.as_str())
+    }
 }
 
 /// A layer version as a function references it: its ARN and its zip.
@@ -194,6 +245,8 @@ pub struct Function {
     pub instance_lifecycle_config: Option<InstanceLifecycleConfig>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub layers: Option<Vec<FunctionLayer>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub invocation_restriction: Option<Value>,
     #[serde(flatten)]
     pub extras: BTreeMap<String, Value>,
 }
@@ -250,6 +303,10 @@ impl Function {
                     })
                     .collect()
             }),
+            invocation_restriction: c
+                .invocation_restriction
+                .as_ref()
+                .map(InvocationRestriction::to_fc),
             extras: {
                 // FC returns internetAccess (default true) with every function.
                 let mut extras = c.extras.clone();

@@ -1234,6 +1234,7 @@ pub(crate) mod tests {
                 pre_stop: None,
                 layers: Vec::new(),
                 extras: Default::default(),
+                invocation_restriction: None,
             },
         }
     }

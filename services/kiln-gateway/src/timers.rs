@@ -184,8 +184,19 @@ pub async fn run(gw: Arc<Gateway>, stop: impl std::future::Future<Output = ()>) 
     }
 }
 
-/// Enqueue one tick of `t`.
+/// Enqueue one tick of `t`; a tick of a function whose invocations are
+/// disabled is skipped (as an async call to it would be refused), not
+/// queued to fail.
 async fn fire(gw: &Arc<Gateway>, t: &TriggerRecord, cfg: &TimerTriggerConfig, tick_ms: u64) {
+    if let Some(reason) = gw
+        .catalog
+        .function(&t.account_id, &t.function_name)
+        .as_ref()
+        .and_then(|f| f.record.config.invocation_disabled())
+    {
+        tracing::info!(trigger = %t.trigger_name, function = %t.function_name, account = %t.account_id, tick_ms, reason, "timer tick skipped: the function's invocations are disabled");
+        return;
+    }
     let d = &gw.dispatcher;
     let queue = d
         .configs()

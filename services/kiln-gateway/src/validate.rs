@@ -331,6 +331,7 @@ pub fn build_config(
         pre_stop,
         layers,
         extras,
+        invocation_restriction: base.and_then(|b| b.invocation_restriction.clone()),
     })
 }
 

@@ -187,6 +187,19 @@ fn version_entry(v: VersionRecord) -> VersionEntry {
     }
 }
 
+/// A call of a function whose invocations are disabled.
+pub fn invocation_disabled(name: &FunctionName, reason: &str) -> FcError {
+    let why = if reason.is_empty() {
+        String::new()
+    } else {
+        format!(" ({reason})")
+    };
+    FcError::new(
+        FcErrorCode::FunctionInvocationDisabled,
+        format!("invocations of function '{name}' are disabled{why}; EnableFunctionInvocation turns them back on"),
+    )
+}
+
 /// FC's VersionNotFound.
 pub fn version_not_found(name: &FunctionName, version: &str) -> FcError {
     FcError::new(
@@ -395,6 +408,27 @@ impl Catalog {
     }
 
     /// Check that `qualifier` names something that exists now.
+    /// [`Self::resolve`] for a call: refused while DisableFunctionInvocation
+    /// has the function's invocations off (every qualifier: the
+    /// restriction is the function's).
+    pub fn resolve_invocable(
+        &self,
+        account: &AccountId,
+        name: &FunctionName,
+        qualifier: &Qualifier,
+        u: f64,
+    ) -> Result<Arc<FunctionEntry>, FcError> {
+        let entry = self.resolve(account, name, qualifier, u)?;
+        if let Some(reason) = self
+            .function(account, name)
+            .as_ref()
+            .and_then(|latest| latest.record.config.invocation_disabled())
+        {
+            return Err(invocation_disabled(name, reason));
+        }
+        Ok(entry)
+    }
+
     pub fn check_qualifier(
         &self,
         account: &AccountId,
@@ -540,8 +574,9 @@ impl Catalog {
                 None => (0, None),
             }
         };
+        let snapshot = latest.record.config.version_snapshot();
         if let Some(last) = last {
-            if last.entry.record.config == latest.record.config {
+            if last.entry.record.config == snapshot {
                 return Err(CatalogError::Invalid(FcError::invalid_argument(format!(
                     "function '{name}' has not changed since version {}: update it before publishing a new version",
                     last.version
@@ -555,7 +590,7 @@ impl Catalog {
             version: last_id + 1,
             description,
             created_ms: now_ms,
-            config: latest.record.config.clone(),
+            config: snapshot,
         };
         let store = self.store.clone();
         let r = record.clone();

@@ -419,6 +419,26 @@ async fn official_python_sdk_provision_configs() {
     env.shutdown().await;
 }
 
+#[tokio::test]
+async fn official_python_sdk_disables_and_enables_invocations() {
+    let Some(python) = kiln_test_support::sdk_python() else {
+        return;
+    };
+    let env = Env::new().await;
+    let zip_path = env.state_dir.join("sdk.zip");
+    std::fs::write(&zip_path, zip_of(&[("app.py", b"print('hi')\n")])).unwrap();
+    run_python_sdk(
+        &python,
+        "fc_sdk_invocation.py",
+        env.addr(),
+        &env.pki,
+        &[zip_path.as_os_str()],
+        "SDK invocation restriction ok",
+    )
+    .await;
+    env.shutdown().await;
+}
+
 async fn wait_for<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
     for _ in 0..200 {
         if let Some(v) = f().await {
@@ -502,6 +522,166 @@ async fn provisioned_instances_start_and_follow_function_updates() {
         sched.provisions().is_empty().then_some(())
     })
     .await;
+    env.shutdown().await;
+}
+
+fn register_node(sched: &kiln_scheduler::Scheduler) {
+    sched
+        .register(&kiln_internal_api::RegisterNode {
+            node_id: None,
+            agent_url: "https://127.0.0.1:1".into(),
+            capacity: kiln_internal_api::NodeCapacity {
+                memory_mb: 16 * 1024,
+                cpu_milli: 16_000,
+                max_instances: 50,
+            },
+            labels: kiln_internal_api::NodeLabels {
+                zone: "zone-a".into(),
+                tenancy: kiln_internal_api::Tenancy::Dedicated,
+                sandbox_kinds: vec![kiln_core::SandboxKind::Container],
+                dedicated_account: Some(ACCOUNT_A.parse().unwrap()),
+                runtimes: None,
+                network_isolation: Default::default(),
+            },
+            instances: vec![],
+        })
+        .unwrap();
+}
+
+/// DisableFunctionInvocation: calls refused, provisioned instances
+/// destroyed and not started again while disabled, the configuration kept
+/// and restored by EnableFunctionInvocation; bad input and other accounts
+/// change nothing.
+#[tokio::test]
+async fn disabled_invocations_refuse_calls_and_drop_provisioned_instances_until_enabled() {
+    let agent = kiln_scheduler::FakeAgent::new(std::time::Duration::ZERO);
+    let env = Env::with_agent(Some(agent.clone())).await;
+    let sched = env.scheduler.scheduler().clone();
+    register_node(&sched);
+    let a = env.client(AK_A, SK_A);
+    let b = env.client(AK_B, SK_B);
+    a.create("shop").await;
+    a.put(&prov("shop"), &json!({"target": 2}))
+        .await
+        .ok_with(StatusCode::OK);
+    wait_for("two provisioned instances", async || {
+        sched.tick();
+        (a.get(&prov("shop")).await.ok_with(StatusCode::OK)["current"] == 2).then_some(())
+    })
+    .await;
+    let disable = "/2023-03-30/functions/shop/invoke/disable";
+    let enable = "/2023-03-30/functions/shop/invoke/enable";
+    let function = "/2023-03-30/functions/shop";
+
+    // Bad bodies and another account's caller change nothing.
+    for bad in [&b"{\"abort\": true}"[..], b"[1]", b"{\"reason\": 5}"] {
+        a.call(Method::POST, disable, bad.to_vec())
+            .await
+            .fc_error(400, "InvalidArgument");
+    }
+    b.call(Method::POST, disable, b"{}".to_vec())
+        .await
+        .fc_error(404, "FunctionNotFound");
+    assert!(a
+        .get(function)
+        .await
+        .ok()
+        .get("invocationRestriction")
+        .is_none());
+    assert_eq!(sched.instances().len(), 2);
+
+    let r = a
+        .call(
+            Method::POST,
+            disable,
+            json!({"reason": "maintenance", "abortOngoingRequest": false})
+                .to_string()
+                .into_bytes(),
+        )
+        .await
+        .ok_with(StatusCode::OK);
+    assert_eq!(r, json!({"success": true}));
+    let f = a.get(function).await.ok();
+    assert_eq!(f["invocationRestriction"]["disable"], true, "{f}");
+    assert_eq!(f["invocationRestriction"]["reason"], "maintenance");
+    assert!(f["invocationRestriction"]["lastModifiedTime"].is_string());
+
+    // Every kind of call is refused before any instance is asked for.
+    let invoke = "/2023-03-30/functions/shop/invocations";
+    let e = a.call(Method::POST, invoke, b"{}".to_vec()).await;
+    let msg = e.fc_error(403, "FunctionInvocationDisabled");
+    assert!(msg.contains("maintenance"), "{msg}");
+    a.call_with(
+        Method::POST,
+        invoke,
+        b"{}".to_vec(),
+        &[("x-fc-invocation-type", "Async")],
+    )
+    .await
+    .fc_error(403, "FunctionInvocationDisabled");
+    a.put(&prov("shop"), &json!({"target": 3}))
+        .await
+        .fc_error(403, "FunctionInvocationDisabled");
+
+    // The provisioned instances go and are not started again.
+    wait_for("the provisioned instances to be destroyed", async || {
+        sched.tick();
+        sched.instances().is_empty().then_some(())
+    })
+    .await;
+    assert_eq!(agent.destroyed().len(), 2);
+    for _ in 0..5 {
+        sched.tick();
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(sched.instances().is_empty(), "no instance while disabled");
+    let p = a.get(&prov("shop")).await.ok_with(StatusCode::OK);
+    assert_eq!(
+        (
+            p["defaultTarget"].clone(),
+            p["target"].clone(),
+            p["current"].clone()
+        ),
+        (json!(2), json!(0), json!(0)),
+        "{p}"
+    );
+    let listed = a.get("/2023-03-30/provision-configs").await.ok();
+    assert_eq!(
+        listed["provisionConfigs"][0]["defaultTarget"], 2,
+        "{listed}"
+    );
+
+    // Disabling again is idempotent and keeps the configuration.
+    a.call(Method::POST, disable, vec![])
+        .await
+        .ok_with(StatusCode::OK);
+    let p = a.get(&prov("shop")).await.ok_with(StatusCode::OK);
+    assert_eq!(p["defaultTarget"], 2, "{p}");
+
+    // Enable: calls are taken again and the provisioned instances return.
+    let r = a
+        .call(Method::POST, enable, vec![])
+        .await
+        .ok_with(StatusCode::OK);
+    assert_eq!(r, json!({"success": true}));
+    let f = a.get(function).await.ok();
+    assert_eq!(f["invocationRestriction"]["disable"], false, "{f}");
+    wait_for("the provisioned instances to return", async || {
+        sched.tick();
+        (a.get(&prov("shop")).await.ok_with(StatusCode::OK)["current"] == 2).then_some(())
+    })
+    .await;
+    let e = a.call(Method::POST, invoke, b"{}".to_vec()).await;
+    assert_ne!(
+        e.status,
+        StatusCode::FORBIDDEN,
+        "enabled: {}",
+        String::from_utf8_lossy(&e.body)
+    );
+    // Enabling an enabled function is a no-op.
+    a.call(Method::POST, enable, vec![])
+        .await
+        .ok_with(StatusCode::OK);
     env.shutdown().await;
 }
 

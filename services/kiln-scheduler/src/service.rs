@@ -383,17 +383,21 @@ impl Scheduler {
 
     pub fn retire(&self, req: &RetireFunction) {
         let mut st = self.lock();
-        let effects = st.core.retire(
+        let mut effects = st.core.retire(
             &req.account_id,
             &req.function_name,
             req.keep_revision.as_deref(),
             &req.keep_versions,
         );
+        if req.abort_in_flight {
+            effects.extend(st.core.abort_retired(&req.account_id, &req.function_name));
+        }
         tracing::info!(
             account_id = %req.account_id,
             function = %req.function_name,
             keep_revision = req.keep_revision.as_deref().unwrap_or("-"),
             keep_versions = req.keep_versions.len(),
+            abort_in_flight = req.abort_in_flight,
             destroyed_now = effects.destroy.len(),
             "function retired"
         );

@@ -78,10 +78,10 @@ pub async fn enqueue(
 ) -> Result<Response<Body>, ApiError> {
     let qualifier = super::request::qualifier(parts)?;
     let entry = super::request::caller_function(gw, caller, name)?;
-    // The version or alias must exist now; an alias picks its version when
-    // the call is delivered.
+    // The version or alias must exist now (an alias picks its version when
+    // the call is delivered), and the function's invocations be enabled.
     gw.catalog
-        .check_qualifier(&caller.account_id, name, &qualifier)?;
+        .resolve_invocable(&caller.account_id, name, &qualifier, 0.0)?;
     gw.runtimes
         .check_invoke(entry.record.config.runtime, gw.clock.now_ms())?;
     let limit = kiln_core::limits::ASYNC_PAYLOAD_MAX;

@@ -214,6 +214,7 @@ fn retire(gw: &Arc<Gateway>, caller: &Caller, name: &FunctionName, keep_revision
             Vec::new()
         },
         keep_revision,
+        abort_in_flight: false,
     };
     let scheduler = gw.scheduler.clone();
     tokio::spawn(async move {

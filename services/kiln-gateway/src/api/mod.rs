@@ -9,6 +9,7 @@ pub mod functions;
 pub mod health;
 pub mod instances;
 pub mod internal;
+pub mod invocation;
 pub mod invoke;
 pub mod layers;
 pub mod list_filter;
@@ -111,6 +112,8 @@ pub enum Operation {
     UpdateTrigger,
     DeleteTrigger,
     ListTriggers,
+    EnableFunctionInvocation,
+    DisableFunctionInvocation,
 }
 
 impl Operation {
@@ -172,6 +175,8 @@ impl Operation {
             Self::UpdateTrigger => "UpdateTrigger",
             Self::DeleteTrigger => "DeleteTrigger",
             Self::ListTriggers => "ListTriggers",
+            Self::EnableFunctionInvocation => "EnableFunctionInvocation",
+            Self::DisableFunctionInvocation => "DisableFunctionInvocation",
         }
     }
 }
@@ -340,6 +345,12 @@ pub enum Route {
         name: FunctionName,
         trigger: String,
     },
+    EnableFunctionInvocation {
+        name: FunctionName,
+    },
+    DisableFunctionInvocation {
+        name: FunctionName,
+    },
 }
 
 /// `{name}`, percent-decoded and checked as a function name.
@@ -408,6 +419,8 @@ const ROUTES: &[router::Route<Route, router::Signed>] = &[
     router::signed(GET, "/2023-03-30/functions/{name}/triggers/{trigger}", |p| Ok(Route::GetTrigger { name: function_name(p)?, trigger: p.string("trigger")? })),
     router::signed(PUT, "/2023-03-30/functions/{name}/triggers/{trigger}", |p| Ok(Route::UpdateTrigger { name: function_name(p)?, trigger: p.string("trigger")? })),
     router::signed(DELETE, "/2023-03-30/functions/{name}/triggers/{trigger}", |p| Ok(Route::DeleteTrigger { name: function_name(p)?, trigger: p.string("trigger")? })),
+    router::signed(POST, "/2023-03-30/functions/{name}/invoke/enable", |p| Ok(Route::EnableFunctionInvocation { name: function_name(p)? })),
+    router::signed(POST, "/2023-03-30/functions/{name}/invoke/disable", |p| Ok(Route::DisableFunctionInvocation { name: function_name(p)? })),
 ];
 
 static ROUTER: LazyLock<Router<Route, router::Signed>> = LazyLock::new(|| {
@@ -475,6 +488,8 @@ impl Route {
             Self::GetTrigger { .. } => Operation::GetTrigger,
             Self::UpdateTrigger { .. } => Operation::UpdateTrigger,
             Self::DeleteTrigger { .. } => Operation::DeleteTrigger,
+            Self::EnableFunctionInvocation { .. } => Operation::EnableFunctionInvocation,
+            Self::DisableFunctionInvocation { .. } => Operation::DisableFunctionInvocation,
         }
     }
 
@@ -516,7 +531,9 @@ impl Route {
             | Self::ListTriggers { name }
             | Self::GetTrigger { name, .. }
             | Self::UpdateTrigger { name, .. }
-            | Self::DeleteTrigger { name, .. } => Some(name),
+            | Self::DeleteTrigger { name, .. }
+            | Self::EnableFunctionInvocation { name }
+            | Self::DisableFunctionInvocation { name } => Some(name),
             _ => None,
         }
     }
@@ -757,6 +774,8 @@ async fn dispatch(
             triggers::update(gw, c, &name, &trigger, body).await
         }
         Route::DeleteTrigger { name, trigger } => triggers::delete(gw, c, &name, &trigger).await,
+        Route::EnableFunctionInvocation { name } => invocation::enable(gw, c, &name).await,
+        Route::DisableFunctionInvocation { name } => invocation::disable(gw, c, &name, body).await,
     }
 }
 
@@ -1071,6 +1090,16 @@ mod tests {
                     name: f(),
                     trigger: "http".into(),
                 },
+            ),
+            (
+                POST,
+                "/2023-03-30/functions/f/invoke/enable",
+                Route::EnableFunctionInvocation { name: f() },
+            ),
+            (
+                POST,
+                "/2023-03-30/functions/f/invoke/disable",
+                Route::DisableFunctionInvocation { name: f() },
             ),
         ];
         for (method, path, want) in &cases {

@@ -258,9 +258,46 @@ fn put_opt(v: &mut Value, key: &str, val: &Option<String>) {
     }
 }
 
-/// The caller's provision configurations, by function name.
+/// The caller's provision configurations, by function name: the
+/// scheduler's, and those DisableFunctionInvocation keeps for its
+/// functions (asking for no instance until they are enabled).
 async fn details(gw: &Gateway, caller: &Caller) -> Result<Vec<ProvisionDetail>, ApiError> {
-    Ok(gw.scheduler.provisions(&caller.account_id).await?)
+    let mut all = gw.scheduler.provisions(&caller.account_id).await?;
+    let (disabled, _) = gw
+        .catalog
+        .list(&caller.account_id, "", None, usize::MAX, |f| {
+            kept_provision(f).is_some()
+        });
+    for f in disabled {
+        let Some(config) = kept_provision(&f) else {
+            continue;
+        };
+        all.retain(|d| d.status.function_name != f.record.name);
+        all.push(ProvisionDetail {
+            status: ProvisionStatus {
+                account_id: caller.account_id.clone(),
+                function_name: f.record.name.clone(),
+                target: config.target,
+                desired: 0,
+                current: 0,
+                zones: Default::default(),
+            },
+            config: config.clone(),
+        });
+    }
+    all.sort_by(|a, b| a.status.function_name.cmp(&b.status.function_name));
+    Ok(all)
+}
+
+/// The provision configuration a disabled function keeps.
+fn kept_provision(f: &crate::catalog::FunctionEntry) -> Option<&ProvisionConfig> {
+    f.record
+        .config
+        .invocation_restriction
+        .as_ref()
+        .filter(|r| r.disable)?
+        .provision
+        .as_ref()
 }
 
 pub async fn put(
@@ -273,6 +310,9 @@ pub async fn put(
     super::request::check_qualifier(parts)?;
     let config = parse_input(&body)?;
     let entry = super::request::caller_function(gw, caller, name)?;
+    if let Some(reason) = entry.record.config.invocation_disabled() {
+        return Err(crate::versions::invocation_disabled(name, reason).into());
+    }
     let req = PutProvision {
         spec: entry.spec.clone(),
         config: config.clone(),
@@ -325,7 +365,19 @@ pub async fn delete(
     parts: &http::request::Parts,
 ) -> Result<Response<Body>, ApiError> {
     super::request::check_qualifier(parts)?;
-    super::request::caller_function(gw, caller, name)?;
+    let entry = super::request::caller_function(gw, caller, name)?;
+    if kept_provision(&entry).is_some() {
+        // Disabled: the configuration Enable would restore goes instead.
+        gw.catalog
+            .update(&caller.account_id, name, gw.clock.now_ms(), None, |c| {
+                let mut c = c.clone();
+                if let Some(r) = c.invocation_restriction.as_mut() {
+                    r.provision = None;
+                }
+                Ok(c)
+            })
+            .await?;
+    }
     let f = FunctionRef {
         account_id: caller.account_id.clone(),
         function_name: name.clone(),

@@ -129,6 +129,7 @@ fn retire_others(gw: &Arc<Gateway>, caller: &Caller, name: &FunctionName) {
         function_name: name.clone(),
         keep_revision: Some(latest.spec.revision.clone()),
         keep_versions: gw.catalog.version_revisions(&caller.account_id, name),
+        abort_in_flight: false,
     };
     let scheduler = gw.scheduler.clone();
     tokio::spawn(async move {

@@ -208,7 +208,7 @@ async fn run(gw: &Arc<Gateway>, req: InvokeRequest) -> Result<InvokeResult, FcEr
     // An alias picks its version per call (its weights are fractions of
     // calls); a version's entry has its own revision, so its instances and
     // parked leases are its own.
-    let entry = gw.catalog.resolve(
+    let entry = gw.catalog.resolve_invocable(
         &req.account_id,
         &req.function,
         &req.qualifier,

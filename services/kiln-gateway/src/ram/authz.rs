@@ -77,7 +77,9 @@ pub fn resource(region: &str, account: &AccountId, route: &Route) -> String {
         | Operation::GetTrigger
         | Operation::UpdateTrigger
         | Operation::DeleteTrigger
-        | Operation::ListTriggers => function(),
+        | Operation::ListTriggers
+        | Operation::EnableFunctionInvocation
+        | Operation::DisableFunctionInvocation => function(),
         Operation::CreateLayerVersion
         | Operation::GetLayerVersion
         | Operation::GetLayerVersionByArn

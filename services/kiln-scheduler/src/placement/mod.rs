@@ -1141,6 +1141,26 @@ impl Placement {
         effects
     }
 
+    /// DisableFunctionInvocation with `abortOngoingRequest`: after
+    /// [`Self::retire`], the function's winding-down instances go now, with
+    /// their calls in flight (their leases are written off, so the agent's
+    /// cut-off answers are the callers' errors) and starts not finished.
+    pub fn abort_retired(&mut self, account: &AccountId, function: &FunctionName) -> Effects {
+        let key = (account.clone(), function.clone());
+        let ids: Vec<InstanceId> = self
+            .by_function
+            .get(&key)
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default();
+        let mut effects = Effects::default();
+        for id in ids {
+            if self.instances[&id].state.is_winding_down() {
+                effects.extend(self.remove_instance(&id, None));
+            }
+        }
+        effects
+    }
+
     /// Periodic work: destroy instances idle past the timeout, take back
     /// leases whose holder vanished, write off silent nodes.
     pub fn tick(&mut self, now: u64) -> Effects {

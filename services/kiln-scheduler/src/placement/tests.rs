@@ -541,6 +541,35 @@ fn retire_drains_other_revisions() {
 }
 
 #[test]
+fn aborting_a_retired_function_destroys_its_busy_instances_now() {
+    let mut f = Fixture::new();
+    f.node("n1", 8192);
+    let s = spec("1", "f", 5, 128);
+    let busy = f.acquire_started(&s);
+    let other = f.acquire_started(&spec("1", "g", 5, 128));
+    let e = f.p.retire(&s.account_id, &s.function_name, None, &[]);
+    assert!(e.destroy.is_empty(), "without abort the busy one waits");
+    let e = f.p.abort_retired(&s.account_id, &s.function_name);
+    assert_eq!(
+        e.destroy.iter().map(|d| &d.instance_id).collect::<Vec<_>>(),
+        vec![&busy.instance_id],
+        "only the retired function's instance goes"
+    );
+    assert!(f.p.instance(&busy.instance_id).is_none());
+    assert_eq!(
+        f.p.instance(&other.instance_id).unwrap().state,
+        InstanceState::Ready
+    );
+    // The call's lease was written off with it: its late release changes
+    // nothing and destroys nothing twice.
+    let late = f.p.release(&busy.lease_id, LeaseOutcome::Ok, f.now());
+    assert!(late.map_or(true, |e| e.destroy.is_empty()));
+    // Another function's instances are untouched by a second abort.
+    let e = f.p.abort_retired(&s.account_id, &s.function_name);
+    assert!(e.destroy.is_empty());
+}
+
+#[test]
 fn retiring_a_starting_instance_destroys_it_once_started_and_idle() {
     let mut f = Fixture::new();
     f.node("n1", 8192);

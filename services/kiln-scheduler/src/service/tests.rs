@@ -332,6 +332,7 @@ async fn retire_destroys_idle_old_revisions() {
         function_name: old.function_name.clone(),
         keep_revision: Some("other".into()),
         keep_versions: Vec::new(),
+        abort_in_flight: false,
     });
     settle().await;
     assert_eq!(f.agent.destroyed(), vec![l.instance_id]);
