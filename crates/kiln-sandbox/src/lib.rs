@@ -11,7 +11,8 @@
 //! - [`driver`]: the contract ([`SandboxDriver`], [`SandboxError`]).
 //! - [`container`]: the container backend (OCI bundles run by runc/crun).
 //! - [`microvm`]: the microVM backend (cloud-hypervisor).
-//! - Shared by both: [`net`] (namespaces, taps' isolation, VPCs,
+//! - Shared by both: [`pool_policy`] (sizing and refilling the pools of
+//!   ready sandboxes), [`net`] (namespaces, taps' isolation, VPCs,
 //!   bandwidth), [`cgroup`], [`process`] (the function's process and
 //!   environment), [`rootfs`] (runtime root filesystems), [`mounts`],
 //!   [`exec`] (InstanceExec sessions).
@@ -33,6 +34,7 @@ pub mod exec;
 pub mod microvm;
 pub mod mounts;
 pub mod net;
+pub mod pool_policy;
 pub mod process;
 pub mod rootfs;
 

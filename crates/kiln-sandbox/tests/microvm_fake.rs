@@ -329,7 +329,8 @@ async fn create_invoke_freeze_thaw_destroy_in_the_documented_order() {
 #[tokio::test]
 async fn the_pool_hands_out_restored_snapshots() {
     let h = harness_with("", |c| {
-        c.pool_size = 1;
+        c.premade.enabled = true;
+        c.premade.max_per_runtime = 1;
         c.snapshots = true;
     })
     .await;
@@ -385,7 +386,11 @@ async fn the_pool_hands_out_restored_snapshots() {
 
 #[tokio::test]
 async fn a_pool_without_snapshots_keeps_booted_paused_vms() {
-    let h = harness_with("", |c| c.pool_size = 1).await;
+    let h = harness_with("", |c| {
+        c.premade.enabled = true;
+        c.premade.max_per_runtime = 1;
+    })
+    .await;
     let key = PoolKey::new(RuntimeName::CustomDebian12, 256, 1500);
     h.driver.prewarm(key).await.unwrap();
     let pooled = h.vms().pop().unwrap();
@@ -752,7 +757,8 @@ async fn layers_are_read_only_disks_in_the_functions_order_on_a_cold_boot() {
 #[tokio::test]
 async fn layers_are_hot_plugged_read_only_in_order_on_a_pooled_vm() {
     let h = harness_with("", |c| {
-        c.pool_size = 1;
+        c.premade.enabled = true;
+        c.premade.max_per_runtime = 1;
         c.snapshots = true;
     })
     .await;
@@ -843,4 +849,297 @@ async fn a_built_in_runtimes_disk_is_named_for_its_bootstraps() {
         kiln_sandbox::rootfs::bootstraps_tag()
     );
     assert_eq!(vm_disks(&h, &vm).await[0], disk("runtime", &image, true));
+}
+
+// ---- the pool of paused VMs ([sandbox.microvm.premade]) ------------------
+
+/// `vm.json` of every VM directory: (name, VMM pid, instance).
+fn records(h: &Harness) -> Vec<(String, u32, Option<String>)> {
+    h.vms()
+        .into_iter()
+        .filter_map(|vm| {
+            let bytes =
+                std::fs::read(h.state().join("microvm/vms").join(&vm).join("vm.json")).ok()?;
+            let rec: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+            Some((
+                vm,
+                rec["pid"].as_u64()? as u32,
+                rec["instance_id"].as_str().map(str::to_owned),
+            ))
+        })
+        .collect()
+}
+
+/// The VMM pids of the VMs waiting in the pool.
+fn pooled_pids(h: &Harness) -> Vec<u32> {
+    records(h)
+        .into_iter()
+        .filter(|(_, _, instance)| instance.is_none())
+        .map(|(_, pid, _)| pid)
+        .collect()
+}
+
+async fn wait_pooled(h: &Harness, key: PoolKey, n: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while h.driver.pooled(key) != n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pool of {key:?} has {} VMs, not {n}",
+            h.driver.pooled(key)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn wait_gone(pid: u32) {
+    for _ in 0..250 {
+        if !process_exists(pid) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("VMM {pid} is still running");
+}
+
+fn pooled_config(c: &mut MicroVmConfig) {
+    c.premade.enabled = true;
+    c.premade.max_per_runtime = 2;
+}
+
+fn of_account(h: &Harness, account: &str, function: &str) -> SandboxRequest {
+    let mut req = h.request(RuntimeName::Custom);
+    let mut spec = req.spec.clone();
+    spec.account_id = account.parse().unwrap();
+    spec.function_name = function.parse().unwrap();
+    req.spec = spec.seal();
+    req
+}
+
+#[tokio::test]
+async fn a_pooled_vm_serves_one_instance_of_one_function_and_is_destroyed_at_release() {
+    let h = harness_with("", pooled_config).await;
+    let key = PoolKey::new(RuntimeName::Custom, 256, 1500);
+    h.driver.prewarm(key).await.unwrap();
+    assert_eq!(h.driver.pooled(key), 1, "a prewarm size keeps one at first");
+    let first = pooled_pids(&h);
+    assert_eq!(first.len(), 1);
+
+    // Account 1's instance takes the pooled VM; the pool refills with a
+    // VM of its own (a new VMM).
+    let a = of_account(&h, "1111", "alpha");
+    let sa = h.driver.create(&a).await.unwrap();
+    assert_eq!(sa.pid, Some(first[0]), "the instance got the pooled VM");
+    let vm_a = sa
+        .log_path
+        .parent()
+        .unwrap()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let calls = h.calls_of(&vm_a);
+    assert_eq!(
+        calls[calls.len() - 3..],
+        ["vm.resume 204", "vm.add-disk 200", "vm.add-disk 200"]
+    );
+    let config = guest_config(&h, &a.instance_id).await;
+    assert_eq!(config["instanceId"], a.instance_id.to_string());
+    assert_eq!(config["process"]["env"]["FC_FUNCTION_NAME"], "alpha");
+    wait_pooled(&h, key, 1).await;
+    let second = pooled_pids(&h);
+    assert_eq!(second.len(), 1);
+    assert_ne!(second[0], first[0], "a claimed VM never goes back");
+
+    // Account 2's instance (and another instance of account 1's
+    // function) each get a VM of their own.
+    let b = of_account(&h, "2222", "alpha");
+    let sb = h.driver.create(&b).await.unwrap();
+    assert_eq!(sb.pid, Some(second[0]));
+    let a2 = of_account(&h, "1111", "alpha");
+    let sa2 = h.driver.create(&a2).await.unwrap();
+    let pids = [sa.pid.unwrap(), sb.pid.unwrap(), sa2.pid.unwrap()];
+    assert!(
+        pids[0] != pids[1] && pids[1] != pids[2] && pids[0] != pids[2],
+        "{pids:?}"
+    );
+    for (req, sb) in [(&a, &sa), (&b, &sb), (&a2, &sa2)] {
+        let (status, body) = invoke(sb.endpoint, "who").await;
+        assert!(status.contains("200"), "{status}");
+        let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(answer["instance"], req.instance_id.to_string());
+    }
+
+    // Released: the VMM is gone, its VM never joins the pool again.
+    wait_pooled(&h, key, 2).await;
+    h.driver.destroy(&a.instance_id).await.unwrap();
+    assert!(!process_exists(pids[0]), "the claimed VMM is still running");
+    let calls = h.calls_of(&vm_a);
+    assert_eq!(
+        calls[calls.len() - 3..],
+        ["vm.shutdown 204", "vm.delete 204", "vmm.shutdown 204"]
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for pid in pooled_pids(&h) {
+        assert!(!pids.contains(&pid), "a used VM is back in the pool");
+    }
+    h.driver.destroy(&b.instance_id).await.unwrap();
+    h.driver.destroy(&a2.instance_id).await.unwrap();
+    assert!(!process_exists(pids[1]) && !process_exists(pids[2]));
+    h.driver.shutdown().await.unwrap();
+    assert_eq!(h.driver.pooled(key), 0);
+    h.assert_nothing_left();
+}
+
+#[tokio::test]
+async fn pool_sizes_respect_the_memory_budget() {
+    // 640 MiB: 256 + 256 + 128, whatever the demand asks for.
+    let h = harness_with("", |c| {
+        c.premade.enabled = true;
+        c.premade.budget_mb = 640;
+        c.premade.max_per_runtime = 8;
+    })
+    .await;
+    let small = PoolKey::new(RuntimeName::Custom, 128, 1000);
+    let big = PoolKey::new(RuntimeName::Custom, 256, 1500);
+    h.driver.prewarm(small).await.unwrap();
+    assert_eq!(h.driver.pooled(small), 1);
+    // Three cold starts of 256 MiB within 10 s: demand 3.
+    let mut reqs = vec![];
+    for _ in 0..3 {
+        let req = h.request(RuntimeName::Custom);
+        h.driver.create(&req).await.unwrap();
+        reqs.push(req);
+    }
+    let charged =
+        |h: &Harness| h.driver.pooled(small) as u64 * 128 + h.driver.pooled(big) as u64 * 256;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while h.driver.pooled(big) < 2 {
+        assert!(charged(&h) <= 640, "over the budget");
+        assert!(std::time::Instant::now() < deadline, "not refilled");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Settled: the budget is full and nothing more is made.
+    for _ in 0..50 {
+        assert!(charged(&h) <= 640, "over the budget");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!((h.driver.pooled(big), h.driver.pooled(small)), (2, 1));
+    assert_eq!(h.vms().len(), 3 + 3, "three instances, three pooled VMs");
+    for req in &reqs {
+        h.driver.destroy(&req.instance_id).await.unwrap();
+    }
+    h.driver.shutdown().await.unwrap();
+    h.assert_nothing_left();
+}
+
+#[tokio::test]
+async fn the_pool_shrinks_to_nothing_under_memory_pressure_and_refills_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let meminfo = dir.path().join("meminfo");
+    let write = |available_kb: u64| {
+        std::fs::write(
+            &meminfo,
+            format!("MemTotal: 1000000 kB\nMemAvailable: {available_kb} kB\n"),
+        )
+        .unwrap()
+    };
+    write(800_000);
+    let mut h = harness_with("", pooled_config).await;
+    h.driver = h.driver.with_meminfo(&meminfo);
+    let key = PoolKey::new(RuntimeName::Custom, 256, 1500);
+    h.driver.prewarm(key).await.unwrap();
+    assert_eq!(h.driver.pooled(key), 1);
+    let pid = pooled_pids(&h)[0];
+    // Less than 10% available: the pooled VM goes (within the refill's
+    // idle check), its VMM with it.
+    write(50_000);
+    wait_pooled(&h, key, 0).await;
+    wait_gone(pid).await;
+    for _ in 0..100 {
+        if h.vms().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    h.assert_nothing_left();
+    write(800_000);
+    wait_pooled(&h, key, 1).await;
+    h.driver.shutdown().await.unwrap();
+    h.assert_nothing_left();
+}
+
+/// Processes whose command line names `dir` (the fake VMMs of a test).
+fn processes_under(dir: &Path) -> Vec<u32> {
+    let needle = dir.display().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&needle))
+                && process_exists(*pid)
+        })
+        .collect()
+}
+
+#[test]
+fn a_killed_agent_leaves_no_pool_vm_behind() {
+    // The agent's runtime goes (its tasks with it: the refill stops
+    // mid-way as a killed agent's would) and its driver is never dropped
+    // or shut down.
+    let agent = tokio::runtime::Runtime::new().unwrap();
+    let (h, pids) = agent.block_on(async {
+        let h = harness_with("", pooled_config).await;
+        let key = PoolKey::new(RuntimeName::Custom, 256, 1500);
+        h.driver.prewarm(key).await.unwrap();
+        // One instance, and the pool refilling behind it.
+        let req = h.request(RuntimeName::Custom);
+        h.driver.create(&req).await.unwrap();
+        wait_pooled(&h, key, 1).await;
+        let pids: Vec<u32> = records(&h).iter().map(|r| r.1).collect();
+        (h, pids)
+    });
+    assert_eq!(pids.len(), 2, "an instance and a pooled VM");
+    let Harness {
+        dir,
+        taps,
+        cgroups,
+        driver,
+    } = h;
+    std::mem::forget(driver);
+    drop(agent);
+    let state = dir.path().join("state");
+    assert!(pids.iter().all(|p| process_exists(*p)));
+    assert!(!taps.taps.lock().unwrap().is_empty());
+
+    // The next agent's start removes every VM, tap, cgroup and directory.
+    let next = tokio::runtime::Runtime::new().unwrap();
+    let again = next.block_on(async {
+        let mut c = config(dir.path());
+        pooled_config(&mut c);
+        MicroVmDriver::with_backends(
+            c,
+            &state,
+            MicroVmBackends {
+                taps: taps.clone(),
+                cgroups: cgroups.clone(),
+                vmm_env: vec![],
+            },
+        )
+        .await
+        .unwrap()
+    });
+    for pid in &pids {
+        assert!(!process_exists(*pid), "VMM {pid} was left running");
+    }
+    assert_eq!(processes_under(dir.path()), Vec::<u32>::new());
+    let h = Harness {
+        dir,
+        taps,
+        cgroups,
+        driver: again,
+    };
+    h.assert_nothing_left();
+    next.block_on(h.driver.shutdown()).unwrap();
 }

@@ -356,7 +356,8 @@ async fn pooled_snapshot_clones_are_jailed_and_an_old_vmm_gets_no_landlock() {
         return;
     }
     let h = harness(&[("KILN_FAKE_VMM_VERSION", "v38.0".into())], |c| {
-        c.pool_size = 1;
+        c.premade.enabled = true;
+        c.premade.max_per_runtime = 1;
         c.snapshots = true;
     })
     .await;

@@ -207,7 +207,8 @@ async fn a_pooled_vm_is_attached_when_an_instance_takes_it_with_its_egress_mode(
     let dir = tempfile::tempdir().unwrap();
     let cmd = Arc::new(RecordingCommands::new());
     let mut config = fixture(dir.path(), "kv");
-    config.pool_size = 1;
+    config.premade.enabled = true;
+    config.premade.max_per_runtime = 1;
     let d = driver(dir.path(), config, cmd.clone(), true).await.unwrap();
     cmd.clear();
     d.prewarm(PoolKey::new(RuntimeName::CustomDebian12, 256, 1500))
@@ -296,6 +297,103 @@ async fn an_attach_that_fails_fails_the_create_and_leaves_nothing() {
     );
 }
 
+/// The claim protocol: a pooled VM gets the function's policy before
+/// anything of the function. A function whose attach fails (a VPC this
+/// node does not serve) never has its VM resumed, its disks added or its
+/// guest configured, and the VM is destroyed, not returned to the pool.
+#[tokio::test]
+async fn a_pooled_vm_is_attached_before_it_is_resumed_or_given_disks() {
+    let dir = tempfile::tempdir().unwrap();
+    let cmd = Arc::new(RecordingCommands::new());
+    let mut config = fixture(dir.path(), "kv");
+    config.premade.enabled = true;
+    config.premade.max_per_runtime = 1;
+    // Unjailed, so the fake VMM can append its calls to the record file.
+    config.jail = kiln_sandbox::microvm::JailConfig {
+        insecure_disabled: true,
+        ..Default::default()
+    };
+    let record = dir.path().join("calls.log");
+    std::fs::write(&record, b"").unwrap();
+    let d = MicroVmDriver::with_backends(
+        config,
+        &dir.path().join("state"),
+        MicroVmBackends {
+            taps: Arc::new(CommandTaps::new(cmd.clone())),
+            cgroups: Arc::new(RecordingCgroups::default()),
+            vmm_env: vec![("KILN_FAKE_VMM_RECORD".into(), record.display().to_string())],
+        },
+    )
+    .await
+    .unwrap()
+    .isolate_network(network_config(), cmd.clone())
+    .await
+    .unwrap();
+    let key = PoolKey::new(RuntimeName::CustomDebian12, 256, 1500);
+    d.prewarm(key).await.unwrap();
+    let calls = |vm: &str| -> Vec<String> {
+        std::fs::read_to_string(&record)
+            .unwrap()
+            .lines()
+            .filter(|l| l.starts_with(&format!("{vm} ")) && !l.contains("vmm.ping"))
+            .map(|l| l.split_once(' ').unwrap().1.to_owned())
+            .collect()
+    };
+    assert_eq!(
+        calls("kv-0"),
+        ["vm.create 204", "vm.boot 204", "vm.pause 204"]
+    );
+    let req = request(
+        dir.path(),
+        serde_json::json!({"internet_access": true, "vpc": {
+            "vpc_id": "vpc-x", "vswitch_ids": ["vsw-x"], "security_group_id": "sg-x"}}),
+    );
+    let err = d.create(&req).await.unwrap_err();
+    assert!(matches!(&err, SandboxError::Unenforceable(_)), "{err:?}");
+    assert_eq!(
+        calls("kv-0")[..6],
+        [
+            "vm.create 204",
+            "vm.boot 204",
+            "vm.pause 204",
+            "vm.shutdown 204",
+            "vm.delete 204",
+            "vmm.shutdown 204"
+        ],
+        "the pooled VM was resumed or given disks before its policy"
+    );
+    assert!(d.net_isolation().unwrap().attached().is_empty());
+    assert!(d.list().await.unwrap().is_empty());
+
+    // A function this node serves takes the next pooled VM: attached,
+    // then resumed and given its code and scratch disks.
+    for _ in 0..500 {
+        if d.pooled(key) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let vm = d
+        .create(&request(dir.path(), serde_json::Value::Null))
+        .await
+        .unwrap();
+    let name = vm
+        .log_path
+        .parent()
+        .and_then(Path::file_name)
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let c = calls(&name);
+    assert_eq!(
+        c[c.len() - 3..],
+        ["vm.resume 204", "vm.add-disk 200", "vm.add-disk 200"]
+    );
+    assert_eq!(d.net_isolation().unwrap().attached(), [name]);
+    d.destroy(&vm.instance_id).await.unwrap();
+    d.shutdown().await.unwrap();
+}
+
 #[tokio::test]
 async fn without_a_network_section_taps_are_not_isolated() {
     let dir = tempfile::tempdir().unwrap();
@@ -323,7 +421,8 @@ async fn the_pool_is_prewarmed_for_the_configured_sizes() {
     let dir = tempfile::tempdir().unwrap();
     let cmd = Arc::new(RecordingCommands::new());
     let mut config = fixture(dir.path(), "kv");
-    config.pool_size = 2;
+    config.premade.enabled = true;
+    config.premade.max_per_runtime = 2;
     config.prewarm = vec![PrewarmSize {
         runtime: RuntimeName::CustomDebian12,
         memory_mb: 256,
@@ -335,8 +434,10 @@ async fn the_pool_is_prewarmed_for_the_configured_sizes() {
     let key = PoolKey::new(RuntimeName::CustomDebian12, 256, 1500);
     assert_eq!(d.pooled(key), 0);
     d.start_prewarm();
+    // A prewarm size keeps one paused VM before any demand (more once its
+    // demand asks for them).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while d.pooled(key) < 2 {
+    while d.pooled(key) < 1 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the pool was not pre-warmed"
@@ -349,7 +450,9 @@ async fn the_pool_is_prewarmed_for_the_configured_sizes() {
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(warmed.len(), 2, "{warmed:?}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(d.pooled(key), 1);
+    assert_eq!(warmed.len(), 1, "{warmed:?}");
     let req = request(dir.path(), serde_json::Value::Null);
     let sb = d.create(&req).await.unwrap();
     let vm = sb

@@ -559,13 +559,19 @@ mod tests {
         m.validate().unwrap();
         assert_eq!(m.sandbox.backend_for(m.node.tenancy), SandboxKind::Microvm);
         let with_vm = format!(
-            "{}\n[sandbox.microvm]\npool_size = 2\nkernel = \"/boot/k\"\n",
+            "{}\n[sandbox.microvm]\nkernel = \"/boot/k\"\n[sandbox.microvm.premade]\nenabled = true\nmax_per_runtime = 2\n",
             text.replace("[sandbox]\n", "[sandbox]\nbackend = \"microvm\"\n")
         );
         let v: AgentConfig = toml::from_str(&with_vm).unwrap();
         v.validate().unwrap();
         assert_eq!(v.sandbox.backend, Some(SandboxKind::Microvm));
-        assert_eq!(v.sandbox.microvm.pool_size, 2);
+        assert!(v.sandbox.microvm.premade.enabled);
+        assert_eq!(v.sandbox.microvm.premade.max_per_runtime, 2);
+        // The old fixed pool size is refused with what to write instead.
+        let old = with_vm.replace("kernel = ", "pool_size = 2\nkernel = ");
+        let old: AgentConfig = toml::from_str(&old).unwrap();
+        let e = kiln_core::error_chain(&old.validate().unwrap_err()).to_string();
+        assert!(e.contains("[sandbox.microvm.premade]"), "{e}");
         assert_eq!(v.sandbox.microvm.kernel, Path::new("/boot/k"));
         // The container keys stay where they were, and round-trip.
         assert_eq!(v.sandbox.container, c.sandbox.container);

@@ -34,12 +34,17 @@
 //!
 //! Functions with layers or a disk size other than the default are not
 //! served from the pool (they take the ordinary path).
+//!
+//! How big each runtime's pool is and when it is refilled is
+//! [`crate::pool_policy`], shared with the microVM backend's pool of
+//! paused VMs: a container is charged `sandbox_mb`, every built runtime
+//! keeps at least one.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -57,6 +62,9 @@ use crate::container::oci_runtime::OciRuntime;
 use crate::driver::SandboxError;
 use crate::mounts::{unmount_all_under, Mounter};
 use crate::net::{NetPool, NetSlot};
+use crate::pool_policy::{
+    self, Demand, Limits, Meminfo, OrdinaryStart, Pacer, Want, IDLE_CHECK, RETRY_DELAY,
+};
 use crate::rootfs::{is_complete, rootfs_path};
 
 use super::errors::{fs_err, net_err};
@@ -69,20 +77,6 @@ pub const KILN_DIR_IN_SANDBOX: &str = "/dev/.kiln";
 /// The init, as runc starts it.
 pub const INIT_IN_SANDBOX: &str = "/dev/.kiln/init";
 const ASSIGNMENT_HEADER: &str = "kiln-assign-v1";
-/// Memory pressure: below this share of MemTotal available, the pools
-/// shrink to nothing and stop refilling.
-const PRESSURE_AVAILABLE_PERCENT: u64 = 10;
-/// Demand is the busiest bucket of this length within the window.
-const DEMAND_BUCKET: Duration = Duration::from_secs(10);
-/// How long the refill waits after a failure, and between checks.
-const RETRY_DELAY: Duration = Duration::from_secs(2);
-const IDLE_CHECK: Duration = Duration::from_secs(5);
-/// The refill makes nothing while an ordinary start runs or within this
-/// long of any cold start (the new instance starts on the same CPUs)...
-const REFILL_QUIET: Duration = Duration::from_millis(100);
-/// ...unless it has made nothing for this long: under steady load it still
-/// makes one a second.
-const REFILL_MAX_DEFER: Duration = Duration::from_secs(1);
 
 /// Why a `[sandbox.premade]` section cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -152,6 +146,15 @@ impl PremadeConfig {
     pub fn capacity(&self) -> usize {
         (self.budget_mb / self.sandbox_mb.max(1)) as usize
     }
+
+    /// The pool policy's limits: the budget in MiB, each sandbox charged
+    /// `sandbox_mb`.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            budget_mb: u64::from(self.budget_mb),
+            max_per_key: self.max_per_runtime,
+        }
+    }
 }
 
 /// The assignment `kiln-init` reads (see `init/main.rs` for the format).
@@ -176,87 +179,25 @@ pub fn encode_assignment(cwd: &str, args: &[String], env: &[String]) -> Vec<u8> 
 
 /// How many sandboxes each runtime's pool aims at: its recent demand
 /// (at least one), at most `max_per_runtime`, all of them within the
-/// budget's capacity (the busiest runtimes first), none under pressure.
+/// budget's capacity (the busiest runtimes first), none under pressure
+/// (see [`pool_policy::plan`]).
 pub fn plan(
     config: &PremadeConfig,
     demand: &[(RuntimeName, usize)],
     under_pressure: bool,
 ) -> HashMap<RuntimeName, usize> {
-    let mut out: HashMap<RuntimeName, usize> = demand.iter().map(|(r, _)| (*r, 0)).collect();
-    if under_pressure {
-        return out;
-    }
-    let mut wanted: Vec<(RuntimeName, usize)> = demand
+    let mut wants: Vec<Want<RuntimeName>> = demand
         .iter()
-        .map(|(r, d)| (*r, (*d).clamp(1, config.max_per_runtime)))
-        .collect();
-    wanted.sort_by_key(|(r, d)| (std::cmp::Reverse(*d), r.as_str()));
-    // One at a time round the runtimes, so a small budget still gives
-    // every built runtime a sandbox before any gets a second.
-    let mut left = config.capacity();
-    let mut progress = true;
-    while left > 0 && progress {
-        progress = false;
-        for (r, want) in &wanted {
-            let have = out.get_mut(r).expect("every runtime is planned");
-            if *have < *want && left > 0 {
-                *have += 1;
-                left -= 1;
-                progress = true;
-            }
-        }
-    }
-    out
-}
-
-/// Whether the host is short of memory (`/proc/meminfo`).
-fn under_pressure() -> bool {
-    let Ok(text) = std::fs::read_to_string("/proc/meminfo") else {
-        return false;
-    };
-    let field = |name: &str| {
-        text.lines().find_map(|l| {
-            l.strip_prefix(name)?
-                .trim()
-                .strip_suffix("kB")?
-                .trim()
-                .parse::<u64>()
-                .ok()
+        .map(|(r, d)| Want {
+            key: *r,
+            demand: *d,
+            floor: 1,
+            cost_mb: u64::from(config.sandbox_mb),
         })
-    };
-    match (field("MemTotal:"), field("MemAvailable:")) {
-        (Some(total), Some(available)) => available * 100 < total * PRESSURE_AVAILABLE_PERCENT,
-        _ => false,
-    }
-}
-
-/// Cold starts per runtime in buckets of [`DEMAND_BUCKET`].
-#[derive(Debug, Default)]
-struct Demand {
-    buckets: HashMap<RuntimeName, VecDeque<(Instant, usize)>>,
-}
-
-impl Demand {
-    fn record(&mut self, runtime: RuntimeName, now: Instant) {
-        let q = self.buckets.entry(runtime).or_default();
-        match q.back_mut() {
-            Some((start, n)) if now.duration_since(*start) < DEMAND_BUCKET => *n += 1,
-            _ => q.push_back((now, 1)),
-        }
-    }
-
-    fn peak(&mut self, runtime: RuntimeName, window: Duration, now: Instant) -> usize {
-        let Some(q) = self.buckets.get_mut(&runtime) else {
-            return 0;
-        };
-        while q
-            .front()
-            .is_some_and(|(start, _)| now.duration_since(*start) > window)
-        {
-            q.pop_front();
-        }
-        q.iter().map(|(_, n)| *n).max().unwrap_or(0)
-    }
+        .collect();
+    // Equal demand: by name.
+    wants.sort_by(|a, b| a.key.as_str().cmp(b.key.as_str()));
+    pool_policy::plan(&config.limits(), &wants, under_pressure)
 }
 
 /// One sandbox waiting in the pool.
@@ -308,30 +249,14 @@ pub(super) struct Premade {
     init: PathBuf,
     deps: PremadeDeps,
     ready: Mutex<HashMap<RuntimeName, VecDeque<Pooled>>>,
-    demand: Mutex<Demand>,
-    wake: tokio::sync::Notify,
+    demand: Mutex<Demand<RuntimeName>>,
     seq: AtomicU64,
     refill: Mutex<Option<JoinHandle<()>>>,
     /// Set by `shutdown`: the refill ends after the sandbox it is making.
     stopping: std::sync::atomic::AtomicBool,
-    /// Cold starts on the ordinary path now: the refill waits for none.
-    ordinary: Arc<AtomicUsize>,
-    /// When the last cold start (claim or ordinary) began.
-    last_start: Mutex<Option<Instant>>,
-}
-
-/// One cold start on the ordinary path (see [`Premade::ordinary_start`]).
-pub(super) struct OrdinaryStart {
-    count: Arc<AtomicUsize>,
-    premade: Arc<Premade>,
-}
-
-impl Drop for OrdinaryStart {
-    fn drop(&mut self) {
-        if self.count.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.premade.wake.notify_one();
-        }
-    }
+    /// Cold starts (claims and ordinary ones) and the refill's wake-ups.
+    pacer: Arc<Pacer>,
+    meminfo: Meminfo,
 }
 
 /// `state_dir/premade`.
@@ -468,12 +393,11 @@ impl Premade {
             deps,
             ready: Mutex::new(HashMap::new()),
             demand: Mutex::new(Demand::default()),
-            wake: tokio::sync::Notify::new(),
             seq: AtomicU64::new(0),
             refill: Mutex::new(None),
             stopping: std::sync::atomic::AtomicBool::new(false),
-            ordinary: Arc::new(AtomicUsize::new(0)),
-            last_start: Mutex::new(None),
+            pacer: Arc::new(Pacer::default()),
+            meminfo: Meminfo::default(),
         });
         let task = tokio::spawn(premade.clone().refill_loop());
         *premade.refill.lock().expect("lock") = Some(task);
@@ -498,27 +422,21 @@ impl Premade {
     pub(super) fn take(&self, runtime: RuntimeName) -> Option<Pooled> {
         let now = Instant::now();
         self.demand.lock().expect("lock").record(runtime, now);
-        *self.last_start.lock().expect("lock") = Some(now);
+        self.pacer.started(now);
         let taken = self
             .ready
             .lock()
             .expect("lock")
             .get_mut(&runtime)
             .and_then(VecDeque::pop_front);
-        self.wake.notify_one();
+        self.pacer.wake();
         taken
     }
 
-    /// Count a cold start on the ordinary path until the guard drops: the
-    /// refill defers its work meanwhile (up to [`REFILL_MAX_DEFER`]), so a
-    /// burst the pool cannot serve is not slowed by it refilling.
-    pub(super) fn ordinary_start(self: &Arc<Self>) -> OrdinaryStart {
-        self.ordinary.fetch_add(1, Ordering::AcqRel);
-        *self.last_start.lock().expect("lock") = Some(Instant::now());
-        OrdinaryStart {
-            count: self.ordinary.clone(),
-            premade: self.clone(),
-        }
+    /// Count a cold start on the ordinary path until the guard drops (see
+    /// [`Pacer::ordinary_start`]).
+    pub(super) fn ordinary_start(&self) -> OrdinaryStart {
+        self.pacer.ordinary_start()
     }
 
     /// A cold start the pool did not serve (layers, a larger disk): still
@@ -528,7 +446,7 @@ impl Premade {
             .lock()
             .expect("lock")
             .record(runtime, Instant::now());
-        self.wake.notify_one();
+        self.pacer.wake();
     }
 
     fn targets(&self) -> HashMap<RuntimeName, usize> {
@@ -545,7 +463,7 @@ impl Premade {
                 .map(|r| (*r, d.peak(*r, window, now)))
                 .collect()
         };
-        plan(&self.config, &demand, under_pressure())
+        plan(&self.config, &demand, self.meminfo.under_pressure())
     }
 
     async fn refill_loop(self: Arc<Self>) {
@@ -575,40 +493,23 @@ impl Premade {
                 let ready = self.ready.lock().expect("lock");
                 let len = |r: &RuntimeName| ready.get(r).map_or(0, VecDeque::len);
                 let total: usize = ready.values().map(VecDeque::len).sum();
-                let mut short: Vec<(RuntimeName, usize, usize)> = targets
-                    .iter()
-                    .filter(|(r, t)| len(r) < **t)
-                    .map(|(r, t)| (*r, len(r), *t))
-                    .collect();
+                let cost = u64::from(self.config.sandbox_mb);
                 // The emptiest pool (relative to its target) first.
-                short.sort_by(|a, b| {
-                    (a.1 * b.2)
-                        .cmp(&(b.1 * a.2))
-                        .then(a.0.as_str().cmp(b.0.as_str()))
-                });
-                short
-                    .first()
-                    .filter(|_| total < self.config.capacity())
-                    .map(|s| s.0)
+                pool_policy::next_to_make(
+                    &targets,
+                    len,
+                    |_| cost,
+                    total as u64 * cost,
+                    u64::from(self.config.budget_mb),
+                    |a, b| a.as_str().cmp(b.as_str()),
+                )
             };
-            let recent = self
-                .last_start
-                .lock()
-                .expect("lock")
-                .is_some_and(|t| t.elapsed() < REFILL_QUIET);
-            let busy = self.ordinary.load(Ordering::Acquire) > 0 || recent;
-            if next.is_some() && busy && last_made.elapsed() < REFILL_MAX_DEFER {
-                tokio::select! {
-                    _ = self.wake.notified() => {}
-                    _ = tokio::time::sleep(REFILL_QUIET) => {}
-                }
+            if next.is_some() && self.pacer.defer(Instant::now(), last_made) {
+                self.pacer.sleep(pool_policy::REFILL_QUIET).await;
                 continue;
             }
             let Some(runtime) = next else {
-                tokio::select! {
-                    _ = self.wake.notified() => {}
-                    _ = tokio::time::sleep(IDLE_CHECK) => {}
-                }
+                self.pacer.sleep(IDLE_CHECK).await;
                 continue;
             };
             let started = Instant::now();
@@ -751,7 +652,7 @@ impl Premade {
         // Let a sandbox being made finish (and join the pool, drained
         // below) rather than abandon it half made.
         self.stopping.store(true, Ordering::Release);
-        self.wake.notify_one();
+        self.pacer.wake();
         let task = self.refill.lock().expect("lock").take();
         if let Some(mut task) = task {
             if tokio::time::timeout(Duration::from_secs(60), &mut task)
@@ -934,30 +835,6 @@ mod tests {
         // Under memory pressure every pool shrinks to nothing.
         let p = plan(&config(4096, 16), &both(24, 3), true);
         assert_eq!(p.values().sum::<usize>(), 0);
-    }
-
-    #[test]
-    fn demand_is_the_busiest_bucket_in_the_window() {
-        let mut d = Demand::default();
-        let t0 = Instant::now();
-        for _ in 0..5 {
-            d.record(RuntimeName::Custom, t0);
-        }
-        d.record(RuntimeName::Custom, t0 + Duration::from_secs(30));
-        let w = Duration::from_secs(60);
-        assert_eq!(
-            d.peak(RuntimeName::Custom, w, t0 + Duration::from_secs(31)),
-            5
-        );
-        assert_eq!(
-            d.peak(RuntimeName::Custom, w, t0 + Duration::from_secs(70)),
-            1
-        );
-        assert_eq!(
-            d.peak(RuntimeName::Custom, w, t0 + Duration::from_secs(100)),
-            0
-        );
-        assert_eq!(d.peak(RuntimeName::CustomDebian12, w, t0), 0);
     }
 
     #[test]

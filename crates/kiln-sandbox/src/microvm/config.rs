@@ -20,6 +20,10 @@ pub enum MicroVmConfigError {
     CgroupParent(String),
     #[error("Invalid microvm.prewarm entry {0}: {1}")]
     Prewarm(usize, String),
+    #[error("microvm.pool_size = {0} is replaced by [sandbox.microvm.premade] (paused VMs per runtime and size from recent demand, within a memory budget, as [sandbox.premade] does for containers): remove pool_size and set enabled = true, budget_mb (each paused VM is charged its memory size) and max_per_runtime = {0}")]
+    PoolSize(usize),
+    #[error("Invalid [sandbox.microvm.premade]: {0}")]
+    Premade(String),
     #[error("microvm.vmm_uid must not be 0 (the VMM runs unprivileged); leave it out to keep the agent's user")]
     RootUid,
     #[error("microvm.vmm_uid and microvm.vmm_gid are for VMMs run without the jail; with the jail each VMM gets its own uid and gid from microvm.jail.uid_base (remove them, or set microvm.jail.insecure_disabled = true on a dedicated development node)")]
@@ -97,20 +101,90 @@ pub struct MicroVmConfig {
     pub api_timeout_ms: u64,
     /// How long a booted (or restored) guest has to report ready.
     pub boot_timeout_ms: u64,
-    /// Pre-booted, paused VMs kept per (runtime, memory size) the node has
-    /// seen; 0 disables the pool.
-    pub pool_size: usize,
+    /// Replaced by `premade` (see [`MicroVmConfigError::PoolSize`]):
+    /// accepted only as 0, so an old configuration is told what to write.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool_size: Option<usize>,
+    /// `[sandbox.microvm.premade]`: booted, paused VMs kept per (runtime,
+    /// memory, vCPUs), sized from demand within a memory budget.
+    pub premade: VmPremadeConfig,
     /// Boot one guest per (runtime, memory size), snapshot it, and fill the
     /// pool by restoring that snapshot instead of booting kernels.
     pub snapshots: bool,
     /// Memory the VMM itself may use above the guest's, in MiB (cgroup).
     pub vmm_overhead_mb: u32,
-    /// Sizes whose pool the agent fills at start (`pool_size` VMs each),
-    /// before any function of that size was seen.
+    /// Sizes whose pool is kept at least one paused VM (within the
+    /// budget), filled from the agent's start, before any function of that
+    /// size was seen. Needs `premade.enabled`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub prewarm: Vec<PrewarmSize>,
     /// `[sandbox.microvm.jail]`.
     pub jail: JailConfig,
+}
+
+/// `[sandbox.microvm.premade]`: the microVM counterpart of
+/// `[sandbox.premade]` (the same keys but `sandbox_mb`: a paused VM is
+/// charged its guest memory size), under the same policy
+/// ([`crate::pool_policy`]). A pool is per (runtime, memory, vCPUs): a
+/// VM's size is fixed when it boots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VmPremadeConfig {
+    pub enabled: bool,
+    /// Memory all paused VMs of the node may take together, in MiB; each
+    /// is charged its guest memory size until it is claimed.
+    pub budget_mb: u32,
+    /// The most paused VMs for one runtime at one size.
+    pub max_per_runtime: usize,
+    /// How far back the demand that sizes a pool is looked at: each pool
+    /// aims at the most cold starts of its size within 10 s over this
+    /// window (at least one for a `prewarm` size).
+    pub demand_window_s: u64,
+}
+
+impl Default for VmPremadeConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            budget_mb: 2048,
+            max_per_runtime: 8,
+            demand_window_s: 300,
+        }
+    }
+}
+
+impl VmPremadeConfig {
+    pub fn validate(&self) -> Result<(), MicroVmConfigError> {
+        use kiln_core::limits::MEMORY_MIN_MB;
+        let bad = |m: String| Err(MicroVmConfigError::Premade(m));
+        if self.enabled && self.budget_mb < MEMORY_MIN_MB {
+            return bad(format!(
+                "budget_mb {} holds no VM (the smallest has {MEMORY_MIN_MB} MiB): raise it or set enabled = false",
+                self.budget_mb
+            ));
+        }
+        if !(1..=64).contains(&self.max_per_runtime) {
+            return bad(format!(
+                "max_per_runtime must be between 1 and 64, got {}",
+                self.max_per_runtime
+            ));
+        }
+        if !(10..=86_400).contains(&self.demand_window_s) {
+            return bad(format!(
+                "demand_window_s must be between 10 and 86400, got {}",
+                self.demand_window_s
+            ));
+        }
+        Ok(())
+    }
+
+    /// The pool policy's limits.
+    pub fn limits(&self) -> crate::pool_policy::Limits {
+        crate::pool_policy::Limits {
+            budget_mb: u64::from(self.budget_mb),
+            max_per_key: self.max_per_runtime,
+        }
+    }
 }
 
 /// One size of `prewarm`: `{ runtime = "python3.10", memory_mb = 512 }`;
@@ -151,7 +225,8 @@ impl Default for MicroVmConfig {
             rootfs_dir: None,
             api_timeout_ms: 5_000,
             boot_timeout_ms: 20_000,
-            pool_size: 0,
+            pool_size: None,
+            premade: VmPremadeConfig::default(),
             snapshots: false,
             vmm_overhead_mb: 64,
             prewarm: Vec::new(),
@@ -212,7 +287,6 @@ impl MicroVmConfig {
         for (name, v, lo, hi) in [
             ("api_timeout_ms", self.api_timeout_ms, 100, 600_000),
             ("boot_timeout_ms", self.boot_timeout_ms, 100, 600_000),
-            ("pool_size", self.pool_size as u64, 0, 64),
             ("vmm_overhead_mb", u64::from(self.vmm_overhead_mb), 16, 4096),
         ] {
             if !(lo..=hi).contains(&v) {
@@ -220,10 +294,14 @@ impl MicroVmConfig {
             }
         }
         use kiln_core::limits::{MEMORY_MAX_MB, MEMORY_MIN_MB, MEMORY_STEP_MB};
-        if !self.prewarm.is_empty() && self.pool_size == 0 {
+        if let Some(n) = self.pool_size.filter(|n| *n > 0) {
+            return Err(MicroVmConfigError::PoolSize(n));
+        }
+        self.premade.validate()?;
+        if !self.prewarm.is_empty() && !self.premade.enabled {
             return Err(MicroVmConfigError::Prewarm(
                 0,
-                "prewarm needs pool_size of at least 1".into(),
+                "prewarm needs [sandbox.microvm.premade] enabled = true".into(),
             ));
         }
         if self.prewarm.len() > 16 {
@@ -241,6 +319,15 @@ impl MicroVmConfig {
                     format!(
                         "memory_mb must be a multiple of {MEMORY_STEP_MB} between {MEMORY_MIN_MB} and {MEMORY_MAX_MB}, got {}",
                         p.memory_mb
+                    ),
+                ));
+            }
+            if p.memory_mb > self.premade.budget_mb {
+                return Err(MicroVmConfigError::Prewarm(
+                    i,
+                    format!(
+                        "memory_mb {} does not fit premade.budget_mb {}",
+                        p.memory_mb, self.premade.budget_mb
                     ),
                 ));
             }
@@ -279,11 +366,22 @@ mod tests {
         assert_eq!(c.jail.uid_range().of_slot(63), Some(300_063));
         assert!(!c.jail.insecure_disabled);
         assert!(serde_json::from_str::<MicroVmConfig>(r#"{"jail": {"insecure": true}}"#).is_err());
+        // pool_size is refused with what to write instead; 0 (off) is
+        // still accepted.
         let c: MicroVmConfig = serde_json::from_str(r#"{"pool_size": 2}"#).unwrap();
-        assert_eq!(c.pool_size, 2);
+        let e = c.validate().unwrap_err();
+        assert_eq!(e, MicroVmConfigError::PoolSize(2));
+        assert!(e.to_string().contains("[sandbox.microvm.premade]"), "{e}");
+        assert!(e.to_string().contains("max_per_runtime = 2"), "{e}");
+        let c: MicroVmConfig = serde_json::from_str(r#"{"pool_size": 0}"#).unwrap();
+        c.validate().unwrap();
         assert!(serde_json::from_str::<MicroVmConfig>(r#"{"pool": 2}"#).is_err());
+        assert!(
+            serde_json::from_str::<MicroVmConfig>(r#"{"premade": {"sandbox_mb": 2}}"#).is_err(),
+            "a paused VM is charged its own size"
+        );
         let c: MicroVmConfig = serde_json::from_str(
-            r#"{"pool_size": 1, "prewarm": [{"runtime": "custom", "memory_mb": 512}]}"#,
+            r#"{"premade": {"enabled": true}, "prewarm": [{"runtime": "custom", "memory_mb": 512}]}"#,
         )
         .unwrap();
         c.validate().unwrap();
@@ -339,8 +437,19 @@ mod tests {
             MicroVmConfigError::OutOfRange("api_timeout_ms", ..)
         ));
         assert!(matches!(
-            bad(|c| c.pool_size = 1000),
-            MicroVmConfigError::OutOfRange("pool_size", ..)
+            bad(|c| c.pool_size = Some(1000)),
+            MicroVmConfigError::PoolSize(1000)
+        ));
+        assert!(matches!(
+            bad(|c| c.premade.max_per_runtime = 0),
+            MicroVmConfigError::Premade(m) if m.contains("max_per_runtime")
+        ));
+        assert!(matches!(
+            bad(|c| {
+                c.premade.enabled = true;
+                c.premade.budget_mb = 64;
+            }),
+            MicroVmConfigError::Premade(m) if m.contains("budget_mb")
         ));
         fn size(memory_mb: u32) -> PrewarmSize {
             PrewarmSize {
@@ -351,14 +460,22 @@ mod tests {
         }
         assert!(matches!(
             bad(|c| c.prewarm = vec![size(512)]),
-            MicroVmConfigError::Prewarm(0, m) if m.contains("pool_size")
+            MicroVmConfigError::Prewarm(0, m) if m.contains("enabled")
         ));
         assert!(matches!(
             bad(|c| {
-                c.pool_size = 1;
+                c.premade.enabled = true;
                 c.prewarm = vec![size(512), size(100)];
             }),
             MicroVmConfigError::Prewarm(1, m) if m.contains("memory_mb")
+        ));
+        assert!(matches!(
+            bad(|c| {
+                c.premade.enabled = true;
+                c.premade.budget_mb = 1024;
+                c.prewarm = vec![size(2048)];
+            }),
+            MicroVmConfigError::Prewarm(0, m) if m.contains("budget_mb")
         ));
         assert!(matches!(
             bad(|c| c.cgroup_parent = "a/../b".into()),

@@ -16,12 +16,45 @@
 //!
 //! A VM is booted (or restored) as a *base*: kernel, initramfs, runtime
 //! disk, tap, vsock, serial, and kiln-guest reporting Ready. A base that
-//! waits in the pool is paused. Giving a base to an instance adds its disks,
-//! the function's layers (read-only, in the function's order), the code
-//! (read-only) and scratch (in `vm.create` on a cold boot, by `vm.add-disk`
-//! for a pooled one, so the guest sees the same devices either way), sends the
-//! guest its configuration, and starts the instance's relay (see
-//! [`super::relay`]) whose loopback address is the sandbox endpoint.
+//! waits in the pool is paused.
+//!
+//! # The pool and the claim protocol
+//!
+//! With `[sandbox.microvm.premade]` the driver keeps paused bases per
+//! (runtime, memory, vCPUs) — a VM's size is fixed at boot — sized and
+//! refilled by the policy the container backend's pre-made sandboxes
+//! follow ([`crate::pool_policy`]): demand per size over
+//! `demand_window_s`, at least one for a `prewarm` size, at most
+//! `max_per_runtime`, all within `budget_mb` with each paused VM charged
+//! its guest memory size, nothing under memory pressure; one background
+//! task removes surplus VMs and makes missing ones, deferring to ordinary
+//! cold starts. A base holds no tenant data: runtime disk only, its tap in
+//! no egress map (the isolation table drops what it sends), no function
+//! configuration.
+//!
+//! Giving a base to an instance (a *claim*; the same protocol as a
+//! container's, with the guest channel in place of `kiln-init`'s FIFO):
+//!
+//! 1. the function's policy: its tap is attached to the network isolation
+//!    with the function's egress mode, VPC and bandwidth class; its limits
+//!    are the VM's size and the VMM's cgroup, which the pool key matches
+//!    to the function's memory and vCPUs;
+//! 2. the VM is resumed and the guest connection checked;
+//! 3. code and disks: the function's layers (read-only, in the function's
+//!    order), the code (read-only) and scratch, by `vm.add-disk`;
+//! 4. the guest configuration (`GuestConfig`: disks, network, command,
+//!    environment) over vsock, on which kiln-guest mounts the disks and
+//!    only then starts the function's process.
+//!
+//! A cold boot (no pooled VM) keeps the same order: the tap is attached
+//! before `vm.create`, whose config carries the same disks in the same
+//! order, so the guest sees the same devices either way. Either way the
+//! instance's relay (see [`super::relay`]) then starts; its loopback
+//! address is the sandbox endpoint. A claimed base serves one instance of
+//! one function: it leaves the pool at the claim and is destroyed with the
+//! instance (never returned), so two accounts never share one. Pooled VMs
+//! are named like every other VM (`<prefix>-<slot>`), so a killed agent's
+//! next start removes them with its other leftovers.
 //!
 //! With `[sandbox.network]` ([`MicroVmDriver::with_net_isolation`]) each
 //! tap `<prefix>-<hex>` is an instance interface of [`crate::net`]: the
@@ -29,12 +62,13 @@
 //! as its gateway, and that `.2` is the address the isolation's
 //! anti-spoofing rule accepts from the tap.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kiln_core::{InstanceId, RuntimeName, SandboxKind};
 use kiln_guest_proto::vsock::{connect_hybrid_vsock_retry, GUEST_VSOCK_PORT};
@@ -60,6 +94,7 @@ use crate::net::{
     BandwidthClass, HostCommands, HostInterface, NetIsolation, NetIsolationError,
     NetworkConfig as IsolationConfig,
 };
+use crate::pool_policy::{self, Demand, Meminfo, Pacer, Want};
 use crate::process;
 use crate::rootfs::rootfs_path;
 
@@ -127,6 +162,64 @@ impl PoolKey {
 
     fn dir_name(&self) -> String {
         format!("{}-{}m-{}c", self.runtime, self.memory_mb, self.vcpus)
+    }
+
+    /// What a paused VM of this size is charged against the pool's
+    /// budget: its guest memory.
+    pub fn cost_mb(&self) -> u64 {
+        u64::from(self.memory_mb)
+    }
+
+    /// The order pools of equal demand are served in.
+    fn order(&self, other: &Self) -> std::cmp::Ordering {
+        (self.runtime.as_str(), self.memory_mb, self.vcpus).cmp(&(
+            other.runtime.as_str(),
+            other.memory_mb,
+            other.vcpus,
+        ))
+    }
+}
+
+/// A cold boot for an instance: its read-only disks (layers, code), the
+/// size of its scratch disk, and the function whose policy is attached.
+struct ColdBootFor<'a> {
+    readonly: &'a [(PathBuf, String)],
+    disk_mb: u32,
+    spec: &'a kiln_core::InstanceSpec,
+}
+
+/// The paused VMs of the pool and those being made, per size.
+#[derive(Default)]
+struct PoolState {
+    ready: HashMap<PoolKey, VecDeque<Vm>>,
+    making: HashMap<PoolKey, usize>,
+}
+
+impl PoolState {
+    /// Ready and being made.
+    fn have(&self, key: &PoolKey) -> usize {
+        self.ready.get(key).map_or(0, VecDeque::len) + self.making.get(key).copied().unwrap_or(0)
+    }
+
+    /// What the ready and the VMs being made are charged, in MiB.
+    fn charged_mb(&self) -> u64 {
+        let ready = self.ready.iter().map(|(k, q)| k.cost_mb() * q.len() as u64);
+        let making = self.making.iter().map(|(k, n)| k.cost_mb() * *n as u64);
+        ready.chain(making).sum()
+    }
+
+    /// Count one VM of `key` as being made.
+    fn reserve(&mut self, key: PoolKey) {
+        *self.making.entry(key).or_default() += 1;
+    }
+
+    fn made(&mut self, key: PoolKey) {
+        if let Some(n) = self.making.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                self.making.remove(&key);
+            }
+        }
     }
 }
 
@@ -295,8 +388,16 @@ struct Inner {
     isolation: OnceLock<Arc<NetIsolation>>,
     slots: Mutex<BTreeSet<u32>>,
     instances: Mutex<HashMap<InstanceId, Arc<Instance>>>,
-    pool: Mutex<HashMap<PoolKey, Vec<Vm>>>,
-    refilling: Mutex<HashSet<PoolKey>>,
+    pool: Mutex<PoolState>,
+    /// Cold starts per size, which size the pools.
+    demand: Mutex<Demand<PoolKey>>,
+    /// Sizes kept at least one paused VM (`prewarm`, [`MicroVmDriver::prewarm`]).
+    floors: Mutex<HashSet<PoolKey>>,
+    pacer: Arc<Pacer>,
+    meminfo: Mutex<Meminfo>,
+    refill: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Set by `shutdown`: the refill ends and makes nothing more.
+    stopping: AtomicBool,
     images_lock: tokio::sync::Mutex<()>,
     snapshot_lock: tokio::sync::Mutex<()>,
 }
@@ -419,6 +520,11 @@ impl MicroVmDriver {
             );
             (None, vec![])
         };
+        let floors: HashSet<PoolKey> = config
+            .prewarm
+            .iter()
+            .map(|size| PoolKey::new(size.runtime, size.memory_mb, size.cpu_milli()))
+            .collect();
         let inner = Arc::new(Inner {
             config,
             binary,
@@ -437,8 +543,13 @@ impl MicroVmDriver {
             isolation: OnceLock::new(),
             slots: Mutex::new(BTreeSet::new()),
             instances: Mutex::new(HashMap::new()),
-            pool: Mutex::new(HashMap::new()),
-            refilling: Mutex::new(HashSet::new()),
+            pool: Mutex::new(PoolState::default()),
+            demand: Mutex::new(Demand::default()),
+            floors: Mutex::new(floors),
+            pacer: Arc::new(Pacer::default()),
+            meminfo: Mutex::new(Meminfo::default()),
+            refill: Mutex::new(None),
+            stopping: AtomicBool::new(false),
             images_lock: tokio::sync::Mutex::new(()),
             snapshot_lock: tokio::sync::Mutex::new(()),
         });
@@ -488,18 +599,26 @@ impl MicroVmDriver {
         self.inner.isolation.get()
     }
 
-    /// Start filling the pool, in the background, for every size of
-    /// `prewarm` in the configuration (the agent calls it at start).
+    /// Where memory pressure is read (default `/proc/meminfo`; tests
+    /// give a file of the same format). Call before use.
+    pub fn with_meminfo(self, path: impl Into<PathBuf>) -> Self {
+        *self.inner.meminfo.lock().expect("lock") = Meminfo { path: path.into() };
+        self
+    }
+
+    /// Start the pools' background refill (`[sandbox.microvm.premade]`;
+    /// the agent calls it at start, once the runtimes' images are built):
+    /// every `prewarm` size is filled first, before any function of that
+    /// size was seen. Without the pools, nothing.
     pub fn start_prewarm(&self) {
+        if !self.inner.config.premade.enabled {
+            return;
+        }
         for size in &self.inner.config.prewarm {
             let key = PoolKey::new(size.runtime, size.memory_mb, size.cpu_milli());
-            tracing::info!(
-                ?key,
-                vms = self.inner.config.pool_size,
-                "pre-warming the microVM pool"
-            );
-            self.inner.spawn_refill(key);
+            tracing::info!(?key, "pre-warming the microVM pool");
         }
+        Inner::ensure_refill(&self.inner);
     }
 
     /// Paused VMs waiting in the pool for `key`.
@@ -508,14 +627,22 @@ impl MicroVmDriver {
             .pool
             .lock()
             .expect("lock")
+            .ready
             .get(&key)
-            .map_or(0, Vec::len)
+            .map_or(0, VecDeque::len)
     }
 
-    /// Fill the pool for `key` now (the agent calls it at start for the
-    /// sizes it expects); returns once the pool is full.
+    /// Keep `key`'s pool (as a `prewarm` size) and fill it to its target
+    /// now; returns once it is full. Refused without the pools.
     pub async fn prewarm(&self, key: PoolKey) -> Result<(), SandboxError> {
-        Inner::fill_pool(&self.inner, key).await
+        if !self.inner.config.premade.enabled {
+            return Err(vmm_fail(
+                "the microVM pool is off; set [sandbox.microvm.premade] enabled = true".into(),
+            ));
+        }
+        self.inner.floors.lock().expect("lock").insert(key);
+        Inner::ensure_refill(&self.inner);
+        self.inner.fill_pool(key).await
     }
 
     /// Build the runtime's root filesystem (as the container backend does:
@@ -541,11 +668,26 @@ impl MicroVmDriver {
     /// caller (those left running stay confined by their rules; the next
     /// start removes both).
     pub async fn shutdown(&self) -> Result<(), SandboxError> {
+        // Let a VM being made finish (and be disposed of below or by the
+        // refill) rather than abandon it half made.
+        self.inner.stopping.store(true, Ordering::Release);
+        self.inner.pacer.wake();
+        let task = self.inner.refill.lock().expect("lock").take();
+        if let Some(mut task) = task {
+            if tokio::time::timeout(Duration::from_secs(60), &mut task)
+                .await
+                .is_err()
+            {
+                tracing::warn!("the microVM pool's refill did not stop within 60 s");
+                task.abort();
+            }
+        }
         let vms: Vec<Vm> = self
             .inner
             .pool
             .lock()
             .expect("lock")
+            .ready
             .drain()
             .flat_map(|(_, v)| v)
             .collect();
@@ -1140,13 +1282,15 @@ impl Inner {
         ))
     }
 
-    /// Boot a VM from the kernel; with `disks` (read-only ones, then the
-    /// size of a scratch disk), those disks and then a scratch disk are
-    /// part of its config. Returns it running, with kiln-guest Ready.
+    /// Boot a VM from the kernel; for an instance (`disks`: read-only
+    /// ones, the size of a scratch disk, the function), its tap is attached
+    /// with the function's policy first, then those disks and a scratch
+    /// disk are part of its config. Returns it running, with kiln-guest
+    /// Ready.
     async fn cold_boot(
         &self,
         key: PoolKey,
-        disks: Option<(&[(PathBuf, String)], u32)>,
+        disks: Option<ColdBootFor<'_>>,
     ) -> Result<Vm, SandboxError> {
         let mut vm = match self.start_vmm(key).await {
             Ok(vm) => vm,
@@ -1154,7 +1298,13 @@ impl Inner {
         };
         let result = async {
             let mut config = self.vm_config(&vm);
-            if let Some((readonly, disk_mb)) = disks {
+            if let Some(ColdBootFor {
+                readonly,
+                disk_mb,
+                spec,
+            }) = disks
+            {
+                self.attach(&mut vm, spec).await?;
                 for (image, id) in readonly {
                     config.disks.push(self.vm_disk(&vm, image, id)?);
                 }
@@ -1352,52 +1502,191 @@ impl Inner {
         Ok(vm)
     }
 
+    /// How many paused VMs each size's pool aims at (see
+    /// [`pool_policy::plan`]): the sizes with demand in the window, the
+    /// `prewarm` ones and those with VMs in the pool (which go when their
+    /// target is 0).
+    fn targets(&self) -> HashMap<PoolKey, usize> {
+        let premade = &self.config.premade;
+        if !premade.enabled {
+            return HashMap::new();
+        }
+        let window = Duration::from_secs(premade.demand_window_s);
+        let demand: HashMap<PoolKey, usize> = self
+            .demand
+            .lock()
+            .expect("lock")
+            .peaks(window, Instant::now())
+            .into_iter()
+            .collect();
+        let floors = self.floors.lock().expect("lock").clone();
+        let mut keys: Vec<PoolKey> = demand.keys().chain(floors.iter()).copied().collect();
+        keys.extend(self.pool.lock().expect("lock").ready.keys().copied());
+        keys.sort_by(PoolKey::order);
+        keys.dedup();
+        let wants: Vec<Want<PoolKey>> = keys
+            .into_iter()
+            .map(|key| Want {
+                key,
+                demand: demand.get(&key).copied().unwrap_or(0),
+                floor: usize::from(floors.contains(&key)),
+                cost_mb: key.cost_mb(),
+            })
+            .collect();
+        let pressure = self.meminfo.lock().expect("lock").under_pressure();
+        pool_policy::plan(&premade.limits(), &wants, pressure)
+    }
+
+    /// Fill `key`'s pool to its target now.
     async fn fill_pool(self: &Arc<Self>, key: PoolKey) -> Result<(), SandboxError> {
-        let want = self.config.pool_size;
         loop {
-            let have = self
+            let target = self.targets().get(&key).copied().unwrap_or(0);
+            {
+                let mut pool = self.pool.lock().expect("lock");
+                let fits =
+                    pool.charged_mb() + key.cost_mb() <= u64::from(self.config.premade.budget_mb);
+                if pool.have(&key) >= target || !fits {
+                    return Ok(());
+                }
+                pool.reserve(key);
+            }
+            self.make_pooled(key).await?;
+        }
+    }
+
+    /// Make one paused VM of `key` (reserved in the pool state) and pool it.
+    async fn make_pooled(&self, key: PoolKey) -> Result<(), SandboxError> {
+        let started = Instant::now();
+        let made = self.pool_vm(key).await;
+        let late = {
+            let mut pool = self.pool.lock().expect("lock");
+            pool.made(key);
+            let vm = made?;
+            if self.stopping.load(Ordering::Acquire) {
+                Some(vm)
+            } else {
+                tracing::debug!(vm = %vm.name, ?key, ms = started.elapsed().as_millis() as u64, "pooled a paused microVM");
+                pool.ready.entry(key).or_default().push_back(vm);
+                None
+            }
+        };
+        match late {
+            // Made while the driver shut down: not pooled.
+            Some(vm) => self.dispose(vm).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Start the background refill once (with the pools on).
+    fn ensure_refill(self: &Arc<Self>) {
+        if !self.config.premade.enabled || self.stopping.load(Ordering::Acquire) {
+            return;
+        }
+        let mut task = self.refill.lock().expect("lock");
+        if task.is_none() {
+            let weak = Arc::downgrade(self);
+            *task = Some(tokio::spawn(
+                Self::refill_loop(weak, self.pacer.clone())
+                    .instrument(tracing::info_span!("microvm_pool_refill")),
+            ));
+        }
+    }
+
+    /// Shrink pools above their target, then make one VM for the emptiest
+    /// pool below it, paced by [`Pacer`]. Ends with the driver (it holds
+    /// it only while working) or at `shutdown`.
+    async fn refill_loop(weak: Weak<Inner>, pacer: Arc<Pacer>) {
+        let mut last_made = Instant::now();
+        loop {
+            let Some(inner) = weak.upgrade() else { return };
+            if inner.stopping.load(Ordering::Acquire) {
+                return;
+            }
+            let targets = inner.targets();
+            let surplus: Vec<Vm> = {
+                let mut pool = inner.pool.lock().expect("lock");
+                let mut out = Vec::new();
+                for (key, q) in pool.ready.iter_mut() {
+                    let target = targets.get(key).copied().unwrap_or(0);
+                    while q.len() > target {
+                        out.extend(q.pop_back());
+                    }
+                }
+                pool.ready.retain(|_, q| !q.is_empty());
+                out
+            };
+            for vm in surplus {
+                tracing::info!(vm = %vm.name, key = ?vm.key, "paused microVM removed (pool above its target)");
+                if let Err(e) = inner.dispose(vm).await {
+                    tracing::warn!(error = %kiln_core::error_chain(&e), "cannot remove a paused microVM");
+                }
+            }
+            let budget = u64::from(inner.config.premade.budget_mb);
+            let next = {
+                let pool = inner.pool.lock().expect("lock");
+                pool_policy::next_to_make(
+                    &targets,
+                    |k| pool.have(k),
+                    PoolKey::cost_mb,
+                    pool.charged_mb(),
+                    budget,
+                    PoolKey::order,
+                )
+            };
+            let Some(key) = next else {
+                drop(inner);
+                pacer.sleep(pool_policy::IDLE_CHECK).await;
+                continue;
+            };
+            if pacer.defer(Instant::now(), last_made) {
+                drop(inner);
+                pacer.sleep(pool_policy::REFILL_QUIET).await;
+                continue;
+            }
+            inner.pool.lock().expect("lock").reserve(key);
+            let made = inner.make_pooled(key).await;
+            last_made = Instant::now();
+            if let Err(e) = made {
+                tracing::warn!(?key, error = %kiln_core::error_chain(&e), "cannot make a paused microVM; retrying");
+                drop(inner);
+                tokio::time::sleep(pool_policy::RETRY_DELAY).await;
+            }
+        }
+    }
+
+    /// Claim a pooled VM of `key` for `spec` (steps 1 and 2 of the claim
+    /// protocol, see the module docs): attached with the function's
+    /// policy, then resumed with its guest connected. Counts as demand
+    /// either way. A pooled VM that does not resume is disposed of and the
+    /// next one tried; `None` when none is left.
+    async fn take_pooled(
+        self: &Arc<Self>,
+        key: PoolKey,
+        spec: &kiln_core::InstanceSpec,
+    ) -> Result<Option<Vm>, SandboxError> {
+        if !self.config.premade.enabled {
+            return Ok(None);
+        }
+        let now = Instant::now();
+        self.demand.lock().expect("lock").record(key, now);
+        self.pacer.started(now);
+        self.ensure_refill();
+        self.pacer.wake();
+        loop {
+            let taken = self
                 .pool
                 .lock()
                 .expect("lock")
-                .get(&key)
-                .map_or(0, Vec::len);
-            if have >= want {
-                return Ok(());
+                .ready
+                .get_mut(&key)
+                .and_then(VecDeque::pop_front);
+            let Some(mut vm) = taken else {
+                return Ok(None);
+            };
+            // The function's policy, before anything of it is in the VM.
+            if let Err(e) = self.attach(&mut vm, spec).await {
+                return Err(self.dispose_after(Some(vm), e).await);
             }
-            let vm = self.pool_vm(key).await?;
-            tracing::debug!(vm = %vm.name, ?key, "pooled a paused microVM");
-            self.pool
-                .lock()
-                .expect("lock")
-                .entry(key)
-                .or_default()
-                .push(vm);
-        }
-    }
-
-    /// Refill `key`'s pool in the background (one refill per key at once).
-    fn spawn_refill(self: &Arc<Self>, key: PoolKey) {
-        if self.config.pool_size == 0 || !self.refilling.lock().expect("lock").insert(key) {
-            return;
-        }
-        let weak: Weak<Inner> = Arc::downgrade(self);
-        tokio::spawn(
-            async move {
-                let Some(inner) = weak.upgrade() else { return };
-                if let Err(e) = inner.fill_pool(key).await {
-                    tracing::warn!(error = %kiln_core::error_chain(&e), "cannot refill the microVM pool");
-                }
-                inner.refilling.lock().expect("lock").remove(&key);
-            }
-            .instrument(tracing::info_span!("microvm_pool_refill")),
-        );
-    }
-
-    /// Take a pooled VM, resumed and with its guest connected; a pooled VM
-    /// that fails is disposed of and the next one tried.
-    async fn take_pooled(&self, key: PoolKey) -> Option<Vm> {
-        loop {
-            let mut vm = self.pool.lock().expect("lock").get_mut(&key)?.pop()?;
             let resumed = async {
                 Inner::api(&vm, "vm.resume", vm.client.resume().await).await?;
                 if vm.guest.is_none() {
@@ -1407,13 +1696,34 @@ impl Inner {
             }
             .await;
             match resumed {
-                Ok(()) => return Some(vm),
+                Ok(()) => return Ok(Some(vm)),
                 Err(e) => {
                     tracing::warn!(vm = %vm.name, error = %kiln_core::error_chain(&e), "discarding a pooled microVM");
                     let _ = self.dispose(vm).await;
                 }
             }
         }
+    }
+
+    /// Attach `vm`'s tap to the network isolation with `spec`'s egress
+    /// mode, VPC and bandwidth class (nothing without `[sandbox.network]`).
+    async fn attach(
+        &self,
+        vm: &mut Vm,
+        spec: &kiln_core::InstanceSpec,
+    ) -> Result<(), SandboxError> {
+        if let Some(isolation) = self.isolation.get() {
+            isolation
+                .attach(
+                    &vm.interface(),
+                    spec.network.as_ref(),
+                    BandwidthClass::of(spec),
+                )
+                .await
+                .map_err(isolation_err)?;
+            vm.attached = true;
+        }
+        Ok(())
     }
 
     async fn create(self: &Arc<Self>, req: &SandboxRequest) -> Result<Sandbox, SandboxError> {
@@ -1455,28 +1765,28 @@ impl Inner {
         let layers = readonly.len();
         readonly.push((code, "code".into()));
 
-        let (mut vm, pooled) = match self.take_pooled(key).await {
+        // A pooled VM comes attached with the function's policy; a cold
+        // boot attaches its tap before `vm.create` (see the module docs).
+        let taken = self.take_pooled(key, spec).await?;
+        // The pools do not refill while ordinary starts run: they would
+        // compete for the same CPUs.
+        let _ordinary = taken.is_none().then(|| self.pacer.ordinary_start());
+        let (mut vm, pooled) = match taken {
             Some(vm) => (vm, true),
             None => (
-                self.cold_boot(key, Some((&readonly, spec.disk_mb))).await?,
+                self.cold_boot(
+                    key,
+                    Some(ColdBootFor {
+                        readonly: &readonly,
+                        disk_mb: spec.disk_mb,
+                        spec,
+                    }),
+                )
+                .await?,
                 false,
             ),
         };
-        self.spawn_refill(key);
         let result = async {
-            // The function's egress mode is known only now, also for a VM
-            // that waited in the pool.
-            if let Some(isolation) = self.isolation.get() {
-                isolation
-                    .attach(
-                        &vm.interface(),
-                        spec.network.as_ref(),
-                        BandwidthClass::of(spec),
-                    )
-                    .await
-                    .map_err(isolation_err)?;
-                vm.attached = true;
-            }
             if pooled {
                 let mut disks = vec![];
                 for (image, id) in &readonly {

@@ -33,5 +33,5 @@ pub mod relay;
 pub mod schema;
 
 pub use client::{VmmApiError, VmmClient};
-pub use config::{JailConfig, MicroVmConfig, MicroVmConfigError, PrewarmSize};
+pub use config::{JailConfig, MicroVmConfig, MicroVmConfigError, PrewarmSize, VmPremadeConfig};
 pub use driver::{MicroVmBackends, MicroVmDriver, PoolKey};
