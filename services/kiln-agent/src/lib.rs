@@ -92,6 +92,12 @@ impl AgentHandle {
         &self.manager
     }
 
+    /// The agent's metrics in Prometheus' text format (what the metrics
+    /// listener serves).
+    pub fn metrics_text(&self) -> String {
+        self.manager.metrics.render()
+    }
+
     /// The agent's live certificate and the revocations it enforces.
     pub fn trust(&self) -> &Arc<certs::AgentTrust> {
         &self.trust

@@ -121,6 +121,12 @@ impl GatewayHandle {
         self.metrics_addr
     }
 
+    /// The gateway's metrics in Prometheus' text format (what the metrics
+    /// listener serves).
+    pub fn metrics_text(&self) -> String {
+        self.gw.metrics.encode()
+    }
+
     /// The VPC listener, when configured.
     pub fn vpc_addr(&self) -> Option<SocketAddr> {
         self.vpc_addr

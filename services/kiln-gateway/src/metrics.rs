@@ -23,6 +23,9 @@ pub struct Metrics {
     registry: Registry,
     pub requests: Family<RequestLabels, Counter>,
     pub invoke_seconds: Histogram,
+    /// Seconds from asking the scheduler for a lease to holding it (a cold
+    /// start's instance creation included; parked leases not counted).
+    pub lease_acquire_seconds: Histogram,
     pub invocations_in_flight: Gauge,
     /// Internal-listener calls refused for the caller's identity.
     pub refusals: kiln_internal_api::authz::Refusals,
@@ -50,6 +53,12 @@ impl Metrics {
             "Sync invocation latency until the answer's headers",
             invoke_seconds.clone(),
         );
+        let lease_acquire_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 20));
+        registry.register(
+            "lease_acquire_seconds",
+            "Time to get a lease from the scheduler, instance start included",
+            lease_acquire_seconds.clone(),
+        );
         let invocations_in_flight = Gauge::default();
         registry.register(
             "invocations_in_flight",
@@ -62,6 +71,7 @@ impl Metrics {
             registry,
             requests,
             invoke_seconds,
+            lease_acquire_seconds,
             invocations_in_flight,
         })
     }

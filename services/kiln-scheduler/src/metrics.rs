@@ -27,6 +27,9 @@ pub struct Metrics {
     pub nodes: Gauge,
     /// Seconds from an acquire request to its lease (cold starts included).
     pub acquire_latency: Histogram,
+    /// Seconds a call waited for the scheduler's state lock: the one place
+    /// its calls take turns (held for decisions only, never across I/O).
+    pub lock_wait: Histogram,
     /// Nodes whose certificates are revoked.
     pub revoked_nodes: Gauge,
     /// Agent certificates signed (renewals and bootstrap joins).
@@ -51,6 +54,13 @@ impl Default for Metrics {
         let nodes = Gauge::default();
         // 50 µs .. ~100 s.
         let acquire_latency = Histogram::new(exponential_buckets(0.000_05, 2.0, 22));
+        // 1 µs .. ~1 s.
+        let lock_wait = Histogram::new(exponential_buckets(0.000_001, 2.0, 20));
+        registry.register(
+            "state_lock_wait_seconds",
+            "Time calls waited for the scheduler's state lock",
+            lock_wait.clone(),
+        );
         registry.register("acquires", "Leases granted", acquires.clone());
         registry.register(
             "cold_starts",
@@ -122,6 +132,7 @@ impl Default for Metrics {
             nodes_ready,
             nodes,
             acquire_latency,
+            lock_wait,
             revoked_nodes,
             certificates_issued,
             bootstrap_refused,

@@ -185,7 +185,18 @@ impl Scheduler {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
+        // Uncontended, the lock is taken without a clock read.
+        if let Ok(st) = self.inner.state.try_lock() {
+            self.inner.metrics.lock_wait.observe(0.0);
+            return st;
+        }
+        let t = Instant::now();
+        let st = self.inner.state.lock().unwrap_or_else(|p| p.into_inner());
+        self.inner
+            .metrics
+            .lock_wait
+            .observe(t.elapsed().as_secs_f64());
+        st
     }
 
     fn now(&self) -> u64 {

@@ -398,8 +398,13 @@ async fn answer(
 }
 
 async fn acquire(gw: &Gateway, req: &InvokeRequest, body: Bytes) -> Result<Lease, FcError> {
-    gw.scheduler.acquire_lease(body).await.map_err(|e| {
+    let t = Instant::now();
+    let lease = gw.scheduler.acquire_lease(body).await.map_err(|e| {
         tracing::warn!(request_id = %req.request_id, function = %req.function, error = %e, "no lease from the scheduler");
         e.to_fc()
-    })
+    })?;
+    gw.metrics
+        .lease_acquire_seconds
+        .observe(t.elapsed().as_secs_f64());
+    Ok(lease)
 }

@@ -28,6 +28,7 @@
 mod burst;
 mod cpu;
 mod runc;
+mod stages;
 
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
@@ -214,6 +215,7 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
             let client = crate::client::FcClient::new(cluster.credentials.clone())?;
             cold(
                 args,
+                &cluster,
                 &client,
                 &binary,
                 &code_zip,
@@ -645,7 +647,17 @@ async fn measure(
     print!("{}", cpu_table(args.connections, &k_cpu, &n_cpu));
 
     if !args.no_cold {
-        cold(args, &client, binary, code_zip, prefix, work, agent_state).await?;
+        cold(
+            args,
+            cluster,
+            &client,
+            binary,
+            code_zip,
+            prefix,
+            work,
+            agent_state,
+        )
+        .await?;
     }
     Ok(())
 }
@@ -687,8 +699,10 @@ async fn wait_for_pool(agent_state: &Path, want: usize) -> Result<()> {
 /// and warm (the same burst again once the pool refilled). One at a time
 /// goes first: after a burst its instances' teardown and the pool's refill
 /// would share the CPUs with the next starts.
+#[allow(clippy::too_many_arguments)]
 async fn cold(
     args: &BenchArgs,
+    cluster: &DevCluster,
     client: &crate::client::FcClient,
     binary: &Path,
     code_zip: &[u8],
@@ -713,20 +727,21 @@ async fn cold(
     if premade {
         wait_for_pool(agent_state, 1).await?;
     }
-    let kiln_cold = kiln_cold_starts(client, args.cold_starts, static_function).await?;
+    let (kiln_cold, single) =
+        kiln_cold_starts_profiled(Some(cluster), client, args.cold_starts, static_function).await?;
     let (n, k) = (args.burst_starts, args.burst_callers.max(1));
     let bursts = if n > 0 && !premade {
         let runc = runc::burst(&baseline, prefix, work, n, k).await?;
-        let kiln = burst::kiln(client, &zip_b64, n, k).await?;
+        let kiln = burst::kiln(cluster, client, &zip_b64, n, k).await?;
         Some((runc, kiln.clone(), kiln))
     } else if n > 0 {
         let runc = runc::burst(&baseline, prefix, work, n, k).await?;
         // An idle runtime's pool holds one sandbox: the first burst finds
         // it empty and sizes it (its demand); the second finds it warm.
         wait_for_pool(agent_state, 1).await?;
-        let empty = burst::kiln(client, &zip_b64, n, k).await?;
+        let empty = burst::kiln(cluster, client, &zip_b64, n, k).await?;
         wait_for_pool(agent_state, n + 1).await?;
-        let warm = burst::kiln(client, &zip_b64, n, k).await?;
+        let warm = burst::kiln(cluster, client, &zip_b64, n, k).await?;
         Some((runc, empty, warm))
     } else {
         None
@@ -746,6 +761,9 @@ async fn cold(
     );
     println!("  bare runc run runs (ms): {runc_cold:.1?}");
     println!("  kiln cold starts (ms):   {kiln_cold:.1?}");
+    if let Some(s) = single {
+        print!("{}", s.report());
+    }
     match bursts {
         Some((runc, kiln, _)) if !premade => {
             println!("no pool:");
@@ -1096,8 +1114,26 @@ async fn kiln_cold_starts(
     n: usize,
     function: impl Fn(&str) -> serde_json::Value,
 ) -> Result<Vec<f64>> {
+    kiln_cold_starts_profiled(None, client, n, function)
+        .await
+        .map(|(times, _)| times)
+}
+
+/// [`kiln_cold_starts`], and where the starts after the first went when
+/// `cluster` is given ([`stages`]).
+async fn kiln_cold_starts_profiled(
+    cluster: Option<&DevCluster>,
+    client: &crate::client::FcClient,
+    n: usize,
+    function: impl Fn(&str) -> serde_json::Value,
+) -> Result<(Vec<f64>, Option<stages::Stages>)> {
+    let sample = || cluster.map(|c| stages::Sample::parse(&c.metrics_text()));
+    let (mut before, mut after) = (None, None);
     let mut out = Vec::new();
     for i in 0..=n {
+        if i == 1 {
+            before = sample();
+        }
         let name = format!("bench-cold-{i}");
         client.create_function(&function(&name)).await?;
         let t = Instant::now();
@@ -1109,9 +1145,17 @@ async fn kiln_cold_starts(
         if i > 0 {
             out.push(ms);
         }
+        // Sampled before the delete: the destroy is not part of a start.
+        if i == n {
+            after = sample();
+        }
         client.delete_function(&name).await?;
         // Let the node settle between starts.
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    Ok(out)
+    let profile = match (&before, &after) {
+        (Some(b), Some(a)) => Some(stages::Stages::between(b, a, &out)),
+        _ => None,
+    };
+    Ok((out, profile))
 }

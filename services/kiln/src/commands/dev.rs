@@ -252,6 +252,17 @@ impl DevCluster {
             .get()
     }
 
+    /// Every service's metrics in Prometheus' text format, one after the
+    /// other (their names carry the service's prefix).
+    pub fn metrics_text(&self) -> String {
+        [
+            self.gateway.handle.metrics_text(),
+            self.scheduler.handle.scheduler().metrics().render(),
+            self.agent.handle.metrics_text(),
+        ]
+        .join("\n")
+    }
+
     pub async fn shutdown(self) {
         for (name, stopped) in [
             (AGENT_THREADS, stop(self.agent, |h| h.shutdown()).await),

@@ -12,17 +12,23 @@ use anyhow::Result;
 use bytes::Bytes;
 use serde_json::json;
 
+use super::stages::{Sample, Stages};
 use crate::client::FcClient;
+use crate::commands::dev::DevCluster;
+
+/// A burst's wall time, its calls' times (ms) and where they went.
+pub(super) type Burst = (Duration, Vec<f64>, Stages);
 
 /// `n` functions on the same code, created first (not timed), then
 /// invoked once each by `callers` callers; their code is on the node
 /// already (an unmeasured cold start of one more function fetched it).
 pub(super) async fn kiln(
+    cluster: &DevCluster,
     client: &FcClient,
     zip_b64: &str,
     n: usize,
     callers: usize,
-) -> Result<(Duration, Vec<f64>)> {
+) -> Result<Burst> {
     let names: Vec<String> = (0..=n).map(|i| format!("bench-burst-{i}")).collect();
     for name in &names {
         client
@@ -44,6 +50,7 @@ pub(super) async fn kiln(
             .error_for_status()?;
         let next = Arc::new(AtomicUsize::new(0));
         let names = Arc::new(names[..n].to_vec());
+        let before = Sample::parse(&cluster.metrics_text());
         let t = Instant::now();
         let mut tasks = tokio::task::JoinSet::new();
         for _ in 0..callers {
@@ -68,7 +75,9 @@ pub(super) async fn kiln(
         while let Some(r) = tasks.join_next().await {
             times.extend(r??);
         }
-        Ok((t.elapsed(), times))
+        let took = t.elapsed();
+        let stages = Stages::between(&before, &Sample::parse(&cluster.metrics_text()), &times);
+        Ok((took, times, stages))
     }
     .await;
     for name in &names {
@@ -82,7 +91,7 @@ pub(super) fn report(
     n: usize,
     callers: usize,
     runc: &(Duration, Vec<f64>),
-    kiln: &(Duration, Vec<f64>),
+    kiln: &Burst,
 ) -> String {
     let rate = |d: &Duration| n as f64 / d.as_secs_f64();
     let (rr, kr) = (rate(&runc.0), rate(&kiln.0));
@@ -92,7 +101,7 @@ pub(super) fn report(
     );
     format!(
         "{:<34} {:>10.1}/s {:>10.1}/s {:>11.2}    (kiln/runc starts per second)\n\
-         {:<34} {:>10.1}ms {:>10.1}ms {:>11.2}x\n",
+         {:<34} {:>10.1}ms {:>10.1}ms {:>11.2}x\n{}",
         format!("cold burst: {n} starts, {callers} callers"),
         rr,
         kr,
@@ -101,5 +110,6 @@ pub(super) fn report(
         rm,
         km,
         km / rm,
+        kiln.2.report(),
     )
 }
