@@ -15,6 +15,7 @@ use crate::auth::Caller;
 use crate::gateway::Gateway;
 use crate::queue::tasks::TaskQuery;
 use crate::queue::{AsyncConfig, Enqueued, NewMessage, QueueError, StopOutcome, TaskStatus};
+use crate::versions::Qualifier;
 
 pub const INVOCATION_TYPE: &str = "x-fc-invocation-type";
 pub const TASK_ID: &str = "x-fc-async-task-id";
@@ -164,17 +165,29 @@ fn json(status: StatusCode, v: &serde_json::Value) -> Response<Body> {
         .expect("valid response")
 }
 
-fn arn(gw: &Gateway, caller: &Caller, name: &str) -> String {
-    format!(
+/// The function's ARN, with the qualifier's path (RAM's resource forms,
+/// `.../functions/f/aliases/prod`, `.../functions/f/versions/2`) when the
+/// config is not LATEST's.
+fn arn(gw: &Gateway, caller: &Caller, name: &str, qualifier: &str) -> String {
+    let base = format!(
         "acs:fc:{}:{}:functions/{name}",
         gw.region, caller.account_id
-    )
+    );
+    match Qualifier::parse(Some(qualifier)) {
+        Ok(Qualifier::Latest) | Err(_) => base,
+        Ok(Qualifier::Version(v)) => format!("{base}/versions/{v}"),
+        Ok(Qualifier::Alias(a)) => format!("{base}/aliases/{a}"),
+    }
 }
 
-fn no_config(name: &FunctionName) -> ApiError {
+fn no_config(name: &FunctionName, qualifier: &Qualifier) -> ApiError {
+    let of = match qualifier {
+        Qualifier::Latest => String::new(),
+        q => format!(" for qualifier {q}"),
+    };
     FcError::new(
         FcErrorCode::AsyncConfigNotExists,
-        format!("function '{name}' has no async invoke config"),
+        format!("function '{name}' has no async invoke config{of}"),
     )
     .into()
 }
@@ -186,23 +199,32 @@ pub async fn put_config(
     parts: &http::request::Parts,
     body: Bytes,
 ) -> Result<Response<Body>, ApiError> {
-    super::request::check_qualifier(parts)?;
+    let qualifier = super::request::qualifier(parts)?;
     super::request::caller_function(gw, caller, name)?;
+    // The version or alias must exist when its config is written.
+    gw.catalog
+        .check_qualifier(&caller.account_id, name, &qualifier)?;
+    let q = qualifier.to_string();
     let mut cfg = AsyncConfig::parse(&body, &gw.region, caller.account_id.as_str())?;
     let configs = gw.dispatcher.configs();
     let now = gw.clock.now_ms();
-    let old = configs.get(caller.account_id.as_str(), name.as_str());
+    let old = configs.get(caller.account_id.as_str(), name.as_str(), &q);
     cfg.created_ms = Some(old.and_then(|o| o.created_ms).unwrap_or(now));
     cfg.modified_ms = Some(now);
     gw.dispatcher
         .queue()
-        .put_config(&caller.account_id, name, &cfg)
+        .put_config(&caller.account_id, name, &q, &cfg)
         .await
         .map_err(queue_err)?;
-    configs.set(caller.account_id.as_str(), name.as_str(), Some(cfg.clone()));
+    configs.set(
+        caller.account_id.as_str(),
+        name.as_str(),
+        &q,
+        Some(cfg.clone()),
+    );
     Ok(json(
         StatusCode::OK,
-        &cfg.to_fc(&arn(gw, caller, name.as_str())),
+        &cfg.to_fc(&arn(gw, caller, name.as_str(), &q)),
     ))
 }
 
@@ -212,16 +234,17 @@ pub fn get_config(
     name: &FunctionName,
     parts: &http::request::Parts,
 ) -> Result<Response<Body>, ApiError> {
-    super::request::check_qualifier(parts)?;
+    let qualifier = super::request::qualifier(parts)?;
     super::request::caller_function(gw, caller, name)?;
+    let q = qualifier.to_string();
     let cfg = gw
         .dispatcher
         .configs()
-        .get(caller.account_id.as_str(), name.as_str())
-        .ok_or_else(|| no_config(name))?;
+        .get(caller.account_id.as_str(), name.as_str(), &q)
+        .ok_or_else(|| no_config(name, &qualifier))?;
     Ok(json(
         StatusCode::OK,
-        &cfg.to_fc(&arn(gw, caller, name.as_str())),
+        &cfg.to_fc(&arn(gw, caller, name.as_str(), &q)),
     ))
 }
 
@@ -231,21 +254,22 @@ pub async fn delete_config(
     name: &FunctionName,
     parts: &http::request::Parts,
 ) -> Result<Response<Body>, ApiError> {
-    super::request::check_qualifier(parts)?;
+    let qualifier = super::request::qualifier(parts)?;
     super::request::caller_function(gw, caller, name)?;
+    let q = qualifier.to_string();
     let configs = gw.dispatcher.configs();
     if configs
-        .get(caller.account_id.as_str(), name.as_str())
+        .get(caller.account_id.as_str(), name.as_str(), &q)
         .is_none()
     {
-        return Err(no_config(name));
+        return Err(no_config(name, &qualifier));
     }
     gw.dispatcher
         .queue()
-        .delete_config(&caller.account_id, name)
+        .delete_config(&caller.account_id, name, &q)
         .await
         .map_err(queue_err)?;
-    configs.set(caller.account_id.as_str(), name.as_str(), None);
+    configs.set(caller.account_id.as_str(), name.as_str(), &q, None);
     Ok(Response::builder()
         .status(StatusCode::NO_CONTENT)
         .body(full(Bytes::new()))
@@ -265,7 +289,8 @@ fn limit_param(parts: &http::request::Parts) -> Result<usize, FcError> {
 }
 
 /// ListAsyncInvokeConfigs: every config of the account (or one
-/// function's), by function name; nextToken is the last name returned.
+/// function's), by function name and qualifier; nextToken names the last
+/// one returned (`function/qualifier`: neither holds a `/`).
 pub fn list_configs(
     gw: &Arc<Gateway>,
     caller: &Caller,
@@ -278,35 +303,42 @@ pub fn list_configs(
         .dispatcher
         .configs()
         .of_account(caller.account_id.as_str());
+    // A token of an older Kiln is a bare function name: after all of it.
+    let after: Option<(String, String)> = after.map(|t| match t.split_once('/') {
+        Some((f, q)) => (f.to_owned(), q.to_owned()),
+        None => (t, "\u{10FFFF}".to_owned()),
+    });
     let mut page: Vec<_> = all
         .into_iter()
-        .filter(|(f, _)| only.as_deref().is_none_or(|o| o == f))
-        .filter(|(f, _)| after.as_deref().is_none_or(|a| f.as_str() > a))
+        .filter(|(f, _, _)| only.as_deref().is_none_or(|o| o == f))
+        .filter(|(f, q, _)| {
+            after
+                .as_ref()
+                .is_none_or(|(af, aq)| (f.as_str(), q.as_str()) > (af.as_str(), aq.as_str()))
+        })
         .take(limit + 1)
         .collect();
     let more = page.len() > limit;
     page.truncate(limit);
     let mut out = serde_json::json!({
-        "configs": page.iter().map(|(f, c)| c.to_fc(&arn(gw, caller, f))).collect::<Vec<_>>(),
+        "configs": page.iter().map(|(f, q, c)| c.to_fc(&arn(gw, caller, f, q))).collect::<Vec<_>>(),
     });
     if more {
-        if let Some((f, _)) = page.last() {
-            out["nextToken"] = f.clone().into();
+        if let Some((f, q, _)) = page.last() {
+            out["nextToken"] = format!("{f}/{q}").into();
         }
     }
     Ok(json(StatusCode::OK, &out))
 }
 
-/// Whether the function's async invocations are async tasks (its async
-/// invoke config has `asyncTask: true`). FC records task states only in
+/// Whether the function's async invocations are async tasks (an async
+/// invoke config of it, of any qualifier, has `asyncTask: true`). FC records task states only in
 /// task mode; without it an invocation is not a task, so GetAsyncTask and
 /// StopAsyncTask answer AsyncTaskNotFound and ListAsyncTasks lists nothing.
 fn task_mode(gw: &Gateway, caller: &Caller, name: &FunctionName) -> bool {
     gw.dispatcher
         .configs()
-        .get(caller.account_id.as_str(), name.as_str())
-        .and_then(|c| c.async_task)
-        .unwrap_or(false)
+        .task_mode(caller.account_id.as_str(), name.as_str())
 }
 
 fn no_task(task_id: &str) -> ApiError {

@@ -59,10 +59,12 @@ pub trait Invoker: Send + Sync + 'static {
     fn webhook(&self, url: &str, record: &serde_json::Value) -> BoxFuture<Result<(), String>>;
 }
 
-/// The async invoke configs in memory (the queue database holds them).
+/// The async invoke configs in memory (the queue database holds them),
+/// by account, function and qualifier (`LATEST`, a version or an alias:
+/// a call uses the config of the qualifier it was made with).
 #[derive(Default)]
 pub struct Configs {
-    map: RwLock<HashMap<(String, String), AsyncConfig>>,
+    map: RwLock<HashMap<(String, String, String), AsyncConfig>>,
 }
 
 impl Configs {
@@ -71,44 +73,77 @@ impl Configs {
             .configs()
             .await?
             .into_iter()
-            .map(|(a, f, c)| ((a, f), c))
+            .map(|(a, f, q, c)| ((a, f, q), c))
             .collect();
         Ok(Self {
             map: RwLock::new(map),
         })
     }
 
-    pub fn get(&self, account: &str, function: &str) -> Option<AsyncConfig> {
+    /// The config of `qualifier` (as written: `LATEST`, a version id or
+    /// an alias name).
+    pub fn get(&self, account: &str, function: &str, qualifier: &str) -> Option<AsyncConfig> {
         let m = self.map.read().unwrap_or_else(|p| p.into_inner());
-        m.get(&(account.to_owned(), function.to_owned())).cloned()
+        m.get(&(
+            account.to_owned(),
+            function.to_owned(),
+            qualifier.to_owned(),
+        ))
+        .cloned()
     }
 
-    pub fn set(&self, account: &str, function: &str, cfg: Option<AsyncConfig>) {
+    pub fn set(&self, account: &str, function: &str, qualifier: &str, cfg: Option<AsyncConfig>) {
         let mut m = self.map.write().unwrap_or_else(|p| p.into_inner());
-        let k = (account.to_owned(), function.to_owned());
+        let k = (
+            account.to_owned(),
+            function.to_owned(),
+            qualifier.to_owned(),
+        );
         match cfg {
             Some(c) => m.insert(k, c),
             None => m.remove(&k),
         };
     }
 
-    /// Every config of `account`, ordered by function name.
-    pub fn of_account(&self, account: &str) -> Vec<(String, AsyncConfig)> {
+    /// Every config of `account`, ordered by function name and qualifier.
+    pub fn of_account(&self, account: &str) -> Vec<(String, String, AsyncConfig)> {
         let m = self.map.read().unwrap_or_else(|p| p.into_inner());
         let mut v: Vec<_> = m
             .iter()
-            .filter(|((a, _), _)| a == account)
-            .map(|((_, f), c)| (f.clone(), c.clone()))
+            .filter(|((a, _, _), _)| a == account)
+            .map(|((_, f, q), c)| (f.clone(), q.clone(), c.clone()))
             .collect();
-        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
         v
     }
 
-    /// The queue a function's messages wait in.
+    /// The function's configs, whatever their qualifier.
+    fn of_function(&self, account: &str, function: &str) -> Vec<AsyncConfig> {
+        let m = self.map.read().unwrap_or_else(|p| p.into_inner());
+        m.iter()
+            .filter(|((a, f, _), _)| a == account && f == function)
+            .map(|(_, c)| c.clone())
+            .collect()
+    }
+
+    /// Whether any of the function's configs makes its calls async tasks.
+    pub fn task_mode(&self, account: &str, function: &str) -> bool {
+        self.of_function(account, function)
+            .iter()
+            .any(|c| c.async_task == Some(true))
+    }
+
+    /// The queue a function's messages wait in (all its qualifiers share
+    /// it): its own when any of its configs asks for a dedicated queue.
     pub fn queue_of(&self, account: &str, function: &str) -> String {
-        match self.get(account, function) {
-            Some(c) if c.dedicated_queue == Some(true) => format!("{account}/{function}"),
-            _ => account.to_owned(),
+        if self
+            .of_function(account, function)
+            .iter()
+            .any(|c| c.dedicated_queue == Some(true))
+        {
+            format!("{account}/{function}")
+        } else {
+            account.to_owned()
         }
     }
 }
@@ -387,7 +422,11 @@ impl Dispatcher {
     async fn process(self: Arc<Self>, c: Claimed) {
         let cfg = self
             .configs
-            .get(&c.account, &c.function)
+            .get(
+                &c.account,
+                &c.function,
+                &super::stored_qualifier_name(&c.headers),
+            )
             .unwrap_or_default();
         let now = self.clock.now_ms();
         let (completion, outcome) = if now.saturating_sub(c.created_ms) >= cfg.max_age_ms() {

@@ -25,6 +25,16 @@ pub mod tasks;
 /// dropped before a message is stored, so only the gateway sets it.
 pub const QUALIFIER_HEADER: &str = "x-kiln-qualifier";
 
+/// The qualifier a message was enqueued with, as written (`LATEST` when
+/// its headers name none).
+pub fn stored_qualifier_name(headers: &[(String, String)]) -> String {
+    headers
+        .iter()
+        .find(|(k, _)| k == QUALIFIER_HEADER)
+        .map(|(_, v)| v.clone())
+        .unwrap_or_else(|| crate::versions::LATEST.to_owned())
+}
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -55,7 +65,7 @@ impl From<rusqlite::Error> for QueueError {
     }
 }
 
-const MIGRATIONS: &[Migration] = &[
+pub(crate) const MIGRATIONS: &[Migration] = &[
     Migration {
         name: "async messages, task events, async invoke configs",
         sql: "
@@ -111,6 +121,23 @@ const MIGRATIONS: &[Migration] = &[
             next_ms INTEGER NOT NULL
         );
         CREATE INDEX outbox_due ON outbox(next_ms);
+    ",
+    },
+    // A config per qualifier (existing ones are LATEST's).
+    Migration {
+        name: "async invoke configs per qualifier",
+        sql: "
+        CREATE TABLE async_configs_by_qualifier (
+            account_id TEXT NOT NULL,
+            function_name TEXT NOT NULL,
+            qualifier TEXT NOT NULL,
+            doc TEXT NOT NULL,
+            PRIMARY KEY (account_id, function_name, qualifier)
+        );
+        INSERT INTO async_configs_by_qualifier (account_id, function_name, qualifier, doc)
+            SELECT account_id, function_name, 'LATEST', doc FROM async_configs;
+        DROP TABLE async_configs;
+        ALTER TABLE async_configs_by_qualifier RENAME TO async_configs;
     ",
     },
 ];
@@ -706,68 +733,84 @@ impl Queue {
         &self.db
     }
 
-    /// Store (or replace) a function's async invoke config.
+    /// Store (or replace) the async invoke config of a function's
+    /// `qualifier` (`LATEST`, a version id or an alias name).
     pub async fn put_config(
         &self,
         account: &AccountId,
         function: &FunctionName,
+        qualifier: &str,
         cfg: &AsyncConfig,
     ) -> Result<(), QueueError> {
-        let (a, f) = (account.as_str().to_owned(), function.as_str().to_owned());
+        let (a, f, q) = (
+            account.as_str().to_owned(),
+            function.as_str().to_owned(),
+            qualifier.to_owned(),
+        );
         let doc = serde_json::to_string(cfg).expect("config serialises");
         Ok(self
             .db
             .run(move |c| {
                 c.execute(
-                    "INSERT INTO async_configs (account_id, function_name, doc) VALUES (?1, ?2, ?3)
-                     ON CONFLICT (account_id, function_name) DO UPDATE SET doc = excluded.doc",
-                    params![a, f, doc],
+                    "INSERT INTO async_configs (account_id, function_name, qualifier, doc)
+                     VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (account_id, function_name, qualifier)
+                     DO UPDATE SET doc = excluded.doc",
+                    params![a, f, q, doc],
                 )?;
                 Ok(())
             })
             .await?)
     }
 
-    /// Remove a config; true if there was one.
+    /// Remove a qualifier's config; true if there was one.
     pub async fn delete_config(
         &self,
         account: &AccountId,
         function: &FunctionName,
+        qualifier: &str,
     ) -> Result<bool, QueueError> {
-        let (a, f) = (account.as_str().to_owned(), function.as_str().to_owned());
+        let (a, f, q) = (
+            account.as_str().to_owned(),
+            function.as_str().to_owned(),
+            qualifier.to_owned(),
+        );
         Ok(self
             .db
             .run(move |c| {
                 Ok(c.execute(
-                    "DELETE FROM async_configs WHERE account_id = ?1 AND function_name = ?2",
-                    params![a, f],
+                    "DELETE FROM async_configs
+                     WHERE account_id = ?1 AND function_name = ?2 AND qualifier = ?3",
+                    params![a, f, q],
                 )? > 0)
             })
             .await?)
     }
 
-    /// Every stored config: (account, function, config).
-    pub async fn configs(&self) -> Result<Vec<(String, String, AsyncConfig)>, QueueError> {
+    /// Every stored config: (account, function, qualifier, config).
+    pub async fn configs(&self) -> Result<Vec<(String, String, String, AsyncConfig)>, QueueError> {
         let rows = self
             .db
             .run(|c| {
-                let mut st =
-                    c.prepare("SELECT account_id, function_name, doc FROM async_configs")?;
+                let mut st = c.prepare(
+                    "SELECT account_id, function_name, qualifier, doc FROM async_configs",
+                )?;
                 let rows = st.query_map([], |r| {
                     Ok((
                         r.get::<_, String>(0)?,
                         r.get::<_, String>(1)?,
                         r.get::<_, String>(2)?,
+                        r.get::<_, String>(3)?,
                     ))
                 })?;
                 Ok(rows.collect::<Result<Vec<_>, _>>()?)
             })
             .await?;
         rows.into_iter()
-            .map(|(a, f, doc)| {
+            .map(|(a, f, q, doc)| {
                 let cfg = serde_json::from_str(&doc)
-                    .map_err(|e| QueueError::Corrupt(format!("{a}/{f}"), e))?;
-                Ok((a, f, cfg))
+                    .map_err(|e| QueueError::Corrupt(format!("{a}/{f} ({q})"), e))?;
+                Ok((a, f, q, cfg))
             })
             .collect()
     }

@@ -374,6 +374,7 @@ async fn function_errors_retry_then_fail_to_the_failure_destination() {
     configs.set(
         "1",
         "f",
+        "LATEST",
         Some(
             AsyncConfig::parse(
                 br#"{"maxAsyncRetryAttempts":2,"destinationConfig":{"onFailure":{"destination":"https://hook.test/fail"}}}"#,
@@ -437,6 +438,7 @@ async fn throttling_backs_off_until_the_ttl_expires() {
     configs.set(
         "1",
         "f",
+        "LATEST",
         Some(AsyncConfig::parse(br#"{"maxAsyncEventAgeInSeconds":10}"#, "r", "1").unwrap()),
     );
     let clock = Arc::new(ManualClock::new(1_000));
@@ -505,6 +507,7 @@ async fn a_message_older_than_its_ttl_is_expired_without_invoking() {
     configs.set(
         "1",
         "f",
+        "LATEST",
         Some(AsyncConfig::parse(br#"{"maxAsyncEventAgeInSeconds":5}"#, "r", "1").unwrap()),
     );
     q.enqueue(msg("1", "f", "t", 1_000)).await.unwrap();
@@ -526,6 +529,79 @@ async fn a_message_older_than_its_ttl_is_expired_without_invoking() {
     assert!(clock.now_ms() > 0);
     let _ = tx.send(());
     run.await.unwrap();
+}
+
+/// A call made with a qualifier is governed by that qualifier's config:
+/// the alias's 5 s TTL expires its message while LATEST's (1 h) would not.
+#[tokio::test]
+async fn a_qualified_call_follows_its_qualifiers_config() {
+    let q = Queue::open_in_memory().unwrap();
+    let fake = Fake::new(Duration::ZERO);
+    let clock = Arc::new(ManualClock::new(1_000));
+    let configs = Arc::new(Configs::default());
+    let ttl = |s: u32| {
+        Some(
+            AsyncConfig::parse(
+                format!(r#"{{"maxAsyncEventAgeInSeconds":{s}}}"#).as_bytes(),
+                "r",
+                "1",
+            )
+            .unwrap(),
+        )
+    };
+    configs.set("1", "f", "LATEST", ttl(3600));
+    configs.set("1", "f", "prod", ttl(5));
+    let mut prod = msg("1", "f", "to-prod", 1_000);
+    prod.headers
+        .push((crate::queue::QUALIFIER_HEADER.into(), "prod".into()));
+    q.enqueue(prod).await.unwrap();
+    q.enqueue(msg("1", "f", "to-latest", 1_000)).await.unwrap();
+    clock.advance(Duration::from_secs(6));
+    let d = Dispatcher::new(
+        q.clone(),
+        fake.clone(),
+        configs.clone(),
+        clock.clone(),
+        settings(),
+        "r".into(),
+    );
+    d.enqueued("1");
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(d.clone().run(async {
+        let _ = rx.await;
+    }));
+    wait_for(&q, "to-prod", "Expired").await;
+    wait_for(&q, "to-latest", "Succeeded").await;
+    assert_eq!(
+        fake.calls.load(Ordering::SeqCst),
+        1,
+        "only LATEST's call ran"
+    );
+    let _ = tx.send(());
+    run.await.unwrap();
+    // Configs are kept per qualifier, listed in order, and share a queue.
+    let listed: Vec<(String, String)> = configs
+        .of_account("1")
+        .into_iter()
+        .map(|(f, q, _)| (f, q))
+        .collect();
+    assert_eq!(
+        listed,
+        vec![("f".into(), "LATEST".into()), ("f".into(), "prod".into())]
+    );
+    assert_eq!(configs.queue_of("1", "f"), "1");
+    configs.set(
+        "1",
+        "f",
+        "prod",
+        Some(AsyncConfig::parse(br#"{"dedicatedQueue":true}"#, "r", "1").unwrap()),
+    );
+    assert_eq!(
+        configs.queue_of("1", "f"),
+        "1/f",
+        "one queue for the function"
+    );
+    assert!(configs.get("1", "f", "staging").is_none());
 }
 
 #[tokio::test]
@@ -616,6 +692,7 @@ async fn a_deleted_function_makes_the_task_invalid_and_a_dedicated_queue_is_its_
     configs.set(
         "1",
         "f",
+        "LATEST",
         Some(AsyncConfig::parse(br#"{"dedicatedQueue":true}"#, "r", "1").unwrap()),
     );
     assert_eq!(configs.queue_of("1", "f"), "1/f");
@@ -814,6 +891,7 @@ async fn an_unreachable_destination_is_given_up_after_its_attempts() {
     configs.set(
         "1",
         "f",
+        "LATEST",
         Some(
             AsyncConfig::parse(
                 br#"{"destinationConfig":{"onSuccess":{"destination":"https://down.test/"}}}"#,
@@ -907,4 +985,32 @@ async fn an_account_over_its_depth_bound_is_refused_until_messages_finish() {
         q.enqueue(bounded("1", "d")).await.unwrap(),
         Enqueued::Full { depth: 2, limit: 2 }
     );
+}
+
+/// A queue database written before configs were kept per qualifier
+/// opens with each function's config as LATEST's.
+#[tokio::test]
+async fn configs_of_an_older_database_become_latests() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("queue.db");
+    {
+        let old = kiln_store::Database::open(&path, &super::MIGRATIONS[..2]).unwrap();
+        old.with_conn(|c| {
+            c.execute(
+                "INSERT INTO async_configs (account_id, function_name, doc) VALUES ('1', 'f', ?1)",
+                [r#"{"maxAsyncRetryAttempts":1}"#],
+            )?;
+            Ok(())
+        })
+        .unwrap();
+    }
+    let q = Queue::open(&path).unwrap();
+    let got = q.configs().await.unwrap();
+    assert_eq!(got.len(), 1);
+    let (a, f, qualifier, cfg) = &got[0];
+    assert_eq!(
+        (a.as_str(), f.as_str(), qualifier.as_str()),
+        ("1", "f", "LATEST")
+    );
+    assert_eq!(cfg.retries(), 1);
 }

@@ -83,6 +83,28 @@ f1 = client.get_function(name, models.GetFunctionRequest(qualifier="1")).body
 assert f1.code_checksum == client.get_function_code(
     name, models.GetFunctionCodeRequest(qualifier="1")).body.checksum
 
+# Async invoke configs per qualifier: the alias's own, beside LATEST's.
+put = client.put_async_invoke_config(name, models.PutAsyncInvokeConfigRequest(
+    qualifier="prod", body=models.PutAsyncInvokeConfigInput(max_async_retry_attempts=0))).body
+assert put.max_async_retry_attempts == 0 and put.function_arn.endswith("/aliases/prod"), put.to_map()
+client.put_async_invoke_config(name, models.PutAsyncInvokeConfigRequest(
+    body=models.PutAsyncInvokeConfigInput(max_async_retry_attempts=2)))
+got = client.get_async_invoke_config(name, models.GetAsyncInvokeConfigRequest(qualifier="prod")).body
+assert got.max_async_retry_attempts == 0, got.to_map()
+got = client.get_async_invoke_config(name, models.GetAsyncInvokeConfigRequest()).body
+assert got.max_async_retry_attempts == 2, got.to_map()
+refused("AliasNotFound", lambda: client.put_async_invoke_config(name, models.PutAsyncInvokeConfigRequest(
+    qualifier="nope", body=models.PutAsyncInvokeConfigInput(max_async_retry_attempts=1))))
+refused("AsyncConfigNotExists", lambda: client.get_async_invoke_config(
+    name, models.GetAsyncInvokeConfigRequest(qualifier="1")))
+listed = client.list_async_invoke_configs(models.ListAsyncInvokeConfigsRequest(function_name=name)).body
+assert [c.function_arn.rsplit(":", 1)[1] for c in listed.configs] == [
+    "functions/" + name, "functions/" + name + "/aliases/prod"], listed.to_map()
+client.delete_async_invoke_config(name, models.DeleteAsyncInvokeConfigRequest(qualifier="prod"))
+refused("AsyncConfigNotExists", lambda: client.get_async_invoke_config(
+    name, models.GetAsyncInvokeConfigRequest(qualifier="prod")))
+client.delete_async_invoke_config(name, models.DeleteAsyncInvokeConfigRequest())
+
 rolled = client.update_alias(name, "prod", models.UpdateAliasRequest(body=models.UpdateAliasInput(
     version_id="2", additional_version_weight={}))).body
 assert rolled.version_id == "2" and rolled.description == "live", rolled.to_map()
