@@ -25,8 +25,11 @@
 // functions sharing a prefix), GetFunction, ListFunctions (prefix, limit 1, following
 // nextToken), UpdateFunction (memorySize and environment), InvokeFunction (body checked),
 // versions and aliases (PublishFunctionVersion twice, ListFunctionVersions, CreateAlias with a
-// canary weight, InvokeFunction by version and alias, GetFunctionCode with its download,
+// canary weight, the alias's async invoke config, InvokeFunction by version and alias, GetFunctionCode with its download,
 // UpdateAlias rolling forward, GetAlias, ListAliases, DeleteAlias, DeleteFunctionVersion),
+// tags (TagResources, ListTagResources, UntagResources), triggers (an anonymous HTTP trigger
+// called at its URL, a timer trigger; Create/Get/List/Update/DeleteTrigger),
+// Disable/EnableFunctionInvocation (a call refused in between),
 // DeleteFunction, and GetFunction again expecting FC's FunctionNotFound error
 // (404, {"Code","Message","RequestId"}). Functions created are deleted even on failure.
 // With examples/hello-python the invoke check is exact; otherwise pass --expect.
@@ -261,6 +264,13 @@ async function main() {
       body: new fc.CreateAliasInput({ aliasName: 'prod', versionId: '1', additionalVersionWeight: { 2: 0.5 } }),
     }))).body;
     check(alias.additionalVersionWeight['2'] === 0.5, `alias ${JSON.stringify(alias)}`);
+    // The alias's own async invoke config.
+    const cfg = (await client.putAsyncInvokeConfig(args.name, new fc.PutAsyncInvokeConfigRequest({
+      qualifier: 'prod', body: new fc.PutAsyncInvokeConfigInput({ maxAsyncRetryAttempts: 1 }),
+    }))).body;
+    check(cfg.functionArn.endsWith('/aliases/prod') && cfg.maxAsyncRetryAttempts === 1,
+      `async config ${JSON.stringify(cfg)}`);
+    await client.deleteAsyncInvokeConfig(args.name, new fc.DeleteAsyncInvokeConfigRequest({ qualifier: 'prod' }));
     // examples/hello-python answers with its environment: each version's own.
     const envs = {};
     for (const q of ['1', '2', 'LATEST']) envs[q] = await callEnv(q);
@@ -295,6 +305,102 @@ async function main() {
     await client.deleteAlias(args.name, 'prod');
     for (const v of ['1', '2']) await client.deleteFunctionVersion(args.name, v);
     return `versions 1, 2; alias split ${JSON.stringify([...split])}; code ${code.length} bytes`;
+  };
+
+  // FC's tags on the function: TagResources, ListTagResources (by id),
+  // UntagResources.
+  const tags = async () => {
+    const arn = (await client.getFunction(args.name, new fc.GetFunctionRequest({}))).body.functionArn;
+    await client.tagResources(new fc.TagResourcesRequest({
+      body: new fc.TagResourcesInput({
+        resourceType: 'function', resourceId: [arn], tag: [new fc.Tag({ key: 'team', value: 'node' })],
+      }),
+    }));
+    const rows = async () => ((await client.listTagResources(new fc.ListTagResourcesRequest({
+      resourceType: 'function', resourceId: [arn],
+    }))).body.tagResources || []).map((r) => `${r.tagKey}=${r.tagValue}`);
+    const listed = await rows();
+    check(JSON.stringify(listed) === '["team=node"]', `tags ${JSON.stringify(listed)}`);
+    await client.untagResources(new fc.UntagResourcesRequest({
+      resourceType: 'function', resourceId: [arn], tagKey: ['team'],
+    }));
+    check((await rows()).length === 0, 'UntagResources left a tag');
+    return `tagged and untagged ${arn}`;
+  };
+
+  // An HTTP trigger (anonymous) answered at its URL, and a timer trigger;
+  // Create/Get/List/Update/DeleteTrigger. The trigger's host resolves to
+  // the gateway (a name under localhost), reached here by address with
+  // the host name as SNI and Host.
+  const triggers = async () => {
+    const http = (await client.createTrigger(args.name, new fc.CreateTriggerRequest({
+      body: new fc.CreateTriggerInput({
+        triggerName: 'web', triggerType: 'http',
+        triggerConfig: JSON.stringify({ authType: 'anonymous', methods: ['GET', 'POST'] }),
+      }),
+    }))).body;
+    const url = new URL(http.httpTrigger.urlInternet);
+    const gateway = new URL(cred.endpoint.includes('://') ? cred.endpoint : `https://${cred.endpoint}`);
+    const answer = await new Promise((resolve, reject) => {
+      https.get({
+        host: gateway.hostname, port: url.port || gateway.port, path: '/hello?x=1',
+        servername: url.hostname, headers: { Host: url.host },
+        ca: cred.caCert ? readFileSync(cred.caCert, 'utf8') : undefined,
+      }, (res) => {
+        const chunks = [];
+        res.on('data', (c) => chunks.push(c));
+        res.on('end', () => resolve({ status: res.statusCode, body: Buffer.concat(chunks).toString() }));
+      }).on('error', reject);
+    });
+    // The function's own answer, whatever it is: examples/hello-python
+    // serves no GET path and says which one it got, query included.
+    check(answer.body.includes('/hello?x=1'), `trigger answered ${answer.status} ${answer.body}`);
+    const got = (await client.getTrigger(args.name, 'web')).body;
+    check(got.triggerType === 'http' && got.httpTrigger.urlInternet === http.httpTrigger.urlInternet,
+      `GetTrigger ${JSON.stringify(got)}`);
+    await client.updateTrigger(args.name, 'web', new fc.UpdateTriggerRequest({
+      body: new fc.UpdateTriggerInput({ description: 'from node' }),
+    }));
+    await client.createTrigger(args.name, new fc.CreateTriggerRequest({
+      body: new fc.CreateTriggerInput({
+        triggerName: 'tick', triggerType: 'timer',
+        triggerConfig: JSON.stringify({ cronExpression: '@every 60m', payload: 'tick', enable: false }),
+      }),
+    }));
+    const listed = (await client.listTriggers(args.name, new fc.ListTriggersRequest({}))).body.triggers;
+    check(JSON.stringify(listed.map((t) => `${t.triggerName}:${t.triggerType}`)) === '["tick:timer","web:http"]',
+      `ListTriggers ${JSON.stringify(listed.map((t) => t.triggerName))}`);
+    check(listed.find((t) => t.triggerName === 'web').description === 'from node', 'UpdateTrigger');
+    for (const t of ['web', 'tick']) await client.deleteTrigger(args.name, t);
+    return `${url.host} answered ${answer.status} from the function; timer listed; both deleted`;
+  };
+
+  // DisableFunctionInvocation refuses calls until EnableFunctionInvocation.
+  const disable = async () => {
+    const off = (await client.disableFunctionInvocation(args.name, new fc.DisableFunctionInvocationRequest({
+      reason: 'node sdk', abortOngoingRequest: false,
+    }))).body;
+    check(off.success === true, `disable ${JSON.stringify(off)}`);
+    const f = (await client.getFunction(args.name, new fc.GetFunctionRequest({}))).body;
+    check(f.invocationRestriction && f.invocationRestriction.disable === true
+      && f.invocationRestriction.reason === 'node sdk', `restriction ${JSON.stringify(f.invocationRestriction)}`);
+    try {
+      await client.invokeFunction(args.name, new fc.InvokeFunctionRequest({
+        body: new dara.BytesReadable(Buffer.from(args.payload)),
+      }));
+      throw new Error('a disabled function was invoked');
+    } catch (e) {
+      if (!(e instanceof openapiModule.ClientError)) throw e;
+      check(e.code === 'FunctionInvocationDisabled', `code ${e.code}`);
+    }
+    const on = (await client.enableFunctionInvocation(args.name)).body;
+    check(on.success === true, `enable ${JSON.stringify(on)}`);
+    const res = await client.invokeFunction(args.name, new fc.InvokeFunctionRequest({
+      body: new dara.BytesReadable(Buffer.from(args.payload)),
+    }));
+    await dara.Stream.readAsBytes(res.body);
+    check(res.statusCode === 200, `invoke after enable ${res.statusCode}`);
+    return 'refused while disabled, invoked after enable';
   };
 
   const dropVersions = async (name) => {
@@ -333,6 +439,9 @@ async function main() {
     await step('UpdateFunction', update);
     await step('InvokeFunction', invoke);
     await step('Versions and aliases', versions);
+    await step('Tags', tags);
+    await step('HTTP and timer triggers', triggers);
+    await step('Disable and enable invocation', disable);
     for (const name of names) {
       await step('DeleteFunction', () => del(name));
     }
