@@ -13,7 +13,9 @@
 // (instanceLifecycleConfig.initializer.handler = "index.initialize") and it
 // runs once per instance, before the first call; `preStop` as the PreStop
 // hook (instanceLifecycleConfig.preStop.handler = "index.preStop") runs
-// before the instance goes away.
+// before the instance goes away. Through an HTTP trigger the event is FC
+// 3.0's HTTP trigger event; the path /shaped answers in FC's HTTP response
+// shape.
 
 const initialized = [];
 
@@ -30,6 +32,16 @@ function answer(event, context) {
   const data = JSON.parse(event.toString() || '{}');
   console.log(`hello from ${context.function.name}`);
   if (data.fail) throw new RangeError(data.fail);
+  // Through an HTTP trigger the event is FC 3.0's HTTP event; its path
+  // /shaped asks for an answer in FC's response shape.
+  if (data.rawPath === '/shaped') {
+    return {
+      statusCode: 201,
+      headers: { 'x-shaped': 'yes', 'content-type': 'text/plain' },
+      isBase64Encoded: true,
+      body: Buffer.from('shaped').toString('base64'),
+    };
+  }
   const c = context.credentials;
   return {
     event: data,

@@ -11,7 +11,8 @@ UnhandledInvocationError. Configure `initialize` as the initializer
 (instanceLifecycleConfig.initializer.handler = "index.initialize") and it
 runs once per instance, before the first call; `pre_stop` as the PreStop
 hook (instanceLifecycleConfig.preStop.handler = "index.pre_stop") runs before
-the instance goes away.
+the instance goes away. Through an HTTP trigger the event is FC 3.0's HTTP
+trigger event; the path /shaped answers in FC's HTTP response shape.
 """
 
 import json
@@ -35,6 +36,15 @@ def handler(event, context):
     logger.info("hello from %s", context.function.name)
     if "fail" in data:
         raise ValueError(data["fail"])
+    # Through an HTTP trigger the event is FC 3.0's HTTP event; its path
+    # /shaped asks for an answer in FC's response shape.
+    if data.get("rawPath") == "/shaped":
+        return {
+            "statusCode": 201,
+            "headers": {"x-shaped": "yes", "content-type": "text/plain"},
+            "isBase64Encoded": True,
+            "body": "c2hhcGVk",  # "shaped"
+        }
     creds = context.credentials
     return {
         "event": data,

@@ -65,6 +65,34 @@ async fn wait_for_line(
     }
 }
 
+/// `curl --cacert CA -sS -D - ARGS`: status, head (lower case) and body.
+fn curl(ca: &std::path::Path, args: &[&str]) -> (u16, String, Vec<u8>) {
+    let out = std::process::Command::new("curl")
+        .arg("--cacert")
+        .arg(ca)
+        .args(["-sS", "-D", "-", "--max-time", "60"])
+        .args(args)
+        .output()
+        .expect("run curl");
+    assert!(
+        out.status.success(),
+        "curl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let split = out
+        .stdout
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a head");
+    let head = String::from_utf8_lossy(&out.stdout[..split]).to_ascii_lowercase();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("a status line");
+    (status, head, out.stdout[split + 4..].to_vec())
+}
+
 fn json_of(r: &ApiResponse) -> Value {
     serde_json::from_slice(&r.body)
         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&r.body)))
@@ -265,6 +293,88 @@ async fn python_and_nodejs_handlers_follow_fcs_event_handler_model() {
             }
             rids.push(rid);
         }
+
+        // Through an HTTP trigger: FC 3.0's HTTP event in (method, path,
+        // query, headers without FC's own, body), the handler's answer out,
+        // in FC's response shape when it uses it.
+        let t: Value = c
+            .request(
+                Method::POST,
+                &format!("/2023-03-30/functions/{name}/triggers"),
+                &[],
+                &[],
+                Bytes::from(
+                    json!({"triggerName": "web", "triggerType": "http",
+                        "triggerConfig": json!({"authType": "anonymous",
+                            "methods": ["GET", "POST"]}).to_string()})
+                    .to_string(),
+                ),
+            )
+            .await
+            .unwrap()
+            .error_for_status()
+            .unwrap()
+            .json()
+            .unwrap();
+        let url = t["httpTrigger"]["urlInternet"].as_str().unwrap().to_owned();
+        let (status, head, body) = curl(
+            &dev.creds.ca_cert,
+            &[
+                "-X",
+                "POST",
+                "-H",
+                "x-custom: 7",
+                "--data-binary",
+                "hello",
+                &format!("{url}/some/path?q=1&r=two"),
+            ],
+        );
+        assert_eq!(
+            status,
+            200,
+            "{}: {head}\n{}",
+            case.runtime,
+            String::from_utf8_lossy(&body)
+        );
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        let e = &v["event"];
+        assert_eq!(e["version"], "v1", "{v}");
+        assert_eq!(e["rawPath"], "/some/path", "{v}");
+        assert_eq!(e["body"], "hello", "{v}");
+        assert_eq!(e["isBase64Encoded"], false, "{v}");
+        assert_eq!(e["queryParameters"], json!({"q": "1", "r": "two"}), "{v}");
+        assert_eq!(e["headers"]["x-custom"], "7", "{v}");
+        assert_eq!(e["requestContext"]["http"]["method"], "POST", "{v}");
+        assert_eq!(e["requestContext"]["http"]["path"], "/some/path", "{v}");
+        assert_eq!(e["requestContext"]["accountId"], account.as_str(), "{v}");
+        assert_eq!(e["requestContext"]["requestId"], v["requestId"], "{v}");
+        assert!(
+            e["headers"]
+                .as_object()
+                .unwrap()
+                .keys()
+                .all(|k| !k.starts_with("x-fc-")),
+            "FC's own headers (credentials among them) stay out of the event: {v}"
+        );
+        let (status, head, body) = curl(&dev.creds.ca_cert, &[&format!("{url}/shaped")]);
+        assert_eq!(
+            (status, body.as_slice()),
+            (201, &b"shaped"[..]),
+            "{}: {head}",
+            case.runtime
+        );
+        assert!(head.contains("x-shaped: yes"), "{head}");
+        c.request(
+            Method::DELETE,
+            &format!("/2023-03-30/functions/{name}/triggers/web"),
+            &[],
+            &[],
+            Bytes::new(),
+        )
+        .await
+        .unwrap()
+        .error_for_status()
+        .unwrap();
 
         // An uncaught exception: FC's error body and header.
         let r = c

@@ -204,6 +204,93 @@ function fail(res, err) {
   answer(res, 404, Buffer.from(JSON.stringify(body)), true);
 }
 
+// The agent's mark of an HTTP trigger's call (FC's custom-runtime header):
+// the request is the caller's own, method, path and all.
+const HTTP_INVOKE = '/http-invoke';
+
+// FC 3.0's HTTP trigger event for a handler: the request as JSON. FC's own
+// x-fc-* headers (credentials among them) are not part of it.
+function httpEvent(req, body, ctx) {
+  const url = new URL(req.url, 'http://localhost');
+  const text = body.toString('utf8');
+  const b64 = !Buffer.from(text, 'utf8').equals(body);
+  const headers = {};
+  for (const [k, v] of Object.entries(req.headers)) {
+    if (!k.startsWith('x-fc-')) headers[k] = Array.isArray(v) ? v.join(', ') : v;
+  }
+  const query = {};
+  for (const [k, v] of url.searchParams) query[k] = v;
+  const domain = req.headers['x-forwarded-host'] || req.headers.host || '';
+  const now = Date.now();
+  return {
+    version: 'v1',
+    rawPath: url.pathname,
+    body: b64 ? body.toString('base64') : text,
+    isBase64Encoded: b64,
+    headers,
+    queryParameters: query,
+    requestContext: {
+      accountId: ctx.accountId,
+      domainName: domain,
+      domainPrefix: domain.split('.')[0],
+      http: {
+        method: req.method,
+        path: url.pathname,
+        protocol: 'HTTP/1.1',
+        sourceIp: String(req.headers['x-forwarded-for'] || '').split(',')[0].trim(),
+        userAgent: req.headers['user-agent'] || '',
+      },
+      requestId: ctx.requestId,
+      time: new Date(now).toISOString().replace(/\.\d{3}Z$/, 'Z'),
+      timeEpoch: String(now),
+    },
+  };
+}
+
+// The handler's answer to an HTTP trigger: FC 3.0's response shape
+// (statusCode, headers, body, isBase64Encoded), as an object or a JSON
+// string of one; anything else is a 200 with the value as its body.
+function httpResponse(result) {
+  let shaped = result;
+  if (typeof result === 'string' || Buffer.isBuffer(result)) {
+    try {
+      shaped = JSON.parse(result.toString());
+    } catch (_) {
+      shaped = null;
+    }
+  }
+  if (shaped && typeof shaped === 'object' && !Buffer.isBuffer(shaped) && 'statusCode' in shaped) {
+    const headers = {};
+    for (const [k, v] of Object.entries(shaped.headers || {})) headers[k] = String(v);
+    let out = shaped.body;
+    if (shaped.isBase64Encoded && typeof out === 'string') out = Buffer.from(out, 'base64');
+    return { status: Number(shaped.statusCode) || 200, headers, body: encode(out) };
+  }
+  return { status: 200, headers: {}, body: encode(result) };
+}
+
+async function httpInvoke(req, res, body) {
+  const ctx = context(req.headers);
+  let out;
+  try {
+    const event = Buffer.from(JSON.stringify(httpEvent(req, body, ctx)), 'utf8');
+    out = httpResponse(await call(load(ctx.function.handler), [event, ctx]));
+  } catch (e) {
+    fail(res, e);
+    return;
+  }
+  const headers = {};
+  for (const [k, v] of Object.entries(out.headers)) {
+    if (!['content-length', 'transfer-encoding', 'connection'].includes(k.toLowerCase())) headers[k] = v;
+  }
+  if (!Object.keys(headers).some((k) => k.toLowerCase() === 'content-type')) {
+    headers['content-type'] = 'application/octet-stream';
+  }
+  headers['content-length'] = out.body.length;
+  res.writeHead(out.status, headers);
+  res.end(req.method === 'HEAD' ? undefined : out.body);
+}
+
 let initialized = false;
 // The initializer and its timeout as /initialize named them: the agent
 // sends them on that call only, FC's context carries them on every call.
@@ -245,7 +332,9 @@ const server = http.createServer((req, res) => {
     const body = Buffer.concat(chunks);
     const id = req.headers['x-fc-request-id'] || '';
     calls.run(id, () => {
-      if (req.method === 'POST' && req.url === '/invoke') {
+      if (req.headers['x-fc-control-path'] === HTTP_INVOKE) {
+        httpInvoke(req, res, body);
+      } else if (req.method === 'POST' && req.url === '/invoke') {
         invoke(req, res, body);
       } else if (req.method === 'POST' && req.url === '/initialize') {
         initializer.handler = req.headers['x-fc-function-initializer'] || '';

@@ -5,6 +5,9 @@ The agent starts this file as the instance's process (the `python3.11`
 built-in runtime). It listens on FC_CUSTOM_LISTEN_PORT and answers:
 
   POST /invoke      calls the function's handler `handler(event, context)`
+  any method/path   with `x-fc-control-path: /http-invoke` (an HTTP
+                    trigger's call): the handler gets FC 3.0's HTTP trigger
+                    event (JSON) and may answer in its response shape
                     (FC's `index.handler`: module `index` from /code,
                     function `handler`); the event is the request body as
                     bytes; the return value is the answer's body
@@ -28,6 +31,7 @@ its statusCode/headers/body/isBase64Encoded answer belong in `invoke`
 below, keyed on the marker header the trigger path will send.
 """
 
+import base64
 import importlib
 import json
 import logging
@@ -37,6 +41,7 @@ import sys
 import threading
 import time
 import traceback
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 CODE_DIR = os.environ.get("FC_FUNC_CODE_PATH", "/code")
@@ -222,6 +227,67 @@ def encode_result(value):
     return json.dumps(value).encode("utf-8")
 
 
+# The agent's mark of an HTTP trigger's call (FC's custom-runtime header):
+# the request is the caller's own, method, path and all.
+HTTP_INVOKE = "/http-invoke"
+
+
+def http_event(method, path, headers, body, context):
+    """FC 3.0's HTTP trigger event for a handler: the request as JSON. FC's
+    own x-fc-* headers (credentials among them) are not part of it."""
+    raw_path, _, query = path.partition("?")
+    try:
+        text, b64 = body.decode("utf-8"), False
+    except UnicodeDecodeError:
+        text, b64 = base64.b64encode(body).decode("ascii"), True
+    domain = headers.get("x-forwarded-host") or headers.get("host", "")
+    now = time.time()
+    return {
+        "version": "v1",
+        "rawPath": raw_path,
+        "body": text,
+        "isBase64Encoded": b64,
+        "headers": {k: v for k, v in headers.items() if not k.startswith("x-fc-")},
+        "queryParameters": dict(urllib.parse.parse_qsl(query, keep_blank_values=True)),
+        "requestContext": {
+            "accountId": context.account_id,
+            "domainName": domain,
+            "domainPrefix": domain.split(".", 1)[0],
+            "http": {
+                "method": method,
+                "path": raw_path,
+                "protocol": "HTTP/1.1",
+                "sourceIp": headers.get("x-forwarded-for", "").split(",")[0].strip(),
+                "userAgent": headers.get("user-agent", ""),
+            },
+            "requestId": context.request_id,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+            "timeEpoch": str(int(now * 1000)),
+        },
+    }
+
+
+def http_response(value):
+    """The handler's answer to an HTTP trigger: FC 3.0's response shape
+    (statusCode, headers, body, isBase64Encoded) as the HTTP answer, as a
+    dict or a JSON string of one; anything else is a 200 with the value as
+    its body."""
+    shaped = value
+    if isinstance(value, (str, bytes)):
+        try:
+            shaped = json.loads(value)
+        except ValueError:
+            shaped = None
+    if isinstance(shaped, dict) and "statusCode" in shaped:
+        status = int(shaped.get("statusCode") or 200)
+        headers = {str(k): str(v) for k, v in (shaped.get("headers") or {}).items()}
+        body = shaped.get("body")
+        if shaped.get("isBase64Encoded") and isinstance(body, str):
+            body = base64.b64decode(body)
+        return status, headers, encode_result(body)
+    return 200, {}, encode_result(value)
+
+
 _initialized = False
 
 
@@ -270,7 +336,43 @@ class Handler(BaseHTTPRequestHandler):
     def _headers(self):
         return {k.lower(): v for k, v in self.headers.items()}
 
+    def _http_call(self):
+        """Serve an HTTP trigger's call if this request is one."""
+        headers = self._headers()
+        if headers.get("x-fc-control-path") != HTTP_INVOKE:
+            return False
+        body = self._body()
+        _local.request_id = headers.get("x-fc-request-id", "")
+        context = FCContext(headers)
+        try:
+            fn = load(context.function.handler)
+            event = json.dumps(http_event(self.command, self.path, headers, body, context))
+            status, out_headers, out = http_response(fn(event.encode("utf-8"), context))
+        except Exception as exc:  # noqa: BLE001 - the function's error, reported
+            self._fail(exc, 404)
+            return True
+        finally:
+            _local.request_id = ""
+        self.send_response(status)
+        for k, v in out_headers.items():
+            if k.lower() not in ("content-length", "transfer-encoding", "connection"):
+                self.send_header(k, v)
+        if not any(k.lower() == "content-type" for k in out_headers):
+            self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(out)
+        return True
+
+    def do_PUT(self):
+        self._http_call() or self._answer(404, b"")
+
+    do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = do_PUT
+
     def do_POST(self):
+        if self._http_call():
+            return
         headers = self._headers()
         body = self._body()
         _local.request_id = headers.get("x-fc-request-id", "")
@@ -289,6 +391,8 @@ class Handler(BaseHTTPRequestHandler):
             _local.request_id = ""
 
     def do_GET(self):
+        if self._http_call():
+            return
         headers = self._headers()
         _local.request_id = headers.get("x-fc-request-id", "")
         try:
