@@ -457,21 +457,41 @@ pub struct FunctionLimits {
     pub max_concurrency: Option<u32>,
 }
 
-/// A function, by account and name.
+/// A function's qualifier a provision configuration is for: `LATEST` (the
+/// default, absent from the JSON so older peers keep parsing it) or an
+/// alias name.
+pub const LATEST: &str = "LATEST";
+
+fn latest() -> String {
+    LATEST.to_owned()
+}
+
+fn is_latest(q: &str) -> bool {
+    q == LATEST
+}
+
+/// A function (and, for a provision configuration, its qualifier), by
+/// account and name.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FunctionRef {
     pub account_id: AccountId,
     pub function_name: FunctionName,
+    #[serde(default = "latest", skip_serializing_if = "is_latest")]
+    pub qualifier: String,
 }
 
-/// Gateway -> scheduler: FC's PutProvisionConfig, with the spec of the
-/// function's current revision (provisioned instances start without a call).
+/// Gateway -> scheduler: FC's PutProvisionConfig for the function's
+/// `qualifier` (LATEST or an alias), with the spec of the revision it
+/// names now (LATEST's, or the alias's version's): provisioned instances
+/// start without a call.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PutProvision {
     pub spec: InstanceSpec,
     pub config: ProvisionConfig,
+    #[serde(default = "latest", skip_serializing_if = "is_latest")]
+    pub qualifier: String,
 }
 
 /// FC's provision configuration.
@@ -534,6 +554,8 @@ pub struct TargetTrackingPolicy {
 pub struct ProvisionStatus {
     pub account_id: AccountId,
     pub function_name: FunctionName,
+    #[serde(default = "latest", skip_serializing_if = "is_latest")]
+    pub qualifier: String,
     /// The configured target.
     pub target: u32,
     /// What schedules and tracking ask for now.

@@ -17,8 +17,17 @@ pub fn instance_aad(instance_id: &str) -> Aad {
 }
 
 /// What a provision row's environment is bound to.
-pub fn provision_aad(account_id: &str, function_name: &str) -> Aad {
-    Aad::new("provisions.env_sealed", &[account_id, function_name])
+/// A provision's row: LATEST's as before qualifiers existed (so rows
+/// sealed then still open), an alias's with its name too.
+pub fn provision_aad(account_id: &str, function_name: &str, qualifier: &str) -> Aad {
+    if qualifier == kiln_internal_api::LATEST {
+        Aad::new("provisions.env_sealed", &[account_id, function_name])
+    } else {
+        Aad::new(
+            "provisions.env_sealed",
+            &[account_id, function_name, qualifier],
+        )
+    }
 }
 
 /// The spec as stored: its JSON without the environment, and the
@@ -87,15 +96,18 @@ pub fn seal_all(conn: &mut Connection, sealer: &Sealer) -> Result<usize, SealPas
         })?
         .collect::<Result<_, _>>()?;
     let provisions: Vec<StoredSpec> = tx
-        .prepare("SELECT rowid, account_id, function_name, spec, env_sealed FROM provisions")?
+        .prepare(
+            "SELECT rowid, account_id, function_name, qualifier, spec, env_sealed FROM provisions",
+        )?
         .query_map([], |r| {
-            let (account, function): (String, String) = (r.get(1)?, r.get(2)?);
+            let (account, function, qualifier): (String, String, String) =
+                (r.get(1)?, r.get(2)?, r.get(3)?);
             Ok((
                 r.get(0)?,
-                provision_aad(&account, &function),
-                format!("provision {account}/{function}"),
-                r.get(3)?,
+                provision_aad(&account, &function, &qualifier),
+                format!("provision {account}/{function} ({qualifier})"),
                 r.get(4)?,
+                r.get(5)?,
             ))
         })?
         .collect::<Result<_, _>>()?;

@@ -625,13 +625,17 @@ impl Scheduler {
         {
             let mut st = self.lock();
             let now = self.now();
-            let effects = st.core.put_provision(&req.spec, req.config, now)?;
+            let effects = st
+                .core
+                .put_provision(&req.spec, &req.qualifier, req.config, now)?;
             self.finish(&mut st, effects);
         }
         self.flush().await?;
         self.provisions()
             .into_iter()
-            .find(|p| p.account_id == key.0 && p.function_name == key.1)
+            .find(|p| {
+                p.account_id == key.0 && p.function_name == key.1 && p.qualifier == req.qualifier
+            })
             .ok_or_else(|| FcError::internal("the provision configuration vanished"))
     }
 
@@ -639,7 +643,9 @@ impl Scheduler {
     pub async fn delete_provision(&self, f: &FunctionRef) -> Result<(), FcError> {
         let found = {
             let mut st = self.lock();
-            let found = st.core.delete_provision(&f.account_id, &f.function_name);
+            let found = st
+                .core
+                .delete_provision(&f.account_id, &f.function_name, &f.qualifier);
             self.finish(&mut st, Effects::default());
             found
         };
@@ -647,8 +653,8 @@ impl Scheduler {
             return Err(FcError::new(
                 FcErrorCode::FunctionNotFound,
                 format!(
-                    "function {} of account {} has no provision configuration",
-                    f.function_name, f.account_id
+                    "function {} of account {} has no provision configuration for {}",
+                    f.function_name, f.account_id, f.qualifier
                 ),
             ));
         }

@@ -1022,6 +1022,7 @@ async fn provision_configs_start_instances_in_the_background_and_persist() {
         .unwrap();
     let put = |target: u32, expr: &str| PutProvision {
         spec: spec("prov", 1),
+        qualifier: kiln_internal_api::LATEST.into(),
         config: ProvisionConfig {
             target,
             always_allocate_cpu: true,
@@ -1137,6 +1138,7 @@ async fn provision_configs_start_instances_in_the_background_and_persist() {
     let f = FunctionRef {
         account_id: "100".parse().unwrap(),
         function_name: "prov".parse().unwrap(),
+        qualifier: kiln_internal_api::LATEST.into(),
     };
     client
         .call::<_, ()>(Method::DELETE, &base, paths::FUNCTIONS_PROVISION, Some(&f))

@@ -160,6 +160,13 @@ struct LeaseRec {
 }
 
 type FnKey = (AccountId, FunctionName);
+/// A provision configuration's: the function's, and its qualifier
+/// (`LATEST` or an alias name).
+type ProvKey = (AccountId, FunctionName, String);
+
+fn fn_key(k: &ProvKey) -> FnKey {
+    (k.0.clone(), k.1.clone())
+}
 
 /// All runtime state of the scheduler.
 pub struct Placement {
@@ -181,8 +188,8 @@ pub struct Placement {
     /// Accounts with limits of their own.
     limits: HashMap<AccountId, Arc<AccountLimits>>,
     default_limits: Arc<AccountLimits>,
-    /// Provision configurations by function.
-    provisions: HashMap<FnKey, Provision>,
+    /// Provision configurations by function and qualifier.
+    provisions: HashMap<ProvKey, Provision>,
     /// Instances still taking calls, by when age makes them drain.
     drain_by_age: BTreeSet<(u64, InstanceId)>,
     /// Instances drained for age, by when they are removed regardless.
@@ -446,49 +453,96 @@ impl Placement {
 
     // ---- provisioned instances ------------------------------------------
 
-    /// FC's PutProvisionConfig: keep instances of `spec` started as the
-    /// configuration says. Answers the new instances to start.
+    /// FC's PutProvisionConfig for the function's `qualifier` (LATEST or
+    /// an alias): keep instances of `spec` (the revision it names now)
+    /// started as the configuration says. Answers the new instances to
+    /// start.
     pub fn put_provision(
         &mut self,
         spec: &InstanceSpec,
+        qualifier: &str,
         config: ProvisionConfig,
         now: u64,
     ) -> Result<Effects, FcError> {
         check_spec(spec)?;
         let provision = Provision::new(Some(Arc::new(spec.clone())), config.clone(), now)?;
-        let key = (spec.account_id.clone(), spec.function_name.clone());
-        self.provisions.insert(key.clone(), provision);
+        let key = (
+            spec.account_id.clone(),
+            spec.function_name.clone(),
+            qualifier.to_owned(),
+        );
+        let before = self.provisions.insert(key.clone(), provision);
         self.changes.push(Change::UpsertProvision(ProvisionRecord {
             account_id: key.0.clone(),
             function_name: key.1.clone(),
+            qualifier: key.2.clone(),
             spec: Some(spec.clone()),
             config,
         }));
-        tracing::info!(account_id = %key.0, function = %key.1, "provision configuration set");
+        // An alias moved to another version: the old version's provisioned
+        // instances are on-demand now.
+        if before.is_some_and(|b| b.spec.is_some_and(|s| s.revision != spec.revision)) {
+            self.unprovision_uncovered(&fn_key(&key));
+        }
+        tracing::info!(account_id = %key.0, function = %key.1, qualifier = %key.2, "provision configuration set");
         Ok(self.reconcile_provision(&key, now))
     }
 
     /// Remove a provision configuration: its instances become on-demand
     /// (released once idle).
-    pub fn delete_provision(&mut self, account: &AccountId, function: &FunctionName) -> bool {
-        let key = (account.clone(), function.clone());
+    pub fn delete_provision(
+        &mut self,
+        account: &AccountId,
+        function: &FunctionName,
+        qualifier: &str,
+    ) -> bool {
+        let key = (account.clone(), function.clone(), qualifier.to_owned());
         if self.provisions.remove(&key).is_none() {
             return false;
         }
-        self.changes
-            .push(Change::DeleteProvision(account.clone(), function.clone()));
-        self.unprovision_all(&key);
+        self.changes.push(Change::DeleteProvision(
+            account.clone(),
+            function.clone(),
+            qualifier.to_owned(),
+        ));
+        self.unprovision_uncovered(&fn_key(&key));
         true
     }
 
-    fn unprovision_all(&mut self, key: &FnKey) {
+    /// Remove every provision configuration of a function.
+    fn delete_provisions_of(&mut self, account: &AccountId, function: &FunctionName) {
+        let qualifiers: Vec<String> = self
+            .provisions
+            .keys()
+            .filter(|(a, f, _)| a == account && f == function)
+            .map(|(_, _, q)| q.clone())
+            .collect();
+        for q in qualifiers {
+            self.delete_provision(account, function, &q);
+        }
+    }
+
+    /// The revisions the function's provision configurations keep started.
+    fn provisioned_revisions(&self, key: &FnKey) -> HashSet<String> {
+        self.provisions
+            .iter()
+            .filter(|((a, f, _), _)| a == &key.0 && f == &key.1)
+            .filter_map(|(_, p)| p.spec.as_ref().map(|s| s.revision.clone()))
+            .collect()
+    }
+
+    /// Provisioned instances of revisions no configuration of the function
+    /// keeps any more become on-demand.
+    fn unprovision_uncovered(&mut self, key: &FnKey) {
+        let kept = self.provisioned_revisions(key);
         let ids: Vec<InstanceId> = self
             .by_function
             .get(key)
             .map(|s| s.iter().cloned().collect())
             .unwrap_or_default();
         for id in ids {
-            if self.instances[&id].provisioned {
+            let i = &self.instances[&id];
+            if i.provisioned && !kept.contains(&i.spec.revision) {
                 self.update_instance(&id, |i| i.provisioned = false);
                 let record = self.instances[&id].record();
                 self.changes.push(Change::UpsertInstance(record));
@@ -501,7 +555,8 @@ impl Placement {
         for r in all {
             match Provision::new(r.spec.map(Arc::new), r.config, now) {
                 Ok(p) => {
-                    self.provisions.insert((r.account_id, r.function_name), p);
+                    self.provisions
+                        .insert((r.account_id, r.function_name, r.qualifier), p);
                 }
                 Err(e) => {
                     tracing::error!(account_id = %r.account_id, function = %r.function_name, error = %e, "ignoring a stored provision configuration")
@@ -515,7 +570,7 @@ impl Placement {
             .provisions
             .iter()
             .map(|(key, p)| {
-                let ids = self.current_provisioned(key, p);
+                let ids = self.current_provisioned(&fn_key(key), p);
                 let mut zones = std::collections::BTreeMap::new();
                 for id in &ids {
                     let zone = self.nodes[&self.instances[id].node_id].labels.zone.clone();
@@ -524,14 +579,21 @@ impl Placement {
                 ProvisionStatus {
                     account_id: key.0.clone(),
                     function_name: key.1.clone(),
+                    qualifier: key.2.clone(),
                     target: p.config.target,
-                    desired: p.desired(self.fn_in_flight.get(key).copied().unwrap_or(0)),
+                    desired: p.desired(self.fn_in_flight.get(&fn_key(key)).copied().unwrap_or(0)),
                     current: ids.len() as u32,
                     zones,
                 }
             })
             .collect();
-        v.sort_by(|a, b| (&a.account_id, &a.function_name).cmp(&(&b.account_id, &b.function_name)));
+        v.sort_by(|a, b| {
+            (&a.account_id, &a.function_name, &a.qualifier).cmp(&(
+                &b.account_id,
+                &b.function_name,
+                &b.qualifier,
+            ))
+        });
         v
     }
 
@@ -542,7 +604,11 @@ impl Placement {
             .into_iter()
             .filter(|s| &s.account_id == account)
             .filter_map(|status| {
-                let key = (status.account_id.clone(), status.function_name.clone());
+                let key = (
+                    status.account_id.clone(),
+                    status.function_name.clone(),
+                    status.qualifier.clone(),
+                );
                 let config = self.provisions.get(&key)?.config.clone();
                 Some(ProvisionDetail { status, config })
             })
@@ -556,10 +622,14 @@ impl Placement {
     /// between calls.
     fn always_allocates_cpu(&self, i: &Instance) -> bool {
         i.provisioned
-            && self
-                .provisions
-                .get(&(i.spec.account_id.clone(), i.spec.function_name.clone()))
-                .is_some_and(|p| p.config.always_allocate_cpu)
+            && self.provisions.iter().any(|((a, f, _), p)| {
+                a == &i.spec.account_id
+                    && f == &i.spec.function_name
+                    && p.config.always_allocate_cpu
+                    && p.spec
+                        .as_ref()
+                        .is_some_and(|s| s.revision == i.spec.revision)
+            })
     }
 
     /// The instances of `node` the agent must never freeze while idle
@@ -603,7 +673,7 @@ impl Placement {
     }
 
     fn reconcile_provisions(&mut self, now: u64) -> Effects {
-        let keys: Vec<FnKey> = self.provisions.keys().cloned().collect();
+        let keys: Vec<ProvKey> = self.provisions.keys().cloned().collect();
         let mut effects = Effects::default();
         for key in keys {
             effects.extend(self.reconcile_provision(&key, now));
@@ -613,9 +683,10 @@ impl Placement {
 
     /// Start or drain provisioned instances until the function has what its
     /// configuration asks for now.
-    fn reconcile_provision(&mut self, key: &FnKey, now: u64) -> Effects {
+    fn reconcile_provision(&mut self, key: &ProvKey, now: u64) -> Effects {
         let mut effects = Effects::default();
-        let in_flight = self.fn_in_flight.get(key).copied().unwrap_or(0);
+        let fkey = fn_key(key);
+        let in_flight = self.fn_in_flight.get(&fkey).copied().unwrap_or(0);
         let Some(p) = self.provisions.get_mut(key) else {
             return effects;
         };
@@ -630,12 +701,12 @@ impl Placement {
         };
         let next_attempt = p.next_attempt_ms;
         let p = self.provisions[key].clone();
-        let mut current = self.current_provisioned(key, &p);
+        let mut current = self.current_provisioned(&fkey, &p);
         if current.len() < desired && now >= next_attempt {
             for _ in current.len()..desired {
                 let placed = self
                     .check_quotas(&spec, now)
-                    .and_then(|()| self.spread_node(&spec, key));
+                    .and_then(|()| self.spread_node(&spec, &fkey));
                 match placed {
                     Ok(node) => {
                         effects
@@ -1068,12 +1139,18 @@ impl Placement {
         });
         let inst = &self.instances[id];
         if inst.provisioned {
-            let key = (
+            let (account, function, revision) = (
                 inst.spec.account_id.clone(),
                 inst.spec.function_name.clone(),
+                inst.spec.revision.clone(),
             );
-            if let Some(p) = self.provisions.get_mut(&key) {
-                p.start_failed = true;
+            for ((a, f, _), p) in self.provisions.iter_mut() {
+                if a == &account
+                    && f == &function
+                    && p.spec.as_ref().is_some_and(|s| s.revision == revision)
+                {
+                    p.start_failed = true;
+                }
             }
         }
         let node = self.instances[id].node_id.clone();
@@ -1099,23 +1176,39 @@ impl Placement {
     ) -> Effects {
         let key = (account.clone(), function.clone());
         // A deleted function loses its provisioning; a changed one pauses
-        // it until the next PutProvision brings the new spec.
+        // LATEST's until the next PutProvision brings the new spec, and an
+        // alias's whose version is gone (the alias moves first, so only a
+        // deleted function's or a stale one's).
         match keep {
             None => {
-                self.delete_provision(account, function);
+                self.delete_provisions_of(account, function);
             }
             Some(rev) => {
-                if let Some(p) = self.provisions.get_mut(&key) {
-                    if p.spec.as_ref().is_some_and(|s| s.revision != rev) {
+                let mut paused = Vec::new();
+                for ((a, f, q), p) in self.provisions.iter_mut() {
+                    if a != account || f != function {
+                        continue;
+                    }
+                    let stays = |r: &str| {
+                        if q == kiln_internal_api::LATEST {
+                            r == rev
+                        } else {
+                            versions.iter().any(|v| v == r)
+                        }
+                    };
+                    if p.spec.as_ref().is_some_and(|s| !stays(&s.revision)) {
                         p.spec = None;
-                        let record = ProvisionRecord {
+                        paused.push(ProvisionRecord {
                             account_id: account.clone(),
                             function_name: function.clone(),
+                            qualifier: q.clone(),
                             spec: None,
                             config: p.config.clone(),
-                        };
-                        self.changes.push(Change::UpsertProvision(record));
+                        });
                     }
+                }
+                for record in paused {
+                    self.changes.push(Change::UpsertProvision(record));
                 }
             }
         }

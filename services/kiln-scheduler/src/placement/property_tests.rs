@@ -233,7 +233,11 @@ impl World {
                 // Provisioned instances: placed by the scheduler itself.
                 let s = self.random_spec();
                 if self.rng.gen_bool(0.25) {
-                    self.p.delete_provision(&s.account_id, &s.function_name);
+                    self.p.delete_provision(
+                        &s.account_id,
+                        &s.function_name,
+                        kiln_internal_api::LATEST,
+                    );
                 } else {
                     let target = self.rng.gen_range(0..=4);
                     let config = ProvisionConfig {
@@ -242,7 +246,10 @@ impl World {
                         scheduled_actions: vec![],
                         target_tracking_policies: vec![],
                     };
-                    let e = self.p.put_provision(&s, config, now).unwrap();
+                    let e = self
+                        .p
+                        .put_provision(&s, kiln_internal_api::LATEST, config, now)
+                        .unwrap();
                     self.created(&e);
                 }
             }

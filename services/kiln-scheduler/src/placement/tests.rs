@@ -1337,13 +1337,79 @@ fn start_all(f: &mut Fixture, effects: &Effects) {
     }
 }
 
+/// A function's LATEST and an alias each keep their own provisioned
+/// instances, of the revision each names; moving the alias makes the old
+/// version's instances on-demand and starts the new one's; a function
+/// update pauses LATEST's only; deleting the function drops both.
+#[test]
+fn latest_and_an_alias_keep_their_own_provisioned_instances() {
+    let mut f = Fixture::new();
+    f.node("n1", 16 * 1024);
+    let latest = spec("1", "p", 1, 128).seal();
+    let version = |v: &str, memory: u32| {
+        let mut s = spec("1", "p", 1, memory);
+        s.version = Some(v.into());
+        s.seal()
+    };
+    let (v1, v2) = (version("1", 256), version("2", 512));
+    let now = f.now();
+    let e =
+        f.p.put_provision(&latest, kiln_internal_api::LATEST, provision(2), now)
+            .unwrap();
+    start_all(&mut f, &e);
+    let e = f.p.put_provision(&v1, "prod", provision(1), now).unwrap();
+    assert_eq!(e.create.len(), 1);
+    assert_eq!(
+        e.create[0].spec.revision, v1.revision,
+        "the alias's version starts"
+    );
+    start_all(&mut f, &e);
+    let by_q = |f: &Fixture| -> Vec<(String, u32)> {
+        f.p.provisions_info()
+            .into_iter()
+            .map(|s| (s.qualifier, s.current))
+            .collect()
+    };
+    assert_eq!(by_q(&f), vec![("LATEST".into(), 2), ("prod".into(), 1)]);
+
+    // The alias moves to version 2.
+    let e =
+        f.p.put_provision(&v2, "prod", provision(1), f.now())
+            .unwrap();
+    assert_eq!(e.create.len(), 1);
+    assert_eq!(e.create[0].spec.revision, v2.revision);
+    start_all(&mut f, &e);
+    let v1_instance =
+        f.p.instances_info()
+            .into_iter()
+            .find(|i| i.revision == v1.revision)
+            .expect("version 1's instance is still there, on-demand");
+    assert!(!f.p.instance(&v1_instance.instance_id).unwrap().provisioned);
+    assert_eq!(by_q(&f), vec![("LATEST".into(), 2), ("prod".into(), 1)]);
+
+    // The function changed: LATEST's pauses, the alias's version stays.
+    f.p.retire(
+        &latest.account_id,
+        &latest.function_name,
+        Some("a-new-revision"),
+        std::slice::from_ref(&v2.revision),
+    );
+    assert_eq!(by_q(&f), vec![("LATEST".into(), 0), ("prod".into(), 1)]);
+
+    // Deleted: neither remains.
+    f.p.retire(&latest.account_id, &latest.function_name, None, &[]);
+    assert!(f.p.provisions_info().is_empty());
+}
+
 #[test]
 fn provisioned_instances_spread_across_zones_and_never_idle_out() {
     let mut f = Fixture::new();
     zoned_nodes(&mut f);
     let s = spec("1", "p", 1, 128);
     let now = f.now();
-    let e = f.p.put_provision(&s, provision(3), now).unwrap();
+    let e =
+        f.p.put_provision(&s, kiln_internal_api::LATEST, provision(3), now)
+            .unwrap();
     assert_eq!(e.create.len(), 3);
     let zones: HashSet<String> = e
         .create
@@ -1370,15 +1436,21 @@ fn provisioned_instances_spread_across_zones_and_never_idle_out() {
 
     // A lower target drains the extras; removing the configuration makes
     // the rest on-demand: they go after the idle timeout.
-    let e = f.p.put_provision(&s, provision(1), f.now()).unwrap();
+    let e =
+        f.p.put_provision(&s, kiln_internal_api::LATEST, provision(1), f.now())
+            .unwrap();
     assert_eq!(e.destroy.len(), 2);
     assert_eq!(f.p.instance_count(), 1);
-    assert!(f
-        .p
-        .delete_provision(&"1".parse().unwrap(), &"p".parse().unwrap()));
-    assert!(!f
-        .p
-        .delete_provision(&"1".parse().unwrap(), &"p".parse().unwrap()));
+    assert!(f.p.delete_provision(
+        &"1".parse().unwrap(),
+        &"p".parse().unwrap(),
+        kiln_internal_api::LATEST
+    ));
+    assert!(!f.p.delete_provision(
+        &"1".parse().unwrap(),
+        &"p".parse().unwrap(),
+        kiln_internal_api::LATEST
+    ));
     f.clock.advance(Duration::from_secs(301));
     assert_eq!(f.p.tick(f.now()).destroy.len(), 1);
     assert_eq!(f.p.instance_count(), 0);
@@ -1399,7 +1471,9 @@ fn always_allocate_cpu_reaches_provisioned_instances_only_and_follows_the_config
     let s = spec("1", "p", 1, 128);
     let mut c = provision(2);
     c.always_allocate_cpu = true;
-    let e = f.p.put_provision(&s, c.clone(), f.now()).unwrap();
+    let e =
+        f.p.put_provision(&s, kiln_internal_api::LATEST, c.clone(), f.now())
+            .unwrap();
     assert_eq!(e.create.len(), 2);
     assert!(e.create.iter().all(|j| j.always_allocate_cpu), "{e:?}");
     start_all(&mut f, &e);
@@ -1440,18 +1514,24 @@ fn always_allocate_cpu_reaches_provisioned_instances_only_and_follows_the_config
     // Turning it off keeps the same instances (no cold start, no churn)
     // and lets their agents freeze them; turning it on again holds them.
     c.always_allocate_cpu = false;
-    let e = f.p.put_provision(&s, c.clone(), f.now()).unwrap();
+    let e =
+        f.p.put_provision(&s, kiln_internal_api::LATEST, c.clone(), f.now())
+            .unwrap();
     assert!(e.create.is_empty() && e.destroy.is_empty(), "{e:?}");
     assert!(always_allocated(&f).is_empty());
     c.always_allocate_cpu = true;
-    let e = f.p.put_provision(&s, c, f.now()).unwrap();
+    let e =
+        f.p.put_provision(&s, kiln_internal_api::LATEST, c, f.now())
+            .unwrap();
     assert!(e.create.is_empty() && e.destroy.is_empty(), "{e:?}");
     assert_eq!(always_allocated(&f), provisioned);
 
     // Without the configuration they are on-demand instances.
-    assert!(f
-        .p
-        .delete_provision(&"1".parse().unwrap(), &"p".parse().unwrap()));
+    assert!(f.p.delete_provision(
+        &"1".parse().unwrap(),
+        &"p".parse().unwrap(),
+        kiln_internal_api::LATEST
+    ));
     assert!(always_allocated(&f).is_empty());
     assert!(f
         .p
@@ -1477,7 +1557,9 @@ fn a_scheduled_action_raises_the_target_at_its_time_in_its_zone() {
         end_time: None,
     }];
     let now = f.now();
-    let e = f.p.put_provision(&s, c, now).unwrap();
+    let e =
+        f.p.put_provision(&s, kiln_internal_api::LATEST, c, now)
+            .unwrap();
     assert_eq!(e.create.len(), 1);
     start_all(&mut f, &e);
     f.clock.advance(Duration::from_secs(59 * 60));
@@ -1505,7 +1587,9 @@ fn target_tracking_follows_calls_in_flight_between_min_and_max() {
         time_zone: None,
     }];
     let now = f.now();
-    let e = f.p.put_provision(&s, c, now).unwrap();
+    let e =
+        f.p.put_provision(&s, kiln_internal_api::LATEST, c, now)
+            .unwrap();
     assert_eq!(e.create.len(), 1, "the minimum");
     start_all(&mut f, &e);
     // Two slots per instance at 50 %: one instance per call in flight.
@@ -1526,7 +1610,9 @@ fn a_failed_provisioned_start_is_retried_after_a_pause() {
     zoned_nodes(&mut f);
     let s = spec("1", "p", 1, 128);
     let now = f.now();
-    let e = f.p.put_provision(&s, provision(1), now).unwrap();
+    let e =
+        f.p.put_provision(&s, kiln_internal_api::LATEST, provision(1), now)
+            .unwrap();
     f.p.instance_start_failed(&e.create[0].instance_id);
     assert!(f.p.tick(f.now()).create.is_empty());
     f.clock.advance(Duration::from_secs(9));
@@ -1541,7 +1627,9 @@ fn a_changed_function_pauses_its_provisioning_and_a_deleted_one_loses_it() {
     zoned_nodes(&mut f);
     let s = spec("1", "p", 1, 128);
     let now = f.now();
-    let e = f.p.put_provision(&s, provision(2), now).unwrap();
+    let e =
+        f.p.put_provision(&s, kiln_internal_api::LATEST, provision(2), now)
+            .unwrap();
     start_all(&mut f, &e);
     let account: AccountId = "1".parse().unwrap();
     let function: FunctionName = "p".parse().unwrap();
@@ -1552,7 +1640,9 @@ fn a_changed_function_pauses_its_provisioning_and_a_deleted_one_loses_it() {
         "paused until a new spec"
     );
     assert_eq!(f.p.provisions_info()[0].current, 0);
-    let e = f.p.put_provision(&s, provision(2), f.now()).unwrap();
+    let e =
+        f.p.put_provision(&s, kiln_internal_api::LATEST, provision(2), f.now())
+            .unwrap();
     assert_eq!(e.create.len(), 2);
     f.p.retire(&account, &function, None, &[]);
     assert!(f.p.provisions_info().is_empty());
@@ -1566,7 +1656,9 @@ fn a_changed_function_pauses_its_provisioning_and_a_deleted_one_loses_it() {
         start_time: None,
         end_time: None,
     }];
-    let err = f.p.put_provision(&s, bad, f.now()).unwrap_err();
+    let err =
+        f.p.put_provision(&s, kiln_internal_api::LATEST, bad, f.now())
+            .unwrap_err();
     assert_eq!(err.code, FcErrorCode::InvalidArgument);
     assert!(f.p.provisions_info().is_empty());
 }
@@ -1630,10 +1722,20 @@ fn provision_details_are_per_account_with_their_config() {
     let mut f = Fixture::new();
     shared_node(&mut f, "n1", 64 * 1024);
     let now = f.now();
-    f.p.put_provision(&spec("1", "a", 1, 128), provision(2), now)
-        .unwrap();
-    f.p.put_provision(&spec("2", "b", 1, 128), provision(1), now)
-        .unwrap();
+    f.p.put_provision(
+        &spec("1", "a", 1, 128),
+        kiln_internal_api::LATEST,
+        provision(2),
+        now,
+    )
+    .unwrap();
+    f.p.put_provision(
+        &spec("2", "b", 1, 128),
+        kiln_internal_api::LATEST,
+        provision(1),
+        now,
+    )
+    .unwrap();
     let d = f.p.provision_details(&account("1"));
     assert_eq!(d.len(), 1);
     assert_eq!(d[0].status.function_name.as_str(), "a");
@@ -1742,8 +1844,13 @@ fn rebalancing_never_moves_provisioned_instances_or_crosses_tenancy() {
     shared_node(&mut f, "n1", 1000);
     let now = f.now();
     let e =
-        f.p.put_provision(&spec("1", "p", 1, 100), provision(9), now)
-            .unwrap();
+        f.p.put_provision(
+            &spec("1", "p", 1, 100),
+            kiln_internal_api::LATEST,
+            provision(9),
+            now,
+        )
+        .unwrap();
     start_all(&mut f, &e);
     assert_eq!(node_of(&f, "p").len(), 9);
     shared_node(&mut f, "n2", 1000);

@@ -293,7 +293,8 @@ pub enum Change {
     UpsertAccountLimits(AccountId, AccountLimits),
     DeleteAccountLimits(AccountId),
     UpsertProvision(ProvisionRecord),
-    DeleteProvision(AccountId, FunctionName),
+    /// Account, function, qualifier.
+    DeleteProvision(AccountId, FunctionName, String),
 }
 
 /// A provision configuration as persisted.
@@ -301,6 +302,8 @@ pub enum Change {
 pub struct ProvisionRecord {
     pub account_id: AccountId,
     pub function_name: FunctionName,
+    /// `LATEST` or an alias name.
+    pub qualifier: String,
     /// `None` while paused (the function changed since).
     pub spec: Option<InstanceSpec>,
     pub config: ProvisionConfig,

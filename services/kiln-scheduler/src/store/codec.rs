@@ -114,6 +114,7 @@ impl InstanceRow {
 pub(super) struct ProvisionRow {
     pub account_id: String,
     pub function_name: String,
+    pub qualifier: String,
     /// `None` while the provision is paused.
     pub spec: Option<String>,
     pub config: String,
@@ -122,7 +123,11 @@ pub(super) struct ProvisionRow {
 
 impl ProvisionRow {
     pub fn encode(sealer: &Sealer, p: &ProvisionRecord) -> Self {
-        let aad = provision_aad(p.account_id.as_str(), p.function_name.as_str());
+        let aad = provision_aad(
+            p.account_id.as_str(),
+            p.function_name.as_str(),
+            &p.qualifier,
+        );
         let (spec, env_sealed) = match &p.spec {
             Some(s) => {
                 let (spec, env) = sealed_env::split(sealer, &aad, s);
@@ -133,6 +138,7 @@ impl ProvisionRow {
         Self {
             account_id: p.account_id.as_str().to_owned(),
             function_name: p.function_name.as_str().to_owned(),
+            qualifier: p.qualifier.clone(),
             spec,
             config: serde_json::to_string(&p.config).expect("serialises"),
             env_sealed,
@@ -141,11 +147,13 @@ impl ProvisionRow {
 
     pub fn decode(self, sealer: &Sealer) -> Result<ProvisionRecord, SchedulerStoreError> {
         let (a, f) = (&self.account_id, &self.function_name);
-        let e = |r: String| corrupt("provision", &format!("{a}/{f}"), r);
-        let aad = provision_aad(a, f);
+        let q = &self.qualifier;
+        let e = |r: String| corrupt("provision", &format!("{a}/{f} ({q})"), r);
+        let aad = provision_aad(a, f, q);
         Ok(ProvisionRecord {
             account_id: a.parse().map_err(|x| e(format!("{x}")))?,
             function_name: f.parse().map_err(|x| e(format!("{x}")))?,
+            qualifier: q.clone(),
             spec: self
                 .spec
                 .as_deref()

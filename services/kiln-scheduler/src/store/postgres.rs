@@ -29,9 +29,10 @@ pub const COMPONENT: &str = "scheduler";
 
 /// The scheduler's tables as of the first PostgreSQL release; later
 /// changes are new migrations, as in SQLite.
-const MIGRATIONS: &[Migration] = &[Migration {
-    name: "scheduler state",
-    sql: "
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        name: "scheduler state",
+        sql: "
     CREATE TABLE nodes (
         node_id TEXT PRIMARY KEY,
         agent_url TEXT NOT NULL,
@@ -81,7 +82,18 @@ const MIGRATIONS: &[Migration] = &[Migration {
         certificate_sha256 TEXT NOT NULL
     );
 ",
-}];
+    },
+    // A provision configuration per qualifier (LATEST or an alias);
+    // existing ones are LATEST's.
+    Migration {
+        name: "provisions per qualifier",
+        sql: "
+    ALTER TABLE provisions ADD COLUMN qualifier TEXT NOT NULL DEFAULT 'LATEST';
+    ALTER TABLE provisions DROP CONSTRAINT provisions_pkey;
+    ALTER TABLE provisions ADD PRIMARY KEY (account_id, function_name, qualifier);
+",
+    },
+];
 
 type Boxed<'t, T> = Pin<Box<dyn Future<Output = Result<T, PgStoreError>> + Send + 't>>;
 
@@ -194,7 +206,7 @@ enum Op {
     Node(NodeRow),
     Instance(InstanceRow),
     Provision(ProvisionRow),
-    DeleteProvision(String, String),
+    DeleteProvision(String, String, String),
     Limits(String, String),
     DeleteLimits(String),
     DeleteInstance(String),
@@ -206,8 +218,8 @@ impl Op {
             Change::UpsertNode(n) => Self::Node(NodeRow::encode(n)),
             Change::UpsertInstance(i) => Self::Instance(InstanceRow::encode(sealer, i)),
             Change::UpsertProvision(p) => Self::Provision(ProvisionRow::encode(sealer, p)),
-            Change::DeleteProvision(a, f) => {
-                Self::DeleteProvision(a.as_str().to_owned(), f.as_str().to_owned())
+            Change::DeleteProvision(a, f, q) => {
+                Self::DeleteProvision(a.as_str().to_owned(), f.as_str().to_owned(), q.clone())
             }
             Change::UpsertAccountLimits(a, l) => {
                 Self::Limits(a.as_str().to_owned(), codec::encode_limits(l))
@@ -265,14 +277,15 @@ impl Op {
             }
             Self::Provision(p) => {
                 tx.execute(
-                    "INSERT INTO provisions (account_id, function_name, spec, config, \
-                     env_sealed) VALUES ($1, $2, $3, $4, $5) \
-                     ON CONFLICT (account_id, function_name) DO UPDATE SET \
+                    "INSERT INTO provisions (account_id, function_name, qualifier, spec, \
+                     config, env_sealed) VALUES ($1, $2, $3, $4, $5, $6) \
+                     ON CONFLICT (account_id, function_name, qualifier) DO UPDATE SET \
                      spec = EXCLUDED.spec, config = EXCLUDED.config, \
                      env_sealed = EXCLUDED.env_sealed",
                     &[
                         &p.account_id as P,
                         &p.function_name,
+                        &p.qualifier,
                         &p.spec,
                         &p.config,
                         &p.env_sealed,
@@ -280,10 +293,11 @@ impl Op {
                 )
                 .await
             }
-            Self::DeleteProvision(a, f) => {
+            Self::DeleteProvision(a, f, q) => {
                 tx.execute(
-                    "DELETE FROM provisions WHERE account_id = $1 AND function_name = $2",
-                    &[a, f],
+                    "DELETE FROM provisions \
+                     WHERE account_id = $1 AND function_name = $2 AND qualifier = $3",
+                    &[a, f, q],
                 )
                 .await
             }
@@ -361,17 +375,18 @@ impl SchedulerStore for PgSchedulerStore {
 
     fn load_provisions(&self) -> Result<Vec<ProvisionRecord>, SchedulerStoreError> {
         self.read(
-            "SELECT account_id, function_name, spec, config, env_sealed FROM provisions \
-             ORDER BY account_id, function_name",
+            "SELECT account_id, function_name, qualifier, spec, config, env_sealed \
+             FROM provisions ORDER BY account_id, function_name, qualifier",
         )?
         .into_iter()
         .map(|r| {
             ProvisionRow {
                 account_id: r.get(0),
                 function_name: r.get(1),
-                spec: r.get(2),
-                config: r.get(3),
-                env_sealed: r.get(4),
+                qualifier: r.get(2),
+                spec: r.get(3),
+                config: r.get(4),
+                env_sealed: r.get(5),
             }
             .decode(&self.inner.sealer)
         })
@@ -730,7 +745,7 @@ mod tests {
         let copied = copy(&one_box, &cluster).unwrap();
         assert_eq!(
             copied.to_string(),
-            "1 nodes, 1 instances, 1 provisions, 1 account limits, 1 revoked nodes, \
+            "1 nodes, 1 instances, 2 provisions, 1 account limits, 1 revoked nodes, \
              1 node certificate holders, 2 bootstrap tokens"
         );
         let reopened = PgSchedulerStore::open(&url, cluster_key()).unwrap();

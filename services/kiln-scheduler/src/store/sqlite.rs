@@ -98,6 +98,27 @@ const MIGRATIONS: &[Migration] = &[
         );
     ",
     },
+    // A provision configuration per qualifier (LATEST or an alias);
+    // existing ones are LATEST's.
+    Migration {
+        name: "provisions per qualifier",
+        sql: "
+        CREATE TABLE provisions_by_qualifier (
+            account_id TEXT NOT NULL,
+            function_name TEXT NOT NULL,
+            qualifier TEXT NOT NULL,
+            spec TEXT,
+            config TEXT NOT NULL,
+            env_sealed TEXT,
+            PRIMARY KEY (account_id, function_name, qualifier)
+        );
+        INSERT INTO provisions_by_qualifier
+            (account_id, function_name, qualifier, spec, config, env_sealed)
+            SELECT account_id, function_name, 'LATEST', spec, config, env_sealed FROM provisions;
+        DROP TABLE provisions;
+        ALTER TABLE provisions_by_qualifier RENAME TO provisions;
+    ",
+    },
 ];
 /// The SQLite store. Function environments in the specs it keeps are
 /// sealed with `sealer` ([`crate::sealed_env`]).
@@ -212,16 +233,17 @@ impl SchedulerStore for SqliteSchedulerStore {
     fn load_provisions(&self) -> Result<Vec<ProvisionRecord>, SchedulerStoreError> {
         let rows: Vec<ProvisionRow> = self.db.with_conn(|c| {
             Ok(c.prepare(
-                "SELECT account_id, function_name, spec, config, env_sealed FROM provisions \
-                 ORDER BY account_id, function_name",
+                "SELECT account_id, function_name, qualifier, spec, config, env_sealed \
+                 FROM provisions ORDER BY account_id, function_name, qualifier",
             )?
             .query_map([], |r| {
                 Ok(ProvisionRow {
                     account_id: r.get(0)?,
                     function_name: r.get(1)?,
-                    spec: r.get(2)?,
-                    config: r.get(3)?,
-                    env_sealed: r.get(4)?,
+                    qualifier: r.get(2)?,
+                    spec: r.get(3)?,
+                    config: r.get(4)?,
+                    env_sealed: r.get(5)?,
                 })
             })?
             .collect::<Result<Vec<_>, _>>()?)
@@ -284,18 +306,26 @@ impl SchedulerStore for SqliteSchedulerStore {
                     Change::UpsertProvision(p) => {
                         let p = ProvisionRow::encode(&self.sealer, p);
                         tx.execute(
-                            "INSERT INTO provisions (account_id, function_name, spec, config, \
-                             env_sealed) VALUES (?1, ?2, ?3, ?4, ?5) \
-                             ON CONFLICT(account_id, function_name) DO UPDATE SET \
+                            "INSERT INTO provisions (account_id, function_name, qualifier, spec, \
+                             config, env_sealed) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+                             ON CONFLICT(account_id, function_name, qualifier) DO UPDATE SET \
                              spec = excluded.spec, config = excluded.config, \
                              env_sealed = excluded.env_sealed",
-                            params![p.account_id, p.function_name, p.spec, p.config, p.env_sealed],
+                            params![
+                                p.account_id,
+                                p.function_name,
+                                p.qualifier,
+                                p.spec,
+                                p.config,
+                                p.env_sealed
+                            ],
                         )?;
                     }
-                    Change::DeleteProvision(account, function) => {
+                    Change::DeleteProvision(account, function, qualifier) => {
                         tx.execute(
-                            "DELETE FROM provisions WHERE account_id = ?1 AND function_name = ?2",
-                            params![account.as_str(), function.as_str()],
+                            "DELETE FROM provisions \
+                             WHERE account_id = ?1 AND function_name = ?2 AND qualifier = ?3",
+                            params![account.as_str(), function.as_str(), qualifier],
                         )?;
                     }
                     Change::UpsertAccountLimits(account, limits) => {

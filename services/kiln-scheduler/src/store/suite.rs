@@ -31,17 +31,21 @@ pub(super) fn secret_state() -> (Vec<Change>, kiln_core::InstanceSpec) {
     };
     p.instance_started(&job.instance_id, 11);
     let mut changes = p.take_changes();
-    changes.push(Change::UpsertProvision(ProvisionRecord {
-        account_id: s.account_id.clone(),
-        function_name: s.function_name.clone(),
-        spec: Some(s.clone()),
-        config: kiln_internal_api::ProvisionConfig {
-            target: 1,
-            always_allocate_cpu: true,
-            scheduled_actions: Vec::new(),
-            target_tracking_policies: Vec::new(),
-        },
-    }));
+    // LATEST's provision and an alias's, each sealed to its own row.
+    for qualifier in [kiln_internal_api::LATEST, "prod"] {
+        changes.push(Change::UpsertProvision(ProvisionRecord {
+            account_id: s.account_id.clone(),
+            function_name: s.function_name.clone(),
+            qualifier: qualifier.to_owned(),
+            spec: Some(s.clone()),
+            config: kiln_internal_api::ProvisionConfig {
+                target: 1,
+                always_allocate_cpu: true,
+                scheduled_actions: Vec::new(),
+                target_tracking_policies: Vec::new(),
+            },
+        }));
+    }
     (changes, s)
 }
 
@@ -59,7 +63,20 @@ pub(super) fn environments_are_sealed_and_open_on_load<S: SchedulerStore>(
     let (_, instances) = store.load().unwrap();
     assert_eq!(instances[0].spec, s);
     let provisions = store.load_provisions().unwrap();
-    assert_eq!(provisions[0].spec.as_ref(), Some(&s));
+    let qualifiers: Vec<&str> = provisions.iter().map(|p| p.qualifier.as_str()).collect();
+    assert_eq!(qualifiers, vec![kiln_internal_api::LATEST, "prod"]);
+    assert!(provisions.iter().all(|p| p.spec.as_ref() == Some(&s)));
+    // Deleting the alias's keeps LATEST's.
+    store
+        .apply(&[Change::DeleteProvision(
+            s.account_id.clone(),
+            s.function_name.clone(),
+            "prod".into(),
+        )])
+        .unwrap();
+    let left = store.load_provisions().unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].qualifier, kiln_internal_api::LATEST);
 }
 
 pub(super) fn state_survives_reopening<S: SchedulerStore>(open: impl Fn() -> S) {
