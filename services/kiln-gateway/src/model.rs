@@ -140,11 +140,12 @@ pub struct InvocationRestriction {
     pub disable: bool,
     pub reason: String,
     pub modified_ms: u64,
-    /// The provision configuration the function had when it was disabled
-    /// (its instances were destroyed and the scheduler's copy deleted):
-    /// EnableFunctionInvocation puts it back.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub provision: Option<kiln_internal_api::ProvisionConfig>,
+    /// The provision configurations the function had when it was
+    /// disabled, by qualifier (LATEST or an alias; their instances were
+    /// destroyed and the scheduler's copies deleted):
+    /// EnableFunctionInvocation puts them back.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub provisions: BTreeMap<String, kiln_internal_api::ProvisionConfig>,
 }
 
 impl InvocationRestriction {

@@ -208,12 +208,13 @@ async fn provision_configs_round_trip_checked_and_scoped() {
         .fc_error(400, "InvalidArgument");
     assert!(m.contains("not valid"), "{m}");
     assert_eq!(a.get(&prov("p1")).await.ok_with(StatusCode::OK), got);
+    // An alias that does not exist (aliases have their own configurations).
     a.put(
         &format!("{}?qualifier=prod", prov("p1")),
         &json!({"target": 1}),
     )
     .await
-    .fc_error(400, "InvalidArgument");
+    .fc_error(404, "AliasNotFound");
 
     // Functions that do not exist, or are another account's.
     a.put(&prov("nope"), &json!({"target": 1}))
@@ -416,6 +417,182 @@ async fn official_python_sdk_provision_configs() {
     )
     .await;
     let _ = &env.state_dir;
+    env.shutdown().await;
+}
+
+/// Provision configurations per qualifier: LATEST's and an alias's, each
+/// keeping instances of the revision it names; the alias's follows the
+/// alias to a new version, survives Disable/Enable, and goes with the
+/// alias. A version is not a provision qualifier.
+#[tokio::test]
+async fn an_alias_has_its_own_provision_config_that_follows_it() {
+    let agent = kiln_scheduler::FakeAgent::new(std::time::Duration::ZERO);
+    let env = Env::with_agent(Some(agent.clone())).await;
+    let sched = env.scheduler.scheduler().clone();
+    register_node(&sched);
+    let a = env.client(AK_A, SK_A);
+    a.create("web").await;
+    let publish = async |a: &Api| {
+        a.call(
+            Method::POST,
+            "/2023-03-30/functions/web/versions",
+            b"{}".to_vec(),
+        )
+        .await
+        .ok_with(StatusCode::OK)["versionId"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(publish(&a).await, "1");
+    a.call(
+        Method::POST,
+        "/2023-03-30/functions/web/aliases",
+        json!({"aliasName": "prod", "versionId": "1"})
+            .to_string()
+            .into_bytes(),
+    )
+    .await
+    .ok_with(StatusCode::OK);
+    let prod = "/2023-03-30/functions/web/provision-config?qualifier=prod";
+    a.put(
+        &format!("{}?qualifier=1", prov("web")),
+        &json!({"target": 1}),
+    )
+    .await
+    .fc_error(400, "InvalidArgument");
+    a.put(
+        &format!("{}?qualifier=nope", prov("web")),
+        &json!({"target": 1}),
+    )
+    .await
+    .fc_error(404, "AliasNotFound");
+    let p = a
+        .put(prod, &json!({"target": 1}))
+        .await
+        .ok_with(StatusCode::OK);
+    assert!(
+        p["functionArn"]
+            .as_str()
+            .unwrap()
+            .ends_with("functions/web/aliases/prod"),
+        "{p}"
+    );
+    a.put(&prov("web"), &json!({"target": 2}))
+        .await
+        .ok_with(StatusCode::OK);
+    let revisions =
+        |sched: &kiln_scheduler::Scheduler| -> std::collections::BTreeMap<String, usize> {
+            let mut m = std::collections::BTreeMap::new();
+            for i in sched.instances() {
+                *m.entry(i.revision).or_default() += 1;
+            }
+            m
+        };
+    wait_for("LATEST's two and the alias's one", async || {
+        sched.tick();
+        let p = a.get(prod).await.ok_with(StatusCode::OK);
+        let l = a.get(&prov("web")).await.ok_with(StatusCode::OK);
+        (p["current"] == 1 && l["current"] == 2).then_some(())
+    })
+    .await;
+    let before = revisions(&sched);
+    assert_eq!(
+        before.len(),
+        2,
+        "LATEST's revision and version 1's: {before:?}"
+    );
+    let listed = a
+        .get("/2023-03-30/provision-configs?functionName=web")
+        .await
+        .ok();
+    let arns: Vec<&str> = listed["provisionConfigs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["functionArn"].as_str().unwrap())
+        .collect();
+    assert!(
+        arns[0].ends_with("functions/web") && arns[1].ends_with("functions/web/aliases/prod"),
+        "{listed}"
+    );
+
+    // A new version; the alias moves to it and its provisioned instance
+    // with it.
+    a.call(
+        Method::PUT,
+        "/2023-03-30/functions/web",
+        json!({"description": "two"}).to_string().into_bytes(),
+    )
+    .await
+    .ok_with(StatusCode::OK);
+    assert_eq!(publish(&a).await, "2");
+    a.call(
+        Method::PUT,
+        "/2023-03-30/functions/web/aliases/prod",
+        json!({"versionId": "2"}).to_string().into_bytes(),
+    )
+    .await
+    .ok_with(StatusCode::OK);
+    wait_for("the alias's instance on version 2", async || {
+        sched.tick();
+        let provisioned_revisions: std::collections::BTreeSet<String> = sched
+            .instances()
+            .into_iter()
+            .filter(|i| !before.contains_key(&i.revision))
+            .map(|i| i.revision)
+            .collect();
+        (!provisioned_revisions.is_empty()
+            && a.get(prod).await.ok_with(StatusCode::OK)["current"] == 1)
+            .then_some(())
+    })
+    .await;
+
+    // Disabled and enabled: both configurations come back.
+    a.call(
+        Method::POST,
+        "/2023-03-30/functions/web/invoke/disable",
+        vec![],
+    )
+    .await
+    .ok_with(StatusCode::OK);
+    wait_for("no instance while disabled", async || {
+        sched.tick();
+        sched.instances().is_empty().then_some(())
+    })
+    .await;
+    assert_eq!(
+        a.get(prod).await.ok_with(StatusCode::OK)["defaultTarget"],
+        1
+    );
+    a.call(
+        Method::POST,
+        "/2023-03-30/functions/web/invoke/enable",
+        vec![],
+    )
+    .await
+    .ok_with(StatusCode::OK);
+    wait_for("both configurations restored", async || {
+        sched.tick();
+        let p = a.get(prod).await.ok_with(StatusCode::OK);
+        let l = a.get(&prov("web")).await.ok_with(StatusCode::OK);
+        (p["current"] == 1 && l["current"] == 2).then_some(())
+    })
+    .await;
+
+    // The alias goes, and its configuration with it.
+    a.call(
+        Method::DELETE,
+        "/2023-03-30/functions/web/aliases/prod",
+        vec![],
+    )
+    .await;
+    let left: Vec<String> = sched
+        .provisions()
+        .into_iter()
+        .map(|p| p.qualifier)
+        .collect();
+    assert_eq!(left, vec!["LATEST".to_owned()]);
     env.shutdown().await;
 }
 

@@ -31,6 +31,7 @@ use super::respond::{json, Body};
 use crate::auth::Caller;
 use crate::gateway::Gateway;
 use crate::model::InvocationRestriction;
+use crate::versions::Qualifier;
 
 /// The longest `reason` kept (FC does not say; its descriptions take 256).
 pub const REASON_MAX: usize = 256;
@@ -76,17 +77,19 @@ pub async fn disable(
     let input = parse_disable(&body)?;
     let entry = caller_function(gw, caller, name)?;
     let abort = input.abort_ongoing_request.unwrap_or(false);
-    // The provision configuration to restore: the one an earlier Disable
-    // kept (the scheduler's was deleted then), else the scheduler's now.
+    // The provision configurations to restore: those an earlier Disable
+    // kept (the scheduler's were deleted then), else the scheduler's now,
+    // LATEST's and its aliases'.
     let kept = match entry.record.config.invocation_restriction.as_ref() {
-        Some(r) if r.disable => r.provision.clone(),
+        Some(r) if r.disable => r.provisions.clone(),
         _ => gw
             .scheduler
             .provisions(&caller.account_id)
             .await?
             .into_iter()
-            .find(|d| &d.status.function_name == name)
-            .map(|d| d.config),
+            .filter(|d| &d.status.function_name == name)
+            .map(|d| (d.status.qualifier, d.config))
+            .collect(),
     };
     let now = gw.clock.now_ms();
     let reason = input.reason.unwrap_or_default();
@@ -94,7 +97,7 @@ pub async fn disable(
         disable: true,
         reason: reason.clone(),
         modified_ms: now,
-        provision: kept,
+        provisions: kept,
     };
     // Calls are refused from here on; then the scheduler lets the
     // instances go (a failure answers an error: Disable again retries it).
@@ -134,12 +137,22 @@ pub async fn enable(
         return Ok(success());
     };
     // Provisioned instances first: if the scheduler cannot take them, the
-    // function stays disabled and Enable can be retried.
-    if let Some(config) = &current.provision {
+    // function stays disabled and Enable can be retried. An alias deleted
+    // while the function was disabled took its configuration with it.
+    for (qualifier, config) in &current.provisions {
+        let q = Qualifier::parse(Some(qualifier))?;
+        let spec = match super::provision::provision_spec(gw, &caller.account_id, name, &q) {
+            Ok(spec) => spec,
+            Err(e) => {
+                tracing::warn!(function = %name, %qualifier, error = %e, "a kept provision configuration is not restored");
+                continue;
+            }
+        };
         gw.scheduler
             .put_provision(&PutProvision {
-                spec: entry.spec.clone(),
+                spec,
                 config: config.clone(),
+                qualifier: qualifier.clone(),
             })
             .await?;
     }
@@ -151,7 +164,7 @@ pub async fn enable(
                 disable: false,
                 reason: String::new(),
                 modified_ms: now,
-                provision: None,
+                provisions: Default::default(),
             });
             Ok(config)
         })

@@ -25,6 +25,7 @@ use super::error::ApiError;
 use super::request::query_param;
 use crate::auth::Caller;
 use crate::gateway::Gateway;
+use crate::versions::Qualifier;
 
 /// The most provisioned instances one function may ask for (the
 /// scheduler's bound too).
@@ -258,46 +259,102 @@ fn put_opt(v: &mut Value, key: &str, val: &Option<String>) {
     }
 }
 
-/// The caller's provision configurations, by function name: the
-/// scheduler's, and those DisableFunctionInvocation keeps for its
-/// functions (asking for no instance until they are enabled).
+/// The caller's provision configurations, by function name and
+/// qualifier: the scheduler's, and those DisableFunctionInvocation keeps for
+/// its functions (asking for no instance until they are enabled).
 async fn details(gw: &Gateway, caller: &Caller) -> Result<Vec<ProvisionDetail>, ApiError> {
     let mut all = gw.scheduler.provisions(&caller.account_id).await?;
     let (disabled, _) = gw
         .catalog
         .list(&caller.account_id, "", None, usize::MAX, |f| {
-            kept_provision(f).is_some()
+            !kept_provisions(f).is_empty()
         });
     for f in disabled {
-        let Some(config) = kept_provision(&f) else {
-            continue;
-        };
-        all.retain(|d| d.status.function_name != f.record.name);
-        all.push(ProvisionDetail {
-            status: ProvisionStatus {
-                account_id: caller.account_id.clone(),
-                function_name: f.record.name.clone(),
-                target: config.target,
-                desired: 0,
-                current: 0,
-                zones: Default::default(),
-            },
-            config: config.clone(),
-        });
+        for (qualifier, config) in kept_provisions(&f) {
+            all.retain(|d| {
+                !(d.status.function_name == f.record.name && &d.status.qualifier == qualifier)
+            });
+            all.push(ProvisionDetail {
+                status: ProvisionStatus {
+                    account_id: caller.account_id.clone(),
+                    function_name: f.record.name.clone(),
+                    qualifier: qualifier.clone(),
+                    target: config.target,
+                    desired: 0,
+                    current: 0,
+                    zones: Default::default(),
+                },
+                config: config.clone(),
+            });
+        }
     }
-    all.sort_by(|a, b| a.status.function_name.cmp(&b.status.function_name));
+    all.sort_by(|a, b| {
+        (&a.status.function_name, &a.status.qualifier)
+            .cmp(&(&b.status.function_name, &b.status.qualifier))
+    });
     Ok(all)
 }
 
-/// The provision configuration a disabled function keeps.
-fn kept_provision(f: &crate::catalog::FunctionEntry) -> Option<&ProvisionConfig> {
-    f.record
-        .config
-        .invocation_restriction
-        .as_ref()
-        .filter(|r| r.disable)?
-        .provision
-        .as_ref()
+/// The provision configurations a disabled function keeps, by qualifier.
+fn kept_provisions(
+    f: &crate::catalog::FunctionEntry,
+) -> &std::collections::BTreeMap<String, ProvisionConfig> {
+    static NONE: std::collections::BTreeMap<String, ProvisionConfig> =
+        std::collections::BTreeMap::new();
+    match f.record.config.invocation_restriction.as_ref() {
+        Some(r) if r.disable => &r.provisions,
+        _ => &NONE,
+    }
+}
+
+/// FC's `qualifier` of a provision configuration: LATEST or an alias (FC
+/// provisions no bare version).
+fn provision_qualifier(parts: &http::request::Parts) -> Result<Qualifier, FcError> {
+    match super::request::qualifier(parts)? {
+        Qualifier::Version(v) => Err(bad(format!(
+            "qualifier {v}: a provision configuration is for LATEST or an alias, not a version"
+        ))),
+        q => Ok(q),
+    }
+}
+
+/// The spec a provision configuration of `qualifier` keeps started now:
+/// LATEST's, or the alias's (major) version's.
+pub fn provision_spec(
+    gw: &Gateway,
+    account: &kiln_core::AccountId,
+    name: &FunctionName,
+    qualifier: &Qualifier,
+) -> Result<kiln_core::InstanceSpec, FcError> {
+    let latest = gw
+        .catalog
+        .function(account, name)
+        .ok_or_else(|| super::request::not_found(name))?;
+    match qualifier {
+        Qualifier::Alias(a) => {
+            let alias = gw
+                .catalog
+                .alias(account, name, a)
+                .ok_or_else(|| crate::versions::alias_not_found(name, a))?;
+            gw.catalog
+                .version(account, name, alias.version)
+                .filter(|v| v.entry.record.function_id == latest.record.function_id)
+                .map(|v| v.entry.spec.clone())
+                .ok_or_else(|| crate::versions::version_not_found(name, &alias.version.to_string()))
+        }
+        _ => Ok(latest.spec.clone()),
+    }
+}
+
+/// The configuration's ARN: the function's, with RAM's alias path for an
+/// alias's.
+fn qualified_arn(gw: &Gateway, caller: &Caller, name: &str, qualifier: &str) -> String {
+    let base = arn(gw, caller, name);
+    if qualifier == kiln_internal_api::LATEST {
+        base
+    } else {
+        format!("{base}/aliases/{qualifier}")
+    }
 }
 
 pub async fn put(
@@ -307,21 +364,26 @@ pub async fn put(
     parts: &http::request::Parts,
     body: Bytes,
 ) -> Result<Response<Body>, ApiError> {
-    super::request::check_qualifier(parts)?;
+    let qualifier = provision_qualifier(parts)?;
     let config = parse_input(&body)?;
     let entry = super::request::caller_function(gw, caller, name)?;
     if let Some(reason) = entry.record.config.invocation_disabled() {
         return Err(crate::versions::invocation_disabled(name, reason).into());
     }
     let req = PutProvision {
-        spec: entry.spec.clone(),
+        spec: provision_spec(gw, &caller.account_id, name, &qualifier)?,
         config: config.clone(),
+        qualifier: qualifier.to_string(),
     };
     let status: ProvisionStatus = gw.scheduler.put_provision(&req).await?;
-    tracing::info!(function = %name, target = config.target, "provision config set");
+    tracing::info!(function = %name, %qualifier, target = config.target, "provision config set");
     Ok(json_response(
         StatusCode::OK,
-        &to_fc(&arn(gw, caller, name.as_str()), &config, Some(&status)),
+        &to_fc(
+            &qualified_arn(gw, caller, name.as_str(), &req.qualifier),
+            &config,
+            Some(&status),
+        ),
     ))
 }
 
@@ -333,13 +395,13 @@ pub async fn get(
     name: &FunctionName,
     parts: &http::request::Parts,
 ) -> Result<Response<Body>, ApiError> {
-    super::request::check_qualifier(parts)?;
+    let qualifier = provision_qualifier(parts)?.to_string();
     super::request::caller_function(gw, caller, name)?;
-    let arn = arn(gw, caller, name.as_str());
+    let arn = qualified_arn(gw, caller, name.as_str(), &qualifier);
     let found = details(gw, caller)
         .await?
         .into_iter()
-        .find(|d| &d.status.function_name == name);
+        .find(|d| &d.status.function_name == name && d.status.qualifier == qualifier);
     let v = match found {
         Some(d) => to_fc(&arn, &d.config, Some(&d.status)),
         None => to_fc(
@@ -364,32 +426,46 @@ pub async fn delete(
     name: &FunctionName,
     parts: &http::request::Parts,
 ) -> Result<Response<Body>, ApiError> {
-    super::request::check_qualifier(parts)?;
+    let qualifier = provision_qualifier(parts)?.to_string();
     let entry = super::request::caller_function(gw, caller, name)?;
-    if kept_provision(&entry).is_some() {
+    if kept_provisions(&entry).contains_key(&qualifier) {
         // Disabled: the configuration Enable would restore goes instead.
         gw.catalog
             .update(&caller.account_id, name, gw.clock.now_ms(), None, |c| {
                 let mut c = c.clone();
                 if let Some(r) = c.invocation_restriction.as_mut() {
-                    r.provision = None;
+                    r.provisions.remove(&qualifier);
                 }
                 Ok(c)
             })
             .await?;
     }
+    remove(gw, &caller.account_id, name, &qualifier).await?;
+    tracing::info!(function = %name, %qualifier, "provision config deleted");
+    Ok(no_content())
+}
+
+/// Remove the scheduler's configuration of `qualifier`, if it has one.
+pub async fn remove(
+    gw: &Gateway,
+    account: &kiln_core::AccountId,
+    name: &FunctionName,
+    qualifier: &str,
+) -> Result<(), ApiError> {
     let f = FunctionRef {
-        account_id: caller.account_id.clone(),
+        account_id: account.clone(),
         function_name: name.clone(),
+        qualifier: qualifier.to_owned(),
     };
     match gw.scheduler.delete_provision(&f).await {
-        Ok(()) => {}
+        Ok(()) => Ok(()),
         Err(InternalClientError::Remote { error, .. })
-            if error.code == FcErrorCode::FunctionNotFound => {}
-        Err(e) => return Err(e.into()),
+            if error.code == FcErrorCode::FunctionNotFound =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
     }
-    tracing::info!(function = %name, "provision config deleted");
-    Ok(no_content())
 }
 
 fn limit_param(parts: &http::request::Parts) -> Result<usize, FcError> {
@@ -413,7 +489,15 @@ pub async fn list(
     let only = query_param(parts, "functionName").filter(|s| !s.is_empty());
     let after = match query_param(parts, "nextToken").filter(|t| !t.is_empty()) {
         None => None,
-        Some(t) => Some(super::request::decode_token(&t)?),
+        Some(t) => {
+            // `function/qualifier` (or an older Kiln's bare function name).
+            let last = super::request::decode_raw_token(&t)?;
+            let function = last.split_once('/').map_or(last.as_str(), |(f, _)| f);
+            function
+                .parse::<FunctionName>()
+                .map_err(|_| FcError::invalid_argument("nextToken is invalid"))?;
+            Some(last)
+        }
     };
     let mut page: Vec<ProvisionDetail> = details(gw, caller)
         .await?
@@ -422,10 +506,13 @@ pub async fn list(
             only.as_deref()
                 .is_none_or(|o| o == d.status.function_name.as_str())
         })
+        // The token names the last (function, qualifier) returned; an
+        // older Kiln's names a function alone: after all of it.
         .filter(|d| {
-            after
-                .as_deref()
-                .is_none_or(|a| d.status.function_name.as_str() > a)
+            after.as_deref().is_none_or(|a| {
+                let (f, q) = a.split_once('/').unwrap_or((a, "\u{10FFFF}"));
+                (d.status.function_name.as_str(), d.status.qualifier.as_str()) > (f, q)
+            })
         })
         // A configuration outliving its function (deleted meanwhile) is
         // not listed.
@@ -441,12 +528,16 @@ pub async fn list(
     let mut out = json!({
         "provisionConfigs": page
             .iter()
-            .map(|d| to_fc(&arn(gw, caller, d.status.function_name.as_str()), &d.config, Some(&d.status)))
+            .map(|d| {
+                let arn = qualified_arn(gw, caller, d.status.function_name.as_str(), &d.status.qualifier);
+                to_fc(&arn, &d.config, Some(&d.status))
+            })
             .collect::<Vec<_>>(),
     });
     if more {
         if let Some(d) = page.last() {
-            out["nextToken"] = super::request::encode_token(d.status.function_name.as_str()).into();
+            let last = format!("{}/{}", d.status.function_name, d.status.qualifier);
+            out["nextToken"] = super::request::encode_token(&last).into();
         }
     }
     Ok(json_response(StatusCode::OK, &out))

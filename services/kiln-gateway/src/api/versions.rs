@@ -301,6 +301,7 @@ pub async fn update_alias(
         )
         .await?;
     tracing::info!(function = %name, alias = %a.alias, version = a.version, canary = ?a.additional, "alias updated");
+    crate::provisioning::follow_alias(gw, &caller.account_id, name, alias).await;
     Ok(json(StatusCode::OK, &Alias::of(&a)))
 }
 
@@ -329,6 +330,7 @@ pub async fn delete_alias(
         .delete_alias(&caller.account_id, name, alias)
         .await?;
     tracing::info!(function = %name, alias, "alias deleted");
+    crate::provisioning::drop_alias(gw, &caller.account_id, name, alias).await;
     Ok(no_content())
 }
 

@@ -61,4 +61,25 @@ assert conc.reserved_concurrency == 3, conc.to_map()
 assert client.get_concurrency_config(name).body.reserved_concurrency == 3
 client.delete_concurrency_config(name)
 assert client.get_concurrency_config(name).body.reserved_concurrency is None
+# An alias's own provision configuration (FC takes LATEST or an alias).
+client.publish_function_version(name, models.PublishFunctionVersionRequest(
+    body=models.PublishVersionInput(description="v1")))
+client.create_alias(name, models.CreateAliasRequest(body=models.CreateAliasInput(
+    alias_name="live", version_id="1")))
+put = client.put_provision_config(name, models.PutProvisionConfigRequest(
+    qualifier="live", body=models.PutProvisionConfigInput(target=1))).body
+assert put.default_target == 1 and put.function_arn.endswith("/aliases/live"), put.to_map()
+got = client.get_provision_config(name, models.GetProvisionConfigRequest(qualifier="live")).body
+assert got.default_target == 1, got.to_map()
+try:
+    client.put_provision_config(name, models.PutProvisionConfigRequest(
+        qualifier="1", body=models.PutProvisionConfigInput(target=1)))
+    raise AssertionError("a version's provision config was accepted")
+except TeaException as e:
+    assert e.code == "InvalidArgument", (e.code, e.message)
+client.delete_provision_config(name, models.DeleteProvisionConfigRequest(qualifier="live"))
+assert client.get_provision_config(
+    name, models.GetProvisionConfigRequest(qualifier="live")).body.default_target == 0
+client.delete_alias(name, "live")
+client.delete_function_version(name, "1")
 print("SDK provision ok")
