@@ -55,6 +55,11 @@ pub enum FcErrorCode {
     TriggerNotFound,
     /// The function already has a trigger by that name (HTTP 409).
     TriggerAlreadyExists,
+    /// No custom domain by that name visible to the caller (HTTP 404).
+    DomainNameNotFound,
+    /// A custom domain by that name exists, in this account or another
+    /// (HTTP 409).
+    DomainNameAlreadyExists,
     /// An alias's `additionalVersionWeight` names its own major version
     /// (HTTP 400).
     AdditionalVersionContainsMajorVersion,
@@ -106,6 +111,8 @@ impl FcErrorCode {
             Self::AliasAlreadyExists => "AliasAlreadyExists",
             Self::TriggerNotFound => "TriggerNotFound",
             Self::TriggerAlreadyExists => "TriggerAlreadyExists",
+            Self::DomainNameNotFound => "DomainNameNotFound",
+            Self::DomainNameAlreadyExists => "DomainNameAlreadyExists",
             Self::AdditionalVersionContainsMajorVersion => "AdditionalVersionContainsMajorVersion",
             Self::InvalidSecurityTokenExpired => "InvalidSecurityToken.Expired",
             Self::InvalidSecurityTokenMalformed => "InvalidSecurityToken.Malformed",
@@ -142,12 +149,14 @@ impl FcErrorCode {
             | Self::VersionNotFound
             | Self::AliasNotFound
             | Self::TriggerNotFound
+            | Self::DomainNameNotFound
             | Self::EntityNotExistRole
             | Self::EntityNotExistAccessKey => 404,
             Self::MethodNotAllowed => 405,
-            Self::FunctionAlreadyExists | Self::AliasAlreadyExists | Self::TriggerAlreadyExists => {
-                409
-            }
+            Self::FunctionAlreadyExists
+            | Self::AliasAlreadyExists
+            | Self::TriggerAlreadyExists
+            | Self::DomainNameAlreadyExists => 409,
             Self::PayloadTooLarge => 413,
             Self::ResourceThrottled => 429,
             Self::InternalServerError => 500,

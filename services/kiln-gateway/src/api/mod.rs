@@ -4,6 +4,7 @@
 pub mod async_api;
 pub mod code;
 pub mod concurrency;
+pub mod domains;
 pub mod error;
 pub mod functions;
 pub mod health;
@@ -111,6 +112,11 @@ pub enum Operation {
     UpdateTrigger,
     DeleteTrigger,
     ListTriggers,
+    CreateCustomDomain,
+    GetCustomDomain,
+    UpdateCustomDomain,
+    DeleteCustomDomain,
+    ListCustomDomains,
 }
 
 impl Operation {
@@ -172,6 +178,11 @@ impl Operation {
             Self::UpdateTrigger => "UpdateTrigger",
             Self::DeleteTrigger => "DeleteTrigger",
             Self::ListTriggers => "ListTriggers",
+            Self::CreateCustomDomain => "CreateCustomDomain",
+            Self::GetCustomDomain => "GetCustomDomain",
+            Self::UpdateCustomDomain => "UpdateCustomDomain",
+            Self::DeleteCustomDomain => "DeleteCustomDomain",
+            Self::ListCustomDomains => "ListCustomDomains",
         }
     }
 }
@@ -340,6 +351,17 @@ pub enum Route {
         name: FunctionName,
         trigger: String,
     },
+    CreateCustomDomain,
+    ListCustomDomains,
+    GetCustomDomain {
+        domain: String,
+    },
+    UpdateCustomDomain {
+        domain: String,
+    },
+    DeleteCustomDomain {
+        domain: String,
+    },
 }
 
 /// `{name}`, percent-decoded and checked as a function name.
@@ -408,6 +430,11 @@ const ROUTES: &[router::Route<Route, router::Signed>] = &[
     router::signed(GET, "/2023-03-30/functions/{name}/triggers/{trigger}", |p| Ok(Route::GetTrigger { name: function_name(p)?, trigger: p.string("trigger")? })),
     router::signed(PUT, "/2023-03-30/functions/{name}/triggers/{trigger}", |p| Ok(Route::UpdateTrigger { name: function_name(p)?, trigger: p.string("trigger")? })),
     router::signed(DELETE, "/2023-03-30/functions/{name}/triggers/{trigger}", |p| Ok(Route::DeleteTrigger { name: function_name(p)?, trigger: p.string("trigger")? })),
+    router::signed(POST, "/2023-03-30/custom-domains", |_| Ok(Route::CreateCustomDomain)),
+    router::signed(GET, "/2023-03-30/custom-domains", |_| Ok(Route::ListCustomDomains)),
+    router::signed(GET, "/2023-03-30/custom-domains/{domain}", |p| Ok(Route::GetCustomDomain { domain: p.string("domain")? })),
+    router::signed(PUT, "/2023-03-30/custom-domains/{domain}", |p| Ok(Route::UpdateCustomDomain { domain: p.string("domain")? })),
+    router::signed(DELETE, "/2023-03-30/custom-domains/{domain}", |p| Ok(Route::DeleteCustomDomain { domain: p.string("domain")? })),
 ];
 
 static ROUTER: LazyLock<Router<Route, router::Signed>> = LazyLock::new(|| {
@@ -475,6 +502,11 @@ impl Route {
             Self::GetTrigger { .. } => Operation::GetTrigger,
             Self::UpdateTrigger { .. } => Operation::UpdateTrigger,
             Self::DeleteTrigger { .. } => Operation::DeleteTrigger,
+            Self::CreateCustomDomain => Operation::CreateCustomDomain,
+            Self::ListCustomDomains => Operation::ListCustomDomains,
+            Self::GetCustomDomain { .. } => Operation::GetCustomDomain,
+            Self::UpdateCustomDomain { .. } => Operation::UpdateCustomDomain,
+            Self::DeleteCustomDomain { .. } => Operation::DeleteCustomDomain,
         }
     }
 
@@ -533,6 +565,16 @@ impl Route {
         }
     }
 
+    /// The custom domain the route acts on, when it names one.
+    pub fn custom_domain(&self) -> Option<&str> {
+        match self {
+            Self::GetCustomDomain { domain }
+            | Self::UpdateCustomDomain { domain }
+            | Self::DeleteCustomDomain { domain } => Some(domain),
+            _ => None,
+        }
+    }
+
     /// The role the route acts on, when it names one.
     pub fn role(&self) -> Option<&str> {
         match self {
@@ -560,6 +602,10 @@ pub async fn handle(
     // A trigger's host is the function's, every path included.
     if let Some(host) = gw.http_triggers.host_of(&req) {
         return crate::http_trigger::serve(gw, req, host).await;
+    }
+    // A custom domain's host is its routes', every path included.
+    if let Some(domain) = gw.domains.of_request(&req) {
+        return crate::domains::serve::serve(gw, req, domain).await;
     }
     if req.uri().path() == health::PATH {
         return health::answer(&gw, req.method()).await;
@@ -757,6 +803,11 @@ async fn dispatch(
             triggers::update(gw, c, &name, &trigger, body).await
         }
         Route::DeleteTrigger { name, trigger } => triggers::delete(gw, c, &name, &trigger).await,
+        Route::CreateCustomDomain => domains::create(gw, c, body).await,
+        Route::ListCustomDomains => domains::list(gw, c, &parts),
+        Route::GetCustomDomain { domain } => domains::get(gw, c, &domain),
+        Route::UpdateCustomDomain { domain } => domains::update(gw, c, &domain, body).await,
+        Route::DeleteCustomDomain { domain } => domains::delete(gw, c, &domain).await,
     }
 }
 
@@ -1070,6 +1121,33 @@ mod tests {
                 Route::DeleteTrigger {
                     name: f(),
                     trigger: "http".into(),
+                },
+            ),
+            (
+                POST,
+                "/2023-03-30/custom-domains",
+                Route::CreateCustomDomain,
+            ),
+            (GET, "/2023-03-30/custom-domains", Route::ListCustomDomains),
+            (
+                GET,
+                "/2023-03-30/custom-domains/shop.example.com",
+                Route::GetCustomDomain {
+                    domain: "shop.example.com".into(),
+                },
+            ),
+            (
+                PUT,
+                "/2023-03-30/custom-domains/shop.example.com",
+                Route::UpdateCustomDomain {
+                    domain: "shop.example.com".into(),
+                },
+            ),
+            (
+                DELETE,
+                "/2023-03-30/custom-domains/shop.example.com",
+                Route::DeleteCustomDomain {
+                    domain: "shop.example.com".into(),
                 },
             ),
         ];
