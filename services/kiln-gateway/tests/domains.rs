@@ -542,3 +542,29 @@ async fn custom_domains_route_by_host_and_path_with_their_own_certificates() {
     assert!(e.contains("TLS handshake"), "{e}");
     assert_eq!(a.domains("").await, ["api.secure.example.test"]);
 }
+
+/// The official Python SDK drives Create/Get/Update/List/Delete.
+#[tokio::test]
+async fn official_python_sdk_custom_domains() {
+    let Some(python) = kiln_test_support::sdk_python() else {
+        return;
+    };
+    let env = Env::new().await;
+    let owner = OwnerCa::new();
+    let issued = owner.issue(&["sdk.example.test", "mismatch.example.test"]);
+    let other = owner.issue(&["sdk.example.test"]);
+    let dir = &env.state_dir;
+    let (cert, key, other_key) = (dir.join("c.pem"), dir.join("k.pem"), dir.join("o.pem"));
+    std::fs::write(&cert, &issued.cert_pem).unwrap();
+    std::fs::write(&key, &issued.key_pem).unwrap();
+    std::fs::write(&other_key, &other.key_pem).unwrap();
+    run_python_sdk(
+        &python,
+        "fc_sdk_domains.py",
+        env.gateway.as_ref().unwrap().public_addr(),
+        &env.pki,
+        &[cert.as_os_str(), key.as_os_str(), other_key.as_os_str()],
+        "SDK domains ok",
+    )
+    .await;
+}
