@@ -149,7 +149,13 @@ impl Env {
     }
 
     fn client(&self, ak: &'static str, sk: &'static str) -> Api {
-        Api::new(&self.pki, self.gateway.as_ref().unwrap().public_addr(), ak, sk, false)
+        Api::new(
+            &self.pki,
+            self.gateway.as_ref().unwrap().public_addr(),
+            ak,
+            sk,
+            false,
+        )
     }
 
     async fn restart(&mut self) {
@@ -307,7 +313,8 @@ async fn to_domain(
     })
 }
 
-const BOTH: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13, &rustls::version::TLS12];
+const BOTH: &[&rustls::SupportedProtocolVersion] =
+    &[&rustls::version::TLS13, &rustls::version::TLS12];
 const TLS12: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS12];
 const TLS13: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
 
@@ -328,7 +335,9 @@ async fn custom_domains_route_by_host_and_path_with_their_own_certificates() {
     a.web_function("web", &["GET", "POST", "PUT"]).await;
     a.web_function("api", &["GET", "POST"]).await;
     // A function without an HTTP trigger.
-    a.json_call(Method::POST, F, &function_doc("plain")).await.ok();
+    a.json_call(Method::POST, F, &function_doc("plain"))
+        .await
+        .ok();
     let owner = OwnerCa::new();
     let shop = owner.issue(&["shop.example.test"]);
     let routes = json!([
@@ -339,7 +348,11 @@ async fn custom_domains_route_by_host_and_path_with_their_own_certificates() {
         {"path": "/plain", "functionName": "plain"},
     ]);
     let created = a
-        .json_call(Method::POST, D, &domain_doc("Shop.Example.Test", &shop, routes))
+        .json_call(
+            Method::POST,
+            D,
+            &domain_doc("Shop.Example.Test", &shop, routes),
+        )
         .await
         .ok();
     // FC's shape: the certificate but never the private key.
@@ -349,10 +362,16 @@ async fn custom_domains_route_by_host_and_path_with_their_own_certificates() {
     assert_eq!(created["protocol"], "HTTPS");
     assert_eq!(created["certConfig"]["certName"], "shop-cert");
     assert_eq!(created["certConfig"]["certificate"], shop.cert_pem.as_str());
-    assert!(created["certConfig"].get("privateKey").is_none(), "{created}");
+    assert!(
+        created["certConfig"].get("privateKey").is_none(),
+        "{created}"
+    );
     assert!(!created.to_string().contains("PRIVATE KEY"));
     assert_eq!(created["tlsConfig"]["minVersion"], "TLSv1.2");
-    assert_eq!(created["routeConfig"]["routes"][1]["methods"], json!(["GET", "POST"]));
+    assert_eq!(
+        created["routeConfig"]["routes"][1]["methods"],
+        json!(["GET", "POST"])
+    );
     assert_eq!(created["routeConfig"]["routes"][0]["qualifier"], "LATEST");
     assert!(created["createdTime"].as_str().unwrap().ends_with('Z'));
     assert!(created["lastModifiedTime"].as_str().unwrap().ends_with('Z'));
@@ -382,44 +401,91 @@ async fn custom_domains_route_by_host_and_path_with_their_own_certificates() {
     assert_eq!(v["method"], "GET");
     assert_eq!(v["path"], "/api/users?id=7&x=a%20b");
     let v = req("/api/login", Method::POST, b"user=a").await.json();
-    assert_eq!((v["function"].as_str(), v["body"].as_str()), (Some("web"), Some("user=a")));
+    assert_eq!(
+        (v["function"].as_str(), v["body"].as_str()),
+        (Some("web"), Some("user=a"))
+    );
     let v = req("/index.html", Method::PUT, b"page").await.json();
-    assert_eq!((v["function"].as_str(), v["path"].as_str()), (Some("web"), Some("/index.html")));
-    assert_eq!(req("/api", Method::GET, b"").await.json()["function"], "web");
+    assert_eq!(
+        (v["function"].as_str(), v["path"].as_str()),
+        (Some("web"), Some("/index.html"))
+    );
+    assert_eq!(
+        req("/api", Method::GET, b"").await.json()["function"],
+        "web"
+    );
     // The route's methods, then the trigger's.
     let r = req("/api/login", Method::GET, b"").await;
     assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
-    assert_eq!(serde_json::from_slice::<Value>(&r.body).unwrap()["Code"], "MethodNotAllowed");
-    assert_eq!(req("/api/x", Method::PUT, b"").await.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(
+        serde_json::from_slice::<Value>(&r.body).unwrap()["Code"],
+        "MethodNotAllowed"
+    );
+    assert_eq!(
+        req("/api/x", Method::PUT, b"").await.status,
+        StatusCode::METHOD_NOT_ALLOWED
+    );
     let r = req("/gone/x", Method::GET, b"").await;
-    assert_eq!((r.status, r.json()["Code"].as_str()), (StatusCode::NOT_FOUND, Some("FunctionNotFound")));
+    assert_eq!(
+        (r.status, r.json()["Code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("FunctionNotFound"))
+    );
     let r = req("/plain", Method::GET, b"").await;
-    assert_eq!((r.status, r.json()["Code"].as_str()), (StatusCode::NOT_FOUND, Some("TriggerNotFound")));
+    assert_eq!(
+        (r.status, r.json()["Code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("TriggerNotFound"))
+    );
     // The API host keeps the gateway's certificate.
     assert_eq!(a.domains("").await, ["shop.example.test"]);
 
     // A TLSv1.3-only domain refuses a TLS 1.2 handshake; the default one
     // takes both.
     let secure = owner.issue(&["*.secure.example.test"]);
-    let mut doc = domain_doc("api.secure.example.test", &secure, json!([{"path": "/*", "functionName": "api"}]));
+    let mut doc = domain_doc(
+        "api.secure.example.test",
+        &secure,
+        json!([{"path": "/*", "functionName": "api"}]),
+    );
     doc["tlsConfig"] = json!({"minVersion": "TLSv1.3"});
     let s = a.json_call(Method::POST, D, &doc).await.ok();
     assert_eq!(s["tlsConfig"]["minVersion"], "TLSv1.3");
     let ca = owner.ca.cert_pem();
-    let e = to_domain(port, ca, "api.secure.example.test", TLS12, Method::GET, "/", b"")
-        .await
-        .err()
-        .expect("TLS 1.2 refused");
+    let e = to_domain(
+        port,
+        ca,
+        "api.secure.example.test",
+        TLS12,
+        Method::GET,
+        "/",
+        b"",
+    )
+    .await
+    .err()
+    .expect("TLS 1.2 refused");
     assert!(e.contains("TLS handshake"), "{e}");
-    let r = to_domain(port, ca, "api.secure.example.test", TLS13, Method::GET, "/x", b"")
-        .await
-        .unwrap();
-    assert_eq!((r.status, r.version), (StatusCode::CREATED, rustls::ProtocolVersion::TLSv1_3));
+    let r = to_domain(
+        port,
+        ca,
+        "api.secure.example.test",
+        TLS13,
+        Method::GET,
+        "/x",
+        b"",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (r.status, r.version),
+        (StatusCode::CREATED, rustls::ProtocolVersion::TLSv1_3)
+    );
     assert_eq!(r.peer_names, vec!["*.secure.example.test"]);
     let r = to_domain(port, ca, "shop.example.test", TLS12, Method::GET, "/x", b"")
         .await
         .unwrap();
-    assert_eq!((r.status, r.version), (StatusCode::CREATED, rustls::ProtocolVersion::TLSv1_2));
+    assert_eq!(
+        (r.status, r.version),
+        (StatusCode::CREATED, rustls::ProtocolVersion::TLSv1_2)
+    );
 
     // Bad input: FC's InvalidArgument naming the field, nothing stored.
     let other_ca = OwnerCa::new();
@@ -431,19 +497,56 @@ async fn custom_domains_route_by_host_and_path_with_their_own_certificates() {
     };
     let route = json!([{"path": "/*", "functionName": "web"}]);
     let mut cases = vec![
-        (domain_doc("bad.example.test", &wrong_name, route.clone()), "does not cover"),
-        (domain_doc("bad.example.test", &mismatched, route.clone()), "does not match"),
         (
-            domain_doc("bad.example.test", &kiln_pki::Issued { cert_pem: "junk".into(), key_pem: other.key_pem.clone() }, route.clone()),
+            domain_doc("bad.example.test", &wrong_name, route.clone()),
+            "does not cover",
+        ),
+        (
+            domain_doc("bad.example.test", &mismatched, route.clone()),
+            "does not match",
+        ),
+        (
+            domain_doc(
+                "bad.example.test",
+                &kiln_pki::Issued {
+                    cert_pem: "junk".into(),
+                    key_pem: other.key_pem.clone(),
+                },
+                route.clone(),
+            ),
             "certConfig.certificate",
         ),
         (
-            domain_doc("bad.example.test", &kiln_pki::Issued { cert_pem: other.cert_pem.clone(), key_pem: "junk".into() }, route.clone()),
+            domain_doc(
+                "bad.example.test",
+                &kiln_pki::Issued {
+                    cert_pem: other.cert_pem.clone(),
+                    key_pem: "junk".into(),
+                },
+                route.clone(),
+            ),
             "certConfig.privateKey",
         ),
-        (domain_doc("bad.example.test", &other, json!([{"path": "/*", "functionName": "web", "rewriteConfig": {"equalRules": [{"match": "/a", "replacement": "/b"}]}}])), "rewriteConfig"),
-        (domain_doc("bad.example.test", &other, json!([{"path": "a/*", "functionName": "web"}])), "path"),
-        (domain_doc("x.fcapp.localhost", &other, route.clone()), "domainName"),
+        (
+            domain_doc(
+                "bad.example.test",
+                &other,
+                json!([{"path": "/*", "functionName": "web", "rewriteConfig": {"equalRules": [{"match": "/a", "replacement": "/b"}]}}]),
+            ),
+            "rewriteConfig",
+        ),
+        (
+            domain_doc(
+                "bad.example.test",
+                &other,
+                json!([{"path": "a/*", "functionName": "web"}]),
+            ),
+            "path",
+        ),
+        (
+            domain_doc("x.fcapp.localhost", &other, route.clone()),
+            "domainName",
+        ),
     ];
     let mut http_only = domain_doc("bad.example.test", &other, route.clone());
     http_only["protocol"] = json!("HTTP");
@@ -458,13 +561,19 @@ async fn custom_domains_route_by_host_and_path_with_their_own_certificates() {
     no_cert.as_object_mut().unwrap().remove("certConfig");
     cases.push((no_cert, "certConfig"));
     for (doc, field) in &cases {
-        let msg = a.json_call(Method::POST, D, doc).await.fc_error(400, "InvalidArgument");
+        let msg = a
+            .json_call(Method::POST, D, doc)
+            .await
+            .fc_error(400, "InvalidArgument");
         assert!(msg.contains(field), "{field}: {msg}");
     }
     a.call(Method::GET, &format!("{D}/bad.example.test"), vec![])
         .await
         .fc_error(404, "DomainNameNotFound");
-    assert_eq!(a.domains("").await, ["api.secure.example.test", "shop.example.test"]);
+    assert_eq!(
+        a.domains("").await,
+        ["api.secure.example.test", "shop.example.test"]
+    );
     // A refused update changes nothing either.
     let path = format!("{D}/shop.example.test");
     a.json_call(Method::PUT, &path, &json!({"certConfig": {"certificate": wrong_name.cert_pem, "privateKey": wrong_name.key_pem}}))
@@ -474,25 +583,42 @@ async fn custom_domains_route_by_host_and_path_with_their_own_certificates() {
 
     // Another account sees nothing, changes nothing, cannot take the name.
     assert!(b.domains("").await.is_empty());
-    b.call(Method::GET, &path, vec![]).await.fc_error(404, "DomainNameNotFound");
+    b.call(Method::GET, &path, vec![])
+        .await
+        .fc_error(404, "DomainNameNotFound");
     b.json_call(Method::PUT, &path, &json!({"routeConfig": {"routes": []}}))
         .await
         .fc_error(404, "DomainNameNotFound");
-    b.call(Method::DELETE, &path, vec![]).await.fc_error(404, "DomainNameNotFound");
+    b.call(Method::DELETE, &path, vec![])
+        .await
+        .fc_error(404, "DomainNameNotFound");
     let theirs = owner.issue(&["shop.example.test"]);
     b.web_function("web", &["GET"]).await;
-    b.json_call(Method::POST, D, &domain_doc("shop.example.test", &theirs, route.clone()))
-        .await
-        .fc_error(409, "DomainNameAlreadyExists");
+    b.json_call(
+        Method::POST,
+        D,
+        &domain_doc("shop.example.test", &theirs, route.clone()),
+    )
+    .await
+    .fc_error(409, "DomainNameAlreadyExists");
     assert_eq!(a.call(Method::GET, &path, vec![]).await.ok(), created);
-    assert_eq!(req("/api/x", Method::GET, b"").await.json()["function"], "api");
+    assert_eq!(
+        req("/api/x", Method::GET, b"").await.json()["function"],
+        "api"
+    );
 
     // Listing: prefix, limit, nextToken.
     assert_eq!(a.domains("?prefix=shop").await, ["shop.example.test"]);
-    let page = a.call(Method::GET, &format!("{D}?limit=1"), vec![]).await.ok();
+    let page = a
+        .call(Method::GET, &format!("{D}?limit=1"), vec![])
+        .await
+        .ok();
     assert_eq!(page["customDomains"].as_array().unwrap().len(), 1);
     let token = page["nextToken"].as_str().unwrap();
-    assert_eq!(a.domains(&format!("?limit=1&nextToken={token}")).await, ["shop.example.test"]);
+    assert_eq!(
+        a.domains(&format!("?limit=1&nextToken={token}")).await,
+        ["shop.example.test"]
+    );
 
     // An update serves at once: new routes, a new certificate.
     let renewed = owner.issue(&["shop.example.test", "www.shop.example.test"]);
@@ -511,7 +637,10 @@ async fn custom_domains_route_by_host_and_path_with_their_own_certificates() {
     assert_eq!(u["createdTime"], created["createdTime"]);
     let r = req("/index.html", Method::GET, b"").await;
     assert_eq!(r.json()["function"], "api");
-    assert_eq!(r.peer_names, vec!["shop.example.test", "www.shop.example.test"]);
+    assert_eq!(
+        r.peer_names,
+        vec!["shop.example.test", "www.shop.example.test"]
+    );
 
     // The private key is sealed at rest; domains come back after a restart.
     env.restart().await;
@@ -526,19 +655,37 @@ async fn custom_domains_route_by_host_and_path_with_their_own_certificates() {
     let a = env.client(AK_A, SK_A);
     assert_eq!(a.call(Method::GET, &path, vec![]).await.ok(), u);
     let port = env.port();
-    let r = to_domain(port, owner.ca.cert_pem(), "shop.example.test", BOTH, Method::GET, "/y", b"")
-        .await
-        .unwrap();
+    let r = to_domain(
+        port,
+        owner.ca.cert_pem(),
+        "shop.example.test",
+        BOTH,
+        Method::GET,
+        "/y",
+        b"",
+    )
+    .await
+    .unwrap();
     assert_eq!(r.json()["function"], "api");
 
     // Deleted: gone from the API, its name and certificate no longer served.
     let d = a.call(Method::DELETE, &path, vec![]).await;
     assert_eq!(d.status, StatusCode::NO_CONTENT);
-    a.call(Method::GET, &path, vec![]).await.fc_error(404, "DomainNameNotFound");
-    let e = to_domain(port, owner.ca.cert_pem(), "shop.example.test", BOTH, Method::GET, "/", b"")
+    a.call(Method::GET, &path, vec![])
         .await
-        .err()
-        .expect("the gateway's own certificate, not trusted by the owner's CA");
+        .fc_error(404, "DomainNameNotFound");
+    let e = to_domain(
+        port,
+        owner.ca.cert_pem(),
+        "shop.example.test",
+        BOTH,
+        Method::GET,
+        "/",
+        b"",
+    )
+    .await
+    .err()
+    .expect("the gateway's own certificate, not trusted by the owner's CA");
     assert!(e.contains("TLS handshake"), "{e}");
     assert_eq!(a.domains("").await, ["api.secure.example.test"]);
 }
