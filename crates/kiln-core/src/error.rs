@@ -60,6 +60,11 @@ pub enum FcErrorCode {
     /// A custom domain by that name exists, in this account or another
     /// (HTTP 409).
     DomainNameAlreadyExists,
+    /// Kiln's (HTTP's 421): a request for a custom domain on a connection
+    /// whose TLS was set up for another name (HTTP/2 coalescing, or a
+    /// client's SNI unlike its Host); the client retries on a connection
+    /// of its own to that domain.
+    MisdirectedRequest,
     /// An alias's `additionalVersionWeight` names its own major version
     /// (HTTP 400).
     AdditionalVersionContainsMajorVersion,
@@ -113,6 +118,7 @@ impl FcErrorCode {
             Self::TriggerAlreadyExists => "TriggerAlreadyExists",
             Self::DomainNameNotFound => "DomainNameNotFound",
             Self::DomainNameAlreadyExists => "DomainNameAlreadyExists",
+            Self::MisdirectedRequest => "MisdirectedRequest",
             Self::AdditionalVersionContainsMajorVersion => "AdditionalVersionContainsMajorVersion",
             Self::InvalidSecurityTokenExpired => "InvalidSecurityToken.Expired",
             Self::InvalidSecurityTokenMalformed => "InvalidSecurityToken.Malformed",
@@ -153,6 +159,7 @@ impl FcErrorCode {
             | Self::EntityNotExistRole
             | Self::EntityNotExistAccessKey => 404,
             Self::MethodNotAllowed => 405,
+            Self::MisdirectedRequest => 421,
             Self::FunctionAlreadyExists
             | Self::AliasAlreadyExists
             | Self::TriggerAlreadyExists

@@ -122,6 +122,9 @@ pub struct ConnInfo {
     /// SHA-256 of the peer's client certificate: which certificate holds
     /// a node (the scheduler refuses another one taking a live node).
     pub certificate_sha256: Option<[u8; 32]>,
+    /// The name the client asked for in its ClientHello (SNI), if any:
+    /// which TLS configuration served the connection (see [`TlsSelector`]).
+    pub server_name: Option<Arc<str>>,
 }
 
 /// What a connection's client certificate says, read once when the
@@ -383,7 +386,9 @@ async fn serve_connection<H, F>(
         _ = drain.wait_for(|d| *d) => return,
     };
     let cert = PeerCertificate::of(tls.get_ref().1, peer);
+    let server_name = tls.get_ref().1.server_name().map(Arc::from);
     let info = ConnInfo {
+        server_name,
         peer,
         local,
         identity: cert.identity,

@@ -266,6 +266,21 @@ async fn to_domain(
     path: &str,
     body: &[u8],
 ) -> Result<Seen, String> {
+    to_host(port, ca_pem, domain, domain, versions, method, path, body).await
+}
+
+/// [`to_domain`] with `sni` in the handshake and `host` in the request.
+#[allow(clippy::too_many_arguments)]
+async fn to_host(
+    port: u16,
+    ca_pem: &str,
+    sni: &str,
+    host: &str,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    method: Method,
+    path: &str,
+    body: &[u8],
+) -> Result<Seen, String> {
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
@@ -282,7 +297,7 @@ async fn to_domain(
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .map_err(|e| e.to_string())?;
-    let name = rustls::pki_types::ServerName::try_from(domain.to_owned()).unwrap();
+    let name = rustls::pki_types::ServerName::try_from(sni.to_owned()).unwrap();
     let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
         .connect(name, tcp)
         .await
@@ -299,7 +314,7 @@ async fn to_domain(
     let req = Request::builder()
         .method(method)
         .uri(path)
-        .header("host", format!("{domain}:{port}"))
+        .header("host", format!("{host}:{port}"))
         .body(Full::new(Bytes::copy_from_slice(body)))
         .unwrap();
     let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
@@ -485,6 +500,24 @@ async fn custom_domains_route_by_host_and_path_with_their_own_certificates() {
     assert_eq!(
         (r.status, r.version),
         (StatusCode::CREATED, rustls::ProtocolVersion::TLSv1_2)
+    );
+    // Nor is it reached over TLS 1.2 by naming another domain in the
+    // handshake: a connection set up for one name serves only that one.
+    let r = to_host(
+        port,
+        ca,
+        "shop.example.test",
+        "api.secure.example.test",
+        TLS12,
+        Method::GET,
+        "/x",
+        b"",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (r.status, r.json()["Code"].as_str()),
+        (StatusCode::MISDIRECTED_REQUEST, Some("MisdirectedRequest"))
     );
 
     // Bad input: FC's InvalidArgument naming the field, nothing stored.

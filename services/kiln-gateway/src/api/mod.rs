@@ -603,9 +603,14 @@ pub async fn handle(
     if let Some(host) = gw.http_triggers.host_of(&req) {
         return crate::http_trigger::serve(gw, req, host).await;
     }
-    // A custom domain's host is its routes', every path included.
-    if let Some(domain) = gw.domains.of_request(&req) {
-        return crate::domains::serve::serve(gw, req, domain).await;
+    // A custom domain's host is its routes', every path included (on the
+    // public listener, whose TLS is chosen per domain).
+    let vpc = matches!(
+        req.extensions().get::<vpc::Listener>(),
+        Some(vpc::Listener::Vpc(_))
+    );
+    if let Some(domain) = gw.domains.of_request(&req).filter(|_| !vpc) {
+        return crate::domains::serve::serve(gw, req, domain, conn.server_name.clone()).await;
     }
     if req.uri().path() == health::PATH {
         return health::answer(&gw, req.method()).await;

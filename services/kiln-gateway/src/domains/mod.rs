@@ -208,6 +208,18 @@ impl Domains {
             .collect()
     }
 
+    /// Run a store operation off the async threads.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&SqliteStore, &Sealer) -> Result<T, MetaStoreError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let (store, sealer) = (self.store.clone(), self.sealer.clone());
+        tokio::task::spawn_blocking(move || f(&store, &sealer))
+            .await
+            .map_err(|_| ApiError::Catalog(CatalogError::Join))?
+            .map_err(store_failed)
+    }
+
     fn reserved(&self) -> Vec<&str> {
         self.reserved.iter().map(String::as_str).collect()
     }
@@ -265,8 +277,10 @@ impl Domains {
             )
             .into());
         }
-        let inserted = store::insert(&self.store, &self.sealer, &entry.record, &entry.private_key)
-            .map_err(store_failed)?;
+        let (record, key) = (entry.record.clone(), entry.private_key.clone());
+        let inserted = self
+            .blocking(move |st, se| store::insert(st, se, &record, &key))
+            .await?;
         if !inserted {
             return Err(FcError::new(
                 FcErrorCode::DomainNameAlreadyExists,
@@ -319,8 +333,9 @@ impl Domains {
         }
         record.modified_ms = now_ms;
         let entry = Arc::new(DomainEntry::build(record, cert, key)?);
-        store::update(&self.store, &self.sealer, &entry.record, &entry.private_key)
-            .map_err(store_failed)?;
+        let (record, key) = (entry.record.clone(), entry.private_key.clone());
+        self.blocking(move |st, se| store::update(st, se, &record, &key))
+            .await?;
         self.index(entry.clone());
         Ok(entry)
     }
@@ -329,7 +344,8 @@ impl Domains {
     pub async fn delete(&self, account: &AccountId, name: &str) -> Result<(), ApiError> {
         let _w = self.writes.lock().await;
         let current = self.get(account, name)?;
-        store::delete(&self.store, &current.record.domain_name).map_err(store_failed)?;
+        let name = current.record.domain_name.clone();
+        self.blocking(move |st, _| store::delete(st, &name)).await?;
         self.by_name
             .write()
             .unwrap_or_else(|p| p.into_inner())

@@ -11,6 +11,11 @@
 //!   no HTTP trigger for qualifier    404 TriggerNotFound
 //! ```
 //!
+//! A request whose connection was not set up for the domain (its SNI
+//! names another host, so another certificate and TLS settings served it)
+//! gets 421 Misdirected Request: the domain's minimum TLS version cannot
+//! be sidestepped by asking for another name in the handshake.
+//!
 //! As in FC, a trigger's `disableURLInternet` does not apply here: it
 //! closes the trigger's own URL, not the custom domain.
 
@@ -32,6 +37,7 @@ pub async fn serve(
     gw: Arc<Gateway>,
     req: Request<Incoming>,
     domain: Arc<DomainEntry>,
+    server_name: Option<Arc<str>>,
 ) -> Response<Body> {
     let started = Instant::now();
     let request_id = RequestId::generate_ordered();
@@ -44,9 +50,16 @@ pub async fn serve(
     );
     let (parts, body) = req.into_parts();
     let mut body = Some(body);
-    let result = handle(&gw, parts, &mut body, &domain, &request_id)
-        .instrument(span.clone())
-        .await;
+    let result = handle(
+        &gw,
+        parts,
+        &mut body,
+        &domain,
+        server_name.as_deref(),
+        &request_id,
+    )
+    .instrument(span.clone())
+    .await;
     if result.is_err() {
         if let Some(body) = body.take() {
             crate::http_trigger::drain_small(body).await;
@@ -82,9 +95,21 @@ async fn handle(
     parts: http::request::Parts,
     body: &mut Option<Incoming>,
     domain: &DomainEntry,
+    server_name: Option<&str>,
     request_id: &RequestId,
 ) -> Result<Response<Body>, ApiError> {
     let name = &domain.record.domain_name;
+    let sni = server_name.map(|s| s.trim_end_matches('.').to_ascii_lowercase());
+    if sni.as_deref() != Some(name.as_str()) {
+        return Err(FcError::new(
+            FcErrorCode::MisdirectedRequest,
+            format!(
+                "this connection was set up for {}, not for custom domain {name}: connect with {name} as the TLS server name (SNI)",
+                sni.as_deref().unwrap_or("no server name")
+            ),
+        )
+        .into());
+    }
     let route = domain.route(parts.uri.path()).ok_or_else(|| {
         FcError::new(
             FcErrorCode::PathNotSupported,
