@@ -204,6 +204,7 @@ pub async fn start_with_clock(
         std::iter::once(config.http_triggers.domain.clone())
             .chain(config.http_triggers.intranet_domain.clone())
             .collect(),
+        kiln_pki::certificate_names(&kiln_pki::load_certs(&config.public.cert)?[0])?,
     )?);
     let catalog = Arc::new(
         Catalog::open(store.clone(), code)

@@ -117,7 +117,8 @@ fn config(state_dir: &std::path::Path, pki: &DevPki, scheduler_url: &str) -> Gat
 impl Env {
     async fn new() -> Env {
         let dir = tempfile::tempdir().unwrap();
-        let pki = DevPki::ensure(&dir.path().join("pki"), &[]).unwrap();
+        // The gateway's own public name, which no custom domain may take.
+        let pki = DevPki::ensure(&dir.path().join("pki"), &["api.gateway.test".into()]).unwrap();
         let leased: Leased = Arc::default();
         let (tx, rx) = tokio::sync::watch::channel(false);
         let agent_tls = kiln_pki::internal_server_config(&pki.files("agent")).unwrap();
@@ -578,6 +579,14 @@ async fn custom_domains_route_by_host_and_path_with_their_own_certificates() {
         ),
         (
             domain_doc("x.fcapp.localhost", &other, route.clone()),
+            "domainName",
+        ),
+        (
+            domain_doc(
+                "api.gateway.test",
+                &owner.issue(&["api.gateway.test"]),
+                route.clone(),
+            ),
             "domainName",
         ),
     ];

@@ -108,7 +108,9 @@ impl CustomDomain {
                     })
                     .collect(),
             },
-            subdomain_count: "1".into(),
+            // FC counts a wildcard domain's subdomains; Kiln's domains are
+            // plain names and have none.
+            subdomain_count: "0".into(),
             tls_config: TlsOutput {
                 min_version: r.tls.min_version.as_str(),
                 max_version: r.tls.max_version.as_str(),

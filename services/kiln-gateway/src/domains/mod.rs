@@ -109,6 +109,9 @@ pub struct Domains {
     sealer: Arc<Sealer>,
     /// The gateway's trigger domains: no custom domain under them.
     reserved: Vec<String>,
+    /// The names the gateway's own certificate covers (its API host):
+    /// no custom domain may take them.
+    own_names: Vec<String>,
     by_name: RwLock<BTreeMap<String, Arc<DomainEntry>>>,
     /// One write at a time: a write is store, then index.
     writes: tokio::sync::Mutex<()>,
@@ -141,6 +144,7 @@ impl Domains {
         store: Arc<SqliteStore>,
         sealer: Arc<Sealer>,
         reserved: Vec<String>,
+        own_names: Vec<String>,
     ) -> Result<Self, DomainsLoadError> {
         let mut by_name = BTreeMap::new();
         for (record, key) in store::load(&store, &sealer)? {
@@ -157,6 +161,7 @@ impl Domains {
             store,
             sealer,
             reserved,
+            own_names,
             by_name: RwLock::new(by_name),
             writes: tokio::sync::Mutex::new(()),
         })
@@ -181,12 +186,12 @@ impl Domains {
 
     /// The domain a request's Host names, if it is a custom domain.
     pub fn of_request<B>(&self, req: &Request<B>) -> Option<Arc<DomainEntry>> {
-        let host = request_host(req)?;
         let map = self.read();
+        // Every API call asks: no host parsing while there are no domains.
         if map.is_empty() {
             return None;
         }
-        map.get(&host).cloned()
+        map.get(&request_host(req)?).cloned()
     }
 
     /// The caller's domain `name` (another account's is not found).
@@ -239,6 +244,12 @@ impl Domains {
                 .ok_or_else(|| FcError::invalid_argument("domainName is required"))?,
             &self.reserved(),
         )?;
+        if let Some(own) = self.own_names.iter().find(|n| tls::covers(n, &name)) {
+            return Err(FcError::invalid_argument(format!(
+                "domainName {name:?} is the gateway's own (its certificate names {own}): pick a domain of your own"
+            ))
+            .into());
+        }
         let protocol = input
             .protocol
             .clone()
