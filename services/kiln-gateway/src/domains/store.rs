@@ -147,4 +147,37 @@ mod tests {
         delete(&store, "shop.example.com").unwrap();
         assert!(load(&store, &sealer).unwrap().is_empty());
     }
+
+    #[test]
+    fn a_rotated_secrets_key_reseals_domain_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gateway.db");
+        let old = Arc::new(Sealer::new(&[1; 32], &[]));
+        let r = DomainRecord {
+            account_id: "1".parse().unwrap(),
+            domain_name: "shop.example.com".into(),
+            protocol: "HTTPS".into(),
+            cert_name: String::new(),
+            certificate: "CERT".into(),
+            tls: TlsSettings::default(),
+            routes: vec![],
+            created_ms: 1,
+            modified_ms: 1,
+        };
+        {
+            let store = SqliteStore::open(&path, old.clone()).unwrap();
+            assert!(insert(&store, &old, &r, "THE-KEY").unwrap());
+        }
+        // Opening under a new key (the old one still listed) reseals ...
+        let rotated = Arc::new(Sealer::new(&[2; 32], &[[1; 32]]));
+        drop(SqliteStore::open(&path, rotated).unwrap());
+        // ... so the new key alone opens it.
+        let new = Arc::new(Sealer::new(&[2; 32], &[]));
+        let store = SqliteStore::open(&path, new.clone()).unwrap();
+        assert_eq!(load(&store, &new).unwrap(), vec![(r, "THE-KEY".to_owned())]);
+        assert!(
+            load(&store, &old).is_err(),
+            "the old key no longer opens it"
+        );
+    }
 }
