@@ -190,6 +190,10 @@ impl Api {
     }
 
     async fn web_function(&self, name: &str, methods: &[&str]) {
+        self.web_function_auth(name, methods, "anonymous").await
+    }
+
+    async fn web_function_auth(&self, name: &str, methods: &[&str], auth: &str) {
         self.json_call(Method::POST, F, &function_doc(name))
             .await
             .ok();
@@ -197,7 +201,7 @@ impl Api {
             Method::POST,
             &format!("{F}/{name}/triggers"),
             &json!({"triggerName": "http", "triggerType": "http",
-                    "triggerConfig": json!({"methods": methods, "authType": "anonymous"}).to_string()}),
+                    "triggerConfig": json!({"methods": methods, "authType": auth}).to_string()}),
         )
         .await
         .ok();
@@ -267,10 +271,15 @@ async fn to_domain(
     path: &str,
     body: &[u8],
 ) -> Result<Seen, String> {
-    to_host(port, ca_pem, domain, domain, versions, method, path, body).await
+    let none = http::HeaderMap::new();
+    to_host(
+        port, ca_pem, domain, domain, versions, method, path, body, &none,
+    )
+    .await
 }
 
-/// [`to_domain`] with `sni` in the handshake and `host` in the request.
+/// [`to_domain`] with `sni` in the handshake, `host` in the request, and
+/// `headers`.
 #[allow(clippy::too_many_arguments)]
 async fn to_host(
     port: u16,
@@ -281,6 +290,7 @@ async fn to_host(
     method: Method,
     path: &str,
     body: &[u8],
+    headers: &http::HeaderMap,
 ) -> Result<Seen, String> {
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
@@ -312,12 +322,14 @@ async fn to_host(
             .await
             .map_err(|e| e.to_string())?;
     tokio::spawn(connection);
-    let req = Request::builder()
+    let mut req = Request::builder()
         .method(method)
         .uri(path)
-        .header("host", format!("{host}:{port}"))
         .body(Full::new(Bytes::copy_from_slice(body)))
         .unwrap();
+    *req.headers_mut() = headers.clone();
+    req.headers_mut()
+        .insert("host", format!("{host}:{port}").parse().unwrap());
     let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
     let (parts, body) = resp.into_parts();
     Ok(Seen {
@@ -350,6 +362,7 @@ async fn custom_domains_route_by_host_and_path_with_their_own_certificates() {
     let b = env.client(AK_B, SK_B);
     a.web_function("web", &["GET", "POST", "PUT"]).await;
     a.web_function("api", &["GET", "POST"]).await;
+    a.web_function_auth("signed", &["GET"], "function").await;
     // A function without an HTTP trigger.
     a.json_call(Method::POST, F, &function_doc("plain"))
         .await
@@ -362,6 +375,7 @@ async fn custom_domains_route_by_host_and_path_with_their_own_certificates() {
         {"path": "/api/login", "functionName": "web", "methods": ["POST"]},
         {"path": "/gone/*", "functionName": "nosuchfn"},
         {"path": "/plain", "functionName": "plain"},
+        {"path": "/signed/*", "functionName": "signed"},
     ]);
     let created = a
         .json_call(
@@ -451,6 +465,37 @@ async fn custom_domains_route_by_host_and_path_with_their_own_certificates() {
         (r.status, r.json()["Code"].as_str()),
         (StatusCode::NOT_FOUND, Some("TriggerNotFound"))
     );
+    // The trigger's authType applies: `function` takes only requests signed
+    // by the function's account.
+    let r = req("/signed/x", Method::GET, b"").await;
+    assert_eq!(
+        (r.status, r.json()["Code"].as_str()),
+        (StatusCode::FORBIDDEN, Some("AccessDenied"))
+    );
+    let host = format!("shop.example.test:{port}");
+    for (who, status) in [(&a, StatusCode::CREATED), (&b, StatusCode::FORBIDDEN)] {
+        let signed = who.signed(
+            Method::GET,
+            "/signed/x?y=1",
+            vec![],
+            &[("host", host.as_str())],
+            now_ms(),
+        );
+        let r = to_host(
+            port,
+            owner.ca.cert_pem(),
+            "shop.example.test",
+            "shop.example.test",
+            BOTH,
+            Method::GET,
+            "/signed/x?y=1",
+            b"",
+            signed.headers(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status, status, "{:?}", r.body);
+    }
     // The API host keeps the gateway's certificate.
     assert_eq!(a.domains("").await, ["shop.example.test"]);
 
@@ -513,6 +558,7 @@ async fn custom_domains_route_by_host_and_path_with_their_own_certificates() {
         Method::GET,
         "/x",
         b"",
+        &http::HeaderMap::new(),
     )
     .await
     .unwrap();
