@@ -55,6 +55,16 @@ pub enum FcErrorCode {
     TriggerNotFound,
     /// The function already has a trigger by that name (HTTP 409).
     TriggerAlreadyExists,
+    /// No custom domain by that name visible to the caller (HTTP 404).
+    DomainNameNotFound,
+    /// A custom domain by that name exists, in this account or another
+    /// (HTTP 409).
+    DomainNameAlreadyExists,
+    /// Kiln's (HTTP's 421): a request for a custom domain on a connection
+    /// whose TLS was set up for another name (HTTP/2 coalescing, or a
+    /// client's SNI unlike its Host); the client retries on a connection
+    /// of its own to that domain.
+    MisdirectedRequest,
     /// An alias's `additionalVersionWeight` names its own major version
     /// (HTTP 400).
     AdditionalVersionContainsMajorVersion,
@@ -110,6 +120,9 @@ impl FcErrorCode {
             Self::AliasAlreadyExists => "AliasAlreadyExists",
             Self::TriggerNotFound => "TriggerNotFound",
             Self::TriggerAlreadyExists => "TriggerAlreadyExists",
+            Self::DomainNameNotFound => "DomainNameNotFound",
+            Self::DomainNameAlreadyExists => "DomainNameAlreadyExists",
+            Self::MisdirectedRequest => "MisdirectedRequest",
             Self::AdditionalVersionContainsMajorVersion => "AdditionalVersionContainsMajorVersion",
             Self::InvalidSecurityTokenExpired => "InvalidSecurityToken.Expired",
             Self::InvalidSecurityTokenMalformed => "InvalidSecurityToken.Malformed",
@@ -148,12 +161,15 @@ impl FcErrorCode {
             | Self::VersionNotFound
             | Self::AliasNotFound
             | Self::TriggerNotFound
+            | Self::DomainNameNotFound
             | Self::EntityNotExistRole
             | Self::EntityNotExistAccessKey => 404,
             Self::MethodNotAllowed => 405,
-            Self::FunctionAlreadyExists | Self::AliasAlreadyExists | Self::TriggerAlreadyExists => {
-                409
-            }
+            Self::MisdirectedRequest => 421,
+            Self::FunctionAlreadyExists
+            | Self::AliasAlreadyExists
+            | Self::TriggerAlreadyExists
+            | Self::DomainNameAlreadyExists => 409,
             Self::PayloadTooLarge => 413,
             Self::ResourceThrottled => 429,
             Self::InternalServerError => 500,

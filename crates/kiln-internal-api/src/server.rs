@@ -16,7 +16,7 @@ use kiln_core::{FcError, FcErrorCode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::{LazyConfigAcceptor, TlsAcceptor};
 
 pub use crate::limits::ListenerLimits;
 
@@ -122,6 +122,9 @@ pub struct ConnInfo {
     /// SHA-256 of the peer's client certificate: which certificate holds
     /// a node (the scheduler refuses another one taking a live node).
     pub certificate_sha256: Option<[u8; 32]>,
+    /// The name the client asked for in its ClientHello (SNI), if any:
+    /// which TLS configuration served the connection (see [`TlsSelector`]).
+    pub server_name: Option<Arc<str>>,
 }
 
 /// What a connection's client certificate says, read once when the
@@ -162,6 +165,43 @@ impl PeerCertificate {
             certificate_sha256: Some(sha2::Sha256::digest(leaf.as_ref()).into()),
             certificate: Some(Arc::new(leaf.clone().into_owned())),
             revocable: read.map(|(cert, _)| cert),
+        }
+    }
+}
+
+/// Picks a connection's TLS configuration from its ClientHello (the
+/// public listener: a custom domain's certificate and TLS versions by
+/// SNI, see the gateway's `domains::tls`).
+pub trait TlsSelector: Send + Sync + 'static {
+    fn select(&self, hello: &rustls::server::ClientHello<'_>) -> Arc<rustls::ServerConfig>;
+}
+
+/// A listener's TLS: one configuration, or one chosen per ClientHello.
+#[derive(Clone)]
+pub enum ServerTls {
+    Fixed(TlsAcceptor),
+    PerHello(Arc<dyn TlsSelector>),
+}
+
+impl From<Arc<rustls::ServerConfig>> for ServerTls {
+    fn from(config: Arc<rustls::ServerConfig>) -> Self {
+        Self::Fixed(TlsAcceptor::from(config))
+    }
+}
+
+impl ServerTls {
+    async fn accept(
+        &self,
+        tcp: tokio::net::TcpStream,
+    ) -> std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>> {
+        match self {
+            Self::Fixed(acceptor) => acceptor.accept(tcp).await,
+            Self::PerHello(selector) => {
+                let start =
+                    LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp).await?;
+                let config = selector.select(&start.client_hello());
+                start.into_stream(config).await
+            }
         }
     }
 }
@@ -229,7 +269,7 @@ pub async fn serve_tls_revocable<H, F>(
 /// after [`ListenerLimits::drain_timeout_ms`] are closed.
 pub async fn serve<H, F>(
     listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
+    tls: impl Into<ServerTls>,
     revoked: Option<Arc<kiln_pki::RevocationSet>>,
     limits: ListenerLimits,
     handler: H,
@@ -238,7 +278,7 @@ pub async fn serve<H, F>(
     H: Fn(Request<Incoming>, ConnInfo) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
-    let acceptor = TlsAcceptor::from(tls);
+    let acceptor: ServerTls = tls.into();
     let local = listener.local_addr().expect("bound listener");
     let limits = Arc::new(limits);
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
@@ -322,7 +362,7 @@ async fn serve_connection<H, F>(
     tcp: tokio::net::TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
-    acceptor: TlsAcceptor,
+    acceptor: ServerTls,
     revoked: Option<Arc<kiln_pki::RevocationSet>>,
     limits: &ListenerLimits,
     handler: H,
@@ -346,7 +386,9 @@ async fn serve_connection<H, F>(
         _ = drain.wait_for(|d| *d) => return,
     };
     let cert = PeerCertificate::of(tls.get_ref().1, peer);
+    let server_name = tls.get_ref().1.server_name().map(Arc::from);
     let info = ConnInfo {
+        server_name,
         peer,
         local,
         identity: cert.identity,

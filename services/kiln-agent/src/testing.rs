@@ -447,5 +447,6 @@ pub fn conn_of(role: kiln_pki::Role) -> kiln_internal_api::server::ConnInfo {
         identity: Some(std::sync::Arc::new(identity)),
         certificate: None,
         certificate_sha256: None,
+        server_name: None,
     }
 }

@@ -25,6 +25,8 @@ pub struct Gateway {
     pub region: String,
     /// HTTP triggers' domains and URLs (see [`crate::http_trigger`]).
     pub http_triggers: crate::http_trigger::HttpTriggers,
+    /// Custom domains: routes, certificates (see [`crate::domains`]).
+    pub domains: Arc<crate::domains::Domains>,
     /// Which accounts may attach functions to which VPC.
     pub vpcs: Arc<crate::vpcs::VpcRegistry>,
     pub metrics: Arc<Metrics>,

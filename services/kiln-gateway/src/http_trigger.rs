@@ -193,7 +193,7 @@ fn refused(e: FcError) -> FcError {
 /// answer: an HTTP/2 client may otherwise take the reset of its unread
 /// stream for a failure and never show the refusal. Large or slow bodies
 /// are not waited for.
-async fn drain_small(body: Incoming) {
+pub(crate) async fn drain_small(body: Incoming) {
     use http_body::Body as _;
     const DRAIN_MAX: u64 = 64 * 1024;
     if body.is_end_stream() || body.size_hint().upper().is_none_or(|n| n > DRAIN_MAX) {
@@ -232,6 +232,26 @@ async fn handle(
         )
         .into());
     }
+    call_trigger(gw, parts, body, &trigger, request_id).await
+}
+
+/// Call `trigger`'s function with the request (the part of a trigger
+/// request after its trigger is found; custom domains' routes come in
+/// here with the trigger of their function and qualifier).
+pub(crate) async fn call_trigger(
+    gw: &Arc<Gateway>,
+    parts: http::request::Parts,
+    body: &mut Option<Incoming>,
+    trigger: &crate::triggers::TriggerRecord,
+    request_id: &RequestId,
+) -> Result<Response<Body>, ApiError> {
+    let Some(config) = trigger.http() else {
+        return Err(FcError::new(
+            FcErrorCode::TriggerNotFound,
+            format!("trigger '{}' is not an HTTP trigger", trigger.trigger_name),
+        )
+        .into());
+    };
     if !config.allows(&parts.method) {
         return Err(FcError::new(
             FcErrorCode::MethodNotAllowed,

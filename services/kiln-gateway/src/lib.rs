@@ -15,6 +15,7 @@ pub mod catalog;
 pub mod checksum;
 pub mod code;
 pub mod config;
+pub mod domains;
 pub mod gateway;
 pub mod http_trigger;
 pub mod invoke;
@@ -68,6 +69,8 @@ pub enum GatewayError {
     Catalog(#[from] CatalogError),
     #[error("Cannot open the metadata store")]
     Meta(#[from] store::MetaStoreError),
+    #[error("Cannot load the custom domains")]
+    Domains(#[from] domains::DomainsLoadError),
     #[error("Cannot load the secrets key")]
     SecretsKey(#[from] secrets::KeyFileError),
     #[error("Cannot load the STS key")]
@@ -200,7 +203,15 @@ pub async fn start_with_clock(
         source,
     })?;
     let sealer = Arc::new(load_sealer(&config)?);
-    let store = Arc::new(SqliteStore::open(&config.db_path(), sealer)?);
+    let store = Arc::new(SqliteStore::open(&config.db_path(), sealer.clone())?);
+    let domains = Arc::new(domains::Domains::open(
+        store.clone(),
+        sealer,
+        std::iter::once(config.http_triggers.domain.clone())
+            .chain(config.http_triggers.intranet_domain.clone())
+            .collect(),
+        kiln_pki::certificate_names(&kiln_pki::load_certs(&config.public.cert)?[0])?,
+    )?);
     let catalog = Arc::new(
         Catalog::open(store.clone(), code)
             .await?
@@ -286,6 +297,7 @@ pub async fn start_with_clock(
         leases: leases.clone(),
         region: config.region.clone(),
         http_triggers: http_trigger::HttpTriggers::new(config.http_triggers.clone()),
+        domains: domains.clone(),
         vpcs: Arc::new(vpcs::VpcRegistry::from_config(&config.vpcs)),
         metrics: metrics.clone(),
         dispatcher: queue::dispatch::Dispatcher::new(
@@ -330,6 +342,12 @@ pub async fn start_with_clock(
     let mut tasks = Vec::new();
     {
         let gw = gw.clone();
+        // Custom domains' certificates and TLS versions by SNI.
+        let public_tls =
+            kiln_internal_api::server::ServerTls::PerHello(Arc::new(domains::tls::Selector {
+                default: public_tls,
+                domains,
+            }));
         tasks.push(tokio::spawn(kiln_internal_api::server::serve(
             public,
             public_tls,

@@ -336,6 +336,19 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         );
     ",
     },
+    // A custom domain's row: its name unique across accounts, its record,
+    // its private key sealed (see crate::domains::store).
+    Migration {
+        name: "custom domains",
+        sql: "
+        CREATE TABLE custom_domains (
+            domain_name TEXT PRIMARY KEY,
+            account_id TEXT NOT NULL,
+            doc TEXT NOT NULL,
+            key_sealed TEXT NOT NULL
+        );
+    ",
+    },
 ];
 
 /// [`MetaStore`] on SQLite (`state_dir/gateway.db`).

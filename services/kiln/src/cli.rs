@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::client::FcClient;
 use crate::commands::configs::{self, Kind};
+use crate::commands::domains::{self, DomainFields};
 use crate::commands::triggers::{self, TriggerFields};
 use crate::commands::versions::{self, AliasFields, Output};
 use crate::commands::{bench, dev, functions, keys, nodes, observe, runtimes, tasks};
@@ -77,6 +78,10 @@ pub enum Command {
     /// triggers (the function answers at its own URL) and timer triggers.
     #[command(subcommand)]
     Triggers(TriggersCommand),
+    /// Create, show, update, delete or list custom domains: a domain's
+    /// certificate, minimum TLS version and routes from paths to functions.
+    #[command(subcommand)]
+    Domains(DomainsCommand),
     /// Set, show, list or delete a function's provisioned instances (FC's
     /// provision configs).
     #[command(subcommand)]
@@ -636,6 +641,97 @@ pub enum TriggersCommand {
     },
 }
 
+/// A custom domain's settings for `kiln domains create|update`.
+#[derive(Debug, Args)]
+pub struct DomainArgs {
+    /// The domain's certificate chain (PEM file); with --key.
+    #[arg(long, requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// The certificate's private key (PEM file); sent once, sealed by the
+    /// gateway and never shown again.
+    #[arg(long, requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// A name for the certificate (FC's certName).
+    #[arg(long)]
+    pub cert_name: Option<String>,
+    /// A route, repeatable: PATH=FUNCTION[:QUALIFIER][@METHOD,...], e.g.
+    /// `--route '/api/*=api:prod@GET,POST' --route '/*=web'`. On update
+    /// the routes given replace all the domain's routes.
+    #[arg(long = "route")]
+    pub routes: Vec<String>,
+    /// Remove every route (update).
+    #[arg(long, conflicts_with = "routes")]
+    pub no_routes: bool,
+    /// The lowest TLS version the domain accepts.
+    #[arg(long, value_parser = ["TLSv1.2", "TLSv1.3"])]
+    pub min_tls: Option<String>,
+}
+
+impl DomainArgs {
+    fn fields(&self) -> Result<DomainFields> {
+        let cert = match (&self.cert, &self.key) {
+            (Some(c), Some(k)) => Some(DomainFields::read_cert(c, k, self.cert_name.clone())?),
+            _ => None,
+        };
+        let routes = if self.no_routes {
+            Some(Vec::new())
+        } else if self.routes.is_empty() {
+            None
+        } else {
+            Some(
+                self.routes
+                    .iter()
+                    .map(|r| domains::parse_route(r))
+                    .collect::<Result<_>>()?,
+            )
+        };
+        Ok(DomainFields {
+            cert,
+            routes,
+            min_tls: self.min_tls.clone(),
+        })
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DomainsCommand {
+    /// Create a custom domain: `kiln domains create shop.example.com
+    /// --cert shop.pem --key shop.key --route '/*=web'`. Point the domain's
+    /// DNS at the gateway's public listener.
+    Create {
+        domain: String,
+        #[command(flatten)]
+        settings: DomainArgs,
+        #[arg(long, short, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Show one custom domain (never its private key).
+    Get {
+        domain: String,
+        #[arg(long, short, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Change a domain's certificate, routes or minimum TLS version; what
+    /// is not given stays.
+    Update {
+        domain: String,
+        #[command(flatten)]
+        settings: DomainArgs,
+        #[arg(long, short, value_enum, default_value_t)]
+        output: Output,
+    },
+    Delete {
+        domain: String,
+    },
+    /// The account's custom domains.
+    List {
+        #[arg(long)]
+        prefix: Option<String>,
+        #[arg(long, short, value_enum, default_value_t)]
+        output: Output,
+    },
+}
+
 #[derive(Debug, Subcommand)]
 pub enum FunctionsCommand {
     List {
@@ -964,6 +1060,40 @@ pub async fn run(cli: Cli) -> Result<()> {
                 } => {
                     let all = triggers::list(&client, function, prefix.as_deref()).await?;
                     versions::print(*output, &all, triggers::table)?;
+                }
+            }
+            Ok(())
+        }
+        Command::Domains(cmd) => {
+            let client = client(&cli)?;
+            match cmd {
+                DomainsCommand::Create {
+                    domain,
+                    settings,
+                    output,
+                } => {
+                    let d = domains::create(&client, domain, &settings.fields()?).await?;
+                    versions::print_one(*output, &d, domains::table)?;
+                }
+                DomainsCommand::Get { domain, output } => {
+                    let d = domains::get(&client, domain).await?;
+                    versions::print_one(*output, &d, domains::table)?;
+                }
+                DomainsCommand::Update {
+                    domain,
+                    settings,
+                    output,
+                } => {
+                    let d = domains::update(&client, domain, &settings.fields()?).await?;
+                    versions::print_one(*output, &d, domains::table)?;
+                }
+                DomainsCommand::Delete { domain } => {
+                    domains::delete(&client, domain).await?;
+                    println!("deleted custom domain {domain}");
+                }
+                DomainsCommand::List { prefix, output } => {
+                    let all = domains::list(&client, prefix.as_deref()).await?;
+                    versions::print(*output, &all, domains::table)?;
                 }
             }
             Ok(())

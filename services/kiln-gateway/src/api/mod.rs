@@ -4,6 +4,7 @@
 pub mod async_api;
 pub mod code;
 pub mod concurrency;
+pub mod domains;
 pub mod error;
 pub mod functions;
 pub mod health;
@@ -114,6 +115,11 @@ pub enum Operation {
     ListTriggers,
     EnableFunctionInvocation,
     DisableFunctionInvocation,
+    CreateCustomDomain,
+    GetCustomDomain,
+    UpdateCustomDomain,
+    DeleteCustomDomain,
+    ListCustomDomains,
 }
 
 impl Operation {
@@ -177,6 +183,11 @@ impl Operation {
             Self::ListTriggers => "ListTriggers",
             Self::EnableFunctionInvocation => "EnableFunctionInvocation",
             Self::DisableFunctionInvocation => "DisableFunctionInvocation",
+            Self::CreateCustomDomain => "CreateCustomDomain",
+            Self::GetCustomDomain => "GetCustomDomain",
+            Self::UpdateCustomDomain => "UpdateCustomDomain",
+            Self::DeleteCustomDomain => "DeleteCustomDomain",
+            Self::ListCustomDomains => "ListCustomDomains",
         }
     }
 }
@@ -351,6 +362,17 @@ pub enum Route {
     DisableFunctionInvocation {
         name: FunctionName,
     },
+    CreateCustomDomain,
+    ListCustomDomains,
+    GetCustomDomain {
+        domain: String,
+    },
+    UpdateCustomDomain {
+        domain: String,
+    },
+    DeleteCustomDomain {
+        domain: String,
+    },
 }
 
 /// `{name}`, percent-decoded and checked as a function name.
@@ -421,6 +443,11 @@ const ROUTES: &[router::Route<Route, router::Signed>] = &[
     router::signed(DELETE, "/2023-03-30/functions/{name}/triggers/{trigger}", |p| Ok(Route::DeleteTrigger { name: function_name(p)?, trigger: p.string("trigger")? })),
     router::signed(POST, "/2023-03-30/functions/{name}/invoke/enable", |p| Ok(Route::EnableFunctionInvocation { name: function_name(p)? })),
     router::signed(POST, "/2023-03-30/functions/{name}/invoke/disable", |p| Ok(Route::DisableFunctionInvocation { name: function_name(p)? })),
+    router::signed(POST, "/2023-03-30/custom-domains", |_| Ok(Route::CreateCustomDomain)),
+    router::signed(GET, "/2023-03-30/custom-domains", |_| Ok(Route::ListCustomDomains)),
+    router::signed(GET, "/2023-03-30/custom-domains/{domain}", |p| Ok(Route::GetCustomDomain { domain: p.string("domain")? })),
+    router::signed(PUT, "/2023-03-30/custom-domains/{domain}", |p| Ok(Route::UpdateCustomDomain { domain: p.string("domain")? })),
+    router::signed(DELETE, "/2023-03-30/custom-domains/{domain}", |p| Ok(Route::DeleteCustomDomain { domain: p.string("domain")? })),
 ];
 
 static ROUTER: LazyLock<Router<Route, router::Signed>> = LazyLock::new(|| {
@@ -490,6 +517,11 @@ impl Route {
             Self::DeleteTrigger { .. } => Operation::DeleteTrigger,
             Self::EnableFunctionInvocation { .. } => Operation::EnableFunctionInvocation,
             Self::DisableFunctionInvocation { .. } => Operation::DisableFunctionInvocation,
+            Self::CreateCustomDomain => Operation::CreateCustomDomain,
+            Self::ListCustomDomains => Operation::ListCustomDomains,
+            Self::GetCustomDomain { .. } => Operation::GetCustomDomain,
+            Self::UpdateCustomDomain { .. } => Operation::UpdateCustomDomain,
+            Self::DeleteCustomDomain { .. } => Operation::DeleteCustomDomain,
         }
     }
 
@@ -550,6 +582,16 @@ impl Route {
         }
     }
 
+    /// The custom domain the route acts on, when it names one.
+    pub fn custom_domain(&self) -> Option<&str> {
+        match self {
+            Self::GetCustomDomain { domain }
+            | Self::UpdateCustomDomain { domain }
+            | Self::DeleteCustomDomain { domain } => Some(domain),
+            _ => None,
+        }
+    }
+
     /// The role the route acts on, when it names one.
     pub fn role(&self) -> Option<&str> {
         match self {
@@ -577,6 +619,15 @@ pub async fn handle(
     // A trigger's host is the function's, every path included.
     if let Some(host) = gw.http_triggers.host_of(&req) {
         return crate::http_trigger::serve(gw, req, host).await;
+    }
+    // A custom domain's host is its routes', every path included (on the
+    // public listener, whose TLS is chosen per domain).
+    let vpc = matches!(
+        req.extensions().get::<vpc::Listener>(),
+        Some(vpc::Listener::Vpc(_))
+    );
+    if let Some(domain) = gw.domains.of_request(&req).filter(|_| !vpc) {
+        return crate::domains::serve::serve(gw, req, domain, conn.server_name.clone()).await;
     }
     if req.uri().path() == health::PATH {
         return health::answer(&gw, req.method()).await;
@@ -776,6 +827,11 @@ async fn dispatch(
         Route::DeleteTrigger { name, trigger } => triggers::delete(gw, c, &name, &trigger).await,
         Route::EnableFunctionInvocation { name } => invocation::enable(gw, c, &name).await,
         Route::DisableFunctionInvocation { name } => invocation::disable(gw, c, &name, body).await,
+        Route::CreateCustomDomain => domains::create(gw, c, body).await,
+        Route::ListCustomDomains => domains::list(gw, c, &parts),
+        Route::GetCustomDomain { domain } => domains::get(gw, c, &domain),
+        Route::UpdateCustomDomain { domain } => domains::update(gw, c, &domain, body).await,
+        Route::DeleteCustomDomain { domain } => domains::delete(gw, c, &domain).await,
     }
 }
 
@@ -1100,6 +1156,33 @@ mod tests {
                 POST,
                 "/2023-03-30/functions/f/invoke/disable",
                 Route::DisableFunctionInvocation { name: f() },
+            ),
+            (
+                POST,
+                "/2023-03-30/custom-domains",
+                Route::CreateCustomDomain,
+            ),
+            (GET, "/2023-03-30/custom-domains", Route::ListCustomDomains),
+            (
+                GET,
+                "/2023-03-30/custom-domains/shop.example.com",
+                Route::GetCustomDomain {
+                    domain: "shop.example.com".into(),
+                },
+            ),
+            (
+                PUT,
+                "/2023-03-30/custom-domains/shop.example.com",
+                Route::UpdateCustomDomain {
+                    domain: "shop.example.com".into(),
+                },
+            ),
+            (
+                DELETE,
+                "/2023-03-30/custom-domains/shop.example.com",
+                Route::DeleteCustomDomain {
+                    domain: "shop.example.com".into(),
+                },
             ),
         ];
         for (method, path, want) in &cases {

@@ -29,6 +29,10 @@ pub fn resource(region: &str, account: &AccountId, route: &Route) -> String {
         Some((l, None)) => fc(&format!("layers/{l}")),
         None => fc("layers/*"),
     };
+    let domain = || match route.custom_domain() {
+        Some(d) => fc(&format!("custom-domains/{d}")),
+        None => fc("custom-domains/*"),
+    };
     let role = || match route.role() {
         Some(r) => format!("acs:ram::{account}:role/{}", r.to_ascii_lowercase()),
         None => format!("acs:ram::{account}:role/*"),
@@ -80,6 +84,11 @@ pub fn resource(region: &str, account: &AccountId, route: &Route) -> String {
         | Operation::ListTriggers
         | Operation::EnableFunctionInvocation
         | Operation::DisableFunctionInvocation => function(),
+        Operation::CreateCustomDomain
+        | Operation::GetCustomDomain
+        | Operation::UpdateCustomDomain
+        | Operation::DeleteCustomDomain
+        | Operation::ListCustomDomains => domain(),
         Operation::CreateLayerVersion
         | Operation::GetLayerVersion
         | Operation::GetLayerVersionByArn

@@ -6,6 +6,7 @@
 //! |---|---|---|
 //! | `access_keys.secret_sealed` | the key's secret | access key id, account |
 //! | `functions.env_sealed` | the function's environment (JSON object) | account, name, function id |
+//! | `custom_domains.key_sealed` | the domain certificate's private key (PEM) | domain name, account |
 //!
 //! `access_keys.secret` is kept empty and `functions.doc` carries an empty
 //! `environment` once a row is sealed. The async queue (queue.db) holds no
@@ -37,6 +38,11 @@ pub fn version_environment(account_id: &str, name: &str, function_id: &str, vers
         "function_versions.environment",
         &[account_id, name, function_id, version.to_string().as_str()],
     )
+}
+
+/// The identity a custom domain's private key is sealed to.
+pub fn custom_domain_key(domain_name: &str, account_id: &str) -> Aad {
+    Aad::new("custom_domains.private_key", &[domain_name, account_id])
 }
 
 /// Why the sealing pass failed.
@@ -154,6 +160,32 @@ pub fn seal_all(conn: &mut Connection, sealer: &Sealer) -> Result<usize, SealPas
                 "UPDATE function_versions SET env_sealed = ?4
                  WHERE account_id = ?1 AND name = ?2 AND version = ?3",
                 params![account, name, version, seal_environment(sealer, &aad, &env)],
+            )?;
+            changed += 1;
+        }
+    }
+    {
+        // Custom domains' keys are always sealed; a previous key's are
+        // resealed.
+        let mut st =
+            tx.prepare("SELECT domain_name, account_id, key_sealed FROM custom_domains")?;
+        let rows: Vec<(String, String, String)> = st
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<Result<_, _>>()?;
+        for (name, account, sealed) in rows {
+            if sealer.is_current(&sealed) {
+                continue;
+            }
+            let aad = custom_domain_key(&name, &account);
+            let key = sealer
+                .open(&aad, &sealed)
+                .map_err(|source| SealPassError::Open {
+                    what: format!("private key of custom domain {name}"),
+                    source,
+                })?;
+            tx.execute(
+                "UPDATE custom_domains SET key_sealed = ?2 WHERE domain_name = ?1",
+                params![name, sealer.seal(&aad, &key)],
             )?;
             changed += 1;
         }

@@ -1,6 +1,7 @@
 pub mod bench;
 pub mod configs;
 pub mod dev;
+pub mod domains;
 pub mod functions;
 pub mod keys;
 pub mod nodes;
