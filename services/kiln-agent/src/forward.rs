@@ -34,7 +34,7 @@ use tokio::time::Sleep;
 
 use crate::instances::{Instance, InstanceManager};
 
-const X_FC_REQUEST_ID: HeaderName = HeaderName::from_static("x-fc-request-id");
+pub(crate) const X_FC_REQUEST_ID: HeaderName = HeaderName::from_static("x-fc-request-id");
 const X_FC_STATUS: HeaderName = HeaderName::from_static("x-fc-status");
 const X_FC_REGION: HeaderName = HeaderName::from_static("x-fc-region");
 
@@ -50,7 +50,7 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TRANSFER_ENCODING,
 ];
 
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Headers named in `Connection` are hop-by-hop too.
     if let Some(conn) = headers.get(header::CONNECTION).cloned() {
         if let Ok(list) = conn.to_str() {
@@ -179,8 +179,8 @@ pub(crate) struct Upstream {
     host: HeaderValue,
     fc_headers: Vec<(HeaderName, HeaderValue)>,
     region: Option<HeaderValue>,
-    timeout: Duration,
-    timeout_s: u32,
+    pub(crate) timeout: Duration,
+    pub(crate) timeout_s: u32,
 }
 
 impl Upstream {
@@ -237,7 +237,7 @@ impl Upstream {
 
     /// The runtime's request: the caller's headers minus hop-by-hop ones,
     /// plus FC's, and the caller's body as is.
-    fn prepare(&self, req: Request<Incoming>) -> Request<Incoming> {
+    pub(crate) fn prepare(&self, req: Request<Incoming>) -> Request<Incoming> {
         let (mut parts, body) = req.into_parts();
         let headers = &mut parts.headers;
         strip_hop_by_hop(headers);
@@ -292,7 +292,7 @@ fn http_call(headers: &mut HeaderMap) -> Option<(Method, Uri)> {
 
 /// Is the runtime's answer a function error? FC's contract: a non-2xx
 /// status, or `x-fc-status` other than 2xx (a missing one is success).
-fn classify(status: StatusCode, headers: &HeaderMap) -> InvokeOutcome {
+pub(crate) fn classify(status: StatusCode, headers: &HeaderMap) -> InvokeOutcome {
     if !status.is_success() {
         return InvokeOutcome::FunctionError;
     }
@@ -308,7 +308,7 @@ fn classify(status: StatusCode, headers: &HeaderMap) -> InvokeOutcome {
 /// The function did not answer (`outcome` is `InstanceFailed` or
 /// `Timeout`): the outcome and an [`InvokeFailure`] saying why, which the
 /// gateway renders in FC's shape.
-fn unanswered(
+pub(crate) fn unanswered(
     outcome: InvokeOutcome,
     status: StatusCode,
     request_id: &HeaderValue,
@@ -327,7 +327,7 @@ fn unanswered(
 
 /// The instance cannot take the call (gone, failed, not resumable): the
 /// function never saw it.
-fn instance_failed(err: &FcError, request_id: &HeaderValue) -> Response<Body> {
+pub(crate) fn instance_failed(err: &FcError, request_id: &HeaderValue) -> Response<Body> {
     let status = StatusCode::from_u16(err.code.http_status()).unwrap_or(StatusCode::BAD_GATEWAY);
     unanswered(
         InvokeOutcome::InstanceFailed,
@@ -340,7 +340,7 @@ fn instance_failed(err: &FcError, request_id: &HeaderValue) -> Response<Body> {
 /// Counts the call as in flight until the response body is done, and
 /// reports a runtime failure discovered while streaming. Frames the call
 /// in the instance's log (FC's Start/End lines, with the failure's cause).
-struct InFlight {
+pub(crate) struct InFlight {
     manager: Arc<InstanceManager>,
     instance: Arc<Instance>,
     request_id: Arc<str>,
@@ -350,7 +350,7 @@ struct InFlight {
 }
 
 impl InFlight {
-    fn enter(
+    pub(crate) fn enter(
         manager: &Arc<InstanceManager>,
         instance: Arc<Instance>,
         request_id: &HeaderValue,
@@ -372,7 +372,7 @@ impl InFlight {
 
     /// The call's End line (once), with `error` as its cause; the call's
     /// log tail when Tail was asked for.
-    fn end(&mut self, error: Option<String>) -> Option<Vec<u8>> {
+    pub(crate) fn end(&mut self, error: Option<String>) -> Option<Vec<u8>> {
         if self.ended {
             return None;
         }

@@ -13,9 +13,13 @@
 //!   Host ─> trigger? ──no──> 404 TriggerNotFound
 //!     │  internet URL disabled? ──> 403 AccessDenied
 //!     │  method in `methods`? ──no──> 405 MethodNotAllowed
+//!     │  an upgrade other than an HTTP/1.1 GET WebSocket handshake? ──> 400
 //!     │  authType function: ACS3 signature of the function's account,
 //!     │      checked as an API call's (head, then body hash) ──bad──> 403
 //!     └─> invoke(InvokeRequest { http: method + path, .. }) ─> render_http
+//!         (a WebSocket handshake: invoke::websocket, whose 101 joins the
+//!          caller's connection to the function's until either closes or
+//!          the function's timeout ends it)
 //! ```
 //!
 //! Bodies stream both ways, within FC's 32 MB for a request: an anonymous
@@ -204,7 +208,7 @@ async fn drain_small(body: Incoming) {
 
 async fn handle(
     gw: &Arc<Gateway>,
-    parts: http::request::Parts,
+    mut parts: http::request::Parts,
     body: &mut Option<Incoming>,
     host: &TriggerHost,
     request_id: &RequestId,
@@ -254,6 +258,7 @@ async fn handle(
         ))
         .into());
     }
+    let upgrade = invoke::websocket::requested(&mut parts)?;
     let name = &trigger.function_name;
     // A VPC-only function takes no calls from the internet listener.
     if let Some(entry) = gw.catalog.function(&trigger.account_id, name) {
@@ -312,7 +317,11 @@ async fn handle(
         }),
         stream,
     };
-    Ok(invoke::render_http(invoke::invoke(gw, call).await)?)
+    let result = match upgrade {
+        Some(client) => invoke::websocket::websocket(gw, call, client).await,
+        None => invoke::invoke(gw, call).await,
+    };
+    Ok(invoke::render_http(result)?)
 }
 
 /// Bodies from this size on (or of unknown size) are streamed to the
