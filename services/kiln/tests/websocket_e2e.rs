@@ -27,8 +27,9 @@ use common::Dev;
 
 /// A web function answering WebSocket handshakes itself (Python's stdlib
 /// has no WebSocket server: the accept key is sha1+base64 of the key):
-/// `/ws` echoes every frame, `/ws-bye` closes when told "bye", and any
-/// other GET answers with the process id.
+/// `/ws` echoes every frame, `/ws-bye` closes when told "bye",
+/// `/ws-refuse` answers 403 without upgrading, and any other GET answers
+/// with the process id.
 const SERVER: &str = r#"
 import base64, hashlib, json, os, struct
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -62,6 +63,12 @@ class H(BaseHTTPRequestHandler):
     def log_message(self, *a):
         pass
     def do_GET(self):
+        if self.path.startswith("/ws-refuse"):
+            self.send_response(403)
+            self.send_header("Content-Length", "11")
+            self.end_headers()
+            self.wfile.write(b"not for you")
+            return
         if self.headers.get("Upgrade", "").lower() != "websocket":
             data = json.dumps({"pid": os.getpid(), "path": self.path}).encode()
             self.send_response(200)
@@ -318,6 +325,14 @@ async fn websockets_pass_through_an_http_trigger() {
         lasted < Duration::from_secs(TIMEOUT_S + 8),
         "still open {lasted:?} after the handshake"
     );
+
+    // A function that answers the handshake without upgrading: its own
+    // answer comes back, and no WebSocket is opened.
+    let (status, body) = match connect(&ca, &format!("{url}/ws-refuse"), &[]).await {
+        Err(refused) => refused,
+        Ok(_) => panic!("the function refused, yet a WebSocket opened"),
+    };
+    assert_eq!((status, body.as_str()), (403, "not for you"));
 
     // Other upgrades are refused with FC's error.
     let out = Command::new("curl")

@@ -191,19 +191,29 @@ async fn run(
             // The function keeps its instance whatever ends the connection.
             guard.set_outcome(LeaseOutcome::Ok);
             let request_id = req.request_id.clone();
+            let metrics = gw.metrics.clone();
+            metrics.websockets_open.inc();
             tokio::spawn(async move {
                 let _held = guard;
-                match tokio::time::timeout(deadline, pipe(client.0, agent)).await {
+                let how = match tokio::time::timeout(deadline, pipe(client.0, agent)).await {
                     Ok(Ok((up, down))) => {
-                        tracing::debug!(%request_id, bytes_to_function = up, bytes_from_function = down, "WebSocket closed")
+                        tracing::debug!(%request_id, bytes_to_function = up, bytes_from_function = down, "WebSocket closed");
+                        "closed"
                     }
                     Ok(Err(e)) => {
-                        tracing::debug!(%request_id, error = %e, "WebSocket ended with an error")
+                        tracing::debug!(%request_id, error = %e, "WebSocket ended with an error");
+                        "error"
                     }
                     Err(_) => {
-                        tracing::debug!(%request_id, timeout_s, "WebSocket cut at the function's timeout")
+                        tracing::debug!(%request_id, timeout_s, "WebSocket cut at the function's timeout");
+                        "timeout"
                     }
-                }
+                };
+                metrics.websockets_open.dec();
+                metrics
+                    .websockets_ended
+                    .get_or_create(&crate::metrics::WebSocketEndLabels { how })
+                    .inc();
             });
             Ok(InvokeResult::Success(FunctionAnswer {
                 status: head.status,
