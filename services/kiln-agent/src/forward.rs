@@ -327,7 +327,7 @@ pub(crate) fn unanswered(
 
 /// The instance cannot take the call (gone, failed, not resumable): the
 /// function never saw it.
-pub(crate) fn instance_failed(err: &FcError, request_id: &HeaderValue) -> Response<Body> {
+fn instance_failed(err: &FcError, request_id: &HeaderValue) -> Response<Body> {
     let status = StatusCode::from_u16(err.code.http_status()).unwrap_or(StatusCode::BAD_GATEWAY);
     unanswered(
         InvokeOutcome::InstanceFailed,
@@ -492,7 +492,62 @@ impl HttpBody for InvokeBody {
     }
 }
 
+/// A call that has started on its instance (see
+/// [`InstanceManager::begin_call`]).
+pub(crate) struct Started {
+    pub(crate) instance: Arc<Instance>,
+    /// The call in flight, until dropped.
+    pub(crate) guard: InFlight,
+    /// When the call started: its deadline counts from here.
+    pub(crate) started: Instant,
+}
+
 impl InstanceManager {
+    /// Start a call on `target` (the instance, or the id that was not
+    /// found): the instance, running and thawed, with the call counted in
+    /// flight and framed in its log; or the answer for a call that cannot
+    /// start (the function never saw it).
+    pub(crate) async fn begin_call(
+        self: &Arc<Self>,
+        target: Result<Arc<Instance>, String>,
+        request_id: &HeaderValue,
+        want_tail: bool,
+    ) -> Result<Started, Response<Body>> {
+        let instance = match target {
+            Ok(instance) => instance,
+            Err(id) => {
+                self.metrics.invocation(InvokeOutcome::InstanceFailed);
+                let err =
+                    FcError::unavailable(format!("instance {id} does not exist on this node"));
+                return Err(instance_failed(&err, request_id));
+            }
+        };
+        if !instance.state().can_invoke() {
+            self.metrics.invocation(InvokeOutcome::InstanceFailed);
+            let err = FcError::unavailable(format!(
+                "instance {} has failed and is going away",
+                instance.id
+            ));
+            return Err(instance_failed(&err, request_id));
+        }
+        let started = Instant::now();
+        let mut guard = InFlight::enter(self, instance.clone(), request_id, want_tail);
+        if let Err(e) = self.freezer.before_call(&instance.id).await {
+            tracing::warn!(instance_id = %instance.id, error = %e, "cannot thaw instance");
+            self.metrics.invocation(InvokeOutcome::InstanceFailed);
+            self.fail(&instance, "instance could not be thawed");
+            let err =
+                FcError::unavailable(format!("instance {} could not be resumed", instance.id));
+            guard.end(Some(err.message.clone()));
+            return Err(instance_failed(&err, request_id));
+        }
+        Ok(Started {
+            instance,
+            guard,
+            started,
+        })
+    }
+
     /// Forward one invocation to `target` (the instance, or the id that
     /// was not found).
     pub(crate) async fn invoke(
@@ -505,37 +560,17 @@ impl InstanceManager {
             .get(&X_FC_REQUEST_ID)
             .cloned()
             .unwrap_or_else(|| HeaderValue::from_static(""));
-        let instance = match target {
-            Ok(instance) => instance,
-            Err(id) => {
-                self.metrics.invocation(InvokeOutcome::InstanceFailed);
-                let err =
-                    FcError::unavailable(format!("instance {id} does not exist on this node"));
-                return instance_failed(&err, &request_id);
-            }
+        let want_tail = wants_tail(req.headers());
+        let Started {
+            instance,
+            mut guard,
+            started,
+        } = match self.begin_call(target, &request_id, want_tail).await {
+            Ok(call) => call,
+            Err(refused) => return refused,
         };
-        if !instance.state().can_invoke() {
-            self.metrics.invocation(InvokeOutcome::InstanceFailed);
-            let err = FcError::unavailable(format!(
-                "instance {} has failed and is going away",
-                instance.id
-            ));
-            return instance_failed(&err, &request_id);
-        }
-        let started = Instant::now();
         let upstream = &instance.upstream;
         let deadline = tokio::time::Instant::from_std(started + upstream.timeout);
-        let want_tail = wants_tail(req.headers());
-        let mut guard = InFlight::enter(self, instance.clone(), &request_id, want_tail);
-        if let Err(e) = self.freezer.before_call(&instance.id).await {
-            tracing::warn!(instance_id = %instance.id, error = %e, "cannot thaw instance");
-            self.metrics.invocation(InvokeOutcome::InstanceFailed);
-            self.fail(&instance, "instance could not be thawed");
-            let err =
-                FcError::unavailable(format!("instance {} could not be resumed", instance.id));
-            guard.end(Some(err.message.clone()));
-            return instance_failed(&err, &request_id);
-        }
         let mut outgoing = upstream.prepare(req);
         instance.credentials.apply(outgoing.headers_mut());
         let answer = tokio::time::timeout_at(deadline, upstream.conns.send(outgoing)).await;

@@ -15,12 +15,11 @@
 //!
 //! The connection to the runtime is a new one (an upgraded connection is
 //! never reused). While the WebSocket is open it is one call in flight on
-//! the instance ([`InFlight`]): the instance is not frozen or counted idle
-//! under it, and its log frames it as one call (Start at the handshake,
-//! End when the connection closes).
+//! the instance (`forward::InFlight`): the instance is not frozen or
+//! counted idle under it, and its log frames it as one call (Start at the
+//! handshake, End when the connection closes).
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
@@ -34,9 +33,7 @@ use kiln_internal_api::invoke::OUTCOME_HEADER;
 use kiln_internal_api::server::{error, full, Body};
 use kiln_internal_api::InvokeOutcome;
 
-use crate::forward::{
-    classify, instance_failed, strip_hop_by_hop, unanswered, InFlight, X_FC_REQUEST_ID,
-};
+use crate::forward::{classify, strip_hop_by_hop, unanswered, Started, X_FC_REQUEST_ID};
 use crate::instances::{Instance, InstanceManager};
 
 /// The most of a refused handshake's answer (the function answered
@@ -84,36 +81,16 @@ impl InstanceManager {
                 request_id.to_str().unwrap_or(""),
             );
         }
-        let instance = match target {
-            Ok(instance) => instance,
-            Err(id) => {
-                self.metrics.invocation(InvokeOutcome::InstanceFailed);
-                let err =
-                    FcError::unavailable(format!("instance {id} does not exist on this node"));
-                return instance_failed(&err, &request_id);
-            }
+        let Started {
+            instance,
+            mut guard,
+            started,
+        } = match self.begin_call(target, &request_id, false).await {
+            Ok(call) => call,
+            Err(refused) => return refused,
         };
-        if !instance.state().can_invoke() {
-            self.metrics.invocation(InvokeOutcome::InstanceFailed);
-            let err = FcError::unavailable(format!(
-                "instance {} has failed and is going away",
-                instance.id
-            ));
-            return instance_failed(&err, &request_id);
-        }
-        let started = Instant::now();
         let upstream = &instance.upstream;
         let deadline = tokio::time::Instant::from_std(started + upstream.timeout);
-        let mut guard = InFlight::enter(self, instance.clone(), &request_id, false);
-        if let Err(e) = self.freezer.before_call(&instance.id).await {
-            tracing::warn!(instance_id = %instance.id, error = %e, "cannot thaw instance");
-            self.metrics.invocation(InvokeOutcome::InstanceFailed);
-            self.fail(&instance, "instance could not be thawed");
-            let err =
-                FcError::unavailable(format!("instance {} could not be resumed", instance.id));
-            guard.end(Some(err.message.clone()));
-            return instance_failed(&err, &request_id);
-        }
         // The gateway's side of the connection, once the 101 is written.
         let gateway_side = hyper::upgrade::on(&mut req);
         let upgrade = req
