@@ -209,6 +209,50 @@ impl InvokeClient {
         }
     }
 
+    /// Send `req`, an HTTP/1.1 upgrade request (an HTTP trigger's
+    /// WebSocket handshake), on a connection of its own, and return the
+    /// answer's head. On a `101` the connection is handed over through
+    /// [`hyper::upgrade::on`] on the answer; it is never pooled (once
+    /// upgraded it carries that one stream until either side closes).
+    ///
+    /// This hop stays HTTP/1.1 on purpose: an HTTP/1.1 upgrade gives the
+    /// stream a TCP+TLS connection of its own, with the agent's
+    /// certificate checked and revocation watched as on every invocation
+    /// connection; HTTP/2's extended CONNECT (RFC 8441) would multiplex it
+    /// onto the control connection, where one busy WebSocket shares flow
+    /// control with everything else. No timeout is applied beyond the
+    /// connect timeout: the caller bounds the exchange.
+    pub async fn send_upgrade(
+        &self,
+        req: Request<Payload>,
+    ) -> Result<Response<hyper::body::Incoming>, InternalClientError> {
+        let (mut parts, body) = req.into_parts();
+        let url = Target::of(&parts.uri).ok_or_else(|| InternalClientError::Transport {
+            url: parts.uri.to_string(),
+            message: "not an https:// URL with a host".into(),
+        })?;
+        parts.uri = Uri::from(url.path.clone());
+        if !parts.headers.contains_key(header::HOST) {
+            if let Ok(host) = HeaderValue::from_str(url.authority.as_str()) {
+                parts.headers.insert(header::HOST, host);
+            }
+        }
+        let io = self.connect(&url).await?;
+        let (mut send, conn) = hyper::client::conn::http1::handshake(io)
+            .await
+            .map_err(|e| url.error(&e))?;
+        // The connection runs until it is upgraded (then its I/O goes to
+        // the answer's `OnUpgrade`) or closed.
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upgrade connection to the agent ended with an error");
+            }
+        });
+        send.send_request(Request::from_parts(parts, body))
+            .await
+            .map_err(|e| url.error(&e))
+    }
+
     /// The idle stack of the agent at `authority`; sweeps every stack of
     /// expired connections now and then.
     fn stack(&self, authority: &Authority) -> Arc<Stack> {
@@ -230,6 +274,13 @@ impl InvokeClient {
     }
 
     async fn dial(&self, url: &Target) -> Result<Conn, InternalClientError> {
+        let io = self.connect(url).await?;
+        InlineConn::handshake(io).await.map_err(|e| url.error(&e))
+    }
+
+    /// A TLS connection to `url`'s agent, closed if its certificate is
+    /// revoked.
+    async fn connect(&self, url: &Target) -> Result<Io, InternalClientError> {
         let host = url.authority.host();
         let host = host
             .strip_prefix('[')
@@ -256,9 +307,8 @@ impl InvokeClient {
             .peer_certificates()
             .and_then(|c| c.first())
             .cloned();
-        let io = RevokingStream::watching(TokioIo::new(tls), self.revoked.clone(), cert.as_ref())
-            .map_err(|e| url.error_msg(e))?;
-        InlineConn::handshake(io).await.map_err(|e| url.error(&e))
+        RevokingStream::watching(TokioIo::new(tls), self.revoked.clone(), cert.as_ref())
+            .map_err(|e| url.error_msg(e))
     }
 }
 

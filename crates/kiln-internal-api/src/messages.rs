@@ -58,6 +58,12 @@ pub mod paths {
     pub fn agent_invoke(id: &InstanceId) -> String {
         format!("/v1/instances/{id}/invoke")
     }
+    /// GET with `Upgrade: websocket`: an HTTP trigger's WebSocket handshake
+    /// passed to the instance's runtime; on its `101` the connection
+    /// carries the WebSocket's bytes both ways (HTTP/1.1 only).
+    pub fn agent_websocket(id: &InstanceId) -> String {
+        format!("/v1/instances/{id}/websocket")
+    }
     /// GET a function's `LogRecords` kept on the node (query: accountId,
     /// functionName, requestId, since, limit).
     pub const AGENT_LOGS: &str = "/v1/logs";

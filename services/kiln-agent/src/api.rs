@@ -7,6 +7,7 @@
 //! | GET    | /v1/instances                | scheduler, operator | list              |
 //! | DELETE | /v1/instances/{id}           | scheduler | destroy (idempotent)        |
 //! | POST   | /v1/instances/{id}/invoke    | gateway   | forward an invocation       |
+//! | GET    | /v1/instances/{id}/websocket | gateway   | a WebSocket (websocket.rs)  |
 //! | GET    | /v1/health                   | any       | liveness                    |
 //! | GET    | /v1/logs                     | gateway   | a function's logs (logs.rs) |
 //! | POST   | /v1/instances/{id}/exec      | gateway   | run a command (exec.rs)     |
@@ -54,6 +55,10 @@ enum Api {
     Invoke {
         id: String,
     },
+    /// An HTTP trigger's WebSocket handshake (an HTTP/1.1 upgrade).
+    WebSocket {
+        id: String,
+    },
     Exec {
         id: String,
     },
@@ -72,6 +77,7 @@ const ROUTES: &[Route<Api>] = &[
     route(Method::DELETE, "/v1/instances/{id}", SCHEDULER, |p| Ok(Api::DestroyInstance { id: p.parse("id")? })),
     route(Method::POST, "/v1/instances/{id}/invoke", GATEWAY, |p| Ok(Api::Invoke { id: p.string("id")? })),
     route(Method::POST, "/v1/instances/{id}/exec", GATEWAY, |p| Ok(Api::Exec { id: p.string("id")? })),
+    route(Method::GET, "/v1/instances/{id}/websocket", GATEWAY, |p| Ok(Api::WebSocket { id: p.string("id")? })),
 ];
 
 static ROUTER: LazyLock<Router<Api>> = LazyLock::new(|| {
@@ -167,6 +173,10 @@ async fn control(
             Err(e) => error(&e, &rid),
         },
         Ok(Api::Invoke { id }) => invoke(&manager, id, req).await,
+        Ok(Api::WebSocket { id }) => {
+            let target = manager.get(&id).ok_or(id);
+            manager.websocket(target, req).await
+        }
         Ok(Api::Exec { id }) => {
             let target = manager.get(&id).ok_or(id);
             crate::exec::serve(manager.clone(), target, req, &rid).await
@@ -235,12 +245,17 @@ mod tests {
                 "/v1/instances/i-1/exec",
                 Api::Exec { id: "i-1".into() },
             ),
+            (
+                Method::GET,
+                "/v1/instances/i-1/websocket",
+                Api::WebSocket { id: "i-1".into() },
+            ),
         ];
         for (method, path, want) in cases {
             assert_eq!(at(method.clone(), path).unwrap(), want, "{method} {path}");
         }
         assert_eq!(ROUTER.rows().count(), ROUTES.len());
-        assert_eq!(ROUTES.len(), 7);
+        assert_eq!(ROUTES.len(), 8);
     }
 
     #[test]
@@ -289,6 +304,7 @@ mod tests {
             "DELETE /v1/instances/{id}: scheduler",
             "POST /v1/instances/{id}/invoke: gateway",
             "POST /v1/instances/{id}/exec: gateway",
+            "GET /v1/instances/{id}/websocket: gateway",
         ];
         want.sort();
         assert_eq!(have, want);
@@ -300,6 +316,7 @@ mod tests {
         for (m, p) in [
             (Method::POST, "/v1/instances/i-1/exec"),
             (Method::POST, "/v1/instances/i-1/invoke"),
+            (Method::GET, "/v1/instances/i-1/websocket"),
             (Method::POST, "/v1/instances"),
             (Method::DELETE, "/v1/instances/i-1"),
             (Method::GET, "/v1/instances"),

@@ -34,7 +34,7 @@ use tokio::time::Sleep;
 
 use crate::instances::{Instance, InstanceManager};
 
-const X_FC_REQUEST_ID: HeaderName = HeaderName::from_static("x-fc-request-id");
+pub(crate) const X_FC_REQUEST_ID: HeaderName = HeaderName::from_static("x-fc-request-id");
 const X_FC_STATUS: HeaderName = HeaderName::from_static("x-fc-status");
 const X_FC_REGION: HeaderName = HeaderName::from_static("x-fc-region");
 
@@ -50,7 +50,7 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TRANSFER_ENCODING,
 ];
 
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Headers named in `Connection` are hop-by-hop too.
     if let Some(conn) = headers.get(header::CONNECTION).cloned() {
         if let Ok(list) = conn.to_str() {
@@ -179,8 +179,8 @@ pub(crate) struct Upstream {
     host: HeaderValue,
     fc_headers: Vec<(HeaderName, HeaderValue)>,
     region: Option<HeaderValue>,
-    timeout: Duration,
-    timeout_s: u32,
+    pub(crate) timeout: Duration,
+    pub(crate) timeout_s: u32,
 }
 
 impl Upstream {
@@ -237,7 +237,7 @@ impl Upstream {
 
     /// The runtime's request: the caller's headers minus hop-by-hop ones,
     /// plus FC's, and the caller's body as is.
-    fn prepare(&self, req: Request<Incoming>) -> Request<Incoming> {
+    pub(crate) fn prepare(&self, req: Request<Incoming>) -> Request<Incoming> {
         let (mut parts, body) = req.into_parts();
         let headers = &mut parts.headers;
         strip_hop_by_hop(headers);
@@ -292,7 +292,7 @@ fn http_call(headers: &mut HeaderMap) -> Option<(Method, Uri)> {
 
 /// Is the runtime's answer a function error? FC's contract: a non-2xx
 /// status, or `x-fc-status` other than 2xx (a missing one is success).
-fn classify(status: StatusCode, headers: &HeaderMap) -> InvokeOutcome {
+pub(crate) fn classify(status: StatusCode, headers: &HeaderMap) -> InvokeOutcome {
     if !status.is_success() {
         return InvokeOutcome::FunctionError;
     }
@@ -308,7 +308,7 @@ fn classify(status: StatusCode, headers: &HeaderMap) -> InvokeOutcome {
 /// The function did not answer (`outcome` is `InstanceFailed` or
 /// `Timeout`): the outcome and an [`InvokeFailure`] saying why, which the
 /// gateway renders in FC's shape.
-fn unanswered(
+pub(crate) fn unanswered(
     outcome: InvokeOutcome,
     status: StatusCode,
     request_id: &HeaderValue,
@@ -340,7 +340,7 @@ fn instance_failed(err: &FcError, request_id: &HeaderValue) -> Response<Body> {
 /// Counts the call as in flight until the response body is done, and
 /// reports a runtime failure discovered while streaming. Frames the call
 /// in the instance's log (FC's Start/End lines, with the failure's cause).
-struct InFlight {
+pub(crate) struct InFlight {
     manager: Arc<InstanceManager>,
     instance: Arc<Instance>,
     request_id: Arc<str>,
@@ -350,7 +350,7 @@ struct InFlight {
 }
 
 impl InFlight {
-    fn enter(
+    pub(crate) fn enter(
         manager: &Arc<InstanceManager>,
         instance: Arc<Instance>,
         request_id: &HeaderValue,
@@ -372,7 +372,7 @@ impl InFlight {
 
     /// The call's End line (once), with `error` as its cause; the call's
     /// log tail when Tail was asked for.
-    fn end(&mut self, error: Option<String>) -> Option<Vec<u8>> {
+    pub(crate) fn end(&mut self, error: Option<String>) -> Option<Vec<u8>> {
         if self.ended {
             return None;
         }
@@ -492,7 +492,62 @@ impl HttpBody for InvokeBody {
     }
 }
 
+/// A call that has started on its instance (see
+/// [`InstanceManager::begin_call`]).
+pub(crate) struct Started {
+    pub(crate) instance: Arc<Instance>,
+    /// The call in flight, until dropped.
+    pub(crate) guard: InFlight,
+    /// When the call started: its deadline counts from here.
+    pub(crate) started: Instant,
+}
+
 impl InstanceManager {
+    /// Start a call on `target` (the instance, or the id that was not
+    /// found): the instance, running and thawed, with the call counted in
+    /// flight and framed in its log; or the answer for a call that cannot
+    /// start (the function never saw it).
+    pub(crate) async fn begin_call(
+        self: &Arc<Self>,
+        target: Result<Arc<Instance>, String>,
+        request_id: &HeaderValue,
+        want_tail: bool,
+    ) -> Result<Started, Response<Body>> {
+        let instance = match target {
+            Ok(instance) => instance,
+            Err(id) => {
+                self.metrics.invocation(InvokeOutcome::InstanceFailed);
+                let err =
+                    FcError::unavailable(format!("instance {id} does not exist on this node"));
+                return Err(instance_failed(&err, request_id));
+            }
+        };
+        if !instance.state().can_invoke() {
+            self.metrics.invocation(InvokeOutcome::InstanceFailed);
+            let err = FcError::unavailable(format!(
+                "instance {} has failed and is going away",
+                instance.id
+            ));
+            return Err(instance_failed(&err, request_id));
+        }
+        let started = Instant::now();
+        let mut guard = InFlight::enter(self, instance.clone(), request_id, want_tail);
+        if let Err(e) = self.freezer.before_call(&instance.id).await {
+            tracing::warn!(instance_id = %instance.id, error = %e, "cannot thaw instance");
+            self.metrics.invocation(InvokeOutcome::InstanceFailed);
+            self.fail(&instance, "instance could not be thawed");
+            let err =
+                FcError::unavailable(format!("instance {} could not be resumed", instance.id));
+            guard.end(Some(err.message.clone()));
+            return Err(instance_failed(&err, request_id));
+        }
+        Ok(Started {
+            instance,
+            guard,
+            started,
+        })
+    }
+
     /// Forward one invocation to `target` (the instance, or the id that
     /// was not found).
     pub(crate) async fn invoke(
@@ -505,37 +560,17 @@ impl InstanceManager {
             .get(&X_FC_REQUEST_ID)
             .cloned()
             .unwrap_or_else(|| HeaderValue::from_static(""));
-        let instance = match target {
-            Ok(instance) => instance,
-            Err(id) => {
-                self.metrics.invocation(InvokeOutcome::InstanceFailed);
-                let err =
-                    FcError::unavailable(format!("instance {id} does not exist on this node"));
-                return instance_failed(&err, &request_id);
-            }
+        let want_tail = wants_tail(req.headers());
+        let Started {
+            instance,
+            mut guard,
+            started,
+        } = match self.begin_call(target, &request_id, want_tail).await {
+            Ok(call) => call,
+            Err(refused) => return refused,
         };
-        if !instance.state().can_invoke() {
-            self.metrics.invocation(InvokeOutcome::InstanceFailed);
-            let err = FcError::unavailable(format!(
-                "instance {} has failed and is going away",
-                instance.id
-            ));
-            return instance_failed(&err, &request_id);
-        }
-        let started = Instant::now();
         let upstream = &instance.upstream;
         let deadline = tokio::time::Instant::from_std(started + upstream.timeout);
-        let want_tail = wants_tail(req.headers());
-        let mut guard = InFlight::enter(self, instance.clone(), &request_id, want_tail);
-        if let Err(e) = self.freezer.before_call(&instance.id).await {
-            tracing::warn!(instance_id = %instance.id, error = %e, "cannot thaw instance");
-            self.metrics.invocation(InvokeOutcome::InstanceFailed);
-            self.fail(&instance, "instance could not be thawed");
-            let err =
-                FcError::unavailable(format!("instance {} could not be resumed", instance.id));
-            guard.end(Some(err.message.clone()));
-            return instance_failed(&err, &request_id);
-        }
         let mut outgoing = upstream.prepare(req);
         instance.credentials.apply(outgoing.headers_mut());
         let answer = tokio::time::timeout_at(deadline, upstream.conns.send(outgoing)).await;

@@ -26,6 +26,7 @@ pub mod namespace;
 pub mod registration;
 pub mod testing;
 pub mod usage;
+pub mod websocket;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -378,6 +378,172 @@ async fn the_agent_api_over_mtls() {
 /// real credentials (a scheduler that is wrong, or someone holding its
 /// key): FC's AccessDenied, nothing created. The owner's placement passes
 /// the check.
+/// A runtime that takes HTTP/1.1 upgrades and echoes the upgraded
+/// connection's bytes (the agent copies bytes; it does not read frames).
+fn serve_upgrading_runtime(listener: TcpListener) {
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    |mut req: Request<hyper::body::Incoming>| async move {
+                        let path = req.uri().to_string();
+                        if req.headers().get(http::header::UPGRADE).is_none() {
+                            return Ok::<_, std::convert::Infallible>(
+                                http::Response::builder()
+                                    .status(400)
+                                    .body(full("no upgrade"))
+                                    .unwrap(),
+                            );
+                        }
+                        let on = hyper::upgrade::on(&mut req);
+                        tokio::spawn(async move {
+                            if let Ok(up) = on.await {
+                                let (mut r, mut w) =
+                                    tokio::io::split(hyper_util::rt::TokioIo::new(up));
+                                let _ = tokio::io::copy(&mut r, &mut w).await;
+                            }
+                        });
+                        Ok(http::Response::builder()
+                            .status(StatusCode::SWITCHING_PROTOCOLS)
+                            .header("connection", "Upgrade")
+                            .header("upgrade", "websocket")
+                            .header("x-seen", path)
+                            .body(kiln_internal_api::server::empty())
+                            .unwrap())
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+}
+
+fn websocket_request(
+    base: &str,
+    id: &InstanceId,
+) -> Request<kiln_internal_api::invoke_client::Payload> {
+    Request::builder()
+        .method(Method::GET)
+        .uri(format!("{base}{}", paths::agent_websocket(id)))
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .header(kiln_internal_api::invoke::HTTP_METHOD_HEADER, "GET")
+        .header(kiln_internal_api::invoke::HTTP_PATH_HEADER, "/chat?room=1")
+        .header("x-fc-request-id", "r-ws")
+        .body(kiln_internal_api::invoke_client::whole(Bytes::new()))
+        .unwrap()
+}
+
+async fn in_flight(scheduler: &InternalClient, base: &str) -> u32 {
+    let list: Vec<InstanceInfo> = scheduler.get(base, paths::AGENT_INSTANCES).await.unwrap();
+    list[0].in_flight
+}
+
+/// An HTTP trigger's WebSocket through the agent over mutual TLS: only the
+/// gateway's identity gets an upgrade; the function's `101` comes back,
+/// bytes go both ways, and the open connection is one call in flight on
+/// its instance until it closes.
+#[tokio::test]
+async fn websocket_upgrades_are_the_gateways_alone() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = DevPki::ensure(&tmp.path().join("pki"), &[]).unwrap();
+    let runtime = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let runtime_addr = runtime.local_addr().unwrap();
+    serve_upgrading_runtime(runtime);
+    let (gateway_url, digest, _) = fake_gateway(&pki, zip_package()).await;
+    let fakes = Fakes {
+        driver: Arc::new(FakeDriver::at(runtime_addr)),
+        gateway_url,
+        pki_agent: pki.files("agent"),
+        scheduler: Arc::new(FakeScheduler::new(50)),
+    };
+    let agent = kiln_agent::start_with(config(tmp.path(), &pki, false), fakes.backends())
+        .await
+        .unwrap();
+    let base = format!("https://{}", agent.addr());
+    let scheduler = InternalClient::new(&pki.files("scheduler")).unwrap();
+    let id = InstanceId::generate();
+    let _: InstanceCreated = scheduler
+        .post(
+            &base,
+            paths::AGENT_INSTANCES,
+            &CreateInstance {
+                instance_id: id.clone(),
+                spec: sample_spec(&digest, 9000),
+                always_allocate_cpu: false,
+            },
+        )
+        .await
+        .unwrap();
+
+    // The scheduler's identity, or another agent's, gets no upgrade.
+    for role in ["scheduler", "agent"] {
+        let intruder = kiln_internal_api::InvokeClient::new(
+            kiln_pki::internal_client_config(&pki.files(role)).unwrap(),
+        );
+        let resp = intruder
+            .send_upgrade(websocket_request(&base, &id))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN, "{role}");
+    }
+    assert_eq!(in_flight(&scheduler, &base).await, 0);
+
+    // The gateway's: the runtime's 101, with the caller's path.
+    let gateway = kiln_internal_api::InvokeClient::new(
+        kiln_pki::internal_client_config(&pki.files("gateway-internal")).unwrap(),
+    );
+    let mut resp = gateway
+        .send_upgrade(websocket_request(&base, &id))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+    assert_eq!(resp.headers()["upgrade"], "websocket");
+    assert_eq!(resp.headers()["x-seen"], "/chat?room=1");
+    assert_eq!(
+        kiln_internal_api::InvokeOutcome::of(resp.headers()),
+        Some(Ok(kiln_internal_api::InvokeOutcome::Ok))
+    );
+    let mut io = hyper_util::rt::TokioIo::new(hyper::upgrade::on(&mut resp).await.unwrap());
+    for msg in [&b"ping"[..], &[0u8, 255, 1, 254][..]] {
+        io.write_all(msg).await.unwrap();
+        let mut back = vec![0u8; msg.len()];
+        io.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, msg);
+    }
+    // Open: one call in flight on the instance; closed: none.
+    assert_eq!(in_flight(&scheduler, &base).await, 1);
+    drop(io);
+    let mut left = 1;
+    for _ in 0..200 {
+        left = in_flight(&scheduler, &base).await;
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(left, 0, "the closed WebSocket still counts");
+
+    // A request that is no HTTP/1.1 upgrade (here over HTTP/2, the
+    // control client's protocol) is refused.
+    let control = InternalClient::new(&pki.files("gateway-internal")).unwrap();
+    let resp = control
+        .send(
+            Request::builder()
+                .method(Method::GET)
+                .uri(format!("{base}{}", paths::agent_websocket(&id)))
+                .body(kiln_internal_api::server::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+}
+
 #[tokio::test]
 async fn the_agent_refuses_a_vpc_its_account_does_not_own() {
     let tmp = tempfile::tempdir().unwrap();

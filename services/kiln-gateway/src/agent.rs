@@ -27,6 +27,15 @@ pub trait AgentClient: Send + Sync + 'static {
         lease: &'a Lease,
         call: &'a InvokeRequest,
     ) -> BoxFuture<'a, Result<Response<AnswerBody>>>;
+    /// An HTTP trigger's WebSocket handshake (`call` with GET and its
+    /// path) on `lease`'s instance, on a connection of its own: the
+    /// agent's answer; on a `101` the connection is taken with
+    /// [`hyper::upgrade::on`] and carries the WebSocket's bytes.
+    fn websocket<'a>(
+        &'a self,
+        lease: &'a Lease,
+        call: &'a InvokeRequest,
+    ) -> BoxFuture<'a, Result<Response<Incoming>>>;
     /// The log records on the node at `agent_url` matching `query` (the
     /// query string of [`paths::AGENT_LOGS`]).
     fn logs<'a>(&'a self, agent_url: &'a str, query: &'a str) -> BoxFuture<'a, Result<LogRecords>>;
@@ -83,6 +92,17 @@ impl AgentClient for HttpAgent {
         Box::pin(async move {
             let req = request(lease, call)?;
             self.invoke.send(req).await
+        })
+    }
+
+    fn websocket<'a>(
+        &'a self,
+        lease: &'a Lease,
+        call: &'a InvokeRequest,
+    ) -> BoxFuture<'a, Result<Response<Incoming>>> {
+        Box::pin(async move {
+            let req = websocket_request(lease, call)?;
+            self.invoke.send_upgrade(req).await
         })
     }
 
@@ -203,6 +223,29 @@ fn request(lease: &Lease, call: &InvokeRequest) -> Result<Request<Payload>> {
             HeaderValue::from_static("application/octet-stream"),
         );
     }
+    Ok(req)
+}
+
+/// The agent's WebSocket request: the invoke request's headers (the
+/// caller's own, the request line, the request id), GET on the instance's
+/// websocket route, and the upgrade asked for on this hop (the caller's
+/// `Connection`/`Upgrade` are hop-by-hop and never forwarded as such).
+fn websocket_request(lease: &Lease, call: &InvokeRequest) -> Result<Request<Payload>> {
+    let mut req = request(lease, call)?;
+    let u = url(
+        &lease.agent_url,
+        &paths::agent_websocket(&lease.instance_id),
+    );
+    *req.uri_mut() =
+        u.parse()
+            .map_err(|e: http::uri::InvalidUri| InternalClientError::Transport {
+                url: u.clone(),
+                message: format!("cannot build the request: {e}"),
+            })?;
+    *req.method_mut() = Method::GET;
+    let h = req.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     Ok(req)
 }
 

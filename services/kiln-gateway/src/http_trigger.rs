@@ -13,9 +13,13 @@
 //!   Host ─> trigger? ──no──> 404 TriggerNotFound
 //!     │  internet URL disabled? ──> 403 AccessDenied
 //!     │  method in `methods`? ──no──> 405 MethodNotAllowed
+//!     │  an upgrade other than an HTTP/1.1 GET WebSocket handshake? ──> 400
 //!     │  authType function: ACS3 signature of the function's account,
 //!     │      checked as an API call's (head, then body hash) ──bad──> 403
 //!     └─> invoke(InvokeRequest { http: method + path, .. }) ─> render_http
+//!         (a WebSocket handshake: invoke::websocket, whose 101 joins the
+//!          caller's connection to the function's until either closes or
+//!          the function's timeout ends it)
 //! ```
 //!
 //! Bodies stream both ways, within FC's 32 MB for a request: an anonymous
@@ -134,7 +138,10 @@ impl HttpTriggers {
 pub async fn serve(gw: Arc<Gateway>, req: Request<Incoming>, host: TriggerHost) -> Response<Body> {
     let started = Instant::now();
     let request_id = RequestId::generate_ordered();
-    let span = tracing::info_span!(
+    // Debug, as the API's sync invocations (the warm path): at info,
+    // formatting its fields for every call costs measurable CPU per call;
+    // the access line names the request.
+    let span = tracing::debug_span!(
         "http_trigger",
         request_id = %request_id,
         host = %host.label,
@@ -204,7 +211,7 @@ pub(crate) async fn drain_small(body: Incoming) {
 
 async fn handle(
     gw: &Arc<Gateway>,
-    parts: http::request::Parts,
+    mut parts: http::request::Parts,
     body: &mut Option<Incoming>,
     host: &TriggerHost,
     request_id: &RequestId,
@@ -274,6 +281,7 @@ pub(crate) async fn call_trigger(
         ))
         .into());
     }
+    let upgrade = invoke::websocket::requested(&mut parts)?;
     let name = &trigger.function_name;
     // A VPC-only function takes no calls from the internet listener.
     if let Some(entry) = gw.catalog.function(&trigger.account_id, name) {
@@ -332,7 +340,11 @@ pub(crate) async fn call_trigger(
         }),
         stream,
     };
-    Ok(invoke::render_http(invoke::invoke(gw, call).await)?)
+    let result = match upgrade {
+        Some(client) => invoke::websocket::websocket(gw, call, client).await,
+        None => invoke::invoke(gw, call).await,
+    };
+    Ok(invoke::render_http(result)?)
 }
 
 /// Bodies from this size on (or of unknown size) are streamed to the

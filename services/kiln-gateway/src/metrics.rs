@@ -19,6 +19,15 @@ pub struct RequestLabels {
     pub code: u16,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WebSocketEndLabels {
+    /// `closed` (both sides ended, which includes the agent closing it
+    /// at the function's timeout), `error`, or `timeout` (cut by the
+    /// gateway's own bound, the function's timeout plus the agent grace:
+    /// the agent did not end it).
+    pub how: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub requests: Family<RequestLabels, Counter>,
@@ -27,6 +36,10 @@ pub struct Metrics {
     /// start's instance creation included; parked leases not counted).
     pub lease_acquire_seconds: Histogram,
     pub invocations_in_flight: Gauge,
+    /// WebSockets through HTTP triggers open now.
+    pub websockets_open: Gauge,
+    /// WebSockets through HTTP triggers that ended, by how.
+    pub websockets_ended: Family<WebSocketEndLabels, Counter>,
     /// Internal-listener calls refused for the caller's identity.
     pub refusals: kiln_internal_api::authz::Refusals,
 }
@@ -65,6 +78,18 @@ impl Metrics {
             "Sync invocations being served",
             invocations_in_flight.clone(),
         );
+        let websockets_open = Gauge::default();
+        registry.register(
+            "websockets_open",
+            "WebSocket connections through HTTP triggers open now",
+            websockets_open.clone(),
+        );
+        let websockets_ended = Family::<WebSocketEndLabels, Counter>::default();
+        registry.register(
+            "websockets_ended",
+            "WebSocket connections through HTTP triggers that ended, by how (closed, error, timeout)",
+            websockets_ended.clone(),
+        );
         let refusals = kiln_internal_api::authz::Refusals::register(&mut registry);
         Arc::new(Self {
             refusals,
@@ -73,6 +98,8 @@ impl Metrics {
             invoke_seconds,
             lease_acquire_seconds,
             invocations_in_flight,
+            websockets_open,
+            websockets_ended,
         })
     }
 
@@ -109,7 +136,13 @@ mod tests {
         m.request("InvokeFunction", 200);
         m.invoke_seconds.observe(0.001);
         m.invocations_in_flight.inc();
+        m.websockets_open.inc();
+        m.websockets_ended
+            .get_or_create(&WebSocketEndLabels { how: "timeout" })
+            .inc();
         let text = m.encode();
+        assert!(text.contains("kiln_gateway_websockets_open 1"));
+        assert!(text.contains("kiln_gateway_websockets_ended_total{how=\"timeout\"} 1"));
         assert!(text
             .contains("kiln_gateway_requests_total{operation=\"InvokeFunction\",code=\"200\"} 1"));
         assert!(text.contains("kiln_gateway_invoke_seconds_bucket"));

@@ -24,6 +24,7 @@
 mod lease;
 pub mod pool;
 pub mod render;
+pub mod websocket;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

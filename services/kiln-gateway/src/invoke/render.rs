@@ -79,12 +79,23 @@ pub fn render(result: InvokeResult) -> Result<Response<Body>, FcError> {
 /// headers and body whether or not it reports an error (FC passes an HTTP
 /// function's answer through); a call the function did not answer is
 /// rendered as by [`render`]. `Err` for a platform error.
+///
+/// A WebSocket handshake's `101` (see [`super::websocket`]) keeps its
+/// `Upgrade` and says `Connection: Upgrade`: hop-by-hop headers, they are
+/// this hop's answer to the caller's upgrade.
 pub fn render_http(result: InvokeResult) -> Result<Response<Body>, FcError> {
     match result {
         InvokeResult::Success(answer) | InvokeResult::FunctionError(answer) => {
             let mut resp = Response::new(answer.body);
             *resp.status_mut() = answer.status;
-            copy_returnable(&answer.headers, resp.headers_mut());
+            let h = resp.headers_mut();
+            copy_returnable(&answer.headers, h);
+            if answer.status == StatusCode::SWITCHING_PROTOCOLS {
+                if let Some(upgrade) = answer.headers.get(header::UPGRADE) {
+                    h.insert(header::UPGRADE, upgrade.clone());
+                }
+                h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+            }
             Ok(resp)
         }
         other => render(other),
@@ -270,6 +281,31 @@ mod tests {
         })
         .unwrap();
         assert_eq!(resp.headers()[ERROR_TYPE], UNHANDLED);
+    }
+
+    #[test]
+    fn a_websocket_handshake_keeps_its_upgrade_headers() {
+        let mut a = answer(StatusCode::SWITCHING_PROTOCOLS, "");
+        a.headers
+            .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        a.headers.insert(
+            "sec-websocket-accept",
+            HeaderValue::from_static("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+        );
+        let resp = render_http(InvokeResult::Success(a)).unwrap();
+        assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+        let h = resp.headers();
+        assert_eq!(h[header::UPGRADE], "websocket");
+        assert_eq!(h[header::CONNECTION], "Upgrade");
+        assert_eq!(h["sec-websocket-accept"], "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        assert!(!h.contains_key("x-kiln-invoke-outcome"));
+        // Any other answer never passes them on.
+        let mut a = answer(StatusCode::OK, "");
+        a.headers
+            .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        let resp = render_http(InvokeResult::Success(a)).unwrap();
+        assert!(!resp.headers().contains_key(header::UPGRADE));
+        assert!(!resp.headers().contains_key(header::CONNECTION));
     }
 
     #[test]

@@ -4,7 +4,10 @@
 //!
 //! - warm invoke latency (p50/p99, one connection) and throughput
 //!   (`--connections` keep-alive connections) through the gateway, against
-//!   the same function binary called directly on loopback;
+//!   the same function binary called directly on loopback: as signed
+//!   InvokeFunction calls, and as plain requests to an anonymous HTTP
+//!   trigger of the function (FC's web-function path: Host routing, the
+//!   function's own request line, no signature);
 //! - CPU time per warm call of each service (gateway, agent, scheduler)
 //!   over the throughput runs, against nginx as one TLS reverse-proxy hop
 //!   in front of the same function: what an operator sizes machines by,
@@ -359,6 +362,32 @@ async fn measure(
             "code": {"zipFile": zip_b64},
         }))
         .await?;
+    // The same function behind an anonymous HTTP trigger: the caller's
+    // `POST /invoke` reaches the function as such, as direct calls do.
+    let trigger = crate::commands::triggers::create(
+        &client,
+        "bench-echo",
+        "bench-http",
+        &crate::commands::triggers::TriggerFields {
+            trigger_type: Some("http".into()),
+            config: Some(crate::commands::triggers::http_config(
+                &["POST".into()],
+                "anonymous",
+                false,
+            )?),
+            ..Default::default()
+        },
+    )
+    .await?;
+    let trigger_uri: http::Uri = trigger["httpTrigger"]["urlInternet"]
+        .as_str()
+        .context("CreateTrigger answered without httpTrigger.urlInternet")?
+        .parse()?;
+    let trigger_authority = trigger_uri
+        .authority()
+        .context("the trigger URL has no host")?
+        .to_string();
+    let trigger_host = trigger_uri.host().unwrap_or_default().to_owned();
     // Warm up: the first call starts the instance.
     for _ in 0..50 {
         client
@@ -413,7 +442,7 @@ async fn measure(
     let kiln_target = Target {
         addr: gw_addr,
         tls: Some((
-            tls,
+            tls.clone(),
             rustls::pki_types::ServerName::try_from(
                 gw_uri.host().unwrap_or("127.0.0.1").to_owned(),
             )?,
@@ -422,6 +451,28 @@ async fn measure(
     let direct_target = Target {
         addr: direct_addr,
         tls: None,
+    };
+    // The trigger's host names it (SNI and Host); it resolves to loopback,
+    // the gateway's address.
+    let trigger_target = Target {
+        addr: gw_addr,
+        tls: Some((
+            tls.clone(),
+            rustls::pki_types::ServerName::try_from(trigger_host)?,
+        )),
+    };
+    let trigger_reqs = |n: usize| -> Vec<Request<Full<Bytes>>> {
+        (0..n)
+            .map(|_| {
+                Request::builder()
+                    .method(Method::POST)
+                    .uri("/invoke")
+                    .header("host", trigger_authority.as_str())
+                    .header("content-type", "application/octet-stream")
+                    .body(Full::new(Bytes::from_static(b"ping")))
+                    .expect("request")
+            })
+            .collect()
     };
     let nginx_target = nginx.as_ref().map(|n| Target {
         addr: n.addr,
@@ -485,6 +536,7 @@ async fn measure(
     let (mut n_lat, mut n_thr) = (vec![], vec![]);
     let (mut n2_lat, mut n2_thr) = (vec![], vec![]);
     let (mut a_lat, mut a_thr) = (vec![], vec![]);
+    let (mut t_lat, mut t_thr) = (vec![], vec![]);
     // CPU microseconds per call of each throughput run: Kiln's services,
     // and the nginx hop.
     let (mut k_cpu, mut n_cpu) = (vec![], vec![]);
@@ -516,6 +568,20 @@ async fn measure(
         ));
         errors += r.errors;
         k_thr.push(r);
+        let r = lg
+            .run(&trigger_target, 1, trigger_reqs(args.latency_requests))
+            .await?;
+        errors += r.errors;
+        t_lat.push(r);
+        let r = lg
+            .run(
+                &trigger_target,
+                args.connections,
+                trigger_reqs(args.requests),
+            )
+            .await?;
+        errors += r.errors;
+        t_thr.push(r);
         let r = lg
             .run(&node.target, 1, node_reqs(args.latency_requests))
             .await?;
@@ -562,6 +628,7 @@ async fn measure(
     let peer = (!n_thr.is_empty()).then(|| summarise(&n_lat, &n_thr));
     let peer2 = (!n2_thr.is_empty()).then(|| summarise(&n2_lat, &n2_thr));
     let a = summarise(&a_lat, &a_thr);
+    let t = summarise(&t_lat, &t_thr);
 
     println!();
     println!(
@@ -593,6 +660,29 @@ async fn measure(
         d.rps,
         k.rps,
         k.rps / d.rps
+    );
+    println!(
+        "{:<34} {:>10.0}us {:>10.0}us {:>11.2}x   (anonymous trigger; added {:.0} us)",
+        "http trigger: latency p50",
+        d.p50_us,
+        t.p50_us,
+        t.p50_us / d.p50_us,
+        t.p50_us - d.p50_us
+    );
+    println!(
+        "{:<34} {:>10.0}us {:>10.0}us {:>11.2}x",
+        "http trigger: latency p99",
+        d.p99_us,
+        t.p99_us,
+        t.p99_us / d.p99_us
+    );
+    println!(
+        "{:<34} {:>10.0}/s {:>10.0}/s {:>11.2}    (trigger/signed invoke: {:.2})",
+        "http trigger: throughput",
+        d.rps,
+        t.rps,
+        t.rps / d.rps,
+        t.rps / k.rps
     );
     println!(
         "{:<34} {:>10.0}us {:>10.0}us {:>11.2}x   (mTLS straight to the agent, no gateway)",
