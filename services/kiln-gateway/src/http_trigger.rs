@@ -211,7 +211,7 @@ pub(crate) async fn drain_small(body: Incoming) {
 
 async fn handle(
     gw: &Arc<Gateway>,
-    mut parts: http::request::Parts,
+    parts: http::request::Parts,
     body: &mut Option<Incoming>,
     host: &TriggerHost,
     request_id: &RequestId,
@@ -247,7 +247,7 @@ async fn handle(
 /// here with the trigger of their function and qualifier).
 pub(crate) async fn call_trigger(
     gw: &Arc<Gateway>,
-    parts: http::request::Parts,
+    mut parts: http::request::Parts,
     body: &mut Option<Incoming>,
     trigger: &crate::triggers::TriggerRecord,
     request_id: &RequestId,
