@@ -3,7 +3,8 @@
 //! trusting the dev CA, as `curl --cacert` does) opens a WebSocket at the
 //! trigger's URL; the handshake reaches the custom-runtime function's own
 //! HTTP server (a Python app that answers it by hand), and text and binary
-//! frames come back echoed. Closing from either side ends the connection,
+//! frames come back echoed, through the trigger and through a custom
+//! domain routed to the function. Closing from either side ends the connection,
 //! the function's timeout ends it too, an open WebSocket holds its
 //! instance (idle reaping does not take it), other upgrades (h2c) are
 //! refused with FC's error, and an `authType: function` trigger refuses an
@@ -259,6 +260,45 @@ async fn websockets_pass_through_an_http_trigger() {
     echoes(&mut ws, Message::binary(vec![0u8, 1, 2, 254, 255])).await;
     let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
     echoes(&mut ws, Message::binary(big)).await;
+
+    // The same through a custom domain routed to the function: its own
+    // certificate (from its owner's CA), chosen by SNI.
+    let owner = kiln_pki::Ca::generate("domain owner").unwrap();
+    let dir = dev.state.path().join("owner");
+    std::fs::create_dir_all(&dir).unwrap();
+    let owner_ca = dir.join("ca.pem");
+    std::fs::write(&owner_ca, owner.cert_pem()).unwrap();
+    let domain = "ws.example.test";
+    let (cert, key) = (dir.join("ws.pem"), dir.join("ws.key"));
+    owner
+        .issue(&kiln_pki::CertRequest::public_server(domain).names(&[domain.to_owned()]))
+        .unwrap()
+        .write(&cert, &key)
+        .unwrap();
+    cli_json(
+        &dev,
+        &[
+            "domains",
+            "create",
+            domain,
+            "--cert",
+            cert.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+            "--route",
+            "/*=ws",
+            "-o",
+            "json",
+        ],
+    );
+    let port = url.rsplit(':').next().unwrap();
+    let (mut via_domain, answer) = connect(&owner_ca, &format!("https://{domain}:{port}/ws"), &[])
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", dev.log_tail()));
+    assert_eq!(answer.status(), 101);
+    echoes(&mut via_domain, Message::text("hello through the domain")).await;
+    echoes(&mut via_domain, Message::binary(vec![9u8; 70_000])).await;
+    via_domain.close(None).await.unwrap();
 
     // Held open past the idle timeout (and the scheduler's sweep), the
     // WebSocket is one call in flight: its instance is not released and
