@@ -325,12 +325,25 @@ pub(crate) async fn call_trigger(
             body
         }
     };
+    // The function sees its instance's address as Host (the agent's); the
+    // name the caller used (trigger host or custom domain) and the scheme
+    // travel as the usual forwarding headers, the gateway's own (a
+    // caller's are replaced).
+    let mut headers = parts.headers;
+    if let Some(host) = headers.get(http::header::HOST).cloned() {
+        headers.insert("x-forwarded-host", host);
+    } else if let Some(authority) = parts.uri.authority() {
+        if let Ok(v) = http::HeaderValue::from_str(authority.as_str()) {
+            headers.insert("x-forwarded-host", v);
+        }
+    }
+    headers.insert("x-forwarded-proto", http::HeaderValue::from_static("https"));
     let call = InvokeRequest {
         account_id: trigger.account_id.clone(),
         function: name.clone(),
         qualifier: trigger.qualifier(),
         payload,
-        headers: parts.headers,
+        headers,
         log: LogType::None,
         request_id: request_id.clone(),
         http: Some(HttpCall {

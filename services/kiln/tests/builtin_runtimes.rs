@@ -348,6 +348,11 @@ async fn python_and_nodejs_handlers_follow_fcs_event_handler_model() {
         assert_eq!(e["requestContext"]["http"]["path"], "/some/path", "{v}");
         assert_eq!(e["requestContext"]["accountId"], account.as_str(), "{v}");
         assert_eq!(e["requestContext"]["requestId"], v["requestId"], "{v}");
+        let host = url.trim_start_matches("https://");
+        assert_eq!(
+            e["requestContext"]["domainName"], host,
+            "the name the caller used: {v}"
+        );
         assert!(
             e["headers"]
                 .as_object()
