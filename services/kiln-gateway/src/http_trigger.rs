@@ -153,6 +153,22 @@ pub async fn serve(gw: Arc<Gateway>, req: Request<Incoming>, host: TriggerHost) 
     let result = handle(&gw, parts, &mut body, &host, &request_id)
         .instrument(span.clone())
         .await;
+    answer(&gw, result, body, &span, &request_id, started, "HttpTrigger").await
+}
+
+/// The answer to a request a trigger serves (through its host or a custom
+/// domain's route): the function's, or FC's error for a refusal (a small
+/// unread body drained first), with the request id, the request metric
+/// under `operation` and one debug line.
+pub(crate) async fn answer(
+    gw: &Gateway,
+    result: Result<Response<Body>, ApiError>,
+    mut body: Option<Incoming>,
+    span: &tracing::Span,
+    request_id: &RequestId,
+    started: Instant,
+    operation: &'static str,
+) -> Response<Body> {
     if result.is_err() {
         if let Some(body) = body.take() {
             drain_small(body).await;
@@ -164,7 +180,7 @@ pub async fn serve(gw: Arc<Gateway>, req: Request<Incoming>, host: TriggerHost) 
             let fc = api::to_fc(&e);
             span.in_scope(|| {
                 // Debug: any caller can trigger this line at will.
-                tracing::debug!(code = fc.code.as_str(), message = %fc.message, "trigger request refused")
+                tracing::debug!(code = fc.code.as_str(), message = %fc.message, operation, "request refused")
             });
             respond::fc_error(&fc, request_id.as_str())
         }
@@ -172,7 +188,7 @@ pub async fn serve(gw: Arc<Gateway>, req: Request<Incoming>, host: TriggerHost) 
     if let Ok(v) = HeaderValue::from_str(request_id.as_str()) {
         resp.headers_mut().insert(respond::REQUEST_ID, v);
     }
-    gw.metrics.request("HttpTrigger", resp.status().as_u16());
+    gw.metrics.request(operation, resp.status().as_u16());
     span.in_scope(|| {
         tracing::debug!(
             status = resp.status().as_u16(),

@@ -22,14 +22,14 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::{HeaderValue, Request, Response};
+use http::{Request, Response};
 use hyper::body::Incoming;
 use kiln_core::{FcError, FcErrorCode, RequestId};
 use kiln_internal_api::server::Body;
 use tracing::Instrument;
 
 use super::DomainEntry;
-use crate::api::{self, respond, ApiError};
+use crate::api::{self, ApiError};
 use crate::gateway::Gateway;
 
 /// Serve one request addressed to `domain`.
@@ -60,34 +60,8 @@ pub async fn serve(
     )
     .instrument(span.clone())
     .await;
-    if result.is_err() {
-        if let Some(body) = body.take() {
-            crate::http_trigger::drain_small(body).await;
-        }
-    }
-    let mut resp = match result {
-        Ok(r) => r,
-        Err(e) => {
-            let fc = api::to_fc(&e);
-            span.in_scope(|| {
-                // Debug: any caller can trigger this line at will.
-                tracing::debug!(code = fc.code.as_str(), message = %fc.message, "custom domain request refused")
-            });
-            respond::fc_error(&fc, request_id.as_str())
-        }
-    };
-    if let Ok(v) = HeaderValue::from_str(request_id.as_str()) {
-        resp.headers_mut().insert(respond::REQUEST_ID, v);
-    }
-    gw.metrics.request("CustomDomain", resp.status().as_u16());
-    span.in_scope(|| {
-        tracing::debug!(
-            status = resp.status().as_u16(),
-            elapsed_us = started.elapsed().as_micros() as u64,
-            "answered"
-        )
-    });
-    resp
+    crate::http_trigger::answer(&gw, result, body, &span, &request_id, started, "CustomDomain")
+        .await
 }
 
 async fn handle(
