@@ -25,11 +25,12 @@
 // functions sharing a prefix), GetFunction, ListFunctions (prefix, limit 1, following
 // nextToken), UpdateFunction (memorySize and environment), InvokeFunction (body checked),
 // versions and aliases (PublishFunctionVersion twice, ListFunctionVersions, CreateAlias with a
-// canary weight, the alias's async invoke config, InvokeFunction by version and alias, GetFunctionCode with its download,
+// canary weight, the alias's async invoke and provision configs, InvokeFunction by version and alias, GetFunctionCode with its download,
 // UpdateAlias rolling forward, GetAlias, ListAliases, DeleteAlias, DeleteFunctionVersion),
 // tags (TagResources, ListTagResources, UntagResources), triggers (an anonymous HTTP trigger
 // called at its URL, a timer trigger; Create/Get/List/Update/DeleteTrigger),
-// Disable/EnableFunctionInvocation (a call refused in between),
+// Disable/EnableFunctionInvocation (a call refused in between), custom domains
+// (Create/Get/List/Update/DeleteCustomDomain, with KILN_SDK_DOMAIN* naming a certificate),
 // DeleteFunction, and GetFunction again expecting FC's FunctionNotFound error
 // (404, {"Code","Message","RequestId"}). Functions created are deleted even on failure.
 // With examples/hello-python the invoke check is exact; otherwise pass --expect.
@@ -271,6 +272,15 @@ async function main() {
     check(cfg.functionArn.endsWith('/aliases/prod') && cfg.maxAsyncRetryAttempts === 1,
       `async config ${JSON.stringify(cfg)}`);
     await client.deleteAsyncInvokeConfig(args.name, new fc.DeleteAsyncInvokeConfigRequest({ qualifier: 'prod' }));
+    // ... and its own provision configuration.
+    const prov = (await client.putProvisionConfig(args.name, new fc.PutProvisionConfigRequest({
+      qualifier: 'prod', body: new fc.PutProvisionConfigInput({ target: 1 }),
+    }))).body;
+    check(prov.functionArn.endsWith('/aliases/prod') && prov.defaultTarget === 1,
+      `provision config ${JSON.stringify(prov)}`);
+    const gotProv = (await client.getProvisionConfig(args.name, new fc.GetProvisionConfigRequest({ qualifier: 'prod' }))).body;
+    check(gotProv.defaultTarget === 1, `GetProvisionConfig ${JSON.stringify(gotProv)}`);
+    await client.deleteProvisionConfig(args.name, new fc.DeleteProvisionConfigRequest({ qualifier: 'prod' }));
     // examples/hello-python answers with its environment: each version's own.
     const envs = {};
     for (const q of ['1', '2', 'LATEST']) envs[q] = await callEnv(q);
@@ -403,6 +413,50 @@ async function main() {
     return 'refused while disabled, invoked after enable';
   };
 
+  // Custom domains (when the test hands a domain's certificate and key:
+  // KILN_SDK_DOMAIN, KILN_SDK_DOMAIN_CERT, KILN_SDK_DOMAIN_KEY):
+  // Create/Get/List/Update/DeleteCustomDomain; the key never comes back.
+  const domains = async () => {
+    const domain = process.env.KILN_SDK_DOMAIN;
+    if (!domain) return 'skipped: no KILN_SDK_DOMAIN certificate given';
+    const route = (methods) => new fc.RouteConfig({
+      routes: [new fc.PathConfig({ path: '/*', functionName: args.name, qualifier: 'LATEST', methods })],
+    });
+    const made = (await client.createCustomDomain(new fc.CreateCustomDomainRequest({
+      body: new fc.CreateCustomDomainInput({
+        domainName: domain,
+        protocol: 'HTTPS',
+        certConfig: new fc.CertConfig({
+          certName: 'node-sdk',
+          certificate: readFileSync(process.env.KILN_SDK_DOMAIN_CERT, 'utf8'),
+          privateKey: readFileSync(process.env.KILN_SDK_DOMAIN_KEY, 'utf8'),
+        }),
+        routeConfig: route(['GET']),
+      }),
+    }))).body;
+    check(made.domainName === domain && made.certConfig && !made.certConfig.privateKey,
+      `created ${JSON.stringify(made)}`);
+    const got = (await client.getCustomDomain(domain)).body;
+    check(got.routeConfig.routes[0].functionName === args.name, `GetCustomDomain ${JSON.stringify(got)}`);
+    const listed = (await client.listCustomDomains(new fc.ListCustomDomainsRequest({}))).body;
+    check((listed.customDomains || []).some((d) => d.domainName === domain), `ListCustomDomains ${JSON.stringify(listed)}`);
+    await client.updateCustomDomain(domain, new fc.UpdateCustomDomainRequest({
+      body: new fc.UpdateCustomDomainInput({ routeConfig: route(['GET', 'POST']) }),
+    }));
+    const updated = (await client.getCustomDomain(domain)).body;
+    check(JSON.stringify(updated.routeConfig.routes[0].methods) === '["GET","POST"]',
+      `UpdateCustomDomain ${JSON.stringify(updated.routeConfig)}`);
+    await client.deleteCustomDomain(domain);
+    try {
+      await client.getCustomDomain(domain);
+      throw new Error('a deleted domain was found');
+    } catch (e) {
+      if (!(e instanceof openapiModule.ClientError)) throw e;
+      check(e.code === 'DomainNameNotFound', `code ${e.code}`);
+    }
+    return `${domain} created, read, listed, updated, deleted`;
+  };
+
   const dropVersions = async (name) => {
     const aliases = (await client.listAliases(name, new fc.ListAliasesRequest({}))).body.aliases || [];
     for (const a of aliases) await client.deleteAlias(name, a.aliasName);
@@ -442,6 +496,7 @@ async function main() {
     await step('Tags', tags);
     await step('HTTP and timer triggers', triggers);
     await step('Disable and enable invocation', disable);
+    await step('Custom domains', domains);
     for (const name of names) {
       await step('DeleteFunction', () => del(name));
     }

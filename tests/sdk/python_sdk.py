@@ -27,7 +27,8 @@ nextToken), UpdateFunction (memorySize and environment), InvokeFunction (body ch
 versions and aliases (PublishFunctionVersion twice, ListFunctionVersions, CreateAlias with a
 canary weight, InvokeFunction by version and alias, GetFunctionCode with its download,
 UpdateAlias rolling forward, GetAlias, ListAliases, DeleteAlias, DeleteFunctionVersion),
-DeleteFunction, and GetFunction again expecting FC's FunctionNotFound error
+an HTTP trigger with authType function (a call signed by the SDK taken, an unsigned one
+refused), DeleteFunction, and GetFunction again expecting FC's FunctionNotFound error
 (404, {"Code","Message","RequestId"}). Functions created are deleted even on failure.
 
 With the repository's examples/hello-python zip the invoke check is exact (echo,
@@ -41,6 +42,8 @@ import json
 import os
 import ssl
 import sys
+import socket
+import urllib.error
 import urllib.request
 import uuid
 
@@ -82,6 +85,21 @@ def parse_args():
     p.add_argument("--payload", default=os.environ.get("KILN_SDK_PAYLOAD", '{"hello": "kiln"}'))
     p.add_argument("--expect", default=os.environ.get("KILN_SDK_EXPECT"))
     return p.parse_args()
+
+
+# Names under localhost are the loopback address (RFC 6761; curl and
+# browsers know it, glibc's resolver may not): the trigger's host resolves
+# here without touching the SDK.
+_getaddrinfo = socket.getaddrinfo
+
+
+def _localhost_aware(host, *rest, **kw):
+    if isinstance(host, str) and host.endswith(".localhost"):
+        host = "127.0.0.1"
+    return _getaddrinfo(host, *rest, **kw)
+
+
+socket.getaddrinfo = _localhost_aware
 
 
 def make_client(cred):
@@ -253,6 +271,33 @@ def main():
             client.delete_function_version(args.name, v)
         return f"versions 1, 2; alias split {sorted(split, key=str)}; code {len(code)} bytes"
 
+    def signed_trigger():
+        """An HTTP trigger with authType function: a request the SDK signs
+        (its own ACS3 signer, through call_api at the trigger's host) is
+        taken, an unsigned one refused."""
+        t = client.create_trigger(args.name, fc.CreateTriggerRequest(body=fc.CreateTriggerInput(
+            trigger_name="signed", trigger_type="http",
+            trigger_config=json.dumps({"authType": "function", "methods": ["POST"]})))).body
+        url = t.http_trigger.url_internet
+        host = url.partition("://")[2]
+        trigger_client = make_client(dict(cred, endpoint="https://" + host))
+        params = openapi.Params(action="InvokeHttpTrigger", version="2023-03-30", protocol="HTTPS",
+                                pathname="/invoke", method="POST", auth_type="AK", style="ROA",
+                                req_body_type="json", body_type="json")
+        got = trigger_client.call_api(params, openapi.OpenApiRequest(body={"hello": "signed"}),
+                                      RuntimeOptions())
+        check(got.get("statusCode") == 200, f"signed call answered {got.get('statusCode')}")
+        check("echo" in (got.get("body") or {}), f"the function answered: {got.get('body')!r}")
+        ctx = ssl.create_default_context(cafile=cred.get("caCert"))
+        req = urllib.request.Request(url + "/invoke", data=b"{}", method="POST")
+        try:
+            urllib.request.urlopen(req, context=ctx, timeout=30)
+            raise AssertionError("an unsigned call to an authType function trigger was taken")
+        except urllib.error.HTTPError as e:
+            check(e.code == 403, f"unsigned call answered {e.code}")
+        client.delete_trigger(args.name, "signed")
+        return f"{host}: signed 200, unsigned 403"
+
     def drop_versions(name):
         for a in client.list_aliases(name, fc.ListAliasesRequest()).body.aliases or []:
             client.delete_alias(name, a.alias_name)
@@ -285,6 +330,7 @@ def main():
         step("UpdateFunction", update)
         step("InvokeFunction", invoke)
         step("Versions and aliases", versions)
+        step("HTTP trigger, authType function", signed_trigger)
         for name in names:
             step("DeleteFunction", lambda name=name: delete(name))
         step("GetFunction after delete", get_deleted)

@@ -153,7 +153,16 @@ pub async fn serve(gw: Arc<Gateway>, req: Request<Incoming>, host: TriggerHost) 
     let result = handle(&gw, parts, &mut body, &host, &request_id)
         .instrument(span.clone())
         .await;
-    answer(&gw, result, body, &span, &request_id, started, "HttpTrigger").await
+    answer(
+        &gw,
+        result,
+        body,
+        &span,
+        &request_id,
+        started,
+        "HttpTrigger",
+    )
+    .await
 }
 
 /// The answer to a request a trigger serves (through its host or a custom

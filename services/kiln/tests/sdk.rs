@@ -107,12 +107,27 @@ fn official_node_sdk_drives_kiln() {
         "installing the Node SDK failed"
     );
     let zip = write_example_zip(work.path());
+    // A custom domain's certificate, from its owner's own CA.
+    let domain = "node-sdk.example.test";
+    let (cert, key) = (
+        work.path().join("domain.pem"),
+        work.path().join("domain.key"),
+    );
+    kiln_pki::Ca::generate("domain owner")
+        .unwrap()
+        .issue(&kiln_pki::CertRequest::public_server(domain).names(&[domain.to_owned()]))
+        .unwrap()
+        .write(&cert, &key)
+        .unwrap();
     let dev = common::Dev::start();
     let ok = run(
         Command::new("node")
             .arg(work.path().join("node_sdk.mjs"))
             .arg(&dev.creds_path)
             .arg(&zip)
+            .env("KILN_SDK_DOMAIN", domain)
+            .env("KILN_SDK_DOMAIN_CERT", &cert)
+            .env("KILN_SDK_DOMAIN_KEY", &key)
             .current_dir(work.path()),
         "node_sdk.mjs",
     );

@@ -60,8 +60,16 @@ pub async fn serve(
     )
     .instrument(span.clone())
     .await;
-    crate::http_trigger::answer(&gw, result, body, &span, &request_id, started, "CustomDomain")
-        .await
+    crate::http_trigger::answer(
+        &gw,
+        result,
+        body,
+        &span,
+        &request_id,
+        started,
+        "CustomDomain",
+    )
+    .await
 }
 
 async fn handle(
