@@ -33,6 +33,21 @@ impl OutputArgs {
     }
 }
 
+/// `-o json|table` on the commands that print one object (`get`, `put`):
+/// JSON unless asked for a table, as they printed before `-o` existed.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct ObjectOutputArgs {
+    /// How to print the answer: the gateway's JSON or `KEY VALUE` lines.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Json)]
+    output: Output,
+}
+
+impl ObjectOutputArgs {
+    pub fn json(&self) -> bool {
+        self.output == Output::Json
+    }
+}
+
 #[derive(Debug, Parser)]
 #[command(
     name = "kiln",
@@ -179,12 +194,25 @@ pub struct LimitsArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum LimitsCommand {
-    /// Print the limits in force (JSON, the shape `set` takes).
-    Get { account: String },
+    /// Print the limits in force (JSON by default: the shape `set` takes).
+    Get {
+        account: String,
+        #[command(flatten)]
+        out: ObjectOutputArgs,
+    },
     /// Replace the account's limits with a JSON file's (`-` for stdin).
-    Set { account: String, file: PathBuf },
+    Set {
+        account: String,
+        file: PathBuf,
+        #[command(flatten)]
+        out: ObjectOutputArgs,
+    },
     /// Back to the scheduler's defaults.
-    Reset { account: String },
+    Reset {
+        account: String,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -202,6 +230,8 @@ pub enum KeysCommand {
     Create {
         #[arg(long)]
         account: String,
+        #[command(flatten)]
+        out: OutputArgs,
     },
     /// Every key with its account and status (never a secret).
     List {
@@ -212,11 +242,23 @@ pub enum KeysCommand {
         out: OutputArgs,
     },
     /// The key stops signing requests at once (it can be enabled again).
-    Disable { id: String },
+    Disable {
+        id: String,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
     /// The key signs requests again.
-    Enable { id: String },
+    Enable {
+        id: String,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
     /// Remove the key for good.
-    Delete { id: String },
+    Delete {
+        id: String,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -235,15 +277,31 @@ pub enum NodesCommand {
         out: OutputArgs,
     },
     /// No new instances on the node; its instances keep serving.
-    Cordon { node: String },
+    Cordon {
+        node: String,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
     /// No new instances and no new calls; instances go once idle.
-    Drain { node: String },
+    Drain {
+        node: String,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
     /// Take new instances again.
-    Uncordon { node: String },
+    Uncordon {
+        node: String,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
     /// Revoke every certificate of the node, cluster-wide within seconds,
     /// for good: every service refuses it and drops its connections, and
     /// its instances are replaced on other nodes.
-    Revoke { node: String },
+    Revoke {
+        node: String,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
     /// A single-use token a new node joins with (`kiln-agent` redeems it
     /// on the scheduler's bootstrap listener for its first certificate).
     BootstrapToken {
@@ -254,6 +312,8 @@ pub enum NodesCommand {
         /// The node id to join as; generated when absent.
         #[arg(long)]
         node: Option<String>,
+        #[command(flatten)]
+        out: ObjectOutputArgs,
     },
 }
 
@@ -399,10 +459,20 @@ pub enum TasksCommand {
         #[command(flatten)]
         out: OutputArgs,
     },
-    /// Print one task with its event history (JSON).
-    Get { function: String, task: String },
+    /// Print one task with its event history.
+    Get {
+        function: String,
+        task: String,
+        #[command(flatten)]
+        out: ObjectOutputArgs,
+    },
     /// Stop a queued task (it will not run) or a running one (its call is aborted).
-    Stop { function: String, task: String },
+    Stop {
+        function: String,
+        task: String,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -421,9 +491,15 @@ pub enum ProvisionCommand {
         /// targetTrackingPolicies...; `-` for stdin); the flags go on top.
         #[arg(long)]
         file: Option<PathBuf>,
+        #[command(flatten)]
+        out: ObjectOutputArgs,
     },
-    /// Print FUNCTION's provision config with its current instances (JSON).
-    Get { function: String },
+    /// Print FUNCTION's provision config with its current instances.
+    Get {
+        function: String,
+        #[command(flatten)]
+        out: ObjectOutputArgs,
+    },
     /// The account's provision configs.
     List {
         /// Only this function's.
@@ -433,7 +509,11 @@ pub enum ProvisionCommand {
         out: OutputArgs,
     },
     /// Remove FUNCTION's provision config: its instances become on-demand.
-    Delete { function: String },
+    Delete {
+        function: String,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -443,9 +523,15 @@ pub enum ConcurrencyCommand {
         function: String,
         #[arg(long)]
         reserved: u32,
+        #[command(flatten)]
+        out: ObjectOutputArgs,
     },
-    /// Print FUNCTION's concurrency config (JSON).
-    Get { function: String },
+    /// Print FUNCTION's concurrency config.
+    Get {
+        function: String,
+        #[command(flatten)]
+        out: ObjectOutputArgs,
+    },
     /// The account's concurrency configs.
     List {
         /// Only this function's.
@@ -455,7 +541,11 @@ pub enum ConcurrencyCommand {
         out: OutputArgs,
     },
     /// Remove FUNCTION's concurrency config.
-    Delete { function: String },
+    Delete {
+        function: String,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -734,17 +824,24 @@ pub enum DomainsCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum FunctionsCommand {
+    /// The account's functions.
     List {
         #[arg(long)]
         prefix: Option<String>,
         #[command(flatten)]
         out: OutputArgs,
     },
+    /// Print one function.
     Get {
         name: String,
+        #[command(flatten)]
+        out: ObjectOutputArgs,
     },
+    /// Delete a function (its triggers, versions and aliases first).
     Delete {
         name: String,
+        #[command(flatten)]
+        out: OutputArgs,
     },
 }
 
@@ -886,13 +983,22 @@ pub async fn run(cli: Cli) -> Result<()> {
                         print!("{}", tasks::table(&all));
                     }
                 }
-                TasksCommand::Get { function, task } => {
+                TasksCommand::Get {
+                    function,
+                    task,
+                    out,
+                } => {
                     let t = tasks::get(&client, function, task).await?;
-                    println!("{}", serde_json::to_string_pretty(&t)?);
+                    crate::output::object(&serde_json::to_value(&t)?, out.json())?;
                 }
-                TasksCommand::Stop { function, task } => {
+                TasksCommand::Stop {
+                    function,
+                    task,
+                    out,
+                } => {
                     tasks::stop(&client, function, task).await?;
-                    println!("stopped {task}");
+                    let v = serde_json::json!({"functionName": function, "taskId": task, "stopping": true});
+                    crate::output::done(&v, out.json(), &format!("stopped {task}"))?;
                 }
             }
             Ok(())
@@ -1109,13 +1215,14 @@ pub async fn run(cli: Cli) -> Result<()> {
                         functions::print_table(&fs);
                     }
                 }
-                FunctionsCommand::Get { name } => {
+                FunctionsCommand::Get { name, out } => {
                     let f = client.get_function(name).await?;
-                    println!("{}", serde_json::to_string_pretty(&f)?);
+                    crate::output::object(&serde_json::to_value(&f)?, out.json())?;
                 }
-                FunctionsCommand::Delete { name } => {
+                FunctionsCommand::Delete { name, out } => {
                     client.delete_function(name).await?;
-                    println!("deleted {name}");
+                    let v = serde_json::json!({"functionName": name, "deleted": true});
+                    crate::output::done(&v, out.json(), &format!("deleted {name}"))?;
                 }
             }
             Ok(())
@@ -1127,6 +1234,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                     target,
                     always_allocate_cpu,
                     file,
+                    out,
                 } => configs::Action::Put {
                     function,
                     body: configs::provision_body(&configs::ProvisionOptions {
@@ -1134,28 +1242,46 @@ pub async fn run(cli: Cli) -> Result<()> {
                         target: *target,
                         always_allocate_cpu: *always_allocate_cpu,
                     })?,
+                    json: out.json(),
                 },
-                ProvisionCommand::Get { function } => configs::Action::Get { function },
+                ProvisionCommand::Get { function, out } => configs::Action::Get {
+                    function,
+                    json: out.json(),
+                },
                 ProvisionCommand::List { function, out } => configs::Action::List {
                     function: function.as_deref(),
                     json: out.json(),
                 },
-                ProvisionCommand::Delete { function } => configs::Action::Delete { function },
+                ProvisionCommand::Delete { function, out } => configs::Action::Delete {
+                    function,
+                    json: out.json(),
+                },
             };
             configs::run(&client(&cli)?, Kind::Provision, action).await
         }
         Command::Concurrency(cmd) => {
             let action = match cmd {
-                ConcurrencyCommand::Put { function, reserved } => configs::Action::Put {
+                ConcurrencyCommand::Put {
+                    function,
+                    reserved,
+                    out,
+                } => configs::Action::Put {
                     function,
                     body: configs::concurrency_body(*reserved),
+                    json: out.json(),
                 },
-                ConcurrencyCommand::Get { function } => configs::Action::Get { function },
+                ConcurrencyCommand::Get { function, out } => configs::Action::Get {
+                    function,
+                    json: out.json(),
+                },
                 ConcurrencyCommand::List { function, out } => configs::Action::List {
                     function: function.as_deref(),
                     json: out.json(),
                 },
-                ConcurrencyCommand::Delete { function } => configs::Action::Delete { function },
+                ConcurrencyCommand::Delete { function, out } => configs::Action::Delete {
+                    function,
+                    json: out.json(),
+                },
             };
             configs::run(&client(&cli)?, Kind::Concurrency, action).await
         }
@@ -1217,17 +1343,19 @@ pub async fn run(cli: Cli) -> Result<()> {
             };
             let s = nodes::Scheduler::from_state_dir(&state_dir)?;
             match &args.command {
-                LimitsCommand::Get { account } => {
+                LimitsCommand::Get { account, out } => {
                     let l = s.limits(account).await?;
-                    println!("{}", serde_json::to_string_pretty(&l)?);
+                    crate::output::object(&serde_json::to_value(&l)?, out.json())?;
                 }
-                LimitsCommand::Set { account, file } => {
+                LimitsCommand::Set { account, file, out } => {
                     let l = s.set_limits(account, &nodes::read_limits(file)?).await?;
-                    println!("{}", serde_json::to_string_pretty(&l)?);
+                    crate::output::object(&serde_json::to_value(&l)?, out.json())?;
                 }
-                LimitsCommand::Reset { account } => {
+                LimitsCommand::Reset { account, out } => {
                     s.reset_limits(account).await?;
-                    println!("account {account} is back to the default limits");
+                    let v = serde_json::json!({"accountId": account, "limits": "default"});
+                    let text = format!("account {account} is back to the default limits");
+                    crate::output::done(&v, out.json(), &text)?;
                 }
             }
             Ok(())
@@ -1246,7 +1374,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 None => credentials::default_dir()?,
             };
             let s = nodes::Scheduler::from_state_dir(&state_dir)?;
-            let (node, action) = match &args.command {
+            let (node, action, out) = match &args.command {
                 NodesCommand::List { out } => {
                     let all = s.list().await?;
                     if out.json() {
@@ -1256,33 +1384,39 @@ pub async fn run(cli: Cli) -> Result<()> {
                     }
                     return Ok(());
                 }
-                NodesCommand::Revoke { node } => {
+                NodesCommand::Revoke { node, out } => {
                     let r = s.revoke(node).await?;
-                    println!(
+                    let text = format!(
                         "node {} is revoked; {} of its instances were written off and are replaced elsewhere",
                         r.node_id, r.instances_written_off
                     );
-                    return Ok(());
+                    return crate::output::done(&serde_json::to_value(&r)?, out.json(), &text);
                 }
-                NodesCommand::BootstrapToken { ttl, node } => {
+                NodesCommand::BootstrapToken { ttl, node, out } => {
                     let t = s.bootstrap_token(*ttl, node.as_deref()).await?;
-                    println!("{}", serde_json::to_string_pretty(&t)?);
-                    return Ok(());
+                    return crate::output::object(&serde_json::to_value(&t)?, out.json());
                 }
-                NodesCommand::Cordon { node } => (node, "cordon"),
-                NodesCommand::Drain { node } => (node, "drain"),
-                NodesCommand::Uncordon { node } => (node, "uncordon"),
+                NodesCommand::Cordon { node, out } => (node, "cordon", out),
+                NodesCommand::Drain { node, out } => (node, "drain", out),
+                NodesCommand::Uncordon { node, out } => (node, "uncordon", out),
             };
             let n = s.act(node, action).await?;
-            println!("node {} is {}", n.node_id, n.state);
-            Ok(())
+            let text = format!("node {} is {}", n.node_id, n.state);
+            crate::output::done(&serde_json::to_value(&n)?, out.json(), &text)
         }
     }
 }
 
 async fn run_keys(g: &keys::Gateway, command: &KeysCommand) -> Result<()> {
     match command {
-        KeysCommand::Create { account } => keys::print_created(&g.create(account).await?),
+        KeysCommand::Create { account, out } => {
+            let k = g.create(account).await?;
+            if out.json() {
+                println!("{}", serde_json::to_string_pretty(&k)?);
+            } else {
+                keys::print_created(&k);
+            }
+        }
         KeysCommand::List { account, out } => {
             let mut all = g.list().await?;
             if let Some(a) = account {
@@ -1294,17 +1428,16 @@ async fn run_keys(g: &keys::Gateway, command: &KeysCommand) -> Result<()> {
                 keys::print_table(&all);
             }
         }
-        KeysCommand::Disable { id } => {
-            let k = g.set_enabled(id, false).await?;
-            println!("access key {} is {}", k.access_key_id, k.status);
+        KeysCommand::Disable { id, out } | KeysCommand::Enable { id, out } => {
+            let enable = matches!(command, KeysCommand::Enable { .. });
+            let k = g.set_enabled(id, enable).await?;
+            let text = format!("access key {} is {}", k.access_key_id, k.status);
+            crate::output::done(&serde_json::to_value(&k)?, out.json(), &text)?;
         }
-        KeysCommand::Enable { id } => {
-            let k = g.set_enabled(id, true).await?;
-            println!("access key {} is {}", k.access_key_id, k.status);
-        }
-        KeysCommand::Delete { id } => {
+        KeysCommand::Delete { id, out } => {
             g.delete(id).await?;
-            println!("access key {id} is deleted");
+            let v = serde_json::json!({"accessKeyId": id, "deleted": true});
+            crate::output::done(&v, out.json(), &format!("access key {id} is deleted"))?;
         }
     }
     Ok(())

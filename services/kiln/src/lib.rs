@@ -8,6 +8,7 @@ pub mod commands;
 pub mod credentials;
 pub mod dev_config;
 pub mod loadgen;
+pub mod output;
 pub mod project;
 pub mod service_runtime;
 pub mod signing;

@@ -166,6 +166,25 @@ async fn cli_manages_provision_and_concurrency_configs() {
         2
     );
 
+    // `-o table`: one KEY VALUE line a field.
+    let o = run(&["provision", "get", "web", "-o", "table"]).await;
+    assert!(o.status.success(), "{o:?}");
+    let table = stdout(&o);
+    let line = table
+        .lines()
+        .find(|l| l.starts_with("defaultTarget"))
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .unwrap_or_else(|| panic!("{o:?}"));
+    assert_eq!(line, vec!["defaultTarget", "2"]);
+
+    // An action says what it did, or with `-o json` names it.
+    let o = run(&["provision", "delete", "web", "-o", "json"]).await;
+    assert!(o.status.success(), "{o:?}");
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(
+        (v["functionName"].as_str(), v["deleted"].as_str()),
+        (Some("web"), Some("provision"))
+    );
     let o = run(&["provision", "delete", "web"]).await;
     assert!(o.status.success(), "{o:?}");
     assert!(stdout(&o).contains("deleted"), "{o:?}");

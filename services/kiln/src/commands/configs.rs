@@ -179,9 +179,11 @@ pub enum Action<'a> {
     Put {
         function: &'a str,
         body: Value,
+        json: bool,
     },
     Get {
         function: &'a str,
+        json: bool,
     },
     List {
         function: Option<&'a str>,
@@ -189,19 +191,20 @@ pub enum Action<'a> {
     },
     Delete {
         function: &'a str,
+        json: bool,
     },
 }
 
 /// Carry out `action` on `kind`'s configurations and print the result.
 pub async fn run(client: &FcClient, kind: Kind, action: Action<'_>) -> Result<()> {
     match action {
-        Action::Put { function, body } => {
-            let v = put(client, kind, function, &body).await?;
-            println!("{}", serde_json::to_string_pretty(&v)?);
-        }
-        Action::Get { function } => {
-            let v = get(client, kind, function).await?;
-            println!("{}", serde_json::to_string_pretty(&v)?);
+        Action::Put {
+            function,
+            body,
+            json,
+        } => crate::output::object(&put(client, kind, function, &body).await?, json)?,
+        Action::Get { function, json } => {
+            crate::output::object(&get(client, kind, function).await?, json)?
         }
         Action::List { function, json } => {
             let all = list(client, kind, function).await?;
@@ -211,13 +214,18 @@ pub async fn run(client: &FcClient, kind: Kind, action: Action<'_>) -> Result<()
                 print!("{}", table(kind, &all));
             }
         }
-        Action::Delete { function } => {
+        Action::Delete { function, json } => {
             delete(client, kind, function).await?;
             let what = match kind {
                 Kind::Provision => "provision",
                 Kind::Concurrency => "concurrency",
             };
-            println!("deleted the {what} config of {function}");
+            let v = serde_json::json!({"functionName": function, "deleted": what});
+            crate::output::done(
+                &v,
+                json,
+                &format!("deleted the {what} config of {function}"),
+            )?;
         }
     }
     Ok(())
