@@ -566,7 +566,12 @@ pub enum VersionsCommand {
         output: Output,
     },
     /// Delete a version no alias points at.
-    Delete { function: String, version: String },
+    Delete {
+        function: String,
+        version: String,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -615,6 +620,8 @@ pub enum AliasesCommand {
     Delete {
         function: String,
         alias: String,
+        #[command(flatten)]
+        out: OutputArgs,
     },
     /// The function's aliases.
     List {
@@ -720,6 +727,8 @@ pub enum TriggersCommand {
     Delete {
         function: String,
         trigger: String,
+        #[command(flatten)]
+        out: OutputArgs,
     },
     /// The function's triggers.
     List {
@@ -812,6 +821,8 @@ pub enum DomainsCommand {
     },
     Delete {
         domain: String,
+        #[command(flatten)]
+        out: OutputArgs,
     },
     /// The account's custom domains.
     List {
@@ -1018,9 +1029,15 @@ pub async fn run(cli: Cli) -> Result<()> {
                     let all = versions::list(&client, function).await?;
                     versions::print(*output, &all, versions::versions_table)?;
                 }
-                VersionsCommand::Delete { function, version } => {
+                VersionsCommand::Delete {
+                    function,
+                    version,
+                    out,
+                } => {
                     versions::delete(&client, function, version).await?;
-                    println!("deleted version {version} of {function}");
+                    let v = serde_json::json!({"functionName": function, "versionId": version, "deleted": true});
+                    let text = format!("deleted version {version} of {function}");
+                    crate::output::done(&v, out.json(), &text)?;
                 }
             }
             Ok(())
@@ -1075,9 +1092,15 @@ pub async fn run(cli: Cli) -> Result<()> {
                     let a = versions::update_alias(&client, function, alias, &fields).await?;
                     versions::print_one(*output, &a, versions::aliases_table)?;
                 }
-                AliasesCommand::Delete { function, alias } => {
+                AliasesCommand::Delete {
+                    function,
+                    alias,
+                    out,
+                } => {
                     versions::delete_alias(&client, function, alias).await?;
-                    println!("deleted alias {alias} of {function}");
+                    let v = serde_json::json!({"functionName": function, "aliasName": alias, "deleted": true});
+                    let text = format!("deleted alias {alias} of {function}");
+                    crate::output::done(&v, out.json(), &text)?;
                 }
                 AliasesCommand::List {
                     function,
@@ -1155,9 +1178,15 @@ pub async fn run(cli: Cli) -> Result<()> {
                     let t = triggers::update(&client, function, trigger, &fields).await?;
                     versions::print_one(*output, &t, triggers::table)?;
                 }
-                TriggersCommand::Delete { function, trigger } => {
+                TriggersCommand::Delete {
+                    function,
+                    trigger,
+                    out,
+                } => {
                     triggers::delete(&client, function, trigger).await?;
-                    println!("deleted trigger {trigger} of {function}");
+                    let v = serde_json::json!({"functionName": function, "triggerName": trigger, "deleted": true});
+                    let text = format!("deleted trigger {trigger} of {function}");
+                    crate::output::done(&v, out.json(), &text)?;
                 }
                 TriggersCommand::List {
                     function,
@@ -1193,9 +1222,14 @@ pub async fn run(cli: Cli) -> Result<()> {
                     let d = domains::update(&client, domain, &settings.fields()?).await?;
                     versions::print_one(*output, &d, domains::table)?;
                 }
-                DomainsCommand::Delete { domain } => {
+                DomainsCommand::Delete { domain, out } => {
                     domains::delete(&client, domain).await?;
-                    println!("deleted custom domain {domain}");
+                    let v = serde_json::json!({"domainName": domain, "deleted": true});
+                    crate::output::done(
+                        &v,
+                        out.json(),
+                        &format!("deleted custom domain {domain}"),
+                    )?;
                 }
                 DomainsCommand::List { prefix, output } => {
                     let all = domains::list(&client, prefix.as_deref()).await?;
