@@ -729,11 +729,31 @@ impl ImageCache {
         let mut hasher = Sha256::new();
         let mut total = 0u64;
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| ImageError::Unreachable {
-                registry: reference.resolve_registry().to_owned(),
-                reference: name.to_owned(),
-                reason: format!("reading {what}: {e}"),
-            })?;
+            let chunk = match chunk {
+                Ok(c) => c,
+                // The client checks the digest too, at the stream's end:
+                // every byte has been hashed here, so say what it hashed to.
+                Err(e)
+                    if e.get_ref()
+                        .is_some_and(|r| r.is::<oci_client::errors::DigestError>()) =>
+                {
+                    let actual = format!("sha256:{}", hex::encode(hasher.finalize()));
+                    tracing::error!(image = name, what, expected = %desc.digest, %actual, "image blob failed verification; refused");
+                    return Err(ImageError::DigestMismatch {
+                        reference: name.to_owned(),
+                        what: what.to_owned(),
+                        expected: desc.digest.clone(),
+                        actual,
+                    });
+                }
+                Err(e) => {
+                    return Err(ImageError::Unreachable {
+                        registry: reference.resolve_registry().to_owned(),
+                        reference: name.to_owned(),
+                        reason: format!("reading {what}: {e}"),
+                    })
+                }
+            };
             total += chunk.len() as u64;
             if total > limit {
                 return Err(ImageError::TooLarge {

@@ -524,7 +524,12 @@ impl InstanceManager {
                 spec.runtime
             ));
         }
-        if spec.command.is_empty() || spec.command[0].is_empty() {
+        // A custom-container spec's command comes from its image (or its
+        // own entrypoint), resolved when the image is pulled.
+        if spec.runtime.is_container_image() != spec.image.is_some() {
+            return invalid("an image is given exactly for runtime custom-container".into());
+        }
+        if spec.image.is_none() && (spec.command.is_empty() || spec.command[0].is_empty()) {
             return invalid("the spec has no command".into());
         }
         if spec.port == 0 {

@@ -1,9 +1,8 @@
 //! A custom-container instance's root filesystem: the image's unpacked
 //! layers (shared, immutable, in the agent's content-addressed cache)
 //! merged by overlayfs with a per-instance upper on the instance's own
-//! size-limited disk, bound read-only as the container's root (runc makes
-//! the mount points it needs in the upper before the root turns
-//! read-only). `/tmp`, `/etc/hosts`, the namespaces, seccomp, capabilities
+//! size-limited disk (holding only the mount points runc needs), bound
+//! read-only as the container's root. `/tmp`, `/etc/hosts`, the namespaces, seccomp, capabilities
 //! and limits are those of every other instance; `/code` is absent (the
 //! image is the code); the process runs as the image's user and in its
 //! working directory, inside the sandbox's user namespace.
@@ -70,14 +69,41 @@ pub fn mount_image_rootfs(
         std::os::unix::fs::chown(&dir, Some(uid), Some(uid))
             .map_err(|e| fs_err(dir.display(), e))?;
     }
+    // The mount points runc binds over, made here so that the root can be
+    // read-only from the start (an image may lack any of them).
+    let upper = rootfs_upper(paths);
+    for (dir, mode) in [
+        ("proc", 0o555),
+        ("dev", 0o755),
+        ("sys", 0o555),
+        ("tmp", 0o1777),
+        ("etc", 0o755),
+    ] {
+        let d = upper.join(dir);
+        std::fs::create_dir(&d).map_err(|e| fs_err(d.display(), e))?;
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| fs_err(d.display(), e))?;
+        std::os::unix::fs::chown(&d, Some(uid), Some(uid)).map_err(|e| fs_err(d.display(), e))?;
+    }
+    let hosts = upper.join("etc/hosts");
+    std::fs::write(&hosts, b"").map_err(|e| fs_err(hosts.display(), e))?;
+    std::os::unix::fs::chown(&hosts, Some(uid), Some(uid))
+        .map_err(|e| fs_err(hosts.display(), e))?;
+    let merged = merged_dir(paths);
+    std::fs::create_dir(&merged).map_err(|e| fs_err(merged.display(), e))?;
     mounter
-        .overlay_lowers(
-            &image.layers,
-            &rootfs_upper(paths),
-            &rootfs_work(paths),
-            &paths.rootfs(),
-        )
-        .map_err(|e| fs_err("image root filesystem overlay", e))
+        .overlay_lowers(&image.layers, &upper, &rootfs_work(paths), &merged)
+        .map_err(|e| fs_err("image root filesystem overlay", e))?;
+    // Read-only as every runtime's root: nothing of the image changes.
+    mounter
+        .bind_readonly(&merged, &paths.rootfs())
+        .map_err(|e| fs_err("image root filesystem", e))
+}
+
+/// Where the image's layers are merged on the host, before the read-only
+/// bind at the bundle's root.
+fn merged_dir(paths: &InstancePaths) -> PathBuf {
+    paths.dir.join("image-root")
 }
 
 /// Turn a bundle's `config.json` into an image instance's: no `/code`,
@@ -156,9 +182,20 @@ mod tests {
         assert!(
             calls.iter().any(
                 |c| matches!(c, MountCall::OverlayLowers { lowers, target, .. }
-                if lowers == &vec![top.clone(), base.clone()] && target == &paths.rootfs())
+                if lowers == &vec![top.clone(), base.clone()] && target == &merged_dir(&paths))
             ),
             "{calls:?}"
         );
+        assert!(
+            calls
+                .iter()
+                .any(|c| matches!(c, MountCall::BindReadonly { source, target }
+                if source == &merged_dir(&paths) && target == &paths.rootfs())),
+            "{calls:?}"
+        );
+        // runc's mount points exist before the root is bound read-only.
+        for p in ["proc", "dev", "sys", "tmp", "etc/hosts"] {
+            assert!(paths.disk().join("rootfs-upper").join(p).exists(), "{p}");
+        }
     }
 }
