@@ -1142,6 +1142,80 @@ mod tests {
         assert!(resolve_argv(&image(&[], &[]), &run(&[], &[])).is_err());
     }
 
+    fn cache_with(dir: &Path, layers: &[&str], budget_mb: u64) -> ImageCache {
+        let l = dir.join("layers");
+        std::fs::create_dir_all(&l).unwrap();
+        for hex in layers {
+            std::fs::create_dir(l.join(hex)).unwrap();
+            let rec = LayerRecord {
+                diff_id: format!("sha256:{hex}"),
+                bytes: 1024 * 1024,
+            };
+            std::fs::write(
+                l.join(format!("{hex}.json")),
+                serde_json::to_vec(&rec).unwrap(),
+            )
+            .unwrap();
+        }
+        ImageCache::new(ImageCacheSettings {
+            dir: dir.to_owned(),
+            id_base: None,
+            ca_bundle: None,
+            max_image_mb: 1,
+            budget_mb,
+            pull_timeout: Duration::from_secs(5),
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn unused_layers_are_evicted_under_the_budget_and_used_ones_never() {
+        let tmp = tempfile::tempdir().unwrap();
+        let [a, b, c] = ["a", "b", "c"].map(|x| x.repeat(64));
+        let cache = cache_with(tmp.path(), &[&a, &b, &c], 2);
+        assert_eq!(cache.usage(), (3 * 1024 * 1024, 0));
+        // b is used by an instance; a and c are not, one of them goes.
+        cache.pin("i-1", vec![b.clone()]);
+        cache.evict();
+        assert_eq!(cache.usage(), (2 * 1024 * 1024, 1));
+        assert!(cache.layer_path(&b).is_dir());
+        assert_eq!(
+            [&a, &c]
+                .iter()
+                .filter(|h| cache.layer_path(h).is_dir())
+                .count(),
+            1
+        );
+        // Every layer in use: over the budget rather than evicting one.
+        let kept = if cache.layer_path(&a).is_dir() {
+            &a
+        } else {
+            &c
+        };
+        cache.pin("i-2", vec![kept.clone()]);
+        let cache2 = cache_with(&tmp.path().join("other"), &[&a, &b, &c], 1);
+        cache2.pin("i", vec![a.clone(), b.clone(), c.clone()]);
+        cache2.evict();
+        assert_eq!(cache2.usage(), (3 * 1024 * 1024, 0));
+        // Unpinned, they go down to the budget; nothing half-evicted is
+        // left beside them.
+        cache2.unpin("i");
+        cache2.evict();
+        assert_eq!(cache2.usage().0, 1024 * 1024);
+        let leftovers = std::fs::read_dir(tmp.path().join("other/layers"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".evicted"))
+            .count();
+        assert_eq!(leftovers, 0);
+        // A layer dir without its record is not trusted: removed at start.
+        let d = tmp.path().join("third");
+        std::fs::create_dir_all(d.join("layers").join(&a)).unwrap();
+        let cache3 = cache_with(&d, &[], 10);
+        assert_eq!(cache3.usage(), (0, 0));
+        assert!(!cache3.layer_path(&a).exists());
+    }
+
     #[test]
     fn users_map_by_number_or_by_the_images_own_files() {
         let tmp = tempfile::tempdir().unwrap();

@@ -988,6 +988,150 @@ mod tests {
         assert!(err_of(with("code", json!({"zipFile": "%%%"}))).contains("base64"));
     }
 
+    fn container(ccc: Value) -> Result<FunctionConfig, FcError> {
+        let v = json!({"functionName": "f", "runtime": "custom-container", "handler": "h",
+                       "customContainerConfig": ccc});
+        let p = parse_input(v.to_string().as_bytes())?;
+        require_code(&p)?;
+        build_config(None, &p, no_code())
+    }
+
+    fn container_err(ccc: Value) -> String {
+        let e = container(ccc).unwrap_err();
+        assert_eq!(e.code, FcErrorCode::InvalidArgument, "{e}");
+        e.message
+    }
+
+    #[test]
+    fn custom_container_functions_take_fcs_container_config() {
+        let auth = json!({"authConfig": {"userName": "u", "password": "p4ss"}});
+        let c = container(json!({"image": "registry.example:5000/team/app:v1",
+            "entrypoint": ["/app/server"], "command": ["--port", "8080"], "port": 8080,
+            "healthCheckConfig": {"httpGetUrl": "/ready"}, "accelerationType": "Default",
+            "resolvedImageUri": "ignored@sha256:00", "registryConfig": auth}))
+        .unwrap();
+        let cc = c.container.clone().unwrap();
+        assert_eq!(cc.image, "registry.example:5000/team/app:v1");
+        assert_eq!(cc.entrypoint, ["/app/server"]);
+        assert_eq!(cc.command, ["--port", "8080"]);
+        assert_eq!(c.port, 8080);
+        assert_eq!(cc.registry_password.as_deref(), Some("p4ss"));
+        assert_eq!(c.code, no_code());
+        // FC's default port.
+        assert_eq!(
+            container(json!({"image": "r.example/a:1"})).unwrap().port,
+            9000
+        );
+        // GetFunction shows the user, never the password.
+        let shown = cc.to_fc(c.port).to_string();
+        assert!(
+            shown.contains("\"userName\":\"u\"") && !shown.contains("p4ss"),
+            "{shown}"
+        );
+        // The stored document holds no password; the sealed values do.
+        let (secrets, doc) = c.take_secrets();
+        assert!(!doc.to_string().contains("p4ss"));
+        assert_eq!(secrets[kiln_core::REGISTRY_PASSWORD_KEY], "p4ss");
+        let mut back: FunctionConfig = serde_json::from_value(doc).unwrap();
+        back.put_secrets(secrets);
+        assert_eq!(back, c);
+
+        // An update naming the same user without a password keeps it; a
+        // new user needs one.
+        let p = parse_input(
+            json!({"customContainerConfig": {"image": "r.example/a:2",
+                   "registryConfig": {"authConfig": {"userName": "u"}}}})
+            .to_string()
+            .as_bytes(),
+        )
+        .unwrap();
+        let up = build_config(Some(&c), &p, no_code()).unwrap();
+        let ucc = up.container.unwrap();
+        assert_eq!(
+            (ucc.image.as_str(), ucc.registry_password.as_deref()),
+            ("r.example/a:2", Some("p4ss"))
+        );
+        assert_eq!(ucc.entrypoint, ["/app/server"], "what is not given is kept");
+        let p = parse_input(
+            json!({"customContainerConfig": {"registryConfig": {"authConfig": {"userName": "v"}}}})
+                .to_string()
+                .as_bytes(),
+        )
+        .unwrap();
+        assert!(build_config(Some(&c), &p, no_code())
+            .unwrap_err()
+            .message
+            .contains("both"));
+    }
+
+    #[test]
+    fn unsupported_container_fields_are_refused_by_name() {
+        for (ccc, says) in [
+            (json!({}), "image is required"),
+            (
+                json!({"image": "a:1", "acrInstanceId": "cri-x"}),
+                "acrInstanceId",
+            ),
+            (
+                json!({"image": "a:1", "registryConfig": {"networkConfig": {"vpcId": "v"}}}),
+                "networkConfig",
+            ),
+            (
+                json!({"image": "a:1", "registryConfig": {"certConfig": {"insecure": true}}}),
+                "insecure",
+            ),
+            (
+                json!({"image": "a:1", "registryConfig": {"certConfig": {"rootCaCertBase64": "eA=="}}}),
+                "rootCaCertBase64",
+            ),
+            (
+                json!({"image": "a:1", "accelerationType": "Fast"}),
+                "accelerationType",
+            ),
+            (json!({"image": "a:1", "port": 0}), "port"),
+            (
+                json!({"image": "https://r.example/a:1"}),
+                "not an image reference",
+            ),
+            (json!({"image": "r.example/a b"}), "not an image reference"),
+            (json!({"image": "a:1", "somethingElse": 1}), "unknown field"),
+            (
+                json!({"image": "a:1", "registryConfig": {"authConfig": {"password": "p"}}}),
+                "both",
+            ),
+        ] {
+            let m = container_err(ccc.clone());
+            assert!(m.contains(says), "{ccc}: {m}");
+        }
+        // No code package, no customRuntimeConfig, no layers.
+        let v = json!({"functionName": "f", "runtime": "custom-container", "handler": "h",
+                       "customContainerConfig": {"image": "a:1"},
+                       "code": {"zipFile": "UEsFBgAAAAAAAAAAAAAAAAAAAAAAAA=="}});
+        let p = parse_input(v.to_string().as_bytes()).unwrap();
+        assert!(require_code(&p)
+            .unwrap_err()
+            .message
+            .contains("custom-container"));
+        let v = json!({"functionName": "f", "runtime": "custom-container", "handler": "h",
+                       "customContainerConfig": {"image": "a:1"}, "customRuntimeConfig": {"port": 9000}});
+        let p = parse_input(v.to_string().as_bytes()).unwrap();
+        assert!(build_config(None, &p, no_code())
+            .unwrap_err()
+            .message
+            .contains("customRuntimeConfig"));
+        // Other runtimes: no container config, and code is still required.
+        assert!(
+            err_of(with("customContainerConfig", json!({"image": "a:1"})))
+                .contains("custom-container only")
+        );
+        let p = parse_input(json!({"runtime": "custom"}).to_string().as_bytes()).unwrap();
+        let c = container(json!({"image": "a:1"})).unwrap();
+        assert!(build_config(Some(&c), &p, no_code())
+            .unwrap_err()
+            .message
+            .contains("code is required"));
+    }
+
     #[test]
     fn internet_access_and_vpc_config_become_the_instance_network() {
         let c = create(base()).unwrap();

@@ -304,6 +304,47 @@ async fn custom_container_functions_pull_verify_share_and_fail_clearly() {
     );
     // base + three top layers (app v1, app v2, other).
     assert_eq!(layer_dirs.len(), 4, "{layer_dirs:?}");
+    // The registry password is sealed at rest: not in the gateway's or
+    // the scheduler's database files.
+    for db in ["gateway/gateway.db", "scheduler/scheduler.db"] {
+        let bytes = std::fs::read(dev.state.path().join(db)).unwrap();
+        let wal = std::fs::read(dev.state.path().join(format!("{db}-wal"))).unwrap_or_default();
+        for data in [bytes, wal] {
+            assert!(
+                !data
+                    .windows(registry::PASSWORD.len())
+                    .any(|w| w == registry::PASSWORD.as_bytes()),
+                "{db} holds the registry password in plaintext"
+            );
+        }
+    }
+
+    // Concurrent cold starts of one image (two functions) pull it once.
+    let conc = images.push("conc", "v1", "conc", None);
+    for name in ["conc-a", "conc-b"] {
+        let (status, f) = create(
+            &c,
+            name,
+            json!({"image": format!("{host}/conc:v1"), "registryConfig": auth()}),
+        )
+        .await;
+        assert_eq!(status, 200, "{f}");
+    }
+    let (a, b) = tokio::join!(invoke(&c, "conc-a"), invoke(&c, "conc-b"));
+    assert_eq!((a.0, b.0), (200, 200), "{a:?} {b:?}\n{}", dev.log_tail());
+    assert_eq!(
+        (&a.1["version"], &b.1["version"]),
+        (&json!("conc"), &json!("conc"))
+    );
+    let log = std::fs::read_to_string(dev.state.path().join("dev.log")).unwrap();
+    let pulls = log
+        .lines()
+        .filter(|l| l.contains("image layer pulled and unpacked") && l.contains(&conc.digest))
+        .count();
+    assert_eq!(
+        pulls, 1,
+        "concurrent cold starts pulled the layer {pulls} times"
+    );
 
     // Failures, each a clear FC error and nothing cached.
     let cases: Vec<(&str, Value, &str)> = vec![
