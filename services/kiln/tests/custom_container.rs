@@ -380,6 +380,26 @@ async fn custom_container_functions_pull_verify_share_and_fail_clearly() {
         assert!(msg.contains(says), "{name}: {msg}");
         assert!(!msg.contains(registry::PASSWORD), "{name}: {msg}");
     }
+    // The official Python SDK, unmodified: its CustomContainerConfig and
+    // RegistryConfig models.
+    if let Some(python) = kiln_test_support::sdk_python() {
+        let out = Command::new(python)
+            .arg(common::repo_root().join("tests/sdk/python_sdk_container.py"))
+            .arg(&dev.creds_path)
+            .arg(format!("{host}/other:v1"))
+            .arg(registry::USER)
+            .arg(registry::PASSWORD)
+            .output()
+            .expect("run python_sdk_container.py");
+        println!("{}", String::from_utf8_lossy(&out.stdout));
+        assert!(
+            out.status.success(),
+            "the SDK run failed:\n{}{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            dev.log_tail()
+        );
+    }
     let tampered_hex = tampered.digest.trim_start_matches("sha256:");
     assert!(
         !find_layer_dirs(dev.state.path())
