@@ -208,7 +208,12 @@ fn clean_path(raw: &[u8]) -> Result<PathBuf, LayerError> {
 
 /// Every existing ancestor of `rel` under `root` must be a real directory:
 /// nothing is ever written through a symbolic link the layer made.
-fn check_parents(root: &Path, rel: &Path, shown: &str) -> Result<(), LayerError> {
+fn check_parents(
+    root: &Path,
+    rel: &Path,
+    shown: &str,
+    implicit: &mut Vec<PathBuf>,
+) -> Result<(), LayerError> {
     let mut at = root.to_owned();
     let mut comps: Vec<_> = rel.components().collect();
     comps.pop();
@@ -225,6 +230,7 @@ fn check_parents(root: &Path, rel: &Path, shown: &str) -> Result<(), LayerError>
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 fs::create_dir(&at).map_err(io_err(&at))?;
                 fs::set_permissions(&at, Permissions::from_mode(0o755)).map_err(io_err(&at))?;
+                implicit.push(at.clone());
             }
             Err(e) => return Err(io_err(&at)(e)),
         }
@@ -270,6 +276,8 @@ fn fill(
     // Directory modes and owners are applied at the end, deepest first, so
     // a read-only directory does not stop its own entries being written.
     let mut dirs: HashMap<PathBuf, (u32, Option<(u32, u32)>)> = HashMap::new();
+    // Directories the layer names only as parents: 0755, the image's root.
+    let mut implicit: Vec<PathBuf> = Vec::new();
     {
         let mut archive = tar::Archive::new(&mut hashing);
         let iter = archive
@@ -321,7 +329,7 @@ fn fill(
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            check_parents(root, &rel, &shown)?;
+            check_parents(root, &rel, &shown, &mut implicit)?;
             let path = root.join(&rel);
             // Whiteouts: overlayfs' markers, made here.
             if file_name == OPAQUE_MARKER {
@@ -420,7 +428,7 @@ fn fill(
                         })?
                         .into_owned();
                     let target_rel = clean_path(&target)?;
-                    check_parents(root, &target_rel, &shown)?;
+                    check_parents(root, &target_rel, &shown, &mut implicit)?;
                     let source = root.join(&target_rel);
                     // Only a regular file this layer already holds.
                     match fs::symlink_metadata(&source) {
@@ -463,9 +471,18 @@ fn fill(
     }
     // Whatever follows the archive's end (padding) is part of the blob.
     io::copy(&mut hashing, &mut io::sink()).map_err(|e| LayerError::Corrupt(e.to_string()))?;
+    for dir in implicit {
+        dirs.entry(dir).or_insert((0o755, id_base.map(|b| (b, b))));
+    }
     let mut ordered: Vec<_> = dirs.into_iter().collect();
     ordered.sort_by_key(|(p, _)| std::cmp::Reverse(p.components().count()));
     for (dir, (mode, owner)) in ordered {
+        // A later entry may have replaced the directory (by a link, say):
+        // chmod follows links, so only what is still a directory here.
+        match fs::symlink_metadata(&dir) {
+            Ok(m) if m.is_dir() => {}
+            _ => continue,
+        }
         fs::set_permissions(&dir, Permissions::from_mode(mode)).map_err(io_err(&dir))?;
         if let Some((uid, gid)) = owner {
             lchown(&dir, Some(uid), Some(gid)).map_err(io_err(&dir))?;
@@ -650,6 +667,74 @@ mod tests {
                 "{what} left files behind"
             );
         }
+    }
+
+    /// Corrupted layers (bytes flipped in a valid one with links, hard
+    /// links and directories) give an error or a layer, never a panic, and
+    /// never anything outside the layer's directory.
+    #[test]
+    fn mutated_layers_never_panic_or_escape() {
+        let tar = tar_of(&[
+            E::Dir("a/", 0o755),
+            E::File("a/f", b"hello world", 0o644),
+            E::Sym("a/s", "../../outside"),
+            E::Hard("a/h", "a/f"),
+            E::File("b/g", &[7u8; 3000], 0o755),
+        ]);
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..300 {
+            let mut t = tar.clone();
+            for _ in 0..1 + next() % 8 {
+                let i = (next() as usize) % t.len();
+                t[i] = next() as u8;
+            }
+            let tmp = tempfile::tempdir().unwrap();
+            let outer = tmp.path().join("outer");
+            fs::create_dir(&outer).unwrap();
+            let _ = unpack_layer(
+                &t[..],
+                LayerCompression::None,
+                &outer.join("l"),
+                None,
+                limits(),
+            );
+            for e in fs::read_dir(&outer).unwrap().flatten() {
+                assert_eq!(e.file_name(), "l", "something beside the layer");
+            }
+            assert_eq!(
+                fs::read_dir(tmp.path()).unwrap().count(),
+                1,
+                "something outside"
+            );
+        }
+    }
+
+    #[test]
+    fn a_directory_replaced_by_a_link_never_changes_what_the_link_names() {
+        let tmp = tempfile::tempdir().unwrap();
+        let victim = tmp.path().join("victim");
+        fs::create_dir(&victim).unwrap();
+        fs::set_permissions(&victim, Permissions::from_mode(0o700)).unwrap();
+        let tar = tar_of(&[E::Dir("x/", 0o777), E::Sym("x", victim.to_str().unwrap())]);
+        unpack_layer(
+            &tar[..],
+            LayerCompression::None,
+            &tmp.path().join("l"),
+            None,
+            limits(),
+        )
+        .unwrap();
+        assert_eq!(fs::metadata(&victim).unwrap().mode() & 0o777, 0o700);
+        assert!(fs::symlink_metadata(tmp.path().join("l/x"))
+            .unwrap()
+            .file_type()
+            .is_symlink());
     }
 
     #[test]
