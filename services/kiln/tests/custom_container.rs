@@ -250,6 +250,25 @@ async fn custom_container_functions_pull_verify_share_and_fail_clearly() {
     assert_eq!(out["code"], false);
     assert_eq!(out["body"], "ping");
 
+    // No code package to download.
+    let r = c
+        .request(
+            Method::GET,
+            "/2023-03-30/functions/app/code",
+            &[],
+            &[],
+            Bytes::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status.as_u16(),
+        400,
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    assert!(String::from_utf8_lossy(&r.body).contains("custom-container"));
+
     // Update to a new tag (and FC's command replacing the image's Cmd):
     // new instances run the new image.
     let r = c
