@@ -419,6 +419,15 @@ async fn custom_container_functions_pull_verify_share_and_fail_clearly() {
             dev.log_tail()
         );
     }
+    // What the pulls and cold starts took, for the record.
+    let log = std::fs::read_to_string(dev.state.path().join("dev.log")).unwrap();
+    for line in log.lines().filter(|l| {
+        l.contains("image ready")
+            || l.contains("image layer pulled")
+            || l.contains("instance ready")
+    }) {
+        println!("{line}");
+    }
     let tampered_hex = tampered.digest.trim_start_matches("sha256:");
     assert!(
         !find_layer_dirs(dev.state.path())
