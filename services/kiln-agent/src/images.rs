@@ -527,7 +527,15 @@ impl ImageCache {
         let mut budget = self.max_image_bytes;
         for (desc, diff_id) in &resolved.layers {
             let bytes = self
-                .ensure_layer(&client, &reference, &image.reference, desc, diff_id, budget)
+                .ensure_layer(
+                    &client,
+                    &reference,
+                    &auth,
+                    &image.reference,
+                    desc,
+                    diff_id,
+                    budget,
+                )
                 .await?;
             budget = budget.saturating_sub(bytes);
         }
@@ -782,10 +790,12 @@ impl ImageCache {
     }
 
     /// One layer unpacked (once per node); returns its unpacked bytes.
+    #[allow(clippy::too_many_arguments)]
     async fn ensure_layer(
         &self,
         client: &Client,
         reference: &Reference,
+        auth: &RegistryAuth,
         name: &str,
         desc: &OciDescriptor,
         diff_id: &str,
@@ -801,6 +811,11 @@ impl ImageCache {
             if let Some(bytes) = self.cached_layer(&hex, diff_id, name)? {
                 return Ok(bytes);
             }
+            // The image may have been resolved by an earlier pull (this
+            // client has not authenticated yet): authenticate first.
+            client
+                .store_auth_if_needed(reference.resolve_registry(), auth)
+                .await;
             self.pull_layer(client, reference, name, desc, &hex, diff_id, budget)
                 .await
         }

@@ -419,6 +419,24 @@ async fn custom_container_functions_pull_verify_share_and_fail_clearly() {
             dev.log_tail()
         );
     }
+    // A layer gone from the node (as after an eviction) of an image this
+    // node has resolved: the next cold start authenticates and pulls it
+    // again.
+    let conc_dir = kiln::dev_config::agent_state_dir(dev.state.path())
+        .join("images/layers")
+        .join(conc.digest.trim_start_matches("sha256:"));
+    std::fs::remove_dir_all(&conc_dir).unwrap();
+    let (status, f) = create(
+        &c,
+        "conc-c",
+        json!({"image": format!("{host}/conc:v1"), "registryConfig": auth()}),
+    )
+    .await;
+    assert_eq!(status, 200, "{f}");
+    let (status, out) = invoke(&c, "conc-c").await;
+    assert_eq!(status, 200, "{out}\n{}", dev.log_tail());
+    assert!(conc_dir.is_dir());
+
     // What the pulls and cold starts took, for the record.
     let log = std::fs::read_to_string(dev.state.path().join("dev.log")).unwrap();
     for line in log.lines().filter(|l| {
