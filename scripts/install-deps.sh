@@ -12,6 +12,9 @@ need=()
 for pkg in runc iproute2 debootstrap nftables python3-venv libc6-dev openssl zip ca-certificates curl nginx-light nix-bin openvswitch-switch iperf3 ethtool e2fsprogs mount postgresql; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
+for pkg in docker-registry skopeo apache2-utils; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
+done
 # The microVM guest image (images/guest/build.sh: kernel from Debian's
 # packages, depmod, cpio, strip, erofs/squashfs disks) and its qemu TCG boot test.
 for pkg in qemu-system-x86 erofs-utils squashfs-tools cpio kmod binutils; do

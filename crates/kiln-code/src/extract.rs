@@ -36,7 +36,7 @@ pub(crate) fn extract<R: Read + Seek>(
     ));
     fs::create_dir(&tmp).map_err(|e| io_error(&tmp, e))?;
     let result = fill(archive, plan, &tmp, owner, limits)
-        .and_then(|produced| publish(&tmp, dest, parent).map(|()| produced));
+        .and_then(|produced| publish_dir(&tmp, dest, parent).map(|()| produced));
     if result.is_err() {
         // Only our own fresh directory: nothing is mounted below it.
         let _ = fs::remove_dir_all(&tmp);
@@ -111,7 +111,7 @@ fn finish_tree(dir: &Path, owner: Option<(u32, u32)>) -> Result<(), CodeError> {
 }
 
 /// Renames `tmp` to `dest` unless `dest` exists, then makes the rename durable.
-fn publish(tmp: &Path, dest: &Path, parent: &Path) -> Result<(), CodeError> {
+pub(crate) fn publish_dir(tmp: &Path, dest: &Path, parent: &Path) -> Result<(), CodeError> {
     rename_noreplace(tmp, dest)?;
     File::open(parent)
         .and_then(|d| d.sync_all())

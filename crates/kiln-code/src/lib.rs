@@ -12,6 +12,7 @@
 
 mod entries;
 mod extract;
+pub mod layer;
 
 use std::io::{self, Cursor};
 use std::path::{Path, PathBuf};
@@ -22,6 +23,7 @@ use sha2::{Digest, Sha256};
 use zip::ZipArchive;
 
 pub use entries::Limits;
+pub use layer::{unpack_layer, LayerCompression, LayerError, LayerInfo, LayerLimits};
 
 /// What Kiln records about an accepted package.
 #[derive(Debug, Clone, PartialEq, Eq)]

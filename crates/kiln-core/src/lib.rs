@@ -16,6 +16,6 @@ pub use error::{FcError, FcErrorCode, FcErrorKind};
 pub use error_chain::error_chain;
 pub use ids::{AccountId, FunctionName, IdError, InstanceId, LeaseId, NodeId, RequestId};
 pub use spec::{
-    HandlerLanguage, InstanceSpec, LifecycleHook, NetworkSpec, RuntimeName, SandboxKind,
-    VpcAttachment, NODEJS_BOOTSTRAP, PYTHON_BOOTSTRAP,
+    HandlerLanguage, ImageSpec, InstanceSpec, LifecycleHook, NetworkSpec, RuntimeName, SandboxKind,
+    VpcAttachment, NODEJS_BOOTSTRAP, PYTHON_BOOTSTRAP, REGISTRY_PASSWORD_KEY,
 };

@@ -34,6 +34,10 @@ pub enum RuntimeName {
     /// Built-in: Debian 13's Node.js 20; FC's `nodejs20`.
     #[serde(rename = "nodejs20")]
     Nodejs20,
+    /// FC's `custom-container`: the function is an OCI image the node
+    /// pulls from a registry ([`InstanceSpec::image`]); no runtime tree.
+    #[serde(rename = "custom-container")]
+    CustomContainer,
 }
 
 /// The language of a built-in runtime (FC's event handler model).
@@ -44,13 +48,14 @@ pub enum HandlerLanguage {
 }
 
 impl RuntimeName {
-    pub const ALL: [RuntimeName; 6] = [
+    pub const ALL: [RuntimeName; 7] = [
         RuntimeName::Custom,
         RuntimeName::CustomDebian12,
         RuntimeName::Python311,
         RuntimeName::Nodejs18,
         RuntimeName::Python313,
         RuntimeName::Nodejs20,
+        RuntimeName::CustomContainer,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -61,14 +66,21 @@ impl RuntimeName {
             Self::Nodejs18 => "nodejs18",
             Self::Python313 => "python3.13",
             Self::Nodejs20 => "nodejs20",
+            Self::CustomContainer => "custom-container",
         }
+    }
+
+    /// Whether the function is an OCI image rather than a code package on
+    /// one of the node's root filesystems.
+    pub fn is_container_image(self) -> bool {
+        self == Self::CustomContainer
     }
 
     /// The language whose handlers a built-in runtime calls; `None` for
     /// the custom runtimes (the function is its own HTTP server).
     pub fn handler_language(self) -> Option<HandlerLanguage> {
         match self {
-            Self::Custom | Self::CustomDebian12 => None,
+            Self::Custom | Self::CustomDebian12 | Self::CustomContainer => None,
             Self::Python311 | Self::Python313 => Some(HandlerLanguage::Python),
             Self::Nodejs18 | Self::Nodejs20 => Some(HandlerLanguage::Nodejs),
         }
@@ -83,6 +95,8 @@ impl RuntimeName {
             Self::CustomDebian12 => "custom.debian12",
             Self::Python311 | Self::Nodejs18 => "debian12-builtin",
             Self::Python313 | Self::Nodejs20 => "debian13-builtin",
+            // Never built: the root filesystem is the function's image.
+            Self::CustomContainer => "custom-container",
         }
     }
 
@@ -91,7 +105,11 @@ impl RuntimeName {
     pub fn debian_suite(self) -> &'static str {
         match self {
             Self::Python313 | Self::Nodejs20 => "trixie",
-            Self::Custom | Self::CustomDebian12 | Self::Python311 | Self::Nodejs18 => "bookworm",
+            Self::Custom
+            | Self::CustomDebian12
+            | Self::Python311
+            | Self::Nodejs18
+            | Self::CustomContainer => "bookworm",
         }
     }
 
@@ -114,7 +132,11 @@ impl RuntimeName {
             Self::Python313 => Some(
                 "not an FC runtime name (FC has no Python 3.13 runtime); FC's nearest: python3.12",
             ),
-            Self::Custom | Self::CustomDebian12 | Self::Nodejs18 | Self::Nodejs20 => None,
+            Self::Custom
+            | Self::CustomDebian12
+            | Self::Nodejs18
+            | Self::Nodejs20
+            | Self::CustomContainer => None,
         }
     }
 }
@@ -216,7 +238,40 @@ pub struct InstanceSpec {
     /// access without a VPC.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<NetworkSpec>,
+    /// FC's `customContainerConfig` for runtime `custom-container`: the
+    /// image the node pulls and how it starts. Absent from the JSON (and
+    /// so from the revision) for every other runtime.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageSpec>,
 }
+
+/// A custom-container function's image: FC's `customContainerConfig`
+/// (`image`, `entrypoint`, `command`) and `registryConfig.authConfig`.
+/// The registry password is a secret: stores keep it sealed with the
+/// environment ([`InstanceSpec::take_secrets`]), never in plain JSON.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageSpec {
+    /// The image reference as given: `registry[:port]/repository[:tag|@digest]`.
+    pub reference: String,
+    /// FC's `entrypoint`: replaces the image's `Entrypoint` (and, as in
+    /// OCI runtimes, drops its `Cmd`) when not empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub entrypoint: Vec<String>,
+    /// FC's `command`: the arguments, replacing the image's `Cmd` when not
+    /// empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry_username: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry_password: Option<String>,
+}
+
+/// Where a custom-container function's registry password travels among the
+/// sealed values of a spec: not a valid environment variable name, so it
+/// never collides with one.
+pub const REGISTRY_PASSWORD_KEY: &str = "kiln:registry-password";
 
 /// Where an instance may send traffic: FC's `internetAccess` (default true)
 /// and `vpcConfig`. Both false/absent means no egress at all.
@@ -256,6 +311,26 @@ impl InstanceSpec {
         self
     }
 
+    /// Move every secret out of the spec (the environment and the image's
+    /// registry password) into one map, for a store to seal; the spec left
+    /// holds none. [`InstanceSpec::put_secrets`] undoes it exactly.
+    pub fn take_secrets(&mut self) -> BTreeMap<String, String> {
+        let mut secrets = std::mem::take(&mut self.environment);
+        if let Some(password) = self.image.as_mut().and_then(|i| i.registry_password.take()) {
+            secrets.insert(REGISTRY_PASSWORD_KEY.to_owned(), password);
+        }
+        secrets
+    }
+
+    /// Put back what [`InstanceSpec::take_secrets`] took.
+    pub fn put_secrets(&mut self, mut secrets: BTreeMap<String, String>) {
+        let password = secrets.remove(REGISTRY_PASSWORD_KEY);
+        if let (Some(image), Some(p)) = (self.image.as_mut(), password) {
+            image.registry_password = Some(p);
+        }
+        self.environment = secrets;
+    }
+
     /// Whether `revision` matches the content (specs from the network are
     /// checked before use).
     pub fn is_sealed(&self) -> bool {
@@ -291,8 +366,39 @@ pub(crate) mod tests {
             layers: Vec::new(),
             role: None,
             network: None,
+            image: None,
         }
         .seal()
+    }
+
+    #[test]
+    fn secrets_leave_and_return_exactly() {
+        let mut a = sample();
+        a.runtime = RuntimeName::CustomContainer;
+        a.environment.insert("K".into(), "v".into());
+        a.image = Some(ImageSpec {
+            reference: "registry.example:5000/app:v1".into(),
+            entrypoint: vec![],
+            command: vec!["serve".into()],
+            registry_username: Some("u".into()),
+            registry_password: Some("s3cret".into()),
+        });
+        let a = a.seal();
+        let mut bare = a.clone();
+        let secrets = bare.take_secrets();
+        assert_eq!(secrets.len(), 2);
+        let json = serde_json::to_string(&bare).unwrap();
+        assert!(
+            !json.contains("s3cret") && !json.contains("\"v\""),
+            "{json}"
+        );
+        bare.put_secrets(secrets);
+        assert_eq!(bare, a);
+        assert!(bare.is_sealed());
+        // Without an image the key never reaches the environment.
+        let mut b = sample();
+        b.put_secrets([(REGISTRY_PASSWORD_KEY.to_owned(), "x".to_owned())].into());
+        assert!(b.environment.is_empty());
     }
 
     #[test]

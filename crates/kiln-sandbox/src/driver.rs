@@ -167,6 +167,24 @@ pub struct SandboxRequest {
     /// The function's code, extracted once per node, immutable; the driver
     /// presents it at `/code` through a per-instance writable layer.
     pub code_dir: PathBuf,
+    /// A custom-container function's image, pulled and unpacked by the
+    /// agent: its root filesystem instead of the runtime's tree, and no
+    /// `/code`. The spec's command and environment are then the image's
+    /// resolved ones.
+    pub image: Option<ImageRootfs>,
+}
+
+/// What a custom-container instance runs on, resolved from its image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRootfs {
+    /// The image's unpacked layers, the top one first (overlayfs' lower
+    /// order); immutable and shared by every instance of the image.
+    pub layers: Vec<PathBuf>,
+    /// The image's `WorkingDir` (absolute; `/` when the image sets none).
+    pub cwd: String,
+    /// The image's `User`, as ids inside the sandbox's user namespace.
+    pub uid: u32,
+    pub gid: u32,
 }
 
 impl SandboxRequest {

@@ -40,7 +40,7 @@ pub mod rootfs;
 
 pub use container::config::{ContainerConfig, ContainerConfigError, OciRuntimeKind};
 pub use container::ContainerDriver;
-pub use driver::{Sandbox, SandboxDriver, SandboxError, SandboxRequest};
+pub use driver::{ImageRootfs, Sandbox, SandboxDriver, SandboxError, SandboxRequest};
 pub use exec::{ExecChild, ExecProcess, ExecRequest};
 pub use microvm::{MicroVmConfig, MicroVmDriver};
 pub use net::Ipv4Cidr;

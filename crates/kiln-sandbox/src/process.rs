@@ -121,6 +121,7 @@ pub(crate) mod tests {
             layers: Vec::new(),
             role: None,
             network: None,
+            image: None,
         }
         .seal()
     }

@@ -42,6 +42,8 @@ pub enum RootfsError {
         #[source]
         source: nix::Error,
     },
+    #[error("Runtime {0} has no root filesystem of its own: it runs the function's image")]
+    NoTree(RuntimeName),
     #[error("debootstrap failed ({status}); see {log}")]
     Debootstrap { status: String, log: PathBuf },
     #[error("Cannot run debootstrap (install the debootstrap package)")]
@@ -209,6 +211,9 @@ pub struct RootfsBuilder<'a> {
 impl RootfsBuilder<'_> {
     /// The runtime's tree, building it first if it is not there yet.
     pub async fn ensure(&self, runtime: RuntimeName) -> Result<PathBuf, RootfsError> {
+        if runtime.is_container_image() {
+            return Err(RootfsError::NoTree(runtime));
+        }
         let target = rootfs_path(self.dir, runtime);
         if is_ready(&target, runtime) {
             return Ok(target);
@@ -266,6 +271,7 @@ impl RootfsBuilder<'_> {
                 self.debootstrap(runtime, &tmp).await?;
                 install_bootstraps(&tmp)?;
             }
+            RuntimeName::CustomContainer => return Err(RootfsError::NoTree(runtime)),
         }
         std::fs::rename(&tmp, target).map_err(io(target))?;
         tracing::info!(%runtime, "runtime root filesystem ready");

@@ -101,6 +101,7 @@ impl Harness {
             instance_id: InstanceId::generate(),
             spec: spec.seal(),
             code_dir: self.code(),
+            image: None,
         }
     }
 }

@@ -83,6 +83,7 @@ impl Harness {
             instance_id: InstanceId::generate(),
             spec: spec.seal(),
             code_dir: self.dir.path().join("code"),
+            image: None,
         }
     }
     fn vmm_log(&self, vm: &str) -> String {

@@ -94,6 +94,7 @@ fn request(root: &Path, network: serde_json::Value) -> SandboxRequest {
         instance_id: InstanceId::generate(),
         spec: spec.seal(),
         code_dir: root.join("code"),
+        image: None,
     }
 }
 

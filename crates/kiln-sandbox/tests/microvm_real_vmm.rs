@@ -230,6 +230,7 @@ async fn the_driver_drives_the_real_vmm_and_leaves_nothing() {
         instance_id: InstanceId::generate(),
         spec: spec.seal(),
         code_dir: root.join("code"),
+        image: None,
     };
     // The shell script cannot run in the empty `custom` root, so on a KVM
     // host the guest refuses to start it; where guests make no progress it

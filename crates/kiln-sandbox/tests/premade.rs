@@ -354,6 +354,7 @@ fn a_pre_made_sandbox_serves_one_instance_and_is_destroyed_at_release() {
             instance_id: InstanceId::generate(),
             spec: spec("1111", "alpha", "from-a"),
             code_dir: code.clone(),
+            image: None,
         };
         let sa = driver.create(&a).await.unwrap();
         let rec_a = record(&guard, &a.instance_id);
@@ -388,6 +389,7 @@ fn a_pre_made_sandbox_serves_one_instance_and_is_destroyed_at_release() {
             instance_id: InstanceId::generate(),
             spec: spec("2222", "beta", "from-b"),
             code_dir: code.clone(),
+            image: None,
         };
         let sb = driver.create(&b).await.unwrap();
         let rec_b = record(&guard, &b.instance_id);
@@ -447,6 +449,7 @@ fn a_pre_made_sandbox_serves_one_instance_and_is_destroyed_at_release() {
                 instance_id: InstanceId::generate(),
                 spec: spec("1111", f, "from-burst"),
                 code_dir: code.clone(),
+                image: None,
             })
             .collect();
         let started = futures_util::future::join_all(burst.iter().map(|r| driver.create(r))).await;
@@ -518,6 +521,7 @@ fn agent_child_for_the_sigkill_test() {
             instance_id: InstanceId::generate(),
             spec: spec("1111", "alpha", "killed"),
             code_dir: PathBuf::from(code),
+            image: None,
         };
         driver.create(&req).await.unwrap();
         driver

@@ -70,6 +70,7 @@ fn spec(runtime: RuntimeName, command: &[&str], env_marker: &str) -> InstanceSpe
         layers: Vec::new(),
         role: None,
         network: None,
+        image: None,
     }
     .seal()
 }
@@ -268,6 +269,7 @@ fn debian12_instance_is_isolated_and_leaves_nothing() {
                 &marker,
             ),
             code_dir: code.clone(),
+            image: None,
         };
         let t = Instant::now();
         let sb = driver.create(&req).await.unwrap();
@@ -459,6 +461,7 @@ fn custom_runtime_runs_a_static_binary() {
             instance_id: InstanceId::generate(),
             spec: spec(RuntimeName::Custom, &["/code/server"], "static"),
             code_dir: code.clone(),
+            image: None,
         };
         let sb = driver.create(&req).await.unwrap();
         let log = sb.log_path.clone();
@@ -515,6 +518,7 @@ fn failures_exits_and_leftovers_are_cleaned_up() {
             instance_id: InstanceId::generate(),
             spec: spec(RuntimeName::CustomDebian12, command, "m"),
             code_dir: code.clone(),
+            image: None,
         };
 
         // A command that does not exist: a clear error and nothing left.

@@ -87,6 +87,39 @@ pub struct AgentConfig {
     /// The node's code cache (`[code_cache]`).
     #[serde(default)]
     pub code_cache: CodeCacheConfig,
+    /// Custom-container images: registries' trust, size limit, cache
+    /// budget (`[images]`).
+    #[serde(default)]
+    pub images: ImagesConfig,
+}
+
+/// `[images]`: how the node pulls custom-container images and how much of
+/// them it keeps unpacked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ImagesConfig {
+    /// PEM file of the CAs registries' certificates are verified against;
+    /// absent: the system's roots. Registries are only reached over HTTPS.
+    pub ca_bundle: Option<PathBuf>,
+    /// The largest image, in MiB, counted both as downloaded (compressed)
+    /// and as unpacked; FC's limit is 10 GB uncompressed.
+    pub max_image_mb: u64,
+    /// Unpacked layers kept, in MiB; over it the least recently used
+    /// layers no instance uses are removed.
+    pub budget_mb: u64,
+    /// How long one pull may take, in seconds.
+    pub pull_timeout_s: u64,
+}
+
+impl Default for ImagesConfig {
+    fn default() -> Self {
+        Self {
+            ca_bundle: None,
+            max_image_mb: 10 * 1024,
+            budget_mb: 40 * 1024,
+            pull_timeout_s: 600,
+        }
+    }
 }
 
 /// `[code_cache]`: how much extracted code the node keeps. Over the bound,
@@ -320,6 +353,15 @@ impl AgentConfig {
                 self.state_dir
             ));
         }
+        if self.images.max_image_mb == 0 || self.images.budget_mb < self.images.max_image_mb {
+            return invalid(format!(
+                "images: max_image_mb must be at least 1 and budget_mb ({}) at least max_image_mb ({}), so one image of the largest size fits",
+                self.images.budget_mb, self.images.max_image_mb
+            ));
+        }
+        if self.images.pull_timeout_s == 0 {
+            return invalid("images.pull_timeout_s must be at least 1".into());
+        }
         if let Err(reason) = Endpoints::parse(&self.scheduler_url) {
             return invalid(format!("scheduler_url: {reason}"));
         }
@@ -506,6 +548,11 @@ impl AgentConfig {
 
     pub fn code_dir(&self) -> PathBuf {
         self.state_dir.join("code")
+    }
+
+    /// The unpacked image layers (`images/layers/<sha256>`).
+    pub fn images_dir(&self) -> PathBuf {
+        self.state_dir.join("images")
     }
 }
 

@@ -50,6 +50,9 @@ pub enum InstanceError {
     /// The function has a role but no temporary credentials could be had.
     #[error("Cannot get temporary credentials for the function's role: {}", .0.message)]
     Credentials(FcError),
+    /// A custom-container function's image could not be made available.
+    #[error(transparent)]
+    Image(#[from] crate::images::ImageError),
 }
 
 impl InstanceError {
@@ -75,6 +78,7 @@ impl InstanceError {
                 .with_kind(FcErrorKind::Initialization),
             Self::Credentials(_) => FcError::new(FcErrorCode::FunctionNotStarted, self.to_string()),
             Self::VpcNotOwned { .. } => FcError::new(FcErrorCode::AccessDenied, self.to_string()),
+            Self::Image(e) => e.to_fc(),
         }
     }
 }
@@ -279,6 +283,8 @@ pub struct InstanceManager {
     pub(crate) logs: Arc<crate::logs::LogStore>,
     /// Freezes idle instances and thaws them for calls (off by default).
     pub freezer: Arc<crate::freeze::Freezer>,
+    /// Custom-container images, on nodes that run them.
+    images: Option<Arc<crate::images::ImageCache>>,
 }
 
 impl InstanceManager {
@@ -314,7 +320,15 @@ impl InstanceManager {
             node_id: Mutex::new(None),
             credential_source: RwLock::new(None),
             logs,
+            images: None,
         }
+    }
+
+    /// Run custom-container functions with `images` (before any instance
+    /// exists).
+    pub fn with_images(mut self, images: Arc<crate::images::ImageCache>) -> Self {
+        self.images = Some(images);
+        self
     }
 
     /// Keep each function's log within `retention` (before any instance
@@ -510,7 +524,12 @@ impl InstanceManager {
                 spec.runtime
             ));
         }
-        if spec.command.is_empty() || spec.command[0].is_empty() {
+        // A custom-container spec's command comes from its image (or its
+        // own entrypoint), resolved when the image is pulled.
+        if spec.runtime.is_container_image() != spec.image.is_some() {
+            return invalid("an image is given exactly for runtime custom-container".into());
+        }
+        if spec.image.is_none() && (spec.command.is_empty() || spec.command[0].is_empty()) {
             return invalid("the spec has no command".into());
         }
         if spec.port == 0 {
@@ -666,6 +685,9 @@ impl InstanceManager {
                 // Whatever failed, no sandbox of this id is left (each
                 // failure after the sandbox was made destroyed it).
                 self.code.unpin(id.as_str());
+                if let Some(images) = &self.images {
+                    images.unpin(id.as_str());
+                }
                 self.metrics.creates_failed.inc();
                 tracing::warn!(error = %kiln_core::error_chain(&e), "instance did not start");
                 return Err(e);
@@ -727,20 +749,38 @@ impl InstanceManager {
         id: &InstanceId,
         spec: &InstanceSpec,
     ) -> Result<(SocketAddr, Option<PathBuf>), InstanceError> {
-        // Pinned first: the cache never evicts what this instance uses.
-        let mut digests = vec![spec.code_digest.clone()];
-        digests.extend(spec.layers.iter().cloned());
-        self.code.pin(id.as_str(), digests);
-        let code_dir = self.code.ensure(&spec.code_digest, spec.code_size).await?;
-        // Layer zips share the code cache (one extracted dir per digest);
-        // the driver finds them beside `code_dir` (SandboxRequest::layer_dirs).
-        for digest in &spec.layers {
-            self.code.ensure(digest, 0).await?;
-        }
-        let request = SandboxRequest {
-            instance_id: id.clone(),
-            spec: spec.clone(),
-            code_dir,
+        let request = if spec.image.is_some() {
+            // A custom-container function: its image instead of a package
+            // (pinned by `prepare` before anything is fetched).
+            let images = self.images.as_ref().ok_or_else(|| {
+                InstanceError::NotStarted(
+                    "this node does not run custom-container functions".into(),
+                )
+            })?;
+            let prepared = images.prepare(id.as_str(), spec).await?;
+            SandboxRequest {
+                instance_id: id.clone(),
+                spec: prepared.spec,
+                code_dir: images.layer_path(&prepared.layer_digests[0]),
+                image: Some(prepared.rootfs),
+            }
+        } else {
+            // Pinned first: the cache never evicts what this instance uses.
+            let mut digests = vec![spec.code_digest.clone()];
+            digests.extend(spec.layers.iter().cloned());
+            self.code.pin(id.as_str(), digests);
+            let code_dir = self.code.ensure(&spec.code_digest, spec.code_size).await?;
+            // Layer zips share the code cache (one extracted dir per digest);
+            // the driver finds them beside `code_dir` (SandboxRequest::layer_dirs).
+            for digest in &spec.layers {
+                self.code.ensure(digest, 0).await?;
+            }
+            SandboxRequest {
+                instance_id: id.clone(),
+                spec: spec.clone(),
+                code_dir,
+                image: None,
+            }
         };
         let sandbox = match self.driver.create(&request).await {
             Ok(s) => s,
@@ -767,7 +807,12 @@ impl InstanceManager {
 
     async fn destroy_sandbox(&self, id: &InstanceId) {
         match self.driver.destroy(id).await {
-            Ok(()) => self.code.unpin(id.as_str()),
+            Ok(()) => {
+                self.code.unpin(id.as_str());
+                if let Some(images) = &self.images {
+                    images.unpin(id.as_str());
+                }
+            }
             Err(e) => {
                 tracing::error!(instance_id = %id, error = %kiln_core::error_chain(&e), "cannot destroy sandbox");
             }
@@ -830,6 +875,9 @@ impl InstanceManager {
                 None => self.driver.destroy(id).await?,
             }
             self.code.unpin(id.as_str());
+            if let Some(images) = &self.images {
+                images.unpin(id.as_str());
+            }
             self.remove_record(id).await;
             self.update_gauge();
             tracing::info!("instance destroyed");

@@ -17,6 +17,7 @@ pub mod exec;
 pub mod forward;
 pub mod freeze;
 pub mod hooks;
+pub mod images;
 pub mod instances;
 pub mod leader_fence;
 pub mod logs;
@@ -151,11 +152,17 @@ impl AgentHandle {
 /// runtime's root filesystem first (the first build of `custom.debian12`,
 /// and of each Debian release's tree of the built-in runtimes, runs debootstrap and takes a
 /// few minutes; later starts reuse it).
-pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
+pub async fn start(mut config: AgentConfig) -> Result<AgentHandle, AgentError> {
     config.validate()?;
     config.require_network_isolation()?;
     config.warn_insecure();
     if config.sandbox.backend_for(config.node.tenancy) == kiln_core::SandboxKind::Microvm {
+        // Container images run on container nodes only (for now): a
+        // microVM node does not offer them, so none is placed here.
+        if config.runtimes.iter().any(|r| r.is_container_image()) {
+            tracing::info!("custom-container is not offered: it needs the container backend");
+            config.runtimes.retain(|r| !r.is_container_image());
+        }
         let driver = microvm::driver(&config).await?;
         let trust = certs::load_or_join(&config).await?;
         let client = trust.client()?;
@@ -249,7 +256,27 @@ async fn start_with_trust(
         backends.unpacker,
     )
     .with_max_bytes(config.code_cache.max_bytes);
-    let manager = Arc::new(InstanceManager::new(
+    let images = if config.runtimes.iter().any(|r| r.is_container_image()) {
+        Some(Arc::new(
+            images::ImageCache::new(images::ImageCacheSettings {
+                dir: config.images_dir(),
+                id_base: Some(uid_base),
+                ca_bundle: config.images.ca_bundle.clone(),
+                max_image_mb: config.images.max_image_mb,
+                budget_mb: config.images.budget_mb,
+                pull_timeout: std::time::Duration::from_secs(config.images.pull_timeout_s),
+            })
+            .map_err(|e| {
+                AgentError::Config(crate::config::ConfigError::Invalid(format!(
+                    "images: {}",
+                    kiln_core::error_chain(&e)
+                )))
+            })?,
+        ))
+    } else {
+        None
+    };
+    let manager = InstanceManager::new(
         backends.driver.clone(),
         code,
         ManagerSettings {
@@ -270,7 +297,11 @@ async fn start_with_trust(
         },
         metrics.clone(),
         Arc::new(SystemClock),
-    ));
+    );
+    let manager = Arc::new(match images {
+        Some(images) => manager.with_images(images),
+        None => manager,
+    });
     manager.reconcile().await?;
     manager.freezer.set_delay(config.usage.freeze_delay());
 

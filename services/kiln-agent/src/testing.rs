@@ -361,6 +361,7 @@ pub fn sample_spec(code_digest: &str, port: u16) -> kiln_core::InstanceSpec {
         layers: Vec::new(),
         role: None,
         network: None,
+        image: None,
     }
     .seal()
 }

@@ -96,6 +96,7 @@ fn config(state: &std::path::Path, pki: &DevPki, drain: bool) -> AgentConfig {
         usage: Default::default(),
         limits: Default::default(),
         code_cache: Default::default(),
+        images: Default::default(),
     }
 }
 

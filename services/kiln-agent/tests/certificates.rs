@@ -102,6 +102,7 @@ fn agent_config(dir: &Path, tls: TlsFiles, scheduler_url: &str) -> AgentConfig {
         usage: Default::default(),
         limits: Default::default(),
         code_cache: Default::default(),
+        images: Default::default(),
     }
 }
 

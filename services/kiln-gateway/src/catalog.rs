@@ -98,6 +98,8 @@ pub fn instance_spec(r: &FunctionRecord, version: Option<u32>) -> InstanceSpec {
         handler: c.handler.clone(),
         // A built-in runtime runs its bootstrap, which calls the handler.
         command: match c.runtime.bootstrap_command() {
+            // The image's entrypoint and command, resolved by the agent.
+            None if c.container.is_some() => Vec::new(),
             Some(bootstrap) => bootstrap.iter().map(|s| (*s).to_owned()).collect(),
             None if c.command.is_empty() => vec![DEFAULT_COMMAND.to_owned()],
             None => c.command.clone(),
@@ -121,6 +123,13 @@ pub fn instance_spec(r: &FunctionRecord, version: Option<u32>) -> InstanceSpec {
         layers: c.layers.iter().map(|l| l.sha256.clone()).collect(),
         role: crate::ram::function_role(c),
         network: crate::validate::function_network(c),
+        image: c.container.as_ref().map(|cc| kiln_core::ImageSpec {
+            reference: cc.image.clone(),
+            entrypoint: cc.entrypoint.clone(),
+            command: cc.command.clone(),
+            registry_username: cc.registry_username.clone(),
+            registry_password: cc.registry_password.clone(),
+        }),
     }
     .seal()
 }

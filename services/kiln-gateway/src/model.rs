@@ -35,6 +35,102 @@ pub struct FunctionInput {
     pub instance_lifecycle_config: Option<InstanceLifecycleConfig>,
     /// Layer version ARNs, in order (see [`crate::layers`]).
     pub layers: Option<Vec<String>>,
+    /// For runtime `custom-container` (checked by [`crate::validate`]).
+    pub custom_container_config: Option<CustomContainerConfigInput>,
+}
+
+/// `CustomContainerConfig` as a create or update body gives it. Fields
+/// Kiln does not implement are refused by name in [`crate::validate`];
+/// `resolvedImageUri` is GetFunction's output and ignored on input, as FC
+/// does.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CustomContainerConfigInput {
+    pub image: Option<String>,
+    pub entrypoint: Option<Vec<String>>,
+    pub command: Option<Vec<String>>,
+    pub port: Option<i64>,
+    pub health_check_config: Option<Value>,
+    pub registry_config: Option<RegistryConfigInput>,
+    pub acceleration_type: Option<String>,
+    pub acceleration_info: Option<Value>,
+    pub acr_instance_id: Option<String>,
+    pub resolved_image_uri: Option<String>,
+}
+
+/// FC's `RegistryConfig`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RegistryConfigInput {
+    pub auth_config: Option<RegistryAuthConfigInput>,
+    pub cert_config: Option<RegistryCertConfigInput>,
+    pub network_config: Option<Value>,
+}
+
+/// FC's `RegistryAuthConfig`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RegistryAuthConfigInput {
+    pub user_name: Option<String>,
+    pub password: Option<String>,
+}
+
+/// FC's `RegistryCertConfig`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RegistryCertConfigInput {
+    pub insecure: Option<bool>,
+    pub root_ca_cert_base64: Option<String>,
+}
+
+/// A custom-container function's image as stored. The registry password
+/// is sealed with the environment ([`FunctionConfig::take_secrets`]),
+/// never written in the plain document, never returned by GetFunction.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContainerConfig {
+    pub image: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub entrypoint: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    /// Echoed; Kiln's readiness check is the port, as for custom runtimes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check_config: Option<Value>,
+    /// Echoed: image acceleration is a pull optimisation of FC's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acceleration_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry_username: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry_password: Option<String>,
+}
+
+impl ContainerConfig {
+    /// FC's `customContainerConfig` as GetFunction shows it: the password
+    /// never appears.
+    pub fn to_fc(&self, port: u16) -> Value {
+        let mut v = serde_json::json!({
+            "image": self.image,
+            "port": port,
+        });
+        if !self.entrypoint.is_empty() {
+            v["entrypoint"] = serde_json::json!(self.entrypoint);
+        }
+        if !self.command.is_empty() {
+            v["command"] = serde_json::json!(self.command);
+        }
+        if let Some(h) = &self.health_check_config {
+            v["healthCheckConfig"] = h.clone();
+        }
+        if let Some(a) = &self.acceleration_type {
+            v["accelerationType"] = serde_json::json!(a);
+        }
+        if let Some(u) = &self.registry_username {
+            v["registryConfig"] = serde_json::json!({"authConfig": {"userName": u}});
+        }
+        v
+    }
 }
 
 /// `InstanceLifecycleConfig`: FC's Initializer and PreStop hooks.
@@ -130,7 +226,13 @@ pub struct FunctionConfig {
     /// function's applies to every qualifier).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub invocation_restriction: Option<InvocationRestriction>,
+    /// FC's `customContainerConfig`, for runtime `custom-container` only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<ContainerConfig>,
 }
+
+/// Where the registry password sits among a function's sealed values.
+const REGISTRY_PASSWORD_KEY: &str = kiln_core::REGISTRY_PASSWORD_KEY;
 
 /// Whether a function's calls are turned off (FC's
 /// `invocationRestriction`), and what EnableFunctionInvocation restores.
@@ -167,6 +269,35 @@ impl FunctionConfig {
             invocation_restriction: None,
             ..self.clone()
         }
+    }
+
+    /// The values a store seals (the environment and the registry
+    /// password, under a key no environment variable can have), and the
+    /// document to store in plain: the same configuration without them.
+    pub fn take_secrets(&self) -> (BTreeMap<String, String>, Value) {
+        let mut secrets = self.environment.clone();
+        let mut bare = self.clone();
+        bare.environment = BTreeMap::new();
+        if let Some(p) = bare
+            .container
+            .as_mut()
+            .and_then(|c| c.registry_password.take())
+        {
+            secrets.insert(REGISTRY_PASSWORD_KEY.to_owned(), p);
+        }
+        (
+            secrets,
+            serde_json::to_value(&bare).expect("config serialises"),
+        )
+    }
+
+    /// Put back what [`FunctionConfig::take_secrets`] took out.
+    pub fn put_secrets(&mut self, mut secrets: BTreeMap<String, String>) {
+        let password = secrets.remove(REGISTRY_PASSWORD_KEY);
+        if let (Some(c), Some(p)) = (self.container.as_mut(), password) {
+            c.registry_password = Some(p);
+        }
+        self.environment = secrets;
     }
 
     /// The reason calls are refused, when DisableFunctionInvocation
@@ -248,6 +379,8 @@ pub struct Function {
     pub layers: Option<Vec<FunctionLayer>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub invocation_restriction: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub custom_container_config: Option<Value>,
     #[serde(flatten)]
     pub extras: BTreeMap<String, Value>,
 }
@@ -308,6 +441,7 @@ impl Function {
                 .invocation_restriction
                 .as_ref()
                 .map(InvocationRestriction::to_fc),
+            custom_container_config: c.container.as_ref().map(|cc| cc.to_fc(c.port)),
             extras: {
                 // FC returns internetAccess (default true) with every function.
                 let mut extras = c.extras.clone();

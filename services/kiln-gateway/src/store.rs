@@ -405,9 +405,10 @@ fn insert_code(tx: &rusqlite::Transaction<'_>, c: &FunctionConfig) -> rusqlite::
 /// sealed to the row.
 fn doc_and_env(sealer: &Sealer, f: &FunctionRecord) -> (String, String) {
     let aad = rows::function_environment(f.account_id.as_str(), f.name.as_str(), &f.function_id);
-    let env = rows::seal_environment(sealer, &aad, &f.config.environment);
-    let mut doc = serde_json::to_value(&f.config).expect("config serialises");
-    doc["environment"] = serde_json::json!({});
+    // The registry password of a custom-container function is sealed
+    // with the environment (model::FunctionConfig::take_secrets).
+    let (secrets, doc) = f.config.take_secrets();
+    let env = rows::seal_environment(sealer, &aad, &secrets);
     (doc.to_string(), env)
 }
 
@@ -573,13 +574,12 @@ impl MetaStore for SqliteStore {
                         source,
                     })?;
                 let aad = rows::function_environment(&account, &name, &function_id);
-                config.environment =
-                    rows::open_environment(&self.sealer, &aad, &env).map_err(|source| {
-                        MetaStoreError::Sealed {
-                            what: format!("environment of function {account}/{name}"),
-                            source,
-                        }
-                    })?;
+                config.put_secrets(rows::open_environment(&self.sealer, &aad, &env).map_err(
+                    |source| MetaStoreError::Sealed {
+                        what: format!("environment of function {account}/{name}"),
+                        source,
+                    },
+                )?);
                 out.push(FunctionRecord {
                     account_id,
                     name: fname,
@@ -1029,13 +1029,12 @@ impl SqliteStore {
                     source,
                 })?;
             let aad = rows::version_environment(&account, &name, &function_id, version as u32);
-            config.environment =
-                rows::open_environment(&self.sealer, &aad, &env).map_err(|source| {
-                    MetaStoreError::Sealed {
-                        what: format!("environment of function {account}/{name} version {version}"),
-                        source,
-                    }
-                })?;
+            config.put_secrets(rows::open_environment(&self.sealer, &aad, &env).map_err(
+                |source| MetaStoreError::Sealed {
+                    what: format!("environment of function {account}/{name} version {version}"),
+                    source,
+                },
+            )?);
             out.versions.push(VersionRecord {
                 account_id,
                 name: fname,
@@ -1081,9 +1080,8 @@ impl SqliteStore {
             &v.function_id,
             v.version,
         );
-        let env = rows::seal_environment(&self.sealer, &aad, &v.config.environment);
-        let mut doc = serde_json::to_value(&v.config).expect("config serialises");
-        doc["environment"] = serde_json::json!({});
+        let (secrets, doc) = v.config.take_secrets();
+        let env = rows::seal_environment(&self.sealer, &aad, &secrets);
         self.with(|c| {
             let tx = c.transaction()?;
             let n = tx.execute(
@@ -1248,6 +1246,7 @@ pub(crate) mod tests {
                 layers: Vec::new(),
                 extras: Default::default(),
                 invocation_restriction: None,
+                container: None,
             },
         }
     }

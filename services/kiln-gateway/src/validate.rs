@@ -9,7 +9,10 @@ use kiln_core::limits::{self, cpu_fits_memory, default_cpu_milli};
 use kiln_core::{FcError, FcErrorCode, FunctionName, HandlerLanguage, RuntimeName};
 use serde_json::Value;
 
-use crate::model::{CodeRef, FunctionConfig, FunctionInput, LifecycleHook};
+use crate::model::{
+    CodeRef, ContainerConfig, CustomContainerConfigInput, FunctionConfig, FunctionInput,
+    LifecycleHook,
+};
 
 /// FC fields Kiln does not implement and that would change how a function
 /// behaves: refused so nobody believes they took effect.
@@ -17,7 +20,6 @@ const REFUSED_FIELDS: &[&str] = &[
     "nasConfig",
     "ossMountConfig",
     "gpuConfig",
-    "customContainerConfig",
     "customDNS",
     "juiceFsConfig",
     "polarFsConfig",
@@ -157,12 +159,165 @@ pub fn function_name(input: &FunctionInput) -> Result<FunctionName, FcError> {
         .map_err(|e: kiln_core::IdError| bad(format!("functionName: {}", e.reason)))
 }
 
-/// A create must carry a package.
+/// A create must carry a package, except a custom-container function's
+/// (its image is its code), which must not.
 pub fn require_code(parsed: &ParsedInput) -> Result<(), FcError> {
-    match parsed.zip {
-        Some(_) => Ok(()),
-        None => Err(bad("code is required: give code.zipFile")),
+    let container = parsed.input.runtime.as_deref() == Some(RuntimeName::CustomContainer.as_str());
+    match (&parsed.zip, container) {
+        (Some(_), false) | (None, true) => Ok(()),
+        (None, false) => Err(bad("code is required: give code.zipFile")),
+        (Some(_), true) => Err(bad(
+            "code does not apply to runtime custom-container: its image (customContainerConfig.image) is its code",
+        )),
     }
+}
+
+/// The code reference of a custom-container function: no package (the
+/// sha256 of nothing, size 0); the agent never fetches it.
+pub fn no_code() -> CodeRef {
+    CodeRef {
+        sha256: EMPTY_SHA256.to_owned(),
+        size: 0,
+        checksum: "0".to_owned(),
+    }
+}
+
+/// The sha256 of zero bytes.
+pub const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+/// The longest image reference accepted (registries' own limit on a
+/// repository name is 255; with a host, port, tag or digest, 512).
+pub const IMAGE_REF_MAX: usize = 512;
+/// The longest registry user name and password accepted.
+pub const REGISTRY_CREDENTIAL_MAX: usize = 1024;
+
+/// `customContainerConfig` on top of the current one (an update keeps what
+/// is not given; the registry password is kept when the user name stays).
+fn check_container(
+    given: Option<&CustomContainerConfigInput>,
+    base: Option<&ContainerConfig>,
+) -> Result<(ContainerConfig, Option<i64>), FcError> {
+    let Some(g) = given else {
+        return match base {
+            Some(b) => Ok((b.clone(), None)),
+            None => Err(bad(
+                "customContainerConfig is required for runtime custom-container: give at least its image",
+            )),
+        };
+    };
+    if g.acr_instance_id.as_deref().is_some_and(|s| !s.is_empty()) {
+        return Err(bad(
+            "customContainerConfig.acrInstanceId is not supported by this Function Compute endpoint: give the image's full reference, registry host included",
+        ));
+    }
+    let mut c = base.cloned().unwrap_or_default();
+    if let Some(image) = &g.image {
+        check_image_ref(image)?;
+        c.image = image.clone();
+    }
+    if c.image.is_empty() {
+        return Err(bad("customContainerConfig.image is required"));
+    }
+    if let Some(e) = &g.entrypoint {
+        check_list("customContainerConfig.entrypoint", e)?;
+        c.entrypoint = e.clone();
+    }
+    if let Some(cmd) = &g.command {
+        check_list("customContainerConfig.command", cmd)?;
+        c.command = cmd.clone();
+    }
+    if let Some(h) = &g.health_check_config {
+        if !h.is_object() {
+            return Err(bad(
+                "customContainerConfig.healthCheckConfig must be an object",
+            ));
+        }
+        c.health_check_config = Some(h.clone());
+    }
+    if let Some(a) = &g.acceleration_type {
+        if a != "Default" && a != "None" {
+            return Err(bad(
+                "customContainerConfig.accelerationType must be Default or None",
+            ));
+        }
+        c.acceleration_type = Some(a.clone());
+    }
+    if let Some(r) = &g.registry_config {
+        if r.network_config.is_some() {
+            return Err(bad(
+                "customContainerConfig.registryConfig.networkConfig is not supported by this Function Compute endpoint: nodes reach registries over their own network",
+            ));
+        }
+        if let Some(cert) = &r.cert_config {
+            if cert.insecure == Some(true) {
+                return Err(bad(
+                    "customContainerConfig.registryConfig.certConfig.insecure is not supported: registries are always verified against the node's registry CA bundle",
+                ));
+            }
+            if cert
+                .root_ca_cert_base64
+                .as_deref()
+                .is_some_and(|s| !s.is_empty())
+            {
+                return Err(bad(
+                    "customContainerConfig.registryConfig.certConfig.rootCaCertBase64 is not supported by this Function Compute endpoint: the operator adds the registry's CA to the nodes' registry CA bundle",
+                ));
+            }
+        }
+        if let Some(auth) = &r.auth_config {
+            let user = auth.user_name.clone().filter(|u| !u.is_empty());
+            let password = auth.password.clone().filter(|p| !p.is_empty());
+            for (field, v) in [("userName", &user), ("password", &password)] {
+                if let Some(v) = v {
+                    if v.len() > REGISTRY_CREDENTIAL_MAX || v.chars().any(char::is_control) {
+                        return Err(bad(format!(
+                            "customContainerConfig.registryConfig.authConfig.{field} must be at most {REGISTRY_CREDENTIAL_MAX} bytes without control characters"
+                        )));
+                    }
+                }
+            }
+            // GetFunction never shows the password: an update that names
+            // the same user without one keeps it.
+            let password = match (&user, password) {
+                (Some(u), None) if c.registry_username.as_ref() == Some(u) => {
+                    c.registry_password.clone()
+                }
+                (_, p) => p,
+            };
+            if user.is_some() != password.is_some() {
+                return Err(bad(
+                    "customContainerConfig.registryConfig.authConfig needs both userName and password (or neither)",
+                ));
+            }
+            c.registry_username = user;
+            c.registry_password = password;
+        }
+    }
+    Ok((c, g.port))
+}
+
+/// An image reference: `[registry[:port]/]repository[:tag][@digest]`,
+/// checked for shape here; the agent parses it fully when it pulls.
+fn check_image_ref(image: &str) -> Result<(), FcError> {
+    let ok = !image.is_empty()
+        && image.len() <= IMAGE_REF_MAX
+        && !image.contains("://")
+        && !image.starts_with(['/', ':', '@', '.', '-'])
+        && image
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-/:@".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(bad(format!(
+            "customContainerConfig.image {:?} is not an image reference: give registry[:port]/repository[:tag] or @sha256:<digest>, at most {IMAGE_REF_MAX} characters",
+            image.chars().take(80).collect::<String>()
+        )))
+    }
+}
+
+fn check_list(field: &str, v: &[String]) -> Result<(), FcError> {
+    check_argv(field, v)
 }
 
 /// Apply `parsed` on top of `base` (an update) or on defaults (a create,
@@ -240,7 +395,51 @@ pub fn build_config(
         Some(env) => check_environment(env)?,
         None => base.map(|b| b.environment.clone()).unwrap_or_default(),
     };
+    let container = if runtime.is_container_image() {
+        if parsed.zip.is_some() {
+            return Err(bad(
+                "code does not apply to runtime custom-container: its image (customContainerConfig.image) is its code",
+            ));
+        }
+        if i.custom_runtime_config.is_some() {
+            return Err(bad(
+                "customRuntimeConfig does not apply to runtime custom-container: give its command, entrypoint and port in customContainerConfig",
+            ));
+        }
+        if i.layers.as_ref().is_some_and(|l| !l.is_empty()) {
+            return Err(bad(
+                "layers do not apply to runtime custom-container: put what they hold into the image",
+            ));
+        }
+        let base_container = base.and_then(|b| b.container.as_ref());
+        Some(check_container(
+            i.custom_container_config.as_ref(),
+            base_container,
+        )?)
+    } else {
+        if i.custom_container_config.is_some() {
+            return Err(bad(format!(
+                "customContainerConfig applies to runtime custom-container only, not {runtime}"
+            )));
+        }
+        if code.sha256 == EMPTY_SHA256 && code.size == 0 {
+            return Err(bad(format!(
+                "code is required for runtime {runtime}: give code.zipFile"
+            )));
+        }
+        None
+    };
     let (command, args, port) = match &i.custom_runtime_config {
+        _ if container.is_some() => {
+            let port = match container.as_ref().and_then(|c| c.1) {
+                Some(p) => check_container_port(p)?,
+                None => match base {
+                    Some(b) if b.container.is_some() => b.port,
+                    _ => limits::DEFAULT_PORT,
+                },
+            };
+            (Vec::new(), Vec::new(), port)
+        }
         Some(c) if runtime.handler_language().is_some() => {
             if c.command.as_ref().is_some_and(|v| !v.is_empty())
                 || c.args.as_ref().is_some_and(|v| !v.is_empty())
@@ -310,7 +509,10 @@ pub fn build_config(
     check_network(&mut extras)?;
     // `layers` are resolved against the layer catalog by the caller
     // (`Catalog::resolve_layers`); here an update keeps the current ones.
-    let layers = base.map(|b| b.layers.clone()).unwrap_or_default();
+    let layers = match base {
+        Some(b) if !runtime.is_container_image() => b.layers.clone(),
+        _ => Vec::new(),
+    };
 
     Ok(FunctionConfig {
         runtime,
@@ -332,7 +534,15 @@ pub fn build_config(
         layers,
         extras,
         invocation_restriction: base.and_then(|b| b.invocation_restriction.clone()),
+        container: container.map(|c| c.0),
     })
+}
+
+fn check_container_port(p: i64) -> Result<u16, FcError> {
+    u16::try_from(p)
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| bad("customContainerConfig.port must be 1 to 65535"))
 }
 
 fn check_port(port: Option<i64>) -> Result<u16, FcError> {
@@ -776,6 +986,150 @@ mod tests {
         let oss = json!({"ossBucketName": "b", "ossObjectName": "o"});
         assert!(err_of(with("code", oss)).contains("ossBucketName"));
         assert!(err_of(with("code", json!({"zipFile": "%%%"}))).contains("base64"));
+    }
+
+    fn container(ccc: Value) -> Result<FunctionConfig, FcError> {
+        let v = json!({"functionName": "f", "runtime": "custom-container", "handler": "h",
+                       "customContainerConfig": ccc});
+        let p = parse_input(v.to_string().as_bytes())?;
+        require_code(&p)?;
+        build_config(None, &p, no_code())
+    }
+
+    fn container_err(ccc: Value) -> String {
+        let e = container(ccc).unwrap_err();
+        assert_eq!(e.code, FcErrorCode::InvalidArgument, "{e}");
+        e.message
+    }
+
+    #[test]
+    fn custom_container_functions_take_fcs_container_config() {
+        let auth = json!({"authConfig": {"userName": "u", "password": "p4ss"}});
+        let c = container(json!({"image": "registry.example:5000/team/app:v1",
+            "entrypoint": ["/app/server"], "command": ["--port", "8080"], "port": 8080,
+            "healthCheckConfig": {"httpGetUrl": "/ready"}, "accelerationType": "Default",
+            "resolvedImageUri": "ignored@sha256:00", "registryConfig": auth}))
+        .unwrap();
+        let cc = c.container.clone().unwrap();
+        assert_eq!(cc.image, "registry.example:5000/team/app:v1");
+        assert_eq!(cc.entrypoint, ["/app/server"]);
+        assert_eq!(cc.command, ["--port", "8080"]);
+        assert_eq!(c.port, 8080);
+        assert_eq!(cc.registry_password.as_deref(), Some("p4ss"));
+        assert_eq!(c.code, no_code());
+        // FC's default port.
+        assert_eq!(
+            container(json!({"image": "r.example/a:1"})).unwrap().port,
+            9000
+        );
+        // GetFunction shows the user, never the password.
+        let shown = cc.to_fc(c.port).to_string();
+        assert!(
+            shown.contains("\"userName\":\"u\"") && !shown.contains("p4ss"),
+            "{shown}"
+        );
+        // The stored document holds no password; the sealed values do.
+        let (secrets, doc) = c.take_secrets();
+        assert!(!doc.to_string().contains("p4ss"));
+        assert_eq!(secrets[kiln_core::REGISTRY_PASSWORD_KEY], "p4ss");
+        let mut back: FunctionConfig = serde_json::from_value(doc).unwrap();
+        back.put_secrets(secrets);
+        assert_eq!(back, c);
+
+        // An update naming the same user without a password keeps it; a
+        // new user needs one.
+        let p = parse_input(
+            json!({"customContainerConfig": {"image": "r.example/a:2",
+                   "registryConfig": {"authConfig": {"userName": "u"}}}})
+            .to_string()
+            .as_bytes(),
+        )
+        .unwrap();
+        let up = build_config(Some(&c), &p, no_code()).unwrap();
+        let ucc = up.container.unwrap();
+        assert_eq!(
+            (ucc.image.as_str(), ucc.registry_password.as_deref()),
+            ("r.example/a:2", Some("p4ss"))
+        );
+        assert_eq!(ucc.entrypoint, ["/app/server"], "what is not given is kept");
+        let p = parse_input(
+            json!({"customContainerConfig": {"registryConfig": {"authConfig": {"userName": "v"}}}})
+                .to_string()
+                .as_bytes(),
+        )
+        .unwrap();
+        assert!(build_config(Some(&c), &p, no_code())
+            .unwrap_err()
+            .message
+            .contains("both"));
+    }
+
+    #[test]
+    fn unsupported_container_fields_are_refused_by_name() {
+        for (ccc, says) in [
+            (json!({}), "image is required"),
+            (
+                json!({"image": "a:1", "acrInstanceId": "cri-x"}),
+                "acrInstanceId",
+            ),
+            (
+                json!({"image": "a:1", "registryConfig": {"networkConfig": {"vpcId": "v"}}}),
+                "networkConfig",
+            ),
+            (
+                json!({"image": "a:1", "registryConfig": {"certConfig": {"insecure": true}}}),
+                "insecure",
+            ),
+            (
+                json!({"image": "a:1", "registryConfig": {"certConfig": {"rootCaCertBase64": "eA=="}}}),
+                "rootCaCertBase64",
+            ),
+            (
+                json!({"image": "a:1", "accelerationType": "Fast"}),
+                "accelerationType",
+            ),
+            (json!({"image": "a:1", "port": 0}), "port"),
+            (
+                json!({"image": "https://r.example/a:1"}),
+                "not an image reference",
+            ),
+            (json!({"image": "r.example/a b"}), "not an image reference"),
+            (json!({"image": "a:1", "somethingElse": 1}), "unknown field"),
+            (
+                json!({"image": "a:1", "registryConfig": {"authConfig": {"password": "p"}}}),
+                "both",
+            ),
+        ] {
+            let m = container_err(ccc.clone());
+            assert!(m.contains(says), "{ccc}: {m}");
+        }
+        // No code package, no customRuntimeConfig, no layers.
+        let v = json!({"functionName": "f", "runtime": "custom-container", "handler": "h",
+                       "customContainerConfig": {"image": "a:1"},
+                       "code": {"zipFile": "UEsFBgAAAAAAAAAAAAAAAAAAAAAAAA=="}});
+        let p = parse_input(v.to_string().as_bytes()).unwrap();
+        assert!(require_code(&p)
+            .unwrap_err()
+            .message
+            .contains("custom-container"));
+        let v = json!({"functionName": "f", "runtime": "custom-container", "handler": "h",
+                       "customContainerConfig": {"image": "a:1"}, "customRuntimeConfig": {"port": 9000}});
+        let p = parse_input(v.to_string().as_bytes()).unwrap();
+        assert!(build_config(None, &p, no_code())
+            .unwrap_err()
+            .message
+            .contains("customRuntimeConfig"));
+        // Other runtimes: no container config, and code is still required.
+        assert!(
+            err_of(with("customContainerConfig", json!({"image": "a:1"})))
+                .contains("custom-container only")
+        );
+        let p = parse_input(json!({"runtime": "custom"}).to_string().as_bytes()).unwrap();
+        let c = container(json!({"image": "a:1"})).unwrap();
+        assert!(build_config(Some(&c), &p, no_code())
+            .unwrap_err()
+            .message
+            .contains("code is required"));
     }
 
     #[test]

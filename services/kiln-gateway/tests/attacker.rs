@@ -66,6 +66,7 @@ async fn start_agent(
         usage: Default::default(),
         limits: Default::default(),
         code_cache: Default::default(),
+        images: Default::default(),
     };
     let backends = Backends {
         driver: Arc::new(FakeDriver::at(runtime_addr)),

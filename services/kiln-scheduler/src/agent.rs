@@ -220,6 +220,7 @@ mod tests {
                 layers: Vec::new(),
                 role: None,
                 network: None,
+                image: None,
             }
             .seal()
         };

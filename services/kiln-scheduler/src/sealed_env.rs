@@ -33,13 +33,14 @@ pub fn provision_aad(account_id: &str, function_name: &str, qualifier: &str) -> 
 /// The spec as stored: its JSON without the environment, and the
 /// environment sealed (`None` when it is empty).
 pub fn split(sealer: &Sealer, aad: &Aad, spec: &InstanceSpec) -> (String, Option<String>) {
-    let sealed =
-        (!spec.environment.is_empty()).then(|| seal_environment(sealer, aad, &spec.environment));
-    let mut bare = serde_json::to_value(spec).expect("a spec serialises");
-    if let Some(obj) = bare.as_object_mut() {
-        obj.insert("environment".into(), serde_json::json!({}));
-    }
-    (bare.to_string(), sealed)
+    // The environment and a custom-container image's registry password.
+    let mut bare = spec.clone();
+    let secrets = bare.take_secrets();
+    let sealed = (!secrets.is_empty()).then(|| seal_environment(sealer, aad, &secrets));
+    (
+        serde_json::to_string(&bare).expect("a spec serialises"),
+        sealed,
+    )
 }
 
 /// The spec a row holds, its environment opened.
@@ -51,7 +52,7 @@ pub fn join(
 ) -> Result<InstanceSpec, String> {
     let mut spec: InstanceSpec = serde_json::from_str(json).map_err(|e| e.to_string())?;
     if let Some(sealed) = sealed {
-        spec.environment = open_environment(sealer, aad, sealed).map_err(|e| e.to_string())?;
+        spec.put_secrets(open_environment(sealer, aad, sealed).map_err(|e| e.to_string())?);
     }
     Ok(spec)
 }
@@ -154,11 +155,12 @@ fn resealed(
         serde_json::from_str(spec).map_err(|_| SealPassError::Spec(what.to_owned()))?;
     match sealed {
         Some(s) => {
-            parsed.environment =
-                open_environment(sealer, aad, s).map_err(|source| SealPassError::Open {
+            parsed.put_secrets(open_environment(sealer, aad, s).map_err(|source| {
+                SealPassError::Open {
                     what: what.to_owned(),
                     source,
-                })?;
+                }
+            })?);
         }
         None if parsed.environment.is_empty() => return Ok(None),
         None => {}

@@ -91,6 +91,7 @@ fn sim_spec(account: u32, function: u32, memory_mb: u32, concurrency: u32) -> In
         layers: Vec::new(),
         role: None,
         network: None,
+        image: None,
     }
     .seal()
 }

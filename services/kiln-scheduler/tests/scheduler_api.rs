@@ -123,6 +123,7 @@ fn spec(function: &str, concurrency: u32) -> InstanceSpec {
         layers: Vec::new(),
         role: None,
         network: None,
+        image: None,
     }
     .seal()
 }

@@ -510,6 +510,7 @@ fn spec(function: &str) -> kiln_core::InstanceSpec {
         layers: Vec::new(),
         role: None,
         network: None,
+        image: None,
     }
     .seal()
 }

@@ -365,6 +365,16 @@ pub struct DevArgs {
     /// functions with internetAccess: false or a vpcConfig are refused.
     #[arg(long)]
     pub insecure_no_network_isolation: bool,
+    /// PEM file of the CAs that custom-container images' registries are
+    /// verified against (default: the system's roots).
+    #[arg(long)]
+    pub registry_ca_bundle: Option<PathBuf>,
+    /// The largest custom-container image, in MB (default FC's 10 GB).
+    #[arg(long)]
+    pub max_image_mb: Option<u64>,
+    /// Unpacked image layers kept, in MB (default 40 GB).
+    #[arg(long)]
+    pub image_budget_mb: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -904,6 +914,9 @@ pub async fn run(cli: Cli) -> Result<()> {
                 insecure_no_network_isolation: args.insecure_no_network_isolation,
                 signature_skew_s: None,
                 premade: true,
+                registry_ca_bundle: args.registry_ca_bundle.clone(),
+                max_image_mb: args.max_image_mb,
+                image_budget_mb: args.image_budget_mb,
             })
             .await
         }

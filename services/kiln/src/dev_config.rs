@@ -133,6 +133,23 @@ pub fn agent(
     } else {
         String::new()
     };
+    // Custom-container images: the registries' trust and sizes.
+    let mut images = String::new();
+    if let Some(ca) = &opts.registry_ca_bundle {
+        images += &format!("ca_bundle = {ca:?}\n");
+    }
+    if let Some(mb) = opts.max_image_mb {
+        images += &format!("max_image_mb = {mb}\n");
+    }
+    if let Some(mb) = opts
+        .image_budget_mb
+        .or(opts.max_image_mb.map(|m| m.max(40 * 1024)))
+    {
+        images += &format!("budget_mb = {mb}\n");
+    }
+    if !images.is_empty() {
+        images = format!("[images]\n{images}");
+    }
     // A development node overcommits CPU (functions mostly wait) but not
     // memory.
     let text = format!(
@@ -140,6 +157,7 @@ pub fn agent(
          gateway_internal_url = {:?}\nregion = \"cn-hangzhou\"\ndrain_on_shutdown = true\n\
          {}\
          [node]\nzone = \"dev\"\ntenancy = \"dedicated\"\nmemory_mb = {}\ncpu_milli = {}\nmax_instances = 512\n\
+         {}\
          [sandbox]\nname_prefix = {:?}\ninstance_subnet = {:?}\ncgroup_parent = {:?}\n{}{}{}",
         agent_state,
         scheduler_url,
@@ -147,6 +165,7 @@ pub fn agent(
         tls_table(&pki.files("agent")),
         memory_mb * 3 / 4,
         cpus * 1000 * 16,
+        images,
         opts.sandbox_prefix,
         opts.instance_subnet,
         opts.sandbox_prefix,
@@ -222,6 +241,9 @@ mod tests {
             insecure_no_network_isolation: false,
             signature_skew_s: None,
             premade: true,
+            registry_ca_bundle: None,
+            max_image_mb: None,
+            image_budget_mb: None,
         };
         let make = |opts: &DevOptions| {
             agent(

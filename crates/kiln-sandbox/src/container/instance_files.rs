@@ -67,19 +67,33 @@ impl InstanceFiles {
             (paths.work(), 0o700, Some(uid)),
             (paths.tmp(), 0o1777, Some(uid)),
         ])?;
-        self.mounter
-            .bind_readonly(&self.rootfs, &paths.rootfs())
-            .map_err(|e| fs_err("runtime root filesystem", e))?;
-        self.mounter
-            .overlay(&req.code_dir, &paths.upper(), &paths.work(), &paths.code())
-            .map_err(|e| fs_err("/code overlay", e))?;
-        let opt = crate::container::layers::mount_opt(
-            self.mounter.as_ref(),
-            req,
-            paths,
-            &self.rootfs,
-            uid,
-        )?;
+        let opt = match &req.image {
+            // A custom-container function: its image is the root, no /code.
+            Some(image) => {
+                crate::container::image::mount_image_rootfs(
+                    self.mounter.as_ref(),
+                    image,
+                    paths,
+                    uid,
+                )?;
+                None
+            }
+            None => {
+                self.mounter
+                    .bind_readonly(&self.rootfs, &paths.rootfs())
+                    .map_err(|e| fs_err("runtime root filesystem", e))?;
+                self.mounter
+                    .overlay(&req.code_dir, &paths.upper(), &paths.work(), &paths.code())
+                    .map_err(|e| fs_err("/code overlay", e))?;
+                crate::container::layers::mount_opt(
+                    self.mounter.as_ref(),
+                    req,
+                    paths,
+                    &self.rootfs,
+                    uid,
+                )?
+            }
+        };
 
         let code = paths.code();
         let hosts = paths.hosts();
@@ -106,6 +120,9 @@ impl InstanceFiles {
         .map_err(SandboxError::invalid_spec)?;
         if let Some(opt) = &opt {
             crate::container::layers::add_opt_mount(&mut config, opt);
+        }
+        if let Some(image) = &req.image {
+            crate::container::image::apply_to_config(&mut config, image);
         }
         let bytes = serde_json::to_vec_pretty(&config).expect("config serialises");
         std::fs::write(paths.config(), bytes).map_err(|e| fs_err(paths.config().display(), e))?;

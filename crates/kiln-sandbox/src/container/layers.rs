@@ -124,6 +124,7 @@ mod tests {
             instance_id: InstanceId::generate(),
             spec: spec.seal(),
             code_dir,
+            image: None,
         }
     }
 

@@ -231,6 +231,7 @@ impl ContainerDriver {
             }
         }
         let fits = spec.layers.is_empty()
+            && req.image.is_none()
             && crate::container::disk::disk_mb(spec.disk_mb).ok()
                 == Some(crate::container::disk::DEFAULT_DISK_MB);
         if !fits {
@@ -424,7 +425,16 @@ impl SandboxDriver for ContainerDriver {
                 .map_err(SandboxError::invalid_spec)?;
             crate::process::process_env(&req.instance_id, spec, None)
                 .map_err(SandboxError::invalid_spec)?;
-            if !req.code_dir.is_dir() {
+            match (&req.image, spec.runtime.is_container_image()) {
+                (Some(image), true) => crate::container::image::check_image_layers(image)?,
+                (None, false) => {}
+                _ => {
+                    return Err(SandboxError::invalid_spec(std::io::Error::other(
+                        "an image is given exactly for runtime custom-container",
+                    )))
+                }
+            }
+            if req.image.is_none() && !req.code_dir.is_dir() {
                 return Err(SandboxError::Filesystem {
                     what: format!("code directory {} is not a directory", req.code_dir.display()),
                     source: None,
@@ -437,7 +447,7 @@ impl SandboxDriver for ContainerDriver {
                 self.ensure_runtime(RuntimeName::Custom).await?;
             }
             let rootfs = rootfs_path(&self.rootfs_dir, spec.runtime);
-            if !crate::rootfs::is_complete(&rootfs) {
+            if req.image.is_none() && !crate::rootfs::is_complete(&rootfs) {
                 return Err(SandboxError::RuntimeUnavailable {
                     runtime: spec.runtime.to_string(),
                     reason: "it has not been built on this node yet (ensure_runtime)".into(),

@@ -29,6 +29,7 @@
 //! - [`disk`] and [`disk_pool`]: the instance's writable filesystem (a
 //!   loop-mounted ext4 image), formatted ahead of time.
 //! - [`layers`]: the function's layers as an overlay at `/opt`.
+//! - [`image`]: a custom-container function's image as the root.
 //! - [`premade`]: pools of sandboxes made ahead of demand, claimed by a
 //!   cold start.
 //! - `setup`, `lifecycle`, `boost`: [`ContainerDriver`]'s construction and
@@ -38,6 +39,7 @@ pub mod bundle;
 pub mod config;
 pub mod disk;
 pub mod disk_pool;
+pub mod image;
 pub mod instance;
 pub mod layers;
 pub mod oci_runtime;

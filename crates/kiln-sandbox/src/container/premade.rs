@@ -365,6 +365,7 @@ impl PremadeDeps {
             layers: Vec::new(),
             role: None,
             network: None,
+            image: None,
         }
     }
 }

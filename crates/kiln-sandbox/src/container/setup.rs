@@ -277,6 +277,11 @@ impl ContainerDriver {
     /// `custom.debian12` runs debootstrap and takes minutes: call this when
     /// the agent starts, not on a request path.
     pub async fn ensure_runtime(&self, runtime: RuntimeName) -> Result<(), SandboxError> {
+        if runtime.is_container_image() {
+            // Its root filesystem is each function's image, pulled by the
+            // agent on demand.
+            return Ok(());
+        }
         let builder = RootfsBuilder {
             dir: &self.rootfs_dir,
             mirror: self.config.debootstrap_mirror.as_deref(),

@@ -94,6 +94,7 @@ fn request(h: &Harness, runtime: RuntimeName) -> SandboxRequest {
         instance_id: InstanceId::generate(),
         spec: spec.seal(),
         code_dir: h.code.clone(),
+        image: None,
     }
 }
 
@@ -633,6 +634,7 @@ async fn instances_are_attached_to_the_isolation_and_detached_on_destroy() {
         instance_id: InstanceId::generate(),
         spec: spec.seal(),
         code_dir: h.code.clone(),
+        image: None,
     };
     cmd.clear();
     h.driver.create(&big).await.unwrap();
@@ -677,6 +679,7 @@ async fn without_isolation_only_internet_functions_start() {
             instance_id: InstanceId::generate(),
             spec: spec.seal(),
             code_dir: h.code.clone(),
+            image: None,
         };
         let err = h.driver.create(&req).await.unwrap_err();
         let SandboxError::Unenforceable(why) = &err else {
@@ -716,6 +719,7 @@ async fn an_instance_whose_network_cannot_be_isolated_does_not_start() {
         instance_id: InstanceId::generate(),
         spec: spec.seal(),
         code_dir: h.code.clone(),
+        image: None,
     };
     let err = h.driver.create(&req).await.unwrap_err();
     assert!(

@@ -649,6 +649,13 @@ impl MicroVmDriver {
     /// debootstrap for `custom.debian12`, minutes the first time) unless it
     /// is cached, then its read-only disk image. Call at agent start.
     pub async fn ensure_runtime(&self, runtime: RuntimeName) -> Result<(), SandboxError> {
+        if runtime.is_container_image() {
+            return Err(SandboxError::RuntimeUnavailable {
+                runtime: runtime.to_string(),
+                reason: "custom-container functions run on container nodes only".into(),
+                source: None,
+            });
+        }
         if runtime != RuntimeName::Custom {
             let builder = crate::rootfs::RootfsBuilder {
                 dir: &self.inner.rootfs_dir,
@@ -1728,6 +1735,13 @@ impl Inner {
 
     async fn create(self: &Arc<Self>, req: &SandboxRequest) -> Result<Sandbox, SandboxError> {
         let spec = &req.spec;
+        if req.image.is_some() || spec.runtime.is_container_image() {
+            return Err(SandboxError::RuntimeUnavailable {
+                runtime: spec.runtime.to_string(),
+                reason: "custom-container functions run on container nodes only".into(),
+                source: None,
+            });
+        }
         process::check_spec(spec).map_err(SandboxError::invalid_spec)?;
         // Never silently ignore a function's egress mode (see the
         // container driver).

@@ -488,6 +488,7 @@ pub async fn start_with_layers(
         instance_id: InstanceId::generate(),
         spec: spec.seal(),
         code_dir: code.to_owned(),
+        image: None,
     };
     let sb = driver.create(&req).await.unwrap();
     let up = get_async(sb.endpoint, "/").await;

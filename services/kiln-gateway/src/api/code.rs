@@ -59,6 +59,13 @@ pub fn get(
     caller_function(gw, caller, name)?;
     // An alias's major version (u = 1 is past every canary's share).
     let entry = gw.catalog.resolve(&caller.account_id, name, &q, 1.0)?;
+    if let Some(c) = &entry.record.config.container {
+        return Err(FcError::invalid_argument(format!(
+            "function {name} is a custom-container function: it has no code package; its code is the image {}",
+            c.image
+        ))
+        .into());
+    }
     let host = parts
         .uri
         .authority()

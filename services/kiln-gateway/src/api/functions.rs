@@ -67,10 +67,13 @@ pub async fn create(
     check_role(gw, caller, &parsed)?;
     validate::require_code(&parsed)?;
     // Validate the configuration before the (costly) package inspection.
-    let placeholder = CodeRef {
-        sha256: String::new(),
-        size: 0,
-        checksum: String::new(),
+    let placeholder = match parsed.zip {
+        Some(_) => CodeRef {
+            sha256: String::new(),
+            size: 0,
+            checksum: String::new(),
+        },
+        None => validate::no_code(),
     };
     let checked = validate::build_config(None, &parsed, placeholder)?;
     check_vpc(gw, caller, None, &checked)?;
@@ -83,8 +86,10 @@ pub async fn create(
         }
         None => Vec::new(),
     };
-    let code = new_code(&mut parsed).await?.expect("zip present");
-    let mut config = validate::build_config(None, &parsed, code_ref(&code))?;
+    // A custom-container function has no package (validate::require_code).
+    let code = new_code(&mut parsed).await?;
+    let code_ref = code.as_ref().map_or_else(validate::no_code, code_ref);
+    let mut config = validate::build_config(None, &parsed, code_ref)?;
     config.layers = layers;
     let record = FunctionRecord {
         account_id: caller.account_id.clone(),
@@ -94,7 +99,7 @@ pub async fn create(
         modified_ms: now,
         config,
     };
-    let entry = gw.catalog.create(record, Some(code)).await?;
+    let entry = gw.catalog.create(record, code).await?;
     tracing::info!(function = %entry.record.name, revision = %entry.spec.revision, "function created");
     Ok(reply(gw, &entry.record))
 }

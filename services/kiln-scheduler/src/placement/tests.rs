@@ -35,6 +35,7 @@ pub(crate) fn spec(
         layers: Vec::new(),
         role: None,
         network: None,
+        image: None,
     }
     .seal()
 }

@@ -538,11 +538,15 @@ mod tests {
         // Neither the database nor its WAL holds the value.
         suite::environments_are_sealed_and_open_on_load(&store, || {
             let holds = |needle| file_holds(dir.path(), needle);
-            ["hunter2-sealed-0xC0FFEE", "DB_PASSWORD"]
-                .into_iter()
-                .filter(|n| holds(n))
-                .collect::<Vec<_>>()
-                .join(",")
+            [
+                "hunter2-sealed-0xC0FFEE",
+                "DB_PASSWORD",
+                "registry-pw-0xBEEF",
+            ]
+            .into_iter()
+            .filter(|n| holds(n))
+            .collect::<Vec<_>>()
+            .join(",")
         });
         drop(store);
 

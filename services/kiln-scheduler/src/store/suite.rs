@@ -22,6 +22,15 @@ pub(super) fn secret_state() -> (Vec<Change>, kiln_core::InstanceSpec) {
     let mut s = spec("1", "f", 2, 512);
     s.environment
         .insert("DB_PASSWORD".into(), "hunter2-sealed-0xC0FFEE".into());
+    // A custom-container function's registry password is sealed with it.
+    s.runtime = kiln_core::RuntimeName::CustomContainer;
+    s.image = Some(kiln_core::ImageSpec {
+        reference: "registry.example:5000/app:v1".into(),
+        entrypoint: Vec::new(),
+        command: Vec::new(),
+        registry_username: Some("deploy".into()),
+        registry_password: Some("registry-pw-0xBEEF".into()),
+    });
     let s = s.seal();
     let Acquired::Starting {
         create: Some(job), ..
@@ -60,6 +69,7 @@ pub(super) fn environments_are_sealed_and_open_on_load<S: SchedulerStore>(
     let raw = stored();
     assert!(!raw.contains("hunter2-sealed-0xC0FFEE"), "{raw}");
     assert!(!raw.contains("DB_PASSWORD"), "{raw}");
+    assert!(!raw.contains("registry-pw-0xBEEF"), "{raw}");
     let (_, instances) = store.load().unwrap();
     assert_eq!(instances[0].spec, s);
     let provisions = store.load_provisions().unwrap();

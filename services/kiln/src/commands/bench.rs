@@ -206,6 +206,9 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
         insecure_no_network_isolation: false,
         signature_skew_s: args.skew_seconds,
         premade: !args.no_premade,
+        registry_ca_bundle: None,
+        max_image_mb: None,
+        image_budget_mb: None,
     };
     eprintln!("starting a dev cluster in {}", work.path().display());
     let cluster = DevCluster::start(&opts).await?;

@@ -34,6 +34,12 @@ pub struct DevOptions {
     pub signature_skew_s: Option<u64>,
     /// Keep pre-made sandboxes (`[sandbox.premade]`) for cold starts.
     pub premade: bool,
+    /// The agent's `[images]`: the registries' CA bundle (None: the
+    /// system's roots), FC's image size limit and the cache budget, in MB
+    /// (None: the agent's defaults).
+    pub registry_ca_bundle: Option<PathBuf>,
+    pub max_image_mb: Option<u64>,
+    pub image_budget_mb: Option<u64>,
 }
 
 /// The dev account and key, kept across restarts so clients stay valid.

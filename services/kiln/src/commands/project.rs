@@ -47,7 +47,9 @@ async fn deploy_function(client: &FcClient, f: &FunctionPlan) -> Result<()> {
             println!("updated function {}{}", f.name, code_note(&out));
         }
         Err(ClientError::Api { code, .. }) if code == "FunctionNotFound" => {
-            if f.code.is_none() {
+            // A custom-container function's code is its image.
+            let container = f.function.get("runtime") == Some(&json!("custom-container"));
+            if f.code.is_none() && !container {
                 bail!("props.code is required to create the function");
             }
             let out = client.create_function(&Value::Object(body)).await?;

@@ -35,6 +35,7 @@ const FUNCTION_PROPS: &[&str] = &[
     "instanceConcurrency",
     "environmentVariables",
     "customRuntimeConfig",
+    "customContainerConfig",
     "instanceLifecycleConfig",
     "layers",
     "internetAccess",
@@ -72,7 +73,6 @@ const TRIGGER_KEYS: &[&str] = &[
 /// Why a known fc3 property is not supported, where a reason helps.
 fn unsupported_reason(prop: &str) -> &'static str {
     match prop {
-        "customContainerConfig" => "custom container images are not supported by Kiln yet",
         "nasConfig" | "ossMountConfig" | "juiceFsConfig" | "polarFsConfig" => {
             "Kiln instances have no network file systems: keep data in a service the function calls"
         }

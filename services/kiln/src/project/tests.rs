@@ -120,6 +120,41 @@ resources:
 }
 
 #[test]
+fn a_custom_container_function_needs_no_code() {
+    let p = parse_here(
+        r#"
+edition: 3.0.0
+name: app
+resources:
+  web:
+    component: fc3
+    props:
+      functionName: web
+      runtime: custom-container
+      handler: index.handler
+      customContainerConfig:
+        image: registry.example:5000/team/web:v3
+        port: 8080
+        registryConfig:
+          authConfig:
+            userName: deploy
+            password: ${env('REGISTRY_PASSWORD', 'x')}
+"#,
+    )
+    .unwrap();
+    let f = &p.functions[0];
+    assert!(f.code.is_none());
+    assert_eq!(
+        f.function["customContainerConfig"]["image"],
+        json!("registry.example:5000/team/web:v3")
+    );
+    assert_eq!(
+        f.function["customContainerConfig"]["registryConfig"]["authConfig"]["password"],
+        json!("x")
+    );
+}
+
+#[test]
 fn every_unsupported_property_is_named_before_anything_is_deployed() {
     let err = parse_here(
         r#"
