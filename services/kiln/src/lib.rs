@@ -10,6 +10,7 @@ pub mod dev_config;
 pub mod loadgen;
 pub mod output;
 pub mod project;
+pub mod registry;
 pub mod service_runtime;
 pub mod signing;
 pub mod zipdir;

@@ -123,8 +123,9 @@ impl Images {
                 "WorkingDir": "/app",
                 "User": "1000:1000",
             }),
-        );
-        self.reg.push(&dir, repo, tag);
+        )
+        .unwrap();
+        self.reg.push(&dir, repo, tag).unwrap();
         top
     }
 }
@@ -177,7 +178,7 @@ async fn custom_container_functions_pull_verify_share_and_fail_clearly() {
     }
     let work = tempfile::tempdir().unwrap();
     let images = Images {
-        reg: Registry::start(),
+        reg: Registry::start().unwrap(),
         base: layer_of_dir(&base_tree),
         server: build_server(work.path()),
         work,

@@ -29,6 +29,7 @@
 //!   `debian13-builtin`), bootstrap and code ([`cold_runtimes`]).
 
 mod burst;
+mod container;
 mod cpu;
 mod runc;
 mod stages;
@@ -192,6 +193,12 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
     let code_zip = crate::zipdir::zip_dir(binary.parent().unwrap())?;
     let prefix = tag();
     let n: u32 = rand::random();
+    // Started before the cluster, whose agent must trust its registry.
+    let image = if args.no_cold {
+        None
+    } else {
+        container::Image::push(&binary, work.path())?
+    };
     let opts = DevOptions {
         state_dir: work.path().join("state"),
         listen: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
@@ -206,7 +213,7 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
         insecure_no_network_isolation: false,
         signature_skew_s: args.skew_seconds,
         premade: !args.no_premade,
-        registry_ca_bundle: None,
+        registry_ca_bundle: image.as_ref().map(container::Image::ca),
         max_image_mb: None,
         image_budget_mb: None,
     };
@@ -228,6 +235,7 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
                 &prefix,
                 work.path(),
                 &agent_state,
+                image.as_ref(),
             )
             .await
         } else {
@@ -239,6 +247,7 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
                 &prefix,
                 work.path(),
                 &agent_state,
+                image.as_ref(),
             )
             .await
         }
@@ -343,6 +352,7 @@ async fn soak(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn measure(
     args: &BenchArgs,
     cluster: &DevCluster,
@@ -351,6 +361,7 @@ async fn measure(
     prefix: &str,
     work: &Path,
     agent_state: &Path,
+    image: Option<&container::Image>,
 ) -> Result<()> {
     let client = crate::client::FcClient::new(cluster.credentials.clone())?;
     let zip_b64 = base64::engine::general_purpose::STANDARD.encode(code_zip);
@@ -749,6 +760,7 @@ async fn measure(
             prefix,
             work,
             agent_state,
+            image,
         )
         .await?;
     }
@@ -802,6 +814,7 @@ async fn cold(
     prefix: &str,
     work: &Path,
     agent_state: &Path,
+    image: Option<&container::Image>,
 ) -> Result<()> {
     let zip_b64 = zip_b64_of(code_zip);
     let static_function = |name: &str| {
@@ -869,6 +882,28 @@ async fn cold(
             print!("{}", burst::report(n, k, &runc, &warm));
         }
         None => {}
+    }
+    if let Some(image) = image {
+        // The first function pulls the image onto the node (not measured);
+        // the measured ones start from the node's cache.
+        let pull = "bench-image-pull";
+        client.create_function(&image.function(pull)).await?;
+        client
+            .invoke(pull, Bytes::from_static(b"ping"), &[])
+            .await?
+            .error_for_status()?;
+        client.delete_function(pull).await?;
+        let cached =
+            kiln_cold_starts(client, args.cold_starts, |name| image.function(name)).await?;
+        let kc = median(&cached);
+        println!(
+            "{:<34} {:>10.1}ms {:>10.1}ms {:>11.2}x   (image cached; the same root filesystem and command)",
+            "cold start custom-container",
+            rc,
+            kc,
+            kc / rc
+        );
+        println!("  kiln cold starts (ms):   {cached:.1?}");
     }
     cold_runtimes(args, client, prefix, work).await
 }
