@@ -422,4 +422,24 @@ async fn websockets_pass_through_an_http_trigger() {
         .unwrap_or_else(|e| panic!("the signed handshake was refused: {e:?}"));
     echoes(&mut ws, Message::text("signed")).await;
     ws.close(None).await.unwrap();
+
+    // A function whose invocations are disabled takes no WebSocket either.
+    let r = dev
+        .client()
+        .request(
+            http::Method::POST,
+            "/2023-03-30/functions/ws/invoke/disable",
+            &[],
+            &[],
+            bytes::Bytes::from_static(br#"{"reason": "closed"}"#),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let Err((status, body)) = connect(&ca, &target, &signed_headers(&dev, &target)).await else {
+        panic!("a disabled function took a WebSocket");
+    };
+    assert_eq!(status, 403, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["Code"], "FunctionInvocationDisabled", "{v}");
 }

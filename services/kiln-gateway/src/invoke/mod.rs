@@ -205,7 +205,21 @@ pub async fn invoke(gw: &Arc<Gateway>, req: InvokeRequest) -> InvokeResult {
     }
 }
 
-async fn run(gw: &Arc<Gateway>, req: InvokeRequest) -> Result<InvokeResult, FcError> {
+/// What every call (an invocation or a WebSocket) sets up before its
+/// first lease.
+struct Prepared {
+    entry: Arc<crate::catalog::FunctionEntry>,
+    /// The function's timeout and the agent's grace.
+    deadline: Duration,
+    guard: LeaseGuard,
+    /// A lease an earlier call of the revision parked, if one fits.
+    reused: Option<Held>,
+}
+
+/// Resolve the call's qualifier (refused while the function's
+/// invocations are disabled), check its runtime takes calls, and set up
+/// its deadline, lease guard and any parked lease.
+fn prepare(gw: &Arc<Gateway>, req: &InvokeRequest) -> Result<Prepared, FcError> {
     // An alias picks its version per call (its weights are fractions of
     // calls); a version's entry has its own revision, so its instances and
     // parked leases are its own.
@@ -217,34 +231,61 @@ async fn run(gw: &Arc<Gateway>, req: InvokeRequest) -> Result<InvokeResult, FcEr
     )?;
     gw.runtimes
         .check_invoke(entry.record.config.runtime, gw.clock.now_ms())?;
-    let timeout_s = entry.spec.timeout_s;
     // The agent enforces the function's timeout; this bounds a wedged agent.
-    let deadline = Duration::from_secs(u64::from(timeout_s)) + AGENT_GRACE;
-
-    let mut guard = LeaseGuard::new(
+    let deadline = Duration::from_secs(u64::from(entry.spec.timeout_s)) + AGENT_GRACE;
+    let guard = LeaseGuard::new(
         gw.leases.clone(),
         entry.clone(),
         deadline,
         gw.metrics.clone(),
         Instant::now(),
     );
-
     // A lease parked by an earlier call may point at an instance the
     // scheduler has since given up; if the agent refuses it outright (the
     // function never saw the payload), one fresh lease is tried.
-    let mut reused = gw.leases.take(&entry.spec.revision, deadline);
+    let reused = gw.leases.take(&entry.spec.revision, deadline);
+    Ok(Prepared {
+        entry,
+        deadline,
+        guard,
+        reused,
+    })
+}
+
+/// The lease a call's next attempt runs on: the parked one, else a new
+/// one from the scheduler. A failed initializer (the agent discarded the
+/// instance; no lease was taken) or a refusal is the call's result.
+async fn next_lease(
+    gw: &Gateway,
+    req: &InvokeRequest,
+    entry: &crate::catalog::FunctionEntry,
+    reused: &mut Option<Held>,
+) -> Result<Held, InvokeResult> {
+    if let Some(l) = reused.take() {
+        return Ok(l);
+    }
+    match acquire(gw, req, entry.acquire_body(req.request_id.as_str())).await {
+        Ok(l) => Ok(Held::granted(l, Instant::now())),
+        Err(e) if e.kind == Some(FcErrorKind::Initialization) => {
+            Err(InvokeResult::InitializationFailed { message: e.message })
+        }
+        Err(e) => Err(InvokeResult::Platform(e)),
+    }
+}
+
+async fn run(gw: &Arc<Gateway>, req: InvokeRequest) -> Result<InvokeResult, FcError> {
+    let Prepared {
+        entry,
+        deadline,
+        mut guard,
+        mut reused,
+    } = prepare(gw, &req)?;
+    let timeout_s = entry.spec.timeout_s;
     let (outcome, resp) = loop {
         let from_pool = reused.is_some();
-        let lease = match reused.take() {
-            Some(l) => l,
-            None => match acquire(gw, &req, entry.acquire_body(req.request_id.as_str())).await {
-                Ok(l) => Held::granted(l, Instant::now()),
-                // The agent discarded the instance; no lease was taken.
-                Err(e) if e.kind == Some(FcErrorKind::Initialization) => {
-                    return Ok(InvokeResult::InitializationFailed { message: e.message });
-                }
-                Err(e) => return Err(e),
-            },
+        let lease = match next_lease(gw, &req, &entry, &mut reused).await {
+            Ok(l) => l,
+            Err(result) => return Ok(result),
         };
         tracing::debug!(lease = %lease.lease.lease_id, instance = %lease.lease.instance_id, cold = lease.lease.cold_start, from_pool, "lease held");
         // A call abandoned before the agent answers (the client went away,

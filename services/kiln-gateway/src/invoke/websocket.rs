@@ -18,20 +18,17 @@
 //! by [`requested`].
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderMap};
 use http::{Method, StatusCode, Version};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use kiln_core::{FcError, FcErrorKind};
+use kiln_core::FcError;
 use kiln_internal_api::client::remote_error;
 use kiln_internal_api::server::{empty, full};
 use kiln_internal_api::{headers as ih, InvokeFailure, InvokeOutcome, LeaseOutcome};
 
-use super::lease::LeaseGuard;
-use super::pool::Held;
-use super::{acquire, FunctionAnswer, InvokeRequest, InvokeResult, AGENT_GRACE};
+use super::{FunctionAnswer, InvokeRequest, InvokeResult};
 use crate::gateway::Gateway;
 
 /// The most of an agent's answer read when the function did not upgrade.
@@ -110,35 +107,20 @@ async fn run(
     req: InvokeRequest,
     client: ClientUpgrade,
 ) -> Result<InvokeResult, FcError> {
-    let entry = gw.catalog.resolve(
-        &req.account_id,
-        &req.function,
-        &req.qualifier,
-        rand::random::<f64>(),
-    )?;
-    gw.runtimes
-        .check_invoke(entry.record.config.runtime, gw.clock.now_ms())?;
-    let timeout_s = entry.spec.timeout_s;
-    let deadline = Duration::from_secs(u64::from(timeout_s)) + AGENT_GRACE;
-    let mut guard = LeaseGuard::new(
-        gw.leases.clone(),
-        entry.clone(),
+    // The same checks and lease as any call: a disabled function takes no
+    // WebSocket either.
+    let super::Prepared {
+        entry,
         deadline,
-        gw.metrics.clone(),
-        Instant::now(),
-    );
-    let mut reused = gw.leases.take(&entry.spec.revision, deadline);
+        mut guard,
+        mut reused,
+    } = super::prepare(gw, &req)?;
+    let timeout_s = entry.spec.timeout_s;
     let resp = loop {
         let from_pool = reused.is_some();
-        let lease = match reused.take() {
-            Some(l) => l,
-            None => match acquire(gw, &req, entry.acquire_body(req.request_id.as_str())).await {
-                Ok(l) => Held::granted(l, Instant::now()),
-                Err(e) if e.kind == Some(FcErrorKind::Initialization) => {
-                    return Ok(InvokeResult::InitializationFailed { message: e.message });
-                }
-                Err(e) => return Err(e),
-            },
+        let lease = match super::next_lease(gw, &req, &entry, &mut reused).await {
+            Ok(l) => l,
+            Err(result) => return Ok(result),
         };
         guard.hold(lease, LeaseOutcome::InstanceFailed);
         let lease = guard.lease().expect("the lease was just taken");
