@@ -631,26 +631,7 @@ async fn provisioned_instances_start_and_follow_function_updates() {
     let agent = kiln_scheduler::FakeAgent::new(std::time::Duration::ZERO);
     let env = Env::with_agent(Some(agent.clone())).await;
     let sched = env.scheduler.scheduler().clone();
-    sched
-        .register(&kiln_internal_api::RegisterNode {
-            node_id: None,
-            agent_url: "https://127.0.0.1:1".into(),
-            capacity: kiln_internal_api::NodeCapacity {
-                memory_mb: 16 * 1024,
-                cpu_milli: 16_000,
-                max_instances: 50,
-            },
-            labels: kiln_internal_api::NodeLabels {
-                zone: "zone-a".into(),
-                tenancy: kiln_internal_api::Tenancy::Dedicated,
-                sandbox_kinds: vec![kiln_core::SandboxKind::Container],
-                dedicated_account: Some(ACCOUNT_A.parse().unwrap()),
-                runtimes: None,
-                network_isolation: Default::default(),
-            },
-            instances: vec![],
-        })
-        .unwrap();
+    register_node(&sched);
     let a = env.client(AK_A, SK_A);
     a.create("warm").await;
     a.put(&prov("warm"), &json!({"target": 2}))

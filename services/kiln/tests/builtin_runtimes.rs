@@ -17,7 +17,7 @@ use http::Method;
 use kiln::client::{ApiResponse, FcClient};
 use serde_json::{json, Value};
 
-use common::{example_zip, Dev};
+use common::{curl, example_zip, Dev};
 
 fn b64(data: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(data)
@@ -63,34 +63,6 @@ async fn wait_for_line(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-/// `curl --cacert CA -sS -D - ARGS`: status, head (lower case) and body.
-fn curl(ca: &std::path::Path, args: &[&str]) -> (u16, String, Vec<u8>) {
-    let out = std::process::Command::new("curl")
-        .arg("--cacert")
-        .arg(ca)
-        .args(["-sS", "-D", "-", "--max-time", "60"])
-        .args(args)
-        .output()
-        .expect("run curl");
-    assert!(
-        out.status.success(),
-        "curl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let split = out
-        .stdout
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("a head");
-    let head = String::from_utf8_lossy(&out.stdout[..split]).to_ascii_lowercase();
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("a status line");
-    (status, head, out.stdout[split + 4..].to_vec())
 }
 
 fn json_of(r: &ApiResponse) -> Value {

@@ -10,14 +10,13 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::Path;
 use std::process::{Command, Stdio};
 
 use base64::Engine;
 use serde_json::{json, Value};
 use sha2::Digest;
 
-use common::Dev;
+use common::{curl, Dev};
 
 /// A web function: echoes the request, streams downloads and an SSE
 /// answer whose last event waits for `/release` (a second call, to the
@@ -122,36 +121,6 @@ fn code() -> Value {
     w.write_all(SERVER.as_bytes()).unwrap();
     let zip = w.finish().unwrap().into_inner();
     json!({"zipFile": base64::engine::general_purpose::STANDARD.encode(zip)})
-}
-
-/// `curl --cacert CA -sS` with `args`: (status, headers, body).
-fn curl(ca: &Path, args: &[&str]) -> (u16, String, Vec<u8>) {
-    let out = Command::new("curl")
-        .arg("--cacert")
-        .arg(ca)
-        .args(["-sS", "-D", "-", "--max-time", "60"])
-        .args(args)
-        .output()
-        .expect("run curl");
-    assert!(
-        out.status.success(),
-        "curl {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    // The head, then the body.
-    let split = out
-        .stdout
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("a head");
-    let head = String::from_utf8_lossy(&out.stdout[..split]).to_string();
-    let body = out.stdout[split + 4..].to_vec();
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("a status line");
-    (status, head.to_ascii_lowercase(), body)
 }
 
 fn fc_code(body: &[u8]) -> String {

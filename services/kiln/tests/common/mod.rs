@@ -413,6 +413,35 @@ fn placeholder_creds() -> Credentials {
 }
 
 /// The zip of an example function folder.
+/// `curl --cacert CA -sS -D - --max-time 60 ARGS`: the status, the head
+/// (lower case) and the body; curl itself must succeed.
+pub fn curl(ca: &Path, args: &[&str]) -> (u16, String, Vec<u8>) {
+    let out = Command::new("curl")
+        .arg("--cacert")
+        .arg(ca)
+        .args(["-sS", "-D", "-", "--max-time", "60"])
+        .args(args)
+        .output()
+        .expect("run curl");
+    assert!(
+        out.status.success(),
+        "curl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let split = out
+        .stdout
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a head");
+    let head = String::from_utf8_lossy(&out.stdout[..split]).to_ascii_lowercase();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("a status line");
+    (status, head, out.stdout[split + 4..].to_vec())
+}
+
 pub fn example_zip(name: &str) -> Vec<u8> {
     kiln::zipdir::zip_dir(&repo_root().join("examples").join(name)).unwrap()
 }
