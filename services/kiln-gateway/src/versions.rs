@@ -363,11 +363,57 @@ impl Catalog {
         qualifier: &Qualifier,
         u: f64,
     ) -> Result<Arc<FunctionEntry>, FcError> {
+        self.resolve_checked(account, name, qualifier, u, false)
+    }
+
+    /// [`Self::resolve`] for a call: refused while DisableFunctionInvocation
+    /// has the function's invocations off (every qualifier: the
+    /// restriction is the function's).
+    pub fn resolve_invocable(
+        &self,
+        account: &AccountId,
+        name: &FunctionName,
+        qualifier: &Qualifier,
+        u: f64,
+    ) -> Result<Arc<FunctionEntry>, FcError> {
+        self.resolve_checked(account, name, qualifier, u, true)
+    }
+
+    /// One lookup of the function for both: the restriction is read from
+    /// the LATEST entry the resolution needs anyway (the warm path).
+    fn resolve_checked(
+        &self,
+        account: &AccountId,
+        name: &FunctionName,
+        qualifier: &Qualifier,
+        u: f64,
+        for_a_call: bool,
+    ) -> Result<Arc<FunctionEntry>, FcError> {
         let latest = self
             .function(account, name)
             .ok_or_else(|| crate::api::not_found(name))?;
+        // The qualifier is checked first, as a call of a missing version
+        // or alias is refused for that whatever the restriction.
+        let entry = self.qualified(account, name, &latest, qualifier, u)?;
+        if for_a_call {
+            if let Some(reason) = latest.record.config.invocation_disabled() {
+                return Err(invocation_disabled(name, reason));
+            }
+        }
+        Ok(entry)
+    }
+
+    /// `qualifier`'s entry of the function whose LATEST is `latest`.
+    fn qualified(
+        &self,
+        account: &AccountId,
+        name: &FunctionName,
+        latest: &Arc<FunctionEntry>,
+        qualifier: &Qualifier,
+        u: f64,
+    ) -> Result<Arc<FunctionEntry>, FcError> {
         let version = match qualifier {
-            Qualifier::Latest => return Ok(latest),
+            Qualifier::Latest => return Ok(latest.clone()),
             Qualifier::Version(v) => *v,
             Qualifier::Alias(a) => {
                 let index = self.version_index();
@@ -408,27 +454,6 @@ impl Catalog {
     }
 
     /// Check that `qualifier` names something that exists now.
-    /// [`Self::resolve`] for a call: refused while DisableFunctionInvocation
-    /// has the function's invocations off (every qualifier: the
-    /// restriction is the function's).
-    pub fn resolve_invocable(
-        &self,
-        account: &AccountId,
-        name: &FunctionName,
-        qualifier: &Qualifier,
-        u: f64,
-    ) -> Result<Arc<FunctionEntry>, FcError> {
-        let entry = self.resolve(account, name, qualifier, u)?;
-        if let Some(reason) = self
-            .function(account, name)
-            .as_ref()
-            .and_then(|latest| latest.record.config.invocation_disabled())
-        {
-            return Err(invocation_disabled(name, reason));
-        }
-        Ok(entry)
-    }
-
     pub fn check_qualifier(
         &self,
         account: &AccountId,
