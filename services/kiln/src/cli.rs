@@ -11,9 +11,10 @@ use crate::client::FcClient;
 use crate::commands::configs::{self, Kind};
 use crate::commands::domains::{self, DomainFields};
 use crate::commands::triggers::{self, TriggerFields};
-use crate::commands::versions::{self, AliasFields, Output};
+use crate::commands::versions::{self, AliasFields};
 use crate::commands::{bench, dev, functions, keys, nodes, observe, runtimes, tasks};
 use crate::credentials::{self, Credentials};
+use crate::output::Output;
 
 /// `-o table|json` on the commands that list or show things (the
 /// older `--json` is the same as `-o json`).
@@ -1036,11 +1037,11 @@ pub async fn run(cli: Cli) -> Result<()> {
                     output,
                 } => {
                     let v = versions::publish(&client, function, description.as_deref()).await?;
-                    versions::print_one(*output, &v, versions::versions_table)?;
+                    crate::output::print_one(*output, &v, versions::versions_table)?;
                 }
                 VersionsCommand::List { function, output } => {
                     let all = versions::list(&client, function).await?;
-                    versions::print(*output, &all, versions::versions_table)?;
+                    crate::output::print(*output, &all, versions::versions_table)?;
                 }
                 VersionsCommand::Delete {
                     function,
@@ -1072,7 +1073,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                         weights: Some(versions::parse_weights(weights)?),
                     };
                     let a = versions::create_alias(&client, function, alias, &fields).await?;
-                    versions::print_one(*output, &a, versions::aliases_table)?;
+                    crate::output::print_one(*output, &a, versions::aliases_table)?;
                 }
                 AliasesCommand::Get {
                     function,
@@ -1080,7 +1081,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                     output,
                 } => {
                     let a = versions::get_alias(&client, function, alias).await?;
-                    versions::print_one(*output, &a, versions::aliases_table)?;
+                    crate::output::print_one(*output, &a, versions::aliases_table)?;
                 }
                 AliasesCommand::Update {
                     function,
@@ -1103,7 +1104,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                         },
                     };
                     let a = versions::update_alias(&client, function, alias, &fields).await?;
-                    versions::print_one(*output, &a, versions::aliases_table)?;
+                    crate::output::print_one(*output, &a, versions::aliases_table)?;
                 }
                 AliasesCommand::Delete {
                     function,
@@ -1121,7 +1122,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                     output,
                 } => {
                     let all = versions::list_aliases(&client, function, prefix.as_deref()).await?;
-                    versions::print(*output, &all, versions::aliases_table)?;
+                    crate::output::print(*output, &all, versions::aliases_table)?;
                 }
             }
             Ok(())
@@ -1150,7 +1151,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                         description: description.clone(),
                     };
                     let t = triggers::create(&client, function, trigger, &fields).await?;
-                    versions::print_one(*output, &t, triggers::table)?;
+                    crate::output::print_one(*output, &t, triggers::table)?;
                 }
                 TriggersCommand::Get {
                     function,
@@ -1158,7 +1159,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                     output,
                 } => {
                     let t = triggers::get(&client, function, trigger).await?;
-                    versions::print_one(*output, &t, triggers::table)?;
+                    crate::output::print_one(*output, &t, triggers::table)?;
                 }
                 TriggersCommand::Update {
                     function,
@@ -1189,7 +1190,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                         description: description.clone(),
                     };
                     let t = triggers::update(&client, function, trigger, &fields).await?;
-                    versions::print_one(*output, &t, triggers::table)?;
+                    crate::output::print_one(*output, &t, triggers::table)?;
                 }
                 TriggersCommand::Delete {
                     function,
@@ -1207,7 +1208,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                     output,
                 } => {
                     let all = triggers::list(&client, function, prefix.as_deref()).await?;
-                    versions::print(*output, &all, triggers::table)?;
+                    crate::output::print(*output, &all, triggers::table)?;
                 }
             }
             Ok(())
@@ -1221,11 +1222,11 @@ pub async fn run(cli: Cli) -> Result<()> {
                     output,
                 } => {
                     let d = domains::create(&client, domain, &settings.fields()?).await?;
-                    versions::print_one(*output, &d, domains::table)?;
+                    crate::output::print_one(*output, &d, domains::table)?;
                 }
                 DomainsCommand::Get { domain, output } => {
                     let d = domains::get(&client, domain).await?;
-                    versions::print_one(*output, &d, domains::table)?;
+                    crate::output::print_one(*output, &d, domains::table)?;
                 }
                 DomainsCommand::Update {
                     domain,
@@ -1233,7 +1234,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                     output,
                 } => {
                     let d = domains::update(&client, domain, &settings.fields()?).await?;
-                    versions::print_one(*output, &d, domains::table)?;
+                    crate::output::print_one(*output, &d, domains::table)?;
                 }
                 DomainsCommand::Delete { domain, out } => {
                     domains::delete(&client, domain).await?;
@@ -1246,7 +1247,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 }
                 DomainsCommand::List { prefix, output } => {
                     let all = domains::list(&client, prefix.as_deref()).await?;
-                    versions::print(*output, &all, domains::table)?;
+                    crate::output::print(*output, &all, domains::table)?;
                 }
             }
             Ok(())

@@ -6,6 +6,34 @@
 use anyhow::Result;
 use serde_json::Value;
 
+/// How a command prints what the gateway answered.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    /// Aligned columns, one line per item.
+    #[default]
+    Table,
+    /// The gateway's JSON answer.
+    Json,
+}
+
+/// Print `items` as `output` asks.
+pub fn print(output: Output, items: &[Value], table: fn(&[Value]) -> String) -> Result<()> {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(items)?),
+        Output::Table => print!("{}", table(items)),
+    }
+    Ok(())
+}
+
+/// Print one item (a list of one in a table).
+pub fn print_one(output: Output, item: &Value, table: fn(&[Value]) -> String) -> Result<()> {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(item)?),
+        Output::Table => print!("{}", table(std::slice::from_ref(item))),
+    }
+    Ok(())
+}
+
 /// One object: `-o json` prints it as the gateway answered it; a table
 /// prints one line per top-level field, nested values as compact JSON.
 pub fn object(v: &Value, json: bool) -> Result<()> {

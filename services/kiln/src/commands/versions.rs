@@ -10,16 +10,6 @@ use serde_json::{json, Map, Value};
 
 use crate::client::{FcClient, API_VERSION};
 
-/// How a command prints what the gateway answered.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum Output {
-    /// Aligned columns, one line per item.
-    #[default]
-    Table,
-    /// The gateway's JSON answer.
-    Json,
-}
-
 fn versions_path(function: &str) -> String {
     format!("/{API_VERSION}/functions/{function}/versions")
 }
@@ -271,24 +261,6 @@ pub fn aliases_table(aliases: &[Value]) -> String {
         ));
     }
     out
-}
-
-/// Print `items` as `output` asks.
-pub fn print(output: Output, items: &[Value], table: fn(&[Value]) -> String) -> Result<()> {
-    match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(items)?),
-        Output::Table => print!("{}", table(items)),
-    }
-    Ok(())
-}
-
-/// Print one item (a list of one in a table).
-pub fn print_one(output: Output, item: &Value, table: fn(&[Value]) -> String) -> Result<()> {
-    match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(item)?),
-        Output::Table => print!("{}", table(std::slice::from_ref(item))),
-    }
-    Ok(())
 }
 
 #[cfg(test)]
