@@ -87,6 +87,42 @@ pub struct GatewayConfig {
     /// [`crate::http_trigger`]).
     #[serde(default)]
     pub http_triggers: HttpTriggersConfig,
+    /// Several gateways sharing one PostgreSQL database (`[cluster]`;
+    /// docs/ha.md): metadata, code packages, the async queue, signature
+    /// nonces and timer ticks live there. Absent: this gateway alone, on
+    /// SQLite files in `state_dir`.
+    #[serde(default)]
+    pub cluster: Option<GatewayCluster>,
+}
+
+/// `[cluster]`: the database the gateways of a cluster share.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayCluster {
+    /// A `postgresql://` URL or `key=value` string; a unix socket or a
+    /// loopback address (Kiln does not speak TLS to PostgreSQL yet).
+    pub postgres_url: String,
+    /// A file holding the database password (a systemd credential), when
+    /// the URL has none: the URL may be world-readable, this file not.
+    #[serde(default)]
+    pub postgres_password_file: Option<PathBuf>,
+    /// The most connections this gateway opens to the database.
+    #[serde(default = "default_cluster_max_connections")]
+    pub max_connections: usize,
+}
+
+impl std::fmt::Debug for GatewayCluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may hold a password.
+        f.debug_struct("GatewayCluster")
+            .field("postgres_password_file", &self.postgres_password_file)
+            .field("max_connections", &self.max_connections)
+            .finish_non_exhaustive()
+    }
+}
+
+fn default_cluster_max_connections() -> usize {
+    16
 }
 
 /// `[http_triggers]`: the domains under which HTTP triggers get their
@@ -319,6 +355,7 @@ impl GatewayConfig {
             tenant_bounds: Default::default(),
             vpcs: Vec::new(),
             http_triggers: HttpTriggersConfig::default(),
+            cluster: None,
         }
     }
 
@@ -364,6 +401,28 @@ impl GatewayConfig {
         }
         if let Err(reason) = kiln_internal_api::Endpoints::parse(&self.scheduler_url) {
             return invalid(format!("scheduler_url: {reason}"));
+        }
+        if let Some(c) = &self.cluster {
+            if self.secrets.is_none() {
+                return invalid(
+                    "[cluster] needs [secrets] key_file: every gateway of a cluster must seal \
+                     secrets with the same key, kept apart from the data"
+                        .into(),
+                );
+            }
+            if c.postgres_password_file
+                .as_ref()
+                .is_some_and(|p| p.starts_with("/nix/store"))
+            {
+                return invalid(
+                    "cluster.postgres_password_file must not be in the Nix store, which every \
+                     user can read"
+                        .into(),
+                );
+            }
+            if !(1..=256).contains(&c.max_connections) {
+                return invalid("cluster.max_connections must be between 1 and 256".into());
+            }
         }
         self.public
             .limits

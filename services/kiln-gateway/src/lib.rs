@@ -45,7 +45,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-pub use config::{ConfigError, GatewayConfig};
+pub use config::{ConfigError, GatewayCluster, GatewayConfig};
 
 use crate::catalog::{Catalog, CatalogError};
 use crate::gateway::Gateway;
@@ -194,6 +194,13 @@ pub async fn start_with_clock(
     clock: Arc<dyn Clock>,
 ) -> Result<GatewayHandle, GatewayError> {
     config.validate()?;
+    if config.cluster.is_some() {
+        return Err(GatewayError::Config(ConfigError::Invalid(
+            "[cluster] (gateways on PostgreSQL) is not supported by this build yet; remove it \
+             to run this gateway alone on SQLite"
+                .into(),
+        )));
+    }
     std::fs::create_dir_all(&config.state_dir).map_err(|source| GatewayError::StateDir {
         path: config.state_dir.clone(),
         source,
