@@ -70,12 +70,18 @@
         gateway = withPackage "gateway";
         scheduler = withPackage "scheduler";
         agent = withPackage "agent";
+        # PostgreSQL and HAProxy for a clustered control node: no package.
+        control-plane = {
+          key = "kiln#nixosModules.control-plane";
+          imports = [ ./modules/control-plane.nix ];
+        };
         default = {
           key = "kiln#nixosModules.default";
           imports = [
             self.nixosModules.gateway
             self.nixosModules.scheduler
             self.nixosModules.agent
+            self.nixosModules.control-plane
           ];
         };
       };

@@ -4,5 +4,6 @@
     ./gateway.nix
     ./scheduler.nix
     ./agent.nix
+    ./control-plane.nix
   ];
 }

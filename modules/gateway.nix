@@ -12,6 +12,8 @@ let
   cfg = config.services.kiln.gateway;
   kiln = import ./lib.nix { inherit lib pkgs; };
   defaults = lib.importJSON ./defaults/gateway.json;
+  # `cluster` is off by default, so its defaults sit in a file of their own.
+  clusterDefaults = lib.importJSON ./defaults/gateway-cluster.json;
   inherit (lib) types;
 
   # Keys the store may still be sealed with while rotating: each handed
@@ -55,6 +57,11 @@ let
       [
         "async_queue"
         "webhook_ca"
+      ]
+      # The database password: a credential, the URL may be public.
+      [
+        "cluster"
+        "postgres_password_file"
       ]
     ];
   };
@@ -142,6 +149,23 @@ in
             webhook_ca = kiln.optional types.str "Extra CA (PEM) trusted for https webhook destinations.";
           };
         };
+        cluster = lib.mkOption {
+          default = null;
+          description = ''
+            Several gateways sharing one PostgreSQL database (docs/ha.md):
+            functions, keys, code packages, the async queue, signature
+            nonces and timer ticks live there, so any gateway serves any
+            call and a gateway's loss loses nothing it accepted. Every
+            gateway needs the same `secrets.key_file`. Put a load balancer
+            in front (`services.kiln.controlPlane.loadBalancer`). When null,
+            this gateway is alone, on SQLite in its state directory.
+          '';
+          type = types.nullOr (kiln.section {
+            postgres_url = kiln.required types.str "`postgresql://` URL or `key=value` string of the shared database, without a password (the rendered file is in the Nix store): a unix socket or loopback address.";
+            postgres_password_file = kiln.optional types.str "File holding the database password (outside the Nix store); systemd hands the service a root-only copy.";
+            max_connections = kiln.setting types.ints.positive clusterDefaults.max_connections "The most connections this gateway opens to the database.";
+          });
+        };
       };
     };
   };
@@ -164,6 +188,13 @@ in
           services.kiln.gateway.settings.secrets key files must not be in the Nix store
           (every user can read it): give paths of root-only files on the host.
         '';
+      }
+      {
+        assertion =
+          cfg.settings.cluster == null
+          || cfg.settings.cluster.postgres_password_file == null
+          || !(lib.hasPrefix builtins.storeDir (toString cfg.settings.cluster.postgres_password_file));
+        message = "services.kiln.gateway.settings.cluster.postgres_password_file must not be in the Nix store";
       }
     ];
 

@@ -591,6 +591,42 @@ mod tests {
     }
 
     #[test]
+    fn a_cluster_needs_the_shared_key_and_a_password_file_outside_the_store() {
+        let mut c = example();
+        c.cluster = Some(GatewayCluster {
+            postgres_url: "host=/run/postgresql user=kiln dbname=kiln".into(),
+            postgres_password_file: Some("/etc/kiln/pgpass".into()),
+            max_connections: default_cluster_max_connections(),
+        });
+        c.validate().unwrap();
+        assert!(
+            !format!("{:?}", c.cluster).contains("dbname"),
+            "the URL may hold a password"
+        );
+        let mut bad = c.clone();
+        bad.secrets = None;
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("[secrets] key_file"));
+        let mut bad = c.clone();
+        bad.cluster.as_mut().unwrap().postgres_password_file = Some("/nix/store/x-pgpass".into());
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("Nix store"));
+        let mut bad = c;
+        bad.cluster.as_mut().unwrap().max_connections = 0;
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("max_connections"));
+    }
+
+    #[test]
     fn the_vpc_listener_is_optional_and_checked() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
         let text = std::fs::read_to_string(path).unwrap();

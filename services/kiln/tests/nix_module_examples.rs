@@ -168,7 +168,9 @@ fn assert_typed_options_exist<T: DeserializeOwned + serde::Serialize>(role: &str
 fn every_typed_module_option_is_a_key_of_the_service() {
     assert_typed_options_exist::<kiln_gateway::GatewayConfig>(
         "gateway",
-        "[async_queue]\nwebhook_ca = \"/etc/kiln/pki/webhook-ca.pem\"\n",
+        "[async_queue]\nwebhook_ca = \"/etc/kiln/pki/webhook-ca.pem\"\n\
+         [cluster]\npostgres_url = \"host=/run/postgresql dbname=kiln\"\n\
+         postgres_password_file = \"/etc/kiln/pgpass\"\n",
     );
     assert_typed_options_exist::<kiln_scheduler::SchedulerConfig>(
         "scheduler",
@@ -215,6 +217,21 @@ fn scheduler_cluster_defaults_are_the_services() {
     )
     .unwrap();
     assert_eq!(from_module.cluster, defaults.cluster);
+}
+
+/// The gateway module's cluster defaults (`cluster`, off by default) are
+/// the gateway's own.
+#[test]
+fn gateway_cluster_defaults_are_the_services() {
+    let mut section = read_json(&modules_dir().join("defaults/gateway-cluster.json"));
+    recursive_update(
+        &mut section,
+        serde_json::json!({"postgres_url": "host=/run/postgresql"}),
+    );
+    let from_module: kiln_gateway::GatewayCluster = serde_json::from_value(section).unwrap();
+    let defaults: kiln_gateway::GatewayCluster =
+        toml::from_str("postgres_url = \"host=/run/postgresql\"\n").unwrap();
+    assert_eq!(from_module, defaults);
 }
 
 /// The scheduler module's defaults for `certificates` (off by default, so
