@@ -24,6 +24,7 @@ use crate::triggers::TriggerRecord;
 use crate::versions::{AliasRecord, VersionRecord};
 
 pub mod changes;
+pub mod copy;
 pub mod postgres;
 mod sqlite;
 #[cfg(test)]

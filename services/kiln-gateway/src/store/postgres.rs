@@ -393,6 +393,90 @@ impl PgMetaStore {
     }
 }
 
+/// Copying a one-box gateway in ([`super::copy`]).
+impl PgMetaStore {
+    /// The gateway tables holding rows, with their counts (empty: a fresh
+    /// database).
+    pub fn holds_metadata(&self) -> Result<Vec<String>, MetaStoreError> {
+        let mut out = Vec::new();
+        for table in [
+            "accounts",
+            "access_keys",
+            "functions",
+            "layers",
+            "roles",
+            "custom_domains",
+        ] {
+            let sql = format!("SELECT count(*) FROM {table}");
+            let db = self.db();
+            let n: i64 =
+                self.block(async move { Ok(db.conn().await?.query_one(&sql, &[]).await?.get(0)) })?;
+            if n > 0 {
+                out.push(format!("{n} {table}"));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Raise each function's and layer's last handed-out number to the
+    /// source's (versions deleted there keep their ids used) and set each
+    /// layer's ACL.
+    pub fn restore_last_ids(
+        &self,
+        functions: &[(AccountId, FunctionName, String, u32)],
+        layers: &[LayerRecord],
+    ) -> Result<(), MetaStoreError> {
+        let functions: Vec<(String, String, String, i32)> = functions
+            .iter()
+            .map(|(a, n, id, last)| {
+                (
+                    a.as_str().to_owned(),
+                    n.as_str().to_owned(),
+                    id.clone(),
+                    *last as i32,
+                )
+            })
+            .collect();
+        let layers: Vec<(String, String, bool, i32)> = layers
+            .iter()
+            .map(|l| {
+                (
+                    l.account_id.as_str().to_owned(),
+                    l.name.clone(),
+                    l.public,
+                    l.last_version as i32,
+                )
+            })
+            .collect();
+        self.write(move |tx| {
+            Box::pin(async move {
+                for (a, n, id, last) in &functions {
+                    tx.execute(
+                        "UPDATE functions SET last_version = GREATEST(last_version, $4)
+                         WHERE account_id = $1 AND name = $2 AND function_id = $3",
+                        &[a as P, n, id, last],
+                    )
+                    .await?;
+                    changed(tx, Kind::Version, a, n).await?;
+                }
+                for (a, n, public, last) in &layers {
+                    tx.execute(
+                        "INSERT INTO layers (account_id, name, public, last_version)
+                         VALUES ($1, $2, $3, $4)
+                         ON CONFLICT (account_id, name) DO UPDATE
+                         SET public = EXCLUDED.public,
+                             last_version = GREATEST(layers.last_version, EXCLUDED.last_version)",
+                        &[a as P, n, public, last],
+                    )
+                    .await?;
+                    changed(tx, Kind::Layer, a, n).await?;
+                }
+                Ok(())
+            })
+        })
+    }
+}
+
 /// Append a change and notify the other gateways (delivered at commit).
 async fn changed(
     tx: &Transaction<'_>,

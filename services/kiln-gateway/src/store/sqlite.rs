@@ -876,6 +876,25 @@ impl SqliteStore {
     }
 }
 
+impl SqliteStore {
+    /// Every account and when it was created (copying a gateway).
+    pub fn accounts(&self) -> Result<Vec<(AccountId, u64)>, MetaStoreError> {
+        self.with(|c| {
+            let mut st = c.prepare("SELECT account_id, created_ms FROM accounts")?;
+            let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (account, created) = row?;
+                match account.parse() {
+                    Ok(a) => out.push((a, created as u64)),
+                    Err(_) => tracing::warn!(%account, "skipping an invalid account id"),
+                }
+            }
+            Ok(out)
+        })
+    }
+}
+
 /// Versions and aliases ([`crate::versions`]).
 impl SqliteStore {
     pub(crate) fn versions_impl(&self) -> Result<FunctionVersions, MetaStoreError> {
