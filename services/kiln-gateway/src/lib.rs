@@ -225,7 +225,10 @@ pub async fn start_with_clock(
     let ram = Arc::new(
         ram::Ram::open(
             stores.roles.clone(),
-            ram::Sts::load_or_create(&config.state_dir.join("sts.key"))?,
+            match stores.shared_sts_key()? {
+                Some(key) => ram::Sts::new(key),
+                None => ram::Sts::load_or_create(&config.state_dir.join("sts.key"))?,
+            },
             config.credentials_lifetime_s,
             clock.clone(),
         )

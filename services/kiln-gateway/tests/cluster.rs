@@ -191,6 +191,22 @@ async fn a_function_written_through_one_gateway_is_served_by_the_other_within_a_
         .await;
     assert_eq!(download.status, StatusCode::OK);
     assert_eq!(&download.body[..], &zip2[..]);
+    // A download URL one gateway hands out works on another (the load
+    // balancer may send the download anywhere): one STS key.
+    let code = on_a
+        .call(Method::GET, &format!("{path}/code"), Vec::new())
+        .await
+        .ok();
+    let url: http::Uri = code["url"].as_str().unwrap().parse().unwrap();
+    let download = on_b
+        .send(
+            http::Request::get(format!("{}{}", on_b.base, url.path()))
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(download.status, StatusCode::OK);
+    assert_eq!(&download.body[..], &zip2[..]);
 
     // Deleted through B: gone on A.
     on_b.call(Method::DELETE, &path, Vec::new()).await.ok();

@@ -309,6 +309,17 @@ impl Stores {
         })
     }
 
+    /// In a cluster: the STS key every gateway shares (temporary
+    /// credentials and code download URLs one gateway issues, another
+    /// accepts); `None` on one box, whose key is a file in its state
+    /// directory.
+    pub fn shared_sts_key(&self) -> Result<Option<[u8; 32]>, MetaStoreError> {
+        match &self.cluster {
+            Some((s, _)) => Ok(Some(s.shared_key("sts")?)),
+            None => Ok(None),
+        }
+    }
+
     /// In a cluster: the task keeping `views` in step with the other
     /// gateways' writes until `stop` ([`changes::follow`]).
     pub fn follower(

@@ -54,9 +54,10 @@ pub const CHANNEL: &str = "kiln_gateway_changes";
 /// The gateway's metadata tables as of the first PostgreSQL release (the
 /// SQLite schema after all its migrations, in PostgreSQL's dialect); later
 /// changes are new migrations.
-const MIGRATIONS: &[Migration] = &[Migration {
-    name: "gateway metadata, code zips, change feed",
-    sql: "
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        name: "gateway metadata, code zips, change feed",
+        sql: "
     CREATE TABLE accounts (
         account_id TEXT PRIMARY KEY,
         created_ms BIGINT NOT NULL
@@ -161,7 +162,20 @@ const MIGRATIONS: &[Migration] = &[Migration {
         at_ms BIGINT NOT NULL
     );
 ",
-}];
+    },
+    // Keys every gateway must share (the STS key that signs temporary
+    // credentials and code download URLs), sealed; created by the first
+    // gateway that needs one.
+    Migration {
+        name: "shared gateway keys",
+        sql: "
+    CREATE TABLE gateway_keys (
+        name TEXT PRIMARY KEY,
+        key_sealed TEXT NOT NULL
+    );
+",
+    },
+];
 
 /// Milliseconds since the epoch, by the database's clock (one clock for
 /// every gateway).
@@ -389,6 +403,45 @@ impl PgMetaStore {
             let out = work(&tx).await?;
             tx.commit().await?;
             Ok(out)
+        })
+    }
+}
+
+impl PgMetaStore {
+    /// The 32-byte key `name` every gateway of the cluster shares: the
+    /// stored one, or a random one stored now (the first gateway wins a
+    /// race; the others read its key). Sealed at rest.
+    pub fn shared_key(&self, name: &str) -> Result<[u8; 32], MetaStoreError> {
+        use rand::RngCore as _;
+        let aad = crate::secrets::Aad::new("gateway_keys.key", &[name]);
+        let mut fresh = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut fresh);
+        let sealed = self.inner.sealer.seal(&aad, &fresh);
+        let (db, n) = (self.db(), name.to_owned());
+        let stored: String = self.block(async move {
+            let conn = db.conn().await?;
+            conn.execute(
+                "INSERT INTO gateway_keys (name, key_sealed) VALUES ($1, $2)
+                 ON CONFLICT (name) DO NOTHING",
+                &[&n, &sealed],
+            )
+            .await?;
+            Ok(conn
+                .query_one("SELECT key_sealed FROM gateway_keys WHERE name = $1", &[&n])
+                .await?
+                .get(0))
+        })?;
+        let key =
+            self.inner
+                .sealer
+                .open(&aad, &stored)
+                .map_err(|source| MetaStoreError::Sealed {
+                    what: format!("shared gateway key {name}"),
+                    source,
+                })?;
+        key.try_into().map_err(|_| MetaStoreError::Sealed {
+            what: format!("shared gateway key {name} (not 32 bytes)"),
+            source: crate::secrets::SealError::Malformed,
         })
     }
 }
