@@ -618,6 +618,62 @@ pub(crate) mod tests {
         ));
     }
 
+    /// A [`CodeSource`] in memory.
+    #[derive(Default)]
+    struct Zips(std::sync::Mutex<std::collections::HashMap<String, Vec<u8>>>);
+
+    impl CodeSource for Zips {
+        fn put_zip(&self, sha256: &str, zip: &[u8]) -> Result<(), MetaStoreError> {
+            self.0
+                .lock()
+                .unwrap()
+                .entry(sha256.to_owned())
+                .or_insert_with(|| zip.to_vec());
+            Ok(())
+        }
+        fn zip(&self, sha256: &str) -> Result<Option<Vec<u8>>, MetaStoreError> {
+            Ok(self.0.lock().unwrap().get(sha256).cloned())
+        }
+    }
+
+    fn digest(b: &[u8]) -> String {
+        use sha2::Digest as _;
+        hex::encode(sha2::Sha256::digest(b))
+    }
+
+    /// A gateway's files are a cache of the cluster's zips: written
+    /// through, filled on a miss, and a zip whose bytes do not match its
+    /// digest is never served.
+    #[tokio::test]
+    async fn code_files_cache_the_shared_zips_and_check_their_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let zips = Arc::new(Zips::default());
+        let a = CodeFiles::new(dir.path().join("a"))
+            .unwrap()
+            .with_source(zips.clone());
+        let b = CodeFiles::new(dir.path().join("b"))
+            .unwrap()
+            .with_source(zips.clone());
+        let d = digest(b"package");
+        a.write(&d, b"package").unwrap();
+        assert_eq!(zips.zip(&d).unwrap().unwrap(), b"package");
+        let path = b.path(&d).unwrap();
+        assert!(!path.exists());
+        assert_eq!(b.cached(&d).await, Some(path.clone()));
+        assert_eq!(fs::read(&path).unwrap(), b"package");
+        // Tampered bytes in the database: no file, nothing served.
+        let forged = digest(b"original");
+        zips.put_zip(&forged, b"tampered").unwrap();
+        let p = b.cached(&forged).await.unwrap();
+        assert!(
+            !p.exists(),
+            "a zip that does not match its digest is not cached"
+        );
+        // Unknown packages and non-digests.
+        assert!(!b.cached(&"f".repeat(64)).await.unwrap().exists());
+        assert_eq!(b.cached("../etc/passwd").await, None);
+    }
+
     #[test]
     fn code_files_are_written_once_and_swept() {
         let dir = tempfile::tempdir().unwrap();
