@@ -330,3 +330,80 @@ async fn purge(store: &PgMetaStore) {
         Err(e) => tracing::warn!(error = %e, "cannot purge old metadata changes"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use kiln_test_support::postgres::PgServer;
+
+    use super::*;
+    use crate::store::tests::{record, sealer};
+    use crate::store::{AccessKey, CodeFiles, MetaStore};
+
+    async fn catalog(store: &PgMetaStore, dir: &std::path::Path) -> Arc<Catalog> {
+        let code = CodeFiles::new(dir.to_owned())
+            .unwrap()
+            .with_source(Arc::new(store.clone()));
+        Arc::new(Catalog::open(Arc::new(store.clone()), code).await.unwrap())
+    }
+
+    /// A follower applies the changes after the last one it read: one
+    /// function by name, keys as a kind; and one that fell behind purged
+    /// changes reloads everything.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_follower_applies_changes_and_reloads_all_after_a_gap() {
+        let Some(pg) = PgServer::start() else { return };
+        let url = pg.create_database("follow");
+        let dir = tempfile::tempdir().unwrap();
+        let writer = PgMetaStore::open(&url, None, 2, sealer()).unwrap();
+        let reader = PgMetaStore::open(&url, None, 2, sealer()).unwrap();
+        let views = Views {
+            catalog: catalog(&reader, dir.path()).await,
+            ram: None,
+            domains: None,
+        };
+        let a: kiln_core::AccountId = "1".parse().unwrap();
+        writer.ensure_account(&a, 1).unwrap();
+        let f = record("1", "f", &"a".repeat(64));
+        writer.insert_function(&f).unwrap();
+        let mut last = 0;
+        catch_up(&reader, &views, &mut last).await;
+        assert_eq!(last, writer.last_change().unwrap());
+        let entry = views.catalog.function(&a, &f.name).unwrap();
+        assert_eq!(entry.record, f);
+
+        // A key and a change to another function: the unchanged entry
+        // keeps its Arc.
+        writer
+            .put_access_key(
+                &AccessKey {
+                    access_key_id: "AK1".into(),
+                    account_id: a.clone(),
+                    secret: "s".repeat(20),
+                },
+                1,
+            )
+            .unwrap();
+        writer
+            .insert_function(&record("1", "g", &"a".repeat(64)))
+            .unwrap();
+        catch_up(&reader, &views, &mut last).await;
+        assert!(views.catalog.key("AK1").is_some());
+        assert!(views.catalog.function(&a, &"g".parse().unwrap()).is_some());
+        assert!(Arc::ptr_eq(
+            &entry,
+            &views.catalog.function(&a, &f.name).unwrap()
+        ));
+
+        // Behind purged changes: everything is reloaded.
+        writer.delete_function(&a, &f.name).unwrap();
+        assert!(writer.set_access_key_enabled("AK1", false).unwrap());
+        writer.purge_changes(-60_000).unwrap();
+        catch_up(&reader, &views, &mut last).await;
+        assert_eq!(last, writer.last_change().unwrap());
+        assert!(views.catalog.function(&a, &f.name).is_none());
+        assert!(
+            views.catalog.key("AK1").is_none(),
+            "disabled keys do not sign"
+        );
+    }
+}
