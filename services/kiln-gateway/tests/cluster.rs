@@ -6,13 +6,17 @@
 
 mod common;
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use http::{Method, StatusCode};
+use http::{Method, Request, Response, StatusCode};
+use kiln_core::{InstanceId, LeaseId};
 use kiln_gateway::config::BootstrapKey;
 use kiln_gateway::{GatewayCluster, GatewayConfig, GatewayHandle};
 use kiln_internal_api::keys::{paths, AccessKeyInfo};
+use kiln_internal_api::server::{self, full, Body};
+use kiln_internal_api::{AcquireLease, Lease};
 use kiln_pki::DevPki;
 use kiln_test_support::postgres::PgServer;
 use serde_json::{json, Value};
@@ -23,13 +27,64 @@ const WITHIN: Duration = Duration::from_secs(1);
 struct Cluster {
     _dir: tempfile::TempDir,
     _pg: PgServer,
+    _stop: tokio::sync::watch::Sender<bool>,
     pki: DevPki,
     a: GatewayHandle,
     b: GatewayHandle,
+    /// The code digest of every lease the fake scheduler was asked for.
+    acquired: Arc<Mutex<Vec<String>>>,
 }
 
-fn config(dir: &std::path::Path, name: &str, pki: &DevPki, url: &str) -> GatewayConfig {
-    let mut c = GatewayConfig::loopback(dir.join(name), "cn-test", "https://127.0.0.1:1", pki);
+/// The fake scheduler: leases on the fake agent (recording the spec's
+/// code digest); node n-dev holds every package.
+async fn fake_scheduler(
+    req: Request<hyper::body::Incoming>,
+    acquired: Arc<Mutex<Vec<String>>>,
+    agent_url: String,
+) -> Response<Body> {
+    let (parts, body) = req.into_parts();
+    let bytes = read_all(body).await;
+    let path = parts.uri.path().to_owned();
+    match (parts.method.clone(), path.as_str()) {
+        (Method::POST, "/v1/leases") => {
+            let msg: AcquireLease = serde_json::from_slice(&bytes).unwrap();
+            acquired.lock().unwrap().push(msg.spec.code_digest.clone());
+            let lease = Lease {
+                lease_id: LeaseId::generate(),
+                instance_id: InstanceId::generate(),
+                node_id: "n-dev".parse().unwrap(),
+                agent_url,
+                cold_start: false,
+                expires_in_ms: 600_000,
+            };
+            server::json(StatusCode::OK, &lease)
+        }
+        (Method::DELETE, p) if p.starts_with("/v1/leases/") => server::no_content(),
+        (Method::GET, p) if p.starts_with("/v1/nodes/n-dev/code/") => server::no_content(),
+        _ => server::not_found(&path, "sched"),
+    }
+}
+
+/// The fake agent: every call succeeds with its payload.
+async fn fake_agent(req: Request<hyper::body::Incoming>) -> Response<Body> {
+    let bytes = read_all(req.into_body()).await;
+    Response::builder()
+        .status(200)
+        .header("x-kiln-invoke-outcome", "ok")
+        .header("x-fc-status", "200")
+        .body(full(bytes.to_vec()))
+        .unwrap()
+}
+
+fn config(
+    dir: &std::path::Path,
+    name: &str,
+    pki: &DevPki,
+    url: &str,
+    scheduler_url: &str,
+) -> GatewayConfig {
+    let mut c = GatewayConfig::loopback(dir.join(name), "cn-test", scheduler_url, pki);
+    c.lease_hold_ms = 0;
     c.bootstrap_keys = vec![
         BootstrapKey::new(ACCOUNT_A.parse().unwrap(), AK_A, SK_A),
         BootstrapKey::new(ACCOUNT_B.parse().unwrap(), AK_B, SK_B),
@@ -53,18 +108,32 @@ impl Cluster {
         let dir = tempfile::tempdir().unwrap();
         let pki = DevPki::ensure(&dir.path().join("pki"), &[]).unwrap();
         kiln_store::seal::generate_key_file(&dir.path().join("secrets.key")).unwrap();
-        let a = kiln_gateway::start(config(dir.path(), "a", &pki, &url))
+        let (stop, rx) = tokio::sync::watch::channel(false);
+        let agent_tls = kiln_pki::internal_server_config(&pki.files("agent")).unwrap();
+        let agent = serve_fake(agent_tls, rx.clone(), fake_agent).await;
+        let agent_url = format!("https://127.0.0.1:{}", agent.port());
+        let acquired: Arc<Mutex<Vec<String>>> = Arc::default();
+        let sched_tls = kiln_pki::internal_server_config(&pki.files("scheduler")).unwrap();
+        let seen = acquired.clone();
+        let sched = serve_fake(sched_tls, rx, move |r| {
+            fake_scheduler(r, seen.clone(), agent_url.clone())
+        })
+        .await;
+        let sched_url = format!("https://127.0.0.1:{}", sched.port());
+        let a = kiln_gateway::start(config(dir.path(), "a", &pki, &url, &sched_url))
             .await
             .unwrap();
-        let b = kiln_gateway::start(config(dir.path(), "b", &pki, &url))
+        let b = kiln_gateway::start(config(dir.path(), "b", &pki, &url, &sched_url))
             .await
             .unwrap();
         Some(Cluster {
             _dir: dir,
             _pg: pg,
+            _stop: stop,
             pki,
             a,
             b,
+            acquired,
         })
     }
 
@@ -175,8 +244,38 @@ async fn a_function_written_through_one_gateway_is_served_by_the_other_within_a_
             .then_some(())
     })
     .await;
-    // ... and the package itself, which B never received: its files are
-    // filled from the database (and checked against the digest).
+    // ... invokes it with the new code (the spec B asks a lease for names
+    // the new package) ...
+    let digest2 = {
+        use sha2::Digest as _;
+        hex::encode(sha2::Sha256::digest(&zip2))
+    };
+    let invocations = format!("{path}/invocations");
+    within("new code on A, invoked with it through B", || async {
+        let r = on_b
+            .call(Method::POST, &invocations, b"ping".to_vec())
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+        (c.acquired.lock().unwrap().last() == Some(&digest2)).then_some(())
+    })
+    .await;
+    // ... and serves an agent the package, which B never received: its
+    // files are filled from the database (and checked against the digest).
+    let agent = kiln_internal_api::InternalClient::new(&c.pki.files("agent")).unwrap();
+    let r = agent
+        .send(
+            Request::get(format!(
+                "https://127.0.0.1:{}/v1/code/{digest2}",
+                c.b.internal_addr().port()
+            ))
+            .body(server::empty())
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(&read_all(r.into_body()).await[..], &zip2[..]);
+    // So does a caller's download URL.
     let code = on_b
         .call(Method::GET, &format!("{path}/code"), Vec::new())
         .await
