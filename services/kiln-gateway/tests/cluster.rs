@@ -155,9 +155,9 @@ impl Cluster {
     }
 }
 
-/// Poll `probe` until it answers `Some`, at most [`WITHIN`] (plus slack
-/// for a loaded machine is NOT granted: the promise is one second); the
-/// value and how long it took.
+/// Poll `probe` until it answers `Some`, failing past [`WITHIN`] (the
+/// promise is one second, on a loaded machine too); the value and how
+/// long it took (printed: the measured invalidation delay).
 async fn within<T, F, Fut>(what: &str, mut probe: F) -> (T, Duration)
 where
     F: FnMut() -> Fut,
@@ -390,6 +390,7 @@ async fn versions_published_through_both_gateways_at_once_never_share_an_id() {
             }
         }
     }
+    println!("version ids handed out through both gateways: {ids:?}");
     let mut unique = ids.clone();
     unique.sort();
     unique.dedup();
