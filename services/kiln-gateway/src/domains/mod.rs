@@ -136,6 +136,8 @@ pub enum DomainsLoadError {
     Store(#[from] MetaStoreError),
     #[error("Stored custom domain {name} cannot be served: {message}")]
     Invalid { name: String, message: String },
+    #[error("The task reloading custom domains failed")]
+    Join,
 }
 
 impl Domains {
@@ -166,11 +168,7 @@ impl Domains {
         let by_name =
             tokio::task::spawn_blocking(move || Self::load_index(store.as_ref(), &sealer))
                 .await
-                .map_err(|_| {
-                    DomainsLoadError::Store(MetaStoreError::Pg(kiln_store::pg::PgStoreError::Pool(
-                        "domain reload task failed".into(),
-                    )))
-                })??;
+                .map_err(|_| DomainsLoadError::Join)??;
         *self.by_name.write().unwrap_or_else(|p| p.into_inner()) = by_name;
         Ok(())
     }

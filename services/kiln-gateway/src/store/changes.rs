@@ -356,9 +356,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let writer = PgMetaStore::open(&url, None, 2, sealer()).unwrap();
         let reader = PgMetaStore::open(&url, None, 2, sealer()).unwrap();
+        let ram = Ram::open(
+            Arc::new(reader.clone()),
+            crate::ram::Sts::new([1; 32]),
+            60,
+            Arc::new(kiln_core::SystemClock),
+        )
+        .await
+        .unwrap();
         let views = Views {
             catalog: catalog(&reader, dir.path()).await,
-            ram: None,
+            ram: Some(Arc::new(ram)),
             domains: None,
         };
         let a: kiln_core::AccountId = "1".parse().unwrap();
@@ -386,7 +394,23 @@ mod tests {
         writer
             .insert_function(&record("1", "g", &"a".repeat(64)))
             .unwrap();
+        let policy = crate::ram::policy::Policy::parse(&serde_json::json!({"Version": "1",
+            "Statement": [{"Effect": "Allow", "Action": "fc:GetFunction", "Resource": "*"}]}))
+        .unwrap();
+        crate::ram::RoleStore::put_role(
+            &writer,
+            &crate::ram::RoleRecord {
+                account_id: a.clone(),
+                name: "reader".into(),
+                description: String::new(),
+                policy,
+                created_ms: 1,
+                modified_ms: 1,
+            },
+        )
+        .unwrap();
         catch_up(&reader, &views, &mut last).await;
+        assert!(views.ram.as_ref().unwrap().role(&a, "reader").is_some());
         assert!(views.catalog.key("AK1").is_some());
         assert!(views.catalog.function(&a, &"g".parse().unwrap()).is_some());
         assert!(Arc::ptr_eq(

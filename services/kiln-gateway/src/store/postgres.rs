@@ -384,8 +384,8 @@ impl PgMetaStore {
             .collect())
     }
 
-    /// Run one write transaction; `change` names what it changed for the
-    /// other gateways (appended and notified inside it).
+    /// Run `work` in one transaction, committed if it succeeds (a write
+    /// calls [`changed`] inside it to tell the other gateways).
     fn write<T, W>(&self, work: W) -> Result<T, MetaStoreError>
     where
         T: Send + 'static,
