@@ -575,6 +575,123 @@ impl Catalog {
     }
 }
 
+/// Reloads after another gateway of a cluster wrote
+/// ([`crate::store::changes`]). Each holds `write`, so a reload and this
+/// gateway's own writes never interleave; an entry whose record did not
+/// change keeps its `Arc` (and whatever hangs off it).
+impl Catalog {
+    /// Replace the view of one function with what the store holds now.
+    pub async fn refresh_function(
+        &self,
+        account: &AccountId,
+        name: &FunctionName,
+    ) -> Result<(), CatalogError> {
+        let _w = self.write.lock().await;
+        let store = self.store.clone();
+        let (a, n) = (account.clone(), name.clone());
+        let record = blocking(move || Ok(store.function(&a, &n)?)).await?;
+        self.install_function(account, name.as_str(), record);
+        Ok(())
+    }
+
+    fn install_function(&self, account: &AccountId, name: &str, record: Option<FunctionRecord>) {
+        let mut functions = self.functions.write().unwrap_or_else(|p| p.into_inner());
+        match record {
+            Some(r) => {
+                let m = functions.entry(account.clone()).or_default();
+                if m.get(name).is_some_and(|e| e.record == r) {
+                    return;
+                }
+                m.insert(name.to_owned(), Arc::new(FunctionEntry::new(r)));
+            }
+            None => {
+                if let Some(m) = functions.get_mut(account) {
+                    m.remove(name);
+                }
+            }
+        }
+    }
+
+    /// Reload every function (after a gap in the change feed).
+    pub async fn reload_functions(&self) -> Result<(), CatalogError> {
+        let _w = self.write.lock().await;
+        let store = self.store.clone();
+        let records = blocking(move || Ok(store.functions()?)).await?;
+        let mut fresh: Functions = HashMap::new();
+        {
+            let old = self.functions.read().unwrap_or_else(|p| p.into_inner());
+            for r in records {
+                let kept = old
+                    .get(&r.account_id)
+                    .and_then(|m| m.get(r.name.as_str()))
+                    .filter(|e| e.record == r)
+                    .cloned();
+                let entry = kept.unwrap_or_else(|| Arc::new(FunctionEntry::new(r)));
+                fresh
+                    .entry(entry.record.account_id.clone())
+                    .or_default()
+                    .insert(entry.record.name.to_string(), entry);
+            }
+        }
+        *self.functions.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+        Ok(())
+    }
+
+    /// Reload the access keys (created, disabled or deleted elsewhere).
+    pub async fn reload_keys(&self) -> Result<(), CatalogError> {
+        let _w = self.write.lock().await;
+        let store = self.store.clone();
+        let keys = blocking(move || Ok(store.access_keys()?)).await?;
+        let keys = keys
+            .into_iter()
+            .filter(|k| k.enabled)
+            .map(|k| (k.key.access_key_id.clone(), Arc::new(auth_key(k.key))))
+            .collect();
+        *self.keys.write().unwrap_or_else(|p| p.into_inner()) = keys;
+        Ok(())
+    }
+
+    /// Reload layers and their versions.
+    pub async fn reload_layers(&self) -> Result<(), CatalogError> {
+        let _w = self.write.lock().await;
+        let store = self.store.clone();
+        let layers = blocking(move || {
+            Ok(crate::layers::LayerIndex::load(
+                store.layers()?,
+                store.layer_versions()?,
+            ))
+        })
+        .await?;
+        *self.layers.write().unwrap_or_else(|p| p.into_inner()) = layers;
+        Ok(())
+    }
+
+    /// Reload function versions and aliases.
+    pub async fn reload_versions(&self) -> Result<(), CatalogError> {
+        let _w = self.write.lock().await;
+        let store = self.store.clone();
+        let versions = blocking(move || {
+            Ok(crate::versions::VersionIndex::load(
+                store.function_versions()?,
+                store.aliases()?,
+            ))
+        })
+        .await?;
+        *self.versions.write().unwrap_or_else(|p| p.into_inner()) = versions;
+        Ok(())
+    }
+
+    /// Reload triggers.
+    pub async fn reload_triggers(&self) -> Result<(), CatalogError> {
+        let _w = self.write.lock().await;
+        let store = self.store.clone();
+        let triggers =
+            blocking(move || Ok(crate::triggers::TriggerIndex::load(store.triggers()?))).await?;
+        *self.triggers.write().unwrap_or_else(|p| p.into_inner()) = triggers;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;

@@ -341,16 +341,20 @@ impl Catalog {
         let zip = new.code.zip;
         let store = self.store.clone();
         let r = record.clone();
-        let written = tokio::task::spawn_blocking(move || -> Result<(), CatalogError> {
+        let written = tokio::task::spawn_blocking(move || -> Result<u32, CatalogError> {
             files
                 .write(&digest, &zip)
                 .map_err(CatalogError::CodeWrite)?;
             store.ensure_account(&r.account_id, r.created_ms)?;
-            store.insert_layer_version(&r)?;
-            Ok(())
+            Ok(store.insert_layer_version(&r)?)
         })
         .await
         .map_err(|_| CatalogError::Join)?;
+        // Another gateway of a cluster may have taken the number: the
+        // store hands out the next free one.
+        let mut record = record;
+        let written = written.map(|stored| record.version = stored);
+        let version = record.version;
         if let Err(e) = written {
             if !self.zip_in_use(&record.code.sha256) && self.store_has_no_code(&record.code.sha256)
             {

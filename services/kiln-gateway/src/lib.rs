@@ -50,7 +50,7 @@ pub use config::{ConfigError, GatewayCluster, GatewayConfig};
 use crate::catalog::{Catalog, CatalogError};
 use crate::gateway::Gateway;
 use crate::metrics::Metrics;
-use crate::store::{AccessKey, CodeFiles, SqliteStore};
+use crate::store::{AccessKey, CodeFiles};
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -194,13 +194,6 @@ pub async fn start_with_clock(
     clock: Arc<dyn Clock>,
 ) -> Result<GatewayHandle, GatewayError> {
     config.validate()?;
-    if config.cluster.is_some() {
-        return Err(GatewayError::Config(ConfigError::Invalid(
-            "[cluster] (gateways on PostgreSQL) is not supported by this build yet; remove it \
-             to run this gateway alone on SQLite"
-                .into(),
-        )));
-    }
     std::fs::create_dir_all(&config.state_dir).map_err(|source| GatewayError::StateDir {
         path: config.state_dir.clone(),
         source,
@@ -210,9 +203,14 @@ pub async fn start_with_clock(
         source,
     })?;
     let sealer = Arc::new(load_sealer(&config)?);
-    let store = Arc::new(SqliteStore::open(&config.db_path(), sealer.clone())?);
+    // Metadata: SQLite, or the cluster's PostgreSQL (store::changes keeps
+    // this gateway's views in step with the others').
+    let stores = match &config.cluster {
+        Some(c) => store::Stores::open_cluster(c, sealer.clone(), code)?,
+        None => store::Stores::sqlite(&config.db_path(), sealer.clone(), code)?,
+    };
     let domains = Arc::new(domains::Domains::open(
-        store.clone(),
+        stores.domains.clone(),
         sealer,
         std::iter::once(config.http_triggers.domain.clone())
             .chain(config.http_triggers.intranet_domain.clone())
@@ -220,14 +218,17 @@ pub async fn start_with_clock(
         kiln_pki::certificate_names(&kiln_pki::load_certs(&config.public.cert)?[0])?,
     )?);
     let catalog = Arc::new(
-        Catalog::open(store.clone(), code)
+        Catalog::open(stores.meta.clone(), stores.code.clone())
             .await?
             .with_bounds(bounds::Bounds::from_config(&config.tenant_bounds)),
     );
     let ram = Arc::new(
         ram::Ram::open(
-            store,
-            ram::Sts::load_or_create(&config.state_dir.join("sts.key"))?,
+            stores.roles.clone(),
+            match stores.shared_sts_key()? {
+                Some(key) => ram::Sts::new(key),
+                None => ram::Sts::load_or_create(&config.state_dir.join("sts.key"))?,
+            },
             config.credentials_lifetime_s,
             clock.clone(),
         )
@@ -392,6 +393,16 @@ pub async fn start_with_clock(
         move |req, conn| api::internal::handle(internal_api.clone(), req, conn),
         stopped(rx.clone()),
     )));
+    if let Some(follow) = stores.follower(
+        store::changes::Views {
+            catalog: catalog.clone(),
+            ram: Some(ram.clone()),
+            domains: Some(gw.domains.clone()),
+        },
+        stopped(rx.clone()),
+    ) {
+        tasks.push(tokio::spawn(follow));
+    }
     tasks.push(tokio::spawn(leases.run_sweeper(stopped(rx.clone()))));
     tasks.push(tokio::spawn(gw.dispatcher.clone().run(stopped(rx.clone()))));
     tasks.push(tokio::spawn(timers::run(gw.clone(), stopped(rx.clone()))));

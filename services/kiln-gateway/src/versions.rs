@@ -619,7 +619,10 @@ impl Catalog {
         };
         let store = self.store.clone();
         let r = record.clone();
-        blocking(move || Ok(store.insert_version(&r)?)).await?;
+        // In a cluster another gateway may have published meanwhile: the
+        // store hands out the next free id.
+        let mut record = record;
+        record.version = blocking(move || Ok(store.insert_version(&r)?)).await?;
         let entry = Arc::new(version_entry(record));
         let mut index = self.version_index_mut();
         let f = index.get_mut(account, name);

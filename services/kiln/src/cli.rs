@@ -159,22 +159,23 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum StoreCommand {
-    /// Copy a stopped one-box scheduler's state (its SQLite file) into
-    /// the empty PostgreSQL database a cluster of schedulers will share
-    /// (docs/ha.md). The gateway's state stays where it is.
+    /// Copy a stopped one-box scheduler's or gateway's state (its SQLite
+    /// file; a gateway's code packages too) into the empty PostgreSQL
+    /// database a cluster will share (docs/ha.md).
     Copy {
-        /// The scheduler's state directory (holds scheduler.db).
+        /// The scheduler's state directory (holds scheduler.db) or the
+        /// gateway's (gateway.db and code/).
         #[arg(long)]
         from: PathBuf,
         /// The cluster's database: a `postgresql://` URL or `key=value`
         /// string (a unix socket or loopback address).
         #[arg(long)]
         to: String,
-        /// The key the one-box scheduler sealed with (its `[secrets]
+        /// The key the one-box service sealed with (its `[secrets]
         /// key_file`); default FROM/secrets.key.
         #[arg(long)]
         from_key_file: Option<PathBuf>,
-        /// The cluster's sealing key (every clustered scheduler's
+        /// The cluster's sealing key (every clustered service's
         /// `[secrets] key_file`); default the source's.
         #[arg(long)]
         key_file: Option<PathBuf>,

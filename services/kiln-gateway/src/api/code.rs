@@ -158,7 +158,7 @@ pub async fn download(gw: &Arc<Gateway>, path: &str, request_id: &RequestId) -> 
     if !in_use {
         return gone();
     }
-    let Some(file) = gw.catalog.code_files().path(&grant.digest) else {
+    let Some(file) = gw.catalog.code_files().cached(&grant.digest).await else {
         return gone();
     };
     match super::respond::zip_file(&file).await {

@@ -187,7 +187,7 @@ async fn code(catalog: &Catalog, digest: &str, request_id: &RequestId) -> Respon
             request_id.as_str(),
         )
     };
-    let Some(path) = catalog.code_files().path(digest) else {
+    let Some(path) = catalog.code_files().cached(digest).await else {
         return missing();
     };
     match super::respond::zip_file(&path).await {

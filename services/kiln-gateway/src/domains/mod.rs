@@ -34,8 +34,9 @@ use serde::{Deserialize, Serialize};
 use crate::api::ApiError;
 use crate::catalog::CatalogError;
 use crate::secrets::Sealer;
-use crate::store::{MetaStoreError, SqliteStore};
+use crate::store::MetaStoreError;
 use config::{DomainInput, PathPattern, RouteRecord, TlsSettings};
+pub use store::DomainStore;
 
 /// A custom domain as stored (the private key aside, sealed in its own
 /// column).
@@ -105,7 +106,7 @@ fn store_failed(e: MetaStoreError) -> ApiError {
 
 /// Every custom domain, by name.
 pub struct Domains {
-    store: Arc<SqliteStore>,
+    store: Arc<dyn DomainStore>,
     sealer: Arc<Sealer>,
     /// The gateway's trigger domains: no custom domain under them.
     reserved: Vec<String>,
@@ -135,19 +136,49 @@ pub enum DomainsLoadError {
     Store(#[from] MetaStoreError),
     #[error("Stored custom domain {name} cannot be served: {message}")]
     Invalid { name: String, message: String },
+    #[error("The task reloading custom domains failed")]
+    Join,
 }
 
 impl Domains {
     /// Load every stored domain (a certificate that expired while stored
     /// still loads: clients see it expired, and the owner updates it).
     pub fn open(
-        store: Arc<SqliteStore>,
+        store: Arc<dyn DomainStore>,
         sealer: Arc<Sealer>,
         reserved: Vec<String>,
         own_names: Vec<String>,
     ) -> Result<Self, DomainsLoadError> {
+        let by_name = Self::load_index(store.as_ref(), &sealer)?;
+        Ok(Self {
+            store,
+            sealer,
+            reserved,
+            own_names,
+            by_name: RwLock::new(by_name),
+            writes: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// Reload every domain from the store (another gateway of a cluster
+    /// changed one); on failure the current index stays.
+    pub async fn reload(&self) -> Result<(), DomainsLoadError> {
+        let _w = self.writes.lock().await;
+        let (store, sealer) = (self.store.clone(), self.sealer.clone());
+        let by_name =
+            tokio::task::spawn_blocking(move || Self::load_index(store.as_ref(), &sealer))
+                .await
+                .map_err(|_| DomainsLoadError::Join)??;
+        *self.by_name.write().unwrap_or_else(|p| p.into_inner()) = by_name;
+        Ok(())
+    }
+
+    fn load_index(
+        store: &dyn DomainStore,
+        sealer: &Sealer,
+    ) -> Result<BTreeMap<String, Arc<DomainEntry>>, DomainsLoadError> {
         let mut by_name = BTreeMap::new();
-        for (record, key) in store::load(&store, &sealer)? {
+        for (record, key) in store::load(store, sealer)? {
             let invalid = |e: FcError| DomainsLoadError::Invalid {
                 name: record.domain_name.clone(),
                 message: e.message,
@@ -157,14 +188,7 @@ impl Domains {
             let entry = DomainEntry::build(record.clone(), Arc::new(cert), key).map_err(invalid)?;
             by_name.insert(record.domain_name.clone(), Arc::new(entry));
         }
-        Ok(Self {
-            store,
-            sealer,
-            reserved,
-            own_names,
-            by_name: RwLock::new(by_name),
-            writes: tokio::sync::Mutex::new(()),
-        })
+        Ok(by_name)
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<DomainEntry>>> {
@@ -216,10 +240,10 @@ impl Domains {
     /// Run a store operation off the async threads.
     async fn blocking<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&SqliteStore, &Sealer) -> Result<T, MetaStoreError> + Send + 'static,
+        f: impl FnOnce(&dyn DomainStore, &Sealer) -> Result<T, MetaStoreError> + Send + 'static,
     ) -> Result<T, ApiError> {
         let (store, sealer) = (self.store.clone(), self.sealer.clone());
-        tokio::task::spawn_blocking(move || f(&store, &sealer))
+        tokio::task::spawn_blocking(move || f(store.as_ref(), &sealer))
             .await
             .map_err(|_| ApiError::Catalog(CatalogError::Join))?
             .map_err(store_failed)

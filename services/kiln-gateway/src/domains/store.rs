@@ -8,8 +8,91 @@ use crate::secrets::rows::custom_domain_key;
 use crate::secrets::Sealer;
 use crate::store::{MetaStoreError, SqliteStore};
 
+/// Persistence of custom domains (SQLite, or PostgreSQL in a cluster).
+/// Blocking, like [`crate::store::MetaStore`].
+pub trait DomainStore: Send + Sync + 'static {
+    /// Every stored domain with its (opened) private key.
+    fn load_domains(&self, sealer: &Sealer) -> Result<Vec<(DomainRecord, String)>, MetaStoreError>;
+    /// Store a new domain; false if the name is taken (by any account).
+    fn insert_domain(
+        &self,
+        sealer: &Sealer,
+        r: &DomainRecord,
+        key: &str,
+    ) -> Result<bool, MetaStoreError>;
+    /// Replace a stored domain (same name and account).
+    fn update_domain(
+        &self,
+        sealer: &Sealer,
+        r: &DomainRecord,
+        key: &str,
+    ) -> Result<(), MetaStoreError>;
+    fn delete_domain(&self, name: &str) -> Result<(), MetaStoreError>;
+}
+
+impl DomainStore for SqliteStore {
+    fn load_domains(&self, sealer: &Sealer) -> Result<Vec<(DomainRecord, String)>, MetaStoreError> {
+        sqlite_load(self, sealer)
+    }
+    fn insert_domain(
+        &self,
+        sealer: &Sealer,
+        r: &DomainRecord,
+        key: &str,
+    ) -> Result<bool, MetaStoreError> {
+        sqlite_insert(self, sealer, r, key)
+    }
+    fn update_domain(
+        &self,
+        sealer: &Sealer,
+        r: &DomainRecord,
+        key: &str,
+    ) -> Result<(), MetaStoreError> {
+        sqlite_update(self, sealer, r, key)
+    }
+    fn delete_domain(&self, name: &str) -> Result<(), MetaStoreError> {
+        sqlite_delete(self, name)
+    }
+}
+
 /// Every stored domain with its (opened) private key.
 pub fn load(
+    store: &dyn DomainStore,
+    sealer: &Sealer,
+) -> Result<Vec<(DomainRecord, String)>, MetaStoreError> {
+    store.load_domains(sealer)
+}
+
+/// Store a new domain; false if the name is taken (by any account).
+pub fn insert(
+    store: &dyn DomainStore,
+    sealer: &Sealer,
+    r: &DomainRecord,
+    key: &str,
+) -> Result<bool, MetaStoreError> {
+    store.insert_domain(sealer, r, key)
+}
+
+/// Replace a stored domain (same name and account).
+pub fn update(
+    store: &dyn DomainStore,
+    sealer: &Sealer,
+    r: &DomainRecord,
+    key: &str,
+) -> Result<(), MetaStoreError> {
+    store.update_domain(sealer, r, key)
+}
+
+/// Delete a stored domain.
+pub fn delete(store: &dyn DomainStore, name: &str) -> Result<(), MetaStoreError> {
+    store.delete_domain(name)
+}
+
+pub(crate) fn doc(r: &DomainRecord) -> String {
+    serde_json::to_string(r).expect("domain serialises")
+}
+
+fn sqlite_load(
     store: &SqliteStore,
     sealer: &Sealer,
 ) -> Result<Vec<(DomainRecord, String)>, MetaStoreError> {
@@ -45,12 +128,7 @@ pub fn load(
     })
 }
 
-fn doc(r: &DomainRecord) -> String {
-    serde_json::to_string(r).expect("domain serialises")
-}
-
-/// Store a new domain; false if the name is taken (by any account).
-pub fn insert(
+fn sqlite_insert(
     store: &SqliteStore,
     sealer: &Sealer,
     r: &DomainRecord,
@@ -70,8 +148,7 @@ pub fn insert(
     })
 }
 
-/// Replace a stored domain (same name and account).
-pub fn update(
+fn sqlite_update(
     store: &SqliteStore,
     sealer: &Sealer,
     r: &DomainRecord,
@@ -91,8 +168,7 @@ pub fn update(
     })
 }
 
-/// Delete a stored domain.
-pub fn delete(store: &SqliteStore, name: &str) -> Result<(), MetaStoreError> {
+fn sqlite_delete(store: &SqliteStore, name: &str) -> Result<(), MetaStoreError> {
     store.with(|c| {
         c.execute(
             "DELETE FROM custom_domains WHERE domain_name = ?1",

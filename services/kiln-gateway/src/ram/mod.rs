@@ -119,6 +119,18 @@ impl Ram {
         lifetime_s: u64,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, RoleError> {
+        let roles = Self::load(&store).await?;
+        Ok(Self {
+            store,
+            roles: RwLock::new(roles),
+            write: tokio::sync::Mutex::new(()),
+            sts,
+            lifetime_ms: lifetime_s.saturating_mul(1000),
+            clock,
+        })
+    }
+
+    async fn load(store: &Arc<dyn RoleStore>) -> Result<RoleMap, RoleError> {
         let s = store.clone();
         let records = tokio::task::spawn_blocking(move || s.roles())
             .await
@@ -130,14 +142,16 @@ impl Ram {
                 .or_default()
                 .insert(r.name.clone(), Arc::new(r));
         }
-        Ok(Self {
-            store,
-            roles: RwLock::new(roles),
-            write: tokio::sync::Mutex::new(()),
-            sts,
-            lifetime_ms: lifetime_s.saturating_mul(1000),
-            clock,
-        })
+        Ok(roles)
+    }
+
+    /// Reload every role from the store (another gateway of a cluster
+    /// changed one).
+    pub async fn reload(&self) -> Result<(), RoleError> {
+        let _w = self.write.lock().await;
+        let roles = Self::load(&self.store).await?;
+        *self.roles.write().unwrap_or_else(|p| p.into_inner()) = roles;
+        Ok(())
     }
 
     pub fn role(&self, account: &AccountId, name: &str) -> Option<Arc<RoleRecord>> {

@@ -1,11 +1,14 @@
-//! `kiln store copy`: a one-box scheduler's SQLite state into the
-//! PostgreSQL database of a scheduler cluster
-//! ([`kiln_scheduler::store::copy`]).
+//! `kiln store copy`: a one-box install's SQLite state into the
+//! PostgreSQL database of a cluster: a scheduler's state directory
+//! (scheduler.db, [`kiln_scheduler::store::copy`]) and a gateway's
+//! (gateway.db and its code packages, [`kiln_gateway::store::copy`]).
 
 use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
+use kiln_gateway::store::postgres::PgMetaStore;
+use kiln_gateway::store::{CodeFiles, SqliteStore};
 use kiln_scheduler::{PgSchedulerStore, SqliteSchedulerStore};
 use kiln_store::seal::{load_key_file, Sealer};
 
@@ -23,27 +26,61 @@ fn sealer(path: &Path) -> Result<Arc<Sealer>> {
     Ok(Arc::new(Sealer::new(&key, &[])))
 }
 
+/// Copy whatever `--from` holds: a scheduler's state, a gateway's, or
+/// both (a directory holding both files).
 pub fn copy(a: &CopyArgs<'_>) -> Result<()> {
-    let db = a.from.join("scheduler.db");
-    if !db.is_file() {
+    let scheduler = a.from.join("scheduler.db");
+    let gateway = a.from.join("gateway.db");
+    if !scheduler.is_file() && !gateway.is_file() {
         anyhow::bail!(
-            "{} does not exist: --from names the scheduler's state directory",
-            db.display()
+            "{} does not exist, nor {}: --from names the scheduler's or the gateway's state \
+             directory",
+            scheduler.display(),
+            gateway.display()
         );
     }
     let from_key = a
         .from_key_file
         .map(Path::to_owned)
         .unwrap_or_else(|| a.from.join("secrets.key"));
-    let source = SqliteSchedulerStore::open(&db, sealer(&from_key)?)
+    if scheduler.is_file() {
+        copy_scheduler(a, &scheduler, &from_key)?;
+    }
+    if gateway.is_file() {
+        copy_gateway_metadata(a, &gateway, &from_key)?;
+        // The gateway's async queue (queue.db: messages, task events,
+        // async configurations, destinations outbox) is component
+        // `gateway-queue`, copied by its own step here.
+    }
+    Ok(())
+}
+
+fn copy_scheduler(a: &CopyArgs<'_>, db: &Path, from_key: &Path) -> Result<()> {
+    let source = SqliteSchedulerStore::open(db, sealer(from_key)?)
         .with_context(|| format!("cannot open {}", db.display()))?;
     let target = PgSchedulerStore::open_with(
         a.to,
         a.password_file,
-        sealer(a.key_file.unwrap_or(&from_key))?,
+        sealer(a.key_file.unwrap_or(from_key))?,
     )
     .context("cannot open the cluster's PostgreSQL database")?;
     let copied = kiln_scheduler::store::copy::copy(&source, &target)?;
+    println!("copied {copied} from {} into PostgreSQL", db.display());
+    Ok(())
+}
+
+/// The gateway's metadata and code packages (`gateway.db`, `code/`).
+fn copy_gateway_metadata(a: &CopyArgs<'_>, db: &Path, from_key: &Path) -> Result<()> {
+    let from_sealer = sealer(from_key)?;
+    let to_sealer = sealer(a.key_file.unwrap_or(from_key))?;
+    let source = SqliteStore::open(db, from_sealer.clone())
+        .with_context(|| format!("cannot open {}", db.display()))?;
+    let code = CodeFiles::new(a.from.join("code"))
+        .with_context(|| format!("cannot open {}", a.from.join("code").display()))?;
+    let target = PgMetaStore::open(a.to, a.password_file, 4, to_sealer.clone())
+        .context("cannot open the cluster's PostgreSQL database")?;
+    let copied =
+        kiln_gateway::store::copy::copy(&source, &from_sealer, &code, &target, &to_sealer)?;
     println!("copied {copied} from {} into PostgreSQL", db.display());
     Ok(())
 }

@@ -1,217 +1,20 @@
-//! The gateway's metadata store: accounts, access keys, functions and code
-//! packages. [`MetaStore`] is the persistence trait (SQLite in
-//! [`SqliteStore`]); code zips live beside the database as files named by
-//! their sha256, written once and removed when no function references them.
-//! Access key secrets and function environments are sealed before they
-//! reach the database ([`crate::secrets`]).
+//! [`MetaStore`] on SQLite (`state_dir/gateway.db`), the one-box default.
 
-use std::fs;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use kiln_core::{AccountId, FunctionName};
-use kiln_store::{Database, Migration, StoreError};
+use kiln_store::{Database, Migration};
 use rusqlite::{params, OptionalExtension};
 
+use super::{
+    AccessKey, CodeBlob, FunctionVersions, LayerRecord, LayerVersionRecord, MetaStore,
+    MetaStoreError, StoredKey,
+};
 use crate::model::{FunctionConfig, FunctionRecord};
-use crate::secrets::{rows, SealError, Sealer};
+use crate::secrets::{rows, Sealer};
 use crate::triggers::TriggerRecord;
 use crate::versions::{AliasRecord, VersionRecord};
-
-/// Why a metadata operation failed.
-#[derive(Debug, thiserror::Error)]
-pub enum MetaStoreError {
-    #[error("Function {0} already exists")]
-    FunctionExists(FunctionName),
-    #[error("Function {0} does not exist")]
-    FunctionMissing(FunctionName),
-    #[error("Function {0} still has versions or aliases")]
-    FunctionHasVersions(FunctionName),
-    #[error("Function {0} still has triggers")]
-    FunctionHasTriggers(FunctionName),
-    #[error("Trigger {trigger} of function {function} already exists")]
-    TriggerExists {
-        function: FunctionName,
-        trigger: String,
-    },
-    #[error("Access key {0} belongs to another account")]
-    KeyOwnedElsewhere(String),
-    #[error("Stored function document of {name} is unreadable")]
-    Corrupt {
-        name: String,
-        #[source]
-        source: serde_json::Error,
-    },
-    #[error("Cannot open the stored {what}")]
-    Sealed {
-        what: String,
-        #[source]
-        source: SealError,
-    },
-    #[error("Cannot seal the stored secrets under the current key")]
-    SealPass(#[from] rows::SealPassError),
-    #[error(transparent)]
-    Db(#[from] StoreError),
-}
-
-impl From<rusqlite::Error> for MetaStoreError {
-    fn from(e: rusqlite::Error) -> Self {
-        Self::Db(StoreError::Sqlite(e))
-    }
-}
-
-/// An access key: the id a request names, the account it acts for and the
-/// secret it is signed with.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AccessKey {
-    pub access_key_id: String,
-    pub account_id: AccountId,
-    pub secret: String,
-}
-
-/// An access key as stored: the key, whether it may sign requests, and
-/// when it was created.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredKey {
-    pub key: AccessKey,
-    pub enabled: bool,
-    pub created_ms: u64,
-}
-
-/// A stored code package's facts.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CodeBlob {
-    pub sha256: String,
-    pub size: u64,
-    pub checksum: String,
-}
-
-/// Persistence of the gateway's metadata. Blocking: callers run it on the
-/// blocking pool. Every write is one transaction.
-pub trait MetaStore: Send + Sync + 'static {
-    /// Whether the store answers a read (the health route's check).
-    fn check(&self) -> Result<(), MetaStoreError>;
-    fn ensure_account(&self, account: &AccountId, now_ms: u64) -> Result<(), MetaStoreError>;
-    /// Create a key (enabled) or replace its secret; refuses to move a key
-    /// to another account.
-    fn put_access_key(&self, key: &AccessKey, now_ms: u64) -> Result<(), MetaStoreError>;
-    fn access_keys(&self) -> Result<Vec<StoredKey>, MetaStoreError>;
-    /// Enable or disable a key; false if it does not exist.
-    fn set_access_key_enabled(
-        &self,
-        access_key_id: &str,
-        enabled: bool,
-    ) -> Result<bool, MetaStoreError>;
-    /// Delete a key; false if it did not exist.
-    fn delete_access_key(&self, access_key_id: &str) -> Result<bool, MetaStoreError>;
-    fn functions(&self) -> Result<Vec<FunctionRecord>, MetaStoreError>;
-    /// Insert the function and, if new, its code package's row.
-    fn insert_function(&self, f: &FunctionRecord) -> Result<(), MetaStoreError>;
-    /// Replace the function's document and times.
-    fn update_function(&self, f: &FunctionRecord) -> Result<(), MetaStoreError>;
-    fn delete_function(
-        &self,
-        account: &AccountId,
-        name: &FunctionName,
-    ) -> Result<(), MetaStoreError>;
-    fn code_blob(&self, sha256: &str) -> Result<Option<CodeBlob>, MetaStoreError>;
-    /// Drop the package's row if no function references it; true if dropped.
-    fn release_code(&self, sha256: &str) -> Result<bool, MetaStoreError>;
-    /// Every package's digest (for sweeping files left by a crash).
-    fn code_digests(&self) -> Result<Vec<String>, MetaStoreError>;
-    /// Every layer with its ACL and last version number.
-    fn layers(&self) -> Result<Vec<LayerRecord>, MetaStoreError>;
-    /// Every stored layer version.
-    fn layer_versions(&self) -> Result<Vec<LayerVersionRecord>, MetaStoreError>;
-    /// Insert a layer version, creating its layer (private) if new and
-    /// raising the layer's last version number to this one.
-    fn insert_layer_version(&self, v: &LayerVersionRecord) -> Result<(), MetaStoreError>;
-    /// Delete one layer version; false if it did not exist.
-    fn delete_layer_version(
-        &self,
-        account: &AccountId,
-        name: &str,
-        version: u32,
-    ) -> Result<bool, MetaStoreError>;
-    /// Make a layer public or private; false if the layer does not exist.
-    fn set_layer_public(
-        &self,
-        account: &AccountId,
-        name: &str,
-        public: bool,
-    ) -> Result<bool, MetaStoreError>;
-    /// Every published function version, and per function the last
-    /// version id handed out (ids are never reused).
-    fn function_versions(&self) -> Result<FunctionVersions, MetaStoreError>;
-    /// Store a published version (its code package row already exists:
-    /// the function references it) and raise its function's last version
-    /// id to it; FunctionMissing if the function (by id) is gone.
-    fn insert_version(&self, v: &VersionRecord) -> Result<(), MetaStoreError>;
-    /// Delete one version; false if it did not exist.
-    fn delete_version(
-        &self,
-        account: &AccountId,
-        name: &FunctionName,
-        version: u32,
-    ) -> Result<bool, MetaStoreError>;
-    /// Every alias.
-    fn aliases(&self) -> Result<Vec<AliasRecord>, MetaStoreError>;
-    /// Create or replace an alias.
-    fn put_alias(&self, a: &AliasRecord) -> Result<(), MetaStoreError>;
-    /// Delete an alias; false if it did not exist.
-    fn delete_alias(
-        &self,
-        account: &AccountId,
-        name: &FunctionName,
-        alias: &str,
-    ) -> Result<bool, MetaStoreError>;
-    /// Every trigger.
-    fn triggers(&self) -> Result<Vec<TriggerRecord>, MetaStoreError>;
-    /// Store a new trigger; TriggerExists if the function has one by that
-    /// name, FunctionMissing if the function is gone.
-    fn insert_trigger(&self, t: &TriggerRecord) -> Result<(), MetaStoreError>;
-    /// Replace a stored trigger (same function and name).
-    fn update_trigger(&self, t: &TriggerRecord) -> Result<(), MetaStoreError>;
-    /// Delete a trigger; false if it did not exist.
-    fn delete_trigger(
-        &self,
-        account: &AccountId,
-        name: &FunctionName,
-        trigger: &str,
-    ) -> Result<bool, MetaStoreError>;
-}
-
-/// The stored versions and, per (account, function), the last version id.
-#[derive(Debug, Default)]
-pub struct FunctionVersions {
-    pub versions: Vec<VersionRecord>,
-    /// (account, function, function id, last version id).
-    pub last_ids: Vec<(AccountId, FunctionName, String, u32)>,
-}
-
-/// A layer: its owner, name, ACL and the last version number handed out
-/// (numbers are never reused, even after a version is deleted).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LayerRecord {
-    pub account_id: AccountId,
-    pub name: String,
-    pub public: bool,
-    pub last_version: u32,
-}
-
-/// One immutable layer version and its zip (stored like code, by sha256).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct LayerVersionRecord {
-    pub account_id: AccountId,
-    pub name: String,
-    pub version: u32,
-    pub code: crate::model::CodeRef,
-    pub description: String,
-    pub compatible_runtime: Vec<String>,
-    pub license: String,
-    pub created_ms: u64,
-}
 
 pub(crate) const MIGRATIONS: &[Migration] = &[
     Migration {
@@ -775,28 +578,34 @@ impl MetaStore for SqliteStore {
         })
     }
 
-    fn insert_layer_version(&self, v: &LayerVersionRecord) -> Result<(), MetaStoreError> {
+    fn insert_layer_version(&self, v: &LayerVersionRecord) -> Result<u32, MetaStoreError> {
         self.with(|c| {
             let tx = c.transaction()?;
-            tx.execute(
+            // The number asked for, or the next free one (as on
+            // PostgreSQL, where another gateway may have taken it).
+            let version: i64 = tx.query_row(
                 "INSERT INTO layers (account_id, name, public, last_version) VALUES (?1, ?2, 0, ?3)
                  ON CONFLICT (account_id, name) DO UPDATE
-                 SET last_version = MAX(last_version, excluded.last_version)",
+                 SET last_version = MAX(last_version + 1, excluded.last_version)
+                 RETURNING last_version",
                 params![v.account_id.as_str(), v.name, v.version as i64],
+                |r| r.get(0),
             )?;
+            let mut v = v.clone();
+            v.version = version as u32;
             tx.execute(
                 "INSERT INTO layer_versions (account_id, name, version, sha256, doc)
                  VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![
                     v.account_id.as_str(),
                     v.name,
-                    v.version as i64,
+                    version,
                     v.code.sha256,
-                    serde_json::to_string(v).expect("layer version serialises")
+                    serde_json::to_string(&v).expect("layer version serialises")
                 ],
             )?;
             tx.commit()?;
-            Ok(())
+            Ok(v.version)
         })
     }
 
@@ -819,7 +628,7 @@ impl MetaStore for SqliteStore {
         self.versions_impl()
     }
 
-    fn insert_version(&self, v: &VersionRecord) -> Result<(), MetaStoreError> {
+    fn insert_version(&self, v: &VersionRecord) -> Result<u32, MetaStoreError> {
         self.insert_version_impl(v)
     }
 
@@ -1067,36 +876,61 @@ impl SqliteStore {
     }
 }
 
+impl SqliteStore {
+    /// Every account and when it was created (copying a gateway).
+    pub fn accounts(&self) -> Result<Vec<(AccountId, u64)>, MetaStoreError> {
+        self.with(|c| {
+            let mut st = c.prepare("SELECT account_id, created_ms FROM accounts")?;
+            let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (account, created) = row?;
+                match account.parse() {
+                    Ok(a) => out.push((a, created as u64)),
+                    Err(_) => tracing::warn!(%account, "skipping an invalid account id"),
+                }
+            }
+            Ok(out)
+        })
+    }
+}
+
 /// Versions and aliases ([`crate::versions`]).
 impl SqliteStore {
     pub(crate) fn versions_impl(&self) -> Result<FunctionVersions, MetaStoreError> {
         self.with(|c| self.read_versions(c))
     }
 
-    pub(crate) fn insert_version_impl(&self, v: &VersionRecord) -> Result<(), MetaStoreError> {
-        let aad = rows::version_environment(
-            v.account_id.as_str(),
-            v.name.as_str(),
-            &v.function_id,
-            v.version,
-        );
+    pub(crate) fn insert_version_impl(&self, v: &VersionRecord) -> Result<u32, MetaStoreError> {
         let (secrets, doc) = v.config.take_secrets();
-        let env = rows::seal_environment(&self.sealer, &aad, &secrets);
         self.with(|c| {
             let tx = c.transaction()?;
-            let n = tx.execute(
-                "UPDATE functions SET last_version = MAX(last_version, ?4)
-                 WHERE account_id = ?1 AND name = ?2 AND function_id = ?3",
-                params![
-                    v.account_id.as_str(),
-                    v.name.as_str(),
-                    v.function_id,
-                    v.version as i64
-                ],
-            )?;
-            if n == 0 {
+            // The id asked for, or the next free one (as on PostgreSQL,
+            // where another gateway may have published meanwhile).
+            let version: Option<i64> = tx
+                .query_row(
+                    "UPDATE functions SET last_version = MAX(last_version + 1, ?4)
+                     WHERE account_id = ?1 AND name = ?2 AND function_id = ?3
+                     RETURNING last_version",
+                    params![
+                        v.account_id.as_str(),
+                        v.name.as_str(),
+                        v.function_id,
+                        v.version as i64
+                    ],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let Some(version) = version else {
                 return Err(MetaStoreError::FunctionMissing(v.name.clone()));
-            }
+            };
+            let aad = rows::version_environment(
+                v.account_id.as_str(),
+                v.name.as_str(),
+                &v.function_id,
+                version as u32,
+            );
+            let env = rows::seal_environment(&self.sealer, &aad, &secrets);
             tx.execute(
                 "INSERT OR IGNORE INTO code_blobs (sha256, size, checksum) VALUES (?1, ?2, ?3)",
                 params![
@@ -1112,7 +946,7 @@ impl SqliteStore {
                 params![
                     v.account_id.as_str(),
                     v.name.as_str(),
-                    v.version as i64,
+                    version,
                     v.function_id,
                     v.config.code.sha256,
                     doc.to_string(),
@@ -1122,230 +956,7 @@ impl SqliteStore {
                 ],
             )?;
             tx.commit()?;
-            Ok(())
+            Ok(version as u32)
         })
-    }
-}
-
-/// Code packages as files: `<dir>/<sha256>.zip`, written once atomically.
-#[derive(Debug, Clone)]
-pub struct CodeFiles {
-    dir: PathBuf,
-}
-
-/// Whether `s` is a hex sha256 (the only names code files have).
-pub fn is_digest(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-}
-
-impl CodeFiles {
-    pub fn new(dir: PathBuf) -> std::io::Result<Self> {
-        fs::create_dir_all(&dir)?;
-        Ok(Self { dir })
-    }
-
-    /// The file of a digest; `None` for anything that is not a digest.
-    pub fn path(&self, sha256: &str) -> Option<PathBuf> {
-        is_digest(sha256).then(|| self.dir.join(format!("{sha256}.zip")))
-    }
-
-    /// Write the zip unless a file for its digest exists: a temp file,
-    /// fsync, rename, fsync of the directory.
-    pub fn write(&self, sha256: &str, zip: &[u8]) -> std::io::Result<()> {
-        let path = self
-            .path(sha256)
-            .ok_or_else(|| std::io::Error::other("not a sha256 digest"))?;
-        if path.exists() {
-            return Ok(());
-        }
-        let tmp = self
-            .dir
-            .join(format!(".{sha256}.{}.tmp", uuid::Uuid::new_v4().simple()));
-        let result = (|| {
-            let mut f = fs::File::create(&tmp)?;
-            f.write_all(zip)?;
-            f.sync_all()?;
-            fs::rename(&tmp, &path)?;
-            fs::File::open(&self.dir)?.sync_all()
-        })();
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        result
-    }
-
-    pub fn remove(&self, sha256: &str) {
-        if let Some(p) = self.path(sha256) {
-            if let Err(e) = fs::remove_file(&p) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!(path = %p.display(), error = %e, "cannot remove code package");
-                }
-            }
-        }
-    }
-
-    /// Remove files no stored package names, and temp files a crash left.
-    pub fn sweep(&self, keep: &[String]) -> std::io::Result<usize> {
-        let keep: std::collections::HashSet<&str> = keep.iter().map(String::as_str).collect();
-        let mut removed = 0;
-        for entry in fs::read_dir(&self.dir)? {
-            let entry = entry?;
-            let name = entry.file_name();
-            let name = name.to_string_lossy();
-            let stale = match name.strip_suffix(".zip") {
-                Some(d) => !keep.contains(d),
-                None => name.ends_with(".tmp"),
-            };
-            if stale {
-                fs::remove_file(entry.path())?;
-                removed += 1;
-            }
-        }
-        Ok(removed)
-    }
-}
-
-#[cfg(test)]
-pub(crate) mod tests {
-    use super::*;
-    use crate::model::CodeRef;
-
-    /// One fixed key, so a test can reopen its store.
-    pub(crate) fn sealer() -> Arc<Sealer> {
-        Arc::new(Sealer::new(&[9u8; 32], &[]))
-    }
-
-    pub(crate) fn record(account: &str, name: &str, digest: &str) -> FunctionRecord {
-        FunctionRecord {
-            account_id: account.parse().unwrap(),
-            name: name.parse().unwrap(),
-            function_id: uuid::Uuid::new_v4().to_string(),
-            created_ms: 1000,
-            modified_ms: 1000,
-            config: FunctionConfig {
-                runtime: kiln_core::RuntimeName::Custom,
-                handler: "h".into(),
-                memory_mb: 512,
-                cpu_milli: 250,
-                cpu_explicit: false,
-                disk_mb: 512,
-                timeout_s: 3,
-                concurrency: 1,
-                environment: Default::default(),
-                command: vec![],
-                args: vec![],
-                port: 9000,
-                description: String::new(),
-                code: CodeRef {
-                    sha256: digest.into(),
-                    size: 3,
-                    checksum: "7".into(),
-                },
-                initializer: None,
-                pre_stop: None,
-                layers: Vec::new(),
-                extras: Default::default(),
-                invocation_restriction: None,
-                container: None,
-            },
-        }
-    }
-
-    #[test]
-    fn check_reads_the_store_and_fails_when_it_cannot() {
-        let s = SqliteStore::open_in_memory(sealer()).unwrap();
-        s.check().unwrap();
-        s.with(|c| {
-            c.execute_batch("PRAGMA foreign_keys = OFF; DROP TABLE accounts;")?;
-            Ok(())
-        })
-        .unwrap();
-        assert!(
-            s.check().is_err(),
-            "a store that cannot be read is not healthy"
-        );
-    }
-
-    #[test]
-    fn functions_persist_across_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("gateway.db");
-        let s = SqliteStore::open(&path, crate::store::tests::sealer()).unwrap();
-        let a: AccountId = "1".parse().unwrap();
-        s.ensure_account(&a, 1).unwrap();
-        let key = AccessKey {
-            access_key_id: "AK1".into(),
-            account_id: a.clone(),
-            secret: "s".repeat(20),
-        };
-        s.put_access_key(&key, 1).unwrap();
-        let f = record("1", "f", &"a".repeat(64));
-        s.insert_function(&f).unwrap();
-        assert!(matches!(
-            s.insert_function(&f),
-            Err(MetaStoreError::FunctionExists(_))
-        ));
-        drop(s);
-        let s = SqliteStore::open(&path, crate::store::tests::sealer()).unwrap();
-        assert_eq!(s.functions().unwrap(), vec![f]);
-        let stored = s.access_keys().unwrap();
-        assert_eq!(stored.len(), 1);
-        assert_eq!(stored[0].key, key);
-        assert!(stored[0].enabled);
-        s.ensure_account(&"2".parse().unwrap(), 1).unwrap();
-        let stolen = AccessKey {
-            account_id: "2".parse().unwrap(),
-            ..key
-        };
-        assert!(matches!(
-            s.put_access_key(&stolen, 1),
-            Err(MetaStoreError::KeyOwnedElsewhere(_))
-        ));
-    }
-
-    #[test]
-    fn code_rows_are_shared_and_released_when_unreferenced() {
-        let s = SqliteStore::open_in_memory(crate::store::tests::sealer()).unwrap();
-        s.ensure_account(&"1".parse().unwrap(), 1).unwrap();
-        let d = "b".repeat(64);
-        s.insert_function(&record("1", "f", &d)).unwrap();
-        let first = record("1", "g", &d);
-        s.insert_function(&first).unwrap();
-        assert_eq!(s.code_digests().unwrap(), vec![d.clone()]);
-        s.delete_function(&"1".parse().unwrap(), &"f".parse().unwrap())
-            .unwrap();
-        assert!(!s.release_code(&d).unwrap());
-        let mut g = record("1", "g", &"c".repeat(64));
-        g.modified_ms = 2000;
-        // Another function id under the same name is not this row.
-        assert!(matches!(
-            s.update_function(&g),
-            Err(MetaStoreError::FunctionMissing(_))
-        ));
-        g.function_id = first.function_id;
-        s.update_function(&g).unwrap();
-        assert!(s.release_code(&d).unwrap());
-        assert_eq!(s.code_digests().unwrap(), vec!["c".repeat(64)]);
-        assert!(matches!(
-            s.delete_function(&"1".parse().unwrap(), &"f".parse().unwrap()),
-            Err(MetaStoreError::FunctionMissing(_))
-        ));
-    }
-
-    #[test]
-    fn code_files_are_written_once_and_swept() {
-        let dir = tempfile::tempdir().unwrap();
-        let files = CodeFiles::new(dir.path().join("code")).unwrap();
-        let d = "d".repeat(64);
-        files.write(&d, b"zip").unwrap();
-        files.write(&d, b"other").unwrap();
-        assert_eq!(fs::read(files.path(&d).unwrap()).unwrap(), b"zip");
-        assert!(files.path("../etc/passwd").is_none());
-        let e = "e".repeat(64);
-        files.write(&e, b"zip2").unwrap();
-        fs::write(dir.path().join("code/.x.tmp"), b"").unwrap();
-        assert_eq!(files.sweep(std::slice::from_ref(&d)).unwrap(), 2);
-        assert!(files.path(&d).unwrap().exists());
-        assert!(!files.path(&e).unwrap().exists());
     }
 }
