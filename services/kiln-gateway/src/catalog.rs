@@ -483,18 +483,69 @@ impl Catalog {
 
     /// Replace a function's configuration with `change(current)`; nothing
     /// changes if `change` refuses.
+    /// Change a function's configuration with `change`, applied to the
+    /// stored configuration. In a cluster another gateway may have written
+    /// the function since this one cached it: the store refuses a write
+    /// built on a stale copy, and `change` runs again on the fresh one
+    /// (a few times; then the caller is asked to retry).
     pub async fn update(
         &self,
         account: &AccountId,
         name: &FunctionName,
         now_ms: u64,
         code: Option<NewCode>,
-        change: impl FnOnce(&FunctionConfig) -> Result<FunctionConfig, FcError>,
+        change: impl Fn(&FunctionConfig) -> Result<FunctionConfig, FcError>,
     ) -> Result<Arc<FunctionEntry>, CatalogError> {
+        const ATTEMPTS: usize = 5;
         let _w = self.write.lock().await;
-        let current = self
+        let mut code = code;
+        let mut written: Option<String> = None;
+        let mut current = self
             .function(account, name)
             .ok_or_else(|| CatalogError::NotFound(name.clone()))?;
+        let mut attempt = 0;
+        let result = loop {
+            attempt += 1;
+            match self
+                .update_once(&current, now_ms, &mut code, &mut written, &change)
+                .await
+            {
+                Err(CatalogError::Store(MetaStoreError::FunctionChanged(_)))
+                    if attempt < ATTEMPTS =>
+                {
+                    tracing::debug!(function = %name, attempt, "function changed through another gateway; applying the change again");
+                    match self.reread_function(account, name).await {
+                        Ok(fresh) => current = fresh,
+                        Err(e) => break Err(e),
+                    }
+                }
+                other => break other,
+            }
+        };
+        if let Err(e) = &result {
+            if let Some(new) = written.take() {
+                self.drop_if_unreferenced(new).await;
+            }
+            if matches!(e, CatalogError::Store(MetaStoreError::FunctionChanged(_))) {
+                // Keep the freshest copy for the caller's retry.
+                let _ = self.reread_function(account, name).await;
+            }
+        }
+        result
+    }
+
+    /// One attempt of [`Self::update`] from `current`. The new package (if
+    /// any) is written on the first attempt only; `written` names it.
+    async fn update_once(
+        &self,
+        current: &Arc<FunctionEntry>,
+        now_ms: u64,
+        code: &mut Option<NewCode>,
+        written: &mut Option<String>,
+        change: &impl Fn(&FunctionConfig) -> Result<FunctionConfig, FcError>,
+    ) -> Result<Arc<FunctionEntry>, CatalogError> {
+        let account = &current.record.account_id;
+        let name = &current.record.name;
         let config = change(&current.record.config).map_err(CatalogError::Invalid)?;
         self.check_new_layers(&current.record.config.layers, &config.layers)?;
         if config.code.sha256 != current.record.config.code.sha256 {
@@ -515,25 +566,40 @@ impl Catalog {
         }
         let mut record = current.record.clone();
         record.config = config;
-        record.modified_ms = now_ms.max(record.modified_ms);
-        self.write_code(code).await?;
+        // Strictly later than the stored time: it is also the token the
+        // next update compares against.
+        record.modified_ms = now_ms.max(current.record.modified_ms + 1);
+        if let Some(code) = code.take() {
+            *written = Some(code.blob.sha256.clone());
+            self.write_code(Some(code)).await?;
+        }
         let store = self.store.clone();
         let r = record.clone();
-        let result = blocking(move || Ok(store.update_function(&r)?)).await;
+        let expected = current.record.modified_ms;
+        blocking(move || Ok(store.update_function(&r, expected)?)).await?;
         let old = current.record.config.code.sha256.clone();
         let new = record.config.code.sha256.clone();
-        if let Err(e) = result {
-            if new != old {
-                self.drop_if_unreferenced(new).await;
-            }
-            return Err(e);
-        }
         let entry = self.publish(record);
         if new != old {
             self.release(vec![old]).await;
         }
         self.release_layer_zips(&current.record.config.layers);
         Ok(entry)
+    }
+
+    /// Read one function from the store into the view (after another
+    /// gateway changed it); the caller holds `write`.
+    async fn reread_function(
+        &self,
+        account: &AccountId,
+        name: &FunctionName,
+    ) -> Result<Arc<FunctionEntry>, CatalogError> {
+        let store = self.store.clone();
+        let (a, n) = (account.clone(), name.clone());
+        match blocking(move || Ok(store.function(&a, &n)?)).await? {
+            Some(record) => Ok(self.publish(record)),
+            None => Err(CatalogError::NotFound(name.clone())),
+        }
     }
 
     pub async fn delete(

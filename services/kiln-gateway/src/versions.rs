@@ -816,7 +816,7 @@ mod tests {
         let d = digest.to_owned();
         c.update(&a(), &f(), 2000, code(digest), move |cfg| {
             let mut cfg = cfg.clone();
-            cfg.code.sha256 = d;
+            cfg.code.sha256 = d.clone();
             Ok(cfg)
         })
         .await
@@ -1033,7 +1033,7 @@ mod tests {
         let r = c
             .update(&a(), &f(), 3000, code(&d3), move |cfg| {
                 let mut cfg = cfg.clone();
-                cfg.code.sha256 = d3;
+                cfg.code.sha256 = d3.clone();
                 Ok(cfg)
             })
             .await;

@@ -171,7 +171,7 @@ pub async fn update(
     let entry = gw
         .catalog
         .update(&caller.account_id, name, now, code, |current| {
-            let code = new_ref.unwrap_or_else(|| current.code.clone());
+            let code = new_ref.clone().unwrap_or_else(|| current.code.clone());
             let mut config = validate::build_config(Some(current), &parsed, code)?;
             check_vpc(gw, caller, Some(current), &config)?;
             gw.runtimes

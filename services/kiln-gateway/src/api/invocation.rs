@@ -104,7 +104,7 @@ pub async fn disable(
     gw.catalog
         .update(&caller.account_id, name, now, None, |current| {
             let mut config = current.clone();
-            config.invocation_restriction = Some(restriction);
+            config.invocation_restriction = Some(restriction.clone());
             Ok(config)
         })
         .await?;

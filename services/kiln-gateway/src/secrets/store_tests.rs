@@ -90,7 +90,7 @@ fn the_raw_database_holds_neither_a_secret_nor_an_environment_value() {
     f.config
         .environment
         .insert("TOKEN".into(), "tok-Value-0003".into());
-    s.update_function(&f).unwrap();
+    s.update_function(&f, 1000).unwrap();
     let bytes = raw_bytes(&path);
     // The search works (it finds what is stored in the clear), and the
     // environment's names are sealed with their values.

@@ -41,6 +41,8 @@ pub enum MetaStoreError {
     FunctionExists(FunctionName),
     #[error("Function {0} does not exist")]
     FunctionMissing(FunctionName),
+    #[error("Function {0} was changed meanwhile (through another gateway)")]
+    FunctionChanged(FunctionName),
     #[error("Function {0} still has versions or aliases")]
     FunctionHasVersions(FunctionName),
     #[error("Function {0} still has triggers")]
@@ -143,8 +145,15 @@ pub trait MetaStore: Send + Sync + 'static {
     }
     /// Insert the function and, if new, its code package's row.
     fn insert_function(&self, f: &FunctionRecord) -> Result<(), MetaStoreError>;
-    /// Replace the function's document and times.
-    fn update_function(&self, f: &FunctionRecord) -> Result<(), MetaStoreError>;
+    /// Replace the function's document and times if its stored
+    /// `modified_ms` is still `expected_modified_ms` (the record the change
+    /// was computed from): FunctionChanged when another gateway of a
+    /// cluster wrote it since, so no update is built on a stale copy.
+    fn update_function(
+        &self,
+        f: &FunctionRecord,
+        expected_modified_ms: u64,
+    ) -> Result<(), MetaStoreError>;
     fn delete_function(
         &self,
         account: &AccountId,
@@ -605,11 +614,11 @@ pub(crate) mod tests {
         g.modified_ms = 2000;
         // Another function id under the same name is not this row.
         assert!(matches!(
-            s.update_function(&g),
+            s.update_function(&g, 1000),
             Err(MetaStoreError::FunctionMissing(_))
         ));
         g.function_id = first.function_id;
-        s.update_function(&g).unwrap();
+        s.update_function(&g, 1000).unwrap();
         assert!(s.release_code(&d).unwrap());
         assert_eq!(s.code_digests().unwrap(), vec!["c".repeat(64)]);
         assert!(matches!(

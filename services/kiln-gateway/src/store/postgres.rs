@@ -804,17 +804,25 @@ impl MetaStore for PgMetaStore {
         })
     }
 
-    fn update_function(&self, f: &FunctionRecord) -> Result<(), MetaStoreError> {
+    fn update_function(
+        &self,
+        f: &FunctionRecord,
+        expected_modified_ms: u64,
+    ) -> Result<(), MetaStoreError> {
         let (doc, env) = doc_and_env(&self.inner.sealer, f);
         let f = f.clone();
         self.write(move |tx| {
             Box::pin(async move {
                 insert_code(tx, &f.config).await?;
+                // Compare and set on modified_ms: another gateway's update
+                // since this one read the function makes it fail, never
+                // silently overwrite.
                 let n = tx
                     .execute(
                         "UPDATE functions SET code_sha256 = $3, doc = $4, modified_ms = $5,
                          env_sealed = $6
-                         WHERE account_id = $1 AND name = $2 AND function_id = $7",
+                         WHERE account_id = $1 AND name = $2 AND function_id = $7
+                           AND modified_ms = $8",
                         &[
                             &f.account_id.as_str() as P,
                             &f.name.as_str(),
@@ -823,11 +831,28 @@ impl MetaStore for PgMetaStore {
                             &(f.modified_ms as i64),
                             &env,
                             &f.function_id,
+                            &(expected_modified_ms as i64),
                         ],
                     )
                     .await?;
                 if n == 0 {
-                    return Err(MetaStoreError::FunctionMissing(f.name.clone()));
+                    let exists = tx
+                        .query_opt(
+                            "SELECT 1 FROM functions
+                             WHERE account_id = $1 AND name = $2 AND function_id = $3",
+                            &[
+                                &f.account_id.as_str() as P,
+                                &f.name.as_str(),
+                                &f.function_id,
+                            ],
+                        )
+                        .await?
+                        .is_some();
+                    return Err(if exists {
+                        MetaStoreError::FunctionChanged(f.name.clone())
+                    } else {
+                        MetaStoreError::FunctionMissing(f.name.clone())
+                    });
                 }
                 changed(tx, Kind::Function, f.account_id.as_str(), f.name.as_str()).await
             })

@@ -429,7 +429,11 @@ impl MetaStore for SqliteStore {
         })
     }
 
-    fn update_function(&self, f: &FunctionRecord) -> Result<(), MetaStoreError> {
+    fn update_function(
+        &self,
+        f: &FunctionRecord,
+        expected_modified_ms: u64,
+    ) -> Result<(), MetaStoreError> {
         let (doc, env) = doc_and_env(&self.sealer, f);
         self.with(|c| {
             let tx = c.transaction()?;
@@ -438,7 +442,7 @@ impl MetaStore for SqliteStore {
             // the same function, never a newer one under its name.
             let n = tx.execute(
                 "UPDATE functions SET code_sha256 = ?3, doc = ?4, modified_ms = ?5, env_sealed = ?6
-                 WHERE account_id = ?1 AND name = ?2 AND function_id = ?7",
+                 WHERE account_id = ?1 AND name = ?2 AND function_id = ?7 AND modified_ms = ?8",
                 params![
                     f.account_id.as_str(),
                     f.name.as_str(),
@@ -446,11 +450,24 @@ impl MetaStore for SqliteStore {
                     doc,
                     f.modified_ms as i64,
                     env,
-                    f.function_id
+                    f.function_id,
+                    expected_modified_ms as i64
                 ],
             )?;
             if n == 0 {
-                return Err(MetaStoreError::FunctionMissing(f.name.clone()));
+                let exists = tx
+                    .query_row(
+                        "SELECT 1 FROM functions WHERE account_id = ?1 AND name = ?2 AND function_id = ?3",
+                        params![f.account_id.as_str(), f.name.as_str(), f.function_id],
+                        |_| Ok(()),
+                    )
+                    .optional()?
+                    .is_some();
+                return Err(if exists {
+                    MetaStoreError::FunctionChanged(f.name.clone())
+                } else {
+                    MetaStoreError::FunctionMissing(f.name.clone())
+                });
             }
             tx.commit()?;
             Ok(())

@@ -79,11 +79,21 @@ pub(super) fn functions_and_keys_persist<S: MetaStore>(open: impl Fn() -> S) {
     let mut other = record("1", "f", &"b".repeat(64));
     other.modified_ms = 2000;
     assert!(matches!(
-        s.update_function(&other),
+        s.update_function(&other, f.modified_ms),
         Err(MetaStoreError::FunctionMissing(_))
     ));
     other.function_id = f.function_id.clone();
-    s.update_function(&other).unwrap();
+    s.update_function(&other, f.modified_ms).unwrap();
+    assert_eq!(s.function(&a, &f.name).unwrap(), Some(other.clone()));
+    // An update computed from the copy before that one (another gateway
+    // wrote since) is refused and changes nothing.
+    let mut stale = other.clone();
+    stale.modified_ms = 3000;
+    stale.config.code.sha256 = "c".repeat(64);
+    assert!(matches!(
+        s.update_function(&stale, f.modified_ms),
+        Err(MetaStoreError::FunctionChanged(_))
+    ));
     assert_eq!(s.function(&a, &f.name).unwrap(), Some(other));
 }
 
@@ -101,7 +111,7 @@ pub(super) fn code_rows_are_shared_and_released<S: MetaStore>(s: &S) {
     assert!(!s.release_code(&d).unwrap(), "g still uses it");
     let mut g = record("1", "g", &"c".repeat(64));
     g.function_id = first.function_id;
-    s.update_function(&g).unwrap();
+    s.update_function(&g, 1000).unwrap();
     assert!(s.release_code(&d).unwrap());
     assert!(s.code_blob(&d).unwrap().is_none());
     assert_eq!(s.code_digests().unwrap(), vec!["c".repeat(64)]);
