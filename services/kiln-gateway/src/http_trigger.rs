@@ -332,7 +332,11 @@ pub(crate) async fn call_trigger(
             // is proven signed; then it is hashed as it streams in.
             let head = gw.auth.precheck(&parts).map_err(refused)?;
             request::check_declared_length(body.as_ref().expect("not read yet"), limit)?;
+            let replay = gw.auth.replay_check(&head);
             let (caller, check) = gw.auth.verify(head).map_err(refused)?;
+            if let Some(r) = replay {
+                r.run().await.map_err(refused)?;
+            }
             if caller.account_id != trigger.account_id {
                 return Err(FcError::new(
                     FcErrorCode::AccessDenied,

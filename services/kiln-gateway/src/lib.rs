@@ -194,13 +194,8 @@ pub async fn start_with_clock(
     clock: Arc<dyn Clock>,
 ) -> Result<GatewayHandle, GatewayError> {
     config.validate()?;
-    if config.cluster.is_some() {
-        return Err(GatewayError::Config(ConfigError::Invalid(
-            "[cluster] (gateways on PostgreSQL) is not supported by this build yet; remove it \
-             to run this gateway alone on SQLite"
-                .into(),
-        )));
-    }
+    // In a cluster the async queue, nonces and timer ticks are shared.
+    let cluster = queue::cluster::open(&config).await?;
     std::fs::create_dir_all(&config.state_dir).map_err(|source| GatewayError::StateDir {
         path: config.state_dir.clone(),
         source,
@@ -257,7 +252,10 @@ pub async fn start_with_clock(
         kiln_pki::internal_client_config_live(&config.tls.ca, identity, revoked.clone())?;
     let internal = InternalClient::revoking(client_tls.clone(), revoked.clone());
     let invoke_client = kiln_internal_api::InvokeClient::revoking(client_tls, revoked.clone());
-    let queue = queue::Queue::open(&config.queue_path())?;
+    let queue = match &cluster {
+        Some(c) => c.queue.clone(),
+        None => queue::Queue::open(&config.queue_path())?,
+    };
     let metrics = Metrics::with_extra(|r| queue.metrics().register(r));
     let scheduler: scheduler::SharedScheduler = Arc::new(scheduler::HttpScheduler::new(
         internal.clone(),
@@ -283,6 +281,7 @@ pub async fn start_with_clock(
         lease_ms: aq.lease_ms,
         backoff_cap: std::time::Duration::from_millis(aq.backoff_cap_ms),
         retention_ms: aq.task_retention_s.saturating_mul(1000),
+        idle_poll: queue::cluster::idle_poll(cluster.is_some()),
         ..Default::default()
     };
     let runtimes = Arc::new(
@@ -297,6 +296,7 @@ pub async fn start_with_clock(
             ram.clone(),
             clock.clone(),
             &config.signatures,
+            cluster.as_ref().map(|c| c.shared_nonces()),
         ),
         ram: ram.clone(),
         agents: Arc::new(agent::HttpAgent::new(invoke_client, internal.clone())),
@@ -395,6 +395,9 @@ pub async fn start_with_clock(
     tasks.push(tokio::spawn(leases.run_sweeper(stopped(rx.clone()))));
     tasks.push(tokio::spawn(gw.dispatcher.clone().run(stopped(rx.clone()))));
     tasks.push(tokio::spawn(timers::run(gw.clone(), stopped(rx.clone()))));
+    if let Some(c) = &cluster {
+        tasks.extend(c.spawn(|| stopped(rx.clone()), gw.clock.clone()));
+    }
     if let Some(l) = metrics_l {
         tasks.push(tokio::spawn(metrics::serve(
             l,

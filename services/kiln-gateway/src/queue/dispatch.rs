@@ -69,15 +69,21 @@ pub struct Configs {
 
 impl Configs {
     pub async fn load(queue: &Queue) -> Result<Self, QueueError> {
+        let me = Self::default();
+        me.reload(queue).await?;
+        Ok(me)
+    }
+
+    /// Read every config again (another gateway of a cluster changed one).
+    pub async fn reload(&self, queue: &Queue) -> Result<(), QueueError> {
         let map = queue
             .configs()
             .await?
             .into_iter()
             .map(|(a, f, q, c)| ((a, f, q), c))
             .collect();
-        Ok(Self {
-            map: RwLock::new(map),
-        })
+        *self.map.write().unwrap_or_else(|p| p.into_inner()) = map;
+        Ok(())
     }
 
     /// The config of `qualifier` (as written: `LATEST`, a version id or
@@ -208,6 +214,8 @@ struct State {
     total: usize,
     cursor: usize,
     running: HashMap<i64, AbortHandle>,
+    /// Messages this dispatcher holds a lease on (claimed, not completed).
+    held: std::collections::HashSet<i64>,
     /// Stops that came while their message was claimed (already Running in
     /// the queue) but its call not yet started: honoured when it starts.
     /// Pruned after an hour (a stop racing a call's end leaves one behind).
@@ -272,9 +280,81 @@ impl Dispatcher {
         s.stop_requested.insert(seq, now);
     }
 
+    /// A stop of message `seq` reached this gateway (a cluster's
+    /// notification or resync): abort it if this dispatcher runs it.
+    pub fn abort_if_held(&self, seq: i64) {
+        if self.state().held.contains(&seq) {
+            self.abort(seq);
+        }
+    }
+
+    /// In a cluster: follow the other gateways' changes (new messages,
+    /// stops, configs) from the queue's notifications, and re-read them
+    /// every [`super::postgres::RESYNC_EVERY`] in case one was missed.
+    async fn follow_cluster(self: Arc<Self>) {
+        let Some(pg) = self.queue.shared() else {
+            return;
+        };
+        let Some(mut signals) = pg.take_signals() else {
+            return;
+        };
+        let mut resync = tokio::time::interval(super::postgres::RESYNC_EVERY);
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let signal = tokio::select! {
+                s = signals.recv() => match s {
+                    Some(s) => s,
+                    None => return,
+                },
+                _ = resync.tick() => super::postgres::Signal::Resync,
+            };
+            match signal {
+                super::postgres::Signal::Enqueued(q) => self.enqueued(&q),
+                super::postgres::Signal::Stop(seq) => self.abort_if_held(seq),
+                super::postgres::Signal::Configs => {
+                    if let Err(e) = self.configs.reload(&self.queue).await {
+                        tracing::warn!(error = %e, "cannot reload async invoke configs");
+                    }
+                }
+                super::postgres::Signal::Resync => self.resync().await,
+            }
+        }
+    }
+
+    async fn resync(&self) {
+        match self.queue.active_queues().await {
+            Ok(qs) => {
+                let mut s = self.state();
+                let new = qs.iter().any(|q| !s.queues.contains(q));
+                s.queues.extend(qs);
+                drop(s);
+                if new {
+                    self.wake.notify_one();
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot list the shared async queues"),
+        }
+        let held: Vec<i64> = self.state().held.iter().copied().collect();
+        if let Some(pg) = self.queue.shared() {
+            match pg.stopping_among(held).await {
+                Ok(stops) => stops.into_iter().for_each(|seq| self.abort_if_held(seq)),
+                Err(e) => tracing::warn!(error = %e, "cannot read stops of running async tasks"),
+            }
+        }
+        if let Err(e) = self.configs.reload(&self.queue).await {
+            tracing::warn!(error = %e, "cannot reload async invoke configs");
+        }
+    }
+
     /// Run until `stop` resolves; in-flight deliveries are left to their
     /// leases (redelivered after a restart).
     pub async fn run(self: Arc<Self>, stop: impl Future<Output = ()>) {
+        let follower = tokio::spawn(self.clone().follow_cluster());
+        self.clone().run_loop(stop).await;
+        follower.abort();
+    }
+
+    async fn run_loop(self: Arc<Self>, stop: impl Future<Output = ()>) {
         match self.queue.recover(self.clock.now_ms()).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(
@@ -348,6 +428,7 @@ impl Dispatcher {
                     let mut s = self.state();
                     *s.in_flight.entry(c.queue.clone()).or_default() += 1;
                     s.total += 1;
+                    s.held.insert(c.seq);
                 }
                 let span = tracing::info_span!(
                     "async_invoke",
@@ -507,6 +588,7 @@ impl Dispatcher {
                 *n = n.saturating_sub(1);
             }
             s.total = s.total.saturating_sub(1);
+            s.held.remove(&c.seq);
         }
         self.wake.notify_one();
     }

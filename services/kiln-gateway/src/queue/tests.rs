@@ -23,7 +23,9 @@ fn msg(account: &str, function: &str, task: &str, now_ms: u64) -> NewMessage {
 }
 
 fn count(q: &Queue, sql: &'static str) -> i64 {
-    q.db()
+    q.sqlite()
+        .unwrap()
+        .db()
         .with_conn(|c| Ok(c.query_row(sql, [], |r| r.get(0))?))
         .unwrap()
 }
@@ -291,17 +293,7 @@ fn settings() -> DispatchSettings {
 }
 
 async fn status_of(q: &Queue, task: &str) -> (String, i64, i64) {
-    let t = task.to_owned();
-    q.db()
-        .run(move |c| {
-            Ok(c.query_row(
-                "SELECT status, retries, throttles FROM messages WHERE task_id = ?1",
-                [t],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )?)
-        })
-        .await
-        .unwrap()
+    q.status_row(task).await
 }
 
 async fn wait_for(q: &Queue, task: &str, want: &str) -> (String, i64, i64) {
@@ -457,7 +449,9 @@ async fn throttling_backs_off_until_the_ttl_expires() {
         let _ = rx.await;
     }));
     let visible = |q: Queue| async move {
-        q.db()
+        q.sqlite()
+            .unwrap()
+            .db()
             .run(|c| {
                 Ok(c.query_row("SELECT visible_ms FROM messages", [], |r| {
                     r.get::<_, i64>(0)
@@ -659,6 +653,8 @@ async fn a_stop_that_comes_before_the_call_starts_is_not_lost() {
     );
     q.enqueue(msg("1", "f", "t", 1_000)).await.unwrap();
     let seq: i64 = q
+        .sqlite()
+        .unwrap()
         .db()
         .run(|c| {
             Ok(
@@ -750,6 +746,8 @@ async fn a_call_longer_than_the_lease_keeps_its_message() {
     let mut visible = 0;
     for _ in 0..100 {
         visible = q
+            .sqlite()
+            .unwrap()
             .db()
             .run(|c| {
                 Ok(c.query_row("SELECT visible_ms FROM messages", [], |r| {

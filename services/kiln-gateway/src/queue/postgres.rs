@@ -1,0 +1,1353 @@
+//! The queue on PostgreSQL: one queue shared by every gateway of a cluster
+//! (component `gateway-queue` of the schema).
+//!
+//! - Writes are group-committed as on SQLite: one writer task per gateway
+//!   takes every operation waiting, applies them in one transaction and
+//!   answers each caller after it commits (a 202 only after commit). If
+//!   the batch fails, each operation is retried alone, so one bad
+//!   operation fails only its own caller.
+//! - Claims run in their own transaction with `SELECT ... FOR UPDATE SKIP
+//!   LOCKED`: any number of gateways dispatch from one queue, each message
+//!   to one of them. The lease is the `visible_ms` column (as on SQLite)
+//!   and `owner` names the gateway holding it. A gateway killed mid-flight
+//!   loses nothing: its leases run out and another gateway claims the
+//!   messages. At start a gateway only releases the leases its own
+//!   previous incarnation held (same owner), never another's.
+//! - Completions are fenced by the delivery number, under the row's lock.
+//! - A stop through any gateway marks the task Stopping and notifies
+//!   (`NOTIFY kiln_queue 'stop:<seq>'`): the gateway running it aborts the
+//!   call; a dispatcher also re-reads its running tasks every
+//!   [`RESYNC_EVERY`] in case a notification was missed.
+//! - New messages notify their queue (`enq:<queue>`) so an idle gateway
+//!   claims them at once; config changes notify `cfg`. The listener
+//!   reconnects on its own and asks for a full resync after a reconnect.
+//! - An account's depth bound is checked against the count of its
+//!   unfinished messages in the database, read at most every
+//!   [`DEPTH_CACHE`] per account and advanced by this gateway's own
+//!   writes in between: gateways together may overshoot a bound by what
+//!   the others accepted within that interval.
+//! - A timer tick is claimed in `timer_ticks` in the transaction that
+//!   enqueues it: each tick fires once in the cluster.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kiln_core::{AccountId, FunctionName};
+use kiln_store::pg::{PgDatabase, PgStoreError};
+use kiln_store::Migration;
+use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::types::ToSql;
+
+use super::metrics::{Event, QueueMetrics, Tally};
+use super::tasks::{TaskQuery, TaskRow};
+use super::{
+    Claimed, Completion, Enqueued, NewMessage, Outbound, OutboxEntry, QueueError, StopOutcome,
+    TaskStatus,
+};
+
+/// The component's PostgreSQL migrations (never edit a released one).
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    name: "shared async queue, task events, async configs, outbox, nonces, timer ticks",
+    sql: "
+        CREATE TABLE async_messages (
+            seq BIGSERIAL PRIMARY KEY,
+            account_id TEXT NOT NULL,
+            function_name TEXT NOT NULL,
+            queue TEXT NOT NULL,
+            task_id TEXT NOT NULL,
+            request_id TEXT NOT NULL,
+            payload BYTEA NOT NULL,
+            headers TEXT NOT NULL,
+            status TEXT NOT NULL,
+            done BOOLEAN NOT NULL DEFAULT false,
+            retries BIGINT NOT NULL DEFAULT 0,
+            throttles BIGINT NOT NULL DEFAULT 0,
+            deliveries BIGINT NOT NULL DEFAULT 0,
+            visible_ms BIGINT NOT NULL,
+            created_ms BIGINT NOT NULL,
+            end_ms BIGINT,
+            error TEXT,
+            return_payload BYTEA,
+            owner TEXT,
+            UNIQUE (account_id, function_name, task_id)
+        );
+        CREATE INDEX async_messages_pending ON async_messages (queue, visible_ms, seq) WHERE NOT done;
+        CREATE INDEX async_messages_unfinished ON async_messages (account_id) WHERE NOT done;
+        CREATE INDEX async_messages_by_function ON async_messages (account_id, function_name, seq);
+        CREATE INDEX async_messages_finished ON async_messages (end_ms) WHERE done;
+        CREATE TABLE async_task_events (
+            event_id BIGSERIAL PRIMARY KEY,
+            seq BIGINT NOT NULL,
+            status TEXT NOT NULL,
+            ts_ms BIGINT NOT NULL,
+            detail TEXT NOT NULL
+        );
+        CREATE INDEX async_task_events_by_task ON async_task_events (seq);
+        CREATE TABLE async_configs (
+            account_id TEXT NOT NULL,
+            function_name TEXT NOT NULL,
+            qualifier TEXT NOT NULL,
+            doc TEXT NOT NULL,
+            PRIMARY KEY (account_id, function_name, qualifier)
+        );
+        CREATE TABLE async_outbox (
+            id BIGSERIAL PRIMARY KEY,
+            account_id TEXT NOT NULL,
+            request_id TEXT NOT NULL,
+            target TEXT NOT NULL,
+            record TEXT NOT NULL,
+            attempts BIGINT NOT NULL DEFAULT 0,
+            next_ms BIGINT NOT NULL,
+            owner TEXT
+        );
+        CREATE INDEX async_outbox_due ON async_outbox (next_ms, id);
+        CREATE TABLE signature_nonces (
+            access_key_id TEXT NOT NULL,
+            nonce TEXT NOT NULL,
+            expires_ms BIGINT NOT NULL,
+            PRIMARY KEY (access_key_id, nonce)
+        );
+        CREATE INDEX signature_nonces_expiry ON signature_nonces (expires_ms);
+        CREATE TABLE timer_ticks (
+            account_id TEXT NOT NULL,
+            function_name TEXT NOT NULL,
+            trigger_name TEXT NOT NULL,
+            tick_ms BIGINT NOT NULL,
+            fired_ms BIGINT NOT NULL,
+            PRIMARY KEY (account_id, function_name, trigger_name, tick_ms)
+        );
+        CREATE INDEX timer_ticks_by_tick ON timer_ticks (tick_ms);
+    ",
+}];
+
+/// The component name in `kiln_schema`.
+pub const COMPONENT: &str = "gateway-queue";
+/// The channel every gateway listens on.
+pub const CHANNEL: &str = "kiln_queue";
+/// How long one account's unfinished count is trusted before it is read
+/// again from the database.
+pub const DEPTH_CACHE: Duration = Duration::from_secs(1);
+/// How often a dispatcher re-reads what notifications tell it (queues with
+/// work, stops of its running tasks, configs), in case one was missed.
+pub const RESYNC_EVERY: Duration = Duration::from_secs(2);
+/// How long a gateway holds a destination delivery it took from the
+/// outbox before another gateway may take it.
+const OUTBOX_LEASE_MS: u64 = 120_000;
+/// The most operations one transaction applies.
+const BATCH_MAX: usize = 1024;
+
+/// What another gateway (or this one) changed, from the notifications.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Signal {
+    /// A message was enqueued into this queue.
+    Enqueued(String),
+    /// StopAsyncTask on this message.
+    Stop(i64),
+    /// An async invoke config changed.
+    Configs,
+    /// Notifications may have been missed (the listener reconnected):
+    /// re-read everything.
+    Resync,
+}
+
+/// A timer tick to claim with its message.
+#[derive(Debug, Clone)]
+pub struct TickKey {
+    pub account: String,
+    pub function: String,
+    pub trigger: String,
+    pub tick_ms: u64,
+}
+
+enum Op {
+    Enqueue {
+        m: NewMessage,
+        tick: Option<TickKey>,
+        reply: oneshot::Sender<Result<Option<Enqueued>, QueueError>>,
+    },
+    Complete {
+        seq: i64,
+        delivery: i64,
+        now_ms: u64,
+        completion: Completion,
+        outbound: Option<Outbound>,
+        reply: oneshot::Sender<Result<Option<TaskStatus>, QueueError>>,
+    },
+    Stop {
+        account: String,
+        function: String,
+        task_id: String,
+        now_ms: u64,
+        reply: oneshot::Sender<Result<StopOutcome, QueueError>>,
+    },
+    Extend {
+        seq: i64,
+        delivery: i64,
+        until_ms: u64,
+        reply: oneshot::Sender<Result<bool, QueueError>>,
+    },
+}
+
+enum Reply {
+    Enqueued(Option<Enqueued>),
+    Completed(Option<TaskStatus>),
+    Stopped(StopOutcome),
+    Extended(bool),
+}
+
+impl Op {
+    fn fail(self, why: String) {
+        let e = || QueueError::Failed(why.clone());
+        match self {
+            Op::Enqueue { reply, .. } => drop(reply.send(Err(e()))),
+            Op::Complete { reply, .. } => drop(reply.send(Err(e()))),
+            Op::Stop { reply, .. } => drop(reply.send(Err(e()))),
+            Op::Extend { reply, .. } => drop(reply.send(Err(e()))),
+        }
+    }
+
+    fn answer(self, r: Reply) {
+        match (self, r) {
+            (Op::Enqueue { reply, .. }, Reply::Enqueued(r)) => drop(reply.send(Ok(r))),
+            (Op::Complete { reply, .. }, Reply::Completed(r)) => drop(reply.send(Ok(r))),
+            (Op::Stop { reply, .. }, Reply::Stopped(r)) => drop(reply.send(Ok(r))),
+            (Op::Extend { reply, .. }, Reply::Extended(r)) => drop(reply.send(Ok(r))),
+            (op, _) => op.fail("mismatched queue reply".into()),
+        }
+    }
+}
+
+/// The shared queue on PostgreSQL.
+#[derive(Clone)]
+pub struct PgQueue {
+    db: PgDatabase,
+    tx: mpsc::UnboundedSender<Op>,
+    /// This gateway in `owner` columns (stable across its restarts).
+    owner: Arc<str>,
+    batches: Arc<AtomicU64>,
+    metrics: Arc<QueueMetrics>,
+    signals: Arc<Mutex<Option<mpsc::UnboundedReceiver<Signal>>>>,
+    signal_tx: mpsc::UnboundedSender<Signal>,
+}
+
+fn q(e: tokio_postgres::Error) -> QueueError {
+    QueueError::Pg(PgStoreError::Query(e))
+}
+
+impl PgQueue {
+    /// Start the writer task on `db` (already migrated with
+    /// [`MIGRATIONS`]). `owner` names this gateway in leases; it must be
+    /// the same across its restarts and differ between gateways.
+    pub fn new(db: PgDatabase, owner: &str) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (signal_tx, signal_rx) = mpsc::unbounded_channel();
+        let batches = Arc::new(AtomicU64::new(0));
+        let metrics = QueueMetrics::new();
+        let me = Self {
+            db,
+            tx,
+            owner: owner.into(),
+            batches,
+            metrics,
+            signals: Arc::new(Mutex::new(Some(signal_rx))),
+            signal_tx,
+        };
+        tokio::spawn(writer(me.clone_for_writer(), rx));
+        me
+    }
+
+    /// What the writer needs (not the sender: the writer ends when every
+    /// [`PgQueue`] is dropped).
+    fn clone_for_writer(&self) -> WriterCtx {
+        WriterCtx {
+            db: self.db.clone(),
+            batches: self.batches.clone(),
+            metrics: self.metrics.clone(),
+        }
+    }
+
+    pub fn db(&self) -> &PgDatabase {
+        &self.db
+    }
+
+    pub fn metrics(&self) -> &Arc<QueueMetrics> {
+        &self.metrics
+    }
+
+    pub fn batches(&self) -> u64 {
+        self.batches.load(Ordering::Relaxed)
+    }
+
+    /// The notifications' receiver, once (the dispatcher takes it).
+    pub fn take_signals(&self) -> Option<mpsc::UnboundedReceiver<Signal>> {
+        self.signals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    /// Where the listener delivers notifications.
+    pub fn signal_sender(&self) -> mpsc::UnboundedSender<Signal> {
+        self.signal_tx.clone()
+    }
+
+    async fn call<T>(
+        &self,
+        op: impl FnOnce(oneshot::Sender<Result<T, QueueError>>) -> Op,
+    ) -> Result<T, QueueError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(op(reply)).map_err(|_| QueueError::Closed)?;
+        rx.await.map_err(|_| QueueError::Closed)?
+    }
+
+    pub async fn enqueue(&self, m: NewMessage) -> Result<Enqueued, QueueError> {
+        let r = self
+            .call(|reply| Op::Enqueue {
+                m,
+                tick: None,
+                reply,
+            })
+            .await?;
+        Ok(r.expect("an enqueue without a tick always answers"))
+    }
+
+    /// Claim `tick` and enqueue `m` in one transaction; `None` when the
+    /// tick was already claimed (by any gateway): nothing enqueued.
+    pub async fn enqueue_tick(
+        &self,
+        m: NewMessage,
+        tick: TickKey,
+    ) -> Result<Option<Enqueued>, QueueError> {
+        self.call(|reply| Op::Enqueue {
+            m,
+            tick: Some(tick),
+            reply,
+        })
+        .await
+    }
+
+    pub async fn complete_with(
+        &self,
+        seq: i64,
+        delivery: i64,
+        now_ms: u64,
+        completion: Completion,
+        outbound: Option<Outbound>,
+    ) -> Result<Option<TaskStatus>, QueueError> {
+        self.call(|reply| Op::Complete {
+            seq,
+            delivery,
+            now_ms,
+            completion,
+            outbound,
+            reply,
+        })
+        .await
+    }
+
+    pub async fn stop(
+        &self,
+        account: &AccountId,
+        function: &FunctionName,
+        task_id: &str,
+        now_ms: u64,
+    ) -> Result<StopOutcome, QueueError> {
+        let (account, function, task_id) = (
+            account.as_str().to_owned(),
+            function.as_str().to_owned(),
+            task_id.to_owned(),
+        );
+        self.call(|reply| Op::Stop {
+            account,
+            function,
+            task_id,
+            now_ms,
+            reply,
+        })
+        .await
+    }
+
+    pub async fn extend(&self, seq: i64, delivery: i64, until_ms: u64) -> Result<bool, QueueError> {
+        self.call(|reply| Op::Extend {
+            seq,
+            delivery,
+            until_ms,
+            reply,
+        })
+        .await
+    }
+
+    /// Lease up to `n` visible messages of each named queue, oldest
+    /// first, skipping rows another gateway is claiming.
+    pub async fn claim(
+        &self,
+        now_ms: u64,
+        lease_ms: u64,
+        wants: Vec<(String, usize)>,
+    ) -> Result<Vec<Claimed>, QueueError> {
+        let mut conn = self.db.conn().await?;
+        let tx = conn.transaction().await.map_err(q)?;
+        let select = tx
+            .prepare_cached(
+                "SELECT seq, deliveries, account_id, function_name, task_id, request_id, payload,
+                        headers, created_ms, retries, throttles, status, visible_ms
+                 FROM async_messages WHERE queue = $1 AND NOT done AND visible_ms <= $2
+                 ORDER BY visible_ms, seq LIMIT $3 FOR UPDATE SKIP LOCKED",
+            )
+            .await
+            .map_err(q)?;
+        let lease = tx
+            .prepare_cached(
+                "UPDATE async_messages SET status = 'Running', deliveries = $2, visible_ms = $3,
+                        owner = $4 WHERE seq = $1",
+            )
+            .await
+            .map_err(q)?;
+        let mut tally = Tally::default();
+        let mut out = Vec::new();
+        let now = now_ms as i64;
+        let until = (now_ms + lease_ms) as i64;
+        for (queue, n) in wants {
+            let rows = tx
+                .query(&select, &[&queue, &now, &(n as i64)])
+                .await
+                .map_err(q)?;
+            for r in rows {
+                let headers: String = r.get(7);
+                let c = Claimed {
+                    seq: r.get(0),
+                    delivery: r.get::<_, i64>(1) + 1,
+                    queue: queue.clone(),
+                    account: r.get(2),
+                    function: r.get(3),
+                    task_id: r.get(4),
+                    request_id: r.get(5),
+                    payload: r.get(6),
+                    headers: serde_json::from_str(&headers).unwrap_or_default(),
+                    created_ms: r.get::<_, i64>(8).max(0) as u64,
+                    retries: r.get::<_, i64>(9).max(0) as u32,
+                    throttles: r.get::<_, i64>(10).max(0) as u32,
+                };
+                let status: String = r.get(11);
+                let visible: i64 = r.get(12);
+                if status == TaskStatus::Stopping.as_str() {
+                    // Its dispatcher died while stopping it: it is stopped.
+                    finish(
+                        &tx,
+                        c.seq,
+                        &c.account,
+                        now_ms,
+                        TaskStatus::Stopped,
+                        None,
+                        None,
+                        &mut tally,
+                    )
+                    .await
+                    .map_err(q)?;
+                    continue;
+                }
+                tally.add(Event::Dispatched);
+                if status == TaskStatus::Running.as_str() {
+                    tally.add(Event::Redelivered);
+                }
+                tally
+                    .waits_ms
+                    .push(now_ms.saturating_sub(visible.max(0) as u64));
+                tx.execute(&lease, &[&c.seq, &c.delivery, &until, &&*self.owner])
+                    .await
+                    .map_err(q)?;
+                event(&tx, c.seq, TaskStatus::Running, now_ms, "")
+                    .await
+                    .map_err(q)?;
+                out.push(c);
+            }
+        }
+        tx.commit().await.map_err(q)?;
+        tally.apply(&self.metrics);
+        Ok(out)
+    }
+
+    /// Release the leases this gateway's previous process held (same
+    /// owner): another gateway's live leases are never touched.
+    pub async fn recover(&self, now_ms: u64) -> Result<usize, QueueError> {
+        let c = self.db.conn().await?;
+        let n = c
+            .execute(
+                "UPDATE async_messages SET visible_ms = $1
+                 WHERE owner = $2 AND NOT done AND status IN ('Running', 'Stopping')
+                   AND visible_ms > $1",
+                &[&(now_ms as i64), &&*self.owner],
+            )
+            .await
+            .map_err(q)?;
+        // Its outbox deliveries too.
+        c.execute(
+            "UPDATE async_outbox SET next_ms = $1 WHERE owner = $2 AND next_ms > $1",
+            &[&(now_ms as i64), &&*self.owner],
+        )
+        .await
+        .map_err(q)?;
+        Ok(n as usize)
+    }
+
+    /// Of `seqs`, the messages a stop asked to abort.
+    pub async fn stopping_among(&self, seqs: Vec<i64>) -> Result<Vec<i64>, QueueError> {
+        if seqs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let c = self.db.conn().await?;
+        let rows = c
+            .query(
+                "SELECT seq FROM async_messages WHERE seq = ANY($1) AND status = 'Stopping'",
+                &[&seqs],
+            )
+            .await
+            .map_err(q)?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Take outbox entries due at `now_ms` for [`OUTBOX_LEASE_MS`] (no
+    /// other gateway takes them meanwhile).
+    pub async fn outbox_due(
+        &self,
+        now_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<OutboxEntry>, QueueError> {
+        let c = self.db.conn().await?;
+        let st = c
+            .prepare_cached(
+                "UPDATE async_outbox o SET next_ms = $3, owner = $4
+                 FROM (SELECT id FROM async_outbox WHERE next_ms <= $1
+                       ORDER BY next_ms, id LIMIT $2 FOR UPDATE SKIP LOCKED) due
+                 WHERE o.id = due.id
+                 RETURNING o.id, o.attempts, o.account_id, o.request_id, o.target, o.record",
+            )
+            .await
+            .map_err(q)?;
+        let rows = c
+            .query(
+                &st,
+                &[
+                    &(now_ms as i64),
+                    &(limit as i64),
+                    &((now_ms + OUTBOX_LEASE_MS) as i64),
+                    &&*self.owner,
+                ],
+            )
+            .await
+            .map_err(q)?;
+        let mut out: Vec<OutboxEntry> = rows
+            .iter()
+            .map(|r| OutboxEntry {
+                id: r.get(0),
+                attempts: r.get::<_, i64>(1).max(0) as u32,
+                outbound: Outbound {
+                    account: r.get(2),
+                    request_id: r.get(3),
+                    target: r.get(4),
+                    record: r.get(5),
+                },
+            })
+            .collect();
+        out.sort_by_key(|e| e.id);
+        Ok(out)
+    }
+
+    pub async fn outbox_remove(&self, id: i64) -> Result<(), QueueError> {
+        let c = self.db.conn().await?;
+        c.execute("DELETE FROM async_outbox WHERE id = $1", &[&id])
+            .await
+            .map_err(q)?;
+        Ok(())
+    }
+
+    pub async fn outbox_retry(
+        &self,
+        id: i64,
+        attempts: u32,
+        next_ms: u64,
+    ) -> Result<(), QueueError> {
+        let c = self.db.conn().await?;
+        c.execute(
+            "UPDATE async_outbox SET attempts = $2, next_ms = $3, owner = NULL WHERE id = $1",
+            &[&id, &i64::from(attempts), &(next_ms as i64)],
+        )
+        .await
+        .map_err(q)?;
+        Ok(())
+    }
+
+    /// Forget finished tasks that ended before `before_ms`, at most `max`
+    /// at a time; rows another gateway's purge holds are skipped.
+    pub async fn purge(&self, before_ms: u64, max: usize) -> Result<usize, QueueError> {
+        let mut c = self.db.conn().await?;
+        let tx = c.transaction().await.map_err(q)?;
+        let seqs: Vec<i64> = tx
+            .query(
+                "SELECT seq FROM async_messages WHERE done AND end_ms < $1
+                 ORDER BY end_ms LIMIT $2 FOR UPDATE SKIP LOCKED",
+                &[&(before_ms as i64), &(max as i64)],
+            )
+            .await
+            .map_err(q)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if seqs.is_empty() {
+            return Ok(0);
+        }
+        tx.execute(
+            "DELETE FROM async_task_events WHERE seq = ANY($1)",
+            &[&seqs],
+        )
+        .await
+        .map_err(q)?;
+        let n = tx
+            .execute("DELETE FROM async_messages WHERE seq = ANY($1)", &[&seqs])
+            .await
+            .map_err(q)?;
+        tx.commit().await.map_err(q)?;
+        Ok(n as usize)
+    }
+
+    pub async fn active_queues(&self) -> Result<Vec<String>, QueueError> {
+        let c = self.db.conn().await?;
+        let rows = c
+            .query(
+                "SELECT DISTINCT queue FROM async_messages WHERE NOT done",
+                &[],
+            )
+            .await
+            .map_err(q)?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    pub async fn has_pending(&self, queue: &str) -> Result<bool, QueueError> {
+        let c = self.db.conn().await?;
+        Ok(c.query_opt(
+            "SELECT 1 FROM async_messages WHERE queue = $1 AND NOT done LIMIT 1",
+            &[&queue],
+        )
+        .await
+        .map_err(q)?
+        .is_some())
+    }
+
+    pub async fn next_visible(&self, queue: &str) -> Result<Option<u64>, QueueError> {
+        let c = self.db.conn().await?;
+        let row = c
+            .query_one(
+                "SELECT min(visible_ms) FROM async_messages WHERE queue = $1 AND NOT done",
+                &[&queue],
+            )
+            .await
+            .map_err(q)?;
+        Ok(row.get::<_, Option<i64>>(0).map(|v| v.max(0) as u64))
+    }
+
+    /// Unfinished messages per account and the oldest one's enqueue time.
+    pub async fn depth(&self) -> Result<(Vec<(String, u64)>, Option<i64>), QueueError> {
+        let c = self.db.conn().await?;
+        let rows = c
+            .query(
+                "SELECT queue, count(*), min(created_ms) FROM async_messages
+                 WHERE NOT done GROUP BY queue",
+                &[],
+            )
+            .await
+            .map_err(q)?;
+        let mut per_account: HashMap<String, u64> = HashMap::new();
+        let mut oldest: Option<i64> = None;
+        for r in rows {
+            let queue: String = r.get(0);
+            let n: i64 = r.get(1);
+            let first: Option<i64> = r.get(2);
+            let account = queue.split('/').next().unwrap_or_default().to_owned();
+            *per_account.entry(account).or_default() += n.max(0) as u64;
+            if let Some(f) = first {
+                oldest = Some(oldest.map_or(f, |o| o.min(f)));
+            }
+        }
+        Ok((per_account.into_iter().collect(), oldest))
+    }
+
+    pub async fn put_config(
+        &self,
+        account: &str,
+        function: &str,
+        qualifier: &str,
+        doc: &str,
+    ) -> Result<(), QueueError> {
+        let mut c = self.db.conn().await?;
+        let tx = c.transaction().await.map_err(q)?;
+        tx.execute(
+            "INSERT INTO async_configs (account_id, function_name, qualifier, doc)
+             VALUES ($1, $2, $3, $4)
+             ON CONFLICT (account_id, function_name, qualifier) DO UPDATE SET doc = EXCLUDED.doc",
+            &[&account, &function, &qualifier, &doc],
+        )
+        .await
+        .map_err(q)?;
+        tx.execute("SELECT pg_notify($1, 'cfg')", &[&CHANNEL])
+            .await
+            .map_err(q)?;
+        tx.commit().await.map_err(q)?;
+        Ok(())
+    }
+
+    pub async fn delete_config(
+        &self,
+        account: &str,
+        function: &str,
+        qualifier: &str,
+    ) -> Result<bool, QueueError> {
+        let mut c = self.db.conn().await?;
+        let tx = c.transaction().await.map_err(q)?;
+        let n = tx
+            .execute(
+                "DELETE FROM async_configs
+                 WHERE account_id = $1 AND function_name = $2 AND qualifier = $3",
+                &[&account, &function, &qualifier],
+            )
+            .await
+            .map_err(q)?;
+        tx.execute("SELECT pg_notify($1, 'cfg')", &[&CHANNEL])
+            .await
+            .map_err(q)?;
+        tx.commit().await.map_err(q)?;
+        Ok(n > 0)
+    }
+
+    /// Every stored config: (account, function, qualifier, document).
+    pub async fn config_docs(&self) -> Result<Vec<(String, String, String, String)>, QueueError> {
+        let c = self.db.conn().await?;
+        let rows = c
+            .query(
+                "SELECT account_id, function_name, qualifier, doc FROM async_configs",
+                &[],
+            )
+            .await
+            .map_err(q)?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect())
+    }
+
+    /// The task rows of one function (GetAsyncTask when `task_id` is set,
+    /// else a ListAsyncTasks page of `q.limit + 1` rows).
+    pub async fn task_rows(
+        &self,
+        account: &str,
+        function: &str,
+        task_id: Option<&str>,
+        query: &TaskQuery,
+    ) -> Result<Vec<(TaskRow, Vec<EventRow>)>, QueueError> {
+        let c = self.db.conn().await?;
+        const COLUMNS: &str = "seq, account_id, function_name, task_id, request_id, payload, \
+            status, retries, created_ms, end_ms, error, return_payload, headers";
+        let rows = match task_id {
+            Some(t) => {
+                c.query(
+                    &format!(
+                        "SELECT {COLUMNS} FROM async_messages
+                         WHERE account_id = $1 AND function_name = $2 AND task_id = $3"
+                    ),
+                    &[&account, &function, &t],
+                )
+                .await
+            }
+            None => {
+                let order = if query.descending { "DESC" } else { "ASC" };
+                let cmp = if query.descending { "<" } else { ">" };
+                let sql = format!(
+                    "SELECT {COLUMNS} FROM async_messages
+                     WHERE account_id = $1 AND function_name = $2
+                       AND ($3::text IS NULL OR status = $3)
+                       AND ($4::text IS NULL OR starts_with(task_id, $4))
+                       AND ($5::bigint IS NULL OR created_ms >= $5)
+                       AND ($6::bigint IS NULL OR created_ms <= $6)
+                       AND ($7::bigint IS NULL OR seq {cmp} $7)
+                     ORDER BY seq {order} LIMIT $8"
+                );
+                let params: [&(dyn ToSql + Sync); 8] = [
+                    &account,
+                    &function,
+                    &query.status.map(TaskStatus::as_str),
+                    &query.prefix,
+                    &query.begin_ms.map(|v| v as i64),
+                    &query.end_ms.map(|v| v as i64),
+                    &query.after,
+                    &((query.limit + 1) as i64),
+                ];
+                c.query(&sql, &params).await
+            }
+        }
+        .map_err(q)?;
+        let rows: Vec<TaskRow> = rows
+            .iter()
+            .map(|r| TaskRow {
+                seq: r.get(0),
+                account: r.get(1),
+                function: r.get(2),
+                task_id: r.get(3),
+                request_id: r.get(4),
+                payload: r.get(5),
+                status: r.get(6),
+                retries: r.get(7),
+                created_ms: r.get(8),
+                end_ms: r.get(9),
+                error: r.get(10),
+                return_payload: r.get(11),
+                headers: r.get(12),
+            })
+            .collect();
+        let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
+        let events = c
+            .query(
+                "SELECT seq, event_id, status, ts_ms, detail FROM async_task_events
+                 WHERE seq = ANY($1) ORDER BY event_id",
+                &[&seqs],
+            )
+            .await
+            .map_err(q)?;
+        let mut by_seq: HashMap<i64, Vec<EventRow>> = HashMap::new();
+        for e in events {
+            by_seq.entry(e.get(0)).or_default().push(EventRow {
+                event_id: e.get(1),
+                status: e.get(2),
+                ts_ms: e.get(3),
+                detail: e.get(4),
+            });
+        }
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let ev = by_seq.remove(&r.seq).unwrap_or_default();
+                (r, ev)
+            })
+            .collect())
+    }
+
+    /// (status, retries, throttles) of a task, for tests.
+    #[cfg(test)]
+    pub async fn status_row(&self, task_id: &str) -> (String, i64, i64) {
+        let c = self.db.conn().await.unwrap();
+        let r = c
+            .query_one(
+                "SELECT status, retries, throttles FROM async_messages WHERE task_id = $1",
+                &[&task_id],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1), r.get(2))
+    }
+
+    /// Count of rows of a table, for tests.
+    #[cfg(test)]
+    pub async fn count(&self, table: &str) -> i64 {
+        let c = self.db.conn().await.unwrap();
+        c.query_one(&format!("SELECT count(*) FROM {table}"), &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
+}
+
+/// One recorded transition of a task.
+#[derive(Debug, Clone)]
+pub struct EventRow {
+    pub event_id: i64,
+    pub status: String,
+    pub ts_ms: i64,
+    pub detail: String,
+}
+
+struct WriterCtx {
+    db: PgDatabase,
+    batches: Arc<AtomicU64>,
+    metrics: Arc<QueueMetrics>,
+}
+
+/// Unfinished messages per account as last read, and when.
+#[derive(Default)]
+struct DepthCache {
+    map: HashMap<String, (u64, Instant)>,
+}
+
+async fn writer(ctx: WriterCtx, mut rx: mpsc::UnboundedReceiver<Op>) {
+    let mut depths = DepthCache::default();
+    while let Some(first) = rx.recv().await {
+        let mut ops = vec![first];
+        while ops.len() < BATCH_MAX {
+            match rx.try_recv() {
+                Ok(op) => ops.push(op),
+                Err(_) => break,
+            }
+        }
+        let started = Instant::now();
+        match apply_batch(&ctx, &ops, &mut depths).await {
+            Ok(replies) => {
+                ctx.metrics.committed(ops.len(), started.elapsed());
+                for (op, r) in ops.into_iter().zip(replies) {
+                    op.answer(r);
+                }
+            }
+            Err(e) if ops.len() == 1 => {
+                let why = kiln_core::error_chain(&e);
+                tracing::error!(error = %why, "async queue write failed");
+                ops.pop().expect("one op").fail(why);
+            }
+            Err(e) => {
+                // One operation (or the connection) failed the whole
+                // transaction: retry each alone, so only a bad one fails.
+                tracing::warn!(error = %kiln_core::error_chain(&e), ops = ops.len(), "async queue batch failed; applying its operations one by one");
+                for op in ops {
+                    let one = std::slice::from_ref(&op);
+                    match apply_batch(&ctx, one, &mut depths).await {
+                        Ok(mut r) => op.answer(r.pop().expect("one reply")),
+                        Err(e) => {
+                            let why = kiln_core::error_chain(&e);
+                            tracing::error!(error = %why, "async queue write failed");
+                            op.fail(why);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn apply_batch(
+    ctx: &WriterCtx,
+    ops: &[Op],
+    depths: &mut DepthCache,
+) -> Result<Vec<Reply>, QueueError> {
+    let mut conn = ctx.db.conn().await?;
+    let tx = conn.transaction().await.map_err(q)?;
+    let mut tally = Tally::default();
+    let mut notify: BTreeSet<String> = BTreeSet::new();
+    let mut replies = Vec::with_capacity(ops.len());
+    for op in ops {
+        let r = apply(&tx, op, &mut tally, depths, &mut notify)
+            .await
+            .map_err(q)?;
+        replies.push(r);
+    }
+    if !notify.is_empty() {
+        let payloads: Vec<String> = notify.into_iter().collect();
+        tx.execute(
+            "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p",
+            &[&CHANNEL, &payloads],
+        )
+        .await
+        .map_err(q)?;
+    }
+    let committed = tx.commit().await;
+    ctx.batches.fetch_add(1, Ordering::Relaxed);
+    if let Err(e) = committed {
+        // The counts read in it may not hold: read them again next time.
+        depths.map.clear();
+        return Err(q(e));
+    }
+    for (account, d) in std::mem::take(&mut tally.depth) {
+        if let Some((n, _)) = depths.map.get_mut(&account) {
+            *n = n.saturating_add_signed(d);
+        }
+    }
+    tally.apply(&ctx.metrics);
+    Ok(replies)
+}
+
+async fn apply(
+    tx: &deadpool_postgres::Transaction<'_>,
+    op: &Op,
+    tally: &mut Tally,
+    depths: &mut DepthCache,
+    notify: &mut BTreeSet<String>,
+) -> Result<Reply, tokio_postgres::Error> {
+    match op {
+        Op::Enqueue { m, tick, .. } => {
+            if let Some(t) = tick {
+                let st = tx
+                    .prepare_cached(
+                        "INSERT INTO timer_ticks (account_id, function_name, trigger_name, tick_ms, fired_ms)
+                         VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                    )
+                    .await?;
+                let n = tx
+                    .execute(
+                        &st,
+                        &[
+                            &t.account,
+                            &t.function,
+                            &t.trigger,
+                            &(t.tick_ms as i64),
+                            &(m.now_ms as i64),
+                        ],
+                    )
+                    .await?;
+                if n == 0 {
+                    return Ok(Reply::Enqueued(None));
+                }
+            }
+            let account = m.account.as_str();
+            if let Some(limit) = m.depth_limit {
+                let depth = account_depth(tx, account, depths)
+                    .await?
+                    .saturating_add_signed(tally.depth.get(account).copied().unwrap_or(0));
+                if depth >= limit {
+                    return Ok(Reply::Enqueued(Some(Enqueued::Full { depth, limit })));
+                }
+            }
+            let r = enqueue(tx, m).await?;
+            if r == Enqueued::New {
+                tally.add(Event::Enqueued);
+                tally.depth_add(account, 1);
+                notify.insert(format!("enq:{}", m.queue));
+            }
+            Ok(Reply::Enqueued(Some(r)))
+        }
+        Op::Complete {
+            seq,
+            delivery,
+            now_ms,
+            completion,
+            outbound,
+            ..
+        } => Ok(Reply::Completed(
+            complete(
+                tx,
+                *seq,
+                *delivery,
+                *now_ms,
+                completion,
+                outbound.as_ref(),
+                tally,
+            )
+            .await?,
+        )),
+        Op::Stop {
+            account,
+            function,
+            task_id,
+            now_ms,
+            ..
+        } => {
+            let r = stop(tx, account, function, task_id, *now_ms, tally).await?;
+            if let StopOutcome::Stopping { seq } = r {
+                notify.insert(format!("stop:{seq}"));
+            }
+            Ok(Reply::Stopped(r))
+        }
+        Op::Extend {
+            seq,
+            delivery,
+            until_ms,
+            ..
+        } => {
+            let st = tx
+                .prepare_cached(
+                    "UPDATE async_messages SET visible_ms = $3
+                     WHERE seq = $1 AND deliveries = $2 AND NOT done",
+                )
+                .await?;
+            let n = tx
+                .execute(&st, &[seq, delivery, &(*until_ms as i64)])
+                .await?;
+            Ok(Reply::Extended(n > 0))
+        }
+    }
+}
+
+/// The account's unfinished messages as committed: the cached count when
+/// fresh, else read in this transaction.
+async fn account_depth(
+    tx: &deadpool_postgres::Transaction<'_>,
+    account: &str,
+    depths: &mut DepthCache,
+) -> Result<u64, tokio_postgres::Error> {
+    if let Some((n, at)) = depths.map.get(account) {
+        if at.elapsed() < DEPTH_CACHE {
+            return Ok(*n);
+        }
+    }
+    let st = tx
+        .prepare_cached("SELECT count(*) FROM async_messages WHERE account_id = $1 AND NOT done")
+        .await?;
+    let n: i64 = tx.query_one(&st, &[&account]).await?.get(0);
+    let n = n.max(0) as u64;
+    depths.map.insert(account.to_owned(), (n, Instant::now()));
+    Ok(n)
+}
+
+async fn event(
+    tx: &deadpool_postgres::Transaction<'_>,
+    seq: i64,
+    status: TaskStatus,
+    now_ms: u64,
+    detail: &str,
+) -> Result<(), tokio_postgres::Error> {
+    let st = tx
+        .prepare_cached(
+            "INSERT INTO async_task_events (seq, status, ts_ms, detail) VALUES ($1, $2, $3, $4)",
+        )
+        .await?;
+    tx.execute(&st, &[&seq, &status.as_str(), &(now_ms as i64), &detail])
+        .await?;
+    Ok(())
+}
+
+async fn enqueue(
+    tx: &deadpool_postgres::Transaction<'_>,
+    m: &NewMessage,
+) -> Result<Enqueued, tokio_postgres::Error> {
+    let headers = serde_json::to_string(&m.headers).expect("headers serialise");
+    let st = tx
+        .prepare_cached(
+            "INSERT INTO async_messages (account_id, function_name, queue, task_id, request_id,
+                                         payload, headers, status, visible_ms, created_ms)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 'Enqueued', $8, $8)
+             ON CONFLICT (account_id, function_name, task_id) DO NOTHING",
+        )
+        .await?;
+    let n = tx
+        .execute(
+            &st,
+            &[
+                &m.account.as_str(),
+                &m.function.as_str(),
+                &m.queue,
+                &m.task_id,
+                &m.request_id,
+                &m.payload,
+                &headers,
+                &(m.now_ms as i64),
+            ],
+        )
+        .await?;
+    if n == 0 {
+        let st = tx
+            .prepare_cached(
+                "SELECT request_id FROM async_messages
+                 WHERE account_id = $1 AND function_name = $2 AND task_id = $3",
+            )
+            .await?;
+        let row = tx
+            .query_one(
+                &st,
+                &[&m.account.as_str(), &m.function.as_str(), &m.task_id],
+            )
+            .await?;
+        return Ok(Enqueued::Duplicate {
+            request_id: row.get(0),
+        });
+    }
+    Ok(Enqueued::New)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn finish(
+    tx: &deadpool_postgres::Transaction<'_>,
+    seq: i64,
+    account: &str,
+    now_ms: u64,
+    status: TaskStatus,
+    error: Option<&str>,
+    ret: Option<&[u8]>,
+    tally: &mut Tally,
+) -> Result<(), tokio_postgres::Error> {
+    if let Some(e) = Event::finished(status) {
+        tally.add(e);
+    }
+    let st = tx
+        .prepare_cached(
+            "UPDATE async_messages SET status = $2, done = true, end_ms = $3, error = $4,
+                    return_payload = $5, owner = NULL
+             WHERE seq = $1 AND NOT done",
+        )
+        .await?;
+    let n = tx
+        .execute(
+            &st,
+            &[&seq, &status.as_str(), &(now_ms as i64), &error, &ret],
+        )
+        .await?;
+    if n > 0 {
+        tally.depth_add(account, -1);
+    }
+    event(tx, seq, status, now_ms, error.unwrap_or("")).await
+}
+
+async fn complete(
+    tx: &deadpool_postgres::Transaction<'_>,
+    seq: i64,
+    delivery: i64,
+    now_ms: u64,
+    c: &Completion,
+    outbound: Option<&Outbound>,
+    tally: &mut Tally,
+) -> Result<Option<TaskStatus>, tokio_postgres::Error> {
+    let st = tx
+        .prepare_cached(
+            "SELECT status, deliveries, done, account_id FROM async_messages
+             WHERE seq = $1 FOR UPDATE",
+        )
+        .await?;
+    let Some(row) = tx.query_opt(&st, &[&seq]).await? else {
+        return Ok(None);
+    };
+    let (status, deliveries, done, account): (String, i64, bool, String) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    if done || deliveries != delivery {
+        return Ok(None);
+    }
+    if status == TaskStatus::Stopping.as_str() {
+        finish(
+            tx,
+            seq,
+            &account,
+            now_ms,
+            TaskStatus::Stopped,
+            Some("stopped by StopAsyncTask"),
+            None,
+            tally,
+        )
+        .await?;
+        return Ok(Some(TaskStatus::Stopped));
+    }
+    match c {
+        Completion::Retry {
+            visible_ms,
+            retries,
+            throttles,
+            detail,
+        } => {
+            let st = tx
+                .prepare_cached(
+                    "UPDATE async_messages SET status = 'Retrying', visible_ms = $2, retries = $3,
+                            throttles = $4, error = $5, owner = NULL WHERE seq = $1",
+                )
+                .await?;
+            tx.execute(
+                &st,
+                &[
+                    &seq,
+                    &(*visible_ms as i64),
+                    &i64::from(*retries),
+                    &i64::from(*throttles),
+                    detail,
+                ],
+            )
+            .await?;
+            event(tx, seq, TaskStatus::Retrying, now_ms, detail).await?;
+            tally.add(Event::Retried);
+            Ok(Some(TaskStatus::Retrying))
+        }
+        Completion::Final {
+            status,
+            error,
+            return_payload,
+        } => {
+            finish(
+                tx,
+                seq,
+                &account,
+                now_ms,
+                *status,
+                error.as_deref(),
+                return_payload.as_deref(),
+                tally,
+            )
+            .await?;
+            if let Some(o) = outbound {
+                let st = tx
+                    .prepare_cached(
+                        "INSERT INTO async_outbox (account_id, request_id, target, record, next_ms)
+                         VALUES ($1, $2, $3, $4, $5)",
+                    )
+                    .await?;
+                tx.execute(
+                    &st,
+                    &[
+                        &o.account,
+                        &o.request_id,
+                        &o.target,
+                        &o.record,
+                        &(now_ms as i64),
+                    ],
+                )
+                .await?;
+            }
+            Ok(Some(*status))
+        }
+    }
+}
+
+async fn stop(
+    tx: &deadpool_postgres::Transaction<'_>,
+    account: &str,
+    function: &str,
+    task_id: &str,
+    now_ms: u64,
+    tally: &mut Tally,
+) -> Result<StopOutcome, tokio_postgres::Error> {
+    let st = tx
+        .prepare_cached(
+            "SELECT seq, status FROM async_messages
+             WHERE account_id = $1 AND function_name = $2 AND task_id = $3 FOR UPDATE",
+        )
+        .await?;
+    let Some(row) = tx.query_opt(&st, &[&account, &function, &task_id]).await? else {
+        return Ok(StopOutcome::NotFound);
+    };
+    let seq: i64 = row.get(0);
+    let status = TaskStatus::parse(row.get(1)).unwrap_or(TaskStatus::Invalid);
+    match status {
+        s if s.is_final() => Ok(StopOutcome::AlreadyFinished(s)),
+        TaskStatus::Stopping => Ok(StopOutcome::Stopping { seq }),
+        TaskStatus::Running => {
+            tx.execute(
+                "UPDATE async_messages SET status = 'Stopping' WHERE seq = $1",
+                &[&seq],
+            )
+            .await?;
+            event(
+                tx,
+                seq,
+                TaskStatus::Stopping,
+                now_ms,
+                "stopped by StopAsyncTask",
+            )
+            .await?;
+            Ok(StopOutcome::Stopping { seq })
+        }
+        _ => {
+            finish(
+                tx,
+                seq,
+                account,
+                now_ms,
+                TaskStatus::Stopped,
+                Some("stopped by StopAsyncTask"),
+                None,
+                tally,
+            )
+            .await?;
+            Ok(StopOutcome::Stopped)
+        }
+    }
+}
+
+/// Parse one notification's payload.
+pub fn parse_signal(payload: &str) -> Option<Signal> {
+    if let Some(queue) = payload.strip_prefix("enq:") {
+        return Some(Signal::Enqueued(queue.to_owned()));
+    }
+    if let Some(seq) = payload.strip_prefix("stop:") {
+        return seq.parse().ok().map(Signal::Stop);
+    }
+    (payload == "cfg").then_some(Signal::Configs)
+}
