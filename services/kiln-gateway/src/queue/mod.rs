@@ -594,6 +594,66 @@ impl Queue {
         }
     }
 
+    /// The lease expiry (or next visibility) of a task, for tests.
+    #[cfg(test)]
+    pub(crate) async fn visible_ms_of(&self, task_id: &str) -> i64 {
+        match &self.backend {
+            Backend::Sqlite(s) => {
+                let t = task_id.to_owned();
+                s.db()
+                    .run(move |c| {
+                        Ok(c.query_row(
+                            "SELECT visible_ms FROM messages WHERE task_id = ?1",
+                            [t],
+                            |r| r.get(0),
+                        )?)
+                    })
+                    .await
+                    .unwrap()
+            }
+            Backend::Postgres(p) => {
+                let c = p.db().conn().await.unwrap();
+                c.query_one(
+                    "SELECT visible_ms FROM async_messages WHERE task_id = $1",
+                    &[&task_id],
+                )
+                .await
+                .unwrap()
+                .get(0)
+            }
+        }
+    }
+
+    /// Finished messages of an account, for tests.
+    #[cfg(test)]
+    pub(crate) async fn finished_of(&self, account: &str) -> i64 {
+        match &self.backend {
+            Backend::Sqlite(s) => {
+                let a = account.to_owned();
+                s.db()
+                    .run(move |c| {
+                        Ok(c.query_row(
+                            "SELECT count(*) FROM messages WHERE account_id = ?1 AND done = 1",
+                            [a],
+                            |r| r.get(0),
+                        )?)
+                    })
+                    .await
+                    .unwrap()
+            }
+            Backend::Postgres(p) => {
+                let c = p.db().conn().await.unwrap();
+                c.query_one(
+                    "SELECT count(*) FROM async_messages WHERE account_id = $1 AND done",
+                    &[&account],
+                )
+                .await
+                .unwrap()
+                .get(0)
+            }
+        }
+    }
+
     /// Rows of `table` (`messages` or `outbox`), for tests.
     #[cfg(test)]
     pub(crate) async fn count_rows(&self, table: &str) -> i64 {
@@ -617,5 +677,7 @@ pub fn backoff(throttles: u32, cap: Duration) -> Duration {
     Duration::from_millis(ms).min(cap)
 }
 
+#[cfg(test)]
+mod test_backends;
 #[cfg(test)]
 mod tests;

@@ -287,9 +287,9 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn get_and_list_with_filters_and_pages() {
-        let q = Queue::open_in_memory().unwrap();
+    crate::queue::test_backends::on_both!(get_and_list_with_filters_and_pages, get_and_list);
+
+    async fn get_and_list(q: Queue) {
         for (i, t) in ["job-1", "job-2", "other-3", "job-4", "job-5"]
             .iter()
             .enumerate()
