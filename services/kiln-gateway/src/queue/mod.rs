@@ -678,6 +678,8 @@ pub fn backoff(throttles: u32, cap: Duration) -> Duration {
 }
 
 #[cfg(test)]
+mod cluster_tests;
+#[cfg(test)]
 mod test_backends;
 #[cfg(test)]
 mod tests;
