@@ -43,6 +43,30 @@ pub fn idle_poll(cluster: bool) -> Duration {
     }
 }
 
+/// A delivery's lease in a cluster: short, renewed every
+/// [`RENEW_EVERY`] while its gateway lives, so the deliveries of a
+/// gateway killed with SIGKILL go back to the queue within this long.
+pub const CLUSTER_LEASE_MS: u64 = 30_000;
+/// How often a cluster gateway renews the leases of its running calls.
+pub const RENEW_EVERY: Duration = Duration::from_secs(10);
+
+/// The lease of a delivery: `[async_queue] lease_ms` alone, at most
+/// [`CLUSTER_LEASE_MS`] (renewed) in a cluster.
+pub fn lease_ms(cluster: bool, configured: u64) -> u64 {
+    if cluster {
+        configured.min(CLUSTER_LEASE_MS)
+    } else {
+        configured
+    }
+}
+
+/// Lease renewal: in a cluster only, at least three times per lease.
+pub fn renew_every(cluster: bool, lease_ms: u64) -> Option<Duration> {
+    cluster.then(|| {
+        RENEW_EVERY.min(Duration::from_millis(lease_ms / 3).max(Duration::from_millis(100)))
+    })
+}
+
 /// The cluster's shared queue, nonces and what keeps them running.
 pub struct Cluster {
     pub queue: Queue,

@@ -82,6 +82,7 @@ fn settings(lease_ms: u64) -> DispatchSettings {
         idle_poll: Duration::from_millis(20),
         destination_attempts: 2,
         retention_ms: 3_600_000,
+        renew_every: Some(Duration::from_millis(lease_ms / 3)),
     }
 }
 
@@ -307,10 +308,15 @@ async fn a_stop_through_b_aborts_the_call_running_on_a() {
     }
     let listed = b
         .queue
-        .tasks("r", "1", "f", tasks::TaskQuery {
-            limit: 10,
-            ..Default::default()
-        })
+        .tasks(
+            "r",
+            "1",
+            "f",
+            tasks::TaskQuery {
+                limit: 10,
+                ..Default::default()
+            },
+        )
         .await
         .unwrap()
         .0;
@@ -319,7 +325,12 @@ async fn a_stop_through_b_aborts_the_call_running_on_a() {
     let started = Instant::now();
     let out = b
         .queue
-        .stop(&"1".parse().unwrap(), &"f".parse().unwrap(), "job", clock.now_ms())
+        .stop(
+            &"1".parse().unwrap(),
+            &"f".parse().unwrap(),
+            "job",
+            clock.now_ms(),
+        )
         .await
         .unwrap();
     assert!(matches!(out, StopOutcome::Stopping { .. }), "{out:?}");
@@ -329,6 +340,33 @@ async fn a_stop_through_b_aborts_the_call_running_on_a() {
         "the 60 s call was not aborted"
     );
     ra.stop().await;
+}
+
+/// A live gateway's short lease is renewed for as long as its call runs:
+/// the other gateway, polling all along, never delivers it again.
+#[tokio::test]
+async fn a_live_gateways_lease_is_renewed_while_its_call_runs() {
+    let Some(pg) = TestPg::start().await else {
+        return;
+    };
+    let (a, b) = (gateway(&pg, "gw-a").await, gateway(&pg, "gw-b").await);
+    let (ia, ib) = (
+        Counting::new(Duration::from_secs(3)),
+        Counting::new(Duration::from_secs(3)),
+    );
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    // A 600 ms lease under a 3 s call.
+    let ra = run(&a, ia.clone(), clock.clone(), settings(600));
+    a.queue.enqueue(msg("long", clock.now_ms())).await.unwrap();
+    ra.d.enqueued("1");
+    wait_status(&a.queue, "long", "Running").await;
+    let rb = run(&b, ib.clone(), clock.clone(), settings(600));
+    rb.d.enqueued("1");
+    wait_status(&a.queue, "long", "Succeeded").await;
+    assert_eq!(ia.total.load(Ordering::SeqCst), 1);
+    assert_eq!(ib.total.load(Ordering::SeqCst), 0, "B took a live lease");
+    ra.stop().await;
+    rb.stop().await;
 }
 
 /// Concurrent enqueues on PostgreSQL share transactions.
@@ -367,7 +405,10 @@ async fn a_depth_bound_holds_across_gateways() {
         ..msg(task, 1)
     };
     for i in 0..6 {
-        assert_eq!(a.enqueue(bounded(&format!("a{i}"))).await.unwrap(), Enqueued::New);
+        assert_eq!(
+            a.enqueue(bounded(&format!("a{i}"))).await.unwrap(),
+            Enqueued::New
+        );
     }
     let mut b_new = 0;
     for i in 0..6 {

@@ -171,6 +171,11 @@ pub struct DispatchSettings {
     /// How long a finished task stays readable (GetAsyncTask) before its
     /// row is purged.
     pub retention_ms: u64,
+    /// In a cluster: renew the leases of the deliveries this dispatcher
+    /// runs this often (each by `lease_ms` from then), so a short lease
+    /// holds while the gateway lives and runs out soon after it dies.
+    /// None: a lease lasts `lease_ms` (or the call's budget) as claimed.
+    pub renew_every: Option<Duration>,
 }
 
 impl Default for DispatchSettings {
@@ -183,6 +188,7 @@ impl Default for DispatchSettings {
             idle_poll: Duration::from_millis(100),
             destination_attempts: 5,
             retention_ms: 7 * 24 * 3600 * 1000,
+            renew_every: None,
         }
     }
 }
@@ -214,8 +220,9 @@ struct State {
     total: usize,
     cursor: usize,
     running: HashMap<i64, AbortHandle>,
-    /// Messages this dispatcher holds a lease on (claimed, not completed).
-    held: std::collections::HashSet<i64>,
+    /// Messages this dispatcher holds a lease on (claimed, not
+    /// completed), with the delivery number of that lease.
+    held: HashMap<i64, i64>,
     /// Stops that came while their message was claimed (already Running in
     /// the queue) but its call not yet started: honoured when it starts.
     /// Pruned after an hour (a stop racing a call's end leaves one behind).
@@ -283,7 +290,7 @@ impl Dispatcher {
     /// A stop of message `seq` reached this gateway (a cluster's
     /// notification or resync): abort it if this dispatcher runs it.
     pub fn abort_if_held(&self, seq: i64) {
-        if self.state().held.contains(&seq) {
+        if self.state().held.contains_key(&seq) {
             self.abort(seq);
         }
     }
@@ -334,7 +341,7 @@ impl Dispatcher {
             }
             Err(e) => tracing::warn!(error = %e, "cannot list the shared async queues"),
         }
-        let held: Vec<i64> = self.state().held.iter().copied().collect();
+        let held: Vec<i64> = self.state().held.keys().copied().collect();
         if let Some(pg) = self.queue.shared() {
             match pg.stopping_among(held).await {
                 Ok(stops) => stops.into_iter().for_each(|seq| self.abort_if_held(seq)),
@@ -350,8 +357,31 @@ impl Dispatcher {
     /// leases (redelivered after a restart).
     pub async fn run(self: Arc<Self>, stop: impl Future<Output = ()>) {
         let follower = tokio::spawn(self.clone().follow_cluster());
+        let renewer = tokio::spawn(self.clone().renew_leases());
         self.clone().run_loop(stop).await;
         follower.abort();
+        renewer.abort();
+    }
+
+    /// Every `renew_every`, push the leases of the running deliveries
+    /// `lease_ms` ahead (fenced by their delivery numbers).
+    async fn renew_leases(self: Arc<Self>) {
+        let (Some(every), Some(pg)) = (self.settings.renew_every, self.queue.shared()) else {
+            return;
+        };
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let held: Vec<(i64, i64)> = self.state().held.iter().map(|(s, d)| (*s, *d)).collect();
+            if held.is_empty() {
+                continue;
+            }
+            let until = self.clock.now_ms() + self.settings.lease_ms;
+            if let Err(e) = pg.renew(held, until).await {
+                tracing::warn!(error = %e, "cannot renew the leases of running async deliveries; another gateway may deliver them again once they run out");
+            }
+        }
     }
 
     async fn run_loop(self: Arc<Self>, stop: impl Future<Output = ()>) {
@@ -428,7 +458,7 @@ impl Dispatcher {
                     let mut s = self.state();
                     *s.in_flight.entry(c.queue.clone()).or_default() += 1;
                     s.total += 1;
-                    s.held.insert(c.seq);
+                    s.held.insert(c.seq, c.delivery);
                 }
                 let span = tracing::info_span!(
                     "async_invoke",
@@ -522,7 +552,12 @@ impl Dispatcher {
         } else {
             // A call that may outlast the default lease keeps its message
             // for as long as it may run, so it is not redelivered meanwhile.
-            if let Some(budget) = self.invoker.call_budget_ms(&c) {
+            // (Renewed leases need no extension.)
+            if let Some(budget) = self
+                .invoker
+                .call_budget_ms(&c)
+                .filter(|_| self.settings.renew_every.is_none())
+            {
                 if budget > self.settings.lease_ms {
                     let until = now + budget + 60_000;
                     if let Err(e) = self.queue.extend(c.seq, c.delivery, until).await {

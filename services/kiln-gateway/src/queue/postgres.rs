@@ -492,6 +492,24 @@ impl PgQueue {
         Ok(n as usize)
     }
 
+    /// Push the leases this gateway holds (message, delivery) to
+    /// `until_ms`; a lease lost meanwhile (another delivery) is left alone.
+    pub async fn renew(&self, held: Vec<(i64, i64)>, until_ms: u64) -> Result<u64, QueueError> {
+        let (seqs, deliveries): (Vec<i64>, Vec<i64>) = held.into_iter().unzip();
+        let c = self.db.conn().await?;
+        let n = c
+            .execute(
+                "UPDATE async_messages m SET visible_ms = GREATEST(m.visible_ms, $3)
+                 FROM unnest($1::bigint[], $2::bigint[]) AS h(seq, delivery)
+                 WHERE m.seq = h.seq AND m.deliveries = h.delivery AND NOT m.done
+                   AND m.owner = $4",
+                &[&seqs, &deliveries, &(until_ms as i64), &&*self.owner],
+            )
+            .await
+            .map_err(q)?;
+        Ok(n)
+    }
+
     /// Of `seqs`, the messages a stop asked to abort.
     pub async fn stopping_among(&self, seqs: Vec<i64>) -> Result<Vec<i64>, QueueError> {
         if seqs.is_empty() {

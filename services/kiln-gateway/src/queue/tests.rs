@@ -316,6 +316,7 @@ fn settings() -> DispatchSettings {
         idle_poll: Duration::from_millis(5),
         destination_attempts: 2,
         retention_ms: 3_600_000,
+        renew_every: None,
     }
 }
 
