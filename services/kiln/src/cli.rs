@@ -161,9 +161,11 @@ pub enum Command {
 pub enum StoreCommand {
     /// Copy a stopped one-box scheduler's state (its SQLite file) into
     /// the empty PostgreSQL database a cluster of schedulers will share
-    /// (docs/ha.md). The gateway's state stays where it is.
+    /// (docs/ha.md); given a gateway's state directory, its async queue
+    /// (tasks, destinations outbox, async invoke configs).
     Copy {
-        /// The scheduler's state directory (holds scheduler.db).
+        /// The scheduler's state directory (holds scheduler.db), or the
+        /// gateway's (holds queue.db).
         #[arg(long)]
         from: PathBuf,
         /// The cluster's database: a `postgresql://` URL or `key=value`

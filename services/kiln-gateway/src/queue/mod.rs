@@ -18,6 +18,7 @@
 
 pub mod cluster;
 pub mod config;
+pub mod copy;
 pub mod dispatch;
 pub mod invoker;
 pub mod metrics;

@@ -1,6 +1,8 @@
 //! `kiln store copy`: a one-box scheduler's SQLite state into the
 //! PostgreSQL database of a scheduler cluster
-//! ([`kiln_scheduler::store::copy`]).
+//! ([`kiln_scheduler::store::copy`]); a one-box gateway's async queue
+//! (`queue.db`) into the cluster's shared queue
+//! ([`kiln_gateway::queue::copy`]).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -24,6 +26,10 @@ fn sealer(path: &Path) -> Result<Arc<Sealer>> {
 }
 
 pub fn copy(a: &CopyArgs<'_>) -> Result<()> {
+    // A gateway's state directory: its async queue.
+    if !a.from.join("scheduler.db").is_file() && a.from.join(QUEUE_DB).is_file() {
+        return copy_gateway_queue(a.from, a.to, a.password_file);
+    }
     let db = a.from.join("scheduler.db");
     if !db.is_file() {
         anyhow::bail!(
@@ -44,6 +50,42 @@ pub fn copy(a: &CopyArgs<'_>) -> Result<()> {
     )
     .context("cannot open the cluster's PostgreSQL database")?;
     let copied = kiln_scheduler::store::copy::copy(&source, &target)?;
+    println!("copied {copied} from {} into PostgreSQL", db.display());
+    Ok(())
+}
+
+/// The gateway's async queue file in its state directory.
+const QUEUE_DB: &str = "queue.db";
+
+/// Copy a stopped one-box gateway's async queue (`FROM/queue.db`: every
+/// task with its events, the destinations outbox, the async invoke
+/// configs) into the cluster's empty shared queue at `to`.
+pub fn copy_gateway_queue(from: &Path, to: &str, password_file: Option<&Path>) -> Result<()> {
+    let db = from.join(QUEUE_DB);
+    if !db.is_file() {
+        anyhow::bail!(
+            "{} does not exist: --from names the gateway's state directory",
+            db.display()
+        );
+    }
+    let (path, url, password) = (db.clone(), to.to_owned(), password_file.map(Path::to_owned));
+    // Its own runtime on its own thread: this may be called from async code.
+    let copied = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let now = kiln_core::Clock::now_ms(&kiln_core::SystemClock);
+        rt.block_on(kiln_gateway::queue::copy::copy_from_sqlite(
+            &path,
+            &url,
+            password.as_deref(),
+            now,
+        ))
+        .map_err(anyhow::Error::from)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the queue copy panicked"))?
+    .context("cannot copy the gateway's async queue")?;
     println!("copied {copied} from {} into PostgreSQL", db.display());
     Ok(())
 }
