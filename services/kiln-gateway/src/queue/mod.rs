@@ -16,6 +16,7 @@
 //! claimed again. Completions carry the delivery number they were claimed
 //! with, so a late answer from an expired delivery changes nothing.
 
+pub mod bench;
 pub mod cluster;
 pub mod config;
 pub mod copy;
