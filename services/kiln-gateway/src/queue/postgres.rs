@@ -1,11 +1,13 @@
 //! The queue on PostgreSQL: one queue shared by every gateway of a cluster
 //! (component `gateway-queue` of the schema).
 //!
-//! - Writes are group-committed as on SQLite: one writer task per gateway
-//!   takes every operation waiting, applies them in one transaction and
-//!   answers each caller after it commits (a 202 only after commit). If
-//!   the batch fails, each operation is retried alone, so one bad
-//!   operation fails only its own caller.
+//! - Writes are group-committed as on SQLite: a writer task takes every
+//!   operation waiting, applies them in one transaction (the batch's
+//!   enqueues in one `INSERT ... SELECT FROM unnest(...)`) and answers
+//!   each caller after it commits (a 202 only after commit). A gateway
+//!   runs [`WRITERS`] of them, so the next batch is written while one
+//!   waits for its commit's flush. If a batch fails, each operation is
+//!   retried alone, so one bad operation fails only its own caller.
 //! - Claims run in their own transaction with `SELECT ... FOR UPDATE SKIP
 //!   LOCKED`: any number of gateways dispatch from one queue, each message
 //!   to one of them. The lease is the `visible_ms` column (as on SQLite)
@@ -137,6 +139,9 @@ pub const RESYNC_EVERY: Duration = Duration::from_secs(2);
 const OUTBOX_LEASE_MS: u64 = 120_000;
 /// The most operations one transaction applies.
 const BATCH_MAX: usize = 1024;
+/// Writer transactions one gateway runs at once: while one waits for its
+/// commit to be flushed, the next batch is written.
+const WRITERS: usize = 4;
 
 /// What another gateway (or this one) changed, from the notifications.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -254,7 +259,11 @@ impl PgQueue {
             signals: Arc::new(Mutex::new(Some(signal_rx))),
             signal_tx,
         };
-        tokio::spawn(writer(me.clone_for_writer(), rx));
+        let rx = Arc::new(tokio::sync::Mutex::new(rx));
+        let depths = Arc::new(Mutex::new(DepthCache::default()));
+        for _ in 0..WRITERS {
+            tokio::spawn(writer(me.clone_for_writer(), rx.clone(), depths.clone()));
+        }
         me
     }
 
@@ -883,6 +892,7 @@ pub struct EventRow {
     pub detail: String,
 }
 
+#[derive(Clone)]
 struct WriterCtx {
     db: PgDatabase,
     batches: Arc<AtomicU64>,
@@ -895,18 +905,30 @@ struct DepthCache {
     map: HashMap<String, (u64, Instant)>,
 }
 
-async fn writer(ctx: WriterCtx, mut rx: mpsc::UnboundedReceiver<Op>) {
-    let mut depths = DepthCache::default();
-    while let Some(first) = rx.recv().await {
-        let mut ops = vec![first];
-        while ops.len() < BATCH_MAX {
-            match rx.try_recv() {
-                Ok(op) => ops.push(op),
-                Err(_) => break,
+/// One writer: takes every operation waiting (the others take the next
+/// ones while it commits) and applies them in one transaction.
+async fn writer(
+    ctx: WriterCtx,
+    rx: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Op>>>,
+    depths: Arc<Mutex<DepthCache>>,
+) {
+    loop {
+        let mut ops = {
+            let mut rx = rx.lock().await;
+            let Some(first) = rx.recv().await else {
+                return;
+            };
+            let mut ops = vec![first];
+            while ops.len() < BATCH_MAX {
+                match rx.try_recv() {
+                    Ok(op) => ops.push(op),
+                    Err(_) => break,
+                }
             }
-        }
+            ops
+        };
         let started = Instant::now();
-        match apply_batch(&ctx, &ops, &mut depths).await {
+        match apply_batch(&ctx, &ops, &depths).await {
             Ok(replies) => {
                 ctx.metrics.committed(ops.len(), started.elapsed());
                 for (op, r) in ops.into_iter().zip(replies) {
@@ -924,7 +946,7 @@ async fn writer(ctx: WriterCtx, mut rx: mpsc::UnboundedReceiver<Op>) {
                 tracing::warn!(error = %kiln_core::error_chain(&e), ops = ops.len(), "async queue batch failed; applying its operations one by one");
                 for op in ops {
                     let one = std::slice::from_ref(&op);
-                    match apply_batch(&ctx, one, &mut depths).await {
+                    match apply_batch(&ctx, one, &depths).await {
                         Ok(mut r) => op.answer(r.pop().expect("one reply")),
                         Err(e) => {
                             let why = kiln_core::error_chain(&e);
@@ -941,18 +963,50 @@ async fn writer(ctx: WriterCtx, mut rx: mpsc::UnboundedReceiver<Op>) {
 async fn apply_batch(
     ctx: &WriterCtx,
     ops: &[Op],
-    depths: &mut DepthCache,
+    depths: &Mutex<DepthCache>,
 ) -> Result<Vec<Reply>, QueueError> {
     let mut conn = ctx.db.conn().await?;
     let tx = conn.transaction().await.map_err(q)?;
     let mut tally = Tally::default();
     let mut notify: BTreeSet<String> = BTreeSet::new();
-    let mut replies = Vec::with_capacity(ops.len());
-    for op in ops {
+    let mut replies: Vec<Option<Reply>> = (0..ops.len()).map(|_| None).collect();
+    // Plain enqueues within their bounds go in one statement.
+    let mut bulk: Vec<(usize, &NewMessage)> = Vec::new();
+    for (i, op) in ops.iter().enumerate() {
+        if let Op::Enqueue { m, tick: None, .. } = op {
+            let account = m.account.as_str();
+            if let Some(limit) = m.depth_limit {
+                let depth = account_depth(&tx, account, depths)
+                    .await
+                    .map_err(q)?
+                    .saturating_add_signed(tally.depth.get(account).copied().unwrap_or(0));
+                if depth >= limit {
+                    replies[i] = Some(Reply::Enqueued(Some(Enqueued::Full { depth, limit })));
+                    continue;
+                }
+            }
+            // Counted now (the bound of the next ones), undone if a duplicate.
+            tally.depth_add(account, 1);
+            bulk.push((i, m));
+            continue;
+        }
         let r = apply(&tx, op, &mut tally, depths, &mut notify)
             .await
             .map_err(q)?;
-        replies.push(r);
+        replies[i] = Some(r);
+    }
+    if !bulk.is_empty() {
+        let msgs: Vec<&NewMessage> = bulk.iter().map(|(_, m)| *m).collect();
+        let results = enqueue_many(&tx, &msgs).await.map_err(q)?;
+        for ((i, m), r) in bulk.into_iter().zip(results) {
+            if r == Enqueued::New {
+                tally.add(Event::Enqueued);
+                notify.insert(format!("enq:{}", m.queue));
+            } else {
+                tally.depth_add(m.account.as_str(), -1);
+            }
+            replies[i] = Some(Reply::Enqueued(Some(r)));
+        }
     }
     if !notify.is_empty() {
         let payloads: Vec<String> = notify.into_iter().collect();
@@ -965,25 +1019,96 @@ async fn apply_batch(
     }
     let committed = tx.commit().await;
     ctx.batches.fetch_add(1, Ordering::Relaxed);
+    let mut cache = depths.lock().unwrap_or_else(|p| p.into_inner());
     if let Err(e) = committed {
         // The counts read in it may not hold: read them again next time.
-        depths.map.clear();
+        cache.map.clear();
         return Err(q(e));
     }
     for (account, d) in std::mem::take(&mut tally.depth) {
-        if let Some((n, _)) = depths.map.get_mut(&account) {
+        if let Some((n, _)) = cache.map.get_mut(&account) {
             *n = n.saturating_add_signed(d);
         }
     }
+    drop(cache);
     tally.apply(&ctx.metrics);
-    Ok(replies)
+    Ok(replies
+        .into_iter()
+        .map(|r| r.expect("every operation answered"))
+        .collect())
+}
+
+/// Insert `msgs` in one statement; a task id already taken (before, or
+/// earlier in `msgs`) is a duplicate, answered with the first one's
+/// request id.
+async fn enqueue_many(
+    tx: &deadpool_postgres::Transaction<'_>,
+    msgs: &[&NewMessage],
+) -> Result<Vec<Enqueued>, tokio_postgres::Error> {
+    let st = tx
+        .prepare_cached(
+            "INSERT INTO async_messages (account_id, function_name, queue, task_id, request_id,
+                                         payload, headers, status, visible_ms, created_ms)
+             SELECT a, f, q, t, r, p, h, 'Enqueued', v, v
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                         $6::bytea[], $7::text[], $8::bigint[]) AS u(a, f, q, t, r, p, h, v)
+             ON CONFLICT (account_id, function_name, task_id) DO NOTHING
+             RETURNING account_id, function_name, task_id",
+        )
+        .await?;
+    let headers: Vec<String> = msgs
+        .iter()
+        .map(|m| serde_json::to_string(&m.headers).expect("headers serialise"))
+        .collect();
+    let accounts: Vec<&str> = msgs.iter().map(|m| m.account.as_str()).collect();
+    let functions: Vec<&str> = msgs.iter().map(|m| m.function.as_str()).collect();
+    let queues: Vec<&str> = msgs.iter().map(|m| m.queue.as_str()).collect();
+    let tasks: Vec<&str> = msgs.iter().map(|m| m.task_id.as_str()).collect();
+    let requests: Vec<&str> = msgs.iter().map(|m| m.request_id.as_str()).collect();
+    let payloads: Vec<&[u8]> = msgs.iter().map(|m| m.payload.as_slice()).collect();
+    let now: Vec<i64> = msgs.iter().map(|m| m.now_ms as i64).collect();
+    let rows = tx
+        .query(
+            &st,
+            &[
+                &accounts, &functions, &queues, &tasks, &requests, &payloads, &headers, &now,
+            ],
+        )
+        .await?;
+    let mut inserted: std::collections::HashSet<(String, String, String)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let mut out = Vec::with_capacity(msgs.len());
+    for m in msgs {
+        let key = (
+            m.account.as_str().to_owned(),
+            m.function.as_str().to_owned(),
+            m.task_id.clone(),
+        );
+        if inserted.remove(&key) {
+            out.push(Enqueued::New);
+            continue;
+        }
+        let st = tx
+            .prepare_cached(
+                "SELECT request_id FROM async_messages
+                 WHERE account_id = $1 AND function_name = $2 AND task_id = $3",
+            )
+            .await?;
+        let row = tx.query_one(&st, &[&key.0, &key.1, &key.2]).await?;
+        out.push(Enqueued::Duplicate {
+            request_id: row.get(0),
+        });
+    }
+    Ok(out)
 }
 
 async fn apply(
     tx: &deadpool_postgres::Transaction<'_>,
     op: &Op,
     tally: &mut Tally,
-    depths: &mut DepthCache,
+    depths: &Mutex<DepthCache>,
     notify: &mut BTreeSet<String>,
 ) -> Result<Reply, tokio_postgres::Error> {
     match op {
@@ -1085,11 +1210,14 @@ async fn apply(
 async fn account_depth(
     tx: &deadpool_postgres::Transaction<'_>,
     account: &str,
-    depths: &mut DepthCache,
+    depths: &Mutex<DepthCache>,
 ) -> Result<u64, tokio_postgres::Error> {
-    if let Some((n, at)) = depths.map.get(account) {
-        if at.elapsed() < DEPTH_CACHE {
-            return Ok(*n);
+    {
+        let cache = depths.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((n, at)) = cache.map.get(account) {
+            if at.elapsed() < DEPTH_CACHE {
+                return Ok(*n);
+            }
         }
     }
     let st = tx
@@ -1097,7 +1225,11 @@ async fn account_depth(
         .await?;
     let n: i64 = tx.query_one(&st, &[&account]).await?.get(0);
     let n = n.max(0) as u64;
-    depths.map.insert(account.to_owned(), (n, Instant::now()));
+    depths
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .map
+        .insert(account.to_owned(), (n, Instant::now()));
     Ok(n)
 }
 
