@@ -965,6 +965,12 @@ async fn apply_batch(
     ops: &[Op],
     depths: &Mutex<DepthCache>,
 ) -> Result<Vec<Reply>, QueueError> {
+    if ops
+        .iter()
+        .all(|op| matches!(op, Op::Enqueue { tick: None, .. }))
+    {
+        return enqueue_batch(ctx, ops, depths).await;
+    }
     let mut conn = ctx.db.conn().await?;
     let tx = conn.transaction().await.map_err(q)?;
     let mut tally = Tally::default();
@@ -997,11 +1003,11 @@ async fn apply_batch(
     }
     if !bulk.is_empty() {
         let msgs: Vec<&NewMessage> = bulk.iter().map(|(_, m)| *m).collect();
-        let results = enqueue_many(&tx, &msgs).await.map_err(q)?;
+        let insert = tx.prepare_cached(ENQUEUE_MANY).await.map_err(q)?;
+        let results = enqueue_many(&*tx, &insert, &msgs).await.map_err(q)?;
         for ((i, m), r) in bulk.into_iter().zip(results) {
             if r == Enqueued::New {
                 tally.add(Event::Enqueued);
-                notify.insert(format!("enq:{}", m.queue));
             } else {
                 tally.depth_add(m.account.as_str(), -1);
             }
@@ -1038,24 +1044,102 @@ async fn apply_batch(
         .collect())
 }
 
-/// Insert `msgs` in one statement; a task id already taken (before, or
-/// earlier in `msgs`) is a duplicate, answered with the first one's
-/// request id.
-async fn enqueue_many(
-    tx: &deadpool_postgres::Transaction<'_>,
+/// A batch of plain enqueues (the accept path under load): the bounds
+/// checked, then one statement, committed on its own: one round trip.
+async fn enqueue_batch(
+    ctx: &WriterCtx,
+    ops: &[Op],
+    depths: &Mutex<DepthCache>,
+) -> Result<Vec<Reply>, QueueError> {
+    let conn = ctx.db.conn().await?;
+    let mut replies: Vec<Option<Reply>> = (0..ops.len()).map(|_| None).collect();
+    let mut added: HashMap<&str, i64> = HashMap::new();
+    let mut bulk: Vec<(usize, &NewMessage)> = Vec::new();
+    for (i, op) in ops.iter().enumerate() {
+        let Op::Enqueue { m, .. } = op else {
+            unreachable!("only enqueues take this path")
+        };
+        let account = m.account.as_str();
+        if let Some(limit) = m.depth_limit {
+            let depth = match cached_depth(depths, account) {
+                Some(n) => n,
+                None => {
+                    let st = conn.prepare_cached(COUNT_UNFINISHED).await.map_err(q)?;
+                    let n: i64 = conn.query_one(&st, &[&account]).await.map_err(q)?.get(0);
+                    store_depth(depths, account, n.max(0) as u64)
+                }
+            }
+            .saturating_add_signed(added.get(account).copied().unwrap_or(0));
+            if depth >= limit {
+                replies[i] = Some(Reply::Enqueued(Some(Enqueued::Full { depth, limit })));
+                continue;
+            }
+        }
+        *added.entry(account).or_default() += 1;
+        bulk.push((i, m));
+    }
+    let mut tally = Tally::default();
+    if !bulk.is_empty() {
+        let msgs: Vec<&NewMessage> = bulk.iter().map(|(_, m)| *m).collect();
+        let insert = conn.prepare_cached(ENQUEUE_MANY).await.map_err(q)?;
+        let results = enqueue_many(&**conn, &insert, &msgs).await;
+        ctx.batches.fetch_add(1, Ordering::Relaxed);
+        let results = results.map_err(|e| {
+            depths.lock().unwrap_or_else(|p| p.into_inner()).map.clear();
+            q(e)
+        })?;
+        for ((i, m), r) in bulk.into_iter().zip(results) {
+            if r == Enqueued::New {
+                tally.add(Event::Enqueued);
+                tally.depth_add(m.account.as_str(), 1);
+            }
+            replies[i] = Some(Reply::Enqueued(Some(r)));
+        }
+    }
+    let mut cache = depths.lock().unwrap_or_else(|p| p.into_inner());
+    for (account, d) in std::mem::take(&mut tally.depth) {
+        if let Some((n, _)) = cache.map.get_mut(&account) {
+            *n = n.saturating_add_signed(d);
+        }
+    }
+    drop(cache);
+    tally.apply(&ctx.metrics);
+    Ok(replies
+        .into_iter()
+        .map(|r| r.expect("every operation answered"))
+        .collect())
+}
+
+const COUNT_UNFINISHED: &str =
+    "SELECT count(*) FROM async_messages WHERE account_id = $1 AND NOT done";
+
+/// The account's unfinished count, if read within [`DEPTH_CACHE`].
+fn cached_depth(depths: &Mutex<DepthCache>, account: &str) -> Option<u64> {
+    let cache = depths.lock().unwrap_or_else(|p| p.into_inner());
+    cache
+        .map
+        .get(account)
+        .filter(|(_, at)| at.elapsed() < DEPTH_CACHE)
+        .map(|(n, _)| *n)
+}
+
+fn store_depth(depths: &Mutex<DepthCache>, account: &str, n: u64) -> u64 {
+    depths
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .map
+        .insert(account.to_owned(), (n, Instant::now()));
+    n
+}
+
+/// Insert `msgs` in one statement that also notifies their queues (at its
+/// commit); a task id already taken (before, or earlier in `msgs`) is a
+/// duplicate, answered with the first one's request id.
+async fn enqueue_many<C: tokio_postgres::GenericClient + Sync>(
+    c: &C,
+    insert: &tokio_postgres::Statement,
     msgs: &[&NewMessage],
 ) -> Result<Vec<Enqueued>, tokio_postgres::Error> {
-    let st = tx
-        .prepare_cached(
-            "INSERT INTO async_messages (account_id, function_name, queue, task_id, request_id,
-                                         payload, headers, status, visible_ms, created_ms)
-             SELECT a, f, q, t, r, p, h, 'Enqueued', v, v
-             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                         $6::bytea[], $7::text[], $8::bigint[]) AS u(a, f, q, t, r, p, h, v)
-             ON CONFLICT (account_id, function_name, task_id) DO NOTHING
-             RETURNING account_id, function_name, task_id",
-        )
-        .await?;
     let headers: Vec<String> = msgs
         .iter()
         .map(|m| serde_json::to_string(&m.headers).expect("headers serialise"))
@@ -1067,11 +1151,12 @@ async fn enqueue_many(
     let requests: Vec<&str> = msgs.iter().map(|m| m.request_id.as_str()).collect();
     let payloads: Vec<&[u8]> = msgs.iter().map(|m| m.payload.as_slice()).collect();
     let now: Vec<i64> = msgs.iter().map(|m| m.now_ms as i64).collect();
-    let rows = tx
+    let rows = c
         .query(
-            &st,
+            insert,
             &[
                 &accounts, &functions, &queues, &tasks, &requests, &payloads, &headers, &now,
+                &CHANNEL,
             ],
         )
         .await?;
@@ -1090,19 +1175,35 @@ async fn enqueue_many(
             out.push(Enqueued::New);
             continue;
         }
-        let st = tx
-            .prepare_cached(
+        let row = c
+            .query_one(
                 "SELECT request_id FROM async_messages
                  WHERE account_id = $1 AND function_name = $2 AND task_id = $3",
+                &[&key.0, &key.1, &key.2],
             )
             .await?;
-        let row = tx.query_one(&st, &[&key.0, &key.1, &key.2]).await?;
         out.push(Enqueued::Duplicate {
             request_id: row.get(0),
         });
     }
     Ok(out)
 }
+
+/// Many messages in one statement, their queues notified.
+const ENQUEUE_MANY: &str = "
+    WITH ins AS (
+        INSERT INTO async_messages (account_id, function_name, queue, task_id, request_id,
+                                    payload, headers, status, visible_ms, created_ms)
+        SELECT a, f, q, t, r, p, h, 'Enqueued', v, v
+        FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                    $6::bytea[], $7::text[], $8::bigint[]) AS u(a, f, q, t, r, p, h, v)
+        ON CONFLICT (account_id, function_name, task_id) DO NOTHING
+        RETURNING account_id, function_name, task_id, queue
+    ),
+    notified AS (
+        SELECT pg_notify($9, 'enq:' || queue) FROM (SELECT DISTINCT queue FROM ins) AS d
+    )
+    SELECT account_id, function_name, task_id, (SELECT count(*) FROM notified) FROM ins";
 
 async fn apply(
     tx: &deadpool_postgres::Transaction<'_>,
@@ -1212,25 +1313,12 @@ async fn account_depth(
     account: &str,
     depths: &Mutex<DepthCache>,
 ) -> Result<u64, tokio_postgres::Error> {
-    {
-        let cache = depths.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((n, at)) = cache.map.get(account) {
-            if at.elapsed() < DEPTH_CACHE {
-                return Ok(*n);
-            }
-        }
+    if let Some(n) = cached_depth(depths, account) {
+        return Ok(n);
     }
-    let st = tx
-        .prepare_cached("SELECT count(*) FROM async_messages WHERE account_id = $1 AND NOT done")
-        .await?;
+    let st = tx.prepare_cached(COUNT_UNFINISHED).await?;
     let n: i64 = tx.query_one(&st, &[&account]).await?.get(0);
-    let n = n.max(0) as u64;
-    depths
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .map
-        .insert(account.to_owned(), (n, Instant::now()));
-    Ok(n)
+    Ok(store_depth(depths, account, n.max(0) as u64))
 }
 
 async fn event(
