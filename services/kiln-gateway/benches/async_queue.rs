@@ -124,6 +124,11 @@ async fn pg_phase(secs: u64, callers: usize, payload: &[u8]) {
     println!("  shared queue enqueue (group commit): {}", c.queue);
     println!("  raw INSERT, one commit per row:      {}", c.raw);
     println!("  queue / raw: {:.2}x", c.ratio());
+    println!("  shared nonce check, 1 caller:        {}", c.nonce_one);
+    println!(
+        "  shared nonce check, {callers} callers:      {}",
+        c.nonce_many
+    );
 }
 
 /// Whether `KILN_BENCH_TARGETS` (comma-separated: queue, noop, nginx,

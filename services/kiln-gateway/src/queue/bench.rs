@@ -10,6 +10,10 @@
 //! each commit their own `INSERT` on their own connection (PostgreSQL's
 //! WAL flush is shared by commits that land together, its own group
 //! commit). The figures only compare within one run on one machine.
+//!
+//! It also times the shared nonce check (one `INSERT ... ON CONFLICT` per
+//! signed request in a cluster), from one caller and from as many as the
+//! others: what a cluster adds to every signed call.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -49,6 +53,11 @@ impl std::fmt::Display for AcceptRate {
 pub struct PgAcceptComparison {
     pub queue: AcceptRate,
     pub raw: AcceptRate,
+    /// The shared nonce check a signed request pays in a cluster: one
+    /// caller (its latency is the warm path's added cost) ...
+    pub nonce_one: AcceptRate,
+    /// ... and as many callers as the others.
+    pub nonce_many: AcceptRate,
 }
 
 impl PgAcceptComparison {
@@ -207,6 +216,48 @@ pub async fn raw_inserts(
     })
 }
 
+/// `callers` concurrent shared nonce claims (each a new nonce, as signed
+/// requests are) for `secs`.
+pub async fn nonce_claims(
+    db: &PgDatabase,
+    round: usize,
+    secs: u64,
+    callers: usize,
+) -> Result<AcceptRate, String> {
+    use crate::auth::SharedNonces;
+    let nonces = Arc::new(super::cluster::PgNonces::new(db.clone()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..callers {
+        let (nonces, stop) = (nonces.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let nonce = format!("r{round}-c{c}-{i}");
+                let t = Instant::now();
+                let fresh = nonces.claim("AKBENCH", &nonce, u64::MAX / 2, 1).await?;
+                if !fresh {
+                    return Err(format!("nonce {nonce} refused"));
+                }
+                lat.push(t.elapsed());
+                i += 1;
+            }
+            Ok(lat)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (rate, lat) = gather(started, tasks).await?;
+    Ok(AcceptRate {
+        rate,
+        p50: percentile(&lat, 0.5),
+        p99: percentile(&lat, 0.99),
+        per_commit: 1.0,
+    })
+}
+
 /// Both, alternating, `rounds` times, on the database at `url` (it gets
 /// the queue's tables, a `bench_raw_accepts` table, and
 /// `synchronous_commit = on` for every session); the medians.
@@ -257,15 +308,19 @@ pub async fn compare_pg_accepts(
             return Err(format!("synchronous_commit is {on}, not on"));
         }
     }
-    let queue = Queue::postgres(PgQueue::new(db, "bench"));
-    let (mut q, mut r) = (Vec::new(), Vec::new());
+    let queue = Queue::postgres(PgQueue::new(db.clone(), "bench"));
+    let (mut q, mut r, mut n1, mut nn) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 0..rounds.max(1) {
         q.push(queue_accepts(&queue, round, secs, callers, payload).await?);
         r.push(raw_inserts(&config, round, secs, callers, payload).await?);
+        n1.push(nonce_claims(&db, 2 * round, secs, 1).await?);
+        nn.push(nonce_claims(&db, 2 * round + 1, secs, callers).await?);
     }
     Ok(PgAcceptComparison {
         queue: median(q),
         raw: median(r),
+        nonce_one: median(n1),
+        nonce_many: median(nn),
     })
 }
 
@@ -286,5 +341,6 @@ mod tests {
             .unwrap();
         assert!(c.queue.rate > 0.0 && c.raw.rate > 0.0, "{c:?}");
         assert!(c.queue.per_commit > 1.0, "no group commit: {}", c.queue);
+        assert!(c.nonce_one.rate > 0.0 && c.nonce_many.rate > 0.0, "{c:?}");
     }
 }

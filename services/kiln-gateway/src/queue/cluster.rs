@@ -96,7 +96,7 @@ pub async fn open_cluster(cluster: &GatewayCluster, owner: &str) -> Result<Clust
         let password = text.strip_suffix('\n').unwrap_or(&text);
         listen.password(password.strip_suffix('\r').unwrap_or(password));
     }
-    let nonces = Arc::new(PgNonces { db: db.clone() });
+    let nonces = Arc::new(PgNonces::new(db.clone()));
     Ok(Cluster {
         queue: Queue::postgres(PgQueue::new(db, owner)),
         nonces,
@@ -264,6 +264,11 @@ pub struct PgNonces {
 }
 
 impl PgNonces {
+    /// The nonce record in `db` (migrated with the queue's migrations).
+    pub fn new(db: PgDatabase) -> Self {
+        Self { db }
+    }
+
     async fn claim_async(
         db: PgDatabase,
         access_key_id: String,
