@@ -339,13 +339,17 @@ impl Dispatcher {
                     self.wake.notify_one();
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "cannot list the shared async queues"),
+            Err(e) => {
+                tracing::warn!(error = %kiln_core::error_chain(&e), "cannot list the shared async queues")
+            }
         }
         let held: Vec<i64> = self.state().held.keys().copied().collect();
         if let Some(pg) = self.queue.shared() {
             match pg.stopping_among(held).await {
                 Ok(stops) => stops.into_iter().for_each(|seq| self.abort_if_held(seq)),
-                Err(e) => tracing::warn!(error = %e, "cannot read stops of running async tasks"),
+                Err(e) => {
+                    tracing::warn!(error = %kiln_core::error_chain(&e), "cannot read stops of running async tasks")
+                }
             }
         }
         if let Err(e) = self.configs.reload(&self.queue).await {
@@ -379,7 +383,7 @@ impl Dispatcher {
             }
             let until = self.clock.now_ms() + self.settings.lease_ms;
             if let Err(e) = pg.renew(held, until).await {
-                tracing::warn!(error = %e, "cannot renew the leases of running async deliveries; another gateway may deliver them again once they run out");
+                tracing::warn!(error = %kiln_core::error_chain(&e), "cannot renew the leases of running async deliveries; another gateway may deliver them again once they run out");
             }
         }
     }
