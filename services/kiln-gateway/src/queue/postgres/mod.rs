@@ -11,10 +11,12 @@
 //! - Claims run in their own transaction with `SELECT ... FOR UPDATE SKIP
 //!   LOCKED`: any number of gateways dispatch from one queue, each message
 //!   to one of them. The lease is the `visible_ms` column (as on SQLite)
-//!   and `owner` names the gateway holding it. A gateway killed mid-flight
-//!   loses nothing: its leases run out and another gateway claims the
-//!   messages. At start a gateway only releases the leases its own
-//!   previous incarnation held (same owner), never another's.
+//!   and `owner` names the gateway holding it; a live gateway renews the
+//!   leases of its running calls (`DispatchSettings::renew_every`). A
+//!   gateway killed mid-flight loses nothing: its leases run out and
+//!   another gateway claims the messages. At start a gateway only
+//!   releases the leases its own previous incarnation held (same owner),
+//!   never another's.
 //! - Completions are fenced by the delivery number, under the row's lock.
 //! - A stop through any gateway marks the task Stopping and notifies
 //!   (`NOTIFY kiln_queue 'stop:<seq>'`): the gateway running it aborts the
