@@ -485,3 +485,77 @@ async fn nonces_are_shared_until_they_expire() {
     assert_eq!(x.unwrap().0 + y.unwrap().0, 1, "AK2's expired nonce, once");
     assert!(!na.claim("AK1", "n-1", 30_000, 20_000).await.unwrap());
 }
+
+async fn next_signal(
+    signals: &mut tokio::sync::mpsc::UnboundedReceiver<postgres::Signal>,
+) -> postgres::Signal {
+    tokio::time::timeout(Duration::from_secs(10), signals.recv())
+        .await
+        .expect("a notification within 10 s")
+        .unwrap()
+}
+
+/// What one gateway writes reaches the others' listeners as
+/// notifications: new messages (by queue), stops (by message) and config
+/// changes.
+#[tokio::test]
+async fn changes_are_notified_to_the_other_gateways() {
+    let Some(pg) = TestPg::start().await else {
+        return;
+    };
+    let (a, b) = (gateway(&pg, "gw-a").await, gateway(&pg, "gw-b").await);
+    let mut signals = b.queue.shared().unwrap().take_signals().unwrap();
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let tasks = b.spawn(|| stopped(rx.clone()), Arc::new(SystemClock));
+    // The listener is up once a notification of our own arrives.
+    let mut seen = Vec::new();
+    for i in 0..50 {
+        a.queue.enqueue(msg(&format!("t{i}"), 1)).await.unwrap();
+        match tokio::time::timeout(Duration::from_millis(200), signals.recv()).await {
+            Ok(Some(s)) => {
+                seen.push(s);
+                break;
+            }
+            _ => continue,
+        }
+    }
+    assert_eq!(seen, [postgres::Signal::Enqueued("1".into())]);
+    while tokio::time::timeout(Duration::from_millis(300), signals.recv())
+        .await
+        .is_ok()
+    {}
+    let c = a
+        .queue
+        .claim(2, 60_000, vec![("1".into(), 1)])
+        .await
+        .unwrap();
+    let out = a
+        .queue
+        .stop(
+            &"1".parse().unwrap(),
+            &"f".parse().unwrap(),
+            &c[0].task_id,
+            3,
+        )
+        .await
+        .unwrap();
+    assert_eq!(out, StopOutcome::Stopping { seq: c[0].seq });
+    assert_eq!(
+        next_signal(&mut signals).await,
+        postgres::Signal::Stop(c[0].seq)
+    );
+    a.queue
+        .put_config(
+            &"1".parse().unwrap(),
+            &"f".parse().unwrap(),
+            "LATEST",
+            &AsyncConfig::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(next_signal(&mut signals).await, postgres::Signal::Configs);
+    let _ = tx.send(true);
+    for t in tasks {
+        let _ = t.await;
+    }
+}
