@@ -219,6 +219,17 @@ impl<'a> ParsedRequest<'a> {
     pub fn security_token(&self) -> Option<&'a str> {
         self.security_token
     }
+
+    /// `x-acs-signature-nonce` (for a replay check shared between
+    /// several verifiers, on top of the [`Verifier`]'s own).
+    pub fn nonce(&self) -> &'a str {
+        self.nonce
+    }
+
+    /// The request's `x-acs-date`, in ms.
+    pub fn date_ms(&self) -> u64 {
+        self.date_ms
+    }
 }
 
 /// Authenticates requests against a key store, a clock and a replay cache.

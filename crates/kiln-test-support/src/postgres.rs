@@ -21,6 +21,17 @@ impl PgServer {
     /// machine cannot: not root (the server runs as `postgres`), or no
     /// PostgreSQL installed (`scripts/install-deps.sh` installs it).
     pub fn start() -> Option<PgServer> {
+        Self::start_with(false)
+    }
+
+    /// [`Self::start`] with the durability of production (fsync and
+    /// synchronous commit on) and its data under /var/tmp (a disk, not a
+    /// tmpfs): for benchmarks whose figures depend on commit costs.
+    pub fn start_durable() -> Option<PgServer> {
+        Self::start_with(true)
+    }
+
+    fn start_with(durable: bool) -> Option<PgServer> {
         if !crate::is_root() {
             skip(
                 Category::Root,
@@ -35,10 +46,17 @@ impl PgServer {
             );
             return None;
         };
-        let dir = tempfile::Builder::new()
-            .prefix("kiln-pg-")
-            .tempdir()
-            .expect("temporary directory");
+        let builder = {
+            let mut b = tempfile::Builder::new();
+            b.prefix("kiln-pg-");
+            b
+        };
+        let dir = if durable {
+            builder.tempdir_in("/var/tmp")
+        } else {
+            builder.tempdir()
+        }
+        .expect("temporary directory");
         // The postgres user must reach its data and socket directories.
         std::fs::set_permissions(
             dir.path(),
@@ -64,8 +82,9 @@ impl PgServer {
             ],
         );
         let options = format!(
-            "-k {} -c listen_addresses='' -c fsync=off -c synchronous_commit=off -c max_connections=200",
-            server.socket_dir().display()
+            "-k {} -c listen_addresses='' -c fsync={on} -c synchronous_commit={on} -c max_connections=200",
+            server.socket_dir().display(),
+            on = if durable { "on" } else { "off" },
         );
         server.as_postgres(
             "pg_ctl",

@@ -23,8 +23,13 @@
 //! KILN_BENCH_PAYLOAD (bytes, default 512), KILN_BENCH_HTTP (1, the
 //! default: HTTP/1.1 keep-alive, a connection per caller, as the SDKs
 //! send; 2: HTTP/2 over KILN_BENCH_CONNS connections, default 8),
-//! KILN_BENCH_TARGETS (comma-separated from queue, noop, nginx, accept,
-//! dispatch; default all).
+//! KILN_BENCH_TARGETS (comma-separated from queue, pg, noop, nginx,
+//! accept, dispatch; default all).
+//!
+//! Target `pg`: the shared queue on PostgreSQL (a durable throwaway
+//! server: fsync and synchronous_commit on, under /var/tmp) against raw
+//! PostgreSQL inserts with the same durability, one row per request, the
+//! same callers (`kiln_gateway::queue::bench`); medians of the rounds.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -99,7 +104,31 @@ async fn main() {
     if wanted("queue") {
         queue_phase(dir.path(), secs, callers, &payload).await;
     }
+    if wanted("pg") {
+        pg_phase(secs, callers, &payload).await;
+    }
     http_phase(dir.path(), secs, callers, &payload).await;
+}
+
+async fn pg_phase(secs: u64, callers: usize, payload: &[u8]) {
+    let rounds = env_num("KILN_BENCH_ROUNDS", 3).max(1) as usize;
+    let Some(server) = kiln_test_support::postgres::PgServer::start_durable() else {
+        println!("PostgreSQL: SKIPPED (needs root and Debian's postgresql)");
+        return;
+    };
+    let url = server.create_database("bench");
+    let c = kiln_gateway::queue::bench::compare_pg_accepts(&url, secs, callers, payload, rounds)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", server.log()));
+    println!("PostgreSQL (fsync, synchronous_commit on), {callers} callers, medians of {rounds} rounds of {secs} s:");
+    println!("  shared queue enqueue (group commit): {}", c.queue);
+    println!("  raw INSERT, one commit per row:      {}", c.raw);
+    println!("  queue / raw: {:.2}x", c.ratio());
+    println!("  shared nonce check, 1 caller:        {}", c.nonce_one);
+    println!(
+        "  shared nonce check, {callers} callers:      {}",
+        c.nonce_many
+    );
 }
 
 /// Whether `KILN_BENCH_TARGETS` (comma-separated: queue, noop, nginx,

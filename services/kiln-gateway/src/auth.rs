@@ -9,6 +9,12 @@
 //! and consumes the nonce; the body is then read with the returned
 //! [`BodyCheck`], which fails the call at the body's end when it is not
 //! the signed one (see [`crate::api::request::read_signed_body`]).
+//!
+//! In a cluster the nonce is also claimed in the database every gateway
+//! shares ([`SharedNonces`], after the gateway's own cache, which keeps
+//! the per-account limits in front): a nonce used on one gateway and
+//! replayed to another inside the skew window is refused. It costs one
+//! round trip to PostgreSQL per signed request ([`ReplayCheck::run`]).
 
 use std::sync::Arc;
 
@@ -53,6 +59,63 @@ pub trait Authenticate: Send + Sync + 'static {
     /// the nonce (not replayed, the account within its share of the replay
     /// cache); the body is to be read with the [`BodyCheck`].
     fn verify(&self, head: Prechecked<'_>) -> Result<(Caller, BodyCheck), FcError>;
+    /// In a cluster, the shared nonce claim to run once
+    /// [`Authenticate::verify`] accepted the head (None alone).
+    fn replay_check(&self, _head: &Prechecked<'_>) -> Option<ReplayCheck> {
+        None
+    }
+}
+
+pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'static>>;
+
+/// Signature nonces recorded where every gateway of a cluster sees them.
+pub trait SharedNonces: Send + Sync + 'static {
+    /// Record `nonce` of `access_key_id` until `expires_ms`: true if it
+    /// was new (or its earlier record expired by `now_ms`), false if it is
+    /// a replay. Err when the record cannot be checked.
+    fn claim(
+        &self,
+        access_key_id: &str,
+        nonce: &str,
+        expires_ms: u64,
+        now_ms: u64,
+    ) -> BoxFuture<Result<bool, String>>;
+}
+
+/// One request's shared nonce claim.
+pub struct ReplayCheck {
+    shared: Arc<dyn SharedNonces>,
+    access_key_id: String,
+    nonce: String,
+    expires_ms: u64,
+    now_ms: u64,
+}
+
+impl ReplayCheck {
+    /// Refuse a nonce another gateway (or this one) already recorded, with
+    /// FC's `SignatureNonceUsed`; an unreachable database refuses the call
+    /// (`ServiceUnavailable`, retryable) rather than skip the check.
+    pub async fn run(self) -> Result<(), FcError> {
+        match self
+            .shared
+            .claim(
+                &self.access_key_id,
+                &self.nonce,
+                self.expires_ms,
+                self.now_ms,
+            )
+            .await
+        {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(AuthError::NonceUsed.into()),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot check the signature nonce in the shared database");
+                Err(FcError::unavailable(
+                    "the signature nonce cannot be checked right now; retry the request",
+                ))
+            }
+        }
+    }
 }
 
 pub type SharedAuthenticator = Arc<dyn Authenticate>;
@@ -72,13 +135,16 @@ pub struct SignatureAuthenticator {
     keys: Arc<Catalog>,
     ram: Arc<Ram>,
     clock: Arc<dyn Clock>,
+    shared: Option<Arc<dyn SharedNonces>>,
 }
 
+/// The authenticator; `shared` is the cluster's nonce record (None alone).
 pub fn signature_authenticator(
     catalog: Arc<Catalog>,
     ram: Arc<Ram>,
     clock: Arc<dyn Clock>,
     signatures: &crate::config::SignatureConfig,
+    shared: Option<Arc<dyn SharedNonces>>,
 ) -> SharedAuthenticator {
     let skew_ms = signatures.skew_s.saturating_mul(1000);
     Arc::new(SignatureAuthenticator {
@@ -92,6 +158,7 @@ pub fn signature_authenticator(
         keys: catalog,
         ram,
         clock,
+        shared,
     })
 }
 
@@ -147,5 +214,19 @@ impl Authenticate for SignatureAuthenticator {
             principal: head.principal,
         };
         Ok((caller, body))
+    }
+
+    fn replay_check(&self, head: &Prechecked<'_>) -> Option<ReplayCheck> {
+        let shared = self.shared.as_ref()?;
+        Some(ReplayCheck {
+            shared: shared.clone(),
+            access_key_id: head.parsed.access_key_id().to_owned(),
+            nonce: head.parsed.nonce().to_owned(),
+            expires_ms: head
+                .parsed
+                .date_ms()
+                .saturating_add(self.verifier.skew_ms()),
+            now_ms: self.clock.now_ms(),
+        })
     }
 }

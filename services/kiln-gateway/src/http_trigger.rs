@@ -332,7 +332,14 @@ pub(crate) async fn call_trigger(
             // is proven signed; then it is hashed as it streams in.
             let head = gw.auth.precheck(&parts).map_err(refused)?;
             request::check_declared_length(body.as_ref().expect("not read yet"), limit)?;
+            let replay = gw.auth.replay_check(&head);
             let (caller, check) = gw.auth.verify(head).map_err(refused)?;
+            if let Some(r) = replay {
+                // A replay is refused as such (403); a database that cannot
+                // check the nonce is the service's failure (503), not the
+                // caller's.
+                r.run().await?;
+            }
             if caller.account_id != trigger.account_id {
                 return Err(FcError::new(
                     FcErrorCode::AccessDenied,

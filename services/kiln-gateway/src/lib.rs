@@ -194,6 +194,8 @@ pub async fn start_with_clock(
     clock: Arc<dyn Clock>,
 ) -> Result<GatewayHandle, GatewayError> {
     config.validate()?;
+    // In a cluster the async queue, nonces and timer ticks are shared.
+    let cluster = queue::cluster::open(&config).await?;
     std::fs::create_dir_all(&config.state_dir).map_err(|source| GatewayError::StateDir {
         path: config.state_dir.clone(),
         source,
@@ -258,7 +260,10 @@ pub async fn start_with_clock(
         kiln_pki::internal_client_config_live(&config.tls.ca, identity, revoked.clone())?;
     let internal = InternalClient::revoking(client_tls.clone(), revoked.clone());
     let invoke_client = kiln_internal_api::InvokeClient::revoking(client_tls, revoked.clone());
-    let queue = queue::Queue::open(&config.queue_path())?;
+    let queue = match &cluster {
+        Some(c) => c.queue.clone(),
+        None => queue::Queue::open(&config.queue_path())?,
+    };
     let metrics = Metrics::with_extra(|r| queue.metrics().register(r));
     let scheduler: scheduler::SharedScheduler = Arc::new(scheduler::HttpScheduler::new(
         internal.clone(),
@@ -281,9 +286,14 @@ pub async fn start_with_clock(
     let settings = queue::dispatch::DispatchSettings {
         max_in_flight: aq.max_in_flight,
         per_queue: aq.per_queue,
-        lease_ms: aq.lease_ms,
+        lease_ms: queue::cluster::lease_ms(cluster.is_some(), aq.lease_ms),
+        renew_every: queue::cluster::renew_every(
+            cluster.is_some(),
+            queue::cluster::lease_ms(cluster.is_some(), aq.lease_ms),
+        ),
         backoff_cap: std::time::Duration::from_millis(aq.backoff_cap_ms),
         retention_ms: aq.task_retention_s.saturating_mul(1000),
+        idle_poll: queue::cluster::idle_poll(cluster.is_some()),
         ..Default::default()
     };
     let runtimes = Arc::new(
@@ -298,6 +308,7 @@ pub async fn start_with_clock(
             ram.clone(),
             clock.clone(),
             &config.signatures,
+            cluster.as_ref().map(|c| c.shared_nonces()),
         ),
         ram: ram.clone(),
         agents: Arc::new(agent::HttpAgent::new(invoke_client, internal.clone())),
@@ -406,6 +417,9 @@ pub async fn start_with_clock(
     tasks.push(tokio::spawn(leases.run_sweeper(stopped(rx.clone()))));
     tasks.push(tokio::spawn(gw.dispatcher.clone().run(stopped(rx.clone()))));
     tasks.push(tokio::spawn(timers::run(gw.clone(), stopped(rx.clone()))));
+    if let Some(c) = &cluster {
+        tasks.extend(c.spawn(|| stopped(rx.clone()), gw.clock.clone()));
+    }
     if let Some(l) = metrics_l {
         tasks.push(tokio::spawn(metrics::serve(
             l,

@@ -5,8 +5,11 @@
 //! `{"triggerTime": "2026-12-06T14:00:00Z", "triggerName": "...", "payload": "..."}`.
 //!
 //! A tick's async task id is `timer-<trigger id>-<tick in ms>`, unique in
-//! the queue: a tick enqueued twice (a gateway restarted within it, or
-//! gateways sharing a queue) is one task. Ticks that fell while no gateway
+//! the queue: a tick enqueued twice (a gateway restarted within it) is one
+//! task. In a cluster every gateway looks at every timer, and each tick is
+//! claimed in the shared database (`timer_ticks`, by account, function,
+//! trigger name and tick) in the transaction that enqueues it: it fires
+//! once in the cluster, and keeps firing while any gateway runs. Ticks that fell while no gateway
 //! ran are not fired late; after several ticks passed between two looks
 //! (a stalled gateway), only the latest fires. `@every` periods count from
 //! the trigger's creation, so a restart keeps their phase.
@@ -220,15 +223,24 @@ async fn fire(gw: &Arc<Gateway>, t: &TriggerRecord, cfg: &TimerTriggerConfig, ti
         now_ms: gw.clock.now_ms(),
         depth_limit: Some(gw.catalog.bounds().of(&t.account_id).async_queue_depth),
     };
-    match d.queue().enqueue(m).await {
-        Ok(Enqueued::New) => {
+    let tick = crate::queue::postgres::TickKey {
+        account: t.account_id.as_str().to_owned(),
+        function: t.function_name.as_str().to_owned(),
+        trigger: t.trigger_name.clone(),
+        tick_ms,
+    };
+    match d.queue().enqueue_tick(m, tick).await {
+        Ok(None) => {
+            tracing::debug!(task_id, "timer tick fired by another gateway")
+        }
+        Ok(Some(Enqueued::New)) => {
             d.enqueued(&queue);
             tracing::info!(trigger = %t.trigger_name, function = %t.function_name, account = %t.account_id, task_id, "timer trigger fired");
         }
-        Ok(Enqueued::Duplicate { .. }) => {
+        Ok(Some(Enqueued::Duplicate { .. })) => {
             tracing::debug!(task_id, "timer tick already enqueued")
         }
-        Ok(Enqueued::Full { depth, limit }) => {
+        Ok(Some(Enqueued::Full { depth, limit })) => {
             tracing::warn!(trigger = %t.trigger_name, function = %t.function_name, account = %t.account_id, depth, limit, "timer tick dropped: the account's async queue is full")
         }
         Err(e) => {

@@ -328,3 +328,201 @@ access_key_secret = "{SK}"
     gw.child.start_kill().unwrap();
     let _ = gw.child.wait().await;
 }
+
+/// Two `kiln-gateway` processes sharing a real PostgreSQL queue
+/// (`[cluster]`, 2 s leases renewed while a gateway lives): A takes async
+/// invocations under steady load and is killed with SIGKILL mid-flight
+/// and never restarted; B delivers every invocation A answered 202 to
+/// (those A had claimed once their leases ran out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sigkilled_cluster_gateways_accepted_invocations_are_delivered_by_another() {
+    let Some(pg) = kiln_test_support::postgres::PgServer::start() else {
+        return;
+    };
+    let url = pg.create_database("crash");
+    let dir = tempfile::tempdir().unwrap();
+    let pki = DevPki::ensure(&dir.path().join("pki"), &[]).unwrap();
+    let invoked: Invoked = Arc::default();
+    let inv = invoked.clone();
+    let agent = serve(
+        kiln_pki::internal_server_config(&pki.files("agent")).unwrap(),
+        move |r| {
+            let inv = inv.clone();
+            async move {
+                // Calls take a while: A dies with some in flight.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                fake_agent(r, inv).await
+            }
+        },
+    )
+    .await;
+    let agent_url = format!("https://127.0.0.1:{}", agent.port());
+    let sched = serve(
+        kiln_pki::internal_server_config(&pki.files("scheduler")).unwrap(),
+        move |r| fake_scheduler(r, agent_url.clone()),
+    )
+    .await;
+    let key = dir.path().join("secrets.key");
+    kiln_store::seal::generate_key_file(&key).unwrap();
+    let public = pki.files("gateway");
+    let tls = pki.files("gateway-internal");
+    let write_config = |name: &str, port: u16| {
+        let path = dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                r#"
+state_dir = "{state}"
+region = "cn-test"
+scheduler_url = "https://127.0.0.1:{sched}"
+lease_hold_ms = 0
+[public]
+listen = "127.0.0.1:{port}"
+cert = "{pcert}"
+key = "{pkey}"
+[internal]
+listen = "127.0.0.1:0"
+[tls]
+ca = "{ca}"
+cert = "{cert}"
+key = "{tkey}"
+[async_queue]
+lease_ms = 2000
+[secrets]
+key_file = "{key}"
+[cluster]
+postgres_url = "{url}"
+[[bootstrap_keys]]
+account_id = "{ACCOUNT}"
+access_key_id = "{AK}"
+access_key_secret = "{SK}"
+"#,
+                state = dir.path().join(name).display(),
+                sched = sched.port(),
+                pcert = public.cert.display(),
+                pkey = public.key.display(),
+                ca = tls.ca.display(),
+                cert = tls.cert.display(),
+                tkey = tls.key.display(),
+                key = key.display(),
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let (pa, pb) = (free_port(), free_port());
+    let mut a = start_gateway(&write_config("a", pa), pa).await;
+    let b = start_gateway(&write_config("b", pb), pb).await;
+    let http = client(&pki);
+    let doc = json!({
+        "functionName": "worker",
+        "runtime": "custom.debian12",
+        "handler": "index.handler",
+        "memorySize": 512,
+        "timeout": 10,
+        "customRuntimeConfig": {"command": ["python3", "/code/app.py"], "port": 9000},
+        "code": {"zipFile": base64::engine::general_purpose::STANDARD.encode(zip())},
+    });
+    // Created through A; B serves it once its change feed has it.
+    let r = http
+        .request(signed(
+            pa,
+            Method::POST,
+            "/2023-03-30/functions",
+            doc.to_string().into_bytes(),
+            &[],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let mut served_by_b = false;
+    for _ in 0..50 {
+        let r = http
+            .request(signed(
+                pb,
+                Method::GET,
+                "/2023-03-30/functions/worker",
+                Vec::new(),
+                &[],
+            ))
+            .await
+            .unwrap();
+        if r.status() == StatusCode::OK {
+            served_by_b = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(served_by_b, "B does not serve the function A created");
+
+    let accepted: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let next = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut load = Vec::new();
+    for _ in 0..16 {
+        let (http, accepted, next, stop) =
+            (http.clone(), accepted.clone(), next.clone(), stop.clone());
+        load.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let id = format!("t{}", next.fetch_add(1, Ordering::Relaxed));
+                let req = signed(
+                    pa,
+                    Method::POST,
+                    "/2023-03-30/functions/worker/invocations",
+                    id.clone().into_bytes(),
+                    &[
+                        ("x-fc-invocation-type", "Async"),
+                        ("x-fc-async-task-id", &id),
+                    ],
+                );
+                match tokio::time::timeout(Duration::from_secs(5), http.request(req)).await {
+                    Ok(Ok(resp)) if resp.status() == StatusCode::ACCEPTED => {
+                        accepted.lock().unwrap().insert(id);
+                    }
+                    _ => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500 + jitter(500))).await;
+    a.child.start_kill().unwrap();
+    let status = a.child.wait().await.unwrap();
+    assert!(!status.success(), "SIGKILL ends the gateway");
+    stop.store(true, Ordering::Relaxed);
+    for l in load {
+        l.await.unwrap();
+    }
+    let accepted = accepted.lock().unwrap().clone();
+    assert!(accepted.len() > 50, "too little load: {}", accepted.len());
+    let started = Instant::now();
+    loop {
+        let missing: Vec<String> = {
+            let inv = invoked.lock().unwrap();
+            accepted
+                .iter()
+                .filter(|id| !inv.contains_key(*id))
+                .cloned()
+                .collect()
+        };
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{} invocations A accepted never reached the agent through B, e.g. {:?}",
+            missing.len(),
+            &missing[..missing.len().min(5)]
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let inv = invoked.lock().unwrap().clone();
+    let duplicates: usize = inv.values().map(|n| n - 1).sum();
+    println!(
+        "cluster crash test: A SIGKILLed, {} accepted by A (202), all delivered at least once \
+         (B took over A's claims after their leases); {duplicates} duplicates",
+        accepted.len()
+    );
+    let mut b = b;
+    b.child.start_kill().unwrap();
+    let _ = b.child.wait().await;
+}

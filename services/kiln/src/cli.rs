@@ -160,11 +160,11 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum StoreCommand {
     /// Copy a stopped one-box scheduler's or gateway's state (its SQLite
-    /// file; a gateway's code packages too) into the empty PostgreSQL
-    /// database a cluster will share (docs/ha.md).
+    /// files; a gateway's code packages and async queue too) into the
+    /// empty PostgreSQL database a cluster will share (docs/ha.md).
     Copy {
         /// The scheduler's state directory (holds scheduler.db) or the
-        /// gateway's (gateway.db and code/).
+        /// gateway's (gateway.db, queue.db and code/).
         #[arg(long)]
         from: PathBuf,
         /// The cluster's database: a `postgresql://` URL or `key=value`

@@ -200,3 +200,56 @@ fn base64_of(b: &[u8]) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(b)
 }
+
+/// Given a gateway's state directory, `kiln store copy` moves its async
+/// queue (tasks, configs) into the cluster's shared queue, once.
+#[test]
+fn a_one_box_gateways_async_queue_moves_into_postgres_once() {
+    use kiln_gateway::queue::{AsyncConfig, NewMessage, Queue};
+    let Some(pg) = PgServer::start() else { return };
+    let url = pg.create_database("kiln_queue_copy");
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("gateway");
+    std::fs::create_dir(&state).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let q = Queue::open(&state.join("queue.db")).unwrap();
+        q.enqueue(NewMessage {
+            account: "1234".parse().unwrap(),
+            function: "f".parse().unwrap(),
+            queue: "1234".into(),
+            task_id: "job-1".into(),
+            request_id: "r-1".into(),
+            payload: b"{}".to_vec(),
+            headers: vec![],
+            now_ms: 1_000,
+            depth_limit: None,
+        })
+        .await
+        .unwrap();
+        q.put_config(
+            &"1234".parse().unwrap(),
+            &"f".parse().unwrap(),
+            "LATEST",
+            &AsyncConfig::parse(br#"{"asyncTask":true}"#, "r", "1234").unwrap(),
+        )
+        .await
+        .unwrap();
+    });
+    let from = state.to_str().unwrap();
+    let out = kiln(&["store", "copy", "--from", from, "--to", &url]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("1 async messages (1 unfinished), 0 task events, 0 destination deliveries, 1 async invoke configs"),
+        "{text}"
+    );
+    let again = kiln(&["store", "copy", "--from", from, "--to", &url]);
+    assert!(!again.status.success());
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(err.contains("already holds async queue state"), "{err}");
+}

@@ -684,7 +684,11 @@ pub async fn handle(
             let head = gw.auth.precheck(&parts)?;
             let limit = body_limit(op);
             request::check_declared_length(&body, limit)?;
+            let replay = gw.auth.replay_check(&head);
             let (caller, check) = gw.auth.verify(head)?;
+            if let Some(r) = replay {
+                r.run().await?;
+            }
             tracing::Span::current().record("account", caller.account_id.as_str());
             let body = request::read_signed_body(body, limit, check).await?;
             crate::ram::authz::authorize(&gw.ram, &gw.region, &caller, &route)?;

@@ -69,15 +69,21 @@ pub struct Configs {
 
 impl Configs {
     pub async fn load(queue: &Queue) -> Result<Self, QueueError> {
+        let me = Self::default();
+        me.reload(queue).await?;
+        Ok(me)
+    }
+
+    /// Read every config again (another gateway of a cluster changed one).
+    pub async fn reload(&self, queue: &Queue) -> Result<(), QueueError> {
         let map = queue
             .configs()
             .await?
             .into_iter()
             .map(|(a, f, q, c)| ((a, f, q), c))
             .collect();
-        Ok(Self {
-            map: RwLock::new(map),
-        })
+        *self.map.write().unwrap_or_else(|p| p.into_inner()) = map;
+        Ok(())
     }
 
     /// The config of `qualifier` (as written: `LATEST`, a version id or
@@ -165,6 +171,11 @@ pub struct DispatchSettings {
     /// How long a finished task stays readable (GetAsyncTask) before its
     /// row is purged.
     pub retention_ms: u64,
+    /// In a cluster: renew the leases of the deliveries this dispatcher
+    /// runs this often (each by `lease_ms` from then), so a short lease
+    /// holds while the gateway lives and runs out soon after it dies.
+    /// None: a lease lasts `lease_ms` (or the call's budget) as claimed.
+    pub renew_every: Option<Duration>,
 }
 
 impl Default for DispatchSettings {
@@ -177,6 +188,7 @@ impl Default for DispatchSettings {
             idle_poll: Duration::from_millis(100),
             destination_attempts: 5,
             retention_ms: 7 * 24 * 3600 * 1000,
+            renew_every: None,
         }
     }
 }
@@ -208,6 +220,9 @@ struct State {
     total: usize,
     cursor: usize,
     running: HashMap<i64, AbortHandle>,
+    /// Messages this dispatcher holds a lease on (claimed, not
+    /// completed), with the delivery number of that lease.
+    held: HashMap<i64, i64>,
     /// Stops that came while their message was claimed (already Running in
     /// the queue) but its call not yet started: honoured when it starts.
     /// Pruned after an hour (a stop racing a call's end leaves one behind).
@@ -272,9 +287,108 @@ impl Dispatcher {
         s.stop_requested.insert(seq, now);
     }
 
+    /// A stop of message `seq` reached this gateway (a cluster's
+    /// notification or resync): abort it if this dispatcher runs it.
+    pub fn abort_if_held(&self, seq: i64) {
+        if self.state().held.contains_key(&seq) {
+            self.abort(seq);
+        }
+    }
+
+    /// In a cluster: follow the other gateways' changes (new messages,
+    /// stops, configs) from the queue's notifications, and re-read them
+    /// every [`super::postgres::RESYNC_EVERY`] in case one was missed.
+    async fn follow_cluster(self: Arc<Self>) {
+        let Some(pg) = self.queue.shared() else {
+            return;
+        };
+        let Some(mut signals) = pg.take_signals() else {
+            return;
+        };
+        let mut resync = tokio::time::interval(super::postgres::RESYNC_EVERY);
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let signal = tokio::select! {
+                s = signals.recv() => match s {
+                    Some(s) => s,
+                    None => return,
+                },
+                _ = resync.tick() => super::postgres::Signal::Resync,
+            };
+            match signal {
+                super::postgres::Signal::Enqueued(q) => self.enqueued(&q),
+                super::postgres::Signal::Stop(seq) => self.abort_if_held(seq),
+                super::postgres::Signal::Configs => {
+                    if let Err(e) = self.configs.reload(&self.queue).await {
+                        tracing::warn!(error = %e, "cannot reload async invoke configs");
+                    }
+                }
+                super::postgres::Signal::Resync => self.resync().await,
+            }
+        }
+    }
+
+    async fn resync(&self) {
+        match self.queue.active_queues().await {
+            Ok(qs) => {
+                let mut s = self.state();
+                let new = qs.iter().any(|q| !s.queues.contains(q));
+                s.queues.extend(qs);
+                drop(s);
+                if new {
+                    self.wake.notify_one();
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %kiln_core::error_chain(&e), "cannot list the shared async queues")
+            }
+        }
+        let held: Vec<i64> = self.state().held.keys().copied().collect();
+        if let Some(pg) = self.queue.shared() {
+            match pg.stopping_among(held).await {
+                Ok(stops) => stops.into_iter().for_each(|seq| self.abort_if_held(seq)),
+                Err(e) => {
+                    tracing::warn!(error = %kiln_core::error_chain(&e), "cannot read stops of running async tasks")
+                }
+            }
+        }
+        if let Err(e) = self.configs.reload(&self.queue).await {
+            tracing::warn!(error = %e, "cannot reload async invoke configs");
+        }
+    }
+
     /// Run until `stop` resolves; in-flight deliveries are left to their
     /// leases (redelivered after a restart).
     pub async fn run(self: Arc<Self>, stop: impl Future<Output = ()>) {
+        let follower = tokio::spawn(self.clone().follow_cluster());
+        let renewer = tokio::spawn(self.clone().renew_leases());
+        self.clone().run_loop(stop).await;
+        follower.abort();
+        renewer.abort();
+    }
+
+    /// Every `renew_every`, push the leases of the running deliveries
+    /// `lease_ms` ahead (fenced by their delivery numbers).
+    async fn renew_leases(self: Arc<Self>) {
+        let (Some(every), Some(pg)) = (self.settings.renew_every, self.queue.shared()) else {
+            return;
+        };
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let held: Vec<(i64, i64)> = self.state().held.iter().map(|(s, d)| (*s, *d)).collect();
+            if held.is_empty() {
+                continue;
+            }
+            let until = self.clock.now_ms() + self.settings.lease_ms;
+            if let Err(e) = pg.renew(held, until).await {
+                tracing::warn!(error = %kiln_core::error_chain(&e), "cannot renew the leases of running async deliveries; another gateway may deliver them again once they run out");
+            }
+        }
+    }
+
+    async fn run_loop(self: Arc<Self>, stop: impl Future<Output = ()>) {
         match self.queue.recover(self.clock.now_ms()).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(
@@ -348,6 +462,7 @@ impl Dispatcher {
                     let mut s = self.state();
                     *s.in_flight.entry(c.queue.clone()).or_default() += 1;
                     s.total += 1;
+                    s.held.insert(c.seq, c.delivery);
                 }
                 let span = tracing::info_span!(
                     "async_invoke",
@@ -441,7 +556,12 @@ impl Dispatcher {
         } else {
             // A call that may outlast the default lease keeps its message
             // for as long as it may run, so it is not redelivered meanwhile.
-            if let Some(budget) = self.invoker.call_budget_ms(&c) {
+            // (Renewed leases need no extension.)
+            if let Some(budget) = self
+                .invoker
+                .call_budget_ms(&c)
+                .filter(|_| self.settings.renew_every.is_none())
+            {
                 if budget > self.settings.lease_ms {
                     let until = now + budget + 60_000;
                     if let Err(e) = self.queue.extend(c.seq, c.delivery, until).await {
@@ -507,6 +627,7 @@ impl Dispatcher {
                 *n = n.saturating_sub(1);
             }
             s.total = s.total.saturating_sub(1);
+            s.held.remove(&c.seq);
         }
         self.wake.notify_one();
     }

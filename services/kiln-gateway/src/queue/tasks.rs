@@ -1,9 +1,10 @@
 //! Reading async tasks back (GetAsyncTask, ListAsyncTasks): a task is its
-//! message row plus its events.
+//! message row plus its events, read from either backend and shaped here.
 
 use rusqlite::{params, OptionalExtension};
 use serde_json::{json, Value};
 
+use super::postgres::EventRow;
 use super::{Queue, QueueError, TaskStatus};
 
 /// ListAsyncTasks' filters, already validated.
@@ -28,6 +29,24 @@ pub struct TaskView {
     pub json: Value,
 }
 
+/// A message row as stored.
+#[derive(Debug, Clone)]
+pub struct TaskRow {
+    pub seq: i64,
+    pub account: String,
+    pub function: String,
+    pub task_id: String,
+    pub request_id: String,
+    pub payload: Vec<u8>,
+    pub status: String,
+    pub retries: i64,
+    pub created_ms: i64,
+    pub end_ms: Option<i64>,
+    pub error: Option<String>,
+    pub return_payload: Option<Vec<u8>>,
+    pub headers: String,
+}
+
 const COLUMNS: &str = "seq, account_id, function_name, task_id, request_id, payload, status,
     retries, created_ms, end_ms, error, return_payload, headers";
 
@@ -44,60 +63,98 @@ fn qualifier(headers: &str) -> String {
         .unwrap_or_else(|| crate::versions::LATEST.to_owned())
 }
 
-fn row_json(r: &rusqlite::Row<'_>, region: &str, payload: bool) -> rusqlite::Result<(i64, Value)> {
-    let seq: i64 = r.get(0)?;
-    let account: String = r.get(1)?;
-    let function: String = r.get(2)?;
-    let created: i64 = r.get(8)?;
-    let end: Option<i64> = r.get(9)?;
+fn sqlite_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TaskRow> {
+    Ok(TaskRow {
+        seq: r.get(0)?,
+        account: r.get(1)?,
+        function: r.get(2)?,
+        task_id: r.get(3)?,
+        request_id: r.get(4)?,
+        payload: r.get(5)?,
+        status: r.get(6)?,
+        retries: r.get(7)?,
+        created_ms: r.get(8)?,
+        end_ms: r.get(9)?,
+        error: r.get(10)?,
+        return_payload: r.get(11)?,
+        headers: r.get(12)?,
+    })
+}
+
+/// The task's JSON with its history: Enqueued (event 0, from the row's
+/// created_ms), then every recorded transition.
+fn view(r: TaskRow, events: Vec<EventRow>, region: &str, payload: bool) -> TaskView {
+    let created = r.created_ms;
     let mut v = json!({
-        "taskId": r.get::<_, String>(3)?,
-        "requestId": r.get::<_, String>(4)?,
-        "status": r.get::<_, String>(6)?,
-        "alreadyRetriedTimes": r.get::<_, i64>(7)?,
+        "taskId": r.task_id,
+        "requestId": r.request_id,
+        "status": r.status,
+        "alreadyRetriedTimes": r.retries,
         "startedTime": created,
-        "functionArn": format!("acs:fc:{region}:{account}:functions/{function}"),
-        "qualifier": qualifier(&r.get::<_, String>(12)?),
+        "functionArn": format!("acs:fc:{region}:{}:functions/{}", r.account, r.function),
+        "qualifier": qualifier(&r.headers),
     });
-    if let Some(end) = end {
+    if let Some(end) = r.end_ms {
         v["endTime"] = end.into();
         v["durationMs"] = (end - created).max(0).into();
     }
-    if let Some(e) = r.get::<_, Option<String>>(10)? {
+    if let Some(e) = r.error {
         v["taskErrorMessage"] = e.into();
     }
-    if let Some(p) = r.get::<_, Option<Vec<u8>>>(11)? {
+    if let Some(p) = r.return_payload {
         v["returnPayload"] = String::from_utf8_lossy(&p).into_owned().into();
     }
     if payload {
-        v["taskPayload"] = String::from_utf8_lossy(&r.get::<_, Vec<u8>>(5)?)
-            .into_owned()
-            .into();
+        v["taskPayload"] = String::from_utf8_lossy(&r.payload).into_owned().into();
     }
-    Ok((seq, v))
-}
-
-/// A task's history: Enqueued (event 0, from the row's created_ms), then
-/// every recorded transition.
-fn events(c: &rusqlite::Connection, seq: i64, created_ms: i64) -> rusqlite::Result<Vec<Value>> {
     let enqueued = json!({
         "eventId": 0,
         "status": TaskStatus::Enqueued.as_str(),
-        "timestamp": created_ms,
+        "timestamp": created,
         "eventDetail": "",
     });
+    let events = std::iter::once(enqueued)
+        .chain(events.into_iter().map(|e| {
+            json!({
+                "eventId": e.event_id,
+                "status": e.status,
+                "timestamp": e.ts_ms,
+                "eventDetail": e.detail,
+            })
+        }))
+        .collect();
+    v["events"] = Value::Array(events);
+    TaskView {
+        seq: r.seq,
+        json: v,
+    }
+}
+
+fn sqlite_events(c: &rusqlite::Connection, seq: i64) -> rusqlite::Result<Vec<EventRow>> {
     let mut st = c.prepare_cached(
         "SELECT event_id, status, ts_ms, detail FROM task_events WHERE seq = ?1 ORDER BY event_id",
     )?;
     let rows = st.query_map([seq], |r| {
-        Ok(json!({
-            "eventId": r.get::<_, i64>(0)?,
-            "status": r.get::<_, String>(1)?,
-            "timestamp": r.get::<_, i64>(2)?,
-            "eventDetail": r.get::<_, String>(3)?,
-        }))
+        Ok(EventRow {
+            event_id: r.get(0)?,
+            status: r.get(1)?,
+            ts_ms: r.get(2)?,
+            detail: r.get(3)?,
+        })
     })?;
-    std::iter::once(Ok(enqueued)).chain(rows).collect()
+    rows.collect()
+}
+
+/// One page of rows and the next page's token.
+fn page(mut rows: Vec<TaskView>, limit: usize) -> (Vec<TaskView>, Option<String>) {
+    let more = rows.len() > limit;
+    rows.truncate(limit);
+    let next = if more {
+        rows.last().map(|t| t.seq.to_string())
+    } else {
+        None
+    };
+    (rows, next)
 }
 
 impl Queue {
@@ -109,33 +166,39 @@ impl Queue {
         function: &str,
         task_id: &str,
     ) -> Result<Option<TaskView>, QueueError> {
-        let (region, a, f, t) = (
-            region.to_owned(),
-            account.to_owned(),
-            function.to_owned(),
-            task_id.to_owned(),
-        );
-        Ok(self
-            .db()
-            .run(move |c| {
-                let row = c
-                    .query_row(
-                        &format!(
-                            "SELECT {COLUMNS} FROM messages
-                             WHERE account_id = ?1 AND function_name = ?2 AND task_id = ?3"
-                        ),
-                        params![a, f, t],
-                        |r| row_json(r, &region, true),
-                    )
-                    .optional()?;
-                let Some((seq, mut json)) = row else {
-                    return Ok(None);
-                };
-                let created = json["startedTime"].as_i64().unwrap_or(0);
-                json["events"] = Value::Array(events(c, seq, created)?);
-                Ok(Some(TaskView { seq, json }))
-            })
-            .await?)
+        let rows = match self.sqlite() {
+            None => {
+                let p = self.shared().expect("one backend");
+                p.task_rows(account, function, Some(task_id), &TaskQuery::default())
+                    .await?
+            }
+            Some(s) => {
+                let (a, f, t) = (account.to_owned(), function.to_owned(), task_id.to_owned());
+                s.db()
+                    .run(move |c| {
+                        let row = c
+                            .query_row(
+                                &format!(
+                                    "SELECT {COLUMNS} FROM messages
+                                     WHERE account_id = ?1 AND function_name = ?2 AND task_id = ?3"
+                                ),
+                                params![a, f, t],
+                                sqlite_row,
+                            )
+                            .optional()?;
+                        let Some(row) = row else {
+                            return Ok(Vec::new());
+                        };
+                        let ev = sqlite_events(c, row.seq)?;
+                        Ok(vec![(row, ev)])
+                    })
+                    .await?
+            }
+        };
+        Ok(rows
+            .into_iter()
+            .next()
+            .map(|(r, ev)| view(r, ev, region, true)))
     }
 
     /// ListAsyncTasks: one page and the next page's token.
@@ -146,53 +209,62 @@ impl Queue {
         function: &str,
         q: TaskQuery,
     ) -> Result<(Vec<TaskView>, Option<String>), QueueError> {
-        let (region, a, f) = (region.to_owned(), account.to_owned(), function.to_owned());
-        Ok(self
-            .db()
-            .run(move |c| {
-                let order = if q.descending { "DESC" } else { "ASC" };
-                let cmp = if q.descending { "<" } else { ">" };
-                let sql = format!(
-                    "SELECT {COLUMNS} FROM messages
-                     WHERE account_id = ?1 AND function_name = ?2
-                       AND (?3 IS NULL OR status = ?3)
-                       AND (?4 IS NULL OR substr(task_id, 1, length(?4)) = ?4)
-                       AND (?5 IS NULL OR created_ms >= ?5)
-                       AND (?6 IS NULL OR created_ms <= ?6)
-                       AND (?7 IS NULL OR seq {cmp} ?7)
-                     ORDER BY seq {order} LIMIT ?8"
-                );
-                let mut st = c.prepare(&sql)?;
-                let rows = st.query_map(
-                    params![
-                        a,
-                        f,
-                        q.status.map(TaskStatus::as_str),
-                        q.prefix,
-                        q.begin_ms.map(|v| v as i64),
-                        q.end_ms.map(|v| v as i64),
-                        q.after,
-                        (q.limit + 1) as i64
-                    ],
-                    |r| row_json(r, &region, q.include_payload),
-                )?;
-                let mut page = rows.collect::<Result<Vec<_>, _>>()?;
-                let more = page.len() > q.limit;
-                page.truncate(q.limit);
-                let next = if more {
-                    page.last().map(|(s, _)| s.to_string())
-                } else {
-                    None
-                };
-                let mut out = Vec::with_capacity(page.len());
-                for (seq, mut json) in page {
-                    let created = json["startedTime"].as_i64().unwrap_or(0);
-                    json["events"] = Value::Array(events(c, seq, created)?);
-                    out.push(TaskView { seq, json });
-                }
-                Ok((out, next))
-            })
-            .await?)
+        let rows = match self.sqlite() {
+            None => {
+                let p = self.shared().expect("one backend");
+                p.task_rows(account, function, None, &q).await?
+            }
+            Some(s) => {
+                let (a, f, q) = (account.to_owned(), function.to_owned(), q.clone());
+                s.db()
+                    .run(move |c| {
+                        let order = if q.descending { "DESC" } else { "ASC" };
+                        let cmp = if q.descending { "<" } else { ">" };
+                        let sql = format!(
+                            "SELECT {COLUMNS} FROM messages
+                             WHERE account_id = ?1 AND function_name = ?2
+                               AND (?3 IS NULL OR status = ?3)
+                               AND (?4 IS NULL OR substr(task_id, 1, length(?4)) = ?4)
+                               AND (?5 IS NULL OR created_ms >= ?5)
+                               AND (?6 IS NULL OR created_ms <= ?6)
+                               AND (?7 IS NULL OR seq {cmp} ?7)
+                             ORDER BY seq {order} LIMIT ?8"
+                        );
+                        let mut st = c.prepare(&sql)?;
+                        let rows = st.query_map(
+                            params![
+                                a,
+                                f,
+                                q.status.map(TaskStatus::as_str),
+                                q.prefix,
+                                q.begin_ms.map(|v| v as i64),
+                                q.end_ms.map(|v| v as i64),
+                                q.after,
+                                (q.limit + 1) as i64
+                            ],
+                            sqlite_row,
+                        )?;
+                        let rows = rows.collect::<Result<Vec<_>, _>>()?;
+                        let mut out = Vec::with_capacity(rows.len());
+                        // Only the page's rows need their events.
+                        for (i, r) in rows.into_iter().enumerate() {
+                            let ev = if i < q.limit {
+                                sqlite_events(c, r.seq)?
+                            } else {
+                                Vec::new()
+                            };
+                            out.push((r, ev));
+                        }
+                        Ok(out)
+                    })
+                    .await?
+            }
+        };
+        let views = rows
+            .into_iter()
+            .map(|(r, ev)| view(r, ev, region, q.include_payload))
+            .collect();
+        Ok(page(views, q.limit))
     }
 }
 
@@ -215,9 +287,9 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn get_and_list_with_filters_and_pages() {
-        let q = Queue::open_in_memory().unwrap();
+    crate::queue::test_backends::on_both!(get_and_list_with_filters_and_pages, get_and_list);
+
+    async fn get_and_list(q: Queue) {
         for (i, t) in ["job-1", "job-2", "other-3", "job-4", "job-5"]
             .iter()
             .enumerate()

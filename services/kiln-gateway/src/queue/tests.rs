@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use kiln_core::{Clock, ManualClock};
 
 use super::dispatch::{BoxFuture, Configs, DeliveryOutcome, DispatchSettings, Dispatcher, Invoker};
+use super::test_backends::on_both;
 use super::*;
 
 fn msg(account: &str, function: &str, task: &str, now_ms: u64) -> NewMessage {
@@ -22,8 +23,30 @@ fn msg(account: &str, function: &str, task: &str, now_ms: u64) -> NewMessage {
     }
 }
 
+/// A config stored as the API stores it: in the queue's database (which
+/// a cluster's dispatchers re-read) and in the dispatcher's memory.
+async fn set_config(
+    q: &Queue,
+    configs: &Configs,
+    account: &str,
+    function: &str,
+    qualifier: &str,
+    cfg: Option<AsyncConfig>,
+) {
+    let (a, f) = (account.parse().unwrap(), function.parse().unwrap());
+    match &cfg {
+        Some(c) => q.put_config(&a, &f, qualifier, c).await.unwrap(),
+        None => {
+            q.delete_config(&a, &f, qualifier).await.unwrap();
+        }
+    }
+    configs.set(account, function, qualifier, cfg);
+}
+
 fn count(q: &Queue, sql: &'static str) -> i64 {
-    q.db()
+    q.sqlite()
+        .unwrap()
+        .db()
         .with_conn(|c| Ok(c.query_row(sql, [], |r| r.get(0))?))
         .unwrap()
 }
@@ -52,9 +75,11 @@ async fn concurrent_enqueues_share_transactions() {
     assert_eq!(count(&q, "SELECT count(*) FROM messages"), 2000);
 }
 
-#[tokio::test]
-async fn the_same_task_id_is_one_task() {
-    let q = Queue::open_in_memory().unwrap();
+on_both!(
+    the_same_task_id_is_one_task,
+    the_same_task_id_is_one_task_on
+);
+async fn the_same_task_id_is_one_task_on(q: Queue) {
     assert_eq!(
         q.enqueue(msg("1", "f", "t", 1)).await.unwrap(),
         Enqueued::New
@@ -76,12 +101,14 @@ async fn the_same_task_id_is_one_task() {
         q.enqueue(msg("2", "f", "t", 1)).await.unwrap(),
         Enqueued::New
     );
-    assert_eq!(count(&q, "SELECT count(*) FROM messages"), 3);
+    assert_eq!(q.count_rows("messages").await, 3);
 }
 
-#[tokio::test]
-async fn an_expired_lease_is_redelivered_and_a_late_answer_ignored() {
-    let q = Queue::open_in_memory().unwrap();
+on_both!(
+    an_expired_lease_is_redelivered_and_a_late_answer_ignored,
+    an_expired_lease_is_redelivered_and_a_late_answer_ignored_on
+);
+async fn an_expired_lease_is_redelivered_and_a_late_answer_ignored_on(q: Queue) {
     q.enqueue(msg("1", "f", "t", 1_000)).await.unwrap();
     let first = q.claim(1_000, 5_000, vec![("1".into(), 10)]).await.unwrap();
     assert_eq!(first.len(), 1);
@@ -161,9 +188,11 @@ async fn a_restart_releases_the_dead_processs_leases() {
     assert_eq!(q.recover(3_000).await.unwrap(), 2);
 }
 
-#[tokio::test]
-async fn stop_removes_a_waiting_task_and_refuses_a_finished_one() {
-    let q = Queue::open_in_memory().unwrap();
+on_both!(
+    stop_removes_a_waiting_task_and_refuses_a_finished_one,
+    stop_removes_a_waiting_task_and_refuses_a_finished_one_on
+);
+async fn stop_removes_a_waiting_task_and_refuses_a_finished_one_on(q: Queue) {
     q.enqueue(msg("1", "f", "a", 1)).await.unwrap();
     q.enqueue(msg("1", "f", "b", 1)).await.unwrap();
     let (acc, f) = ("1".parse().unwrap(), "f".parse().unwrap());
@@ -287,21 +316,12 @@ fn settings() -> DispatchSettings {
         idle_poll: Duration::from_millis(5),
         destination_attempts: 2,
         retention_ms: 3_600_000,
+        renew_every: None,
     }
 }
 
 async fn status_of(q: &Queue, task: &str) -> (String, i64, i64) {
-    let t = task.to_owned();
-    q.db()
-        .run(move |c| {
-            Ok(c.query_row(
-                "SELECT status, retries, throttles FROM messages WHERE task_id = ?1",
-                [t],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )?)
-        })
-        .await
-        .unwrap()
+    q.status_row(task).await
 }
 
 async fn wait_for(q: &Queue, task: &str, want: &str) -> (String, i64, i64) {
@@ -318,9 +338,11 @@ async fn wait_for(q: &Queue, task: &str, want: &str) -> (String, i64, i64) {
     )
 }
 
-#[tokio::test]
-async fn one_accounts_backlog_does_not_delay_another() {
-    let q = Queue::open_in_memory().unwrap();
+on_both!(
+    one_accounts_backlog_does_not_delay_another,
+    one_accounts_backlog_does_not_delay_another_on
+);
+async fn one_accounts_backlog_does_not_delay_another_on(q: Queue) {
     let fake = Fake::new(Duration::from_millis(20));
     let clock = Arc::new(ManualClock::new(1_000));
     let d = Dispatcher::new(
@@ -351,19 +373,18 @@ async fn one_accounts_backlog_does_not_delay_another() {
     for i in 0..10 {
         wait_for(&q, &format!("b{i}"), "Succeeded").await;
     }
-    let a_done = count(
-        &q,
-        "SELECT count(*) FROM messages WHERE account_id = '100' AND done = 1",
-    );
+    let a_done = q.finished_of("100").await;
     println!("B's 10 finished while A had finished {a_done} of 10000");
     assert!(a_done < 1_000, "B waited for {a_done} of A's messages");
     let _ = tx.send(());
     run.await.unwrap();
 }
 
-#[tokio::test]
-async fn function_errors_retry_then_fail_to_the_failure_destination() {
-    let q = Queue::open_in_memory().unwrap();
+on_both!(
+    function_errors_retry_then_fail_to_the_failure_destination,
+    function_errors_retry_then_fail_to_the_failure_destination_on
+);
+async fn function_errors_retry_then_fail_to_the_failure_destination_on(q: Queue) {
     let fake = Fake::new(Duration::ZERO);
     let err = DeliveryOutcome::FunctionError {
         status: 500,
@@ -371,8 +392,7 @@ async fn function_errors_retry_then_fail_to_the_failure_destination() {
     };
     fake.script("f", vec![err.clone(), err.clone(), err.clone()]);
     let configs = Arc::new(Configs::default());
-    configs.set(
-        "1",
+    set_config(&q, &configs, "1",
         "f",
         "LATEST",
         Some(
@@ -382,8 +402,7 @@ async fn function_errors_retry_then_fail_to_the_failure_destination() {
                 "1",
             )
             .unwrap(),
-        ),
-    );
+        ),).await;
     let clock = Arc::new(ManualClock::new(1_000));
     let d = Dispatcher::new(
         q.clone(),
@@ -424,9 +443,11 @@ async fn function_errors_retry_then_fail_to_the_failure_destination() {
     run.await.unwrap();
 }
 
-#[tokio::test]
-async fn throttling_backs_off_until_the_ttl_expires() {
-    let q = Queue::open_in_memory().unwrap();
+on_both!(
+    throttling_backs_off_until_the_ttl_expires,
+    throttling_backs_off_until_the_ttl_expires_on
+);
+async fn throttling_backs_off_until_the_ttl_expires_on(q: Queue) {
     let fake = Fake::new(Duration::ZERO);
     fake.script(
         "f",
@@ -435,12 +456,15 @@ async fn throttling_backs_off_until_the_ttl_expires() {
             .collect(),
     );
     let configs = Arc::new(Configs::default());
-    configs.set(
+    set_config(
+        &q,
+        &configs,
         "1",
         "f",
         "LATEST",
         Some(AsyncConfig::parse(br#"{"maxAsyncEventAgeInSeconds":10}"#, "r", "1").unwrap()),
-    );
+    )
+    .await;
     let clock = Arc::new(ManualClock::new(1_000));
     let d = Dispatcher::new(
         q.clone(),
@@ -456,16 +480,7 @@ async fn throttling_backs_off_until_the_ttl_expires() {
     let run = tokio::spawn(d.clone().run(async {
         let _ = rx.await;
     }));
-    let visible = |q: Queue| async move {
-        q.db()
-            .run(|c| {
-                Ok(c.query_row("SELECT visible_ms FROM messages", [], |r| {
-                    r.get::<_, i64>(0)
-                })?)
-            })
-            .await
-            .unwrap() as u64
-    };
+    let visible = |q: Queue| async move { q.visible_ms_of("t").await as u64 };
     // Each throttled delivery waits 0.5 s, 1 s, 2 s, 4 s, 4 s (cap) ... on the injected clock.
     let mut waits = Vec::new();
     for n in 1..=4 {
@@ -498,18 +513,23 @@ async fn wait_for_throttles(q: &Queue, n: i64) -> (String, i64, i64) {
     panic!("never throttled {n} times")
 }
 
-#[tokio::test]
-async fn a_message_older_than_its_ttl_is_expired_without_invoking() {
-    let q = Queue::open_in_memory().unwrap();
+on_both!(
+    a_message_older_than_its_ttl_is_expired_without_invoking,
+    a_message_older_than_its_ttl_is_expired_without_invoking_on
+);
+async fn a_message_older_than_its_ttl_is_expired_without_invoking_on(q: Queue) {
     let fake = Fake::new(Duration::ZERO);
     let clock = Arc::new(ManualClock::new(1_000));
     let configs = Arc::new(Configs::default());
-    configs.set(
+    set_config(
+        &q,
+        &configs,
         "1",
         "f",
         "LATEST",
         Some(AsyncConfig::parse(br#"{"maxAsyncEventAgeInSeconds":5}"#, "r", "1").unwrap()),
-    );
+    )
+    .await;
     q.enqueue(msg("1", "f", "t", 1_000)).await.unwrap();
     clock.advance(Duration::from_secs(6));
     let d = Dispatcher::new(
@@ -531,11 +551,13 @@ async fn a_message_older_than_its_ttl_is_expired_without_invoking() {
     run.await.unwrap();
 }
 
-/// A call made with a qualifier is governed by that qualifier's config:
-/// the alias's 5 s TTL expires its message while LATEST's (1 h) would not.
-#[tokio::test]
-async fn a_qualified_call_follows_its_qualifiers_config() {
-    let q = Queue::open_in_memory().unwrap();
+// A call made with a qualifier is governed by that qualifier's config:
+// the alias's 5 s TTL expires its message while LATEST's (1 h) would not.
+on_both!(
+    a_qualified_call_follows_its_qualifiers_config,
+    a_qualified_call_follows_its_qualifiers_config_on
+);
+async fn a_qualified_call_follows_its_qualifiers_config_on(q: Queue) {
     let fake = Fake::new(Duration::ZERO);
     let clock = Arc::new(ManualClock::new(1_000));
     let configs = Arc::new(Configs::default());
@@ -549,8 +571,8 @@ async fn a_qualified_call_follows_its_qualifiers_config() {
             .unwrap(),
         )
     };
-    configs.set("1", "f", "LATEST", ttl(3600));
-    configs.set("1", "f", "prod", ttl(5));
+    set_config(&q, &configs, "1", "f", "LATEST", ttl(3600)).await;
+    set_config(&q, &configs, "1", "f", "prod", ttl(5)).await;
     let mut prod = msg("1", "f", "to-prod", 1_000);
     prod.headers
         .push((crate::queue::QUALIFIER_HEADER.into(), "prod".into()));
@@ -590,12 +612,15 @@ async fn a_qualified_call_follows_its_qualifiers_config() {
         vec![("f".into(), "LATEST".into()), ("f".into(), "prod".into())]
     );
     assert_eq!(configs.queue_of("1", "f"), "1");
-    configs.set(
+    set_config(
+        &q,
+        &configs,
         "1",
         "f",
         "prod",
         Some(AsyncConfig::parse(br#"{"dedicatedQueue":true}"#, "r", "1").unwrap()),
-    );
+    )
+    .await;
     assert_eq!(
         configs.queue_of("1", "f"),
         "1/f",
@@ -604,9 +629,11 @@ async fn a_qualified_call_follows_its_qualifiers_config() {
     assert!(configs.get("1", "f", "staging").is_none());
 }
 
-#[tokio::test]
-async fn stopping_a_running_task_aborts_its_invocation() {
-    let q = Queue::open_in_memory().unwrap();
+on_both!(
+    stopping_a_running_task_aborts_its_invocation,
+    stopping_a_running_task_aborts_its_invocation_on
+);
+async fn stopping_a_running_task_aborts_its_invocation_on(q: Queue) {
     let fake = Fake::new(Duration::from_secs(30));
     let clock = Arc::new(ManualClock::new(1_000));
     let d = Dispatcher::new(
@@ -643,11 +670,13 @@ async fn stopping_a_running_task_aborts_its_invocation() {
     run.await.unwrap();
 }
 
-/// StopAsyncTask can find a message claimed (Running in the queue) before
-/// the dispatcher has started its call: the stop must still land.
-#[tokio::test]
-async fn a_stop_that_comes_before_the_call_starts_is_not_lost() {
-    let q = Queue::open_in_memory().unwrap();
+// StopAsyncTask can find a message claimed (Running in the queue) before
+// the dispatcher has started its call: the stop must still land.
+on_both!(
+    a_stop_that_comes_before_the_call_starts_is_not_lost,
+    a_stop_that_comes_before_the_call_starts_is_not_lost_on
+);
+async fn a_stop_that_comes_before_the_call_starts_is_not_lost_on(q: Queue) {
     let fake = Fake::new(Duration::from_secs(30));
     let d = Dispatcher::new(
         q.clone(),
@@ -658,17 +687,7 @@ async fn a_stop_that_comes_before_the_call_starts_is_not_lost() {
         "r".into(),
     );
     q.enqueue(msg("1", "f", "t", 1_000)).await.unwrap();
-    let seq: i64 = q
-        .db()
-        .run(|c| {
-            Ok(
-                c.query_row("SELECT seq FROM messages WHERE task_id = 't'", [], |r| {
-                    r.get(0)
-                })?,
-            )
-        })
-        .await
-        .unwrap();
+    let seq = q.task("r", "1", "f", "t").await.unwrap().unwrap().seq;
     d.abort(seq);
     d.enqueued("1");
     let started = Instant::now();
@@ -685,20 +704,25 @@ async fn a_stop_that_comes_before_the_call_starts_is_not_lost() {
     run.await.unwrap();
 }
 
-#[tokio::test]
-async fn a_deleted_function_makes_the_task_invalid_and_a_dedicated_queue_is_its_own() {
+on_both!(
+    a_deleted_function_makes_the_task_invalid_and_a_dedicated_queue_is_its_own,
+    a_deleted_function_on
+);
+async fn a_deleted_function_on(q: Queue) {
     let configs = Arc::new(Configs::default());
     assert_eq!(configs.queue_of("1", "f"), "1");
-    configs.set(
+    set_config(
+        &q,
+        &configs,
         "1",
         "f",
         "LATEST",
         Some(AsyncConfig::parse(br#"{"dedicatedQueue":true}"#, "r", "1").unwrap()),
-    );
+    )
+    .await;
     assert_eq!(configs.queue_of("1", "f"), "1/f");
     assert_eq!(configs.queue_of("1", "g"), "1");
 
-    let q = Queue::open_in_memory().unwrap();
     let fake = Fake::new(Duration::ZERO);
     fake.script(
         "f",
@@ -750,6 +774,8 @@ async fn a_call_longer_than_the_lease_keeps_its_message() {
     let mut visible = 0;
     for _ in 0..100 {
         visible = q
+            .sqlite()
+            .unwrap()
             .db()
             .run(|c| {
                 Ok(c.query_row("SELECT visible_ms FROM messages", [], |r| {
@@ -818,7 +844,7 @@ async fn wait_hooks(fake: &Fake, n: usize) {
 
 async fn wait_outbox_empty(q: &Queue) {
     for _ in 0..500 {
-        if count(q, "SELECT count(*) FROM outbox") == 0 {
+        if q.count_rows("outbox").await == 0 {
             return;
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
@@ -826,9 +852,11 @@ async fn wait_outbox_empty(q: &Queue) {
     panic!("the outbox never emptied")
 }
 
-#[tokio::test]
-async fn destination_records_are_durable_and_retried_with_backoff() {
-    let q = Queue::open_in_memory().unwrap();
+on_both!(
+    destination_records_are_durable_and_retried_with_backoff,
+    destination_records_are_durable_and_retried_with_backoff_on
+);
+async fn destination_records_are_durable_and_retried_with_backoff_on(q: Queue) {
     // Written with the final state while no dispatcher runs (as if the
     // process died right after): delivered by the next dispatcher.
     q.enqueue(msg("1", "f", "t", 1_000)).await.unwrap();
@@ -847,7 +875,7 @@ async fn destination_records_are_durable_and_retried_with_backoff() {
     q.complete_with(c[0].seq, c[0].delivery, 1_500, done, Some(out))
         .await
         .unwrap();
-    assert_eq!(count(&q, "SELECT count(*) FROM outbox"), 1);
+    assert_eq!(q.count_rows("outbox").await, 1);
 
     let fake = Fake::new(Duration::ZERO);
     fake.hook_failures.store(2, Ordering::SeqCst);
@@ -882,13 +910,17 @@ async fn destination_records_are_durable_and_retried_with_backoff() {
     run.await.unwrap();
 }
 
-#[tokio::test]
-async fn an_unreachable_destination_is_given_up_after_its_attempts() {
-    let q = Queue::open_in_memory().unwrap();
+on_both!(
+    an_unreachable_destination_is_given_up_after_its_attempts,
+    an_unreachable_destination_is_given_up_after_its_attempts_on
+);
+async fn an_unreachable_destination_is_given_up_after_its_attempts_on(q: Queue) {
     let fake = Fake::new(Duration::ZERO);
     fake.hook_failures.store(1_000, Ordering::SeqCst);
     let configs = Arc::new(Configs::default());
-    configs.set(
+    set_config(
+        &q,
+        &configs,
         "1",
         "f",
         "LATEST",
@@ -900,7 +932,8 @@ async fn an_unreachable_destination_is_given_up_after_its_attempts() {
             )
             .unwrap(),
         ),
-    );
+    )
+    .await;
     let clock = Arc::new(ManualClock::new(1_000));
     let d = Dispatcher::new(
         q.clone(),

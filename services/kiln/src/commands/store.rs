@@ -1,7 +1,8 @@
 //! `kiln store copy`: a one-box install's SQLite state into the
 //! PostgreSQL database of a cluster: a scheduler's state directory
 //! (scheduler.db, [`kiln_scheduler::store::copy`]) and a gateway's
-//! (gateway.db and its code packages, [`kiln_gateway::store::copy`]).
+//! (gateway.db and its code packages, [`kiln_gateway::store::copy`];
+//! its async queue, queue.db, [`kiln_gateway::queue::copy`]).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -31,7 +32,7 @@ fn sealer(path: &Path) -> Result<Arc<Sealer>> {
 pub fn copy(a: &CopyArgs<'_>) -> Result<()> {
     let scheduler = a.from.join("scheduler.db");
     let gateway = a.from.join("gateway.db");
-    if !scheduler.is_file() && !gateway.is_file() {
+    if !scheduler.is_file() && !gateway.is_file() && !a.from.join(QUEUE_DB).is_file() {
         anyhow::bail!(
             "{} does not exist, nor {}: --from names the scheduler's or the gateway's state \
              directory",
@@ -48,9 +49,11 @@ pub fn copy(a: &CopyArgs<'_>) -> Result<()> {
     }
     if gateway.is_file() {
         copy_gateway_metadata(a, &gateway, &from_key)?;
-        // The gateway's async queue (queue.db: messages, task events,
-        // async configurations, destinations outbox) is component
-        // `gateway-queue`, copied by its own step here.
+    }
+    // The gateway's async queue (queue.db: messages, task events, async
+    // configurations, destinations outbox): component `gateway-queue`.
+    if a.from.join(QUEUE_DB).is_file() {
+        copy_gateway_queue(a.from, a.to, a.password_file)?;
     }
     Ok(())
 }
@@ -81,6 +84,42 @@ fn copy_gateway_metadata(a: &CopyArgs<'_>, db: &Path, from_key: &Path) -> Result
         .context("cannot open the cluster's PostgreSQL database")?;
     let copied =
         kiln_gateway::store::copy::copy(&source, &from_sealer, &code, &target, &to_sealer)?;
+    println!("copied {copied} from {} into PostgreSQL", db.display());
+    Ok(())
+}
+
+/// The gateway's async queue file in its state directory.
+const QUEUE_DB: &str = "queue.db";
+
+/// Copy a stopped one-box gateway's async queue (`FROM/queue.db`: every
+/// task with its events, the destinations outbox, the async invoke
+/// configs) into the cluster's empty shared queue at `to`.
+pub fn copy_gateway_queue(from: &Path, to: &str, password_file: Option<&Path>) -> Result<()> {
+    let db = from.join(QUEUE_DB);
+    if !db.is_file() {
+        anyhow::bail!(
+            "{} does not exist: --from names the gateway's state directory",
+            db.display()
+        );
+    }
+    let (path, url, password) = (db.clone(), to.to_owned(), password_file.map(Path::to_owned));
+    // Its own runtime on its own thread: this may be called from async code.
+    let copied = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let now = kiln_core::Clock::now_ms(&kiln_core::SystemClock);
+        rt.block_on(kiln_gateway::queue::copy::copy_from_sqlite(
+            &path,
+            &url,
+            password.as_deref(),
+            now,
+        ))
+        .map_err(anyhow::Error::from)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the queue copy panicked"))?
+    .context("cannot copy the gateway's async queue")?;
     println!("copied {copied} from {} into PostgreSQL", db.display());
     Ok(())
 }
