@@ -399,7 +399,7 @@ async fn a_gateway_and_the_scheduler_leader_killed_under_load_lose_no_accepted_c
     let mut leader = None;
     for s in &schedulers {
         if operator
-            .get::<Value>(&s.address, paths::HEALTH)
+            .get::<Value>(&format!("https://{}", s.address), paths::HEALTH)
             .await
             .is_ok()
         {
@@ -523,7 +523,10 @@ async fn a_gateway_and_the_scheduler_leader_killed_under_load_lose_no_accepted_c
 
     // No instance leaked: every container the agent runs is an instance
     // the leader knows, each once.
-    let urls: Vec<String> = schedulers.iter().map(|s| s.address.clone()).collect();
+    let urls: Vec<String> = schedulers
+        .iter()
+        .map(|s| format!("https://{}", s.address))
+        .collect();
     let leader_now = Endpoints::parse(&urls.join(",")).unwrap();
     let runc_root = kiln::dev_config::agent_state_dir(&state).join("runc");
     let deadline = Instant::now() + Duration::from_secs(60);

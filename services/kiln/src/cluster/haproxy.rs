@@ -46,6 +46,28 @@ pub struct Topology {
     pub gateways: Vec<Backend>,
     /// The cluster CA, which the gateways' certificates chain to.
     pub ca_file: PathBuf,
+    /// Connections HAProxy holds at once (each takes two descriptors).
+    pub maxconn: u64,
+}
+
+/// The most connections HAProxy can hold within this process's open-files
+/// hard limit (which it inherits): two descriptors per connection and some
+/// to spare, at most 10 000. HAProxy refuses to start when its `maxconn`
+/// needs more descriptors than it may open.
+pub fn maxconn_within(proc_limits: &str) -> u64 {
+    let hard = proc_limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(4))
+        .and_then(|h| {
+            if h == "unlimited" {
+                Some(u64::MAX)
+            } else {
+                h.parse().ok()
+            }
+        })
+        .unwrap_or(1024);
+    (hard.saturating_sub(200) / 2).clamp(100, 10_000)
 }
 
 /// The name every gateway's public certificate carries (kiln dev's PKI),
@@ -58,7 +80,7 @@ pub fn config(t: &Topology) -> String {
         "# Written by `kiln dev --postgres` at each start; edits are lost.\n\
          global\n\
          \x20   log stdout format raw local0 info\n\
-         \x20   maxconn 20000\n\
+         \x20   maxconn {}\n\
          \n\
          defaults\n\
          \x20   mode tcp\n\
@@ -82,7 +104,7 @@ pub fn config(t: &Topology) -> String {
          \x20   option httpchk\n\
          \x20   http-check send meth GET uri /healthz ver HTTP/1.1 hdr Host {CHECK_NAME}\n\
          \x20   http-check expect status 200\n",
-        t.public
+        t.maxconn, t.public
     );
     for g in &t.gateways {
         let _ = writeln!(
@@ -148,7 +170,25 @@ mod tests {
                 })
                 .collect(),
             ca_file: "/state dir/pki/ca.pem".into(),
+            maxconn: 4000,
         }
+    }
+
+    #[test]
+    fn maxconn_fits_the_open_files_limit() {
+        let limits = |soft: &str, hard: &str| {
+            format!(
+                "Limit                     Soft Limit           Hard Limit           Units\n\
+                 Max cpu time              unlimited            unlimited            seconds\n\
+                 Max open files            {soft:<20} {hard:<20} files\n"
+            )
+        };
+        assert_eq!(maxconn_within(&limits("1024", "20000")), 9_900);
+        assert_eq!(maxconn_within(&limits("1024", "4096")), 1_948);
+        assert_eq!(maxconn_within(&limits("1024", "1048576")), 10_000);
+        assert_eq!(maxconn_within(&limits("unlimited", "unlimited")), 10_000);
+        assert_eq!(maxconn_within(&limits("256", "256")), 100);
+        assert_eq!(maxconn_within(""), 412);
     }
 
     #[test]
@@ -157,6 +197,7 @@ mod tests {
         assert!(c.contains("mode tcp"), "TLS passes through: {c}");
         assert!(!c.contains("mode http"));
         assert!(c.contains("bind 127.0.0.1:8443\n"));
+        assert!(c.contains("maxconn 4000\n"));
         for i in 1..=3 {
             assert!(
                 c.contains(&format!(

@@ -120,7 +120,7 @@ impl Cluster {
                 }
             }
         };
-        let supervisor = Supervisor::new(on_change)?;
+        let supervisor = Supervisor::new(&STOP_ORDER, on_change)?;
         let mut running = Self {
             credentials: dev::placeholder_credentials(),
             credentials_path: state.join("credentials.json"),
@@ -131,7 +131,8 @@ impl Cluster {
         let operator =
             InternalClient::new(&pki.files("operator"))?.with_timeout(Duration::from_secs(3));
 
-        // The schedulers; wait for one to lead.
+        // The schedulers, one after the other: the first leads (it creates
+        // the election's tables), the second stands by.
         let mut scheduler_urls = vec![];
         for name in SCHEDULERS {
             let port = free_port()?;
@@ -143,7 +144,7 @@ impl Cluster {
                 .start(Spec {
                     name: name.into(),
                     role: Role::Scheduler,
-                    address: url.clone(),
+                    address: format!("127.0.0.1:{port}"),
                     internal_address: None,
                     program: kiln_bin.clone(),
                     args: serve_args("scheduler", &config_path),
@@ -151,20 +152,21 @@ impl Cluster {
                 })
                 .await?;
             scheduler_urls.push(url);
-        }
-        wait_for("a scheduler to lead", &dir, &SCHEDULERS, || async {
-            for url in &scheduler_urls {
-                if operator
-                    .get::<serde_json::Value>(url, paths::HEALTH)
+            // Led (the first) or standing by (NotLeader): it answers.
+            wait_for(&format!("{name} to answer"), &dir, &[name], || async {
+                match operator
+                    .get::<serde_json::Value>(scheduler_urls.last().expect("one"), paths::HEALTH)
                     .await
-                    .is_ok()
                 {
-                    return true;
+                    Ok(_) => true,
+                    Err(kiln_internal_api::InternalClientError::Remote { error, .. }) => {
+                        error.kind == Some(kiln_core::FcErrorKind::NotLeader)
+                    }
+                    Err(_) => false,
                 }
-            }
-            false
-        })
-        .await?;
+            })
+            .await?;
+        }
         let scheduler_url = scheduler_urls.join(",");
 
         // The gateways; wait for each to be healthy.
@@ -223,6 +225,9 @@ impl Cluster {
             internal,
             gateways: backends,
             ca_file: pki.ca_cert(),
+            maxconn: haproxy::maxconn_within(
+                &std::fs::read_to_string("/proc/self/limits").unwrap_or_default(),
+            ),
         };
         let config_path = dir.join("haproxy.cfg");
         std::fs::write(&config_path, haproxy::config(&topology))
@@ -279,7 +284,8 @@ impl Cluster {
             )?))
             .await?
             .context("agent failed to start")?;
-        let agent_url = format!("https://127.0.0.1:{}", agent.addr().port());
+        let agent_addr = format!("127.0.0.1:{}", agent.addr().port());
+        let agent_url = format!("https://{agent_addr}");
         running.agent = Some((agent, runtime));
 
         let endpoint = format!("https://{public_host}:{endpoint_port}");
@@ -306,7 +312,7 @@ impl Cluster {
                 name: "agent".into(),
                 role: Role::Agent,
                 pid: Some(std::process::id()),
-                address: agent_url,
+                address: agent_addr,
                 internal_address: None,
                 log: None,
                 restarts: 0,
@@ -325,7 +331,7 @@ impl Cluster {
                 tracing::warn!(error = %format!("{e:#}"), "the agent's shutdown failed");
             }
         }
-        self.supervisor.stop(&STOP_ORDER).await;
+        self.supervisor.stop().await;
     }
 }
 

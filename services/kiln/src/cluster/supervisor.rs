@@ -38,7 +38,8 @@ pub enum Role {
 pub struct Spec {
     pub name: String,
     pub role: Role,
-    /// Where it serves (its main address), for `cluster.json`.
+    /// Where it serves (`host:port` of its main listener), for
+    /// `cluster.json`.
     pub address: String,
     /// A gateway's internal (mTLS) listener.
     pub internal_address: Option<String>,
@@ -82,12 +83,18 @@ enum Request {
 pub struct Supervisor {
     tx: mpsc::Sender<Request>,
     thread: Option<JoinHandle<()>>,
+    stop_order: Vec<Role>,
 }
 
 impl Supervisor {
     /// `on_change` is called (on the supervising thread) with every child
-    /// whenever one starts or dies.
-    pub fn new(on_change: impl Fn(&[ProcessInfo]) + Send + 'static) -> Result<Self> {
+    /// whenever one starts or dies. Children stop one role after the other
+    /// in `stop_order` (then any other), each with SIGTERM and after a
+    /// grace period SIGKILL.
+    pub fn new(
+        stop_order: &[Role],
+        on_change: impl Fn(&[ProcessInfo]) + Send + 'static,
+    ) -> Result<Self> {
         let (tx, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("kiln-supervisor".into())
@@ -96,6 +103,7 @@ impl Supervisor {
         Ok(Self {
             tx,
             thread: Some(thread),
+            stop_order: stop_order.to_vec(),
         })
     }
 
@@ -112,11 +120,14 @@ impl Supervisor {
             .with_context(|| format!("cannot start {name}"))
     }
 
-    /// Stop every child, one role after the other in `order` (then any
-    /// other), each with SIGTERM and after a grace period SIGKILL.
-    pub async fn stop(mut self, order: &[Role]) {
+    /// Stop every child (see [`Supervisor::new`]) and wait until they are.
+    pub async fn stop(mut self) {
         let (reply, done) = tokio::sync::oneshot::channel();
-        if self.tx.send(Request::Stop(order.to_vec(), reply)).is_ok() {
+        if self
+            .tx
+            .send(Request::Stop(self.stop_order.clone(), reply))
+            .is_ok()
+        {
             let _ = done.await;
         }
         if let Some(thread) = self.thread.take() {
@@ -130,7 +141,7 @@ impl Drop for Supervisor {
         // Not stopped (an error while starting): stop everything now.
         if let Some(thread) = self.thread.take() {
             let (reply, _done) = tokio::sync::oneshot::channel();
-            let _ = self.tx.send(Request::Stop(vec![], reply));
+            let _ = self.tx.send(Request::Stop(self.stop_order.clone(), reply));
             let _ = thread.join();
         }
     }
@@ -360,7 +371,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<ProcessInfo>::new()));
         let s = seen.clone();
-        let sup = Supervisor::new(move |infos| *s.lock().unwrap() = infos.to_vec()).unwrap();
+        let sup = Supervisor::new(&[Role::Gateway, Role::Scheduler], move |infos| {
+            *s.lock().unwrap() = infos.to_vec()
+        })
+        .unwrap();
         let a = sup
             .start(sleeper("a", Role::Gateway, dir.path().join("a.log")))
             .await
@@ -386,7 +400,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
         assert!(alive(again) && alive(b));
-        sup.stop(&[Role::Gateway, Role::Scheduler]).await;
+        sup.stop().await;
         assert!(!alive(again) && !alive(b));
         assert!(seen.lock().unwrap().iter().all(|i| i.pid.is_none()));
     }
@@ -394,11 +408,11 @@ mod tests {
     #[tokio::test]
     async fn a_program_that_cannot_run_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
-        let sup = Supervisor::new(|_| {}).unwrap();
+        let sup = Supervisor::new(&[], |_| {}).unwrap();
         let mut spec = sleeper("x", Role::Haproxy, dir.path().join("x.log"));
         spec.program = dir.path().join("missing");
         let e = sup.start(spec).await.unwrap_err();
         assert!(format!("{e:#}").contains("cannot start x"), "{e:#}");
-        sup.stop(&[]).await;
+        sup.stop().await;
     }
 }
