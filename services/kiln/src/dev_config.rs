@@ -141,21 +141,26 @@ pub fn gateway(
 /// `gateway-1`): its own state directory and fixed loopback ports behind
 /// HAProxy, every scheduler, the shared database and sealing key, and a
 /// drain of `drain_delay_ms` on SIGTERM so HAProxy's health check takes
-/// it out before it stops accepting. Returned as the TOML file its
-/// process reads, checked by parsing it here first.
+/// it out before it stops accepting; HTTP triggers' URLs name HAProxy's
+/// port (`balancer_port`). Returned as the TOML file its process reads,
+/// checked by parsing it here first.
 #[allow(clippy::too_many_arguments)]
 pub fn cluster_gateway(
     opts: &DevOptions,
     pki: &DevPki,
     name: &str,
     (public_port, internal_port): (u16, u16),
+    balancer_port: u16,
     scheduler_url: &str,
     db: &ClusterDatabase,
     drain_delay_ms: u64,
     account: (&str, &str, &str),
 ) -> Result<String> {
     let public_extra = format!("drain_delay_ms = {drain_delay_ms}\n");
-    let tail = format!("[cluster]\n{}", db.lines());
+    let tail = format!(
+        "[http_triggers]\npublic_port = {balancer_port}\n[cluster]\n{}",
+        db.lines()
+    );
     let text = gateway_text(
         opts,
         pki,
@@ -406,6 +411,61 @@ mod tests {
         let c = make(&opts);
         assert!(c.sandbox.network.is_none() && c.sandbox.insecure_network_isolation_disabled);
         c.require_network_isolation().unwrap();
+    }
+
+    #[test]
+    fn a_clusters_services_share_the_database_and_keys_on_fixed_ports() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = kiln_pki::DevPki::ensure(&dir.path().join("pki"), &[]).unwrap();
+        let opts = DevOptions {
+            state_dir: dir.path().to_owned(),
+            listen: "127.0.0.1:8443".parse().unwrap(),
+            sandbox_prefix: "kiln".into(),
+            instance_subnet: "10.213.0.0/16".into(),
+            rootfs_dir: None,
+            idle_timeout_s: 300,
+            credentials_lifetime_s: 3600,
+            insecure_no_network_isolation: false,
+            signature_skew_s: None,
+            premade: true,
+            registry_ca_bundle: None,
+            max_image_mb: None,
+            image_budget_mb: None,
+        };
+        let db = ClusterDatabase {
+            url: "host=/run/postgresql dbname=kiln".into(),
+            password_file: Some("/etc/kiln/pgpass".into()),
+        };
+        let text = cluster_gateway(
+            &opts,
+            &pki,
+            "gateway-2",
+            (9002, 9102),
+            8443,
+            "https://127.0.0.1:7001,https://127.0.0.1:7002",
+            &db,
+            1500,
+            ("1000000000000001", "LTAIdev", "secret-0123456789abcdef"),
+        )
+        .unwrap();
+        let g: kiln_gateway::GatewayConfig = toml::from_str(&text).unwrap();
+        assert_eq!(g.state_dir, dir.path().join("gateway-2"));
+        assert_eq!(g.public.listen, "127.0.0.1:9002".parse().unwrap());
+        assert_eq!(g.internal.listen, "127.0.0.1:9102".parse().unwrap());
+        assert_eq!(g.public.drain_delay_ms, 1500);
+        assert_eq!(g.http_triggers.public_port, Some(8443));
+        let c = g.cluster.expect("[cluster]");
+        assert_eq!(c.postgres_url, db.url);
+        assert_eq!(c.postgres_password_file, db.password_file);
+        assert_eq!(g.secrets.unwrap().key_file, gateway_key_file(&opts));
+
+        let text = cluster_scheduler(&opts, &pki, "scheduler-b", 7002, &db).unwrap();
+        let s: kiln_scheduler::SchedulerConfig = toml::from_str(&text).unwrap();
+        assert_eq!(s.listen, "127.0.0.1:7002".parse().unwrap());
+        let c = s.cluster.expect("[cluster]");
+        assert_eq!(c.advertise_url, "https://127.0.0.1:7002");
+        assert_eq!(c.postgres_password_file, db.password_file);
+        assert_eq!(s.secrets.unwrap().key_file, scheduler_key_file(&opts));
     }
 
     #[test]

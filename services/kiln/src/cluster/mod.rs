@@ -186,6 +186,7 @@ impl Cluster {
                 &pki,
                 name,
                 (public, internal),
+                opts.listen.port(),
                 &scheduler_url,
                 &cluster.database,
                 haproxy::GATEWAY_DRAIN_MS,
