@@ -99,6 +99,30 @@ fn restarted(dev: &common::Dev, name: &str, old_pid: u32) -> Process {
     }
 }
 
+/// The status of `GET /healthz` on the gateway at `addr` (0: no answer).
+fn healthz(ca: &std::path::Path, addr: &str) -> u16 {
+    let port = addr.rsplit(':').next().unwrap();
+    let out = std::process::Command::new("curl")
+        .arg("--cacert")
+        .arg(ca)
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "5",
+        ])
+        .arg(format!("https://localhost:{port}/healthz"))
+        .output()
+        .expect("run curl");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}
+
 fn cluster_dev(pg: &PgServer, db: &str) -> common::Dev {
     let url = pg.create_database(db);
     common::Dev::start_with(&["--postgres", &url, "--gateways", "3"])
@@ -189,19 +213,53 @@ async fn kiln_dev_runs_gateways_and_schedulers_as_processes_behind_haproxy() {
     assert_eq!(cluster_json(&dev)["endpoint"], dev.creds.endpoint);
     // Every gateway answers its health check directly, unauthenticated.
     for g in all.iter().filter(|p| p.role == "gateway") {
-        let (status, _, body) = common::curl(
-            &dev.creds.ca_cert,
-            &[&format!(
-                "https://localhost:{}/healthz",
-                g.address.rsplit(':').next().unwrap()
-            )],
-        );
-        assert_eq!((status, body.as_slice()), (200, &b"ok\n"[..]), "{}", g.name);
+        assert_eq!(healthz(&dev.creds.ca_cert, &g.address), 200, "{}", g.name);
     }
 
     let c = dev.client();
     c.create_function(&function("steady", 4)).await.unwrap();
     until_served(&c, "steady").await;
+
+    // An HTTP trigger's host reaches its function through HAProxy (TLS
+    // passes through; the gateway picks the certificate by SNI), and its
+    // URL names HAProxy's port.
+    let out = dev.cli(&[
+        "triggers", "create", "steady", "site", "--type", "http", "--method", "POST", "-o", "json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let trigger: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let url = trigger["httpTrigger"]["urlInternet"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let haproxy_port = haproxy.address.rsplit(':').next().unwrap();
+    assert!(
+        url.ends_with(&format!(".fcapp.localhost:{haproxy_port}")),
+        "{url}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        // hello-python answers any path but /invoke with a 404 of its own.
+        let (status, _, body) = tokio::task::block_in_place(|| {
+            common::curl(
+                &dev.creds.ca_cert,
+                &["-X", "POST", "--data-binary", "x", &format!("{url}/")],
+            )
+        });
+        let body = String::from_utf8_lossy(&body).into_owned();
+        if body.contains("unknown path /") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the trigger never reached its function: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 
     // A gateway SIGKILLed: HAProxy takes it out, calls go on.
     let victim = process(&dev, "gateway-1");
@@ -230,18 +288,12 @@ async fn kiln_dev_runs_gateways_and_schedulers_as_processes_behind_haproxy() {
             "a call failed {at:?} after the kill, when HAProxy should have taken the gateway out: {what}"
         );
     }
-    let again = restarted(&dev, "gateway-1", old);
+    let again = tokio::task::block_in_place(|| restarted(&dev, "gateway-1", old));
     assert_eq!(again.restarts, 1);
-    let port = again.address.rsplit(':').next().unwrap().to_owned();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while common::curl(
-        &dev.creds.ca_cert,
-        &[&format!("https://localhost:{port}/healthz")],
-    )
-    .0 != 200
-    {
+    while healthz(&dev.creds.ca_cert, &again.address) != 200 {
         assert!(Instant::now() < deadline, "gateway-1 never came back");
-        std::thread::sleep(Duration::from_millis(200));
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
     // kiln dev SIGKILLed: the kernel takes every process it started.
