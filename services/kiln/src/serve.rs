@@ -1,4 +1,4 @@
-//! `kiln serve gateway|scheduler --config FILE` and `kiln serve exec --
+//! `kiln serve gateway|scheduler|agent --config FILE` and `kiln serve exec --
 //! PROGRAM ...` (hidden): how `kiln dev --postgres` runs each service of
 //! its cluster as an OS process of its own from the one `kiln` binary, so
 //! the README's one-binary quickstart works for a cluster too. A served
@@ -35,6 +35,12 @@ pub enum ServeCommand {
         #[arg(long)]
         config: PathBuf,
     },
+    /// The compute-node agent, as `kiln-agent --config FILE` (a further
+    /// node beside `kiln dev`'s own, e.g. one dedicated to an account).
+    Agent {
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Run PROGRAM with ARGS (HAProxy) so that it dies with `kiln dev`.
     Exec {
         #[arg(last = true, required = true)]
@@ -62,6 +68,18 @@ pub fn run(command: &ServeCommand, log: &LogArgs) -> ExitCode {
                 |handle| handle.deposed(),
                 |handle| handle.shutdown(),
             ),
+        ServeCommand::Agent { config } => {
+            let service = Service::new("kiln-agent", config, log);
+            // Before any thread exists (main starts none before this):
+            // every thread the runtime starts inherits the private mount
+            // namespace.
+            if let Err(e) = kiln_agent::enter_private_mount_namespace() {
+                return service.fail(e);
+            }
+            service.run(kiln_agent::AgentConfig::load, kiln_agent::start, |handle| {
+                handle.shutdown()
+            })
+        }
         ServeCommand::Exec { command } => {
             use std::os::unix::process::CommandExt;
             let err = std::process::Command::new(&command[0])

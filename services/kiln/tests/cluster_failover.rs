@@ -322,6 +322,61 @@ async fn kiln_dev_runs_gateways_and_schedulers_as_processes_behind_haproxy() {
     drop(pg);
 }
 
+/// A compute node dedicated to `account` beside kiln dev's own (which is
+/// dedicated to the first account that places on it): `kiln serve agent`
+/// as a process, its node certificate from kiln dev's CA, both
+/// schedulers, and the gateways' internal API through HAProxy.
+fn tenant_agent(
+    dev: &common::Dev,
+    account: &str,
+    suffix: char,
+) -> (std::process::Child, std::path::PathBuf) {
+    let state = dev.state.path();
+    let pki = kiln_pki::DevPki::ensure(&state.join("pki"), &[]).unwrap();
+    let node: kiln_core::NodeId = format!("n-t{suffix}").parse().unwrap();
+    let tls = pki.agent(&node).unwrap();
+    let cluster = cluster_json(dev);
+    let schedulers: Vec<&str> = cluster["schedulerUrls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u.as_str().unwrap())
+        .collect();
+    let dir = state.join(format!("agent-{suffix}"));
+    let prefix = format!("{}{suffix}", dev.prefix);
+    let config = format!(
+        "state_dir = {:?}\nlisten = \"127.0.0.1:{}\"\nscheduler_url = {:?}\n\
+         gateway_internal_url = {:?}\ndrain_on_shutdown = true\n\
+         [tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\
+         [node]\ntenancy = \"dedicated\"\ndedicated_account = {account:?}\n\
+         memory_mb = 4096\ncpu_milli = 16000\nmax_instances = 64\n\
+         [sandbox]\nname_prefix = {prefix:?}\ninstance_subnet = {:?}\ncgroup_parent = {prefix:?}\n\
+         rootfs_dir = {:?}\ninsecure_network_isolation_disabled = true\n",
+        dir,
+        common::free_port(),
+        schedulers.join(","),
+        cluster["gatewayInternalUrl"].as_str().unwrap(),
+        tls.ca,
+        tls.cert,
+        tls.key,
+        common::run_subnet(),
+        common::rootfs_cache(),
+    );
+    let path = state.join(format!("agent-{suffix}.toml"));
+    std::fs::write(&path, config).unwrap();
+    let log = std::fs::File::create(state.join(format!("agent-{suffix}.log"))).unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["serve", "agent", "--config"])
+        .arg(&path)
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("start kiln serve agent");
+    (child, dir.join("runc"))
+}
+
 /// One tenant: its client and its functions.
 struct Tenant {
     name: String,
@@ -347,6 +402,15 @@ async fn a_gateway_and_the_scheduler_leader_killed_under_load_lose_no_accepted_c
         name: "dev".into(),
         client: Arc::new(dev.client()),
     }];
+    // Their nodes, stopped (SIGTERM: they remove their sandboxes) before
+    // kiln dev is.
+    let mut agents = TenantAgents(vec![]);
+    let mut runc_roots = vec![kiln::dev_config::agent_state_dir(&state).join("runc")];
+    for (account, suffix) in [("1300000000000171", 'a'), ("1300000000000172", 'b')] {
+        let (child, runc_root) = tenant_agent(&dev, account, suffix);
+        agents.0.push(child);
+        runc_roots.push(runc_root);
+    }
     for account in ["1300000000000171", "1300000000000172"] {
         let key = keys.create(account).await.unwrap();
         let mut creds = dev.creds.clone();
@@ -573,14 +637,13 @@ async fn a_gateway_and_the_scheduler_leader_killed_under_load_lose_no_accepted_c
     }
     eprintln!("duplicates over all tenants: {duplicates_total}");
 
-    // No instance leaked: every container the agent runs is an instance
+    // No instance leaked: every container the agents run is an instance
     // the leader knows, each once.
     let urls: Vec<String> = schedulers
         .iter()
         .map(|s| format!("https://{}", s.address))
         .collect();
     let leader_now = Endpoints::parse(&urls.join(",")).unwrap();
-    let runc_root = kiln::dev_config::agent_state_dir(&state).join("runc");
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let instances: Vec<InstanceInfo> = leader_now
@@ -596,7 +659,7 @@ async fn a_gateway_and_the_scheduler_leader_killed_under_load_lose_no_accepted_c
             .collect();
         let known: BTreeSet<String> = ids.iter().cloned().collect();
         assert_eq!(known.len(), ids.len(), "an instance listed twice: {ids:?}");
-        let running = containers(&runc_root);
+        let running: BTreeSet<String> = runc_roots.iter().flat_map(|r| containers(r)).collect();
         let unknown: Vec<&String> = running
             .iter()
             .filter(|c| !known.iter().any(|k| c.contains(k.as_str())))
@@ -611,13 +674,14 @@ async fn a_gateway_and_the_scheduler_leader_killed_under_load_lose_no_accepted_c
         }
         assert!(
             Instant::now() < deadline,
-            "the agent runs instances the leader does not know, or the reverse:\n\
+            "the agents run instances the leader does not know, or the reverse:\n\
              running {running:?}\nknown {known:?}\n{}",
             dev.log_tail()
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 
+    drop(agents);
     // A clean stop: SIGTERM, exit 0, and every process kiln dev started
     // is gone.
     let children: Vec<Process> = processes(&dev)
@@ -634,6 +698,18 @@ async fn a_gateway_and_the_scheduler_leader_killed_under_load_lose_no_accepted_c
     assert!(left.is_empty(), "processes outlived kiln dev: {left:?}");
     drop(dev);
     drop(pg);
+}
+
+/// The tenants' agents, stopped with SIGTERM (and SIGKILL after 30 s)
+/// even when the test fails.
+struct TenantAgents(Vec<std::process::Child>);
+
+impl Drop for TenantAgents {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            common::terminate(child, Duration::from_secs(30));
+        }
+    }
 }
 
 /// How many times each request id was delivered to the tenant's recorder.
