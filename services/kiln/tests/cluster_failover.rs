@@ -326,11 +326,7 @@ async fn kiln_dev_runs_gateways_and_schedulers_as_processes_behind_haproxy() {
 /// dedicated to the first account that places on it): `kiln serve agent`
 /// as a process, its node certificate from kiln dev's CA, both
 /// schedulers, and the gateways' internal API through HAProxy.
-fn tenant_agent(
-    dev: &common::Dev,
-    account: &str,
-    suffix: char,
-) -> (std::process::Child, std::path::PathBuf) {
+fn tenant_agent(dev: &common::Dev, account: &str, suffix: char) -> (std::process::Child, Node) {
     let state = dev.state.path();
     let pki = kiln_pki::DevPki::ensure(&state.join("pki"), &[]).unwrap();
     let node: kiln_core::NodeId = format!("n-t{suffix}").parse().unwrap();
@@ -344,6 +340,7 @@ fn tenant_agent(
         .collect();
     let dir = state.join(format!("agent-{suffix}"));
     let prefix = format!("{}{suffix}", dev.prefix);
+    let port = common::free_port();
     let config = format!(
         "state_dir = {:?}\nlisten = \"127.0.0.1:{}\"\nscheduler_url = {:?}\n\
          gateway_internal_url = {:?}\ndrain_on_shutdown = true\n\
@@ -353,7 +350,7 @@ fn tenant_agent(
          [sandbox]\nname_prefix = {prefix:?}\ninstance_subnet = {:?}\ncgroup_parent = {prefix:?}\n\
          rootfs_dir = {:?}\ninsecure_network_isolation_disabled = true\n",
         dir,
-        common::free_port(),
+        port,
         schedulers.join(","),
         cluster["gatewayInternalUrl"].as_str().unwrap(),
         tls.ca,
@@ -374,7 +371,20 @@ fn tenant_agent(
         .stderr(log)
         .spawn()
         .expect("start kiln serve agent");
-    (child, dir.join("runc"))
+    let node = Node {
+        url: format!("https://127.0.0.1:{port}"),
+        runc_root: dir.join("runc"),
+        prefix,
+    };
+    (child, node)
+}
+
+/// A compute node as the leak check sees it: its agent's API, where its
+/// containers are, and their names' prefix.
+struct Node {
+    url: String,
+    runc_root: std::path::PathBuf,
+    prefix: String,
 }
 
 /// One tenant: its client and its functions.
@@ -405,11 +415,15 @@ async fn a_gateway_and_the_scheduler_leader_killed_under_load_lose_no_accepted_c
     // Their nodes, stopped (SIGTERM: they remove their sandboxes) before
     // kiln dev is.
     let mut agents = TenantAgents(vec![]);
-    let mut runc_roots = vec![kiln::dev_config::agent_state_dir(&state).join("runc")];
+    let mut nodes = vec![Node {
+        url: cluster_json(&dev)["agentUrl"].as_str().unwrap().to_owned(),
+        runc_root: kiln::dev_config::agent_state_dir(&state).join("runc"),
+        prefix: dev.prefix.clone(),
+    }];
     for (account, suffix) in [("1300000000000171", 'a'), ("1300000000000172", 'b')] {
-        let (child, runc_root) = tenant_agent(&dev, account, suffix);
+        let (child, node) = tenant_agent(&dev, account, suffix);
         agents.0.push(child);
-        runc_roots.push(runc_root);
+        nodes.push(node);
     }
     for account in ["1300000000000171", "1300000000000172"] {
         let key = keys.create(account).await.unwrap();
@@ -637,8 +651,11 @@ async fn a_gateway_and_the_scheduler_leader_killed_under_load_lose_no_accepted_c
     }
     eprintln!("duplicates over all tenants: {duplicates_total}");
 
-    // No instance leaked: every container the agents run is an instance
-    // the leader knows, each once.
+    // No instance leaked: the agents together run exactly the instances
+    // the leader knows, each on one node once, and every container of a
+    // node is one of its instances (or a pre-made sandbox not yet
+    // claimed, `<prefix>-p<n>`, which kiln dev's own node keeps; a claimed
+    // one keeps its name, so there the agent's own list is the check).
     let urls: Vec<String> = schedulers
         .iter()
         .map(|s| format!("https://{}", s.address))
@@ -653,29 +670,60 @@ async fn a_gateway_and_the_scheduler_leader_killed_under_load_lose_no_accepted_c
             })
             .await
             .unwrap();
-        let ids: Vec<String> = instances
+        let known: BTreeSet<String> = instances
             .iter()
             .map(|i| i.instance_id.as_str().to_owned())
             .collect();
-        let known: BTreeSet<String> = ids.iter().cloned().collect();
-        assert_eq!(known.len(), ids.len(), "an instance listed twice: {ids:?}");
-        let running: BTreeSet<String> = runc_roots.iter().flat_map(|r| containers(r)).collect();
-        let unknown: Vec<&String> = running
-            .iter()
-            .filter(|c| !known.iter().any(|k| c.contains(k.as_str())))
-            .collect();
-        if unknown.is_empty() && running.len() == known.len() {
+        assert_eq!(
+            known.len(),
+            instances.len(),
+            "an instance listed twice: {instances:?}"
+        );
+        let mut problems = vec![];
+        let mut on_agents: Vec<String> = vec![];
+        for node in &nodes {
+            let listed: Vec<InstanceInfo> = operator
+                .get(&node.url, paths::AGENT_INSTANCES)
+                .await
+                .unwrap();
+            let ids: BTreeSet<String> = listed
+                .iter()
+                .map(|i| i.instance_id.as_str().to_owned())
+                .collect();
+            on_agents.extend(ids.iter().cloned());
+            for c in containers(&node.runc_root) {
+                let premade = c
+                    .strip_prefix(&format!("{}-p", node.prefix))
+                    .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()));
+                if !premade && !ids.iter().any(|id| c.contains(id.as_str())) {
+                    problems.push(format!(
+                        "{}: container {c} is no instance of its agent",
+                        node.url
+                    ));
+                }
+            }
+        }
+        let running: BTreeSet<String> = on_agents.iter().cloned().collect();
+        if running.len() != on_agents.len() {
+            problems.push(format!("an instance on two nodes: {on_agents:?}"));
+        }
+        if running != known {
+            problems.push(format!(
+                "agents run {running:?}, the leader knows {known:?}"
+            ));
+        }
+        if problems.is_empty() {
             eprintln!(
-                "{} instances, all known to the leader ({})",
+                "{} instances on {} nodes, all known to the leader ({}), no stray container",
                 known.len(),
+                nodes.len(),
                 leader_now.current()
             );
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "the agents run instances the leader does not know, or the reverse:\n\
-             running {running:?}\nknown {known:?}\n{}",
+            "instances leaked or lost: {problems:#?}\n{}",
             dev.log_tail()
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
