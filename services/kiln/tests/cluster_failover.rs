@@ -295,6 +295,22 @@ async fn kiln_dev_runs_gateways_and_schedulers_as_processes_behind_haproxy() {
         assert!(Instant::now() < deadline, "gateway-1 never came back");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // HAProxy's health checks took it out and put it back.
+    let haproxy_log = dev.state.path().join("cluster").join("haproxy.log");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let log = std::fs::read_to_string(&haproxy_log).unwrap_or_default();
+        let down = log.find("Server kiln-gateways/gateway-1 is DOWN");
+        let up = log.rfind("Server kiln-gateways/gateway-1 is UP");
+        if down.is_some() && up > down {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "HAProxy never marked gateway-1 down and up again:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // kiln dev SIGKILLed: the kernel takes every process it started.
     let children: Vec<Process> = processes(&dev)
