@@ -812,3 +812,33 @@ fn containers(runc_root: &std::path::Path) -> BTreeSet<String> {
         .map(str::to_owned)
         .collect()
 }
+
+/// `kiln serve` under kiln dev (`KILN_DEV_PARENT`) starts only while that
+/// parent lives: a child whose parent died before it asked for the death
+/// signal must not run on orphaned.
+#[test]
+fn a_served_process_whose_parent_is_gone_does_not_start() {
+    let serve = |parent: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["serve", "exec", "--", "/bin/true"])
+            .env("KILN_DEV_PARENT", parent)
+            .output()
+            .unwrap()
+    };
+    let ours = serve(&std::process::id().to_string());
+    assert!(ours.status.success(), "{ours:?}");
+    // pid 1 is not this test: as if kiln dev had died and the child been
+    // reparented.
+    let orphan = serve("1");
+    assert!(!orphan.status.success());
+    assert!(
+        String::from_utf8_lossy(&orphan.stderr).contains("(pid 1) is gone; not starting"),
+        "{orphan:?}"
+    );
+    let bad = serve("kiln");
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("must be a process id"),
+        "{bad:?}"
+    );
+}
