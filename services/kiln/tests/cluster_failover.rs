@@ -588,6 +588,9 @@ async fn a_gateway_and_the_scheduler_leader_killed_under_load_lose_no_accepted_c
             .map(|w| w.0)
     };
     let failed: Vec<&Call> = sync_calls.iter().filter(|c| !c.1).collect();
+    for (at, _, what) in &failed {
+        eprintln!("  a sync call started at {at:?} failed: {what:.200}");
+    }
     eprintln!("sync: {} calls, {} failed", sync_calls.len(), failed.len());
     for (what, start, len) in windows {
         let inside: Vec<Duration> = failed
