@@ -99,6 +99,16 @@ impl Cluster {
         kiln_gateway::secrets::generate_key_file(&dev_config::gateway_key_file(opts))
             .context("cannot create the gateways' secrets key")?;
         let haproxy_bin = haproxy::find()?;
+        // HAProxy takes --listen; say now, not after its restarts, that
+        // something else holds it.
+        drop(std::net::TcpListener::bind(opts.listen).with_context(|| {
+            format!(
+                "cannot listen on {} for HAProxy (is another kiln dev running? see --listen)",
+                opts.listen
+            )
+        })?);
+        // The last run's processes are gone: its list must not outlive them.
+        let _ = std::fs::remove_file(state.join("cluster.json"));
         let kiln_bin = std::env::current_exe().context("cannot find the kiln binary to run")?;
         let dir = state.join("cluster");
         std::fs::create_dir_all(&dir)
@@ -153,18 +163,26 @@ impl Cluster {
                 .await?;
             scheduler_urls.push(url);
             // Led (the first) or standing by (NotLeader): it answers.
-            wait_for(&format!("{name} to answer"), &dir, &[name], || async {
-                match operator
-                    .get::<serde_json::Value>(scheduler_urls.last().expect("one"), paths::HEALTH)
-                    .await
-                {
-                    Ok(_) => true,
-                    Err(kiln_internal_api::InternalClientError::Remote { error, .. }) => {
-                        error.kind == Some(kiln_core::FcErrorKind::NotLeader)
+            wait_for(
+                &format!("{name} to answer"),
+                (&dir, &file),
+                &[name],
+                || async {
+                    match operator
+                        .get::<serde_json::Value>(
+                            scheduler_urls.last().expect("one"),
+                            paths::HEALTH,
+                        )
+                        .await
+                    {
+                        Ok(_) => true,
+                        Err(kiln_internal_api::InternalClientError::Remote { error, .. }) => {
+                            error.kind == Some(kiln_core::FcErrorKind::NotLeader)
+                        }
+                        Err(_) => false,
                     }
-                    Err(_) => false,
-                }
-            })
+                },
+            )
             .await?;
         }
         let scheduler_url = scheduler_urls.join(",");
@@ -212,9 +230,12 @@ impl Cluster {
                 .await?;
             // One at a time: the first migrates the database.
             let probe = healthz_client(&pki, backend.public, key)?;
-            wait_for(&format!("{name} to be healthy"), &dir, &[name], || async {
-                healthy(&probe).await
-            })
+            wait_for(
+                &format!("{name} to be healthy"),
+                (&dir, &file),
+                &[name],
+                || async { healthy(&probe).await },
+            )
             .await?;
             backends.push(backend);
         }
@@ -264,9 +285,12 @@ impl Cluster {
             .await?;
         let endpoint_port = opts.listen.port();
         let through = healthz_client(&pki, SocketAddr::from(([127, 0, 0, 1], endpoint_port)), key)?;
-        wait_for("HAProxy to reach a gateway", &dir, &["haproxy"], || async {
-            healthy(&through).await
-        })
+        wait_for(
+            "HAProxy to reach a gateway",
+            (&dir, &file),
+            &["haproxy"],
+            || async { healthy(&through).await },
+        )
         .await?;
         let gateway_internal = format!("https://{internal}");
 
@@ -421,36 +445,56 @@ async fn healthy(client: &crate::client::FcClient) -> bool {
     matches!(asked, Ok(Ok(r)) if r.status == http::StatusCode::OK)
 }
 
-/// Poll `ready` until it holds, or fail after [`START_TIMEOUT`] with the
-/// end of the named processes' logs.
-async fn wait_for<F, Fut>(what: &str, dir: &Path, logs: &[&str], ready: F) -> Result<()>
+/// How many times a process is started again while the cluster starts
+/// before `kiln dev` gives up (a bad database URL, a port taken).
+const START_EXITS: u32 = 2;
+
+/// Poll `ready` until it holds, or fail after [`START_TIMEOUT`], or as soon
+/// as one of the named processes was started again [`START_EXITS`] times, with
+/// the end of their logs.
+async fn wait_for<F, Fut>(
+    what: &str,
+    (dir, file): (&Path, &Mutex<ClusterFile>),
+    names: &[&str],
+    ready: F,
+) -> Result<()>
 where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
     let deadline = Instant::now() + START_TIMEOUT;
     while !ready().await {
-        if Instant::now() > deadline {
-            let tails: Vec<String> = logs
-                .iter()
-                .map(|name| {
-                    let path = dir.join(format!("{name}.log"));
-                    let text = std::fs::read_to_string(&path).unwrap_or_default();
-                    let lines: Vec<&str> = text.lines().collect();
-                    format!(
-                        "--- {}\n{}",
-                        path.display(),
-                        lines[lines.len().saturating_sub(15)..].join("\n")
-                    )
-                })
-                .collect();
-            bail!(
-                "timed out after {} s waiting for {what}:\n{}",
-                START_TIMEOUT.as_secs(),
-                tails.join("\n")
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        let crashing = file
+            .lock()
+            .expect("not poisoned")
+            .children
+            .iter()
+            .find(|c| names.contains(&c.name.as_str()) && c.restarts >= START_EXITS)
+            .map(|c| c.name.clone());
+        let why = match crashing {
+            Some(name) => format!("{name} kept exiting ({START_EXITS} restarts)"),
+            None if Instant::now() > deadline => {
+                format!("timed out after {} s", START_TIMEOUT.as_secs())
+            }
+            None => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        let tails: Vec<String> = names
+            .iter()
+            .map(|name| {
+                let path = dir.join(format!("{name}.log"));
+                let text = std::fs::read_to_string(&path).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                format!(
+                    "--- {}\n{}",
+                    path.display(),
+                    lines[lines.len().saturating_sub(15)..].join("\n")
+                )
+            })
+            .collect();
+        bail!("{why} waiting for {what}:\n{}", tails.join("\n"));
     }
     Ok(())
 }
