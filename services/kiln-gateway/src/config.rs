@@ -603,17 +603,6 @@ mod tests {
     }
 
     #[test]
-    fn trigger_urls_may_name_a_load_balancers_port() {
-        assert_eq!(example().http_triggers.public_port, None);
-        let mut c = example();
-        c.http_triggers.public_port = Some(8443);
-        c.validate().unwrap();
-        c.http_triggers.public_port = Some(0);
-        let e = c.validate().unwrap_err().to_string();
-        assert!(e.contains("public_port"), "{e}");
-    }
-
-    #[test]
     fn the_vpc_listener_is_optional_and_checked() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
         let text = std::fs::read_to_string(path).unwrap();
@@ -681,5 +670,16 @@ mod tests {
         let mut c = example();
         c.async_queue.lease_ms = 10;
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn trigger_urls_may_name_a_load_balancers_port() {
+        assert_eq!(example().http_triggers.public_port, None);
+        let mut c = example();
+        c.http_triggers.public_port = Some(8443);
+        c.validate().unwrap();
+        c.http_triggers.public_port = Some(0);
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("public_port"), "{e}");
     }
 }
