@@ -5,11 +5,12 @@
 # tests (VPC bridges, bandwidth caps), debootstrap to build the custom.debian12 runtime, python3-venv
 # and Node.js for the official-SDK tests, libc6-dev for static test binaries,
 # e2fsprogs and mount for each container instance's size-limited writable disk,
-# PostgreSQL for the store tests (each starts a throwaway server of its own).
+# PostgreSQL for the store tests (each starts a throwaway server of its own),
+# HAProxy for `kiln dev --postgres` (the load balancer in front of its gateways).
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 need=()
-for pkg in runc iproute2 debootstrap nftables python3-venv libc6-dev openssl zip ca-certificates curl nginx-light nix-bin openvswitch-switch iperf3 ethtool e2fsprogs mount postgresql; do
+for pkg in runc iproute2 debootstrap nftables python3-venv libc6-dev openssl zip ca-certificates curl nginx-light nix-bin openvswitch-switch iperf3 ethtool e2fsprogs mount postgresql haproxy; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 for pkg in docker-registry skopeo apache2-utils; do

@@ -138,6 +138,10 @@ pub struct HttpTriggersConfig {
     /// The intranet (VPC) domain for `urlIntranet`; none: triggers have no
     /// intranet URL (`urlIntranet` is empty).
     pub intranet_domain: Option<String>,
+    /// The port clients reach triggers at, when it is not the public
+    /// listener's own (a load balancer in front of several gateways
+    /// listens on another): trigger URLs name it. None: the listener's.
+    pub public_port: Option<u16>,
 }
 
 /// `kiln dev`'s and the default trigger domain.
@@ -148,6 +152,7 @@ impl Default for HttpTriggersConfig {
         Self {
             domain: DEFAULT_TRIGGER_DOMAIN.to_owned(),
             intranet_domain: None,
+            public_port: None,
         }
     }
 }
@@ -387,6 +392,13 @@ impl GatewayConfig {
         }
         if t.intranet_domain.as_ref() == Some(&t.domain) {
             return invalid("http_triggers intranet_domain must differ from domain".into());
+        }
+        if t.public_port == Some(0) {
+            return invalid(
+                "http_triggers public_port must be the port clients reach (1 to 65535); \
+                 remove it to use the public listener's"
+                    .into(),
+            );
         }
         if self.region.is_empty()
             || !self
@@ -694,5 +706,16 @@ mod tests {
         let mut c = example();
         c.async_queue.lease_ms = 10;
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn trigger_urls_may_name_a_load_balancers_port() {
+        assert_eq!(example().http_triggers.public_port, None);
+        let mut c = example();
+        c.http_triggers.public_port = Some(8443);
+        c.validate().unwrap();
+        c.http_triggers.public_port = Some(0);
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("public_port"), "{e}");
     }
 }

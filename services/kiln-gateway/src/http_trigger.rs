@@ -414,6 +414,7 @@ mod tests {
         HttpTriggers::new(HttpTriggersConfig {
             domain: "fcapp.localhost".into(),
             intranet_domain: intranet.map(str::to_owned),
+            ..HttpTriggersConfig::default()
         })
     }
 

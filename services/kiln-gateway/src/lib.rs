@@ -337,7 +337,12 @@ pub async fn start_with_clock(
     let public = bind("public", config.public.listen).await?;
     let internal_l = bind("internal", config.internal.listen).await?;
     let public_addr = public.local_addr().expect("bound");
-    gw.http_triggers.set_public_port(public_addr.port());
+    gw.http_triggers.set_public_port(
+        config
+            .http_triggers
+            .public_port
+            .unwrap_or(public_addr.port()),
+    );
     let internal_addr = internal_l.local_addr().expect("bound");
     let metrics_l = match config.metrics_listen {
         Some(a) => Some(bind("metrics", a).await?),

@@ -155,6 +155,10 @@ pub enum Command {
         #[command(flatten)]
         out: OutputArgs,
     },
+    /// Run one service of `kiln dev --postgres`'s cluster as this process
+    /// (started by `kiln dev`, not by hand).
+    #[command(subcommand, hide = true)]
+    Serve(crate::serve::ServeCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -377,6 +381,19 @@ pub struct DevArgs {
     /// Unpacked image layers kept, in MB (default 40 GB).
     #[arg(long)]
     pub image_budget_mb: Option<u64>,
+    /// Run a cluster on this machine instead of one box on SQLite: the
+    /// gateways and two schedulers (leader and standby) as processes of
+    /// their own on this PostgreSQL database (a `postgresql://` URL or
+    /// `key=value` string, unix socket or loopback), HAProxy in front of
+    /// the gateways on --listen (docs/ha.md).
+    #[arg(long, value_name = "URL")]
+    pub postgres: Option<String>,
+    /// A file holding the database password, when the URL has none.
+    #[arg(long, requires = "postgres")]
+    pub postgres_password_file: Option<PathBuf>,
+    /// How many gateways run behind HAProxy (with --postgres).
+    #[arg(long, requires = "postgres", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub gateways: u16,
 }
 
 #[derive(Debug, Args)]
@@ -905,7 +922,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 .rootfs_dir
                 .clone()
                 .or_else(|| std::env::var_os("KILN_ROOTFS_CACHE").map(PathBuf::from));
-            dev::run(dev::DevOptions {
+            let opts = dev::DevOptions {
                 state_dir,
                 listen: args.listen,
                 sandbox_prefix: args.sandbox_prefix.clone(),
@@ -919,8 +936,23 @@ pub async fn run(cli: Cli) -> Result<()> {
                 registry_ca_bundle: args.registry_ca_bundle.clone(),
                 max_image_mb: args.max_image_mb,
                 image_budget_mb: args.image_budget_mb,
-            })
-            .await
+            };
+            match &args.postgres {
+                Some(url) => {
+                    crate::cluster::run(
+                        opts,
+                        crate::cluster::ClusterOptions {
+                            database: crate::dev_config::ClusterDatabase {
+                                url: url.clone(),
+                                password_file: args.postgres_password_file.clone(),
+                            },
+                            gateways: args.gateways.into(),
+                        },
+                    )
+                    .await
+                }
+                None => dev::run(opts).await,
+            }
         }
         Command::Deploy(a) => {
             if let Some(file) = &a.file {
@@ -1335,6 +1367,8 @@ pub async fn run(cli: Cli) -> Result<()> {
             configs::run(&client(&cli)?, Kind::Concurrency, action).await
         }
         Command::Bench(args) => bench::run(args).await,
+        // main() runs it before any runtime or logging exists.
+        Command::Serve(_) => anyhow::bail!("`kiln serve` runs from main, not here"),
         Command::Runtimes { out } => runtimes::run(&client(&cli)?, out.json()).await,
         Command::Store(StoreCommand::Copy {
             from,
@@ -1520,6 +1554,42 @@ mod tests {
         let cli = Cli::try_parse_from(["kiln", "--log-format", "json", "dev"]).unwrap();
         assert_eq!(cli.log.log_format, LogFormat::Json);
         assert!(Cli::try_parse_from(["kiln", "dev", "--log-format", "yaml"]).is_err());
+    }
+
+    #[test]
+    fn a_cluster_needs_a_database_and_one_gateway_at_least() {
+        let dev = |args: &[&str]| {
+            Cli::try_parse_from(["kiln", "dev"].iter().chain(args)).map(|c| match c.command {
+                Command::Dev(d) => d,
+                _ => unreachable!(),
+            })
+        };
+        let one_box = dev(&[]).unwrap();
+        assert!(one_box.postgres.is_none());
+        let c = dev(&[
+            "--postgres",
+            "host=/run/postgresql dbname=kiln",
+            "--gateways",
+            "3",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.postgres.as_deref(),
+            Some("host=/run/postgresql dbname=kiln")
+        );
+        assert_eq!(c.gateways, 3);
+        assert_eq!(dev(&["--postgres", "x"]).unwrap().gateways, 2);
+        assert!(
+            dev(&["--gateways", "3"]).is_err(),
+            "--gateways without --postgres"
+        );
+        assert!(dev(&["--postgres-password-file", "/p"]).is_err());
+        assert!(dev(&["--postgres", "x", "--gateways", "0"]).is_err());
+        // The services of a cluster run from this binary.
+        let serve =
+            Cli::try_parse_from(["kiln", "serve", "gateway", "--config", "/g.toml"]).unwrap();
+        assert!(matches!(serve.command, Command::Serve(_)));
+        assert!(!serve.runs_agent());
     }
 
     #[test]

@@ -20,22 +20,84 @@ fn parse<T: serde::de::DeserializeOwned>(what: &str, text: &str) -> Result<T> {
 }
 
 pub fn scheduler(opts: &DevOptions, pki: &DevPki) -> Result<kiln_scheduler::SchedulerConfig> {
+    let text = scheduler_text(
+        opts,
+        pki,
+        &opts.state_dir.join("scheduler"),
+        "127.0.0.1:0".parse().expect("an address"),
+        "",
+    );
+    let config: kiln_scheduler::SchedulerConfig = parse("scheduler", &text)?;
+    config.validate()?;
+    Ok(config)
+}
+
+/// The database a `kiln dev --postgres` cluster shares.
+#[derive(Debug, Clone)]
+pub struct ClusterDatabase {
+    pub url: String,
+    pub password_file: Option<std::path::PathBuf>,
+}
+
+impl ClusterDatabase {
+    /// The `[cluster]` lines both services share.
+    fn lines(&self) -> String {
+        let password = self
+            .password_file
+            .as_ref()
+            .map(|p| format!("postgres_password_file = {p:?}\n"))
+            .unwrap_or_default();
+        format!("postgres_url = {:?}\n{password}", self.url)
+    }
+}
+
+/// One scheduler of a `kiln dev --postgres` cluster: its own state
+/// directory and fixed loopback port (its advertised URL), the shared
+/// database and sealing key. Returned as the TOML file its process reads,
+/// checked by parsing it here first.
+pub fn cluster_scheduler(
+    opts: &DevOptions,
+    pki: &DevPki,
+    name: &str,
+    port: u16,
+    db: &ClusterDatabase,
+) -> Result<String> {
+    let cluster = format!(
+        "[cluster]\n{}advertise_url = \"https://127.0.0.1:{port}\"\n",
+        db.lines()
+    );
+    let text = scheduler_text(
+        opts,
+        pki,
+        &opts.state_dir.join(name),
+        std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        &cluster,
+    );
+    let config: kiln_scheduler::SchedulerConfig = parse("scheduler", &text)?;
+    config.validate()?;
+    Ok(text)
+}
+
+fn scheduler_text(
+    opts: &DevOptions,
+    pki: &DevPki,
+    state_dir: &std::path::Path,
+    listen: std::net::SocketAddr,
+    tail: &str,
+) -> String {
     // The dev CA signs renewed agent certificates and bootstrap joins
     // (docs/security.md: a production cluster gives an intermediate).
-    let text = format!(
-        "state_dir = {:?}\nlisten = \"127.0.0.1:0\"\nidle_timeout_s = {}\n{}\n\
+    format!(
+        "state_dir = {:?}\nlisten = \"{listen}\"\nidle_timeout_s = {}\n{}\n\
          [certificates]\nca_cert = {:?}\nca_key = {:?}\n\
-         [secrets]\nkey_file = {:?}\n",
-        opts.state_dir.join("scheduler"),
+         [secrets]\nkey_file = {:?}\n{tail}",
+        state_dir,
         opts.idle_timeout_s,
         tls_table(&pki.files("scheduler")),
         pki.ca_cert(),
         pki.dir.join("ca-key.pem"),
         scheduler_key_file(opts),
-    );
-    let config: kiln_scheduler::SchedulerConfig = parse("scheduler", &text)?;
-    config.validate()?;
-    Ok(config)
+    )
 }
 
 /// The scheduler's sealing key (the environments in the specs it keeps),
@@ -55,22 +117,102 @@ pub fn gateway(
     opts: &DevOptions,
     pki: &DevPki,
     scheduler_url: &str,
-    (account_id, access_key_id, access_key_secret): (&str, &str, &str),
+    account: (&str, &str, &str),
 ) -> Result<kiln_gateway::GatewayConfig> {
+    let text = gateway_text(
+        opts,
+        pki,
+        GatewayPlace {
+            state_dir: &opts.state_dir.join("gateway"),
+            scheduler_url,
+            public_listen: opts.listen,
+            internal_listen: "127.0.0.1:0".parse().expect("an address"),
+            public_extra: "",
+            tail: "",
+        },
+        account,
+    );
+    let config: kiln_gateway::GatewayConfig = parse("gateway", &text)?;
+    config.validate()?;
+    Ok(config)
+}
+
+/// One gateway of a `kiln dev --postgres` cluster (`name`, e.g.
+/// `gateway-1`): its own state directory and fixed loopback ports behind
+/// HAProxy, every scheduler, the shared database and sealing key, and a
+/// drain of `drain_delay_ms` on SIGTERM so HAProxy's health check takes
+/// it out before it stops accepting; HTTP triggers' URLs name HAProxy's
+/// port (`balancer_port`). Returned as the TOML file its process reads,
+/// checked by parsing it here first.
+#[allow(clippy::too_many_arguments)]
+pub fn cluster_gateway(
+    opts: &DevOptions,
+    pki: &DevPki,
+    name: &str,
+    (public_port, internal_port): (u16, u16),
+    balancer_port: u16,
+    scheduler_url: &str,
+    db: &ClusterDatabase,
+    drain_delay_ms: u64,
+    account: (&str, &str, &str),
+) -> Result<String> {
+    let public_extra = format!("drain_delay_ms = {drain_delay_ms}\n");
+    let tail = format!(
+        "[http_triggers]\npublic_port = {balancer_port}\n[cluster]\n{}",
+        db.lines()
+    );
+    let text = gateway_text(
+        opts,
+        pki,
+        GatewayPlace {
+            state_dir: &opts.state_dir.join(name),
+            scheduler_url,
+            public_listen: std::net::SocketAddr::from(([127, 0, 0, 1], public_port)),
+            internal_listen: std::net::SocketAddr::from(([127, 0, 0, 1], internal_port)),
+            public_extra: &public_extra,
+            tail: &tail,
+        },
+        account,
+    );
+    let config: kiln_gateway::GatewayConfig = parse("gateway", &text)?;
+    config.validate()?;
+    Ok(text)
+}
+
+/// Where a gateway keeps its state and listens, and what its config adds
+/// to the public listener's table (`public_extra`) and at the end (`tail`,
+/// whole tables).
+struct GatewayPlace<'a> {
+    state_dir: &'a std::path::Path,
+    scheduler_url: &'a str,
+    public_listen: std::net::SocketAddr,
+    internal_listen: std::net::SocketAddr,
+    public_extra: &'a str,
+    tail: &'a str,
+}
+
+fn gateway_text(
+    opts: &DevOptions,
+    pki: &DevPki,
+    place: GatewayPlace<'_>,
+    (account_id, access_key_id, access_key_secret): (&str, &str, &str),
+) -> String {
     let public = pki.files("gateway");
     let text = format!(
         "state_dir = {:?}\nregion = \"cn-hangzhou\"\nscheduler_url = {:?}\ncredentials_lifetime_s = {}\n\
-         [public]\nlisten = {:?}\ncert = {:?}\nkey = {:?}\n\
-         [internal]\nlisten = \"127.0.0.1:0\"\n\
+         [public]\nlisten = {:?}\ncert = {:?}\nkey = {:?}\n{}\
+         [internal]\nlisten = {:?}\n\
          {}\
          [secrets]\nkey_file = {:?}\n\
          [[bootstrap_keys]]\naccount_id = {:?}\naccess_key_id = {:?}\naccess_key_secret = {:?}\n",
-        opts.state_dir.join("gateway"),
-        scheduler_url,
+        place.state_dir,
+        place.scheduler_url,
         opts.credentials_lifetime_s,
-        opts.listen.to_string(),
+        place.public_listen.to_string(),
         public.cert,
         public.key,
+        place.public_extra,
+        place.internal_listen.to_string(),
         tls_table(&pki.files("gateway-internal")),
         gateway_key_file(opts),
         account_id,
@@ -81,9 +223,7 @@ pub fn gateway(
         Some(skew_s) => format!("{text}[signatures]\nskew_s = {skew_s}\n"),
         None => text,
     };
-    let config: kiln_gateway::GatewayConfig = parse("gateway", &text)?;
-    config.validate()?;
-    Ok(config)
+    format!("{text}{}", place.tail)
 }
 
 pub fn agent(
@@ -271,6 +411,61 @@ mod tests {
         let c = make(&opts);
         assert!(c.sandbox.network.is_none() && c.sandbox.insecure_network_isolation_disabled);
         c.require_network_isolation().unwrap();
+    }
+
+    #[test]
+    fn a_clusters_services_share_the_database_and_keys_on_fixed_ports() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = kiln_pki::DevPki::ensure(&dir.path().join("pki"), &[]).unwrap();
+        let opts = DevOptions {
+            state_dir: dir.path().to_owned(),
+            listen: "127.0.0.1:8443".parse().unwrap(),
+            sandbox_prefix: "kiln".into(),
+            instance_subnet: "10.213.0.0/16".into(),
+            rootfs_dir: None,
+            idle_timeout_s: 300,
+            credentials_lifetime_s: 3600,
+            insecure_no_network_isolation: false,
+            signature_skew_s: None,
+            premade: true,
+            registry_ca_bundle: None,
+            max_image_mb: None,
+            image_budget_mb: None,
+        };
+        let db = ClusterDatabase {
+            url: "host=/run/postgresql dbname=kiln".into(),
+            password_file: Some("/etc/kiln/pgpass".into()),
+        };
+        let text = cluster_gateway(
+            &opts,
+            &pki,
+            "gateway-2",
+            (9002, 9102),
+            8443,
+            "https://127.0.0.1:7001,https://127.0.0.1:7002",
+            &db,
+            1500,
+            ("1000000000000001", "LTAIdev", "secret-0123456789abcdef"),
+        )
+        .unwrap();
+        let g: kiln_gateway::GatewayConfig = toml::from_str(&text).unwrap();
+        assert_eq!(g.state_dir, dir.path().join("gateway-2"));
+        assert_eq!(g.public.listen, "127.0.0.1:9002".parse().unwrap());
+        assert_eq!(g.internal.listen, "127.0.0.1:9102".parse().unwrap());
+        assert_eq!(g.public.drain_delay_ms, 1500);
+        assert_eq!(g.http_triggers.public_port, Some(8443));
+        let c = g.cluster.expect("[cluster]");
+        assert_eq!(c.postgres_url, db.url);
+        assert_eq!(c.postgres_password_file, db.password_file);
+        assert_eq!(g.secrets.unwrap().key_file, gateway_key_file(&opts));
+
+        let text = cluster_scheduler(&opts, &pki, "scheduler-b", 7002, &db).unwrap();
+        let s: kiln_scheduler::SchedulerConfig = toml::from_str(&text).unwrap();
+        assert_eq!(s.listen, "127.0.0.1:7002".parse().unwrap());
+        let c = s.cluster.expect("[cluster]");
+        assert_eq!(c.advertise_url, "https://127.0.0.1:7002");
+        assert_eq!(c.postgres_password_file, db.password_file);
+        assert_eq!(s.secrets.unwrap().key_file, scheduler_key_file(&opts));
     }
 
     #[test]

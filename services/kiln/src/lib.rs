@@ -4,6 +4,7 @@
 
 pub mod cli;
 pub mod client;
+pub mod cluster;
 pub mod commands;
 pub mod credentials;
 pub mod dev_config;
@@ -11,6 +12,7 @@ pub mod loadgen;
 pub mod output;
 pub mod project;
 pub mod registry;
+pub mod serve;
 pub mod service_runtime;
 pub mod signing;
 pub mod zipdir;

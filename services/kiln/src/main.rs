@@ -9,6 +9,11 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = kiln::cli::Cli::parse();
+    // A service of `kiln dev --postgres`: it sets up its own logging and
+    // runtime, as its own binary does.
+    if let kiln::cli::Command::Serve(command) = &cli.command {
+        return kiln::serve::run(command, &cli.log);
+    }
     // stderr: stdout carries the commands' answers.
     kiln_service::logging::init(
         cli.log.log_format,

@@ -45,14 +45,14 @@ pub struct DevOptions {
 /// The dev account and key, kept across restarts so clients stay valid.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct DevAccount {
-    account_id: String,
-    access_key_id: String,
-    access_key_secret: String,
+pub(crate) struct DevAccount {
+    pub(crate) account_id: String,
+    pub(crate) access_key_id: String,
+    pub(crate) access_key_secret: String,
 }
 
 impl DevAccount {
-    fn load_or_create(path: &Path) -> Result<Self> {
+    pub(crate) fn load_or_create(path: &Path) -> Result<Self> {
         if let Ok(text) = std::fs::read_to_string(path) {
             return serde_json::from_str(&text).with_context(|| {
                 format!(
@@ -84,7 +84,7 @@ impl DevAccount {
     }
 }
 
-fn host_memory_mb() -> u64 {
+pub(crate) fn host_memory_mb() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|s| {
@@ -95,6 +95,38 @@ fn host_memory_mb() -> u64 {
         })
         .map(|kb| kb / 1024)
         .unwrap_or(4096)
+}
+
+/// The host clients reach the public listener at (loopback when it
+/// listens on every address).
+pub(crate) fn public_host(opts: &DevOptions) -> String {
+    if opts.listen.ip().is_unspecified() {
+        "127.0.0.1".to_owned()
+    } else {
+        opts.listen.ip().to_string()
+    }
+}
+
+/// The names the public certificate carries: the host, and HTTP
+/// triggers' hosts `{function}-{id}.fcapp.localhost`, which curl and most
+/// resolvers send to loopback.
+pub(crate) fn public_names(public_host: &str) -> [String; 2] {
+    [
+        public_host.to_owned(),
+        format!("*.{}", kiln_gateway::config::DEFAULT_TRIGGER_DOMAIN),
+    ]
+}
+
+/// Credentials not yet known (filled in once the endpoint is).
+pub(crate) fn placeholder_credentials() -> Credentials {
+    Credentials {
+        endpoint: String::new(),
+        account_id: String::new(),
+        access_key_id: String::new(),
+        access_key_secret: String::new(),
+        ca_cert: PathBuf::new(),
+        security_token: None,
+    }
 }
 
 /// A running one-machine cluster.
@@ -126,18 +158,8 @@ impl DevCluster {
         let state = &opts.state_dir;
         std::fs::create_dir_all(state)
             .with_context(|| format!("cannot create state directory {}", state.display()))?;
-        let public_host = if opts.listen.ip().is_unspecified() {
-            "127.0.0.1".to_owned()
-        } else {
-            opts.listen.ip().to_string()
-        };
-        // HTTP triggers' hosts: `{function}-{id}.fcapp.localhost`, which
-        // curl and most resolvers send to loopback.
-        let public_names = [
-            public_host.clone(),
-            format!("*.{}", kiln_gateway::config::DEFAULT_TRIGGER_DOMAIN),
-        ];
-        let pki = kiln_pki::DevPki::ensure(&state.join("pki"), &public_names)
+        let public_host = public_host(opts);
+        let pki = kiln_pki::DevPki::ensure(&state.join("pki"), &public_names(&public_host))
             .context("cannot create the dev cluster's certificates")?;
         let account = DevAccount::load_or_create(&state.join("dev-account.json"))?;
 
