@@ -107,7 +107,8 @@ impl PgServer {
         self.dir.path().join("sock")
     }
 
-    fn data_dir(&self) -> PathBuf {
+    /// The cluster's data directory (postmaster.pid names its server).
+    pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
     }
 

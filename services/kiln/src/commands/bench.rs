@@ -29,6 +29,7 @@
 //!   `debian13-builtin`), bootstrap and code ([`cold_runtimes`]).
 
 mod burst;
+mod cluster;
 mod container;
 mod cpu;
 mod runc;
@@ -104,6 +105,13 @@ pub struct BenchArgs {
     /// only with a shorter window.
     #[arg(long)]
     pub skew_seconds: Option<u64>,
+    /// Instead of the comparison: a control plane on PostgreSQL (this
+    /// many gateways behind HAProxy, two schedulers, as `kiln dev
+    /// --postgres` runs them) against one gateway on SQLite, and async
+    /// accepts against raw PostgreSQL inserts on the same server (a
+    /// throwaway one from Debian's package). See `bench/cluster.rs`.
+    #[arg(long, value_name = "GATEWAYS", num_args = 0..=1, default_missing_value = "2")]
+    pub cluster: Option<usize>,
 }
 
 fn require_root() -> Result<()> {
@@ -187,6 +195,9 @@ fn summarise(latency: &[RunResult], throughput: &[RunResult]) -> Summary {
 }
 
 pub async fn run(args: &BenchArgs) -> Result<()> {
+    if args.cluster.is_some() {
+        return cluster::run(args).await;
+    }
     require_root()?;
     let work = tempfile::Builder::new().prefix("kiln-bench-").tempdir()?;
     let binary = build_static_echo(work.path())?;
