@@ -13,9 +13,15 @@ let
   inherit (lib) types;
   db = cfg.database.name;
   lb = cfg.loadBalancer;
-  lbPort = lib.toInt (lib.last (lib.splitString ":" lb.listen));
+  portOf = addr: lib.toInt (lib.last (lib.splitString ":" addr));
   servers = lib.concatStrings (
-    lib.imap0 (i: addr: "  server gateway${toString i} ${addr}\n") lb.gateways
+    lib.imap0 (i: g: "  server gateway${toString i} ${g.public}\n") lb.gateways
+  );
+  # Each internal server follows its gateway's public check.
+  internalServers = lib.concatStrings (
+    lib.imap0 (
+      i: g: "  server gateway${toString i} ${g.internal} track gateways/gateway${toString i}\n"
+    ) lb.gateways
   );
 in
 {
@@ -45,13 +51,37 @@ in
         default = "0.0.0.0:443";
         description = "Where clients reach the FC API (the endpoint in their credentials).";
       };
+      internalListen = lib.mkOption {
+        type = types.str;
+        default = "0.0.0.0:7443";
+        description = ''
+          Where agents reach a gateway's internal listener (code packages,
+          credentials): their `gateway_internal_url`. Mutual TLS passes
+          through; each gateway still checks every client certificate.
+        '';
+      };
       gateways = lib.mkOption {
-        type = types.listOf types.str;
+        type = types.listOf (
+          types.submodule {
+            options = {
+              public = lib.mkOption {
+                type = types.str;
+                description = "`host:port` of the gateway's public listener.";
+              };
+              internal = lib.mkOption {
+                type = types.str;
+                description = "`host:port` of the gateway's internal (mTLS) listener.";
+              };
+            };
+          }
+        );
         example = [
-          "10.0.0.2:8443"
-          "10.0.0.3:8443"
+          {
+            public = "10.0.0.2:8443";
+            internal = "10.0.0.2:8444";
+          }
         ];
-        description = "`host:port` of every gateway's public listener.";
+        description = "Every gateway of the cluster.";
       };
       caFile = lib.mkOption {
         type = types.str;
@@ -104,7 +134,10 @@ in
           message = "services.kiln.controlPlane.loadBalancer.gateways must list at least one gateway";
         }
       ];
-      networking.firewall.allowedTCPPorts = [ lbPort ];
+      networking.firewall.allowedTCPPorts = [
+        (portOf lb.listen)
+        (portOf lb.internalListen)
+      ];
       services.haproxy = {
         enable = true;
         config = ''
@@ -120,11 +153,21 @@ in
 
           backend gateways
             balance leastconn
+            # A refused connection is retried on another gateway.
+            retries 2
+            option redispatch
             option httpchk
             http-check send meth GET uri /healthz ver HTTP/1.1 hdr host kiln-health
             http-check expect status 200
             default-server check check-ssl verify required ca-file ${lb.caFile} inter ${toString lb.checkIntervalMs} fall 2 rise 2
-          ${servers}'';
+          ${servers}
+          frontend kiln-internal
+            bind ${lb.internalListen}
+            default_backend gateways-internal
+
+          backend gateways-internal
+            balance leastconn
+          ${internalServers}'';
       };
     })
   ];

@@ -10,6 +10,7 @@
 }:
 let
   site = lib.importJSON ../site.json;
+  clustered = (site.cluster or null) != null;
   pki = name: "/etc/kiln/pki/${name}";
 in
 {
@@ -40,8 +41,15 @@ in
         "python3.11"
         "nodejs18"
       ];
-      scheduler_url = "https://${site.controlHost}:9443";
-      gateway_internal_url = "https://${site.controlHost}:8444";
+      # A clustered control plane: every scheduler (the agent follows the
+      # leader) and any gateway through HAProxy's internal frontend.
+      scheduler_url =
+        if clustered then
+          lib.concatStringsSep "," site.cluster.schedulers
+        else
+          "https://${site.controlHost}:9443";
+      gateway_internal_url =
+        if clustered then "https://${site.controlHost}:7443" else "https://${site.controlHost}:8444";
       tls = {
         ca = pki "ca.pem";
         cert = pki "agent.pem";

@@ -71,7 +71,12 @@ in
     loadBalancer = {
       enable = true;
       listen = "0.0.0.0:443";
-      inherit (cluster) gateways;
+      # Every control node's gateway: public on 8443, internal on 8444;
+      # agents reach them through HAProxy's internal frontend on 7443.
+      gateways = map (host: {
+        public = "${host}:8443";
+        internal = "${host}:8444";
+      }) cluster.gateways;
       caFile = pki "ca.pem";
     };
   };
