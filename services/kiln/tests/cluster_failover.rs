@@ -615,6 +615,9 @@ async fn a_gateway_and_the_scheduler_leader_killed_under_load_lose_no_accepted_c
         async_refused.len(),
         async_refused.iter().map(|c| c.0).collect::<Vec<_>>()
     );
+    for (at, _, what) in &async_refused {
+        eprintln!("  an async call sent at {at:?} was refused: {what:.200}");
+    }
     let outside: Vec<&Call> = async_refused
         .iter()
         .filter(|c| in_window(c.0).is_none())
