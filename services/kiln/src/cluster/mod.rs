@@ -53,6 +53,17 @@ pub struct Cluster {
     pub cluster_json: PathBuf,
     supervisor: Supervisor,
     agent: Option<(kiln_agent::AgentHandle, ServiceRuntime)>,
+    /// Keeps `cluster.json`'s `schedulerUrl` on the leader.
+    follower: Option<Follower>,
+}
+
+/// The task of [`follow_the_leader`], ended with the cluster.
+struct Follower(tokio::task::JoinHandle<()>);
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// `cluster.json`: the fixed part (URLs) and the processes, rewritten on
@@ -137,6 +148,7 @@ impl Cluster {
             cluster_json: state.join("cluster.json"),
             supervisor,
             agent: None,
+            follower: None,
         };
         let operator =
             InternalClient::new(&pki.files("operator"))?.with_timeout(Duration::from_secs(3));
@@ -326,7 +338,8 @@ impl Cluster {
             let mut f = file.lock().expect("not poisoned");
             let fixed = serde_json::json!({
                 "endpoint": endpoint,
-                // `kiln nodes` calls one scheduler; a standby names the leader.
+                // The one that leads (`kiln nodes`, `kiln limits` call it),
+                // kept current by `follow_the_leader`.
                 "schedulerUrl": scheduler_urls[0],
                 "schedulerUrls": scheduler_urls,
                 "gatewayInternalUrl": gateway_internal,
@@ -344,6 +357,11 @@ impl Cluster {
             }];
             f.write();
         }
+        running.follower = Some(Follower(tokio::spawn(follow_the_leader(
+            file.clone(),
+            operator,
+            scheduler_urls,
+        ))));
         running.credentials.write(&running.credentials_path)?;
         Ok(running)
     }
@@ -351,6 +369,7 @@ impl Cluster {
     /// Stop the agent first (it removes its sandboxes), then the children
     /// by pid: gateways, HAProxy, schedulers.
     pub async fn shutdown(mut self) {
+        self.follower.take();
         if let Some((agent, runtime)) = self.agent.take() {
             if let Err(e) = runtime.run(agent.shutdown()).await {
                 tracing::warn!(error = %format!("{e:#}"), "the agent's shutdown failed");
@@ -385,6 +404,38 @@ pub async fn run(opts: DevOptions, cluster: ClusterOptions) -> Result<()> {
     tracing::info!(signal, "shutting down");
     running.shutdown().await;
     Ok(())
+}
+
+/// Every second, find the scheduler that leads and, when it changed, name
+/// it as `schedulerUrl` in `cluster.json` (the operator commands call that
+/// one; a standby only answers `NotLeader`).
+async fn follow_the_leader(
+    file: Arc<Mutex<ClusterFile>>,
+    operator: InternalClient,
+    urls: Vec<String>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let mut leader = None;
+        for url in &urls {
+            if operator
+                .get::<serde_json::Value>(url, paths::HEALTH)
+                .await
+                .is_ok()
+            {
+                leader = Some(url.clone());
+                break;
+            }
+        }
+        let Some(leader) = leader else { continue };
+        let mut f = file.lock().expect("not poisoned");
+        if f.fixed.get("schedulerUrl").and_then(|u| u.as_str()) != Some(leader.as_str()) {
+            tracing::info!(leader = %leader, "the scheduler leadership moved");
+            f.fixed.insert("schedulerUrl".into(), leader.into());
+            f.write();
+        }
+    }
 }
 
 fn serve_args(service: &str, config: &Path) -> Vec<std::ffi::OsString> {
