@@ -42,6 +42,10 @@ const SCHEDULERS: [&str; 2] = ["scheduler-a", "scheduler-b"];
 /// How long a service has to come up (a gateway's first start migrates
 /// the database).
 const START_TIMEOUT: Duration = Duration::from_secs(90);
+/// A scheduler that died is started again only after its lease (the
+/// default 5 s) has run out: the standby takes over, as it would when a
+/// machine is lost, and the restarted one stands by.
+const SCHEDULER_RESTART_DELAY: Duration = Duration::from_secs(6);
 /// The order children stop in: gateways drain while HAProxy still routes
 /// to the others, then HAProxy, then the schedulers.
 const STOP_ORDER: [Role; 3] = [Role::Gateway, Role::Haproxy, Role::Scheduler];
@@ -171,6 +175,7 @@ impl Cluster {
                     program: kiln_bin.clone(),
                     args: serve_args("scheduler", &config_path),
                     log: dir.join(format!("{name}.log")),
+                    min_restart_delay: SCHEDULER_RESTART_DELAY,
                 })
                 .await?;
             scheduler_urls.push(url);
@@ -238,6 +243,7 @@ impl Cluster {
                     program: kiln_bin.clone(),
                     args: serve_args("gateway", &config_path),
                     log: dir.join(format!("{name}.log")),
+                    min_restart_delay: Duration::ZERO,
                 })
                 .await?;
             // One at a time: the first migrates the database.
@@ -293,6 +299,7 @@ impl Cluster {
                 program: kiln_bin.clone(),
                 args,
                 log: dir.join("haproxy.log"),
+                min_restart_delay: Duration::ZERO,
             })
             .await?;
         let endpoint_port = opts.listen.port();
