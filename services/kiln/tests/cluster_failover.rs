@@ -566,6 +566,18 @@ async fn a_gateway_and_the_scheduler_leader_killed_under_load_lose_no_accepted_c
     for w in sync_workers {
         sync_calls.extend(w.await.unwrap());
     }
+    // cluster.json names the new leader for the operator commands.
+    let standby = schedulers.iter().find(|s| s.name != leader.name).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while cluster_json(&dev)["schedulerUrl"] != format!("https://{}", standby.address) {
+        assert!(
+            Instant::now() < deadline,
+            "cluster.json does not name the new leader {}: {}",
+            standby.name,
+            cluster_json(&dev)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let mut accepted: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut async_refused: Vec<Call> = vec![];
     for w in async_workers {
@@ -615,6 +627,9 @@ async fn a_gateway_and_the_scheduler_leader_killed_under_load_lose_no_accepted_c
         async_refused.len(),
         async_refused.iter().map(|c| c.0).collect::<Vec<_>>()
     );
+    for (at, _, what) in &async_refused {
+        eprintln!("  an async call sent at {at:?} was refused: {what:.200}");
+    }
     let outside: Vec<&Call> = async_refused
         .iter()
         .filter(|c| in_window(c.0).is_none())

@@ -42,6 +42,10 @@ const SCHEDULERS: [&str; 2] = ["scheduler-a", "scheduler-b"];
 /// How long a service has to come up (a gateway's first start migrates
 /// the database).
 const START_TIMEOUT: Duration = Duration::from_secs(90);
+/// A scheduler that died is started again only after its lease (the
+/// default 5 s) has run out: the standby takes over, as it would when a
+/// machine is lost, and the restarted one stands by.
+const SCHEDULER_RESTART_DELAY: Duration = Duration::from_secs(6);
 /// The order children stop in: gateways drain while HAProxy still routes
 /// to the others, then HAProxy, then the schedulers.
 const STOP_ORDER: [Role; 3] = [Role::Gateway, Role::Haproxy, Role::Scheduler];
@@ -53,6 +57,17 @@ pub struct Cluster {
     pub cluster_json: PathBuf,
     supervisor: Supervisor,
     agent: Option<(kiln_agent::AgentHandle, ServiceRuntime)>,
+    /// Keeps `cluster.json`'s `schedulerUrl` on the leader.
+    follower: Option<Follower>,
+}
+
+/// The task of [`follow_the_leader`], ended with the cluster.
+struct Follower(tokio::task::JoinHandle<()>);
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// `cluster.json`: the fixed part (URLs) and the processes, rewritten on
@@ -137,6 +152,7 @@ impl Cluster {
             cluster_json: state.join("cluster.json"),
             supervisor,
             agent: None,
+            follower: None,
         };
         let operator =
             InternalClient::new(&pki.files("operator"))?.with_timeout(Duration::from_secs(3));
@@ -159,6 +175,7 @@ impl Cluster {
                     program: kiln_bin.clone(),
                     args: serve_args("scheduler", &config_path),
                     log: dir.join(format!("{name}.log")),
+                    min_restart_delay: SCHEDULER_RESTART_DELAY,
                 })
                 .await?;
             scheduler_urls.push(url);
@@ -226,6 +243,7 @@ impl Cluster {
                     program: kiln_bin.clone(),
                     args: serve_args("gateway", &config_path),
                     log: dir.join(format!("{name}.log")),
+                    min_restart_delay: Duration::ZERO,
                 })
                 .await?;
             // One at a time: the first migrates the database.
@@ -281,6 +299,7 @@ impl Cluster {
                 program: kiln_bin.clone(),
                 args,
                 log: dir.join("haproxy.log"),
+                min_restart_delay: Duration::ZERO,
             })
             .await?;
         let endpoint_port = opts.listen.port();
@@ -326,7 +345,8 @@ impl Cluster {
             let mut f = file.lock().expect("not poisoned");
             let fixed = serde_json::json!({
                 "endpoint": endpoint,
-                // `kiln nodes` calls one scheduler; a standby names the leader.
+                // The one that leads (`kiln nodes`, `kiln limits` call it),
+                // kept current by `follow_the_leader`.
                 "schedulerUrl": scheduler_urls[0],
                 "schedulerUrls": scheduler_urls,
                 "gatewayInternalUrl": gateway_internal,
@@ -344,6 +364,11 @@ impl Cluster {
             }];
             f.write();
         }
+        running.follower = Some(Follower(tokio::spawn(follow_the_leader(
+            file.clone(),
+            operator,
+            scheduler_urls,
+        ))));
         running.credentials.write(&running.credentials_path)?;
         Ok(running)
     }
@@ -351,6 +376,7 @@ impl Cluster {
     /// Stop the agent first (it removes its sandboxes), then the children
     /// by pid: gateways, HAProxy, schedulers.
     pub async fn shutdown(mut self) {
+        self.follower.take();
         if let Some((agent, runtime)) = self.agent.take() {
             if let Err(e) = runtime.run(agent.shutdown()).await {
                 tracing::warn!(error = %format!("{e:#}"), "the agent's shutdown failed");
@@ -385,6 +411,38 @@ pub async fn run(opts: DevOptions, cluster: ClusterOptions) -> Result<()> {
     tracing::info!(signal, "shutting down");
     running.shutdown().await;
     Ok(())
+}
+
+/// Every second, find the scheduler that leads and, when it changed, name
+/// it as `schedulerUrl` in `cluster.json` (the operator commands call that
+/// one; a standby only answers `NotLeader`).
+async fn follow_the_leader(
+    file: Arc<Mutex<ClusterFile>>,
+    operator: InternalClient,
+    urls: Vec<String>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let mut leader = None;
+        for url in &urls {
+            if operator
+                .get::<serde_json::Value>(url, paths::HEALTH)
+                .await
+                .is_ok()
+            {
+                leader = Some(url.clone());
+                break;
+            }
+        }
+        let Some(leader) = leader else { continue };
+        let mut f = file.lock().expect("not poisoned");
+        if f.fixed.get("schedulerUrl").and_then(|u| u.as_str()) != Some(leader.as_str()) {
+            tracing::info!(leader = %leader, "the scheduler leadership moved");
+            f.fixed.insert("schedulerUrl".into(), leader.into());
+            f.write();
+        }
+    }
 }
 
 fn serve_args(service: &str, config: &Path) -> Vec<std::ffi::OsString> {

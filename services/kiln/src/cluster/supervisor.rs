@@ -10,8 +10,9 @@
 //!
 //! A child that exits by itself (a scheduler deposed as leader exits 1 for
 //! its supervisor to restart it; a gateway killed by an operator) is
-//! started again with the same configuration after a second, longer (up
-//! to 30 s) when it keeps dying within 10 s of its start.
+//! started again with the same configuration after a second (or its
+//! spec's minimum), longer (up to 30 s) when it keeps dying within 10 s of
+//! its start.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -47,6 +48,8 @@ pub struct Spec {
     pub args: Vec<OsString>,
     /// Appended to across restarts.
     pub log: PathBuf,
+    /// Wait at least this long before starting it again.
+    pub min_restart_delay: Duration,
 }
 
 /// One process as `cluster.json` lists it.
@@ -232,7 +235,8 @@ impl Supervising {
                         (kid.delay * 2).min(MAX_RESTART_DELAY)
                     } else {
                         RESTART_DELAY
-                    };
+                    }
+                    .max(kid.spec.min_restart_delay);
                     tracing::warn!(
                         name = %kid.spec.name,
                         pid = child.id(),
@@ -356,6 +360,7 @@ mod tests {
             program: "/bin/sleep".into(),
             args: vec!["600".into()],
             log,
+            min_restart_delay: Duration::ZERO,
         }
     }
 
