@@ -146,6 +146,12 @@ in
             timeout connect 5s
             timeout client ${toString lb.timeoutS}s
             timeout server ${toString lb.timeoutS}s
+            # A draining gateway finishes the calls it holds (no
+            # shutdown-sessions); a lost machine is found by keepalive.
+            option srvtcpka
+            srvtcpka-idle 10s
+            srvtcpka-intvl 5s
+            srvtcpka-cnt 3
 
           frontend kiln
             bind ${lb.listen}

@@ -94,7 +94,13 @@ pub fn config(t: &Topology) -> String {
          \x20   timeout check 2s\n\
          \x20   retries 2\n\
          \x20   option redispatch\n\
-         \x20   default-server inter {CHECK_INTERVAL_MS}ms fall {CHECK_FALL} rise {CHECK_RISE} on-marked-down shutdown-sessions\n\
+         \x20   # A draining gateway's sessions are left to finish (no\n\
+         \x20   # shutdown-sessions); a lost machine's are found by keepalive.\n\
+         \x20   option srvtcpka\n\
+         \x20   srvtcpka-idle 10s\n\
+         \x20   srvtcpka-intvl 5s\n\
+         \x20   srvtcpka-cnt 3\n\
+         \x20   default-server inter {CHECK_INTERVAL_MS}ms fall {CHECK_FALL} rise {CHECK_RISE}\n\
          \n\
          frontend kiln-public\n\
          \x20   bind {}\n\
