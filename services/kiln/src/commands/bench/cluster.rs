@@ -54,12 +54,13 @@ struct Figures {
 }
 
 /// CPU seconds each part of the cluster used (over a window, or per
-/// accept).
+/// accept), and the database's committed transactions.
 #[derive(Debug, Default, Clone, Copy)]
 struct CpuSplit {
     gateways: f64,
     postgres: f64,
     haproxy: f64,
+    commits: f64,
 }
 
 pub async fn run(args: &BenchArgs) -> Result<()> {
@@ -102,7 +103,7 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
         },
     )
     .await?;
-    let pids = ClusterPids::read(&cluster.cluster_json, &pg.data_dir())?;
+    let pids = ClusterPids::read(&cluster.cluster_json, &pg.data_dir(), &url)?;
     let clustered = AssertUnwindSafe(measure(
         args,
         &lg,
@@ -166,10 +167,12 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
     );
     if let Some(s) = split {
         println!(
-            "cluster async rounds, CPU per accept: gateways {:.0} us, PostgreSQL {:.0} us, HAProxy {:.0} us",
+            "cluster async rounds, per accept (its dispatch included): CPU of the gateways {:.0} us, \
+             PostgreSQL {:.0} us, HAProxy {:.0} us; {:.1} PostgreSQL commits",
             s.gateways * 1e6,
             s.postgres * 1e6,
-            s.haproxy * 1e6
+            s.haproxy * 1e6,
+            s.commits
         );
     }
     drop(pg);
@@ -275,7 +278,10 @@ async fn measure(
     };
     let (mut async_rates, mut sync_rates) = (Vec::new(), Vec::new());
     let (mut async_errors, mut sync_errors) = (0, 0);
-    let before = pids.map(ClusterPids::cpu).transpose()?;
+    let before = match pids {
+        Some(p) => Some(p.cpu().await?),
+        None => None,
+    };
     let mut accepted = 0usize;
     for _ in 0..args.runs {
         let r = lg
@@ -289,7 +295,10 @@ async fn measure(
         async_errors += r.errors;
         accepted += r.latencies_us.len();
     }
-    let after = pids.map(ClusterPids::cpu).transpose()?;
+    let after = match pids {
+        Some(p) => Some(p.cpu().await?),
+        None => None,
+    };
     // Let the dispatch of the accepted calls finish before the sync runs.
     tokio::time::sleep(Duration::from_secs(2)).await;
     for _ in 0..args.runs {
@@ -313,6 +322,7 @@ async fn measure(
             gateways: (a.gateways - b.gateways) * per,
             postgres: (a.postgres - b.postgres) * per,
             haproxy: (a.haproxy - b.haproxy) * per,
+            commits: (a.commits - b.commits) * per,
         }),
         _ => None,
     };
@@ -324,10 +334,12 @@ struct ClusterPids {
     gateways: Vec<u32>,
     haproxy: Vec<u32>,
     postmaster: u32,
+    /// The cluster's database, for its commit counter.
+    url: String,
 }
 
 impl ClusterPids {
-    fn read(cluster_json: &Path, pg_data: &Path) -> Result<Self> {
+    fn read(cluster_json: &Path, pg_data: &Path, url: &str) -> Result<Self> {
         let text = std::fs::read_to_string(cluster_json)
             .with_context(|| format!("cannot read {}", cluster_json.display()))?;
         let v: serde_json::Value = serde_json::from_str(&text)?;
@@ -353,11 +365,31 @@ impl ClusterPids {
             gateways,
             haproxy,
             postmaster,
+            url: url.to_owned(),
         })
     }
 
-    /// CPU seconds (user + system, with reaped children) so far.
-    fn cpu(&self) -> Result<CpuSplit> {
+    /// CPU seconds (user + system, with reaped children) and the
+    /// database's commits so far.
+    async fn cpu(&self) -> Result<CpuSplit> {
+        let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+            .await
+            .context("cannot connect to the cluster's database")?;
+        let conn = tokio::spawn(conn);
+        // The statistics of this backend's transaction are a snapshot:
+        // clear it so the counter is read fresh.
+        client
+            .batch_execute("SELECT pg_stat_clear_snapshot()")
+            .await?;
+        let commits: i64 = client
+            .query_one(
+                "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()",
+                &[],
+            )
+            .await?
+            .get(0);
+        drop(client);
+        let _ = conn.await;
         let sum = |pids: &[u32]| pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>();
         // PostgreSQL's backends are the postmaster's children; the ones
         // that ended are in its children's counters.
@@ -368,6 +400,7 @@ impl ClusterPids {
             gateways: sum(&self.gateways),
             postgres: sum(&backends),
             haproxy: sum(&self.haproxy),
+            commits: commits as f64,
         })
     }
 }
