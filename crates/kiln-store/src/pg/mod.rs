@@ -104,6 +104,27 @@ impl std::fmt::Debug for PgDatabase {
     }
 }
 
+/// The connection settings of `url` (a `postgresql://` URL or `key=value`
+/// string) with the password read from `password_file`, if any (one
+/// trailing newline ignored): for a pool, or a connection of its own such
+/// as a LISTEN.
+pub fn connect_config(
+    url: &str,
+    password_file: Option<&std::path::Path>,
+) -> Result<tokio_postgres::Config, PgStoreError> {
+    let mut config =
+        tokio_postgres::Config::from_str(url).map_err(|e| PgStoreError::Url(e.to_string()))?;
+    if let Some(path) = password_file {
+        let text = std::fs::read_to_string(path).map_err(|source| PgStoreError::PasswordFile {
+            path: path.to_owned(),
+            source,
+        })?;
+        let password = text.strip_suffix('\n').unwrap_or(&text);
+        config.password(password.strip_suffix('\r').unwrap_or(password));
+    }
+    Ok(config)
+}
+
 impl PgDatabase {
     /// Connect to `url` (a `postgresql://` URL or `key=value` string) with
     /// up to `max_connections`, and bring `component`'s schema up to
@@ -127,17 +148,7 @@ impl PgDatabase {
         component: &'static str,
         migrations: &[Migration],
     ) -> Result<Self, PgStoreError> {
-        let mut config =
-            tokio_postgres::Config::from_str(url).map_err(|e| PgStoreError::Url(e.to_string()))?;
-        if let Some(path) = password_file {
-            let text =
-                std::fs::read_to_string(path).map_err(|source| PgStoreError::PasswordFile {
-                    path: path.to_owned(),
-                    source,
-                })?;
-            let password = text.strip_suffix('\n').unwrap_or(&text);
-            config.password(password.strip_suffix('\r').unwrap_or(password));
-        }
+        let config = connect_config(url, password_file)?;
         let target = describe(&config);
         if !is_local(&config) {
             return Err(PgStoreError::NotLocal(target));

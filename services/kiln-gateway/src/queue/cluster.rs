@@ -9,7 +9,6 @@
 //! nonce first); expired rows are deleted in batches by every gateway,
 //! which is safe to run concurrently (`FOR UPDATE SKIP LOCKED`).
 
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -86,16 +85,10 @@ pub async fn open_cluster(cluster: &GatewayCluster, owner: &str) -> Result<Clust
         postgres::MIGRATIONS,
     )
     .await?;
-    let mut listen = tokio_postgres::Config::from_str(&cluster.postgres_url)
-        .map_err(|e| PgStoreError::Url(e.to_string()))?;
-    if let Some(path) = &cluster.postgres_password_file {
-        let text = std::fs::read_to_string(path).map_err(|source| PgStoreError::PasswordFile {
-            path: path.clone(),
-            source,
-        })?;
-        let password = text.strip_suffix('\n').unwrap_or(&text);
-        listen.password(password.strip_suffix('\r').unwrap_or(password));
-    }
+    let listen = kiln_store::pg::connect_config(
+        &cluster.postgres_url,
+        cluster.postgres_password_file.as_deref(),
+    )?;
     let nonces = Arc::new(PgNonces::new(db.clone()));
     Ok(Cluster {
         queue: Queue::postgres(PgQueue::new(db, owner)),

@@ -19,12 +19,11 @@
 
 use std::future::Future;
 use std::path::Path;
-use std::str::FromStr;
 use std::sync::Arc;
 
 use kiln_core::{AccountId, FunctionName};
 use kiln_store::pg::runtime::PgRuntime;
-use kiln_store::pg::{PgDatabase, PgStoreError};
+use kiln_store::pg::PgDatabase;
 use kiln_store::Migration;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Row, Transaction};
@@ -221,17 +220,7 @@ impl PgMetaStore {
         max_connections: usize,
         sealer: Arc<Sealer>,
     ) -> Result<Self, MetaStoreError> {
-        let mut listen =
-            tokio_postgres::Config::from_str(url).map_err(|e| PgStoreError::Url(e.to_string()))?;
-        if let Some(path) = password_file {
-            let text =
-                std::fs::read_to_string(path).map_err(|source| PgStoreError::PasswordFile {
-                    path: path.to_owned(),
-                    source,
-                })?;
-            let password = text.strip_suffix('\n').unwrap_or(&text);
-            listen.password(password.strip_suffix('\r').unwrap_or(password));
-        }
+        let listen = kiln_store::pg::connect_config(url, password_file)?;
         let rt = PgRuntime::new("kiln-gw-pg")?;
         let (url, password_file) = (url.to_owned(), password_file.map(ToOwned::to_owned));
         let db = rt.block(async move {

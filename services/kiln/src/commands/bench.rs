@@ -155,6 +155,48 @@ fn rootfs_dir(args: &BenchArgs) -> PathBuf {
 
 const DEFAULT_ROOTFS_CACHE: &str = "/var/cache/kiln/rootfs";
 
+/// A bench's dev cluster: its own state, port, sandbox names and
+/// instance subnet; pre-made sandboxes on.
+fn dev_options(args: &BenchArgs, state_dir: &Path) -> Result<DevOptions> {
+    let n: u32 = rand::random();
+    Ok(DevOptions {
+        state_dir: state_dir.to_owned(),
+        listen: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+        sandbox_prefix: tag(),
+        // Clear of the test suites' ranges (see services/kiln/tests/common).
+        instance_subnet: format!("10.{}.{}.0/22", 100 + n % 50, ((n >> 8) % 64) * 4),
+        // The node's cache by default: the runtimes' trees are built once
+        // (debootstrap, minutes), and the baselines run the same trees.
+        rootfs_dir: Some(rootfs_dir(args)),
+        idle_timeout_s: 300,
+        credentials_lifetime_s: 3600,
+        insecure_no_network_isolation: false,
+        signature_skew_s: None,
+        premade: true,
+        registry_ca_bundle: None,
+        max_image_mb: None,
+        image_budget_mb: None,
+    })
+}
+
+/// Deploy `bench-echo`, the function every measurement calls, from the
+/// static echo binary's zip.
+async fn deploy_echo(client: &crate::client::FcClient, code_zip: &[u8]) -> Result<()> {
+    let zip_b64 = base64::engine::general_purpose::STANDARD.encode(code_zip);
+    client
+        .create_function(&json!({
+            "functionName": "bench-echo",
+            "runtime": "custom",
+            "handler": "main",
+            "memorySize": 1024,
+            "instanceConcurrency": 200,
+            "customRuntimeConfig": {"command": ["/code/server"]},
+            "code": {"zipFile": zip_b64},
+        }))
+        .await?;
+    Ok(())
+}
+
 fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -203,7 +245,6 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
     let binary = build_static_echo(work.path())?;
     let code_zip = crate::zipdir::zip_dir(binary.parent().unwrap())?;
     let prefix = tag();
-    let n: u32 = rand::random();
     // Started before the cluster, whose agent must trust its registry.
     let image = if args.no_cold {
         None
@@ -211,22 +252,11 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
         container::Image::push(&binary, work.path())?
     };
     let opts = DevOptions {
-        state_dir: work.path().join("state"),
-        listen: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
         sandbox_prefix: prefix.clone(),
-        // Clear of the test suites' ranges (see services/kiln/tests/common).
-        instance_subnet: format!("10.{}.{}.0/22", 100 + n % 50, ((n >> 8) % 64) * 4),
-        // The node's cache by default: the runtimes' trees are built once
-        // (debootstrap, minutes), and the baselines run the same trees.
-        rootfs_dir: Some(rootfs_dir(args)),
-        idle_timeout_s: 300,
-        credentials_lifetime_s: 3600,
-        insecure_no_network_isolation: false,
         signature_skew_s: args.skew_seconds,
         premade: !args.no_premade,
         registry_ca_bundle: image.as_ref().map(container::Image::ca),
-        max_image_mb: None,
-        image_budget_mb: None,
+        ..dev_options(args, &work.path().join("state"))?
     };
     eprintln!("starting a dev cluster in {}", work.path().display());
     let cluster = DevCluster::start(&opts).await?;
@@ -375,18 +405,7 @@ async fn measure(
     image: Option<&container::Image>,
 ) -> Result<()> {
     let client = crate::client::FcClient::new(cluster.credentials.clone())?;
-    let zip_b64 = base64::engine::general_purpose::STANDARD.encode(code_zip);
-    client
-        .create_function(&json!({
-            "functionName": "bench-echo",
-            "runtime": "custom",
-            "handler": "main",
-            "memorySize": 1024,
-            "instanceConcurrency": 200,
-            "customRuntimeConfig": {"command": ["/code/server"]},
-            "code": {"zipFile": zip_b64},
-        }))
-        .await?;
+    deploy_echo(&client, code_zip).await?;
     // The same function behind an anonymous HTTP trigger: the caller's
     // `POST /invoke` reaches the function as such, as direct calls do.
     let trigger = crate::commands::triggers::create(

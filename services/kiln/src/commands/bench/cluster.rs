@@ -24,16 +24,14 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use base64::Engine;
 use bytes::Bytes;
 use futures_util::FutureExt;
 use http::{Method, Request};
 use http_body_util::Full;
-use serde_json::json;
 
-use super::{build_static_echo, free_port, rootfs_dir, tag, BenchArgs};
+use super::{build_static_echo, deploy_echo, dev_options, BenchArgs};
 use crate::cluster::{Cluster, ClusterOptions};
-use crate::commands::dev::{DevCluster, DevOptions};
+use crate::commands::dev::DevCluster;
 use crate::credentials::Credentials;
 use crate::dev_config::ClusterDatabase;
 use crate::loadgen::{median, LoadRuntime, Target};
@@ -78,7 +76,7 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
     let lg = LoadRuntime::new(2)?;
 
     eprintln!("one gateway on SQLite (kiln dev)");
-    let opts = options(args, &work.path().join("one-box"))?;
+    let opts = dev_options(args, &work.path().join("one-box"))?;
     let one = DevCluster::start(&opts).await?;
     let one_box = AssertUnwindSafe(measure(args, &lg, &one.credentials, &code_zip, None))
         .catch_unwind()
@@ -91,7 +89,7 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
         gateways
     );
     let url = pg.create_database("kiln_cluster_bench");
-    let opts = options(args, &work.path().join("cluster"))?;
+    let opts = dev_options(args, &work.path().join("cluster"))?;
     let cluster = Cluster::start(
         &opts,
         &ClusterOptions {
@@ -179,26 +177,6 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// The dev options of one side: its own state, port and sandbox names.
-fn options(args: &BenchArgs, state_dir: &Path) -> Result<DevOptions> {
-    let n: u32 = rand::random();
-    Ok(DevOptions {
-        state_dir: state_dir.to_owned(),
-        listen: std::net::SocketAddr::from(([127, 0, 0, 1], free_port()?)),
-        sandbox_prefix: tag(),
-        instance_subnet: format!("10.{}.{}.0/22", 100 + n % 50, ((n >> 8) % 64) * 4),
-        rootfs_dir: Some(rootfs_dir(args)),
-        idle_timeout_s: 300,
-        credentials_lifetime_s: 3600,
-        insecure_no_network_isolation: false,
-        signature_skew_s: None,
-        premade: true,
-        registry_ca_bundle: None,
-        max_image_mb: None,
-        image_budget_mb: None,
-    })
-}
-
 /// The measurement's result, or the panic it raised (after the caller
 /// stopped what it started).
 fn unwind<T>(r: std::thread::Result<Result<T>>) -> Result<T> {
@@ -217,18 +195,7 @@ async fn measure(
     pids: Option<&ClusterPids>,
 ) -> Result<(Figures, Option<CpuSplit>)> {
     let client = crate::client::FcClient::new(creds.clone())?;
-    let zip_b64 = base64::engine::general_purpose::STANDARD.encode(code_zip);
-    client
-        .create_function(&json!({
-            "functionName": "bench-echo",
-            "runtime": "custom",
-            "handler": "main",
-            "memorySize": 1024,
-            "instanceConcurrency": 200,
-            "customRuntimeConfig": {"command": ["/code/server"]},
-            "code": {"zipFile": zip_b64},
-        }))
-        .await?;
+    deploy_echo(&client, code_zip).await?;
     // Every gateway of a cluster must know it before the load starts.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let mut warm = 0;
