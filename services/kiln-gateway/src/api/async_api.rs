@@ -35,8 +35,17 @@ pub fn is_async(parts: &http::request::Parts) -> Result<bool, FcError> {
 }
 
 fn queue_err(e: QueueError) -> ApiError {
-    tracing::error!(error = %e, "async queue failure");
-    FcError::internal("the async queue failed; retry the request").into()
+    tracing::error!(error = %kiln_core::error_chain(&e), "async queue failure");
+    match e {
+        // A cluster's shared queue out of reach (PostgreSQL down or
+        // failing over): nothing was accepted, and the caller may retry.
+        QueueError::Pg(kiln_store::pg::PgStoreError::Connect { .. }) => FcError::new(
+            FcErrorCode::ServiceUnavailable,
+            "the async queue's database cannot be reached; nothing was accepted, retry the request",
+        )
+        .into(),
+        _ => FcError::internal("the async queue failed; retry the request").into(),
+    }
 }
 
 /// FC's task id rule: a letter or `_` first, then letters, digits, `_`
@@ -499,6 +508,22 @@ pub async fn stop_task(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unreachable_shared_queue_is_a_retryable_503() {
+        let down = QueueError::Pg(kiln_store::pg::PgStoreError::Connect {
+            target: "/run/postgresql".into(),
+            source: deadpool_postgres::PoolError::Closed,
+        });
+        let ApiError::Fc(e) = queue_err(down) else {
+            panic!("not an FC error")
+        };
+        assert_eq!(e.code, FcErrorCode::ServiceUnavailable);
+        let ApiError::Fc(e) = queue_err(QueueError::Closed) else {
+            panic!("not an FC error")
+        };
+        assert_eq!(e.code, FcErrorCode::InternalServerError);
+    }
 
     #[test]
     fn task_ids_follow_fcs_rule() {
