@@ -283,19 +283,17 @@ pub async fn start_with_clock(
     let configs = Arc::new(queue::dispatch::Configs::load(&queue).await?);
     let webhooks = queue::invoker::webhook_client(config.async_queue.webhook_ca.as_deref())?;
     let aq = &config.async_queue;
-    let settings = queue::dispatch::DispatchSettings {
+    let mut settings = queue::dispatch::DispatchSettings {
         max_in_flight: aq.max_in_flight,
         per_queue: aq.per_queue,
-        lease_ms: queue::cluster::lease_ms(cluster.is_some(), aq.lease_ms),
-        renew_every: queue::cluster::renew_every(
-            cluster.is_some(),
-            queue::cluster::lease_ms(cluster.is_some(), aq.lease_ms),
-        ),
+        lease_ms: aq.lease_ms,
         backoff_cap: std::time::Duration::from_millis(aq.backoff_cap_ms),
         retention_ms: aq.task_retention_s.saturating_mul(1000),
-        idle_poll: queue::cluster::idle_poll(cluster.is_some()),
         ..Default::default()
     };
+    if cluster.is_some() {
+        settings = queue::cluster::shared_timings(settings);
+    }
     let runtimes = Arc::new(
         runtimes::RuntimeCatalogue::from_config(&config.runtimes)
             .map_err(|e| ConfigError::Invalid(e.to_string()))?,

@@ -17,6 +17,7 @@ use kiln_store::pg::{PgDatabase, PgStoreError};
 use tokio_postgres::AsyncMessage;
 
 use super::postgres::{self, parse_signal, PgQueue, Signal, CHANNEL};
+use super::dispatch::DispatchSettings;
 use super::{Queue, QueueError};
 use crate::auth::{BoxFuture, SharedNonces};
 use crate::config::GatewayCluster;
@@ -29,41 +30,31 @@ const CLEANUP_BATCH: i64 = 5_000;
 /// anything older can no longer be claimed twice).
 const TICK_RETENTION_MS: u64 = 3_600_000;
 
-/// How often an idle dispatcher looks for messages whose backoff ended:
-/// alone, every 100 ms on its own SQLite file; in a cluster every 500 ms
-/// per gateway on the shared database (new messages wake it at once
-/// through their notification, so only retries after a backoff wait for
-/// this).
-pub fn idle_poll(cluster: bool) -> Duration {
-    if cluster {
-        Duration::from_millis(500)
-    } else {
-        super::dispatch::DispatchSettings::default().idle_poll
-    }
-}
-
 /// A delivery's lease in a cluster: short, renewed every
 /// [`RENEW_EVERY`] while its gateway lives, so the deliveries of a
 /// gateway killed with SIGKILL go back to the queue within this long.
 pub const CLUSTER_LEASE_MS: u64 = 30_000;
 /// How often a cluster gateway renews the leases of its running calls.
 pub const RENEW_EVERY: Duration = Duration::from_secs(10);
+/// How often an idle dispatcher of a cluster looks for messages whose
+/// backoff ended (alone it does every 100 ms on its own SQLite file; in a
+/// cluster new messages wake it at once through their notification, so
+/// only retries after a backoff wait for this).
+const CLUSTER_IDLE_POLL: Duration = Duration::from_millis(500);
 
-/// The lease of a delivery: `[async_queue] lease_ms` alone, at most
-/// [`CLUSTER_LEASE_MS`] (renewed) in a cluster.
-pub fn lease_ms(cluster: bool, configured: u64) -> u64 {
-    if cluster {
-        configured.min(CLUSTER_LEASE_MS)
-    } else {
-        configured
+/// The dispatcher's timings on a shared queue: `[async_queue] lease_ms`
+/// capped at [`CLUSTER_LEASE_MS`] and renewed at least three times a
+/// lease, and a slower idle poll.
+pub fn shared_timings(settings: DispatchSettings) -> DispatchSettings {
+    let lease_ms = settings.lease_ms.min(CLUSTER_LEASE_MS);
+    DispatchSettings {
+        lease_ms,
+        renew_every: Some(
+            RENEW_EVERY.min(Duration::from_millis(lease_ms / 3).max(Duration::from_millis(100))),
+        ),
+        idle_poll: CLUSTER_IDLE_POLL,
+        ..settings
     }
-}
-
-/// Lease renewal: in a cluster only, at least three times per lease.
-pub fn renew_every(cluster: bool, lease_ms: u64) -> Option<Duration> {
-    cluster.then(|| {
-        RENEW_EVERY.min(Duration::from_millis(lease_ms / 3).max(Duration::from_millis(100)))
-    })
 }
 
 /// The cluster's shared queue, nonces and what keeps them running.
