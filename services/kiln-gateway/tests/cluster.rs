@@ -178,6 +178,25 @@ where
     }
 }
 
+/// Create function `name` through A and wait until B serves it; its path.
+async fn create_seen_by_both(on_a: &Api, on_b: &Api, name: &str, app: &[u8]) -> String {
+    let zip = zip_of(&[("app.py", app)]);
+    on_a.call(
+        Method::POST,
+        FUNCTIONS,
+        function_doc(name, &zip).to_string().into_bytes(),
+    )
+    .await
+    .ok();
+    let path = format!("{FUNCTIONS}/{name}");
+    within("created on A, got on B", || async {
+        let r = on_b.call(Method::GET, &path, Vec::new()).await;
+        (r.status == StatusCode::OK).then_some(())
+    })
+    .await;
+    path
+}
+
 fn function_doc(name: &str, zip: &[u8]) -> Value {
     json!({
         "functionName": name,
@@ -348,20 +367,7 @@ async fn versions_published_through_both_gateways_at_once_never_share_an_id() {
         return;
     };
     let (on_a, on_b) = (c.api(&c.a, AK_A, SK_A), c.api(&c.b, AK_A, SK_A));
-    let zip = zip_of(&[("app.py", b"print('v')\n")]);
-    on_a.call(
-        Method::POST,
-        FUNCTIONS,
-        function_doc("v", &zip).to_string().into_bytes(),
-    )
-    .await
-    .ok();
-    let path = format!("{FUNCTIONS}/v");
-    within("created on A, got on B", || async {
-        let r = on_b.call(Method::GET, &path, Vec::new()).await;
-        (r.status == StatusCode::OK).then_some(())
-    })
-    .await;
+    let path = create_seen_by_both(&on_a, &on_b, "v", b"print('v')\n").await;
     let versions = format!("{path}/versions");
     let mut ids = Vec::new();
     for round in 0..8 {
@@ -427,20 +433,7 @@ async fn concurrent_updates_through_both_gateways_are_both_kept() {
         return;
     };
     let (on_a, on_b) = (c.api(&c.a, AK_A, SK_A), c.api(&c.b, AK_A, SK_A));
-    let zip = zip_of(&[("app.py", b"print('u')\n")]);
-    on_a.call(
-        Method::POST,
-        FUNCTIONS,
-        function_doc("u", &zip).to_string().into_bytes(),
-    )
-    .await
-    .ok();
-    let path = format!("{FUNCTIONS}/u");
-    within("created on A, got on B", || async {
-        let r = on_b.call(Method::GET, &path, Vec::new()).await;
-        (r.status == StatusCode::OK).then_some(())
-    })
-    .await;
+    let path = create_seen_by_both(&on_a, &on_b, "u", b"print('u')\n").await;
     for round in 0..10 {
         let description = format!("round {round}");
         let timeout = 10 + round;

@@ -16,8 +16,8 @@ use futures_util::StreamExt;
 use kiln_store::pg::{PgDatabase, PgStoreError};
 use tokio_postgres::AsyncMessage;
 
-use super::postgres::{self, parse_signal, PgQueue, Signal, CHANNEL};
 use super::dispatch::DispatchSettings;
+use super::postgres::{self, parse_signal, PgQueue, Signal, CHANNEL};
 use super::{Queue, QueueError};
 use crate::auth::{BoxFuture, SharedNonces};
 use crate::config::GatewayCluster;
