@@ -39,6 +39,32 @@ where
     common::serve_until(tls, std::future::pending(), f).await
 }
 
+/// Wait until every accepted id reached the agent; fail after `limit`
+/// naming how many did not (`what`) and a few of them.
+async fn all_invoked(accepted: &HashSet<String>, invoked: &Invoked, limit: Duration, what: &str) {
+    let started = Instant::now();
+    loop {
+        let missing: Vec<String> = {
+            let inv = invoked.lock().unwrap();
+            accepted
+                .iter()
+                .filter(|id| !inv.contains_key(*id))
+                .cloned()
+                .collect()
+        };
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "{} {what}, e.g. {:?}",
+            missing.len(),
+            &missing[..missing.len().min(5)]
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn fake_agent(req: Request<hyper::body::Incoming>, invoked: Invoked) -> Response<Body> {
     // A body cut off by the SIGKILLed gateway never reached "the function".
     let Ok(body) = req.into_body().collect().await.map(|c| c.to_bytes()) else {
@@ -294,27 +320,13 @@ access_key_secret = "{SK}"
 
     let accepted = accepted.lock().unwrap().clone();
     assert!(accepted.len() > 100, "too little load: {}", accepted.len());
-    let started = Instant::now();
-    loop {
-        let missing: Vec<String> = {
-            let inv = invoked.lock().unwrap();
-            accepted
-                .iter()
-                .filter(|id| !inv.contains_key(*id))
-                .cloned()
-                .collect()
-        };
-        if missing.is_empty() {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "{} accepted invocations never reached the agent, e.g. {:?}",
-            missing.len(),
-            &missing[..missing.len().min(5)]
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    all_invoked(
+        &accepted,
+        &invoked,
+        Duration::from_secs(120),
+        "accepted invocations never reached the agent",
+    )
+    .await;
     let inv = invoked.lock().unwrap().clone();
     let duplicates: usize = inv.values().map(|n| n - 1).sum();
     let unaccepted = inv.keys().filter(|k| !accepted.contains(*k)).count();
@@ -494,27 +506,13 @@ access_key_secret = "{SK}"
     }
     let accepted = accepted.lock().unwrap().clone();
     assert!(accepted.len() > 50, "too little load: {}", accepted.len());
-    let started = Instant::now();
-    loop {
-        let missing: Vec<String> = {
-            let inv = invoked.lock().unwrap();
-            accepted
-                .iter()
-                .filter(|id| !inv.contains_key(*id))
-                .cloned()
-                .collect()
-        };
-        if missing.is_empty() {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "{} invocations A accepted never reached the agent through B, e.g. {:?}",
-            missing.len(),
-            &missing[..missing.len().min(5)]
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    all_invoked(
+        &accepted,
+        &invoked,
+        Duration::from_secs(60),
+        "invocations A accepted never reached the agent through B",
+    )
+    .await;
     let inv = invoked.lock().unwrap().clone();
     let duplicates: usize = inv.values().map(|n| n - 1).sum();
     println!(
