@@ -502,15 +502,13 @@ mod tests {
     fn runtime_commands_are_found_by_their_root() {
         let root = tempfile::tempdir().unwrap();
         let root_arg = root.path().to_str().unwrap().to_owned();
-        // `python3 -c SCRIPT ARG...`: one process, the words only its argv.
-        let mut child = std::process::Command::new("python3")
-            .args([
-                "-c",
-                "import time; time.sleep(5)",
-                "--root",
-                &root_arg,
-                "run",
-            ])
+        // `sh -c 'read _' sh ARG...`: one process (`read` is a builtin, so
+        // nothing forks), the words only its argv. Not `python3`: on a
+        // machine with pyenv that is a bash shim whose forked subshells
+        // carry the same argv for a moment (CI saw two pids once).
+        let mut child = std::process::Command::new("/bin/sh")
+            .args(["-c", "read _", "sh", "--root", &root_arg, "run"])
+            .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
