@@ -235,6 +235,15 @@ pub trait SandboxDriver: Send + Sync + 'static {
     /// process has been started; the caller waits for its port.
     async fn create(&self, req: &SandboxRequest) -> Result<Sandbox, SandboxError>;
 
+    /// The network namespace (a `/run/netns/<name>` file) from whose
+    /// loopback the sandbox's endpoint is reached without crossing its
+    /// interface, when the backend has one: the agent dials the runtime
+    /// from there ([`crate::net::dial`]). None: dial the endpoint as is.
+    fn dial_netns(&self, id: &InstanceId) -> Option<PathBuf> {
+        let _ = id;
+        None
+    }
+
     /// Whether the sandbox's main process still runs.
     async fn is_running(&self, id: &InstanceId) -> Result<bool, SandboxError>;
 

@@ -104,3 +104,107 @@ async fn a_slot_is_made_in_two_batches_and_a_failing_line_is_named_and_undone() 
     ops.delete(&made.name).await.unwrap();
     assert!(ops.list(&prefix).await.unwrap().is_empty());
 }
+
+/// Bytes the host side of `link` has sent and received.
+fn link_bytes(link: &str) -> u64 {
+    let read = |what: &str| -> u64 {
+        std::fs::read_to_string(format!("/sys/class/net/{link}/statistics/{what}"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    read("tx_bytes") + read("rx_bytes")
+}
+
+/// Send `payload` on `stream` and read it back from the echoing peer.
+async fn round_trip(stream: &mut tokio::net::TcpStream, payload: &[u8]) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(payload).await.unwrap();
+    let mut back = vec![0u8; payload.len()];
+    stream.read_exact(&mut back).await.unwrap();
+    assert_eq!(back, payload);
+}
+
+#[tokio::test]
+async fn a_socket_dialled_in_the_namespace_reaches_the_instance_over_its_loopback() {
+    if let Some((category, reason)) = skip_reason() {
+        return skip(category, reason);
+    }
+    let run = std::process::id();
+    let prefix = format!("kd{:04x}", run & 0xffff);
+    let subnet: Ipv4Cidr = format!("10.251.{}.0/24", run % 250).parse().unwrap();
+    let slot = NetSlot::new(&prefix, &subnet, 0);
+    let _guard = Guard(vec![slot.name.clone()]);
+    IpCommand::default().create(&slot).await.unwrap();
+
+    // An echo server inside the namespace on every address, as runtimes
+    // listen; it reports each peer's address.
+    let netns = slot.netns_path();
+    let listener = {
+        let netns = netns.clone();
+        std::thread::spawn(move || {
+            let f = std::fs::File::open(netns).unwrap();
+            nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            std::net::TcpListener::bind("0.0.0.0:9000").unwrap()
+        })
+        .join()
+        .unwrap()
+    };
+    let (peers_tx, mut peers) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let _ = peers_tx.send(conn.peer_addr().unwrap());
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 65536];
+                while let Ok(n @ 1..) = conn.read(&mut buf) {
+                    if conn.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let endpoint = std::net::SocketAddr::new(slot.instance_addr.into(), 9000);
+    let payload = vec![7u8; 1 << 20];
+    let thread_ns = || std::fs::read_link("/proc/thread-self/ns/net").unwrap();
+    let before_ns = thread_ns();
+
+    // Dialled from inside: the call comes from the instance's own address
+    // and a megabyte each way leaves the veth's counters where they were.
+    let veth_before = link_bytes(&slot.name);
+    let mut inside = kiln_sandbox::net::dial::connect_in(&netns, endpoint)
+        .await
+        .unwrap();
+    assert!(inside.nodelay().unwrap());
+    round_trip(&mut inside, &payload).await;
+    assert_eq!(peers.recv().await.unwrap().ip(), slot.instance_addr);
+    let over_veth = link_bytes(&slot.name) - veth_before;
+    assert!(over_veth < 64 * 1024, "{over_veth} bytes crossed the veth");
+    // The dialling thread moved, not this one.
+    assert_eq!(thread_ns(), before_ns);
+
+    // The same call dialled from the host crosses the veth: what the
+    // counters show above is the loopback, not a counter that never moves.
+    let veth_before = link_bytes(&slot.name);
+    let mut outside = tokio::net::TcpStream::connect(endpoint).await.unwrap();
+    round_trip(&mut outside, &payload).await;
+    assert_eq!(peers.recv().await.unwrap().ip(), slot.host_addr);
+    let over_veth = link_bytes(&slot.name) - veth_before;
+    assert!(
+        over_veth > 2 << 20,
+        "only {over_veth} bytes crossed the veth"
+    );
+
+    // A namespace that is gone is named in the error.
+    let gone = std::path::Path::new("/run/netns").join(format!("{prefix}-gone"));
+    let err = kiln_sandbox::net::dial::connect_in(&gone, endpoint)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(&gone.display().to_string()), "{err}");
+    drop((inside, outside));
+    IpCommand::default().delete(&slot.name).await.unwrap();
+}

@@ -12,7 +12,6 @@
 //! has ended, so there is no pool task and no task spawned per call.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -33,6 +32,7 @@ use kiln_internal_api::{InvokeFailure, InvokeOutcome};
 use tokio::time::Sleep;
 
 use crate::instances::{Instance, InstanceManager};
+use crate::runtime_addr::RuntimeAddr;
 
 pub(crate) const X_FC_REQUEST_ID: HeaderName = HeaderName::from_static("x-fc-request-id");
 const X_FC_STATUS: HeaderName = HeaderName::from_static("x-fc-status");
@@ -89,7 +89,7 @@ type RuntimeConn = InlineConn<RuntimeIo, Incoming>;
 /// top. A call drives its connection's I/O itself (see
 /// [`kiln_internal_api::inline`]): no task runs per connection.
 pub(crate) struct RuntimeConns {
-    endpoint: SocketAddr,
+    addr: RuntimeAddr,
     idle: IdleStack<RuntimeIo, Incoming>,
 }
 
@@ -98,9 +98,9 @@ pub(crate) struct RuntimeConns {
 const RUNTIME_MAX_IDLE: usize = 1024;
 
 impl RuntimeConns {
-    fn new(endpoint: SocketAddr) -> Self {
+    fn new(addr: RuntimeAddr) -> Self {
         Self {
-            endpoint,
+            addr,
             idle: IdleStack::new(RUNTIME_IDLE, RUNTIME_MAX_IDLE),
         }
     }
@@ -126,10 +126,7 @@ impl RuntimeConns {
         // Bounded by the call's deadline only: a runtime with a short listen
         // backlog (Python's http.server keeps 5) drops the SYNs of a burst
         // of calls, and the kernel resends them after 1 s and 3 s.
-        let tcp = tokio::net::TcpStream::connect(self.endpoint)
-            .await
-            .map_err(RuntimeError::Connect)?;
-        tcp.set_nodelay(true).map_err(RuntimeError::Connect)?;
+        let tcp = self.addr.connect().await.map_err(RuntimeError::Connect)?;
         Ok(InlineConn::handshake(TokioIo::new(tcp)).await?)
     }
 
@@ -185,12 +182,12 @@ pub(crate) struct Upstream {
 
 impl Upstream {
     pub(crate) fn new(
-        endpoint: SocketAddr,
+        addr: RuntimeAddr,
         spec: &InstanceSpec,
         region: Option<&HeaderValue>,
     ) -> Self {
         let uri = Uri::from_static("/invoke");
-        let host = HeaderValue::from_str(&endpoint.to_string())
+        let host = HeaderValue::from_str(&addr.endpoint.to_string())
             .expect("a socket address is a valid header value");
         let value =
             |s: &str| HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static(""));
@@ -225,7 +222,7 @@ impl Upstream {
             ),
         ];
         Self {
-            conns: RuntimeConns::new(endpoint),
+            conns: RuntimeConns::new(addr),
             uri,
             host,
             fc_headers,
@@ -233,6 +230,11 @@ impl Upstream {
             timeout: Duration::from_secs(u64::from(spec.timeout_s)),
             timeout_s: spec.timeout_s,
         }
+    }
+
+    /// Where the runtime is reached.
+    pub(crate) fn runtime(&self) -> &RuntimeAddr {
+        &self.conns.addr
     }
 
     /// The runtime's request: the caller's headers minus hop-by-hop ones,
@@ -778,6 +780,7 @@ mod tests {
 
 #[cfg(test)]
 mod invoke_tests {
+    use std::net::SocketAddr;
     use std::sync::atomic::Ordering;
 
     use super::*;

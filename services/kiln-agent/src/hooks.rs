@@ -3,14 +3,14 @@
 //! `GET /pre-stop` before its sandbox is destroyed. Each runs with its own
 //! timeout over a fresh HTTP/1.1 connection to the instance.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderName, HeaderValue, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use kiln_core::{InstanceSpec, LifecycleHook, RequestId};
-use tokio::net::TcpStream;
+
+use crate::runtime_addr::RuntimeAddr;
 
 /// Why a hook did not succeed.
 #[derive(Debug, thiserror::Error)]
@@ -35,7 +35,7 @@ const BODY_KEPT: usize = 512;
 /// Run the spec's initializer, if any. `Ok` when there is none.
 /// `credentials` are the instance's credential headers (none without a role).
 pub async fn initialize(
-    endpoint: SocketAddr,
+    runtime: &RuntimeAddr,
     spec: &InstanceSpec,
     region: Option<&HeaderValue>,
     request_id: &RequestId,
@@ -62,7 +62,7 @@ pub async fn initialize(
     extra.extend(credentials);
     run(
         INITIALIZE,
-        endpoint,
+        runtime,
         Method::POST,
         "/initialize",
         spec,
@@ -75,7 +75,7 @@ pub async fn initialize(
 
 /// Run the spec's PreStop hook, if any. `Ok` when there is none.
 pub async fn pre_stop(
-    endpoint: SocketAddr,
+    runtime: &RuntimeAddr,
     spec: &InstanceSpec,
     region: Option<&HeaderValue>,
     credentials: Vec<(HeaderName, HeaderValue)>,
@@ -97,7 +97,7 @@ pub async fn pre_stop(
     extra.extend(credentials);
     run(
         PRE_STOP,
-        endpoint,
+        runtime,
         Method::GET,
         "/pre-stop",
         spec,
@@ -115,7 +115,7 @@ fn value(s: &str) -> HeaderValue {
 #[allow(clippy::too_many_arguments)]
 async fn run(
     name: &'static str,
-    endpoint: SocketAddr,
+    runtime: &RuntimeAddr,
     method: Method,
     path: &'static str,
     spec: &InstanceSpec,
@@ -124,7 +124,7 @@ async fn run(
     request_id: &RequestId,
 ) -> Result<(), HookError> {
     let timeout_s = hook.timeout_s;
-    let call = call(name, endpoint, method, path, spec, extra, request_id);
+    let call = call(name, runtime, method, path, spec, extra, request_id);
     let started = std::time::Instant::now();
     let result = match tokio::time::timeout(Duration::from_secs(u64::from(timeout_s)), call).await {
         Ok(r) => r,
@@ -143,7 +143,7 @@ async fn run(
 
 async fn call(
     name: &'static str,
-    endpoint: SocketAddr,
+    runtime: &RuntimeAddr,
     method: Method,
     path: &'static str,
     spec: &InstanceSpec,
@@ -154,10 +154,7 @@ async fn call(
         hook: name,
         reason: e.to_string(),
     };
-    let stream = TcpStream::connect(endpoint)
-        .await
-        .map_err(|e| unreachable(&e))?;
-    let _ = stream.set_nodelay(true);
+    let stream = runtime.connect().await.map_err(|e| unreachable(&e))?;
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
             .await
@@ -166,7 +163,7 @@ async fn call(
     let mut req = Request::builder()
         .method(method)
         .uri(path)
-        .header(header::HOST, endpoint.to_string())
+        .header(header::HOST, runtime.endpoint.to_string())
         .header("x-fc-request-id", request_id.as_str())
         .header("x-fc-function-name", value(spec.function_name.as_str()))
         .header("x-fc-function-handler", value(&spec.handler))
@@ -216,6 +213,7 @@ async fn call(
 
 #[cfg(test)]
 mod tests {
+    use std::net::SocketAddr;
     use std::sync::{Arc, Mutex};
 
     use http::{Response, StatusCode};

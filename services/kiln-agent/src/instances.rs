@@ -21,6 +21,7 @@ use tracing::Instrument;
 use crate::code::{is_digest, CodeCache, CodeCacheError};
 use crate::forward::Upstream;
 use crate::metrics::Metrics;
+use crate::runtime_addr::RuntimeAddr;
 
 /// Why an instance could not be created.
 #[derive(Debug, thiserror::Error)]
@@ -132,12 +133,13 @@ impl Instance {
     fn new(
         id: InstanceId,
         spec: InstanceSpec,
-        endpoint: SocketAddr,
+        runtime: RuntimeAddr,
         now_ms: u64,
         region: Option<&HeaderValue>,
         log: Arc<crate::logs::InstanceLog>,
     ) -> Self {
-        let upstream = Upstream::new(endpoint, &spec, region);
+        let endpoint = runtime.endpoint;
+        let upstream = Upstream::new(runtime, &spec, region);
         Self {
             log,
             id,
@@ -655,13 +657,17 @@ impl InstanceManager {
         // instance can take its first call.
         let result = match result {
             Ok((endpoint, log_path)) => {
+                let runtime = RuntimeAddr {
+                    endpoint,
+                    netns: self.driver.dial_netns(&id),
+                };
                 let request_id = kiln_core::RequestId::generate();
                 let creds = credentials
                     .as_ref()
                     .map(|f| crate::credentials::headers(&f.creds))
                     .unwrap_or_default();
                 match crate::hooks::initialize(
-                    endpoint,
+                    &runtime,
                     &spec,
                     self.region.as_ref(),
                     &request_id,
@@ -669,7 +675,7 @@ impl InstanceManager {
                 )
                 .await
                 {
-                    Ok(()) => Ok((endpoint, log_path)),
+                    Ok(()) => Ok((runtime, log_path)),
                     Err(e) => {
                         self.destroy_sandbox(&id).await;
                         Err(InstanceError::from(e))
@@ -678,7 +684,7 @@ impl InstanceManager {
             }
             Err(e) => Err(e),
         };
-        let (endpoint, log_path) = match result {
+        let (runtime, log_path) = match result {
             Ok(started) => started,
             Err(e) => {
                 self.slots.write().expect("slots lock").remove(id.as_str());
@@ -698,7 +704,7 @@ impl InstanceManager {
         let instance = Arc::new(Instance::new(
             id.clone(),
             spec,
-            endpoint,
+            runtime,
             now,
             self.region.as_ref(),
             log,
@@ -736,7 +742,7 @@ impl InstanceManager {
         self.metrics.creates_ok.inc();
         self.metrics.create_seconds.observe(startup.as_secs_f64());
         self.update_gauge();
-        tracing::info!(startup_ms = startup.as_millis() as u64, %endpoint, "instance ready");
+        tracing::info!(startup_ms = startup.as_millis() as u64, endpoint = %instance.endpoint, "instance ready");
         Ok(InstanceCreated {
             instance_id: id,
             startup_ms: startup.as_millis() as u64,
@@ -849,7 +855,7 @@ impl InstanceManager {
                             async move {
                                 let creds = i.credentials.header_pairs();
                                 let _ = crate::hooks::pre_stop(
-                                    i.endpoint,
+                                    i.upstream.runtime(),
                                     &i.spec,
                                     region.as_ref(),
                                     creds,
@@ -998,10 +1004,14 @@ impl InstanceManager {
                     let mut digests = vec![r.spec.code_digest.clone()];
                     digests.extend(r.spec.layers.iter().cloned());
                     self.code.pin(id.as_str(), digests);
+                    let runtime = RuntimeAddr {
+                        endpoint: r.endpoint,
+                        netns: self.driver.dial_netns(&id),
+                    };
                     let instance = Instance::new(
                         r.instance_id,
                         r.spec,
-                        r.endpoint,
+                        runtime,
                         r.created_at_ms,
                         self.region.as_ref(),
                         log,

@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod microvm;
 pub mod namespace;
 pub mod registration;
+pub mod runtime_addr;
 pub mod testing;
 pub mod usage;
 pub mod websocket;

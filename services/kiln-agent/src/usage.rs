@@ -141,12 +141,12 @@ impl UsageMetrics {
         );
         registry.register(
             "instance_network_receive_bytes",
-            "Bytes the instance received",
+            "Bytes the instance received on its network interface (a container's invocations arrive over its loopback and are not counted)",
             m.rx_bytes.clone(),
         );
         registry.register(
             "instance_network_transmit_bytes",
-            "Bytes the instance sent",
+            "Bytes the instance sent on its network interface (a container's answers to invocations leave over its loopback and are not counted)",
             m.tx_bytes.clone(),
         );
         m

@@ -103,10 +103,9 @@ impl InstanceManager {
         let h = outgoing.headers_mut();
         h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
         h.insert(header::UPGRADE, upgrade);
-        let endpoint = instance.endpoint;
+        let runtime = upstream.runtime().clone();
         let open = async move {
-            let tcp = tokio::net::TcpStream::connect(endpoint).await?;
-            tcp.set_nodelay(true)?;
+            let tcp = runtime.connect().await?;
             let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
                 .await
                 .map_err(std::io::Error::other)?;

@@ -503,6 +503,19 @@ impl SandboxDriver for ContainerDriver {
         .await
     }
 
+    fn dial_netns(&self, id: &InstanceId) -> Option<std::path::PathBuf> {
+        // An instance adopted after an agent restart is known by its record.
+        let netns = match self.instances.lock().expect("lock").get(id) {
+            Some(rec) => rec.netns.clone(),
+            None => {
+                InstancePaths::new(&self.instances_dir, id)
+                    .read_record()?
+                    .netns
+            }
+        };
+        Some(crate::net::subnet::netns_path(&netns))
+    }
+
     async fn is_running(&self, id: &InstanceId) -> Result<bool, SandboxError> {
         let paths = InstancePaths::new(&self.instances_dir, id);
         let init = self

@@ -121,6 +121,20 @@ async fn create_builds_the_bundle_and_starts_it() {
         .iter()
         .any(|n| n["type"] == "network" && n["path"] == "/run/netns/kt-0"));
     assert_eq!(ns.len(), 7);
+    // The agent dials the runtime from the namespace the container joined;
+    // an instance the driver does not know has none.
+    assert_eq!(
+        h.driver.dial_netns(&req.instance_id),
+        Some("/run/netns/kt-0".into())
+    );
+    assert_eq!(h.driver.dial_netns(&InstanceId::generate()), None);
+    // After an agent restart the instance is known by its record on disk.
+    let known = std::mem::take(&mut *h.driver.instances.lock().unwrap());
+    assert_eq!(
+        h.driver.dial_netns(&req.instance_id),
+        Some("/run/netns/kt-0".into())
+    );
+    *h.driver.instances.lock().unwrap() = known;
     assert_eq!(
         config["linux"]["uidMappings"][0]["hostID"],
         h.driver.config().uid_base

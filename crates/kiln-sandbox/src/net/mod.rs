@@ -10,10 +10,13 @@
 //! - [`rules`]: the nftables rules, from pure functions.
 //! - [`netns`]: a container's network namespace and veth pair ([`NetworkOps`]).
 //! - [`pool`]: namespaces made ahead of time ([`NetPool`]).
+//! - [`dial`]: connecting to a container's runtime from inside its
+//!   namespace, over its loopback.
 //! - [`isolation`]: [`NetIsolation`], attaching an instance's host
 //!   interface to its egress mode, VPC and bandwidth.
 
 pub mod config;
+pub mod dial;
 pub mod exec;
 pub mod isolation;
 pub mod names;

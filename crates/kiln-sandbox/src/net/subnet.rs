@@ -87,8 +87,13 @@ impl NetSlot {
 
     /// Where `ip netns add` binds the namespace.
     pub fn netns_path(&self) -> PathBuf {
-        PathBuf::from("/run/netns").join(&self.name)
+        netns_path(&self.name)
     }
+}
+
+/// Where `ip netns add` binds the namespace `name`.
+pub fn netns_path(name: &str) -> PathBuf {
+    PathBuf::from("/run/netns").join(name)
 }
 
 /// Whether `name` is one of the names a driver with `prefix` creates.
