@@ -583,7 +583,7 @@ async fn measure(
     let (mut t_lat, mut t_thr) = (vec![], vec![]);
     // CPU microseconds per call of each throughput run: Kiln's services,
     // and the nginx hop.
-    let (mut k_cpu, mut n_cpu) = (vec![], vec![]);
+    let (mut k_cpu, mut n_cpu, mut n2_cpu) = (vec![], vec![], vec![]);
     let mut errors = 0;
     for round in 0..args.runs {
         eprintln!("warm round {}/{}", round + 1, args.runs);
@@ -656,9 +656,16 @@ async fn measure(
             let r = lg.run(t, 1, direct_reqs(args.latency_requests)).await?;
             errors += r.errors;
             n2_lat.push(r);
+            let pid = nginx2.as_ref().map_or(0, |n| n.child.id());
+            let before = cpu::process_tree_now(pid);
             let r = lg
                 .run(t, args.connections, direct_reqs(args.requests))
                 .await?;
+            n2_cpu.push(cpu::per_call_us(
+                before,
+                cpu::process_tree_now(pid),
+                r.latencies_us.len(),
+            ));
             errors += r.errors;
             n2_thr.push(r);
         }
@@ -778,7 +785,7 @@ async fn measure(
         );
     }
 
-    print!("{}", cpu_table(args.connections, &k_cpu, &n_cpu));
+    print!("{}", cpu_table(args.connections, &k_cpu, &n_cpu, &n2_cpu));
 
     if !args.no_cold {
         cold(
@@ -1012,11 +1019,13 @@ async fn cold_runtimes(
 }
 
 /// Medians of CPU microseconds per warm call: each service, Kiln's total,
-/// the nginx hop, and Kiln's total over nginx's; two lines.
+/// the nginx hop and Kiln's total over it, nginx's two hops (Kiln's shape:
+/// TLS in, mTLS to the node) and Kiln's total over them; two lines.
 fn cpu_table(
     connections: usize,
     kiln: &[std::collections::BTreeMap<&'static str, f64>],
     nginx: &[f64],
+    nginx2: &[f64],
 ) -> String {
     let service = |s: &str| {
         median(
@@ -1040,6 +1049,11 @@ fn cpu_table(
         head.push_str(&format!(" {:>10} {:>10}", "nginx hop", "kiln/nginx"));
         row.push_str(&format!(" {n:>8.1}us {:>9.2}x", total / n));
     }
+    if !nginx2.is_empty() {
+        let n = median(nginx2);
+        head.push_str(&format!(" {:>12} {:>11}", "nginx 2 hops", "kiln/2 hops"));
+        row.push_str(&format!(" {n:>10.1}us {:>10.2}x", total / n));
+    }
     format!("{head}\n{row}\n")
 }
 
@@ -1053,7 +1067,7 @@ mod tests {
         let round =
             |g: f64, a: f64| BTreeMap::from([("gateway", g), ("agent", a), ("scheduler", 0.0)]);
         let kiln = [round(40.0, 30.0), round(50.0, 35.0), round(45.0, 90.0)];
-        let table = cpu_table(16, &kiln, &[20.0, 15.0, 16.0]);
+        let table = cpu_table(16, &kiln, &[20.0, 15.0, 16.0], &[]);
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(lines.len(), 2, "{table}");
         assert!(
@@ -1068,8 +1082,14 @@ mod tests {
             ["45.0us", "35.0us", "0.0us", "85.0us", "16.0us", "5.31x"],
             "{table}"
         );
+        // nginx's two hops (medians 40) follow with Kiln's total over them.
+        let table = cpu_table(16, &kiln, &[20.0, 15.0, 16.0], &[50.0, 40.0, 30.0]);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[0].ends_with("kiln/2 hops"), "{table}");
+        let cells: Vec<&str> = lines[1].split_whitespace().collect();
+        assert_eq!(&cells[cells.len() - 2..], ["40.0us", "2.12x"], "{table}");
         // Without the nginx peer the last two columns are left out.
-        let table = cpu_table(16, &kiln, &[]);
+        let table = cpu_table(16, &kiln, &[], &[]);
         assert!(!table.contains("nginx"), "{table}");
         assert!(table.trim_end().ends_with("85.0us"), "{table}");
     }
