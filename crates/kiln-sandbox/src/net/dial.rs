@@ -6,9 +6,9 @@
 //! loopback: the invocation does not traverse the veth, the host's
 //! conntrack and nftables hooks, or the tbf and ifb that shape the
 //! instance's bandwidth (a limit on the function's network, not on the
-//! calls the platform hands it). On a warm call that is most of the
-//! agent's kernel time. The function sees the call come from its own
-//! address.
+//! calls the platform hands it). The agent spends about 8% less CPU per
+//! warm call this way (README, issue 14's third round). The function sees
+//! the call come from its own address.
 //!
 //! `setns` moves only the calling thread, so each socket is made on a
 //! short-lived thread of its own that never returns to a pool: no thread
@@ -54,7 +54,7 @@ fn socket_in_this_thread(netns: &Path, addr: SocketAddr) -> std::io::Result<Owne
     })?;
     setns(&ns, CloneFlags::CLONE_NEWNET).map_err(|e| {
         std::io::Error::new(
-            std::io::ErrorKind::PermissionDenied,
+            std::io::Error::from(e).kind(),
             format!(
                 "cannot enter the network namespace {}: {e}",
                 netns.display()
