@@ -394,6 +394,31 @@ impl PgMetaStore {
             Ok(out)
         })
     }
+
+    /// Run one statement on what `account` calls `name` (its `$1` and
+    /// `$2`; `rest` are `$3`...) and, when it touched a row, record a
+    /// change of `kind`. Whether it touched one.
+    fn change_rows(
+        &self,
+        kind: Kind,
+        account: &str,
+        name: &str,
+        sql: &'static str,
+        rest: Vec<Box<dyn ToSql + Sync + Send>>,
+    ) -> Result<bool, MetaStoreError> {
+        let (a, n) = (account.to_owned(), name.to_owned());
+        self.write(move |tx| {
+            Box::pin(async move {
+                let mut params: Vec<P> = vec![&a, &n];
+                params.extend(rest.iter().map(|p| p.as_ref() as P));
+                let k = tx.execute(sql, &params).await?;
+                if k > 0 {
+                    changed(tx, kind, &a, &n).await?;
+                }
+                Ok(k > 0)
+            })
+        })
+    }
 }
 
 impl PgMetaStore {
@@ -1016,22 +1041,13 @@ impl MetaStore for PgMetaStore {
         name: &str,
         version: u32,
     ) -> Result<bool, MetaStoreError> {
-        let (a, n) = (account.as_str().to_owned(), name.to_owned());
-        self.write(move |tx| {
-            Box::pin(async move {
-                let k = tx
-                    .execute(
-                        "DELETE FROM layer_versions
-                         WHERE account_id = $1 AND name = $2 AND version = $3",
-                        &[&a as P, &n, &(version as i32)],
-                    )
-                    .await?;
-                if k > 0 {
-                    changed(tx, Kind::Layer, &a, &n).await?;
-                }
-                Ok(k > 0)
-            })
-        })
+        self.change_rows(
+            Kind::Layer,
+            account.as_str(),
+            name,
+            "DELETE FROM layer_versions WHERE account_id = $1 AND name = $2 AND version = $3",
+            vec![Box::new(version as i32)],
+        )
     }
 
     fn set_layer_public(
@@ -1040,21 +1056,13 @@ impl MetaStore for PgMetaStore {
         name: &str,
         public: bool,
     ) -> Result<bool, MetaStoreError> {
-        let (a, n) = (account.as_str().to_owned(), name.to_owned());
-        self.write(move |tx| {
-            Box::pin(async move {
-                let k = tx
-                    .execute(
-                        "UPDATE layers SET public = $3 WHERE account_id = $1 AND name = $2",
-                        &[&a as P, &n, &public],
-                    )
-                    .await?;
-                if k > 0 {
-                    changed(tx, Kind::Layer, &a, &n).await?;
-                }
-                Ok(k > 0)
-            })
-        })
+        self.change_rows(
+            Kind::Layer,
+            account.as_str(),
+            name,
+            "UPDATE layers SET public = $3 WHERE account_id = $1 AND name = $2",
+            vec![Box::new(public)],
+        )
     }
 
     fn function_versions(&self) -> Result<FunctionVersions, MetaStoreError> {
@@ -1163,22 +1171,13 @@ impl MetaStore for PgMetaStore {
         name: &FunctionName,
         version: u32,
     ) -> Result<bool, MetaStoreError> {
-        let (a, n) = (account.as_str().to_owned(), name.as_str().to_owned());
-        self.write(move |tx| {
-            Box::pin(async move {
-                let k = tx
-                    .execute(
-                        "DELETE FROM function_versions
-                         WHERE account_id = $1 AND name = $2 AND version = $3",
-                        &[&a as P, &n, &(version as i32)],
-                    )
-                    .await?;
-                if k > 0 {
-                    changed(tx, Kind::Version, &a, &n).await?;
-                }
-                Ok(k > 0)
-            })
-        })
+        self.change_rows(
+            Kind::Version,
+            account.as_str(),
+            name.as_str(),
+            "DELETE FROM function_versions WHERE account_id = $1 AND name = $2 AND version = $3",
+            vec![Box::new(version as i32)],
+        )
     }
 
     fn aliases(&self) -> Result<Vec<AliasRecord>, MetaStoreError> {
@@ -1220,26 +1219,13 @@ impl MetaStore for PgMetaStore {
         name: &FunctionName,
         alias: &str,
     ) -> Result<bool, MetaStoreError> {
-        let (a, n, al) = (
-            account.as_str().to_owned(),
-            name.as_str().to_owned(),
-            alias.to_owned(),
-        );
-        self.write(move |tx| {
-            Box::pin(async move {
-                let k = tx
-                    .execute(
-                        "DELETE FROM function_aliases
-                         WHERE account_id = $1 AND name = $2 AND alias = $3",
-                        &[&a as P, &n, &al],
-                    )
-                    .await?;
-                if k > 0 {
-                    changed(tx, Kind::Version, &a, &n).await?;
-                }
-                Ok(k > 0)
-            })
-        })
+        self.change_rows(
+            Kind::Version,
+            account.as_str(),
+            name.as_str(),
+            "DELETE FROM function_aliases WHERE account_id = $1 AND name = $2 AND alias = $3",
+            vec![Box::new(alias.to_owned())],
+        )
     }
 
     fn triggers(&self) -> Result<Vec<TriggerRecord>, MetaStoreError> {
@@ -1320,26 +1306,14 @@ impl MetaStore for PgMetaStore {
         name: &FunctionName,
         trigger: &str,
     ) -> Result<bool, MetaStoreError> {
-        let (a, n, tr) = (
-            account.as_str().to_owned(),
-            name.as_str().to_owned(),
-            trigger.to_owned(),
-        );
-        self.write(move |tx| {
-            Box::pin(async move {
-                let k = tx
-                    .execute(
-                        "DELETE FROM function_triggers
-                         WHERE account_id = $1 AND name = $2 AND trigger_name = $3",
-                        &[&a as P, &n, &tr],
-                    )
-                    .await?;
-                if k > 0 {
-                    changed(tx, Kind::Trigger, &a, &n).await?;
-                }
-                Ok(k > 0)
-            })
-        })
+        self.change_rows(
+            Kind::Trigger,
+            account.as_str(),
+            name.as_str(),
+            "DELETE FROM function_triggers
+             WHERE account_id = $1 AND name = $2 AND trigger_name = $3",
+            vec![Box::new(trigger.to_owned())],
+        )
     }
 }
 
@@ -1445,21 +1419,13 @@ impl RoleStore for PgMetaStore {
     }
 
     fn delete_role(&self, account: &AccountId, name: &str) -> Result<bool, MetaStoreError> {
-        let (a, n) = (account.as_str().to_owned(), name.to_owned());
-        self.write(move |tx| {
-            Box::pin(async move {
-                let k = tx
-                    .execute(
-                        "DELETE FROM roles WHERE account_id = $1 AND name = $2",
-                        &[&a as P, &n],
-                    )
-                    .await?;
-                if k > 0 {
-                    changed(tx, Kind::Role, &a, &n).await?;
-                }
-                Ok(k > 0)
-            })
-        })
+        self.change_rows(
+            Kind::Role,
+            account.as_str(),
+            name,
+            "DELETE FROM roles WHERE account_id = $1 AND name = $2",
+            vec![],
+        )
     }
 }
 

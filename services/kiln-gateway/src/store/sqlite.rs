@@ -665,27 +665,7 @@ impl MetaStore for SqliteStore {
     }
 
     fn aliases(&self) -> Result<Vec<AliasRecord>, MetaStoreError> {
-        self.with(|c| {
-            let mut st = c.prepare("SELECT name, alias, doc FROM function_aliases")?;
-            let rows = st.query_map([], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                ))
-            })?;
-            let mut out = Vec::new();
-            for row in rows {
-                let (name, alias, doc) = row?;
-                out.push(
-                    serde_json::from_str(&doc).map_err(|source| MetaStoreError::Corrupt {
-                        name: format!("{name} alias {alias}"),
-                        source,
-                    })?,
-                );
-            }
-            Ok(out)
-        })
+        self.with(|c| named_docs(c, "SELECT name, alias, doc FROM function_aliases", "alias"))
     }
 
     fn put_alias(&self, a: &AliasRecord) -> Result<(), MetaStoreError> {
@@ -721,25 +701,11 @@ impl MetaStore for SqliteStore {
 
     fn triggers(&self) -> Result<Vec<TriggerRecord>, MetaStoreError> {
         self.with(|c| {
-            let mut st = c.prepare("SELECT name, trigger_name, doc FROM function_triggers")?;
-            let rows = st.query_map([], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                ))
-            })?;
-            let mut out = Vec::new();
-            for row in rows {
-                let (name, trigger, doc) = row?;
-                out.push(
-                    serde_json::from_str(&doc).map_err(|source| MetaStoreError::Corrupt {
-                        name: format!("{name} trigger {trigger}"),
-                        source,
-                    })?,
-                );
-            }
-            Ok(out)
+            named_docs(
+                c,
+                "SELECT name, trigger_name, doc FROM function_triggers",
+                "trigger",
+            )
         })
     }
 
@@ -976,4 +942,32 @@ impl SqliteStore {
             Ok(version as u32)
         })
     }
+}
+
+/// Each `(name, key, doc)` row of `sql` as its record; a document that
+/// does not parse is named `"<name> <what> <key>"`.
+fn named_docs<T: serde::de::DeserializeOwned>(
+    c: &rusqlite::Connection,
+    sql: &str,
+    what: &str,
+) -> Result<Vec<T>, MetaStoreError> {
+    let mut st = c.prepare(sql)?;
+    let rows = st.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, String>(2)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (name, key, doc) = row?;
+        out.push(
+            serde_json::from_str(&doc).map_err(|source| MetaStoreError::Corrupt {
+                name: format!("{name} {what} {key}"),
+                source,
+            })?,
+        );
+    }
+    Ok(out)
 }
