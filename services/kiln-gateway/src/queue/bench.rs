@@ -254,7 +254,7 @@ pub async fn nonce_claims(
         rate,
         p50: percentile(&lat, 0.5),
         p99: percentile(&lat, 0.99),
-        per_commit: 1.0,
+        per_commit: nonces.claims_per_batch(),
     })
 }
 

@@ -3,11 +3,10 @@
 //! `gateway-queue`), the notification listener and the cleanup every
 //! gateway runs.
 //!
-//! Nonces: `signature_nonces(access_key_id, nonce, expires_ms)`, one
-//! `INSERT ... ON CONFLICT DO UPDATE ... WHERE expired` per signed request
-//! (the conflict is decided by the primary key, whichever gateway saw the
-//! nonce first); expired rows are deleted in batches by every gateway,
-//! which is safe to run concurrently (`FOR UPDATE SKIP LOCKED`).
+//! Nonces: `signature_nonces(access_key_id, nonce, expires_ms)`, claims
+//! group-committed ([`PgNonces`]); expired rows are deleted in batches by
+//! every gateway, which is safe to run concurrently (`FOR UPDATE SKIP
+//! LOCKED`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,9 +16,9 @@ use kiln_store::pg::{PgDatabase, PgStoreError};
 use tokio_postgres::AsyncMessage;
 
 use super::dispatch::DispatchSettings;
+pub use super::postgres::PgNonces;
 use super::postgres::{self, parse_signal, PgQueue, Signal, CHANNEL};
 use super::{Queue, QueueError};
-use crate::auth::{BoxFuture, SharedNonces};
 use crate::config::GatewayCluster;
 
 /// How often each gateway deletes expired nonces and old timer ticks.
@@ -240,67 +239,6 @@ pub async fn purge_expired(db: &PgDatabase, now_ms: u64) -> Result<(u64, u64), P
         )
         .await?;
     Ok((nonces, ticks))
-}
-
-/// Signature nonces in the cluster's database.
-pub struct PgNonces {
-    db: PgDatabase,
-}
-
-impl PgNonces {
-    /// The nonce record in `db` (migrated with the queue's migrations).
-    pub fn new(db: PgDatabase) -> Self {
-        Self { db }
-    }
-
-    async fn claim_async(
-        db: PgDatabase,
-        access_key_id: String,
-        nonce: String,
-        expires_ms: u64,
-        now_ms: u64,
-    ) -> Result<bool, PgStoreError> {
-        let c = db.conn().await?;
-        let st = c
-            .prepare_cached(
-                "INSERT INTO signature_nonces (access_key_id, nonce, expires_ms)
-                 VALUES ($1, $2, $3)
-                 ON CONFLICT (access_key_id, nonce) DO UPDATE SET expires_ms = EXCLUDED.expires_ms
-                 WHERE signature_nonces.expires_ms < $4",
-            )
-            .await?;
-        let n = c
-            .execute(
-                &st,
-                &[
-                    &access_key_id,
-                    &nonce,
-                    &(expires_ms as i64),
-                    &(now_ms as i64),
-                ],
-            )
-            .await?;
-        Ok(n == 1)
-    }
-}
-
-impl SharedNonces for PgNonces {
-    fn claim(
-        &self,
-        access_key_id: &str,
-        nonce: &str,
-        expires_ms: u64,
-        now_ms: u64,
-    ) -> BoxFuture<Result<bool, String>> {
-        let fut = Self::claim_async(
-            self.db.clone(),
-            access_key_id.to_owned(),
-            nonce.to_owned(),
-            expires_ms,
-            now_ms,
-        );
-        Box::pin(async move { fut.await.map_err(|e| kiln_core::error_chain(&e)) })
-    }
 }
 
 /// The cluster's shared state when `config` has `[cluster]`.

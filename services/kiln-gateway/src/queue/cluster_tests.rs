@@ -486,6 +486,45 @@ async fn nonces_are_shared_until_they_expire() {
     assert!(!na.claim("AK1", "n-1", 30_000, 20_000).await.unwrap());
 }
 
+/// Claims that overlap are recorded together (one statement), and still
+/// each nonce once: 64 callers on two gateways racing for 16 nonces get
+/// exactly one yes per nonce, however the claims fall into batches; the
+/// fresh ones in a batch of replays are still new.
+#[tokio::test]
+async fn overlapping_nonce_claims_are_batched_and_each_nonce_wins_once() {
+    let Some(pg) = TestPg::start().await else {
+        return;
+    };
+    let (a, b) = (gateway(&pg, "gw-a").await, gateway(&pg, "gw-b").await);
+    let (na, nb) = (a.shared_nonces(), b.shared_nonces());
+    let claims = (0..64).map(|i| {
+        // Each nonce twice on each gateway.
+        let n = if (i / 16) % 2 == 0 { &na } else { &nb };
+        n.claim("AK1", &format!("race-{}", i % 16), 10_000, 1_000)
+    });
+    let answers = futures_util::future::join_all(claims).await;
+    let mut won = [0; 16];
+    for (i, a) in answers.into_iter().enumerate() {
+        if a.unwrap() {
+            won[i % 16] += 1;
+        }
+    }
+    assert_eq!(won, [1; 16], "each nonce exactly once");
+    // A batch of replays and new nonces: only the new ones pass.
+    let mixed = (0..32).map(|i| na.claim("AK1", &format!("race-{i}"), 10_000, 2_000));
+    let answers: Vec<bool> = futures_util::future::join_all(mixed)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(answers, (0..32).map(|i| i >= 16).collect::<Vec<_>>());
+    assert!(
+        a.nonces.claims_per_batch() > 1.0,
+        "overlapping claims share a statement: {}",
+        a.nonces.claims_per_batch()
+    );
+}
+
 async fn next_signal(
     signals: &mut tokio::sync::mpsc::UnboundedReceiver<postgres::Signal>,
 ) -> postgres::Signal {

@@ -33,6 +33,7 @@
 //! - A timer tick is claimed in `timer_ticks` in the transaction that
 //!   enqueues it: each tick fires once in the cluster.
 
+mod nonces;
 mod schema;
 mod write;
 
@@ -53,6 +54,7 @@ use super::{
     TaskStatus,
 };
 
+pub use nonces::PgNonces;
 pub use schema::MIGRATIONS;
 use write::{event, finish, writer, DepthCache, Op, WriterCtx};
 

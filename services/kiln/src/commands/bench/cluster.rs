@@ -163,6 +163,10 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
         "shared nonce check per signed request:       {} (1 caller)",
         raw.nonce_one
     );
+    println!(
+        "                                             {} ({} callers)",
+        raw.nonce_many, args.connections
+    );
     if let Some(s) = split {
         println!(
             "cluster async rounds, per accept (its dispatch included): CPU of the gateways {:.0} us, \
