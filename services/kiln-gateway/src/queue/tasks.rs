@@ -321,6 +321,13 @@ mod tests {
             .map(|e| e["status"].as_str().unwrap())
             .collect();
         assert_eq!(ev, ["Enqueued", "Running", "Succeeded"]);
+        let at: Vec<u64> = t["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["timestamp"].as_u64().unwrap())
+            .collect();
+        assert_eq!(at, [1_000, 10_000, 10_500], "enqueued, claimed, completed");
         assert!(q.task("r", "1", "f", "nope").await.unwrap().is_none());
         assert!(q.task("r", "2", "f", "job-1").await.unwrap().is_none());
 

@@ -56,7 +56,19 @@ use super::{
 
 pub use nonces::PgNonces;
 pub use schema::MIGRATIONS;
-use write::{event, finish, writer, DepthCache, Op, WriterCtx};
+use write::{finish, writer, DepthCache, Op, WriterCtx};
+
+/// Lease claimed messages (`$1` seqs, `$2` their delivery numbers) until
+/// `$3` to owner `$4`, and record each one's `$5` (Running) event at `$6`.
+const LEASE_MANY: &str = "
+    WITH leased AS (
+        UPDATE async_messages m SET status = $5, deliveries = u.d, visible_ms = $3, owner = $4
+        FROM unnest($1::bigint[], $2::bigint[]) AS u(s, d)
+        WHERE m.seq = u.s
+        RETURNING m.seq
+    )
+    INSERT INTO async_task_events (seq, status, ts_ms, detail)
+    SELECT seq, $5, $6, '' FROM leased";
 
 /// The component name in `kiln_schema`.
 pub const COMPONENT: &str = "gateway-queue";
@@ -282,13 +294,6 @@ impl PgQueue {
             )
             .await
             .map_err(q)?;
-        let lease = tx
-            .prepare_cached(
-                "UPDATE async_messages SET status = 'Running', deliveries = $2, visible_ms = $3,
-                        owner = $4 WHERE seq = $1",
-            )
-            .await
-            .map_err(q)?;
         let mut tally = Tally::default();
         let mut out = Vec::new();
         let now = now_ms as i64;
@@ -339,14 +344,27 @@ impl PgQueue {
                 tally
                     .waits_ms
                     .push(now_ms.saturating_sub(visible.max(0) as u64));
-                tx.execute(&lease, &[&c.seq, &c.delivery, &until, &&*self.owner])
-                    .await
-                    .map_err(q)?;
-                event(&tx, c.seq, TaskStatus::Running, now_ms, "")
-                    .await
-                    .map_err(q)?;
                 out.push(c);
             }
+        }
+        if !out.is_empty() {
+            // Every lease and its Running event in one statement.
+            let lease = tx.prepare_cached(LEASE_MANY).await.map_err(q)?;
+            let seqs: Vec<i64> = out.iter().map(|c| c.seq).collect();
+            let deliveries: Vec<i64> = out.iter().map(|c| c.delivery).collect();
+            tx.execute(
+                &lease,
+                &[
+                    &seqs,
+                    &deliveries,
+                    &until,
+                    &&*self.owner,
+                    &TaskStatus::Running.as_str(),
+                    &now,
+                ],
+            )
+            .await
+            .map_err(q)?;
         }
         tx.commit().await.map_err(q)?;
         tally.apply(&self.metrics);
