@@ -26,7 +26,9 @@ impl PgServer {
 
     /// [`Self::start`] with the durability of production (fsync and
     /// synchronous commit on) and its data under /var/tmp (a disk, not a
-    /// tmpfs): for benchmarks whose figures depend on commit costs.
+    /// tmpfs): for benchmarks whose figures depend on commit costs. It
+    /// loads `pg_stat_statements` when installed, for a benchmark to say
+    /// where the server's time went.
     pub fn start_durable() -> Option<PgServer> {
         Self::start_with(true)
     }
@@ -81,11 +83,16 @@ impl PgServer {
                 "UTF8",
             ],
         );
-        let options = format!(
+        let mut options = format!(
             "-k {} -c listen_addresses='' -c fsync={on} -c synchronous_commit={on} -c max_connections=200",
             server.socket_dir().display(),
             on = if durable { "on" } else { "off" },
         );
+        // A benchmark's server counts what each statement cost, when the
+        // package ships the module (Debian's does).
+        if durable && server.bin.join("../lib/pg_stat_statements.so").exists() {
+            options.push_str(" -c shared_preload_libraries=pg_stat_statements");
+        }
         server.as_postgres(
             "pg_ctl",
             &[

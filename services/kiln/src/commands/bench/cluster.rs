@@ -82,13 +82,14 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
         .catch_unwind()
         .await;
     one.shutdown().await;
-    let (one_box, _) = unwind(one_box)?;
+    let (one_box, _, _) = unwind(one_box)?;
 
     eprintln!(
         "{} gateways on PostgreSQL behind HAProxy, two schedulers (kiln dev --postgres)",
         gateways
     );
     let url = pg.create_database("kiln_cluster_bench");
+    let statements = Statements::enable(&url).await;
     let opts = dev_options(args, &work.path().join("cluster"))?;
     let cluster = Cluster::start(
         &opts,
@@ -107,12 +108,12 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
         &lg,
         &cluster.credentials,
         &code_zip,
-        Some(&pids),
+        Some((&pids, statements.as_ref())),
     ))
     .catch_unwind()
     .await;
     cluster.shutdown().await;
-    let (clustered, split) = unwind(clustered)?;
+    let (clustered, split, top) = unwind(clustered)?;
 
     eprintln!("raw PostgreSQL inserts and the shared queue alone, same server");
     let raw_url = pg.create_database("kiln_raw_bench");
@@ -177,6 +178,19 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
             s.commits
         );
     }
+    if !top.is_empty() {
+        println!(
+            "PostgreSQL's busiest statements in those rounds (pg_stat_statements, per accept):"
+        );
+        for t in &top {
+            println!(
+                "  {:>5.2} calls {:>7.1} us  {}",
+                t.calls,
+                t.exec_s * 1e6,
+                t.query
+            );
+        }
+    }
     drop(pg);
     Ok(())
 }
@@ -196,8 +210,10 @@ async fn measure(
     lg: &LoadRuntime,
     creds: &Credentials,
     code_zip: &[u8],
-    pids: Option<&ClusterPids>,
-) -> Result<(Figures, Option<CpuSplit>)> {
+    cluster: Option<(&ClusterPids, Option<&Statements>)>,
+) -> Result<(Figures, Option<CpuSplit>, Vec<StatementCost>)> {
+    let pids = cluster.map(|(p, _)| p);
+    let statements = cluster.and_then(|(_, s)| s);
     let client = crate::client::FcClient::new(creds.clone())?;
     deploy_echo(&client, code_zip).await?;
     // Every gateway of a cluster must know it before the load starts.
@@ -249,6 +265,9 @@ async fn measure(
     };
     let (mut async_rates, mut sync_rates) = (Vec::new(), Vec::new());
     let (mut async_errors, mut sync_errors) = (0, 0);
+    if let Some(s) = statements {
+        s.reset().await?;
+    }
     let before = match pids {
         Some(p) => Some(p.cpu().await?),
         None => None,
@@ -269,6 +288,10 @@ async fn measure(
     let after = match pids {
         Some(p) => Some(p.cpu().await?),
         None => None,
+    };
+    let top = match statements {
+        Some(s) => s.top(TOP_STATEMENTS).await?,
+        None => Vec::new(),
     };
     // Let the dispatch of the accepted calls finish before the sync runs.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -297,7 +320,102 @@ async fn measure(
         }),
         _ => None,
     };
-    Ok((figures, split))
+    let per_accept = |c: StatementCost| StatementCost {
+        calls: c.calls * per,
+        exec_s: c.exec_s * per,
+        ..c
+    };
+    Ok((figures, split, top.into_iter().map(per_accept).collect()))
+}
+
+/// Statements listed in the cluster's report.
+const TOP_STATEMENTS: i64 = 8;
+
+/// One statement's share of the server's work (totals, or per accept).
+#[derive(Debug, Clone)]
+struct StatementCost {
+    calls: f64,
+    /// Execution time (the commit's flush of a single-statement
+    /// transaction is not in it).
+    exec_s: f64,
+    /// The normalised text, whitespace collapsed and cut short.
+    query: String,
+}
+
+/// `pg_stat_statements` in the cluster's database, when the server
+/// loaded it ([`kiln_test_support::postgres::PgServer::start_durable`]).
+struct Statements {
+    url: String,
+}
+
+impl Statements {
+    /// Create the extension in the database at `url`; `None` (and a note)
+    /// when the server cannot count statements.
+    async fn enable(url: &str) -> Option<Self> {
+        let created = async {
+            let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+            let conn = tokio::spawn(conn);
+            let r = client
+                .batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+                .await;
+            drop(client);
+            let _ = conn.await;
+            r
+        }
+        .await;
+        match created {
+            Ok(()) => Some(Self {
+                url: url.to_owned(),
+            }),
+            Err(e) => {
+                eprintln!("PostgreSQL cannot count statements here ({e}); its busiest statements are not listed");
+                None
+            }
+        }
+    }
+
+    async fn query(&self, sql: &str) -> Result<Vec<tokio_postgres::Row>> {
+        let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+            .await
+            .context("cannot connect to the cluster's database")?;
+        let conn = tokio::spawn(conn);
+        let rows = client.query(sql, &[]).await;
+        drop(client);
+        let _ = conn.await;
+        Ok(rows?)
+    }
+
+    async fn reset(&self) -> Result<()> {
+        self.query("SELECT pg_stat_statements_reset()").await?;
+        Ok(())
+    }
+
+    /// The `n` statements of this database that took the most execution
+    /// time since the last reset.
+    async fn top(&self, n: i64) -> Result<Vec<StatementCost>> {
+        let rows = self
+            .query(&format!(
+                "SELECT calls::float8, total_exec_time / 1000.0, query FROM pg_stat_statements
+                 WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+                 ORDER BY total_exec_time DESC LIMIT {n}"
+            ))
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let text: String = r.get(2);
+                let mut query = text.split_whitespace().collect::<Vec<_>>().join(" ");
+                if query.chars().count() > 90 {
+                    query = query.chars().take(89).collect::<String>() + "…";
+                }
+                StatementCost {
+                    calls: r.get(0),
+                    exec_s: r.get(1),
+                    query,
+                }
+            })
+            .collect())
+    }
 }
 
 /// The processes whose CPU the cluster's split counts.
