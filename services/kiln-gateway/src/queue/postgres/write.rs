@@ -611,6 +611,41 @@ async fn complete(
     outbound: Option<&Outbound>,
     tally: &mut Tally,
 ) -> Result<Option<TaskStatus>, tokio_postgres::Error> {
+    // The common case, a final answer for the current delivery of a
+    // message nobody is stopping, in one statement (the row's lock and
+    // the fence are the UPDATE's own, re-checked after a concurrent stop).
+    if let Completion::Final {
+        status,
+        error,
+        return_payload,
+    } = c
+    {
+        let st = tx.prepare_cached(FINISH_DELIVERY).await?;
+        let finished = tx
+            .query_opt(
+                &st,
+                &[
+                    &seq,
+                    &delivery,
+                    &status.as_str(),
+                    &(now_ms as i64),
+                    &error.as_deref(),
+                    &return_payload.as_deref(),
+                ],
+            )
+            .await?;
+        if let Some(row) = finished {
+            if let Some(e) = Event::finished(*status) {
+                tally.add(e);
+            }
+            tally.depth_add(row.get::<_, &str>(0), -1);
+            if let Some(o) = outbound {
+                add_outbox(tx, o, now_ms).await?;
+            }
+            return Ok(Some(*status));
+        }
+        // Stale, finished, gone or being stopped: decided below.
+    }
     let st = tx
         .prepare_cached(
             "SELECT status, deliveries, done, account_id FROM async_messages
@@ -684,27 +719,53 @@ async fn complete(
             )
             .await?;
             if let Some(o) = outbound {
-                let st = tx
-                    .prepare_cached(
-                        "INSERT INTO async_outbox (account_id, request_id, target, record, next_ms)
-                         VALUES ($1, $2, $3, $4, $5)",
-                    )
-                    .await?;
-                tx.execute(
-                    &st,
-                    &[
-                        &o.account,
-                        &o.request_id,
-                        &o.target,
-                        &o.record,
-                        &(now_ms as i64),
-                    ],
-                )
-                .await?;
+                add_outbox(tx, o, now_ms).await?;
             }
             Ok(Some(*status))
         }
     }
+}
+
+/// Finish delivery `$2` of message `$1` with status `$3` at `$4` (error
+/// `$5`, return payload `$6`) and record the event; its account, or no
+/// row when the delivery is stale, the message finished, gone or being
+/// stopped.
+const FINISH_DELIVERY: &str = "
+    WITH fin AS (
+        UPDATE async_messages SET status = $3, done = true, end_ms = $4, error = $5,
+               return_payload = $6, owner = NULL
+        WHERE seq = $1 AND deliveries = $2 AND NOT done AND status <> 'Stopping'
+        RETURNING seq, account_id
+    ), ev AS (
+        INSERT INTO async_task_events (seq, status, ts_ms, detail)
+        SELECT seq, $3, $4, coalesce($5, '') FROM fin
+    )
+    SELECT account_id FROM fin";
+
+/// Queue a destination delivery of a finished call.
+async fn add_outbox(
+    tx: &deadpool_postgres::Transaction<'_>,
+    o: &Outbound,
+    now_ms: u64,
+) -> Result<(), tokio_postgres::Error> {
+    let st = tx
+        .prepare_cached(
+            "INSERT INTO async_outbox (account_id, request_id, target, record, next_ms)
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .await?;
+    tx.execute(
+        &st,
+        &[
+            &o.account,
+            &o.request_id,
+            &o.target,
+            &o.record,
+            &(now_ms as i64),
+        ],
+    )
+    .await?;
+    Ok(())
 }
 
 async fn stop(
