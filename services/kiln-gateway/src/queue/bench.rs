@@ -11,9 +11,9 @@
 //! WAL flush is shared by commits that land together, its own group
 //! commit). The figures only compare within one run on one machine.
 //!
-//! It also times the shared nonce check (one `INSERT ... ON CONFLICT` per
-//! signed request in a cluster), from one caller and from as many as the
-//! others: what a cluster adds to every signed call.
+//! It also times the shared nonce check (group-committed claims, see
+//! `postgres/nonces.rs`), from one caller and from as many as the others:
+//! what a cluster adds to every signed call.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
