@@ -1,15 +1,17 @@
 //! Signature nonces in the cluster's database, group-committed.
 //!
 //! `signature_nonces(access_key_id, nonce, expires_ms)`: a signed request's
-//! nonce is new when no row holds it, or the row holding it expired. Each
-//! check used to be a transaction of its own, one flushed commit per signed
-//! request, which made PostgreSQL's WAL flushes the limit of a cluster's
-//! throughput. Now a writer takes every claim waiting and records them in
+//! nonce is new when no row holds it, or the row holding it expired. A
+//! check was a transaction of its own, one flushed commit per signed
+//! request. Now a writer takes every claim waiting and records them in
 //! one `INSERT ... SELECT FROM unnest(...) ON CONFLICT DO UPDATE ... WHERE
 //! expired RETURNING`: one round trip and one commit for the batch, and
 //! each caller is answered after that commit, so a nonce reported new is
 //! durable before its request goes on. The conflict is still decided by
-//! the primary key, whichever gateway's commit came first.
+//! the primary key, whichever gateway's commit came first. Measured
+//! (docs/ha.md): 32 callers check 2.5 times as many nonces a second, ten
+//! to a commit; one caller alone waits a few tens of microseconds longer
+//! for the writer's hop.
 //!
 //! Within one batch the first claim of a (key, nonce) pair is recorded and
 //! the others are replays (the same statement cannot touch a row twice).
