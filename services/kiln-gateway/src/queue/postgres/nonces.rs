@@ -27,6 +27,7 @@ use std::sync::Arc;
 use kiln_store::pg::{PgDatabase, PgStoreError};
 use tokio::sync::{mpsc, oneshot};
 
+use super::write::take_batch;
 use crate::auth::{BoxFuture, SharedNonces};
 
 /// The most claims one statement records.
@@ -120,19 +121,8 @@ async fn writer(
     counts: Arc<Counts>,
 ) {
     loop {
-        let claims = {
-            let mut rx = rx.lock().await;
-            let Some(first) = rx.recv().await else {
-                return;
-            };
-            let mut claims = vec![first];
-            while claims.len() < BATCH_MAX {
-                match rx.try_recv() {
-                    Ok(c) => claims.push(c),
-                    Err(_) => break,
-                }
-            }
-            claims
+        let Some(claims) = take_batch(&rx, BATCH_MAX).await else {
+            return;
         };
         match record(&db, &claims).await {
             Ok(fresh) => {

@@ -96,19 +96,8 @@ pub(super) async fn writer(
     depths: Arc<Mutex<DepthCache>>,
 ) {
     loop {
-        let mut ops = {
-            let mut rx = rx.lock().await;
-            let Some(first) = rx.recv().await else {
-                return;
-            };
-            let mut ops = vec![first];
-            while ops.len() < BATCH_MAX {
-                match rx.try_recv() {
-                    Ok(op) => ops.push(op),
-                    Err(_) => break,
-                }
-            }
-            ops
+        let Some(mut ops) = take_batch(&rx, BATCH_MAX).await else {
+            return;
         };
         let started = Instant::now();
         match apply_batch(&ctx, &ops, &depths).await {
@@ -141,6 +130,25 @@ pub(super) async fn writer(
             }
         }
     }
+}
+
+/// A group commit's batch: wait for one item, then take every other item
+/// already waiting, up to `max` (the other writers take the next ones
+/// while this batch commits); `None` once every sender is gone.
+pub(super) async fn take_batch<T>(
+    rx: &tokio::sync::Mutex<mpsc::UnboundedReceiver<T>>,
+    max: usize,
+) -> Option<Vec<T>> {
+    let mut rx = rx.lock().await;
+    let first = rx.recv().await?;
+    let mut batch = vec![first];
+    while batch.len() < max {
+        match rx.try_recv() {
+            Ok(item) => batch.push(item),
+            Err(_) => break,
+        }
+    }
+    Some(batch)
 }
 
 async fn apply_batch(
