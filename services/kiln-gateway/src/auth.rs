@@ -230,3 +230,44 @@ impl Authenticate for SignatureAuthenticator {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A shared nonce record that answers `answer` to every claim.
+    struct Answers(Result<bool, String>);
+
+    impl SharedNonces for Answers {
+        fn claim(&self, _: &str, _: &str, _: u64, _: u64) -> BoxFuture<Result<bool, String>> {
+            let answer = self.0.clone();
+            Box::pin(async move { answer })
+        }
+    }
+
+    fn check(answer: Result<bool, String>) -> ReplayCheck {
+        ReplayCheck {
+            shared: Arc::new(Answers(answer)),
+            access_key_id: "AK1".into(),
+            nonce: "n-1".into(),
+            expires_ms: 10_000,
+            now_ms: 1_000,
+        }
+    }
+
+    /// A new nonce passes, a replay is FC's SignatureNonceUsed, and a
+    /// record that cannot be reached refuses the call as retryable
+    /// (503): the check is never skipped.
+    #[tokio::test]
+    async fn the_shared_check_fails_closed() {
+        assert!(check(Ok(true)).run().await.is_ok());
+        let replay = check(Ok(false)).run().await.unwrap_err();
+        assert_eq!(replay.code, kiln_core::FcErrorCode::SignatureNonceUsed);
+        let down = check(Err("connection refused".into()))
+            .run()
+            .await
+            .unwrap_err();
+        assert_eq!(down.code, kiln_core::FcErrorCode::ServiceUnavailable);
+        assert_eq!(down.code.http_status(), 503);
+    }
+}

@@ -525,6 +525,28 @@ async fn overlapping_nonce_claims_are_batched_and_each_nonce_wins_once() {
     );
 }
 
+/// With the database gone, every waiting nonce claim gets an error,
+/// promptly (the request is refused, never let through unchecked).
+#[tokio::test]
+async fn nonce_claims_fail_when_the_database_is_gone() {
+    let Some(pg) = TestPg::start().await else {
+        return;
+    };
+    let a = gateway(&pg, "gw-a").await;
+    let n = a.shared_nonces();
+    assert!(n.claim("AK1", "before", 10_000, 1_000).await.unwrap());
+    // Stops the server and removes its socket.
+    drop(pg);
+    let claims = (0..8).map(|i| n.claim("AK1", &format!("after-{i}"), 10_000, 1_000));
+    let answers = tokio::time::timeout(
+        Duration::from_secs(60),
+        futures_util::future::join_all(claims),
+    )
+    .await
+    .expect("every claim answered, none left waiting");
+    assert!(answers.iter().all(|a| a.is_err()), "{answers:?}");
+}
+
 async fn next_signal(
     signals: &mut tokio::sync::mpsc::UnboundedReceiver<postgres::Signal>,
 ) -> postgres::Signal {
