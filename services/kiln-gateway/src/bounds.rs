@@ -4,8 +4,11 @@
 //! of them changes nothing for the others.
 //!
 //! The stored bounds are checked under the catalog's write lock, so two
-//! concurrent creates cannot both pass the last free slot; the queue depth
-//! is checked by the queue's writer inside the enqueue's transaction.
+//! concurrent creates cannot both pass the last free slot; in a cluster
+//! the write is checked again ([`Bound`]) inside its own transaction under
+//! a per-account lock in the shared database, against every gateway's
+//! rows. The queue depth is checked by the queue's writer inside the
+//! enqueue's transaction.
 //! A request over a stored bound is refused with FC's `LimitExceeded`
 //! (HTTP 400, not retryable: free something or have the bound raised); a
 //! full async queue with `ResourceThrottled` (HTTP 429, retryable: the
@@ -177,6 +180,16 @@ pub struct Change {
     pub layer_versions: u64,
     pub added_bytes: u64,
     pub freed_bytes: u64,
+}
+
+/// A change and the limits it must stay within, handed to a store that
+/// several gateways share: it checks them against the database, under a
+/// per-account lock, in the write's own transaction (each gateway's view
+/// may lag another's writes by a few milliseconds).
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
+    pub limits: Limits,
+    pub change: Change,
 }
 
 /// Refuse `change` if it takes `account` over a bound. A change that adds

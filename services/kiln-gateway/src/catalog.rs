@@ -25,9 +25,20 @@ pub enum CatalogError {
     #[error("Cannot write code package")]
     CodeWrite(#[source] std::io::Error),
     #[error(transparent)]
-    Store(#[from] MetaStoreError),
+    Store(MetaStoreError),
     #[error("Store task failed")]
     Join,
+}
+
+impl From<MetaStoreError> for CatalogError {
+    fn from(e: MetaStoreError) -> Self {
+        match e {
+            // The shared database found the account over a bound this
+            // gateway's view had not seen yet: the same answer as its own.
+            MetaStoreError::OverBound(fc) => Self::Invalid(fc),
+            e => Self::Store(e),
+        }
+    }
 }
 
 /// A code package arriving with a create or update.
@@ -265,20 +276,18 @@ impl Catalog {
         u
     }
 
-    /// Refuse `change` if it takes `account` over one of its bounds; call
-    /// with `write` held.
+    /// Refuse `change` if it takes `account` over one of its bounds in
+    /// this gateway's view; call with `write` held. The bound to hand the
+    /// store's write, which checks it again against a shared database.
     pub(crate) fn check_bounds(
         &self,
         account: &AccountId,
         change: crate::bounds::Change,
-    ) -> Result<(), CatalogError> {
-        crate::bounds::check(
-            account,
-            self.bounds.of(account),
-            self.usage(account),
-            change,
-        )
-        .map_err(CatalogError::Invalid)
+    ) -> Result<crate::bounds::Bound, CatalogError> {
+        let limits = self.bounds.of(account);
+        crate::bounds::check(account, limits, self.usage(account), change)
+            .map_err(CatalogError::Invalid)?;
+        Ok(crate::bounds::Bound { limits, change })
     }
 
     pub fn code_files(&self) -> &CodeFiles {
@@ -452,7 +461,7 @@ impl Catalog {
             return Err(CatalogError::Exists(record.name));
         }
         self.check_new_layers(&[], &record.config.layers)?;
-        self.check_bounds(
+        let bound = self.check_bounds(
             &record.account_id,
             crate::bounds::Change {
                 functions: 1,
@@ -465,7 +474,7 @@ impl Catalog {
         let r = record.clone();
         let result = blocking(move || {
             store.ensure_account(&r.account_id, r.created_ms)?;
-            store.insert_function(&r)?;
+            store.insert_function_within(&r, bound)?;
             Ok(())
         })
         .await;
@@ -548,10 +557,11 @@ impl Catalog {
         let name = &current.record.name;
         let config = change(&current.record.config).map_err(CatalogError::Invalid)?;
         self.check_new_layers(&current.record.config.layers, &config.layers)?;
+        let mut bound = None;
         if config.code.sha256 != current.record.config.code.sha256 {
             // A package a version holds stays stored: nothing is freed.
             let held = self.version_holds_code(account, name, &current.record.config.code.sha256);
-            self.check_bounds(
+            bound = Some(self.check_bounds(
                 account,
                 crate::bounds::Change {
                     added_bytes: config.code.size,
@@ -562,7 +572,7 @@ impl Catalog {
                     },
                     ..Default::default()
                 },
-            )?;
+            )?);
         }
         let mut record = current.record.clone();
         record.config = config;
@@ -576,7 +586,11 @@ impl Catalog {
         let store = self.store.clone();
         let r = record.clone();
         let expected = current.record.modified_ms;
-        blocking(move || Ok(store.update_function(&r, expected)?)).await?;
+        blocking(move || match bound {
+            Some(b) => Ok(store.update_function_within(&r, expected, b)?),
+            None => Ok(store.update_function(&r, expected)?),
+        })
+        .await?;
         let old = current.record.config.code.sha256.clone();
         let new = record.config.code.sha256.clone();
         let entry = self.publish(record);

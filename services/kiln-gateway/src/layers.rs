@@ -310,7 +310,7 @@ impl Catalog {
         now_ms: u64,
     ) -> Result<(Arc<LayerVersionRecord>, bool), CatalogError> {
         let _w = self.write.lock().await;
-        self.check_bounds(
+        let bound = self.check_bounds(
             account,
             crate::bounds::Change {
                 layer_versions: 1,
@@ -346,7 +346,7 @@ impl Catalog {
                 .write(&digest, &zip)
                 .map_err(CatalogError::CodeWrite)?;
             store.ensure_account(&r.account_id, r.created_ms)?;
-            Ok(store.insert_layer_version(&r)?)
+            Ok(store.insert_layer_version_within(&r, bound)?)
         })
         .await
         .map_err(|_| CatalogError::Join)?;

@@ -103,6 +103,11 @@ fn config(
 
 impl Cluster {
     async fn start() -> Option<Cluster> {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Two gateways whose configurations `tweak` changed alike.
+    async fn start_with(tweak: impl Fn(&mut GatewayConfig)) -> Option<Cluster> {
         let pg = PgServer::start()?;
         let url = pg.create_database("gateways");
         let dir = tempfile::tempdir().unwrap();
@@ -120,12 +125,13 @@ impl Cluster {
         })
         .await;
         let sched_url = format!("https://127.0.0.1:{}", sched.port());
-        let a = kiln_gateway::start(config(dir.path(), "a", &pki, &url, &sched_url))
-            .await
-            .unwrap();
-        let b = kiln_gateway::start(config(dir.path(), "b", &pki, &url, &sched_url))
-            .await
-            .unwrap();
+        let configured = |name| {
+            let mut c = config(dir.path(), name, &pki, &url, &sched_url);
+            tweak(&mut c);
+            c
+        };
+        let a = kiln_gateway::start(configured("a")).await.unwrap();
+        let b = kiln_gateway::start(configured("b")).await.unwrap();
         Some(Cluster {
             _dir: dir,
             _pg: pg,
@@ -459,6 +465,50 @@ async fn concurrent_updates_through_both_gateways_are_both_kept() {
                     .then_some(())
             })
             .await;
+        }
+    }
+    c.a.shutdown().await;
+    c.b.shutdown().await;
+}
+
+/// An account's bounds hold across gateways. A create through each
+/// gateway at once, both gateways counting the same functions (so alone
+/// each would admit its own): with room for both, both are created; with
+/// room for one, exactly one, the other refused with LimitExceeded; with
+/// none, neither. The account never holds more than its limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_accounts_bounds_hold_when_both_gateways_create_at_once() {
+    let Some(c) = Cluster::start_with(|g| g.tenant_bounds.max_functions = 4).await else {
+        return;
+    };
+    let (on_a, on_b) = (c.api(&c.a, AK_A, SK_A), c.api(&c.b, AK_A, SK_A));
+    create_seen_by_both(&on_a, &on_b, "f0", b"print('f0')\n").await;
+    let zip = zip_of(&[("app.py", b"print('f')\n")]);
+    let doc = |name: String| function_doc(&name, &zip).to_string().into_bytes();
+    // (functions before the race, creates that may succeed)
+    for (round, (before, room)) in [(1, 2), (3, 1), (4, 0)].into_iter().enumerate() {
+        for api in [&on_a, &on_b] {
+            within("both gateways count the same functions", || async {
+                let got = api.call(Method::GET, FUNCTIONS, Vec::new()).await.ok();
+                (got["functions"].as_array().map_or(0, |f| f.len()) == before).then_some(())
+            })
+            .await;
+        }
+        let (ra, rb) = tokio::join!(
+            on_a.call(Method::POST, FUNCTIONS, doc(format!("a{round}"))),
+            on_b.call(Method::POST, FUNCTIONS, doc(format!("b{round}")))
+        );
+        let created = [&ra, &rb].iter().filter(|r| r.status.is_success()).count();
+        println!("{before} functions, room for {room}: {created} created");
+        let said = |r: &Answer| format!("{} {}", r.status, String::from_utf8_lossy(&r.body));
+        assert_eq!(created, room, "A: {}; B: {}", said(&ra), said(&rb));
+        for refused in [&ra, &rb].into_iter().filter(|r| !r.status.is_success()) {
+            let e: Value = serde_json::from_slice(&refused.body).unwrap();
+            assert_eq!(e["Code"], "LimitExceeded", "{e}");
+            assert!(
+                e["Message"].as_str().unwrap().contains("max_functions"),
+                "{e}"
+            );
         }
     }
     c.a.shutdown().await;

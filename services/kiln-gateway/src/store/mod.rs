@@ -68,6 +68,9 @@ pub enum MetaStoreError {
     },
     #[error("Cannot seal the stored secrets under the current key")]
     SealPass(#[from] rows::SealPassError),
+    /// A per-account bound, checked against the shared database.
+    #[error("{}", .0.message)]
+    OverBound(kiln_core::FcError),
     #[error(transparent)]
     Db(#[from] StoreError),
     #[error("PostgreSQL metadata store failed")]
@@ -145,6 +148,18 @@ pub trait MetaStore: Send + Sync + 'static {
     }
     /// Insert the function and, if new, its code package's row.
     fn insert_function(&self, f: &FunctionRecord) -> Result<(), MetaStoreError>;
+    /// [`Self::insert_function`] within the account's `bound`
+    /// (`OverBound` otherwise). A store only this gateway writes relies on
+    /// the caller's check against its own view; a shared one checks the
+    /// database (see [`crate::bounds::Bound`]).
+    fn insert_function_within(
+        &self,
+        f: &FunctionRecord,
+        bound: crate::bounds::Bound,
+    ) -> Result<(), MetaStoreError> {
+        let _ = bound;
+        self.insert_function(f)
+    }
     /// Replace the function's document and times if its stored
     /// `modified_ms` is still `expected_modified_ms` (the record the change
     /// was computed from): FunctionChanged when another gateway of a
@@ -154,6 +169,17 @@ pub trait MetaStore: Send + Sync + 'static {
         f: &FunctionRecord,
         expected_modified_ms: u64,
     ) -> Result<(), MetaStoreError>;
+    /// [`Self::update_function`] within the account's `bound` (as
+    /// [`Self::insert_function_within`]).
+    fn update_function_within(
+        &self,
+        f: &FunctionRecord,
+        expected_modified_ms: u64,
+        bound: crate::bounds::Bound,
+    ) -> Result<(), MetaStoreError> {
+        let _ = bound;
+        self.update_function(f, expected_modified_ms)
+    }
     fn delete_function(
         &self,
         account: &AccountId,
@@ -173,6 +199,16 @@ pub trait MetaStore: Send + Sync + 'static {
     /// stored: `v.version`, or (when another gateway took that number
     /// meanwhile) the next free one, handed out by the database.
     fn insert_layer_version(&self, v: &LayerVersionRecord) -> Result<u32, MetaStoreError>;
+    /// [`Self::insert_layer_version`] within the account's `bound` (as
+    /// [`Self::insert_function_within`]).
+    fn insert_layer_version_within(
+        &self,
+        v: &LayerVersionRecord,
+        bound: crate::bounds::Bound,
+    ) -> Result<u32, MetaStoreError> {
+        let _ = bound;
+        self.insert_layer_version(v)
+    }
     /// Delete one layer version; false if it did not exist.
     fn delete_layer_version(
         &self,

@@ -33,6 +33,7 @@ use super::{
     AccessKey, CodeBlob, CodeSource, FunctionVersions, LayerRecord, LayerVersionRecord, MetaStore,
     MetaStoreError, StoredKey,
 };
+use crate::bounds::{Bound, Usage};
 use crate::domains::{DomainRecord, DomainStore};
 use crate::model::{FunctionConfig, FunctionRecord};
 use crate::ram::policy::Policy;
@@ -614,6 +615,52 @@ fn doc_and_env(sealer: &Sealer, f: &FunctionRecord) -> (String, String) {
     (doc.to_string(), env)
 }
 
+/// Every write that grows an account takes this lock (until it commits),
+/// so each one counts the others' rows: `$1` is the account.
+const ACCOUNT_BOUNDS_LOCK: &str =
+    "SELECT pg_advisory_xact_lock(hashtextextended('kiln-account-bounds:' || $1, 0))";
+
+/// What an account stores, as the catalog counts it: its functions, the
+/// bytes of their packages, of packages only its versions still hold
+/// (once per function and package), and of its layer versions; and how
+/// many layer versions.
+const ACCOUNT_USAGE: &str = "
+    WITH f AS (SELECT name, code_sha256 FROM functions WHERE account_id = $1),
+    held AS (
+        SELECT DISTINCT v.name, v.code_sha256 FROM function_versions v
+        JOIN f ON f.name = v.name
+        WHERE v.account_id = $1 AND v.code_sha256 <> f.code_sha256
+    ),
+    l AS (
+        SELECT (doc::jsonb #>> '{code,size}')::bigint AS size
+        FROM layer_versions WHERE account_id = $1
+    )
+    SELECT (SELECT count(*) FROM f),
+           (SELECT coalesce(sum(b.size), 0) FROM f JOIN code_blobs b ON b.sha256 = f.code_sha256)::bigint
+         + (SELECT coalesce(sum(b.size), 0) FROM held JOIN code_blobs b ON b.sha256 = held.code_sha256)::bigint
+         + (SELECT coalesce(sum(size), 0) FROM l)::bigint,
+           (SELECT count(*) FROM l)";
+
+/// Refuse, in `tx`, a write that takes `account` over `bound`: under the
+/// account's lock, against what the database holds (every gateway's
+/// committed writes), not this gateway's view.
+async fn within(
+    tx: &Transaction<'_>,
+    account: &AccountId,
+    bound: Bound,
+) -> Result<(), MetaStoreError> {
+    tx.execute(ACCOUNT_BOUNDS_LOCK, &[&account.as_str()])
+        .await?;
+    let row = tx.query_one(ACCOUNT_USAGE, &[&account.as_str()]).await?;
+    let usage = Usage {
+        functions: row.get::<_, i64>(0).max(0) as u64,
+        code_bytes: row.get::<_, i64>(1).max(0) as u64,
+        layer_versions: row.get::<_, i64>(2).max(0) as u64,
+    };
+    crate::bounds::check(account, bound.limits, usage, bound.change)
+        .map_err(MetaStoreError::OverBound)
+}
+
 async fn insert_code(tx: &Transaction<'_>, c: &FunctionConfig) -> Result<(), MetaStoreError> {
     tx.execute(
         "INSERT INTO code_blobs (sha256, size, checksum) VALUES ($1, $2, $3)
@@ -622,6 +669,154 @@ async fn insert_code(tx: &Transaction<'_>, c: &FunctionConfig) -> Result<(), Met
     )
     .await?;
     Ok(())
+}
+
+impl PgMetaStore {
+    fn insert_function_bounded(
+        &self,
+        f: &FunctionRecord,
+        bound: Option<Bound>,
+    ) -> Result<(), MetaStoreError> {
+        let (doc, env) = doc_and_env(&self.inner.sealer, f);
+        let f = f.clone();
+        self.write(move |tx| {
+            Box::pin(async move {
+                if let Some(b) = bound {
+                    within(tx, &f.account_id, b).await?;
+                }
+                insert_code(tx, &f.config).await?;
+                let n = tx
+                    .execute(
+                        "INSERT INTO functions
+                         (account_id, name, function_id, code_sha256, doc, created_ms,
+                          modified_ms, env_sealed)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                         ON CONFLICT (account_id, name) DO NOTHING",
+                        &[
+                            &f.account_id.as_str() as P,
+                            &f.name.as_str(),
+                            &f.function_id,
+                            &f.config.code.sha256,
+                            &doc,
+                            &(f.created_ms as i64),
+                            &(f.modified_ms as i64),
+                            &env,
+                        ],
+                    )
+                    .await?;
+                if n == 0 {
+                    return Err(MetaStoreError::FunctionExists(f.name.clone()));
+                }
+                changed(tx, Kind::Function, f.account_id.as_str(), f.name.as_str()).await
+            })
+        })
+    }
+
+    fn update_function_bounded(
+        &self,
+        f: &FunctionRecord,
+        expected_modified_ms: u64,
+        bound: Option<Bound>,
+    ) -> Result<(), MetaStoreError> {
+        let (doc, env) = doc_and_env(&self.inner.sealer, f);
+        let f = f.clone();
+        self.write(move |tx| {
+            Box::pin(async move {
+                if let Some(b) = bound {
+                    within(tx, &f.account_id, b).await?;
+                }
+                insert_code(tx, &f.config).await?;
+                // Compare and set on modified_ms: another gateway's update
+                // since this one read the function makes it fail, never
+                // silently overwrite.
+                let n = tx
+                    .execute(
+                        "UPDATE functions SET code_sha256 = $3, doc = $4, modified_ms = $5,
+                         env_sealed = $6
+                         WHERE account_id = $1 AND name = $2 AND function_id = $7
+                           AND modified_ms = $8",
+                        &[
+                            &f.account_id.as_str() as P,
+                            &f.name.as_str(),
+                            &f.config.code.sha256,
+                            &doc,
+                            &(f.modified_ms as i64),
+                            &env,
+                            &f.function_id,
+                            &(expected_modified_ms as i64),
+                        ],
+                    )
+                    .await?;
+                if n == 0 {
+                    let exists = tx
+                        .query_opt(
+                            "SELECT 1 FROM functions
+                             WHERE account_id = $1 AND name = $2 AND function_id = $3",
+                            &[
+                                &f.account_id.as_str() as P,
+                                &f.name.as_str(),
+                                &f.function_id,
+                            ],
+                        )
+                        .await?
+                        .is_some();
+                    return Err(if exists {
+                        MetaStoreError::FunctionChanged(f.name.clone())
+                    } else {
+                        MetaStoreError::FunctionMissing(f.name.clone())
+                    });
+                }
+                changed(tx, Kind::Function, f.account_id.as_str(), f.name.as_str()).await
+            })
+        })
+    }
+
+    fn insert_layer_version_bounded(
+        &self,
+        v: &LayerVersionRecord,
+        bound: Option<Bound>,
+    ) -> Result<u32, MetaStoreError> {
+        let mut v = v.clone();
+        self.write(move |tx| {
+            Box::pin(async move {
+                if let Some(b) = bound {
+                    within(tx, &v.account_id, b).await?;
+                }
+                let (a, n) = (v.account_id.as_str().to_owned(), v.name.clone());
+                tx.execute(
+                    "INSERT INTO layers (account_id, name, public, last_version)
+                     VALUES ($1, $2, false, 0) ON CONFLICT (account_id, name) DO NOTHING",
+                    &[&a, &n],
+                )
+                .await?;
+                // The number: the one asked for, or the next free one if
+                // another gateway took it (the row lock serialises them).
+                let last: i32 = tx
+                    .query_one(
+                        "UPDATE layers SET last_version = GREATEST(last_version + 1, $3)
+                         WHERE account_id = $1 AND name = $2 RETURNING last_version",
+                        &[&a as P, &n, &(v.version as i32)],
+                    )
+                    .await?
+                    .get(0);
+                v.version = last as u32;
+                tx.execute(
+                    "INSERT INTO layer_versions (account_id, name, version, sha256, doc)
+                     VALUES ($1, $2, $3, $4, $5)",
+                    &[
+                        &a as P,
+                        &n,
+                        &last,
+                        &v.code.sha256,
+                        &serde_json::to_string(&v).expect("layer version serialises"),
+                    ],
+                )
+                .await?;
+                changed(tx, Kind::Layer, &a, &n).await?;
+                Ok(v.version)
+            })
+        })
+    }
 }
 
 impl MetaStore for PgMetaStore {
@@ -786,36 +981,15 @@ impl MetaStore for PgMetaStore {
     }
 
     fn insert_function(&self, f: &FunctionRecord) -> Result<(), MetaStoreError> {
-        let (doc, env) = doc_and_env(&self.inner.sealer, f);
-        let f = f.clone();
-        self.write(move |tx| {
-            Box::pin(async move {
-                insert_code(tx, &f.config).await?;
-                let n = tx
-                    .execute(
-                        "INSERT INTO functions
-                         (account_id, name, function_id, code_sha256, doc, created_ms,
-                          modified_ms, env_sealed)
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-                         ON CONFLICT (account_id, name) DO NOTHING",
-                        &[
-                            &f.account_id.as_str() as P,
-                            &f.name.as_str(),
-                            &f.function_id,
-                            &f.config.code.sha256,
-                            &doc,
-                            &(f.created_ms as i64),
-                            &(f.modified_ms as i64),
-                            &env,
-                        ],
-                    )
-                    .await?;
-                if n == 0 {
-                    return Err(MetaStoreError::FunctionExists(f.name.clone()));
-                }
-                changed(tx, Kind::Function, f.account_id.as_str(), f.name.as_str()).await
-            })
-        })
+        self.insert_function_bounded(f, None)
+    }
+
+    fn insert_function_within(
+        &self,
+        f: &FunctionRecord,
+        bound: Bound,
+    ) -> Result<(), MetaStoreError> {
+        self.insert_function_bounded(f, Some(bound))
     }
 
     fn update_function(
@@ -823,54 +997,16 @@ impl MetaStore for PgMetaStore {
         f: &FunctionRecord,
         expected_modified_ms: u64,
     ) -> Result<(), MetaStoreError> {
-        let (doc, env) = doc_and_env(&self.inner.sealer, f);
-        let f = f.clone();
-        self.write(move |tx| {
-            Box::pin(async move {
-                insert_code(tx, &f.config).await?;
-                // Compare and set on modified_ms: another gateway's update
-                // since this one read the function makes it fail, never
-                // silently overwrite.
-                let n = tx
-                    .execute(
-                        "UPDATE functions SET code_sha256 = $3, doc = $4, modified_ms = $5,
-                         env_sealed = $6
-                         WHERE account_id = $1 AND name = $2 AND function_id = $7
-                           AND modified_ms = $8",
-                        &[
-                            &f.account_id.as_str() as P,
-                            &f.name.as_str(),
-                            &f.config.code.sha256,
-                            &doc,
-                            &(f.modified_ms as i64),
-                            &env,
-                            &f.function_id,
-                            &(expected_modified_ms as i64),
-                        ],
-                    )
-                    .await?;
-                if n == 0 {
-                    let exists = tx
-                        .query_opt(
-                            "SELECT 1 FROM functions
-                             WHERE account_id = $1 AND name = $2 AND function_id = $3",
-                            &[
-                                &f.account_id.as_str() as P,
-                                &f.name.as_str(),
-                                &f.function_id,
-                            ],
-                        )
-                        .await?
-                        .is_some();
-                    return Err(if exists {
-                        MetaStoreError::FunctionChanged(f.name.clone())
-                    } else {
-                        MetaStoreError::FunctionMissing(f.name.clone())
-                    });
-                }
-                changed(tx, Kind::Function, f.account_id.as_str(), f.name.as_str()).await
-            })
-        })
+        self.update_function_bounded(f, expected_modified_ms, None)
+    }
+
+    fn update_function_within(
+        &self,
+        f: &FunctionRecord,
+        expected_modified_ms: u64,
+        bound: Bound,
+    ) -> Result<(), MetaStoreError> {
+        self.update_function_bounded(f, expected_modified_ms, Some(bound))
     }
 
     fn delete_function(
@@ -996,43 +1132,15 @@ impl MetaStore for PgMetaStore {
     }
 
     fn insert_layer_version(&self, v: &LayerVersionRecord) -> Result<u32, MetaStoreError> {
-        let mut v = v.clone();
-        self.write(move |tx| {
-            Box::pin(async move {
-                let (a, n) = (v.account_id.as_str().to_owned(), v.name.clone());
-                tx.execute(
-                    "INSERT INTO layers (account_id, name, public, last_version)
-                     VALUES ($1, $2, false, 0) ON CONFLICT (account_id, name) DO NOTHING",
-                    &[&a, &n],
-                )
-                .await?;
-                // The number: the one asked for, or the next free one if
-                // another gateway took it (the row lock serialises them).
-                let last: i32 = tx
-                    .query_one(
-                        "UPDATE layers SET last_version = GREATEST(last_version + 1, $3)
-                         WHERE account_id = $1 AND name = $2 RETURNING last_version",
-                        &[&a as P, &n, &(v.version as i32)],
-                    )
-                    .await?
-                    .get(0);
-                v.version = last as u32;
-                tx.execute(
-                    "INSERT INTO layer_versions (account_id, name, version, sha256, doc)
-                     VALUES ($1, $2, $3, $4, $5)",
-                    &[
-                        &a as P,
-                        &n,
-                        &last,
-                        &v.code.sha256,
-                        &serde_json::to_string(&v).expect("layer version serialises"),
-                    ],
-                )
-                .await?;
-                changed(tx, Kind::Layer, &a, &n).await?;
-                Ok(v.version)
-            })
-        })
+        self.insert_layer_version_bounded(v, None)
+    }
+
+    fn insert_layer_version_within(
+        &self,
+        v: &LayerVersionRecord,
+        bound: Bound,
+    ) -> Result<u32, MetaStoreError> {
+        self.insert_layer_version_bounded(v, Some(bound))
     }
 
     fn delete_layer_version(

@@ -499,6 +499,86 @@ mod postgres_suite {
         super::secrets_are_sealed_at_rest(&s, &suite_sealer(), raw);
     }
 
+    /// A write handed a bound is checked against what the database holds,
+    /// counted as the catalog counts it: functions, their packages, each
+    /// package only a function's versions still hold (once), and every
+    /// layer version's package.
+    #[test]
+    fn bounds_are_checked_against_the_database() {
+        use crate::bounds::{Bound, Change, Limits};
+        let Some(pg) = PgServer::start() else { return };
+        let s = database(&pg, "bounds")();
+        let a = account("1");
+        s.ensure_account(&a, 1).unwrap();
+        let (da, db) = ("a".repeat(64), "b".repeat(64));
+        // f: version 1 holds package a, then f moves to b (version 2 holds
+        // b too); g uses a. Every package is 3 bytes.
+        let f = record("1", "f", &da);
+        s.insert_function(&f).unwrap();
+        s.insert_version(&version(&f, 1)).unwrap();
+        let mut f2 = record("1", "f", &db);
+        f2.function_id = f.function_id.clone();
+        f2.modified_ms = 2000;
+        s.update_function(&f2, 1000).unwrap();
+        s.insert_version(&version(&f2, 2)).unwrap();
+        s.insert_function(&record("1", "g", &da)).unwrap();
+        s.insert_layer_version(&layer_version("l", 1)).unwrap();
+        s.insert_layer_version(&layer_version("l", 2)).unwrap();
+        // 2 functions; 3 (f: b) + 3 (g: a) + 3 (a, held by f's version 1
+        // only) + 2 x 3 (layer versions) = 15 bytes; 2 layer versions.
+        let limits = Limits {
+            functions: 2,
+            code_bytes: 15,
+            layer_versions: 2,
+            async_queue_depth: 1,
+        };
+        let bound = |limits, change| Bound { limits, change };
+        fn refused<T>(r: Result<T, MetaStoreError>) -> String {
+            match r {
+                Err(MetaStoreError::OverBound(e)) => e.message,
+                Err(e) => panic!("{e}"),
+                Ok(_) => panic!("admitted over its bound"),
+            }
+        }
+        let one_function = Change {
+            functions: 1,
+            ..Default::default()
+        };
+        let why =
+            refused(s.insert_function_within(&record("1", "h", &da), bound(limits, one_function)));
+        assert!(why.contains("has 2 functions"), "{why}");
+        let one_layer = Change {
+            layer_versions: 1,
+            added_bytes: 3,
+            ..Default::default()
+        };
+        let why = refused(
+            s.insert_layer_version_within(&layer_version("l", 3), bound(limits, one_layer)),
+        );
+        assert!(why.contains("has 2 layer versions"), "{why}");
+        let more_versions = Limits {
+            layer_versions: 3,
+            code_bytes: 17,
+            ..limits
+        };
+        let why = refused(
+            s.insert_layer_version_within(&layer_version("l", 3), bound(more_versions, one_layer)),
+        );
+        assert!(why.contains("stores 15 bytes"), "{why}");
+        // Refused writes wrote nothing; within its bounds a write goes in.
+        let room = Limits {
+            code_bytes: 18,
+            ..more_versions
+        };
+        assert_eq!(
+            s.insert_layer_version_within(&layer_version("l", 3), bound(room, one_layer))
+                .unwrap(),
+            3
+        );
+        assert_eq!(s.layer_versions().unwrap().len(), 3);
+        assert_eq!(s.functions().unwrap().len(), 2);
+    }
+
     /// Every write appends one change row naming what it changed; failed
     /// writes append nothing.
     #[test]
