@@ -661,6 +661,19 @@ async fn within(
         .map_err(MetaStoreError::OverBound)
 }
 
+/// What every write of a function does first: check its bound (a
+/// cluster's), then make sure its package's row exists.
+async fn begin_function_write(
+    tx: &Transaction<'_>,
+    f: &FunctionRecord,
+    bound: Option<Bound>,
+) -> Result<(), MetaStoreError> {
+    if let Some(b) = bound {
+        within(tx, &f.account_id, b).await?;
+    }
+    insert_code(tx, &f.config).await
+}
+
 async fn insert_code(tx: &Transaction<'_>, c: &FunctionConfig) -> Result<(), MetaStoreError> {
     tx.execute(
         "INSERT INTO code_blobs (sha256, size, checksum) VALUES ($1, $2, $3)
@@ -681,10 +694,7 @@ impl PgMetaStore {
         let f = f.clone();
         self.write(move |tx| {
             Box::pin(async move {
-                if let Some(b) = bound {
-                    within(tx, &f.account_id, b).await?;
-                }
-                insert_code(tx, &f.config).await?;
+                begin_function_write(tx, &f, bound).await?;
                 let n = tx
                     .execute(
                         "INSERT INTO functions
@@ -722,10 +732,7 @@ impl PgMetaStore {
         let f = f.clone();
         self.write(move |tx| {
             Box::pin(async move {
-                if let Some(b) = bound {
-                    within(tx, &f.account_id, b).await?;
-                }
-                insert_code(tx, &f.config).await?;
+                begin_function_write(tx, &f, bound).await?;
                 // Compare and set on modified_ms: another gateway's update
                 // since this one read the function makes it fail, never
                 // silently overwrite.
