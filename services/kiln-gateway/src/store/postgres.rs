@@ -643,14 +643,33 @@ const ACCOUNT_USAGE: &str = "
 
 /// Refuse, in `tx`, a write that takes `account` over `bound`: under the
 /// account's lock, against what the database holds (every gateway's
-/// committed writes), not this gateway's view.
+/// committed writes), not this gateway's view. `replacing` names the
+/// function whose package a write replaces: if one of its versions holds
+/// that package now (another gateway may have just published it), the
+/// write frees nothing.
 async fn within(
     tx: &Transaction<'_>,
     account: &AccountId,
-    bound: Bound,
+    mut bound: Bound,
+    replacing: Option<&str>,
 ) -> Result<(), MetaStoreError> {
     tx.execute(ACCOUNT_BOUNDS_LOCK, &[&account.as_str()])
         .await?;
+    if let (Some(name), true) = (replacing, bound.change.freed_bytes > 0) {
+        let held: bool = tx
+            .query_one(
+                "SELECT EXISTS (
+                     SELECT 1 FROM function_versions v JOIN functions f
+                       ON f.account_id = v.account_id AND f.name = v.name
+                     WHERE f.account_id = $1 AND f.name = $2 AND v.code_sha256 = f.code_sha256)",
+                &[&account.as_str(), &name],
+            )
+            .await?
+            .get(0);
+        if held {
+            bound.change.freed_bytes = 0;
+        }
+    }
     let row = tx.query_one(ACCOUNT_USAGE, &[&account.as_str()]).await?;
     let usage = Usage {
         functions: row.get::<_, i64>(0).max(0) as u64,
@@ -662,14 +681,17 @@ async fn within(
 }
 
 /// What every write of a function does first: check its bound (a
-/// cluster's), then make sure its package's row exists.
+/// cluster's; `replacing` when it replaces the stored function's
+/// package), then make sure its package's row exists.
 async fn begin_function_write(
     tx: &Transaction<'_>,
     f: &FunctionRecord,
     bound: Option<Bound>,
+    replacing: bool,
 ) -> Result<(), MetaStoreError> {
     if let Some(b) = bound {
-        within(tx, &f.account_id, b).await?;
+        let name = replacing.then_some(f.name.as_str());
+        within(tx, &f.account_id, b, name).await?;
     }
     insert_code(tx, &f.config).await
 }
@@ -694,7 +716,7 @@ impl PgMetaStore {
         let f = f.clone();
         self.write(move |tx| {
             Box::pin(async move {
-                begin_function_write(tx, &f, bound).await?;
+                begin_function_write(tx, &f, bound, false).await?;
                 let n = tx
                     .execute(
                         "INSERT INTO functions
@@ -732,7 +754,7 @@ impl PgMetaStore {
         let f = f.clone();
         self.write(move |tx| {
             Box::pin(async move {
-                begin_function_write(tx, &f, bound).await?;
+                begin_function_write(tx, &f, bound, true).await?;
                 // Compare and set on modified_ms: another gateway's update
                 // since this one read the function makes it fail, never
                 // silently overwrite.
@@ -787,7 +809,7 @@ impl PgMetaStore {
         self.write(move |tx| {
             Box::pin(async move {
                 if let Some(b) = bound {
-                    within(tx, &v.account_id, b).await?;
+                    within(tx, &v.account_id, b, None).await?;
                 }
                 let (a, n) = (v.account_id.as_str().to_owned(), v.name.clone());
                 tx.execute(

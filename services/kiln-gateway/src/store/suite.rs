@@ -565,6 +565,18 @@ mod postgres_suite {
             s.insert_layer_version_within(&layer_version("l", 3), bound(more_versions, one_layer)),
         );
         assert!(why.contains("stores 15 bytes"), "{why}");
+        // f moving from b to a new 3-byte package frees nothing: its
+        // version 2 holds b (whatever the gateway's view thought).
+        let mut f3 = record("1", "f", &"c".repeat(64));
+        f3.function_id = f.function_id.clone();
+        f3.modified_ms = 3000;
+        let replace = Change {
+            added_bytes: 3,
+            freed_bytes: 3,
+            ..Default::default()
+        };
+        let why = refused(s.update_function_within(&f3, 2000, bound(limits, replace)));
+        assert!(why.contains("stores 15 bytes"), "{why}");
         // Refused writes wrote nothing; within its bounds a write goes in.
         let room = Limits {
             code_bytes: 18,
