@@ -20,7 +20,7 @@
 //! its very expiry, never accepts one early. If a batch fails, each claim
 //! is tried alone, so one bad claim fails only its own request.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -160,29 +160,30 @@ async fn writer(
 /// Record `claims` in one statement (its own transaction): for each,
 /// whether its nonce was new.
 async fn record(db: &PgDatabase, claims: &[Claim]) -> Result<Vec<bool>, PgStoreError> {
-    let mut seen = HashSet::with_capacity(claims.len());
-    let first: Vec<bool> = claims
-        .iter()
-        .map(|c| seen.insert((c.access_key_id.as_str(), c.nonce.as_str())))
-        .collect();
-    let batch: Vec<&Claim> = claims
-        .iter()
-        .zip(&first)
-        .filter_map(|(c, first)| first.then_some(c))
-        .collect();
-    let keys: Vec<&str> = batch.iter().map(|c| c.access_key_id.as_str()).collect();
-    let nonces: Vec<&str> = batch.iter().map(|c| c.nonce.as_str()).collect();
-    let expiries: Vec<i64> = batch.iter().map(|c| clamp(c.expires_ms)).collect();
+    // Each (key, nonce) once, by its first claim; later ones are replays.
+    let mut first: HashMap<(&str, &str), usize> = HashMap::with_capacity(claims.len());
+    for (i, c) in claims.iter().enumerate() {
+        first
+            .entry((c.access_key_id.as_str(), c.nonce.as_str()))
+            .or_insert(i);
+    }
+    let (mut keys, mut nonces, mut expiries) = (Vec::new(), Vec::new(), Vec::new());
+    for (&(key, nonce), &i) in &first {
+        keys.push(key);
+        nonces.push(nonce);
+        expiries.push(clamp(claims[i].expires_ms));
+    }
     let now = clamp(claims.iter().map(|c| c.now_ms).min().unwrap_or(0));
     let c = db.conn().await?;
     let st = c.prepare_cached(CLAIM_MANY).await?;
     let rows = c.query(&st, &[&keys, &nonces, &expiries, &now]).await?;
-    let recorded: HashSet<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-    Ok(claims
-        .iter()
-        .zip(first)
-        .map(|(c, first)| first && recorded.contains(&(c.access_key_id.clone(), c.nonce.clone())))
-        .collect())
+    let mut fresh = vec![false; claims.len()];
+    for r in &rows {
+        if let Some(&i) = first.get(&(r.get::<_, &str>(0), r.get::<_, &str>(1))) {
+            fresh[i] = true;
+        }
+    }
+    Ok(fresh)
 }
 
 /// Milliseconds as PostgreSQL's BIGINT (a far-future expiry saturates).
