@@ -352,19 +352,8 @@ impl Statements {
     /// Create the extension in the database at `url`; `None` (and a note)
     /// when the server cannot count statements.
     async fn enable(url: &str) -> Option<Self> {
-        let created = async {
-            let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
-            let conn = tokio::spawn(conn);
-            let r = client
-                .batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
-                .await;
-            drop(client);
-            let _ = conn.await;
-            r
-        }
-        .await;
-        match created {
-            Ok(()) => Some(Self {
+        match one_shot(url, &["CREATE EXTENSION IF NOT EXISTS pg_stat_statements"]).await {
+            Ok(_) => Some(Self {
                 url: url.to_owned(),
             }),
             Err(e) => {
@@ -375,14 +364,9 @@ impl Statements {
     }
 
     async fn query(&self, sql: &str) -> Result<Vec<tokio_postgres::Row>> {
-        let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+        one_shot(&self.url, &[sql])
             .await
-            .context("cannot connect to the cluster's database")?;
-        let conn = tokio::spawn(conn);
-        let rows = client.query(sql, &[]).await;
-        drop(client);
-        let _ = conn.await;
-        Ok(rows?)
+            .context("cannot query the cluster's database")
     }
 
     async fn reset(&self) -> Result<()> {
@@ -416,6 +400,26 @@ impl Statements {
             })
             .collect())
     }
+}
+
+/// Run `statements` in order on a connection of their own to `url`; the
+/// last one's rows.
+async fn one_shot(
+    url: &str,
+    statements: &[&str],
+) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    let conn = tokio::spawn(conn);
+    let mut rows = Ok(Vec::new());
+    for sql in statements {
+        rows = client.query(*sql, &[]).await;
+        if rows.is_err() {
+            break;
+        }
+    }
+    drop(client);
+    let _ = conn.await;
+    rows
 }
 
 /// The processes whose CPU the cluster's split counts.
@@ -461,24 +465,18 @@ impl ClusterPids {
     /// CPU seconds (user + system, with reaped children) and the
     /// database's commits so far.
     async fn cpu(&self) -> Result<CpuSplit> {
-        let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
-            .await
-            .context("cannot connect to the cluster's database")?;
-        let conn = tokio::spawn(conn);
         // The statistics of this backend's transaction are a snapshot:
         // clear it so the counter is read fresh.
-        client
-            .batch_execute("SELECT pg_stat_clear_snapshot()")
-            .await?;
-        let commits: i64 = client
-            .query_one(
+        let rows = one_shot(
+            &self.url,
+            &[
+                "SELECT pg_stat_clear_snapshot()",
                 "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()",
-                &[],
-            )
-            .await?
-            .get(0);
-        drop(client);
-        let _ = conn.await;
+            ],
+        )
+        .await
+        .context("cannot read the cluster's database's commits")?;
+        let commits: i64 = rows.first().context("no row for the database")?.get(0);
         let sum = |pids: &[u32]| pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>();
         // PostgreSQL's backends are the postmaster's children; the ones
         // that ended are in its children's counters.
