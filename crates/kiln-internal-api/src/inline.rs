@@ -39,7 +39,21 @@ use crate::server::BoxError;
 
 /// One keep-alive HTTP/1.1 client connection: its sending half and its
 /// I/O, polled by whoever holds it.
+///
+/// The two live in one allocation made at the handshake: with a TLS
+/// stream inside they come to about 2 KB, and a call moves its connection
+/// several times (off the idle stack, into the answer's body, through the
+/// futures that read it, back on the stack); as a pointer each move is
+/// 8 bytes.
 pub struct InlineConn<T, B>
+where
+    T: Read + Write + Unpin,
+    B: HttpBody + 'static,
+{
+    parts: Box<ConnParts<T, B>>,
+}
+
+struct ConnParts<T, B>
 where
     T: Read + Write + Unpin,
     B: HttpBody + 'static,
@@ -64,25 +78,28 @@ where
     /// Start HTTP/1.1 on `io` (no I/O happens until the first request).
     pub async fn handshake(io: T) -> hyper::Result<Self> {
         let (send, io) = http1::handshake(io).await?;
-        Ok(Self { send, io: Some(io) })
+        Ok(Self {
+            parts: Box::new(ConnParts { send, io: Some(io) }),
+        })
     }
 
     /// Whether the connection may still take requests.
     pub fn is_open(&self) -> bool {
-        self.io.is_some() && !self.send.is_closed()
+        self.parts.io.is_some() && !self.parts.send.is_closed()
     }
 
     /// Drive the connection's I/O; `false` once it has closed.
     pub fn poll_io(&mut self, cx: &mut Context<'_>) -> bool {
-        poll_io(&mut self.io, cx)
+        poll_io(&mut self.parts.io, cx)
     }
 
     /// Wait until the connection can take a request: it may still be
     /// finishing the previous answer, or have been closed by the peer.
     pub async fn ready(&mut self) -> Result<(), Closed> {
+        let ConnParts { send, io } = &mut *self.parts;
         poll_fn(|cx| {
-            let open = poll_io(&mut self.io, cx);
-            match self.send.poll_ready(cx) {
+            let open = poll_io(io, cx);
+            match send.poll_ready(cx) {
                 Poll::Ready(Ok(())) => Poll::Ready(Ok(())),
                 Poll::Ready(Err(_)) => Poll::Ready(Err(Closed)),
                 Poll::Pending if !open => Poll::Ready(Err(Closed)),
@@ -99,8 +116,8 @@ where
         &mut self,
         req: Request<B>,
     ) -> Result<Response<Incoming>, TrySendError<Request<B>>> {
-        let mut answer = pin!(self.send.try_send_request(req));
-        let io = &mut self.io;
+        let ConnParts { send, io } = &mut *self.parts;
+        let mut answer = pin!(send.try_send_request(req));
         poll_fn(|cx| {
             // The first poll queues the request; the connection then writes
             // it, and later reads the answer and completes `answer`.
@@ -392,6 +409,17 @@ mod tests {
             .header(http::header::HOST, "test")
             .body(full("ping"))
             .unwrap()
+    }
+
+    /// A call moves its connection several times; boxed, each move is a
+    /// pointer's (unboxed, a TLS connection was about 2 KB).
+    #[test]
+    fn a_connection_moves_as_one_pointer() {
+        assert_eq!(
+            std::mem::size_of::<InlineConn<Io, Body>>(),
+            std::mem::size_of::<usize>()
+        );
+        assert!(std::mem::size_of::<InlineBody<Arc<Stack>>>() <= 64);
     }
 
     /// One call as a client of `stack` makes it: an idle connection if one

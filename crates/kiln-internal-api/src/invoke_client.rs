@@ -202,7 +202,9 @@ impl InvokeClient {
                 },
             }
         }
-        let mut conn = self.dial(&url).await?;
+        // Boxed: dialling (TCP, TLS handshake) is the cold path, and its
+        // future would otherwise size every warm call's future.
+        let mut conn = Box::pin(self.dial(&url)).await?;
         match conn.send(req).await {
             Ok(resp) => Ok(answer(resp, conn, stack)),
             Err(e) => Err(url.error(&e.into_error())),
