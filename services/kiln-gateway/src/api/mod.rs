@@ -867,7 +867,7 @@ mod tests {
     /// hyper moves each request's future into place, and every async
     /// layer moves its callee's future into its own: a sync invocation's
     /// futures stay small when the cold operations' are boxed (before,
-    /// `handle`'s was 11 KB and a call copied about 50 KB of futures).
+    /// `handle`'s was 11 KB).
     #[test]
     fn a_requests_future_stays_small() {
         fn size_of_handle<F, Fut>(_: F) -> usize
