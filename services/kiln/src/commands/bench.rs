@@ -584,6 +584,8 @@ async fn measure(
     // CPU microseconds per call of each throughput run: Kiln's services,
     // and the nginx hop.
     let (mut k_cpu, mut n_cpu, mut n2_cpu) = (vec![], vec![], vec![]);
+    // And context switches per call, the same way.
+    let (mut k_cs, mut n_cs, mut n2_cs) = (vec![], vec![], vec![]);
     let mut errors = 0;
     for round in 0..args.runs {
         eprintln!("warm round {}/{}", round + 1, args.runs);
@@ -605,11 +607,10 @@ async fn measure(
         let reqs = kiln_reqs(args.requests)?;
         let before = cpu::services_now();
         let r = lg.run(&kiln_target, args.connections, reqs).await?;
-        k_cpu.push(cpu::services_per_call_us(
-            &before,
-            &cpu::services_now(),
-            r.latencies_us.len(),
-        ));
+        let (cpu, switches) =
+            cpu::services_per_call(&before, &cpu::services_now(), r.latencies_us.len());
+        k_cpu.push(cpu);
+        k_cs.push(switches);
         errors += r.errors;
         k_thr.push(r);
         let r = lg
@@ -644,10 +645,13 @@ async fn measure(
             let pid = nginx.as_ref().map_or(0, |n| n.child.id());
             let before = cpu::process_tree_now(pid);
             let r = lg.run(t, args.connections, reqs).await?;
-            n_cpu.push(cpu::per_call_us(
-                before,
-                cpu::process_tree_now(pid),
-                r.latencies_us.len(),
+            let after = cpu::process_tree_now(pid);
+            let calls = r.latencies_us.len();
+            n_cpu.push(cpu::per_call_us(before.cpu, after.cpu, calls));
+            n_cs.push(cpu::switches_per_call(
+                before.switches,
+                after.switches,
+                calls,
             ));
             errors += r.errors;
             n_thr.push(r);
@@ -661,10 +665,13 @@ async fn measure(
             let r = lg
                 .run(t, args.connections, direct_reqs(args.requests))
                 .await?;
-            n2_cpu.push(cpu::per_call_us(
-                before,
-                cpu::process_tree_now(pid),
-                r.latencies_us.len(),
+            let after = cpu::process_tree_now(pid);
+            let calls = r.latencies_us.len();
+            n2_cpu.push(cpu::per_call_us(before.cpu, after.cpu, calls));
+            n2_cs.push(cpu::switches_per_call(
+                before.switches,
+                after.switches,
+                calls,
             ));
             errors += r.errors;
             n2_thr.push(r);
@@ -785,7 +792,14 @@ async fn measure(
         );
     }
 
-    print!("{}", cpu_table(args.connections, &k_cpu, &n_cpu, &n2_cpu));
+    print!(
+        "{}",
+        per_call_table(&CPU, args.connections, &k_cpu, &n_cpu, &n2_cpu)
+    );
+    print!(
+        "{}",
+        per_call_table(&SWITCHES, args.connections, &k_cs, &n_cs, &n2_cs)
+    );
 
     if !args.no_cold {
         cold(
@@ -1018,10 +1032,33 @@ async fn cold_runtimes(
     Ok(())
 }
 
-/// Medians of CPU microseconds per warm call: each service, Kiln's total,
-/// the nginx hop and Kiln's total over it, nginx's two hops (Kiln's shape:
+/// A per-call figure of the throughput runs, as [`per_call_table`] prints it.
+struct PerCall {
+    title: &'static str,
+    row: &'static str,
+    unit: &'static str,
+    decimals: usize,
+}
+
+const CPU: PerCall = PerCall {
+    title: "cpu per warm call",
+    row: "  (us of CPU time per call)",
+    unit: "us",
+    decimals: 1,
+};
+
+const SWITCHES: PerCall = PerCall {
+    title: "context switches per warm call",
+    row: "  (voluntary + preempted)",
+    unit: "",
+    decimals: 2,
+};
+
+/// Medians of a figure per warm call: each service, Kiln's total, the
+/// nginx hop and Kiln's total over it, nginx's two hops (Kiln's shape:
 /// TLS in, mTLS to the node) and Kiln's total over them; two lines.
-fn cpu_table(
+fn per_call_table(
+    what: &PerCall,
     connections: usize,
     kiln: &[std::collections::BTreeMap<&'static str, f64>],
     nginx: &[f64],
@@ -1036,23 +1073,25 @@ fn cpu_table(
         )
     };
     let total = median(&kiln.iter().map(|r| r.values().sum()).collect::<Vec<_>>());
-    let mut head = format!("{:<34}", format!("cpu per warm call ({connections} conn.)"));
-    let mut row = format!("{:<34}", "  (us of CPU time per call)");
+    let (unit, decimals) = (what.unit, what.decimals);
+    let cell = |v: f64, width: usize| format!(" {v:>w$.decimals$}{unit}", w = width - unit.len());
+    let mut head = format!("{:<42}", format!("{} ({connections} conn.)", what.title));
+    let mut row = format!("{:<42}", what.row);
     for s in cpu::SERVICES {
         head.push_str(&format!(" {s:>10}"));
-        row.push_str(&format!(" {:>8.1}us", service(s)));
+        row.push_str(&cell(service(s), 10));
     }
     head.push_str(&format!(" {:>10}", "kiln"));
-    row.push_str(&format!(" {total:>8.1}us"));
+    row.push_str(&cell(total, 10));
     if !nginx.is_empty() {
         let n = median(nginx);
         head.push_str(&format!(" {:>10} {:>10}", "nginx hop", "kiln/nginx"));
-        row.push_str(&format!(" {n:>8.1}us {:>9.2}x", total / n));
+        row.push_str(&format!("{} {:>9.2}x", cell(n, 10), total / n));
     }
     if !nginx2.is_empty() {
         let n = median(nginx2);
         head.push_str(&format!(" {:>12} {:>11}", "nginx 2 hops", "kiln/2 hops"));
-        row.push_str(&format!(" {n:>10.1}us {:>10.2}x", total / n));
+        row.push_str(&format!("{} {:>10.2}x", cell(n, 12), total / n));
     }
     format!("{head}\n{row}\n")
 }
@@ -1067,7 +1106,7 @@ mod tests {
         let round =
             |g: f64, a: f64| BTreeMap::from([("gateway", g), ("agent", a), ("scheduler", 0.0)]);
         let kiln = [round(40.0, 30.0), round(50.0, 35.0), round(45.0, 90.0)];
-        let table = cpu_table(16, &kiln, &[20.0, 15.0, 16.0], &[]);
+        let table = per_call_table(&CPU, 16, &kiln, &[20.0, 15.0, 16.0], &[]);
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(lines.len(), 2, "{table}");
         assert!(
@@ -1083,15 +1122,38 @@ mod tests {
             "{table}"
         );
         // nginx's two hops (medians 40) follow with Kiln's total over them.
-        let table = cpu_table(16, &kiln, &[20.0, 15.0, 16.0], &[50.0, 40.0, 30.0]);
+        let table = per_call_table(&CPU, 16, &kiln, &[20.0, 15.0, 16.0], &[50.0, 40.0, 30.0]);
         let lines: Vec<&str> = table.lines().collect();
         assert!(lines[0].ends_with("kiln/2 hops"), "{table}");
         let cells: Vec<&str> = lines[1].split_whitespace().collect();
         assert_eq!(&cells[cells.len() - 2..], ["40.0us", "2.12x"], "{table}");
         // Without the nginx peer the last two columns are left out.
-        let table = cpu_table(16, &kiln, &[], &[]);
+        let table = per_call_table(&CPU, 16, &kiln, &[], &[]);
         assert!(!table.contains("nginx"), "{table}");
         assert!(table.trim_end().ends_with("85.0us"), "{table}");
+    }
+
+    #[test]
+    fn the_switches_table_has_no_unit_and_two_decimals() {
+        let round =
+            |g: f64, a: f64| BTreeMap::from([("gateway", g), ("agent", a), ("scheduler", 0.0)]);
+        let kiln = [round(0.6, 0.85), round(0.55, 0.9), round(0.62, 0.8)];
+        let table = per_call_table(&SWITCHES, 16, &kiln, &[0.5, 0.4, 0.45], &[0.9]);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(
+            lines[0].starts_with("context switches per warm call (16 conn.)"),
+            "{table}"
+        );
+        let cells: Vec<&str> = lines[1].split_whitespace().collect();
+        // Medians 0.60 and 0.85; the total is the median of the sums
+        // (1.45, 1.45, 1.42); nginx 0.45, two hops 0.90.
+        assert_eq!(
+            &cells[cells.len() - 8..],
+            ["0.60", "0.85", "0.00", "1.45", "0.45", "3.22x", "0.90", "1.61x"],
+            "{table}"
+        );
+        // Columns line up with the head's.
+        assert_eq!(lines[0].len(), lines[1].len(), "{table}");
     }
 }
 
