@@ -281,39 +281,14 @@ impl RootfsBuilder<'_> {
     async fn debootstrap(&self, runtime: RuntimeName, tmp: &Path) -> Result<(), RootfsError> {
         let mirror = self.mirror.map(str::to_owned).unwrap_or_else(host_mirror);
         let log = self.dir.join(format!("{}.log", runtime.rootfs()));
-        let log_file = std::fs::File::create(&log).map_err(io(&log))?;
-        let log_err = log_file.try_clone().map_err(io(&log))?;
-        let mut child = Command::new("debootstrap")
+        let mut command = Command::new("debootstrap");
+        command
             .arg("--variant=minbase")
             .arg(format!("--include={}", packages(runtime)))
             .arg(runtime.debian_suite())
             .arg(tmp)
-            .arg(&mirror)
-            .stdin(Stdio::null())
-            .stdout(log_file)
-            .stderr(log_err)
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(RootfsError::DebootstrapMissing)?;
-        // A few minutes on a first start: say what it is doing meanwhile.
-        let started = std::time::Instant::now();
-        let mut every = tokio::time::interval(PROGRESS_EVERY);
-        every.tick().await;
-        let status = loop {
-            tokio::select! {
-                status = child.wait() => break status.map_err(RootfsError::DebootstrapMissing)?,
-                _ = every.tick() => {
-                    let text = std::fs::read_to_string(&log).unwrap_or_default();
-                    tracing::info!(
-                        %runtime,
-                        elapsed_s = started.elapsed().as_secs(),
-                        step = last_step(&text).unwrap_or("starting"),
-                        log = %log.display(),
-                        "still building the runtime root filesystem (first start only)"
-                    );
-                }
-            }
-        };
+            .arg(&mirror);
+        let status = run_logged(command, &log, runtime).await?;
         if !status.success() {
             return Err(RootfsError::Debootstrap {
                 status: status.to_string(),
@@ -330,6 +305,65 @@ impl RootfsBuilder<'_> {
             }
         }
         add_mount_points(tmp)
+    }
+}
+
+/// Run a build `command` with its output to `log`, saying every
+/// [`PROGRESS_EVERY`] where it is. Dropped before it ends (a start
+/// stopped), the command and everything it started are killed.
+async fn run_logged(
+    mut command: Command,
+    log: &Path,
+    runtime: RuntimeName,
+) -> Result<std::process::ExitStatus, RootfsError> {
+    let log_file = std::fs::File::create(log).map_err(io(log))?;
+    let log_err = log_file.try_clone().map_err(io(log))?;
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(log_file)
+        .stderr(log_err)
+        // Its own process group, so that a build dropped before it ends
+        // ends apt, dpkg and the rest with it.
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(RootfsError::DebootstrapMissing)?;
+    let mut group = GroupKill(child.id().map(|id| nix::unistd::Pid::from_raw(id as i32)));
+    // A few minutes on a first start: say what it is doing meanwhile.
+    let started = std::time::Instant::now();
+    let mut every = tokio::time::interval(PROGRESS_EVERY);
+    every.tick().await;
+    loop {
+        tokio::select! {
+            status = child.wait() => {
+                group.0 = None;
+                return status.map_err(RootfsError::DebootstrapMissing);
+            }
+            _ = every.tick() => {
+                let text = std::fs::read_to_string(log).unwrap_or_default();
+                tracing::info!(
+                    %runtime,
+                    elapsed_s = started.elapsed().as_secs(),
+                    step = last_step(&text).unwrap_or("starting"),
+                    log = %log.display(),
+                    "still building the runtime root filesystem (first start only)"
+                );
+            }
+        }
+    }
+}
+
+/// Kills a build's process group when dropped while armed: debootstrap
+/// is a shell script whose children (wget, dpkg, chroot) would otherwise
+/// outlive it, writing into a tree the next build removes.
+struct GroupKill(Option<nix::unistd::Pid>);
+
+impl Drop for GroupKill {
+    fn drop(&mut self) {
+        if let Some(group) = self.0.take() {
+            // The group is debootstrap's own (process_group(0) above).
+            let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+        }
     }
 }
 
@@ -379,6 +413,76 @@ fn build_minimal(dir: &Path) -> Result<(), RootfsError> {
 mod tests {
     use super::*;
     use crate::mounts::RecordingMounter;
+
+    /// Whether process `pid` still runs (a zombie counts as gone).
+    fn running(pid: i32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|stat| {
+                let state = stat
+                    .rsplit(')')
+                    .next()
+                    .and_then(|r| r.split_whitespace().next());
+                state != Some("Z") && state != Some("X")
+            })
+            .unwrap_or(false)
+    }
+
+    #[tokio::test]
+    async fn a_build_dropped_midway_kills_what_it_started() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("grandchild.pid");
+        // A build whose own child (as debootstrap's wget and dpkg are)
+        // would outlive it if only the build were killed.
+        let mut command = Command::new("sh");
+        command.arg("-c").arg(format!(
+            "sleep 300 & echo $! > {}.tmp && mv {0}.tmp {0}; wait",
+            pidfile.display()
+        ));
+        let log = dir.path().join("build.log");
+        let build =
+            tokio::spawn(
+                async move { run_logged(command, &log, RuntimeName::CustomDebian12).await },
+            );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let grandchild: i32 = loop {
+            if let Ok(text) = std::fs::read_to_string(&pidfile) {
+                break text.trim().parse().unwrap();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the build never started its child"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        };
+        assert!(running(grandchild));
+        build.abort();
+        assert!(build.await.unwrap_err().is_cancelled());
+        // SIGKILL is delivered at once; the reaping by init may lag.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while running(grandchild) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the build's child {grandchild} outlived the dropped build"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_build_that_ends_reports_its_status() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("build.log");
+        let mut command = Command::new("sh");
+        command.arg("-c").arg("echo 'I: Extracting base'; exit 3");
+        let status = run_logged(command, &log, RuntimeName::CustomDebian12)
+            .await
+            .unwrap();
+        assert_eq!(status.code(), Some(3));
+        assert_eq!(
+            last_step(&std::fs::read_to_string(&log).unwrap()),
+            Some("Extracting base")
+        );
+    }
 
     #[test]
     fn progress_names_debootstraps_last_step() {
