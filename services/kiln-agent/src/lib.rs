@@ -179,11 +179,8 @@ pub async fn start(mut config: AgentConfig) -> Result<AgentHandle, AgentError> {
     registration::node_identity(&config.tls.cert)?;
     let mut container = config.sandbox.container.clone();
     container.network = config.sandbox_network();
-    let mut driver = ContainerDriver::new(container, &config.state_dir).await?;
-    if let Some(region) = &config.region {
-        driver = driver.with_region(region.clone());
-    }
-    let driver = Arc::new(driver);
+    // The root filesystems before the driver: a stop during their first
+    // build (minutes) then leaves nothing on the host to clean up.
     for runtime in &config.runtimes {
         if *runtime != RuntimeName::Custom {
             tracing::info!(
@@ -191,9 +188,14 @@ pub async fn start(mut config: AgentConfig) -> Result<AgentHandle, AgentError> {
                 "preparing the runtime root filesystem; the first build runs debootstrap and takes a few minutes"
             );
         }
-        driver.ensure_runtime(*runtime).await?;
+        kiln_sandbox::container::prepare_runtime(&container, &config.state_dir, *runtime).await?;
         tracing::info!(runtime = %runtime, "runtime ready");
     }
+    let mut driver = ContainerDriver::new(container, &config.state_dir).await?;
+    if let Some(region) = &config.region {
+        driver = driver.with_region(region.clone());
+    }
+    let driver = Arc::new(driver);
     let trust = certs::load_or_join(&config).await?;
     let client = trust.client()?;
     let credential_source = Arc::new(credentials::GatewayCredentialSource::new(

@@ -54,6 +54,8 @@ mod setup;
 #[cfg(test)]
 mod tests;
 
+pub use setup::prepare_runtime;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};

@@ -31,6 +31,57 @@ pub(super) fn find_binary(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// Build `runtime`'s root filesystem where a driver made from `config`
+/// and `state_dir` will look for it, unless it is there already, before
+/// any driver exists. The first build (debootstrap) takes minutes; made
+/// first, it is the only thing a start stopped meanwhile leaves (a
+/// half-built tree, removed by the next build), where a driver would
+/// already have made namespaces, its nftables table, cgroups and
+/// pre-made sandboxes.
+pub async fn prepare_runtime(
+    config: &ContainerConfig,
+    state_dir: &Path,
+    runtime: RuntimeName,
+) -> Result<(), SandboxError> {
+    ensure_rootfs(
+        &rootfs_dir_of(config, state_dir),
+        config.debootstrap_mirror.as_deref(),
+        &HostMounter,
+        runtime,
+    )
+    .await
+}
+
+/// Where a driver keeps its runtimes' root filesystems.
+fn rootfs_dir_of(config: &ContainerConfig, state_dir: &Path) -> PathBuf {
+    config
+        .rootfs_dir
+        .clone()
+        .unwrap_or_else(|| state_dir.join("rootfs"))
+}
+
+async fn ensure_rootfs(
+    dir: &Path,
+    mirror: Option<&str>,
+    mounter: &dyn Mounter,
+    runtime: RuntimeName,
+) -> Result<(), SandboxError> {
+    if runtime.is_container_image() {
+        // Its root filesystem is each function's image, pulled by the
+        // agent on demand.
+        return Ok(());
+    }
+    RootfsBuilder {
+        dir,
+        mirror,
+        mounter,
+    }
+    .ensure(runtime)
+    .await
+    .map(|_| ())
+    .map_err(|e| SandboxError::runtime_unavailable(runtime, "building it failed", e))
+}
+
 impl ContainerDriver {
     /// The real driver: runc/crun, `ip`, mount(2). Cleans up whatever a
     /// previous run with the same `name_prefix` left behind, then starts
@@ -154,10 +205,7 @@ impl ContainerDriver {
             .map_err(|e| SandboxError::oci_runtime("invalid [sandbox] configuration", e))?;
         let instances_dir = state_dir.join("instances");
         prepare_state_dirs(state_dir, &instances_dir)?;
-        let rootfs_dir = config
-            .rootfs_dir
-            .clone()
-            .unwrap_or_else(|| state_dir.join("rootfs"));
+        let rootfs_dir = rootfs_dir_of(&config, state_dir);
         let disk_pool_dir = state_dir.join("disk-pool");
         // The fake formats nothing ahead of time; `with_disk` starts the
         // real pool. Either removes a previous run's pool images.
@@ -277,21 +325,13 @@ impl ContainerDriver {
     /// `custom.debian12` runs debootstrap and takes minutes: call this when
     /// the agent starts, not on a request path.
     pub async fn ensure_runtime(&self, runtime: RuntimeName) -> Result<(), SandboxError> {
-        if runtime.is_container_image() {
-            // Its root filesystem is each function's image, pulled by the
-            // agent on demand.
-            return Ok(());
-        }
-        let builder = RootfsBuilder {
-            dir: &self.rootfs_dir,
-            mirror: self.config.debootstrap_mirror.as_deref(),
-            mounter: self.mounter.as_ref(),
-        };
-        builder
-            .ensure(runtime)
-            .await
-            .map(|_| ())
-            .map_err(|e| SandboxError::runtime_unavailable(runtime, "building it failed", e))
+        ensure_rootfs(
+            &self.rootfs_dir,
+            self.config.debootstrap_mirror.as_deref(),
+            self.mounter.as_ref(),
+            runtime,
+        )
+        .await
     }
 
     /// Stop refilling the pool and delete the pooled namespaces, and the
