@@ -49,13 +49,39 @@ impl ServiceRuntime {
         F: Future + Send + 'static,
         F::Output: Send + 'static,
     {
+        let done = self.run_until(fut, std::future::pending()).await?;
+        Ok(done.expect("never stopped"))
+    }
+
+    /// [`ServiceRuntime::run`], unless `stop` resolves first: then `fut`
+    /// is cancelled and waited out (dropped, with whatever it held, by the
+    /// time this returns), and the answer is `None`.
+    pub async fn run_until<F>(
+        &self,
+        fut: F,
+        stop: impl Future<Output = ()>,
+    ) -> Result<Option<F::Output>>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
         let rt = self
             .runtime
             .as_ref()
             .expect("runtime present until dropped");
-        rt.spawn(fut)
-            .await
-            .with_context(|| format!("a task on the {} runtime failed", self.name))
+        let mut task = rt.spawn(fut);
+        tokio::select! {
+            biased;
+            done = &mut task => done
+                .map(Some)
+                .with_context(|| format!("a task on the {} runtime failed", self.name)),
+            () = stop => {
+                task.abort();
+                // Resolves once the task's future has been dropped.
+                let _ = task.await;
+                Ok(None)
+            }
+        }
     }
 }
 
@@ -115,5 +141,42 @@ mod tests {
             .unwrap();
         assert_eq!(name.as_deref(), Some("kiln-test-svc"));
         assert_eq!(spawned.as_deref(), Some("kiln-test-svc"));
+    }
+
+    /// Sets its flag when dropped.
+    struct DropFlag(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+    impl Drop for DropFlag {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stopped_start_is_dropped_before_run_until_returns() {
+        let rt = ServiceRuntime::new("kiln-test-svc").unwrap();
+        let dropped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+        let held = DropFlag(dropped.clone());
+        let stuck = async move {
+            let _held = held;
+            let _ = started_tx.send(());
+            // A build that would take minutes.
+            tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+        };
+        let stop = async {
+            let _ = started_rx.await;
+        };
+        let out = rt.run_until(stuck, stop).await.unwrap();
+        assert!(out.is_none());
+        // Not eventually: by the time run_until has returned.
+        assert!(dropped.load(std::sync::atomic::Ordering::SeqCst));
+
+        // A start that finishes first gives its output.
+        let out = rt
+            .run_until(async { 7 }, std::future::pending())
+            .await
+            .unwrap();
+        assert_eq!(out, Some(7));
     }
 }

@@ -155,6 +155,19 @@ pub const AGENT_THREADS: &str = "kiln-agent";
 impl DevCluster {
     /// Start scheduler, gateway and agent, and write credentials.json.
     pub async fn start(opts: &DevOptions) -> Result<Self> {
+        let started = Self::start_until(opts, std::future::pending()).await?;
+        Ok(started.expect("never stopped"))
+    }
+
+    /// [`DevCluster::start`], unless `stop` resolves while the agent
+    /// starts (its first start builds root filesystems for minutes): then
+    /// the agent's start is abandoned and waited out (the builds it ran
+    /// are ended, and it has made nothing else on the host yet), the
+    /// gateway and the scheduler are shut down, and the answer is `None`.
+    pub async fn start_until(
+        opts: &DevOptions,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Result<Option<Self>> {
         let state = &opts.state_dir;
         std::fs::create_dir_all(state)
             .with_context(|| format!("cannot create state directory {}", state.display()))?;
@@ -211,9 +224,9 @@ impl DevCluster {
             );
         }
         let runtime = ServiceRuntime::new(AGENT_THREADS)?;
-        let agent = Service {
-            handle: runtime
-                .run(kiln_agent::start(crate::dev_config::agent(
+        let started = runtime
+            .run_until(
+                kiln_agent::start(crate::dev_config::agent(
                     opts,
                     &agent_state,
                     &pki,
@@ -221,9 +234,26 @@ impl DevCluster {
                     &gateway_internal,
                     gateway.handle.public_addr().port(),
                     host_memory_mb(),
-                )?))
-                .await?
-                .context("agent failed to start")?,
+                )?),
+                stop,
+            )
+            .await?;
+        let Some(started) = started else {
+            for (name, stopped) in [
+                (GATEWAY_THREADS, self::stop(gateway, |h| h.shutdown()).await),
+                (
+                    SCHEDULER_THREADS,
+                    self::stop(scheduler, |h| h.shutdown()).await,
+                ),
+            ] {
+                if let Err(e) = stopped {
+                    tracing::warn!(service = name, error = %format!("{e:#}"), "shutdown failed");
+                }
+            }
+            return Ok(None);
+        };
+        let agent = Service {
+            handle: started.context("agent failed to start")?,
             runtime,
         };
 
@@ -251,7 +281,7 @@ impl DevCluster {
             .with_context(|| format!("cannot write {}", state.join("cluster.json").display()))?;
         let credentials_path = state.join("credentials.json");
         credentials.write(&credentials_path)?;
-        Ok(Self {
+        Ok(Some(Self {
             credentials,
             credentials_path,
             pki,
@@ -259,7 +289,7 @@ impl DevCluster {
             scheduler,
             gateway,
             agent,
-        })
+        }))
     }
 
     /// Where the agent's internal (mTLS) API listens.
@@ -319,7 +349,19 @@ where
 pub async fn run(opts: DevOptions) -> Result<()> {
     let mut signals = kiln_service::signals::StopSignals::install()
         .context("Cannot install the SIGTERM and SIGINT handlers")?;
-    let cluster = DevCluster::start(&opts).await?;
+    // The first start builds root filesystems for minutes: a signal
+    // meanwhile stops it there.
+    let stopped = std::cell::Cell::new(None);
+    let stop = async {
+        stopped.set(Some(signals.recv().await));
+    };
+    let Some(cluster) = DevCluster::start_until(&opts, stop).await? else {
+        tracing::info!(
+            signal = stopped.get().unwrap_or("a stop signal"),
+            "stopped before it finished starting"
+        );
+        return Ok(());
+    };
     tracing::info!(
         endpoint = %cluster.credentials.endpoint,
         credentials = %cluster.credentials_path.display(),

@@ -227,6 +227,27 @@ pub fn netns_with_prefix(prefix: &str) -> Vec<String> {
     .unwrap_or_default()
 }
 
+/// What a run with `prefix` has on the host: its network namespaces, its
+/// nftables table and its cgroups, named (empty when nothing is left).
+pub fn host_state_of(prefix: &str) -> Vec<String> {
+    let mut found: Vec<String> = netns_with_prefix(prefix)
+        .into_iter()
+        .map(|ns| format!("netns {ns}"))
+        .collect();
+    let table = Command::new("nft")
+        .args(["list", "table", "inet", prefix])
+        .output();
+    if table.is_ok_and(|o| o.status.success()) {
+        found.push(format!("nft table inet {prefix}"));
+    }
+    found.extend(
+        cgroup_tops(prefix)
+            .into_iter()
+            .map(|c| format!("cgroup {}", c.display())),
+    );
+    found
+}
+
 /// Remove what a run may have left: sandbox processes whose agent died
 /// first, namespaces (their veths go with them), OVS bridges and the
 /// cgroups named with this run's prefix. runc removes each container's cgroup; the parent the
