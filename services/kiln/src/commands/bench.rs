@@ -1101,10 +1101,13 @@ mod tests {
     use super::*;
     use std::collections::BTreeMap;
 
+    /// One throughput run's per-call figures for gateway and agent.
+    fn round(gateway: f64, agent: f64) -> BTreeMap<&'static str, f64> {
+        BTreeMap::from([("gateway", gateway), ("agent", agent), ("scheduler", 0.0)])
+    }
+
     #[test]
     fn the_cpu_table_gives_medians_totals_and_the_ratio_to_nginx() {
-        let round =
-            |g: f64, a: f64| BTreeMap::from([("gateway", g), ("agent", a), ("scheduler", 0.0)]);
         let kiln = [round(40.0, 30.0), round(50.0, 35.0), round(45.0, 90.0)];
         let table = per_call_table(&CPU, 16, &kiln, &[20.0, 15.0, 16.0], &[]);
         let lines: Vec<&str> = table.lines().collect();
@@ -1135,8 +1138,6 @@ mod tests {
 
     #[test]
     fn the_switches_table_has_no_unit_and_two_decimals() {
-        let round =
-            |g: f64, a: f64| BTreeMap::from([("gateway", g), ("agent", a), ("scheduler", 0.0)]);
         let kiln = [round(0.6, 0.85), round(0.55, 0.9), round(0.62, 0.8)];
         let table = per_call_table(&SWITCHES, 16, &kiln, &[0.5, 0.4, 0.45], &[0.9]);
         let lines: Vec<&str> = table.lines().collect();
