@@ -159,14 +159,14 @@ impl DevCluster {
         Ok(started.expect("never stopped"))
     }
 
-    /// [`DevCluster::start`], unless `stop` resolves while the agent
+    /// [`DevCluster::start`], unless `until` resolves while the agent
     /// starts (its first start builds root filesystems for minutes): then
     /// the agent's start is abandoned and waited out (the builds it ran
     /// are ended, and it has made nothing else on the host yet), the
     /// gateway and the scheduler are shut down, and the answer is `None`.
     pub async fn start_until(
         opts: &DevOptions,
-        stop: impl std::future::Future<Output = ()>,
+        until: impl std::future::Future<Output = ()>,
     ) -> Result<Option<Self>> {
         let state = &opts.state_dir;
         std::fs::create_dir_all(state)
@@ -235,21 +235,12 @@ impl DevCluster {
                     gateway.handle.public_addr().port(),
                     host_memory_mb(),
                 )?),
-                stop,
+                until,
             )
             .await?;
         let Some(started) = started else {
-            for (name, stopped) in [
-                (GATEWAY_THREADS, self::stop(gateway, |h| h.shutdown()).await),
-                (
-                    SCHEDULER_THREADS,
-                    self::stop(scheduler, |h| h.shutdown()).await,
-                ),
-            ] {
-                if let Err(e) = stopped {
-                    tracing::warn!(service = name, error = %format!("{e:#}"), "shutdown failed");
-                }
-            }
+            warn_unless_stopped(GATEWAY_THREADS, stop(gateway, |h| h.shutdown()).await);
+            warn_unless_stopped(SCHEDULER_THREADS, stop(scheduler, |h| h.shutdown()).await);
             return Ok(None);
         };
         let agent = Service {
@@ -322,18 +313,19 @@ impl DevCluster {
     }
 
     pub async fn shutdown(self) {
-        for (name, stopped) in [
-            (AGENT_THREADS, stop(self.agent, |h| h.shutdown()).await),
-            (GATEWAY_THREADS, stop(self.gateway, |h| h.shutdown()).await),
-            (
-                SCHEDULER_THREADS,
-                stop(self.scheduler, |h| h.shutdown()).await,
-            ),
-        ] {
-            if let Err(e) = stopped {
-                tracing::warn!(service = name, error = %format!("{e:#}"), "shutdown failed");
-            }
-        }
+        warn_unless_stopped(AGENT_THREADS, stop(self.agent, |h| h.shutdown()).await);
+        warn_unless_stopped(GATEWAY_THREADS, stop(self.gateway, |h| h.shutdown()).await);
+        warn_unless_stopped(
+            SCHEDULER_THREADS,
+            stop(self.scheduler, |h| h.shutdown()).await,
+        );
+    }
+}
+
+/// Say so when a service's shutdown failed (the others still stop).
+fn warn_unless_stopped(service: &str, stopped: Result<()>) {
+    if let Err(e) = stopped {
+        tracing::warn!(service, error = %format!("{e:#}"), "shutdown failed");
     }
 }
 
