@@ -234,10 +234,7 @@ pub fn host_state_of(prefix: &str) -> Vec<String> {
         .into_iter()
         .map(|ns| format!("netns {ns}"))
         .collect();
-    let table = Command::new("nft")
-        .args(["list", "table", "inet", prefix])
-        .output();
-    if table.is_ok_and(|o| o.status.success()) {
+    if nft_table_exists(prefix) {
         found.push(format!("nft table inet {prefix}"));
     }
     found.extend(
@@ -246,6 +243,14 @@ pub fn host_state_of(prefix: &str) -> Vec<String> {
             .map(|c| format!("cgroup {}", c.display())),
     );
     found
+}
+
+/// Whether the agent's isolation table (`inet <prefix>`) exists.
+fn nft_table_exists(prefix: &str) -> bool {
+    Command::new("nft")
+        .args(["list", "table", "inet", prefix])
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 /// Remove what a run may have left: sandbox processes whose agent died
@@ -260,10 +265,7 @@ pub fn leftovers_cleanup(prefix: &str) {
     }
     // The agent's isolation table (`inet <prefix>`, in the host's
     // namespace for `kiln dev`), when its agent did not remove it.
-    let table = Command::new("nft")
-        .args(["list", "table", "inet", prefix])
-        .output();
-    if table.is_ok_and(|o| o.status.success()) {
+    if nft_table_exists(prefix) {
         eprintln!("cleaning up leftover nft table inet {prefix}");
         let _ = Command::new("nft")
             .args(["delete", "table", "inet", prefix])
