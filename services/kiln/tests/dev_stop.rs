@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 /// The process group of every debootstrap whose command line mentions
 /// `dir`.
-fn debootstraps_into(dir: &Path) -> Vec<(u32, i32)> {
+fn debootstraps_into(dir: &Path) -> Vec<i32> {
     let needle = dir.to_string_lossy().into_owned();
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
@@ -24,9 +24,7 @@ fn debootstraps_into(dir: &Path) -> Vec<(u32, i32)> {
         if !cmdline.contains("debootstrap") || !cmdline.contains(&needle) {
             continue;
         }
-        if let Some(pgrp) = stat_field(pid, 5) {
-            found.push((pid, pgrp));
-        }
+        found.extend(stat_field(pid, 5));
     }
     found
 }
@@ -102,7 +100,7 @@ fn sigterm_during_the_first_rootfs_build_stops_kiln_dev_and_leaves_nothing() {
     // debootstrap running into our cache: its process group.
     let deadline = Instant::now() + Duration::from_secs(60);
     let group = loop {
-        if let Some(&(_, pgrp)) = debootstraps_into(&rootfs).first() {
+        if let Some(&pgrp) = debootstraps_into(&rootfs).first() {
             break pgrp;
         }
         if let Ok(Some(status)) = child.try_wait() {
